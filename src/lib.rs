@@ -1,0 +1,28 @@
+//! writ: a node-local SPIFFE agent that gives every AI-agent task its own
+//! short-lived identity. The binary in `main.rs` is a thin shell over this
+//! library, so integration tests and benchmarks can reach the same code.
+
+pub mod bundle;
+pub mod ca;
+pub mod cli;
+pub mod config;
+pub mod identity;
+pub mod peer;
+pub mod service;
+pub mod spiffe_id;
+pub mod svid;
+pub mod workload_api;
+
+/// Code generated from `proto/` by build.rs.
+pub mod proto {
+    /// The SPIFFE Workload API. The proto has no package, so prost names the
+    /// generated file `_`.
+    pub mod workload {
+        tonic::include_proto!("_");
+    }
+    pub mod admin {
+        tonic::include_proto!("writ.admin.v1");
+    }
+    /// Encoded descriptors of every service, for gRPC server reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("writ_descriptor");
+}
