@@ -2,6 +2,13 @@
 //! Who is calling (the socket, the pidfd) is the agent's business; what a
 //! caller may receive is decided from these selectors elsewhere.
 
+pub mod error;
+pub mod process;
+mod procfs;
 pub mod selector;
+pub mod snapshot;
 
+pub use error::AttestError;
+pub use process::{PinnedProcess, is_descendant_of, parent_of};
 pub use selector::{Selector, SelectorError};
+pub use snapshot::{ProcessSnapshot, read_snapshot};

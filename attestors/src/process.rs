@@ -1,0 +1,291 @@
+//! Pinning a process: a pidfd plus its start time, so that a dead caller or a
+//! recycled PID can never be mistaken for the live process we attested.
+//! Also the parent-chain walk used to decide task membership by ancestry.
+
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::path::PathBuf;
+
+use rustix::event::{PollFd, PollFlags, Timespec, poll};
+use rustix::io::Errno;
+use rustix::process::{Pid, PidfdFlags, pidfd_open};
+
+use crate::error::AttestError;
+use crate::procfs::{self, ProcPaths, StatFields};
+
+/// Deeper process trees than this are not real; the bound keeps a walk over
+/// a racing /proc finite.
+const MAX_ANCESTRY_DEPTH: usize = 4096;
+
+/// A process held by a pidfd. While the pidfd is not readable the process has
+/// not exited, so its PID cannot have been reused, so anything read from
+/// /proc/<pid> in that window describes this process.
+#[derive(Debug)]
+pub struct PinnedProcess {
+    pid: i32,
+    pidfd: OwnedFd,
+    start_time: u64,
+}
+
+impl PinnedProcess {
+    /// From a pidfd obtained via SO_PEERPIDFD. Reads the start time from
+    /// /proc/<pid>/stat, then confirms through the pidfd that the process is
+    /// still alive, which proves the start time we read belongs to it.
+    pub fn from_pidfd(pid: i32, pidfd: OwnedFd) -> Result<Self, AttestError> {
+        check_pid(pid)?;
+        // The kernel states which PID a pidfd refers to; a caller pairing the
+        // wrong PID with a pidfd would otherwise pin a stranger.
+        match pidfd_fdinfo_pid(&pidfd)? {
+            Some(actual) if actual == pid => {}
+            Some(-1) => return Err(AttestError::ProcessGone { pid }),
+            Some(actual) => {
+                return Err(AttestError::PidfdMismatch {
+                    expected: pid,
+                    actual,
+                });
+            }
+            None => {}
+        }
+        Self::pin(pid, pidfd)
+    }
+
+    /// For kernels without SO_PEERPIDFD, and for a PID named in an API call.
+    pub fn open(pid: i32) -> Result<Self, AttestError> {
+        let raw = check_pid(pid)?;
+        let pidfd = pidfd_open(raw, PidfdFlags::empty()).map_err(|errno| {
+            if errno == Errno::SRCH {
+                AttestError::ProcessGone { pid }
+            } else {
+                AttestError::PidfdOpen {
+                    pid,
+                    source: errno.into(),
+                }
+            }
+        })?;
+        Self::pin(pid, pidfd)
+    }
+
+    fn pin(pid: i32, pidfd: OwnedFd) -> Result<Self, AttestError> {
+        let stat = read_stat(pid)?;
+        let process = Self {
+            pid,
+            pidfd,
+            start_time: stat.start_time,
+        };
+        // Ordering matters: the stat read must come before this check. Alive
+        // now means alive then, so the PID was still ours when we read it.
+        if process.has_exited() {
+            return Err(AttestError::ProcessGone { pid });
+        }
+        Ok(process)
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.pid
+    }
+
+    /// Clock ticks since boot (field 22 of /proc/<pid>/stat).
+    pub fn start_time(&self) -> u64 {
+        self.start_time
+    }
+
+    /// Readable once the process has exited; suitable for tokio's `AsyncFd`.
+    pub fn pidfd(&self) -> BorrowedFd<'_> {
+        self.pidfd.as_fd()
+    }
+
+    /// Non-blocking: has the pinned process exited (zombie or reaped)?
+    /// A failing poll counts as exited, so an error can never keep a dead
+    /// caller's identity alive.
+    pub fn has_exited(&self) -> bool {
+        let zero = Timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        loop {
+            let mut fds = [PollFd::new(&self.pidfd, PollFlags::IN)];
+            match poll(&mut fds, Some(&zero)) {
+                Ok(0) => return false,
+                Ok(_) => return true,
+                Err(Errno::INTR) => continue,
+                Err(errno) => {
+                    tracing::warn!(pid = self.pid, %errno, "polling pidfd failed; treating process as exited");
+                    return true;
+                }
+            }
+        }
+    }
+
+    /// Ok while the pinned process is alive and /proc/<pid>/stat still shows
+    /// its start time; otherwise [`AttestError::ProcessGone`].
+    pub fn confirm_alive(&self) -> Result<(), AttestError> {
+        let gone = AttestError::ProcessGone { pid: self.pid };
+        match read_stat(self.pid) {
+            Ok(stat) if stat.start_time == self.start_time => {}
+            Ok(_) => return Err(gone),
+            Err(AttestError::ProcessGone { .. }) => return Err(gone),
+            Err(other) => return Err(other),
+        }
+        if self.has_exited() {
+            return Err(gone);
+        }
+        Ok(())
+    }
+}
+
+fn check_pid(pid: i32) -> Result<Pid, AttestError> {
+    if pid <= 0 {
+        return Err(AttestError::InvalidPid { pid });
+    }
+    Pid::from_raw(pid).ok_or(AttestError::InvalidPid { pid })
+}
+
+/// The "Pid:" line of the pidfd's fdinfo: the PID in our namespace, -1 once
+/// the process is reaped, 0 if it lives outside our PID namespace. `None` on
+/// kernels too old to print it.
+fn pidfd_fdinfo_pid(pidfd: &OwnedFd) -> Result<Option<i32>, AttestError> {
+    let path = PathBuf::from(format!("/proc/self/fdinfo/{}", pidfd.as_raw_fd()));
+    let mut buf = Vec::with_capacity(256);
+    procfs::read_file(&path, &mut buf).map_err(|source| AttestError::Io {
+        path: path.clone(),
+        source,
+    })?;
+    for line in buf.split(|&b| b == b'\n') {
+        if let Some(value) = line.strip_prefix(b"Pid:") {
+            let value = std::str::from_utf8(value)
+                .ok()
+                .and_then(|v| v.trim().parse::<i32>().ok())
+                .ok_or_else(|| procfs::parse_error(path.clone(), "unreadable Pid line"))?;
+            return Ok(Some(value));
+        }
+    }
+    Ok(None)
+}
+
+pub(crate) fn read_stat(pid: i32) -> Result<StatFields, AttestError> {
+    let mut paths = ProcPaths::new(pid);
+    let mut buf = Vec::with_capacity(512);
+    read_stat_with(&mut paths, &mut buf)
+}
+
+pub(crate) fn read_stat_with(
+    paths: &mut ProcPaths,
+    buf: &mut Vec<u8>,
+) -> Result<StatFields, AttestError> {
+    paths.read("stat", buf)?;
+    procfs::parse_stat(buf)
+        .map_err(|detail| procfs::parse_error(paths.file("stat").to_path_buf(), detail))
+}
+
+/// The parent of `pid` and the parent's start time; `None` for PID 1 and
+/// kernel threads (ppid 0). A parent that started after its child is a
+/// recycled PID (the real parent died and the child was reparented between
+/// our two reads), so the read is retried rather than trusted.
+pub fn parent_of(pid: i32) -> Result<Option<(i32, u64)>, AttestError> {
+    check_pid(pid)?;
+    const ATTEMPTS: usize = 3;
+    for _ in 0..ATTEMPTS {
+        let child = read_stat(pid)?;
+        if child.ppid <= 0 {
+            return Ok(None);
+        }
+        match read_stat(child.ppid) {
+            Ok(parent) if parent.start_time <= child.start_time => {
+                return Ok(Some((child.ppid, parent.start_time)));
+            }
+            Ok(_) | Err(AttestError::ProcessGone { .. }) => continue,
+            Err(other) => return Err(other),
+        }
+    }
+    Err(AttestError::ProcessGone { pid })
+}
+
+/// True if `pid` is the process (`ancestor_pid`, `ancestor_start_time`) or one
+/// of its descendants. Any doubt (unreadable /proc, a recycled PID in the
+/// chain) answers false, since "yes" grants a task's identity.
+pub fn is_descendant_of(pid: i32, ancestor_pid: i32, ancestor_start_time: u64) -> bool {
+    if pid <= 0 || ancestor_pid <= 0 {
+        return false;
+    }
+    let mut paths = ProcPaths::new(pid);
+    let mut buf = Vec::with_capacity(512);
+    let Ok(mut current) = read_stat_with(&mut paths, &mut buf) else {
+        return false;
+    };
+    let mut current_pid = pid;
+    for _ in 0..MAX_ANCESTRY_DEPTH {
+        // A descendant cannot have started before its ancestor; this also
+        // ends the walk long before PID 1 in the common case.
+        if current.start_time < ancestor_start_time {
+            return false;
+        }
+        if current_pid == ancestor_pid {
+            return current.start_time == ancestor_start_time;
+        }
+        if current.ppid <= 0 {
+            return false;
+        }
+        let mut parent_paths = ProcPaths::new(current.ppid);
+        let Ok(parent) = read_stat_with(&mut parent_paths, &mut buf) else {
+            return false;
+        };
+        if parent.start_time > current.start_time {
+            return false;
+        }
+        current_pid = current.ppid;
+        current = parent;
+    }
+    false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pins_itself_and_sees_itself_alive() {
+        let me = PinnedProcess::open(std::process::id() as i32).unwrap();
+        assert!(!me.has_exited());
+        me.confirm_alive().unwrap();
+        let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
+        let start: u64 = stat
+            .rsplit_once(')')
+            .unwrap()
+            .1
+            .split_whitespace()
+            .nth(19)
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert_eq!(me.start_time(), start);
+    }
+
+    #[test]
+    fn rejects_non_positive_pids() {
+        for pid in [0, -1, i32::MIN] {
+            assert!(matches!(
+                PinnedProcess::open(pid),
+                Err(AttestError::InvalidPid { .. })
+            ));
+            assert!(!is_descendant_of(pid, 1, 0));
+        }
+    }
+
+    #[test]
+    fn is_own_descendant_but_not_of_a_wrong_start_time() {
+        let me = PinnedProcess::open(std::process::id() as i32).unwrap();
+        assert!(is_descendant_of(me.pid(), me.pid(), me.start_time()));
+        assert!(!is_descendant_of(me.pid(), me.pid(), me.start_time() + 1));
+    }
+
+    #[test]
+    fn parent_of_self_matches_getppid() {
+        let (ppid, ppid_start) = parent_of(std::process::id() as i32).unwrap().unwrap();
+        assert_eq!(ppid as u32, std::os::unix::process::parent_id());
+        assert!(is_descendant_of(
+            std::process::id() as i32,
+            ppid,
+            ppid_start
+        ));
+        assert_eq!(parent_of(1).unwrap(), None);
+    }
+}

@@ -1,0 +1,260 @@
+//! Reading and parsing the few /proc files attestation needs (stat, status,
+//! cgroup), each with one open and no per-file allocation beyond a reused
+//! buffer. Parsers are pure functions over bytes so they can be unit-tested.
+
+use std::fs::File;
+use std::io::{self, Read};
+use std::path::{Path, PathBuf};
+
+use crate::error::AttestError;
+
+/// Builds `/proc/<pid>/<file>` paths in one reused buffer.
+pub(crate) struct ProcPaths {
+    pid: i32,
+    buf: String,
+    base_len: usize,
+}
+
+impl ProcPaths {
+    pub(crate) fn new(pid: i32) -> Self {
+        let buf = format!("/proc/{pid}/");
+        let base_len = buf.len();
+        Self { pid, buf, base_len }
+    }
+
+    pub(crate) fn file(&mut self, name: &str) -> &Path {
+        self.buf.truncate(self.base_len);
+        self.buf.push_str(name);
+        Path::new(&self.buf)
+    }
+
+    /// Reads `/proc/<pid>/<name>` into `buf`, turning "the directory is gone"
+    /// into [`AttestError::ProcessGone`].
+    pub(crate) fn read(&mut self, name: &str, buf: &mut Vec<u8>) -> Result<(), AttestError> {
+        let pid = self.pid;
+        let path = self.file(name);
+        read_file(path, buf).map_err(|source| io_error(pid, path, source))
+    }
+}
+
+/// Maps an I/O error on a /proc/<pid> file: ENOENT/ESRCH mean the process
+/// was reaped, anything else is a real error worth reporting.
+pub(crate) fn io_error(pid: i32, path: &Path, source: io::Error) -> AttestError {
+    if is_gone(&source) {
+        AttestError::ProcessGone { pid }
+    } else {
+        AttestError::Io {
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+}
+
+pub(crate) fn is_gone(error: &io::Error) -> bool {
+    const ESRCH: i32 = 3;
+    error.kind() == io::ErrorKind::NotFound || error.raw_os_error() == Some(ESRCH)
+}
+
+/// Reads a whole file into `buf` without the size probe `fs::read` makes
+/// (procfs reports size 0 anyway, so the probe is a wasted syscall).
+pub(crate) fn read_file(path: &Path, buf: &mut Vec<u8>) -> io::Result<()> {
+    const CHUNK: usize = 4096;
+    buf.clear();
+    let mut file = File::open(path)?;
+    loop {
+        let start = buf.len();
+        buf.resize(start + CHUNK, 0);
+        match file.read(&mut buf[start..]) {
+            Ok(0) => {
+                buf.truncate(start);
+                return Ok(());
+            }
+            Ok(n) => buf.truncate(start + n),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => buf.truncate(start),
+            Err(e) => {
+                buf.truncate(start);
+                return Err(e);
+            }
+        }
+    }
+}
+
+pub(crate) fn parse_error(path: PathBuf, detail: impl Into<String>) -> AttestError {
+    AttestError::Parse {
+        path,
+        detail: detail.into(),
+    }
+}
+
+/// The fields of /proc/<pid>/stat that attestation uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct StatFields {
+    pub(crate) ppid: i32,
+    /// Field 22: clock ticks since boot. Together with the PID it names one
+    /// process for the lifetime of the system.
+    pub(crate) start_time: u64,
+}
+
+/// Parses /proc/<pid>/stat. The command name (field 2) is in parentheses and
+/// may itself contain spaces and ')', so fields are counted from the last ')'.
+pub(crate) fn parse_stat(text: &[u8]) -> Result<StatFields, String> {
+    let close = text
+        .iter()
+        .rposition(|&b| b == b')')
+        .ok_or("no ')' closing the command name")?;
+    let rest = std::str::from_utf8(&text[close + 1..])
+        .map_err(|_| "fields after the command name are not ASCII")?;
+    // After ')' come field 3 (state), field 4 (ppid), ... field 22 (starttime).
+    let mut fields = rest.split_ascii_whitespace();
+    let ppid = fields
+        .nth(1)
+        .ok_or("missing field 4 (ppid)")?
+        .parse::<i32>()
+        .map_err(|e| format!("field 4 (ppid): {e}"))?;
+    let start_time = fields
+        .nth(17)
+        .ok_or("missing field 22 (starttime)")?
+        .parse::<u64>()
+        .map_err(|e| format!("field 22 (starttime): {e}"))?;
+    Ok(StatFields { ppid, start_time })
+}
+
+/// The credential fields of /proc/<pid>/status.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct StatusFields {
+    pub(crate) effective_uid: u32,
+    pub(crate) effective_gid: u32,
+    pub(crate) supplementary_gids: Vec<u32>,
+}
+
+pub(crate) fn parse_status(text: &[u8]) -> Result<StatusFields, String> {
+    let mut uid = None;
+    let mut gid = None;
+    let mut groups = Vec::new();
+    for line in text.split(|&b| b == b'\n') {
+        // "Name:" may hold arbitrary bytes, so only the lines we need are
+        // decoded.
+        if let Some(rest) = line.strip_prefix(b"Uid:") {
+            uid = Some(second_id(rest).map_err(|e| format!("Uid line: {e}"))?);
+        } else if let Some(rest) = line.strip_prefix(b"Gid:") {
+            gid = Some(second_id(rest).map_err(|e| format!("Gid line: {e}"))?);
+        } else if let Some(rest) = line.strip_prefix(b"Groups:") {
+            let rest = std::str::from_utf8(rest).map_err(|_| "Groups line is not ASCII")?;
+            for group in rest.split_ascii_whitespace() {
+                groups.push(
+                    group
+                        .parse::<u32>()
+                        .map_err(|e| format!("Groups entry {group:?}: {e}"))?,
+                );
+            }
+        }
+    }
+    Ok(StatusFields {
+        effective_uid: uid.ok_or("no Uid line")?,
+        effective_gid: gid.ok_or("no Gid line")?,
+        supplementary_gids: groups,
+    })
+}
+
+/// "Uid:\treal\teffective\tsaved\tfs" -> effective.
+fn second_id(rest: &[u8]) -> Result<u32, String> {
+    let rest = std::str::from_utf8(rest).map_err(|_| "not ASCII".to_owned())?;
+    let effective = rest
+        .split_ascii_whitespace()
+        .nth(1)
+        .ok_or("missing the effective id")?;
+    effective
+        .parse::<u32>()
+        .map_err(|e| format!("effective id {effective:?}: {e}"))
+}
+
+/// Extracts the cgroup v2 path (the `0::` line) from /proc/<pid>/cgroup.
+/// `None` when the process has no v2 membership (a pure v1 system).
+pub(crate) fn parse_cgroup(text: &[u8]) -> Result<Option<String>, String> {
+    let mut found: Option<&[u8]> = None;
+    for line in text.split(|&b| b == b'\n') {
+        if let Some(path) = line.strip_prefix(b"0::") {
+            // The kernel refuses '\n' in cgroup names, so a second 0:: line
+            // can only mean a format we do not understand; guessing which one
+            // is real could hand out the wrong identity.
+            if found.is_some() {
+                return Err("more than one cgroup v2 (0::) line".into());
+            }
+            found = Some(path);
+        }
+    }
+    let Some(path) = found else {
+        return Ok(None);
+    };
+    let path = std::str::from_utf8(path).map_err(|_| "cgroup v2 path is not valid UTF-8")?;
+    if !path.starts_with('/') {
+        return Err(format!("cgroup v2 path {path:?} is not absolute"));
+    }
+    Ok(Some(path.to_owned()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stat_is_parsed_from_the_last_paren() {
+        let line = b"4242 (evil) 9 (x) y) S 17 4242 4242 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 987654 1000 200 1 1 1 1\n";
+        let stat = parse_stat(line).unwrap();
+        assert_eq!(stat.ppid, 17);
+        assert_eq!(stat.start_time, 987654);
+    }
+
+    #[test]
+    fn stat_of_this_process_matches_status_ppid() {
+        let mut buf = Vec::new();
+        read_file(Path::new("/proc/self/stat"), &mut buf).unwrap();
+        let stat = parse_stat(&buf).unwrap();
+        let status = std::fs::read_to_string("/proc/self/status").unwrap();
+        let ppid: i32 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("PPid:"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        assert_eq!(stat.ppid, ppid);
+        assert!(stat.start_time > 0);
+    }
+
+    #[test]
+    fn stat_rejects_truncated_text() {
+        assert!(parse_stat(b"12 (sleep) S 1 2 3").is_err());
+        assert!(parse_stat(b"12 sleep S 1").is_err());
+        assert!(parse_stat(b"12 (sleep) S x 2").is_err());
+    }
+
+    #[test]
+    fn status_takes_effective_ids_and_groups() {
+        let text = b"Name:\tweird\xff\nUid:\t1000\t1001\t1002\t1003\nGid:\t50\t51\t52\t53\nGroups:\t4 24 27 \nPPid:\t1\n";
+        let status = parse_status(text).unwrap();
+        assert_eq!(status.effective_uid, 1001);
+        assert_eq!(status.effective_gid, 51);
+        assert_eq!(status.supplementary_gids, vec![4, 24, 27]);
+
+        let empty_groups =
+            parse_status(b"Uid:\t0\t0\t0\t0\nGid:\t0\t0\t0\t0\nGroups:\t\n").unwrap();
+        assert!(empty_groups.supplementary_gids.is_empty());
+        assert!(parse_status(b"Gid:\t0\t0\t0\t0\n").is_err());
+        assert!(parse_status(b"Uid:\t0\nGid:\t0\t0\t0\t0\n").is_err());
+    }
+
+    #[test]
+    fn cgroup_v2_line_in_hybrid_layout() {
+        let text =
+            b"9:name=systemd:/user.slice\n4:memory:/x\n1:cpu:/\n0::/system.slice/a b.service\n";
+        assert_eq!(
+            parse_cgroup(text).unwrap().as_deref(),
+            Some("/system.slice/a b.service")
+        );
+        assert_eq!(parse_cgroup(b"4:memory:/x\n").unwrap(), None);
+        assert!(parse_cgroup(b"0::/a\n0::/b\n").is_err());
+        assert!(parse_cgroup(b"0::relative\n").is_err());
+        assert!(parse_cgroup(b"0::/\xff\n").is_err());
+    }
+}

@@ -1,0 +1,97 @@
+//! One read of the /proc facts every attestor works from: credentials, parent,
+//! executable and cgroup. Each file is read once per attestation; attestors
+//! derive selectors from this snapshot instead of going back to /proc.
+
+use std::path::PathBuf;
+
+use crate::error::AttestError;
+use crate::process::{PinnedProcess, read_stat_with};
+use crate::procfs::{self, ProcPaths};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProcessSnapshot {
+    pub pid: i32,
+    pub ppid: i32,
+    pub start_time: u64,
+    /// Effective uid.
+    pub uid: u32,
+    /// Effective gid.
+    pub gid: u32,
+    pub supplementary_gids: Vec<u32>,
+    /// readlink of /proc/<pid>/exe; `None` when unreadable (kernel thread,
+    /// zombie, no permission). Ends in " (deleted)" if the file was removed.
+    pub exe_path: Option<PathBuf>,
+    /// The cgroup v2 path from the `0::` line of /proc/<pid>/cgroup.
+    pub cgroup_path: Option<String>,
+}
+
+/// Reads the snapshot. The start time is checked against the pinned one, but
+/// only the caller's final pidfd check (see `AttestorSet::attest`) proves
+/// the rest was read before the process could have died.
+pub fn read_snapshot(process: &PinnedProcess) -> Result<ProcessSnapshot, AttestError> {
+    let pid = process.pid();
+    let mut paths = ProcPaths::new(pid);
+    let mut buf = Vec::with_capacity(2048);
+
+    let stat = read_stat_with(&mut paths, &mut buf)?;
+    if stat.start_time != process.start_time() {
+        return Err(AttestError::ProcessGone { pid });
+    }
+
+    paths.read("status", &mut buf)?;
+    let status = procfs::parse_status(&buf)
+        .map_err(|detail| procfs::parse_error(paths.file("status").to_path_buf(), detail))?;
+
+    let exe_path = std::fs::read_link(paths.file("exe")).ok();
+
+    paths.read("cgroup", &mut buf)?;
+    let cgroup_path = procfs::parse_cgroup(&buf)
+        .map_err(|detail| procfs::parse_error(paths.file("cgroup").to_path_buf(), detail))?;
+
+    Ok(ProcessSnapshot {
+        pid,
+        ppid: stat.ppid,
+        start_time: stat.start_time,
+        uid: status.effective_uid,
+        gid: status.effective_gid,
+        supplementary_gids: status.supplementary_gids,
+        exe_path,
+        cgroup_path,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::MetadataExt;
+
+    #[test]
+    fn snapshot_of_this_process_matches_independent_sources() {
+        let me = PinnedProcess::open(std::process::id() as i32).unwrap();
+        let snapshot = read_snapshot(&me).unwrap();
+        assert_eq!(snapshot.pid, me.pid());
+        assert_eq!(snapshot.start_time, me.start_time());
+        assert_eq!(snapshot.ppid as u32, std::os::unix::process::parent_id());
+        assert_eq!(snapshot.uid, nix::unistd::geteuid().as_raw());
+        assert_eq!(snapshot.gid, nix::unistd::getegid().as_raw());
+        let mut groups: Vec<u32> = nix::unistd::getgroups()
+            .unwrap()
+            .into_iter()
+            .map(|g| g.as_raw())
+            .collect();
+        groups.sort_unstable();
+        let mut seen = snapshot.supplementary_gids.clone();
+        seen.sort_unstable();
+        assert_eq!(seen, groups);
+        let exe = snapshot.exe_path.unwrap();
+        assert_eq!(
+            std::fs::metadata(&exe).unwrap().ino(),
+            std::fs::metadata(std::env::current_exe().unwrap())
+                .unwrap()
+                .ino()
+        );
+        let cgroup = std::fs::read_to_string("/proc/self/cgroup").unwrap();
+        let expected = cgroup.lines().find_map(|l| l.strip_prefix("0::"));
+        assert_eq!(snapshot.cgroup_path.as_deref(), expected);
+    }
+}
