@@ -92,12 +92,24 @@ mod tests {
         assert_eq!(s.kind(), "cgroup");
         assert_eq!(s.value(), "path:/a:b/c.service");
         assert_eq!(s.to_string(), "cgroup:path:/a:b/c.service");
-        assert_eq!(Selector::with_key("unix", "uid", 1000).to_string(), "unix:uid:1000");
+        assert_eq!(
+            Selector::with_key("unix", "uid", 1000).to_string(),
+            "unix:uid:1000"
+        );
     }
 
     #[test]
     fn rejects_malformed() {
-        for bad in ["", "unix", "unix:1000", ":uid:1", "unix::1", "unix:uid:", "Unix:uid:1", "unix:uid:1\n"] {
+        for bad in [
+            "",
+            "unix",
+            "unix:1000",
+            ":uid:1",
+            "unix::1",
+            "unix:uid:",
+            "Unix:uid:1",
+            "unix:uid:1\n",
+        ] {
             assert!(bad.parse::<Selector>().is_err(), "{bad:?}");
         }
     }
