@@ -451,8 +451,9 @@ fn a_grandchild_descends_from_its_shell_and_from_us() {
         sibling.pid(),
         PinnedProcess::open(sibling.pid()).unwrap().start_time()
     ));
+    // Let the shell reap the grandchild itself rather than leave it to init.
     drop(_guard);
-    let _ = shell.0.kill();
+    shell.0.wait().unwrap();
 }
 
 #[test]
