@@ -1,0 +1,888 @@
+//! Turns the file as written (`raw`) into a checked `Config`, filling omitted
+//! keys from the defaults and collecting every problem with the byte span of
+//! the value (or table) at fault, so all of them can be reported at once.
+
+use std::collections::BTreeSet;
+use std::collections::HashMap;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use toml::Spanned;
+use writ_attestors::Selector;
+
+use super::raw::{
+    RawAdminApi, RawAttestors, RawCa, RawConfig, RawEntry, RawLog, RawTasks, RawUpstream, Text,
+};
+use super::{
+    AdminApiConfig, AttestorsConfig, CaConfig, Config, ConfigError, EntryConfig, Environment,
+    LogConfig, LogFormat, MAX_HINT_BYTES, MAX_SOCKET_PATH_BYTES, TasksConfig, UpstreamCaConfig,
+    WorkloadApiConfig, format_duration, parse_duration,
+};
+use crate::spiffe_id::{SpiffeId, TrustDomain};
+
+pub(super) fn build(
+    text: &str,
+    origin: &Path,
+    env: &Environment,
+) -> Result<Config, Vec<ConfigError>> {
+    let raw: RawConfig = match toml::from_str(text) {
+        Ok(raw) => raw,
+        Err(err) => {
+            let span = err.span().unwrap_or(0..0);
+            // toml's messages can run over several lines; one line per error
+            // keeps `writ validate` output greppable.
+            let mut message = err.message().trim().replace('\n', "; ");
+            // toml does not say which key is duplicated; its span does.
+            if message == "duplicate key"
+                && let Some(key) = text.get(span.clone()).filter(|key| !key.is_empty())
+            {
+                message = format!("duplicate key `{key}`");
+            }
+            let offset = span.start;
+            return Err(vec![ConfigError::at(origin, text, offset, message)]);
+        }
+    };
+    let mut builder = Builder {
+        origin,
+        text,
+        errors: Vec::new(),
+    };
+    let config = builder.config(raw, env);
+    if builder.errors.is_empty() {
+        Ok(config)
+    } else {
+        builder.errors.sort_by_key(|err| err.position());
+        Err(builder.errors)
+    }
+}
+
+/// A value and where it came from: `None` means it is a default.
+struct Sourced<T> {
+    value: T,
+    span: Option<Range<usize>>,
+}
+
+impl<T> Sourced<T> {
+    fn default(value: T) -> Self {
+        Sourced { value, span: None }
+    }
+}
+
+struct Builder<'a> {
+    origin: &'a Path,
+    text: &'a str,
+    errors: Vec<ConfigError>,
+}
+
+impl Builder<'_> {
+    fn error(&mut self, span: Range<usize>, message: String) {
+        self.errors
+            .push(ConfigError::at(self.origin, self.text, span.start, message));
+    }
+
+    fn config(&mut self, raw: RawConfig, env: &Environment) -> Config {
+        let defaults = Config::defaults_without_entries(env);
+
+        let trust_domain = match &raw.trust_domain {
+            None => Some(defaults.trust_domain.clone()),
+            Some(text) => match TrustDomain::new(text.get_ref()) {
+                Ok(trust_domain) => Some(trust_domain),
+                Err(err) => {
+                    self.error(
+                        text.span(),
+                        format!("trust_domain {:?}: {err}", text.get_ref()),
+                    );
+                    None
+                }
+            },
+        };
+
+        let data_dir = match &raw.data_dir {
+            None => Sourced::default(defaults.data_dir.clone()),
+            Some(text) => Sourced {
+                value: self
+                    .absolute_path("data_dir", text)
+                    .unwrap_or_else(|| defaults.data_dir.clone()),
+                span: Some(text.span()),
+            },
+        };
+        // Socket defaults follow the data_dir in use, not the default one.
+        let socket_dir = env.default_socket_dir(&data_dir.value);
+
+        let workload_socket = self.socket_path(
+            "workload_api.socket_path",
+            raw.workload_api.and_then(|api| api.socket_path),
+            socket_dir.join("workload.sock"),
+            &data_dir,
+        );
+        let admin_api = self.admin_api(
+            raw.admin_api,
+            &socket_dir,
+            &data_dir,
+            defaults.admin_api.clone(),
+        );
+        if let (Some(workload), Some(admin)) = (&workload_socket, &admin_api)
+            && workload.value == admin.socket_path.value
+        {
+            let span = admin.socket_path.span.clone().or(workload.span.clone());
+            self.error(
+                span.unwrap_or(0..0),
+                format!(
+                    "admin_api.socket_path and workload_api.socket_path are both {}; each API needs its own socket",
+                    workload.value.display()
+                ),
+            );
+        }
+
+        let ca = self.ca(raw.ca);
+        let attestors = self.attestors(raw.attestors, defaults.attestors);
+        let tasks = self.tasks(raw.tasks, ca.as_ref());
+        let log = self.log(raw.log, defaults.log);
+        let entries = self.entries(&raw.entry, trust_domain.as_ref(), ca.as_ref());
+
+        Config {
+            trust_domain: trust_domain.unwrap_or(defaults.trust_domain),
+            data_dir: data_dir.value,
+            workload_api: WorkloadApiConfig {
+                socket_path: workload_socket.map_or(defaults.workload_api.socket_path, |s| s.value),
+            },
+            admin_api: admin_api.map_or(defaults.admin_api, |admin| AdminApiConfig {
+                socket_path: admin.socket_path.value,
+                authorized: admin.authorized,
+            }),
+            ca: ca.map_or_else(CaConfig::default, |ca| ca.config),
+            attestors,
+            tasks,
+            log,
+            entries,
+        }
+    }
+
+    /// An absolute path; `None` (with an error recorded) otherwise.
+    fn absolute_path(&mut self, key: &str, text: &Text) -> Option<PathBuf> {
+        let value = text.get_ref();
+        let problem = if value.is_empty() {
+            "is empty; it must be an absolute path"
+        } else if value.contains('\0') {
+            "contains a NUL character"
+        } else if !Path::new(value).is_absolute() {
+            "must be an absolute path (start with '/')"
+        } else {
+            return Some(PathBuf::from(value));
+        };
+        self.error(text.span(), format!("{key} {value:?} {problem}"));
+        None
+    }
+
+    /// The configured socket path, or `default` if the key is absent; either
+    /// way it must fit in `sun_path`.
+    fn socket_path(
+        &mut self,
+        key: &str,
+        text: Option<Text>,
+        default: PathBuf,
+        data_dir: &Sourced<PathBuf>,
+    ) -> Option<Sourced<PathBuf>> {
+        let socket = match &text {
+            // A defaulted socket path that is too long is the data_dir's
+            // fault (it lives under it) when the file set one.
+            None => Sourced {
+                value: default,
+                span: data_dir.span.clone(),
+            },
+            Some(text) => Sourced {
+                value: self.absolute_path(key, text)?,
+                span: Some(text.span()),
+            },
+        };
+        let length = socket.value.as_os_str().len();
+        if length > MAX_SOCKET_PATH_BYTES {
+            let origin = if text.is_some() {
+                ""
+            } else {
+                " (derived from data_dir)"
+            };
+            self.error(
+                socket.span.clone().unwrap_or(0..0),
+                format!(
+                    "{key} {}{origin} is {length} bytes long; a Unix socket path can be at most {MAX_SOCKET_PATH_BYTES}",
+                    socket.value.display()
+                ),
+            );
+            return None;
+        }
+        Some(socket)
+    }
+
+    fn admin_api(
+        &mut self,
+        raw: Option<RawAdminApi>,
+        socket_dir: &Path,
+        data_dir: &Sourced<PathBuf>,
+        defaults: AdminApiConfig,
+    ) -> Option<CheckedAdminApi> {
+        let (socket_text, authorized) = match raw {
+            Some(raw) => (raw.socket_path, raw.authorized),
+            None => (None, None),
+        };
+        let socket_path = self.socket_path(
+            "admin_api.socket_path",
+            socket_text,
+            socket_dir.join("admin.sock"),
+            data_dir,
+        );
+        let authorized = match authorized {
+            None => Some(defaults.authorized),
+            Some(sets) => self.selector_sets(&sets),
+        };
+        Some(CheckedAdminApi {
+            socket_path: socket_path?,
+            authorized: authorized?,
+        })
+    }
+
+    fn selector_sets(&mut self, sets: &[Spanned<Vec<Text>>]) -> Option<Vec<Vec<Selector>>> {
+        let mut valid = true;
+        let mut parsed_sets = Vec::with_capacity(sets.len());
+        for (set_index, set) in sets.iter().enumerate() {
+            if set.get_ref().is_empty() {
+                self.error(
+                    set.span(),
+                    format!(
+                        "admin_api.authorized[{set_index}] is an empty selector set, which every caller would match; list at least one selector"
+                    ),
+                );
+                valid = false;
+                continue;
+            }
+            let key = format!("admin_api.authorized[{set_index}]");
+            match self.selectors(&key, set.get_ref()) {
+                Some(selectors) => parsed_sets.push(selectors),
+                None => valid = false,
+            }
+        }
+        valid.then_some(parsed_sets)
+    }
+
+    fn selectors(&mut self, key: &str, texts: &[Text]) -> Option<Vec<Selector>> {
+        let mut valid = true;
+        let mut selectors = Vec::with_capacity(texts.len());
+        for (index, text) in texts.iter().enumerate() {
+            match text.get_ref().parse::<Selector>() {
+                Ok(selector) => selectors.push(selector),
+                Err(err) => {
+                    self.error(text.span(), format!("{key}[{index}]: {err}"));
+                    valid = false;
+                }
+            }
+        }
+        valid.then_some(selectors)
+    }
+
+    /// A duration that must be positive; absent means `default`.
+    fn positive_duration(
+        &mut self,
+        key: &str,
+        text: Option<&Text>,
+        default: Duration,
+    ) -> Option<Sourced<Duration>> {
+        let Some(text) = text else {
+            return Some(Sourced::default(default));
+        };
+        match parse_duration(text.get_ref()) {
+            Ok(Duration::ZERO) => {
+                self.error(text.span(), format!("{key} must be greater than zero"));
+                None
+            }
+            Ok(value) => Some(Sourced {
+                value,
+                span: Some(text.span()),
+            }),
+            Err(err) => {
+                self.error(text.span(), format!("{key}: {err}"));
+                None
+            }
+        }
+    }
+
+    /// Records an error unless `shorter` is at most `longer`. It points at
+    /// `shorter` when the file set it, else at `longer`, which must then be
+    /// the one the file changed (the defaults are consistent).
+    fn at_most(
+        &mut self,
+        (shorter_key, shorter): (&str, &Sourced<Duration>),
+        (longer_key, longer): (&str, &Sourced<Duration>),
+        reason: &str,
+    ) {
+        if shorter.value <= longer.value {
+            return;
+        }
+        let span = shorter.span.clone().or(longer.span.clone()).unwrap_or(0..0);
+        self.error(
+            span,
+            format!(
+                "{shorter_key} ({}) is longer than {longer_key} ({}); {reason}",
+                format_duration(shorter.value),
+                format_duration(longer.value)
+            ),
+        );
+    }
+
+    fn ca(&mut self, raw: Option<RawCa>) -> Option<CheckedCa> {
+        let defaults = CaConfig::default();
+        let raw = raw.unwrap_or(RawCa {
+            ca_ttl: None,
+            x509_svid_ttl: None,
+            jwt_svid_ttl: None,
+            upstream: None,
+        });
+        let ca_ttl = self.positive_duration("ca.ca_ttl", raw.ca_ttl.as_ref(), defaults.ca_ttl);
+        let x509_svid_ttl = self.positive_duration(
+            "ca.x509_svid_ttl",
+            raw.x509_svid_ttl.as_ref(),
+            defaults.x509_svid_ttl,
+        );
+        let jwt_svid_ttl = self.positive_duration(
+            "ca.jwt_svid_ttl",
+            raw.jwt_svid_ttl.as_ref(),
+            defaults.jwt_svid_ttl,
+        );
+        if let (Some(ca_ttl), Some(x509_svid_ttl)) = (&ca_ttl, &x509_svid_ttl) {
+            self.at_most(
+                ("ca.x509_svid_ttl", x509_svid_ttl),
+                ("ca.ca_ttl", ca_ttl),
+                "an SVID cannot outlive the CA that signs it",
+            );
+        }
+        if let (Some(ca_ttl), Some(jwt_svid_ttl)) = (&ca_ttl, &jwt_svid_ttl) {
+            self.at_most(
+                ("ca.jwt_svid_ttl", jwt_svid_ttl),
+                ("ca.ca_ttl", ca_ttl),
+                "a JWT-SVID cannot outlive the key that signs it",
+            );
+        }
+        let upstream = match raw.upstream {
+            None => Some(None),
+            Some(upstream) => self.upstream(&upstream).map(Some),
+        };
+        let (ca_ttl, x509_svid_ttl, jwt_svid_ttl) = (ca_ttl?, x509_svid_ttl?, jwt_svid_ttl?);
+        Some(CheckedCa {
+            config: CaConfig {
+                ca_ttl: ca_ttl.value,
+                x509_svid_ttl: x509_svid_ttl.value,
+                jwt_svid_ttl: jwt_svid_ttl.value,
+                upstream: upstream?,
+            },
+            ca_ttl_span: ca_ttl.span,
+        })
+    }
+
+    fn upstream(&mut self, raw: &Spanned<RawUpstream>) -> Option<UpstreamCaConfig> {
+        let table = raw.get_ref();
+        let mut file = |name: &str, what: &str, text: &Option<Text>| match text {
+            Some(text) => self.absolute_path(&format!("ca.upstream.{name}"), text),
+            None => {
+                self.error(
+                    raw.span(),
+                    format!("ca.upstream is missing `{name}` (the PEM file with {what})"),
+                );
+                None
+            }
+        };
+        let cert = file("cert", "the intermediate CA certificate", &table.cert);
+        let key = file("key", "the intermediate CA's private key", &table.key);
+        let bundle = file("bundle", "the upstream root certificates", &table.bundle);
+        Some(UpstreamCaConfig {
+            cert: cert?,
+            key: key?,
+            bundle: bundle?,
+        })
+    }
+
+    fn attestors(
+        &mut self,
+        raw: Option<RawAttestors>,
+        defaults: AttestorsConfig,
+    ) -> AttestorsConfig {
+        let mut config = defaults;
+        let Some(raw) = raw else {
+            return config;
+        };
+        if let Some(unix) = raw.unix {
+            if let Some(discover) = unix.discover_workload_path {
+                config.unix.discover_workload_path = discover;
+            }
+            if let Some(max_hash_bytes) = unix.max_hash_bytes {
+                config.unix.max_hash_bytes = max_hash_bytes;
+            }
+        }
+        if let Some(roots) = raw.cgroup.and_then(|cgroup| cgroup.trusted_roots) {
+            config.cgroup.trusted_roots = Vec::with_capacity(roots.len());
+            for (index, root) in roots.iter().enumerate() {
+                match cgroup_path_problem(root.get_ref()) {
+                    None => config.cgroup.trusted_roots.push(root.get_ref().clone()),
+                    Some(problem) => self.error(
+                        root.span(),
+                        format!(
+                            "attestors.cgroup.trusted_roots[{index}] {:?} is not an absolute, normalized cgroup path: {problem}",
+                            root.get_ref()
+                        ),
+                    ),
+                }
+            }
+        }
+        config
+    }
+
+    fn tasks(&mut self, raw: Option<RawTasks>, ca: Option<&CheckedCa>) -> TasksConfig {
+        let defaults = TasksConfig::default();
+        let raw = raw.unwrap_or(RawTasks {
+            max_ttl: None,
+            default_ttl: None,
+            x509_svid_ttl: None,
+            max_depth: None,
+        });
+        let max_ttl =
+            self.positive_duration("tasks.max_ttl", raw.max_ttl.as_ref(), defaults.max_ttl);
+        let default_ttl = self.positive_duration(
+            "tasks.default_ttl",
+            raw.default_ttl.as_ref(),
+            defaults.default_ttl,
+        );
+        let x509_svid_ttl = self.positive_duration(
+            "tasks.x509_svid_ttl",
+            raw.x509_svid_ttl.as_ref(),
+            defaults.x509_svid_ttl,
+        );
+        if let (Some(max_ttl), Some(default_ttl)) = (&max_ttl, &default_ttl) {
+            self.at_most(
+                ("tasks.default_ttl", default_ttl),
+                ("tasks.max_ttl", max_ttl),
+                "a task's default lifetime must be allowed by its maximum",
+            );
+        }
+        if let (Some(max_ttl), Some(x509_svid_ttl)) = (&max_ttl, &x509_svid_ttl) {
+            self.at_most(
+                ("tasks.x509_svid_ttl", x509_svid_ttl),
+                ("tasks.max_ttl", max_ttl),
+                "a task's certificate should not outlive the longest task",
+            );
+        }
+        if let (Some(ca), Some(x509_svid_ttl)) = (ca, &x509_svid_ttl) {
+            let ca_ttl = ca.ca_ttl();
+            self.at_most(
+                ("tasks.x509_svid_ttl", x509_svid_ttl),
+                ("ca.ca_ttl", &ca_ttl),
+                "an SVID cannot outlive the CA that signs it",
+            );
+        }
+        let max_depth = match raw.max_depth {
+            Some(depth) if *depth.get_ref() == 0 => {
+                self.error(
+                    depth.span(),
+                    "tasks.max_depth must be at least 1 (1 allows top-level tasks only)".to_owned(),
+                );
+                defaults.max_depth
+            }
+            Some(depth) => depth.into_inner(),
+            None => defaults.max_depth,
+        };
+        TasksConfig {
+            max_ttl: max_ttl.map_or(defaults.max_ttl, |ttl| ttl.value),
+            default_ttl: default_ttl.map_or(defaults.default_ttl, |ttl| ttl.value),
+            x509_svid_ttl: x509_svid_ttl.map_or(defaults.x509_svid_ttl, |ttl| ttl.value),
+            max_depth,
+        }
+    }
+
+    fn log(&mut self, raw: Option<RawLog>, defaults: LogConfig) -> LogConfig {
+        let mut config = defaults;
+        let Some(raw) = raw else {
+            return config;
+        };
+        if let Some(level) = raw.level {
+            let value = level.get_ref();
+            if value.trim().is_empty() {
+                self.error(
+                    level.span(),
+                    "log.level is empty; use a level such as \"info\" or EnvFilter directives such as \"info,writ=debug\"".to_owned(),
+                );
+            } else if let Err(err) = tracing_subscriber::EnvFilter::builder().parse(value) {
+                self.error(
+                    level.span(),
+                    format!("log.level {value:?} is not a valid tracing filter: {err}"),
+                );
+            } else {
+                config.level = value.clone();
+            }
+        }
+        if let Some(format) = raw.format {
+            match format.get_ref().as_str() {
+                "text" => config.format = LogFormat::Text,
+                "json" => config.format = LogFormat::Json,
+                other => self.error(
+                    format.span(),
+                    format!("log.format {other:?} is unknown; use \"text\" or \"json\""),
+                ),
+            }
+        }
+        config
+    }
+
+    fn entries(
+        &mut self,
+        raw: &[Spanned<RawEntry>],
+        trust_domain: Option<&TrustDomain>,
+        ca: Option<&CheckedCa>,
+    ) -> Vec<EntryConfig> {
+        let mut entries = Vec::with_capacity(raw.len());
+        // (spiffe_id, selector set) -> (index, line) of the first entry.
+        let mut seen: HashMap<(SpiffeId, BTreeSet<Selector>), (usize, usize)> = HashMap::new();
+        for (index, entry) in raw.iter().enumerate() {
+            let Some(checked) = self.entry(index, entry, trust_domain, ca) else {
+                continue;
+            };
+            let key = (
+                checked.spiffe_id.clone(),
+                checked.selectors.iter().cloned().collect::<BTreeSet<_>>(),
+            );
+            let span = entry
+                .get_ref()
+                .spiffe_id
+                .as_ref()
+                .map_or(entry.span(), Spanned::span);
+            if let Some((first_index, first_line)) = seen.get(&key) {
+                self.error(
+                    span,
+                    format!(
+                        "entry[{index}] repeats entry[{first_index}] (line {first_line}): same spiffe_id {} and the same selectors",
+                        checked.spiffe_id
+                    ),
+                );
+                continue;
+            }
+            let (line, _) = super::line_and_column(self.text, entry.span().start);
+            seen.insert(key, (index, line));
+            entries.push(checked);
+        }
+        entries
+    }
+
+    fn entry(
+        &mut self,
+        index: usize,
+        entry: &Spanned<RawEntry>,
+        trust_domain: Option<&TrustDomain>,
+        ca: Option<&CheckedCa>,
+    ) -> Option<EntryConfig> {
+        let key = format!("entry[{index}]");
+        let raw = entry.get_ref();
+
+        let spiffe_id = match &raw.spiffe_id {
+            None => {
+                self.error(entry.span(), format!("{key} has no spiffe_id"));
+                None
+            }
+            Some(text) => self.entry_spiffe_id(&key, text, trust_domain),
+        };
+
+        let selectors = match &raw.selectors {
+            None => {
+                self.error(
+                    entry.span(),
+                    format!(
+                        "{key} has no selectors; an entry needs at least one to match a process"
+                    ),
+                );
+                None
+            }
+            Some(list) if list.get_ref().is_empty() => {
+                self.error(
+                    list.span(),
+                    format!(
+                        "{key}.selectors is empty; an entry needs at least one to match a process"
+                    ),
+                );
+                None
+            }
+            Some(list) => self.selectors(&format!("{key}.selectors"), list.get_ref()),
+        };
+
+        let x509_svid_ttl = match &raw.x509_svid_ttl {
+            None => Some(None),
+            Some(text) => {
+                let ttl_key = format!("{key}.x509_svid_ttl");
+                let ttl = self.positive_duration(&ttl_key, Some(text), Duration::ZERO);
+                if let (Some(ttl), Some(ca)) = (&ttl, ca) {
+                    let ca_ttl = ca.ca_ttl();
+                    self.at_most(
+                        (&ttl_key, ttl),
+                        ("ca.ca_ttl", &ca_ttl),
+                        "an SVID cannot outlive the CA that signs it",
+                    );
+                }
+                ttl.map(|ttl| Some(ttl.value))
+            }
+        };
+
+        let mut dns_valid = true;
+        let mut dns_names = Vec::new();
+        for (dns_index, name) in raw.dns_names.iter().flatten().enumerate() {
+            match dns_name_problem(name.get_ref()) {
+                None => dns_names.push(name.get_ref().clone()),
+                Some(problem) => {
+                    self.error(
+                        name.span(),
+                        format!(
+                            "{key}.dns_names[{dns_index}] {:?} is not a valid DNS name: {problem}",
+                            name.get_ref()
+                        ),
+                    );
+                    dns_valid = false;
+                }
+            }
+        }
+
+        let hint = match &raw.hint {
+            None => Some(String::new()),
+            Some(text) if text.get_ref().len() > MAX_HINT_BYTES => {
+                self.error(
+                    text.span(),
+                    format!(
+                        "{key}.hint is {} bytes long; the Workload API allows at most {MAX_HINT_BYTES}",
+                        text.get_ref().len()
+                    ),
+                );
+                None
+            }
+            Some(text) => Some(text.get_ref().clone()),
+        };
+
+        let mut federation_valid = true;
+        let mut federates_with = Vec::new();
+        for (td_index, text) in raw.federates_with.iter().flatten().enumerate() {
+            let td_key = format!("{key}.federates_with[{td_index}]");
+            match TrustDomain::new(text.get_ref()) {
+                Ok(td) if Some(&td) == trust_domain => {
+                    self.error(
+                        text.span(),
+                        format!("{td_key} names writ's own trust domain {td}; federation is only with other trust domains"),
+                    );
+                    federation_valid = false;
+                }
+                Ok(td) => federates_with.push(td),
+                Err(err) => {
+                    self.error(text.span(), format!("{td_key} {:?}: {err}", text.get_ref()));
+                    federation_valid = false;
+                }
+            }
+        }
+
+        if !(dns_valid && federation_valid) {
+            return None;
+        }
+        Some(EntryConfig {
+            spiffe_id: spiffe_id?,
+            selectors: selectors?,
+            x509_svid_ttl: x509_svid_ttl?,
+            dns_names,
+            hint: hint?,
+            federates_with,
+        })
+    }
+
+    fn entry_spiffe_id(
+        &mut self,
+        key: &str,
+        text: &Text,
+        trust_domain: Option<&TrustDomain>,
+    ) -> Option<SpiffeId> {
+        let spiffe_id = match text.get_ref().parse::<SpiffeId>() {
+            Ok(spiffe_id) => spiffe_id,
+            Err(err) => {
+                self.error(
+                    text.span(),
+                    format!("{key}.spiffe_id {:?}: {err}", text.get_ref()),
+                );
+                return None;
+            }
+        };
+        if spiffe_id.is_trust_domain_id() {
+            self.error(
+                text.span(),
+                format!(
+                    "{key}.spiffe_id {spiffe_id} has no path; a workload's SPIFFE ID needs one (e.g. {spiffe_id}/agent/name)"
+                ),
+            );
+            return None;
+        }
+        // If trust_domain itself is invalid that is already reported; there
+        // is nothing meaningful to compare against.
+        let trust_domain = trust_domain?;
+        if spiffe_id.trust_domain() != trust_domain {
+            self.error(
+                text.span(),
+                format!(
+                    "{key}.spiffe_id {spiffe_id} is in trust domain {}, but writ's trust_domain is {trust_domain}",
+                    spiffe_id.trust_domain()
+                ),
+            );
+            return None;
+        }
+        Some(spiffe_id)
+    }
+}
+
+struct CheckedAdminApi {
+    socket_path: Sourced<PathBuf>,
+    authorized: Vec<Vec<Selector>>,
+}
+
+struct CheckedCa {
+    config: CaConfig,
+    ca_ttl_span: Option<Range<usize>>,
+}
+
+impl CheckedCa {
+    fn ca_ttl(&self) -> Sourced<Duration> {
+        Sourced {
+            value: self.config.ca_ttl,
+            span: self.ca_ttl_span.clone(),
+        }
+    }
+}
+
+/// Why `path` is not an absolute, normalized cgroup v2 path, if it is not.
+/// Normalized matters because selectors are matched by prefix: a root
+/// written `/a/../b` or `/a/` would never match what the kernel reports.
+fn cgroup_path_problem(path: &str) -> Option<&'static str> {
+    if path.is_empty() {
+        return Some("it is empty");
+    }
+    if !path.starts_with('/') {
+        return Some("it must start with '/'");
+    }
+    if path.chars().any(char::is_control) {
+        return Some("it contains a control character");
+    }
+    if path == "/" {
+        return None;
+    }
+    if path.ends_with('/') {
+        return Some("it must not end with '/'");
+    }
+    for segment in path[1..].split('/') {
+        if segment.is_empty() {
+            return Some("it has an empty segment (\"//\")");
+        }
+        if segment == "." || segment == ".." {
+            return Some("it has a \".\" or \"..\" segment");
+        }
+    }
+    None
+}
+
+/// Why `name` cannot go in a certificate's DNS SAN, if it cannot. A leading
+/// `*.` wildcard label is allowed, as X.509 permits.
+fn dns_name_problem(name: &str) -> Option<String> {
+    if name.is_empty() {
+        return Some("it is empty".to_owned());
+    }
+    if name.len() > 253 {
+        return Some("it is longer than 253 bytes".to_owned());
+    }
+    if name.ends_with('.') {
+        return Some("it must not end with '.'".to_owned());
+    }
+    let hostname = name.strip_prefix("*.").unwrap_or(name);
+    for label in hostname.split('.') {
+        if label.is_empty() {
+            return Some("it has an empty label".to_owned());
+        }
+        if label.len() > 63 {
+            return Some(format!("label {label:?} is longer than 63 bytes"));
+        }
+        if let Some(bad) = label
+            .chars()
+            .find(|c| !(c.is_ascii_alphanumeric() || *c == '-'))
+        {
+            return Some(if bad == '*' {
+                "'*' is only allowed as the whole leftmost label (\"*.example.org\")".to_owned()
+            } else {
+                format!("it contains {bad:?}; only letters, digits, '-' and '.' are allowed")
+            });
+        }
+        if label.starts_with('-') || label.ends_with('-') {
+            return Some(format!("label {label:?} starts or ends with '-'"));
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dns_names() {
+        for good in [
+            "localhost",
+            "researcher.internal",
+            "*.agents.example.org",
+            "a-b.Example.ORG",
+            "xn--bcher-kva.example",
+            &format!("{}.example", "a".repeat(63)),
+        ] {
+            assert_eq!(dns_name_problem(good), None, "{good}");
+        }
+        for (bad, problem) in [
+            ("", "empty"),
+            ("a.", "must not end with '.'"),
+            (".a", "empty label"),
+            ("a..b", "empty label"),
+            ("-a.b", "starts or ends with '-'"),
+            ("a-.b", "starts or ends with '-'"),
+            ("*", "leftmost label"),
+            ("a.*.b", "leftmost label"),
+            ("*a.b", "leftmost label"),
+            ("a_b.c", "contains '_'"),
+            ("a b", "contains ' '"),
+            ("é.com", "contains 'é'"),
+        ] {
+            let found = dns_name_problem(bad).unwrap_or_default();
+            assert!(found.contains(problem), "{bad:?}: {found:?}");
+        }
+        let long_label = format!("{}.example", "a".repeat(64));
+        assert!(
+            dns_name_problem(&long_label)
+                .unwrap()
+                .contains("longer than 63")
+        );
+        let long_name = vec!["a".repeat(50); 6].join(".");
+        assert!(
+            dns_name_problem(&long_name)
+                .unwrap()
+                .contains("longer than 253")
+        );
+    }
+
+    #[test]
+    fn cgroup_paths() {
+        for good in ["/", "/system.slice", "/writ.slice/a.b/c@1.service"] {
+            assert_eq!(cgroup_path_problem(good), None, "{good}");
+        }
+        for bad in [
+            "",
+            "system.slice",
+            "/a/",
+            "//",
+            "/a//b",
+            "/a/./b",
+            "/..",
+            "/a\nb",
+        ] {
+            assert!(cgroup_path_problem(bad).is_some(), "{bad:?}");
+        }
+    }
+}

@@ -1,0 +1,908 @@
+//! Tests for defaults, loading and validation of whole config files.
+
+use super::*;
+
+const ORIGIN: &str = "/etc/writ/writ.toml";
+
+fn alice() -> Environment {
+    Environment {
+        uid: 1000,
+        user_name: "alice".into(),
+        home: Some("/home/alice".into()),
+        xdg_state_home: None,
+        xdg_runtime_dir: Some("/run/user/1000".into()),
+    }
+}
+
+fn root() -> Environment {
+    Environment {
+        uid: 0,
+        user_name: "root".into(),
+        home: Some("/root".into()),
+        xdg_state_home: Some("/root/.state".into()),
+        xdg_runtime_dir: Some("/run/user/0".into()),
+    }
+}
+
+fn parse(text: &str) -> Result<Config, Vec<ConfigError>> {
+    Config::from_toml_str_with_env(text, Path::new(ORIGIN), &alice())
+}
+
+fn parse_ok(text: &str) -> Config {
+    match parse(text) {
+        Ok(config) => config,
+        Err(errors) => panic!("unexpected errors: {errors:#?}"),
+    }
+}
+
+fn errors(text: &str) -> Vec<ConfigError> {
+    match parse(text) {
+        Ok(config) => panic!("accepted invalid config: {config:#?}"),
+        Err(errors) => errors,
+    }
+}
+
+/// Asserts `text` yields exactly one error, at `line:column`, whose message
+/// contains `message`.
+#[track_caller]
+fn assert_single_error(text: &str, line: usize, column: usize, message: &str) {
+    let errors = errors(text);
+    assert_eq!(errors.len(), 1, "expected one error, got {errors:#?}");
+    let error = &errors[0];
+    assert_eq!(error.position(), Some((line, column)), "{error}");
+    assert!(
+        error.message().contains(message),
+        "{error:?} lacks {message:?}"
+    );
+}
+
+fn selector(text: &str) -> Selector {
+    text.parse().unwrap()
+}
+
+fn secs(n: u64) -> Duration {
+    Duration::from_secs(n)
+}
+
+#[test]
+fn builtin_defaults_for_root() {
+    let config = Config::builtin_defaults(&root());
+    assert_eq!(config.trust_domain.name(), "writ.test");
+    assert_eq!(config.data_dir, Path::new("/var/lib/writ"));
+    assert_eq!(
+        config.workload_api.socket_path,
+        Path::new("/run/writ/workload.sock")
+    );
+    assert_eq!(
+        config.admin_api.socket_path,
+        Path::new("/run/writ/admin.sock")
+    );
+    assert_eq!(
+        config.admin_api.authorized,
+        vec![vec![selector("unix:uid:0")]]
+    );
+    assert_eq!(config.ca, CaConfig::default());
+    assert_eq!(config.ca.ca_ttl, secs(86_400));
+    assert_eq!(config.ca.x509_svid_ttl, secs(3_600));
+    assert_eq!(config.ca.jwt_svid_ttl, secs(300));
+    assert_eq!(config.tasks.max_ttl, secs(3_600));
+    assert_eq!(config.tasks.default_ttl, secs(600));
+    assert_eq!(config.tasks.x509_svid_ttl, secs(600));
+    assert_eq!(config.tasks.max_depth, 4);
+    assert!(config.attestors.unix.discover_workload_path);
+    assert_eq!(config.attestors.unix.max_hash_bytes, 104_857_600);
+    assert_eq!(
+        config.attestors.cgroup.trusted_roots,
+        ["/system.slice", "/writ.slice"]
+    );
+    assert_eq!(config.log.level, "info");
+    assert_eq!(config.log.format, LogFormat::Text);
+    assert_eq!(config.entries.len(), 1);
+    let entry = &config.entries[0];
+    assert_eq!(entry.spiffe_id.to_string(), "spiffe://writ.test/user/root");
+    assert_eq!(entry.selectors, vec![selector("unix:uid:0")]);
+    assert_eq!(entry.x509_svid_ttl, None);
+}
+
+#[test]
+fn builtin_defaults_for_a_user_follow_xdg() {
+    let mut env = alice();
+    env.xdg_state_home = Some("/home/alice/.xdg-state".into());
+    let config = Config::builtin_defaults(&env);
+    assert_eq!(config.data_dir, Path::new("/home/alice/.xdg-state/writ"));
+    assert_eq!(
+        config.workload_api.socket_path,
+        Path::new("/run/user/1000/writ/workload.sock")
+    );
+    assert_eq!(
+        config.admin_api.socket_path,
+        Path::new("/run/user/1000/writ/admin.sock")
+    );
+    assert_eq!(
+        config.admin_api.authorized,
+        vec![vec![selector("unix:uid:1000")]]
+    );
+    assert_eq!(config.entries.len(), 1);
+    assert_eq!(
+        config.entries[0].spiffe_id.to_string(),
+        "spiffe://writ.test/user/alice"
+    );
+    assert_eq!(config.entries[0].selectors, vec![selector("unix:uid:1000")]);
+}
+
+#[test]
+fn builtin_defaults_without_xdg_vars_fall_back_to_home() {
+    let mut env = alice();
+    env.xdg_runtime_dir = None;
+    let config = Config::builtin_defaults(&env);
+    assert_eq!(config.data_dir, Path::new("/home/alice/.local/state/writ"));
+    assert_eq!(
+        config.workload_api.socket_path,
+        Path::new("/home/alice/.local/state/writ/run/workload.sock")
+    );
+    assert_eq!(
+        config.admin_api.socket_path,
+        Path::new("/home/alice/.local/state/writ/run/admin.sock")
+    );
+}
+
+#[test]
+fn default_entry_uses_the_uid_when_the_name_is_not_a_path_segment() {
+    let mut env = alice();
+    env.user_name = "alice smith@corp".into();
+    let config = Config::builtin_defaults(&env);
+    assert_eq!(
+        config.entries[0].spiffe_id.to_string(),
+        "spiffe://writ.test/user/1000"
+    );
+}
+
+#[test]
+fn builtin_defaults_pass_validation() {
+    for env in [root(), alice()] {
+        let config = Config::builtin_defaults(&env);
+        let text = config.to_toml().unwrap();
+        let reloaded = Config::from_toml_str_with_env(&text, Path::new(ORIGIN), &env).unwrap();
+        assert_eq!(reloaded, config, "{text}");
+    }
+}
+
+#[test]
+fn empty_file_gets_defaults_but_no_entries() {
+    let config = parse_ok("");
+    let mut expected = Config::builtin_defaults(&alice());
+    expected.entries.clear();
+    assert_eq!(config, expected);
+}
+
+#[test]
+fn fallback_socket_dir_follows_a_configured_data_dir() {
+    let mut env = alice();
+    env.xdg_runtime_dir = None;
+    let config =
+        Config::from_toml_str_with_env("data_dir = \"/srv/writ\"\n", Path::new(ORIGIN), &env)
+            .unwrap();
+    assert_eq!(
+        config.workload_api.socket_path,
+        Path::new("/srv/writ/run/workload.sock")
+    );
+    assert_eq!(
+        config.admin_api.socket_path,
+        Path::new("/srv/writ/run/admin.sock")
+    );
+}
+
+const FULL: &str = r#"
+trust_domain = "example.org"
+data_dir = "/srv/writ"
+
+[workload_api]
+socket_path = "/srv/writ/sock/workload.sock"
+
+[admin_api]
+socket_path = "/srv/writ/sock/admin.sock"
+authorized = [["unix:uid:0"], ["unix:uid:1000", "systemd:unit:orchestrator.service"]]
+
+[ca]
+ca_ttl = "2d"
+x509_svid_ttl = "2h"
+jwt_svid_ttl = "15m"
+upstream = { cert = "/etc/writ/ca.pem", key = "/etc/writ/ca.key", bundle = "/etc/writ/roots.pem" }
+
+[attestors.unix]
+discover_workload_path = false
+max_hash_bytes = 1048576
+
+[attestors.cgroup]
+trusted_roots = ["/", "/agents.slice/a_b.scope"]
+
+[tasks]
+max_ttl = "4h"
+default_ttl = "30m"
+x509_svid_ttl = "5m"
+max_depth = 2
+
+[log]
+level = "info,writ::tasks=debug"
+format = "json"
+
+[[entry]]
+spiffe_id = "spiffe://example.org/agent/researcher"
+selectors = ["unix:uid:1000", "cgroup:path:/system.slice/research-agent.service"]
+x509_svid_ttl = "10m"
+dns_names = ["researcher.internal", "*.agents.example.org"]
+hint = "internal"
+federates_with = ["partner.example", "spiffe://other.example"]
+
+[[entry]]
+spiffe_id = "spiffe://example.org/agent/researcher"
+selectors = ["unix:uid:1001"]
+"#;
+
+#[test]
+fn full_config_loads_every_key() {
+    let config = parse_ok(FULL);
+    let expected = Config {
+        trust_domain: TrustDomain::new("example.org").unwrap(),
+        data_dir: "/srv/writ".into(),
+        workload_api: WorkloadApiConfig {
+            socket_path: "/srv/writ/sock/workload.sock".into(),
+        },
+        admin_api: AdminApiConfig {
+            socket_path: "/srv/writ/sock/admin.sock".into(),
+            authorized: vec![
+                vec![selector("unix:uid:0")],
+                vec![
+                    selector("unix:uid:1000"),
+                    selector("systemd:unit:orchestrator.service"),
+                ],
+            ],
+        },
+        ca: CaConfig {
+            ca_ttl: secs(2 * 86_400),
+            x509_svid_ttl: secs(7_200),
+            jwt_svid_ttl: secs(900),
+            upstream: Some(UpstreamCaConfig {
+                cert: "/etc/writ/ca.pem".into(),
+                key: "/etc/writ/ca.key".into(),
+                bundle: "/etc/writ/roots.pem".into(),
+            }),
+        },
+        attestors: AttestorsConfig {
+            unix: UnixAttestorConfig {
+                discover_workload_path: false,
+                max_hash_bytes: 1_048_576,
+            },
+            cgroup: CgroupAttestorConfig {
+                trusted_roots: vec!["/".into(), "/agents.slice/a_b.scope".into()],
+            },
+        },
+        tasks: TasksConfig {
+            max_ttl: secs(4 * 3_600),
+            default_ttl: secs(1_800),
+            x509_svid_ttl: secs(300),
+            max_depth: 2,
+        },
+        log: LogConfig {
+            level: "info,writ::tasks=debug".into(),
+            format: LogFormat::Json,
+        },
+        entries: vec![
+            EntryConfig {
+                spiffe_id: "spiffe://example.org/agent/researcher".parse().unwrap(),
+                selectors: vec![
+                    selector("unix:uid:1000"),
+                    selector("cgroup:path:/system.slice/research-agent.service"),
+                ],
+                x509_svid_ttl: Some(secs(600)),
+                dns_names: vec!["researcher.internal".into(), "*.agents.example.org".into()],
+                hint: "internal".into(),
+                federates_with: vec![
+                    TrustDomain::new("partner.example").unwrap(),
+                    TrustDomain::new("other.example").unwrap(),
+                ],
+            },
+            EntryConfig {
+                spiffe_id: "spiffe://example.org/agent/researcher".parse().unwrap(),
+                selectors: vec![selector("unix:uid:1001")],
+                x509_svid_ttl: None,
+                dns_names: vec![],
+                hint: String::new(),
+                federates_with: vec![],
+            },
+        ],
+    };
+    assert_eq!(config, expected);
+}
+
+#[test]
+fn full_config_round_trips_through_to_toml() {
+    let config = parse_ok(FULL);
+    let text = config.to_toml().unwrap();
+    assert_eq!(parse_ok(&text), config, "{text}");
+}
+
+#[test]
+fn example_config_loads() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/writ.toml");
+    let config = match validate_file_with_env(&path, &alice()) {
+        Ok(config) => config,
+        Err(errors) => panic!("examples/writ.toml is invalid: {errors:#?}"),
+    };
+    assert_eq!(config.trust_domain.name(), "example.org");
+    assert_eq!(
+        config.admin_api.authorized,
+        vec![vec![selector("unix:uid:0")]]
+    );
+    assert_eq!(config.entries.len(), 2);
+    assert_eq!(
+        config.entries[0].spiffe_id.to_string(),
+        "spiffe://example.org/agent/researcher"
+    );
+    // Also through the public entry point that uses the real environment.
+    assert_eq!(Config::load(&path).unwrap().entries, config.entries);
+}
+
+#[test]
+fn example_config_mentions_every_key() {
+    let example =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/writ.toml"))
+            .unwrap();
+    // FULL sets every key, so its rendering lists them all.
+    let table: toml::Table = parse_ok(FULL).to_toml().unwrap().parse().unwrap();
+    let mut keys = Vec::new();
+    collect_keys("", &toml::Value::Table(table), &mut keys);
+    assert!(keys.len() > 25, "{keys:?}");
+    for (path, is_table) in keys {
+        let name = path.rsplit('.').next().unwrap();
+        let documented = if is_table {
+            example.contains(&format!("[{path}")) || example.contains(&format!("{name} = {{"))
+        } else {
+            example.contains(&format!("{name} ="))
+        };
+        assert!(documented, "examples/writ.toml does not document {path}");
+    }
+}
+
+/// Every key under `value` as (dotted path, whether it holds a table).
+fn collect_keys(prefix: &str, value: &toml::Value, keys: &mut Vec<(String, bool)>) {
+    let toml::Value::Table(table) = value else {
+        return;
+    };
+    for (key, value) in table {
+        let path = if prefix.is_empty() {
+            key.clone()
+        } else {
+            format!("{prefix}.{key}")
+        };
+        match value {
+            toml::Value::Array(items)
+                if items.iter().all(toml::Value::is_table) && !items.is_empty() =>
+            {
+                keys.push((path.clone(), true));
+                items
+                    .iter()
+                    .for_each(|item| collect_keys(&path, item, keys));
+            }
+            toml::Value::Table(_) => {
+                keys.push((path.clone(), true));
+                collect_keys(&path, value, keys);
+            }
+            _ => keys.push((path, false)),
+        }
+    }
+}
+
+#[test]
+fn load_reads_a_real_file_and_reports_its_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("writ.toml");
+    std::fs::write(&path, "[ca]\njwt_svid_ttl = \"0s\"\n").unwrap();
+    let err = Config::load(&path).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "{}:2:16: ca.jwt_svid_ttl must be greater than zero",
+            path.display()
+        )
+    );
+
+    std::fs::write(&path, "trust_domain = \"good.example\"\n").unwrap();
+    assert_eq!(
+        Config::load(&path).unwrap().trust_domain.name(),
+        "good.example"
+    );
+}
+
+#[test]
+fn missing_file_is_a_read_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("absent.toml");
+    let errors = validate_file(&path).unwrap_err();
+    assert_eq!(errors.len(), 1);
+    match &errors[0] {
+        ConfigError::Read { path: p, kind, .. } => {
+            assert_eq!(p, &path);
+            assert_eq!(*kind, std::io::ErrorKind::NotFound);
+        }
+        other => panic!("expected a read error, got {other:?}"),
+    }
+    assert!(
+        errors[0]
+            .to_string()
+            .starts_with(&format!("{}: ", path.display()))
+    );
+}
+
+#[test]
+fn invalid_utf8_is_located() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("writ.toml");
+    std::fs::write(&path, b"trust_domain = \"a.b\"\nhint = \"\xff\"\n").unwrap();
+    let errors = validate_file_with_env(&path, &alice()).unwrap_err();
+    assert_eq!(errors.len(), 1);
+    assert_eq!(errors[0].position(), Some((2, 9)));
+    assert!(errors[0].message().contains("not valid UTF-8"));
+}
+
+#[test]
+fn display_is_file_line_column_message() {
+    let errors = errors("trust_domain = \"Example.org\"\n");
+    assert_eq!(
+        errors[0].to_string(),
+        "/etc/writ/writ.toml:1:16: trust_domain \"Example.org\": trust domain contains 'E': only lowercase letters, digits, '.', '-' and '_' are allowed"
+    );
+}
+
+#[test]
+fn unknown_keys_are_rejected_at_the_key() {
+    assert_single_error(
+        "trust_domian = \"x.org\"\n",
+        1,
+        1,
+        "unknown field `trust_domian`",
+    );
+    assert_single_error("[ca]\nca_tll = \"1h\"\n", 2, 1, "unknown field `ca_tll`");
+    assert_single_error("[attestors.docker]\n", 1, 12, "unknown field `docker`");
+    assert_single_error(
+        "[[entry]]\nspiffe_id = \"spiffe://writ.test/a\"\nselector = [\"unix:uid:1\"]\n",
+        3,
+        1,
+        "unknown field `selector`",
+    );
+    assert_single_error(
+        "[ca]\nupstream = { cert = \"/c\", key = \"/k\", bundle = \"/b\", chain = \"/x\" }\n",
+        2,
+        54,
+        "unknown field `chain`",
+    );
+}
+
+#[test]
+fn type_and_syntax_errors_are_located() {
+    assert_single_error("[tasks]\nmax_depth = \"4\"\n", 2, 13, "expected u32");
+    assert_single_error(
+        "[attestors.unix]\nmax_hash_bytes = -1\n",
+        2,
+        18,
+        "expected u64",
+    );
+    assert_single_error(
+        "[attestors.unix]\ndiscover_workload_path = \"yes\"\n",
+        2,
+        26,
+        "expected a boolean",
+    );
+    assert_single_error("[ca]\nca_ttl = 3600\n", 2, 10, "expected a string");
+    let syntax = errors("trust_domain = \"x.org\"\ndata_dir = \n");
+    assert_eq!(syntax.len(), 1);
+    assert_eq!(
+        syntax[0].position().map(|(line, _)| line),
+        Some(2),
+        "{}",
+        syntax[0]
+    );
+    assert_single_error("[ca]\nca_ttl = \"1h\"\n[ca]\n", 3, 2, "duplicate key `ca`");
+}
+
+#[test]
+fn bad_trust_domain_and_paths() {
+    assert_single_error(
+        "trust_domain = \"Example.org\"\n",
+        1,
+        16,
+        "trust domain contains 'E'",
+    );
+    assert_single_error(
+        "data_dir = \"var/lib/writ\"\n",
+        1,
+        12,
+        "data_dir \"var/lib/writ\" must be an absolute path",
+    );
+    assert_single_error("data_dir = \"\"\n", 1, 12, "data_dir \"\" is empty");
+    assert_single_error(
+        "[workload_api]\nsocket_path = \"writ.sock\"\n",
+        2,
+        15,
+        "workload_api.socket_path \"writ.sock\" must be an absolute path",
+    );
+    assert_single_error(
+        "[admin_api]\nsocket_path = \"run/admin.sock\"\n",
+        2,
+        15,
+        "admin_api.socket_path \"run/admin.sock\" must be an absolute path",
+    );
+    assert_single_error(
+        "[ca]\nupstream = { cert = \"ca.pem\", key = \"/k\", bundle = \"/b\" }\n",
+        2,
+        21,
+        "ca.upstream.cert \"ca.pem\" must be an absolute path",
+    );
+}
+
+#[test]
+fn socket_paths_must_fit_sun_path() {
+    let long = format!("/{}", "a".repeat(120));
+    assert_single_error(
+        &format!("[workload_api]\nsocket_path = \"{long}\"\n"),
+        2,
+        15,
+        "is 121 bytes long; a Unix socket path can be at most 107",
+    );
+
+    // Without XDG_RUNTIME_DIR the sockets live under data_dir, so a long
+    // data_dir is where both errors point.
+    let mut env = alice();
+    env.xdg_runtime_dir = None;
+    let text = format!("data_dir = \"/{}\"\n", "d".repeat(100));
+    let errors = Config::from_toml_str_with_env(&text, Path::new(ORIGIN), &env).unwrap_err();
+    assert_eq!(errors.len(), 2, "{errors:#?}");
+    for (error, key) in errors.iter().zip(["workload_api", "admin_api"]) {
+        assert_eq!(error.position(), Some((1, 12)));
+        assert!(error.message().starts_with(key), "{error}");
+        assert!(error.message().contains("derived from data_dir"), "{error}");
+    }
+}
+
+#[test]
+fn the_two_apis_need_different_sockets() {
+    assert_single_error(
+        "[workload_api]\nsocket_path = \"/run/x.sock\"\n[admin_api]\nsocket_path = \"/run/x.sock\"\n",
+        4,
+        15,
+        "each API needs its own socket",
+    );
+}
+
+#[test]
+fn admin_authorized_sets() {
+    assert_single_error(
+        "[admin_api]\nauthorized = [[\"unix:uid:0\"], [\"unix:0\"]]\n",
+        2,
+        32,
+        "admin_api.authorized[1][0]: selector \"unix:0\" must have the form type:key:value",
+    );
+    assert_single_error(
+        "[admin_api]\nauthorized = [[\"unix:uid:0\"], []]\n",
+        2,
+        31,
+        "admin_api.authorized[1] is an empty selector set, which every caller would match",
+    );
+    // An empty list is allowed: it locks the admin API.
+    let config = parse_ok("[admin_api]\nauthorized = []\n");
+    assert!(config.admin_api.authorized.is_empty());
+}
+
+#[test]
+fn upstream_needs_all_three_files() {
+    assert_single_error(
+        "[ca.upstream]\ncert = \"/c.pem\"\nbundle = \"/b.pem\"\n",
+        1,
+        1,
+        "ca.upstream is missing `key`",
+    );
+}
+
+#[test]
+fn ca_ttls() {
+    assert_single_error(
+        "[ca]\nx509_svid_ttl = \"0s\"\n",
+        2,
+        17,
+        "ca.x509_svid_ttl must be greater than zero",
+    );
+    assert_single_error(
+        "[ca]\nca_ttl = \"1 day\"\n",
+        2,
+        10,
+        "ca.ca_ttl: duration \"1 day\": unexpected character ' '",
+    );
+    assert_single_error(
+        "[ca]\nca_ttl = \"2h\"\nx509_svid_ttl = \"3h\"\n",
+        3,
+        17,
+        "ca.x509_svid_ttl (3h) is longer than ca.ca_ttl (2h)",
+    );
+    // Only ca_ttl is in the file, so the clash with the default SVID TTL is
+    // reported there.
+    assert_single_error(
+        "[ca]\nca_ttl = \"30m\"\n",
+        2,
+        10,
+        "ca.x509_svid_ttl (1h) is longer than ca.ca_ttl (30m)",
+    );
+    assert_single_error(
+        "[ca]\nca_ttl = \"10m\"\nx509_svid_ttl = \"5m\"\njwt_svid_ttl = \"20m\"\n",
+        4,
+        16,
+        "ca.jwt_svid_ttl (20m) is longer than ca.ca_ttl (10m)",
+    );
+}
+
+#[test]
+fn task_limits() {
+    assert_single_error(
+        "[tasks]\nmax_ttl = \"0s\"\n",
+        2,
+        11,
+        "tasks.max_ttl must be greater than zero",
+    );
+    assert_single_error(
+        "[tasks]\ndefault_ttl = \"2h\"\n",
+        2,
+        15,
+        "tasks.default_ttl (2h) is longer than tasks.max_ttl (1h)",
+    );
+    assert_single_error(
+        "[tasks]\nx509_svid_ttl = \"2h\"\n",
+        2,
+        17,
+        "tasks.x509_svid_ttl (2h) is longer than tasks.max_ttl (1h)",
+    );
+    assert_single_error(
+        "[tasks]\nmax_depth = 0\n",
+        2,
+        13,
+        "tasks.max_depth must be at least 1",
+    );
+    assert_single_error(
+        "[ca]\nca_ttl = \"20m\"\nx509_svid_ttl = \"15m\"\n[tasks]\nx509_svid_ttl = \"30m\"\n",
+        5,
+        17,
+        "tasks.x509_svid_ttl (30m) is longer than ca.ca_ttl (20m)",
+    );
+
+    // Lowering max_ttl below both defaults breaks two rules, both at max_ttl.
+    let errors = errors("[tasks]\nmax_ttl = \"5m\"\n");
+    assert_eq!(errors.len(), 2, "{errors:#?}");
+    assert!(errors.iter().all(|e| e.position() == Some((2, 11))));
+    assert!(
+        errors[0]
+            .message()
+            .contains("tasks.default_ttl (10m) is longer than tasks.max_ttl (5m)")
+    );
+    assert!(
+        errors[1]
+            .message()
+            .contains("tasks.x509_svid_ttl (10m) is longer than tasks.max_ttl (5m)")
+    );
+}
+
+#[test]
+fn cgroup_trusted_roots_must_be_normalized() {
+    for (root, problem) in [
+        ("writ.slice", "must start with '/'"),
+        ("/a/", "must not end with '/'"),
+        ("/a/../b", "\"..\" segment"),
+        ("/a/./b", "\"..\" segment"),
+        ("/a//b", "empty segment"),
+        ("", "it is empty"),
+    ] {
+        assert_single_error(
+            &format!("[attestors.cgroup]\ntrusted_roots = [\"/system.slice\", \"{root}\"]\n"),
+            2,
+            35,
+            &format!(
+                "attestors.cgroup.trusted_roots[1] {root:?} is not an absolute, normalized cgroup path: "
+            ),
+        );
+        let message = &errors(&format!(
+            "[attestors.cgroup]\ntrusted_roots = [\"{root}\"]\n"
+        ))[0];
+        assert!(message.message().contains(problem), "{root}: {message}");
+    }
+}
+
+#[test]
+fn log_settings() {
+    assert_single_error(
+        "[log]\nformat = \"xml\"\n",
+        2,
+        10,
+        "log.format \"xml\" is unknown; use \"text\" or \"json\"",
+    );
+    assert_single_error(
+        "[log]\nlevel = \"info,writ=loud\"\n",
+        2,
+        9,
+        "log.level \"info,writ=loud\" is not a valid tracing filter",
+    );
+    assert_single_error("[log]\nlevel = \"\"\n", 2, 9, "log.level is empty");
+    assert_eq!(
+        parse_ok("[log]\nlevel = \"warn,writ=trace\"\n").log.level,
+        "warn,writ=trace"
+    );
+}
+
+/// An entry whose fourth line is `extra`.
+fn entry_with(extra: &str) -> String {
+    format!(
+        "[[entry]]\nspiffe_id = \"spiffe://writ.test/a\"\nselectors = [\"unix:uid:1\"]\n{extra}\n"
+    )
+}
+
+#[test]
+fn entry_identity_errors() {
+    assert_single_error(
+        "[[entry]]\nspiffe_id = \"spiffe://writ.test/a//b\"\nselectors = [\"unix:uid:1\"]\n",
+        2,
+        13,
+        "entry[0].spiffe_id \"spiffe://writ.test/a//b\": path has an empty segment",
+    );
+    assert_single_error(
+        "[[entry]]\nspiffe_id = \"spiffe://other.org/a\"\nselectors = [\"unix:uid:1\"]\n",
+        2,
+        13,
+        "entry[0].spiffe_id spiffe://other.org/a is in trust domain other.org, but writ's trust_domain is writ.test",
+    );
+    assert_single_error(
+        "[[entry]]\nspiffe_id = \"spiffe://writ.test\"\nselectors = [\"unix:uid:1\"]\n",
+        2,
+        13,
+        "has no path",
+    );
+    assert_single_error(
+        "[[entry]]\nselectors = [\"unix:uid:1\"]\n",
+        1,
+        1,
+        "entry[0] has no spiffe_id",
+    );
+}
+
+#[test]
+fn changing_the_trust_domain_rechecks_every_entry() {
+    let text = "trust_domain = \"example.org\"\n\
+                [[entry]]\nspiffe_id = \"spiffe://example.org/ok\"\nselectors = [\"unix:uid:1\"]\n\
+                [[entry]]\nspiffe_id = \"spiffe://writ.test/stale\"\nselectors = [\"unix:uid:2\"]\n";
+    assert_single_error(
+        text,
+        6,
+        13,
+        "is in trust domain writ.test, but writ's trust_domain is example.org",
+    );
+}
+
+#[test]
+fn entry_selector_errors() {
+    assert_single_error(
+        "[[entry]]\nspiffe_id = \"spiffe://writ.test/a\"\nselectors = [\"unix:uid:1\", \"Unix:uid:2\"]\n",
+        3,
+        28,
+        "entry[0].selectors[1]: selector type \"Unix\" must be lowercase",
+    );
+    assert_single_error(
+        "[[entry]]\nspiffe_id = \"spiffe://writ.test/a\"\nselectors = []\n",
+        3,
+        13,
+        "entry[0].selectors is empty",
+    );
+    assert_single_error(
+        "\n[[entry]]\nspiffe_id = \"spiffe://writ.test/a\"\n",
+        2,
+        1,
+        "entry[0] has no selectors",
+    );
+}
+
+#[test]
+fn entry_field_errors() {
+    assert_single_error(
+        &entry_with("x509_svid_ttl = \"0s\""),
+        4,
+        17,
+        "entry[0].x509_svid_ttl must be greater than zero",
+    );
+    assert_single_error(
+        &entry_with("x509_svid_ttl = \"2d\""),
+        4,
+        17,
+        "entry[0].x509_svid_ttl (2d) is longer than ca.ca_ttl (1d)",
+    );
+    assert_single_error(
+        &entry_with("x509_svid_ttl = \"10 m\""),
+        4,
+        17,
+        "entry[0].x509_svid_ttl: duration \"10 m\"",
+    );
+    assert_single_error(
+        &entry_with(&format!("hint = \"{}\"", "h".repeat(1025))),
+        4,
+        8,
+        "entry[0].hint is 1025 bytes long; the Workload API allows at most 1024",
+    );
+    assert_eq!(
+        parse_ok(&entry_with(&format!("hint = \"{}\"", "h".repeat(1024)))).entries[0]
+            .hint
+            .len(),
+        1024
+    );
+    assert_single_error(
+        &entry_with("dns_names = [\"ok.example\", \"bad_name.example\"]"),
+        4,
+        28,
+        "entry[0].dns_names[1] \"bad_name.example\" is not a valid DNS name: it contains '_'",
+    );
+    assert_single_error(
+        &entry_with("federates_with = [\"Partner.example\"]"),
+        4,
+        19,
+        "entry[0].federates_with[0] \"Partner.example\": trust domain contains 'P'",
+    );
+    assert_single_error(
+        &entry_with("federates_with = [\"spiffe://writ.test\"]"),
+        4,
+        19,
+        "names writ's own trust domain writ.test",
+    );
+}
+
+#[test]
+fn duplicate_entries_are_rejected_but_same_id_with_other_selectors_is_fine() {
+    let text = "[[entry]]\nspiffe_id = \"spiffe://writ.test/a\"\nselectors = [\"unix:uid:1\", \"unix:gid:2\"]\n\
+                [[entry]]\nspiffe_id = \"spiffe://writ.test/a\"\nselectors = [\"unix:gid:2\", \"unix:uid:1\"]\n";
+    assert_single_error(
+        text,
+        5,
+        13,
+        "entry[1] repeats entry[0] (line 1): same spiffe_id spiffe://writ.test/a and the same selectors",
+    );
+    let distinct = "[[entry]]\nspiffe_id = \"spiffe://writ.test/a\"\nselectors = [\"unix:uid:1\"]\n\
+                    [[entry]]\nspiffe_id = \"spiffe://writ.test/a\"\nselectors = [\"unix:uid:1\", \"unix:gid:2\"]\n";
+    assert_eq!(parse_ok(distinct).entries.len(), 2);
+}
+
+#[test]
+fn all_errors_are_reported_in_file_order() {
+    let text = "\
+trust_domain = \"Bad\"
+[ca]
+ca_ttl = \"1y\"
+[tasks]
+max_depth = 0
+[log]
+format = \"yaml\"
+[[entry]]
+spiffe_id = \"spiffe://writ.test/a\"
+selectors = [\"nope\"]
+";
+    let errors = errors(text);
+    let found: Vec<_> = errors
+        .iter()
+        .map(|e| {
+            (
+                e.position().unwrap(),
+                e.message().split(' ').next().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        found,
+        vec![
+            ((1, 16), "trust_domain".to_owned()),
+            ((3, 10), "ca.ca_ttl:".to_owned()),
+            ((5, 13), "tasks.max_depth".to_owned()),
+            ((7, 10), "log.format".to_owned()),
+            ((10, 14), "entry[0].selectors[0]:".to_owned()),
+        ]
+    );
+}
