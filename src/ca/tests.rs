@@ -1,0 +1,947 @@
+//! Tests of the CA with real keys, files and rustls-webpki path validation;
+//! time is injected so rotation schedules run in milliseconds.
+
+use std::collections::HashSet;
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
+    KeyUsagePurpose,
+};
+use x509_parser::certificate::X509Certificate;
+use x509_parser::extensions::ParsedExtension;
+use x509_parser::prelude::FromDer;
+use x509_parser::revocation_list::CertificateRevocationList;
+
+use super::*;
+use crate::svid::verify_chain;
+
+const HOUR: Duration = Duration::from_secs(3600);
+
+fn td() -> TrustDomain {
+    TrustDomain::new("example.org").unwrap()
+}
+
+fn t0() -> SystemTime {
+    // A fixed instant keeps the schedule arithmetic readable.
+    SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000)
+}
+
+fn settings(dir: &Path) -> CaSettings {
+    CaSettings::new(td(), dir.join("ca"))
+}
+
+fn request(path: &str, ttl: Duration) -> X509SvidRequest {
+    X509SvidRequest {
+        spiffe_id: td().spiffe_id(path).unwrap(),
+        ttl,
+        dns_names: Vec::new(),
+    }
+}
+
+fn parse(der: &[u8]) -> X509Certificate<'_> {
+    X509Certificate::from_der(der).unwrap().1
+}
+
+fn ski(der: &[u8]) -> Vec<u8> {
+    parse(der)
+        .iter_extensions()
+        .find_map(|e| match e.parsed_extension() {
+            ParsedExtension::SubjectKeyIdentifier(k) => Some(k.0.to_vec()),
+            _ => None,
+        })
+        .unwrap()
+}
+
+fn aki(der: &[u8]) -> Vec<u8> {
+    parse(der)
+        .iter_extensions()
+        .find_map(|e| match e.parsed_extension() {
+            ParsedExtension::AuthorityKeyIdentifier(k) => {
+                k.key_identifier.as_ref().map(|k| k.0.to_vec())
+            }
+            _ => None,
+        })
+        .unwrap()
+}
+
+fn unix(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs()
+}
+
+#[test]
+fn minted_svid_conforms_and_verifies() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ca = CertificateAuthority::load_or_create(settings(tmp.path()), t0()).unwrap();
+    let mut req = request("/agent/researcher", HOUR);
+    req.dns_names = vec!["svc.example.org".into()];
+    let svid = ca.mint_x509_svid(&req, t0()).unwrap();
+
+    let leaf = svid.leaf().unwrap();
+    assert_eq!(svid::check_leaf_conformance(leaf).unwrap(), req.spiffe_id);
+    assert_eq!(svid.cert_chain.len(), 1, "own mode: the root is not sent");
+    verify_chain(&svid.cert_chain, &ca.x509_authorities(), t0()).unwrap();
+
+    let parsed = parse(leaf);
+    assert_eq!(parsed.raw_serial(), svid.serial.as_slice());
+    assert_eq!(svid.serial.len(), 16);
+    assert_eq!(svid.serial_hex(), hex::encode(parsed.raw_serial()));
+    assert_eq!(svid.issuer_key_id, ski(&ca.x509_authorities()[0]));
+    assert_eq!(aki(leaf), svid.issuer_key_id);
+    assert_eq!(svid.issuer_key_id, ca.active_key_id());
+    assert_eq!(unix(svid.not_before), unix(t0()) - 10);
+    assert_eq!(unix(svid.not_after), unix(t0()) + 3600);
+    assert_eq!(
+        parsed.validity().not_before.timestamp() as u64,
+        unix(svid.not_before)
+    );
+    assert_eq!(
+        parsed.validity().not_after.timestamp() as u64,
+        unix(svid.not_after)
+    );
+    assert_eq!(svid.chain_der_concat(), leaf.to_vec());
+
+    // The private key handed out is the leaf's.
+    let key = KeyPair::try_from(svid.private_key_pkcs8_der()).unwrap();
+    assert_eq!(
+        key.public_key_raw(),
+        parsed.public_key().subject_public_key.data.as_ref()
+    );
+
+    // SVIDs are not valid before notBefore or after notAfter.
+    assert!(verify_chain(&svid.cert_chain, &ca.x509_authorities(), t0() - HOUR).is_err());
+    assert!(verify_chain(&svid.cert_chain, &ca.x509_authorities(), t0() + 2 * HOUR).is_err());
+}
+
+#[test]
+fn root_certificate_follows_the_signing_rules() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ca = CertificateAuthority::load_or_create(settings(tmp.path()), t0()).unwrap();
+    let roots = ca.x509_authorities();
+    assert_eq!(roots.len(), 1);
+    let id = svid::check_signing_cert_conformance(&roots[0]).unwrap();
+    assert_eq!(id.unwrap().to_string(), "spiffe://example.org");
+    let root = parse(&roots[0]);
+    assert!(root.name_constraints().unwrap().is_none());
+    let usage = root.key_usage().unwrap().unwrap();
+    assert!(usage.critical && usage.value.key_cert_sign() && usage.value.crl_sign());
+    assert!(!usage.value.digital_signature());
+    assert_eq!(root.subject(), root.issuer());
+    let cn = root.subject().iter_common_name().next().unwrap();
+    assert!(cn.as_str().unwrap().starts_with("writ CA example.org "));
+    assert_eq!(root.raw_serial().len(), 16);
+    assert_eq!(
+        root.validity().not_after.timestamp() as u64,
+        unix(t0() + DEFAULT_CA_TTL)
+    );
+    root.verify_signature(None).unwrap();
+}
+
+#[test]
+fn every_svid_gets_a_fresh_key_and_serial() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ca = CertificateAuthority::load_or_create(settings(tmp.path()), t0()).unwrap();
+    let req = request("/a", HOUR);
+    let one = ca.mint_x509_svid(&req, t0()).unwrap();
+    let two = ca.mint_x509_svid(&req, t0()).unwrap();
+    assert_ne!(one.serial, two.serial);
+    assert_ne!(one.private_key_pkcs8_der(), two.private_key_pkcs8_der());
+    let pk = |s: &X509Svid| {
+        parse(s.leaf().unwrap())
+            .public_key()
+            .subject_public_key
+            .data
+            .to_vec()
+    };
+    assert_ne!(pk(&one), pk(&two));
+}
+
+#[test]
+fn not_after_is_clamped_to_the_signer() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ca = CertificateAuthority::load_or_create(settings(tmp.path()), t0()).unwrap();
+    let svid = ca
+        .mint_x509_svid(&request("/a", 100 * DEFAULT_CA_TTL), t0())
+        .unwrap();
+    assert_eq!(svid.not_after, ca.active_not_after());
+    verify_chain(&svid.cert_chain, &ca.x509_authorities(), t0()).unwrap();
+
+    // Without a rotate(), a signer past its end refuses rather than minting
+    // an SVID that is born expired.
+    let late = ca.active_not_after() + Duration::from_secs(1);
+    assert!(matches!(
+        ca.mint_x509_svid(&request("/a", HOUR), late),
+        Err(CaError::SignerExpired { .. })
+    ));
+}
+
+#[test]
+fn bad_requests_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ca = CertificateAuthority::load_or_create(settings(tmp.path()), t0()).unwrap();
+    let foreign = X509SvidRequest {
+        spiffe_id: "spiffe://other.org/a".parse().unwrap(),
+        ttl: HOUR,
+        dns_names: vec![],
+    };
+    assert!(matches!(
+        ca.mint_x509_svid(&foreign, t0()),
+        Err(CaError::ForeignTrustDomain(..))
+    ));
+    let root_id = X509SvidRequest {
+        spiffe_id: "spiffe://example.org".parse().unwrap(),
+        ttl: HOUR,
+        dns_names: vec![],
+    };
+    assert!(matches!(
+        ca.mint_x509_svid(&root_id, t0()),
+        Err(CaError::LeafWithoutPath(_))
+    ));
+    assert!(matches!(
+        ca.mint_x509_svid(&request("/a", Duration::from_millis(500)), t0()),
+        Err(CaError::TtlTooShort)
+    ));
+    let mut bad_dns = request("/a", HOUR);
+    bad_dns.dns_names = vec!["bad name".into()];
+    assert!(matches!(
+        ca.mint_x509_svid(&bad_dns, t0()),
+        Err(CaError::InvalidDnsName(_))
+    ));
+}
+
+#[test]
+fn state_is_reused_across_restarts_with_private_permissions() {
+    let tmp = tempfile::tempdir().unwrap();
+    let first = CertificateAuthority::load_or_create(settings(tmp.path()), t0()).unwrap();
+    let second = CertificateAuthority::load_or_create(settings(tmp.path()), t0() + HOUR).unwrap();
+    assert_eq!(first.x509_authorities(), second.x509_authorities());
+    assert_eq!(first.active_key_id(), second.active_key_id());
+
+    // An SVID from the first instance verifies against the second's bundle.
+    let svid = first.mint_x509_svid(&request("/a", HOUR), t0()).unwrap();
+    verify_chain(
+        &svid.cert_chain,
+        &second.x509_authorities(),
+        t0() + HOUR / 2,
+    )
+    .unwrap();
+
+    let dir = tmp.path().join("ca");
+    assert_eq!(
+        fs::metadata(&dir).unwrap().permissions().mode() & 0o777,
+        0o700
+    );
+    let mut keys = 0;
+    for entry in fs::read_dir(&dir).unwrap() {
+        let entry = entry.unwrap();
+        let name = entry.file_name().into_string().unwrap();
+        assert!(!name.starts_with('.'), "temp file left behind: {name}");
+        let mode = entry.metadata().unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{name}");
+        if name.ends_with(".key.pem") {
+            keys += 1;
+        }
+    }
+    assert_eq!(keys, 1);
+}
+
+fn only_key_file(dir: &Path) -> std::path::PathBuf {
+    fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.to_string_lossy().ends_with(".key.pem"))
+        .unwrap()
+}
+
+#[test]
+fn corrupt_key_file_is_an_error_and_left_untouched() {
+    let tmp = tempfile::tempdir().unwrap();
+    CertificateAuthority::load_or_create(settings(tmp.path()), t0()).unwrap();
+    let dir = tmp.path().join("ca");
+    let key_path = only_key_file(&dir);
+    let state_before = fs::read(dir.join("state.json")).unwrap();
+
+    let garbage = b"-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n";
+    fs::write(&key_path, garbage).unwrap();
+    let err = CertificateAuthority::load_or_create(settings(tmp.path()), t0()).unwrap_err();
+    assert!(
+        matches!(err, CaError::CorruptState { ref path, .. } if *path == key_path),
+        "{err}"
+    );
+    assert_eq!(fs::read(&key_path).unwrap(), garbage);
+    assert_eq!(fs::read(dir.join("state.json")).unwrap(), state_before);
+
+    // A valid key that is not the root's is just as wrong.
+    fs::write(&key_path, KeyPair::generate().unwrap().serialize_pem()).unwrap();
+    let err = CertificateAuthority::load_or_create(settings(tmp.path()), t0()).unwrap_err();
+    assert!(err.to_string().contains("does not belong"), "{err}");
+
+    let good_key = fs::read(&key_path).unwrap();
+    fs::remove_file(&key_path).unwrap();
+    let err = CertificateAuthority::load_or_create(settings(tmp.path()), t0()).unwrap_err();
+    assert!(matches!(err, CaError::Io { .. }), "{err}");
+    assert_eq!(fs::read(dir.join("state.json")).unwrap(), state_before);
+
+    // Losing state.json while keys remain must not start a new root.
+    fs::write(&key_path, &good_key).unwrap();
+    fs::remove_file(dir.join("state.json")).unwrap();
+    let err = CertificateAuthority::load_or_create(settings(tmp.path()), t0()).unwrap_err();
+    assert!(err.to_string().contains("key files are present"), "{err}");
+    assert!(!dir.join("state.json").exists());
+    assert_eq!(fs::read(&key_path).unwrap(), good_key);
+}
+
+#[test]
+fn corrupt_or_foreign_state_is_an_error_and_left_untouched() {
+    let tmp = tempfile::tempdir().unwrap();
+    CertificateAuthority::load_or_create(settings(tmp.path()), t0()).unwrap();
+    let state_path = tmp.path().join("ca/state.json");
+    let good = fs::read(&state_path).unwrap();
+
+    let mut other = settings(tmp.path());
+    other.trust_domain = TrustDomain::new("other.org").unwrap();
+    let err = CertificateAuthority::load_or_create(other, t0()).unwrap_err();
+    assert!(err.to_string().contains("belongs to trust domain"), "{err}");
+
+    fs::write(&state_path, &good[..good.len() / 2]).unwrap();
+    let err = CertificateAuthority::load_or_create(settings(tmp.path()), t0()).unwrap_err();
+    assert!(matches!(err, CaError::CorruptState { .. }), "{err}");
+    assert_eq!(fs::read(&state_path).unwrap(), &good[..good.len() / 2]);
+
+    let text = String::from_utf8(good.clone()).unwrap();
+    fs::write(&state_path, text.replace("\"active\"", "\"retired\"")).unwrap();
+    let err = CertificateAuthority::load_or_create(settings(tmp.path()), t0()).unwrap_err();
+    assert!(err.to_string().contains("one active"), "{err}");
+
+    fs::write(&state_path, &good).unwrap();
+    let key_path = only_key_file(&tmp.path().join("ca"));
+    fs::set_permissions(&key_path, fs::Permissions::from_mode(0o640)).unwrap();
+    let err = CertificateAuthority::load_or_create(settings(tmp.path()), t0()).unwrap_err();
+    assert!(matches!(err, CaError::InsecurePermissions { .. }), "{err}");
+}
+
+#[test]
+fn settings_are_validated() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut s = settings(tmp.path());
+    s.ca_ttl = HOUR;
+    s.svid_ttl = HOUR;
+    assert!(matches!(
+        CertificateAuthority::load_or_create(s, t0()),
+        Err(CaError::InvalidSettings(_))
+    ));
+    assert!(!tmp.path().join("ca").exists());
+}
+
+/// Key ids of the published roots.
+fn published(ca: &CertificateAuthority) -> Vec<Vec<u8>> {
+    ca.x509_authorities().iter().map(|c| ski(c)).collect()
+}
+
+#[test]
+fn rotation_schedule_with_injected_time() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = settings(tmp.path());
+    let mut ca = CertificateAuthority::load_or_create(s.clone(), t0()).unwrap();
+    let root_a = ca.active_key_id().to_vec();
+    let a_not_after = ca.active_not_after();
+    // Root A: notBefore t0-10s, notAfter t0+24h, so life L = 24h+10s.
+    let life = DEFAULT_CA_TTL + Duration::from_secs(10);
+    let a_not_before = t0() - Duration::from_secs(10);
+    let half = a_not_before + life / 2;
+    let five_sixths = a_not_before + life * 5 / 6;
+    assert_eq!(ca.next_rotation_at(), half);
+
+    // Before half-life: nothing.
+    let out = ca.rotate(half - Duration::from_secs(1)).unwrap();
+    assert_eq!(out, RotationOutcome::default());
+    assert_eq!(published(&ca), vec![root_a.clone()]);
+
+    // At half-life: the next root is published, A still signs.
+    let old_svid = ca.mint_x509_svid(&request("/a", HOUR), half).unwrap();
+    let out = ca.rotate(half).unwrap();
+    assert_eq!(
+        out,
+        RotationOutcome {
+            authorities_changed: true,
+            signer_changed: false
+        }
+    );
+    let pub_b = published(&ca);
+    assert_eq!(pub_b.len(), 2);
+    assert_eq!(pub_b[0], root_a);
+    let root_b = pub_b[1].clone();
+    assert_eq!(ca.active_key_id(), root_a);
+    assert_eq!(ca.next_rotation_at(), five_sixths);
+    let reloaded = CertificateAuthority::load_or_create(s.clone(), half).unwrap();
+    assert_eq!(reloaded.x509_authorities(), ca.x509_authorities());
+    assert_eq!(reloaded.active_key_id(), root_a);
+    let svid = ca.mint_x509_svid(&request("/a", HOUR), half).unwrap();
+    assert_eq!(svid.issuer_key_id, root_a);
+
+    // At 5/6: B signs; A stays published (its SVIDs are still live).
+    let out = ca.rotate(five_sixths).unwrap();
+    assert_eq!(
+        out,
+        RotationOutcome {
+            authorities_changed: false,
+            signer_changed: true
+        }
+    );
+    assert_eq!(ca.active_key_id(), root_b);
+    assert_eq!(published(&ca), pub_b);
+    let new_svid = ca
+        .mint_x509_svid(&request("/a", HOUR), five_sixths)
+        .unwrap();
+    assert_eq!(new_svid.issuer_key_id, root_b);
+    let b_only: Vec<_> = ca.x509_authorities()[1..].to_vec();
+    let a_only: Vec<_> = ca.x509_authorities()[..1].to_vec();
+    verify_chain(&new_svid.cert_chain, &b_only, five_sixths).unwrap();
+    assert!(verify_chain(&new_svid.cert_chain, &a_only, five_sixths).is_err());
+    let reloaded = CertificateAuthority::load_or_create(s.clone(), five_sixths).unwrap();
+    assert_eq!(reloaded.active_key_id(), root_b);
+    assert_eq!(reloaded.x509_authorities(), ca.x509_authorities());
+    // Retired roots keep their keys (CRLs) until they expire.
+    let revoked = [RevokedCert {
+        serial: old_svid.serial.clone(),
+        issuer_key_id: root_a.clone(),
+        revoked_at: five_sixths,
+    }];
+    assert_eq!(
+        reloaded
+            .sign_crls(&revoked, 1, HOUR, five_sixths)
+            .unwrap()
+            .len(),
+        1
+    );
+
+    // A is dropped (with its key file) once it expires; by then B has
+    // prepared its own successor.
+    let mut now = five_sixths;
+    while now < a_not_after {
+        now = ca.next_rotation_at();
+        ca.rotate(now).unwrap();
+    }
+    assert!(!published(&ca).contains(&root_a));
+    assert!(published(&ca).contains(&root_b));
+    let key_a = tmp
+        .path()
+        .join(format!("ca/x509-{}.key.pem", hex::encode(&root_a)));
+    assert!(!key_a.exists());
+    let reloaded = CertificateAuthority::load_or_create(s, now).unwrap();
+    assert_eq!(reloaded.x509_authorities(), ca.x509_authorities());
+}
+
+#[test]
+fn rotation_invariants_over_many_generations() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut s = settings(tmp.path());
+    s.ca_ttl = 6 * HOUR;
+    s.svid_ttl = HOUR;
+    let mut ca = CertificateAuthority::load_or_create(s, t0()).unwrap();
+    let mut ever_published: HashSet<Vec<u8>> = published(&ca).into_iter().collect();
+    let mut live: Vec<X509Svid> = Vec::new();
+    let mut now = t0();
+    let mut signers = HashSet::new();
+    for _ in 0..40 {
+        // Mint at every event, and halfway to the next.
+        for at in [
+            now,
+            now + (ca
+                .next_rotation_at()
+                .duration_since(now)
+                .unwrap_or_default()
+                / 2),
+        ] {
+            let svid = ca.mint_x509_svid(&request("/w", HOUR), at).unwrap();
+            assert_eq!(
+                unix(svid.not_after) - unix(at),
+                3600,
+                "the active root can always sign a full-length SVID"
+            );
+            live.push(svid);
+        }
+        let next = ca.next_rotation_at();
+        assert!(next > now, "the schedule always moves forward");
+        now = next;
+        let before: HashSet<Vec<u8>> = published(&ca).into_iter().collect();
+        let out = ca.rotate(now).unwrap();
+        let after: HashSet<Vec<u8>> = published(&ca).into_iter().collect();
+        assert_eq!(out.authorities_changed, before != after);
+        if out.signer_changed {
+            assert!(
+                before.contains(ca.active_key_id()),
+                "a root is published before it signs"
+            );
+        }
+        ever_published.extend(after.iter().cloned());
+        signers.insert(ca.active_key_id().to_vec());
+        // Every SVID still within its validity keeps verifying.
+        live.retain(|svid| svid.not_after > now);
+        for svid in &live {
+            verify_chain(&svid.cert_chain, &ca.x509_authorities(), now).unwrap();
+        }
+        assert!(ca.x509_authorities().len() <= 3);
+    }
+    assert!(signers.len() >= 5, "several generations were exercised");
+    // Only the keys of held roots remain on disk.
+    let key_files = fs::read_dir(tmp.path().join("ca"))
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .ends_with(".key.pem")
+        })
+        .count();
+    assert_eq!(key_files, ca.x509_authorities().len());
+}
+
+#[test]
+fn restart_after_everything_expired_starts_a_new_root() {
+    let tmp = tempfile::tempdir().unwrap();
+    let first = CertificateAuthority::load_or_create(settings(tmp.path()), t0()).unwrap();
+    let much_later = t0() + 10 * DEFAULT_CA_TTL;
+    let second = CertificateAuthority::load_or_create(settings(tmp.path()), much_later).unwrap();
+    assert_ne!(first.active_key_id(), second.active_key_id());
+    assert_eq!(second.x509_authorities().len(), 1);
+    let svid = second
+        .mint_x509_svid(&request("/a", HOUR), much_later)
+        .unwrap();
+    verify_chain(&svid.cert_chain, &second.x509_authorities(), much_later).unwrap();
+}
+
+#[test]
+fn crls_one_per_issuing_ca_signed_by_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut ca = CertificateAuthority::load_or_create(settings(tmp.path()), t0()).unwrap();
+    // Long-lived, so they are still valid when the next root takes over.
+    let a1 = ca
+        .mint_x509_svid(&request("/a", DEFAULT_CA_TTL), t0())
+        .unwrap();
+    let a2 = ca
+        .mint_x509_svid(&request("/b", DEFAULT_CA_TTL), t0())
+        .unwrap();
+    let kept = ca
+        .mint_x509_svid(&request("/c", DEFAULT_CA_TTL), t0())
+        .unwrap();
+    // Rotate until a different root signs.
+    let first_signer = ca.active_key_id().to_vec();
+    let mut now = t0();
+    while ca.active_key_id() == first_signer {
+        now = ca.next_rotation_at();
+        ca.rotate(now).unwrap();
+    }
+    let b1 = ca.mint_x509_svid(&request("/d", HOUR), now).unwrap();
+    let revoke = |s: &X509Svid| RevokedCert {
+        serial: s.serial.clone(),
+        issuer_key_id: s.issuer_key_id.clone(),
+        revoked_at: now,
+    };
+    let mut revoked = vec![revoke(&a1), revoke(&a2), revoke(&b1)];
+    revoked.push(RevokedCert {
+        serial: vec![0x42; 16],
+        issuer_key_id: vec![0xee; 20],
+        revoked_at: now,
+    });
+    let crls = ca.sign_crls(&revoked, 7, HOUR, now).unwrap();
+    assert_eq!(
+        crls.len(),
+        2,
+        "one CRL per issuing CA; unknown issuers skipped"
+    );
+
+    let roots = ca.x509_authorities();
+    for der in &crls {
+        let (rest, crl) = CertificateRevocationList::from_der(der).unwrap();
+        assert!(rest.is_empty());
+        let issuer_cert = roots
+            .iter()
+            .map(|r| parse(r))
+            .find(|r| r.subject().as_raw() == crl.issuer().as_raw())
+            .expect("CRL issuer is one of the roots");
+        crl.verify_signature(issuer_cert.public_key()).unwrap();
+        let issuer_ski = ski(issuer_cert.as_raw());
+        let crl_aki = crl
+            .extensions()
+            .iter()
+            .find_map(|e| match e.parsed_extension() {
+                ParsedExtension::AuthorityKeyIdentifier(k) => {
+                    k.key_identifier.as_ref().map(|k| k.0.to_vec())
+                }
+                _ => None,
+            })
+            .unwrap();
+        assert_eq!(crl_aki, issuer_ski);
+        assert_eq!(crl.crl_number().unwrap().to_u64_digits(), vec![7]);
+        assert_eq!(crl.last_update().timestamp() as u64, unix(now));
+        assert_eq!(
+            crl.next_update().unwrap().timestamp() as u64,
+            unix(now) + 3600
+        );
+        let listed: HashSet<Vec<u8>> = crl
+            .iter_revoked_certificates()
+            .map(|r| r.raw_serial().to_vec())
+            .collect();
+        let want: HashSet<Vec<u8>> = [&a1, &a2, &b1]
+            .into_iter()
+            .filter(|s| s.issuer_key_id == issuer_ski)
+            .map(|s| s.serial.clone())
+            .collect();
+        assert!(!want.is_empty());
+        assert_eq!(listed, want);
+        for r in crl.iter_revoked_certificates() {
+            assert_eq!(r.revocation_date.timestamp() as u64, unix(now));
+        }
+    }
+
+    // rustls-webpki, given the CRLs, rejects revoked SVIDs and accepts others.
+    let owned: Vec<webpki::CertRevocationList<'_>> = crls
+        .iter()
+        .map(|c| webpki::OwnedCertRevocationList::from_der(c).unwrap().into())
+        .collect();
+    let crl_refs: Vec<&webpki::CertRevocationList<'_>> = owned.iter().collect();
+    let anchors: Vec<_> = roots
+        .iter()
+        .map(|r| webpki::anchor_from_trusted_cert(r).unwrap())
+        .collect();
+    let check = |svid: &X509Svid| {
+        let revocation = webpki::RevocationOptionsBuilder::new(&crl_refs)
+            .unwrap()
+            .build();
+        let leaf = webpki::EndEntityCert::try_from(svid.leaf().unwrap()).unwrap();
+        let at = rustls_pki_types::UnixTime::since_unix_epoch(Duration::from_secs(unix(now)));
+        leaf.verify_for_usage(
+            webpki::ALL_VERIFICATION_ALGS,
+            &anchors,
+            &[],
+            at,
+            webpki::KeyUsage::client_auth(),
+            Some(revocation),
+            None,
+        )
+        .map(|_| ())
+    };
+    for gone in [&a1, &a2, &b1] {
+        assert_eq!(check(gone), Err(webpki::Error::CertRevoked));
+    }
+    check(&kept).unwrap();
+
+    assert!(ca.sign_crls(&revoked, 8, HOUR, now).unwrap().len() == 2);
+    assert!(ca.sign_crls(&[], 9, HOUR, now).unwrap().is_empty());
+    assert!(matches!(
+        ca.sign_crls(&revoked, 9, Duration::ZERO, now),
+        Err(CaError::CrlValidityTooShort)
+    ));
+}
+
+#[test]
+fn debug_output_has_no_key_material() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ca = CertificateAuthority::load_or_create(settings(tmp.path()), t0()).unwrap();
+    let key_pem = fs::read_to_string(only_key_file(&tmp.path().join("ca"))).unwrap();
+    let body: String = key_pem.lines().nth(1).unwrap().to_owned();
+    let dbg = format!("{ca:?}");
+    assert!(!dbg.contains(&body), "{dbg}");
+    assert!(dbg.contains("example.org"));
+}
+
+// ---- upstream mode ----
+
+struct Pki {
+    root: rcgen::Certificate,
+    root_issuer: rcgen::Issuer<'static, KeyPair>,
+}
+
+fn pki() -> Pki {
+    let mut params = CertificateParams::default();
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "Upstream Root");
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    params.not_before =
+        time::OffsetDateTime::from_unix_timestamp(unix(t0()) as i64 - 86400).unwrap();
+    params.not_after =
+        time::OffsetDateTime::from_unix_timestamp(unix(t0()) as i64 + 365 * 86400).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let root = params.self_signed(&key).unwrap();
+    Pki {
+        root,
+        root_issuer: rcgen::Issuer::new(params, key),
+    }
+}
+
+fn intermediate_params(valid_for: Duration) -> CertificateParams {
+    let mut params = CertificateParams::default();
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    params
+        .distinguished_name
+        .push(DnType::OrganizationName, "Upstream");
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "writ intermediate");
+    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    params.subject_alt_names = vec![rcgen::SanType::URI(
+        "spiffe://example.org".try_into().unwrap(),
+    )];
+    params.use_authority_key_identifier_extension = true;
+    params.not_before =
+        time::OffsetDateTime::from_unix_timestamp(unix(t0()) as i64 - 3600).unwrap();
+    params.not_after =
+        time::OffsetDateTime::from_unix_timestamp((unix(t0()) + valid_for.as_secs()) as i64)
+            .unwrap();
+    params
+}
+
+struct UpstreamSetup {
+    files: UpstreamCaFiles,
+    root_der: CertificateDer<'static>,
+    intermediate_der: CertificateDer<'static>,
+}
+
+fn write_upstream(
+    dir: &Path,
+    pki: &Pki,
+    params: &CertificateParams,
+    key_pem: Option<String>,
+) -> UpstreamSetup {
+    let key = KeyPair::generate().unwrap();
+    let cert = params.signed_by(&key, &pki.root_issuer).unwrap();
+    let files = UpstreamCaFiles {
+        cert: dir.join("intermediate.pem"),
+        key: dir.join("intermediate.key"),
+        bundle: dir.join("roots.pem"),
+    };
+    fs::write(&files.cert, cert.pem()).unwrap();
+    fs::write(&files.key, key_pem.unwrap_or_else(|| key.serialize_pem())).unwrap();
+    fs::write(&files.bundle, pki.root.pem()).unwrap();
+    UpstreamSetup {
+        files,
+        root_der: pki.root.der().clone(),
+        intermediate_der: cert.der().clone(),
+    }
+}
+
+fn upstream_settings(dir: &Path, files: UpstreamCaFiles) -> CaSettings {
+    CaSettings {
+        upstream: Some(files),
+        ..settings(dir)
+    }
+}
+
+#[test]
+fn upstream_mode_chains_through_the_intermediate() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pki = pki();
+    let setup = write_upstream(tmp.path(), &pki, &intermediate_params(12 * HOUR), None);
+    let mut ca = CertificateAuthority::load_or_create(
+        upstream_settings(tmp.path(), setup.files.clone()),
+        t0(),
+    )
+    .unwrap();
+    assert!(ca.is_upstream());
+    assert_eq!(ca.x509_authorities(), vec![setup.root_der.clone()]);
+
+    let svid = ca.mint_x509_svid(&request("/a", HOUR), t0()).unwrap();
+    assert_eq!(svid.cert_chain.len(), 2);
+    assert_eq!(svid.cert_chain[1], setup.intermediate_der);
+    assert_eq!(svid.issuer_key_id, ski(&setup.intermediate_der));
+    assert_eq!(aki(svid.leaf().unwrap()), svid.issuer_key_id);
+    svid::check_leaf_conformance(svid.leaf().unwrap()).unwrap();
+    verify_chain(&svid.cert_chain, &ca.x509_authorities(), t0()).unwrap();
+    // Without the intermediate the leaf does not verify: it really is in the path.
+    assert!(verify_chain(&svid.cert_chain[..1], &ca.x509_authorities(), t0()).is_err());
+
+    // notAfter is clamped to the intermediate's.
+    let long = ca.mint_x509_svid(&request("/a", 48 * HOUR), t0()).unwrap();
+    assert_eq!(unix(long.not_after), unix(t0()) + 12 * 3600);
+    assert_eq!(long.not_after, ca.active_not_after());
+
+    // The intermediate signs CRLs for what it issued.
+    let crls = ca
+        .sign_crls(
+            &[RevokedCert {
+                serial: svid.serial.clone(),
+                issuer_key_id: svid.issuer_key_id.clone(),
+                revoked_at: t0(),
+            }],
+            1,
+            HOUR,
+            t0(),
+        )
+        .unwrap();
+    assert_eq!(crls.len(), 1);
+    let (_, crl) = CertificateRevocationList::from_der(&crls[0]).unwrap();
+    crl.verify_signature(parse(&setup.intermediate_der).public_key())
+        .unwrap();
+
+    assert_eq!(ca.rotate(t0() + HOUR).unwrap(), RotationOutcome::default());
+    assert!(
+        !tmp.path().join("ca").exists(),
+        "upstream mode keeps no state"
+    );
+}
+
+#[test]
+fn upstream_accepts_a_sec1_key() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pki = pki();
+    // Write the intermediate, then replace its key file with the SEC1 form
+    // (curve parameters included, as `openssl ecparam -genkey` writes it).
+    let setup = write_upstream(tmp.path(), &pki, &intermediate_params(12 * HOUR), None);
+    let pkcs8_pem = fs::read_to_string(&setup.files.key).unwrap();
+    let pkcs8 = pem::parse(&pkcs8_pem).unwrap().into_contents();
+    let sec1 = pkcs8_to_sec1_with_curve(&pkcs8);
+    fs::write(
+        &setup.files.key,
+        pem::encode(&pem::Pem::new("EC PRIVATE KEY", sec1)),
+    )
+    .unwrap();
+    let ca = CertificateAuthority::load_or_create(upstream_settings(tmp.path(), setup.files), t0())
+        .unwrap();
+    let svid = ca.mint_x509_svid(&request("/a", HOUR), t0()).unwrap();
+    verify_chain(&svid.cert_chain, &ca.x509_authorities(), t0()).unwrap();
+}
+
+/// Unwraps ring's PKCS#8 and re-inserts the `[0]` curve parameters that
+/// OpenSSL's SEC1 output carries.
+fn pkcs8_to_sec1_with_curve(pkcs8: &[u8]) -> Vec<u8> {
+    use authority::der::{read_tlv, tlv};
+    let (_, info, _) = read_tlv(pkcs8).unwrap();
+    let (_, _, rest) = read_tlv(info).unwrap();
+    let (_, alg, rest) = read_tlv(rest).unwrap();
+    let (_, sec1, _) = read_tlv(rest).unwrap();
+    let (_, _, curve) = read_tlv(alg).unwrap();
+    let (_, body, _) = read_tlv(sec1).unwrap();
+    let (_, version, rest) = read_tlv(body).unwrap();
+    let (_, private, rest) = read_tlv(rest).unwrap();
+    let mut inner = tlv(0x02, version);
+    inner.extend(tlv(0x04, private));
+    inner.extend(tlv(0xa0, curve));
+    inner.extend_from_slice(rest); // [1] publicKey
+    tlv(0x30, &inner)
+}
+
+#[test]
+fn upstream_files_are_verified_at_load() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pki = pki();
+    let load = |files: UpstreamCaFiles| {
+        CertificateAuthority::load_or_create(upstream_settings(tmp.path(), files), t0())
+            .unwrap_err()
+            .to_string()
+    };
+
+    let wrong_key = write_upstream(
+        tmp.path(),
+        &pki,
+        &intermediate_params(12 * HOUR),
+        Some(KeyPair::generate().unwrap().serialize_pem()),
+    );
+    assert!(load(wrong_key.files).contains("does not belong"));
+
+    let mut not_ca = intermediate_params(12 * HOUR);
+    not_ca.is_ca = IsCa::ExplicitNoCa;
+    assert!(load(write_upstream(tmp.path(), &pki, &not_ca, None).files).contains("cA=true"));
+
+    let mut no_cert_sign = intermediate_params(12 * HOUR);
+    no_cert_sign.key_usages = vec![KeyUsagePurpose::CrlSign];
+    assert!(
+        load(write_upstream(tmp.path(), &pki, &no_cert_sign, None).files).contains("keyCertSign")
+    );
+
+    let mut no_crl_sign = intermediate_params(12 * HOUR);
+    no_crl_sign.key_usages = vec![KeyUsagePurpose::KeyCertSign];
+    assert!(load(write_upstream(tmp.path(), &pki, &no_crl_sign, None).files).contains("cRLSign"));
+
+    let mut expired = intermediate_params(12 * HOUR);
+    expired.not_after = time::OffsetDateTime::from_unix_timestamp(unix(t0()) as i64 - 60).unwrap();
+    assert!(load(write_upstream(tmp.path(), &pki, &expired, None).files).contains("not valid now"));
+
+    let mut foreign = intermediate_params(12 * HOUR);
+    foreign.subject_alt_names = vec![rcgen::SanType::URI(
+        "spiffe://other.org".try_into().unwrap(),
+    )];
+    assert!(
+        load(write_upstream(tmp.path(), &pki, &foreign, None).files)
+            .contains("not in trust domain")
+    );
+
+    // Signed by a root that is not in the bundle.
+    let other = self::pki();
+    let setup = write_upstream(tmp.path(), &other, &intermediate_params(12 * HOUR), None);
+    fs::write(&setup.files.bundle, pki.root.pem()).unwrap();
+    assert!(load(setup.files).contains("does not chain"));
+
+    // A bundle holding a leaf instead of a CA.
+    let setup = write_upstream(tmp.path(), &pki, &intermediate_params(12 * HOUR), None);
+    let leaf = CertificateParams::new(vec!["x.example".to_owned()])
+        .unwrap()
+        .self_signed(&KeyPair::generate().unwrap())
+        .unwrap();
+    fs::write(&setup.files.bundle, leaf.pem()).unwrap();
+    assert!(load(setup.files.clone()).contains("not a CA"));
+
+    fs::write(&setup.files.bundle, "").unwrap();
+    assert!(load(setup.files.clone()).contains("no CERTIFICATE"));
+
+    let missing = UpstreamCaFiles {
+        cert: tmp.path().join("nope.pem"),
+        ..setup.files
+    };
+    assert!(load(missing).contains("nope.pem"));
+
+    let mut with_eku = intermediate_params(12 * HOUR);
+    with_eku.extended_key_usages = vec![ExtendedKeyUsagePurpose::CodeSigning];
+    // An intermediate whose EKU excludes TLS yields SVIDs rustls rejects; the
+    // probe SVID catches what the static checks do not.
+    assert!(
+        load(write_upstream(tmp.path(), &pki, &with_eku, None).files).contains("does not verify")
+    );
+}
+
+// ---- interoperability ----
+
+/// The spiffe crate (what Rust workloads use) accepts our SVIDs, keys and
+/// bundles, in both modes; and the CA's roots survive the bundle document.
+#[test]
+fn output_is_accepted_by_the_spiffe_crate() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ca = CertificateAuthority::load_or_create(settings(tmp.path()), t0()).unwrap();
+    let pki = pki();
+    let setup = write_upstream(tmp.path(), &pki, &intermediate_params(12 * HOUR), None);
+    let up = CertificateAuthority::load_or_create(upstream_settings(tmp.path(), setup.files), t0())
+        .unwrap();
+    for ca in [&ca, &up] {
+        let svid = ca.mint_x509_svid(&request("/agent/x", HOUR), t0()).unwrap();
+        let parsed = spiffe::X509Svid::parse_from_der(
+            &svid.chain_der_concat(),
+            svid.private_key_pkcs8_der(),
+        )
+        .unwrap();
+        assert_eq!(
+            parsed.spiffe_id().to_string(),
+            "spiffe://example.org/agent/x"
+        );
+        assert_eq!(parsed.cert_chain().len(), svid.cert_chain.len());
+
+        let bundle = crate::bundle::TrustBundle {
+            x509_authorities: ca.x509_authorities(),
+            ..crate::bundle::TrustBundle::new(td())
+        };
+        let theirs = spiffe::X509Bundle::parse_from_der(
+            spiffe::TrustDomain::new("example.org").unwrap(),
+            &bundle.x509_der_concat(),
+        )
+        .unwrap();
+        assert_eq!(theirs.authorities().len(), bundle.x509_authorities.len());
+        let json = bundle.to_spiffe_json();
+        let back = crate::bundle::TrustBundle::from_spiffe_json(td(), &json).unwrap();
+        assert_eq!(back, bundle);
+    }
+}
