@@ -2,15 +2,22 @@
 //! short-lived identity. The binary in `main.rs` is a thin shell over this
 //! library, so integration tests and benchmarks can reach the same code.
 
+pub mod admin_api;
+pub mod agent;
 pub mod bundle;
 pub mod ca;
 pub mod cli;
 pub mod config;
+pub mod entries;
 pub mod identity;
 pub mod peer;
 pub mod service;
 pub mod spiffe_id;
+pub mod store;
 pub mod svid;
+mod sys;
+pub mod tasks;
+pub mod tls;
 pub mod workload_api;
 
 /// Code generated from `proto/` by build.rs.

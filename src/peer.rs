@@ -1,1 +1,184 @@
-//! (being written)
+//! Who is on the other end of a Unix socket connection. At accept time we read
+//! SO_PEERCRED and pin the peer process with SO_PEERPIDFD (or pidfd_open on
+//! older kernels); the pin lives as long as the connection, so every later RPC
+//! on it can prove it is still talking to that same process.
+
+use std::io;
+use std::os::fd::AsFd;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use futures::Stream;
+use nix::sys::socket::{getsockopt, sockopt};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{UnixListener, UnixStream};
+use tonic::transport::server::Connected;
+use writ_attestors::PinnedProcess;
+
+/// The kernel's account of a connected peer, pinned for the connection's life.
+pub struct Caller {
+    pub pid: i32,
+    pub uid: u32,
+    pub gid: u32,
+    pub process: PinnedProcess,
+}
+
+impl std::fmt::Debug for Caller {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Caller")
+            .field("pid", &self.pid)
+            .field("uid", &self.uid)
+            .field("gid", &self.gid)
+            .finish()
+    }
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum PeerError {
+    #[error("reading SO_PEERCRED failed: {0}")]
+    Credentials(nix::Error),
+    #[error("peer has no PID in this PID namespace")]
+    NoPid,
+    #[error("pinning peer process {pid} failed: {detail}")]
+    Pin { pid: i32, detail: String },
+}
+
+/// What handlers find in `request.extensions()`: the pinned caller, or why we
+/// could not pin it (the RPC is then refused, never served unattested).
+pub type PeerInfo = Result<Arc<Caller>, Arc<PeerError>>;
+
+/// Reads the peer's credentials and pins its process.
+pub fn identify(stream: &UnixStream) -> Result<Caller, PeerError> {
+    let creds =
+        getsockopt(&stream.as_fd(), sockopt::PeerCredentials).map_err(PeerError::Credentials)?;
+    let pid = creds.pid();
+    // A peer in a PID namespace we cannot see is reported as pid 0.
+    if pid <= 0 {
+        return Err(PeerError::NoPid);
+    }
+    let pinned = match getsockopt(&stream.as_fd(), sockopt::PeerPidfd) {
+        // SO_PEERPIDFD names the process that connect()ed, taken by the kernel
+        // at connect time, so PID reuse between connect and now cannot fool us.
+        Ok(pidfd) => PinnedProcess::from_pidfd(pid, pidfd),
+        // Kernels before 6.5: pin by PID now and compare start times later.
+        // There is a window between connect and this call; that is the best
+        // these kernels allow and the reason SO_PEERPIDFD is preferred.
+        Err(nix::Error::ENOPROTOOPT) | Err(nix::Error::EINVAL) => PinnedProcess::open(pid),
+        Err(e) => {
+            return Err(PeerError::Pin {
+                pid,
+                detail: format!("SO_PEERPIDFD: {e}"),
+            });
+        }
+    }
+    .map_err(|e| PeerError::Pin {
+        pid,
+        detail: e.to_string(),
+    })?;
+    Ok(Caller {
+        pid,
+        uid: creds.uid(),
+        gid: creds.gid(),
+        process: pinned,
+    })
+}
+
+/// A connection together with the peer identified at accept time.
+pub struct PeerStream {
+    stream: UnixStream,
+    peer: PeerInfo,
+}
+
+impl Connected for PeerStream {
+    type ConnectInfo = PeerInfo;
+    fn connect_info(&self) -> PeerInfo {
+        self.peer.clone()
+    }
+}
+
+impl AsyncRead for PeerStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for PeerStream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+}
+
+/// Accepts connections forever, identifying each peer. Accept errors (such as
+/// running out of file descriptors) are logged and retried after a pause rather
+/// than ending the server.
+pub fn incoming(listener: UnixListener) -> impl Stream<Item = io::Result<PeerStream>> {
+    futures::stream::unfold(listener, |listener| async move {
+        loop {
+            match listener.accept().await {
+                Ok((stream, _)) => {
+                    let peer = identify(&stream);
+                    if let Err(e) = &peer {
+                        tracing::debug!(error = %e, "could not identify peer");
+                    }
+                    let item = PeerStream {
+                        stream,
+                        peer: peer.map(Arc::new).map_err(Arc::new),
+                    };
+                    return Some((Ok(item), listener));
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    })
+}
+
+/// Resolves when the pinned process exits. A pidfd becomes readable exactly
+/// then, and stays readable. Each waiter registers its own dup of the pidfd:
+/// epoll refuses the same descriptor twice, and one process can be watched by
+/// several streams and a task at once.
+pub async fn wait_for_exit(process: &PinnedProcess) {
+    let watch = process
+        .pidfd()
+        .try_clone_to_owned()
+        .and_then(|fd| crate::sys::async_fd(fd, tokio::io::Interest::READABLE));
+    match watch {
+        Ok(fd) => {
+            let _ = fd.readable().await;
+        }
+        Err(e) => {
+            tracing::warn!(pid = process.pid(), error = %e, "cannot watch pidfd; polling for exit");
+            while !process.has_exited() {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+}

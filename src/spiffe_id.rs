@@ -244,7 +244,10 @@ mod tests {
             ("http://example.org/a", SpiffeIdError::WrongScheme),
             ("SPIFFE://example.org/a", SpiffeIdError::WrongScheme),
             ("spiffe:///a", SpiffeIdError::MissingTrustDomain),
-            ("spiffe://Example.org/a", SpiffeIdError::BadTrustDomainChar('E')),
+            (
+                "spiffe://Example.org/a",
+                SpiffeIdError::BadTrustDomainChar('E'),
+            ),
             (
                 "spiffe://example.org:443/a",
                 SpiffeIdError::BadTrustDomainChar(':'),
@@ -258,8 +261,14 @@ mod tests {
             ("spiffe://example.org/a/", SpiffeIdError::EmptySegment),
             ("spiffe://example.org/a/./b", SpiffeIdError::DotSegment),
             ("spiffe://example.org/..", SpiffeIdError::DotSegment),
-            ("spiffe://example.org/a%20b", SpiffeIdError::BadPathChar('%')),
-            ("spiffe://example.org/a?x=1", SpiffeIdError::BadPathChar('?')),
+            (
+                "spiffe://example.org/a%20b",
+                SpiffeIdError::BadPathChar('%'),
+            ),
+            (
+                "spiffe://example.org/a?x=1",
+                SpiffeIdError::BadPathChar('?'),
+            ),
             ("spiffe://example.org/a#f", SpiffeIdError::BadPathChar('#')),
         ];
         for (input, want) in cases {
@@ -284,7 +293,10 @@ mod tests {
     #[test]
     fn trust_domain_accepts_bare_name_or_id() {
         assert_eq!(TrustDomain::new("spiffe://x.org").unwrap().name(), "x.org");
-        assert_eq!(TrustDomain::new("x.org").unwrap().id_string(), "spiffe://x.org");
+        assert_eq!(
+            TrustDomain::new("x.org").unwrap().id_string(),
+            "spiffe://x.org"
+        );
         assert_eq!(
             TrustDomain::new("spiffe://x.org/a").unwrap_err(),
             SpiffeIdError::UnexpectedPath

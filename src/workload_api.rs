@@ -1,1 +1,360 @@
-//! (being written)
+//! The SPIFFE Workload API (`SpiffeWorkloadAPI`) as served on the workload
+//! socket: the security-header check, attestation of the pinned caller on
+//! every RPC and before every stream update, and the full-state streams.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use futures::Stream;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use crate::agent::{Agent, AgentError};
+use crate::identity::Entitlement;
+use crate::peer::{Caller, PeerInfo};
+use crate::proto::workload as pb;
+use crate::proto::workload::spiffe_workload_api_server::SpiffeWorkloadApi;
+
+/// The header every Workload API request must carry. Its presence proves the
+/// request came from a gRPC client that meant to call the Workload API, not a
+/// browser or proxy tricked into forwarding to the socket.
+pub const SECURITY_HEADER: &str = "workload.spiffe.io";
+
+/// How often an idle stream re-attests its caller even when nothing else
+/// happens, so a process that exec'd into another binary (same PID, new
+/// selectors) is re-judged rather than trusted indefinitely.
+pub const DEFAULT_REATTEST_INTERVAL: Duration = Duration::from_secs(5);
+
+type StreamOf<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+pub struct WorkloadApi {
+    agent: Arc<Agent>,
+    reattest_interval: Duration,
+}
+
+impl WorkloadApi {
+    pub fn new(agent: Arc<Agent>, reattest_interval: Duration) -> Self {
+        Self {
+            agent,
+            reattest_interval,
+        }
+    }
+}
+
+/// Checks the security header and returns the pinned caller.
+pub fn authenticate<T>(request: &Request<T>) -> Result<Arc<Caller>, Status> {
+    match request.metadata().get(SECURITY_HEADER) {
+        Some(v) if v.as_bytes() == b"true" => {}
+        Some(_) => {
+            return Err(Status::invalid_argument(format!(
+                "security header {SECURITY_HEADER} must be \"true\""
+            )));
+        }
+        None => {
+            return Err(Status::invalid_argument(format!(
+                "security header {SECURITY_HEADER} missing from request metadata"
+            )));
+        }
+    }
+    match request.extensions().get::<PeerInfo>() {
+        Some(Ok(caller)) => Ok(caller.clone()),
+        Some(Err(e)) => Err(Status::permission_denied(format!(
+            "could not attest caller: {e}"
+        ))),
+        None => Err(Status::internal("connection carries no peer information")),
+    }
+}
+
+pub fn agent_status(e: AgentError) -> Status {
+    match e {
+        AgentError::CallerGone { pid } => {
+            Status::permission_denied(format!("caller process {pid} has exited"))
+        }
+        AgentError::Attestation(e) => Status::unavailable(format!("attestation failed: {e}")),
+        AgentError::Mint(e) => Status::unavailable(format!("could not issue SVID: {e}")),
+        AgentError::Store(e) => Status::unavailable(format!("could not record issuance: {e}")),
+        // The identity vanished between resolving and issuing; the caller
+        // retries and resolves again without it.
+        AgentError::TaskCompleted(t) => Status::unavailable(format!("task {t} just completed")),
+    }
+}
+
+/// Attests the caller and resolves what it may hold; no identity at all is
+/// PermissionDenied, which clients treat as "retry with backoff".
+fn entitled(agent: &Agent, caller: &Caller) -> Result<Vec<Entitlement>, Status> {
+    let attestation = agent.attest(caller).map_err(agent_status)?;
+    let entitlements = agent.entitlements(&attestation);
+    if entitlements.is_empty() {
+        tracing::debug!(pid = caller.pid, selectors = ?attestation.selectors, "no identity for caller");
+        return Err(Status::permission_denied("no identity issued"));
+    }
+    Ok(entitlements)
+}
+
+/// What a stream last sent, to skip sending identical full states.
+#[derive(PartialEq, Eq, Clone, Default)]
+struct Fingerprint {
+    serials: Vec<Vec<u8>>,
+    bundle_sequence: u64,
+    crl_generation: u64,
+}
+
+struct Snapshot<T> {
+    message: T,
+    fingerprint: Fingerprint,
+    /// Cache keys of the identities in `message`, so the next snapshot can
+    /// tell which identities the caller lost.
+    keys: Vec<String>,
+    /// The earliest moment something in `message` is due for rotation.
+    refresh_at: Option<SystemTime>,
+}
+
+type SnapshotFuture<T> = futures::future::BoxFuture<'static, Result<Snapshot<T>, Status>>;
+
+fn x509_svid_snapshot(
+    agent: Arc<Agent>,
+    caller: Arc<Caller>,
+    previous_keys: Vec<String>,
+) -> SnapshotFuture<pb::X509svidResponse> {
+    Box::pin(async move {
+        let entitlements = entitled(&agent, &caller)?;
+        let now = SystemTime::now();
+        let keys: Vec<String> = entitlements.iter().map(|e| e.cache_key.clone()).collect();
+        // A task identity this stream carried is gone: the task is over, so
+        // every identity that sat beside it in the workload's memory is
+        // re-keyed now rather than at its next rotation.
+        let lost_task = previous_keys
+            .iter()
+            .any(|k| k.starts_with("task:") && !keys.contains(k));
+        if lost_task {
+            for key in &keys {
+                agent.rekey_if_older(key, now);
+            }
+        }
+        let own = agent.own_bundle();
+        let crls = agent.crls();
+        let mut svids = Vec::with_capacity(entitlements.len());
+        let mut serials = Vec::with_capacity(entitlements.len());
+        let mut refresh_at: Option<SystemTime> = None;
+        for entitlement in &entitlements {
+            let cached = agent
+                .svid_for(entitlement, now)
+                .await
+                .map_err(agent_status)?;
+            refresh_at = Some(refresh_at.map_or(cached.rotate_at, |r| r.min(cached.rotate_at)));
+            serials.push(cached.svid.serial.clone());
+            svids.push(pb::X509svid {
+                spiffe_id: entitlement.spiffe_id.to_string(),
+                x509_svid: cached.svid.chain_der_concat(),
+                x509_svid_key: cached.svid.private_key_pkcs8_der().to_vec(),
+                bundle: own.x509_der.clone(),
+                hint: entitlement.hint.clone(),
+            });
+        }
+        Ok(Snapshot {
+            message: pb::X509svidResponse {
+                svids,
+                crl: crls.ders.clone(),
+                federated_bundles: Default::default(),
+            },
+            fingerprint: Fingerprint {
+                serials,
+                bundle_sequence: own.bundle.sequence,
+                crl_generation: crls.generation,
+            },
+            keys,
+            refresh_at,
+        })
+    })
+}
+
+fn x509_bundles_snapshot(
+    agent: Arc<Agent>,
+    caller: Arc<Caller>,
+    _previous: Vec<String>,
+) -> SnapshotFuture<pb::X509BundlesResponse> {
+    Box::pin(async move {
+        // Like SPIRE (without allow_unauthenticated_verifiers), bundles go
+        // only to callers that hold an identity here.
+        entitled(&agent, &caller)?;
+        let own = agent.own_bundle();
+        let crls = agent.crls();
+        let mut bundles = std::collections::HashMap::new();
+        bundles.insert(agent.trust_domain().id_string(), own.x509_der.clone());
+        Ok(Snapshot {
+            message: pb::X509BundlesResponse {
+                crl: crls.ders.clone(),
+                bundles,
+            },
+            fingerprint: Fingerprint {
+                serials: Vec::new(),
+                bundle_sequence: own.bundle.sequence,
+                crl_generation: crls.generation,
+            },
+            keys: Vec::new(),
+            refresh_at: None,
+        })
+    })
+}
+
+/// Drives one full-state stream: sends a snapshot at once, then again
+/// whenever the agent signals a change, an SVID comes due, or the re-attest
+/// interval passes — but only if the state differs from what was last sent.
+/// Ends when the caller exits or hangs up, or loses every identity.
+fn spawn_stream<T>(
+    agent: Arc<Agent>,
+    caller: Arc<Caller>,
+    reattest: Duration,
+    mut changes: watch::Receiver<u64>,
+    first: Snapshot<T>,
+    snapshot: fn(Arc<Agent>, Arc<Caller>, Vec<String>) -> SnapshotFuture<T>,
+) -> StreamOf<T>
+where
+    T: Send + 'static,
+{
+    let (tx, rx) = mpsc::channel(2);
+    tokio::spawn(async move {
+        let mut last: Option<Fingerprint> = None;
+        let mut keys: Vec<String> = Vec::new();
+        let mut pending = Some(Ok(first));
+        loop {
+            let mut wake_in = reattest;
+            let current = match pending.take() {
+                // `changes` was subscribed before `first` was taken, so a
+                // change since then is still unseen and wakes us below.
+                Some(first) => first,
+                None => {
+                    changes.borrow_and_update();
+                    snapshot(agent.clone(), caller.clone(), keys.clone()).await
+                }
+            };
+            match current {
+                Ok(snap) => {
+                    keys = snap.keys;
+                    if last.as_ref() != Some(&snap.fingerprint) {
+                        last = Some(snap.fingerprint);
+                        if tx.send(Ok(snap.message)).await.is_err() {
+                            return;
+                        }
+                    }
+                    if let Some(at) = snap.refresh_at {
+                        let until = at
+                            .duration_since(SystemTime::now())
+                            .unwrap_or(Duration::ZERO);
+                        wake_in = wake_in.min(until);
+                    }
+                }
+                Err(status) => {
+                    if caller.process.has_exited() {
+                        return;
+                    }
+                    let _ = tx.send(Err(status)).await;
+                    return;
+                }
+            }
+            tokio::select! {
+                _ = changes.changed() => {}
+                _ = tokio::time::sleep(wake_in) => {}
+                _ = crate::peer::wait_for_exit(&caller.process) => {
+                    tracing::debug!(pid = caller.pid, "caller exited; ending stream");
+                    return;
+                }
+                _ = tx.closed() => return,
+            }
+        }
+    });
+    Box::pin(ReceiverStream::new(rx))
+}
+
+#[tonic::async_trait]
+impl SpiffeWorkloadApi for WorkloadApi {
+    type FetchX509SVIDStream = StreamOf<pb::X509svidResponse>;
+    type FetchX509BundlesStream = StreamOf<pb::X509BundlesResponse>;
+    type FetchJWTBundlesStream = StreamOf<pb::JwtBundlesResponse>;
+    type FetchWITSVIDStream = StreamOf<pb::WitsvidResponse>;
+    type FetchWITBundlesStream = StreamOf<pb::WitBundlesResponse>;
+
+    async fn fetch_x509svid(
+        &self,
+        request: Request<pb::X509svidRequest>,
+    ) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
+        let caller = authenticate(&request)?;
+        let changes = self.agent.subscribe();
+        // Fail the call itself (not a stream message) when the caller has no
+        // identity, so clients see PermissionDenied as the RPC status.
+        let first = x509_svid_snapshot(self.agent.clone(), caller.clone(), Vec::new()).await?;
+        Ok(Response::new(spawn_stream(
+            self.agent.clone(),
+            caller,
+            self.reattest_interval,
+            changes,
+            first,
+            x509_svid_snapshot,
+        )))
+    }
+
+    async fn fetch_x509_bundles(
+        &self,
+        request: Request<pb::X509BundlesRequest>,
+    ) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
+        let caller = authenticate(&request)?;
+        let changes = self.agent.subscribe();
+        let first = x509_bundles_snapshot(self.agent.clone(), caller.clone(), Vec::new()).await?;
+        Ok(Response::new(spawn_stream(
+            self.agent.clone(),
+            caller,
+            self.reattest_interval,
+            changes,
+            first,
+            x509_bundles_snapshot,
+        )))
+    }
+
+    async fn fetch_jwtsvid(
+        &self,
+        request: Request<pb::JwtsvidRequest>,
+    ) -> Result<Response<pb::JwtsvidResponse>, Status> {
+        authenticate(&request)?;
+        Err(Status::unimplemented("JWT-SVIDs are not supported yet"))
+    }
+
+    async fn fetch_jwt_bundles(
+        &self,
+        request: Request<pb::JwtBundlesRequest>,
+    ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
+        authenticate(&request)?;
+        Err(Status::unimplemented("JWT bundles are not supported yet"))
+    }
+
+    async fn validate_jwtsvid(
+        &self,
+        request: Request<pb::ValidateJwtsvidRequest>,
+    ) -> Result<Response<pb::ValidateJwtsvidResponse>, Status> {
+        authenticate(&request)?;
+        Err(Status::unimplemented(
+            "JWT-SVID validation is not supported yet",
+        ))
+    }
+
+    async fn fetch_witsvid(
+        &self,
+        request: Request<pb::WitsvidRequest>,
+    ) -> Result<Response<Self::FetchWITSVIDStream>, Status> {
+        authenticate(&request)?;
+        Err(Status::unimplemented(
+            "the WIT-SVID profile is not supported",
+        ))
+    }
+
+    async fn fetch_wit_bundles(
+        &self,
+        request: Request<pb::WitBundlesRequest>,
+    ) -> Result<Response<Self::FetchWITBundlesStream>, Status> {
+        authenticate(&request)?;
+        Err(Status::unimplemented(
+            "the WIT-SVID profile is not supported",
+        ))
+    }
+}

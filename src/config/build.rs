@@ -150,6 +150,7 @@ impl Builder<'_> {
             admin_api: admin_api.map_or(defaults.admin_api, |admin| AdminApiConfig {
                 socket_path: admin.socket_path.value,
                 authorized: admin.authorized,
+                bind_any_pid: admin.bind_any_pid,
             }),
             ca: ca.map_or_else(CaConfig::default, |ca| ca.config),
             attestors,
@@ -222,9 +223,9 @@ impl Builder<'_> {
         data_dir: &Sourced<PathBuf>,
         defaults: AdminApiConfig,
     ) -> Option<CheckedAdminApi> {
-        let (socket_text, authorized) = match raw {
-            Some(raw) => (raw.socket_path, raw.authorized),
-            None => (None, None),
+        let (socket_text, authorized, bind_any_pid) = match raw {
+            Some(raw) => (raw.socket_path, raw.authorized, raw.bind_any_pid),
+            None => (None, None, None),
         };
         let socket_path = self.socket_path(
             "admin_api.socket_path",
@@ -234,15 +235,24 @@ impl Builder<'_> {
         );
         let authorized = match authorized {
             None => Some(defaults.authorized),
-            Some(sets) => self.selector_sets(&sets),
+            Some(sets) => self.selector_sets("admin_api.authorized", &sets),
+        };
+        let bind_any_pid = match bind_any_pid {
+            None => Some(defaults.bind_any_pid),
+            Some(sets) => self.selector_sets("admin_api.bind_any_pid", &sets),
         };
         Some(CheckedAdminApi {
             socket_path: socket_path?,
             authorized: authorized?,
+            bind_any_pid: bind_any_pid?,
         })
     }
 
-    fn selector_sets(&mut self, sets: &[Spanned<Vec<Text>>]) -> Option<Vec<Vec<Selector>>> {
+    fn selector_sets(
+        &mut self,
+        field: &str,
+        sets: &[Spanned<Vec<Text>>],
+    ) -> Option<Vec<Vec<Selector>>> {
         let mut valid = true;
         let mut parsed_sets = Vec::with_capacity(sets.len());
         for (set_index, set) in sets.iter().enumerate() {
@@ -250,13 +260,13 @@ impl Builder<'_> {
                 self.error(
                     set.span(),
                     format!(
-                        "admin_api.authorized[{set_index}] is an empty selector set, which every caller would match; list at least one selector"
+                        "{field}[{set_index}] is an empty selector set, which every caller would match; list at least one selector"
                     ),
                 );
                 valid = false;
                 continue;
             }
-            let key = format!("admin_api.authorized[{set_index}]");
+            let key = format!("{field}[{set_index}]");
             match self.selectors(&key, set.get_ref()) {
                 Some(selectors) => parsed_sets.push(selectors),
                 None => valid = false,
@@ -737,6 +747,7 @@ impl Builder<'_> {
 struct CheckedAdminApi {
     socket_path: Sourced<PathBuf>,
     authorized: Vec<Vec<Selector>>,
+    bind_any_pid: Vec<Vec<Selector>>,
 }
 
 struct CheckedCa {
@@ -783,41 +794,10 @@ fn cgroup_path_problem(path: &str) -> Option<&'static str> {
     None
 }
 
-/// Why `name` cannot go in a certificate's DNS SAN, if it cannot. A leading
-/// `*.` wildcard label is allowed, as X.509 permits.
+/// Why `name` cannot go in a certificate's DNS SAN, if it cannot: the same
+/// rule minting applies, so a config that validates never fails to mint.
 fn dns_name_problem(name: &str) -> Option<String> {
-    if name.is_empty() {
-        return Some("it is empty".to_owned());
-    }
-    if name.len() > 253 {
-        return Some("it is longer than 253 bytes".to_owned());
-    }
-    if name.ends_with('.') {
-        return Some("it must not end with '.'".to_owned());
-    }
-    let hostname = name.strip_prefix("*.").unwrap_or(name);
-    for label in hostname.split('.') {
-        if label.is_empty() {
-            return Some("it has an empty label".to_owned());
-        }
-        if label.len() > 63 {
-            return Some(format!("label {label:?} is longer than 63 bytes"));
-        }
-        if let Some(bad) = label
-            .chars()
-            .find(|c| !(c.is_ascii_alphanumeric() || *c == '-'))
-        {
-            return Some(if bad == '*' {
-                "'*' is only allowed as the whole leftmost label (\"*.example.org\")".to_owned()
-            } else {
-                format!("it contains {bad:?}; only letters, digits, '-' and '.' are allowed")
-            });
-        }
-        if label.starts_with('-') || label.ends_with('-') {
-            return Some(format!("label {label:?} starts or ends with '-'"));
-        }
-    }
-    None
+    crate::svid::validate_dns_name(name).err().map(|e| e.reason)
 }
 
 #[cfg(test)]

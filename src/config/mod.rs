@@ -56,6 +56,10 @@ pub struct AdminApiConfig {
     /// No set is empty (validation refuses it: it would match everyone).
     #[serde(serialize_with = "serialize_selector_sets")]
     pub authorized: Vec<Vec<Selector>>,
+    /// Callers matching one of these sets may bind tasks to any process;
+    /// everyone else only to its own descendants. Default: nobody.
+    #[serde(serialize_with = "serialize_selector_sets")]
+    pub bind_any_pid: Vec<Vec<Selector>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -238,6 +242,7 @@ impl Config {
             admin_api: AdminApiConfig {
                 socket_path: socket_dir.join("admin.sock"),
                 authorized: vec![vec![Selector::with_key("unix", "uid", env.uid)]],
+                bind_any_pid: Vec::new(),
             },
             data_dir,
             ca: CaConfig::default(),

@@ -33,6 +33,7 @@ pub(super) struct RawWorkloadApi {
 pub(super) struct RawAdminApi {
     pub socket_path: Option<Text>,
     pub authorized: Option<Vec<Spanned<Vec<Text>>>>,
+    pub bind_any_pid: Option<Vec<Spanned<Vec<Text>>>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -202,6 +202,7 @@ socket_path = "/srv/writ/sock/workload.sock"
 [admin_api]
 socket_path = "/srv/writ/sock/admin.sock"
 authorized = [["unix:uid:0"], ["unix:uid:1000", "systemd:unit:orchestrator.service"]]
+bind_any_pid = [["unix:uid:0"]]
 
 [ca]
 ca_ttl = "2d"
@@ -257,6 +258,7 @@ fn full_config_loads_every_key() {
                     selector("systemd:unit:orchestrator.service"),
                 ],
             ],
+            bind_any_pid: vec![vec![selector("unix:uid:0")]],
         },
         ca: CaConfig {
             ca_ttl: secs(2 * 86_400),

@@ -1,0 +1,359 @@
+//! writ's admin API on the admin socket (package `writ.admin.v1`): `Tasks`
+//! and `Entries`. Callers are attested exactly like Workload API callers and
+//! must match one of the `[admin_api] authorized` selector sets.
+
+use std::collections::BTreeMap;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use futures::Stream;
+use tokio::sync::broadcast;
+use tonic::{Request, Response, Status};
+use writ_attestors::Selector;
+
+use crate::agent::Agent;
+use crate::config::parse_duration;
+use crate::entries::{EntryError, EntryStore};
+use crate::peer::{Caller, PeerInfo};
+use crate::proto::admin as pb;
+use crate::spiffe_id::SpiffeId;
+use crate::tasks::{
+    BeginRequest, Binding, Intent, Orchestrator, Task, TaskError, TaskEvent, TaskManager,
+};
+use crate::workload_api::agent_status;
+
+/// Selector sets that grant access; a caller needs every selector of one set.
+#[derive(Debug, Clone)]
+pub struct AdminAuthorization {
+    pub authorized: Vec<Vec<Selector>>,
+    pub bind_any_pid: Vec<Vec<Selector>>,
+}
+
+fn matches_any(sets: &[Vec<Selector>], have: &[Selector]) -> bool {
+    sets.iter()
+        .any(|set| !set.is_empty() && set.iter().all(|s| have.binary_search(s).is_ok()))
+}
+
+pub struct AdminContext {
+    pub agent: Arc<Agent>,
+    pub tasks: Arc<TaskManager>,
+    pub entries: Arc<EntryStore>,
+    pub auth: AdminAuthorization,
+}
+
+/// An attested, authorized admin caller.
+struct AdminCaller {
+    caller: Arc<Caller>,
+    selectors: Vec<Selector>,
+}
+
+impl AdminContext {
+    fn authorize<T>(&self, request: &Request<T>) -> Result<AdminCaller, Status> {
+        let caller = match request.extensions().get::<PeerInfo>() {
+            Some(Ok(c)) => c.clone(),
+            Some(Err(e)) => {
+                return Err(Status::permission_denied(format!(
+                    "could not attest caller: {e}"
+                )));
+            }
+            None => return Err(Status::internal("connection carries no peer information")),
+        };
+        let attestation = self.agent.attest(&caller).map_err(agent_status)?;
+        if !matches_any(&self.auth.authorized, &attestation.selectors) {
+            return Err(Status::permission_denied(format!(
+                "caller (pid {}, uid {}) is not authorized for the admin API",
+                caller.pid, caller.uid
+            )));
+        }
+        Ok(AdminCaller {
+            caller,
+            selectors: attestation.selectors,
+        })
+    }
+}
+
+pub fn task_status(e: TaskError) -> Status {
+    match e {
+        TaskError::Invalid { .. } => Status::invalid_argument(e.to_string()),
+        TaskError::NotFound(_) => Status::not_found(e.to_string()),
+        TaskError::AlreadyExists(_) => Status::already_exists(e.to_string()),
+        TaskError::Completed(_) => Status::failed_precondition(e.to_string()),
+        TaskError::PermissionDenied(_) => Status::permission_denied(e.to_string()),
+        TaskError::Store(_) => Status::unavailable(e.to_string()),
+    }
+}
+
+fn secs(t: SystemTime) -> i64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+pub fn task_to_proto(t: &Task, issued_serials: Vec<String>) -> pb::Task {
+    let (completed_at, reason, detail) = match &t.completion {
+        Some(c) => (secs(c.at), c.reason.clone(), c.detail.clone()),
+        None => (0, String::new(), String::new()),
+    };
+    pb::Task {
+        task_id: t.id.clone(),
+        spiffe_id: t.spiffe_id.to_string(),
+        parent_task_id: t.parent_id.clone().unwrap_or_default(),
+        binding: Some(pb::Binding {
+            target: Some(match &t.binding {
+                Binding::Pid { pid, .. } => pb::binding::Target::Pid(*pid),
+                Binding::Cgroup { path } => pb::binding::Target::Cgroup(path.clone()),
+            }),
+        }),
+        intent: Some(pb::Intent {
+            purpose: t.intent.purpose.clone(),
+            tools: t.intent.tools.clone(),
+            targets: t.intent.targets.clone(),
+            data_class: t.intent.data_class.clone(),
+            attributes: t.intent.attributes.clone().into_iter().collect(),
+        }),
+        orchestrator_spiffe_id: t.orchestrator.clone(),
+        created_at: secs(t.created_at),
+        expires_at: secs(t.expires_at),
+        completed_at,
+        completion_reason: reason,
+        completion_detail: detail,
+        issued_serials,
+    }
+}
+
+fn begin_request(req: pb::BeginTaskRequest) -> Result<BeginRequest, Status> {
+    let bad = |field: &str, why: String| Status::invalid_argument(format!("{field}: {why}"));
+    let (pid, cgroup) = match req.binding.and_then(|b| b.target) {
+        Some(pb::binding::Target::Pid(p)) => (Some(p), None),
+        Some(pb::binding::Target::Cgroup(c)) => (None, Some(c)),
+        None => return Err(bad("binding", "a pid or a cgroup is required".into())),
+    };
+    let spiffe_id = if req.spiffe_id.is_empty() {
+        None
+    } else {
+        Some(
+            req.spiffe_id
+                .parse::<SpiffeId>()
+                .map_err(|e| bad("spiffe_id", e.to_string()))?,
+        )
+    };
+    let ttl = if req.ttl.is_empty() {
+        None
+    } else {
+        Some(parse_duration(&req.ttl).map_err(|e| bad("ttl", e.to_string()))?)
+    };
+    let intent = req.intent.unwrap_or_default();
+    Ok(BeginRequest {
+        task_id: (!req.task_id.is_empty()).then_some(req.task_id),
+        pid,
+        cgroup,
+        spiffe_id,
+        intent: Intent {
+            purpose: intent.purpose,
+            tools: intent.tools,
+            targets: intent.targets,
+            data_class: intent.data_class,
+            attributes: intent.attributes.into_iter().collect::<BTreeMap<_, _>>(),
+        },
+        ttl,
+        parent_task_id: (!req.parent_task_id.is_empty()).then_some(req.parent_task_id),
+    })
+}
+
+pub struct TasksService(pub Arc<AdminContext>);
+
+type EventStream = Pin<Box<dyn Stream<Item = Result<pb::TaskEvent, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::tasks_server::Tasks for TasksService {
+    type WatchTasksStream = EventStream;
+
+    async fn begin_task(
+        &self,
+        request: Request<pb::BeginTaskRequest>,
+    ) -> Result<Response<pb::Task>, Status> {
+        let ctx = &self.0;
+        let admin = ctx.authorize(&request)?;
+        let req = begin_request(request.into_inner())?;
+        // The orchestrator's own identity is its default Workload API identity.
+        let attestation = ctx.agent.attest(&admin.caller).map_err(agent_status)?;
+        let own_id = ctx
+            .agent
+            .entitlements(&attestation)
+            .into_iter()
+            .next()
+            .map(|e| e.spiffe_id);
+        let orchestrator = Orchestrator {
+            pid: admin.caller.pid,
+            start_time: admin.caller.process.start_time(),
+            spiffe_id: own_id,
+            may_bind_any_pid: matches_any(&ctx.auth.bind_any_pid, &admin.selectors),
+        };
+        let task = ctx
+            .tasks
+            .begin(req, &orchestrator)
+            .await
+            .map_err(task_status)?;
+        Ok(Response::new(task_to_proto(&task, Vec::new())))
+    }
+
+    async fn end_task(
+        &self,
+        request: Request<pb::EndTaskRequest>,
+    ) -> Result<Response<pb::Task>, Status> {
+        let ctx = &self.0;
+        ctx.authorize(&request)?;
+        let req = request.into_inner();
+        if req.task_id.is_empty() {
+            return Err(Status::invalid_argument("task_id: required"));
+        }
+        let task = ctx
+            .tasks
+            .end(&req.task_id, req.reason)
+            .await
+            .map_err(task_status)?;
+        let serials = ctx.tasks.issued_serials(&task.id).map_err(task_status)?;
+        Ok(Response::new(task_to_proto(&task, serials)))
+    }
+
+    async fn get_task(
+        &self,
+        request: Request<pb::GetTaskRequest>,
+    ) -> Result<Response<pb::Task>, Status> {
+        let ctx = &self.0;
+        ctx.authorize(&request)?;
+        let id = request.into_inner().task_id;
+        if id.is_empty() {
+            return Err(Status::invalid_argument("task_id: required"));
+        }
+        let task = ctx
+            .tasks
+            .get(&id)
+            .map_err(task_status)?
+            .ok_or_else(|| Status::not_found(format!("task {id} not found")))?;
+        let serials = ctx.tasks.issued_serials(&id).map_err(task_status)?;
+        Ok(Response::new(task_to_proto(&task, serials)))
+    }
+
+    async fn list_tasks(
+        &self,
+        request: Request<pb::ListTasksRequest>,
+    ) -> Result<Response<pb::ListTasksResponse>, Status> {
+        let ctx = &self.0;
+        ctx.authorize(&request)?;
+        let tasks = ctx
+            .tasks
+            .list(request.into_inner().include_completed)
+            .map_err(task_status)?;
+        Ok(Response::new(pb::ListTasksResponse {
+            tasks: tasks.iter().map(|t| task_to_proto(t, Vec::new())).collect(),
+        }))
+    }
+
+    async fn watch_tasks(
+        &self,
+        request: Request<pb::WatchTasksRequest>,
+    ) -> Result<Response<Self::WatchTasksStream>, Status> {
+        let ctx = &self.0;
+        ctx.authorize(&request)?;
+        let mut events = ctx.tasks.subscribe();
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        tokio::spawn(async move {
+            loop {
+                let item = match events.recv().await {
+                    Ok(TaskEvent::Begun(t)) => Ok(pb::TaskEvent {
+                        kind: pb::task_event::Kind::Begun as i32,
+                        task: Some(task_to_proto(&t, Vec::new())),
+                    }),
+                    Ok(TaskEvent::Completed(t)) => Ok(pb::TaskEvent {
+                        kind: pb::task_event::Kind::Completed as i32,
+                        task: Some(task_to_proto(&t, Vec::new())),
+                    }),
+                    Err(broadcast::error::RecvError::Lagged(n)) => Err(Status::data_loss(format!(
+                        "watcher fell behind and missed {n} events; list tasks and watch again"
+                    ))),
+                    Err(broadcast::error::RecvError::Closed) => return,
+                };
+                let stop = item.is_err();
+                if tx.send(item).await.is_err() || stop {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+}
+
+pub struct EntriesService(pub Arc<AdminContext>);
+
+fn entry_status(e: EntryError) -> Status {
+    match e {
+        EntryError::Invalid { .. } => Status::invalid_argument(e.to_string()),
+        EntryError::NotFound(_) => Status::not_found(e.to_string()),
+        EntryError::FromConfig(_) => Status::failed_precondition(e.to_string()),
+        EntryError::AlreadyExists(_) => Status::already_exists(e.to_string()),
+        EntryError::Store(_) => Status::unavailable(e.to_string()),
+    }
+}
+
+pub fn entry_to_proto(e: &crate::identity::Entry) -> pb::Entry {
+    pb::Entry {
+        id: e.id.clone(),
+        spiffe_id: e.spiffe_id.to_string(),
+        selectors: e.selectors.iter().map(|s| s.to_string()).collect(),
+        x509_svid_ttl: crate::config::format_duration(e.x509_svid_ttl),
+        dns_names: e.dns_names.clone(),
+        hint: e.hint.clone(),
+        source: e.source.as_str().to_owned(),
+        federates_with: e.federates_with.iter().map(|t| t.to_string()).collect(),
+    }
+}
+
+#[tonic::async_trait]
+impl pb::entries_server::Entries for EntriesService {
+    async fn create_entry(
+        &self,
+        request: Request<pb::CreateEntryRequest>,
+    ) -> Result<Response<pb::Entry>, Status> {
+        let ctx = &self.0;
+        ctx.authorize(&request)?;
+        let entry = ctx
+            .entries
+            .create(request.into_inner())
+            .await
+            .map_err(entry_status)?;
+        Ok(Response::new(entry_to_proto(&entry)))
+    }
+
+    async fn delete_entry(
+        &self,
+        request: Request<pb::DeleteEntryRequest>,
+    ) -> Result<Response<pb::DeleteEntryResponse>, Status> {
+        let ctx = &self.0;
+        ctx.authorize(&request)?;
+        ctx.entries
+            .delete(&request.into_inner().id)
+            .await
+            .map_err(entry_status)?;
+        Ok(Response::new(pb::DeleteEntryResponse {}))
+    }
+
+    async fn list_entries(
+        &self,
+        request: Request<pb::ListEntriesRequest>,
+    ) -> Result<Response<pb::ListEntriesResponse>, Status> {
+        let ctx = &self.0;
+        ctx.authorize(&request)?;
+        let registry = ctx.agent.registry();
+        Ok(Response::new(pb::ListEntriesResponse {
+            entries: registry
+                .entries()
+                .iter()
+                .map(|e| entry_to_proto(e))
+                .collect(),
+        }))
+    }
+}

@@ -1,0 +1,481 @@
+//! The state every API serves from: attestors, registration entries, active
+//! task bindings, the CA, the current SVID per entitlement, the trust bundle
+//! and CRLs, plus one change signal that wakes every open stream when any of
+//! them moves.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rand::Rng;
+use rusqlite::{OptionalExtension, params};
+use tokio::sync::watch;
+use writ_attestors::{AttestError, Attestation, AttestorSet};
+
+use crate::bundle::TrustBundle;
+use crate::ca::{CaError, CertificateAuthority};
+use crate::identity::{self, Entitlement, Registry};
+use crate::peer::Caller;
+use crate::spiffe_id::TrustDomain;
+use crate::store::{Store, StoreError};
+use crate::svid::{X509Svid, X509SvidRequest};
+use crate::tasks::Task;
+
+/// How long a CRL we sign stays valid; we re-sign well before, on every
+/// revocation and on CA rotation.
+const CRL_VALIDITY: Duration = Duration::from_secs(24 * 3600);
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("caller process {pid} is gone")]
+    CallerGone { pid: i32 },
+    #[error("attestation failed: {0}")]
+    Attestation(AttestError),
+    #[error("minting an SVID failed: {0}")]
+    Mint(#[from] CaError),
+    #[error("recording the issued SVID failed: {0}")]
+    Store(#[from] StoreError),
+    #[error("task {0} completed while its SVID was being issued")]
+    TaskCompleted(String),
+}
+
+impl From<AttestError> for AgentError {
+    fn from(e: AttestError) -> Self {
+        match e {
+            AttestError::ProcessGone { pid } => AgentError::CallerGone { pid },
+            other => AgentError::Attestation(other),
+        }
+    }
+}
+
+/// An SVID as cached for an entitlement, with when to replace it.
+pub struct CachedSvid {
+    pub svid: X509Svid,
+    pub minted_at: SystemTime,
+    /// Half-life plus jitter, so SVIDs minted together do not all come due
+    /// in the same instant.
+    pub rotate_at: SystemTime,
+}
+
+/// The trust domain's own bundle, with its encodings computed once per change
+/// rather than once per response.
+pub struct OwnBundle {
+    pub bundle: TrustBundle,
+    pub x509_der: Vec<u8>,
+}
+
+/// The CRLs we publish, with a generation that streams compare.
+#[derive(Default)]
+pub struct Crls {
+    pub ders: Vec<Vec<u8>>,
+    pub generation: u64,
+}
+
+/// Active tasks, indexed the two ways a caller can fall inside a binding.
+#[derive(Default)]
+struct TaskIndex {
+    by_pid: HashMap<i32, Vec<(Arc<Task>, u64)>>,
+    by_cgroup: HashMap<String, Vec<Arc<Task>>>,
+}
+
+/// A process tree deeper than this is not walked further.
+const MAX_ANCESTRY: usize = 64;
+
+impl TaskIndex {
+    fn tasks_for(&self, attestation: &Attestation) -> Vec<Arc<Task>> {
+        let mut found: Vec<Arc<Task>> = Vec::new();
+        let snapshot = &attestation.snapshot;
+        if !self.by_cgroup.is_empty()
+            && let Some(path) = &snapshot.cgroup_path
+        {
+            // The cgroup itself and each ancestor, on whole segments.
+            let mut prefix = path.as_str();
+            loop {
+                if let Some(tasks) = self.by_cgroup.get(prefix) {
+                    found.extend(tasks.iter().cloned());
+                }
+                match prefix.rfind('/') {
+                    Some(0) | None => break,
+                    Some(i) => prefix = &prefix[..i],
+                }
+            }
+        }
+        if !self.by_pid.is_empty() {
+            // The caller itself, then its ancestors: a task bound to a process
+            // covers its descendants. Start times guard every step against
+            // PID reuse.
+            let (mut pid, mut start) = (snapshot.pid, snapshot.start_time);
+            for _ in 0..MAX_ANCESTRY {
+                if let Some(tasks) = self.by_pid.get(&pid) {
+                    found.extend(
+                        tasks
+                            .iter()
+                            .filter(|(_, st)| *st == start)
+                            .map(|(t, _)| t.clone()),
+                    );
+                }
+                match writ_attestors::parent_of(pid) {
+                    Ok(Some((ppid, pstart))) if ppid > 0 => (pid, start) = (ppid, pstart),
+                    _ => break,
+                }
+            }
+        }
+        // The most specific (deepest, then newest) task is the default.
+        found.sort_by(|a, b| b.depth.cmp(&a.depth).then(b.created_at.cmp(&a.created_at)));
+        found.dedup_by(|a, b| a.id == b.id);
+        found
+    }
+}
+
+pub struct Agent {
+    trust_domain: TrustDomain,
+    attestors: AttestorSet,
+    store: Arc<Store>,
+    task_svid_ttl: Duration,
+    tasks: RwLock<TaskIndex>,
+    crls: RwLock<Arc<Crls>>,
+    registry: RwLock<Arc<Registry>>,
+    ca: RwLock<CertificateAuthority>,
+    svids: Mutex<HashMap<String, Arc<CachedSvid>>>,
+    own_bundle: RwLock<Arc<OwnBundle>>,
+    changes: watch::Sender<u64>,
+}
+
+impl Agent {
+    pub fn new(
+        attestors: AttestorSet,
+        registry: Registry,
+        ca: CertificateAuthority,
+        store: Arc<Store>,
+        task_svid_ttl: Duration,
+        bundle_sequence: u64,
+    ) -> Self {
+        let trust_domain = ca.trust_domain().clone();
+        let own_bundle = build_own_bundle(&ca, bundle_sequence);
+        Self {
+            trust_domain,
+            attestors,
+            store,
+            task_svid_ttl,
+            tasks: RwLock::new(TaskIndex::default()),
+            crls: RwLock::new(Arc::new(Crls::default())),
+            registry: RwLock::new(Arc::new(registry)),
+            ca: RwLock::new(ca),
+            svids: Mutex::new(HashMap::new()),
+            own_bundle: RwLock::new(Arc::new(own_bundle)),
+            changes: watch::channel(0).0,
+        }
+    }
+
+    pub fn trust_domain(&self) -> &TrustDomain {
+        &self.trust_domain
+    }
+
+    /// Attests the caller now: reads its selectors, then proves through the
+    /// pidfd that they were read from the process that connected.
+    pub fn attest(&self, caller: &Caller) -> Result<Attestation, AgentError> {
+        Ok(self.attestors.attest(&caller.process)?)
+    }
+
+    pub fn registry(&self) -> Arc<Registry> {
+        read_lock(&self.registry).clone()
+    }
+
+    pub fn set_registry(&self, registry: Registry) {
+        let registry = Arc::new(registry);
+        let live: std::collections::HashSet<String> = registry
+            .entries()
+            .iter()
+            .map(|e| Entitlement::from_entry(e).cache_key)
+            .collect();
+        *write_lock(&self.registry) = registry;
+        // SVIDs of entries that no longer exist must not be handed out again.
+        lock(&self.svids).retain(|k, _| !k.starts_with("entry:") || live.contains(k));
+        self.notify();
+    }
+
+    pub fn store(&self) -> &Arc<Store> {
+        &self.store
+    }
+
+    /// Every identity the attested caller is entitled to, default first:
+    /// the tasks whose binding it is inside, then matching entries.
+    pub fn entitlements(&self, attestation: &Attestation) -> Vec<Entitlement> {
+        let tasks = read_lock(&self.tasks).tasks_for(attestation);
+        let registry = self.registry();
+        let from_tasks = tasks.iter().map(|t| self.task_entitlement(t));
+        let from_entries = registry
+            .matching(&attestation.selectors)
+            .map(|e| Entitlement::from_entry(e));
+        identity::finalize(from_tasks.chain(from_entries))
+    }
+
+    fn task_entitlement(&self, task: &Task) -> Entitlement {
+        Entitlement {
+            cache_key: task_cache_key(&task.id),
+            spiffe_id: task.spiffe_id.clone(),
+            x509_svid_ttl: self.task_svid_ttl,
+            dns_names: Vec::new(),
+            hint: String::new(),
+            federates_with: Vec::new(),
+            not_after_cap: Some(task.expires_at),
+            task_id: Some(task.id.clone()),
+        }
+    }
+
+    pub fn index_task(&self, task: Arc<Task>) {
+        let mut index = write_lock(&self.tasks);
+        match &task.binding {
+            crate::tasks::Binding::Pid { pid, start_time } => {
+                index
+                    .by_pid
+                    .entry(*pid)
+                    .or_default()
+                    .push((task.clone(), *start_time));
+            }
+            crate::tasks::Binding::Cgroup { path } => {
+                index
+                    .by_cgroup
+                    .entry(path.clone())
+                    .or_default()
+                    .push(task.clone());
+            }
+        }
+    }
+
+    /// Stops serving a task's identity and forgets its cached SVID.
+    pub fn unindex_task(&self, task_id: &str) {
+        {
+            let mut index = write_lock(&self.tasks);
+            index.by_pid.retain(|_, v| {
+                v.retain(|(t, _)| t.id != task_id);
+                !v.is_empty()
+            });
+            index.by_cgroup.retain(|_, v| {
+                v.retain(|t| t.id != task_id);
+                !v.is_empty()
+            });
+        }
+        lock(&self.svids).remove(&task_cache_key(task_id));
+    }
+
+    /// Forces a fresh key for `cache_key` unless its SVID was minted after
+    /// `since` (another stream already re-keyed it).
+    pub fn rekey_if_older(&self, cache_key: &str, since: SystemTime) {
+        let mut svids = lock(&self.svids);
+        if svids.get(cache_key).is_some_and(|c| c.minted_at < since) {
+            svids.remove(cache_key);
+        }
+    }
+
+    /// The current SVID for an entitlement: the cached one while it is before
+    /// its rotation point, else a freshly minted one (new key, new serial).
+    /// A task SVID's serial is on disk before this returns, so a crash can
+    /// never leave an issued task SVID out of a later revocation.
+    pub async fn svid_for(
+        &self,
+        entitlement: &Entitlement,
+        now: SystemTime,
+    ) -> Result<Arc<CachedSvid>, AgentError> {
+        if let Some(cached) = lock(&self.svids).get(&entitlement.cache_key)
+            && now < cached.rotate_at
+        {
+            return Ok(cached.clone());
+        }
+        // Mint outside the cache lock: minting costs a keygen and a signature,
+        // and other entitlements must not wait for it. Two callers racing on
+        // the same entitlement may both mint; the later insert wins and the
+        // other SVID is simply used once (and, for a task, still recorded).
+        let minted = Arc::new(self.mint(entitlement, now)?);
+        if let Some(task_id) = &entitlement.task_id {
+            self.record_task_issuance(task_id, &minted.svid).await?;
+        }
+        lock(&self.svids).insert(entitlement.cache_key.clone(), minted.clone());
+        Ok(minted)
+    }
+
+    async fn record_task_issuance(&self, task_id: &str, svid: &X509Svid) -> Result<(), AgentError> {
+        let task_id = task_id.to_owned();
+        let serial = svid.serial.clone();
+        let issuer = svid.issuer_key_id.clone();
+        let spiffe_id = svid.spiffe_id.to_string();
+        let not_after = unix_secs(svid.not_after);
+        let issued_at = unix_secs(SystemTime::now());
+        let tid = task_id.clone();
+        let still_active = self
+            .store
+            .write(move |conn| {
+                // Completion revokes "every serial issued for the task" in a
+                // transaction of its own; checking the task here, in the same
+                // serialized writer, means a serial is either seen by that
+                // revocation or refused here — never neither.
+                let completed: Option<Option<i64>> = conn
+                    .query_row("SELECT completed_at FROM tasks WHERE task_id = ?1", params![tid], |r| {
+                        r.get(0)
+                    })
+                    .optional()?;
+                if !matches!(completed, Some(None)) {
+                    return Ok(false);
+                }
+                conn.execute(
+                    "INSERT INTO issued(serial, task_id, issuer_key_id, spiffe_id, not_after, issued_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                    params![serial, tid, issuer, spiffe_id, not_after, issued_at],
+                )?;
+                Ok(true)
+            })
+            .await?;
+        if !still_active {
+            return Err(AgentError::TaskCompleted(task_id));
+        }
+        Ok(())
+    }
+
+    pub fn crls(&self) -> Arc<Crls> {
+        read_lock(&self.crls).clone()
+    }
+
+    /// Re-signs the CRLs from every stored revocation whose certificate has
+    /// not yet expired, with a CRL number that only grows, and wakes streams.
+    pub async fn refresh_crls(&self) -> Result<(), AgentError> {
+        let now_secs = unix_secs(SystemTime::now());
+        let (revoked, crl_number) = self
+            .store
+            .write(move |conn| {
+                let number = crate::store::bump_counter(conn, "crl_number")?;
+                let mut stmt = conn.prepare(
+                    "SELECT serial, issuer_key_id, revoked_at FROM revocations WHERE not_after > ?1",
+                )?;
+                let rows = stmt
+                    .query_map(params![now_secs], |r| {
+                        Ok(crate::ca::RevokedCert {
+                            serial: r.get(0)?,
+                            issuer_key_id: r.get(1)?,
+                            revoked_at: UNIX_EPOCH + Duration::from_secs(r.get::<_, i64>(2)?.max(0) as u64),
+                        })
+                    })?
+                    .collect::<Result<Vec<_>, _>>()?;
+                Ok((rows, number))
+            })
+            .await?;
+        let ders =
+            read_lock(&self.ca).sign_crls(&revoked, crl_number, CRL_VALIDITY, SystemTime::now())?;
+        {
+            let mut crls = write_lock(&self.crls);
+            let generation = crls.generation + 1;
+            *crls = Arc::new(Crls { ders, generation });
+        }
+        self.notify();
+        Ok(())
+    }
+
+    fn mint(&self, entitlement: &Entitlement, now: SystemTime) -> Result<CachedSvid, AgentError> {
+        let mut ttl = entitlement.x509_svid_ttl;
+        if let Some(cap) = entitlement.not_after_cap {
+            ttl = ttl.min(cap.duration_since(now).unwrap_or(Duration::ZERO));
+        }
+        let request = X509SvidRequest {
+            spiffe_id: entitlement.spiffe_id.clone(),
+            ttl,
+            dns_names: entitlement.dns_names.clone(),
+        };
+        let svid = read_lock(&self.ca).mint_x509_svid(&request, now)?;
+        // Measured from now, not from the backdated notBefore, so short
+        // lifetimes rotate at their real half-life.
+        let rotate_at = rotation_point(now, svid.not_after);
+        Ok(CachedSvid {
+            svid,
+            minted_at: now,
+            rotate_at,
+        })
+    }
+
+    pub fn own_bundle(&self) -> Arc<OwnBundle> {
+        read_lock(&self.own_bundle).clone()
+    }
+
+    /// A receiver that sees a new value whenever anything a stream shows may
+    /// have changed.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
+    pub fn notify(&self) {
+        self.changes.send_modify(|generation| *generation += 1);
+    }
+
+    /// Runs one step of the CA schedule and returns when the next is due.
+    pub async fn rotate_ca(&self, now: SystemTime) -> Result<SystemTime, AgentError> {
+        let (outcome, next) = {
+            let mut ca = write_lock(&self.ca);
+            let outcome = ca.rotate(now)?;
+            (outcome, ca.next_rotation_at())
+        };
+        if outcome.authorities_changed || outcome.signer_changed {
+            let sequence = self
+                .store
+                .write(|conn| crate::store::bump_counter(conn, "bundle_sequence"))
+                .await?;
+            let rebuilt = build_own_bundle(&read_lock(&self.ca), sequence);
+            *write_lock(&self.own_bundle) = Arc::new(rebuilt);
+            if outcome.signer_changed {
+                // Re-key every identity under the new signer promptly, so no
+                // workload is left holding a chain to the retiring root.
+                lock(&self.svids).clear();
+            }
+            tracing::info!(
+                signer_changed = outcome.signer_changed,
+                sequence,
+                "CA rotated; bundle updated"
+            );
+            self.notify();
+        }
+        Ok(next)
+    }
+}
+
+fn build_own_bundle(ca: &CertificateAuthority, sequence: u64) -> OwnBundle {
+    let bundle = TrustBundle {
+        trust_domain: ca.trust_domain().clone(),
+        x509_authorities: ca.x509_authorities(),
+        jwt_authorities: Vec::new(),
+        sequence,
+        refresh_hint: Some(Duration::from_secs(300)),
+    };
+    let x509_der = bundle.x509_der_concat();
+    OwnBundle { bundle, x509_der }
+}
+
+pub fn task_cache_key(task_id: &str) -> String {
+    format!("task:{task_id}")
+}
+
+fn unix_secs(t: SystemTime) -> i64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// Half-life plus up to a tenth of the lifetime of jitter.
+fn rotation_point(issued: SystemTime, not_after: SystemTime) -> SystemTime {
+    let lifetime = not_after.duration_since(issued).unwrap_or(Duration::ZERO);
+    let jitter_ms = (lifetime.as_millis() / 10) as u64;
+    let jitter = if jitter_ms > 0 {
+        Duration::from_millis(rand::rng().random_range(0..jitter_ms))
+    } else {
+        Duration::ZERO
+    };
+    issued + lifetime / 2 + jitter
+}
+
+// A poisoned lock means a thread panicked mid-update; the data behind these
+// locks is replaced wholesale (never half-written), so carrying on is safe.
+fn read_lock<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    l.read().unwrap_or_else(|p| p.into_inner())
+}
+fn write_lock<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    l.write().unwrap_or_else(|p| p.into_inner())
+}
+fn lock<T>(l: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    l.lock().unwrap_or_else(|p| p.into_inner())
+}

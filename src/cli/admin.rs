@@ -1,0 +1,444 @@
+//! `writ task ...` and `writ entry ...`: clients for the admin socket.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use clap::{Args, Subcommand};
+use serde_json::json;
+
+use super::Output;
+use super::client::connect;
+use crate::config::{Config, Environment};
+use crate::proto::admin as pb;
+
+#[derive(Args, Debug)]
+pub struct AdminSocketArg {
+    /// The admin socket. Defaults to $WRIT_ADMIN_SOCKET, then writ's default.
+    #[arg(long, env = "WRIT_ADMIN_SOCKET")]
+    pub admin_socket: Option<PathBuf>,
+    #[arg(long, value_enum, default_value_t = Output::Text, global = true)]
+    pub output: Output,
+}
+
+impl AdminSocketArg {
+    fn path(&self) -> PathBuf {
+        self.admin_socket.clone().unwrap_or_else(|| {
+            Config::builtin_defaults(&Environment::current())
+                .admin_api
+                .socket_path
+        })
+    }
+}
+
+#[derive(Subcommand, Debug)]
+pub enum TaskCommand {
+    /// Begin a task bound to a process (and its descendants) or a cgroup.
+    Begin {
+        #[command(flatten)]
+        admin: AdminSocketArg,
+        #[arg(long, conflicts_with = "cgroup", required_unless_present = "cgroup")]
+        pid: Option<i32>,
+        /// A cgroup v2 path such as /writ.slice/t-42.
+        #[arg(long)]
+        cgroup: Option<String>,
+        #[arg(long = "id")]
+        id: Option<String>,
+        #[arg(long)]
+        spiffe_id: Option<String>,
+        #[arg(long, default_value = "")]
+        purpose: String,
+        #[arg(long = "tool")]
+        tools: Vec<String>,
+        #[arg(long = "target")]
+        targets: Vec<String>,
+        #[arg(long, default_value = "")]
+        data_class: String,
+        /// key=value, repeatable.
+        #[arg(long = "attr", value_parser = parse_attr)]
+        attributes: Vec<(String, String)>,
+        /// Such as 10m; default from the agent's config.
+        #[arg(long)]
+        ttl: Option<String>,
+        #[arg(long)]
+        parent: Option<String>,
+    },
+    /// End a task: its credentials are revoked at once.
+    End {
+        #[command(flatten)]
+        admin: AdminSocketArg,
+        id: String,
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    Get {
+        #[command(flatten)]
+        admin: AdminSocketArg,
+        id: String,
+    },
+    List {
+        #[command(flatten)]
+        admin: AdminSocketArg,
+        /// Completed tasks too.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Print task events as they happen.
+    Watch {
+        #[command(flatten)]
+        admin: AdminSocketArg,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum EntryCommand {
+    Create {
+        #[command(flatten)]
+        admin: AdminSocketArg,
+        #[arg(long)]
+        spiffe_id: String,
+        /// type:key:value, repeatable; all must match.
+        #[arg(long = "selector", required = true)]
+        selectors: Vec<String>,
+        #[arg(long)]
+        x509_svid_ttl: Option<String>,
+        #[arg(long = "dns-name")]
+        dns_names: Vec<String>,
+        #[arg(long, default_value = "")]
+        hint: String,
+        #[arg(long = "federates-with")]
+        federates_with: Vec<String>,
+    },
+    Delete {
+        #[command(flatten)]
+        admin: AdminSocketArg,
+        id: String,
+    },
+    List {
+        #[command(flatten)]
+        admin: AdminSocketArg,
+    },
+}
+
+fn parse_attr(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .ok_or_else(|| format!("{s:?} is not key=value"))
+}
+
+async fn tasks_client(
+    path: &Path,
+) -> anyhow::Result<pb::tasks_client::TasksClient<tonic::transport::Channel>> {
+    let channel = connect(path)
+        .await
+        .with_context(|| format!("admin API at {}", path.display()))?;
+    Ok(pb::tasks_client::TasksClient::new(channel))
+}
+
+async fn entries_client(
+    path: &Path,
+) -> anyhow::Result<pb::entries_client::EntriesClient<tonic::transport::Channel>> {
+    let channel = connect(path)
+        .await
+        .with_context(|| format!("admin API at {}", path.display()))?;
+    Ok(pb::entries_client::EntriesClient::new(channel))
+}
+
+fn status_error(what: &str, s: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("{what}: {:?}: {}", s.code(), s.message())
+}
+
+fn time_string(secs: i64) -> String {
+    if secs == 0 {
+        return "-".into();
+    }
+    time::OffsetDateTime::from_unix_timestamp(secs)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| secs.to_string())
+}
+
+pub fn task_json(t: &pb::Task) -> serde_json::Value {
+    let binding = match t.binding.as_ref().and_then(|b| b.target.as_ref()) {
+        Some(pb::binding::Target::Pid(p)) => json!({"pid": p}),
+        Some(pb::binding::Target::Cgroup(c)) => json!({"cgroup": c}),
+        None => json!(null),
+    };
+    let intent = t.intent.clone().unwrap_or_default();
+    json!({
+        "task_id": t.task_id,
+        "spiffe_id": t.spiffe_id,
+        "parent_task_id": t.parent_task_id,
+        "binding": binding,
+        "intent": {
+            "purpose": intent.purpose, "tools": intent.tools, "targets": intent.targets,
+            "data_class": intent.data_class, "attributes": intent.attributes,
+        },
+        "orchestrator_spiffe_id": t.orchestrator_spiffe_id,
+        "created_at": t.created_at,
+        "expires_at": t.expires_at,
+        "completed_at": t.completed_at,
+        "completion_reason": t.completion_reason,
+        "completion_detail": t.completion_detail,
+        "issued_serials": t.issued_serials,
+    })
+}
+
+fn print_task(t: &pb::Task) {
+    let state = if t.completed_at == 0 {
+        "active".to_owned()
+    } else {
+        format!("completed ({})", t.completion_reason)
+    };
+    println!("Task:       {}", t.task_id);
+    println!("SPIFFE ID:  {}", t.spiffe_id);
+    println!("State:      {state}");
+    if !t.parent_task_id.is_empty() {
+        println!("Parent:     {}", t.parent_task_id);
+    }
+    match t.binding.as_ref().and_then(|b| b.target.as_ref()) {
+        Some(pb::binding::Target::Pid(p)) => println!("Binding:    pid {p}"),
+        Some(pb::binding::Target::Cgroup(c)) => println!("Binding:    cgroup {c}"),
+        None => {}
+    }
+    if let Some(i) = &t.intent {
+        if !i.purpose.is_empty() {
+            println!("Purpose:    {}", i.purpose);
+        }
+        println!("Tools:      {}", i.tools.join(", "));
+        println!("Targets:    {}", i.targets.join(", "));
+        println!("Data class: {}", i.data_class);
+    }
+    println!("Created:    {}", time_string(t.created_at));
+    println!("Expires:    {}", time_string(t.expires_at));
+    if t.completed_at != 0 {
+        println!("Completed:  {}", time_string(t.completed_at));
+    }
+    if !t.issued_serials.is_empty() {
+        println!("Serials:    {}", t.issued_serials.join(" "));
+    }
+}
+
+pub async fn task(cmd: TaskCommand) -> anyhow::Result<()> {
+    match cmd {
+        TaskCommand::Begin {
+            admin,
+            pid,
+            cgroup,
+            id,
+            spiffe_id,
+            purpose,
+            tools,
+            targets,
+            data_class,
+            attributes,
+            ttl,
+            parent,
+        } => {
+            let target = match (pid, cgroup) {
+                (Some(p), _) => pb::binding::Target::Pid(p),
+                (None, Some(c)) => pb::binding::Target::Cgroup(c),
+                (None, None) => anyhow::bail!("--pid or --cgroup is required"),
+            };
+            let request = pb::BeginTaskRequest {
+                task_id: id.unwrap_or_default(),
+                binding: Some(pb::Binding {
+                    target: Some(target),
+                }),
+                spiffe_id: spiffe_id.unwrap_or_default(),
+                intent: Some(pb::Intent {
+                    purpose,
+                    tools,
+                    targets,
+                    data_class,
+                    attributes: attributes.into_iter().collect(),
+                }),
+                ttl: ttl.unwrap_or_default(),
+                parent_task_id: parent.unwrap_or_default(),
+            };
+            let task = tasks_client(&admin.path())
+                .await?
+                .begin_task(request)
+                .await
+                .map_err(|s| status_error("BeginTask", s))?
+                .into_inner();
+            if admin.output == Output::Json {
+                println!("{}", task_json(&task));
+            } else {
+                println!("{}", task.task_id);
+            }
+        }
+        TaskCommand::End { admin, id, reason } => {
+            let task = tasks_client(&admin.path())
+                .await?
+                .end_task(pb::EndTaskRequest {
+                    task_id: id,
+                    reason,
+                })
+                .await
+                .map_err(|s| status_error("EndTask", s))?
+                .into_inner();
+            if admin.output == Output::Json {
+                println!("{}", task_json(&task));
+            } else {
+                println!("ended {} ({})", task.task_id, task.completion_reason);
+            }
+        }
+        TaskCommand::Get { admin, id } => {
+            let task = tasks_client(&admin.path())
+                .await?
+                .get_task(pb::GetTaskRequest { task_id: id })
+                .await
+                .map_err(|s| status_error("GetTask", s))?
+                .into_inner();
+            if admin.output == Output::Json {
+                println!("{}", serde_json::to_string_pretty(&task_json(&task))?);
+            } else {
+                print_task(&task);
+            }
+        }
+        TaskCommand::List { admin, all } => {
+            let tasks = tasks_client(&admin.path())
+                .await?
+                .list_tasks(pb::ListTasksRequest {
+                    include_completed: all,
+                })
+                .await
+                .map_err(|s| status_error("ListTasks", s))?
+                .into_inner()
+                .tasks;
+            if admin.output == Output::Json {
+                let v: Vec<_> = tasks.iter().map(task_json).collect();
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                println!("{:<28} {:<10} {:<24} SPIFFE ID", "TASK", "STATE", "EXPIRES");
+                for t in &tasks {
+                    let state = if t.completed_at == 0 {
+                        "active"
+                    } else {
+                        "completed"
+                    };
+                    println!(
+                        "{:<28} {:<10} {:<24} {}",
+                        t.task_id,
+                        state,
+                        time_string(t.expires_at),
+                        t.spiffe_id
+                    );
+                }
+            }
+        }
+        TaskCommand::Watch { admin } => {
+            let mut stream = tasks_client(&admin.path())
+                .await?
+                .watch_tasks(pb::WatchTasksRequest {})
+                .await
+                .map_err(|s| status_error("WatchTasks", s))?
+                .into_inner();
+            loop {
+                let event = tokio::select! {
+                    e = stream.message() => e.map_err(|s| status_error("WatchTasks", s))?,
+                    _ = tokio::signal::ctrl_c() => return Ok(()),
+                };
+                let Some(event) = event else { return Ok(()) };
+                let kind = match pb::task_event::Kind::try_from(event.kind) {
+                    Ok(pb::task_event::Kind::Begun) => "begun",
+                    Ok(pb::task_event::Kind::Completed) => "completed",
+                    _ => "unknown",
+                };
+                let task = event.task.unwrap_or_default();
+                if admin.output == Output::Json {
+                    println!("{}", json!({"event": kind, "task": task_json(&task)}));
+                } else if kind == "completed" {
+                    println!(
+                        "{kind} {} {} ({})",
+                        task.task_id, task.spiffe_id, task.completion_reason
+                    );
+                } else {
+                    println!("{kind} {} {}", task.task_id, task.spiffe_id);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn entry_json(e: &pb::Entry) -> serde_json::Value {
+    json!({
+        "id": e.id, "spiffe_id": e.spiffe_id, "selectors": e.selectors,
+        "x509_svid_ttl": e.x509_svid_ttl, "dns_names": e.dns_names, "hint": e.hint,
+        "source": e.source, "federates_with": e.federates_with,
+    })
+}
+
+pub async fn entry(cmd: EntryCommand) -> anyhow::Result<()> {
+    match cmd {
+        EntryCommand::Create {
+            admin,
+            spiffe_id,
+            selectors,
+            x509_svid_ttl,
+            dns_names,
+            hint,
+            federates_with,
+        } => {
+            let entry = entries_client(&admin.path())
+                .await?
+                .create_entry(pb::CreateEntryRequest {
+                    spiffe_id,
+                    selectors,
+                    x509_svid_ttl: x509_svid_ttl.unwrap_or_default(),
+                    dns_names,
+                    hint,
+                    federates_with,
+                })
+                .await
+                .map_err(|s| status_error("CreateEntry", s))?
+                .into_inner();
+            if admin.output == Output::Json {
+                println!("{}", entry_json(&entry));
+            } else {
+                println!("{}", entry.id);
+            }
+        }
+        EntryCommand::Delete { admin, id } => {
+            entries_client(&admin.path())
+                .await?
+                .delete_entry(pb::DeleteEntryRequest { id: id.clone() })
+                .await
+                .map_err(|s| status_error("DeleteEntry", s))?;
+            if admin.output == Output::Json {
+                println!("{}", json!({"deleted": id}));
+            } else {
+                println!("deleted {id}");
+            }
+        }
+        EntryCommand::List { admin } => {
+            let entries = entries_client(&admin.path())
+                .await?
+                .list_entries(pb::ListEntriesRequest {})
+                .await
+                .map_err(|s| status_error("ListEntries", s))?
+                .into_inner()
+                .entries;
+            if admin.output == Output::Json {
+                let v: Vec<_> = entries.iter().map(entry_json).collect();
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                for e in &entries {
+                    println!(
+                        "{}  {}  [{}]  ttl {}  ({})",
+                        e.id,
+                        e.spiffe_id,
+                        e.selectors.join(", "),
+                        e.x509_svid_ttl,
+                        e.source
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
+}

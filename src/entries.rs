@@ -1,0 +1,280 @@
+//! Registration entries created through the admin API: validated like config
+//! entries, persisted in the store, and merged after the config file's entries
+//! into the registry the agent serves from.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rusqlite::params;
+use writ_attestors::Selector;
+
+use crate::agent::Agent;
+use crate::config::parse_duration;
+use crate::identity::{Entry, EntrySource, MAX_HINT_BYTES, Registry};
+use crate::proto::admin as pb;
+use crate::spiffe_id::{SpiffeId, TrustDomain};
+use crate::store::{Store, StoreError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum EntryError {
+    #[error("{field}: {reason}")]
+    Invalid { field: &'static str, reason: String },
+    #[error("entry {0} not found")]
+    NotFound(String),
+    #[error("entry {0} comes from the config file; change it there")]
+    FromConfig(String),
+    #[error("an entry with this SPIFFE ID and selectors already exists ({0})")]
+    AlreadyExists(String),
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
+}
+
+fn invalid(field: &'static str, reason: impl Into<String>) -> EntryError {
+    EntryError::Invalid {
+        field,
+        reason: reason.into(),
+    }
+}
+
+pub struct EntryStore {
+    agent: Arc<Agent>,
+    store: Arc<Store>,
+    trust_domain: TrustDomain,
+    default_ttl: Duration,
+    max_ttl: Duration,
+    config_registry: Mutex<Registry>,
+    /// Serializes create/delete so the registry is rebuilt in commit order.
+    admin_entries: tokio::sync::Mutex<Vec<Entry>>,
+}
+
+impl EntryStore {
+    /// Loads persisted admin entries and installs the merged registry.
+    pub fn open(
+        agent: Arc<Agent>,
+        store: Arc<Store>,
+        config_registry: Registry,
+        default_ttl: Duration,
+        max_ttl: Duration,
+    ) -> Result<Arc<Self>, EntryError> {
+        let trust_domain = agent.trust_domain().clone();
+        let admin = store.read(load_entries)?;
+        let this = Arc::new(Self {
+            agent,
+            store,
+            trust_domain,
+            default_ttl,
+            max_ttl,
+            config_registry: Mutex::new(config_registry),
+            admin_entries: tokio::sync::Mutex::new(admin.clone()),
+        });
+        this.install(&admin);
+        Ok(this)
+    }
+
+    fn install(&self, admin: &[Entry]) {
+        let base = self
+            .config_registry
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        self.agent
+            .set_registry(base.with_admin_entries(admin.iter().cloned()));
+    }
+
+    /// Replaces the config-file entries (on reload), keeping admin entries.
+    pub async fn set_config_registry(&self, registry: Registry) {
+        let admin = self.admin_entries.lock().await;
+        *self
+            .config_registry
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = registry;
+        self.install(&admin);
+    }
+
+    pub async fn create(&self, req: pb::CreateEntryRequest) -> Result<Entry, EntryError> {
+        let entry = self.validate(req)?;
+        let mut admin = self.admin_entries.lock().await;
+        if self
+            .agent
+            .registry()
+            .entries()
+            .iter()
+            .any(|e| e.id == entry.id)
+        {
+            return Err(EntryError::AlreadyExists(entry.id));
+        }
+        let row = entry.clone();
+        self.store
+            .write(move |conn| {
+                conn.execute(
+                    "INSERT INTO entries(id, spiffe_id, selectors, x509_svid_ttl, dns_names, hint, federates_with, created_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                    params![
+                        row.id,
+                        row.spiffe_id.to_string(),
+                        json(&row.selectors.iter().map(|s| s.to_string()).collect::<Vec<_>>()),
+                        row.x509_svid_ttl.as_secs() as i64,
+                        json(&row.dns_names),
+                        row.hint,
+                        json(&row.federates_with.iter().map(|t| t.to_string()).collect::<Vec<_>>()),
+                        SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0),
+                    ],
+                )?;
+                Ok(())
+            })
+            .await?;
+        admin.push(entry.clone());
+        self.install(&admin);
+        Ok(entry)
+    }
+
+    pub async fn delete(&self, id: &str) -> Result<(), EntryError> {
+        if id.is_empty() {
+            return Err(invalid("id", "required"));
+        }
+        let mut admin = self.admin_entries.lock().await;
+        if !admin.iter().any(|e| e.id == id) {
+            let in_config = self
+                .config_registry
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .entries()
+                .iter()
+                .any(|e| e.id == id);
+            return Err(if in_config {
+                EntryError::FromConfig(id.to_owned())
+            } else {
+                EntryError::NotFound(id.to_owned())
+            });
+        }
+        let key = id.to_owned();
+        self.store
+            .write(move |conn| {
+                conn.execute("DELETE FROM entries WHERE id = ?1", params![key])?;
+                Ok(())
+            })
+            .await?;
+        admin.retain(|e| e.id != id);
+        self.install(&admin);
+        Ok(())
+    }
+
+    fn validate(&self, req: pb::CreateEntryRequest) -> Result<Entry, EntryError> {
+        let spiffe_id: SpiffeId = req
+            .spiffe_id
+            .parse()
+            .map_err(|e: crate::spiffe_id::SpiffeIdError| invalid("spiffe_id", e.to_string()))?;
+        if spiffe_id.trust_domain() != &self.trust_domain {
+            return Err(invalid(
+                "spiffe_id",
+                format!("must be in trust domain {}", self.trust_domain),
+            ));
+        }
+        if spiffe_id.is_trust_domain_id() {
+            return Err(invalid("spiffe_id", "must have a path"));
+        }
+        if req.selectors.is_empty() {
+            return Err(invalid("selectors", "at least one selector is required"));
+        }
+        let selectors = req
+            .selectors
+            .iter()
+            .map(|s| {
+                s.parse::<Selector>()
+                    .map_err(|e| invalid("selectors", e.to_string()))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let ttl = if req.x509_svid_ttl.is_empty() {
+            self.default_ttl
+        } else {
+            parse_duration(&req.x509_svid_ttl)
+                .map_err(|e| invalid("x509_svid_ttl", e.to_string()))?
+        };
+        if ttl.is_zero() || ttl > self.max_ttl {
+            return Err(invalid(
+                "x509_svid_ttl",
+                format!(
+                    "must be positive and at most the CA lifetime ({}s)",
+                    self.max_ttl.as_secs()
+                ),
+            ));
+        }
+        if req.hint.len() > MAX_HINT_BYTES {
+            return Err(invalid(
+                "hint",
+                format!("longer than {MAX_HINT_BYTES} bytes"),
+            ));
+        }
+        for name in &req.dns_names {
+            crate::svid::validate_dns_name(name)
+                .map_err(|e| invalid("dns_names", e.to_string()))?;
+        }
+        let federates_with = req
+            .federates_with
+            .iter()
+            .map(|t| TrustDomain::new(t).map_err(|e| invalid("federates_with", e.to_string())))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut entry = Entry::new(spiffe_id, selectors, ttl, EntrySource::Admin);
+        entry.dns_names = req.dns_names;
+        entry.hint = req.hint;
+        entry.federates_with = federates_with;
+        Ok(entry)
+    }
+}
+
+fn json<T: serde::Serialize>(v: &T) -> String {
+    serde_json::to_string(v).unwrap_or_else(|_| "[]".into())
+}
+
+fn load_entries(conn: &rusqlite::Connection) -> Result<Vec<Entry>, StoreError> {
+    let mut stmt = conn.prepare(
+        "SELECT id, spiffe_id, selectors, x509_svid_ttl, dns_names, hint, federates_with
+         FROM entries ORDER BY created_at, rowid",
+    )?;
+    let rows = stmt
+        .query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, i64>(3)?,
+                r.get::<_, String>(4)?,
+                r.get::<_, String>(5)?,
+                r.get::<_, String>(6)?,
+            ))
+        })?
+        .collect::<Result<Vec<_>, _>>()?;
+    rows.into_iter()
+        .map(|(id, spiffe_id, selectors, ttl, dns, hint, fed)| {
+            let corrupt = |what: String| StoreError::Corrupt(format!("entry {id}: {what}"));
+            let spiffe_id: SpiffeId = spiffe_id.parse().map_err(|e| corrupt(format!("{e}")))?;
+            let selectors: Vec<String> =
+                serde_json::from_str(&selectors).map_err(|e| corrupt(e.to_string()))?;
+            let selectors = selectors
+                .iter()
+                .map(|s| s.parse::<Selector>().map_err(|e| corrupt(e.to_string())))
+                .collect::<Result<Vec<_>, _>>()?;
+            let dns_names: Vec<String> =
+                serde_json::from_str(&dns).map_err(|e| corrupt(e.to_string()))?;
+            let fed: Vec<String> =
+                serde_json::from_str(&fed).map_err(|e| corrupt(e.to_string()))?;
+            let federates_with = fed
+                .iter()
+                .map(|t| TrustDomain::new(t).map_err(|e| corrupt(e.to_string())))
+                .collect::<Result<Vec<_>, _>>()?;
+            let mut entry = Entry::new(
+                spiffe_id,
+                selectors,
+                Duration::from_secs(ttl.max(1) as u64),
+                EntrySource::Admin,
+            );
+            if entry.id != id {
+                return Err(corrupt("stored id does not match its content".into()));
+            }
+            entry.dns_names = dns_names;
+            entry.hint = hint;
+            entry.federates_with = federates_with;
+            Ok(entry)
+        })
+        .collect()
+}

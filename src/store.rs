@@ -1,0 +1,307 @@
+//! Durable state in SQLite (WAL, synchronous=FULL): admin-created entries,
+//! tasks, every serial issued for a task, revocations, and counters that must
+//! only grow (bundle sequence, CRL number). Writes go through one writer thread
+//! that commits whatever is queued together, so concurrent issuances share an
+//! fsync instead of queueing behind one each.
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::sync::mpsc;
+
+use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
+use tokio::sync::oneshot;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("opening database {path}: {source}")]
+    Open {
+        path: PathBuf,
+        source: rusqlite::Error,
+    },
+    #[error("database: {0}")]
+    Sql(#[from] rusqlite::Error),
+    #[error("database commit failed: {0}")]
+    Commit(String),
+    #[error("the store's writer has stopped")]
+    Closed,
+    #[error("stored record is corrupt: {0}")]
+    Corrupt(String),
+}
+
+/// The most jobs one transaction takes; bounds how long any one waits.
+const MAX_BATCH: usize = 256;
+const SCHEMA_VERSION: i64 = 1;
+
+/// A unit of work for the writer. Given the open transaction (or the reason
+/// there is none), it runs its SQL inside its own savepoint and returns
+/// whether that succeeded, plus a completion that delivers its result once the
+/// batch's commit outcome is known.
+type Completion = Box<dyn FnOnce(Option<&StoreError>) + Send>;
+type Job = Box<dyn FnOnce(Result<&Connection, &StoreError>) -> (bool, Completion) + Send>;
+
+pub struct Store {
+    path: PathBuf,
+    jobs: Mutex<Option<mpsc::Sender<Job>>>,
+    writer: Mutex<Option<std::thread::JoinHandle<()>>>,
+    reader: Mutex<Connection>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").field("path", &self.path).finish()
+    }
+}
+
+fn open_connection(path: &Path, flags: OpenFlags) -> Result<Connection, StoreError> {
+    let conn = Connection::open_with_flags(path, flags).map_err(|source| StoreError::Open {
+        path: path.to_owned(),
+        source,
+    })?;
+    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    // FULL: a commit that returned has reached the disk, WAL or not. A
+    // revocation or an issued serial must never be lost to a crash.
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    conn.pragma_update(None, "foreign_keys", "ON")?;
+    Ok(conn)
+}
+
+impl Store {
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let conn = open_connection(
+            path,
+            OpenFlags::SQLITE_OPEN_READ_WRITE
+                | OpenFlags::SQLITE_OPEN_CREATE
+                | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )?;
+        migrate(&conn)?;
+        let reader = open_connection(
+            path,
+            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )?;
+        let (tx, rx) = mpsc::channel::<Job>();
+        let writer = std::thread::Builder::new()
+            .name("writ-store".into())
+            .spawn(move || run_writer(conn, rx))
+            .map_err(|e| StoreError::Commit(format!("starting writer thread: {e}")))?;
+        Ok(Self {
+            path: path.to_owned(),
+            jobs: Mutex::new(Some(tx)),
+            writer: Mutex::new(Some(writer)),
+            reader: Mutex::new(reader),
+        })
+    }
+
+    /// Runs `f` in the next batch and resolves once its transaction has
+    /// committed durably (or failed).
+    pub async fn write<R, F>(&self, f: F) -> Result<R, StoreError>
+    where
+        R: Send + 'static,
+        F: FnOnce(&Connection) -> Result<R, StoreError> + Send + 'static,
+    {
+        let (done_tx, done_rx) = oneshot::channel();
+        self.submit(f, done_tx)?;
+        done_rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// The blocking twin of `write`, for start-up and shutdown paths.
+    pub fn write_blocking<R, F>(&self, f: F) -> Result<R, StoreError>
+    where
+        R: Send + 'static,
+        F: FnOnce(&Connection) -> Result<R, StoreError> + Send + 'static,
+    {
+        let (done_tx, done_rx) = oneshot::channel();
+        self.submit(f, done_tx)?;
+        done_rx.blocking_recv().map_err(|_| StoreError::Closed)?
+    }
+
+    fn submit<R, F>(
+        &self,
+        f: F,
+        done: oneshot::Sender<Result<R, StoreError>>,
+    ) -> Result<(), StoreError>
+    where
+        R: Send + 'static,
+        F: FnOnce(&Connection) -> Result<R, StoreError> + Send + 'static,
+    {
+        let job: Job = Box::new(move |conn| {
+            let result = match conn {
+                Ok(conn) => f(conn),
+                Err(e) => Err(StoreError::Commit(e.to_string())),
+            };
+            let ok = result.is_ok();
+            let completion: Completion = Box::new(move |commit_error: Option<&StoreError>| {
+                let outcome = match (result, commit_error) {
+                    (Ok(_), Some(e)) => Err(StoreError::Commit(e.to_string())),
+                    (r, _) => r,
+                };
+                let _ = done.send(outcome);
+            });
+            (ok, completion)
+        });
+        let jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
+        jobs.as_ref()
+            .ok_or(StoreError::Closed)?
+            .send(job)
+            .map_err(|_| StoreError::Closed)
+    }
+
+    /// Reads on a separate connection; WAL lets them run beside the writer.
+    pub fn read<R>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<R, StoreError>,
+    ) -> Result<R, StoreError> {
+        let conn = self.reader.lock().unwrap_or_else(|p| p.into_inner());
+        f(&conn)
+    }
+
+    /// Finishes queued writes and stops the writer thread.
+    pub fn close(&self) {
+        self.jobs.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(handle) = self.writer.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            let _ = handle.join();
+        }
+    }
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+fn run_writer(mut conn: Connection, jobs: mpsc::Receiver<Job>) {
+    while let Ok(first) = jobs.recv() {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match jobs.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        commit_batch(&mut conn, batch);
+    }
+}
+
+fn commit_batch(conn: &mut Connection, batch: Vec<Job>) {
+    let tx = match conn.transaction() {
+        Ok(tx) => tx,
+        Err(e) => {
+            let err = StoreError::Sql(e);
+            tracing::error!(error = %err, "could not begin a store transaction");
+            for job in batch {
+                let (_, completion) = job(Err(&err));
+                completion(Some(&err));
+            }
+            return;
+        }
+    };
+    let mut completions = Vec::with_capacity(batch.len());
+    for job in batch {
+        // Each job in its own savepoint: a failing job rolls back only its
+        // own changes, never its batch-mates'.
+        if let Err(e) = tx.execute_batch("SAVEPOINT job") {
+            let err = StoreError::Sql(e);
+            let (_, completion) = job(Err(&err));
+            completion(Some(&err));
+            continue;
+        }
+        let (ok, completion) = job(Ok(&tx));
+        let end = if ok {
+            "RELEASE job"
+        } else {
+            "ROLLBACK TO job; RELEASE job"
+        };
+        if let Err(e) = tx.execute_batch(end) {
+            tracing::error!(error = %e, "closing a savepoint failed");
+        }
+        completions.push(completion);
+    }
+    let commit_error = tx.commit().err().map(StoreError::Sql);
+    if let Some(e) = &commit_error {
+        tracing::error!(error = %e, "store commit failed");
+    }
+    for completion in completions {
+        completion(commit_error.as_ref());
+    }
+}
+
+fn migrate(conn: &Connection) -> Result<(), StoreError> {
+    let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    if version > SCHEMA_VERSION {
+        return Err(StoreError::Corrupt(format!(
+            "database schema version {version} is newer than this writ understands ({SCHEMA_VERSION})"
+        )));
+    }
+    if version < 1 {
+        conn.execute_batch(
+            r#"
+            BEGIN;
+            CREATE TABLE meta (
+                key   TEXT PRIMARY KEY,
+                value INTEGER NOT NULL
+            );
+            CREATE TABLE entries (
+                id             TEXT PRIMARY KEY,
+                spiffe_id      TEXT NOT NULL,
+                selectors      TEXT NOT NULL,
+                x509_svid_ttl  INTEGER NOT NULL,
+                dns_names      TEXT NOT NULL,
+                hint           TEXT NOT NULL,
+                federates_with TEXT NOT NULL,
+                created_at     INTEGER NOT NULL
+            );
+            CREATE TABLE tasks (
+                task_id           TEXT PRIMARY KEY,
+                spiffe_id         TEXT NOT NULL,
+                parent_task_id    TEXT REFERENCES tasks(task_id),
+                record            TEXT NOT NULL,
+                created_at        INTEGER NOT NULL,
+                expires_at        INTEGER NOT NULL,
+                completed_at      INTEGER,
+                completion_reason TEXT,
+                completion_detail TEXT
+            );
+            CREATE INDEX tasks_active ON tasks(completed_at) WHERE completed_at IS NULL;
+            CREATE TABLE issued (
+                serial        BLOB PRIMARY KEY,
+                task_id       TEXT REFERENCES tasks(task_id),
+                issuer_key_id BLOB NOT NULL,
+                spiffe_id     TEXT NOT NULL,
+                not_after     INTEGER NOT NULL,
+                issued_at     INTEGER NOT NULL
+            );
+            CREATE INDEX issued_by_task ON issued(task_id);
+            CREATE TABLE revocations (
+                serial        BLOB PRIMARY KEY,
+                issuer_key_id BLOB NOT NULL,
+                not_after     INTEGER NOT NULL,
+                revoked_at    INTEGER NOT NULL,
+                task_id       TEXT,
+                reason        TEXT NOT NULL
+            );
+            PRAGMA user_version = 1;
+            COMMIT;
+            "#,
+        )?;
+    }
+    Ok(())
+}
+
+/// Increments a monotonic counter and returns the new value.
+pub fn bump_counter(conn: &Connection, key: &str) -> Result<u64, StoreError> {
+    conn.execute(
+        "INSERT INTO meta(key, value) VALUES (?1, 1) ON CONFLICT(key) DO UPDATE SET value = value + 1",
+        params![key],
+    )?;
+    read_counter(conn, key)
+}
+
+pub fn read_counter(conn: &Connection, key: &str) -> Result<u64, StoreError> {
+    let v: Option<i64> = conn
+        .query_row("SELECT value FROM meta WHERE key = ?1", params![key], |r| {
+            r.get(0)
+        })
+        .optional()?;
+    Ok(v.unwrap_or(0).max(0) as u64)
+}

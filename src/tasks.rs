@@ -1,0 +1,1062 @@
+//! Task lifecycle: an orchestrator begins a task bound to a process or a
+//! cgroup; processes inside the binding hold an identity for that task alone;
+//! the task completes exactly once — EndTask, process exit, cgroup emptied,
+//! TTL, or its parent completing — and completion revokes everything issued
+//! for it, durably, before anyone is told it is over.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rusqlite::{OptionalExtension, params};
+use serde::{Deserialize, Serialize};
+use tokio::sync::broadcast;
+use writ_attestors::PinnedProcess;
+
+use crate::agent::Agent;
+use crate::spiffe_id::SpiffeId;
+use crate::store::{Store, StoreError};
+
+pub const MAX_TASK_ID_BYTES: usize = 128;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TaskError {
+    #[error("{field}: {reason}")]
+    Invalid { field: &'static str, reason: String },
+    #[error("task {0} not found")]
+    NotFound(String),
+    #[error("task {0} already exists")]
+    AlreadyExists(String),
+    #[error("task {0} has already completed")]
+    Completed(String),
+    #[error("{0}")]
+    PermissionDenied(String),
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
+}
+
+fn invalid(field: &'static str, reason: impl Into<String>) -> TaskError {
+    TaskError::Invalid {
+        field,
+        reason: reason.into(),
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Binding {
+    /// A process, pinned by pidfd; its descendants are inside the binding too.
+    Pid { pid: i32, start_time: u64 },
+    /// A cgroup v2 path (relative to the cgroup2 mount) and its sub-cgroups.
+    Cgroup { path: String },
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Intent {
+    pub purpose: String,
+    pub tools: Vec<String>,
+    pub targets: Vec<String>,
+    pub data_class: String,
+    pub attributes: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CompletionReason {
+    EndTask,
+    ProcessExited,
+    CgroupEmpty,
+    TtlExpired,
+    ParentCompleted,
+}
+
+impl CompletionReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CompletionReason::EndTask => "end_task",
+            CompletionReason::ProcessExited => "process_exited",
+            CompletionReason::CgroupEmpty => "cgroup_empty",
+            CompletionReason::TtlExpired => "ttl_expired",
+            CompletionReason::ParentCompleted => "parent_completed",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Completion {
+    pub at: SystemTime,
+    pub reason: String,
+    pub detail: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Task {
+    pub id: String,
+    pub spiffe_id: SpiffeId,
+    pub parent_id: Option<String>,
+    /// 1 for a top-level task.
+    pub depth: u32,
+    pub binding: Binding,
+    pub intent: Intent,
+    pub orchestrator: String,
+    pub created_at: SystemTime,
+    pub expires_at: SystemTime,
+    pub completion: Option<Completion>,
+}
+
+/// What is stored in the `record` column beside the indexed fields.
+#[derive(Serialize, Deserialize)]
+struct TaskRecord {
+    binding: Binding,
+    intent: Intent,
+    orchestrator: String,
+    depth: u32,
+}
+
+#[derive(Debug, Clone)]
+pub enum TaskEvent {
+    Begun(Arc<Task>),
+    Completed(Arc<Task>),
+}
+
+/// Limits from `[tasks]` in config.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TaskLimits {
+    pub max_ttl: Duration,
+    pub default_ttl: Duration,
+    pub x509_svid_ttl: Duration,
+    pub max_depth: u32,
+    pub trusted_cgroup_roots: Vec<String>,
+}
+
+/// A BeginTask request after the admin layer has parsed its wire form.
+#[derive(Debug, Clone, Default)]
+pub struct BeginRequest {
+    pub task_id: Option<String>,
+    pub pid: Option<i32>,
+    pub cgroup: Option<String>,
+    pub spiffe_id: Option<SpiffeId>,
+    pub intent: Intent,
+    pub ttl: Option<Duration>,
+    pub parent_task_id: Option<String>,
+}
+
+/// Who is asking, as far as task rules care.
+#[derive(Debug, Clone)]
+pub struct Orchestrator {
+    pub pid: i32,
+    pub start_time: u64,
+    /// The caller's default SPIFFE ID, if it has one.
+    pub spiffe_id: Option<SpiffeId>,
+    /// May bind processes that are not its descendants.
+    pub may_bind_any_pid: bool,
+}
+
+pub fn validate_task_id(id: &str) -> Result<(), TaskError> {
+    if id.is_empty() {
+        return Err(invalid("task_id", "must not be empty"));
+    }
+    if id.len() > MAX_TASK_ID_BYTES {
+        return Err(invalid(
+            "task_id",
+            format!("longer than {MAX_TASK_ID_BYTES} bytes"),
+        ));
+    }
+    if let Some(c) = id
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+    {
+        return Err(invalid(
+            "task_id",
+            format!("contains {c:?}; allowed: A-Z a-z 0-9 . _ -"),
+        ));
+    }
+    if id == "." || id == ".." {
+        return Err(invalid("task_id", "must not be \".\" or \"..\""));
+    }
+    Ok(())
+}
+
+/// A cgroup path must be absolute, normalized, and under a trusted root, so a
+/// workload cannot bind a task to a look-alike path in a subtree it owns.
+pub fn validate_cgroup_path(path: &str, trusted_roots: &[String]) -> Result<(), TaskError> {
+    if !path.starts_with('/') || path.len() > 4096 {
+        return Err(invalid(
+            "binding.cgroup",
+            "must be an absolute cgroup v2 path",
+        ));
+    }
+    if path
+        .split('/')
+        .skip(1)
+        .any(|seg| seg.is_empty() || seg == "." || seg == "..")
+    {
+        return Err(invalid(
+            "binding.cgroup",
+            "must be normalized (no empty, . or .. segments)",
+        ));
+    }
+    if !trusted_roots
+        .iter()
+        .any(|root| writ_attestors::cgroup::is_under(path, root))
+    {
+        return Err(invalid(
+            "binding.cgroup",
+            format!(
+                "{path} is not under a trusted root ({})",
+                trusted_roots.join(", ")
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn unix_secs(t: SystemTime) -> i64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+fn from_unix_secs(s: i64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_secs(s.max(0) as u64)
+}
+
+struct ActiveTask {
+    task: Arc<Task>,
+    watcher: Option<tokio::task::AbortHandle>,
+}
+
+#[derive(Default)]
+struct Inner {
+    active: HashMap<String, ActiveTask>,
+    children: HashMap<String, Vec<String>>,
+}
+
+pub struct TaskManager {
+    agent: Arc<Agent>,
+    store: Arc<Store>,
+    limits: TaskLimits,
+    cgroup_mount: Option<PathBuf>,
+    inner: Mutex<Inner>,
+    events: broadcast::Sender<TaskEvent>,
+}
+
+impl TaskManager {
+    pub fn new(
+        agent: Arc<Agent>,
+        store: Arc<Store>,
+        limits: TaskLimits,
+        cgroup_mount: Option<PathBuf>,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            agent,
+            store,
+            limits,
+            cgroup_mount,
+            inner: Mutex::new(Inner::default()),
+            events: broadcast::channel(4096).0,
+        })
+    }
+
+    fn inner(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn subscribe(&self) -> broadcast::Receiver<TaskEvent> {
+        self.events.subscribe()
+    }
+
+    pub fn active_count(&self) -> usize {
+        self.inner().active.len()
+    }
+
+    /// Validates, persists and activates a task. Returns it once it is durable
+    /// and processes in its binding can fetch its identity.
+    pub async fn begin(
+        self: &Arc<Self>,
+        req: BeginRequest,
+        caller: &Orchestrator,
+    ) -> Result<Arc<Task>, TaskError> {
+        let now = SystemTime::now();
+        let id = match &req.task_id {
+            Some(id) => {
+                validate_task_id(id)?;
+                id.clone()
+            }
+            None => ulid::Ulid::new().to_string(),
+        };
+        validate_intent(&req.intent)?;
+
+        let parent = match &req.parent_task_id {
+            Some(pid) => Some(
+                self.inner()
+                    .active
+                    .get(pid)
+                    .map(|a| a.task.clone())
+                    .ok_or_else(|| {
+                        invalid("parent_task_id", format!("task {pid} is not active"))
+                    })?,
+            ),
+            None => None,
+        };
+        let depth = parent.as_ref().map_or(1, |p| p.depth + 1);
+        if depth > self.limits.max_depth {
+            return Err(invalid(
+                "parent_task_id",
+                format!(
+                    "sub-task depth {depth} exceeds the limit of {}",
+                    self.limits.max_depth
+                ),
+            ));
+        }
+        if let Some(parent) = &parent {
+            check_within_parent_scope(&req.intent, &parent.intent)?;
+        }
+
+        // TTL: bounded by config, and a sub-task never outlives its parent.
+        let ttl = req.ttl.unwrap_or(self.limits.default_ttl);
+        if ttl.is_zero() {
+            return Err(invalid("ttl", "must be positive"));
+        }
+        if ttl > self.limits.max_ttl {
+            return Err(invalid(
+                "ttl",
+                format!(
+                    "{}s exceeds the maximum of {}s",
+                    ttl.as_secs(),
+                    self.limits.max_ttl.as_secs()
+                ),
+            ));
+        }
+        let mut expires_at = now + ttl;
+        if let Some(parent) = &parent {
+            if req.ttl.is_some() && expires_at > parent.expires_at {
+                return Err(invalid("ttl", "a sub-task cannot outlive its parent task"));
+            }
+            expires_at = expires_at.min(parent.expires_at);
+        }
+
+        let (binding, pinned) = self.resolve_binding(&req, caller)?;
+
+        let spiffe_id = match (&req.spiffe_id, &parent, &caller.spiffe_id) {
+            (Some(explicit), _, _) => {
+                if explicit.trust_domain() != self.agent.trust_domain() {
+                    return Err(invalid(
+                        "spiffe_id",
+                        format!("must be in trust domain {}", self.agent.trust_domain()),
+                    ));
+                }
+                explicit.clone()
+            }
+            (None, Some(parent), _) => parent
+                .spiffe_id
+                .join(&format!("task/{id}"))
+                .map_err(|e| invalid("task_id", e.to_string()))?,
+            (None, None, Some(own)) => own
+                .join(&format!("task/{id}"))
+                .map_err(|e| invalid("task_id", e.to_string()))?,
+            (None, None, None) => {
+                return Err(invalid(
+                    "spiffe_id",
+                    "the caller holds no SPIFFE ID to derive the task identity from; give one explicitly",
+                ));
+            }
+        };
+
+        let task = Arc::new(Task {
+            id: id.clone(),
+            spiffe_id,
+            parent_id: parent.as_ref().map(|p| p.id.clone()),
+            depth,
+            binding,
+            intent: req.intent.clone(),
+            orchestrator: caller
+                .spiffe_id
+                .as_ref()
+                .map(|s| s.to_string())
+                .unwrap_or_else(|| format!("pid:{}", caller.pid)),
+            created_at: now,
+            expires_at,
+            completion: None,
+        });
+        self.persist_new(task.clone()).await?;
+        self.activate(task.clone(), pinned);
+        Ok(task)
+    }
+
+    fn resolve_binding(
+        &self,
+        req: &BeginRequest,
+        caller: &Orchestrator,
+    ) -> Result<(Binding, Option<Arc<PinnedProcess>>), TaskError> {
+        match (req.pid, &req.cgroup) {
+            (Some(_), Some(_)) => Err(invalid("binding", "give either pid or cgroup, not both")),
+            (None, None) => Err(invalid("binding", "a pid or a cgroup is required")),
+            (Some(pid), None) => {
+                if pid <= 0 {
+                    return Err(invalid("binding.pid", "must be a positive PID"));
+                }
+                let pinned = PinnedProcess::open(pid).map_err(|e| {
+                    invalid("binding.pid", format!("cannot pin process {pid}: {e}"))
+                })?;
+                // Only a process's own ancestors may bind it, unless the caller
+                // is authorized for arbitrary PIDs.
+                if !caller.may_bind_any_pid
+                    && !writ_attestors::is_descendant_of(pid, caller.pid, caller.start_time)
+                {
+                    return Err(TaskError::PermissionDenied(format!(
+                        "process {pid} is not a descendant of the caller (pid {})",
+                        caller.pid
+                    )));
+                }
+                let binding = Binding::Pid {
+                    pid,
+                    start_time: pinned.start_time(),
+                };
+                Ok((binding, Some(Arc::new(pinned))))
+            }
+            (None, Some(path)) => {
+                validate_cgroup_path(path, &self.limits.trusted_cgroup_roots)?;
+                let mount = self.cgroup_mount.as_ref().ok_or_else(|| {
+                    invalid("binding.cgroup", "no cgroup v2 hierarchy is mounted")
+                })?;
+                let dir = mount.join(path.trim_start_matches('/'));
+                if !dir.join("cgroup.events").exists() {
+                    return Err(invalid(
+                        "binding.cgroup",
+                        format!("cgroup {path} does not exist"),
+                    ));
+                }
+                Ok((Binding::Cgroup { path: path.clone() }, None))
+            }
+        }
+    }
+
+    async fn persist_new(&self, task: Arc<Task>) -> Result<(), TaskError> {
+        let record = serde_json::to_string(&TaskRecord {
+            binding: task.binding.clone(),
+            intent: task.intent.clone(),
+            orchestrator: task.orchestrator.clone(),
+            depth: task.depth,
+        })
+        .map_err(|e| TaskError::Store(StoreError::Corrupt(e.to_string())))?;
+        let t = task.clone();
+        let outcome = self
+            .store
+            .write(move |conn| {
+                if let Some(parent) = &t.parent_id {
+                    // Same transaction order as completion: a parent completed
+                    // before this commit cannot gain a child after it.
+                    let done: Option<Option<i64>> = conn
+                        .query_row(
+                            "SELECT completed_at FROM tasks WHERE task_id = ?1",
+                            params![parent],
+                            |r| r.get(0),
+                        )
+                        .optional()?;
+                    if !matches!(done, Some(None)) {
+                        return Ok(Err(TaskError::Completed(parent.clone())));
+                    }
+                }
+                let inserted = conn.execute(
+                    "INSERT OR IGNORE INTO tasks(task_id, spiffe_id, parent_task_id, record, created_at, expires_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                    params![
+                        t.id,
+                        t.spiffe_id.to_string(),
+                        t.parent_id,
+                        record,
+                        unix_secs(t.created_at),
+                        unix_secs(t.expires_at)
+                    ],
+                )?;
+                if inserted == 0 {
+                    return Ok(Err(TaskError::AlreadyExists(t.id.clone())));
+                }
+                Ok(Ok(()))
+            })
+            .await?;
+        outcome
+    }
+
+    /// Makes a persisted task live: indexed for identity lookups, watched
+    /// for its completion triggers, announced to watchers.
+    fn activate(self: &Arc<Self>, task: Arc<Task>, pinned: Option<Arc<PinnedProcess>>) {
+        let parent_gone = {
+            let mut inner = self.inner();
+            let parent_gone = task
+                .parent_id
+                .as_ref()
+                .is_some_and(|p| !inner.active.contains_key(p));
+            if !parent_gone {
+                let watcher = self.spawn_watcher(task.clone(), pinned.clone());
+                inner.active.insert(
+                    task.id.clone(),
+                    ActiveTask {
+                        task: task.clone(),
+                        watcher: Some(watcher),
+                    },
+                );
+                if let Some(p) = &task.parent_id {
+                    inner
+                        .children
+                        .entry(p.clone())
+                        .or_default()
+                        .push(task.id.clone());
+                }
+            }
+            parent_gone
+        };
+        if parent_gone {
+            // The parent completed while this sub-task was being stored.
+            let manager = self.clone();
+            let id = task.id.clone();
+            self.agent.index_task(task);
+            tokio::spawn(async move {
+                if let Err(e) = manager
+                    .complete(&id, CompletionReason::ParentCompleted, String::new())
+                    .await
+                {
+                    tracing::error!(task = %id, error = %e, "completing an orphaned sub-task failed");
+                }
+            });
+            return;
+        }
+        self.agent.index_task(task.clone());
+        let _ = self.events.send(TaskEvent::Begun(task));
+        self.agent.notify();
+    }
+
+    fn spawn_watcher(
+        self: &Arc<Self>,
+        task: Arc<Task>,
+        pinned: Option<Arc<PinnedProcess>>,
+    ) -> tokio::task::AbortHandle {
+        let manager = self.clone();
+        let cgroup_dir = match &task.binding {
+            Binding::Cgroup { path } => self
+                .cgroup_mount
+                .as_ref()
+                .map(|m| m.join(path.trim_start_matches('/'))),
+            Binding::Pid { .. } => None,
+        };
+        let handle = tokio::spawn(async move {
+            let ttl = task
+                .expires_at
+                .duration_since(SystemTime::now())
+                .unwrap_or(Duration::ZERO);
+            let reason = tokio::select! {
+                _ = tokio::time::sleep(ttl) => CompletionReason::TtlExpired,
+                reason = wait_binding_ends(pinned, cgroup_dir) => reason,
+            };
+            // Complete from a fresh task: completion aborts this watcher, and
+            // must not be cancelled half-way by that.
+            let id = task.id.clone();
+            tokio::spawn(async move {
+                if let Err(e) = manager.complete(&id, reason, String::new()).await {
+                    tracing::error!(task = %id, error = %e, "completing a task failed");
+                }
+            });
+        });
+        handle.abort_handle()
+    }
+
+    /// Ends a task on request. Err if unknown; Ok with the completed task
+    /// (completed now, or earlier by another trigger).
+    pub async fn end(&self, id: &str, detail: String) -> Result<Arc<Task>, TaskError> {
+        if let Some(task) = self.complete(id, CompletionReason::EndTask, detail).await? {
+            return Ok(task);
+        }
+        match self.get(id)? {
+            Some(t) => Ok(Arc::new(t)),
+            None => Err(TaskError::NotFound(id.to_owned())),
+        }
+    }
+
+    /// Completes `id` and every sub-task below it, exactly once: the first
+    /// trigger takes the tasks out of the active set under the lock, so later
+    /// triggers find nothing to do. Returns the root task if this call
+    /// completed it.
+    pub async fn complete(
+        &self,
+        id: &str,
+        reason: CompletionReason,
+        detail: String,
+    ) -> Result<Option<Arc<Task>>, TaskError> {
+        let victims: Vec<(Arc<Task>, CompletionReason)> = {
+            let mut inner = self.inner();
+            let mut out = Vec::new();
+            let mut queue = vec![(id.to_owned(), reason)];
+            while let Some((tid, why)) = queue.pop() {
+                let Some(active) = inner.active.remove(&tid) else {
+                    continue;
+                };
+                if let Some(w) = active.watcher {
+                    w.abort();
+                }
+                if let Some(kids) = inner.children.remove(&tid) {
+                    queue.extend(
+                        kids.into_iter()
+                            .map(|k| (k, CompletionReason::ParentCompleted)),
+                    );
+                }
+                if let Some(p) = &active.task.parent_id
+                    && let Some(siblings) = inner.children.get_mut(p)
+                {
+                    siblings.retain(|s| s != &tid);
+                }
+                out.push((active.task, why));
+            }
+            out
+        };
+        if victims.is_empty() {
+            return Ok(None);
+        }
+        // Stop serving the identities at once, before the slower durable part.
+        for (task, _) in &victims {
+            self.agent.unindex_task(&task.id);
+        }
+        self.agent.notify();
+
+        let now = SystemTime::now();
+        let rows: Vec<(String, &'static str, String)> = victims
+            .iter()
+            .map(|(t, why)| {
+                let d = if t.id == id {
+                    detail.clone()
+                } else {
+                    String::new()
+                };
+                (t.id.clone(), why.as_str(), d)
+            })
+            .collect();
+        let at = unix_secs(now);
+        let revoked = self
+            .store
+            .write(move |conn| {
+                let mut revoked = 0usize;
+                for (tid, why, d) in &rows {
+                    conn.execute(
+                        "UPDATE tasks SET completed_at = ?2, completion_reason = ?3, completion_detail = ?4
+                         WHERE task_id = ?1 AND completed_at IS NULL",
+                        params![tid, at, why, d],
+                    )?;
+                    revoked += conn.execute(
+                        "INSERT OR IGNORE INTO revocations(serial, issuer_key_id, not_after, revoked_at, task_id, reason)
+                         SELECT serial, issuer_key_id, not_after, ?2, task_id, ?3 FROM issued WHERE task_id = ?1",
+                        params![tid, at, why],
+                    )?;
+                }
+                Ok(revoked)
+            })
+            .await;
+        let revoked = match revoked {
+            Ok(n) => n,
+            Err(e) => {
+                // The identities are no longer served, but the revocation is
+                // not on disk: say so loudly. A restart finds the tasks still
+                // active and completes them again, so nothing is lost.
+                tracing::error!(error = %e, task = id, "persisting task completion failed");
+                return Err(e.into());
+            }
+        };
+        if revoked > 0 {
+            if let Err(e) = self.agent.refresh_crls().await {
+                tracing::error!(error = %e, "publishing a new CRL failed");
+            }
+        }
+        let mut root = None;
+        for (task, why) in victims {
+            let mut done = (*task).clone();
+            done.completion = Some(Completion {
+                at: now,
+                reason: why.as_str().to_owned(),
+                detail: if task.id == id {
+                    detail.clone()
+                } else {
+                    String::new()
+                },
+            });
+            let done = Arc::new(done);
+            tracing::info!(task = %done.id, reason = why.as_str(), "task completed");
+            if done.id == id {
+                root = Some(done.clone());
+            }
+            let _ = self.events.send(TaskEvent::Completed(done));
+        }
+        Ok(root)
+    }
+
+    pub fn get(&self, id: &str) -> Result<Option<Task>, TaskError> {
+        if let Some(a) = self.inner().active.get(id) {
+            return Ok(Some((*a.task).clone()));
+        }
+        let id = id.to_owned();
+        Ok(self
+            .store
+            .read(move |conn| {
+                conn.query_row(
+                    "SELECT task_id, spiffe_id, parent_task_id, record, created_at, expires_at,
+                        completed_at, completion_reason, completion_detail
+                 FROM tasks WHERE task_id = ?1",
+                    params![id],
+                    row_to_task,
+                )
+                .optional()
+                .map_err(StoreError::from)
+            })?
+            .transpose()?)
+    }
+
+    pub fn list(&self, include_completed: bool) -> Result<Vec<Task>, TaskError> {
+        if !include_completed {
+            let mut v: Vec<Task> = self
+                .inner()
+                .active
+                .values()
+                .map(|a| (*a.task).clone())
+                .collect();
+            v.sort_by(|a, b| a.created_at.cmp(&b.created_at).then(a.id.cmp(&b.id)));
+            return Ok(v);
+        }
+        let rows = self.store.read(|conn| {
+            let mut stmt = conn.prepare(
+                "SELECT task_id, spiffe_id, parent_task_id, record, created_at, expires_at,
+                        completed_at, completion_reason, completion_detail
+                 FROM tasks ORDER BY created_at, task_id",
+            )?;
+            let rows = stmt
+                .query_map([], row_to_task)?
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(rows)
+        })?;
+        rows.into_iter().collect()
+    }
+
+    /// Serials issued for a task, hex.
+    pub fn issued_serials(&self, id: &str) -> Result<Vec<String>, TaskError> {
+        let id = id.to_owned();
+        Ok(self.store.read(move |conn| {
+            let mut stmt =
+                conn.prepare("SELECT serial FROM issued WHERE task_id = ?1 ORDER BY issued_at")?;
+            let rows = stmt
+                .query_map(params![id], |r| r.get::<_, Vec<u8>>(0))?
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(rows.into_iter().map(hex::encode).collect())
+        })?)
+    }
+
+    /// After a restart: re-pins tasks whose binding still lives, and completes
+    /// the rest (process gone, cgroup empty, TTL passed, parent gone).
+    pub async fn restore(self: &Arc<Self>) -> Result<(), TaskError> {
+        let tasks = self.store.read(|conn| {
+            let mut stmt = conn.prepare(
+                "SELECT task_id, spiffe_id, parent_task_id, record, created_at, expires_at,
+                        completed_at, completion_reason, completion_detail
+                 FROM tasks WHERE completed_at IS NULL ORDER BY created_at, task_id",
+            )?;
+            let rows = stmt
+                .query_map([], row_to_task)?
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(rows)
+        })?;
+        let mut tasks = tasks.into_iter().collect::<Result<Vec<_>, _>>()?;
+        // Parents before children, so each child finds its parent active.
+        tasks.sort_by_key(|t| t.depth);
+        let now = SystemTime::now();
+        let mut to_complete = Vec::new();
+        for task in tasks {
+            let task = Arc::new(task);
+            let alive = match &task.binding {
+                Binding::Pid { pid, start_time } => match PinnedProcess::open(*pid) {
+                    Ok(p) if p.start_time() == *start_time => Ok(Some(Arc::new(p))),
+                    _ => Err(CompletionReason::ProcessExited),
+                },
+                Binding::Cgroup { path } => match &self.cgroup_mount {
+                    Some(m)
+                        if cgroup_populated(&m.join(path.trim_start_matches('/')))
+                            == Some(true) =>
+                    {
+                        Ok(None)
+                    }
+                    _ => Err(CompletionReason::CgroupEmpty),
+                },
+            };
+            // Activate first even if it is to complete at once: completion
+            // works on the active set, and runs the revocation path.
+            let pinned = alive.as_ref().ok().cloned().flatten();
+            let reason = match alive {
+                Err(r) => Some(r),
+                Ok(_) if task.expires_at <= now => Some(CompletionReason::TtlExpired),
+                Ok(_) => None,
+            };
+            self.activate_restored(task.clone(), pinned);
+            if let Some(r) = reason {
+                to_complete.push((task.id.clone(), r));
+            }
+        }
+        for (id, reason) in to_complete {
+            self.complete(&id, reason, "found after restart".into())
+                .await?;
+        }
+        Ok(())
+    }
+
+    fn activate_restored(self: &Arc<Self>, task: Arc<Task>, pinned: Option<Arc<PinnedProcess>>) {
+        {
+            let mut inner = self.inner();
+            let watcher = self.spawn_watcher(task.clone(), pinned.clone());
+            inner.active.insert(
+                task.id.clone(),
+                ActiveTask {
+                    task: task.clone(),
+                    watcher: Some(watcher),
+                },
+            );
+            if let Some(p) = &task.parent_id {
+                inner
+                    .children
+                    .entry(p.clone())
+                    .or_default()
+                    .push(task.id.clone());
+            }
+        }
+        self.agent.index_task(task);
+    }
+}
+
+fn row_to_task(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<Task, TaskError>> {
+    let id: String = r.get(0)?;
+    let spiffe_id: String = r.get(1)?;
+    let parent_id: Option<String> = r.get(2)?;
+    let record: String = r.get(3)?;
+    let created_at: i64 = r.get(4)?;
+    let expires_at: i64 = r.get(5)?;
+    let completed_at: Option<i64> = r.get(6)?;
+    let reason: Option<String> = r.get(7)?;
+    let detail: Option<String> = r.get(8)?;
+    let corrupt =
+        |what: String| TaskError::Store(StoreError::Corrupt(format!("task {id}: {what}")));
+    let record: TaskRecord = match serde_json::from_str(&record) {
+        Ok(r) => r,
+        Err(e) => return Ok(Err(corrupt(e.to_string()))),
+    };
+    let spiffe_id: SpiffeId = match spiffe_id.parse() {
+        Ok(s) => s,
+        Err(e) => return Ok(Err(corrupt(format!("{e}")))),
+    };
+    Ok(Ok(Task {
+        id: id.clone(),
+        spiffe_id,
+        parent_id,
+        depth: record.depth,
+        binding: record.binding,
+        intent: record.intent,
+        orchestrator: record.orchestrator,
+        created_at: from_unix_secs(created_at),
+        expires_at: from_unix_secs(expires_at),
+        completion: completed_at.map(|at| Completion {
+            at: from_unix_secs(at),
+            reason: reason.unwrap_or_default(),
+            detail: detail.unwrap_or_default(),
+        }),
+    }))
+}
+
+const MAX_INTENT_ITEMS: usize = 64;
+const MAX_INTENT_STRING: usize = 1024;
+
+fn validate_intent(intent: &Intent) -> Result<(), TaskError> {
+    if intent.purpose.len() > 4 * MAX_INTENT_STRING {
+        return Err(invalid("intent.purpose", "longer than 4096 bytes"));
+    }
+    for (field, list) in [
+        ("intent.tools", &intent.tools),
+        ("intent.targets", &intent.targets),
+    ] {
+        if list.len() > MAX_INTENT_ITEMS {
+            return Err(invalid(
+                field,
+                format!("more than {MAX_INTENT_ITEMS} items"),
+            ));
+        }
+        if let Some(bad) = list
+            .iter()
+            .find(|s| s.is_empty() || s.len() > MAX_INTENT_STRING)
+        {
+            return Err(invalid(field, format!("item {bad:?} is empty or too long")));
+        }
+    }
+    if intent.data_class.len() > MAX_INTENT_STRING {
+        return Err(invalid("intent.data_class", "too long"));
+    }
+    if intent.attributes.len() > MAX_INTENT_ITEMS {
+        return Err(invalid(
+            "intent.attributes",
+            format!("more than {MAX_INTENT_ITEMS} entries"),
+        ));
+    }
+    Ok(())
+}
+
+/// A sub-task may narrow its parent's scope, never widen it.
+fn check_within_parent_scope(child: &Intent, parent: &Intent) -> Result<(), TaskError> {
+    if let Some(t) = child.tools.iter().find(|t| !parent.tools.contains(t)) {
+        return Err(invalid(
+            "intent.tools",
+            format!(
+                "tool {t:?} is not among the parent task's tools {:?}",
+                parent.tools
+            ),
+        ));
+    }
+    if let Some(t) = child.targets.iter().find(|t| !parent.targets.contains(t)) {
+        return Err(invalid(
+            "intent.targets",
+            format!(
+                "target {t:?} is not among the parent task's targets {:?}",
+                parent.targets
+            ),
+        ));
+    }
+    if !child.data_class.is_empty() && child.data_class != parent.data_class {
+        return Err(invalid(
+            "intent.data_class",
+            format!(
+                "{:?} differs from the parent task's data class {:?}",
+                child.data_class, parent.data_class
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Reads `populated` from a cgroup's cgroup.events; None if unreadable.
+fn cgroup_populated(dir: &Path) -> Option<bool> {
+    let text = std::fs::read_to_string(dir.join("cgroup.events")).ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("populated "))
+        .map(|v| v.trim() == "1")
+}
+
+/// Resolves when the binding ends: the pinned process exits, or the cgroup
+/// empties (or disappears). Never resolves for a binding with nothing to watch.
+async fn wait_binding_ends(
+    pinned: Option<Arc<PinnedProcess>>,
+    cgroup_dir: Option<PathBuf>,
+) -> CompletionReason {
+    if let Some(process) = pinned {
+        crate::peer::wait_for_exit(&process).await;
+        return CompletionReason::ProcessExited;
+    }
+    if let Some(dir) = cgroup_dir {
+        wait_cgroup_empty(&dir).await;
+        return CompletionReason::CgroupEmpty;
+    }
+    std::future::pending().await
+}
+
+/// The kernel signals every change of cgroup.events as a file modification,
+/// so inotify wakes us exactly when `populated` may have flipped.
+async fn wait_cgroup_empty(dir: &Path) {
+    use rustix::fs::inotify;
+    let events_file = dir.join("cgroup.events");
+    let watch = inotify::init(inotify::CreateFlags::CLOEXEC | inotify::CreateFlags::NONBLOCK)
+        .ok()
+        .and_then(|fd| {
+            inotify::add_watch(&fd, &events_file, inotify::WatchFlags::MODIFY).ok()?;
+            crate::sys::async_fd(fd, tokio::io::Interest::READABLE).ok()
+        });
+    loop {
+        // Check after arming the watch, so a flip in between is not missed.
+        if cgroup_populated(dir) != Some(true) {
+            return;
+        }
+        match &watch {
+            Some(fd) => {
+                let Ok(mut guard) = fd.readable().await else {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                };
+                let mut buf = [std::mem::MaybeUninit::<u8>::uninit(); 1024];
+                let mut reader = inotify::Reader::new(fd.get_ref(), &mut buf);
+                while reader.next().is_ok() {}
+                guard.clear_ready();
+            }
+            None => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn task_ids() {
+        for ok in ["t-42", "01JBX0", "a.b_c-d", &"x".repeat(128)] {
+            validate_task_id(ok).unwrap();
+        }
+        for bad in ["", ".", "..", "a/b", "a b", "ü", &"x".repeat(129)] {
+            assert!(validate_task_id(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn cgroup_paths_must_be_under_a_trusted_root_on_whole_segments() {
+        let roots = vec!["/writ.slice".to_string()];
+        validate_cgroup_path("/writ.slice/t-1", &roots).unwrap();
+        validate_cgroup_path("/writ.slice", &roots).unwrap();
+        for bad in [
+            "/writ.slice2/t",
+            "/user.slice/writ.slice/t",
+            "writ.slice/t",
+            "/writ.slice/../x",
+            "/writ.slice//t",
+        ] {
+            assert!(validate_cgroup_path(bad, &roots).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn sub_task_scope_cannot_widen() {
+        let parent = Intent {
+            tools: vec!["jira".into(), "search".into()],
+            targets: vec!["tickets".into()],
+            data_class: "internal".into(),
+            ..Default::default()
+        };
+        let narrower = Intent {
+            tools: vec!["jira".into()],
+            targets: vec![],
+            data_class: String::new(),
+            ..Default::default()
+        };
+        check_within_parent_scope(&narrower, &parent).unwrap();
+        let mut wider = narrower.clone();
+        wider.tools.push("shell".into());
+        let err = check_within_parent_scope(&wider, &parent)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("intent.tools:") && err.contains("shell"),
+            "{err}"
+        );
+        let mut other_target = narrower.clone();
+        other_target.targets = vec!["prod-db".into()];
+        assert!(
+            check_within_parent_scope(&other_target, &parent)
+                .unwrap_err()
+                .to_string()
+                .starts_with("intent.targets:")
+        );
+        let mut other_class = narrower;
+        other_class.data_class = "secret".into();
+        assert!(
+            check_within_parent_scope(&other_class, &parent)
+                .unwrap_err()
+                .to_string()
+                .starts_with("intent.data_class:")
+        );
+    }
+}

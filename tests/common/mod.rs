@@ -1,0 +1,202 @@
+//! Shared harness for integration tests: starts the real `writ` binary on a
+//! temporary data directory and socket, and stops it when dropped.
+#![allow(dead_code)]
+
+pub mod handoff;
+
+use std::io::Read;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub const WRIT: &str = env!("CARGO_BIN_EXE_writ");
+
+/// An unprivileged uid that exists on Debian-like systems ("nobody").
+pub const NOBODY: u32 = 65534;
+
+pub struct Writ {
+    pub dir: tempfile::TempDir,
+    pub socket: PathBuf,
+    pub config_path: PathBuf,
+    child: Option<Child>,
+}
+
+impl Writ {
+    /// Starts writ with `config_body` appended to a config that points data
+    /// and sockets into a fresh temp dir. The temp dir is world-traversable so
+    /// tests can run clients under other uids.
+    pub fn start(config_body: &str) -> Writ {
+        let dir = tempfile::Builder::new()
+            .prefix("writ-test-")
+            .tempdir()
+            .unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let socket = dir.path().join("run/workload.sock");
+        let config_path = dir.path().join("writ.toml");
+        let config = format!(
+            "trust_domain = \"writ.test\"\ndata_dir = \"{data}\"\n\n[workload_api]\nsocket_path = \"{socket}\"\n\n[admin_api]\nsocket_path = \"{admin}\"\n\n{config_body}\n",
+            data = dir.path().join("state").display(),
+            socket = socket.display(),
+            admin = dir.path().join("run/admin.sock").display(),
+        );
+        std::fs::write(&config_path, config).unwrap();
+        let mut writ = Writ {
+            dir,
+            socket,
+            config_path,
+            child: None,
+        };
+        writ.spawn();
+        writ
+    }
+
+    /// (Re)starts the process on the same config and data.
+    pub fn spawn(&mut self) {
+        let log = std::fs::File::create(self.dir.path().join("writ.log")).unwrap();
+        let child = Command::new(WRIT)
+            .args(["run", "--config"])
+            .arg(&self.config_path)
+            .env("WRIT_LOG", "writ=debug,info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        self.wait_ready();
+    }
+
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(child) = self.child.as_mut()
+                && let Ok(Some(status)) = child.try_wait()
+            {
+                panic!("writ exited early with {status}:\n{}", self.log());
+            }
+            let ok = Command::new(WRIT)
+                .args(["healthcheck", "--socket"])
+                .arg(&self.socket)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .map(|s| s.success())
+                .unwrap_or(false);
+            if ok {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "writ did not become ready:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("unix://{}", self.socket.display())
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
+    }
+
+    pub fn log(&self) -> String {
+        let mut s = String::new();
+        if let Ok(mut f) = std::fs::File::open(self.dir.path().join("writ.log")) {
+            let _ = f.read_to_string(&mut s);
+        }
+        s
+    }
+
+    /// SIGKILL, as a crash would; the data dir stays for a restart.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERM and wait for a clean exit.
+    pub fn stop(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("writ is running");
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("writ did not stop on SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Writ {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Runs `writ` as a CLI client and returns (success, stdout, stderr).
+pub fn writ_cli(args: &[&str], uid: Option<u32>) -> (bool, String, String) {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = Command::new(WRIT);
+    cmd.args(args);
+    if let Some(uid) = uid {
+        cmd.uid(uid).gid(uid);
+    }
+    let out = cmd.output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+pub fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+/// Re-runs this test binary as a helper process: the ignored test named
+/// `helper` executes with `WRIT_TEST_HELPER=<role>` and the given env.
+pub fn helper_command(role: &str) -> Command {
+    let exe = std::env::current_exe().unwrap();
+    let mut cmd = Command::new(exe);
+    cmd.args([
+        "--ignored",
+        "--exact",
+        "helper",
+        "--nocapture",
+        "--test-threads=1",
+    ])
+    .env("WRIT_TEST_HELPER", role);
+    cmd
+}
+
+/// Polls `f` until it returns Some, or panics after `timeout`.
+pub fn wait_for<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+pub fn read_to_string(p: &Path) -> String {
+    std::fs::read_to_string(p).unwrap_or_default()
+}

@@ -1,0 +1,754 @@
+//! Task-scoped identity end to end: the real `writ` binary, its admin API,
+//! real bound processes, real cgroups, CRLs checked by a rustls tool server.
+
+mod common;
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::mpsc;
+use std::time::Duration;
+
+use common::{Writ, helper_command, is_root};
+use rustls::pki_types::{CertificateDer, ServerName};
+use tonic::Code;
+use writ::proto::admin as apb;
+use writ::proto::workload as pb;
+use writ::spiffe_id::TrustDomain;
+use writ::tls::{SpiffeTls, TrustStore};
+use x509_parser::prelude::{FromDer, X509Certificate};
+
+const ORCH_ID: &str = "spiffe://writ.test/orchestrator";
+
+fn config(extra: &str) -> String {
+    let uid = nix::unistd::geteuid().as_raw();
+    format!(
+        r#"
+[admin_api]
+authorized = [["unix:uid:{uid}"]]
+
+[tasks]
+max_ttl = "1h"
+default_ttl = "10m"
+x509_svid_ttl = "10m"
+max_depth = 3
+
+[[entry]]
+spiffe_id = "{ORCH_ID}"
+selectors = ["unix:uid:{uid}"]
+{extra}
+"#
+    )
+}
+
+fn admin_socket(writ: &Writ) -> PathBuf {
+    writ.dir.path().join("run/admin.sock")
+}
+
+async fn tasks_client(writ: &Writ) -> apb::tasks_client::TasksClient<tonic::transport::Channel> {
+    apb::tasks_client::TasksClient::new(
+        writ::cli::client::connect(&admin_socket(writ))
+            .await
+            .unwrap(),
+    )
+}
+
+fn begin_pid(id: &str, pid: u32) -> apb::BeginTaskRequest {
+    apb::BeginTaskRequest {
+        task_id: id.into(),
+        binding: Some(apb::Binding {
+            target: Some(apb::binding::Target::Pid(pid as i32)),
+        }),
+        intent: Some(apb::Intent {
+            purpose: "summarise tickets".into(),
+            tools: vec!["jira".into(), "search".into()],
+            targets: vec!["tickets".into()],
+            data_class: "internal".into(),
+            attributes: Default::default(),
+        }),
+        ..Default::default()
+    }
+}
+
+/// A process bound to tasks in tests: re-runs this binary as a helper that
+/// waits for a go-file, then follows FetchX509SVID and reports every update
+/// as a line `ids|serials`, also writing each default SVID to `out/N.*`.
+struct BoundChild {
+    child: Child,
+    go: PathBuf,
+    out: PathBuf,
+    lines: mpsc::Receiver<String>,
+}
+
+impl BoundChild {
+    fn spawn(writ: &Writ, name: &str) -> BoundChild {
+        let go = writ.dir.path().join(format!("{name}.go"));
+        let out = writ.dir.path().join(format!("{name}.out"));
+        std::fs::create_dir_all(&out).unwrap();
+        let mut child = helper_command("task-child")
+            .env("WRIT_SOCKET", &writ.socket)
+            .env("WRIT_GO_FILE", &go)
+            .env("WRIT_OUT_DIR", &out)
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(update) = line.strip_prefix("UPDATE ") {
+                    let _ = tx.send(update.to_owned());
+                }
+            }
+        });
+        BoundChild {
+            child,
+            go,
+            out,
+            lines: rx,
+        }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn go(&self) {
+        std::fs::write(&self.go, b"go").unwrap();
+    }
+
+    /// Next update: (spiffe ids, serials).
+    fn next_update(&self, timeout: Duration) -> (Vec<String>, Vec<String>) {
+        let line = self
+            .lines
+            .recv_timeout(timeout)
+            .expect("no stream update from bound child");
+        let (ids, serials) = line.split_once('|').unwrap();
+        let split = |s: &str| {
+            s.split(',')
+                .filter(|x| !x.is_empty())
+                .map(str::to_owned)
+                .collect()
+        };
+        (split(ids), split(serials))
+    }
+
+    fn svid_files(&self, n: usize) -> (Vec<u8>, Vec<u8>) {
+        (
+            std::fs::read(self.out.join(format!("{n}.chain"))).unwrap(),
+            std::fs::read(self.out.join(format!("{n}.key"))).unwrap(),
+        )
+    }
+}
+
+impl Drop for BoundChild {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn with_header<T>(m: T) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(m);
+    r.metadata_mut()
+        .insert("workload.spiffe.io", "true".parse().unwrap());
+    r
+}
+
+/// The CRLs and bundle the test process itself sees on the Workload API.
+async fn crls_and_bundle(writ: &Writ) -> (Vec<Vec<u8>>, Vec<u8>) {
+    let mut c = pb::spiffe_workload_api_client::SpiffeWorkloadApiClient::new(
+        writ::cli::client::connect(&writ.socket).await.unwrap(),
+    );
+    let m = c
+        .fetch_x509_bundles(with_header(pb::X509BundlesRequest {}))
+        .await
+        .unwrap()
+        .into_inner()
+        .message()
+        .await
+        .unwrap()
+        .unwrap();
+    (m.crl, m.bundles.get("spiffe://writ.test").cloned().unwrap())
+}
+
+fn revoked_serials(crls: &[Vec<u8>]) -> Vec<String> {
+    let mut out = Vec::new();
+    for der in crls {
+        let (_, crl) =
+            x509_parser::revocation_list::CertificateRevocationList::from_der(der).unwrap();
+        for r in crl.iter_revoked_certificates() {
+            out.push(hex::encode(r.raw_serial()));
+        }
+    }
+    out
+}
+
+fn split_der(mut der: &[u8]) -> Vec<CertificateDer<'static>> {
+    let mut out = Vec::new();
+    while !der.is_empty() {
+        let (rest, _) = X509Certificate::from_der(der).unwrap();
+        out.push(CertificateDer::from(der[..der.len() - rest.len()].to_vec()));
+        der = rest;
+    }
+    out
+}
+
+/// A tool server that authorizes task identities and checks the CRL, and a
+/// client presenting `chain`/`key`: Ok if the handshake and exchange work.
+async fn tool_server_accepts(
+    chain: &[u8],
+    key: &[u8],
+    bundle: &[u8],
+    crls: Vec<Vec<u8>>,
+) -> Result<(), String> {
+    let mut trust = TrustStore::default();
+    trust
+        .bundles
+        .insert(TrustDomain::new("writ.test").unwrap(), split_der(bundle));
+    trust.crls = crls;
+    let server_tls = SpiffeTls::new();
+    // The tool server's own identity: the same SVID is fine for this check.
+    server_tls.set_identity(split_der(chain), key).unwrap();
+    server_tls.set_trust(trust.clone());
+    let server_config = server_tls
+        .server_config(Arc::new(|id| id.path().contains("/task/")))
+        .unwrap();
+    let client_tls = SpiffeTls::new();
+    client_tls.set_identity(split_der(chain), key).unwrap();
+    client_tls.set_trust(TrustStore {
+        crls: Vec::new(),
+        ..trust
+    });
+    let client_config = client_tls.client_config(Arc::new(|_| true)).unwrap();
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server_config));
+    let server = tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.unwrap();
+        match acceptor.accept(tcp).await {
+            Ok(mut s) => {
+                use tokio::io::AsyncWriteExt;
+                let _ = s.write_all(b"ok").await;
+                let _ = s.shutdown().await;
+                Ok(())
+            }
+            Err(e) => Err(e.to_string()),
+        }
+    });
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(client_config));
+    let client = async {
+        let mut s = connector
+            .connect(ServerName::try_from("tool.invalid").unwrap(), tcp)
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut buf = Vec::new();
+        use tokio::io::AsyncReadExt;
+        s.read_to_end(&mut buf).await.map_err(|e| e.to_string())?;
+        if buf == b"ok" {
+            Ok(())
+        } else {
+            Err("no reply".to_string())
+        }
+    };
+    let client_result = client.await;
+    let server_result = server.await.unwrap();
+    server_result?;
+    client_result
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_bound_child_gets_the_task_identity_and_loses_it_when_the_task_ends() {
+    let writ = Writ::start(&config(""));
+    let child = BoundChild::spawn(&writ, "worker");
+    let outsider = BoundChild::spawn(&writ, "outsider");
+    let mut tasks = tasks_client(&writ).await;
+    let task = tasks
+        .begin_task(begin_pid("t-42", child.pid()))
+        .await
+        .unwrap()
+        .into_inner();
+    let task_id = format!("{ORCH_ID}/task/t-42");
+    assert_eq!(task.spiffe_id, task_id);
+    assert_eq!(task.orchestrator_spiffe_id, ORCH_ID);
+
+    child.go();
+    outsider.go();
+    let (ids, serials) = child.next_update(Duration::from_secs(10));
+    assert_eq!(
+        ids,
+        vec![task_id.clone(), ORCH_ID.to_string()],
+        "task identity first"
+    );
+    let task_serial = serials[0].clone();
+    let (outsider_ids, _) = outsider.next_update(Duration::from_secs(10));
+    assert_eq!(
+        outsider_ids,
+        vec![ORCH_ID.to_string()],
+        "outsider must not get the task identity"
+    );
+
+    // While the task runs, the tool server accepts the task SVID.
+    let (crls, bundle) = crls_and_bundle(&writ).await;
+    let (chain, key) = child.svid_files(1);
+    tool_server_accepts(&chain, &key, &bundle, crls)
+        .await
+        .expect("active task SVID accepted");
+
+    let ended = tasks
+        .end_task(apb::EndTaskRequest {
+            task_id: "t-42".into(),
+            reason: "done".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(ended.completion_reason, "end_task");
+    assert!(
+        ended.issued_serials.contains(&task_serial),
+        "{:?} lacks {task_serial}",
+        ended.issued_serials
+    );
+
+    // The child's open stream gets a full state without the task identity,
+    // with its other identity re-keyed.
+    let (ids, serials) = child.next_update(Duration::from_secs(10));
+    assert_eq!(ids, vec![ORCH_ID.to_string()]);
+    assert_ne!(serials[0], task_serial);
+    let (crls, bundle) = crls_and_bundle(&writ).await;
+    assert!(
+        revoked_serials(&crls).contains(&task_serial),
+        "serial not in CRL"
+    );
+    let refused = tool_server_accepts(&chain, &key, &bundle, crls).await;
+    assert!(refused.is_err(), "revoked task SVID was accepted");
+}
+
+async fn collect_completions(
+    events: &mut tonic::Streaming<apb::TaskEvent>,
+    window: Duration,
+) -> HashMap<String, Vec<String>> {
+    let mut done: HashMap<String, Vec<String>> = HashMap::new();
+    let deadline = tokio::time::Instant::now() + window;
+    while let Ok(Ok(Some(ev))) = tokio::time::timeout_at(deadline, events.message()).await {
+        if ev.kind == apb::task_event::Kind::Completed as i32 {
+            let t = ev.task.unwrap();
+            done.entry(t.task_id).or_default().push(t.completion_reason);
+        }
+    }
+    done
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_trigger_completes_its_task_exactly_once() {
+    if !is_root() {
+        eprintln!("SKIPPED: needs root to create cgroups");
+        return;
+    }
+    let mount = writ_attestors::find_cgroup2_mount()
+        .unwrap()
+        .expect("cgroup2 mounted");
+    let slice = format!("writ-test-{}.slice", std::process::id());
+    let root_dir = mount.join(&slice);
+    std::fs::create_dir(&root_dir).unwrap();
+    struct Cleanup(PathBuf);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir(self.0.join("job"));
+            let _ = std::fs::remove_dir(&self.0);
+        }
+    }
+    let _cleanup = Cleanup(root_dir.clone());
+    let writ = Writ::start(&config(&format!(
+        "\n[attestors.cgroup]\ntrusted_roots = [\"/{slice}\"]\n"
+    )));
+    let mut tasks = tasks_client(&writ).await;
+    let mut events = tasks
+        .watch_tasks(apb::WatchTasksRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+
+    let sleeper = || Command::new("sleep").arg("60").spawn().unwrap();
+    // EndTask (then a second EndTask, which must not complete it again).
+    let mut a = sleeper();
+    tasks.begin_task(begin_pid("by-end", a.id())).await.unwrap();
+    tasks
+        .end_task(apb::EndTaskRequest {
+            task_id: "by-end".into(),
+            reason: String::new(),
+        })
+        .await
+        .unwrap();
+    let again = tasks
+        .end_task(apb::EndTaskRequest {
+            task_id: "by-end".into(),
+            reason: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(again.completion_reason, "end_task");
+    let _ = a.kill();
+    let _ = a.wait();
+    // Process exit.
+    let mut b = sleeper();
+    tasks
+        .begin_task(begin_pid("by-exit", b.id()))
+        .await
+        .unwrap();
+    b.kill().unwrap();
+    b.wait().unwrap();
+    // Cgroup emptied.
+    let job = root_dir.join("job");
+    std::fs::create_dir(&job).unwrap();
+    let mut c = sleeper();
+    std::fs::write(job.join("cgroup.procs"), c.id().to_string()).unwrap();
+    tasks
+        .begin_task(apb::BeginTaskRequest {
+            task_id: "by-cgroup".into(),
+            binding: Some(apb::Binding {
+                target: Some(apb::binding::Target::Cgroup(format!("/{slice}/job"))),
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    c.kill().unwrap();
+    c.wait().unwrap();
+    // TTL.
+    let mut d = sleeper();
+    let mut req = begin_pid("by-ttl", d.id());
+    req.ttl = "1s".into();
+    tasks.begin_task(req).await.unwrap();
+    // Parent completion cascades to its sub-task.
+    let mut e = sleeper();
+    let mut f = sleeper();
+    tasks.begin_task(begin_pid("parent", e.id())).await.unwrap();
+    let mut sub = begin_pid("child", f.id());
+    sub.parent_task_id = "parent".into();
+    sub.intent.as_mut().unwrap().tools = vec!["jira".into()];
+    let child_task = tasks.begin_task(sub).await.unwrap().into_inner();
+    assert_eq!(
+        child_task.spiffe_id,
+        format!("{ORCH_ID}/task/parent/task/child")
+    );
+    tasks
+        .end_task(apb::EndTaskRequest {
+            task_id: "parent".into(),
+            reason: String::new(),
+        })
+        .await
+        .unwrap();
+
+    let done = collect_completions(&mut events, Duration::from_secs(4)).await;
+    let want = [
+        ("by-end", "end_task"),
+        ("by-exit", "process_exited"),
+        ("by-cgroup", "cgroup_empty"),
+        ("by-ttl", "ttl_expired"),
+        ("parent", "end_task"),
+        ("child", "parent_completed"),
+    ];
+    for (id, reason) in want {
+        assert_eq!(
+            done.get(id),
+            Some(&vec![reason.to_string()]),
+            "task {id}: {done:?}"
+        );
+    }
+    for p in [&mut d, &mut e, &mut f] {
+        let _ = p.kill();
+        let _ = p.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sub_tasks_cannot_widen_their_parents_scope() {
+    let writ = Writ::start(&config(""));
+    let mut tasks = tasks_client(&writ).await;
+    let mut p = Command::new("sleep").arg("60").spawn().unwrap();
+    let mut c = Command::new("sleep").arg("60").spawn().unwrap();
+    tasks.begin_task(begin_pid("parent", p.id())).await.unwrap();
+    let cases: Vec<(&str, Box<dyn Fn(&mut apb::BeginTaskRequest)>)> = vec![
+        (
+            "intent.tools",
+            Box::new(|r| r.intent.as_mut().unwrap().tools.push("shell".into())),
+        ),
+        (
+            "intent.targets",
+            Box::new(|r| r.intent.as_mut().unwrap().targets = vec!["prod-db".into()]),
+        ),
+        (
+            "intent.data_class",
+            Box::new(|r| r.intent.as_mut().unwrap().data_class = "secret".into()),
+        ),
+        ("ttl", Box::new(|r| r.ttl = "59m".into())),
+    ];
+    for (field, widen) in cases {
+        let mut req = begin_pid("wider", c.id());
+        req.parent_task_id = "parent".into();
+        widen(&mut req);
+        let err = tasks.begin_task(req).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{field}: {err:?}");
+        assert!(
+            err.message().starts_with(field),
+            "{field}: {}",
+            err.message()
+        );
+    }
+    for p in [&mut p, &mut c] {
+        let _ = p.kill();
+        let _ = p.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn malformed_and_unauthorized_admin_calls_are_refused() {
+    let writ = Writ::start(&config(""));
+    let mut tasks = tasks_client(&writ).await;
+    let mut s = Command::new("sleep").arg("60").spawn().unwrap();
+    let pid = s.id();
+    let cases: Vec<(&str, apb::BeginTaskRequest)> = vec![
+        (
+            "task_id",
+            apb::BeginTaskRequest {
+                task_id: "a/b".into(),
+                ..begin_pid("", pid)
+            },
+        ),
+        (
+            "task_id",
+            apb::BeginTaskRequest {
+                task_id: "x".repeat(129),
+                ..begin_pid("", pid)
+            },
+        ),
+        (
+            "binding",
+            apb::BeginTaskRequest {
+                binding: None,
+                ..begin_pid("t", pid)
+            },
+        ),
+        ("binding.pid", begin_pid("t", 0)),
+        (
+            "ttl",
+            apb::BeginTaskRequest {
+                ttl: "soon".into(),
+                ..begin_pid("t", pid)
+            },
+        ),
+        (
+            "ttl",
+            apb::BeginTaskRequest {
+                ttl: "2h".into(),
+                ..begin_pid("t", pid)
+            },
+        ),
+        (
+            "spiffe_id",
+            apb::BeginTaskRequest {
+                spiffe_id: "spiffe://other.test/x".into(),
+                ..begin_pid("t", pid)
+            },
+        ),
+        (
+            "spiffe_id",
+            apb::BeginTaskRequest {
+                spiffe_id: "not an id".into(),
+                ..begin_pid("t", pid)
+            },
+        ),
+        (
+            "parent_task_id",
+            apb::BeginTaskRequest {
+                parent_task_id: "nope".into(),
+                ..begin_pid("t", pid)
+            },
+        ),
+        (
+            "binding.cgroup",
+            apb::BeginTaskRequest {
+                binding: Some(apb::Binding {
+                    target: Some(apb::binding::Target::Cgroup("/user.slice/x".into())),
+                }),
+                ..begin_pid("t", pid)
+            },
+        ),
+    ];
+    for (field, req) in cases {
+        let err = tasks.begin_task(req).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{field}: {err:?}");
+        assert!(
+            err.message().starts_with(field),
+            "{field}: {}",
+            err.message()
+        );
+    }
+    // A process that is not our descendant cannot be bound by us.
+    let err = tasks.begin_task(begin_pid("t", 1)).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    assert_eq!(
+        tasks
+            .get_task(apb::GetTaskRequest {
+                task_id: "missing".into()
+            })
+            .await
+            .unwrap_err()
+            .code(),
+        Code::NotFound
+    );
+    // Nothing was stored by any of the refused calls.
+    let listed = tasks
+        .list_tasks(apb::ListTasksRequest {
+            include_completed: true,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(listed.tasks.is_empty(), "{:?}", listed.tasks);
+    let _ = s.kill();
+    let _ = s.wait();
+
+    // An admin API that authorizes some other uid refuses us.
+    let locked = Writ::start(
+        "[admin_api]\nauthorized = [[\"unix:uid:4242424\"]]\n\n[[entry]]\nspiffe_id = \"spiffe://writ.test/x\"\nselectors = [\"unix:uid:0\"]\n",
+    );
+    let mut c = tasks_client(&locked).await;
+    let err = c
+        .list_tasks(apb::ListTasksRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    let (ok, _, stderr) = common::writ_cli(
+        &[
+            "task",
+            "list",
+            "--admin-socket",
+            admin_socket(&locked).to_str().unwrap(),
+        ],
+        None,
+    );
+    assert!(!ok && stderr.contains("PermissionDenied"), "{stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn after_a_crash_dead_tasks_are_revoked_and_live_ones_resume() {
+    let mut writ = Writ::start(&config(""));
+    let dead = BoundChild::spawn(&writ, "dead");
+    let alive = BoundChild::spawn(&writ, "alive");
+    {
+        let mut tasks = tasks_client(&writ).await;
+        tasks
+            .begin_task(begin_pid("dies", dead.pid()))
+            .await
+            .unwrap();
+        tasks
+            .begin_task(begin_pid("lives", alive.pid()))
+            .await
+            .unwrap();
+    }
+    dead.go();
+    alive.go();
+    let (_, dead_serials) = dead.next_update(Duration::from_secs(10));
+    let (alive_ids, _) = alive.next_update(Duration::from_secs(10));
+    assert_eq!(alive_ids[0], format!("{ORCH_ID}/task/lives"));
+    let dead_serial = dead_serials[0].clone();
+
+    writ.kill9();
+    drop(dead); // kills and reaps the bound process while writ is down
+    writ.spawn();
+
+    let mut tasks = tasks_client(&writ).await;
+    let t = tasks
+        .get_task(apb::GetTaskRequest {
+            task_id: "dies".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(t.completion_reason, "process_exited");
+    assert!(t.issued_serials.contains(&dead_serial));
+    let (crls, _) = crls_and_bundle(&writ).await;
+    assert!(
+        revoked_serials(&crls).contains(&dead_serial),
+        "pre-crash serial missing from CRL"
+    );
+
+    let t = tasks
+        .get_task(apb::GetTaskRequest {
+            task_id: "lives".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        t.completed_at, 0,
+        "task with a live process must stay active: {t:?}"
+    );
+    // The surviving process reconnects (its old stream died with writ) and
+    // still receives its task identity.
+    let (ok, stdout, stderr) = common::writ_cli(
+        &[
+            "task",
+            "get",
+            "lives",
+            "--admin-socket",
+            admin_socket(&writ).to_str().unwrap(),
+        ],
+        None,
+    );
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("active"), "{stdout}");
+}
+
+/// Not a test: the body of helper processes started by the tests above.
+#[test]
+#[ignore = "helper process entry point, run by other tests"]
+fn helper() {
+    let role = std::env::var("WRIT_TEST_HELPER").expect("run only as a helper");
+    assert_eq!(role, "task-child");
+    let go = std::env::var("WRIT_GO_FILE").unwrap();
+    let out = PathBuf::from(std::env::var("WRIT_OUT_DIR").unwrap());
+    let socket = PathBuf::from(std::env::var("WRIT_SOCKET").unwrap());
+    common::wait_for(Duration::from_secs(120), "go file", || {
+        std::fs::metadata(&go).ok()
+    });
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async move {
+        let mut c = pb::spiffe_workload_api_client::SpiffeWorkloadApiClient::new(
+            writ::cli::client::connect(&socket).await.unwrap(),
+        );
+        let mut stream = c
+            .fetch_x509svid(with_header(pb::X509svidRequest {}))
+            .await
+            .unwrap()
+            .into_inner();
+        let mut n = 0;
+        while let Ok(Some(m)) = stream.message().await {
+            n += 1;
+            write_svid(&out, n, &m.svids[0]);
+            let ids: Vec<_> = m.svids.iter().map(|s| s.spiffe_id.clone()).collect();
+            let serials: Vec<_> = m
+                .svids
+                .iter()
+                .map(|s| {
+                    let (_, cert) = X509Certificate::from_der(&s.x509_svid).unwrap();
+                    hex::encode(cert.raw_serial())
+                })
+                .collect();
+            println!("UPDATE {}|{}", ids.join(","), serials.join(","));
+            std::io::stdout().flush().unwrap();
+        }
+    });
+}
+
+fn write_svid(dir: &Path, n: usize, svid: &pb::X509svid) {
+    std::fs::write(dir.join(format!("{n}.chain")), &svid.x509_svid).unwrap();
+    std::fs::write(dir.join(format!("{n}.key")), &svid.x509_svid_key).unwrap();
+}

@@ -1,0 +1,519 @@
+//! The Workload API end to end: the real `writ` binary on temp dirs, real
+//! clients (the `spiffe` crate, tonic, rustls) and real processes.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::fd::OwnedFd;
+use std::os::unix::process::CommandExt;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::{NOBODY, Writ, handoff, helper_command, is_root};
+use hyper_util::rt::TokioIo;
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use spiffe::{X509Source, X509Svid};
+use tonic::Code;
+use tonic::transport::{Endpoint, Uri};
+use writ::proto::workload as pb;
+use writ::proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient;
+use writ::spiffe_id::TrustDomain;
+use writ::tls::{SpiffeTls, TrustStore};
+
+const ROOT_ID: &str = "spiffe://writ.test/workload/root";
+const NOBODY_ID: &str = "spiffe://writ.test/workload/nobody";
+
+fn two_entries(extra_root: &str) -> String {
+    format!(
+        r#"
+[[entry]]
+spiffe_id = "{ROOT_ID}"
+selectors = ["unix:uid:0"]
+{extra_root}
+
+[[entry]]
+spiffe_id = "{NOBODY_ID}"
+selectors = ["unix:uid:{NOBODY}"]
+"#
+    )
+}
+
+async fn x509_source(writ: &Writ) -> X509Source {
+    X509Source::builder()
+        .endpoint(writ.endpoint())
+        .build()
+        .await
+        .expect("X509Source against writ")
+}
+
+/// A raw client with no security header, to see what writ does without it.
+async fn raw_client(writ: &Writ) -> SpiffeWorkloadApiClient<tonic::transport::Channel> {
+    SpiffeWorkloadApiClient::new(writ::cli::client::connect(&writ.socket).await.unwrap())
+}
+
+fn with_header<T>(message: T) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(message);
+    r.metadata_mut()
+        .insert("workload.spiffe.io", "true".parse().unwrap());
+    r
+}
+
+/// A gRPC client over one already-connected socket (whose peer, to the
+/// kernel, is whoever connected it).
+async fn client_over(fd: OwnedFd) -> SpiffeWorkloadApiClient<tonic::transport::Channel> {
+    let std_stream = std::os::unix::net::UnixStream::from(fd);
+    std_stream.set_nonblocking(true).unwrap();
+    let slot = Arc::new(Mutex::new(Some(std_stream)));
+    let channel = Endpoint::try_from("http://localhost")
+        .unwrap()
+        .connect_with_connector(tower::service_fn(move |_: Uri| {
+            let taken = slot.lock().unwrap().take();
+            async move {
+                let s = taken.ok_or_else(|| std::io::Error::other("connection already used"))?;
+                Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::from_std(s)?))
+            }
+        }))
+        .await
+        .unwrap();
+    SpiffeWorkloadApiClient::new(channel)
+}
+
+fn trust_store_from(source: &X509Source) -> TrustStore {
+    let bundles = source.bundle_set().unwrap();
+    let mut store = TrustStore::default();
+    for (td, bundle) in bundles.iter() {
+        let certs = bundle
+            .authorities()
+            .iter()
+            .map(|c| CertificateDer::from(c.as_ref().to_vec()))
+            .collect();
+        store
+            .bundles
+            .insert(TrustDomain::new(td.as_ref()).unwrap(), certs);
+    }
+    store
+}
+
+fn identity_into(tls: &SpiffeTls, svid: &X509Svid) {
+    let chain = svid
+        .cert_chain()
+        .iter()
+        .map(|c| CertificateDer::from(c.as_ref().to_vec()))
+        .collect();
+    tls.set_identity(chain, svid.private_key().as_ref())
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn spiffe_crate_fetches_a_conformant_svid_whose_chain_verifies() {
+    let writ = Writ::start(&two_entries(""));
+    let source = x509_source(&writ).await;
+    let svid = source.svid().unwrap();
+    assert_eq!(svid.spiffe_id().to_string(), ROOT_ID);
+
+    // The independent parser accepts the raw DER as writ sent it.
+    let mut client = raw_client(&writ).await;
+    let first = client
+        .fetch_x509svid(with_header(pb::X509svidRequest {}))
+        .await
+        .unwrap()
+        .into_inner()
+        .message()
+        .await
+        .unwrap()
+        .unwrap();
+    let raw = &first.svids[0];
+    let parsed = X509Svid::parse_from_der(&raw.x509_svid, &raw.x509_svid_key).unwrap();
+    assert_eq!(parsed.spiffe_id().to_string(), ROOT_ID);
+
+    // Every certificate rule holds, and the chain verifies against the bundle
+    // for both TLS client and server use.
+    let leaf = svid.cert_chain()[0].as_ref();
+    assert_eq!(
+        writ::svid::check_leaf_conformance(leaf)
+            .unwrap()
+            .to_string(),
+        ROOT_ID
+    );
+    let tls = SpiffeTls::new();
+    tls.set_trust(trust_store_from(&source));
+    let end_entity = CertificateDer::from(leaf.to_vec());
+    let intermediates: Vec<CertificateDer> = svid.cert_chain()[1..]
+        .iter()
+        .map(|c| CertificateDer::from(c.as_ref().to_vec()))
+        .collect();
+    for usage in [
+        webpki::KeyUsage::client_auth(),
+        webpki::KeyUsage::server_auth(),
+    ] {
+        let id = tls
+            .verify_peer(&end_entity, &intermediates, UnixTime::now(), usage)
+            .unwrap();
+        assert_eq!(id.to_string(), ROOT_ID);
+    }
+    source.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_method_without_the_security_header_is_invalid_argument() {
+    let writ = Writ::start(&two_entries(""));
+    let mut c = raw_client(&writ).await;
+    let codes = [
+        c.fetch_x509svid(pb::X509svidRequest {})
+            .await
+            .err()
+            .map(|s| s.code()),
+        c.fetch_x509_bundles(pb::X509BundlesRequest {})
+            .await
+            .err()
+            .map(|s| s.code()),
+        c.fetch_jwtsvid(pb::JwtsvidRequest {
+            audience: vec!["a".into()],
+            spiffe_id: String::new(),
+        })
+        .await
+        .err()
+        .map(|s| s.code()),
+        c.fetch_jwt_bundles(pb::JwtBundlesRequest {})
+            .await
+            .err()
+            .map(|s| s.code()),
+        c.validate_jwtsvid(pb::ValidateJwtsvidRequest {
+            audience: "a".into(),
+            svid: "x".into(),
+        })
+        .await
+        .err()
+        .map(|s| s.code()),
+        c.fetch_witsvid(pb::WitsvidRequest {})
+            .await
+            .err()
+            .map(|s| s.code()),
+        c.fetch_wit_bundles(pb::WitBundlesRequest {})
+            .await
+            .err()
+            .map(|s| s.code()),
+    ];
+    for (i, code) in codes.iter().enumerate() {
+        assert_eq!(*code, Some(Code::InvalidArgument), "method #{i}");
+    }
+    // A wrong value is as bad as none.
+    let mut r = tonic::Request::new(pb::X509svidRequest {});
+    r.metadata_mut()
+        .insert("workload.spiffe.io", "yes".parse().unwrap());
+    let err = c.fetch_x509svid(r).await.err().unwrap();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(
+        err.message().contains("workload.spiffe.io"),
+        "{}",
+        err.message()
+    );
+    // With the header, the WIT profile is Unimplemented, not InvalidArgument.
+    let err = c
+        .fetch_witsvid(with_header(pb::WitsvidRequest {}))
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(err.code(), Code::Unimplemented);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_caller_no_entry_matches_is_permission_denied() {
+    // Only an entry for some other uid: the test process (whatever its uid)
+    // matches nothing.
+    let writ = Writ::start(
+        r#"
+[[entry]]
+spiffe_id = "spiffe://writ.test/someone-else"
+selectors = ["unix:uid:4242424"]
+"#,
+    );
+    let mut c = raw_client(&writ).await;
+    let err = c
+        .fetch_x509svid(with_header(pb::X509svidRequest {}))
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    let err = c
+        .fetch_x509_bundles(with_header(pb::X509BundlesRequest {}))
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    // The CLI client reports it too, and exits non-zero.
+    let (ok, _, stderr) = common::writ_cli(
+        &["api", "fetch", "x509", "--socket", &writ.endpoint()],
+        None,
+    );
+    assert!(!ok);
+    assert!(
+        stderr.to_lowercase().contains("no identity issued"),
+        "{stderr}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_processes_complete_mutual_tls_and_see_each_others_ids() {
+    if !is_root() {
+        eprintln!("SKIPPED: needs root to run a peer under another uid");
+        return;
+    }
+    let writ = Writ::start(&two_entries(""));
+    // The server runs as nobody, with its own SVID from writ.
+    let mut server = helper_command("mtls-server")
+        .env("SPIFFE_ENDPOINT_SOCKET", writ.endpoint())
+        .env("WRIT_EXPECT_PEER", ROOT_ID)
+        .uid(NOBODY)
+        .gid(NOBODY)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(server.stdout.take().unwrap()).lines();
+    let port: u16 = loop {
+        let line = lines.next().expect("server said nothing").unwrap();
+        if let Some(p) = line.strip_prefix("LISTEN ") {
+            break p.parse().unwrap();
+        }
+    };
+
+    let source = x509_source(&writ).await;
+    let tls = SpiffeTls::new();
+    identity_into(&tls, &source.svid().unwrap());
+    tls.set_trust(trust_store_from(&source));
+    let config = tls
+        .client_config(Arc::new(|id| id.to_string() == NOBODY_ID))
+        .unwrap();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let mut stream = connector
+        .connect(ServerName::try_from("ignored.invalid").unwrap(), tcp)
+        .await
+        .expect("mTLS handshake");
+    let server_cert = stream.get_ref().1.peer_certificates().unwrap()[0].clone();
+    assert_eq!(
+        writ::tls::spiffe_id_of(&server_cert).unwrap().to_string(),
+        NOBODY_ID
+    );
+    let mut reply = String::new();
+    use tokio::io::AsyncReadExt;
+    stream.read_to_string(&mut reply).await.unwrap();
+    assert_eq!(reply, format!("hello {ROOT_ID}"));
+    let rest: Vec<String> = lines.map_while(Result::ok).collect();
+    assert!(
+        rest.iter().any(|l| l == &format!("PEER {ROOT_ID}")),
+        "{rest:?}"
+    );
+    assert!(server.wait().unwrap().success());
+    source.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stream_ends_when_its_caller_exits_even_if_the_connection_lives_on() {
+    if !is_root() {
+        eprintln!("SKIPPED: needs root for the uid-0 entry");
+        return;
+    }
+    let writ = Writ::start(&two_entries(""));
+    let handoff_path = writ.dir.path().join("handoff.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&handoff_path).unwrap();
+    // The helper connects to writ, hands us the connection, and waits to be
+    // killed. To writ, the peer of that connection is the helper.
+    let mut helper = helper_command("connect-and-handoff")
+        .env("WRIT_SOCKET", &writ.socket)
+        .env("WRIT_HANDOFF", &handoff_path)
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let fd = handoff::recv_fd(&listener);
+    let mut client = client_over(fd).await;
+    let mut stream = client
+        .fetch_x509svid(with_header(pb::X509svidRequest {}))
+        .await
+        .expect("the helper is root and matches an entry")
+        .into_inner();
+    let first = stream.message().await.unwrap().unwrap();
+    assert_eq!(first.svids[0].spiffe_id, ROOT_ID);
+
+    helper.kill().unwrap();
+    helper.wait().unwrap();
+    // We still hold the connection open; writ must end the stream anyway.
+    let end = tokio::time::timeout(Duration::from_secs(10), stream.message())
+        .await
+        .expect("stream did not end after its caller exited");
+    match end {
+        Ok(None) => {}
+        Ok(Some(m)) => panic!(
+            "got another message after the caller exited: {:?}",
+            m.svids.len()
+        ),
+        Err(status) => assert_ne!(status.code(), Code::Ok),
+    }
+    // And a new RPC on the same connection is refused: its caller is gone.
+    let err = client
+        .fetch_x509svid(with_header(pb::X509svidRequest {}))
+        .await
+        .err()
+        .expect("RPC from an exited caller must fail");
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_caller_that_execs_another_binary_is_reattested() {
+    if !is_root() {
+        eprintln!("SKIPPED: needs root for the uid-0 entry");
+        return;
+    }
+    // The identity requires the caller to be this test binary.
+    let exe = std::env::current_exe().unwrap().canonicalize().unwrap();
+    let writ = Writ::start(&format!(
+        r#"
+[[entry]]
+spiffe_id = "{ROOT_ID}"
+selectors = ["unix:uid:0", "unix:path:{}"]
+"#,
+        exe.display()
+    ));
+    let handoff_path = writ.dir.path().join("handoff.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&handoff_path).unwrap();
+    let (go_tx, go_path) = {
+        let p = writ.dir.path().join("go");
+        (p.clone(), p)
+    };
+    let mut helper = helper_command("connect-handoff-then-exec")
+        .env("WRIT_SOCKET", &writ.socket)
+        .env("WRIT_HANDOFF", &handoff_path)
+        .env("WRIT_GO_FILE", &go_path)
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let fd = handoff::recv_fd(&listener);
+    let mut client = client_over(fd).await;
+    let mut stream = client
+        .fetch_x509svid(with_header(pb::X509svidRequest {}))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        stream.message().await.unwrap().unwrap().svids[0].spiffe_id,
+        ROOT_ID
+    );
+    // Let the helper exec into `sleep`: same PID, same pidfd, other binary.
+    std::fs::write(&go_tx, b"go").unwrap();
+    let outcome = tokio::time::timeout(Duration::from_secs(20), stream.message())
+        .await
+        .expect("stream kept trusting a caller that exec'd another binary");
+    match outcome {
+        Err(status) => assert_eq!(status.code(), Code::PermissionDenied, "{status:?}"),
+        Ok(other) => panic!("expected PermissionDenied after exec, got {other:?}"),
+    }
+    let _ = helper.kill();
+    let _ = helper.wait();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn rotation_delivers_a_new_svid_on_an_open_stream() {
+    let writ = Writ::start(&format!(
+        r#"
+[[entry]]
+spiffe_id = "{ROOT_ID}"
+selectors = ["unix:uid:{uid}"]
+x509_svid_ttl = "2s"
+"#,
+        uid = nix::unistd::geteuid().as_raw()
+    ));
+    let mut client = raw_client(&writ).await;
+    let mut stream = client
+        .fetch_x509svid(with_header(pb::X509svidRequest {}))
+        .await
+        .unwrap()
+        .into_inner();
+    let first = stream.message().await.unwrap().unwrap();
+    let second = tokio::time::timeout(Duration::from_secs(10), stream.message())
+        .await
+        .expect("no rotation within 10s for a 2s SVID")
+        .unwrap()
+        .unwrap();
+    assert_eq!(second.svids.len(), 1);
+    assert_eq!(second.svids[0].spiffe_id, ROOT_ID);
+    assert_ne!(
+        first.svids[0].x509_svid, second.svids[0].x509_svid,
+        "same certificate"
+    );
+    assert_ne!(
+        first.svids[0].x509_svid_key, second.svids[0].x509_svid_key,
+        "key reused"
+    );
+    // Full state: the bundle is in every message.
+    assert!(!second.svids[0].bundle.is_empty());
+}
+
+/// Not a test: the body of helper processes that the tests above start by
+/// re-running this binary with `WRIT_TEST_HELPER` set.
+#[test]
+#[ignore = "helper process entry point, run by other tests"]
+fn helper() {
+    let role = std::env::var("WRIT_TEST_HELPER").expect("run only as a helper");
+    match role.as_str() {
+        "mtls-server" => mtls_server(),
+        "connect-and-handoff" => {
+            let conn =
+                std::os::unix::net::UnixStream::connect(std::env::var("WRIT_SOCKET").unwrap())
+                    .unwrap();
+            handoff::send_fd(std::env::var("WRIT_HANDOFF").unwrap().as_ref(), &conn);
+            std::thread::sleep(Duration::from_secs(120));
+        }
+        "connect-handoff-then-exec" => {
+            let conn =
+                std::os::unix::net::UnixStream::connect(std::env::var("WRIT_SOCKET").unwrap())
+                    .unwrap();
+            handoff::send_fd(std::env::var("WRIT_HANDOFF").unwrap().as_ref(), &conn);
+            let go = std::env::var("WRIT_GO_FILE").unwrap();
+            common::wait_for(Duration::from_secs(60), "go file", || {
+                std::fs::metadata(&go).ok()
+            });
+            let err = std::process::Command::new("sleep").arg("120").exec();
+            panic!("exec failed: {err}");
+        }
+        other => panic!("unknown helper role {other}"),
+    }
+}
+
+fn mtls_server() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let source = X509Source::builder()
+            .endpoint(std::env::var("SPIFFE_ENDPOINT_SOCKET").unwrap())
+            .build()
+            .await
+            .unwrap();
+        let tls = SpiffeTls::new();
+        identity_into(&tls, &source.svid().unwrap());
+        tls.set_trust(trust_store_from(&source));
+        let expected = std::env::var("WRIT_EXPECT_PEER").unwrap();
+        let config = tls
+            .server_config(Arc::new(move |id| id.to_string() == expected))
+            .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        println!("LISTEN {}", listener.local_addr().unwrap().port());
+        std::io::stdout().flush().unwrap();
+        let (tcp, _) = listener.accept().await.unwrap();
+        let mut stream = acceptor.accept(tcp).await.unwrap();
+        let peer = stream.get_ref().1.peer_certificates().unwrap()[0].clone();
+        let peer_id = writ::tls::spiffe_id_of(&peer).unwrap();
+        println!("PEER {peer_id}");
+        use tokio::io::AsyncWriteExt;
+        stream
+            .write_all(format!("hello {peer_id}").as_bytes())
+            .await
+            .unwrap();
+        stream.shutdown().await.unwrap();
+        source.shutdown().await;
+    });
+    let _ = std::io::stdin().read(&mut [0u8; 0]);
+}
