@@ -441,8 +441,7 @@ impl TaskManager {
         })
         .map_err(|e| TaskError::Store(StoreError::Corrupt(e.to_string())))?;
         let t = task.clone();
-        let outcome = self
-            .store
+        self.store
             .write(move |conn| {
                 if let Some(parent) = &t.parent_id {
                     // Same transaction order as completion: a parent completed
@@ -475,8 +474,7 @@ impl TaskManager {
                 }
                 Ok(Ok(()))
             })
-            .await?;
-        outcome
+            .await?
     }
 
     /// Makes a persisted task live: indexed for identity lookups, watched
@@ -660,10 +658,10 @@ impl TaskManager {
                 return Err(e.into());
             }
         };
-        if revoked > 0 {
-            if let Err(e) = self.agent.refresh_crls().await {
-                tracing::error!(error = %e, "publishing a new CRL failed");
-            }
+        if revoked > 0
+            && let Err(e) = self.agent.refresh_crls().await
+        {
+            tracing::error!(error = %e, "publishing a new CRL failed");
         }
         let mut root = None;
         for (task, why) in victims {
@@ -692,8 +690,7 @@ impl TaskManager {
             return Ok(Some((*a.task).clone()));
         }
         let id = id.to_owned();
-        Ok(self
-            .store
+        self.store
             .read(move |conn| {
                 conn.query_row(
                     "SELECT task_id, spiffe_id, parent_task_id, record, created_at, expires_at,
@@ -705,7 +702,7 @@ impl TaskManager {
                 .optional()
                 .map_err(StoreError::from)
             })?
-            .transpose()?)
+            .transpose()
     }
 
     pub fn list(&self, include_completed: bool) -> Result<Vec<Task>, TaskError> {

@@ -7,7 +7,7 @@ mod common;
 use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
 
-use common::{NOBODY, Writ, handoff, helper_command, is_root};
+use common::{NOBODY, Writ, handoff, is_root};
 use tonic::Code;
 use writ::proto::workload as pb;
 

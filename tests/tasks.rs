@@ -98,7 +98,8 @@ impl BoundChild {
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Some(update) = line.strip_prefix("UPDATE ") {
+                // libtest prints "test helper ... " without a newline first.
+                if let Some((_, update)) = line.split_once("UPDATE ") {
                     let _ = tx.send(update.to_owned());
                 }
             }
@@ -474,7 +475,8 @@ async fn sub_tasks_cannot_widen_their_parents_scope() {
     let mut p = Command::new("sleep").arg("60").spawn().unwrap();
     let mut c = Command::new("sleep").arg("60").spawn().unwrap();
     tasks.begin_task(begin_pid("parent", p.id())).await.unwrap();
-    let cases: Vec<(&str, Box<dyn Fn(&mut apb::BeginTaskRequest)>)> = vec![
+    type Widen = Box<dyn Fn(&mut apb::BeginTaskRequest)>;
+    let cases: Vec<(&str, Widen)> = vec![
         (
             "intent.tools",
             Box::new(|r| r.intent.as_mut().unwrap().tools.push("shell".into())),
@@ -656,8 +658,9 @@ async fn after_a_crash_dead_tasks_are_revoked_and_live_ones_resume() {
     dead.go();
     alive.go();
     let (_, dead_serials) = dead.next_update(Duration::from_secs(10));
-    let (alive_ids, _) = alive.next_update(Duration::from_secs(10));
+    let (alive_ids, alive_serials) = alive.next_update(Duration::from_secs(10));
     assert_eq!(alive_ids[0], format!("{ORCH_ID}/task/lives"));
+    let alive_first_serial = alive_serials[0].clone();
     let dead_serial = dead_serials[0].clone();
 
     writ.kill9();
@@ -692,7 +695,10 @@ async fn after_a_crash_dead_tasks_are_revoked_and_live_ones_resume() {
         "task with a live process must stay active: {t:?}"
     );
     // The surviving process reconnects (its old stream died with writ) and
-    // still receives its task identity.
+    // receives its task identity again, from a fresh key.
+    let (ids, serials) = alive.next_update(Duration::from_secs(10));
+    assert_eq!(ids[0], format!("{ORCH_ID}/task/lives"));
+    assert_ne!(serials[0], alive_first_serial);
     let (ok, stdout, stderr) = common::writ_cli(
         &[
             "task",
@@ -720,30 +726,36 @@ fn helper() {
         std::fs::metadata(&go).ok()
     });
     let rt = tokio::runtime::Runtime::new().unwrap();
+    // Follows the stream; when writ goes away (a crash test restarts it), the
+    // process lives on and reconnects, as a real workload would.
     rt.block_on(async move {
-        let mut c = pb::spiffe_workload_api_client::SpiffeWorkloadApiClient::new(
-            writ::cli::client::connect(&socket).await.unwrap(),
-        );
-        let mut stream = c
-            .fetch_x509svid(with_header(pb::X509svidRequest {}))
-            .await
-            .unwrap()
-            .into_inner();
         let mut n = 0;
-        while let Ok(Some(m)) = stream.message().await {
-            n += 1;
-            write_svid(&out, n, &m.svids[0]);
-            let ids: Vec<_> = m.svids.iter().map(|s| s.spiffe_id.clone()).collect();
-            let serials: Vec<_> = m
-                .svids
-                .iter()
-                .map(|s| {
-                    let (_, cert) = X509Certificate::from_der(&s.x509_svid).unwrap();
-                    hex::encode(cert.raw_serial())
-                })
-                .collect();
-            println!("UPDATE {}|{}", ids.join(","), serials.join(","));
-            std::io::stdout().flush().unwrap();
+        loop {
+            let Ok(channel) = writ::cli::client::connect(&socket).await else {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            };
+            let mut c = pb::spiffe_workload_api_client::SpiffeWorkloadApiClient::new(channel);
+            let Ok(response) = c.fetch_x509svid(with_header(pb::X509svidRequest {})).await else {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            };
+            let mut stream = response.into_inner();
+            while let Ok(Some(m)) = stream.message().await {
+                n += 1;
+                write_svid(&out, n, &m.svids[0]);
+                let ids: Vec<_> = m.svids.iter().map(|s| s.spiffe_id.clone()).collect();
+                let serials: Vec<_> = m
+                    .svids
+                    .iter()
+                    .map(|s| {
+                        let (_, cert) = X509Certificate::from_der(&s.x509_svid).unwrap();
+                        hex::encode(cert.raw_serial())
+                    })
+                    .collect();
+                println!("UPDATE {}|{}", ids.join(","), serials.join(","));
+                std::io::stdout().flush().unwrap();
+            }
         }
     });
 }

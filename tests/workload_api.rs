@@ -274,7 +274,8 @@ async fn two_processes_complete_mutual_tls_and_see_each_others_ids() {
     let mut lines = BufReader::new(server.stdout.take().unwrap()).lines();
     let port: u16 = loop {
         let line = lines.next().expect("server said nothing").unwrap();
-        if let Some(p) = line.strip_prefix("LISTEN ") {
+        // libtest prints "test helper ... " without a newline first.
+        if let Some((_, p)) = line.split_once("LISTEN ") {
             break p.parse().unwrap();
         }
     };
@@ -357,8 +358,7 @@ async fn a_stream_ends_when_its_caller_exits_even_if_the_connection_lives_on() {
     let err = client
         .fetch_x509svid(with_header(pb::X509svidRequest {}))
         .await
-        .err()
-        .expect("RPC from an exited caller must fail");
+        .expect_err("RPC from an exited caller must fail");
     assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
 }
 

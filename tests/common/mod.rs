@@ -34,11 +34,27 @@ impl Writ {
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
         let socket = dir.path().join("run/workload.sock");
         let config_path = dir.path().join("writ.toml");
+        // The socket paths go into the test's own [admin_api] table when it
+        // has one (TOML forbids defining a table twice).
+        let admin_line = format!(
+            "socket_path = \"{}\"",
+            dir.path().join("run/admin.sock").display()
+        );
+        let (admin_table, body) = if config_body.contains("[admin_api]\n") {
+            (
+                String::new(),
+                config_body.replacen("[admin_api]\n", &format!("[admin_api]\n{admin_line}\n"), 1),
+            )
+        } else {
+            (
+                format!("[admin_api]\n{admin_line}\n"),
+                config_body.to_owned(),
+            )
+        };
         let config = format!(
-            "trust_domain = \"writ.test\"\ndata_dir = \"{data}\"\n\n[workload_api]\nsocket_path = \"{socket}\"\n\n[admin_api]\nsocket_path = \"{admin}\"\n\n{config_body}\n",
+            "trust_domain = \"writ.test\"\ndata_dir = \"{data}\"\n\n[workload_api]\nsocket_path = \"{socket}\"\n\n{admin_table}\n{body}\n",
             data = dir.path().join("state").display(),
             socket = socket.display(),
-            admin = dir.path().join("run/admin.sock").display(),
         );
         std::fs::write(&config_path, config).unwrap();
         let mut writ = Writ {
