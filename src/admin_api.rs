@@ -357,3 +357,33 @@ impl pb::entries_server::Entries for EntriesService {
         }))
     }
 }
+
+pub struct BundlesService(pub Arc<AdminContext>);
+
+#[tonic::async_trait]
+impl pb::bundles_server::Bundles for BundlesService {
+    async fn get_bundle(
+        &self,
+        request: Request<pb::GetBundleRequest>,
+    ) -> Result<Response<pb::Bundle>, Status> {
+        let ctx = &self.0;
+        ctx.authorize(&request)?;
+        let wanted = request.into_inner().trust_domain;
+        let own = ctx.agent.own_bundle();
+        if !wanted.is_empty() {
+            let td = crate::spiffe_id::TrustDomain::new(&wanted)
+                .map_err(|e| Status::invalid_argument(format!("trust_domain: {e}")))?;
+            if &td != ctx.agent.trust_domain() {
+                return Err(Status::not_found(format!(
+                    "no bundle for trust domain {td}"
+                )));
+            }
+        }
+        Ok(Response::new(pb::Bundle {
+            trust_domain: own.bundle.trust_domain.to_string(),
+            spiffe_json: own.bundle.to_spiffe_json(),
+            pem: own.bundle.to_pem(),
+            sequence: own.bundle.sequence,
+        }))
+    }
+}

@@ -13,13 +13,16 @@ use nix::sys::stat::Mode;
 use tokio::net::UnixListener;
 use writ_attestors::{AttestorConfig, AttestorSet, CgroupConfig, UnixConfig};
 
-use crate::admin_api::{AdminAuthorization, AdminContext, EntriesService, TasksService};
+use crate::admin_api::{
+    AdminAuthorization, AdminContext, BundlesService, EntriesService, TasksService,
+};
 use crate::agent::Agent;
 use crate::ca::{CaSettings, CertificateAuthority, UpstreamCaFiles};
 use crate::config::Config;
 use crate::entries::{EntryError, EntryStore};
 use crate::identity::Registry;
 use crate::peer;
+use crate::proto::admin::bundles_server::BundlesServer;
 use crate::proto::admin::entries_server::EntriesServer;
 use crate::proto::admin::tasks_server::TasksServer;
 use crate::proto::workload::spiffe_workload_api_server::SpiffeWorkloadApiServer;
@@ -31,6 +34,8 @@ use crate::workload_api::{DEFAULT_REATTEST_INTERVAL, WorkloadApi};
 pub enum ServiceError {
     #[error("creating {path}: {source}")]
     CreateDir { path: PathBuf, source: io::Error },
+    #[error("refusing state directory {path}: {reason}")]
+    UnsafeDataDir { path: PathBuf, reason: String },
     #[error("{path} already has a server listening; is another writ running?")]
     SocketInUse { path: PathBuf },
     #[error("{path} exists and is not a socket; refusing to replace it")]
@@ -210,7 +215,8 @@ pub async fn run(
         .add_service(health_service)
         .add_service(reflection()?)
         .add_service(TasksServer::new(TasksService(admin.clone())))
-        .add_service(EntriesServer::new(EntriesService(admin)))
+        .add_service(EntriesServer::new(EntriesService(admin.clone())))
+        .add_service(BundlesServer::new(BundlesService(admin)))
         .serve_with_incoming_shutdown(peer::incoming(admin_listener), stop_signal(stop_rx));
     tokio::spawn(async move {
         shutdown.await;
@@ -247,15 +253,33 @@ async fn rotate_ca_forever(agent: Arc<Agent>) {
     }
 }
 
+/// Creates the state directory 0700, or checks an existing one: it holds the
+/// CA key, so one owned by another user (say a pre-created `/tmp/writ-<uid>`)
+/// is refused, and one of ours with looser permissions is tightened.
 fn create_private_dir(path: &Path) -> Result<(), ServiceError> {
+    use std::os::unix::fs::MetadataExt;
+    let fail = |source: io::Error| ServiceError::CreateDir {
+        path: path.to_owned(),
+        source,
+    };
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
         .create(path)
-        .map_err(|source| ServiceError::CreateDir {
+        .map_err(fail)?;
+    let meta = std::fs::metadata(path).map_err(fail)?;
+    let me = nix::unistd::geteuid().as_raw();
+    if meta.uid() != me {
+        return Err(ServiceError::UnsafeDataDir {
             path: path.to_owned(),
-            source,
-        })
+            reason: format!("it is owned by uid {}, not by us (uid {me})", meta.uid()),
+        });
+    }
+    if meta.mode() & 0o077 != 0 {
+        tracing::warn!(path = %path.display(), mode = format!("{:o}", meta.mode() & 0o777), "tightening state directory to 0700");
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700)).map_err(fail)?;
+    }
+    Ok(())
 }
 
 /// Binds a Unix socket at `path`: creates its directory with `dir_mode`,

@@ -442,3 +442,46 @@ pub async fn entry(cmd: EntryCommand) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+#[derive(Subcommand, Debug)]
+pub enum BundleCommand {
+    /// Print writ's own trust bundle.
+    Show {
+        #[command(flatten)]
+        admin: AdminSocketArg,
+        #[arg(long, value_enum, default_value_t = BundleFormat::Pem)]
+        format: BundleFormat,
+    },
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum BundleFormat {
+    /// X.509 authorities as PEM certificates.
+    Pem,
+    /// The SPIFFE bundle document (JWK Set), as SPIRE's `-format spiffe`.
+    Spiffe,
+}
+
+pub async fn bundle(cmd: BundleCommand) -> anyhow::Result<()> {
+    match cmd {
+        BundleCommand::Show { admin, format } => {
+            let channel = connect(&admin.path())
+                .await
+                .with_context(|| format!("admin API at {}", admin.path().display()))?;
+            let bundle = pb::bundles_client::BundlesClient::new(channel)
+                .get_bundle(pb::GetBundleRequest::default())
+                .await
+                .map_err(|s| status_error("GetBundle", s))?
+                .into_inner();
+            match format {
+                BundleFormat::Pem => print!("{}", bundle.pem),
+                BundleFormat::Spiffe => {
+                    let doc: serde_json::Value = serde_json::from_slice(&bundle.spiffe_json)
+                        .context("bundle document from writ")?;
+                    println!("{}", serde_json::to_string_pretty(&doc)?);
+                }
+            }
+        }
+    }
+    Ok(())
+}

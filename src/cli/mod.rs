@@ -55,6 +55,11 @@ pub enum Command {
         #[command(subcommand)]
         command: admin::EntryCommand,
     },
+    /// Show trust bundles (admin socket).
+    Bundle {
+        #[command(subcommand)]
+        command: admin::BundleCommand,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -185,6 +190,7 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
         Command::Healthcheck(socket) => api::healthcheck(&socket.resolve()?).await,
         Command::Task { command } => admin::task(command).await,
         Command::Entry { command } => admin::entry(command).await,
+        Command::Bundle { command } => admin::bundle(command).await,
     }
 }
 

@@ -1,0 +1,337 @@
+//! The `writ` command line against a real agent: quick start on built-in
+//! defaults, config validation, fetching and writing SVIDs, bundles, entries.
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::{NOBODY, WRIT, Writ, is_root, writ_cli};
+use writ::bundle::TrustBundle;
+use writ::spiffe_id::TrustDomain;
+
+fn uid() -> u32 {
+    nix::unistd::geteuid().as_raw()
+}
+
+fn entry_for_us() -> String {
+    format!(
+        "[[entry]]\nspiffe_id = \"spiffe://writ.test/cli\"\nselectors = [\"unix:uid:{}\"]\nhint = \"cli\"\n",
+        uid()
+    )
+}
+
+fn admin(writ: &Writ) -> String {
+    writ.dir.path().join("run/admin.sock").display().to_string()
+}
+
+#[test]
+fn quick_start_runs_on_built_in_defaults_without_root() {
+    if !is_root() {
+        eprintln!("SKIPPED: needs root to switch to an unprivileged user for this test");
+        return;
+    }
+    // A fresh unprivileged user environment: no config file, nothing set up.
+    let home = tempfile::Builder::new()
+        .prefix("writ-home-")
+        .tempdir()
+        .unwrap();
+    std::fs::set_permissions(home.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    let runtime = home.path().join("run");
+    std::fs::create_dir(&runtime).unwrap();
+    std::fs::set_permissions(&runtime, std::fs::Permissions::from_mode(0o700)).unwrap();
+    nix::unistd::chown(&runtime, Some(NOBODY.into()), Some(NOBODY.into())).unwrap();
+    let env = |cmd: &mut Command| {
+        cmd.env_clear()
+            .env("HOME", home.path())
+            .env("XDG_RUNTIME_DIR", &runtime)
+            .env("PATH", "/usr/bin:/bin")
+            .uid(NOBODY)
+            .gid(NOBODY);
+    };
+    let mut run = Command::new(WRIT);
+    run.arg("run").stdout(Stdio::piped()).stderr(Stdio::null());
+    env(&mut run);
+    let mut agent = run.spawn().unwrap();
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut stdout = agent.stdout.take().unwrap();
+    let _agent = Kill(agent);
+    let socket = runtime.join("writ/workload.sock");
+    let fetched = common::wait_for(Duration::from_secs(20), "quick-start agent", || {
+        let mut fetch = Command::new(WRIT);
+        fetch.args(["api", "fetch", "x509", "--output", "json"]);
+        env(&mut fetch);
+        let out = fetch.output().ok()?;
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    });
+    let svids: serde_json::Value = serde_json::from_str(&fetched).unwrap();
+    assert_eq!(svids[0]["spiffe_id"], "spiffe://writ.test/user/nobody");
+    // It said where it listens, and keeps its state in the user's XDG dir.
+    let mut banner = [0u8; 512];
+    let n = std::io::Read::read(&mut stdout, &mut banner).unwrap();
+    let banner = String::from_utf8_lossy(&banner[..n]);
+    assert!(banner.contains(&socket.display().to_string()), "{banner}");
+    assert!(home.path().join(".local/state/writ/ca").is_dir());
+}
+
+#[test]
+fn validate_reports_errors_with_line_and_column() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(
+        &bad,
+        "trust_domain = \"example.org\"\n\n[[entry]]\nspiffe_id = \"spiffe://other.org/x\"\nselectors = [\"unix:1000\"]\n",
+    )
+    .unwrap();
+    let (ok, _, stderr) = writ_cli(&["validate", "--config", bad.to_str().unwrap()], None);
+    assert!(!ok);
+    let path = bad.display().to_string();
+    assert!(stderr.contains(&format!("{path}:4:13:")), "{stderr}");
+    assert!(stderr.contains(&format!("{path}:5:14:")), "{stderr}");
+    assert!(stderr.contains("2 error(s)"), "{stderr}");
+
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/writ.toml");
+    let (ok, stdout, stderr) = writ_cli(&["validate", "--config", example], None);
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("OK"));
+}
+
+#[test]
+fn fetch_writes_svid_key_and_bundle_files() {
+    let writ = Writ::start(&entry_for_us());
+    let out = writ.dir.path().join("out");
+    let (ok, stdout, stderr) = writ_cli(
+        &[
+            "api",
+            "fetch",
+            "x509",
+            "--socket",
+            &writ.endpoint(),
+            "--write",
+            out.to_str().unwrap(),
+            "--output",
+            "json",
+        ],
+        None,
+    );
+    assert!(ok, "{stderr}");
+    let svids: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(svids[0]["spiffe_id"], "spiffe://writ.test/cli");
+    assert_eq!(svids[0]["hint"], "cli");
+    let key_mode = std::fs::metadata(out.join("svid.0.key"))
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(key_mode, 0o600);
+    let chain = pem::parse_many(std::fs::read(out.join("svid.0.pem")).unwrap()).unwrap();
+    assert_eq!(chain[0].tag(), "CERTIFICATE");
+    let key = pem::parse(std::fs::read(out.join("svid.0.key")).unwrap()).unwrap();
+    assert_eq!(key.tag(), "PRIVATE KEY");
+    let bundle = pem::parse_many(std::fs::read(out.join("bundle.0.pem")).unwrap()).unwrap();
+    assert!(!bundle.is_empty());
+    // The files hold a usable identity: the spiffe crate accepts them.
+    spiffe::X509Svid::parse_from_der(chain[0].contents(), key.contents()).unwrap();
+
+    // SPIFFE_ENDPOINT_SOCKET is honoured when --socket is absent.
+    let out = Command::new(WRIT)
+        .args(["api", "fetch", "x509"])
+        .env("SPIFFE_ENDPOINT_SOCKET", writ.endpoint())
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("spiffe://writ.test/cli"));
+}
+
+#[test]
+fn healthcheck_tells_serving_from_absent() {
+    let mut writ = Writ::start(&entry_for_us());
+    let (ok, stdout, _) = writ_cli(&["healthcheck", "--socket", &writ.endpoint()], None);
+    assert!(ok && stdout.contains("serving"));
+    assert!(writ.stop().success(), "SIGTERM must stop writ cleanly");
+    assert!(!writ.socket.exists(), "writ must remove its socket on stop");
+    let (ok, _, _) = writ_cli(&["healthcheck", "--socket", &writ.endpoint()], None);
+    assert!(!ok);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bundle_show_matches_what_workloads_receive() {
+    let writ = Writ::start(&entry_for_us());
+    let (ok, json, stderr) = writ_cli(
+        &[
+            "bundle",
+            "show",
+            "--format",
+            "spiffe",
+            "--admin-socket",
+            &admin(&writ),
+        ],
+        None,
+    );
+    assert!(ok, "{stderr}");
+    let doc =
+        TrustBundle::from_spiffe_json(TrustDomain::new("writ.test").unwrap(), json.as_bytes())
+            .unwrap();
+    assert!(doc.sequence >= 1);
+    let (ok, pem_text, _) = writ_cli(&["bundle", "show", "--admin-socket", &admin(&writ)], None);
+    assert!(ok);
+    let from_pem =
+        TrustBundle::from_pem(TrustDomain::new("writ.test").unwrap(), &pem_text).unwrap();
+    assert_eq!(from_pem.x509_authorities, doc.x509_authorities);
+
+    let source = spiffe::X509Source::builder()
+        .endpoint(writ.endpoint())
+        .build()
+        .await
+        .unwrap();
+    let served = source.bundle_set().unwrap();
+    let td = spiffe::TrustDomain::new("writ.test").unwrap();
+    let served: Vec<Vec<u8>> = served
+        .get(&td)
+        .unwrap()
+        .authorities()
+        .iter()
+        .map(|c| c.as_ref().to_vec())
+        .collect();
+    let shown: Vec<Vec<u8>> = doc.x509_authorities.iter().map(|c| c.to_vec()).collect();
+    assert_eq!(served, shown);
+    source.shutdown().await;
+}
+
+#[test]
+fn entries_created_at_run_time_issue_identities_and_survive_restart() {
+    let mut writ = Writ::start(&entry_for_us());
+    let a = admin(&writ);
+    let (ok, id, stderr) = writ_cli(
+        &[
+            "entry",
+            "create",
+            "--admin-socket",
+            &a,
+            "--spiffe-id",
+            "spiffe://writ.test/extra",
+            "--selector",
+            &format!("unix:uid:{}", uid()),
+            "--hint",
+            "extra",
+        ],
+        None,
+    );
+    assert!(ok, "{stderr}");
+    let id = id.trim().to_string();
+    let fetch = |w: &Writ| {
+        let (ok, out, err) = writ_cli(
+            &[
+                "api",
+                "fetch",
+                "x509",
+                "--socket",
+                &w.endpoint(),
+                "--output",
+                "json",
+            ],
+            None,
+        );
+        assert!(ok, "{err}");
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["spiffe_id"].as_str().unwrap().to_owned())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        fetch(&writ),
+        vec!["spiffe://writ.test/cli", "spiffe://writ.test/extra"]
+    );
+
+    // Bad input is refused with the field named, and nothing is stored.
+    for (args, field) in [
+        (
+            vec![
+                "--spiffe-id",
+                "spiffe://other.test/x",
+                "--selector",
+                "unix:uid:1",
+            ],
+            "spiffe_id",
+        ),
+        (
+            vec![
+                "--spiffe-id",
+                "spiffe://writ.test/y",
+                "--selector",
+                "unix:1",
+            ],
+            "selectors",
+        ),
+        (
+            vec![
+                "--spiffe-id",
+                "spiffe://writ.test/y",
+                "--selector",
+                "unix:uid:1",
+                "--x509-svid-ttl",
+                "0s",
+            ],
+            "x509_svid_ttl",
+        ),
+        (
+            vec![
+                "--spiffe-id",
+                "spiffe://writ.test/y",
+                "--selector",
+                "unix:uid:1",
+                "--dns-name",
+                "a_b",
+            ],
+            "dns_names",
+        ),
+    ] {
+        let mut full = vec!["entry", "create", "--admin-socket", a.as_str()];
+        full.extend(args);
+        let (ok, _, stderr) = writ_cli(&full, None);
+        assert!(!ok);
+        assert!(
+            stderr.contains("InvalidArgument") && stderr.contains(field),
+            "{field}: {stderr}"
+        );
+    }
+    let (_, list, _) = writ_cli(
+        &["entry", "list", "--admin-socket", &a, "--output", "json"],
+        None,
+    );
+    let list: serde_json::Value = serde_json::from_str(&list).unwrap();
+    assert_eq!(list.as_array().unwrap().len(), 2);
+    let config_entry = list[0]["id"].as_str().unwrap().to_owned();
+    assert_eq!(list[0]["source"], "config");
+    let (ok, _, stderr) = writ_cli(
+        &["entry", "delete", "--admin-socket", &a, &config_entry],
+        None,
+    );
+    assert!(!ok && stderr.contains("FailedPrecondition"), "{stderr}");
+
+    // Persisted: still there after a restart, then deleted for good.
+    writ.kill9();
+    writ.spawn();
+    assert_eq!(
+        fetch(&writ),
+        vec!["spiffe://writ.test/cli", "spiffe://writ.test/extra"]
+    );
+    let (ok, _, stderr) = writ_cli(&["entry", "delete", "--admin-socket", &a, &id], None);
+    assert!(ok, "{stderr}");
+    assert_eq!(fetch(&writ), vec!["spiffe://writ.test/cli"]);
+    writ.kill9();
+    writ.spawn();
+    assert_eq!(fetch(&writ), vec!["spiffe://writ.test/cli"]);
+}
