@@ -28,6 +28,7 @@ use crate::workload_api::agent_status;
 pub struct AdminAuthorization {
     pub authorized: Vec<Vec<Selector>>,
     pub bind_any_pid: Vec<Vec<Selector>>,
+    pub bind_same_uid: bool,
 }
 
 fn matches_any(sets: &[Vec<Selector>], have: &[Selector]) -> bool {
@@ -188,7 +189,9 @@ impl pb::tasks_server::Tasks for TasksService {
             pid: admin.caller.pid,
             start_time: admin.caller.process.start_time(),
             spiffe_id: own_id,
+            uid: attestation.snapshot.uid,
             may_bind_any_pid: matches_any(&ctx.auth.bind_any_pid, &admin.selectors),
+            may_bind_same_uid: ctx.auth.bind_same_uid,
         };
         let task = ctx
             .tasks

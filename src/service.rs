@@ -185,6 +185,7 @@ pub async fn run(
         auth: AdminAuthorization {
             authorized: config.admin_api.authorized.clone(),
             bind_any_pid: config.admin_api.bind_any_pid.clone(),
+            bind_same_uid: config.admin_api.bind_same_uid,
         },
     });
 

@@ -148,8 +148,11 @@ pub struct Orchestrator {
     pub start_time: u64,
     /// The caller's default SPIFFE ID, if it has one.
     pub spiffe_id: Option<SpiffeId>,
+    pub uid: u32,
     /// May bind processes that are not its descendants.
     pub may_bind_any_pid: bool,
+    /// May bind processes running under its own uid.
+    pub may_bind_same_uid: bool,
 }
 
 pub fn validate_task_id(id: &str) -> Result<(), TaskError> {
@@ -399,14 +402,23 @@ impl TaskManager {
                 let pinned = PinnedProcess::open(pid).map_err(|e| {
                     invalid("binding.pid", format!("cannot pin process {pid}: {e}"))
                 })?;
-                // Only a process's own ancestors may bind it, unless the caller
-                // is authorized for arbitrary PIDs.
-                if !caller.may_bind_any_pid
-                    && !writ_attestors::is_descendant_of(pid, caller.pid, caller.start_time)
-                {
+                // A caller may bind its own descendants; with bind_same_uid,
+                // processes of its own uid (which it could ptrace anyway);
+                // anything else only if authorized for arbitrary PIDs.
+                let allowed = caller.may_bind_any_pid
+                    || writ_attestors::is_descendant_of(pid, caller.pid, caller.start_time)
+                    || (caller.may_bind_same_uid
+                        && writ_attestors::read_snapshot(&pinned)
+                            .is_ok_and(|s| s.uid == caller.uid));
+                if !allowed {
                     return Err(TaskError::PermissionDenied(format!(
-                        "process {pid} is not a descendant of the caller (pid {})",
-                        caller.pid
+                        "process {pid} is neither a descendant of the caller (pid {}) nor {}",
+                        caller.pid,
+                        if caller.may_bind_same_uid {
+                            "running under the caller's uid"
+                        } else {
+                            "allowed by bind_same_uid"
+                        }
                     )));
                 }
                 let binding = Binding::Pid {

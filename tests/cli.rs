@@ -335,3 +335,181 @@ fn entries_created_at_run_time_issue_identities_and_survive_restart() {
     writ.spawn();
     assert_eq!(fetch(&writ), vec!["spiffe://writ.test/cli"]);
 }
+
+#[test]
+fn task_commands_begin_inspect_and_end_a_task() {
+    let writ = Writ::start(&entry_for_us());
+    let a = admin(&writ);
+    let mut child = Command::new("sleep").arg("60").spawn().unwrap();
+    let pid = child.id().to_string();
+    let mut watch = Command::new(WRIT)
+        .args(["task", "watch", "--admin-socket", &a, "--output", "json"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (ok, out, stderr) = writ_cli(
+        &[
+            "task",
+            "begin",
+            "--admin-socket",
+            &a,
+            "--pid",
+            &pid,
+            "--id",
+            "t-cli",
+            "--purpose",
+            "triage",
+            "--tool",
+            "jira",
+            "--target",
+            "tickets",
+            "--data-class",
+            "internal",
+            "--attr",
+            "ticket=42",
+            "--ttl",
+            "5m",
+            "--output",
+            "json",
+        ],
+        None,
+    );
+    assert!(ok, "{stderr}");
+    let task: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(task["task_id"], "t-cli");
+    assert_eq!(task["spiffe_id"], "spiffe://writ.test/cli/task/t-cli");
+    assert_eq!(task["intent"]["attributes"]["ticket"], "42");
+    let (ok, out, _) = writ_cli(&["task", "list", "--admin-socket", &a], None);
+    assert!(
+        ok && out.contains("t-cli") && out.contains("active"),
+        "{out}"
+    );
+    let (ok, out, _) = writ_cli(&["task", "get", "t-cli", "--admin-socket", &a], None);
+    assert!(ok && out.contains("Tools:      jira"), "{out}");
+    let (ok, out, stderr) = writ_cli(
+        &[
+            "task",
+            "end",
+            "t-cli",
+            "--admin-socket",
+            &a,
+            "--reason",
+            "done",
+        ],
+        None,
+    );
+    assert!(
+        ok && out.contains("ended t-cli (end_task)"),
+        "{out}{stderr}"
+    );
+    let (ok, _, stderr) = writ_cli(
+        &[
+            "task",
+            "begin",
+            "--admin-socket",
+            &a,
+            "--pid",
+            &pid,
+            "--id",
+            "bad id",
+        ],
+        None,
+    );
+    assert!(
+        !ok && stderr.contains("InvalidArgument") && stderr.contains("task_id"),
+        "{stderr}"
+    );
+
+    // The watcher saw the task begin and complete, once each.
+    std::thread::sleep(Duration::from_millis(300));
+    let _ = watch.kill();
+    let out = watch.wait_with_output().unwrap();
+    let events: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let kinds: Vec<_> = events
+        .iter()
+        .map(|e| e["event"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(kinds, vec!["begun", "completed"]);
+    assert_eq!(events[1]["task"]["completion_detail"], "done");
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sockets_have_their_modes_and_offer_reflection() {
+    let writ = Writ::start(&entry_for_us());
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(
+        mode(&writ.socket),
+        0o777,
+        "authority comes from attestation, not file modes"
+    );
+    assert_eq!(mode(writ.socket.parent().unwrap()), 0o755);
+    assert_eq!(mode(std::path::Path::new(&admin(&writ))), 0o770);
+    assert_eq!(mode(&writ.dir.path().join("state")), 0o700);
+
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+    let channel = writ::cli::client::connect(&writ.socket).await.unwrap();
+    let mut client = ServerReflectionClient::new(channel);
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut responses = client
+        .server_reflection_info(futures::stream::iter(vec![request]))
+        .await
+        .unwrap()
+        .into_inner();
+    let Some(MessageResponse::ListServicesResponse(list)) =
+        responses.message().await.unwrap().unwrap().message_response
+    else {
+        panic!("unexpected reflection response");
+    };
+    let names: Vec<_> = list.service.iter().map(|s| s.name.as_str()).collect();
+    assert!(names.contains(&"SpiffeWorkloadAPI"), "{names:?}");
+    assert!(names.contains(&"grpc.health.v1.Health"), "{names:?}");
+}
+
+#[test]
+fn the_ca_root_is_kept_across_restarts() {
+    let mut writ = Writ::start(&entry_for_us());
+    let a = admin(&writ);
+    let show = || {
+        let (ok, json, stderr) = writ_cli(
+            &["bundle", "show", "--format", "spiffe", "--admin-socket", &a],
+            None,
+        );
+        assert!(ok, "{stderr}");
+        TrustBundle::from_spiffe_json(TrustDomain::new("writ.test").unwrap(), json.as_bytes())
+            .unwrap()
+    };
+    let before = show();
+    writ.kill9();
+    writ.spawn();
+    let after = show();
+    assert_eq!(before.x509_authorities, after.x509_authorities);
+    assert!(
+        after.sequence > before.sequence,
+        "bundle sequence must only grow"
+    );
+    let key_files: Vec<_> = std::fs::read_dir(writ.dir.path().join("state/ca"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.to_string_lossy().ends_with(".key.pem"))
+        .collect();
+    assert!(!key_files.is_empty());
+    for k in key_files {
+        assert_eq!(
+            std::fs::metadata(&k).unwrap().permissions().mode() & 0o777,
+            0o600,
+            "{}",
+            k.display()
+        );
+    }
+}

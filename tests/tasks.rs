@@ -592,9 +592,36 @@ async fn malformed_and_unauthorized_admin_calls_are_refused() {
             err.message()
         );
     }
-    // A process that is not our descendant cannot be bound by us.
-    let err = tasks.begin_task(begin_pid("t", 1)).await.unwrap_err();
-    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    // A process that is neither our descendant nor running under our uid
+    // cannot be bound by us (bind_any_pid is not configured here).
+    if is_root() {
+        use std::os::unix::process::CommandExt;
+        // sh starts a background sleep and exits: the sleep is re-parented
+        // away from us, and runs as nobody.
+        let out = Command::new("sh")
+            .args(["-c", "sleep 30 >/dev/null 2>&1 & echo $!"])
+            .uid(common::NOBODY)
+            .gid(common::NOBODY)
+            .output()
+            .unwrap();
+        let stranger: i32 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
+        assert!(!writ_attestors::is_descendant_of(
+            stranger,
+            std::process::id() as i32,
+            writ_attestors::PinnedProcess::open(std::process::id() as i32)
+                .unwrap()
+                .start_time()
+        ));
+        let err = tasks
+            .begin_task(begin_pid("t", stranger as u32))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(stranger),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
     assert_eq!(
         tasks
             .get_task(apb::GetTaskRequest {

@@ -151,6 +151,7 @@ impl Builder<'_> {
                 socket_path: admin.socket_path.value,
                 authorized: admin.authorized,
                 bind_any_pid: admin.bind_any_pid,
+                bind_same_uid: admin.bind_same_uid,
             }),
             ca: ca.map_or_else(CaConfig::default, |ca| ca.config),
             attestors,
@@ -223,9 +224,14 @@ impl Builder<'_> {
         data_dir: &Sourced<PathBuf>,
         defaults: AdminApiConfig,
     ) -> Option<CheckedAdminApi> {
-        let (socket_text, authorized, bind_any_pid) = match raw {
-            Some(raw) => (raw.socket_path, raw.authorized, raw.bind_any_pid),
-            None => (None, None, None),
+        let (socket_text, authorized, bind_any_pid, bind_same_uid) = match raw {
+            Some(raw) => (
+                raw.socket_path,
+                raw.authorized,
+                raw.bind_any_pid,
+                raw.bind_same_uid,
+            ),
+            None => (None, None, None, None),
         };
         let socket_path = self.socket_path(
             "admin_api.socket_path",
@@ -245,6 +251,7 @@ impl Builder<'_> {
             socket_path: socket_path?,
             authorized: authorized?,
             bind_any_pid: bind_any_pid?,
+            bind_same_uid: bind_same_uid.unwrap_or(defaults.bind_same_uid),
         })
     }
 
@@ -748,6 +755,7 @@ struct CheckedAdminApi {
     socket_path: Sourced<PathBuf>,
     authorized: Vec<Vec<Selector>>,
     bind_any_pid: Vec<Vec<Selector>>,
+    bind_same_uid: bool,
 }
 
 struct CheckedCa {

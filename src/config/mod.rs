@@ -60,6 +60,9 @@ pub struct AdminApiConfig {
     /// everyone else only to its own descendants. Default: nobody.
     #[serde(serialize_with = "serialize_selector_sets")]
     pub bind_any_pid: Vec<Vec<Selector>>,
+    /// Authorized callers may bind processes running under their own uid
+    /// (which they could ptrace anyway). Default: true.
+    pub bind_same_uid: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -243,6 +246,7 @@ impl Config {
                 socket_path: socket_dir.join("admin.sock"),
                 authorized: vec![vec![Selector::with_key("unix", "uid", env.uid)]],
                 bind_any_pid: Vec::new(),
+                bind_same_uid: true,
             },
             data_dir,
             ca: CaConfig::default(),

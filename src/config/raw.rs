@@ -34,6 +34,7 @@ pub(super) struct RawAdminApi {
     pub socket_path: Option<Text>,
     pub authorized: Option<Vec<Spanned<Vec<Text>>>>,
     pub bind_any_pid: Option<Vec<Spanned<Vec<Text>>>>,
+    pub bind_same_uid: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]

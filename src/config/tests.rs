@@ -203,6 +203,7 @@ socket_path = "/srv/writ/sock/workload.sock"
 socket_path = "/srv/writ/sock/admin.sock"
 authorized = [["unix:uid:0"], ["unix:uid:1000", "systemd:unit:orchestrator.service"]]
 bind_any_pid = [["unix:uid:0"]]
+bind_same_uid = false
 
 [ca]
 ca_ttl = "2d"
@@ -259,6 +260,7 @@ fn full_config_loads_every_key() {
                 ],
             ],
             bind_any_pid: vec![vec![selector("unix:uid:0")]],
+            bind_same_uid: false,
         },
         ca: CaConfig {
             ca_ttl: secs(2 * 86_400),
