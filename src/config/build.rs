@@ -12,12 +12,13 @@ use toml::Spanned;
 use writ_attestors::Selector;
 
 use super::raw::{
-    RawAdminApi, RawAttestors, RawCa, RawConfig, RawEntry, RawLog, RawTasks, RawUpstream, Text,
+    RawAdminApi, RawAttestors, RawAudit, RawCa, RawConfig, RawEntry, RawLog, RawPolicy, RawTasks,
+    RawUpstream, Text,
 };
 use super::{
-    AdminApiConfig, AttestorsConfig, CaConfig, Config, ConfigError, EntryConfig, Environment,
-    LogConfig, LogFormat, MAX_HINT_BYTES, MAX_SOCKET_PATH_BYTES, TasksConfig, UpstreamCaConfig,
-    WorkloadApiConfig, format_duration, parse_duration,
+    AdminApiConfig, AttestorsConfig, AuditConfig, CaConfig, Config, ConfigError, EntryConfig,
+    Environment, LogConfig, LogFormat, MAX_HINT_BYTES, MAX_SOCKET_PATH_BYTES, PolicyConfig,
+    TasksConfig, UpstreamCaConfig, WorkloadApiConfig, format_duration, parse_duration,
 };
 use crate::spiffe_id::{SpiffeId, TrustDomain};
 
@@ -139,6 +140,8 @@ impl Builder<'_> {
         let attestors = self.attestors(raw.attestors, defaults.attestors);
         let tasks = self.tasks(raw.tasks, ca.as_ref());
         let log = self.log(raw.log, defaults.log);
+        let policy = self.policy(raw.policy);
+        let audit = self.audit(raw.audit, &data_dir.value);
         let entries = self.entries(&raw.entry, trust_domain.as_ref(), ca.as_ref());
 
         Config {
@@ -157,7 +160,62 @@ impl Builder<'_> {
             attestors,
             tasks,
             log,
+            policy,
+            audit,
             entries,
+        }
+    }
+
+    fn policy(&mut self, raw: Option<RawPolicy>) -> PolicyConfig {
+        let files = raw.and_then(|p| p.files).unwrap_or_default();
+        PolicyConfig {
+            files: files
+                .iter()
+                .enumerate()
+                .filter_map(|(i, f)| self.absolute_path(&format!("policy.files[{i}]"), f))
+                .collect(),
+        }
+    }
+
+    fn audit(&mut self, raw: Option<RawAudit>, data_dir: &Path) -> AuditConfig {
+        let defaults = AuditConfig::defaults_for(data_dir);
+        let Some(raw) = raw else { return defaults };
+        let path = match &raw.path {
+            Some(text) => self
+                .absolute_path("audit.path", text)
+                .unwrap_or(defaults.path.clone()),
+            None => defaults.path.clone(),
+        };
+        let mut positive = |key: &str, value: Option<Spanned<u64>>, default: u64| match value {
+            Some(v) if *v.get_ref() == 0 => {
+                self.error(v.span(), format!("{key} must be at least 1"));
+                default
+            }
+            Some(v) => v.into_inner(),
+            None => default,
+        };
+        let max_file_bytes = positive(
+            "audit.max_file_bytes",
+            raw.max_file_bytes,
+            defaults.max_file_bytes,
+        );
+        let checkpoint_every = positive(
+            "audit.checkpoint_every",
+            raw.checkpoint_every,
+            defaults.checkpoint_every,
+        );
+        let checkpoint_interval = self
+            .positive_duration(
+                "audit.checkpoint_interval",
+                raw.checkpoint_interval.as_ref(),
+                defaults.checkpoint_interval,
+            )
+            .map_or(defaults.checkpoint_interval, |d| d.value);
+        AuditConfig {
+            path,
+            max_file_bytes,
+            checkpoint_every,
+            checkpoint_interval,
         }
     }
 

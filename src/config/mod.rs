@@ -39,6 +39,8 @@ pub struct Config {
     pub attestors: AttestorsConfig,
     pub tasks: TasksConfig,
     pub log: LogConfig,
+    pub policy: PolicyConfig,
+    pub audit: AuditConfig,
     /// Written as `[[entry]]` tables in the file.
     #[serde(rename = "entry")]
     pub entries: Vec<EntryConfig>,
@@ -113,6 +115,37 @@ pub struct TasksConfig {
     #[serde(with = "duration_serde")]
     pub x509_svid_ttl: Duration,
     pub max_depth: u32,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct PolicyConfig {
+    /// Cedar policy files, validated against writ's schema at start and on
+    /// reload. Empty: the built-in permissive policy (quick start).
+    pub files: Vec<PathBuf>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AuditConfig {
+    /// The current audit file; rotated files sit beside it.
+    pub path: PathBuf,
+    /// Rotate the file once it grows past this many bytes.
+    pub max_file_bytes: u64,
+    /// Write a signed checkpoint after this many records...
+    pub checkpoint_every: u64,
+    /// ...or after this long, whichever comes first.
+    #[serde(with = "duration_serde")]
+    pub checkpoint_interval: Duration,
+}
+
+impl AuditConfig {
+    pub fn defaults_for(data_dir: &Path) -> Self {
+        AuditConfig {
+            path: data_dir.join("audit/audit.jsonl"),
+            max_file_bytes: 64 * 1024 * 1024,
+            checkpoint_every: 1000,
+            checkpoint_interval: Duration::from_secs(60),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -236,6 +269,7 @@ impl Config {
     /// a file lists exactly the entries it means.
     fn defaults_without_entries(env: &Environment) -> Config {
         let data_dir = env.default_data_dir();
+        let audit = AuditConfig::defaults_for(&data_dir);
         let socket_dir = env.default_socket_dir(&data_dir);
         Config {
             trust_domain: default_trust_domain(),
@@ -252,6 +286,8 @@ impl Config {
             ca: CaConfig::default(),
             attestors: AttestorsConfig::default(),
             tasks: TasksConfig::default(),
+            policy: PolicyConfig::default(),
+            audit,
             log: LogConfig::default(),
             entries: Vec::new(),
         }

@@ -18,6 +18,8 @@ pub(super) struct RawConfig {
     pub attestors: Option<RawAttestors>,
     pub tasks: Option<RawTasks>,
     pub log: Option<RawLog>,
+    pub policy: Option<RawPolicy>,
+    pub audit: Option<RawAudit>,
     #[serde(default)]
     pub entry: Vec<Spanned<RawEntry>>,
 }
@@ -81,6 +83,21 @@ pub(super) struct RawTasks {
     pub default_ttl: Option<Text>,
     pub x509_svid_ttl: Option<Text>,
     pub max_depth: Option<Spanned<u32>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawPolicy {
+    pub files: Option<Vec<Text>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawAudit {
+    pub path: Option<Text>,
+    pub max_file_bytes: Option<Spanned<u64>>,
+    pub checkpoint_every: Option<Spanned<u64>>,
+    pub checkpoint_interval: Option<Text>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -228,6 +228,15 @@ max_depth = 2
 level = "info,writ::tasks=debug"
 format = "json"
 
+[policy]
+files = ["/etc/writ/policies/base.cedar", "/etc/writ/policies/prod.cedar"]
+
+[audit]
+path = "/var/log/writ/audit.jsonl"
+max_file_bytes = 1048576
+checkpoint_every = 100
+checkpoint_interval = "30s"
+
 [[entry]]
 spiffe_id = "spiffe://example.org/agent/researcher"
 selectors = ["unix:uid:1000", "cgroup:path:/system.slice/research-agent.service"]
@@ -290,6 +299,18 @@ fn full_config_loads_every_key() {
         log: LogConfig {
             level: "info,writ::tasks=debug".into(),
             format: LogFormat::Json,
+        },
+        policy: PolicyConfig {
+            files: vec![
+                "/etc/writ/policies/base.cedar".into(),
+                "/etc/writ/policies/prod.cedar".into(),
+            ],
+        },
+        audit: AuditConfig {
+            path: "/var/log/writ/audit.jsonl".into(),
+            max_file_bytes: 1_048_576,
+            checkpoint_every: 100,
+            checkpoint_interval: secs(30),
         },
         entries: vec![
             EntryConfig {
