@@ -152,6 +152,7 @@ pub async fn build(config: &Config) -> Result<Services, ServiceError> {
 /// Runs the agent until `shutdown` resolves.
 pub async fn run(
     config: Config,
+    config_path: Option<PathBuf>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServiceError> {
     // Everything writ creates is private unless it says otherwise (sockets
@@ -177,6 +178,11 @@ pub async fn run(
     };
 
     let rotation = tokio::spawn(rotate_ca_forever(agent.clone()));
+    let reloader = tokio::spawn(reload_on_sighup(
+        config.clone(),
+        config_path,
+        services.entries.clone(),
+    ));
 
     let admin = Arc::new(AdminContext {
         agent: agent.clone(),
@@ -226,6 +232,7 @@ pub async fn run(
     let (served, admin_served) = tokio::join!(workload_server, admin_server);
 
     rotation.abort();
+    reloader.abort();
     remove_socket(&workload_socket);
     remove_socket(&admin_socket);
     services.store.close();
@@ -233,6 +240,48 @@ pub async fn run(
     served?;
     admin_served?;
     Ok(())
+}
+
+/// On SIGHUP, re-reads the config file and applies what can change while
+/// running (registration entries). The new file is validated completely
+/// first; a bad file changes nothing and says why. Settings that need a
+/// restart (sockets, data dir, trust domain, CA) are reported, not applied.
+async fn reload_on_sighup(mut current: Config, path: Option<PathBuf>, entries: Arc<EntryStore>) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut hangups) = signal(SignalKind::hangup()) else {
+        tracing::warn!("cannot listen for SIGHUP; reload is unavailable");
+        return;
+    };
+    while hangups.recv().await.is_some() {
+        let Some(path) = &path else {
+            tracing::info!("SIGHUP: running on built-in defaults; nothing to reload");
+            continue;
+        };
+        match crate::config::validate_file(path) {
+            Err(errors) => {
+                for e in &errors {
+                    tracing::error!(error = %e, "reload refused; keeping the running configuration");
+                }
+            }
+            Ok(next) => {
+                let needs_restart = next.trust_domain != current.trust_domain
+                    || next.data_dir != current.data_dir
+                    || next.workload_api != current.workload_api
+                    || next.admin_api != current.admin_api
+                    || next.ca != current.ca;
+                if needs_restart {
+                    tracing::warn!(
+                        "reload: trust domain, data dir, sockets, admin or CA settings changed; they take effect on restart"
+                    );
+                }
+                entries
+                    .set_config_registry(Registry::from_config(&next))
+                    .await;
+                tracing::info!(path = %path.display(), entries = next.entries.len(), "configuration reloaded");
+                current = next;
+            }
+        }
+    }
 }
 
 async fn rotate_ca_forever(agent: Arc<Agent>) {

@@ -513,3 +513,70 @@ fn the_ca_root_is_kept_across_restarts() {
         );
     }
 }
+
+#[test]
+fn sighup_reloads_entries_and_a_bad_file_changes_nothing() {
+    let writ = Writ::start(&entry_for_us());
+    let ids = || {
+        let (ok, out, err) = writ_cli(
+            &[
+                "api",
+                "fetch",
+                "x509",
+                "--socket",
+                &writ.endpoint(),
+                "--output",
+                "json",
+            ],
+            None,
+        );
+        assert!(ok, "{err}");
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["spiffe_id"].as_str().unwrap().to_owned())
+            .collect::<Vec<_>>()
+    };
+    let hup = || {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(writ.pid() as i32),
+            nix::sys::signal::Signal::SIGHUP,
+        )
+        .unwrap();
+    };
+    assert_eq!(ids(), vec!["spiffe://writ.test/cli"]);
+    let original = std::fs::read_to_string(&writ.config_path).unwrap();
+    let added = format!(
+        "{original}\n[[entry]]\nspiffe_id = \"spiffe://writ.test/reloaded\"\nselectors = [\"unix:uid:{}\"]\n",
+        uid()
+    );
+    std::fs::write(&writ.config_path, &added).unwrap();
+    hup();
+    common::wait_for(Duration::from_secs(10), "reloaded entry", || {
+        (ids().len() == 2).then_some(())
+    });
+    assert_eq!(
+        ids(),
+        vec!["spiffe://writ.test/cli", "spiffe://writ.test/reloaded"]
+    );
+
+    // A broken file is refused: the running entries stay, writ keeps serving.
+    std::fs::write(
+        &writ.config_path,
+        format!("{added}\n[[entry]]\nspiffe_id = \"nonsense\"\n"),
+    )
+    .unwrap();
+    hup();
+    common::wait_for(Duration::from_secs(10), "refusal in the log", || {
+        writ.log().contains("reload refused").then_some(())
+    });
+    assert_eq!(
+        ids(),
+        vec!["spiffe://writ.test/cli", "spiffe://writ.test/reloaded"]
+    );
+    assert!(
+        writ.log().contains("writ.toml:"),
+        "the error names the file and position"
+    );
+}

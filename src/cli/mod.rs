@@ -155,9 +155,9 @@ fn init_logging(config: &Config, format: Option<LogFormatArg>) {
 pub async fn main(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Run { config, log_format } => {
-            let config = load_config(config.as_deref())?;
-            init_logging(&config, log_format);
-            crate::service::run(config, shutdown_signal()).await?;
+            let loaded = load_config(config.as_deref())?;
+            init_logging(&loaded, log_format);
+            crate::service::run(loaded, config, shutdown_signal()).await?;
             Ok(())
         }
         Command::Validate { config } => match crate::config::validate_file(&config) {
