@@ -37,6 +37,18 @@ pub enum AgentError {
     Store(#[from] StoreError),
     #[error("task {0} completed while its SVID was being issued")]
     TaskCompleted(String),
+    #[error("the CRL publisher has stopped")]
+    CrlPublisherStopped,
+    #[error("publishing the CRL failed: {0}")]
+    CrlPublishFailed(String),
+}
+
+/// How far CRL publication has got, in request epochs.
+#[derive(Debug, Clone, Default)]
+pub struct CrlProgress {
+    pub epoch: u64,
+    pub failed_epoch: u64,
+    pub last_error: String,
 }
 
 impl From<AttestError> for AgentError {
@@ -134,6 +146,8 @@ pub struct Agent {
     task_svid_ttl: Duration,
     tasks: RwLock<TaskIndex>,
     crls: RwLock<Arc<Crls>>,
+    crl_requested: watch::Sender<u64>,
+    crl_published: watch::Sender<CrlProgress>,
     registry: RwLock<Arc<Registry>>,
     ca: RwLock<CertificateAuthority>,
     svids: Mutex<HashMap<String, Arc<CachedSvid>>>,
@@ -159,6 +173,8 @@ impl Agent {
             task_svid_ttl,
             tasks: RwLock::new(TaskIndex::default()),
             crls: RwLock::new(Arc::new(Crls::default())),
+            crl_requested: watch::channel(0).0,
+            crl_published: watch::channel(CrlProgress::default()).0,
             registry: RwLock::new(Arc::new(registry)),
             ca: RwLock::new(ca),
             svids: Mutex::new(HashMap::new()),
@@ -333,6 +349,61 @@ impl Agent {
 
     pub fn crls(&self) -> Arc<Crls> {
         read_lock(&self.crls).clone()
+    }
+
+    /// Publishes a CRL that includes every revocation stored before this
+    /// call, and returns once it is live. Concurrent callers share one
+    /// signing: the publisher takes everything requested so far in one pass,
+    /// like a group commit.
+    pub async fn publish_crls(&self) -> Result<(), AgentError> {
+        let mut published = self.crl_published.subscribe();
+        let wanted = {
+            let mut wanted = 0;
+            self.crl_requested.send_modify(|epoch| {
+                *epoch += 1;
+                wanted = *epoch;
+            });
+            wanted
+        };
+        published
+            .wait_for(|p| p.epoch >= wanted || p.failed_epoch >= wanted)
+            .await
+            .map_err(|_| AgentError::CrlPublisherStopped)?;
+        let outcome = published.borrow().clone();
+        if outcome.epoch >= wanted {
+            Ok(())
+        } else {
+            Err(AgentError::CrlPublishFailed(outcome.last_error))
+        }
+    }
+
+    /// The publisher: waits for requests, signs once per batch of them.
+    pub async fn run_crl_publisher(self: Arc<Self>) {
+        let mut requested = self.crl_requested.subscribe();
+        loop {
+            let target = *requested.borrow_and_update();
+            let done = self
+                .crl_published
+                .borrow()
+                .epoch
+                .max(self.crl_published.borrow().failed_epoch);
+            if target > done {
+                match self.refresh_crls().await {
+                    Ok(()) => self.crl_published.send_modify(|p| p.epoch = target),
+                    Err(e) => {
+                        tracing::error!(error = %e, "publishing a new CRL failed");
+                        self.crl_published.send_modify(|p| {
+                            p.failed_epoch = target;
+                            p.last_error = e.to_string();
+                        });
+                    }
+                }
+                continue;
+            }
+            if requested.changed().await.is_err() {
+                return;
+            }
+        }
     }
 
     /// Re-signs the CRLs from every stored revocation whose certificate has

@@ -139,8 +139,9 @@ pub async fn build(config: &Config) -> Result<Services, ServiceError> {
         },
         cgroup_mount,
     );
+    tokio::spawn(agent.clone().run_crl_publisher());
     tasks.restore().await?;
-    agent.refresh_crls().await?;
+    agent.publish_crls().await?;
     Ok(Services {
         agent,
         store,

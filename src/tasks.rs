@@ -671,7 +671,7 @@ impl TaskManager {
             }
         };
         if revoked > 0
-            && let Err(e) = self.agent.refresh_crls().await
+            && let Err(e) = self.agent.publish_crls().await
         {
             tracing::error!(error = %e, "publishing a new CRL failed");
         }

@@ -78,6 +78,9 @@ pub fn agent_status(e: AgentError) -> Status {
         // The identity vanished between resolving and issuing; the caller
         // retries and resolves again without it.
         AgentError::TaskCompleted(t) => Status::unavailable(format!("task {t} just completed")),
+        e @ (AgentError::CrlPublisherStopped | AgentError::CrlPublishFailed(_)) => {
+            Status::unavailable(e.to_string())
+        }
     }
 }
 
