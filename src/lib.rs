@@ -18,6 +18,7 @@ pub mod svid;
 mod sys;
 pub mod tasks;
 pub mod tls;
+mod uds_authority;
 pub mod workload_api;
 
 /// Code generated from `proto/` by build.rs.

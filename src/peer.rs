@@ -17,6 +17,8 @@ use tokio::net::{UnixListener, UnixStream};
 use tonic::transport::server::Connected;
 use writ_attestors::PinnedProcess;
 
+use crate::uds_authority::AuthorityFix;
+
 /// The kernel's account of a connected peer, pinned for the connection's life.
 pub struct Caller {
     pub pid: i32,
@@ -85,9 +87,11 @@ pub fn identify(stream: &UnixStream) -> Result<Caller, PeerError> {
     })
 }
 
-/// A connection together with the peer identified at accept time.
+/// A connection together with the peer identified at accept time. Reads go
+/// through `AuthorityFix`, so gRPC clients that put the socket path in
+/// `:authority` (py-spiffe, grpc-java) are understood.
 pub struct PeerStream {
-    stream: UnixStream,
+    stream: AuthorityFix<UnixStream>,
     peer: PeerInfo,
 }
 
@@ -130,7 +134,7 @@ impl AsyncWrite for PeerStream {
         Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
     }
     fn is_write_vectored(&self) -> bool {
-        self.stream.is_write_vectored()
+        self.stream.get_ref().is_write_vectored()
     }
 }
 
@@ -147,7 +151,7 @@ pub fn incoming(listener: UnixListener) -> impl Stream<Item = io::Result<PeerStr
                         tracing::debug!(error = %e, "could not identify peer");
                     }
                     let item = PeerStream {
-                        stream,
+                        stream: AuthorityFix::new(stream),
                         peer: peer.map(Arc::new).map_err(Arc::new),
                     };
                     return Some((Ok(item), listener));

@@ -47,7 +47,10 @@ fn run_peer(cmd: &mut Command, deadline: Duration) -> (bool, String, String) {
 }
 
 fn json_lines(stdout: &str) -> Vec<serde_json::Value> {
-    stdout.lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
+    stdout
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
 }
 
 #[test]
@@ -65,7 +68,10 @@ fn spire_agent_api_fetch_x509_reads_writs_socket() {
         Duration::from_secs(60),
     );
     assert!(ok, "spire-agent api fetch x509 failed:\n{stdout}\n{stderr}");
-    assert!(stdout.contains(&format!("SPIFFE ID:\t\t{ID}")) || stdout.contains(ID), "{stdout}");
+    assert!(
+        stdout.contains(&format!("SPIFFE ID:\t\t{ID}")) || stdout.contains(ID),
+        "{stdout}"
+    );
     // It wrote what it received: the SVID, its key and the bundle.
     for f in ["svid.0.pem", "svid.0.key", "bundle.0.pem"] {
         assert!(out_dir.join(f).exists(), "spire-agent did not write {f}");
@@ -89,17 +95,31 @@ fn spire_agent_api_fetch_jwt_reads_writs_socket() {
 
 #[test]
 fn go_spiffe_x509_source_follows_rotation_and_accepts_every_svid() {
-    let Some(client) = peers::go_client() else { return };
+    let Some(client) = peers::go_client() else {
+        return;
+    };
     // Short SVIDs so rotation happens within the test.
     let writ = writ_with("x509_svid_ttl = \"2s\"");
     let (ok, stdout, stderr) = run_peer(
-        Command::new(client).args(["-mode", "x509", "-rotations", "2", "-timeout", "40s", "-socket", &writ.endpoint()]),
+        Command::new(client).args([
+            "-mode",
+            "x509",
+            "-rotations",
+            "2",
+            "-timeout",
+            "40s",
+            "-socket",
+            &writ.endpoint(),
+        ]),
         Duration::from_secs(60),
     );
     assert!(ok, "go-spiffe client failed:\n{stdout}\n{stderr}");
     let events = json_lines(&stdout);
     let svids: Vec<_> = events.iter().filter(|e| e["event"] == "svid").collect();
-    assert!(svids.len() >= 3, "expected the first SVID and two rotations: {stdout}");
+    assert!(
+        svids.len() >= 3,
+        "expected the first SVID and two rotations: {stdout}"
+    );
     for s in &svids {
         assert_eq!(s["spiffe_id"], ID);
         assert_eq!(s["key_usage_digital_signature"], true);
@@ -108,10 +128,19 @@ fn go_spiffe_x509_source_follows_rotation_and_accepts_every_svid() {
 
 #[test]
 fn go_spiffe_jwt_source_fetches_and_validates() {
-    let Some(client) = peers::go_client() else { return };
+    let Some(client) = peers::go_client() else {
+        return;
+    };
     let writ = writ_with("");
     let (ok, stdout, stderr) = run_peer(
-        Command::new(client).args(["-mode", "jwt", "-audience", "interop", "-socket", &writ.endpoint()]),
+        Command::new(client).args([
+            "-mode",
+            "jwt",
+            "-audience",
+            "interop",
+            "-socket",
+            &writ.endpoint(),
+        ]),
         Duration::from_secs(60),
     );
     assert!(ok, "go-spiffe JWT client failed:\n{stdout}\n{stderr}");
@@ -121,10 +150,15 @@ fn go_spiffe_jwt_source_fetches_and_validates() {
 
 #[test]
 fn py_spiffe_fetches_x509_svids_and_bundles() {
-    let Some(python) = peers::python() else { return };
+    let Some(python) = peers::python() else {
+        return;
+    };
     let writ = writ_with("");
     let (ok, stdout, stderr) = run_peer(
-        Command::new(python).arg(peers::py_client_script()).arg(writ.endpoint()).arg("x509"),
+        Command::new(python)
+            .arg(peers::py_client_script())
+            .arg(writ.endpoint())
+            .arg("x509"),
         Duration::from_secs(60),
     );
     assert!(ok, "py-spiffe failed:\n{stdout}\n{stderr}");
@@ -136,10 +170,15 @@ fn py_spiffe_fetches_x509_svids_and_bundles() {
 
 #[test]
 fn py_spiffe_fetches_and_validates_jwt_svids() {
-    let Some(python) = peers::python() else { return };
+    let Some(python) = peers::python() else {
+        return;
+    };
     let writ = writ_with("");
     let (ok, stdout, stderr) = run_peer(
-        Command::new(python).arg(peers::py_client_script()).arg(writ.endpoint()).args(["jwt", "interop"]),
+        Command::new(python)
+            .arg(peers::py_client_script())
+            .arg(writ.endpoint())
+            .args(["jwt", "interop"]),
         Duration::from_secs(60),
     );
     assert!(ok, "py-spiffe JWT failed:\n{stdout}\n{stderr}");

@@ -33,7 +33,9 @@ pub fn unavailable(what: &str) {
     if required() {
         panic!("WRIT_REQUIRE_INTEROP=1 but {what}");
     }
-    eprintln!("\n!!!!!!!! SKIPPED interop test: {what} (set WRIT_REQUIRE_INTEROP=1 to make this fatal) !!!!!!!!\n");
+    eprintln!(
+        "\n!!!!!!!! SKIPPED interop test: {what} (set WRIT_REQUIRE_INTEROP=1 to make this fatal) !!!!!!!!\n"
+    );
 }
 
 fn run(cmd: &mut Command, what: &str) -> Result<(), String> {
@@ -51,19 +53,22 @@ fn run(cmd: &mut Command, what: &str) -> Result<(), String> {
 }
 
 fn have(tool: &str) -> bool {
-    Command::new(tool).arg("--version").output().is_ok() || Command::new(tool).arg("version").output().is_ok()
+    Command::new(tool).arg("--version").output().is_ok()
+        || Command::new(tool).arg("version").output().is_ok()
 }
 
 /// A stamp file records what a cached build was made from, so a version bump
 /// rebuilds instead of reusing a stale binary.
 fn cached(stamp: &Path, expected: &str, outputs: &[PathBuf]) -> bool {
-    outputs.iter().all(|o| o.exists()) && std::fs::read_to_string(stamp).is_ok_and(|s| s == expected)
+    outputs.iter().all(|o| o.exists())
+        && std::fs::read_to_string(stamp).is_ok_and(|s| s == expected)
 }
 
 fn go_build_env(cmd: &mut Command) {
     // The Go module proxy is the only network these tests use; never fetch
     // from VCS directly, and don't touch the checked-in go.mod/go.sum.
-    cmd.env("GOFLAGS", "-mod=mod -buildvcs=false").env("GOTOOLCHAIN", "local");
+    cmd.env("GOFLAGS", "-mod=mod -buildvcs=false")
+        .env("GOTOOLCHAIN", "local");
 }
 
 pub struct Spire {
@@ -88,13 +93,22 @@ pub fn spire() -> Option<&'static Spire> {
         };
         let stamp = bin.join("spire.stamp");
         let go_mod = std::fs::read_to_string(source_dir().join("spire/go.mod")).unwrap_or_default();
-        if !cached(&stamp, &go_mod, &[spire.server.clone(), spire.agent.clone()]) {
-            eprintln!("interop: building SPIRE {SPIRE_VERSION} (first run only; several minutes)...");
+        if !cached(
+            &stamp,
+            &go_mod,
+            &[spire.server.clone(), spire.agent.clone()],
+        ) {
+            eprintln!(
+                "interop: building SPIRE {SPIRE_VERSION} (first run only; several minutes)..."
+            );
             let mut cmd = Command::new("go");
-            cmd.current_dir(source_dir().join("spire")).args(["build", "-o"]).arg(&bin).args([
-                "github.com/spiffe/spire/cmd/spire-server",
-                "github.com/spiffe/spire/cmd/spire-agent",
-            ]);
+            cmd.current_dir(source_dir().join("spire"))
+                .args(["build", "-o"])
+                .arg(&bin)
+                .args([
+                    "github.com/spiffe/spire/cmd/spire-server",
+                    "github.com/spiffe/spire/cmd/spire-agent",
+                ]);
             go_build_env(&mut cmd);
             run(&mut cmd, "building SPIRE")?;
             std::fs::write(&stamp, go_mod).map_err(|e| e.to_string())?;
@@ -126,7 +140,10 @@ pub fn go_client() -> Option<&'static Path> {
             .collect::<String>();
         if !cached(&stamp, &fingerprint, std::slice::from_ref(&bin)) {
             let mut cmd = Command::new("go");
-            cmd.current_dir(&src).args(["build", "-o"]).arg(&bin).arg(".");
+            cmd.current_dir(&src)
+                .args(["build", "-o"])
+                .arg(&bin)
+                .arg(".");
             go_build_env(&mut cmd);
             run(&mut cmd, "building the go-spiffe client")?;
             std::fs::write(&stamp, fingerprint).map_err(|e| e.to_string())?;
@@ -153,8 +170,14 @@ pub fn python() -> Option<&'static Path> {
         let python = venv.join("bin/python");
         let stamp = venv.join("writ.stamp");
         if !cached(&stamp, PY_SPIFFE_VERSION, std::slice::from_ref(&python)) {
-            eprintln!("interop: installing py-spiffe {PY_SPIFFE_VERSION} into {} (first run only)...", venv.display());
-            run(Command::new("python3").args(["-m", "venv"]).arg(&venv), "creating a virtualenv")?;
+            eprintln!(
+                "interop: installing py-spiffe {PY_SPIFFE_VERSION} into {} (first run only)...",
+                venv.display()
+            );
+            run(
+                Command::new("python3").args(["-m", "venv"]).arg(&venv),
+                "creating a virtualenv",
+            )?;
             run(
                 Command::new(&python).args([
                     "-m",

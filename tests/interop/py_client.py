@@ -25,7 +25,7 @@ def main() -> int:
                 event="x509",
                 spiffe_ids=[str(s.spiffe_id) for s in svids],
                 chain_lengths=[len(s.cert_chain) for s in svids],
-                context_default=str(context.default_svid().spiffe_id),
+                context_default=str(context.default_svid.spiffe_id),
                 bundle_trust_domain=str(td),
                 bundle_authorities=len(bundle.x509_authorities) if bundle else 0,
             )
