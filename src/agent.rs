@@ -9,12 +9,14 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rand::Rng;
 use rusqlite::{OptionalExtension, params};
+use serde_json::{Map, Value};
 use tokio::sync::watch;
 use writ_attestors::{AttestError, Attestation, AttestorSet};
 
 use crate::bundle::TrustBundle;
 use crate::ca::{CaError, CertificateAuthority};
 use crate::identity::{self, Entitlement, Registry};
+use crate::jwt::{self, JwtError, JwtKeySet, JwtSvid, JwtSvidRequest, ValidatedJwt};
 use crate::peer::Caller;
 use crate::spiffe_id::TrustDomain;
 use crate::store::{Store, StoreError};
@@ -74,6 +76,10 @@ pub struct CachedSvid {
 pub struct OwnBundle {
     pub bundle: TrustBundle,
     pub x509_der: Vec<u8>,
+    /// The JWKS FetchJWTBundles sends for our trust domain.
+    pub jwt_jwks: Vec<u8>,
+    /// Our JWT authorities, decoded for ValidateJWTSVID.
+    pub jwt_keys: Arc<JwtKeySet>,
 }
 
 /// The CRLs we publish, with a generation that streams compare.
@@ -136,6 +142,18 @@ impl TaskIndex {
         found.sort_by(|a, b| b.depth.cmp(&a.depth).then(b.created_at.cmp(&a.created_at)));
         found.dedup_by(|a, b| a.id == b.id);
         found
+    }
+
+    /// An active task by ID. A scan: the index is keyed by binding, and the
+    /// number of active tasks on one node stays small.
+    fn by_id(&self, task_id: &str) -> Option<Arc<Task>> {
+        self.by_pid
+            .values()
+            .flatten()
+            .map(|(t, _)| t)
+            .chain(self.by_cgroup.values().flatten())
+            .find(|t| t.id == task_id)
+            .cloned()
     }
 }
 
@@ -475,6 +493,92 @@ impl Agent {
         self.changes.send_modify(|generation| *generation += 1);
     }
 
+    /// An active task by ID (None once it has completed).
+    pub fn active_task(&self, task_id: &str) -> Option<Arc<Task>> {
+        read_lock(&self.tasks).by_id(task_id)
+    }
+
+    /// Mints a JWT-SVID for an entitlement the caller was just found to hold
+    /// (every call mints: tokens are cheap, and each gets its own `jti`).
+    /// A task identity's token carries the `task` claim and, for a sub-task,
+    /// the `act` chain of its delegators, and never outlives the task.
+    pub fn jwt_svid_for(
+        &self,
+        entitlement: &Entitlement,
+        audience: &[String],
+        now: SystemTime,
+    ) -> Result<JwtSvid, AgentError> {
+        let mut extra_claims = Map::new();
+        if let Some(task_id) = &entitlement.task_id {
+            // The task index is read (and released) before the CA lock is
+            // taken, so this path never holds both.
+            let index = read_lock(&self.tasks);
+            let task = index
+                .by_id(task_id)
+                .ok_or_else(|| AgentError::TaskCompleted(task_id.clone()))?;
+            extra_claims.insert("task".into(), task_claim(&task));
+            if let Some(act) = delegation_chain(&index, &task)? {
+                extra_claims.insert("act".into(), act);
+            }
+        }
+        let ca = read_lock(&self.ca);
+        let mut ttl = ca.jwt_svid_ttl();
+        if let Some(cap) = entitlement.not_after_cap {
+            ttl = ttl.min(cap.duration_since(now).unwrap_or(Duration::ZERO));
+            // A task about to end gets no token rather than a 0-second one.
+            if ttl < Duration::from_secs(1)
+                && let Some(task_id) = &entitlement.task_id
+            {
+                return Err(AgentError::TaskCompleted(task_id.clone()));
+            }
+        }
+        let request = JwtSvidRequest {
+            spiffe_id: entitlement.spiffe_id.clone(),
+            audience: audience.to_vec(),
+            ttl,
+            extra_claims,
+        };
+        Ok(ca.mint_jwt_svid(&request, now)?)
+    }
+
+    /// The JWT authorities validation trusts, by trust domain. Our own only
+    /// for now; federated bundles join this set when federation lands.
+    pub fn jwt_key_set(&self) -> Arc<JwtKeySet> {
+        self.own_bundle().jwt_keys.clone()
+    }
+
+    /// The JWKS of every trust domain, keyed `spiffe://<td>`, as
+    /// FetchJWTBundles sends them.
+    pub fn jwt_bundles(&self) -> HashMap<String, Vec<u8>> {
+        let own = self.own_bundle();
+        HashMap::from([(self.trust_domain.id_string(), own.jwt_jwks.clone())])
+    }
+
+    /// ValidateJWTSVID: [`jwt::validate`] against [`Self::jwt_key_set`], and
+    /// for a token we issued for a task (our trust domain, a `task` claim —
+    /// our own key signed it, so the claim is ours) the task must still be
+    /// active and be this token's identity.
+    pub fn validate_jwt_svid(
+        &self,
+        token: &str,
+        audience: &str,
+        now: SystemTime,
+    ) -> Result<ValidatedJwt, JwtError> {
+        let validated = jwt::validate(token, audience, &self.jwt_key_set(), now)?;
+        if validated.spiffe_id.trust_domain() == &self.trust_domain
+            && let Some(task) = validated.claims.get("task")
+        {
+            let task_id = task.get("id").and_then(Value::as_str).unwrap_or_default();
+            let active = self
+                .active_task(task_id)
+                .is_some_and(|t| t.spiffe_id == validated.spiffe_id);
+            if !active {
+                return Err(JwtError::TaskRevoked(task_id.to_owned()));
+            }
+        }
+        Ok(validated)
+    }
+
     /// Runs one step of the CA schedule and returns when the next is due.
     pub async fn rotate_ca(&self, now: SystemTime) -> Result<SystemTime, AgentError> {
         let (outcome, next) = {
@@ -482,7 +586,8 @@ impl Agent {
             let outcome = ca.rotate(now)?;
             (outcome, ca.next_rotation_at())
         };
-        if outcome.authorities_changed || outcome.signer_changed {
+        if outcome.authorities_changed || outcome.signer_changed || outcome.jwt_authorities_changed
+        {
             let sequence = self
                 .store
                 .write(|conn| crate::store::bump_counter(conn, "bundle_sequence"))
@@ -509,12 +614,68 @@ fn build_own_bundle(ca: &CertificateAuthority, sequence: u64) -> OwnBundle {
     let bundle = TrustBundle {
         trust_domain: ca.trust_domain().clone(),
         x509_authorities: ca.x509_authorities(),
-        jwt_authorities: Vec::new(),
+        jwt_authorities: ca.jwt_authorities(),
         sequence,
         refresh_hint: Some(Duration::from_secs(300)),
     };
     let x509_der = bundle.x509_der_concat();
-    OwnBundle { bundle, x509_der }
+    let jwt_jwks = bundle.jwt_jwks_json();
+    let mut jwt_keys = JwtKeySet::default();
+    jwt_keys.set_bundle(&bundle);
+    OwnBundle {
+        bundle,
+        x509_der,
+        jwt_jwks,
+        jwt_keys: Arc::new(jwt_keys),
+    }
+}
+
+/// The `task` claim: which task a token serves and with what intent.
+fn task_claim(task: &Task) -> Value {
+    let mut claim = Map::new();
+    claim.insert("id".into(), task.id.clone().into());
+    if let Some(parent) = &task.parent_id {
+        claim.insert("parent_id".into(), parent.clone().into());
+    }
+    claim.insert("purpose".into(), task.intent.purpose.clone().into());
+    claim.insert("tools".into(), task.intent.tools.clone().into());
+    claim.insert("targets".into(), task.intent.targets.clone().into());
+    claim.insert("data_class".into(), task.intent.data_class.clone().into());
+    claim.insert("orchestrator".into(), task.orchestrator.clone().into());
+    Value::Object(claim)
+}
+
+/// The RFC 8693 `act` claim of a sub-task: the parent task is the current
+/// actor, its own delegator nests inside, and so on up to the orchestrator
+/// that began the top-level task. `None` for a top-level task. A missing
+/// ancestor means the chain is completing (completion cascades downwards).
+fn delegation_chain(index: &TaskIndex, task: &Task) -> Result<Option<Value>, AgentError> {
+    let mut actors: Vec<String> = Vec::new();
+    let mut next = task.parent_id.clone();
+    let mut root_orchestrator = None;
+    for _ in 0..MAX_ANCESTRY {
+        let Some(id) = next else { break };
+        let parent = index
+            .by_id(&id)
+            .ok_or_else(|| AgentError::TaskCompleted(task.id.clone()))?;
+        actors.push(parent.spiffe_id.to_string());
+        root_orchestrator = Some(parent.orchestrator.clone());
+        next = parent.parent_id.clone();
+    }
+    let Some(root_orchestrator) = root_orchestrator else {
+        return Ok(None);
+    };
+    actors.push(root_orchestrator);
+    let mut act: Option<Value> = None;
+    for actor in actors.into_iter().rev() {
+        let mut level = Map::new();
+        level.insert("sub".into(), actor.into());
+        if let Some(inner) = act {
+            level.insert("act".into(), inner);
+        }
+        act = Some(Value::Object(level));
+    }
+    Ok(act)
 }
 
 pub fn task_cache_key(task_id: &str) -> String {

@@ -10,6 +10,7 @@ pub mod cli;
 pub mod config;
 pub mod entries;
 pub mod identity;
+pub mod jwt;
 pub mod peer;
 pub mod service;
 pub mod spiffe_id;

@@ -79,6 +79,7 @@ pub async fn build(config: &Config) -> Result<Services, ServiceError> {
             dir: config.data_dir.join("ca"),
             ca_ttl: config.ca.ca_ttl,
             svid_ttl: config.ca.x509_svid_ttl,
+            jwt_svid_ttl: config.ca.jwt_svid_ttl,
             upstream: config.ca.upstream.as_ref().map(|u| UpstreamCaFiles {
                 cert: u.cert.clone(),
                 key: u.key.clone(),

@@ -202,6 +202,48 @@ fn x509_bundles_snapshot(
     })
 }
 
+/// The JWT bundle stream's full state: the JWKS of every trust domain.
+/// JWT key rotation bumps the bundle sequence, so the sequence alone tells
+/// whether anything changed.
+fn jwt_bundles_snapshot(
+    agent: Arc<Agent>,
+    caller: Arc<Caller>,
+    _previous: Vec<String>,
+) -> SnapshotFuture<pb::JwtBundlesResponse> {
+    Box::pin(async move {
+        // As for X.509 bundles: only callers holding an identity here.
+        entitled(&agent, &caller)?;
+        // The sequence is read before the keys: a rotation in between then
+        // shows as a newer sequence next time, never as a missed update.
+        let sequence = agent.own_bundle().bundle.sequence;
+        Ok(Snapshot {
+            message: pb::JwtBundlesResponse {
+                bundles: agent.jwt_bundles(),
+            },
+            fingerprint: Fingerprint {
+                serials: Vec::new(),
+                bundle_sequence: sequence,
+                crl_generation: 0,
+            },
+            keys: Vec::new(),
+            refresh_at: None,
+        })
+    })
+}
+
+/// FetchJWTSVID's audience: at least one value, none empty.
+fn check_jwt_audience(audience: &[String]) -> Result<(), Status> {
+    if audience.is_empty() {
+        return Err(Status::invalid_argument("audience is required"));
+    }
+    if audience.iter().any(String::is_empty) {
+        return Err(Status::invalid_argument(
+            "audience values must not be empty",
+        ));
+    }
+    Ok(())
+}
+
 /// Drives one full-state stream: sends a snapshot at once, then again
 /// whenever the agent signals a change, an SVID comes due, or the re-attest
 /// interval passes — but only if the state differs from what was last sent.
@@ -315,30 +357,107 @@ impl SpiffeWorkloadApi for WorkloadApi {
         )))
     }
 
+    /// One token per identity the caller holds (default first), or for the
+    /// one `spiffe_id` names. The caller is attested exactly as for X.509.
     async fn fetch_jwtsvid(
         &self,
         request: Request<pb::JwtsvidRequest>,
     ) -> Result<Response<pb::JwtsvidResponse>, Status> {
-        authenticate(&request)?;
-        Err(Status::unimplemented("JWT-SVIDs are not supported yet"))
+        let caller = authenticate(&request)?;
+        let req = request.into_inner();
+        check_jwt_audience(&req.audience)?;
+        let wanted: Option<crate::spiffe_id::SpiffeId> = if req.spiffe_id.is_empty() {
+            None
+        } else {
+            Some(req.spiffe_id.parse().map_err(|e| {
+                Status::invalid_argument(format!("spiffe_id {:?}: {e}", req.spiffe_id))
+            })?)
+        };
+        let mut entitlements = entitled(&self.agent, &caller)?;
+        if let Some(wanted) = &wanted {
+            entitlements.retain(|e| &e.spiffe_id == wanted);
+            if entitlements.is_empty() {
+                return Err(Status::permission_denied(format!(
+                    "no identity {wanted} issued to the caller"
+                )));
+            }
+        }
+        let now = SystemTime::now();
+        let mut svids = Vec::with_capacity(entitlements.len());
+        for entitlement in &entitlements {
+            let svid = self
+                .agent
+                .jwt_svid_for(entitlement, &req.audience, now)
+                .map_err(|e| match e {
+                    // Audiences that would make an oversized token.
+                    AgentError::Mint(crate::ca::CaError::InvalidJwtRequest(m)) => {
+                        Status::invalid_argument(m)
+                    }
+                    other => agent_status(other),
+                })?;
+            // AUDIT(jwt-svid-issued): once the audit module lands, record
+            // {jti, sub, aud, exp, key id, task id, caller pid} durably here,
+            // before the response leaves.
+            tracing::debug!(pid = caller.pid, spiffe_id = %svid.spiffe_id, jti = %svid.jti, "JWT-SVID issued");
+            svids.push(pb::Jwtsvid {
+                spiffe_id: svid.spiffe_id.to_string(),
+                svid: svid.token,
+                hint: entitlement.hint.clone(),
+            });
+        }
+        Ok(Response::new(pb::JwtsvidResponse { svids }))
     }
 
     async fn fetch_jwt_bundles(
         &self,
         request: Request<pb::JwtBundlesRequest>,
     ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
-        authenticate(&request)?;
-        Err(Status::unimplemented("JWT bundles are not supported yet"))
+        let caller = authenticate(&request)?;
+        let changes = self.agent.subscribe();
+        let first = jwt_bundles_snapshot(self.agent.clone(), caller.clone(), Vec::new()).await?;
+        Ok(Response::new(spawn_stream(
+            self.agent.clone(),
+            caller,
+            self.reattest_interval,
+            changes,
+            first,
+            jwt_bundles_snapshot,
+        )))
     }
 
+    /// Any caller that attests (alive, selectors readable) may validate, as
+    /// with SPIRE: validation reveals nothing a bundle does not, and a
+    /// relying party need not hold an identity of its own. Every refusal of
+    /// the token is InvalidArgument with the reason.
     async fn validate_jwtsvid(
         &self,
         request: Request<pb::ValidateJwtsvidRequest>,
     ) -> Result<Response<pb::ValidateJwtsvidResponse>, Status> {
-        authenticate(&request)?;
-        Err(Status::unimplemented(
-            "JWT-SVID validation is not supported yet",
-        ))
+        let caller = authenticate(&request)?;
+        let req = request.into_inner();
+        if req.audience.is_empty() {
+            return Err(Status::invalid_argument("audience is required"));
+        }
+        if req.svid.is_empty() {
+            return Err(Status::invalid_argument("svid is required"));
+        }
+        self.agent.attest(&caller).map_err(agent_status)?;
+        match self
+            .agent
+            .validate_jwt_svid(&req.svid, &req.audience, SystemTime::now())
+        {
+            Ok(valid) => Ok(Response::new(pb::ValidateJwtsvidResponse {
+                spiffe_id: valid.spiffe_id.to_string(),
+                claims: Some(crate::jwt::claims_to_struct(&valid.claims)),
+            })),
+            Err(e) => {
+                // AUDIT(jwt-svid-validation-failed): once the audit module
+                // lands, record {reason, audience, caller pid, and the token's
+                // jti/sub if it parsed} here.
+                tracing::debug!(pid = caller.pid, reason = %e, "JWT-SVID refused");
+                Err(Status::invalid_argument(format!("invalid JWT-SVID: {e}")))
+            }
+        }
     }
 
     async fn fetch_witsvid(

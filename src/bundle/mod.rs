@@ -460,10 +460,16 @@ fn cert_jwk(cert: &[u8]) -> Result<Map<String, Value>, String> {
 /// Parses JSON, rejecting duplicate member names at any depth (serde_json
 /// would silently keep the last one, letting two readers disagree).
 fn parse_strict_json(bytes: &[u8]) -> Result<Value, BundleError> {
+    strict_json(bytes).map_err(BundleError::Json)
+}
+
+/// One JSON value with no duplicate member names at any depth and nothing
+/// after it; the error is serde_json's description. JWT headers and claims
+/// are read the same way, for the same reason.
+pub(crate) fn strict_json(bytes: &[u8]) -> Result<Value, String> {
     let mut de = serde_json::Deserializer::from_slice(bytes);
-    let StrictValue(value) =
-        StrictValue::deserialize(&mut de).map_err(|e| BundleError::Json(e.to_string()))?;
-    de.end().map_err(|e| BundleError::Json(e.to_string()))?;
+    let StrictValue(value) = StrictValue::deserialize(&mut de).map_err(|e| e.to_string())?;
+    de.end().map_err(|e| e.to_string())?;
     Ok(value)
 }
 

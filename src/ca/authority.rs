@@ -79,10 +79,6 @@ impl SigningAuthority {
     pub(crate) fn key_pkcs8_pem(&self) -> String {
         self.issuer.key().serialize_pem()
     }
-
-    pub(crate) fn is_expired_at(&self, now: SystemTime) -> bool {
-        now >= self.not_after
-    }
 }
 
 fn subject_key_id(cert: &X509Certificate<'_>) -> Option<Vec<u8>> {

@@ -1,10 +1,13 @@
-//! The trust domain's signing authority: its keys and their rotation (or an
-//! upstream intermediate loaded from disk), X.509-SVID signing, and CRLs.
-//! State lives in one directory and survives restarts; it is never silently
-//! replaced, since that would orphan every SVID already issued.
+//! The trust domain's signing authority: its X.509 roots (or an upstream
+//! intermediate loaded from disk) and its JWT signing keys, their rotation,
+//! X.509-SVID and JWT-SVID signing, and CRLs. State lives in one directory
+//! and survives restarts; it is never silently replaced, since that would
+//! orphan every SVID already issued.
 
 mod authority;
 mod clock;
+mod jwt_keys;
+mod schedule;
 mod store;
 mod upstream;
 
@@ -16,9 +19,13 @@ use std::time::{Duration, SystemTime};
 use rcgen::{CertificateRevocationListParams, KeyIdMethod, RevokedCertParams, SerialNumber};
 use rustls_pki_types::CertificateDer;
 
+use crate::bundle::JwtAuthority;
+use crate::jwt::{self, JwtKeyError, JwtSvid, JwtSvidRequest};
 use crate::spiffe_id::{SpiffeId, TrustDomain};
 use crate::svid::{self, InvalidDnsName, X509Svid, X509SvidRequest};
 use authority::{BACKDATE, SigningAuthority};
+use jwt_keys::JwtEntry;
+use schedule::{Schedule, Scheduled};
 use store::{CaDir, Role, StateFile, StoredAuthority};
 pub use upstream::UpstreamCaFiles;
 
@@ -26,17 +33,23 @@ pub use upstream::UpstreamCaFiles;
 pub const DEFAULT_CA_TTL: Duration = Duration::from_secs(24 * 3600);
 /// The X509-SVID TTL the rotation schedule plans for unless configured.
 pub const DEFAULT_SVID_TTL: Duration = Duration::from_secs(3600);
+/// The JWT-SVID TTL unless configured (`ca.jwt_svid_ttl`).
+pub const DEFAULT_JWT_SVID_TTL: Duration = Duration::from_secs(300);
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CaSettings {
     pub trust_domain: TrustDomain,
-    /// Where roots and keys are kept, e.g. `<data_dir>/ca`. Unused upstream.
+    /// Where roots and keys are kept, e.g. `<data_dir>/ca`. Upstream, it
+    /// holds the JWT signing keys only.
     pub dir: PathBuf,
-    /// Lifetime of each self-signed root.
+    /// Lifetime of each self-signed root, and of each JWT signing key.
     pub ca_ttl: Duration,
     /// The default X509-SVID TTL: the next root takes over early enough that
     /// the active one can always sign an SVID of this length in full.
     pub svid_ttl: Duration,
+    /// The JWT-SVID TTL; JWT keys rotate so that the active one can always
+    /// sign a token of this length, and stay published this long after.
+    pub jwt_svid_ttl: Duration,
     /// Sign with an intermediate from disk instead of our own roots.
     pub upstream: Option<UpstreamCaFiles>,
 }
@@ -48,6 +61,7 @@ impl CaSettings {
             dir,
             ca_ttl: DEFAULT_CA_TTL,
             svid_ttl: DEFAULT_SVID_TTL,
+            jwt_svid_ttl: DEFAULT_JWT_SVID_TTL,
             upstream: None,
         }
     }
@@ -60,6 +74,8 @@ pub struct RotationOutcome {
     pub authorities_changed: bool,
     /// A different CA now signs: SVIDs should be re-minted.
     pub signer_changed: bool,
+    /// The published JWT authorities differ: bundles must be re-sent.
+    pub jwt_authorities_changed: bool,
 }
 
 /// One revoked certificate, as the store remembers it.
@@ -108,6 +124,10 @@ pub enum CaError {
     Encode(#[from] rcgen::Error),
     #[error("the system random number generator failed")]
     Rng,
+    #[error("invalid JWT-SVID request: {0}")]
+    InvalidJwtRequest(String),
+    #[error("JWT signing: {0}")]
+    JwtKey(#[from] JwtKeyError),
     #[error("internal CA error: {0}")]
     Internal(String),
 }
@@ -122,24 +142,48 @@ struct Entry {
 
 enum Mode {
     /// Our own roots, rotated on schedule and persisted in `dir`.
-    SelfSigned { dir: CaDir },
-    /// An intermediate from disk; the upstream roots are the bundle.
-    Upstream { roots: Vec<CertificateDer<'static>> },
+    SelfSigned,
+    /// An intermediate from disk; the upstream roots are the bundle. Roots a
+    /// self-signed run left in the state file are kept there untouched, so
+    /// switching back finds them.
+    Upstream {
+        roots: Vec<CertificateDer<'static>>,
+        stored_x509: Vec<StoredAuthority>,
+    },
 }
 
 /// The trust domain's signing authority.
 ///
-/// X.509 roots are the only key kind today. JWT signing keys are meant to sit
-/// beside `x509` as a second list of the same `Role`-tagged entries, persisted
-/// in `state.json` next to `x509_authorities` and driven by the same
-/// prepare/activate/retire schedule in [`CertificateAuthority::rotate`].
+/// Two key kinds, each a list of `Role`-tagged entries driven by the same
+/// prepare/activate/retire [`Schedule`] in [`CertificateAuthority::rotate`]
+/// and persisted together in `state.json`: X.509 roots (self-signed mode
+/// only) and JWT signing keys (both modes; an upstream CA signs no JWTs).
 pub struct CertificateAuthority {
     trust_domain: TrustDomain,
     ca_ttl: Duration,
     svid_ttl: Duration,
+    jwt_svid_ttl: Duration,
     mode: Mode,
+    dir: CaDir,
     /// Ordered oldest first (by notBefore), which is also the bundle order.
     x509: Vec<Entry>,
+    /// Ordered oldest first, which is also the bundle order.
+    jwt: Vec<JwtEntry>,
+}
+
+impl Scheduled for Entry {
+    fn role(&self) -> Role {
+        self.role
+    }
+    fn set_role(&mut self, role: Role) {
+        self.role = role;
+    }
+    fn not_before(&self) -> SystemTime {
+        self.authority.not_before
+    }
+    fn not_after(&self) -> SystemTime {
+        self.authority.not_after
+    }
 }
 
 impl fmt::Debug for CertificateAuthority {
@@ -149,16 +193,22 @@ impl fmt::Debug for CertificateAuthority {
             .iter()
             .map(|e| format!("{:?}:{}", e.role, hex::encode(&e.authority.key_id)))
             .collect();
+        let jwt_roles: Vec<String> = self
+            .jwt
+            .iter()
+            .map(|e| format!("{:?}:{}", e.role, e.key.key_id()))
+            .collect();
         f.debug_struct("CertificateAuthority")
             .field("trust_domain", &self.trust_domain.name())
             .field(
                 "mode",
                 &match self.mode {
-                    Mode::SelfSigned { .. } => "self-signed",
+                    Mode::SelfSigned => "self-signed",
                     Mode::Upstream { .. } => "upstream",
                 },
             )
             .field("x509_authorities", &roles)
+            .field("jwt_authorities", &jwt_roles)
             .finish_non_exhaustive()
     }
 }
@@ -168,38 +218,43 @@ impl CertificateAuthority {
     /// (directory 0700, key files 0600, atomic writes), then brings the
     /// rotation schedule up to `now`. Unreadable or inconsistent files are an
     /// error and are left exactly as found. In upstream mode the files named
-    /// in `settings.upstream` are loaded and verified instead.
+    /// in `settings.upstream` are loaded and verified instead of roots; the
+    /// directory then holds the JWT signing keys only.
     pub fn load_or_create(settings: CaSettings, now: SystemTime) -> Result<Self, CaError> {
         if settings.svid_ttl < Duration::from_secs(1) {
             return Err(CaError::InvalidSettings(
                 "svid_ttl must be at least one second".into(),
             ));
         }
-        if let Some(files) = &settings.upstream {
-            let up = upstream::load(files, &settings.trust_domain, now)?;
-            let ca = Self {
-                trust_domain: settings.trust_domain,
-                ca_ttl: settings.ca_ttl,
-                svid_ttl: settings.svid_ttl,
-                mode: Mode::Upstream { roots: up.roots },
-                x509: vec![Entry {
-                    role: Role::Active,
-                    key_file: String::new(),
-                    authority: Arc::new(up.signer),
-                }],
-            };
-            ca.check_upstream_issuance(files, now)?;
-            return Ok(ca);
+        if settings.jwt_svid_ttl < Duration::from_secs(1) {
+            return Err(CaError::InvalidSettings(
+                "jwt_svid_ttl must be at least one second".into(),
+            ));
         }
-        if settings.ca_ttl <= settings.svid_ttl {
+        if settings.ca_ttl <= settings.jwt_svid_ttl {
             return Err(CaError::InvalidSettings(format!(
-                "ca_ttl ({}s) must be longer than svid_ttl ({}s); six times longer or more is recommended",
+                "ca_ttl ({}s) must be longer than jwt_svid_ttl ({}s)",
                 settings.ca_ttl.as_secs(),
-                settings.svid_ttl.as_secs()
+                settings.jwt_svid_ttl.as_secs()
             )));
         }
+        // Upstream files are read and checked before anything is written.
+        let upstream = match &settings.upstream {
+            Some(files) => Some((files, upstream::load(files, &settings.trust_domain, now)?)),
+            None => {
+                if settings.ca_ttl <= settings.svid_ttl {
+                    return Err(CaError::InvalidSettings(format!(
+                        "ca_ttl ({}s) must be longer than svid_ttl ({}s); six times longer or more is recommended",
+                        settings.ca_ttl.as_secs(),
+                        settings.svid_ttl.as_secs()
+                    )));
+                }
+                None
+            }
+        };
         let dir = CaDir::open_or_create(&settings.dir)?;
-        let x509 = match dir.read_state()? {
+        let state = match dir.read_state()? {
+            Some(state) => state,
             None => {
                 // Keys without a state file mean the state was lost, not that
                 // this is a first start; a new root would orphan every SVID.
@@ -213,17 +268,69 @@ impl CertificateAuthority {
                         ),
                     });
                 }
-                Vec::new()
+                StateFile {
+                    version: store::STATE_VERSION,
+                    trust_domain: settings.trust_domain.name().to_owned(),
+                    x509_authorities: Vec::new(),
+                    jwt_authorities: Vec::new(),
+                }
             }
-            Some(state) => load_entries(&dir, &settings.trust_domain, state)?,
         };
+        if state.trust_domain != settings.trust_domain.name() {
+            return Err(CaError::CorruptState {
+                path: dir.state_path(),
+                reason: format!(
+                    "it belongs to trust domain {:?}, but {} is configured",
+                    state.trust_domain, settings.trust_domain
+                ),
+            });
+        }
+        let jwt = jwt_keys::load(&dir, state.jwt_authorities)?;
+        let (mode, x509) = match &upstream {
+            Some((_, up)) => (
+                Mode::Upstream {
+                    roots: up.roots.clone(),
+                    stored_x509: state.x509_authorities,
+                },
+                Vec::new(),
+            ),
+            None => (
+                Mode::SelfSigned,
+                load_entries(&dir, &settings.trust_domain, state.x509_authorities)?,
+            ),
+        };
+        let mut files: Vec<&str> = x509
+            .iter()
+            .map(|e| e.key_file.as_str())
+            .chain(jwt.iter().map(|e| e.key_file.as_str()))
+            .collect();
+        let count = files.len();
+        files.sort_unstable();
+        files.dedup();
+        if files.len() != count {
+            return Err(CaError::CorruptState {
+                path: dir.state_path(),
+                reason: "two keys share a key file".into(),
+            });
+        }
         let mut ca = Self {
             trust_domain: settings.trust_domain,
             ca_ttl: settings.ca_ttl,
             svid_ttl: settings.svid_ttl,
-            mode: Mode::SelfSigned { dir },
+            jwt_svid_ttl: settings.jwt_svid_ttl,
+            mode,
+            dir,
             x509,
+            jwt,
         };
+        if let Some((files, up)) = upstream {
+            ca.x509 = vec![Entry {
+                role: Role::Active,
+                key_file: String::new(),
+                authority: Arc::new(up.signer),
+            }];
+            ca.check_upstream_issuance(files, now)?;
+        }
         ca.rotate(now)?;
         Ok(ca)
     }
@@ -253,9 +360,87 @@ impl CertificateAuthority {
     /// the upstream bundle's roots.
     pub fn x509_authorities(&self) -> Vec<CertificateDer<'static>> {
         match &self.mode {
-            Mode::Upstream { roots } => roots.clone(),
-            Mode::SelfSigned { .. } => self.x509.iter().map(|e| e.authority.cert.clone()).collect(),
+            Mode::Upstream { roots, .. } => roots.clone(),
+            Mode::SelfSigned => self.x509.iter().map(|e| e.authority.cert.clone()).collect(),
         }
+    }
+
+    /// The JWT authorities to publish: every JWT key held (retired, active,
+    /// prepared next), oldest first.
+    pub fn jwt_authorities(&self) -> Vec<JwtAuthority> {
+        self.jwt.iter().map(|e| e.key.authority()).collect()
+    }
+
+    /// Key ID of the JWT key currently signing.
+    pub fn active_jwt_key_id(&self) -> Option<&str> {
+        self.active_jwt().map(|e| e.key.key_id())
+    }
+
+    /// The configured JWT-SVID TTL.
+    pub fn jwt_svid_ttl(&self) -> Duration {
+        self.jwt_svid_ttl
+    }
+
+    /// Mints a JWT-SVID signed by the active JWT key: `iat` now, `exp`
+    /// `min(now + ttl, key's end)`, a random `jti`, plus the request's extra
+    /// claims. Refuses requests whose token would be too large to validate.
+    pub fn mint_jwt_svid(&self, req: &JwtSvidRequest, now: SystemTime) -> Result<JwtSvid, CaError> {
+        if req.spiffe_id.trust_domain() != &self.trust_domain {
+            return Err(CaError::ForeignTrustDomain(
+                req.spiffe_id.clone(),
+                self.trust_domain.clone(),
+            ));
+        }
+        if req.spiffe_id.is_trust_domain_id() {
+            return Err(CaError::LeafWithoutPath(req.spiffe_id.clone()));
+        }
+        if req.audience.is_empty() || req.audience.iter().any(String::is_empty) {
+            return Err(CaError::InvalidJwtRequest(
+                "an audience of non-empty strings is required".into(),
+            ));
+        }
+        if let Some(claim) = jwt::REGISTERED_CLAIMS
+            .iter()
+            .find(|c| req.extra_claims.contains_key(**c))
+        {
+            return Err(CaError::InvalidJwtRequest(format!(
+                "claim {claim} is set by the issuer"
+            )));
+        }
+        if req.ttl < Duration::from_secs(1) {
+            return Err(CaError::TtlTooShort);
+        }
+        let signer = self
+            .active_jwt()
+            .ok_or_else(|| CaError::Internal("no active JWT signing key".into()))?;
+        let now_unix = clock::to_unix(now)?;
+        let ttl = i64::try_from(req.ttl.as_secs()).unwrap_or(i64::MAX);
+        let exp = now_unix.saturating_add(ttl).min(signer.not_after_unix);
+        if exp <= now_unix {
+            return Err(CaError::SignerExpired {
+                at: clock::display(now),
+                not_after: clock::display(signer.not_after),
+            });
+        }
+        let jti = jwt::new_jti()?;
+        let claims = jwt::svid_claims(req, &jti, now_unix, exp);
+        let token = signer.key.sign(&claims)?;
+        // A token we would refuse ourselves must not be handed out.
+        if token.len() > jwt::MAX_TOKEN_BYTES {
+            return Err(CaError::InvalidJwtRequest(format!(
+                "the token would be {} bytes, over the {}-byte limit; use fewer or shorter audiences",
+                token.len(),
+                jwt::MAX_TOKEN_BYTES
+            )));
+        }
+        Ok(JwtSvid {
+            spiffe_id: req.spiffe_id.clone(),
+            token,
+            key_id: signer.key.key_id().to_owned(),
+            jti,
+            issued_at: clock::from_unix(now_unix),
+            expires_at: clock::from_unix(exp),
+        })
     }
 
     /// Mints an X509-SVID: fresh P-256 key, random serial, notBefore
@@ -319,94 +504,65 @@ impl CertificateAuthority {
     }
 
     /// Advances the rotation schedule to `now` and persists the result
-    /// before returning. Self-signed mode, measured on the active root's
-    /// lifetime: at 1/2 a next root (new key) is created and published at
-    /// once; at 5/6 (earlier if the active root could no longer sign a full
-    /// `svid_ttl` SVID) the next root starts signing and the old one retires;
-    /// expired roots are dropped with their keys. Upstream mode has nothing
-    /// to rotate: a new intermediate is picked up by loading again.
+    /// before returning. Each key kind is measured on its active key's
+    /// lifetime: at 1/2 a successor (new key) is created and published at
+    /// once; at 5/6 (earlier if the active key could no longer sign a full
+    /// `svid_ttl` SVID or `jwt_svid_ttl` token) the successor starts signing
+    /// and the old key retires; a key is dropped (with its file) once it has
+    /// expired — a JWT key `jwt_svid_ttl` later, as a margin for validators
+    /// with slow clocks. Upstream mode rotates its JWT keys only: a new
+    /// intermediate is picked up by loading again.
     pub fn rotate(&mut self, now: SystemTime) -> Result<RotationOutcome, CaError> {
-        let Mode::SelfSigned { dir } = &self.mode else {
-            return Ok(RotationOutcome::default());
+        let (next_x509, created_x509) = match self.mode {
+            Mode::SelfSigned => self
+                .x509_schedule()
+                .advance(&self.x509, now, || self.new_root(now))?,
+            Mode::Upstream { .. } => (self.x509.clone(), Vec::new()),
         };
-        let before_ids: Vec<Vec<u8>> = self
-            .x509
-            .iter()
-            .map(|e| e.authority.key_id.clone())
-            .collect();
-        let before_active = self.active().map(|a| a.key_id.clone());
+        let (next_jwt, created_jwt) = self
+            .jwt_schedule()
+            .advance(&self.jwt, now, || jwt_keys::create(now, self.ca_ttl))?;
 
-        let mut next_state: Vec<Entry> = self
-            .x509
-            .iter()
-            .filter(|e| !e.authority.is_expired_at(now))
-            .cloned()
-            .collect();
-        let mut created: Vec<Entry> = Vec::new();
-        // Each pass makes one transition; two suffice in practice (activate,
-        // then prepare), the bound only guards against a degenerate schedule.
-        for _ in 0..4 {
-            let active = next_state.iter().position(|e| e.role == Role::Active);
-            let next = next_state.iter().position(|e| e.role == Role::Next);
-            match (active, next) {
-                (None, Some(n)) => next_state[n].role = Role::Active,
-                (None, None) => {
-                    let entry = self.new_root(now)?;
-                    created.push(entry.clone());
-                    next_state.push(Entry {
-                        role: Role::Active,
-                        ..entry
-                    });
-                }
-                (Some(a), Some(n)) => {
-                    if now < self.activate_at(&next_state[a].authority) {
-                        break;
-                    }
-                    next_state[a].role = Role::Retired;
-                    next_state[n].role = Role::Active;
-                }
-                (Some(a), None) => {
-                    if now < self.prepare_at(&next_state[a].authority) {
-                        break;
-                    }
-                    let entry = self.new_root(now)?;
-                    created.push(entry.clone());
-                    next_state.push(entry);
-                }
-            }
-        }
-        next_state.sort_by_key(|e| e.authority.not_before);
-
-        let after_ids: Vec<Vec<u8>> = next_state
-            .iter()
-            .map(|e| e.authority.key_id.clone())
-            .collect();
-        let after_active = next_state
-            .iter()
-            .find(|e| e.role == Role::Active)
-            .map(|e| e.authority.key_id.clone());
-        let roles_changed = next_state.len() != self.x509.len()
-            || next_state
+        let x509_ids = |entries: &[Entry]| -> Vec<Vec<u8>> {
+            entries.iter().map(|e| e.authority.key_id.clone()).collect()
+        };
+        let jwt_ids = |entries: &[JwtEntry]| -> Vec<String> {
+            entries.iter().map(|e| e.key.key_id().to_owned()).collect()
+        };
+        let active_x509 = |entries: &[Entry]| {
+            entries
                 .iter()
-                .zip(&self.x509)
-                .any(|(a, b)| a.role != b.role || a.authority.key_id != b.authority.key_id);
-        let outcome = RotationOutcome {
-            authorities_changed: after_ids != before_ids,
-            signer_changed: after_active != before_active,
+                .find(|e| e.role == Role::Active)
+                .map(|e| e.authority.key_id.clone())
         };
+        let outcome = RotationOutcome {
+            authorities_changed: x509_ids(&next_x509) != x509_ids(&self.x509),
+            signer_changed: active_x509(&next_x509) != active_x509(&self.x509),
+            jwt_authorities_changed: jwt_ids(&next_jwt) != jwt_ids(&self.jwt),
+        };
+        let roles = |roles: &mut dyn Iterator<Item = Role>| roles.collect::<Vec<_>>();
+        let roles_changed = outcome.authorities_changed
+            || outcome.jwt_authorities_changed
+            || roles(&mut next_x509.iter().map(|e| e.role))
+                != roles(&mut self.x509.iter().map(|e| e.role))
+            || roles(&mut next_jwt.iter().map(|e| e.role))
+                != roles(&mut self.jwt.iter().map(|e| e.role));
         if !roles_changed {
             return Ok(outcome);
         }
 
         // New keys first, then the state file that refers to them (the
         // commit point), then the keys nothing refers to any more.
-        for entry in &created {
-            dir.write_key(&entry.key_file, &entry.authority.key_pkcs8_pem())?;
+        for entry in &created_x509 {
+            self.dir
+                .write_key(&entry.key_file, &entry.authority.key_pkcs8_pem())?;
         }
-        dir.write_state(&StateFile {
-            version: store::STATE_VERSION,
-            trust_domain: self.trust_domain.name().to_owned(),
-            x509_authorities: next_state
+        for entry in &created_jwt {
+            self.dir
+                .write_key(&entry.key_file, &entry.key.pkcs8_pem())?;
+        }
+        let x509_authorities = match &self.mode {
+            Mode::SelfSigned => next_x509
                 .iter()
                 .map(|e| StoredAuthority {
                     role: e.role,
@@ -414,38 +570,47 @@ impl CertificateAuthority {
                     key_file: e.key_file.clone(),
                 })
                 .collect(),
+            Mode::Upstream { stored_x509, .. } => stored_x509.clone(),
+        };
+        self.dir.write_state(&StateFile {
+            version: store::STATE_VERSION,
+            trust_domain: self.trust_domain.name().to_owned(),
+            x509_authorities,
+            jwt_authorities: next_jwt
+                .iter()
+                .map(jwt_keys::to_stored)
+                .collect::<Result<_, _>>()?,
         })?;
-        for gone in self
+        let gone_x509 = self
             .x509
             .iter()
-            .filter(|old| !next_state.iter().any(|e| e.key_file == old.key_file))
-        {
-            if let Err(e) = dir.remove_key(&gone.key_file) {
-                tracing::warn!(error = %e, "could not delete the key of an expired CA");
+            .filter(|old| !next_x509.iter().any(|e| e.key_file == old.key_file))
+            .map(|old| &old.key_file);
+        let gone_jwt = self
+            .jwt
+            .iter()
+            .filter(|old| !next_jwt.iter().any(|e| e.key_file == old.key_file))
+            .map(|old| &old.key_file);
+        for gone in gone_x509.chain(gone_jwt) {
+            if gone.is_empty() {
+                continue; // the upstream signer's key is not ours to delete
+            }
+            if let Err(e) = self.dir.remove_key(gone) {
+                tracing::warn!(error = %e, "could not delete the key of an expired CA key");
             }
         }
-        self.x509 = next_state;
+        self.x509 = next_x509;
+        self.jwt = next_jwt;
         Ok(outcome)
     }
 
     /// When `rotate` next has work to do (may be in the past if overdue).
     pub fn next_rotation_at(&self) -> SystemTime {
-        let Some(active) = self.active() else {
-            return SystemTime::UNIX_EPOCH;
+        let x509 = match self.mode {
+            Mode::SelfSigned => self.x509_schedule().next_event(&self.x509),
+            Mode::Upstream { .. } => self.active_not_after(),
         };
-        if let Mode::Upstream { .. } = self.mode {
-            return active.not_after;
-        }
-        let has_next = self.x509.iter().any(|e| e.role == Role::Next);
-        let schedule = if has_next {
-            self.activate_at(active)
-        } else {
-            self.prepare_at(active)
-        };
-        self.x509
-            .iter()
-            .map(|e| e.authority.not_after)
-            .fold(schedule, SystemTime::min)
+        x509.min(self.jwt_schedule().next_event(&self.jwt))
     }
 
     /// Signs one CRL per CA that issued any of `revoked`, each by that CA's
@@ -505,6 +670,10 @@ impl CertificateAuthority {
             .map(|e| e.authority.as_ref())
     }
 
+    fn active_jwt(&self) -> Option<&JwtEntry> {
+        self.jwt.iter().find(|e| e.role == Role::Active)
+    }
+
     fn new_root(&self, now: SystemTime) -> Result<Entry, CaError> {
         let authority = authority::create_root(&self.trust_domain, now, self.ca_ttl)?;
         Ok(Entry {
@@ -518,17 +687,18 @@ impl CertificateAuthority {
         })
     }
 
-    fn prepare_at(&self, active: &SigningAuthority) -> SystemTime {
-        fraction_of_life(active, 1, 2).min(self.activate_at(active))
+    fn x509_schedule(&self) -> Schedule {
+        Schedule {
+            credential_ttl: self.svid_ttl,
+            linger: Duration::ZERO,
+        }
     }
 
-    fn activate_at(&self, active: &SigningAuthority) -> SystemTime {
-        let last_full_svid = active
-            .not_after
-            .checked_sub(self.svid_ttl)
-            .unwrap_or(active.not_before)
-            .max(active.not_before);
-        fraction_of_life(active, 5, 6).min(last_full_svid)
+    fn jwt_schedule(&self) -> Schedule {
+        Schedule {
+            credential_ttl: self.jwt_svid_ttl,
+            linger: self.jwt_svid_ttl,
+        }
     }
 
     /// Mints one SVID with the upstream signer and verifies it the way a
@@ -573,31 +743,24 @@ impl CertificateAuthority {
     }
 }
 
-fn fraction_of_life(a: &SigningAuthority, num: u32, den: u32) -> SystemTime {
-    let life = a.not_after.duration_since(a.not_before).unwrap_or_default();
-    a.not_before + life * num / den
-}
-
-/// Rebuilds the entries of a state file, checking that each certificate is
+/// Rebuilds the roots of a state file, checking that each certificate is
 /// a root of this trust domain, that its key file is private and matches,
-/// and that the roles make sense.
+/// and that the roles make sense. No roots at all (a state file written in
+/// upstream mode) is fine: the schedule creates the first one.
 fn load_entries(
     dir: &CaDir,
     trust_domain: &TrustDomain,
-    state: StateFile,
+    stored_roots: Vec<StoredAuthority>,
 ) -> Result<Vec<Entry>, CaError> {
     let corrupt = |reason: String| CaError::CorruptState {
         path: dir.state_path(),
         reason,
     };
-    if state.trust_domain != trust_domain.name() {
-        return Err(corrupt(format!(
-            "it belongs to trust domain {:?}, but {trust_domain} is configured",
-            state.trust_domain
-        )));
+    if stored_roots.is_empty() {
+        return Ok(Vec::new());
     }
-    let mut entries = Vec::with_capacity(state.x509_authorities.len());
-    for stored in state.x509_authorities {
+    let mut entries = Vec::with_capacity(stored_roots.len());
+    for stored in stored_roots {
         let block = pem::parse(&stored.certificate)
             .map_err(|e| corrupt(format!("a certificate is not valid PEM: {e}")))?;
         let cert = CertificateDer::from(block.into_contents());

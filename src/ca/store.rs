@@ -23,8 +23,8 @@ const STATE_MODE: u32 = 0o600;
 /// being read into memory.
 const MAX_FILE_BYTES: u64 = 4 << 20;
 
-/// The lifecycle position of a key. Shared by every key kind the CA holds
-/// (X.509 roots today; JWT signing keys are meant to reuse it).
+/// The lifecycle position of a key. Shared by every key kind the CA holds:
+/// X.509 roots and JWT signing keys.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub(crate) enum Role {
@@ -42,15 +42,32 @@ pub(crate) enum Role {
 pub(crate) struct StateFile {
     pub version: u32,
     pub trust_domain: String,
+    /// Empty in a state written by upstream mode before any root existed.
     pub x509_authorities: Vec<StoredAuthority>,
+    /// Absent in state files written before writ signed JWT-SVIDs.
+    #[serde(default)]
+    pub jwt_authorities: Vec<StoredJwtKey>,
 }
 
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct StoredAuthority {
     pub role: Role,
     /// The CA certificate, PEM.
     pub certificate: String,
+    /// File name (no directory) of its PKCS#8 PEM key inside the CA directory.
+    pub key_file: String,
+}
+
+/// A JWT signing key. It has no certificate, so its validity window is
+/// recorded here (Unix seconds), as the rotation schedule needs it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct StoredJwtKey {
+    pub role: Role,
+    pub key_id: String,
+    pub not_before: i64,
+    pub not_after: i64,
     /// File name (no directory) of its PKCS#8 PEM key inside the CA directory.
     pub key_file: String,
 }

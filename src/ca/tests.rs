@@ -244,15 +244,21 @@ fn state_is_reused_across_restarts_with_private_permissions() {
             keys += 1;
         }
     }
-    assert_eq!(keys, 1);
+    assert_eq!(keys, 2, "one root key and one JWT key");
 }
 
+/// The key file of the only root (JWT keys sit beside it as `jwt-*`).
 fn only_key_file(dir: &Path) -> std::path::PathBuf {
-    fs::read_dir(dir)
+    let mut roots = fs::read_dir(dir)
         .unwrap()
         .map(|e| e.unwrap().path())
-        .find(|p| p.to_string_lossy().ends_with(".key.pem"))
-        .unwrap()
+        .filter(|p| {
+            let name = p.file_name().unwrap().to_string_lossy().into_owned();
+            name.starts_with("x509-") && name.ends_with(".key.pem")
+        });
+    let root = roots.next().unwrap();
+    assert!(roots.next().is_none(), "more than one root key");
+    root
 }
 
 #[test]
@@ -359,14 +365,16 @@ fn rotation_schedule_with_injected_time() {
     assert_eq!(out, RotationOutcome::default());
     assert_eq!(published(&ca), vec![root_a.clone()]);
 
-    // At half-life: the next root is published, A still signs.
+    // At half-life: the next root is published, A still signs. The JWT key
+    // made with root A follows the same schedule.
     let old_svid = ca.mint_x509_svid(&request("/a", HOUR), half).unwrap();
     let out = ca.rotate(half).unwrap();
     assert_eq!(
         out,
         RotationOutcome {
             authorities_changed: true,
-            signer_changed: false
+            signer_changed: false,
+            jwt_authorities_changed: true,
         }
     );
     let pub_b = published(&ca);
@@ -387,7 +395,8 @@ fn rotation_schedule_with_injected_time() {
         out,
         RotationOutcome {
             authorities_changed: false,
-            signer_changed: true
+            signer_changed: true,
+            jwt_authorities_changed: false,
         }
     );
     assert_eq!(ca.active_key_id(), root_b);
@@ -486,7 +495,7 @@ fn rotation_invariants_over_many_generations() {
         assert!(ca.x509_authorities().len() <= 3);
     }
     assert!(signers.len() >= 5, "several generations were exercised");
-    // Only the keys of held roots remain on disk.
+    // Only the keys of held roots and JWT keys remain on disk.
     let key_files = fs::read_dir(tmp.path().join("ca"))
         .unwrap()
         .filter(|e| {
@@ -497,7 +506,10 @@ fn rotation_invariants_over_many_generations() {
                 .ends_with(".key.pem")
         })
         .count();
-    assert_eq!(key_files, ca.x509_authorities().len());
+    assert_eq!(
+        key_files,
+        ca.x509_authorities().len() + ca.jwt_authorities().len()
+    );
 }
 
 #[test]
@@ -781,10 +793,17 @@ fn upstream_mode_chains_through_the_intermediate() {
         .unwrap();
 
     assert_eq!(ca.rotate(t0() + HOUR).unwrap(), RotationOutcome::default());
-    assert!(
-        !tmp.path().join("ca").exists(),
-        "upstream mode keeps no state"
-    );
+    // Upstream mode keeps JWT keys only: no root of its own.
+    let state = fs::read_to_string(tmp.path().join("ca/state.json")).unwrap();
+    let state: serde_json::Value = serde_json::from_str(&state).unwrap();
+    assert_eq!(state["x509_authorities"], serde_json::json!([]));
+    assert_eq!(state["jwt_authorities"].as_array().unwrap().len(), 1);
+    assert!(!fs::read_dir(tmp.path().join("ca")).unwrap().any(|e| {
+        e.unwrap()
+            .file_name()
+            .to_string_lossy()
+            .starts_with("x509-")
+    }));
 }
 
 #[test]
@@ -944,4 +963,318 @@ fn output_is_accepted_by_the_spiffe_crate() {
         let back = crate::bundle::TrustBundle::from_spiffe_json(td(), &json).unwrap();
         assert_eq!(back, bundle);
     }
+}
+
+// ---- JWT signing keys ----
+
+fn jwt_request(path: &str, ttl: Duration) -> JwtSvidRequest {
+    JwtSvidRequest {
+        spiffe_id: td().spiffe_id(path).unwrap(),
+        audience: vec!["api".into()],
+        ttl,
+        extra_claims: serde_json::Map::new(),
+    }
+}
+
+fn jwt_key_set(ca: &CertificateAuthority) -> crate::jwt::JwtKeySet {
+    let mut keys = crate::jwt::JwtKeySet::default();
+    keys.set_bundle(&crate::bundle::TrustBundle {
+        jwt_authorities: ca.jwt_authorities(),
+        ..crate::bundle::TrustBundle::new(td())
+    });
+    keys
+}
+
+fn jwt_kids(ca: &CertificateAuthority) -> Vec<String> {
+    ca.jwt_authorities().into_iter().map(|a| a.key_id).collect()
+}
+
+#[test]
+fn jwt_svids_are_signed_by_the_active_key_and_validate() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ca = CertificateAuthority::load_or_create(settings(tmp.path()), t0()).unwrap();
+    assert_eq!(ca.jwt_svid_ttl(), DEFAULT_JWT_SVID_TTL);
+    assert_eq!(jwt_kids(&ca).len(), 1);
+    let svid = ca
+        .mint_jwt_svid(&jwt_request("/agent/a", DEFAULT_JWT_SVID_TTL), t0())
+        .unwrap();
+    assert_eq!(Some(svid.key_id.as_str()), ca.active_jwt_key_id());
+    assert_eq!(unix(svid.issued_at), unix(t0()));
+    assert_eq!(unix(svid.expires_at), unix(t0()) + 300);
+    assert!(!format!("{svid:?}").contains(&svid.token));
+
+    let ok = crate::jwt::validate(&svid.token, "api", &jwt_key_set(&ca), t0()).unwrap();
+    assert_eq!(ok.spiffe_id.to_string(), "spiffe://example.org/agent/a");
+    assert_eq!(ok.claims["jti"], svid.jti.as_str());
+    assert_eq!(ok.claims["iat"], unix(t0()));
+    assert_eq!(ok.claims["exp"], unix(t0()) + 300);
+
+    // Every token is distinct, even for the same request at the same time.
+    let again = ca
+        .mint_jwt_svid(&jwt_request("/agent/a", DEFAULT_JWT_SVID_TTL), t0())
+        .unwrap();
+    assert_ne!(again.jti, svid.jti);
+    assert_ne!(again.token, svid.token);
+}
+
+#[test]
+fn jwt_svid_requests_are_checked() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ca = CertificateAuthority::load_or_create(settings(tmp.path()), t0()).unwrap();
+    let mint = |req: JwtSvidRequest| ca.mint_jwt_svid(&req, t0()).unwrap_err();
+    let base = jwt_request("/a", DEFAULT_JWT_SVID_TTL);
+
+    let foreign = JwtSvidRequest {
+        spiffe_id: "spiffe://other.org/a".parse().unwrap(),
+        ..base.clone()
+    };
+    assert!(matches!(mint(foreign), CaError::ForeignTrustDomain(..)));
+    let root = JwtSvidRequest {
+        spiffe_id: "spiffe://example.org".parse().unwrap(),
+        ..base.clone()
+    };
+    assert!(matches!(mint(root), CaError::LeafWithoutPath(_)));
+    for audience in [vec![], vec!["a".to_owned(), String::new()]] {
+        let req = JwtSvidRequest {
+            audience,
+            ..base.clone()
+        };
+        assert!(matches!(mint(req), CaError::InvalidJwtRequest(_)));
+    }
+    let mut reserved = base.clone();
+    reserved.extra_claims.insert("sub".into(), "x".into());
+    assert!(mint(reserved).to_string().contains("claim sub"));
+    let short = JwtSvidRequest {
+        ttl: Duration::from_millis(500),
+        ..base.clone()
+    };
+    assert!(matches!(mint(short), CaError::TtlTooShort));
+    let huge = JwtSvidRequest {
+        audience: (0..200).map(|i| format!("{i:0>100}")).collect(),
+        ..base
+    };
+    assert!(mint(huge).to_string().contains("byte limit"));
+}
+
+#[test]
+fn jwt_keys_rotate_publish_before_signing_and_cap_tokens() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut s = settings(tmp.path());
+    s.ca_ttl = 6 * HOUR;
+    s.svid_ttl = HOUR;
+    s.jwt_svid_ttl = 10 * Duration::from_secs(60);
+    let mut ca = CertificateAuthority::load_or_create(s.clone(), t0()).unwrap();
+    let first = ca.active_jwt_key_id().unwrap().to_owned();
+
+    // A token never outlives the key that signs it.
+    let long = ca
+        .mint_jwt_svid(&jwt_request("/a", 100 * HOUR), t0())
+        .unwrap();
+    assert_eq!(unix(long.expires_at), unix(t0()) + 6 * 3600);
+
+    let mut now = t0();
+    let mut published_before: HashSet<String> = jwt_kids(&ca).into_iter().collect();
+    let mut signers: HashSet<String> = HashSet::new();
+    let mut live: Vec<JwtSvid> = Vec::new();
+    let mut saw_three = false;
+    for _ in 0..60 {
+        now = ca.next_rotation_at();
+        let out = ca.rotate(now).unwrap();
+        let kids = jwt_kids(&ca);
+        assert_eq!(
+            out.jwt_authorities_changed,
+            kids.iter().cloned().collect::<HashSet<_>>() != published_before
+        );
+        let active = ca.active_jwt_key_id().unwrap().to_owned();
+        if !signers.contains(&active) {
+            // The first time a key signs, it was already in the bundle that
+            // relying parties held before this rotation.
+            assert!(
+                published_before.contains(&active),
+                "JWT key {active} signs before it was published"
+            );
+        }
+        signers.insert(active.clone());
+        let svid = ca
+            .mint_jwt_svid(&jwt_request("/w", s.jwt_svid_ttl), now)
+            .unwrap();
+        assert_eq!(svid.key_id, active);
+        assert_eq!(
+            unix(svid.expires_at) - unix(now),
+            600,
+            "the active key can always sign a full-length token"
+        );
+        live.push(svid);
+        // Every token still valid keeps validating after the rotation.
+        live.retain(|t| t.expires_at > now);
+        let keys = jwt_key_set(&ca);
+        for token in &live {
+            crate::jwt::validate(&token.token, "api", &keys, now).unwrap();
+        }
+        saw_three |= kids.len() == 3;
+        assert!(kids.len() <= 3);
+        published_before = kids.into_iter().collect();
+    }
+    assert!(signers.len() >= 5, "several generations were exercised");
+    assert!(saw_three, "retired keys linger beside active and next");
+    assert!(
+        !published_before.contains(&first),
+        "the first key was dropped"
+    );
+    let first_file = tmp.path().join(format!("ca/jwt-{first}.key.pem"));
+    assert!(!first_file.exists(), "a dropped key's file is deleted");
+
+    // Keys, roles and windows survive a restart.
+    let reloaded = CertificateAuthority::load_or_create(s, now).unwrap();
+    assert_eq!(jwt_kids(&reloaded), jwt_kids(&ca));
+    assert_eq!(reloaded.active_jwt_key_id(), ca.active_jwt_key_id());
+    assert_eq!(reloaded.next_rotation_at(), ca.next_rotation_at());
+}
+
+#[test]
+fn jwt_keys_are_published_at_half_life_and_sign_at_five_sixths() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut ca = CertificateAuthority::load_or_create(settings(tmp.path()), t0()).unwrap();
+    let a = ca.active_jwt_key_id().unwrap().to_owned();
+    let life = DEFAULT_CA_TTL + Duration::from_secs(10);
+    let start = t0() - Duration::from_secs(10);
+    let half = start + life / 2;
+    let five_sixths = start + life * 5 / 6;
+
+    ca.rotate(half - Duration::from_secs(1)).unwrap();
+    assert_eq!(jwt_kids(&ca), vec![a.clone()]);
+    ca.rotate(half).unwrap();
+    let kids = jwt_kids(&ca);
+    assert_eq!(kids.len(), 2);
+    let b = kids[1].clone();
+    // Published, not yet signing: a token minted now still uses A.
+    let token = ca.mint_jwt_svid(&jwt_request("/a", HOUR), half).unwrap();
+    assert_eq!(token.key_id, a);
+    ca.rotate(five_sixths - Duration::from_secs(1)).unwrap();
+    assert_eq!(ca.active_jwt_key_id(), Some(a.as_str()));
+    ca.rotate(five_sixths).unwrap();
+    assert_eq!(ca.active_jwt_key_id(), Some(b.as_str()));
+    // A keeps validating what it signed until its end plus one token TTL.
+    let a_end = t0() + DEFAULT_CA_TTL;
+    ca.rotate(a_end + DEFAULT_JWT_SVID_TTL - Duration::from_secs(1))
+        .unwrap();
+    assert!(jwt_kids(&ca).contains(&a));
+    ca.rotate(a_end + DEFAULT_JWT_SVID_TTL).unwrap();
+    assert!(!jwt_kids(&ca).contains(&a));
+}
+
+#[test]
+fn jwt_key_state_is_checked_on_load() {
+    let tmp = tempfile::tempdir().unwrap();
+    CertificateAuthority::load_or_create(settings(tmp.path()), t0()).unwrap();
+    let dir = tmp.path().join("ca");
+    let state_path = dir.join("state.json");
+    let good = fs::read_to_string(&state_path).unwrap();
+    let state: serde_json::Value = serde_json::from_str(&good).unwrap();
+    let kid = state["jwt_authorities"][0]["key_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let key_path = dir.join(format!("jwt-{kid}.key.pem"));
+    assert_eq!(
+        fs::metadata(&key_path).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let key_before = fs::read(&key_path).unwrap();
+
+    fs::set_permissions(&key_path, fs::Permissions::from_mode(0o644)).unwrap();
+    let err = CertificateAuthority::load_or_create(settings(tmp.path()), t0()).unwrap_err();
+    assert!(matches!(err, CaError::InsecurePermissions { .. }), "{err}");
+    fs::set_permissions(&key_path, fs::Permissions::from_mode(0o600)).unwrap();
+
+    // A root's key in place of the JWT key: the wrong kind of file is refused.
+    fs::write(
+        &key_path,
+        "-----BEGIN EC PRIVATE KEY-----\nAAAA\n-----END EC PRIVATE KEY-----\n",
+    )
+    .unwrap();
+    let err = CertificateAuthority::load_or_create(settings(tmp.path()), t0()).unwrap_err();
+    assert!(
+        matches!(&err, CaError::CorruptState { path, .. } if *path == key_path),
+        "{err}"
+    );
+    fs::write(&key_path, &key_before).unwrap();
+
+    let two_active = good.replacen("\"next\"", "\"active\"", 1);
+    let mut doubled: serde_json::Value = serde_json::from_str(&two_active).unwrap();
+    let copy = doubled["jwt_authorities"][0].clone();
+    doubled["jwt_authorities"]
+        .as_array_mut()
+        .unwrap()
+        .push(copy);
+    fs::write(&state_path, doubled.to_string()).unwrap();
+    let err = CertificateAuthority::load_or_create(settings(tmp.path()), t0()).unwrap_err();
+    assert!(err.to_string().contains("JWT key"), "{err}");
+    assert_eq!(fs::read(&key_path).unwrap(), key_before);
+
+    // A window no clock can reach is corrupt, not a reason to panic later.
+    let mut far: serde_json::Value = serde_json::from_str(&good).unwrap();
+    far["jwt_authorities"][0]["not_after"] = i64::MAX.into();
+    fs::write(&state_path, far.to_string()).unwrap();
+    let err = CertificateAuthority::load_or_create(settings(tmp.path()), t0()).unwrap_err();
+    assert!(
+        err.to_string().contains("impossible validity window"),
+        "{err}"
+    );
+
+    // A state file from before JWT keys (no member at all) gains one.
+    let mut old: serde_json::Value = serde_json::from_str(&good).unwrap();
+    old.as_object_mut().unwrap().remove("jwt_authorities");
+    fs::write(&state_path, old.to_string()).unwrap();
+    fs::remove_file(&key_path).unwrap();
+    let ca = CertificateAuthority::load_or_create(settings(tmp.path()), t0()).unwrap();
+    assert_eq!(jwt_kids(&ca).len(), 1);
+    assert_ne!(jwt_kids(&ca)[0], kid);
+}
+
+#[test]
+fn upstream_mode_keeps_its_jwt_keys_across_restarts() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pki = pki();
+    let setup = write_upstream(tmp.path(), &pki, &intermediate_params(12 * HOUR), None);
+    let s = upstream_settings(tmp.path(), setup.files);
+    let first = CertificateAuthority::load_or_create(s.clone(), t0()).unwrap();
+    let second = CertificateAuthority::load_or_create(s, t0() + HOUR).unwrap();
+    assert_eq!(jwt_kids(&first), jwt_kids(&second));
+    let svid = first.mint_jwt_svid(&jwt_request("/a", HOUR), t0()).unwrap();
+    crate::jwt::validate(&svid.token, "api", &jwt_key_set(&second), t0() + HOUR / 2).unwrap();
+
+    // Switching back to self-signed keeps the JWT keys and makes a root.
+    let own = CertificateAuthority::load_or_create(settings(tmp.path()), t0() + HOUR).unwrap();
+    assert!(!own.is_upstream());
+    assert_eq!(own.x509_authorities().len(), 1);
+    assert_eq!(jwt_kids(&own), jwt_kids(&first));
+}
+
+#[test]
+fn jwt_svids_are_accepted_by_the_spiffe_crate() {
+    let tmp = tempfile::tempdir().unwrap();
+    let now = SystemTime::now();
+    let ca = CertificateAuthority::load_or_create(settings(tmp.path()), now).unwrap();
+    let mut req = jwt_request("/agent/x", DEFAULT_JWT_SVID_TTL);
+    req.audience = vec!["one".into(), "two".into()];
+    let svid = ca.mint_jwt_svid(&req, now).unwrap();
+    let bundle = crate::bundle::TrustBundle {
+        jwt_authorities: ca.jwt_authorities(),
+        ..crate::bundle::TrustBundle::new(td())
+    };
+    let theirs = spiffe::JwtBundle::from_jwt_authorities(
+        spiffe::TrustDomain::new("example.org").unwrap(),
+        &bundle.jwt_jwks_json(),
+    )
+    .unwrap();
+    let mut set = spiffe::JwtBundleSet::new();
+    set.add_bundle(theirs);
+    let parsed = spiffe::JwtSvid::parse_and_validate(&svid.token, &set, &["two"]).unwrap();
+    assert_eq!(
+        parsed.spiffe_id().to_string(),
+        "spiffe://example.org/agent/x"
+    );
+    assert_eq!(parsed.key_id(), svid.key_id);
+    assert!(spiffe::JwtSvid::parse_and_validate(&svid.token, &set, &["three"]).is_err());
 }

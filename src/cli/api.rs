@@ -223,3 +223,151 @@ pub async fn healthcheck(socket: &Path) -> anyhow::Result<()> {
     println!("writ at {} is serving", socket.display());
     Ok(())
 }
+
+/// What `writ api fetch jwt --output json` prints per token.
+#[derive(Serialize)]
+pub struct JwtSvidSummary {
+    pub spiffe_id: String,
+    pub hint: String,
+    pub svid: String,
+    /// The payload as sent (not verified here: it came from the agent).
+    pub claims: serde_json::Value,
+}
+
+/// The payload of a compact JWS, decoded without verification.
+fn unverified_claims(token: &str) -> serde_json::Value {
+    use base64::Engine;
+    token
+        .split('.')
+        .nth(1)
+        .and_then(|p| {
+            base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(p)
+                .ok()
+        })
+        .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+        .unwrap_or(serde_json::Value::Null)
+}
+
+pub async fn fetch_jwt(
+    socket: &Path,
+    audience: Vec<String>,
+    spiffe_id: String,
+    json: bool,
+) -> anyhow::Result<()> {
+    let mut client = workload_client(socket).await?;
+    let response = client
+        .fetch_jwtsvid(pb::JwtsvidRequest {
+            audience,
+            spiffe_id,
+        })
+        .await
+        .context("FetchJWTSVID")?
+        .into_inner();
+    if json {
+        let summaries: Vec<JwtSvidSummary> = response
+            .svids
+            .iter()
+            .map(|s| JwtSvidSummary {
+                spiffe_id: s.spiffe_id.clone(),
+                hint: s.hint.clone(),
+                svid: s.svid.clone(),
+                claims: unverified_claims(&s.svid),
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&summaries)?);
+    } else {
+        for s in &response.svids {
+            println!("token({}):\n\t{}", s.spiffe_id, s.svid);
+        }
+    }
+    Ok(())
+}
+
+/// Prints the first message of the JWT bundle stream.
+pub async fn fetch_jwt_bundles(socket: &Path, json: bool) -> anyhow::Result<()> {
+    let mut client = workload_client(socket).await?;
+    let mut stream = client
+        .fetch_jwt_bundles(pb::JwtBundlesRequest {})
+        .await
+        .context("FetchJWTBundles")?
+        .into_inner();
+    let response = stream
+        .message()
+        .await
+        .context("FetchJWTBundles")?
+        .context("stream ended before the first response")?;
+    let mut bundles: Vec<(String, serde_json::Value)> = response
+        .bundles
+        .into_iter()
+        .map(|(td, jwks)| {
+            let jwks = serde_json::from_slice(&jwks)
+                .with_context(|| format!("the JWKS for {td} is not JSON"))?;
+            Ok((td, jwks))
+        })
+        .collect::<anyhow::Result<_>>()?;
+    bundles.sort_by(|a, b| a.0.cmp(&b.0));
+    if json {
+        let map: serde_json::Map<String, serde_json::Value> = bundles.into_iter().collect();
+        println!("{}", serde_json::to_string_pretty(&map)?);
+    } else {
+        for (td, jwks) in &bundles {
+            println!("bundle({td}):\n\t{}", serde_json::to_string(jwks)?);
+        }
+    }
+    Ok(())
+}
+
+pub async fn validate_jwt(
+    socket: &Path,
+    audience: String,
+    svid: String,
+    json: bool,
+) -> anyhow::Result<()> {
+    let mut client = workload_client(socket).await?;
+    let response = client
+        .validate_jwtsvid(pb::ValidateJwtsvidRequest { audience, svid })
+        .await
+        // The message already says what was wrong ("invalid JWT-SVID: ...").
+        .map_err(|status| anyhow::anyhow!("{}", status.message()))?
+        .into_inner();
+    let claims = response
+        .claims
+        .as_ref()
+        .map(struct_to_json)
+        .unwrap_or_default();
+    if json {
+        let out = serde_json::json!({ "spiffe_id": response.spiffe_id, "claims": claims });
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    } else {
+        println!("SVID is valid.");
+        println!("SPIFFE ID : {}", response.spiffe_id);
+        println!("Claims    : {}", serde_json::to_string(&claims)?);
+    }
+    Ok(())
+}
+
+fn struct_to_json(s: &prost_types::Struct) -> serde_json::Value {
+    serde_json::Value::Object(
+        s.fields
+            .iter()
+            .map(|(k, v)| (k.clone(), proto_value_to_json(v)))
+            .collect(),
+    )
+}
+
+fn proto_value_to_json(v: &prost_types::Value) -> serde_json::Value {
+    use prost_types::value::Kind;
+    match &v.kind {
+        None | Some(Kind::NullValue(_)) => serde_json::Value::Null,
+        Some(Kind::BoolValue(b)) => (*b).into(),
+        // Whole numbers (NumericDates) print as integers, as they were sent.
+        Some(Kind::NumberValue(n)) if n.fract() == 0.0 && n.abs() < 9.0e15 => (*n as i64).into(),
+        Some(Kind::NumberValue(n)) => serde_json::Number::from_f64(*n)
+            .map(serde_json::Value::Number)
+            .unwrap_or(serde_json::Value::Null),
+        Some(Kind::StringValue(s)) => s.clone().into(),
+        Some(Kind::ListValue(l)) => l.values.iter().map(proto_value_to_json).collect(),
+        Some(Kind::StructValue(s)) => struct_to_json(s),
+    }
+}

@@ -76,6 +76,29 @@ pub enum ApiCommand {
         #[arg(long, value_enum, default_value_t = Output::Text)]
         output: Output,
     },
+    /// Ask the Workload API to validate a credential.
+    Validate {
+        #[command(subcommand)]
+        what: ValidateCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ValidateCommand {
+    /// Validate a JWT-SVID (ValidateJWTSVID); exits non-zero with the reason
+    /// when it is refused.
+    Jwt {
+        #[command(flatten)]
+        socket: SocketArg,
+        /// The audience the token must be meant for.
+        #[arg(long)]
+        audience: String,
+        /// The token.
+        #[arg(long)]
+        svid: String,
+        #[arg(long, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -87,6 +110,26 @@ pub enum FetchCommand {
         /// Write svid.N.pem, svid.N.key (0600) and bundle.N.pem here.
         #[arg(long)]
         write: Option<PathBuf>,
+        #[arg(long, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
+    /// JWT-SVIDs for an audience: one per identity, or the one named.
+    Jwt {
+        #[command(flatten)]
+        socket: SocketArg,
+        /// Who the token is for; repeat for several.
+        #[arg(long, required = true)]
+        audience: Vec<String>,
+        /// Only this identity (it must be one the caller holds).
+        #[arg(long)]
+        spiffe_id: Option<String>,
+        #[arg(long, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
+    /// The JWT bundles (JWKS per trust domain).
+    JwtBundle {
+        #[command(flatten)]
+        socket: SocketArg,
         #[arg(long, value_enum, default_value_t = Output::Text)]
         output: Output,
     },
@@ -180,6 +223,34 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
                     output,
                 } => {
                     api::fetch_x509(&socket.resolve()?, write.as_deref(), output == Output::Json)
+                        .await
+                }
+                FetchCommand::Jwt {
+                    socket,
+                    audience,
+                    spiffe_id,
+                    output,
+                } => {
+                    api::fetch_jwt(
+                        &socket.resolve()?,
+                        audience,
+                        spiffe_id.unwrap_or_default(),
+                        output == Output::Json,
+                    )
+                    .await
+                }
+                FetchCommand::JwtBundle { socket, output } => {
+                    api::fetch_jwt_bundles(&socket.resolve()?, output == Output::Json).await
+                }
+            },
+            ApiCommand::Validate { what } => match what {
+                ValidateCommand::Jwt {
+                    socket,
+                    audience,
+                    svid,
+                    output,
+                } => {
+                    api::validate_jwt(&socket.resolve()?, audience, svid, output == Output::Json)
                         .await
                 }
             },
