@@ -158,6 +158,19 @@ pub(super) async fn fetch_once(
     }
     let hint = bundle.refresh_hint;
     tracing::debug!(trust_domain = %td.name, sequence = bundle.sequence, "fetched federated bundle");
+    // Accepted all the same: the document is authenticated, and a peer
+    // restored from a backup legitimately goes back. Worth a look, though.
+    if let Some(held) = federation.agent().federated_bundles().get(&td.name)
+        && held.source == super::BundleSource::Fetched
+        && bundle.sequence < held.bundle.sequence
+    {
+        tracing::warn!(
+            trust_domain = %td.name,
+            held = held.bundle.sequence,
+            fetched = bundle.sequence,
+            "the peer's spiffe_sequence went backwards"
+        );
+    }
     federation
         .install_fetched(bundle)
         .await
