@@ -1,5 +1,5 @@
-//! writ's admin API on the admin socket (package `writ.admin.v1`): `Tasks`
-//! and `Entries`. Callers are attested exactly like Workload API callers and
+//! writ's admin API on the admin socket (package `writ.admin.v1`): `Tasks`,
+//! `Entries` and `Bundles`. Callers are attested exactly like Workload API callers and
 //! must match one of the `[admin_api] authorized` selector sets.
 
 use std::collections::BTreeMap;
@@ -15,9 +15,10 @@ use writ_attestors::Selector;
 use crate::agent::Agent;
 use crate::config::parse_duration;
 use crate::entries::{EntryError, EntryStore};
+use crate::federation::{BundleFormat, BundleInfo, BundleSource, Federation, FederationError};
 use crate::peer::{Caller, PeerInfo};
 use crate::proto::admin as pb;
-use crate::spiffe_id::SpiffeId;
+use crate::spiffe_id::{SpiffeId, TrustDomain};
 use crate::tasks::{
     BeginRequest, Binding, Intent, Orchestrator, Task, TaskError, TaskEvent, TaskManager,
 };
@@ -40,6 +41,7 @@ pub struct AdminContext {
     pub agent: Arc<Agent>,
     pub tasks: Arc<TaskManager>,
     pub entries: Arc<EntryStore>,
+    pub federation: Arc<Federation>,
     pub auth: AdminAuthorization,
 }
 
@@ -363,6 +365,70 @@ impl pb::entries_server::Entries for EntriesService {
 
 pub struct BundlesService(pub Arc<AdminContext>);
 
+fn federation_status(e: FederationError) -> Status {
+    match e {
+        FederationError::OwnTrustDomain(_) | FederationError::Configured(_) => {
+            Status::failed_precondition(e.to_string())
+        }
+        FederationError::NotFound(_) => Status::not_found(e.to_string()),
+        FederationError::InvalidBundle(_) => Status::invalid_argument(e.to_string()),
+        FederationError::Store(_) => Status::unavailable(e.to_string()),
+        other => Status::internal(other.to_string()),
+    }
+}
+
+fn parse_trust_domain(text: &str) -> Result<TrustDomain, Status> {
+    if text.is_empty() {
+        return Err(Status::invalid_argument("trust_domain: required"));
+    }
+    TrustDomain::new(text)
+        .map_err(|e| Status::invalid_argument(format!("trust_domain {text:?}: {e}")))
+}
+
+fn own_bundle_to_proto(ctx: &AdminContext) -> pb::Bundle {
+    let own = ctx.agent.own_bundle();
+    pb::Bundle {
+        trust_domain: own.bundle.trust_domain.to_string(),
+        spiffe_json: own.bundle.to_spiffe_json(),
+        pem: own.bundle.to_pem(),
+        sequence: own.bundle.sequence,
+        source: "own".into(),
+        updated_at: 0,
+        fetch: None,
+    }
+}
+
+fn opt_secs(t: Option<SystemTime>) -> i64 {
+    t.map_or(0, secs)
+}
+
+fn bundle_info_to_proto(info: &BundleInfo) -> pb::Bundle {
+    let fetch = info.fetch.as_ref().map(|f| pb::FetchStatus {
+        url: f.url.clone(),
+        last_attempt: opt_secs(f.last_attempt),
+        last_success: opt_secs(f.last_success),
+        last_error: f.last_error.clone().unwrap_or_default(),
+        next_attempt: opt_secs(f.next_attempt),
+    });
+    match &info.held {
+        Some(held) => pb::Bundle {
+            trust_domain: info.trust_domain.to_string(),
+            spiffe_json: held.bundle.to_spiffe_json(),
+            pem: held.bundle.to_pem(),
+            sequence: held.bundle.sequence,
+            source: held.source.as_str().into(),
+            updated_at: secs(held.updated_at),
+            fetch,
+        },
+        None => pb::Bundle {
+            trust_domain: info.trust_domain.to_string(),
+            source: "pending".into(),
+            fetch,
+            ..Default::default()
+        },
+    }
+}
+
 #[tonic::async_trait]
 impl pb::bundles_server::Bundles for BundlesService {
     async fn get_bundle(
@@ -372,21 +438,84 @@ impl pb::bundles_server::Bundles for BundlesService {
         let ctx = &self.0;
         ctx.authorize(&request)?;
         let wanted = request.into_inner().trust_domain;
-        let own = ctx.agent.own_bundle();
-        if !wanted.is_empty() {
-            let td = crate::spiffe_id::TrustDomain::new(&wanted)
-                .map_err(|e| Status::invalid_argument(format!("trust_domain: {e}")))?;
-            if &td != ctx.agent.trust_domain() {
-                return Err(Status::not_found(format!(
-                    "no bundle for trust domain {td}"
-                )));
-            }
+        if wanted.is_empty() {
+            return Ok(Response::new(own_bundle_to_proto(ctx)));
         }
-        Ok(Response::new(pb::Bundle {
-            trust_domain: own.bundle.trust_domain.to_string(),
-            spiffe_json: own.bundle.to_spiffe_json(),
-            pem: own.bundle.to_pem(),
-            sequence: own.bundle.sequence,
-        }))
+        let td = parse_trust_domain(&wanted)?;
+        if &td == ctx.agent.trust_domain() {
+            return Ok(Response::new(own_bundle_to_proto(ctx)));
+        }
+        match ctx.agent.federated_bundles().get(&td) {
+            Some(held) => Ok(Response::new(bundle_info_to_proto(&BundleInfo {
+                fetch: ctx.federation.fetch_status(&td),
+                trust_domain: td,
+                held: Some(held),
+            }))),
+            None => Err(Status::not_found(format!(
+                "no bundle held for trust domain {td}"
+            ))),
+        }
+    }
+
+    async fn list_bundles(
+        &self,
+        request: Request<pb::ListBundlesRequest>,
+    ) -> Result<Response<pb::ListBundlesResponse>, Status> {
+        let ctx = &self.0;
+        ctx.authorize(&request)?;
+        let mut bundles = vec![own_bundle_to_proto(ctx)];
+        bundles.extend(ctx.federation.list().iter().map(bundle_info_to_proto));
+        Ok(Response::new(pb::ListBundlesResponse { bundles }))
+    }
+
+    async fn set_bundle(
+        &self,
+        request: Request<pb::SetBundleRequest>,
+    ) -> Result<Response<pb::Bundle>, Status> {
+        let ctx = &self.0;
+        ctx.authorize(&request)?;
+        let req = request.into_inner();
+        let td = parse_trust_domain(&req.trust_domain)?;
+        if &td == ctx.agent.trust_domain() {
+            return Err(federation_status(FederationError::OwnTrustDomain(td)));
+        }
+        let format = match pb::BundleFormat::try_from(req.format) {
+            Ok(pb::BundleFormat::Spiffe) => BundleFormat::Spiffe,
+            Ok(pb::BundleFormat::Pem) => BundleFormat::Pem,
+            _ => {
+                return Err(Status::invalid_argument(
+                    "format: required (BUNDLE_FORMAT_SPIFFE or BUNDLE_FORMAT_PEM)",
+                ));
+            }
+        };
+        if req.data.is_empty() {
+            return Err(Status::invalid_argument("data: the bundle is empty"));
+        }
+        let bundle = crate::federation::parse_bundle(td.clone(), &req.data, Some(format))
+            .map_err(federation_status)?;
+        let held = ctx
+            .federation
+            .set_bundle(bundle, BundleSource::Static)
+            .await
+            .map_err(federation_status)?;
+        Ok(Response::new(bundle_info_to_proto(&BundleInfo {
+            fetch: ctx.federation.fetch_status(&td),
+            trust_domain: td,
+            held: Some(held),
+        })))
+    }
+
+    async fn delete_bundle(
+        &self,
+        request: Request<pb::DeleteBundleRequest>,
+    ) -> Result<Response<pb::DeleteBundleResponse>, Status> {
+        let ctx = &self.0;
+        ctx.authorize(&request)?;
+        let td = parse_trust_domain(&request.into_inner().trust_domain)?;
+        ctx.federation
+            .delete_bundle(&td)
+            .await
+            .map_err(federation_status)?;
+        Ok(Response::new(pb::DeleteBundleResponse {}))
     }
 }

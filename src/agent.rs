@@ -170,6 +170,8 @@ pub struct Agent {
     ca: RwLock<CertificateAuthority>,
     svids: Mutex<HashMap<String, Arc<CachedSvid>>>,
     own_bundle: RwLock<Arc<OwnBundle>>,
+    /// Bundles of other trust domains; `federation::Federation` changes them.
+    federated: crate::federation::FederatedBundles,
     changes: watch::Sender<u64>,
 }
 
@@ -197,6 +199,7 @@ impl Agent {
             ca: RwLock::new(ca),
             svids: Mutex::new(HashMap::new()),
             own_bundle: RwLock::new(Arc::new(own_bundle)),
+            federated: Default::default(),
             changes: watch::channel(0).0,
         }
     }
@@ -251,6 +254,8 @@ impl Agent {
             x509_svid_ttl: self.task_svid_ttl,
             dns_names: Vec::new(),
             hint: String::new(),
+            // Federation hook: tasks carry no federates_with yet. Filling it
+            // here (from the task's intent) is all federated delivery needs.
             federates_with: Vec::new(),
             not_after_cap: Some(task.expires_at),
             task_id: Some(task.id.clone()),
@@ -481,6 +486,10 @@ impl Agent {
 
     pub fn own_bundle(&self) -> Arc<OwnBundle> {
         read_lock(&self.own_bundle).clone()
+    }
+
+    pub fn federated_bundles(&self) -> &crate::federation::FederatedBundles {
+        &self.federated
     }
 
     /// A receiver that sees a new value whenever anything a stream shows may

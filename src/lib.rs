@@ -9,6 +9,7 @@ pub mod ca;
 pub mod cli;
 pub mod config;
 pub mod entries;
+pub mod federation;
 pub mod identity;
 pub mod jwt;
 pub mod peer;

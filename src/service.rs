@@ -1,6 +1,7 @@
 //! Wiring the agent together: build it from a validated config, bind the
 //! sockets with the right modes, serve the Workload API with health and
-//! reflection beside it, drive CA rotation, and stop cleanly.
+//! reflection beside it, run the federation bundle endpoint and fetchers,
+//! drive CA rotation, and stop cleanly.
 
 use std::future::Future;
 use std::io;
@@ -20,6 +21,7 @@ use crate::agent::Agent;
 use crate::ca::{CaSettings, CertificateAuthority, UpstreamCaFiles};
 use crate::config::Config;
 use crate::entries::{EntryError, EntryStore};
+use crate::federation::{BundleEndpoint, Federation, FederationError};
 use crate::identity::Registry;
 use crate::peer;
 use crate::proto::admin::bundles_server::BundlesServer;
@@ -58,6 +60,8 @@ pub enum ServiceError {
     Entries(#[from] EntryError),
     #[error("publishing CRLs: {0}")]
     Crl(#[from] crate::agent::AgentError),
+    #[error("federation: {0}")]
+    Federation(#[from] FederationError),
 }
 
 /// Everything a running agent is made of; built once from config.
@@ -66,6 +70,7 @@ pub struct Services {
     pub store: Arc<Store>,
     pub tasks: Arc<TaskManager>,
     pub entries: Arc<EntryStore>,
+    pub federation: Arc<Federation>,
 }
 
 /// Builds the agent from config: data dir, store, CA, attestors, entries and
@@ -140,6 +145,8 @@ pub async fn build(config: &Config) -> Result<Services, ServiceError> {
         },
         cgroup_mount,
     );
+    let federation =
+        Federation::load(agent.clone(), store.clone(), config.federation.clone()).await?;
     tokio::spawn(agent.clone().run_crl_publisher());
     tasks.restore().await?;
     agent.publish_crls().await?;
@@ -148,6 +155,7 @@ pub async fn build(config: &Config) -> Result<Services, ServiceError> {
         store,
         tasks,
         entries,
+        federation,
     })
 }
 
@@ -167,6 +175,12 @@ pub async fn run(
     let admin_socket = config.admin_api.socket_path.clone();
     let workload_listener = bind_socket(&workload_socket, 0o777, 0o755)?;
     let admin_listener = bind_socket(&admin_socket, 0o770, 0o755)?;
+    let bundle_endpoint = match &config.federation.bundle_endpoint {
+        Some(endpoint) => {
+            Some(BundleEndpoint::bind(agent.clone(), endpoint, config.ca.x509_svid_ttl).await?)
+        }
+        None => None,
+    };
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter
@@ -190,6 +204,7 @@ pub async fn run(
         agent: agent.clone(),
         tasks: services.tasks.clone(),
         entries: services.entries.clone(),
+        federation: services.federation.clone(),
         auth: AdminAuthorization {
             authorized: config.admin_api.authorized.clone(),
             bind_any_pid: config.admin_api.bind_any_pid.clone(),
@@ -206,6 +221,16 @@ pub async fn run(
     tracing::info!(socket = %workload_socket.display(), admin = %admin_socket.display(), trust_domain = %agent.trust_domain(), "writ started");
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut federation_tasks = services.federation.spawn_fetchers(stop_rx.clone());
+    if let Some(endpoint) = bundle_endpoint {
+        let addr = endpoint
+            .local_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_default();
+        println!("writ: SPIFFE bundle endpoint on https://{addr}/");
+        tracing::info!(%addr, "bundle endpoint started");
+        federation_tasks.push(tokio::spawn(endpoint.run(stop_rx.clone())));
+    }
     let stop_signal = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|stop| *stop).await;
     };
@@ -233,6 +258,11 @@ pub async fn run(
     });
     let (served, admin_served) = tokio::join!(workload_server, admin_server);
 
+    // The stop signal reached them too; an in-flight fetch still finishes
+    // its store write before its task sees it.
+    for task in federation_tasks {
+        let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+    }
     rotation.abort();
     reloader.abort();
     remove_socket(&workload_socket);
@@ -270,10 +300,11 @@ async fn reload_on_sighup(mut current: Config, path: Option<PathBuf>, entries: A
                     || next.data_dir != current.data_dir
                     || next.workload_api != current.workload_api
                     || next.admin_api != current.admin_api
-                    || next.ca != current.ca;
+                    || next.ca != current.ca
+                    || next.federation != current.federation;
                 if needs_restart {
                     tracing::warn!(
-                        "reload: trust domain, data dir, sockets, admin or CA settings changed; they take effect on restart"
+                        "reload: trust domain, data dir, sockets, admin, CA or federation settings changed; they take effect on restart"
                     );
                 }
                 entries

@@ -1,6 +1,6 @@
 //! Durable state in SQLite (WAL, synchronous=FULL): admin-created entries,
-//! tasks, every serial issued for a task, revocations, and counters that must
-//! only grow (bundle sequence, CRL number). Writes go through one writer thread
+//! tasks, every serial issued for a task, revocations, federated trust
+//! bundles, and counters that must only grow (bundle sequence, CRL number). Writes go through one writer thread
 //! that commits whatever is queued together, so concurrent issuances share an
 //! fsync instead of queueing behind one each.
 
@@ -30,7 +30,7 @@ pub enum StoreError {
 
 /// The most jobs one transaction takes; bounds how long any one waits.
 const MAX_BATCH: usize = 256;
-const SCHEMA_VERSION: i64 = 1;
+const SCHEMA_VERSION: i64 = 2;
 
 /// A unit of work for the writer. Given the open transaction (or the reason
 /// there is none), it runs its SQL inside its own savepoint and returns
@@ -285,6 +285,23 @@ fn migrate(conn: &Connection) -> Result<(), StoreError> {
             "#,
         )?;
     }
+    if version < 2 {
+        // Bundles of other trust domains, one row each, stored as the SPIFFE
+        // bundle document they were parsed from (it round-trips exactly).
+        conn.execute_batch(
+            r#"
+            BEGIN;
+            CREATE TABLE federated_bundles (
+                trust_domain TEXT PRIMARY KEY,
+                spiffe_json  BLOB NOT NULL,
+                source       TEXT NOT NULL,
+                updated_at   INTEGER NOT NULL
+            );
+            PRAGMA user_version = 2;
+            COMMIT;
+            "#,
+        )?;
+    }
     Ok(())
 }
 
@@ -379,6 +396,38 @@ mod tests {
             })
             .unwrap();
         assert_eq!(rows, 200);
+    }
+
+    #[test]
+    fn a_version_1_database_is_migrated_and_keeps_its_data() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("w.db");
+        {
+            // Build exactly what a version-1 writ left behind.
+            let store = Store::open(&path).unwrap();
+            store
+                .write_blocking(|c| {
+                    bump_counter(c, "bundle_sequence")?;
+                    bump_counter(c, "bundle_sequence")?;
+                    Ok(())
+                })
+                .unwrap();
+            store.close();
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch("DROP TABLE federated_bundles; PRAGMA user_version = 1;")
+                .unwrap();
+        }
+        let store = Store::open(&path).unwrap();
+        let (version, sequence, rows): (i64, u64, i64) = store
+            .read(|c| {
+                Ok((
+                    c.pragma_query_value(None, "user_version", |r| r.get(0))?,
+                    read_counter(c, "bundle_sequence")?,
+                    c.query_row("SELECT COUNT(*) FROM federated_bundles", [], |r| r.get(0))?,
+                ))
+            })
+            .unwrap();
+        assert_eq!((version, sequence, rows), (2, 2, 0));
     }
 
     #[test]

@@ -102,6 +102,8 @@ struct Fingerprint {
     serials: Vec<Vec<u8>>,
     bundle_sequence: u64,
     crl_generation: u64,
+    /// Revisions of the federated bundles sent, in trust domain order.
+    federated: Vec<u64>,
 }
 
 struct Snapshot<T> {
@@ -138,6 +140,7 @@ fn x509_svid_snapshot(
         }
         let own = agent.own_bundle();
         let crls = agent.crls();
+        let federated = crate::federation::bundles_for(&agent, &entitlements);
         let mut svids = Vec::with_capacity(entitlements.len());
         let mut serials = Vec::with_capacity(entitlements.len());
         let mut refresh_at: Option<SystemTime> = None;
@@ -160,12 +163,13 @@ fn x509_svid_snapshot(
             message: pb::X509svidResponse {
                 svids,
                 crl: crls.ders.clone(),
-                federated_bundles: Default::default(),
+                federated_bundles: crate::federation::x509_bundle_map(&federated),
             },
             fingerprint: Fingerprint {
                 serials,
                 bundle_sequence: own.bundle.sequence,
                 crl_generation: crls.generation,
+                federated: crate::federation::revisions(&federated),
             },
             keys,
             refresh_at,
@@ -181,10 +185,11 @@ fn x509_bundles_snapshot(
     Box::pin(async move {
         // Like SPIRE (without allow_unauthenticated_verifiers), bundles go
         // only to callers that hold an identity here.
-        entitled(&agent, &caller)?;
+        let entitlements = entitled(&agent, &caller)?;
         let own = agent.own_bundle();
         let crls = agent.crls();
-        let mut bundles = std::collections::HashMap::new();
+        let federated = crate::federation::bundles_for(&agent, &entitlements);
+        let mut bundles = crate::federation::x509_bundle_map(&federated);
         bundles.insert(agent.trust_domain().id_string(), own.x509_der.clone());
         Ok(Snapshot {
             message: pb::X509BundlesResponse {
@@ -195,6 +200,7 @@ fn x509_bundles_snapshot(
                 serials: Vec::new(),
                 bundle_sequence: own.bundle.sequence,
                 crl_generation: crls.generation,
+                federated: crate::federation::revisions(&federated),
             },
             keys: Vec::new(),
             refresh_at: None,

@@ -1,4 +1,5 @@
-//! `writ task ...` and `writ entry ...`: clients for the admin socket.
+//! `writ task ...`, `writ entry ...` and `writ bundle ...`: clients for the
+//! admin socket.
 
 use std::path::{Path, PathBuf};
 
@@ -445,12 +446,40 @@ pub async fn entry(cmd: EntryCommand) -> anyhow::Result<()> {
 
 #[derive(Subcommand, Debug)]
 pub enum BundleCommand {
-    /// Print writ's own trust bundle.
+    /// Print a trust bundle: writ's own, or another trust domain's.
     Show {
         #[command(flatten)]
         admin: AdminSocketArg,
+        /// Default: writ's own trust domain.
+        #[arg(long)]
+        trust_domain: Option<String>,
         #[arg(long, value_enum, default_value_t = BundleFormat::Pem)]
         format: BundleFormat,
+    },
+    /// List writ's own bundle and every foreign one held or configured.
+    List {
+        #[command(flatten)]
+        admin: AdminSocketArg,
+    },
+    /// Store a foreign trust domain's bundle (replacing any held). A
+    /// configured trust domain's fetcher overwrites it on its next success.
+    Set {
+        #[command(flatten)]
+        admin: AdminSocketArg,
+        #[arg(long)]
+        trust_domain: String,
+        #[arg(long, value_enum, default_value_t = BundleFormat::Pem)]
+        format: BundleFormat,
+        /// Read the bundle from this file; "-" or absent: standard input.
+        #[arg(long)]
+        file: Option<PathBuf>,
+    },
+    /// Forget a foreign trust domain's bundle.
+    Delete {
+        #[command(flatten)]
+        admin: AdminSocketArg,
+        #[arg(long)]
+        trust_domain: String,
     },
 }
 
@@ -462,24 +491,183 @@ pub enum BundleFormat {
     Spiffe,
 }
 
+async fn bundles_client(
+    path: &Path,
+) -> anyhow::Result<pb::bundles_client::BundlesClient<tonic::transport::Channel>> {
+    let channel = connect(path)
+        .await
+        .with_context(|| format!("admin API at {}", path.display()))?;
+    Ok(pb::bundles_client::BundlesClient::new(channel))
+}
+
+fn print_bundle(bundle: &pb::Bundle, format: BundleFormat) -> anyhow::Result<()> {
+    match format {
+        BundleFormat::Pem => print!("{}", bundle.pem),
+        BundleFormat::Spiffe => {
+            let doc: serde_json::Value =
+                serde_json::from_slice(&bundle.spiffe_json).context("bundle document from writ")?;
+            println!("{}", serde_json::to_string_pretty(&doc)?);
+        }
+    }
+    Ok(())
+}
+
+/// Counts of (X.509, JWT) authorities in a bundle writ sent.
+fn authority_counts(bundle: &pb::Bundle) -> (usize, usize) {
+    crate::spiffe_id::TrustDomain::new(&bundle.trust_domain)
+        .ok()
+        .and_then(|td| crate::bundle::TrustBundle::from_spiffe_json(td, &bundle.spiffe_json).ok())
+        .map_or((0, 0), |b| {
+            (b.x509_authorities.len(), b.jwt_authorities.len())
+        })
+}
+
+fn bundle_json(bundle: &pb::Bundle) -> serde_json::Value {
+    let (x509, jwt) = authority_counts(bundle);
+    let fetch = bundle.fetch.as_ref().map(|f| {
+        json!({
+            "url": f.url,
+            "last_attempt": f.last_attempt,
+            "last_success": f.last_success,
+            "last_error": f.last_error,
+            "next_attempt": f.next_attempt,
+        })
+    });
+    json!({
+        "trust_domain": bundle.trust_domain,
+        "source": bundle.source,
+        "sequence": bundle.sequence,
+        "x509_authorities": x509,
+        "jwt_authorities": jwt,
+        "updated_at": bundle.updated_at,
+        "fetch": fetch,
+    })
+}
+
+fn read_input(file: Option<&Path>) -> anyhow::Result<Vec<u8>> {
+    use std::io::Read;
+    let limit = crate::bundle::MAX_BUNDLE_BYTES as u64;
+    let mut data = Vec::new();
+    match file {
+        Some(path) if path != Path::new("-") => {
+            std::fs::File::open(path)
+                .with_context(|| format!("reading {}", path.display()))?
+                .take(limit + 1)
+                .read_to_end(&mut data)
+                .with_context(|| format!("reading {}", path.display()))?;
+        }
+        _ => {
+            std::io::stdin()
+                .take(limit + 1)
+                .read_to_end(&mut data)
+                .context("reading the bundle from standard input")?;
+        }
+    }
+    if data.len() as u64 > limit {
+        anyhow::bail!("the bundle is larger than {limit} bytes");
+    }
+    Ok(data)
+}
+
 pub async fn bundle(cmd: BundleCommand) -> anyhow::Result<()> {
     match cmd {
-        BundleCommand::Show { admin, format } => {
-            let channel = connect(&admin.path())
-                .await
-                .with_context(|| format!("admin API at {}", admin.path().display()))?;
-            let bundle = pb::bundles_client::BundlesClient::new(channel)
-                .get_bundle(pb::GetBundleRequest::default())
+        BundleCommand::Show {
+            admin,
+            trust_domain,
+            format,
+        } => {
+            let bundle = bundles_client(&admin.path())
+                .await?
+                .get_bundle(pb::GetBundleRequest {
+                    trust_domain: trust_domain.unwrap_or_default(),
+                })
                 .await
                 .map_err(|s| status_error("GetBundle", s))?
                 .into_inner();
-            match format {
-                BundleFormat::Pem => print!("{}", bundle.pem),
-                BundleFormat::Spiffe => {
-                    let doc: serde_json::Value = serde_json::from_slice(&bundle.spiffe_json)
-                        .context("bundle document from writ")?;
-                    println!("{}", serde_json::to_string_pretty(&doc)?);
+            print_bundle(&bundle, format)?;
+        }
+        BundleCommand::List { admin } => {
+            let bundles = bundles_client(&admin.path())
+                .await?
+                .list_bundles(pb::ListBundlesRequest {})
+                .await
+                .map_err(|s| status_error("ListBundles", s))?
+                .into_inner()
+                .bundles;
+            if admin.output == Output::Json {
+                let v: Vec<_> = bundles.iter().map(bundle_json).collect();
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                println!(
+                    "{:<32} {:<10} {:>10} {:>5} {:>4}  {:<24} ENDPOINT",
+                    "TRUST DOMAIN", "SOURCE", "SEQUENCE", "X509", "JWT", "UPDATED"
+                );
+                for b in &bundles {
+                    let (x509, jwt) = authority_counts(b);
+                    let endpoint = match &b.fetch {
+                        None => String::new(),
+                        Some(f) if f.last_error.is_empty() => f.url.clone(),
+                        Some(f) => format!("{} (last fetch failed: {})", f.url, f.last_error),
+                    };
+                    println!(
+                        "{:<32} {:<10} {:>10} {:>5} {:>4}  {:<24} {}",
+                        b.trust_domain,
+                        b.source,
+                        b.sequence,
+                        x509,
+                        jwt,
+                        time_string(b.updated_at),
+                        endpoint
+                    );
                 }
+            }
+        }
+        BundleCommand::Set {
+            admin,
+            trust_domain,
+            format,
+            file,
+        } => {
+            let data = read_input(file.as_deref())?;
+            let format = match format {
+                BundleFormat::Pem => pb::BundleFormat::Pem,
+                BundleFormat::Spiffe => pb::BundleFormat::Spiffe,
+            };
+            let bundle = bundles_client(&admin.path())
+                .await?
+                .set_bundle(pb::SetBundleRequest {
+                    trust_domain,
+                    format: format as i32,
+                    data,
+                })
+                .await
+                .map_err(|s| status_error("SetBundle", s))?
+                .into_inner();
+            if admin.output == Output::Json {
+                println!("{}", bundle_json(&bundle));
+            } else {
+                let (x509, jwt) = authority_counts(&bundle);
+                println!(
+                    "set bundle of {} ({x509} X.509 and {jwt} JWT authorities)",
+                    bundle.trust_domain
+                );
+            }
+        }
+        BundleCommand::Delete {
+            admin,
+            trust_domain,
+        } => {
+            bundles_client(&admin.path())
+                .await?
+                .delete_bundle(pb::DeleteBundleRequest {
+                    trust_domain: trust_domain.clone(),
+                })
+                .await
+                .map_err(|s| status_error("DeleteBundle", s))?;
+            if admin.output == Output::Json {
+                println!("{}", json!({"deleted": trust_domain}));
+            } else {
+                println!("deleted bundle of {trust_domain}");
             }
         }
     }

@@ -55,7 +55,7 @@ pub enum Command {
         #[command(subcommand)]
         command: admin::EntryCommand,
     },
-    /// Show trust bundles (admin socket).
+    /// Show, list, set and delete trust bundles (admin socket).
     Bundle {
         #[command(subcommand)]
         command: admin::BundleCommand,

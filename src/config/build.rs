@@ -12,13 +12,15 @@ use toml::Spanned;
 use writ_attestors::Selector;
 
 use super::raw::{
-    RawAdminApi, RawAttestors, RawAudit, RawCa, RawConfig, RawEntry, RawLog, RawPolicy, RawTasks,
-    RawUpstream, Text,
+    RawAdminApi, RawAttestors, RawAudit, RawBundleEndpoint, RawCa, RawConfig, RawEntry,
+    RawFederatedTrustDomain, RawFederation, RawLog, RawPolicy, RawTasks, RawUpstream, Text,
 };
 use super::{
-    AdminApiConfig, AttestorsConfig, AuditConfig, CaConfig, Config, ConfigError, EntryConfig,
-    Environment, LogConfig, LogFormat, MAX_HINT_BYTES, MAX_SOCKET_PATH_BYTES, PolicyConfig,
-    TasksConfig, UpstreamCaConfig, WorkloadApiConfig, format_duration, parse_duration,
+    AdminApiConfig, AttestorsConfig, AuditConfig, BundleEndpointConfig, CaConfig, Config,
+    ConfigError, EndpointClientProfile, EndpointServerProfile, EntryConfig, Environment,
+    FederatedTrustDomainConfig, FederationConfig, LogConfig, LogFormat, MAX_HINT_BYTES,
+    MAX_SOCKET_PATH_BYTES, MIN_REFRESH_FLOOR, PolicyConfig, TasksConfig, UpstreamCaConfig,
+    WorkloadApiConfig, format_duration, parse_duration,
 };
 use crate::spiffe_id::{SpiffeId, TrustDomain};
 
@@ -142,6 +144,7 @@ impl Builder<'_> {
         let log = self.log(raw.log, defaults.log);
         let policy = self.policy(raw.policy);
         let audit = self.audit(raw.audit, &data_dir.value);
+        let federation = self.federation(raw.federation, trust_domain.as_ref());
         let entries = self.entries(&raw.entry, trust_domain.as_ref(), ca.as_ref());
 
         Config {
@@ -162,6 +165,7 @@ impl Builder<'_> {
             log,
             policy,
             audit,
+            federation,
             entries,
         }
     }
@@ -603,6 +607,357 @@ impl Builder<'_> {
             }
         }
         config
+    }
+
+    fn federation(
+        &mut self,
+        raw: Option<RawFederation>,
+        trust_domain: Option<&TrustDomain>,
+    ) -> FederationConfig {
+        let defaults = FederationConfig::default();
+        let Some(raw) = raw else { return defaults };
+        let min_refresh_interval = match self.positive_duration(
+            "federation.min_refresh_interval",
+            raw.min_refresh_interval.as_ref(),
+            defaults.min_refresh_interval,
+        ) {
+            Some(interval) if interval.value < MIN_REFRESH_FLOOR => {
+                self.error(
+                    interval.span.unwrap_or(0..0),
+                    format!(
+                        "federation.min_refresh_interval ({}) is shorter than {}; polling faster only loads the peer",
+                        format_duration(interval.value),
+                        format_duration(MIN_REFRESH_FLOOR)
+                    ),
+                );
+                defaults.min_refresh_interval
+            }
+            Some(interval) => interval.value,
+            None => defaults.min_refresh_interval,
+        };
+        let bundle_endpoint = raw
+            .bundle_endpoint
+            .as_ref()
+            .and_then(|endpoint| self.bundle_endpoint(endpoint, trust_domain));
+
+        let mut trust_domains: Vec<FederatedTrustDomainConfig> = Vec::new();
+        // Non-self-serving endpoints are checked once every name is known.
+        let mut endpoint_ids: Vec<(usize, Range<usize>, SpiffeId)> = Vec::new();
+        let mut seen: HashMap<TrustDomain, usize> = HashMap::new();
+        for (index, table) in raw.trust_domain.iter().enumerate() {
+            let Some(checked) = self.federated_trust_domain(index, table, trust_domain) else {
+                continue;
+            };
+            let name_span = table
+                .get_ref()
+                .name
+                .as_ref()
+                .map_or(table.span(), Spanned::span);
+            if let Some(first) = seen.get(&checked.name) {
+                self.error(
+                    name_span,
+                    format!(
+                        "federation.trust_domain[{index}] repeats trust domain {} of federation.trust_domain[{first}]; each trust domain is fetched from one endpoint",
+                        checked.name
+                    ),
+                );
+                continue;
+            }
+            seen.insert(checked.name.clone(), index);
+            if let EndpointClientProfile::HttpsSpiffe { endpoint_spiffe_id } = &checked.profile
+                && endpoint_spiffe_id.trust_domain() != &checked.name
+            {
+                let span = table
+                    .get_ref()
+                    .endpoint_spiffe_id
+                    .as_ref()
+                    .map_or(table.span(), Spanned::span);
+                endpoint_ids.push((index, span, endpoint_spiffe_id.clone()));
+            }
+            trust_domains.push(checked);
+        }
+        for (index, span, endpoint_id) in endpoint_ids {
+            let endpoint_td = endpoint_id.trust_domain();
+            if Some(endpoint_td) != trust_domain && !seen.contains_key(endpoint_td) {
+                self.error(
+                    span,
+                    format!(
+                        "federation.trust_domain[{index}].endpoint_spiffe_id {endpoint_id} is in trust domain {endpoint_td}, which writ has no bundle source for; use an ID in the fetched trust domain, or configure {endpoint_td} as a federation.trust_domain too"
+                    ),
+                );
+            }
+        }
+        FederationConfig {
+            min_refresh_interval,
+            bundle_endpoint,
+            trust_domains,
+        }
+    }
+
+    /// "https_spiffe" or "https_web"; `None` (with an error) otherwise.
+    fn profile_name(&mut self, key: &str, text: &Text) -> Option<bool> {
+        match text.get_ref().as_str() {
+            "https_spiffe" => Some(true),
+            "https_web" => Some(false),
+            other => {
+                self.error(
+                    text.span(),
+                    format!("{key} {other:?} is unknown; use \"https_spiffe\" or \"https_web\""),
+                );
+                None
+            }
+        }
+    }
+
+    /// Reports a key that only means something under the other profile.
+    fn wrong_profile_key(&mut self, key: &str, text: &Option<Text>, profile: &str) -> bool {
+        if let Some(text) = text {
+            self.error(
+                text.span(),
+                format!("{key} applies to profile {profile} only"),
+            );
+            return true;
+        }
+        false
+    }
+
+    fn bundle_endpoint(
+        &mut self,
+        table: &Spanned<RawBundleEndpoint>,
+        trust_domain: Option<&TrustDomain>,
+    ) -> Option<BundleEndpointConfig> {
+        const KEY: &str = "federation.bundle_endpoint";
+        let raw = table.get_ref();
+        let listen = match &raw.listen {
+            None => {
+                self.error(
+                    table.span(),
+                    format!("{KEY} has no listen address (such as \"127.0.0.1:8443\"); remove the table to serve no bundle endpoint"),
+                );
+                None
+            }
+            Some(text) => match text.get_ref().parse::<std::net::SocketAddr>() {
+                Ok(addr) => Some(addr),
+                Err(_) => {
+                    self.error(
+                        text.span(),
+                        format!(
+                            "{KEY}.listen {:?} is not an IP address and port such as \"127.0.0.1:8443\" or \"[::]:8443\"",
+                            text.get_ref()
+                        ),
+                    );
+                    None
+                }
+            },
+        };
+        let spiffe_profile = match &raw.profile {
+            None => Some(true),
+            Some(text) => self.profile_name(&format!("{KEY}.profile"), text),
+        };
+        let profile = match spiffe_profile {
+            None => None,
+            Some(true) => {
+                let stray_cert =
+                    self.wrong_profile_key(&format!("{KEY}.cert"), &raw.cert, "https_web");
+                let stray_key =
+                    self.wrong_profile_key(&format!("{KEY}.key"), &raw.key, "https_web");
+                let spiffe_id = match &raw.spiffe_id {
+                    None => trust_domain.and_then(|td| td.spiffe_id("/writ/bundle-endpoint").ok()),
+                    Some(text) => self.entry_spiffe_id(KEY, text, trust_domain),
+                };
+                if stray_cert || stray_key {
+                    None
+                } else {
+                    spiffe_id.map(|spiffe_id| EndpointServerProfile::HttpsSpiffe { spiffe_id })
+                }
+            }
+            Some(false) => {
+                let stray = self.wrong_profile_key(
+                    &format!("{KEY}.spiffe_id"),
+                    &raw.spiffe_id,
+                    "https_spiffe",
+                );
+                let mut file = |name: &str, what: &str, text: &Option<Text>| match text {
+                    Some(text) => self.absolute_path(&format!("{KEY}.{name}"), text),
+                    None => {
+                        self.error(
+                            table.span(),
+                            format!("{KEY} with profile https_web needs `{name}` (the PEM file with {what})"),
+                        );
+                        None
+                    }
+                };
+                let cert = file("cert", "the server certificate chain", &raw.cert);
+                let key = file("key", "the server's private key", &raw.key);
+                match (cert, key, stray) {
+                    (Some(cert), Some(key), false) => {
+                        Some(EndpointServerProfile::HttpsWeb { cert, key })
+                    }
+                    _ => None,
+                }
+            }
+        };
+        let refresh_hint = match self.positive_duration(
+            &format!("{KEY}.refresh_hint"),
+            raw.refresh_hint.as_ref(),
+            Duration::from_secs(300),
+        ) {
+            Some(hint) if hint.value.subsec_nanos() != 0 || hint.value < Duration::from_secs(1) => {
+                self.error(
+                    hint.span.unwrap_or(0..0),
+                    format!("{KEY}.refresh_hint must be a whole number of seconds, at least 1s (bundle documents carry it in seconds)"),
+                );
+                None
+            }
+            other => other.map(|hint| hint.value),
+        };
+        Some(BundleEndpointConfig {
+            listen: listen?,
+            profile: profile?,
+            refresh_hint: refresh_hint?,
+        })
+    }
+
+    fn federated_trust_domain(
+        &mut self,
+        index: usize,
+        table: &Spanned<RawFederatedTrustDomain>,
+        own: Option<&TrustDomain>,
+    ) -> Option<FederatedTrustDomainConfig> {
+        let key = format!("federation.trust_domain[{index}]");
+        let raw = table.get_ref();
+        let name = match &raw.name {
+            None => {
+                self.error(
+                    table.span(),
+                    format!("{key} has no name (the trust domain to fetch)"),
+                );
+                None
+            }
+            Some(text) => match TrustDomain::new(text.get_ref()) {
+                Ok(td) if Some(&td) == own => {
+                    self.error(
+                        text.span(),
+                        format!("{key}.name {td} is writ's own trust domain; federation is only with other trust domains"),
+                    );
+                    None
+                }
+                Ok(td) => Some(td),
+                Err(err) => {
+                    self.error(
+                        text.span(),
+                        format!("{key}.name {:?}: {err}", text.get_ref()),
+                    );
+                    None
+                }
+            },
+        };
+        let url = match &raw.url {
+            None => {
+                self.error(
+                    table.span(),
+                    format!("{key} has no url (the peer's bundle endpoint)"),
+                );
+                None
+            }
+            Some(text) => match crate::federation::EndpointUrl::parse(text.get_ref()) {
+                Ok(_) => Some(text.get_ref().clone()),
+                Err(err) => {
+                    self.error(text.span(), format!("{key}.url: {err}"));
+                    None
+                }
+            },
+        };
+        let spiffe_profile = match &raw.profile {
+            None => {
+                self.error(
+                    table.span(),
+                    format!("{key} has no profile; set \"https_spiffe\" or \"https_web\" (it is never guessed from the URL)"),
+                );
+                None
+            }
+            Some(text) => self.profile_name(&format!("{key}.profile"), text),
+        };
+        let bundle = match &raw.bundle {
+            None => Some(None),
+            Some(text) => self.absolute_path(&format!("{key}.bundle"), text).map(Some),
+        };
+        let profile = match spiffe_profile {
+            None => None,
+            Some(true) => {
+                let stray = self.wrong_profile_key(
+                    &format!("{key}.ca_bundle"),
+                    &raw.ca_bundle,
+                    "https_web",
+                );
+                let endpoint_spiffe_id = match &raw.endpoint_spiffe_id {
+                    None => {
+                        self.error(
+                            table.span(),
+                            format!("{key} with profile https_spiffe needs endpoint_spiffe_id (SPIRE's is spiffe://<trust domain>/spire/server)"),
+                        );
+                        None
+                    }
+                    Some(text) => match text.get_ref().parse::<SpiffeId>() {
+                        Ok(id) if id.is_trust_domain_id() => {
+                            self.error(
+                                text.span(),
+                                format!("{key}.endpoint_spiffe_id {id} has no path; an X509-SVID's SPIFFE ID always has one"),
+                            );
+                            None
+                        }
+                        Ok(id) => Some(id),
+                        Err(err) => {
+                            self.error(
+                                text.span(),
+                                format!("{key}.endpoint_spiffe_id {:?}: {err}", text.get_ref()),
+                            );
+                            None
+                        }
+                    },
+                };
+                // A self-serving endpoint is authenticated with its own
+                // trust domain's bundle, so the first fetch needs one.
+                if let (Some(id), Some(name), Some(None)) = (&endpoint_spiffe_id, &name, &bundle)
+                    && id.trust_domain() == name
+                {
+                    self.error(
+                        table.span(),
+                        format!("{key} with profile https_spiffe needs `bundle`: the bootstrap bundle of {name} (SPIFFE JSON or PEM) that authenticates the first fetch"),
+                    );
+                }
+                match (endpoint_spiffe_id, stray) {
+                    (Some(endpoint_spiffe_id), false) => {
+                        Some(EndpointClientProfile::HttpsSpiffe { endpoint_spiffe_id })
+                    }
+                    _ => None,
+                }
+            }
+            Some(false) => {
+                let stray = self.wrong_profile_key(
+                    &format!("{key}.endpoint_spiffe_id"),
+                    &raw.endpoint_spiffe_id,
+                    "https_spiffe",
+                );
+                let ca_bundle = match &raw.ca_bundle {
+                    None => Some(None),
+                    Some(text) => self
+                        .absolute_path(&format!("{key}.ca_bundle"), text)
+                        .map(Some),
+                };
+                match (ca_bundle, stray) {
+                    (Some(ca_bundle), false) => Some(EndpointClientProfile::HttpsWeb { ca_bundle }),
+                    _ => None,
+                }
+            }
+        };
+        Some(FederatedTrustDomainConfig {
+            name: name?,
+            url: url?,
+            profile: profile?,
+            bundle: bundle?,
+            follow_redirects: raw.follow_redirects.unwrap_or(true),
+        })
     }
 
     fn entries(

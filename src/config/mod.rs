@@ -10,6 +10,7 @@ mod raw;
 pub use duration::{DurationError, MAX_DURATION, duration_serde, format_duration, parse_duration};
 pub use environment::Environment;
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -41,6 +42,7 @@ pub struct Config {
     pub log: LogConfig,
     pub policy: PolicyConfig,
     pub audit: AuditConfig,
+    pub federation: FederationConfig,
     /// Written as `[[entry]]` tables in the file.
     #[serde(rename = "entry")]
     pub entries: Vec<EntryConfig>,
@@ -146,6 +148,89 @@ impl AuditConfig {
             checkpoint_interval: Duration::from_secs(60),
         }
     }
+}
+
+/// `[federation]`: serving writ's own bundle to other trust domains and
+/// fetching theirs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct FederationConfig {
+    /// Polls of one bundle endpoint never come closer together than this,
+    /// whatever refresh hint the peer sends. Default: 30s.
+    #[serde(with = "duration_serde")]
+    pub min_refresh_interval: Duration,
+    /// Absent: writ serves no bundle endpoint.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bundle_endpoint: Option<BundleEndpointConfig>,
+    /// Written as `[[federation.trust_domain]]` tables in the file.
+    #[serde(rename = "trust_domain", skip_serializing_if = "Vec::is_empty")]
+    pub trust_domains: Vec<FederatedTrustDomainConfig>,
+}
+
+/// The smallest `min_refresh_interval` accepted: polls faster than once a
+/// second would only load the peer.
+pub const MIN_REFRESH_FLOOR: Duration = Duration::from_secs(1);
+
+impl Default for FederationConfig {
+    fn default() -> Self {
+        FederationConfig {
+            min_refresh_interval: Duration::from_secs(30),
+            bundle_endpoint: None,
+            trust_domains: Vec::new(),
+        }
+    }
+}
+
+/// `[federation.bundle_endpoint]`: HTTPS `GET /` serving writ's bundle.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct BundleEndpointConfig {
+    #[serde(serialize_with = "serialize_display")]
+    pub listen: SocketAddr,
+    #[serde(flatten)]
+    pub profile: EndpointServerProfile,
+    /// Sent as `spiffe_refresh_hint`. Default: 5m.
+    #[serde(with = "duration_serde")]
+    pub refresh_hint: Duration,
+}
+
+/// How the bundle endpoint authenticates itself to its clients.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "profile", rename_all = "snake_case")]
+pub enum EndpointServerProfile {
+    /// Present an X509-SVID for `spiffe_id`, minted from writ's own CA.
+    HttpsSpiffe { spiffe_id: SpiffeId },
+    /// Present a Web PKI certificate chain and key from PEM files.
+    HttpsWeb { cert: PathBuf, key: PathBuf },
+}
+
+/// `[[federation.trust_domain]]`: a foreign trust domain whose bundle writ
+/// fetches from its bundle endpoint.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct FederatedTrustDomainConfig {
+    pub name: TrustDomain,
+    /// An `https://` URL without userinfo, already checked to parse.
+    pub url: String,
+    #[serde(flatten)]
+    pub profile: EndpointClientProfile,
+    /// Bootstrap bundle (SPIFFE JSON or PEM), used until the first fetch.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bundle: Option<PathBuf>,
+    /// Follow temporary redirects (302, 307). Default: true.
+    pub follow_redirects: bool,
+}
+
+/// How writ authenticates a foreign bundle endpoint.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "profile", rename_all = "snake_case")]
+pub enum EndpointClientProfile {
+    /// The server presents an X509-SVID for `endpoint_spiffe_id`, checked
+    /// against the latest bundle held for that ID's trust domain.
+    HttpsSpiffe { endpoint_spiffe_id: SpiffeId },
+    /// The server presents a Web PKI certificate for the URL's host, checked
+    /// against `ca_bundle` or, without it, the system's CA file.
+    HttpsWeb {
+        #[serde(skip_serializing_if = "Option::is_none")]
+        ca_bundle: Option<PathBuf>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -289,6 +374,7 @@ impl Config {
             policy: PolicyConfig::default(),
             audit,
             log: LogConfig::default(),
+            federation: FederationConfig::default(),
             entries: Vec::new(),
         }
     }
@@ -428,6 +514,13 @@ impl std::fmt::Display for LogFormat {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.as_str())
     }
+}
+
+fn serialize_display<S: Serializer, T: std::fmt::Display>(
+    value: &T,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    serializer.collect_str(value)
 }
 
 fn serialize_selectors<S: Serializer>(

@@ -20,6 +20,7 @@ pub(super) struct RawConfig {
     pub log: Option<RawLog>,
     pub policy: Option<RawPolicy>,
     pub audit: Option<RawAudit>,
+    pub federation: Option<RawFederation>,
     #[serde(default)]
     pub entry: Vec<Spanned<RawEntry>>,
 }
@@ -116,4 +117,36 @@ pub(super) struct RawEntry {
     pub dns_names: Option<Vec<Text>>,
     pub hint: Option<Text>,
     pub federates_with: Option<Vec<Text>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawFederation {
+    pub min_refresh_interval: Option<Text>,
+    pub bundle_endpoint: Option<Spanned<RawBundleEndpoint>>,
+    #[serde(default)]
+    pub trust_domain: Vec<Spanned<RawFederatedTrustDomain>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawBundleEndpoint {
+    pub listen: Option<Text>,
+    pub profile: Option<Text>,
+    pub spiffe_id: Option<Text>,
+    pub cert: Option<Text>,
+    pub key: Option<Text>,
+    pub refresh_hint: Option<Text>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawFederatedTrustDomain {
+    pub name: Option<Text>,
+    pub url: Option<Text>,
+    pub profile: Option<Text>,
+    pub endpoint_spiffe_id: Option<Text>,
+    pub bundle: Option<Text>,
+    pub ca_bundle: Option<Text>,
+    pub follow_redirects: Option<bool>,
 }

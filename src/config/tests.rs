@@ -237,6 +237,30 @@ max_file_bytes = 1048576
 checkpoint_every = 100
 checkpoint_interval = "30s"
 
+[federation]
+min_refresh_interval = "10s"
+
+[federation.bundle_endpoint]
+listen = "[::]:8443"
+profile = "https_web"
+cert = "/etc/writ/endpoint.pem"
+key = "/etc/writ/endpoint.key"
+refresh_hint = "2m"
+
+[[federation.trust_domain]]
+name = "partner.example"
+url = "https://spire.partner.example:8443/"
+profile = "https_spiffe"
+endpoint_spiffe_id = "spiffe://partner.example/spire/server"
+bundle = "/etc/writ/partner.json"
+follow_redirects = false
+
+[[federation.trust_domain]]
+name = "spiffe://other.example"
+url = "https://other.example/bundle"
+profile = "https_web"
+ca_bundle = "/etc/writ/web-roots.pem"
+
 [[entry]]
 spiffe_id = "spiffe://example.org/agent/researcher"
 selectors = ["unix:uid:1000", "cgroup:path:/system.slice/research-agent.service"]
@@ -311,6 +335,39 @@ fn full_config_loads_every_key() {
             max_file_bytes: 1_048_576,
             checkpoint_every: 100,
             checkpoint_interval: secs(30),
+        },
+        federation: FederationConfig {
+            min_refresh_interval: secs(10),
+            bundle_endpoint: Some(BundleEndpointConfig {
+                listen: "[::]:8443".parse().unwrap(),
+                profile: EndpointServerProfile::HttpsWeb {
+                    cert: "/etc/writ/endpoint.pem".into(),
+                    key: "/etc/writ/endpoint.key".into(),
+                },
+                refresh_hint: secs(120),
+            }),
+            trust_domains: vec![
+                FederatedTrustDomainConfig {
+                    name: TrustDomain::new("partner.example").unwrap(),
+                    url: "https://spire.partner.example:8443/".into(),
+                    profile: EndpointClientProfile::HttpsSpiffe {
+                        endpoint_spiffe_id: "spiffe://partner.example/spire/server"
+                            .parse()
+                            .unwrap(),
+                    },
+                    bundle: Some("/etc/writ/partner.json".into()),
+                    follow_redirects: false,
+                },
+                FederatedTrustDomainConfig {
+                    name: TrustDomain::new("other.example").unwrap(),
+                    url: "https://other.example/bundle".into(),
+                    profile: EndpointClientProfile::HttpsWeb {
+                        ca_bundle: Some("/etc/writ/web-roots.pem".into()),
+                    },
+                    bundle: None,
+                    follow_redirects: true,
+                },
+            ],
         },
         entries: vec![
             EntryConfig {
@@ -929,5 +986,199 @@ selectors = [\"nope\"]
             ((7, 10), "log.format".to_owned()),
             ((10, 14), "entry[0].selectors[0]:".to_owned()),
         ]
+    );
+}
+
+#[test]
+fn federation_defaults_and_the_default_endpoint_identity() {
+    let config = parse_ok("");
+    assert_eq!(config.federation, FederationConfig::default());
+    assert_eq!(config.federation.min_refresh_interval, secs(30));
+
+    let config = parse_ok(
+        "trust_domain = \"example.org\"\n[federation.bundle_endpoint]\nlisten = \"127.0.0.1:8443\"\n",
+    );
+    let endpoint = config.federation.bundle_endpoint.unwrap();
+    assert_eq!(endpoint.listen, "127.0.0.1:8443".parse().unwrap());
+    assert_eq!(endpoint.refresh_hint, secs(300));
+    assert_eq!(
+        endpoint.profile,
+        EndpointServerProfile::HttpsSpiffe {
+            spiffe_id: "spiffe://example.org/writ/bundle-endpoint".parse().unwrap()
+        }
+    );
+    // The example's endpoint and peers round-trip as well.
+    let full = parse_ok(FULL);
+    assert_eq!(
+        parse_ok(&full.to_toml().unwrap()).federation,
+        full.federation
+    );
+}
+
+#[test]
+fn bundle_endpoint_errors() {
+    let endpoint = |body: &str| format!("[federation.bundle_endpoint]\n{body}\n");
+    assert_single_error(
+        &endpoint("profile = \"https_spiffe\""),
+        1,
+        1,
+        "has no listen address",
+    );
+    assert_single_error(
+        &endpoint("listen = \"localhost:8443\""),
+        2,
+        10,
+        "is not an IP address and port",
+    );
+    assert_single_error(
+        &endpoint("listen = \"127.0.0.1:1\"\nprofile = \"https\""),
+        3,
+        11,
+        "\"https\" is unknown; use \"https_spiffe\" or \"https_web\"",
+    );
+    assert_single_error(
+        &endpoint("listen = \"127.0.0.1:1\"\nprofile = \"https_web\"\ncert = \"/c.pem\""),
+        1,
+        1,
+        "needs `key`",
+    );
+    assert_single_error(
+        &endpoint("listen = \"127.0.0.1:1\"\ncert = \"/c.pem\""),
+        3,
+        8,
+        "federation.bundle_endpoint.cert applies to profile https_web only",
+    );
+    assert_single_error(
+        &endpoint(
+            "listen = \"127.0.0.1:1\"\nprofile = \"https_web\"\ncert = \"/c\"\nkey = \"/k\"\nspiffe_id = \"spiffe://writ.test/x\"",
+        ),
+        6,
+        13,
+        "spiffe_id applies to profile https_spiffe only",
+    );
+    assert_single_error(
+        &endpoint("listen = \"127.0.0.1:1\"\nspiffe_id = \"spiffe://other.test/x\""),
+        3,
+        13,
+        "is in trust domain other.test, but writ's trust_domain is writ.test",
+    );
+    assert_single_error(
+        &endpoint("listen = \"127.0.0.1:1\"\nrefresh_hint = \"1500ms\""),
+        3,
+        16,
+        "whole number of seconds",
+    );
+    assert_single_error(
+        "[federation]\nmin_refresh_interval = \"500ms\"\n",
+        2,
+        24,
+        "is shorter than 1s",
+    );
+}
+
+#[test]
+fn federated_trust_domain_errors() {
+    let td = |body: &str| format!("[[federation.trust_domain]]\n{body}\n");
+    let spiffe = "name = \"b.test\"\nurl = \"https://127.0.0.1:8443/\"\nprofile = \"https_spiffe\"\nendpoint_spiffe_id = \"spiffe://b.test/spire/server\"";
+    // Self-serving https_spiffe needs its bootstrap bundle.
+    assert_single_error(&td(spiffe), 1, 1, "needs `bundle`");
+    let ok = parse_ok(&td(&format!("{spiffe}\nbundle = \"/b.json\"")));
+    assert_eq!(ok.federation.trust_domains.len(), 1);
+    assert!(ok.federation.trust_domains[0].follow_redirects);
+
+    assert_single_error(
+        &td("url = \"https://a/\"\nprofile = \"https_web\""),
+        1,
+        1,
+        "has no name",
+    );
+    assert_single_error(
+        &td("name = \"writ.test\"\nurl = \"https://a/\"\nprofile = \"https_web\""),
+        2,
+        8,
+        "is writ's own trust domain",
+    );
+    assert_single_error(
+        &td("name = \"b.test\"\nurl = \"http://a/\"\nprofile = \"https_web\""),
+        3,
+        7,
+        "must use the https scheme",
+    );
+    assert_single_error(
+        &td("name = \"b.test\"\nurl = \"https://u@a/\"\nprofile = \"https_web\""),
+        3,
+        7,
+        "userinfo",
+    );
+    assert_single_error(
+        &td("name = \"b.test\"\nurl = \"https://a/\""),
+        1,
+        1,
+        "has no profile; set \"https_spiffe\" or \"https_web\" (it is never guessed",
+    );
+    assert_single_error(
+        &td("name = \"b.test\"\nurl = \"https://a/\"\nprofile = \"https_spiffe\"\nbundle = \"/b\""),
+        1,
+        1,
+        "needs endpoint_spiffe_id",
+    );
+    assert_single_error(
+        &td(&format!(
+            "{spiffe}\nbundle = \"/b\"\nca_bundle = \"/r.pem\""
+        )),
+        7,
+        13,
+        "ca_bundle applies to profile https_web only",
+    );
+    assert_single_error(
+        &td(
+            "name = \"b.test\"\nurl = \"https://a/\"\nprofile = \"https_web\"\nendpoint_spiffe_id = \"spiffe://b.test/x\"",
+        ),
+        5,
+        22,
+        "endpoint_spiffe_id applies to profile https_spiffe only",
+    );
+    assert_single_error(
+        &td(
+            "name = \"b.test\"\nurl = \"https://a/\"\nprofile = \"https_spiffe\"\nendpoint_spiffe_id = \"spiffe://b.test\"",
+        ),
+        5,
+        22,
+        "has no path",
+    );
+    assert_single_error(
+        &td(
+            "name = \"b.test\"\nurl = \"https://a/\"\nprofile = \"https_web\"\nbundle = \"b.json\"",
+        ),
+        5,
+        10,
+        "must be an absolute path",
+    );
+    // Repeating a trust domain is an error at the second one.
+    let web = "name = \"b.test\"\nurl = \"https://a/\"\nprofile = \"https_web\"";
+    assert_single_error(
+        &format!("{}{}", td(web), td(web)),
+        6,
+        8,
+        "repeats trust domain b.test of federation.trust_domain[0]",
+    );
+    // A non-self-serving endpoint needs a bundle source for its own trust
+    // domain: writ's own, or another configured one.
+    let via = |endpoint: &str| {
+        td(&format!(
+            "name = \"c.test\"\nurl = \"https://a/\"\nprofile = \"https_spiffe\"\nendpoint_spiffe_id = \"{endpoint}\""
+        ))
+    };
+    parse_ok(&via("spiffe://writ.test/bundle-server"));
+    parse_ok(&format!(
+        "{}{}",
+        td(web),
+        via("spiffe://b.test/bundle-server")
+    ));
+    assert_single_error(
+        &via("spiffe://d.test/bundle-server"),
+        5,
+        22,
+        "which writ has no bundle source for",
     );
 }

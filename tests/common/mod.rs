@@ -27,6 +27,11 @@ impl Writ {
     /// and sockets into a fresh temp dir. The temp dir is world-traversable so
     /// tests can run clients under other uids.
     pub fn start(config_body: &str) -> Writ {
+        Writ::start_in("writ.test", config_body)
+    }
+
+    /// `start` in another trust domain.
+    pub fn start_in(trust_domain: &str, config_body: &str) -> Writ {
         let dir = tempfile::Builder::new()
             .prefix("writ-test-")
             .tempdir()
@@ -52,7 +57,7 @@ impl Writ {
             )
         };
         let config = format!(
-            "trust_domain = \"writ.test\"\ndata_dir = \"{data}\"\n\n[workload_api]\nsocket_path = \"{socket}\"\n\n{admin_table}\n{body}\n",
+            "trust_domain = \"{trust_domain}\"\ndata_dir = \"{data}\"\n\n[workload_api]\nsocket_path = \"{socket}\"\n\n{admin_table}\n{body}\n",
             data = dir.path().join("state").display(),
             socket = socket.display(),
         );

@@ -1,0 +1,1134 @@
+//! SPIFFE federation end to end: real `writ` processes in different trust
+//! domains on temp dirs, each serving a bundle endpoint on 127.0.0.1 and
+//! fetching the other's over https_spiffe; real Workload API clients; real
+//! mutual TLS across the trust domains; a scripted peer serving bad bundle
+//! documents; and the `writ bundle` commands.
+
+mod common;
+
+use std::collections::{BTreeSet, HashMap};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use base64::Engine;
+use common::{WRIT, Writ, wait_for};
+use rcgen::{
+    BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose, SanType,
+};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use writ::bundle::TrustBundle;
+use writ::proto::workload as pb;
+use writ::spiffe_id::{SpiffeId, TrustDomain};
+use writ::tls::{SpiffeTls, TrustStore};
+
+const WAIT: Duration = Duration::from_secs(60);
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn admin_socket(w: &Writ) -> PathBuf {
+    w.dir.path().join("run/admin.sock")
+}
+
+/// Runs `writ <args> --admin-socket <w's>` with `stdin`; (ok, stdout, stderr).
+fn cli_with_input(w: &Writ, args: &[&str], stdin: &[u8]) -> (bool, String, String) {
+    let mut child = Command::new(WRIT)
+        .args(args)
+        .arg("--admin-socket")
+        .arg(admin_socket(w))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(stdin).unwrap();
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn cli(w: &Writ, args: &[&str]) -> (bool, String, String) {
+    cli_with_input(w, args, b"")
+}
+
+#[track_caller]
+fn cli_ok(w: &Writ, args: &[&str]) -> String {
+    let (ok, out, err) = cli(w, args);
+    assert!(ok, "writ {args:?} failed: {err}\n{}", w.log());
+    out
+}
+
+fn bundle_list(w: &Writ) -> Vec<Value> {
+    serde_json::from_str(&cli_ok(w, &["bundle", "list", "--output", "json"])).unwrap()
+}
+
+fn listed(w: &Writ, td: &str) -> Option<Value> {
+    bundle_list(w).into_iter().find(|b| b["trust_domain"] == td)
+}
+
+/// DER of every certificate in PEM text, in order.
+fn pem_ders(text: &str) -> Vec<Vec<u8>> {
+    pem::parse_many(text)
+        .unwrap()
+        .into_iter()
+        .map(|p| p.into_contents())
+        .collect()
+}
+
+fn split_der(concat: &[u8]) -> Vec<Vec<u8>> {
+    writ::cli::api::split_der_certs(concat).unwrap()
+}
+
+/// Appends `body` to `w`'s config and restarts it on the same data.
+fn reconfigure(w: &mut Writ, body: &str) {
+    w.stop();
+    let mut config = std::fs::read_to_string(&w.config_path).unwrap();
+    config.push_str(body);
+    std::fs::write(&w.config_path, config).unwrap();
+    w.spawn();
+}
+
+fn test_exe() -> String {
+    std::env::current_exe().unwrap().display().to_string()
+}
+
+async fn first_x509(w: &Writ) -> pb::X509svidResponse {
+    let mut client = writ::cli::client::workload_client(&w.socket).await.unwrap();
+    let mut stream = client
+        .fetch_x509svid(pb::X509svidRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    stream.message().await.unwrap().unwrap()
+}
+
+async fn first_bundles(w: &Writ) -> pb::X509BundlesResponse {
+    let mut client = writ::cli::client::workload_client(&w.socket).await.unwrap();
+    let mut stream = client
+        .fetch_x509_bundles(pb::X509BundlesRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    stream.message().await.unwrap().unwrap()
+}
+
+fn keys<V>(map: &HashMap<String, V>) -> BTreeSet<String> {
+    map.keys().cloned().collect()
+}
+
+fn set_of(keys: &[&str]) -> BTreeSet<String> {
+    keys.iter().map(|k| k.to_string()).collect()
+}
+
+/// The `[federation]` tables for a writ that serves its endpoint on
+/// `port` and fetches `peer` (trust domain, port) over https_spiffe.
+fn federation_config(port: u16, peer: (&str, u16), bootstrap: &Path) -> String {
+    let (peer_td, peer_port) = peer;
+    format!(
+        r#"
+[federation]
+min_refresh_interval = "1s"
+
+[federation.bundle_endpoint]
+listen = "127.0.0.1:{port}"
+refresh_hint = "1s"
+
+[[federation.trust_domain]]
+name = "{peer_td}"
+url = "https://127.0.0.1:{peer_port}/"
+profile = "https_spiffe"
+endpoint_spiffe_id = "spiffe://{peer_td}/writ/bundle-endpoint"
+bundle = "{bootstrap}"
+"#,
+        bootstrap = bootstrap.display()
+    )
+}
+
+/// Saves `from`'s own bundle, as `writ bundle show --format spiffe` prints
+/// it, into `to`'s directory.
+fn export_bundle(from: &Writ, to: &Writ, name: &str) -> PathBuf {
+    let doc = cli_ok(from, &["bundle", "show", "--format", "spiffe"]);
+    let path = to.dir.path().join(name);
+    std::fs::write(&path, doc).unwrap();
+    path
+}
+
+fn tls_for(svid: &pb::X509svid, bundles: &[(&str, &[u8])]) -> Arc<SpiffeTls> {
+    let tls = SpiffeTls::new();
+    let chain = split_der(&svid.x509_svid)
+        .into_iter()
+        .map(CertificateDer::from)
+        .collect();
+    tls.set_identity(chain, &svid.x509_svid_key).unwrap();
+    let mut trust = TrustStore::default();
+    for (td, der) in bundles {
+        trust.bundles.insert(
+            TrustDomain::new(td).unwrap(),
+            split_der(der)
+                .into_iter()
+                .map(CertificateDer::from)
+                .collect(),
+        );
+    }
+    tls.set_trust(trust);
+    tls
+}
+
+async fn next(stream: &mut tonic::Streaming<pb::X509svidResponse>) -> pb::X509svidResponse {
+    tokio::time::timeout(WAIT, stream.message())
+        .await
+        .expect("stream update")
+        .unwrap()
+        .unwrap()
+}
+
+/// One mutual TLS exchange on loopback; Ok(what the server saw as its peer).
+async fn mtls(
+    server: Arc<SpiffeTls>,
+    client: Arc<SpiffeTls>,
+    client_id: &str,
+    server_id: &str,
+) -> Result<String, String> {
+    let (cid, sid) = (client_id.to_owned(), server_id.to_owned());
+    let server_config = server
+        .server_config(Arc::new(move |id: &SpiffeId| id.to_string() == cid))
+        .unwrap();
+    let client_config = client
+        .client_config(Arc::new(move |id: &SpiffeId| id.to_string() == sid))
+        .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let served = tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.unwrap();
+        let mut tls = tokio_rustls::TlsAcceptor::from(Arc::new(server_config))
+            .accept(tcp)
+            .await
+            .map_err(|e| e.to_string())?;
+        let peer = tls.get_ref().1.peer_certificates().unwrap()[0].clone();
+        let peer_id = writ::tls::spiffe_id_of(&peer).unwrap().to_string();
+        tls.write_all(b"pong").await.map_err(|e| e.to_string())?;
+        tls.shutdown().await.map_err(|e| e.to_string())?;
+        Ok::<_, String>(peer_id)
+    });
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let connected = tokio_rustls::TlsConnector::from(Arc::new(client_config))
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await;
+    let mut tls = match connected {
+        Ok(tls) => tls,
+        Err(e) => {
+            served.abort();
+            return Err(e.to_string());
+        }
+    };
+    let mut got = Vec::new();
+    tls.read_to_end(&mut got).await.map_err(|e| e.to_string())?;
+    assert_eq!(got, b"pong");
+    served.await.unwrap()
+}
+
+/// A raw HTTPS request to a writ bundle endpoint, authenticated as the
+/// SVID `endpoint_id` against `authorities`; returns (status, headers, body).
+async fn raw_https(
+    port: u16,
+    endpoint_id: &str,
+    authorities: &[Vec<u8>],
+    request: &[u8],
+) -> Result<(u16, HashMap<String, String>, Vec<u8>), String> {
+    let tls = SpiffeTls::new();
+    let id: SpiffeId = endpoint_id.parse().unwrap();
+    let mut trust = TrustStore::default();
+    trust.bundles.insert(
+        id.trust_domain().clone(),
+        authorities
+            .iter()
+            .map(|d| CertificateDer::from(d.clone()))
+            .collect(),
+    );
+    tls.set_trust(trust);
+    let config = tls
+        .client_config(Arc::new(move |peer: &SpiffeId| *peer == id))
+        .unwrap();
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let mut stream = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(ServerName::try_from("127.0.0.1").unwrap(), tcp)
+        .await
+        .map_err(|e| e.to_string())?;
+    stream.write_all(request).await.map_err(|e| e.to_string())?;
+    let mut raw = Vec::new();
+    // The server may close without close_notify after an error response.
+    let _ = stream.read_to_end(&mut raw).await;
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or_else(|| format!("no response head in {} bytes", raw.len()))?;
+    let head = String::from_utf8_lossy(&raw[..split]).into_owned();
+    let mut lines = head.lines();
+    let status: u16 = lines
+        .next()
+        .and_then(|l| l.split(' ').nth(1))
+        .and_then(|s| s.parse().ok())
+        .ok_or("no status line")?;
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
+    Ok((status, headers, raw[split + 4..].to_vec()))
+}
+
+/// Runs this test binary under another path (a hard link, so `unix:path`
+/// differs) as the helper role "fetch" against `socket`; returns its JSON.
+fn fetch_as_other_binary(socket: &Path) -> Value {
+    let link = Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("federation-plain-workload-{}", std::process::id()));
+    let _ = std::fs::remove_file(&link);
+    if std::fs::hard_link(std::env::current_exe().unwrap(), &link).is_err() {
+        std::fs::copy(std::env::current_exe().unwrap(), &link).unwrap();
+    }
+    let out = Command::new(&link)
+        .args([
+            "--ignored",
+            "--exact",
+            "helper",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env("WRIT_TEST_HELPER", "fetch")
+        .env("WRIT_TEST_SOCKET", socket)
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_file(&link);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout
+        .lines()
+        .find_map(|l| l.split_once("RESULT ").map(|(_, r)| r))
+        .unwrap_or_else(|| {
+            panic!(
+                "helper printed no result: {stdout}{}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
+    serde_json::from_str(line).unwrap()
+}
+
+/// Helper process entry point (see `fetch_as_other_binary`).
+#[test]
+#[ignore = "helper process entry point, run by other tests"]
+fn helper() {
+    let Ok(role) = std::env::var("WRIT_TEST_HELPER") else {
+        return;
+    };
+    assert_eq!(role, "fetch");
+    let socket = PathBuf::from(std::env::var("WRIT_TEST_SOCKET").unwrap());
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let result = rt.block_on(async {
+        let mut client = writ::cli::client::workload_client(&socket).await.unwrap();
+        let svid = client
+            .fetch_x509svid(pb::X509svidRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .message()
+            .await
+            .unwrap()
+            .unwrap();
+        let bundles = client
+            .fetch_x509_bundles(pb::X509BundlesRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .message()
+            .await
+            .unwrap()
+            .unwrap();
+        serde_json::json!({
+            "svids": svid.svids.iter().map(|s| s.spiffe_id.clone()).collect::<Vec<_>>(),
+            "federated": keys(&svid.federated_bundles),
+            "bundles": keys(&bundles.bundles),
+        })
+    });
+    println!("RESULT {result}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_writs_federate_and_their_workloads_complete_mutual_tls() {
+    let (port_a, port_b) = (free_port(), free_port());
+    let mut a = Writ::start_in("a.test", "");
+    let mut b = Writ::start_in("b.test", "");
+    let b_bootstrap = export_bundle(&b, &a, "b.test.json");
+    let a_bootstrap = export_bundle(&a, &b, "a.test.json");
+    let me = test_exe();
+    reconfigure(
+        &mut a,
+        &format!(
+            r#"{}
+[[entry]]
+spiffe_id = "spiffe://a.test/fed"
+selectors = ["unix:path:{me}"]
+federates_with = ["b.test", "c.test"]
+
+[[entry]]
+spiffe_id = "spiffe://a.test/plain"
+selectors = ["unix:path:{plain}"]
+"#,
+            federation_config(port_a, ("b.test", port_b), &b_bootstrap),
+            plain = Path::new(env!("CARGO_TARGET_TMPDIR"))
+                .join(format!("federation-plain-workload-{}", std::process::id()))
+                .display(),
+        ),
+    );
+    reconfigure(
+        &mut b,
+        &format!(
+            r#"{}
+[[entry]]
+spiffe_id = "spiffe://b.test/server"
+selectors = ["unix:path:{me}"]
+federates_with = ["a.test"]
+"#,
+            federation_config(port_b, ("a.test", port_a), &a_bootstrap)
+        ),
+    );
+
+    // Each fetches the other's endpoint (each was restarted after the
+    // export, so the fetched document has a newer sequence).
+    for (w, peer) in [(&a, "b.test"), (&b, "a.test")] {
+        wait_for(WAIT, &format!("{peer} fetched"), || {
+            listed(w, peer).filter(|l| l["source"] == "fetched")
+        });
+    }
+    let a_own_pem = cli_ok(&a, &["bundle", "show"]);
+    let b_own_pem = cli_ok(&b, &["bundle", "show"]);
+    let b_held = cli_ok(&a, &["bundle", "show", "--trust-domain", "b.test"]);
+    assert_eq!(pem_ders(&b_held), pem_ders(&b_own_pem));
+
+    // A workload whose entry federates with b.test receives its bundle...
+    let from_a = first_x509(&a).await;
+    assert_eq!(from_a.svids[0].spiffe_id, "spiffe://a.test/fed");
+    assert_eq!(
+        keys(&from_a.federated_bundles),
+        set_of(&["spiffe://b.test"])
+    );
+    assert_eq!(
+        split_der(&from_a.federated_bundles["spiffe://b.test"]),
+        pem_ders(&b_own_pem)
+    );
+    let bundles_a = first_bundles(&a).await;
+    assert_eq!(
+        keys(&bundles_a.bundles),
+        set_of(&["spiffe://a.test", "spiffe://b.test"])
+    );
+    // ...and so does the `spiffe` crate's X509Source, from the same stream.
+    let source = spiffe::X509Source::builder()
+        .endpoint(a.endpoint())
+        .build()
+        .await
+        .unwrap();
+    let via_crate = spiffe::BundleSource::bundle_for_trust_domain(
+        &source,
+        &spiffe::TrustDomain::new("b.test").unwrap(),
+    )
+    .unwrap()
+    .expect("b.test bundle in the X509Source");
+    let crate_ders: Vec<Vec<u8>> = via_crate
+        .authorities()
+        .iter()
+        .map(|c| c.as_ref().to_vec())
+        .collect();
+    assert_eq!(crate_ders, pem_ders(&b_own_pem));
+    source.shutdown().await;
+
+    // A workload whose entry lists no federation gets its own bundle only.
+    let plain = fetch_as_other_binary(&a.socket);
+    assert_eq!(plain["svids"], serde_json::json!(["spiffe://a.test/plain"]));
+    assert_eq!(plain["federated"], serde_json::json!([]));
+    assert_eq!(plain["bundles"], serde_json::json!(["spiffe://a.test"]));
+
+    // Mutual TLS across the trust domains, each side trusting the other's
+    // bundle only through what writ delivered.
+    let from_b = first_x509(&b).await;
+    assert_eq!(from_b.svids[0].spiffe_id, "spiffe://b.test/server");
+    assert_eq!(
+        keys(&from_b.federated_bundles),
+        set_of(&["spiffe://a.test"])
+    );
+    let a_side = &from_a.svids[0];
+    let b_side = &from_b.svids[0];
+    let server = tls_for(
+        b_side,
+        &[
+            ("b.test", &b_side.bundle),
+            ("a.test", &from_b.federated_bundles["spiffe://a.test"]),
+        ],
+    );
+    let client = tls_for(
+        a_side,
+        &[
+            ("a.test", &a_side.bundle),
+            ("b.test", &from_a.federated_bundles["spiffe://b.test"]),
+        ],
+    );
+    let seen = mtls(
+        server.clone(),
+        client,
+        "spiffe://a.test/fed",
+        "spiffe://b.test/server",
+    )
+    .await
+    .unwrap();
+    assert_eq!(seen, "spiffe://a.test/fed");
+    // Without the federated bundle the client cannot authenticate B.
+    let lonely = tls_for(a_side, &[("a.test", &a_side.bundle)]);
+    let err = mtls(
+        server,
+        lonely,
+        "spiffe://a.test/fed",
+        "spiffe://b.test/server",
+    )
+    .await
+    .unwrap_err();
+    assert!(err.contains("no bundle for trust domain b.test"), "{err}");
+
+    // A bundle set by hand reaches an open stream at once, and so does
+    // its deletion.
+    let mut client = writ::cli::client::workload_client(&a.socket).await.unwrap();
+    let mut stream = client
+        .fetch_x509svid(pb::X509svidRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let first = next(&mut stream).await;
+    assert_eq!(keys(&first.federated_bundles), set_of(&["spiffe://b.test"]));
+    let c_ca = test_ca_cert();
+    let c_pem = writ_pem(&c_ca);
+    let c_file = a.dir.path().join("c.pem");
+    std::fs::write(&c_file, &c_pem).unwrap();
+    cli_ok(
+        &a,
+        &[
+            "bundle",
+            "set",
+            "--trust-domain",
+            "c.test",
+            "--file",
+            c_file.to_str().unwrap(),
+        ],
+    );
+    let update = loop {
+        let m = next(&mut stream).await;
+        if m.federated_bundles.contains_key("spiffe://c.test") {
+            break m;
+        }
+    };
+    assert_eq!(update.federated_bundles["spiffe://c.test"], c_ca.to_vec());
+    cli_ok(&a, &["bundle", "delete", "--trust-domain", "c.test"]);
+    loop {
+        let m = next(&mut stream).await;
+        if !m.federated_bundles.contains_key("spiffe://c.test") {
+            assert!(m.federated_bundles.contains_key("spiffe://b.test"));
+            break;
+        }
+    }
+    drop(stream);
+
+    // The endpoint itself: GET / only, JSON, authenticated as A's endpoint SVID.
+    let endpoint_id = "spiffe://a.test/writ/bundle-endpoint";
+    let a_roots = pem_ders(&a_own_pem);
+    let get = b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n";
+    let (status, headers, body) = raw_https(port_a, endpoint_id, &a_roots, get).await.unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(headers["content-type"], "application/json");
+    let served = TrustBundle::from_spiffe_json(TrustDomain::new("a.test").unwrap(), &body).unwrap();
+    let served_ders: Vec<Vec<u8>> = served.x509_authorities.iter().map(|c| c.to_vec()).collect();
+    assert_eq!(served_ders, a_roots);
+    assert_eq!(served.refresh_hint, Some(Duration::from_secs(1)));
+    let post = b"POST / HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\n\r\n";
+    let (status, headers, _) = raw_https(port_a, endpoint_id, &a_roots, post)
+        .await
+        .unwrap();
+    assert_eq!((status, headers["allow"].as_str()), (405, "GET"));
+    let other = b"GET /bundle HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n";
+    let (status, _, _) = raw_https(port_a, endpoint_id, &a_roots, other)
+        .await
+        .unwrap();
+    assert_eq!(status, 404);
+    let mut huge = b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Pad: ".to_vec();
+    huge.extend(std::iter::repeat_n(b'a', 64 * 1024));
+    huge.extend_from_slice(b"\r\n\r\n");
+    match raw_https(port_a, endpoint_id, &a_roots, &huge).await {
+        Ok((status, _, _)) => assert_eq!(status, 431, "an oversized head must not be served"),
+        Err(e) => assert!(e.contains("no response head"), "{e}"),
+    }
+    // Another SPIFFE ID than the endpoint's is refused by the client check.
+    let wrong = raw_https(port_a, "spiffe://a.test/other", &a_roots, get).await;
+    assert!(wrong.unwrap_err().contains("not authorized"));
+
+    // spiffe_sequence only grows, across restarts too.
+    a.stop();
+    a.spawn();
+    let (_, _, body) = raw_https(port_a, endpoint_id, &a_roots, get).await.unwrap();
+    let after = TrustBundle::from_spiffe_json(TrustDomain::new("a.test").unwrap(), &body).unwrap();
+    assert!(
+        after.sequence > served.sequence,
+        "{} then {}",
+        served.sequence,
+        after.sequence
+    );
+    // The fetched bundle of b.test survived the restart.
+    assert!(
+        listed(&a, "b.test")
+            .is_some_and(|l| l["source"] != "bootstrap" && l["source"] != "pending")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ca_rotation_reaches_the_peer_through_the_endpoint() {
+    let port_b = free_port();
+    // B's CA lives 20 s: a next root is published after ~10 s and signs
+    // from ~16 s on, over and over, with no one touching A.
+    let b = Writ::start_in(
+        "b.test",
+        &format!(
+            r#"
+[ca]
+ca_ttl = "20s"
+x509_svid_ttl = "4s"
+jwt_svid_ttl = "4s"
+
+[tasks]
+x509_svid_ttl = "4s"
+
+[federation.bundle_endpoint]
+listen = "127.0.0.1:{port_b}"
+refresh_hint = "1s"
+"#
+        ),
+    );
+    let me = test_exe();
+    let mut a = Writ::start_in("a.test", "");
+    let bootstrap = export_bundle(&b, &a, "b.test.json");
+    reconfigure(
+        &mut a,
+        &format!(
+            r#"
+[federation]
+min_refresh_interval = "1s"
+
+[[federation.trust_domain]]
+name = "b.test"
+url = "https://127.0.0.1:{port_b}/"
+profile = "https_spiffe"
+endpoint_spiffe_id = "spiffe://b.test/writ/bundle-endpoint"
+bundle = "{}"
+
+[[entry]]
+spiffe_id = "spiffe://a.test/fed"
+selectors = ["unix:path:{me}"]
+federates_with = ["b.test"]
+"#,
+            bootstrap.display()
+        ),
+    );
+
+    let mut client = writ::cli::client::workload_client(&a.socket).await.unwrap();
+    let mut stream = client
+        .fetch_x509svid(pb::X509svidRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let first = stream.message().await.unwrap().unwrap();
+    let initial: BTreeSet<Vec<u8>> = split_der(&first.federated_bundles["spiffe://b.test"])
+        .into_iter()
+        .collect();
+    assert!(!initial.is_empty());
+    // Wait for a root A has never seen to arrive on the open stream.
+    let fresh = tokio::time::timeout(Duration::from_secs(120), async {
+        loop {
+            let m = stream.message().await.unwrap().unwrap();
+            let Some(der) = m.federated_bundles.get("spiffe://b.test") else {
+                continue;
+            };
+            if let Some(new) = split_der(der).into_iter().find(|c| !initial.contains(c)) {
+                return new;
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("B's new root never reached A:\n{}\n{}", a.log(), b.log()));
+    // It is one of B's own roots: a CA for spiffe://b.test, in B's bundle.
+    let (_, cert) = x509_parser::parse_x509_certificate(&fresh).unwrap();
+    assert!(cert.is_ca());
+    let san = cert.subject_alternative_name().unwrap().unwrap();
+    assert!(san.value.general_names.iter().any(|n| matches!(
+        n,
+        x509_parser::extensions::GeneralName::URI("spiffe://b.test")
+    )));
+    assert!(pem_ders(&cli_ok(&b, &["bundle", "show"])).contains(&fresh));
+    assert_eq!(listed(&a, "b.test").unwrap()["source"], "fetched");
+}
+
+/// A test CA for a trust domain of our own making, and a scripted bundle
+/// endpoint for it: the test decides which document it serves.
+struct ScriptedPeer {
+    port: u16,
+    document: Arc<Mutex<Vec<u8>>>,
+    served: Arc<Mutex<u64>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for ScriptedPeer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn test_ca() -> (CertificateDer<'static>, Issuer<'static, KeyPair>) {
+    let mut p = CertificateParams::default();
+    p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    let key = KeyPair::generate().unwrap();
+    let cert = p.self_signed(&key).unwrap().der().clone();
+    (cert, Issuer::new(p, key))
+}
+
+fn test_ca_cert() -> CertificateDer<'static> {
+    test_ca().0
+}
+
+fn writ_pem(der: &[u8]) -> String {
+    pem::encode(&pem::Pem::new("CERTIFICATE", der.to_vec()))
+}
+
+impl ScriptedPeer {
+    async fn start(issuer: &Issuer<'static, KeyPair>, spiffe_id: &str) -> Self {
+        let mut p = CertificateParams::default();
+        p.subject_alt_names = vec![SanType::URI(spiffe_id.try_into().unwrap())];
+        p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        p.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let key = KeyPair::generate().unwrap();
+        let cert = p.signed_by(&key, issuer).unwrap().der().clone();
+        let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![cert],
+            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+        )
+        .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let document = Arc::new(Mutex::new(Vec::new()));
+        let served = Arc::new(Mutex::new(0));
+        let (doc, count) = (document.clone(), served.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else {
+                    return;
+                };
+                let acceptor = acceptor.clone();
+                let (doc, count) = (doc.clone(), count.clone());
+                tokio::spawn(async move {
+                    let Ok(mut tls) = acceptor.accept(tcp).await else {
+                        return;
+                    };
+                    let mut head = Vec::new();
+                    let mut buf = [0u8; 1024];
+                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match tls.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => head.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    let body = doc.lock().unwrap().clone();
+                    let mut answer = format!(
+                        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                        body.len()
+                    )
+                    .into_bytes();
+                    answer.extend_from_slice(&body);
+                    let _ = tls.write_all(&answer).await;
+                    let _ = tls.shutdown().await;
+                    *count.lock().unwrap() += 1;
+                });
+            }
+        });
+        Self {
+            port,
+            document,
+            served,
+            task,
+        }
+    }
+
+    fn serve(&self, document: Vec<u8>) {
+        *self.document.lock().unwrap() = document;
+    }
+
+    fn served(&self) -> u64 {
+        *self.served.lock().unwrap()
+    }
+}
+
+fn bundle_document(certs: &[&[u8]], sequence: u64) -> Vec<u8> {
+    let keys: Vec<Value> = certs
+        .iter()
+        .map(|c| {
+            serde_json::json!({
+                "use": "x509-svid",
+                "kty": "EC",
+                "x5c": [base64::engine::general_purpose::STANDARD.encode(c)],
+            })
+        })
+        .collect();
+    serde_json::json!({"keys": keys, "spiffe_sequence": sequence, "spiffe_refresh_hint": 1})
+        .to_string()
+        .into_bytes()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_documents_from_a_peer_are_rejected_and_the_last_good_bundle_kept() {
+    const PEER_ID: &str = "spiffe://c.test/bundle-server";
+    let (ca, issuer) = test_ca();
+    let spare = test_ca_cert();
+    let peer = ScriptedPeer::start(&issuer, PEER_ID).await;
+    peer.serve(bundle_document(&[&ca, &spare], 1));
+    let mut a = Writ::start_in("a.test", "");
+    let bootstrap = a.dir.path().join("c.pem");
+    std::fs::write(&bootstrap, writ_pem(&ca)).unwrap();
+    reconfigure(
+        &mut a,
+        &format!(
+            r#"
+[federation]
+min_refresh_interval = "1s"
+
+[[federation.trust_domain]]
+name = "c.test"
+url = "https://127.0.0.1:{}/"
+profile = "https_spiffe"
+endpoint_spiffe_id = "{PEER_ID}"
+bundle = "{}"
+"#,
+            peer.port,
+            bootstrap.display()
+        ),
+    );
+    let good = wait_for(WAIT, "the good document", || {
+        listed(&a, "c.test").filter(|l| l["source"] == "fetched" && l["sequence"] == 1)
+    });
+    assert_eq!(good["x509_authorities"], 2);
+
+    // A leaf certificate where a CA belongs.
+    let leaf = {
+        let mut p = CertificateParams::new(vec!["leaf.test".to_owned()]).unwrap();
+        p.is_ca = IsCa::NoCa;
+        p.signed_by(&KeyPair::generate().unwrap(), &issuer)
+            .unwrap()
+            .der()
+            .to_vec()
+    };
+    let mut oversized = bundle_document(&[&ca], 9);
+    oversized.truncate(oversized.len() - 1);
+    oversized.extend_from_slice(b", \"pad\": \"");
+    oversized.extend(std::iter::repeat_n(b'x', writ::bundle::MAX_BUNDLE_BYTES));
+    oversized.extend_from_slice(b"\"}");
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        ("malformed JSON", b"{\"keys\": [".to_vec(), "not valid JSON"),
+        (
+            "duplicate member",
+            br#"{"keys": [], "keys": []}"#.to_vec(),
+            "duplicate member",
+        ),
+        (
+            "non-CA certificate",
+            bundle_document(&[&leaf], 3),
+            "not a CA",
+        ),
+        ("oversized body", oversized, "larger than"),
+    ];
+    for (what, document, expected) in cases {
+        let before = peer.served();
+        peer.serve(document);
+        let rejected = wait_for(WAIT, what, || {
+            listed(&a, "c.test").filter(|l| {
+                peer.served() >= before + 2
+                    && l["fetch"]["last_error"]
+                        .as_str()
+                        .is_some_and(|e| e.contains(expected))
+            })
+        });
+        assert_eq!(rejected["sequence"], 1, "{what}: the good bundle must stay");
+        assert_eq!(rejected["x509_authorities"], 2, "{what}");
+        assert_eq!(rejected["source"], "fetched", "{what}");
+    }
+    let held = cli_ok(&a, &["bundle", "show", "--trust-domain", "c.test"]);
+    assert_eq!(pem_ders(&held), vec![ca.to_vec(), spare.to_vec()]);
+
+    // The peer recovers; the next good document replaces the bundle.
+    peer.serve(bundle_document(&[&ca], 2));
+    let recovered = wait_for(WAIT, "the second good document", || {
+        listed(&a, "c.test").filter(|l| l["sequence"] == 2)
+    });
+    assert_eq!(recovered["x509_authorities"], 1);
+    assert_eq!(recovered["fetch"]["last_error"], "");
+}
+
+#[test]
+fn bundle_cli_sets_lists_and_deletes_and_refuses_bad_input() {
+    let port = free_port();
+    // Its own roots file, so the test does not depend on the system's.
+    let roots = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(roots.path(), writ_pem(&test_ca_cert())).unwrap();
+    let a = Writ::start_in(
+        "a.test",
+        &format!(
+            r#"
+[[federation.trust_domain]]
+name = "b.test"
+url = "https://127.0.0.1:{port}/"
+profile = "https_web"
+ca_bundle = "{}"
+"#,
+            roots.path().display()
+        ),
+    );
+    let dir = a.dir.path();
+    let (ca, _) = test_ca();
+    let pem_file = dir.join("c.pem");
+    std::fs::write(&pem_file, writ_pem(&ca)).unwrap();
+    let pem_path = pem_file.to_str().unwrap();
+
+    // Nothing held for b.test yet: it is listed as pending, with its URL.
+    let pending = listed(&a, "b.test").unwrap();
+    assert_eq!(pending["source"], "pending");
+    assert_eq!(
+        pending["fetch"]["url"],
+        format!("https://127.0.0.1:{port}/")
+    );
+    assert_eq!(bundle_list(&a)[0]["source"], "own");
+
+    // PEM from a file, then SPIFFE JSON from stdin.
+    let out = cli_ok(
+        &a,
+        &[
+            "bundle",
+            "set",
+            "--trust-domain",
+            "c.test",
+            "--file",
+            pem_path,
+        ],
+    );
+    assert!(out.contains("set bundle of c.test (1 X.509"), "{out}");
+    let shown = cli_ok(
+        &a,
+        &[
+            "bundle",
+            "show",
+            "--trust-domain",
+            "c.test",
+            "--format",
+            "spiffe",
+        ],
+    );
+    let (ok, out, err) = cli_with_input(
+        &a,
+        &[
+            "bundle",
+            "set",
+            "--trust-domain",
+            "d.test",
+            "--format",
+            "spiffe",
+        ],
+        shown.as_bytes(),
+    );
+    assert!(ok, "{err}");
+    assert!(out.contains("d.test"), "{out}");
+    let d_pem = cli_ok(&a, &["bundle", "show", "--trust-domain", "d.test"]);
+    assert_eq!(pem_ders(&d_pem), vec![ca.to_vec()]);
+    let list = bundle_list(&a);
+    let names: Vec<(&str, &str)> = list
+        .iter()
+        .map(|b| {
+            (
+                b["trust_domain"].as_str().unwrap(),
+                b["source"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        names,
+        [
+            ("a.test", "own"),
+            ("b.test", "pending"),
+            ("c.test", "static"),
+            ("d.test", "static")
+        ]
+    );
+    let text = cli_ok(&a, &["bundle", "list"]);
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("c.test") && l.contains("static")),
+        "{text}"
+    );
+
+    // Bad input: refused with the problem named, nothing stored changes.
+    let leaf_file = dir.join("leaf.pem");
+    let (_, issuer) = test_ca();
+    let leaf = CertificateParams::new(vec!["leaf.test".to_owned()])
+        .unwrap()
+        .signed_by(&KeyPair::generate().unwrap(), &issuer)
+        .unwrap();
+    std::fs::write(&leaf_file, leaf.pem()).unwrap();
+    let garbage = dir.join("garbage.json");
+    std::fs::write(&garbage, "{\"keys\": [").unwrap();
+    let empty = dir.join("empty.json");
+    std::fs::write(&empty, "{\"keys\": []}").unwrap();
+    let refused: Vec<(Vec<&str>, &str, &str)> = vec![
+        (
+            vec![
+                "bundle",
+                "set",
+                "--trust-domain",
+                "c.test",
+                "--file",
+                leaf_file.to_str().unwrap(),
+            ],
+            "InvalidArgument",
+            "not a CA",
+        ),
+        (
+            vec![
+                "bundle",
+                "set",
+                "--trust-domain",
+                "c.test",
+                "--format",
+                "spiffe",
+                "--file",
+                garbage.to_str().unwrap(),
+            ],
+            "InvalidArgument",
+            "not valid JSON",
+        ),
+        (
+            vec![
+                "bundle",
+                "set",
+                "--trust-domain",
+                "c.test",
+                "--format",
+                "spiffe",
+                "--file",
+                empty.to_str().unwrap(),
+            ],
+            "InvalidArgument",
+            "no x509-svid or jwt-svid authority",
+        ),
+        (
+            vec![
+                "bundle",
+                "set",
+                "--trust-domain",
+                "c.test",
+                "--format",
+                "spiffe",
+                "--file",
+                pem_path,
+            ],
+            "InvalidArgument",
+            "not valid JSON",
+        ),
+        (
+            vec![
+                "bundle",
+                "set",
+                "--trust-domain",
+                "C.test",
+                "--file",
+                pem_path,
+            ],
+            "InvalidArgument",
+            "trust_domain",
+        ),
+        (
+            vec![
+                "bundle",
+                "set",
+                "--trust-domain",
+                "a.test",
+                "--file",
+                pem_path,
+            ],
+            "FailedPrecondition",
+            "writ's own trust domain",
+        ),
+        (
+            vec!["bundle", "delete", "--trust-domain", "a.test"],
+            "FailedPrecondition",
+            "writ's own trust domain",
+        ),
+        (
+            vec!["bundle", "delete", "--trust-domain", "b.test"],
+            "FailedPrecondition",
+            "configured",
+        ),
+        (
+            vec!["bundle", "delete", "--trust-domain", "e.test"],
+            "NotFound",
+            "no bundle held",
+        ),
+        (
+            vec!["bundle", "show", "--trust-domain", "e.test"],
+            "NotFound",
+            "no bundle held",
+        ),
+    ];
+    for (args, code, message) in refused {
+        let (ok, _, err) = cli(&a, &args);
+        assert!(!ok, "{args:?} succeeded");
+        assert!(
+            err.contains(code) && err.contains(message),
+            "{args:?}: {err}"
+        );
+    }
+    let (ok, _, err) = cli_with_input(&a, &["bundle", "set", "--trust-domain", "c.test"], b"");
+    assert!(
+        !ok && err.contains("InvalidArgument") && err.contains("empty"),
+        "{err}"
+    );
+    assert_eq!(bundle_list(&a), list, "refused input changed nothing");
+
+    cli_ok(&a, &["bundle", "delete", "--trust-domain", "c.test"]);
+    let names: Vec<String> = bundle_list(&a)
+        .iter()
+        .map(|b| b["trust_domain"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(names, ["a.test", "b.test", "d.test"]);
+}
