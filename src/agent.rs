@@ -158,6 +158,7 @@ impl TaskIndex {
 }
 
 pub struct Agent {
+    validation_keys: RwLock<Option<(Vec<u64>, Arc<JwtKeySet>)>>,
     trust_domain: TrustDomain,
     attestors: AttestorSet,
     store: Arc<Store>,
@@ -188,6 +189,7 @@ impl Agent {
         let own_bundle = build_own_bundle(&ca, bundle_sequence);
         Self {
             trust_domain,
+            validation_keys: RwLock::new(None),
             attestors,
             store,
             task_svid_ttl,
@@ -556,6 +558,28 @@ impl Agent {
         self.own_bundle().jwt_keys.clone()
     }
 
+    /// JWT keys of our own trust domain and every federated one, each kept
+    /// under its own domain. Rebuilt only when a bundle changes.
+    fn validation_keys(&self) -> Arc<JwtKeySet> {
+        let own = self.own_bundle();
+        let federated = self.federated.all();
+        let stamp: Vec<u64> = std::iter::once(own.bundle.sequence)
+            .chain(federated.values().map(|b| b.revision))
+            .collect();
+        if let Some((cached_stamp, keys)) = read_lock(&self.validation_keys).as_ref()
+            && *cached_stamp == stamp
+        {
+            return keys.clone();
+        }
+        let mut keys = (*own.jwt_keys).clone();
+        for bundle in federated.values() {
+            keys.set_bundle(&bundle.bundle);
+        }
+        let keys = Arc::new(keys);
+        *write_lock(&self.validation_keys) = Some((stamp, keys.clone()));
+        keys
+    }
+
     /// The JWKS of every trust domain, keyed `spiffe://<td>`, as
     /// FetchJWTBundles sends them.
     pub fn jwt_bundles(&self) -> HashMap<String, Vec<u8>> {
@@ -573,7 +597,7 @@ impl Agent {
         audience: &str,
         now: SystemTime,
     ) -> Result<ValidatedJwt, JwtError> {
-        let validated = jwt::validate(token, audience, &self.jwt_key_set(), now)?;
+        let validated = jwt::validate(token, audience, &self.validation_keys(), now)?;
         if validated.spiffe_id.trust_domain() == &self.trust_domain
             && let Some(task) = validated.claims.get("task")
         {

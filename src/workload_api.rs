@@ -217,19 +217,22 @@ fn jwt_bundles_snapshot(
     _previous: Vec<String>,
 ) -> SnapshotFuture<pb::JwtBundlesResponse> {
     Box::pin(async move {
-        // As for X.509 bundles: only callers holding an identity here.
-        entitled(&agent, &caller)?;
+        // As for X.509 bundles: only callers holding an identity here, and
+        // federated trust domains only where an identity federates with them.
+        let entitlements = entitled(&agent, &caller)?;
+        let federated = crate::federation::bundles_for(&agent, &entitlements);
         // The sequence is read before the keys: a rotation in between then
         // shows as a newer sequence next time, never as a missed update.
         let sequence = agent.own_bundle().bundle.sequence;
+        let mut bundles = agent.jwt_bundles();
+        bundles.extend(crate::federation::jwt_bundle_map(&federated));
         Ok(Snapshot {
-            message: pb::JwtBundlesResponse {
-                bundles: agent.jwt_bundles(),
-            },
+            message: pb::JwtBundlesResponse { bundles },
             fingerprint: Fingerprint {
                 serials: Vec::new(),
                 bundle_sequence: sequence,
                 crl_generation: 0,
+                federated: crate::federation::revisions(&federated),
             },
             keys: Vec::new(),
             refresh_at: None,
