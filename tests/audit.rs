@@ -1012,3 +1012,33 @@ fn the_cli_takes_the_path_and_roots_from_a_config_file() {
         "{text}"
     );
 }
+
+#[test]
+fn verifying_a_trail_while_it_is_written_and_rotated_sees_no_false_break() {
+    let dir = tempfile::tempdir().unwrap();
+    let (signer, root) = root_signer("writ test root");
+    let mut config = config(dir.path());
+    config.max_file_bytes = 2 * 1024;
+    config.checkpoint_every = 16;
+    let log = AuditLog::open(&config, signer).unwrap();
+    let writer = {
+        let log = log.clone();
+        std::thread::spawn(move || {
+            for i in 0..600 {
+                log.append_blocking(issued(i)).unwrap();
+            }
+        })
+    };
+    let mut verified = 0;
+    while !writer.is_finished() {
+        let report = audit::verify(&config.path, std::slice::from_ref(&root))
+            .unwrap_or_else(|e| panic!("after {verified} good runs: {e}"));
+        assert!(matches!(report.end, TrailEnd::Live { .. }), "{report:?}");
+        verified += 1;
+    }
+    writer.join().unwrap();
+    log.close();
+    let report = audit::verify(&config.path, &[root]).unwrap();
+    assert_eq!(report.end, TrailEnd::Closed);
+    assert!(report.files.len() > 50);
+}

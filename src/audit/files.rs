@@ -4,7 +4,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use rustix::fs::FlockOperation;
@@ -73,6 +73,39 @@ pub fn trail_files(path: &Path) -> io::Result<Vec<PathBuf>> {
         .collect();
     if path.exists() {
         files.push(path.to_owned());
+    }
+    Ok(files)
+}
+
+/// The trail's files opened for reading, oldest first, as one consistent
+/// snapshot even while the writer rotates: the current file is opened
+/// first, then only rotated files older than it are taken (if it has been
+/// rotated meanwhile, it shows up among them, and what follows is newer).
+pub(crate) fn open_snapshot(path: &Path) -> io::Result<Vec<(PathBuf, File)>> {
+    let current = match File::open(path) {
+        Ok(file) => Some(file),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+        Err(e) => return Err(e),
+    };
+    let current_id = match &current {
+        Some(file) => {
+            let meta = file.metadata()?;
+            Some((meta.dev(), meta.ino()))
+        }
+        None => None,
+    };
+    let mut files = Vec::new();
+    for n in rotated_numbers(path)? {
+        let rotated = rotated_path(path, n);
+        let file = File::open(&rotated)?;
+        let meta = file.metadata()?;
+        if Some((meta.dev(), meta.ino())) == current_id {
+            break;
+        }
+        files.push((rotated, file));
+    }
+    if let Some(file) = current {
+        files.push((path.to_owned(), file));
     }
     Ok(files)
 }

@@ -113,15 +113,18 @@ impl AuditLog {
         let mut started = AuditEvent::new(EventKind::AuditStarted, correlation_id())
             .detail("writ_version", env!("CARGO_PKG_VERSION"))
             .detail("pid", std::process::id());
+        // Bytes after the close checkpoint mean it was not the end.
+        let clean = head.as_ref().is_some_and(|h| h.closed) && torn.is_none();
         started = match &head {
-            None => started.detail("previous_end", "none"),
-            // Bytes after the close checkpoint mean it was not the end.
-            Some(h) if h.closed && torn.is_none() => started.detail("previous_end", "clean"),
-            Some(h) => started
+            None if torn.is_none() => started.detail("previous_end", "none"),
+            _ if clean => started.detail("previous_end", "clean"),
+            _ => started
                 .detail("previous_end", "unclean")
-                .detail("previous_seq", h.seq)
                 .reason("the previous run did not end with a close checkpoint: writ stopped without closing the trail, or records were removed from its end"),
         };
+        if let Some(h) = head.as_ref().filter(|_| !clean) {
+            started = started.detail("previous_seq", h.seq);
+        }
         if let Some(torn) = &torn {
             started = started
                 .detail("torn_tail_moved_to", torn.moved_to.display().to_string())

@@ -4,7 +4,6 @@
 //! close checkpoint. Reports the first broken record by file and line.
 
 use std::collections::HashMap;
-use std::fs::File;
 use std::io::{self, BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
@@ -22,7 +21,7 @@ use x509_parser::oid_registry::{
 use x509_parser::prelude::FromDer;
 use x509_parser::x509::SubjectPublicKeyInfo;
 
-use super::files::{trail_files, writer_is_live};
+use super::files::{open_snapshot, writer_is_live};
 use super::record::{
     CheckpointFacts, LineError, RecordView, ZERO_HASH, checkpoint_message, parse_line, parse_time,
 };
@@ -133,8 +132,8 @@ pub fn verify_with(
     };
     // Checked before reading: a writer that starts later only appends.
     let live = writer_is_live(path);
-    let files = trail_files(path).map_err(|e| fail_io(path, e))?;
-    if files.is_empty() {
+    let snapshot = open_snapshot(path).map_err(|e| fail_io(path, e))?;
+    if snapshot.is_empty() {
         return Err(VerifyError {
             file: path.to_owned(),
             line: 0,
@@ -155,9 +154,11 @@ pub fn verify_with(
         unclean_starts: Vec::new(),
     };
     let mut torn_bytes = 0;
-    let last_index = files.len() - 1;
-    for (index, file_path) in files.iter().enumerate() {
-        let file = File::open(file_path).map_err(|e| fail_io(file_path, e))?;
+    let last_index = snapshot.len() - 1;
+    let mut files = Vec::with_capacity(snapshot.len());
+    for (index, (file_path, file)) in snapshot.into_iter().enumerate() {
+        files.push(file_path.clone());
+        let file_path = &file_path;
         let mut reader = BufReader::new(file);
         let mut line_no = 0u64;
         let mut line = Vec::new();
