@@ -578,8 +578,8 @@ impl Writer {
         }
     }
 
-    /// Drains nothing more (the queue is closed): seals the trail with a
-    /// close checkpoint.
+    /// Runs once the queue is closed and empty: seals the trail with a
+    /// close checkpoint, the marker of a clean end.
     fn finish(&mut self) {
         if self.poisoned.is_some() {
             return;
