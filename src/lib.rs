@@ -4,6 +4,7 @@
 
 pub mod admin_api;
 pub mod agent;
+pub mod audit;
 pub mod bundle;
 pub mod ca;
 pub mod cli;

@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod api;
+pub mod audit;
 pub mod client;
 
 use std::path::{Path, PathBuf};
@@ -59,6 +60,11 @@ pub enum Command {
     Bundle {
         #[command(subcommand)]
         command: admin::BundleCommand,
+    },
+    /// Verify or read the audit trail (offline; no agent needed).
+    Audit {
+        #[command(subcommand)]
+        command: audit::AuditCommand,
     },
 }
 
@@ -262,6 +268,7 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
         Command::Task { command } => admin::task(command).await,
         Command::Entry { command } => admin::entry(command).await,
         Command::Bundle { command } => admin::bundle(command).await,
+        Command::Audit { command } => audit::audit(command).await,
     }
 }
 

@@ -1,0 +1,190 @@
+//! What callers hand the audit log: the event kind and the facts about it
+//! (who called, which task, what was decided, what was issued). The log adds
+//! sequence number, time and hashes; see `record`.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+/// The kinds of event writ records. `Checkpoint` and `AuditStarted` are
+/// written by the log itself; `AuditLog::append` refuses them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EventKind {
+    AttestationFailure,
+    X509Issued,
+    JwtIssued,
+    JwtValidationFailed,
+    Denied,
+    TaskBegun,
+    TaskEnded,
+    Revoked,
+    CaRotated,
+    FederationBundleChanged,
+    PolicyReloaded,
+    Checkpoint,
+    AuditStarted,
+}
+
+impl EventKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventKind::AttestationFailure => "attestation_failure",
+            EventKind::X509Issued => "x509_issued",
+            EventKind::JwtIssued => "jwt_issued",
+            EventKind::JwtValidationFailed => "jwt_validation_failed",
+            EventKind::Denied => "denied",
+            EventKind::TaskBegun => "task_begun",
+            EventKind::TaskEnded => "task_ended",
+            EventKind::Revoked => "revoked",
+            EventKind::CaRotated => "ca_rotated",
+            EventKind::FederationBundleChanged => "federation_bundle_changed",
+            EventKind::PolicyReloaded => "policy_reloaded",
+            EventKind::Checkpoint => "checkpoint",
+            EventKind::AuditStarted => "audit_started",
+        }
+    }
+
+    /// Kinds only the log itself may write.
+    pub fn is_internal(self) -> bool {
+        matches!(self, EventKind::Checkpoint | EventKind::AuditStarted)
+    }
+}
+
+impl std::fmt::Display for EventKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The attested caller, as the kernel and the attestors saw it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CallerFacts {
+    /// The SPIFFE IDs the caller is entitled to (or was issued).
+    pub spiffe_ids: Vec<String>,
+    pub pid: i32,
+    pub uid: u32,
+    pub selectors: Vec<String>,
+}
+
+/// The task an event concerns, with its declared intent.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskFacts {
+    pub id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent_id: Option<String>,
+    /// The SPIFFE ID (or other identity) of the orchestrator that began it.
+    pub orchestrator: String,
+    pub tools: Vec<String>,
+    pub targets: Vec<String>,
+    pub data_class: String,
+}
+
+/// One event to record. Field order here is the order in the record; every
+/// absent field is left out of the record rather than written as null.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AuditEvent {
+    pub event: EventKind,
+    /// Ties together the records of one request (and the caller's logs).
+    pub correlation_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub caller: Option<CallerFacts>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task: Option<TaskFacts>,
+    /// The policy action evaluated, e.g. `IssueX509SVID`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub action: Option<String>,
+    /// `allow` or `deny`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decision: Option<String>,
+    /// Ids of the policies that decided.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub policies: Vec<String>,
+    /// The identity issued, denied or revoked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spiffe_id: Option<String>,
+    /// Certificate serial, lowercase hex.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serial: Option<String>,
+    /// Unix seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_after: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jti: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Anything else worth keeping, per event kind.
+    #[serde(default, skip_serializing_if = "Map::is_empty")]
+    pub detail: Map<String, Value>,
+}
+
+impl AuditEvent {
+    pub fn new(event: EventKind, correlation_id: impl Into<String>) -> Self {
+        Self {
+            event,
+            correlation_id: correlation_id.into(),
+            caller: None,
+            task: None,
+            action: None,
+            decision: None,
+            policies: Vec::new(),
+            spiffe_id: None,
+            serial: None,
+            not_after: None,
+            jti: None,
+            reason: None,
+            detail: Map::new(),
+        }
+    }
+
+    pub fn caller(mut self, caller: CallerFacts) -> Self {
+        self.caller = Some(caller);
+        self
+    }
+
+    pub fn task(mut self, task: TaskFacts) -> Self {
+        self.task = Some(task);
+        self
+    }
+
+    /// The policy decision: `allowed` becomes `allow` or `deny`.
+    pub fn decision(
+        mut self,
+        action: impl Into<String>,
+        allowed: bool,
+        policies: impl IntoIterator<Item = impl Into<String>>,
+    ) -> Self {
+        self.action = Some(action.into());
+        self.decision = Some(if allowed { "allow" } else { "deny" }.to_owned());
+        self.policies = policies.into_iter().map(Into::into).collect();
+        self
+    }
+
+    pub fn spiffe_id(mut self, spiffe_id: impl Into<String>) -> Self {
+        self.spiffe_id = Some(spiffe_id.into());
+        self
+    }
+
+    /// An issued certificate: its serial (hex) and notAfter (Unix seconds).
+    pub fn certificate(mut self, serial: impl Into<String>, not_after: i64) -> Self {
+        self.serial = Some(serial.into());
+        self.not_after = Some(not_after);
+        self
+    }
+
+    /// An issued JWT: its `jti` and `exp` (Unix seconds).
+    pub fn jwt(mut self, jti: impl Into<String>, expires: i64) -> Self {
+        self.jti = Some(jti.into());
+        self.not_after = Some(expires);
+        self
+    }
+
+    pub fn reason(mut self, reason: impl Into<String>) -> Self {
+        self.reason = Some(reason.into());
+        self
+    }
+
+    pub fn detail(mut self, key: impl Into<String>, value: impl Into<Value>) -> Self {
+        self.detail.insert(key.into(), value.into());
+        self
+    }
+}

@@ -1,0 +1,598 @@
+//! The writing side: `AuditLog` hands events to one writer thread, which
+//! serializes and chains them, appends whatever is queued as one write with
+//! one fdatasync (group commit), answers each caller only after that, adds
+//! signed checkpoints, and rotates the file by size.
+
+use std::fs::{DirBuilder, File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, mpsc};
+use std::thread::JoinHandle;
+use std::time::{Duration, SystemTime};
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use tokio::sync::oneshot;
+
+use super::files::{self, rotated_path, sync_dir, take_writer_lock};
+use super::record::{
+    CheckpointFacts, CheckpointKind, RecordBody, ZERO_HASH, checkpoint_message, encode_line,
+    format_time,
+};
+use super::recover::{Recovered, recover};
+use super::{AuditError, AuditEvent, CheckpointSigner, EventKind};
+use crate::config::AuditConfig;
+
+/// Where record times come from; tests pass a controllable one.
+pub type Clock = Arc<dyn Fn() -> SystemTime + Send + Sync>;
+
+/// Proof that a record is on disk: its place and hash in the chain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditReceipt {
+    pub seq: u64,
+    pub hash: String,
+}
+
+/// The most jobs one write takes; bounds how long any one waits.
+const MAX_BATCH: usize = 512;
+/// After the signer fails, automatic checkpoints wait at most this long
+/// before trying again (or `checkpoint_interval`, if shorter).
+const SIGNER_RETRY: Duration = Duration::from_secs(30);
+
+enum Job {
+    Append {
+        event: Box<AuditEvent>,
+        reply: oneshot::Sender<Result<AuditReceipt, AuditError>>,
+    },
+    Checkpoint {
+        reply: oneshot::Sender<Result<(), AuditError>>,
+    },
+}
+
+/// The audit trail, open for appending. Share it as `Arc<AuditLog>`.
+pub struct AuditLog {
+    path: PathBuf,
+    jobs: Mutex<Option<mpsc::Sender<Job>>>,
+    writer: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for AuditLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuditLog")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
+}
+
+impl AuditLog {
+    /// Opens (or continues) the trail at `config.path` with the system
+    /// clock. See [`AuditLog::open_with_clock`].
+    pub fn open(
+        config: &AuditConfig,
+        signer: Arc<dyn CheckpointSigner>,
+    ) -> Result<Arc<Self>, AuditError> {
+        Self::open_with_clock(config, signer, Arc::new(SystemTime::now))
+    }
+
+    /// Opens (or continues) the trail: takes the writer lock (a second
+    /// writer is refused), continues the chain from the last complete
+    /// record, moves a torn tail aside, writes an `audit_started` record
+    /// saying how the previous run ended, and starts the writer thread.
+    pub fn open_with_clock(
+        config: &AuditConfig,
+        signer: Arc<dyn CheckpointSigner>,
+        clock: Clock,
+    ) -> Result<Arc<Self>, AuditError> {
+        let path = config.path.clone();
+        let io_err = |path: &Path| {
+            let path = path.to_owned();
+            move |source| AuditError::Io { path, source }
+        };
+        let dir = files::parent_dir(&path).to_owned();
+        DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dir)
+            .map_err(io_err(&dir))?;
+        let lock = take_writer_lock(&path)
+            .map_err(io_err(&files::lock_path(&path)))?
+            .ok_or_else(|| AuditError::Locked {
+                path: path.clone(),
+                lock: files::lock_path(&path),
+            })?;
+
+        let now = clock();
+        let Recovered {
+            head,
+            torn,
+            next_rotation,
+        } = recover(&path, now)?;
+        let (file, file_len) = open_current(&path, &dir)?;
+
+        let mut started = AuditEvent::new(EventKind::AuditStarted, correlation_id())
+            .detail("writ_version", env!("CARGO_PKG_VERSION"))
+            .detail("pid", std::process::id());
+        // Bytes after the close checkpoint mean it was not the end.
+        let clean = head.as_ref().is_some_and(|h| h.closed) && torn.is_none();
+        started = match &head {
+            None if torn.is_none() => started.detail("previous_end", "none"),
+            _ if clean => started.detail("previous_end", "clean"),
+            _ => started
+                .detail("previous_end", "unclean")
+                .reason("the previous run did not end with a close checkpoint: writ stopped without closing the trail, or records were removed from its end"),
+        };
+        if let Some(h) = head.as_ref().filter(|_| !clean) {
+            started = started.detail("previous_seq", h.seq);
+        }
+        if let Some(torn) = &torn {
+            started = started
+                .detail("torn_tail_moved_to", torn.moved_to.display().to_string())
+                .detail("torn_tail_bytes", torn.bytes);
+        }
+
+        let mut writer = Writer {
+            path: path.clone(),
+            dir,
+            max_file_bytes: config.max_file_bytes.max(1),
+            checkpoint_every: config.checkpoint_every.max(1),
+            checkpoint_interval: config.checkpoint_interval.max(Duration::from_millis(1)),
+            signer,
+            clock,
+            file,
+            file_len,
+            next_rotation,
+            chain: ChainState {
+                next_seq: head.as_ref().map_or(0, |h| h.seq + 1),
+                head: head.map_or_else(|| ZERO_HASH.to_owned(), |h| h.hash),
+                since_checkpoint: 0,
+                last_checkpoint_at: now,
+            },
+            checkpoint_retry_at: now,
+            poisoned: None,
+            buf: Vec::with_capacity(64 * 1024),
+            _lock: lock,
+        };
+        let saved = writer.chain.clone();
+        writer.buf.clear();
+        writer
+            .push_record(&started, None)
+            .map_err(AuditError::Write)?;
+        writer.commit(&saved)?;
+
+        let (tx, rx) = mpsc::channel::<Job>();
+        let handle = std::thread::Builder::new()
+            .name("writ-audit".into())
+            .spawn(move || writer.run(rx))
+            .map_err(|e| AuditError::Write(format!("starting the audit writer thread: {e}")))?;
+        Ok(Arc::new(Self {
+            path,
+            jobs: Mutex::new(Some(tx)),
+            writer: Mutex::new(Some(handle)),
+        }))
+    }
+
+    /// The current file of the trail.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Appends `event` and resolves once it is on disk (fdatasync), sharing
+    /// the sync with whatever else is queued. On error the caller must fail
+    /// the operation being audited. Dropping the future does not withdraw
+    /// the record.
+    pub async fn append(&self, event: AuditEvent) -> Result<AuditReceipt, AuditError> {
+        let (reply, done) = oneshot::channel();
+        self.submit(Job::Append {
+            event: Box::new(event),
+            reply,
+        })?;
+        done.await.map_err(|_| AuditError::Closed)?
+    }
+
+    /// The blocking twin of `append`, for threads outside the async runtime.
+    pub fn append_blocking(&self, event: AuditEvent) -> Result<AuditReceipt, AuditError> {
+        let (reply, done) = oneshot::channel();
+        self.submit(Job::Append {
+            event: Box::new(event),
+            reply,
+        })?;
+        futures::executor::block_on(done).map_err(|_| AuditError::Closed)?
+    }
+
+    /// Writes a signed checkpoint now and returns once it is on disk
+    /// (blocking). Checkpoints are also written every `checkpoint_every`
+    /// records, after `checkpoint_interval`, and on close.
+    pub fn checkpoint(&self) -> Result<(), AuditError> {
+        let (reply, done) = oneshot::channel();
+        self.submit(Job::Checkpoint { reply })?;
+        futures::executor::block_on(done).map_err(|_| AuditError::Closed)?
+    }
+
+    /// `checkpoint` for async callers.
+    pub async fn checkpoint_async(&self) -> Result<(), AuditError> {
+        let (reply, done) = oneshot::channel();
+        self.submit(Job::Checkpoint { reply })?;
+        done.await.map_err(|_| AuditError::Closed)?
+    }
+
+    fn submit(&self, job: Job) -> Result<(), AuditError> {
+        let jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
+        jobs.as_ref()
+            .ok_or(AuditError::Closed)?
+            .send(job)
+            .map_err(|_| AuditError::Closed)
+    }
+
+    /// Writes what is queued, then a close checkpoint (the marker of a
+    /// clean end), and stops the writer. Later appends fail with `Closed`.
+    /// Blocks until done; calling it again does nothing.
+    pub fn close(&self) {
+        self.jobs.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(handle) = self.writer.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            let _ = handle.join();
+        }
+    }
+}
+
+impl Drop for AuditLog {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+fn correlation_id() -> String {
+    ulid::Ulid::new().to_string()
+}
+
+/// Opens (creating, 0600) the current file for appending.
+fn open_current(path: &Path, dir: &Path) -> Result<(File, u64), AuditError> {
+    let io_err = |source| AuditError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    let existed = path.exists();
+    let file = OpenOptions::new()
+        .append(true)
+        .create(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(io_err)?;
+    if !existed {
+        sync_dir(dir).map_err(io_err)?;
+    }
+    let len = file.metadata().map_err(io_err)?.len();
+    Ok((file, len))
+}
+
+/// The chain as of the last record written; saved before a batch so a
+/// failed write can be taken back.
+#[derive(Clone)]
+struct ChainState {
+    next_seq: u64,
+    head: String,
+    since_checkpoint: u64,
+    last_checkpoint_at: SystemTime,
+}
+
+/// A reply owed once the batch is durable.
+enum Pending {
+    Append(
+        oneshot::Sender<Result<AuditReceipt, AuditError>>,
+        AuditReceipt,
+    ),
+    Checkpoint(oneshot::Sender<Result<(), AuditError>>),
+}
+
+/// State owned by the writer thread alone.
+struct Writer {
+    path: PathBuf,
+    dir: PathBuf,
+    max_file_bytes: u64,
+    checkpoint_every: u64,
+    checkpoint_interval: Duration,
+    signer: Arc<dyn CheckpointSigner>,
+    clock: Clock,
+    file: File,
+    /// Length of the current file, all of it durable.
+    file_len: u64,
+    next_rotation: u64,
+    chain: ChainState,
+    /// Automatic checkpoints wait until then after a signer failure.
+    checkpoint_retry_at: SystemTime,
+    /// Set when an fsync failed: what reached the disk is unknown, so
+    /// nothing more is written (the kernel may have dropped the pages).
+    poisoned: Option<String>,
+    buf: Vec<u8>,
+    /// Held for the writer's life; released when it is dropped.
+    _lock: File,
+}
+
+impl Writer {
+    fn run(mut self, jobs: mpsc::Receiver<Job>) {
+        loop {
+            let first = match self.checkpoint_wait() {
+                None => jobs
+                    .recv()
+                    .map_err(|_| mpsc::RecvTimeoutError::Disconnected),
+                Some(wait) => jobs.recv_timeout(wait),
+            };
+            match first {
+                Ok(job) => {
+                    let mut batch = vec![job];
+                    while batch.len() < MAX_BATCH {
+                        match jobs.try_recv() {
+                            Ok(job) => batch.push(job),
+                            Err(_) => break,
+                        }
+                    }
+                    self.process(batch);
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => self.process(Vec::new()),
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            }
+        }
+        self.finish();
+    }
+
+    /// How long until an interval checkpoint is due; `None` when nothing
+    /// is waiting to be checkpointed.
+    fn checkpoint_wait(&self) -> Option<Duration> {
+        if self.chain.since_checkpoint == 0 || self.poisoned.is_some() {
+            return None;
+        }
+        let due = (self.chain.last_checkpoint_at + self.checkpoint_interval)
+            .max(self.checkpoint_retry_at);
+        let wait = due
+            .duration_since((self.clock)())
+            .unwrap_or(Duration::ZERO)
+            // A clock set back must not postpone checkpoints indefinitely.
+            .min(self.checkpoint_interval);
+        Some(wait.max(Duration::from_millis(1)))
+    }
+
+    fn interval_due(&self, now: SystemTime) -> bool {
+        self.chain.since_checkpoint > 0
+            && now >= self.checkpoint_retry_at
+            && now
+                .duration_since(self.chain.last_checkpoint_at)
+                .is_ok_and(|d| d >= self.checkpoint_interval)
+    }
+
+    fn process(&mut self, jobs: Vec<Job>) {
+        self.rotate_if_due();
+        if let Some(reason) = &self.poisoned {
+            for job in jobs {
+                match job {
+                    Job::Append { reply, .. } => {
+                        let _ = reply.send(Err(AuditError::Poisoned(reason.clone())));
+                    }
+                    Job::Checkpoint { reply } => {
+                        let _ = reply.send(Err(AuditError::Poisoned(reason.clone())));
+                    }
+                }
+            }
+            return;
+        }
+        let saved = self.chain.clone();
+        self.buf.clear();
+        let mut pending = Vec::with_capacity(jobs.len());
+        for job in jobs {
+            match job {
+                Job::Append { event, reply } => {
+                    if event.event.is_internal() {
+                        let _ = reply.send(Err(AuditError::InvalidEvent(format!(
+                            "{} records are written by the audit log itself",
+                            event.event
+                        ))));
+                        continue;
+                    }
+                    match self.push_record(&event, None) {
+                        Ok(receipt) => pending.push(Pending::Append(reply, receipt)),
+                        Err(reason) => {
+                            let _ = reply.send(Err(AuditError::Write(reason)));
+                        }
+                    }
+                    if self.chain.since_checkpoint >= self.checkpoint_every {
+                        self.automatic_checkpoint();
+                    }
+                }
+                Job::Checkpoint { reply } => {
+                    match self.push_checkpoint(CheckpointKind::Requested) {
+                        Ok(()) => pending.push(Pending::Checkpoint(reply)),
+                        Err(e) => {
+                            let _ = reply.send(Err(e));
+                        }
+                    }
+                }
+            }
+        }
+        if self.interval_due((self.clock)()) {
+            self.automatic_checkpoint();
+        }
+        if self.buf.is_empty() {
+            return;
+        }
+        let outcome = self.commit(&saved);
+        for p in pending {
+            let failure = outcome.as_ref().err().map(|e| match e {
+                AuditError::Poisoned(r) => AuditError::Poisoned(r.clone()),
+                AuditError::Write(r) => AuditError::Write(r.clone()),
+                other => AuditError::Write(other.to_string()),
+            });
+            match p {
+                Pending::Append(reply, receipt) => {
+                    let _ = reply.send(failure.map_or(Ok(receipt), Err));
+                }
+                Pending::Checkpoint(reply) => {
+                    let _ = reply.send(failure.map_or(Ok(()), Err));
+                }
+            }
+        }
+    }
+
+    /// Serializes one record into the batch buffer and advances the chain.
+    fn push_record(
+        &mut self,
+        event: &AuditEvent,
+        checkpoint: Option<(&CheckpointFacts, &str)>,
+    ) -> Result<AuditReceipt, String> {
+        let own_time;
+        let time = match checkpoint {
+            // A checkpoint's time is part of what was signed.
+            Some((_, time)) => time,
+            None => {
+                own_time = format_time((self.clock)());
+                &own_time
+            }
+        };
+        let seq = self.chain.next_seq;
+        let body = RecordBody {
+            seq,
+            time,
+            event,
+            checkpoint: checkpoint.map(|(c, _)| c),
+            prev: &self.chain.head,
+        };
+        let hash = encode_line(&body, &mut self.buf)?;
+        self.chain.next_seq += 1;
+        self.chain.head.clone_from(&hash);
+        self.chain.since_checkpoint += 1;
+        Ok(AuditReceipt { seq, hash })
+    }
+
+    /// A checkpoint that nobody waits for: a signer failure is logged and
+    /// retried later, never allowed to fail the records around it.
+    fn automatic_checkpoint(&mut self) {
+        let now = (self.clock)();
+        if now < self.checkpoint_retry_at {
+            return;
+        }
+        if let Err(e) = self.push_checkpoint(CheckpointKind::Periodic) {
+            tracing::warn!(error = %e, "could not write an audit checkpoint; will retry");
+            self.checkpoint_retry_at = now + self.checkpoint_interval.min(SIGNER_RETRY);
+        }
+    }
+
+    /// Signs the current head and adds the checkpoint record to the batch.
+    fn push_checkpoint(&mut self, kind: CheckpointKind) -> Result<(), AuditError> {
+        let now = (self.clock)();
+        let time = format_time(now);
+        let seq = self.chain.next_seq;
+        let message = checkpoint_message(seq, &time, kind, seq, &self.chain.head);
+        let (signature, certificate) = self.signer.sign(&message).map_err(AuditError::Signer)?;
+        // A signer handing back the wrong certificate would make every
+        // checkpoint unverifiable; catch that now rather than at audit time.
+        super::verify::check_checkpoint_signature(&certificate, &message, &signature)
+            .map_err(|e| AuditError::Signer(format!("the signature it returned {e}")))?;
+        let facts = CheckpointFacts {
+            kind,
+            records: seq,
+            head_seq: seq.checked_sub(1),
+            head_hash: self.chain.head.clone(),
+            signature: BASE64.encode(signature),
+            certificate: BASE64.encode(certificate),
+        };
+        let event = AuditEvent::new(EventKind::Checkpoint, correlation_id());
+        self.push_record(&event, Some((&facts, &time)))
+            .map_err(AuditError::Write)?;
+        self.chain.since_checkpoint = 0;
+        self.chain.last_checkpoint_at = now;
+        Ok(())
+    }
+
+    /// Appends the batch buffer with one write and one fdatasync.
+    fn commit(&mut self, saved: &ChainState) -> Result<(), AuditError> {
+        if let Err(e) = self.file.write_all(&self.buf) {
+            // Take back a partial write so the file still ends on the last
+            // durable record and the chain can continue from it.
+            return match self
+                .file
+                .set_len(self.file_len)
+                .and_then(|()| self.file.sync_data())
+            {
+                Ok(()) => {
+                    self.chain = saved.clone();
+                    self.buf.clear();
+                    tracing::error!(error = %e, "writing the audit trail failed");
+                    Err(AuditError::Write(format!("{}: {e}", self.path.display())))
+                }
+                Err(undo) => Err(self.poison(format!(
+                    "{}: {e}; removing the partial write failed: {undo}",
+                    self.path.display()
+                ))),
+            };
+        }
+        if let Err(e) = self.file.sync_data() {
+            return Err(self.poison(format!("{}: fdatasync: {e}", self.path.display())));
+        }
+        self.file_len += self.buf.len() as u64;
+        self.buf.clear();
+        Ok(())
+    }
+
+    fn poison(&mut self, reason: String) -> AuditError {
+        tracing::error!(reason = %reason, "the audit trail is unavailable until writ restarts");
+        self.poisoned = Some(reason.clone());
+        AuditError::Poisoned(reason)
+    }
+
+    /// Renames the full current file to the next `<path>.<n>` and starts a
+    /// new one. The chain simply continues. A failure leaves the current
+    /// file in use (it grows past the limit) and is retried next batch.
+    fn rotate_if_due(&mut self) {
+        if self.poisoned.is_some() || self.file_len == 0 || self.file_len < self.max_file_bytes {
+            return;
+        }
+        let mut target = rotated_path(&self.path, self.next_rotation);
+        while target.exists() {
+            self.next_rotation += 1;
+            target = rotated_path(&self.path, self.next_rotation);
+        }
+        if let Err(e) = std::fs::rename(&self.path, &target) {
+            tracing::warn!(error = %e, file = %self.path.display(), "could not rotate the audit trail; still appending to the current file");
+            return;
+        }
+        self.next_rotation += 1;
+        match open_current(&self.path, &self.dir) {
+            Ok((file, len)) => {
+                if let Err(e) = sync_dir(&self.dir) {
+                    tracing::warn!(error = %e, "fsync of the audit directory after rotation failed");
+                }
+                self.file = file;
+                self.file_len = len;
+            }
+            Err(e) => {
+                // Put the old file back so readers find the trail where
+                // they expect it; writing continues through the old handle.
+                tracing::warn!(error = %e, "could not start a new audit file; still appending to the current one");
+                if let Err(back) = std::fs::rename(&target, &self.path) {
+                    let reason = format!(
+                        "rotation left the current file at {} and could not start {}: {e}; moving it back failed: {back}",
+                        target.display(),
+                        self.path.display()
+                    );
+                    self.poison(reason);
+                }
+            }
+        }
+    }
+
+    /// Runs once the queue is closed and empty: seals the trail with a
+    /// close checkpoint, the marker of a clean end.
+    fn finish(&mut self) {
+        if self.poisoned.is_some() {
+            return;
+        }
+        self.rotate_if_due();
+        let saved = self.chain.clone();
+        self.buf.clear();
+        if let Err(e) = self.push_checkpoint(CheckpointKind::Close) {
+            tracing::error!(error = %e, "could not write the closing audit checkpoint; the next start will record an unclean end");
+            return;
+        }
+        if let Err(e) = self.commit(&saved) {
+            tracing::error!(error = %e, "could not write the closing audit checkpoint");
+        }
+    }
+}

@@ -1,0 +1,112 @@
+//! The tamper-evident audit trail: one hash-chained JSON Lines record per
+//! security event, appended durably (grouped fsyncs) by one writer thread,
+//! periodically sealed by a CA-signed checkpoint, rotated by size, and
+//! verified offline. The record format is specified in `docs/audit.md`.
+
+mod event;
+mod files;
+mod log;
+mod record;
+mod recover;
+mod verify;
+
+pub use event::{AuditEvent, CallerFacts, EventKind, TaskFacts};
+pub use files::{TrailTail, tail_lines, trail_files};
+pub use log::{AuditLog, AuditReceipt, Clock};
+pub use record::{CheckpointFacts, CheckpointKind, ZERO_HASH, checkpoint_message};
+pub use verify::{TrailEnd, VerifyError, VerifyErrorKind, VerifyOptions, VerifyReport};
+pub use verify::{verify, verify_with};
+
+use std::path::PathBuf;
+
+/// Signs checkpoints. writ implements it for its CA (ECDSA P-256 over
+/// SHA-256 with the CA's active key); tests bring their own keys.
+///
+/// `sign` runs on the audit writer thread, so it must never wait for the
+/// audit log itself (for example by taking a lock that is held while an
+/// issuance waits for its audit record): that would deadlock the writer.
+pub trait CheckpointSigner: Send + Sync {
+    /// Returns (DER ECDSA signature, DER certificate of the signing key).
+    fn sign(&self, message: &[u8]) -> Result<(Vec<u8>, Vec<u8>), String>;
+}
+
+/// A [`CheckpointSigner`] over an rcgen key pair and its certificate. The
+/// key must be ECDSA P-256 (SHA-256), the only algorithm `verify` accepts
+/// for checkpoints.
+pub struct KeyPairSigner {
+    key: rcgen::KeyPair,
+    certificate: Vec<u8>,
+}
+
+impl KeyPairSigner {
+    pub fn new(key: rcgen::KeyPair, certificate_der: Vec<u8>) -> Result<Self, AuditError> {
+        if key.algorithm() != &rcgen::PKCS_ECDSA_P256_SHA256 {
+            return Err(AuditError::Signer(
+                "checkpoint keys must be ECDSA P-256 with SHA-256".into(),
+            ));
+        }
+        Ok(Self {
+            key,
+            certificate: certificate_der,
+        })
+    }
+}
+
+impl std::fmt::Debug for KeyPairSigner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the key; the certificate is public but long.
+        f.debug_struct("KeyPairSigner")
+            .field("certificate_bytes", &self.certificate.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl CheckpointSigner for KeyPairSigner {
+    fn sign(&self, message: &[u8]) -> Result<(Vec<u8>, Vec<u8>), String> {
+        use rcgen::SigningKey;
+        let signature = self
+            .key
+            .sign(message)
+            .map_err(|e| format!("signing a checkpoint failed: {e}"))?;
+        Ok((signature, self.certificate.clone()))
+    }
+}
+
+/// Why the audit trail could not be opened or written. Every variant means
+/// the operation being audited must fail (the caller answers Unavailable).
+#[derive(Debug, thiserror::Error)]
+pub enum AuditError {
+    #[error("audit trail {}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "audit trail {} is in use by another process (lock {} is held)",
+        path.display(),
+        lock.display()
+    )]
+    Locked { path: PathBuf, lock: PathBuf },
+    #[error(
+        "audit trail {}:{line} cannot be continued: {reason}. Nothing was changed; run `writ audit verify`",
+        path.display()
+    )]
+    Corrupt {
+        path: PathBuf,
+        line: u64,
+        reason: String,
+    },
+    #[error("writing the audit trail failed: {0}")]
+    Write(String),
+    #[error(
+        "the audit trail is unavailable after a failed fsync ({0}); restart writ once the disk is healthy"
+    )]
+    Poisoned(String),
+    #[error("the audit trail is closed")]
+    Closed,
+    #[error("checkpoint signer: {0}")]
+    Signer(String),
+    #[error("invalid audit event: {0}")]
+    InvalidEvent(String),
+}

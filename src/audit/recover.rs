@@ -1,0 +1,289 @@
+//! Picking up an existing trail at start: finding the last complete record
+//! (the chain head to continue from) and moving a torn tail left by a crash
+//! into a side file, so the trail ends on a whole record and no byte is lost.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use super::AuditError;
+use super::files::{self, read_tail, rotated_numbers, rotated_path, suffixed, sync_dir};
+use super::record::{ParsedLine, parse_line};
+
+/// The last complete record of the trail.
+pub(crate) struct Head {
+    pub seq: u64,
+    pub hash: String,
+    /// It is a close checkpoint: the previous run stopped cleanly.
+    pub closed: bool,
+}
+
+/// Bytes set aside from the end of the newest file.
+pub(crate) struct TornTail {
+    pub moved_to: PathBuf,
+    pub bytes: u64,
+}
+
+pub(crate) struct Recovered {
+    pub head: Option<Head>,
+    pub torn: Option<TornTail>,
+    /// The number the next rotated file gets.
+    pub next_rotation: u64,
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> AuditError + '_ {
+    move |source| AuditError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// Finds the head of the trail at `path`. Only the newest file can end in
+/// a torn write (older ones were complete and fsynced before rotation), so
+/// invalid bytes at the end of an older file refuse the start instead.
+pub(crate) fn recover(path: &Path, now: SystemTime) -> Result<Recovered, AuditError> {
+    let numbers = rotated_numbers(path).map_err(io_err(path))?;
+    let next_rotation = numbers.last().map_or(1, |n| n + 1);
+    let mut newest_first: Vec<PathBuf> = numbers
+        .iter()
+        .rev()
+        .map(|&n| rotated_path(path, n))
+        .collect();
+    if path.exists() {
+        newest_first.insert(0, path.to_owned());
+    }
+    let mut torn = None;
+    for (i, file_path) in newest_first.iter().enumerate() {
+        let newest = i == 0;
+        let file = OpenOptions::new()
+            .read(true)
+            .write(newest)
+            .open(file_path)
+            .map_err(io_err(file_path))?;
+        let len = file.metadata().map_err(io_err(file_path))?.len();
+        if len == 0 {
+            continue;
+        }
+        let (valid_end, last) = last_valid_record(&file, len).map_err(io_err(file_path))?;
+        if valid_end < len {
+            if !newest {
+                return Err(AuditError::Corrupt {
+                    path: file_path.clone(),
+                    line: count_lines(file_path, valid_end).map_err(io_err(file_path))? + 1,
+                    reason: format!(
+                        "the file ends with {} bytes that are not a valid record, and only the newest file can hold a torn write",
+                        len - valid_end
+                    ),
+                });
+            }
+            torn = Some(set_aside(file_path, &file, valid_end, len, now)?);
+        }
+        if let Some(last) = last {
+            return Ok(Recovered {
+                head: Some(Head {
+                    seq: last.view.seq,
+                    closed: last.is_close_checkpoint(),
+                    hash: last.hash,
+                }),
+                torn,
+                next_rotation,
+            });
+        }
+    }
+    Ok(Recovered {
+        head: None,
+        torn,
+        next_rotation,
+    })
+}
+
+/// The end offset of the last line that is a self-consistent record, and
+/// that record; `(0, None)` when no line is.
+fn last_valid_record(file: &File, len: u64) -> io::Result<(u64, Option<ParsedLine>)> {
+    let mut want = 1;
+    loop {
+        let tail = read_tail(file, len, want)?;
+        for (offset, line) in tail.lines.iter().rev() {
+            if let Ok(parsed) = parse_line(line) {
+                return Ok((offset + line.len() as u64 + 1, Some(parsed)));
+            }
+        }
+        if tail.from_start {
+            return Ok((0, None));
+        }
+        want = tail.lines.len().saturating_mul(2).saturating_add(1);
+    }
+}
+
+/// Copies `valid_end..len` to `<file>.torn-<unix µs>` (0600, fsynced), and
+/// only then cuts it from the file: a crash in between leaves both copies.
+fn set_aside(
+    file_path: &Path,
+    file: &File,
+    valid_end: u64,
+    len: u64,
+    now: SystemTime,
+) -> Result<TornTail, AuditError> {
+    let micros = now
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros())
+        .unwrap_or(0);
+    let mut moved_to = suffixed(file_path, &format!("torn-{micros}"));
+    let mut n = 0;
+    while moved_to.exists() {
+        n += 1;
+        moved_to = suffixed(file_path, &format!("torn-{micros}-{n}"));
+    }
+    let size = usize::try_from(len - valid_end).map_err(|_| AuditError::Corrupt {
+        path: file_path.to_owned(),
+        line: 0,
+        reason: "the torn tail is too large to move".into(),
+    })?;
+    let mut bytes = vec![0u8; size];
+    file.read_exact_at(&mut bytes, valid_end)
+        .map_err(io_err(file_path))?;
+    let mut side = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&moved_to)
+        .map_err(io_err(&moved_to))?;
+    side.write_all(&bytes)
+        .and_then(|()| side.sync_all())
+        .map_err(io_err(&moved_to))?;
+    sync_dir(files::parent_dir(file_path)).map_err(io_err(file_path))?;
+    file.set_len(valid_end)
+        .and_then(|()| file.sync_all())
+        .map_err(io_err(file_path))?;
+    tracing::warn!(
+        file = %file_path.display(),
+        moved_to = %moved_to.display(),
+        bytes = size,
+        "the audit trail ended in an incomplete record (writ stopped mid-write); moved it aside"
+    );
+    Ok(TornTail {
+        moved_to,
+        bytes: size as u64,
+    })
+}
+
+/// Lines in the first `end` bytes of a file, for error messages.
+fn count_lines(path: &Path, end: u64) -> io::Result<u64> {
+    let mut count = 0u64;
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut reader = File::open(path)?.take(end);
+    loop {
+        let n = reader.read(&mut buf)?;
+        if n == 0 {
+            return Ok(count);
+        }
+        count += buf[..n].iter().filter(|&&b| b == b'\n').count() as u64;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::audit::{AuditEvent, AuditLog, EventKind, KeyPairSigner};
+    use crate::config::AuditConfig;
+
+    fn trail(dir: &Path, max_file_bytes: u64, records: u64) -> AuditConfig {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(Vec::<String>::new())
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let signer = Arc::new(KeyPairSigner::new(key, cert.der().to_vec()).unwrap());
+        let config = AuditConfig {
+            path: dir.join("audit.jsonl"),
+            max_file_bytes,
+            checkpoint_every: 1000,
+            checkpoint_interval: Duration::from_secs(3600),
+        };
+        let log = AuditLog::open(&config, signer).unwrap();
+        for i in 0..records {
+            log.append_blocking(AuditEvent::new(EventKind::Denied, format!("c{i}")))
+                .unwrap();
+        }
+        log.close();
+        config
+    }
+
+    fn append(path: &Path, bytes: &[u8]) {
+        OpenOptions::new()
+            .append(true)
+            .open(path)
+            .unwrap()
+            .write_all(bytes)
+            .unwrap();
+    }
+
+    #[test]
+    fn invalid_lines_and_a_fragment_at_the_end_of_the_newest_file_are_moved_aside() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = trail(dir.path(), 1 << 20, 3);
+        let before = std::fs::read(&config.path).unwrap();
+        let junk = b"{\"seq\":5,\"looks\":\"like a record\"}\n\0\0\0partial";
+        append(&config.path, junk);
+        let now = UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        let recovered = recover(&config.path, now).unwrap();
+        let head = recovered.head.unwrap();
+        assert_eq!(head.seq, 4, "started, 3 records, close checkpoint");
+        assert!(head.closed);
+        let torn = recovered.torn.unwrap();
+        assert_eq!(torn.bytes, junk.len() as u64);
+        assert_eq!(
+            torn.moved_to,
+            suffixed(&config.path, "torn-1700000000000000")
+        );
+        assert_eq!(std::fs::read(&torn.moved_to).unwrap(), junk);
+        assert_eq!(std::fs::read(&config.path).unwrap(), before);
+    }
+
+    #[test]
+    fn a_rotated_file_with_a_bad_end_refuses_the_start_and_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = trail(dir.path(), 200, 6);
+        // Older files are only read when the newer ones hold no record.
+        std::fs::write(&config.path, b"").unwrap();
+        let numbers = rotated_numbers(&config.path).unwrap();
+        let rotated = rotated_path(&config.path, *numbers.last().unwrap());
+        append(&rotated, b"garbage\n");
+        let before = std::fs::read(&rotated).unwrap();
+        let lines = before.iter().filter(|&&b| b == b'\n').count() as u64;
+        let err = recover(&config.path, SystemTime::now()).err().unwrap();
+        match err {
+            AuditError::Corrupt { path, line, .. } => {
+                assert_eq!(path, rotated);
+                assert_eq!(line, lines);
+            }
+            other => panic!("{other}"),
+        }
+        assert_eq!(std::fs::read(&rotated).unwrap(), before);
+    }
+
+    #[test]
+    fn an_empty_current_file_continues_from_the_newest_rotated_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = trail(dir.path(), 200, 4);
+        let numbers = rotated_numbers(&config.path).unwrap();
+        assert!(numbers.len() >= 2);
+        // As if writ crashed right after rotating.
+        let current = std::fs::read(&config.path).unwrap();
+        let last = *numbers.last().unwrap();
+        std::fs::write(rotated_path(&config.path, last + 1), &current).unwrap();
+        std::fs::write(&config.path, b"").unwrap();
+        let recovered = recover(&config.path, SystemTime::now()).unwrap();
+        let text = String::from_utf8(current).unwrap();
+        let last_line = text.lines().last().unwrap();
+        let head = recovered.head.unwrap();
+        assert_eq!(head.hash, parse_line(last_line.as_bytes()).unwrap().hash);
+        assert_eq!(recovered.next_rotation, last + 2);
+        assert!(recovered.torn.is_none());
+    }
+}

@@ -1,0 +1,518 @@
+//! Offline verification of a trail: every line's hash, the unbroken chain
+//! of `seq` and `prev` across rotated files, every checkpoint's signature
+//! and the trust of its certificate, and whether the trail was sealed by a
+//! close checkpoint. Reports the first broken record by file and line.
+
+use std::collections::HashMap;
+use std::io::{self, BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use ring::signature::{self, UnparsedPublicKey, VerificationAlgorithm};
+use rustls_pki_types::CertificateDer;
+use x509_parser::certificate::X509Certificate;
+use x509_parser::oid_registry::{
+    OID_EC_P256, OID_KEY_TYPE_EC_PUBLIC_KEY, OID_NIST_EC_P384, OID_PKCS1_RSAENCRYPTION,
+    OID_PKCS1_SHA256WITHRSA, OID_PKCS1_SHA384WITHRSA, OID_PKCS1_SHA512WITHRSA,
+    OID_SIG_ECDSA_WITH_SHA256, OID_SIG_ECDSA_WITH_SHA384, OID_SIG_ED25519,
+};
+use x509_parser::prelude::FromDer;
+use x509_parser::x509::SubjectPublicKeyInfo;
+
+use super::files::{open_snapshot, writer_is_live};
+use super::record::{
+    CheckpointFacts, LineError, RecordView, ZERO_HASH, checkpoint_message, parse_line, parse_time,
+};
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct VerifyOptions {
+    /// Accept a trail that does not end with a close checkpoint even though
+    /// no writer holds it (writ crashed, or is about to restart): verify up
+    /// to the last complete record and ignore a torn last line. Without
+    /// this, such an ending is reported as possible truncation.
+    pub allow_open_end: bool,
+}
+
+/// How the trail ends.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TrailEnd {
+    /// Its last record is a close checkpoint.
+    Closed,
+    /// A writer holds the trail's lock; the last `unsigned_records` are not
+    /// covered by a checkpoint yet.
+    Live { unsigned_records: u64 },
+    /// Nothing holds it and it was not closed (accepted only with
+    /// `allow_open_end`): the last `unsigned_records` could have been
+    /// followed by records that were removed.
+    Open {
+        unsigned_records: u64,
+        torn_bytes: u64,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VerifyReport {
+    pub records: u64,
+    pub checkpoints: u64,
+    /// The files read, oldest first.
+    pub files: Vec<PathBuf>,
+    pub last_checkpoint_seq: Option<u64>,
+    pub last_seq: Option<u64>,
+    pub end: TrailEnd,
+    /// `audit_started` records that say the run before them ended without
+    /// a close checkpoint (a crash, or records cut from its end).
+    pub unclean_starts: Vec<u64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VerifyErrorKind {
+    /// A file could not be read, or there is no trail.
+    Io,
+    /// A line is not a record (or is incomplete).
+    Malformed,
+    /// A record's bytes do not match its hash.
+    Modified,
+    /// `seq`/`prev` do not continue from the record before: records were
+    /// removed, inserted or reordered.
+    Chain,
+    /// A checkpoint is inconsistent or its signature does not verify.
+    Checkpoint,
+    /// A checkpoint is signed by a certificate the trusted roots do not vouch for.
+    Untrusted,
+    /// The trail ends without a close checkpoint and nothing is writing it.
+    Truncated,
+}
+
+/// The first problem found: where (file, 1-based line, seq when known) and why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct VerifyError {
+    pub file: PathBuf,
+    /// 1-based; 0 when the problem is not about one line.
+    pub line: u64,
+    pub seq: Option<u64>,
+    pub kind: VerifyErrorKind,
+    pub reason: String,
+}
+
+impl std::fmt::Display for VerifyError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.file.display())?;
+        if self.line > 0 {
+            write!(f, ":{}", self.line)?;
+        }
+        if let Some(seq) = self.seq {
+            write!(f, " (seq {seq})")?;
+        }
+        write!(f, ": {}", self.reason)
+    }
+}
+
+/// Verifies the trail at `path` (its rotated files too) with default
+/// options: an unclosed end is an error unless a writer holds the trail.
+pub fn verify(
+    path: &Path,
+    trusted_roots: &[CertificateDer<'_>],
+) -> Result<VerifyReport, VerifyError> {
+    verify_with(path, trusted_roots, &VerifyOptions::default())
+}
+
+pub fn verify_with(
+    path: &Path,
+    trusted_roots: &[CertificateDer<'_>],
+    options: &VerifyOptions,
+) -> Result<VerifyReport, VerifyError> {
+    let fail_io = |file: &Path, e: io::Error| VerifyError {
+        file: file.to_owned(),
+        line: 0,
+        seq: None,
+        kind: VerifyErrorKind::Io,
+        reason: e.to_string(),
+    };
+    // Checked before reading: a writer that starts later only appends.
+    let live = writer_is_live(path);
+    let snapshot = open_snapshot(path).map_err(|e| fail_io(path, e))?;
+    if snapshot.is_empty() {
+        return Err(VerifyError {
+            file: path.to_owned(),
+            line: 0,
+            seq: None,
+            kind: VerifyErrorKind::Io,
+            reason: "no audit trail here (neither the file nor rotated files exist)".into(),
+        });
+    }
+    let mut walk = Walk {
+        roots: trusted_roots,
+        trust_cache: HashMap::new(),
+        next_seq: 0,
+        prev: ZERO_HASH.to_owned(),
+        records: 0,
+        checkpoints: 0,
+        last_checkpoint_seq: None,
+        last: None,
+        unclean_starts: Vec::new(),
+    };
+    let mut torn_bytes = 0;
+    let last_index = snapshot.len() - 1;
+    let mut files = Vec::with_capacity(snapshot.len());
+    for (index, (file_path, file)) in snapshot.into_iter().enumerate() {
+        files.push(file_path.clone());
+        let file_path = &file_path;
+        let mut reader = BufReader::new(file);
+        let mut line_no = 0u64;
+        let mut line = Vec::new();
+        loop {
+            line.clear();
+            let n = reader
+                .read_until(b'\n', &mut line)
+                .map_err(|e| fail_io(file_path, e))?;
+            if n == 0 {
+                break;
+            }
+            line_no += 1;
+            if line.last() != Some(&b'\n') {
+                // Only the very end of the trail can be mid-write.
+                if index == last_index && (live || options.allow_open_end) {
+                    torn_bytes = line.len() as u64;
+                    break;
+                }
+                return Err(VerifyError {
+                    file: file_path.clone(),
+                    line: line_no,
+                    seq: None,
+                    kind: VerifyErrorKind::Malformed,
+                    reason: if index == last_index {
+                        "the last line is incomplete (no newline): a write cut short when writ stopped; writ moves it aside when it next starts (or verify with --allow-open)".into()
+                    } else {
+                        "the file ends in an incomplete line, but it is not the newest file".into()
+                    },
+                });
+            }
+            line.pop();
+            walk.record(file_path, line_no, &line)?;
+        }
+    }
+
+    let end = match &walk.last {
+        // Bytes after a close checkpoint were not written by writ's close.
+        Some(last) if last.closed && torn_bytes == 0 => TrailEnd::Closed,
+        _ => {
+            let unsigned_records = match (walk.last_checkpoint_seq, &walk.last) {
+                (_, None) => 0,
+                (Some(cp), Some(last)) => last.seq - cp,
+                (None, Some(last)) => last.seq + 1,
+            };
+            if live {
+                TrailEnd::Live { unsigned_records }
+            } else if options.allow_open_end {
+                TrailEnd::Open {
+                    unsigned_records,
+                    torn_bytes,
+                }
+            } else {
+                let last = walk.last.as_ref();
+                return Err(VerifyError {
+                    file: last.map_or_else(|| files[last_index].clone(), |l| l.file.clone()),
+                    line: last.map_or(0, |l| l.line),
+                    seq: last.map(|l| l.seq),
+                    kind: VerifyErrorKind::Truncated,
+                    reason: match walk.last_checkpoint_seq {
+                        Some(cp) => format!(
+                            "the trail ends here without a close checkpoint and no writ is writing it: records after the last checkpoint (seq {cp}) may have been removed, or writ stopped without closing (a crash); {unsigned_records} record(s) since that checkpoint are unsigned"
+                        ),
+                        None => "the trail ends here without any checkpoint and no writ is writing it: records may have been removed, or writ stopped without closing (a crash)".into(),
+                    },
+                });
+            }
+        }
+    };
+    Ok(VerifyReport {
+        records: walk.records,
+        checkpoints: walk.checkpoints,
+        files,
+        last_checkpoint_seq: walk.last_checkpoint_seq,
+        last_seq: walk.last.as_ref().map(|l| l.seq),
+        end,
+        unclean_starts: walk.unclean_starts,
+    })
+}
+
+struct LastRecord {
+    file: PathBuf,
+    line: u64,
+    seq: u64,
+    closed: bool,
+}
+
+/// Validity window of a trusted signing certificate (and its anchor).
+type Validity = (SystemTime, SystemTime);
+
+struct Walk<'r> {
+    roots: &'r [CertificateDer<'r>],
+    trust_cache: HashMap<Vec<u8>, Result<Validity, String>>,
+    next_seq: u64,
+    prev: String,
+    records: u64,
+    checkpoints: u64,
+    last_checkpoint_seq: Option<u64>,
+    last: Option<LastRecord>,
+    unclean_starts: Vec<u64>,
+}
+
+impl Walk<'_> {
+    fn record(&mut self, file: &Path, line_no: u64, line: &[u8]) -> Result<(), VerifyError> {
+        let fail = |seq: Option<u64>, kind, reason: String| VerifyError {
+            file: file.to_owned(),
+            line: line_no,
+            seq,
+            kind,
+            reason,
+        };
+        let parsed = parse_line(line).map_err(|e| {
+            let kind = match e {
+                LineError::Malformed(_) => VerifyErrorKind::Malformed,
+                LineError::HashMismatch { .. } => VerifyErrorKind::Modified,
+            };
+            // The seq of a modified line is a hint only, since it may be
+            // the modified part.
+            let seq = serde_json::from_slice::<RecordView>(line)
+                .ok()
+                .map(|v| v.seq);
+            fail(seq, kind, e.to_string())
+        })?;
+        let view = &parsed.view;
+        let seq = view.seq;
+        if seq != self.next_seq {
+            let reason = if seq > self.next_seq {
+                format!(
+                    "seq {seq} follows seq {}: {} record(s) are missing before it",
+                    self.next_seq as i128 - 1,
+                    seq - self.next_seq
+                )
+            } else {
+                format!(
+                    "seq {seq} where seq {} was expected: records are out of order or repeated",
+                    self.next_seq
+                )
+            };
+            return Err(fail(Some(seq), VerifyErrorKind::Chain, reason));
+        }
+        if view.prev != self.prev {
+            return Err(fail(
+                Some(seq),
+                VerifyErrorKind::Chain,
+                format!(
+                    "its prev {} is not the hash of the record before it ({}): records were removed, inserted or reordered",
+                    view.prev, self.prev
+                ),
+            ));
+        }
+        match (&view.checkpoint, view.event.as_str()) {
+            (Some(cp), "checkpoint") => {
+                self.checkpoint(view, cp)
+                    .map_err(|(kind, reason)| fail(Some(seq), kind, reason))?;
+                self.checkpoints += 1;
+                self.last_checkpoint_seq = Some(seq);
+            }
+            (None, "checkpoint") => {
+                return Err(fail(
+                    Some(seq),
+                    VerifyErrorKind::Malformed,
+                    "a checkpoint record without its checkpoint member".into(),
+                ));
+            }
+            (Some(_), _) => {
+                return Err(fail(
+                    Some(seq),
+                    VerifyErrorKind::Malformed,
+                    format!("a {} record carries a checkpoint member", view.event),
+                ));
+            }
+            (None, "audit_started") => {
+                let unclean = view
+                    .detail
+                    .as_ref()
+                    .and_then(|d| d.get("previous_end"))
+                    .and_then(|v| v.as_str())
+                    == Some("unclean");
+                if unclean {
+                    self.unclean_starts.push(seq);
+                }
+            }
+            (None, _) => {}
+        }
+        self.records += 1;
+        self.next_seq = seq + 1;
+        self.last = Some(LastRecord {
+            file: file.to_owned(),
+            line: line_no,
+            seq,
+            closed: parsed.is_close_checkpoint(),
+        });
+        self.prev = parsed.hash;
+        Ok(())
+    }
+
+    fn checkpoint(
+        &mut self,
+        view: &RecordView,
+        cp: &CheckpointFacts,
+    ) -> Result<(), (VerifyErrorKind, String)> {
+        let bad = |reason: String| (VerifyErrorKind::Checkpoint, reason);
+        if cp.records != view.seq
+            || cp.head_seq != view.seq.checked_sub(1)
+            || cp.head_hash != view.prev
+        {
+            return Err(bad(format!(
+                "the checkpoint claims head seq {:?} with hash {} and {} records, but it follows seq {:?} with hash {}",
+                cp.head_seq,
+                cp.head_hash,
+                cp.records,
+                view.seq.checked_sub(1),
+                view.prev
+            )));
+        }
+        let signature = BASE64
+            .decode(&cp.signature)
+            .map_err(|e| bad(format!("the signature is not base64: {e}")))?;
+        let certificate = BASE64
+            .decode(&cp.certificate)
+            .map_err(|e| bad(format!("the certificate is not base64: {e}")))?;
+        let message = checkpoint_message(view.seq, &view.time, cp.kind, cp.records, &cp.head_hash);
+        check_checkpoint_signature(&certificate, &message, &signature)
+            .map_err(|e| bad(format!("the checkpoint signature {e}")))?;
+        let at = parse_time(&view.time)
+            .ok_or_else(|| bad(format!("its time {:?} is not RFC 3339", view.time)))?;
+        let roots = self.roots;
+        let (not_before, not_after) = self
+            .trust_cache
+            .entry(certificate.clone())
+            .or_insert_with(|| trusted_validity(&certificate, roots))
+            .clone()
+            .map_err(|reason| (VerifyErrorKind::Untrusted, reason))?;
+        if at < not_before || at > not_after {
+            return Err((
+                VerifyErrorKind::Untrusted,
+                format!(
+                    "the checkpoint is dated {}, outside the validity of its certificate (or of the root that issued it)",
+                    view.time
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Verifies an ECDSA P-256 SHA-256 signature with the key of `cert_der`.
+/// The error completes a sentence starting with "the signature".
+pub(crate) fn check_checkpoint_signature(
+    cert_der: &[u8],
+    message: &[u8],
+    signature: &[u8],
+) -> Result<(), String> {
+    let cert = parse_cert(cert_der).map_err(|e| format!("comes with a certificate that {e}"))?;
+    let spki = cert.public_key();
+    let curve = spki
+        .algorithm
+        .parameters
+        .as_ref()
+        .and_then(|p| p.as_oid().ok());
+    if spki.algorithm.algorithm != OID_KEY_TYPE_EC_PUBLIC_KEY || curve != Some(OID_EC_P256) {
+        return Err("is by a key that is not ECDSA P-256".into());
+    }
+    UnparsedPublicKey::new(
+        &signature::ECDSA_P256_SHA256_ASN1,
+        spki.subject_public_key.data.as_ref(),
+    )
+    .verify(message, signature)
+    .map_err(|_| "does not verify with the key of its certificate".to_owned())
+}
+
+fn parse_cert(der: &[u8]) -> Result<X509Certificate<'_>, String> {
+    match X509Certificate::from_der(der) {
+        Ok(([], cert)) => Ok(cert),
+        Ok(_) => Err("has trailing bytes".into()),
+        Err(e) => Err(format!("does not parse: {e}")),
+    }
+}
+
+/// Whether `cert_der` is one of `roots` or is signed by one; on success the
+/// window in which both it and its root are valid.
+fn trusted_validity(cert_der: &[u8], roots: &[CertificateDer<'_>]) -> Result<Validity, String> {
+    let cert = parse_cert(cert_der).map_err(|e| format!("its certificate {e}"))?;
+    let own = validity(&cert);
+    if roots.iter().any(|r| r.as_ref() == cert_der) {
+        return Ok(own);
+    }
+    for root_der in roots {
+        let Ok(root) = parse_cert(root_der) else {
+            continue;
+        };
+        if cert.issuer().as_raw() != root.subject().as_raw() {
+            continue;
+        }
+        if verify_issued_by(&cert, root.public_key()).is_ok() {
+            let anchor = validity(&root);
+            return Ok((own.0.max(anchor.0), own.1.min(anchor.1)));
+        }
+    }
+    Err(format!(
+        "it is signed by a certificate ({}) that is neither a trusted root nor issued by one",
+        cert.subject()
+    ))
+}
+
+fn validity(cert: &X509Certificate<'_>) -> Validity {
+    let at = |t: i64| match u64::try_from(t) {
+        Ok(s) => SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(s),
+        Err(_) => SystemTime::UNIX_EPOCH,
+    };
+    let v = cert.validity();
+    (at(v.not_before.timestamp()), at(v.not_after.timestamp()))
+}
+
+/// Checks the signature on `cert` with `issuer_key`, for the algorithms a
+/// CA (ours or an upstream) plausibly uses.
+fn verify_issued_by(
+    cert: &X509Certificate<'_>,
+    issuer_key: &SubjectPublicKeyInfo<'_>,
+) -> Result<(), String> {
+    let sig_alg = &cert.signature_algorithm.algorithm;
+    let key_alg = &issuer_key.algorithm.algorithm;
+    let curve = issuer_key
+        .algorithm
+        .parameters
+        .as_ref()
+        .and_then(|p| p.as_oid().ok());
+    let ec = *key_alg == OID_KEY_TYPE_EC_PUBLIC_KEY;
+    let p256 = ec && curve == Some(OID_EC_P256);
+    let p384 = ec && curve == Some(OID_NIST_EC_P384);
+    let rsa = *key_alg == OID_PKCS1_RSAENCRYPTION;
+    let algorithm: &'static dyn VerificationAlgorithm =
+        if *sig_alg == OID_SIG_ECDSA_WITH_SHA256 && p256 {
+            &signature::ECDSA_P256_SHA256_ASN1
+        } else if *sig_alg == OID_SIG_ECDSA_WITH_SHA256 && p384 {
+            &signature::ECDSA_P384_SHA256_ASN1
+        } else if *sig_alg == OID_SIG_ECDSA_WITH_SHA384 && p256 {
+            &signature::ECDSA_P256_SHA384_ASN1
+        } else if *sig_alg == OID_SIG_ECDSA_WITH_SHA384 && p384 {
+            &signature::ECDSA_P384_SHA384_ASN1
+        } else if *sig_alg == OID_PKCS1_SHA256WITHRSA && rsa {
+            &signature::RSA_PKCS1_2048_8192_SHA256
+        } else if *sig_alg == OID_PKCS1_SHA384WITHRSA && rsa {
+            &signature::RSA_PKCS1_2048_8192_SHA384
+        } else if *sig_alg == OID_PKCS1_SHA512WITHRSA && rsa {
+            &signature::RSA_PKCS1_2048_8192_SHA512
+        } else if *sig_alg == OID_SIG_ED25519 && *key_alg == OID_SIG_ED25519 {
+            &signature::ED25519
+        } else {
+            return Err(format!("unsupported signature algorithm {sig_alg}"));
+        };
+    UnparsedPublicKey::new(algorithm, issuer_key.subject_public_key.data.as_ref())
+        .verify(
+            cert.tbs_certificate.as_ref(),
+            cert.signature_value.data.as_ref(),
+        )
+        .map_err(|_| "the certificate's signature does not verify".to_owned())
+}

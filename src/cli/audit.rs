@@ -1,0 +1,315 @@
+//! `writ audit verify` and `writ audit tail`: checking the audit trail
+//! offline against the CA's roots, and reading (or following) its newest
+//! records. Neither needs the agent to be running.
+
+use std::io::{Read, Write};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, Subcommand};
+use rustls_pki_types::CertificateDer;
+use serde::Deserialize;
+
+use crate::audit::{self, TrailEnd, VerifyOptions};
+use crate::config::Config;
+
+#[derive(Subcommand, Debug)]
+pub enum AuditCommand {
+    /// Check every record's hash, the chain across rotated files, and every
+    /// checkpoint's signature; name the first broken record.
+    Verify {
+        #[command(flatten)]
+        trail: TrailArgs,
+        /// PEM file of trusted CA certificates (repeatable). Default: the
+        /// CA roots in `<data_dir>/ca/state.json`, or the upstream bundle.
+        #[arg(long)]
+        bundle: Vec<PathBuf>,
+        /// Accept a trail that was not closed (writ crashed and has not
+        /// restarted): verify up to its last complete record.
+        #[arg(long)]
+        allow_open: bool,
+    },
+    /// Print the newest records as JSON lines.
+    Tail {
+        #[command(flatten)]
+        trail: TrailArgs,
+        /// Keep printing records as they are appended, across rotations.
+        #[arg(short, long)]
+        follow: bool,
+        /// How many records to print first.
+        #[arg(short = 'n', long = "lines", default_value_t = 10)]
+        lines: usize,
+    },
+}
+
+#[derive(Args, Debug)]
+pub struct TrailArgs {
+    /// The trail's current file (rotated files sit beside it). Default:
+    /// `[audit] path` of the config.
+    #[arg(long)]
+    pub path: Option<PathBuf>,
+    /// Config file to take the audit path and CA directory from (default:
+    /// built-in defaults).
+    #[arg(long, env = "WRIT_CONFIG")]
+    pub config: Option<PathBuf>,
+}
+
+impl TrailArgs {
+    fn resolve(&self) -> anyhow::Result<(PathBuf, Config)> {
+        let config = super::load_config(self.config.as_deref())?;
+        let path = self
+            .path
+            .clone()
+            .unwrap_or_else(|| config.audit.path.clone());
+        Ok((path, config))
+    }
+}
+
+pub async fn audit(command: AuditCommand) -> anyhow::Result<()> {
+    match command {
+        AuditCommand::Verify {
+            trail,
+            bundle,
+            allow_open,
+        } => {
+            let (path, config) = trail.resolve()?;
+            let roots = trusted_roots(&bundle, &config)?;
+            verify(&path, &roots, allow_open)
+        }
+        AuditCommand::Tail {
+            trail,
+            follow,
+            lines,
+        } => {
+            let (path, _) = trail.resolve()?;
+            match tail(&path, lines, follow).await {
+                Err(e) if is_broken_pipe(&e) => Ok(()),
+                other => other,
+            }
+        }
+    }
+}
+
+fn verify(path: &Path, roots: &[CertificateDer<'static>], allow_open: bool) -> anyhow::Result<()> {
+    let options = VerifyOptions {
+        allow_open_end: allow_open,
+    };
+    let report = audit::verify_with(path, roots, &options).map_err(|e| anyhow::anyhow!("{e}"))?;
+    for seq in &report.unclean_starts {
+        eprintln!(
+            "warning: the record at seq {seq} says the run before it ended without a close checkpoint (a crash, or records removed from its end)"
+        );
+    }
+    let checkpoint = match report.last_checkpoint_seq {
+        Some(seq) => format!("last checkpoint at seq {seq}"),
+        None => "no checkpoint".to_owned(),
+    };
+    let end = match report.end {
+        TrailEnd::Closed => "closed cleanly".to_owned(),
+        TrailEnd::Live { unsigned_records } => format!(
+            "being written; {unsigned_records} record(s) after the last checkpoint are not signed yet"
+        ),
+        TrailEnd::Open {
+            unsigned_records,
+            torn_bytes,
+        } => {
+            let torn = if torn_bytes > 0 {
+                format!(", and an incomplete last line of {torn_bytes} bytes was ignored")
+            } else {
+                String::new()
+            };
+            format!(
+                "NOT closed: {unsigned_records} record(s) after the last checkpoint are unsigned and later records may have been removed{torn}"
+            )
+        }
+    };
+    println!(
+        "OK: {} records, {} checkpoints in {} file(s); {checkpoint}; {end}",
+        report.records,
+        report.checkpoints,
+        report.files.len()
+    );
+    Ok(())
+}
+
+/// The roots checkpoints must chain to: `--bundle` files, else the upstream
+/// bundle (upstream mode), else the roots the CA keeps in its state file.
+fn trusted_roots(
+    bundles: &[PathBuf],
+    config: &Config,
+) -> anyhow::Result<Vec<CertificateDer<'static>>> {
+    if !bundles.is_empty() {
+        let mut roots = Vec::new();
+        for bundle in bundles {
+            roots.extend(read_pem_certificates(bundle)?);
+        }
+        return Ok(roots);
+    }
+    if let Some(upstream) = &config.ca.upstream {
+        return read_pem_certificates(&upstream.bundle);
+    }
+    let state_path = config.data_dir.join("ca").join("state.json");
+    #[derive(Deserialize)]
+    struct State {
+        x509_authorities: Vec<Authority>,
+    }
+    #[derive(Deserialize)]
+    struct Authority {
+        certificate: String,
+    }
+    let text = std::fs::read(&state_path).with_context(|| {
+        format!(
+            "reading the CA roots from {} (pass --bundle FILE.pem to name them)",
+            state_path.display()
+        )
+    })?;
+    let state: State = serde_json::from_slice(&text)
+        .with_context(|| format!("{} is not a CA state file", state_path.display()))?;
+    let mut roots = Vec::new();
+    for authority in state.x509_authorities {
+        roots.extend(pem_certificates(&authority.certificate, &state_path)?);
+    }
+    if roots.is_empty() {
+        anyhow::bail!("{} holds no CA certificate", state_path.display());
+    }
+    Ok(roots)
+}
+
+fn read_pem_certificates(path: &Path) -> anyhow::Result<Vec<CertificateDer<'static>>> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let roots = pem_certificates(&text, path)?;
+    if roots.is_empty() {
+        anyhow::bail!("{} contains no CERTIFICATE block", path.display());
+    }
+    Ok(roots)
+}
+
+fn pem_certificates(text: &str, origin: &Path) -> anyhow::Result<Vec<CertificateDer<'static>>> {
+    let blocks =
+        pem::parse_many(text).with_context(|| format!("{} is not valid PEM", origin.display()))?;
+    Ok(blocks
+        .into_iter()
+        .filter(|b| b.tag() == "CERTIFICATE")
+        .map(|b| CertificateDer::from(b.into_contents()))
+        .collect())
+}
+
+/// How often `--follow` looks for new records.
+const FOLLOW_POLL: Duration = Duration::from_millis(200);
+
+async fn tail(path: &Path, lines: usize, follow: bool) -> anyhow::Result<()> {
+    let start =
+        audit::tail_lines(path, lines).with_context(|| format!("reading {}", path.display()))?;
+    {
+        let mut out = std::io::stdout().lock();
+        for line in &start.lines {
+            out.write_all(line)?;
+            out.write_all(b"\n")?;
+        }
+        out.flush()?;
+    }
+    if !follow {
+        return Ok(());
+    }
+    let mut follower = Follower {
+        file: start.current,
+        offset: start.resume_at,
+        partial: Vec::new(),
+    };
+    loop {
+        let mut out = std::io::stdout().lock();
+        let progressed = follower.print_new(&mut out)?;
+        if !progressed && !follower.switch_if_rotated(path, &mut out)? {
+            drop(out);
+            tokio::time::sleep(FOLLOW_POLL).await;
+        }
+    }
+}
+
+/// Reads one file of the trail as it grows, printing complete lines.
+struct Follower {
+    file: Option<std::fs::File>,
+    offset: u64,
+    /// The start of a line still being written.
+    partial: Vec<u8>,
+}
+
+impl Follower {
+    /// Prints the complete lines appended since last time; whether any
+    /// bytes were read.
+    fn print_new(&mut self, out: &mut impl Write) -> anyhow::Result<bool> {
+        let Some(file) = &mut self.file else {
+            return Ok(false);
+        };
+        let mut chunk = Vec::new();
+        use std::io::Seek;
+        file.seek(std::io::SeekFrom::Start(self.offset))?;
+        file.read_to_end(&mut chunk)?;
+        if chunk.is_empty() {
+            return Ok(false);
+        }
+        self.offset += chunk.len() as u64;
+        self.partial.extend_from_slice(&chunk);
+        if let Some(end) = self.partial.iter().rposition(|&b| b == b'\n') {
+            out.write_all(&self.partial[..=end])?;
+            out.flush()?;
+            self.partial.drain(..=end);
+        }
+        Ok(true)
+    }
+
+    /// When the path now names another file (the one we read was rotated
+    /// away), prints the rest of it and of any file rotated after it, then
+    /// switches to the new current file.
+    fn switch_if_rotated(&mut self, path: &Path, out: &mut impl Write) -> anyhow::Result<bool> {
+        let Ok(current) = std::fs::metadata(path) else {
+            return Ok(false);
+        };
+        let ours = match &self.file {
+            Some(file) => Some(file.metadata()?),
+            None => None,
+        };
+        if ours
+            .as_ref()
+            .is_some_and(|m| m.ino() == current.ino() && m.dev() == current.dev())
+        {
+            return Ok(false);
+        }
+        // The writer may have appended between our last read and rotating.
+        self.print_new(out)?;
+        // Several rotations can happen between two polls: print the whole
+        // of every file rotated after ours.
+        if let Some(ours) = ours {
+            let files = audit::trail_files(path)?;
+            let position = files.iter().position(|f| {
+                std::fs::metadata(f).is_ok_and(|m| m.ino() == ours.ino() && m.dev() == ours.dev())
+            });
+            if let Some(position) = position {
+                for rotated in &files[position + 1..] {
+                    if rotated.as_path() == path {
+                        break;
+                    }
+                    self.file = Some(std::fs::File::open(rotated)?);
+                    self.offset = 0;
+                    self.partial.clear();
+                    self.print_new(out)?;
+                }
+            }
+        }
+        self.file = Some(std::fs::File::open(path)?);
+        self.offset = 0;
+        self.partial.clear();
+        Ok(true)
+    }
+}
+
+fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|cause| {
+        cause
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
+}
