@@ -83,7 +83,7 @@ pub fn task_status(e: TaskError) -> Status {
         TaskError::AlreadyExists(_) => Status::already_exists(e.to_string()),
         TaskError::Completed(_) => Status::failed_precondition(e.to_string()),
         TaskError::PermissionDenied(_) => Status::permission_denied(e.to_string()),
-        TaskError::Store(_) => Status::unavailable(e.to_string()),
+        TaskError::Store(_) | TaskError::Audit(_) => Status::unavailable(e.to_string()),
     }
 }
 

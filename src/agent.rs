@@ -13,6 +13,7 @@ use serde_json::{Map, Value};
 use tokio::sync::watch;
 use writ_attestors::{AttestError, Attestation, AttestorSet};
 
+use crate::audit::{AuditEvent, AuditLog, CallerFacts, CheckpointSigner, EventKind, TaskFacts};
 use crate::bundle::TrustBundle;
 use crate::ca::{CaError, CertificateAuthority};
 use crate::identity::{self, Entitlement, Registry};
@@ -39,6 +40,8 @@ pub enum AgentError {
     Store(#[from] StoreError),
     #[error("task {0} completed while its SVID was being issued")]
     TaskCompleted(String),
+    #[error("the audit trail could not record the issuance: {0}")]
+    Audit(String),
     #[error("the CRL publisher has stopped")]
     CrlPublisherStopped,
     #[error("publishing the CRL failed: {0}")]
@@ -158,6 +161,7 @@ impl TaskIndex {
 }
 
 pub struct Agent {
+    audit: std::sync::OnceLock<Arc<AuditLog>>,
     validation_keys: RwLock<Option<(Vec<u64>, Arc<JwtKeySet>)>>,
     trust_domain: TrustDomain,
     attestors: AttestorSet,
@@ -190,6 +194,7 @@ impl Agent {
         Self {
             trust_domain,
             validation_keys: RwLock::new(None),
+            audit: std::sync::OnceLock::new(),
             attestors,
             store,
             task_svid_ttl,
@@ -235,6 +240,43 @@ impl Agent {
 
     pub fn store(&self) -> &Arc<Store> {
         &self.store
+    }
+
+    pub fn set_audit(&self, log: Arc<AuditLog>) {
+        let _ = self.audit.set(log);
+    }
+
+    pub fn audit_log(&self) -> Option<&Arc<AuditLog>> {
+        self.audit.get()
+    }
+
+    /// Appends a record and returns once it is on disk. Issuance paths call
+    /// this before the credential leaves writ and fail when it fails.
+    pub async fn record(&self, event: AuditEvent) -> Result<(), AgentError> {
+        match self.audit.get() {
+            Some(log) => log
+                .append(event)
+                .await
+                .map(|_| ())
+                .map_err(|e| AgentError::Audit(e.to_string())),
+            None => Ok(()),
+        }
+    }
+
+    /// For records whose failure must not change the outcome (denials,
+    /// completions already persisted): logged loudly instead.
+    pub async fn record_best_effort(&self, event: AuditEvent) {
+        let kind = event.event;
+        if let Err(e) = self.record(event).await {
+            tracing::error!(error = %e, event = %kind, "audit record lost");
+        }
+    }
+
+    /// The task facts for an audit record, if the task is active.
+    pub fn task_facts_for(&self, task_id: &str) -> Option<TaskFacts> {
+        read_lock(&self.tasks)
+            .by_id(task_id)
+            .map(|t| task_facts(&t))
     }
 
     /// Every identity the attested caller is entitled to, default first:
@@ -317,6 +359,7 @@ impl Agent {
         &self,
         entitlement: &Entitlement,
         now: SystemTime,
+        issuance: &Issuance,
     ) -> Result<Arc<CachedSvid>, AgentError> {
         if let Some(cached) = lock(&self.svids).get(&entitlement.cache_key)
             && now < cached.rotate_at
@@ -331,6 +374,23 @@ impl Agent {
         if let Some(task_id) = &entitlement.task_id {
             self.record_task_issuance(task_id, &minted.svid).await?;
         }
+        // The issuance is on disk in the audit trail before anyone can be
+        // handed the SVID; if it cannot be recorded, it is not issued.
+        let mut event = AuditEvent::new(EventKind::X509Issued, issuance.correlation_id.clone())
+            .spiffe_id(entitlement.spiffe_id.to_string())
+            .certificate(minted.svid.serial_hex(), unix_secs(minted.svid.not_after))
+            .decision("IssueX509SVID", true, Vec::<String>::new());
+        if let Some(caller) = &issuance.caller {
+            event = event.caller(caller.clone());
+        }
+        if let Some(task) = entitlement
+            .task_id
+            .as_deref()
+            .and_then(|t| self.task_facts_for(t))
+        {
+            event = event.task(task);
+        }
+        self.record(event).await?;
         lock(&self.svids).insert(entitlement.cache_key.clone(), minted.clone());
         Ok(minted)
     }
@@ -637,6 +697,14 @@ impl Agent {
                 sequence,
                 "CA rotated; bundle updated"
             );
+            self.record_best_effort(
+                AuditEvent::new(EventKind::CaRotated, ulid::Ulid::new().to_string())
+                    .detail("signer_changed", outcome.signer_changed)
+                    .detail("authorities_changed", outcome.authorities_changed)
+                    .detail("jwt_authorities_changed", outcome.jwt_authorities_changed)
+                    .detail("bundle_sequence", sequence),
+            )
+            .await;
             self.notify();
         }
         Ok(next)
@@ -709,6 +777,46 @@ fn delegation_chain(index: &TaskIndex, task: &Task) -> Result<Option<Value>, Age
         act = Some(Value::Object(level));
     }
     Ok(act)
+}
+
+/// Who an issuance is for, as the audit trail records it.
+#[derive(Debug, Clone, Default)]
+pub struct Issuance {
+    pub correlation_id: String,
+    pub caller: Option<CallerFacts>,
+}
+
+impl Issuance {
+    pub fn new(caller: Option<CallerFacts>) -> Self {
+        Self {
+            correlation_id: ulid::Ulid::new().to_string(),
+            caller,
+        }
+    }
+}
+
+/// Signs audit checkpoints with the agent's active CA key. Weak, because
+/// the agent owns the audit log that owns this signer.
+pub struct CaCheckpointSigner(pub std::sync::Weak<Agent>);
+
+impl CheckpointSigner for CaCheckpointSigner {
+    fn sign(&self, message: &[u8]) -> Result<(Vec<u8>, Vec<u8>), String> {
+        let agent = self.0.upgrade().ok_or("the agent has stopped")?;
+        // Only a read lock, held for one signature: issuance never holds the
+        // CA lock while it waits for its audit record, so this cannot deadlock.
+        read_lock(&agent.ca).sign_checkpoint(message)
+    }
+}
+
+pub fn task_facts(task: &Task) -> TaskFacts {
+    TaskFacts {
+        id: task.id.clone(),
+        parent_id: task.parent_id.clone(),
+        orchestrator: task.orchestrator.clone(),
+        tools: task.intent.tools.clone(),
+        targets: task.intent.targets.clone(),
+        data_class: task.intent.data_class.clone(),
+    }
 }
 
 pub fn task_cache_key(task_id: &str) -> String {

@@ -54,6 +54,8 @@ pub enum ServiceError {
     Reflection(#[from] tonic_reflection::server::Error),
     #[error("store: {0}")]
     Store(#[from] StoreError),
+    #[error("opening the audit trail: {0}")]
+    Audit(#[from] crate::audit::AuditError),
     #[error("restoring tasks: {0}")]
     Tasks(#[from] TaskError),
     #[error("loading entries: {0}")]
@@ -147,6 +149,13 @@ pub async fn build(config: &Config) -> Result<Services, ServiceError> {
     );
     let federation =
         Federation::load(agent.clone(), store.clone(), config.federation.clone()).await?;
+    // The audit trail opens before anything is issued or restored, so every
+    // issuance from here on has its record.
+    let audit = crate::audit::AuditLog::open(
+        &config.audit,
+        Arc::new(crate::agent::CaCheckpointSigner(Arc::downgrade(&agent))),
+    )?;
+    agent.set_audit(audit);
     tokio::spawn(agent.clone().run_crl_publisher());
     tasks.restore().await?;
     agent.publish_crls().await?;
@@ -267,6 +276,12 @@ pub async fn run(
     reloader.abort();
     remove_socket(&workload_socket);
     remove_socket(&admin_socket);
+    if let Some(audit) = services.agent.audit_log().cloned() {
+        // Writes the closing checkpoint: a trail that ends without one is
+        // known to have been cut short or to belong to a crashed run. It
+        // waits on the writer thread, so not on a runtime worker.
+        let _ = tokio::task::spawn_blocking(move || audit.close()).await;
+    }
     services.store.close();
     tracing::info!("writ stopped");
     served?;

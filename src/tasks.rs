@@ -14,7 +14,8 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 use writ_attestors::PinnedProcess;
 
-use crate::agent::Agent;
+use crate::agent::{Agent, task_facts};
+use crate::audit::{AuditEvent, CallerFacts, EventKind};
 use crate::spiffe_id::SpiffeId;
 use crate::store::{Store, StoreError};
 
@@ -34,6 +35,8 @@ pub enum TaskError {
     PermissionDenied(String),
     #[error("store: {0}")]
     Store(#[from] StoreError),
+    #[error("audit trail unavailable; the task was not begun: {0}")]
+    Audit(String),
 }
 
 fn invalid(field: &'static str, reason: impl Into<String>) -> TaskError {
@@ -382,6 +385,37 @@ impl TaskManager {
             expires_at,
             completion: None,
         });
+        // Recorded before it exists: a task the trail does not know about is
+        // never begun.
+        self.agent
+            .record(
+                AuditEvent::new(EventKind::TaskBegun, ulid::Ulid::new().to_string())
+                    .caller(CallerFacts {
+                        spiffe_ids: caller.spiffe_id.iter().map(|s| s.to_string()).collect(),
+                        pid: caller.pid,
+                        uid: caller.uid,
+                        selectors: Vec::new(),
+                    })
+                    .task(task_facts(&task))
+                    .spiffe_id(task.spiffe_id.to_string())
+                    .decision(
+                        if task.parent_id.is_some() {
+                            "DelegateTask"
+                        } else {
+                            "BeginTask"
+                        },
+                        true,
+                        Vec::<String>::new(),
+                    )
+                    .detail("purpose", task.intent.purpose.clone())
+                    .detail("expires_at", unix_secs(task.expires_at))
+                    .detail(
+                        "binding",
+                        serde_json::to_value(&task.binding).unwrap_or_default(),
+                    ),
+            )
+            .await
+            .map_err(|e| TaskError::Audit(e.to_string()))?;
         self.persist_new(task.clone()).await?;
         self.activate(task.clone(), pinned);
         Ok(task)
@@ -644,18 +678,26 @@ impl TaskManager {
         let revoked = self
             .store
             .write(move |conn| {
-                let mut revoked = 0usize;
+                let mut revoked: Vec<(String, Vec<String>)> = Vec::new();
                 for (tid, why, d) in &rows {
                     conn.execute(
                         "UPDATE tasks SET completed_at = ?2, completion_reason = ?3, completion_detail = ?4
                          WHERE task_id = ?1 AND completed_at IS NULL",
                         params![tid, at, why, d],
                     )?;
-                    revoked += conn.execute(
+                    conn.execute(
                         "INSERT OR IGNORE INTO revocations(serial, issuer_key_id, not_after, revoked_at, task_id, reason)
                          SELECT serial, issuer_key_id, not_after, ?2, task_id, ?3 FROM issued WHERE task_id = ?1",
                         params![tid, at, why],
                     )?;
+                    let mut stmt = conn.prepare("SELECT serial FROM issued WHERE task_id = ?1")?;
+                    let serials = stmt
+                        .query_map(params![tid], |r| r.get::<_, Vec<u8>>(0))?
+                        .map(|r| r.map(hex::encode))
+                        .collect::<Result<Vec<_>, _>>()?;
+                    if !serials.is_empty() {
+                        revoked.push((tid.clone(), serials));
+                    }
                 }
                 Ok(revoked)
             })
@@ -670,10 +712,41 @@ impl TaskManager {
                 return Err(e.into());
             }
         };
-        if revoked > 0
+        if !revoked.is_empty()
             && let Err(e) = self.agent.publish_crls().await
         {
             tracing::error!(error = %e, "publishing a new CRL failed");
+        }
+        // The completion is already durable in the store; these records
+        // cannot undo it, so a failure to write them is logged, not returned.
+        let correlation_id = ulid::Ulid::new().to_string();
+        for (task, why) in &victims {
+            self.agent
+                .record_best_effort(
+                    AuditEvent::new(EventKind::TaskEnded, correlation_id.clone())
+                        .task(task_facts(task))
+                        .spiffe_id(task.spiffe_id.to_string())
+                        .reason(why.as_str())
+                        .detail(
+                            "detail",
+                            if task.id == id {
+                                detail.clone()
+                            } else {
+                                String::new()
+                            },
+                        ),
+                )
+                .await;
+        }
+        for (task_id, serials) in &revoked {
+            self.agent
+                .record_best_effort(
+                    AuditEvent::new(EventKind::Revoked, correlation_id.clone())
+                        .reason("task completed")
+                        .detail("task_id", task_id.clone())
+                        .detail("serials", serials.clone()),
+                )
+                .await;
         }
         let mut root = None;
         for (task, why) in victims {

@@ -11,7 +11,10 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
-use crate::agent::{Agent, AgentError};
+use writ_attestors::Attestation;
+
+use crate::agent::{Agent, AgentError, Issuance};
+use crate::audit::{AuditEvent, CallerFacts, EventKind};
 use crate::identity::Entitlement;
 use crate::peer::{Caller, PeerInfo};
 use crate::proto::workload as pb;
@@ -78,22 +81,90 @@ pub fn agent_status(e: AgentError) -> Status {
         // The identity vanished between resolving and issuing; the caller
         // retries and resolves again without it.
         AgentError::TaskCompleted(t) => Status::unavailable(format!("task {t} just completed")),
+        AgentError::Audit(e) => {
+            Status::unavailable(format!("audit trail unavailable; nothing issued: {e}"))
+        }
         e @ (AgentError::CrlPublisherStopped | AgentError::CrlPublishFailed(_)) => {
             Status::unavailable(e.to_string())
         }
     }
 }
 
+/// An attested caller and the identities it may hold, default first.
+pub struct Entitled {
+    pub attestation: Attestation,
+    pub entitlements: Vec<Entitlement>,
+}
+
+impl Entitled {
+    /// The caller as the audit trail records it.
+    pub fn caller_facts(&self, caller: &Caller) -> CallerFacts {
+        CallerFacts {
+            spiffe_ids: self
+                .entitlements
+                .iter()
+                .map(|e| e.spiffe_id.to_string())
+                .collect(),
+            pid: caller.pid,
+            uid: self.attestation.snapshot.uid,
+            selectors: self
+                .attestation
+                .selectors
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
+        }
+    }
+}
+
 /// Attests the caller and resolves what it may hold; no identity at all is
-/// PermissionDenied, which clients treat as "retry with backoff".
-fn entitled(agent: &Agent, caller: &Caller) -> Result<Vec<Entitlement>, Status> {
-    let attestation = agent.attest(caller).map_err(agent_status)?;
-    let entitlements = agent.entitlements(&attestation);
-    if entitlements.is_empty() {
-        tracing::debug!(pid = caller.pid, selectors = ?attestation.selectors, "no identity for caller");
+/// PermissionDenied, which clients treat as "retry with backoff". Refusals
+/// are recorded in the audit trail (a caller that has simply exited is not:
+/// that is how every stream ends).
+async fn entitled(agent: &Agent, caller: &Caller, action: &str) -> Result<Entitled, Status> {
+    let attestation = match agent.attest(caller) {
+        Ok(a) => a,
+        Err(e) => {
+            let gone = matches!(e, AgentError::CallerGone { .. }) && caller.process.has_exited();
+            let reason = e.to_string();
+            let status = agent_status(e);
+            if !gone {
+                agent
+                    .record_best_effort(
+                        AuditEvent::new(
+                            EventKind::AttestationFailure,
+                            ulid::Ulid::new().to_string(),
+                        )
+                        .caller(CallerFacts {
+                            pid: caller.pid,
+                            uid: caller.uid,
+                            ..Default::default()
+                        })
+                        .decision(action, false, Vec::<String>::new())
+                        .reason(reason),
+                    )
+                    .await;
+            }
+            return Err(status);
+        }
+    };
+    let entitled = Entitled {
+        entitlements: agent.entitlements(&attestation),
+        attestation,
+    };
+    if entitled.entitlements.is_empty() {
+        tracing::debug!(pid = caller.pid, selectors = ?entitled.attestation.selectors, "no identity for caller");
+        agent
+            .record_best_effort(
+                AuditEvent::new(EventKind::Denied, ulid::Ulid::new().to_string())
+                    .caller(entitled.caller_facts(caller))
+                    .decision(action, false, Vec::<String>::new())
+                    .reason("no registration entry or task binding matches the caller"),
+            )
+            .await;
         return Err(Status::permission_denied("no identity issued"));
     }
-    Ok(entitlements)
+    Ok(entitled)
 }
 
 /// What a stream last sent, to skip sending identical full states.
@@ -124,7 +195,9 @@ fn x509_svid_snapshot(
     previous_keys: Vec<String>,
 ) -> SnapshotFuture<pb::X509svidResponse> {
     Box::pin(async move {
-        let entitlements = entitled(&agent, &caller)?;
+        let entitled = entitled(&agent, &caller, "IssueX509SVID").await?;
+        let issuance = Issuance::new(Some(entitled.caller_facts(&caller)));
+        let entitlements = entitled.entitlements;
         let now = SystemTime::now();
         let keys: Vec<String> = entitlements.iter().map(|e| e.cache_key.clone()).collect();
         // A task identity this stream carried is gone: the task is over, so
@@ -146,7 +219,7 @@ fn x509_svid_snapshot(
         let mut refresh_at: Option<SystemTime> = None;
         for entitlement in &entitlements {
             let cached = agent
-                .svid_for(entitlement, now)
+                .svid_for(entitlement, now, &issuance)
                 .await
                 .map_err(agent_status)?;
             refresh_at = Some(refresh_at.map_or(cached.rotate_at, |r| r.min(cached.rotate_at)));
@@ -185,7 +258,9 @@ fn x509_bundles_snapshot(
     Box::pin(async move {
         // Like SPIRE (without allow_unauthenticated_verifiers), bundles go
         // only to callers that hold an identity here.
-        let entitlements = entitled(&agent, &caller)?;
+        let entitlements = entitled(&agent, &caller, "FetchX509Bundles")
+            .await?
+            .entitlements;
         let own = agent.own_bundle();
         let crls = agent.crls();
         let federated = crate::federation::bundles_for(&agent, &entitlements);
@@ -219,7 +294,9 @@ fn jwt_bundles_snapshot(
     Box::pin(async move {
         // As for X.509 bundles: only callers holding an identity here, and
         // federated trust domains only where an identity federates with them.
-        let entitlements = entitled(&agent, &caller)?;
+        let entitlements = entitled(&agent, &caller, "FetchJWTBundles")
+            .await?
+            .entitlements;
         let federated = crate::federation::bundles_for(&agent, &entitlements);
         // The sequence is read before the keys: a rotation in between then
         // shows as a newer sequence next time, never as a missed update.
@@ -382,7 +459,10 @@ impl SpiffeWorkloadApi for WorkloadApi {
                 Status::invalid_argument(format!("spiffe_id {:?}: {e}", req.spiffe_id))
             })?)
         };
-        let mut entitlements = entitled(&self.agent, &caller)?;
+        let entitled = entitled(&self.agent, &caller, "IssueJWTSVID").await?;
+        let facts = entitled.caller_facts(&caller);
+        let correlation_id = ulid::Ulid::new().to_string();
+        let mut entitlements = entitled.entitlements;
         if let Some(wanted) = &wanted {
             entitlements.retain(|e| &e.spiffe_id == wanted);
             if entitlements.is_empty() {
@@ -404,9 +484,22 @@ impl SpiffeWorkloadApi for WorkloadApi {
                     }
                     other => agent_status(other),
                 })?;
-            // AUDIT(jwt-svid-issued): once the audit module lands, record
-            // {jti, sub, aud, exp, key id, task id, caller pid} durably here,
-            // before the response leaves.
+            // On disk before the token leaves; no record, no token.
+            let mut event = AuditEvent::new(EventKind::JwtIssued, correlation_id.clone())
+                .caller(facts.clone())
+                .spiffe_id(svid.spiffe_id.to_string())
+                .jwt(svid.jti.clone(), unix_secs(svid.expires_at))
+                .decision("IssueJWTSVID", true, Vec::<String>::new())
+                .detail("audience", req.audience.clone())
+                .detail("key_id", svid.key_id.clone());
+            if let Some(task) = entitlement
+                .task_id
+                .as_deref()
+                .and_then(|t| self.agent.task_facts_for(t))
+            {
+                event = event.task(task);
+            }
+            self.agent.record(event).await.map_err(agent_status)?;
             tracing::debug!(pid = caller.pid, spiffe_id = %svid.spiffe_id, jti = %svid.jti, "JWT-SVID issued");
             svids.push(pb::Jwtsvid {
                 spiffe_id: svid.spiffe_id.to_string(),
@@ -460,10 +553,23 @@ impl SpiffeWorkloadApi for WorkloadApi {
                 claims: Some(crate::jwt::claims_to_struct(&valid.claims)),
             })),
             Err(e) => {
-                // AUDIT(jwt-svid-validation-failed): once the audit module
-                // lands, record {reason, audience, caller pid, and the token's
-                // jti/sub if it parsed} here.
                 tracing::debug!(pid = caller.pid, reason = %e, "JWT-SVID refused");
+                self.agent
+                    .record_best_effort(
+                        AuditEvent::new(
+                            EventKind::JwtValidationFailed,
+                            ulid::Ulid::new().to_string(),
+                        )
+                        .caller(CallerFacts {
+                            pid: caller.pid,
+                            uid: caller.uid,
+                            ..Default::default()
+                        })
+                        .decision("ValidateJWTSVID", false, Vec::<String>::new())
+                        .reason(e.to_string())
+                        .detail("audience", req.audience.clone()),
+                    )
+                    .await;
                 Err(Status::invalid_argument(format!("invalid JWT-SVID: {e}")))
             }
         }
@@ -488,4 +594,10 @@ impl SpiffeWorkloadApi for WorkloadApi {
             "the WIT-SVID profile is not supported",
         ))
     }
+}
+
+fn unix_secs(t: SystemTime) -> i64 {
+    t.duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
 }

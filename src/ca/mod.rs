@@ -350,6 +350,21 @@ impl CertificateAuthority {
             .unwrap_or(SystemTime::UNIX_EPOCH)
     }
 
+    /// Signs an audit checkpoint with the key that signs SVIDs right now,
+    /// returning (DER ECDSA signature, that key's certificate). Verifiers
+    /// check the certificate against the trust bundle, so only this CA can
+    /// produce checkpoints that verify.
+    pub fn sign_checkpoint(&self, message: &[u8]) -> Result<(Vec<u8>, Vec<u8>), String> {
+        use rcgen::SigningKey;
+        let active = self.active().ok_or("no active signing authority")?;
+        let signature = active
+            .issuer
+            .key()
+            .sign(message)
+            .map_err(|e| format!("signing a checkpoint: {e}"))?;
+        Ok((signature, active.cert.to_vec()))
+    }
+
     /// Subject key identifier of the CA currently signing.
     pub fn active_key_id(&self) -> &[u8] {
         self.active().map(|a| a.key_id.as_slice()).unwrap_or(&[])

@@ -17,6 +17,7 @@ use super::FederationError;
 use super::persist;
 use super::set::{BundleSource, FederatedBundle};
 use crate::agent::Agent;
+use crate::audit::{AuditEvent, EventKind};
 use crate::bundle::TrustBundle;
 use crate::config::{EndpointClientProfile, FederationConfig};
 use crate::spiffe_id::TrustDomain;
@@ -201,10 +202,11 @@ impl Federation {
             .await?;
         let previous = self.agent.federated_bundles().get(&bundle.trust_domain);
         let installed = self.agent.federated_bundles().replace(bundle, source, now);
-        record_bundle_change(&BundleChange::Set {
+        let event = record_bundle_change(&BundleChange::Set {
             installed: &installed,
             previous: previous.as_deref(),
         });
+        self.agent.record_best_effort(event).await;
         self.agent.notify();
         Ok(installed)
     }
@@ -243,10 +245,11 @@ impl Federation {
         if !stored && removed.is_none() {
             return Err(FederationError::NotFound(trust_domain.clone()));
         }
-        record_bundle_change(&BundleChange::Deleted {
+        let event = record_bundle_change(&BundleChange::Deleted {
             trust_domain,
             previous: removed.as_deref(),
         });
+        self.agent.record_best_effort(event).await;
         self.agent.notify();
         Ok(())
     }
@@ -328,36 +331,53 @@ pub enum BundleChange<'a> {
     },
 }
 
-/// AUDIT HOOK: "federation bundle change". Every change to which foreign
-/// authorities writ trusts and hands to workloads passes through here,
-/// after it is stored and before streams are woken. When the audit module
-/// lands, append a durable record here (trust domain, source, sequence,
-/// authority fingerprints before and after); until then it is logged.
-fn record_bundle_change(change: &BundleChange<'_>) {
+/// Every change to which foreign authorities writ trusts and hands to
+/// workloads passes through here, after it is stored and before streams are
+/// woken: logged, and returned as the audit record the caller appends.
+fn record_bundle_change(change: &BundleChange<'_>) -> AuditEvent {
+    let id = ulid::Ulid::new().to_string();
     match change {
         BundleChange::Set {
             installed,
             previous,
-        } => tracing::info!(
-            event = "federation.bundle_changed",
-            trust_domain = %installed.bundle.trust_domain,
-            source = %installed.source,
-            sequence = installed.bundle.sequence,
-            x509_authorities = installed.bundle.x509_authorities.len(),
-            jwt_authorities = installed.bundle.jwt_authorities.len(),
-            previous_sequence = previous.map(|p| p.bundle.sequence),
-            authorities_changed = previous.is_none_or(|p| p.revision != installed.revision),
-            "federated bundle updated"
-        ),
+        } => {
+            let authorities_changed = previous.is_none_or(|p| p.revision != installed.revision);
+            tracing::info!(
+                event = "federation.bundle_changed",
+                trust_domain = %installed.bundle.trust_domain,
+                source = %installed.source,
+                sequence = installed.bundle.sequence,
+                x509_authorities = installed.bundle.x509_authorities.len(),
+                jwt_authorities = installed.bundle.jwt_authorities.len(),
+                previous_sequence = previous.map(|p| p.bundle.sequence),
+                authorities_changed,
+                "federated bundle updated"
+            );
+            AuditEvent::new(EventKind::FederationBundleChanged, id)
+                .reason("set")
+                .detail("trust_domain", installed.bundle.trust_domain.to_string())
+                .detail("source", installed.source.to_string())
+                .detail("sequence", installed.bundle.sequence)
+                .detail("previous_sequence", previous.map(|p| p.bundle.sequence))
+                .detail("x509_authorities", installed.bundle.x509_authorities.len())
+                .detail("jwt_authorities", installed.bundle.jwt_authorities.len())
+                .detail("authorities_changed", authorities_changed)
+        }
         BundleChange::Deleted {
             trust_domain,
             previous,
-        } => tracing::info!(
-            event = "federation.bundle_deleted",
-            trust_domain = %trust_domain,
-            previous_sequence = previous.map(|p| p.bundle.sequence),
-            "federated bundle deleted"
-        ),
+        } => {
+            tracing::info!(
+                event = "federation.bundle_deleted",
+                trust_domain = %trust_domain,
+                previous_sequence = previous.map(|p| p.bundle.sequence),
+                "federated bundle deleted"
+            );
+            AuditEvent::new(EventKind::FederationBundleChanged, id)
+                .reason("deleted")
+                .detail("trust_domain", trust_domain.to_string())
+                .detail("previous_sequence", previous.map(|p| p.bundle.sequence))
+        }
     }
 }
 

@@ -371,12 +371,21 @@ async fn bodies_over_the_limit_are_refused() {
     assert!(matches!(err, FetchError::TooLarge), "{err}");
 }
 
+/// What a process exit would do: release the store and the audit trail.
+fn stop(svc: &crate::service::Services) {
+    if let Some(audit) = svc.agent.audit_log() {
+        audit.close();
+    }
+    svc.store.close();
+}
+
 /// A real agent on a temp dir, as `writ run` builds it.
 async fn services(dir: &std::path::Path, federation: FederationConfig) -> crate::service::Services {
     let mut config = Config::builtin_defaults(&Environment::current());
     config.trust_domain = td("a.test");
     config.entries.clear();
     config.data_dir = dir.to_owned();
+    config.audit = crate::config::AuditConfig::defaults_for(dir);
     config.federation = federation;
     crate::service::build(&config).await.unwrap()
 }
@@ -503,7 +512,7 @@ async fn fetches_keep_the_last_good_bundle_and_authenticate_with_the_latest() {
     assert_eq!(held().bundle.sequence, 8);
 
     // After a restart the stored bundle is used, not the bootstrap file.
-    svc.store.close();
+    stop(&svc);
     drop(svc);
     let svc = services(
         &dir.path().join("state"),
@@ -591,7 +600,7 @@ async fn set_and_delete_go_through_the_store_and_refuse_what_they_must() {
     );
 
     // Both survive a restart; then c.test is deleted, durably.
-    svc.store.close();
+    stop(&svc);
     drop(svc);
     let svc = services(&state, config.clone()).await;
     let c_held = svc.agent.federated_bundles().get(&td("c.test")).unwrap();
@@ -610,11 +619,11 @@ async fn set_and_delete_go_through_the_store_and_refuse_what_they_must() {
     );
     svc.federation.delete_bundle(&td("c.test")).await.unwrap();
     assert!(svc.agent.federated_bundles().get(&td("c.test")).is_none());
-    svc.store.close();
+    stop(&svc);
     drop(svc);
     let svc = services(&state, config).await;
     assert!(svc.agent.federated_bundles().get(&td("c.test")).is_none());
-    svc.store.close();
+    stop(&svc);
 }
 
 #[test]
