@@ -5,6 +5,7 @@
 #[path = "../common/mod.rs"]
 mod common;
 mod peers;
+mod spire_federation;
 
 use std::process::Command;
 use std::time::Duration;
