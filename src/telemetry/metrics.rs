@@ -171,13 +171,13 @@ impl Metrics {
         // Known label values start at zero, so a rate() over the first
         // increment works and dashboards see every series from the start.
         for kind in ["x509", "jwt"] {
-            svids_issued.get_or_create(&[("kind", kind)]);
+            let _ = svids_issued.get_or_create(&[("kind", kind)]);
         }
         for reason in crate::tasks::CompletionReason::ALL {
-            tasks_completed.get_or_create(&[("reason", reason.as_str())]);
+            let _ = tasks_completed.get_or_create(&[("reason", reason.as_str())]);
         }
         for outcome in ["success", "failure"] {
-            reloads.get_or_create(&[("outcome", outcome)]);
+            let _ = reloads.get_or_create(&[("outcome", outcome)]);
         }
         Metrics {
             registry,
@@ -222,7 +222,7 @@ impl Metrics {
     /// Creates a configured trust domain's fetch series at zero.
     pub fn federation_fetch_series(&self, trust_domain: &str) {
         for outcome in ["success", "failure"] {
-            self.federation_fetches.get_or_create(&[
+            let _ = self.federation_fetches.get_or_create(&[
                 ("trust_domain", trust_domain.to_owned()),
                 ("outcome", outcome.to_owned()),
             ]);
