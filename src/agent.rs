@@ -178,6 +178,9 @@ pub struct Agent {
     /// Bundles of other trust domains; `federation::Federation` changes them.
     federated: crate::federation::FederatedBundles,
     changes: watch::Sender<u64>,
+    metrics: Arc<crate::telemetry::Metrics>,
+    /// Turns true once when writ begins to stop; open streams end on it.
+    stopping: watch::Sender<bool>,
 }
 
 impl Agent {
@@ -208,7 +211,34 @@ impl Agent {
             own_bundle: RwLock::new(Arc::new(own_bundle)),
             federated: Default::default(),
             changes: watch::channel(0).0,
+            metrics: Arc::new(crate::telemetry::Metrics::new()),
+            stopping: watch::channel(false).0,
         }
+    }
+
+    /// Asks every open Workload API stream to end, so a graceful server
+    /// shutdown is not held up by streams that would otherwise never end.
+    pub fn begin_shutdown(&self) {
+        self.stopping.send_replace(true);
+    }
+
+    pub fn shutdown_requested(&self) -> watch::Receiver<bool> {
+        self.stopping.subscribe()
+    }
+
+    /// The agent's metrics; subsystems count what they do here.
+    pub fn metrics(&self) -> &Arc<crate::telemetry::Metrics> {
+        &self.metrics
+    }
+
+    /// When the CA certificate signing now expires.
+    pub fn ca_not_after(&self) -> SystemTime {
+        read_lock(&self.ca).active_not_after()
+    }
+
+    /// When the soonest-expiring cached X.509-SVID expires, if any is cached.
+    pub fn earliest_svid_expiry(&self) -> Option<SystemTime> {
+        lock(&self.svids).values().map(|c| c.svid.not_after).min()
     }
 
     pub fn trust_domain(&self) -> &TrustDomain {
@@ -218,7 +248,12 @@ impl Agent {
     /// Attests the caller now: reads its selectors, then proves through the
     /// pidfd that they were read from the process that connected.
     pub fn attest(&self, caller: &Caller) -> Result<Attestation, AgentError> {
-        Ok(self.attestors.attest(&caller.process)?)
+        let started = std::time::Instant::now();
+        let attested = self.attestors.attest(&caller.process);
+        self.metrics
+            .attestation_seconds
+            .observe(started.elapsed().as_secs_f64());
+        Ok(attested?)
     }
 
     pub fn registry(&self) -> Arc<Registry> {
@@ -254,11 +289,16 @@ impl Agent {
     /// this before the credential leaves writ and fail when it fails.
     pub async fn record(&self, event: AuditEvent) -> Result<(), AgentError> {
         match self.audit.get() {
-            Some(log) => log
-                .append(event)
-                .await
-                .map(|_| ())
-                .map_err(|e| AgentError::Audit(e.to_string())),
+            Some(log) => {
+                let started = std::time::Instant::now();
+                let appended = log.append(event).await;
+                self.metrics
+                    .audit_write_seconds
+                    .observe(started.elapsed().as_secs_f64());
+                appended
+                    .map(|_| ())
+                    .map_err(|e| AgentError::Audit(e.to_string()))
+            }
             None => Ok(()),
         }
     }
@@ -391,6 +431,7 @@ impl Agent {
             event = event.task(task);
         }
         self.record(event).await?;
+        self.metrics.svid_issued("x509");
         lock(&self.svids).insert(entitlement.cache_key.clone(), minted.clone());
         Ok(minted)
     }
@@ -609,7 +650,9 @@ impl Agent {
             ttl,
             extra_claims,
         };
-        Ok(ca.mint_jwt_svid(&request, now)?)
+        let minted = ca.mint_jwt_svid(&request, now)?;
+        self.metrics.svid_issued("jwt");
+        Ok(minted)
     }
 
     /// The JWT authorities validation trusts, by trust domain. Our own only

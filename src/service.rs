@@ -29,7 +29,10 @@ use crate::proto::admin::entries_server::EntriesServer;
 use crate::proto::admin::tasks_server::TasksServer;
 use crate::proto::workload::spiffe_workload_api_server::SpiffeWorkloadApiServer;
 use crate::store::{Store, StoreError};
+use crate::systemd::{Notifier, PassedSockets, SystemdError};
 use crate::tasks::{TaskError, TaskLimits, TaskManager};
+use crate::telemetry::metrics::seconds_until;
+use crate::telemetry::{Health, Refresh, TelemetryError, TelemetryServer};
 use crate::workload_api::{DEFAULT_REATTEST_INTERVAL, WorkloadApi};
 
 #[derive(Debug, thiserror::Error)]
@@ -64,6 +67,10 @@ pub enum ServiceError {
     Crl(#[from] crate::agent::AgentError),
     #[error("federation: {0}")]
     Federation(#[from] FederationError),
+    #[error("systemd socket activation: {0}")]
+    Systemd(#[from] SystemdError),
+    #[error("telemetry: {0}")]
+    Telemetry(#[from] TelemetryError),
 }
 
 /// Everything a running agent is made of; built once from config.
@@ -168,26 +175,62 @@ pub async fn build(config: &Config) -> Result<Services, ServiceError> {
     })
 }
 
+/// Changes the running log filter (an EnvFilter directive string); the CLI
+/// hands one in when it owns the tracing subscriber.
+pub type LogLevelControl = Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
+
+/// How long open connections get to finish after a stop is requested
+/// before they are dropped.
+pub const DRAIN_DEADLINE: Duration = Duration::from_secs(5);
+
 /// Runs the agent until `shutdown` resolves.
 pub async fn run(
     config: Config,
     config_path: Option<PathBuf>,
+    log_control: Option<LogLevelControl>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServiceError> {
     // Everything writ creates is private unless it says otherwise (sockets
     // and their directories are opened up explicitly below).
     nix::sys::stat::umask(Mode::from_bits_truncate(0o077));
+    let notifier = Notifier::from_env();
+    let mut passed = PassedSockets::from_env()?;
     let services = build(&config).await?;
     let agent = services.agent.clone();
+    let metrics = agent.metrics().clone();
+    let health = Arc::new(Health::default());
+    for trust_domain in &config.federation.trust_domains {
+        metrics.federation_fetch_series(trust_domain.name.name());
+    }
+    // build() returned, so each of these is loaded or open.
+    Health::set(&health.ca_loaded);
+    Health::set(&health.store_open);
+    Health::set(&health.audit_open);
 
     let workload_socket = config.workload_api.socket_path.clone();
     let admin_socket = config.admin_api.socket_path.clone();
-    let workload_listener = bind_socket(&workload_socket, 0o777, 0o755)?;
-    let admin_listener = bind_socket(&admin_socket, 0o770, 0o755)?;
+    let (workload_listener, workload_ours) =
+        listener_for(&mut passed, "workload", &workload_socket, 0o777)?;
+    let (admin_listener, admin_ours) = listener_for(&mut passed, "admin", &admin_socket, 0o770)?;
+    if !passed.is_empty() {
+        tracing::warn!(unused = ?passed.leftover(), "systemd passed sockets writ does not use (names must be \"workload\" or \"admin\", or paths must match the config)");
+    }
     let bundle_endpoint = match &config.federation.bundle_endpoint {
         Some(endpoint) => {
             Some(BundleEndpoint::bind(agent.clone(), endpoint, config.ca.x509_svid_ttl).await?)
         }
+        None => None,
+    };
+    let telemetry = match config.telemetry.listen {
+        Some(addr) => Some(
+            TelemetryServer::bind(
+                addr,
+                metrics.clone(),
+                health.clone(),
+                refresh_gauges(&services),
+            )
+            .await?,
+        ),
         None => None,
     };
 
@@ -203,11 +246,21 @@ pub async fn run(
     };
 
     let rotation = tokio::spawn(rotate_ca_forever(agent.clone()));
-    let reloader = tokio::spawn(reload_on_sighup(
-        config.clone(),
-        config_path,
-        services.entries.clone(),
-    ));
+    let ready_status = format!(
+        "serving trust domain {} on {}",
+        agent.trust_domain(),
+        workload_socket.display()
+    );
+    let reloader = tokio::spawn(reload_on_sighup(Reloader {
+        current: config.clone(),
+        path: config_path,
+        entries: services.entries.clone(),
+        log_control,
+        notifier: notifier.clone(),
+        health: health.clone(),
+        metrics: metrics.clone(),
+        ready_status: ready_status.clone(),
+    }));
 
     let admin = Arc::new(AdminContext {
         agent: agent.clone(),
@@ -227,10 +280,10 @@ pub async fn run(
         workload_socket.display()
     );
     println!("writ: admin API on unix://{}", admin_socket.display());
-    tracing::info!(socket = %workload_socket.display(), admin = %admin_socket.display(), trust_domain = %agent.trust_domain(), "writ started");
+    tracing::info!(socket = %workload_socket.display(), admin = %admin_socket.display(), trust_domain = %agent.trust_domain(), socket_activated = !workload_ours || !admin_ours, "writ started");
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let mut federation_tasks = services.federation.spawn_fetchers(stop_rx.clone());
+    let mut background = services.federation.spawn_fetchers(stop_rx.clone());
     if let Some(endpoint) = bundle_endpoint {
         let addr = endpoint
             .local_addr()
@@ -238,7 +291,16 @@ pub async fn run(
             .unwrap_or_default();
         println!("writ: SPIFFE bundle endpoint on https://{addr}/");
         tracing::info!(%addr, "bundle endpoint started");
-        federation_tasks.push(tokio::spawn(endpoint.run(stop_rx.clone())));
+        background.push(tokio::spawn(endpoint.run(stop_rx.clone())));
+    }
+    if let Some(telemetry) = telemetry {
+        let addr = telemetry
+            .local_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_default();
+        println!("writ: health and metrics on http://{addr}/");
+        tracing::info!(%addr, "telemetry listener started");
+        background.push(tokio::spawn(telemetry.run(stop_rx.clone())));
     }
     let stop_signal = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|stop| *stop).await;
@@ -261,21 +323,77 @@ pub async fn run(
         .add_service(EntriesServer::new(EntriesService(admin.clone())))
         .add_service(BundlesServer::new(BundlesService(admin)))
         .serve_with_incoming_shutdown(peer::incoming(admin_listener), stop_signal(stop_rx));
-    tokio::spawn(async move {
-        shutdown.await;
-        let _ = stop_tx.send(true);
-    });
-    let (served, admin_served) = tokio::join!(workload_server, admin_server);
+    let mut workload_task = tokio::spawn(workload_server);
+    let mut admin_task = tokio::spawn(admin_server);
+    // The servers own the listeners from here; connections made since the
+    // bind were queued by the kernel and are accepted now.
+    Health::set(&health.sockets_served);
+    notifier.ready(&ready_status);
+    let watchdog = notifier.spawn_watchdog();
+
+    let (mut workload_done, mut admin_done) = (None, None);
+    let stopped_by_request = tokio::select! {
+        _ = shutdown => true,
+        // A server that ends by itself has failed; stop the rest.
+        joined = &mut workload_task => { workload_done = Some(joined); false }
+        joined = &mut admin_task => { admin_done = Some(joined); false }
+    };
+    // Readiness goes first, so probes stop routing work here before the
+    // sockets close.
+    health
+        .stopping
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    notifier.stopping();
+    let _ = stop_tx.send(true);
+    agent.begin_shutdown();
+
+    let drained = tokio::time::timeout(DRAIN_DEADLINE, async {
+        let workload = match workload_done.take() {
+            Some(joined) => joined,
+            None => (&mut workload_task).await,
+        };
+        let admin = match admin_done.take() {
+            Some(joined) => joined,
+            None => (&mut admin_task).await,
+        };
+        (workload, admin)
+    })
+    .await;
+    let (served, admin_served) = match drained {
+        Ok((workload, admin)) => (flatten(workload), flatten(admin)),
+        Err(_) => {
+            tracing::warn!(
+                deadline = ?DRAIN_DEADLINE,
+                open_streams = metrics.open_streams.get(),
+                "connections still open at the drain deadline; closing them"
+            );
+            workload_task.abort();
+            admin_task.abort();
+            (Ok(()), Ok(()))
+        }
+    };
+    if !stopped_by_request {
+        tracing::error!("a gRPC server stopped on its own; shutting down");
+    }
 
     // The stop signal reached them too; an in-flight fetch still finishes
     // its store write before its task sees it.
-    for task in federation_tasks {
+    for task in background {
         let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
     }
     rotation.abort();
     reloader.abort();
-    remove_socket(&workload_socket);
-    remove_socket(&admin_socket);
+    if let Some(watchdog) = watchdog {
+        watchdog.abort();
+    }
+    // A socket systemd passed in belongs to its .socket unit, which keeps
+    // listening (and starts writ again on the next connection).
+    if workload_ours {
+        remove_socket(&workload_socket);
+    }
+    if admin_ours {
+        remove_socket(&admin_socket);
+    }
     if let Some(audit) = services.agent.audit_log().cloned() {
         // Writes the closing checkpoint: a trail that ends without one is
         // known to have been cut short or to belong to a crashed run. It
@@ -289,46 +407,154 @@ pub async fn run(
     Ok(())
 }
 
+fn flatten(
+    joined: Result<Result<(), tonic::transport::Error>, tokio::task::JoinError>,
+) -> Result<(), ServiceError> {
+    match joined {
+        Ok(served) => Ok(served?),
+        // Only a panic gets here (the tasks are aborted only on the other
+        // path); the panic itself was already reported.
+        Err(e) => {
+            tracing::error!(error = %e, "a gRPC server task failed");
+            Ok(())
+        }
+    }
+}
+
+/// The socket systemd passed under `name` (or bound at `path`), or a fresh
+/// one bound by writ. The flag says whether writ created it, and so must
+/// remove it on stop.
+fn listener_for(
+    passed: &mut PassedSockets,
+    name: &str,
+    path: &Path,
+    mode: u32,
+) -> Result<(UnixListener, bool), ServiceError> {
+    match passed.take(name, path) {
+        Some(listener) => {
+            let fail = |source| ServiceError::Bind {
+                path: path.to_owned(),
+                source,
+            };
+            listener.set_nonblocking(true).map_err(fail)?;
+            let listener = UnixListener::from_std(listener).map_err(fail)?;
+            tracing::info!(name, path = %path.display(), "using the socket passed by systemd");
+            Ok((listener, false))
+        }
+        None => Ok((bind_socket(path, mode, 0o755)?, true)),
+    }
+}
+
+/// Gauges describing current state, brought up to date at each scrape.
+fn refresh_gauges(services: &Services) -> Refresh {
+    let agent = services.agent.clone();
+    let tasks = services.tasks.clone();
+    let federation = services.federation.clone();
+    Box::new(move |metrics, now| {
+        metrics
+            .tasks_active
+            .set(i64::try_from(tasks.active_count()).unwrap_or(i64::MAX));
+        metrics
+            .ca_expiry_seconds
+            .set(seconds_until(agent.ca_not_after(), now));
+        // NaN, not 0, while nothing is cached: 0 would read as "expiring
+        // now" to an alert rule.
+        let svid_expiry = agent
+            .earliest_svid_expiry()
+            .map_or(f64::NAN, |expiry| seconds_until(expiry, now));
+        metrics.svid_expiry_seconds.set(svid_expiry);
+        for info in federation.list() {
+            if let Some(success) = info.fetch.and_then(|f| f.last_success) {
+                metrics
+                    .federation_bundle_age_seconds
+                    .get_or_create(&[("trust_domain", info.trust_domain.to_string())])
+                    .set(-seconds_until(success, now));
+            }
+        }
+    })
+}
+
+struct Reloader {
+    current: Config,
+    path: Option<PathBuf>,
+    entries: Arc<EntryStore>,
+    log_control: Option<LogLevelControl>,
+    notifier: Notifier,
+    health: Arc<Health>,
+    metrics: Arc<crate::telemetry::Metrics>,
+    ready_status: String,
+}
+
 /// On SIGHUP, re-reads the config file and applies what can change while
-/// running (registration entries). The new file is validated completely
-/// first; a bad file changes nothing and says why. Settings that need a
-/// restart (sockets, data dir, trust domain, CA) are reported, not applied.
-async fn reload_on_sighup(mut current: Config, path: Option<PathBuf>, entries: Arc<EntryStore>) {
+/// running (registration entries, log level). The new file is validated
+/// completely first; a bad file changes nothing and says why. Settings that
+/// need a restart (sockets, data dir, trust domain, CA) are reported, not
+/// applied. systemd hears RELOADING before and READY after, either way.
+async fn reload_on_sighup(mut reloader: Reloader) {
     use tokio::signal::unix::{SignalKind, signal};
     let Ok(mut hangups) = signal(SignalKind::hangup()) else {
         tracing::warn!("cannot listen for SIGHUP; reload is unavailable");
         return;
     };
     while hangups.recv().await.is_some() {
-        let Some(path) = &path else {
-            tracing::info!("SIGHUP: running on built-in defaults; nothing to reload");
-            continue;
+        reloader.notifier.reloading();
+        let outcome = reloader.reload().await;
+        reloader.metrics.reload(outcome.is_ok(), SystemTime::now());
+        let status = match &outcome {
+            Ok(()) => reloader.ready_status.clone(),
+            Err(why) => format!("{}; last reload refused: {why}", reloader.ready_status),
         };
-        match crate::config::validate_file(path) {
+        reloader.health.set_reload_outcome(outcome.err());
+        reloader.notifier.ready(&status);
+    }
+}
+
+impl Reloader {
+    async fn reload(&mut self) -> Result<(), String> {
+        let Some(path) = &self.path else {
+            tracing::info!("SIGHUP: running on built-in defaults; nothing to reload");
+            return Ok(());
+        };
+        let next = match crate::config::validate_file(path) {
             Err(errors) => {
                 for e in &errors {
                     tracing::error!(error = %e, "reload refused; keeping the running configuration");
                 }
+                let first = errors
+                    .first()
+                    .map(|e| e.to_string())
+                    .unwrap_or_else(|| "invalid configuration".to_owned());
+                return Err(first);
             }
-            Ok(next) => {
-                let needs_restart = next.trust_domain != current.trust_domain
-                    || next.data_dir != current.data_dir
-                    || next.workload_api != current.workload_api
-                    || next.admin_api != current.admin_api
-                    || next.ca != current.ca
-                    || next.federation != current.federation;
-                if needs_restart {
-                    tracing::warn!(
-                        "reload: trust domain, data dir, sockets, admin, CA or federation settings changed; they take effect on restart"
-                    );
-                }
-                entries
-                    .set_config_registry(Registry::from_config(&next))
-                    .await;
-                tracing::info!(path = %path.display(), entries = next.entries.len(), "configuration reloaded");
-                current = next;
-            }
+            Ok(next) => next,
+        };
+        let current = &self.current;
+        let needs_restart = next.trust_domain != current.trust_domain
+            || next.data_dir != current.data_dir
+            || next.workload_api != current.workload_api
+            || next.admin_api != current.admin_api
+            || next.ca != current.ca
+            || next.federation != current.federation
+            || next.telemetry != current.telemetry;
+        if needs_restart {
+            tracing::warn!(
+                "reload: trust domain, data dir, sockets, admin, CA, federation or telemetry settings changed; they take effect on restart"
+            );
         }
+        // The log level goes first: it is the only step that can fail, and
+        // failing before the entries change keeps the reload all-or-nothing.
+        if next.log.level != current.log.level
+            && let Some(control) = &self.log_control
+        {
+            control(&next.log.level)?;
+            tracing::info!(level = %next.log.level, "log level changed");
+        }
+        self.entries
+            .set_config_registry(Registry::from_config(&next))
+            .await;
+        tracing::info!(path = %path.display(), entries = next.entries.len(), "configuration reloaded");
+        self.current = next;
+        Ok(())
     }
 }
 

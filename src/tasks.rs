@@ -74,6 +74,14 @@ pub enum CompletionReason {
 }
 
 impl CompletionReason {
+    pub const ALL: [CompletionReason; 5] = [
+        CompletionReason::EndTask,
+        CompletionReason::ProcessExited,
+        CompletionReason::CgroupEmpty,
+        CompletionReason::TtlExpired,
+        CompletionReason::ParentCompleted,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             CompletionReason::EndTask => "end_task",
@@ -712,6 +720,11 @@ impl TaskManager {
                 return Err(e.into());
             }
         };
+        let revoked_serials: usize = revoked.iter().map(|(_, serials)| serials.len()).sum();
+        self.agent
+            .metrics()
+            .revocations
+            .inc_by(revoked_serials as u64);
         if !revoked.is_empty()
             && let Err(e) = self.agent.publish_crls().await
         {
@@ -762,6 +775,7 @@ impl TaskManager {
             });
             let done = Arc::new(done);
             tracing::info!(task = %done.id, reason = why.as_str(), "task completed");
+            self.agent.metrics().task_completed(why.as_str());
             if done.id == id {
                 root = Some(done.clone());
             }

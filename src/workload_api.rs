@@ -346,7 +346,11 @@ where
     T: Send + 'static,
 {
     let (tx, rx) = mpsc::channel(2);
+    let open = crate::telemetry::StreamGuard::open(agent.metrics());
+    let mut stopping = agent.shutdown_requested();
     tokio::spawn(async move {
+        // Counted open for as long as this task serves the stream.
+        let _open = open;
         let mut last: Option<Fingerprint> = None;
         let mut keys: Vec<String> = Vec::new();
         let mut pending = Some(Ok(first));
@@ -393,6 +397,9 @@ where
                     return;
                 }
                 _ = tx.closed() => return,
+                // Ending the stream (OK status) lets the client reconnect
+                // to the next writ instead of waiting on a dead one.
+                _ = stopping.wait_for(|s| *s) => return,
             }
         }
     });

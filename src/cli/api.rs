@@ -224,6 +224,54 @@ pub async fn healthcheck(socket: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `writ healthcheck --http ADDR`: exit 0 when `GET /ready` answers 200.
+/// Plain HTTP/1.1 over loopback, so a hand-written request is enough.
+pub async fn http_healthcheck(addr: &str) -> anyhow::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let authority = addr
+        .strip_prefix("http://")
+        .unwrap_or(addr)
+        .trim_end_matches('/');
+    if authority.contains('/') {
+        bail!("--http takes an address such as 127.0.0.1:9600, not a URL with a path");
+    }
+    let exchange = async {
+        let mut stream = tokio::net::TcpStream::connect(authority)
+            .await
+            .with_context(|| format!("connecting to {authority}"))?;
+        stream
+            .write_all(
+                format!("GET /ready HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\r\n")
+                    .as_bytes(),
+            )
+            .await?;
+        let mut response = Vec::new();
+        stream
+            .take(64 * 1024)
+            .read_to_end(&mut response)
+            .await
+            .context("reading the response")?;
+        anyhow::Ok(String::from_utf8_lossy(&response).into_owned())
+    };
+    let response = tokio::time::timeout(std::time::Duration::from_secs(10), exchange)
+        .await
+        .with_context(|| format!("{authority} did not answer within 10s"))??;
+    let status = response
+        .lines()
+        .next()
+        .and_then(|line| line.split_whitespace().nth(1))
+        .with_context(|| format!("{authority} did not answer with HTTP"))?;
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.trim())
+        .unwrap_or_default();
+    if status != "200" {
+        bail!("writ at http://{authority} is not ready (HTTP {status}): {body}");
+    }
+    println!("writ at http://{authority} is ready");
+    Ok(())
+}
+
 /// What `writ api fetch jwt --output json` prints per token.
 #[derive(Serialize)]
 pub struct JwtSvidSummary {

@@ -12,6 +12,7 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::config::{Config, Environment, LogFormat};
+use crate::service::LogLevelControl;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -44,8 +45,15 @@ pub enum Command {
         #[command(subcommand)]
         command: ApiCommand,
     },
-    /// Exit 0 when the agent behind the socket reports SERVING.
-    Healthcheck(SocketArg),
+    /// Exit 0 when the agent behind the socket reports SERVING (or, with
+    /// --http, when its /ready endpoint answers 200).
+    Healthcheck {
+        #[command(flatten)]
+        socket: SocketArg,
+        /// Ask the `[telemetry]` HTTP listener instead, e.g. 127.0.0.1:9600.
+        #[arg(long, conflicts_with = "socket")]
+        http: Option<String>,
+    },
     /// Begin, end and inspect tasks (admin socket).
     Task {
         #[command(subcommand)]
@@ -182,31 +190,61 @@ pub fn load_config(path: Option<&Path>) -> anyhow::Result<Config> {
     }
 }
 
-fn init_logging(config: &Config, format: Option<LogFormatArg>) {
+/// Installs the tracing subscriber (logs always go to stderr, which
+/// journald captures; JSON puts each event's fields in their own members)
+/// and returns the control `run` uses to change the filter on reload.
+fn init_logging(config: &Config, format: Option<LogFormatArg>) -> LogLevelControl {
     use tracing_subscriber::EnvFilter;
-    let filter =
-        EnvFilter::try_from_env("WRIT_LOG").unwrap_or_else(|_| EnvFilter::new(&config.log.level));
+    use tracing_subscriber::prelude::*;
+    let from_env = EnvFilter::try_from_env("WRIT_LOG").ok();
+    let env_overrides = from_env.is_some();
+    let filter = from_env.unwrap_or_else(|| EnvFilter::new(&config.log.level));
     let json = match format {
         Some(LogFormatArg::Json) => true,
         Some(LogFormatArg::Text) => false,
         None => config.log.format == LogFormat::Json,
     };
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
+    let registry = tracing_subscriber::registry().with(filter);
     if json {
-        builder.json().init();
+        registry
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .json()
+                    .flatten_event(true)
+                    .with_current_span(true)
+                    .with_writer(std::io::stderr),
+            )
+            .init();
     } else {
-        builder.init();
+        registry
+            .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+            .init();
     }
+    Box::new(move |level: &str| {
+        if env_overrides {
+            // Whoever set WRIT_LOG asked for that filter over the file's.
+            tracing::warn!(
+                level,
+                "WRIT_LOG is set; keeping its filter and ignoring log.level"
+            );
+            return Ok(());
+        }
+        let filter = EnvFilter::builder()
+            .parse(level)
+            .map_err(|e| format!("log.level {level:?}: {e}"))?;
+        handle
+            .reload(filter)
+            .map_err(|e| format!("changing the log level: {e}"))
+    })
 }
 
 pub async fn main(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Run { config, log_format } => {
             let loaded = load_config(config.as_deref())?;
-            init_logging(&loaded, log_format);
-            crate::service::run(loaded, config, shutdown_signal()).await?;
+            let log_control = init_logging(&loaded, log_format);
+            crate::service::run(loaded, config, Some(log_control), shutdown_signal()).await?;
             Ok(())
         }
         Command::Validate { config } => match crate::config::validate_file(&config) {
@@ -264,7 +302,10 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
                 api::watch(&socket.resolve()?, output == Output::Json).await
             }
         },
-        Command::Healthcheck(socket) => api::healthcheck(&socket.resolve()?).await,
+        Command::Healthcheck { socket, http } => match http {
+            Some(addr) => api::http_healthcheck(&addr).await,
+            None => api::healthcheck(&socket.resolve()?).await,
+        },
         Command::Task { command } => admin::task(command).await,
         Command::Entry { command } => admin::entry(command).await,
         Command::Bundle { command } => admin::bundle(command).await,

@@ -13,14 +13,15 @@ use writ_attestors::Selector;
 
 use super::raw::{
     RawAdminApi, RawAttestors, RawAudit, RawBundleEndpoint, RawCa, RawConfig, RawEntry,
-    RawFederatedTrustDomain, RawFederation, RawLog, RawPolicy, RawTasks, RawUpstream, Text,
+    RawFederatedTrustDomain, RawFederation, RawLog, RawPolicy, RawTasks, RawTelemetry, RawUpstream,
+    Text,
 };
 use super::{
     AdminApiConfig, AttestorsConfig, AuditConfig, BundleEndpointConfig, CaConfig, Config,
     ConfigError, EndpointClientProfile, EndpointServerProfile, EntryConfig, Environment,
     FederatedTrustDomainConfig, FederationConfig, LogConfig, LogFormat, MAX_HINT_BYTES,
-    MAX_SOCKET_PATH_BYTES, MIN_REFRESH_FLOOR, PolicyConfig, TasksConfig, UpstreamCaConfig,
-    WorkloadApiConfig, format_duration, parse_duration,
+    MAX_SOCKET_PATH_BYTES, MIN_REFRESH_FLOOR, PolicyConfig, TasksConfig, TelemetryConfig,
+    UpstreamCaConfig, WorkloadApiConfig, format_duration, parse_duration,
 };
 use crate::spiffe_id::{SpiffeId, TrustDomain};
 
@@ -145,6 +146,7 @@ impl Builder<'_> {
         let policy = self.policy(raw.policy);
         let audit = self.audit(raw.audit, &data_dir.value);
         let federation = self.federation(raw.federation, trust_domain.as_ref());
+        let telemetry = self.telemetry(raw.telemetry);
         let entries = self.entries(&raw.entry, trust_domain.as_ref(), ca.as_ref());
 
         Config {
@@ -166,7 +168,41 @@ impl Builder<'_> {
             policy,
             audit,
             federation,
+            telemetry,
             entries,
+        }
+    }
+
+    fn telemetry(&mut self, raw: Option<RawTelemetry>) -> TelemetryConfig {
+        let Some(raw) = raw else {
+            return TelemetryConfig::default();
+        };
+        let allow_remote = raw.allow_remote.unwrap_or(false);
+        let listen = raw.listen.and_then(|text| {
+            let Ok(addr) = text.get_ref().parse::<std::net::SocketAddr>() else {
+                self.error(
+                    text.span(),
+                    format!(
+                        "telemetry.listen {:?} is not an IP address and port such as \"127.0.0.1:9600\"",
+                        text.get_ref()
+                    ),
+                );
+                return None;
+            };
+            if !addr.ip().is_loopback() && !allow_remote {
+                self.error(
+                    text.span(),
+                    format!(
+                        "telemetry.listen {addr} is not a loopback address; the health and metrics endpoints have no authentication, so set telemetry.allow_remote = true if other hosts should reach them"
+                    ),
+                );
+                return None;
+            }
+            Some(addr)
+        });
+        TelemetryConfig {
+            listen,
+            allow_remote,
         }
     }
 

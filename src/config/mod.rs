@@ -43,6 +43,7 @@ pub struct Config {
     pub policy: PolicyConfig,
     pub audit: AuditConfig,
     pub federation: FederationConfig,
+    pub telemetry: TelemetryConfig,
     /// Written as `[[entry]]` tables in the file.
     #[serde(rename = "entry")]
     pub entries: Vec<EntryConfig>,
@@ -233,6 +234,21 @@ pub enum EndpointClientProfile {
     },
 }
 
+/// `[telemetry]`: the HTTP listener for `/live`, `/ready` and `/metrics`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct TelemetryConfig {
+    /// Absent: no HTTP listener at all.
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "serialize_option_display"
+    )]
+    pub listen: Option<SocketAddr>,
+    /// The endpoints are unauthenticated and metrics show what this node
+    /// does (issuance rates, federated trust domains), so a non-loopback
+    /// `listen` is refused unless this says it is intended.
+    pub allow_remote: bool,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct LogConfig {
     /// A `tracing_subscriber::EnvFilter` directive string, already checked
@@ -375,6 +391,7 @@ impl Config {
             audit,
             log: LogConfig::default(),
             federation: FederationConfig::default(),
+            telemetry: TelemetryConfig::default(),
             entries: Vec::new(),
         }
     }
@@ -521,6 +538,16 @@ fn serialize_display<S: Serializer, T: std::fmt::Display>(
     serializer: S,
 ) -> Result<S::Ok, S::Error> {
     serializer.collect_str(value)
+}
+
+fn serialize_option_display<S: Serializer, T: std::fmt::Display>(
+    value: &Option<T>,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    match value {
+        Some(value) => serializer.collect_str(value),
+        None => serializer.serialize_none(),
+    }
 }
 
 fn serialize_selectors<S: Serializer>(

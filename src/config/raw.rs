@@ -21,6 +21,7 @@ pub(super) struct RawConfig {
     pub policy: Option<RawPolicy>,
     pub audit: Option<RawAudit>,
     pub federation: Option<RawFederation>,
+    pub telemetry: Option<RawTelemetry>,
     #[serde(default)]
     pub entry: Vec<Spanned<RawEntry>>,
 }
@@ -106,6 +107,13 @@ pub(super) struct RawAudit {
 pub(super) struct RawLog {
     pub level: Option<Text>,
     pub format: Option<Text>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawTelemetry {
+    pub listen: Option<Text>,
+    pub allow_remote: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]

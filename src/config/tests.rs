@@ -237,6 +237,10 @@ max_file_bytes = 1048576
 checkpoint_every = 100
 checkpoint_interval = "30s"
 
+[telemetry]
+listen = "[::1]:9600"
+allow_remote = true
+
 [federation]
 min_refresh_interval = "10s"
 
@@ -335,6 +339,10 @@ fn full_config_loads_every_key() {
             max_file_bytes: 1_048_576,
             checkpoint_every: 100,
             checkpoint_interval: secs(30),
+        },
+        telemetry: TelemetryConfig {
+            listen: Some("[::1]:9600".parse().unwrap()),
+            allow_remote: true,
         },
         federation: FederationConfig {
             min_refresh_interval: secs(10),
@@ -1180,5 +1188,40 @@ fn federated_trust_domain_errors() {
         5,
         22,
         "which writ has no bundle source for",
+    );
+}
+
+#[test]
+fn telemetry_is_off_by_default_and_loopback_only_unless_allowed() {
+    assert_eq!(parse_ok("").telemetry, TelemetryConfig::default());
+    assert_eq!(parse_ok("").telemetry.listen, None);
+    let local = parse_ok("[telemetry]\nlisten = \"127.0.0.1:9600\"\n");
+    assert_eq!(
+        local.telemetry.listen,
+        Some("127.0.0.1:9600".parse().unwrap())
+    );
+    assert!(!local.telemetry.allow_remote);
+    assert_single_error(
+        "[telemetry]\nlisten = \"0.0.0.0:9600\"\n",
+        2,
+        10,
+        "not a loopback address",
+    );
+    let remote = parse_ok("[telemetry]\nlisten = \"0.0.0.0:9600\"\nallow_remote = true\n");
+    assert_eq!(
+        remote.telemetry.listen,
+        Some("0.0.0.0:9600".parse().unwrap())
+    );
+    assert_single_error(
+        "[telemetry]\nlisten = \"localhost:9600\"\n",
+        2,
+        10,
+        "not an IP address and port",
+    );
+    assert_single_error(
+        "[telemetry]\nlisten = \"127.0.0.1:9600\"\nport = 1\n",
+        3,
+        1,
+        "unknown field",
     );
 }

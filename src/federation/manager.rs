@@ -290,6 +290,9 @@ impl Federation {
         error: Option<String>,
         next: SystemTime,
     ) {
+        self.agent
+            .metrics()
+            .federation_fetch(trust_domain.name(), error.is_none());
         let mut status = self.status.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(s) = status.get_mut(trust_domain) {
             s.last_attempt = Some(at);

@@ -1,0 +1,635 @@
+//! Running writ as a service: sd_notify messages on a fake NOTIFY_SOCKET,
+//! socket activation with passed fds, the HTTP health and metrics listener,
+//! SIGHUP reload (log level, refused configs) and SIGTERM drain, all against
+//! the real binary. Plus `systemd-analyze verify` on the example units.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixDatagram, UnixListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{WRIT, wait_for};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+/// A writ process on a temp dir, started however the test needs.
+struct Service {
+    dir: tempfile::TempDir,
+    config_path: PathBuf,
+    workload: PathBuf,
+    admin: PathBuf,
+    child: Option<Child>,
+}
+
+impl Service {
+    fn new(extra_config: &str, log_level: &str) -> Service {
+        let dir = tempfile::Builder::new()
+            .prefix("writ-ops-")
+            .tempdir()
+            .unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let workload = dir.path().join("run/workload.sock");
+        let admin = dir.path().join("run/admin.sock");
+        let config_path = dir.path().join("writ.toml");
+        let service = Service {
+            dir,
+            config_path,
+            workload,
+            admin,
+            child: None,
+        };
+        service.write_config(extra_config, log_level);
+        service
+    }
+
+    fn write_config(&self, extra: &str, log_level: &str) {
+        let uid = nix::unistd::getuid().as_raw();
+        let config = format!(
+            "trust_domain = \"writ.test\"\ndata_dir = \"{data}\"\n\n[workload_api]\nsocket_path = \"{workload}\"\n\n[admin_api]\nsocket_path = \"{admin}\"\n\n[log]\nlevel = \"{log_level}\"\n\n[telemetry]\nlisten = \"127.0.0.1:0\"\n\n{extra}\n\n[[entry]]\nspiffe_id = \"spiffe://writ.test/ops\"\nselectors = [\"unix:uid:{uid}\"]\n",
+            data = self.dir.path().join("state").display(),
+            workload = self.workload.display(),
+            admin = self.admin.display(),
+        );
+        std::fs::write(&self.config_path, config).unwrap();
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.dir.path().join("writ.log")
+    }
+
+    fn log(&self) -> String {
+        common::read_to_string(&self.log_path())
+    }
+
+    /// Starts `writ run` directly, with `env` added.
+    fn spawn(&mut self, env: &[(&str, &str)]) {
+        let log = std::fs::File::create(self.log_path()).unwrap();
+        let mut cmd = Command::new(WRIT);
+        cmd.args(["run", "--config"])
+            .arg(&self.config_path)
+            .env_remove("WRIT_LOG")
+            .env_remove("NOTIFY_SOCKET")
+            .env_remove("LISTEN_FDS")
+            .env_remove("LISTEN_PID")
+            .env_remove("LISTEN_FDNAMES")
+            .env_remove("WATCHDOG_USEC")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        self.child = Some(cmd.spawn().unwrap());
+        self.wait_ready();
+    }
+
+    /// Starts writ as systemd would with two passed sockets: fd 3 named
+    /// "workload", fd 4 named "admin", LISTEN_PID = writ's own pid. std
+    /// only places fds 0-2 in a child, so the listeners go in as the
+    /// shell's stdin/stdout; the shell moves them to 3 and 4, sets
+    /// LISTEN_PID to its own pid and execs writ, which keeps that pid.
+    fn spawn_socket_activated(&mut self, workload: UnixListener, admin: UnixListener) {
+        let script = r#"exec 3<&0 4>&1 0</dev/null 1>>"$2" 2>&1
+LISTEN_PID=$$ LISTEN_FDS=2 LISTEN_FDNAMES=workload:admin exec "$1" run --config "$3""#;
+        std::fs::File::create(self.log_path()).unwrap();
+        let child = Command::new("sh")
+            .arg("-c")
+            .arg(script)
+            .arg("sh")
+            .arg(WRIT)
+            .arg(self.log_path())
+            .arg(&self.config_path)
+            .env_remove("WRIT_LOG")
+            .env_remove("NOTIFY_SOCKET")
+            .env_remove("LISTEN_FDS")
+            .env_remove("LISTEN_PID")
+            .env_remove("LISTEN_FDNAMES")
+            .stdin(Stdio::from(std::os::fd::OwnedFd::from(workload)))
+            .stdout(Stdio::from(std::os::fd::OwnedFd::from(admin)))
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        self.wait_ready();
+    }
+
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(child) = self.child.as_mut()
+                && let Ok(Some(status)) = child.try_wait()
+            {
+                panic!("writ exited early with {status}:\n{}", self.log());
+            }
+            if self.log().contains("health and metrics on http://") {
+                let ok = Command::new(WRIT)
+                    .args(["healthcheck", "--socket"])
+                    .arg(&self.workload)
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .status()
+                    .is_ok_and(|s| s.success());
+                if ok {
+                    return;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "writ did not become ready:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn pid(&self) -> Pid {
+        Pid::from_raw(self.child.as_ref().unwrap().id() as i32)
+    }
+
+    fn signal(&self, signal: Signal) {
+        kill(self.pid(), signal).unwrap();
+    }
+
+    /// The telemetry address writ printed.
+    fn http_addr(&self) -> String {
+        let log = self.log();
+        let start = log.find("health and metrics on http://").unwrap() + 29;
+        log[start..].split('/').next().unwrap().to_owned()
+    }
+
+    fn stop(&mut self) -> ExitStatus {
+        self.signal(Signal::SIGTERM);
+        self.wait_exit()
+    }
+
+    fn wait_exit(&mut self) -> ExitStatus {
+        let mut child = self.child.take().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("writ did not stop on SIGTERM:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// GET `path`; returns (status code, body).
+fn http_get(addr: &str, path: &str) -> (u16, String) {
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let status = response.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// The value of one series in an OpenMetrics page (0 when absent: a
+/// labelled counter appears only once it has been incremented).
+fn metric(page: &str, series: &str) -> f64 {
+    page.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or(0.0)
+}
+
+fn fetch_x509(socket: &Path) {
+    let out = Command::new(WRIT)
+        .args(["api", "fetch", "x509", "--socket"])
+        .arg(socket)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Receives notify datagrams until `done` says the list is complete.
+fn receive_until(
+    socket: &UnixDatagram,
+    got: &mut Vec<String>,
+    what: &str,
+    done: impl Fn(&[String]) -> bool,
+) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut buf = vec![0u8; 4096];
+    while !done(got) {
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}: {got:#?}"
+        );
+        match socket.recv(&mut buf) {
+            Ok(n) => got.push(String::from_utf8_lossy(&buf[..n]).into_owned()),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {}
+            Err(e) => panic!("recv: {e}"),
+        }
+    }
+}
+
+/// The non-watchdog messages, each reduced to its first line's key.
+fn states(messages: &[String]) -> Vec<String> {
+    messages
+        .iter()
+        .filter(|m| !m.starts_with("WATCHDOG=1"))
+        .map(|m| m.lines().next().unwrap_or_default().to_owned())
+        .collect()
+}
+
+#[test]
+fn notify_messages_come_in_order_with_watchdog_reload_and_stop() {
+    let mut service = Service::new("", "warn");
+    let notify_path = service.dir.path().join("notify.sock");
+    let notify = UnixDatagram::bind(&notify_path).unwrap();
+    notify
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    service.spawn(&[
+        ("NOTIFY_SOCKET", notify_path.to_str().unwrap()),
+        // 200 ms: writ pets at half of it.
+        ("WATCHDOG_USEC", "200000"),
+    ]);
+    let mut got = Vec::new();
+    receive_until(&notify, &mut got, "READY and two WATCHDOG pets", |m| {
+        m.iter().filter(|m| m.starts_with("WATCHDOG=1")).count() >= 2
+    });
+    assert!(got[0].starts_with("READY=1\n"), "{got:#?}");
+    assert!(
+        got[0].contains("STATUS=serving trust domain writ.test"),
+        "{got:#?}"
+    );
+    // At warn, the info-level start message was filtered out.
+    assert!(!service.log().contains("writ started"), "{}", service.log());
+
+    // A good reload at a new log level: RELOADING (with its monotonic
+    // time), then READY; the new level is in force for the reload's own
+    // info message.
+    service.write_config("", "info");
+    service.signal(Signal::SIGHUP);
+    receive_until(&notify, &mut got, "RELOADING then READY", |m| {
+        states(m).len() >= 3
+    });
+    let reloading = got.iter().find(|m| m.starts_with("RELOADING=1")).unwrap();
+    assert!(reloading.contains("MONOTONIC_USEC="), "{reloading}");
+    wait_for(Duration::from_secs(10), "the reload log line", || {
+        service
+            .log()
+            .contains("configuration reloaded")
+            .then_some(())
+    });
+
+    // A bad file: refused, says why, old config keeps running.
+    std::fs::write(&service.config_path, "trust_domain = 42\n").unwrap();
+    service.signal(Signal::SIGHUP);
+    receive_until(&notify, &mut got, "RELOADING then READY again", |m| {
+        states(m).len() >= 5
+    });
+    let last_ready = got.iter().rev().find(|m| m.starts_with("READY=1")).unwrap();
+    assert!(last_ready.contains("last reload refused"), "{last_ready}");
+    let addr = service.http_addr();
+    let (status, body) = http_get(&addr, "/ready");
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("last reload refused"), "{body}");
+    let (_, page) = http_get(&addr, "/metrics");
+    assert_eq!(
+        metric(&page, "writ_reloads_total{outcome=\"success\"}"),
+        1.0
+    );
+    assert_eq!(
+        metric(&page, "writ_reloads_total{outcome=\"failure\"}"),
+        1.0
+    );
+    assert_eq!(metric(&page, "writ_last_reload_success"), 0.0);
+    // Still serving on the old config.
+    fetch_x509(&service.workload);
+
+    let status = service.stop();
+    assert_eq!(status.code(), Some(0), "{}", service.log());
+    receive_until(&notify, &mut got, "STOPPING", |m| {
+        m.iter().any(|m| m.starts_with("STOPPING=1"))
+    });
+    assert_eq!(
+        states(&got),
+        [
+            "READY=1",
+            "RELOADING=1",
+            "READY=1",
+            "RELOADING=1",
+            "READY=1",
+            "STOPPING=1"
+        ],
+        "{got:#?}"
+    );
+}
+
+#[test]
+fn no_watchdog_pets_without_watchdog_usec() {
+    let mut service = Service::new("", "info");
+    let notify_path = service.dir.path().join("notify.sock");
+    let notify = UnixDatagram::bind(&notify_path).unwrap();
+    notify
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    service.spawn(&[("NOTIFY_SOCKET", notify_path.to_str().unwrap())]);
+    let mut got = Vec::new();
+    receive_until(&notify, &mut got, "READY", |m| !m.is_empty());
+    assert_eq!(service.stop().code(), Some(0));
+    receive_until(&notify, &mut got, "STOPPING", |m| {
+        m.iter().any(|m| m.starts_with("STOPPING=1"))
+    });
+    assert!(!got.iter().any(|m| m.starts_with("WATCHDOG=1")), "{got:#?}");
+}
+
+#[test]
+fn socket_activation_serves_on_passed_fds_and_leaves_them_in_place() {
+    let mut service = Service::new("", "info");
+    std::fs::create_dir_all(service.workload.parent().unwrap()).unwrap();
+    let workload = UnixListener::bind(&service.workload).unwrap();
+    let admin = UnixListener::bind(&service.admin).unwrap();
+    // Modes writ would never choose: it must not touch sockets it was given.
+    std::fs::set_permissions(&service.workload, std::fs::Permissions::from_mode(0o766)).unwrap();
+    std::fs::set_permissions(&service.admin, std::fs::Permissions::from_mode(0o700)).unwrap();
+    service.spawn_socket_activated(workload, admin);
+    // Had writ ignored the fds, binding would have failed: a live socket
+    // is already at both paths.
+    let log = service.log();
+    assert!(log.contains("using the socket passed by systemd"), "{log}");
+    fetch_x509(&service.workload);
+    let (ok, out, err) = common::writ_cli(
+        &[
+            "entry",
+            "list",
+            "--admin-socket",
+            service.admin.to_str().unwrap(),
+        ],
+        None,
+    );
+    assert!(ok, "{out}{err}");
+
+    assert_eq!(service.stop().code(), Some(0), "{}", service.log());
+    for (path, mode) in [(&service.workload, 0o766), (&service.admin, 0o700)] {
+        let meta = std::fs::metadata(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        assert_eq!(
+            meta.permissions().mode() & 0o777,
+            mode,
+            "{}",
+            path.display()
+        );
+    }
+}
+
+#[test]
+fn sockets_writ_binds_itself_are_removed_on_stop() {
+    let mut service = Service::new("", "info");
+    service.spawn(&[]);
+    assert!(service.workload.exists() && service.admin.exists());
+    assert_eq!(service.stop().code(), Some(0), "{}", service.log());
+    assert!(!service.workload.exists(), "workload socket left behind");
+    assert!(!service.admin.exists(), "admin socket left behind");
+}
+
+#[test]
+fn health_and_metrics_over_http() {
+    let mut service = Service::new("", "info");
+    service.spawn(&[]);
+    let addr = service.http_addr();
+    assert_eq!(http_get(&addr, "/live"), (200, "live\n".to_owned()));
+    assert_eq!(http_get(&addr, "/ready"), (200, "ready\n".to_owned()));
+    assert_eq!(http_get(&addr, "/nothing-here").0, 404);
+    let (ok, out, err) = common::writ_cli(&["healthcheck", "--http", &addr], None);
+    assert!(ok, "{out}{err}");
+
+    let (status, before) = http_get(&addr, "/metrics");
+    assert_eq!(status, 200);
+    for name in [
+        "writ_attestation_seconds",
+        "writ_svids_issued",
+        "writ_tasks_active",
+        "writ_tasks_completed",
+        "writ_revocations",
+        "writ_open_streams",
+        "writ_policy_denials",
+        "writ_ca_expiry_seconds",
+        "writ_svid_expiry_seconds",
+        "writ_audit_write_seconds",
+        "writ_reloads",
+    ] {
+        assert!(
+            before.contains(&format!("# TYPE {name} ")),
+            "{name} missing:\n{before}"
+        );
+    }
+    assert!(metric(&before, "writ_ca_expiry_seconds") > 0.0, "{before}");
+    for reason in [
+        "end_task",
+        "process_exited",
+        "cgroup_empty",
+        "ttl_expired",
+        "parent_completed",
+    ] {
+        let series = format!("writ_tasks_completed_total{{reason=\"{reason}\"}} 0");
+        assert!(before.contains(&series), "{series} missing:\n{before}");
+    }
+
+    // A fresh SVID is minted on this first fetch: the counter moves, and
+    // the attestation and audit histograms saw it.
+    fetch_x509(&service.workload);
+    let (_, after) = http_get(&addr, "/metrics");
+    let issued = |page: &str| metric(page, "writ_svids_issued_total{kind=\"x509\"}");
+    assert_eq!(issued(&after), issued(&before) + 1.0, "{after}");
+    assert!(
+        metric(&after, "writ_attestation_seconds_count")
+            > metric(&before, "writ_attestation_seconds_count")
+    );
+    assert!(
+        metric(&after, "writ_audit_write_seconds_count")
+            > metric(&before, "writ_audit_write_seconds_count")
+    );
+    assert!(metric(&after, "writ_svid_expiry_seconds") > 0.0, "{after}");
+
+    let out = Command::new(WRIT)
+        .args(["api", "fetch", "jwt", "--audience", "ops-test", "--socket"])
+        .arg(&service.workload)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (_, page) = http_get(&addr, "/metrics");
+    assert_eq!(metric(&page, "writ_svids_issued_total{kind=\"jwt\"}"), 1.0);
+
+    // An open stream shows, and the gauge falls back when it closes.
+    let mut watch = Command::new(WRIT)
+        .args(["api", "watch", "--socket"])
+        .arg(&service.workload)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut first = [0u8; 1];
+    watch
+        .stdout
+        .as_mut()
+        .unwrap()
+        .read_exact(&mut first)
+        .unwrap();
+    let (_, page) = http_get(&addr, "/metrics");
+    assert_eq!(metric(&page, "writ_open_streams"), 1.0, "{page}");
+    let _ = watch.kill();
+    let _ = watch.wait();
+    wait_for(Duration::from_secs(20), "the stream gauge to drop", || {
+        let (_, page) = http_get(&addr, "/metrics");
+        (metric(&page, "writ_open_streams") == 0.0).then_some(())
+    });
+
+    // While stopping, /ready would answer 503; after exit, nothing listens.
+    assert_eq!(service.stop().code(), Some(0), "{}", service.log());
+    assert!(std::net::TcpStream::connect(&addr).is_err());
+    let (ok, _, _) = common::writ_cli(&["healthcheck", "--http", &addr], None);
+    assert!(!ok, "healthcheck passed with writ stopped");
+}
+
+#[test]
+fn sigterm_ends_open_streams_and_exits_zero() {
+    let mut service = Service::new("", "info");
+    service.spawn(&[]);
+    let mut watch = Command::new(WRIT)
+        .args(["api", "watch", "--socket"])
+        .arg(&service.workload)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = [0u8; 1];
+    watch
+        .stdout
+        .as_mut()
+        .unwrap()
+        .read_exact(&mut first)
+        .unwrap();
+
+    let status = service.stop();
+    assert_eq!(status.code(), Some(0), "{}", service.log());
+    // The stream was ended by writ (not cut off at the deadline), so the
+    // drain never needed to give up.
+    let log = service.log();
+    assert!(!log.contains("drain deadline"), "{log}");
+    assert!(log.contains("writ stopped"), "{log}");
+    let watch_exit = wait_for(Duration::from_secs(20), "the watch client to end", || {
+        watch.try_wait().unwrap()
+    });
+    let _ = watch_exit;
+    // The audit trail was closed with its final checkpoint.
+    let (ok, out, err) = common::writ_cli(
+        &[
+            "audit",
+            "verify",
+            "--config",
+            service.config_path.to_str().unwrap(),
+        ],
+        None,
+    );
+    assert!(ok, "{out}{err}");
+}
+
+#[test]
+fn json_logs_go_to_stderr_one_object_per_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut service = Service::new("", "info");
+    let stdout_path = dir.path().join("stdout");
+    let stderr_path = dir.path().join("stderr");
+    let child = Command::new(WRIT)
+        .args(["run", "--log-format", "json", "--config"])
+        .arg(&service.config_path)
+        .env_remove("WRIT_LOG")
+        .stdout(std::fs::File::create(&stdout_path).unwrap())
+        .stderr(std::fs::File::create(&stderr_path).unwrap())
+        .spawn()
+        .unwrap();
+    service.child = Some(child);
+    wait_for(Duration::from_secs(30), "the start log line", || {
+        common::read_to_string(&stderr_path)
+            .contains("writ started")
+            .then_some(())
+    });
+    assert_eq!(service.stop().code(), Some(0));
+    let stderr = common::read_to_string(&stderr_path);
+    let mut started = None;
+    for line in stderr.lines() {
+        let event: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line:?}"));
+        if event["message"] == "writ started" {
+            started = Some(event);
+        }
+    }
+    let started = started.expect("a writ started event");
+    assert_eq!(started["level"], "INFO");
+    assert_eq!(started["trust_domain"], "writ.test");
+    assert!(!common::read_to_string(&stdout_path).contains("\"level\""));
+}
+
+#[test]
+fn systemd_units_verify() {
+    let Ok(analyze) = which("systemd-analyze") else {
+        eprintln!("SKIPPED: systemd-analyze is not installed; the units were not verified");
+        return;
+    };
+    let units = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/systemd");
+    let dir = tempfile::tempdir().unwrap();
+    for name in ["writ.service", "writ.socket", "writ-admin.socket"] {
+        let text = std::fs::read_to_string(units.join(name)).unwrap();
+        // verify checks that ExecStart= names an executable; use the one
+        // under test instead of the installed path.
+        std::fs::write(dir.path().join(name), text.replace("/usr/bin/writ", WRIT)).unwrap();
+    }
+    let out = Command::new(analyze)
+        .args(["verify", "--man=no"])
+        .args(["writ.service", "writ.socket", "writ-admin.socket"])
+        .current_dir(dir.path())
+        .env("SYSTEMD_LOG_LEVEL", "notice")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.trim().is_empty(),
+        "systemd-analyze complained:\n{stderr}"
+    );
+}
+
+fn which(name: &str) -> Result<PathBuf, ()> {
+    std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+        .ok_or(())
+}
