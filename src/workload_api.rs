@@ -217,11 +217,19 @@ fn x509_svid_snapshot(
         let mut svids = Vec::with_capacity(entitlements.len());
         let mut serials = Vec::with_capacity(entitlements.len());
         let mut refresh_at: Option<SystemTime> = None;
+        let mut keys = keys;
         for entitlement in &entitlements {
-            let cached = agent
-                .svid_for(entitlement, now, &issuance)
-                .await
-                .map_err(agent_status)?;
+            let cached = match agent.svid_for(entitlement, now, &issuance).await {
+                Ok(cached) => cached,
+                // The task ended between resolving and issuing: the full
+                // state is simply the state without it, and the completion's
+                // own notification brings the next update.
+                Err(AgentError::TaskCompleted(_)) => {
+                    keys.retain(|k| k != &entitlement.cache_key);
+                    continue;
+                }
+                Err(e) => return Err(agent_status(e)),
+            };
             refresh_at = Some(refresh_at.map_or(cached.rotate_at, |r| r.min(cached.rotate_at)));
             serials.push(cached.svid.serial.clone());
             svids.push(pb::X509svid {
@@ -231,6 +239,10 @@ fn x509_svid_snapshot(
                 bundle: own.x509_der.clone(),
                 hint: entitlement.hint.clone(),
             });
+        }
+        if svids.is_empty() {
+            // Every identity was a task that has just ended.
+            return Err(Status::permission_denied("no identity issued"));
         }
         Ok(Snapshot {
             message: pb::X509svidResponse {

@@ -347,6 +347,45 @@ fn task_commands_begin_inspect_and_end_a_task() {
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
+    let watch_out = watch.stdout.take().unwrap();
+    let (lines_tx, lines) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(watch_out)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = lines_tx.send(line);
+        }
+    });
+    // The watcher subscribes asynchronously: probe until it reports a task.
+    let mut live = false;
+    for i in 0..50 {
+        let probe = format!("probe-{i}");
+        let (ok, _, e) = writ_cli(
+            &[
+                "task",
+                "begin",
+                "--admin-socket",
+                &a,
+                "--pid",
+                &pid,
+                "--id",
+                &probe,
+            ],
+            None,
+        );
+        assert!(ok, "{e}");
+        assert!(writ_cli(&["task", "end", &probe, "--admin-socket", &a], None).0);
+        if lines
+            .recv_timeout(Duration::from_millis(300))
+            .is_ok_and(|l| l.contains("probe-"))
+        {
+            live = true;
+            break;
+        }
+    }
+    assert!(live, "task watch never reported a task");
     let (ok, out, stderr) = writ_cli(
         &[
             "task",
@@ -421,13 +460,18 @@ fn task_commands_begin_inspect_and_end_a_task() {
     );
 
     // The watcher saw the task begin and complete, once each.
-    std::thread::sleep(Duration::from_millis(300));
+    let mut events: Vec<serde_json::Value> = Vec::new();
+    while let Ok(line) = lines.recv_timeout(Duration::from_secs(2)) {
+        let event: serde_json::Value = serde_json::from_str(&line).unwrap();
+        if event["task"]["task_id"] == "t-cli" {
+            events.push(event);
+        }
+        if events.len() == 2 {
+            break;
+        }
+    }
     let _ = watch.kill();
-    let out = watch.wait_with_output().unwrap();
-    let events: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let _ = watch.wait();
     let kinds: Vec<_> = events
         .iter()
         .map(|e| e["event"].as_str().unwrap().to_owned())

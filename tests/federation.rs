@@ -575,7 +575,14 @@ federates_with = ["a.test"]
     huge.extend_from_slice(b"\r\n\r\n");
     match raw_https(port_a, endpoint_id, &a_roots, &huge).await {
         Ok((status, _, _)) => assert_eq!(status, 431, "an oversized head must not be served"),
-        Err(e) => assert!(e.contains("no response head"), "{e}"),
+        // The server may close before it has read (and we have written)
+        // the whole oversized head: a reset or broken pipe is a refusal too.
+        Err(e) => assert!(
+            ["no response head", "Broken pipe", "reset", "close_notify"]
+                .iter()
+                .any(|m| e.contains(m)),
+            "{e}"
+        ),
     }
     // Another SPIFFE ID than the endpoint's is refused by the client check.
     let wrong = raw_https(port_a, "spiffe://a.test/other", &a_roots, get).await;

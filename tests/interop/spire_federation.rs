@@ -321,7 +321,7 @@ x509_svid_ttl = "5s"
 jwt_svid_ttl = "5s"
 
 [tasks]
-x509_svid_ttl = "5s"
+x509_svid_ttl = "60s"
 
 [federation]
 min_refresh_interval = "1s"
@@ -408,14 +408,6 @@ federates_with = ["spire.test"]
             .await
             .unwrap()
             .into_inner();
-        let writ_side = first_x509(&writ.socket).await;
-        assert_eq!(writ_side.svids[0].spiffe_id, task.spiffe_id);
-        assert!(
-            writ_side
-                .federated_bundles
-                .contains_key("spiffe://spire.test"),
-            "writ did not deliver SPIRE's bundle"
-        );
 
         // The SPIRE workload, through the real spire-agent.
         let agent_socket = spire.agent_socket.clone();
@@ -442,6 +434,15 @@ federates_with = ["spire.test"]
             }
         };
         assert_eq!(spire_side.svids[0].spiffe_id, SPIRE_WORKLOAD);
+        // Fetched now, right before the handshake, so it is fresh.
+        let writ_side = first_x509(&writ.socket).await;
+        assert_eq!(writ_side.svids[0].spiffe_id, task.spiffe_id);
+        assert!(
+            writ_side
+                .federated_bundles
+                .contains_key("spiffe://spire.test"),
+            "writ did not deliver SPIRE's bundle"
+        );
 
         // Mutual TLS: the SPIRE workload serves, the writ task calls; each
         // trusts the other only through the bundle its own agent federated.
