@@ -11,6 +11,7 @@ pub mod config;
 pub mod entries;
 pub mod identity;
 pub mod peer;
+pub mod policy;
 pub mod service;
 pub mod spiffe_id;
 pub mod store;

@@ -4,6 +4,7 @@
 pub mod admin;
 pub mod api;
 pub mod client;
+pub mod policy;
 
 use std::path::{Path, PathBuf};
 
@@ -59,6 +60,11 @@ pub enum Command {
     Bundle {
         #[command(subcommand)]
         command: admin::BundleCommand,
+    },
+    /// Try Cedar policies offline (exit 0 allow, 1 deny, 2 bad input).
+    Policy {
+        #[command(subcommand)]
+        command: policy::PolicyCommand,
     },
 }
 
@@ -191,6 +197,7 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
         Command::Task { command } => admin::task(command).await,
         Command::Entry { command } => admin::entry(command).await,
         Command::Bundle { command } => admin::bundle(command).await,
+        Command::Policy { command } => std::process::exit(policy::run(command)),
     }
 }
 
