@@ -14,6 +14,7 @@ pub mod federation;
 pub mod identity;
 pub mod jwt;
 pub mod peer;
+pub mod policy;
 pub mod service;
 pub mod spiffe_id;
 pub mod store;

@@ -5,6 +5,7 @@ pub mod admin;
 pub mod api;
 pub mod audit;
 pub mod client;
+pub mod policy;
 
 use std::path::{Path, PathBuf};
 
@@ -73,6 +74,11 @@ pub enum Command {
     Audit {
         #[command(subcommand)]
         command: audit::AuditCommand,
+    },
+    /// Try Cedar policies offline (exit 0 allow, 1 deny, 2 bad input).
+    Policy {
+        #[command(subcommand)]
+        command: policy::PolicyCommand,
     },
 }
 
@@ -310,6 +316,7 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
         Command::Entry { command } => admin::entry(command).await,
         Command::Bundle { command } => admin::bundle(command).await,
         Command::Audit { command } => audit::audit(command).await,
+        Command::Policy { command } => std::process::exit(policy::run(command)),
     }
 }
 
