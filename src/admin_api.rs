@@ -82,7 +82,9 @@ pub fn task_status(e: TaskError) -> Status {
         TaskError::NotFound(_) => Status::not_found(e.to_string()),
         TaskError::AlreadyExists(_) => Status::already_exists(e.to_string()),
         TaskError::Completed(_) => Status::failed_precondition(e.to_string()),
-        TaskError::PermissionDenied(_) => Status::permission_denied(e.to_string()),
+        TaskError::PermissionDenied(_) | TaskError::PolicyDenied(_) => {
+            Status::permission_denied(e.to_string())
+        }
         TaskError::Store(_) | TaskError::Audit(_) => Status::unavailable(e.to_string()),
     }
 }
@@ -192,6 +194,11 @@ impl pb::tasks_server::Tasks for TasksService {
             start_time: admin.caller.process.start_time(),
             spiffe_id: own_id,
             uid: attestation.snapshot.uid,
+            selectors: attestation
+                .selectors
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
             may_bind_any_pid: matches_any(&ctx.auth.bind_any_pid, &admin.selectors),
             may_bind_same_uid: ctx.auth.bind_same_uid,
         };
@@ -208,10 +215,41 @@ impl pb::tasks_server::Tasks for TasksService {
         request: Request<pb::EndTaskRequest>,
     ) -> Result<Response<pb::Task>, Status> {
         let ctx = &self.0;
-        ctx.authorize(&request)?;
+        let admin = ctx.authorize(&request)?;
         let req = request.into_inner();
         if req.task_id.is_empty() {
             return Err(Status::invalid_argument("task_id: required"));
+        }
+        // Ending an active task is a decision too (a completed one is
+        // reported as it is, whoever asks).
+        if let Some(active) = ctx.agent.active_task(&req.task_id) {
+            let attestation = ctx.agent.attest(&admin.caller).map_err(agent_status)?;
+            let own_id = ctx
+                .agent
+                .entitlements(&attestation)
+                .into_iter()
+                .next()
+                .map(|e| e.spiffe_id);
+            let selectors: Vec<String> = admin.selectors.iter().map(|s| s.to_string()).collect();
+            let request = crate::policy::PolicyRequest::EndTask {
+                caller: crate::policy::Workload {
+                    spiffe_id: own_id.as_ref().map(|s| s.to_string()),
+                    selectors: selectors.clone(),
+                    pid: admin.caller.pid,
+                    uid: attestation.snapshot.uid,
+                },
+                task: crate::policy::TaskFacts::from(&*active),
+            };
+            let facts = crate::audit::CallerFacts {
+                spiffe_ids: own_id.iter().map(|s| s.to_string()).collect(),
+                pid: admin.caller.pid,
+                uid: attestation.snapshot.uid,
+                selectors,
+            };
+            let decision = ctx.agent.authorize(&request, Some(facts), true).await;
+            if !decision.allowed {
+                return Err(Status::permission_denied(decision.denial_message()));
+            }
         }
         let task = ctx
             .tasks

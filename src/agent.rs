@@ -161,6 +161,7 @@ impl TaskIndex {
 }
 
 pub struct Agent {
+    policy: RwLock<crate::policy::PolicyEngine>,
     audit: std::sync::OnceLock<Arc<AuditLog>>,
     validation_keys: RwLock<Option<(Vec<u64>, Arc<JwtKeySet>)>>,
     trust_domain: TrustDomain,
@@ -197,6 +198,7 @@ impl Agent {
         Self {
             trust_domain,
             validation_keys: RwLock::new(None),
+            policy: RwLock::new(crate::policy::PolicyEngine::builtin_default()),
             audit: std::sync::OnceLock::new(),
             attestors,
             store,
@@ -275,6 +277,49 @@ impl Agent {
 
     pub fn store(&self) -> &Arc<Store> {
         &self.store
+    }
+
+    /// The policy set in force; a cheap handle, swapped whole on reload.
+    pub fn policy(&self) -> crate::policy::PolicyEngine {
+        read_lock(&self.policy).clone()
+    }
+
+    pub fn set_policy(&self, engine: crate::policy::PolicyEngine) {
+        *write_lock(&self.policy) = engine;
+    }
+
+    /// Evaluates `request` against the policy in force. A denial is counted
+    /// and, when `record` is set, written to the audit trail with the
+    /// deciding policy ids; the decision is returned either way.
+    pub async fn authorize(
+        &self,
+        request: &crate::policy::PolicyRequest,
+        audit_caller: Option<CallerFacts>,
+        record: bool,
+    ) -> crate::policy::Decision {
+        let decision = self
+            .policy()
+            .evaluate(request, time::OffsetDateTime::now_utc());
+        if !decision.allowed {
+            self.metrics().policy_denials.inc();
+            if record {
+                let mut event = AuditEvent::new(EventKind::Denied, ulid::Ulid::new().to_string())
+                    .decision(
+                        request.action_name(),
+                        false,
+                        decision.deciding_policies.clone(),
+                    )
+                    .reason(decision.denial_message());
+                if let Some(caller) = audit_caller {
+                    event = event.caller(caller);
+                }
+                if !decision.errors.is_empty() {
+                    event = event.detail("errors", decision.errors.clone());
+                }
+                self.record_best_effort(event).await;
+            }
+        }
+        decision
     }
 
     pub fn set_audit(&self, log: Arc<AuditLog>) {

@@ -57,6 +57,8 @@ pub enum ServiceError {
     Reflection(#[from] tonic_reflection::server::Error),
     #[error("store: {0}")]
     Store(#[from] StoreError),
+    #[error("loading policies:\n{0}")]
+    Policy(String),
     #[error("opening the audit trail: {0}")]
     Audit(#[from] crate::audit::AuditError),
     #[error("restoring tasks: {0}")]
@@ -163,6 +165,7 @@ pub async fn build(config: &Config) -> Result<Services, ServiceError> {
         Arc::new(crate::agent::CaCheckpointSigner(Arc::downgrade(&agent))),
     )?;
     agent.set_audit(audit);
+    agent.set_policy(load_policy(&config.policy.files)?);
     tokio::spawn(agent.clone().run_crl_publisher());
     tasks.restore().await?;
     agent.publish_crls().await?;
@@ -252,6 +255,7 @@ pub async fn run(
         workload_socket.display()
     );
     let reloader = tokio::spawn(reload_on_sighup(Reloader {
+        agent: agent.clone(),
         current: config.clone(),
         path: config_path,
         entries: services.entries.clone(),
@@ -475,6 +479,7 @@ fn refresh_gauges(services: &Services) -> Refresh {
 }
 
 struct Reloader {
+    agent: Arc<Agent>,
     current: Config,
     path: Option<PathBuf>,
     entries: Arc<EntryStore>,
@@ -541,8 +546,17 @@ impl Reloader {
                 "reload: trust domain, data dir, sockets, admin, CA, federation or telemetry settings changed; they take effect on restart"
             );
         }
-        // The log level goes first: it is the only step that can fail, and
-        // failing before the entries change keeps the reload all-or-nothing.
+        // Policies are parsed and validated before anything changes: a bad
+        // file leaves the running policy (and everything else) in force.
+        let policy = match load_policy(&next.policy.files) {
+            Ok(engine) => engine,
+            Err(e) => {
+                tracing::error!(error = %e, "reload refused; keeping the running policies");
+                return Err(e.to_string());
+            }
+        };
+        // The log level goes next: it can fail too, and failing before the
+        // entries change keeps the reload all-or-nothing.
         if next.log.level != current.log.level
             && let Some(control) = &self.log_control
         {
@@ -552,10 +566,44 @@ impl Reloader {
         self.entries
             .set_config_registry(Registry::from_config(&next))
             .await;
+        let policy_source = policy.source().to_owned();
+        let policy_ids = policy.policy_ids();
+        self.agent.set_policy(policy);
+        self.agent
+            .record_best_effort(
+                crate::audit::AuditEvent::new(
+                    crate::audit::EventKind::PolicyReloaded,
+                    ulid::Ulid::new().to_string(),
+                )
+                .detail("source", policy_source)
+                .detail("policies", policy_ids),
+            )
+            .await;
         tracing::info!(path = %path.display(), entries = next.entries.len(), "configuration reloaded");
         self.current = next;
         Ok(())
     }
+}
+
+/// The configured Cedar policies, validated against writ's schema; with no
+/// files, the built-in permissive policy (the quick start).
+fn load_policy(files: &[PathBuf]) -> Result<crate::policy::PolicyEngine, ServiceError> {
+    if files.is_empty() {
+        return Ok(crate::policy::PolicyEngine::builtin_default());
+    }
+    let engine = crate::policy::PolicyEngine::load(files).map_err(|e| {
+        let problems: Vec<String> = e.problems().iter().map(|p| p.to_string()).collect();
+        ServiceError::Policy(if problems.is_empty() {
+            e.to_string()
+        } else {
+            problems.join("\n")
+        })
+    })?;
+    for warning in engine.warnings() {
+        tracing::warn!(warning = %warning, "policy validation warning");
+    }
+    tracing::info!(source = %engine.source(), policies = engine.policy_ids().len(), "policies loaded");
+    Ok(engine)
 }
 
 async fn rotate_ca_forever(agent: Arc<Agent>) {

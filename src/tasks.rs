@@ -37,6 +37,8 @@ pub enum TaskError {
     Store(#[from] StoreError),
     #[error("audit trail unavailable; the task was not begun: {0}")]
     Audit(String),
+    #[error("{0}")]
+    PolicyDenied(String),
 }
 
 fn invalid(field: &'static str, reason: impl Into<String>) -> TaskError {
@@ -160,6 +162,8 @@ pub struct Orchestrator {
     /// The caller's default SPIFFE ID, if it has one.
     pub spiffe_id: Option<SpiffeId>,
     pub uid: u32,
+    /// The caller's attested selectors, for policy decisions.
+    pub selectors: Vec<String>,
     /// May bind processes that are not its descendants.
     pub may_bind_any_pid: bool,
     /// May bind processes running under its own uid.
@@ -393,6 +397,38 @@ impl TaskManager {
             expires_at,
             completion: None,
         });
+        // Intent is checked against policy before anything is stored: a
+        // sub-task is judged as a delegation, with its parent in context.
+        let workload = crate::policy::Workload {
+            spiffe_id: caller.spiffe_id.as_ref().map(|s| s.to_string()),
+            selectors: caller.selectors.clone(),
+            pid: caller.pid,
+            uid: caller.uid,
+        };
+        let request = match &parent {
+            Some(parent) => crate::policy::PolicyRequest::DelegateTask {
+                caller: workload,
+                parent: crate::policy::TaskFacts::from(&**parent),
+                task: crate::policy::TaskFacts::from(&*task),
+            },
+            None => crate::policy::PolicyRequest::BeginTask {
+                caller: workload,
+                task: crate::policy::TaskFacts::from(&*task),
+            },
+        };
+        let audit_caller = CallerFacts {
+            spiffe_ids: caller.spiffe_id.iter().map(|s| s.to_string()).collect(),
+            pid: caller.pid,
+            uid: caller.uid,
+            selectors: caller.selectors.clone(),
+        };
+        let decision = self
+            .agent
+            .authorize(&request, Some(audit_caller), true)
+            .await;
+        if !decision.allowed {
+            return Err(TaskError::PolicyDenied(decision.denial_message()));
+        }
         // Recorded before it exists: a task the trail does not know about is
         // never begun.
         self.agent

@@ -97,6 +97,21 @@ pub struct Entitled {
 }
 
 impl Entitled {
+    /// The caller as policies see it: its default SPIFFE ID and selectors.
+    pub fn policy_workload(&self, caller: &Caller) -> crate::policy::Workload {
+        crate::policy::Workload {
+            spiffe_id: self.entitlements.first().map(|e| e.spiffe_id.to_string()),
+            selectors: self
+                .attestation
+                .selectors
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
+            pid: caller.pid,
+            uid: self.attestation.snapshot.uid,
+        }
+    }
+
     /// The caller as the audit trail records it.
     pub fn caller_facts(&self, caller: &Caller) -> CallerFacts {
         CallerFacts {
@@ -114,6 +129,18 @@ impl Entitled {
                 .map(|s| s.to_string())
                 .collect(),
         }
+    }
+}
+
+/// The identity about to be issued, as policies see it.
+fn identity_facts(agent: &Agent, entitlement: &Entitlement) -> crate::policy::IdentityFacts {
+    crate::policy::IdentityFacts {
+        spiffe_id: entitlement.spiffe_id.to_string(),
+        task: entitlement
+            .task_id
+            .as_deref()
+            .and_then(|t| agent.active_task(t))
+            .map(|t| crate::policy::TaskFacts::from(&*t)),
     }
 }
 
@@ -196,8 +223,32 @@ fn x509_svid_snapshot(
 ) -> SnapshotFuture<pb::X509svidResponse> {
     Box::pin(async move {
         let entitled = entitled(&agent, &caller, "IssueX509SVID").await?;
-        let issuance = Issuance::new(Some(entitled.caller_facts(&caller)));
-        let entitlements = entitled.entitlements;
+        let facts = entitled.caller_facts(&caller);
+        let issuance = Issuance::new(Some(facts.clone()));
+        // Each identity is checked against policy for this caller; denials
+        // are recorded on a stream's first response, not on every refresh.
+        let first_response = previous_keys.is_empty();
+        let mut entitlements = Vec::with_capacity(entitled.entitlements.len());
+        let mut last_denial = None;
+        for entitlement in entitled.entitlements.iter() {
+            let request = crate::policy::PolicyRequest::IssueX509Svid {
+                caller: entitled.policy_workload(&caller),
+                identity: identity_facts(&agent, entitlement),
+            };
+            let decision = agent
+                .authorize(&request, Some(facts.clone()), first_response)
+                .await;
+            if decision.allowed {
+                entitlements.push(entitlement.clone());
+            } else {
+                last_denial = Some(decision.denial_message());
+            }
+        }
+        if entitlements.is_empty() {
+            return Err(Status::permission_denied(
+                last_denial.unwrap_or_else(|| "no identity issued".to_owned()),
+            ));
+        }
         let now = SystemTime::now();
         let keys: Vec<String> = entitlements.iter().map(|e| e.cache_key.clone()).collect();
         // A task identity this stream carried is gone: the task is over, so
@@ -481,7 +532,29 @@ impl SpiffeWorkloadApi for WorkloadApi {
         let entitled = entitled(&self.agent, &caller, "IssueJWTSVID").await?;
         let facts = entitled.caller_facts(&caller);
         let correlation_id = ulid::Ulid::new().to_string();
-        let mut entitlements = entitled.entitlements;
+        let mut entitlements = Vec::with_capacity(entitled.entitlements.len());
+        let mut last_denial = None;
+        for entitlement in entitled.entitlements.iter() {
+            let request = crate::policy::PolicyRequest::IssueJwtSvid {
+                caller: entitled.policy_workload(&caller),
+                identity: identity_facts(&self.agent, entitlement),
+                audience: req.audience.clone(),
+            };
+            let decision = self
+                .agent
+                .authorize(&request, Some(facts.clone()), true)
+                .await;
+            if decision.allowed {
+                entitlements.push(entitlement.clone());
+            } else {
+                last_denial = Some(decision.denial_message());
+            }
+        }
+        if entitlements.is_empty() {
+            return Err(Status::permission_denied(
+                last_denial.unwrap_or_else(|| "no identity issued".to_owned()),
+            ));
+        }
         if let Some(wanted) = &wanted {
             entitlements.retain(|e| &e.spiffe_id == wanted);
             if entitlements.is_empty() {
