@@ -38,6 +38,27 @@ pub struct WorkloadApi {
 }
 
 impl WorkloadApi {
+    /// Starts a full-state stream: the first snapshot is taken here, so a
+    /// caller with nothing to receive gets the error as the RPC's status
+    /// rather than as a stream message; changes are subscribed to first, so
+    /// none between that snapshot and the stream's start is missed.
+    async fn open_stream<T: Send + 'static>(
+        &self,
+        caller: Arc<Caller>,
+        snapshot: fn(Arc<Agent>, Arc<Caller>, Vec<String>) -> SnapshotFuture<T>,
+    ) -> Result<Response<StreamOf<T>>, Status> {
+        let changes = self.agent.subscribe();
+        let first = snapshot(self.agent.clone(), caller.clone(), Vec::new()).await?;
+        Ok(Response::new(spawn_stream(
+            self.agent.clone(),
+            caller,
+            self.reattest_interval,
+            changes,
+            first,
+            snapshot,
+        )))
+    }
+
     pub fn new(agent: Arc<Agent>, reattest_interval: Duration) -> Self {
         Self {
             agent,
@@ -130,6 +151,43 @@ impl Entitled {
                 .collect(),
         }
     }
+}
+
+/// The caller's entitlements that policy lets it receive now, in order;
+/// PermissionDenied with the deciding policies when none is left.
+async fn permitted(
+    agent: &Agent,
+    entitled: &Entitled,
+    caller: &Caller,
+    facts: &CallerFacts,
+    record_denials: bool,
+    request: impl Fn(
+        crate::policy::Workload,
+        crate::policy::IdentityFacts,
+    ) -> crate::policy::PolicyRequest,
+) -> Result<Vec<Entitlement>, Status> {
+    let mut allowed = Vec::with_capacity(entitled.entitlements.len());
+    let mut last_denial = None;
+    for entitlement in &entitled.entitlements {
+        let request = request(
+            entitled.policy_workload(caller),
+            identity_facts(agent, entitlement),
+        );
+        let decision = agent
+            .authorize(&request, Some(facts.clone()), record_denials)
+            .await;
+        if decision.allowed {
+            allowed.push(entitlement.clone());
+        } else {
+            last_denial = Some(decision.denial_message());
+        }
+    }
+    if allowed.is_empty() {
+        return Err(Status::permission_denied(
+            last_denial.unwrap_or_else(|| "no identity issued".to_owned()),
+        ));
+    }
+    Ok(allowed)
 }
 
 /// The identity about to be issued, as policies see it.
@@ -227,28 +285,15 @@ fn x509_svid_snapshot(
         let issuance = Issuance::new(Some(facts.clone()));
         // Each identity is checked against policy for this caller; denials
         // are recorded on a stream's first response, not on every refresh.
-        let first_response = previous_keys.is_empty();
-        let mut entitlements = Vec::with_capacity(entitled.entitlements.len());
-        let mut last_denial = None;
-        for entitlement in entitled.entitlements.iter() {
-            let request = crate::policy::PolicyRequest::IssueX509Svid {
-                caller: entitled.policy_workload(&caller),
-                identity: identity_facts(&agent, entitlement),
-            };
-            let decision = agent
-                .authorize(&request, Some(facts.clone()), first_response)
-                .await;
-            if decision.allowed {
-                entitlements.push(entitlement.clone());
-            } else {
-                last_denial = Some(decision.denial_message());
-            }
-        }
-        if entitlements.is_empty() {
-            return Err(Status::permission_denied(
-                last_denial.unwrap_or_else(|| "no identity issued".to_owned()),
-            ));
-        }
+        let entitlements = permitted(
+            &agent,
+            &entitled,
+            &caller,
+            &facts,
+            previous_keys.is_empty(),
+            |caller, identity| crate::policy::PolicyRequest::IssueX509Svid { caller, identity },
+        )
+        .await?;
         let now = SystemTime::now();
         let keys: Vec<String> = entitlements.iter().map(|e| e.cache_key.clone()).collect();
         // A task identity this stream carried is gone: the task is over, so
@@ -482,18 +527,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
         request: Request<pb::X509svidRequest>,
     ) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
         let caller = authenticate(&request)?;
-        let changes = self.agent.subscribe();
-        // Fail the call itself (not a stream message) when the caller has no
-        // identity, so clients see PermissionDenied as the RPC status.
-        let first = x509_svid_snapshot(self.agent.clone(), caller.clone(), Vec::new()).await?;
-        Ok(Response::new(spawn_stream(
-            self.agent.clone(),
-            caller,
-            self.reattest_interval,
-            changes,
-            first,
-            x509_svid_snapshot,
-        )))
+        self.open_stream(caller, x509_svid_snapshot).await
     }
 
     async fn fetch_x509_bundles(
@@ -501,16 +535,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
         request: Request<pb::X509BundlesRequest>,
     ) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
         let caller = authenticate(&request)?;
-        let changes = self.agent.subscribe();
-        let first = x509_bundles_snapshot(self.agent.clone(), caller.clone(), Vec::new()).await?;
-        Ok(Response::new(spawn_stream(
-            self.agent.clone(),
-            caller,
-            self.reattest_interval,
-            changes,
-            first,
-            x509_bundles_snapshot,
-        )))
+        self.open_stream(caller, x509_bundles_snapshot).await
     }
 
     /// One token per identity the caller holds (default first), or for the
@@ -532,29 +557,20 @@ impl SpiffeWorkloadApi for WorkloadApi {
         let entitled = entitled(&self.agent, &caller, "IssueJWTSVID").await?;
         let facts = entitled.caller_facts(&caller);
         let correlation_id = ulid::Ulid::new().to_string();
-        let mut entitlements = Vec::with_capacity(entitled.entitlements.len());
-        let mut last_denial = None;
-        for entitlement in entitled.entitlements.iter() {
-            let request = crate::policy::PolicyRequest::IssueJwtSvid {
-                caller: entitled.policy_workload(&caller),
-                identity: identity_facts(&self.agent, entitlement),
-                audience: req.audience.clone(),
-            };
-            let decision = self
-                .agent
-                .authorize(&request, Some(facts.clone()), true)
-                .await;
-            if decision.allowed {
-                entitlements.push(entitlement.clone());
-            } else {
-                last_denial = Some(decision.denial_message());
-            }
-        }
-        if entitlements.is_empty() {
-            return Err(Status::permission_denied(
-                last_denial.unwrap_or_else(|| "no identity issued".to_owned()),
-            ));
-        }
+        let audience = req.audience.clone();
+        let mut entitlements = permitted(
+            &self.agent,
+            &entitled,
+            &caller,
+            &facts,
+            true,
+            |caller, identity| crate::policy::PolicyRequest::IssueJwtSvid {
+                caller,
+                identity,
+                audience: audience.clone(),
+            },
+        )
+        .await?;
         if let Some(wanted) = &wanted {
             entitlements.retain(|e| &e.spiffe_id == wanted);
             if entitlements.is_empty() {
@@ -607,16 +623,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
         request: Request<pb::JwtBundlesRequest>,
     ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
         let caller = authenticate(&request)?;
-        let changes = self.agent.subscribe();
-        let first = jwt_bundles_snapshot(self.agent.clone(), caller.clone(), Vec::new()).await?;
-        Ok(Response::new(spawn_stream(
-            self.agent.clone(),
-            caller,
-            self.reattest_interval,
-            changes,
-            first,
-            jwt_bundles_snapshot,
-        )))
+        self.open_stream(caller, jwt_bundles_snapshot).await
     }
 
     /// Any caller that attests (alive, selectors readable) may validate, as
