@@ -52,7 +52,11 @@ fn issue_request() -> PolicyRequest {
     PolicyRequest::IssueX509Svid {
         caller: Workload {
             spiffe_id: Some(task.spiffe_id.clone()),
-            selectors: vec!["unix:uid:1000".into(), "unix:gid:1000".into(), "cgroup:path:/writ.slice/t-42".into()],
+            selectors: vec![
+                "unix:uid:1000".into(),
+                "unix:gid:1000".into(),
+                "cgroup:path:/writ.slice/t-42".into(),
+            ],
             pid: 4242,
             uid: 1000,
         },
@@ -121,7 +125,10 @@ async fn bench_audit(dir: &Path, concurrency: usize, per_task: usize) {
     }
     let elapsed = started.elapsed();
     let n = all.len();
-    report(&format!("audit append (fsynced), {concurrency} appender(s)"), all);
+    report(
+        &format!("audit append (fsynced), {concurrency} appender(s)"),
+        all,
+    );
     println!(
         "{:<44} {:.0} records/s",
         "",
@@ -134,7 +141,11 @@ fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
     let iterations = if quick { 2_000 } else { 20_000 };
     println!("policy evaluation (IssueX509SVID, task identity):");
-    bench_policy("built-in policy", &PolicyEngine::builtin_default(), iterations);
+    bench_policy(
+        "built-in policy",
+        &PolicyEngine::builtin_default(),
+        iterations,
+    );
     let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("policy/examples");
     let mut files: Vec<_> = std::fs::read_dir(&examples)
         .expect("policy/examples")
@@ -143,10 +154,17 @@ fn main() {
         .collect();
     files.sort();
     let engine = PolicyEngine::load(&files).expect("example policies load");
-    bench_policy(&format!("example policies ({} files)", files.len()), &engine, iterations);
+    bench_policy(
+        &format!("example policies ({} files)", files.len()),
+        &engine,
+        iterations,
+    );
 
     let dir = tempfile::tempdir().expect("temp dir");
-    println!("\naudit write per issuance (state on {}):", dir.path().display());
+    println!(
+        "\naudit write per issuance (state on {}):",
+        dir.path().display()
+    );
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     let per = if quick { 200 } else { 1_000 };
     rt.block_on(bench_audit(dir.path(), 1, per));

@@ -124,6 +124,7 @@ pub fn task_to_proto(t: &Task, issued_serials: Vec<String>) -> pb::Task {
         completion_reason: reason,
         completion_detail: detail,
         issued_serials,
+        federates_with: t.federates_with.iter().map(|t| t.to_string()).collect(),
     }
 }
 
@@ -149,6 +150,14 @@ fn begin_request(req: pb::BeginTaskRequest) -> Result<BeginRequest, Status> {
         Some(parse_duration(&req.ttl).map_err(|e| bad("ttl", e.to_string()))?)
     };
     let intent = req.intent.unwrap_or_default();
+    let federates_with = req
+        .federates_with
+        .iter()
+        .map(|t| {
+            crate::spiffe_id::TrustDomain::new(t)
+                .map_err(|e| bad("federates_with", format!("{t:?}: {e}")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
     Ok(BeginRequest {
         task_id: (!req.task_id.is_empty()).then_some(req.task_id),
         pid,
@@ -163,6 +172,7 @@ fn begin_request(req: pb::BeginTaskRequest) -> Result<BeginRequest, Status> {
         },
         ttl,
         parent_task_id: (!req.parent_task_id.is_empty()).then_some(req.parent_task_id),
+        federates_with,
     })
 }
 

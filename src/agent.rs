@@ -383,9 +383,7 @@ impl Agent {
             x509_svid_ttl: self.task_svid_ttl,
             dns_names: Vec::new(),
             hint: String::new(),
-            // Federation hook: tasks carry no federates_with yet. Filling it
-            // here (from the task's intent) is all federated delivery needs.
-            federates_with: Vec::new(),
+            federates_with: task.federates_with.clone(),
             not_after_cap: Some(task.expires_at),
             task_id: Some(task.id.clone()),
         }

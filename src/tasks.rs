@@ -16,7 +16,7 @@ use writ_attestors::PinnedProcess;
 
 use crate::agent::{Agent, task_facts};
 use crate::audit::{AuditEvent, CallerFacts, EventKind};
-use crate::spiffe_id::SpiffeId;
+use crate::spiffe_id::{SpiffeId, TrustDomain};
 use crate::store::{Store, StoreError};
 
 pub const MAX_TASK_ID_BYTES: usize = 128;
@@ -112,6 +112,8 @@ pub struct Task {
     pub binding: Binding,
     pub intent: Intent,
     pub orchestrator: String,
+    /// Trust domains whose bundles the task's processes receive.
+    pub federates_with: Vec<TrustDomain>,
     pub created_at: SystemTime,
     pub expires_at: SystemTime,
     pub completion: Option<Completion>,
@@ -124,6 +126,8 @@ struct TaskRecord {
     intent: Intent,
     orchestrator: String,
     depth: u32,
+    #[serde(default)]
+    federates_with: Vec<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -152,6 +156,7 @@ pub struct BeginRequest {
     pub intent: Intent,
     pub ttl: Option<Duration>,
     pub parent_task_id: Option<String>,
+    pub federates_with: Vec<TrustDomain>,
 }
 
 /// Who is asking, as far as task rules care.
@@ -329,6 +334,26 @@ impl TaskManager {
         }
         if let Some(parent) = &parent {
             check_within_parent_scope(&req.intent, &parent.intent)?;
+            if let Some(td) = req
+                .federates_with
+                .iter()
+                .find(|td| !parent.federates_with.contains(td))
+            {
+                return Err(invalid(
+                    "federates_with",
+                    format!("{td} is not among the parent task's federated trust domains"),
+                ));
+            }
+        }
+        if let Some(td) = req
+            .federates_with
+            .iter()
+            .find(|td| *td == self.agent.trust_domain())
+        {
+            return Err(invalid(
+                "federates_with",
+                format!("{td} is writ's own trust domain"),
+            ));
         }
 
         // TTL: bounded by config, and a sub-task never outlives its parent.
@@ -393,6 +418,7 @@ impl TaskManager {
                 .as_ref()
                 .map(|s| s.to_string())
                 .unwrap_or_else(|| format!("pid:{}", caller.pid)),
+            federates_with: req.federates_with.clone(),
             created_at: now,
             expires_at,
             completion: None,
@@ -528,6 +554,7 @@ impl TaskManager {
             intent: task.intent.clone(),
             orchestrator: task.orchestrator.clone(),
             depth: task.depth,
+            federates_with: task.federates_with.iter().map(|t| t.to_string()).collect(),
         })
         .map_err(|e| TaskError::Store(StoreError::Corrupt(e.to_string())))?;
         let t = task.clone();
@@ -977,6 +1004,15 @@ fn row_to_task(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<Task, TaskError
         Ok(s) => s,
         Err(e) => return Ok(Err(corrupt(format!("{e}")))),
     };
+    let federates_with = match record
+        .federates_with
+        .iter()
+        .map(|t| TrustDomain::new(t))
+        .collect::<Result<Vec<_>, _>>()
+    {
+        Ok(v) => v,
+        Err(e) => return Ok(Err(corrupt(format!("federates_with: {e}")))),
+    };
     Ok(Ok(Task {
         id: id.clone(),
         spiffe_id,
@@ -985,6 +1021,7 @@ fn row_to_task(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<Task, TaskError
         binding: record.binding,
         intent: record.intent,
         orchestrator: record.orchestrator,
+        federates_with,
         created_at: from_unix_secs(created_at),
         expires_at: from_unix_secs(expires_at),
         completion: completed_at.map(|at| Completion {

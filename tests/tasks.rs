@@ -791,3 +791,96 @@ fn write_svid(dir: &Path, n: usize, svid: &pb::X509svid) {
     std::fs::write(dir.join(format!("{n}.chain")), &svid.x509_svid).unwrap();
     std::fs::write(dir.join(format!("{n}.key")), &svid.x509_svid_key).unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_task_that_federates_receives_that_trust_domains_bundle() {
+    let writ = Writ::start(&config(""));
+    let admin = admin_socket(&writ);
+    // A bundle for other.test, set by hand as an operator would.
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    params.key_usages = vec![
+        rcgen::KeyUsagePurpose::KeyCertSign,
+        rcgen::KeyUsagePurpose::CrlSign,
+    ];
+    let ca = params.self_signed(&key).unwrap();
+    let pem_path = writ.dir.path().join("other.pem");
+    std::fs::write(&pem_path, ca.pem()).unwrap();
+    let (ok, _, err) = common::writ_cli(
+        &[
+            "bundle",
+            "set",
+            "--trust-domain",
+            "other.test",
+            "--format",
+            "pem",
+            "--file",
+            pem_path.to_str().unwrap(),
+            "--admin-socket",
+            admin.to_str().unwrap(),
+        ],
+        None,
+    );
+    assert!(ok, "{err}");
+    let fetch = || async {
+        let mut c = pb::spiffe_workload_api_client::SpiffeWorkloadApiClient::new(
+            writ::cli::client::connect(&writ.socket).await.unwrap(),
+        );
+        c.fetch_x509svid(with_header(pb::X509svidRequest {}))
+            .await
+            .unwrap()
+            .into_inner()
+            .message()
+            .await
+            .unwrap()
+            .unwrap()
+    };
+    // Our entry does not federate: no other.test bundle.
+    assert!(
+        !fetch()
+            .await
+            .federated_bundles
+            .contains_key("spiffe://other.test")
+    );
+
+    // A task bound to this very process that federates with other.test.
+    let mut tasks = tasks_client(&writ).await;
+    let mut req = begin_pid("fed", std::process::id());
+    req.federates_with = vec!["other.test".into()];
+    let task = tasks.begin_task(req).await.unwrap().into_inner();
+    assert_eq!(task.federates_with, vec!["other.test".to_string()]);
+    let state = fetch().await;
+    assert_eq!(state.svids[0].spiffe_id, task.spiffe_id);
+    assert_eq!(
+        state.federated_bundles.get("spiffe://other.test"),
+        Some(&ca.der().to_vec())
+    );
+
+    // A sub-task cannot federate with a trust domain its parent does not.
+    let mut child = Command::new("sleep").arg("60").spawn().unwrap();
+    tasks
+        .begin_task(begin_pid("plain", child.id()))
+        .await
+        .unwrap();
+    let mut sub = begin_pid("wider", child.id());
+    sub.parent_task_id = "plain".into();
+    sub.intent.as_mut().unwrap().tools = vec!["jira".into()];
+    sub.federates_with = vec!["other.test".into()];
+    let err = tasks.begin_task(sub).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(
+        err.message().starts_with("federates_with"),
+        "{}",
+        err.message()
+    );
+    tasks
+        .end_task(apb::EndTaskRequest {
+            task_id: "fed".into(),
+            reason: String::new(),
+        })
+        .await
+        .unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+}

@@ -62,6 +62,9 @@ pub enum TaskCommand {
         ttl: Option<String>,
         #[arg(long)]
         parent: Option<String>,
+        /// A trust domain whose bundle the task's processes receive; repeatable.
+        #[arg(long = "federates-with")]
+        federates_with: Vec<String>,
     },
     /// End a task: its credentials are revoked at once.
     End {
@@ -237,6 +240,7 @@ pub async fn task(cmd: TaskCommand) -> anyhow::Result<()> {
             attributes,
             ttl,
             parent,
+            federates_with,
         } => {
             let target = match (pid, cgroup) {
                 (Some(p), _) => pb::binding::Target::Pid(p),
@@ -258,6 +262,7 @@ pub async fn task(cmd: TaskCommand) -> anyhow::Result<()> {
                 }),
                 ttl: ttl.unwrap_or_default(),
                 parent_task_id: parent.unwrap_or_default(),
+                federates_with,
             };
             let task = tasks_client(&admin.path())
                 .await?
