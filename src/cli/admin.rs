@@ -31,6 +31,9 @@ impl AdminSocketArg {
     }
 }
 
+// Parsed once per process from the command line; the size of the largest
+// variant costs nothing worth boxing for.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand, Debug)]
 pub enum TaskCommand {
     /// Begin a task bound to a process (and its descendants) or a cgroup.
