@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use common::{Summary, Writ, fmt_duration, print_table, summarize};
+use common::{Summary, Writ, fmt_duration, print_table};
 use writ::cli::client::{WorkloadClient, workload_client};
 use writ::proto::workload as pb;
 
@@ -164,46 +164,24 @@ async fn sustained(
         .map(|mut client| {
             let op = op.clone();
             tokio::spawn(async move {
-                let mut latencies = Vec::new();
-                let mut errors = 0usize;
-                let mut first_error = None;
-                while Instant::now() < deadline
-                    && latencies.len() + errors < MAX_REQUESTS_PER_CLIENT
-                {
+                let mut run = common::ClientRun::new();
+                while run.go_on(deadline, MAX_REQUESTS_PER_CLIENT) {
                     let t = Instant::now();
-                    match request(&mut client, &op).await {
-                        Ok(()) => latencies.push(t.elapsed()),
-                        Err(e) => {
-                            errors += 1;
-                            first_error.get_or_insert_with(|| format!("{e:#}"));
-                        }
-                    }
+                    run.record(t, request(&mut client, &op).await);
                 }
-                (latencies, errors, first_error, Instant::now())
+                run
             })
         })
         .collect();
-    let mut all = Vec::new();
-    let mut errors = 0;
-    let mut first_error = None;
-    let mut last_end = start;
-    for handle in handles {
-        let (latencies, e, first, end) = handle.await.context("client task panicked")?;
-        all.extend(latencies);
-        errors += e;
-        if first_error.is_none() {
-            first_error = first;
-        }
-        last_end = last_end.max(end);
-    }
+    let totals = common::join_clients(start, handles).await?;
     let writ_cpu = writ.cpu_time()?.saturating_sub(cpu_before);
     let machine_busy = common::busy_percent(machine_before, common::machine_cpu()?);
     Ok(Level {
-        clients,
-        summary: summarize(&all),
-        errors,
-        first_error,
-        elapsed: last_end - start,
+        clients: totals.clients,
+        summary: totals.summary,
+        errors: totals.errors,
+        first_error: totals.first_error,
+        elapsed: totals.elapsed,
         warmed: clients * warmup,
         writ_cpu,
         machine_busy,

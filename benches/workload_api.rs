@@ -269,12 +269,7 @@ async fn new_stream_latency(writ: &Writ, warmup: usize, n: usize) -> Result<Summ
     Ok(summarize(&samples))
 }
 
-struct Level {
-    clients: usize,
-    summary: Summary,
-    errors: usize,
-    elapsed: Duration,
-}
+type Level = common::LevelTotals;
 
 async fn sustained(writ: &Writ, clients: usize, duration: Duration) -> Result<Level> {
     let mut connected = Vec::with_capacity(clients);
@@ -289,34 +284,16 @@ async fn sustained(writ: &Writ, clients: usize, duration: Duration) -> Result<Le
         .into_iter()
         .map(|mut client| {
             tokio::spawn(async move {
-                let mut latencies = Vec::new();
-                let mut errors = 0usize;
-                while Instant::now() < deadline && latencies.len() < MAX_REQUESTS_PER_CLIENT {
+                let mut run = common::ClientRun::new();
+                while run.go_on(deadline, MAX_REQUESTS_PER_CLIENT) {
                     let t = Instant::now();
-                    match first_message(&mut client).await {
-                        Ok(()) => latencies.push(t.elapsed()),
-                        Err(_) => errors += 1,
-                    }
+                    run.record(t, first_message(&mut client).await);
                 }
-                (latencies, errors, Instant::now())
+                run
             })
         })
         .collect();
-    let mut all = Vec::new();
-    let mut errors = 0;
-    let mut last_end = start;
-    for handle in handles {
-        let (latencies, e, end) = handle.await.context("client task panicked")?;
-        all.extend(latencies);
-        errors += e;
-        last_end = last_end.max(end);
-    }
-    Ok(Level {
-        clients,
-        summary: summarize(&all),
-        errors,
-        elapsed: last_end - start,
-    })
+    common::join_clients(start, handles).await
 }
 
 /// The connections are kept beside the streams so none closes under them.

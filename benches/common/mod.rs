@@ -350,6 +350,79 @@ pub struct Summary {
     pub max: Duration,
 }
 
+/// What one client of a sustained-load level did before its deadline.
+pub struct ClientRun {
+    pub latencies: Vec<Duration>,
+    pub errors: usize,
+    pub first_error: Option<String>,
+    pub ended: Instant,
+}
+
+impl ClientRun {
+    pub fn new() -> Self {
+        Self {
+            latencies: Vec::new(),
+            errors: 0,
+            first_error: None,
+            ended: Instant::now(),
+        }
+    }
+
+    /// Whether this client should send another request.
+    pub fn go_on(&self, deadline: Instant, max_requests: usize) -> bool {
+        Instant::now() < deadline && self.latencies.len() + self.errors < max_requests
+    }
+
+    /// Records one request that started at `started`.
+    pub fn record(&mut self, started: Instant, outcome: Result<()>) {
+        match outcome {
+            Ok(()) => self.latencies.push(started.elapsed()),
+            Err(e) => {
+                self.errors += 1;
+                self.first_error.get_or_insert_with(|| format!("{e:#}"));
+            }
+        }
+        self.ended = Instant::now();
+    }
+}
+
+/// All clients of one level merged: latencies summarized, errors counted,
+/// time from `start` until the last client stopped.
+pub struct LevelTotals {
+    pub clients: usize,
+    pub summary: Summary,
+    pub errors: usize,
+    pub first_error: Option<String>,
+    pub elapsed: Duration,
+}
+
+pub async fn join_clients(
+    start: Instant,
+    handles: Vec<tokio::task::JoinHandle<ClientRun>>,
+) -> Result<LevelTotals> {
+    let clients = handles.len();
+    let mut all = Vec::new();
+    let mut errors = 0;
+    let mut first_error = None;
+    let mut last_end = start;
+    for handle in handles {
+        let run = handle.await.context("client task panicked")?;
+        all.extend(run.latencies);
+        errors += run.errors;
+        if first_error.is_none() {
+            first_error = run.first_error;
+        }
+        last_end = last_end.max(run.ended);
+    }
+    Ok(LevelTotals {
+        clients,
+        summary: summarize(&all),
+        errors,
+        first_error,
+        elapsed: last_end - start,
+    })
+}
+
 /// Nearest-rank percentiles.
 pub fn summarize(samples: &[Duration]) -> Summary {
     let mut sorted = samples.to_vec();

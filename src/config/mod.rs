@@ -22,7 +22,7 @@ use crate::spiffe_id::{SpiffeId, TrustDomain};
 /// The trust domain writ uses when the config names none.
 pub const DEFAULT_TRUST_DOMAIN: &str = "writ.test";
 /// The Workload API caps hints at 1024 bytes; an entry's hint must fit.
-pub const MAX_HINT_BYTES: usize = 1024;
+pub use crate::identity::MAX_HINT_BYTES;
 /// `sun_path` holds 108 bytes including the terminating NUL.
 pub const MAX_SOCKET_PATH_BYTES: usize = 107;
 
