@@ -16,6 +16,7 @@ use writ_attestors::{AttestError, Attestation, AttestorSet};
 use crate::audit::{AuditEvent, AuditLog, CallerFacts, CheckpointSigner, EventKind, TaskFacts};
 use crate::bundle::TrustBundle;
 use crate::ca::{CaError, CertificateAuthority};
+use crate::changes::Change;
 use crate::identity::{self, Entitlement, Registry};
 use crate::jwt::{self, JwtError, JwtKeySet, JwtSvid, JwtSvidRequest, ValidatedJwt};
 use crate::peer::Caller;
@@ -99,9 +100,6 @@ struct TaskIndex {
     by_cgroup: HashMap<String, Vec<Arc<Task>>>,
 }
 
-/// A process tree deeper than this is not walked further.
-const MAX_ANCESTRY: usize = 64;
-
 impl TaskIndex {
     fn tasks_for(&self, attestation: &Attestation) -> Vec<Arc<Task>> {
         let mut found: Vec<Arc<Task>> = Vec::new();
@@ -121,12 +119,24 @@ impl TaskIndex {
                 }
             }
         }
-        if !self.by_pid.is_empty() {
+        if let Some(oldest_bound) = self.by_pid.values().flatten().map(|(_, st)| *st).min() {
             // The caller itself, then its ancestors: a task bound to a process
             // covers its descendants. Start times guard every step against
-            // PID reuse.
-            let (mut pid, mut start) = (snapshot.pid, snapshot.start_time);
-            for _ in 0..MAX_ANCESTRY {
+            // PID reuse, and the walk stops at the first ancestor older than
+            // every bound process (none above it can be one).
+            let lineage = std::iter::once(Ok(vec![(snapshot.pid, snapshot.start_time)])).chain(
+                std::iter::once_with(|| {
+                    writ_attestors::ancestors(
+                        snapshot.pid,
+                        snapshot.ppid,
+                        snapshot.start_time,
+                        oldest_bound,
+                    )
+                }),
+            );
+            // An unreadable ancestry finds the tasks seen so far: "inside the
+            // binding" must be proven, never assumed.
+            for (pid, start) in lineage.map_while(Result::ok).flatten() {
                 if let Some(tasks) = self.by_pid.get(&pid) {
                     found.extend(
                         tasks
@@ -134,10 +144,6 @@ impl TaskIndex {
                             .filter(|(_, st)| *st == start)
                             .map(|(t, _)| t.clone()),
                     );
-                }
-                match writ_attestors::parent_of(pid) {
-                    Ok(Some((ppid, pstart))) if ppid > 0 => (pid, start) = (ppid, pstart),
-                    _ => break,
                 }
             }
         }
@@ -178,7 +184,7 @@ pub struct Agent {
     own_bundle: RwLock<Arc<OwnBundle>>,
     /// Bundles of other trust domains; `federation::Federation` changes them.
     federated: crate::federation::FederatedBundles,
-    changes: watch::Sender<u64>,
+    changes: crate::changes::ChangeLog,
     metrics: Arc<crate::telemetry::Metrics>,
     /// Turns true once when writ begins to stop; open streams end on it.
     stopping: watch::Sender<bool>,
@@ -212,7 +218,7 @@ impl Agent {
             svids: Mutex::new(HashMap::new()),
             own_bundle: RwLock::new(Arc::new(own_bundle)),
             federated: Default::default(),
-            changes: watch::channel(0).0,
+            changes: Default::default(),
             metrics: Arc::new(crate::telemetry::Metrics::new()),
             stopping: watch::channel(false).0,
         }
@@ -272,7 +278,7 @@ impl Agent {
         *write_lock(&self.registry) = registry;
         // SVIDs of entries that no longer exist must not be handed out again.
         lock(&self.svids).retain(|k, _| !k.starts_with("entry:") || live.contains(k));
-        self.notify();
+        self.notify(Change::Everything);
     }
 
     pub fn store(&self) -> &Arc<Store> {
@@ -286,6 +292,8 @@ impl Agent {
 
     pub fn set_policy(&self, engine: crate::policy::PolicyEngine) {
         *write_lock(&self.policy) = engine;
+        // Streams cache what policy let their caller hold.
+        self.notify(Change::Everything);
     }
 
     /// Evaluates `request` against the policy in force. A denial is counted
@@ -605,7 +613,7 @@ impl Agent {
             let generation = crls.generation + 1;
             *crls = Arc::new(Crls { ders, generation });
         }
-        self.notify();
+        self.notify(Change::Documents);
         Ok(())
     }
 
@@ -639,13 +647,17 @@ impl Agent {
     }
 
     /// A receiver that sees a new value whenever anything a stream shows may
-    /// have changed.
+    /// have changed; `changes().since(seen)` says what.
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.changes.subscribe()
     }
 
-    pub fn notify(&self) {
-        self.changes.send_modify(|generation| *generation += 1);
+    pub fn changes(&self) -> &crate::changes::ChangeLog {
+        &self.changes
+    }
+
+    pub fn notify(&self, change: Change) {
+        self.changes.push(change);
     }
 
     /// An active task by ID (None once it has completed).
@@ -791,7 +803,7 @@ impl Agent {
                     .detail("bundle_sequence", sequence),
             )
             .await;
-            self.notify();
+            self.notify(Change::Everything);
         }
         Ok(next)
     }
@@ -832,6 +844,9 @@ fn task_claim(task: &Task) -> Value {
     Value::Object(claim)
 }
 
+/// Far beyond any configured `[tasks] max_depth`.
+const MAX_DELEGATION_CHAIN: usize = 64;
+
 /// The RFC 8693 `act` claim of a sub-task: the parent task is the current
 /// actor, its own delegator nests inside, and so on up to the orchestrator
 /// that began the top-level task. `None` for a top-level task. A missing
@@ -840,7 +855,8 @@ fn delegation_chain(index: &TaskIndex, task: &Task) -> Result<Option<Value>, Age
     let mut actors: Vec<String> = Vec::new();
     let mut next = task.parent_id.clone();
     let mut root_orchestrator = None;
-    for _ in 0..MAX_ANCESTRY {
+    // Task depth is bounded by config; this bound only guards the loop.
+    for _ in 0..MAX_DELEGATION_CHAIN {
         let Some(id) = next else { break };
         let parent = index
             .by_id(&id)

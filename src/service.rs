@@ -33,7 +33,7 @@ use crate::systemd::{Notifier, PassedSockets, SystemdError};
 use crate::tasks::{TaskError, TaskLimits, TaskManager};
 use crate::telemetry::metrics::seconds_until;
 use crate::telemetry::{Health, Refresh, TelemetryError, TelemetryServer};
-use crate::workload_api::{DEFAULT_REATTEST_INTERVAL, WorkloadApi};
+use crate::workload_api::WorkloadApi;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServiceError {
@@ -314,7 +314,7 @@ pub async fn run(
         .add_service(reflection()?)
         .add_service(SpiffeWorkloadApiServer::new(WorkloadApi::new(
             agent.clone(),
-            DEFAULT_REATTEST_INTERVAL,
+            config.workload_api.reattest_interval,
         )))
         .serve_with_incoming_shutdown(
             peer::incoming(workload_listener),

@@ -16,6 +16,7 @@ use writ_attestors::PinnedProcess;
 
 use crate::agent::{Agent, task_facts};
 use crate::audit::{AuditEvent, CallerFacts, EventKind};
+use crate::changes::Change;
 use crate::spiffe_id::{SpiffeId, TrustDomain};
 use crate::store::{Store, StoreError};
 
@@ -638,8 +639,15 @@ impl TaskManager {
             return;
         }
         self.agent.index_task(task.clone());
+        let change = match &task.binding {
+            Binding::Pid { pid, start_time } => Change::TaskBegunForProcess {
+                pid: *pid,
+                start_time: *start_time,
+            },
+            Binding::Cgroup { .. } => Change::TaskBegunForCgroup,
+        };
         let _ = self.events.send(TaskEvent::Begun(task));
-        self.agent.notify();
+        self.agent.notify(change);
     }
 
     fn spawn_watcher(
@@ -731,7 +739,9 @@ impl TaskManager {
         for (task, _) in &victims {
             self.agent.unindex_task(&task.id);
         }
-        self.agent.notify();
+        self.agent.notify(Change::TasksEnded(
+            victims.iter().map(|(t, _)| t.id.clone()).collect(),
+        ));
 
         let now = SystemTime::now();
         let rows: Vec<(String, &'static str, String)> = victims

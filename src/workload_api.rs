@@ -4,7 +4,7 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use futures::Stream;
 use tokio::sync::{mpsc, watch};
@@ -45,15 +45,16 @@ impl WorkloadApi {
     async fn open_stream<T: Send + 'static>(
         &self,
         caller: Arc<Caller>,
-        snapshot: fn(Arc<Agent>, Arc<Caller>, Vec<String>) -> SnapshotFuture<T>,
+        snapshot: SnapshotFn<T>,
     ) -> Result<Response<StreamOf<T>>, Status> {
-        let changes = self.agent.subscribe();
-        let first = snapshot(self.agent.clone(), caller.clone(), Vec::new()).await?;
+        let mut changes = self.agent.subscribe();
+        let seen = *changes.borrow_and_update();
+        let first = snapshot(self.agent.clone(), caller.clone(), Vec::new(), None).await?;
         Ok(Response::new(spawn_stream(
             self.agent.clone(),
             caller,
             self.reattest_interval,
-            changes,
+            (changes, seen),
             first,
             snapshot,
         )))
@@ -270,30 +271,123 @@ struct Snapshot<T> {
     keys: Vec<String>,
     /// The earliest moment something in `message` is due for rotation.
     refresh_at: Option<SystemTime>,
+    /// How the caller was resolved for this snapshot, for the stream to
+    /// reuse while no change concerns it.
+    resolved: Arc<Resolved>,
 }
 
 type SnapshotFuture<T> = futures::future::BoxFuture<'static, Result<Snapshot<T>, Status>>;
+
+/// Takes a stream's next full state. `reuse` is the caller's earlier
+/// resolution when the stream has judged it still current.
+type SnapshotFn<T> =
+    fn(Arc<Agent>, Arc<Caller>, Vec<String>, Option<Arc<Resolved>>) -> SnapshotFuture<T>;
+
+/// A caller as a stream last resolved it: attested, its entitlements, and
+/// (for X.509-SVID streams) those policy let it hold. Reused for updates
+/// that do not concern the caller, so that a change elsewhere (another
+/// task, a new CRL) costs a stream a message, not an attestation.
+pub struct Resolved {
+    entitled: Entitled,
+    permitted: Vec<Entitlement>,
+    at: Instant,
+    /// The caller's ancestors, read the first time a task bound to a process
+    /// begins while this resolution is in use. A process's ancestors can
+    /// only go away (orphans are adopted by an ancestor or init), so the
+    /// list stays a superset of the truth for as long as it is kept.
+    lineage: std::sync::OnceLock<Option<Vec<(i32, u64)>>>,
+}
+
+impl Resolved {
+    fn new(entitled: Entitled, permitted: Vec<Entitlement>) -> Arc<Self> {
+        Arc::new(Self {
+            entitled,
+            permitted,
+            at: Instant::now(),
+            lineage: std::sync::OnceLock::new(),
+        })
+    }
+
+    /// Whether a task bound to process (`pid`, `start_time`) may cover this
+    /// caller. Errs towards yes: a yes only costs a fresh resolution.
+    fn may_be_inside(&self, pid: i32, start_time: u64) -> bool {
+        let me = &self.entitled.attestation.snapshot;
+        if (me.pid, me.start_time) == (pid, start_time) {
+            return true;
+        }
+        // An ancestor cannot have started after its descendant.
+        if start_time > me.start_time {
+            return false;
+        }
+        let lineage = self
+            .lineage
+            .get_or_init(|| writ_attestors::ancestors(me.pid, me.ppid, me.start_time, 0).ok());
+        match lineage {
+            Some(ancestors) => ancestors.contains(&(pid, start_time)),
+            None => true,
+        }
+    }
+
+    /// Whether the pending changes leave this resolution current for a
+    /// stream that last sent the identities `keys`.
+    fn still_current(&self, pending: &crate::changes::Pending, keys: &[String]) -> bool {
+        !pending.everything
+            && !pending.cgroup_task_begun
+            && !pending
+                .tasks_ended
+                .iter()
+                .any(|t| keys.contains(&crate::agent::task_cache_key(t)))
+            && !pending
+                .processes_bound
+                .iter()
+                .any(|(pid, st)| self.may_be_inside(*pid, *st))
+    }
+
+    /// The caller still runs the executable it was attested with. An exec
+    /// changes what the caller is, so it forces a fresh attestation at once
+    /// rather than at the next re-attest interval.
+    fn same_executable(&self, caller: &Caller) -> bool {
+        if caller.process.has_exited() {
+            return false;
+        }
+        let now = std::fs::read_link(format!("/proc/{}/exe", caller.pid)).ok();
+        now == self.entitled.attestation.snapshot.exe_path
+    }
+}
 
 fn x509_svid_snapshot(
     agent: Arc<Agent>,
     caller: Arc<Caller>,
     previous_keys: Vec<String>,
+    reuse: Option<Arc<Resolved>>,
 ) -> SnapshotFuture<pb::X509svidResponse> {
     Box::pin(async move {
-        let entitled = entitled(&agent, &caller, "IssueX509SVID").await?;
-        let facts = entitled.caller_facts(&caller);
-        let issuance = Issuance::new(Some(facts.clone()));
-        // Each identity is checked against policy for this caller; denials
-        // are recorded on a stream's first response, not on every refresh.
-        let entitlements = permitted(
-            &agent,
-            &entitled,
-            &caller,
-            &facts,
-            previous_keys.is_empty(),
-            |caller, identity| crate::policy::PolicyRequest::IssueX509Svid { caller, identity },
-        )
-        .await?;
+        let resolved = match reuse {
+            Some(resolved) => resolved,
+            None => {
+                let entitled = entitled(&agent, &caller, "IssueX509SVID").await?;
+                let facts = entitled.caller_facts(&caller);
+                // Each identity is checked against policy for this caller;
+                // denials are recorded on a stream's first response, not on
+                // every refresh.
+                let permitted = permitted(
+                    &agent,
+                    &entitled,
+                    &caller,
+                    &facts,
+                    previous_keys.is_empty(),
+                    |caller, identity| crate::policy::PolicyRequest::IssueX509Svid {
+                        caller,
+                        identity,
+                    },
+                )
+                .await?;
+                Resolved::new(entitled, permitted)
+            }
+        };
+        let facts = resolved.entitled.caller_facts(&caller);
+        let issuance = Issuance::new(Some(facts));
+        let entitlements = &resolved.permitted;
         let now = SystemTime::now();
         let keys: Vec<String> = entitlements.iter().map(|e| e.cache_key.clone()).collect();
         // A task identity this stream carried is gone: the task is over, so
@@ -309,12 +403,12 @@ fn x509_svid_snapshot(
         }
         let own = agent.own_bundle();
         let crls = agent.crls();
-        let federated = crate::federation::bundles_for(&agent, &entitlements);
+        let federated = crate::federation::bundles_for(&agent, entitlements);
         let mut svids = Vec::with_capacity(entitlements.len());
         let mut serials = Vec::with_capacity(entitlements.len());
         let mut refresh_at: Option<SystemTime> = None;
         let mut keys = keys;
-        for entitlement in &entitlements {
+        for entitlement in entitlements {
             let cached = match agent.svid_for(entitlement, now, &issuance).await {
                 Ok(cached) => cached,
                 // The task ended between resolving and issuing: the full
@@ -354,7 +448,22 @@ fn x509_svid_snapshot(
             },
             keys,
             refresh_at,
+            resolved,
         })
+    })
+}
+
+/// A bundle stream's caller: any identity at all entitles it; policy
+/// decides issuance, not who may see public bundles.
+async fn bundle_reader(
+    agent: &Agent,
+    caller: &Caller,
+    action: &str,
+    reuse: Option<Arc<Resolved>>,
+) -> Result<Arc<Resolved>, Status> {
+    Ok(match reuse {
+        Some(resolved) => resolved,
+        None => Resolved::new(entitled(agent, caller, action).await?, Vec::new()),
     })
 }
 
@@ -362,16 +471,19 @@ fn x509_bundles_snapshot(
     agent: Arc<Agent>,
     caller: Arc<Caller>,
     _previous: Vec<String>,
+    reuse: Option<Arc<Resolved>>,
 ) -> SnapshotFuture<pb::X509BundlesResponse> {
     Box::pin(async move {
         // Like SPIRE (without allow_unauthenticated_verifiers), bundles go
         // only to callers that hold an identity here.
-        let entitlements = entitled(&agent, &caller, "FetchX509Bundles")
-            .await?
-            .entitlements;
+        let resolved = bundle_reader(&agent, &caller, "FetchX509Bundles", reuse).await?;
+        let entitlements = &resolved.entitled.entitlements;
+        // Kept so that the end of a task this caller held re-resolves it: a
+        // caller left with no identity loses the bundles too.
+        let keys = entitlements.iter().map(|e| e.cache_key.clone()).collect();
         let own = agent.own_bundle();
         let crls = agent.crls();
-        let federated = crate::federation::bundles_for(&agent, &entitlements);
+        let federated = crate::federation::bundles_for(&agent, entitlements);
         let mut bundles = crate::federation::x509_bundle_map(&federated);
         bundles.insert(agent.trust_domain().id_string(), own.x509_der.clone());
         Ok(Snapshot {
@@ -385,8 +497,9 @@ fn x509_bundles_snapshot(
                 crl_generation: crls.generation,
                 federated: crate::federation::revisions(&federated),
             },
-            keys: Vec::new(),
+            keys,
             refresh_at: None,
+            resolved,
         })
     })
 }
@@ -398,14 +511,19 @@ fn jwt_bundles_snapshot(
     agent: Arc<Agent>,
     caller: Arc<Caller>,
     _previous: Vec<String>,
+    reuse: Option<Arc<Resolved>>,
 ) -> SnapshotFuture<pb::JwtBundlesResponse> {
     Box::pin(async move {
         // As for X.509 bundles: only callers holding an identity here, and
         // federated trust domains only where an identity federates with them.
-        let entitlements = entitled(&agent, &caller, "FetchJWTBundles")
-            .await?
-            .entitlements;
-        let federated = crate::federation::bundles_for(&agent, &entitlements);
+        let resolved = bundle_reader(&agent, &caller, "FetchJWTBundles", reuse).await?;
+        let keys = resolved
+            .entitled
+            .entitlements
+            .iter()
+            .map(|e| e.cache_key.clone())
+            .collect();
+        let federated = crate::federation::bundles_for(&agent, &resolved.entitled.entitlements);
         // The sequence is read before the keys: a rotation in between then
         // shows as a newer sequence next time, never as a missed update.
         let sequence = agent.own_bundle().bundle.sequence;
@@ -419,8 +537,9 @@ fn jwt_bundles_snapshot(
                 crl_generation: 0,
                 federated: crate::federation::revisions(&federated),
             },
-            keys: Vec::new(),
+            keys,
             refresh_at: None,
+            resolved,
         })
     })
 }
@@ -439,16 +558,20 @@ fn check_jwt_audience(audience: &[String]) -> Result<(), Status> {
 }
 
 /// Drives one full-state stream: sends a snapshot at once, then again
-/// whenever the agent signals a change, an SVID comes due, or the re-attest
+/// whenever a change concerns it, an SVID comes due, or the re-attest
 /// interval passes — but only if the state differs from what was last sent.
-/// Ends when the caller exits or hangs up, or loses every identity.
+/// The caller is attested and resolved afresh when a change may alter its
+/// identities, when it has exec'd, and at least every re-attest interval;
+/// changes that only touch what travels beside the identities (a new CRL)
+/// reuse the last resolution. Ends when the caller exits or hangs up, or
+/// loses every identity.
 fn spawn_stream<T>(
     agent: Arc<Agent>,
     caller: Arc<Caller>,
     reattest: Duration,
-    mut changes: watch::Receiver<u64>,
+    (mut changes, mut seen): (watch::Receiver<u64>, u64),
     first: Snapshot<T>,
-    snapshot: fn(Arc<Agent>, Arc<Caller>, Vec<String>) -> SnapshotFuture<T>,
+    snapshot: SnapshotFn<T>,
 ) -> StreamOf<T>
 where
     T: Send + 'static,
@@ -462,18 +585,16 @@ where
         let mut last: Option<Fingerprint> = None;
         let mut keys: Vec<String> = Vec::new();
         let mut pending = Some(Ok(first));
+        // What the next snapshot may reuse; `None` means resolve afresh.
+        let mut reuse: Option<Arc<Resolved>> = None;
         loop {
-            let mut wake_in = reattest;
             let current = match pending.take() {
                 // `changes` was subscribed before `first` was taken, so a
                 // change since then is still unseen and wakes us below.
                 Some(first) => first,
-                None => {
-                    changes.borrow_and_update();
-                    snapshot(agent.clone(), caller.clone(), keys.clone()).await
-                }
+                None => snapshot(agent.clone(), caller.clone(), keys.clone(), reuse.take()).await,
             };
-            match current {
+            let (resolved, refresh_at) = match current {
                 Ok(snap) => {
                     keys = snap.keys;
                     if last.as_ref() != Some(&snap.fingerprint) {
@@ -482,12 +603,7 @@ where
                             return;
                         }
                     }
-                    if let Some(at) = snap.refresh_at {
-                        let until = at
-                            .duration_since(SystemTime::now())
-                            .unwrap_or(Duration::ZERO);
-                        wake_in = wake_in.min(until);
-                    }
+                    (snap.resolved, snap.refresh_at)
                 }
                 Err(status) => {
                     if caller.process.has_exited() {
@@ -496,18 +612,43 @@ where
                     let _ = tx.send(Err(status)).await;
                     return;
                 }
-            }
-            tokio::select! {
-                _ = changes.changed() => {}
-                _ = tokio::time::sleep(wake_in) => {}
-                _ = crate::peer::wait_for_exit(&caller.process) => {
-                    tracing::debug!(pid = caller.pid, "caller exited; ending stream");
-                    return;
+            };
+            // Wait for something that concerns this stream.
+            loop {
+                let reattest_due = resolved.at + reattest;
+                let rotation_due = refresh_at.map(|at| {
+                    let until = at
+                        .duration_since(SystemTime::now())
+                        .unwrap_or(Duration::ZERO);
+                    Instant::now() + until
+                });
+                let wake_at = rotation_due.map_or(reattest_due, |r| r.min(reattest_due));
+                tokio::select! {
+                    _ = changes.changed() => {}
+                    _ = tokio::time::sleep_until(wake_at.into()) => {}
+                    _ = crate::peer::wait_for_exit(&caller.process) => {
+                        tracing::debug!(pid = caller.pid, "caller exited; ending stream");
+                        return;
+                    }
+                    _ = tx.closed() => return,
+                    // Ending the stream (OK status) lets the client reconnect
+                    // to the next writ instead of waiting on a dead one.
+                    _ = stopping.wait_for(|s| *s) => return,
                 }
-                _ = tx.closed() => return,
-                // Ending the stream (OK status) lets the client reconnect
-                // to the next writ instead of waiting on a dead one.
-                _ = stopping.wait_for(|s| *s) => return,
+                changes.borrow_and_update();
+                let (now_generation, unseen) = agent.changes().since(seen);
+                seen = now_generation;
+                let now = Instant::now();
+                if now >= reattest_due
+                    || !resolved.still_current(&unseen, &keys)
+                    || !resolved.same_executable(&caller)
+                {
+                    break;
+                }
+                if unseen.documents || rotation_due.is_some_and(|r| now >= r) {
+                    reuse = Some(resolved.clone());
+                    break;
+                }
             }
         }
     });

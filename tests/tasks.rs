@@ -884,3 +884,87 @@ async fn a_task_that_federates_receives_that_trust_domains_bundle() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+/// The attestation count writ's /metrics reports.
+fn attestations(addr: &str) -> u64 {
+    use std::io::{Read, Write as _};
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    write!(
+        stream,
+        "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut page = String::new();
+    stream.read_to_string(&mut page).unwrap();
+    page.lines()
+        .find_map(|l| {
+            l.strip_prefix("writ_attestation_seconds_count ")?
+                .parse()
+                .ok()
+        })
+        .expect("attestation histogram on /metrics")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_task_change_reattests_only_the_streams_it_concerns() {
+    // Periodic re-attestation is pushed out of the test's way, so every
+    // attestation counted below was caused by the task.
+    let writ = Writ::start(&config(
+        "\n[workload_api]\nreattest_interval = \"1h\"\n\n[telemetry]\nlisten = \"127.0.0.1:0\"\n",
+    ));
+    let log = common::wait_for(Duration::from_secs(20), "telemetry address", || {
+        let log = writ.log();
+        log.contains("health and metrics on http://").then_some(log)
+    });
+    let start = log.find("health and metrics on http://").unwrap() + 29;
+    let addr = log[start..].split('/').next().unwrap().to_owned();
+
+    const BYSTANDERS: usize = 4;
+    let worker = BoundChild::spawn(&writ, "worker");
+    let bystanders: Vec<BoundChild> = (0..BYSTANDERS)
+        .map(|i| BoundChild::spawn(&writ, &format!("bystander{i}")))
+        .collect();
+    worker.go();
+    for b in &bystanders {
+        b.go();
+    }
+    worker.next_update(Duration::from_secs(10));
+    let first: Vec<Vec<String>> = bystanders
+        .iter()
+        .map(|b| b.next_update(Duration::from_secs(10)).1)
+        .collect();
+    let before = attestations(&addr);
+
+    let mut tasks = tasks_client(&writ).await;
+    tasks
+        .begin_task(begin_pid("t-scope", worker.pid()))
+        .await
+        .unwrap();
+    let (ids, _) = worker.next_update(Duration::from_secs(10));
+    assert_eq!(ids[0], format!("{ORCH_ID}/task/t-scope"));
+    tasks
+        .end_task(apb::EndTaskRequest {
+            task_id: "t-scope".into(),
+            reason: "done".into(),
+        })
+        .await
+        .unwrap();
+    let (ids, _) = worker.next_update(Duration::from_secs(10));
+    assert_eq!(ids, vec![ORCH_ID.to_string()]);
+    // Every bystander still receives the update (the new CRL, and the
+    // orchestrator SVID it shares with the worker, re-keyed because the
+    // worker held it during the task) without being re-judged itself.
+    for (b, serials) in bystanders.iter().zip(&first) {
+        let (ids, now) = b.next_update(Duration::from_secs(10));
+        assert_eq!(ids, vec![ORCH_ID.to_string()]);
+        assert_ne!(&now, serials, "the shared SVID was not re-keyed");
+    }
+    let caused = attestations(&addr) - before;
+    // BeginTask and EndTask attest the orchestrator, and the worker's
+    // stream re-resolves after each: four. Had any bystander been
+    // re-attested, each would add at least one more.
+    assert!(
+        (4..4 + BYSTANDERS as u64).contains(&caused),
+        "{caused} attestations for one task with {BYSTANDERS} bystanders"
+    );
+}

@@ -199,6 +199,48 @@ pub fn parent_of(pid: i32) -> Result<Option<(i32, u64)>, AttestError> {
     Err(AttestError::ProcessGone { pid })
 }
 
+/// The ancestors of a process, parent first, as (pid, start time), read from
+/// /proc one `stat` per level. `ppid` and `start_time` are the process's own
+/// (from a snapshot just taken). The walk ends at PID 1, after
+/// MAX_ANCESTRY_DEPTH levels, or at the first ancestor that started before
+/// `stop_below` (ancestors only get older, so none above it can have started
+/// later). A parent that started after its child is a recycled PID: that level
+/// is re-read through `parent_of`, which retries.
+pub fn ancestors(
+    pid: i32,
+    ppid: i32,
+    start_time: u64,
+    stop_below: u64,
+) -> Result<Vec<(i32, u64)>, AttestError> {
+    let mut found = Vec::new();
+    let mut buf = Vec::with_capacity(512);
+    let (mut child_pid, mut child_start, mut next) = (pid, start_time, ppid);
+    for _ in 0..MAX_ANCESTRY_DEPTH {
+        if next <= 0 {
+            break;
+        }
+        let mut paths = ProcPaths::new(next);
+        let parent = match read_stat_with(&mut paths, &mut buf) {
+            Ok(parent) if parent.start_time <= child_start => Some(parent),
+            Ok(_) | Err(AttestError::ProcessGone { .. }) => None,
+            Err(other) => return Err(other),
+        };
+        let (parent_pid, parent_start, grandparent) = match parent {
+            Some(p) => (next, p.start_time, p.ppid),
+            None => match parent_of(child_pid)? {
+                Some((p, st)) => (p, st, read_stat(p)?.ppid),
+                None => break,
+            },
+        };
+        if parent_start < stop_below {
+            break;
+        }
+        found.push((parent_pid, parent_start));
+        (child_pid, child_start, next) = (parent_pid, parent_start, grandparent);
+    }
+    Ok(found)
+}
+
 /// True if `pid` is the process (`ancestor_pid`, `ancestor_start_time`) or one
 /// of its descendants. Any doubt (unreadable /proc, a recycled PID in the
 /// chain) answers false, since "yes" grants a task's identity.
@@ -287,5 +329,27 @@ mod tests {
             ppid_start
         ));
         assert_eq!(parent_of(1).unwrap(), None);
+    }
+
+    #[test]
+    fn ancestors_follow_parent_of_to_the_top_and_stop_where_asked() {
+        let me = std::process::id() as i32;
+        let own = read_stat(me).unwrap();
+        let walked = ancestors(me, own.ppid, own.start_time, 0).unwrap();
+        let mut expected = Vec::new();
+        let mut pid = me;
+        while let Some((parent, start)) = parent_of(pid).unwrap() {
+            expected.push((parent, start));
+            pid = parent;
+        }
+        assert_eq!(walked, expected);
+        assert!(!walked.is_empty());
+        // Nothing above an ancestor older than the cut-off is returned.
+        let (_, parent_start) = walked[0];
+        let pruned = ancestors(me, own.ppid, own.start_time, parent_start + 1).unwrap();
+        assert!(pruned.is_empty());
+        let kept = ancestors(me, own.ppid, own.start_time, parent_start).unwrap();
+        assert_eq!(kept[0], walked[0]);
+        assert!(kept.iter().all(|(_, st)| *st >= parent_start));
     }
 }

@@ -114,9 +114,18 @@ impl Builder<'_> {
         // Socket defaults follow the data_dir in use, not the default one.
         let socket_dir = env.default_socket_dir(&data_dir.value);
 
+        let (raw_workload_socket, raw_reattest) = match raw.workload_api {
+            Some(api) => (api.socket_path, api.reattest_interval),
+            None => (None, None),
+        };
+        let reattest_interval = self.positive_duration(
+            "workload_api.reattest_interval",
+            raw_reattest.as_ref(),
+            defaults.workload_api.reattest_interval,
+        );
         let workload_socket = self.socket_path(
             "workload_api.socket_path",
-            raw.workload_api.and_then(|api| api.socket_path),
+            raw_workload_socket,
             socket_dir.join("workload.sock"),
             &data_dir,
         );
@@ -154,6 +163,8 @@ impl Builder<'_> {
             data_dir: data_dir.value,
             workload_api: WorkloadApiConfig {
                 socket_path: workload_socket.map_or(defaults.workload_api.socket_path, |s| s.value),
+                reattest_interval: reattest_interval
+                    .map_or(defaults.workload_api.reattest_interval, |r| r.value),
             },
             admin_api: admin_api.map_or(defaults.admin_api, |admin| AdminApiConfig {
                 socket_path: admin.socket_path.value,

@@ -52,6 +52,11 @@ pub struct Config {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct WorkloadApiConfig {
     pub socket_path: PathBuf,
+    /// How often an open stream re-attests its caller even when nothing
+    /// concerns it, so a caller that changed (exec'd, moved cgroup,
+    /// changed uid) is re-judged within this time.
+    #[serde(with = "duration_serde")]
+    pub reattest_interval: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -376,6 +381,7 @@ impl Config {
             trust_domain: default_trust_domain(),
             workload_api: WorkloadApiConfig {
                 socket_path: socket_dir.join("workload.sock"),
+                reattest_interval: crate::workload_api::DEFAULT_REATTEST_INTERVAL,
             },
             admin_api: AdminApiConfig {
                 socket_path: socket_dir.join("admin.sock"),

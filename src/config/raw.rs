@@ -30,6 +30,7 @@ pub(super) struct RawConfig {
 #[serde(deny_unknown_fields)]
 pub(super) struct RawWorkloadApi {
     pub socket_path: Option<Text>,
+    pub reattest_interval: Option<Text>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -286,6 +286,7 @@ fn full_config_loads_every_key() {
         data_dir: "/srv/writ".into(),
         workload_api: WorkloadApiConfig {
             socket_path: "/srv/writ/sock/workload.sock".into(),
+            reattest_interval: Duration::from_secs(5),
         },
         admin_api: AdminApiConfig {
             socket_path: "/srv/writ/sock/admin.sock".into(),

@@ -207,7 +207,7 @@ impl Federation {
             previous: previous.as_deref(),
         });
         self.agent.record_best_effort(event).await;
-        self.agent.notify();
+        self.agent.notify(crate::changes::Change::Documents);
         Ok(installed)
     }
 
@@ -250,7 +250,7 @@ impl Federation {
             previous: removed.as_deref(),
         });
         self.agent.record_best_effort(event).await;
-        self.agent.notify();
+        self.agent.notify(crate::changes::Change::Documents);
         Ok(())
     }
 

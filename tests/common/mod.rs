@@ -56,10 +56,23 @@ impl Writ {
                 config_body.to_owned(),
             )
         };
+        // Likewise the workload socket goes into the test's [workload_api].
+        let workload_line = format!("socket_path = \"{}\"", socket.display());
+        let (workload_table, body) = if body.contains("[workload_api]\n") {
+            (
+                String::new(),
+                body.replacen(
+                    "[workload_api]\n",
+                    &format!("[workload_api]\n{workload_line}\n"),
+                    1,
+                ),
+            )
+        } else {
+            (format!("[workload_api]\n{workload_line}\n"), body)
+        };
         let config = format!(
-            "trust_domain = \"{trust_domain}\"\ndata_dir = \"{data}\"\n\n[workload_api]\nsocket_path = \"{socket}\"\n\n{admin_table}\n{body}\n",
+            "trust_domain = \"{trust_domain}\"\ndata_dir = \"{data}\"\n\n{workload_table}\n{admin_table}\n{body}\n",
             data = dir.path().join("state").display(),
-            socket = socket.display(),
         );
         std::fs::write(&config_path, config).unwrap();
         let mut writ = Writ {
