@@ -456,38 +456,42 @@ impl TaskManager {
         if !decision.allowed {
             return Err(TaskError::PolicyDenied(decision.denial_message()));
         }
-        // Recorded before it exists: a task the trail does not know about is
-        // never begun.
-        self.agent
-            .record(
-                AuditEvent::new(EventKind::TaskBegun, ulid::Ulid::new().to_string())
-                    .caller(CallerFacts {
-                        spiffe_ids: caller.spiffe_id.iter().map(|s| s.to_string()).collect(),
-                        pid: caller.pid,
-                        uid: caller.uid,
-                        selectors: Vec::new(),
-                    })
-                    .task(task_facts(&task))
-                    .spiffe_id(task.spiffe_id.to_string())
-                    .decision(
-                        if task.parent_id.is_some() {
-                            "DelegateTask"
-                        } else {
-                            "BeginTask"
-                        },
-                        true,
-                        Vec::<String>::new(),
-                    )
-                    .detail("purpose", task.intent.purpose.clone())
-                    .detail("expires_at", unix_secs(task.expires_at))
-                    .detail(
-                        "binding",
-                        serde_json::to_value(&task.binding).unwrap_or_default(),
-                    ),
+        // Recorded as it is stored: a task the trail does not know about is
+        // never begun. Both writes are durable, in different files, and
+        // waiting for them together costs one fsync's latency, not two.
+        let begun = AuditEvent::new(EventKind::TaskBegun, ulid::Ulid::new().to_string())
+            .caller(CallerFacts {
+                spiffe_ids: caller.spiffe_id.iter().map(|s| s.to_string()).collect(),
+                pid: caller.pid,
+                uid: caller.uid,
+                selectors: Vec::new(),
+            })
+            .task(task_facts(&task))
+            .spiffe_id(task.spiffe_id.to_string())
+            .decision(
+                if task.parent_id.is_some() {
+                    "DelegateTask"
+                } else {
+                    "BeginTask"
+                },
+                true,
+                Vec::<String>::new(),
             )
-            .await
-            .map_err(|e| TaskError::Audit(e.to_string()))?;
-        self.persist_new(task.clone()).await?;
+            .detail("purpose", task.intent.purpose.clone())
+            .detail("expires_at", unix_secs(task.expires_at))
+            .detail(
+                "binding",
+                serde_json::to_value(&task.binding).unwrap_or_default(),
+            );
+        let (recorded, persisted) =
+            tokio::join!(self.agent.record(begun), self.persist_new(task.clone()));
+        persisted?;
+        if let Err(e) = recorded {
+            // Never activated, so nothing was issued for it: take it back
+            // out of the store rather than leave a task the trail lacks.
+            self.forget_unbegun(&task.id).await;
+            return Err(TaskError::Audit(e.to_string()));
+        }
         self.activate(task.clone(), pinned);
         Ok(task)
     }
@@ -546,6 +550,27 @@ impl TaskManager {
                 }
                 Ok((Binding::Cgroup { path: path.clone() }, None))
             }
+        }
+    }
+
+    /// Removes a stored task that was never activated (its audit record
+    /// could not be written). Failing that, restart finds it and completes
+    /// or resumes it like any other.
+    async fn forget_unbegun(&self, id: &str) {
+        let id = id.to_owned();
+        let removed = self
+            .store
+            .write(move |conn| {
+                conn.execute(
+                    "DELETE FROM tasks WHERE task_id = ?1 AND completed_at IS NULL
+                     AND NOT EXISTS (SELECT 1 FROM issued WHERE task_id = ?1)",
+                    params![id],
+                )?;
+                Ok(())
+            })
+            .await;
+        if let Err(e) = removed {
+            tracing::error!(error = %e, "removing a task whose audit record failed");
         }
     }
 
@@ -798,42 +823,42 @@ impl TaskManager {
             .metrics()
             .revocations
             .inc_by(revoked_serials as u64);
-        if !revoked.is_empty()
-            && let Err(e) = self.agent.publish_crls().await
-        {
-            tracing::error!(error = %e, "publishing a new CRL failed");
-        }
-        // The completion is already durable in the store; these records
+        // The completion is already durable in the store; the audit records
         // cannot undo it, so a failure to write them is logged, not returned.
+        // They are written while the CRL is signed: both must finish before
+        // the caller hears the task is over, neither needs the other.
         let correlation_id = ulid::Ulid::new().to_string();
-        for (task, why) in &victims {
-            self.agent
-                .record_best_effort(
-                    AuditEvent::new(EventKind::TaskEnded, correlation_id.clone())
-                        .task(task_facts(task))
-                        .spiffe_id(task.spiffe_id.to_string())
-                        .reason(why.as_str())
-                        .detail(
-                            "detail",
-                            if task.id == id {
-                                detail.clone()
-                            } else {
-                                String::new()
-                            },
-                        ),
-                )
-                .await;
-        }
-        for (task_id, serials) in &revoked {
-            self.agent
-                .record_best_effort(
-                    AuditEvent::new(EventKind::Revoked, correlation_id.clone())
-                        .reason("task completed")
-                        .detail("task_id", task_id.clone())
-                        .detail("serials", serials.clone()),
-                )
-                .await;
-        }
+        let mut records: Vec<AuditEvent> = victims
+            .iter()
+            .map(|(task, why)| {
+                AuditEvent::new(EventKind::TaskEnded, correlation_id.clone())
+                    .task(task_facts(task))
+                    .spiffe_id(task.spiffe_id.to_string())
+                    .reason(why.as_str())
+                    .detail(
+                        "detail",
+                        if task.id == id {
+                            detail.clone()
+                        } else {
+                            String::new()
+                        },
+                    )
+            })
+            .collect();
+        records.extend(revoked.iter().map(|(task_id, serials)| {
+            AuditEvent::new(EventKind::Revoked, correlation_id.clone())
+                .reason("task completed")
+                .detail("task_id", task_id.clone())
+                .detail("serials", serials.clone())
+        }));
+        let publish = async {
+            if !revoked.is_empty()
+                && let Err(e) = self.agent.publish_crls().await
+            {
+                tracing::error!(error = %e, "publishing a new CRL failed");
+            }
+        };
+        tokio::join!(publish, self.agent.record_all_best_effort(records));
         let mut root = None;
         for (task, why) in victims {
             let mut done = (*task).clone();

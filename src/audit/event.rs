@@ -12,6 +12,9 @@ use serde_json::{Map, Value};
 pub enum EventKind {
     AttestationFailure,
     X509Issued,
+    /// An SVID whose issuance was recorded but that never left writ (its
+    /// task completed in between).
+    X509Withdrawn,
     JwtIssued,
     JwtValidationFailed,
     Denied,
@@ -30,6 +33,7 @@ impl EventKind {
         match self {
             EventKind::AttestationFailure => "attestation_failure",
             EventKind::X509Issued => "x509_issued",
+            EventKind::X509Withdrawn => "x509_withdrawn",
             EventKind::JwtIssued => "jwt_issued",
             EventKind::JwtValidationFailed => "jwt_validation_failed",
             EventKind::Denied => "denied",
