@@ -49,6 +49,27 @@ pub enum AgentError {
     CrlPublishFailed(String),
 }
 
+/// A revoked certificate that has not expired yet, so belongs in the CRL.
+#[derive(Clone)]
+pub struct LiveRevocation {
+    pub cert: crate::ca::RevokedCert,
+    /// Unix seconds; the entry leaves the CRL after this.
+    pub not_after: i64,
+}
+
+/// What the next CRL is made from.
+#[derive(Default)]
+struct Revocations {
+    /// Shared with a CRL being signed; copied only when changed meanwhile.
+    live: Arc<Vec<LiveRevocation>>,
+    next_crl_number: u64,
+    /// The highest CRL number the store has reserved for this run.
+    reserved_through: u64,
+}
+
+/// CRL numbers reserved per durable write.
+const CRL_NUMBER_BLOCK: u64 = 100_000;
+
 /// How far CRL publication has got, in request epochs.
 #[derive(Debug, Clone, Default)]
 pub struct CrlProgress {
@@ -176,6 +197,7 @@ pub struct Agent {
     task_svid_ttl: Duration,
     tasks: RwLock<TaskIndex>,
     crls: RwLock<Arc<Crls>>,
+    revocations: Mutex<Revocations>,
     crl_requested: watch::Sender<u64>,
     crl_published: watch::Sender<CrlProgress>,
     registry: RwLock<Arc<Registry>>,
@@ -211,6 +233,7 @@ impl Agent {
             task_svid_ttl,
             tasks: RwLock::new(TaskIndex::default()),
             crls: RwLock::new(Arc::new(Crls::default())),
+            revocations: Mutex::new(Revocations::default()),
             crl_requested: watch::channel(0).0,
             crl_published: watch::channel(CrlProgress::default()).0,
             registry: RwLock::new(Arc::new(registry)),
@@ -549,11 +572,11 @@ impl Agent {
                 if !matches!(completed, Some(None)) {
                     return Ok(false);
                 }
-                conn.execute(
+                conn.prepare_cached(
                     "INSERT INTO issued(serial, task_id, issuer_key_id, spiffe_id, not_after, issued_at)
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                    params![serial, tid, issuer, spiffe_id, not_after, issued_at],
-                )?;
+                )?
+                .execute(params![serial, tid, issuer, spiffe_id, not_after, issued_at])?;
                 Ok(true)
             })
             .await?;
@@ -622,29 +645,85 @@ impl Agent {
         }
     }
 
-    /// Re-signs the CRLs from every stored revocation whose certificate has
-    /// not yet expired, with a CRL number that only grows, and wakes streams.
-    pub async fn refresh_crls(&self) -> Result<(), AgentError> {
+    /// Loads every stored revocation whose certificate has not expired and
+    /// reserves the first block of CRL numbers. Called once at start, before
+    /// anything can complete a task; from then on completions add their
+    /// revocations here as they commit them (`add_revocations`).
+    pub async fn load_revocations(&self) -> Result<(), AgentError> {
         let now_secs = unix_secs(SystemTime::now());
-        let (revoked, crl_number) = self
+        let (rows, last_reserved) = self
             .store
             .write(move |conn| {
-                let number = crate::store::bump_counter(conn, "crl_number")?;
                 let mut stmt = conn.prepare(
-                    "SELECT serial, issuer_key_id, revoked_at FROM revocations WHERE not_after > ?1",
+                    "SELECT serial, issuer_key_id, revoked_at, not_after FROM revocations WHERE not_after > ?1",
                 )?;
                 let rows = stmt
                     .query_map(params![now_secs], |r| {
-                        Ok(crate::ca::RevokedCert {
-                            serial: r.get(0)?,
-                            issuer_key_id: r.get(1)?,
-                            revoked_at: UNIX_EPOCH + Duration::from_secs(r.get::<_, i64>(2)?.max(0) as u64),
+                        Ok(LiveRevocation {
+                            cert: crate::ca::RevokedCert {
+                                serial: r.get(0)?,
+                                issuer_key_id: r.get(1)?,
+                                revoked_at: UNIX_EPOCH
+                                    + Duration::from_secs(r.get::<_, i64>(2)?.max(0) as u64),
+                            },
+                            not_after: r.get(3)?,
                         })
                     })?
                     .collect::<Result<Vec<_>, _>>()?;
-                Ok((rows, number))
+                Ok((rows, crate::store::read_counter(conn, "crl_number")?))
             })
             .await?;
+        let mut state = lock(&self.revocations);
+        state.live = Arc::new(rows);
+        // Numbers up to the stored value may have been used before a crash.
+        state.next_crl_number = last_reserved + 1;
+        state.reserved_through = last_reserved;
+        Ok(())
+    }
+
+    /// Revocations just committed to the store, for the next CRL.
+    pub fn add_revocations(&self, added: impl IntoIterator<Item = LiveRevocation>) {
+        let mut state = lock(&self.revocations);
+        Arc::make_mut(&mut state.live).extend(added);
+    }
+
+    /// The next CRL number. Numbers are reserved in durable blocks, so a
+    /// CRL costs no write of its own while the number still only grows
+    /// across restarts (RFC 5280 asks for an increasing number, not for
+    /// consecutive ones).
+    async fn next_crl_number(&self) -> Result<u64, AgentError> {
+        let (number, reserve_through) = {
+            let mut state = lock(&self.revocations);
+            let number = state.next_crl_number;
+            state.next_crl_number += 1;
+            (
+                number,
+                (number > state.reserved_through).then_some(number + CRL_NUMBER_BLOCK - 1),
+            )
+        };
+        if let Some(through) = reserve_through {
+            self.store
+                .write(move |conn| crate::store::raise_counter(conn, "crl_number", through))
+                .await?;
+            let mut state = lock(&self.revocations);
+            state.reserved_through = state.reserved_through.max(through);
+        }
+        Ok(number)
+    }
+
+    /// Re-signs the CRLs from every revocation whose certificate has not
+    /// yet expired, with a CRL number that only grows, and wakes streams.
+    pub async fn refresh_crls(&self) -> Result<(), AgentError> {
+        let now_secs = unix_secs(SystemTime::now());
+        let live = {
+            let mut state = lock(&self.revocations);
+            if state.live.iter().any(|r| r.not_after <= now_secs) {
+                Arc::make_mut(&mut state.live).retain(|r| r.not_after > now_secs);
+            }
+            state.live.clone()
+        };
+        let crl_number = self.next_crl_number().await?;
+        let revoked: Vec<&crate::ca::RevokedCert> = live.iter().map(|r| &r.cert).collect();
         let ders =
             read_lock(&self.ca).sign_crls(&revoked, crl_number, CRL_VALIDITY, SystemTime::now())?;
         {

@@ -166,6 +166,7 @@ pub async fn build(config: &Config) -> Result<Services, ServiceError> {
     )?;
     agent.set_audit(audit);
     agent.set_policy(load_policy(&config.policy.files)?);
+    agent.load_revocations().await?;
     tokio::spawn(agent.clone().run_crl_publisher());
     tasks.restore().await?;
     agent.publish_crls().await?;

@@ -314,6 +314,16 @@ pub fn bump_counter(conn: &Connection, key: &str) -> Result<u64, StoreError> {
     read_counter(conn, key)
 }
 
+/// Sets a counter to `value` unless it is already higher.
+pub fn raise_counter(conn: &Connection, key: &str, value: u64) -> Result<(), StoreError> {
+    let value = i64::try_from(value).unwrap_or(i64::MAX);
+    conn.execute(
+        "INSERT INTO meta(key, value) VALUES (?1, ?2) ON CONFLICT(key) DO UPDATE SET value = max(value, ?2)",
+        params![key, value],
+    )?;
+    Ok(())
+}
+
 pub fn read_counter(conn: &Connection, key: &str) -> Result<u64, StoreError> {
     let v: Option<i64> = conn
         .query_row("SELECT value FROM meta WHERE key = ?1", params![key], |r| {

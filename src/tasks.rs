@@ -561,11 +561,11 @@ impl TaskManager {
         let removed = self
             .store
             .write(move |conn| {
-                conn.execute(
+                conn.prepare_cached(
                     "DELETE FROM tasks WHERE task_id = ?1 AND completed_at IS NULL
                      AND NOT EXISTS (SELECT 1 FROM issued WHERE task_id = ?1)",
-                    params![id],
-                )?;
+                )?
+                .execute(params![id])?;
                 Ok(())
             })
             .await;
@@ -600,18 +600,18 @@ impl TaskManager {
                         return Ok(Err(TaskError::Completed(parent.clone())));
                     }
                 }
-                let inserted = conn.execute(
+                let inserted = conn.prepare_cached(
                     "INSERT OR IGNORE INTO tasks(task_id, spiffe_id, parent_task_id, record, created_at, expires_at)
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                    params![
+                )?
+                .execute(params![
                         t.id,
                         t.spiffe_id.to_string(),
                         t.parent_id,
                         record,
                         unix_secs(t.created_at),
                         unix_secs(t.expires_at)
-                    ],
-                )?;
+                    ])?;
                 if inserted == 0 {
                     return Ok(Err(TaskError::AlreadyExists(t.id.clone())));
                 }
@@ -784,22 +784,33 @@ impl TaskManager {
         let revoked = self
             .store
             .write(move |conn| {
-                let mut revoked: Vec<(String, Vec<String>)> = Vec::new();
+                let mut revoked: Vec<(String, Vec<crate::agent::LiveRevocation>)> = Vec::new();
                 for (tid, why, d) in &rows {
-                    conn.execute(
+                    conn.prepare_cached(
                         "UPDATE tasks SET completed_at = ?2, completion_reason = ?3, completion_detail = ?4
                          WHERE task_id = ?1 AND completed_at IS NULL",
-                        params![tid, at, why, d],
-                    )?;
-                    conn.execute(
+                    )?
+                    .execute(params![tid, at, why, d])?;
+                    conn.prepare_cached(
                         "INSERT OR IGNORE INTO revocations(serial, issuer_key_id, not_after, revoked_at, task_id, reason)
                          SELECT serial, issuer_key_id, not_after, ?2, task_id, ?3 FROM issued WHERE task_id = ?1",
-                        params![tid, at, why],
+                    )?
+                    .execute(params![tid, at, why])?;
+                    let mut stmt = conn.prepare_cached(
+                        "SELECT serial, issuer_key_id, not_after FROM issued WHERE task_id = ?1",
                     )?;
-                    let mut stmt = conn.prepare("SELECT serial FROM issued WHERE task_id = ?1")?;
+                    let revoked_at = UNIX_EPOCH + Duration::from_secs(at.max(0) as u64);
                     let serials = stmt
-                        .query_map(params![tid], |r| r.get::<_, Vec<u8>>(0))?
-                        .map(|r| r.map(hex::encode))
+                        .query_map(params![tid], |r| {
+                            Ok(crate::agent::LiveRevocation {
+                                cert: crate::ca::RevokedCert {
+                                    serial: r.get(0)?,
+                                    issuer_key_id: r.get(1)?,
+                                    revoked_at,
+                                },
+                                not_after: r.get(2)?,
+                            })
+                        })?
                         .collect::<Result<Vec<_>, _>>()?;
                     if !serials.is_empty() {
                         revoked.push((tid.clone(), serials));
@@ -823,6 +834,21 @@ impl TaskManager {
             .metrics()
             .revocations
             .inc_by(revoked_serials as u64);
+        self.agent.add_revocations(
+            revoked
+                .iter()
+                .flat_map(|(_, entries)| entries.iter().cloned()),
+        );
+        let revoked: Vec<(String, Vec<String>)> = revoked
+            .into_iter()
+            .map(|(task_id, entries)| {
+                let serials = entries
+                    .iter()
+                    .map(|e| hex::encode(&e.cert.serial))
+                    .collect();
+                (task_id, serials)
+            })
+            .collect();
         // The completion is already durable in the store; the audit records
         // cannot undo it, so a failure to write them is logged, not returned.
         // They are written while the CRL is signed: both must finish before

@@ -738,6 +738,27 @@ async fn after_a_crash_dead_tasks_are_revoked_and_live_ones_resume() {
     );
     assert!(ok, "{stderr}");
     assert!(stdout.contains("active"), "{stdout}");
+
+    // Another crash: the revocation is still served, under a CRL number
+    // higher than any the previous run used.
+    let number_before = crl_number(&crls);
+    writ.kill9();
+    writ.spawn();
+    let (crls, _) = crls_and_bundle(&writ).await;
+    assert!(revoked_serials(&crls).contains(&dead_serial));
+    let number_after = crl_number(&crls);
+    assert!(
+        number_after > number_before,
+        "CRL number went from {number_before} to {number_after} across a restart"
+    );
+}
+
+fn crl_number(crls: &[Vec<u8>]) -> u64 {
+    let (_, crl) =
+        x509_parser::revocation_list::CertificateRevocationList::from_der(&crls[0]).unwrap();
+    let digits = crl.crl_number().unwrap().to_u64_digits();
+    assert_eq!(digits.len(), 1, "{digits:?}");
+    digits[0]
 }
 
 /// Not a test: the body of helper processes started by the tests above.

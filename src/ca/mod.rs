@@ -634,7 +634,7 @@ impl CertificateAuthority {
     /// expired, and every certificate it issued expired no later.
     pub fn sign_crls(
         &self,
-        revoked: &[RevokedCert],
+        revoked: &[&RevokedCert],
         crl_number: u64,
         validity: Duration,
         now: SystemTime,

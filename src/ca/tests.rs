@@ -420,7 +420,7 @@ fn rotation_schedule_with_injected_time() {
     }];
     assert_eq!(
         reloaded
-            .sign_crls(&revoked, 1, HOUR, five_sixths)
+            .sign_crls(&revoked.iter().collect::<Vec<_>>(), 1, HOUR, five_sixths)
             .unwrap()
             .len(),
         1
@@ -559,7 +559,9 @@ fn crls_one_per_issuing_ca_signed_by_it() {
         issuer_key_id: vec![0xee; 20],
         revoked_at: now,
     });
-    let crls = ca.sign_crls(&revoked, 7, HOUR, now).unwrap();
+    let crls = ca
+        .sign_crls(&revoked.iter().collect::<Vec<_>>(), 7, HOUR, now)
+        .unwrap();
     assert_eq!(
         crls.len(),
         2,
@@ -642,10 +644,15 @@ fn crls_one_per_issuing_ca_signed_by_it() {
     }
     check(&kept).unwrap();
 
-    assert!(ca.sign_crls(&revoked, 8, HOUR, now).unwrap().len() == 2);
+    assert!(
+        ca.sign_crls(&revoked.iter().collect::<Vec<_>>(), 8, HOUR, now)
+            .unwrap()
+            .len()
+            == 2
+    );
     assert!(ca.sign_crls(&[], 9, HOUR, now).unwrap().is_empty());
     assert!(matches!(
-        ca.sign_crls(&revoked, 9, Duration::ZERO, now),
+        ca.sign_crls(&revoked.iter().collect::<Vec<_>>(), 9, Duration::ZERO, now),
         Err(CaError::CrlValidityTooShort)
     ));
 }
@@ -777,7 +784,7 @@ fn upstream_mode_chains_through_the_intermediate() {
     // The intermediate signs CRLs for what it issued.
     let crls = ca
         .sign_crls(
-            &[RevokedCert {
+            &[&RevokedCert {
                 serial: svid.serial.clone(),
                 issuer_key_id: svid.issuer_key_id.clone(),
                 revoked_at: t0(),
