@@ -126,8 +126,12 @@ fn verify(path: &Path, roots: &[CertificateDer<'static>], allow_open: bool) -> a
             )
         }
     };
+    let learned = match report.learned_roots {
+        0 => String::new(),
+        n => format!("; {n} root(s) handed on by ca_rotated records"),
+    };
     println!(
-        "OK: {} records, {} checkpoints in {} file(s); {checkpoint}; {end}",
+        "OK: {} records, {} checkpoints in {} file(s); {checkpoint}; {end}{learned}",
         report.records,
         report.checkpoints,
         report.files.len()
