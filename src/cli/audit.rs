@@ -157,13 +157,21 @@ fn trusted_roots(
     let from_state = crate::ca::read_checkpoint_roots(&ca_dir);
     let mut roots = match (&config.ca.upstream, from_state) {
         (_, Ok(roots)) => roots,
-        // Upstream, the state may hold only JWT keys, or not exist yet.
+        // Upstream, the state only adds the roots of earlier self-signed
+        // runs; without it the upstream bundle still verifies this CA.
         (Some(_), Err(CaError::Io { source, .. }))
             if source.kind() == std::io::ErrorKind::NotFound =>
         {
             Vec::new()
         }
-        (_, Err(e)) => {
+        (Some(_), Err(e)) => {
+            eprintln!(
+                "warning: not using the roots in {}: {e}; checking against the upstream bundle only",
+                ca_dir.display()
+            );
+            Vec::new()
+        }
+        (None, Err(e)) => {
             return Err(anyhow::Error::new(e).context(format!(
                 "reading the CA roots from {} (pass --bundle FILE.pem to name them)",
                 ca_dir.display()
