@@ -890,10 +890,10 @@ impl Agent {
 
     /// Runs one step of the CA schedule and returns when the next is due.
     pub async fn rotate_ca(&self, now: SystemTime) -> Result<SystemTime, AgentError> {
-        let (outcome, next) = {
+        let (outcome, next, roots) = {
             let mut ca = write_lock(&self.ca);
             let outcome = ca.rotate(now)?;
-            (outcome, ca.next_rotation_at())
+            (outcome, ca.next_rotation_at(), ca.x509_authorities())
         };
         if outcome.authorities_changed || outcome.signer_changed || outcome.jwt_authorities_changed
         {
@@ -913,17 +913,49 @@ impl Agent {
                 sequence,
                 "CA rotated; bundle updated"
             );
-            self.record_best_effort(
-                AuditEvent::new(EventKind::CaRotated, ulid::Ulid::new().to_string())
-                    .detail("signer_changed", outcome.signer_changed)
-                    .detail("authorities_changed", outcome.authorities_changed)
-                    .detail("jwt_authorities_changed", outcome.jwt_authorities_changed)
-                    .detail("bundle_sequence", sequence),
-            )
-            .await;
+            self.record_best_effort(ca_rotated_event(outcome, &roots, sequence))
+                .await;
             self.notify(Change::Everything);
         }
         Ok(next)
+    }
+
+    /// Records what loading the CA changed (a first root, or schedule steps
+    /// due while writ was down), once the audit trail is open: without it
+    /// the trail would not carry a root published at start, and could not
+    /// hand trust on from the previous root to it.
+    pub async fn record_ca_changes_at_load(&self) {
+        let (outcome, roots) = {
+            let ca = read_lock(&self.ca);
+            (ca.rotated_at_load(), ca.x509_authorities())
+        };
+        if outcome == crate::ca::RotationOutcome::default() {
+            return;
+        }
+        let sequence = self.own_bundle().bundle.sequence;
+        self.record_best_effort(
+            ca_rotated_event(outcome, &roots, sequence).detail("at_start", true),
+        )
+        .await;
+    }
+}
+
+/// A `ca_rotated` record. It lists the roots published from now on when
+/// they changed, so the trail itself carries the CA's chain of roots.
+fn ca_rotated_event(
+    outcome: crate::ca::RotationOutcome,
+    roots: &[rustls_pki_types::CertificateDer<'static>],
+    bundle_sequence: u64,
+) -> AuditEvent {
+    let event = AuditEvent::new(EventKind::CaRotated, ulid::Ulid::new().to_string())
+        .detail("signer_changed", outcome.signer_changed)
+        .detail("authorities_changed", outcome.authorities_changed)
+        .detail("jwt_authorities_changed", outcome.jwt_authorities_changed)
+        .detail("bundle_sequence", bundle_sequence);
+    if outcome.authorities_changed {
+        event.x509_authorities(roots)
+    } else {
+        event
     }
 }
 

@@ -165,6 +165,7 @@ pub async fn build(config: &Config) -> Result<Services, ServiceError> {
         Arc::new(crate::agent::CaCheckpointSigner(Arc::downgrade(&agent))),
     )?;
     agent.set_audit(audit);
+    agent.record_ca_changes_at_load().await;
     agent.set_policy(load_policy(&config.policy.files)?);
     agent.load_revocations().await?;
     tokio::spawn(agent.clone().run_crl_publisher());

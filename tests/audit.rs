@@ -1042,3 +1042,78 @@ fn verifying_a_trail_while_it_is_written_and_rotated_sees_no_false_break() {
     assert_eq!(report.end, TrailEnd::Closed);
     assert!(report.files.len() > 50);
 }
+
+#[test]
+fn the_cli_in_upstream_mode_also_trusts_roots_the_state_kept_from_self_signed_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("state");
+    let audit_path = dir.path().join("trail").join("audit.jsonl");
+    let upstream_bundle = dir.path().join("upstream-roots.pem");
+    let config_path = dir.path().join("writ.toml");
+    // Only the bundle is read by verify; the intermediate's files need not exist.
+    std::fs::write(
+        &config_path,
+        format!(
+            "data_dir = \"{}\"\n[audit]\npath = \"{}\"\n[ca.upstream]\ncert = \"{}\"\nkey = \"{}\"\nbundle = \"{}\"\n",
+            data_dir.display(),
+            audit_path.display(),
+            dir.path().join("absent-intermediate.pem").display(),
+            dir.path().join("absent-intermediate.key").display(),
+            upstream_bundle.display()
+        ),
+    )
+    .unwrap();
+    // A self-signed run, then an upstream one, on the same trail.
+    let (self_signed, self_signed_root) = root_signer("self-signed era");
+    let (upstream, upstream_root) = root_signer("upstream root");
+    let mut config = config(dir.path());
+    config.path = audit_path.clone();
+    for signer in [self_signed, upstream] {
+        let log = AuditLog::open(&config, signer).unwrap();
+        log.append_blocking(issued(1)).unwrap();
+        log.close();
+    }
+    let pem_of =
+        |der: &CertificateDer<'_>| pem::encode(&pem::Pem::new("CERTIFICATE", der.to_vec()));
+    std::fs::write(&upstream_bundle, pem_of(&upstream_root)).unwrap();
+    let verify = || {
+        let out = Command::new(WRIT)
+            .args(["audit", "verify", "--config"])
+            .arg(&config_path)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    // No state: the upstream bundle alone, which cannot vouch for the
+    // first run's close checkpoint (seq 2).
+    let (code, _, err) = verify();
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("(seq 2)") && err.contains("self-signed era"),
+        "{err}"
+    );
+
+    // The state remembers the self-signed root as expired: all verifies.
+    std::fs::create_dir_all(data_dir.join("ca")).unwrap();
+    let state = serde_json::json!({
+        "version": 1,
+        "trust_domain": "writ.test",
+        "x509_authorities": [],
+        "expired_x509_authorities": [{ "certificate": pem_of(&self_signed_root) }],
+    });
+    std::fs::write(data_dir.join("ca/state.json"), state.to_string()).unwrap();
+    let (code, out, err) = verify();
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(out.starts_with("OK: 6 records, 2 checkpoints"), "{out}");
+
+    // An unusable state is reported, and the upstream bundle still used.
+    std::fs::write(data_dir.join("ca/state.json"), "{").unwrap();
+    let (code, _, err) = verify();
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("warning: not using the roots in"), "{err}");
+    assert!(err.contains("(seq 2)"), "{err}");
+}

@@ -196,3 +196,118 @@ async fn after_kill_9_every_svid_a_client_received_has_its_record() {
     let (ok, out, err) = verify(&writ, &[]);
     assert!(ok, "{out}{err}");
 }
+
+/// The certificates (DER) in a PEM text.
+fn pem_certs(text: &str) -> Vec<Vec<u8>> {
+    pem::parse_many(text)
+        .unwrap()
+        .into_iter()
+        .filter(|b| b.tag() == "CERTIFICATE")
+        .map(|b| b.into_contents())
+        .collect()
+}
+
+/// (expired roots, held roots) of the CA state, DER.
+fn ca_roots(writ: &Writ) -> (Vec<Vec<u8>>, Vec<Vec<u8>>) {
+    let text = std::fs::read_to_string(writ.dir.path().join("state/ca/state.json")).unwrap();
+    let state: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let certs = |member: &str| -> Vec<Vec<u8>> {
+        state[member]
+            .as_array()
+            .map(|list| {
+                list.iter()
+                    .flat_map(|a| pem_certs(a["certificate"].as_str().unwrap()))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    (certs("expired_x509_authorities"), certs("x509_authorities"))
+}
+
+fn write_pem(path: &std::path::Path, certs: &[Vec<u8>]) {
+    let text: String = certs
+        .iter()
+        .map(|der| pem::encode(&pem::Pem::new("CERTIFICATE", der.clone())))
+        .collect();
+    std::fs::write(path, text).unwrap();
+}
+
+#[test]
+fn checkpoints_by_expired_roots_verify_from_the_state_dir_and_those_roots_are_not_served() {
+    // Roots live four seconds, so several expire within the test; every
+    // record is followed by a checkpoint, so each root signs some.
+    let mut writ = Writ::start(&format!(
+        "[[entry]]\nspiffe_id = \"spiffe://writ.test/rooted\"\nselectors = [\"unix:uid:{}\"]\n\n[tasks]\nx509_svid_ttl = \"1s\"\n\n[ca]\nca_ttl = \"4s\"\nx509_svid_ttl = \"1s\"\njwt_svid_ttl = \"1s\"\n\n[audit]\ncheckpoint_every = 1\n",
+        uid()
+    ));
+    common::wait_for(Duration::from_secs(60), "two roots to expire", || {
+        (ca_roots(&writ).0.len() >= 2).then_some(())
+    });
+    assert!(writ.stop().success());
+    let (expired, held) = ca_roots(&writ);
+    assert!(!held.is_empty());
+    assert!(expired.iter().all(|r| !held.contains(r)));
+    // The first checkpoint is signed by the first root, which has expired.
+    let checkpoint_certs: Vec<Vec<u8>> = records(&writ)
+        .iter()
+        .filter(|r| r["event"] == "checkpoint")
+        .map(|r| {
+            use base64::Engine;
+            base64::engine::general_purpose::STANDARD
+                .decode(r["checkpoint"]["certificate"].as_str().unwrap())
+                .unwrap()
+        })
+        .collect();
+    assert!(
+        expired.contains(&checkpoint_certs[0]),
+        "the first checkpoint's root has expired"
+    );
+
+    // The state directory alone verifies the whole trail.
+    let (ok, out, err) = verify(&writ, &[]);
+    assert!(ok, "{out}{err}");
+    assert!(out.starts_with("OK: "), "{out}");
+    // The served roots alone do not: the first checkpoint is named.
+    let held_pem = writ.dir.path().join("held.pem");
+    write_pem(&held_pem, &held);
+    let (ok, out, err) = verify(&writ, &["--bundle", held_pem.to_str().unwrap()]);
+    assert!(!ok, "{out}");
+    let first_checkpoint = records(&writ)
+        .iter()
+        .find(|r| r["event"] == "checkpoint")
+        .map(|r| r["seq"].as_u64().unwrap())
+        .unwrap();
+    assert!(
+        err.contains(&format!(
+            "(seq {first_checkpoint}): the checkpoint's signer is not trusted"
+        )),
+        "{err}"
+    );
+
+    // A restarted writ serves none of the expired roots (they never come
+    // back), and its trail still verifies from the state directory.
+    writ.spawn();
+    let out_dir = writ.dir.path().join("fetched");
+    let (ok, _, err) = writ_cli(
+        &[
+            "api",
+            "fetch",
+            "x509",
+            "--socket",
+            &writ.endpoint(),
+            "--write",
+            out_dir.to_str().unwrap(),
+        ],
+        None,
+    );
+    assert!(ok, "{err}");
+    let served = pem_certs(&std::fs::read_to_string(out_dir.join("bundle.0.pem")).unwrap());
+    assert!(!served.is_empty());
+    assert!(
+        served.iter().all(|root| !expired.contains(root)),
+        "an expired root is served"
+    );
+    assert!(writ.stop().success());
+    let (ok, out, err) = verify(&writ, &[]);
+    assert!(ok, "{out}{err}");
+}

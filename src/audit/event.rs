@@ -2,6 +2,8 @@
 //! (who called, which task, what was decided, what was issued). The log adds
 //! sequence number, time and hashes; see `record`.
 
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as BASE64;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
@@ -191,4 +193,20 @@ impl AuditEvent {
         self.detail.insert(key.into(), value.into());
         self
     }
+
+    /// For `ca_rotated`: the X.509 roots the CA publishes from now on, as
+    /// `detail.x509_authorities` (standard base64 of each DER certificate).
+    /// This is how the trail carries its chain of roots: `verify` trusts a
+    /// root listed here once a checkpoint by an already-trusted root
+    /// follows the record.
+    pub fn x509_authorities<C: AsRef<[u8]>>(self, roots: &[C]) -> Self {
+        let encoded: Vec<Value> = roots
+            .iter()
+            .map(|der| Value::String(BASE64.encode(der.as_ref())))
+            .collect();
+        self.detail(X509_AUTHORITIES_DETAIL, encoded)
+    }
 }
+
+/// The `detail` member of a `ca_rotated` record that lists the roots.
+pub(crate) const X509_AUTHORITIES_DETAIL: &str = "x509_authorities";

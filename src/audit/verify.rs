@@ -1,6 +1,7 @@
 //! Offline verification of a trail: every line's hash, the unbroken chain
 //! of `seq` and `prev` across rotated files, every checkpoint's signature
-//! and the trust of its certificate, and whether the trail was sealed by a
+//! and the trust of its certificate (given roots, plus roots the trail's own
+//! `ca_rotated` records hand on), and whether the trail was sealed by a
 //! close checkpoint. Reports the first broken record by file and line.
 
 use std::collections::HashMap;
@@ -12,6 +13,7 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use ring::signature::{self, UnparsedPublicKey, VerificationAlgorithm};
 use rustls_pki_types::CertificateDer;
+use sha2::{Digest, Sha256};
 use x509_parser::certificate::X509Certificate;
 use x509_parser::oid_registry::{
     OID_EC_P256, OID_KEY_TYPE_EC_PUBLIC_KEY, OID_NIST_EC_P384, OID_PKCS1_RSAENCRYPTION,
@@ -21,6 +23,7 @@ use x509_parser::oid_registry::{
 use x509_parser::prelude::FromDer;
 use x509_parser::x509::SubjectPublicKeyInfo;
 
+use super::event::X509_AUTHORITIES_DETAIL;
 use super::files::{open_snapshot, writer_is_live};
 use super::record::{
     CheckpointFacts, LineError, RecordView, ZERO_HASH, checkpoint_message, parse_line, parse_time,
@@ -64,6 +67,9 @@ pub struct VerifyReport {
     /// `audit_started` records that say the run before them ended without
     /// a close checkpoint (a crash, or records cut from its end).
     pub unclean_starts: Vec<u64>,
+    /// Roots trusted because a `ca_rotated` record listed them and a
+    /// checkpoint by an already-trusted root followed (beyond those given).
+    pub learned_roots: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -143,7 +149,12 @@ pub fn verify_with(
         });
     }
     let mut walk = Walk {
-        roots: trusted_roots,
+        roots: trusted_roots
+            .iter()
+            .map(|r| r.clone().into_owned())
+            .collect(),
+        announced: Vec::new(),
+        learned_roots: 0,
         trust_cache: HashMap::new(),
         next_seq: 0,
         prev: ZERO_HASH.to_owned(),
@@ -235,6 +246,7 @@ pub fn verify_with(
         last_seq: walk.last.as_ref().map(|l| l.seq),
         end,
         unclean_starts: walk.unclean_starts,
+        learned_roots: walk.learned_roots,
     })
 }
 
@@ -248,8 +260,15 @@ struct LastRecord {
 /// Validity window of a trusted signing certificate (and its anchor).
 type Validity = (SystemTime, SystemTime);
 
-struct Walk<'r> {
-    roots: &'r [CertificateDer<'r>],
+struct Walk {
+    /// The roots given, plus those learned from the trail (trust flows
+    /// forward: see `learn_announced`).
+    roots: Vec<CertificateDer<'static>>,
+    /// Roots listed by `ca_rotated` records that no checkpoint by a trusted
+    /// root has covered yet, with the seq of the record that listed them.
+    announced: Vec<(u64, CertificateDer<'static>)>,
+    learned_roots: u64,
+    /// Per checkpoint certificate; failures are dropped when roots are learned.
     trust_cache: HashMap<Vec<u8>, Result<Validity, String>>,
     next_seq: u64,
     prev: String,
@@ -260,7 +279,7 @@ struct Walk<'r> {
     unclean_starts: Vec<u64>,
 }
 
-impl Walk<'_> {
+impl Walk {
     fn record(&mut self, file: &Path, line_no: u64, line: &[u8]) -> Result<(), VerifyError> {
         let fail = |seq: Option<u64>, kind, reason: String| VerifyError {
             file: file.to_owned(),
@@ -329,6 +348,7 @@ impl Walk<'_> {
                     format!("a {} record carries a checkpoint member", view.event),
                 ));
             }
+            (None, "ca_rotated") => self.announce(seq, view.detail.as_ref()),
             (None, "audit_started") => {
                 let unclean = view
                     .detail
@@ -384,13 +404,21 @@ impl Walk<'_> {
             .map_err(|e| bad(format!("the checkpoint signature {e}")))?;
         let at = parse_time(&view.time)
             .ok_or_else(|| bad(format!("its time {:?} is not RFC 3339", view.time)))?;
-        let roots = self.roots;
+        let roots = &self.roots;
         let (not_before, not_after) = self
             .trust_cache
             .entry(certificate.clone())
             .or_insert_with(|| trusted_validity(&certificate, roots))
             .clone()
-            .map_err(|reason| (VerifyErrorKind::Untrusted, reason))?;
+            .map_err(|reason| {
+                (
+                    VerifyErrorKind::Untrusted,
+                    format!(
+                        "the checkpoint's signer is not trusted: {reason}; {}",
+                        self.untrusted_hint(&certificate)
+                    ),
+                )
+            })?;
         if at < not_before || at > not_after {
             return Err((
                 VerifyErrorKind::Untrusted,
@@ -400,7 +428,67 @@ impl Walk<'_> {
                 ),
             ));
         }
+        self.learn_announced();
         Ok(())
+    }
+
+    /// Notes the roots a `ca_rotated` record lists. They are not trusted
+    /// yet: the record is only as good as the checkpoint that covers it.
+    /// Entries that are not certificates are skipped (they cannot sign).
+    fn announce(&mut self, seq: u64, detail: Option<&serde_json::Map<String, serde_json::Value>>) {
+        let Some(listed) = detail
+            .and_then(|d| d.get(X509_AUTHORITIES_DETAIL))
+            .and_then(|v| v.as_array())
+        else {
+            return;
+        };
+        for der in listed
+            .iter()
+            .filter_map(|v| v.as_str())
+            .filter_map(|b64| BASE64.decode(b64).ok())
+            .filter(|der| parse_cert(der).is_ok())
+        {
+            let cert = CertificateDer::from(der);
+            if !self.roots.contains(&cert) && !self.announced.iter().any(|(_, c)| *c == cert) {
+                self.announced.push((seq, cert));
+            }
+        }
+    }
+
+    /// Called once a checkpoint has verified against a trusted root: its
+    /// signature covers the whole chain before it, so every root announced
+    /// there is now vouched for by a root already trusted.
+    fn learn_announced(&mut self) {
+        if self.announced.is_empty() {
+            return;
+        }
+        for (_, cert) in self.announced.drain(..) {
+            if !self.roots.contains(&cert) {
+                self.roots.push(cert);
+                self.learned_roots += 1;
+            }
+        }
+        // An earlier failure may succeed against the new roots.
+        self.trust_cache.retain(|_, trusted| trusted.is_ok());
+    }
+
+    /// The end of an untrusted-signer message: why a root the trail itself
+    /// announced does not count yet, or what the operator can do.
+    fn untrusted_hint(&self, certificate: &[u8]) -> String {
+        let announced_at = self
+            .announced
+            .iter()
+            .find(|(_, root)| trusted_validity(certificate, std::slice::from_ref(root)).is_ok())
+            .map(|(seq, _)| *seq);
+        match announced_at {
+            Some(seq) => format!(
+                "the ca_rotated record at seq {seq} lists its root, but no checkpoint signed by an already-trusted root follows that record, so nothing vouches for it; pass that root with --bundle"
+            ),
+            None => {
+                "if it is a root of this CA that is no longer in its state, pass it with --bundle"
+                    .into()
+            }
+        }
     }
 }
 
@@ -458,8 +546,9 @@ fn trusted_validity(cert_der: &[u8], roots: &[CertificateDer<'_>]) -> Result<Val
         }
     }
     Err(format!(
-        "it is signed by a certificate ({}) that is neither a trusted root nor issued by one",
-        cert.subject()
+        "it is signed by a certificate ({}, SHA-256 fingerprint {}) that is neither a trusted root nor issued by one",
+        cert.subject(),
+        hex::encode(Sha256::digest(cert_der))
     ))
 }
 
@@ -515,4 +604,240 @@ fn verify_issued_by(
             cert.signature_value.data.as_ref(),
         )
         .map_err(|_| "the certificate's signature does not verify".to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    //! Trust in checkpoint signers: roots handed on by the trail's own
+    //! rotation records, unknown signers, and roots that have since expired.
+    //! Real files, real P-256 keys, an injected clock.
+
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+    use std::time::{Duration, UNIX_EPOCH};
+
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose};
+
+    use super::*;
+    use crate::audit::{AuditEvent, AuditLog, CheckpointSigner, EventKind, KeyPairSigner};
+    use crate::config::AuditConfig;
+
+    /// 2020-06-01T00:00:00Z.
+    const JUNE_2020: u64 = 1_590_969_600;
+    const DAY: u64 = 86_400;
+
+    /// A self-signed P-256 root valid from `from` for `days`, and a signer
+    /// with its key.
+    fn root(name: &str, from: u64, days: u64) -> (KeyPairSigner, CertificateDer<'static>) {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.distinguished_name.push(DnType::CommonName, name);
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        let at = |secs: u64| time::OffsetDateTime::from_unix_timestamp(secs as i64).unwrap();
+        params.not_before = at(from);
+        params.not_after = at(from + days * DAY);
+        let der = params.self_signed(&key).unwrap().der().clone();
+        (KeyPairSigner::new(key, der.to_vec()).unwrap(), der)
+    }
+
+    /// Signs with the root `active` points at, as a CA does across a rotation.
+    struct Rotating {
+        signers: Vec<KeyPairSigner>,
+        active: Arc<AtomicUsize>,
+    }
+
+    impl CheckpointSigner for Rotating {
+        fn sign(&self, message: &[u8]) -> Result<(Vec<u8>, Vec<u8>), String> {
+            self.signers[self.active.load(Ordering::SeqCst)].sign(message)
+        }
+    }
+
+    struct Trail {
+        _dir: tempfile::TempDir,
+        path: PathBuf,
+        log: Arc<AuditLog>,
+        active: Arc<AtomicUsize>,
+        now: Arc<AtomicU64>,
+    }
+
+    impl Trail {
+        fn open(signers: Vec<KeyPairSigner>, start: u64) -> Self {
+            let dir = tempfile::tempdir().unwrap();
+            let config = AuditConfig {
+                path: dir.path().join("audit.jsonl"),
+                max_file_bytes: 64 << 20,
+                checkpoint_every: 1000,
+                checkpoint_interval: Duration::from_secs(1000 * DAY),
+            };
+            let active = Arc::new(AtomicUsize::new(0));
+            let now = Arc::new(AtomicU64::new(start));
+            let clock_now = now.clone();
+            let clock: crate::audit::Clock = Arc::new(move || {
+                UNIX_EPOCH + Duration::from_secs(clock_now.load(Ordering::SeqCst))
+            });
+            let signer = Rotating {
+                signers,
+                active: active.clone(),
+            };
+            let log = AuditLog::open_with_clock(&config, Arc::new(signer), clock).unwrap();
+            Self {
+                path: config.path,
+                _dir: dir,
+                log,
+                active,
+                now,
+            }
+        }
+
+        fn issue(&self) {
+            self.log
+                .append_blocking(AuditEvent::new(EventKind::X509Issued, "c"))
+                .unwrap();
+        }
+
+        fn announce(&self, roots: &[&CertificateDer<'static>]) -> u64 {
+            self.log
+                .append_blocking(AuditEvent::new(EventKind::CaRotated, "r").x509_authorities(roots))
+                .unwrap()
+                .seq
+        }
+
+        /// Returns the checkpoint's seq.
+        fn checkpoint(&self) -> u64 {
+            self.log.checkpoint().unwrap();
+            self.last_seq()
+        }
+
+        fn last_seq(&self) -> u64 {
+            let text = std::fs::read_to_string(&self.path).unwrap();
+            let last: serde_json::Value =
+                serde_json::from_str(text.lines().last().unwrap()).unwrap();
+            last["seq"].as_u64().unwrap()
+        }
+
+        fn switch_to(&self, signer: usize) {
+            self.active.store(signer, Ordering::SeqCst);
+        }
+
+        fn advance(&self, secs: u64) {
+            self.now.fetch_add(secs, Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn a_root_listed_by_a_rotation_record_is_trusted_once_a_trusted_checkpoint_covers_it() {
+        let (a, root_a) = root("root A", JUNE_2020 - DAY, 30);
+        let (b, root_b) = root("root B", JUNE_2020, 30);
+        let trail = Trail::open(vec![a, b], JUNE_2020);
+        trail.issue();
+        trail.checkpoint();
+        // B is published (listed with A), A still signs the next checkpoint.
+        trail.announce(&[&root_a, &root_b]);
+        trail.issue();
+        trail.checkpoint();
+        trail.advance(DAY);
+        trail.switch_to(1);
+        trail.issue();
+        trail.checkpoint();
+        trail.log.close();
+
+        let report = verify(&trail.path, std::slice::from_ref(&root_a)).unwrap();
+        assert_eq!(report.learned_roots, 1);
+        assert_eq!(report.checkpoints, 4, "three requested, one close");
+        assert_eq!(report.end, TrailEnd::Closed);
+        // Given both, nothing needs learning.
+        let report = verify(&trail.path, &[root_a, root_b.clone()]).unwrap();
+        assert_eq!(report.learned_roots, 0);
+        // Trust flows forward only: B alone cannot vouch for A's checkpoints.
+        let err = verify(&trail.path, &[root_b]).unwrap_err();
+        assert_eq!((err.kind, err.seq), (VerifyErrorKind::Untrusted, Some(2)));
+    }
+
+    #[test]
+    fn a_root_announced_but_not_yet_vouched_for_is_refused_and_the_record_is_named() {
+        // Someone with the file (not the CA key) appends a rotation record
+        // naming their own root and a checkpoint signed with it.
+        let (a, root_a) = root("root A", JUNE_2020 - DAY, 30);
+        let (intruder, intruder_root) = root("intruder", JUNE_2020 - DAY, 30);
+        let trail = Trail::open(vec![a, intruder], JUNE_2020);
+        trail.issue();
+        trail.checkpoint();
+        let announced_at = trail.announce(&[&root_a, &intruder_root]);
+        trail.switch_to(1);
+        let forged = trail.checkpoint();
+        trail.log.close();
+
+        let err = verify(&trail.path, std::slice::from_ref(&root_a)).unwrap_err();
+        assert_eq!(err.kind, VerifyErrorKind::Untrusted, "{err}");
+        assert_eq!(err.seq, Some(forged));
+        assert_eq!(err.line, forged + 1);
+        assert!(err.reason.contains("intruder"), "{err}");
+        assert!(
+            err.reason.contains(&format!(
+                "the ca_rotated record at seq {announced_at} lists its root"
+            )),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_checkpoint_by_an_unknown_key_is_named_with_its_fingerprint() {
+        let (a, root_a) = root("root A", JUNE_2020 - DAY, 30);
+        let (stranger, stranger_root) = root("stranger", JUNE_2020 - DAY, 30);
+        let trail = Trail::open(vec![a, stranger], JUNE_2020);
+        trail.issue();
+        trail.checkpoint();
+        trail.issue();
+        trail.switch_to(1);
+        let unknown = trail.checkpoint();
+        trail.switch_to(0);
+        trail.log.close();
+
+        let err = verify(&trail.path, std::slice::from_ref(&root_a)).unwrap_err();
+        assert_eq!(err.kind, VerifyErrorKind::Untrusted, "{err}");
+        assert_eq!((err.seq, err.line), (Some(unknown), unknown + 1));
+        let fingerprint = hex::encode(Sha256::digest(stranger_root.as_ref()));
+        assert!(err.reason.contains(&fingerprint), "{err}");
+        assert!(err.reason.contains("neither a trusted root"), "{err}");
+        assert!(err.reason.contains("--bundle"), "{err}");
+        let shown = err.to_string();
+        assert!(
+            shown.contains(&format!("audit.jsonl:{} (seq {unknown})", unknown + 1)),
+            "{shown}"
+        );
+        verify(&trail.path, &[root_a, stranger_root]).unwrap();
+    }
+
+    #[test]
+    fn a_checkpoint_counts_if_signed_while_its_root_was_valid_however_old() {
+        // Both roots expired years before this test runs: what matters for a
+        // past checkpoint is that its root was valid when it was signed.
+        let (a, root_a) = root("root A", JUNE_2020 - DAY, 30);
+        let trail = Trail::open(vec![a], JUNE_2020);
+        trail.issue();
+        trail.checkpoint();
+        trail.advance(10 * DAY);
+        trail.issue();
+        trail.checkpoint();
+        trail.log.close();
+        let report = verify(&trail.path, std::slice::from_ref(&root_a)).unwrap();
+        assert_eq!(report.checkpoints, 3);
+
+        // A checkpoint dated after the root expired is refused.
+        let (late, late_root) = root("root L", JUNE_2020 - DAY, 30);
+        let trail = Trail::open(vec![late], JUNE_2020);
+        trail.issue();
+        trail.checkpoint();
+        trail.advance(40 * DAY);
+        trail.issue();
+        let after_expiry = trail.checkpoint();
+        trail.log.close();
+        let err = verify(&trail.path, std::slice::from_ref(&late_root)).unwrap_err();
+        assert_eq!(
+            (err.kind, err.seq),
+            (VerifyErrorKind::Untrusted, Some(after_expiry))
+        );
+        assert!(err.reason.contains("outside the validity"), "{err}");
+    }
 }

@@ -12,7 +12,7 @@ mod store;
 mod upstream;
 
 use std::fmt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -26,7 +26,7 @@ use crate::svid::{self, InvalidDnsName, X509Svid, X509SvidRequest};
 use authority::{BACKDATE, SigningAuthority};
 use jwt_keys::JwtEntry;
 use schedule::{Schedule, Scheduled};
-use store::{CaDir, Role, StateFile, StoredAuthority};
+use store::{CaDir, ExpiredAuthority, Role, StateFile, StoredAuthority};
 pub use upstream::UpstreamCaFiles;
 
 /// Lifetime of a self-signed root unless configured otherwise.
@@ -35,6 +35,11 @@ pub const DEFAULT_CA_TTL: Duration = Duration::from_secs(24 * 3600);
 pub const DEFAULT_SVID_TTL: Duration = Duration::from_secs(3600);
 /// The JWT-SVID TTL unless configured (`ca.jwt_svid_ttl`).
 pub const DEFAULT_JWT_SVID_TTL: Duration = Duration::from_secs(300);
+/// How many expired roots the state keeps for audit verification, newest
+/// last. About 700 bytes each, so the state stays far below the size limit
+/// it is read with; at the default TTL (a new root every 20 hours) that is
+/// over four years of history. Older ones must be passed with `--bundle`.
+const MAX_EXPIRED_ROOTS: usize = 2000;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CaSettings {
@@ -169,6 +174,12 @@ pub struct CertificateAuthority {
     x509: Vec<Entry>,
     /// Ordered oldest first, which is also the bundle order.
     jwt: Vec<JwtEntry>,
+    /// Roots dropped after they expired, oldest first: public certificates
+    /// only, for verifying audit checkpoints they signed. Never published.
+    expired_x509: Vec<CertificateDer<'static>>,
+    /// What the schedule changed while loading, so the caller can record it
+    /// once the audit trail is open.
+    rotated_at_load: RotationOutcome,
 }
 
 impl Scheduled for Entry {
@@ -209,6 +220,7 @@ impl fmt::Debug for CertificateAuthority {
             )
             .field("x509_authorities", &roles)
             .field("jwt_authorities", &jwt_roles)
+            .field("expired_x509_authorities", &self.expired_x509.len())
             .finish_non_exhaustive()
     }
 }
@@ -273,6 +285,7 @@ impl CertificateAuthority {
                     trust_domain: settings.trust_domain.name().to_owned(),
                     x509_authorities: Vec::new(),
                     jwt_authorities: Vec::new(),
+                    expired_x509_authorities: Vec::new(),
                 }
             }
         };
@@ -286,6 +299,8 @@ impl CertificateAuthority {
             });
         }
         let jwt = jwt_keys::load(&dir, state.jwt_authorities)?;
+        let expired_x509 =
+            load_expired(&dir, &settings.trust_domain, state.expired_x509_authorities)?;
         let (mode, x509) = match &upstream {
             Some((_, up)) => (
                 Mode::Upstream {
@@ -322,6 +337,8 @@ impl CertificateAuthority {
             dir,
             x509,
             jwt,
+            expired_x509,
+            rotated_at_load: RotationOutcome::default(),
         };
         if let Some((files, up)) = upstream {
             ca.x509 = vec![Entry {
@@ -331,8 +348,14 @@ impl CertificateAuthority {
             }];
             ca.check_upstream_issuance(files, now)?;
         }
-        ca.rotate(now)?;
+        ca.rotated_at_load = ca.rotate(now)?;
         Ok(ca)
+    }
+
+    /// What bringing the schedule up to date changed while loading (a
+    /// first root, or steps due while writ was down).
+    pub fn rotated_at_load(&self) -> RotationOutcome {
+        self.rotated_at_load
     }
 
     pub fn trust_domain(&self) -> &TrustDomain {
@@ -372,12 +395,33 @@ impl CertificateAuthority {
 
     /// The X.509 authorities to publish: every root held (previous, active,
     /// prepared next; `rotate` drops expired ones), oldest first. Upstream:
-    /// the upstream bundle's roots.
+    /// the upstream bundle's roots. Never the expired roots kept for audit.
     pub fn x509_authorities(&self) -> Vec<CertificateDer<'static>> {
         match &self.mode {
             Mode::Upstream { roots, .. } => roots.clone(),
             Mode::SelfSigned => self.x509.iter().map(|e| e.authority.cert.clone()).collect(),
         }
+    }
+
+    /// Every root an audit checkpoint signed by this CA can chain to: the
+    /// expired roots kept in the state (oldest first), then the published
+    /// ones; upstream, also the roots a self-signed run left in the state.
+    /// For verifying the trail only: expired roots must never be published.
+    pub fn checkpoint_roots(&self) -> Vec<CertificateDer<'static>> {
+        let mut roots = self.expired_x509.clone();
+        if let Mode::Upstream { stored_x509, .. } = &self.mode {
+            roots.extend(stored_x509.iter().filter_map(|s| {
+                pem::parse(&s.certificate)
+                    .ok()
+                    .map(|b| CertificateDer::from(b.into_contents()))
+            }));
+        }
+        for root in self.x509_authorities() {
+            if !roots.contains(&root) {
+                roots.push(root);
+            }
+        }
+        roots
     }
 
     /// The JWT authorities to publish: every JWT key held (retired, active,
@@ -565,6 +609,7 @@ impl CertificateAuthority {
         if !roles_changed {
             return Ok(outcome);
         }
+        let next_expired = self.next_expired(&next_x509);
 
         // New keys first, then the state file that refers to them (the
         // commit point), then the keys nothing refers to any more.
@@ -595,6 +640,12 @@ impl CertificateAuthority {
                 .iter()
                 .map(jwt_keys::to_stored)
                 .collect::<Result<_, _>>()?,
+            expired_x509_authorities: next_expired
+                .iter()
+                .map(|cert| ExpiredAuthority {
+                    certificate: crate::bundle::pem_lf("CERTIFICATE", cert),
+                })
+                .collect(),
         })?;
         let gone_x509 = self
             .x509
@@ -616,7 +667,34 @@ impl CertificateAuthority {
         }
         self.x509 = next_x509;
         self.jwt = next_jwt;
+        self.expired_x509 = next_expired;
         Ok(outcome)
+    }
+
+    /// The expired roots to keep once `next_x509` replaces the held roots:
+    /// every root it drops joins them (the key goes, the certificate stays),
+    /// bounded by [`MAX_EXPIRED_ROOTS`], the oldest forgotten first.
+    fn next_expired(&self, next_x509: &[Entry]) -> Vec<CertificateDer<'static>> {
+        let mut expired = self.expired_x509.clone();
+        for dropped in self
+            .x509
+            .iter()
+            .filter(|old| !next_x509.iter().any(|e| e.key_file == old.key_file))
+        {
+            if !dropped.key_file.is_empty() && !expired.contains(&dropped.authority.cert) {
+                expired.push(dropped.authority.cert.clone());
+            }
+        }
+        let excess = expired.len().saturating_sub(MAX_EXPIRED_ROOTS);
+        if excess > 0 {
+            tracing::warn!(
+                forgotten = excess,
+                kept = MAX_EXPIRED_ROOTS,
+                "the CA state forgets its oldest expired roots; audit checkpoints they signed need `writ audit verify --bundle`"
+            );
+            expired.drain(..excess);
+        }
+        expired
     }
 
     /// When `rotate` next has work to do (may be in the past if overdue).
@@ -776,16 +854,7 @@ fn load_entries(
     }
     let mut entries = Vec::with_capacity(stored_roots.len());
     for stored in stored_roots {
-        let block = pem::parse(&stored.certificate)
-            .map_err(|e| corrupt(format!("a certificate is not valid PEM: {e}")))?;
-        let cert = CertificateDer::from(block.into_contents());
-        let id = svid::check_signing_cert_conformance(&cert)
-            .map_err(|v| corrupt(format!("a root is not a valid signing certificate: {v}")))?;
-        if id.as_ref().map(SpiffeId::trust_domain) != Some(trust_domain) {
-            return Err(corrupt(format!(
-                "a root does not carry the SPIFFE ID spiffe://{trust_domain}"
-            )));
-        }
+        let cert = parse_root(&stored.certificate, trust_domain).map_err(corrupt)?;
         let (key_path, key_text) = dir.read_key(&stored.key_file)?;
         let key =
             authority::key_from_pem(&key_text, None).map_err(|reason| CaError::CorruptState {
@@ -820,6 +889,72 @@ fn load_entries(
     }
     entries.sort_by_key(|e| e.authority.not_before);
     Ok(entries)
+}
+
+/// Reads the certificates of the expired roots a state file keeps, checked
+/// like held roots (a root of this trust domain), since a verifier will
+/// trust them.
+fn load_expired(
+    dir: &CaDir,
+    trust_domain: &TrustDomain,
+    stored: Vec<ExpiredAuthority>,
+) -> Result<Vec<CertificateDer<'static>>, CaError> {
+    stored
+        .iter()
+        .map(|e| {
+            parse_root(&e.certificate, trust_domain).map_err(|reason| CaError::CorruptState {
+                path: dir.state_path(),
+                reason: format!("in expired_x509_authorities: {reason}"),
+            })
+        })
+        .collect()
+}
+
+/// One PEM root certificate of `trust_domain`, as the state stores it.
+fn parse_root(
+    pem_text: &str,
+    trust_domain: &TrustDomain,
+) -> Result<CertificateDer<'static>, String> {
+    let block = pem::parse(pem_text).map_err(|e| format!("a certificate is not valid PEM: {e}"))?;
+    let cert = CertificateDer::from(block.into_contents());
+    let id = svid::check_signing_cert_conformance(&cert)
+        .map_err(|v| format!("a root is not a valid signing certificate: {v}"))?;
+    if id.as_ref().map(SpiffeId::trust_domain) != Some(trust_domain) {
+        return Err(format!(
+            "a root does not carry the SPIFFE ID spiffe://{trust_domain}"
+        ));
+    }
+    Ok(cert)
+}
+
+/// The roots audit checkpoints of the CA in `ca_dir` can chain to, read
+/// from its `state.json` alone (no key is read, nothing is written): the
+/// expired roots it keeps, then the roots it holds. What
+/// [`CertificateAuthority::checkpoint_roots`] returns, minus an upstream
+/// bundle, which lives outside the directory.
+pub fn read_checkpoint_roots(ca_dir: &Path) -> Result<Vec<CertificateDer<'static>>, CaError> {
+    let path = ca_dir.join(store::STATE_FILE);
+    let state = store::read_state_file(&path)?.ok_or_else(|| CaError::Io {
+        path: path.clone(),
+        source: std::io::Error::from(std::io::ErrorKind::NotFound),
+    })?;
+    let texts = state
+        .expired_x509_authorities
+        .iter()
+        .map(|e| &e.certificate)
+        .chain(state.x509_authorities.iter().map(|a| &a.certificate));
+    let mut roots = Vec::new();
+    for text in texts {
+        let block = pem::parse(text).map_err(|e| CaError::CorruptState {
+            path: path.clone(),
+            reason: format!("a certificate is not valid PEM: {e}"),
+        })?;
+        let cert = CertificateDer::from(block.into_contents());
+        if !roots.contains(&cert) {
+            roots.push(cert);
+        }
+    }
+    Ok(roots)
 }
 
 #[cfg(test)]

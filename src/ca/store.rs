@@ -47,6 +47,20 @@ pub(crate) struct StateFile {
     /// Absent in state files written before writ signed JWT-SVIDs.
     #[serde(default)]
     pub jwt_authorities: Vec<StoredJwtKey>,
+    /// Roots dropped once they expired, oldest first: certificates only
+    /// (their key files are deleted), kept so that audit checkpoints they
+    /// signed still verify from this directory. Never published. Absent in
+    /// state files written before writ kept them, and while it is empty.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub expired_x509_authorities: Vec<ExpiredAuthority>,
+}
+
+/// A root that no longer exists as a key, only as a public certificate.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ExpiredAuthority {
+    /// The CA certificate, PEM.
+    pub certificate: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -109,27 +123,7 @@ impl CaDir {
 
     /// `Ok(None)` only when there is no state file at all (first start).
     pub(crate) fn read_state(&self) -> Result<Option<StateFile>, CaError> {
-        let path = self.state_path();
-        let bytes = match read_limited(&path) {
-            Ok(b) => b,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(io_err(&path, e)),
-        };
-        let state: StateFile =
-            serde_json::from_slice(&bytes).map_err(|e| CaError::CorruptState {
-                path: path.clone(),
-                reason: format!("not a valid CA state file: {e}"),
-            })?;
-        if state.version != STATE_VERSION {
-            return Err(CaError::CorruptState {
-                path,
-                reason: format!(
-                    "state version {} is not supported (this writ reads version {STATE_VERSION})",
-                    state.version
-                ),
-            });
-        }
-        Ok(Some(state))
+        read_state_file(&self.state_path())
     }
 
     pub(crate) fn write_state(&self, state: &StateFile) -> Result<(), CaError> {
@@ -225,6 +219,30 @@ impl CaDir {
             io_err(&target, e)
         })
     }
+}
+
+/// Reads and parses the state file at `path` without touching anything
+/// else in its directory; `Ok(None)` when it does not exist.
+pub(crate) fn read_state_file(path: &Path) -> Result<Option<StateFile>, CaError> {
+    let bytes = match read_limited(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(io_err(path, e)),
+    };
+    let state: StateFile = serde_json::from_slice(&bytes).map_err(|e| CaError::CorruptState {
+        path: path.to_owned(),
+        reason: format!("not a valid CA state file: {e}"),
+    })?;
+    if state.version != STATE_VERSION {
+        return Err(CaError::CorruptState {
+            path: path.to_owned(),
+            reason: format!(
+                "state version {} is not supported (this writ reads version {STATE_VERSION})",
+                state.version
+            ),
+        });
+    }
+    Ok(Some(state))
 }
 
 fn read_limited(path: &Path) -> io::Result<Vec<u8>> {

@@ -1285,3 +1285,228 @@ fn jwt_svids_are_accepted_by_the_spiffe_crate() {
     assert_eq!(parsed.key_id(), svid.key_id);
     assert!(spiffe::JwtSvid::parse_and_validate(&svid.token, &set, &["three"]).is_err());
 }
+
+/// Signs audit checkpoints with whatever root is active in a shared CA, as
+/// the agent does.
+struct SharedCaSigner(std::sync::Arc<std::sync::Mutex<CertificateAuthority>>);
+
+impl crate::audit::CheckpointSigner for SharedCaSigner {
+    fn sign(&self, message: &[u8]) -> Result<(Vec<u8>, Vec<u8>), String> {
+        self.0.lock().unwrap().sign_checkpoint(message)
+    }
+}
+
+fn state_json(dir: &Path) -> serde_json::Value {
+    serde_json::from_slice(&fs::read(dir.join("ca/state.json")).unwrap()).unwrap()
+}
+
+#[test]
+fn expired_roots_keep_their_certificate_but_lose_their_key_and_leave_the_bundle() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = settings(tmp.path());
+    let mut ca = CertificateAuthority::load_or_create(s.clone(), t0()).unwrap();
+    let root_a = ca.x509_authorities()[0].clone();
+    let a_not_after = ca.active_not_after();
+    // A fresh state has nothing expired and writes no such member, so the
+    // file stays what older writ versions wrote.
+    assert!(
+        state_json(tmp.path())
+            .get("expired_x509_authorities")
+            .is_none()
+    );
+    assert_eq!(ca.checkpoint_roots(), ca.x509_authorities());
+
+    let mut now = t0();
+    while now <= a_not_after {
+        now = ca.next_rotation_at();
+        ca.rotate(now).unwrap();
+    }
+    let published = ca.x509_authorities();
+    assert!(
+        !published.contains(&root_a),
+        "an expired root is not served"
+    );
+    assert!(!published.is_empty());
+    let checkpoint_roots = ca.checkpoint_roots();
+    assert_eq!(checkpoint_roots[0], root_a);
+    assert_eq!(checkpoint_roots[1..], published[..]);
+    let key_a = tmp
+        .path()
+        .join(format!("ca/x509-{}.key.pem", hex::encode(ski(&root_a))));
+    assert!(!key_a.exists(), "the key of an expired root is deleted");
+
+    // The state keeps the certificate, and nothing else, of the expired root.
+    let state = state_json(tmp.path());
+    let expired = state["expired_x509_authorities"].as_array().unwrap();
+    assert_eq!(expired.len(), 1);
+    assert_eq!(
+        expired[0].as_object().unwrap().keys().collect::<Vec<_>>(),
+        ["certificate"]
+    );
+    let pem = pem::parse(expired[0]["certificate"].as_str().unwrap()).unwrap();
+    assert_eq!(pem.contents(), root_a.as_ref());
+
+    // It survives a restart, still unpublished, and reads back without keys.
+    let reloaded = CertificateAuthority::load_or_create(s.clone(), now).unwrap();
+    assert_eq!(reloaded.x509_authorities(), published);
+    assert_eq!(reloaded.checkpoint_roots(), checkpoint_roots);
+    assert_eq!(
+        read_checkpoint_roots(&tmp.path().join("ca")).unwrap(),
+        checkpoint_roots
+    );
+
+    // A state file from before expired roots were kept still loads.
+    let mut old = state.clone();
+    old.as_object_mut()
+        .unwrap()
+        .remove("expired_x509_authorities");
+    fs::write(
+        tmp.path().join("ca/state.json"),
+        serde_json::to_vec_pretty(&old).unwrap(),
+    )
+    .unwrap();
+    let from_old = CertificateAuthority::load_or_create(s.clone(), now).unwrap();
+    assert_eq!(from_old.x509_authorities(), published);
+    assert_eq!(from_old.checkpoint_roots(), published);
+}
+
+#[test]
+fn generations_of_expired_roots_accumulate_and_a_broken_one_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut s = settings(tmp.path());
+    s.ca_ttl = 6 * HOUR;
+    s.svid_ttl = HOUR;
+    let mut ca = CertificateAuthority::load_or_create(s.clone(), t0()).unwrap();
+    let mut ever: Vec<CertificateDer<'static>> = ca.x509_authorities();
+    let mut now = t0();
+    for _ in 0..20 {
+        now = ca.next_rotation_at();
+        ca.rotate(now).unwrap();
+        for root in ca.x509_authorities() {
+            if !ever.contains(&root) {
+                ever.push(root);
+            }
+        }
+        let published = ca.x509_authorities();
+        let roots = ca.checkpoint_roots();
+        // Every root ever held stays verifiable, exactly once; only the
+        // unexpired ones are served.
+        assert_eq!(roots.len(), ever.len());
+        assert!(ever.iter().all(|r| roots.contains(r)));
+        assert!(published.len() <= 3);
+        for root in &published {
+            assert!(parse(root).validity().is_valid_at(
+                x509_parser::time::ASN1Time::from_timestamp(unix(now) as i64).unwrap()
+            ));
+        }
+    }
+    assert!(ever.len() > 5, "several generations expired");
+    // Key files exist only for held roots and JWT keys.
+    let keys = fs::read_dir(tmp.path().join("ca"))
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .ends_with(".key.pem")
+        })
+        .count();
+    assert_eq!(
+        keys,
+        ca.x509_authorities().len() + ca.jwt_authorities().len()
+    );
+
+    // A damaged expired root is an error naming the member; nothing changes.
+    let path = tmp.path().join("ca/state.json");
+    let mut state = state_json(tmp.path());
+    state["expired_x509_authorities"][0]["certificate"] = "not a certificate".into();
+    let broken = serde_json::to_vec_pretty(&state).unwrap();
+    fs::write(&path, &broken).unwrap();
+    let err = CertificateAuthority::load_or_create(s, now).unwrap_err();
+    assert!(matches!(err, CaError::CorruptState { .. }), "{err}");
+    assert!(
+        err.to_string().contains("expired_x509_authorities"),
+        "{err}"
+    );
+    assert_eq!(fs::read(&path).unwrap(), broken);
+}
+
+#[test]
+fn a_trail_signed_by_every_generation_verifies_from_the_state_directory_alone() {
+    use crate::audit::{AuditEvent, AuditLog, EventKind, VerifyErrorKind};
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::{Arc, Mutex};
+
+    let tmp = tempfile::tempdir().unwrap();
+    let mut s = settings(tmp.path());
+    s.ca_ttl = 6 * HOUR;
+    s.svid_ttl = HOUR;
+    let ca = Arc::new(Mutex::new(
+        CertificateAuthority::load_or_create(s.clone(), t0()).unwrap(),
+    ));
+    let first_root = ca.lock().unwrap().x509_authorities()[0].clone();
+    let first_not_after = ca.lock().unwrap().active_not_after();
+    let clock_secs = Arc::new(AtomicU64::new(unix(t0())));
+    let clock_now = clock_secs.clone();
+    let clock: crate::audit::Clock = Arc::new(move || {
+        SystemTime::UNIX_EPOCH + Duration::from_secs(clock_now.load(Ordering::SeqCst))
+    });
+    let audit = crate::config::AuditConfig {
+        path: tmp.path().join("audit/audit.jsonl"),
+        max_file_bytes: 64 << 20,
+        checkpoint_every: 1000,
+        checkpoint_interval: 1000 * HOUR,
+    };
+    let log =
+        AuditLog::open_with_clock(&audit, Arc::new(SharedCaSigner(ca.clone())), clock).unwrap();
+    let mut signers = HashSet::new();
+    let mut now = t0();
+    // Step the schedule well past the first root's expiry, writing a record
+    // and a checkpoint (by whichever root signs then) at every step.
+    while now <= first_not_after + 2 * s.ca_ttl {
+        log.append_blocking(AuditEvent::new(EventKind::X509Issued, "c"))
+            .unwrap();
+        log.checkpoint().unwrap();
+        signers.insert(ca.lock().unwrap().active_key_id().to_vec());
+        let (outcome, roots) = {
+            let mut ca = ca.lock().unwrap();
+            now = ca.next_rotation_at();
+            (ca.rotate(now).unwrap(), ca.x509_authorities())
+        };
+        clock_secs.store(unix(now), Ordering::SeqCst);
+        // What the agent records on a rotation: the roots served from now.
+        if outcome.authorities_changed {
+            log.append_blocking(
+                AuditEvent::new(EventKind::CaRotated, "r").x509_authorities(&roots),
+            )
+            .unwrap();
+        }
+    }
+    log.close();
+    assert!(signers.len() >= 3, "checkpoints by several roots");
+    let published = ca.lock().unwrap().x509_authorities();
+    assert!(!published.contains(&first_root));
+
+    // The served roots alone no longer vouch for the oldest checkpoints:
+    // the first one is named.
+    let err = crate::audit::verify(&audit.path, &published).unwrap_err();
+    assert_eq!(err.kind, VerifyErrorKind::Untrusted, "{err}");
+    assert_eq!(err.seq, Some(2), "{err}");
+    assert_eq!(err.line, 3, "{err}");
+    assert!(err.reason.contains("neither a trusted root"), "{err}");
+
+    // The state directory remembers every root, so the whole trail verifies
+    // with nothing else, in another process's view (no CA loaded).
+    drop(ca);
+    let roots = read_checkpoint_roots(&tmp.path().join("ca")).unwrap();
+    assert!(roots.contains(&first_root));
+    let report = crate::audit::verify(&audit.path, &roots).unwrap();
+    assert_eq!(report.end, crate::audit::TrailEnd::Closed);
+    assert!(report.checkpoints as usize > signers.len());
+
+    // The trail carries its own chain of roots: the first root alone is
+    // enough, each later one being handed on by the rotation records.
+    let report = crate::audit::verify(&audit.path, std::slice::from_ref(&first_root)).unwrap();
+    assert_eq!(report.learned_roots as usize, roots.len() - 1);
+}

@@ -10,9 +10,9 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Args, Subcommand};
 use rustls_pki_types::CertificateDer;
-use serde::Deserialize;
 
 use crate::audit::{self, TrailEnd, VerifyOptions};
+use crate::ca::CaError;
 use crate::config::Config;
 
 #[derive(Subcommand, Debug)]
@@ -23,7 +23,8 @@ pub enum AuditCommand {
         #[command(flatten)]
         trail: TrailArgs,
         /// PEM file of trusted CA certificates (repeatable). Default: the
-        /// CA roots in `<data_dir>/ca/state.json`, or the upstream bundle.
+        /// CA roots in `<data_dir>/ca/state.json`, expired ones included,
+        /// plus the upstream bundle in upstream mode.
         #[arg(long)]
         bundle: Vec<PathBuf>,
         /// Accept a trail that was not closed (writ crashed and has not
@@ -125,8 +126,12 @@ fn verify(path: &Path, roots: &[CertificateDer<'static>], allow_open: bool) -> a
             )
         }
     };
+    let learned = match report.learned_roots {
+        0 => String::new(),
+        n => format!("; {n} root(s) handed on by ca_rotated records"),
+    };
     println!(
-        "OK: {} records, {} checkpoints in {} file(s); {checkpoint}; {end}",
+        "OK: {} records, {} checkpoints in {} file(s); {checkpoint}; {end}{learned}",
         report.records,
         report.checkpoints,
         report.files.len()
@@ -134,8 +139,9 @@ fn verify(path: &Path, roots: &[CertificateDer<'static>], allow_open: bool) -> a
     Ok(())
 }
 
-/// The roots checkpoints must chain to: `--bundle` files, else the upstream
-/// bundle (upstream mode), else the roots the CA keeps in its state file.
+/// The roots checkpoints must chain to: `--bundle` files, else what the CA
+/// state keeps (the roots it holds and the expired ones it remembers for
+/// this), plus the upstream bundle in upstream mode.
 fn trusted_roots(
     bundles: &[PathBuf],
     config: &Config,
@@ -147,32 +153,39 @@ fn trusted_roots(
         }
         return Ok(roots);
     }
+    let ca_dir = config.data_dir.join("ca");
+    let from_state = crate::ca::read_checkpoint_roots(&ca_dir);
+    let mut roots = match (&config.ca.upstream, from_state) {
+        (_, Ok(roots)) => roots,
+        // Upstream, the state only adds the roots of earlier self-signed
+        // runs; without it the upstream bundle still verifies this CA.
+        (Some(_), Err(CaError::Io { source, .. }))
+            if source.kind() == std::io::ErrorKind::NotFound =>
+        {
+            Vec::new()
+        }
+        (Some(_), Err(e)) => {
+            eprintln!(
+                "warning: not using the roots in {}: {e}; checking against the upstream bundle only",
+                ca_dir.display()
+            );
+            Vec::new()
+        }
+        (None, Err(e)) => {
+            return Err(anyhow::Error::new(e).context(format!(
+                "reading the CA roots from {} (pass --bundle FILE.pem to name them)",
+                ca_dir.display()
+            )));
+        }
+    };
     if let Some(upstream) = &config.ca.upstream {
-        return read_pem_certificates(&upstream.bundle);
-    }
-    let state_path = config.data_dir.join("ca").join("state.json");
-    #[derive(Deserialize)]
-    struct State {
-        x509_authorities: Vec<Authority>,
-    }
-    #[derive(Deserialize)]
-    struct Authority {
-        certificate: String,
-    }
-    let text = std::fs::read(&state_path).with_context(|| {
-        format!(
-            "reading the CA roots from {} (pass --bundle FILE.pem to name them)",
-            state_path.display()
-        )
-    })?;
-    let state: State = serde_json::from_slice(&text)
-        .with_context(|| format!("{} is not a CA state file", state_path.display()))?;
-    let mut roots = Vec::new();
-    for authority in state.x509_authorities {
-        roots.extend(pem_certificates(&authority.certificate, &state_path)?);
+        roots.extend(read_pem_certificates(&upstream.bundle)?);
     }
     if roots.is_empty() {
-        anyhow::bail!("{} holds no CA certificate", state_path.display());
+        anyhow::bail!(
+            "{} holds no CA certificate (pass --bundle FILE.pem to name them)",
+            ca_dir.join("state.json").display()
+        );
     }
     Ok(roots)
 }
