@@ -55,6 +55,8 @@ pub struct AuditLog {
     path: PathBuf,
     jobs: Mutex<Option<mpsc::Sender<Job>>>,
     writer: Mutex<Option<JoinHandle<()>>>,
+    /// Why the writer gave up, once it has (shared with the writer thread).
+    failed: Arc<std::sync::OnceLock<String>>,
 }
 
 impl std::fmt::Debug for AuditLog {
@@ -151,8 +153,10 @@ impl AuditLog {
             checkpoint_retry_at: now,
             poisoned: None,
             buf: Vec::with_capacity(64 * 1024),
+            failed: Arc::new(std::sync::OnceLock::new()),
             _lock: lock,
         };
+        let failed = writer.failed.clone();
         let saved = writer.chain.clone();
         writer.buf.clear();
         writer
@@ -169,7 +173,32 @@ impl AuditLog {
             path,
             jobs: Mutex::new(Some(tx)),
             writer: Mutex::new(Some(handle)),
+            failed,
         }))
+    }
+
+    /// Whether records can still be appended: the trail is open, its
+    /// writer thread runs, and no failed fsync has stopped it.
+    pub fn check(&self) -> Result<(), AuditError> {
+        if let Some(reason) = self.failed.get() {
+            return Err(AuditError::Poisoned(reason.clone()));
+        }
+        let accepting = self
+            .jobs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some();
+        let writer_running = self
+            .writer
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .is_some_and(|handle| !handle.is_finished());
+        if accepting && writer_running {
+            Ok(())
+        } else {
+            Err(AuditError::Closed)
+        }
     }
 
     /// The current file of the trail.
@@ -303,6 +332,8 @@ struct Writer {
     /// Set when an fsync failed: what reached the disk is unknown, so
     /// nothing more is written (the kernel may have dropped the pages).
     poisoned: Option<String>,
+    /// `poisoned`, as `AuditLog::check` sees it from other threads.
+    failed: Arc<std::sync::OnceLock<String>>,
     buf: Vec<u8>,
     /// Held for the writer's life; released when it is dropped.
     _lock: File,
@@ -534,6 +565,7 @@ impl Writer {
     fn poison(&mut self, reason: String) -> AuditError {
         tracing::error!(reason = %reason, "the audit trail is unavailable until writ restarts");
         self.poisoned = Some(reason.clone());
+        let _ = self.failed.set(reason.clone());
         AuditError::Poisoned(reason)
     }
 
@@ -594,5 +626,26 @@ impl Writer {
         if let Err(e) = self.commit(&saved) {
             tracing::error!(error = %e, "could not write the closing audit checkpoint");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::audit::KeyPairSigner;
+
+    #[test]
+    fn check_passes_while_open_and_fails_once_closed() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(Vec::<String>::new())
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let signer = Arc::new(KeyPairSigner::new(key, cert.der().to_vec()).unwrap());
+        let log = AuditLog::open(&AuditConfig::defaults_for(dir.path()), signer).unwrap();
+        log.check().unwrap();
+        log.close();
+        assert!(matches!(log.check(), Err(AuditError::Closed)));
     }
 }
