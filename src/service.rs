@@ -287,7 +287,8 @@ pub async fn run(
     tracing::info!(socket = %workload_socket.display(), admin = %admin_socket.display(), trust_domain = %agent.trust_domain(), socket_activated = !workload_ours || !admin_ours, "writ started");
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let mut background = services.federation.spawn_fetchers(stop_rx.clone());
+    services.federation.spawn_fetchers(stop_rx.clone());
+    let mut background = Vec::new();
     if let Some(endpoint) = bundle_endpoint {
         let addr = endpoint
             .local_addr()
@@ -382,6 +383,7 @@ pub async fn run(
 
     // The stop signal reached them too; an in-flight fetch still finishes
     // its store write before its task sees it.
+    background.extend(services.federation.take_fetcher_tasks());
     for task in background {
         let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
     }
