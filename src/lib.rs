@@ -15,6 +15,7 @@ pub mod identity;
 pub mod jwt;
 pub mod peer;
 pub mod policy;
+pub mod readiness;
 pub mod service;
 pub mod spiffe_id;
 pub mod store;

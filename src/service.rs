@@ -28,6 +28,7 @@ use crate::proto::admin::bundles_server::BundlesServer;
 use crate::proto::admin::entries_server::EntriesServer;
 use crate::proto::admin::tasks_server::TasksServer;
 use crate::proto::workload::spiffe_workload_api_server::SpiffeWorkloadApiServer;
+use crate::readiness::{Readiness, ServedSocket};
 use crate::store::{Store, StoreError};
 use crate::systemd::{Notifier, PassedSockets, SystemdError};
 use crate::tasks::{TaskError, TaskLimits, TaskManager};
@@ -205,16 +206,14 @@ pub async fn run(
     for trust_domain in &config.federation.trust_domains {
         metrics.federation_fetch_series(trust_domain.name.name());
     }
-    // build() returned, so each of these is loaded or open.
-    Health::set(&health.ca_loaded);
-    Health::set(&health.store_open);
-    Health::set(&health.audit_open);
 
     let workload_socket = config.workload_api.socket_path.clone();
     let admin_socket = config.admin_api.socket_path.clone();
     let (workload_listener, workload_ours) =
         listener_for(&mut passed, "workload", &workload_socket, 0o777)?;
     let (admin_listener, admin_ours) = listener_for(&mut passed, "admin", &admin_socket, 0o770)?;
+    let workload_served = served_socket("Workload API", &workload_socket, workload_ours)?;
+    let admin_served = served_socket("admin API", &admin_socket, admin_ours)?;
     if !passed.is_empty() {
         tracing::warn!(unused = ?passed.leftover(), "systemd passed sockets writ does not use (names must be \"workload\" or \"admin\", or paths must match the config)");
     }
@@ -328,11 +327,17 @@ pub async fn run(
         .add_service(EntriesServer::new(EntriesService(admin.clone())))
         .add_service(BundlesServer::new(BundlesService(admin)))
         .serve_with_incoming_shutdown(peer::incoming(admin_listener), stop_signal(stop_rx));
-    let mut workload_task = tokio::spawn(workload_server);
-    let mut admin_task = tokio::spawn(admin_server);
+    let mut workload_task = tokio::spawn(while_serving(
+        workload_served.serving_flag(),
+        workload_server,
+    ));
+    let mut admin_task = tokio::spawn(while_serving(admin_served.serving_flag(), admin_server));
     // The servers own the listeners from here; connections made since the
     // bind were queued by the kernel and are accepted now.
-    Health::set(&health.sockets_served);
+    health.serving(Arc::new(Readiness::new(
+        agent.clone(),
+        vec![workload_served, admin_served],
+    )));
     notifier.ready(&ready_status);
     let watchdog = notifier.spawn_watchdog();
 
@@ -425,6 +430,37 @@ fn flatten(
             Ok(())
         }
     }
+}
+
+/// Runs `server`, with `serving` true from now (before the task is first
+/// polled, so `/ready` never sees a gap) until the server ends.
+fn while_serving<F: Future>(
+    serving: Arc<std::sync::atomic::AtomicBool>,
+    server: F,
+) -> impl Future<Output = F::Output> {
+    use std::sync::atomic::Ordering;
+    serving.store(true, Ordering::SeqCst);
+    async move {
+        let ended = server.await;
+        serving.store(false, Ordering::SeqCst);
+        ended
+    }
+}
+
+/// What readiness watches for a socket: the file writ bound (device and
+/// inode, taken now, right after the bind), or a passed listener.
+fn served_socket(
+    what: &'static str,
+    path: &Path,
+    ours: bool,
+) -> Result<ServedSocket, ServiceError> {
+    if !ours {
+        return Ok(ServedSocket::passed(what, path));
+    }
+    ServedSocket::bound(what, path).map_err(|source| ServiceError::Bind {
+        path: path.to_owned(),
+        source,
+    })
 }
 
 /// The socket systemd passed under `name` (or bound at `path`), or a fresh
