@@ -1,6 +1,7 @@
 //! writ's admin API on the admin socket (package `writ.admin.v1`): `Tasks`,
-//! `Entries` and `Bundles`. Callers are attested exactly like Workload API callers and
-//! must match one of the `[admin_api] authorized` selector sets.
+//! `Entries`, `Bundles` and `Agent` (reload). Callers are attested exactly
+//! like Workload API callers and must match one of the `[admin_api]
+//! authorized` selector sets.
 
 use std::collections::BTreeMap;
 use std::pin::Pin;
@@ -18,6 +19,7 @@ use crate::entries::{EntryError, EntryStore};
 use crate::federation::{BundleFormat, BundleInfo, BundleSource, Federation, FederationError};
 use crate::peer::{Caller, PeerInfo};
 use crate::proto::admin as pb;
+use crate::reload::{ReloadError, ReloadSummary, Reloader, Trigger};
 use crate::spiffe_id::{SpiffeId, TrustDomain};
 use crate::tasks::{
     BeginRequest, Binding, Intent, Orchestrator, Task, TaskError, TaskEvent, TaskManager,
@@ -42,6 +44,7 @@ pub struct AdminContext {
     pub tasks: Arc<TaskManager>,
     pub entries: Arc<EntryStore>,
     pub federation: Arc<Federation>,
+    pub reloader: Arc<Reloader>,
     pub auth: AdminAuthorization,
 }
 
@@ -565,5 +568,69 @@ impl pb::bundles_server::Bundles for BundlesService {
             .await
             .map_err(federation_status)?;
         Ok(Response::new(pb::DeleteBundleResponse {}))
+    }
+}
+
+pub struct AgentService(pub Arc<AdminContext>);
+
+fn reload_status(e: ReloadError) -> Status {
+    if e.is_invalid_configuration() {
+        Status::failed_precondition(format!(
+            "reload refused; the running configuration is unchanged:\n{e}"
+        ))
+    } else {
+        Status::unavailable(format!(
+            "reload failed; the running configuration is unchanged: {e}"
+        ))
+    }
+}
+
+fn names(tds: &[TrustDomain]) -> Vec<String> {
+    tds.iter().map(|t| t.to_string()).collect()
+}
+
+pub fn reload_to_proto(summary: &ReloadSummary) -> pb::ReloadResponse {
+    pb::ReloadResponse {
+        config_path: summary
+            .config_path
+            .as_ref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_default(),
+        entries: u32::try_from(summary.entries).unwrap_or(u32::MAX),
+        entries_changed: summary.entries_changed,
+        policy_source: summary.policy_source.clone(),
+        policy_ids: summary.policy_ids.clone(),
+        log_level: summary.log_level.clone(),
+        log_level_changed: summary.log_level_changed,
+        federation: Some(pb::FederationChanges {
+            added: names(&summary.federation.added),
+            removed: names(&summary.federation.removed),
+            updated: names(&summary.federation.updated),
+        }),
+        restart_required: summary.restart_required.clone(),
+        notes: summary.notes.clone(),
+    }
+}
+
+#[tonic::async_trait]
+impl pb::agent_server::Agent for AgentService {
+    async fn reload(
+        &self,
+        request: Request<pb::ReloadRequest>,
+    ) -> Result<Response<pb::ReloadResponse>, Status> {
+        let ctx = &self.0;
+        let admin = ctx.authorize(&request)?;
+        let caller = crate::audit::CallerFacts {
+            spiffe_ids: Vec::new(),
+            pid: admin.caller.pid,
+            uid: admin.caller.uid,
+            selectors: admin.selectors.iter().map(|s| s.to_string()).collect(),
+        };
+        let summary = ctx
+            .reloader
+            .reload(Trigger::AdminApi(caller))
+            .await
+            .map_err(reload_status)?;
+        Ok(Response::new(reload_to_proto(&summary)))
     }
 }

@@ -16,6 +16,8 @@ pub mod identity;
 pub mod jwt;
 pub mod peer;
 pub mod policy;
+pub mod readiness;
+pub mod reload;
 pub mod service;
 pub mod spiffe_id;
 pub mod store;

@@ -1,7 +1,7 @@
 //! Wiring the agent together: build it from a validated config, bind the
 //! sockets with the right modes, serve the Workload API with health and
 //! reflection beside it, run the federation bundle endpoint and fetchers,
-//! drive CA rotation, and stop cleanly.
+//! drive CA rotation, hand reloads to the `reload` module, and stop cleanly.
 
 use std::future::Future;
 use std::io;
@@ -15,7 +15,7 @@ use tokio::net::UnixListener;
 use writ_attestors::{AttestorConfig, AttestorSet, CgroupConfig, UnixConfig};
 
 use crate::admin_api::{
-    AdminAuthorization, AdminContext, BundlesService, EntriesService, TasksService,
+    AdminAuthorization, AdminContext, AgentService, BundlesService, EntriesService, TasksService,
 };
 use crate::agent::Agent;
 use crate::ca::{CaSettings, CertificateAuthority, UpstreamCaFiles};
@@ -24,10 +24,13 @@ use crate::entries::{EntryError, EntryStore};
 use crate::federation::{BundleEndpoint, Federation, FederationError};
 use crate::identity::Registry;
 use crate::peer;
+use crate::proto::admin::agent_server::AgentServer;
 use crate::proto::admin::bundles_server::BundlesServer;
 use crate::proto::admin::entries_server::EntriesServer;
 use crate::proto::admin::tasks_server::TasksServer;
 use crate::proto::workload::spiffe_workload_api_server::SpiffeWorkloadApiServer;
+use crate::readiness::{Readiness, ServedSocket};
+use crate::reload::{Reloader, ReloaderParts, reload_on_sighup};
 use crate::store::{Store, StoreError};
 use crate::systemd::{Notifier, PassedSockets, SystemdError};
 use crate::tasks::{TaskError, TaskLimits, TaskManager};
@@ -180,9 +183,7 @@ pub async fn build(config: &Config) -> Result<Services, ServiceError> {
     })
 }
 
-/// Changes the running log filter (an EnvFilter directive string); the CLI
-/// hands one in when it owns the tracing subscriber.
-pub type LogLevelControl = Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
+pub use crate::reload::LogLevelControl;
 
 /// How long open connections get to finish after a stop is requested
 /// before they are dropped.
@@ -207,16 +208,14 @@ pub async fn run(
     for trust_domain in &config.federation.trust_domains {
         metrics.federation_fetch_series(trust_domain.name.name());
     }
-    // build() returned, so each of these is loaded or open.
-    Health::set(&health.ca_loaded);
-    Health::set(&health.store_open);
-    Health::set(&health.audit_open);
 
     let workload_socket = config.workload_api.socket_path.clone();
     let admin_socket = config.admin_api.socket_path.clone();
     let (workload_listener, workload_ours) =
         listener_for(&mut passed, "workload", &workload_socket, 0o777)?;
     let (admin_listener, admin_ours) = listener_for(&mut passed, "admin", &admin_socket, 0o770)?;
+    let workload_served = served_socket("Workload API", &workload_socket, workload_ours)?;
+    let admin_served = served_socket("admin API", &admin_socket, admin_ours)?;
     if !passed.is_empty() {
         tracing::warn!(unused = ?passed.leftover(), "systemd passed sockets writ does not use (names must be \"workload\" or \"admin\", or paths must match the config)");
     }
@@ -256,23 +255,25 @@ pub async fn run(
         agent.trust_domain(),
         workload_socket.display()
     );
-    let reloader = tokio::spawn(reload_on_sighup(Reloader {
+    let reloader = Reloader::new(ReloaderParts {
         agent: agent.clone(),
-        current: config.clone(),
-        path: config_path,
         entries: services.entries.clone(),
+        federation: services.federation.clone(),
+        config: config.clone(),
+        path: config_path,
         log_control,
         notifier: notifier.clone(),
         health: health.clone(),
-        metrics: metrics.clone(),
         ready_status: ready_status.clone(),
-    }));
+    });
+    let sighup = tokio::spawn(reload_on_sighup(reloader.clone()));
 
     let admin = Arc::new(AdminContext {
         agent: agent.clone(),
         tasks: services.tasks.clone(),
         entries: services.entries.clone(),
         federation: services.federation.clone(),
+        reloader,
         auth: AdminAuthorization {
             authorized: config.admin_api.authorized.clone(),
             bind_any_pid: config.admin_api.bind_any_pid.clone(),
@@ -289,7 +290,8 @@ pub async fn run(
     tracing::info!(socket = %workload_socket.display(), admin = %admin_socket.display(), trust_domain = %agent.trust_domain(), socket_activated = !workload_ours || !admin_ours, "writ started");
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let mut background = services.federation.spawn_fetchers(stop_rx.clone());
+    services.federation.spawn_fetchers(stop_rx.clone());
+    let mut background = Vec::new();
     if let Some(endpoint) = bundle_endpoint {
         let addr = endpoint
             .local_addr()
@@ -327,13 +329,20 @@ pub async fn run(
         .add_service(reflection()?)
         .add_service(TasksServer::new(TasksService(admin.clone())))
         .add_service(EntriesServer::new(EntriesService(admin.clone())))
-        .add_service(BundlesServer::new(BundlesService(admin)))
+        .add_service(BundlesServer::new(BundlesService(admin.clone())))
+        .add_service(AgentServer::new(AgentService(admin)))
         .serve_with_incoming_shutdown(peer::incoming(admin_listener), stop_signal(stop_rx));
-    let mut workload_task = tokio::spawn(workload_server);
-    let mut admin_task = tokio::spawn(admin_server);
+    let mut workload_task = tokio::spawn(while_serving(
+        workload_served.serving_flag(),
+        workload_server,
+    ));
+    let mut admin_task = tokio::spawn(while_serving(admin_served.serving_flag(), admin_server));
     // The servers own the listeners from here; connections made since the
     // bind were queued by the kernel and are accepted now.
-    Health::set(&health.sockets_served);
+    health.serving(Arc::new(Readiness::new(
+        agent.clone(),
+        vec![workload_served, admin_served],
+    )));
     notifier.ready(&ready_status);
     let watchdog = notifier.spawn_watchdog();
 
@@ -384,11 +393,12 @@ pub async fn run(
 
     // The stop signal reached them too; an in-flight fetch still finishes
     // its store write before its task sees it.
+    background.extend(services.federation.take_fetcher_tasks());
     for task in background {
         let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
     }
     rotation.abort();
-    reloader.abort();
+    sighup.abort();
     if let Some(watchdog) = watchdog {
         watchdog.abort();
     }
@@ -425,6 +435,37 @@ fn flatten(
             Ok(())
         }
     }
+}
+
+/// Runs `server`, with `serving` true from now (before the task is first
+/// polled, so `/ready` never sees a gap) until the server ends.
+fn while_serving<F: Future>(
+    serving: Arc<std::sync::atomic::AtomicBool>,
+    server: F,
+) -> impl Future<Output = F::Output> {
+    use std::sync::atomic::Ordering;
+    serving.store(true, Ordering::SeqCst);
+    async move {
+        let ended = server.await;
+        serving.store(false, Ordering::SeqCst);
+        ended
+    }
+}
+
+/// What readiness watches for a socket: the file writ bound (device and
+/// inode, taken now, right after the bind), or a passed listener.
+fn served_socket(
+    what: &'static str,
+    path: &Path,
+    ours: bool,
+) -> Result<ServedSocket, ServiceError> {
+    if !ours {
+        return Ok(ServedSocket::passed(what, path));
+    }
+    ServedSocket::bound(what, path).map_err(|source| ServiceError::Bind {
+        path: path.to_owned(),
+        source,
+    })
 }
 
 /// The socket systemd passed under `name` (or bound at `path`), or a fresh
@@ -480,116 +521,9 @@ fn refresh_gauges(services: &Services) -> Refresh {
     })
 }
 
-struct Reloader {
-    agent: Arc<Agent>,
-    current: Config,
-    path: Option<PathBuf>,
-    entries: Arc<EntryStore>,
-    log_control: Option<LogLevelControl>,
-    notifier: Notifier,
-    health: Arc<Health>,
-    metrics: Arc<crate::telemetry::Metrics>,
-    ready_status: String,
-}
-
-/// On SIGHUP, re-reads the config file and applies what can change while
-/// running (registration entries, log level). The new file is validated
-/// completely first; a bad file changes nothing and says why. Settings that
-/// need a restart (sockets, data dir, trust domain, CA) are reported, not
-/// applied. systemd hears RELOADING before and READY after, either way.
-async fn reload_on_sighup(mut reloader: Reloader) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let Ok(mut hangups) = signal(SignalKind::hangup()) else {
-        tracing::warn!("cannot listen for SIGHUP; reload is unavailable");
-        return;
-    };
-    while hangups.recv().await.is_some() {
-        reloader.notifier.reloading();
-        let outcome = reloader.reload().await;
-        reloader.metrics.reload(outcome.is_ok(), SystemTime::now());
-        let status = match &outcome {
-            Ok(()) => reloader.ready_status.clone(),
-            Err(why) => format!("{}; last reload refused: {why}", reloader.ready_status),
-        };
-        reloader.health.set_reload_outcome(outcome.err());
-        reloader.notifier.ready(&status);
-    }
-}
-
-impl Reloader {
-    async fn reload(&mut self) -> Result<(), String> {
-        let Some(path) = &self.path else {
-            tracing::info!("SIGHUP: running on built-in defaults; nothing to reload");
-            return Ok(());
-        };
-        let next = match crate::config::validate_file(path) {
-            Err(errors) => {
-                for e in &errors {
-                    tracing::error!(error = %e, "reload refused; keeping the running configuration");
-                }
-                let first = errors
-                    .first()
-                    .map(|e| e.to_string())
-                    .unwrap_or_else(|| "invalid configuration".to_owned());
-                return Err(first);
-            }
-            Ok(next) => next,
-        };
-        let current = &self.current;
-        let needs_restart = next.trust_domain != current.trust_domain
-            || next.data_dir != current.data_dir
-            || next.workload_api != current.workload_api
-            || next.admin_api != current.admin_api
-            || next.ca != current.ca
-            || next.federation != current.federation
-            || next.telemetry != current.telemetry;
-        if needs_restart {
-            tracing::warn!(
-                "reload: trust domain, data dir, sockets, admin, CA, federation or telemetry settings changed; they take effect on restart"
-            );
-        }
-        // Policies are parsed and validated before anything changes: a bad
-        // file leaves the running policy (and everything else) in force.
-        let policy = match load_policy(&next.policy.files) {
-            Ok(engine) => engine,
-            Err(e) => {
-                tracing::error!(error = %e, "reload refused; keeping the running policies");
-                return Err(e.to_string());
-            }
-        };
-        // The log level goes next: it can fail too, and failing before the
-        // entries change keeps the reload all-or-nothing.
-        if next.log.level != current.log.level
-            && let Some(control) = &self.log_control
-        {
-            control(&next.log.level)?;
-            tracing::info!(level = %next.log.level, "log level changed");
-        }
-        self.entries
-            .set_config_registry(Registry::from_config(&next))
-            .await;
-        let policy_source = policy.source().to_owned();
-        let policy_ids = policy.policy_ids();
-        self.agent.set_policy(policy);
-        self.agent
-            .record_best_effort(
-                crate::audit::AuditEvent::new(
-                    crate::audit::EventKind::PolicyReloaded,
-                    ulid::Ulid::new().to_string(),
-                )
-                .detail("source", policy_source)
-                .detail("policies", policy_ids),
-            )
-            .await;
-        tracing::info!(path = %path.display(), entries = next.entries.len(), "configuration reloaded");
-        self.current = next;
-        Ok(())
-    }
-}
-
 /// The configured Cedar policies, validated against writ's schema; with no
 /// files, the built-in permissive policy (the quick start).
-fn load_policy(files: &[PathBuf]) -> Result<crate::policy::PolicyEngine, ServiceError> {
+pub(crate) fn load_policy(files: &[PathBuf]) -> Result<crate::policy::PolicyEngine, ServiceError> {
     if files.is_empty() {
         return Ok(crate::policy::PolicyEngine::builtin_default());
     }

@@ -155,6 +155,27 @@ impl Store {
         f(&conn)
     }
 
+    /// Whether the store still works: the writer thread is running and a
+    /// read of a real table answers. Blocks on the reader connection, so
+    /// callers on the runtime run it on a blocking thread.
+    pub fn check(&self) -> Result<(), StoreError> {
+        let writer_running = self
+            .writer
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .is_some_and(|handle| !handle.is_finished());
+        let accepting = self
+            .jobs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some();
+        if !writer_running || !accepting {
+            return Err(StoreError::Closed);
+        }
+        self.read(|conn| read_counter(conn, "bundle_sequence").map(|_| ()))
+    }
+
     /// Finishes queued writes and stops the writer thread.
     pub fn close(&self) {
         self.jobs.lock().unwrap_or_else(|p| p.into_inner()).take();
@@ -336,6 +357,15 @@ pub fn read_counter(conn: &Connection, key: &str) -> Result<u64, StoreError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn check_answers_while_open_and_fails_once_closed() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("w.db")).unwrap();
+        store.check().unwrap();
+        store.close();
+        assert!(matches!(store.check(), Err(StoreError::Closed)));
+    }
 
     #[tokio::test(flavor = "multi_thread")]
     async fn a_failing_job_rolls_back_only_itself() {

@@ -82,6 +82,25 @@ fn quick_start_runs_on_built_in_defaults_without_root() {
     let banner = String::from_utf8_lossy(&banner[..n]);
     assert!(banner.contains(&socket.display().to_string()), "{banner}");
     assert!(home.path().join(".local/state/writ/ca").is_dir());
+
+    // With no config file there is nothing to reload, and that is no error.
+    let mut reload = Command::new(WRIT);
+    reload.args(["reload", "--output", "json"]);
+    env(&mut reload);
+    let out = reload.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(summary["reloaded"], false, "{summary}");
+    assert!(
+        summary["notes"][0]
+            .as_str()
+            .is_some_and(|n| n.contains("built-in defaults")),
+        "{summary}"
+    );
 }
 
 #[test]

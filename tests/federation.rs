@@ -1139,3 +1139,99 @@ ca_bundle = "{}"
         .collect();
     assert_eq!(names, ["a.test", "b.test", "d.test"]);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn trust_domains_added_and_removed_by_reload_start_and_stop_fetching() {
+    const PEER_ID: &str = "spiffe://c.test/bundle-server";
+    let (ca, issuer) = test_ca();
+    let peer = ScriptedPeer::start(&issuer, PEER_ID).await;
+    peer.serve(bundle_document(&[&ca], 1));
+    let a = Writ::start_in("a.test", "");
+    let original = std::fs::read_to_string(&a.config_path).unwrap();
+    let bootstrap = a.dir.path().join("c.pem");
+    std::fs::write(&bootstrap, writ_pem(&ca)).unwrap();
+    let reload = |w: &Writ| -> Value {
+        serde_json::from_str(&cli_ok(w, &["reload", "--output", "json"])).unwrap()
+    };
+
+    // Added to the file and reloaded, without a restart: fetched.
+    std::fs::write(
+        &a.config_path,
+        format!(
+            r#"{original}
+[federation]
+min_refresh_interval = "1s"
+
+[[federation.trust_domain]]
+name = "c.test"
+url = "https://127.0.0.1:{}/"
+profile = "https_spiffe"
+endpoint_spiffe_id = "{PEER_ID}"
+bundle = "{}"
+"#,
+            peer.port,
+            bootstrap.display()
+        ),
+    )
+    .unwrap();
+    let summary = reload(&a);
+    assert_eq!(
+        summary["federation"]["added"],
+        serde_json::json!(["c.test"])
+    );
+    assert_eq!(summary["restart_required"], serde_json::json!([]));
+    wait_for(WAIT, "c.test fetched", || {
+        listed(&a, "c.test").filter(|l| l["source"] == "fetched" && l["sequence"] == 1)
+    });
+
+    // Removed again: the fetcher stops, the last bundle stays (unrefreshed)
+    // until deleted by hand, which is now allowed.
+    std::fs::write(&a.config_path, &original).unwrap();
+    let summary = reload(&a);
+    assert_eq!(
+        summary["federation"]["removed"],
+        serde_json::json!(["c.test"])
+    );
+    assert!(
+        summary["notes"][0]
+            .as_str()
+            .is_some_and(|n| n.contains("writ bundle delete")),
+        "{summary}"
+    );
+    // Served only from now on, when no fetcher may be running.
+    peer.serve(bundle_document(&[&ca], 2));
+    let fetches = peer.served();
+    let held = listed(&a, "c.test").unwrap();
+    assert_eq!(held["fetch"], Value::Null, "{held}");
+    assert_eq!(held["source"], "fetched");
+    // At a 1 s refresh hint a live fetcher would fetch three more times; a
+    // fetch answered just before the fetcher stopped may still be counted.
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(peer.served() <= fetches + 1, "c.test is still fetched");
+    assert_eq!(listed(&a, "c.test").unwrap()["sequence"], 1);
+    cli_ok(&a, &["bundle", "delete", "--trust-domain", "c.test"]);
+    assert!(listed(&a, "c.test").is_none());
+}
+
+#[test]
+fn a_bundle_endpoint_change_is_reported_as_needing_a_restart() {
+    let a = Writ::start_in("a.test", "");
+    let mut config = std::fs::read_to_string(&a.config_path).unwrap();
+    config.push_str(&format!(
+        "\n[federation.bundle_endpoint]\nlisten = \"127.0.0.1:{}\"\n",
+        free_port()
+    ));
+    std::fs::write(&a.config_path, config).unwrap();
+    let summary: Value =
+        serde_json::from_str(&cli_ok(&a, &["reload", "--output", "json"])).unwrap();
+    assert_eq!(
+        summary["restart_required"],
+        serde_json::json!(["federation.bundle_endpoint"])
+    );
+    assert!(
+        a.log().contains("take effect on restart"),
+        "the log says so too:\n{}",
+        a.log()
+    );
+    assert!(!a.log().contains("bundle endpoint started"));
+}

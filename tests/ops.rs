@@ -1,7 +1,8 @@
 //! Running writ as a service: sd_notify messages on a fake NOTIFY_SOCKET,
-//! socket activation with passed fds, the HTTP health and metrics listener,
-//! SIGHUP reload (log level, refused configs) and SIGTERM drain, all against
-//! the real binary. Plus `systemd-analyze verify` on the example units.
+//! socket activation with passed fds, the HTTP health and metrics listener
+//! with live readiness, SIGHUP and admin-API reload (policies, entries, log
+//! level, refused configs, `writ reload`) and SIGTERM drain, all against the
+//! real binary. Plus `systemd-analyze verify` on the example units.
 
 mod common;
 
@@ -47,9 +48,14 @@ impl Service {
     }
 
     fn write_config(&self, extra: &str, log_level: &str) {
+        self.write_config_with_admin("", extra, log_level);
+    }
+
+    /// `write_config` with `admin_extra` lines added to `[admin_api]`.
+    fn write_config_with_admin(&self, admin_extra: &str, extra: &str, log_level: &str) {
         let uid = nix::unistd::getuid().as_raw();
         let config = format!(
-            "trust_domain = \"writ.test\"\ndata_dir = \"{data}\"\n\n[workload_api]\nsocket_path = \"{workload}\"\n\n[admin_api]\nsocket_path = \"{admin}\"\n\n[log]\nlevel = \"{log_level}\"\n\n[telemetry]\nlisten = \"127.0.0.1:0\"\n\n{extra}\n\n[[entry]]\nspiffe_id = \"spiffe://writ.test/ops\"\nselectors = [\"unix:uid:{uid}\"]\n",
+            "trust_domain = \"writ.test\"\ndata_dir = \"{data}\"\n\n[workload_api]\nsocket_path = \"{workload}\"\n\n[admin_api]\nsocket_path = \"{admin}\"\n{admin_extra}\n\n[log]\nlevel = \"{log_level}\"\n\n[telemetry]\nlisten = \"127.0.0.1:0\"\n\n{extra}\n\n[[entry]]\nspiffe_id = \"spiffe://writ.test/ops\"\nselectors = [\"unix:uid:{uid}\"]\n",
             data = self.dir.path().join("state").display(),
             workload = self.workload.display(),
             admin = self.admin.display(),
@@ -632,4 +638,288 @@ fn which(name: &str) -> Result<PathBuf, ()> {
         .map(|d| d.join(name))
         .find(|p| p.is_file())
         .ok_or(())
+}
+
+/// The SPIFFE IDs a fresh X.509 fetch by this process receives.
+fn fetched_ids(socket: &Path) -> Vec<String> {
+    let out = Command::new(WRIT)
+        .args(["api", "fetch", "x509", "--output", "json", "--socket"])
+        .arg(socket)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let svids: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    let mut ids: Vec<String> = svids
+        .iter()
+        .map(|s| s["spiffe_id"].as_str().unwrap().to_owned())
+        .collect();
+    ids.sort();
+    ids
+}
+
+/// Issues every X.509-SVID except the one for `withheld`.
+fn policy_withholding(withheld: &str) -> String {
+    format!(
+        r#"
+@id("issue-entries")
+permit (principal, action == Writ::Action::"IssueX509SVID", resource);
+
+@id("withhold-{withheld}")
+forbid (principal, action == Writ::Action::"IssueX509SVID", resource)
+when {{ resource.spiffe_id == "spiffe://writ.test/{withheld}" }};
+"#
+    )
+}
+
+async fn agent_client(
+    admin: &Path,
+) -> writ::proto::admin::agent_client::AgentClient<tonic::transport::Channel> {
+    let channel = writ::cli::client::connect(admin).await.unwrap();
+    writ::proto::admin::agent_client::AgentClient::new(channel)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn admin_reload_applies_policies_and_entries_and_refuses_bad_files() {
+    let uid = nix::unistd::getuid().as_raw();
+    let dir = tempfile::tempdir().unwrap();
+    let policy = dir.path().join("agents.cedar");
+    std::fs::write(&policy, policy_withholding("second")).unwrap();
+    let extra = |entries: &[&str]| {
+        let mut text = format!("[policy]\nfiles = [\"{}\"]\n", policy.display());
+        for name in entries {
+            text.push_str(&format!(
+                "\n[[entry]]\nspiffe_id = \"spiffe://writ.test/{name}\"\nselectors = [\"unix:uid:{uid}\"]\n"
+            ));
+        }
+        text
+    };
+    let mut service = Service::new(&extra(&["second"]), "info");
+    let notify_path = service.dir.path().join("notify.sock");
+    let notify = UnixDatagram::bind(&notify_path).unwrap();
+    notify
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    service.spawn(&[("NOTIFY_SOCKET", notify_path.to_str().unwrap())]);
+    let mut got = Vec::new();
+    receive_until(&notify, &mut got, "READY", |m| !states(m).is_empty());
+    assert_eq!(
+        fetched_ids(&service.workload),
+        ["spiffe://writ.test/ops"],
+        "the policy withholds the second identity"
+    );
+
+    // The policy turns around and a third entry appears: one Reload call
+    // applies both. What was issued is now withheld, and the other way round.
+    std::fs::write(&policy, policy_withholding("ops")).unwrap();
+    service.write_config(
+        &format!("{}\n[tasks]\nmax_depth = 3\n", extra(&["second", "third"])),
+        "debug",
+    );
+    let mut client = agent_client(&service.admin).await;
+    let reloaded = client
+        .reload(writ::proto::admin::ReloadRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        reloaded.config_path,
+        service.config_path.display().to_string()
+    );
+    assert_eq!(reloaded.entries, 3);
+    assert!(reloaded.entries_changed);
+    assert_eq!(reloaded.policy_ids, ["issue-entries", "withhold-ops"]);
+    assert_eq!(reloaded.policy_source, policy.display().to_string());
+    assert_eq!(reloaded.log_level, "debug");
+    assert!(reloaded.log_level_changed);
+    assert_eq!(reloaded.restart_required, ["tasks"]);
+    assert_eq!(
+        fetched_ids(&service.workload),
+        ["spiffe://writ.test/second", "spiffe://writ.test/third"]
+    );
+    // systemd heard about it, as for SIGHUP.
+    receive_until(&notify, &mut got, "RELOADING then READY", |m| {
+        states(m).len() >= 3
+    });
+    assert_eq!(states(&got), ["READY=1", "RELOADING=1", "READY=1"]);
+
+    // A broken policy is refused with its file and line; nothing changes,
+    // not even the entries edited alongside it.
+    std::fs::write(
+        &policy,
+        "permit (principal, action, resource) when { nonsense",
+    )
+    .unwrap();
+    service.write_config(&extra(&["second"]), "debug");
+    let refused = client
+        .reload(writ::proto::admin::ReloadRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(
+        refused.code(),
+        tonic::Code::FailedPrecondition,
+        "{refused:?}"
+    );
+    assert!(
+        refused
+            .message()
+            .contains(&format!("{}:1:", policy.display())),
+        "{}",
+        refused.message()
+    );
+    assert_eq!(
+        fetched_ids(&service.workload),
+        ["spiffe://writ.test/second", "spiffe://writ.test/third"],
+        "the old policy and entries are still in force"
+    );
+    let (status, body) = http_get(&service.http_addr(), "/ready");
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("last reload refused"), "{body}");
+    let (_, page) = http_get(&service.http_addr(), "/metrics");
+    assert_eq!(
+        metric(&page, "writ_reloads_total{outcome=\"success\"}"),
+        1.0
+    );
+    assert_eq!(
+        metric(&page, "writ_reloads_total{outcome=\"failure\"}"),
+        1.0
+    );
+
+    // A config file error comes back with file:line:column.
+    std::fs::write(&policy, policy_withholding("ops")).unwrap();
+    std::fs::write(&service.config_path, "trust_domain = 42\n").unwrap();
+    let refused = client
+        .reload(writ::proto::admin::ReloadRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
+    assert!(
+        refused
+            .message()
+            .contains(&format!("{}:1:", service.config_path.display())),
+        "{}",
+        refused.message()
+    );
+
+    // Every applied reload is in the audit trail, with who asked.
+    assert_eq!(service.stop().code(), Some(0), "{}", service.log());
+    let trail =
+        std::fs::read_to_string(service.dir.path().join("state/audit/audit.jsonl")).unwrap();
+    let reloads: Vec<serde_json::Value> = trail
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|r| r["event"] == "policy_reloaded")
+        .collect();
+    assert_eq!(reloads.len(), 1, "{reloads:?}");
+    let record = reloads[0].to_string();
+    assert!(record.contains("admin_api"), "{record}");
+    assert!(record.contains("withhold-ops"), "{record}");
+}
+
+#[test]
+fn reload_cli_prints_what_changed_and_fails_on_a_refusal() {
+    let mut service = Service::new("", "info");
+    service.spawn(&[]);
+    let admin = service.admin.to_str().unwrap().to_owned();
+    let uid = nix::unistd::getuid().as_raw();
+    service.write_config(
+        &format!(
+            "[[entry]]\nspiffe_id = \"spiffe://writ.test/more\"\nselectors = [\"unix:uid:{uid}\"]\n"
+        ),
+        "warn",
+    );
+    let (ok, out, err) = common::writ_cli(&["reload", "--admin-socket", &admin], None);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains(&format!("reloaded {}", service.config_path.display())),
+        "{out}"
+    );
+    assert!(out.contains("Entries:     2 (changed)"), "{out}");
+    assert!(out.contains("Log level:   warn (changed)"), "{out}");
+
+    let (ok, out, err) = common::writ_cli(
+        &["reload", "--admin-socket", &admin, "--output", "json"],
+        None,
+    );
+    assert!(ok, "{err}");
+    let summary: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(summary["reloaded"], true);
+    assert_eq!(summary["entries"], 2);
+    assert_eq!(summary["entries_changed"], false, "nothing changed since");
+    assert_eq!(summary["policy_source"], "built-in");
+
+    std::fs::write(
+        &service.config_path,
+        "trust_domain = \"writ.test\"\nbogus = 1\n",
+    )
+    .unwrap();
+    let (ok, _, err) = common::writ_cli(&["reload", "--admin-socket", &admin], None);
+    assert!(!ok);
+    assert!(err.contains("FailedPrecondition"), "{err}");
+    assert!(
+        err.contains(&format!("{}:2:", service.config_path.display())),
+        "{err}"
+    );
+    // Still serving both identities from before.
+    assert_eq!(
+        fetched_ids(&service.workload),
+        ["spiffe://writ.test/more", "spiffe://writ.test/ops"]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn reload_is_refused_to_callers_the_admin_api_does_not_authorize() {
+    let service = Service::new("", "info");
+    service.write_config_with_admin("authorized = [[\"unix:uid:4242424\"]]", "", "info");
+    let mut service = service;
+    service.spawn(&[]);
+    service.write_config_with_admin("authorized = [[\"unix:uid:4242424\"]]", "", "debug");
+    let err = agent_client(&service.admin)
+        .await
+        .reload(writ::proto::admin::ReloadRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
+    let (ok, _, stderr) = common::writ_cli(
+        &["reload", "--admin-socket", service.admin.to_str().unwrap()],
+        None,
+    );
+    assert!(!ok && stderr.contains("PermissionDenied"), "{stderr}");
+    let (_, page) = http_get(&service.http_addr(), "/metrics");
+    assert_eq!(
+        metric(&page, "writ_reloads_total{outcome=\"success\"}")
+            + metric(&page, "writ_reloads_total{outcome=\"failure\"}"),
+        0.0,
+        "no reload was attempted"
+    );
+}
+
+#[test]
+fn ready_turns_503_naming_a_deleted_socket() {
+    let mut service = Service::new("", "info");
+    service.spawn(&[]);
+    let addr = service.http_addr();
+    assert_eq!(http_get(&addr, "/ready"), (200, "ready\n".to_owned()));
+    std::fs::remove_file(&service.workload).unwrap();
+    let (status, body) = http_get(&addr, "/ready");
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body.contains(&format!(
+            "Workload API socket {} was removed",
+            service.workload.display()
+        )),
+        "{body}"
+    );
+    assert!(!body.contains("admin API"), "{body}");
+    let (ok, _, err) = common::writ_cli(&["healthcheck", "--http", &addr], None);
+    assert!(!ok && err.contains("was removed"), "{err}");
+
+    // A stranger's socket at the same path is not writ's either.
+    let _impostor = UnixListener::bind(&service.workload).unwrap();
+    let (status, body) = http_get(&addr, "/ready");
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("it was replaced"), "{body}");
 }

@@ -55,6 +55,8 @@ pub struct AuditLog {
     path: PathBuf,
     jobs: Mutex<Option<mpsc::Sender<Job>>>,
     writer: Mutex<Option<JoinHandle<()>>>,
+    /// Why the writer gave up, once it has (shared with the writer thread).
+    failed: Arc<std::sync::OnceLock<String>>,
 }
 
 impl std::fmt::Debug for AuditLog {
@@ -151,8 +153,10 @@ impl AuditLog {
             checkpoint_retry_at: now,
             poisoned: None,
             buf: Vec::with_capacity(64 * 1024),
+            failed: Arc::new(std::sync::OnceLock::new()),
             _lock: lock,
         };
+        let failed = writer.failed.clone();
         let saved = writer.chain.clone();
         writer.buf.clear();
         writer
@@ -169,7 +173,32 @@ impl AuditLog {
             path,
             jobs: Mutex::new(Some(tx)),
             writer: Mutex::new(Some(handle)),
+            failed,
         }))
+    }
+
+    /// Whether records can still be appended: the trail is open, its
+    /// writer thread runs, and no failed fsync has stopped it.
+    pub fn check(&self) -> Result<(), AuditError> {
+        if let Some(reason) = self.failed.get() {
+            return Err(AuditError::Poisoned(reason.clone()));
+        }
+        let accepting = self
+            .jobs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some();
+        let writer_running = self
+            .writer
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .is_some_and(|handle| !handle.is_finished());
+        if accepting && writer_running {
+            Ok(())
+        } else {
+            Err(AuditError::Closed)
+        }
     }
 
     /// The current file of the trail.
@@ -331,6 +360,8 @@ struct Writer {
     /// Set when an fsync failed: what reached the disk is unknown, so
     /// nothing more is written (the kernel may have dropped the pages).
     poisoned: Option<String>,
+    /// `poisoned`, as `AuditLog::check` sees it from other threads.
+    failed: Arc<std::sync::OnceLock<String>>,
     buf: Vec<u8>,
     /// Held for the writer's life; released when it is dropped.
     _lock: File,
@@ -562,6 +593,7 @@ impl Writer {
     fn poison(&mut self, reason: String) -> AuditError {
         tracing::error!(reason = %reason, "the audit trail is unavailable until writ restarts");
         self.poisoned = Some(reason.clone());
+        let _ = self.failed.set(reason.clone());
         AuditError::Poisoned(reason)
     }
 
@@ -632,24 +664,26 @@ mod tests {
 
     use super::*;
     use crate::audit::{AuditEvent, EventKind, KeyPairSigner};
-    use crate::config::AuditConfig;
 
-    #[tokio::test]
-    async fn append_all_keeps_the_order_given_and_reports_each_record() {
-        let dir = tempfile::tempdir().unwrap();
+    fn signer() -> Arc<KeyPairSigner> {
         let key = rcgen::KeyPair::generate().unwrap();
         let cert = rcgen::CertificateParams::new(Vec::<String>::new())
             .unwrap()
             .self_signed(&key)
             .unwrap();
-        let signer = Arc::new(KeyPairSigner::new(key, cert.der().to_vec()).unwrap());
+        Arc::new(KeyPairSigner::new(key, cert.der().to_vec()).unwrap())
+    }
+
+    #[tokio::test]
+    async fn append_all_keeps_the_order_given_and_reports_each_record() {
+        let dir = tempfile::tempdir().unwrap();
         let config = AuditConfig {
             path: dir.path().join("audit.jsonl"),
             max_file_bytes: 1 << 20,
             checkpoint_every: 1000,
             checkpoint_interval: Duration::from_secs(3600),
         };
-        let log = AuditLog::open(&config, signer).unwrap();
+        let log = AuditLog::open(&config, signer()).unwrap();
         let events: Vec<AuditEvent> = (0..40)
             .map(|i| AuditEvent::new(EventKind::Revoked, format!("corr-{i:02}")))
             .collect();
@@ -666,5 +700,14 @@ mod tests {
             .collect();
         let expected: Vec<String> = (0..40).map(|i| format!("{i:02}")).collect();
         assert_eq!(order, expected);
+    }
+
+    #[test]
+    fn check_passes_while_open_and_fails_once_closed() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = AuditLog::open(&AuditConfig::defaults_for(dir.path()), signer()).unwrap();
+        log.check().unwrap();
+        log.close();
+        assert!(matches!(log.check(), Err(AuditError::Closed)));
     }
 }

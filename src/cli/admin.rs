@@ -1,5 +1,5 @@
-//! `writ task ...`, `writ entry ...` and `writ bundle ...`: clients for the
-//! admin socket.
+//! `writ task ...`, `writ entry ...`, `writ bundle ...` and `writ reload`:
+//! clients for the admin socket.
 
 use std::path::{Path, PathBuf};
 
@@ -678,6 +678,82 @@ pub async fn bundle(cmd: BundleCommand) -> anyhow::Result<()> {
                 println!("deleted bundle of {trust_domain}");
             }
         }
+    }
+    Ok(())
+}
+
+pub fn reload_json(r: &pb::ReloadResponse) -> serde_json::Value {
+    let federation = r.federation.clone().unwrap_or_default();
+    json!({
+        "config_path": r.config_path,
+        "reloaded": !r.config_path.is_empty(),
+        "entries": r.entries,
+        "entries_changed": r.entries_changed,
+        "policy_source": r.policy_source,
+        "policy_ids": r.policy_ids,
+        "log_level": r.log_level,
+        "log_level_changed": r.log_level_changed,
+        "federation": {
+            "added": federation.added,
+            "removed": federation.removed,
+            "updated": federation.updated,
+        },
+        "restart_required": r.restart_required,
+        "notes": r.notes,
+    })
+}
+
+fn print_reload(r: &pb::ReloadResponse) {
+    if r.config_path.is_empty() {
+        println!("nothing to reload: writ runs on built-in defaults (no config file)");
+        return;
+    }
+    let changed = |yes: bool| if yes { " (changed)" } else { "" };
+    println!("reloaded {}", r.config_path);
+    println!("Entries:     {}{}", r.entries, changed(r.entries_changed));
+    println!(
+        "Policies:    {} from {}",
+        r.policy_ids.len(),
+        r.policy_source
+    );
+    println!(
+        "Log level:   {}{}",
+        r.log_level,
+        changed(r.log_level_changed)
+    );
+    let federation = r.federation.clone().unwrap_or_default();
+    for (what, tds) in [
+        ("added", &federation.added),
+        ("removed", &federation.removed),
+        ("updated", &federation.updated),
+    ] {
+        if !tds.is_empty() {
+            println!("Federation:  {what} {}", tds.join(", "));
+        }
+    }
+    if !r.restart_required.is_empty() {
+        println!("Restart needed for: {}", r.restart_required.join(", "));
+    }
+    for note in &r.notes {
+        println!("Note: {note}");
+    }
+}
+
+/// `writ reload`: the admin `Reload` call.
+pub async fn reload(admin: AdminSocketArg) -> anyhow::Result<()> {
+    let path = admin.path();
+    let channel = connect(&path)
+        .await
+        .with_context(|| format!("admin API at {}", path.display()))?;
+    let response = pb::agent_client::AgentClient::new(channel)
+        .reload(pb::ReloadRequest {})
+        .await
+        .map_err(|s| status_error("Reload", s))?
+        .into_inner();
+    if admin.output == Output::Json {
+        println!("{}", serde_json::to_string_pretty(&reload_json(&response))?);
+    } else {
+        print_reload(&response);
     }
     Ok(())
 }

@@ -1,5 +1,6 @@
 //! The `writ` command line: the agent (`run`), config checking (`validate`),
-//! and clients for the Workload API (`api`, `healthcheck`, `bundle`).
+//! clients for the Workload API (`api`, `healthcheck`) and for the admin
+//! API (`task`, `entry`, `bundle`, `reload`).
 
 pub mod admin;
 pub mod api;
@@ -69,6 +70,12 @@ pub enum Command {
     Bundle {
         #[command(subcommand)]
         command: admin::BundleCommand,
+    },
+    /// Reload the running agent's config file (as SIGHUP does) and print
+    /// what changed; a refused reload exits non-zero and changes nothing.
+    Reload {
+        #[command(flatten)]
+        admin: admin::AdminSocketArg,
     },
     /// Verify or read the audit trail (offline; no agent needed).
     Audit {
@@ -315,6 +322,7 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
         Command::Task { command } => admin::task(command).await,
         Command::Entry { command } => admin::entry(command).await,
         Command::Bundle { command } => admin::bundle(command).await,
+        Command::Reload { admin } => admin::reload(admin).await,
         Command::Audit { command } => audit::audit(command).await,
         Command::Policy { command } => std::process::exit(policy::run(command)),
     }

@@ -75,12 +75,17 @@ impl Schedule {
     }
 }
 
-/// Polls `td` until `stop` turns true. The first fetch happens at once.
+/// Polls `td` until `stop` (writ stops) or `retire` (the trust domain was
+/// removed or changed on reload) turns true. The first fetch happens at
+/// once. A fetch in flight is abandoned when either turns; storing a
+/// fetched bundle is not, so the store and the served set never disagree.
 pub(super) async fn run(
     federation: Arc<Federation>,
     td: FederatedTrustDomainConfig,
     web_roots: Option<Arc<RootCertStore>>,
+    min_refresh_interval: Duration,
     mut stop: watch::Receiver<bool>,
+    mut retire: watch::Receiver<bool>,
 ) {
     let url = match EndpointUrl::parse(&td.url) {
         Ok(url) => url,
@@ -90,10 +95,17 @@ pub(super) async fn run(
             return;
         }
     };
-    let mut schedule = Schedule::new(federation.config().min_refresh_interval);
+    let mut schedule = Schedule::new(min_refresh_interval);
     loop {
         let attempt_at = SystemTime::now();
-        let outcome = fetch_once(&federation, &td, &url, web_roots.as_ref()).await;
+        let fetched = tokio::select! {
+            fetched = fetch_document(&federation, &td, &url, web_roots.as_ref()) => fetched,
+            _ = ended(&mut stop, &mut retire) => return,
+        };
+        let outcome = match fetched {
+            Ok(bundle) => install(&federation, bundle).await,
+            Err(e) => Err(e),
+        };
         let (delay, error) = match outcome {
             Ok(hint) => (schedule.after_success(hint), None),
             Err(e) => {
@@ -116,18 +128,38 @@ pub(super) async fn run(
         federation.record_attempt(&td.name, attempt_at, error, attempt_at + delay);
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
-            _ = stop.wait_for(|s| *s) => return,
+            _ = ended(&mut stop, &mut retire) => return,
         }
     }
 }
 
+/// Resolves once either signal turns true or its sender is gone.
+async fn ended(stop: &mut watch::Receiver<bool>, retire: &mut watch::Receiver<bool>) {
+    tokio::select! {
+        _ = stop.wait_for(|s| *s) => {}
+        _ = retire.wait_for(|s| *s) => {}
+    }
+}
+
 /// One fetch; returns the refresh hint of the bundle it installed.
+#[cfg(test)]
 pub(super) async fn fetch_once(
     federation: &Federation,
     td: &FederatedTrustDomainConfig,
     url: &EndpointUrl,
     web_roots: Option<&Arc<RootCertStore>>,
 ) -> Result<Option<Duration>, FetchFailure> {
+    let bundle = fetch_document(federation, td, url, web_roots).await?;
+    install(federation, bundle).await
+}
+
+/// Fetches and checks the document; changes nothing.
+async fn fetch_document(
+    federation: &Federation,
+    td: &FederatedTrustDomainConfig,
+    url: &EndpointUrl,
+    web_roots: Option<&Arc<RootCertStore>>,
+) -> Result<TrustBundle, FetchFailure> {
     let (auth, self_serving) = match &td.profile {
         EndpointClientProfile::HttpsSpiffe { endpoint_spiffe_id } => {
             let endpoint_td = endpoint_spiffe_id.trust_domain();
@@ -156,7 +188,6 @@ pub(super) async fn fetch_once(
     if self_serving && bundle.x509_authorities.is_empty() {
         return Err(FetchFailure::NoAuthorities);
     }
-    let hint = bundle.refresh_hint;
     tracing::debug!(trust_domain = %td.name, sequence = bundle.sequence, "fetched federated bundle");
     // Accepted all the same: the document is authenticated, and a peer
     // restored from a backup legitimately goes back. Worth a look, though.
@@ -171,6 +202,15 @@ pub(super) async fn fetch_once(
             "the peer's spiffe_sequence went backwards"
         );
     }
+    Ok(bundle)
+}
+
+/// Stores and serves a checked document; returns its refresh hint.
+async fn install(
+    federation: &Federation,
+    bundle: TrustBundle,
+) -> Result<Option<Duration>, FetchFailure> {
+    let hint = bundle.refresh_hint;
     federation
         .install_fetched(bundle)
         .await

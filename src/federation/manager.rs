@@ -1,7 +1,8 @@
 //! The federation manager: loads stored and bootstrap bundles at start,
 //! applies every change (fetched, set or deleted by hand) to the store first
 //! and then to the agent's in-memory set, wakes streams, keeps each fetcher's
-//! status for `writ bundle list`, and starts the fetchers.
+//! status for `writ bundle list`, and starts, stops and restarts the fetchers
+//! as the configured trust domains change on reload.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -19,7 +20,7 @@ use super::set::{BundleSource, FederatedBundle};
 use crate::agent::Agent;
 use crate::audit::{AuditEvent, EventKind};
 use crate::bundle::TrustBundle;
-use crate::config::{EndpointClientProfile, FederationConfig};
+use crate::config::{EndpointClientProfile, FederatedTrustDomainConfig, FederationConfig};
 use crate::spiffe_id::TrustDomain;
 use crate::store::Store;
 
@@ -56,11 +57,59 @@ pub struct BundleInfo {
     pub fetch: Option<FetchStatus>,
 }
 
+/// What changed in `[[federation.trust_domain]]` between two configs.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FederationChanges {
+    /// Newly configured: a fetcher starts.
+    pub added: Vec<TrustDomain>,
+    /// No longer configured: the fetcher stops; the bundle held stays (and
+    /// is still served to workloads federating with it) until deleted.
+    pub removed: Vec<TrustDomain>,
+    /// URL, profile, endpoint SPIFFE ID, bootstrap file, redirects or the
+    /// refresh floor changed: the fetcher restarts with the new settings.
+    pub updated: Vec<TrustDomain>,
+}
+
+impl FederationChanges {
+    pub fn is_empty(&self) -> bool {
+        self.added.is_empty() && self.removed.is_empty() && self.updated.is_empty()
+    }
+}
+
+/// A new federation list, read and checked completely (CA files, bootstrap
+/// bundles) but not yet applied: `Federation::apply` cannot fail on a file.
+pub struct FederationPlan {
+    next: FederationConfig,
+    web_roots: BTreeMap<TrustDomain, Arc<RootCertStore>>,
+    /// Bootstrap bundles of added or updated trust domains that had nothing
+    /// held when the plan was made.
+    bootstrap: Vec<TrustBundle>,
+    pub changes: FederationChanges,
+}
+
+/// The configured trust domains and what their fetchers need.
+struct Configured {
+    config: FederationConfig,
+    web_roots: BTreeMap<TrustDomain, Arc<RootCertStore>>,
+}
+
+/// A running fetcher: it ends when `retire` turns true (or is dropped).
+struct FetcherHandle {
+    retire: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+/// Fetchers exist only between `spawn_fetchers` and shutdown.
+struct Fetchers {
+    stop: watch::Receiver<bool>,
+    running: BTreeMap<TrustDomain, FetcherHandle>,
+}
+
 pub struct Federation {
     agent: Arc<Agent>,
     store: Arc<Store>,
-    config: FederationConfig,
-    web_roots: BTreeMap<TrustDomain, Arc<RootCertStore>>,
+    configured: Mutex<Configured>,
+    fetchers: Mutex<Option<Fetchers>>,
     /// Store writes and in-memory swaps happen in the same order under this
     /// lock, so a fetch and a hand-made change can never leave the store
     /// and the served set disagreeing.
@@ -99,32 +148,12 @@ impl Federation {
             }
         }
 
-        let mut web_roots = BTreeMap::new();
-        let mut status = BTreeMap::new();
-        let mut bootstrap = Vec::new();
-        for td in &config.trust_domains {
-            status.insert(
-                td.name.clone(),
-                FetchStatus {
-                    url: td.url.clone(),
-                    ..FetchStatus::default()
-                },
-            );
-            if let EndpointClientProfile::HttpsWeb { ca_bundle } = &td.profile {
-                web_roots.insert(
-                    td.name.clone(),
-                    Arc::new(load_web_roots(ca_bundle.as_deref())?),
-                );
-            }
-            // Read even when a stored bundle makes it unnecessary, so a
-            // broken file is reported now rather than on some later day.
-            if let Some(path) = &td.bundle {
-                let bundle = read_bundle_file(path, &td.name)?;
-                if agent.federated_bundles().get(&td.name).is_none() {
-                    bootstrap.push(bundle);
-                }
-            }
-        }
+        let (web_roots, bootstrap) = read_trust_domain_files(&agent, &config, |_| true)?;
+        let status: BTreeMap<TrustDomain, FetchStatus> = config
+            .trust_domains
+            .iter()
+            .map(|td| (td.name.clone(), fresh_status(td)))
+            .collect();
         let stored_only: Vec<String> = agent
             .federated_bundles()
             .all()
@@ -139,8 +168,8 @@ impl Federation {
         let federation = Arc::new(Self {
             agent,
             store,
-            config,
-            web_roots,
+            configured: Mutex::new(Configured { config, web_roots }),
+            fetchers: Mutex::new(None),
             changes: tokio::sync::Mutex::new(()),
             status: Mutex::new(status),
         });
@@ -152,8 +181,9 @@ impl Federation {
         Ok(federation)
     }
 
-    pub fn config(&self) -> &FederationConfig {
-        &self.config
+    /// The federation settings in force.
+    pub fn config(&self) -> FederationConfig {
+        lock(&self.configured).config.clone()
     }
 
     pub fn agent(&self) -> &Arc<Agent> {
@@ -162,7 +192,8 @@ impl Federation {
 
     /// Whether `trust_domain` has a configured bundle endpoint.
     pub fn is_configured(&self, trust_domain: &TrustDomain) -> bool {
-        self.config
+        lock(&self.configured)
+            .config
             .trust_domains
             .iter()
             .any(|td| &td.name == trust_domain)
@@ -305,21 +336,264 @@ impl Federation {
     }
 
     /// Starts one fetcher per configured trust domain; each stops when
-    /// `stop` turns true.
-    pub fn spawn_fetchers(self: &Arc<Self>, stop: watch::Receiver<bool>) -> Vec<JoinHandle<()>> {
-        self.config
+    /// `stop` turns true. Fetchers started later by `apply` obey it too.
+    pub fn spawn_fetchers(self: &Arc<Self>, stop: watch::Receiver<bool>) {
+        let configured = lock(&self.configured);
+        let running = configured
+            .config
             .trust_domains
             .iter()
             .map(|td| {
-                tokio::spawn(super::fetcher::run(
-                    self.clone(),
-                    td.clone(),
-                    self.web_roots.get(&td.name).cloned(),
-                    stop.clone(),
-                ))
+                let handle = self.start_fetcher(&configured, td, stop.clone());
+                (td.name.clone(), handle)
             })
-            .collect()
+            .collect();
+        *lock(&self.fetchers) = Some(Fetchers { stop, running });
     }
+
+    fn start_fetcher(
+        self: &Arc<Self>,
+        configured: &Configured,
+        td: &FederatedTrustDomainConfig,
+        stop: watch::Receiver<bool>,
+    ) -> FetcherHandle {
+        let (retire, retired) = watch::channel(false);
+        let task = tokio::spawn(super::fetcher::run(
+            self.clone(),
+            td.clone(),
+            configured.web_roots.get(&td.name).cloned(),
+            configured.config.min_refresh_interval,
+            stop,
+            retired,
+        ));
+        FetcherHandle { retire, task }
+    }
+
+    /// The running fetchers' tasks, handed over for the caller to await at
+    /// shutdown (after the stop signal). No fetcher starts after this.
+    pub fn take_fetcher_tasks(&self) -> Vec<JoinHandle<()>> {
+        lock(&self.fetchers)
+            .take()
+            .map(|f| f.running.into_values().map(|h| h.task).collect())
+            .unwrap_or_default()
+    }
+
+    /// Reads and checks everything `next` needs (CA files of https_web
+    /// trust domains, bootstrap bundle files) and works out what changes.
+    /// Nothing is applied; an error names the file and the problem.
+    pub fn plan(&self, next: &FederationConfig) -> Result<FederationPlan, FederationError> {
+        let current = self.config();
+        let changes = diff(&current, next);
+        // Files of unchanged trust domains are not read again: their
+        // fetchers keep running on what they loaded.
+        let touched =
+            |name: &TrustDomain| changes.added.contains(name) || changes.updated.contains(name);
+        let (mut web_roots, bootstrap) = read_trust_domain_files(&self.agent, next, touched)?;
+        let configured = lock(&self.configured);
+        for td in &next.trust_domains {
+            if !touched(&td.name)
+                && let Some(roots) = configured.web_roots.get(&td.name)
+            {
+                web_roots.insert(td.name.clone(), roots.clone());
+            }
+        }
+        Ok(FederationPlan {
+            next: next.clone(),
+            web_roots,
+            bootstrap,
+            changes,
+        })
+    }
+
+    /// Applies a plan: stores the bootstrap bundles of new trust domains
+    /// (all in one transaction; if that fails nothing has changed), then
+    /// stops the fetchers of removed and updated trust domains, waits for
+    /// them to end, and starts those of added and updated ones. A removed
+    /// trust domain's bundle stays held and served, no longer refreshed,
+    /// until `writ bundle delete` removes it (as SPIRE keeps a federated
+    /// bundle until it is deleted).
+    pub async fn apply(self: &Arc<Self>, plan: FederationPlan) -> Result<(), FederationError> {
+        let FederationPlan {
+            next,
+            web_roots,
+            bootstrap,
+            changes,
+        } = plan;
+        self.install_bootstraps(bootstrap).await?;
+
+        let retiring: Vec<FetcherHandle> = {
+            let mut fetchers = lock(&self.fetchers);
+            match fetchers.as_mut() {
+                Some(f) => changes
+                    .removed
+                    .iter()
+                    .chain(&changes.updated)
+                    .filter_map(|td| f.running.remove(td))
+                    .collect(),
+                None => Vec::new(),
+            }
+        };
+        for handle in &retiring {
+            handle.retire.send_replace(true);
+        }
+        // A fetch in flight is abandoned at once; one already storing its
+        // bundle finishes that first, so the store and the served set
+        // agree. Only then can its successor start.
+        for handle in retiring {
+            let _ = handle.task.await;
+        }
+
+        {
+            let mut status = lock(&self.status);
+            for td in &changes.removed {
+                status.remove(td);
+            }
+            for td in next
+                .trust_domains
+                .iter()
+                .filter(|td| changes.added.contains(&td.name) || changes.updated.contains(&td.name))
+            {
+                status.insert(td.name.clone(), fresh_status(td));
+                self.agent.metrics().federation_fetch_series(td.name.name());
+            }
+        }
+        let mut configured = lock(&self.configured);
+        *configured = Configured {
+            config: next,
+            web_roots,
+        };
+        let mut fetchers = lock(&self.fetchers);
+        if let Some(f) = fetchers.as_mut() {
+            let stop = f.stop.clone();
+            for td in
+                configured.config.trust_domains.iter().filter(|td| {
+                    changes.added.contains(&td.name) || changes.updated.contains(&td.name)
+                })
+            {
+                let handle = self.start_fetcher(&configured, td, stop.clone());
+                f.running.insert(td.name.clone(), handle);
+            }
+        }
+        for td in &changes.added {
+            tracing::info!(trust_domain = %td, "federation: trust domain added; fetching its bundle");
+        }
+        for td in &changes.updated {
+            tracing::info!(trust_domain = %td, "federation: trust domain settings changed; fetcher restarted");
+        }
+        for td in &changes.removed {
+            tracing::info!(trust_domain = %td, "federation: trust domain removed; no longer fetched (its last bundle stays until `writ bundle delete`)");
+        }
+        Ok(())
+    }
+
+    /// Stores and installs bootstrap bundles for trust domains that still
+    /// hold nothing, in one store transaction.
+    async fn install_bootstraps(&self, bundles: Vec<TrustBundle>) -> Result<(), FederationError> {
+        let _serial = self.changes.lock().await;
+        let needed: Vec<TrustBundle> = bundles
+            .into_iter()
+            .filter(|b| {
+                self.agent
+                    .federated_bundles()
+                    .get(&b.trust_domain)
+                    .is_none()
+            })
+            .collect();
+        if needed.is_empty() {
+            return Ok(());
+        }
+        let now = SystemTime::now();
+        let to_store = needed.clone();
+        self.store
+            .write(move |conn| {
+                for bundle in &to_store {
+                    persist::save(conn, bundle, BundleSource::Bootstrap, now)?;
+                }
+                Ok(())
+            })
+            .await?;
+        for bundle in needed {
+            let installed =
+                self.agent
+                    .federated_bundles()
+                    .replace(bundle, BundleSource::Bootstrap, now);
+            let event = record_bundle_change(&BundleChange::Set {
+                installed: &installed,
+                previous: None,
+            });
+            self.agent.record_best_effort(event).await;
+        }
+        self.agent.notify(crate::changes::Change::Documents);
+        Ok(())
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn fresh_status(td: &FederatedTrustDomainConfig) -> FetchStatus {
+    FetchStatus {
+        url: td.url.clone(),
+        ..FetchStatus::default()
+    }
+}
+
+/// Which trust domains `next` adds, removes and changes relative to
+/// `current`. A new refresh floor changes every fetcher's schedule.
+pub fn diff(current: &FederationConfig, next: &FederationConfig) -> FederationChanges {
+    let before: BTreeMap<&TrustDomain, &FederatedTrustDomainConfig> = current
+        .trust_domains
+        .iter()
+        .map(|td| (&td.name, td))
+        .collect();
+    let after: BTreeMap<&TrustDomain, &FederatedTrustDomainConfig> =
+        next.trust_domains.iter().map(|td| (&td.name, td)).collect();
+    let floor_changed = current.min_refresh_interval != next.min_refresh_interval;
+    let mut changes = FederationChanges::default();
+    for (name, td) in &after {
+        match before.get(name) {
+            None => changes.added.push((*name).clone()),
+            Some(old) if floor_changed || old != td => changes.updated.push((*name).clone()),
+            Some(_) => {}
+        }
+    }
+    changes.removed = before
+        .keys()
+        .filter(|name| !after.contains_key(*name))
+        .map(|name| (*name).clone())
+        .collect();
+    changes
+}
+
+/// Loads the CA roots of every https_web trust domain `wanted` selects and
+/// reads its bootstrap file; returns the roots and the bootstrap bundles
+/// of those holding nothing yet. A file is read even when a held bundle
+/// makes it unnecessary, so a broken one is reported now rather than on
+/// some later day.
+#[allow(clippy::type_complexity)]
+fn read_trust_domain_files(
+    agent: &Agent,
+    config: &FederationConfig,
+    wanted: impl Fn(&TrustDomain) -> bool,
+) -> Result<(BTreeMap<TrustDomain, Arc<RootCertStore>>, Vec<TrustBundle>), FederationError> {
+    let mut web_roots = BTreeMap::new();
+    let mut bootstrap = Vec::new();
+    for td in config.trust_domains.iter().filter(|td| wanted(&td.name)) {
+        if let EndpointClientProfile::HttpsWeb { ca_bundle } = &td.profile {
+            web_roots.insert(
+                td.name.clone(),
+                Arc::new(load_web_roots(ca_bundle.as_deref())?),
+            );
+        }
+        if let Some(path) = &td.bundle {
+            let bundle = read_bundle_file(path, &td.name)?;
+            if agent.federated_bundles().get(&td.name).is_none() {
+                bootstrap.push(bundle);
+            }
+        }
+    }
+    Ok((web_roots, bootstrap))
 }
 
 /// A change to the federated bundle set, as the audit trail will see it.

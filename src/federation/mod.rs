@@ -20,7 +20,10 @@ use std::sync::Arc;
 pub use client::{FetchError, MAX_REDIRECTS, ServerAuth, fetch};
 pub use endpoint::BundleEndpoint;
 pub use fetcher::{DEFAULT_REFRESH, FetchFailure, MAX_POLL_INTERVAL, Schedule, poll_interval};
-pub use manager::{BundleChange, BundleInfo, Federation, FetchStatus, read_bundle_file};
+pub use manager::{
+    BundleChange, BundleInfo, Federation, FederationChanges, FederationPlan, FetchStatus, diff,
+    read_bundle_file,
+};
 pub use set::{BundleSource, FederatedBundle, FederatedBundles};
 pub use url::{EndpointUrl, UrlError};
 

@@ -656,3 +656,136 @@ fn operator_bundles_are_parsed_strictly() {
     let binary = parse_bundle(td("c.test"), &[0xff, 0xfe], Some(BundleFormat::Pem)).unwrap_err();
     assert!(binary.to_string().contains("UTF-8"), "{binary}");
 }
+
+/// Polls `f` every 20 ms until it is true, for at most 30 s.
+async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !f() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn reconfiguring_starts_restarts_and_stops_fetchers() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = TestCa::new();
+    let server = ScriptedServer::start(
+        ca.svid(SERVER_ID),
+        fixed(json_ok(&document(&[&ca.cert], 4))),
+    )
+    .await;
+    let bootstrap = dir.path().join("b.pem");
+    std::fs::write(&bootstrap, crate::bundle::pem_lf("CERTIFICATE", &ca.cert)).unwrap();
+    let floor = Duration::from_secs(1);
+    let empty = FederationConfig {
+        min_refresh_interval: floor,
+        ..FederationConfig::default()
+    };
+    let svc = services(&dir.path().join("state"), empty.clone()).await;
+    let federation = svc.federation.clone();
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    federation.spawn_fetchers(stop_rx);
+
+    // A plan with a broken file is refused and changes nothing.
+    let broken = FederationConfig {
+        trust_domains: vec![b_test_config(
+            server.url("/").to_string(),
+            &dir.path().join("missing.pem"),
+        )],
+        ..empty.clone()
+    };
+    let err = federation.plan(&broken).err().unwrap();
+    assert!(err.to_string().contains("missing.pem"), "{err}");
+    assert!(!federation.is_configured(&td("b.test")));
+
+    // Added: bootstrapped at once, then fetched.
+    let peer = b_test_config(server.url("/").to_string(), &bootstrap);
+    let with_b = FederationConfig {
+        trust_domains: vec![peer.clone()],
+        ..empty.clone()
+    };
+    let plan = federation.plan(&with_b).unwrap();
+    assert_eq!(
+        plan.changes,
+        FederationChanges {
+            added: vec![td("b.test")],
+            ..FederationChanges::default()
+        }
+    );
+    assert!(
+        svc.agent.federated_bundles().get(&td("b.test")).is_none(),
+        "planning applies nothing"
+    );
+    federation.apply(plan).await.unwrap();
+    assert!(federation.is_configured(&td("b.test")));
+    assert!(svc.agent.federated_bundles().get(&td("b.test")).is_some());
+    eventually("the added trust domain fetched", || {
+        svc.agent
+            .federated_bundles()
+            .get(&td("b.test"))
+            .is_some_and(|b| b.source == BundleSource::Fetched && b.bundle.sequence == 4)
+    })
+    .await;
+
+    // Updated: the fetcher restarts on the new URL.
+    let mut moved = with_b.clone();
+    moved.trust_domains[0].url = server.url("/moved").to_string();
+    let plan = federation.plan(&moved).unwrap();
+    assert_eq!(plan.changes.updated, vec![td("b.test")]);
+    federation.apply(plan).await.unwrap();
+    assert_eq!(
+        federation.fetch_status(&td("b.test")).unwrap().url,
+        server.url("/moved").to_string()
+    );
+    eventually("a fetch from the new URL", || {
+        server
+            .request_lines()
+            .iter()
+            .any(|l| l.starts_with("GET /moved "))
+    })
+    .await;
+    // The same config again changes nothing.
+    assert!(federation.plan(&moved).unwrap().changes.is_empty());
+
+    // Removed: no longer fetched; the bundle stays, and can now be deleted.
+    let plan = federation.plan(&empty).unwrap();
+    assert_eq!(plan.changes.removed, vec![td("b.test")]);
+    federation.apply(plan).await.unwrap();
+    // Served only from now on: the fetcher has ended, so no fetch can
+    // install it.
+    server.set_script(fixed(json_ok(&document(&[&ca.cert], 9))));
+    assert!(!federation.is_configured(&td("b.test")));
+    assert!(federation.fetch_status(&td("b.test")).is_none());
+    let kept = svc.agent.federated_bundles().get(&td("b.test")).unwrap();
+    assert_eq!(kept.source, BundleSource::Fetched);
+    let requests = server.request_lines().len();
+    // At a 1 s refresh a live fetcher would ask three more times; a request
+    // sent just before the fetcher stopped may still be counted.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        server.request_lines().len() <= requests + 1,
+        "the removed trust domain is still fetched: {:?}",
+        server.request_lines()
+    );
+    assert_ne!(
+        svc.agent
+            .federated_bundles()
+            .get(&td("b.test"))
+            .unwrap()
+            .bundle
+            .sequence,
+        9,
+        "a document served after removal was installed"
+    );
+    federation.delete_bundle(&td("b.test")).await.unwrap();
+
+    let _ = stop_tx.send(true);
+    for task in federation.take_fetcher_tasks() {
+        task.await.unwrap();
+    }
+    stop(&svc);
+}

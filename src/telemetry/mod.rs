@@ -1,6 +1,7 @@
-//! Operational visibility: the metrics registry (`metrics`), the readiness
-//! facts the service records as it starts and stops (`Health`), and the
-//! plain-HTTP listener serving `/live`, `/ready` and `/metrics`.
+//! Operational visibility: the metrics registry (`metrics`), readiness
+//! (`Health`: a probe the service installs once it serves, asked afresh on
+//! every `/ready`), and the plain-HTTP listener serving `/live`, `/ready`
+//! and `/metrics`.
 
 pub mod metrics;
 
@@ -12,6 +13,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime};
 
+use futures::future::BoxFuture;
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
 use hyper::{Method, Request, Response, StatusCode};
@@ -34,41 +36,48 @@ pub enum TelemetryError {
     },
 }
 
-/// What `/ready` checks. Each flag is set by the part of the service that
-/// makes it true; `stopping` turns readiness off first thing on shutdown so
-/// load balancers stop sending work before the sockets close.
-#[derive(Debug, Default)]
+/// Checks the parts of a running agent that readiness depends on; each
+/// problem found is one line of the 503 body.
+pub trait ReadinessProbe: Send + Sync {
+    fn problems(&self, now: SystemTime) -> BoxFuture<'_, Vec<String>>;
+}
+
+/// What `/ready` reports. Until the service installs its probe (once the
+/// sockets are served) writ is starting; `stopping` turns readiness off
+/// first thing on shutdown so load balancers stop sending work before the
+/// sockets close.
+#[derive(Default)]
 pub struct Health {
-    pub ca_loaded: AtomicBool,
-    pub store_open: AtomicBool,
-    pub audit_open: AtomicBool,
-    pub sockets_served: AtomicBool,
     pub stopping: AtomicBool,
+    probe: std::sync::OnceLock<Arc<dyn ReadinessProbe>>,
     /// The last reload's refusal, if it was refused (shown on `/ready`
     /// without affecting readiness: the old configuration keeps running).
     last_reload_error: std::sync::Mutex<Option<String>>,
 }
 
+impl std::fmt::Debug for Health {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Health")
+            .field("serving", &self.probe.get().is_some())
+            .field("stopping", &self.stopping.load(Ordering::SeqCst))
+            .finish_non_exhaustive()
+    }
+}
+
 impl Health {
-    pub fn set(flag: &AtomicBool) {
-        flag.store(true, Ordering::SeqCst);
+    /// Marks the sockets as served; from now on `/ready` asks `probe`.
+    pub fn serving(&self, probe: Arc<dyn ReadinessProbe>) {
+        let _ = self.probe.set(probe);
     }
 
-    /// The reasons writ is not ready; empty when it is.
-    pub fn not_ready(&self) -> Vec<&'static str> {
-        let checks = [
-            (&self.ca_loaded, "CA not loaded"),
-            (&self.store_open, "store not open"),
-            (&self.audit_open, "audit trail not open"),
-            (&self.sockets_served, "sockets not served yet"),
-        ];
-        let mut reasons: Vec<&'static str> = checks
-            .iter()
-            .filter(|(flag, _)| !flag.load(Ordering::SeqCst))
-            .map(|(_, why)| *why)
-            .collect();
+    /// The reasons writ is not ready, checked now; empty when it is.
+    pub async fn not_ready(&self, now: SystemTime) -> Vec<String> {
+        let mut reasons = match self.probe.get() {
+            Some(probe) => probe.problems(now).await,
+            None => vec!["starting: sockets not served yet".to_owned()],
+        };
         if self.stopping.load(Ordering::SeqCst) {
-            reasons.push("stopping");
+            reasons.push("stopping".to_owned());
         }
         reasons
     }
@@ -153,8 +162,8 @@ impl TelemetryServer {
             tokio::spawn(async move {
                 let _slot = slot;
                 let service = hyper::service::service_fn(move |request: Request<Incoming>| {
-                    let response = respond(&state, &request);
-                    async move { Ok::<_, Infallible>(response) }
+                    let state = state.clone();
+                    async move { Ok::<_, Infallible>(respond(&state, &request).await) }
                 });
                 let connection = hyper::server::conn::http1::Builder::new()
                     .timer(TokioTimer::new())
@@ -170,18 +179,24 @@ impl TelemetryServer {
     }
 }
 
-fn respond(state: &State, request: &Request<Incoming>) -> Response<Full<Bytes>> {
+async fn respond(state: &State, request: &Request<Incoming>) -> Response<Full<Bytes>> {
     if request.method() != Method::GET && request.method() != Method::HEAD {
         return text(StatusCode::METHOD_NOT_ALLOWED, "only GET and HEAD\n".into());
     }
     match request.uri().path() {
         "/live" => text(StatusCode::OK, "live\n".into()),
         "/ready" => {
-            let reasons = state.health.not_ready();
+            let reasons = state.health.not_ready(SystemTime::now()).await;
             let mut body = if reasons.is_empty() {
                 "ready\n".to_owned()
             } else {
-                format!("not ready: {}\n", reasons.join(", "))
+                // One reason a line: several can hold at once, and each
+                // names what to look at.
+                let mut body = "not ready:\n".to_owned();
+                for reason in &reasons {
+                    body.push_str(&format!("- {reason}\n"));
+                }
+                body
             };
             if let Some(error) = state.health.last_reload_error() {
                 body.push_str(&format!("last reload refused: {error}\n"));
@@ -222,17 +237,32 @@ fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
 mod tests {
     use super::*;
 
-    #[test]
-    fn readiness_lists_what_is_missing() {
+    struct Fixed(Vec<String>);
+
+    impl ReadinessProbe for Fixed {
+        fn problems(&self, _now: SystemTime) -> BoxFuture<'_, Vec<String>> {
+            Box::pin(async move { self.0.clone() })
+        }
+    }
+
+    #[tokio::test]
+    async fn readiness_asks_the_probe_once_serving() {
         let health = Health::default();
-        assert_eq!(health.not_ready().len(), 4);
-        Health::set(&health.ca_loaded);
-        Health::set(&health.store_open);
-        Health::set(&health.audit_open);
-        assert_eq!(health.not_ready(), ["sockets not served yet"]);
-        Health::set(&health.sockets_served);
-        assert!(health.not_ready().is_empty());
-        Health::set(&health.stopping);
-        assert_eq!(health.not_ready(), ["stopping"]);
+        let now = SystemTime::now();
+        assert_eq!(
+            health.not_ready(now).await,
+            ["starting: sockets not served yet"]
+        );
+        health.serving(Arc::new(Fixed(vec!["store not answering".into()])));
+        assert_eq!(health.not_ready(now).await, ["store not answering"]);
+        health.stopping.store(true, Ordering::SeqCst);
+        assert_eq!(
+            health.not_ready(now).await,
+            ["store not answering", "stopping"]
+        );
+
+        let healthy = Health::default();
+        healthy.serving(Arc::new(Fixed(Vec::new())));
+        assert!(healthy.not_ready(now).await.is_empty());
     }
 }

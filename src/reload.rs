@@ -1,0 +1,389 @@
+//! Reloading a running agent, on SIGHUP or the admin `Reload` call: re-read
+//! the config file, policies and federation list, check all of it, and only
+//! then apply it (entries, policies, log level, federated trust domains).
+//! One reload runs at a time; a refused one changes nothing and says why.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use crate::agent::Agent;
+use crate::audit::{AuditEvent, CallerFacts, EventKind};
+use crate::config::Config;
+use crate::entries::EntryStore;
+use crate::federation::{Federation, FederationChanges, FederationError};
+use crate::identity::Registry;
+use crate::systemd::Notifier;
+use crate::telemetry::Health;
+
+/// Changes the running log filter (an EnvFilter directive string); the CLI
+/// hands one in when it owns the tracing subscriber.
+pub type LogLevelControl = Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    /// Every problem in the file, each as `file:line:column: message`.
+    #[error("{}", .0.join("\n"))]
+    Config(Vec<String>),
+    /// The policy problems, each naming its file and line.
+    #[error("{0}")]
+    Policy(String),
+    #[error("federation: {0}")]
+    Federation(FederationError),
+    #[error("changing the log level: {0}")]
+    LogLevel(String),
+    /// Checking passed but storing a new trust domain's bootstrap bundle
+    /// failed; everything was left (or put back) as it was.
+    #[error("applying the federation list: {0}")]
+    Apply(FederationError),
+}
+
+impl ReloadError {
+    /// True when the new configuration itself is at fault (as opposed to
+    /// the agent failing to apply a good one).
+    pub fn is_invalid_configuration(&self) -> bool {
+        matches!(
+            self,
+            ReloadError::Config(_) | ReloadError::Policy(_) | ReloadError::Federation(_)
+        )
+    }
+
+    /// The message on one line, for systemd's STATUS= and `/ready`.
+    pub fn one_line(&self) -> String {
+        let mut line = String::new();
+        for part in self
+            .to_string()
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+        {
+            if !line.is_empty() {
+                line.push_str(if line.ends_with(':') { " " } else { "; " });
+            }
+            line.push_str(part);
+        }
+        line
+    }
+}
+
+/// What a reload changed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReloadSummary {
+    /// The file re-read; `None` when writ runs on built-in defaults, in
+    /// which case nothing was reloaded.
+    pub config_path: Option<PathBuf>,
+    /// Registration entries from the config file now in force.
+    pub entries: usize,
+    pub entries_changed: bool,
+    /// `built-in`, or the policy files, comma-separated.
+    pub policy_source: String,
+    pub policy_ids: Vec<String>,
+    pub log_level: String,
+    pub log_level_changed: bool,
+    pub federation: FederationChanges,
+    /// Settings that changed in the file but take effect only on restart.
+    pub restart_required: Vec<String>,
+    /// Anything else worth telling the operator.
+    pub notes: Vec<String>,
+}
+
+/// Who asked for a reload, for the log and the audit trail.
+#[derive(Debug, Clone)]
+pub enum Trigger {
+    Signal,
+    AdminApi(CallerFacts),
+}
+
+impl Trigger {
+    fn name(&self) -> &'static str {
+        match self {
+            Trigger::Signal => "sighup",
+            Trigger::AdminApi(_) => "admin_api",
+        }
+    }
+}
+
+/// The parts of a running agent a reload touches.
+pub struct ReloaderParts {
+    pub agent: Arc<Agent>,
+    pub entries: Arc<EntryStore>,
+    pub federation: Arc<Federation>,
+    pub config: Config,
+    pub path: Option<PathBuf>,
+    pub log_control: Option<LogLevelControl>,
+    pub notifier: Notifier,
+    pub health: Arc<Health>,
+    /// systemd's STATUS= while all is well.
+    pub ready_status: String,
+}
+
+pub struct Reloader {
+    agent: Arc<Agent>,
+    entries: Arc<EntryStore>,
+    federation: Arc<Federation>,
+    path: Option<PathBuf>,
+    log_control: Option<LogLevelControl>,
+    notifier: Notifier,
+    health: Arc<Health>,
+    ready_status: String,
+    /// The configuration in force. Holding this lock is what serializes
+    /// reloads: a SIGHUP arriving during an admin call waits its turn.
+    current: tokio::sync::Mutex<Config>,
+}
+
+impl Reloader {
+    pub fn new(parts: ReloaderParts) -> Arc<Self> {
+        Arc::new(Self {
+            agent: parts.agent,
+            entries: parts.entries,
+            federation: parts.federation,
+            path: parts.path,
+            log_control: parts.log_control,
+            notifier: parts.notifier,
+            health: parts.health,
+            ready_status: parts.ready_status,
+            current: tokio::sync::Mutex::new(parts.config),
+        })
+    }
+
+    /// Reloads once: systemd hears RELOADING, then READY with a status
+    /// saying whether it was refused; the reload metrics and `/ready` are
+    /// brought up to date either way.
+    pub async fn reload(&self, trigger: Trigger) -> Result<ReloadSummary, ReloadError> {
+        let mut current = self.current.lock().await;
+        self.notifier.reloading();
+        let outcome = self.reload_locked(&mut current, &trigger).await;
+        self.agent
+            .metrics()
+            .reload(outcome.is_ok(), SystemTime::now());
+        let status = match &outcome {
+            Ok(_) => self.ready_status.clone(),
+            Err(why) => format!(
+                "{}; last reload refused: {}",
+                self.ready_status,
+                why.one_line()
+            ),
+        };
+        self.health
+            .set_reload_outcome(outcome.as_ref().err().map(ReloadError::one_line));
+        self.notifier.ready(&status);
+        outcome
+    }
+
+    async fn reload_locked(
+        &self,
+        current: &mut Config,
+        trigger: &Trigger,
+    ) -> Result<ReloadSummary, ReloadError> {
+        let Some(path) = &self.path else {
+            tracing::info!(
+                trigger = trigger.name(),
+                "reload: running on built-in defaults; nothing to reload"
+            );
+            return Ok(ReloadSummary {
+                log_level: current.log.level.clone(),
+                entries: current.entries.len(),
+                policy_source: self.agent.policy().source().to_owned(),
+                policy_ids: self.agent.policy().policy_ids(),
+                notes: vec![
+                    "running on built-in defaults (no config file); nothing to reload".into(),
+                ],
+                ..ReloadSummary::default()
+            });
+        };
+        let refused = |e: ReloadError| {
+            for line in e.to_string().lines() {
+                if matches!(e, ReloadError::Policy(_)) {
+                    tracing::error!(error = %line, trigger = trigger.name(), "reload refused; keeping the running policies");
+                } else {
+                    tracing::error!(error = %line, trigger = trigger.name(), "reload refused; keeping the running configuration");
+                }
+            }
+            e
+        };
+
+        // Everything is read and checked before anything changes.
+        let next = crate::config::validate_file(path)
+            .map_err(|errors| ReloadError::Config(errors.iter().map(|e| e.to_string()).collect()))
+            .map_err(refused)?;
+        let policy = crate::service::load_policy(&next.policy.files)
+            .map_err(|e| ReloadError::Policy(e.to_string()))
+            .map_err(refused)?;
+        let federation = self
+            .federation
+            .plan(&next.federation)
+            .map_err(ReloadError::Federation)
+            .map_err(refused)?;
+        let restart_required = restart_required(current, &next);
+        if !restart_required.is_empty() {
+            tracing::warn!(
+                settings = ?restart_required,
+                "reload: these settings changed and take effect on restart"
+            );
+        }
+
+        // The fallible steps go first, so a failure can still put things
+        // back: the log level (and back again if the federation step fails).
+        let mut notes = Vec::new();
+        let log_level_changed = next.log.level != current.log.level;
+        if log_level_changed && let Some(control) = &self.log_control {
+            control(&next.log.level)
+                .map_err(ReloadError::LogLevel)
+                .map_err(refused)?;
+            tracing::info!(level = %next.log.level, "log level changed");
+        }
+        let federation_changes = federation.changes.clone();
+        if let Err(e) = self.federation.apply(federation).await {
+            if log_level_changed
+                && let Some(control) = &self.log_control
+                && let Err(back) = control(&current.log.level)
+            {
+                tracing::error!(error = %back, "could not restore the previous log level");
+            }
+            return Err(refused(ReloadError::Apply(e)));
+        }
+        if !federation_changes.removed.is_empty() {
+            notes.push(format!(
+                "removed trust domains are no longer fetched; their last bundle stays held and served until `writ bundle delete --trust-domain <name>`: {}",
+                join(&federation_changes.removed)
+            ));
+        }
+
+        // From here on nothing can fail.
+        self.entries
+            .set_config_registry(Registry::from_config(&next))
+            .await;
+        let policy_source = policy.source().to_owned();
+        let policy_ids = policy.policy_ids();
+        self.agent.set_policy(policy);
+        let mut event = AuditEvent::new(EventKind::PolicyReloaded, ulid::Ulid::new().to_string())
+            .detail("source", policy_source.clone())
+            .detail("policies", policy_ids.clone())
+            .detail("trigger", trigger.name());
+        if let Trigger::AdminApi(caller) = trigger {
+            event = event.caller(caller.clone());
+        }
+        self.agent.record_best_effort(event).await;
+
+        let summary = ReloadSummary {
+            config_path: Some(path.clone()),
+            entries: next.entries.len(),
+            entries_changed: next.entries != current.entries,
+            policy_source,
+            policy_ids,
+            log_level: next.log.level.clone(),
+            log_level_changed,
+            federation: federation_changes,
+            restart_required,
+            notes,
+        };
+        tracing::info!(
+            path = %path.display(),
+            trigger = trigger.name(),
+            entries = summary.entries,
+            policies = summary.policy_ids.len(),
+            federation_added = %join(&summary.federation.added),
+            federation_removed = %join(&summary.federation.removed),
+            federation_updated = %join(&summary.federation.updated),
+            "configuration reloaded"
+        );
+        *current = next;
+        Ok(summary)
+    }
+}
+
+fn join(items: &[impl std::fmt::Display]) -> String {
+    items
+        .iter()
+        .map(|i| i.to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The settings that differ between `current` and `next` but are only read
+/// at start: the sockets, state, CA, attestors, task limits, audit trail,
+/// bundle endpoint listener and telemetry listener.
+pub fn restart_required(current: &Config, next: &Config) -> Vec<String> {
+    let checks: [(&str, bool); 11] = [
+        ("trust_domain", current.trust_domain != next.trust_domain),
+        ("data_dir", current.data_dir != next.data_dir),
+        ("workload_api", current.workload_api != next.workload_api),
+        ("admin_api", current.admin_api != next.admin_api),
+        ("ca", current.ca != next.ca),
+        ("attestors", current.attestors != next.attestors),
+        ("tasks", current.tasks != next.tasks),
+        ("audit", current.audit != next.audit),
+        (
+            "federation.bundle_endpoint",
+            current.federation.bundle_endpoint != next.federation.bundle_endpoint,
+        ),
+        ("telemetry", current.telemetry != next.telemetry),
+        ("log.format", current.log.format != next.log.format),
+    ];
+    checks
+        .iter()
+        .filter(|(_, changed)| *changed)
+        .map(|(name, _)| (*name).to_owned())
+        .collect()
+}
+
+/// Reloads on every SIGHUP until the task is aborted.
+pub async fn reload_on_sighup(reloader: Arc<Reloader>) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut hangups) = signal(SignalKind::hangup()) else {
+        tracing::warn!("cannot listen for SIGHUP; reload is available through the admin API only");
+        return;
+    };
+    while hangups.recv().await.is_some() {
+        // The outcome is logged, counted and shown on /ready by reload().
+        let _ = reloader.reload(Trigger::Signal).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Environment;
+
+    #[test]
+    fn only_start_time_settings_need_a_restart() {
+        let current = Config::builtin_defaults(&Environment::current());
+        let mut next = current.clone();
+        assert!(restart_required(&current, &next).is_empty());
+        next.log.level = "debug".into();
+        next.entries.clear();
+        next.policy.files = vec!["/etc/writ/policy.cedar".into()];
+        next.federation.min_refresh_interval = std::time::Duration::from_secs(5);
+        assert!(
+            restart_required(&current, &next).is_empty(),
+            "live settings were reported as needing a restart"
+        );
+        next.workload_api.socket_path = "/elsewhere.sock".into();
+        next.tasks.max_depth += 1;
+        next.federation.bundle_endpoint = Some(crate::config::BundleEndpointConfig {
+            listen: "127.0.0.1:8443".parse().unwrap(),
+            profile: crate::config::EndpointServerProfile::HttpsSpiffe {
+                spiffe_id: "spiffe://writ.test/writ/bundle-endpoint".parse().unwrap(),
+            },
+            refresh_hint: std::time::Duration::from_secs(300),
+        });
+        assert_eq!(
+            restart_required(&current, &next),
+            ["workload_api", "tasks", "federation.bundle_endpoint"]
+        );
+    }
+
+    #[test]
+    fn errors_fold_onto_one_line_for_status() {
+        let e = ReloadError::Policy(
+            "loading policies:\n  a.cedar:1:5: bad\n  b.cedar:2:1: worse".into(),
+        );
+        assert_eq!(
+            e.one_line(),
+            "loading policies: a.cedar:1:5: bad; b.cedar:2:1: worse"
+        );
+        assert!(e.is_invalid_configuration());
+        let e = ReloadError::LogLevel("gone".into());
+        assert!(!e.is_invalid_configuration());
+    }
+}
