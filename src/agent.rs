@@ -96,6 +96,21 @@ pub struct CachedSvid {
     pub rotate_at: SystemTime,
 }
 
+/// Whose JWT-SVID a cached token is: one process (pid and start time, so a
+/// reused PID never inherits it), one identity, one audience list. Tokens
+/// are not shared between processes, so each token's issuance record names
+/// the only process that ever received it.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct JwtCacheKey {
+    pub pid: i32,
+    pub start_time: u64,
+    pub identity: String,
+    pub audience: Vec<String>,
+}
+
+/// Cached tokens kept at most; beyond it new tokens are simply not cached.
+const MAX_CACHED_JWT_SVIDS: usize = 16_384;
+
 /// The trust domain's own bundle, with its encodings computed once per change
 /// rather than once per response.
 pub struct OwnBundle {
@@ -203,6 +218,7 @@ pub struct Agent {
     registry: RwLock<Arc<Registry>>,
     ca: RwLock<CertificateAuthority>,
     svids: Mutex<HashMap<String, Arc<CachedSvid>>>,
+    jwt_svids: Mutex<HashMap<JwtCacheKey, JwtSvid>>,
     own_bundle: RwLock<Arc<OwnBundle>>,
     /// Bundles of other trust domains; `federation::Federation` changes them.
     federated: crate::federation::FederatedBundles,
@@ -239,6 +255,7 @@ impl Agent {
             registry: RwLock::new(Arc::new(registry)),
             ca: RwLock::new(ca),
             svids: Mutex::new(HashMap::new()),
+            jwt_svids: Mutex::new(HashMap::new()),
             own_bundle: RwLock::new(Arc::new(own_bundle)),
             federated: Default::default(),
             changes: Default::default(),
@@ -301,6 +318,8 @@ impl Agent {
         *write_lock(&self.registry) = registry;
         // SVIDs of entries that no longer exist must not be handed out again.
         lock(&self.svids).retain(|k, _| !k.starts_with("entry:") || live.contains(k));
+        lock(&self.jwt_svids)
+            .retain(|k, _| !k.identity.starts_with("entry:") || live.contains(&k.identity));
         self.notify(Change::Everything);
     }
 
@@ -472,7 +491,9 @@ impl Agent {
                 !v.is_empty()
             });
         }
-        lock(&self.svids).remove(&task_cache_key(task_id));
+        let key = task_cache_key(task_id);
+        lock(&self.jwt_svids).retain(|k, _| k.identity != key);
+        lock(&self.svids).remove(&key);
     }
 
     /// Forces a fresh key for `cache_key` unless its SVID was minted after
@@ -784,7 +805,7 @@ impl Agent {
     }
 
     /// Mints a JWT-SVID for an entitlement the caller was just found to hold
-    /// (every call mints: tokens are cheap, and each gets its own `jti`).
+    /// (a fresh token with its own `jti`; `cached_jwt_svid` decides reuse).
     /// A task identity's token carries the `task` claim and, for a sub-task,
     /// the `act` chain of its delegators, and never outlives the task.
     pub fn jwt_svid_for(
@@ -826,6 +847,37 @@ impl Agent {
         let minted = ca.mint_jwt_svid(&request, now)?;
         self.metrics.svid_issued("jwt");
         Ok(minted)
+    }
+
+    /// A token this process was already given for this identity and
+    /// audience, while it is in the first half of its life (as SPIRE's agent
+    /// does: a caller fetching before every request gets the same token
+    /// until it is due for renewal, not a signature and an fsync each time).
+    pub fn cached_jwt_svid(&self, key: &JwtCacheKey, now: SystemTime) -> Option<JwtSvid> {
+        let cache = lock(&self.jwt_svids);
+        let svid = cache.get(key)?;
+        let lifetime = svid
+            .expires_at
+            .duration_since(svid.issued_at)
+            .unwrap_or_default();
+        (now >= svid.issued_at && now < svid.issued_at + lifetime / 2).then(|| svid.clone())
+    }
+
+    /// Remembers a token once its issuance is recorded.
+    pub fn cache_jwt_svid(&self, key: JwtCacheKey, svid: JwtSvid, now: SystemTime) {
+        let mut cache = lock(&self.jwt_svids);
+        if cache.len() >= MAX_CACHED_JWT_SVIDS {
+            cache.retain(|_, s| {
+                let lifetime = s.expires_at.duration_since(s.issued_at).unwrap_or_default();
+                now < s.issued_at + lifetime / 2
+            });
+            // Mostly live entries: start over rather than scan again on every
+            // insert. Callers simply get fresh tokens.
+            if cache.len() >= MAX_CACHED_JWT_SVIDS / 2 {
+                cache.clear();
+            }
+        }
+        cache.insert(key, svid);
     }
 
     /// The JWT authorities validation trusts, by trust domain. Our own only
@@ -907,6 +959,9 @@ impl Agent {
                 // Re-key every identity under the new signer promptly, so no
                 // workload is left holding a chain to the retiring root.
                 lock(&self.svids).clear();
+            }
+            if outcome.jwt_authorities_changed {
+                lock(&self.jwt_svids).clear();
             }
             tracing::info!(
                 signer_changed = outcome.signer_changed,

@@ -723,6 +723,20 @@ impl SpiffeWorkloadApi for WorkloadApi {
         let now = SystemTime::now();
         let mut svids = Vec::with_capacity(entitlements.len());
         for entitlement in &entitlements {
+            let cache_key = crate::agent::JwtCacheKey {
+                pid: caller.pid,
+                start_time: caller.process.start_time(),
+                identity: entitlement.cache_key.clone(),
+                audience: req.audience.clone(),
+            };
+            if let Some(svid) = self.agent.cached_jwt_svid(&cache_key, now) {
+                svids.push(pb::Jwtsvid {
+                    spiffe_id: svid.spiffe_id.to_string(),
+                    svid: svid.token,
+                    hint: entitlement.hint.clone(),
+                });
+                continue;
+            }
             let svid = self
                 .agent
                 .jwt_svid_for(entitlement, &req.audience, now)
@@ -752,9 +766,10 @@ impl SpiffeWorkloadApi for WorkloadApi {
             tracing::debug!(pid = caller.pid, spiffe_id = %svid.spiffe_id, jti = %svid.jti, "JWT-SVID issued");
             svids.push(pb::Jwtsvid {
                 spiffe_id: svid.spiffe_id.to_string(),
-                svid: svid.token,
+                svid: svid.token.clone(),
                 hint: entitlement.hint.clone(),
             });
+            self.agent.cache_jwt_svid(cache_key, svid, now);
         }
         Ok(Response::new(pb::JwtsvidResponse { svids }))
     }

@@ -786,3 +786,48 @@ fn helper() {
     });
     std::thread::sleep(Duration::from_secs(300));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_process_refetching_gets_its_own_token_again_until_half_life() {
+    let writ = Writ::start(&config("[ca]\njwt_svid_ttl = \"4s\"\n"));
+    let token = |r: pb::JwtsvidResponse| r.svids[0].svid.clone();
+    let first = token(fetch_jwt(&writ, &["api"], "").await.unwrap());
+    let again = token(fetch_jwt(&writ, &["api"], "").await.unwrap());
+    assert_eq!(first, again, "same process, identity and audience");
+    let other_audience = token(fetch_jwt(&writ, &["other"], "").await.unwrap());
+    assert_ne!(claims_of(&other_audience)["jti"], claims_of(&first)["jti"]);
+
+    // Another process asking for the same audience gets a token of its own,
+    // so every token's issuance record names the one process that has it.
+    let (ok, stdout, stderr) = common::writ_cli(
+        &[
+            "api",
+            "fetch",
+            "jwt",
+            "--audience",
+            "api",
+            "--socket",
+            writ.socket.to_str().unwrap(),
+            "--output",
+            "json",
+        ],
+        None,
+    );
+    assert!(ok, "{stderr}");
+    let printed: Value = serde_json::from_str(&stdout).unwrap();
+    assert_ne!(printed[0]["claims"]["jti"], claims_of(&first)["jti"]);
+
+    // Past half of its 4 s life the token is renewed.
+    tokio::time::sleep(Duration::from_millis(2200)).await;
+    let renewed = token(fetch_jwt(&writ, &["api"], "").await.unwrap());
+    assert_ne!(claims_of(&renewed)["jti"], claims_of(&first)["jti"]);
+
+    // One issuance record per token handed out, none for the re-served one.
+    let trail = std::fs::read_to_string(writ.dir.path().join("state/audit/audit.jsonl")).unwrap();
+    let jti = claims_of(&first)["jti"].as_str().unwrap().to_owned();
+    let records = trail
+        .lines()
+        .filter(|l| l.contains("\"jwt_issued\"") && l.contains(&jti))
+        .count();
+    assert_eq!(records, 1, "{trail}");
+}
