@@ -6,6 +6,7 @@
 
 mod authority;
 mod clock;
+mod crl;
 mod jwt_keys;
 mod schedule;
 mod store;
@@ -125,6 +126,8 @@ pub enum CaError {
     TimeOutOfRange,
     #[error("CRL validity must be at least one second")]
     CrlValidityTooShort,
+    #[error("CRL: {0}")]
+    Crl(String),
     #[error("certificate or CRL encoding failed: {0}")]
     Encode(#[from] rcgen::Error),
     #[error("the system random number generator failed")]
@@ -728,6 +731,32 @@ impl CertificateAuthority {
         let mut crls = Vec::new();
         for entry in &self.x509 {
             let ca = &entry.authority;
+            if crl::supports(ca.issuer.key()) {
+                let mine = || revoked.iter().filter(|r| r.issuer_key_id == ca.key_id);
+                if mine().next().is_none() {
+                    continue;
+                }
+                let entries = mine()
+                    .map(|r| {
+                        Ok(crl::CrlEntry {
+                            serial: &r.serial,
+                            revoked_at_unix: clock::to_unix(r.revoked_at)?,
+                        })
+                    })
+                    .collect::<Result<Vec<_>, CaError>>()?;
+                let (_, cert) = x509_parser::parse_x509_certificate(&ca.cert)
+                    .map_err(|e| CaError::Crl(format!("reading the issuing CA: {e}")))?;
+                let header = crl::CrlHeader {
+                    issuer_name: cert.subject().as_raw(),
+                    issuer_key_id: &ca.key_id,
+                    crl_number,
+                    this_update_unix: now_unix,
+                    next_update_unix: now_unix
+                        .saturating_add(i64::try_from(validity.as_secs()).unwrap_or(i64::MAX)),
+                };
+                crls.push(crl::sign(&header, entries.into_iter(), ca.issuer.key())?);
+                continue;
+            }
             let revoked_certs = revoked
                 .iter()
                 .filter(|r| r.issuer_key_id == ca.key_id)

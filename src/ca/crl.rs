@@ -1,0 +1,260 @@
+//! X.509 CRLs (RFC 5280 §5) encoded straight into DER. A task-heavy node
+//! re-signs its CRL after every batch of completions, and the CRL holds
+//! every revoked certificate that has not expired yet; building it through a
+//! general-purpose certificate builder cost an allocation and a date
+//! conversion per entry on every publication. This writes each entry with
+//! no allocation of its own, then signs once.
+
+use rcgen::SigningKey;
+
+use super::CaError;
+
+/// `ecdsa-with-SHA256` (1.2.840.10045.4.3.2) as an AlgorithmIdentifier.
+const ECDSA_WITH_SHA256: &[u8] = &[
+    0x30, 0x0a, 0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x04, 0x03, 0x02,
+];
+/// id-ce-authorityKeyIdentifier (2.5.29.35).
+const OID_AUTHORITY_KEY_ID: &[u8] = &[0x06, 0x03, 0x55, 0x1d, 0x23];
+/// id-ce-cRLNumber (2.5.29.20).
+const OID_CRL_NUMBER: &[u8] = &[0x06, 0x03, 0x55, 0x1d, 0x14];
+
+const SEQUENCE: u8 = 0x30;
+const INTEGER: u8 = 0x02;
+const OCTET_STRING: u8 = 0x04;
+const BIT_STRING: u8 = 0x03;
+const UTC_TIME: u8 = 0x17;
+const GENERALIZED_TIME: u8 = 0x18;
+
+/// One revoked certificate as the CRL lists it.
+pub(crate) struct CrlEntry<'a> {
+    pub serial: &'a [u8],
+    pub revoked_at_unix: i64,
+}
+
+/// What the CRL says about itself and who signs it.
+pub(crate) struct CrlHeader<'a> {
+    /// The issuing CA certificate's subject, as encoded in that certificate.
+    pub issuer_name: &'a [u8],
+    pub issuer_key_id: &'a [u8],
+    pub crl_number: u64,
+    pub this_update_unix: i64,
+    pub next_update_unix: i64,
+}
+
+/// Whether `key` signs with ECDSA P-256/SHA-256, the one algorithm this
+/// encoder writes; other CA keys (an upstream RSA intermediate, say) go
+/// through the general builder.
+pub(crate) fn supports(key: &rcgen::KeyPair) -> bool {
+    key.algorithm() == &rcgen::PKCS_ECDSA_P256_SHA256
+}
+
+/// A signed CRL listing `entries` (at least one).
+pub(crate) fn sign<'a>(
+    header: &CrlHeader<'_>,
+    entries: impl Iterator<Item = CrlEntry<'a>>,
+    key: &rcgen::KeyPair,
+) -> Result<Vec<u8>, CaError> {
+    let mut revoked = Vec::new();
+    let mut entry = Vec::with_capacity(48);
+    for e in entries {
+        entry.clear();
+        write_integer(&mut entry, e.serial);
+        write_time(&mut entry, e.revoked_at_unix)?;
+        write_tlv(&mut revoked, SEQUENCE, &entry);
+    }
+
+    let mut tbs_body = Vec::with_capacity(revoked.len() + header.issuer_name.len() + 160);
+    write_tlv(&mut tbs_body, INTEGER, &[1]); // v2
+    tbs_body.extend_from_slice(ECDSA_WITH_SHA256);
+    tbs_body.extend_from_slice(header.issuer_name);
+    write_time(&mut tbs_body, header.this_update_unix)?;
+    write_time(&mut tbs_body, header.next_update_unix)?;
+    write_tlv(&mut tbs_body, SEQUENCE, &revoked);
+    drop(revoked);
+    write_tlv(&mut tbs_body, 0xa0, &extensions(header));
+    let mut tbs = Vec::with_capacity(tbs_body.len() + 8);
+    write_tlv(&mut tbs, SEQUENCE, &tbs_body);
+    drop(tbs_body);
+
+    let signature = key
+        .sign(&tbs)
+        .map_err(|e| CaError::Crl(format!("signing: {e}")))?;
+    let mut bits = Vec::with_capacity(signature.len() + 1);
+    bits.push(0); // no unused bits
+    bits.extend_from_slice(&signature);
+
+    let mut body = tbs;
+    body.extend_from_slice(ECDSA_WITH_SHA256);
+    write_tlv(&mut body, BIT_STRING, &bits);
+    let mut crl = Vec::with_capacity(body.len() + 8);
+    write_tlv(&mut crl, SEQUENCE, &body);
+    Ok(crl)
+}
+
+/// `[0] EXPLICIT Extensions`' content: the authority key identifier (so a
+/// verifier finds the right key after rotation) and the CRL number.
+fn extensions(header: &CrlHeader<'_>) -> Vec<u8> {
+    let mut key_id = Vec::new();
+    write_tlv(&mut key_id, 0x80, header.issuer_key_id); // [0] keyIdentifier
+    let mut aki_value = Vec::new();
+    write_tlv(&mut aki_value, SEQUENCE, &key_id);
+    let mut aki = OID_AUTHORITY_KEY_ID.to_vec();
+    write_tlv(&mut aki, OCTET_STRING, &aki_value);
+
+    let mut number_value = Vec::new();
+    write_integer(&mut number_value, &header.crl_number.to_be_bytes());
+    let mut number = OID_CRL_NUMBER.to_vec();
+    write_tlv(&mut number, OCTET_STRING, &number_value);
+
+    let mut list = Vec::new();
+    write_tlv(&mut list, SEQUENCE, &aki);
+    write_tlv(&mut list, SEQUENCE, &number);
+    let mut out = Vec::new();
+    write_tlv(&mut out, SEQUENCE, &list);
+    out
+}
+
+fn write_tlv(out: &mut Vec<u8>, tag: u8, content: &[u8]) {
+    out.push(tag);
+    let len = content.len();
+    if len < 0x80 {
+        out.push(len as u8);
+    } else {
+        let bytes = len.to_be_bytes();
+        let skip = bytes.iter().take_while(|b| **b == 0).count();
+        out.push(0x80 | (bytes.len() - skip) as u8);
+        out.extend_from_slice(&bytes[skip..]);
+    }
+    out.extend_from_slice(content);
+}
+
+/// A non-negative INTEGER from big-endian bytes, minimally encoded (the
+/// same bytes the certificate's serial was written with, so verifiers that
+/// compare serials byte for byte match them).
+fn write_integer(out: &mut Vec<u8>, big_endian: &[u8]) {
+    let skip = big_endian
+        .iter()
+        .take_while(|b| **b == 0)
+        .count()
+        .min(big_endian.len().saturating_sub(1));
+    let digits = &big_endian[skip..];
+    let pad = digits.first().is_none_or(|b| b & 0x80 != 0);
+    out.push(INTEGER);
+    let len = digits.len() + usize::from(pad);
+    // Serials are at most 20 octets (RFC 5280 §4.1.2.2), CRL numbers 8.
+    out.push(len as u8);
+    if pad {
+        out.push(0);
+    }
+    out.extend_from_slice(digits);
+}
+
+/// UTCTime through 2049, GeneralizedTime after, as RFC 5280 §5.1.2.4 asks.
+fn write_time(out: &mut Vec<u8>, unix: i64) -> Result<(), CaError> {
+    let days = unix.div_euclid(86_400);
+    let secs = unix.rem_euclid(86_400);
+    let (year, month, day) = civil_from_days(days);
+    if !(1950..=9999).contains(&year) {
+        return Err(CaError::Crl(format!(
+            "time {unix} is outside what a CRL can carry"
+        )));
+    }
+    let (h, m, s) = (secs / 3600, secs % 3600 / 60, secs % 60);
+    let (tag, len) = if year < 2050 {
+        (UTC_TIME, 13)
+    } else {
+        (GENERALIZED_TIME, 15)
+    };
+    out.extend_from_slice(&[tag, len]);
+    if year >= 2050 {
+        push_two_digits(out, year / 100);
+    }
+    for field in [year % 100, month, day, h, m, s] {
+        push_two_digits(out, field);
+    }
+    out.push(b'Z');
+    Ok(())
+}
+
+fn push_two_digits(out: &mut Vec<u8>, value: i64) {
+    // Every field passed here is in 0..=99.
+    out.push(b'0' + (value / 10 % 10) as u8);
+    out.push(b'0' + (value % 10) as u8);
+}
+
+/// Proleptic Gregorian date of a day count from 1970-01-01 (Howard
+/// Hinnant's `civil_from_days`).
+fn civil_from_days(days: i64) -> (i64, i64, i64) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    (year, month, day)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dates_match_the_time_crate() {
+        for unix in [
+            0i64,
+            951_782_400, // 2000-02-29
+            1_700_000_000,
+            2_524_608_000, // 2050-01-01: first GeneralizedTime year
+            -631_152_000,  // 1950-01-01
+            4_102_444_799,
+        ] {
+            let t = time::OffsetDateTime::from_unix_timestamp(unix).unwrap();
+            assert_eq!(
+                civil_from_days(unix.div_euclid(86_400)),
+                (
+                    i64::from(t.year()),
+                    i64::from(u8::from(t.month())),
+                    i64::from(t.day())
+                ),
+                "{unix}"
+            );
+        }
+        let mut out = Vec::new();
+        write_time(&mut out, 1_700_000_000).unwrap();
+        assert_eq!(&out[..2], &[UTC_TIME, 13]);
+        assert_eq!(&out[2..], b"231114221320Z");
+        out.clear();
+        write_time(&mut out, 2_524_608_000).unwrap();
+        assert_eq!(&out[..2], &[GENERALIZED_TIME, 15]);
+        assert_eq!(&out[2..], b"20500101000000Z");
+        assert!(write_time(&mut out, -700_000_000).is_err());
+    }
+
+    #[test]
+    fn integers_are_minimal_and_non_negative() {
+        let enc = |b: &[u8]| {
+            let mut out = Vec::new();
+            write_integer(&mut out, b);
+            out
+        };
+        assert_eq!(enc(&[0x42, 0x01]), [0x02, 0x02, 0x42, 0x01]);
+        assert_eq!(enc(&[0x00, 0x00, 0x42]), [0x02, 0x01, 0x42]);
+        assert_eq!(enc(&[0x80]), [0x02, 0x02, 0x00, 0x80]);
+        assert_eq!(enc(&[0x00, 0x80]), [0x02, 0x02, 0x00, 0x80]);
+        assert_eq!(enc(&[0, 0, 0, 0, 0, 0, 0, 7]), [0x02, 0x01, 0x07]);
+        assert_eq!(enc(&[0]), [0x02, 0x01, 0x00]);
+    }
+
+    #[test]
+    fn long_lengths_use_the_fewest_octets() {
+        let mut out = Vec::new();
+        write_tlv(&mut out, SEQUENCE, &[0u8; 200]);
+        assert_eq!(&out[..3], &[SEQUENCE, 0x81, 200]);
+        out.clear();
+        write_tlv(&mut out, SEQUENCE, &vec![0u8; 70_000]);
+        assert_eq!(&out[..5], &[SEQUENCE, 0x83, 0x01, 0x11, 0x70]);
+    }
+}
