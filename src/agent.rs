@@ -52,7 +52,7 @@ pub enum AgentError {
 /// A revoked certificate that has not expired yet, so belongs in the CRL.
 #[derive(Clone)]
 pub struct LiveRevocation {
-    pub cert: crate::ca::RevokedCert,
+    pub revocation: crate::ca::PreparedRevocation,
     /// Unix seconds; the entry leaves the CRL after this.
     pub not_after: i64,
 }
@@ -60,12 +60,17 @@ pub struct LiveRevocation {
 /// What the next CRL is made from.
 #[derive(Default)]
 struct Revocations {
-    /// Shared with a CRL being signed; copied only when changed meanwhile.
-    live: Arc<Vec<LiveRevocation>>,
+    /// Each entry shared with any CRL being signed from it.
+    live: Vec<Arc<LiveRevocation>>,
     next_crl_number: u64,
     /// The highest CRL number the store has reserved for this run.
     reserved_through: u64,
 }
+
+/// The least time between the starts of two CRL publications, as a
+/// multiple of how long the last one took (so at most about a quarter of
+/// one core goes to signing CRLs however large they grow).
+const CRL_PACING: u32 = 4;
 
 /// CRL numbers reserved per durable write.
 const CRL_NUMBER_BLOCK: u64 = 100_000;
@@ -640,6 +645,7 @@ impl Agent {
     /// The publisher: waits for requests, signs once per batch of them.
     pub async fn run_crl_publisher(self: Arc<Self>) {
         let mut requested = self.crl_requested.subscribe();
+        let mut not_before = std::time::Instant::now();
         loop {
             let target = *requested.borrow_and_update();
             let done = self
@@ -648,7 +654,16 @@ impl Agent {
                 .epoch
                 .max(self.crl_published.borrow().failed_epoch);
             if target > done {
-                match self.refresh_crls().await {
+                // Completions arriving back to back are published together:
+                // after a CRL took t to make, the next starts no sooner than
+                // CRL_PACING × t after it, so a CRL that has grown large
+                // cannot take over a core. A lone completion goes at once.
+                tokio::time::sleep_until(not_before.into()).await;
+                let target = *requested.borrow_and_update();
+                let started = std::time::Instant::now();
+                let outcome = self.refresh_crls().await;
+                not_before = started + started.elapsed() * CRL_PACING;
+                match outcome {
                     Ok(()) => self.crl_published.send_modify(|p| p.epoch = target),
                     Err(e) => {
                         tracing::error!(error = %e, "publishing a new CRL failed");
@@ -680,22 +695,31 @@ impl Agent {
                 )?;
                 let rows = stmt
                     .query_map(params![now_secs], |r| {
-                        Ok(LiveRevocation {
-                            cert: crate::ca::RevokedCert {
+                        Ok((
+                            crate::ca::RevokedCert {
                                 serial: r.get(0)?,
                                 issuer_key_id: r.get(1)?,
                                 revoked_at: UNIX_EPOCH
                                     + Duration::from_secs(r.get::<_, i64>(2)?.max(0) as u64),
                             },
-                            not_after: r.get(3)?,
-                        })
+                            r.get::<_, i64>(3)?,
+                        ))
                     })?
                     .collect::<Result<Vec<_>, _>>()?;
                 Ok((rows, crate::store::read_counter(conn, "crl_number")?))
             })
             .await?;
+        let live = rows
+            .into_iter()
+            .map(|(cert, not_after)| {
+                Ok(Arc::new(LiveRevocation {
+                    revocation: crate::ca::PreparedRevocation::new(cert)?,
+                    not_after,
+                }))
+            })
+            .collect::<Result<Vec<_>, AgentError>>()?;
         let mut state = lock(&self.revocations);
-        state.live = Arc::new(rows);
+        state.live = live;
         // Numbers up to the stored value may have been used before a crash.
         state.next_crl_number = last_reserved + 1;
         state.reserved_through = last_reserved;
@@ -705,7 +729,7 @@ impl Agent {
     /// Revocations just committed to the store, for the next CRL.
     pub fn add_revocations(&self, added: impl IntoIterator<Item = LiveRevocation>) {
         let mut state = lock(&self.revocations);
-        Arc::make_mut(&mut state.live).extend(added);
+        state.live.extend(added.into_iter().map(Arc::new));
     }
 
     /// The next CRL number. Numbers are reserved in durable blocks, so a
@@ -738,15 +762,18 @@ impl Agent {
         let now_secs = unix_secs(SystemTime::now());
         let live = {
             let mut state = lock(&self.revocations);
-            if state.live.iter().any(|r| r.not_after <= now_secs) {
-                Arc::make_mut(&mut state.live).retain(|r| r.not_after > now_secs);
-            }
+            state.live.retain(|r| r.not_after > now_secs);
             state.live.clone()
         };
         let crl_number = self.next_crl_number().await?;
-        let revoked: Vec<&crate::ca::RevokedCert> = live.iter().map(|r| &r.cert).collect();
-        let ders =
-            read_lock(&self.ca).sign_crls(&revoked, crl_number, CRL_VALIDITY, SystemTime::now())?;
+        let revoked: Vec<&crate::ca::PreparedRevocation> =
+            live.iter().map(|r| &r.revocation).collect();
+        let ders = read_lock(&self.ca).sign_prepared_crls(
+            &revoked,
+            crl_number,
+            CRL_VALIDITY,
+            SystemTime::now(),
+        )?;
         {
             let mut crls = write_lock(&self.crls);
             let generation = crls.generation + 1;

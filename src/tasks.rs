@@ -784,7 +784,7 @@ impl TaskManager {
         let revoked = self
             .store
             .write(move |conn| {
-                let mut revoked: Vec<(String, Vec<crate::agent::LiveRevocation>)> = Vec::new();
+                let mut revoked: Vec<(String, Vec<(crate::ca::RevokedCert, i64)>)> = Vec::new();
                 for (tid, why, d) in &rows {
                     conn.prepare_cached(
                         "UPDATE tasks SET completed_at = ?2, completion_reason = ?3, completion_detail = ?4
@@ -802,14 +802,14 @@ impl TaskManager {
                     let revoked_at = UNIX_EPOCH + Duration::from_secs(at.max(0) as u64);
                     let serials = stmt
                         .query_map(params![tid], |r| {
-                            Ok(crate::agent::LiveRevocation {
-                                cert: crate::ca::RevokedCert {
+                            Ok((
+                                crate::ca::RevokedCert {
                                     serial: r.get(0)?,
                                     issuer_key_id: r.get(1)?,
                                     revoked_at,
                                 },
-                                not_after: r.get(2)?,
-                            })
+                                r.get::<_, i64>(2)?,
+                            ))
                         })?
                         .collect::<Result<Vec<_>, _>>()?;
                     if !serials.is_empty() {
@@ -834,17 +834,24 @@ impl TaskManager {
             .metrics()
             .revocations
             .inc_by(revoked_serials as u64);
-        self.agent.add_revocations(
-            revoked
-                .iter()
-                .flat_map(|(_, entries)| entries.iter().cloned()),
-        );
+        let mut live = Vec::with_capacity(revoked_serials);
+        for (cert, not_after) in revoked.iter().flat_map(|(_, entries)| entries) {
+            match crate::ca::PreparedRevocation::new(cert.clone()) {
+                Ok(revocation) => live.push(crate::agent::LiveRevocation {
+                    revocation,
+                    not_after: *not_after,
+                }),
+                // Stored, so the next start lists it; say why this run can't.
+                Err(e) => tracing::error!(error = %e, "a revocation cannot be encoded for the CRL"),
+            }
+        }
+        self.agent.add_revocations(live);
         let revoked: Vec<(String, Vec<String>)> = revoked
             .into_iter()
             .map(|(task_id, entries)| {
                 let serials = entries
                     .iter()
-                    .map(|e| hex::encode(&e.cert.serial))
+                    .map(|(c, _)| hex::encode(&c.serial))
                     .collect();
                 (task_id, serials)
             })

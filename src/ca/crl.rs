@@ -25,10 +25,14 @@ const BIT_STRING: u8 = 0x03;
 const UTC_TIME: u8 = 0x17;
 const GENERALIZED_TIME: u8 = 0x18;
 
-/// One revoked certificate as the CRL lists it.
-pub(crate) struct CrlEntry<'a> {
-    pub serial: &'a [u8],
-    pub revoked_at_unix: i64,
+/// One revoked certificate's `revokedCertificates` element, encoded.
+pub(crate) fn encode_entry(serial: &[u8], revoked_at_unix: i64) -> Result<Vec<u8>, CaError> {
+    let mut content = Vec::with_capacity(40);
+    write_integer(&mut content, serial);
+    write_time(&mut content, revoked_at_unix)?;
+    let mut entry = Vec::with_capacity(content.len() + 2);
+    write_tlv(&mut entry, SEQUENCE, &content);
+    Ok(entry)
 }
 
 /// What the CRL says about itself and who signs it.
@@ -48,19 +52,16 @@ pub(crate) fn supports(key: &rcgen::KeyPair) -> bool {
     key.algorithm() == &rcgen::PKCS_ECDSA_P256_SHA256
 }
 
-/// A signed CRL listing `entries` (at least one).
+/// A signed CRL listing `entries`, each already encoded by `encode_entry`
+/// (at least one).
 pub(crate) fn sign<'a>(
     header: &CrlHeader<'_>,
-    entries: impl Iterator<Item = CrlEntry<'a>>,
+    entries: impl Iterator<Item = &'a [u8]>,
     key: &rcgen::KeyPair,
 ) -> Result<Vec<u8>, CaError> {
     let mut revoked = Vec::new();
-    let mut entry = Vec::with_capacity(48);
-    for e in entries {
-        entry.clear();
-        write_integer(&mut entry, e.serial);
-        write_time(&mut entry, e.revoked_at_unix)?;
-        write_tlv(&mut revoked, SEQUENCE, &entry);
+    for entry in entries {
+        revoked.extend_from_slice(entry);
     }
 
     let mut tbs_body = Vec::with_capacity(revoked.len() + header.issuer_name.len() + 160);

@@ -84,6 +84,21 @@ pub struct RotationOutcome {
     pub jwt_authorities_changed: bool,
 }
 
+/// A revoked certificate with its CRL entry encoded once, when it is
+/// revoked, rather than on every CRL that lists it.
+#[derive(Debug, Clone)]
+pub struct PreparedRevocation {
+    pub cert: RevokedCert,
+    entry_der: Vec<u8>,
+}
+
+impl PreparedRevocation {
+    pub fn new(cert: RevokedCert) -> Result<Self, CaError> {
+        let entry_der = crl::encode_entry(&cert.serial, clock::to_unix(cert.revoked_at)?)?;
+        Ok(Self { cert, entry_der })
+    }
+}
+
 /// One revoked certificate, as the store remembers it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RevokedCert {
@@ -720,30 +735,38 @@ impl CertificateAuthority {
         validity: Duration,
         now: SystemTime,
     ) -> Result<Vec<Vec<u8>>, CaError> {
+        let prepared = revoked
+            .iter()
+            .map(|r| PreparedRevocation::new((*r).clone()))
+            .collect::<Result<Vec<_>, _>>()?;
+        let refs: Vec<&PreparedRevocation> = prepared.iter().collect();
+        self.sign_prepared_crls(&refs, crl_number, validity, now)
+    }
+
+    /// `sign_crls` for revocations whose entries are already encoded.
+    pub fn sign_prepared_crls(
+        &self,
+        revoked: &[&PreparedRevocation],
+        crl_number: u64,
+        validity: Duration,
+        now: SystemTime,
+    ) -> Result<Vec<Vec<u8>>, CaError> {
         if validity < Duration::from_secs(1) {
             return Err(CaError::CrlValidityTooShort);
         }
         let now_unix = clock::to_unix(now)?;
+        let next_unix =
+            now_unix.saturating_add(i64::try_from(validity.as_secs()).unwrap_or(i64::MAX));
         let this_update = clock::to_offset(now_unix)?;
-        let next_update = clock::to_offset(
-            now_unix.saturating_add(i64::try_from(validity.as_secs()).unwrap_or(i64::MAX)),
-        )?;
+        let next_update = clock::to_offset(next_unix)?;
         let mut crls = Vec::new();
         for entry in &self.x509 {
             let ca = &entry.authority;
+            let mine = || revoked.iter().filter(|r| r.cert.issuer_key_id == ca.key_id);
+            if mine().next().is_none() {
+                continue;
+            }
             if crl::supports(ca.issuer.key()) {
-                let mine = || revoked.iter().filter(|r| r.issuer_key_id == ca.key_id);
-                if mine().next().is_none() {
-                    continue;
-                }
-                let entries = mine()
-                    .map(|r| {
-                        Ok(crl::CrlEntry {
-                            serial: &r.serial,
-                            revoked_at_unix: clock::to_unix(r.revoked_at)?,
-                        })
-                    })
-                    .collect::<Result<Vec<_>, CaError>>()?;
                 let (_, cert) = x509_parser::parse_x509_certificate(&ca.cert)
                     .map_err(|e| CaError::Crl(format!("reading the issuing CA: {e}")))?;
                 let header = crl::CrlHeader {
@@ -751,27 +774,25 @@ impl CertificateAuthority {
                     issuer_key_id: &ca.key_id,
                     crl_number,
                     this_update_unix: now_unix,
-                    next_update_unix: now_unix
-                        .saturating_add(i64::try_from(validity.as_secs()).unwrap_or(i64::MAX)),
+                    next_update_unix: next_unix,
                 };
-                crls.push(crl::sign(&header, entries.into_iter(), ca.issuer.key())?);
+                crls.push(crl::sign(
+                    &header,
+                    mine().map(|r| r.entry_der.as_slice()),
+                    ca.issuer.key(),
+                )?);
                 continue;
             }
-            let revoked_certs = revoked
-                .iter()
-                .filter(|r| r.issuer_key_id == ca.key_id)
+            let revoked_certs = mine()
                 .map(|r| {
                     Ok(RevokedCertParams {
-                        serial_number: SerialNumber::from_slice(&r.serial),
-                        revocation_time: clock::to_offset(clock::to_unix(r.revoked_at)?)?,
+                        serial_number: SerialNumber::from_slice(&r.cert.serial),
+                        revocation_time: clock::to_offset(clock::to_unix(r.cert.revoked_at)?)?,
                         reason_code: None,
                         invalidity_date: None,
                     })
                 })
                 .collect::<Result<Vec<_>, CaError>>()?;
-            if revoked_certs.is_empty() {
-                continue;
-            }
             let params = CertificateRevocationListParams {
                 this_update,
                 next_update,
