@@ -343,6 +343,11 @@ pub async fn run(
         agent.clone(),
         vec![workload_served, admin_served],
     )));
+    let grpc_health = tokio::spawn(mirror_readiness(
+        health.clone(),
+        health_reporter.clone(),
+        stop_tx.subscribe(),
+    ));
     notifier.ready(&ready_status);
     let watchdog = notifier.spawn_watchdog();
 
@@ -358,6 +363,8 @@ pub async fn run(
     health
         .stopping
         .store(true, std::sync::atomic::Ordering::SeqCst);
+    grpc_health.abort();
+    set_grpc_health(&health_reporter, false).await;
     notifier.stopping();
     let _ = stop_tx.send(true);
     agent.begin_shutdown();
@@ -421,6 +428,57 @@ pub async fn run(
     served?;
     admin_served?;
     Ok(())
+}
+
+/// How often gRPC health (`grpc.health.v1` on the Workload API socket)
+/// re-checks what `/ready` checks.
+const GRPC_HEALTH_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Keeps `grpc.health.v1` telling what `/ready` tells, so `writ healthcheck
+/// --socket` and gRPC-aware probes see the same readiness as HTTP ones.
+async fn mirror_readiness(
+    health: Arc<Health>,
+    reporter: tonic_health::server::HealthReporter,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut was_ready = true;
+    loop {
+        let problems = health.not_ready(SystemTime::now()).await;
+        let ready = problems.is_empty();
+        if ready != was_ready {
+            if ready {
+                tracing::info!("ready again; gRPC health is SERVING");
+            } else {
+                tracing::warn!(problems = ?problems, "not ready; gRPC health is NOT_SERVING");
+            }
+            set_grpc_health(&reporter, ready).await;
+            was_ready = ready;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(GRPC_HEALTH_INTERVAL) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+    }
+}
+
+async fn set_grpc_health(reporter: &tonic_health::server::HealthReporter, serving: bool) {
+    use tonic_health::ServingStatus;
+    let status = if serving {
+        ServingStatus::Serving
+    } else {
+        ServingStatus::NotServing
+    };
+    // The server as a whole ("") and the Workload API by name.
+    reporter.set_service_status("", status).await;
+    if serving {
+        reporter
+            .set_serving::<SpiffeWorkloadApiServer<WorkloadApi>>()
+            .await;
+    } else {
+        reporter
+            .set_not_serving::<SpiffeWorkloadApiServer<WorkloadApi>>()
+            .await;
+    }
 }
 
 fn flatten(

@@ -923,3 +923,22 @@ fn ready_turns_503_naming_a_deleted_socket() {
     assert_eq!(status, 503, "{body}");
     assert!(body.contains("it was replaced"), "{body}");
 }
+
+#[test]
+fn grpc_health_follows_readiness() {
+    let mut service = Service::new("", "info");
+    service.spawn(&[]);
+    let socket = service.workload.to_str().unwrap().to_owned();
+    let (ok, out, err) = common::writ_cli(&["healthcheck", "--socket", &socket], None);
+    assert!(ok, "{out}{err}");
+    // The admin socket gone, writ is not ready, and gRPC health on the
+    // Workload API socket says so as /ready does.
+    std::fs::remove_file(&service.admin).unwrap();
+    let err = common::wait_for(Duration::from_secs(10), "gRPC health NOT_SERVING", || {
+        let (ok, _, err) = common::writ_cli(&["healthcheck", "--socket", &socket], None);
+        (!ok).then_some(err)
+    });
+    assert!(err.contains("not serving"), "{err}");
+    let (status, body) = http_get(&service.http_addr(), "/ready");
+    assert_eq!(status, 503, "{body}");
+}
