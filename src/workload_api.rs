@@ -639,14 +639,16 @@ where
                 let (now_generation, unseen) = agent.changes().since(seen);
                 seen = now_generation;
                 let now = Instant::now();
-                if now >= reattest_due
-                    || !resolved.still_current(&unseen, &keys)
-                    || !resolved.same_executable(&caller)
-                {
+                if now >= reattest_due || !resolved.still_current(&unseen, &keys) {
                     break;
                 }
+                // Something is to be sent from the last resolution; a caller
+                // that exec'd since is resolved afresh first. (A change with
+                // nothing to send costs a stream nothing at all.)
                 if unseen.documents || rotation_due.is_some_and(|r| now >= r) {
-                    reuse = Some(resolved.clone());
+                    if resolved.same_executable(&caller) {
+                        reuse = Some(resolved.clone());
+                    }
                     break;
                 }
             }
