@@ -223,39 +223,32 @@ fn audited_issuances(writ: &Writ) -> Result<usize> {
     Ok(count)
 }
 
+/// One sustained level of `op` per client count in the plan.
+async fn every_level(writ: &mut Writ, plan: &Plan, op: Op) -> Result<Vec<Level>> {
+    let mut levels = Vec::new();
+    for &clients in &plan.levels {
+        let level = sustained(
+            writ,
+            op.clone(),
+            clients,
+            plan.warmup_per_client,
+            plan.level_duration,
+        )
+        .await?;
+        writ.check_alive()?;
+        levels.push(level);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    Ok(levels)
+}
+
 async fn run(plan: Plan) -> Result<()> {
     let mut writ = Writ::start("")?;
     tokio::time::sleep(Duration::from_secs(1)).await;
 
-    let mut fetch_levels = Vec::new();
-    for &clients in &plan.levels {
-        let level = sustained(
-            &writ,
-            Op::Fetch,
-            clients,
-            plan.warmup_per_client,
-            plan.level_duration,
-        )
-        .await?;
-        writ.check_alive()?;
-        fetch_levels.push(level);
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    let fetch_levels = every_level(&mut writ, &plan, Op::Fetch).await?;
     let audited_cached = audited_issuances(&writ)?;
-    let mut new_levels = Vec::new();
-    for &clients in &plan.levels {
-        let level = sustained(
-            &writ,
-            Op::FetchNew,
-            clients,
-            plan.warmup_per_client,
-            plan.level_duration,
-        )
-        .await?;
-        writ.check_alive()?;
-        new_levels.push(level);
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    let new_levels = every_level(&mut writ, &plan, Op::FetchNew).await?;
     let issued_new: usize = new_levels.iter().map(|l| l.summary.n + l.warmed).sum();
     let audited_new = audited_issuances(&writ)? - audited_cached;
 
@@ -263,20 +256,7 @@ async fn run(plan: Plan) -> Result<()> {
     let mut client = workload_client(&writ.socket).await?;
     let token = Arc::new(fetch(&mut client, AUDIENCE.to_owned()).await?);
     drop(client);
-    let mut validate_levels = Vec::new();
-    for &clients in &plan.levels {
-        let level = sustained(
-            &writ,
-            Op::Validate(token.clone()),
-            clients,
-            plan.warmup_per_client,
-            plan.level_duration,
-        )
-        .await?;
-        writ.check_alive()?;
-        validate_levels.push(level);
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    let validate_levels = every_level(&mut writ, &plan, Op::Validate(token.clone())).await?;
 
     let rows = |levels: &[Level]| -> Vec<Vec<String>> {
         levels

@@ -908,15 +908,7 @@ async fn a_task_that_federates_receives_that_trust_domains_bundle() {
 
 /// The attestation count writ's /metrics reports.
 fn attestations(addr: &str) -> u64 {
-    use std::io::{Read, Write as _};
-    let mut stream = std::net::TcpStream::connect(addr).unwrap();
-    write!(
-        stream,
-        "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut page = String::new();
-    stream.read_to_string(&mut page).unwrap();
+    let (_, page) = common::http_get(addr, "/metrics");
     page.lines()
         .find_map(|l| {
             l.strip_prefix("writ_attestation_seconds_count ")?

@@ -496,16 +496,7 @@ fn rotation_invariants_over_many_generations() {
     }
     assert!(signers.len() >= 5, "several generations were exercised");
     // Only the keys of held roots and JWT keys remain on disk.
-    let key_files = fs::read_dir(tmp.path().join("ca"))
-        .unwrap()
-        .filter(|e| {
-            e.as_ref()
-                .unwrap()
-                .file_name()
-                .to_string_lossy()
-                .ends_with(".key.pem")
-        })
-        .count();
+    let key_files = key_files(tmp.path());
     assert_eq!(
         key_files,
         ca.x509_authorities().len() + ca.jwt_authorities().len()
@@ -1402,16 +1393,7 @@ fn generations_of_expired_roots_accumulate_and_a_broken_one_is_refused() {
     }
     assert!(ever.len() > 5, "several generations expired");
     // Key files exist only for held roots and JWT keys.
-    let keys = fs::read_dir(tmp.path().join("ca"))
-        .unwrap()
-        .filter(|e| {
-            e.as_ref()
-                .unwrap()
-                .file_name()
-                .to_string_lossy()
-                .ends_with(".key.pem")
-        })
-        .count();
+    let keys = key_files(tmp.path());
     assert_eq!(
         keys,
         ca.x509_authorities().len() + ca.jwt_authorities().len()
@@ -1509,4 +1491,18 @@ fn a_trail_signed_by_every_generation_verifies_from_the_state_directory_alone() 
     // enough, each later one being handed on by the rotation records.
     let report = crate::audit::verify(&audit.path, std::slice::from_ref(&first_root)).unwrap();
     assert_eq!(report.learned_roots as usize, roots.len() - 1);
+}
+
+/// How many private key files the CA directory under `state` holds.
+fn key_files(state: &std::path::Path) -> usize {
+    fs::read_dir(state.join("ca"))
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .ends_with(".key.pem")
+        })
+        .count()
 }
