@@ -981,3 +981,67 @@ async fn a_task_change_reattests_only_the_streams_it_concerns() {
         "{caused} attestations for one task with {BYSTANDERS} bystanders"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stream_inside_a_cgroup_receives_the_cgroup_tasks_identity_and_loses_it() {
+    if !is_root() {
+        eprintln!("SKIPPED: needs root to create cgroups");
+        return;
+    }
+    let mount = writ_attestors::find_cgroup2_mount()
+        .unwrap()
+        .expect("cgroup2 mounted");
+    let slice = format!("writ-test-stream-{}.slice", std::process::id());
+    let job = mount.join(&slice).join("job");
+    std::fs::create_dir_all(&job).unwrap();
+    struct Cleanup(PathBuf);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir(self.0.join("job"));
+            let _ = std::fs::remove_dir(&self.0);
+        }
+    }
+    let _cleanup = Cleanup(mount.join(&slice));
+    // No periodic re-attestation during the test: only the task's begin can
+    // make the stream look again.
+    let writ = Writ::start(&config(&format!(
+        "\n[attestors.cgroup]\ntrusted_roots = [\"/{slice}\"]\n\n[workload_api]\nreattest_interval = \"1h\"\n"
+    )));
+    // The worker holds its stream before the task exists, and is moved into
+    // the cgroup after its first message: only a cgroup-bound task's begin
+    // tells its stream to look again.
+    let worker = BoundChild::spawn(&writ, "in-cgroup");
+    worker.go();
+    let (ids, _) = worker.next_update(Duration::from_secs(10));
+    assert_eq!(ids, vec![ORCH_ID.to_string()]);
+    std::fs::write(job.join("cgroup.procs"), worker.pid().to_string()).unwrap();
+
+    let mut tasks = tasks_client(&writ).await;
+    tasks
+        .begin_task(apb::BeginTaskRequest {
+            task_id: "cg-stream".into(),
+            binding: Some(apb::Binding {
+                target: Some(apb::binding::Target::Cgroup(format!("/{slice}/job"))),
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let (ids, _) = worker.next_update(Duration::from_secs(10));
+    assert_eq!(
+        ids,
+        vec![format!("{ORCH_ID}/task/cg-stream"), ORCH_ID.to_string()]
+    );
+    tasks
+        .end_task(apb::EndTaskRequest {
+            task_id: "cg-stream".into(),
+            reason: String::new(),
+        })
+        .await
+        .unwrap();
+    let (ids, _) = worker.next_update(Duration::from_secs(10));
+    assert_eq!(ids, vec![ORCH_ID.to_string()]);
+    // Out of the cgroup again, so the directories can be removed.
+    let parent_procs = mount.join("cgroup.procs");
+    std::fs::write(parent_procs, worker.pid().to_string()).unwrap();
+}
