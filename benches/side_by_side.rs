@@ -642,6 +642,18 @@ struct SpireDeployment {
 }
 
 impl SpireDeployment {
+    /// Writes `<name>.conf` and runs `program run -config` on it, logging
+    /// to `<name>.log`, all in the deployment's directory.
+    fn run_with_config(&self, program: &Path, name: &str, conf_text: &str) -> Result<Proc> {
+        let conf = self.dir.path().join(format!("{name}.conf"));
+        std::fs::write(&conf, conf_text).with_context(|| format!("writing {name}.conf"))?;
+        spawn_guarded(
+            program,
+            &["run", "-config", &conf.display().to_string()],
+            &self.dir.path().join(format!("{name}.log")),
+        )
+    }
+
     fn start(bins: &SpireBins) -> Result<SpireDeployment> {
         let dir = tempfile::Builder::new()
             .prefix("writ-spire-bench-")
@@ -686,13 +698,8 @@ plugins {{
 "#,
             socket = deployment.server_socket.display(),
         );
-        let conf = deployment.dir.path().join("server.conf");
-        std::fs::write(&conf, server_conf).context("writing server.conf")?;
-        deployment.server = Some(spawn_guarded(
-            &bins.server,
-            &["run", "-config", &conf.display().to_string()],
-            &deployment.dir.path().join("server.log"),
-        )?);
+        deployment.server =
+            Some(deployment.run_with_config(&bins.server, "server", &server_conf)?);
         let deadline = Instant::now() + START_WAIT;
         while deployment.cli_blocking(bins, &["healthcheck"]).is_err() {
             if Instant::now() > deadline {
@@ -751,13 +758,7 @@ plugins {{
 "#,
             socket = deployment.agent_socket.display(),
         );
-        let conf = deployment.dir.path().join("agent.conf");
-        std::fs::write(&conf, agent_conf).context("writing agent.conf")?;
-        deployment.agent = Some(spawn_guarded(
-            &bins.agent,
-            &["run", "-config", &conf.display().to_string()],
-            &deployment.dir.path().join("agent.log"),
-        )?);
+        deployment.agent = Some(deployment.run_with_config(&bins.agent, "agent", &agent_conf)?);
         Ok(deployment)
     }
 

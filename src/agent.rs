@@ -50,7 +50,6 @@ pub enum AgentError {
 }
 
 /// A revoked certificate that has not expired yet, so belongs in the CRL.
-#[derive(Clone)]
 pub struct LiveRevocation {
     pub revocation: crate::ca::PreparedRevocation,
     /// Unix seconds; the entry leaves the CRL after this.

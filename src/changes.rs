@@ -41,10 +41,6 @@ pub struct Pending {
 }
 
 impl Pending {
-    pub fn is_empty(&self) -> bool {
-        *self == Pending::default()
-    }
-
     fn add(&mut self, change: &Change) {
         match change {
             Change::Everything => self.everything = true,
@@ -93,7 +89,8 @@ impl ChangeLog {
     }
 
     /// The generation now.
-    pub fn current(&self) -> u64 {
+    #[cfg(test)]
+    fn current(&self) -> u64 {
         *self.generation.borrow()
     }
 
@@ -142,7 +139,7 @@ mod tests {
         assert!(!pending.everything);
         let (again, nothing) = log.since(now);
         assert_eq!(again, now);
-        assert!(nothing.is_empty());
+        assert_eq!(nothing, Pending::default());
     }
 
     #[test]

@@ -724,10 +724,8 @@ impl CertificateAuthority {
         x509.min(self.jwt_schedule().next_event(&self.jwt))
     }
 
-    /// Signs one CRL per CA that issued any of `revoked`, each by that CA's
-    /// own key (a CRL's issuer must be the certificate's issuer). Entries
-    /// whose CA is no longer held are skipped: a CA is only dropped once
-    /// expired, and every certificate it issued expired no later.
+    /// `sign_prepared_crls` for revocations not yet encoded.
+    #[cfg(test)]
     pub fn sign_crls(
         &self,
         revoked: &[&RevokedCert],
@@ -743,7 +741,10 @@ impl CertificateAuthority {
         self.sign_prepared_crls(&refs, crl_number, validity, now)
     }
 
-    /// `sign_crls` for revocations whose entries are already encoded.
+    /// Signs one CRL per CA that issued any of `revoked`, each by that CA's
+    /// own key (a CRL's issuer must be the certificate's issuer). Entries
+    /// whose CA is no longer held are skipped: a CA is only dropped once
+    /// expired, and every certificate it issued expired no later.
     pub fn sign_prepared_crls(
         &self,
         revoked: &[&PreparedRevocation],
