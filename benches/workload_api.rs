@@ -176,7 +176,14 @@ async fn run(plan: Plan) -> Result<()> {
     );
     print_table(
         "writ memory (goal: idle RSS < 15 MiB)",
-        &["agent", "when", "VmRSS", "VmHWM"],
+        &[
+            "agent",
+            "when",
+            "VmRSS",
+            "VmHWM",
+            "of VmRSS: anonymous",
+            "of VmRSS: file-backed (the executable's pages)",
+        ],
         &[
             (pid, "idle, 1 s after start", idle),
             (
@@ -202,6 +209,8 @@ async fn run(plan: Plan) -> Result<()> {
                 what.to_string(),
                 fmt_mib(m.rss_kib),
                 fmt_mib(m.hwm_kib),
+                fmt_mib(m.anon_kib),
+                fmt_mib(m.file_kib),
             ]
         })
         .collect::<Vec<_>>(),

@@ -86,6 +86,11 @@ pub fn parse_args() -> Result<Args> {
 pub struct Memory {
     pub rss_kib: u64,
     pub hwm_kib: u64,
+    /// The part of VmRSS that is the process's own memory (heap, stacks).
+    pub anon_kib: u64,
+    /// The part of VmRSS mapped from files: mostly the executable's pages
+    /// in the page cache, shared with every other process mapping them.
+    pub file_kib: u64,
 }
 
 impl Memory {
@@ -112,6 +117,8 @@ pub fn memory_of(pid: u32) -> Result<Memory> {
     Ok(Memory {
         rss_kib: field("VmRSS:")?,
         hwm_kib: field("VmHWM:")?,
+        anon_kib: field("RssAnon:")?,
+        file_kib: field("RssFile:")?,
     })
 }
 
