@@ -215,7 +215,7 @@ pub fn tail_lines(path: &Path, n: usize) -> io::Result<TrailTail> {
     for file_path in trail_files(path)?.iter().rev() {
         let is_current = file_path == path;
         let file = File::open(file_path)?;
-        let len = file.metadata()?.len();
+        let len = records_end(&file, file.metadata()?.len())?;
         let wanted = n.saturating_sub(lines.len());
         let tail = read_tail(&file, len, wanted)?;
         if is_current {
@@ -238,6 +238,26 @@ pub fn tail_lines(path: &Path, n: usize) -> io::Result<TrailTail> {
         current,
         resume_at,
     })
+}
+
+/// Where the records of a file end: its length less any run of NUL bytes
+/// at the end. The writer keeps zeroed space ready past the last record
+/// (see `[audit] preallocate_bytes`), and a record never holds a NUL byte,
+/// so that run is space not yet written, not data.
+pub(crate) fn records_end(file: &File, len: u64) -> io::Result<u64> {
+    const STEP: u64 = 64 * 1024;
+    let mut end = len;
+    let mut buf = vec![0u8; STEP as usize];
+    while end > 0 {
+        let start = end.saturating_sub(STEP);
+        let chunk = &mut buf[..(end - start) as usize];
+        file.read_exact_at(chunk, start)?;
+        match chunk.iter().rposition(|&b| b != 0) {
+            Some(i) => return Ok(start + i as u64 + 1),
+            None => end = start,
+        }
+    }
+    Ok(0)
 }
 
 /// fsync of a directory, so a created or renamed entry survives a crash.
@@ -310,6 +330,32 @@ mod tests {
         let all = read_tail(&file, len, usize::MAX).unwrap();
         assert!(all.from_start);
         assert_eq!(all.lines, expected);
+    }
+
+    #[test]
+    fn records_end_skips_a_zeroed_tail_of_any_length() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        for (records, zeros) in [
+            (&b""[..], 0usize),
+            (b"", 70_000),
+            (b"{\"a\":1}\n", 0),
+            (b"{\"a\":1}\n", 1),
+            (b"{\"a\":1}\n", 64 * 1024),
+            (b"{\"a\":1}\n", 200_000),
+            (b"{\"a\":1}\n{\"b\"", 5),
+        ] {
+            let mut bytes = records.to_vec();
+            bytes.resize(records.len() + zeros, 0);
+            std::fs::write(&path, &bytes).unwrap();
+            let file = File::open(&path).unwrap();
+            assert_eq!(
+                records_end(&file, bytes.len() as u64).unwrap(),
+                records.len() as u64,
+                "{} record bytes, {zeros} zeros",
+                records.len()
+            );
+        }
     }
 
     #[test]

@@ -9,7 +9,9 @@ use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use super::AuditError;
-use super::files::{self, read_tail, rotated_numbers, rotated_path, suffixed, sync_dir};
+use super::files::{
+    self, read_tail, records_end, rotated_numbers, rotated_path, suffixed, sync_dir,
+};
 use super::record::{ParsedLine, parse_line};
 
 /// The last complete record of the trail.
@@ -62,7 +64,20 @@ pub(crate) fn recover(path: &Path, now: SystemTime) -> Result<Recovered, AuditEr
             .write(newest)
             .open(file_path)
             .map_err(io_err(file_path))?;
-        let len = file.metadata().map_err(io_err(file_path))?.len();
+        let size = file.metadata().map_err(io_err(file_path))?.len();
+        // Zeroed space kept ready past the last record is not a torn
+        // write; it is cut off so the writer starts from a file that ends
+        // on its last record. Older files were cut before they rotated.
+        let len = if newest {
+            records_end(&file, size).map_err(io_err(file_path))?
+        } else {
+            size
+        };
+        if newest && len < size {
+            file.set_len(len)
+                .and_then(|()| file.sync_all())
+                .map_err(io_err(file_path))?;
+        }
         if len == 0 {
             continue;
         }
@@ -202,6 +217,7 @@ mod tests {
         let config = AuditConfig {
             path: dir.join("audit.jsonl"),
             max_file_bytes,
+            preallocate_bytes: 1 << 20,
             checkpoint_every: 1000,
             checkpoint_interval: Duration::from_secs(3600),
         };
@@ -242,6 +258,45 @@ mod tests {
             suffixed(&config.path, "torn-1700000000000000")
         );
         assert_eq!(std::fs::read(&torn.moved_to).unwrap(), junk);
+        assert_eq!(std::fs::read(&config.path).unwrap(), before);
+    }
+
+    #[test]
+    fn zeroed_space_after_the_last_record_is_cut_and_is_not_a_torn_tail() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = trail(dir.path(), 1 << 20, 3);
+        let before = std::fs::read(&config.path).unwrap();
+        append(&config.path, &vec![0u8; 300_000]);
+        let recovered = recover(&config.path, SystemTime::now()).unwrap();
+        assert_eq!(recovered.head.unwrap().seq, 4);
+        assert!(recovered.torn.is_none());
+        assert_eq!(std::fs::read(&config.path).unwrap(), before);
+        let torn_files = std::fs::read_dir(dir.path())
+            .unwrap()
+            .filter(|e| {
+                e.as_ref()
+                    .unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .contains("torn")
+            })
+            .count();
+        assert_eq!(torn_files, 0);
+    }
+
+    #[test]
+    fn a_fragment_before_zeroed_space_is_moved_aside_without_the_zeros() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = trail(dir.path(), 1 << 20, 3);
+        let before = std::fs::read(&config.path).unwrap();
+        append(&config.path, b"{\"seq\":5,\"cut sh");
+        append(&config.path, &vec![0u8; 4096]);
+        let recovered = recover(&config.path, SystemTime::now()).unwrap();
+        let torn = recovered.torn.unwrap();
+        assert_eq!(
+            std::fs::read(&torn.moved_to).unwrap(),
+            b"{\"seq\":5,\"cut sh"
+        );
         assert_eq!(std::fs::read(&config.path).unwrap(), before);
     }
 

@@ -1437,6 +1437,7 @@ fn a_trail_signed_by_every_generation_verifies_from_the_state_directory_alone() 
     let audit = crate::config::AuditConfig {
         path: tmp.path().join("audit/audit.jsonl"),
         max_file_bytes: 64 << 20,
+        preallocate_bytes: 1 << 20,
         checkpoint_every: 1000,
         checkpoint_interval: 1000 * HOUR,
     };

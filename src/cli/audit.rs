@@ -261,6 +261,10 @@ impl Follower {
         use std::io::Seek;
         file.seek(std::io::SeekFrom::Start(self.offset))?;
         file.read_to_end(&mut chunk)?;
+        // Zeroed space the writer keeps ready is not written yet.
+        if let Some(unwritten) = chunk.iter().position(|&b| b == 0) {
+            chunk.truncate(unwritten);
+        }
         if chunk.is_empty() {
             return Ok(false);
         }

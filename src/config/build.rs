@@ -265,6 +265,7 @@ impl Builder<'_> {
         AuditConfig {
             path,
             max_file_bytes,
+            preallocate_bytes: raw.preallocate_bytes.unwrap_or(defaults.preallocate_bytes),
             checkpoint_every,
             checkpoint_interval,
         }

@@ -138,6 +138,10 @@ pub struct AuditConfig {
     pub path: PathBuf,
     /// Rotate the file once it grows past this many bytes.
     pub max_file_bytes: u64,
+    /// Zeroed space kept ready past the last record, so a commit overwrites
+    /// blocks that already exist and its fdatasync need not also commit a
+    /// new file size. 0: plain appends.
+    pub preallocate_bytes: u64,
     /// Write a signed checkpoint after this many records...
     pub checkpoint_every: u64,
     /// ...or after this long, whichever comes first.
@@ -150,6 +154,7 @@ impl AuditConfig {
         AuditConfig {
             path: data_dir.join("audit/audit.jsonl"),
             max_file_bytes: 64 * 1024 * 1024,
+            preallocate_bytes: 1024 * 1024,
             checkpoint_every: 1000,
             checkpoint_interval: Duration::from_secs(60),
         }

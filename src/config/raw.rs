@@ -99,6 +99,7 @@ pub(super) struct RawPolicy {
 pub(super) struct RawAudit {
     pub path: Option<Text>,
     pub max_file_bytes: Option<Spanned<u64>>,
+    pub preallocate_bytes: Option<u64>,
     pub checkpoint_every: Option<Spanned<u64>>,
     pub checkpoint_interval: Option<Text>,
 }

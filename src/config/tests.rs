@@ -234,6 +234,7 @@ files = ["/etc/writ/policies/base.cedar", "/etc/writ/policies/prod.cedar"]
 [audit]
 path = "/var/log/writ/audit.jsonl"
 max_file_bytes = 1048576
+preallocate_bytes = 0
 checkpoint_every = 100
 checkpoint_interval = "30s"
 
@@ -338,6 +339,7 @@ fn full_config_loads_every_key() {
         audit: AuditConfig {
             path: "/var/log/writ/audit.jsonl".into(),
             max_file_bytes: 1_048_576,
+            preallocate_bytes: 0,
             checkpoint_every: 100,
             checkpoint_interval: secs(30),
         },
