@@ -22,7 +22,7 @@ use crate::jwt::{self, JwtError, JwtKeySet, JwtSvid, JwtSvidRequest, ValidatedJw
 use crate::peer::Caller;
 use crate::spiffe_id::TrustDomain;
 use crate::store::{Store, StoreError};
-use crate::svid::{X509Svid, X509SvidRequest};
+use crate::svid::{X509Svid, X509SvidPlan, X509SvidRequest};
 use crate::tasks::Task;
 
 /// How long a CRL we sign stays valid; we re-sign well before, on every
@@ -387,18 +387,32 @@ impl Agent {
     /// Appends a record and returns once it is on disk. Issuance paths call
     /// this before the credential leaves writ and fail when it fails.
     pub async fn record(&self, event: AuditEvent) -> Result<(), AgentError> {
-        match self.audit.get() {
-            Some(log) => {
-                let started = std::time::Instant::now();
-                let appended = log.append(event).await;
-                self.metrics
-                    .audit_write_seconds
-                    .observe(started.elapsed().as_secs_f64());
-                appended
-                    .map(|_| ())
-                    .map_err(|e| AgentError::Audit(e.to_string()))
-            }
-            None => Ok(()),
+        self.start_record(event).await
+    }
+
+    /// `record`, with the record queued before this returns, so the disk
+    /// works on it while the caller goes on; await the result before the
+    /// credential leaves writ.
+    fn start_record(
+        &self,
+        event: AuditEvent,
+    ) -> impl Future<Output = Result<(), AgentError>> + Send + use<'_> {
+        let started = std::time::Instant::now();
+        let queued = self.audit.get().map(|log| log.start_append(event));
+        async move {
+            let Some(queued) = queued else {
+                return Ok(());
+            };
+            let appended = match queued {
+                Ok(on_disk) => on_disk.await,
+                Err(e) => Err(e),
+            };
+            self.metrics
+                .audit_write_seconds
+                .observe(started.elapsed().as_secs_f64());
+            appended
+                .map(|_| ())
+                .map_err(|e| AgentError::Audit(e.to_string()))
         }
     }
 
@@ -528,87 +542,128 @@ impl Agent {
         // and other entitlements must not wait for it. Two callers racing on
         // the same entitlement may both mint; the later insert wins and the
         // other SVID is simply used once (and, for a task, still recorded).
-        let minted = Arc::new(self.mint(entitlement, now)?);
-        // The issuance is on disk in the audit trail before anyone can be
-        // handed the SVID; if it cannot be recorded, it is not issued.
-        let mut event = AuditEvent::new(EventKind::X509Issued, issuance.correlation_id.clone())
-            .spiffe_id(entitlement.spiffe_id.to_string())
-            .certificate(minted.svid.serial_hex(), unix_secs(minted.svid.not_after))
-            .decision("IssueX509SVID", true, Vec::<String>::new());
-        if let Some(caller) = &issuance.caller {
-            event = event.caller(caller.clone());
-        }
         let task = entitlement
             .task_id
             .as_deref()
             .and_then(|t| self.task_facts_for(t));
-        if let Some(task) = &task {
-            event = event.task(task.clone());
-        }
-        match &entitlement.task_id {
-            None => self.record(event).await?,
-            Some(task_id) => {
-                // The two durable writes go to different files; waiting for
-                // both together costs one fsync's latency, not two.
-                let (recorded, stored) = tokio::join!(
-                    self.record(event),
-                    self.record_task_issuance(task_id, &minted.svid)
-                );
-                recorded?;
-                if let Err(e) = stored {
-                    let mut withdrawn =
-                        AuditEvent::new(EventKind::X509Withdrawn, issuance.correlation_id.clone())
-                            .spiffe_id(entitlement.spiffe_id.to_string())
-                            .certificate(minted.svid.serial_hex(), unix_secs(minted.svid.not_after))
-                            .reason(e.to_string());
-                    if let Some(task) = task {
-                        withdrawn = withdrawn.task(task);
-                    }
-                    self.record_best_effort(withdrawn).await;
-                    return Err(e);
-                }
+        let issued_event = |plan: &X509SvidPlan, kind: EventKind| {
+            let mut event = AuditEvent::new(kind, issuance.correlation_id.clone())
+                .spiffe_id(entitlement.spiffe_id.to_string())
+                .certificate(plan.serial_hex(), unix_secs(plan.not_after));
+            if let Some(caller) = &issuance.caller {
+                event = event.caller(caller.clone());
             }
+            if let Some(task) = &task {
+                event = event.task(task.clone());
+            }
+            event
+        };
+        // The issuance must be on disk in the audit trail (and, for a task,
+        // its serial in the store) before anyone is handed the SVID; if it
+        // cannot be recorded, it is not issued. Both writes are queued as
+        // soon as the serial is chosen, so they reach the disk while the key
+        // is generated and the certificate signed.
+        let mut planned = None;
+        let minted = {
+            let ca = read_lock(&self.ca);
+            ca.mint_x509_svid_with(&self.x509_request(entitlement, now), now, |plan| {
+                planned = Some(plan.clone());
+                let recorded =
+                    self.start_record(issued_event(plan, EventKind::X509Issued).decision(
+                        "IssueX509SVID",
+                        true,
+                        Vec::<String>::new(),
+                    ));
+                let stored = entitlement
+                    .task_id
+                    .as_deref()
+                    .map(|task_id| self.start_task_issuance(task_id, plan, &entitlement.spiffe_id));
+                (recorded, stored)
+            })
+        };
+        let (svid, (recorded, stored)) = match minted {
+            Ok(minted) => minted,
+            Err(e) => {
+                // The record may already be on its way: say it came to nothing.
+                if let Some(plan) = &planned {
+                    self.record_best_effort(
+                        issued_event(plan, EventKind::X509Withdrawn).reason(e.to_string()),
+                    )
+                    .await;
+                }
+                return Err(e.into());
+            }
+        };
+        let (recorded, stored) = match stored {
+            None => (recorded.await, Ok(())),
+            // Different files: waiting for both costs one fsync, not two.
+            Some(stored) => tokio::join!(recorded, stored),
+        };
+        recorded?;
+        if let Err(e) = stored {
+            if let Some(plan) = &planned {
+                self.record_best_effort(
+                    issued_event(plan, EventKind::X509Withdrawn).reason(e.to_string()),
+                )
+                .await;
+            }
+            return Err(e);
         }
+        // Measured from now, not from the backdated notBefore, so short
+        // lifetimes rotate at their real half-life.
+        let minted = Arc::new(CachedSvid {
+            rotate_at: rotation_point(now, svid.not_after),
+            svid,
+            minted_at: now,
+        });
         self.metrics.svid_issued("x509");
         lock(&self.svids).insert(entitlement.cache_key.clone(), minted.clone());
         Ok(minted)
     }
 
-    async fn record_task_issuance(&self, task_id: &str, svid: &X509Svid) -> Result<(), AgentError> {
+    /// Queues the serial of a task SVID about to be signed into the store;
+    /// the future fails when the task completed first.
+    fn start_task_issuance(
+        &self,
+        task_id: &str,
+        plan: &X509SvidPlan,
+        spiffe_id: &crate::spiffe_id::SpiffeId,
+    ) -> impl Future<Output = Result<(), AgentError>> + Send + use<> {
         let task_id = task_id.to_owned();
-        let serial = svid.serial.clone();
-        let issuer = svid.issuer_key_id.clone();
-        let spiffe_id = svid.spiffe_id.to_string();
-        let not_after = unix_secs(svid.not_after);
+        let serial = plan.serial.clone();
+        let issuer = plan.issuer_key_id.clone();
+        let spiffe_id = spiffe_id.to_string();
+        let not_after = unix_secs(plan.not_after);
         let issued_at = unix_secs(SystemTime::now());
         let tid = task_id.clone();
-        let still_active = self
-            .store
-            .write(move |conn| {
-                // Completion revokes "every serial issued for the task" in a
-                // transaction of its own; checking the task here, in the same
-                // serialized writer, means a serial is either seen by that
-                // revocation or refused here — never neither.
-                let completed: Option<Option<i64>> = conn
-                    .query_row("SELECT completed_at FROM tasks WHERE task_id = ?1", params![tid], |r| {
-                        r.get(0)
-                    })
-                    .optional()?;
-                if !matches!(completed, Some(None)) {
-                    return Ok(false);
-                }
-                conn.prepare_cached(
-                    "INSERT INTO issued(serial, task_id, issuer_key_id, spiffe_id, not_after, issued_at)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                )?
-                .execute(params![serial, tid, issuer, spiffe_id, not_after, issued_at])?;
-                Ok(true)
-            })
-            .await?;
-        if !still_active {
-            return Err(AgentError::TaskCompleted(task_id));
+        let queued = self.store.start_write(move |conn| {
+            // Completion revokes "every serial issued for the task" in a
+            // transaction of its own; checking the task here, in the same
+            // serialized writer, means a serial is either seen by that
+            // revocation or refused here — never neither.
+            let completed: Option<Option<i64>> = conn
+                .query_row(
+                    "SELECT completed_at FROM tasks WHERE task_id = ?1",
+                    params![tid],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            if !matches!(completed, Some(None)) {
+                return Ok(false);
+            }
+            conn.prepare_cached(
+                "INSERT INTO issued(serial, task_id, issuer_key_id, spiffe_id, not_after, issued_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            )?
+            .execute(params![serial, tid, issuer, spiffe_id, not_after, issued_at])?;
+            Ok(true)
+        });
+        async move {
+            if !queued?.await? {
+                return Err(AgentError::TaskCompleted(task_id));
+            }
+            Ok(())
         }
-        Ok(())
     }
 
     pub fn crls(&self) -> Arc<Crls> {
@@ -782,25 +837,16 @@ impl Agent {
         Ok(())
     }
 
-    fn mint(&self, entitlement: &Entitlement, now: SystemTime) -> Result<CachedSvid, AgentError> {
+    fn x509_request(&self, entitlement: &Entitlement, now: SystemTime) -> X509SvidRequest {
         let mut ttl = entitlement.x509_svid_ttl;
         if let Some(cap) = entitlement.not_after_cap {
             ttl = ttl.min(cap.duration_since(now).unwrap_or(Duration::ZERO));
         }
-        let request = X509SvidRequest {
+        X509SvidRequest {
             spiffe_id: entitlement.spiffe_id.clone(),
             ttl,
             dns_names: entitlement.dns_names.clone(),
-        };
-        let svid = read_lock(&self.ca).mint_x509_svid(&request, now)?;
-        // Measured from now, not from the backdated notBefore, so short
-        // lifetimes rotate at their real half-life.
-        let rotate_at = rotation_point(now, svid.not_after);
-        Ok(CachedSvid {
-            svid,
-            minted_at: now,
-            rotate_at,
-        })
+        }
     }
 
     pub fn own_bundle(&self) -> Arc<OwnBundle> {
@@ -1135,8 +1181,9 @@ pub struct CaCheckpointSigner(pub std::sync::Weak<Agent>);
 impl CheckpointSigner for CaCheckpointSigner {
     fn sign(&self, message: &[u8]) -> Result<(Vec<u8>, Vec<u8>), String> {
         let agent = self.0.upgrade().ok_or("the agent has stopped")?;
-        // Only a read lock, held for one signature: issuance never holds the
-        // CA lock while it waits for its audit record, so this cannot deadlock.
+        // Only a read lock, held for one signature: issuance queues its audit
+        // record under the CA lock but never waits for it there, so this
+        // cannot deadlock.
         read_lock(&agent.ca).sign_checkpoint(message)
     }
 }

@@ -99,9 +99,22 @@ impl Store {
         R: Send + 'static,
         F: FnOnce(&Connection) -> Result<R, StoreError> + Send + 'static,
     {
+        self.start_write(f)?.await
+    }
+
+    /// `write`, with the job queued before this returns; the future
+    /// resolves once it is committed.
+    pub fn start_write<R, F>(
+        &self,
+        f: F,
+    ) -> Result<impl Future<Output = Result<R, StoreError>> + Send + use<R, F>, StoreError>
+    where
+        R: Send + 'static,
+        F: FnOnce(&Connection) -> Result<R, StoreError> + Send + 'static,
+    {
         let (done_tx, done_rx) = oneshot::channel();
         self.submit(f, done_tx)?;
-        done_rx.await.map_err(|_| StoreError::Closed)?
+        Ok(async move { done_rx.await.map_err(|_| StoreError::Closed)? })
     }
 
     /// The blocking twin of `write`, for start-up and shutdown paths.

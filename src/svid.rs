@@ -25,6 +25,23 @@ pub struct X509SvidRequest {
     pub dns_names: Vec<String>,
 }
 
+/// What an X509-SVID about to be signed will carry, fixed before its key
+/// exists: what its issuance record needs (serial, validity, issuer).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct X509SvidPlan {
+    /// Big-endian serial, exactly as it will be encoded.
+    pub serial: Vec<u8>,
+    pub not_before: SystemTime,
+    pub not_after: SystemTime,
+    pub issuer_key_id: Vec<u8>,
+}
+
+impl X509SvidPlan {
+    pub fn serial_hex(&self) -> String {
+        hex::encode(&self.serial)
+    }
+}
+
 /// An issued X.509-SVID with its private key.
 #[derive(Clone)]
 pub struct X509Svid {

@@ -23,7 +23,7 @@ use rustls_pki_types::CertificateDer;
 use crate::bundle::JwtAuthority;
 use crate::jwt::{self, JwtKeyError, JwtSvid, JwtSvidRequest};
 use crate::spiffe_id::{SpiffeId, TrustDomain};
-use crate::svid::{self, InvalidDnsName, X509Svid, X509SvidRequest};
+use crate::svid::{self, InvalidDnsName, X509Svid, X509SvidPlan, X509SvidRequest};
 use authority::{BACKDATE, SigningAuthority};
 use jwt_keys::JwtEntry;
 use schedule::{Schedule, Scheduled};
@@ -527,6 +527,23 @@ impl CertificateAuthority {
         req: &X509SvidRequest,
         now: SystemTime,
     ) -> Result<X509Svid, CaError> {
+        self.mint_x509_svid_with(req, now, |_| ())
+            .map(|(svid, ())| svid)
+    }
+
+    /// `mint_x509_svid`, calling `before_signing` once the serial and
+    /// validity are chosen but before the key is generated and the
+    /// certificate signed, and returning what it returned. The issuance
+    /// record, which needs only those facts, can then be on its way to the
+    /// disk while the signing runs. When validation fails the hook is not
+    /// called; an error after it was called means the planned certificate
+    /// was never signed.
+    pub fn mint_x509_svid_with<T>(
+        &self,
+        req: &X509SvidRequest,
+        now: SystemTime,
+        before_signing: impl FnOnce(&X509SvidPlan) -> T,
+    ) -> Result<(X509Svid, T), CaError> {
         if req.spiffe_id.trust_domain() != &self.trust_domain {
             return Err(CaError::ForeignTrustDomain(
                 req.spiffe_id.clone(),
@@ -556,9 +573,16 @@ impl CertificateAuthority {
                 not_after: clock::display(signer.not_after),
             });
         }
+        let serial = authority::random_serial()?;
+        let plan = X509SvidPlan {
+            serial: serial.to_vec(),
+            not_before: clock::from_unix(not_before),
+            not_after: clock::from_unix(not_after),
+            issuer_key_id: signer.key_id.clone(),
+        };
+        let hooked = before_signing(&plan);
 
         let key = authority::FreshLeafKey::generate()?;
-        let serial = authority::random_serial()?;
         let params = svid::leaf_params(
             &req.spiffe_id,
             &req.dns_names,
@@ -570,14 +594,15 @@ impl CertificateAuthority {
         let mut chain = Vec::with_capacity(1 + signer.chain_tail.len());
         chain.push(CertificateDer::from(leaf));
         chain.extend(signer.chain_tail.iter().cloned());
-        Ok(X509Svid::new(
+        let svid = X509Svid::new(
             req.spiffe_id.clone(),
             chain,
-            serial.to_vec(),
-            signer.key_id.clone(),
-            (clock::from_unix(not_before), clock::from_unix(not_after)),
+            plan.serial,
+            plan.issuer_key_id,
+            (plan.not_before, plan.not_after),
             key.into_pkcs8(),
-        ))
+        );
+        Ok((svid, hooked))
     }
 
     /// Advances the rotation schedule to `now` and persists the result
