@@ -11,7 +11,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use futures::Stream;
 use tokio::sync::broadcast;
 use tonic::{Request, Response, Status};
-use writ_attestors::Selector;
+use writ_attestors::{Attestation, Selector};
 
 use crate::agent::Agent;
 use crate::config::parse_duration;
@@ -48,10 +48,18 @@ pub struct AdminContext {
     pub auth: AdminAuthorization,
 }
 
-/// An attested, authorized admin caller.
+/// An attested, authorized admin caller. The attestation is the one
+/// authorization was decided on; the rest of the request uses it too rather
+/// than reading /proc again microseconds later.
 struct AdminCaller {
     caller: Arc<Caller>,
-    selectors: Vec<Selector>,
+    attestation: Attestation,
+}
+
+impl AdminCaller {
+    fn selectors(&self) -> &[Selector] {
+        &self.attestation.selectors
+    }
 }
 
 impl AdminContext {
@@ -74,7 +82,7 @@ impl AdminContext {
         }
         Ok(AdminCaller {
             caller,
-            selectors: attestation.selectors,
+            attestation,
         })
     }
 }
@@ -195,10 +203,10 @@ impl pb::tasks_server::Tasks for TasksService {
         let admin = ctx.authorize(&request)?;
         let req = begin_request(request.into_inner())?;
         // The orchestrator's own identity is its default Workload API identity.
-        let attestation = ctx.agent.attest(&admin.caller).map_err(agent_status)?;
+        let attestation = &admin.attestation;
         let own_id = ctx
             .agent
-            .entitlements(&attestation)
+            .entitlements(attestation)
             .into_iter()
             .next()
             .map(|e| e.spiffe_id);
@@ -212,7 +220,7 @@ impl pb::tasks_server::Tasks for TasksService {
                 .iter()
                 .map(|s| s.to_string())
                 .collect(),
-            may_bind_any_pid: matches_any(&ctx.auth.bind_any_pid, &admin.selectors),
+            may_bind_any_pid: matches_any(&ctx.auth.bind_any_pid, admin.selectors()),
             may_bind_same_uid: ctx.auth.bind_same_uid,
         };
         let task = ctx
@@ -236,14 +244,14 @@ impl pb::tasks_server::Tasks for TasksService {
         // Ending an active task is a decision too (a completed one is
         // reported as it is, whoever asks).
         if let Some(active) = ctx.agent.active_task(&req.task_id) {
-            let attestation = ctx.agent.attest(&admin.caller).map_err(agent_status)?;
+            let attestation = &admin.attestation;
             let own_id = ctx
                 .agent
-                .entitlements(&attestation)
+                .entitlements(attestation)
                 .into_iter()
                 .next()
                 .map(|e| e.spiffe_id);
-            let selectors: Vec<String> = admin.selectors.iter().map(|s| s.to_string()).collect();
+            let selectors: Vec<String> = admin.selectors().iter().map(|s| s.to_string()).collect();
             let request = crate::policy::PolicyRequest::EndTask {
                 caller: crate::policy::Workload {
                     spiffe_id: own_id.as_ref().map(|s| s.to_string()),
@@ -624,7 +632,7 @@ impl pb::agent_server::Agent for AgentService {
             spiffe_ids: Vec::new(),
             pid: admin.caller.pid,
             uid: admin.caller.uid,
-            selectors: admin.selectors.iter().map(|s| s.to_string()).collect(),
+            selectors: admin.selectors().iter().map(|s| s.to_string()).collect(),
         };
         let summary = ctx
             .reloader
