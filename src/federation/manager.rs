@@ -383,20 +383,35 @@ impl Federation {
     /// Nothing is applied; an error names the file and the problem.
     pub fn plan(&self, next: &FederationConfig) -> Result<FederationPlan, FederationError> {
         let current = self.config();
-        let changes = diff(&current, next);
-        // Files of unchanged trust domains are not read again: their
-        // fetchers keep running on what they loaded.
+        let mut changes = diff(&current, next);
         let touched =
             |name: &TrustDomain| changes.added.contains(name) || changes.updated.contains(name);
         let (mut web_roots, bootstrap) = read_trust_domain_files(&self.agent, next, touched)?;
-        let configured = lock(&self.configured);
-        for td in &next.trust_domains {
-            if !touched(&td.name)
-                && let Some(roots) = configured.web_roots.get(&td.name)
-            {
-                web_roots.insert(td.name.clone(), roots.clone());
+        // An unchanged trust domain's bootstrap file is not read again (it
+        // only matters while no bundle is held), but its CA file is: a
+        // replaced CA bundle under the same path must reach the fetcher,
+        // which then restarts as for any other update.
+        let mut new_roots = Vec::new();
+        {
+            let configured = lock(&self.configured);
+            for td in next.trust_domains.iter().filter(|td| !touched(&td.name)) {
+                let EndpointClientProfile::HttpsWeb { ca_bundle } = &td.profile else {
+                    continue;
+                };
+                let fresh = load_web_roots(ca_bundle.as_deref())?;
+                match configured.web_roots.get(&td.name) {
+                    Some(held) if held.roots == fresh.roots => {
+                        web_roots.insert(td.name.clone(), held.clone());
+                    }
+                    _ => {
+                        web_roots.insert(td.name.clone(), Arc::new(fresh));
+                        new_roots.push(td.name.clone());
+                    }
+                }
             }
         }
+        changes.updated.extend(new_roots);
+        changes.updated.sort();
         Ok(FederationPlan {
             next: next.clone(),
             web_roots,

@@ -789,3 +789,65 @@ async fn reconfiguring_starts_restarts_and_stops_fetchers() {
     }
     stop(&svc);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_replaced_ca_bundle_reaches_the_fetcher_on_reload() {
+    let dir = tempfile::tempdir().unwrap();
+    let (web_ca, other_ca, bundle_ca) = (TestCa::new(), TestCa::new(), TestCa::new());
+    let server = ScriptedServer::start(
+        web_ca.web(),
+        fixed(json_ok(&document(&[&bundle_ca.cert], 3))),
+    )
+    .await;
+    // The CA file first names a CA that did not issue the server's certificate.
+    let ca_file = dir.path().join("web-ca.pem");
+    std::fs::write(
+        &ca_file,
+        crate::bundle::pem_lf("CERTIFICATE", &other_ca.cert),
+    )
+    .unwrap();
+    let config = FederationConfig {
+        min_refresh_interval: Duration::from_secs(1),
+        trust_domains: vec![FederatedTrustDomainConfig {
+            name: td("b.test"),
+            url: server.url("/").to_string(),
+            profile: EndpointClientProfile::HttpsWeb {
+                ca_bundle: Some(ca_file.clone()),
+            },
+            bundle: None,
+            follow_redirects: true,
+        }],
+        ..FederationConfig::default()
+    };
+    let svc = services(&dir.path().join("state"), config.clone()).await;
+    let federation = svc.federation.clone();
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    federation.spawn_fetchers(stop_rx);
+    eventually("a fetch refused by the configured roots", || {
+        federation
+            .fetch_status(&td("b.test"))
+            .is_some_and(|s| s.last_error.is_some())
+    })
+    .await;
+    assert!(svc.agent.federated_bundles().get(&td("b.test")).is_none());
+
+    // The same file, unchanged: nothing to do.
+    assert!(federation.plan(&config).unwrap().changes.is_empty());
+
+    // The file replaced under the same path: the trust domain counts as
+    // updated, and its restarted fetcher trusts the new roots.
+    std::fs::write(&ca_file, crate::bundle::pem_lf("CERTIFICATE", &web_ca.cert)).unwrap();
+    let plan = federation.plan(&config).unwrap();
+    assert_eq!(plan.changes.updated, vec![td("b.test")]);
+    assert!(plan.changes.added.is_empty() && plan.changes.removed.is_empty());
+    federation.apply(plan).await.unwrap();
+    eventually("the bundle fetched with the new roots", || {
+        svc.agent
+            .federated_bundles()
+            .get(&td("b.test"))
+            .is_some_and(|b| b.bundle.sequence == 3)
+    })
+    .await;
+    assert!(federation.plan(&config).unwrap().changes.is_empty());
+    stop_tx.send_replace(true);
+}
