@@ -462,6 +462,7 @@ impl Federation {
             let mut status = lock(&self.status);
             for td in &changes.removed {
                 status.remove(td);
+                self.agent.metrics().drop_federation_fetch_series(td.name());
             }
             for td in next
                 .trust_domains

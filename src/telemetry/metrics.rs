@@ -229,6 +229,17 @@ impl Metrics {
         }
     }
 
+    /// Drops a trust domain's fetch series once it is no longer
+    /// configured, so /metrics shows only trust domains writ fetches.
+    pub fn drop_federation_fetch_series(&self, trust_domain: &str) {
+        for outcome in ["success", "failure"] {
+            self.federation_fetches.remove(&[
+                ("trust_domain", trust_domain.to_owned()),
+                ("outcome", outcome.to_owned()),
+            ]);
+        }
+    }
+
     pub fn reload(&self, success: bool, now: SystemTime) {
         let outcome = if success { "success" } else { "failure" };
         self.reloads.get_or_create(&[("outcome", outcome)]).inc();
@@ -287,6 +298,18 @@ mod tests {
     fn value_of(text: &str, series: &str) -> Option<f64> {
         text.lines()
             .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+    }
+
+    #[test]
+    fn a_removed_trust_domain_leaves_no_fetch_series() {
+        let m = Metrics::new();
+        m.federation_fetch_series("kept.example");
+        m.federation_fetch_series("gone.example");
+        m.federation_fetch("gone.example", true);
+        m.drop_federation_fetch_series("gone.example");
+        let text = m.encode();
+        assert!(!text.contains("gone.example"), "{text}");
+        assert!(text.contains("trust_domain=\"kept.example\""), "{text}");
     }
 
     #[test]
