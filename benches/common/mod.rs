@@ -539,12 +539,18 @@ pub fn print_machine(bench: &str, args: &Args) {
         "## writ bench: {bench}{}\n",
         if args.quick { " (--quick)" } else { "" }
     );
+    // The profile's output directory names it (`release` for plain
+    // `cargo bench`, `dist` with `--profile dist`).
+    let profile = Path::new(WRIT)
+        .parent()
+        .and_then(|dir| dir.file_name())
+        .map_or_else(|| "?".to_owned(), |n| n.to_string_lossy().into_owned());
     println!(
         "- build: {}",
         if cfg!(debug_assertions) {
-            "DEBUG (numbers are meaningless; use cargo bench)"
+            "DEBUG (numbers are meaningless; use cargo bench)".to_owned()
         } else {
-            "release (cargo bench profile)"
+            format!("optimized, profile `{profile}` ({WRIT})")
         }
     );
     println!("- cores: {cores}; CPU: {cpu}; kernel {}", kernel.trim());
