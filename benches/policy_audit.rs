@@ -263,6 +263,37 @@ async fn bench_issuance(dir: &Path, engine: &PolicyEngine, n: usize) {
     log.close();
 }
 
+/// The disk's own floor under an audit commit, in the bench's directory:
+/// 600-byte records each followed by `fdatasync`, appended to a growing
+/// file, and written over a file already zeroed and synced.
+fn disk_floor(dir: &Path, n: usize) {
+    use std::io::Write as _;
+    use std::os::unix::fs::FileExt as _;
+    let record = [b'x'; 600];
+    let mut appended = std::fs::File::create(dir.join("floor-append")).expect("probe file");
+    let mut samples = Vec::with_capacity(n);
+    for _ in 0..n {
+        let started = Instant::now();
+        appended.write_all(&record).expect("write");
+        appended.sync_data().expect("fdatasync");
+        samples.push(started.elapsed());
+    }
+    report("disk: append 600 B + fdatasync", samples);
+    let over = std::fs::File::create(dir.join("floor-overwrite")).expect("probe file");
+    over.write_all_at(&vec![0u8; (n + 1) * record.len()], 0)
+        .expect("zeros");
+    over.sync_all().expect("fsync");
+    let mut samples = Vec::with_capacity(n);
+    for i in 0..n {
+        let started = Instant::now();
+        over.write_all_at(&record, (i * record.len()) as u64)
+            .expect("write");
+        over.sync_data().expect("fdatasync");
+        samples.push(started.elapsed());
+    }
+    report("disk: overwrite 600 B of zeros + fdatasync", samples);
+}
+
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
     let iterations = if quick { 2_000 } else { 20_000 };
@@ -299,6 +330,8 @@ fn main() {
         &PolicyEngine::builtin_default(),
         per,
     ));
+    println!("\nthe disk alone:");
+    disk_floor(dir.path(), per);
     println!("\naudit appends alone:");
     let default = AuditConfig::defaults_for(dir.path()).preallocate_bytes;
     for preallocate in [default, 0] {
