@@ -18,7 +18,7 @@ use crate::bundle::TrustBundle;
 use crate::ca::{CaError, CertificateAuthority};
 use crate::changes::Change;
 use crate::identity::{self, Entitlement, Registry};
-use crate::jwt::{self, JwtError, JwtKeySet, JwtSvid, JwtSvidRequest, ValidatedJwt};
+use crate::jwt::{self, JwtError, JwtKeySet, JwtSvid, JwtSvidPlan, JwtSvidRequest, ValidatedJwt};
 use crate::peer::Caller;
 use crate::spiffe_id::TrustDomain;
 use crate::store::{Store, StoreError};
@@ -393,7 +393,7 @@ impl Agent {
     /// `record`, with the record queued before this returns, so the disk
     /// works on it while the caller goes on; await the result before the
     /// credential leaves writ.
-    fn start_record(
+    pub fn start_record(
         &self,
         event: AuditEvent,
     ) -> impl Future<Output = Result<(), AgentError>> + Send + use<'_> {
@@ -880,12 +880,15 @@ impl Agent {
     /// (a fresh token with its own `jti`; `cached_jwt_svid` decides reuse).
     /// A task identity's token carries the `task` claim and, for a sub-task,
     /// the `act` chain of its delegators, and never outlives the task.
-    pub fn jwt_svid_for(
+    /// `before_signing` is called once the token's `jti` and lifetime are
+    /// fixed, before it is signed (see `mint_jwt_svid_with`).
+    pub fn jwt_svid_for<T>(
         &self,
         entitlement: &Entitlement,
         audience: &[String],
         now: SystemTime,
-    ) -> Result<JwtSvid, AgentError> {
+        before_signing: impl FnOnce(&JwtSvidPlan) -> T,
+    ) -> Result<(JwtSvid, T), AgentError> {
         let mut extra_claims = Map::new();
         if let Some(task_id) = &entitlement.task_id {
             // The task index is read (and released) before the CA lock is
@@ -916,7 +919,7 @@ impl Agent {
             ttl,
             extra_claims,
         };
-        let minted = ca.mint_jwt_svid(&request, now)?;
+        let minted = ca.mint_jwt_svid_with(&request, now, before_signing)?;
         self.metrics.svid_issued("jwt");
         Ok(minted)
     }

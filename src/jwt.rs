@@ -172,6 +172,12 @@ impl JwtSigningKey {
     /// `{"alg":"ES256","kid":<id>,"typ":"JWT"}` and nothing else: the Rust
     /// `spiffe` crate rejects any other header member.
     pub fn sign(&self, claims: &Map<String, Value>) -> Result<String, JwtKeyError> {
+        self.sign_input(self.signing_input(claims)?)
+    }
+
+    /// The part of the token that is signed: encoded header, `.`, encoded
+    /// claims. The finished token is `SIGNED_TOKEN_EXTRA` bytes longer.
+    pub fn signing_input(&self, claims: &Map<String, Value>) -> Result<String, JwtKeyError> {
         let mut header = Map::new();
         header.insert("alg".into(), "ES256".into());
         header.insert("kid".into(), self.key_id.clone().into());
@@ -183,6 +189,11 @@ impl JwtSigningKey {
         let mut token = URL_SAFE_NO_PAD.encode(header);
         token.push('.');
         token.push_str(&URL_SAFE_NO_PAD.encode(claims));
+        Ok(token)
+    }
+
+    /// Completes a token from its signing input: `.` and the signature.
+    pub fn sign_input(&self, mut token: String) -> Result<String, JwtKeyError> {
         let sig = self
             .pair
             .sign(&SystemRandom::new(), token.as_bytes())
@@ -191,6 +202,21 @@ impl JwtSigningKey {
         token.push_str(&URL_SAFE_NO_PAD.encode(sig.as_ref()));
         Ok(token)
     }
+}
+
+/// What signing adds to a signing input: `.` and an ES256 signature (64
+/// bytes, 86 in unpadded base64url). Fixed, so a token's size is known
+/// before it is signed.
+pub const SIGNED_TOKEN_EXTRA: usize = 1 + 86;
+
+/// What a JWT-SVID about to be signed will carry, fixed before it is
+/// signed: what its issuance record needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JwtSvidPlan {
+    pub jti: String,
+    pub issued_at: SystemTime,
+    pub expires_at: SystemTime,
+    pub key_id: String,
 }
 
 /// What to put in a JWT-SVID beyond the registered claims.
@@ -664,6 +690,19 @@ mod tests {
             ..TrustBundle::new(trust_domain)
         });
         set
+    }
+
+    #[test]
+    fn a_signed_token_is_its_signing_input_and_a_fixed_extra() {
+        let key = JwtSigningKey::generate().unwrap();
+        for audiences in [1, 7, 300] {
+            let aud: Vec<String> = (0..audiences).map(|i| format!("aud-{i}")).collect();
+            let claims = claims("spiffe://example.org/w", json!(aud), 1_800_000_000);
+            let input = key.signing_input(&claims).unwrap();
+            let token = key.sign(&claims).unwrap();
+            assert_eq!(token.len(), input.len() + SIGNED_TOKEN_EXTRA);
+            assert!(token.starts_with(&format!("{input}.")));
+        }
     }
 
     fn claims(sub: &str, aud: Value, exp: i64) -> Map<String, Value> {

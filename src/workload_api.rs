@@ -739,32 +739,57 @@ impl SpiffeWorkloadApi for WorkloadApi {
                 });
                 continue;
             }
-            let svid = self
-                .agent
-                .jwt_svid_for(entitlement, &req.audience, now)
-                .map_err(|e| match e {
-                    // Audiences that would make an oversized token.
-                    AgentError::Mint(crate::ca::CaError::InvalidJwtRequest(m)) => {
-                        Status::invalid_argument(m)
-                    }
-                    other => agent_status(other),
-                })?;
-            // On disk before the token leaves; no record, no token.
-            let mut event = AuditEvent::new(EventKind::JwtIssued, correlation_id.clone())
-                .caller(facts.clone())
-                .spiffe_id(svid.spiffe_id.to_string())
-                .jwt(svid.jti.clone(), unix_secs(svid.expires_at))
-                .decision("IssueJWTSVID", true, Vec::<String>::new())
-                .detail("audience", req.audience.clone())
-                .detail("key_id", svid.key_id.clone());
-            if let Some(task) = entitlement
+            let task = entitlement
                 .task_id
                 .as_deref()
-                .and_then(|t| self.agent.task_facts_for(t))
-            {
-                event = event.task(task);
-            }
-            self.agent.record(event).await.map_err(agent_status)?;
+                .and_then(|t| self.agent.task_facts_for(t));
+            let issued_event = |plan: &crate::jwt::JwtSvidPlan, kind: EventKind| {
+                let mut event = AuditEvent::new(kind, correlation_id.clone())
+                    .caller(facts.clone())
+                    .spiffe_id(entitlement.spiffe_id.to_string())
+                    .jwt(plan.jti.clone(), unix_secs(plan.expires_at))
+                    .detail("audience", req.audience.clone())
+                    .detail("key_id", plan.key_id.clone());
+                if let Some(task) = &task {
+                    event = event.task(task.clone());
+                }
+                event
+            };
+            // On disk before the token leaves; no record, no token. It is
+            // queued once the token's jti is fixed and synced while it is
+            // signed.
+            let mut planned = None;
+            let minted = self
+                .agent
+                .jwt_svid_for(entitlement, &req.audience, now, |plan| {
+                    planned = Some(plan.clone());
+                    self.agent
+                        .start_record(issued_event(plan, EventKind::JwtIssued).decision(
+                            "IssueJWTSVID",
+                            true,
+                            Vec::<String>::new(),
+                        ))
+                });
+            let (svid, recorded) = match minted {
+                Ok(minted) => minted,
+                Err(e) => {
+                    if let Some(plan) = &planned {
+                        self.agent
+                            .record_best_effort(
+                                issued_event(plan, EventKind::JwtWithdrawn).reason(e.to_string()),
+                            )
+                            .await;
+                    }
+                    return Err(match e {
+                        // Audiences that would make an oversized token.
+                        AgentError::Mint(crate::ca::CaError::InvalidJwtRequest(m)) => {
+                            Status::invalid_argument(m)
+                        }
+                        other => agent_status(other),
+                    });
+                }
+            };
+            recorded.await.map_err(agent_status)?;
             tracing::debug!(pid = caller.pid, spiffe_id = %svid.spiffe_id, jti = %svid.jti, "JWT-SVID issued");
             svids.push(pb::Jwtsvid {
                 spiffe_id: svid.spiffe_id.to_string(),

@@ -15,9 +15,12 @@ pub enum EventKind {
     AttestationFailure,
     X509Issued,
     /// An SVID whose issuance was recorded but that never left writ (its
-    /// task completed in between).
+    /// task completed in between, or signing failed after the record was
+    /// queued).
     X509Withdrawn,
     JwtIssued,
+    /// A JWT-SVID whose issuance was recorded but that was never signed.
+    JwtWithdrawn,
     JwtValidationFailed,
     Denied,
     TaskBegun,
@@ -37,6 +40,7 @@ impl EventKind {
             EventKind::X509Issued => "x509_issued",
             EventKind::X509Withdrawn => "x509_withdrawn",
             EventKind::JwtIssued => "jwt_issued",
+            EventKind::JwtWithdrawn => "jwt_withdrawn",
             EventKind::JwtValidationFailed => "jwt_validation_failed",
             EventKind::Denied => "denied",
             EventKind::TaskBegun => "task_begun",

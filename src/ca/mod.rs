@@ -21,7 +21,7 @@ use rcgen::{CertificateRevocationListParams, KeyIdMethod, RevokedCertParams, Ser
 use rustls_pki_types::CertificateDer;
 
 use crate::bundle::JwtAuthority;
-use crate::jwt::{self, JwtKeyError, JwtSvid, JwtSvidRequest};
+use crate::jwt::{self, JwtKeyError, JwtSvid, JwtSvidPlan, JwtSvidRequest};
 use crate::spiffe_id::{SpiffeId, TrustDomain};
 use crate::svid::{self, InvalidDnsName, X509Svid, X509SvidPlan, X509SvidRequest};
 use authority::{BACKDATE, SigningAuthority};
@@ -462,6 +462,21 @@ impl CertificateAuthority {
     /// `min(now + ttl, key's end)`, a random `jti`, plus the request's extra
     /// claims. Refuses requests whose token would be too large to validate.
     pub fn mint_jwt_svid(&self, req: &JwtSvidRequest, now: SystemTime) -> Result<JwtSvid, CaError> {
+        self.mint_jwt_svid_with(req, now, |_| ())
+            .map(|(svid, ())| svid)
+    }
+
+    /// `mint_jwt_svid`, calling `before_signing` once the token's claims
+    /// (and so its size) are fixed but before it is signed, and returning
+    /// what it returned: the issuance record can be on its way to the disk
+    /// meanwhile. When validation fails the hook is not called; an error
+    /// after it was called means the planned token was never signed.
+    pub fn mint_jwt_svid_with<T>(
+        &self,
+        req: &JwtSvidRequest,
+        now: SystemTime,
+        before_signing: impl FnOnce(&JwtSvidPlan) -> T,
+    ) -> Result<(JwtSvid, T), CaError> {
         if req.spiffe_id.trust_domain() != &self.trust_domain {
             return Err(CaError::ForeignTrustDomain(
                 req.spiffe_id.clone(),
@@ -501,23 +516,34 @@ impl CertificateAuthority {
         }
         let jti = jwt::new_jti()?;
         let claims = jwt::svid_claims(req, &jti, now_unix, exp);
-        let token = signer.key.sign(&claims)?;
+        let signing_input = signer.key.signing_input(&claims)?;
         // A token we would refuse ourselves must not be handed out.
-        if token.len() > jwt::MAX_TOKEN_BYTES {
+        let size = signing_input.len() + jwt::SIGNED_TOKEN_EXTRA;
+        if size > jwt::MAX_TOKEN_BYTES {
             return Err(CaError::InvalidJwtRequest(format!(
-                "the token would be {} bytes, over the {}-byte limit; use fewer or shorter audiences",
-                token.len(),
+                "the token would be {size} bytes, over the {}-byte limit; use fewer or shorter audiences",
                 jwt::MAX_TOKEN_BYTES
             )));
         }
-        Ok(JwtSvid {
-            spiffe_id: req.spiffe_id.clone(),
-            token,
-            key_id: signer.key.key_id().to_owned(),
+        let plan = JwtSvidPlan {
             jti,
             issued_at: clock::from_unix(now_unix),
             expires_at: clock::from_unix(exp),
-        })
+            key_id: signer.key.key_id().to_owned(),
+        };
+        let hooked = before_signing(&plan);
+        let token = signer.key.sign_input(signing_input)?;
+        Ok((
+            JwtSvid {
+                spiffe_id: req.spiffe_id.clone(),
+                token,
+                key_id: plan.key_id,
+                jti: plan.jti,
+                issued_at: plan.issued_at,
+                expires_at: plan.expires_at,
+            },
+            hooked,
+        ))
     }
 
     /// Mints an X509-SVID: fresh P-256 key, random serial, notBefore
