@@ -105,7 +105,8 @@ fn event(i: usize) -> AuditEvent {
         .decision("IssueX509SVID", true, vec!["task-svids".to_string()])
 }
 
-async fn bench_audit(dir: &Path, concurrency: usize, per_task: usize, preallocate_bytes: u64) {
+/// An audit trail in `dir`, checkpoints signed by a throwaway key.
+fn open_log(dir: &Path, file: &str, preallocate_bytes: u64) -> Arc<AuditLog> {
     let key = rcgen::KeyPair::generate().expect("key");
     let cert = rcgen::CertificateParams::new(Vec::<String>::new())
         .expect("params")
@@ -113,9 +114,17 @@ async fn bench_audit(dir: &Path, concurrency: usize, per_task: usize, preallocat
         .expect("cert");
     let signer = KeyPairSigner::new(key, cert.der().to_vec()).expect("signer");
     let mut config = AuditConfig::defaults_for(dir);
-    config.path = dir.join(format!("audit-{concurrency}-{preallocate_bytes}.jsonl"));
+    config.path = dir.join(file);
     config.preallocate_bytes = preallocate_bytes;
-    let log = AuditLog::open(&config, Arc::new(signer)).expect("audit log");
+    AuditLog::open(&config, Arc::new(signer)).expect("audit log")
+}
+
+async fn bench_audit(dir: &Path, concurrency: usize, per_task: usize, preallocate_bytes: u64) {
+    let log = open_log(
+        dir,
+        &format!("audit-{concurrency}-{preallocate_bytes}.jsonl"),
+        preallocate_bytes,
+    );
     let mut joins = Vec::new();
     for t in 0..concurrency {
         let log = log.clone();
@@ -175,15 +184,11 @@ async fn bench_issuance(dir: &Path, engine: &PolicyEngine, n: usize) {
         std::time::SystemTime::now(),
     )
     .expect("CA");
-    let key = rcgen::KeyPair::generate().expect("key");
-    let cert = rcgen::CertificateParams::new(Vec::<String>::new())
-        .expect("params")
-        .self_signed(&key)
-        .expect("cert");
-    let signer = KeyPairSigner::new(key, cert.der().to_vec()).expect("signer");
-    let mut config = AuditConfig::defaults_for(dir);
-    config.path = dir.join("issuance.jsonl");
-    let log = AuditLog::open(&config, Arc::new(signer)).expect("audit log");
+    let log = open_log(
+        dir,
+        "issuance.jsonl",
+        AuditConfig::defaults_for(dir).preallocate_bytes,
+    );
     let request = X509SvidRequest {
         spiffe_id: td
             .spiffe_id("/orchestrator/research/task/t-42")

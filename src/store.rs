@@ -415,6 +415,27 @@ pub fn read_counter(conn: &Connection, key: &str) -> Result<u64, StoreError> {
 mod tests {
     use super::*;
 
+    fn insert_k(c: &Connection, i: i64) -> Result<(), StoreError> {
+        c.execute(
+            "INSERT INTO meta(key, value) VALUES (?1, ?2)",
+            params![format!("k{i}"), i],
+        )?;
+        Ok(())
+    }
+
+    /// Rows the tests wrote into `meta` (keys `k<n>`).
+    fn k_rows(store: &Store) -> i64 {
+        store
+            .read(|c| {
+                Ok(
+                    c.query_row("SELECT COUNT(*) FROM meta WHERE key LIKE 'k%'", [], |r| {
+                        r.get(0)
+                    })?,
+                )
+            })
+            .unwrap()
+    }
+
     fn wal_of(db: &Path) -> PathBuf {
         PathBuf::from(format!("{}-wal", db.display()))
     }
@@ -426,16 +447,7 @@ mod tests {
         let store = Store::open(&db).unwrap();
         assert!(std::fs::metadata(wal_of(&db)).unwrap().len() >= WAL_PRESIZE);
         for i in 0..50 {
-            store
-                .write(move |c| {
-                    c.execute(
-                        "INSERT INTO meta(key, value) VALUES (?1, ?2)",
-                        params![format!("k{i}"), i],
-                    )?;
-                    Ok(())
-                })
-                .await
-                .unwrap();
+            store.write(move |c| insert_k(c, i)).await.unwrap();
         }
         // The commits wrote over the zeros instead of growing the file.
         assert_eq!(std::fs::metadata(wal_of(&db)).unwrap().len(), WAL_PRESIZE);
@@ -446,16 +458,7 @@ mod tests {
         std::fs::copy(&db, &copied).unwrap();
         std::fs::copy(wal_of(&db), wal_of(&copied)).unwrap();
         let recovered = Store::open(&copied).unwrap();
-        let n: i64 = recovered
-            .read(|c| {
-                Ok(
-                    c.query_row("SELECT count(*) FROM meta WHERE key LIKE 'k%'", [], |r| {
-                        r.get(0)
-                    })?,
-                )
-            })
-            .unwrap();
-        assert_eq!(n, 50);
+        assert_eq!(k_rows(&recovered), 50);
         recovered.close();
         store.close();
     }
@@ -507,10 +510,7 @@ mod tests {
                 joins.push(tokio::spawn(async move {
                     store
                         .write(move |c| {
-                            c.execute(
-                                "INSERT INTO meta(key, value) VALUES (?1, ?2)",
-                                params![format!("k{i}"), i],
-                            )?;
+                            insert_k(c, i)?;
                             bump_counter(c, "n")
                         })
                         .await
@@ -528,16 +528,7 @@ mod tests {
         let store = Store::open(&path).unwrap();
         let n = store.read(|c| read_counter(c, "n")).unwrap();
         assert_eq!(n, 200);
-        let rows: i64 = store
-            .read(|c| {
-                Ok(
-                    c.query_row("SELECT COUNT(*) FROM meta WHERE key LIKE 'k%'", [], |r| {
-                        r.get(0)
-                    })?,
-                )
-            })
-            .unwrap();
-        assert_eq!(rows, 200);
+        assert_eq!(k_rows(&store), 200);
     }
 
     #[test]

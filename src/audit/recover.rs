@@ -271,17 +271,11 @@ mod tests {
         assert_eq!(recovered.head.unwrap().seq, 4);
         assert!(recovered.torn.is_none());
         assert_eq!(std::fs::read(&config.path).unwrap(), before);
-        let torn_files = std::fs::read_dir(dir.path())
+        let names: Vec<String> = std::fs::read_dir(dir.path())
             .unwrap()
-            .filter(|e| {
-                e.as_ref()
-                    .unwrap()
-                    .file_name()
-                    .to_string_lossy()
-                    .contains("torn")
-            })
-            .count();
-        assert_eq!(torn_files, 0);
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert!(!names.iter().any(|n| n.contains("torn")), "{names:?}");
     }
 
     #[test]

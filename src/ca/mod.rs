@@ -453,6 +453,20 @@ impl CertificateAuthority {
         self.active_jwt().map(|e| e.key.key_id())
     }
 
+    /// An SVID's SPIFFE ID must be in our trust domain and name a workload.
+    fn check_leaf_id(&self, id: &SpiffeId) -> Result<(), CaError> {
+        if id.trust_domain() != &self.trust_domain {
+            return Err(CaError::ForeignTrustDomain(
+                id.clone(),
+                self.trust_domain.clone(),
+            ));
+        }
+        if id.is_trust_domain_id() {
+            return Err(CaError::LeafWithoutPath(id.clone()));
+        }
+        Ok(())
+    }
+
     /// The configured JWT-SVID TTL.
     pub fn jwt_svid_ttl(&self) -> Duration {
         self.jwt_svid_ttl
@@ -477,15 +491,7 @@ impl CertificateAuthority {
         now: SystemTime,
         before_signing: impl FnOnce(&JwtSvidPlan) -> T,
     ) -> Result<(JwtSvid, T), CaError> {
-        if req.spiffe_id.trust_domain() != &self.trust_domain {
-            return Err(CaError::ForeignTrustDomain(
-                req.spiffe_id.clone(),
-                self.trust_domain.clone(),
-            ));
-        }
-        if req.spiffe_id.is_trust_domain_id() {
-            return Err(CaError::LeafWithoutPath(req.spiffe_id.clone()));
-        }
+        self.check_leaf_id(&req.spiffe_id)?;
         if req.audience.is_empty() || req.audience.iter().any(String::is_empty) {
             return Err(CaError::InvalidJwtRequest(
                 "an audience of non-empty strings is required".into(),
@@ -570,15 +576,7 @@ impl CertificateAuthority {
         now: SystemTime,
         before_signing: impl FnOnce(&X509SvidPlan) -> T,
     ) -> Result<(X509Svid, T), CaError> {
-        if req.spiffe_id.trust_domain() != &self.trust_domain {
-            return Err(CaError::ForeignTrustDomain(
-                req.spiffe_id.clone(),
-                self.trust_domain.clone(),
-            ));
-        }
-        if req.spiffe_id.is_trust_domain_id() {
-            return Err(CaError::LeafWithoutPath(req.spiffe_id.clone()));
-        }
+        self.check_leaf_id(&req.spiffe_id)?;
         if req.ttl < Duration::from_secs(1) {
             return Err(CaError::TtlTooShort);
         }
