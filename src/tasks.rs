@@ -1255,6 +1255,109 @@ mod tests {
         }
     }
 
+    /// A task that completes after a stream resolved it but before its SVID's
+    /// serial is stored: the issuance record already on its way is followed
+    /// by an `x509_withdrawn` record for the same serial, and no SVID is
+    /// handed out.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn an_svid_for_a_task_completed_meanwhile_is_withdrawn_on_the_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let env = crate::config::Environment::current();
+        let mut config = crate::config::Config::builtin_defaults(&env);
+        config.data_dir = dir.path().join("state");
+        config.audit = crate::config::AuditConfig::defaults_for(&config.data_dir);
+        let svc = crate::service::build(&config).await.unwrap();
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let me = PinnedProcess::open(std::process::id() as i32).unwrap();
+        let orchestrator = Orchestrator {
+            pid: me.pid(),
+            start_time: me.start_time(),
+            spiffe_id: Some(svc.agent.trust_domain().spiffe_id("/orchestrator").unwrap()),
+            uid: rustix::process::getuid().as_raw(),
+            selectors: Vec::new(),
+            may_bind_any_pid: true,
+            may_bind_same_uid: true,
+        };
+        let task = svc
+            .tasks
+            .begin(
+                BeginRequest {
+                    task_id: Some("t-race".into()),
+                    pid: Some(child.id() as i32),
+                    cgroup: None,
+                    spiffe_id: None,
+                    intent: Intent::default(),
+                    ttl: Some(Duration::from_secs(60)),
+                    parent_task_id: None,
+                    federates_with: Vec::new(),
+                },
+                &orchestrator,
+            )
+            .await
+            .unwrap();
+        // Completed in the store, as completion's transaction does, while
+        // the caller still holds the entitlement it resolved before.
+        svc.store
+            .write(|c| {
+                c.execute(
+                    "UPDATE tasks SET completed_at = 1 WHERE task_id = 't-race'",
+                    [],
+                )?;
+                Ok(())
+            })
+            .await
+            .unwrap();
+        let entitlement = crate::identity::Entitlement {
+            cache_key: crate::agent::task_cache_key(&task.id),
+            spiffe_id: task.spiffe_id.clone(),
+            x509_svid_ttl: Duration::from_secs(300),
+            dns_names: Vec::new(),
+            hint: String::new(),
+            federates_with: Vec::new(),
+            not_after_cap: Some(task.expires_at),
+            task_id: Some(task.id.clone()),
+        };
+        let issued = svc
+            .agent
+            .svid_for(
+                &entitlement,
+                SystemTime::now(),
+                &crate::agent::Issuance::new(None),
+            )
+            .await;
+        assert!(
+            matches!(issued, Err(crate::agent::AgentError::TaskCompleted(ref id)) if id == "t-race"),
+            "{:?}",
+            issued.map(|_| ())
+        );
+        let trail = std::fs::read_to_string(&config.audit.path).unwrap();
+        let records: Vec<serde_json::Value> = trail
+            .trim_end_matches('\0')
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        let of = |kind: &str| -> Vec<&serde_json::Value> {
+            records.iter().filter(|r| r["event"] == kind).collect()
+        };
+        let (recorded, withdrawn) = (of("x509_issued"), of("x509_withdrawn"));
+        assert_eq!(recorded.len(), 1, "{trail}");
+        assert_eq!(withdrawn.len(), 1, "{trail}");
+        assert_eq!(withdrawn[0]["serial"], recorded[0]["serial"]);
+        assert_eq!(withdrawn[0]["task"]["id"], "t-race");
+        assert!(
+            withdrawn[0]["reason"]
+                .as_str()
+                .is_some_and(|r| r.contains("t-race")),
+            "{}",
+            withdrawn[0]
+        );
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+
     #[test]
     fn sub_task_scope_cannot_widen() {
         let parent = Intent {
