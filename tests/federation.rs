@@ -819,31 +819,16 @@ fn bundle_document(certs: &[&[u8]], sequence: u64) -> Vec<u8> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn bad_documents_from_a_peer_are_rejected_and_the_last_good_bundle_kept() {
-    const PEER_ID: &str = "spiffe://c.test/bundle-server";
     let (ca, issuer) = test_ca();
     let spare = test_ca_cert();
-    let peer = ScriptedPeer::start(&issuer, PEER_ID).await;
+    let peer = ScriptedPeer::start(&issuer, C_TEST_PEER_ID).await;
     peer.serve(bundle_document(&[&ca, &spare], 1));
     let mut a = Writ::start_in("a.test", "");
     let bootstrap = a.dir.path().join("c.pem");
     std::fs::write(&bootstrap, writ_pem(&ca)).unwrap();
     reconfigure(
         &mut a,
-        &format!(
-            r#"
-[federation]
-min_refresh_interval = "1s"
-
-[[federation.trust_domain]]
-name = "c.test"
-url = "https://127.0.0.1:{}/"
-profile = "https_spiffe"
-endpoint_spiffe_id = "{PEER_ID}"
-bundle = "{}"
-"#,
-            peer.port,
-            bootstrap.display()
-        ),
+        &format!("\n{}", c_test_federation(peer.port, &bootstrap)),
     );
     let good = wait_for(WAIT, "the good document", || {
         listed(&a, "c.test").filter(|l| l["source"] == "fetched" && l["sequence"] == 1)
@@ -1142,9 +1127,8 @@ ca_bundle = "{}"
 
 #[tokio::test(flavor = "multi_thread")]
 async fn trust_domains_added_and_removed_by_reload_start_and_stop_fetching() {
-    const PEER_ID: &str = "spiffe://c.test/bundle-server";
     let (ca, issuer) = test_ca();
-    let peer = ScriptedPeer::start(&issuer, PEER_ID).await;
+    let peer = ScriptedPeer::start(&issuer, C_TEST_PEER_ID).await;
     peer.serve(bundle_document(&[&ca], 1));
     let a = Writ::start_in("a.test", "");
     let original = std::fs::read_to_string(&a.config_path).unwrap();
@@ -1157,21 +1141,7 @@ async fn trust_domains_added_and_removed_by_reload_start_and_stop_fetching() {
     // Added to the file and reloaded, without a restart: fetched.
     std::fs::write(
         &a.config_path,
-        format!(
-            r#"{original}
-[federation]
-min_refresh_interval = "1s"
-
-[[federation.trust_domain]]
-name = "c.test"
-url = "https://127.0.0.1:{}/"
-profile = "https_spiffe"
-endpoint_spiffe_id = "{PEER_ID}"
-bundle = "{}"
-"#,
-            peer.port,
-            bootstrap.display()
-        ),
+        format!("{original}\n{}", c_test_federation(peer.port, &bootstrap)),
     )
     .unwrap();
     let summary = reload(&a);
@@ -1234,4 +1204,25 @@ fn a_bundle_endpoint_change_is_reported_as_needing_a_restart() {
         a.log()
     );
     assert!(!a.log().contains("bundle endpoint started"));
+}
+
+/// The bundle endpoint's SPIFFE ID of the scripted `c.test` peer.
+const C_TEST_PEER_ID: &str = "spiffe://c.test/bundle-server";
+
+/// `[federation]` with one https_spiffe trust domain `c.test` served by the
+/// peer on `port`, bootstrapped from `bootstrap`, refreshed every second.
+fn c_test_federation(port: u16, bootstrap: &std::path::Path) -> String {
+    format!(
+        r#"[federation]
+min_refresh_interval = "1s"
+
+[[federation.trust_domain]]
+name = "c.test"
+url = "https://127.0.0.1:{port}/"
+profile = "https_spiffe"
+endpoint_spiffe_id = "{C_TEST_PEER_ID}"
+bundle = "{}"
+"#,
+        bootstrap.display()
+    )
 }

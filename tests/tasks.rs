@@ -344,26 +344,46 @@ async fn collect_completions(
     done
 }
 
+/// A cgroup `<prefix>-<pid>.slice` under the v2 mount for one test; it and
+/// its `job` child are removed when this is dropped.
+struct TestSlice {
+    mount: PathBuf,
+    name: String,
+}
+
+impl TestSlice {
+    /// `None`, saying so loudly, when not root (creating cgroups needs it).
+    fn create(prefix: &str) -> Option<Self> {
+        if !is_root() {
+            eprintln!("SKIPPED: needs root to create cgroups");
+            return None;
+        }
+        let mount = writ_attestors::find_cgroup2_mount()
+            .unwrap()
+            .expect("cgroup2 mounted");
+        let name = format!("{prefix}-{}.slice", std::process::id());
+        std::fs::create_dir(mount.join(&name)).unwrap();
+        Some(Self { mount, name })
+    }
+
+    fn dir(&self) -> PathBuf {
+        self.mount.join(&self.name)
+    }
+}
+
+impl Drop for TestSlice {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir(self.dir().join("job"));
+        let _ = std::fs::remove_dir(self.dir());
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn every_trigger_completes_its_task_exactly_once() {
-    if !is_root() {
-        eprintln!("SKIPPED: needs root to create cgroups");
+    let Some(test_slice) = TestSlice::create("writ-test") else {
         return;
-    }
-    let mount = writ_attestors::find_cgroup2_mount()
-        .unwrap()
-        .expect("cgroup2 mounted");
-    let slice = format!("writ-test-{}.slice", std::process::id());
-    let root_dir = mount.join(&slice);
-    std::fs::create_dir(&root_dir).unwrap();
-    struct Cleanup(PathBuf);
-    impl Drop for Cleanup {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir(self.0.join("job"));
-            let _ = std::fs::remove_dir(&self.0);
-        }
-    }
-    let _cleanup = Cleanup(root_dir.clone());
+    };
+    let (slice, root_dir) = (test_slice.name.clone(), test_slice.dir());
     let writ = Writ::start(&config(&format!(
         "\n[attestors.cgroup]\ntrusted_roots = [\"/{slice}\"]\n"
     )));
@@ -984,24 +1004,12 @@ async fn a_task_change_reattests_only_the_streams_it_concerns() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_stream_inside_a_cgroup_receives_the_cgroup_tasks_identity_and_loses_it() {
-    if !is_root() {
-        eprintln!("SKIPPED: needs root to create cgroups");
+    let Some(test_slice) = TestSlice::create("writ-test-stream") else {
         return;
-    }
-    let mount = writ_attestors::find_cgroup2_mount()
-        .unwrap()
-        .expect("cgroup2 mounted");
-    let slice = format!("writ-test-stream-{}.slice", std::process::id());
-    let job = mount.join(&slice).join("job");
-    std::fs::create_dir_all(&job).unwrap();
-    struct Cleanup(PathBuf);
-    impl Drop for Cleanup {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir(self.0.join("job"));
-            let _ = std::fs::remove_dir(&self.0);
-        }
-    }
-    let _cleanup = Cleanup(mount.join(&slice));
+    };
+    let (slice, mount) = (test_slice.name.clone(), test_slice.mount.clone());
+    let job = test_slice.dir().join("job");
+    std::fs::create_dir(&job).unwrap();
     // No periodic re-attestation during the test: only the task's begin can
     // make the stream look again.
     let writ = Writ::start(&config(&format!(
