@@ -221,6 +221,9 @@ pub struct Agent {
     crl_published: watch::Sender<CrlProgress>,
     registry: RwLock<Arc<Registry>>,
     ca: RwLock<CertificateAuthority>,
+    /// The CA's active key for audit checkpoints, replaced when the CA
+    /// rotates; see `CaCheckpointSigner`.
+    checkpoint_key: Mutex<Option<crate::ca::CheckpointKey>>,
     svids: Mutex<HashMap<String, Arc<CachedSvid>>>,
     jwt_svids: Mutex<HashMap<JwtCacheKey, JwtSvid>>,
     own_bundle: RwLock<Arc<OwnBundle>>,
@@ -243,6 +246,7 @@ impl Agent {
     ) -> Self {
         let trust_domain = ca.trust_domain().clone();
         let own_bundle = build_own_bundle(&ca, bundle_sequence);
+        let checkpoint_key = Mutex::new(ca.checkpoint_key());
         Self {
             trust_domain,
             validation_keys: RwLock::new(None),
@@ -258,6 +262,7 @@ impl Agent {
             crl_published: watch::channel(CrlProgress::default()).0,
             registry: RwLock::new(Arc::new(registry)),
             ca: RwLock::new(ca),
+            checkpoint_key,
             svids: Mutex::new(HashMap::new()),
             jwt_svids: Mutex::new(HashMap::new()),
             own_bundle: RwLock::new(Arc::new(own_bundle)),
@@ -1020,6 +1025,9 @@ impl Agent {
         let (outcome, next, roots) = {
             let mut ca = write_lock(&self.ca);
             let outcome = ca.rotate(now)?;
+            if outcome.signer_changed {
+                *lock(&self.checkpoint_key) = ca.checkpoint_key();
+            }
             (outcome, ca.next_rotation_at(), ca.x509_authorities())
         };
         if outcome.authorities_changed || outcome.signer_changed || outcome.jwt_authorities_changed
@@ -1184,10 +1192,12 @@ pub struct CaCheckpointSigner(pub std::sync::Weak<Agent>);
 impl CheckpointSigner for CaCheckpointSigner {
     fn sign(&self, message: &[u8]) -> Result<(Vec<u8>, Vec<u8>), String> {
         let agent = self.0.upgrade().ok_or("the agent has stopped")?;
-        // Only a read lock, held for one signature: issuance queues its audit
-        // record under the CA lock but never waits for it there, so this
-        // cannot deadlock.
-        read_lock(&agent.ca).sign_checkpoint(message)
+        // Not the CA lock: an issuance writes its audit record while it
+        // holds that lock, and this runs under the audit trail's lock, so
+        // taking it here could deadlock against a CA rotation waiting to
+        // write. The key is cloned out so no lock is held while signing.
+        let key = lock(&agent.checkpoint_key).clone();
+        key.ok_or("no active signing authority")?.sign(message)
     }
 }
 
@@ -1234,4 +1244,53 @@ fn write_lock<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
 }
 fn lock<T>(l: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     l.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::config::{Config, Environment};
+
+    /// An issuance appends its audit record while it holds the CA, and the
+    /// trail may sign a checkpoint for that append while appenders wait: if
+    /// signing took the CA lock, a CA rotation waiting to write between the
+    /// two would deadlock all three.
+    #[tokio::test]
+    async fn checkpoints_are_signed_without_the_ca_lock() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = Config::builtin_defaults(&Environment::current());
+        config.data_dir = dir.path().to_owned();
+        config.audit = crate::config::AuditConfig::defaults_for(dir.path());
+        let svc = crate::service::build(&config).await.unwrap();
+        let agent = svc.agent.clone();
+        let active = read_lock(&agent.ca).checkpoint_key().unwrap();
+
+        let held = write_lock(&agent.ca);
+        let signer = CaCheckpointSigner(Arc::downgrade(&agent));
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(signer.sign(b"checkpoint message"));
+        });
+        let signed = rx.recv_timeout(Duration::from_secs(5));
+        drop(held);
+        let (signature, certificate) = signed
+            .expect("signing a checkpoint must not wait for the CA lock")
+            .unwrap();
+        let (_, expected) = active.sign(b"other").unwrap();
+        assert_eq!(certificate, expected, "signed with the active CA key");
+        crate::audit::verify::check_checkpoint_signature(
+            &certificate,
+            b"checkpoint message",
+            &signature,
+        )
+        .unwrap();
+
+        if let Some(audit) = agent.audit_log() {
+            audit.close();
+        }
+        svc.store.close();
+    }
 }

@@ -1,5 +1,5 @@
 //! The tamper-evident audit trail: one hash-chained JSON Lines record per
-//! security event, appended durably (grouped fsyncs) by one writer thread,
+//! security event, appended durably (concurrent appends share an fsync),
 //! periodically sealed by a CA-signed checkpoint, rotated by size, and
 //! verified offline. The record format is specified in `docs/audit.md`.
 
@@ -8,7 +8,7 @@ mod files;
 mod log;
 mod record;
 mod recover;
-mod verify;
+pub(crate) mod verify;
 
 pub use event::{AuditEvent, CallerFacts, EventKind, TaskFacts};
 pub use files::{TrailTail, tail_lines, trail_files};
@@ -22,9 +22,10 @@ use std::path::PathBuf;
 /// Signs checkpoints. writ implements it for its CA (ECDSA P-256 over
 /// SHA-256 with the CA's active key); tests bring their own keys.
 ///
-/// `sign` runs on the audit writer thread, so it must never wait for the
-/// audit log itself (for example by taking a lock that is held while an
-/// issuance waits for its audit record): that would deadlock the writer.
+/// `sign` runs while the trail's lock is held, in whichever thread appends
+/// (or in the trail's background thread), so it must never take a lock
+/// that an appender may hold while appending (writ's CA lock, for one):
+/// that could deadlock.
 pub trait CheckpointSigner: Send + Sync {
     /// Returns (DER ECDSA signature, DER certificate of the signing key).
     fn sign(&self, message: &[u8]) -> Result<(Vec<u8>, Vec<u8>), String>;

@@ -163,6 +163,34 @@ struct Entry {
     authority: Arc<SigningAuthority>,
 }
 
+/// The active signing key, kept apart from the CA for signing audit
+/// checkpoints (see [`CertificateAuthority::checkpoint_key`]).
+#[derive(Clone)]
+pub struct CheckpointKey(Arc<SigningAuthority>);
+
+impl CheckpointKey {
+    /// Returns (DER ECDSA signature over `message`, the key's certificate).
+    pub fn sign(&self, message: &[u8]) -> Result<(Vec<u8>, Vec<u8>), String> {
+        use rcgen::SigningKey;
+        let signature = self
+            .0
+            .issuer
+            .key()
+            .sign(message)
+            .map_err(|e| format!("signing a checkpoint: {e}"))?;
+        Ok((signature, self.0.cert.to_vec()))
+    }
+}
+
+impl std::fmt::Debug for CheckpointKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the key.
+        f.debug_struct("CheckpointKey")
+            .field("key_id", &hex::encode(&self.0.key_id))
+            .finish_non_exhaustive()
+    }
+}
+
 enum Mode {
     /// Our own roots, rotated on schedule and persisted in `dir`.
     SelfSigned,
@@ -396,14 +424,19 @@ impl CertificateAuthority {
     /// check the certificate against the trust bundle, so only this CA can
     /// produce checkpoints that verify.
     pub fn sign_checkpoint(&self, message: &[u8]) -> Result<(Vec<u8>, Vec<u8>), String> {
-        use rcgen::SigningKey;
-        let active = self.active().ok_or("no active signing authority")?;
-        let signature = active
-            .issuer
-            .key()
+        self.checkpoint_key()
+            .ok_or("no active signing authority")?
             .sign(message)
-            .map_err(|e| format!("signing a checkpoint: {e}"))?;
-        Ok((signature, active.cert.to_vec()))
+    }
+
+    /// The key that signs SVIDs right now, for signing audit checkpoints
+    /// without holding the CA: the audit trail signs while appenders wait
+    /// for it, and an issuance appends while it holds the CA.
+    pub fn checkpoint_key(&self) -> Option<CheckpointKey> {
+        self.x509
+            .iter()
+            .find(|e| e.role == Role::Active)
+            .map(|e| CheckpointKey(e.authority.clone()))
     }
 
     /// Subject key identifier of the CA currently signing.
