@@ -420,7 +420,7 @@ pub async fn run(
     if let Some(audit) = services.agent.audit_log().cloned() {
         // Writes the closing checkpoint: a trail that ends without one is
         // known to have been cut short or to belong to a crashed run. It
-        // waits on the writer thread, so not on a runtime worker.
+        // waits on the trail's background thread, so not on a runtime worker.
         let _ = tokio::task::spawn_blocking(move || audit.close()).await;
     }
     services.store.close();

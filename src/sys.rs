@@ -1,7 +1,10 @@
 //! The one place writ uses `unsafe`: handing file descriptors to tokio's
-//! reactor, which (since tokio#8587) asks the caller to vouch for them.
+//! reactor, which (since tokio#8587) asks the caller to vouch for them, and
+//! the one syscall neither nix nor rustix wraps (`sync_file_range`).
 
+use std::fs::File;
 use std::io;
+use std::os::fd::AsRawFd;
 use std::os::fd::OwnedFd;
 
 use tokio::io::Interest;
@@ -14,4 +17,24 @@ pub fn async_fd(fd: OwnedFd, interest: Interest) -> io::Result<AsyncFd<OwnedFd>>
     // the AsyncFd: nothing else can close or replace it, and its raw value
     // never changes until the AsyncFd drops it.
     unsafe { AsyncFd::register_with_interest(fd, interest) }.map_err(|e| e.into_parts().1)
+}
+
+/// Starts writing `len` bytes of `file` at `offset` back to the disk and
+/// returns without waiting (`sync_file_range` with `SYNC_FILE_RANGE_WRITE`).
+/// It makes nothing durable: a later fdatasync still must, but finds less
+/// left to do.
+pub fn start_writeback(file: &File, offset: u64, len: u64) -> io::Result<()> {
+    let too_far = || io::Error::new(io::ErrorKind::InvalidInput, "offset out of range");
+    let offset = i64::try_from(offset).map_err(|_| too_far())?;
+    let len = i64::try_from(len).map_err(|_| too_far())?;
+    // SAFETY: sync_file_range reads only its integer arguments; the
+    // descriptor is borrowed from `file`, which stays open for the call.
+    let rc = unsafe {
+        libc::sync_file_range(file.as_raw_fd(), offset, len, libc::SYNC_FILE_RANGE_WRITE)
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
 }

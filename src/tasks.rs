@@ -483,8 +483,10 @@ impl TaskManager {
                 "binding",
                 serde_json::to_value(&task.binding).unwrap_or_default(),
             );
-        let (recorded, persisted) =
-            tokio::join!(self.agent.record(begun), self.persist_new(task.clone()));
+        // The store write first: its first poll hands it to the store's
+        // thread, while awaiting the record may sync in this thread.
+        let (persisted, recorded) =
+            tokio::join!(self.persist_new(task.clone()), self.agent.record(begun));
         persisted?;
         if let Err(e) = recorded {
             // Never activated, so nothing was issued for it: take it back

@@ -95,7 +95,10 @@ pub(crate) struct RecordBody<'a> {
 /// closing `}` is then replaced by `,"hash":"<hex>"}`.
 pub(crate) fn encode_line(body: &RecordBody<'_>, out: &mut Vec<u8>) -> Result<String, String> {
     let start = out.len();
-    serde_json::to_writer(&mut *out, body).map_err(|e| format!("serializing a record: {e}"))?;
+    if let Err(e) = serde_json::to_writer(&mut *out, body) {
+        out.truncate(start);
+        return Err(format!("serializing a record: {e}"));
+    }
     if out.last() != Some(&b'}') {
         out.truncate(start);
         return Err("a record did not serialize to a JSON object".into());
