@@ -10,7 +10,12 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, bail};
 
-pub const WRIT: &str = env!("CARGO_BIN_EXE_writ");
+/// The `writ` binary the benches start: the one cargo built with them, or
+/// `WRIT_BENCH_BINARY` to compare another build (another commit, say) under
+/// the same harness.
+pub static WRIT: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    std::env::var("WRIT_BENCH_BINARY").unwrap_or_else(|_| env!("CARGO_BIN_EXE_writ").to_owned())
+});
 /// The identity every process of the bench's uid holds from the config entry;
 /// task identities are derived from it (`<BENCH_ID>/task/<id>`).
 pub const BENCH_ID: &str = "spiffe://writ.test/bench";
@@ -206,10 +211,10 @@ selectors = ["unix:uid:{uid}"]
         let mut command = match setpriv() {
             Some(setpriv) => {
                 let mut c = Command::new(setpriv);
-                c.args(["--pdeathsig", "KILL", WRIT]);
+                c.args(["--pdeathsig", "KILL", WRIT.as_str()]);
                 c
             }
-            None => Command::new(WRIT),
+            None => Command::new(WRIT.as_str()),
         };
         command
             .args(["run", "--config"])
@@ -237,7 +242,7 @@ selectors = ["unix:uid:{uid}"]
                 bail!("writ exited early with {status}:\n{}", self.log());
             }
             let ready = self.admin_socket.exists()
-                && Command::new(WRIT)
+                && Command::new(WRIT.as_str())
                     .args(["healthcheck", "--socket"])
                     .arg(&self.socket)
                     .stdout(Stdio::null())
@@ -541,7 +546,7 @@ pub fn print_machine(bench: &str, args: &Args) {
     );
     // The profile's output directory names it (`release` for plain
     // `cargo bench`, `dist` with `--profile dist`).
-    let profile = Path::new(WRIT)
+    let profile = Path::new(WRIT.as_str())
         .parent()
         .and_then(|dir| dir.file_name())
         .map_or_else(|| "?".to_owned(), |n| n.to_string_lossy().into_owned());
@@ -550,7 +555,7 @@ pub fn print_machine(bench: &str, args: &Args) {
         if cfg!(debug_assertions) {
             "DEBUG (numbers are meaningless; use cargo bench)".to_owned()
         } else {
-            format!("optimized, profile `{profile}` ({WRIT})")
+            format!("optimized, profile `{profile}` ({})", *WRIT)
         }
     );
     println!("- cores: {cores}; CPU: {cpu}; kernel {}", kernel.trim());
