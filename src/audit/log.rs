@@ -3,17 +3,18 @@
 //! lock, so records land in chain order without a hand-off to another
 //! thread. Durability is a group commit: an append is answered once an
 //! fdatasync that began after its write has returned. When no sync is
-//! running, the appender runs that fdatasync in its own thread, so the
-//! quiet path wakes no other thread (on a VM, waking a thread on an idle
-//! vCPU costs tens of microseconds, a fifth of the whole commit); while one
-//! is running, appenders wait and the background thread syncs what it did
-//! not cover, so concurrent appenders share syncs.
+//! running and the appender is the only caller waiting for the trail, it
+//! runs that fdatasync in its own thread, so the quiet path wakes no other
+//! thread (on a VM, waking a thread on an idle vCPU costs tens of
+//! microseconds, a fifth of the whole commit). Otherwise it waits, and the
+//! background thread syncs for everyone waiting, so concurrent appenders
+//! share syncs and runtime workers are not held in fdatasync under load.
 //!
-//! The background thread also writes interval checkpoints, rotates the file
-//! by size, keeps zeroed space ready past the last record (a commit then
-//! overwrites blocks the file already has: its fdatasync has no new file
-//! size to commit, which on ext4 spares a journal commit), and seals the
-//! trail when it closes.
+//! A write that finds the file at its size limit rotates it first. The
+//! background thread writes interval checkpoints, keeps zeroed space ready
+//! past the last record (a commit then overwrites blocks the file already
+//! has: its fdatasync has no new file size to commit, which on ext4 spares
+//! a journal commit), and seals the trail when it closes.
 
 use std::fs::{DirBuilder, File, OpenOptions};
 use std::future::Future;
@@ -209,9 +210,10 @@ impl State {
         let start = writer.file_len;
         writer.write_out(&saved)?;
         if !self.syncing {
-            // Nobody is syncing, so this caller will: the disk can take the
-            // data while the caller finishes its work (an issuance signs its
-            // certificate), leaving only the cache flush for the sync.
+            // No sync is running, so none would take these bytes yet: the
+            // disk can have them while the caller finishes its work (an
+            // issuance signs its certificate), leaving the sync little more
+            // than the cache flush.
             let _ = crate::sys::start_writeback(&writer.file, start, writer.file_len - start);
         }
         if !self.maintenance_asked && self.maintenance_due() {
