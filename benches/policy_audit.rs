@@ -10,10 +10,11 @@
 //! with the default zeroed space kept ready past the last record and, for
 //! comparison, with plain appends (`preallocate_bytes = 0`).
 //! Issuance: what policy and the audit record add to minting an X509-SVID
-//! with writ's CA, composed as writ's issuance path composes them (the
-//! record is queued once the serial is chosen and is synced while the key
-//! is generated and the certificate signed), against minting alone and
-//! against recording only after minting.
+//! with writ's CA, composed as writ's issuance path composes them on a
+//! runtime worker (the record is written once the serial is chosen, travels
+//! to the disk while the key is generated and the certificate signed, and
+//! is synced after), against minting alone and against recording only
+//! after minting.
 
 use std::path::Path;
 use std::sync::Arc;
