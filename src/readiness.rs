@@ -1,5 +1,5 @@
 //! What `/ready` checks each time it is asked: the store answers a read,
-//! the audit writer is alive, the CA has a signing root that has not
+//! the audit trail is open (its background thread runs, no failed sync), the CA has a signing root that has not
 //! expired, and each socket writ serves is still served and, where writ
 //! bound it, still the file it bound (same device and inode).
 
