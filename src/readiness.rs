@@ -1,7 +1,8 @@
 //! What `/ready` checks each time it is asked: the store answers a read,
-//! the audit trail is open (its background thread runs, no failed sync), the CA has a signing root that has not
-//! expired, and each socket writ serves is still served and, where writ
-//! bound it, still the file it bound (same device and inode).
+//! the audit trail is open (its background thread runs, no sync failed),
+//! the CA has a signing root that has not expired, and each socket writ
+//! serves is still served and, where writ bound it, still the file it
+//! bound (same device and inode).
 
 use std::io;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
