@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rand::Rng;
-use rusqlite::{OptionalExtension, params};
+use rusqlite::params;
 use serde_json::{Map, Value};
 use tokio::sync::watch;
 use writ_attestors::{AttestError, Attestation, AttestorSet};
@@ -646,14 +646,7 @@ impl Agent {
             // transaction of its own; checking the task here, in the same
             // serialized writer, means a serial is either seen by that
             // revocation or refused here — never neither.
-            let completed: Option<Option<i64>> = conn
-                .query_row(
-                    "SELECT completed_at FROM tasks WHERE task_id = ?1",
-                    params![tid],
-                    |r| r.get(0),
-                )
-                .optional()?;
-            if !matches!(completed, Some(None)) {
+            if !crate::store::task_is_active(conn, &tid)? {
                 return Ok(false);
             }
             conn.prepare_cached(

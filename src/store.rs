@@ -402,6 +402,20 @@ pub fn raise_counter(conn: &Connection, key: &str, value: u64) -> Result<(), Sto
     Ok(())
 }
 
+/// Whether `task_id` is stored and not completed. Writers that must not
+/// race a completion (a serial issued for the task, a sub-task begun under
+/// it) ask inside their own transaction, in the store's one writer.
+pub fn task_is_active(conn: &Connection, task_id: &str) -> Result<bool, StoreError> {
+    let completed_at: Option<Option<i64>> = conn
+        .query_row(
+            "SELECT completed_at FROM tasks WHERE task_id = ?1",
+            params![task_id],
+            |r| r.get(0),
+        )
+        .optional()?;
+    Ok(matches!(completed_at, Some(None)))
+}
+
 pub fn read_counter(conn: &Connection, key: &str) -> Result<u64, StoreError> {
     let v: Option<i64> = conn
         .query_row("SELECT value FROM meta WHERE key = ?1", params![key], |r| {

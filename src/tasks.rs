@@ -591,14 +591,7 @@ impl TaskManager {
                 if let Some(parent) = &t.parent_id {
                     // Same transaction order as completion: a parent completed
                     // before this commit cannot gain a child after it.
-                    let done: Option<Option<i64>> = conn
-                        .query_row(
-                            "SELECT completed_at FROM tasks WHERE task_id = ?1",
-                            params![parent],
-                            |r| r.get(0),
-                        )
-                        .optional()?;
-                    if !matches!(done, Some(None)) {
+                    if !crate::store::task_is_active(conn, parent)? {
                         return Ok(Err(TaskError::Completed(parent.clone())));
                     }
                 }

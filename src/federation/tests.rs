@@ -379,6 +379,18 @@ fn stop(svc: &crate::service::Services) {
     svc.store.close();
 }
 
+/// `services` with its federation fetchers running until the returned
+/// sender says stop.
+async fn services_fetching(
+    dir: &std::path::Path,
+    federation: FederationConfig,
+) -> (crate::service::Services, tokio::sync::watch::Sender<bool>) {
+    let svc = services(dir, federation).await;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    svc.federation.spawn_fetchers(stop_rx);
+    (svc, stop_tx)
+}
+
 /// A real agent on a temp dir, as `writ run` builds it.
 async fn services(dir: &std::path::Path, federation: FederationConfig) -> crate::service::Services {
     let mut config = Config::builtin_defaults(&Environment::current());
@@ -685,10 +697,8 @@ async fn reconfiguring_starts_restarts_and_stops_fetchers() {
         min_refresh_interval: floor,
         ..FederationConfig::default()
     };
-    let svc = services(&dir.path().join("state"), empty.clone()).await;
+    let (svc, stop_tx) = services_fetching(&dir.path().join("state"), empty.clone()).await;
     let federation = svc.federation.clone();
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    federation.spawn_fetchers(stop_rx);
 
     // A plan with a broken file is refused and changes nothing.
     let broken = FederationConfig {
@@ -819,10 +829,8 @@ async fn a_replaced_ca_bundle_reaches_the_fetcher_on_reload() {
         }],
         ..FederationConfig::default()
     };
-    let svc = services(&dir.path().join("state"), config.clone()).await;
+    let (svc, stop_tx) = services_fetching(&dir.path().join("state"), config.clone()).await;
     let federation = svc.federation.clone();
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    federation.spawn_fetchers(stop_rx);
     eventually("a fetch refused by the configured roots", || {
         federation
             .fetch_status(&td("b.test"))
