@@ -421,6 +421,29 @@ impl Agent {
         }
     }
 
+    /// `start_record` for records that stand or fall together, written
+    /// with one write and made durable by one sync.
+    pub fn start_record_group(
+        &self,
+        events: &[AuditEvent],
+    ) -> impl Future<Output = Result<(), AgentError>> + Send + use<'_> {
+        let started = std::time::Instant::now();
+        let queued = self.audit.get().map(|log| log.start_append_group(events));
+        async move {
+            let Some(queued) = queued else {
+                return Ok(());
+            };
+            let appended = match queued {
+                Ok(on_disk) => on_disk.await,
+                Err(e) => Err(e),
+            };
+            self.metrics
+                .audit_write_seconds
+                .observe(started.elapsed().as_secs_f64());
+            appended.map_err(|e| AgentError::Audit(e.to_string()))
+        }
+    }
+
     /// For records whose failure must not change the outcome (denials,
     /// completions already persisted): logged loudly instead.
     pub async fn record_best_effort(&self, event: AuditEvent) {
@@ -468,7 +491,7 @@ impl Agent {
         identity::finalize(from_tasks.chain(from_entries))
     }
 
-    fn task_entitlement(&self, task: &Task) -> Entitlement {
+    pub(crate) fn task_entitlement(&self, task: &Task) -> Entitlement {
         Entitlement {
             cache_key: task_cache_key(&task.id),
             spiffe_id: task.spiffe_id.clone(),
@@ -649,11 +672,9 @@ impl Agent {
             if !crate::store::task_is_active(conn, &tid)? {
                 return Ok(false);
             }
-            conn.prepare_cached(
-                "INSERT INTO issued(serial, task_id, issuer_key_id, spiffe_id, not_after, issued_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            )?
-            .execute(params![serial, tid, issuer, spiffe_id, not_after, issued_at])?;
+            insert_issued(
+                conn, &serial, &tid, &issuer, &spiffe_id, not_after, issued_at,
+            )?;
             Ok(true)
         });
         async move {
@@ -661,6 +682,142 @@ impl Agent {
                 return Err(AgentError::TaskCompleted(task_id));
             }
             Ok(())
+        }
+    }
+
+    /// Stores and records a task as it begins, minting its first X.509-SVID
+    /// in the same breath, as an agent fetches SVIDs for its identities
+    /// before workloads ask. `store_task` inserts the task's row; the
+    /// serial goes into the same transaction after it (a refusal,
+    /// `Ok(Err(_))`, stores neither), and `begun` and the issuance share one
+    /// audit write. Beginning a task so costs one commit and one sync, and
+    /// the bound process's first fetch finds its SVID ready instead of
+    /// waiting for another commit and sync. The issuance record names the
+    /// orchestrator as caller and the BeginTask decision; policy still
+    /// decides, on every fetch, whether a process may have the SVID.
+    ///
+    /// When the CA cannot mint for the task (its TTL is under a second, or
+    /// no CA is active) the task still begins, without a ready SVID: a
+    /// fetch then mints, and fails, exactly as it would have.
+    pub async fn begin_task_with_svid<E: Send + 'static>(
+        &self,
+        task: &Task,
+        begun: AuditEvent,
+        now: SystemTime,
+        store_task: impl FnOnce(&rusqlite::Connection) -> Result<Result<(), E>, StoreError>
+        + Send
+        + 'static,
+    ) -> TaskBeginning<E> {
+        let entitlement = self.task_entitlement(task);
+        let issued_event = |plan: &X509SvidPlan, kind: EventKind| {
+            let mut event = AuditEvent::new(kind, begun.correlation_id.clone())
+                .spiffe_id(entitlement.spiffe_id.to_string())
+                .certificate(plan.serial_hex(), unix_secs(plan.not_after))
+                .task(task_facts(task));
+            event.caller = begun.caller.clone();
+            event.action = begun.action.clone();
+            event.decision = begun.decision.clone();
+            event
+        };
+        let mut store_task = Some(store_task);
+        let mut planned = None;
+        let mut queued = None;
+        let minted = {
+            let ca = read_lock(&self.ca);
+            ca.mint_x509_svid_with(&self.x509_request(&entitlement, now), now, |plan| {
+                planned = Some(plan.clone());
+                let recorded = self.start_record_group(&[
+                    begun.clone(),
+                    issued_event(plan, EventKind::X509Issued),
+                ]);
+                let (serial, issuer) = (plan.serial.clone(), plan.issuer_key_id.clone());
+                let (task_id, spiffe_id) = (task.id.clone(), entitlement.spiffe_id.to_string());
+                let not_after = unix_secs(plan.not_after);
+                let issued_at = unix_secs(now);
+                let store_task = store_task.take();
+                let stored = self.store.start_write(move |conn| {
+                    if let Some(store_task) = store_task
+                        && let Err(refused) = store_task(conn)?
+                    {
+                        return Ok(Err(refused));
+                    }
+                    insert_issued(
+                        conn, &serial, &task_id, &issuer, &spiffe_id, not_after, issued_at,
+                    )?;
+                    Ok(Ok(()))
+                });
+                queued = Some((stored, recorded));
+            })
+        };
+        let (stored, recorded) = match (queued, store_task.take()) {
+            (Some((stored, recorded)), _) => {
+                tokio::join!(
+                    async move {
+                        match stored {
+                            Ok(committed) => committed.await,
+                            Err(e) => Err(e),
+                        }
+                    },
+                    recorded
+                )
+            }
+            // The CA refused before choosing a serial (a TTL under a second,
+            // no active CA): nothing was queued, so the task begins without
+            // a ready SVID and a fetch mints, and fails, as it always did.
+            (None, Some(store_task)) => {
+                tokio::join!(
+                    async move {
+                        match self.store.start_write(store_task) {
+                            Ok(committed) => committed.await,
+                            Err(e) => Err(e),
+                        }
+                    },
+                    self.start_record(begun.clone())
+                )
+            }
+            (None, None) => (Err(StoreError::Closed), Ok(())),
+        };
+        let outcome = Self::beginning_outcome(stored, recorded);
+        match (minted, &planned) {
+            (Ok((svid, ())), _) if matches!(outcome, TaskBeginning::Begun) => {
+                let cached = Arc::new(CachedSvid {
+                    rotate_at: rotation_point(now, svid.not_after),
+                    svid,
+                    minted_at: now,
+                });
+                self.metrics.svid_issued("x509");
+                lock(&self.svids).insert(entitlement.cache_key.clone(), cached);
+            }
+            (minted, Some(plan)) => {
+                // The serial was recorded (or was on its way) but no SVID
+                // will be handed out: say so in the trail.
+                let reason = match minted {
+                    Err(e) => e.to_string(),
+                    Ok(_) => "the task did not begin".to_owned(),
+                };
+                self.record_best_effort(
+                    issued_event(plan, EventKind::X509Withdrawn).reason(reason),
+                )
+                .await;
+            }
+            (Err(e), None) => {
+                tracing::debug!(error = %e, task = %task.id, "the task's first SVID waits for its first fetch");
+            }
+            // Minted means the hook ran and planned it.
+            (Ok(_), None) => {}
+        }
+        outcome
+    }
+
+    fn beginning_outcome<E>(
+        stored: Result<Result<(), E>, StoreError>,
+        recorded: Result<(), AgentError>,
+    ) -> TaskBeginning<E> {
+        match (stored, recorded) {
+            (Err(e), _) => TaskBeginning::StoreFailed(e),
+            (Ok(Err(refused)), _) => TaskBeginning::Refused(refused),
+            (Ok(Ok(())), Err(e)) => TaskBeginning::AuditFailed(e.to_string()),
+            (Ok(Ok(())), Ok(())) => TaskBeginning::Begun,
         }
     }
 
@@ -1203,6 +1360,42 @@ pub fn task_facts(task: &Task) -> TaskFacts {
         targets: task.intent.targets.clone(),
         data_class: task.intent.data_class.clone(),
     }
+}
+
+/// How `begin_task_with_svid` ended.
+pub enum TaskBeginning<E> {
+    /// Stored and recorded: the task can be activated.
+    Begun,
+    /// `store_task` refused; nothing was stored.
+    Refused(E),
+    StoreFailed(StoreError),
+    /// Stored, but the trail could not record it: take the task back out.
+    AuditFailed(String),
+}
+
+/// Notes a task SVID's serial, so the task's completion revokes it.
+fn insert_issued(
+    conn: &rusqlite::Connection,
+    serial: &[u8],
+    task_id: &str,
+    issuer_key_id: &[u8],
+    spiffe_id: &str,
+    not_after: i64,
+    issued_at: i64,
+) -> Result<(), StoreError> {
+    conn.prepare_cached(
+        "INSERT INTO issued(serial, task_id, issuer_key_id, spiffe_id, not_after, issued_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+    )?
+    .execute(params![
+        serial,
+        task_id,
+        issuer_key_id,
+        spiffe_id,
+        not_after,
+        issued_at
+    ])?;
+    Ok(())
 }
 
 pub fn task_cache_key(task_id: &str) -> String {

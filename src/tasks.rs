@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 use writ_attestors::PinnedProcess;
 
-use crate::agent::{Agent, task_facts};
+use crate::agent::{Agent, TaskBeginning, task_facts};
 use crate::audit::{AuditEvent, CallerFacts, EventKind};
 use crate::changes::Change;
 use crate::spiffe_id::{SpiffeId, TrustDomain};
@@ -41,6 +41,51 @@ pub enum TaskError {
     #[error("{0}")]
     PolicyDenied(String),
 }
+
+/// The store job that inserts a new task's row, refusing a duplicate id
+/// and a parent completed before it.
+fn task_row_writer(
+    task: &Arc<Task>,
+) -> Result<impl FnOnce(&rusqlite::Connection) -> TaskRowOutcome + Send + 'static, TaskError> {
+    let record = serde_json::to_string(&TaskRecord {
+        binding: task.binding.clone(),
+        intent: task.intent.clone(),
+        orchestrator: task.orchestrator.clone(),
+        depth: task.depth,
+        federates_with: task.federates_with.iter().map(|t| t.to_string()).collect(),
+    })
+    .map_err(|e| TaskError::Store(StoreError::Corrupt(e.to_string())))?;
+    let t = task.clone();
+    Ok(move |conn: &rusqlite::Connection| -> TaskRowOutcome {
+        if let Some(parent) = &t.parent_id {
+            // Same transaction order as completion: a parent completed
+            // before this commit cannot gain a child after it.
+            if !crate::store::task_is_active(conn, parent)? {
+                return Ok(Err(TaskError::Completed(parent.clone())));
+            }
+        }
+        let inserted = conn
+            .prepare_cached(
+                "INSERT OR IGNORE INTO tasks(task_id, spiffe_id, parent_task_id, record, created_at, expires_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            )?
+            .execute(params![
+                t.id,
+                t.spiffe_id.to_string(),
+                t.parent_id,
+                record,
+                unix_secs(t.created_at),
+                unix_secs(t.expires_at)
+            ])?;
+        if inserted == 0 {
+            return Ok(Err(TaskError::AlreadyExists(t.id.clone())));
+        }
+        Ok(Ok(()))
+    })
+}
+
+/// A task row's insert: a store failure, or the task's own refusal.
+type TaskRowOutcome = Result<Result<(), TaskError>, StoreError>;
 
 fn invalid(field: &'static str, reason: impl Into<String>) -> TaskError {
     TaskError::Invalid {
@@ -483,16 +528,24 @@ impl TaskManager {
                 "binding",
                 serde_json::to_value(&task.binding).unwrap_or_default(),
             );
-        // The store write first: its first poll hands it to the store's
-        // thread, while awaiting the record may sync in this thread.
-        let (persisted, recorded) =
-            tokio::join!(self.persist_new(task.clone()), self.agent.record(begun));
-        persisted?;
-        if let Err(e) = recorded {
-            // Never activated, so nothing was issued for it: take it back
-            // out of the store rather than leave a task the trail lacks.
-            self.forget_unbegun(&task.id).await;
-            return Err(TaskError::Audit(e.to_string()));
+        // The task's first SVID is minted now, its serial stored with the
+        // task and its record written with `begun`: one commit and one sync
+        // for both, and the bound process finds the SVID ready.
+        let store_task = task_row_writer(&task)?;
+        match self
+            .agent
+            .begin_task_with_svid(&task, begun, now, store_task)
+            .await
+        {
+            TaskBeginning::Begun => {}
+            TaskBeginning::Refused(e) => return Err(e),
+            TaskBeginning::StoreFailed(e) => return Err(e.into()),
+            TaskBeginning::AuditFailed(e) => {
+                // Never activated, so its SVID never left writ: take the task
+                // back out of the store rather than leave one the trail lacks.
+                self.forget_unbegun(&task.id).await;
+                return Err(TaskError::Audit(e));
+            }
         }
         self.activate(task.clone(), pinned);
         Ok(task)
@@ -563,9 +616,13 @@ impl TaskManager {
         let removed = self
             .store
             .write(move |conn| {
+                // Only its first SVID's serial can be stored: the task was
+                // never activated, so nothing else was issued for it, and
+                // that SVID never left writ.
+                conn.prepare_cached("DELETE FROM issued WHERE task_id = ?1")?
+                    .execute(params![id])?;
                 conn.prepare_cached(
-                    "DELETE FROM tasks WHERE task_id = ?1 AND completed_at IS NULL
-                     AND NOT EXISTS (SELECT 1 FROM issued WHERE task_id = ?1)",
+                    "DELETE FROM tasks WHERE task_id = ?1 AND completed_at IS NULL",
                 )?
                 .execute(params![id])?;
                 Ok(())
@@ -574,45 +631,6 @@ impl TaskManager {
         if let Err(e) = removed {
             tracing::error!(error = %e, "removing a task whose audit record failed");
         }
-    }
-
-    async fn persist_new(&self, task: Arc<Task>) -> Result<(), TaskError> {
-        let record = serde_json::to_string(&TaskRecord {
-            binding: task.binding.clone(),
-            intent: task.intent.clone(),
-            orchestrator: task.orchestrator.clone(),
-            depth: task.depth,
-            federates_with: task.federates_with.iter().map(|t| t.to_string()).collect(),
-        })
-        .map_err(|e| TaskError::Store(StoreError::Corrupt(e.to_string())))?;
-        let t = task.clone();
-        self.store
-            .write(move |conn| {
-                if let Some(parent) = &t.parent_id {
-                    // Same transaction order as completion: a parent completed
-                    // before this commit cannot gain a child after it.
-                    if !crate::store::task_is_active(conn, parent)? {
-                        return Ok(Err(TaskError::Completed(parent.clone())));
-                    }
-                }
-                let inserted = conn.prepare_cached(
-                    "INSERT OR IGNORE INTO tasks(task_id, spiffe_id, parent_task_id, record, created_at, expires_at)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                )?
-                .execute(params![
-                        t.id,
-                        t.spiffe_id.to_string(),
-                        t.parent_id,
-                        record,
-                        unix_secs(t.created_at),
-                        unix_secs(t.expires_at)
-                    ])?;
-                if inserted == 0 {
-                    return Ok(Err(TaskError::AlreadyExists(t.id.clone())));
-                }
-                Ok(Ok(()))
-            })
-            .await?
     }
 
     /// Makes a persisted task live: indexed for identity lookups, watched
@@ -1256,43 +1274,9 @@ mod tests {
     /// handed out.
     #[tokio::test(flavor = "multi_thread")]
     async fn an_svid_for_a_task_completed_meanwhile_is_withdrawn_on_the_record() {
-        let dir = tempfile::tempdir().unwrap();
-        let env = crate::config::Environment::current();
-        let mut config = crate::config::Config::builtin_defaults(&env);
-        config.data_dir = dir.path().join("state");
-        config.audit = crate::config::AuditConfig::defaults_for(&config.data_dir);
-        let svc = crate::service::build(&config).await.unwrap();
-        let mut child = std::process::Command::new("sleep")
-            .arg("30")
-            .spawn()
-            .unwrap();
-        let me = PinnedProcess::open(std::process::id() as i32).unwrap();
-        let orchestrator = Orchestrator {
-            pid: me.pid(),
-            start_time: me.start_time(),
-            spiffe_id: Some(svc.agent.trust_domain().spiffe_id("/orchestrator").unwrap()),
-            uid: rustix::process::getuid().as_raw(),
-            selectors: Vec::new(),
-            may_bind_any_pid: true,
-            may_bind_same_uid: true,
-        };
-        let task = svc
-            .tasks
-            .begin(
-                BeginRequest {
-                    task_id: Some("t-race".into()),
-                    pid: Some(child.id() as i32),
-                    cgroup: None,
-                    spiffe_id: None,
-                    intent: Intent::default(),
-                    ttl: Some(Duration::from_secs(60)),
-                    parent_task_id: None,
-                    federates_with: Vec::new(),
-                },
-                &orchestrator,
-            )
-            .await
-            .unwrap();
+        let agent = TestAgent::start().await;
+        let svc = &agent.svc;
+        let task = agent.begin("t-race").await.unwrap();
         // Completed in the store, as completion's transaction does, while
         // the caller still holds the entitlement it resolved before.
         svc.store
@@ -1315,6 +1299,11 @@ mod tests {
             not_after_cap: Some(task.expires_at),
             task_id: Some(task.id.clone()),
         };
+        // Past the SVID minted as the task began: the race is in a rotation.
+        svc.agent.rekey_if_older(
+            &entitlement.cache_key,
+            SystemTime::now() + Duration::from_secs(1),
+        );
         let issued = svc
             .agent
             .svid_for(
@@ -1328,19 +1317,16 @@ mod tests {
             "{:?}",
             issued.map(|_| ())
         );
-        let trail = std::fs::read_to_string(&config.audit.path).unwrap();
-        let records: Vec<serde_json::Value> = trail
-            .trim_end_matches('\0')
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect();
+        let records = agent.trail();
+        let trail = format!("{records:?}");
         let of = |kind: &str| -> Vec<&serde_json::Value> {
             records.iter().filter(|r| r["event"] == kind).collect()
         };
         let (recorded, withdrawn) = (of("x509_issued"), of("x509_withdrawn"));
-        assert_eq!(recorded.len(), 1, "{trail}");
+        // The SVID minted as the task began, then the rotation that raced.
+        assert_eq!(recorded.len(), 2, "{trail}");
         assert_eq!(withdrawn.len(), 1, "{trail}");
-        assert_eq!(withdrawn[0]["serial"], recorded[0]["serial"]);
+        assert_eq!(withdrawn[0]["serial"], recorded[1]["serial"]);
         assert_eq!(withdrawn[0]["task"]["id"], "t-race");
         assert!(
             withdrawn[0]["reason"]
@@ -1349,8 +1335,178 @@ mod tests {
             "{}",
             withdrawn[0]
         );
-        let _ = child.kill();
-        let _ = child.wait();
+    }
+
+    /// A real agent on a temporary state dir, and a child process to bind
+    /// tasks to.
+    struct TestAgent {
+        svc: crate::service::Services,
+        config: crate::config::Config,
+        child: std::process::Child,
+        _dir: tempfile::TempDir,
+    }
+
+    impl TestAgent {
+        async fn start() -> Self {
+            let dir = tempfile::tempdir().unwrap();
+            let env = crate::config::Environment::current();
+            let mut config = crate::config::Config::builtin_defaults(&env);
+            config.data_dir = dir.path().join("state");
+            config.audit = crate::config::AuditConfig::defaults_for(&config.data_dir);
+            let svc = crate::service::build(&config).await.unwrap();
+            let child = std::process::Command::new("sleep")
+                .arg("30")
+                .spawn()
+                .unwrap();
+            Self {
+                svc,
+                config,
+                child,
+                _dir: dir,
+            }
+        }
+
+        async fn begin(&self, id: &str) -> Result<Arc<Task>, TaskError> {
+            let me = PinnedProcess::open(std::process::id() as i32).unwrap();
+            let orchestrator = Orchestrator {
+                pid: me.pid(),
+                start_time: me.start_time(),
+                spiffe_id: Some(
+                    self.svc
+                        .agent
+                        .trust_domain()
+                        .spiffe_id("/orchestrator")
+                        .unwrap(),
+                ),
+                uid: rustix::process::getuid().as_raw(),
+                selectors: Vec::new(),
+                may_bind_any_pid: true,
+                may_bind_same_uid: true,
+            };
+            self.svc
+                .tasks
+                .begin(
+                    BeginRequest {
+                        task_id: Some(id.into()),
+                        pid: Some(self.child.id() as i32),
+                        cgroup: None,
+                        spiffe_id: None,
+                        intent: Intent::default(),
+                        ttl: Some(Duration::from_secs(60)),
+                        parent_task_id: None,
+                        federates_with: Vec::new(),
+                    },
+                    &orchestrator,
+                )
+                .await
+        }
+
+        fn trail(&self) -> Vec<serde_json::Value> {
+            std::fs::read_to_string(&self.config.audit.path)
+                .unwrap()
+                .trim_end_matches('\0')
+                .lines()
+                .map(|l| serde_json::from_str(l).unwrap())
+                .collect()
+        }
+
+        /// The serials stored for `task_id`, hex.
+        async fn issued_serials(&self, task_id: &str) -> Vec<String> {
+            let id = task_id.to_owned();
+            self.svc
+                .store
+                .write(move |c| {
+                    let mut stmt = c.prepare("SELECT serial FROM issued WHERE task_id = ?1")?;
+                    let rows = stmt
+                        .query_map(params![id], |r| r.get::<_, Vec<u8>>(0))?
+                        .collect::<Result<Vec<_>, _>>()?;
+                    Ok(rows.iter().map(hex::encode).collect())
+                })
+                .await
+                .unwrap()
+        }
+    }
+
+    impl Drop for TestAgent {
+        fn drop(&mut self) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+
+    /// BeginTask mints the task's first SVID: its serial is stored with the
+    /// task and recorded beside `task_begun`, and the bound process's first
+    /// fetch is served that SVID without another issuance.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn begin_issues_the_first_svid_with_the_task() {
+        let agent = TestAgent::start().await;
+        let task = agent.begin("t-first").await.unwrap();
+        let stored = agent.issued_serials("t-first").await;
+        assert_eq!(stored.len(), 1, "{stored:?}");
+
+        let trail = agent.trail();
+        let begun = trail
+            .iter()
+            .find(|r| r["event"] == "task_begun")
+            .expect("task_begun");
+        let issued: Vec<_> = trail
+            .iter()
+            .filter(|r| r["event"] == "x509_issued")
+            .collect();
+        assert_eq!(issued.len(), 1, "{trail:?}");
+        assert_eq!(issued[0]["serial"], stored[0].as_str());
+        assert_eq!(issued[0]["correlation_id"], begun["correlation_id"]);
+        assert_eq!(issued[0]["task"]["id"], "t-first");
+        assert_eq!(issued[0]["action"], "BeginTask");
+        assert_eq!(issued[0]["spiffe_id"], task.spiffe_id.to_string());
+
+        let entitlement = agent.svc.agent.task_entitlement(&task);
+        let served = agent
+            .svc
+            .agent
+            .svid_for(
+                &entitlement,
+                SystemTime::now(),
+                &crate::agent::Issuance::new(None),
+            )
+            .await
+            .unwrap();
+        assert_eq!(hex::encode(&served.svid.serial), stored[0]);
+        let after: Vec<_> = agent
+            .trail()
+            .into_iter()
+            .filter(|r| r["event"] == "x509_issued")
+            .collect();
+        assert_eq!(after.len(), 1, "the first fetch minted again: {after:?}");
+    }
+
+    /// When the trail cannot record the beginning, BeginTask fails and
+    /// neither the task nor its first SVID's serial stays in the store.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_begin_the_trail_cannot_record_leaves_nothing_stored() {
+        let agent = TestAgent::start().await;
+        agent.svc.agent.audit_log().expect("audit trail").close();
+        let refused = agent.begin("t-unrecorded").await;
+        assert!(
+            matches!(refused, Err(TaskError::Audit(_))),
+            "{:?}",
+            refused.map(|t| t.id.clone())
+        );
+        assert!(agent.issued_serials("t-unrecorded").await.is_empty());
+        let stored: i64 = agent
+            .svc
+            .store
+            .write(|c| {
+                Ok(c.query_row(
+                    "SELECT count(*) FROM tasks WHERE task_id = 't-unrecorded'",
+                    [],
+                    |r| r.get(0),
+                )?)
+            })
+            .await
+            .unwrap();
+        assert_eq!(stored, 0);
+        assert!(agent.svc.tasks.get("t-unrecorded").unwrap().is_none());
     }
 
     #[test]

@@ -575,6 +575,26 @@ impl AuditLog {
         Ok(async move { durable.await.map(|()| receipt) })
     }
 
+    /// `start_append` for records that stand or fall together (a task begun
+    /// and its first SVID): one write, one sync, and the future fails if
+    /// any record of the group could not be written or synced.
+    pub fn start_append_group(
+        &self,
+        events: &[AuditEvent],
+    ) -> Result<impl Future<Output = Result<(), AuditError>> + Send + use<>, AuditError> {
+        let (outcomes, durable) = self.write(events, true)?;
+        let refused = outcomes.into_iter().find_map(Result::err);
+        Ok(async move {
+            // Awaited even when a record was refused, so the waiter count
+            // stays right; the refusal is the answer.
+            let synced = durable.await;
+            match refused {
+                Some(e) => Err(e),
+                None => synced,
+            }
+        })
+    }
+
     /// Appends several records in the order given, with one write, and
     /// returns each outcome once all are on disk. The background thread
     /// syncs them: these are records of work already done (a completion,
