@@ -25,6 +25,12 @@ pub struct Caller {
     pub uid: u32,
     pub gid: u32,
     pub process: PinnedProcess,
+    /// The process's ancestors (pid, start time), read the first time a
+    /// stream had to ask whether a newly bound task may cover it. A
+    /// process's ancestors can only go away (orphans are adopted by an
+    /// ancestor or init), so the list stays a superset of the truth for as
+    /// long as the connection lives, pinned to this one process.
+    pub lineage: std::sync::OnceLock<Vec<(i32, u64)>>,
 }
 
 impl std::fmt::Debug for Caller {
@@ -84,6 +90,7 @@ pub fn identify(stream: &UnixStream) -> Result<Caller, PeerError> {
         uid: creds.uid(),
         gid: creds.gid(),
         process: pinned,
+        lineage: std::sync::OnceLock::new(),
     })
 }
 

@@ -291,11 +291,6 @@ pub struct Resolved {
     entitled: Entitled,
     permitted: Vec<Entitlement>,
     at: Instant,
-    /// The caller's ancestors, read the first time a task bound to a process
-    /// begins while this resolution is in use. A process's ancestors can
-    /// only go away (orphans are adopted by an ancestor or init), so the
-    /// list stays a superset of the truth for as long as it is kept.
-    lineage: std::sync::OnceLock<Option<Vec<(i32, u64)>>>,
 }
 
 impl Resolved {
@@ -304,13 +299,12 @@ impl Resolved {
             entitled,
             permitted,
             at: Instant::now(),
-            lineage: std::sync::OnceLock::new(),
         })
     }
 
     /// Whether a task bound to process (`pid`, `start_time`) may cover this
     /// caller. Errs towards yes: a yes only costs a fresh resolution.
-    fn may_be_inside(&self, pid: i32, start_time: u64) -> bool {
+    fn may_be_inside(&self, caller: &Caller, pid: i32, start_time: u64) -> bool {
         let me = &self.entitled.attestation.snapshot;
         if (me.pid, me.start_time) == (pid, start_time) {
             return true;
@@ -319,18 +313,28 @@ impl Resolved {
         if start_time > me.start_time {
             return false;
         }
-        let lineage = self
-            .lineage
-            .get_or_init(|| writ_attestors::ancestors(me.pid, me.ppid, me.start_time, 0).ok());
-        match lineage {
-            Some(ancestors) => ancestors.contains(&(pid, start_time)),
-            None => true,
-        }
+        // Kept for the connection's life, not this resolution's: every task
+        // begun or ended re-resolves the streams it concerns, and re-reading
+        // the whole lineage each time cost more than the attestation.
+        let lineage = match caller.lineage.get() {
+            Some(lineage) => lineage,
+            None => match writ_attestors::ancestors(me.pid, me.ppid, me.start_time, 0) {
+                Ok(read) => caller.lineage.get_or_init(|| read),
+                // Not kept: the next change asks again.
+                Err(_) => return true,
+            },
+        };
+        lineage.contains(&(pid, start_time))
     }
 
     /// Whether the pending changes leave this resolution current for a
     /// stream that last sent the identities `keys`.
-    fn still_current(&self, pending: &crate::changes::Pending, keys: &[String]) -> bool {
+    fn still_current(
+        &self,
+        caller: &Caller,
+        pending: &crate::changes::Pending,
+        keys: &[String],
+    ) -> bool {
         !pending.everything
             && !pending.cgroup_task_begun
             && !pending
@@ -340,7 +344,7 @@ impl Resolved {
             && !pending
                 .processes_bound
                 .iter()
-                .any(|(pid, st)| self.may_be_inside(*pid, *st))
+                .any(|(pid, st)| self.may_be_inside(caller, *pid, *st))
     }
 
     /// The caller still runs the executable it was attested with. An exec
@@ -639,7 +643,7 @@ where
                 let (now_generation, unseen) = agent.changes().since(seen);
                 seen = now_generation;
                 let now = Instant::now();
-                if now >= reattest_due || !resolved.still_current(&unseen, &keys) {
+                if now >= reattest_due || !resolved.still_current(&caller, &unseen, &keys) {
                     break;
                 }
                 // Something is to be sent from the last resolution; a caller
@@ -882,4 +886,64 @@ fn unix_secs(t: SystemTime) -> i64 {
     t.duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use writ_attestors::PinnedProcess;
+
+    fn this_process() -> (Caller, writ_attestors::ProcessSnapshot) {
+        let process = PinnedProcess::open(std::process::id() as i32).unwrap();
+        let snapshot = writ_attestors::read_snapshot(&process).unwrap();
+        let caller = Caller {
+            pid: process.pid(),
+            uid: snapshot.uid,
+            gid: snapshot.gid,
+            process,
+            lineage: std::sync::OnceLock::new(),
+        };
+        (caller, snapshot)
+    }
+
+    fn resolution(snapshot: &writ_attestors::ProcessSnapshot) -> Arc<Resolved> {
+        Resolved::new(
+            Entitled {
+                attestation: Attestation {
+                    snapshot: snapshot.clone(),
+                    selectors: Vec::new(),
+                },
+                entitlements: Vec::new(),
+            },
+            Vec::new(),
+        )
+    }
+
+    /// A stream asks, for every process a task is bound to, whether the task
+    /// may cover its caller. The caller's lineage is read for the first
+    /// question and kept on the connection: later resolutions answer from it
+    /// instead of walking /proc again.
+    #[test]
+    fn a_callers_lineage_is_read_once_per_connection() {
+        let (caller, snapshot) = this_process();
+        let parent = PinnedProcess::open(snapshot.ppid).unwrap();
+        let first = resolution(&snapshot);
+        assert!(first.may_be_inside(&caller, parent.pid(), parent.start_time()));
+        let kept = caller.lineage.get().expect("the lineage is kept").clone();
+        assert!(kept.contains(&(parent.pid(), parent.start_time())));
+        // The same PID with another start time is a different process.
+        assert!(!first.may_be_inside(&caller, parent.pid(), parent.start_time() + 1));
+        // Itself, and nothing that started after it, needs no lineage.
+        assert!(first.may_be_inside(&caller, snapshot.pid, snapshot.start_time));
+        assert!(!first.may_be_inside(&caller, 1, snapshot.start_time + 1));
+
+        // A fresh connection whose kept lineage says otherwise: a later
+        // resolution answers from what the connection kept.
+        let (other, _) = this_process();
+        let stand_in = (i32::MAX, 1);
+        other.lineage.set(vec![stand_in]).unwrap();
+        let later = resolution(&snapshot);
+        assert!(later.may_be_inside(&other, stand_in.0, stand_in.1));
+        assert!(!later.may_be_inside(&other, parent.pid(), parent.start_time()));
+    }
 }
