@@ -138,6 +138,10 @@ pub struct Crls {
 struct TaskIndex {
     by_pid: HashMap<i32, Vec<(Arc<Task>, u64)>>,
     by_cgroup: HashMap<String, Vec<Arc<Task>>>,
+    /// For each active task, the other X.509 identities (cache keys) sent
+    /// beside its SVID: a workload held them while it held the task's key,
+    /// so they are re-keyed when the task ends.
+    co_held: HashMap<String, std::collections::HashSet<String>>,
 }
 
 impl TaskIndex {
@@ -225,6 +229,10 @@ pub struct Agent {
     /// rotates; see `CaCheckpointSigner`.
     checkpoint_key: Mutex<Option<crate::ca::CheckpointKey>>,
     svids: Mutex<HashMap<String, Arc<CachedSvid>>>,
+    /// One mint at a time per identity: when an SVID many streams share is
+    /// re-keyed, the first to ask mints and the others wait and take its
+    /// SVID, instead of each minting (and recording) its own.
+    minting: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     jwt_svids: Mutex<HashMap<JwtCacheKey, JwtSvid>>,
     own_bundle: RwLock<Arc<OwnBundle>>,
     /// Bundles of other trust domains; `federation::Federation` changes them.
@@ -264,6 +272,7 @@ impl Agent {
             ca: RwLock::new(ca),
             checkpoint_key,
             svids: Mutex::new(HashMap::new()),
+            minting: Mutex::new(HashMap::new()),
             jwt_svids: Mutex::new(HashMap::new()),
             own_bundle: RwLock::new(Arc::new(own_bundle)),
             federated: Default::default(),
@@ -506,6 +515,7 @@ impl Agent {
 
     pub fn index_task(&self, task: Arc<Task>) {
         let mut index = write_lock(&self.tasks);
+        index.co_held.entry(task.id.clone()).or_default();
         match &task.binding {
             crate::tasks::Binding::Pid { pid, start_time } => {
                 index
@@ -524,9 +534,13 @@ impl Agent {
         }
     }
 
-    /// Stops serving a task's identity and forgets its cached SVID.
+    /// Stops serving a task's identity, forgets its cached SVIDs and drops
+    /// the cached SVIDs of the identities sent beside it, so that whoever
+    /// asks next (any stream that holds them, not only the task's) gets a
+    /// fresh key. Done here, before the completion asks for its CRL, so the
+    /// streams the CRL wakes already find the new keys.
     pub fn unindex_task(&self, task_id: &str) {
-        {
+        let co_held = {
             let mut index = write_lock(&self.tasks);
             index.by_pid.retain(|_, v| {
                 v.retain(|(t, _)| t.id != task_id);
@@ -536,18 +550,34 @@ impl Agent {
                 v.retain(|t| t.id != task_id);
                 !v.is_empty()
             });
-        }
+            index.co_held.remove(task_id).unwrap_or_default()
+        };
         let key = task_cache_key(task_id);
         lock(&self.jwt_svids).retain(|k, _| k.identity != key);
-        lock(&self.svids).remove(&key);
+        let ended_at = SystemTime::now();
+        let mut svids = lock(&self.svids);
+        svids.remove(&key);
+        for held in &co_held {
+            // One minted after the task ended was never beside it.
+            if svids.get(held).is_some_and(|c| c.minted_at < ended_at) {
+                svids.remove(held);
+            }
+        }
     }
 
-    /// Forces a fresh key for `cache_key` unless its SVID was minted after
-    /// `since` (another stream already re-keyed it).
-    pub fn rekey_if_older(&self, cache_key: &str, since: SystemTime) {
-        let mut svids = lock(&self.svids);
-        if svids.get(cache_key).is_some_and(|c| c.minted_at < since) {
-            svids.remove(cache_key);
+    /// Notes that the identities `keys` are being sent together: each task
+    /// among them (`task_ids`) gains the others as identities held beside
+    /// it. A task already ended is skipped; its SVID is not sent.
+    pub fn note_held_together(&self, task_ids: &[&str], keys: &[String]) {
+        if task_ids.is_empty() || keys.len() < 2 {
+            return;
+        }
+        let mut index = write_lock(&self.tasks);
+        for task_id in task_ids {
+            let own = task_cache_key(task_id);
+            if let Some(held) = index.co_held.get_mut(*task_id) {
+                held.extend(keys.iter().filter(|k| **k != own).cloned());
+            }
         }
     }
 
@@ -561,15 +591,49 @@ impl Agent {
         now: SystemTime,
         issuance: &Issuance,
     ) -> Result<Arc<CachedSvid>, AgentError> {
-        if let Some(cached) = lock(&self.svids).get(&entitlement.cache_key)
-            && now < cached.rotate_at
-        {
-            return Ok(cached.clone());
+        if let Some(cached) = self.cached_svid(&entitlement.cache_key, now) {
+            return Ok(cached);
         }
-        // Mint outside the cache lock: minting costs a keygen and a signature,
-        // and other entitlements must not wait for it. Two callers racing on
-        // the same entitlement may both mint; the later insert wins and the
-        // other SVID is simply used once (and, for a task, still recorded).
+        let gate = lock(&self.minting)
+            .entry(entitlement.cache_key.clone())
+            .or_default()
+            .clone();
+        let minted = async {
+            let _turn = gate.lock().await;
+            // Whoever held the turn before may have minted it.
+            if let Some(cached) = self.cached_svid(&entitlement.cache_key, now) {
+                return Ok(cached);
+            }
+            self.mint_svid(entitlement, now, issuance).await
+        }
+        .await;
+        let mut minting = lock(&self.minting);
+        // Forgotten once nobody else holds or waits for this identity's turn.
+        if minting
+            .get(&entitlement.cache_key)
+            .is_some_and(|g| Arc::ptr_eq(g, &gate) && Arc::strong_count(g) == 2)
+        {
+            minting.remove(&entitlement.cache_key);
+        }
+        minted
+    }
+
+    fn cached_svid(&self, cache_key: &str, now: SystemTime) -> Option<Arc<CachedSvid>> {
+        lock(&self.svids)
+            .get(cache_key)
+            .filter(|cached| now < cached.rotate_at)
+            .cloned()
+    }
+
+    /// Mints, records and caches a new SVID for `entitlement`; the caller
+    /// holds its turn. Minting happens outside the cache lock: it costs a
+    /// keygen and a signature, and other entitlements must not wait for it.
+    async fn mint_svid(
+        &self,
+        entitlement: &Entitlement,
+        now: SystemTime,
+        issuance: &Issuance,
+    ) -> Result<Arc<CachedSvid>, AgentError> {
         let task = entitlement
             .task_id
             .as_deref()
@@ -830,15 +894,24 @@ impl Agent {
     /// signing: the publisher takes everything requested so far in one pass,
     /// like a group commit.
     pub async fn publish_crls(&self) -> Result<(), AgentError> {
+        let wanted = self.request_crls();
+        self.crls_published(wanted).await
+    }
+
+    /// Asks for a CRL that includes every revocation stored before this
+    /// call; `crls_published` with the returned epoch waits for it.
+    pub fn request_crls(&self) -> u64 {
+        let mut wanted = 0;
+        self.crl_requested.send_modify(|epoch| {
+            *epoch += 1;
+            wanted = *epoch;
+        });
+        wanted
+    }
+
+    /// Waits until the CRL asked for as `wanted` (or a later one) is live.
+    pub async fn crls_published(&self, wanted: u64) -> Result<(), AgentError> {
         let mut published = self.crl_published.subscribe();
-        let wanted = {
-            let mut wanted = 0;
-            self.crl_requested.send_modify(|epoch| {
-                *epoch += 1;
-                wanted = *epoch;
-            });
-            wanted
-        };
         published
             .wait_for(|p| p.epoch >= wanted || p.failed_epoch >= wanted)
             .await

@@ -26,8 +26,14 @@ pub enum Change {
     TaskBegunForProcess { pid: i32, start_time: u64 },
     /// A task bound to a cgroup began: any caller may be inside it.
     TaskBegunForCgroup,
-    /// These tasks completed; streams that carried them re-resolve.
-    TasksEnded(Vec<String>),
+    /// These tasks completed; streams that carried them re-resolve. With
+    /// `crl_epoch`, the completion has asked for the CRL that revokes their
+    /// certificates, and a stream waits for it, so that one message carries
+    /// both the identities without the task and the new CRL.
+    TasksEnded {
+        ids: Vec<String>,
+        crl_epoch: Option<u64>,
+    },
 }
 
 /// What a stream has not seen yet, folded into one summary.
@@ -38,6 +44,8 @@ pub struct Pending {
     pub cgroup_task_begun: bool,
     pub processes_bound: Vec<(i32, u64)>,
     pub tasks_ended: Vec<String>,
+    /// The latest CRL publication any of `tasks_ended` asked for.
+    pub crl_for_ended: Option<u64>,
 }
 
 impl Pending {
@@ -49,7 +57,10 @@ impl Pending {
                 self.processes_bound.push((*pid, *start_time))
             }
             Change::TaskBegunForCgroup => self.cgroup_task_begun = true,
-            Change::TasksEnded(ids) => self.tasks_ended.extend(ids.iter().cloned()),
+            Change::TasksEnded { ids, crl_epoch } => {
+                self.tasks_ended.extend(ids.iter().cloned());
+                self.crl_for_ended = self.crl_for_ended.max(*crl_epoch);
+            }
         }
     }
 }
@@ -127,15 +138,23 @@ mod tests {
             pid: 7,
             start_time: 70,
         });
-        log.push(Change::TasksEnded(vec!["t1".into()]));
+        log.push(Change::TasksEnded {
+            ids: vec!["t1".into()],
+            crl_epoch: Some(3),
+        });
+        log.push(Change::TasksEnded {
+            ids: vec!["t2".into()],
+            crl_epoch: None,
+        });
         let (now, pending) = log.since(seen);
-        assert_eq!(now, seen + 2);
+        assert_eq!(now, seen + 3);
         assert!(
             !pending.documents,
             "the change before `seen` is not repeated"
         );
         assert_eq!(pending.processes_bound, vec![(7, 70)]);
-        assert_eq!(pending.tasks_ended, vec!["t1".to_owned()]);
+        assert_eq!(pending.tasks_ended, vec!["t1".to_owned(), "t2".to_owned()]);
+        assert_eq!(pending.crl_for_ended, Some(3));
         assert!(!pending.everything);
         let (again, nothing) = log.since(now);
         assert_eq!(again, now);

@@ -774,12 +774,13 @@ impl TaskManager {
             return Ok(None);
         }
         // Stop serving the identities at once, before the slower durable part.
+        // Streams hear of it once the CRL is asked for (below), so that each
+        // sends one message with both; one that looks meanwhile finds the
+        // identities gone already.
         for (task, _) in &victims {
             self.agent.unindex_task(&task.id);
         }
-        self.agent.notify(Change::TasksEnded(
-            victims.iter().map(|(t, _)| t.id.clone()).collect(),
-        ));
+        let ended_ids: Vec<String> = victims.iter().map(|(t, _)| t.id.clone()).collect();
 
         let now = SystemTime::now();
         let rows: Vec<(String, &'static str, String)> = victims
@@ -839,6 +840,10 @@ impl TaskManager {
                 // not on disk: say so loudly. A restart finds the tasks still
                 // active and completes them again, so nothing is lost.
                 tracing::error!(error = %e, task = id, "persisting task completion failed");
+                self.agent.notify(Change::TasksEnded {
+                    ids: ended_ids,
+                    crl_epoch: None,
+                });
                 return Err(e.into());
             }
         };
@@ -859,6 +864,11 @@ impl TaskManager {
             }
         }
         self.agent.add_revocations(live);
+        let crl_epoch = (revoked_serials > 0).then(|| self.agent.request_crls());
+        self.agent.notify(Change::TasksEnded {
+            ids: ended_ids,
+            crl_epoch,
+        });
         let revoked: Vec<(String, Vec<String>)> = revoked
             .into_iter()
             .map(|(task_id, entries)| {
@@ -898,8 +908,8 @@ impl TaskManager {
                 .detail("serials", serials.clone())
         }));
         let publish = async {
-            if !revoked.is_empty()
-                && let Err(e) = self.agent.publish_crls().await
+            if let Some(wanted) = crl_epoch
+                && let Err(e) = self.agent.crls_published(wanted).await
             {
                 tracing::error!(error = %e, "publishing a new CRL failed");
             }
@@ -977,8 +987,9 @@ impl TaskManager {
     pub fn issued_serials(&self, id: &str) -> Result<Vec<String>, TaskError> {
         let id = id.to_owned();
         Ok(self.store.read(move |conn| {
-            let mut stmt =
-                conn.prepare("SELECT serial FROM issued WHERE task_id = ?1 ORDER BY issued_at")?;
+            let mut stmt = conn.prepare_cached(
+                "SELECT serial FROM issued WHERE task_id = ?1 ORDER BY issued_at",
+            )?;
             let rows = stmt
                 .query_map(params![id], |r| r.get::<_, Vec<u8>>(0))?
                 .collect::<Result<Vec<_>, _>>()?;
@@ -1299,16 +1310,13 @@ mod tests {
             not_after_cap: Some(task.expires_at),
             task_id: Some(task.id.clone()),
         };
-        // Past the SVID minted as the task began: the race is in a rotation.
-        svc.agent.rekey_if_older(
-            &entitlement.cache_key,
-            SystemTime::now() + Duration::from_secs(1),
-        );
+        // Past the rotation point of the SVID minted as the task began (half
+        // of its 60 s): the race is in its rotation.
         let issued = svc
             .agent
             .svid_for(
                 &entitlement,
-                SystemTime::now(),
+                SystemTime::now() + Duration::from_secs(40),
                 &crate::agent::Issuance::new(None),
             )
             .await;
@@ -1409,22 +1417,6 @@ mod tests {
                 .map(|l| serde_json::from_str(l).unwrap())
                 .collect()
         }
-
-        /// The serials stored for `task_id`, hex.
-        async fn issued_serials(&self, task_id: &str) -> Vec<String> {
-            let id = task_id.to_owned();
-            self.svc
-                .store
-                .write(move |c| {
-                    let mut stmt = c.prepare("SELECT serial FROM issued WHERE task_id = ?1")?;
-                    let rows = stmt
-                        .query_map(params![id], |r| r.get::<_, Vec<u8>>(0))?
-                        .collect::<Result<Vec<_>, _>>()?;
-                    Ok(rows.iter().map(hex::encode).collect())
-                })
-                .await
-                .unwrap()
-        }
     }
 
     impl Drop for TestAgent {
@@ -1441,7 +1433,7 @@ mod tests {
     async fn begin_issues_the_first_svid_with_the_task() {
         let agent = TestAgent::start().await;
         let task = agent.begin("t-first").await.unwrap();
-        let stored = agent.issued_serials("t-first").await;
+        let stored = agent.svc.tasks.issued_serials("t-first").unwrap();
         assert_eq!(stored.len(), 1, "{stored:?}");
 
         let trail = agent.trail();
@@ -1480,6 +1472,45 @@ mod tests {
         assert_eq!(after.len(), 1, "the first fetch minted again: {after:?}");
     }
 
+    /// Streams sharing an identity all ask for it at once when it is
+    /// re-keyed (here: past its rotation point): one mints, the others wait
+    /// for its turn and take the same SVID.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn concurrent_callers_share_one_mint() {
+        let agent = Arc::new(TestAgent::start().await);
+        let task = agent.begin("t-shared").await.unwrap();
+        let entitlement = agent.svc.agent.task_entitlement(&task);
+        let later = SystemTime::now() + Duration::from_secs(40);
+        let callers: Vec<_> = (0..8)
+            .map(|_| {
+                let (agent, entitlement) = (agent.clone(), entitlement.clone());
+                tokio::spawn(async move {
+                    agent
+                        .svc
+                        .agent
+                        .svid_for(&entitlement, later, &crate::agent::Issuance::new(None))
+                        .await
+                        .unwrap()
+                        .svid
+                        .serial
+                        .clone()
+                })
+            })
+            .collect();
+        let mut serials = std::collections::BTreeSet::new();
+        for caller in callers {
+            serials.insert(caller.await.unwrap());
+        }
+        assert_eq!(serials.len(), 1, "{serials:?}");
+        let issued = agent
+            .trail()
+            .into_iter()
+            .filter(|r| r["event"] == "x509_issued")
+            .count();
+        // The SVID minted as the task began, and one rotation.
+        assert_eq!(issued, 2);
+    }
+
     /// When the trail cannot record the beginning, BeginTask fails and
     /// neither the task nor its first SVID's serial stays in the store.
     #[tokio::test(flavor = "multi_thread")]
@@ -1492,7 +1523,14 @@ mod tests {
             "{:?}",
             refused.map(|t| t.id.clone())
         );
-        assert!(agent.issued_serials("t-unrecorded").await.is_empty());
+        assert!(
+            agent
+                .svc
+                .tasks
+                .issued_serials("t-unrecorded")
+                .unwrap()
+                .is_empty()
+        );
         let stored: i64 = agent
             .svc
             .store

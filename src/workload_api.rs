@@ -276,6 +276,10 @@ struct Snapshot<T> {
     resolved: Arc<Resolved>,
 }
 
+/// The longest a stream waits for the CRL of a task it carried before it
+/// sends the update without it anyway (the CRL then follows on its own).
+const CRL_WAIT_LIMIT: Duration = Duration::from_millis(250);
+
 type SnapshotFuture<T> = futures::future::BoxFuture<'static, Result<Snapshot<T>, Status>>;
 
 /// Takes a stream's next full state. `reuse` is the caller's earlier
@@ -394,17 +398,13 @@ fn x509_svid_snapshot(
         let entitlements = &resolved.permitted;
         let now = SystemTime::now();
         let keys: Vec<String> = entitlements.iter().map(|e| e.cache_key.clone()).collect();
-        // A task identity this stream carried is gone: the task is over, so
-        // every identity that sat beside it in the workload's memory is
-        // re-keyed now rather than at its next rotation.
-        let lost_task = previous_keys
+        // When a task among these ends, the identities sent beside it are
+        // re-keyed (`Agent::unindex_task`): noted before its SVID is sent.
+        let task_ids: Vec<&str> = entitlements
             .iter()
-            .any(|k| k.starts_with("task:") && !keys.contains(k));
-        if lost_task {
-            for key in &keys {
-                agent.rekey_if_older(key, now);
-            }
-        }
+            .filter_map(|e| e.task_id.as_deref())
+            .collect();
+        agent.note_held_together(&task_ids, &keys);
         let own = agent.own_bundle();
         let crls = agent.crls();
         let federated = crate::federation::bundles_for(&agent, entitlements);
@@ -591,6 +591,8 @@ where
         let mut pending = Some(Ok(first));
         // What the next snapshot may reuse; `None` means resolve afresh.
         let mut reuse: Option<Arc<Resolved>> = None;
+        // The CRL publication a task this stream carried is waiting for.
+        let mut crl_for_ended: Option<u64> = None;
         loop {
             let current = match pending.take() {
                 // `changes` was subscribed before `first` was taken, so a
@@ -644,6 +646,13 @@ where
                 seen = now_generation;
                 let now = Instant::now();
                 if now >= reattest_due || !resolved.still_current(&caller, &unseen, &keys) {
+                    if unseen
+                        .tasks_ended
+                        .iter()
+                        .any(|t| keys.contains(&crate::agent::task_cache_key(t)))
+                    {
+                        crl_for_ended = unseen.crl_for_ended;
+                    }
                     break;
                 }
                 // Something is to be sent from the last resolution; a caller
@@ -655,6 +664,16 @@ where
                     }
                     break;
                 }
+            }
+            // A task this stream carried has ended and the CRL revoking it is
+            // being signed: wait for it (a fraction of a millisecond), so one
+            // message drops the task, re-keys the rest and carries the CRL,
+            // instead of a second message for the CRL alone. The fresh
+            // resolution that follows covers every change logged so far.
+            if let Some(epoch) = crl_for_ended.take() {
+                let _ = tokio::time::timeout(CRL_WAIT_LIMIT, agent.crls_published(epoch)).await;
+                changes.borrow_and_update();
+                seen = agent.changes().since(seen).0;
             }
         }
     });

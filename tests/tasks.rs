@@ -122,18 +122,27 @@ impl BoundChild {
 
     /// Next update: (spiffe ids, serials).
     fn next_update(&self, timeout: Duration) -> (Vec<String>, Vec<String>) {
+        let (ids, serials, _) = self.next_update_with_crl(timeout);
+        (ids, serials)
+    }
+
+    /// Next update: (spiffe ids, serials, serials its CRL revokes).
+    fn next_update_with_crl(&self, timeout: Duration) -> (Vec<String>, Vec<String>, Vec<String>) {
         let line = self
             .lines
             .recv_timeout(timeout)
             .expect("no stream update from bound child");
-        let (ids, serials) = line.split_once('|').unwrap();
-        let split = |s: &str| {
-            s.split(',')
+        let mut parts = line.split('|');
+        let mut next = || -> Vec<String> {
+            parts
+                .next()
+                .unwrap_or_default()
+                .split(',')
                 .filter(|x| !x.is_empty())
                 .map(str::to_owned)
                 .collect()
         };
-        (split(ids), split(serials))
+        (next(), next(), next())
     }
 
     fn svid_files(&self, n: usize) -> (Vec<u8>, Vec<u8>) {
@@ -821,7 +830,24 @@ fn helper() {
                         hex::encode(cert.raw_serial())
                     })
                     .collect();
-                println!("UPDATE {}|{}", ids.join(","), serials.join(","));
+                let revoked: Vec<String> = m
+                    .crl
+                    .iter()
+                    .flat_map(|der| {
+                        let (_, crl) =
+                            x509_parser::revocation_list::CertificateRevocationList::from_der(der)
+                                .unwrap();
+                        crl.iter_revoked_certificates()
+                            .map(|r| hex::encode(r.raw_serial()))
+                            .collect::<Vec<_>>()
+                    })
+                    .collect();
+                println!(
+                    "UPDATE {}|{}|{}",
+                    ids.join(","),
+                    serials.join(","),
+                    revoked.join(",")
+                );
                 std::io::stdout().flush().unwrap();
             }
         }
@@ -973,8 +999,9 @@ async fn a_task_change_reattests_only_the_streams_it_concerns() {
         .begin_task(begin_pid("t-scope", worker.pid()))
         .await
         .unwrap();
-    let (ids, _) = worker.next_update(Duration::from_secs(10));
+    let (ids, during) = worker.next_update(Duration::from_secs(10));
     assert_eq!(ids[0], format!("{ORCH_ID}/task/t-scope"));
+    let task_serial = during[0].clone();
     tasks
         .end_task(apb::EndTaskRequest {
             task_id: "t-scope".into(),
@@ -982,15 +1009,24 @@ async fn a_task_change_reattests_only_the_streams_it_concerns() {
         })
         .await
         .unwrap();
-    let (ids, _) = worker.next_update(Duration::from_secs(10));
+    // One message drops the task, re-keys the identity held beside it and
+    // carries the CRL that revokes the task's certificate.
+    let (ids, after, revoked) = worker.next_update_with_crl(Duration::from_secs(10));
     assert_eq!(ids, vec![ORCH_ID.to_string()]);
-    // Every bystander still receives the update (the new CRL, and the
+    assert_ne!(
+        after[0], during[1],
+        "the identity beside the task was not re-keyed"
+    );
+    assert!(revoked.contains(&task_serial), "{revoked:?}");
+    // Every bystander receives one update too (the new CRL, and the
     // orchestrator SVID it shares with the worker, re-keyed because the
     // worker held it during the task) without being re-judged itself.
     for (b, serials) in bystanders.iter().zip(&first) {
-        let (ids, now) = b.next_update(Duration::from_secs(10));
+        let (ids, now, revoked) = b.next_update_with_crl(Duration::from_secs(10));
         assert_eq!(ids, vec![ORCH_ID.to_string()]);
         assert_ne!(&now, serials, "the shared SVID was not re-keyed");
+        assert_eq!(now, after, "a bystander holds another key than the worker");
+        assert!(revoked.contains(&task_serial), "{revoked:?}");
     }
     let caused = attestations(&addr) - before;
     // BeginTask and EndTask attest the orchestrator, and the worker's
