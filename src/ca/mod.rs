@@ -846,7 +846,8 @@ impl CertificateAuthority {
         for entry in &self.x509 {
             let ca = &entry.authority;
             let mine = || revoked.iter().filter(|r| r.cert.issuer_key_id == ca.key_id);
-            if mine().next().is_none() {
+            let entries: Vec<&[u8]> = mine().map(|r| r.entry_der.as_slice()).collect();
+            if entries.is_empty() {
                 continue;
             }
             if crl::supports(ca.issuer.key()) {
@@ -859,11 +860,7 @@ impl CertificateAuthority {
                     this_update_unix: now_unix,
                     next_update_unix: next_unix,
                 };
-                crls.push(crl::sign(
-                    &header,
-                    mine().map(|r| r.entry_der.as_slice()),
-                    ca.issuer.key(),
-                )?);
+                crls.push(crl::sign(&header, &entries, ca.issuer.key())?);
                 continue;
             }
             let revoked_certs = mine()
