@@ -331,6 +331,29 @@ impl Resolved {
         lineage.contains(&(pid, start_time))
     }
 
+    /// This resolution without the identities of tasks that have ended.
+    /// A task ending only takes identities away, and what remains was
+    /// judged for the same attested facts, so nothing is re-attested or
+    /// re-evaluated: the resolution keeps its age, and the re-attest
+    /// interval still bounds it.
+    fn without_tasks(&self, ended: &[String]) -> Arc<Self> {
+        let keep = |e: &Entitlement| e.task_id.as_ref().is_none_or(|id| !ended.contains(id));
+        Arc::new(Self {
+            entitled: Entitled {
+                attestation: self.entitled.attestation.clone(),
+                entitlements: self
+                    .entitled
+                    .entitlements
+                    .iter()
+                    .filter(|e| keep(e))
+                    .cloned()
+                    .collect(),
+            },
+            permitted: self.permitted.iter().filter(|e| keep(e)).cloned().collect(),
+            at: self.at,
+        })
+    }
+
     /// Whether the pending changes leave this resolution current for a
     /// stream that last sent the identities `keys`.
     fn still_current(
@@ -646,12 +669,28 @@ where
                 seen = now_generation;
                 let now = Instant::now();
                 if now >= reattest_due || !resolved.still_current(&caller, &unseen, &keys) {
-                    if unseen
+                    let ended: Vec<String> = unseen
                         .tasks_ended
                         .iter()
-                        .any(|t| keys.contains(&crate::agent::task_cache_key(t)))
-                    {
+                        .filter(|t| keys.contains(&crate::agent::task_cache_key(t)))
+                        .cloned()
+                        .collect();
+                    if !ended.is_empty() {
                         crl_for_ended = unseen.crl_for_ended;
+                        // When identities only went away, they are dropped
+                        // from the last resolution rather than the caller
+                        // resolved again.
+                        let rest = crate::changes::Pending {
+                            tasks_ended: Vec::new(),
+                            crl_for_ended: None,
+                            ..unseen
+                        };
+                        if now < reattest_due
+                            && resolved.still_current(&caller, &rest, &keys)
+                            && resolved.same_executable(&caller)
+                        {
+                            reuse = Some(resolved.without_tasks(&ended));
+                        }
                     }
                     break;
                 }
@@ -672,8 +711,18 @@ where
             // resolution that follows covers every change logged so far.
             if let Some(epoch) = crl_for_ended.take() {
                 let _ = tokio::time::timeout(CRL_WAIT_LIMIT, agent.crls_published(epoch)).await;
+                // The snapshot below shows everything logged until now (the
+                // CRL among it); a change meanwhile that concerns the caller
+                // means it is resolved afresh rather than reused.
                 changes.borrow_and_update();
-                seen = agent.changes().since(seen).0;
+                let (now_generation, meanwhile) = agent.changes().since(seen);
+                if reuse
+                    .as_ref()
+                    .is_some_and(|r| !r.still_current(&caller, &meanwhile, &keys))
+                {
+                    reuse = None;
+                }
+                seen = now_generation;
             }
         }
     });
