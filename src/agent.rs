@@ -411,23 +411,7 @@ impl Agent {
         &self,
         event: AuditEvent,
     ) -> impl Future<Output = Result<(), AgentError>> + Send + use<'_> {
-        let started = std::time::Instant::now();
-        let queued = self.audit.get().map(|log| log.start_append(event));
-        async move {
-            let Some(queued) = queued else {
-                return Ok(());
-            };
-            let appended = match queued {
-                Ok(on_disk) => on_disk.await,
-                Err(e) => Err(e),
-            };
-            self.metrics
-                .audit_write_seconds
-                .observe(started.elapsed().as_secs_f64());
-            appended
-                .map(|_| ())
-                .map_err(|e| AgentError::Audit(e.to_string()))
-        }
+        self.start_record_group(std::slice::from_ref(&event))
     }
 
     /// `start_record` for records that stand or fall together, written
