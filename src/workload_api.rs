@@ -707,8 +707,7 @@ where
             // A task this stream carried has ended and the CRL revoking it is
             // being signed: wait for it (a fraction of a millisecond), so one
             // message drops the task, re-keys the rest and carries the CRL,
-            // instead of a second message for the CRL alone. The fresh
-            // resolution that follows covers every change logged so far.
+            // instead of a second message for the CRL alone.
             if let Some(epoch) = crl_for_ended.take() {
                 let _ = tokio::time::timeout(CRL_WAIT_LIMIT, agent.crls_published(epoch)).await;
                 // The snapshot below shows everything logged until now (the
