@@ -422,12 +422,15 @@ fn x509_svid_snapshot(
         let now = SystemTime::now();
         let keys: Vec<String> = entitlements.iter().map(|e| e.cache_key.clone()).collect();
         // When a task among these ends, the identities sent beside it are
-        // re-keyed (`Agent::unindex_task`): noted before its SVID is sent.
-        let task_ids: Vec<&str> = entitlements
-            .iter()
-            .filter_map(|e| e.task_id.as_deref())
-            .collect();
-        agent.note_held_together(&task_ids, &keys);
+        // re-keyed (`Agent::unindex_task`): noted before its SVID is sent,
+        // once per set (a resend of the same identities noted it already).
+        if keys != previous_keys {
+            let task_ids: Vec<&str> = entitlements
+                .iter()
+                .filter_map(|e| e.task_id.as_deref())
+                .collect();
+            agent.note_held_together(&task_ids, &keys);
+        }
         let own = agent.own_bundle();
         let crls = agent.crls();
         let federated = crate::federation::bundles_for(&agent, entitlements);
