@@ -122,19 +122,28 @@ pub(crate) fn parse_stat(text: &[u8]) -> Result<StatFields, String> {
 /// The credential fields of /proc/<pid>/status.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct StatusFields {
+    pub(crate) ppid: i32,
     pub(crate) effective_uid: u32,
     pub(crate) effective_gid: u32,
     pub(crate) supplementary_gids: Vec<u32>,
 }
 
 pub(crate) fn parse_status(text: &[u8]) -> Result<StatusFields, String> {
+    let mut ppid = None;
     let mut uid = None;
     let mut gid = None;
     let mut groups = Vec::new();
     for line in text.split(|&b| b == b'\n') {
         // "Name:" may hold arbitrary bytes, so only the lines we need are
         // decoded.
-        if let Some(rest) = line.strip_prefix(b"Uid:") {
+        if let Some(rest) = line.strip_prefix(b"PPid:") {
+            let rest = std::str::from_utf8(rest).map_err(|_| "PPid line is not ASCII")?;
+            ppid = Some(
+                rest.trim()
+                    .parse::<i32>()
+                    .map_err(|e| format!("PPid line {:?}: {e}", rest.trim()))?,
+            );
+        } else if let Some(rest) = line.strip_prefix(b"Uid:") {
             uid = Some(second_id(rest).map_err(|e| format!("Uid line: {e}"))?);
         } else if let Some(rest) = line.strip_prefix(b"Gid:") {
             gid = Some(second_id(rest).map_err(|e| format!("Gid line: {e}"))?);
@@ -150,6 +159,7 @@ pub(crate) fn parse_status(text: &[u8]) -> Result<StatusFields, String> {
         }
     }
     Ok(StatusFields {
+        ppid: ppid.ok_or("no PPid line")?,
         effective_uid: uid.ok_or("no Uid line")?,
         effective_gid: gid.ok_or("no Gid line")?,
         supplementary_gids: groups,
@@ -236,12 +246,18 @@ mod tests {
         assert_eq!(status.effective_uid, 1001);
         assert_eq!(status.effective_gid, 51);
         assert_eq!(status.supplementary_gids, vec![4, 24, 27]);
+        assert_eq!(status.ppid, 1);
 
         let empty_groups =
-            parse_status(b"Uid:\t0\t0\t0\t0\nGid:\t0\t0\t0\t0\nGroups:\t\n").unwrap();
+            parse_status(b"PPid:\t0\nUid:\t0\t0\t0\t0\nGid:\t0\t0\t0\t0\nGroups:\t\n").unwrap();
         assert!(empty_groups.supplementary_gids.is_empty());
-        assert!(parse_status(b"Gid:\t0\t0\t0\t0\n").is_err());
-        assert!(parse_status(b"Uid:\t0\nGid:\t0\t0\t0\t0\n").is_err());
+        assert_eq!(empty_groups.ppid, 0);
+        assert!(parse_status(b"PPid:\t1\nGid:\t0\t0\t0\t0\n").is_err());
+        assert!(parse_status(b"PPid:\t1\nUid:\t0\nGid:\t0\t0\t0\t0\n").is_err());
+        // Without its parent the snapshot would be wrong, not just short.
+        let no_ppid = parse_status(b"Uid:\t0\t0\t0\t0\nGid:\t0\t0\t0\t0\n").unwrap_err();
+        assert!(no_ppid.contains("PPid"), "{no_ppid}");
+        assert!(parse_status(b"PPid:\tx\nUid:\t0\t0\t0\t0\nGid:\t0\t0\t0\t0\n").is_err());
     }
 
     #[test]

@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 
 use crate::error::AttestError;
-use crate::process::{PinnedProcess, read_stat_with};
+use crate::process::PinnedProcess;
 use crate::procfs::{self, ProcPaths};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -25,18 +25,15 @@ pub struct ProcessSnapshot {
     pub cgroup_path: Option<String>,
 }
 
-/// Reads the snapshot. The start time is checked against the pinned one, but
-/// only the caller's final pidfd check (see `AttestorSet::attest`) proves
-/// the rest was read before the process could have died.
+/// Reads the snapshot, then asks the pidfd whether the process is still
+/// alive: a PID is only reused after its process has exited and been reaped,
+/// so alive at the end means every file read was this process's. That is
+/// why no `stat` read is needed to compare start times. Attestors that read
+/// more afterwards rely on the final check in `AttestorSet::attest`.
 pub fn read_snapshot(process: &PinnedProcess) -> Result<ProcessSnapshot, AttestError> {
     let pid = process.pid();
     let mut paths = ProcPaths::new(pid);
     let mut buf = Vec::with_capacity(2048);
-
-    let stat = read_stat_with(&mut paths, &mut buf)?;
-    if stat.start_time != process.start_time() {
-        return Err(AttestError::ProcessGone { pid });
-    }
 
     paths.read("status", &mut buf)?;
     let status = procfs::parse_status(&buf)
@@ -48,10 +45,14 @@ pub fn read_snapshot(process: &PinnedProcess) -> Result<ProcessSnapshot, AttestE
     let cgroup_path = procfs::parse_cgroup(&buf)
         .map_err(|detail| procfs::parse_error(paths.file("cgroup").to_path_buf(), detail))?;
 
+    if process.has_exited() {
+        return Err(AttestError::ProcessGone { pid });
+    }
+
     Ok(ProcessSnapshot {
         pid,
-        ppid: stat.ppid,
-        start_time: stat.start_time,
+        ppid: status.ppid,
+        start_time: process.start_time(),
         uid: status.effective_uid,
         gid: status.effective_gid,
         supplementary_gids: status.supplementary_gids,
@@ -93,5 +94,28 @@ mod tests {
         let cgroup = std::fs::read_to_string("/proc/self/cgroup").unwrap();
         let expected = cgroup.lines().find_map(|l| l.strip_prefix("0::"));
         assert_eq!(snapshot.cgroup_path.as_deref(), expected);
+    }
+
+    /// An exited but unreaped child still has every /proc file the snapshot
+    /// reads, with its PID not yet free; the pidfd check is what refuses it.
+    #[test]
+    fn a_process_that_exited_is_gone_even_before_it_is_reaped() {
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pinned = PinnedProcess::open(child.id() as i32).unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !pinned.has_exited() {
+            assert!(std::time::Instant::now() < deadline, "child never exited");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert!(
+            std::path::Path::new(&format!("/proc/{}/status", child.id())).exists(),
+            "the zombie's /proc entry should still be there"
+        );
+        let outcome = read_snapshot(&pinned);
+        child.wait().unwrap();
+        assert!(
+            matches!(outcome, Err(AttestError::ProcessGone { pid }) if pid == pinned.pid()),
+            "{outcome:?}"
+        );
     }
 }
