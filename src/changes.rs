@@ -118,7 +118,11 @@ impl ChangeLog {
         if oldest > seen + 1 {
             pending.everything = true;
         }
-        for (_, change) in recent.iter().filter(|(g, _)| *g > seen) {
+        // Generations in the log are consecutive, so the first one after
+        // `seen` sits at a known offset: no scan over what was already seen.
+        let first = usize::try_from((seen + 1).saturating_sub(oldest))
+            .map_or(recent.len(), |offset| offset.min(recent.len()));
+        for (_, change) in recent.range(first..) {
             pending.add(change);
         }
         (now, pending)
@@ -176,6 +180,23 @@ mod tests {
             "a subscriber one behind is not in a gap"
         );
         assert!(recent.documents);
+    }
+
+    #[test]
+    fn after_the_window_wraps_a_subscriber_gets_exactly_what_followed_it() {
+        let log = ChangeLog::default();
+        for _ in 0..RETAINED + 10 {
+            log.push(Change::Documents);
+        }
+        let seen = log.current();
+        for pid in 1..=3 {
+            log.push(Change::TaskBegunForProcess { pid, start_time: 0 });
+        }
+        let (_, pending) = log.since(seen);
+        assert!(!pending.documents && !pending.everything);
+        assert_eq!(pending.processes_bound, vec![(1, 0), (2, 0), (3, 0)]);
+        let (_, last) = log.since(seen + 2);
+        assert_eq!(last.processes_bound, vec![(3, 0)]);
     }
 
     #[tokio::test]
