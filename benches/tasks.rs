@@ -502,7 +502,7 @@ fn task_spiffe_id(task_id: &str) -> String {
 }
 
 /// Serial numbers (hex) in a set of DER CRLs.
-fn revoked_serials(crls: &[Vec<u8>]) -> Result<HashSet<String>> {
+fn revoked_serials(crls: &[bytes::Bytes]) -> Result<HashSet<String>> {
     let mut out = HashSet::new();
     for der in crls {
         let (_, crl) = CertificateRevocationList::from_der(der)
@@ -516,7 +516,7 @@ fn revoked_serials(crls: &[Vec<u8>]) -> Result<HashSet<String>> {
 
 /// The bench's own FetchX509Bundles stream: every message stamped on
 /// arrival, CRLs parsed later by whoever waits.
-async fn watch_bundles(writ: &Writ) -> Result<mpsc::UnboundedReceiver<(i64, Vec<Vec<u8>>)>> {
+async fn watch_bundles(writ: &Writ) -> Result<mpsc::UnboundedReceiver<(i64, Vec<bytes::Bytes>)>> {
     let mut client = workload_client(&writ.socket).await?;
     let mut stream = client
         .fetch_x509_bundles(pb::X509BundlesRequest {})
@@ -544,7 +544,7 @@ async fn crl_size(writ: &Writ) -> Result<(usize, usize)> {
         .message()
         .await?
         .context("bundles stream ended early")?;
-    let bytes = message.crl.iter().map(Vec::len).sum();
+    let bytes = message.crl.iter().map(bytes::Bytes::len).sum();
     Ok((revoked_serials(&message.crl)?.len(), bytes))
 }
 

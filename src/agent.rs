@@ -129,7 +129,8 @@ pub struct OwnBundle {
 /// The CRLs we publish, with a generation that streams compare.
 #[derive(Default)]
 pub struct Crls {
-    pub ders: Vec<Vec<u8>>,
+    /// Shared by every message that carries them, never copied per stream.
+    pub ders: Vec<bytes::Bytes>,
     pub generation: u64,
 }
 
@@ -1043,6 +1044,7 @@ impl Agent {
         {
             let mut crls = write_lock(&self.crls);
             let generation = crls.generation + 1;
+            let ders = ders.into_iter().map(bytes::Bytes::from).collect();
             *crls = Arc::new(Crls { ders, generation });
         }
         self.notify(Change::Documents);

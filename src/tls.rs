@@ -55,7 +55,7 @@ pub fn spiffe_id_of(cert_der: &[u8]) -> Result<SpiffeId, TlsError> {
 #[derive(Default, Clone)]
 pub struct TrustStore {
     pub bundles: HashMap<TrustDomain, Vec<CertificateDer<'static>>>,
-    pub crls: Vec<Vec<u8>>,
+    pub crls: Vec<bytes::Bytes>,
 }
 
 pub type Authorizer = Arc<dyn Fn(&SpiffeId) -> bool + Send + Sync>;

@@ -168,7 +168,7 @@ fn with_header<T>(m: T) -> tonic::Request<T> {
 }
 
 /// The CRLs and bundle the test process itself sees on the Workload API.
-async fn crls_and_bundle(writ: &Writ) -> (Vec<Vec<u8>>, Vec<u8>) {
+async fn crls_and_bundle(writ: &Writ) -> (Vec<bytes::Bytes>, Vec<u8>) {
     let mut c = pb::spiffe_workload_api_client::SpiffeWorkloadApiClient::new(
         writ::cli::client::connect(&writ.socket).await.unwrap(),
     );
@@ -184,7 +184,7 @@ async fn crls_and_bundle(writ: &Writ) -> (Vec<Vec<u8>>, Vec<u8>) {
     (m.crl, m.bundles.get("spiffe://writ.test").cloned().unwrap())
 }
 
-fn revoked_serials(crls: &[Vec<u8>]) -> Vec<String> {
+fn revoked_serials(crls: &[bytes::Bytes]) -> Vec<String> {
     let mut out = Vec::new();
     for der in crls {
         let (_, crl) =
@@ -212,7 +212,7 @@ async fn tool_server_accepts(
     chain: &[u8],
     key: &[u8],
     bundle: &[u8],
-    crls: Vec<Vec<u8>>,
+    crls: Vec<bytes::Bytes>,
 ) -> Result<(), String> {
     let mut trust = TrustStore::default();
     trust
@@ -782,7 +782,7 @@ async fn after_a_crash_dead_tasks_are_revoked_and_live_ones_resume() {
     );
 }
 
-fn crl_number(crls: &[Vec<u8>]) -> u64 {
+fn crl_number(crls: &[bytes::Bytes]) -> u64 {
     let (_, crl) =
         x509_parser::revocation_list::CertificateRevocationList::from_der(&crls[0]).unwrap();
     let digits = crl.crl_number().unwrap().to_u64_digits();
