@@ -6,6 +6,10 @@
 //! `localhost` before `h2` sees it: client header blocks are decoded with a
 //! decoder that mirrors the client's HPACK state and re-encoded with an
 //! encoder whose state `h2`'s decoder mirrors. Every other byte passes through.
+//! Huffman-coded strings are unpacked by `raw_strings` before the HPACK
+//! decoder sees them.
+
+mod raw_strings;
 
 use std::io;
 use std::pin::Pin;
@@ -52,6 +56,9 @@ pub struct AuthorityFix<S> {
     pending: Option<PendingHeaders>,
     decoder: loona_hpack::Decoder<'static>,
     encoder: loona_hpack::Encoder<'static>,
+    /// The header block being decoded, with its strings unpacked; kept to
+    /// reuse its allocation.
+    unpacked: Vec<u8>,
     eof: bool,
 }
 
@@ -66,6 +73,7 @@ impl<S> AuthorityFix<S> {
             pending: None,
             decoder: loona_hpack::Decoder::new(),
             encoder: loona_hpack::Encoder::new(),
+            unpacked: Vec::new(),
             eof: false,
         }
     }
@@ -186,9 +194,12 @@ impl<S> AuthorityFix<S> {
         let Some(pending) = self.pending.take() else {
             return Ok(());
         };
+        self.unpacked.clear();
+        raw_strings::unhuffman(&pending.block, &mut self.unpacked)
+            .map_err(|e| invalid(&format!("HPACK: {e}")))?;
         let mut headers: Vec<(Vec<u8>, Vec<u8>)> = self
             .decoder
-            .decode(&pending.block)
+            .decode(&self.unpacked)
             .map_err(|e| invalid(&format!("HPACK: {e:?}")))?;
         for (name, value) in headers.iter_mut() {
             if name.as_slice() == b":authority" && !valid_authority(value) {
