@@ -138,8 +138,9 @@ fn read_integer(block: &[u8], prefix_bits: u32) -> Result<(usize, usize), HpackE
     }
     let mut shift = 0u32;
     for (i, &byte) in block.iter().enumerate().skip(1) {
-        // Four continuation bytes already exceed any length a header block
-        // this size could hold.
+        // Four continuation bytes reach 2^28, far past any length or index
+        // a header block of at most MAX_HEADER_BLOCK bytes can carry; a
+        // fifth is refused.
         if shift > 21 {
             return Err(HpackError::IntegerTooLarge);
         }
