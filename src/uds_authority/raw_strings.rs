@@ -153,21 +153,6 @@ fn read_integer(block: &[u8], prefix_bits: u32) -> Result<(usize, usize), HpackE
     Err(HpackError::Truncated)
 }
 
-/// Writes a string length with the 7-bit prefix and the Huffman flag clear.
-fn write_raw_length(mut length: usize, out: &mut Vec<u8>) {
-    if length < 0x7f {
-        out.push(length as u8);
-        return;
-    }
-    out.push(0x7f);
-    length -= 0x7f;
-    while length >= 0x80 {
-        out.push((length as u8 & 0x7f) | 0x80);
-        length >>= 7;
-    }
-    out.push(length as u8);
-}
-
 /// Copies the string literal at the start of `block` to `out`, raw, and
 /// returns how many bytes of `block` it took.
 fn copy_string(block: &[u8], out: &mut Vec<u8>) -> Result<usize, HpackError> {
@@ -176,12 +161,10 @@ fn copy_string(block: &[u8], out: &mut Vec<u8>) -> Result<usize, HpackError> {
     let end = header.checked_add(length).ok_or(HpackError::Truncated)?;
     let data = block.get(header..end).ok_or(HpackError::Truncated)?;
     if huffman {
-        // Decoded strings are at most 8/5 of their code; decode in place at
-        // the end of `out`, then slide the length in front.
-        let start = out.len();
-        huffman_decode(data, out)?;
-        let decoded = out.split_off(start);
-        write_raw_length(decoded.len(), out);
+        let mut decoded = Vec::with_capacity(data.len() * 8 / 5 + 1);
+        huffman_decode(data, &mut decoded)?;
+        // The length's 7-bit prefix with the Huffman flag clear.
+        out.extend_from_slice(&loona_hpack::encoder::encode_integer(decoded.len(), 7));
         out.extend_from_slice(&decoded);
     } else {
         out.extend_from_slice(&block[..end]);
@@ -341,19 +324,8 @@ mod tests {
         );
     }
 
-    fn write_integer(value: usize, prefix_bits: u32, flags: u8, out: &mut Vec<u8>) {
-        let max = (1usize << prefix_bits) - 1;
-        if value < max {
-            out.push(flags | value as u8);
-            return;
-        }
-        out.push(flags | max as u8);
-        let mut rest = value - max;
-        while rest >= 0x80 {
-            out.push((rest as u8 & 0x7f) | 0x80);
-            rest >>= 7;
-        }
-        out.push(rest as u8);
+    fn write_integer(value: usize, prefix_bits: u8, flags: u8, out: &mut Vec<u8>) {
+        loona_hpack::encoder::encode_integer_into(value, prefix_bits, flags, out).unwrap();
     }
 
     fn write_string(text: &[u8], huffman: bool, out: &mut Vec<u8>) {
