@@ -100,8 +100,15 @@ mod tests {
     /// reads, with its PID not yet free; the pidfd check is what refuses it.
     #[test]
     fn a_process_that_exited_is_gone_even_before_it_is_reaped() {
-        let mut child = std::process::Command::new("true").spawn().unwrap();
+        // The child waits on its stdin so it is pinned while still alive;
+        // closing the pipe is what lets it exit.
+        let mut child = std::process::Command::new("cat")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
         let pinned = PinnedProcess::open(child.id() as i32).unwrap();
+        drop(child.stdin.take());
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         while !pinned.has_exited() {
             assert!(std::time::Instant::now() < deadline, "child never exited");
