@@ -619,10 +619,16 @@ impl Agent {
         now: SystemTime,
         issuance: &Issuance,
     ) -> Result<Arc<CachedSvid>, AgentError> {
-        let task = entitlement
-            .task_id
-            .as_deref()
-            .and_then(|t| self.task_facts_for(t));
+        // A task no longer indexed is completing: a resolution made before
+        // it ended may still name it, but minting now would only sign a key
+        // that the store refuses and the trail withdraws.
+        let task = match entitlement.task_id.as_deref() {
+            None => None,
+            Some(task_id) => Some(
+                self.task_facts_for(task_id)
+                    .ok_or_else(|| AgentError::TaskCompleted(task_id.to_owned()))?,
+            ),
+        };
         let issued_event = |plan: &X509SvidPlan, kind: EventKind| {
             let mut event = AuditEvent::new(kind, issuance.correlation_id.clone())
                 .spiffe_id(entitlement.spiffe_id.to_string())

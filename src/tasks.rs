@@ -1300,16 +1300,7 @@ mod tests {
             })
             .await
             .unwrap();
-        let entitlement = crate::identity::Entitlement {
-            cache_key: crate::agent::task_cache_key(&task.id),
-            spiffe_id: task.spiffe_id.clone(),
-            x509_svid_ttl: Duration::from_secs(300),
-            dns_names: Vec::new(),
-            hint: String::new(),
-            federates_with: Vec::new(),
-            not_after_cap: Some(task.expires_at),
-            task_id: Some(task.id.clone()),
-        };
+        let entitlement = svc.agent.task_entitlement(&task);
         // Past the rotation point of the SVID minted as the task began (half
         // of its 60 s): the race is in its rotation.
         let issued = svc
@@ -1343,6 +1334,48 @@ mod tests {
             "{}",
             withdrawn[0]
         );
+    }
+
+    /// Completion unindexes a task before its slower durable part. A stream
+    /// still holding a resolution made earlier (one woken meanwhile by some
+    /// other change) must not mint for the task in that window: no key is
+    /// signed, no serial stored, nothing recorded and withdrawn.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn no_svid_is_minted_for_a_task_already_unindexed_by_its_completion() {
+        let agent = TestAgent::start().await;
+        let svc = &agent.svc;
+        let task = agent.begin("t-ending").await.unwrap();
+        let entitlement = svc.agent.task_entitlement(&task);
+        svc.agent.unindex_task(&task.id);
+        let issued = svc
+            .agent
+            .svid_for(
+                &entitlement,
+                SystemTime::now(),
+                &crate::agent::Issuance::new(None),
+            )
+            .await;
+        assert!(
+            matches!(issued, Err(crate::agent::AgentError::TaskCompleted(ref id)) if id == "t-ending"),
+            "{:?}",
+            issued.map(|_| ())
+        );
+        let records = agent.trail();
+        let of = |kind: &str| records.iter().filter(|r| r["event"] == kind).count();
+        assert_eq!(of("x509_issued"), 1, "only the SVID minted as it began");
+        assert_eq!(of("x509_withdrawn"), 0);
+        let stored: i64 = svc
+            .store
+            .read(|c| {
+                c.query_row(
+                    "SELECT count(*) FROM issued WHERE task_id = 't-ending'",
+                    [],
+                    |r| r.get(0),
+                )
+                .map_err(Into::into)
+            })
+            .unwrap();
+        assert_eq!(stored, 1);
     }
 
     /// A real agent on a temporary state dir, and a child process to bind
