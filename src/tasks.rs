@@ -1300,21 +1300,14 @@ mod tests {
             })
             .await
             .unwrap();
-        let entitlement = svc.agent.task_entitlement(&task);
         // Past the rotation point of the SVID minted as the task began (half
         // of its 60 s): the race is in its rotation.
-        let issued = svc
-            .agent
-            .svid_for(
-                &entitlement,
-                SystemTime::now() + Duration::from_secs(40),
-                &crate::agent::Issuance::new(None),
-            )
+        let issued = agent
+            .svid_for_task(&task, SystemTime::now() + Duration::from_secs(40))
             .await;
         assert!(
             matches!(issued, Err(crate::agent::AgentError::TaskCompleted(ref id)) if id == "t-race"),
-            "{:?}",
-            issued.map(|_| ())
+            "{issued:?}"
         );
         let records = agent.trail();
         let trail = format!("{records:?}");
@@ -1345,20 +1338,11 @@ mod tests {
         let agent = TestAgent::start().await;
         let svc = &agent.svc;
         let task = agent.begin("t-ending").await.unwrap();
-        let entitlement = svc.agent.task_entitlement(&task);
         svc.agent.unindex_task(&task.id);
-        let issued = svc
-            .agent
-            .svid_for(
-                &entitlement,
-                SystemTime::now(),
-                &crate::agent::Issuance::new(None),
-            )
-            .await;
+        let issued = agent.svid_for_task(&task, SystemTime::now()).await;
         assert!(
             matches!(issued, Err(crate::agent::AgentError::TaskCompleted(ref id)) if id == "t-ending"),
-            "{:?}",
-            issued.map(|_| ())
+            "{issued:?}"
         );
         let records = agent.trail();
         let of = |kind: &str| records.iter().filter(|r| r["event"] == kind).count();
@@ -1405,6 +1389,21 @@ mod tests {
                 child,
                 _dir: dir,
             }
+        }
+
+        /// The task's X.509-SVID as a stream that resolved the task asks
+        /// for it: from the cache, or minted at `now`.
+        async fn svid_for_task(
+            &self,
+            task: &Task,
+            now: SystemTime,
+        ) -> Result<(), crate::agent::AgentError> {
+            let agent = &self.svc.agent;
+            let entitlement = agent.task_entitlement(task);
+            agent
+                .svid_for(&entitlement, now, &crate::agent::Issuance::new(None))
+                .await
+                .map(|_| ())
         }
 
         async fn begin(&self, id: &str) -> Result<Arc<Task>, TaskError> {
