@@ -36,6 +36,8 @@ pub const DEFAULT_CA_TTL: Duration = Duration::from_secs(24 * 3600);
 pub const DEFAULT_SVID_TTL: Duration = Duration::from_secs(3600);
 /// The JWT-SVID TTL unless configured (`ca.jwt_svid_ttl`).
 pub const DEFAULT_JWT_SVID_TTL: Duration = Duration::from_secs(300);
+/// The shortest lifetime the CA signs an SVID for.
+pub const MIN_SVID_TTL: Duration = Duration::from_secs(1);
 /// How many expired roots the state keeps for audit verification, newest
 /// last. About 700 bytes each, so the state stays far below the size limit
 /// it is read with; at the default TTL (a new root every 20 hours) that is
@@ -279,12 +281,12 @@ impl CertificateAuthority {
     /// in `settings.upstream` are loaded and verified instead of roots; the
     /// directory then holds the JWT signing keys only.
     pub fn load_or_create(settings: CaSettings, now: SystemTime) -> Result<Self, CaError> {
-        if settings.svid_ttl < Duration::from_secs(1) {
+        if settings.svid_ttl < MIN_SVID_TTL {
             return Err(CaError::InvalidSettings(
                 "svid_ttl must be at least one second".into(),
             ));
         }
-        if settings.jwt_svid_ttl < Duration::from_secs(1) {
+        if settings.jwt_svid_ttl < MIN_SVID_TTL {
             return Err(CaError::InvalidSettings(
                 "jwt_svid_ttl must be at least one second".into(),
             ));
@@ -538,7 +540,7 @@ impl CertificateAuthority {
                 "claim {claim} is set by the issuer"
             )));
         }
-        if req.ttl < Duration::from_secs(1) {
+        if req.ttl < MIN_SVID_TTL {
             return Err(CaError::TtlTooShort);
         }
         let signer = self
@@ -610,7 +612,7 @@ impl CertificateAuthority {
         before_signing: impl FnOnce(&X509SvidPlan) -> T,
     ) -> Result<(X509Svid, T), CaError> {
         self.check_leaf_id(&req.spiffe_id)?;
-        if req.ttl < Duration::from_secs(1) {
+        if req.ttl < MIN_SVID_TTL {
             return Err(CaError::TtlTooShort);
         }
         for name in &req.dns_names {
@@ -621,9 +623,15 @@ impl CertificateAuthority {
             .ok_or_else(|| CaError::Internal("no active signing CA".into()))?;
 
         let now_unix = clock::to_unix(now)?;
-        let ttl = i64::try_from(req.ttl.as_secs()).unwrap_or(i64::MAX);
         let not_before = now_unix - BACKDATE.as_secs() as i64;
-        let not_after = now_unix.saturating_add(ttl).min(signer.not_after_unix);
+        // Whole seconds of the exact end, not of now plus whole seconds of
+        // the TTL: a cap that ends 1.4 s from x.9 s then expires 1 s later,
+        // not 0.1 s later (and never after the cap).
+        let requested_end = match now.checked_add(req.ttl) {
+            Some(end) => clock::to_unix(end)?,
+            None => i64::MAX,
+        };
+        let not_after = requested_end.min(signer.not_after_unix);
         if not_after <= now_unix {
             return Err(CaError::SignerExpired {
                 at: clock::display(now),

@@ -178,6 +178,25 @@ fn not_after_is_clamped_to_the_signer() {
 }
 
 #[test]
+fn not_after_is_the_whole_second_of_the_exact_end() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ca = CertificateAuthority::load_or_create(settings(tmp.path()), t0()).unwrap();
+    // A task capped 1.5 s after x.9 s ends at x+2.4 s: its certificate must
+    // run to x+2 (never past the cap), not to x+1, 0.1 s after it is signed,
+    // which had it rotated again at once.
+    let now = t0() + Duration::from_millis(900);
+    let svid = ca
+        .mint_x509_svid(&request("/a", Duration::from_millis(1500)), now)
+        .unwrap();
+    assert_eq!(svid.not_after, t0() + Duration::from_secs(2));
+    let leaf_not_after = parse(svid.leaf().unwrap()).validity().not_after.timestamp();
+    assert_eq!(leaf_not_after as u64, unix(t0()) + 2);
+    // A whole-second TTL from a whole second is unchanged.
+    let svid = ca.mint_x509_svid(&request("/a", HOUR), t0()).unwrap();
+    assert_eq!(svid.not_after, t0() + HOUR);
+}
+
+#[test]
 fn bad_requests_are_refused() {
     let tmp = tempfile::tempdir().unwrap();
     let ca = CertificateAuthority::load_or_create(settings(tmp.path()), t0()).unwrap();
