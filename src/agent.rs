@@ -92,6 +92,7 @@ impl From<AttestError> for AgentError {
 }
 
 /// An SVID as cached for an entitlement, with when to replace it.
+#[derive(Debug)]
 pub struct CachedSvid {
     pub svid: X509Svid,
     pub minted_at: SystemTime,
@@ -629,6 +630,16 @@ impl Agent {
                     .ok_or_else(|| AgentError::TaskCompleted(task_id.to_owned()))?,
             ),
         };
+        // A task in its last second gets no SVID rather than a refusal from
+        // the CA (or one that lives a fraction of a second): the caller's
+        // other identities are still served, and the task's own end follows
+        // within the second.
+        if let (Some(task_id), Some(cap)) = (&entitlement.task_id, entitlement.not_after_cap)
+            && room_before(cap, now) < crate::ca::MIN_SVID_TTL
+        {
+            return Err(AgentError::TaskCompleted(task_id.clone()));
+        }
+        let request = self.x509_request(entitlement, now);
         let issued_event = |plan: &X509SvidPlan, kind: EventKind| {
             let mut event = AuditEvent::new(kind, issuance.correlation_id.clone())
                 .spiffe_id(entitlement.spiffe_id.to_string())
@@ -649,7 +660,7 @@ impl Agent {
         let mut planned = None;
         let minted = {
             let ca = read_lock(&self.ca);
-            ca.mint_x509_svid_with(&self.x509_request(entitlement, now), now, |plan| {
+            ca.mint_x509_svid_with(&request, now, |plan| {
                 planned = Some(plan.clone());
                 let recorded =
                     self.start_record(issued_event(plan, EventKind::X509Issued).decision(
@@ -695,7 +706,7 @@ impl Agent {
         // Measured from now, not from the backdated notBefore, so short
         // lifetimes rotate at their real half-life.
         let minted = Arc::new(CachedSvid {
-            rotate_at: rotation_point(now, svid.not_after),
+            rotate_at: rotation_point(now, svid.not_after, entitlement.not_after_cap),
             svid,
             minted_at: now,
         });
@@ -836,7 +847,7 @@ impl Agent {
         match (minted, &planned) {
             (Ok((svid, ())), _) if matches!(outcome, TaskBeginning::Begun) => {
                 let cached = Arc::new(CachedSvid {
-                    rotate_at: rotation_point(now, svid.not_after),
+                    rotate_at: rotation_point(now, svid.not_after, entitlement.not_after_cap),
                     svid,
                     minted_at: now,
                 });
@@ -1474,7 +1485,11 @@ fn unix_secs(t: SystemTime) -> i64 {
 }
 
 /// Half-life plus up to a tenth of the lifetime of jitter.
-fn rotation_point(issued: SystemTime, not_after: SystemTime) -> SystemTime {
+fn rotation_point(
+    issued: SystemTime,
+    not_after: SystemTime,
+    cap: Option<SystemTime>,
+) -> SystemTime {
     let lifetime = not_after.duration_since(issued).unwrap_or(Duration::ZERO);
     let jitter_ms = (lifetime.as_millis() / 10) as u64;
     let jitter = if jitter_ms > 0 {
@@ -1482,7 +1497,25 @@ fn rotation_point(issued: SystemTime, not_after: SystemTime) -> SystemTime {
     } else {
         Duration::ZERO
     };
-    issued + lifetime / 2 + jitter
+    let half_life = issued + lifetime / 2 + jitter;
+    // An SVID capped by its task's end would be replaced by one capped the
+    // same way, each half as long as the last: once the replacement would
+    // live less than a second, the SVID is kept until it expires, and the
+    // task ends with it.
+    match cap {
+        Some(cap) if room_before(cap, half_life) < crate::ca::MIN_SVID_TTL => not_after,
+        _ => half_life,
+    }
+}
+
+/// How long an X.509-SVID minted at `now` can live under `cap`: to the
+/// cap's whole second, since certificate times have no fractions.
+fn room_before(cap: SystemTime, now: SystemTime) -> Duration {
+    let whole = cap
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| SystemTime::UNIX_EPOCH + Duration::from_secs(d.as_secs()))
+        .unwrap_or(cap);
+    whole.duration_since(now).unwrap_or(Duration::ZERO)
 }
 
 // A poisoned lock means a thread panicked mid-update; the data behind these

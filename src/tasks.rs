@@ -404,8 +404,14 @@ impl TaskManager {
 
         // TTL: bounded by config, and a sub-task never outlives its parent.
         let ttl = req.ttl.unwrap_or(self.limits.default_ttl);
-        if ttl.is_zero() {
-            return Err(invalid("ttl", "must be positive"));
+        if ttl < crate::config::MIN_TASK_TTL {
+            return Err(invalid(
+                "ttl",
+                format!(
+                    "must be at least {} (a task SVID lives whole seconds, at least one)",
+                    crate::config::format_duration(crate::config::MIN_TASK_TTL)
+                ),
+            ));
         }
         if ttl > self.limits.max_ttl {
             return Err(invalid(
@@ -1362,6 +1368,68 @@ mod tests {
         assert_eq!(stored, 1);
     }
 
+    /// Near its task's end an SVID is rotated at half-life only while the
+    /// replacement can live a whole second; then it is kept to its expiry,
+    /// and in the task's last second none is minted (the stream serves the
+    /// caller's other identities, not an error from the CA).
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_task_svid_is_not_replaced_by_one_shorter_than_a_second() {
+        let agent = TestAgent::start().await;
+        let task = agent.begin("t-tail").await.unwrap();
+        // Certificates end on whole seconds: the last second of the task
+        // that one can reach.
+        let end = SystemTime::UNIX_EPOCH
+            + Duration::from_secs(
+                task.expires_at
+                    .duration_since(SystemTime::UNIX_EPOCH)
+                    .unwrap()
+                    .as_secs(),
+            );
+        let serial = |s: &crate::agent::CachedSvid| s.svid.serial.clone();
+
+        // 3 s left: a fresh SVID to the task's end, due at its half-life
+        // (plus under 10% jitter), when 1.2 to 1.5 s remain.
+        let first = agent
+            .svid_for_task(&task, end - Duration::from_secs(3))
+            .await
+            .unwrap();
+        assert_eq!(
+            first.svid.not_after, end,
+            "to the task's end, never past it"
+        );
+        assert!(first.rotate_at < end, "{first:?}");
+
+        // The replacement's own half-life would leave under a second, so
+        // it is kept to the end.
+        let second = agent.svid_for_task(&task, first.rotate_at).await.unwrap();
+        assert_ne!(serial(&second), serial(&first));
+        assert_eq!(second.svid.not_after, end);
+        assert_eq!(second.rotate_at, end, "{second:?}");
+        let again = agent
+            .svid_for_task(&task, end - Duration::from_millis(1))
+            .await
+            .unwrap();
+        assert_eq!(serial(&again), serial(&second), "served from the cache");
+
+        // Then the task's last fraction of a second: no SVID, no record.
+        let issued_before = agent.svc.tasks.issued_serials("t-tail").unwrap().len();
+        let last = agent.svid_for_task(&task, end).await;
+        assert!(
+            matches!(last, Err(crate::agent::AgentError::TaskCompleted(ref id)) if id == "t-tail"),
+            "{last:?}"
+        );
+        assert_eq!(
+            agent.svc.tasks.issued_serials("t-tail").unwrap().len(),
+            issued_before
+        );
+        let withdrawn = agent
+            .trail()
+            .iter()
+            .filter(|r| r["event"] == "x509_withdrawn")
+            .count();
+        assert_eq!(withdrawn, 0);
+    }
+
     /// A real agent on a temporary state dir, and a child process to bind
     /// tasks to.
     struct TestAgent {
@@ -1397,13 +1465,12 @@ mod tests {
             &self,
             task: &Task,
             now: SystemTime,
-        ) -> Result<(), crate::agent::AgentError> {
+        ) -> Result<Arc<crate::agent::CachedSvid>, crate::agent::AgentError> {
             let agent = &self.svc.agent;
             let entitlement = agent.task_entitlement(task);
             agent
                 .svid_for(&entitlement, now, &crate::agent::Issuance::new(None))
                 .await
-                .map(|_| ())
         }
 
         async fn begin(&self, id: &str) -> Result<Arc<Task>, TaskError> {

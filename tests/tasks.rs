@@ -80,6 +80,8 @@ struct BoundChild {
     go: PathBuf,
     out: PathBuf,
     lines: mpsc::Receiver<String>,
+    /// Statuses the stream ended with (the helper then reconnects).
+    errors: mpsc::Receiver<String>,
 }
 
 impl BoundChild {
@@ -96,11 +98,14 @@ impl BoundChild {
             .unwrap();
         let stdout = child.stdout.take().unwrap();
         let (tx, rx) = mpsc::channel();
+        let (error_tx, errors) = mpsc::channel();
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
                 // libtest prints "test helper ... " without a newline first.
                 if let Some((_, update)) = line.split_once("UPDATE ") {
                     let _ = tx.send(update.to_owned());
+                } else if let Some((_, status)) = line.split_once("STREAM_ERROR ") {
+                    let _ = error_tx.send(status.to_owned());
                 }
             }
         });
@@ -109,6 +114,7 @@ impl BoundChild {
             go,
             out,
             lines: rx,
+            errors,
         }
     }
 
@@ -143,6 +149,11 @@ impl BoundChild {
                 .collect()
         };
         (next(), next(), next())
+    }
+
+    /// The statuses the child's streams have ended with so far.
+    fn stream_errors(&self) -> Vec<String> {
+        self.errors.try_iter().collect()
     }
 
     fn svid_files(&self, n: usize) -> (Vec<u8>, Vec<u8>) {
@@ -338,6 +349,56 @@ async fn a_bound_child_gets_the_task_identity_and_loses_it_when_the_task_ends() 
     assert!(refused.is_err(), "revoked task SVID was accepted");
 }
 
+/// A task that runs out its TTL ends quietly for the process bound to it:
+/// its SVID is rotated while a replacement can live a whole second, then kept
+/// to its end; the stream never fails (it used to end with Unavailable when
+/// the CA was asked for an SVID under a second), and the identity held
+/// beside the task is re-keyed when the task completes.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_bound_childs_stream_lives_through_its_tasks_ttl() {
+    let writ = Writ::start(&config(""));
+    let child = BoundChild::spawn(&writ, "worker");
+    let mut tasks = tasks_client(&writ).await;
+    let mut req = begin_pid("t-short", child.pid());
+    req.ttl = "3s".into();
+    tasks.begin_task(req).await.unwrap();
+    child.go();
+    let task_id = format!("{ORCH_ID}/task/t-short");
+    let (ids, serials) = child.next_update(Duration::from_secs(10));
+    assert_eq!(ids, vec![task_id.clone(), ORCH_ID.to_string()]);
+    let held_beside = serials[1].clone();
+    let mut task_serials = vec![serials[0].clone()];
+    let mut updates = 1;
+    loop {
+        let (ids, serials) = child.next_update(Duration::from_secs(10));
+        updates += 1;
+        if ids.first() == Some(&task_id) {
+            task_serials.push(serials[0].clone());
+            continue;
+        }
+        assert_eq!(ids, vec![ORCH_ID.to_string()]);
+        if serials[0] != held_beside {
+            break;
+        }
+    }
+    let errors = child.stream_errors();
+    assert!(errors.is_empty(), "the stream failed: {errors:?}");
+    // The first SVID, its one rotation, the drop in the task's last
+    // second, the re-key at completion: no burst of ever shorter rotations.
+    assert!(updates <= 5, "{updates} updates for a 3 s task");
+    let task = tasks
+        .get_task(apb::GetTaskRequest {
+            task_id: "t-short".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(task.completion_reason, "ttl_expired");
+    for serial in &task_serials {
+        assert!(task.issued_serials.contains(serial), "{serial} not revoked");
+    }
+}
+
 async fn collect_completions(
     events: &mut tonic::Streaming<apb::TaskEvent>,
     window: Duration,
@@ -453,7 +514,7 @@ async fn every_trigger_completes_its_task_exactly_once() {
     // TTL.
     let mut d = sleeper();
     let mut req = begin_pid("by-ttl", d.id());
-    req.ttl = "1s".into();
+    req.ttl = "2s".into();
     tasks.begin_task(req).await.unwrap();
     // Parent completion cascades to its sub-task.
     let mut e = sleeper();
@@ -578,6 +639,13 @@ async fn malformed_and_unauthorized_admin_calls_are_refused() {
             "ttl",
             apb::BeginTaskRequest {
                 ttl: "2h".into(),
+                ..begin_pid("t", pid)
+            },
+        ),
+        (
+            "ttl",
+            apb::BeginTaskRequest {
+                ttl: "1s".into(),
                 ..begin_pid("t", pid)
             },
         ),
@@ -818,7 +886,16 @@ fn helper() {
                 continue;
             };
             let mut stream = response.into_inner();
-            while let Ok(Some(m)) = stream.message().await {
+            loop {
+                let m = match stream.message().await {
+                    Ok(Some(m)) => m,
+                    Ok(None) => break,
+                    Err(status) => {
+                        println!("STREAM_ERROR {:?}: {}", status.code(), status.message());
+                        std::io::stdout().flush().unwrap();
+                        break;
+                    }
+                };
                 n += 1;
                 write_svid(&out, n, &m.svids[0]);
                 let ids: Vec<_> = m.svids.iter().map(|s| s.spiffe_id.clone()).collect();

@@ -433,6 +433,27 @@ impl Builder<'_> {
         }
     }
 
+    /// As `positive_duration`, and an error below `minimum`.
+    fn duration_at_least(
+        &mut self,
+        key: &str,
+        text: Option<&Text>,
+        default: Duration,
+        minimum: Duration,
+    ) -> Option<Sourced<Duration>> {
+        let value = self.positive_duration(key, text, default)?;
+        if value.value < minimum
+            && let Some(text) = text
+        {
+            self.error(
+                text.span(),
+                format!("{key} must be at least {}", format_duration(minimum)),
+            );
+            return None;
+        }
+        Some(value)
+    }
+
     /// Records an error unless `shorter` is at most `longer`. It points at
     /// `shorter` when the file set it, else at `longer`, which must then be
     /// the one the file changed (the defaults are consistent).
@@ -570,17 +591,23 @@ impl Builder<'_> {
             x509_svid_ttl: None,
             max_depth: None,
         });
-        let max_ttl =
-            self.positive_duration("tasks.max_ttl", raw.max_ttl.as_ref(), defaults.max_ttl);
-        let default_ttl = self.positive_duration(
+        let max_ttl = self.duration_at_least(
+            "tasks.max_ttl",
+            raw.max_ttl.as_ref(),
+            defaults.max_ttl,
+            super::MIN_TASK_TTL,
+        );
+        let default_ttl = self.duration_at_least(
             "tasks.default_ttl",
             raw.default_ttl.as_ref(),
             defaults.default_ttl,
+            super::MIN_TASK_TTL,
         );
-        let x509_svid_ttl = self.positive_duration(
+        let x509_svid_ttl = self.duration_at_least(
             "tasks.x509_svid_ttl",
             raw.x509_svid_ttl.as_ref(),
             defaults.x509_svid_ttl,
+            crate::ca::MIN_SVID_TTL,
         );
         if let (Some(max_ttl), Some(default_ttl)) = (&max_ttl, &default_ttl) {
             self.at_most(

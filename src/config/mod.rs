@@ -125,6 +125,11 @@ pub struct TasksConfig {
     pub max_depth: u32,
 }
 
+/// The shortest task: its first X.509-SVID is signed as it begins and must
+/// live a whole second (`ca::MIN_SVID_TTL`) inside it; a task of a second or
+/// less could never hold one.
+pub const MIN_TASK_TTL: Duration = Duration::from_secs(2);
+
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct PolicyConfig {
     /// Cedar policy files, validated against writ's schema at start and on

@@ -753,6 +753,18 @@ fn task_limits() {
         "tasks.x509_svid_ttl (2h) is longer than tasks.max_ttl (1h)",
     );
     assert_single_error(
+        "[tasks]\ndefault_ttl = \"1s\"\n",
+        2,
+        15,
+        "tasks.default_ttl must be at least 2s",
+    );
+    assert_single_error(
+        "[tasks]\nx509_svid_ttl = \"500ms\"\n",
+        2,
+        17,
+        "tasks.x509_svid_ttl must be at least 1s",
+    );
+    assert_single_error(
         "[tasks]\nmax_depth = 0\n",
         2,
         13,
