@@ -1137,8 +1137,9 @@ impl Agent {
         let mut ttl = ca.jwt_svid_ttl();
         if let Some(cap) = entitlement.not_after_cap {
             ttl = ttl.min(cap.duration_since(now).unwrap_or(Duration::ZERO));
-            // A task about to end gets no token rather than a 0-second one.
-            if ttl < Duration::from_secs(1)
+            // A task about to end gets no token rather than one that lives
+            // a fraction of a second (tokens end on whole seconds too).
+            if room_before(cap, now) < crate::ca::MIN_SVID_TTL
                 && let Some(task_id) = &entitlement.task_id
             {
                 return Err(AgentError::TaskCompleted(task_id.clone()));

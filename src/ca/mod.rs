@@ -547,8 +547,7 @@ impl CertificateAuthority {
             .active_jwt()
             .ok_or_else(|| CaError::Internal("no active JWT signing key".into()))?;
         let now_unix = clock::to_unix(now)?;
-        let ttl = i64::try_from(req.ttl.as_secs()).unwrap_or(i64::MAX);
-        let exp = now_unix.saturating_add(ttl).min(signer.not_after_unix);
+        let exp = end_unix(now, req.ttl)?.min(signer.not_after_unix);
         if exp <= now_unix {
             return Err(CaError::SignerExpired {
                 at: clock::display(now),
@@ -624,14 +623,7 @@ impl CertificateAuthority {
 
         let now_unix = clock::to_unix(now)?;
         let not_before = now_unix - BACKDATE.as_secs() as i64;
-        // Whole seconds of the exact end, not of now plus whole seconds of
-        // the TTL: a cap that ends 1.4 s from x.9 s then expires 1 s later,
-        // not 0.1 s later (and never after the cap).
-        let requested_end = match now.checked_add(req.ttl) {
-            Some(end) => clock::to_unix(end)?,
-            None => i64::MAX,
-        };
-        let not_after = requested_end.min(signer.not_after_unix);
+        let not_after = end_unix(now, req.ttl)?.min(signer.not_after_unix);
         if not_after <= now_unix {
             return Err(CaError::SignerExpired {
                 at: clock::display(now),
@@ -1093,6 +1085,17 @@ pub fn read_checkpoint_roots(ca_dir: &Path) -> Result<Vec<CertificateDer<'static
         }
     }
     Ok(roots)
+}
+
+/// When a credential minted at `now` for `ttl` ends, in the whole seconds
+/// certificates and tokens carry: the second of the exact end, so a TTL
+/// capped 1.4 s after x.9 s ends 1 s later, not 0.1 s later (flooring now
+/// and the TTL apart), and never after the cap.
+fn end_unix(now: SystemTime, ttl: Duration) -> Result<i64, CaError> {
+    match now.checked_add(ttl) {
+        Some(end) => clock::to_unix(end),
+        None => Ok(i64::MAX),
+    }
 }
 
 #[cfg(test)]

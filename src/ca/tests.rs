@@ -178,7 +178,7 @@ fn not_after_is_clamped_to_the_signer() {
 }
 
 #[test]
-fn not_after_is_the_whole_second_of_the_exact_end() {
+fn credentials_end_on_the_whole_second_of_the_exact_end() {
     let tmp = tempfile::tempdir().unwrap();
     let ca = CertificateAuthority::load_or_create(settings(tmp.path()), t0()).unwrap();
     // A task capped 1.5 s after x.9 s ends at x+2.4 s: its certificate must
@@ -194,6 +194,11 @@ fn not_after_is_the_whole_second_of_the_exact_end() {
     // A whole-second TTL from a whole second is unchanged.
     let svid = ca.mint_x509_svid(&request("/a", HOUR), t0()).unwrap();
     assert_eq!(svid.not_after, t0() + HOUR);
+    // Tokens end the same way.
+    let token = ca
+        .mint_jwt_svid(&jwt_request("/a", Duration::from_millis(1500)), now)
+        .unwrap();
+    assert_eq!(token.expires_at, t0() + Duration::from_secs(2));
 }
 
 #[test]
