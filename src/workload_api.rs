@@ -378,11 +378,8 @@ impl Resolved {
     /// changes what the caller is, so it forces a fresh attestation at once
     /// rather than at the next re-attest interval.
     fn same_executable(&self, caller: &Caller) -> bool {
-        if caller.process.has_exited() {
-            return false;
-        }
-        let now = std::fs::read_link(format!("/proc/{}/exe", caller.pid)).ok();
-        now == self.entitled.attestation.snapshot.exe_path
+        let now = caller.process.exe_path();
+        !caller.process.has_exited() && now == self.entitled.attestation.snapshot.exe_path
     }
 }
 

@@ -4,13 +4,14 @@
 
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::PathBuf;
+use std::sync::OnceLock;
 
 use rustix::event::{PollFd, PollFlags, Timespec, poll};
 use rustix::io::Errno;
 use rustix::process::{Pid, PidfdFlags, pidfd_open};
 
 use crate::error::AttestError;
-use crate::procfs::{self, ProcPaths, StatFields};
+use crate::procfs::{self, ProcFiles, ProcPaths, StatFields};
 
 /// Deeper process trees than this are not real; the bound keeps a walk over
 /// a racing /proc finite.
@@ -24,6 +25,9 @@ pub struct PinnedProcess {
     pid: i32,
     pidfd: OwnedFd,
     start_time: u64,
+    /// Opened by the first attestation that found the process alive after
+    /// opening them, and kept for the next.
+    files: OnceLock<ProcFiles>,
 }
 
 impl PinnedProcess {
@@ -70,6 +74,7 @@ impl PinnedProcess {
             pid,
             pidfd,
             start_time: stat.start_time,
+            files: OnceLock::new(),
         };
         // Ordering matters: the stat read must come before this check. Alive
         // now means alive then, so the PID was still ours when we read it.
@@ -91,6 +96,32 @@ impl PinnedProcess {
     /// Readable once the process has exited; suitable for tokio's `AsyncFd`.
     pub fn pidfd(&self) -> BorrowedFd<'_> {
         self.pidfd.as_fd()
+    }
+
+    /// The /proc files attestation reads, opened on first use. Opened while
+    /// the process is alive they are its own (its PID cannot have been
+    /// reused), and they stay its own.
+    pub(crate) fn proc_files(&self) -> Result<&ProcFiles, AttestError> {
+        if let Some(files) = self.files.get() {
+            return Ok(files);
+        }
+        let opened = ProcFiles::open(self.pid)?;
+        if self.has_exited() {
+            return Err(AttestError::ProcessGone { pid: self.pid });
+        }
+        // Another attestation may have opened them meanwhile; either is
+        // this process's.
+        Ok(self.files.get_or_init(|| opened))
+    }
+
+    /// Where the process's executable is now (readlink of its `exe`), or
+    /// `None` when that cannot be read. Ask `has_exited` afterwards to know
+    /// the answer was this process's.
+    pub fn exe_path(&self) -> Option<PathBuf> {
+        match self.files.get() {
+            Some(files) => files.exe(),
+            None => std::fs::read_link(ProcFiles::path_of(self.pid, "exe")).ok(),
+        }
     }
 
     /// Non-blocking: has the pinned process exited (zombie or reaped)?

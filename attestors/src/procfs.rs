@@ -4,7 +4,12 @@
 
 use std::fs::File;
 use std::io::{self, Read};
+use std::os::fd::OwnedFd;
+use std::os::unix::ffi::OsStringExt;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+
+use rustix::fs::{Mode, OFlags};
 
 use crate::error::AttestError;
 
@@ -53,6 +58,94 @@ pub(crate) fn io_error(pid: i32, path: &Path, source: io::Error) -> AttestError 
 pub(crate) fn is_gone(error: &io::Error) -> bool {
     const ESRCH: i32 = 3;
     error.kind() == io::ErrorKind::NotFound || error.raw_os_error() == Some(ESRCH)
+}
+
+/// The /proc/<pid> files an attestation reads, opened once and read again
+/// with `pread` from offset 0 (procfs renders them afresh each time): a
+/// re-attestation then costs no path lookup, open or close. The descriptors
+/// stay bound to the process they were opened for; once it is reaped they
+/// fail with ESRCH instead of describing whoever is given its PID next.
+#[derive(Debug)]
+pub(crate) struct ProcFiles {
+    pid: i32,
+    /// `/proc/<pid>` itself (O_PATH), for the `exe` link.
+    dir: OwnedFd,
+    status: File,
+    cgroup: File,
+}
+
+impl ProcFiles {
+    pub(crate) fn open(pid: i32) -> Result<Self, AttestError> {
+        let dir_path = format!("/proc/{pid}");
+        let dir = rustix::fs::open(
+            dir_path.as_str(),
+            OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|errno| io_error(pid, Path::new(&dir_path), errno.into()))?;
+        let open = |name: &str| -> Result<File, AttestError> {
+            rustix::fs::openat(&dir, name, OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty())
+                .map(File::from)
+                .map_err(|errno| io_error(pid, &Self::path_of(pid, name), errno.into()))
+        };
+        let status = open("status")?;
+        let cgroup = open("cgroup")?;
+        Ok(Self {
+            pid,
+            dir,
+            status,
+            cgroup,
+        })
+    }
+
+    pub(crate) fn path_of(pid: i32, name: &str) -> PathBuf {
+        PathBuf::from(format!("/proc/{pid}/{name}"))
+    }
+
+    pub(crate) fn read_status(&self, buf: &mut Vec<u8>) -> Result<(), AttestError> {
+        self.read(&self.status, "status", buf)
+    }
+
+    pub(crate) fn read_cgroup(&self, buf: &mut Vec<u8>) -> Result<(), AttestError> {
+        self.read(&self.cgroup, "cgroup", buf)
+    }
+
+    /// readlink of `exe`; `None` when unreadable (kernel thread, zombie,
+    /// no permission) or gone.
+    pub(crate) fn exe(&self) -> Option<PathBuf> {
+        let target = rustix::fs::readlinkat(&self.dir, "exe", Vec::new()).ok()?;
+        Some(PathBuf::from(std::ffi::OsString::from_vec(
+            target.into_bytes(),
+        )))
+    }
+
+    fn read(&self, file: &File, name: &str, buf: &mut Vec<u8>) -> Result<(), AttestError> {
+        read_whole_at(file, buf).map_err(|e| io_error(self.pid, &Self::path_of(self.pid, name), e))
+    }
+}
+
+/// Reads a whole procfs file from offset 0 through `pread` until it reports
+/// the end. (Reading on from where the last read stopped is cheap: procfs
+/// only renders the file again for a read at another offset.)
+fn read_whole_at(file: &File, buf: &mut Vec<u8>) -> io::Result<()> {
+    const CHUNK: usize = 4096;
+    buf.clear();
+    loop {
+        let start = buf.len();
+        buf.resize(start + CHUNK, 0);
+        match file.read_at(&mut buf[start..], start as u64) {
+            Ok(0) => {
+                buf.truncate(start);
+                return Ok(());
+            }
+            Ok(n) => buf.truncate(start + n),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => buf.truncate(start),
+            Err(e) => {
+                buf.truncate(start);
+                return Err(e);
+            }
+        }
+    }
 }
 
 /// Reads a whole file into `buf` without the size probe `fs::read` makes

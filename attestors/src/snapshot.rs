@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use crate::error::AttestError;
 use crate::process::PinnedProcess;
-use crate::procfs::{self, ProcPaths};
+use crate::procfs::{self, ProcFiles};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProcessSnapshot {
@@ -32,18 +32,18 @@ pub struct ProcessSnapshot {
 /// more afterwards rely on the final check in `AttestorSet::attest`.
 pub fn read_snapshot(process: &PinnedProcess) -> Result<ProcessSnapshot, AttestError> {
     let pid = process.pid();
-    let mut paths = ProcPaths::new(pid);
+    let files = process.proc_files()?;
     let mut buf = Vec::with_capacity(2048);
 
-    paths.read("status", &mut buf)?;
+    files.read_status(&mut buf)?;
     let status = procfs::parse_status(&buf)
-        .map_err(|detail| procfs::parse_error(paths.file("status").to_path_buf(), detail))?;
+        .map_err(|detail| procfs::parse_error(ProcFiles::path_of(pid, "status"), detail))?;
 
-    let exe_path = std::fs::read_link(paths.file("exe")).ok();
+    let exe_path = files.exe();
 
-    paths.read("cgroup", &mut buf)?;
+    files.read_cgroup(&mut buf)?;
     let cgroup_path = procfs::parse_cgroup(&buf)
-        .map_err(|detail| procfs::parse_error(paths.file("cgroup").to_path_buf(), detail))?;
+        .map_err(|detail| procfs::parse_error(ProcFiles::path_of(pid, "cgroup"), detail))?;
 
     if process.has_exited() {
         return Err(AttestError::ProcessGone { pid });
@@ -94,6 +94,66 @@ mod tests {
         let cgroup = std::fs::read_to_string("/proc/self/cgroup").unwrap();
         let expected = cgroup.lines().find_map(|l| l.strip_prefix("0::"));
         assert_eq!(snapshot.cgroup_path.as_deref(), expected);
+    }
+
+    /// The files a first snapshot opened are read afresh by the next: a
+    /// process reparented and then exec'd in between is seen as it is now.
+    #[test]
+    fn a_second_snapshot_sees_what_changed_since_the_first() {
+        use std::io::{BufRead, Write};
+        // sh starts a second sh in the background, reports its PID, and
+        // exits when its stdin closes; the second waits on a fifo, then
+        // execs sleep.
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("go");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+        let script = format!(
+            "sh -c 'read x < {fifo}; exec sleep 60' & echo $!; read x",
+            fifo = fifo.display()
+        );
+        let mut parent = std::process::Command::new("sh")
+            .args(["-c", &script])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(parent.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let pid: i32 = line.trim().parse().unwrap();
+        let pinned = PinnedProcess::open(pid).unwrap();
+        let before = read_snapshot(&pinned).unwrap();
+        assert_eq!(before.ppid, parent.id() as i32);
+        let exe_before = before.exe_path.clone().unwrap();
+        assert!(!exe_before.ends_with("sleep"), "{exe_before:?}");
+
+        drop(parent.stdin.take());
+        parent.wait().unwrap();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&fifo)
+            .unwrap()
+            .write_all(b"go\n")
+            .unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let after = loop {
+            let now = read_snapshot(&pinned).unwrap();
+            if now.exe_path.as_ref().is_some_and(|p| p.ends_with("sleep")) {
+                break now;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "never exec'd: {now:?}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        };
+        assert_ne!(after.ppid, parent.id() as i32, "reparented when sh exited");
+        assert_eq!(after.start_time, before.start_time);
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
     }
 
     /// An exited but unreaped child still has every /proc file the snapshot
