@@ -199,6 +199,7 @@ pub async fn run(
     // Everything writ creates is private unless it says otherwise (sockets
     // and their directories are opened up explicitly below).
     nix::sys::stat::umask(Mode::from_bits_truncate(0o077));
+    raise_open_file_limit();
     let notifier = Notifier::from_env();
     let mut passed = PassedSockets::from_env()?;
     let services = build(&config).await?;
@@ -512,6 +513,30 @@ fn while_serving<F: Future>(
 
 /// What readiness watches for a socket: the file writ bound (device and
 /// inode, taken now, right after the bind), or a passed listener.
+/// Each connected caller holds a few descriptors (its socket, its pidfd
+/// and the /proc files its attestations re-read), so the soft limit on open
+/// files, often 1024 outside systemd, is raised to the hard limit, as Go
+/// programs such as SPIRE's agent do at start.
+fn raise_open_file_limit() {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let limit = getrlimit(Resource::Nofile);
+    if limit.current >= limit.maximum {
+        return;
+    }
+    let raised = rustix::process::Rlimit {
+        current: limit.maximum,
+        maximum: limit.maximum,
+    };
+    match setrlimit(Resource::Nofile, raised) {
+        Ok(()) => {
+            tracing::debug!(from = ?limit.current, to = ?limit.maximum, "raised the open-file limit")
+        }
+        Err(errno) => {
+            tracing::warn!(%errno, soft = ?limit.current, "could not raise the open-file limit")
+        }
+    }
+}
+
 fn served_socket(
     what: &'static str,
     path: &Path,

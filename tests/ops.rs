@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{WRIT, http_get, wait_for};
+use common::{WRIT, Writ, http_get, wait_for};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
@@ -390,6 +390,27 @@ fn socket_activation_serves_on_passed_fds_and_leaves_them_in_place() {
             path.display()
         );
     }
+}
+
+/// Every caller holds descriptors (socket, pidfd, the /proc files its
+/// attestations re-read): writ lifts a low soft limit to the hard one.
+#[test]
+fn the_open_file_soft_limit_is_raised_to_the_hard_limit() {
+    let mut writ = Writ::start("");
+    writ.kill9();
+    writ.spawn_under(&["prlimit", "--nofile=256:"]);
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", writ.pid())).unwrap();
+    let open_files = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap();
+    let numbers: Vec<&str> = open_files.split_whitespace().skip(3).take(2).collect();
+    assert_eq!(numbers.len(), 2, "{open_files}");
+    assert_eq!(
+        numbers[0], numbers[1],
+        "soft limit not raised: {open_files}"
+    );
+    assert_ne!(numbers[0], "256", "{open_files}");
 }
 
 #[test]

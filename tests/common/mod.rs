@@ -87,8 +87,22 @@ impl Writ {
 
     /// (Re)starts the process on the same config and data.
     pub fn spawn(&mut self) {
+        self.spawn_under(&[]);
+    }
+
+    /// `spawn`, with writ run by `wrapper` (a program and its arguments,
+    /// such as `prlimit --nofile=256:`).
+    pub fn spawn_under(&mut self, wrapper: &[&str]) {
         let log = std::fs::File::create(self.dir.path().join("writ.log")).unwrap();
-        let child = Command::new(WRIT)
+        let mut command = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(WRIT);
+                c
+            }
+            None => Command::new(WRIT),
+        };
+        let child = command
             .args(["run", "--config"])
             .arg(&self.config_path)
             .env("WRIT_LOG", "writ=debug,info")
