@@ -244,6 +244,11 @@ pub fn ancestors(
     stop_below: u64,
 ) -> Result<Vec<(i32, u64)>, AttestError> {
     let mut found = Vec::new();
+    // A process started before `stop_below` has only older ancestors: no
+    // /proc read can find one that qualifies.
+    if start_time < stop_below {
+        return Ok(found);
+    }
     let mut buf = Vec::with_capacity(512);
     let (mut child_pid, mut child_start, mut next) = (pid, start_time, ppid);
     for _ in 0..MAX_ANCESTRY_DEPTH {
@@ -382,5 +387,8 @@ mod tests {
         let kept = ancestors(me, own.ppid, own.start_time, parent_start).unwrap();
         assert_eq!(kept[0], walked[0]);
         assert!(kept.iter().all(|(_, st)| *st >= parent_start));
+        // A process older than the cut-off is not walked at all: these PIDs
+        // do not exist, and reading them would fail.
+        assert_eq!(ancestors(i32::MAX, i32::MAX - 1, 5, 10).unwrap(), vec![]);
     }
 }
