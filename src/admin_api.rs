@@ -211,8 +211,7 @@ impl pb::tasks_server::Tasks for TasksService {
             .next()
             .map(|e| e.spiffe_id);
         let orchestrator = Orchestrator {
-            pid: admin.caller.pid,
-            start_time: admin.caller.process.start_time(),
+            process: admin.caller.process.clone(),
             spiffe_id: own_id,
             uid: attestation.snapshot.uid,
             selectors: attestation

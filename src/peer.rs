@@ -24,7 +24,7 @@ pub struct Caller {
     pub pid: i32,
     pub uid: u32,
     pub gid: u32,
-    pub process: PinnedProcess,
+    pub process: Arc<PinnedProcess>,
     /// The process's ancestors (pid, start time), read the first time a
     /// stream had to ask whether a newly bound task may cover it. A
     /// process's ancestors can only go away (orphans are adopted by an
@@ -89,7 +89,7 @@ pub fn identify(stream: &UnixStream) -> Result<Caller, PeerError> {
         pid,
         uid: creds.uid(),
         gid: creds.gid(),
-        process: pinned,
+        process: Arc::new(pinned),
         lineage: std::sync::OnceLock::new(),
     })
 }

@@ -208,8 +208,8 @@ pub struct BeginRequest {
 /// Who is asking, as far as task rules care.
 #[derive(Debug, Clone)]
 pub struct Orchestrator {
-    pub pid: i32,
-    pub start_time: u64,
+    /// The caller, as pinned when it connected.
+    pub process: Arc<PinnedProcess>,
     /// The caller's default SPIFFE ID, if it has one.
     pub spiffe_id: Option<SpiffeId>,
     pub uid: u32,
@@ -469,7 +469,7 @@ impl TaskManager {
                 .spiffe_id
                 .as_ref()
                 .map(|s| s.to_string())
-                .unwrap_or_else(|| format!("pid:{}", caller.pid)),
+                .unwrap_or_else(|| format!("pid:{}", caller.process.pid())),
             federates_with: req.federates_with.clone(),
             created_at: now,
             expires_at,
@@ -480,7 +480,7 @@ impl TaskManager {
         let workload = crate::policy::Workload {
             spiffe_id: caller.spiffe_id.as_ref().map(|s| s.to_string()),
             selectors: caller.selectors.clone(),
-            pid: caller.pid,
+            pid: caller.process.pid(),
             uid: caller.uid,
         };
         let request = match &parent {
@@ -496,7 +496,7 @@ impl TaskManager {
         };
         let audit_caller = CallerFacts {
             spiffe_ids: caller.spiffe_id.iter().map(|s| s.to_string()).collect(),
-            pid: caller.pid,
+            pid: caller.process.pid(),
             uid: caller.uid,
             selectors: caller.selectors.clone(),
         };
@@ -513,7 +513,7 @@ impl TaskManager {
         let begun = AuditEvent::new(EventKind::TaskBegun, ulid::Ulid::new().to_string())
             .caller(CallerFacts {
                 spiffe_ids: caller.spiffe_id.iter().map(|s| s.to_string()).collect(),
-                pid: caller.pid,
+                pid: caller.process.pid(),
                 uid: caller.uid,
                 selectors: Vec::new(),
             })
@@ -576,14 +576,14 @@ impl TaskManager {
                 // processes of its own uid (which it could ptrace anyway);
                 // anything else only if authorized for arbitrary PIDs.
                 let allowed = caller.may_bind_any_pid
-                    || writ_attestors::is_descendant_of(pid, caller.pid, caller.start_time)
+                    || writ_attestors::descends_from(&pinned, &caller.process)
                     || (caller.may_bind_same_uid
                         && writ_attestors::read_snapshot(&pinned)
                             .is_ok_and(|s| s.uid == caller.uid));
                 if !allowed {
                     return Err(TaskError::PermissionDenied(format!(
                         "process {pid} is neither a descendant of the caller (pid {}) nor {}",
-                        caller.pid,
+                        caller.process.pid(),
                         if caller.may_bind_same_uid {
                             "running under the caller's uid"
                         } else {
@@ -1476,8 +1476,7 @@ mod tests {
         async fn begin(&self, id: &str) -> Result<Arc<Task>, TaskError> {
             let me = PinnedProcess::open(std::process::id() as i32).unwrap();
             let orchestrator = Orchestrator {
-                pid: me.pid(),
-                start_time: me.start_time(),
+                process: Arc::new(me),
                 spiffe_id: Some(
                     self.svc
                         .agent

@@ -967,7 +967,7 @@ mod tests {
             pid: process.pid(),
             uid: snapshot.uid,
             gid: snapshot.gid,
-            process,
+            process: Arc::new(process),
             lineage: std::sync::OnceLock::new(),
         };
         (caller, snapshot)

@@ -5,6 +5,7 @@
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::PathBuf;
 use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use rustix::event::{PollFd, PollFlags, Timespec, poll};
 use rustix::io::Errno;
@@ -12,6 +13,9 @@ use rustix::process::{Pid, PidfdFlags, pidfd_open};
 
 use crate::error::AttestError;
 use crate::procfs::{self, ProcFiles, ProcPaths, StatFields};
+
+/// Numbers pinnings in order (see `descends_from`).
+static PIN_SEQUENCE: AtomicU64 = AtomicU64::new(0);
 
 /// Deeper process trees than this are not real; the bound keeps a walk over
 /// a racing /proc finite.
@@ -25,6 +29,10 @@ pub struct PinnedProcess {
     pid: i32,
     pidfd: OwnedFd,
     start_time: u64,
+    /// The parent PID in the `stat` read that pinned it.
+    parent_when_pinned: i32,
+    /// Order of pinning among all pinned processes.
+    pinned_seq: u64,
     /// Opened by the first attestation that found the process alive after
     /// opening them, and kept for the next.
     files: OnceLock<ProcFiles>,
@@ -69,11 +77,17 @@ impl PinnedProcess {
     }
 
     fn pin(pid: i32, pidfd: OwnedFd) -> Result<Self, AttestError> {
+        // Taken once the pidfd holds the PID and before the stat read: a
+        // process pinned with a lower number held its PID before this
+        // process's parent was read (`descends_from`).
+        let pinned_seq = PIN_SEQUENCE.fetch_add(1, Ordering::SeqCst);
         let stat = read_stat(pid)?;
         let process = Self {
             pid,
             pidfd,
             start_time: stat.start_time,
+            parent_when_pinned: stat.ppid,
+            pinned_seq,
             files: OnceLock::new(),
         };
         // Ordering matters: the stat read must come before this check. Alive
@@ -277,6 +291,20 @@ pub fn ancestors(
     Ok(found)
 }
 
+/// True if `process` descends from `ancestor`, both pinned. When `ancestor`
+/// was pinned first and is still alive, it held its PID when `process` was
+/// pinned; if that PID was then `process`'s parent, no /proc read is needed.
+/// Otherwise the chain is walked (`is_descendant_of`).
+pub fn descends_from(process: &PinnedProcess, ancestor: &PinnedProcess) -> bool {
+    if process.parent_when_pinned == ancestor.pid
+        && ancestor.pinned_seq < process.pinned_seq
+        && !ancestor.has_exited()
+    {
+        return true;
+    }
+    is_descendant_of(process.pid, ancestor.pid, ancestor.start_time)
+}
+
 /// True if `pid` is the process (`ancestor_pid`, `ancestor_start_time`) or one
 /// of its descendants. Any doubt (unreadable /proc, a recycled PID in the
 /// chain) answers false, since "yes" grants a task's identity.
@@ -365,6 +393,43 @@ mod tests {
             ppid_start
         ));
         assert_eq!(parent_of(1).unwrap(), None);
+    }
+
+    #[test]
+    fn descends_from_answers_for_children_grandchildren_and_strangers() {
+        use std::io::BufRead;
+        let me = PinnedProcess::open(std::process::id() as i32).unwrap();
+        // sh, and a sleep it starts in the background (its PID on stdout).
+        let mut child = std::process::Command::new("sh")
+            .args(["-c", "sleep 60 & echo $!; read x"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let grandchild = PinnedProcess::open(line.trim().parse().unwrap()).unwrap();
+        let pinned_child = PinnedProcess::open(child.id() as i32).unwrap();
+
+        // Pinned after its parent: settled from the pin.
+        assert!(descends_from(&pinned_child, &me));
+        // Pinned before its parent: walked.
+        assert!(descends_from(&grandchild, &pinned_child));
+        assert!(descends_from(&grandchild, &me));
+        // Never upwards or sideways.
+        assert!(!descends_from(&me, &pinned_child));
+        assert!(!descends_from(&pinned_child, &grandchild));
+
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(grandchild.pid()),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+        drop(child.stdin.take());
+        child.wait().unwrap();
+        // A parent that has exited settles nothing.
+        assert!(!descends_from(&grandchild, &pinned_child));
     }
 
     #[test]
