@@ -13,7 +13,10 @@ use std::str::FromStr;
 use std::sync::Arc;
 
 use cedar_policy::ffi::DetailedError;
-use cedar_policy::{Authorizer, Policy, PolicyId, PolicySet, Schema, ValidationMode, Validator};
+use cedar_policy::{
+    ActionConstraint, Authorizer, Effect, EntityUid, Policy, PolicyId, PolicySet,
+    PrincipalConstraint, ResourceConstraint, Schema, ValidationMode, Validator,
+};
 use time::OffsetDateTime;
 
 use request::Vocabulary;
@@ -128,6 +131,9 @@ struct Inner {
     ids: Vec<String>,
     /// Position of each id in `ids`, so decisions list policies in file order.
     order: HashMap<String, usize>,
+    /// Actions decided the same for every request (`unconditional_decisions`),
+    /// by action name.
+    unconditional: HashMap<&'static str, Decision>,
     source: String,
     warnings: Vec<String>,
 }
@@ -275,12 +281,15 @@ impl PolicyEngine {
             })
             .collect();
 
+        let order: HashMap<String, usize> = ids.iter().cloned().zip(0..).collect();
+        let unconditional = unconditional_decisions(&policies, &vocabulary, &order);
         Ok(PolicyEngine {
             inner: Arc::new(Inner {
                 policies,
                 authorizer: Authorizer::new(),
                 vocabulary,
-                order: ids.iter().cloned().zip(0..).collect(),
+                order,
+                unconditional,
                 ids,
                 source: label,
                 warnings,
@@ -291,6 +300,18 @@ impl PolicyEngine {
     /// Decides `request` at `now`. Anything that keeps the request from
     /// being evaluated denies it, with the reason in `errors`.
     pub fn evaluate(&self, request: &PolicyRequest, now: OffsetDateTime) -> Decision {
+        let inner = &*self.inner;
+        if let Some(decision) = inner.unconditional.get(request.action_name()) {
+            return match inner.vocabulary.precheck(request) {
+                Ok(()) => decision.clone(),
+                Err(e) => Decision::denied_with_error(e.to_string()),
+            };
+        }
+        self.evaluate_in_cedar(request, now)
+    }
+
+    /// `evaluate` through Cedar, whatever the action.
+    fn evaluate_in_cedar(&self, request: &PolicyRequest, now: OffsetDateTime) -> Decision {
         let inner = &*self.inner;
         let (cedar_request, entities) = match inner.vocabulary.cedar_request(request, now, None) {
             Ok(built) => built,
@@ -328,6 +349,68 @@ impl PolicyEngine {
     pub fn is_builtin(&self) -> bool {
         self.inner.source == BUILTIN_SOURCE
     }
+}
+
+/// The actions that every policy applying to them decides without looking at
+/// the request: no `when` or `unless`, and `principal` and `resource`
+/// unconstrained. Cedar would decide each such action the same way for every
+/// request (a matching forbid denies, else a matching permit allows, else
+/// nothing permits it), so that decision is made once, here, instead of
+/// building a request's entities every time, which costs more than Cedar's
+/// evaluation itself. The built-in policy is such a set; so is a production
+/// set's `permit (principal, action == IssueX509SVID, resource)`.
+fn unconditional_decisions(
+    policies: &PolicySet,
+    vocabulary: &Vocabulary,
+    order: &HashMap<String, usize>,
+) -> HashMap<&'static str, Decision> {
+    let applies_to = |policy: &Policy, action: &EntityUid| match policy.action_constraint() {
+        ActionConstraint::Any => true,
+        ActionConstraint::Eq(uid) => &uid == action,
+        // writ's schema declares no action groups: `in` is membership.
+        ActionConstraint::In(uids) => uids.contains(action),
+    };
+    let unconditional = |policy: &Policy| {
+        !policy.has_non_scope_constraint()
+            && policy.principal_constraint() == PrincipalConstraint::Any
+            && policy.resource_constraint() == ResourceConstraint::Any
+    };
+    let mut decisions = HashMap::new();
+    for (name, action) in vocabulary.actions() {
+        let applying: Vec<&Policy> = policies
+            .policies()
+            .filter(|p| applies_to(p, action))
+            .collect();
+        if !applying.iter().all(|p| unconditional(p)) {
+            continue;
+        }
+        let ids = |effect: Effect| {
+            let mut ids: Vec<String> = applying
+                .iter()
+                .filter(|p| p.effect() == effect)
+                .map(|p| raw_id(p.id()))
+                .collect();
+            ids.sort_by_key(|id| order.get(id).copied());
+            ids
+        };
+        let forbids = ids(Effect::Forbid);
+        let decision = if forbids.is_empty() {
+            let permits = ids(Effect::Permit);
+            Decision {
+                allowed: !permits.is_empty(),
+                deciding_policies: permits,
+                errors: Vec::new(),
+            }
+        } else {
+            Decision {
+                allowed: false,
+                deciding_policies: forbids,
+                errors: Vec::new(),
+            }
+        };
+        decisions.insert(name, decision);
+    }
+    decisions
 }
 
 fn load_schema() -> Result<Schema, PolicyError> {

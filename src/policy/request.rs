@@ -219,6 +219,7 @@ impl Vocabulary {
         now: OffsetDateTime,
         conform_to: Option<&Schema>,
     ) -> Result<(Request, Entities), RequestBuildError> {
+        self.precheck(request)?;
         let caller = request.caller();
         let principal = self.uid(&self.workload, &caller.entity_id());
         let mut entities = vec![self.workload_entity(principal.clone(), caller)?];
@@ -234,14 +235,6 @@ impl Vocabulary {
                 (&self.end_task, uid)
             }
             PolicyRequest::DelegateTask { parent, task, .. } => {
-                // Both are entities in one store; the same id twice would
-                // leave policies looking at whichever Cedar kept.
-                if parent.id == task.id {
-                    return Err(RequestBuildError(format!(
-                        "task {} cannot be delegated under itself",
-                        task.id
-                    )));
-                }
                 let parent_uid = self.push_task(&mut entities, parent)?;
                 let uid = self.push_task(&mut entities, task)?;
                 context.push((
@@ -268,6 +261,31 @@ impl Vocabulary {
             .map_err(build_error)?;
         let entities = Entities::from_entities(entities, conform_to).map_err(build_error)?;
         Ok((request, entities))
+    }
+
+    /// What makes a request inexpressible in Cedar whatever the policies:
+    /// checked before building it, and before deciding an action that
+    /// needs no request built (`PolicyEngine::evaluate`).
+    pub(crate) fn precheck(&self, request: &PolicyRequest) -> Result<(), RequestBuildError> {
+        match request {
+            // Both are entities in one store; the same id twice would
+            // leave policies looking at whichever Cedar kept.
+            PolicyRequest::DelegateTask { parent, task, .. } if parent.id == task.id => Err(
+                RequestBuildError(format!("task {} cannot be delegated under itself", task.id)),
+            ),
+            _ => Ok(()),
+        }
+    }
+
+    /// Every action, by the name `PolicyRequest::action_name` gives it.
+    pub(crate) fn actions(&self) -> [(&'static str, &EntityUid); 5] {
+        [
+            ("BeginTask", &self.begin_task),
+            ("DelegateTask", &self.delegate_task),
+            ("EndTask", &self.end_task),
+            ("IssueX509SVID", &self.issue_x509_svid),
+            ("IssueJWTSVID", &self.issue_jwt_svid),
+        ]
     }
 
     fn workload_entity(

@@ -69,6 +69,15 @@ fn shipped_schema_loads_without_warnings() {
 fn every_kind_of_request_conforms_to_the_schema() {
     let (schema, _) = Schema::from_cedarschema_str(SCHEMA).unwrap();
     let vocabulary = request::Vocabulary::new().unwrap();
+    for request in &every_kind_of_request() {
+        if let Err(e) = vocabulary.cedar_request(request, monday_noon(), Some(&schema)) {
+            panic!("{} does not conform: {e}", request.action_name());
+        }
+    }
+}
+
+/// One request of each action, with and without the optional parts.
+fn every_kind_of_request() -> Vec<PolicyRequest> {
     let mut child = task("child");
     child.parent_id = Some("t1".to_owned());
     child.depth = 2;
@@ -80,7 +89,7 @@ fn every_kind_of_request_conforms_to_the_schema() {
         spiffe_id: format!("{RESEARCH}/task/t1"),
         task,
     };
-    let requests = [
+    [
         begin(task("t1")),
         begin(child.clone()),
         PolicyRequest::BeginTask {
@@ -114,10 +123,76 @@ fn every_kind_of_request_conforms_to_the_schema() {
             identity: identity(None),
             audience: Vec::new(),
         },
+    ]
+    .into()
+}
+
+/// An action every applying policy decides without conditions is decided
+/// without building a Cedar request; for each kind of policy set and every
+/// kind of request, the decision is the one Cedar makes.
+#[test]
+fn unconditional_actions_are_decided_as_cedar_decides_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let sets: [(&str, &[&str]); 4] = [
+        (
+            BUILTIN_POLICY,
+            &[
+                "BeginTask",
+                "DelegateTask",
+                "EndTask",
+                "IssueX509SVID",
+                "IssueJWTSVID",
+            ],
+        ),
+        (
+            r#"@id("p-any") permit (principal, action, resource);
+               @id("f-jwt") forbid (principal, action == Writ::Action::"IssueJWTSVID", resource);
+               @id("p-jira") permit (principal, action == Writ::Action::"BeginTask", resource)
+                   when { resource.tools.contains("jira") };"#,
+            &["DelegateTask", "EndTask", "IssueX509SVID", "IssueJWTSVID"],
+        ),
+        (
+            r#"@id("p-in") permit (principal,
+                   action in [Writ::Action::"EndTask", Writ::Action::"IssueX509SVID"], resource);
+               @id("p-is") permit (principal is Writ::Workload,
+                   action == Writ::Action::"BeginTask", resource);
+               @id("p-eq") permit (principal, action == Writ::Action::"DelegateTask",
+                   resource == Writ::Task::"t1");"#,
+            &["EndTask", "IssueX509SVID", "IssueJWTSVID"],
+        ),
+        (
+            "// nothing yet\n",
+            &[
+                "BeginTask",
+                "DelegateTask",
+                "EndTask",
+                "IssueX509SVID",
+                "IssueJWTSVID",
+            ],
+        ),
     ];
-    for request in &requests {
-        if let Err(e) = vocabulary.cedar_request(request, monday_noon(), Some(&schema)) {
-            panic!("{} does not conform: {e}", request.action_name());
+    let mut requests = every_kind_of_request();
+    let mut same = task("same");
+    same.parent_id = Some("same".to_owned());
+    requests.push(PolicyRequest::DelegateTask {
+        caller: caller(),
+        parent: task("same"),
+        task: same,
+    });
+    for (n, (text, fast)) in sets.iter().enumerate() {
+        let path = write(&dir, &format!("set{n}.cedar"), text);
+        let engine = PolicyEngine::load(&[path]).unwrap();
+        let mut decided: Vec<&str> = engine.inner.unconditional.keys().copied().collect();
+        decided.sort();
+        let mut expected = fast.to_vec();
+        expected.sort();
+        assert_eq!(decided, expected, "set {n}");
+        for request in &requests {
+            assert_eq!(
+                engine.evaluate(request, monday_noon()),
+                engine.evaluate_in_cedar(request, monday_noon()),
+                "set {n}, {request:?}"
+            );
         }
     }
 }
