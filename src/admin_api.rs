@@ -271,12 +271,11 @@ impl pb::tasks_server::Tasks for TasksService {
                 return Err(Status::permission_denied(decision.denial_message()));
             }
         }
-        let task = ctx
+        let (task, serials) = ctx
             .tasks
             .end(&req.task_id, req.reason)
             .await
             .map_err(task_status)?;
-        let serials = ctx.tasks.issued_serials(&task.id).map_err(task_status)?;
         Ok(Response::new(task_to_proto(&task, serials)))
     }
 

@@ -730,12 +730,21 @@ impl TaskManager {
 
     /// Ends a task on request. Err if unknown; Ok with the completed task
     /// (completed now, or earlier by another trigger).
-    pub async fn end(&self, id: &str, detail: String) -> Result<Arc<Task>, TaskError> {
-        if let Some(task) = self.complete(id, CompletionReason::EndTask, detail).await? {
-            return Ok(task);
+    /// The task, and the serials issued for it (all revoked), in issue
+    /// order. A task completed before is reported as it is.
+    pub async fn end(
+        &self,
+        id: &str,
+        detail: String,
+    ) -> Result<(Arc<Task>, Vec<String>), TaskError> {
+        if let Some(ended) = self
+            .complete_reporting(id, CompletionReason::EndTask, detail)
+            .await?
+        {
+            return Ok(ended);
         }
         match self.get(id)? {
-            Some(t) => Ok(Arc::new(t)),
+            Some(t) => Ok((Arc::new(t), self.issued_serials(id)?)),
             None => Err(TaskError::NotFound(id.to_owned())),
         }
     }
@@ -750,6 +759,20 @@ impl TaskManager {
         reason: CompletionReason,
         detail: String,
     ) -> Result<Option<Arc<Task>>, TaskError> {
+        Ok(self
+            .complete_reporting(id, reason, detail)
+            .await?
+            .map(|(task, _)| task))
+    }
+
+    /// `complete`, also returning the serials the root task's completion
+    /// revoked (every one issued for it), in issue order.
+    async fn complete_reporting(
+        &self,
+        id: &str,
+        reason: CompletionReason,
+        detail: String,
+    ) -> Result<Option<(Arc<Task>, Vec<String>)>, TaskError> {
         let victims: Vec<(Arc<Task>, CompletionReason)> = {
             let mut inner = self.inner();
             let mut out = Vec::new();
@@ -817,7 +840,7 @@ impl TaskManager {
                     )?
                     .execute(params![tid, at, why])?;
                     let mut stmt = conn.prepare_cached(
-                        "SELECT serial, issuer_key_id, not_after FROM issued WHERE task_id = ?1",
+                        "SELECT serial, issuer_key_id, not_after FROM issued WHERE task_id = ?1 ORDER BY issued_at",
                     )?;
                     let revoked_at = UNIX_EPOCH + Duration::from_secs(at.max(0) as u64);
                     let serials = stmt
@@ -934,10 +957,17 @@ impl TaskManager {
                 },
             });
             let done = Arc::new(done);
-            tracing::info!(task = %done.id, reason = why.as_str(), "task completed");
+            // Every completion is in the audit trail and on WatchTasks; at
+            // info level a busy node would log thousands of lines a second.
+            tracing::debug!(task = %done.id, reason = why.as_str(), "task completed");
             self.agent.metrics().task_completed(why.as_str());
             if done.id == id {
-                root = Some(done.clone());
+                let serials = revoked
+                    .iter()
+                    .find(|(task_id, _)| task_id == id)
+                    .map(|(_, serials)| serials.clone())
+                    .unwrap_or_default();
+                root = Some((done.clone(), serials));
             }
             let _ = self.events.send(TaskEvent::Completed(done));
         }

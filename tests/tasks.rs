@@ -334,6 +334,24 @@ async fn a_bound_child_gets_the_task_identity_and_loses_it_when_the_task_ends() 
         "{:?} lacks {task_serial}",
         ended.issued_serials
     );
+    // Asked again, the completed task reports the same serials (from the
+    // store rather than from the completion).
+    let again = tasks
+        .end_task(apb::EndTaskRequest {
+            task_id: "t-42".into(),
+            reason: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let sorted = |mut v: Vec<String>| {
+        v.sort();
+        v
+    };
+    assert_eq!(
+        sorted(again.issued_serials),
+        sorted(ended.issued_serials.clone())
+    );
 
     // The child's open stream gets a full state without the task identity,
     // with its other identity re-keyed.
