@@ -209,11 +209,14 @@ impl State {
         }
         let start = writer.file_len;
         writer.write_out(&saved)?;
-        if !self.syncing {
-            // No sync is running, so none would take these bytes yet: the
-            // disk can have them while the caller finishes its work (an
-            // issuance signs its certificate), leaving the sync little more
-            // than the cache flush.
+        if !self.syncing && self.outstanding == 0 {
+            // The trail is quiet (no sync running, nobody else waiting), so
+            // nothing would take these bytes to the disk yet: it can have
+            // them while the caller finishes its work (an issuance signs its
+            // certificate), leaving the sync little more than the cache
+            // flush. Under load a sync is due soon anyway, and starting
+            // writeback early only writes a page the next record dirties
+            // again (measured: 4% more CPU per task in churn).
             let _ = crate::sys::start_writeback(&writer.file, start, writer.file_len - start);
         }
         if !self.maintenance_asked && self.maintenance_due() {
