@@ -60,7 +60,7 @@ pub enum TaskCommand {
         /// key=value, repeatable.
         #[arg(long = "attr", value_parser = parse_attr)]
         attributes: Vec<(String, String)>,
-        /// Such as 10m; default from the agent's config.
+        /// Such as 10m (at least 2s); default from the agent's config.
         #[arg(long)]
         ttl: Option<String>,
         #[arg(long)]
