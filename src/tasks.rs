@@ -1380,8 +1380,7 @@ mod tests {
             matches!(issued, Err(crate::agent::AgentError::TaskCompleted(ref id)) if id == "t-ending"),
             "{issued:?}"
         );
-        let records = agent.trail();
-        let of = |kind: &str| records.iter().filter(|r| r["event"] == kind).count();
+        let of = |kind: &str| agent.records_of(kind).len();
         assert_eq!(of("x509_issued"), 1, "only the SVID minted as it began");
         assert_eq!(of("x509_withdrawn"), 0);
         let stored: i64 = svc
@@ -1452,12 +1451,7 @@ mod tests {
             agent.svc.tasks.issued_serials("t-tail").unwrap().len(),
             issued_before
         );
-        let withdrawn = agent
-            .trail()
-            .iter()
-            .filter(|r| r["event"] == "x509_withdrawn")
-            .count();
-        assert_eq!(withdrawn, 0);
+        assert_eq!(agent.records_of("x509_withdrawn").len(), 0);
     }
 
     /// A real agent on a temporary state dir, and a child process to bind
@@ -1537,6 +1531,13 @@ mod tests {
                 .await
         }
 
+        fn records_of(&self, kind: &str) -> Vec<serde_json::Value> {
+            self.trail()
+                .into_iter()
+                .filter(|r| r["event"] == kind)
+                .collect()
+        }
+
         fn trail(&self) -> Vec<serde_json::Value> {
             std::fs::read_to_string(&self.config.audit.path)
                 .unwrap()
@@ -1592,11 +1593,7 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(hex::encode(&served.svid.serial), stored[0]);
-        let after: Vec<_> = agent
-            .trail()
-            .into_iter()
-            .filter(|r| r["event"] == "x509_issued")
-            .collect();
+        let after = agent.records_of("x509_issued");
         assert_eq!(after.len(), 1, "the first fetch minted again: {after:?}");
     }
 
@@ -1630,13 +1627,8 @@ mod tests {
             serials.insert(caller.await.unwrap());
         }
         assert_eq!(serials.len(), 1, "{serials:?}");
-        let issued = agent
-            .trail()
-            .into_iter()
-            .filter(|r| r["event"] == "x509_issued")
-            .count();
         // The SVID minted as the task began, and one rotation.
-        assert_eq!(issued, 2);
+        assert_eq!(agent.records_of("x509_issued").len(), 2);
     }
 
     /// When the trail cannot record the beginning, BeginTask fails and

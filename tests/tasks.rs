@@ -55,6 +55,24 @@ async fn tasks_client(writ: &Writ) -> apb::tasks_client::TasksClient<tonic::tran
     )
 }
 
+async fn get_task(
+    tasks: &mut apb::tasks_client::TasksClient<tonic::transport::Channel>,
+    id: &str,
+) -> apb::Task {
+    tasks
+        .get_task(apb::GetTaskRequest { task_id: id.into() })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+fn end_req(id: &str) -> apb::EndTaskRequest {
+    apb::EndTaskRequest {
+        task_id: id.into(),
+        reason: String::new(),
+    }
+}
+
 fn begin_pid(id: &str, pid: u32) -> apb::BeginTaskRequest {
     apb::BeginTaskRequest {
         task_id: id.into(),
@@ -336,14 +354,7 @@ async fn a_bound_child_gets_the_task_identity_and_loses_it_when_the_task_ends() 
     );
     // Asked again, the completed task reports the same serials (from the
     // store rather than from the completion).
-    let again = tasks
-        .end_task(apb::EndTaskRequest {
-            task_id: "t-42".into(),
-            reason: String::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let again = tasks.end_task(end_req("t-42")).await.unwrap().into_inner();
     let sorted = |mut v: Vec<String>| {
         v.sort();
         v
@@ -404,13 +415,7 @@ async fn a_bound_childs_stream_lives_through_its_tasks_ttl() {
     // The first SVID, its one rotation, the drop in the task's last
     // second, the re-key at completion: no burst of ever shorter rotations.
     assert!(updates <= 5, "{updates} updates for a 3 s task");
-    let task = tasks
-        .get_task(apb::GetTaskRequest {
-            task_id: "t-short".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let task = get_task(&mut tasks, "t-short").await;
     assert_eq!(task.completion_reason, "ttl_expired");
     for serial in &task_serials {
         assert!(task.issued_serials.contains(serial), "{serial} not revoked");
@@ -486,18 +491,9 @@ async fn every_trigger_completes_its_task_exactly_once() {
     // EndTask (then a second EndTask, which must not complete it again).
     let mut a = sleeper();
     tasks.begin_task(begin_pid("by-end", a.id())).await.unwrap();
-    tasks
-        .end_task(apb::EndTaskRequest {
-            task_id: "by-end".into(),
-            reason: String::new(),
-        })
-        .await
-        .unwrap();
+    tasks.end_task(end_req("by-end")).await.unwrap();
     let again = tasks
-        .end_task(apb::EndTaskRequest {
-            task_id: "by-end".into(),
-            reason: String::new(),
-        })
+        .end_task(end_req("by-end"))
         .await
         .unwrap()
         .into_inner();
@@ -546,13 +542,7 @@ async fn every_trigger_completes_its_task_exactly_once() {
         child_task.spiffe_id,
         format!("{ORCH_ID}/task/parent/task/child")
     );
-    tasks
-        .end_task(apb::EndTaskRequest {
-            task_id: "parent".into(),
-            reason: String::new(),
-        })
-        .await
-        .unwrap();
+    tasks.end_task(end_req("parent")).await.unwrap();
 
     let done = collect_completions(&mut events, Duration::from_secs(4)).await;
     let want = [
@@ -810,13 +800,7 @@ async fn after_a_crash_dead_tasks_are_revoked_and_live_ones_resume() {
     writ.spawn();
 
     let mut tasks = tasks_client(&writ).await;
-    let t = tasks
-        .get_task(apb::GetTaskRequest {
-            task_id: "dies".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let t = get_task(&mut tasks, "dies").await;
     assert_eq!(t.completion_reason, "process_exited");
     assert!(t.issued_serials.contains(&dead_serial));
     let (crls, _) = crls_and_bundle(&writ).await;
@@ -825,13 +809,7 @@ async fn after_a_crash_dead_tasks_are_revoked_and_live_ones_resume() {
         "pre-crash serial missing from CRL"
     );
 
-    let t = tasks
-        .get_task(apb::GetTaskRequest {
-            task_id: "lives".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let t = get_task(&mut tasks, "lives").await;
     assert_eq!(
         t.completed_at, 0,
         "task with a live process must stay active: {t:?}"
@@ -1036,13 +1014,7 @@ async fn a_task_that_federates_receives_that_trust_domains_bundle() {
         "{}",
         err.message()
     );
-    tasks
-        .end_task(apb::EndTaskRequest {
-            task_id: "fed".into(),
-            reason: String::new(),
-        })
-        .await
-        .unwrap();
+    tasks.end_task(end_req("fed")).await.unwrap();
     let _ = child.kill();
     let _ = child.wait();
 }
@@ -1172,13 +1144,7 @@ async fn a_stream_inside_a_cgroup_receives_the_cgroup_tasks_identity_and_loses_i
         ids,
         vec![format!("{ORCH_ID}/task/cg-stream"), ORCH_ID.to_string()]
     );
-    tasks
-        .end_task(apb::EndTaskRequest {
-            task_id: "cg-stream".into(),
-            reason: String::new(),
-        })
-        .await
-        .unwrap();
+    tasks.end_task(end_req("cg-stream")).await.unwrap();
     let (ids, _) = worker.next_update(Duration::from_secs(10));
     assert_eq!(ids, vec![ORCH_ID.to_string()]);
     // Out of the cgroup again, so the directories can be removed.

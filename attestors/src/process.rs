@@ -343,6 +343,24 @@ pub fn is_descendant_of(pid: i32, ancestor_pid: i32, ancestor_start_time: u64) -
     false
 }
 
+/// Runs `sh -c script` with piped stdin (close it to let a script ending
+/// in `read x` finish) and returns it with the PID it prints first.
+#[cfg(test)]
+pub(crate) fn sh_reporting_pid(script: &str) -> (std::process::Child, i32) {
+    use std::io::BufRead;
+    let mut child = std::process::Command::new("sh")
+        .args(["-c", script])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    (child, line.trim().parse().unwrap())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -397,20 +415,10 @@ mod tests {
 
     #[test]
     fn descends_from_answers_for_children_grandchildren_and_strangers() {
-        use std::io::BufRead;
         let me = PinnedProcess::open(std::process::id() as i32).unwrap();
-        // sh, and a sleep it starts in the background (its PID on stdout).
-        let mut child = std::process::Command::new("sh")
-            .args(["-c", "sleep 60 & echo $!; read x"])
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        std::io::BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let grandchild = PinnedProcess::open(line.trim().parse().unwrap()).unwrap();
+        // sh, and a sleep it starts in the background.
+        let (mut child, sleep_pid) = sh_reporting_pid("sleep 60 & echo $!; read x");
+        let grandchild = PinnedProcess::open(sleep_pid).unwrap();
         let pinned_child = PinnedProcess::open(child.id() as i32).unwrap();
 
         // Pinned after its parent: settled from the pin.

@@ -128,36 +128,28 @@ impl ProcFiles {
 /// the end. (Reading on from where the last read stopped is cheap: procfs
 /// only renders the file again for a read at another offset.)
 fn read_whole_at(file: &File, buf: &mut Vec<u8>) -> io::Result<()> {
-    const CHUNK: usize = 4096;
-    buf.clear();
-    loop {
-        let start = buf.len();
-        buf.resize(start + CHUNK, 0);
-        match file.read_at(&mut buf[start..], start as u64) {
-            Ok(0) => {
-                buf.truncate(start);
-                return Ok(());
-            }
-            Ok(n) => buf.truncate(start + n),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => buf.truncate(start),
-            Err(e) => {
-                buf.truncate(start);
-                return Err(e);
-            }
-        }
-    }
+    read_until_end(buf, |chunk, offset| file.read_at(chunk, offset))
 }
 
 /// Reads a whole file into `buf` without the size probe `fs::read` makes
 /// (procfs reports size 0 anyway, so the probe is a wasted syscall).
 pub(crate) fn read_file(path: &Path, buf: &mut Vec<u8>) -> io::Result<()> {
+    let mut file = File::open(path)?;
+    read_until_end(buf, |chunk, _| file.read(chunk))
+}
+
+/// Fills `buf` by calling `read` (given the chunk to fill and its offset in
+/// the file) until it reports the end.
+fn read_until_end(
+    buf: &mut Vec<u8>,
+    mut read: impl FnMut(&mut [u8], u64) -> io::Result<usize>,
+) -> io::Result<()> {
     const CHUNK: usize = 4096;
     buf.clear();
-    let mut file = File::open(path)?;
     loop {
         let start = buf.len();
         buf.resize(start + CHUNK, 0);
-        match file.read(&mut buf[start..]) {
+        match read(&mut buf[start..], start as u64) {
             Ok(0) => {
                 buf.truncate(start);
                 return Ok(());

@@ -100,7 +100,7 @@ mod tests {
     /// process reparented and then exec'd in between is seen as it is now.
     #[test]
     fn a_second_snapshot_sees_what_changed_since_the_first() {
-        use std::io::{BufRead, Write};
+        use std::io::Write;
         // sh starts a second sh in the background, reports its PID, and
         // exits when its stdin closes; the second waits on a fifo, then
         // execs sleep.
@@ -111,17 +111,7 @@ mod tests {
             "sh -c 'read x < {fifo}; exec sleep 60' & echo $!; read x",
             fifo = fifo.display()
         );
-        let mut parent = std::process::Command::new("sh")
-            .args(["-c", &script])
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        std::io::BufReader::new(parent.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let pid: i32 = line.trim().parse().unwrap();
+        let (mut parent, pid) = crate::process::sh_reporting_pid(&script);
         let pinned = PinnedProcess::open(pid).unwrap();
         let before = read_snapshot(&pinned).unwrap();
         assert_eq!(before.ppid, parent.id() as i32);
