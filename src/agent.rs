@@ -788,7 +788,15 @@ impl Agent {
         let mut store_task = Some(store_task);
         let mut planned = None;
         let mut queued = None;
-        let minted = {
+        // A sub-task begun in its parent's last second could only have a
+        // certificate shorter than a second: it begins without one, as
+        // `mint_svid` would refuse it.
+        let too_short = entitlement
+            .not_after_cap
+            .is_some_and(|cap| room_before(cap, now) < crate::ca::MIN_SVID_TTL);
+        let minted = if too_short {
+            Err(crate::ca::CaError::TtlTooShort)
+        } else {
             let ca = read_lock(&self.ca);
             ca.mint_x509_svid_with(&self.x509_request(&entitlement, now), now, |plan| {
                 planned = Some(plan.clone());

@@ -1454,6 +1454,56 @@ mod tests {
         assert_eq!(agent.records_of("x509_withdrawn").len(), 0);
     }
 
+    /// A sub-task begun in its parent's last second begins without an SVID
+    /// rather than with one that would live a fraction of a second.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_sub_task_begun_in_its_parents_last_second_gets_no_svid_yet() {
+        let agent = TestAgent::start().await;
+        // Between the parent's end less 1 s and its last whole second less
+        // 1 s, the CA would still sign (the TTL is over a second) but the
+        // certificate would end on that whole second, under a second away.
+        // Begun half-way through a second, the parent leaves half a second
+        // of such moments; the test waits for the middle one. (Waking late
+        // only makes the CA refuse, which passes too.)
+        let into_second = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .subsec_millis();
+        let to_half = (1500 - u64::from(into_second)) % 1000;
+        tokio::time::sleep(Duration::from_millis(to_half)).await;
+        let parent = agent
+            .begin_under("t-parent", None, Duration::from_secs(2))
+            .await
+            .unwrap();
+        let fraction = Duration::from_nanos(u64::from(
+            parent
+                .expires_at
+                .duration_since(UNIX_EPOCH)
+                .unwrap()
+                .subsec_nanos(),
+        ));
+        let wait = (parent.expires_at - Duration::from_secs(1) - fraction / 2)
+            .duration_since(SystemTime::now())
+            .unwrap_or_default();
+        tokio::time::sleep(wait).await;
+        let child = agent
+            .begin_under("t-child", Some("t-parent"), Duration::ZERO)
+            .await
+            .unwrap();
+        assert_eq!(child.expires_at, parent.expires_at);
+        assert!(
+            agent
+                .svc
+                .tasks
+                .issued_serials("t-child")
+                .unwrap()
+                .is_empty()
+        );
+        assert_eq!(agent.records_of("x509_withdrawn").len(), 0);
+        let issued = agent.records_of("x509_issued");
+        assert_eq!(issued.len(), 1, "only the parent's: {issued:?}");
+    }
+
     /// A real agent on a temporary state dir, and a child process to bind
     /// tasks to.
     struct TestAgent {
@@ -1498,6 +1548,17 @@ mod tests {
         }
 
         async fn begin(&self, id: &str) -> Result<Arc<Task>, TaskError> {
+            self.begin_under(id, None, Duration::from_secs(60)).await
+        }
+
+        /// A task bound to the child, under `parent` if given; a sub-task
+        /// asks for no TTL of its own and so ends with its parent.
+        async fn begin_under(
+            &self,
+            id: &str,
+            parent: Option<&str>,
+            ttl: Duration,
+        ) -> Result<Arc<Task>, TaskError> {
             let me = PinnedProcess::open(std::process::id() as i32).unwrap();
             let orchestrator = Orchestrator {
                 process: Arc::new(me),
@@ -1522,8 +1583,8 @@ mod tests {
                         cgroup: None,
                         spiffe_id: None,
                         intent: Intent::default(),
-                        ttl: Some(Duration::from_secs(60)),
-                        parent_task_id: None,
+                        ttl: parent.is_none().then_some(ttl),
+                        parent_task_id: parent.map(str::to_owned),
                         federates_with: Vec::new(),
                     },
                     &orchestrator,
