@@ -616,6 +616,11 @@ where
         let mut reuse: Option<Arc<Resolved>> = None;
         // The CRL publication a task this stream carried is waiting for.
         let mut crl_for_ended: Option<u64> = None;
+        // Watched for the stream's whole life: registering a pidfd with the
+        // reactor on every wake-up (every stream wakes for every change)
+        // cost a dup, two epoll_ctl and a close each time.
+        let caller_exited = crate::peer::wait_for_exit(&caller.process);
+        tokio::pin!(caller_exited);
         loop {
             let current = match pending.take() {
                 // `changes` was subscribed before `first` was taken, so a
@@ -655,7 +660,7 @@ where
                 tokio::select! {
                     _ = changes.changed() => {}
                     _ = tokio::time::sleep_until(wake_at.into()) => {}
-                    _ = crate::peer::wait_for_exit(&caller.process) => {
+                    _ = &mut caller_exited => {
                         tracing::debug!(pid = caller.pid, "caller exited; ending stream");
                         return;
                     }
