@@ -25,6 +25,9 @@ pub(crate) struct SigningAuthority {
     pub(crate) issuer: Issuer<'static, KeyPair>,
     /// The key identifier leaves name in their AKI (the CA's SKI).
     pub(crate) key_id: Vec<u8>,
+    /// The certificate's subject, DER-encoded: the issuer name of every
+    /// CRL it signs, kept so a publication need not parse the certificate.
+    pub(crate) subject_der: Vec<u8>,
     pub(crate) not_before: SystemTime,
     pub(crate) not_after: SystemTime,
     /// Unix seconds of `not_after`, kept so minting does no conversion work.
@@ -63,11 +66,13 @@ impl SigningAuthority {
         let validity = parsed.validity();
         let not_before_unix = validity.not_before.timestamp();
         let not_after_unix = validity.not_after.timestamp();
+        let subject_der = parsed.subject().as_raw().to_vec();
         let issuer = Issuer::from_ca_cert_der(&cert, key)
             .map_err(|e| format!("cannot use certificate as an issuer: {e}"))?;
         Ok(Self {
             issuer,
             key_id,
+            subject_der,
             not_before: clock::from_unix(not_before_unix),
             not_after: clock::from_unix(not_after_unix),
             not_after_unix,

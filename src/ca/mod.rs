@@ -851,10 +851,8 @@ impl CertificateAuthority {
                 continue;
             }
             if crl::supports(ca.issuer.key()) {
-                let (_, cert) = x509_parser::parse_x509_certificate(&ca.cert)
-                    .map_err(|e| CaError::Crl(format!("reading the issuing CA: {e}")))?;
                 let header = crl::CrlHeader {
-                    issuer_name: cert.subject().as_raw(),
+                    issuer_name: &ca.subject_der,
                     issuer_key_id: &ca.key_id,
                     crl_number,
                     this_update_unix: now_unix,
