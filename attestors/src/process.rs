@@ -1,6 +1,7 @@
 //! Pinning a process: a pidfd plus its start time, so that a dead caller or a
-//! recycled PID can never be mistaken for the live process we attested.
-//! Also the parent-chain walk used to decide task membership by ancestry.
+//! recycled PID can never be mistaken for the live process we attested, and
+//! the /proc files its attestations re-read. Also the parent-chain walk used
+//! to decide task membership by ancestry.
 
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::PathBuf;

@@ -1,5 +1,6 @@
 //! Reading and parsing the few /proc files attestation needs (stat, status,
-//! cgroup), each with one open and no per-file allocation beyond a reused
+//! cgroup): `stat` by path with one open, `status` and `cgroup` through
+//! descriptors a pinned process keeps (`ProcFiles`), all into a reused
 //! buffer. Parsers are pure functions over bytes so they can be unit-tested.
 
 use std::fs::File;
