@@ -29,6 +29,7 @@ pub mod telemetry;
 pub mod tls;
 mod uds_authority;
 pub mod workload_api;
+mod write_coalescing;
 
 /// Code generated from `proto/` by build.rs.
 pub mod proto {

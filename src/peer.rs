@@ -18,6 +18,7 @@ use tonic::transport::server::Connected;
 use writ_attestors::PinnedProcess;
 
 use crate::uds_authority::AuthorityFix;
+use crate::write_coalescing::Coalesced;
 
 /// The kernel's account of a connected peer, pinned for the connection's life.
 pub struct Caller {
@@ -96,9 +97,10 @@ pub fn identify(stream: &UnixStream) -> Result<Caller, PeerError> {
 
 /// A connection together with the peer identified at accept time. Reads go
 /// through `AuthorityFix`, so gRPC clients that put the socket path in
-/// `:authority` (py-spiffe, grpc-java) are understood.
+/// `:authority` (py-spiffe, grpc-java) are understood; writes through
+/// `Coalesced`, so a message split into many frames is one socket write.
 pub struct PeerStream {
-    stream: AuthorityFix<UnixStream>,
+    stream: Coalesced<AuthorityFix<UnixStream>>,
     peer: PeerInfo,
 }
 
@@ -141,7 +143,7 @@ impl AsyncWrite for PeerStream {
         Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
     }
     fn is_write_vectored(&self) -> bool {
-        self.stream.get_ref().is_write_vectored()
+        self.stream.is_write_vectored()
     }
 }
 
@@ -158,7 +160,7 @@ pub fn incoming(listener: UnixListener) -> impl Stream<Item = io::Result<PeerStr
                         tracing::debug!(error = %e, "could not identify peer");
                     }
                     let item = PeerStream {
-                        stream: AuthorityFix::new(stream),
+                        stream: Coalesced::new(AuthorityFix::new(stream)),
                         peer: peer.map(Arc::new).map_err(Arc::new),
                     };
                     return Some((Ok(item), listener));

@@ -78,10 +78,6 @@ impl<S> AuthorityFix<S> {
         }
     }
 
-    pub fn get_ref(&self) -> &S {
-        &self.inner
-    }
-
     /// Moves every complete unit of `input` (preface bytes, whole frames)
     /// into `output`, rewriting header blocks on the way.
     fn process(&mut self) -> io::Result<()> {
