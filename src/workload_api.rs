@@ -49,7 +49,13 @@ impl WorkloadApi {
     ) -> Result<Response<StreamOf<T>>, Status> {
         let mut changes = self.agent.subscribe();
         let seen = *changes.borrow_and_update();
-        let first = snapshot(self.agent.clone(), caller.clone(), Vec::new(), None).await?;
+        let first = snapshot(
+            self.agent.clone(),
+            caller.clone(),
+            Vec::new(),
+            Reuse::Nothing,
+        )
+        .await?;
         Ok(Response::new(spawn_stream(
             self.agent.clone(),
             caller,
@@ -207,8 +213,15 @@ fn identity_facts(agent: &Agent, entitlement: &Entitlement) -> crate::policy::Id
 /// PermissionDenied, which clients treat as "retry with backoff". Refusals
 /// are recorded in the audit trail (a caller that has simply exited is not:
 /// that is how every stream ends).
-async fn entitled(agent: &Agent, caller: &Caller, action: &str) -> Result<Entitled, Status> {
-    let attestation = match agent.attest(caller) {
+/// `attested` is the caller's attestation when a stream knows it still
+/// holds (see `Reuse::Attestation`); otherwise the caller is attested now.
+async fn entitled(
+    agent: &Agent,
+    caller: &Caller,
+    action: &str,
+    attested: Option<&Attestation>,
+) -> Result<Entitled, Status> {
+    let attestation = match attested.cloned().map_or_else(|| agent.attest(caller), Ok) {
         Ok(a) => a,
         Err(e) => {
             let gone = matches!(e, AgentError::CallerGone { .. }) && caller.process.has_exited();
@@ -282,10 +295,23 @@ const CRL_WAIT_LIMIT: Duration = Duration::from_millis(250);
 
 type SnapshotFuture<T> = futures::future::BoxFuture<'static, Result<Snapshot<T>, Status>>;
 
-/// Takes a stream's next full state. `reuse` is the caller's earlier
-/// resolution when the stream has judged it still current.
-type SnapshotFn<T> =
-    fn(Arc<Agent>, Arc<Caller>, Vec<String>, Option<Arc<Resolved>>) -> SnapshotFuture<T>;
+/// Takes a stream's next full state, reusing what the stream has judged
+/// still current of how it last resolved the caller.
+type SnapshotFn<T> = fn(Arc<Agent>, Arc<Caller>, Vec<String>, Reuse) -> SnapshotFuture<T>;
+
+/// What a stream's next snapshot takes from the last resolution.
+enum Reuse {
+    /// Nothing: the caller is attested and resolved afresh.
+    Nothing,
+    /// The attestation, within its re-attest interval and with the caller
+    /// still running the same executable. What the caller is entitled to
+    /// may have changed (a task was bound to it or to an ancestor): that,
+    /// and policy over it, are resolved again. A task bound to a process
+    /// changes nothing attested, as its binding is by PID and start time.
+    Attestation(Arc<Resolved>),
+    /// Everything: nothing the caller may hold has changed.
+    Resolution(Arc<Resolved>),
+}
 
 /// A caller as a stream last resolved it: attested, its entitlements, and
 /// (for X.509-SVID streams) those policy let it hold. Reused for updates
@@ -294,16 +320,25 @@ type SnapshotFn<T> =
 pub struct Resolved {
     entitled: Entitled,
     permitted: Vec<Entitlement>,
+    /// When the caller was attested; the re-attest interval runs from here.
     at: Instant,
 }
 
 impl Resolved {
-    fn new(entitled: Entitled, permitted: Vec<Entitlement>) -> Arc<Self> {
+    fn new(entitled: Entitled, permitted: Vec<Entitlement>, attested_at: Instant) -> Arc<Self> {
         Arc::new(Self {
             entitled,
             permitted,
-            at: Instant::now(),
+            at: attested_at,
         })
+    }
+
+    /// The caller's attestation and when it was taken, if `reuse` keeps it.
+    fn attestation_of(reuse: &Reuse) -> (Option<&Attestation>, Instant) {
+        match reuse {
+            Reuse::Attestation(r) | Reuse::Resolution(r) => (Some(&r.entitled.attestation), r.at),
+            Reuse::Nothing => (None, Instant::now()),
+        }
     }
 
     /// Whether a task bound to process (`pid`, `start_time`) may cover this
@@ -374,6 +409,17 @@ impl Resolved {
                 .any(|(pid, st)| self.may_be_inside(caller, *pid, *st))
     }
 
+    /// Whether the pending changes leave the caller's attestation standing
+    /// (within the re-attest interval, which the stream checks): none can
+    /// change what the caller is, only what it is entitled to. A task bound
+    /// to a cgroup can: the caller may have moved into it since it was
+    /// attested, so its cgroup is read again. Anything else far-reaching
+    /// (`Everything`: entries, policy, the CA, or a stream too far behind
+    /// to know) re-attests too, as before.
+    fn attestation_holds(&self, caller: &Caller, pending: &crate::changes::Pending) -> bool {
+        !pending.everything && !pending.cgroup_task_begun && self.same_executable(caller)
+    }
+
     /// The caller still runs the executable it was attested with. An exec
     /// changes what the caller is, so it forces a fresh attestation at once
     /// rather than at the next re-attest interval.
@@ -387,13 +433,14 @@ fn x509_svid_snapshot(
     agent: Arc<Agent>,
     caller: Arc<Caller>,
     previous_keys: Vec<String>,
-    reuse: Option<Arc<Resolved>>,
+    reuse: Reuse,
 ) -> SnapshotFuture<pb::X509svidResponse> {
     Box::pin(async move {
         let resolved = match reuse {
-            Some(resolved) => resolved,
-            None => {
-                let entitled = entitled(&agent, &caller, "IssueX509SVID").await?;
+            Reuse::Resolution(resolved) => resolved,
+            ref partial => {
+                let (attested, attested_at) = Resolved::attestation_of(partial);
+                let entitled = entitled(&agent, &caller, "IssueX509SVID", attested).await?;
                 let facts = entitled.caller_facts(&caller);
                 // Each identity is checked against policy for this caller;
                 // denials are recorded on a stream's first response, not on
@@ -410,7 +457,7 @@ fn x509_svid_snapshot(
                     },
                 )
                 .await?;
-                Resolved::new(entitled, permitted)
+                Resolved::new(entitled, permitted, attested_at)
             }
         };
         let facts = resolved.entitled.caller_facts(&caller);
@@ -486,11 +533,15 @@ async fn bundle_reader(
     agent: &Agent,
     caller: &Caller,
     action: &str,
-    reuse: Option<Arc<Resolved>>,
+    reuse: Reuse,
 ) -> Result<Arc<Resolved>, Status> {
     Ok(match reuse {
-        Some(resolved) => resolved,
-        None => Resolved::new(entitled(agent, caller, action).await?, Vec::new()),
+        Reuse::Resolution(resolved) => resolved,
+        ref partial => {
+            let (attested, attested_at) = Resolved::attestation_of(partial);
+            let entitled = entitled(agent, caller, action, attested).await?;
+            Resolved::new(entitled, Vec::new(), attested_at)
+        }
     })
 }
 
@@ -498,7 +549,7 @@ fn x509_bundles_snapshot(
     agent: Arc<Agent>,
     caller: Arc<Caller>,
     _previous: Vec<String>,
-    reuse: Option<Arc<Resolved>>,
+    reuse: Reuse,
 ) -> SnapshotFuture<pb::X509BundlesResponse> {
     Box::pin(async move {
         // Like SPIRE (without allow_unauthenticated_verifiers), bundles go
@@ -538,7 +589,7 @@ fn jwt_bundles_snapshot(
     agent: Arc<Agent>,
     caller: Arc<Caller>,
     _previous: Vec<String>,
-    reuse: Option<Arc<Resolved>>,
+    reuse: Reuse,
 ) -> SnapshotFuture<pb::JwtBundlesResponse> {
     Box::pin(async move {
         // As for X.509 bundles: only callers holding an identity here, and
@@ -612,8 +663,8 @@ where
         let mut last: Option<Fingerprint> = None;
         let mut keys: Vec<String> = Vec::new();
         let mut pending = Some(Ok(first));
-        // What the next snapshot may reuse; `None` means resolve afresh.
-        let mut reuse: Option<Arc<Resolved>> = None;
+        // What the next snapshot may reuse.
+        let mut reuse = Reuse::Nothing;
         // The CRL publication a task this stream carried is waiting for.
         let mut crl_for_ended: Option<u64> = None;
         // Watched for the stream's whole life: registering a pidfd with the
@@ -626,7 +677,10 @@ where
                 // `changes` was subscribed before `first` was taken, so a
                 // change since then is still unseen and wakes us below.
                 Some(first) => first,
-                None => snapshot(agent.clone(), caller.clone(), keys.clone(), reuse.take()).await,
+                None => {
+                    let reuse = std::mem::replace(&mut reuse, Reuse::Nothing);
+                    snapshot(agent.clone(), caller.clone(), keys.clone(), reuse).await
+                }
             };
             let (resolved, refresh_at) = match current {
                 Ok(snap) => {
@@ -674,6 +728,9 @@ where
                 seen = now_generation;
                 let now = Instant::now();
                 if now >= reattest_due || !resolved.still_current(&caller, &unseen, &keys) {
+                    if now < reattest_due && resolved.attestation_holds(&caller, &unseen) {
+                        reuse = Reuse::Attestation(resolved.clone());
+                    }
                     let ended: Vec<String> = unseen
                         .tasks_ended
                         .iter()
@@ -690,11 +747,10 @@ where
                             crl_for_ended: None,
                             ..unseen
                         };
-                        if now < reattest_due
+                        if matches!(reuse, Reuse::Attestation(_))
                             && resolved.still_current(&caller, &rest, &keys)
-                            && resolved.same_executable(&caller)
                         {
-                            reuse = Some(resolved.without_tasks(&ended));
+                            reuse = Reuse::Resolution(resolved.without_tasks(&ended));
                         }
                     }
                     break;
@@ -704,7 +760,7 @@ where
                 // nothing to send costs a stream nothing at all.)
                 if unseen.documents || rotation_due.is_some_and(|r| now >= r) {
                     if resolved.same_executable(&caller) {
-                        reuse = Some(resolved.clone());
+                        reuse = Reuse::Resolution(resolved.clone());
                     }
                     break;
                 }
@@ -717,15 +773,22 @@ where
                 let _ = tokio::time::timeout(CRL_WAIT_LIMIT, agent.crls_published(epoch)).await;
                 // The snapshot below shows everything logged until now (the
                 // CRL among it); a change meanwhile that concerns the caller
-                // means it is resolved afresh rather than reused.
+                // means it is resolved again rather than reused.
                 changes.borrow_and_update();
                 let (now_generation, meanwhile) = agent.changes().since(seen);
-                if reuse
-                    .as_ref()
-                    .is_some_and(|r| !r.still_current(&caller, &meanwhile, &keys))
-                {
-                    reuse = None;
-                }
+                reuse = match reuse {
+                    Reuse::Resolution(r) if !r.still_current(&caller, &meanwhile, &keys) => {
+                        if r.attestation_holds(&caller, &meanwhile) {
+                            Reuse::Attestation(r)
+                        } else {
+                            Reuse::Nothing
+                        }
+                    }
+                    Reuse::Attestation(r) if !r.attestation_holds(&caller, &meanwhile) => {
+                        Reuse::Nothing
+                    }
+                    kept => kept,
+                };
                 seen = now_generation;
             }
         }
@@ -773,7 +836,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
                 Status::invalid_argument(format!("spiffe_id {:?}: {e}", req.spiffe_id))
             })?)
         };
-        let entitled = entitled(&self.agent, &caller, "IssueJWTSVID").await?;
+        let entitled = entitled(&self.agent, &caller, "IssueJWTSVID", None).await?;
         let facts = entitled.caller_facts(&caller);
         let correlation_id = ulid::Ulid::new().to_string();
         let audience = req.audience.clone();
@@ -988,6 +1051,7 @@ mod tests {
                 entitlements: Vec::new(),
             },
             Vec::new(),
+            Instant::now(),
         )
     }
 
