@@ -18,6 +18,11 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 /// for several messages with a large CRL, small beside a socket's buffer.
 const HELD_LIMIT: usize = 256 * 1024;
 
+/// Room kept for the next pass once everything held is sent. A pass that
+/// carried a large message gives the rest back, so thousands of idle
+/// connections do not each keep the most they ever held.
+const KEPT_CAPACITY: usize = 4 * 1024;
+
 pub struct Coalesced<S> {
     inner: S,
     held: Vec<u8>,
@@ -57,6 +62,7 @@ impl<S: AsyncWrite + Unpin> Coalesced<S> {
             self.sent += n;
         }
         self.held.clear();
+        self.held.shrink_to(KEPT_CAPACITY);
         self.sent = 0;
         Poll::Ready(Ok(()))
     }
@@ -373,6 +379,21 @@ mod tests {
             h.with_cx(|conn, cx| conn.poll_write(cx, b"x")),
             Poll::Pending
         ));
+    }
+
+    #[test]
+    fn a_large_pass_does_not_leave_its_room_behind() {
+        let mut h = Harness::new(Socket::default());
+        for (header, payload) in &frames(5) {
+            h.frame(header, payload);
+        }
+        assert!(h.conn.held.capacity() > KEPT_CAPACITY);
+        assert!(matches!(h.flush(), Poll::Ready(Ok(()))));
+        assert!(
+            h.conn.held.capacity() <= KEPT_CAPACITY,
+            "{} bytes kept",
+            h.conn.held.capacity()
+        );
     }
 
     #[test]
