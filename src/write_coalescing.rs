@@ -1,12 +1,14 @@
-//! Gathers what h2 writes in one pass over a connection into one `write` on
-//! the socket. h2 hands the socket one DATA frame at a time and flushes
-//! after each, and a frame is at most 16 KiB (all a peer must accept), so a
-//! stream message carrying a 77 KiB CRL cost five `writev` calls, each
-//! waking the reader. Here a flush that follows fresh writes is deferred:
-//! the connection's task is woken at once, and the bytes go out when it next
-//! touches the socket, which on its next pass is straight away (h2 reads
-//! before anything else, and ends every pass with a flush). Bytes therefore
-//! wait for at most one more pass of their own connection.
+//! Gathers the frames of a large message into one `write` on the socket.
+//! h2 hands the socket one DATA frame at a time and flushes after each, and
+//! a frame is at most 16 KiB (all a peer must accept), so a stream message
+//! carrying a 77 KiB CRL cost five `writev` calls, each waking the reader.
+//! Here a flush right after a whole 16 KiB frame is deferred, since the
+//! message most likely goes on; the flush after its shorter last frame sends
+//! everything at once. Small messages are not held at all. A deferred flush
+//! also wakes the connection's task, so if no frame follows (a message that
+//! ends on a whole frame, or one stopped by flow control) the bytes go out
+//! when the task next touches the socket, which on its next pass is straight
+//! away (h2 reads before anything else, and ends every pass with a flush).
 
 use std::io;
 use std::pin::Pin;
@@ -18,6 +20,10 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 /// for several messages with a large CRL, small beside a socket's buffer.
 const HELD_LIMIT: usize = 256 * 1024;
 
+/// A write this large is a whole DATA frame of the size every peer accepts,
+/// (or larger, for a peer that allows it): more of its message may follow.
+const WHOLE_FRAME: usize = 16 * 1024;
+
 /// Room kept for the next pass once everything held is sent. A pass that
 /// carried a large message gives the rest back, so thousands of idle
 /// connections do not each keep the most they ever held.
@@ -28,8 +34,9 @@ pub struct Coalesced<S> {
     held: Vec<u8>,
     /// How much of `held` the socket has already taken.
     sent: usize,
-    /// Bytes arrived since the last flush, so a flush now is mid-pass.
-    written_since_flush: bool,
+    /// The last write was a whole frame, so a flush now is likely
+    /// mid-message.
+    mid_message: bool,
     /// A failure sending held bytes while reading, reported by the next
     /// write or flush (the read itself reports what it finds).
     send_error: Option<io::Error>,
@@ -41,7 +48,7 @@ impl<S> Coalesced<S> {
             inner,
             held: Vec::new(),
             sent: 0,
-            written_since_flush: false,
+            mid_message: false,
             send_error: None,
         }
     }
@@ -126,9 +133,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Coalesced<S> {
                 break;
             }
         }
-        if taken > 0 {
-            this.written_since_flush = true;
-        }
+        this.mid_message = taken >= WHOLE_FRAME;
         Poll::Ready(Ok(taken))
     }
 
@@ -139,10 +144,10 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Coalesced<S> {
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = &mut *self;
         this.take_send_error()?;
-        if this.written_since_flush {
-            // Mid-pass: more frames may follow. Come back for these bytes
-            // once this pass is over.
-            this.written_since_flush = false;
+        if this.mid_message {
+            // More frames most likely follow. Should none, the wake-up
+            // brings the connection back for these bytes.
+            this.mid_message = false;
             cx.waker().wake_by_ref();
             return Poll::Ready(Ok(()));
         }
@@ -289,13 +294,41 @@ mod tests {
     }
 
     #[test]
-    fn the_frames_of_one_pass_reach_the_socket_in_one_write() {
+    fn the_frames_of_a_large_message_reach_the_socket_in_one_write() {
+        let mut h = Harness::new(Socket::default());
+        let mut frames = frames(4);
+        frames.push((vec![9; 9], vec![10; 3000]));
+        for (header, payload) in &frames[..4] {
+            h.frame(header, payload);
+        }
+        assert!(h.socket().writes.is_empty(), "nothing is sent mid-message");
+        let (header, payload) = &frames[4];
+        h.frame(header, payload);
+        assert_eq!(h.socket().writes.len(), 1, "the last frame sends them all");
+        let expected: Vec<u8> = frames
+            .iter()
+            .flat_map(|(h, p)| [h.clone(), p.clone()].concat())
+            .collect();
+        assert_eq!(h.socket().received(), expected);
+    }
+
+    #[test]
+    fn small_messages_are_not_held() {
+        let mut h = Harness::new(Socket::default());
+        h.frame(b"head", b"body");
+        h.frame(b"trailers", b"");
+        assert_eq!(h.socket().received(), b"headbodytrailers");
+        assert_eq!(h.wakes(), 0);
+    }
+
+    #[test]
+    fn a_message_ending_on_a_whole_frame_goes_out_on_the_next_pass() {
         let mut h = Harness::new(Socket::default());
         let frames = frames(5);
         for (header, payload) in &frames {
             h.frame(header, payload);
         }
-        assert!(h.socket().writes.is_empty(), "nothing is sent mid-pass");
+        assert!(h.socket().writes.is_empty());
         assert!(
             h.wakes() >= 1,
             "the connection is woken to send what it holds"
@@ -316,11 +349,16 @@ mod tests {
             to_read: b"ping".to_vec(),
             ..Socket::default()
         });
-        h.frame(b"head", b"body");
+        let (header, payload) = frames(1).remove(0);
+        h.frame(&header, &payload);
         assert!(h.socket().writes.is_empty());
         assert_eq!(h.wakes(), 1);
         let read = h.read();
-        assert_eq!(h.socket().received(), b"headbody", "sent before the read");
+        assert_eq!(
+            h.socket().received(),
+            [header, payload].concat(),
+            "sent before the read"
+        );
         assert!(matches!(read, Poll::Ready(Ok(bytes)) if bytes == b"ping"));
         // Nothing is held any more, so a quiet pass neither writes nor wakes.
         assert!(matches!(h.read(), Poll::Pending));
@@ -344,7 +382,8 @@ mod tests {
         assert!(matches!(h.flush(), Poll::Pending));
         assert_eq!(h.socket().received().len(), 2000);
         // Meanwhile h2 hands over another frame: it goes behind the rest.
-        h.frame(b"late", b"frame");
+        let written = h.with_cx(|conn, cx| conn.poll_write(cx, b"lateframe"));
+        assert!(matches!(written, Poll::Ready(Ok(9))));
         h.socket().accepts = None;
         assert!(matches!(h.flush(), Poll::Ready(Ok(()))));
         let expected: Vec<u8> = frames
@@ -399,11 +438,12 @@ mod tests {
     #[test]
     fn shutdown_sends_what_is_held() {
         let mut h = Harness::new(Socket::default());
-        h.frame(b"goaway", b"");
+        let (header, payload) = frames(1).remove(0);
+        h.frame(&header, &payload);
         assert!(h.socket().writes.is_empty());
         let shut = h.with_cx(|conn, cx| conn.poll_shutdown(cx));
         assert!(matches!(shut, Poll::Ready(Ok(()))));
-        assert_eq!(h.socket().received(), b"goaway");
+        assert_eq!(h.socket().received(), [header, payload].concat());
     }
 
     #[test]
@@ -412,7 +452,8 @@ mod tests {
             to_read: b"data".to_vec(),
             ..Socket::default()
         });
-        h.frame(b"head", b"body");
+        let (header, payload) = frames(1).remove(0);
+        h.frame(&header, &payload);
         h.socket().fail = true;
         assert!(
             matches!(h.read(), Poll::Ready(Ok(_))),
