@@ -638,11 +638,12 @@ fn check_jwt_audience(audience: &[String]) -> Result<(), Status> {
 /// Drives one full-state stream: sends a snapshot at once, then again
 /// whenever a change concerns it, an SVID comes due, or the re-attest
 /// interval passes — but only if the state differs from what was last sent.
-/// The caller is attested and resolved afresh when a change may alter its
-/// identities, when it has exec'd, and at least every re-attest interval;
-/// changes that only touch what travels beside the identities (a new CRL)
-/// reuse the last resolution. Ends when the caller exits or hangs up, or
-/// loses every identity.
+/// The caller is resolved again when a change may alter its identities:
+/// from its last attestation when only its entitlements can have changed
+/// (`Reuse::Attestation`), attested afresh otherwise, when it has exec'd,
+/// and at least every re-attest interval. Changes that only touch what
+/// travels beside the identities (a new CRL) reuse the last resolution.
+/// Ends when the caller exits or hangs up, or loses every identity.
 fn spawn_stream<T>(
     agent: Arc<Agent>,
     caller: Arc<Caller>,
