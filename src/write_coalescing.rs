@@ -287,6 +287,14 @@ mod tests {
         }
     }
 
+    /// The bytes `frames` make on the wire, in order.
+    fn on_the_wire(frames: &[(Vec<u8>, Vec<u8>)]) -> Vec<u8> {
+        frames
+            .iter()
+            .flat_map(|(header, payload)| [header.as_slice(), payload].concat())
+            .collect()
+    }
+
     fn frames(count: u8) -> Vec<(Vec<u8>, Vec<u8>)> {
         (0..count)
             .map(|i| (vec![i; 9], vec![i.wrapping_add(100); 16 * 1024]))
@@ -305,11 +313,7 @@ mod tests {
         let (header, payload) = &frames[4];
         h.frame(header, payload);
         assert_eq!(h.socket().writes.len(), 1, "the last frame sends them all");
-        let expected: Vec<u8> = frames
-            .iter()
-            .flat_map(|(h, p)| [h.clone(), p.clone()].concat())
-            .collect();
-        assert_eq!(h.socket().received(), expected);
+        assert_eq!(h.socket().received(), on_the_wire(&frames));
     }
 
     #[test]
@@ -336,11 +340,7 @@ mod tests {
         // The next pass ends with a flush that follows no new writes.
         assert!(matches!(h.flush(), Poll::Ready(Ok(()))));
         assert_eq!(h.socket().writes.len(), 1);
-        let expected: Vec<u8> = frames
-            .iter()
-            .flat_map(|(h, p)| [h.clone(), p.clone()].concat())
-            .collect();
-        assert_eq!(h.socket().received(), expected);
+        assert_eq!(h.socket().received(), on_the_wire(&frames));
     }
 
     #[test]
@@ -386,11 +386,7 @@ mod tests {
         assert!(matches!(written, Poll::Ready(Ok(9))));
         h.socket().accepts = None;
         assert!(matches!(h.flush(), Poll::Ready(Ok(()))));
-        let expected: Vec<u8> = frames
-            .iter()
-            .flat_map(|(h, p)| [h.clone(), p.clone()].concat())
-            .chain(b"lateframe".iter().copied())
-            .collect();
+        let expected = [on_the_wire(&frames), b"lateframe".to_vec()].concat();
         assert_eq!(h.socket().received(), expected);
     }
 
@@ -475,10 +471,7 @@ mod tests {
         let (ours, mut theirs) = tokio::net::UnixStream::pair().unwrap();
         let mut conn = Coalesced::new(ours);
         let frames = frames(5);
-        let expected: Vec<u8> = frames
-            .iter()
-            .flat_map(|(h, p)| [h.clone(), p.clone()].concat())
-            .collect();
+        let expected = on_the_wire(&frames);
         let server = tokio::spawn(async move {
             for (header, payload) in &frames {
                 conn.write_all(header).await.unwrap();
