@@ -20,7 +20,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 /// for several messages with a large CRL, small beside a socket's buffer.
 const HELD_LIMIT: usize = 256 * 1024;
 
-/// A write this large is a whole DATA frame of the size every peer accepts,
+/// A write this large is a whole DATA frame of the size every peer accepts
 /// (or larger, for a peer that allows it): more of its message may follow.
 const WHOLE_FRAME: usize = 16 * 1024;
 
@@ -170,7 +170,8 @@ mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     /// A socket stand-in: records each write, takes at most `per_write`
-    /// bytes at a time, and is full (Pending) while `full` is set.
+    /// bytes at a time, and is full (Pending) once `accepts` writes are
+    /// used up.
     #[derive(Default)]
     struct Socket {
         writes: Vec<Vec<u8>>,
