@@ -517,3 +517,53 @@ fn mtls_server() {
     });
     let _ = std::io::stdin().read(&mut [0u8; 0]);
 }
+
+/// A message larger than the client's flow-control window. writ sends what
+/// the window allows and must then put those bytes on the socket with
+/// nothing else happening on the connection: the client only opens the
+/// window once it has read them. With a 16 KiB stream window and an SVID
+/// of about 40 KiB (800 DNS names), writ stops on a whole 16 KiB frame,
+/// the case its write coalescing holds back.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_message_larger_than_the_clients_window_arrives_whole() {
+    const NAMES: usize = 800;
+    let names: Vec<String> = (0..NAMES)
+        .map(|i| format!("\"host-{i:04}.a-rather-long-subdomain.writ.test\""))
+        .collect();
+    let writ = Writ::start(&two_entries(&format!("dns_names = [{}]", names.join(", "))));
+    let path = writ.socket.clone();
+    let channel = Endpoint::try_from("http://localhost")
+        .unwrap()
+        .initial_stream_window_size(16 * 1024)
+        .connect_with_connector(tower::service_fn(move |_: Uri| {
+            let path = path.clone();
+            async move {
+                let stream = tokio::net::UnixStream::connect(&path).await?;
+                Ok::<_, std::io::Error>(TokioIo::new(stream))
+            }
+        }))
+        .await
+        .unwrap();
+    let mut client = SpiffeWorkloadApiClient::new(channel);
+    let first = tokio::time::timeout(Duration::from_secs(10), async {
+        let mut stream = client
+            .fetch_x509svid(with_header(pb::X509svidRequest {}))
+            .await
+            .unwrap()
+            .into_inner();
+        stream.message().await.unwrap().unwrap()
+    })
+    .await
+    .expect("the message stalled at the client's flow-control window");
+    let der = &first.svids[0].x509_svid;
+    assert!(der.len() > 32 * 1024, "only {} bytes", der.len());
+    let (_, cert) = x509_parser::parse_x509_certificate(der).unwrap();
+    let san = cert.subject_alternative_name().unwrap().unwrap();
+    let dns = san
+        .value
+        .general_names
+        .iter()
+        .filter(|n| matches!(n, x509_parser::extensions::GeneralName::DNSName(_)))
+        .count();
+    assert_eq!(dns, NAMES);
+}
