@@ -531,17 +531,9 @@ async fn a_message_larger_than_the_clients_window_arrives_whole() {
         .map(|i| format!("\"host-{i:04}.a-rather-long-subdomain.writ.test\""))
         .collect();
     let writ = Writ::start(&two_entries(&format!("dns_names = [{}]", names.join(", "))));
-    let path = writ.socket.clone();
-    let channel = Endpoint::try_from("http://localhost")
-        .unwrap()
-        .initial_stream_window_size(16 * 1024)
-        .connect_with_connector(tower::service_fn(move |_: Uri| {
-            let path = path.clone();
-            async move {
-                let stream = tokio::net::UnixStream::connect(&path).await?;
-                Ok::<_, std::io::Error>(TokioIo::new(stream))
-            }
-        }))
+    let small_window =
+        Endpoint::from_static("http://localhost").initial_stream_window_size(16 * 1024);
+    let channel = writ::cli::client::connect_with(&writ.socket, small_window)
         .await
         .unwrap();
     let mut client = SpiffeWorkloadApiClient::new(channel);

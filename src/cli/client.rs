@@ -27,9 +27,15 @@ pub fn parse_socket_address(address: &str) -> anyhow::Result<PathBuf> {
 }
 
 pub async fn connect(path: &Path) -> anyhow::Result<Channel> {
+    connect_with(path, Endpoint::from_static("http://localhost")).await
+}
+
+/// `connect` with the caller's HTTP/2 settings (window sizes, timeouts).
+/// The endpoint's URI is required by tonic but never used: the connector
+/// ignores it.
+pub async fn connect_with(path: &Path, endpoint: Endpoint) -> anyhow::Result<Channel> {
     let path = path.to_owned();
-    // The URI is required by tonic but never used: the connector ignores it.
-    let channel = Endpoint::try_from("http://localhost")?
+    let channel = endpoint
         .connect_with_connector(tower::service_fn(move |_: Uri| {
             let path = path.clone();
             async move {
