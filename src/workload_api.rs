@@ -293,6 +293,73 @@ struct Snapshot<T> {
 /// sends the update without it anyway (the CRL then follows on its own).
 const CRL_WAIT_LIMIT: Duration = Duration::from_millis(250);
 
+/// How many bytes per second resending newer documents may take, summed
+/// over every open stream: about a tenth of a core in writ at the per-byte
+/// cost measured under task churn here, and as much again in the clients.
+const DOCUMENTS_RESEND_BUDGET: u64 = 256 << 20;
+/// The longest a stream holds newer documents back, however costly resends
+/// are: the same bound as a stream waiting for its task's CRL.
+const DOCUMENTS_HOLD_LIMIT: Duration = CRL_WAIT_LIMIT;
+
+/// How long after its last message a stream holds back one that only brings
+/// newer documents (a CRL, federated bundles), so that resending them to
+/// every stream stays within `DOCUMENTS_RESEND_BUDGET`. Each such message
+/// carries the whole CRL, which under task churn is tens of KiB and is
+/// re-signed every few milliseconds; every open stream used to resend it for
+/// every publication, a third of all messages in the task-churn bench. With
+/// a few streams or a small CRL the hold is a fraction of a millisecond.
+fn documents_hold(open_streams: u64, documents_bytes: u64) -> Duration {
+    let total = open_streams.saturating_mul(documents_bytes);
+    let micros = total.saturating_mul(1_000_000) / DOCUMENTS_RESEND_BUDGET;
+    Duration::from_micros(micros).min(DOCUMENTS_HOLD_LIMIT)
+}
+
+/// Spaces out a stream's messages that only bring newer documents
+/// (`documents_hold`). A stream that sent a message less than the hold ago
+/// waits out the rest of it, so a busy caller gets the new CRL with its own
+/// next update and an idle one at once; nothing that concerns the caller's
+/// identities waits, and what is finally sent is the newest state.
+#[derive(Debug)]
+struct DocumentsHold {
+    last_sent: Instant,
+    /// How long newer documents wait after `last_sent`, when any are
+    /// waiting.
+    waiting: Option<Duration>,
+}
+
+impl DocumentsHold {
+    fn new(now: Instant) -> Self {
+        Self {
+            last_sent: now,
+            waiting: None,
+        }
+    }
+
+    fn message_sent(&mut self, now: Instant) {
+        self.last_sent = now;
+    }
+
+    /// A snapshot is taken: it carries every document published so far.
+    fn snapshot_taken(&mut self) {
+        self.waiting = None;
+    }
+
+    /// Newer documents were published; `hold` is what resending them costs
+    /// now (`documents_hold`).
+    fn documents_changed(&mut self, hold: Duration) {
+        self.waiting = Some(hold);
+    }
+
+    /// When the waiting documents are to be sent, if any are waiting.
+    fn due(&self) -> Option<Instant> {
+        self.waiting.map(|hold| self.last_sent + hold)
+    }
+
+    fn is_due(&self, now: Instant) -> bool {
+        self.due().is_some_and(|due| now >= due)
+    }
+}
+
 type SnapshotFuture<T> = futures::future::BoxFuture<'static, Result<Snapshot<T>, Status>>;
 
 /// Takes a stream's next full state, reusing what the stream has judged
@@ -668,6 +735,7 @@ where
         let mut reuse = Reuse::Nothing;
         // The CRL publication a task this stream carried is waiting for.
         let mut crl_for_ended: Option<u64> = None;
+        let mut documents = DocumentsHold::new(Instant::now());
         // Watched for the stream's whole life: registering a pidfd with the
         // reactor on every wake-up (every stream wakes for every change)
         // cost a dup, two epoll_ctl and a close each time.
@@ -679,6 +747,7 @@ where
                 // change since then is still unseen and wakes us below.
                 Some(first) => first,
                 None => {
+                    documents.snapshot_taken();
                     let reuse = std::mem::replace(&mut reuse, Reuse::Nothing);
                     snapshot(agent.clone(), caller.clone(), keys.clone(), reuse).await
                 }
@@ -691,6 +760,7 @@ where
                         if tx.send(Ok(snap.message)).await.is_err() {
                             return;
                         }
+                        documents.message_sent(Instant::now());
                     }
                     (snap.resolved, snap.refresh_at)
                 }
@@ -711,7 +781,10 @@ where
                         .unwrap_or(Duration::ZERO);
                     Instant::now() + until
                 });
-                let wake_at = rotation_due.map_or(reattest_due, |r| r.min(reattest_due));
+                let wake_at = [rotation_due, documents.due()]
+                    .into_iter()
+                    .flatten()
+                    .fold(reattest_due, Instant::min);
                 tokio::select! {
                     _ = changes.changed() => {}
                     _ = tokio::time::sleep_until(wake_at.into()) => {}
@@ -759,7 +832,13 @@ where
                 // Something is to be sent from the last resolution; a caller
                 // that exec'd since is resolved afresh first. (A change with
                 // nothing to send costs a stream nothing at all.)
-                if unseen.documents || rotation_due.is_some_and(|r| now >= r) {
+                if unseen.documents {
+                    let documents_bytes = agent.crls().ders.iter().map(|d| d.len() as u64).sum();
+                    let open_streams =
+                        u64::try_from(agent.metrics().open_streams.get()).unwrap_or(0);
+                    documents.documents_changed(documents_hold(open_streams, documents_bytes));
+                }
+                if documents.is_due(now) || rotation_due.is_some_and(|r| now >= r) {
                     if resolved.same_executable(&caller) {
                         reuse = Reuse::Resolution(resolved.clone());
                     }
@@ -1082,5 +1161,49 @@ mod tests {
         let later = resolution(&snapshot);
         assert!(later.may_be_inside(&other, stand_in.0, stand_in.1));
         assert!(!later.may_be_inside(&other, parent.pid(), parent.start_time()));
+    }
+
+    #[test]
+    fn newer_documents_wait_out_the_hold_after_a_message_and_no_longer() {
+        let hold = Duration::from_millis(8);
+        let start = Instant::now();
+        let mut documents = DocumentsHold::new(start);
+        assert_eq!(
+            documents.due(),
+            None,
+            "nothing waits before documents change"
+        );
+
+        let soon = start + hold / 4;
+        documents.documents_changed(hold);
+        assert_eq!(documents.due(), Some(start + hold));
+        assert!(!documents.is_due(soon), "a message went out a moment ago");
+        assert!(documents.is_due(start + hold));
+
+        // A message sent for another reason carries them: nothing waits.
+        documents.snapshot_taken();
+        documents.message_sent(soon);
+        assert_eq!(documents.due(), None);
+
+        // Long after the last message, newer documents go at once.
+        let idle = soon + hold * 3;
+        documents.documents_changed(hold);
+        assert!(documents.is_due(idle));
+    }
+
+    #[test]
+    fn the_hold_grows_with_what_a_resend_to_every_stream_costs() {
+        let ms = |d: Duration| d.as_secs_f64() * 1e3;
+        // No CRL, or no one else to send it to: nothing to hold back for.
+        assert_eq!(documents_hold(1_000, 0), Duration::ZERO);
+        // A bound worker and a relying party, a 40 KiB CRL: well under a
+        // millisecond, so one task at a time is never held.
+        assert!(ms(documents_hold(2, 40 << 10)) < 0.5);
+        // 32 busy streams, a 100 KiB CRL: about 12 ms.
+        let busy = ms(documents_hold(32, 100 << 10));
+        assert!((12.0..12.5).contains(&busy), "{busy} ms");
+        // Thousands of streams and a huge CRL: capped.
+        assert_eq!(documents_hold(10_000, 1 << 20), DOCUMENTS_HOLD_LIMIT);
+        assert_eq!(documents_hold(u64::MAX, u64::MAX), DOCUMENTS_HOLD_LIMIT);
     }
 }

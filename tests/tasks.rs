@@ -422,6 +422,53 @@ async fn a_bound_childs_stream_lives_through_its_tasks_ttl() {
     }
 }
 
+/// Completions back to back, seen from a stream they do not concern: it
+/// may receive fewer messages than there were CRL publications (a stream
+/// that has just sent one holds newer documents back while resending them
+/// to every stream is costly), but it always ends up with the newest CRL,
+/// revoking every task's serial, and with no task identity.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unaffected_stream_ends_up_with_the_newest_crl_after_a_burst_of_completions() {
+    // Re-attesting would also resend the newest state; with a long interval
+    // it cannot hide a publication the stream failed to pass on.
+    let writ = Writ::start(&config("[workload_api]\nreattest_interval = \"1h\"\n"));
+    let outsider = BoundChild::spawn(&writ, "outsider");
+    let workers: Vec<BoundChild> = (0..4)
+        .map(|i| BoundChild::spawn(&writ, &format!("worker-{i}")))
+        .collect();
+    let mut tasks = tasks_client(&writ).await;
+    let mut task_serials = Vec::new();
+    for (i, worker) in workers.iter().enumerate() {
+        let id = format!("t-burst-{i}");
+        tasks
+            .begin_task(begin_pid(&id, worker.pid()))
+            .await
+            .unwrap();
+        worker.go();
+        let (ids, serials) = worker.next_update(Duration::from_secs(10));
+        assert_eq!(ids[0], format!("{ORCH_ID}/task/{id}"));
+        task_serials.push(serials[0].clone());
+    }
+    outsider.go();
+    let (ids, _, revoked) = outsider.next_update_with_crl(Duration::from_secs(10));
+    assert_eq!(ids, vec![ORCH_ID.to_string()]);
+    assert!(revoked.is_empty(), "nothing completed yet: {revoked:?}");
+
+    for i in 0..workers.len() {
+        tasks
+            .end_task(end_req(&format!("t-burst-{i}")))
+            .await
+            .unwrap();
+    }
+    loop {
+        let (ids, _, revoked) = outsider.next_update_with_crl(Duration::from_secs(10));
+        assert_eq!(ids, vec![ORCH_ID.to_string()]);
+        if task_serials.iter().all(|s| revoked.contains(s)) {
+            break;
+        }
+    }
+}
+
 async fn collect_completions(
     events: &mut tonic::Streaming<apb::TaskEvent>,
     window: Duration,
