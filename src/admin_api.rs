@@ -46,6 +46,9 @@ pub struct AdminContext {
     pub federation: Arc<Federation>,
     pub reloader: Arc<Reloader>,
     pub auth: AdminAuthorization,
+    /// How long a connection's attestation is reused for its next calls
+    /// (`[workload_api] reattest_interval`, as for an open stream).
+    pub reattest_interval: std::time::Duration,
 }
 
 /// An attested, authorized admin caller. The attestation is the one
@@ -53,7 +56,7 @@ pub struct AdminContext {
 /// than reading /proc again microseconds later.
 struct AdminCaller {
     caller: Arc<Caller>,
-    attestation: Attestation,
+    attestation: Arc<Attestation>,
 }
 
 impl AdminCaller {
@@ -73,7 +76,10 @@ impl AdminContext {
             }
             None => return Err(Status::internal("connection carries no peer information")),
         };
-        let attestation = self.agent.attest(&caller).map_err(agent_status)?;
+        let attestation = self
+            .agent
+            .attest_reusing(&caller, self.reattest_interval)
+            .map_err(agent_status)?;
         if !matches_any(&self.auth.authorized, &attestation.selectors) {
             return Err(Status::permission_denied(format!(
                 "caller (pid {}, uid {}) is not authorized for the admin API",

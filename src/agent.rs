@@ -240,6 +240,9 @@ pub struct Agent {
     /// Bundles of other trust domains; `federation::Federation` changes them.
     federated: crate::federation::FederatedBundles,
     changes: crate::changes::ChangeLog,
+    /// How many cgroup-bound tasks have begun: a caller attested before the
+    /// latest may since have been moved into its cgroup.
+    cgroup_tasks_begun: std::sync::atomic::AtomicU64,
     metrics: Arc<crate::telemetry::Metrics>,
     /// Turns true once when writ begins to stop; open streams end on it.
     stopping: watch::Sender<bool>,
@@ -279,6 +282,7 @@ impl Agent {
             own_bundle: RwLock::new(Arc::new(own_bundle)),
             federated: Default::default(),
             changes: Default::default(),
+            cgroup_tasks_begun: Default::default(),
             metrics: Arc::new(crate::telemetry::Metrics::new()),
             stopping: watch::channel(false).0,
         }
@@ -322,6 +326,39 @@ impl Agent {
             .attestation_seconds
             .observe(started.elapsed().as_secs_f64());
         Ok(attested?)
+    }
+
+    /// `attest`, reusing the last attestation taken on the caller's
+    /// connection while it holds, as an open stream does: taken less than
+    /// `reattest` ago, with no cgroup-bound task begun since (the caller may
+    /// have been moved into its cgroup), and the caller alive and running
+    /// the executable it was attested with. An orchestrator calling the
+    /// admin API on one connection is then read from /proc once per
+    /// interval instead of on every call.
+    pub fn attest_reusing(
+        &self,
+        caller: &Caller,
+        reattest: Duration,
+    ) -> Result<Arc<Attestation>, AgentError> {
+        let cgroup_tasks_begun = self
+            .cgroup_tasks_begun
+            .load(std::sync::atomic::Ordering::SeqCst);
+        let recent = lock(&caller.recent_attestation).clone();
+        if let Some(recent) = recent
+            && recent.at.elapsed() < reattest
+            && recent.cgroup_tasks_begun == cgroup_tasks_begun
+            && caller.runs_same_executable(&recent.attestation.snapshot.exe_path)
+        {
+            return Ok(recent.attestation);
+        }
+        let at = std::time::Instant::now();
+        let attestation = Arc::new(self.attest(caller)?);
+        *lock(&caller.recent_attestation) = Some(crate::peer::RecentAttestation {
+            attestation: attestation.clone(),
+            at,
+            cgroup_tasks_begun,
+        });
+        Ok(attestation)
     }
 
     pub fn registry(&self) -> Arc<Registry> {
@@ -1107,6 +1144,11 @@ impl Agent {
     }
 
     pub fn notify(&self, change: Change) {
+        if change == Change::TaskBegunForCgroup {
+            // Before the change is logged: whoever sees it also sees this.
+            self.cgroup_tasks_begun
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
         self.changes.push(change);
     }
 

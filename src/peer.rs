@@ -32,6 +32,41 @@ pub struct Caller {
     /// ancestor or init), so the list stays a superset of the truth for as
     /// long as the connection lives, pinned to this one process.
     pub lineage: std::sync::OnceLock<Vec<(i32, u64)>>,
+    /// The last attestation of this connection's caller, for the next call
+    /// on the connection to reuse while it holds (`Agent::attest_reusing`).
+    pub recent_attestation: std::sync::Mutex<Option<RecentAttestation>>,
+}
+
+/// An attestation and what decides whether it may be reused.
+#[derive(Clone)]
+pub struct RecentAttestation {
+    pub attestation: Arc<writ_attestors::Attestation>,
+    pub at: std::time::Instant,
+    /// `Agent::cgroup_tasks_begun` when it was taken.
+    pub cgroup_tasks_begun: u64,
+}
+
+impl Caller {
+    /// A caller pinned by `process`, with nothing read about it yet.
+    pub fn new(pid: i32, uid: u32, gid: u32, process: Arc<PinnedProcess>) -> Caller {
+        Caller {
+            pid,
+            uid,
+            gid,
+            process,
+            lineage: std::sync::OnceLock::new(),
+            recent_attestation: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// Whether the caller is alive and provably still runs the executable
+    /// it was attested with (`attested_exe`). An exec changes what the
+    /// caller is (a setuid binary even its uid), so it calls for a fresh
+    /// attestation; an executable writ cannot read proves nothing.
+    pub fn runs_same_executable(&self, attested_exe: &Option<std::path::PathBuf>) -> bool {
+        let now = self.process.exe_path();
+        !self.process.has_exited() && now.is_some() && now == *attested_exe
+    }
 }
 
 impl std::fmt::Debug for Caller {
@@ -86,13 +121,7 @@ pub fn identify(stream: &UnixStream) -> Result<Caller, PeerError> {
         pid,
         detail: e.to_string(),
     })?;
-    Ok(Caller {
-        pid,
-        uid: creds.uid(),
-        gid: creds.gid(),
-        process: Arc::new(pinned),
-        lineage: std::sync::OnceLock::new(),
-    })
+    Ok(Caller::new(pid, creds.uid(), creds.gid(), Arc::new(pinned)))
 }
 
 /// A connection together with the peer identified at accept time. Reads go

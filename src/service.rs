@@ -280,6 +280,7 @@ pub async fn run(
             bind_any_pid: config.admin_api.bind_any_pid.clone(),
             bind_same_uid: config.admin_api.bind_same_uid,
         },
+        reattest_interval: config.workload_api.reattest_interval,
     });
 
     println!(

@@ -491,8 +491,7 @@ impl Resolved {
     /// changes what the caller is, so it forces a fresh attestation at once
     /// rather than at the next re-attest interval.
     fn same_executable(&self, caller: &Caller) -> bool {
-        let now = caller.process.exe_path();
-        !caller.process.has_exited() && now == self.entitled.attestation.snapshot.exe_path
+        caller.runs_same_executable(&self.entitled.attestation.snapshot.exe_path)
     }
 }
 
@@ -1111,13 +1110,7 @@ mod tests {
     fn this_process() -> (Caller, writ_attestors::ProcessSnapshot) {
         let process = PinnedProcess::open(std::process::id() as i32).unwrap();
         let snapshot = writ_attestors::read_snapshot(&process).unwrap();
-        let caller = Caller {
-            pid: process.pid(),
-            uid: snapshot.uid,
-            gid: snapshot.gid,
-            process: Arc::new(process),
-            lineage: std::sync::OnceLock::new(),
-        };
+        let caller = Caller::new(process.pid(), snapshot.uid, snapshot.gid, Arc::new(process));
         (caller, snapshot)
     }
 

@@ -1078,6 +1078,16 @@ fn attestations(addr: &str) -> u64 {
         .expect("attestation histogram on /metrics")
 }
 
+/// Where writ serves /metrics (its config has `[telemetry] listen`).
+fn metrics_addr(writ: &Writ) -> String {
+    let log = common::wait_for(Duration::from_secs(20), "telemetry address", || {
+        let log = writ.log();
+        log.contains("health and metrics on http://").then_some(log)
+    });
+    let start = log.find("health and metrics on http://").unwrap() + 29;
+    log[start..].split('/').next().unwrap().to_owned()
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_task_change_reattests_only_the_streams_it_concerns() {
     // Periodic re-attestation is pushed out of the test's way, so every
@@ -1085,12 +1095,7 @@ async fn a_task_change_reattests_only_the_streams_it_concerns() {
     let writ = Writ::start(&config(
         "\n[workload_api]\nreattest_interval = \"1h\"\n\n[telemetry]\nlisten = \"127.0.0.1:0\"\n",
     ));
-    let log = common::wait_for(Duration::from_secs(20), "telemetry address", || {
-        let log = writ.log();
-        log.contains("health and metrics on http://").then_some(log)
-    });
-    let start = log.find("health and metrics on http://").unwrap() + 29;
-    let addr = log[start..].split('/').next().unwrap().to_owned();
+    let addr = metrics_addr(&writ);
 
     const BYSTANDERS: usize = 4;
     let worker = BoundChild::spawn(&writ, "worker");
@@ -1143,16 +1148,98 @@ async fn a_task_change_reattests_only_the_streams_it_concerns() {
         assert!(revoked.contains(&task_serial), "{revoked:?}");
     }
     let caused = attestations(&addr) - before;
-    // BeginTask and EndTask attest the orchestrator: two. The worker's
-    // stream resolves its entitlements again once the task begins, from
-    // the attestation it already holds (a task bound to a PID changes
-    // nothing attested); when the task ends it only drops the identity
-    // from that resolution. Had any stream been re-attested, each would
-    // add at least one more.
+    // BeginTask attests the orchestrator, and EndTask on the same
+    // connection reuses that: one. The worker's stream resolves its
+    // entitlements again once the task begins, from the attestation it
+    // already holds (a task bound to a PID changes nothing attested); when
+    // the task ends it only drops the identity from that resolution. Had
+    // any stream been re-attested, each would add at least one more.
     assert_eq!(
-        caused, 2,
+        caused, 1,
         "{caused} attestations for one task with {BYSTANDERS} bystanders"
     );
+}
+
+/// An admin connection's caller is attested on its first call and reused
+/// by the next ones, like an open stream's; a new connection, a begun
+/// cgroup-bound task (the caller may have been moved into that cgroup) and
+/// the re-attest interval passing each make writ look again.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_admin_connection_is_attested_once_until_something_may_have_changed() {
+    let Some(test_slice) = TestSlice::create("writ-test-admin") else {
+        return;
+    };
+    let slice = test_slice.name.clone();
+    let job = test_slice.dir().join("job");
+    std::fs::create_dir(&job).unwrap();
+    let writ = Writ::start(&config(&format!(
+        "\n[attestors.cgroup]\ntrusted_roots = [\"/{slice}\"]\n\n[workload_api]\nreattest_interval = \"1h\"\n\n[telemetry]\nlisten = \"127.0.0.1:0\"\n"
+    )));
+    let addr = metrics_addr(&writ);
+    let list = || apb::ListTasksRequest::default();
+
+    let before = attestations(&addr);
+    let mut tasks = tasks_client(&writ).await;
+    for _ in 0..3 {
+        tasks.list_tasks(list()).await.unwrap();
+    }
+    assert_eq!(
+        attestations(&addr) - before,
+        1,
+        "three calls, one connection"
+    );
+
+    let before = attestations(&addr);
+    tasks_client(&writ).await.list_tasks(list()).await.unwrap();
+    assert_eq!(attestations(&addr) - before, 1, "a second connection");
+
+    let mut sleeper = std::process::Command::new("sleep")
+        .arg("60")
+        .spawn()
+        .unwrap();
+    std::fs::write(job.join("cgroup.procs"), sleeper.id().to_string()).unwrap();
+    let before = attestations(&addr);
+    tasks
+        .begin_task(apb::BeginTaskRequest {
+            task_id: "cg-admin".into(),
+            binding: Some(apb::Binding {
+                target: Some(apb::binding::Target::Cgroup(format!("/{slice}/job"))),
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    tasks.list_tasks(list()).await.unwrap();
+    tasks.list_tasks(list()).await.unwrap();
+    assert_eq!(
+        attestations(&addr) - before,
+        1,
+        "the call after a cgroup-bound task began, and only that one"
+    );
+    tasks.end_task(end_req("cg-admin")).await.unwrap();
+    let _ = sleeper.kill();
+    let _ = sleeper.wait();
+}
+
+/// The reuse above lasts no longer than the re-attest interval.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_admin_connection_is_attested_again_after_the_reattest_interval() {
+    let writ = Writ::start(&config(
+        "\n[workload_api]\nreattest_interval = \"1s\"\n\n[telemetry]\nlisten = \"127.0.0.1:0\"\n",
+    ));
+    let addr = metrics_addr(&writ);
+    let mut tasks = tasks_client(&writ).await;
+    tasks
+        .list_tasks(apb::ListTasksRequest::default())
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let before = attestations(&addr);
+    tasks
+        .list_tasks(apb::ListTasksRequest::default())
+        .await
+        .unwrap();
+    assert_eq!(attestations(&addr) - before, 1);
 }
 
 #[tokio::test(flavor = "multi_thread")]
