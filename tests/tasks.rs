@@ -90,6 +90,16 @@ fn begin_pid(id: &str, pid: u32) -> apb::BeginTaskRequest {
     }
 }
 
+fn begin_cgroup(id: &str, cgroup: &str) -> apb::BeginTaskRequest {
+    apb::BeginTaskRequest {
+        task_id: id.into(),
+        binding: Some(apb::Binding {
+            target: Some(apb::binding::Target::Cgroup(cgroup.into())),
+        }),
+        ..Default::default()
+    }
+}
+
 /// A process bound to tasks in tests: re-runs this binary as a helper that
 /// waits for a go-file, then follows FetchX509SVID and reports every update
 /// as a line `ids|serials`, also writing each default SVID to `out/N.*`.
@@ -561,13 +571,7 @@ async fn every_trigger_completes_its_task_exactly_once() {
     let mut c = sleeper();
     std::fs::write(job.join("cgroup.procs"), c.id().to_string()).unwrap();
     tasks
-        .begin_task(apb::BeginTaskRequest {
-            task_id: "by-cgroup".into(),
-            binding: Some(apb::Binding {
-                target: Some(apb::binding::Target::Cgroup(format!("/{slice}/job"))),
-            }),
-            ..Default::default()
-        })
+        .begin_task(begin_cgroup("by-cgroup", &format!("/{slice}/job")))
         .await
         .unwrap();
     c.kill().unwrap();
@@ -1200,13 +1204,7 @@ async fn an_admin_connection_is_attested_once_until_something_may_have_changed()
     std::fs::write(job.join("cgroup.procs"), sleeper.id().to_string()).unwrap();
     let before = attestations(&addr);
     tasks
-        .begin_task(apb::BeginTaskRequest {
-            task_id: "cg-admin".into(),
-            binding: Some(apb::Binding {
-                target: Some(apb::binding::Target::Cgroup(format!("/{slice}/job"))),
-            }),
-            ..Default::default()
-        })
+        .begin_task(begin_cgroup("cg-admin", &format!("/{slice}/job")))
         .await
         .unwrap();
     tasks.list_tasks(list()).await.unwrap();
@@ -1266,13 +1264,7 @@ async fn a_stream_inside_a_cgroup_receives_the_cgroup_tasks_identity_and_loses_i
 
     let mut tasks = tasks_client(&writ).await;
     tasks
-        .begin_task(apb::BeginTaskRequest {
-            task_id: "cg-stream".into(),
-            binding: Some(apb::Binding {
-                target: Some(apb::binding::Target::Cgroup(format!("/{slice}/job"))),
-            }),
-            ..Default::default()
-        })
+        .begin_task(begin_cgroup("cg-stream", &format!("/{slice}/job")))
         .await
         .unwrap();
     let (ids, _) = worker.next_update(Duration::from_secs(10));
