@@ -1472,7 +1472,7 @@ mod tests {
         let to_half = (1500 - u64::from(into_second)) % 1000;
         tokio::time::sleep(Duration::from_millis(to_half)).await;
         let parent = agent
-            .begin_under("t-parent", None, Duration::from_secs(2))
+            .begin_task("t-parent", None, Some(Duration::from_secs(2)))
             .await
             .unwrap();
         let fraction = Duration::from_nanos(u64::from(
@@ -1487,7 +1487,7 @@ mod tests {
             .unwrap_or_default();
         tokio::time::sleep(wait).await;
         let child = agent
-            .begin_under("t-child", Some("t-parent"), Duration::ZERO)
+            .begin_task("t-child", Some("t-parent"), None)
             .await
             .unwrap();
         assert_eq!(child.expires_at, parent.expires_at);
@@ -1548,16 +1548,17 @@ mod tests {
         }
 
         async fn begin(&self, id: &str) -> Result<Arc<Task>, TaskError> {
-            self.begin_under(id, None, Duration::from_secs(60)).await
+            self.begin_task(id, None, Some(Duration::from_secs(60)))
+                .await
         }
 
-        /// A task bound to the child, under `parent` if given; a sub-task
-        /// asks for no TTL of its own and so ends with its parent.
-        async fn begin_under(
+        /// A task bound to the child, under `parent` if given, asking for
+        /// `ttl` (a sub-task asking for none ends with its parent).
+        async fn begin_task(
             &self,
             id: &str,
             parent: Option<&str>,
-            ttl: Duration,
+            ttl: Option<Duration>,
         ) -> Result<Arc<Task>, TaskError> {
             let me = PinnedProcess::open(std::process::id() as i32).unwrap();
             let orchestrator = Orchestrator {
@@ -1583,7 +1584,7 @@ mod tests {
                         cgroup: None,
                         spiffe_id: None,
                         intent: Intent::default(),
-                        ttl: parent.is_none().then_some(ttl),
+                        ttl,
                         parent_task_id: parent.map(str::to_owned),
                         federates_with: Vec::new(),
                     },

@@ -294,8 +294,9 @@ struct Snapshot<T> {
 const CRL_WAIT_LIMIT: Duration = Duration::from_millis(250);
 
 /// How many bytes per second resending newer documents may take, summed
-/// over every open stream: about a tenth of a core in writ at the per-byte
-/// cost measured under task churn here, and as much again in the clients.
+/// over every open stream. Chosen so that, in the task-churn bench, such
+/// resends (which cost writ and every client a copy of the CRL each) stay
+/// a small share of the work, while one task at a time is never held.
 const DOCUMENTS_RESEND_BUDGET: u64 = 256 << 20;
 /// The longest a stream holds newer documents back, however costly resends
 /// are: the same bound as a stream waiting for its task's CRL.
