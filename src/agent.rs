@@ -49,18 +49,10 @@ pub enum AgentError {
     CrlPublishFailed(String),
 }
 
-/// A revoked certificate that has not expired yet, so belongs in the CRL.
-pub struct LiveRevocation {
-    pub revocation: crate::ca::PreparedRevocation,
-    /// Unix seconds; the entry leaves the CRL after this.
-    pub not_after: i64,
-}
-
 /// What the next CRL is made from.
 #[derive(Default)]
 struct Revocations {
-    /// Each entry shared with any CRL being signed from it.
-    live: Vec<Arc<LiveRevocation>>,
+    list: crate::ca::RevocationList,
     next_crl_number: u64,
     /// The highest CRL number the store has reserved for this run.
     reserved_through: u64,
@@ -1038,27 +1030,31 @@ impl Agent {
                 Ok((rows, crate::store::read_counter(conn, "crl_number")?))
             })
             .await?;
-        let live = rows
-            .into_iter()
-            .map(|(cert, not_after)| {
-                Ok(Arc::new(LiveRevocation {
-                    revocation: crate::ca::PreparedRevocation::new(cert)?,
-                    not_after,
-                }))
-            })
-            .collect::<Result<Vec<_>, AgentError>>()?;
+        let mut list = crate::ca::RevocationList::default();
+        for (cert, not_after) in &rows {
+            list.add(cert, *not_after)?;
+        }
         let mut state = lock(&self.revocations);
-        state.live = live;
+        state.list = list;
         // Numbers up to the stored value may have been used before a crash.
         state.next_crl_number = last_reserved + 1;
         state.reserved_through = last_reserved;
         Ok(())
     }
 
-    /// Revocations just committed to the store, for the next CRL.
-    pub fn add_revocations(&self, added: impl IntoIterator<Item = LiveRevocation>) {
+    /// Revocations just committed to the store, for the next CRL: each
+    /// certificate with its `not_after` (unix seconds).
+    pub fn add_revocations<'a>(
+        &self,
+        added: impl IntoIterator<Item = &'a (crate::ca::RevokedCert, i64)>,
+    ) {
         let mut state = lock(&self.revocations);
-        state.live.extend(added.into_iter().map(Arc::new));
+        for (cert, not_after) in added {
+            if let Err(e) = state.list.add(cert, *not_after) {
+                // Stored, so the next start lists it; say why this run can't.
+                tracing::error!(error = %e, "a revocation cannot be encoded for the CRL");
+            }
+        }
     }
 
     /// The next CRL number. Numbers are reserved in durable blocks, so a
@@ -1088,25 +1084,20 @@ impl Agent {
     /// Re-signs the CRLs from every revocation whose certificate has not
     /// yet expired, with a CRL number that only grows, and wakes streams.
     pub async fn refresh_crls(&self) -> Result<(), AgentError> {
-        let now_secs = unix_secs(SystemTime::now());
-        let live = {
-            let mut state = lock(&self.revocations);
-            state.live.retain(|r| r.not_after > now_secs);
-            state.live.clone()
-        };
         let crl_number = self.next_crl_number().await?;
-        let revoked: Vec<&crate::ca::PreparedRevocation> =
-            live.iter().map(|r| &r.revocation).collect();
-        let ders = read_lock(&self.ca).sign_prepared_crls(
-            &revoked,
-            crl_number,
-            CRL_VALIDITY,
-            SystemTime::now(),
-        )?;
+        let now = SystemTime::now();
+        let ders = {
+            let ca = read_lock(&self.ca);
+            let prepared = {
+                let mut state = lock(&self.revocations);
+                state.list.remove_expired(unix_secs(now));
+                ca.prepare_crls(&state.list, crl_number, CRL_VALIDITY, now)?
+            };
+            ca.finish_crls(prepared)?
+        };
         {
             let mut crls = write_lock(&self.crls);
             let generation = crls.generation + 1;
-            let ders = ders.into_iter().map(bytes::Bytes::from).collect();
             *crls = Arc::new(Crls { ders, generation });
         }
         self.notify(Change::Documents);

@@ -881,18 +881,8 @@ impl TaskManager {
             .metrics()
             .revocations
             .inc_by(revoked_serials as u64);
-        let mut live = Vec::with_capacity(revoked_serials);
-        for (cert, not_after) in revoked.iter().flat_map(|(_, entries)| entries) {
-            match crate::ca::PreparedRevocation::new(cert.clone()) {
-                Ok(revocation) => live.push(crate::agent::LiveRevocation {
-                    revocation,
-                    not_after: *not_after,
-                }),
-                // Stored, so the next start lists it; say why this run can't.
-                Err(e) => tracing::error!(error = %e, "a revocation cannot be encoded for the CRL"),
-            }
-        }
-        self.agent.add_revocations(live);
+        self.agent
+            .add_revocations(revoked.iter().flat_map(|(_, entries)| entries));
         let crl_epoch = (revoked_serials > 0).then(|| self.agent.request_crls());
         self.agent.notify(Change::TasksEnded {
             ids: ended_ids,

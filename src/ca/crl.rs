@@ -5,6 +5,7 @@
 //! conversion per entry on every publication. This writes each entry with
 //! no allocation of its own, then signs once.
 
+use bytes::Bytes;
 use rcgen::SigningKey;
 
 use super::CaError;
@@ -25,14 +26,31 @@ const BIT_STRING: u8 = 0x03;
 const UTC_TIME: u8 = 0x17;
 const GENERALIZED_TIME: u8 = 0x18;
 
-/// One revoked certificate's `revokedCertificates` element, encoded.
-pub(crate) fn encode_entry(serial: &[u8], revoked_at_unix: i64) -> Result<Vec<u8>, CaError> {
-    let mut content = Vec::with_capacity(40);
-    write_integer(&mut content, serial);
-    write_time(&mut content, revoked_at_unix)?;
-    let mut entry = Vec::with_capacity(content.len() + 2);
-    write_tlv(&mut entry, SEQUENCE, &content);
-    Ok(entry)
+/// Appends one revoked certificate's `revokedCertificates` element to
+/// `out`; on error `out` is left as it was.
+pub(crate) fn write_entry(
+    out: &mut Vec<u8>,
+    serial: &[u8],
+    revoked_at_unix: i64,
+) -> Result<(), CaError> {
+    if serial.len() > 20 {
+        return Err(CaError::Crl(format!(
+            "a {}-octet serial is longer than RFC 5280 allows (20)",
+            serial.len()
+        )));
+    }
+    let at = out.len();
+    // INTEGER (a serial is at most 20 octets, plus a sign octet) and a time
+    // of at most 15 octets: the content is always under 128 bytes, so the
+    // SEQUENCE's length is one octet, patched in once the content is known.
+    out.extend_from_slice(&[SEQUENCE, 0]);
+    write_integer(out, serial);
+    if let Err(e) = write_time(out, revoked_at_unix) {
+        out.truncate(at);
+        return Err(e);
+    }
+    out[at + 1] = (out.len() - at - 2) as u8;
+    Ok(())
 }
 
 /// What the CRL says about itself and who signs it.
@@ -52,17 +70,24 @@ pub(crate) fn supports(key: &rcgen::KeyPair) -> bool {
     key.algorithm() == &rcgen::PKCS_ECDSA_P256_SHA256
 }
 
-/// A signed CRL listing `entries`, each already encoded by `encode_entry`
-/// (at least one).
-pub(crate) fn sign(
-    header: &CrlHeader<'_>,
-    entries: &[&[u8]],
-    key: &rcgen::KeyPair,
-) -> Result<Vec<u8>, CaError> {
+/// A CRL's to-be-signed part, written where the signed CRL will hold it:
+/// after room for the CRL's own header, so that signing copies nothing.
+pub(crate) struct UnsignedCrl {
+    buf: Vec<u8>,
+    /// Where the TBS begins in `buf`; the CRL's header goes right before.
+    tbs_at: usize,
+}
+
+/// The longest ECDSA P-256 signature as a BIT STRING's content: one octet
+/// of unused bits, then at most 72 octets of DER.
+const MAX_SIGNATURE_CONTENT: usize = 1 + 72;
+
+/// The to-be-signed part of a CRL listing `entries`: elements written by
+/// `write_entry`, back to back (at least one).
+pub(crate) fn prepare(header: &CrlHeader<'_>, entries: &[u8]) -> Result<UnsignedCrl, CaError> {
     // The list dominates (tens of bytes per revoked certificate, and a
     // busy node revokes thousands): it is copied once, into the TBS, whose
     // length is known before anything is written.
-    let revoked_len: usize = entries.iter().map(|e| e.len()).sum();
     let mut head = Vec::with_capacity(header.issuer_name.len() + 64);
     write_tlv(&mut head, INTEGER, &[1]); // v2
     head.extend_from_slice(ECDSA_WITH_SHA256);
@@ -71,30 +96,59 @@ pub(crate) fn sign(
     write_time(&mut head, header.next_update_unix)?;
     let mut tail = Vec::with_capacity(64);
     write_tlv(&mut tail, 0xa0, &extensions(header));
-    let body_len = head.len() + header_len(revoked_len) + revoked_len + tail.len();
+    let body_len = head.len() + header_len(entries.len()) + entries.len() + tail.len();
+    let tbs_len = header_len(body_len) + body_len;
+    let signed_max = tbs_len
+        + ECDSA_WITH_SHA256.len()
+        + header_len(MAX_SIGNATURE_CONTENT)
+        + MAX_SIGNATURE_CONTENT;
+    let tbs_at = header_len(signed_max);
 
-    let mut tbs = Vec::with_capacity(header_len(body_len) + body_len);
-    write_header(&mut tbs, SEQUENCE, body_len);
-    tbs.extend_from_slice(&head);
-    write_header(&mut tbs, SEQUENCE, revoked_len);
-    for entry in entries {
-        tbs.extend_from_slice(entry);
-    }
-    tbs.extend_from_slice(&tail);
+    let mut buf = Vec::with_capacity(tbs_at + signed_max);
+    buf.resize(tbs_at, 0);
+    write_header(&mut buf, SEQUENCE, body_len);
+    buf.extend_from_slice(&head);
+    write_header(&mut buf, SEQUENCE, entries.len());
+    buf.extend_from_slice(entries);
+    buf.extend_from_slice(&tail);
+    Ok(UnsignedCrl { buf, tbs_at })
+}
 
+/// Signs `unsigned` with `key` (ECDSA P-256, see `supports`): the DER CRL.
+pub(crate) fn finish(unsigned: UnsignedCrl, key: &rcgen::KeyPair) -> Result<Bytes, CaError> {
+    let UnsignedCrl { mut buf, tbs_at } = unsigned;
     let signature = key
-        .sign(&tbs)
+        .sign(&buf[tbs_at..])
         .map_err(|e| CaError::Crl(format!("signing: {e}")))?;
     let signature_len = 1 + signature.len(); // no unused bits, then the DER
-    let crl_len = tbs.len() + ECDSA_WITH_SHA256.len() + header_len(signature_len) + signature_len;
-    let mut crl = Vec::with_capacity(header_len(crl_len) + crl_len);
-    write_header(&mut crl, SEQUENCE, crl_len);
-    crl.extend_from_slice(&tbs);
-    crl.extend_from_slice(ECDSA_WITH_SHA256);
-    write_header(&mut crl, BIT_STRING, signature_len);
-    crl.push(0);
-    crl.extend_from_slice(&signature);
-    Ok(crl)
+    if signature_len > MAX_SIGNATURE_CONTENT {
+        return Err(CaError::Crl(format!(
+            "a {}-byte signature is longer than P-256 makes",
+            signature.len()
+        )));
+    }
+    let tbs_len = buf.len() - tbs_at;
+    buf.extend_from_slice(ECDSA_WITH_SHA256);
+    write_header(&mut buf, BIT_STRING, signature_len);
+    buf.push(0);
+    buf.extend_from_slice(&signature);
+    let crl_len = buf.len() - tbs_at;
+    debug_assert!(crl_len >= tbs_len);
+    // The header is at most as long as the room left for it, since the
+    // signature is at most as long as assumed there.
+    let mut crl_header = Vec::with_capacity(8);
+    write_header(&mut crl_header, SEQUENCE, crl_len);
+    let start = tbs_at
+        .checked_sub(crl_header.len())
+        .ok_or_else(|| CaError::Crl("no room for the CRL's header".into()))?;
+    buf[start..tbs_at].copy_from_slice(&crl_header);
+    Ok(Bytes::from(buf).slice(start..))
+}
+
+/// A signed CRL listing `entries` (see `prepare`).
+#[cfg(test)]
+fn sign(header: &CrlHeader<'_>, entries: &[u8], key: &rcgen::KeyPair) -> Result<Bytes, CaError> {
+    finish(prepare(header, entries)?, key)
 }
 
 /// `[0] EXPLICIT Extensions`' content: the authority key identifier (so a
@@ -311,11 +365,10 @@ mod tests {
                 s
             })
             .collect();
-        let entries: Vec<Vec<u8>> = serials
-            .iter()
-            .map(|s| encode_entry(s, 1_700_000_000).unwrap())
-            .collect();
-        let slices: Vec<&[u8]> = entries.iter().map(Vec::as_slice).collect();
+        let mut entries = Vec::new();
+        for serial in &serials {
+            write_entry(&mut entries, serial, 1_700_000_000).unwrap();
+        }
         let header = CrlHeader {
             issuer_name: ca_cert.subject().as_raw(),
             issuer_key_id: &[7; 20],
@@ -323,7 +376,7 @@ mod tests {
             this_update_unix: 1_700_000_000,
             next_update_unix: 1_700_003_600,
         };
-        let der = sign(&header, &slices, &key).unwrap();
+        let der = sign(&header, &entries, &key).unwrap();
         let (rest, crl) =
             x509_parser::revocation_list::CertificateRevocationList::from_der(&der).unwrap();
         assert!(rest.is_empty());

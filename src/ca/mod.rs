@@ -8,6 +8,7 @@ mod authority;
 mod clock;
 mod crl;
 mod jwt_keys;
+mod revocation_list;
 mod schedule;
 mod store;
 mod upstream;
@@ -26,6 +27,7 @@ use crate::spiffe_id::{SpiffeId, TrustDomain};
 use crate::svid::{self, InvalidDnsName, X509Svid, X509SvidPlan, X509SvidRequest};
 use authority::{BACKDATE, SigningAuthority};
 use jwt_keys::JwtEntry;
+pub use revocation_list::RevocationList;
 use schedule::{Schedule, Scheduled};
 use store::{CaDir, ExpiredAuthority, Role, StateFile, StoredAuthority};
 pub use upstream::UpstreamCaFiles;
@@ -86,19 +88,18 @@ pub struct RotationOutcome {
     pub jwt_authorities_changed: bool,
 }
 
-/// A revoked certificate with its CRL entry encoded once, when it is
-/// revoked, rather than on every CRL that lists it.
-#[derive(Debug, Clone)]
-pub struct PreparedRevocation {
-    pub cert: RevokedCert,
-    entry_der: Vec<u8>,
+/// One issuer's next CRL, made while the revocation list is held and signed
+/// after it is released (`CertificateAuthority::prepare_crls`).
+pub struct PreparedCrl {
+    issuer_key_id: Vec<u8>,
+    body: PreparedCrlBody,
 }
 
-impl PreparedRevocation {
-    pub fn new(cert: RevokedCert) -> Result<Self, CaError> {
-        let entry_der = crl::encode_entry(&cert.serial, clock::to_unix(cert.revoked_at)?)?;
-        Ok(Self { cert, entry_der })
-    }
+enum PreparedCrlBody {
+    /// ECDSA P-256 CAs: the TBS, encoded directly.
+    Encoded(crl::UnsignedCrl),
+    /// Any other CA key (an upstream RSA intermediate): the general builder.
+    General(CertificateRevocationListParams),
 }
 
 /// One revoked certificate, as the store remembers it.
@@ -806,7 +807,7 @@ impl CertificateAuthority {
         x509.min(self.jwt_schedule().next_event(&self.jwt))
     }
 
-    /// `sign_prepared_crls` for revocations not yet encoded.
+    /// Signed CRLs for `revoked`, as the agent makes them.
     #[cfg(test)]
     pub fn sign_crls(
         &self,
@@ -815,42 +816,44 @@ impl CertificateAuthority {
         validity: Duration,
         now: SystemTime,
     ) -> Result<Vec<Vec<u8>>, CaError> {
-        let prepared = revoked
-            .iter()
-            .map(|r| PreparedRevocation::new((*r).clone()))
-            .collect::<Result<Vec<_>, _>>()?;
-        let refs: Vec<&PreparedRevocation> = prepared.iter().collect();
-        self.sign_prepared_crls(&refs, crl_number, validity, now)
+        let mut list = RevocationList::default();
+        for cert in revoked {
+            list.add(cert, i64::MAX)?;
+        }
+        let prepared = self.prepare_crls(&list, crl_number, validity, now)?;
+        Ok(self
+            .finish_crls(prepared)?
+            .into_iter()
+            .map(|der| der.to_vec())
+            .collect())
     }
 
-    /// Signs one CRL per CA that issued any of `revoked`, each by that CA's
-    /// own key (a CRL's issuer must be the certificate's issuer). Entries
-    /// whose CA is no longer held are skipped: a CA is only dropped once
-    /// expired, and every certificate it issued expired no later.
-    pub fn sign_prepared_crls(
+    /// One CRL per CA that issued anything in `list`, to be signed by that
+    /// CA's own key (a CRL's issuer must be the certificate's issuer) with
+    /// `finish_crls`. This copies the list; the signing, which costs more,
+    /// needs no hold on it. Entries whose CA is no longer held are skipped:
+    /// a CA is only dropped once expired, and every certificate it issued
+    /// expired no later.
+    pub fn prepare_crls(
         &self,
-        revoked: &[&PreparedRevocation],
+        list: &RevocationList,
         crl_number: u64,
         validity: Duration,
         now: SystemTime,
-    ) -> Result<Vec<Vec<u8>>, CaError> {
+    ) -> Result<Vec<PreparedCrl>, CaError> {
         if validity < Duration::from_secs(1) {
             return Err(CaError::CrlValidityTooShort);
         }
         let now_unix = clock::to_unix(now)?;
         let next_unix =
             now_unix.saturating_add(i64::try_from(validity.as_secs()).unwrap_or(i64::MAX));
-        let this_update = clock::to_offset(now_unix)?;
-        let next_update = clock::to_offset(next_unix)?;
         let mut crls = Vec::new();
         for entry in &self.x509 {
             let ca = &entry.authority;
-            let mine = || revoked.iter().filter(|r| r.cert.issuer_key_id == ca.key_id);
-            let entries: Vec<&[u8]> = mine().map(|r| r.entry_der.as_slice()).collect();
-            if entries.is_empty() {
+            let Some(encoded) = list.encoded_for(&ca.key_id) else {
                 continue;
-            }
-            if crl::supports(ca.issuer.key()) {
+            };
+            let body = if crl::supports(ca.issuer.key()) {
                 let header = crl::CrlHeader {
                     issuer_name: &ca.subject_der,
                     issuer_key_id: &ca.key_id,
@@ -858,28 +861,55 @@ impl CertificateAuthority {
                     this_update_unix: now_unix,
                     next_update_unix: next_unix,
                 };
-                crls.push(crl::sign(&header, &entries, ca.issuer.key())?);
-                continue;
-            }
-            let revoked_certs = mine()
-                .map(|r| {
-                    Ok(RevokedCertParams {
-                        serial_number: SerialNumber::from_slice(&r.cert.serial),
-                        revocation_time: clock::to_offset(clock::to_unix(r.cert.revoked_at)?)?,
-                        reason_code: None,
-                        invalidity_date: None,
+                PreparedCrlBody::Encoded(crl::prepare(&header, encoded)?)
+            } else {
+                let revoked_certs = list
+                    .entries_for(&ca.key_id)
+                    .map(|(serial, revoked_at)| {
+                        Ok(RevokedCertParams {
+                            serial_number: SerialNumber::from_slice(serial),
+                            revocation_time: clock::to_offset(clock::to_unix(revoked_at)?)?,
+                            reason_code: None,
+                            invalidity_date: None,
+                        })
                     })
+                    .collect::<Result<Vec<_>, CaError>>()?;
+                PreparedCrlBody::General(CertificateRevocationListParams {
+                    this_update: clock::to_offset(now_unix)?,
+                    next_update: clock::to_offset(next_unix)?,
+                    crl_number: SerialNumber::from_slice(&crl_number.to_be_bytes()),
+                    issuing_distribution_point: None,
+                    revoked_certs,
+                    key_identifier_method: KeyIdMethod::PreSpecified(ca.key_id.clone()),
                 })
-                .collect::<Result<Vec<_>, CaError>>()?;
-            let params = CertificateRevocationListParams {
-                this_update,
-                next_update,
-                crl_number: SerialNumber::from_slice(&crl_number.to_be_bytes()),
-                issuing_distribution_point: None,
-                revoked_certs,
-                key_identifier_method: KeyIdMethod::PreSpecified(ca.key_id.clone()),
             };
-            crls.push(params.signed_by(&ca.issuer)?.der().to_vec());
+            crls.push(PreparedCrl {
+                issuer_key_id: ca.key_id.clone(),
+                body,
+            });
+        }
+        Ok(crls)
+    }
+
+    /// Signs CRLs from `prepare_crls`, each by its issuer's key, in order.
+    /// A CRL whose CA has been dropped since is skipped (see `prepare_crls`).
+    pub fn finish_crls(&self, prepared: Vec<PreparedCrl>) -> Result<Vec<bytes::Bytes>, CaError> {
+        let mut crls = Vec::with_capacity(prepared.len());
+        for crl in prepared {
+            let Some(entry) = self
+                .x509
+                .iter()
+                .find(|e| e.authority.key_id == crl.issuer_key_id)
+            else {
+                continue;
+            };
+            let ca = &entry.authority;
+            crls.push(match crl.body {
+                PreparedCrlBody::Encoded(unsigned) => crl::finish(unsigned, ca.issuer.key())?,
+                PreparedCrlBody::General(params) => {
+                    bytes::Bytes::copy_from_slice(params.signed_by(&ca.issuer)?.der())
+                }
+            });
         }
         Ok(crls)
     }

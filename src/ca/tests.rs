@@ -828,6 +828,53 @@ fn upstream_mode_chains_through_the_intermediate() {
     }));
 }
 
+/// An upstream intermediate that is not P-256 signs its CRLs through the
+/// general builder; they list the same serials and verify under it.
+#[test]
+fn a_p384_upstream_intermediate_signs_crls_through_the_general_builder() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pki = pki();
+    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P384_SHA384).unwrap();
+    let cert = intermediate_params(12 * HOUR)
+        .signed_by(&key, &pki.root_issuer)
+        .unwrap();
+    let files = UpstreamCaFiles {
+        cert: tmp.path().join("intermediate.pem"),
+        key: tmp.path().join("intermediate.key"),
+        bundle: tmp.path().join("roots.pem"),
+    };
+    fs::write(&files.cert, cert.pem()).unwrap();
+    fs::write(&files.key, key.serialize_pem()).unwrap();
+    fs::write(&files.bundle, pki.root.pem()).unwrap();
+    let ca =
+        CertificateAuthority::load_or_create(upstream_settings(tmp.path(), files), t0()).unwrap();
+    let svids: Vec<_> = (0..3)
+        .map(|_| ca.mint_x509_svid(&request("/a", HOUR), t0()).unwrap())
+        .collect();
+    let revoked: Vec<RevokedCert> = svids
+        .iter()
+        .map(|svid| RevokedCert {
+            serial: svid.serial.clone(),
+            issuer_key_id: svid.issuer_key_id.clone(),
+            revoked_at: t0(),
+        })
+        .collect();
+    let crls = ca
+        .sign_crls(&revoked.iter().collect::<Vec<_>>(), 5, HOUR, t0())
+        .unwrap();
+    assert_eq!(crls.len(), 1);
+    let (_, crl) = CertificateRevocationList::from_der(&crls[0]).unwrap();
+    crl.verify_signature(parse(cert.der()).public_key())
+        .unwrap();
+    let listed: Vec<Vec<u8>> = crl
+        .iter_revoked_certificates()
+        .map(|r| r.raw_serial().to_vec())
+        .collect();
+    let minted: Vec<Vec<u8>> = svids.iter().map(|s| s.serial.clone()).collect();
+    assert_eq!(listed, minted);
+    assert_eq!(crl.crl_number().map(|n| n.to_string()), Some("5".into()));
+}
+
 #[test]
 fn upstream_accepts_a_sec1_key() {
     let tmp = tempfile::tempdir().unwrap();
