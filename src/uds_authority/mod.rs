@@ -8,6 +8,14 @@
 //! encoder whose state `h2`'s decoder mirrors. Every other byte passes through.
 //! Huffman-coded strings are unpacked by `raw_strings` before the HPACK
 //! decoder sees them.
+//!
+//! A client that sends a valid authority (tonic, grpc-go) does so on every
+//! request: the connection's first header block decides. If it needs no
+//! rewrite it is passed on as the client wrote it, and so is everything
+//! after it, read straight into `h2`'s buffer; `h2` then decodes the
+//! client's own HPACK state, and the per-request decode, re-encode and
+//! copies are spared. Should such a client later send a socket path after
+//! all, `h2` refuses that one request, as it would without this module.
 
 mod raw_strings;
 
@@ -45,8 +53,23 @@ struct PendingHeaders {
     block: Vec<u8>,
 }
 
+/// Whether this connection's header blocks are rewritten.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Mode {
+    /// No header block has been seen yet.
+    Undecided,
+    /// The first block needed a rewrite: every block is re-encoded.
+    Rewrite,
+    /// The first block did not: bytes go to `h2` untouched from then on.
+    PassThrough,
+}
+
 pub struct AuthorityFix<S> {
     inner: S,
+    mode: Mode,
+    /// While undecided, the frames of the header block being collected, as
+    /// read: passed on unchanged if the block needs no rewrite.
+    raw_block: Vec<u8>,
     /// Raw bytes read from the client and not yet transformed.
     input: Vec<u8>,
     /// Transformed bytes waiting for h2 to read them.
@@ -66,6 +89,8 @@ impl<S> AuthorityFix<S> {
     pub fn new(inner: S) -> Self {
         Self {
             inner,
+            mode: Mode::Undecided,
+            raw_block: Vec::new(),
             input: Vec::new(),
             output: Vec::new(),
             output_pos: 0,
@@ -79,7 +104,8 @@ impl<S> AuthorityFix<S> {
     }
 
     /// Moves every complete unit of `input` (preface bytes, whole frames)
-    /// into `output`, rewriting header blocks on the way.
+    /// into `output`, rewriting header blocks on the way; once the mode is
+    /// pass-through, everything left goes as it is.
     fn process(&mut self) -> io::Result<()> {
         let mut consumed = 0;
         if self.preface_left > 0 {
@@ -89,6 +115,11 @@ impl<S> AuthorityFix<S> {
             consumed = n;
         }
         while self.preface_left == 0 {
+            if self.mode == Mode::PassThrough {
+                self.output.extend_from_slice(&self.input[consumed..]);
+                consumed = self.input.len();
+                break;
+            }
             let rest = &self.input[consumed..];
             if rest.len() < FRAME_HEADER_LEN {
                 break;
@@ -103,21 +134,34 @@ impl<S> AuthorityFix<S> {
             }
             let (kind, flags) = (rest[3], rest[4]);
             let stream_id = [rest[5], rest[6], rest[7], rest[8]];
-            let payload = rest[FRAME_HEADER_LEN..FRAME_HEADER_LEN + len].to_vec();
             let whole = FRAME_HEADER_LEN + len;
+            let frame = consumed..consumed + whole;
             match kind {
-                TYPE_HEADERS => self.headers_frame(flags, stream_id, &payload)?,
-                TYPE_CONTINUATION => self.continuation_frame(flags, stream_id, &payload)?,
+                TYPE_HEADERS | TYPE_CONTINUATION => {
+                    let payload = rest[FRAME_HEADER_LEN..whole].to_vec();
+                    if self.mode == Mode::Undecided {
+                        self.raw_block.extend_from_slice(&self.input[frame]);
+                    }
+                    if kind == TYPE_HEADERS {
+                        self.headers_frame(flags, stream_id, &payload)?;
+                    } else {
+                        self.continuation_frame(flags, stream_id, &payload)?;
+                    }
+                }
                 _ if self.pending.is_some() => {
                     return Err(invalid("frame interleaved within a header block"));
                 }
-                _ => self
-                    .output
-                    .extend_from_slice(&self.input[consumed..consumed + whole]),
+                _ => self.output.extend_from_slice(&self.input[frame]),
             }
             consumed += whole;
         }
         self.input.drain(..consumed);
+        if self.mode == Mode::PassThrough {
+            // Nothing is decoded here again: give back what decoding held.
+            self.input = Vec::new();
+            self.raw_block = Vec::new();
+            self.unpacked = Vec::new();
+        }
         Ok(())
     }
 
@@ -197,10 +241,21 @@ impl<S> AuthorityFix<S> {
             .decoder
             .decode(&self.unpacked)
             .map_err(|e| invalid(&format!("HPACK: {e:?}")))?;
+        let mut rewritten = false;
         for (name, value) in headers.iter_mut() {
             if name.as_slice() == b":authority" && !valid_authority(value) {
                 *value = b"localhost".to_vec();
+                rewritten = true;
             }
+        }
+        if self.mode == Mode::Undecided {
+            if !rewritten {
+                self.output.append(&mut self.raw_block);
+                self.mode = Mode::PassThrough;
+                return Ok(());
+            }
+            self.raw_block = Vec::new();
+            self.mode = Mode::Rewrite;
         }
         let block = self
             .encoder
@@ -268,13 +323,20 @@ impl<S: AsyncRead + Unpin> AsyncRead for AuthorityFix<S> {
                 buf.put_slice(&this.output[this.output_pos..this.output_pos + n]);
                 this.output_pos += n;
                 if this.output_pos == this.output.len() {
-                    this.output.clear();
+                    if this.mode == Mode::PassThrough {
+                        this.output = Vec::new();
+                    } else {
+                        this.output.clear();
+                    }
                     this.output_pos = 0;
                 }
                 return Poll::Ready(Ok(()));
             }
             if this.eof {
                 return Poll::Ready(Ok(()));
+            }
+            if this.mode == Mode::PassThrough {
+                return Pin::new(&mut this.inner).poll_read(cx, buf);
             }
             let mut chunk = [0u8; 8192];
             let mut read = ReadBuf::new(&mut chunk);
@@ -433,6 +495,80 @@ mod tests {
         );
         let data = frame(0x0, FLAG_END_STREAM, 1, b"\0\0\0\0\0");
         assert!(out.windows(data.len()).any(|w| w == &data[..]));
+    }
+
+    /// Hands out what it holds a few bytes at a time, so frames arrive
+    /// split across reads.
+    struct Trickle {
+        data: Vec<u8>,
+        at: usize,
+    }
+
+    impl AsyncRead for Trickle {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            let n = 7.min(self.data.len() - self.at).min(buf.remaining());
+            let at = self.at;
+            buf.put_slice(&self.data[at..at + n]);
+            self.at += n;
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    /// A first request with a valid authority puts the connection in
+    /// pass-through: every byte reaches `h2` as the client sent it, the
+    /// first header block included (so `h2` decodes the client's own HPACK
+    /// state), whether the bytes arrive at once or a few at a time.
+    #[tokio::test]
+    async fn a_valid_first_authority_passes_the_whole_connection_through() {
+        let mut client = loona_hpack::Encoder::new();
+        let request = |authority: &[u8]| -> Vec<(Vec<u8>, Vec<u8>)> {
+            vec![
+                (b":method".to_vec(), b"POST".to_vec()),
+                (
+                    b":path".to_vec(),
+                    b"/writ.admin.v1.Tasks/BeginTask".to_vec(),
+                ),
+                (b":authority".to_vec(), authority.to_vec()),
+            ]
+        };
+        let mut input = PREFACE.to_vec();
+        input.extend(frame(0x4, 0, 0, &[])); // SETTINGS
+        let block = client.encode(
+            request(b"localhost")
+                .iter()
+                .map(|(n, v)| (n.as_slice(), v.as_slice())),
+        );
+        let (a, b) = block.split_at(block.len() / 2);
+        let mut padded = vec![2u8];
+        padded.extend_from_slice(a);
+        padded.extend_from_slice(&[0, 0]);
+        input.extend(frame(TYPE_HEADERS, FLAG_PADDED, 1, &padded));
+        input.extend(frame(TYPE_CONTINUATION, FLAG_END_HEADERS, 1, b));
+        input.extend(frame(0x0, FLAG_END_STREAM, 1, b"\0\0\0\0\0")); // DATA
+        // Later blocks are not looked at, not even a socket path (h2 then
+        // refuses that request, as it would without the fix).
+        let later = client.encode(
+            request(b"tmp%2Fw.sock")
+                .iter()
+                .map(|(n, v)| (n.as_slice(), v.as_slice())),
+        );
+        input.extend(frame(TYPE_HEADERS, FLAG_END_HEADERS, 3, &later));
+        input.extend(frame(0x0, 0, 3, &[9u8; 3000]));
+
+        assert_eq!(run(input.clone()).await.unwrap(), input);
+        let mut fix = AuthorityFix::new(Trickle {
+            data: input.clone(),
+            at: 0,
+        });
+        let mut out = Vec::new();
+        fix.read_to_end(&mut out).await.unwrap();
+        assert_eq!(out, input);
+        assert_eq!(fix.mode, Mode::PassThrough);
+        assert!(fix.input.capacity() == 0 && fix.raw_block.capacity() == 0);
     }
 
     #[tokio::test]
