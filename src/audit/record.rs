@@ -202,16 +202,27 @@ pub(crate) fn format_time(t: SystemTime) -> String {
         .ok()
         .and_then(|n| time::OffsetDateTime::from_unix_timestamp_nanos(n).ok())
         .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
-    format!(
-        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:06}Z",
-        t.year(),
-        u8::from(t.month()),
-        t.day(),
-        t.hour(),
-        t.minute(),
-        t.second(),
-        t.microsecond()
-    )
+    // Every record carries one: its digits are written in place, not
+    // through the formatting machinery, which cost more than the rest of
+    // the record's encoding.
+    let mut text = *b"0000-00-00T00:00:00.000000Z";
+    let mut put = |at: usize, width: usize, value: u32| {
+        let mut rest = value;
+        for digit in text[at..at + width].iter_mut().rev() {
+            *digit = b'0' + (rest % 10) as u8;
+            rest /= 10;
+        }
+    };
+    // Years are at most 9999: `time` refuses later instants, and those
+    // fell back to the epoch above.
+    put(0, 4, u32::try_from(t.year()).unwrap_or(0));
+    put(5, 2, u32::from(u8::from(t.month())));
+    put(8, 2, u32::from(t.day()));
+    put(11, 2, u32::from(t.hour()));
+    put(14, 2, u32::from(t.minute()));
+    put(17, 2, u32::from(t.second()));
+    put(20, 6, t.microsecond());
+    text.iter().map(|b| char::from(*b)).collect()
 }
 
 pub(crate) fn parse_time(text: &str) -> Option<SystemTime> {
@@ -297,5 +308,24 @@ mod tests {
             Some(UNIX_EPOCH + std::time::Duration::from_nanos(1_738_324_800_123_456_000))
         );
         assert_eq!(format_time(UNIX_EPOCH), "1970-01-01T00:00:00.000000Z");
+        // Field by field as `format!` writes them, across leap days, month
+        // and year ends, and microsecond values of every width.
+        for secs in (0u64..253_402_300_799).step_by(7_777_777) {
+            let sub = u32::try_from(secs % 1_000_000).unwrap() * 1_000 + 999;
+            let t = UNIX_EPOCH + std::time::Duration::new(secs, sub);
+            let nanos = i128::from(secs) * 1_000_000_000 + i128::from(sub);
+            let d = time::OffsetDateTime::from_unix_timestamp_nanos(nanos).unwrap();
+            let expected = format!(
+                "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:06}Z",
+                d.year(),
+                u8::from(d.month()),
+                d.day(),
+                d.hour(),
+                d.minute(),
+                d.second(),
+                d.microsecond()
+            );
+            assert_eq!(format_time(t), expected, "{nanos}");
+        }
     }
 }
