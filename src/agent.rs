@@ -600,11 +600,13 @@ impl Agent {
     /// its rotation point, else a freshly minted one (new key, new serial).
     /// A task SVID's serial is on disk before this returns, so a crash can
     /// never leave an issued task SVID out of a later revocation.
+    /// `issuance` says whom a new SVID is for; it is only asked when one is
+    /// minted (most calls are served from the cache).
     pub async fn svid_for(
         &self,
         entitlement: &Entitlement,
         now: SystemTime,
-        issuance: &Issuance,
+        issuance: impl FnOnce() -> Issuance,
     ) -> Result<Arc<CachedSvid>, AgentError> {
         if let Some(cached) = self.cached_svid(&entitlement.cache_key, now) {
             return Ok(cached);
@@ -619,7 +621,7 @@ impl Agent {
             if let Some(cached) = self.cached_svid(&entitlement.cache_key, now) {
                 return Ok(cached);
             }
-            self.mint_svid(entitlement, now, issuance).await
+            self.mint_svid(entitlement, now, &issuance()).await
         }
         .await;
         let mut minting = lock(&self.minting);

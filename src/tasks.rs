@@ -1533,7 +1533,7 @@ mod tests {
             let agent = &self.svc.agent;
             let entitlement = agent.task_entitlement(task);
             agent
-                .svid_for(&entitlement, now, &crate::agent::Issuance::new(None))
+                .svid_for(&entitlement, now, || crate::agent::Issuance::new(None))
                 .await
         }
 
@@ -1637,11 +1637,9 @@ mod tests {
         let served = agent
             .svc
             .agent
-            .svid_for(
-                &entitlement,
-                SystemTime::now(),
-                &crate::agent::Issuance::new(None),
-            )
+            .svid_for(&entitlement, SystemTime::now(), || {
+                crate::agent::Issuance::new(None)
+            })
             .await
             .unwrap();
         assert_eq!(hex::encode(&served.svid.serial), stored[0]);
@@ -1665,7 +1663,7 @@ mod tests {
                     agent
                         .svc
                         .agent
-                        .svid_for(&entitlement, later, &crate::agent::Issuance::new(None))
+                        .svid_for(&entitlement, later, || crate::agent::Issuance::new(None))
                         .await
                         .unwrap()
                         .svid

@@ -527,8 +527,14 @@ fn x509_svid_snapshot(
                 Resolved::new(entitled, permitted, attested_at)
             }
         };
-        let facts = resolved.entitled.caller_facts(&caller);
-        let issuance = Issuance::new(Some(facts));
+        // Built only if an SVID is minted: most snapshots are served from
+        // the cache, and the facts cost a string per selector.
+        let issuance = std::sync::OnceLock::new();
+        let issuance = || {
+            issuance
+                .get_or_init(|| Issuance::new(Some(resolved.entitled.caller_facts(&caller))))
+                .clone()
+        };
         let entitlements = &resolved.permitted;
         let now = SystemTime::now();
         let keys: Vec<String> = entitlements.iter().map(|e| e.cache_key.clone()).collect();
@@ -550,7 +556,7 @@ fn x509_svid_snapshot(
         let mut refresh_at: Option<SystemTime> = None;
         let mut keys = keys;
         for entitlement in entitlements {
-            let cached = match agent.svid_for(entitlement, now, &issuance).await {
+            let cached = match agent.svid_for(entitlement, now, issuance).await {
                 Ok(cached) => cached,
                 // The task ended between resolving and issuing: the full
                 // state is simply the state without it, and the completion's

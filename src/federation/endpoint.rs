@@ -276,11 +276,9 @@ async fn mint_identity(
         task_id: None,
     };
     let cached = agent
-        .svid_for(
-            &entitlement,
-            SystemTime::now(),
-            &crate::agent::Issuance::new(None),
-        )
+        .svid_for(&entitlement, SystemTime::now(), || {
+            crate::agent::Issuance::new(None)
+        })
         .await
         .map_err(|e| FederationError::EndpointTls(format!("minting {spiffe_id}: {e}")))?;
     let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(
