@@ -275,22 +275,24 @@ fn commit_batch(conn: &mut Connection, batch: Vec<Job>) {
         }
     };
     let mut completions = Vec::with_capacity(batch.len());
+    // Prepared once per connection, not parsed again for every job.
+    let run = |sql: &str| tx.prepare_cached(sql).and_then(|mut s| s.execute([]));
     for job in batch {
         // Each job in its own savepoint: a failing job rolls back only its
         // own changes, never its batch-mates'.
-        if let Err(e) = tx.execute_batch("SAVEPOINT job") {
+        if let Err(e) = run("SAVEPOINT job") {
             let err = StoreError::Sql(e);
             let (_, completion) = job(Err(&err));
             completion(Some(&err));
             continue;
         }
         let (ok, completion) = job(Ok(&tx));
-        let end = if ok {
-            "RELEASE job"
+        let closed = if ok {
+            run("RELEASE job")
         } else {
-            "ROLLBACK TO job; RELEASE job"
+            run("ROLLBACK TO job").and_then(|_| run("RELEASE job"))
         };
-        if let Err(e) = tx.execute_batch(end) {
+        if let Err(e) = closed {
             tracing::error!(error = %e, "closing a savepoint failed");
         }
         completions.push(completion);
