@@ -156,6 +156,7 @@ pub async fn build(config: &Config) -> Result<Services, ServiceError> {
             x509_svid_ttl: config.tasks.x509_svid_ttl,
             max_depth: config.tasks.max_depth,
             trusted_cgroup_roots: config.attestors.cgroup.trusted_roots.clone(),
+            completed_retention: config.tasks.completed_retention,
         },
         cgroup_mount,
     );
@@ -173,6 +174,7 @@ pub async fn build(config: &Config) -> Result<Services, ServiceError> {
     agent.load_revocations().await?;
     tokio::spawn(agent.clone().run_crl_publisher());
     tasks.restore().await?;
+    tasks.spawn_pruner();
     agent.publish_crls().await?;
     Ok(Services {
         agent,

@@ -190,7 +190,16 @@ pub struct TaskLimits {
     pub x509_svid_ttl: Duration,
     pub max_depth: u32,
     pub trusted_cgroup_roots: Vec<String>,
+    /// How long a completed task stays in the store before it is pruned.
+    pub completed_retention: Duration,
 }
+
+/// How often the store is pruned of what no task needs any more.
+const PRUNE_INTERVAL: Duration = Duration::from_secs(60);
+/// Rows of each kind one prune transaction may remove, so that a backlog
+/// (the first start after an upgrade, a long stop) never holds the store's
+/// writer for long: the rest follows in further transactions.
+const PRUNE_BATCH: usize = 2_000;
 
 /// A BeginTask request after the admin layer has parsed its wire form.
 #[derive(Debug, Clone, Default)]
@@ -1021,6 +1030,59 @@ impl TaskManager {
                 .collect::<Result<Vec<_>, _>>()?;
             Ok(rows.into_iter().map(hex::encode).collect())
         })?)
+    }
+
+    /// Prunes the store now and then every `PRUNE_INTERVAL` until writ stops.
+    pub fn spawn_pruner(self: &Arc<Self>) {
+        let manager = self.clone();
+        let mut stopping = self.agent.shutdown_requested();
+        tokio::spawn(async move {
+            loop {
+                if let Err(e) = manager.prune().await {
+                    tracing::warn!(error = %e, "pruning the store failed; trying again later");
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(PRUNE_INTERVAL) => {}
+                    _ = stopping.wait_for(|s| *s) => return,
+                }
+            }
+        });
+    }
+
+    /// Removes from the store what nothing needs any more (`store::prune`):
+    /// revocations and serials of expired certificates, and tasks completed
+    /// longer than `completed_retention` ago. A pruned task is gone from
+    /// GetTask and ListTasks; the audit trail keeps its records.
+    pub async fn prune(&self) -> Result<crate::store::Pruned, TaskError> {
+        let retention =
+            i64::try_from(self.limits.completed_retention.as_secs()).unwrap_or(i64::MAX);
+        let mut total = crate::store::Pruned::default();
+        loop {
+            let now = unix_secs(SystemTime::now());
+            let completed_before = now.saturating_sub(retention);
+            let pruned = self
+                .store
+                .write(move |conn| crate::store::prune(conn, now, completed_before, PRUNE_BATCH))
+                .await?;
+            total.revocations += pruned.revocations;
+            total.issued += pruned.issued;
+            total.tasks += pruned.tasks;
+            let more = [pruned.revocations, pruned.issued, pruned.tasks]
+                .iter()
+                .any(|n| *n >= PRUNE_BATCH);
+            if !more {
+                break;
+            }
+        }
+        if total.total() > 0 {
+            tracing::debug!(
+                revocations = total.revocations,
+                serials = total.issued,
+                tasks = total.tasks,
+                "pruned the store"
+            );
+        }
+        Ok(total)
     }
 
     /// After a restart: re-pins tasks whose binding still lives, and completes

@@ -23,6 +23,11 @@ use x509_parser::prelude::{FromDer, X509Certificate};
 const ORCH_ID: &str = "spiffe://writ.test/orchestrator";
 
 fn config(extra: &str) -> String {
+    config_with_tasks("", extra)
+}
+
+/// `config`, with more keys in its `[tasks]` table.
+fn config_with_tasks(tasks_extra: &str, extra: &str) -> String {
     let uid = nix::unistd::geteuid().as_raw();
     format!(
         r#"
@@ -34,6 +39,7 @@ max_ttl = "1h"
 default_ttl = "10m"
 x509_svid_ttl = "10m"
 max_depth = 3
+{tasks_extra}
 
 [[entry]]
 spiffe_id = "{ORCH_ID}"
@@ -895,6 +901,81 @@ async fn after_a_crash_dead_tasks_are_revoked_and_live_ones_resume() {
         number_after > number_before,
         "CRL number went from {number_before} to {number_after} across a restart"
     );
+}
+
+/// The store keeps a completed task for `completed_retention`, and its
+/// serial and revocation until the certificate expires; then a prune (one
+/// runs at every start) removes them. An active task stays, whatever its
+/// age, and the audit trail keeps the pruned task's records.
+#[tokio::test]
+async fn completed_tasks_leave_the_store_after_their_retention() {
+    let mut writ = Writ::start(&config_with_tasks("completed_retention = \"1s\"", ""));
+    let mut done_process = Command::new("sleep").arg("60").spawn().unwrap();
+    let mut live_process = Command::new("sleep").arg("60").spawn().unwrap();
+    let serial = {
+        let mut tasks = tasks_client(&writ).await;
+        let short = apb::BeginTaskRequest {
+            ttl: "2s".into(),
+            ..begin_pid("done", done_process.id())
+        };
+        tasks.begin_task(short).await.unwrap();
+        tasks.end_task(end_req("done")).await.unwrap();
+        tasks
+            .begin_task(begin_pid("lives", live_process.id()))
+            .await
+            .unwrap();
+        let done = get_task(&mut tasks, "done").await;
+        assert_ne!(done.completed_at, 0);
+        done.issued_serials[0].clone()
+    };
+    let (crls, _) = crls_and_bundle(&writ).await;
+    assert!(revoked_serials(&crls).contains(&serial));
+
+    // The task's certificate lived at most its 2 s; the retention is 1 s.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(writ.stop().success());
+    writ.spawn();
+    let mut tasks = tasks_client(&writ).await;
+    let mut gone = false;
+    for _ in 0..100 {
+        match tasks
+            .get_task(apb::GetTaskRequest {
+                task_id: "done".into(),
+            })
+            .await
+        {
+            Err(status) if status.code() == Code::NotFound => {
+                gone = true;
+                break;
+            }
+            Ok(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            Err(status) => panic!("GetTask: {status:?}"),
+        }
+    }
+    assert!(gone, "the completed task was not pruned");
+    let listed = tasks
+        .list_tasks(apb::ListTasksRequest {
+            include_completed: true,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let ids: Vec<&str> = listed.tasks.iter().map(|t| t.task_id.as_str()).collect();
+    assert_eq!(ids, ["lives"]);
+    assert_eq!(get_task(&mut tasks, "lives").await.completed_at, 0);
+    let (crls, _) = crls_and_bundle(&writ).await;
+    assert!(!revoked_serials(&crls).contains(&serial));
+    let trail = common::read_to_string(&writ.dir.path().join("state/audit/audit.jsonl"));
+    assert!(
+        trail
+            .lines()
+            .any(|l| l.contains("\"task_ended\"") && l.contains("\"done\"")),
+        "the audit trail lost the pruned task's completion"
+    );
+    for process in [&mut done_process, &mut live_process] {
+        let _ = process.kill();
+        let _ = process.wait();
+    }
 }
 
 fn crl_number(crls: &[bytes::Bytes]) -> u64 {

@@ -590,6 +590,7 @@ impl Builder<'_> {
             default_ttl: None,
             x509_svid_ttl: None,
             max_depth: None,
+            completed_retention: None,
         });
         let max_ttl = self.duration_at_least(
             "tasks.max_ttl",
@@ -631,6 +632,11 @@ impl Builder<'_> {
                 "an SVID cannot outlive the CA that signs it",
             );
         }
+        let completed_retention = self.positive_duration(
+            "tasks.completed_retention",
+            raw.completed_retention.as_ref(),
+            defaults.completed_retention,
+        );
         let max_depth = match raw.max_depth {
             Some(depth) if *depth.get_ref() == 0 => {
                 self.error(
@@ -647,6 +653,8 @@ impl Builder<'_> {
             default_ttl: default_ttl.map_or(defaults.default_ttl, |ttl| ttl.value),
             x509_svid_ttl: x509_svid_ttl.map_or(defaults.x509_svid_ttl, |ttl| ttl.value),
             max_depth,
+            completed_retention: completed_retention
+                .map_or(defaults.completed_retention, |kept| kept.value),
         }
     }
 

@@ -123,6 +123,10 @@ pub struct TasksConfig {
     #[serde(with = "duration_serde")]
     pub x509_svid_ttl: Duration,
     pub max_depth: u32,
+    /// How long a completed task stays in the store (GetTask, ListTasks)
+    /// before it is pruned; the audit trail keeps its record for good.
+    #[serde(with = "duration_serde")]
+    pub completed_retention: Duration,
 }
 
 /// The shortest task: its first X.509-SVID is signed as it begins and must
@@ -521,6 +525,7 @@ impl Default for TasksConfig {
             default_ttl: Duration::from_secs(10 * 60),
             x509_svid_ttl: Duration::from_secs(10 * 60),
             max_depth: 4,
+            completed_retention: Duration::from_secs(24 * 3600),
         }
     }
 }

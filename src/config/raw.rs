@@ -86,6 +86,7 @@ pub(super) struct RawTasks {
     pub default_ttl: Option<Text>,
     pub x509_svid_ttl: Option<Text>,
     pub max_depth: Option<Spanned<u32>>,
+    pub completed_retention: Option<Text>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -223,6 +223,7 @@ max_ttl = "4h"
 default_ttl = "30m"
 x509_svid_ttl = "5m"
 max_depth = 2
+completed_retention = "2h"
 
 [log]
 level = "info,writ::tasks=debug"
@@ -325,6 +326,7 @@ fn full_config_loads_every_key() {
             default_ttl: secs(1_800),
             x509_svid_ttl: secs(300),
             max_depth: 2,
+            completed_retention: secs(7_200),
         },
         log: LogConfig {
             level: "info,writ::tasks=debug".into(),
