@@ -72,6 +72,23 @@ async fn get_task(
         .into_inner()
 }
 
+/// The IDs ListTasks returns, completed tasks included.
+async fn every_task_id(
+    tasks: &mut apb::tasks_client::TasksClient<tonic::transport::Channel>,
+) -> Vec<String> {
+    tasks
+        .list_tasks(apb::ListTasksRequest {
+            include_completed: true,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .tasks
+        .into_iter()
+        .map(|t| t.task_id)
+        .collect()
+}
+
 fn end_req(id: &str) -> apb::EndTaskRequest {
     apb::EndTaskRequest {
         task_id: id.into(),
@@ -795,14 +812,8 @@ async fn malformed_and_unauthorized_admin_calls_are_refused() {
         Code::NotFound
     );
     // Nothing was stored by any of the refused calls.
-    let listed = tasks
-        .list_tasks(apb::ListTasksRequest {
-            include_completed: true,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert!(listed.tasks.is_empty(), "{:?}", listed.tasks);
+    let listed = every_task_id(&mut tasks).await;
+    assert!(listed.is_empty(), "{listed:?}");
     let _ = s.kill();
     let _ = s.wait();
 
@@ -953,15 +964,7 @@ async fn completed_tasks_leave_the_store_after_their_retention() {
         }
     }
     assert!(gone, "the completed task was not pruned");
-    let listed = tasks
-        .list_tasks(apb::ListTasksRequest {
-            include_completed: true,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let ids: Vec<&str> = listed.tasks.iter().map(|t| t.task_id.as_str()).collect();
-    assert_eq!(ids, ["lives"]);
+    assert_eq!(every_task_id(&mut tasks).await, ["lives"]);
     assert_eq!(get_task(&mut tasks, "lives").await.completed_at, 0);
     let (crls, _) = crls_and_bundle(&writ).await;
     assert!(!revoked_serials(&crls).contains(&serial));
