@@ -97,11 +97,13 @@ impl RevocationList {
     }
 
     /// How many revocations are listed.
-    pub fn len(&self) -> usize {
+    #[cfg(test)]
+    fn len(&self) -> usize {
         self.issuers.iter().map(|i| i.entries.len()).sum()
     }
 
-    pub fn is_empty(&self) -> bool {
+    #[cfg(test)]
+    fn is_empty(&self) -> bool {
         self.issuers.is_empty()
     }
 
