@@ -155,36 +155,6 @@ pub(crate) fn random_serial() -> Result<[u8; 16], super::CaError> {
     Ok(serial)
 }
 
-/// A leaf's serial: 16 content bytes, positive with the second bit set as in
-/// `random_serial`, whose first 6 bytes carry the milliseconds since the
-/// epoch of `now` (46 bits: enough until the year 4199) and whose last 10
-/// are random (80 bits, beyond the 64 of CSPRNG output CA/Browser Forum
-/// practice asks for).
-///
-/// Why the time first: the store keys issued serials and revocations by
-/// serial. Random keys land on a random B-tree leaf each, so every task
-/// dirtied pages of its own in the write-ahead log. Keys in issuance order
-/// land at the right edge, where one page takes a whole commit's inserts.
-/// The time is no secret: `notBefore` tells it to the second.
-pub(crate) fn leaf_serial(now: SystemTime) -> Result<[u8; 16], super::CaError> {
-    use ring::rand::SecureRandom;
-    let millis = now
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_err(|_| super::CaError::Internal("the clock is before 1970".into()))?
-        .as_millis();
-    let millis = u64::try_from(millis)
-        .ok()
-        .filter(|m| *m < 1 << 46)
-        .ok_or_else(|| super::CaError::Internal("the clock is past the year 4199".into()))?;
-    let mut serial = [0u8; 16];
-    serial[..8].copy_from_slice(&(millis << 16).to_be_bytes());
-    ring::rand::SystemRandom::new()
-        .fill(&mut serial[6..])
-        .map_err(|_| super::CaError::Rng)?;
-    serial[0] |= 0x40;
-    Ok(serial)
-}
-
 /// A leaf's fresh P-256 key, generated straight with ring: one scalar
 /// multiplication. (rcgen's `KeyPair::generate` re-parses the PKCS#8 it just
 /// made, which costs a second one; minting never signs with the leaf key.)
@@ -381,29 +351,6 @@ mod tests {
         for s in [a, b] {
             assert_eq!(s[0] & 0xc0, 0x40);
         }
-    }
-
-    #[test]
-    fn leaf_serials_are_positive_sixteen_bytes_ordered_by_time_and_random() {
-        let at = |ms: u64| SystemTime::UNIX_EPOCH + Duration::from_millis(ms);
-        let now = 1_795_000_000_123;
-        let a = leaf_serial(at(now)).unwrap();
-        let b = leaf_serial(at(now)).unwrap();
-        let later = leaf_serial(at(now + 1)).unwrap();
-        assert_eq!(a[..6], b[..6]);
-        assert_ne!(a[6..], b[6..]);
-        assert!(a < later && b < later);
-        for s in [a, b, later] {
-            assert_eq!(s[0] & 0xc0, 0x40);
-        }
-        let mut millis = [0u8; 8];
-        millis[2..].copy_from_slice(&a[..6]);
-        assert_eq!(u64::from_be_bytes(millis) & ((1 << 46) - 1), now);
-        // The last representable millisecond still keeps the top bits free;
-        // the next one is refused rather than wrapped.
-        assert_eq!(leaf_serial(at((1 << 46) - 1)).unwrap()[0], 0x7f);
-        assert!(leaf_serial(at(1 << 46)).is_err());
-        assert!(leaf_serial(SystemTime::UNIX_EPOCH - Duration::from_secs(1)).is_err());
     }
 
     #[test]

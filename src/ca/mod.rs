@@ -631,7 +631,7 @@ impl CertificateAuthority {
                 not_after: clock::display(signer.not_after),
             });
         }
-        let serial = authority::leaf_serial(now)?;
+        let serial = authority::random_serial()?;
         let plan = X509SvidPlan {
             serial: serial.to_vec(),
             not_before: clock::from_unix(not_before),
