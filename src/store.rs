@@ -420,7 +420,9 @@ impl Pruned {
 /// - issued serials of certificates expired by `now` (revoking an expired
 ///   certificate changes nothing);
 /// - tasks completed at or before `completed_before`, once none of their
-///   serials is left and no sub-task of theirs is kept.
+///   serials and none of their sub-tasks is left. A sub-task still names
+///   its parent (a foreign key), so parents go in a later call than their
+///   last sub-task: callers repeat while tasks are removed.
 ///
 /// Active tasks are never touched. Rows are taken oldest first (rowid
 /// order is insertion order), so each call's work is bounded by `limit`
@@ -450,8 +452,7 @@ pub fn prune(
              (SELECT t.rowid FROM tasks t
               WHERE t.completed_at IS NOT NULL AND t.completed_at <= ?1
                 AND NOT EXISTS (SELECT 1 FROM issued i WHERE i.task_id = t.task_id)
-                AND NOT EXISTS (SELECT 1 FROM tasks c WHERE c.parent_task_id = t.task_id
-                                AND (c.completed_at IS NULL OR c.completed_at > ?1))
+                AND NOT EXISTS (SELECT 1 FROM tasks c WHERE c.parent_task_id = t.task_id)
               ORDER BY t.rowid LIMIT ?2)",
         )?
         .execute(params![completed_before, limit])?;
@@ -718,16 +719,24 @@ mod tests {
                 add_serial(c, 1, "old-done", 500);
                 add_serial(c, 2, "revoked-unexpired", 2000);
                 add_serial(c, 3, "active", 700);
-                prune(c, 1000, 200, 1000)
+                Ok((prune(c, 1000, 200, 1000)?, prune(c, 1000, 200, 1000)?))
             })
             .unwrap();
+        // child-gone goes first; parent-gone once it has no sub-task left.
         assert_eq!(
             pruned,
-            Pruned {
-                revocations: 2,
-                issued: 2,
-                tasks: 3
-            }
+            (
+                Pruned {
+                    revocations: 2,
+                    issued: 2,
+                    tasks: 2
+                },
+                Pruned {
+                    revocations: 0,
+                    issued: 0,
+                    tasks: 1
+                }
+            )
         );
         store
             .read(|c| {
@@ -743,6 +752,42 @@ mod tests {
                 );
                 assert_eq!(ids(c, "SELECT hex(serial) FROM issued"), ["02"]);
                 assert_eq!(ids(c, "SELECT hex(serial) FROM revocations"), ["02"]);
+                Ok(())
+            })
+            .unwrap();
+    }
+
+    /// A parent is pruned only once no sub-task of it is left in the store:
+    /// one kept for its unexpired serial, or one beyond this call's limit,
+    /// still names it (a foreign key), and deleting the parent under it
+    /// would fail the whole prune, every time it ran.
+    #[test]
+    fn pruning_never_removes_a_parent_before_its_sub_tasks() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("w.db")).unwrap();
+        let passes = store
+            .write_blocking(|c| {
+                add_task(c, "parent", None, Some(100));
+                add_task(c, "child-with-valid-serial", Some("parent"), Some(100));
+                add_serial(c, 1, "child-with-valid-serial", 2000);
+                add_task(c, "parent-2", None, Some(100));
+                add_task(c, "child-2", Some("parent-2"), Some(100));
+                let mut passes = Vec::new();
+                for _ in 0..3 {
+                    passes.push(prune(c, 1000, 200, 1)?.tasks);
+                }
+                Ok(passes)
+            })
+            .unwrap();
+        // child-2 first (its parent waits for it), then parent-2, then
+        // nothing: parent stays under its child with a valid certificate.
+        assert_eq!(passes, [1, 1, 0]);
+        store
+            .read(|c| {
+                assert_eq!(
+                    ids(c, "SELECT task_id FROM tasks ORDER BY task_id"),
+                    ["child-with-valid-serial", "parent"]
+                );
                 Ok(())
             })
             .unwrap();

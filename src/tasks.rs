@@ -1067,9 +1067,12 @@ impl TaskManager {
             total.revocations += pruned.revocations;
             total.issued += pruned.issued;
             total.tasks += pruned.tasks;
+            // Another pass when a batch was full, or when removed sub-tasks
+            // may have freed their parents (each pass goes one level up).
             let more = [pruned.revocations, pruned.issued, pruned.tasks]
                 .iter()
-                .any(|n| *n >= PRUNE_BATCH);
+                .any(|n| *n >= PRUNE_BATCH)
+                || pruned.tasks > 0;
             if !more {
                 break;
             }

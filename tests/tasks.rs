@@ -916,12 +916,14 @@ async fn after_a_crash_dead_tasks_are_revoked_and_live_ones_resume() {
 
 /// The store keeps a completed task for `completed_retention`, and its
 /// serial and revocation until the certificate expires; then a prune (one
-/// runs at every start) removes them. An active task stays, whatever its
-/// age, and the audit trail keeps the pruned task's records.
+/// runs at every start) removes them, a sub-task first and then its parent
+/// in the same prune. An active task stays, whatever its age, and the audit
+/// trail keeps the pruned task's records.
 #[tokio::test]
 async fn completed_tasks_leave_the_store_after_their_retention() {
     let mut writ = Writ::start(&config_with_tasks("completed_retention = \"1s\"", ""));
     let mut done_process = Command::new("sleep").arg("60").spawn().unwrap();
+    let mut sub_process = Command::new("sleep").arg("60").spawn().unwrap();
     let mut live_process = Command::new("sleep").arg("60").spawn().unwrap();
     let serial = {
         let mut tasks = tasks_client(&writ).await;
@@ -930,6 +932,12 @@ async fn completed_tasks_leave_the_store_after_their_retention() {
             ..begin_pid("done", done_process.id())
         };
         tasks.begin_task(short).await.unwrap();
+        let sub = apb::BeginTaskRequest {
+            parent_task_id: "done".into(),
+            ..begin_pid("done-sub", sub_process.id())
+        };
+        tasks.begin_task(sub).await.unwrap();
+        // Ending the parent ends its sub-task too.
         tasks.end_task(end_req("done")).await.unwrap();
         tasks
             .begin_task(begin_pid("lives", live_process.id()))
@@ -975,7 +983,7 @@ async fn completed_tasks_leave_the_store_after_their_retention() {
             .any(|l| l.contains("\"task_ended\"") && l.contains("\"done\"")),
         "the audit trail lost the pruned task's completion"
     );
-    for process in [&mut done_process, &mut live_process] {
+    for process in [&mut done_process, &mut sub_process, &mut live_process] {
         let _ = process.kill();
         let _ = process.wait();
     }
