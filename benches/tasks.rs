@@ -42,6 +42,7 @@ struct Plan {
     fetch_modes: Vec<FetchMode>,
     latency: bool,
     ttl: String,
+    idle_streams: usize,
 }
 
 fn main() -> Result<()> {
@@ -66,6 +67,7 @@ fn main() -> Result<()> {
             fetch_modes,
             latency,
             ttl,
+            idle_streams: args.idle_streams,
         }
     } else {
         Plan {
@@ -76,6 +78,7 @@ fn main() -> Result<()> {
             fetch_modes,
             latency,
             ttl,
+            idle_streams: args.idle_streams,
         }
     };
     if let Some(duration) = args.duration {
@@ -86,6 +89,12 @@ fn main() -> Result<()> {
         "- task ttl: {} (task SVIDs, hence CRL entries, live this long)",
         plan.ttl
     );
+    if plan.idle_streams > 0 {
+        println!(
+            "- idle streams: {} more workers hold a FetchX509SVID stream through each churn level and are never bound to a task",
+            plan.idle_streams
+        );
+    }
     let fsync = common::fsync_probe(&std::env::temp_dir(), 200)?;
     println!(
         "- fdatasync of 4 KiB in the state dir's filesystem: p50 {}, p99 {}, max {}",
@@ -109,7 +118,16 @@ async fn run(plan: Plan) -> Result<()> {
     let mut levels = Vec::new();
     for &mode in &plan.fetch_modes {
         for &loops in &plan.levels {
-            levels.push(churn(mode, loops, plan.level_duration, &plan.ttl).await?);
+            levels.push(
+                churn(
+                    mode,
+                    loops,
+                    plan.idle_streams,
+                    plan.level_duration,
+                    &plan.ttl,
+                )
+                .await?,
+            );
         }
     }
 
@@ -181,6 +199,7 @@ async fn run(plan: Plan) -> Result<()> {
             "bench + workers CPU",
             "machine busy (all cores, incl. other users)",
             "worker messages per task",
+            "idle-stream messages per s",
             "CRL at end",
             "writ VmHWM",
         ],
@@ -651,6 +670,8 @@ struct ChurnLevel {
     stream_errors: usize,
     /// Messages all workers received, warm-up included.
     worker_messages: usize,
+    /// Messages the idle workers received during the level.
+    idle_messages: usize,
     elapsed: Duration,
     crl: (usize, usize),
     writ_cpu: Duration,
@@ -716,18 +737,43 @@ impl ChurnLevel {
                     self.worker_messages as f64 / self.cycles.len() as f64
                 )
             },
+            format!("{:.0}", self.idle_messages as f64 / secs),
             format!("{} entries, {} KiB", self.crl.0, self.crl.1 / 1024),
             common::fmt_mib(self.writ_hwm_kib),
         ]
     }
 }
 
-async fn churn(mode: FetchMode, loops: usize, duration: Duration, ttl: &str) -> Result<ChurnLevel> {
+async fn churn(
+    mode: FetchMode,
+    loops: usize,
+    idle_streams: usize,
+    duration: Duration,
+    ttl: &str,
+) -> Result<ChurnLevel> {
     let mut writ = Writ::start("")?;
     let mut workers = Vec::with_capacity(loops);
     for _ in 0..loops {
         workers.push(Worker::spawn(mode, &writ.socket)?);
     }
+    // Bystanders: their streams see every change the churn makes, and
+    // whatever writ sends them is counted, as is their CPU.
+    let mut idle = Vec::with_capacity(idle_streams);
+    for _ in 0..idle_streams {
+        let mut worker = Worker::spawn(FetchMode::HeldStream, &writ.socket)?;
+        worker
+            .wait_for("the first SVID", |u| !u.ids.is_empty())
+            .await?;
+        idle.push(worker);
+    }
+    let idle_messages_before: usize = idle
+        .iter()
+        .map(|w| w.messages.load(Ordering::Relaxed))
+        .sum();
+    let idle_cpu_before: Duration = idle
+        .iter()
+        .map(|w| common::cpu_time_of(w.pid as u32).unwrap_or_default())
+        .sum();
     let mut prepared = Vec::with_capacity(loops);
     for mut worker in workers {
         // Warm up: the worker's runtime is running and writ has seen it.
@@ -791,6 +837,7 @@ async fn churn(mode: FetchMode, loops: usize, duration: Duration, ttl: &str) -> 
         errors: 0,
         stream_errors: 0,
         worker_messages: 0,
+        idle_messages: 0,
         elapsed: Duration::ZERO,
         crl: (0, 0),
         writ_cpu: Duration::ZERO,
@@ -811,6 +858,14 @@ async fn churn(mode: FetchMode, loops: usize, duration: Duration, ttl: &str) -> 
         last_end = last_end.max(end);
     }
     level.elapsed = last_end - start;
+    for worker in idle {
+        let totals = worker.stop().await;
+        level.idle_messages += totals.messages;
+        level.stream_errors += totals.stream_errors;
+        level.client_cpu += totals.cpu;
+    }
+    level.idle_messages = level.idle_messages.saturating_sub(idle_messages_before);
+    level.client_cpu = level.client_cpu.saturating_sub(idle_cpu_before);
     level.machine_busy = common::busy_percent(machine_before, common::machine_cpu()?);
     level.writ_cpu = writ.cpu_time()?.saturating_sub(writ_cpu_before);
     level.client_cpu += common::cpu_time_of(bench_pid)?.saturating_sub(bench_cpu_before);

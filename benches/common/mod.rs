@@ -34,6 +34,9 @@ pub struct Args {
     pub fetch: Option<String>,
     /// tasks only: skip the one-at-a-time latency run.
     pub skip_latency: bool,
+    /// tasks only: this many more workers hold a FetchX509SVID stream
+    /// through each churn level without ever being bound to a task.
+    pub idle_streams: usize,
     /// Set when this process was re-executed as a helper (`--worker ...`).
     pub worker: Option<Vec<String>>,
 }
@@ -71,6 +74,13 @@ pub fn parse_args() -> Result<Args> {
                 args.fetch = Some(mode);
             }
             "--skip-latency" => args.skip_latency = true,
+            "--idle-streams" => {
+                args.idle_streams = it
+                    .next()
+                    .and_then(|v| v.parse().ok())
+                    .filter(|n: &usize| *n <= 1024)
+                    .context("--idle-streams needs a number from 0 to 1024")?;
+            }
             "--worker" => {
                 args.worker = Some(it.by_ref().collect());
                 break;
@@ -78,7 +88,7 @@ pub fn parse_args() -> Result<Args> {
             other => {
                 bail!(
                     "unknown argument {other:?}; options: --quick, --duration SECS, --levels N,N,.. \
-                 (tasks also: --ttl D, --fetch held|new, --skip-latency)"
+                 (tasks also: --ttl D, --fetch held|new, --skip-latency, --idle-streams N)"
                 )
             }
         }
