@@ -1,7 +1,7 @@
 //! The state every API serves from: attestors, registration entries, active
 //! task bindings, the CA, the current SVID per entitlement, the trust bundle
-//! and CRLs, plus one change signal that wakes every open stream when any of
-//! them moves.
+//! and CRLs, plus the change log that wakes each open stream when one of
+//! them moves in a way that may concern it.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
@@ -1127,7 +1127,8 @@ impl Agent {
     }
 
     /// A receiver that sees a new value whenever anything a stream shows may
-    /// have changed; `changes().since(seen)` says what.
+    /// have changed.
+    #[cfg(test)]
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.changes.subscribe()
     }

@@ -1,12 +1,17 @@
-//! The log of what changed in the agent, so each open stream can tell
-//! whether a change concerns its caller. Without it every change (every task
-//! begun or ended, every CRL) made every stream re-attest its caller and
-//! re-evaluate policy, a cost that grew with streams × changes.
+//! The log of what changed in the agent, and who is woken for it. Each open
+//! stream registers what can concern it (its caller and the identities it
+//! last sent); a change wakes only the streams it can concern, and a stream
+//! then reads from the log exactly what it has not seen. Without the log,
+//! every change (every task begun or ended, every CRL) made every stream
+//! re-attest its caller; without the registrations, every change still woke
+//! every stream to find out, a cost that grew with streams × changes.
 
-use std::collections::VecDeque;
-use std::sync::Mutex;
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
 
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
+
+use crate::peer::Caller;
 
 /// How many changes are kept for streams that have not caught up yet. A
 /// stream further behind than this treats the gap as `Everything`.
@@ -65,51 +70,130 @@ impl Pending {
     }
 }
 
-/// The change log: a generation counter streams wait on, and the most
-/// recent changes by generation.
+/// The change log: a generation counter for whoever wants to hear of every
+/// change, the most recent changes by generation, and the registered
+/// streams.
 pub struct ChangeLog {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
     generation: watch::Sender<u64>,
+    /// Counts `Change::Everything` alone.
+    far_reaching: watch::Sender<u64>,
     recent: Mutex<VecDeque<(u64, Change)>>,
+    streams: Mutex<Registry>,
+}
+
+#[derive(Default)]
+struct Registry {
+    next_id: u64,
+    mailboxes: HashMap<u64, Arc<Mailbox>>,
 }
 
 impl Default for ChangeLog {
     fn default() -> Self {
         Self {
-            generation: watch::channel(0).0,
-            recent: Mutex::new(VecDeque::with_capacity(RETAINED)),
+            shared: Arc::new(Shared {
+                generation: watch::channel(0).0,
+                far_reaching: watch::channel(0).0,
+                recent: Mutex::new(VecDeque::with_capacity(RETAINED)),
+                streams: Mutex::default(),
+            }),
         }
     }
 }
 
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 impl ChangeLog {
-    /// Records a change and wakes every subscriber.
+    /// Records a change, wakes the streams it may concern, and tells every
+    /// `subscribe`r.
     pub fn push(&self, change: Change) {
-        let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
-        let generation = recent.back().map_or(*self.generation.borrow(), |(g, _)| *g) + 1;
+        let shared = &*self.shared;
+        let mut recent = lock(&shared.recent);
+        let generation = recent
+            .back()
+            .map_or(*shared.generation.borrow(), |(g, _)| *g)
+            + 1;
         if recent.len() == RETAINED {
             recent.pop_front();
+        }
+        // Offered under the log's lock: a stream that reads a generation
+        // has been offered every change up to it, so when it finds itself
+        // unconcerned it may skip those changes without reading them
+        // (`Subscription::catch_up`).
+        let ended_keys: Vec<String> = match &change {
+            Change::TasksEnded { ids, .. } => ids
+                .iter()
+                .map(|t| crate::agent::task_cache_key(t))
+                .collect(),
+            _ => Vec::new(),
+        };
+        for mailbox in lock(&shared.streams).mailboxes.values() {
+            mailbox.offer(&change, &ended_keys);
+        }
+        if change == Change::Everything {
+            shared.far_reaching.send_modify(|n| *n += 1);
         }
         recent.push_back((generation, change));
         // Published under the lock, so generations reach subscribers in the
         // order they were logged.
-        self.generation.send_replace(generation);
+        shared.generation.send_replace(generation);
     }
 
+    /// A receiver that sees every new generation, whatever changed.
+    #[cfg(test)]
     pub fn subscribe(&self) -> watch::Receiver<u64> {
-        self.generation.subscribe()
+        self.shared.generation.subscribe()
+    }
+
+    /// A receiver that sees a new value on each `Change::Everything` alone
+    /// (entries, policy, the CA), for what depends on nothing narrower.
+    pub fn subscribe_far_reaching(&self) -> watch::Receiver<u64> {
+        self.shared.far_reaching.subscribe()
+    }
+
+    /// Registers a stream serving `caller`. It is offered every change from
+    /// now on; `current()` read after this is where its reading starts.
+    pub fn register(&self, caller: Arc<Caller>) -> Subscription {
+        let mailbox = Arc::new(Mailbox {
+            caller,
+            state: Mutex::new(MailboxState::default()),
+            wake: Notify::new(),
+        });
+        let mut registry = lock(&self.shared.streams);
+        let id = registry.next_id;
+        registry.next_id += 1;
+        registry.mailboxes.insert(id, mailbox.clone());
+        drop(registry);
+        Subscription {
+            log: self.shared.clone(),
+            id,
+            mailbox,
+        }
     }
 
     /// The generation now.
-    #[cfg(test)]
-    fn current(&self) -> u64 {
-        *self.generation.borrow()
+    pub fn current(&self) -> u64 {
+        let recent = lock(&self.shared.recent);
+        recent
+            .back()
+            .map_or(*self.shared.generation.borrow(), |(g, _)| *g)
     }
 
     /// Everything after generation `seen`, and the generation it reaches.
     /// A gap older than what is retained reads as `Everything`.
-    pub fn since(&self, seen: u64) -> (u64, Pending) {
-        let recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
-        let now = recent.back().map_or(*self.generation.borrow(), |(g, _)| *g);
+    #[cfg(test)]
+    fn since(&self, seen: u64) -> (u64, Pending) {
+        let shared = &*self.shared;
+        Self::since_locked(&lock(&shared.recent), *shared.generation.borrow(), seen)
+    }
+
+    fn since_locked(recent: &VecDeque<(u64, Change)>, published: u64, seen: u64) -> (u64, Pending) {
+        let now = recent.back().map_or(published, |(g, _)| *g);
         let mut pending = Pending::default();
         if now <= seen {
             return (now, pending);
@@ -126,6 +210,137 @@ impl ChangeLog {
             pending.add(change);
         }
         (now, pending)
+    }
+}
+
+/// What the log keeps for one stream.
+struct Mailbox {
+    caller: Arc<Caller>,
+    state: Mutex<MailboxState>,
+    wake: Notify,
+}
+
+#[derive(Default)]
+struct MailboxState {
+    /// Cache keys of the identities the stream last sent.
+    keys: Vec<String>,
+    /// A change that may concern the stream was logged since it last
+    /// caught up.
+    concerned: bool,
+    /// Newer documents were published since the stream's last snapshot.
+    documents: bool,
+}
+
+impl Mailbox {
+    /// Flags a change that may concern the stream and wakes it. Errs
+    /// towards yes: a needless wake costs one look at the log, a missed one
+    /// a stale stream.
+    fn offer(&self, change: &Change, ended_keys: &[String]) {
+        let mut state = lock(&self.state);
+        let concerned = match change {
+            Change::Everything | Change::TaskBegunForCgroup => true,
+            Change::TaskBegunForProcess { pid, start_time } => {
+                may_cover(&self.caller, *pid, *start_time)
+            }
+            Change::TasksEnded { .. } => ended_keys.iter().any(|k| state.keys.contains(k)),
+            Change::Documents => {
+                // Once flagged, later publications need no wake: the stream
+                // is already waiting to send the newest documents.
+                if !state.documents {
+                    state.documents = true;
+                    drop(state);
+                    self.wake.notify_one();
+                }
+                return;
+            }
+        };
+        if concerned {
+            state.concerned = true;
+            drop(state);
+            self.wake.notify_one();
+        }
+    }
+}
+
+/// Whether a task bound to process (`pid`, `start_time`) and its
+/// descendants may cover `caller`: the caller itself, or an ancestor of it
+/// once its lineage is known; before that, any process that started no
+/// later than the caller.
+fn may_cover(caller: &Caller, pid: i32, start_time: u64) -> bool {
+    let own_start = caller.process.start_time();
+    if (caller.pid, own_start) == (pid, start_time) {
+        return true;
+    }
+    // An ancestor cannot have started after its descendant.
+    if start_time > own_start {
+        return false;
+    }
+    caller
+        .lineage
+        .get()
+        .is_none_or(|lineage| lineage.contains(&(pid, start_time)))
+}
+
+/// A stream's registration; dropping it unregisters the stream.
+pub struct Subscription {
+    log: Arc<Shared>,
+    id: u64,
+    mailbox: Arc<Mailbox>,
+}
+
+impl Subscription {
+    /// Says which identities the stream now holds, so that the end of one
+    /// of their tasks wakes it. Call it before catching up with
+    /// `read_log_anyway`: a task that ended before this call is found in
+    /// the log, one that ends after it wakes the stream.
+    pub fn hold(&self, keys: &[String]) {
+        let mut state = lock(&self.mailbox.state);
+        if state.keys != keys {
+            state.keys = keys.to_vec();
+        }
+    }
+
+    /// Resolves once a change that may concern the stream has been logged,
+    /// or newer documents were published, since the stream last caught up
+    /// (at once if that already happened).
+    pub async fn woken(&self) {
+        self.mailbox.wake.notified().await;
+    }
+
+    /// What the stream has not seen after generation `seen`, and the
+    /// generation it reaches. The log is read only if a change concerned
+    /// the stream, or if `read_log_anyway` (what the stream holds changed
+    /// since it last caught up); otherwise nothing since `seen` concerns
+    /// it, and only newer documents are reported.
+    pub fn catch_up(&self, seen: u64, read_log_anyway: bool) -> (u64, Pending) {
+        let recent = lock(&self.log.recent);
+        let mut state = lock(&self.mailbox.state);
+        let concerned = std::mem::take(&mut state.concerned);
+        let documents = state.documents;
+        drop(state);
+        let published = *self.log.generation.borrow();
+        let (now, mut pending) = if concerned || read_log_anyway {
+            ChangeLog::since_locked(&recent, published, seen)
+        } else {
+            (
+                recent.back().map_or(published, |(g, _)| *g),
+                Pending::default(),
+            )
+        };
+        pending.documents |= documents;
+        (now, pending)
+    }
+
+    /// A snapshot is about to be taken: it carries every document published
+    /// until now, and a later publication wakes the stream again.
+    pub fn documents_taken(&self) {
+        lock(&self.mailbox.state).documents = false;
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        lock(&self.log.streams).mailboxes.remove(&self.id);
     }
 }
 
@@ -207,5 +422,177 @@ mod tests {
         log.push(Change::Everything);
         rx.changed().await.unwrap();
         assert_eq!(*rx.borrow(), 1);
+    }
+
+    #[test]
+    fn only_far_reaching_changes_reach_far_reaching_subscribers() {
+        let log = ChangeLog::default();
+        let mut rx = log.subscribe_far_reaching();
+        rx.borrow_and_update();
+        log.push(Change::Documents);
+        log.push(Change::TaskBegunForCgroup);
+        log.push(Change::TasksEnded {
+            ids: vec!["t".into()],
+            crl_epoch: None,
+        });
+        assert!(!rx.has_changed().unwrap());
+        log.push(Change::Everything);
+        assert!(rx.has_changed().unwrap());
+    }
+
+    /// This test process as a stream's caller.
+    fn this_process() -> Arc<Caller> {
+        let process = writ_attestors::PinnedProcess::open(std::process::id() as i32).unwrap();
+        Arc::new(Caller::new(process.pid(), 0, 0, Arc::new(process)))
+    }
+
+    /// Whether the stream has a wake-up waiting, without waiting for one.
+    fn was_woken(subscription: &Subscription) -> bool {
+        use futures::FutureExt as _;
+        subscription.woken().now_or_never().is_some()
+    }
+
+    #[test]
+    fn a_task_ending_wakes_only_the_streams_that_held_it() {
+        let log = ChangeLog::default();
+        let holder = log.register(this_process());
+        let bystander = log.register(this_process());
+        holder.hold(&["entry:a".into(), crate::agent::task_cache_key("t1")]);
+        bystander.hold(&["entry:a".into()]);
+        let seen = log.current();
+
+        log.push(Change::TasksEnded {
+            ids: vec!["t1".into()],
+            crl_epoch: Some(4),
+        });
+        assert!(was_woken(&holder));
+        assert!(!was_woken(&bystander));
+        let (now, pending) = holder.catch_up(seen, false);
+        assert_eq!(now, seen + 1);
+        assert_eq!(pending.tasks_ended, vec!["t1".to_owned()]);
+        assert_eq!(pending.crl_for_ended, Some(4));
+        let (now, pending) = bystander.catch_up(seen, false);
+        assert_eq!(now, seen + 1, "the bystander moves past it unread");
+        assert_eq!(pending, Pending::default());
+    }
+
+    #[test]
+    fn a_task_bound_to_a_process_wakes_the_streams_it_may_cover() {
+        let log = ChangeLog::default();
+        let caller = this_process();
+        let (pid, start) = (caller.pid, caller.process.start_time());
+        let stream = log.register(caller.clone());
+        // A process that started after the caller cannot be its ancestor.
+        log.push(Change::TaskBegunForProcess {
+            pid: 1,
+            start_time: start + 1,
+        });
+        assert!(!was_woken(&stream));
+        // The caller itself.
+        log.push(Change::TaskBegunForProcess {
+            pid,
+            start_time: start,
+        });
+        assert!(was_woken(&stream));
+        // An older process, while the caller's ancestors are unknown: maybe.
+        log.push(Change::TaskBegunForProcess {
+            pid: 1,
+            start_time: 0,
+        });
+        assert!(was_woken(&stream));
+        // Once they are known, only an ancestor.
+        caller.lineage.set(vec![(1, 0)]).unwrap();
+        log.push(Change::TaskBegunForProcess {
+            pid: 2,
+            start_time: 0,
+        });
+        assert!(!was_woken(&stream));
+        log.push(Change::TaskBegunForProcess {
+            pid: 1,
+            start_time: 0,
+        });
+        assert!(was_woken(&stream));
+    }
+
+    #[test]
+    fn far_reaching_changes_wake_every_stream() {
+        let log = ChangeLog::default();
+        let streams = [log.register(this_process()), log.register(this_process())];
+        for change in [Change::Everything, Change::TaskBegunForCgroup] {
+            log.push(change);
+            for stream in &streams {
+                assert!(was_woken(stream));
+                assert!(!was_woken(stream), "one wake-up per change");
+            }
+        }
+        let (_, pending) = streams[0].catch_up(0, false);
+        assert!(pending.everything && pending.cgroup_task_begun);
+    }
+
+    #[test]
+    fn newer_documents_wake_a_stream_once_until_its_next_snapshot() {
+        let log = ChangeLog::default();
+        let stream = log.register(this_process());
+        log.push(Change::Documents);
+        assert!(was_woken(&stream));
+        // Already waiting to send the newest documents: no more wake-ups.
+        log.push(Change::Documents);
+        log.push(Change::Documents);
+        assert!(!was_woken(&stream));
+        let (_, pending) = stream.catch_up(0, false);
+        assert!(pending.documents);
+        let (_, pending) = stream.catch_up(0, false);
+        assert!(pending.documents, "still due until a snapshot carries them");
+        stream.documents_taken();
+        let (_, pending) = stream.catch_up(0, false);
+        assert!(!pending.documents);
+        log.push(Change::Documents);
+        assert!(was_woken(&stream));
+    }
+
+    #[test]
+    fn a_task_that_ended_before_the_stream_held_it_is_read_from_the_log() {
+        let log = ChangeLog::default();
+        let stream = log.register(this_process());
+        let seen = log.current();
+        // The stream resolved t1, then t1 ended before the stream said it
+        // holds it: no wake-up, but the log has it.
+        log.push(Change::TasksEnded {
+            ids: vec!["t1".into()],
+            crl_epoch: None,
+        });
+        assert!(!was_woken(&stream));
+        stream.hold(&[crate::agent::task_cache_key("t1")]);
+        let (_, pending) = stream.catch_up(seen, true);
+        assert_eq!(pending.tasks_ended, vec!["t1".to_owned()]);
+    }
+
+    #[test]
+    fn an_unconcerned_stream_never_falls_behind_the_retained_window() {
+        let log = ChangeLog::default();
+        let stream = log.register(this_process());
+        stream.hold(&["entry:a".into()]);
+        let mut seen = log.current();
+        for round in 0..3 {
+            for i in 0..RETAINED {
+                log.push(Change::TasksEnded {
+                    ids: vec![format!("other-{round}-{i}")],
+                    crl_epoch: None,
+                });
+            }
+            let (now, pending) = stream.catch_up(seen, false);
+            assert_eq!(pending, Pending::default(), "nothing read, no gap");
+            seen = now;
+        }
+        assert_eq!(seen, log.current());
+    }
+
+    #[test]
+    fn a_dropped_subscription_is_offered_nothing_more() {
+        let log = ChangeLog::default();
+        let stream = log.register(this_process());
+        drop(stream);
+        assert!(lock(&log.shared.streams).mailboxes.is_empty());
+        log.push(Change::Everything);
     }
 }

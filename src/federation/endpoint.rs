@@ -290,8 +290,9 @@ async fn mint_identity(
 }
 
 /// Keeps the presented SVID current: re-mints at its rotation point, and
-/// re-checks whenever the agent signals a change (a CA rotation empties the
-/// SVID cache, so the next check mints under the new signer).
+/// re-checks on each far-reaching change (a CA rotation empties the SVID
+/// cache, so the next check mints under the new signer). Tasks and CRLs
+/// cannot change it, and re-checking for each of them cost a key parse.
 async fn keep_identity_fresh(
     agent: Arc<Agent>,
     cert: Arc<CurrentCert>,
@@ -299,7 +300,7 @@ async fn keep_identity_fresh(
     ttl: Duration,
     mut stop: watch::Receiver<bool>,
 ) {
-    let mut changes = agent.subscribe();
+    let mut changes = agent.changes().subscribe_far_reaching();
     loop {
         changes.borrow_and_update();
         let wait = match mint_identity(&agent, &spiffe_id, ttl).await {
