@@ -112,6 +112,13 @@ impl ChangeLog {
     /// Records a change, wakes the streams it may concern, and tells every
     /// `subscribe`r.
     pub fn push(&self, change: Change) {
+        let ended_keys: Vec<String> = match &change {
+            Change::TasksEnded { ids, .. } => ids
+                .iter()
+                .map(|t| crate::agent::task_cache_key(t))
+                .collect(),
+            _ => Vec::new(),
+        };
         let shared = &*self.shared;
         let mut recent = lock(&shared.recent);
         let generation = recent
@@ -125,13 +132,6 @@ impl ChangeLog {
         // has been offered every change up to it, so when it finds itself
         // unconcerned it may skip those changes without reading them
         // (`Subscription::catch_up`).
-        let ended_keys: Vec<String> = match &change {
-            Change::TasksEnded { ids, .. } => ids
-                .iter()
-                .map(|t| crate::agent::task_cache_key(t))
-                .collect(),
-            _ => Vec::new(),
-        };
         for mailbox in lock(&shared.streams).mailboxes.values() {
             mailbox.offer(&change, &ended_keys);
         }
