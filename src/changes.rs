@@ -108,6 +108,12 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// The newest generation: the last one logged, or the one published before
+/// anything was (`published`, read under the same lock).
+fn newest(recent: &VecDeque<(u64, Change)>, published: u64) -> u64 {
+    recent.back().map_or(published, |(g, _)| *g)
+}
+
 impl ChangeLog {
     /// Records a change, wakes the streams it may concern, and tells every
     /// `subscribe`r.
@@ -121,10 +127,7 @@ impl ChangeLog {
         };
         let shared = &*self.shared;
         let mut recent = lock(&shared.recent);
-        let generation = recent
-            .back()
-            .map_or(*shared.generation.borrow(), |(g, _)| *g)
-            + 1;
+        let generation = newest(&recent, *shared.generation.borrow()) + 1;
         if recent.len() == RETAINED {
             recent.pop_front();
         }
@@ -157,7 +160,7 @@ impl ChangeLog {
     }
 
     /// Registers a stream serving `caller`. It is offered every change from
-    /// now on; `current()` read after this is where its reading starts.
+    /// now on, and reads the log from the generation it was registered at.
     pub fn register(&self, caller: Arc<Caller>) -> Subscription {
         let mailbox = Arc::new(Mailbox {
             caller,
@@ -173,15 +176,13 @@ impl ChangeLog {
             log: self.shared.clone(),
             id,
             mailbox,
+            seen: self.current(),
         }
     }
 
     /// The generation now.
     pub fn current(&self) -> u64 {
-        let recent = lock(&self.shared.recent);
-        recent
-            .back()
-            .map_or(*self.shared.generation.borrow(), |(g, _)| *g)
+        newest(&lock(&self.shared.recent), *self.shared.generation.borrow())
     }
 
     /// Everything after generation `seen`, and the generation it reaches.
@@ -193,7 +194,7 @@ impl ChangeLog {
     }
 
     fn since_locked(recent: &VecDeque<(u64, Change)>, published: u64, seen: u64) -> (u64, Pending) {
-        let now = recent.back().map_or(published, |(g, _)| *g);
+        let now = newest(recent, published);
         let mut pending = Pending::default();
         if now <= seen {
             return (now, pending);
@@ -239,9 +240,12 @@ impl Mailbox {
         let mut state = lock(&self.state);
         let concerned = match change {
             Change::Everything | Change::TaskBegunForCgroup => true,
-            Change::TaskBegunForProcess { pid, start_time } => {
-                may_cover(&self.caller, *pid, *start_time)
-            }
+            // Before the caller's lineage is read, any older process may
+            // be an ancestor.
+            Change::TaskBegunForProcess { pid, start_time } => self
+                .caller
+                .may_descend_from(*pid, *start_time)
+                .unwrap_or(true),
             Change::TasksEnded { .. } => ended_keys.iter().any(|k| state.keys.contains(k)),
             Change::Documents => {
                 // Once flagged, later publications need no wake: the stream
@@ -262,30 +266,13 @@ impl Mailbox {
     }
 }
 
-/// Whether a task bound to process (`pid`, `start_time`) and its
-/// descendants may cover `caller`: the caller itself, or an ancestor of it
-/// once its lineage is known; before that, any process that started no
-/// later than the caller.
-fn may_cover(caller: &Caller, pid: i32, start_time: u64) -> bool {
-    let own_start = caller.process.start_time();
-    if (caller.pid, own_start) == (pid, start_time) {
-        return true;
-    }
-    // An ancestor cannot have started after its descendant.
-    if start_time > own_start {
-        return false;
-    }
-    caller
-        .lineage
-        .get()
-        .is_none_or(|lineage| lineage.contains(&(pid, start_time)))
-}
-
 /// A stream's registration; dropping it unregisters the stream.
 pub struct Subscription {
     log: Arc<Shared>,
     id: u64,
     mailbox: Arc<Mailbox>,
+    /// The generation the stream has seen everything up to.
+    seen: u64,
 }
 
 impl Subscription {
@@ -307,12 +294,12 @@ impl Subscription {
         self.mailbox.wake.notified().await;
     }
 
-    /// What the stream has not seen after generation `seen`, and the
-    /// generation it reaches. The log is read only if a change concerned
-    /// the stream, or if `read_log_anyway` (what the stream holds changed
-    /// since it last caught up); otherwise nothing since `seen` concerns
-    /// it, and only newer documents are reported.
-    pub fn catch_up(&self, seen: u64, read_log_anyway: bool) -> (u64, Pending) {
+    /// What the stream has not seen yet; it has seen everything after this.
+    /// The log is read only if a change concerned the stream, or if
+    /// `read_log_anyway` (what the stream holds changed since it last
+    /// caught up); otherwise nothing it has not seen concerns it, and only
+    /// newer documents are reported.
+    pub fn catch_up(&mut self, read_log_anyway: bool) -> Pending {
         let recent = lock(&self.log.recent);
         let mut state = lock(&self.mailbox.state);
         let concerned = std::mem::take(&mut state.concerned);
@@ -320,15 +307,13 @@ impl Subscription {
         drop(state);
         let published = *self.log.generation.borrow();
         let (now, mut pending) = if concerned || read_log_anyway {
-            ChangeLog::since_locked(&recent, published, seen)
+            ChangeLog::since_locked(&recent, published, self.seen)
         } else {
-            (
-                recent.back().map_or(published, |(g, _)| *g),
-                Pending::default(),
-            )
+            (newest(&recent, published), Pending::default())
         };
+        self.seen = now;
         pending.documents |= documents;
-        (now, pending)
+        pending
     }
 
     /// A snapshot is about to be taken: it carries every document published
@@ -455,11 +440,10 @@ mod tests {
     #[test]
     fn a_task_ending_wakes_only_the_streams_that_held_it() {
         let log = ChangeLog::default();
-        let holder = log.register(this_process());
-        let bystander = log.register(this_process());
+        let mut holder = log.register(this_process());
+        let mut bystander = log.register(this_process());
         holder.hold(&["entry:a".into(), crate::agent::task_cache_key("t1")]);
         bystander.hold(&["entry:a".into()]);
-        let seen = log.current();
 
         log.push(Change::TasksEnded {
             ids: vec!["t1".into()],
@@ -467,12 +451,16 @@ mod tests {
         });
         assert!(was_woken(&holder));
         assert!(!was_woken(&bystander));
-        let (now, pending) = holder.catch_up(seen, false);
-        assert_eq!(now, seen + 1);
+        let pending = holder.catch_up(false);
+        assert_eq!(holder.seen, log.current());
         assert_eq!(pending.tasks_ended, vec!["t1".to_owned()]);
         assert_eq!(pending.crl_for_ended, Some(4));
-        let (now, pending) = bystander.catch_up(seen, false);
-        assert_eq!(now, seen + 1, "the bystander moves past it unread");
+        let pending = bystander.catch_up(false);
+        assert_eq!(
+            bystander.seen,
+            log.current(),
+            "the bystander moves past it unread"
+        );
         assert_eq!(pending, Pending::default());
     }
 
@@ -517,7 +505,7 @@ mod tests {
     #[test]
     fn far_reaching_changes_wake_every_stream() {
         let log = ChangeLog::default();
-        let streams = [log.register(this_process()), log.register(this_process())];
+        let mut streams = [log.register(this_process()), log.register(this_process())];
         for change in [Change::Everything, Change::TaskBegunForCgroup] {
             log.push(change);
             for stream in &streams {
@@ -525,27 +513,27 @@ mod tests {
                 assert!(!was_woken(stream), "one wake-up per change");
             }
         }
-        let (_, pending) = streams[0].catch_up(0, false);
+        let pending = streams[0].catch_up(false);
         assert!(pending.everything && pending.cgroup_task_begun);
     }
 
     #[test]
     fn newer_documents_wake_a_stream_once_until_its_next_snapshot() {
         let log = ChangeLog::default();
-        let stream = log.register(this_process());
+        let mut stream = log.register(this_process());
         log.push(Change::Documents);
         assert!(was_woken(&stream));
         // Already waiting to send the newest documents: no more wake-ups.
         log.push(Change::Documents);
         log.push(Change::Documents);
         assert!(!was_woken(&stream));
-        let (_, pending) = stream.catch_up(0, false);
-        assert!(pending.documents);
-        let (_, pending) = stream.catch_up(0, false);
-        assert!(pending.documents, "still due until a snapshot carries them");
+        assert!(stream.catch_up(false).documents);
+        assert!(
+            stream.catch_up(false).documents,
+            "still due until a snapshot carries them"
+        );
         stream.documents_taken();
-        let (_, pending) = stream.catch_up(0, false);
-        assert!(!pending.documents);
+        assert!(!stream.catch_up(false).documents);
         log.push(Change::Documents);
         assert!(was_woken(&stream));
     }
@@ -553,8 +541,7 @@ mod tests {
     #[test]
     fn a_task_that_ended_before_the_stream_held_it_is_read_from_the_log() {
         let log = ChangeLog::default();
-        let stream = log.register(this_process());
-        let seen = log.current();
+        let mut stream = log.register(this_process());
         // The stream resolved t1, then t1 ended before the stream said it
         // holds it: no wake-up, but the log has it.
         log.push(Change::TasksEnded {
@@ -563,16 +550,15 @@ mod tests {
         });
         assert!(!was_woken(&stream));
         stream.hold(&[crate::agent::task_cache_key("t1")]);
-        let (_, pending) = stream.catch_up(seen, true);
+        let pending = stream.catch_up(true);
         assert_eq!(pending.tasks_ended, vec!["t1".to_owned()]);
     }
 
     #[test]
     fn an_unconcerned_stream_never_falls_behind_the_retained_window() {
         let log = ChangeLog::default();
-        let stream = log.register(this_process());
+        let mut stream = log.register(this_process());
         stream.hold(&["entry:a".into()]);
-        let mut seen = log.current();
         for round in 0..3 {
             for i in 0..RETAINED {
                 log.push(Change::TasksEnded {
@@ -580,11 +566,10 @@ mod tests {
                     crl_epoch: None,
                 });
             }
-            let (now, pending) = stream.catch_up(seen, false);
+            let pending = stream.catch_up(false);
             assert_eq!(pending, Pending::default(), "nothing read, no gap");
-            seen = now;
+            assert_eq!(stream.seen, log.current());
         }
-        assert_eq!(seen, log.current());
     }
 
     #[test]

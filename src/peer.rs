@@ -59,6 +59,23 @@ impl Caller {
         }
     }
 
+    /// Whether a task bound to process (`pid`, `start_time`) and its
+    /// descendants covers this caller: the caller itself or an ancestor.
+    /// `None` while the caller's lineage has not been read (`lineage`).
+    pub fn may_descend_from(&self, pid: i32, start_time: u64) -> Option<bool> {
+        let own_start = self.process.start_time();
+        if (self.pid, own_start) == (pid, start_time) {
+            return Some(true);
+        }
+        // An ancestor cannot have started after its descendant.
+        if start_time > own_start {
+            return Some(false);
+        }
+        self.lineage
+            .get()
+            .map(|lineage| lineage.contains(&(pid, start_time)))
+    }
+
     /// Whether the caller is alive and provably still runs the executable
     /// it was attested with (`attested_exe`). An exec changes what the
     /// caller is (a setuid binary even its uid), so it calls for a fresh

@@ -49,7 +49,6 @@ impl WorkloadApi {
         snapshot: SnapshotFn<T>,
     ) -> Result<Response<StreamOf<T>>, Status> {
         let subscription = self.agent.changes().register(caller.clone());
-        let seen = self.agent.changes().current();
         let first = snapshot(
             self.agent.clone(),
             caller.clone(),
@@ -61,7 +60,7 @@ impl WorkloadApi {
             self.agent.clone(),
             caller,
             self.reattest_interval,
-            (subscription, seen),
+            subscription,
             first,
             snapshot,
         )))
@@ -297,8 +296,9 @@ const CRL_WAIT_LIMIT: Duration = Duration::from_millis(250);
 /// How many bytes per second resending newer documents may take, summed
 /// over every open stream. Each resend costs writ an encoding and a socket
 /// write of the whole CRL and its client a read and a decode: at 256 MiB/s,
-/// 224 streams that held no task took a third of writ's CPU in the
-/// task-churn bench (`--idle-streams 224`). With a few streams or a small
+/// resends to 224 streams that held no task took over a quarter of writ's
+/// CPU in the task-churn bench (`--idle-streams 224`, docs/benchmarks.md).
+/// With a few streams or a small
 /// CRL the hold stays a fraction of a millisecond, so one task at a time is
 /// never held; `DOCUMENTS_HOLD_LIMIT` bounds how stale any stream's CRL gets.
 const DOCUMENTS_RESEND_BUDGET: u64 = 64 << 20;
@@ -416,26 +416,21 @@ impl Resolved {
     /// Whether a task bound to process (`pid`, `start_time`) may cover this
     /// caller. Errs towards yes: a yes only costs a fresh resolution.
     fn may_be_inside(&self, caller: &Caller, pid: i32, start_time: u64) -> bool {
-        let me = &self.entitled.attestation.snapshot;
-        if (me.pid, me.start_time) == (pid, start_time) {
-            return true;
-        }
-        // An ancestor cannot have started after its descendant.
-        if start_time > me.start_time {
-            return false;
+        if let Some(known) = caller.may_descend_from(pid, start_time) {
+            return known;
         }
         // Kept for the connection's life, not this resolution's: every task
         // begun or ended re-resolves the streams it concerns, and re-reading
         // the whole lineage each time cost more than the attestation.
-        let lineage = match caller.lineage.get() {
-            Some(lineage) => lineage,
-            None => match writ_attestors::ancestors(me.pid, me.ppid, me.start_time, 0) {
-                Ok(read) => caller.lineage.get_or_init(|| read),
-                // Not kept: the next change asks again.
-                Err(_) => return true,
-            },
-        };
-        lineage.contains(&(pid, start_time))
+        let me = &self.entitled.attestation.snapshot;
+        match writ_attestors::ancestors(me.pid, me.ppid, me.start_time, 0) {
+            Ok(read) => caller
+                .lineage
+                .get_or_init(|| read)
+                .contains(&(pid, start_time)),
+            // Not kept: the next change asks again.
+            Err(_) => true,
+        }
     }
 
     /// This resolution without the identities of tasks that have ended.
@@ -725,7 +720,7 @@ fn spawn_stream<T>(
     agent: Arc<Agent>,
     caller: Arc<Caller>,
     reattest: Duration,
-    (subscription, mut seen): (crate::changes::Subscription, u64),
+    mut subscription: crate::changes::Subscription,
     first: Snapshot<T>,
     snapshot: SnapshotFn<T>,
 ) -> StreamOf<T>
@@ -815,9 +810,7 @@ where
                         _ = stopping.wait_for(|s| *s) => return,
                     }
                 }
-                let (now_generation, unseen) =
-                    subscription.catch_up(seen, std::mem::take(&mut read_log_anyway));
-                seen = now_generation;
+                let unseen = subscription.catch_up(std::mem::take(&mut read_log_anyway));
                 let now = Instant::now();
                 if now >= reattest_due || !resolved.still_current(&caller, &unseen, &keys) {
                     if now < reattest_due && resolved.attestation_holds(&caller, &unseen) {
@@ -872,7 +865,7 @@ where
                 // The snapshot below shows everything logged until now (the
                 // CRL among it); a change meanwhile that concerns the caller
                 // means it is resolved again rather than reused.
-                let (now_generation, meanwhile) = subscription.catch_up(seen, false);
+                let meanwhile = subscription.catch_up(false);
                 reuse = match reuse {
                     Reuse::Resolution(r) if !r.still_current(&caller, &meanwhile, &keys) => {
                         if r.attestation_holds(&caller, &meanwhile) {
@@ -886,7 +879,6 @@ where
                     }
                     kept => kept,
                 };
-                seen = now_generation;
             }
         }
     });
