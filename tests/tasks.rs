@@ -29,6 +29,13 @@ fn config(extra: &str) -> String {
 /// `config`, with more keys in its `[tasks]` table.
 fn config_with_tasks(tasks_extra: &str, extra: &str) -> String {
     let uid = nix::unistd::geteuid().as_raw();
+    config_for_orchestrator(&format!(r#""unix:uid:{uid}""#), tasks_extra, extra)
+}
+
+/// `config_with_tasks`, with the orchestrator's entry matching `selectors`
+/// (a TOML array's items).
+fn config_for_orchestrator(selectors: &str, tasks_extra: &str, extra: &str) -> String {
+    let uid = nix::unistd::geteuid().as_raw();
     format!(
         r#"
 [admin_api]
@@ -43,7 +50,7 @@ max_depth = 3
 
 [[entry]]
 spiffe_id = "{ORCH_ID}"
-selectors = ["unix:uid:{uid}"]
+selectors = [{selectors}]
 {extra}
 "#
     )
@@ -137,10 +144,16 @@ struct BoundChild {
 
 impl BoundChild {
     fn spawn(writ: &Writ, name: &str) -> BoundChild {
+        Self::spawn_with(writ, name, helper_command("task-child"))
+    }
+
+    /// `spawn`, with the helper started by `command` (another executable,
+    /// say, so that it matches other entries).
+    fn spawn_with(writ: &Writ, name: &str, mut command: Command) -> BoundChild {
         let go = writ.dir.path().join(format!("{name}.go"));
         let out = writ.dir.path().join(format!("{name}.out"));
         std::fs::create_dir_all(&out).unwrap();
-        let mut child = helper_command("task-child")
+        let mut child = command
             .env("WRIT_SOCKET", &writ.socket)
             .env("WRIT_GO_FILE", &go)
             .env("WRIT_OUT_DIR", &out)
@@ -409,6 +422,64 @@ async fn a_bound_child_gets_the_task_identity_and_loses_it_when_the_task_ends() 
     );
     let refused = tool_server_accepts(&chain, &key, &bundle, crls).await;
     assert!(refused.is_err(), "revoked task SVID was accepted");
+}
+
+/// A process that matches no entry is served its task's identity alone, so
+/// once the task ends it holds nothing valid: its stream is refused (no
+/// identity left) and the only certificate it ever held is on the CRL. This
+/// is what the README offers to whoever needs that guarantee, since the
+/// identities held beside a task are re-keyed but not revoked.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_process_matching_no_entry_holds_nothing_valid_after_its_task() {
+    let uid = nix::unistd::geteuid().as_raw();
+    let test_exe = std::env::current_exe().unwrap();
+    let writ = Writ::start(&config_for_orchestrator(
+        &format!(r#""unix:uid:{uid}", "unix:path:{}""#, test_exe.display()),
+        "",
+        "",
+    ));
+    // The same helper from another path: same uid, not the orchestrator's
+    // executable, so no entry matches it.
+    let other_exe = writ.dir.path().join("task-child-exe");
+    std::fs::copy(&test_exe, &other_exe).unwrap();
+    let helper = helper_command("task-child");
+    let mut command = Command::new(&other_exe);
+    command.args(helper.get_args()).envs(
+        helper
+            .get_envs()
+            .filter_map(|(k, v)| v.map(|v| (k.to_owned(), v.to_owned()))),
+    );
+    let child = BoundChild::spawn_with(&writ, "worker", command);
+
+    let mut tasks = tasks_client(&writ).await;
+    tasks
+        .begin_task(begin_pid("t-alone", child.pid()))
+        .await
+        .unwrap();
+    child.go();
+    let task_id = format!("{ORCH_ID}/task/t-alone");
+    let (ids, serials) = child.next_update(Duration::from_secs(10));
+    assert_eq!(ids, vec![task_id], "the task's identity and nothing else");
+    let task_serial = serials[0].clone();
+
+    tasks.end_task(end_req("t-alone")).await.unwrap();
+    let refused = common::wait_for(Duration::from_secs(10), "the stream to end", || {
+        child.stream_errors().into_iter().next()
+    });
+    assert!(refused.starts_with("PermissionDenied"), "{refused}");
+    let (crls, _) = crls_and_bundle(&writ).await;
+    assert!(
+        revoked_serials(&crls).contains(&task_serial),
+        "the task's serial is not in the CRL"
+    );
+    // Nor does asking again bring anything.
+    assert!(
+        child
+            .lines
+            .recv_timeout(Duration::from_millis(500))
+            .is_err(),
+        "an identity was served after the task ended"
+    );
 }
 
 /// A task that runs out its TTL ends quietly for the process bound to it:
