@@ -125,6 +125,8 @@ pub struct Crls {
     /// Shared by every message that carries them, never copied per stream.
     pub ders: Vec<bytes::Bytes>,
     pub generation: u64,
+    /// Revocations they list.
+    pub entries: usize,
 }
 
 /// Active tasks, indexed the two ways a caller can fall inside a binding.
@@ -1088,19 +1090,24 @@ impl Agent {
     pub async fn refresh_crls(&self) -> Result<(), AgentError> {
         let crl_number = self.next_crl_number().await?;
         let now = SystemTime::now();
-        let ders = {
+        let (ders, entries) = {
             let ca = read_lock(&self.ca);
-            let prepared = {
+            let (prepared, entries) = {
                 let mut state = lock(&self.revocations);
                 state.list.remove_expired(unix_secs(now));
-                ca.prepare_crls(&state.list, crl_number, CRL_VALIDITY, now)?
+                let prepared = ca.prepare_crls(&state.list, crl_number, CRL_VALIDITY, now)?;
+                (prepared, state.list.len())
             };
-            ca.finish_crls(prepared)?
+            (ca.finish_crls(prepared)?, entries)
         };
         {
             let mut crls = write_lock(&self.crls);
             let generation = crls.generation + 1;
-            *crls = Arc::new(Crls { ders, generation });
+            *crls = Arc::new(Crls {
+                ders,
+                generation,
+                entries,
+            });
         }
         self.notify(Change::Documents);
         Ok(())

@@ -596,6 +596,12 @@ fn refresh_gauges(services: &Services) -> Refresh {
             .earliest_svid_expiry()
             .map_or(f64::NAN, |expiry| seconds_until(expiry, now));
         metrics.svid_expiry_seconds.set(svid_expiry);
+        let crls = agent.crls();
+        let gauge = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
+        metrics.crl_entries.set(gauge(crls.entries));
+        metrics
+            .crl_bytes
+            .set(gauge(crls.ders.iter().map(bytes::Bytes::len).sum()));
         for info in federation.list() {
             if let Some(success) = info.fetch.and_then(|f| f.last_success) {
                 metrics

@@ -1235,14 +1235,48 @@ async fn a_task_that_federates_receives_that_trust_domains_bundle() {
 
 /// The attestation count writ's /metrics reports.
 fn attestations(addr: &str) -> u64 {
+    metric(addr, "writ_attestation_seconds_count")
+}
+
+/// The value of the sample `name` (with its labels, if any) on /metrics.
+fn metric(addr: &str, name: &str) -> u64 {
     let (_, page) = common::http_get(addr, "/metrics");
     page.lines()
-        .find_map(|l| {
-            l.strip_prefix("writ_attestation_seconds_count ")?
-                .parse()
-                .ok()
-        })
-        .expect("attestation histogram on /metrics")
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("no {name} on /metrics:\n{page}"))
+}
+
+/// The CRL gauges say what every Workload API message carries: as many
+/// entries as the served CRL lists, as many bytes as it has.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_crl_gauges_match_the_served_crl() {
+    let writ = Writ::start(&config("\n[telemetry]\nlisten = \"127.0.0.1:0\"\n"));
+    let addr = metrics_addr(&writ);
+    let served = |crls: &[bytes::Bytes]| crls.iter().map(|c| c.len() as u64).sum::<u64>();
+    let (crls, _) = crls_and_bundle(&writ).await;
+    assert_eq!(metric(&addr, "writ_crl_entries"), 0);
+    assert_eq!(metric(&addr, "writ_crl_bytes"), served(&crls));
+
+    let mut tasks = tasks_client(&writ).await;
+    let mut revoked = 0;
+    for id in ["crl-1", "crl-2"] {
+        let mut child = Command::new("sleep").arg("60").spawn().unwrap();
+        tasks.begin_task(begin_pid(id, child.id())).await.unwrap();
+        let ended = tasks.end_task(end_req(id)).await.unwrap().into_inner();
+        revoked += ended.issued_serials.len();
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    let (crls, _) = crls_and_bundle(&writ).await;
+    let listed = revoked_serials(&crls).len();
+    assert!(
+        revoked >= 2,
+        "each task's first SVID is minted as it begins"
+    );
+    assert_eq!(listed, revoked);
+    assert_eq!(metric(&addr, "writ_crl_entries") as usize, listed);
+    assert_eq!(metric(&addr, "writ_crl_bytes"), served(&crls));
+    assert!(served(&crls) > 0);
 }
 
 /// Where writ serves /metrics (its config has `[telemetry] listen`).

@@ -97,13 +97,11 @@ impl RevocationList {
     }
 
     /// How many revocations are listed.
-    #[cfg(test)]
-    fn len(&self) -> usize {
+    pub fn len(&self) -> usize {
         self.issuers.iter().map(|i| i.entries.len()).sum()
     }
 
-    #[cfg(test)]
-    fn is_empty(&self) -> bool {
+    pub fn is_empty(&self) -> bool {
         self.issuers.is_empty()
     }
 

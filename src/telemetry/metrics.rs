@@ -46,6 +46,11 @@ pub struct Metrics {
     pub federation_bundle_age_seconds: Family<DynLabel, FloatGauge>,
     /// Seconds until the active CA certificate expires.
     pub ca_expiry_seconds: FloatGauge,
+    /// Revocations on the CRLs writ serves, and their size: every
+    /// Workload API message carries them, so their size is what each
+    /// message costs (task rate × task SVID lifetime sets it).
+    pub crl_entries: Gauge,
+    pub crl_bytes: Gauge,
     /// Seconds until the soonest-expiring cached X.509-SVID expires.
     pub svid_expiry_seconds: FloatGauge,
     /// Appending a record to the audit trail, fsync included.
@@ -138,6 +143,18 @@ impl Metrics {
             "Seconds until the active CA certificate expires",
             ca_expiry_seconds.clone(),
         );
+        let crl_entries = Gauge::default();
+        registry.register(
+            "crl_entries",
+            "Revoked certificates listed on the CRLs served with every Workload API message",
+            crl_entries.clone(),
+        );
+        let crl_bytes = Gauge::default();
+        registry.register(
+            "crl_bytes",
+            "Size of the CRLs served with every Workload API message, DER bytes",
+            crl_bytes.clone(),
+        );
         let svid_expiry_seconds = FloatGauge::default();
         registry.register(
             "svid_expiry_seconds",
@@ -191,6 +208,8 @@ impl Metrics {
             federation_fetches,
             federation_bundle_age_seconds,
             ca_expiry_seconds,
+            crl_entries,
+            crl_bytes,
             svid_expiry_seconds,
             audit_write_seconds,
             reloads,
