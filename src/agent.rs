@@ -56,6 +56,29 @@ struct Revocations {
     next_crl_number: u64,
     /// The highest CRL number the store has reserved for this run.
     reserved_through: u64,
+    /// The CRL size last warned about (`crl_size_warning`).
+    crl_size_warned: usize,
+}
+
+/// A CRL this large (DER bytes) is logged as a warning: every Workload API
+/// message carries it, and gRPC clients refuse messages over 4 MiB unless
+/// told otherwise (go-spiffe, py-spiffe and the `spiffe` crate all keep
+/// that default), so a node whose CRL grows past it serves nobody.
+const CRL_WARN_BYTES: usize = 1024 * 1024;
+
+/// Whether a CRL of `bytes` is worth a warning, given the size last warned
+/// about (0: none since the CRL was last small). Warns on crossing
+/// `CRL_WARN_BYTES`, again each time the size doubles, and afresh once the
+/// CRL has shrunk below half the threshold: a log line per doubling, not
+/// per publication. Returns the new size warned about.
+fn crl_size_warning(warned: usize, bytes: usize) -> (usize, bool) {
+    if bytes < CRL_WARN_BYTES / 2 {
+        (0, false)
+    } else if bytes >= CRL_WARN_BYTES && (warned == 0 || bytes >= warned.saturating_mul(2)) {
+        (bytes, true)
+    } else {
+        (warned, false)
+    }
 }
 
 /// The least time between the starts of two CRL publications, as a
@@ -1100,6 +1123,21 @@ impl Agent {
             };
             (ca.finish_crls(prepared)?, entries)
         };
+        let bytes = ders.iter().map(bytes::Bytes::len).sum();
+        let warn = {
+            let mut state = lock(&self.revocations);
+            let (warned, warn) = crl_size_warning(state.crl_size_warned, bytes);
+            state.crl_size_warned = warned;
+            warn
+        };
+        if warn {
+            tracing::warn!(
+                crl_bytes = bytes,
+                crl_entries = entries,
+                "the CRL that every Workload API message carries is {} KiB; gRPC clients refuse messages over 4 MiB by default. Revoked certificates stay listed until they expire: a shorter [tasks] x509_svid_ttl (or shorter tasks) keeps the list short",
+                bytes / 1024
+            );
+        }
         {
             let mut crls = write_lock(&self.crls);
             let generation = crls.generation + 1;
@@ -1589,6 +1627,33 @@ mod tests {
 
     use super::*;
     use crate::config::{Config, Environment};
+
+    /// A CRL growing by small steps is warned about once per doubling past
+    /// the threshold, and again after it has shrunk and grown back.
+    #[test]
+    fn a_growing_crl_is_warned_about_once_per_doubling() {
+        const MIB: usize = 1024 * 1024;
+        let mut warned = 0;
+        let mut warnings = Vec::new();
+        let sizes = (0..=40)
+            .map(|i| i * MIB / 8)
+            .chain([MIB / 4, MIB / 2 + 1, 3 * MIB / 2]);
+        for bytes in sizes {
+            let (now, warn) = crl_size_warning(warned, bytes);
+            warned = now;
+            if warn {
+                warnings.push(bytes);
+            }
+        }
+        assert_eq!(
+            warnings,
+            vec![MIB, 2 * MIB, 4 * MIB, 3 * MIB / 2],
+            "crossing 1 MiB, each doubling, then afresh after shrinking below 512 KiB"
+        );
+        // Shrinking to just above half the threshold keeps the last warning.
+        assert_eq!(crl_size_warning(4 * MIB, MIB / 2 + 1), (4 * MIB, false));
+        assert_eq!(crl_size_warning(0, MIB - 1), (0, false));
+    }
 
     /// An issuance appends its audit record while it holds the CA, and the
     /// trail may sign a checkpoint for that append while appenders wait: if
