@@ -835,7 +835,14 @@ where
                         if matches!(reuse, Reuse::Attestation(_))
                             && resolved.still_current(&caller, &rest, &keys)
                         {
-                            reuse = Reuse::Resolution(resolved.without_tasks(&ended));
+                            let remaining = resolved.without_tasks(&ended);
+                            // A caller left with no identity is judged
+                            // afresh from its attestation instead, so that
+                            // every stream kind refuses it (bundle streams
+                            // too) and the refusal is on the audit trail.
+                            if !remaining.entitled.entitlements.is_empty() {
+                                reuse = Reuse::Resolution(remaining);
+                            }
                         }
                     }
                     break;

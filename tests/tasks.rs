@@ -431,25 +431,8 @@ async fn a_bound_child_gets_the_task_identity_and_loses_it_when_the_task_ends() 
 /// identities held beside a task are re-keyed but not revoked.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_process_matching_no_entry_holds_nothing_valid_after_its_task() {
-    let uid = nix::unistd::geteuid().as_raw();
-    let test_exe = std::env::current_exe().unwrap();
-    let writ = Writ::start(&config_for_orchestrator(
-        &format!(r#""unix:uid:{uid}", "unix:path:{}""#, test_exe.display()),
-        "",
-        "",
-    ));
-    // The same helper from another path: same uid, not the orchestrator's
-    // executable, so no entry matches it.
-    let other_exe = writ.dir.path().join("task-child-exe");
-    std::fs::copy(&test_exe, &other_exe).unwrap();
-    let helper = helper_command("task-child");
-    let mut command = Command::new(&other_exe);
-    command.args(helper.get_args()).envs(
-        helper
-            .get_envs()
-            .filter_map(|(k, v)| v.map(|v| (k.to_owned(), v.to_owned()))),
-    );
-    let child = BoundChild::spawn_with(&writ, "worker", command);
+    let writ = Writ::start(&config_for_orchestrator(&orchestrator_only(), "", ""));
+    let child = BoundChild::spawn_with(&writ, "worker", helper_elsewhere(&writ, "task-child"));
 
     let mut tasks = tasks_client(&writ).await;
     tasks
@@ -480,6 +463,81 @@ async fn a_process_matching_no_entry_holds_nothing_valid_after_its_task() {
             .is_err(),
         "an identity was served after the task ended"
     );
+    // Refusals of the child are on the audit trail, as any refusal is.
+    let trail = std::fs::read_to_string(writ.dir.path().join("state/audit/audit.jsonl")).unwrap();
+    let denied = trail
+        .lines()
+        // The file's preallocated tail is not records.
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|r| r["event"] == "denied" && r["action"] == "IssueX509SVID")
+        .filter(|r| r["caller"]["pid"] == child.pid())
+        .count();
+    assert!(
+        denied >= 1,
+        "no denied record for the child's stream:\n{trail}"
+    );
+}
+
+/// Selectors for the orchestrator's entry that only the test binary itself
+/// matches, not a copy of it run from elsewhere (`helper_elsewhere`).
+fn orchestrator_only() -> String {
+    let uid = nix::unistd::geteuid().as_raw();
+    let test_exe = std::env::current_exe().unwrap();
+    format!(r#""unix:uid:{uid}", "unix:path:{}""#, test_exe.display())
+}
+
+/// The helper `role`, run from a copy of this binary in writ's temp dir: the
+/// same uid, but not the orchestrator's executable, so no entry of
+/// `orchestrator_only` matches it.
+fn helper_elsewhere(writ: &Writ, role: &str) -> Command {
+    let copy = writ.dir.path().join(format!("{role}-exe"));
+    std::fs::copy(std::env::current_exe().unwrap(), &copy).unwrap();
+    let helper = helper_command(role);
+    let mut command = Command::new(&copy);
+    command.args(helper.get_args()).envs(
+        helper
+            .get_envs()
+            .filter_map(|(k, v)| v.map(|v| (k.to_owned(), v.to_owned()))),
+    );
+    command
+}
+
+/// A bundle stream, like an SVID stream, is for callers that hold an
+/// identity: when the only one it held was a task's, the task's end refuses
+/// the stream at once, rather than sending it the new bundles and CRL until
+/// the next re-attestation.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_bundle_stream_whose_only_identity_was_a_task_is_refused_when_it_ends() {
+    let writ = Writ::start(&config_for_orchestrator(
+        &orchestrator_only(),
+        "",
+        "\n[workload_api]\nreattest_interval = \"1h\"\n",
+    ));
+    let child = BoundChild::spawn_with(&writ, "bundles", helper_elsewhere(&writ, "bundles-child"));
+    let mut tasks = tasks_client(&writ).await;
+    tasks
+        .begin_task(begin_pid("t-bundles", child.pid()))
+        .await
+        .unwrap();
+    child.go();
+    child.next_update(Duration::from_secs(10));
+
+    tasks.end_task(end_req("t-bundles")).await.unwrap();
+    let outcome = common::wait_for(
+        Duration::from_secs(10),
+        "the bundle stream to react",
+        || {
+            if let Some(error) = child.stream_errors().into_iter().next() {
+                return Some(error);
+            }
+            child
+                .lines
+                .try_recv()
+                .ok()
+                .map(|update| format!("sent {update}"))
+        },
+    );
+    assert!(outcome.starts_with("PermissionDenied"), "{outcome}");
 }
 
 /// A task that runs out its TTL ends quietly for the process bound to it:
@@ -1073,6 +1131,9 @@ fn crl_number(crls: &[bytes::Bytes]) -> u64 {
 #[ignore = "helper process entry point, run by other tests"]
 fn helper() {
     let role = std::env::var("WRIT_TEST_HELPER").expect("run only as a helper");
+    if role == "bundles-child" {
+        return bundles_child();
+    }
     assert_eq!(role, "task-child");
     let go = std::env::var("WRIT_GO_FILE").unwrap();
     let out = PathBuf::from(std::env::var("WRIT_OUT_DIR").unwrap());
@@ -1136,6 +1197,53 @@ fn helper() {
                     revoked.join(",")
                 );
                 std::io::stdout().flush().unwrap();
+            }
+        }
+    });
+}
+
+/// The `bundles-child` helper: after the go-file, follows one
+/// FetchX509Bundles stream and reports each message as `UPDATE bundles|`
+/// and how the stream ended as `STREAM_ERROR`.
+fn bundles_child() {
+    let go = std::env::var("WRIT_GO_FILE").unwrap();
+    let socket = PathBuf::from(std::env::var("WRIT_SOCKET").unwrap());
+    common::wait_for(Duration::from_secs(120), "go file", || {
+        std::fs::metadata(&go).ok()
+    });
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async move {
+        let report = |line: String| {
+            println!("{line}");
+            std::io::stdout().flush().unwrap();
+        };
+        let mut c = pb::spiffe_workload_api_client::SpiffeWorkloadApiClient::new(
+            writ::cli::client::connect(&socket).await.unwrap(),
+        );
+        let mut stream = match c
+            .fetch_x509_bundles(with_header(pb::X509BundlesRequest {}))
+            .await
+        {
+            Ok(response) => response.into_inner(),
+            Err(status) => {
+                return report(format!(
+                    "STREAM_ERROR {:?}: {}",
+                    status.code(),
+                    status.message()
+                ));
+            }
+        };
+        loop {
+            match stream.message().await {
+                Ok(Some(_)) => report("UPDATE bundles|".into()),
+                Ok(None) => return report("STREAM_ERROR ended without a status".into()),
+                Err(status) => {
+                    return report(format!(
+                        "STREAM_ERROR {:?}: {}",
+                        status.code(),
+                        status.message()
+                    ));
+                }
             }
         }
     });
