@@ -660,6 +660,12 @@ impl Agent {
         minted
     }
 
+    /// Whether an SVID for `cache_key` is cached, current or not.
+    #[cfg(test)]
+    pub(crate) fn holds_cached_svid(&self, cache_key: &str) -> bool {
+        lock(&self.svids).contains_key(cache_key)
+    }
+
     fn cached_svid(&self, cache_key: &str, now: SystemTime) -> Option<Arc<CachedSvid>> {
         lock(&self.svids)
             .get(cache_key)
@@ -768,6 +774,21 @@ impl Agent {
         });
         self.metrics.svid_issued("x509");
         lock(&self.svids).insert(entitlement.cache_key.clone(), minted.clone());
+        // A task that ended while this SVID was being recorded has cleared
+        // its cache already (`unindex_task`), and nothing would clear this
+        // insert. Its index entry goes before its cache is cleared, so a
+        // check after the insert sees one or the other.
+        if let Some(task_id) = entitlement.task_id.as_deref()
+            && read_lock(&self.tasks).by_id(task_id).is_none()
+        {
+            let mut svids = lock(&self.svids);
+            if svids
+                .get(&entitlement.cache_key)
+                .is_some_and(|cached| Arc::ptr_eq(cached, &minted))
+            {
+                svids.remove(&entitlement.cache_key);
+            }
+        }
         Ok(minted)
     }
 

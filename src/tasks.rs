@@ -1672,6 +1672,53 @@ mod tests {
         }
     }
 
+    /// A task that ends while one of its SVIDs is being recorded leaves no
+    /// SVID in the cache: the completion clears the cache before the mint
+    /// finishes, and the mint must not put its SVID back for good.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn an_svid_minted_as_its_task_ends_is_not_left_in_the_cache() {
+        let agent = TestAgent::start().await;
+        let task = agent.begin("t-race").await.unwrap();
+        let key = crate::agent::task_cache_key("t-race");
+        assert!(agent.svc.agent.holds_cached_svid(&key));
+
+        // The store's writer is held, so the next mint waits on its write.
+        let (release, held) = std::sync::mpsc::channel::<()>();
+        let store = agent.svc.agent.store().clone();
+        let blocker = tokio::spawn(async move {
+            store
+                .write(move |_| {
+                    let _ = held.recv();
+                    Ok(())
+                })
+                .await
+        });
+        // Past the first SVID's rotation point, so a new one is minted.
+        let later = SystemTime::now() + Duration::from_secs(45);
+        let mint = {
+            let svc_agent = agent.svc.agent.clone();
+            let task = task.clone();
+            tokio::spawn(async move {
+                let entitlement = svc_agent.task_entitlement(&task);
+                svc_agent
+                    .svid_for(&entitlement, later, || crate::agent::Issuance::new(None))
+                    .await
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(!mint.is_finished(), "the mint did not wait for the store");
+        // The completion's first step, while the mint waits.
+        agent.svc.agent.unindex_task("t-race");
+        assert!(!agent.svc.agent.holds_cached_svid(&key));
+        release.send(()).unwrap();
+        blocker.await.unwrap().unwrap();
+        let _ = mint.await.unwrap();
+        assert!(
+            !agent.svc.agent.holds_cached_svid(&key),
+            "the ended task's SVID was cached again"
+        );
+    }
+
     /// BeginTask mints the task's first SVID: its serial is stored with the
     /// task and recorded beside `task_begun`, and the bound process's first
     /// fetch is served that SVID without another issuance.
