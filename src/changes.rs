@@ -288,8 +288,12 @@ impl Subscription {
     }
 
     /// Resolves once a change that may concern the stream has been logged,
-    /// or newer documents were published, since the stream last caught up
-    /// (at once if that already happened).
+    /// or documents newer than the stream's last snapshot were published,
+    /// since the stream last caught up (at once if that already happened).
+    /// It may also resolve with nothing new: a wake-up left over from
+    /// before the last catch-up is kept, and the stream then finds nothing
+    /// to do. Documents published again before a snapshot took the last
+    /// ones do not wake it a second time.
     pub async fn woken(&self) {
         self.mailbox.wake.notified().await;
     }
