@@ -103,6 +103,7 @@ pub fn task_status(e: TaskError) -> Status {
             Status::permission_denied(e.to_string())
         }
         TaskError::Store(_) | TaskError::Audit(_) => Status::unavailable(e.to_string()),
+        TaskError::Interrupted { .. } => Status::internal(e.to_string()),
     }
 }
 
@@ -228,10 +229,12 @@ impl pb::tasks_server::Tasks for TasksService {
             may_bind_any_pid: matches_any(&ctx.auth.bind_any_pid, admin.selectors()),
             may_bind_same_uid: ctx.auth.bind_same_uid,
         };
-        let task = ctx
-            .tasks
-            .begin(req, &orchestrator)
+        // In a task of its own: a client that hangs up must not stop a
+        // begin between storing the task and making it active.
+        let tasks = ctx.tasks.clone();
+        let task = tokio::spawn(async move { tasks.begin(req, &orchestrator).await })
             .await
+            .map_err(|e| Status::internal(format!("beginning the task: {e}")))?
             .map_err(task_status)?;
         Ok(Response::new(task_to_proto(&task, Vec::new())))
     }
@@ -247,7 +250,9 @@ impl pb::tasks_server::Tasks for TasksService {
             return Err(Status::invalid_argument("task_id: required"));
         }
         // Ending an active task is a decision too (a completed one is
-        // reported as it is, whoever asks).
+        // reported as it is, whoever asks). One still being begun is judged
+        // once it is active.
+        ctx.tasks.until_settled(&req.task_id).await;
         if let Some(active) = ctx.agent.active_task(&req.task_id) {
             let attestation = &admin.attestation;
             let own_id = ctx

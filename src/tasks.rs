@@ -11,7 +11,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rusqlite::{OptionalExtension, params};
 use serde::{Deserialize, Serialize};
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, watch};
 use writ_attestors::PinnedProcess;
 
 use crate::agent::{Agent, TaskBeginning, task_facts};
@@ -40,6 +40,10 @@ pub enum TaskError {
     Audit(String),
     #[error("{0}")]
     PolicyDenied(String),
+    /// The work ran in a task of its own (so that a caller hanging up could
+    /// not stop it halfway) and that task panicked or was stopped.
+    #[error("completing task {task}: {reason}")]
+    Interrupted { task: String, reason: String },
 }
 
 /// The store job that inserts a new task's row, refusing a duplicate id
@@ -308,7 +312,62 @@ struct ActiveTask {
 struct Inner {
     active: HashMap<String, ActiveTask>,
     children: HashMap<String, Vec<String>>,
+    /// Tasks being begun (stored, not yet active) or completed (no longer
+    /// active, not yet durably complete): EndTask waits for them to settle
+    /// rather than report a task in between.
+    in_flight: HashMap<String, Arc<watch::Sender<()>>>,
+    /// Tasks whose completion failed to persist and is being retried.
+    retrying: std::collections::HashSet<String>,
 }
+
+/// Settles the tasks it marked in flight when dropped, whichever way the
+/// work ends: their waiters then look again.
+struct InFlight {
+    manager: Arc<TaskManager>,
+    ids: Vec<String>,
+    flight: Arc<watch::Sender<()>>,
+}
+
+impl InFlight {
+    /// Marks `ids` in flight; `inner` is the manager's locked state, so the
+    /// mark is made in the same step as whatever took them out of (or has
+    /// not yet put them in) the active set.
+    fn mark(manager: &Arc<TaskManager>, inner: &mut Inner, ids: Vec<String>) -> Self {
+        let flight = Arc::new(watch::channel(()).0);
+        for id in &ids {
+            inner
+                .in_flight
+                .entry(id.clone())
+                .or_insert_with(|| flight.clone());
+        }
+        Self {
+            manager: manager.clone(),
+            ids,
+            flight,
+        }
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let mut inner = self.manager.inner();
+        for id in &self.ids {
+            if inner
+                .in_flight
+                .get(id)
+                .is_some_and(|f| Arc::ptr_eq(f, &self.flight))
+            {
+                inner.in_flight.remove(id);
+            }
+        }
+        // The last sender goes with this, which wakes every waiter.
+    }
+}
+
+/// The first wait before retrying a completion the store refused, doubled
+/// after each failure up to `COMPLETION_RETRY_MAX`.
+const COMPLETION_RETRY_FIRST: Duration = Duration::from_secs(1);
+const COMPLETION_RETRY_MAX: Duration = Duration::from_secs(60);
 
 pub struct TaskManager {
     agent: Arc<Agent>,
@@ -547,6 +606,11 @@ impl TaskManager {
         // task and its record written with `begun`: one commit and one sync
         // for both, and the bound process finds the SVID ready.
         let store_task = task_row_writer(&task)?;
+        // From its commit until it is active, EndTask waits for it.
+        let _settling = {
+            let mut inner = self.inner();
+            InFlight::mark(self, &mut inner, vec![task.id.clone()])
+        };
         match self
             .agent
             .begin_task_with_svid(&task, begun, now, store_task)
@@ -657,22 +721,25 @@ impl TaskManager {
                 .parent_id
                 .as_ref()
                 .is_some_and(|p| !inner.active.contains_key(p));
-            if !parent_gone {
-                let watcher = self.spawn_watcher(task.clone(), pinned.clone());
-                inner.active.insert(
-                    task.id.clone(),
-                    ActiveTask {
-                        task: task.clone(),
-                        watcher: Some(watcher),
-                    },
-                );
-                if let Some(p) = &task.parent_id {
-                    inner
-                        .children
-                        .entry(p.clone())
-                        .or_default()
-                        .push(task.id.clone());
-                }
+            // An orphan is active too, for as long as its completion takes:
+            // completion works on the active set (and EndTask finds it).
+            // It is neither watched nor served.
+            let watcher = (!parent_gone).then(|| self.spawn_watcher(task.clone(), pinned.clone()));
+            inner.active.insert(
+                task.id.clone(),
+                ActiveTask {
+                    task: task.clone(),
+                    watcher,
+                },
+            );
+            if let Some(p) = &task.parent_id
+                && !parent_gone
+            {
+                inner
+                    .children
+                    .entry(p.clone())
+                    .or_default()
+                    .push(task.id.clone());
             }
             parent_gone
         };
@@ -680,7 +747,7 @@ impl TaskManager {
             // The parent completed while this sub-task was being stored.
             let manager = self.clone();
             let id = task.id.clone();
-            self.agent.index_task(task);
+            let _ = self.events.send(TaskEvent::Begun(task));
             tokio::spawn(async move {
                 if let Err(e) = manager
                     .complete(&id, CompletionReason::ParentCompleted, String::new())
@@ -742,15 +809,24 @@ impl TaskManager {
     /// The task, and the serials issued for it (all revoked), in issue
     /// order. A task completed before is reported as it is.
     pub async fn end(
-        &self,
+        self: &Arc<Self>,
         id: &str,
         detail: String,
     ) -> Result<(Arc<Task>, Vec<String>), TaskError> {
-        if let Some(ended) = self
-            .complete_reporting(id, CompletionReason::EndTask, detail)
-            .await?
-        {
-            return Ok(ended);
+        loop {
+            if let Some(ended) = self
+                .complete_reporting(id, CompletionReason::EndTask, detail.clone())
+                .await?
+            {
+                return Ok(ended);
+            }
+            // Not active: being begun, being completed by another trigger,
+            // or settled. Reported only once settled, so that a task said to
+            // be over is durably over, and one being begun is ended.
+            if !self.settled(id).await {
+                continue;
+            }
+            break;
         }
         match self.get(id)? {
             Some(t) => Ok((Arc::new(t), self.issued_serials(id)?)),
@@ -763,7 +839,7 @@ impl TaskManager {
     /// triggers find nothing to do. Returns the root task if this call
     /// completed it.
     pub async fn complete(
-        &self,
+        self: &Arc<Self>,
         id: &str,
         reason: CompletionReason,
         detail: String,
@@ -774,15 +850,56 @@ impl TaskManager {
             .map(|(task, _)| task))
     }
 
+    /// Returns once nothing is in flight for `id` (neither its begin nor
+    /// its completion).
+    pub async fn until_settled(&self, id: &str) {
+        while !self.settled(id).await {}
+    }
+
+    /// Whether `id` has settled: true at once if nothing is in flight for
+    /// it, else false once what was in flight has finished.
+    async fn settled(&self, id: &str) -> bool {
+        let mut changed = match self.inner().in_flight.get(id) {
+            Some(flight) => flight.subscribe(),
+            None => return true,
+        };
+        // Resolves with an error once the last sender is dropped.
+        let _ = changed.changed().await;
+        false
+    }
+
     /// `complete`, also returning the serials the root task's completion
-    /// revoked (every one issued for it), in issue order.
+    /// revoked (every one issued for it), in issue order. The work runs in
+    /// a task of its own: once a completion has taken its tasks out of the
+    /// active set it must reach the store, whether or not whoever asked is
+    /// still waiting (a client hanging up on EndTask drops its request).
     async fn complete_reporting(
-        &self,
+        self: &Arc<Self>,
         id: &str,
         reason: CompletionReason,
         detail: String,
     ) -> Result<Option<(Arc<Task>, Vec<String>)>, TaskError> {
-        let victims: Vec<(Arc<Task>, CompletionReason)> = {
+        let manager = self.clone();
+        let task = id.to_owned();
+        tokio::spawn(async move { manager.complete_now(&task, reason, detail, true).await })
+            .await
+            .map_err(|e| TaskError::Interrupted {
+                task: id.to_owned(),
+                reason: e.to_string(),
+            })?
+    }
+
+    /// The body of `complete_reporting`. A completion the store refuses puts
+    /// its tasks back in the active set (still unserved) and, if
+    /// `retry_on_failure`, is retried in the background until it persists.
+    async fn complete_now(
+        self: &Arc<Self>,
+        id: &str,
+        reason: CompletionReason,
+        detail: String,
+        retry_on_failure: bool,
+    ) -> Result<Option<(Arc<Task>, Vec<String>)>, TaskError> {
+        let (victims, _in_flight): (Vec<(Arc<Task>, CompletionReason)>, _) = {
             let mut inner = self.inner();
             let mut out = Vec::new();
             let mut queue = vec![(id.to_owned(), reason)];
@@ -806,7 +923,9 @@ impl TaskManager {
                 }
                 out.push((active.task, why));
             }
-            out
+            let ids = out.iter().map(|(t, _)| t.id.clone()).collect();
+            let in_flight = InFlight::mark(self, &mut inner, ids);
+            (out, in_flight)
         };
         if victims.is_empty() {
             return Ok(None);
@@ -875,13 +994,19 @@ impl TaskManager {
             Ok(n) => n,
             Err(e) => {
                 // The identities are no longer served, but the revocation is
-                // not on disk: say so loudly. A restart finds the tasks still
-                // active and completes them again, so nothing is lost.
-                tracing::error!(error = %e, task = id, "persisting task completion failed");
+                // not on disk: say so loudly, and keep trying. The tasks go
+                // back to the active set, unwatched and unserved, so that
+                // the retry (or an EndTask, or their parent's completion)
+                // completes them; a restart would too.
+                tracing::error!(error = %e, task = id, "persisting task completion failed; retrying");
                 self.agent.notify(Change::TasksEnded {
                     ids: ended_ids,
                     crl_epoch: None,
                 });
+                self.reinstate(&victims);
+                if retry_on_failure {
+                    self.retry_completion(id, reason, detail);
+                }
                 return Err(e.into());
             }
         };
@@ -971,6 +1096,55 @@ impl TaskManager {
             let _ = self.events.send(TaskEvent::Completed(done));
         }
         Ok(root)
+    }
+
+    /// Puts tasks whose completion did not persist back in the active set,
+    /// with their parent links, neither watched nor indexed.
+    fn reinstate(&self, victims: &[(Arc<Task>, CompletionReason)]) {
+        let mut inner = self.inner();
+        for (task, _) in victims {
+            inner.active.insert(
+                task.id.clone(),
+                ActiveTask {
+                    task: task.clone(),
+                    watcher: None,
+                },
+            );
+            if let Some(parent) = &task.parent_id {
+                inner
+                    .children
+                    .entry(parent.clone())
+                    .or_default()
+                    .push(task.id.clone());
+            }
+        }
+    }
+
+    /// Retries completing `id` with backoff until it persists or something
+    /// else completes it; one retry loop per task at a time.
+    fn retry_completion(self: &Arc<Self>, id: &str, reason: CompletionReason, detail: String) {
+        if !self.inner().retrying.insert(id.to_owned()) {
+            return;
+        }
+        let manager = self.clone();
+        let id = id.to_owned();
+        tokio::spawn(async move {
+            let mut wait = COMPLETION_RETRY_FIRST;
+            loop {
+                tokio::time::sleep(wait).await;
+                match manager
+                    .complete_now(&id, reason, detail.clone(), false)
+                    .await
+                {
+                    Ok(_) => break,
+                    Err(e) => {
+                        tracing::warn!(task = %id, error = %e, "retrying a task's completion failed");
+                        wait = (wait * 2).min(COMPLETION_RETRY_MAX);
+                    }
+                }
+            }
+            manager.inner().retrying.remove(&id);
+        });
     }
 
     pub fn get(&self, id: &str) -> Result<Option<Task>, TaskError> {
@@ -1107,8 +1281,17 @@ impl TaskManager {
         tasks.sort_by_key(|t| t.depth);
         let now = SystemTime::now();
         let mut to_complete = Vec::new();
+        let mut restored = std::collections::HashSet::new();
         for task in tasks {
             let task = Arc::new(task);
+            // A sub-task outlives no parent: one whose parent is completed
+            // (or gone from the store) completes with it. Parents come
+            // first, so every active parent is in `restored` by now.
+            let orphaned = task
+                .parent_id
+                .as_ref()
+                .is_some_and(|p| !restored.contains(p));
+            restored.insert(task.id.clone());
             let alive = match &task.binding {
                 Binding::Pid { pid, start_time } => match PinnedProcess::open(*pid) {
                     Ok(p) if p.start_time() == *start_time => Ok(Some(Arc::new(p))),
@@ -1128,6 +1311,7 @@ impl TaskManager {
             // works on the active set, and runs the revocation path.
             let pinned = alive.as_ref().ok().cloned().flatten();
             let reason = match alive {
+                _ if orphaned => Some(CompletionReason::ParentCompleted),
                 Err(r) => Some(r),
                 Ok(_) if task.expires_at <= now => Some(CompletionReason::TtlExpired),
                 Ok(_) => None,
@@ -1669,6 +1853,246 @@ mod tests {
         fn drop(&mut self) {
             let _ = self.child.kill();
             let _ = self.child.wait();
+        }
+    }
+
+    /// Holds the store's writer until the returned sender is used or
+    /// dropped: writes queued meanwhile wait behind it.
+    fn hold_writer(
+        agent: &TestAgent,
+    ) -> (
+        std::sync::mpsc::Sender<()>,
+        tokio::task::JoinHandle<Result<(), StoreError>>,
+    ) {
+        let (release, held) = std::sync::mpsc::channel::<()>();
+        let store = agent.svc.store.clone();
+        let blocker = tokio::spawn(async move {
+            store
+                .write(move |_| {
+                    let _ = held.recv();
+                    Ok(())
+                })
+                .await
+        });
+        (release, blocker)
+    }
+
+    fn count(agent: &TestAgent, sql: &'static str) -> i64 {
+        agent
+            .svc
+            .store
+            .read(|c| Ok(c.query_row(sql, [], |r| r.get(0))?))
+            .unwrap()
+    }
+
+    /// A sub-task whose row commits just before its parent's completion
+    /// does not outlive the parent: it completes at once, is never served,
+    /// and its SVID is revoked.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_sub_task_begun_as_its_parent_completes_completes_with_it() {
+        let agent = Arc::new(TestAgent::start().await);
+        agent.begin("t-p").await.unwrap();
+        let (release, blocker) = hold_writer(&agent);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let a = agent.clone();
+        let child = tokio::spawn(async move { a.begin_task("t-c", Some("t-p"), None).await });
+        // The sub-task's row is queued, then the parent's completion after it.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let tasks = agent.svc.tasks.clone();
+        let end = tokio::spawn(async move { tasks.end("t-p", String::new()).await });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        release.send(()).unwrap();
+        blocker.await.unwrap().unwrap();
+        child.await.unwrap().unwrap();
+        end.await.unwrap().unwrap();
+        // EndTask on the sub-task reports it once its completion is durable.
+        let (ended, serials) = agent.svc.tasks.end("t-c", String::new()).await.unwrap();
+        let completion = ended.completion.as_ref().expect("the sub-task completed");
+        assert_eq!(completion.reason, "parent_completed");
+        assert!(agent.svc.agent.active_task("t-c").is_none());
+        let revoked = count(
+            &agent,
+            "SELECT count(*) FROM revocations WHERE task_id = 't-c'",
+        );
+        assert_eq!(revoked as usize, serials.len());
+        assert!(!serials.is_empty());
+    }
+
+    /// EndTask while another trigger's completion is in flight waits for it
+    /// and reports the task once its revocation is durable.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn end_waits_for_a_completion_in_flight() {
+        let agent = TestAgent::start().await;
+        agent.begin("t-x").await.unwrap();
+        let (release, blocker) = hold_writer(&agent);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let tasks = agent.svc.tasks.clone();
+        let trigger = tokio::spawn(async move {
+            tasks
+                .complete("t-x", CompletionReason::ProcessExited, String::new())
+                .await
+        });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let tasks = agent.svc.tasks.clone();
+        let end = tokio::spawn(async move { tasks.end("t-x", "done".into()).await });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(
+            !end.is_finished(),
+            "EndTask answered before the completion was durable"
+        );
+        release.send(()).unwrap();
+        blocker.await.unwrap().unwrap();
+        trigger.await.unwrap().unwrap();
+        let (task, serials) = end.await.unwrap().unwrap();
+        let completion = task.completion.as_ref().expect("reported completed");
+        assert_eq!(completion.reason, "process_exited");
+        let revoked = count(
+            &agent,
+            "SELECT count(*) FROM revocations WHERE task_id = 't-x'",
+        );
+        assert_eq!(revoked as usize, serials.len());
+        assert!(!serials.is_empty());
+    }
+
+    /// A completion the store refuses is retried until it persists, and an
+    /// EndTask after the failure completes the task rather than report it
+    /// uncompleted.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_completion_the_store_refuses_is_retried() {
+        let agent = TestAgent::start().await;
+        for id in ["t-f1", "t-f2"] {
+            agent.begin(id).await.unwrap();
+        }
+        agent
+            .svc
+            .store
+            .write(|c| {
+                c.execute_batch(
+                    "CREATE TEMP TRIGGER fail_completion BEFORE UPDATE OF completed_at ON tasks
+                     BEGIN SELECT RAISE(ABORT, 'injected'); END;",
+                )?;
+                Ok(())
+            })
+            .await
+            .unwrap();
+        for id in ["t-f1", "t-f2"] {
+            let refused = agent.svc.tasks.end(id, String::new()).await;
+            assert!(
+                matches!(refused, Err(TaskError::Store(_))),
+                "{id}: {refused:?}"
+            );
+            assert!(
+                agent.svc.agent.active_task(id).is_none(),
+                "{id} is still served"
+            );
+        }
+        agent
+            .svc
+            .store
+            .write(|c| {
+                c.execute_batch("DROP TRIGGER temp.fail_completion;")?;
+                Ok(())
+            })
+            .await
+            .unwrap();
+        // t-f1 by the background retry alone.
+        common_wait(Duration::from_secs(10), || {
+            count(
+                &agent,
+                "SELECT count(*) FROM tasks WHERE task_id = 't-f1' AND completed_at IS NOT NULL",
+            ) == 1
+        })
+        .await;
+        // t-f2 by EndTask asked again (or the retry, whichever comes first).
+        for id in ["t-f1", "t-f2"] {
+            let (task, serials) = agent.svc.tasks.end(id, String::new()).await.unwrap();
+            assert!(task.completion.is_some(), "{id} reported uncompleted");
+            assert!(!serials.is_empty());
+        }
+        let unrevoked = count(
+            &agent,
+            "SELECT count(*) FROM issued WHERE serial NOT IN (SELECT serial FROM revocations)",
+        );
+        assert_eq!(unrevoked, 0);
+    }
+
+    async fn common_wait(timeout: Duration, mut done: impl FnMut() -> bool) {
+        let deadline = tokio::time::Instant::now() + timeout;
+        while !done() {
+            assert!(tokio::time::Instant::now() < deadline, "timed out");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// After a restart, a sub-task whose parent is completed in the store
+    /// is completed too, not resumed.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn restore_completes_a_sub_task_whose_parent_is_completed() {
+        let agent = TestAgent::start().await;
+        agent.begin("t-p").await.unwrap();
+        agent.begin_task("t-c", Some("t-p"), None).await.unwrap();
+        agent
+            .svc
+            .store
+            .write(|c| {
+                c.execute(
+                    "UPDATE tasks SET completed_at = 1, completion_reason = 'end_task' WHERE task_id = 't-p'",
+                    [],
+                )?;
+                Ok(())
+            })
+            .await
+            .unwrap();
+        let t = &agent.config.tasks;
+        let fresh = TaskManager::new(
+            agent.svc.agent.clone(),
+            agent.svc.store.clone(),
+            TaskLimits {
+                max_ttl: t.max_ttl,
+                default_ttl: t.default_ttl,
+                x509_svid_ttl: t.x509_svid_ttl,
+                max_depth: t.max_depth,
+                trusted_cgroup_roots: Vec::new(),
+                completed_retention: t.completed_retention,
+            },
+            None,
+        );
+        fresh.restore().await.unwrap();
+        let c = fresh.get("t-c").unwrap().unwrap();
+        let completion = c.completion.expect("the sub-task was resumed");
+        assert_eq!(completion.reason, "parent_completed");
+    }
+
+    /// EndTask racing BeginTask (the task stored, not yet active) waits for
+    /// it to become active and ends it: never an uncompleted answer for a
+    /// task that then goes live.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn end_racing_begin_ends_the_task() {
+        let agent = Arc::new(TestAgent::start().await);
+        for i in 0..100 {
+            let id = format!("t-r{i}");
+            let a = agent.clone();
+            let begun_id = id.clone();
+            let begin = tokio::spawn(async move { a.begin(&begun_id).await });
+            let mut answers = Vec::new();
+            while !begin.is_finished() {
+                if let Ok((task, _)) = agent.svc.tasks.end(&id, String::new()).await {
+                    answers.push(task.completion.is_some());
+                }
+                tokio::task::yield_now().await;
+            }
+            begin.await.unwrap().unwrap();
+            assert!(
+                answers.iter().all(|completed| *completed),
+                "{id}: EndTask reported it uncompleted"
+            );
+            if !answers.is_empty() {
+                assert!(
+                    agent.svc.agent.active_task(&id).is_none(),
+                    "{id}: ended, then went live"
+                );
+            }
+            let _ = agent.svc.tasks.end(&id, String::new()).await;
         }
     }
 
