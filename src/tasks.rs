@@ -853,15 +853,25 @@ impl TaskManager {
     /// Returns once nothing is in flight for `id` (neither its begin nor
     /// its completion).
     pub async fn until_settled(&self, id: &str) {
-        while !self.settled(id).await {}
+        loop {
+            let mut changed = match self.inner().in_flight.get(id) {
+                Some(flight) => flight.subscribe(),
+                None => return,
+            };
+            let _ = changed.changed().await;
+        }
     }
 
-    /// Whether `id` has settled: true at once if nothing is in flight for
-    /// it, else false once what was in flight has finished.
+    /// Whether `id` has settled: true at once if it is neither in flight
+    /// nor active, else false once what was in flight has finished (or at
+    /// once if it is active: it became so since the caller looked).
     async fn settled(&self, id: &str) -> bool {
-        let mut changed = match self.inner().in_flight.get(id) {
-            Some(flight) => flight.subscribe(),
-            None => return true,
+        let mut changed = {
+            let inner = self.inner();
+            match inner.in_flight.get(id) {
+                Some(flight) => flight.subscribe(),
+                None => return !inner.active.contains_key(id),
+            }
         };
         // Resolves with an error once the last sender is dropped.
         let _ = changed.changed().await;
