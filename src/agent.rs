@@ -25,9 +25,15 @@ use crate::store::{Store, StoreError};
 use crate::svid::{X509Svid, X509SvidPlan, X509SvidRequest};
 use crate::tasks::Task;
 
-/// How long a CRL we sign stays valid; we re-sign well before, on every
-/// revocation and on CA rotation.
+/// How long a CRL we sign stays valid (its nextUpdate). We re-sign on
+/// every revocation, and at the latest `CRL_REFRESH` after the last one, so
+/// a quiet node never serves a CRL past its nextUpdate (which relying
+/// parties that check it would refuse) and drops the entries that expired.
 const CRL_VALIDITY: Duration = Duration::from_secs(24 * 3600);
+const CRL_REFRESH: Duration = Duration::from_secs(12 * 3600);
+/// How soon a CRL that failed to publish is tried again, so that a
+/// revocation never waits for the next completion to reach the CRL.
+const CRL_RETRY: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -1059,10 +1065,18 @@ impl Agent {
         }
     }
 
-    /// The publisher: waits for requests, signs once per batch of them.
+    /// The publisher: waits for requests, signs once per batch of them;
+    /// re-signs `CRL_REFRESH` after the last CRL, and `CRL_RETRY` after a
+    /// failure.
     pub async fn run_crl_publisher(self: Arc<Self>) {
+        self.publish_crls_until_stopped(CRL_REFRESH, CRL_RETRY)
+            .await;
+    }
+
+    async fn publish_crls_until_stopped(self: Arc<Self>, refresh: Duration, retry: Duration) {
         let mut requested = self.crl_requested.subscribe();
         let mut not_before = std::time::Instant::now();
+        let mut again_at = tokio::time::Instant::now() + refresh;
         loop {
             let target = *requested.borrow_and_update();
             let done = self
@@ -1081,19 +1095,30 @@ impl Agent {
                 let outcome = self.refresh_crls().await;
                 not_before = started + started.elapsed() * CRL_PACING;
                 match outcome {
-                    Ok(()) => self.crl_published.send_modify(|p| p.epoch = target),
+                    Ok(()) => {
+                        self.crl_published.send_modify(|p| p.epoch = target);
+                        again_at = tokio::time::Instant::now() + refresh;
+                    }
                     Err(e) => {
-                        tracing::error!(error = %e, "publishing a new CRL failed");
+                        tracing::error!(error = %e, "publishing a new CRL failed; retrying in {retry:?}");
                         self.crl_published.send_modify(|p| {
                             p.failed_epoch = target;
                             p.last_error = e.to_string();
                         });
+                        again_at = tokio::time::Instant::now() + retry;
                     }
                 }
                 continue;
             }
-            if requested.changed().await.is_err() {
-                return;
+            tokio::select! {
+                changed = requested.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                }
+                _ = tokio::time::sleep_until(again_at) => {
+                    self.request_crls();
+                }
             }
         }
     }
@@ -1696,6 +1721,36 @@ mod tests {
 
     use super::*;
     use crate::config::{Config, Environment};
+
+    /// With nothing revoked, the publisher still re-signs the CRL once its
+    /// refresh interval has passed since the last one, so a quiet node's CRL
+    /// never reaches its nextUpdate.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_quiet_node_re_signs_its_crl() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = Config::builtin_defaults(&Environment::current());
+        config.data_dir = dir.path().to_owned();
+        config.audit = crate::config::AuditConfig::defaults_for(dir.path());
+        let svc = crate::service::build(&config).await.unwrap();
+        let agent = svc.agent.clone();
+        let first = agent.crls().generation;
+        // Beside the service's own publisher (which waits 12 h), one that
+        // refreshes every 100 ms; nothing requests a CRL.
+        let publisher = tokio::spawn(
+            agent
+                .clone()
+                .publish_crls_until_stopped(Duration::from_millis(100), Duration::from_secs(1)),
+        );
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while agent.crls().generation < first + 2 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the CRL was not re-signed"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        publisher.abort();
+    }
 
     /// A CRL growing by small steps is warned about once per doubling past
     /// the threshold, and again after it has shrunk and grown back.
