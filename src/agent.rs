@@ -158,39 +158,6 @@ pub struct Crls {
     pub entries: usize,
 }
 
-/// How long a re-key is remembered: longer than any mint takes to be
-/// recorded unless the disk is failing, when the issuance fails anyway.
-const REKEY_REMEMBERED: Duration = Duration::from_secs(60);
-
-/// When each identity (cache key) was last re-keyed by a task's end.
-#[derive(Default)]
-struct RekeyLog {
-    at: HashMap<String, SystemTime>,
-    /// Size at which old records are next swept out; grows with what is
-    /// kept, so sweeping costs a constant per record.
-    sweep_at: usize,
-}
-
-impl RekeyLog {
-    fn record<'a>(&mut self, keys: impl IntoIterator<Item = &'a String>, at: SystemTime) {
-        for key in keys {
-            self.at.insert(key.clone(), at);
-        }
-        if self.at.len() >= self.sweep_at {
-            self.at.retain(|_, when| {
-                at.duration_since(*when)
-                    .map_or(true, |age| age < REKEY_REMEMBERED)
-            });
-            self.sweep_at = (self.at.len() * 2).max(1024);
-        }
-    }
-
-    /// Whether `key` was re-keyed after `minted_at`.
-    fn since(&self, key: &str, minted_at: SystemTime) -> bool {
-        self.at.get(key).is_some_and(|at| minted_at < *at)
-    }
-}
-
 /// Active tasks, indexed the two ways a caller can fall inside a binding.
 #[derive(Default)]
 struct TaskIndex {
@@ -291,10 +258,6 @@ pub struct Agent {
     /// re-keyed, the first to ask mints and the others wait and take its
     /// SVID, instead of each minting (and recording) its own.
     minting: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
-    /// When identities were last re-keyed because a task they were sent
-    /// beside ended, so that an SVID minted before that and cached after it
-    /// (its mint was still being recorded) is dropped too.
-    rekeyed: Mutex<RekeyLog>,
     jwt_svids: Mutex<HashMap<JwtCacheKey, JwtSvid>>,
     own_bundle: RwLock<Arc<OwnBundle>>,
     /// Bundles of other trust domains; `federation::Federation` changes them.
@@ -338,7 +301,6 @@ impl Agent {
             checkpoint_key,
             svids: Mutex::new(HashMap::new()),
             minting: Mutex::new(HashMap::new()),
-            rekeyed: Mutex::new(RekeyLog::default()),
             jwt_svids: Mutex::new(HashMap::new()),
             own_bundle: RwLock::new(Arc::new(own_bundle)),
             federated: Default::default(),
@@ -639,9 +601,6 @@ impl Agent {
         let key = task_cache_key(task_id);
         lock(&self.jwt_svids).retain(|k, _| k.identity != key);
         let ended_at = SystemTime::now();
-        // Before the cache is cleared: a mint that caches after this finds
-        // the record (`stale_on_arrival`).
-        lock(&self.rekeyed).record(&co_held, ended_at);
         let mut svids = lock(&self.svids);
         svids.remove(&key);
         for held in &co_held {
@@ -821,7 +780,13 @@ impl Agent {
         });
         self.metrics.svid_issued("x509");
         lock(&self.svids).insert(entitlement.cache_key.clone(), minted.clone());
-        if self.stale_on_arrival(entitlement, &minted) {
+        // A task that ended while this SVID was being recorded has cleared
+        // its cache already (`unindex_task`), and nothing would clear this
+        // insert. Its index entry goes before its cache is cleared, so a
+        // check after the insert sees one or the other.
+        if let Some(task_id) = entitlement.task_id.as_deref()
+            && read_lock(&self.tasks).by_id(task_id).is_none()
+        {
             let mut svids = lock(&self.svids);
             if svids
                 .get(&entitlement.cache_key)
@@ -831,19 +796,6 @@ impl Agent {
             }
         }
         Ok(minted)
-    }
-
-    /// Whether an SVID just cached was outdated while it was being recorded:
-    /// its task ended, or a task it was sent beside ended and re-keyed it.
-    /// `unindex_task` clears the cache then, and nothing would clear this
-    /// insert later. It unindexes the task and records the re-key before it
-    /// clears the cache, so a check after the insert sees one or the other.
-    fn stale_on_arrival(&self, entitlement: &Entitlement, minted: &CachedSvid) -> bool {
-        let task_ended = entitlement
-            .task_id
-            .as_deref()
-            .is_some_and(|task_id| read_lock(&self.tasks).by_id(task_id).is_none());
-        task_ended || lock(&self.rekeyed).since(&entitlement.cache_key, minted.minted_at)
     }
 
     /// Queues the serial of a task SVID about to be signed into the store;

@@ -2153,48 +2153,6 @@ mod tests {
         );
     }
 
-    /// The same for an identity sent beside a task: one minted before the
-    /// task ended and cached after it would escape the task's re-key.
-    #[tokio::test(flavor = "multi_thread")]
-    async fn an_identity_minted_before_its_tasks_end_and_cached_after_is_rekeyed() {
-        let agent = TestAgent::start().await;
-        let registry = agent.svc.agent.registry();
-        let entry = registry.entries().first().expect("the built-in entry");
-        let beside = crate::identity::Entitlement::from_entry(entry);
-        agent.begin("t-beside").await.unwrap();
-        let task_key = crate::agent::task_cache_key("t-beside");
-        agent
-            .svc
-            .agent
-            .note_held_together(&["t-beside"], &[task_key, beside.cache_key.clone()]);
-        // A stream's snapshot began (its `now`) before the task ended and
-        // its mint is recorded after.
-        let snapshot_began = SystemTime::now();
-        agent.svc.agent.unindex_task("t-beside");
-        let minted = agent
-            .svc
-            .agent
-            .svid_for(&beside, snapshot_began, || {
-                crate::agent::Issuance::new(None)
-            })
-            .await
-            .unwrap();
-        assert!(
-            !agent.svc.agent.holds_cached_svid(&beside.cache_key),
-            "an SVID minted before the re-key was cached after it"
-        );
-        // One minted after the end is kept, and served again.
-        let after = SystemTime::now();
-        let fresh = agent
-            .svc
-            .agent
-            .svid_for(&beside, after, || crate::agent::Issuance::new(None))
-            .await
-            .unwrap();
-        assert_ne!(fresh.svid.serial, minted.svid.serial);
-        assert!(agent.svc.agent.holds_cached_svid(&beside.cache_key));
-    }
-
     /// BeginTask mints the task's first SVID: its serial is stored with the
     /// task and recorded beside `task_begun`, and the bound process's first
     /// fetch is served that SVID without another issuance.
