@@ -1674,17 +1674,21 @@ mod tests {
     use super::*;
     use crate::config::{Config, Environment};
 
+    /// writ's services on built-in defaults, their state in `dir`.
+    async fn services_in(dir: &std::path::Path) -> crate::service::Services {
+        let mut config = Config::builtin_defaults(&Environment::current());
+        config.data_dir = dir.to_owned();
+        config.audit = crate::config::AuditConfig::defaults_for(dir);
+        crate::service::build(&config).await.unwrap()
+    }
+
     /// With nothing revoked, the publisher still re-signs the CRL once its
     /// refresh interval has passed since the last one, so a quiet node's CRL
     /// never reaches its nextUpdate.
     #[tokio::test(flavor = "multi_thread")]
     async fn a_quiet_node_re_signs_its_crl() {
         let dir = tempfile::tempdir().unwrap();
-        let mut config = Config::builtin_defaults(&Environment::current());
-        config.data_dir = dir.path().to_owned();
-        config.audit = crate::config::AuditConfig::defaults_for(dir.path());
-        let svc = crate::service::build(&config).await.unwrap();
-        let agent = svc.agent.clone();
+        let agent = services_in(dir.path()).await.agent;
         let first = agent.crls().generation;
         // Beside the service's own publisher (which waits 12 h), one that
         // refreshes every 100 ms; nothing requests a CRL.
@@ -1738,10 +1742,7 @@ mod tests {
     #[tokio::test]
     async fn checkpoints_are_signed_without_the_ca_lock() {
         let dir = tempfile::tempdir().unwrap();
-        let mut config = Config::builtin_defaults(&Environment::current());
-        config.data_dir = dir.path().to_owned();
-        config.audit = crate::config::AuditConfig::defaults_for(dir.path());
-        let svc = crate::service::build(&config).await.unwrap();
+        let svc = services_in(dir.path()).await;
         let agent = svc.agent.clone();
         let active = read_lock(&agent.ca).checkpoint_key().unwrap();
 

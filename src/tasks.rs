@@ -1917,13 +1917,32 @@ mod tests {
         end.await.unwrap().unwrap();
         // EndTask on the sub-task reports it once its completion is durable.
         let (ended, serials) = agent.svc.tasks.end("t-c", String::new()).await.unwrap();
-        let completion = ended.completion.as_ref().expect("the sub-task completed");
-        assert_eq!(completion.reason, "parent_completed");
+        assert_completed_and_revoked(&agent, &ended, &serials, "parent_completed");
         assert!(agent.svc.agent.active_task("t-c").is_none());
-        let revoked = count(
-            &agent,
-            "SELECT count(*) FROM revocations WHERE task_id = 't-c'",
-        );
+    }
+
+    /// `task` is reported completed for `reason`, and exactly `serials`
+    /// (at least one) are revoked in the store.
+    fn assert_completed_and_revoked(
+        agent: &TestAgent,
+        task: &Task,
+        serials: &[String],
+        reason: &str,
+    ) {
+        let completion = task.completion.as_ref().expect("reported completed");
+        assert_eq!(completion.reason, reason);
+        let id = task.id.clone();
+        let revoked: i64 = agent
+            .svc
+            .store
+            .read(move |c| {
+                Ok(c.query_row(
+                    "SELECT count(*) FROM revocations WHERE task_id = ?1",
+                    params![id],
+                    |r| r.get(0),
+                )?)
+            })
+            .unwrap();
         assert_eq!(revoked as usize, serials.len());
         assert!(!serials.is_empty());
     }
@@ -1954,14 +1973,7 @@ mod tests {
         blocker.await.unwrap().unwrap();
         trigger.await.unwrap().unwrap();
         let (task, serials) = end.await.unwrap().unwrap();
-        let completion = task.completion.as_ref().expect("reported completed");
-        assert_eq!(completion.reason, "process_exited");
-        let revoked = count(
-            &agent,
-            "SELECT count(*) FROM revocations WHERE task_id = 't-x'",
-        );
-        assert_eq!(revoked as usize, serials.len());
-        assert!(!serials.is_empty());
+        assert_completed_and_revoked(&agent, &task, &serials, "process_exited");
     }
 
     /// A completion the store refuses is retried until it persists, and an
@@ -2117,16 +2129,7 @@ mod tests {
         assert!(agent.svc.agent.holds_cached_svid(&key));
 
         // The store's writer is held, so the next mint waits on its write.
-        let (release, held) = std::sync::mpsc::channel::<()>();
-        let store = agent.svc.agent.store().clone();
-        let blocker = tokio::spawn(async move {
-            store
-                .write(move |_| {
-                    let _ = held.recv();
-                    Ok(())
-                })
-                .await
-        });
+        let (release, blocker) = hold_writer(&agent);
         // Past the first SVID's rotation point, so a new one is minted.
         let later = SystemTime::now() + Duration::from_secs(45);
         let mint = {
