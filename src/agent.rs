@@ -611,6 +611,22 @@ impl Agent {
         }
     }
 
+    /// Drops the cached SVIDs that a stream sent beside a task that has
+    /// ended, where they are still the ones it sent (`keys[i]` was sent
+    /// with serial `serials[i]`). `unindex_task` re-keys them when the task
+    /// ends, but an SVID whose mint was still being recorded then is cached
+    /// after it, and would be sent again as it was; the stream that carried
+    /// the task calls this before its next snapshot. Anything minted since
+    /// has another serial and is kept.
+    pub fn forget_svids_sent(&self, keys: &[String], serials: &[Vec<u8>]) {
+        let mut svids = lock(&self.svids);
+        for (key, serial) in keys.iter().zip(serials) {
+            if svids.get(key).is_some_and(|c| &c.svid.serial == serial) {
+                svids.remove(key);
+            }
+        }
+    }
+
     /// Notes that the identities `keys` are being sent together: each task
     /// among them (`task_ids`) gains the others as identities held beside
     /// it. A task already ended is skipped; its SVID is not sent.

@@ -2156,6 +2156,54 @@ mod tests {
         );
     }
 
+    /// An identity sent beside a task, minted before the task ended and
+    /// cached after (its mint was still being recorded), escapes the task's
+    /// re-key; the stream that carried the task drops it when it sees the
+    /// cache still holds what it sent. A newer SVID is left alone.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn an_identity_sent_beside_an_ended_task_is_not_sent_again() {
+        let agent = TestAgent::start().await;
+        let svc = &agent.svc.agent;
+        let entry = svc
+            .registry()
+            .entries()
+            .first()
+            .cloned()
+            .expect("the built-in entry");
+        let beside = crate::identity::Entitlement::from_entry(&entry);
+        let task = agent.begin("t-beside").await.unwrap();
+        let task_key = crate::agent::task_cache_key("t-beside");
+        let keys = vec![task_key.clone(), beside.cache_key.clone()];
+        svc.note_held_together(&["t-beside"], &keys);
+        let task_svid = agent.svid_for_task(&task, SystemTime::now()).await.unwrap();
+        // Its snapshot began before the task ended; its mint is cached after.
+        let snapshot_began = SystemTime::now();
+        svc.unindex_task("t-beside");
+        let sent = svc
+            .svid_for(&beside, snapshot_began, || {
+                crate::agent::Issuance::new(None)
+            })
+            .await
+            .unwrap();
+        assert!(svc.holds_cached_svid(&beside.cache_key));
+        let serials = vec![task_svid.svid.serial.clone(), sent.svid.serial.clone()];
+        svc.forget_svids_sent(&keys, &serials);
+        assert!(
+            !svc.holds_cached_svid(&beside.cache_key),
+            "what was sent beside the task would be sent again"
+        );
+        // One minted since is another key, and stays.
+        let fresh = svc
+            .svid_for(&beside, SystemTime::now(), || {
+                crate::agent::Issuance::new(None)
+            })
+            .await
+            .unwrap();
+        assert_ne!(fresh.svid.serial, sent.svid.serial);
+        svc.forget_svids_sent(&keys, &serials);
+        assert!(svc.holds_cached_svid(&beside.cache_key));
+    }
+
     /// BeginTask mints the task's first SVID: its serial is stored with the
     /// task and recorded beside `task_begun`, and the bound process's first
     /// fetch is served that SVID without another issuance.

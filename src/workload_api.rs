@@ -824,6 +824,10 @@ where
                         .collect();
                     if !ended.is_empty() {
                         crl_for_ended = unseen.crl_for_ended;
+                        // What was sent beside them is sent anew, re-keyed.
+                        if let Some(sent) = &last {
+                            agent.forget_svids_sent(&keys, &sent.serials);
+                        }
                         // When identities only went away, they are dropped
                         // from the last resolution rather than the caller
                         // resolved again.
