@@ -1867,23 +1867,27 @@ mod tests {
     }
 
     /// Holds the store's writer until the returned sender is used or
-    /// dropped: writes queued meanwhile wait behind it.
-    fn hold_writer(
+    /// dropped: writes queued meanwhile wait behind it. Returns once the
+    /// writer is held.
+    async fn hold_writer(
         agent: &TestAgent,
     ) -> (
         std::sync::mpsc::Sender<()>,
         tokio::task::JoinHandle<Result<(), StoreError>>,
     ) {
         let (release, held) = std::sync::mpsc::channel::<()>();
+        let (entered, writer_held) = tokio::sync::oneshot::channel::<()>();
         let store = agent.svc.store.clone();
         let blocker = tokio::spawn(async move {
             store
                 .write(move |_| {
+                    let _ = entered.send(());
                     let _ = held.recv();
                     Ok(())
                 })
                 .await
         });
+        writer_held.await.unwrap();
         (release, blocker)
     }
 
@@ -1902,15 +1906,15 @@ mod tests {
     async fn a_sub_task_begun_as_its_parent_completes_completes_with_it() {
         let agent = Arc::new(TestAgent::start().await);
         agent.begin("t-p").await.unwrap();
-        let (release, blocker) = hold_writer(&agent);
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        let (release, blocker) = hold_writer(&agent).await;
         let a = agent.clone();
         let child = tokio::spawn(async move { a.begin_task("t-c", Some("t-p"), None).await });
         // The sub-task's row is queued, then the parent's completion after it.
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        until_in_flight(&agent, "t-c").await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
         let tasks = agent.svc.tasks.clone();
         let end = tokio::spawn(async move { tasks.end("t-p", String::new()).await });
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        until_in_flight(&agent, "t-p").await;
         release.send(()).unwrap();
         blocker.await.unwrap().unwrap();
         child.await.unwrap().unwrap();
@@ -1919,6 +1923,18 @@ mod tests {
         let (ended, serials) = agent.svc.tasks.end("t-c", String::new()).await.unwrap();
         assert_completed_and_revoked(&agent, &ended, &serials, "parent_completed");
         assert!(agent.svc.agent.active_task("t-c").is_none());
+    }
+
+    /// Returns once `id` is being begun or completed.
+    async fn until_in_flight(agent: &TestAgent, id: &str) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while !agent.svc.tasks.inner().in_flight.contains_key(id) {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{id} never in flight"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
     }
 
     /// `task` is reported completed for `reason`, and exactly `serials`
@@ -1953,15 +1969,14 @@ mod tests {
     async fn end_waits_for_a_completion_in_flight() {
         let agent = TestAgent::start().await;
         agent.begin("t-x").await.unwrap();
-        let (release, blocker) = hold_writer(&agent);
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        let (release, blocker) = hold_writer(&agent).await;
         let tasks = agent.svc.tasks.clone();
         let trigger = tokio::spawn(async move {
             tasks
                 .complete("t-x", CompletionReason::ProcessExited, String::new())
                 .await
         });
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        until_in_flight(&agent, "t-x").await;
         let tasks = agent.svc.tasks.clone();
         let end = tokio::spawn(async move { tasks.end("t-x", "done".into()).await });
         tokio::time::sleep(Duration::from_millis(300)).await;
@@ -2129,7 +2144,7 @@ mod tests {
         assert!(agent.svc.agent.holds_cached_svid(&key));
 
         // The store's writer is held, so the next mint waits on its write.
-        let (release, blocker) = hold_writer(&agent);
+        let (release, blocker) = hold_writer(&agent).await;
         // Past the first SVID's rotation point, so a new one is minted.
         let later = SystemTime::now() + Duration::from_secs(45);
         let mint = {
