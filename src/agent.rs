@@ -62,8 +62,6 @@ struct Revocations {
     next_crl_number: u64,
     /// The highest CRL number the store has reserved for this run.
     reserved_through: u64,
-    /// The CRL size last warned about (`crl_size_warning`).
-    crl_size_warned: usize,
 }
 
 /// A CRL this large (DER bytes) is logged as a warning: every Workload API
@@ -154,8 +152,9 @@ pub struct Crls {
     /// Shared by every message that carries them, never copied per stream.
     pub ders: Vec<bytes::Bytes>,
     pub generation: u64,
-    /// Revocations they list.
+    /// Revocations they list, and their size in DER bytes.
     pub entries: usize,
+    pub bytes: usize,
 }
 
 /// Active tasks, indexed the two ways a caller can fall inside a binding.
@@ -1045,6 +1044,8 @@ impl Agent {
         let mut requested = self.crl_requested.subscribe();
         let mut not_before = std::time::Instant::now();
         let mut again_at = tokio::time::Instant::now() + refresh;
+        // The CRL size last warned about (`crl_size_warning`).
+        let mut size_warned = 0;
         loop {
             let target = *requested.borrow_and_update();
             let done = self
@@ -1066,6 +1067,17 @@ impl Agent {
                     Ok(()) => {
                         self.crl_published.send_modify(|p| p.epoch = target);
                         again_at = tokio::time::Instant::now() + refresh;
+                        let crls = self.crls();
+                        let warn;
+                        (size_warned, warn) = crl_size_warning(size_warned, crls.bytes);
+                        if warn {
+                            tracing::warn!(
+                                crl_bytes = crls.bytes,
+                                crl_entries = crls.entries,
+                                "the CRL that every Workload API message carries is {} KiB; gRPC clients refuse messages over 4 MiB by default. Revoked certificates stay listed until they expire: a shorter [tasks] x509_svid_ttl (or shorter tasks) keeps the list short",
+                                crls.bytes / 1024
+                            );
+                        }
                     }
                     Err(e) => {
                         tracing::error!(error = %e, "publishing a new CRL failed; retrying in {retry:?}");
@@ -1186,20 +1198,6 @@ impl Agent {
             (ca.finish_crls(prepared)?, entries)
         };
         let bytes = ders.iter().map(bytes::Bytes::len).sum();
-        let warn = {
-            let mut state = lock(&self.revocations);
-            let (warned, warn) = crl_size_warning(state.crl_size_warned, bytes);
-            state.crl_size_warned = warned;
-            warn
-        };
-        if warn {
-            tracing::warn!(
-                crl_bytes = bytes,
-                crl_entries = entries,
-                "the CRL that every Workload API message carries is {} KiB; gRPC clients refuse messages over 4 MiB by default. Revoked certificates stay listed until they expire: a shorter [tasks] x509_svid_ttl (or shorter tasks) keeps the list short",
-                bytes / 1024
-            );
-        }
         {
             let mut crls = write_lock(&self.crls);
             let generation = crls.generation + 1;
@@ -1207,6 +1205,7 @@ impl Agent {
                 ders,
                 generation,
                 entries,
+                bytes,
             });
         }
         self.notify(Change::Documents);

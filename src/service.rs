@@ -599,9 +599,7 @@ fn refresh_gauges(services: &Services) -> Refresh {
         let crls = agent.crls();
         let gauge = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
         metrics.crl_entries.set(gauge(crls.entries));
-        metrics
-            .crl_bytes
-            .set(gauge(crls.ders.iter().map(bytes::Bytes::len).sum()));
+        metrics.crl_bytes.set(gauge(crls.bytes));
         for info in federation.list() {
             if let Some(success) = info.fetch.and_then(|f| f.last_success) {
                 metrics

@@ -320,6 +320,33 @@ struct Inner {
     retrying: std::collections::HashSet<String>,
 }
 
+impl Inner {
+    /// Puts `task` in the active set, and under its parent when
+    /// `under_parent` (an orphan is not: its parent is gone).
+    fn insert_active(
+        &mut self,
+        task: &Arc<Task>,
+        watcher: Option<tokio::task::AbortHandle>,
+        under_parent: bool,
+    ) {
+        self.active.insert(
+            task.id.clone(),
+            ActiveTask {
+                task: task.clone(),
+                watcher,
+            },
+        );
+        if let Some(parent) = &task.parent_id
+            && under_parent
+        {
+            self.children
+                .entry(parent.clone())
+                .or_default()
+                .push(task.id.clone());
+        }
+    }
+}
+
 /// Settles the tasks it marked in flight when dropped, whichever way the
 /// work ends: their waiters then look again.
 struct InFlight {
@@ -725,22 +752,7 @@ impl TaskManager {
             // completion works on the active set (and EndTask finds it).
             // It is neither watched nor served.
             let watcher = (!parent_gone).then(|| self.spawn_watcher(task.clone(), pinned.clone()));
-            inner.active.insert(
-                task.id.clone(),
-                ActiveTask {
-                    task: task.clone(),
-                    watcher,
-                },
-            );
-            if let Some(p) = &task.parent_id
-                && !parent_gone
-            {
-                inner
-                    .children
-                    .entry(p.clone())
-                    .or_default()
-                    .push(task.id.clone());
-            }
+            inner.insert_active(&task, watcher, !parent_gone);
             parent_gone
         };
         if parent_gone {
@@ -823,10 +835,9 @@ impl TaskManager {
             // Not active: being begun, being completed by another trigger,
             // or settled. Reported only once settled, so that a task said to
             // be over is durably over, and one being begun is ended.
-            if !self.settled(id).await {
-                continue;
+            if self.settled(id).await {
+                break;
             }
-            break;
         }
         match self.get(id)? {
             Some(t) => Ok((Arc::new(t), self.issued_serials(id)?)),
@@ -891,7 +902,7 @@ impl TaskManager {
     ) -> Result<Option<(Arc<Task>, Vec<String>)>, TaskError> {
         let manager = self.clone();
         let task = id.to_owned();
-        tokio::spawn(async move { manager.complete_now(&task, reason, detail, true).await })
+        tokio::spawn(async move { manager.complete_now(&task, reason, detail).await })
             .await
             .map_err(|e| TaskError::Interrupted {
                 task: id.to_owned(),
@@ -900,14 +911,13 @@ impl TaskManager {
     }
 
     /// The body of `complete_reporting`. A completion the store refuses puts
-    /// its tasks back in the active set (still unserved) and, if
-    /// `retry_on_failure`, is retried in the background until it persists.
+    /// its tasks back in the active set (still unserved) and is retried in
+    /// the background until it persists.
     async fn complete_now(
         self: &Arc<Self>,
         id: &str,
         reason: CompletionReason,
         detail: String,
-        retry_on_failure: bool,
     ) -> Result<Option<(Arc<Task>, Vec<String>)>, TaskError> {
         let (victims, _in_flight): (Vec<(Arc<Task>, CompletionReason)>, _) = {
             let mut inner = self.inner();
@@ -1014,9 +1024,7 @@ impl TaskManager {
                     crl_epoch: None,
                 });
                 self.reinstate(&victims);
-                if retry_on_failure {
-                    self.retry_completion(id, reason, detail);
-                }
+                self.retry_completion(id, reason, detail);
                 return Err(e.into());
             }
         };
@@ -1113,25 +1121,13 @@ impl TaskManager {
     fn reinstate(&self, victims: &[(Arc<Task>, CompletionReason)]) {
         let mut inner = self.inner();
         for (task, _) in victims {
-            inner.active.insert(
-                task.id.clone(),
-                ActiveTask {
-                    task: task.clone(),
-                    watcher: None,
-                },
-            );
-            if let Some(parent) = &task.parent_id {
-                inner
-                    .children
-                    .entry(parent.clone())
-                    .or_default()
-                    .push(task.id.clone());
-            }
+            inner.insert_active(task, None, true);
         }
     }
 
     /// Retries completing `id` with backoff until it persists or something
-    /// else completes it; one retry loop per task at a time.
+    /// else completes it; one retry loop per task at a time (a retry that
+    /// fails finds its own loop running and starts no other).
     fn retry_completion(self: &Arc<Self>, id: &str, reason: CompletionReason, detail: String) {
         if !self.inner().retrying.insert(id.to_owned()) {
             return;
@@ -1142,10 +1138,7 @@ impl TaskManager {
             let mut wait = COMPLETION_RETRY_FIRST;
             loop {
                 tokio::time::sleep(wait).await;
-                match manager
-                    .complete_now(&id, reason, detail.clone(), false)
-                    .await
-                {
+                match manager.complete_now(&id, reason, detail.clone()).await {
                     Ok(_) => break,
                     Err(e) => {
                         tracing::warn!(task = %id, error = %e, "retrying a task's completion failed");
@@ -1339,24 +1332,8 @@ impl TaskManager {
     }
 
     fn activate_restored(self: &Arc<Self>, task: Arc<Task>, pinned: Option<Arc<PinnedProcess>>) {
-        {
-            let mut inner = self.inner();
-            let watcher = self.spawn_watcher(task.clone(), pinned.clone());
-            inner.active.insert(
-                task.id.clone(),
-                ActiveTask {
-                    task: task.clone(),
-                    watcher: Some(watcher),
-                },
-            );
-            if let Some(p) = &task.parent_id {
-                inner
-                    .children
-                    .entry(p.clone())
-                    .or_default()
-                    .push(task.id.clone());
-            }
-        }
+        let watcher = self.spawn_watcher(task.clone(), pinned);
+        self.inner().insert_active(&task, Some(watcher), true);
         self.agent.index_task(task);
     }
 }

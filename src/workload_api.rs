@@ -855,7 +855,7 @@ where
                 // that exec'd since is resolved afresh first. (A change with
                 // nothing to send costs a stream nothing at all.)
                 if unseen.documents {
-                    let documents_bytes = agent.crls().ders.iter().map(|d| d.len() as u64).sum();
+                    let documents_bytes = agent.crls().bytes as u64;
                     let open_streams =
                         u64::try_from(agent.metrics().open_streams.get()).unwrap_or(0);
                     documents.documents_changed(documents_hold(open_streams, documents_bytes));
