@@ -22,6 +22,10 @@ pub enum StoreError {
     Sql(#[from] rusqlite::Error),
     #[error("database commit failed: {0}")]
     Commit(String),
+    #[error(
+        "SQLite rolled back the transaction after a failed statement; nothing it held was stored"
+    )]
+    RolledBack,
     #[error("the store's writer has stopped")]
     Closed,
     #[error("stored record is corrupt: {0}")]
@@ -257,11 +261,17 @@ fn run_writer(mut conn: Connection, jobs: mpsc::Receiver<Job>) {
                 Err(_) => break,
             }
         }
-        commit_batch(&mut conn, batch);
+        while !batch.is_empty() {
+            batch = commit_batch(&mut conn, batch);
+        }
     }
 }
 
-fn commit_batch(conn: &mut Connection, batch: Vec<Job>) {
+/// Runs `batch` in one transaction and delivers every job's outcome. If
+/// SQLite ends the transaction itself partway (it may, on a full disk, an
+/// I/O error, or running out of memory), the jobs it took with it are told
+/// so and the jobs not yet run are returned, for a transaction of their own.
+fn commit_batch(conn: &mut Connection, batch: Vec<Job>) -> Vec<Job> {
     let tx = match conn.transaction() {
         Ok(tx) => tx,
         Err(e) => {
@@ -271,13 +281,14 @@ fn commit_batch(conn: &mut Connection, batch: Vec<Job>) {
                 let (_, completion) = job(Err(&err));
                 completion(Some(&err));
             }
-            return;
+            return Vec::new();
         }
     };
     let mut completions = Vec::with_capacity(batch.len());
     // Prepared once per connection, not parsed again for every job.
     let run = |sql: &str| tx.prepare_cached(sql).and_then(|mut s| s.execute([]));
-    for job in batch {
+    let mut jobs = batch.into_iter();
+    while let Some(job) = jobs.next() {
         // Each job in its own savepoint: a failing job rolls back only its
         // own changes, never its batch-mates'.
         if let Err(e) = run("SAVEPOINT job") {
@@ -287,6 +298,18 @@ fn commit_batch(conn: &mut Connection, batch: Vec<Job>) {
             continue;
         }
         let (ok, completion) = job(Ok(&tx));
+        completions.push(completion);
+        if tx.is_autocommit() {
+            // Without this, the savepoint of the next job would open a new
+            // transaction, and its commit would report this one's jobs as
+            // stored when SQLite has discarded them.
+            let err = StoreError::RolledBack;
+            tracing::error!(error = %err, jobs = completions.len(), "store transaction lost");
+            for completion in completions {
+                completion(Some(&err));
+            }
+            return jobs.collect();
+        }
         let closed = if ok {
             run("RELEASE job")
         } else {
@@ -295,7 +318,6 @@ fn commit_batch(conn: &mut Connection, batch: Vec<Job>) {
         if let Err(e) = closed {
             tracing::error!(error = %e, "closing a savepoint failed");
         }
-        completions.push(completion);
     }
     let commit_error = tx.commit().err().map(StoreError::Sql);
     if let Some(e) = &commit_error {
@@ -304,6 +326,7 @@ fn commit_batch(conn: &mut Connection, batch: Vec<Job>) {
     for completion in completions {
         completion(commit_error.as_ref());
     }
+    Vec::new()
 }
 
 fn migrate(conn: &Connection) -> Result<(), StoreError> {
@@ -564,6 +587,60 @@ mod tests {
         store.check().unwrap();
         store.close();
         assert!(matches!(store.check(), Err(StoreError::Closed)));
+    }
+
+    /// SQLite rolls back the whole transaction on some errors (a full disk,
+    /// I/O errors); a job that ends it stands in for one. The jobs before it
+    /// in its batch are told their writes were lost, the ones after it are
+    /// committed on their own.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_transaction_sqlite_rolled_back_reports_its_jobs_failed() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("w.db")).unwrap();
+        // Hold the writer so that the next three jobs queue into one batch.
+        let (held_tx, held_rx) = std::sync::mpsc::channel();
+        let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+        let holder = store
+            .start_write(move |_| {
+                let _ = held_tx.send(());
+                let _ = release_rx.recv();
+                Ok(())
+            })
+            .unwrap();
+        held_rx.recv().unwrap();
+        let insert = |key: &'static str| {
+            move |c: &Connection| {
+                c.execute("INSERT INTO meta(key, value) VALUES (?1, 1)", [key])?;
+                Ok(())
+            }
+        };
+        let before = store.start_write(insert("before")).unwrap();
+        let lost = store
+            .start_write(|c| {
+                c.execute("INSERT INTO meta(key, value) VALUES ('lost', 1)", [])?;
+                c.execute_batch("ROLLBACK")?;
+                Ok(())
+            })
+            .unwrap();
+        let after = store.start_write(insert("after")).unwrap();
+        release_tx.send(()).unwrap();
+        holder.await.unwrap();
+        let (before, lost, after) = tokio::join!(before, lost, after);
+        for (name, outcome) in [("before", before), ("lost", lost)] {
+            let e = outcome.expect_err(name);
+            assert!(e.to_string().contains("rolled back"), "{name}: {e}");
+        }
+        after.unwrap();
+        let keys: Vec<String> = store
+            .read(|c| {
+                let mut s = c.prepare(
+                    "SELECT key FROM meta WHERE key IN ('before', 'lost', 'after') ORDER BY key",
+                )?;
+                Ok(s.query_map([], |r| r.get(0))?.collect::<Result<_, _>>()?)
+            })
+            .unwrap();
+        assert_eq!(keys, vec!["after".to_string()]);
+        store.close();
     }
 
     #[tokio::test(flavor = "multi_thread")]
