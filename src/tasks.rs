@@ -123,15 +123,20 @@ pub enum CompletionReason {
     CgroupEmpty,
     TtlExpired,
     ParentCompleted,
+    /// Found active at start-up with a stored record this writ cannot read
+    /// (damaged, or written by a newer writ): it cannot be re-pinned, so
+    /// it is ended and its certificates revoked.
+    RecordUnreadable,
 }
 
 impl CompletionReason {
-    pub const ALL: [CompletionReason; 5] = [
+    pub const ALL: [CompletionReason; 6] = [
         CompletionReason::EndTask,
         CompletionReason::ProcessExited,
         CompletionReason::CgroupEmpty,
         CompletionReason::TtlExpired,
         CompletionReason::ParentCompleted,
+        CompletionReason::RecordUnreadable,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -141,6 +146,7 @@ impl CompletionReason {
             CompletionReason::CgroupEmpty => "cgroup_empty",
             CompletionReason::TtlExpired => "ttl_expired",
             CompletionReason::ParentCompleted => "parent_completed",
+            CompletionReason::RecordUnreadable => "record_unreadable",
         }
     }
 }
@@ -1158,9 +1164,7 @@ impl TaskManager {
         self.store
             .read(move |conn| {
                 conn.query_row(
-                    "SELECT task_id, spiffe_id, parent_task_id, record, created_at, expires_at,
-                        completed_at, completion_reason, completion_detail
-                 FROM tasks WHERE task_id = ?1",
+                    &format!("SELECT {TASK_COLUMNS} FROM tasks WHERE task_id = ?1"),
                     params![id],
                     row_to_task,
                 )
@@ -1182,17 +1186,22 @@ impl TaskManager {
             return Ok(v);
         }
         let rows = self.store.read(|conn| {
-            let mut stmt = conn.prepare(
-                "SELECT task_id, spiffe_id, parent_task_id, record, created_at, expires_at,
-                        completed_at, completion_reason, completion_detail
-                 FROM tasks ORDER BY created_at, task_id",
-            )?;
+            let mut stmt = conn.prepare(&format!(
+                "SELECT {TASK_COLUMNS} FROM tasks ORDER BY created_at, task_id"
+            ))?;
             let rows = stmt
                 .query_map([], row_to_task)?
                 .collect::<Result<Vec<_>, _>>()?;
             Ok(rows)
         })?;
-        rows.into_iter().collect()
+        // One unreadable row does not hide every other task; `get` names it.
+        Ok(rows
+            .into_iter()
+            .filter_map(|row| {
+                row.inspect_err(|e| tracing::warn!(error = %e, "ListTasks left out a task"))
+                    .ok()
+            })
+            .collect())
     }
 
     /// Serials issued for a task, hex.
@@ -1268,18 +1277,26 @@ impl TaskManager {
     /// After a restart: re-pins tasks whose binding still lives, and completes
     /// the rest (process gone, cgroup empty, TTL passed, parent gone).
     pub async fn restore(self: &Arc<Self>) -> Result<(), TaskError> {
-        let tasks = self.store.read(|conn| {
-            let mut stmt = conn.prepare(
-                "SELECT task_id, spiffe_id, parent_task_id, record, created_at, expires_at,
-                        completed_at, completion_reason, completion_detail
-                 FROM tasks WHERE completed_at IS NULL ORDER BY created_at, task_id",
-            )?;
+        let rows = self.store.read(|conn| {
+            let mut stmt = conn.prepare(&format!(
+                "SELECT {TASK_COLUMNS}, rowid FROM tasks WHERE completed_at IS NULL
+                 ORDER BY created_at, task_id"
+            ))?;
             let rows = stmt
-                .query_map([], row_to_task)?
+                .query_map([], |r| Ok((r.get::<_, i64>(9)?, row_to_task(r)?)))?
                 .collect::<Result<Vec<_>, _>>()?;
             Ok(rows)
         })?;
-        let mut tasks = tasks.into_iter().collect::<Result<Vec<_>, _>>()?;
+        let mut tasks = Vec::with_capacity(rows.len());
+        let mut unreadable = Vec::new();
+        for (rowid, task) in rows {
+            match task {
+                Ok(task) => tasks.push(task),
+                Err(e) => unreadable.push((rowid, e.to_string())),
+            }
+        }
+        // Their sub-tasks are not restored either: they find no parent below.
+        self.complete_unreadable(unreadable).await?;
         // Parents before children, so each child finds its parent active.
         tasks.sort_by_key(|t| t.depth);
         let now = SystemTime::now();
@@ -1331,6 +1348,87 @@ impl TaskManager {
         Ok(())
     }
 
+    /// Ends active tasks whose stored record cannot be read (by rowid, as
+    /// not even their id may be), revoking what was issued for them: writ
+    /// cannot tell what they were bound to, so it serves them no more, and
+    /// starts rather than refusing to over one damaged row.
+    async fn complete_unreadable(&self, rows: Vec<(i64, String)>) -> Result<(), TaskError> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let reason = CompletionReason::RecordUnreadable.as_str();
+        let at = unix_secs(SystemTime::now());
+        let revoked_at = from_unix_secs(at);
+        let problems = rows.clone();
+        let revoked = self
+            .store
+            .write(move |conn| {
+                let mut revoked = Vec::new();
+                for (rowid, problem) in &problems {
+                    conn.execute(
+                        "UPDATE tasks SET completed_at = ?2, completion_reason = ?3, completion_detail = ?4
+                         WHERE rowid = ?1 AND completed_at IS NULL",
+                        params![rowid, at, reason, problem],
+                    )?;
+                    let issued = "FROM issued i JOIN tasks t ON i.task_id = t.task_id WHERE t.rowid = ?1";
+                    conn.execute(
+                        &format!(
+                            "INSERT OR IGNORE INTO revocations(serial, issuer_key_id, not_after, revoked_at, task_id, reason)
+                             SELECT i.serial, i.issuer_key_id, i.not_after, ?2, i.task_id, ?3 {issued}"
+                        ),
+                        params![rowid, at, reason],
+                    )?;
+                    let mut stmt = conn.prepare(&format!(
+                        "SELECT i.serial, i.issuer_key_id, i.not_after {issued}"
+                    ))?;
+                    let serials = stmt
+                        .query_map(params![rowid], |r| {
+                            Ok((
+                                crate::ca::RevokedCert {
+                                    serial: r.get(0)?,
+                                    issuer_key_id: r.get(1)?,
+                                    revoked_at,
+                                },
+                                r.get::<_, i64>(2)?,
+                            ))
+                        })?
+                        .collect::<Result<Vec<_>, _>>()?;
+                    revoked.push(serials);
+                }
+                Ok(revoked)
+            })
+            .await?;
+        let serials: usize = revoked.iter().map(Vec::len).sum();
+        self.agent.metrics().revocations.inc_by(serials as u64);
+        self.agent.add_revocations(revoked.iter().flatten());
+        if serials > 0 {
+            let wanted = self.agent.request_crls();
+            if let Err(e) = self.agent.crls_published(wanted).await {
+                tracing::error!(error = %e, "publishing a new CRL failed");
+            }
+        }
+        let correlation_id = ulid::Ulid::new().to_string();
+        let mut records = Vec::new();
+        for ((_, problem), certs) in rows.iter().zip(&revoked) {
+            tracing::error!(%problem, revoked = certs.len(), "ended a task whose stored record cannot be read");
+            self.agent.metrics().task_completed(reason);
+            let serials: Vec<String> = certs.iter().map(|(c, _)| hex::encode(&c.serial)).collect();
+            records.push(
+                AuditEvent::new(EventKind::TaskEnded, correlation_id.clone())
+                    .reason(reason)
+                    .detail("detail", problem.clone()),
+            );
+            records.push(
+                AuditEvent::new(EventKind::Revoked, correlation_id.clone())
+                    .reason("task completed")
+                    .detail("detail", problem.clone())
+                    .detail("serials", serials),
+            );
+        }
+        self.agent.record_all_best_effort(records).await;
+        Ok(())
+    }
+
     fn activate_restored(self: &Arc<Self>, task: Arc<Task>, pinned: Option<Arc<PinnedProcess>>) {
         let watcher = self.spawn_watcher(task.clone(), pinned);
         self.inner().insert_active(&task, Some(watcher), true);
@@ -1338,18 +1436,43 @@ impl TaskManager {
     }
 }
 
+/// The columns `row_to_task` reads, in its order.
+const TASK_COLUMNS: &str = "task_id, spiffe_id, parent_task_id, record, created_at, expires_at,
+     completed_at, completion_reason, completion_detail";
+
+/// A stored task, or why its row cannot be one (named by its id as far as
+/// that can be read). A value of the wrong type is such a reason too, never
+/// an error of the whole query: one damaged row must not hide the others.
 fn row_to_task(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<Task, TaskError>> {
-    let id: String = r.get(0)?;
-    let spiffe_id: String = r.get(1)?;
-    let parent_id: Option<String> = r.get(2)?;
-    let record: String = r.get(3)?;
-    let created_at: i64 = r.get(4)?;
-    let expires_at: i64 = r.get(5)?;
-    let completed_at: Option<i64> = r.get(6)?;
-    let reason: Option<String> = r.get(7)?;
-    let detail: Option<String> = r.get(8)?;
+    use rusqlite::types::ValueRef;
+    let id = match r.get_ref(0)? {
+        ValueRef::Text(t) => String::from_utf8_lossy(t).into_owned(),
+        ValueRef::Integer(i) => i.to_string(),
+        ValueRef::Real(f) => f.to_string(),
+        ValueRef::Blob(b) => format!("x'{}'", hex::encode(b)),
+        ValueRef::Null => "NULL".to_owned(),
+    };
     let corrupt =
         |what: String| TaskError::Store(StoreError::Corrupt(format!("task {id}: {what}")));
+    macro_rules! column {
+        ($i:expr, $name:literal) => {
+            match r.get($i) {
+                Ok(v) => v,
+                Err(e) => return Ok(Err(corrupt(format!("{}: {e}", $name)))),
+            }
+        };
+    }
+    let spiffe_id: String = column!(1, "spiffe_id");
+    let parent_id: Option<String> = column!(2, "parent_task_id");
+    let record: String = column!(3, "record");
+    let created_at: i64 = column!(4, "created_at");
+    let expires_at: i64 = column!(5, "expires_at");
+    let completed_at: Option<i64> = column!(6, "completed_at");
+    let reason: Option<String> = column!(7, "completion_reason");
+    let detail: Option<String> = column!(8, "completion_detail");
+    if !matches!(r.get_ref(0)?, ValueRef::Text(_)) {
+        return Ok(Err(corrupt("task_id is not text".into())));
+    }
     let record: TaskRecord = match serde_json::from_str(&record) {
         Ok(r) => r,
         Err(e) => return Ok(Err(corrupt(e.to_string()))),
@@ -2057,8 +2180,17 @@ mod tests {
             })
             .await
             .unwrap();
+        let fresh = restarted(&agent);
+        fresh.restore().await.unwrap();
+        let c = fresh.get("t-c").unwrap().unwrap();
+        let completion = c.completion.expect("the sub-task was resumed");
+        assert_eq!(completion.reason, "parent_completed");
+    }
+
+    /// A task manager over the same store and agent, as after a restart.
+    fn restarted(agent: &TestAgent) -> Arc<TaskManager> {
         let t = &agent.config.tasks;
-        let fresh = TaskManager::new(
+        TaskManager::new(
             agent.svc.agent.clone(),
             agent.svc.store.clone(),
             TaskLimits {
@@ -2070,11 +2202,93 @@ mod tests {
                 completed_retention: t.completed_retention,
             },
             None,
-        );
+        )
+    }
+
+    /// An active task whose stored record cannot be read (damaged, or
+    /// written by a newer writ) does not stop writ from starting: it is
+    /// ended, its serials revoked and published, its sub-tasks end with
+    /// it, and every other task is restored and still listed.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn restore_ends_tasks_whose_record_is_unreadable_and_restores_the_rest() {
+        let agent = TestAgent::start().await;
+        agent.begin("t-ok").await.unwrap();
+        agent.begin("t-json").await.unwrap();
+        agent.begin("t-blob").await.unwrap();
+        agent
+            .begin_task("t-sub", Some("t-json"), None)
+            .await
+            .unwrap();
+        let bad_serials: Vec<String> = ["t-json", "t-blob"]
+            .iter()
+            .flat_map(|id| agent.svc.tasks.issued_serials(id).unwrap())
+            .collect();
+        assert_eq!(bad_serials.len(), 2);
+        agent
+            .svc
+            .store
+            .write(|c| {
+                c.execute(
+                    "UPDATE tasks SET record = '{\"binding\": {\"Future\": 1}}' WHERE task_id = 't-json'",
+                    [],
+                )?;
+                c.execute("UPDATE tasks SET record = x'00ff' WHERE task_id = 't-blob'", [])?;
+                Ok(())
+            })
+            .await
+            .unwrap();
+        let fresh = restarted(&agent);
         fresh.restore().await.unwrap();
-        let c = fresh.get("t-c").unwrap().unwrap();
-        let completion = c.completion.expect("the sub-task was resumed");
-        assert_eq!(completion.reason, "parent_completed");
+
+        assert!(fresh.get("t-ok").unwrap().unwrap().completion.is_none());
+        let sub = fresh.get("t-sub").unwrap().unwrap();
+        assert_eq!(sub.completion.unwrap().reason, "parent_completed");
+        for id in ["t-json", "t-blob"] {
+            let e = fresh.get(id).unwrap_err().to_string();
+            assert!(e.contains(id), "{e}");
+            let reason: String = agent
+                .svc
+                .store
+                .read(move |c| {
+                    Ok(c.query_row(
+                        "SELECT completion_reason FROM tasks WHERE task_id = ?1",
+                        params![id],
+                        |r| r.get(0),
+                    )?)
+                })
+                .unwrap();
+            assert_eq!(reason, "record_unreadable");
+        }
+        let listed: Vec<String> = fresh
+            .list(true)
+            .unwrap()
+            .into_iter()
+            .map(|t| t.id)
+            .collect();
+        assert_eq!(listed, ["t-ok", "t-sub"]);
+        // Revoked in the store and in the CRL writ now publishes.
+        let crls = agent.svc.agent.crls();
+        let mut published = std::collections::HashSet::new();
+        for der in &crls.ders {
+            use x509_parser::prelude::FromDer as _;
+            let (_, crl) =
+                x509_parser::revocation_list::CertificateRevocationList::from_der(der).unwrap();
+            published.extend(
+                crl.iter_revoked_certificates()
+                    .map(|r| hex::encode(r.raw_serial())),
+            );
+        }
+        for serial in &bad_serials {
+            assert!(published.contains(serial), "{serial} not in the CRL");
+        }
+        let ended = agent.records_of("task_ended");
+        assert_eq!(
+            ended
+                .iter()
+                .filter(|r| r["reason"] == "record_unreadable")
+                .count(),
+            2
+        );
     }
 
     /// EndTask racing BeginTask (the task stored, not yet active) waits for

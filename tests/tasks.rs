@@ -1043,6 +1043,63 @@ async fn after_a_crash_dead_tasks_are_revoked_and_live_ones_resume() {
     );
 }
 
+/// A task row damaged while writ is down (or written by a newer writ) does
+/// not keep writ from starting: that task is ended and its serial revoked,
+/// GetTask names the damage (DataLoss), and the other task carries on.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_damaged_task_row_is_ended_and_revoked_at_restart_and_writ_still_starts() {
+    let mut writ = Writ::start(&config(""));
+    let damaged = BoundChild::spawn(&writ, "damaged");
+    let alive = BoundChild::spawn(&writ, "alive");
+    {
+        let mut tasks = tasks_client(&writ).await;
+        tasks
+            .begin_task(begin_pid("damaged", damaged.pid()))
+            .await
+            .unwrap();
+        tasks
+            .begin_task(begin_pid("lives", alive.pid()))
+            .await
+            .unwrap();
+    }
+    damaged.go();
+    alive.go();
+    let (_, damaged_serials) = damaged.next_update(Duration::from_secs(10));
+    alive.next_update(Duration::from_secs(10));
+
+    writ.kill9();
+    {
+        let db = rusqlite::Connection::open(writ.dir.path().join("state/writ.db")).unwrap();
+        let changed = db
+            .execute(
+                "UPDATE tasks SET record = 'not json' WHERE task_id = 'damaged'",
+                [],
+            )
+            .unwrap();
+        assert_eq!(changed, 1);
+    }
+    writ.spawn();
+
+    let mut tasks = tasks_client(&writ).await;
+    let e = tasks
+        .get_task(apb::GetTaskRequest {
+            task_id: "damaged".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::DataLoss, "{e:?}");
+    assert!(e.message().contains("damaged"), "{e:?}");
+    let (crls, _) = crls_and_bundle(&writ).await;
+    assert!(
+        revoked_serials(&crls).contains(&damaged_serials[0]),
+        "the damaged task's serial is not in the CRL"
+    );
+    let t = get_task(&mut tasks, "lives").await;
+    assert_eq!(t.completed_at, 0, "{t:?}");
+    let (ids, _) = alive.next_update(Duration::from_secs(10));
+    assert_eq!(ids[0], format!("{ORCH_ID}/task/lives"));
+}
+
 /// The store keeps a completed task for `completed_retention`, and its
 /// serial and revocation until the certificate expires; then a prune (one
 /// runs at every start) removes them, a sub-task first and then its parent
