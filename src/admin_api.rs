@@ -98,7 +98,7 @@ pub fn task_status(e: TaskError) -> Status {
         TaskError::Invalid { .. } => Status::invalid_argument(e.to_string()),
         TaskError::NotFound(_) => Status::not_found(e.to_string()),
         TaskError::AlreadyExists(_) => Status::already_exists(e.to_string()),
-        TaskError::Completed(_) => Status::failed_precondition(e.to_string()),
+        TaskError::ParentCompleted(_) => Status::failed_precondition(e.to_string()),
         TaskError::PermissionDenied(_) | TaskError::PolicyDenied(_) => {
             Status::permission_denied(e.to_string())
         }

@@ -30,8 +30,8 @@ pub enum TaskError {
     NotFound(String),
     #[error("task {0} already exists")]
     AlreadyExists(String),
-    #[error("task {0} has already completed")]
-    Completed(String),
+    #[error("parent_task_id: task {0} has completed")]
+    ParentCompleted(String),
     #[error("{0}")]
     PermissionDenied(String),
     #[error("store: {0}")]
@@ -65,7 +65,7 @@ fn task_row_writer(
             // Same transaction order as completion: a parent completed
             // before this commit cannot gain a child after it.
             if !crate::store::task_is_active(conn, parent)? {
-                return Ok(Err(TaskError::Completed(parent.clone())));
+                return Ok(Err(TaskError::ParentCompleted(parent.clone())));
             }
         }
         let inserted = conn
@@ -458,15 +458,7 @@ impl TaskManager {
         validate_intent(&req.intent)?;
 
         let parent = match &req.parent_task_id {
-            Some(pid) => Some(
-                self.inner()
-                    .active
-                    .get(pid)
-                    .map(|a| a.task.clone())
-                    .ok_or_else(|| {
-                        invalid("parent_task_id", format!("task {pid} is not active"))
-                    })?,
-            ),
+            Some(pid) => Some(self.active_parent(pid).await?),
             None => None,
         };
         let depth = parent.as_ref().map_or(1, |p| p.depth + 1);
@@ -865,6 +857,21 @@ impl TaskManager {
             .complete_reporting(id, reason, detail)
             .await?
             .map(|(task, _)| task))
+    }
+
+    /// The active task `id`, to begin a sub-task under; one still being
+    /// begun or completed is waited for, so that the answer does not depend
+    /// on the moment it is asked. A completed parent is a state the caller
+    /// can see (FailedPrecondition), an unknown one a mistake in the request.
+    async fn active_parent(&self, id: &str) -> Result<Arc<Task>, TaskError> {
+        self.until_settled(id).await;
+        if let Some(active) = self.inner().active.get(id) {
+            return Ok(active.task.clone());
+        }
+        match self.get(id)? {
+            Some(_) => Err(TaskError::ParentCompleted(id.to_owned())),
+            None => Err(invalid("parent_task_id", format!("no task {id}"))),
+        }
     }
 
     /// Returns once nothing is in flight for `id` (neither its begin nor
@@ -2185,6 +2192,55 @@ mod tests {
         let c = fresh.get("t-c").unwrap().unwrap();
         let completion = c.completion.expect("the sub-task was resumed");
         assert_eq!(completion.reason, "parent_completed");
+    }
+
+    /// A sub-task under a completed parent gets the same answer whenever it
+    /// asks, even while the parent's completion is still being stored; one
+    /// asked for while its parent is being begun waits for it; an unknown
+    /// parent is a mistake in the request.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_sub_task_under_a_completed_parent_is_refused_the_same_way_whenever_asked() {
+        let agent = Arc::new(TestAgent::start().await);
+        let (release, blocker) = hold_writer(&agent).await;
+        let a = agent.clone();
+        let parent = tokio::spawn(async move { a.begin("t-p").await });
+        until_in_flight(&agent, "t-p").await;
+        let a = agent.clone();
+        let early = tokio::spawn(async move { a.begin_task("t-c0", Some("t-p"), None).await });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        release.send(()).unwrap();
+        blocker.await.unwrap().unwrap();
+        parent.await.unwrap().unwrap();
+        early.await.unwrap().unwrap();
+
+        let (release, blocker) = hold_writer(&agent).await;
+        let tasks = agent.svc.tasks.clone();
+        let end = tokio::spawn(async move { tasks.end("t-p", String::new()).await });
+        until_in_flight(&agent, "t-p").await;
+        let a = agent.clone();
+        let during = tokio::spawn(async move { a.begin_task("t-c1", Some("t-p"), None).await });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        release.send(()).unwrap();
+        blocker.await.unwrap().unwrap();
+        end.await.unwrap().unwrap();
+        let after = agent.begin_task("t-c2", Some("t-p"), None).await;
+        for refused in [during.await.unwrap(), after] {
+            assert!(
+                matches!(refused, Err(TaskError::ParentCompleted(ref p)) if p == "t-p"),
+                "{refused:?}"
+            );
+        }
+        let unknown = agent.begin_task("t-c3", Some("t-never"), None).await;
+        assert!(
+            matches!(
+                unknown,
+                Err(TaskError::Invalid {
+                    field: "parent_task_id",
+                    ..
+                })
+            ),
+            "{unknown:?}"
+        );
     }
 
     /// A task manager over the same store and agent, as after a restart.

@@ -804,6 +804,13 @@ async fn sub_tasks_cannot_widen_their_parents_scope() {
             err.message()
         );
     }
+    // Once the parent has ended, no sub-task can begin under it.
+    tasks.end_task(end_req("parent")).await.unwrap();
+    let mut req = begin_pid("late", c.id());
+    req.parent_task_id = "parent".into();
+    let err = tasks.begin_task(req).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().starts_with("parent_task_id"), "{err:?}");
     for p in [&mut p, &mut c] {
         let _ = p.kill();
         let _ = p.wait();
