@@ -34,7 +34,7 @@ pub enum StoreError {
 
 /// The most jobs one transaction takes; bounds how long any one waits.
 const MAX_BATCH: usize = 256;
-const SCHEMA_VERSION: i64 = 4;
+const SCHEMA_VERSION: i64 = 3;
 
 /// A unit of work for the writer. Given the open transaction (or the reason
 /// there is none), it runs its SQL inside its own savepoint and returns
@@ -420,47 +420,6 @@ fn migrate(conn: &Connection) -> Result<(), StoreError> {
             "#,
         )?;
     }
-    if version < 4 {
-        // Serials without a unique index. Nothing looks a row up by serial
-        // (they are found by task, loaded whole, pruned by age), and as the
-        // key of a B-tree a random serial puts every insert and every prune
-        // on a page of its own: under task churn those pages were a third
-        // of what each commit wrote. Serials are 128 random bits, and a
-        // task's serials are revoked once, as its completion commits.
-        // Rows keep their rowids: pruning goes oldest first by rowid.
-        conn.execute_batch(
-            r#"
-            BEGIN;
-            CREATE TABLE issued_v4 (
-                serial        BLOB NOT NULL,
-                task_id       TEXT REFERENCES tasks(task_id),
-                issuer_key_id BLOB NOT NULL,
-                spiffe_id     TEXT NOT NULL,
-                not_after     INTEGER NOT NULL,
-                issued_at     INTEGER NOT NULL
-            );
-            INSERT INTO issued_v4(rowid, serial, task_id, issuer_key_id, spiffe_id, not_after, issued_at)
-                SELECT rowid, serial, task_id, issuer_key_id, spiffe_id, not_after, issued_at FROM issued;
-            DROP TABLE issued;
-            ALTER TABLE issued_v4 RENAME TO issued;
-            CREATE INDEX issued_by_task ON issued(task_id);
-            CREATE TABLE revocations_v4 (
-                serial        BLOB NOT NULL,
-                issuer_key_id BLOB NOT NULL,
-                not_after     INTEGER NOT NULL,
-                revoked_at    INTEGER NOT NULL,
-                task_id       TEXT,
-                reason        TEXT NOT NULL
-            );
-            INSERT INTO revocations_v4(rowid, serial, issuer_key_id, not_after, revoked_at, task_id, reason)
-                SELECT rowid, serial, issuer_key_id, not_after, revoked_at, task_id, reason FROM revocations;
-            DROP TABLE revocations;
-            ALTER TABLE revocations_v4 RENAME TO revocations;
-            PRAGMA user_version = 4;
-            COMMIT;
-            "#,
-        )?;
-    }
     Ok(())
 }
 
@@ -783,77 +742,6 @@ mod tests {
             (version, sequence, rows, indexes),
             (SCHEMA_VERSION, 2, 0, 1)
         );
-    }
-
-    #[test]
-    fn a_version_3_database_keeps_its_serials_and_their_order_without_a_serial_index() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("w.db");
-        {
-            // The issued and revocations tables as versions 1 to 3 had them.
-            Store::open(&path).unwrap().close();
-            let conn = Connection::open(&path).unwrap();
-            conn.execute_batch(
-                "DROP TABLE issued; DROP TABLE revocations;
-                 CREATE TABLE issued (
-                     serial BLOB PRIMARY KEY, task_id TEXT REFERENCES tasks(task_id),
-                     issuer_key_id BLOB NOT NULL, spiffe_id TEXT NOT NULL,
-                     not_after INTEGER NOT NULL, issued_at INTEGER NOT NULL);
-                 CREATE INDEX issued_by_task ON issued(task_id);
-                 CREATE TABLE revocations (
-                     serial BLOB PRIMARY KEY, issuer_key_id BLOB NOT NULL,
-                     not_after INTEGER NOT NULL, revoked_at INTEGER NOT NULL,
-                     task_id TEXT, reason TEXT NOT NULL);
-                 INSERT INTO tasks(task_id, spiffe_id, record, created_at, expires_at)
-                     VALUES ('t', 'spiffe://t/x', '{}', 0, 10000);
-                 INSERT INTO issued(rowid, serial, task_id, issuer_key_id, spiffe_id, not_after, issued_at)
-                     VALUES (7, x'0a', 't', x'01', 'spiffe://t/x', 100, 1),
-                            (9, x'05', 't', x'01', 'spiffe://t/x', 200, 2);
-                 INSERT INTO revocations(rowid, serial, issuer_key_id, not_after, revoked_at, task_id, reason)
-                     VALUES (3, x'0a', x'01', 100, 5, 't', 'end_task');
-                 PRAGMA user_version = 3;",
-            )
-            .unwrap();
-        }
-        let store = Store::open(&path).unwrap();
-        let rows = |sql: &'static str| -> Vec<String> {
-            store
-                .read(move |c| {
-                    let mut s = c.prepare(sql)?;
-                    Ok(s.query_map([], |r| r.get(0))?.collect::<Result<_, _>>()?)
-                })
-                .unwrap()
-        };
-        assert_eq!(
-            rows(
-                "SELECT rowid || ':' || hex(serial) || ':' || not_after FROM issued ORDER BY rowid"
-            ),
-            ["7:0A:100", "9:05:200"]
-        );
-        assert_eq!(
-            rows("SELECT rowid || ':' || hex(serial) || ':' || reason FROM revocations"),
-            ["3:0A:end_task"]
-        );
-        assert_eq!(
-            rows(
-                "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name IN ('issued', 'revocations')"
-            ),
-            ["issued_by_task"]
-        );
-        assert_eq!(
-            rows("SELECT CAST(user_version AS TEXT) FROM pragma_user_version"),
-            [SCHEMA_VERSION.to_string()]
-        );
-        // Still enforced: an issued serial names a task that exists.
-        let orphan = store.write_blocking(|c| {
-            c.execute(
-                "INSERT INTO issued(serial, task_id, issuer_key_id, spiffe_id, not_after, issued_at)
-                 VALUES (x'0b', 'no such task', x'01', 'spiffe://t/x', 1, 1)",
-                [],
-            )?;
-            Ok(())
-        });
-        assert!(orphan.is_err());
     }
 
     fn add_task(c: &Connection, id: &str, parent: Option<&str>, completed_at: Option<i64>) {

@@ -990,21 +990,16 @@ impl TaskManager {
             .write(move |conn| {
                 let mut revoked: Vec<(String, Vec<(crate::ca::RevokedCert, i64)>)> = Vec::new();
                 for (tid, why, d) in &rows {
-                    let completing = conn
-                        .prepare_cached(
-                            "UPDATE tasks SET completed_at = ?2, completion_reason = ?3, completion_detail = ?4
-                             WHERE task_id = ?1 AND completed_at IS NULL",
-                        )?
-                        .execute(params![tid, at, why, d])?;
-                    // Revoked with the completion that commits, and only then:
-                    // nothing else keeps a serial from being listed twice.
-                    if completing == 1 {
-                        conn.prepare_cached(
-                            "INSERT INTO revocations(serial, issuer_key_id, not_after, revoked_at, task_id, reason)
-                             SELECT serial, issuer_key_id, not_after, ?2, task_id, ?3 FROM issued WHERE task_id = ?1",
-                        )?
-                        .execute(params![tid, at, why])?;
-                    }
+                    conn.prepare_cached(
+                        "UPDATE tasks SET completed_at = ?2, completion_reason = ?3, completion_detail = ?4
+                         WHERE task_id = ?1 AND completed_at IS NULL",
+                    )?
+                    .execute(params![tid, at, why, d])?;
+                    conn.prepare_cached(
+                        "INSERT OR IGNORE INTO revocations(serial, issuer_key_id, not_after, revoked_at, task_id, reason)
+                         SELECT serial, issuer_key_id, not_after, ?2, task_id, ?3 FROM issued WHERE task_id = ?1",
+                    )?
+                    .execute(params![tid, at, why])?;
                     let mut stmt = conn.prepare_cached(
                         "SELECT serial, issuer_key_id, not_after FROM issued WHERE task_id = ?1 ORDER BY issued_at",
                     )?;
@@ -1377,21 +1372,19 @@ impl TaskManager {
             .write(move |conn| {
                 let mut revoked = Vec::new();
                 for (rowid, problem) in &problems {
-                    let completing = conn.execute(
+                    conn.execute(
                         "UPDATE tasks SET completed_at = ?2, completion_reason = ?3, completion_detail = ?4
                          WHERE rowid = ?1 AND completed_at IS NULL",
                         params![rowid, at, reason, problem],
                     )?;
                     let issued = "FROM issued i JOIN tasks t ON i.task_id = t.task_id WHERE t.rowid = ?1";
-                    if completing == 1 {
-                        conn.execute(
-                            &format!(
-                                "INSERT INTO revocations(serial, issuer_key_id, not_after, revoked_at, task_id, reason)
-                                 SELECT i.serial, i.issuer_key_id, i.not_after, ?2, i.task_id, ?3 {issued}"
-                            ),
-                            params![rowid, at, reason],
-                        )?;
-                    }
+                    conn.execute(
+                        &format!(
+                            "INSERT OR IGNORE INTO revocations(serial, issuer_key_id, not_after, revoked_at, task_id, reason)
+                             SELECT i.serial, i.issuer_key_id, i.not_after, ?2, i.task_id, ?3 {issued}"
+                        ),
+                        params![rowid, at, reason],
+                    )?;
                     let mut stmt = conn.prepare(&format!(
                         "SELECT i.serial, i.issuer_key_id, i.not_after {issued}"
                     ))?;
