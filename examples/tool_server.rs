@@ -47,6 +47,18 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    // writ's TLS layer says whom it refused and why (the peer only gets a
+    // TLS alert); its lines go with ours, on stdout.
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stdout)
+        .without_time()
+        .with_target(false)
+        .with_ansi(false)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("writ::tls=info")),
+        )
+        .init();
     let socket = parse_socket_address(&args.workload_socket)?;
 
     // The spiffe crate's X509Source would hand us an SVID and bundles, but not

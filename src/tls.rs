@@ -160,12 +160,14 @@ impl SpiffeTls {
         now: UnixTime,
         usage: webpki::KeyUsage,
     ) -> Result<SpiffeId, rustls::Error> {
-        let id = spiffe_id_of(end_entity).map_err(|e| rustls::Error::General(e.to_string()))?;
+        let id = spiffe_id_of(end_entity).map_err(|e| {
+            tracing::info!(error = %e, "refused a peer certificate");
+            refused(rustls::CertificateError::BadEncoding)
+        })?;
         let trust = self.current_trust();
         let roots = trust.bundles.get(id.trust_domain()).ok_or_else(|| {
-            rustls::Error::General(
-                TlsError::UnknownTrustDomain(id.trust_domain().clone()).to_string(),
-            )
+            tracing::info!(peer = %id, "refused a peer certificate: no bundle for its trust domain");
+            refused(rustls::CertificateError::UnknownIssuer)
         })?;
         let anchors: Vec<_> = roots
             .iter()
@@ -187,8 +189,10 @@ impl SpiffeTls {
                     .with_status_policy(webpki::UnknownStatusPolicy::Allow)
                     .build()
             });
-        let cert = webpki::EndEntityCert::try_from(end_entity)
-            .map_err(|e| rustls::Error::General(format!("peer certificate: {e}")))?;
+        let cert = webpki::EndEntityCert::try_from(end_entity).map_err(|e| {
+            tracing::info!(peer = %id, error = %e, "refused a peer certificate");
+            refused(rustls::CertificateError::BadEncoding)
+        })?;
         cert.verify_for_usage(
             self.provider.signature_verification_algorithms.all,
             &anchors,
@@ -198,8 +202,35 @@ impl SpiffeTls {
             revocation,
             None,
         )
-        .map_err(|e| rustls::Error::General(format!("peer {id}: {e}")))?;
+        .map_err(|e| {
+            tracing::info!(peer = %id, error = %e, "refused a peer certificate");
+            refused(certificate_error(e))
+        })?;
         Ok(id)
+    }
+}
+
+fn refused(kind: rustls::CertificateError) -> rustls::Error {
+    rustls::Error::InvalidCertificate(kind)
+}
+
+/// Why webpki refused a chain, as rustls names it: the TLS alert the peer
+/// receives is chosen from this (certificate_revoked, certificate_expired,
+/// unknown_ca, ...), where an untyped error would send a bare
+/// handshake_failure and leave the peer guessing.
+fn certificate_error(e: webpki::Error) -> rustls::CertificateError {
+    use rustls::CertificateError as Kind;
+    match e {
+        webpki::Error::CertRevoked => Kind::Revoked,
+        webpki::Error::CertExpired { time, not_after } => Kind::ExpiredContext { time, not_after },
+        webpki::Error::CertNotValidYet { time, not_before } => {
+            Kind::NotValidYetContext { time, not_before }
+        }
+        webpki::Error::InvalidCertValidity => Kind::Expired,
+        webpki::Error::UnknownIssuer => Kind::UnknownIssuer,
+        webpki::Error::InvalidSignatureForPublicKey => Kind::BadSignature,
+        webpki::Error::BadDer | webpki::Error::BadDerTime => Kind::BadEncoding,
+        other => Kind::Other(rustls::OtherError(Arc::new(other))),
     }
 }
 
@@ -245,9 +276,11 @@ impl PeerVerifier {
             .tls
             .verify_peer(end_entity, intermediates, now, usage)?;
         if !(self.authorize)(&id) {
-            return Err(rustls::Error::General(format!(
-                "peer {id} is not authorized"
-            )));
+            tracing::info!(peer = %id, "refused a peer: its SPIFFE ID is not authorized");
+            // access_denied: the certificate is good, the identity not welcome.
+            return Err(refused(
+                rustls::CertificateError::ApplicationVerificationFailure,
+            ));
         }
         Ok(())
     }

@@ -48,8 +48,9 @@ fn the_demo_gives_each_task_an_identity_and_revokes_it() {
             "{stdout}"
         );
         assert!(
-            stdout.lines().any(|l| l.contains("tool_server | refused")
-                && l.ends_with(&format!("{spiffe_id}: CertRevoked"))),
+            stdout.lines().any(|l| l.contains("tool_server |")
+                && l.contains("refused a peer certificate")
+                && l.ends_with(&format!("peer={spiffe_id} error=CertRevoked"))),
             "no revocation refusal for {spiffe_id}:\n{stdout}"
         );
     }
@@ -57,6 +58,14 @@ fn the_demo_gives_each_task_an_identity_and_revokes_it() {
     task_ids.dedup();
     assert_eq!(task_ids.len(), 3, "task ids must differ: {stdout}");
     assert!(stdout.contains("\n3/3 tasks passed"), "{stdout}");
+    // The child was told why, by the TLS alert: not a bare handshake failure.
+    assert_eq!(
+        stdout
+            .matches("after EndTask: refused: the tool server sent TLS alert CertificateRevoked")
+            .count(),
+        3,
+        "{stdout}"
+    );
 
     let binding = stdout
         .lines()
