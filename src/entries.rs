@@ -187,8 +187,19 @@ impl EntryStore {
         let ttl = if req.x509_svid_ttl.is_empty() {
             self.default_ttl
         } else {
-            parse_duration(&req.x509_svid_ttl)
-                .map_err(|e| invalid("x509_svid_ttl", e.to_string()))?
+            let ttl = parse_duration(&req.x509_svid_ttl)
+                .map_err(|e| invalid("x509_svid_ttl", e.to_string()))?;
+            // Certificates live whole seconds and the store keeps whole
+            // seconds: a fraction would be lost on restart, and under a
+            // second no SVID can be minted at all (every fetch of a matching
+            // workload would fail).
+            if ttl.subsec_nanos() != 0 {
+                return Err(invalid(
+                    "x509_svid_ttl",
+                    format!("{:?} is not a whole number of seconds", req.x509_svid_ttl),
+                ));
+            }
+            ttl
         };
         if ttl.is_zero() || ttl > self.max_ttl {
             return Err(invalid(

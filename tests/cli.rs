@@ -275,6 +275,7 @@ fn entries_created_at_run_time_issue_identities_and_survive_restart() {
     );
 
     // Bad input is refused with the field named, and nothing is stored.
+    let our_uid = format!("unix:uid:{}", uid());
     for (args, field) in [
         (
             vec![
@@ -316,6 +317,31 @@ fn entries_created_at_run_time_issue_identities_and_survive_restart() {
             ],
             "dns_names",
         ),
+        // Certificates live whole seconds: under a second no SVID could be
+        // minted for any workload the entry matches, and a fraction would
+        // be lost when the entry is stored.
+        (
+            vec![
+                "--spiffe-id",
+                "spiffe://writ.test/y",
+                "--selector",
+                &our_uid,
+                "--x509-svid-ttl",
+                "500ms",
+            ],
+            "x509_svid_ttl",
+        ),
+        (
+            vec![
+                "--spiffe-id",
+                "spiffe://writ.test/y",
+                "--selector",
+                &our_uid,
+                "--x509-svid-ttl",
+                "1s500ms",
+            ],
+            "x509_svid_ttl",
+        ),
     ] {
         let mut full = vec!["entry", "create", "--admin-socket", a.as_str()];
         full.extend(args);
@@ -332,6 +358,10 @@ fn entries_created_at_run_time_issue_identities_and_survive_restart() {
     );
     let list: serde_json::Value = serde_json::from_str(&list).unwrap();
     assert_eq!(list.as_array().unwrap().len(), 2);
+    assert_eq!(
+        fetch(&writ),
+        vec!["spiffe://writ.test/cli", "spiffe://writ.test/extra"]
+    );
     let config_entry = list[0]["id"].as_str().unwrap().to_owned();
     assert_eq!(list[0]["source"], "config");
     let (ok, _, stderr) = writ_cli(
