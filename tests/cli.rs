@@ -207,6 +207,27 @@ async fn bundle_show_matches_what_workloads_receive() {
     let from_pem =
         TrustBundle::from_pem(TrustDomain::new("writ.test").unwrap(), &pem_text).unwrap();
     assert_eq!(from_pem.x509_authorities, doc.x509_authorities);
+    // `--output json` prints JSON (it used to print the PEM text).
+    let (ok, out, stderr) = writ_cli(
+        &[
+            "bundle",
+            "show",
+            "--admin-socket",
+            &admin(&writ),
+            "--output",
+            "json",
+        ],
+        None,
+    );
+    assert!(ok, "{stderr}");
+    let shown: serde_json::Value = serde_json::from_str(&out)
+        .unwrap_or_else(|e| panic!("bundle show --output json is not JSON ({e}): {out}"));
+    assert_eq!(shown["trust_domain"], "writ.test");
+    assert_eq!(shown["pem"], pem_text.as_str());
+    assert_eq!(
+        serde_json::to_vec(&shown["bundle"]).unwrap(),
+        serde_json::to_vec(&serde_json::from_str::<serde_json::Value>(&json).unwrap()).unwrap()
+    );
 
     let source = spiffe::X509Source::builder()
         .endpoint(writ.endpoint())

@@ -454,7 +454,9 @@ pub async fn entry(cmd: EntryCommand) -> anyhow::Result<()> {
 
 #[derive(Subcommand, Debug)]
 pub enum BundleCommand {
-    /// Print a trust bundle: writ's own, or another trust domain's.
+    /// Print a trust bundle: writ's own, or another trust domain's. With
+    /// `--output json`: one object holding both forms (`pem`, and the
+    /// SPIFFE document as `bundle`) whatever `--format` says.
     Show {
         #[command(flatten)]
         admin: AdminSocketArg,
@@ -592,7 +594,17 @@ pub async fn bundle(cmd: BundleCommand) -> anyhow::Result<()> {
                 .await
                 .map_err(|s| status_error("GetBundle", s))?
                 .into_inner();
-            print_bundle(&bundle, format)?;
+            if admin.output == Output::Json {
+                // Both forms, beside what `bundle list` says of it.
+                let mut v = bundle_json(&bundle);
+                let document: serde_json::Value = serde_json::from_slice(&bundle.spiffe_json)
+                    .context("bundle document from writ")?;
+                v["pem"] = bundle.pem.clone().into();
+                v["bundle"] = document;
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                print_bundle(&bundle, format)?;
+            }
         }
         BundleCommand::List { admin } => {
             let bundles = bundles_client(&admin.path())
