@@ -198,6 +198,9 @@ fn begin_request(req: pb::BeginTaskRequest) -> Result<BeginRequest, Status> {
 
 pub struct TasksService(pub Arc<AdminContext>);
 
+/// The longest `EndTask` reason accepted (as for an intent's purpose).
+pub const MAX_END_REASON_BYTES: usize = 4096;
+
 type EventStream = Pin<Box<dyn Stream<Item = Result<pb::TaskEvent, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -250,6 +253,13 @@ impl pb::tasks_server::Tasks for TasksService {
         let req = request.into_inner();
         if req.task_id.is_empty() {
             return Err(Status::invalid_argument("task_id: required"));
+        }
+        // Stored with the task and in its audit record, and sent to every
+        // watcher: bounded like the intent's purpose.
+        if req.reason.len() > MAX_END_REASON_BYTES {
+            return Err(Status::invalid_argument(format!(
+                "reason: longer than {MAX_END_REASON_BYTES} bytes"
+            )));
         }
         // Ending an active task is a decision too (a completed one is
         // reported as it is, whoever asks). One still being begun is judged

@@ -958,6 +958,19 @@ async fn malformed_and_unauthorized_admin_calls_are_refused() {
     // Nothing was stored by any of the refused calls.
     let listed = every_task_id(&mut tasks).await;
     assert!(listed.is_empty(), "{listed:?}");
+    // An end reason is bounded like the purpose: a huge one is refused and
+    // the task stays active.
+    tasks.begin_task(begin_pid("t-reason", pid)).await.unwrap();
+    let err = tasks
+        .end_task(apb::EndTaskRequest {
+            task_id: "t-reason".into(),
+            reason: "x".repeat(100_000),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().starts_with("reason"), "{}", err.message());
+    assert_eq!(get_task(&mut tasks, "t-reason").await.completed_at, 0);
     let _ = s.kill();
     let _ = s.wait();
 
