@@ -343,10 +343,28 @@ impl pb::tasks_server::Tasks for TasksService {
         let ctx = &self.0;
         ctx.authorize(&request)?;
         let mut events = ctx.tasks.subscribe();
+        let mut stopping = ctx.agent.shutdown_requested();
         let (tx, rx) = tokio::sync::mpsc::channel(64);
         tokio::spawn(async move {
             loop {
-                let item = match events.recv().await {
+                let received = tokio::select! {
+                    received = events.recv() => Some(received),
+                    // A watch never ends by itself: without this, every
+                    // open watcher held a stopping writ to its drain
+                    // deadline, and then saw a broken connection.
+                    _ = stopping.wait_for(|s| *s) => None,
+                    // The watcher hung up: stop now, not at the next event.
+                    _ = tx.closed() => return,
+                };
+                let Some(received) = received else {
+                    let _ = tx
+                        .send(Err(Status::unavailable(
+                            "writ is stopping; watch again once it is back",
+                        )))
+                        .await;
+                    return;
+                };
+                let item = match received {
                     Ok(TaskEvent::Begun(t)) => Ok(pb::TaskEvent {
                         kind: pb::task_event::Kind::Begun as i32,
                         task: Some(task_to_proto(&t, Vec::new())),

@@ -997,6 +997,33 @@ async fn malformed_and_unauthorized_admin_calls_are_refused() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_task_watch_ends_when_writ_stops_and_does_not_hold_up_the_stop() {
+    let mut writ = Writ::start(&config(""));
+    let mut tasks = tasks_client(&writ).await;
+    // The call returns once the server has subscribed the watcher.
+    let mut events = tasks
+        .watch_tasks(apb::WatchTasksRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let started = std::time::Instant::now();
+    let status = tokio::task::spawn_blocking(move || {
+        let status = writ.stop();
+        (writ, status)
+    })
+    .await
+    .unwrap()
+    .1;
+    let took = started.elapsed();
+    assert!(status.success(), "{status:?}");
+    // The drain deadline is 5 s; a watch must not make writ wait for it.
+    assert!(took < Duration::from_secs(4), "stopping took {took:?}");
+    let err = events.message().await.unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert!(err.message().contains("stopping"), "{}", err.message());
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn after_a_crash_dead_tasks_are_revoked_and_live_ones_resume() {
     let mut writ = Writ::start(&config(""));
     let dead = BoundChild::spawn(&writ, "dead");
