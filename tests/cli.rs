@@ -694,3 +694,35 @@ fn sighup_reloads_entries_and_a_bad_file_changes_nothing() {
         "the error names the file and position"
     );
 }
+
+#[test]
+fn api_watch_with_json_output_prints_only_json_on_stdout_when_writ_stops() {
+    use std::io::{BufRead, BufReader};
+    let mut writ = Writ::start(&entry_for_us());
+    let mut watch = Command::new(WRIT)
+        .args([
+            "api",
+            "watch",
+            "--socket",
+            &writ.endpoint(),
+            "--output",
+            "json",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = BufReader::new(watch.stdout.take().unwrap());
+    let mut first = String::new();
+    stdout.read_line(&mut first).unwrap();
+    assert!(writ.stop().success());
+    // writ ends the stream on SIGTERM; everything on stdout is JSON.
+    let mut lines = vec![first];
+    lines.extend(stdout.lines().map_while(Result::ok));
+    let status = watch.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+    for line in &lines {
+        let parsed: Result<serde_json::Value, _> = serde_json::from_str(line);
+        assert!(parsed.is_ok(), "not JSON on stdout: {line:?} in {lines:?}");
+    }
+}

@@ -169,7 +169,12 @@ pub async fn watch(socket: &Path, json: bool) -> anyhow::Result<()> {
             if updates == 0 {
                 bail!("stream ended before the first response");
             }
-            println!("stream ended by the server");
+            // Not on stdout with --output json, where every line is JSON.
+            if json {
+                eprintln!("stream ended by the server");
+            } else {
+                println!("stream ended by the server");
+            }
             return Ok(());
         };
         updates += 1;
