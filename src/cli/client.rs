@@ -44,8 +44,21 @@ pub async fn connect_with(path: &Path, endpoint: Endpoint) -> anyhow::Result<Cha
             }
         }))
         .await
-        .with_context(|| "connecting to the socket")?;
+        .map_err(|e| anyhow::anyhow!("connecting to the socket: {}", root_cause(&e)))?;
     Ok(channel)
+}
+
+/// The innermost error: tonic's transport error shows its source and then
+/// lists it again as its own, so printing the whole chain said
+/// "No such file or directory (os error 2)" twice.
+fn root_cause<'a>(
+    e: &'a (dyn std::error::Error + 'static),
+) -> &'a (dyn std::error::Error + 'static) {
+    let mut cause = e;
+    while let Some(next) = cause.source() {
+        cause = next;
+    }
+    cause
 }
 
 /// Adds the Workload API security header to every request.
@@ -83,6 +96,19 @@ pub async fn workload_client(path: &Path) -> anyhow::Result<WorkloadClient> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_missing_socket_is_reported_once_and_plainly() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = connect(&dir.path().join("absent.sock")).await.unwrap_err();
+        let text = format!("{err:#}");
+        assert_eq!(
+            text.matches("No such file or directory").count(),
+            1,
+            "{text}"
+        );
+        assert!(text.starts_with("connecting to the socket: "), "{text}");
+    }
 
     #[test]
     fn parses_socket_addresses() {
