@@ -726,3 +726,50 @@ fn api_watch_with_json_output_prints_only_json_on_stdout_when_writ_stops() {
         assert!(parsed.is_ok(), "not JSON on stdout: {line:?} in {lines:?}");
     }
 }
+
+#[test]
+fn the_admin_socket_comes_from_the_flag_then_the_environment() {
+    let writ = Writ::start(&entry_for_us());
+    let good = admin(&writ);
+    let bad = writ
+        .dir
+        .path()
+        .join("run/absent.sock")
+        .display()
+        .to_string();
+    let run = |env: Option<&str>, args: &[&str]| {
+        let mut cmd = Command::new(WRIT);
+        cmd.args(["task", "list"]).args(args);
+        match env {
+            Some(v) => cmd.env("WRIT_ADMIN_SOCKET", v),
+            None => cmd.env_remove("WRIT_ADMIN_SOCKET"),
+        };
+        let out = cmd.output().unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    // The flag wins over the environment, both ways.
+    let (ok, stderr) = run(Some(&good), &["--admin-socket", &bad]);
+    assert!(!ok && stderr.contains(&bad), "{stderr}");
+    let (ok, stderr) = run(Some(&bad), &["--admin-socket", &good]);
+    assert!(ok, "{stderr}");
+    let (ok, stderr) = run(Some(&good), &[]);
+    assert!(ok, "{stderr}");
+    // A missing socket is named, with the reason said once.
+    let (ok, stderr) = run(Some(&bad), &[]);
+    assert!(!ok && stderr.contains(&bad), "{stderr}");
+    assert_eq!(
+        stderr.matches("No such file or directory").count(),
+        1,
+        "{stderr}"
+    );
+    // unix: addresses work as they do for --socket.
+    let (ok, stderr) = run(None, &["--admin-socket", &format!("unix://{good}")]);
+    assert!(ok, "{stderr}");
+    // An empty WRIT_ADMIN_SOCKET is unset (the default socket), not an
+    // error about a flag that was never given.
+    let (_, stderr) = run(Some(""), &[]);
+    assert!(!stderr.contains("a value is required"), "{stderr}");
+}

@@ -14,20 +14,28 @@ use crate::proto::admin as pb;
 
 #[derive(Args, Debug)]
 pub struct AdminSocketArg {
-    /// The admin socket. Defaults to $WRIT_ADMIN_SOCKET, then writ's default.
+    /// The admin socket: a path or unix:///path. Defaults to
+    /// $WRIT_ADMIN_SOCKET (unless empty), then writ's default.
     #[arg(long, env = "WRIT_ADMIN_SOCKET")]
-    pub admin_socket: Option<PathBuf>,
+    pub admin_socket: Option<String>,
     #[arg(long, value_enum, default_value_t = Output::Text, global = true)]
     pub output: Output,
 }
 
 impl AdminSocketArg {
-    fn path(&self) -> PathBuf {
-        self.admin_socket.clone().unwrap_or_else(|| {
-            Config::builtin_defaults(&Environment::current())
+    /// An empty value (such as `WRIT_ADMIN_SOCKET=`) counts as unset, as
+    /// an empty `SPIFFE_ENDPOINT_SOCKET` does for other tools; `unix:`
+    /// addresses are read as `--socket` reads them.
+    fn path(&self) -> anyhow::Result<PathBuf> {
+        match self.admin_socket.as_deref() {
+            None | Some("") => Ok(Config::builtin_defaults(&Environment::current())
                 .admin_api
-                .socket_path
-        })
+                .socket_path),
+            Some(address) if address.starts_with("unix:") => {
+                super::client::parse_socket_address(address)
+            }
+            Some(path) => Ok(PathBuf::from(path)),
+        }
     }
 }
 
@@ -267,7 +275,7 @@ pub async fn task(cmd: TaskCommand) -> anyhow::Result<()> {
                 parent_task_id: parent.unwrap_or_default(),
                 federates_with,
             };
-            let task = tasks_client(&admin.path())
+            let task = tasks_client(&admin.path()?)
                 .await?
                 .begin_task(request)
                 .await
@@ -280,7 +288,7 @@ pub async fn task(cmd: TaskCommand) -> anyhow::Result<()> {
             }
         }
         TaskCommand::End { admin, id, reason } => {
-            let task = tasks_client(&admin.path())
+            let task = tasks_client(&admin.path()?)
                 .await?
                 .end_task(pb::EndTaskRequest {
                     task_id: id,
@@ -296,7 +304,7 @@ pub async fn task(cmd: TaskCommand) -> anyhow::Result<()> {
             }
         }
         TaskCommand::Get { admin, id } => {
-            let task = tasks_client(&admin.path())
+            let task = tasks_client(&admin.path()?)
                 .await?
                 .get_task(pb::GetTaskRequest { task_id: id })
                 .await
@@ -309,7 +317,7 @@ pub async fn task(cmd: TaskCommand) -> anyhow::Result<()> {
             }
         }
         TaskCommand::List { admin, all } => {
-            let tasks = tasks_client(&admin.path())
+            let tasks = tasks_client(&admin.path()?)
                 .await?
                 .list_tasks(pb::ListTasksRequest {
                     include_completed: all,
@@ -340,7 +348,7 @@ pub async fn task(cmd: TaskCommand) -> anyhow::Result<()> {
             }
         }
         TaskCommand::Watch { admin } => {
-            let mut stream = tasks_client(&admin.path())
+            let mut stream = tasks_client(&admin.path()?)
                 .await?
                 .watch_tasks(pb::WatchTasksRequest {})
                 .await
@@ -393,7 +401,7 @@ pub async fn entry(cmd: EntryCommand) -> anyhow::Result<()> {
             hint,
             federates_with,
         } => {
-            let entry = entries_client(&admin.path())
+            let entry = entries_client(&admin.path()?)
                 .await?
                 .create_entry(pb::CreateEntryRequest {
                     spiffe_id,
@@ -413,7 +421,7 @@ pub async fn entry(cmd: EntryCommand) -> anyhow::Result<()> {
             }
         }
         EntryCommand::Delete { admin, id } => {
-            entries_client(&admin.path())
+            entries_client(&admin.path()?)
                 .await?
                 .delete_entry(pb::DeleteEntryRequest { id: id.clone() })
                 .await
@@ -425,7 +433,7 @@ pub async fn entry(cmd: EntryCommand) -> anyhow::Result<()> {
             }
         }
         EntryCommand::List { admin } => {
-            let entries = entries_client(&admin.path())
+            let entries = entries_client(&admin.path()?)
                 .await?
                 .list_entries(pb::ListEntriesRequest {})
                 .await
@@ -586,7 +594,7 @@ pub async fn bundle(cmd: BundleCommand) -> anyhow::Result<()> {
             trust_domain,
             format,
         } => {
-            let bundle = bundles_client(&admin.path())
+            let bundle = bundles_client(&admin.path()?)
                 .await?
                 .get_bundle(pb::GetBundleRequest {
                     trust_domain: trust_domain.unwrap_or_default(),
@@ -607,7 +615,7 @@ pub async fn bundle(cmd: BundleCommand) -> anyhow::Result<()> {
             }
         }
         BundleCommand::List { admin } => {
-            let bundles = bundles_client(&admin.path())
+            let bundles = bundles_client(&admin.path()?)
                 .await?
                 .list_bundles(pb::ListBundlesRequest {})
                 .await
@@ -653,7 +661,7 @@ pub async fn bundle(cmd: BundleCommand) -> anyhow::Result<()> {
                 BundleFormat::Pem => pb::BundleFormat::Pem,
                 BundleFormat::Spiffe => pb::BundleFormat::Spiffe,
             };
-            let bundle = bundles_client(&admin.path())
+            let bundle = bundles_client(&admin.path()?)
                 .await?
                 .set_bundle(pb::SetBundleRequest {
                     trust_domain,
@@ -677,7 +685,7 @@ pub async fn bundle(cmd: BundleCommand) -> anyhow::Result<()> {
             admin,
             trust_domain,
         } => {
-            bundles_client(&admin.path())
+            bundles_client(&admin.path()?)
                 .await?
                 .delete_bundle(pb::DeleteBundleRequest {
                     trust_domain: trust_domain.clone(),
@@ -753,7 +761,7 @@ fn print_reload(r: &pb::ReloadResponse) {
 
 /// `writ reload`: the admin `Reload` call.
 pub async fn reload(admin: AdminSocketArg) -> anyhow::Result<()> {
-    let path = admin.path();
+    let path = admin.path()?;
     let channel = connect(&path)
         .await
         .with_context(|| format!("admin API at {}", path.display()))?;
