@@ -454,6 +454,29 @@ impl Builder<'_> {
         Some(value)
     }
 
+    /// A certificate's or token's lifetime: at least `MIN_SVID_TTL`, and in
+    /// whole seconds, as X.509 and JWT times are (and as the store keeps
+    /// them). Shorter, nothing could be issued at all; a fraction would be
+    /// dropped without a word.
+    fn lifetime(
+        &mut self,
+        key: &str,
+        text: Option<&Text>,
+        default: Duration,
+    ) -> Option<Sourced<Duration>> {
+        let value = self.duration_at_least(key, text, default, crate::ca::MIN_SVID_TTL)?;
+        if value.value.subsec_nanos() != 0
+            && let Some(text) = text
+        {
+            self.error(
+                text.span(),
+                format!("{key} must be a whole number of seconds"),
+            );
+            return None;
+        }
+        Some(value)
+    }
+
     /// Records an error unless `shorter` is at most `longer`. It points at
     /// `shorter` when the file set it, else at `longer`, which must then be
     /// the one the file changed (the defaults are consistent).
@@ -486,12 +509,12 @@ impl Builder<'_> {
             upstream: None,
         });
         let ca_ttl = self.positive_duration("ca.ca_ttl", raw.ca_ttl.as_ref(), defaults.ca_ttl);
-        let x509_svid_ttl = self.positive_duration(
+        let x509_svid_ttl = self.lifetime(
             "ca.x509_svid_ttl",
             raw.x509_svid_ttl.as_ref(),
             defaults.x509_svid_ttl,
         );
-        let jwt_svid_ttl = self.positive_duration(
+        let jwt_svid_ttl = self.lifetime(
             "ca.jwt_svid_ttl",
             raw.jwt_svid_ttl.as_ref(),
             defaults.jwt_svid_ttl,
@@ -604,11 +627,10 @@ impl Builder<'_> {
             defaults.default_ttl,
             super::MIN_TASK_TTL,
         );
-        let x509_svid_ttl = self.duration_at_least(
+        let x509_svid_ttl = self.lifetime(
             "tasks.x509_svid_ttl",
             raw.x509_svid_ttl.as_ref(),
             defaults.x509_svid_ttl,
-            crate::ca::MIN_SVID_TTL,
         );
         if let (Some(max_ttl), Some(default_ttl)) = (&max_ttl, &default_ttl) {
             self.at_most(
@@ -1126,7 +1148,7 @@ impl Builder<'_> {
             None => Some(None),
             Some(text) => {
                 let ttl_key = format!("{key}.x509_svid_ttl");
-                let ttl = self.positive_duration(&ttl_key, Some(text), Duration::ZERO);
+                let ttl = self.lifetime(&ttl_key, Some(text), Duration::ZERO);
                 if let (Some(ttl), Some(ca)) = (&ttl, ca) {
                     let ca_ttl = ca.ca_ttl();
                     self.at_most(

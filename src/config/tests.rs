@@ -767,6 +767,24 @@ fn task_limits() {
         "tasks.x509_svid_ttl must be at least 1s",
     );
     assert_single_error(
+        "[tasks]\nx509_svid_ttl = \"1s500ms\"\n",
+        2,
+        17,
+        "tasks.x509_svid_ttl must be a whole number of seconds",
+    );
+    assert_single_error(
+        "[ca]\nx509_svid_ttl = \"500ms\"\n",
+        2,
+        17,
+        "ca.x509_svid_ttl must be at least 1s",
+    );
+    assert_single_error(
+        "[ca]\njwt_svid_ttl = \"90s250ms\"\n",
+        2,
+        16,
+        "ca.jwt_svid_ttl must be a whole number of seconds",
+    );
+    assert_single_error(
         "[tasks]\nmax_depth = 0\n",
         2,
         13,
@@ -918,6 +936,18 @@ fn entry_field_errors() {
         4,
         17,
         "entry[0].x509_svid_ttl must be greater than zero",
+    );
+    assert_single_error(
+        &entry_with("x509_svid_ttl = \"500ms\""),
+        4,
+        17,
+        "entry[0].x509_svid_ttl must be at least 1s",
+    );
+    assert_single_error(
+        &entry_with("x509_svid_ttl = \"1m30s500ms\""),
+        4,
+        17,
+        "entry[0].x509_svid_ttl must be a whole number of seconds",
     );
     assert_single_error(
         &entry_with("x509_svid_ttl = \"2d\""),
