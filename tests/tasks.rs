@@ -1098,6 +1098,109 @@ async fn after_a_crash_dead_tasks_are_revoked_and_live_ones_resume() {
     );
 }
 
+/// writ's own pid, read from the server end of a connection to its socket
+/// (a wrapper such as strace stands between the test and it).
+fn served_by(socket: &Path) -> i32 {
+    let stream = std::os::unix::net::UnixStream::connect(socket).unwrap();
+    nix::sys::socket::getsockopt(&stream, nix::sys::socket::sockopt::PeerCredentials)
+        .unwrap()
+        .pid()
+}
+
+/// SIGKILLs a process when dropped: strace, killed, leaves its tracee running.
+struct KillOnDrop(i32);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.0),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+}
+
+/// `message` with a gRPC deadline (the `grpc-timeout` header), as clients
+/// in other languages set one from their context.
+fn with_deadline<T>(message: T, deadline: Duration) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request.set_timeout(deadline);
+    request
+}
+
+/// A call whose deadline passes midway (writ's gRPC server then drops it,
+/// as it does when a client cancels) stops neither a begin nor an end: the
+/// begun task still becomes active and is served to its process, the ended
+/// one is still revoked and in the CRL. writ runs under strace with every
+/// fdatasync of the store's log held 500 ms, so each call is waiting on the
+/// store when its 100 ms deadline passes.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_call_cut_off_midway_stops_neither_a_begin_nor_an_end() {
+    if Command::new("strace").arg("-V").output().is_err() {
+        eprintln!("SKIPPED: strace is not installed; this test delays writ's fdatasync with it");
+        return;
+    }
+    let mut writ = Writ::start(&config(""));
+    writ.kill9();
+    // Only the store's syncs: the audit trail may sync on the thread that
+    // asked (see `audit::log`), which would hold up the deadline itself.
+    let wal = writ.dir.path().join("state/writ.db-wal");
+    writ.spawn_under(&[
+        "strace",
+        "-f",
+        "-qq",
+        "-o",
+        "/dev/null",
+        "-P",
+        wal.to_str().unwrap(),
+        "-e",
+        "trace=fdatasync",
+        "-e",
+        "inject=fdatasync:delay_enter=500000",
+    ]);
+    let _writ_itself = KillOnDrop(served_by(&writ.socket));
+    let child = BoundChild::spawn(&writ, "abandoned");
+    child.go();
+    let next_update = |child: &BoundChild| {
+        tokio::task::block_in_place(|| child.next_update(Duration::from_secs(10)))
+    };
+    let (ids, _) = next_update(&child);
+    assert_eq!(ids, vec![ORCH_ID.to_string()]);
+    let mut tasks = tasks_client(&writ).await;
+    let deadline = Duration::from_millis(100);
+
+    let begin = begin_pid("abandoned", child.pid());
+    let cut_off = tasks
+        .begin_task(with_deadline(begin, deadline))
+        .await
+        .expect_err("BeginTask answered within its deadline");
+    assert_eq!(cut_off.code(), Code::Cancelled, "{cut_off:?}");
+    let (ids, serials) = next_update(&child);
+    assert_eq!(ids[0], format!("{ORCH_ID}/task/abandoned"), "{ids:?}");
+    let task_serial = serials[0].clone();
+
+    let cut_off = tasks
+        .end_task(with_deadline(end_req("abandoned"), deadline))
+        .await
+        .expect_err("EndTask answered within its deadline");
+    assert_eq!(cut_off.code(), Code::Cancelled, "{cut_off:?}");
+    let waited = std::time::Instant::now();
+    loop {
+        let (crls, _) = crls_and_bundle(&writ).await;
+        if revoked_serials(&crls).contains(&task_serial) {
+            break;
+        }
+        assert!(
+            waited.elapsed() < Duration::from_secs(10),
+            "the cut-off EndTask never published the revocation of {task_serial}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let t = get_task(&mut tasks, "abandoned").await;
+    assert_eq!(t.completion_reason, "end_task", "{t:?}");
+    let (ids, _) = next_update(&child);
+    assert_eq!(ids, vec![ORCH_ID.to_string()]);
+}
+
 /// A task row damaged while writ is down (or written by a newer writ) does
 /// not keep writ from starting: that task is ended and its serial revoked,
 /// GetTask names the damage (DataLoss), and the other task carries on.
