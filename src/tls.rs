@@ -160,14 +160,17 @@ impl SpiffeTls {
         now: UnixTime,
         usage: webpki::KeyUsage,
     ) -> Result<SpiffeId, rustls::Error> {
+        // writ's own reasons stay in words (no SPIFFE ID, no bundle for its
+        // trust domain); a chain webpki refuses is refused with its kind.
         let id = spiffe_id_of(end_entity).map_err(|e| {
             tracing::info!(error = %e, "refused a peer certificate");
-            refused(rustls::CertificateError::BadEncoding)
+            rustls::Error::General(e.to_string())
         })?;
         let trust = self.current_trust();
         let roots = trust.bundles.get(id.trust_domain()).ok_or_else(|| {
-            tracing::info!(peer = %id, "refused a peer certificate: no bundle for its trust domain");
-            refused(rustls::CertificateError::UnknownIssuer)
+            let e = TlsError::UnknownTrustDomain(id.trust_domain().clone());
+            tracing::info!(peer = %id, error = %e, "refused a peer certificate");
+            rustls::Error::General(e.to_string())
         })?;
         let anchors: Vec<_> = roots
             .iter()
@@ -277,10 +280,11 @@ impl PeerVerifier {
             .verify_peer(end_entity, intermediates, now, usage)?;
         if !(self.authorize)(&id) {
             tracing::info!(peer = %id, "refused a peer: its SPIFFE ID is not authorized");
-            // access_denied: the certificate is good, the identity not welcome.
-            return Err(refused(
-                rustls::CertificateError::ApplicationVerificationFailure,
-            ));
+            // writ's own reason, in words: whoever reads the error (a
+            // federation fetch's status, say) learns which identity it was.
+            return Err(rustls::Error::General(format!(
+                "peer {id} is not authorized"
+            )));
         }
         Ok(())
     }

@@ -424,12 +424,15 @@ async fn a_bound_child_gets_the_task_identity_and_loses_it_when_the_task_ends() 
     // Refused for being revoked, and the client is told so by its alert.
     let why = refused.expect_err("revoked task SVID was accepted");
     assert!(why.contains("invalid peer certificate: Revoked"), "{why}");
-    // The child's re-keyed identity is valid but no task: access denied.
+    // The child's re-keyed identity is valid but no task: not authorized.
     let (chain, key) = child.svid_files(2);
     let why = tool_server_accepts(&chain, &key, &bundle, crls)
         .await
         .expect_err("a non-task identity was accepted");
-    assert!(why.contains("ApplicationVerificationFailure"), "{why}");
+    assert!(
+        why.contains(&format!("peer {ORCH_ID} is not authorized")),
+        "{why}"
+    );
 }
 
 /// A process that matches no entry is served its task's identity alone, so
