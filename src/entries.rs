@@ -180,8 +180,13 @@ impl EntryStore {
             .selectors
             .iter()
             .map(|s| {
-                s.parse::<Selector>()
-                    .map_err(|e| invalid("selectors", e.to_string()))
+                let selector = s
+                    .parse::<Selector>()
+                    .map_err(|e| invalid("selectors", e.to_string()))?;
+                match selector.unmatchable() {
+                    None => Ok(selector),
+                    Some(why) => Err(invalid("selectors", why)),
+                }
             })
             .collect::<Result<Vec<_>, _>>()?;
         let ttl = if req.x509_svid_ttl.is_empty() {

@@ -363,6 +363,25 @@ fn entries_created_at_run_time_issue_identities_and_survive_restart() {
             ],
             "x509_svid_ttl",
         ),
+        // A selector no attestor produces could match no process at all.
+        (
+            vec![
+                "--spiffe-id",
+                "spiffe://writ.test/y",
+                "--selector",
+                "unix:usr:root",
+            ],
+            "no key \"usr\"",
+        ),
+        (
+            vec![
+                "--spiffe-id",
+                "spiffe://writ.test/y",
+                "--selector",
+                "k8s:ns:default",
+            ],
+            "no attestor produces type \"k8s\"",
+        ),
     ] {
         let mut full = vec!["entry", "create", "--admin-socket", a.as_str()];
         full.extend(args);

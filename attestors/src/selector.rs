@@ -24,7 +24,52 @@ pub enum SelectorError {
     ControlChar(String),
 }
 
+/// Every `type:key` writ's attestors produce, by type. A selector outside
+/// these is no error to parse (a stored one stays readable), but no process
+/// could ever carry it.
+pub const PRODUCED: &[(&str, &[&str])] = &[
+    (
+        "unix",
+        &[
+            "uid",
+            "user",
+            "gid",
+            "group",
+            "supplementary_gid",
+            "supplementary_group",
+            "path",
+            "sha256",
+        ],
+    ),
+    ("cgroup", &["path"]),
+    ("systemd", &["unit", "slice"]),
+    ("container", &["id", "runtime", "pod_uid"]),
+];
+
 impl Selector {
+    /// Why no process could ever carry this selector (a type or key no
+    /// attestor produces, most likely a typo), or `None` if one could.
+    pub fn unmatchable(&self) -> Option<String> {
+        let key = self.value.split_once(':').map_or("", |(key, _)| key);
+        let Some((_, keys)) = PRODUCED.iter().find(|(kind, _)| *kind == self.kind) else {
+            let kinds: Vec<&str> = PRODUCED.iter().map(|(kind, _)| *kind).collect();
+            return Some(format!(
+                "selector {:?}: no attestor produces type {:?} (types: {})",
+                self.to_string(),
+                self.kind,
+                kinds.join(", ")
+            ));
+        };
+        (!keys.contains(&key)).then(|| {
+            format!(
+                "selector {:?}: {} selectors have no key {key:?} (keys: {})",
+                self.to_string(),
+                self.kind,
+                keys.join(", ")
+            )
+        })
+    }
+
     pub fn new(kind: &str, value: impl Into<String>) -> Self {
         Self {
             kind: kind.to_owned(),
@@ -95,6 +140,32 @@ mod tests {
         assert_eq!(
             Selector::with_key("unix", "uid", 1000).to_string(),
             "unix:uid:1000"
+        );
+    }
+
+    #[test]
+    fn only_what_an_attestor_produces_can_match() {
+        for good in [
+            "unix:uid:0",
+            "unix:sha256:ab",
+            "cgroup:path:/a",
+            "systemd:slice:a.slice",
+            "container:pod_uid:x",
+        ] {
+            let s: Selector = good.parse().unwrap();
+            assert_eq!(s.unmatchable(), None, "{good}");
+        }
+        let typo: Selector = "unix:usr:alice".parse().unwrap();
+        let why = typo.unmatchable().unwrap();
+        assert!(
+            why.contains("no key \"usr\"") && why.contains("user"),
+            "{why}"
+        );
+        let foreign: Selector = "k8s:ns:default".parse().unwrap();
+        let why = foreign.unmatchable().unwrap();
+        assert!(
+            why.contains("type \"k8s\"") && why.contains("systemd"),
+            "{why}"
         );
     }
 

@@ -397,7 +397,13 @@ impl Builder<'_> {
         let mut selectors = Vec::with_capacity(texts.len());
         for (index, text) in texts.iter().enumerate() {
             match text.get_ref().parse::<Selector>() {
-                Ok(selector) => selectors.push(selector),
+                Ok(selector) => match selector.unmatchable() {
+                    None => selectors.push(selector),
+                    Some(why) => {
+                        self.error(text.span(), format!("{key}[{index}]: {why}"));
+                        valid = false;
+                    }
+                },
                 Err(err) => {
                     self.error(text.span(), format!("{key}[{index}]: {err}"));
                     valid = false;

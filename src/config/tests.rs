@@ -678,6 +678,18 @@ fn admin_authorized_sets() {
         "admin_api.authorized[1][0]: selector \"unix:0\" must have the form type:key:value",
     );
     assert_single_error(
+        "[admin_api]\nauthorized = [[\"unix:uid:0\"], [\"unix:usr:root\"]]\n",
+        2,
+        32,
+        "admin_api.authorized[1][0]: selector \"unix:usr:root\": unix selectors have no key \"usr\"",
+    );
+    assert_single_error(
+        &entry_with("").replace("unix:uid:1", "docker:label:x"),
+        3,
+        14,
+        "entry[0].selectors[0]: selector \"docker:label:x\": no attestor produces type \"docker\"",
+    );
+    assert_single_error(
         "[admin_api]\nauthorized = [[\"unix:uid:0\"], []]\n",
         2,
         31,
