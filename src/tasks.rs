@@ -995,27 +995,8 @@ impl TaskManager {
                          WHERE task_id = ?1 AND completed_at IS NULL",
                     )?
                     .execute(params![tid, at, why, d])?;
-                    conn.prepare_cached(
-                        "INSERT OR IGNORE INTO revocations(serial, issuer_key_id, not_after, revoked_at, task_id, reason)
-                         SELECT serial, issuer_key_id, not_after, ?2, task_id, ?3 FROM issued WHERE task_id = ?1",
-                    )?
-                    .execute(params![tid, at, why])?;
-                    let mut stmt = conn.prepare_cached(
-                        "SELECT serial, issuer_key_id, not_after FROM issued WHERE task_id = ?1 ORDER BY issued_at",
-                    )?;
-                    let revoked_at = UNIX_EPOCH + Duration::from_secs(at.max(0) as u64);
-                    let serials = stmt
-                        .query_map(params![tid], |r| {
-                            Ok((
-                                crate::ca::RevokedCert {
-                                    serial: r.get(0)?,
-                                    issuer_key_id: r.get(1)?,
-                                    revoked_at,
-                                },
-                                r.get::<_, i64>(2)?,
-                            ))
-                        })?
-                        .collect::<Result<Vec<_>, _>>()?;
+                    let serials =
+                        revoke_issued(conn, "FROM issued i WHERE i.task_id = ?1", tid, at, why)?;
                     if !serials.is_empty() {
                         revoked.push((tid.clone(), serials));
                     }
@@ -1365,7 +1346,6 @@ impl TaskManager {
         }
         let reason = CompletionReason::RecordUnreadable.as_str();
         let at = unix_secs(SystemTime::now());
-        let revoked_at = from_unix_secs(at);
         let problems = rows.clone();
         let revoked = self
             .store
@@ -1377,30 +1357,13 @@ impl TaskManager {
                          WHERE rowid = ?1 AND completed_at IS NULL",
                         params![rowid, at, reason, problem],
                     )?;
-                    let issued = "FROM issued i JOIN tasks t ON i.task_id = t.task_id WHERE t.rowid = ?1";
-                    conn.execute(
-                        &format!(
-                            "INSERT OR IGNORE INTO revocations(serial, issuer_key_id, not_after, revoked_at, task_id, reason)
-                             SELECT i.serial, i.issuer_key_id, i.not_after, ?2, i.task_id, ?3 {issued}"
-                        ),
-                        params![rowid, at, reason],
-                    )?;
-                    let mut stmt = conn.prepare(&format!(
-                        "SELECT i.serial, i.issuer_key_id, i.not_after {issued}"
-                    ))?;
-                    let serials = stmt
-                        .query_map(params![rowid], |r| {
-                            Ok((
-                                crate::ca::RevokedCert {
-                                    serial: r.get(0)?,
-                                    issuer_key_id: r.get(1)?,
-                                    revoked_at,
-                                },
-                                r.get::<_, i64>(2)?,
-                            ))
-                        })?
-                        .collect::<Result<Vec<_>, _>>()?;
-                    revoked.push(serials);
+                    revoked.push(revoke_issued(
+                        conn,
+                        "FROM issued i JOIN tasks t ON i.task_id = t.task_id WHERE t.rowid = ?1",
+                        rowid,
+                        at,
+                        reason,
+                    )?);
                 }
                 Ok(revoked)
             })
@@ -1441,6 +1404,40 @@ impl TaskManager {
         self.inner().insert_active(&task, Some(watcher), true);
         self.agent.index_task(task);
     }
+}
+
+/// Revokes at `at`, for `reason`, every serial issued for one task, and
+/// returns them with their expiry. `issued` is the `FROM` clause that picks
+/// the task's rows of `issued` (aliased `i`), naming the task as `?1`.
+fn revoke_issued(
+    conn: &rusqlite::Connection,
+    issued: &str,
+    task: impl rusqlite::ToSql,
+    at: i64,
+    reason: &str,
+) -> Result<Vec<(crate::ca::RevokedCert, i64)>, StoreError> {
+    conn.prepare_cached(&format!(
+        "INSERT OR IGNORE INTO revocations(serial, issuer_key_id, not_after, revoked_at, task_id, reason)
+         SELECT i.serial, i.issuer_key_id, i.not_after, ?2, i.task_id, ?3 {issued}"
+    ))?
+    .execute(params![task, at, reason])?;
+    let revoked_at = from_unix_secs(at);
+    let mut stmt = conn.prepare_cached(&format!(
+        "SELECT i.serial, i.issuer_key_id, i.not_after {issued} ORDER BY i.issued_at"
+    ))?;
+    let revoked = stmt
+        .query_map(params![task], |r| {
+            Ok((
+                crate::ca::RevokedCert {
+                    serial: r.get(0)?,
+                    issuer_key_id: r.get(1)?,
+                    revoked_at,
+                },
+                r.get::<_, i64>(2)?,
+            ))
+        })?
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(revoked)
 }
 
 /// The columns `row_to_task` reads, in its order.

@@ -297,6 +297,16 @@ fn entries_created_at_run_time_issue_identities_and_survive_restart() {
 
     // Bad input is refused with the field named, and nothing is stored.
     let our_uid = format!("unix:uid:{}", uid());
+    let our_entry_with_ttl = |ttl| {
+        vec![
+            "--spiffe-id",
+            "spiffe://writ.test/y",
+            "--selector",
+            our_uid.as_str(),
+            "--x509-svid-ttl",
+            ttl,
+        ]
+    };
     for (args, field) in [
         (
             vec![
@@ -341,28 +351,8 @@ fn entries_created_at_run_time_issue_identities_and_survive_restart() {
         // Certificates live whole seconds: under a second no SVID could be
         // minted for any workload the entry matches, and a fraction would
         // be lost when the entry is stored.
-        (
-            vec![
-                "--spiffe-id",
-                "spiffe://writ.test/y",
-                "--selector",
-                &our_uid,
-                "--x509-svid-ttl",
-                "500ms",
-            ],
-            "x509_svid_ttl",
-        ),
-        (
-            vec![
-                "--spiffe-id",
-                "spiffe://writ.test/y",
-                "--selector",
-                &our_uid,
-                "--x509-svid-ttl",
-                "1s500ms",
-            ],
-            "x509_svid_ttl",
-        ),
+        (our_entry_with_ttl("500ms"), "x509_svid_ttl"),
+        (our_entry_with_ttl("1s500ms"), "x509_svid_ttl"),
         // A selector no attestor produces could match no process at all.
         (
             vec![

@@ -1026,27 +1026,43 @@ async fn a_task_watch_ends_when_writ_stops_and_does_not_hold_up_the_stop() {
     assert!(err.message().contains("stopping"), "{}", err.message());
 }
 
+/// Two children, each bound to a task of its own (`(child, task id)`), each
+/// holding its task SVID: returned with the serials of that first update.
+async fn two_bound_tasks(
+    writ: &Writ,
+    first: (&str, &str),
+    second: (&str, &str),
+) -> [(BoundChild, Vec<String>); 2] {
+    let mut tasks = tasks_client(writ).await;
+    let mut bound = Vec::new();
+    for (child_name, task_id) in [first, second] {
+        let child = BoundChild::spawn(writ, child_name);
+        tasks
+            .begin_task(begin_pid(task_id, child.pid()))
+            .await
+            .unwrap();
+        bound.push((child, task_id));
+    }
+    let holding: Vec<(BoundChild, Vec<String>)> = bound
+        .into_iter()
+        .map(|(child, task_id)| {
+            child.go();
+            let (ids, serials) = child.next_update(Duration::from_secs(10));
+            assert_eq!(ids[0], format!("{ORCH_ID}/task/{task_id}"));
+            (child, serials)
+        })
+        .collect();
+    match <[_; 2]>::try_from(holding) {
+        Ok(both) => both,
+        Err(_) => unreachable!("two children were bound"),
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn after_a_crash_dead_tasks_are_revoked_and_live_ones_resume() {
     let mut writ = Writ::start(&config(""));
-    let dead = BoundChild::spawn(&writ, "dead");
-    let alive = BoundChild::spawn(&writ, "alive");
-    {
-        let mut tasks = tasks_client(&writ).await;
-        tasks
-            .begin_task(begin_pid("dies", dead.pid()))
-            .await
-            .unwrap();
-        tasks
-            .begin_task(begin_pid("lives", alive.pid()))
-            .await
-            .unwrap();
-    }
-    dead.go();
-    alive.go();
-    let (_, dead_serials) = dead.next_update(Duration::from_secs(10));
-    let (alive_ids, alive_serials) = alive.next_update(Duration::from_secs(10));
-    assert_eq!(alive_ids[0], format!("{ORCH_ID}/task/lives"));
+    let [(dead, dead_serials), (alive, alive_serials)] =
+        two_bound_tasks(&writ, ("dead", "dies"), ("alive", "lives")).await;
     let alive_first_serial = alive_serials[0].clone();
     let dead_serial = dead_serials[0].clone();
 
@@ -1210,23 +1226,8 @@ async fn a_call_cut_off_midway_stops_neither_a_begin_nor_an_end() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_damaged_task_row_is_ended_and_revoked_at_restart_and_writ_still_starts() {
     let mut writ = Writ::start(&config(""));
-    let damaged = BoundChild::spawn(&writ, "damaged");
-    let alive = BoundChild::spawn(&writ, "alive");
-    {
-        let mut tasks = tasks_client(&writ).await;
-        tasks
-            .begin_task(begin_pid("damaged", damaged.pid()))
-            .await
-            .unwrap();
-        tasks
-            .begin_task(begin_pid("lives", alive.pid()))
-            .await
-            .unwrap();
-    }
-    damaged.go();
-    alive.go();
-    let (_, damaged_serials) = damaged.next_update(Duration::from_secs(10));
-    alive.next_update(Duration::from_secs(10));
+    let [(_damaged, damaged_serials), (alive, _)] =
+        two_bound_tasks(&writ, ("damaged", "damaged"), ("alive", "lives")).await;
 
     writ.kill9();
     {
