@@ -8,7 +8,7 @@ async fn main() -> std::process::ExitCode {
     match writ::cli::main(cli).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("writ: {e:#}");
+            eprintln!("writ: {}", writ::cli::describe(&e));
             std::process::ExitCode::FAILURE
         }
     }

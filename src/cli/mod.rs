@@ -349,3 +349,43 @@ fn shutdown_signal() -> impl std::future::Future<Output = ()> + Send + 'static {
         }
     }
 }
+
+/// The error as one line: each cause after the one that holds it, except
+/// where that one's message already ends with it (many errors put their
+/// source in their own message, so `{:#}` said "Permission denied (os error
+/// 13): Permission denied (os error 13)").
+pub fn describe(error: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in error.chain() {
+        let text = cause.to_string();
+        if line.ends_with(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("creating /x: {source}")]
+    struct Creating {
+        source: std::io::Error,
+    }
+
+    #[test]
+    fn a_cause_already_in_its_parents_message_is_said_once() {
+        let denied = || std::io::Error::from_raw_os_error(13);
+        let e = anyhow::Error::new(Creating { source: denied() }).context("starting");
+        assert_eq!(describe(&e), format!("starting: creating /x: {}", denied()));
+        // A cause its parent does not mention is kept.
+        let e = anyhow::Error::new(denied()).context("opening /y");
+        assert_eq!(describe(&e), format!("opening /y: {}", denied()));
+    }
+}
