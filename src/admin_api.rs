@@ -127,7 +127,7 @@ pub fn task_to_proto(t: &Task, issued_serials: Vec<String>) -> pb::Task {
         binding: Some(pb::Binding {
             target: Some(match &t.binding {
                 Binding::Pid { pid, .. } => pb::binding::Target::Pid(*pid),
-                Binding::Cgroup { path } => pb::binding::Target::Cgroup(path.clone()),
+                Binding::Cgroup { path, .. } => pb::binding::Target::Cgroup(path.clone()),
             }),
         }),
         intent: Some(pb::Intent {

@@ -569,7 +569,7 @@ impl Agent {
                     .or_default()
                     .push((task.clone(), *start_time));
             }
-            crate::tasks::Binding::Cgroup { path } => {
+            crate::tasks::Binding::Cgroup { path, .. } => {
                 index
                     .by_cgroup
                     .entry(path.clone())

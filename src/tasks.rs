@@ -104,7 +104,16 @@ pub enum Binding {
     /// A process, pinned by pidfd; its descendants are inside the binding too.
     Pid { pid: i32, start_time: u64 },
     /// A cgroup v2 path (relative to the cgroup2 mount) and its sub-cgroups.
-    Cgroup { path: String },
+    Cgroup {
+        path: String,
+        /// The cgroup's id (its directory's inode number, never reused
+        /// while the system runs) when the task began: a cgroup removed and
+        /// made again at the same path while writ was down is another
+        /// cgroup, whose processes the task was never bound to. Absent in
+        /// records stored before it was kept.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        id: Option<u64>,
+    },
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -701,13 +710,20 @@ impl TaskManager {
                     invalid("binding.cgroup", "no cgroup v2 hierarchy is mounted")
                 })?;
                 let dir = mount.join(path.trim_start_matches('/'));
-                if !dir.join("cgroup.events").exists() {
+                let id = cgroup_id(&dir).filter(|_| dir.join("cgroup.events").exists());
+                let Some(id) = id else {
                     return Err(invalid(
                         "binding.cgroup",
                         format!("cgroup {path} does not exist"),
                     ));
-                }
-                Ok((Binding::Cgroup { path: path.clone() }, None))
+                };
+                Ok((
+                    Binding::Cgroup {
+                        path: path.clone(),
+                        id: Some(id),
+                    },
+                    None,
+                ))
             }
         }
     }
@@ -787,7 +803,7 @@ impl TaskManager {
     ) -> tokio::task::AbortHandle {
         let manager = self.clone();
         let cgroup_dir = match &task.binding {
-            Binding::Cgroup { path } => self
+            Binding::Cgroup { path, .. } => self
                 .cgroup_mount
                 .as_ref()
                 .map(|m| m.join(path.trim_start_matches('/'))),
@@ -1305,10 +1321,15 @@ impl TaskManager {
                     Ok(p) if p.start_time() == *start_time => Ok(Some(Arc::new(p))),
                     _ => Err(CompletionReason::ProcessExited),
                 },
-                Binding::Cgroup { path } => match &self.cgroup_mount {
+                // Populated, and still the cgroup the task was bound to (one
+                // made again at its path belongs to other processes).
+                Binding::Cgroup { path, id } => match &self.cgroup_mount {
                     Some(m)
                         if cgroup_populated(&m.join(path.trim_start_matches('/')))
-                            == Some(true) =>
+                            == Some(true)
+                            && id.is_none_or(|id| {
+                                cgroup_id(&m.join(path.trim_start_matches('/'))) == Some(id)
+                            }) =>
                     {
                         Ok(None)
                     }
@@ -1579,6 +1600,13 @@ fn check_within_parent_scope(child: &Intent, parent: &Intent) -> Result<(), Task
         ));
     }
     Ok(())
+}
+
+/// A cgroup's id: the inode number of its directory, which the kernel never
+/// gives another cgroup while the system runs. None if it cannot be read.
+fn cgroup_id(dir: &Path) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(dir).ok().map(|m| m.ino())
 }
 
 /// Reads `populated` from a cgroup's cgroup.events; None if unreadable.

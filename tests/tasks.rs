@@ -1808,3 +1808,47 @@ async fn a_stream_inside_a_cgroup_receives_the_cgroup_tasks_identity_and_loses_i
     let parent_procs = mount.join("cgroup.procs");
     std::fs::write(parent_procs, worker.pid().to_string()).unwrap();
 }
+
+/// A cgroup-bound task whose cgroup was removed while writ was down, and
+/// another cgroup made at the same path for other processes, is completed
+/// at restart: the new cgroup's processes never ran the task's work.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cgroup_recreated_while_writ_was_down_does_not_inherit_its_task() {
+    let Some(test_slice) = TestSlice::create("writ-test-recreated") else {
+        return;
+    };
+    let (slice, mount) = (test_slice.name.clone(), test_slice.mount.clone());
+    let job = test_slice.dir().join("job");
+    std::fs::create_dir(&job).unwrap();
+    let mut writ = Writ::start(&config(&format!(
+        "\n[attestors.cgroup]\ntrusted_roots = [\"/{slice}\"]\n"
+    )));
+    let first = BoundChild::spawn(&writ, "first");
+    std::fs::write(job.join("cgroup.procs"), first.pid().to_string()).unwrap();
+    {
+        let mut tasks = tasks_client(&writ).await;
+        tasks
+            .begin_task(begin_cgroup("cg-old", &format!("/{slice}/job")))
+            .await
+            .unwrap();
+    }
+    writ.kill9();
+    drop(first);
+    // The cgroup empties, goes, and is made again for a new workload.
+    common::wait_for(Duration::from_secs(10), "job removed", || {
+        std::fs::remove_dir(&job).ok()
+    });
+    std::fs::create_dir(&job).unwrap();
+    let second = BoundChild::spawn(&writ, "second");
+    std::fs::write(job.join("cgroup.procs"), second.pid().to_string()).unwrap();
+    writ.spawn();
+
+    let mut tasks = tasks_client(&writ).await;
+    let t = get_task(&mut tasks, "cg-old").await;
+    second.go();
+    let (ids, _) = second.next_update(Duration::from_secs(10));
+    // Out of the cgroup again, so the directories can be removed.
+    std::fs::write(mount.join("cgroup.procs"), second.pid().to_string()).unwrap();
+    assert_eq!(ids, vec![ORCH_ID.to_string()], "task identity inherited");
+    assert_eq!(t.completion_reason, "cgroup_empty", "{t:?}");
+}
