@@ -710,13 +710,36 @@ impl TaskManager {
                     invalid("binding.cgroup", "no cgroup v2 hierarchy is mounted")
                 })?;
                 let dir = mount.join(path.trim_start_matches('/'));
-                let id = cgroup_id(&dir).filter(|_| dir.join("cgroup.events").exists());
-                let Some(id) = id else {
+                // One look at the directory gives both its id and its owner,
+                // so the cgroup judged is the cgroup bound.
+                let found = std::fs::metadata(&dir)
+                    .ok()
+                    .filter(|_| dir.join("cgroup.events").exists());
+                let Some(found) = found else {
                     return Err(invalid(
                         "binding.cgroup",
                         format!("cgroup {path} does not exist"),
                     ));
                 };
+                use std::os::unix::fs::MetadataExt as _;
+                let (id, owner) = (found.ino(), found.uid());
+                // As for a PID: a caller may hand a task identity only to
+                // processes it controls. A cgroup's owner decides who is
+                // moved into it (a delegated cgroup is its user's), so the
+                // caller must own it, unless it may bind anything.
+                let allowed =
+                    caller.may_bind_any_pid || (caller.may_bind_same_uid && owner == caller.uid);
+                if !allowed {
+                    return Err(TaskError::PermissionDenied(format!(
+                        "cgroup {path} is owned by uid {owner}, not by the caller (uid {}){}",
+                        caller.uid,
+                        if caller.may_bind_same_uid {
+                            ""
+                        } else {
+                            ", and bind_same_uid is off"
+                        }
+                    )));
+                }
                 Ok((
                     Binding::Cgroup {
                         path: path.clone(),

@@ -686,9 +686,63 @@ impl TestSlice {
 
 impl Drop for TestSlice {
     fn drop(&mut self) {
-        let _ = std::fs::remove_dir(self.dir().join("job"));
+        // Its child cgroups first (a cgroup with children cannot go).
+        for child in std::fs::read_dir(self.dir())
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            if child.path().is_dir() {
+                let _ = std::fs::remove_dir(child.path());
+            }
+        }
         let _ = std::fs::remove_dir(self.dir());
     }
+}
+
+/// Binding a cgroup needs authority over it, as binding a PID does: the
+/// caller must own it (a delegated cgroup is its user's) or be allowed to
+/// bind anything (`bind_any_pid`). Otherwise an admin caller could hand an
+/// identity of its choosing to other users' processes under a trusted root.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cgroup_can_be_bound_only_by_its_owner_or_a_caller_allowed_anything() {
+    let Some(test_slice) = TestSlice::create("writ-test-owner") else {
+        return;
+    };
+    let slice = test_slice.name.clone();
+    std::fs::create_dir(test_slice.dir().join("ours")).unwrap();
+    let theirs = test_slice.dir().join("theirs");
+    std::fs::create_dir(&theirs).unwrap();
+    std::os::unix::fs::chown(&theirs, Some(common::NOBODY), Some(common::NOBODY)).unwrap();
+    let roots = format!("\n[attestors.cgroup]\ntrusted_roots = [\"/{slice}\"]\n");
+
+    let writ = Writ::start(&config(&roots));
+    let mut tasks = tasks_client(&writ).await;
+    tasks
+        .begin_task(begin_cgroup("ours", &format!("/{slice}/ours")))
+        .await
+        .unwrap();
+    let err = tasks
+        .begin_task(begin_cgroup("theirs", &format!("/{slice}/theirs")))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    assert!(
+        err.message().contains("owned by uid 65534"),
+        "{}",
+        err.message()
+    );
+
+    let trusting = Writ::start(&config(&roots).replacen(
+        "[admin_api]\n",
+        "[admin_api]\nbind_any_pid = [[\"unix:uid:0\"]]\n",
+        1,
+    ));
+    tasks_client(&trusting)
+        .await
+        .begin_task(begin_cgroup("theirs", &format!("/{slice}/theirs")))
+        .await
+        .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread")]
