@@ -519,6 +519,34 @@ pub fn task_is_active(conn: &Connection, task_id: &str) -> Result<bool, StoreErr
     Ok(matches!(completed_at, Some(None)))
 }
 
+/// This boot of the machine, as the store records it: the first 8 bytes of
+/// the kernel's boot id (random, new at every boot). None if unreadable.
+pub fn current_boot() -> Option<i64> {
+    let text = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok()?;
+    let hex: String = text.trim().chars().filter(|c| *c != '-').take(16).collect();
+    u64::from_str_radix(&hex, 16)
+        .ok()
+        .map(|v| i64::from_ne_bytes(v.to_ne_bytes()))
+}
+
+/// The boot the stored tasks were begun in, if one was recorded.
+pub fn recorded_boot(conn: &Connection) -> Result<Option<i64>, StoreError> {
+    Ok(conn
+        .query_row("SELECT value FROM meta WHERE key = 'boot'", [], |r| {
+            r.get(0)
+        })
+        .optional()?)
+}
+
+/// Records `boot` as the one the stored tasks belong to.
+pub fn record_boot(conn: &Connection, boot: i64) -> Result<(), StoreError> {
+    conn.execute(
+        "INSERT INTO meta(key, value) VALUES ('boot', ?1) ON CONFLICT(key) DO UPDATE SET value = ?1",
+        params![boot],
+    )?;
+    Ok(())
+}
+
 pub fn read_counter(conn: &Connection, key: &str) -> Result<u64, StoreError> {
     let v: Option<i64> = conn
         .query_row("SELECT value FROM meta WHERE key = ?1", params![key], |r| {

@@ -1324,6 +1324,14 @@ impl TaskManager {
         }
         // Their sub-tasks are not restored either: they find no parent below.
         self.complete_unreadable(unreadable).await?;
+        // No process or cgroup outlives a reboot, but after one a PID and
+        // start time, or a cgroup's id, can come round again (early boot is
+        // much the same each time): tasks of another boot are not matched
+        // against this one's processes at all. The boot is recorded only
+        // once they are completed, so a restore cut short runs again.
+        let boot = crate::store::current_boot();
+        let recorded = self.store.read(crate::store::recorded_boot)?;
+        let other_boot = matches!((recorded, boot), (Some(then), Some(now)) if then != now);
         // Parents before children, so each child finds its parent active.
         tasks.sort_by_key(|t| t.depth);
         let now = SystemTime::now();
@@ -1340,6 +1348,8 @@ impl TaskManager {
                 .is_some_and(|p| !restored.contains(p));
             restored.insert(task.id.clone());
             let alive = match &task.binding {
+                Binding::Pid { .. } if other_boot => Err(CompletionReason::ProcessExited),
+                Binding::Cgroup { .. } if other_boot => Err(CompletionReason::CgroupEmpty),
                 Binding::Pid { pid, start_time } => match PinnedProcess::open(*pid) {
                     Ok(p) if p.start_time() == *start_time => Ok(Some(Arc::new(p))),
                     _ => Err(CompletionReason::ProcessExited),
@@ -1374,7 +1384,18 @@ impl TaskManager {
             }
         }
         for (id, reason) in to_complete {
-            self.complete(&id, reason, "found after restart".into())
+            let detail = if other_boot {
+                "found after a reboot"
+            } else {
+                "found after restart"
+            };
+            self.complete(&id, reason, detail.into()).await?;
+        }
+        if let Some(boot) = boot
+            && recorded != Some(boot)
+        {
+            self.store
+                .write(move |conn| crate::store::record_boot(conn, boot))
                 .await?;
         }
         Ok(())
@@ -2289,6 +2310,48 @@ mod tests {
             ),
             "{unknown:?}"
         );
+    }
+
+    /// After a reboot no bound process or cgroup is the one a task was
+    /// bound to, whatever its PID, start time or id: restore completes every
+    /// task of the previous boot (even one whose PID and start time match a
+    /// live process), revokes it, and then records this boot.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn restore_after_a_reboot_completes_every_task_of_the_boot_before() {
+        let Some(now) = crate::store::current_boot() else {
+            eprintln!("SKIPPED: no boot id in /proc/sys/kernel/random/boot_id");
+            return;
+        };
+        let agent = TestAgent::start().await;
+        agent.begin("t-before").await.unwrap();
+        let serials = agent.svc.tasks.issued_serials("t-before").unwrap();
+        let recorded =
+            |agent: &TestAgent| agent.svc.store.read(crate::store::recorded_boot).unwrap();
+        assert_eq!(recorded(&agent), Some(now));
+        // Same boot: the task, its process alive, resumes.
+        let same_boot = restarted(&agent);
+        same_boot.restore().await.unwrap();
+        assert!(
+            same_boot
+                .get("t-before")
+                .unwrap()
+                .unwrap()
+                .completion
+                .is_none()
+        );
+        // As if the store had last been used in another boot.
+        agent
+            .svc
+            .store
+            .write(move |c| crate::store::record_boot(c, now ^ 1))
+            .await
+            .unwrap();
+        let rebooted = restarted(&agent);
+        rebooted.restore().await.unwrap();
+        let task = rebooted.get("t-before").unwrap().unwrap();
+        assert_completed_and_revoked(&agent, &task, &serials, "process_exited");
+        assert_eq!(task.completion.unwrap().detail, "found after a reboot");
+        assert_eq!(recorded(&agent), Some(now));
     }
 
     /// A task manager over the same store and agent, as after a restart.
