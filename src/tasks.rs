@@ -1679,7 +1679,9 @@ async fn wait_binding_ends(
 }
 
 /// The kernel signals every change of cgroup.events as a file modification,
-/// so inotify wakes us exactly when `populated` may have flipped.
+/// so inotify wakes us exactly when `populated` may have flipped. A cgroup
+/// bound before the task's processes are started in it has not emptied: it
+/// empties once it has held a process and holds none (or once it is gone).
 async fn wait_cgroup_empty(dir: &Path) {
     use rustix::fs::inotify;
     let events_file = dir.join("cgroup.events");
@@ -1689,10 +1691,14 @@ async fn wait_cgroup_empty(dir: &Path) {
             inotify::add_watch(&fd, &events_file, inotify::WatchFlags::MODIFY).ok()?;
             crate::sys::async_fd(fd, tokio::io::Interest::READABLE).ok()
         });
+    let mut held_processes = false;
     loop {
         // Check after arming the watch, so a flip in between is not missed.
-        if cgroup_populated(dir) != Some(true) {
-            return;
+        match cgroup_populated(dir) {
+            None => return,
+            Some(true) => held_processes = true,
+            Some(false) if held_processes => return,
+            Some(false) => {}
         }
         match &watch {
             Some(fd) => {

@@ -700,6 +700,47 @@ impl Drop for TestSlice {
     }
 }
 
+/// An orchestrator may bind a cgroup before it starts the task's processes
+/// in it: the task does not end as "emptied" until the cgroup has held a
+/// process and holds none.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cgroup_bound_before_its_processes_start_ends_once_they_are_gone() {
+    let Some(test_slice) = TestSlice::create("writ-test-early") else {
+        return;
+    };
+    let slice = test_slice.name.clone();
+    let job = test_slice.dir().join("job");
+    std::fs::create_dir(&job).unwrap();
+    let writ = Writ::start(&config(&format!(
+        "\n[attestors.cgroup]\ntrusted_roots = [\"/{slice}\"]\n"
+    )));
+    let mut tasks = tasks_client(&writ).await;
+    tasks
+        .begin_task(begin_cgroup("early", &format!("/{slice}/job")))
+        .await
+        .unwrap();
+    let worker = BoundChild::spawn(&writ, "late-starter");
+    std::fs::write(job.join("cgroup.procs"), worker.pid().to_string()).unwrap();
+    worker.go();
+    let (ids, _) = tokio::task::block_in_place(|| worker.next_update(Duration::from_secs(10)));
+    assert_eq!(ids[0], format!("{ORCH_ID}/task/early"), "{ids:?}");
+    assert_eq!(get_task(&mut tasks, "early").await.completed_at, 0);
+    drop(worker); // killed and reaped: the cgroup is empty again
+    let waited = std::time::Instant::now();
+    loop {
+        let t = get_task(&mut tasks, "early").await;
+        if t.completed_at != 0 {
+            assert_eq!(t.completion_reason, "cgroup_empty", "{t:?}");
+            break;
+        }
+        assert!(
+            waited.elapsed() < Duration::from_secs(10),
+            "the emptied cgroup's task never ended"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Binding a cgroup needs authority over it, as binding a PID does: the
 /// caller must own it (a delegated cgroup is its user's) or be allowed to
 /// bind anything (`bind_any_pid`). Otherwise an admin caller could hand an
