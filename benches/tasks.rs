@@ -202,6 +202,7 @@ async fn run(plan: Plan) -> Result<()> {
             "idle-stream messages per s",
             "CRL at end",
             "writ VmHWM",
+            "writ disk writes per task",
         ],
         &levels
             .iter()
@@ -679,6 +680,8 @@ struct ChurnLevel {
     client_cpu: Duration,
     machine_busy: f64,
     writ_hwm_kib: u64,
+    /// Bytes writ wrote to storage during the level (`/proc/<pid>/io`).
+    writ_disk_writes: u64,
 }
 
 impl ChurnLevel {
@@ -740,6 +743,14 @@ impl ChurnLevel {
             format!("{:.0}", self.idle_messages as f64 / secs),
             format!("{} entries, {} KiB", self.crl.0, self.crl.1 / 1024),
             common::fmt_mib(self.writ_hwm_kib),
+            if self.cycles.is_empty() {
+                "-".to_owned()
+            } else {
+                format!(
+                    "{:.0} KiB",
+                    self.writ_disk_writes as f64 / 1024.0 / self.cycles.len() as f64
+                )
+            },
         ]
     }
 }
@@ -788,6 +799,7 @@ async fn churn(
 
     let bench_pid = std::process::id();
     let writ_cpu_before = writ.cpu_time()?;
+    let writ_writes_before = writ.disk_writes()?;
     let bench_cpu_before = common::cpu_time_of(bench_pid)?;
     let machine_before = common::machine_cpu()?;
     let start = Instant::now();
@@ -844,6 +856,7 @@ async fn churn(
         client_cpu: Duration::ZERO,
         machine_busy: 0.0,
         writ_hwm_kib: 0,
+        writ_disk_writes: 0,
     };
     let mut last_end = start;
     for handle in handles {
@@ -868,6 +881,7 @@ async fn churn(
     level.client_cpu = level.client_cpu.saturating_sub(idle_cpu_before);
     level.machine_busy = common::busy_percent(machine_before, common::machine_cpu()?);
     level.writ_cpu = writ.cpu_time()?.saturating_sub(writ_cpu_before);
+    level.writ_disk_writes = writ.disk_writes()?.saturating_sub(writ_writes_before);
     level.client_cpu += common::cpu_time_of(bench_pid)?.saturating_sub(bench_cpu_before);
     writ.check_alive()?;
     level.crl = crl_size(&writ).await?;

@@ -706,10 +706,9 @@ impl TaskManager {
             }
             (None, Some(path)) => {
                 validate_cgroup_path(path, &self.limits.trusted_cgroup_roots)?;
-                let mount = self.cgroup_mount.as_ref().ok_or_else(|| {
+                let dir = self.cgroup_dir(path).ok_or_else(|| {
                     invalid("binding.cgroup", "no cgroup v2 hierarchy is mounted")
                 })?;
-                let dir = mount.join(path.trim_start_matches('/'));
                 // One look at the directory gives both its id and its owner,
                 // so the cgroup judged is the cgroup bound.
                 let found = std::fs::metadata(&dir)
@@ -749,6 +748,14 @@ impl TaskManager {
                 ))
             }
         }
+    }
+
+    /// The directory of the cgroup at `path` (as bindings store it), if a
+    /// cgroup v2 hierarchy is mounted.
+    fn cgroup_dir(&self, path: &str) -> Option<PathBuf> {
+        self.cgroup_mount
+            .as_ref()
+            .map(|m| m.join(path.trim_start_matches('/')))
     }
 
     /// Removes a stored task that was never activated (its audit record
@@ -826,10 +833,7 @@ impl TaskManager {
     ) -> tokio::task::AbortHandle {
         let manager = self.clone();
         let cgroup_dir = match &task.binding {
-            Binding::Cgroup { path, .. } => self
-                .cgroup_mount
-                .as_ref()
-                .map(|m| m.join(path.trim_start_matches('/'))),
+            Binding::Cgroup { path, .. } => self.cgroup_dir(path),
             Binding::Pid { .. } => None,
         };
         let handle = tokio::spawn(async move {
@@ -1356,13 +1360,10 @@ impl TaskManager {
                 },
                 // Populated, and still the cgroup the task was bound to (one
                 // made again at its path belongs to other processes).
-                Binding::Cgroup { path, id } => match &self.cgroup_mount {
-                    Some(m)
-                        if cgroup_populated(&m.join(path.trim_start_matches('/')))
-                            == Some(true)
-                            && id.is_none_or(|id| {
-                                cgroup_id(&m.join(path.trim_start_matches('/'))) == Some(id)
-                            }) =>
+                Binding::Cgroup { path, id } => match self.cgroup_dir(path) {
+                    Some(dir)
+                        if cgroup_populated(&dir) == Some(true)
+                            && id.is_none_or(|id| cgroup_id(&dir) == Some(id)) =>
                     {
                         Ok(None)
                     }
@@ -1523,6 +1524,9 @@ fn row_to_task(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<Task, TaskError
     };
     let corrupt =
         |what: String| TaskError::Store(StoreError::Corrupt(format!("task {id}: {what}")));
+    if !matches!(r.get_ref(0)?, ValueRef::Text(_)) {
+        return Ok(Err(corrupt("task_id is not text".into())));
+    }
     macro_rules! column {
         ($i:expr, $name:literal) => {
             match r.get($i) {
@@ -1539,9 +1543,6 @@ fn row_to_task(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<Task, TaskError
     let completed_at: Option<i64> = column!(6, "completed_at");
     let reason: Option<String> = column!(7, "completion_reason");
     let detail: Option<String> = column!(8, "completion_detail");
-    if !matches!(r.get_ref(0)?, ValueRef::Text(_)) {
-        return Ok(Err(corrupt("task_id is not text".into())));
-    }
     let record: TaskRecord = match serde_json::from_str(&record) {
         Ok(r) => r,
         Err(e) => return Ok(Err(corrupt(e.to_string()))),
@@ -2073,6 +2074,15 @@ mod tests {
         (release, blocker)
     }
 
+    /// The one value `sql` selects for the task `id` (its `?1`).
+    fn query_for<T: rusqlite::types::FromSql>(agent: &TestAgent, sql: &str, id: &str) -> T {
+        agent
+            .svc
+            .store
+            .read(|c| Ok(c.query_row(sql, params![id], |r| r.get(0))?))
+            .unwrap()
+    }
+
     fn count(agent: &TestAgent, sql: &'static str) -> i64 {
         agent
             .svc
@@ -2129,18 +2139,11 @@ mod tests {
     ) {
         let completion = task.completion.as_ref().expect("reported completed");
         assert_eq!(completion.reason, reason);
-        let id = task.id.clone();
-        let revoked: i64 = agent
-            .svc
-            .store
-            .read(move |c| {
-                Ok(c.query_row(
-                    "SELECT count(*) FROM revocations WHERE task_id = ?1",
-                    params![id],
-                    |r| r.get(0),
-                )?)
-            })
-            .unwrap();
+        let revoked: i64 = query_for(
+            agent,
+            "SELECT count(*) FROM revocations WHERE task_id = ?1",
+            &task.id,
+        );
         assert_eq!(revoked as usize, serials.len());
         assert!(!serials.is_empty());
     }
@@ -2419,17 +2422,11 @@ mod tests {
         for id in ["t-json", "t-blob"] {
             let e = fresh.get(id).unwrap_err().to_string();
             assert!(e.contains(id), "{e}");
-            let reason: String = agent
-                .svc
-                .store
-                .read(move |c| {
-                    Ok(c.query_row(
-                        "SELECT completion_reason FROM tasks WHERE task_id = ?1",
-                        params![id],
-                        |r| r.get(0),
-                    )?)
-                })
-                .unwrap();
+            let reason: String = query_for(
+                &agent,
+                "SELECT completion_reason FROM tasks WHERE task_id = ?1",
+                id,
+            );
             assert_eq!(reason, "record_unreadable");
         }
         let listed: Vec<String> = fresh

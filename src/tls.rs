@@ -194,7 +194,7 @@ impl SpiffeTls {
             });
         let cert = webpki::EndEntityCert::try_from(end_entity).map_err(|e| {
             tracing::info!(peer = %id, error = %e, "refused a peer certificate");
-            refused(rustls::CertificateError::BadEncoding)
+            chain_refused(&id, e)
         })?;
         cert.verify_for_usage(
             self.provider.signature_verification_algorithms.all,
@@ -207,23 +207,20 @@ impl SpiffeTls {
         )
         .map_err(|e| {
             tracing::info!(peer = %id, error = %e, "refused a peer certificate");
-            refused(certificate_error(e))
+            chain_refused(&id, e)
         })?;
         Ok(id)
     }
 }
 
-fn refused(kind: rustls::CertificateError) -> rustls::Error {
-    rustls::Error::InvalidCertificate(kind)
-}
-
-/// Why webpki refused a chain, as rustls names it: the TLS alert the peer
-/// receives is chosen from this (certificate_revoked, certificate_expired,
-/// unknown_ca, ...), where an untyped error would send a bare
-/// handshake_failure and leave the peer guessing.
-fn certificate_error(e: webpki::Error) -> rustls::CertificateError {
+/// Why webpki refused `peer`'s chain, as rustls names it where it has a
+/// name: the TLS alert the peer receives is chosen from that
+/// (certificate_revoked, certificate_expired, unknown_ca, ...), where an
+/// untyped error sends a bare handshake_failure. Anything rarer stays in
+/// words (rustls would print a kind it has no name for as a Debug dump).
+fn chain_refused(peer: &SpiffeId, e: webpki::Error) -> rustls::Error {
     use rustls::CertificateError as Kind;
-    match e {
+    let kind = match e {
         webpki::Error::CertRevoked => Kind::Revoked,
         webpki::Error::CertExpired { time, not_after } => Kind::ExpiredContext { time, not_after },
         webpki::Error::CertNotValidYet { time, not_before } => {
@@ -233,8 +230,9 @@ fn certificate_error(e: webpki::Error) -> rustls::CertificateError {
         webpki::Error::UnknownIssuer => Kind::UnknownIssuer,
         webpki::Error::InvalidSignatureForPublicKey => Kind::BadSignature,
         webpki::Error::BadDer | webpki::Error::BadDerTime => Kind::BadEncoding,
-        other => Kind::Other(rustls::OtherError(Arc::new(other))),
-    }
+        other => return rustls::Error::General(format!("peer {peer}: {other}")),
+    };
+    rustls::Error::InvalidCertificate(kind)
 }
 
 #[derive(Debug)]

@@ -682,6 +682,21 @@ impl TestSlice {
     fn dir(&self) -> PathBuf {
         self.mount.join(&self.name)
     }
+
+    /// Makes its child cgroup `job` and returns its directory.
+    fn make_job(&self) -> PathBuf {
+        let job = self.dir().join("job");
+        std::fs::create_dir(&job).unwrap();
+        job
+    }
+
+    /// The config table that makes writ trust this slice's cgroups.
+    fn trusted_root(&self) -> String {
+        format!(
+            "\n[attestors.cgroup]\ntrusted_roots = [\"/{}\"]\n",
+            self.name
+        )
+    }
 }
 
 impl Drop for TestSlice {
@@ -709,11 +724,8 @@ async fn a_cgroup_bound_before_its_processes_start_ends_once_they_are_gone() {
         return;
     };
     let slice = test_slice.name.clone();
-    let job = test_slice.dir().join("job");
-    std::fs::create_dir(&job).unwrap();
-    let writ = Writ::start(&config(&format!(
-        "\n[attestors.cgroup]\ntrusted_roots = [\"/{slice}\"]\n"
-    )));
+    let job = test_slice.make_job();
+    let writ = Writ::start(&config(&test_slice.trusted_root()));
     let mut tasks = tasks_client(&writ).await;
     tasks
         .begin_task(begin_cgroup("early", &format!("/{slice}/job")))
@@ -755,7 +767,7 @@ async fn a_cgroup_can_be_bound_only_by_its_owner_or_a_caller_allowed_anything() 
     let theirs = test_slice.dir().join("theirs");
     std::fs::create_dir(&theirs).unwrap();
     std::os::unix::fs::chown(&theirs, Some(common::NOBODY), Some(common::NOBODY)).unwrap();
-    let roots = format!("\n[attestors.cgroup]\ntrusted_roots = [\"/{slice}\"]\n");
+    let roots = test_slice.trusted_root();
 
     let writ = Writ::start(&config(&roots));
     let mut tasks = tasks_client(&writ).await;
@@ -791,10 +803,8 @@ async fn every_trigger_completes_its_task_exactly_once() {
     let Some(test_slice) = TestSlice::create("writ-test") else {
         return;
     };
-    let (slice, root_dir) = (test_slice.name.clone(), test_slice.dir());
-    let writ = Writ::start(&config(&format!(
-        "\n[attestors.cgroup]\ntrusted_roots = [\"/{slice}\"]\n"
-    )));
+    let slice = test_slice.name.clone();
+    let writ = Writ::start(&config(&test_slice.trusted_root()));
     let mut tasks = tasks_client(&writ).await;
     let mut events = task_events(&writ).await;
 
@@ -820,8 +830,7 @@ async fn every_trigger_completes_its_task_exactly_once() {
     b.kill().unwrap();
     b.wait().unwrap();
     // Cgroup emptied.
-    let job = root_dir.join("job");
-    std::fs::create_dir(&job).unwrap();
+    let job = test_slice.make_job();
     let mut c = sleeper();
     std::fs::write(job.join("cgroup.procs"), c.id().to_string()).unwrap();
     tasks
@@ -1798,10 +1807,10 @@ async fn an_admin_connection_is_attested_once_until_something_may_have_changed()
         return;
     };
     let slice = test_slice.name.clone();
-    let job = test_slice.dir().join("job");
-    std::fs::create_dir(&job).unwrap();
+    let job = test_slice.make_job();
     let writ = Writ::start(&config(&format!(
-        "\n[attestors.cgroup]\ntrusted_roots = [\"/{slice}\"]\n\n[workload_api]\nreattest_interval = \"1h\"\n\n[telemetry]\nlisten = \"127.0.0.1:0\"\n"
+        "{}\n[workload_api]\nreattest_interval = \"1h\"\n\n[telemetry]\nlisten = \"127.0.0.1:0\"\n",
+        test_slice.trusted_root()
     )));
     let addr = metrics_addr(&writ);
     let list = || apb::ListTasksRequest::default();
@@ -1870,12 +1879,12 @@ async fn a_stream_inside_a_cgroup_receives_the_cgroup_tasks_identity_and_loses_i
         return;
     };
     let (slice, mount) = (test_slice.name.clone(), test_slice.mount.clone());
-    let job = test_slice.dir().join("job");
-    std::fs::create_dir(&job).unwrap();
+    let job = test_slice.make_job();
     // No periodic re-attestation during the test: only the task's begin can
     // make the stream look again.
     let writ = Writ::start(&config(&format!(
-        "\n[attestors.cgroup]\ntrusted_roots = [\"/{slice}\"]\n\n[workload_api]\nreattest_interval = \"1h\"\n"
+        "{}\n[workload_api]\nreattest_interval = \"1h\"\n",
+        test_slice.trusted_root()
     )));
     // The worker holds its stream before the task exists, and is moved into
     // the cgroup after its first message: only a cgroup-bound task's begin
@@ -1913,11 +1922,8 @@ async fn a_cgroup_recreated_while_writ_was_down_does_not_inherit_its_task() {
         return;
     };
     let (slice, mount) = (test_slice.name.clone(), test_slice.mount.clone());
-    let job = test_slice.dir().join("job");
-    std::fs::create_dir(&job).unwrap();
-    let mut writ = Writ::start(&config(&format!(
-        "\n[attestors.cgroup]\ntrusted_roots = [\"/{slice}\"]\n"
-    )));
+    let job = test_slice.make_job();
+    let mut writ = Writ::start(&config(&test_slice.trusted_root()));
     let first = BoundChild::spawn(&writ, "first");
     std::fs::write(job.join("cgroup.procs"), first.pid().to_string()).unwrap();
     {

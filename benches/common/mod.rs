@@ -137,6 +137,18 @@ pub fn memory_of(pid: u32) -> Result<Memory> {
     })
 }
 
+/// Bytes the process has caused to be written to storage so far
+/// (`write_bytes` in `/proc/<pid>/io`: page-cache pages it dirtied, counted
+/// again each time a synced page is dirtied anew).
+pub fn disk_writes_of(pid: u32) -> Result<u64> {
+    let io = std::fs::read_to_string(format!("/proc/{pid}/io"))
+        .with_context(|| format!("reading /proc/{pid}/io"))?;
+    io.lines()
+        .find_map(|l| l.strip_prefix("write_bytes:"))
+        .and_then(|v| v.trim().parse().ok())
+        .with_context(|| format!("no write_bytes in /proc/{pid}/io"))
+}
+
 /// User plus system CPU time the process has used so far.
 pub fn cpu_time_of(pid: u32) -> Result<Duration> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
@@ -280,6 +292,10 @@ selectors = ["unix:uid:{uid}"]
 
     pub fn cpu_time(&self) -> Result<Duration> {
         cpu_time_of(self.pid())
+    }
+
+    pub fn disk_writes(&self) -> Result<u64> {
+        disk_writes_of(self.pid())
     }
 
     pub fn dir(&self) -> &Path {
