@@ -195,6 +195,7 @@ async fn bench_issuance(dir: &Path, engine: &PolicyEngine, n: usize) {
             .spiffe_id("/orchestrator/research/task/t-42")
             .expect("SPIFFE ID"),
         ttl: Duration::from_secs(600),
+        ends_by: None,
         dns_names: Vec::new(),
     };
     let policy_request = issue_request();

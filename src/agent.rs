@@ -718,11 +718,11 @@ impl Agent {
         // other identities are still served, and the task's own end follows
         // within the second.
         if let (Some(task_id), Some(cap)) = (&entitlement.task_id, entitlement.not_after_cap)
-            && room_before(cap, now) < crate::ca::MIN_SVID_TTL
+            && crate::ca::room_before(cap, now) < crate::ca::MIN_SVID_TTL
         {
             return Err(AgentError::TaskCompleted(task_id.clone()));
         }
-        let request = self.x509_request(entitlement, now);
+        let request = Self::x509_request(entitlement);
         let issued_event = |plan: &X509SvidPlan, kind: EventKind| {
             let mut event = AuditEvent::new(kind, issuance.correlation_id.clone())
                 .spiffe_id(entitlement.spiffe_id.to_string())
@@ -887,16 +887,11 @@ impl Agent {
         let mut planned = None;
         let mut queued = None;
         // A sub-task begun in its parent's last second could only have a
-        // certificate shorter than a second: it begins without one, as
-        // `mint_svid` would refuse it.
-        let too_short = entitlement
-            .not_after_cap
-            .is_some_and(|cap| room_before(cap, now) < crate::ca::MIN_SVID_TTL);
-        let minted = if too_short {
-            Err(crate::ca::CaError::TtlTooShort)
-        } else {
+        // certificate shorter than a second: the CA refuses it (before the
+        // hook runs), and the task begins without one.
+        let minted = {
             let ca = read_lock(&self.ca);
-            ca.mint_x509_svid_with(&self.x509_request(&entitlement, now), now, |plan| {
+            ca.mint_x509_svid_with(&Self::x509_request(&entitlement), now, |plan| {
                 planned = Some(plan.clone());
                 let recorded = self.start_record_group(&[
                     begun.clone(),
@@ -1212,14 +1207,11 @@ impl Agent {
         Ok(())
     }
 
-    fn x509_request(&self, entitlement: &Entitlement, now: SystemTime) -> X509SvidRequest {
-        let mut ttl = entitlement.x509_svid_ttl;
-        if let Some(cap) = entitlement.not_after_cap {
-            ttl = ttl.min(cap.duration_since(now).unwrap_or(Duration::ZERO));
-        }
+    fn x509_request(entitlement: &Entitlement) -> X509SvidRequest {
         X509SvidRequest {
             spiffe_id: entitlement.spiffe_id.clone(),
-            ttl,
+            ttl: entitlement.x509_svid_ttl,
+            ends_by: entitlement.not_after_cap,
             dns_names: entitlement.dns_names.clone(),
         }
     }
@@ -1284,12 +1276,10 @@ impl Agent {
             }
         }
         let ca = read_lock(&self.ca);
-        let mut ttl = ca.jwt_svid_ttl();
         if let Some(cap) = entitlement.not_after_cap {
-            ttl = ttl.min(cap.duration_since(now).unwrap_or(Duration::ZERO));
             // A task about to end gets no token rather than one that lives
             // a fraction of a second (tokens end on whole seconds too).
-            if room_before(cap, now) < crate::ca::MIN_SVID_TTL
+            if crate::ca::room_before(cap, now) < crate::ca::MIN_SVID_TTL
                 && let Some(task_id) = &entitlement.task_id
             {
                 return Err(AgentError::TaskCompleted(task_id.clone()));
@@ -1298,7 +1288,8 @@ impl Agent {
         let request = JwtSvidRequest {
             spiffe_id: entitlement.spiffe_id.clone(),
             audience: audience.to_vec(),
-            ttl,
+            ttl: ca.jwt_svid_ttl(),
+            ends_by: entitlement.not_after_cap,
             extra_claims,
         };
         let minted = ca.mint_jwt_svid_with(&request, now, before_signing)?;
@@ -1654,19 +1645,9 @@ fn rotation_point(
     // live less than a second, the SVID is kept until it expires, and the
     // task ends with it.
     match cap {
-        Some(cap) if room_before(cap, half_life) < crate::ca::MIN_SVID_TTL => not_after,
+        Some(cap) if crate::ca::room_before(cap, half_life) < crate::ca::MIN_SVID_TTL => not_after,
         _ => half_life,
     }
-}
-
-/// How long an X.509-SVID minted at `now` can live under `cap`: to the
-/// cap's whole second, since certificate times have no fractions.
-fn room_before(cap: SystemTime, now: SystemTime) -> Duration {
-    let whole = cap
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| SystemTime::UNIX_EPOCH + Duration::from_secs(d.as_secs()))
-        .unwrap_or(cap);
-    whole.duration_since(now).unwrap_or(Duration::ZERO)
 }
 
 // A poisoned lock means a thread panicked mid-update; the data behind these

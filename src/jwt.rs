@@ -224,7 +224,10 @@ pub struct JwtSvidPlan {
 pub struct JwtSvidRequest {
     pub spiffe_id: SpiffeId,
     pub audience: Vec<String>,
+    /// The least the token lives, unless `ends_by` or the key ends first.
     pub ttl: Duration,
+    /// The latest the token may end (its task's end, say).
+    pub ends_by: Option<SystemTime>,
     /// Private claims (`task`, `act`); none may be a registered claim.
     pub extra_claims: Map<String, Value>,
 }
@@ -742,6 +745,7 @@ mod tests {
             spiffe_id: td().spiffe_id("/agent/a").unwrap(),
             audience: vec!["api".into()],
             ttl: Duration::from_secs(300),
+            ends_by: None,
             extra_claims: {
                 let mut m = Map::new();
                 m.insert("task".into(), json!({"id": "t1"}));

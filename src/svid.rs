@@ -20,7 +20,10 @@ use crate::spiffe_id::{SpiffeId, SpiffeIdError};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct X509SvidRequest {
     pub spiffe_id: SpiffeId,
+    /// The least the SVID lives, unless `ends_by` or the signer ends first.
     pub ttl: Duration,
+    /// The latest the SVID may end (its task's end, say).
+    pub ends_by: Option<SystemTime>,
     /// Extra DNS SANs (the SPIFFE ID stays the only URI SAN).
     pub dns_names: Vec<String>,
 }

@@ -509,7 +509,8 @@ impl CertificateAuthority {
     }
 
     /// Mints a JWT-SVID signed by the active JWT key: `iat` now, `exp`
-    /// `min(now + ttl, key's end)`, a random `jti`, plus the request's extra
+    /// `now + ttl` rounded down to the second, or `ends_by` or the key's
+    /// end if sooner (`token_end`), a random `jti`, plus the request's extra
     /// claims. Refuses requests whose token would be too large to validate.
     pub fn mint_jwt_svid(&self, req: &JwtSvidRequest, now: SystemTime) -> Result<JwtSvid, CaError> {
         self.mint_jwt_svid_with(req, now, |_| ())
@@ -541,14 +542,12 @@ impl CertificateAuthority {
                 "claim {claim} is set by the issuer"
             )));
         }
-        if req.ttl < MIN_SVID_TTL {
-            return Err(CaError::TtlTooShort);
-        }
+        check_lifetime(req.ttl, req.ends_by, now)?;
         let signer = self
             .active_jwt()
             .ok_or_else(|| CaError::Internal("no active JWT signing key".into()))?;
         let now_unix = clock::to_unix(now)?;
-        let exp = end_unix(now, req.ttl)?.min(signer.not_after_unix);
+        let exp = token_end(now, req.ttl, req.ends_by)?.min(signer.not_after_unix);
         if exp <= now_unix {
             return Err(CaError::SignerExpired {
                 at: clock::display(now),
@@ -588,7 +587,8 @@ impl CertificateAuthority {
     }
 
     /// Mints an X509-SVID: fresh P-256 key, random serial, notBefore
-    /// `now - 10s`, notAfter `min(now + ttl, signer notAfter)`.
+    /// `now - 10s`, notAfter `now + ttl` rounded up to the second, or
+    /// `ends_by` or the signer's notAfter if sooner (`certificate_end`).
     pub fn mint_x509_svid(
         &self,
         req: &X509SvidRequest,
@@ -612,9 +612,7 @@ impl CertificateAuthority {
         before_signing: impl FnOnce(&X509SvidPlan) -> T,
     ) -> Result<(X509Svid, T), CaError> {
         self.check_leaf_id(&req.spiffe_id)?;
-        if req.ttl < MIN_SVID_TTL {
-            return Err(CaError::TtlTooShort);
-        }
+        check_lifetime(req.ttl, req.ends_by, now)?;
         for name in &req.dns_names {
             svid::validate_dns_name(name)?;
         }
@@ -624,7 +622,7 @@ impl CertificateAuthority {
 
         let now_unix = clock::to_unix(now)?;
         let not_before = now_unix - BACKDATE.as_secs() as i64;
-        let not_after = end_unix(now, req.ttl)?.min(signer.not_after_unix);
+        let not_after = certificate_end(now, req.ttl, req.ends_by)?.min(signer.not_after_unix);
         if not_after <= now_unix {
             return Err(CaError::SignerExpired {
                 at: clock::display(now),
@@ -968,6 +966,7 @@ impl CertificateAuthority {
             &X509SvidRequest {
                 spiffe_id: probe_id,
                 ttl: Duration::from_secs(60),
+                ends_by: None,
                 dns_names: Vec::new(),
             },
             now,
@@ -1119,10 +1118,72 @@ pub fn read_checkpoint_roots(ca_dir: &Path) -> Result<Vec<CertificateDer<'static
 /// certificates and tokens carry: the second of the exact end, so a TTL
 /// capped 1.4 s after x.9 s ends 1 s later, not 0.1 s later (flooring now
 /// and the TTL apart), and never after the cap.
-fn end_unix(now: SystemTime, ttl: Duration) -> Result<i64, CaError> {
-    match now.checked_add(ttl) {
-        Some(end) => clock::to_unix(end),
-        None => Ok(i64::MAX),
+/// How long a credential minted at `now` can live if it must end by
+/// `ends_by`: to that instant's whole second, since certificate and token
+/// times have no fractions.
+pub fn room_before(ends_by: SystemTime, now: SystemTime) -> Duration {
+    let whole = ends_by
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| SystemTime::UNIX_EPOCH + Duration::from_secs(d.as_secs()))
+        .unwrap_or(ends_by);
+    whole.duration_since(now).unwrap_or(Duration::ZERO)
+}
+
+/// A credential must be able to live `MIN_SVID_TTL`, by its TTL and by
+/// whatever it must end by.
+fn check_lifetime(
+    ttl: Duration,
+    ends_by: Option<SystemTime>,
+    now: SystemTime,
+) -> Result<(), CaError> {
+    if ttl < MIN_SVID_TTL || ends_by.is_some_and(|by| room_before(by, now) < MIN_SVID_TTL) {
+        return Err(CaError::TtlTooShort);
+    }
+    Ok(())
+}
+
+/// When a certificate signed at `now` ends, in unix seconds: at least `ttl`
+/// later, so `now + ttl` is rounded up to its whole second (rounded down, a
+/// one-second TTL could leave a certificate a few milliseconds, and a
+/// two-second one barely a second, to be rotated in; its notBefore is
+/// backdated anyway); but never after `ends_by`, rounded down.
+fn certificate_end(
+    now: SystemTime,
+    ttl: Duration,
+    ends_by: Option<SystemTime>,
+) -> Result<i64, CaError> {
+    let by_ttl = match now.checked_add(ttl) {
+        Some(end) => {
+            let floor = clock::to_unix(end)?;
+            let fraction = end
+                .duration_since(clock::from_unix(floor))
+                .unwrap_or(Duration::ZERO);
+            if fraction.is_zero() {
+                floor
+            } else {
+                floor.saturating_add(1)
+            }
+        }
+        None => i64::MAX,
+    };
+    capped_end(by_ttl, ends_by)
+}
+
+/// When a token signed at `now` ends, in unix seconds: `now + ttl` rounded
+/// down, so `exp` is `iat` plus the TTL, as relying parties expect; but
+/// never after `ends_by`, rounded down.
+fn token_end(now: SystemTime, ttl: Duration, ends_by: Option<SystemTime>) -> Result<i64, CaError> {
+    let by_ttl = match now.checked_add(ttl) {
+        Some(end) => clock::to_unix(end)?,
+        None => i64::MAX,
+    };
+    capped_end(by_ttl, ends_by)
+}
+
+fn capped_end(end: i64, ends_by: Option<SystemTime>) -> Result<i64, CaError> {
+    match ends_by {
+        Some(by) => Ok(end.min(clock::to_unix(by)?)),
+        None => Ok(end),
     }
 }
 

@@ -19,6 +19,7 @@ use super::*;
 use crate::svid::verify_chain;
 
 const HOUR: Duration = Duration::from_secs(3600);
+const SECOND: Duration = Duration::from_secs(1);
 
 fn td() -> TrustDomain {
     TrustDomain::new("example.org").unwrap()
@@ -37,6 +38,7 @@ fn request(path: &str, ttl: Duration) -> X509SvidRequest {
     X509SvidRequest {
         spiffe_id: td().spiffe_id(path).unwrap(),
         ttl,
+        ends_by: None,
         dns_names: Vec::new(),
     }
 }
@@ -181,13 +183,16 @@ fn not_after_is_clamped_to_the_signer() {
 fn credentials_end_on_the_whole_second_of_the_exact_end() {
     let tmp = tempfile::tempdir().unwrap();
     let ca = CertificateAuthority::load_or_create(settings(tmp.path()), t0()).unwrap();
-    // A task capped 1.5 s after x.9 s ends at x+2.4 s: its certificate must
-    // run to x+2 (never past the cap), not to x+1, 0.1 s after it is signed,
-    // which had it rotated again at once.
+    // A task ending 1.5 s after x.9 s ends at x+2.4 s: its certificate must
+    // run to x+2 (never past the task), not to x+1, 0.1 s after it is
+    // signed, which had it rotated again at once.
     let now = t0() + Duration::from_millis(900);
-    let svid = ca
-        .mint_x509_svid(&request("/a", Duration::from_millis(1500)), now)
-        .unwrap();
+    let task_end = now + Duration::from_millis(1500);
+    let capped_x509 = X509SvidRequest {
+        ends_by: Some(task_end),
+        ..request("/a", HOUR)
+    };
+    let svid = ca.mint_x509_svid(&capped_x509, now).unwrap();
     assert_eq!(svid.not_after, t0() + Duration::from_secs(2));
     let leaf_not_after = parse(svid.leaf().unwrap()).validity().not_after.timestamp();
     assert_eq!(leaf_not_after as u64, unix(t0()) + 2);
@@ -195,10 +200,45 @@ fn credentials_end_on_the_whole_second_of_the_exact_end() {
     let svid = ca.mint_x509_svid(&request("/a", HOUR), t0()).unwrap();
     assert_eq!(svid.not_after, t0() + HOUR);
     // Tokens end the same way.
-    let token = ca
-        .mint_jwt_svid(&jwt_request("/a", Duration::from_millis(1500)), now)
-        .unwrap();
+    let capped = JwtSvidRequest {
+        ends_by: Some(task_end),
+        ..jwt_request("/a", HOUR)
+    };
+    let token = ca.mint_jwt_svid(&capped, now).unwrap();
     assert_eq!(token.expires_at, t0() + Duration::from_secs(2));
+    // At x+1.3 s the task's last whole second leaves 0.7 s: nothing.
+    let late = t0() + Duration::from_millis(1300);
+    assert!(matches!(
+        ca.mint_x509_svid(&capped_x509, late),
+        Err(CaError::TtlTooShort)
+    ));
+    assert!(matches!(
+        ca.mint_jwt_svid(&capped, late),
+        Err(CaError::TtlTooShort)
+    ));
+}
+
+#[test]
+fn certificates_live_at_least_their_ttl() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ca = CertificateAuthority::load_or_create(settings(tmp.path()), t0()).unwrap();
+    // Signed at x.99 s, a one-second certificate ends at x+2, not at x+1,
+    // 10 ms later: rounding down left short TTLs a fraction of themselves
+    // and streams re-minting until the next second began.
+    let now = t0() + Duration::from_millis(990);
+    let svid = ca.mint_x509_svid(&request("/a", SECOND), now).unwrap();
+    assert_eq!(svid.not_after, t0() + 2 * SECOND);
+    let leaf_not_after = parse(svid.leaf().unwrap()).validity().not_after.timestamp();
+    assert_eq!(leaf_not_after as u64, unix(t0()) + 2);
+    // A token's exp stays its iat plus its TTL, as relying parties expect
+    // (they allow for skew; a stream never re-mints tokens).
+    let token = ca.mint_jwt_svid(&jwt_request("/a", SECOND), now).unwrap();
+    assert_eq!(token.expires_at, token.issued_at + SECOND);
+    // And never more than a second over it.
+    let svid = ca
+        .mint_x509_svid(&request("/a", 2 * SECOND), t0() + Duration::from_millis(1))
+        .unwrap();
+    assert_eq!(svid.not_after, t0() + 3 * SECOND);
 }
 
 #[test]
@@ -208,6 +248,7 @@ fn bad_requests_are_refused() {
     let foreign = X509SvidRequest {
         spiffe_id: "spiffe://other.org/a".parse().unwrap(),
         ttl: HOUR,
+        ends_by: None,
         dns_names: vec![],
     };
     assert!(matches!(
@@ -217,6 +258,7 @@ fn bad_requests_are_refused() {
     let root_id = X509SvidRequest {
         spiffe_id: "spiffe://example.org".parse().unwrap(),
         ttl: HOUR,
+        ends_by: None,
         dns_names: vec![],
     };
     assert!(matches!(
@@ -489,9 +531,8 @@ fn rotation_invariants_over_many_generations() {
                 / 2),
         ] {
             let svid = ca.mint_x509_svid(&request("/w", HOUR), at).unwrap();
-            assert_eq!(
-                unix(svid.not_after) - unix(at),
-                3600,
+            assert!(
+                svid.not_after >= at + HOUR && svid.not_after < at + HOUR + SECOND,
                 "the active root can always sign a full-length SVID"
             );
             live.push(svid);
@@ -1041,6 +1082,7 @@ fn jwt_request(path: &str, ttl: Duration) -> JwtSvidRequest {
         spiffe_id: td().spiffe_id(path).unwrap(),
         audience: vec!["api".into()],
         ttl,
+        ends_by: None,
         extra_claims: serde_json::Map::new(),
     }
 }
