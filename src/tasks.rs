@@ -533,7 +533,7 @@ impl TaskManager {
             expires_at = expires_at.min(parent.expires_at);
         }
 
-        let (binding, pinned) = self.resolve_binding(&req, caller)?;
+        let (binding, watch) = self.resolve_binding(&req, caller)?;
 
         let spiffe_id = match (&req.spiffe_id, &parent, &caller.spiffe_id) {
             (Some(explicit), _, _) => {
@@ -660,7 +660,7 @@ impl TaskManager {
                 return Err(TaskError::Audit(e));
             }
         }
-        self.activate(task.clone(), pinned);
+        self.activate(task.clone(), watch);
         Ok(task)
     }
 
@@ -668,7 +668,7 @@ impl TaskManager {
         &self,
         req: &BeginRequest,
         caller: &Orchestrator,
-    ) -> Result<(Binding, Option<Arc<PinnedProcess>>), TaskError> {
+    ) -> Result<(Binding, BindingWatch), TaskError> {
         match (req.pid, &req.cgroup) {
             (Some(_), Some(_)) => Err(invalid("binding", "give either pid or cgroup, not both")),
             (None, None) => Err(invalid("binding", "a pid or a cgroup is required")),
@@ -702,7 +702,7 @@ impl TaskManager {
                     pid,
                     start_time: pinned.start_time(),
                 };
-                Ok((binding, Some(Arc::new(pinned))))
+                Ok((binding, BindingWatch::Process(Arc::new(pinned))))
             }
             (None, Some(path)) => {
                 validate_cgroup_path(path, &self.limits.trusted_cgroup_roots)?;
@@ -739,12 +739,15 @@ impl TaskManager {
                         }
                     )));
                 }
+                // Read now, not when the watcher first looks: processes
+                // that leave before then have still emptied it.
+                let held_processes = cgroup_populated(&dir) == Some(true);
                 Ok((
                     Binding::Cgroup {
                         path: path.clone(),
                         id: Some(id),
                     },
-                    None,
+                    BindingWatch::Cgroup { held_processes },
                 ))
             }
         }
@@ -785,7 +788,7 @@ impl TaskManager {
 
     /// Makes a persisted task live: indexed for identity lookups, watched
     /// for its completion triggers, announced to watchers.
-    fn activate(self: &Arc<Self>, task: Arc<Task>, pinned: Option<Arc<PinnedProcess>>) {
+    fn activate(self: &Arc<Self>, task: Arc<Task>, watch: BindingWatch) {
         let parent_gone = {
             let mut inner = self.inner();
             let parent_gone = task
@@ -795,7 +798,7 @@ impl TaskManager {
             // An orphan is active too, for as long as its completion takes:
             // completion works on the active set (and EndTask finds it).
             // It is neither watched nor served.
-            let watcher = (!parent_gone).then(|| self.spawn_watcher(task.clone(), pinned.clone()));
+            let watcher = (!parent_gone).then(|| self.spawn_watcher(task.clone(), watch));
             inner.insert_active(&task, watcher, !parent_gone);
             parent_gone
         };
@@ -829,7 +832,7 @@ impl TaskManager {
     fn spawn_watcher(
         self: &Arc<Self>,
         task: Arc<Task>,
-        pinned: Option<Arc<PinnedProcess>>,
+        watch: BindingWatch,
     ) -> tokio::task::AbortHandle {
         let manager = self.clone();
         let cgroup_dir = match &task.binding {
@@ -843,7 +846,7 @@ impl TaskManager {
                 .unwrap_or(Duration::ZERO);
             let reason = tokio::select! {
                 _ = tokio::time::sleep(ttl) => CompletionReason::TtlExpired,
-                reason = wait_binding_ends(pinned, cgroup_dir) => reason,
+                reason = wait_binding_ends(watch, cgroup_dir) => reason,
             };
             // Complete from a fresh task: completion aborts this watcher, and
             // must not be cancelled half-way by that.
@@ -1355,7 +1358,9 @@ impl TaskManager {
                 Binding::Pid { .. } if other_boot => Err(CompletionReason::ProcessExited),
                 Binding::Cgroup { .. } if other_boot => Err(CompletionReason::CgroupEmpty),
                 Binding::Pid { pid, start_time } => match PinnedProcess::open(*pid) {
-                    Ok(p) if p.start_time() == *start_time => Ok(Some(Arc::new(p))),
+                    Ok(p) if p.start_time() == *start_time => {
+                        Ok(BindingWatch::Process(Arc::new(p)))
+                    }
                     _ => Err(CompletionReason::ProcessExited),
                 },
                 // Populated, and still the cgroup the task was bound to (one
@@ -1365,21 +1370,27 @@ impl TaskManager {
                         if cgroup_populated(&dir) == Some(true)
                             && id.is_none_or(|id| cgroup_id(&dir) == Some(id)) =>
                     {
-                        Ok(None)
+                        Ok(BindingWatch::Cgroup {
+                            held_processes: true,
+                        })
                     }
                     _ => Err(CompletionReason::CgroupEmpty),
                 },
             };
             // Activate first even if it is to complete at once: completion
             // works on the active set, and runs the revocation path.
-            let pinned = alive.as_ref().ok().cloned().flatten();
+            let watch = alive
+                .as_ref()
+                .ok()
+                .cloned()
+                .unwrap_or(BindingWatch::Nothing);
             let reason = match alive {
                 _ if orphaned => Some(CompletionReason::ParentCompleted),
                 Err(r) => Some(r),
                 Ok(_) if task.expires_at <= now => Some(CompletionReason::TtlExpired),
                 Ok(_) => None,
             };
-            self.activate_restored(task.clone(), pinned);
+            self.activate_restored(task.clone(), watch);
             if let Some(r) = reason {
                 to_complete.push((task.id.clone(), r));
             }
@@ -1465,8 +1476,8 @@ impl TaskManager {
         Ok(())
     }
 
-    fn activate_restored(self: &Arc<Self>, task: Arc<Task>, pinned: Option<Arc<PinnedProcess>>) {
-        let watcher = self.spawn_watcher(task.clone(), pinned);
+    fn activate_restored(self: &Arc<Self>, task: Arc<Task>, watch: BindingWatch) {
+        let watcher = self.spawn_watcher(task.clone(), watch);
         self.inner().insert_active(&task, Some(watcher), true);
         self.agent.index_task(task);
     }
@@ -1662,28 +1673,40 @@ fn cgroup_populated(dir: &Path) -> Option<bool> {
         .map(|v| v.trim() == "1")
 }
 
+/// What a task's watcher waits on for its binding to end.
+#[derive(Clone)]
+enum BindingWatch {
+    /// The pinned process's exit.
+    Process(Arc<PinnedProcess>),
+    /// The cgroup emptying. `held_processes`: it held some when it was
+    /// bound, so it has emptied once it holds none, however late the
+    /// watcher first looks; one bound empty must hold a process first.
+    Cgroup { held_processes: bool },
+    /// Nothing: a restored task whose binding is gone, completed at once.
+    Nothing,
+}
+
 /// Resolves when the binding ends: the pinned process exits, or the cgroup
 /// empties (or disappears). Never resolves for a binding with nothing to watch.
-async fn wait_binding_ends(
-    pinned: Option<Arc<PinnedProcess>>,
-    cgroup_dir: Option<PathBuf>,
-) -> CompletionReason {
-    if let Some(process) = pinned {
-        crate::peer::wait_for_exit(&process).await;
-        return CompletionReason::ProcessExited;
+async fn wait_binding_ends(watch: BindingWatch, cgroup_dir: Option<PathBuf>) -> CompletionReason {
+    match (watch, cgroup_dir) {
+        (BindingWatch::Process(process), _) => {
+            crate::peer::wait_for_exit(&process).await;
+            CompletionReason::ProcessExited
+        }
+        (BindingWatch::Cgroup { held_processes }, Some(dir)) => {
+            wait_cgroup_empty(&dir, held_processes).await;
+            CompletionReason::CgroupEmpty
+        }
+        _ => std::future::pending().await,
     }
-    if let Some(dir) = cgroup_dir {
-        wait_cgroup_empty(&dir).await;
-        return CompletionReason::CgroupEmpty;
-    }
-    std::future::pending().await
 }
 
 /// The kernel signals every change of cgroup.events as a file modification,
 /// so inotify wakes us exactly when `populated` may have flipped. A cgroup
 /// bound before the task's processes are started in it has not emptied: it
 /// empties once it has held a process and holds none (or once it is gone).
-async fn wait_cgroup_empty(dir: &Path) {
+async fn wait_cgroup_empty(dir: &Path, held_processes: bool) {
     use rustix::fs::inotify;
     let events_file = dir.join("cgroup.events");
     let watch = inotify::init(inotify::CreateFlags::CLOEXEC | inotify::CreateFlags::NONBLOCK)
@@ -1692,7 +1715,7 @@ async fn wait_cgroup_empty(dir: &Path) {
             inotify::add_watch(&fd, &events_file, inotify::WatchFlags::MODIFY).ok()?;
             crate::sys::async_fd(fd, tokio::io::Interest::READABLE).ok()
         });
-    let mut held_processes = false;
+    let mut held_processes = held_processes;
     loop {
         // Check after arming the watch, so a flip in between is not missed.
         match cgroup_populated(dir) {
@@ -1992,21 +2015,7 @@ mod tests {
             parent: Option<&str>,
             ttl: Option<Duration>,
         ) -> Result<Arc<Task>, TaskError> {
-            let me = PinnedProcess::open(std::process::id() as i32).unwrap();
-            let orchestrator = Orchestrator {
-                process: Arc::new(me),
-                spiffe_id: Some(
-                    self.svc
-                        .agent
-                        .trust_domain()
-                        .spiffe_id("/orchestrator")
-                        .unwrap(),
-                ),
-                uid: rustix::process::getuid().as_raw(),
-                selectors: Vec::new(),
-                may_bind_any_pid: true,
-                may_bind_same_uid: true,
-            };
+            let orchestrator = self.orchestrator();
             self.svc
                 .tasks
                 .begin(
@@ -2023,6 +2032,25 @@ mod tests {
                     &orchestrator,
                 )
                 .await
+        }
+
+        /// This test process, as an orchestrator that may bind anything.
+        fn orchestrator(&self) -> Orchestrator {
+            let me = PinnedProcess::open(std::process::id() as i32).unwrap();
+            Orchestrator {
+                process: Arc::new(me),
+                spiffe_id: Some(
+                    self.svc
+                        .agent
+                        .trust_domain()
+                        .spiffe_id("/orchestrator")
+                        .unwrap(),
+                ),
+                uid: rustix::process::getuid().as_raw(),
+                selectors: Vec::new(),
+                may_bind_any_pid: true,
+                may_bind_same_uid: true,
+            }
         }
 
         fn records_of(&self, kind: &str) -> Vec<serde_json::Value> {
@@ -2365,6 +2393,12 @@ mod tests {
 
     /// A task manager over the same store and agent, as after a restart.
     fn restarted(agent: &TestAgent) -> Arc<TaskManager> {
+        manager_with_cgroups(agent, None)
+    }
+
+    /// A task manager over the agent's store, trusting `/writ.slice` under
+    /// `cgroup_mount` if given.
+    fn manager_with_cgroups(agent: &TestAgent, cgroup_mount: Option<&Path>) -> Arc<TaskManager> {
         let t = &agent.config.tasks;
         TaskManager::new(
             agent.svc.agent.clone(),
@@ -2374,11 +2408,62 @@ mod tests {
                 default_ttl: t.default_ttl,
                 x509_svid_ttl: t.x509_svid_ttl,
                 max_depth: t.max_depth,
-                trusted_cgroup_roots: Vec::new(),
+                trusted_cgroup_roots: vec!["/writ.slice".into()],
                 completed_retention: t.completed_retention,
             },
-            None,
+            cgroup_mount.map(Path::to_path_buf),
         )
+    }
+
+    /// A cgroup that held processes when it was bound has emptied once it
+    /// holds none, even if they left before the task's watcher first
+    /// looked (a busy runtime starts it late). The watcher used to learn
+    /// from its own first look whether the cgroup had held processes: one
+    /// emptied before then seemed never populated, and the task lived to
+    /// its TTL.
+    /// A file stands in for the kernel's `cgroup.events`; on a
+    /// current-thread runtime the watcher runs only once the test awaits.
+    #[tokio::test]
+    async fn a_cgroup_emptied_before_its_watcher_looks_ends_the_task() {
+        let agent = TestAgent::start().await;
+        let mount = tempfile::tempdir().unwrap();
+        let job = mount.path().join("writ.slice/job");
+        std::fs::create_dir_all(&job).unwrap();
+        let events = job.join("cgroup.events");
+        std::fs::write(&events, "populated 1\nfrozen 0\n").unwrap();
+        let manager = manager_with_cgroups(&agent, Some(mount.path()));
+        let mut completions = manager.subscribe();
+        manager
+            .begin(
+                BeginRequest {
+                    task_id: Some("t-cgroup".into()),
+                    pid: None,
+                    cgroup: Some("/writ.slice/job".into()),
+                    spiffe_id: None,
+                    intent: Intent::default(),
+                    ttl: Some(Duration::from_secs(600)),
+                    parent_task_id: None,
+                    federates_with: Vec::new(),
+                },
+                &agent.orchestrator(),
+            )
+            .await
+            .unwrap();
+        std::fs::write(&events, "populated 0\nfrozen 0\n").unwrap();
+        let ended = tokio::time::timeout(Duration::from_secs(30), async {
+            loop {
+                if let Ok(TaskEvent::Completed(task)) = completions.recv().await {
+                    return task;
+                }
+            }
+        })
+        .await
+        .expect("the emptied cgroup's task did not end");
+        assert_eq!(ended.id, "t-cgroup");
+        assert_eq!(
+            ended.completion.as_ref().map(|c| c.reason.as_str()),
+            Some(CompletionReason::CgroupEmpty.as_str())
+        );
     }
 
     /// An active task whose stored record cannot be read (damaged, or
