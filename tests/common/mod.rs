@@ -93,6 +93,17 @@ impl Writ {
     /// `spawn`, with writ run by `wrapper` (a program and its arguments,
     /// such as `prlimit --nofile=256:`).
     pub fn spawn_under(&mut self, wrapper: &[&str]) {
+        self.spawn_process(wrapper);
+        self.wait_ready();
+    }
+
+    /// Starts the process on the same config and data without waiting for
+    /// it to be ready (to kill it while it starts, say).
+    pub fn spawn_without_waiting(&mut self) {
+        self.spawn_process(&[]);
+    }
+
+    fn spawn_process(&mut self, wrapper: &[&str]) {
         let log = std::fs::File::create(self.dir.path().join("writ.log")).unwrap();
         let mut command = match wrapper.split_first() {
             Some((program, args)) => {
@@ -112,7 +123,6 @@ impl Writ {
             .spawn()
             .unwrap();
         self.child = Some(child);
-        self.wait_ready();
     }
 
     fn wait_ready(&mut self) {
