@@ -11,7 +11,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -91,6 +91,10 @@ fn end_req(id: &str) -> apb::EndTaskRequest {
 /// holds whatever they reported as soon as their line is read.
 type Received = Arc<Mutex<HashMap<String, String>>>;
 
+/// The highest CRL number any client has been sent (one test per binary:
+/// nothing else shares it).
+static HIGHEST_CRL_NUMBER: AtomicU64 = AtomicU64::new(0);
+
 /// What a bound process reports.
 #[derive(Debug)]
 enum Line {
@@ -124,7 +128,10 @@ impl Worker {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
                 // libtest prints "test helper ... " without a newline first.
                 let parsed = if let Some((_, update)) = line.split_once("UPDATE ") {
-                    let (ids, serials) = update.split_once('|').unwrap();
+                    let mut parts = update.split('|');
+                    let (ids, serials) = (parts.next().unwrap(), parts.next().unwrap());
+                    let crl_number: u64 = parts.next().unwrap().parse().unwrap();
+                    HIGHEST_CRL_NUMBER.fetch_max(crl_number, Ordering::SeqCst);
                     let split = |s: &str| -> Vec<String> {
                         s.split(',')
                             .filter(|x| !x.is_empty())
@@ -399,8 +406,8 @@ impl Round {
     }
 }
 
-/// The serials the CRLs served to the test process list.
-async fn served_crl(writ: &Writ) -> BTreeSet<String> {
+/// The serials the CRLs served to the test process list, and their number.
+async fn served_crl(writ: &Writ) -> (BTreeSet<String>, u64) {
     let mut client = pb::spiffe_workload_api_client::SpiffeWorkloadApiClient::new(
         writ::cli::client::connect(&writ.socket).await.unwrap(),
     );
@@ -421,7 +428,21 @@ async fn served_crl(writ: &Writ) -> BTreeSet<String> {
             out.insert(hex::encode(revoked.raw_serial()));
         }
     }
-    out
+    (out, crl_number(&message.crl))
+}
+
+/// The highest CRL number among `crls`; 0 for none.
+fn crl_number(crls: &[bytes::Bytes]) -> u64 {
+    crls.iter()
+        .map(|der| {
+            let (_, crl) =
+                x509_parser::revocation_list::CertificateRevocationList::from_der(der).unwrap();
+            let digits = crl.crl_number().unwrap().to_u64_digits();
+            assert!(digits.len() <= 1, "{digits:?}");
+            digits.first().copied().unwrap_or(0)
+        })
+        .max()
+        .unwrap_or(0)
 }
 
 fn with_header<T>(message: T) -> tonic::Request<T> {
@@ -498,8 +519,21 @@ fn check_trail(writ: &Writ, received: &Received, allow_open: bool) {
 /// After a restart: every task is where the calls made before the crash
 /// leave it, and every serial of a completed task is in the served CRL.
 /// Returns, per slot, the task found active there.
-async fn check_tasks(writ: &Writ, records: &Records, received: &Received) -> Vec<Option<usize>> {
-    let crl = served_crl(writ).await;
+/// `highest_before` is the highest CRL number a client was sent before.
+async fn check_tasks(
+    writ: &Writ,
+    records: &Records,
+    received: &Received,
+    highest_before: u64,
+) -> Vec<Option<usize>> {
+    let (crl, number) = served_crl(writ).await;
+    // Else a client keeping the newest CRL it has seen would keep one from
+    // before the crash, without what was revoked since.
+    assert!(
+        number > highest_before,
+        "the CRL served after the restart is number {number}; a client was sent number {highest_before} before"
+    );
+    HIGHEST_CRL_NUMBER.fetch_max(number, Ordering::SeqCst);
     // Nothing has been begun since the restart: the trail as it is now
     // holds whatever the crashed run wrote.
     let begun: BTreeSet<String> = audit_records(writ)
@@ -701,10 +735,11 @@ async fn under_churn_kill_9_loses_no_revocation_no_end_and_no_record() {
             starts_cut_short += 1;
         }
 
+        let highest_before = HIGHEST_CRL_NUMBER.load(Ordering::SeqCst);
         let started = Instant::now();
         writ.spawn();
         last_start = started.elapsed();
-        let active = check_tasks(&writ, &records, &received).await;
+        let active = check_tasks(&writ, &records, &received, highest_before).await;
         for (slot, found) in slots.iter_mut().zip(active) {
             slot.task = found;
             // A live process bound to an active task is served that task's
@@ -781,7 +816,12 @@ fn helper() {
                         hex::encode(cert.raw_serial())
                     })
                     .collect();
-                println!("UPDATE {}|{}", ids.join(","), serials.join(","));
+                println!(
+                    "UPDATE {}|{}|{}",
+                    ids.join(","),
+                    serials.join(","),
+                    crl_number(&message.crl)
+                );
                 std::io::stdout().flush().unwrap();
             }
         }
