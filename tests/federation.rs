@@ -301,7 +301,7 @@ fn fetch_as_other_binary(socket: &Path) -> Value {
         .join(format!("federation-plain-workload-{}", std::process::id()));
     let _ = std::fs::remove_file(&link);
     if std::fs::hard_link(std::env::current_exe().unwrap(), &link).is_err() {
-        std::fs::copy(std::env::current_exe().unwrap(), &link).unwrap();
+        common::copy_executable(&std::env::current_exe().unwrap(), &link);
     }
     let out = Command::new(&link)
         .args([

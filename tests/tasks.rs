@@ -502,7 +502,7 @@ fn orchestrator_only() -> String {
 /// `orchestrator_only` matches it.
 fn helper_elsewhere(writ: &Writ, role: &str) -> Command {
     let copy = writ.dir.path().join(format!("{role}-exe"));
-    std::fs::copy(std::env::current_exe().unwrap(), &copy).unwrap();
+    common::copy_executable(&std::env::current_exe().unwrap(), &copy);
     let helper = helper_command(role);
     let mut command = Command::new(&copy);
     command.args(helper.get_args()).envs(

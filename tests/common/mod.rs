@@ -243,6 +243,29 @@ pub fn helper_command(role: &str) -> Command {
     cmd
 }
 
+/// Copies the executable `from` to `to` so that it can be run at once.
+///
+/// The copy is written by cp(1), not by this process: while this process
+/// holds the copy open for writing, any process another test thread forks
+/// inherits that descriptor until it execs, and executing the copy in that
+/// window fails with ETXTBSY ("Text file busy"). A loaded machine widens the
+/// window enough for parallel tests to hit it. cp's descriptor is closed
+/// when cp exits, and no process of ours ever holds it.
+pub fn copy_executable(from: &Path, to: &Path) {
+    let status = Command::new("cp")
+        .arg("--")
+        .arg(from)
+        .arg(to)
+        .status()
+        .unwrap();
+    assert!(
+        status.success(),
+        "cp {} {}: {status}",
+        from.display(),
+        to.display()
+    );
+}
+
 /// Polls `f` until it returns Some, or panics after `timeout`.
 pub fn wait_for<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + timeout;
