@@ -5,7 +5,7 @@
 use std::collections::{HashMap, HashSet};
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, mpsc};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -23,6 +23,27 @@ const WRIT: &str = env!("CARGO_BIN_EXE_writ");
 /// play a part (see there); unset, that test does nothing.
 const HELPER_ROLE: &str = "WRIT_AUDIT_HELPER_ROLE";
 const HELPER_DIR: &str = "WRIT_AUDIT_HELPER_DIR";
+
+/// Starting a process forks this one, and until the child execs it holds a
+/// copy of every descriptor open here, a trail's writer lock included: a
+/// lock held that way outlives `close`, so the next open finds the trail
+/// `Locked` and verify finds a closed trail live. A loaded machine widens
+/// that window enough for parallel tests to hit it, so processes start only
+/// while no test here has a trail open or is checking one: such tests hold
+/// `no_spawns` (async tests take `SPAWN_GATE.read()`), and `spawn` waits
+/// for them.
+static SPAWN_GATE: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
+
+fn no_spawns() -> tokio::sync::RwLockReadGuard<'static, ()> {
+    SPAWN_GATE.blocking_read()
+}
+
+/// Starts `command` once no test has a trail open. It returns when the
+/// child has exec'd, which closed its copies of this process's descriptors.
+fn spawn(command: &mut Command) -> Child {
+    let _alone = SPAWN_GATE.blocking_write();
+    command.spawn().unwrap()
+}
 
 fn ca_params(name: &str) -> CertificateParams {
     let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
@@ -122,6 +143,7 @@ fn lines_of(path: &Path) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_untouched_rotated_checkpointed_trail_verifies() {
+    let _no_spawns = SPAWN_GATE.read().await;
     let dir = tempfile::tempdir().unwrap();
     let (signer, root) = root_signer("writ test root");
     let mut config = config(dir.path());
@@ -207,6 +229,7 @@ async fn an_untouched_rotated_checkpointed_trail_verifies() {
 
 #[test]
 fn every_kind_of_tampering_is_detected_and_located() {
+    let _no_spawns = no_spawns();
     let dir = tempfile::tempdir().unwrap();
     let (path, root) = closed_trail(dir.path(), 30, 5);
     let roots = std::slice::from_ref(&root);
@@ -314,6 +337,7 @@ fn rehash_from(lines: &mut [String], from: usize) {
 
 #[test]
 fn deleting_a_rotated_file_breaks_the_chain_at_the_next_file() {
+    let _no_spawns = no_spawns();
     let dir = tempfile::tempdir().unwrap();
     let (signer, root) = root_signer("writ test root");
     let mut config = config(dir.path());
@@ -348,6 +372,7 @@ fn deleting_a_rotated_file_breaks_the_chain_at_the_next_file() {
 
 #[test]
 fn checkpoints_by_a_foreign_key_are_refused_unless_it_is_trusted() {
+    let _no_spawns = no_spawns();
     let dir = tempfile::tempdir().unwrap();
     let (path, root) = closed_trail(dir.path(), 6, 4);
     let before = lines_of(&path).len() as u64;
@@ -372,6 +397,7 @@ fn checkpoints_by_a_foreign_key_are_refused_unless_it_is_trusted() {
 
 #[test]
 fn a_key_certified_by_a_trusted_root_may_sign_checkpoints() {
+    let _no_spawns = no_spawns();
     let dir = tempfile::tempdir().unwrap();
     let root_key = KeyPair::generate().unwrap();
     let root_params = ca_params("upstream root");
@@ -414,6 +440,7 @@ impl CheckpointSigner for MismatchedSigner {
 
 #[test]
 fn a_checkpoint_the_signer_got_wrong_is_refused_without_harming_the_trail() {
+    let _no_spawns = no_spawns();
     let dir = tempfile::tempdir().unwrap();
     let key = KeyPair::generate().unwrap();
     let cert = ca_params("a").self_signed(&key).unwrap().der().to_vec();
@@ -444,6 +471,7 @@ fn a_checkpoint_the_signer_got_wrong_is_refused_without_harming_the_trail() {
 
 #[test]
 fn one_writer_at_a_time_and_internal_events_are_refused() {
+    let _no_spawns = no_spawns();
     let dir = tempfile::tempdir().unwrap();
     let (signer, root) = root_signer("writ test root");
     let config = config(dir.path());
@@ -474,6 +502,7 @@ fn one_writer_at_a_time_and_internal_events_are_refused() {
 
 #[test]
 fn checkpoints_follow_the_injected_clock() {
+    let _no_spawns = no_spawns();
     let dir = tempfile::tempdir().unwrap();
     let (signer, root) = root_signer("writ test root");
     let mut config = config(dir.path());
@@ -510,6 +539,7 @@ fn checkpoints_follow_the_injected_clock() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_appends_are_on_disk_when_they_return() {
+    let _no_spawns = SPAWN_GATE.read().await;
     let dir = tempfile::tempdir().unwrap();
     let (signer, root) = root_signer("writ test root");
     let mut config = config(dir.path());
@@ -552,6 +582,7 @@ async fn concurrent_appends_are_on_disk_when_they_return() {
 
 #[test]
 fn a_torn_last_line_is_set_aside_on_reopen_and_recorded() {
+    let _no_spawns = no_spawns();
     let dir = tempfile::tempdir().unwrap();
     let (path, root) = closed_trail(dir.path(), 5, 100);
     let roots = std::slice::from_ref(&root);
@@ -625,19 +656,19 @@ fn a_torn_last_line_is_set_aside_on_reopen_and_recorded() {
 #[test]
 fn a_crash_killed_writer_leaves_every_acknowledged_record_and_a_verifiable_trail() {
     let dir = tempfile::tempdir().unwrap();
-    let mut child = Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "helper_process",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env(HELPER_ROLE, "append-forever")
-        .env(HELPER_DIR, dir.path())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
+    let mut child = spawn(
+        Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "helper_process",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(HELPER_ROLE, "append-forever")
+            .env(HELPER_DIR, dir.path())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit()),
+    );
     let stdout = child.stdout.take().unwrap();
     let (tx, rx) = mpsc::channel();
     let reader = std::thread::spawn(move || {
@@ -669,6 +700,7 @@ fn a_crash_killed_writer_leaves_every_acknowledged_record_and_a_verifiable_trail
     reader.join().unwrap();
     acknowledged.extend(rx.try_iter());
 
+    let _no_spawns = no_spawns();
     let path = config(dir.path()).path;
     let root = CertificateDer::from(std::fs::read(dir.path().join("root.der")).unwrap());
     let roots = std::slice::from_ref(&root);
@@ -715,17 +747,21 @@ fn a_crash_killed_writer_leaves_every_acknowledged_record_and_a_verifiable_trail
 #[test]
 fn a_failed_write_fails_the_append_and_the_trail_recovers() {
     let dir = tempfile::tempdir().unwrap();
-    let output = Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "helper_process",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env(HELPER_ROLE, "file-size-limit")
-        .env(HELPER_DIR, dir.path())
-        .output()
-        .unwrap();
+    let output = spawn(
+        Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "helper_process",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(HELPER_ROLE, "file-size-limit")
+            .env(HELPER_DIR, dir.path())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped()),
+    )
+    .wait_with_output()
+    .unwrap();
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(
         output.status.success() && stdout.contains("HELPER DONE"),
@@ -852,11 +888,14 @@ fn the_cli_verifies_and_tails_the_trail() {
     let mut config = config(dir.path());
     config.max_file_bytes = 4 * 1024;
     config.checkpoint_every = 10;
-    let log = AuditLog::open(&config, signer.clone()).unwrap();
-    for i in 0..40 {
-        log.append_blocking(issued(i)).unwrap();
+    {
+        let _no_spawns = no_spawns();
+        let log = AuditLog::open(&config, signer.clone()).unwrap();
+        for i in 0..40 {
+            log.append_blocking(issued(i)).unwrap();
+        }
+        log.close();
     }
-    log.close();
     let bundle = dir.path().join("bundle.pem");
     std::fs::write(
         &bundle,
@@ -866,11 +905,15 @@ fn the_cli_verifies_and_tails_the_trail() {
     let path = config.path.display().to_string();
     let bundle_arg = bundle.display().to_string();
     let writ = |args: &[&str]| {
-        let out = Command::new(WRIT)
-            .args(args)
-            .env_remove("WRIT_CONFIG")
-            .output()
-            .unwrap();
+        let out = spawn(
+            Command::new(WRIT)
+                .args(args)
+                .env_remove("WRIT_CONFIG")
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped()),
+        )
+        .wait_with_output()
+        .unwrap();
         (
             out.status.code(),
             String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -902,12 +945,12 @@ fn the_cli_verifies_and_tails_the_trail() {
     assert_eq!(stdout.lines().count(), all.len());
 
     // Follow: new records appear, across a rotation.
-    let mut follower = Command::new(WRIT)
-        .args(["audit", "tail", "--follow", "--path", &path, "-n", "1"])
-        .env_remove("WRIT_CONFIG")
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut follower = spawn(
+        Command::new(WRIT)
+            .args(["audit", "tail", "--follow", "--path", &path, "-n", "1"])
+            .env_remove("WRIT_CONFIG")
+            .stdout(Stdio::piped()),
+    );
     let (tx, rx) = mpsc::channel();
     let stdout = follower.stdout.take().unwrap();
     let reader = std::thread::spawn(move || {
@@ -920,11 +963,14 @@ fn the_cli_verifies_and_tails_the_trail() {
     });
     let first = rx.recv_timeout(Duration::from_secs(30)).unwrap();
     assert_eq!(first, all.last().unwrap().2);
-    let log = AuditLog::open(&config, signer.clone()).unwrap();
-    for i in 100..140 {
-        log.append_blocking(issued(i)).unwrap();
+    {
+        let _no_spawns = no_spawns();
+        let log = AuditLog::open(&config, signer.clone()).unwrap();
+        for i in 100..140 {
+            log.append_blocking(issued(i)).unwrap();
+        }
+        log.close();
     }
-    log.close();
     let now = trail_lines(&config.path);
     assert!(audit::trail_files(&config.path).unwrap().len() > files);
     for (_, _, expected) in &now[all.len()..] {
@@ -968,15 +1014,22 @@ fn the_cli_takes_the_path_and_roots_from_a_config_file() {
     let (signer, root) = root_signer("writ test root");
     let mut config = config(dir.path());
     config.path = audit_path.clone();
-    let log = AuditLog::open(&config, signer).unwrap();
-    log.append_blocking(issued(1)).unwrap();
-    log.close();
+    {
+        let _no_spawns = no_spawns();
+        let log = AuditLog::open(&config, signer).unwrap();
+        log.append_blocking(issued(1)).unwrap();
+        log.close();
+    }
     let verify = || {
-        let out = Command::new(WRIT)
-            .args(["audit", "verify", "--config"])
-            .arg(&config_path)
-            .output()
-            .unwrap();
+        let out = spawn(
+            Command::new(WRIT)
+                .args(["audit", "verify", "--config"])
+                .arg(&config_path)
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped()),
+        )
+        .wait_with_output()
+        .unwrap();
         (
             out.status.code(),
             String::from_utf8_lossy(&out.stdout).into_owned()
@@ -1026,6 +1079,7 @@ fn the_cli_takes_the_path_and_roots_from_a_config_file() {
 
 #[test]
 fn verifying_a_trail_while_it_is_written_and_rotated_sees_no_false_break() {
+    let _no_spawns = no_spawns();
     let dir = tempfile::tempdir().unwrap();
     let (signer, root) = root_signer("writ test root");
     let mut config = config(dir.path());
@@ -1080,6 +1134,7 @@ fn the_cli_in_upstream_mode_also_trusts_roots_the_state_kept_from_self_signed_ru
     let mut config = config(dir.path());
     config.path = audit_path.clone();
     for signer in [self_signed, upstream] {
+        let _no_spawns = no_spawns();
         let log = AuditLog::open(&config, signer).unwrap();
         log.append_blocking(issued(1)).unwrap();
         log.close();
@@ -1088,11 +1143,15 @@ fn the_cli_in_upstream_mode_also_trusts_roots_the_state_kept_from_self_signed_ru
         |der: &CertificateDer<'_>| pem::encode(&pem::Pem::new("CERTIFICATE", der.to_vec()));
     std::fs::write(&upstream_bundle, pem_of(&upstream_root)).unwrap();
     let verify = || {
-        let out = Command::new(WRIT)
-            .args(["audit", "verify", "--config"])
-            .arg(&config_path)
-            .output()
-            .unwrap();
+        let out = spawn(
+            Command::new(WRIT)
+                .args(["audit", "verify", "--config"])
+                .arg(&config_path)
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped()),
+        )
+        .wait_with_output()
+        .unwrap();
         (
             out.status.code(),
             String::from_utf8_lossy(&out.stdout).into_owned(),
