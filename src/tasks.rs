@@ -747,7 +747,10 @@ impl TaskManager {
                         path: path.clone(),
                         id: Some(id),
                     },
-                    BindingWatch::Cgroup { held_processes },
+                    BindingWatch::Cgroup {
+                        dir,
+                        held_processes,
+                    },
                 ))
             }
         }
@@ -835,10 +838,6 @@ impl TaskManager {
         watch: BindingWatch,
     ) -> tokio::task::AbortHandle {
         let manager = self.clone();
-        let cgroup_dir = match &task.binding {
-            Binding::Cgroup { path, .. } => self.cgroup_dir(path),
-            Binding::Pid { .. } => None,
-        };
         let handle = tokio::spawn(async move {
             let ttl = task
                 .expires_at
@@ -846,7 +845,7 @@ impl TaskManager {
                 .unwrap_or(Duration::ZERO);
             let reason = tokio::select! {
                 _ = tokio::time::sleep(ttl) => CompletionReason::TtlExpired,
-                reason = wait_binding_ends(watch, cgroup_dir) => reason,
+                reason = wait_binding_ends(watch) => reason,
             };
             // Complete from a fresh task: completion aborts this watcher, and
             // must not be cancelled half-way by that.
@@ -1371,6 +1370,7 @@ impl TaskManager {
                             && id.is_none_or(|id| cgroup_id(&dir) == Some(id)) =>
                     {
                         Ok(BindingWatch::Cgroup {
+                            dir,
                             held_processes: true,
                         })
                     }
@@ -1678,27 +1678,30 @@ fn cgroup_populated(dir: &Path) -> Option<bool> {
 enum BindingWatch {
     /// The pinned process's exit.
     Process(Arc<PinnedProcess>),
-    /// The cgroup emptying. `held_processes`: it held some when it was
-    /// bound, so it has emptied once it holds none, however late the
-    /// watcher first looks; one bound empty must hold a process first.
-    Cgroup { held_processes: bool },
+    /// The cgroup at `dir` emptying. `held_processes`: it held some when
+    /// it was bound, so it has emptied once it holds none, however late
+    /// the watcher first looks; one bound empty must hold a process first.
+    Cgroup { dir: PathBuf, held_processes: bool },
     /// Nothing: a restored task whose binding is gone, completed at once.
     Nothing,
 }
 
 /// Resolves when the binding ends: the pinned process exits, or the cgroup
 /// empties (or disappears). Never resolves for a binding with nothing to watch.
-async fn wait_binding_ends(watch: BindingWatch, cgroup_dir: Option<PathBuf>) -> CompletionReason {
-    match (watch, cgroup_dir) {
-        (BindingWatch::Process(process), _) => {
+async fn wait_binding_ends(watch: BindingWatch) -> CompletionReason {
+    match watch {
+        BindingWatch::Process(process) => {
             crate::peer::wait_for_exit(&process).await;
             CompletionReason::ProcessExited
         }
-        (BindingWatch::Cgroup { held_processes }, Some(dir)) => {
+        BindingWatch::Cgroup {
+            dir,
+            held_processes,
+        } => {
             wait_cgroup_empty(&dir, held_processes).await;
             CompletionReason::CgroupEmpty
         }
-        _ => std::future::pending().await,
+        BindingWatch::Nothing => std::future::pending().await,
     }
 }
 

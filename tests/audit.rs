@@ -45,6 +45,22 @@ fn spawn(command: &mut Command) -> Child {
     command.spawn().unwrap()
 }
 
+/// This test binary, run as the helper process playing `role` on the
+/// trail in `dir`.
+fn helper(role: &str, dir: &Path) -> Command {
+    let mut command = Command::new(std::env::current_exe().unwrap());
+    command
+        .args([
+            "--exact",
+            "helper_process",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(HELPER_ROLE, role)
+        .env(HELPER_DIR, dir);
+    command
+}
+
 fn ca_params(name: &str) -> CertificateParams {
     let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
     params.distinguished_name.push(DnType::CommonName, name);
@@ -657,15 +673,7 @@ fn a_torn_last_line_is_set_aside_on_reopen_and_recorded() {
 fn a_crash_killed_writer_leaves_every_acknowledged_record_and_a_verifiable_trail() {
     let dir = tempfile::tempdir().unwrap();
     let mut child = spawn(
-        Command::new(std::env::current_exe().unwrap())
-            .args([
-                "--exact",
-                "helper_process",
-                "--nocapture",
-                "--test-threads=1",
-            ])
-            .env(HELPER_ROLE, "append-forever")
-            .env(HELPER_DIR, dir.path())
+        helper("append-forever", dir.path())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit()),
     );
@@ -748,15 +756,7 @@ fn a_crash_killed_writer_leaves_every_acknowledged_record_and_a_verifiable_trail
 fn a_failed_write_fails_the_append_and_the_trail_recovers() {
     let dir = tempfile::tempdir().unwrap();
     let output = spawn(
-        Command::new(std::env::current_exe().unwrap())
-            .args([
-                "--exact",
-                "helper_process",
-                "--nocapture",
-                "--test-threads=1",
-            ])
-            .env(HELPER_ROLE, "file-size-limit")
-            .env(HELPER_DIR, dir.path())
+        helper("file-size-limit", dir.path())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped()),
     )

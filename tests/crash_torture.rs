@@ -408,11 +408,11 @@ impl Round {
 
 /// The serials the CRLs served to the test process list, and their number.
 async fn served_crl(writ: &Writ) -> (BTreeSet<String>, u64) {
-    let mut client = pb::spiffe_workload_api_client::SpiffeWorkloadApiClient::new(
-        writ::cli::client::connect(&writ.socket).await.unwrap(),
-    );
+    let mut client = writ::cli::client::workload_client(&writ.socket)
+        .await
+        .unwrap();
     let message = client
-        .fetch_x509_bundles(with_header(pb::X509BundlesRequest {}))
+        .fetch_x509_bundles(pb::X509BundlesRequest {})
         .await
         .unwrap()
         .into_inner()
@@ -420,15 +420,8 @@ async fn served_crl(writ: &Writ) -> (BTreeSet<String>, u64) {
         .await
         .unwrap()
         .unwrap();
-    let mut out = BTreeSet::new();
-    for der in &message.crl {
-        let (_, crl) =
-            x509_parser::revocation_list::CertificateRevocationList::from_der(der).unwrap();
-        for revoked in crl.iter_revoked_certificates() {
-            out.insert(hex::encode(revoked.raw_serial()));
-        }
-    }
-    (out, crl_number(&message.crl))
+    let serials = common::revoked_serials(&message.crl).into_iter().collect();
+    (serials, crl_number(&message.crl))
 }
 
 /// The highest CRL number among `crls`; 0 for none.
@@ -443,14 +436,6 @@ fn crl_number(crls: &[bytes::Bytes]) -> u64 {
         })
         .max()
         .unwrap_or(0)
-}
-
-fn with_header<T>(message: T) -> tonic::Request<T> {
-    let mut request = tonic::Request::new(message);
-    request
-        .metadata_mut()
-        .insert("workload.spiffe.io", "true".parse().unwrap());
-    request
 }
 
 /// Every record of the trail, rotated files included (the preallocated
@@ -790,13 +775,8 @@ fn helper() {
             // made after every stream from it had ended.
             let epoch = std::fs::read_to_string(&epoch_file).unwrap_or_default();
             let stream = async {
-                let channel = writ::cli::client::connect(&socket).await.ok()?;
-                let mut client =
-                    pb::spiffe_workload_api_client::SpiffeWorkloadApiClient::new(channel);
-                client
-                    .fetch_x509svid(with_header(pb::X509svidRequest {}))
-                    .await
-                    .ok()
+                let mut client = writ::cli::client::workload_client(&socket).await.ok()?;
+                client.fetch_x509svid(pb::X509svidRequest {}).await.ok()
             }
             .await;
             let Some(response) = stream else {

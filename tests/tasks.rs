@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::sync::mpsc;
 use std::time::Duration;
 
-use common::{Writ, helper_command, is_root};
+use common::{Writ, helper_command, is_root, revoked_serials};
 use rustls::pki_types::{CertificateDer, ServerName};
 use tonic::Code;
 use writ::proto::admin as apb;
@@ -257,18 +257,6 @@ async fn crls_and_bundle(writ: &Writ) -> (Vec<bytes::Bytes>, Vec<u8>) {
         .unwrap()
         .unwrap();
     (m.crl, m.bundles.get("spiffe://writ.test").cloned().unwrap())
-}
-
-fn revoked_serials(crls: &[bytes::Bytes]) -> Vec<String> {
-    let mut out = Vec::new();
-    for der in crls {
-        let (_, crl) =
-            x509_parser::revocation_list::CertificateRevocationList::from_der(der).unwrap();
-        for r in crl.iter_revoked_certificates() {
-            out.push(hex::encode(r.raw_serial()));
-        }
-    }
-    out
 }
 
 fn split_der(mut der: &[u8]) -> Vec<CertificateDer<'static>> {

@@ -1154,15 +1154,10 @@ fn certificate_end(
 ) -> Result<i64, CaError> {
     let by_ttl = match now.checked_add(ttl) {
         Some(end) => {
-            let floor = clock::to_unix(end)?;
-            let fraction = end
-                .duration_since(clock::from_unix(floor))
-                .unwrap_or(Duration::ZERO);
-            if fraction.is_zero() {
-                floor
-            } else {
-                floor.saturating_add(1)
-            }
+            let partial = end
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .is_ok_and(|d| d.subsec_nanos() > 0);
+            clock::to_unix(end)?.saturating_add(i64::from(partial))
         }
         None => i64::MAX,
     };

@@ -266,6 +266,20 @@ pub fn copy_executable(from: &Path, to: &Path) {
     );
 }
 
+/// The serials (hex) a set of DER CRLs lists as revoked.
+pub fn revoked_serials(crls: &[bytes::Bytes]) -> Vec<String> {
+    let mut out = Vec::new();
+    for der in crls {
+        use x509_parser::prelude::FromDer as _;
+        let (_, crl) =
+            x509_parser::revocation_list::CertificateRevocationList::from_der(der).unwrap();
+        for r in crl.iter_revoked_certificates() {
+            out.push(hex::encode(r.raw_serial()));
+        }
+    }
+    out
+}
+
 /// Polls `f` until it returns Some, or panics after `timeout`.
 pub fn wait_for<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + timeout;
