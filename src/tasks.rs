@@ -113,6 +113,12 @@ pub enum Binding {
         /// records stored before it was kept.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         id: Option<u64>,
+        /// The CPU time its processes had used in it when the task began
+        /// (`cgroup_cpu_usage`): more later means processes ran in it
+        /// since, even if none is there now. Absent where the kernel does
+        /// not keep it, and in records stored before it was kept.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        cpu_usage_at_bind: Option<u64>,
     },
 }
 
@@ -741,15 +747,18 @@ impl TaskManager {
                 }
                 // Read now, not when the watcher first looks: processes
                 // that leave before then have still emptied it.
+                let cpu_usage_at_bind = cgroup_cpu_usage(&dir);
                 let held_processes = cgroup_populated(&dir) == Some(true);
                 Ok((
                     Binding::Cgroup {
                         path: path.clone(),
                         id: Some(id),
+                        cpu_usage_at_bind,
                     },
                     BindingWatch::Cgroup {
                         dir,
                         held_processes,
+                        cpu_usage_at_bind,
                     },
                 ))
             }
@@ -1362,17 +1371,29 @@ impl TaskManager {
                     }
                     _ => Err(CompletionReason::ProcessExited),
                 },
-                // Populated, and still the cgroup the task was bound to (one
-                // made again at its path belongs to other processes).
-                Binding::Cgroup { path, id } => match self.cgroup_dir(path) {
-                    Some(dir)
-                        if cgroup_populated(&dir) == Some(true)
-                            && id.is_none_or(|id| cgroup_id(&dir) == Some(id)) =>
-                    {
-                        Ok(BindingWatch::Cgroup {
+                // Still the cgroup the task was bound to (one made again at
+                // its path belongs to other processes), and either populated
+                // or, bound before its processes started, still waiting for
+                // them: no process has run in it since.
+                Binding::Cgroup {
+                    path,
+                    id,
+                    cpu_usage_at_bind,
+                } => match self.cgroup_dir(path) {
+                    Some(dir) if id.is_none_or(|id| cgroup_id(&dir) == Some(id)) => {
+                        // Without its CPU time at the start, an empty cgroup
+                        // may have emptied while writ was down: it is taken
+                        // to have held processes, so it has.
+                        let mut watch = BindingWatch::Cgroup {
+                            held_processes: cpu_usage_at_bind.is_none(),
+                            cpu_usage_at_bind: *cpu_usage_at_bind,
                             dir,
-                            held_processes: true,
-                        })
+                        };
+                        if watch.cgroup_emptied() {
+                            Err(CompletionReason::CgroupEmpty)
+                        } else {
+                            Ok(watch)
+                        }
                     }
                     _ => Err(CompletionReason::CgroupEmpty),
                 },
@@ -1673,6 +1694,20 @@ fn cgroup_populated(dir: &Path) -> Option<bool> {
         .map(|v| v.trim() == "1")
 }
 
+/// The CPU time (µs) processes have used in a cgroup and its descendants:
+/// `usage_usec` in its cpu.stat, which cgroup v2 keeps for every cgroup,
+/// cpu controller or not. It only grows while the cgroup exists, and every
+/// process that runs in it adds to it, so a larger value than at an earlier
+/// look means processes were there in between, even if `populated` reads
+/// 0 both times (one that lived a millisecond, between two wake-ups of
+/// the watcher). None if unreadable.
+fn cgroup_cpu_usage(dir: &Path) -> Option<u64> {
+    let text = std::fs::read_to_string(dir.join("cpu.stat")).ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("usage_usec "))
+        .and_then(|v| v.trim().parse().ok())
+}
+
 /// What a task's watcher waits on for its binding to end.
 #[derive(Clone)]
 enum BindingWatch {
@@ -1680,10 +1715,43 @@ enum BindingWatch {
     Process(Arc<PinnedProcess>),
     /// The cgroup at `dir` emptying. `held_processes`: it held some when
     /// it was bound, so it has emptied once it holds none, however late
-    /// the watcher first looks; one bound empty must hold a process first.
-    Cgroup { dir: PathBuf, held_processes: bool },
+    /// the watcher first looks. One bound empty must hold a process first:
+    /// seen there, or told by its CPU time having grown past
+    /// `cpu_usage_at_bind`.
+    Cgroup {
+        dir: PathBuf,
+        held_processes: bool,
+        cpu_usage_at_bind: Option<u64>,
+    },
     /// Nothing: a restored task whose binding is gone, completed at once.
     Nothing,
+}
+
+impl BindingWatch {
+    /// For a cgroup: it is gone, or holds no process now and has held
+    /// some since the task began. Notes a process seen there.
+    fn cgroup_emptied(&mut self) -> bool {
+        let BindingWatch::Cgroup {
+            dir,
+            held_processes,
+            cpu_usage_at_bind,
+        } = self
+        else {
+            return false;
+        };
+        match cgroup_populated(dir) {
+            None => true,
+            Some(true) => {
+                *held_processes = true;
+                false
+            }
+            Some(false) => {
+                *held_processes
+                    || cpu_usage_at_bind
+                        .is_some_and(|then| cgroup_cpu_usage(dir).is_some_and(|now| now > then))
+            }
+        }
+    }
 }
 
 /// Resolves when the binding ends: the pinned process exits, or the cgroup
@@ -1694,11 +1762,8 @@ async fn wait_binding_ends(watch: BindingWatch) -> CompletionReason {
             crate::peer::wait_for_exit(&process).await;
             CompletionReason::ProcessExited
         }
-        BindingWatch::Cgroup {
-            dir,
-            held_processes,
-        } => {
-            wait_cgroup_empty(&dir, held_processes).await;
+        watch @ BindingWatch::Cgroup { .. } => {
+            wait_cgroup_empty(watch).await;
             CompletionReason::CgroupEmpty
         }
         BindingWatch::Nothing => std::future::pending().await,
@@ -1709,25 +1774,25 @@ async fn wait_binding_ends(watch: BindingWatch) -> CompletionReason {
 /// so inotify wakes us exactly when `populated` may have flipped. A cgroup
 /// bound before the task's processes are started in it has not emptied: it
 /// empties once it has held a process and holds none (or once it is gone).
-async fn wait_cgroup_empty(dir: &Path, held_processes: bool) {
+async fn wait_cgroup_empty(mut watch: BindingWatch) {
     use rustix::fs::inotify;
+    let BindingWatch::Cgroup { dir, .. } = &watch else {
+        return;
+    };
     let events_file = dir.join("cgroup.events");
-    let watch = inotify::init(inotify::CreateFlags::CLOEXEC | inotify::CreateFlags::NONBLOCK)
-        .ok()
-        .and_then(|fd| {
-            inotify::add_watch(&fd, &events_file, inotify::WatchFlags::MODIFY).ok()?;
-            crate::sys::async_fd(fd, tokio::io::Interest::READABLE).ok()
-        });
-    let mut held_processes = held_processes;
+    let inotify_watch =
+        inotify::init(inotify::CreateFlags::CLOEXEC | inotify::CreateFlags::NONBLOCK)
+            .ok()
+            .and_then(|fd| {
+                inotify::add_watch(&fd, &events_file, inotify::WatchFlags::MODIFY).ok()?;
+                crate::sys::async_fd(fd, tokio::io::Interest::READABLE).ok()
+            });
     loop {
         // Check after arming the watch, so a flip in between is not missed.
-        match cgroup_populated(dir) {
-            None => return,
-            Some(true) => held_processes = true,
-            Some(false) if held_processes => return,
-            Some(false) => {}
+        if watch.cgroup_emptied() {
+            return;
         }
-        match &watch {
+        match &inotify_watch {
             Some(fd) => {
                 let Ok(mut guard) = fd.readable().await else {
                     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -2463,6 +2528,162 @@ mod tests {
         .await
         .expect("the emptied cgroup's task did not end");
         assert_eq!(ended.id, "t-cgroup");
+        assert_eq!(
+            ended.completion.as_ref().map(|c| c.reason.as_str()),
+            Some(CompletionReason::CgroupEmpty.as_str())
+        );
+    }
+
+    /// A cgroup bound empty ends its task once its CPU time has grown (a
+    /// process ran there and left between two looks), and not on a
+    /// notification alone: the kernel delivers cgroup.events changes up to
+    /// 10 ms late, so one may come from processes that left before the task
+    /// began. Files stand in for the kernel's, as above.
+    #[tokio::test]
+    async fn a_cgroup_bound_empty_ends_once_its_cpu_time_shows_a_process_came_and_went() {
+        let agent = TestAgent::start().await;
+        let mount = tempfile::tempdir().unwrap();
+        let job = mount.path().join("writ.slice/job");
+        std::fs::create_dir_all(&job).unwrap();
+        let events = job.join("cgroup.events");
+        let cpu_stat = job.join("cpu.stat");
+        std::fs::write(&events, "populated 0\nfrozen 0\n").unwrap();
+        std::fs::write(&cpu_stat, "usage_usec 700\nuser_usec 400\n").unwrap();
+        let manager = manager_with_cgroups(&agent, Some(mount.path()));
+        let mut completions = manager.subscribe();
+        let request = BeginRequest {
+            task_id: Some("t-brief".into()),
+            pid: None,
+            cgroup: Some("/writ.slice/job".into()),
+            spiffe_id: None,
+            intent: Intent::default(),
+            ttl: Some(Duration::from_secs(600)),
+            parent_task_id: None,
+            federates_with: Vec::new(),
+        };
+        manager
+            .begin(request.clone(), &agent.orchestrator())
+            .await
+            .unwrap();
+        let stored = manager.get("t-brief").unwrap().unwrap();
+        assert!(
+            matches!(
+                stored.binding,
+                Binding::Cgroup {
+                    cpu_usage_at_bind: Some(700),
+                    ..
+                }
+            ),
+            "{:?}",
+            stored.binding
+        );
+
+        // A late notification, nothing run since: still waiting.
+        std::fs::write(&events, "populated 0\nfrozen 0\n").unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        while let Ok(event) = completions.try_recv() {
+            assert!(
+                !matches!(event, TaskEvent::Completed(_)),
+                "ended on a stale notice"
+            );
+        }
+        assert!(
+            manager
+                .get("t-brief")
+                .unwrap()
+                .unwrap()
+                .completion
+                .is_none()
+        );
+
+        std::fs::write(&cpu_stat, "usage_usec 1100\nuser_usec 600\n").unwrap();
+        std::fs::write(&events, "populated 0\nfrozen 0\n").unwrap();
+        let ended = tokio::time::timeout(Duration::from_secs(30), async {
+            loop {
+                if let Ok(TaskEvent::Completed(task)) = completions.recv().await {
+                    return task;
+                }
+            }
+        })
+        .await
+        .expect("the cgroup's task did not end");
+        assert_eq!(ended.id, "t-brief");
+        assert_eq!(
+            ended.completion.as_ref().map(|c| c.reason.as_str()),
+            Some(CompletionReason::CgroupEmpty.as_str())
+        );
+
+        // Two more tasks, begun by a run of writ that then stops: on a
+        // runtime of its own, dropped with their watchers. The first is
+        // bound without a cpu.stat (an older kernel): only `populated`
+        // counts for it.
+        let (before_restart, orchestrator) = (manager.clone(), agent.orchestrator());
+        let (cpu_stat_then, old_kernel) = (cpu_stat.clone(), request.clone());
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async {
+                std::fs::remove_file(&cpu_stat_then).unwrap();
+                let begin = |id: &str| BeginRequest {
+                    task_id: Some(id.into()),
+                    ..old_kernel.clone()
+                };
+                before_restart
+                    .begin(begin("t-old-kernel"), &orchestrator)
+                    .await
+                    .unwrap();
+                std::fs::write(&cpu_stat_then, "usage_usec 1100\nuser_usec 600\n").unwrap();
+                before_restart
+                    .begin(begin("t-waiting"), &orchestrator)
+                    .await
+                    .unwrap();
+            });
+        })
+        .join()
+        .unwrap();
+        let stored = manager.get("t-old-kernel").unwrap().unwrap();
+        assert!(matches!(
+            stored.binding,
+            Binding::Cgroup {
+                cpu_usage_at_bind: None,
+                ..
+            }
+        ));
+
+        // At a restart, the empty cgroup is still waiting for its
+        // processes where its CPU time says none has run; without that
+        // record, it is taken to have emptied while writ was down.
+        let fresh = manager_with_cgroups(&agent, Some(mount.path()));
+        let mut completions = fresh.subscribe();
+        fresh.restore().await.unwrap();
+        let old = fresh.get("t-old-kernel").unwrap().unwrap();
+        assert_eq!(
+            old.completion.map(|c| c.reason),
+            Some(CompletionReason::CgroupEmpty.as_str().to_owned())
+        );
+        assert!(
+            fresh
+                .get("t-waiting")
+                .unwrap()
+                .unwrap()
+                .completion
+                .is_none()
+        );
+        std::fs::write(&cpu_stat, "usage_usec 1500\nuser_usec 800\n").unwrap();
+        std::fs::write(&events, "populated 0\nfrozen 0\n").unwrap();
+        let ended = tokio::time::timeout(Duration::from_secs(30), async {
+            loop {
+                if let Ok(TaskEvent::Completed(task)) = completions.recv().await
+                    && task.id == "t-waiting"
+                {
+                    return task;
+                }
+            }
+        })
+        .await
+        .expect("the restored task did not end");
         assert_eq!(
             ended.completion.as_ref().map(|c| c.reason.as_str()),
             Some(CompletionReason::CgroupEmpty.as_str())

@@ -741,6 +741,97 @@ async fn a_cgroup_bound_before_its_processes_start_ends_once_they_are_gone() {
     }
 }
 
+/// Runs a process inside the cgroup at `dir` that exits at once: it moves
+/// itself in, then execs `true`. Returns once it has been reaped.
+fn run_briefly_in(dir: &Path) {
+    let procs = dir.join("cgroup.procs");
+    let status = Command::new("sh")
+        .arg("-c")
+        .arg(format!("echo $$ > {}; exec true", procs.display()))
+        .status()
+        .unwrap();
+    assert!(status.success(), "moving into {} failed", dir.display());
+}
+
+/// Waits until task `id` has completed, and returns its completion reason.
+async fn completion_reason(
+    tasks: &mut apb::tasks_client::TasksClient<tonic::transport::Channel>,
+    id: &str,
+) -> String {
+    let waited = std::time::Instant::now();
+    loop {
+        let t = get_task(tasks, id).await;
+        if t.completed_at != 0 {
+            return t.completion_reason;
+        }
+        assert!(
+            waited.elapsed() < Duration::from_secs(10),
+            "task {id} never ended: {t:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A task's process may come and go within a millisecond (a quick tool
+/// call), between two looks of writ at the cgroup: `populated` then reads 0
+/// each time. The cgroup's CPU time, grown since the task began, still
+/// tells that it held a process, so the task ends. It used to live to its
+/// TTL, its credentials valid all along.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_process_that_lived_a_moment_in_a_bound_cgroup_ends_its_task() {
+    let Some(test_slice) = TestSlice::create("writ-test-brief") else {
+        return;
+    };
+    let slice = test_slice.name.clone();
+    let writ = Writ::start(&config(&test_slice.trusted_root()));
+    let mut tasks = tasks_client(&writ).await;
+    for n in 0..5 {
+        let job = test_slice.dir().join(format!("job{n}"));
+        std::fs::create_dir(&job).unwrap();
+        let id = format!("brief-{n}");
+        tasks
+            .begin_task(begin_cgroup(&id, &format!("/{slice}/job{n}")))
+            .await
+            .unwrap();
+        run_briefly_in(&job);
+        assert_eq!(completion_reason(&mut tasks, &id).await, "cgroup_empty");
+    }
+}
+
+/// A cgroup bound before its processes start is still waiting for them
+/// after writ restarts, unless a process ran in it while writ was down:
+/// writ used to take any empty cgroup at restart for one that had emptied,
+/// ending tasks whose work had not started.
+#[tokio::test(flavor = "multi_thread")]
+async fn after_a_crash_a_cgroup_still_waiting_for_its_processes_stays_bound() {
+    let Some(test_slice) = TestSlice::create("writ-test-waiting") else {
+        return;
+    };
+    let slice = test_slice.name.clone();
+    let mut writ = Writ::start(&config(&test_slice.trusted_root()));
+    let mut tasks = tasks_client(&writ).await;
+    for name in ["waiting", "ran"] {
+        std::fs::create_dir(test_slice.dir().join(name)).unwrap();
+        tasks
+            .begin_task(begin_cgroup(name, &format!("/{slice}/{name}")))
+            .await
+            .unwrap();
+    }
+    writ.kill9();
+    run_briefly_in(&test_slice.dir().join("ran"));
+    writ.spawn();
+
+    let mut tasks = tasks_client(&writ).await;
+    assert_eq!(completion_reason(&mut tasks, "ran").await, "cgroup_empty");
+    let t = get_task(&mut tasks, "waiting").await;
+    assert_eq!(t.completed_at, 0, "{t:?}");
+    run_briefly_in(&test_slice.dir().join("waiting"));
+    assert_eq!(
+        completion_reason(&mut tasks, "waiting").await,
+        "cgroup_empty"
+    );
+}
+
 /// Binding a cgroup needs authority over it, as binding a PID does: the
 /// caller must own it (a delegated cgroup is its user's) or be allowed to
 /// bind anything (`bind_any_pid`). Otherwise an admin caller could hand an
