@@ -148,6 +148,38 @@ pub fn task_to_proto(t: &Task, issued_serials: Vec<String>) -> pb::Task {
     }
 }
 
+/// Tasks in a ListTasks page when the caller does not say.
+const DEFAULT_PAGE_SIZE: usize = 500;
+/// The most tasks in one ListTasks page: a few hundred KiB, well within
+/// the 4 MiB gRPC clients accept by default.
+const MAX_PAGE_SIZE: usize = 1000;
+
+/// A ListTasks `page_size` as a number of tasks.
+fn page_size(requested: i32) -> Result<usize, Status> {
+    match usize::try_from(requested) {
+        Ok(0) => Ok(DEFAULT_PAGE_SIZE),
+        Ok(n) => Ok(n.min(MAX_PAGE_SIZE)),
+        Err(_) => Err(Status::invalid_argument(format!(
+            "page_size: {requested} is negative"
+        ))),
+    }
+}
+
+/// Where a ListTasks page starts: after the task a `page_token` names (a
+/// previous page's `next_page_token`), or at the first.
+fn page_start(token: &str) -> Result<Option<i64>, Status> {
+    if token.is_empty() {
+        return Ok(None);
+    }
+    match token.parse::<i64>() {
+        Ok(after) if after > 0 => Ok(Some(after)),
+        _ => Err(Status::invalid_argument(format!(
+            "page_token: {:?} is not a next_page_token from ListTasks",
+            token.chars().take(64).collect::<String>()
+        ))),
+    }
+}
+
 fn begin_request(req: pb::BeginTaskRequest) -> Result<BeginRequest, Status> {
     let bad = |field: &str, why: String| Status::invalid_argument(format!("{field}: {why}"));
     let (pid, cgroup) = match req.binding.and_then(|b| b.target) {
@@ -327,12 +359,20 @@ impl pb::tasks_server::Tasks for TasksService {
     ) -> Result<Response<pb::ListTasksResponse>, Status> {
         let ctx = &self.0;
         ctx.authorize(&request)?;
-        let tasks = ctx
+        let request = request.into_inner();
+        let limit = page_size(request.page_size)?;
+        let after = page_start(&request.page_token)?;
+        let page = ctx
             .tasks
-            .list(request.into_inner().include_completed)
+            .list_page(request.include_completed, after, limit)
             .map_err(task_status)?;
         Ok(Response::new(pb::ListTasksResponse {
-            tasks: tasks.iter().map(|t| task_to_proto(t, Vec::new())).collect(),
+            tasks: page
+                .tasks
+                .iter()
+                .map(|t| task_to_proto(t, Vec::new()))
+                .collect(),
+            next_page_token: page.next.map(|n| n.to_string()).unwrap_or_default(),
         }))
     }
 

@@ -226,6 +226,14 @@ const PRUNE_INTERVAL: Duration = Duration::from_secs(60);
 /// writer for long: the rest follows in further transactions.
 const PRUNE_BATCH: usize = 2_000;
 
+/// One page of a task listing (`TaskManager::list_page`).
+#[derive(Debug)]
+pub struct TaskPage {
+    pub tasks: Vec<Task>,
+    /// Where the next page starts, if there is one.
+    pub next: Option<i64>,
+}
+
 /// A BeginTask request after the admin layer has parsed its wire form.
 #[derive(Debug, Clone, Default)]
 pub struct BeginRequest {
@@ -1216,34 +1224,52 @@ impl TaskManager {
             .transpose()
     }
 
-    pub fn list(&self, include_completed: bool) -> Result<Vec<Task>, TaskError> {
-        if !include_completed {
-            let mut v: Vec<Task> = self
-                .inner()
-                .active
-                .values()
-                .map(|a| (*a.task).clone())
-                .collect();
-            v.sort_by(|a, b| a.created_at.cmp(&b.created_at).then(a.id.cmp(&b.id)));
-            return Ok(v);
-        }
-        let rows = self.store.read(|conn| {
-            let mut stmt = conn.prepare(&format!(
-                "SELECT {TASK_COLUMNS} FROM tasks ORDER BY created_at, task_id"
-            ))?;
+    /// One page of tasks, in the order they were stored (the order they
+    /// began): the first `limit` after `after` (a previous page's cursor),
+    /// and the cursor to go on from if more follow. Read from the store for
+    /// both kinds of listing, by rowid (active ones through their partial
+    /// index), so a page costs the same however many tasks are retained.
+    pub fn list_page(
+        &self,
+        include_completed: bool,
+        after: Option<i64>,
+        limit: usize,
+    ) -> Result<TaskPage, TaskError> {
+        let query = format!(
+            "SELECT {TASK_COLUMNS}, rowid FROM tasks WHERE rowid > ?1{} ORDER BY rowid LIMIT ?2",
+            if include_completed {
+                ""
+            } else {
+                " AND completed_at IS NULL"
+            }
+        );
+        // One more than asked for tells whether another page follows.
+        let fetch = i64::try_from(limit.saturating_add(1)).unwrap_or(i64::MAX);
+        let mut rows = self.store.read(move |conn| {
+            let mut stmt = conn.prepare_cached(&query)?;
             let rows = stmt
-                .query_map([], row_to_task)?
+                .query_map(params![after.unwrap_or(0), fetch], |r| {
+                    Ok((r.get::<_, i64>(9)?, row_to_task(r)?))
+                })?
                 .collect::<Result<Vec<_>, _>>()?;
             Ok(rows)
         })?;
+        let more = rows.len() > limit;
+        rows.truncate(limit);
+        let next = if more {
+            rows.last().map(|(rowid, _)| *rowid)
+        } else {
+            None
+        };
         // One unreadable row does not hide every other task; `get` names it.
-        Ok(rows
+        let tasks = rows
             .into_iter()
-            .filter_map(|row| {
+            .filter_map(|(_, row)| {
                 row.inspect_err(|e| tracing::warn!(error = %e, "ListTasks left out a task"))
                     .ok()
             })
-            .collect())
+            .collect();
+        Ok(TaskPage { tasks, next })
     }
 
     /// Serials issued for a task, hex.
@@ -2738,13 +2764,26 @@ mod tests {
             );
             assert_eq!(reason, "record_unreadable");
         }
-        let listed: Vec<String> = fresh
-            .list(true)
-            .unwrap()
-            .into_iter()
-            .map(|t| t.id)
-            .collect();
+        // Listed a task at a time: a page whose one row is unreadable is
+        // empty, and the listing goes on past it.
+        let mut pages = Vec::new();
+        let mut after = None;
+        loop {
+            let page = fresh.list_page(true, after, 1).unwrap();
+            pages.push(page.tasks.into_iter().map(|t| t.id).collect::<Vec<_>>());
+            match page.next {
+                Some(next) => after = Some(next),
+                None => break,
+            }
+        }
+        assert_eq!(pages, [vec!["t-ok"], vec![], vec![], vec!["t-sub"]]);
+        let all = fresh.list_page(true, None, 10).unwrap();
+        let listed: Vec<&str> = all.tasks.iter().map(|t| t.id.as_str()).collect();
         assert_eq!(listed, ["t-ok", "t-sub"]);
+        assert_eq!(all.next, None);
+        let active = fresh.list_page(false, None, 10).unwrap();
+        let listed: Vec<&str> = active.tasks.iter().map(|t| t.id.as_str()).collect();
+        assert_eq!(listed, ["t-ok"]);
         // Revoked in the store and in the CRL writ now publishes.
         let crls = agent.svc.agent.crls();
         let mut published = std::collections::HashSet::new();

@@ -1,6 +1,7 @@
 //! `writ task ...`, `writ entry ...`, `writ bundle ...` and `writ reload`:
 //! clients for the admin socket.
 
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
@@ -96,6 +97,10 @@ pub enum TaskCommand {
         /// Completed tasks too.
         #[arg(long)]
         all: bool,
+        /// Tasks fetched per request (the listing goes on until all are
+        /// printed); the agent takes at most 1000.
+        #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(i32).range(1..))]
+        page_size: i32,
     },
     /// Print task events as they happen.
     Watch {
@@ -316,35 +321,65 @@ pub async fn task(cmd: TaskCommand) -> anyhow::Result<()> {
                 print_task(&task);
             }
         }
-        TaskCommand::List { admin, all } => {
-            let tasks = tasks_client(&admin.path()?)
-                .await?
-                .list_tasks(pb::ListTasksRequest {
-                    include_completed: all,
-                })
-                .await
-                .map_err(|s| status_error("ListTasks", s))?
-                .into_inner()
-                .tasks;
-            if admin.output == Output::Json {
-                let v: Vec<_> = tasks.iter().map(task_json).collect();
-                println!("{}", serde_json::to_string_pretty(&v)?);
-            } else {
-                println!("{:<28} {:<10} {:<24} SPIFFE ID", "TASK", "STATE", "EXPIRES");
-                for t in &tasks {
-                    let state = if t.completed_at == 0 {
-                        "active"
+        TaskCommand::List {
+            admin,
+            all,
+            page_size,
+        } => {
+            let mut client = tasks_client(&admin.path()?).await?;
+            let json = admin.output == Output::Json;
+            let mut out = std::io::stdout();
+            let mut listed = 0usize;
+            if !json {
+                writeln!(
+                    out,
+                    "{:<28} {:<10} {:<24} SPIFFE ID",
+                    "TASK", "STATE", "EXPIRES"
+                )?;
+            }
+            // Page by page, printed as they come: a busy node retains far
+            // more completed tasks than one response carries.
+            let mut page_token = String::new();
+            loop {
+                let page = client
+                    .list_tasks(pb::ListTasksRequest {
+                        include_completed: all,
+                        page_size,
+                        page_token,
+                    })
+                    .await
+                    .map_err(|s| status_error("ListTasks", s))?
+                    .into_inner();
+                for t in &page.tasks {
+                    if json {
+                        // The elements of one pretty-printed JSON array.
+                        let element = serde_json::to_string_pretty(&task_json(t))?;
+                        write!(out, "{}\n  ", if listed == 0 { "[" } else { "," })?;
+                        write!(out, "{}", element.replace('\n', "\n  "))?;
                     } else {
-                        "completed"
-                    };
-                    println!(
-                        "{:<28} {:<10} {:<24} {}",
-                        t.task_id,
-                        state,
-                        time_string(t.expires_at),
-                        t.spiffe_id
-                    );
+                        let state = if t.completed_at == 0 {
+                            "active"
+                        } else {
+                            "completed"
+                        };
+                        writeln!(
+                            out,
+                            "{:<28} {:<10} {:<24} {}",
+                            t.task_id,
+                            state,
+                            time_string(t.expires_at),
+                            t.spiffe_id
+                        )?;
+                    }
+                    listed += 1;
                 }
+                if page.next_page_token.is_empty() {
+                    break;
+                }
+                page_token = page.next_page_token;
+            }
+            if json {
+                writeln!(out, "{}", if listed == 0 { "[]" } else { "\n]" })?;
             }
         }
         TaskCommand::Watch { admin } => {
