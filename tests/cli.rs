@@ -372,6 +372,16 @@ fn entries_created_at_run_time_issue_identities_and_survive_restart() {
             ],
             "no attestor produces type \"k8s\"",
         ),
+        // Nor a value of a form no attestor writes (uids are numbers).
+        (
+            vec![
+                "--spiffe-id",
+                "spiffe://writ.test/y",
+                "--selector",
+                "unix:uid:root",
+            ],
+            "a unix:uid value is a decimal number",
+        ),
     ] {
         let mut full = vec!["entry", "create", "--admin-socket", a.as_str()];
         full.extend(args);

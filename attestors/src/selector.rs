@@ -46,6 +46,31 @@ pub const PRODUCED: &[(&str, &[&str])] = &[
     ("container", &["id", "runtime", "pod_uid"]),
 ];
 
+/// How a `type:key` selector's value looks when an attestor produces it,
+/// for the keys whose values have one fixed form, if `value` does not.
+fn produced_form(kind: &str, key: &str, value: &str) -> Option<&'static str> {
+    let well_formed = match (kind, key) {
+        // The kernel's ids, in decimal: "007" or "+7" is never produced.
+        ("unix", "uid" | "gid" | "supplementary_gid") => {
+            value.parse::<u32>().is_ok_and(|id| id.to_string() == value)
+        }
+        ("unix", "sha256") => {
+            value.len() == 64
+                && value
+                    .bytes()
+                    .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+        }
+        ("unix", "path") | ("cgroup", "path") => value.starts_with('/'),
+        _ => true,
+    };
+    let form = match key {
+        "sha256" => "64 lowercase hex digits",
+        "path" => "an absolute path",
+        _ => "a decimal number without leading zeros",
+    };
+    (!well_formed).then_some(form)
+}
+
 impl Selector {
     /// Why no process could ever carry this selector (a type or key no
     /// attestor produces, most likely a typo), or `None` if one could.
@@ -60,12 +85,20 @@ impl Selector {
                 kinds.join(", ")
             ));
         };
-        (!keys.contains(&key)).then(|| {
-            format!(
+        if !keys.contains(&key) {
+            return Some(format!(
                 "selector {:?}: {} selectors have no key {key:?} (keys: {})",
                 self.to_string(),
                 self.kind,
                 keys.join(", ")
+            ));
+        }
+        let value = self.value.split_once(':').map_or("", |(_, value)| value);
+        produced_form(&self.kind, key, value).map(|form| {
+            format!(
+                "selector {:?}: a {}:{key} value is {form}, as attestors produce it",
+                self.to_string(),
+                self.kind
             )
         })
     }
@@ -145,15 +178,38 @@ mod tests {
 
     #[test]
     fn only_what_an_attestor_produces_can_match() {
+        let digest = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08";
         for good in [
             "unix:uid:0",
-            "unix:sha256:ab",
+            "unix:gid:4294967295",
+            "unix:supplementary_gid:27",
+            &format!("unix:sha256:{digest}"),
+            "unix:path:/usr/bin/python3 (deleted)",
             "cgroup:path:/a",
+            "cgroup:path:/",
             "systemd:slice:a.slice",
             "container:pod_uid:x",
         ] {
             let s: Selector = good.parse().unwrap();
             assert_eq!(s.unmatchable(), None, "{good}");
+        }
+        // A value of a form no attestor writes: the entry would never match.
+        for (bad, form) in [
+            ("unix:uid:abc", "a decimal number"),
+            ("unix:uid:007", "without leading zeros"),
+            ("unix:gid:-1", "a decimal number"),
+            ("unix:supplementary_gid:4294967296", "a decimal number"),
+            ("unix:sha256:ab", "64 lowercase hex digits"),
+            (
+                &format!("unix:sha256:{}", digest.to_uppercase()),
+                "64 lowercase hex",
+            ),
+            ("unix:path:usr/bin/python3", "an absolute path"),
+            ("cgroup:path:system.slice/x.service", "an absolute path"),
+        ] {
+            let s: Selector = bad.parse().unwrap();
+            let why = s.unmatchable().unwrap_or_else(|| panic!("{bad} accepted"));
+            assert!(why.contains(form) && why.contains(bad), "{why}");
         }
         let typo: Selector = "unix:usr:alice".parse().unwrap();
         let why = typo.unmatchable().unwrap();

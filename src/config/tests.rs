@@ -684,6 +684,12 @@ fn admin_authorized_sets() {
         "admin_api.authorized[1][0]: selector \"unix:usr:root\": unix selectors have no key \"usr\"",
     );
     assert_single_error(
+        &entry_with("").replace("unix:uid:1", "cgroup:path:system.slice/x.service"),
+        3,
+        14,
+        "entry[0].selectors[0]: selector \"cgroup:path:system.slice/x.service\": a cgroup:path value is an absolute path, as attestors produce it",
+    );
+    assert_single_error(
         &entry_with("").replace("unix:uid:1", "docker:label:x"),
         3,
         14,
