@@ -8,8 +8,9 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 pub enum AttestError {
     /// The pinned process exited (or its PID now names someone else); anything
-    /// read about it must be thrown away.
-    #[error("process {pid} has exited; its PID no longer names the pinned process")]
+    /// read about it must be thrown away. Also: no process had the PID when
+    /// it was to be pinned.
+    #[error("process {pid} is not running (it has exited, or no process has that PID)")]
     ProcessGone { pid: i32 },
 
     #[error("PID {pid} is not a valid process id (must be positive)")]
