@@ -9,7 +9,7 @@ use clap::{Args, Subcommand};
 use serde_json::json;
 
 use super::Output;
-use super::client::connect;
+use super::client::{connect, status_error};
 use crate::config::{Config, Environment};
 use crate::proto::admin as pb;
 
@@ -161,10 +161,6 @@ async fn entries_client(
         .await
         .with_context(|| format!("admin API at {}", path.display()))?;
     Ok(pb::entries_client::EntriesClient::new(channel))
-}
-
-fn status_error(what: &str, s: tonic::Status) -> anyhow::Error {
-    anyhow::anyhow!("{what}: {:?}: {}", s.code(), s.message())
 }
 
 fn time_string(secs: i64) -> String {

@@ -10,7 +10,7 @@ use anyhow::{Context, bail};
 use serde::Serialize;
 use x509_parser::prelude::{FromDer, X509Certificate};
 
-use super::client::workload_client;
+use super::client::{status_error, workload_client};
 use crate::proto::workload as pb;
 
 #[derive(Serialize)]
@@ -104,12 +104,12 @@ pub async fn fetch_x509(socket: &Path, write: Option<&Path>, json: bool) -> anyh
     let mut stream = client
         .fetch_x509svid(pb::X509svidRequest {})
         .await
-        .context("FetchX509SVID")?
+        .map_err(|s| status_error("FetchX509SVID", s))?
         .into_inner();
     let response = stream
         .message()
         .await
-        .context("FetchX509SVID")?
+        .map_err(|s| status_error("FetchX509SVID", s))?
         .context("stream ended before the first response")?;
     let elapsed = started.elapsed();
     if let Some(dir) = write {
@@ -157,12 +157,12 @@ pub async fn watch(socket: &Path, json: bool) -> anyhow::Result<()> {
     let mut stream = client
         .fetch_x509svid(pb::X509svidRequest {})
         .await
-        .context("FetchX509SVID")?
+        .map_err(|s| status_error("FetchX509SVID", s))?
         .into_inner();
     let mut updates = 0u64;
     loop {
         let message = tokio::select! {
-            m = stream.message() => m.context("FetchX509SVID stream")?,
+            m = stream.message() => m.map_err(|s| status_error("FetchX509SVID stream", s))?,
             _ = tokio::signal::ctrl_c() => return Ok(()),
         };
         let Some(response) = message else {
@@ -215,7 +215,7 @@ pub async fn healthcheck(socket: &Path) -> anyhow::Result<()> {
             service: String::new(),
         })
         .await
-        .context("grpc.health.v1.Health/Check")?
+        .map_err(|s| status_error("grpc.health.v1.Health/Check", s))?
         .into_inner();
     let serving = tonic_health::pb::health_check_response::ServingStatus::Serving as i32;
     if response.status != serving {
@@ -315,7 +315,7 @@ pub async fn fetch_jwt(
             spiffe_id,
         })
         .await
-        .context("FetchJWTSVID")?
+        .map_err(|s| status_error("FetchJWTSVID", s))?
         .into_inner();
     if json {
         let summaries: Vec<JwtSvidSummary> = response
@@ -343,12 +343,12 @@ pub async fn fetch_jwt_bundles(socket: &Path, json: bool) -> anyhow::Result<()> 
     let mut stream = client
         .fetch_jwt_bundles(pb::JwtBundlesRequest {})
         .await
-        .context("FetchJWTBundles")?
+        .map_err(|s| status_error("FetchJWTBundles", s))?
         .into_inner();
     let response = stream
         .message()
         .await
-        .context("FetchJWTBundles")?
+        .map_err(|s| status_error("FetchJWTBundles", s))?
         .context("stream ended before the first response")?;
     let mut bundles: Vec<(String, serde_json::Value)> = response
         .bundles

@@ -93,6 +93,12 @@ pub async fn workload_client(path: &Path) -> anyhow::Result<WorkloadClient> {
     ))
 }
 
+/// A gRPC call's refusal as the CLI prints it: the call, the status code's
+/// name and writ's message (`BeginTask: InvalidArgument: ttl: ...`).
+pub fn status_error(call: &str, status: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("{call}: {:?}: {}", status.code(), status.message())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
