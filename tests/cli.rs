@@ -170,6 +170,26 @@ fn fetch_writes_svid_key_and_bundle_files() {
         .unwrap();
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).contains("spiffe://writ.test/cli"));
+
+    // A refusal names the call, the status code and writ's reason, as the
+    // admin commands do.
+    let (ok, _, stderr) = writ_cli(
+        &[
+            "api",
+            "fetch",
+            "jwt",
+            "--audience",
+            "",
+            "--socket",
+            &writ.endpoint(),
+        ],
+        None,
+    );
+    assert!(!ok);
+    assert_eq!(
+        stderr.trim(),
+        "writ: FetchJWTSVID: InvalidArgument: audience values must not be empty"
+    );
 }
 
 #[test]
