@@ -2509,6 +2509,36 @@ mod tests {
         )
     }
 
+    /// A BeginTask for `id`, bound to the cgroup `/writ.slice/job`.
+    fn job_cgroup_request(id: &str) -> BeginRequest {
+        BeginRequest {
+            task_id: Some(id.into()),
+            cgroup: Some("/writ.slice/job".into()),
+            ttl: Some(Duration::from_secs(600)),
+            ..BeginRequest::default()
+        }
+    }
+
+    /// Waits for task `id` to complete, and checks it completed because
+    /// its cgroup emptied.
+    async fn ends_as_emptied(completions: &mut broadcast::Receiver<TaskEvent>, id: &str) {
+        let ended = tokio::time::timeout(Duration::from_secs(30), async {
+            loop {
+                if let Ok(TaskEvent::Completed(task)) = completions.recv().await
+                    && task.id == id
+                {
+                    return task;
+                }
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("task {id} did not end"));
+        assert_eq!(
+            ended.completion.as_ref().map(|c| c.reason.as_str()),
+            Some(CompletionReason::CgroupEmpty.as_str())
+        );
+    }
+
     /// A cgroup that held processes when it was bound has emptied once it
     /// holds none, even if they left before the task's watcher first
     /// looked (a busy runtime starts it late). The watcher used to learn
@@ -2528,36 +2558,11 @@ mod tests {
         let manager = manager_with_cgroups(&agent, Some(mount.path()));
         let mut completions = manager.subscribe();
         manager
-            .begin(
-                BeginRequest {
-                    task_id: Some("t-cgroup".into()),
-                    pid: None,
-                    cgroup: Some("/writ.slice/job".into()),
-                    spiffe_id: None,
-                    intent: Intent::default(),
-                    ttl: Some(Duration::from_secs(600)),
-                    parent_task_id: None,
-                    federates_with: Vec::new(),
-                },
-                &agent.orchestrator(),
-            )
+            .begin(job_cgroup_request("t-cgroup"), &agent.orchestrator())
             .await
             .unwrap();
         std::fs::write(&events, "populated 0\nfrozen 0\n").unwrap();
-        let ended = tokio::time::timeout(Duration::from_secs(30), async {
-            loop {
-                if let Ok(TaskEvent::Completed(task)) = completions.recv().await {
-                    return task;
-                }
-            }
-        })
-        .await
-        .expect("the emptied cgroup's task did not end");
-        assert_eq!(ended.id, "t-cgroup");
-        assert_eq!(
-            ended.completion.as_ref().map(|c| c.reason.as_str()),
-            Some(CompletionReason::CgroupEmpty.as_str())
-        );
+        ends_as_emptied(&mut completions, "t-cgroup").await;
     }
 
     /// A cgroup bound empty ends its task once its CPU time has grown (a
@@ -2577,18 +2582,8 @@ mod tests {
         std::fs::write(&cpu_stat, "usage_usec 700\nuser_usec 400\n").unwrap();
         let manager = manager_with_cgroups(&agent, Some(mount.path()));
         let mut completions = manager.subscribe();
-        let request = BeginRequest {
-            task_id: Some("t-brief".into()),
-            pid: None,
-            cgroup: Some("/writ.slice/job".into()),
-            spiffe_id: None,
-            intent: Intent::default(),
-            ttl: Some(Duration::from_secs(600)),
-            parent_task_id: None,
-            federates_with: Vec::new(),
-        };
         manager
-            .begin(request.clone(), &agent.orchestrator())
+            .begin(job_cgroup_request("t-brief"), &agent.orchestrator())
             .await
             .unwrap();
         let stored = manager.get("t-brief").unwrap().unwrap();
@@ -2624,27 +2619,14 @@ mod tests {
 
         std::fs::write(&cpu_stat, "usage_usec 1100\nuser_usec 600\n").unwrap();
         std::fs::write(&events, "populated 0\nfrozen 0\n").unwrap();
-        let ended = tokio::time::timeout(Duration::from_secs(30), async {
-            loop {
-                if let Ok(TaskEvent::Completed(task)) = completions.recv().await {
-                    return task;
-                }
-            }
-        })
-        .await
-        .expect("the cgroup's task did not end");
-        assert_eq!(ended.id, "t-brief");
-        assert_eq!(
-            ended.completion.as_ref().map(|c| c.reason.as_str()),
-            Some(CompletionReason::CgroupEmpty.as_str())
-        );
+        ends_as_emptied(&mut completions, "t-brief").await;
 
         // Two more tasks, begun by a run of writ that then stops: on a
         // runtime of its own, dropped with their watchers. The first is
         // bound without a cpu.stat (an older kernel): only `populated`
         // counts for it.
         let (before_restart, orchestrator) = (manager.clone(), agent.orchestrator());
-        let (cpu_stat_then, old_kernel) = (cpu_stat.clone(), request.clone());
+        let cpu_stat_then = cpu_stat.clone();
         std::thread::spawn(move || {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -2652,17 +2634,13 @@ mod tests {
                 .unwrap();
             runtime.block_on(async {
                 std::fs::remove_file(&cpu_stat_then).unwrap();
-                let begin = |id: &str| BeginRequest {
-                    task_id: Some(id.into()),
-                    ..old_kernel.clone()
-                };
                 before_restart
-                    .begin(begin("t-old-kernel"), &orchestrator)
+                    .begin(job_cgroup_request("t-old-kernel"), &orchestrator)
                     .await
                     .unwrap();
                 std::fs::write(&cpu_stat_then, "usage_usec 1100\nuser_usec 600\n").unwrap();
                 before_restart
-                    .begin(begin("t-waiting"), &orchestrator)
+                    .begin(job_cgroup_request("t-waiting"), &orchestrator)
                     .await
                     .unwrap();
             });
@@ -2699,21 +2677,7 @@ mod tests {
         );
         std::fs::write(&cpu_stat, "usage_usec 1500\nuser_usec 800\n").unwrap();
         std::fs::write(&events, "populated 0\nfrozen 0\n").unwrap();
-        let ended = tokio::time::timeout(Duration::from_secs(30), async {
-            loop {
-                if let Ok(TaskEvent::Completed(task)) = completions.recv().await
-                    && task.id == "t-waiting"
-                {
-                    return task;
-                }
-            }
-        })
-        .await
-        .expect("the restored task did not end");
-        assert_eq!(
-            ended.completion.as_ref().map(|c| c.reason.as_str()),
-            Some(CompletionReason::CgroupEmpty.as_str())
-        );
+        ends_as_emptied(&mut completions, "t-waiting").await;
     }
 
     /// An active task whose stored record cannot be read (damaged, or
