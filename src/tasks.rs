@@ -2509,6 +2509,14 @@ mod tests {
         )
     }
 
+    /// The directory standing in for the cgroup `/writ.slice/job` under a
+    /// fake cgroup2 mount at `mount`; the test writes its files.
+    fn fake_job_cgroup(mount: &Path) -> PathBuf {
+        let job = mount.join("writ.slice/job");
+        std::fs::create_dir_all(&job).unwrap();
+        job
+    }
+
     /// A BeginTask for `id`, bound to the cgroup `/writ.slice/job`.
     fn job_cgroup_request(id: &str) -> BeginRequest {
         BeginRequest {
@@ -2517,6 +2525,14 @@ mod tests {
             ttl: Some(Duration::from_secs(600)),
             ..BeginRequest::default()
         }
+    }
+
+    /// Task `id` is stored and not completed.
+    fn is_active(manager: &TaskManager, id: &str) -> bool {
+        manager
+            .get(id)
+            .unwrap()
+            .is_some_and(|t| t.completion.is_none())
     }
 
     /// Waits for task `id` to complete, and checks it completed because
@@ -2551,8 +2567,7 @@ mod tests {
     async fn a_cgroup_emptied_before_its_watcher_looks_ends_the_task() {
         let agent = TestAgent::start().await;
         let mount = tempfile::tempdir().unwrap();
-        let job = mount.path().join("writ.slice/job");
-        std::fs::create_dir_all(&job).unwrap();
+        let job = fake_job_cgroup(mount.path());
         let events = job.join("cgroup.events");
         std::fs::write(&events, "populated 1\nfrozen 0\n").unwrap();
         let manager = manager_with_cgroups(&agent, Some(mount.path()));
@@ -2574,8 +2589,7 @@ mod tests {
     async fn a_cgroup_bound_empty_ends_once_its_cpu_time_shows_a_process_came_and_went() {
         let agent = TestAgent::start().await;
         let mount = tempfile::tempdir().unwrap();
-        let job = mount.path().join("writ.slice/job");
-        std::fs::create_dir_all(&job).unwrap();
+        let job = fake_job_cgroup(mount.path());
         let events = job.join("cgroup.events");
         let cpu_stat = job.join("cpu.stat");
         std::fs::write(&events, "populated 0\nfrozen 0\n").unwrap();
@@ -2608,14 +2622,7 @@ mod tests {
                 "ended on a stale notice"
             );
         }
-        assert!(
-            manager
-                .get("t-brief")
-                .unwrap()
-                .unwrap()
-                .completion
-                .is_none()
-        );
+        assert!(is_active(&manager, "t-brief"));
 
         std::fs::write(&cpu_stat, "usage_usec 1100\nuser_usec 600\n").unwrap();
         std::fs::write(&events, "populated 0\nfrozen 0\n").unwrap();
@@ -2667,14 +2674,7 @@ mod tests {
             old.completion.map(|c| c.reason),
             Some(CompletionReason::CgroupEmpty.as_str().to_owned())
         );
-        assert!(
-            fresh
-                .get("t-waiting")
-                .unwrap()
-                .unwrap()
-                .completion
-                .is_none()
-        );
+        assert!(is_active(&fresh, "t-waiting"));
         std::fs::write(&cpu_stat, "usage_usec 1500\nuser_usec 800\n").unwrap();
         std::fs::write(&events, "populated 0\nfrozen 0\n").unwrap();
         ends_as_emptied(&mut completions, "t-waiting").await;

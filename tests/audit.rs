@@ -45,6 +45,31 @@ fn spawn(command: &mut Command) -> Child {
     command.spawn().unwrap()
 }
 
+/// The `writ` binary run with `args` (and no WRIT_CONFIG from the
+/// environment): its exit code, stdout and stderr.
+fn run_writ(args: &[&str]) -> (Option<i32>, String, String) {
+    let out = spawn(
+        Command::new(WRIT)
+            .args(args)
+            .env_remove("WRIT_CONFIG")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped()),
+    )
+    .wait_with_output()
+    .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// `writ audit verify --config <config_path>`: its exit code, stdout and
+/// stderr.
+fn verify_with_config(config_path: &Path) -> (Option<i32>, String, String) {
+    run_writ(&["audit", "verify", "--config", config_path.to_str().unwrap()])
+}
+
 /// This test binary, run as the helper process playing `role` on the
 /// trail in `dir`.
 fn helper(role: &str, dir: &Path) -> Command {
@@ -904,22 +929,7 @@ fn the_cli_verifies_and_tails_the_trail() {
     .unwrap();
     let path = config.path.display().to_string();
     let bundle_arg = bundle.display().to_string();
-    let writ = |args: &[&str]| {
-        let out = spawn(
-            Command::new(WRIT)
-                .args(args)
-                .env_remove("WRIT_CONFIG")
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped()),
-        )
-        .wait_with_output()
-        .unwrap();
-        (
-            out.status.code(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    };
+    let writ = run_writ;
 
     let (code, stdout, stderr) =
         writ(&["audit", "verify", "--path", &path, "--bundle", &bundle_arg]);
@@ -1021,20 +1031,8 @@ fn the_cli_takes_the_path_and_roots_from_a_config_file() {
         log.close();
     }
     let verify = || {
-        let out = spawn(
-            Command::new(WRIT)
-                .args(["audit", "verify", "--config"])
-                .arg(&config_path)
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped()),
-        )
-        .wait_with_output()
-        .unwrap();
-        (
-            out.status.code(),
-            String::from_utf8_lossy(&out.stdout).into_owned()
-                + &String::from_utf8_lossy(&out.stderr),
-        )
+        let (code, out, err) = verify_with_config(&config_path);
+        (code, out + &err)
     };
     // No CA state yet: the error says where it looked.
     let (code, text) = verify();
@@ -1142,22 +1140,7 @@ fn the_cli_in_upstream_mode_also_trusts_roots_the_state_kept_from_self_signed_ru
     let pem_of =
         |der: &CertificateDer<'_>| pem::encode(&pem::Pem::new("CERTIFICATE", der.to_vec()));
     std::fs::write(&upstream_bundle, pem_of(&upstream_root)).unwrap();
-    let verify = || {
-        let out = spawn(
-            Command::new(WRIT)
-                .args(["audit", "verify", "--config"])
-                .arg(&config_path)
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped()),
-        )
-        .wait_with_output()
-        .unwrap();
-        (
-            out.status.code(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    };
+    let verify = || verify_with_config(&config_path);
     // No state: the upstream bundle alone, which cannot vouch for the
     // first run's close checkpoint (seq 2).
     let (code, _, err) = verify();

@@ -421,21 +421,7 @@ async fn served_crl(writ: &Writ) -> (BTreeSet<String>, u64) {
         .unwrap()
         .unwrap();
     let serials = common::revoked_serials(&message.crl).into_iter().collect();
-    (serials, crl_number(&message.crl))
-}
-
-/// The highest CRL number among `crls`; 0 for none.
-fn crl_number(crls: &[bytes::Bytes]) -> u64 {
-    crls.iter()
-        .map(|der| {
-            let (_, crl) =
-                x509_parser::revocation_list::CertificateRevocationList::from_der(der).unwrap();
-            let digits = crl.crl_number().unwrap().to_u64_digits();
-            assert!(digits.len() <= 1, "{digits:?}");
-            digits.first().copied().unwrap_or(0)
-        })
-        .max()
-        .unwrap_or(0)
+    (serials, common::crl_number(&message.crl))
 }
 
 /// Every record of the trail, rotated files included (the preallocated
@@ -800,7 +786,7 @@ fn helper() {
                     "UPDATE {}|{}|{}",
                     ids.join(","),
                     serials.join(","),
-                    crl_number(&message.crl)
+                    common::crl_number(&message.crl)
                 );
                 std::io::stdout().flush().unwrap();
             }

@@ -1381,12 +1381,12 @@ async fn after_a_crash_dead_tasks_are_revoked_and_live_ones_resume() {
 
     // Another crash: the revocation is still served, under a CRL number
     // higher than any the previous run used.
-    let number_before = crl_number(&crls);
+    let number_before = common::crl_number(&crls);
     writ.kill9();
     writ.spawn();
     let (crls, _) = crls_and_bundle(&writ).await;
     assert!(revoked_serials(&crls).contains(&dead_serial));
-    let number_after = crl_number(&crls);
+    let number_after = common::crl_number(&crls);
     assert!(
         number_after > number_before,
         "CRL number went from {number_before} to {number_after} across a restart"
@@ -1611,14 +1611,6 @@ async fn completed_tasks_leave_the_store_after_their_retention() {
         let _ = process.kill();
         let _ = process.wait();
     }
-}
-
-fn crl_number(crls: &[bytes::Bytes]) -> u64 {
-    let (_, crl) =
-        x509_parser::revocation_list::CertificateRevocationList::from_der(&crls[0]).unwrap();
-    let digits = crl.crl_number().unwrap().to_u64_digits();
-    assert_eq!(digits.len(), 1, "{digits:?}");
-    digits[0]
 }
 
 /// Not a test: the body of helper processes started by the tests above.

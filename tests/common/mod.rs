@@ -280,6 +280,21 @@ pub fn revoked_serials(crls: &[bytes::Bytes]) -> Vec<String> {
     out
 }
 
+/// The highest CRL number among a set of DER CRLs; 0 for none.
+pub fn crl_number(crls: &[bytes::Bytes]) -> u64 {
+    use x509_parser::prelude::FromDer as _;
+    crls.iter()
+        .map(|der| {
+            let (_, crl) =
+                x509_parser::revocation_list::CertificateRevocationList::from_der(der).unwrap();
+            let digits = crl.crl_number().unwrap().to_u64_digits();
+            assert!(digits.len() <= 1, "{digits:?}");
+            digits.first().copied().unwrap_or(0)
+        })
+        .max()
+        .unwrap_or(0)
+}
+
 /// Polls `f` until it returns Some, or panics after `timeout`.
 pub fn wait_for<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + timeout;
