@@ -148,13 +148,18 @@ pub fn task_to_proto(t: &Task, issued_serials: Vec<String>) -> pb::Task {
     }
 }
 
-/// Tasks in a ListTasks page when the caller does not say.
+/// Tasks or entries in a ListTasks or ListEntries page when the caller does
+/// not say.
 const DEFAULT_PAGE_SIZE: usize = 500;
-/// The most tasks in one ListTasks page: a few hundred KiB, well within
+/// The most tasks or entries in one page: a few hundred KiB, well within
 /// the 4 MiB gRPC clients accept by default.
 const MAX_PAGE_SIZE: usize = 1000;
+/// The most encoded bytes of entries in one ListEntries page, whatever its
+/// page size: an entry's selectors and DNS names are not bounded in number,
+/// so a page of large entries ends early (it always holds at least one).
+const MAX_ENTRY_PAGE_BYTES: usize = 1 << 20;
 
-/// A ListTasks `page_size` as a number of tasks.
+/// A list request's `page_size` as a number of items.
 fn page_size(requested: i32) -> Result<usize, Status> {
     match usize::try_from(requested) {
         Ok(0) => Ok(DEFAULT_PAGE_SIZE),
@@ -177,6 +182,63 @@ fn page_start(token: &str) -> Result<Option<i64>, Status> {
             "page_token: {:?} is not a next_page_token from ListTasks",
             token.chars().take(64).collect::<String>()
         ))),
+    }
+}
+
+/// Where a ListEntries page starts in the registry: after the entry a
+/// `page_token` names (the last of the previous page), or at the first.
+/// The registry keeps its order as entries come and go, so the next page
+/// goes on after that entry; if the entry is gone, where the listing stood
+/// is lost, and the caller must start again rather than miss entries.
+fn entry_page_start(entries: &[Arc<crate::identity::Entry>], token: &str) -> Result<usize, Status> {
+    if token.is_empty() {
+        return Ok(0);
+    }
+    if !crate::identity::is_entry_id(token) {
+        return Err(Status::invalid_argument(format!(
+            "page_token: {:?} is not a next_page_token from ListEntries",
+            token.chars().take(64).collect::<String>()
+        )));
+    }
+    entries
+        .iter()
+        .position(|e| e.id == token)
+        .map(|at| at + 1)
+        .ok_or_else(|| {
+            Status::aborted(format!(
+                "page_token: entry {token}, where the previous page ended, is no longer \
+                 registered; the entries changed while they were listed, so list them again \
+                 from the first page"
+            ))
+        })
+}
+
+/// The first entries of `rest` that fit in a page of `limit` entries and
+/// `max_bytes` encoded (at least one, however large), and the token for the
+/// page after it.
+fn entry_page(
+    rest: &[Arc<crate::identity::Entry>],
+    limit: usize,
+    max_bytes: usize,
+) -> pb::ListEntriesResponse {
+    let mut entries = Vec::new();
+    let mut bytes = 0;
+    for entry in rest.iter().take(limit) {
+        let entry = entry_to_proto(entry);
+        let size = prost::Message::encoded_len(&entry);
+        if !entries.is_empty() && bytes + size > max_bytes {
+            break;
+        }
+        bytes += size;
+        entries.push(entry);
+    }
+    let next_page_token = match entries.last() {
+        Some(last) if entries.len() < rest.len() => last.id.clone(),
+        _ => String::new(),
+    };
+    pb::ListEntriesResponse {
+        entries,
+        next_page_token,
     }
 }
 
@@ -490,14 +552,16 @@ impl pb::entries_server::Entries for EntriesService {
     ) -> Result<Response<pb::ListEntriesResponse>, Status> {
         let ctx = &self.0;
         ctx.authorize(&request)?;
+        let request = request.into_inner();
+        let limit = page_size(request.page_size)?;
         let registry = ctx.agent.registry();
-        Ok(Response::new(pb::ListEntriesResponse {
-            entries: registry
-                .entries()
-                .iter()
-                .map(|e| entry_to_proto(e))
-                .collect(),
-        }))
+        let entries = registry.entries();
+        let start = entry_page_start(entries, &request.page_token)?;
+        Ok(Response::new(entry_page(
+            &entries[start..],
+            limit,
+            MAX_ENTRY_PAGE_BYTES,
+        )))
     }
 }
 
@@ -719,5 +783,58 @@ impl pb::agent_server::Agent for AgentService {
             .await
             .map_err(reload_status)?;
         Ok(Response::new(reload_to_proto(&summary)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::identity::{Entry, EntrySource};
+
+    fn entries(count: usize, selectors_each: usize) -> Vec<Arc<Entry>> {
+        (0..count)
+            .map(|n| {
+                let selectors = (0..selectors_each)
+                    .map(|s| format!("unix:uid:{s}").parse().unwrap())
+                    .collect();
+                Arc::new(Entry::new(
+                    format!("spiffe://x.org/e{n}").parse().unwrap(),
+                    selectors,
+                    Duration::from_secs(3600),
+                    EntrySource::Admin,
+                ))
+            })
+            .collect()
+    }
+
+    fn listed(page: &pb::ListEntriesResponse) -> Vec<&str> {
+        page.entries.iter().map(|e| e.spiffe_id.as_str()).collect()
+    }
+
+    #[test]
+    fn an_entry_page_ends_at_its_size_or_its_bytes_whichever_comes_first() {
+        let small = entries(3, 1);
+        let page = entry_page(&small, 2, MAX_ENTRY_PAGE_BYTES);
+        assert_eq!(listed(&page), ["spiffe://x.org/e0", "spiffe://x.org/e1"]);
+        assert_eq!(page.next_page_token, small[1].id);
+        let last = entry_page(&small[2..], 2, MAX_ENTRY_PAGE_BYTES);
+        assert_eq!(listed(&last), ["spiffe://x.org/e2"]);
+        assert!(last.next_page_token.is_empty());
+
+        // Entries of about 600 bytes in pages of at most 1,000 bytes: one
+        // each, the last with no token after it.
+        let large = entries(2, 50);
+        let one = prost::Message::encoded_len(&entry_to_proto(&large[0]));
+        assert!((500..1000).contains(&one), "{one}");
+        let page = entry_page(&large, 10, 1000);
+        assert_eq!(listed(&page), ["spiffe://x.org/e0"]);
+        assert_eq!(page.next_page_token, large[0].id);
+        // An entry larger than the budget still gets a page of its own.
+        let page = entry_page(&large[1..], 10, 100);
+        assert_eq!(listed(&page), ["spiffe://x.org/e1"]);
+        assert!(page.next_page_token.is_empty());
+        assert!(entry_page(&[], 10, 100).entries.is_empty());
     }
 }

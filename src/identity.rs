@@ -100,6 +100,17 @@ impl Entry {
     }
 }
 
+/// Hex digits in an entry id: the first 8 bytes of its SHA-256.
+const ENTRY_ID_LEN: usize = 16;
+
+/// Whether `text` has the form of an entry id (not whether one exists).
+pub fn is_entry_id(text: &str) -> bool {
+    text.len() == ENTRY_ID_LEN
+        && text
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
 fn entry_id(spiffe_id: &SpiffeId, selectors: &[Selector]) -> String {
     let mut h = Sha256::new();
     h.update(spiffe_id.to_string().as_bytes());
@@ -107,7 +118,7 @@ fn entry_id(spiffe_id: &SpiffeId, selectors: &[Selector]) -> String {
         h.update(b"\n");
         h.update(s.to_string().as_bytes());
     }
-    hex::encode(&h.finalize()[..8])
+    hex::encode(&h.finalize()[..ENTRY_ID_LEN / 2])
 }
 
 /// The registration entries in force, in their documented order: config

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use common::{NOBODY, WRIT, Writ, is_root, writ_cli};
 use writ::bundle::TrustBundle;
+use writ::proto::admin as apb;
 use writ::spiffe_id::TrustDomain;
 
 fn uid() -> u32 {
@@ -443,6 +444,146 @@ fn entries_created_at_run_time_issue_identities_and_survive_restart() {
     writ.kill9();
     writ.spawn();
     assert_eq!(fetch(&writ), vec!["spiffe://writ.test/cli"]);
+}
+
+/// Every page of ListEntries, each as the SPIFFE IDs it holds.
+async fn entry_pages(
+    client: &mut EntriesClient,
+    page_size: i32,
+) -> Result<Vec<Vec<String>>, tonic::Status> {
+    let mut pages = Vec::new();
+    let mut page_token = String::new();
+    loop {
+        let page = client
+            .list_entries(apb::ListEntriesRequest {
+                page_size,
+                page_token,
+            })
+            .await?
+            .into_inner();
+        pages.push(page.entries.into_iter().map(|e| e.spiffe_id).collect());
+        if page.next_page_token.is_empty() {
+            return Ok(pages);
+        }
+        page_token = page.next_page_token;
+    }
+}
+
+type EntriesClient = apb::entries_client::EntriesClient<tonic::transport::Channel>;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn entries_are_listed_a_page_at_a_time_in_the_order_they_match() {
+    let writ = Writ::start(&entry_for_us());
+    let a = admin(&writ);
+    let mut client = EntriesClient::new(
+        writ::cli::client::connect(std::path::Path::new(&a))
+            .await
+            .unwrap(),
+    );
+    let ids: Vec<String> = (0..6).map(|n| format!("spiffe://writ.test/e{n}")).collect();
+    let mut entry_ids = Vec::new();
+    for id in &ids {
+        let entry = client
+            .create_entry(apb::CreateEntryRequest {
+                spiffe_id: id.clone(),
+                selectors: vec!["unix:uid:4242".into()],
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        entry_ids.push(entry.id);
+    }
+    // The config's entry first, then the created ones as they were created.
+    let mut all = vec!["spiffe://writ.test/cli".to_owned()];
+    all.extend(ids.iter().cloned());
+    assert_eq!(
+        entry_pages(&mut client, 3).await.unwrap(),
+        [&all[0..3], &all[3..6], &all[6..7]]
+    );
+    // 0 is the default page (500), and more than 1000 is taken as 1000.
+    for page_size in [0, 5000] {
+        assert_eq!(
+            entry_pages(&mut client, page_size).await.unwrap(),
+            [&all[..]]
+        );
+    }
+
+    // Deleting an entry the listing has not reached yet, or one it has
+    // passed, leaves the next page where it was.
+    let first = client
+        .list_entries(apb::ListEntriesRequest {
+            page_size: 3,
+            page_token: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(first.next_page_token, entry_ids[1]);
+    let delete = |id: &str| apb::DeleteEntryRequest { id: id.into() };
+    client.delete_entry(delete(&entry_ids[0])).await.unwrap();
+    client.delete_entry(delete(&entry_ids[3])).await.unwrap();
+    let next = client
+        .list_entries(apb::ListEntriesRequest {
+            page_size: 3,
+            page_token: first.next_page_token.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let listed: Vec<&str> = next.entries.iter().map(|e| e.spiffe_id.as_str()).collect();
+    assert_eq!(listed, [&ids[2], &ids[4], &ids[5]]);
+    // Deleting the entry a page ended on loses the place: ABORTED, never a
+    // page that skips entries.
+    client.delete_entry(delete(&entry_ids[1])).await.unwrap();
+    let err = client
+        .list_entries(apb::ListEntriesRequest {
+            page_size: 3,
+            page_token: first.next_page_token,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Aborted, "{err:?}");
+    assert!(err.message().contains("list them again"), "{err:?}");
+
+    for (page_size, page_token, field) in [
+        (-1, String::new(), "page_size"),
+        (0, "abc".to_owned(), "page_token"),
+        (0, entry_ids[2].to_uppercase(), "page_token"),
+    ] {
+        let err = client
+            .list_entries(apb::ListEntriesRequest {
+                page_size,
+                page_token,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+        assert!(err.message().starts_with(field), "{err:?}");
+    }
+
+    // The CLI goes through every page, in both outputs.
+    let left = [all[0].as_str(), &ids[2], &ids[4], &ids[5]];
+    let list = |extra: &[&str]| {
+        let mut args = vec!["entry", "list", "--page-size", "2", "--admin-socket", &a];
+        args.extend_from_slice(extra);
+        let (ok, stdout, stderr) = writ_cli(&args, None);
+        assert!(ok, "{stderr}");
+        stdout
+    };
+    let human: Vec<String> = list(&[])
+        .lines()
+        .map(|l| l.split_whitespace().nth(1).unwrap().to_owned())
+        .collect();
+    assert_eq!(human, left);
+    let json: serde_json::Value = serde_json::from_str(&list(&["--output", "json"])).unwrap();
+    let listed: Vec<&str> = json
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["spiffe_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(listed, left);
 }
 
 #[test]

@@ -1,7 +1,7 @@
 //! `writ task ...`, `writ entry ...`, `writ bundle ...` and `writ reload`:
 //! clients for the admin socket.
 
-use std::io::Write as _;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
@@ -136,7 +136,30 @@ pub enum EntryCommand {
     List {
         #[command(flatten)]
         admin: AdminSocketArg,
+        /// Entries fetched per request (the listing goes on until all are
+        /// printed); the agent takes at most 1000.
+        #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(i32).range(1..))]
+        page_size: i32,
     },
+}
+
+/// Writes `value` as element `index` of one pretty-printed JSON array that
+/// is printed as its pages arrive; `end_json_array` closes it.
+fn write_json_element(
+    out: &mut impl Write,
+    index: usize,
+    value: &serde_json::Value,
+) -> anyhow::Result<()> {
+    let element = serde_json::to_string_pretty(value)?;
+    write!(out, "{}\n  ", if index == 0 { "[" } else { "," })?;
+    write!(out, "{}", element.replace('\n', "\n  "))?;
+    Ok(())
+}
+
+/// Closes the array `write_json_element` began, after `elements` of them.
+fn end_json_array(out: &mut impl Write, elements: usize) -> anyhow::Result<()> {
+    writeln!(out, "{}", if elements == 0 { "[]" } else { "\n]" })?;
+    Ok(())
 }
 
 fn parse_attr(s: &str) -> Result<(String, String), String> {
@@ -348,10 +371,7 @@ pub async fn task(cmd: TaskCommand) -> anyhow::Result<()> {
                     .into_inner();
                 for t in &page.tasks {
                     if json {
-                        // The elements of one pretty-printed JSON array.
-                        let element = serde_json::to_string_pretty(&task_json(t))?;
-                        write!(out, "{}\n  ", if listed == 0 { "[" } else { "," })?;
-                        write!(out, "{}", element.replace('\n', "\n  "))?;
+                        write_json_element(&mut out, listed, &task_json(t))?;
                     } else {
                         let state = if t.completed_at == 0 {
                             "active"
@@ -375,7 +395,7 @@ pub async fn task(cmd: TaskCommand) -> anyhow::Result<()> {
                 page_token = page.next_page_token;
             }
             if json {
-                writeln!(out, "{}", if listed == 0 { "[]" } else { "\n]" })?;
+                end_json_array(&mut out, listed)?;
             }
         }
         TaskCommand::Watch { admin } => {
@@ -463,28 +483,44 @@ pub async fn entry(cmd: EntryCommand) -> anyhow::Result<()> {
                 println!("deleted {id}");
             }
         }
-        EntryCommand::List { admin } => {
-            let entries = entries_client(&admin.path()?)
-                .await?
-                .list_entries(pb::ListEntriesRequest {})
-                .await
-                .map_err(|s| status_error("ListEntries", s))?
-                .into_inner()
-                .entries;
-            if admin.output == Output::Json {
-                let v: Vec<_> = entries.iter().map(entry_json).collect();
-                println!("{}", serde_json::to_string_pretty(&v)?);
-            } else {
-                for e in &entries {
-                    println!(
-                        "{}  {}  [{}]  ttl {}  ({})",
-                        e.id,
-                        e.spiffe_id,
-                        e.selectors.join(", "),
-                        e.x509_svid_ttl,
-                        e.source
-                    );
+        EntryCommand::List { admin, page_size } => {
+            let mut client = entries_client(&admin.path()?).await?;
+            let json = admin.output == Output::Json;
+            let mut out = std::io::stdout();
+            let mut listed = 0usize;
+            let mut page_token = String::new();
+            loop {
+                let page = client
+                    .list_entries(pb::ListEntriesRequest {
+                        page_size,
+                        page_token,
+                    })
+                    .await
+                    .map_err(|s| status_error("ListEntries", s))?
+                    .into_inner();
+                for e in &page.entries {
+                    if json {
+                        write_json_element(&mut out, listed, &entry_json(e))?;
+                    } else {
+                        writeln!(
+                            out,
+                            "{}  {}  [{}]  ttl {}  ({})",
+                            e.id,
+                            e.spiffe_id,
+                            e.selectors.join(", "),
+                            e.x509_svid_ttl,
+                            e.source
+                        )?;
+                    }
+                    listed += 1;
                 }
+                if page.next_page_token.is_empty() {
+                    break;
+                }
+                page_token = page.next_page_token;
+            }
+            if json {
+                end_json_array(&mut out, listed)?;
             }
         }
     }
