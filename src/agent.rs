@@ -169,17 +169,38 @@ struct TaskIndex {
 }
 
 impl TaskIndex {
-    fn tasks_for(&self, attestation: &Attestation) -> Vec<Arc<Task>> {
+    /// The active tasks whose binding holds the caller; `cgroup_mount` is
+    /// where cgroup paths are.
+    fn tasks_for(
+        &self,
+        attestation: &Attestation,
+        cgroup_mount: Option<&std::path::Path>,
+    ) -> Vec<Arc<Task>> {
         let mut found: Vec<Arc<Task>> = Vec::new();
         let snapshot = &attestation.snapshot;
         if !self.by_cgroup.is_empty()
             && let Some(path) = &snapshot.cgroup_path
+            && let Some(mount) = cgroup_mount
         {
             // The cgroup itself and each ancestor, on whole segments.
             let mut prefix = path.as_str();
             loop {
                 if let Some(tasks) = self.by_cgroup.get(prefix) {
-                    found.extend(tasks.iter().cloned());
+                    // Only if the cgroup at the path is still the one bound:
+                    // one made again there (before the task's watcher has
+                    // seen the first go) holds other processes.
+                    let now = crate::cgroup::cgroup_id(&mount.join(prefix.trim_start_matches('/')));
+                    found.extend(
+                        tasks
+                            .iter()
+                            .filter(|t| match &t.binding {
+                                crate::tasks::Binding::Cgroup { id: Some(id), .. } => {
+                                    now == Some(*id)
+                                }
+                                _ => true,
+                            })
+                            .cloned(),
+                    );
                 }
                 match prefix.rfind('/') {
                     Some(0) | None => break,
@@ -536,7 +557,7 @@ impl Agent {
     /// Every identity the attested caller is entitled to, default first:
     /// the tasks whose binding it is inside, then matching entries.
     pub fn entitlements(&self, attestation: &Attestation) -> Vec<Entitlement> {
-        let tasks = read_lock(&self.tasks).tasks_for(attestation);
+        let tasks = read_lock(&self.tasks).tasks_for(attestation, self.attestors.cgroup_mount());
         let registry = self.registry();
         let from_tasks = tasks.iter().map(|t| self.task_entitlement(t));
         let from_entries = registry

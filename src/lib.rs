@@ -7,6 +7,7 @@ pub mod agent;
 pub mod audit;
 pub mod bundle;
 pub mod ca;
+mod cgroup;
 pub mod changes;
 pub mod cli;
 pub mod config;

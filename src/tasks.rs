@@ -16,6 +16,7 @@ use writ_attestors::PinnedProcess;
 
 use crate::agent::{Agent, TaskBeginning, task_facts};
 use crate::audit::{AuditEvent, CallerFacts, EventKind};
+use crate::cgroup::CgroupDir;
 use crate::changes::Change;
 use crate::spiffe_id::{SpiffeId, TrustDomain};
 use crate::store::{Store, StoreError};
@@ -723,19 +724,15 @@ impl TaskManager {
                 let dir = self.cgroup_dir(path).ok_or_else(|| {
                     invalid("binding.cgroup", "no cgroup v2 hierarchy is mounted")
                 })?;
-                // One look at the directory gives both its id and its owner,
-                // so the cgroup judged is the cgroup bound.
-                let found = std::fs::metadata(&dir)
-                    .ok()
-                    .filter(|_| dir.join("cgroup.events").exists());
-                let Some(found) = found else {
+                // Held open from here on, so the cgroup judged is the cgroup
+                // bound and watched, whatever is made at its path later.
+                let Ok(cgroup) = CgroupDir::open(&dir) else {
                     return Err(invalid(
                         "binding.cgroup",
                         format!("cgroup {path} does not exist"),
                     ));
                 };
-                use std::os::unix::fs::MetadataExt as _;
-                let (id, owner) = (found.ino(), found.uid());
+                let (id, owner) = (cgroup.id(), cgroup.owner());
                 // As for a PID: a caller may hand a task identity only to
                 // processes it controls. A cgroup's owner decides who is
                 // moved into it (a delegated cgroup is its user's), so the
@@ -755,8 +752,8 @@ impl TaskManager {
                 }
                 // Read now, not when the watcher first looks: processes
                 // that leave before then have still emptied it.
-                let cpu_usage_at_bind = cgroup_cpu_usage(&dir);
-                let held_processes = cgroup_populated(&dir) == Some(true);
+                let cpu_usage_at_bind = cgroup.cpu_usage();
+                let held_processes = cgroup.populated() == Some(true);
                 Ok((
                     Binding::Cgroup {
                         path: path.clone(),
@@ -764,6 +761,7 @@ impl TaskManager {
                         cpu_usage_at_bind,
                     },
                     BindingWatch::Cgroup {
+                        cgroup: Arc::new(cgroup),
                         dir,
                         held_processes,
                         cpu_usage_at_bind,
@@ -1405,12 +1403,16 @@ impl TaskManager {
                     path,
                     id,
                     cpu_usage_at_bind,
-                } => match self.cgroup_dir(path) {
-                    Some(dir) if id.is_none_or(|id| cgroup_id(&dir) == Some(id)) => {
+                } => match self
+                    .cgroup_dir(path)
+                    .and_then(|dir| Some((CgroupDir::open(&dir).ok()?, dir)))
+                {
+                    Some((cgroup, dir)) if id.is_none_or(|id| cgroup.id() == id) => {
                         // Without its CPU time at the start, an empty cgroup
                         // may have emptied while writ was down: it is taken
                         // to have held processes, so it has.
                         let mut watch = BindingWatch::Cgroup {
+                            cgroup: Arc::new(cgroup),
                             held_processes: cpu_usage_at_bind.is_none(),
                             cpu_usage_at_bind: *cpu_usage_at_bind,
                             dir,
@@ -1705,35 +1707,6 @@ fn check_within_parent_scope(child: &Intent, parent: &Intent) -> Result<(), Task
     Ok(())
 }
 
-/// A cgroup's id: the inode number of its directory, which the kernel never
-/// gives another cgroup while the system runs. None if it cannot be read.
-fn cgroup_id(dir: &Path) -> Option<u64> {
-    use std::os::unix::fs::MetadataExt;
-    std::fs::metadata(dir).ok().map(|m| m.ino())
-}
-
-/// Reads `populated` from a cgroup's cgroup.events; None if unreadable.
-fn cgroup_populated(dir: &Path) -> Option<bool> {
-    let text = std::fs::read_to_string(dir.join("cgroup.events")).ok()?;
-    text.lines()
-        .find_map(|l| l.strip_prefix("populated "))
-        .map(|v| v.trim() == "1")
-}
-
-/// The CPU time (µs) processes have used in a cgroup and its descendants:
-/// `usage_usec` in its cpu.stat, which cgroup v2 keeps for every cgroup,
-/// cpu controller or not. It only grows while the cgroup exists, and every
-/// process that runs in it adds to it, so a larger value than at an earlier
-/// look means processes were there in between, even if `populated` reads
-/// 0 both times (one that lived a millisecond, between two wake-ups of
-/// the watcher). None if unreadable.
-fn cgroup_cpu_usage(dir: &Path) -> Option<u64> {
-    let text = std::fs::read_to_string(dir.join("cpu.stat")).ok()?;
-    text.lines()
-        .find_map(|l| l.strip_prefix("usage_usec "))
-        .and_then(|v| v.trim().parse().ok())
-}
-
 /// What a task's watcher waits on for its binding to end.
 #[derive(Clone)]
 enum BindingWatch {
@@ -1743,8 +1716,11 @@ enum BindingWatch {
     /// it was bound, so it has emptied once it holds none, however late
     /// the watcher first looks. One bound empty must hold a process first:
     /// seen there, or told by its CPU time having grown past
-    /// `cpu_usage_at_bind`.
+    /// `cpu_usage_at_bind`. `cgroup` is the bound cgroup held open: once
+    /// it is removed it reads as gone, and so emptied, even if another
+    /// cgroup is made at its path (`dir`, where the watcher listens).
     Cgroup {
+        cgroup: Arc<CgroupDir>,
         dir: PathBuf,
         held_processes: bool,
         cpu_usage_at_bind: Option<u64>,
@@ -1758,14 +1734,15 @@ impl BindingWatch {
     /// some since the task began. Notes a process seen there.
     fn cgroup_emptied(&mut self) -> bool {
         let BindingWatch::Cgroup {
-            dir,
+            cgroup,
             held_processes,
             cpu_usage_at_bind,
+            ..
         } = self
         else {
             return false;
         };
-        match cgroup_populated(dir) {
+        match cgroup.populated() {
             None => true,
             Some(true) => {
                 *held_processes = true;
@@ -1774,7 +1751,7 @@ impl BindingWatch {
             Some(false) => {
                 *held_processes
                     || cpu_usage_at_bind
-                        .is_some_and(|then| cgroup_cpu_usage(dir).is_some_and(|now| now > then))
+                        .is_some_and(|then| cgroup.cpu_usage().is_some_and(|now| now > then))
             }
         }
     }
@@ -1800,17 +1777,24 @@ async fn wait_binding_ends(watch: BindingWatch) -> CompletionReason {
 /// so inotify wakes us exactly when `populated` may have flipped. A cgroup
 /// bound before the task's processes are started in it has not emptied: it
 /// empties once it has held a process and holds none (or once it is gone).
+/// Removing a cgroup signals nothing on its own files or directory, only a
+/// deletion in its parent directory, so the watcher listens there too.
 async fn wait_cgroup_empty(mut watch: BindingWatch) {
     use rustix::fs::inotify;
     let BindingWatch::Cgroup { dir, .. } = &watch else {
         return;
     };
     let events_file = dir.join("cgroup.events");
+    let parent = dir.parent().map(Path::to_path_buf);
     let inotify_watch =
         inotify::init(inotify::CreateFlags::CLOEXEC | inotify::CreateFlags::NONBLOCK)
             .ok()
             .and_then(|fd| {
                 inotify::add_watch(&fd, &events_file, inotify::WatchFlags::MODIFY).ok()?;
+                if let Some(parent) = &parent {
+                    let removed = inotify::WatchFlags::DELETE | inotify::WatchFlags::ONLYDIR;
+                    inotify::add_watch(&fd, parent, removed).ok()?;
+                }
                 crate::sys::async_fd(fd, tokio::io::Interest::READABLE).ok()
             });
     loop {

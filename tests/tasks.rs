@@ -757,6 +757,42 @@ async fn a_cgroup_bound_before_its_processes_start_ends_once_they_are_gone() {
     }
 }
 
+/// A bound cgroup that is removed ends its task, and a cgroup made again at
+/// its path is another cgroup: its processes do not get the task's
+/// identity. Removal signals nothing on the cgroup's own files, so writ
+/// used to miss it: the task lived to its TTL, and whatever was started in
+/// the new cgroup was served the task's SVID.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_bound_cgroup_removed_and_made_again_ends_its_task_and_serves_nothing_new() {
+    let Some(test_slice) = TestSlice::create("writ-test-remade") else {
+        return;
+    };
+    let slice = test_slice.name.clone();
+    let job = test_slice.make_job();
+    let writ = Writ::start(&config(&test_slice.trusted_root()));
+    let mut tasks = tasks_client(&writ).await;
+    for id in ["remade", "removed"] {
+        std::fs::create_dir_all(&job).unwrap();
+        tasks
+            .begin_task(begin_cgroup(id, &format!("/{slice}/job")))
+            .await
+            .unwrap();
+        std::fs::remove_dir(&job).unwrap();
+        if id == "remade" {
+            std::fs::create_dir(&job).unwrap();
+            let worker = BoundChild::spawn(&writ, "in-the-new-cgroup");
+            std::fs::write(job.join("cgroup.procs"), worker.pid().to_string()).unwrap();
+            worker.go();
+            let (ids, _) =
+                tokio::task::block_in_place(|| worker.next_update(Duration::from_secs(10)));
+            assert_eq!(ids, [ORCH_ID], "the new cgroup's process got {ids:?}");
+            drop(worker);
+            std::fs::remove_dir(&job).unwrap();
+        }
+        assert_eq!(completion_reason(&mut tasks, id).await, "cgroup_empty");
+    }
+}
+
 /// Runs a process inside the cgroup at `dir` that exits at once: it moves
 /// itself in, then execs `true`. Returns once it has been reaped.
 fn run_briefly_in(dir: &Path) {
