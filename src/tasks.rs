@@ -558,6 +558,14 @@ impl TaskManager {
                         format!("must be in trust domain {}", self.agent.trust_domain()),
                     ));
                 }
+                // Refused here: an SVID needs a path, and a task begun
+                // without one would fail every fetch its processes make.
+                if explicit.is_trust_domain_id() {
+                    return Err(invalid(
+                        "spiffe_id",
+                        format!("{explicit} has no path; an SVID's SPIFFE ID must have one"),
+                    ));
+                }
                 explicit.clone()
             }
             (None, Some(parent), _) => parent

@@ -1196,6 +1196,13 @@ async fn malformed_and_unauthorized_admin_calls_are_refused() {
             },
         ),
         (
+            "spiffe_id",
+            apb::BeginTaskRequest {
+                spiffe_id: "spiffe://writ.test".into(),
+                ..begin_pid("t", pid)
+            },
+        ),
+        (
             "parent_task_id",
             apb::BeginTaskRequest {
                 parent_task_id: "nope".into(),
