@@ -1349,19 +1349,21 @@ impl Agent {
         cache.insert(key, svid);
     }
 
-    /// The JWT authorities validation trusts, by trust domain. Our own only
-    /// for now; federated bundles join this set when federation lands.
-    pub fn jwt_key_set(&self) -> Arc<JwtKeySet> {
-        self.own_bundle().jwt_keys.clone()
-    }
-
-    /// JWT keys of our own trust domain and every federated one, each kept
-    /// under its own domain. Rebuilt only when a bundle changes.
-    fn validation_keys(&self) -> Arc<JwtKeySet> {
+    /// JWT keys of our own trust domain and of `federated` (the bundles a
+    /// caller's identities federate with), each kept under its own domain.
+    /// The last set built is kept until a bundle changes or another caller
+    /// federates differently: revisions are never reused across the set, so
+    /// they name the selection.
+    fn validation_keys(
+        &self,
+        federated: &[Arc<crate::federation::FederatedBundle>],
+    ) -> Arc<JwtKeySet> {
         let own = self.own_bundle();
-        let federated = self.federated.all();
+        if federated.is_empty() {
+            return own.jwt_keys.clone();
+        }
         let stamp: Vec<u64> = std::iter::once(own.bundle.sequence)
-            .chain(federated.values().map(|b| b.revision))
+            .chain(federated.iter().map(|b| b.revision))
             .collect();
         if let Some((cached_stamp, keys)) = read_lock(&self.validation_keys).as_ref()
             && *cached_stamp == stamp
@@ -1369,7 +1371,7 @@ impl Agent {
             return keys.clone();
         }
         let mut keys = (*own.jwt_keys).clone();
-        for bundle in federated.values() {
+        for bundle in federated {
             keys.set_bundle(&bundle.bundle);
         }
         let keys = Arc::new(keys);
@@ -1384,17 +1386,21 @@ impl Agent {
         HashMap::from([(self.trust_domain.id_string(), own.jwt_jwks.clone())])
     }
 
-    /// ValidateJWTSVID: [`jwt::validate`] against [`Self::jwt_key_set`], and
-    /// for a token we issued for a task (our trust domain, a `task` claim —
-    /// our own key signed it, so the claim is ours) the task must still be
-    /// active and be this token's identity.
+    /// ValidateJWTSVID: [`jwt::validate`] against our own trust domain's
+    /// keys and those of `federated`, the bundles the caller's identities
+    /// federate with (as SPIRE does, and as FetchJWTBundles hands out: a
+    /// bundle writ holds for others is no reason for this caller to trust
+    /// its trust domain). For a token we issued for a task (our trust
+    /// domain, a `task` claim — our own key signed it, so the claim is
+    /// ours) the task must still be active and be this token's identity.
     pub fn validate_jwt_svid(
         &self,
         token: &str,
         audience: &str,
+        federated: &[Arc<crate::federation::FederatedBundle>],
         now: SystemTime,
     ) -> Result<ValidatedJwt, JwtError> {
-        let validated = jwt::validate(token, audience, &self.validation_keys(), now)?;
+        let validated = jwt::validate(token, audience, &self.validation_keys(federated), now)?;
         if validated.spiffe_id.trust_domain() == &self.trust_domain
             && let Some(task) = validated.claims.get("task")
         {

@@ -1064,10 +1064,12 @@ impl SpiffeWorkloadApi for WorkloadApi {
         if req.svid.is_empty() {
             return Err(Status::invalid_argument("svid is required"));
         }
-        self.agent.attest(&caller).map_err(agent_status)?;
+        let attestation = self.agent.attest(&caller).map_err(agent_status)?;
+        let entitlements = self.agent.entitlements(&attestation);
+        let federated = crate::federation::bundles_for(&self.agent, &entitlements);
         match self
             .agent
-            .validate_jwt_svid(&req.svid, &req.audience, SystemTime::now())
+            .validate_jwt_svid(&req.svid, &req.audience, &federated, SystemTime::now())
         {
             Ok(valid) => Ok(Response::new(pb::ValidateJwtsvidResponse {
                 spiffe_id: valid.spiffe_id.to_string(),

@@ -572,6 +572,73 @@ fn begin(id: &str, pid: u32, parent: &str) -> apb::BeginTaskRequest {
     }
 }
 
+/// A token of another trust domain validates only for a caller that
+/// federates with it, as in SPIRE: writ holding that domain's bundle (for
+/// other workloads) is no reason for every caller to trust its tokens.
+/// writ used to validate against every bundle it held.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_foreign_token_validates_only_for_callers_that_federate_with_its_trust_domain() {
+    let writ = Writ::start(&config(""));
+    let admin = writ.dir.path().join("run/admin.sock");
+    let admin = admin.to_str().unwrap();
+    let other_key = JwtSigningKey::generate().unwrap();
+    let mut other = writ::bundle::TrustBundle::new("other.test".parse().unwrap());
+    other.jwt_authorities.push(other_key.authority());
+    let bundle_file = writ.dir.path().join("other.json");
+    std::fs::write(&bundle_file, other.to_spiffe_json()).unwrap();
+    let (ok, _, stderr) = common::writ_cli(
+        &[
+            "bundle",
+            "set",
+            "--trust-domain",
+            "other.test",
+            "--format",
+            "spiffe",
+            "--file",
+            bundle_file.to_str().unwrap(),
+            "--admin-socket",
+            admin,
+        ],
+        None,
+    );
+    assert!(ok, "{stderr}");
+    let claims = object(json!({
+        "sub": "spiffe://other.test/agent",
+        "aud": "api",
+        "exp": unix_now() + 300,
+    }));
+    let token = other_key.sign(&claims).unwrap();
+    assert_refused(
+        &writ,
+        "a caller that does not federate with other.test",
+        &token,
+        "api",
+        "no JWT bundle for trust domain other.test",
+    )
+    .await;
+
+    // One of the caller's identities federates with other.test.
+    let uid = nix::unistd::geteuid().as_raw();
+    let (ok, _, stderr) = common::writ_cli(
+        &[
+            "entry",
+            "create",
+            "--spiffe-id",
+            SECOND_ID,
+            "--selector",
+            &format!("unix:uid:{uid}"),
+            "--federates-with",
+            "other.test",
+            "--admin-socket",
+            admin,
+        ],
+        None,
+    );
+    assert!(ok, "{stderr}");
+    let valid = validate(&writ, &token, "api").await.unwrap();
+    assert_eq!(valid.spiffe_id, "spiffe://other.test/agent");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_tasks_token_stops_validating_when_the_task_ends() {
     let writ = Writ::start(&config(""));
