@@ -331,11 +331,12 @@ impl pb::tasks_server::Tasks for TasksService {
         // In a task of its own: a client that hangs up must not stop a
         // begin between storing the task and making it active.
         let tasks = ctx.tasks.clone();
-        let task = tokio::spawn(async move { tasks.begin(req, &orchestrator).await })
-            .await
-            .map_err(|e| Status::internal(format!("beginning the task: {e}")))?
-            .map_err(task_status)?;
-        Ok(Response::new(task_to_proto(&task, Vec::new())))
+        let (task, serials) =
+            tokio::spawn(async move { tasks.begin_issuing(req, &orchestrator).await })
+                .await
+                .map_err(|e| Status::internal(format!("beginning the task: {e}")))?
+                .map_err(task_status)?;
+        Ok(Response::new(task_to_proto(&task, serials)))
     }
 
     async fn end_task(
@@ -428,11 +429,16 @@ impl pb::tasks_server::Tasks for TasksService {
             .tasks
             .list_page(request.include_completed, after, limit)
             .map_err(task_status)?;
+        let serials = ctx
+            .tasks
+            .issued_serials_of(page.tasks.iter().map(|t| t.id.clone()).collect())
+            .map_err(task_status)?;
         Ok(Response::new(pb::ListTasksResponse {
             tasks: page
                 .tasks
                 .iter()
-                .map(|t| task_to_proto(t, Vec::new()))
+                .zip(serials)
+                .map(|(t, serials)| task_to_proto(t, serials))
                 .collect(),
             next_page_token: page.next.map(|n| n.to_string()).unwrap_or_default(),
         }))
@@ -467,13 +473,13 @@ impl pb::tasks_server::Tasks for TasksService {
                     return;
                 };
                 let item = match received {
-                    Ok(TaskEvent::Begun(t)) => Ok(pb::TaskEvent {
+                    Ok(TaskEvent::Begun(t, serials)) => Ok(pb::TaskEvent {
                         kind: pb::task_event::Kind::Begun as i32,
-                        task: Some(task_to_proto(&t, Vec::new())),
+                        task: Some(task_to_proto(&t, serials)),
                     }),
-                    Ok(TaskEvent::Completed(t)) => Ok(pb::TaskEvent {
+                    Ok(TaskEvent::Completed(t, serials)) => Ok(pb::TaskEvent {
                         kind: pb::task_event::Kind::Completed as i32,
-                        task: Some(task_to_proto(&t, Vec::new())),
+                        task: Some(task_to_proto(&t, serials)),
                     }),
                     Err(broadcast::error::RecvError::Lagged(n)) => Err(Status::data_loss(format!(
                         "watcher fell behind and missed {n} events; list tasks and watch again"

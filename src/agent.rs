@@ -965,9 +965,12 @@ impl Agent {
             }
             (None, None) => (Err(StoreError::Closed), Ok(())),
         };
-        let outcome = Self::beginning_outcome(stored, recorded);
+        let mut outcome = Self::beginning_outcome(stored, recorded);
         match (minted, &planned) {
-            (Ok((svid, ())), _) if matches!(outcome, TaskBeginning::Begun) => {
+            (Ok((svid, ())), Some(plan)) if matches!(outcome, TaskBeginning::Begun { .. }) => {
+                outcome = TaskBeginning::Begun {
+                    first_serial: Some(plan.serial_hex()),
+                };
                 let cached = Arc::new(CachedSvid {
                     rotate_at: rotation_point(now, svid.not_after, entitlement.not_after_cap),
                     svid,
@@ -1005,7 +1008,7 @@ impl Agent {
             (Err(e), _) => TaskBeginning::StoreFailed(e),
             (Ok(Err(refused)), _) => TaskBeginning::Refused(refused),
             (Ok(Ok(())), Err(e)) => TaskBeginning::AuditFailed(e.to_string()),
-            (Ok(Ok(())), Ok(())) => TaskBeginning::Begun,
+            (Ok(Ok(())), Ok(())) => TaskBeginning::Begun { first_serial: None },
         }
     }
 
@@ -1609,8 +1612,11 @@ pub fn task_facts(task: &Task) -> TaskFacts {
 
 /// How `begin_task_with_svid` ended.
 pub enum TaskBeginning<E> {
-    /// Stored and recorded: the task can be activated.
-    Begun,
+    /// Stored and recorded: the task can be activated. With the serial
+    /// (hex) of its first SVID, if one was minted.
+    Begun {
+        first_serial: Option<String>,
+    },
     /// `store_task` refused; nothing was stored.
     Refused(E),
     StoreFailed(StoreError),

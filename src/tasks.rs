@@ -204,8 +204,10 @@ struct TaskRecord {
 
 #[derive(Debug, Clone)]
 pub enum TaskEvent {
-    Begun(Arc<Task>),
-    Completed(Arc<Task>),
+    /// With the serial of the SVID minted as the task began, if one was.
+    Begun(Arc<Task>, Vec<String>),
+    /// With the serials its completion revoked: every one issued for it.
+    Completed(Arc<Task>, Vec<String>),
 }
 
 /// Limits from `[tasks]` in config.
@@ -471,6 +473,16 @@ impl TaskManager {
         req: BeginRequest,
         caller: &Orchestrator,
     ) -> Result<Arc<Task>, TaskError> {
+        Ok(self.begin_issuing(req, caller).await?.0)
+    }
+
+    /// `begin`, with the serial of the SVID minted as the task began (none
+    /// when the CA could not mint one then: its first fetch mints).
+    pub async fn begin_issuing(
+        self: &Arc<Self>,
+        req: BeginRequest,
+        caller: &Orchestrator,
+    ) -> Result<(Arc<Task>, Vec<String>), TaskError> {
         let now = SystemTime::now();
         let id = match &req.task_id {
             Some(id) => {
@@ -668,12 +680,12 @@ impl TaskManager {
             let mut inner = self.inner();
             InFlight::mark(self, &mut inner, vec![task.id.clone()])
         };
-        match self
+        let first_serials: Vec<String> = match self
             .agent
             .begin_task_with_svid(&task, begun, now, store_task)
             .await
         {
-            TaskBeginning::Begun => {}
+            TaskBeginning::Begun { first_serial } => first_serial.into_iter().collect(),
             TaskBeginning::Refused(e) => return Err(e),
             TaskBeginning::StoreFailed(e) => return Err(e.into()),
             TaskBeginning::AuditFailed(e) => {
@@ -682,9 +694,9 @@ impl TaskManager {
                 self.forget_unbegun(&task.id).await;
                 return Err(TaskError::Audit(e));
             }
-        }
-        self.activate(task.clone(), watch);
-        Ok(task)
+        };
+        self.activate(task.clone(), watch, first_serials.clone());
+        Ok((task, first_serials))
     }
 
     fn resolve_binding(
@@ -814,7 +826,12 @@ impl TaskManager {
 
     /// Makes a persisted task live: indexed for identity lookups, watched
     /// for its completion triggers, announced to watchers.
-    fn activate(self: &Arc<Self>, task: Arc<Task>, watch: BindingWatch) {
+    fn activate(
+        self: &Arc<Self>,
+        task: Arc<Task>,
+        watch: BindingWatch,
+        first_serials: Vec<String>,
+    ) {
         let parent_gone = {
             let mut inner = self.inner();
             let parent_gone = task
@@ -832,7 +849,7 @@ impl TaskManager {
             // The parent completed while this sub-task was being stored.
             let manager = self.clone();
             let id = task.id.clone();
-            let _ = self.events.send(TaskEvent::Begun(task));
+            let _ = self.events.send(TaskEvent::Begun(task, first_serials));
             tokio::spawn(async move {
                 if let Err(e) = manager
                     .complete(&id, CompletionReason::ParentCompleted, String::new())
@@ -851,7 +868,7 @@ impl TaskManager {
             },
             Binding::Cgroup { .. } => Change::TaskBegunForCgroup,
         };
-        let _ = self.events.send(TaskEvent::Begun(task));
+        let _ = self.events.send(TaskEvent::Begun(task, first_serials));
         self.agent.notify(change);
     }
 
@@ -1165,15 +1182,15 @@ impl TaskManager {
             // info level a busy node would log thousands of lines a second.
             tracing::debug!(task = %done.id, reason = why.as_str(), "task completed");
             self.agent.metrics().task_completed(why.as_str());
+            let serials = revoked
+                .iter()
+                .find(|(task_id, _)| *task_id == done.id)
+                .map(|(_, serials)| serials.clone())
+                .unwrap_or_default();
             if done.id == id {
-                let serials = revoked
-                    .iter()
-                    .find(|(task_id, _)| task_id == id)
-                    .map(|(_, serials)| serials.clone())
-                    .unwrap_or_default();
-                root = Some((done.clone(), serials));
+                root = Some((done.clone(), serials.clone()));
             }
-            let _ = self.events.send(TaskEvent::Completed(done));
+            let _ = self.events.send(TaskEvent::Completed(done, serials));
         }
         Ok(root)
     }
@@ -1280,15 +1297,24 @@ impl TaskManager {
 
     /// Serials issued for a task, hex.
     pub fn issued_serials(&self, id: &str) -> Result<Vec<String>, TaskError> {
-        let id = id.to_owned();
+        let mut by_task = self.issued_serials_of(vec![id.to_owned()])?;
+        Ok(by_task.pop().unwrap_or_default())
+    }
+
+    /// `issued_serials` of each of `ids`, in the same order, in one read.
+    pub fn issued_serials_of(&self, ids: Vec<String>) -> Result<Vec<Vec<String>>, TaskError> {
         Ok(self.store.read(move |conn| {
             let mut stmt = conn.prepare_cached(
                 "SELECT serial FROM issued WHERE task_id = ?1 ORDER BY issued_at",
             )?;
-            let rows = stmt
-                .query_map(params![id], |r| r.get::<_, Vec<u8>>(0))?
-                .collect::<Result<Vec<_>, _>>()?;
-            Ok(rows.into_iter().map(hex::encode).collect())
+            ids.iter()
+                .map(|id| {
+                    let rows = stmt
+                        .query_map(params![id], |r| r.get::<_, Vec<u8>>(0))?
+                        .collect::<Result<Vec<_>, _>>()?;
+                    Ok(rows.into_iter().map(hex::encode).collect())
+                })
+                .collect()
         })?)
     }
 
@@ -2532,7 +2558,7 @@ mod tests {
     async fn ends_as_emptied(completions: &mut broadcast::Receiver<TaskEvent>, id: &str) {
         let ended = tokio::time::timeout(Duration::from_secs(30), async {
             loop {
-                if let Ok(TaskEvent::Completed(task)) = completions.recv().await
+                if let Ok(TaskEvent::Completed(task, _)) = completions.recv().await
                     && task.id == id
                 {
                     return task;
@@ -2610,7 +2636,7 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(300)).await;
         while let Ok(event) = completions.try_recv() {
             assert!(
-                !matches!(event, TaskEvent::Completed(_)),
+                !matches!(event, TaskEvent::Completed(..)),
                 "ended on a stale notice"
             );
         }

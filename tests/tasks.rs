@@ -356,6 +356,7 @@ async fn a_bound_child_gets_the_task_identity_and_loses_it_when_the_task_ends() 
     let child = BoundChild::spawn(&writ, "worker");
     let outsider = BoundChild::spawn(&writ, "outsider");
     let mut tasks = tasks_client(&writ).await;
+    let mut events = task_events(&writ).await;
     let task = tasks
         .begin_task(begin_pid("t-42", child.pid()))
         .await
@@ -374,6 +375,18 @@ async fn a_bound_child_gets_the_task_identity_and_loses_it_when_the_task_ends() 
         "task identity first"
     );
     let task_serial = serials[0].clone();
+    // The SVID the child holds was minted as the task began: BeginTask,
+    // ListTasks and the watchers' event all name its serial.
+    assert_eq!(task.issued_serials, [task_serial.clone()]);
+    let listed = tasks
+        .list_tasks(apb::ListTasksRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(listed.tasks[0].issued_serials, [task_serial.clone()]);
+    let begun = events.message().await.unwrap().unwrap();
+    assert_eq!(begun.kind, apb::task_event::Kind::Begun as i32);
+    assert_eq!(begun.task.unwrap().issued_serials, [task_serial.clone()]);
     let (outsider_ids, _) = outsider.next_update(Duration::from_secs(10));
     assert_eq!(
         outsider_ids,
@@ -411,6 +424,12 @@ async fn a_bound_child_gets_the_task_identity_and_loses_it_when_the_task_ends() 
     };
     assert_eq!(
         sorted(again.issued_serials),
+        sorted(ended.issued_serials.clone())
+    );
+    let completed = events.message().await.unwrap().unwrap();
+    assert_eq!(completed.kind, apb::task_event::Kind::Completed as i32);
+    assert_eq!(
+        sorted(completed.task.unwrap().issued_serials),
         sorted(ended.issued_serials.clone())
     );
 
