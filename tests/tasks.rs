@@ -377,16 +377,16 @@ async fn a_bound_child_gets_the_task_identity_and_loses_it_when_the_task_ends() 
     let task_serial = serials[0].clone();
     // The SVID the child holds was minted as the task began: BeginTask,
     // ListTasks and the watchers' event all name its serial.
-    assert_eq!(task.issued_serials, [task_serial.clone()]);
+    assert_eq!(task.issued_serials, [task_serial.as_str()]);
     let listed = tasks
         .list_tasks(apb::ListTasksRequest::default())
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(listed.tasks[0].issued_serials, [task_serial.clone()]);
+    assert_eq!(listed.tasks[0].issued_serials, [task_serial.as_str()]);
     let begun = events.message().await.unwrap().unwrap();
     assert_eq!(begun.kind, apb::task_event::Kind::Begun as i32);
-    assert_eq!(begun.task.unwrap().issued_serials, [task_serial.clone()]);
+    assert_eq!(begun.task.unwrap().issued_serials, [task_serial.as_str()]);
     let (outsider_ids, _) = outsider.next_update(Duration::from_secs(10));
     assert_eq!(
         outsider_ids,
