@@ -483,6 +483,7 @@ impl TaskManager {
         req: BeginRequest,
         caller: &Orchestrator,
     ) -> Result<(Arc<Task>, Vec<String>), TaskError> {
+        let mut req = req;
         let now = SystemTime::now();
         let id = match &req.task_id {
             Some(id) => {
@@ -509,6 +510,12 @@ impl TaskManager {
         }
         if let Some(parent) = &parent {
             check_within_parent_scope(&req.intent, &parent.intent)?;
+            // Work done for a task handles its data: a sub-task that names
+            // no data class has its parent's, so policy and relying parties
+            // never read an unlabelled sub-task as less restricted.
+            if req.intent.data_class.is_empty() {
+                req.intent.data_class = parent.intent.data_class.clone();
+            }
             if let Some(td) = req
                 .federates_with
                 .iter()

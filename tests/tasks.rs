@@ -1065,6 +1065,12 @@ async fn sub_tasks_cannot_widen_their_parents_scope() {
             err.message()
         );
     }
+    // A sub-task that names no data class handles its parent's.
+    let mut req = begin_pid("unlabelled", c.id());
+    req.parent_task_id = "parent".into();
+    req.intent.as_mut().unwrap().data_class = String::new();
+    let sub = tasks.begin_task(req).await.unwrap().into_inner();
+    assert_eq!(sub.intent.unwrap().data_class, "internal");
     // Once the parent has ended, no sub-task can begin under it.
     tasks.end_task(end_req("parent")).await.unwrap();
     let mut req = begin_pid("late", c.id());
