@@ -173,10 +173,14 @@ impl Metrics {
             "Configuration reloads, by outcome (success, failure)",
             reloads.clone(),
         );
+        // 1 from the start, as Prometheus' own: the configuration writ
+        // started with was loaded whole, and an alert on 0 must not fire
+        // until a reload is refused.
         let last_reload_success = Gauge::default();
+        last_reload_success.set(1);
         registry.register(
             "last_reload_success",
-            "1 if the last configuration reload applied, 0 if it was refused",
+            "1 if the configuration in force loaded whole (at start or by the last reload), 0 if the last reload was refused",
             last_reload_success.clone(),
         );
         let last_reload_timestamp_seconds = Gauge::default();
@@ -334,6 +338,8 @@ mod tests {
     #[test]
     fn counters_and_gauges_show_in_the_exposition() {
         let m = Metrics::new();
+        let fresh = m.encode();
+        assert_eq!(value_of(&fresh, "writ_last_reload_success"), Some(1.0));
         m.svid_issued("x509");
         m.svid_issued("x509");
         m.svid_issued("jwt");
