@@ -57,17 +57,20 @@ impl std::fmt::Debug for Store {
 }
 
 fn open_connection(path: &Path, flags: OpenFlags) -> Result<Connection, StoreError> {
-    let conn = Connection::open_with_flags(path, flags).map_err(|source| StoreError::Open {
+    let configured = Connection::open_with_flags(path, flags).and_then(|conn| {
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        // The first statement to read the file: a damaged one fails here.
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        // FULL: a commit that returned has reached the disk, WAL or not. A
+        // revocation or an issued serial must never be lost to a crash.
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        Ok(conn)
+    });
+    configured.map_err(|source| StoreError::Open {
         path: path.to_owned(),
         source,
-    })?;
-    conn.busy_timeout(std::time::Duration::from_secs(5))?;
-    conn.pragma_update(None, "journal_mode", "WAL")?;
-    // FULL: a commit that returned has reached the disk, WAL or not. A
-    // revocation or an issued serial must never be lost to a crash.
-    conn.pragma_update(None, "synchronous", "FULL")?;
-    conn.pragma_update(None, "foreign_keys", "ON")?;
-    Ok(conn)
+    })
 }
 
 /// How long the write-ahead log is made at open: what it holds when SQLite
@@ -119,7 +122,15 @@ impl Store {
                 | OpenFlags::SQLITE_OPEN_CREATE
                 | OpenFlags::SQLITE_OPEN_NO_MUTEX,
         )?;
-        migrate(&conn)?;
+        // A damaged file opens (SQLite reads lazily) and fails here first:
+        // the error must name it.
+        migrate(&conn).map_err(|e| match e {
+            StoreError::Sql(source) => StoreError::Open {
+                path: path.to_owned(),
+                source,
+            },
+            other => other,
+        })?;
         if let Err(e) = presize_wal(&conn, path) {
             tracing::warn!(error = %e, "could not give the store's write-ahead log its room in advance; commits will grow it instead (slower until SQLite's first checkpoint)");
         }
@@ -559,6 +570,25 @@ pub fn read_counter(conn: &Connection, key: &str) -> Result<u64, StoreError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_damaged_store_is_refused_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("writ.db");
+        let mut damaged = b"SQLite format 3\0".to_vec();
+        damaged.resize(8192, 0x5a);
+        std::fs::write(&path, &damaged).unwrap();
+        let err = match Store::open(&path) {
+            Ok(_) => panic!("a damaged store opened"),
+            Err(e) => e.to_string(),
+        };
+        assert!(err.contains(&path.display().to_string()), "{err}");
+        assert_eq!(
+            std::fs::read(&path).unwrap(),
+            damaged,
+            "the file was changed"
+        );
+    }
 
     fn insert_k(c: &Connection, i: i64) -> Result<(), StoreError> {
         c.execute(
