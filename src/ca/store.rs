@@ -268,6 +268,14 @@ pub(crate) fn read_text_file(path: &Path) -> Result<String, CaError> {
     })
 }
 
+/// `read_text_file` for a private key an operator supplies (the upstream
+/// CA's): refused, like writ's own keys, if group or others may read it.
+pub(crate) fn read_private_text_file(path: &Path) -> Result<String, CaError> {
+    let meta = fs::metadata(path).map_err(|e| io_err(path, e))?;
+    check_private(path, meta.permissions().mode(), KEY_MODE)?;
+    read_text_file(path)
+}
+
 fn check_private(path: &Path, mode: u32, want: u32) -> Result<(), CaError> {
     if mode & 0o077 != 0 {
         return Err(CaError::InsecurePermissions {

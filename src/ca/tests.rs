@@ -779,6 +779,12 @@ struct UpstreamSetup {
     intermediate_der: CertificateDer<'static>,
 }
 
+/// Writes a key file as an operator must: readable by its owner alone.
+fn write_private_key(path: &Path, pem: &str) {
+    fs::write(path, pem).unwrap();
+    fs::set_permissions(path, fs::Permissions::from_mode(0o600)).unwrap();
+}
+
 fn write_upstream(
     dir: &Path,
     pki: &Pki,
@@ -793,7 +799,7 @@ fn write_upstream(
         bundle: dir.join("roots.pem"),
     };
     fs::write(&files.cert, cert.pem()).unwrap();
-    fs::write(&files.key, key_pem.unwrap_or_else(|| key.serialize_pem())).unwrap();
+    write_private_key(&files.key, &key_pem.unwrap_or_else(|| key.serialize_pem()));
     fs::write(&files.bundle, pki.root.pem()).unwrap();
     UpstreamSetup {
         files,
@@ -885,7 +891,7 @@ fn a_p384_upstream_intermediate_signs_crls_through_the_general_builder() {
         bundle: tmp.path().join("roots.pem"),
     };
     fs::write(&files.cert, cert.pem()).unwrap();
-    fs::write(&files.key, key.serialize_pem()).unwrap();
+    write_private_key(&files.key, &key.serialize_pem());
     fs::write(&files.bundle, pki.root.pem()).unwrap();
     let ca =
         CertificateAuthority::load_or_create(upstream_settings(tmp.path(), files), t0()).unwrap();
@@ -1021,9 +1027,18 @@ fn upstream_files_are_verified_at_load() {
 
     let missing = UpstreamCaFiles {
         cert: tmp.path().join("nope.pem"),
-        ..setup.files
+        ..setup.files.clone()
     };
     assert!(load(missing).contains("nope.pem"));
+
+    // A key others may read is refused, as writ's own keys are.
+    let readable = write_upstream(tmp.path(), &pki, &intermediate_params(12 * HOUR), None);
+    fs::set_permissions(&readable.files.key, fs::Permissions::from_mode(0o644)).unwrap();
+    let refused = load(readable.files.clone());
+    assert!(
+        refused.contains("intermediate.key") && refused.contains("mode 0644"),
+        "{refused}"
+    );
 
     let mut with_eku = intermediate_params(12 * HOUR);
     with_eku.extended_key_usages = vec![ExtendedKeyUsagePurpose::CodeSigning];

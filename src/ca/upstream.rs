@@ -151,7 +151,7 @@ pub(crate) fn load(
     }
 
     let curve = curve_oid_tlv(leafward);
-    let key_text = store::read_text_file(&files.key)?;
+    let key_text = store::read_private_text_file(&files.key)?;
     let key = key_from_pem(&key_text, curve.as_deref()).map_err(|r| fail(&files.key, r))?;
     let tail = chain.clone();
     let signer =
