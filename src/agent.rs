@@ -410,16 +410,19 @@ impl Agent {
 
     pub fn set_registry(&self, registry: Registry) {
         let registry = Arc::new(registry);
-        let live: std::collections::HashSet<String> = registry
-            .entries()
-            .iter()
-            .map(|e| Entitlement::from_entry(e).cache_key)
-            .collect();
-        *write_lock(&self.registry) = registry;
+        *write_lock(&self.registry) = registry.clone();
         // SVIDs of entries that no longer exist must not be handed out again.
-        lock(&self.svids).retain(|k, _| !k.starts_with("entry:") || live.contains(k));
-        lock(&self.jwt_svids)
-            .retain(|k, _| !k.identity.starts_with("entry:") || live.contains(&k.identity));
+        {
+            let live: std::collections::HashSet<&str> =
+                registry.entries().iter().map(|e| e.id.as_str()).collect();
+            let is_live = |cache_key: &str| {
+                cache_key
+                    .strip_prefix(crate::identity::ENTRY_CACHE_PREFIX)
+                    .is_none_or(|id| live.contains(id))
+            };
+            lock(&self.svids).retain(|k, _| is_live(k));
+            lock(&self.jwt_svids).retain(|k, _| is_live(&k.identity));
+        }
         self.notify(Change::Everything);
     }
 

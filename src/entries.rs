@@ -44,7 +44,9 @@ pub struct EntryStore {
     max_ttl: Duration,
     config_registry: Mutex<Registry>,
     /// Serializes create/delete so the registry is rebuilt in commit order.
-    admin_entries: tokio::sync::Mutex<Vec<Entry>>,
+    /// Shared with the registries built from it: a rebuild, one per create
+    /// or delete, copies pointers, not entries.
+    admin_entries: tokio::sync::Mutex<Vec<Arc<Entry>>>,
 }
 
 impl EntryStore {
@@ -57,7 +59,11 @@ impl EntryStore {
         max_ttl: Duration,
     ) -> Result<Arc<Self>, EntryError> {
         let trust_domain = agent.trust_domain().clone();
-        let admin = store.read(load_entries)?;
+        let admin: Vec<Arc<Entry>> = store
+            .read(load_entries)?
+            .into_iter()
+            .map(Arc::new)
+            .collect();
         let this = Arc::new(Self {
             agent,
             store,
@@ -71,7 +77,7 @@ impl EntryStore {
         Ok(this)
     }
 
-    fn install(&self, admin: &[Entry]) {
+    fn install(&self, admin: &[Arc<Entry>]) {
         let base = self
             .config_registry
             .lock()
@@ -123,7 +129,7 @@ impl EntryStore {
                 Ok(())
             })
             .await?;
-        admin.push(entry.clone());
+        admin.push(Arc::new(entry.clone()));
         self.install(&admin);
         Ok(entry)
     }

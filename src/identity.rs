@@ -100,6 +100,9 @@ impl Entry {
     }
 }
 
+/// What an entry's cache key (`Entitlement::cache_key`) is its id after.
+pub const ENTRY_CACHE_PREFIX: &str = "entry:";
+
 /// Hex digits in an entry id: the first 8 bytes of its SHA-256.
 const ENTRY_ID_LEN: usize = 16;
 
@@ -139,8 +142,8 @@ impl Registry {
         Self { entries }
     }
 
-    pub fn with_admin_entries(mut self, admin: impl IntoIterator<Item = Entry>) -> Self {
-        self.entries.extend(admin.into_iter().map(Arc::new));
+    pub fn with_admin_entries(mut self, admin: impl IntoIterator<Item = Arc<Entry>>) -> Self {
+        self.entries.extend(admin);
         self
     }
 
@@ -175,7 +178,7 @@ pub struct Entitlement {
 impl Entitlement {
     pub fn from_entry(entry: &Entry) -> Self {
         Self {
-            cache_key: format!("entry:{}", entry.id),
+            cache_key: format!("{ENTRY_CACHE_PREFIX}{}", entry.id),
             spiffe_id: entry.spiffe_id.clone(),
             x509_svid_ttl: entry.x509_svid_ttl,
             dns_names: entry.dns_names.clone(),
