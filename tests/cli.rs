@@ -983,3 +983,45 @@ fn the_admin_socket_comes_from_the_flag_then_the_environment() {
     let (_, stderr) = run(Some(""), &[]);
     assert!(!stderr.contains("a value is required"), "{stderr}");
 }
+
+#[test]
+fn a_closed_stdout_ends_the_cli_quietly() {
+    let writ = Writ::start(&entry_for_us());
+    let a = admin(&writ);
+    let endpoint = writ.endpoint();
+    let config = writ.config_path.display().to_string();
+    let request = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/policy/examples/delegate-task.json"
+    );
+    for args in [
+        vec!["entry", "list", "--admin-socket", &a],
+        vec!["entry", "list", "--admin-socket", &a, "--output", "json"],
+        vec!["task", "list", "--admin-socket", &a],
+        vec!["bundle", "show", "--admin-socket", &a],
+        vec!["api", "fetch", "x509", "--socket", &endpoint],
+        vec!["validate", "--config", &config],
+        vec!["policy", "check", "--request", request],
+    ] {
+        let open = Command::new(WRIT).args(&args).output().unwrap();
+        assert!(!open.stdout.is_empty(), "{args:?} printed nothing");
+        // The reader is gone before writ prints anything (as `| head -4`
+        // is once it has read its lines): every write fails with EPIPE.
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        let closed = Command::new(WRIT)
+            .args(&args)
+            .stdout(writer)
+            .stderr(Stdio::piped())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&closed.stderr);
+        assert!(stderr.is_empty(), "{args:?}: {stderr}");
+        // The same exit status as with a reader: 0, or the policy decision.
+        assert_eq!(
+            closed.status.code(),
+            open.status.code(),
+            "{args:?}: {stderr}"
+        );
+    }
+}

@@ -2,6 +2,24 @@
 //! clients for the Workload API (`api`, `healthcheck`) and for the admin
 //! API (`task`, `entry`, `bundle`, `reload`).
 
+/// `println!` for what the CLI prints: a failed write is returned with `?`
+/// instead of panicking, so that a reader that stops early (`writ entry list
+/// | head -4`) ends writ quietly (see `stdout_closed`).
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        writeln!(std::io::stdout(), $($arg)*)?
+    }};
+}
+
+/// `print!` as `outln!` is `println!`.
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        write!(std::io::stdout(), $($arg)*)?
+    }};
+}
+
 pub mod admin;
 pub mod api;
 pub mod audit;
@@ -262,7 +280,7 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Validate { config } => match crate::config::validate_file(&config) {
             Ok(_) => {
-                println!("{}: OK", config.display());
+                outln!("{}: OK", config.display());
                 Ok(())
             }
             Err(errors) => {
@@ -369,9 +387,40 @@ pub fn describe(error: &anyhow::Error) -> String {
     line
 }
 
+/// Whether the command failed because its standard output was closed
+/// (`writ entry list | head -4`): the reader has all it wanted, so the
+/// command stops without a word and exits 0.
+///
+/// SIGPIPE stays ignored, as in every Rust program, so a closed pipe or
+/// socket is an error to handle rather than death by signal. Restoring
+/// the default for the clients would also let a connection writ closes
+/// kill them without a word. In a client command, a broken pipe can only
+/// come from its own output: the gRPC connection's failures reach it as
+/// messages (`status_error`, `connect`), not as I/O errors. The agent's
+/// errors (`writ run`) are not asked this.
+pub fn stdout_closed(error: &anyhow::Error) -> bool {
+    error.chain().any(|cause| {
+        cause
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe)
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_broken_pipe_is_a_closed_stdout() {
+        let broken = || std::io::Error::from(std::io::ErrorKind::BrokenPipe);
+        assert!(stdout_closed(&anyhow::Error::new(broken())));
+        assert!(stdout_closed(
+            &anyhow::Error::new(broken()).context("printing the entries")
+        ));
+        let denied = std::io::Error::from(std::io::ErrorKind::PermissionDenied);
+        assert!(!stdout_closed(&anyhow::Error::new(denied)));
+        assert!(!stdout_closed(&anyhow::anyhow!("Broken pipe")));
+    }
 
     #[derive(Debug, thiserror::Error)]
     #[error("creating /x: {source}")]
