@@ -171,6 +171,34 @@ fn fetch_writes_svid_key_and_bundle_files() {
         .unwrap();
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).contains("spiffe://writ.test/cli"));
+    // An empty one is unset: writ's default socket, where no writ listens
+    // here (unless one runs on this machine).
+    let out = Command::new(WRIT)
+        .args(["api", "fetch", "x509"])
+        .env("SPIFFE_ENDPOINT_SOCKET", "")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let default = writ::config::Config::builtin_defaults(&writ::config::Environment::current())
+        .workload_api
+        .socket_path;
+    assert!(
+        out.status.success() || stderr.contains(&default.display().to_string()),
+        "{stderr}"
+    );
+    // The unix URI is a path and nothing more (SPIFFE Workload Endpoint).
+    let out = Command::new(WRIT)
+        .args(["api", "fetch", "x509"])
+        .env("SPIFFE_ENDPOINT_SOCKET", format!("{}?x=1", writ.endpoint()))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.starts_with("writ: SPIFFE_ENDPOINT_SOCKET: socket address")
+            && stderr.contains("has a query (\"x=1\")"),
+        "{stderr}"
+    );
 
     // A refusal names the call, the status code and writ's reason, as the
     // admin commands do.

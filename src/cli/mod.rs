@@ -183,7 +183,7 @@ pub enum FetchCommand {
 #[derive(Args, Debug)]
 pub struct SocketArg {
     /// Workload API socket: a path or unix:///path. Defaults to
-    /// $SPIFFE_ENDPOINT_SOCKET, then writ's default socket.
+    /// $SPIFFE_ENDPOINT_SOCKET (unless empty), then writ's default socket.
     #[arg(long)]
     pub socket: Option<String>,
 }
@@ -202,15 +202,24 @@ pub enum LogFormatArg {
 
 impl SocketArg {
     pub fn resolve(&self) -> anyhow::Result<PathBuf> {
+        self.resolve_with(std::env::var("SPIFFE_ENDPOINT_SOCKET").ok().as_deref())
+    }
+
+    /// `resolve` with the value of `SPIFFE_ENDPOINT_SOCKET`. An empty one
+    /// counts as unset, as an empty `WRIT_ADMIN_SOCKET` does: `VAR=` is
+    /// the shell's way to clear a variable for one command.
+    fn resolve_with(&self, endpoint_socket: Option<&str>) -> anyhow::Result<PathBuf> {
         if let Some(s) = &self.socket {
             return client::parse_socket_address(s);
         }
-        if let Ok(s) = std::env::var("SPIFFE_ENDPOINT_SOCKET") {
-            return client::parse_socket_address(&s).context("SPIFFE_ENDPOINT_SOCKET");
+        match endpoint_socket {
+            Some(s) if !s.is_empty() => {
+                client::parse_socket_address(s).context("SPIFFE_ENDPOINT_SOCKET")
+            }
+            _ => Ok(Config::builtin_defaults(&Environment::current())
+                .workload_api
+                .socket_path),
         }
-        Ok(Config::builtin_defaults(&Environment::current())
-            .workload_api
-            .socket_path)
     }
 }
 
@@ -409,6 +418,35 @@ pub fn stdout_closed(error: &anyhow::Error) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_empty_spiffe_endpoint_socket_is_unset() {
+        let default = Config::builtin_defaults(&Environment::current())
+            .workload_api
+            .socket_path;
+        let no_flag = SocketArg { socket: None };
+        assert_eq!(no_flag.resolve_with(None).unwrap(), default);
+        assert_eq!(no_flag.resolve_with(Some("")).unwrap(), default);
+        assert_eq!(
+            no_flag.resolve_with(Some("unix:///run/x.sock")).unwrap(),
+            PathBuf::from("/run/x.sock")
+        );
+        let err = no_flag
+            .resolve_with(Some("unix:///run/x.sock?x=1"))
+            .unwrap_err();
+        assert!(
+            describe(&err).starts_with("SPIFFE_ENDPOINT_SOCKET: socket address"),
+            "{err:#}"
+        );
+        // The flag wins over the variable.
+        let flag = SocketArg {
+            socket: Some("/run/y.sock".into()),
+        };
+        assert_eq!(
+            flag.resolve_with(Some("unix:///run/x.sock")).unwrap(),
+            PathBuf::from("/run/y.sock")
+        );
+    }
 
     #[test]
     fn only_a_broken_pipe_is_a_closed_stdout() {
