@@ -736,6 +736,31 @@ fn task_commands_begin_inspect_and_end_a_task() {
         !ok && stderr.contains("InvalidArgument") && stderr.contains("task_id"),
         "{stderr}"
     );
+    // An attribute key given twice, or empty, is refused: no value is
+    // dropped without a word, and no task begins.
+    for (attrs, says) in [
+        (
+            &["--attr", "a=b=c", "--attr", "a=d"][..],
+            "key \"a\" is given twice (a=b=c and a=d)",
+        ),
+        (&["--attr", "=v"][..], "\"=v\" has an empty key"),
+    ] {
+        let mut args = vec![
+            "task",
+            "begin",
+            "--admin-socket",
+            &a,
+            "--pid",
+            &pid,
+            "--id",
+            "t-attr",
+        ];
+        args.extend_from_slice(attrs);
+        let (ok, _, stderr) = writ_cli(&args, None);
+        assert!(!ok && stderr.contains(says), "{attrs:?}: {stderr}");
+    }
+    let (ok, _, stderr) = writ_cli(&["task", "get", "t-attr", "--admin-socket", &a], None);
+    assert!(!ok && stderr.contains("NotFound"), "{stderr}");
 
     // The watcher saw the task begin and complete, once each.
     let mut events: Vec<serde_json::Value> = Vec::new();

@@ -1,6 +1,7 @@
 //! `writ task ...`, `writ entry ...`, `writ bundle ...` and `writ reload`:
 //! clients for the admin socket.
 
+use std::collections::{HashMap, hash_map};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -162,10 +163,35 @@ fn end_json_array(out: &mut impl Write, elements: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// One `--attr`: the key ends at the first `=`, so a value may hold `=`.
 fn parse_attr(s: &str) -> Result<(String, String), String> {
-    s.split_once('=')
-        .map(|(k, v)| (k.to_owned(), v.to_owned()))
-        .ok_or_else(|| format!("{s:?} is not key=value"))
+    match s.split_once('=') {
+        None => Err(format!("{s:?} is not key=value")),
+        Some(("", _)) => Err(format!("{s:?} has an empty key; write key=value")),
+        Some((k, v)) => Ok((k.to_owned(), v.to_owned())),
+    }
+}
+
+/// The `--attr` values as the request's map. A repeated key is refused:
+/// keeping one of its values would drop the other without a word.
+fn attribute_map(attributes: Vec<(String, String)>) -> anyhow::Result<HashMap<String, String>> {
+    let mut map = HashMap::with_capacity(attributes.len());
+    for (key, value) in attributes {
+        match map.entry(key) {
+            hash_map::Entry::Occupied(first) => anyhow::bail!(
+                "--attr: key {:?} is given twice ({}={} and {}={}); give each key once",
+                first.key(),
+                first.key(),
+                first.get(),
+                first.key(),
+                value
+            ),
+            hash_map::Entry::Vacant(slot) => {
+                slot.insert(value);
+            }
+        }
+    }
+    Ok(map)
 }
 
 async fn tasks_client(
@@ -294,7 +320,7 @@ pub async fn task(cmd: TaskCommand) -> anyhow::Result<()> {
                     tools,
                     targets,
                     data_class,
-                    attributes: attributes.into_iter().collect(),
+                    attributes: attribute_map(attributes)?,
                 }),
                 ttl: ttl.unwrap_or_default(),
                 parent_task_id: parent.unwrap_or_default(),
@@ -852,4 +878,33 @@ pub async fn reload(admin: AdminSocketArg) -> anyhow::Result<()> {
         print_reload(&response)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_attribute_needs_a_key_and_may_hold_equals_signs() {
+        assert_eq!(parse_attr("a=b=c"), Ok(("a".into(), "b=c".into())));
+        assert_eq!(parse_attr("a="), Ok(("a".into(), String::new())));
+        let err = parse_attr("=v").unwrap_err();
+        assert!(err.contains("empty key"), "{err}");
+        assert!(parse_attr("v").unwrap_err().contains("not key=value"));
+    }
+
+    #[test]
+    fn a_repeated_attribute_key_is_refused() {
+        let pair = |k: &str, v: &str| (k.to_owned(), v.to_owned());
+        let map = attribute_map(vec![pair("a", "b=c"), pair("x", "y")]).unwrap();
+        assert_eq!(map.len(), 2);
+        assert_eq!(map["a"], "b=c");
+        let err = attribute_map(vec![pair("a", "b=c"), pair("x", "y"), pair("a", "d")])
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            err,
+            "--attr: key \"a\" is given twice (a=b=c and a=d); give each key once"
+        );
+    }
 }
