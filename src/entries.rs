@@ -228,7 +228,10 @@ impl EntryStore {
         let federates_with = req
             .federates_with
             .iter()
-            .map(|t| TrustDomain::new(t).map_err(|e| invalid("federates_with", e.to_string())))
+            .map(|t| {
+                crate::federation::federated_trust_domain(t, Some(&self.trust_domain))
+                    .map_err(|e| invalid("federates_with", e.to_string()))
+            })
             .collect::<Result<Vec<_>, _>>()?;
         let mut entry = Entry::new(spiffe_id, selectors, ttl, EntrySource::Admin);
         entry.dns_names = req.dns_names;

@@ -514,7 +514,7 @@ impl TaskManager {
         {
             return Err(invalid(
                 "federates_with",
-                format!("{td} is writ's own trust domain"),
+                crate::federation::FederatesWithError::OwnTrustDomain(td.clone()).to_string(),
             ));
         }
 

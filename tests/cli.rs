@@ -421,6 +421,18 @@ fn entries_created_at_run_time_issue_identities_and_survive_restart() {
             ],
             "no attestor produces type \"k8s\"",
         ),
+        // Writ's own trust domain is no federation, as in the config.
+        (
+            vec![
+                "--spiffe-id",
+                "spiffe://writ.test/y",
+                "--selector",
+                our_uid.as_str(),
+                "--federates-with",
+                "spiffe://writ.test",
+            ],
+            "federates_with: names writ's own trust domain writ.test",
+        ),
         // Nor a value of a form no attestor writes (uids are numbers).
         (
             vec![
