@@ -443,6 +443,15 @@ fn entries_created_at_run_time_issue_identities_and_survive_restart() {
             ],
             "a unix:uid value is a decimal number",
         ),
+        (
+            vec![
+                "--spiffe-id",
+                "spiffe://writ.test/y",
+                "--selector",
+                "unix:uid:4294967296",
+            ],
+            "4294967296 is out of range for a unix:uid value (ids are at most 4294967295)",
+        ),
     ] {
         let mut full = vec!["entry", "create", "--admin-socket", a.as_str()];
         full.extend(args);

@@ -690,6 +690,12 @@ fn admin_authorized_sets() {
         "entry[0].selectors[0]: selector \"cgroup:path:system.slice/x.service\": a cgroup:path value is an absolute path, as attestors produce it",
     );
     assert_single_error(
+        &entry_with("").replace("unix:uid:1", "unix:uid:4294967296"),
+        3,
+        14,
+        "4294967296 is out of range for a unix:uid value (ids are at most 4294967295)",
+    );
+    assert_single_error(
         &entry_with("").replace("unix:uid:1", "docker:label:x"),
         3,
         14,
