@@ -452,6 +452,25 @@ fn entries_created_at_run_time_issue_identities_and_survive_restart() {
             ],
             "4294967296 is out of range for a unix:uid value (ids are at most 4294967295)",
         ),
+        // Nor a path in a form the kernel never writes.
+        (
+            vec![
+                "--spiffe-id",
+                "spiffe://writ.test/y",
+                "--selector",
+                "unix:path:/a/../b",
+            ],
+            "a unix:path value is an absolute path without empty, '.' or '..' segments",
+        ),
+        (
+            vec![
+                "--spiffe-id",
+                "spiffe://writ.test/y",
+                "--selector",
+                "cgroup:path:/system.slice/",
+            ],
+            "or a trailing '/'",
+        ),
     ] {
         let mut full = vec!["entry", "create", "--admin-socket", a.as_str()];
         full.extend(args);

@@ -46,6 +46,22 @@ pub const PRODUCED: &[(&str, &[&str])] = &[
     ("container", &["id", "runtime", "pod_uid"]),
 ];
 
+/// Absolute, no empty/`.`/`..` components, no trailing '/' (but "/"
+/// itself), no control characters: the form the kernel writes a cgroup or
+/// an executable's path in.
+pub(crate) fn is_normalized_path(path: &str) -> bool {
+    if path == "/" {
+        return true;
+    }
+    let Some(rest) = path.strip_prefix('/') else {
+        return false;
+    };
+    !path.chars().any(char::is_control)
+        && rest
+            .split('/')
+            .all(|c| !c.is_empty() && c != "." && c != "..")
+}
+
 /// Why a `type:key` selector's value is not one an attestor could produce,
 /// for the keys whose values have one fixed form.
 fn produced_form(kind: &str, key: &str, value: &str) -> Option<String> {
@@ -78,11 +94,13 @@ fn produced_form(kind: &str, key: &str, value: &str) -> Option<String> {
             }
             "64 lowercase hex digits"
         }
+        // Attestors read these paths from the kernel, which writes each in
+        // one canonical form: "/a/./b", "/a/" or "/a//b" would never match.
         ("unix", "path") | ("cgroup", "path") => {
-            if value.starts_with('/') {
+            if is_normalized_path(value) {
                 return None;
             }
-            "an absolute path"
+            "an absolute path without empty, '.' or '..' segments or a trailing '/'"
         }
         _ => return None,
     };
@@ -200,6 +218,7 @@ mod tests {
             "unix:supplementary_gid:27",
             &format!("unix:sha256:{digest}"),
             "unix:path:/usr/bin/python3 (deleted)",
+            "unix:path:/opt/a..b/.x/...",
             "cgroup:path:/a",
             "cgroup:path:/",
             "systemd:slice:a.slice",
@@ -224,6 +243,14 @@ mod tests {
             ),
             ("unix:path:usr/bin/python3", "an absolute path"),
             ("cgroup:path:system.slice/x.service", "an absolute path"),
+            // Nor a path the kernel would write otherwise.
+            ("unix:path:/a/../b", "'..' segments"),
+            ("unix:path:/a/./b", "'.' or '..'"),
+            ("unix:path:/usr/bin/", "a trailing '/'"),
+            ("unix:path:/usr//bin/x", "empty"),
+            ("cgroup:path:/system.slice/", "a trailing '/'"),
+            ("cgroup:path:/a//b", "empty"),
+            ("cgroup:path:/a/..", "'..' segments"),
         ] {
             let s: Selector = bad.parse().unwrap();
             let why = s.unmatchable().unwrap_or_else(|| panic!("{bad} accepted"));
