@@ -867,11 +867,28 @@ pub async fn reload(admin: AdminSocketArg) -> anyhow::Result<()> {
     let channel = connect(&path)
         .await
         .with_context(|| format!("admin API at {}", path.display()))?;
-    let response = pb::agent_client::AgentClient::new(channel)
+    let response = match pb::agent_client::AgentClient::new(channel)
         .reload(pb::ReloadRequest {})
         .await
-        .map_err(|s| status_error("Reload", s))?
-        .into_inner();
+    {
+        Ok(response) => response.into_inner(),
+        Err(status) => {
+            // A script reading stdout learns of the refusal there too; the
+            // exit status and stderr say it as for every other refusal.
+            if admin.output == Output::Json {
+                outln!(
+                    "{}",
+                    serde_json::to_string_pretty(&json!({
+                        "reloaded": false,
+                        "refused": true,
+                        "code": format!("{:?}", status.code()),
+                        "reason": status.message(),
+                    }))?
+                );
+            }
+            return Err(status_error("Reload", status));
+        }
+    };
     if admin.output == Output::Json {
         outln!("{}", serde_json::to_string_pretty(&reload_json(&response))?);
     } else {
