@@ -111,23 +111,7 @@ impl EntryStore {
         }
         let row = entry.clone();
         self.store
-            .write(move |conn| {
-                conn.execute(
-                    "INSERT INTO entries(id, spiffe_id, selectors, x509_svid_ttl, dns_names, hint, federates_with, created_at)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-                    params![
-                        row.id,
-                        row.spiffe_id.to_string(),
-                        json(&row.selectors.iter().map(|s| s.to_string()).collect::<Vec<_>>()),
-                        row.x509_svid_ttl.as_secs() as i64,
-                        json(&row.dns_names),
-                        row.hint,
-                        json(&row.federates_with.iter().map(|t| t.to_string()).collect::<Vec<_>>()),
-                        SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0),
-                    ],
-                )?;
-                Ok(())
-            })
+            .write(move |conn| store_entry(conn, &row))
             .await?;
         admin.push(Arc::new(entry.clone()));
         self.install(&admin);
@@ -234,7 +218,10 @@ impl EntryStore {
         let federates_with = req
             .federates_with
             .iter()
-            .map(|t| TrustDomain::new(t).map_err(|e| invalid("federates_with", e.to_string())))
+            .map(|t| {
+                crate::federation::federated_trust_domain(t, Some(&self.trust_domain))
+                    .map_err(|e| invalid("federates_with", e.to_string()))
+            })
             .collect::<Result<Vec<_>, _>>()?;
         let mut entry = Entry::new(spiffe_id, selectors, ttl, EntrySource::Admin);
         entry.dns_names = req.dns_names;
@@ -248,6 +235,29 @@ fn json<T: serde::Serialize>(v: &T) -> String {
     serde_json::to_string(v).unwrap_or_else(|_| "[]".into())
 }
 
+fn store_entry(conn: &rusqlite::Connection, row: &Entry) -> Result<(), StoreError> {
+    conn.execute(
+        "INSERT INTO entries(id, spiffe_id, selectors, x509_svid_ttl, dns_names, hint, federates_with, created_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+        params![
+            row.id,
+            row.spiffe_id.to_string(),
+            json(&row.selectors.iter().map(|s| s.to_string()).collect::<Vec<_>>()),
+            row.x509_svid_ttl.as_secs() as i64,
+            json(&row.dns_names),
+            row.hint,
+            json(&row.federates_with.iter().map(|t| t.to_string()).collect::<Vec<_>>()),
+            SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0),
+        ],
+    )?;
+    Ok(())
+}
+
+/// Every stored entry, as it was created. Only their form is checked here,
+/// not the rules `validate` applies: an entry an older writ accepted (a path
+/// selector not in the kernel's form, writ's own trust domain in
+/// `federates_with`) matches nothing or adds nothing, and refusing to start
+/// over it would leave the admin no way to list or delete it.
 fn load_entries(conn: &rusqlite::Connection) -> Result<Vec<Entry>, StoreError> {
     let mut stmt = conn.prepare(
         "SELECT id, spiffe_id, selectors, x509_svid_ttl, dns_names, hint, federates_with
@@ -299,4 +309,34 @@ fn load_entries(conn: &rusqlite::Connection) -> Result<Vec<Entry>, StoreError> {
             Ok(entry)
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn entries_stored_before_a_rule_was_added_still_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("writ.db")).unwrap();
+        let selectors = [
+            "unix:path:/a/../b",
+            "cgroup:path:/system.slice/",
+            "unix:uid:4294967296",
+        ]
+        .map(|s| s.parse::<Selector>().unwrap())
+        .to_vec();
+        assert!(selectors.iter().all(|s| s.unmatchable().is_some()));
+        let mut entry = Entry::new(
+            "spiffe://writ.test/old".parse().unwrap(),
+            selectors,
+            Duration::from_secs(3600),
+            EntrySource::Admin,
+        );
+        entry.federates_with = vec![TrustDomain::new("writ.test").unwrap()];
+        let row = entry.clone();
+        store.write(move |c| store_entry(c, &row)).await.unwrap();
+        assert_eq!(store.read(load_entries).unwrap(), [entry]);
+        store.close();
+    }
 }

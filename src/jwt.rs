@@ -529,7 +529,8 @@ pub fn validate(
     match header.get("typ") {
         None => {}
         Some(Value::String(t)) if t == "JWT" || t == "JOSE" => {}
-        Some(other) => return Err(JwtError::BadType(other.to_string())),
+        Some(Value::String(other)) => return Err(JwtError::BadType(other.clone())),
+        Some(_) => return Err(JwtError::Malformed("header typ is not a string".into())),
     }
     // We understand no extension, so any critical one must fail (RFC 7515
     // 4.1.11); `b64: false` and friends can only arrive this way.
@@ -855,8 +856,17 @@ mod tests {
             check(&with_header(
                 json!({"alg": "ES256", "kid": kid, "typ": "at+jwt"})
             )),
-            JwtError::BadType("\"at+jwt\"".into())
+            JwtError::BadType("at+jwt".into())
         );
+        // The refusal quotes the value once, as it appeared in the token.
+        assert_eq!(
+            JwtError::BadType("at+jwt".into()).to_string(),
+            r#"header typ "at+jwt" is not allowed; it must be JWT or JOSE"#
+        );
+        assert!(matches!(
+            check(&with_header(json!({"alg": "ES256", "kid": kid, "typ": 5}))),
+            JwtError::Malformed(m) if m == "header typ is not a string"
+        ));
         for typ in ["JWT", "JOSE"] {
             validate(
                 &with_header(json!({"alg": "ES256", "kid": kid, "typ": typ})),

@@ -5,8 +5,12 @@ use clap::Parser;
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let cli = writ::cli::Cli::parse();
+    // Only a client's output has a reader that may leave early; the
+    // agent's errors are never taken for that.
+    let agent = matches!(cli.command, writ::cli::Command::Run { .. });
     match writ::cli::main(cli).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) if !agent && writ::cli::stdout_closed(&e) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("writ: {}", writ::cli::describe(&e));
             std::process::ExitCode::FAILURE

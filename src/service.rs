@@ -12,6 +12,7 @@ use std::time::{Duration, SystemTime};
 
 use nix::sys::stat::Mode;
 use tokio::net::UnixListener;
+use tonic::server::NamedService;
 use writ_attestors::{AttestorConfig, AttestorSet, CgroupConfig, UnixConfig};
 
 use crate::admin_api::{
@@ -245,10 +246,18 @@ pub async fn run(
     health_reporter
         .set_serving::<SpiffeWorkloadApiServer<WorkloadApi>>()
         .await;
-    let reflection = || {
-        tonic_reflection::server::Builder::configure()
+    // One descriptor set holds both APIs: left to itself, reflection would
+    // list all of it on both sockets, services the socket answers only with
+    // Unimplemented. Each lists what it serves, with health and reflection.
+    let reflection = |served: &[&str]| {
+        let builder = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .with_service_name(tonic_health::pb::health_server::SERVICE_NAME)
+            .with_service_name(tonic_reflection::pb::v1::server_reflection_server::SERVICE_NAME);
+        served
+            .iter()
+            .fold(builder, |builder, name| builder.with_service_name(*name))
             .build_v1()
     };
 
@@ -319,7 +328,9 @@ pub async fn run(
     };
     let workload_server = tonic::transport::Server::builder()
         .add_service(health_service.clone())
-        .add_service(reflection()?)
+        .add_service(reflection(&[
+            <SpiffeWorkloadApiServer<WorkloadApi> as NamedService>::NAME,
+        ])?)
         .add_service(SpiffeWorkloadApiServer::new(WorkloadApi::new(
             agent.clone(),
             config.workload_api.reattest_interval,
@@ -330,7 +341,12 @@ pub async fn run(
         );
     let admin_server = tonic::transport::Server::builder()
         .add_service(health_service)
-        .add_service(reflection()?)
+        .add_service(reflection(&[
+            <TasksServer<TasksService> as NamedService>::NAME,
+            <EntriesServer<EntriesService> as NamedService>::NAME,
+            <BundlesServer<BundlesService> as NamedService>::NAME,
+            <AgentServer<AgentService> as NamedService>::NAME,
+        ])?)
         .add_service(TasksServer::new(TasksService(admin.clone())))
         .add_service(EntriesServer::new(EntriesService(admin.clone())))
         .add_service(BundlesServer::new(BundlesService(admin.clone())))

@@ -534,7 +534,7 @@ impl TaskManager {
         {
             return Err(invalid(
                 "federates_with",
-                format!("{td} is writ's own trust domain"),
+                crate::federation::FederatesWithError::OwnTrustDomain(td.clone()).to_string(),
             ));
         }
 
@@ -1711,6 +1711,14 @@ fn validate_intent(intent: &Intent) -> Result<(), TaskError> {
         return Err(invalid(
             "intent.attributes",
             format!("more than {MAX_INTENT_ITEMS} entries"),
+        ));
+    }
+    // Attributes become Cedar tags on the task, which policies read by
+    // key: an empty key is one no policy could name.
+    if intent.attributes.contains_key("") {
+        return Err(invalid(
+            "intent.attributes",
+            "a key is empty; every attribute needs a non-empty key",
         ));
     }
     Ok(())
@@ -3025,6 +3033,26 @@ mod tests {
             .unwrap();
         assert_eq!(stored, 0);
         assert!(agent.svc.tasks.get("t-unrecorded").unwrap().is_none());
+    }
+
+    #[test]
+    fn an_attribute_with_an_empty_key_is_refused() {
+        let mut intent = Intent::default();
+        intent.attributes.insert("ticket".into(), "42".into());
+        validate_intent(&intent).unwrap();
+        intent.attributes.insert(String::new(), "v".into());
+        let err = validate_intent(&intent).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                TaskError::Invalid {
+                    field: "intent.attributes",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert!(err.to_string().contains("key is empty"), "{err}");
     }
 
     #[test]

@@ -953,6 +953,28 @@ fn the_cli_verifies_and_tails_the_trail() {
     // More lines than the current file holds come from rotated files.
     let (_, stdout, _) = writ(&["audit", "tail", "--path", &path, "-n", "100000"]);
     assert_eq!(stdout.lines().count(), all.len());
+    // Where there is no trail, tail fails as verify does, saying so.
+    let missing = dir.path().join("absent.jsonl").display().to_string();
+    for args in [
+        vec!["audit", "tail", "--path", &missing],
+        vec![
+            "audit",
+            "verify",
+            "--path",
+            &missing,
+            "--bundle",
+            &bundle_arg,
+        ],
+    ] {
+        let (code, stdout, stderr) = writ(&args);
+        assert_eq!(code, Some(1), "{args:?}: {stdout}{stderr}");
+        assert!(
+            stdout.is_empty()
+                && stderr.contains(&missing)
+                && stderr.contains("no audit trail here"),
+            "{args:?}: {stdout}{stderr}"
+        );
+    }
 
     // Follow: new records appear, across a rotation.
     let mut follower = spawn(

@@ -171,6 +171,34 @@ fn fetch_writes_svid_key_and_bundle_files() {
         .unwrap();
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).contains("spiffe://writ.test/cli"));
+    // An empty one is unset: writ's default socket, where no writ listens
+    // here (unless one runs on this machine).
+    let out = Command::new(WRIT)
+        .args(["api", "fetch", "x509"])
+        .env("SPIFFE_ENDPOINT_SOCKET", "")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let default = writ::config::Config::builtin_defaults(&writ::config::Environment::current())
+        .workload_api
+        .socket_path;
+    assert!(
+        out.status.success() || stderr.contains(&default.display().to_string()),
+        "{stderr}"
+    );
+    // The unix URI is a path and nothing more (SPIFFE Workload Endpoint).
+    let out = Command::new(WRIT)
+        .args(["api", "fetch", "x509"])
+        .env("SPIFFE_ENDPOINT_SOCKET", format!("{}?x=1", writ.endpoint()))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.starts_with("writ: SPIFFE_ENDPOINT_SOCKET: socket address")
+            && stderr.contains("has a query (\"x=1\")"),
+        "{stderr}"
+    );
 
     // A refusal names the call, the status code and writ's reason, as the
     // admin commands do.
@@ -393,6 +421,18 @@ fn entries_created_at_run_time_issue_identities_and_survive_restart() {
             ],
             "no attestor produces type \"k8s\"",
         ),
+        // Writ's own trust domain is no federation, as in the config.
+        (
+            vec![
+                "--spiffe-id",
+                "spiffe://writ.test/y",
+                "--selector",
+                our_uid.as_str(),
+                "--federates-with",
+                "spiffe://writ.test",
+            ],
+            "federates_with: names writ's own trust domain writ.test",
+        ),
         // Nor a value of a form no attestor writes (uids are numbers).
         (
             vec![
@@ -402,6 +442,34 @@ fn entries_created_at_run_time_issue_identities_and_survive_restart() {
                 "unix:uid:root",
             ],
             "a unix:uid value is a decimal number",
+        ),
+        (
+            vec![
+                "--spiffe-id",
+                "spiffe://writ.test/y",
+                "--selector",
+                "unix:uid:4294967296",
+            ],
+            "4294967296 is out of range for a unix:uid value (ids are at most 4294967295)",
+        ),
+        // Nor a path in a form the kernel never writes.
+        (
+            vec![
+                "--spiffe-id",
+                "spiffe://writ.test/y",
+                "--selector",
+                "unix:path:/a/../b",
+            ],
+            "a unix:path value is an absolute path without empty, '.' or '..' segments",
+        ),
+        (
+            vec![
+                "--spiffe-id",
+                "spiffe://writ.test/y",
+                "--selector",
+                "cgroup:path:/system.slice/",
+            ],
+            "or a trailing '/'",
         ),
     ] {
         let mut full = vec!["entry", "create", "--admin-socket", a.as_str()];
@@ -708,6 +776,31 @@ fn task_commands_begin_inspect_and_end_a_task() {
         !ok && stderr.contains("InvalidArgument") && stderr.contains("task_id"),
         "{stderr}"
     );
+    // An attribute key given twice, or empty, is refused: no value is
+    // dropped without a word, and no task begins.
+    for (attrs, says) in [
+        (
+            &["--attr", "a=b=c", "--attr", "a=d"][..],
+            "key \"a\" is given twice (a=b=c and a=d)",
+        ),
+        (&["--attr", "=v"][..], "\"=v\" has an empty key"),
+    ] {
+        let mut args = vec![
+            "task",
+            "begin",
+            "--admin-socket",
+            &a,
+            "--pid",
+            &pid,
+            "--id",
+            "t-attr",
+        ];
+        args.extend_from_slice(attrs);
+        let (ok, _, stderr) = writ_cli(&args, None);
+        assert!(!ok && stderr.contains(says), "{attrs:?}: {stderr}");
+    }
+    let (ok, _, stderr) = writ_cli(&["task", "get", "t-attr", "--admin-socket", &a], None);
+    assert!(!ok && stderr.contains("NotFound"), "{stderr}");
 
     // The watcher saw the task begin and complete, once each.
     let mut events: Vec<serde_json::Value> = Vec::new();
@@ -745,11 +838,36 @@ async fn sockets_have_their_modes_and_offer_reflection() {
     assert_eq!(mode(std::path::Path::new(&admin(&writ))), 0o770);
     assert_eq!(mode(&writ.dir.path().join("state")), 0o700);
 
+    // Each socket lists what it serves, and nothing it would answer only
+    // with Unimplemented.
+    assert_eq!(
+        reflected_services(&writ.socket).await,
+        [
+            "SpiffeWorkloadAPI",
+            "grpc.health.v1.Health",
+            "grpc.reflection.v1.ServerReflection"
+        ]
+    );
+    assert_eq!(
+        reflected_services(std::path::Path::new(&admin(&writ))).await,
+        [
+            "grpc.health.v1.Health",
+            "grpc.reflection.v1.ServerReflection",
+            "writ.admin.v1.Agent",
+            "writ.admin.v1.Bundles",
+            "writ.admin.v1.Entries",
+            "writ.admin.v1.Tasks",
+        ]
+    );
+}
+
+/// The services the reflection service on `socket` lists, sorted.
+async fn reflected_services(socket: &std::path::Path) -> Vec<String> {
     use tonic_reflection::pb::v1::ServerReflectionRequest;
     use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
     use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
     use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
-    let channel = writ::cli::client::connect(&writ.socket).await.unwrap();
+    let channel = writ::cli::client::connect(socket).await.unwrap();
     let mut client = ServerReflectionClient::new(channel);
     let request = ServerReflectionRequest {
         host: String::new(),
@@ -765,9 +883,9 @@ async fn sockets_have_their_modes_and_offer_reflection() {
     else {
         panic!("unexpected reflection response");
     };
-    let names: Vec<_> = list.service.iter().map(|s| s.name.as_str()).collect();
-    assert!(names.contains(&"SpiffeWorkloadAPI"), "{names:?}");
-    assert!(names.contains(&"grpc.health.v1.Health"), "{names:?}");
+    let mut names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    names.sort();
+    names
 }
 
 #[test]
@@ -957,4 +1075,46 @@ fn the_admin_socket_comes_from_the_flag_then_the_environment() {
     // error about a flag that was never given.
     let (_, stderr) = run(Some(""), &[]);
     assert!(!stderr.contains("a value is required"), "{stderr}");
+}
+
+#[test]
+fn a_closed_stdout_ends_the_cli_quietly() {
+    let writ = Writ::start(&entry_for_us());
+    let a = admin(&writ);
+    let endpoint = writ.endpoint();
+    let config = writ.config_path.display().to_string();
+    let request = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/policy/examples/delegate-task.json"
+    );
+    for args in [
+        vec!["entry", "list", "--admin-socket", &a],
+        vec!["entry", "list", "--admin-socket", &a, "--output", "json"],
+        vec!["task", "list", "--admin-socket", &a],
+        vec!["bundle", "show", "--admin-socket", &a],
+        vec!["api", "fetch", "x509", "--socket", &endpoint],
+        vec!["validate", "--config", &config],
+        vec!["policy", "check", "--request", request],
+    ] {
+        let open = Command::new(WRIT).args(&args).output().unwrap();
+        assert!(!open.stdout.is_empty(), "{args:?} printed nothing");
+        // The reader is gone before writ prints anything (as `| head -4`
+        // is once it has read its lines): every write fails with EPIPE.
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        let closed = Command::new(WRIT)
+            .args(&args)
+            .stdout(writer)
+            .stderr(Stdio::piped())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&closed.stderr);
+        assert!(stderr.is_empty(), "{args:?}: {stderr}");
+        // The same exit status as with a reader: 0, or the policy decision.
+        assert_eq!(
+            closed.status.code(),
+            open.status.code(),
+            "{args:?}: {stderr}"
+        );
+    }
 }

@@ -866,6 +866,22 @@ fn reload_cli_prints_what_changed_and_fails_on_a_refusal() {
         err.contains(&format!("{}:2:", service.config_path.display())),
         "{err}"
     );
+    // With --output json the refusal is JSON on stdout as well.
+    let (ok, out, err) = common::writ_cli(
+        &["reload", "--admin-socket", &admin, "--output", "json"],
+        None,
+    );
+    assert!(!ok && err.contains("FailedPrecondition"), "{err}");
+    let refusal: serde_json::Value = serde_json::from_str(&out)
+        .unwrap_or_else(|e| panic!("a refused reload printed no JSON ({e}): {out:?}"));
+    assert_eq!(refusal["reloaded"], false, "{refusal}");
+    assert_eq!(refusal["refused"], true, "{refusal}");
+    assert_eq!(refusal["code"], "FailedPrecondition", "{refusal}");
+    let reason = refusal["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains(&format!("{}:2:", service.config_path.display())),
+        "{refusal}"
+    );
     // Still serving both identities from before.
     assert_eq!(
         fetched_ids(&service.workload),

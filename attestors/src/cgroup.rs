@@ -8,7 +8,7 @@ use std::sync::Arc;
 use crate::attestor::Attestor;
 use crate::error::AttestError;
 use crate::process::PinnedProcess;
-use crate::selector::Selector;
+use crate::selector::{Selector, is_normalized_path};
 use crate::snapshot::ProcessSnapshot;
 
 pub const DEFAULT_TRUSTED_ROOTS: [&str; 6] = [
@@ -52,7 +52,7 @@ impl TrustedRoots {
         let mut validated: Vec<String> = Vec::with_capacity(roots.len());
         for root in roots {
             let root = root.as_ref();
-            if !is_normalized_cgroup_path(root) {
+            if !is_normalized_path(root) {
                 return Err(AttestError::Config(format!(
                     "trusted cgroup root {root:?} must be an absolute cgroup path \
                      without empty, '.' or '..' components or a trailing '/'"
@@ -75,7 +75,7 @@ impl TrustedRoots {
     /// segments (`/system.slice2` is not under `/system.slice`). `None` for
     /// untrusted or malformed paths.
     pub fn root_of(&self, path: &str) -> Option<&str> {
-        if !is_normalized_cgroup_path(path) {
+        if !is_normalized_path(path) {
             return None;
         }
         self.roots
@@ -99,21 +99,6 @@ pub fn is_under(path: &str, root: &str) -> bool {
     }
     path.strip_prefix(root)
         .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
-}
-
-/// Absolute, no empty/`.`/`..` components, no trailing '/', no control
-/// characters (which no entry selector can contain anyway).
-fn is_normalized_cgroup_path(path: &str) -> bool {
-    if path == "/" {
-        return true;
-    }
-    let Some(rest) = path.strip_prefix('/') else {
-        return false;
-    };
-    !path.chars().any(char::is_control)
-        && rest
-            .split('/')
-            .all(|c| !c.is_empty() && c != "." && c != "..")
 }
 
 /// `path` and each ancestor down to and including `root`, innermost first.

@@ -46,29 +46,67 @@ pub const PRODUCED: &[(&str, &[&str])] = &[
     ("container", &["id", "runtime", "pod_uid"]),
 ];
 
-/// How a `type:key` selector's value looks when an attestor produces it,
-/// for the keys whose values have one fixed form, if `value` does not.
-fn produced_form(kind: &str, key: &str, value: &str) -> Option<&'static str> {
-    let well_formed = match (kind, key) {
+/// Absolute, no empty/`.`/`..` components, no trailing '/' (but "/"
+/// itself), no control characters: the form the kernel writes a cgroup or
+/// an executable's path in.
+pub(crate) fn is_normalized_path(path: &str) -> bool {
+    if path == "/" {
+        return true;
+    }
+    let Some(rest) = path.strip_prefix('/') else {
+        return false;
+    };
+    !path.chars().any(char::is_control)
+        && rest
+            .split('/')
+            .all(|c| !c.is_empty() && c != "." && c != "..")
+}
+
+/// Why a `type:key` selector's value is not one an attestor could produce,
+/// for the keys whose values have one fixed form.
+fn produced_form(kind: &str, key: &str, value: &str) -> Option<String> {
+    let form = match (kind, key) {
         // The kernel's ids, in decimal: "007" or "+7" is never produced.
         ("unix", "uid" | "gid" | "supplementary_gid") => {
-            value.parse::<u32>().is_ok_and(|id| id.to_string() == value)
+            if value.is_empty()
+                || !value.bytes().all(|b| b.is_ascii_digit())
+                || (value.len() > 1 && value.starts_with('0'))
+            {
+                "a decimal number without leading zeros"
+            } else if value.parse::<u32>().is_err() {
+                // Well formed but too big: saying "not a number" would
+                // send the reader looking for a typo that is not there.
+                return Some(format!(
+                    "{value} is out of range for a {kind}:{key} value (ids are at most {})",
+                    u32::MAX
+                ));
+            } else {
+                return None;
+            }
         }
         ("unix", "sha256") => {
-            value.len() == 64
+            let hex = value.len() == 64
                 && value
                     .bytes()
-                    .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+                    .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+            if hex {
+                return None;
+            }
+            "64 lowercase hex digits"
         }
-        ("unix", "path") | ("cgroup", "path") => value.starts_with('/'),
-        _ => true,
+        // Attestors read these paths from the kernel, which writes each in
+        // one canonical form: "/a/./b", "/a/" or "/a//b" would never match.
+        ("unix", "path") | ("cgroup", "path") => {
+            if is_normalized_path(value) {
+                return None;
+            }
+            "an absolute path without empty, '.' or '..' segments or a trailing '/'"
+        }
+        _ => return None,
     };
-    let form = match key {
-        "sha256" => "64 lowercase hex digits",
-        "path" => "an absolute path",
-        _ => "a decimal number without leading zeros",
-    };
-    (!well_formed).then_some(form)
+    Some(format!(
+        "a {kind}:{key} value is {form}, as attestors produce it"
+    ))
 }
 
 impl Selector {
@@ -94,13 +132,8 @@ impl Selector {
             ));
         }
         let value = self.value.split_once(':').map_or("", |(_, value)| value);
-        produced_form(&self.kind, key, value).map(|form| {
-            format!(
-                "selector {:?}: a {}:{key} value is {form}, as attestors produce it",
-                self.to_string(),
-                self.kind
-            )
-        })
+        produced_form(&self.kind, key, value)
+            .map(|why| format!("selector {:?}: {why}", self.to_string()))
     }
 
     pub fn new(kind: &str, value: impl Into<String>) -> Self {
@@ -185,6 +218,7 @@ mod tests {
             "unix:supplementary_gid:27",
             &format!("unix:sha256:{digest}"),
             "unix:path:/usr/bin/python3 (deleted)",
+            "unix:path:/opt/a..b/.x/...",
             "cgroup:path:/a",
             "cgroup:path:/",
             "systemd:slice:a.slice",
@@ -198,7 +232,10 @@ mod tests {
             ("unix:uid:abc", "a decimal number"),
             ("unix:uid:007", "without leading zeros"),
             ("unix:gid:-1", "a decimal number"),
-            ("unix:supplementary_gid:4294967296", "a decimal number"),
+            // Out of range is said as such, not as a malformed number.
+            ("unix:uid:4294967296", "out of range"),
+            ("unix:gid:99999999999999999999", "at most 4294967295"),
+            ("unix:supplementary_gid:4294967296", "at most 4294967295"),
             ("unix:sha256:ab", "64 lowercase hex digits"),
             (
                 &format!("unix:sha256:{}", digest.to_uppercase()),
@@ -206,6 +243,14 @@ mod tests {
             ),
             ("unix:path:usr/bin/python3", "an absolute path"),
             ("cgroup:path:system.slice/x.service", "an absolute path"),
+            // Nor a path the kernel would write otherwise.
+            ("unix:path:/a/../b", "'..' segments"),
+            ("unix:path:/a/./b", "'.' or '..'"),
+            ("unix:path:/usr/bin/", "a trailing '/'"),
+            ("unix:path:/usr//bin/x", "empty"),
+            ("cgroup:path:/system.slice/", "a trailing '/'"),
+            ("cgroup:path:/a//b", "empty"),
+            ("cgroup:path:/a/..", "'..' segments"),
         ] {
             let s: Selector = bad.parse().unwrap();
             let why = s.unmatchable().unwrap_or_else(|| panic!("{bad} accepted"));

@@ -207,12 +207,21 @@ pub struct TrailTail {
     pub resume_at: u64,
 }
 
-/// The last `n` complete lines of the trail at `path`.
+/// What reading the trail says of a path where there is none.
+pub(crate) const NO_TRAIL: &str = "no audit trail here (neither the file nor rotated files exist)";
+
+/// The last `n` complete lines of the trail at `path`. A path with no trail
+/// is an error: nothing to print would not tell a mistyped path from an
+/// empty trail.
 pub fn tail_lines(path: &Path, n: usize) -> io::Result<TrailTail> {
+    let files = trail_files(path)?;
+    if files.is_empty() {
+        return Err(io::Error::new(io::ErrorKind::NotFound, NO_TRAIL));
+    }
     let mut current = None;
     let mut resume_at = 0;
     let mut lines: Vec<Vec<u8>> = Vec::new();
-    for file_path in trail_files(path)?.iter().rev() {
+    for file_path in files.iter().rev() {
         let is_current = file_path == path;
         let file = File::open(file_path)?;
         let len = records_end(&file, file.metadata()?.len())?;
@@ -301,6 +310,20 @@ mod tests {
             names(trail_files(&path).unwrap()).last().unwrap(),
             "audit.jsonl"
         );
+    }
+
+    #[test]
+    fn tailing_a_path_with_no_trail_says_so() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let Err(err) = tail_lines(&path, 10) else {
+            panic!("tailing a missing trail succeeded");
+        };
+        assert_eq!(err.kind(), io::ErrorKind::NotFound);
+        assert_eq!(err.to_string(), NO_TRAIL);
+        // A rotated file alone is a trail (the writer is between files).
+        std::fs::write(dir.path().join("audit.jsonl.1"), "{}\n").unwrap();
+        assert_eq!(tail_lines(&path, 10).unwrap().lines, [b"{}".to_vec()]);
     }
 
     #[test]

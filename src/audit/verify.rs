@@ -145,7 +145,7 @@ pub fn verify_with(
             line: 0,
             seq: None,
             kind: VerifyErrorKind::Io,
-            reason: "no audit trail here (neither the file nor rotated files exist)".into(),
+            reason: super::files::NO_TRAIL.into(),
         });
     }
     let mut walk = Walk {

@@ -1,6 +1,7 @@
 //! `writ task ...`, `writ entry ...`, `writ bundle ...` and `writ reload`:
 //! clients for the admin socket.
 
+use std::collections::{HashMap, hash_map};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -162,10 +163,35 @@ fn end_json_array(out: &mut impl Write, elements: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// One `--attr`: the key ends at the first `=`, so a value may hold `=`.
 fn parse_attr(s: &str) -> Result<(String, String), String> {
-    s.split_once('=')
-        .map(|(k, v)| (k.to_owned(), v.to_owned()))
-        .ok_or_else(|| format!("{s:?} is not key=value"))
+    match s.split_once('=') {
+        None => Err(format!("{s:?} is not key=value")),
+        Some(("", _)) => Err(format!("{s:?} has an empty key; write key=value")),
+        Some((k, v)) => Ok((k.to_owned(), v.to_owned())),
+    }
+}
+
+/// The `--attr` values as the request's map. A repeated key is refused:
+/// keeping one of its values would drop the other without a word.
+fn attribute_map(attributes: Vec<(String, String)>) -> anyhow::Result<HashMap<String, String>> {
+    let mut map = HashMap::with_capacity(attributes.len());
+    for (key, value) in attributes {
+        match map.entry(key) {
+            hash_map::Entry::Occupied(first) => anyhow::bail!(
+                "--attr: key {:?} is given twice ({}={} and {}={}); give each key once",
+                first.key(),
+                first.key(),
+                first.get(),
+                first.key(),
+                value
+            ),
+            hash_map::Entry::Vacant(slot) => {
+                slot.insert(value);
+            }
+        }
+    }
+    Ok(map)
 }
 
 async fn tasks_client(
@@ -225,39 +251,40 @@ pub fn task_json(t: &pb::Task) -> serde_json::Value {
     })
 }
 
-fn print_task(t: &pb::Task) {
+fn print_task(t: &pb::Task) -> anyhow::Result<()> {
     let state = if t.completed_at == 0 {
         "active".to_owned()
     } else {
         format!("completed ({})", t.completion_reason)
     };
-    println!("Task:       {}", t.task_id);
-    println!("SPIFFE ID:  {}", t.spiffe_id);
-    println!("State:      {state}");
+    outln!("Task:       {}", t.task_id);
+    outln!("SPIFFE ID:  {}", t.spiffe_id);
+    outln!("State:      {state}");
     if !t.parent_task_id.is_empty() {
-        println!("Parent:     {}", t.parent_task_id);
+        outln!("Parent:     {}", t.parent_task_id);
     }
     match t.binding.as_ref().and_then(|b| b.target.as_ref()) {
-        Some(pb::binding::Target::Pid(p)) => println!("Binding:    pid {p}"),
-        Some(pb::binding::Target::Cgroup(c)) => println!("Binding:    cgroup {c}"),
+        Some(pb::binding::Target::Pid(p)) => outln!("Binding:    pid {p}"),
+        Some(pb::binding::Target::Cgroup(c)) => outln!("Binding:    cgroup {c}"),
         None => {}
     }
     if let Some(i) = &t.intent {
         if !i.purpose.is_empty() {
-            println!("Purpose:    {}", i.purpose);
+            outln!("Purpose:    {}", i.purpose);
         }
-        println!("Tools:      {}", i.tools.join(", "));
-        println!("Targets:    {}", i.targets.join(", "));
-        println!("Data class: {}", i.data_class);
+        outln!("Tools:      {}", i.tools.join(", "));
+        outln!("Targets:    {}", i.targets.join(", "));
+        outln!("Data class: {}", i.data_class);
     }
-    println!("Created:    {}", time_string(t.created_at));
-    println!("Expires:    {}", time_string(t.expires_at));
+    outln!("Created:    {}", time_string(t.created_at));
+    outln!("Expires:    {}", time_string(t.expires_at));
     if t.completed_at != 0 {
-        println!("Completed:  {}", time_string(t.completed_at));
+        outln!("Completed:  {}", time_string(t.completed_at));
     }
     if !t.issued_serials.is_empty() {
-        println!("Serials:    {}", t.issued_serials.join(" "));
+        outln!("Serials:    {}", t.issued_serials.join(" "));
     }
+    Ok(())
 }
 
 pub async fn task(cmd: TaskCommand) -> anyhow::Result<()> {
@@ -293,7 +320,7 @@ pub async fn task(cmd: TaskCommand) -> anyhow::Result<()> {
                     tools,
                     targets,
                     data_class,
-                    attributes: attributes.into_iter().collect(),
+                    attributes: attribute_map(attributes)?,
                 }),
                 ttl: ttl.unwrap_or_default(),
                 parent_task_id: parent.unwrap_or_default(),
@@ -306,9 +333,9 @@ pub async fn task(cmd: TaskCommand) -> anyhow::Result<()> {
                 .map_err(|s| status_error("BeginTask", s))?
                 .into_inner();
             if admin.output == Output::Json {
-                println!("{}", task_json(&task));
+                outln!("{}", task_json(&task));
             } else {
-                println!("{}", task.task_id);
+                outln!("{}", task.task_id);
             }
         }
         TaskCommand::End { admin, id, reason } => {
@@ -322,9 +349,9 @@ pub async fn task(cmd: TaskCommand) -> anyhow::Result<()> {
                 .map_err(|s| status_error("EndTask", s))?
                 .into_inner();
             if admin.output == Output::Json {
-                println!("{}", task_json(&task));
+                outln!("{}", task_json(&task));
             } else {
-                println!("ended {} ({})", task.task_id, task.completion_reason);
+                outln!("ended {} ({})", task.task_id, task.completion_reason);
             }
         }
         TaskCommand::Get { admin, id } => {
@@ -335,9 +362,9 @@ pub async fn task(cmd: TaskCommand) -> anyhow::Result<()> {
                 .map_err(|s| status_error("GetTask", s))?
                 .into_inner();
             if admin.output == Output::Json {
-                println!("{}", serde_json::to_string_pretty(&task_json(&task))?);
+                outln!("{}", serde_json::to_string_pretty(&task_json(&task))?);
             } else {
-                print_task(&task);
+                print_task(&task)?;
             }
         }
         TaskCommand::List {
@@ -418,14 +445,16 @@ pub async fn task(cmd: TaskCommand) -> anyhow::Result<()> {
                 };
                 let task = event.task.unwrap_or_default();
                 if admin.output == Output::Json {
-                    println!("{}", json!({"event": kind, "task": task_json(&task)}));
+                    outln!("{}", json!({"event": kind, "task": task_json(&task)}));
                 } else if kind == "completed" {
-                    println!(
+                    outln!(
                         "{kind} {} {} ({})",
-                        task.task_id, task.spiffe_id, task.completion_reason
+                        task.task_id,
+                        task.spiffe_id,
+                        task.completion_reason
                     );
                 } else {
-                    println!("{kind} {} {}", task.task_id, task.spiffe_id);
+                    outln!("{kind} {} {}", task.task_id, task.spiffe_id);
                 }
             }
         }
@@ -466,9 +495,9 @@ pub async fn entry(cmd: EntryCommand) -> anyhow::Result<()> {
                 .map_err(|s| status_error("CreateEntry", s))?
                 .into_inner();
             if admin.output == Output::Json {
-                println!("{}", entry_json(&entry));
+                outln!("{}", entry_json(&entry));
             } else {
-                println!("{}", entry.id);
+                outln!("{}", entry.id);
             }
         }
         EntryCommand::Delete { admin, id } => {
@@ -478,9 +507,9 @@ pub async fn entry(cmd: EntryCommand) -> anyhow::Result<()> {
                 .await
                 .map_err(|s| status_error("DeleteEntry", s))?;
             if admin.output == Output::Json {
-                println!("{}", json!({"deleted": id}));
+                outln!("{}", json!({"deleted": id}));
             } else {
-                println!("deleted {id}");
+                outln!("deleted {id}");
             }
         }
         EntryCommand::List { admin, page_size } => {
@@ -587,11 +616,11 @@ async fn bundles_client(
 
 fn print_bundle(bundle: &pb::Bundle, format: BundleFormat) -> anyhow::Result<()> {
     match format {
-        BundleFormat::Pem => print!("{}", bundle.pem),
+        BundleFormat::Pem => out!("{}", bundle.pem),
         BundleFormat::Spiffe => {
             let doc: serde_json::Value =
                 serde_json::from_slice(&bundle.spiffe_json).context("bundle document from writ")?;
-            println!("{}", serde_json::to_string_pretty(&doc)?);
+            outln!("{}", serde_json::to_string_pretty(&doc)?);
         }
     }
     Ok(())
@@ -676,7 +705,7 @@ pub async fn bundle(cmd: BundleCommand) -> anyhow::Result<()> {
                     .context("bundle document from writ")?;
                 v["pem"] = bundle.pem.clone().into();
                 v["bundle"] = document;
-                println!("{}", serde_json::to_string_pretty(&v)?);
+                outln!("{}", serde_json::to_string_pretty(&v)?);
             } else {
                 print_bundle(&bundle, format)?;
             }
@@ -691,11 +720,16 @@ pub async fn bundle(cmd: BundleCommand) -> anyhow::Result<()> {
                 .bundles;
             if admin.output == Output::Json {
                 let v: Vec<_> = bundles.iter().map(bundle_json).collect();
-                println!("{}", serde_json::to_string_pretty(&v)?);
+                outln!("{}", serde_json::to_string_pretty(&v)?);
             } else {
-                println!(
+                outln!(
                     "{:<32} {:<10} {:>10} {:>5} {:>4}  {:<24} ENDPOINT",
-                    "TRUST DOMAIN", "SOURCE", "SEQUENCE", "X509", "JWT", "UPDATED"
+                    "TRUST DOMAIN",
+                    "SOURCE",
+                    "SEQUENCE",
+                    "X509",
+                    "JWT",
+                    "UPDATED"
                 );
                 for b in &bundles {
                     let (x509, jwt) = authority_counts(b);
@@ -704,7 +738,7 @@ pub async fn bundle(cmd: BundleCommand) -> anyhow::Result<()> {
                         Some(f) if f.last_error.is_empty() => f.url.clone(),
                         Some(f) => format!("{} (last fetch failed: {})", f.url, f.last_error),
                     };
-                    println!(
+                    outln!(
                         "{:<32} {:<10} {:>10} {:>5} {:>4}  {:<24} {}",
                         b.trust_domain,
                         b.source,
@@ -739,10 +773,10 @@ pub async fn bundle(cmd: BundleCommand) -> anyhow::Result<()> {
                 .map_err(|s| status_error("SetBundle", s))?
                 .into_inner();
             if admin.output == Output::Json {
-                println!("{}", bundle_json(&bundle));
+                outln!("{}", bundle_json(&bundle));
             } else {
                 let (x509, jwt) = authority_counts(&bundle);
-                println!(
+                outln!(
                     "set bundle of {} ({x509} X.509 and {jwt} JWT authorities)",
                     bundle.trust_domain
                 );
@@ -760,9 +794,9 @@ pub async fn bundle(cmd: BundleCommand) -> anyhow::Result<()> {
                 .await
                 .map_err(|s| status_error("DeleteBundle", s))?;
             if admin.output == Output::Json {
-                println!("{}", json!({"deleted": trust_domain}));
+                outln!("{}", json!({"deleted": trust_domain}));
             } else {
-                println!("deleted bundle of {trust_domain}");
+                outln!("deleted bundle of {trust_domain}");
             }
         }
     }
@@ -790,20 +824,20 @@ pub fn reload_json(r: &pb::ReloadResponse) -> serde_json::Value {
     })
 }
 
-fn print_reload(r: &pb::ReloadResponse) {
+fn print_reload(r: &pb::ReloadResponse) -> anyhow::Result<()> {
     if r.config_path.is_empty() {
-        println!("nothing to reload: writ runs on built-in defaults (no config file)");
-        return;
+        outln!("nothing to reload: writ runs on built-in defaults (no config file)");
+        return Ok(());
     }
     let changed = |yes: bool| if yes { " (changed)" } else { "" };
-    println!("reloaded {}", r.config_path);
-    println!("Entries:     {}{}", r.entries, changed(r.entries_changed));
-    println!(
+    outln!("reloaded {}", r.config_path);
+    outln!("Entries:     {}{}", r.entries, changed(r.entries_changed));
+    outln!(
         "Policies:    {} from {}",
         r.policy_ids.len(),
         r.policy_source
     );
-    println!(
+    outln!(
         "Log level:   {}{}",
         r.log_level,
         changed(r.log_level_changed)
@@ -815,15 +849,16 @@ fn print_reload(r: &pb::ReloadResponse) {
         ("updated", &federation.updated),
     ] {
         if !tds.is_empty() {
-            println!("Federation:  {what} {}", tds.join(", "));
+            outln!("Federation:  {what} {}", tds.join(", "));
         }
     }
     if !r.restart_required.is_empty() {
-        println!("Restart needed for: {}", r.restart_required.join(", "));
+        outln!("Restart needed for: {}", r.restart_required.join(", "));
     }
     for note in &r.notes {
-        println!("Note: {note}");
+        outln!("Note: {note}");
     }
+    Ok(())
 }
 
 /// `writ reload`: the admin `Reload` call.
@@ -832,15 +867,61 @@ pub async fn reload(admin: AdminSocketArg) -> anyhow::Result<()> {
     let channel = connect(&path)
         .await
         .with_context(|| format!("admin API at {}", path.display()))?;
-    let response = pb::agent_client::AgentClient::new(channel)
+    let response = match pb::agent_client::AgentClient::new(channel)
         .reload(pb::ReloadRequest {})
         .await
-        .map_err(|s| status_error("Reload", s))?
-        .into_inner();
+    {
+        Ok(response) => response.into_inner(),
+        Err(status) => {
+            // A script reading stdout learns of the refusal there too; the
+            // exit status and stderr say it as for every other refusal.
+            if admin.output == Output::Json {
+                outln!(
+                    "{}",
+                    serde_json::to_string_pretty(&json!({
+                        "reloaded": false,
+                        "refused": true,
+                        "code": format!("{:?}", status.code()),
+                        "reason": status.message(),
+                    }))?
+                );
+            }
+            return Err(status_error("Reload", status));
+        }
+    };
     if admin.output == Output::Json {
-        println!("{}", serde_json::to_string_pretty(&reload_json(&response))?);
+        outln!("{}", serde_json::to_string_pretty(&reload_json(&response))?);
     } else {
-        print_reload(&response);
+        print_reload(&response)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_attribute_needs_a_key_and_may_hold_equals_signs() {
+        assert_eq!(parse_attr("a=b=c"), Ok(("a".into(), "b=c".into())));
+        assert_eq!(parse_attr("a="), Ok(("a".into(), String::new())));
+        let err = parse_attr("=v").unwrap_err();
+        assert!(err.contains("empty key"), "{err}");
+        assert!(parse_attr("v").unwrap_err().contains("not key=value"));
+    }
+
+    #[test]
+    fn a_repeated_attribute_key_is_refused() {
+        let pair = |k: &str, v: &str| (k.to_owned(), v.to_owned());
+        let map = attribute_map(vec![pair("a", "b=c"), pair("x", "y")]).unwrap();
+        assert_eq!(map.len(), 2);
+        assert_eq!(map["a"], "b=c");
+        let err = attribute_map(vec![pair("a", "b=c"), pair("x", "y"), pair("a", "d")])
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            err,
+            "--attr: key \"a\" is given twice (a=b=c and a=d); give each key once"
+        );
+    }
 }

@@ -121,34 +121,35 @@ pub async fn fetch_x509(socket: &Path, write: Option<&Path>, json: bool) -> anyh
         .map(summarize)
         .collect::<anyhow::Result<Vec<_>>>()?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&summaries)?);
+        outln!("{}", serde_json::to_string_pretty(&summaries)?);
     } else {
-        println!(
+        outln!(
             "Received {} svid(s) after {:.3}ms",
             summaries.len(),
             elapsed.as_secs_f64() * 1e3
         );
         for s in &summaries {
-            print_summary(s);
+            print_summary(s)?;
         }
         if let Some(dir) = write {
-            println!("\nWrote SVIDs, keys and bundles to {}", dir.display());
+            outln!("\nWrote SVIDs, keys and bundles to {}", dir.display());
         }
     }
     Ok(())
 }
 
-fn print_summary(s: &SvidSummary) {
-    println!();
-    println!("SPIFFE ID:        {}", s.spiffe_id);
+fn print_summary(s: &SvidSummary) -> anyhow::Result<()> {
+    outln!();
+    outln!("SPIFFE ID:        {}", s.spiffe_id);
     if !s.hint.is_empty() {
-        println!("Hint:             {}", s.hint);
+        outln!("Hint:             {}", s.hint);
     }
-    println!("Serial:           {}", s.serial);
-    println!("SVID Valid After: {}", s.not_before);
-    println!("SVID Valid Until: {}", s.not_after);
-    println!("Chain length:     {}", s.chain_length);
-    println!("Bundle CAs:       {}", s.bundle_authorities);
+    outln!("Serial:           {}", s.serial);
+    outln!("SVID Valid After: {}", s.not_before);
+    outln!("SVID Valid Until: {}", s.not_after);
+    outln!("Chain length:     {}", s.chain_length);
+    outln!("Bundle CAs:       {}", s.bundle_authorities);
+    Ok(())
 }
 
 /// Prints every update of the X.509-SVID stream until it ends or Ctrl-C.
@@ -173,7 +174,7 @@ pub async fn watch(socket: &Path, json: bool) -> anyhow::Result<()> {
             if json {
                 eprintln!("stream ended by the server");
             } else {
-                println!("stream ended by the server");
+                outln!("stream ended by the server");
             }
             return Ok(());
         };
@@ -184,20 +185,22 @@ pub async fn watch(socket: &Path, json: bool) -> anyhow::Result<()> {
             .map(summarize)
             .collect::<anyhow::Result<Vec<_>>>()?;
         if json {
-            println!("{}", serde_json::to_string(&summaries)?);
+            outln!("{}", serde_json::to_string(&summaries)?);
         } else {
             let now = time::OffsetDateTime::now_utc()
                 .format(&time::format_description::well_known::Rfc3339)
                 .unwrap_or_default();
-            println!(
+            outln!(
                 "[{now}] update {updates}: {} svid(s), {} crl(s)",
                 summaries.len(),
                 response.crl.len()
             );
             for s in &summaries {
-                println!(
+                outln!(
                     "  {} serial {} valid until {}",
-                    s.spiffe_id, s.serial, s.not_after
+                    s.spiffe_id,
+                    s.serial,
+                    s.not_after
                 );
             }
         }
@@ -225,7 +228,7 @@ pub async fn healthcheck(socket: &Path) -> anyhow::Result<()> {
             response.status
         );
     }
-    println!("writ at {} is serving", socket.display());
+    outln!("writ at {} is serving", socket.display());
     Ok(())
 }
 
@@ -273,7 +276,7 @@ pub async fn http_healthcheck(addr: &str) -> anyhow::Result<()> {
     if status != "200" {
         bail!("writ at http://{authority} is not ready (HTTP {status}): {body}");
     }
-    println!("writ at http://{authority} is ready");
+    outln!("writ at http://{authority} is ready");
     Ok(())
 }
 
@@ -328,10 +331,10 @@ pub async fn fetch_jwt(
                 claims: unverified_claims(&s.svid),
             })
             .collect();
-        println!("{}", serde_json::to_string_pretty(&summaries)?);
+        outln!("{}", serde_json::to_string_pretty(&summaries)?);
     } else {
         for s in &response.svids {
-            println!("token({}):\n\t{}", s.spiffe_id, s.svid);
+            outln!("token({}):\n\t{}", s.spiffe_id, s.svid);
         }
     }
     Ok(())
@@ -362,10 +365,10 @@ pub async fn fetch_jwt_bundles(socket: &Path, json: bool) -> anyhow::Result<()> 
     bundles.sort_by(|a, b| a.0.cmp(&b.0));
     if json {
         let map: serde_json::Map<String, serde_json::Value> = bundles.into_iter().collect();
-        println!("{}", serde_json::to_string_pretty(&map)?);
+        outln!("{}", serde_json::to_string_pretty(&map)?);
     } else {
         for (td, jwks) in &bundles {
-            println!("bundle({td}):\n\t{}", serde_json::to_string(jwks)?);
+            outln!("bundle({td}):\n\t{}", serde_json::to_string(jwks)?);
         }
     }
     Ok(())
@@ -391,11 +394,11 @@ pub async fn validate_jwt(
         .unwrap_or_default();
     if json {
         let out = serde_json::json!({ "spiffe_id": response.spiffe_id, "claims": claims });
-        println!("{}", serde_json::to_string_pretty(&out)?);
+        outln!("{}", serde_json::to_string_pretty(&out)?);
     } else {
-        println!("SVID is valid.");
-        println!("SPIFFE ID : {}", response.spiffe_id);
-        println!("Claims    : {}", serde_json::to_string(&claims)?);
+        outln!("SVID is valid.");
+        outln!("SPIFFE ID : {}", response.spiffe_id);
+        outln!("Claims    : {}", serde_json::to_string(&claims)?);
     }
     Ok(())
 }

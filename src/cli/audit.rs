@@ -85,10 +85,7 @@ pub async fn audit(command: AuditCommand) -> anyhow::Result<()> {
             lines,
         } => {
             let (path, _) = trail.resolve()?;
-            match tail(&path, lines, follow).await {
-                Err(e) if is_broken_pipe(&e) => Ok(()),
-                other => other,
-            }
+            tail(&path, lines, follow).await
         }
     }
 }
@@ -130,7 +127,7 @@ fn verify(path: &Path, roots: &[CertificateDer<'static>], allow_open: bool) -> a
         0 => String::new(),
         n => format!("; {n} root(s) handed on by ca_rotated records"),
     };
-    println!(
+    outln!(
         "OK: {} records, {} checkpoints in {} file(s); {checkpoint}; {end}{learned}",
         report.records,
         report.checkpoints,
@@ -321,12 +318,4 @@ impl Follower {
         self.partial.clear();
         Ok(true)
     }
-}
-
-fn is_broken_pipe(e: &anyhow::Error) -> bool {
-    e.chain().any(|cause| {
-        cause
-            .downcast_ref::<std::io::Error>()
-            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
-    })
 }

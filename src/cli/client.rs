@@ -10,11 +10,38 @@ use tonic::transport::{Channel, Endpoint, Uri};
 use crate::workload_api::SECURITY_HEADER;
 
 /// Accepts `unix:///abs/path`, `unix:/abs/path` or a plain absolute path.
+/// A `unix:` URI is the path alone: the SPIFFE Workload Endpoint standard
+/// forbids any other URI part, and quietly dropping a host, query or
+/// fragment (or keeping it as part of the file name) would connect
+/// somewhere the caller did not mean.
 pub fn parse_socket_address(address: &str) -> anyhow::Result<PathBuf> {
-    let path = if let Some(rest) = address.strip_prefix("unix://") {
-        rest
-    } else if let Some(rest) = address.strip_prefix("unix:") {
-        rest
+    let path = if let Some(uri) = address.strip_prefix("unix:") {
+        let path = match uri.strip_prefix("//") {
+            Some(after_slashes) => {
+                let (authority, path) =
+                    after_slashes.split_at(after_slashes.find('/').unwrap_or(after_slashes.len()));
+                if !authority.is_empty() {
+                    bail!(
+                        "socket address {address:?} names a host ({authority:?}); a unix URI names a path only: unix:///path"
+                    );
+                }
+                path
+            }
+            None => uri,
+        };
+        // Whichever comes first starts the part ("#x?y" is a fragment).
+        if let Some(at) = path.find(['?', '#']) {
+            let part = if path[at..].starts_with('?') {
+                "query"
+            } else {
+                "fragment"
+            };
+            bail!(
+                "socket address {address:?} has a {part} ({:?}); a unix URI names a path only, with no query or fragment",
+                &path[at + 1..]
+            );
+        }
+        path
     } else if address.contains("://") {
         bail!("unsupported socket address {address:?}: only unix:// addresses are supported");
     } else {
@@ -131,7 +158,38 @@ mod tests {
             PathBuf::from("/run/a.sock")
         );
         assert!(parse_socket_address("tcp://127.0.0.1:1").is_err());
-        assert!(parse_socket_address("unix://relative").is_err());
         assert!(parse_socket_address("a.sock").is_err());
+        // A plain path is a file name, whatever characters it holds.
+        assert_eq!(
+            parse_socket_address("/run/a?b#c.sock").unwrap(),
+            PathBuf::from("/run/a?b#c.sock")
+        );
+    }
+
+    #[test]
+    fn a_unix_uri_holds_nothing_but_its_path() {
+        for (address, says) in [
+            ("unix:///run/a.sock?x=1", "has a query (\"x=1\")"),
+            ("unix:/run/a.sock?", "has a query"),
+            ("unix:///run/a.sock#top", "has a fragment (\"top\")"),
+            ("unix:///run/a.sock#x?y", "has a fragment"),
+            (
+                "unix://localhost/run/a.sock",
+                "names a host (\"localhost\")",
+            ),
+            ("unix://relative", "names a host (\"relative\")"),
+        ] {
+            let err = parse_socket_address(address).unwrap_err().to_string();
+            assert!(
+                err.starts_with(&format!("socket address {address:?} {says}")),
+                "{address}: {err}"
+            );
+        }
+        assert!(
+            parse_socket_address("unix:relative")
+                .unwrap_err()
+                .to_string()
+                .contains("must name an absolute path")
+        );
     }
 }

@@ -2,6 +2,24 @@
 //! clients for the Workload API (`api`, `healthcheck`) and for the admin
 //! API (`task`, `entry`, `bundle`, `reload`).
 
+/// `println!` for what the CLI prints: a failed write is returned with `?`
+/// instead of panicking, so that a reader that stops early (`writ entry list
+/// | head -4`) ends writ quietly (see `stdout_closed`).
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        writeln!(std::io::stdout(), $($arg)*)?
+    }};
+}
+
+/// `print!` as `outln!` is `println!`.
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        write!(std::io::stdout(), $($arg)*)?
+    }};
+}
+
 pub mod admin;
 pub mod api;
 pub mod audit;
@@ -165,7 +183,7 @@ pub enum FetchCommand {
 #[derive(Args, Debug)]
 pub struct SocketArg {
     /// Workload API socket: a path or unix:///path. Defaults to
-    /// $SPIFFE_ENDPOINT_SOCKET, then writ's default socket.
+    /// $SPIFFE_ENDPOINT_SOCKET (unless empty), then writ's default socket.
     #[arg(long)]
     pub socket: Option<String>,
 }
@@ -184,15 +202,24 @@ pub enum LogFormatArg {
 
 impl SocketArg {
     pub fn resolve(&self) -> anyhow::Result<PathBuf> {
+        self.resolve_with(std::env::var("SPIFFE_ENDPOINT_SOCKET").ok().as_deref())
+    }
+
+    /// `resolve` with the value of `SPIFFE_ENDPOINT_SOCKET`. An empty one
+    /// counts as unset, as an empty `WRIT_ADMIN_SOCKET` does: `VAR=` is
+    /// the shell's way to clear a variable for one command.
+    fn resolve_with(&self, endpoint_socket: Option<&str>) -> anyhow::Result<PathBuf> {
         if let Some(s) = &self.socket {
             return client::parse_socket_address(s);
         }
-        if let Ok(s) = std::env::var("SPIFFE_ENDPOINT_SOCKET") {
-            return client::parse_socket_address(&s).context("SPIFFE_ENDPOINT_SOCKET");
+        match endpoint_socket {
+            Some(s) if !s.is_empty() => {
+                client::parse_socket_address(s).context("SPIFFE_ENDPOINT_SOCKET")
+            }
+            _ => Ok(Config::builtin_defaults(&Environment::current())
+                .workload_api
+                .socket_path),
         }
-        Ok(Config::builtin_defaults(&Environment::current())
-            .workload_api
-            .socket_path)
     }
 }
 
@@ -262,7 +289,7 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Validate { config } => match crate::config::validate_file(&config) {
             Ok(_) => {
-                println!("{}: OK", config.display());
+                outln!("{}: OK", config.display());
                 Ok(())
             }
             Err(errors) => {
@@ -369,9 +396,69 @@ pub fn describe(error: &anyhow::Error) -> String {
     line
 }
 
+/// Whether the command failed because its standard output was closed
+/// (`writ entry list | head -4`): the reader has all it wanted, so the
+/// command stops without a word and exits 0.
+///
+/// SIGPIPE stays ignored, as in every Rust program, so a closed pipe or
+/// socket is an error to handle rather than death by signal. Restoring
+/// the default for the clients would also let a connection writ closes
+/// kill them without a word. In a client command, a broken pipe can only
+/// come from its own output: the gRPC connection's failures reach it as
+/// messages (`status_error`, `connect`), not as I/O errors. The agent's
+/// errors (`writ run`) are not asked this.
+pub fn stdout_closed(error: &anyhow::Error) -> bool {
+    error.chain().any(|cause| {
+        cause
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe)
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_empty_spiffe_endpoint_socket_is_unset() {
+        let default = Config::builtin_defaults(&Environment::current())
+            .workload_api
+            .socket_path;
+        let no_flag = SocketArg { socket: None };
+        assert_eq!(no_flag.resolve_with(None).unwrap(), default);
+        assert_eq!(no_flag.resolve_with(Some("")).unwrap(), default);
+        assert_eq!(
+            no_flag.resolve_with(Some("unix:///run/x.sock")).unwrap(),
+            PathBuf::from("/run/x.sock")
+        );
+        let err = no_flag
+            .resolve_with(Some("unix:///run/x.sock?x=1"))
+            .unwrap_err();
+        assert!(
+            describe(&err).starts_with("SPIFFE_ENDPOINT_SOCKET: socket address"),
+            "{err:#}"
+        );
+        // The flag wins over the variable.
+        let flag = SocketArg {
+            socket: Some("/run/y.sock".into()),
+        };
+        assert_eq!(
+            flag.resolve_with(Some("unix:///run/x.sock")).unwrap(),
+            PathBuf::from("/run/y.sock")
+        );
+    }
+
+    #[test]
+    fn only_a_broken_pipe_is_a_closed_stdout() {
+        let broken = || std::io::Error::from(std::io::ErrorKind::BrokenPipe);
+        assert!(stdout_closed(&anyhow::Error::new(broken())));
+        assert!(stdout_closed(
+            &anyhow::Error::new(broken()).context("printing the entries")
+        ));
+        let denied = std::io::Error::from(std::io::ErrorKind::PermissionDenied);
+        assert!(!stdout_closed(&anyhow::Error::new(denied)));
+        assert!(!stdout_closed(&anyhow::anyhow!("Broken pipe")));
+    }
 
     #[derive(Debug, thiserror::Error)]
     #[error("creating /x: {source}")]

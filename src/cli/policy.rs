@@ -2,7 +2,7 @@
 //! (or the built-in policy) and explains the decision, so a policy can be
 //! tried before the agent loads it. Exit 0 allow, 1 deny, 2 bad input.
 
-use std::io::Read;
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
@@ -104,9 +104,18 @@ fn check(request_path: &Path, policies: &[PathBuf], output: Output) -> i32 {
     }
     let now = request.now.unwrap_or_else(OffsetDateTime::now_utc);
     let decision = engine.evaluate(&request.request, now);
-    match output {
+    let printed = match output {
         Output::Text => print_text(&engine, &request.request, now, &decision),
         Output::Json => print_json(&engine, &request.request, now, &decision),
+    };
+    match printed {
+        // A reader that stopped early (`| head -1`) changes no decision.
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {}
+        Err(e) => {
+            eprintln!("writ policy check: writing the decision to standard output: {e}");
+            return EXIT_BAD_INPUT;
+        }
     }
     if decision.allowed {
         EXIT_ALLOW
@@ -132,28 +141,40 @@ fn format_time(now: OffsetDateTime) -> String {
     now.format(&Rfc3339).unwrap_or_else(|_| now.to_string())
 }
 
-fn print_text(engine: &PolicyEngine, request: &PolicyRequest, now: OffsetDateTime, d: &Decision) {
-    println!("{}", if d.allowed { "ALLOW" } else { "DENY" });
-    println!("action:   {}", request.action_name());
-    println!("time:     {}", format_time(now));
+fn print_text(
+    engine: &PolicyEngine,
+    request: &PolicyRequest,
+    now: OffsetDateTime,
+    d: &Decision,
+) -> std::io::Result<()> {
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{}", if d.allowed { "ALLOW" } else { "DENY" })?;
+    writeln!(out, "action:   {}", request.action_name())?;
+    writeln!(out, "time:     {}", format_time(now))?;
     if d.deciding_policies.is_empty() {
-        println!("deciding: none ({})", d.denial_message());
+        writeln!(out, "deciding: none ({})", d.denial_message())?;
     } else {
-        println!("deciding: {}", d.deciding_policies.join(", "));
+        writeln!(out, "deciding: {}", d.deciding_policies.join(", "))?;
     }
     if d.errors.is_empty() {
-        println!("errors:   none");
+        writeln!(out, "errors:   none")?;
     } else {
-        println!("errors:");
+        writeln!(out, "errors:")?;
         for e in &d.errors {
-            println!("  {e}");
+            writeln!(out, "  {e}")?;
         }
     }
-    println!("policies: {}", engine.source());
-    flush_stdout();
+    writeln!(out, "policies: {}", engine.source())?;
+    // The caller exits the process right after, without running destructors.
+    out.flush()
 }
 
-fn print_json(engine: &PolicyEngine, request: &PolicyRequest, now: OffsetDateTime, d: &Decision) {
+fn print_json(
+    engine: &PolicyEngine,
+    request: &PolicyRequest,
+    now: OffsetDateTime,
+    d: &Decision,
+) -> std::io::Result<()> {
     let value = serde_json::json!({
         "decision": if d.allowed { "ALLOW" } else { "DENY" },
         "action": request.action_name(),
@@ -163,15 +184,9 @@ fn print_json(engine: &PolicyEngine, request: &PolicyRequest, now: OffsetDateTim
         "message": d.denial_message(),
         "policies": engine.source(),
     });
-    println!("{value}");
-    flush_stdout();
-}
-
-/// The caller exits the process right after, without running destructors.
-fn flush_stdout() {
-    use std::io::Write;
-    // Nothing useful is left to do if stdout is gone.
-    let _ = std::io::stdout().flush();
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{value}")?;
+    out.flush()
 }
 
 #[cfg(test)]

@@ -1204,17 +1204,10 @@ impl Builder<'_> {
         let mut federates_with = Vec::new();
         for (td_index, text) in raw.federates_with.iter().flatten().enumerate() {
             let td_key = format!("{key}.federates_with[{td_index}]");
-            match TrustDomain::new(text.get_ref()) {
-                Ok(td) if Some(&td) == trust_domain => {
-                    self.error(
-                        text.span(),
-                        format!("{td_key} names writ's own trust domain {td}; federation is only with other trust domains"),
-                    );
-                    federation_valid = false;
-                }
+            match crate::federation::federated_trust_domain(text.get_ref(), trust_domain) {
                 Ok(td) => federates_with.push(td),
                 Err(err) => {
-                    self.error(text.span(), format!("{td_key} {:?}: {err}", text.get_ref()));
+                    self.error(text.span(), format!("{td_key} {err}"));
                     federation_valid = false;
                 }
             }

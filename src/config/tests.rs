@@ -687,7 +687,22 @@ fn admin_authorized_sets() {
         &entry_with("").replace("unix:uid:1", "cgroup:path:system.slice/x.service"),
         3,
         14,
-        "entry[0].selectors[0]: selector \"cgroup:path:system.slice/x.service\": a cgroup:path value is an absolute path, as attestors produce it",
+        "entry[0].selectors[0]: selector \"cgroup:path:system.slice/x.service\": a cgroup:path value is an absolute path without empty, '.' or '..' segments or a trailing '/', as attestors produce it",
+    );
+    // The kernel writes no path of these forms, so none could ever match.
+    for path in ["/system.slice/", "/a//b", "/a/./b", "/a/../b"] {
+        assert_single_error(
+            &entry_with("").replace("unix:uid:1", &format!("cgroup:path:{path}")),
+            3,
+            14,
+            "a cgroup:path value is an absolute path without empty",
+        );
+    }
+    assert_single_error(
+        &entry_with("").replace("unix:uid:1", "unix:uid:4294967296"),
+        3,
+        14,
+        "4294967296 is out of range for a unix:uid value (ids are at most 4294967295)",
     );
     assert_single_error(
         &entry_with("").replace("unix:uid:1", "docker:label:x"),

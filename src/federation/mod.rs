@@ -62,6 +62,36 @@ pub enum FederationError {
     EndpointTls(String),
 }
 
+/// Why a trust domain named in `federates_with` was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FederatesWithError {
+    #[error("{text:?}: {reason}")]
+    Invalid {
+        text: String,
+        reason: crate::spiffe_id::SpiffeIdError,
+    },
+    #[error("names writ's own trust domain {0}; federation is only with other trust domains")]
+    OwnTrustDomain(TrustDomain),
+}
+
+/// One `federates_with` item, from the config, an entry created through
+/// the admin API or a task. Writ's own bundle is every workload's already
+/// and comes from its CA, so naming it there is a mistake, refused alike
+/// everywhere. `own` is None where the trust domain is itself invalid.
+pub fn federated_trust_domain(
+    text: &str,
+    own: Option<&TrustDomain>,
+) -> Result<TrustDomain, FederatesWithError> {
+    let td = TrustDomain::new(text).map_err(|reason| FederatesWithError::Invalid {
+        text: text.to_owned(),
+        reason,
+    })?;
+    if Some(&td) == own {
+        return Err(FederatesWithError::OwnTrustDomain(td));
+    }
+    Ok(td)
+}
+
 /// The two bundle encodings accepted from operators.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BundleFormat {

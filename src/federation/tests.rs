@@ -639,6 +639,30 @@ async fn set_and_delete_go_through_the_store_and_refuse_what_they_must() {
 }
 
 #[test]
+fn federates_with_names_a_valid_trust_domain_other_than_writs_own() {
+    let own = td("a.test");
+    for text in ["b.test", "spiffe://b.test"] {
+        assert_eq!(federated_trust_domain(text, Some(&own)), Ok(td("b.test")));
+    }
+    for text in ["a.test", "spiffe://a.test"] {
+        let err = federated_trust_domain(text, Some(&own)).unwrap_err();
+        assert_eq!(err, FederatesWithError::OwnTrustDomain(own.clone()));
+        assert_eq!(
+            err.to_string(),
+            "names writ's own trust domain a.test; federation is only with other trust domains"
+        );
+    }
+    // Without a valid trust domain of its own, writ can only check the form.
+    assert_eq!(federated_trust_domain("a.test", None), Ok(own));
+    let err = federated_trust_domain("A.test", None).unwrap_err();
+    assert!(
+        err.to_string()
+            .starts_with("\"A.test\": trust domain contains 'A'"),
+        "{err}"
+    );
+}
+
+#[test]
 fn operator_bundles_are_parsed_strictly() {
     let c = ca_cert();
     let pem = crate::bundle::pem_lf("CERTIFICATE", &c);
