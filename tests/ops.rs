@@ -945,3 +945,111 @@ fn grpc_health_follows_readiness() {
     let (status, body) = http_get(&service.http_addr(), "/ready");
     assert_eq!(status, 503, "{body}");
 }
+
+/// `writ reload --output json` against `service`: the summary, or the error.
+fn reload_json(service: &Service) -> Result<serde_json::Value, String> {
+    let admin = service.admin.to_str().unwrap();
+    let (ok, out, err) = common::writ_cli(
+        &["reload", "--admin-socket", admin, "--output", "json"],
+        None,
+    );
+    if ok {
+        Ok(serde_json::from_str(&out).unwrap())
+    } else {
+        Err(err)
+    }
+}
+
+#[test]
+fn a_reload_that_moves_the_trust_domain_is_refused_and_writ_keeps_serving() {
+    let mut service = Service::new("", "info");
+    service.spawn(&[]);
+    assert_eq!(fetched_ids(&service.workload), ["spiffe://writ.test/ops"]);
+
+    // The trust domain and the entry move together, as an operator would
+    // write them; writ cannot issue in a trust domain it does not run in.
+    let original = std::fs::read_to_string(&service.config_path).unwrap();
+    std::fs::write(
+        &service.config_path,
+        original.replace("writ.test", "probe-x.test"),
+    )
+    .unwrap();
+    let err = reload_json(&service).unwrap_err();
+    assert!(err.contains("FailedPrecondition"), "{err}");
+    assert!(
+        err.contains(&format!("{}:", service.config_path.display()))
+            && err.contains("spiffe://probe-x.test/ops is in trust domain probe-x.test, but writ's running trust_domain is writ.test")
+            && err.contains("a changed trust_domain takes effect only when writ restarts"),
+        "{err}"
+    );
+    assert_eq!(
+        fetched_ids(&service.workload),
+        ["spiffe://writ.test/ops"],
+        "the running configuration still serves"
+    );
+
+    // The file itself is fine: a restart puts it in force.
+    assert_eq!(service.stop().code(), Some(0), "{}", service.log());
+    let (ok, _, err) = common::writ_cli(
+        &[
+            "validate",
+            "--config",
+            service.config_path.to_str().unwrap(),
+        ],
+        None,
+    );
+    assert!(ok, "{err}");
+}
+
+#[test]
+fn restart_only_settings_stay_pending_until_a_restart() {
+    let mut service = Service::new("", "info");
+    service.spawn(&[]);
+    let admin = service.admin.to_str().unwrap().to_owned();
+    let config_entry_ttl = || {
+        let (ok, out, err) = common::writ_cli(
+            &[
+                "entry",
+                "list",
+                "--admin-socket",
+                &admin,
+                "--output",
+                "json",
+            ],
+            None,
+        );
+        assert!(ok, "{err}");
+        let entries: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
+        assert_eq!(entries.len(), 1, "{out}");
+        entries[0]["x509_svid_ttl"].as_str().unwrap().to_owned()
+    };
+    assert_eq!(config_entry_ttl(), "1h");
+
+    // A new default SVID lifetime and telemetry listener need a restart:
+    // until then the running ones stay, entries keep the running default,
+    // and every reload says so while the file differs.
+    let original = std::fs::read_to_string(&service.config_path).unwrap();
+    let changed =
+        original.replace("127.0.0.1:0", "127.0.0.2:0") + "\n[ca]\nx509_svid_ttl = \"2h\"\n";
+    std::fs::write(&service.config_path, &changed).unwrap();
+    for _ in 0..2 {
+        let summary = reload_json(&service).unwrap();
+        assert_eq!(
+            summary["restart_required"],
+            serde_json::json!(["ca", "telemetry"]),
+            "{summary}"
+        );
+        assert_eq!(config_entry_ttl(), "1h", "{summary}");
+    }
+    assert_eq!(http_get(&service.http_addr(), "/live").0, 200);
+
+    // Put back, the file matches what runs: nothing is pending.
+    std::fs::write(&service.config_path, &original).unwrap();
+    let summary = reload_json(&service).unwrap();
+    assert_eq!(
+        summary["restart_required"],
+        serde_json::json!([]),
+        "{summary}"
+    );
+    assert_eq!(config_entry_ttl(), "1h");
+}
