@@ -12,7 +12,7 @@ use std::time::SystemTime;
 use crate::agent::Agent;
 use crate::audit::{AuditEvent, CallerFacts, EventKind};
 use crate::config::Config;
-use crate::entries::EntryStore;
+use crate::entries::{EntryError, EntryStore};
 use crate::federation::{Federation, FederationChanges, FederationError};
 use crate::identity::Registry;
 use crate::systemd::Notifier;
@@ -32,6 +32,9 @@ pub enum ReloadError {
     Policy(String),
     #[error("federation: {0}")]
     Federation(FederationError),
+    /// The new entries clash with entries created through the admin API.
+    #[error("{0}")]
+    Entries(EntryError),
     #[error("changing the log level: {0}")]
     LogLevel(String),
     /// Checking passed but storing a new trust domain's bootstrap bundle
@@ -46,7 +49,10 @@ impl ReloadError {
     pub fn is_invalid_configuration(&self) -> bool {
         matches!(
             self,
-            ReloadError::Config(_) | ReloadError::Policy(_) | ReloadError::Federation(_)
+            ReloadError::Config(_)
+                | ReloadError::Policy(_)
+                | ReloadError::Federation(_)
+                | ReloadError::Entries(EntryError::ShadowsAdminEntry(_))
         )
     }
 
@@ -224,6 +230,14 @@ impl Reloader {
             .plan(&next.federation)
             .map_err(ReloadError::Federation)
             .map_err(refused)?;
+        // Held until applied: no admin entry can appear meanwhile that the
+        // new config entries would hide.
+        let entries = self
+            .entries
+            .prepare_config_registry(Registry::from_config(&next))
+            .await
+            .map_err(ReloadError::Entries)
+            .map_err(refused)?;
         if !restart_required.is_empty() {
             tracing::warn!(
                 settings = ?restart_required,
@@ -259,9 +273,7 @@ impl Reloader {
         }
 
         // From here on nothing can fail.
-        self.entries
-            .set_config_registry(Registry::from_config(&next))
-            .await;
+        entries.install();
         let policy_source = policy.source().to_owned();
         let policy_ids = policy.policy_ids();
         self.agent.set_policy(policy);

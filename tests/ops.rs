@@ -1053,3 +1053,86 @@ fn restart_only_settings_stay_pending_until_a_restart() {
     );
     assert_eq!(config_entry_ttl(), "1h");
 }
+
+#[test]
+fn a_config_entry_may_not_hide_an_entry_created_through_the_admin_api() {
+    let uid = nix::unistd::getuid().as_raw();
+    let mut service = Service::new("", "info");
+    service.spawn(&[]);
+    let admin = service.admin.to_str().unwrap().to_owned();
+    let selector = format!("unix:uid:{uid}");
+    let (ok, id, err) = common::writ_cli(
+        &[
+            "entry",
+            "create",
+            "--admin-socket",
+            &admin,
+            "--spiffe-id",
+            "spiffe://writ.test/made",
+            "--selector",
+            &selector,
+            "--hint",
+            "stored",
+        ],
+        None,
+    );
+    assert!(ok, "{err}");
+    let id = id.trim().to_owned();
+    let listed = || {
+        let (ok, out, err) = common::writ_cli(
+            &[
+                "entry",
+                "list",
+                "--admin-socket",
+                &admin,
+                "--output",
+                "json",
+            ],
+            None,
+        );
+        assert!(ok, "{err}");
+        let entries: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
+        entries
+            .iter()
+            .map(|e| format!("{} {}", e["id"].as_str().unwrap(), e["source"]))
+            .collect::<Vec<_>>()
+    };
+    let before = listed();
+    assert_eq!(before.len(), 2, "{before:?}");
+    assert!(before.contains(&format!("{id} \"admin\"")), "{before:?}");
+
+    // The same SPIFFE ID and selectors in the file: the same entry id.
+    let same = format!(
+        "[[entry]]\nspiffe_id = \"spiffe://writ.test/made\"\nselectors = [\"{selector}\"]\n"
+    );
+    service.write_config(&same, "info");
+    let err = reload_json(&service).unwrap_err();
+    assert!(err.contains("FailedPrecondition"), "{err}");
+    assert!(
+        err.contains(&format!("{id} (spiffe://writ.test/made)"))
+            && err.contains("created through the admin API")
+            && err.contains(&format!("`writ entry delete {id}`")),
+        "{err}"
+    );
+    assert_eq!(listed(), before, "nothing changed");
+
+    // Nor can writ start with such a file; the stored entry stays.
+    assert_eq!(service.stop().code(), Some(0), "{}", service.log());
+    let (code, output) = common::run_expecting_failure(&service.config_path);
+    assert_eq!(code, Some(1), "{output}");
+    assert!(
+        output.contains(&format!("{id} (spiffe://writ.test/made)")),
+        "{output}"
+    );
+    service.write_config("", "info");
+    service.spawn(&[]);
+    assert_eq!(listed(), before, "the stored entry is kept");
+
+    // Deleted through the admin API, it may come from the file.
+    let (ok, _, err) = common::writ_cli(&["entry", "delete", "--admin-socket", &admin, &id], None);
+    assert!(ok, "{err}");
+    service.write_config(&same, "info");
+    let summary = reload_json(&service).unwrap();
+    assert_eq!(summary["entries"], 2, "{summary}");
+    assert!(listed().contains(&format!("{id} \"config\"")));
+}
