@@ -1136,3 +1136,87 @@ fn a_config_entry_may_not_hide_an_entry_created_through_the_admin_api() {
     assert_eq!(summary["entries"], 2, "{summary}");
     assert!(listed().contains(&format!("{id} \"config\"")));
 }
+
+/// `writ audit verify` on `service`'s trail: it must pass, the last run
+/// must have closed it, and no run may have ended without closing it.
+fn assert_trail_closed_cleanly(service: &Service, after: &str) {
+    let (ok, out, err) = common::writ_cli(
+        &[
+            "audit",
+            "verify",
+            "--config",
+            service.config_path.to_str().unwrap(),
+        ],
+        None,
+    );
+    assert!(
+        ok && out.contains("closed cleanly") && !err.contains("without a close checkpoint"),
+        "after {after}: {out}{err}"
+    );
+}
+
+#[test]
+fn a_start_that_fails_closes_the_audit_trail_and_removes_its_sockets() {
+    let mut service = Service::new("", "info");
+    service.spawn(&[]);
+    assert_eq!(service.stop().code(), Some(0), "{}", service.log());
+    assert_trail_closed_cleanly(&service, "a clean stop");
+    let original = std::fs::read_to_string(&service.config_path).unwrap();
+    let fail_to_start = |config: &str, reason: &str| {
+        std::fs::write(&service.config_path, config).unwrap();
+        let (code, output) = common::run_expecting_failure(&service.config_path);
+        assert_eq!(code, Some(1), "{output}");
+        assert!(output.contains(reason), "{output}");
+        assert!(!output.contains("closing audit checkpoint"), "{output}");
+        assert_trail_closed_cleanly(&service, reason);
+        assert!(!service.workload.exists(), "{reason}: workload socket left");
+        assert!(!service.admin.exists(), "{reason}: admin socket left");
+    };
+
+    // A policy file that is missing.
+    let missing = service.dir.path().join("missing.cedar");
+    fail_to_start(
+        &format!(
+            "{original}\n[policy]\nfiles = [\"{}\"]\n",
+            missing.display()
+        ),
+        &format!("{}: cannot read policy file", missing.display()),
+    );
+
+    // The telemetry port in use: both sockets were bound by then.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken_addr = taken.local_addr().unwrap().to_string();
+    fail_to_start(
+        &original.replace("127.0.0.1:0", &taken_addr),
+        &format!("binding the telemetry listener on {taken_addr}"),
+    );
+    drop(taken);
+
+    // The admin socket served by another writ: the workload socket was
+    // bound by then, and the other writ's socket is left alone.
+    let other = Writ::start("");
+    let others_admin = other.dir.path().join("run/admin.sock");
+    fail_to_start(
+        &original.replace(
+            service.admin.to_str().unwrap(),
+            others_admin.to_str().unwrap(),
+        ),
+        "already has a server listening",
+    );
+    let (ok, _, err) = common::writ_cli(
+        &[
+            "task",
+            "list",
+            "--admin-socket",
+            others_admin.to_str().unwrap(),
+        ],
+        None,
+    );
+    assert!(ok, "the other writ's admin socket still serves: {err}");
+
+    // And the next start finds a trail that ended cleanly.
+    std::fs::write(&service.config_path, &original).unwrap();
+    service.spawn(&[]);
+    assert_eq!(service.stop().code(), Some(0), "{}", service.log());
+    assert_trail_closed_cleanly(&service, "starting again");
+}
