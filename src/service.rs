@@ -95,21 +95,7 @@ pub async fn build(config: &Config) -> Result<Services, ServiceError> {
     let policy = load_policy(&config.policy.files)?;
     create_private_dir(&config.data_dir)?;
     let store = Arc::new(Store::open(&config.data_dir.join("writ.db"))?);
-    let ca = CertificateAuthority::load_or_create(
-        CaSettings {
-            trust_domain: config.trust_domain.clone(),
-            dir: config.data_dir.join("ca"),
-            ca_ttl: config.ca.ca_ttl,
-            svid_ttl: config.ca.x509_svid_ttl,
-            jwt_svid_ttl: config.ca.jwt_svid_ttl,
-            upstream: config.ca.upstream.as_ref().map(|u| UpstreamCaFiles {
-                cert: u.cert.clone(),
-                key: u.key.clone(),
-                bundle: u.bundle.clone(),
-            }),
-        },
-        SystemTime::now(),
-    )?;
+    let ca = CertificateAuthority::load_or_create(ca_settings(config), SystemTime::now())?;
     let registry = Registry::from_config(config);
     // Hashing executables costs real time on a cold cache; skip it entirely
     // unless some entry actually asks for a digest.
@@ -194,6 +180,43 @@ pub async fn build(config: &Config) -> Result<Services, ServiceError> {
         entries,
         federation,
     })
+}
+
+fn ca_settings(config: &Config) -> CaSettings {
+    CaSettings {
+        trust_domain: config.trust_domain.clone(),
+        dir: config.data_dir.join("ca"),
+        ca_ttl: config.ca.ca_ttl,
+        svid_ttl: config.ca.x509_svid_ttl,
+        jwt_svid_ttl: config.ca.jwt_svid_ttl,
+        upstream: config.ca.upstream.as_ref().map(|u| UpstreamCaFiles {
+            cert: u.cert.clone(),
+            key: u.key.clone(),
+            bundle: u.bundle.clone(),
+        }),
+    }
+}
+
+/// What a start checks in the files a valid config names, without creating
+/// or opening anything (no state directory, socket or port): the Cedar
+/// policies against writ's schema, the upstream CA files (down to one SVID
+/// signed and verified), and the federation files (CA files, bootstrap
+/// bundles, the bundle endpoint's certificate and key). Every problem
+/// found, for `writ validate`.
+pub fn check_files(config: &Config) -> Vec<ServiceError> {
+    let mut problems = Vec::new();
+    if let Err(e) = load_policy(&config.policy.files) {
+        problems.push(e);
+    }
+    if let Err(e) = CertificateAuthority::check_settings(&ca_settings(config), SystemTime::now()) {
+        problems.push(e.into());
+    }
+    problems.extend(
+        crate::federation::check_files(&config.federation)
+            .into_iter()
+            .map(ServiceError::from),
+    );
+    problems
 }
 
 pub use crate::reload::LogLevelControl;
