@@ -506,6 +506,7 @@ fn entry_status(e: EntryError) -> Status {
         EntryError::NotFound(_) => Status::not_found(e.to_string()),
         EntryError::FromConfig(_) => Status::failed_precondition(e.to_string()),
         EntryError::AlreadyExists(_) => Status::already_exists(e.to_string()),
+        EntryError::ShadowsAdminEntry(_) => Status::failed_precondition(e.to_string()),
         EntryError::Store(_) => Status::unavailable(e.to_string()),
     }
 }

@@ -25,8 +25,53 @@ pub enum EntryError {
     FromConfig(String),
     #[error("an entry with this SPIFFE ID and selectors already exists ({0})")]
     AlreadyExists(String),
+    /// Config entries with the id (the same SPIFFE ID and selectors) of
+    /// entries created through the admin API, which they would hide.
+    #[error("{}", shadowing_message(.0))]
+    ShadowsAdminEntry(Vec<(String, SpiffeId)>),
     #[error("store: {0}")]
     Store(#[from] StoreError),
+}
+
+fn shadowing_message(entries: &[(String, SpiffeId)]) -> String {
+    let advice = |them: &str, delete: &str| {
+        format!(
+            "leave {them} out of the config file, or delete the admin entry first ({delete}, while writ runs)"
+        )
+    };
+    match entries {
+        [(id, spiffe_id)] => format!(
+            "config entry {id} ({spiffe_id}) has the same SPIFFE ID and selectors, and so the same id, as an entry created through the admin API, and would hide it: {}",
+            advice("it", &format!("`writ entry delete {id}`"))
+        ),
+        _ => {
+            let listed: Vec<String> = entries
+                .iter()
+                .map(|(id, spiffe_id)| format!("{id} ({spiffe_id})"))
+                .collect();
+            format!(
+                "config entries {} have the same SPIFFE IDs and selectors, and so the same ids, as entries created through the admin API, and would hide them: {}",
+                listed.join(", "),
+                advice("them", "`writ entry delete <id>`")
+            )
+        }
+    }
+}
+
+/// Refuses config entries that are also admin entries: two entries would
+/// share an id, and the stored one would silently never be served.
+fn check_not_shadowing(config: &Registry, admin: &[Arc<Entry>]) -> Result<(), EntryError> {
+    let shadowed: Vec<(String, SpiffeId)> = config
+        .entries()
+        .iter()
+        .filter(|c| admin.iter().any(|a| a.id == c.id))
+        .map(|c| (c.id.clone(), c.spiffe_id.clone()))
+        .collect();
+    if shadowed.is_empty() {
+        Ok(())
+    } else {
+        Err(EntryError::ShadowsAdminEntry(shadowed))
+    }
 }
 
 fn invalid(field: &'static str, reason: impl Into<String>) -> EntryError {
@@ -51,6 +96,8 @@ pub struct EntryStore {
 
 impl EntryStore {
     /// Loads persisted admin entries and installs the merged registry.
+    /// Refuses a config entry that is also a stored admin entry (the store
+    /// is left as it is).
     pub fn open(
         agent: Arc<Agent>,
         store: Arc<Store>,
@@ -64,6 +111,7 @@ impl EntryStore {
             .into_iter()
             .map(Arc::new)
             .collect();
+        check_not_shadowing(&config_registry, &admin)?;
         let this = Arc::new(Self {
             agent,
             store,
@@ -87,14 +135,21 @@ impl EntryStore {
             .set_registry(base.with_admin_entries(admin.iter().cloned()));
     }
 
-    /// Replaces the config-file entries (on reload), keeping admin entries.
-    pub async fn set_config_registry(&self, registry: Registry) {
+    /// Checks new config-file entries (on reload) against the admin
+    /// entries. Admin entries cannot be created or deleted until the
+    /// returned update is installed or dropped, so the check still holds
+    /// when it is installed.
+    pub async fn prepare_config_registry(
+        &self,
+        registry: Registry,
+    ) -> Result<ConfigRegistryUpdate<'_>, EntryError> {
         let admin = self.admin_entries.lock().await;
-        *self
-            .config_registry
-            .lock()
-            .unwrap_or_else(|p| p.into_inner()) = registry;
-        self.install(&admin);
+        check_not_shadowing(&registry, &admin)?;
+        Ok(ConfigRegistryUpdate {
+            store: self,
+            admin,
+            registry,
+        })
     }
 
     pub async fn create(&self, req: pb::CreateEntryRequest) -> Result<Entry, EntryError> {
@@ -228,6 +283,25 @@ impl EntryStore {
         entry.hint = req.hint;
         entry.federates_with = federates_with;
         Ok(entry)
+    }
+}
+
+/// Config-file entries checked by [`EntryStore::prepare_config_registry`],
+/// ready to replace the running ones; admin entries are kept.
+pub struct ConfigRegistryUpdate<'a> {
+    store: &'a EntryStore,
+    admin: tokio::sync::MutexGuard<'a, Vec<Arc<Entry>>>,
+    registry: Registry,
+}
+
+impl ConfigRegistryUpdate<'_> {
+    pub fn install(self) {
+        *self
+            .store
+            .config_registry
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = self.registry;
+        self.store.install(&self.admin);
     }
 }
 

@@ -1,7 +1,9 @@
 //! Reloading a running agent, on SIGHUP or the admin `Reload` call: re-read
 //! the config file, policies and federation list, check all of it, and only
 //! then apply it (entries, policies, log level, federated trust domains).
-//! One reload runs at a time; a refused one changes nothing and says why.
+//! Settings read only at start keep their running values until a restart,
+//! and what a reload applies must be valid with them. One reload runs at a
+//! time; a refused one changes nothing and says why.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -10,7 +12,7 @@ use std::time::SystemTime;
 use crate::agent::Agent;
 use crate::audit::{AuditEvent, CallerFacts, EventKind};
 use crate::config::Config;
-use crate::entries::EntryStore;
+use crate::entries::{EntryError, EntryStore};
 use crate::federation::{Federation, FederationChanges, FederationError};
 use crate::identity::Registry;
 use crate::systemd::Notifier;
@@ -30,6 +32,9 @@ pub enum ReloadError {
     Policy(String),
     #[error("federation: {0}")]
     Federation(FederationError),
+    /// The new entries clash with entries created through the admin API.
+    #[error("{0}")]
+    Entries(EntryError),
     #[error("changing the log level: {0}")]
     LogLevel(String),
     /// Checking passed but storing a new trust domain's bootstrap bundle
@@ -44,7 +49,10 @@ impl ReloadError {
     pub fn is_invalid_configuration(&self) -> bool {
         matches!(
             self,
-            ReloadError::Config(_) | ReloadError::Policy(_) | ReloadError::Federation(_)
+            ReloadError::Config(_)
+                | ReloadError::Policy(_)
+                | ReloadError::Federation(_)
+                | ReloadError::Entries(EntryError::ShadowsAdminEntry(_))
         )
     }
 
@@ -81,7 +89,8 @@ pub struct ReloadSummary {
     pub log_level: String,
     pub log_level_changed: bool,
     pub federation: FederationChanges,
-    /// Settings that changed in the file but take effect only on restart.
+    /// Restart-only settings whose running values differ from the file's:
+    /// they take effect on restart, and are listed by every reload until then.
     pub restart_required: Vec<String>,
     /// Anything else worth telling the operator.
     pub notes: Vec<String>,
@@ -126,8 +135,10 @@ pub struct Reloader {
     notifier: Notifier,
     health: Arc<Health>,
     ready_status: String,
-    /// The configuration in force. Holding this lock is what serializes
-    /// reloads: a SIGHUP arriving during an admin call waits its turn.
+    /// The configuration in force: the last applied file's reloadable
+    /// settings with the restart-only ones writ started with. Holding this
+    /// lock is what serializes reloads: a SIGHUP arriving during an admin
+    /// call waits its turn.
     current: tokio::sync::Mutex<Config>,
 }
 
@@ -202,10 +213,15 @@ impl Reloader {
             e
         };
 
-        // Everything is read and checked before anything changes.
-        let next = crate::config::validate_file(path)
+        // Everything is read and checked before anything changes. What will
+        // run is the file's reloadable settings with the running restart-only
+        // ones, and the file was checked to be valid that way too: an agent
+        // must never be left with entries it cannot issue.
+        let file = crate::config::validate_reload(path, current)
             .map_err(|errors| ReloadError::Config(errors.iter().map(|e| e.to_string()).collect()))
             .map_err(refused)?;
+        let restart_required = restart_required(current, &file);
+        let next = keep_restart_only_settings(file, current);
         let policy = crate::service::load_policy(&next.policy.files)
             .map_err(|e| ReloadError::Policy(e.to_string()))
             .map_err(refused)?;
@@ -214,7 +230,14 @@ impl Reloader {
             .plan(&next.federation)
             .map_err(ReloadError::Federation)
             .map_err(refused)?;
-        let restart_required = restart_required(current, &next);
+        // Held until applied: no admin entry can appear meanwhile that the
+        // new config entries would hide.
+        let entries = self
+            .entries
+            .prepare_config_registry(Registry::from_config(&next))
+            .await
+            .map_err(ReloadError::Entries)
+            .map_err(refused)?;
         if !restart_required.is_empty() {
             tracing::warn!(
                 settings = ?restart_required,
@@ -250,9 +273,7 @@ impl Reloader {
         }
 
         // From here on nothing can fail.
-        self.entries
-            .set_config_registry(Registry::from_config(&next))
-            .await;
+        entries.install();
         let policy_source = policy.source().to_owned();
         let policy_ids = policy.policy_ids();
         self.agent.set_policy(policy);
@@ -302,7 +323,8 @@ fn join(items: &[impl std::fmt::Display]) -> String {
 
 /// The settings that differ between `current` and `next` but are only read
 /// at start: the sockets, state, CA, attestors, task limits, audit trail,
-/// bundle endpoint listener and telemetry listener.
+/// bundle endpoint listener and telemetry listener. Kept in step with
+/// `keep_restart_only_settings`.
 pub fn restart_required(current: &Config, next: &Config) -> Vec<String> {
     let checks: [(&str, bool); 11] = [
         ("trust_domain", current.trust_domain != next.trust_domain),
@@ -325,6 +347,50 @@ pub fn restart_required(current: &Config, next: &Config) -> Vec<String> {
         .filter(|(_, changed)| *changed)
         .map(|(name, _)| (*name).to_owned())
         .collect()
+}
+
+/// The configuration a reload puts in force: `file`'s reloadable settings
+/// (entries, policies, `log.level`, the federated trust domains and their
+/// refresh floor) with `running`'s restart-only ones, which stay as they are
+/// until writ restarts. Naming every field means a new one cannot be added
+/// without deciding which kind it is.
+fn keep_restart_only_settings(file: Config, running: &Config) -> Config {
+    let Config {
+        trust_domain: _,
+        data_dir: _,
+        workload_api: _,
+        admin_api: _,
+        ca: _,
+        attestors: _,
+        tasks: _,
+        log,
+        policy,
+        audit: _,
+        federation,
+        telemetry: _,
+        entries,
+    } = file;
+    Config {
+        trust_domain: running.trust_domain.clone(),
+        data_dir: running.data_dir.clone(),
+        workload_api: running.workload_api.clone(),
+        admin_api: running.admin_api.clone(),
+        ca: running.ca.clone(),
+        attestors: running.attestors.clone(),
+        tasks: running.tasks.clone(),
+        log: crate::config::LogConfig {
+            level: log.level,
+            format: running.log.format,
+        },
+        policy,
+        audit: running.audit.clone(),
+        federation: crate::config::FederationConfig {
+            bundle_endpoint: running.federation.bundle_endpoint.clone(),
+            ..federation
+        },
+        telemetry: running.telemetry.clone(),
+        entries,
+    }
 }
 
 /// Reloads on every SIGHUP until the task is aborted.
@@ -371,6 +437,51 @@ mod tests {
             restart_required(&current, &next),
             ["workload_api", "tasks", "federation.bundle_endpoint"]
         );
+    }
+
+    #[test]
+    fn a_reload_keeps_every_restart_only_setting_at_its_running_value() {
+        let running = Config::builtin_defaults(&Environment::current());
+        let mut file = running.clone();
+        file.trust_domain = crate::spiffe_id::TrustDomain::new("other.test").unwrap();
+        file.data_dir = "/elsewhere".into();
+        file.workload_api.socket_path = "/elsewhere/w.sock".into();
+        file.admin_api.bind_same_uid = !running.admin_api.bind_same_uid;
+        file.ca.x509_svid_ttl *= 2;
+        file.attestors.unix.discover_workload_path = !running.attestors.unix.discover_workload_path;
+        file.tasks.max_depth += 1;
+        file.audit.checkpoint_every += 1;
+        file.federation.bundle_endpoint = Some(crate::config::BundleEndpointConfig {
+            listen: "127.0.0.1:8443".parse().unwrap(),
+            profile: crate::config::EndpointServerProfile::HttpsSpiffe {
+                spiffe_id: "spiffe://other.test/writ/bundle-endpoint".parse().unwrap(),
+            },
+            refresh_hint: std::time::Duration::from_secs(300),
+        });
+        file.telemetry.listen = Some("127.0.0.1:9600".parse().unwrap());
+        file.log.format = crate::config::LogFormat::Json;
+        // ...and every reloadable one.
+        file.log.level = "debug".into();
+        file.policy.files = vec!["/etc/writ/policy.cedar".into()];
+        file.federation.min_refresh_interval *= 2;
+        file.entries.clear();
+        assert_eq!(restart_required(&running, &file).len(), 11);
+
+        let next = keep_restart_only_settings(file.clone(), &running);
+        assert!(
+            restart_required(&running, &next).is_empty(),
+            "{:?}",
+            restart_required(&running, &next)
+        );
+        // Still pending, as the file still differs from what runs.
+        assert_eq!(restart_required(&next, &file).len(), 11);
+        assert_eq!(next.log.level, "debug");
+        assert_eq!(next.policy, file.policy);
+        assert_eq!(
+            next.federation.min_refresh_interval,
+            file.federation.min_refresh_interval
+        );
+        assert!(next.entries.is_empty());
     }
 
     #[test]

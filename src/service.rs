@@ -91,23 +91,12 @@ pub struct Services {
 /// Builds the agent from config: data dir, store, CA, attestors, entries and
 /// tasks (restored from the store). Used by `run` and by benchmarks.
 pub async fn build(config: &Config) -> Result<Services, ServiceError> {
+    // A bad policy file is the config's fault: found before anything is
+    // created or opened.
+    let policy = load_policy(&config.policy.files)?;
     create_private_dir(&config.data_dir)?;
     let store = Arc::new(Store::open(&config.data_dir.join("writ.db"))?);
-    let ca = CertificateAuthority::load_or_create(
-        CaSettings {
-            trust_domain: config.trust_domain.clone(),
-            dir: config.data_dir.join("ca"),
-            ca_ttl: config.ca.ca_ttl,
-            svid_ttl: config.ca.x509_svid_ttl,
-            jwt_svid_ttl: config.ca.jwt_svid_ttl,
-            upstream: config.ca.upstream.as_ref().map(|u| UpstreamCaFiles {
-                cert: u.cert.clone(),
-                key: u.key.clone(),
-                bundle: u.bundle.clone(),
-            }),
-        },
-        SystemTime::now(),
-    )?;
+    let ca = CertificateAuthority::load_or_create(ca_settings(config), SystemTime::now())?;
     let registry = Registry::from_config(config);
     // Hashing executables costs real time on a cold cache; skip it entirely
     // unless some entry actually asks for a digest.
@@ -170,13 +159,21 @@ pub async fn build(config: &Config) -> Result<Services, ServiceError> {
         Arc::new(crate::agent::CaCheckpointSigner(Arc::downgrade(&agent))),
     )?;
     agent.set_audit(audit);
-    agent.record_ca_changes_at_load().await;
-    agent.set_policy(load_policy(&config.policy.files)?);
-    agent.load_revocations().await?;
-    tokio::spawn(agent.clone().run_crl_publisher());
-    tasks.restore().await?;
-    tasks.spawn_pruner();
-    agent.publish_crls().await?;
+    let restored = async {
+        agent.record_ca_changes_at_load().await;
+        agent.set_policy(policy);
+        agent.load_revocations().await?;
+        tokio::spawn(agent.clone().run_crl_publisher());
+        tasks.restore().await?;
+        tasks.spawn_pruner();
+        agent.publish_crls().await?;
+        Ok::<(), ServiceError>(())
+    }
+    .await;
+    if let Err(e) = restored {
+        close_audit_trail(&agent).await;
+        return Err(e);
+    }
     Ok(Services {
         agent,
         store,
@@ -184,6 +181,43 @@ pub async fn build(config: &Config) -> Result<Services, ServiceError> {
         entries,
         federation,
     })
+}
+
+fn ca_settings(config: &Config) -> CaSettings {
+    CaSettings {
+        trust_domain: config.trust_domain.clone(),
+        dir: config.data_dir.join("ca"),
+        ca_ttl: config.ca.ca_ttl,
+        svid_ttl: config.ca.x509_svid_ttl,
+        jwt_svid_ttl: config.ca.jwt_svid_ttl,
+        upstream: config.ca.upstream.as_ref().map(|u| UpstreamCaFiles {
+            cert: u.cert.clone(),
+            key: u.key.clone(),
+            bundle: u.bundle.clone(),
+        }),
+    }
+}
+
+/// What a start checks in the files a valid config names, without creating
+/// or opening anything (no state directory, socket or port): the Cedar
+/// policies against writ's schema, the upstream CA files (down to one SVID
+/// signed and verified), and the federation files (CA files, bootstrap
+/// bundles, the bundle endpoint's certificate and key). Every problem
+/// found, for `writ validate`.
+pub fn check_files(config: &Config) -> Vec<ServiceError> {
+    let mut problems = Vec::new();
+    if let Err(e) = load_policy(&config.policy.files) {
+        problems.push(e);
+    }
+    if let Err(e) = CertificateAuthority::check_settings(&ca_settings(config), SystemTime::now()) {
+        problems.push(e.into());
+    }
+    problems.extend(
+        crate::federation::check_files(&config.federation)
+            .into_iter()
+            .map(ServiceError::from),
+    );
+    problems
 }
 
 pub use crate::reload::LogLevelControl;
@@ -205,47 +239,6 @@ pub async fn run(
     raise_open_file_limit();
     let notifier = Notifier::from_env();
     let mut passed = PassedSockets::from_env()?;
-    let services = build(&config).await?;
-    let agent = services.agent.clone();
-    let metrics = agent.metrics().clone();
-    let health = Arc::new(Health::default());
-    for trust_domain in &config.federation.trust_domains {
-        metrics.federation_fetch_series(trust_domain.name.name());
-    }
-
-    let workload_socket = config.workload_api.socket_path.clone();
-    let admin_socket = config.admin_api.socket_path.clone();
-    let (workload_listener, workload_ours) =
-        listener_for(&mut passed, "workload", &workload_socket, 0o777)?;
-    let (admin_listener, admin_ours) = listener_for(&mut passed, "admin", &admin_socket, 0o770)?;
-    let workload_served = served_socket("Workload API", &workload_socket, workload_ours)?;
-    let admin_served = served_socket("admin API", &admin_socket, admin_ours)?;
-    if !passed.is_empty() {
-        tracing::warn!(unused = ?passed.leftover(), "systemd passed sockets writ does not use (names must be \"workload\" or \"admin\", or paths must match the config)");
-    }
-    let bundle_endpoint = match &config.federation.bundle_endpoint {
-        Some(endpoint) => {
-            Some(BundleEndpoint::bind(agent.clone(), endpoint, config.ca.x509_svid_ttl).await?)
-        }
-        None => None,
-    };
-    let telemetry = match config.telemetry.listen {
-        Some(addr) => Some(
-            TelemetryServer::bind(
-                addr,
-                metrics.clone(),
-                health.clone(),
-                refresh_gauges(&services),
-            )
-            .await?,
-        ),
-        None => None,
-    };
-
-    let (health_reporter, health_service) = tonic_health::server::health_reporter();
-    health_reporter
-        .set_serving::<SpiffeWorkloadApiServer<WorkloadApi>>()
-        .await;
     // One descriptor set holds both APIs: left to itself, reflection would
     // list all of it on both sockets, services the socket answers only with
     // Unimplemented. Each lists what it serves, with health and reflection.
@@ -260,6 +253,50 @@ pub async fn run(
             .fold(builder, |builder, name| builder.with_service_name(*name))
             .build_v1()
     };
+    let workload_reflection =
+        reflection(&[<SpiffeWorkloadApiServer<WorkloadApi> as NamedService>::NAME])?;
+    let admin_reflection = reflection(&[
+        <TasksServer<TasksService> as NamedService>::NAME,
+        <EntriesServer<EntriesService> as NamedService>::NAME,
+        <BundlesServer<BundlesService> as NamedService>::NAME,
+        <AgentServer<AgentService> as NamedService>::NAME,
+    ])?;
+    let services = build(&config).await?;
+    let agent = services.agent.clone();
+    let metrics = agent.metrics().clone();
+    let health = Arc::new(Health::default());
+    for trust_domain in &config.federation.trust_domains {
+        metrics.federation_fetch_series(trust_domain.name.name());
+    }
+
+    let workload_socket = config.workload_api.socket_path.clone();
+    let admin_socket = config.admin_api.socket_path.clone();
+    let mut bound = BoundSockets::default();
+    let listening = match listen(&config, &services, &health, &mut passed, &mut bound).await {
+        Ok(listening) => listening,
+        Err(e) => {
+            // A socket taken or a port in use is no crash: the sockets writ
+            // made go, and the trail ends with its closing checkpoint.
+            bound.remove_all();
+            close_audit_trail(&agent).await;
+            services.store.close();
+            return Err(e);
+        }
+    };
+    let Listening {
+        workload: workload_listener,
+        admin: admin_listener,
+        workload_served,
+        admin_served,
+        bundle_endpoint,
+        telemetry,
+    } = listening;
+    let socket_activated = !bound.contains(&workload_socket) || !bound.contains(&admin_socket);
+
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<SpiffeWorkloadApiServer<WorkloadApi>>()
+        .await;
 
     let rotation = tokio::spawn(rotate_ca_forever(agent.clone()));
     let ready_status = format!(
@@ -300,7 +337,7 @@ pub async fn run(
         workload_socket.display()
     );
     println!("writ: admin API on unix://{}", admin_socket.display());
-    tracing::info!(socket = %workload_socket.display(), admin = %admin_socket.display(), trust_domain = %agent.trust_domain(), socket_activated = !workload_ours || !admin_ours, "writ started");
+    tracing::info!(socket = %workload_socket.display(), admin = %admin_socket.display(), trust_domain = %agent.trust_domain(), socket_activated, "writ started");
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     services.federation.spawn_fetchers(stop_rx.clone());
@@ -328,9 +365,7 @@ pub async fn run(
     };
     let workload_server = tonic::transport::Server::builder()
         .add_service(health_service.clone())
-        .add_service(reflection(&[
-            <SpiffeWorkloadApiServer<WorkloadApi> as NamedService>::NAME,
-        ])?)
+        .add_service(workload_reflection)
         .add_service(SpiffeWorkloadApiServer::new(WorkloadApi::new(
             agent.clone(),
             config.workload_api.reattest_interval,
@@ -341,12 +376,7 @@ pub async fn run(
         );
     let admin_server = tonic::transport::Server::builder()
         .add_service(health_service)
-        .add_service(reflection(&[
-            <TasksServer<TasksService> as NamedService>::NAME,
-            <EntriesServer<EntriesService> as NamedService>::NAME,
-            <BundlesServer<BundlesService> as NamedService>::NAME,
-            <AgentServer<AgentService> as NamedService>::NAME,
-        ])?)
+        .add_service(admin_reflection)
         .add_service(TasksServer::new(TasksService(admin.clone())))
         .add_service(EntriesServer::new(EntriesService(admin.clone())))
         .add_service(BundlesServer::new(BundlesService(admin.clone())))
@@ -429,25 +459,99 @@ pub async fn run(
     if let Some(watchdog) = watchdog {
         watchdog.abort();
     }
-    // A socket systemd passed in belongs to its .socket unit, which keeps
-    // listening (and starts writ again on the next connection).
-    if workload_ours {
-        remove_socket(&workload_socket);
-    }
-    if admin_ours {
-        remove_socket(&admin_socket);
-    }
-    if let Some(audit) = services.agent.audit_log().cloned() {
-        // Writes the closing checkpoint: a trail that ends without one is
-        // known to have been cut short or to belong to a crashed run. It
-        // waits on the trail's background thread, so not on a runtime worker.
-        let _ = tokio::task::spawn_blocking(move || audit.close()).await;
-    }
+    bound.remove_all();
+    close_audit_trail(&services.agent).await;
     services.store.close();
     tracing::info!("writ stopped");
     served?;
     admin_served?;
     Ok(())
+}
+
+/// The listeners of a starting agent, bound but not yet served.
+struct Listening {
+    workload: UnixListener,
+    admin: UnixListener,
+    workload_served: ServedSocket,
+    admin_served: ServedSocket,
+    bundle_endpoint: Option<BundleEndpoint>,
+    telemetry: Option<TelemetryServer>,
+}
+
+/// Takes the sockets systemd passed, or binds them (each one writ binds
+/// goes into `bound` at once, so a later failure can remove it), then the
+/// bundle endpoint and telemetry listeners.
+async fn listen(
+    config: &Config,
+    services: &Services,
+    health: &Arc<Health>,
+    passed: &mut PassedSockets,
+    bound: &mut BoundSockets,
+) -> Result<Listening, ServiceError> {
+    let workload_socket = &config.workload_api.socket_path;
+    let admin_socket = &config.admin_api.socket_path;
+    let workload = listener_for(passed, "workload", workload_socket, 0o777, bound)?;
+    let admin = listener_for(passed, "admin", admin_socket, 0o770, bound)?;
+    let workload_served = served_socket("Workload API", workload_socket, bound)?;
+    let admin_served = served_socket("admin API", admin_socket, bound)?;
+    if !passed.is_empty() {
+        tracing::warn!(unused = ?passed.leftover(), "systemd passed sockets writ does not use (names must be \"workload\" or \"admin\", or paths must match the config)");
+    }
+    let agent = &services.agent;
+    let bundle_endpoint = match &config.federation.bundle_endpoint {
+        Some(endpoint) => {
+            Some(BundleEndpoint::bind(agent.clone(), endpoint, config.ca.x509_svid_ttl).await?)
+        }
+        None => None,
+    };
+    let telemetry = match config.telemetry.listen {
+        Some(addr) => Some(
+            TelemetryServer::bind(
+                addr,
+                agent.metrics().clone(),
+                health.clone(),
+                refresh_gauges(services),
+            )
+            .await?,
+        ),
+        None => None,
+    };
+    Ok(Listening {
+        workload,
+        admin,
+        workload_served,
+        admin_served,
+        bundle_endpoint,
+        telemetry,
+    })
+}
+
+/// The socket files writ bound itself, to remove when it stops (or fails
+/// to start). A socket systemd passed in belongs to its .socket unit,
+/// which keeps listening (and starts writ again on the next connection).
+#[derive(Default)]
+struct BoundSockets(Vec<PathBuf>);
+
+impl BoundSockets {
+    fn contains(&self, path: &Path) -> bool {
+        self.0.iter().any(|p| p == path)
+    }
+
+    fn remove_all(&mut self) {
+        for path in self.0.drain(..) {
+            remove_socket(&path);
+        }
+    }
+}
+
+/// Writes the trail's closing checkpoint, signed by the CA, so it must run
+/// while the agent lives: a trail that ends without one is known to have
+/// been cut short or to belong to a crashed run. It waits on the trail's
+/// background thread, so not on a runtime worker.
+async fn close_audit_trail(agent: &Agent) {
+    if let Some(audit) = agent.audit_log().cloned() {
+        let _ = tokio::task::spawn_blocking(move || audit.close()).await;
+    }
 }
 
 /// How often gRPC health (`grpc.health.v1` on the Workload API socket)
@@ -559,9 +663,9 @@ fn raise_open_file_limit() {
 fn served_socket(
     what: &'static str,
     path: &Path,
-    ours: bool,
+    bound: &BoundSockets,
 ) -> Result<ServedSocket, ServiceError> {
-    if !ours {
+    if !bound.contains(path) {
         return Ok(ServedSocket::passed(what, path));
     }
     ServedSocket::bound(what, path).map_err(|source| ServiceError::Bind {
@@ -571,14 +675,14 @@ fn served_socket(
 }
 
 /// The socket systemd passed under `name` (or bound at `path`), or a fresh
-/// one bound by writ. The flag says whether writ created it, and so must
-/// remove it on stop.
+/// one bound by writ, which then goes into `bound`.
 fn listener_for(
     passed: &mut PassedSockets,
     name: &str,
     path: &Path,
     mode: u32,
-) -> Result<(UnixListener, bool), ServiceError> {
+    bound: &mut BoundSockets,
+) -> Result<UnixListener, ServiceError> {
     match passed.take(name, path) {
         Some(listener) => {
             let fail = |source| ServiceError::Bind {
@@ -588,9 +692,13 @@ fn listener_for(
             listener.set_nonblocking(true).map_err(fail)?;
             let listener = UnixListener::from_std(listener).map_err(fail)?;
             tracing::info!(name, path = %path.display(), "using the socket passed by systemd");
-            Ok((listener, false))
+            Ok(listener)
         }
-        None => Ok((bind_socket(path, mode, 0o755)?, true)),
+        None => {
+            let listener = bind_socket(path, mode, 0o755)?;
+            bound.0.push(path.to_owned());
+            Ok(listener)
+        }
     }
 }
 

@@ -5,6 +5,7 @@ mod common;
 
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -120,10 +121,97 @@ fn validate_reports_errors_with_line_and_column() {
     assert!(stderr.contains(&format!("{path}:5:14:")), "{stderr}");
     assert!(stderr.contains("2 error(s)"), "{stderr}");
 
-    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/writ.toml");
-    let (ok, stdout, stderr) = writ_cli(&["validate", "--config", example], None);
+    // The example is valid, and names policy and federation files that
+    // must exist where it is deployed: here, under a temp dir.
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let example = std::fs::read_to_string(repo.join("examples/writ.toml")).unwrap();
+    let etc = dir.path().join("etc/writ");
+    let deployed = dir.path().join("writ.toml");
+    std::fs::write(
+        &deployed,
+        example.replace("/etc/writ/", &format!("{}/", etc.display())),
+    )
+    .unwrap();
+    let deployed = deployed.to_str().unwrap();
+    let (ok, _, stderr) = writ_cli(&["validate", "--config", deployed], None);
+    assert!(!ok);
+    assert!(stderr.contains("3 error(s) in the files"), "{stderr}");
+    assert!(
+        stderr.contains(&format!("{}/policies/agents.cedar", etc.display())),
+        "{stderr}"
+    );
+    for (from, to) in [
+        ("policy/examples/baseline.cedar", "policies/agents.cedar"),
+        (
+            "src/bundle/testdata/spire-cli-test-bundle.json",
+            "federation/partner.example.json",
+        ),
+        (
+            "src/bundle/testdata/rsa2048-ca.pem",
+            "federation/web-roots.pem",
+        ),
+    ] {
+        std::fs::create_dir_all(etc.join(to).parent().unwrap()).unwrap();
+        std::fs::copy(repo.join(from), etc.join(to)).unwrap();
+    }
+    let (ok, stdout, stderr) = writ_cli(&["validate", "--config", deployed], None);
     assert!(ok, "{stderr}");
     assert!(stdout.contains("OK"));
+}
+
+/// What `writ run` would refuse in the files a config names, `writ
+/// validate` refuses too, without starting anything.
+#[test]
+fn validate_checks_the_files_a_config_names() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("writ.toml");
+    let state = dir.path().join("state");
+    let validate = |body: &str| {
+        std::fs::write(
+            &config,
+            format!("data_dir = \"{}\"\n{body}", state.display()),
+        )
+        .unwrap();
+        writ_cli(&["validate", "--config", config.to_str().unwrap()], None)
+    };
+
+    let missing = dir.path().join("missing.cedar");
+    let (ok, _, stderr) = validate(&format!("[policy]\nfiles = [\"{}\"]\n", missing.display()));
+    assert!(!ok);
+    assert!(
+        stderr.contains(&format!("{}: cannot read policy file", missing.display())),
+        "{stderr}"
+    );
+
+    let bad = dir.path().join("bad.cedar");
+    std::fs::write(
+        &bad,
+        "@id(\"x\")\npermit (principal, action, resource) when { principal.foo == \"a\" };\n",
+    )
+    .unwrap();
+    let (ok, _, stderr) = validate(&format!("[policy]\nfiles = [\"{}\"]\n", bad.display()));
+    assert!(!ok);
+    assert!(
+        stderr.contains(&format!("{}:2:", bad.display())) && stderr.contains("`foo`"),
+        "{stderr}"
+    );
+
+    let (ok, _, stderr) = validate(&format!(
+        "[ca.upstream]\ncert = \"{0}/cert.pem\"\nkey = \"{0}/key.pem\"\nbundle = \"{0}/roots.pem\"\n",
+        dir.path().display()
+    ));
+    assert!(!ok);
+    assert!(
+        stderr.contains(&format!("{}/cert.pem", dir.path().display())),
+        "{stderr}"
+    );
+    assert!(stderr.contains("1 error(s)"), "{stderr}");
+
+    // A good policy passes, and nothing was created along the way.
+    std::fs::write(&bad, "permit (principal, action, resource);\n").unwrap();
+    let (ok, stdout, stderr) = validate(&format!("[policy]\nfiles = [\"{}\"]\n", bad.display()));
+    assert!(ok && stdout.contains("OK"), "{stderr}");
+    assert!(!state.exists());
 }
 
 #[test]

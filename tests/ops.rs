@@ -961,3 +961,278 @@ fn grpc_health_follows_readiness() {
     let (status, body) = http_get(&service.http_addr(), "/ready");
     assert_eq!(status, 503, "{body}");
 }
+
+/// `writ reload --output json` against `service`: the summary, or the error.
+fn reload_json(service: &Service) -> Result<serde_json::Value, String> {
+    let admin = service.admin.to_str().unwrap();
+    let (ok, out, err) = common::writ_cli(
+        &["reload", "--admin-socket", admin, "--output", "json"],
+        None,
+    );
+    if ok {
+        Ok(serde_json::from_str(&out).unwrap())
+    } else {
+        Err(err)
+    }
+}
+
+#[test]
+fn a_reload_that_moves_the_trust_domain_is_refused_and_writ_keeps_serving() {
+    let mut service = Service::new("", "info");
+    service.spawn(&[]);
+    assert_eq!(fetched_ids(&service.workload), ["spiffe://writ.test/ops"]);
+
+    // The trust domain and the entry move together, as an operator would
+    // write them; writ cannot issue in a trust domain it does not run in.
+    let original = std::fs::read_to_string(&service.config_path).unwrap();
+    std::fs::write(
+        &service.config_path,
+        original.replace("writ.test", "probe-x.test"),
+    )
+    .unwrap();
+    let err = reload_json(&service).unwrap_err();
+    assert!(err.contains("FailedPrecondition"), "{err}");
+    assert!(
+        err.contains(&format!("{}:", service.config_path.display()))
+            && err.contains("spiffe://probe-x.test/ops is in trust domain probe-x.test, but writ's running trust_domain is writ.test")
+            && err.contains("a changed trust_domain takes effect only when writ restarts"),
+        "{err}"
+    );
+    assert_eq!(
+        fetched_ids(&service.workload),
+        ["spiffe://writ.test/ops"],
+        "the running configuration still serves"
+    );
+
+    // The file itself is fine: a restart puts it in force.
+    assert_eq!(service.stop().code(), Some(0), "{}", service.log());
+    let (ok, _, err) = common::writ_cli(
+        &[
+            "validate",
+            "--config",
+            service.config_path.to_str().unwrap(),
+        ],
+        None,
+    );
+    assert!(ok, "{err}");
+}
+
+#[test]
+fn restart_only_settings_stay_pending_until_a_restart() {
+    let mut service = Service::new("", "info");
+    service.spawn(&[]);
+    let admin = service.admin.to_str().unwrap().to_owned();
+    let config_entry_ttl = || {
+        let (ok, out, err) = common::writ_cli(
+            &[
+                "entry",
+                "list",
+                "--admin-socket",
+                &admin,
+                "--output",
+                "json",
+            ],
+            None,
+        );
+        assert!(ok, "{err}");
+        let entries: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
+        assert_eq!(entries.len(), 1, "{out}");
+        entries[0]["x509_svid_ttl"].as_str().unwrap().to_owned()
+    };
+    assert_eq!(config_entry_ttl(), "1h");
+
+    // A new default SVID lifetime and telemetry listener need a restart:
+    // until then the running ones stay, entries keep the running default,
+    // and every reload says so while the file differs.
+    let original = std::fs::read_to_string(&service.config_path).unwrap();
+    let changed =
+        original.replace("127.0.0.1:0", "127.0.0.2:0") + "\n[ca]\nx509_svid_ttl = \"2h\"\n";
+    std::fs::write(&service.config_path, &changed).unwrap();
+    for _ in 0..2 {
+        let summary = reload_json(&service).unwrap();
+        assert_eq!(
+            summary["restart_required"],
+            serde_json::json!(["ca", "telemetry"]),
+            "{summary}"
+        );
+        assert_eq!(config_entry_ttl(), "1h", "{summary}");
+    }
+    assert_eq!(http_get(&service.http_addr(), "/live").0, 200);
+
+    // Put back, the file matches what runs: nothing is pending.
+    std::fs::write(&service.config_path, &original).unwrap();
+    let summary = reload_json(&service).unwrap();
+    assert_eq!(
+        summary["restart_required"],
+        serde_json::json!([]),
+        "{summary}"
+    );
+    assert_eq!(config_entry_ttl(), "1h");
+}
+
+#[test]
+fn a_config_entry_may_not_hide_an_entry_created_through_the_admin_api() {
+    let uid = nix::unistd::getuid().as_raw();
+    let mut service = Service::new("", "info");
+    service.spawn(&[]);
+    let admin = service.admin.to_str().unwrap().to_owned();
+    let selector = format!("unix:uid:{uid}");
+    let (ok, id, err) = common::writ_cli(
+        &[
+            "entry",
+            "create",
+            "--admin-socket",
+            &admin,
+            "--spiffe-id",
+            "spiffe://writ.test/made",
+            "--selector",
+            &selector,
+            "--hint",
+            "stored",
+        ],
+        None,
+    );
+    assert!(ok, "{err}");
+    let id = id.trim().to_owned();
+    let listed = || {
+        let (ok, out, err) = common::writ_cli(
+            &[
+                "entry",
+                "list",
+                "--admin-socket",
+                &admin,
+                "--output",
+                "json",
+            ],
+            None,
+        );
+        assert!(ok, "{err}");
+        let entries: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
+        entries
+            .iter()
+            .map(|e| format!("{} {}", e["id"].as_str().unwrap(), e["source"]))
+            .collect::<Vec<_>>()
+    };
+    let before = listed();
+    assert_eq!(before.len(), 2, "{before:?}");
+    assert!(before.contains(&format!("{id} \"admin\"")), "{before:?}");
+
+    // The same SPIFFE ID and selectors in the file: the same entry id.
+    let same = format!(
+        "[[entry]]\nspiffe_id = \"spiffe://writ.test/made\"\nselectors = [\"{selector}\"]\n"
+    );
+    service.write_config(&same, "info");
+    let err = reload_json(&service).unwrap_err();
+    assert!(err.contains("FailedPrecondition"), "{err}");
+    assert!(
+        err.contains(&format!("{id} (spiffe://writ.test/made)"))
+            && err.contains("created through the admin API")
+            && err.contains(&format!("`writ entry delete {id}`")),
+        "{err}"
+    );
+    assert_eq!(listed(), before, "nothing changed");
+
+    // Nor can writ start with such a file; the stored entry stays.
+    assert_eq!(service.stop().code(), Some(0), "{}", service.log());
+    let (code, output) = common::run_expecting_failure(&service.config_path);
+    assert_eq!(code, Some(1), "{output}");
+    assert!(
+        output.contains(&format!("{id} (spiffe://writ.test/made)")),
+        "{output}"
+    );
+    service.write_config("", "info");
+    service.spawn(&[]);
+    assert_eq!(listed(), before, "the stored entry is kept");
+
+    // Deleted through the admin API, it may come from the file.
+    let (ok, _, err) = common::writ_cli(&["entry", "delete", "--admin-socket", &admin, &id], None);
+    assert!(ok, "{err}");
+    service.write_config(&same, "info");
+    let summary = reload_json(&service).unwrap();
+    assert_eq!(summary["entries"], 2, "{summary}");
+    assert!(listed().contains(&format!("{id} \"config\"")));
+}
+
+/// `writ audit verify` on `service`'s trail: it must pass, the last run
+/// must have closed it, and no run may have ended without closing it.
+fn assert_trail_closed_cleanly(service: &Service, after: &str) {
+    let (ok, out, err) = common::writ_cli(
+        &[
+            "audit",
+            "verify",
+            "--config",
+            service.config_path.to_str().unwrap(),
+        ],
+        None,
+    );
+    assert!(
+        ok && out.contains("closed cleanly") && !err.contains("without a close checkpoint"),
+        "after {after}: {out}{err}"
+    );
+}
+
+#[test]
+fn a_start_that_fails_closes_the_audit_trail_and_removes_its_sockets() {
+    let mut service = Service::new("", "info");
+    service.spawn(&[]);
+    assert_eq!(service.stop().code(), Some(0), "{}", service.log());
+    assert_trail_closed_cleanly(&service, "a clean stop");
+    let original = std::fs::read_to_string(&service.config_path).unwrap();
+    let fail_to_start = |config: &str, reason: &str| {
+        std::fs::write(&service.config_path, config).unwrap();
+        let (code, output) = common::run_expecting_failure(&service.config_path);
+        assert_eq!(code, Some(1), "{output}");
+        assert!(output.contains(reason), "{output}");
+        assert!(!output.contains("closing audit checkpoint"), "{output}");
+        assert_trail_closed_cleanly(&service, reason);
+        assert!(!service.workload.exists(), "{reason}: workload socket left");
+        assert!(!service.admin.exists(), "{reason}: admin socket left");
+    };
+
+    // A policy file that is missing.
+    let missing = service.dir.path().join("missing.cedar");
+    fail_to_start(
+        &format!(
+            "{original}\n[policy]\nfiles = [\"{}\"]\n",
+            missing.display()
+        ),
+        &format!("{}: cannot read policy file", missing.display()),
+    );
+
+    // The telemetry port in use: both sockets were bound by then.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken_addr = taken.local_addr().unwrap().to_string();
+    fail_to_start(
+        &original.replace("127.0.0.1:0", &taken_addr),
+        &format!("binding the telemetry listener on {taken_addr}"),
+    );
+    drop(taken);
+
+    // The admin socket served by another writ: the workload socket was
+    // bound by then, and the other writ's socket is left alone.
+    let other = Writ::start("");
+    let others_admin = other.dir.path().join("run/admin.sock");
+    fail_to_start(
+        &original.replace(
+            service.admin.to_str().unwrap(),
+            others_admin.to_str().unwrap(),
+        ),
+        "already has a server listening",
+    );
+    let (ok, _, err) = common::writ_cli(
+        &[
+            "task",
+            "list",
+            "--admin-socket",
+            others_admin.to_str().unwrap(),
+        ],
+        None,
+    );
+    assert!(ok, "the other writ's admin socket still serves: {err}");
+
+    // And the next start finds a trail that ended cleanly.
+    std::fs::write(&service.config_path, &original).unwrap();
+    service.spawn(&[]);
+    assert_eq!(service.stop().code(), Some(0), "{}", service.log());
+    assert_trail_closed_cleanly(&service, "starting again");
+}

@@ -282,37 +282,8 @@ impl CertificateAuthority {
     /// in `settings.upstream` are loaded and verified instead of roots; the
     /// directory then holds the JWT signing keys only.
     pub fn load_or_create(settings: CaSettings, now: SystemTime) -> Result<Self, CaError> {
-        if settings.svid_ttl < MIN_SVID_TTL {
-            return Err(CaError::InvalidSettings(
-                "svid_ttl must be at least one second".into(),
-            ));
-        }
-        if settings.jwt_svid_ttl < MIN_SVID_TTL {
-            return Err(CaError::InvalidSettings(
-                "jwt_svid_ttl must be at least one second".into(),
-            ));
-        }
-        if settings.ca_ttl <= settings.jwt_svid_ttl {
-            return Err(CaError::InvalidSettings(format!(
-                "ca_ttl ({}s) must be longer than jwt_svid_ttl ({}s)",
-                settings.ca_ttl.as_secs(),
-                settings.jwt_svid_ttl.as_secs()
-            )));
-        }
         // Upstream files are read and checked before anything is written.
-        let upstream = match &settings.upstream {
-            Some(files) => Some((files, upstream::load(files, &settings.trust_domain, now)?)),
-            None => {
-                if settings.ca_ttl <= settings.svid_ttl {
-                    return Err(CaError::InvalidSettings(format!(
-                        "ca_ttl ({}s) must be longer than svid_ttl ({}s); six times longer or more is recommended",
-                        settings.ca_ttl.as_secs(),
-                        settings.svid_ttl.as_secs()
-                    )));
-                }
-                None
-            }
-        };
+        let upstream = Self::checked_upstream(&settings, now)?;
         let dir = CaDir::open_or_create(&settings.dir)?;
         let state = match dir.read_state()? {
             Some(state) => state,
@@ -351,7 +322,7 @@ impl CertificateAuthority {
         let expired_x509 =
             load_expired(&dir, &settings.trust_domain, state.expired_x509_authorities)?;
         let (mode, x509) = match &upstream {
-            Some((_, up)) => (
+            Some(up) => (
                 Mode::Upstream {
                     roots: up.roots.clone(),
                     stored_x509: state.x509_authorities,
@@ -389,16 +360,85 @@ impl CertificateAuthority {
             expired_x509,
             rotated_at_load: RotationOutcome::default(),
         };
-        if let Some((files, up)) = upstream {
+        if let Some(up) = upstream {
             ca.x509 = vec![Entry {
                 role: Role::Active,
                 key_file: String::new(),
-                authority: Arc::new(up.signer),
+                authority: up.signer,
             }];
-            ca.check_upstream_issuance(files, now)?;
         }
         ca.rotated_at_load = ca.rotate(now)?;
         Ok(ca)
+    }
+
+    /// Checks `settings` as [`CertificateAuthority::load_or_create`] does
+    /// before it touches the CA directory: the lifetimes and, in upstream
+    /// mode, the files (see `checked_upstream`). Nothing in `settings.dir`
+    /// is read or written, so it answers for a config alone (`writ
+    /// validate`).
+    pub fn check_settings(settings: &CaSettings, now: SystemTime) -> Result<(), CaError> {
+        Self::checked_upstream(settings, now).map(|_| ())
+    }
+
+    /// The lifetimes checked, and in upstream mode the files loaded and
+    /// verified: the chain, the key, and one SVID signed with them and
+    /// verified against the bundle as a relying party would, so any
+    /// mismatch between the files (or an issuer name rcgen cannot
+    /// reproduce byte for byte) is found now.
+    fn checked_upstream(
+        settings: &CaSettings,
+        now: SystemTime,
+    ) -> Result<Option<upstream::Upstream>, CaError> {
+        if settings.svid_ttl < MIN_SVID_TTL {
+            return Err(CaError::InvalidSettings(
+                "svid_ttl must be at least one second".into(),
+            ));
+        }
+        if settings.jwt_svid_ttl < MIN_SVID_TTL {
+            return Err(CaError::InvalidSettings(
+                "jwt_svid_ttl must be at least one second".into(),
+            ));
+        }
+        if settings.ca_ttl <= settings.jwt_svid_ttl {
+            return Err(CaError::InvalidSettings(format!(
+                "ca_ttl ({}s) must be longer than jwt_svid_ttl ({}s)",
+                settings.ca_ttl.as_secs(),
+                settings.jwt_svid_ttl.as_secs()
+            )));
+        }
+        let Some(files) = &settings.upstream else {
+            if settings.ca_ttl <= settings.svid_ttl {
+                return Err(CaError::InvalidSettings(format!(
+                    "ca_ttl ({}s) must be longer than svid_ttl ({}s); six times longer or more is recommended",
+                    settings.ca_ttl.as_secs(),
+                    settings.svid_ttl.as_secs()
+                )));
+            }
+            return Ok(None);
+        };
+        let up = upstream::load(files, &settings.trust_domain, now)?;
+        // Only minting is asked of it: no state, no JWT keys, no directory.
+        let probe = Self {
+            trust_domain: settings.trust_domain.clone(),
+            ca_ttl: settings.ca_ttl,
+            svid_ttl: settings.svid_ttl,
+            jwt_svid_ttl: settings.jwt_svid_ttl,
+            mode: Mode::Upstream {
+                roots: up.roots.clone(),
+                stored_x509: Vec::new(),
+            },
+            dir: CaDir::unopened(&settings.dir),
+            x509: vec![Entry {
+                role: Role::Active,
+                key_file: String::new(),
+                authority: up.signer.clone(),
+            }],
+            jwt: Vec::new(),
+            expired_x509: Vec::new(),
+            rotated_at_load: RotationOutcome::default(),
+        };
+        probe.check_upstream_issuance(files, now)?;
+        Ok(Some(up))
     }
 
     /// What bringing the schedule up to date changed while loading (a
@@ -951,8 +991,7 @@ impl CertificateAuthority {
     }
 
     /// Mints one SVID with the upstream signer and verifies it the way a
-    /// relying party would, so any mismatch between the files (or an issuer
-    /// name rcgen cannot reproduce byte for byte) fails the start-up.
+    /// relying party would.
     fn check_upstream_issuance(
         &self,
         files: &UpstreamCaFiles,

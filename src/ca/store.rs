@@ -112,6 +112,14 @@ impl CaDir {
         })
     }
 
+    /// Names the directory without creating, checking or reading it, for
+    /// a CA that is only ever used in memory (checking upstream files).
+    pub(crate) fn unopened(path: &Path) -> Self {
+        Self {
+            path: path.to_owned(),
+        }
+    }
+
     #[cfg(test)]
     pub(crate) fn path(&self) -> &Path {
         &self.path

@@ -962,6 +962,34 @@ fn pkcs8_to_sec1_with_curve(pkcs8: &[u8]) -> Vec<u8> {
     tlv(0x30, &inner)
 }
 
+/// `writ validate` checks upstream files as a start does, down to a signed
+/// SVID, and leaves the state directory alone (it may not even be ours).
+#[test]
+fn upstream_files_are_checked_without_the_ca_directory() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pki = pki();
+    let check = |files: UpstreamCaFiles| {
+        CertificateAuthority::check_settings(&upstream_settings(tmp.path(), files), t0())
+    };
+    let good = write_upstream(tmp.path(), &pki, &intermediate_params(12 * HOUR), None);
+    check(good.files.clone()).unwrap();
+    let wrong_key = write_upstream(
+        tmp.path(),
+        &pki,
+        &intermediate_params(12 * HOUR),
+        Some(KeyPair::generate().unwrap().serialize_pem()),
+    );
+    let err = check(wrong_key.files).unwrap_err().to_string();
+    assert!(err.contains("does not belong"), "{err}");
+    let missing = UpstreamCaFiles {
+        key: tmp.path().join("missing.key"),
+        ..good.files
+    };
+    let err = check(missing).unwrap_err().to_string();
+    assert!(err.contains("missing.key"), "{err}");
+    assert!(!tmp.path().join("ca").exists());
+}
+
 #[test]
 fn upstream_files_are_verified_at_load() {
     let tmp = tempfile::tempdir().unwrap();

@@ -4,6 +4,7 @@
 //! producing SVIDs nobody can verify.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use rustls_pki_types::CertificateDer;
@@ -28,7 +29,7 @@ pub struct UpstreamCaFiles {
 }
 
 pub(crate) struct Upstream {
-    pub signer: SigningAuthority,
+    pub signer: Arc<SigningAuthority>,
     pub roots: Vec<CertificateDer<'static>>,
 }
 
@@ -156,7 +157,10 @@ pub(crate) fn load(
     let tail = chain.clone();
     let signer =
         SigningAuthority::new(chain[0].clone(), key, tail).map_err(|r| fail(&files.key, r))?;
-    Ok(Upstream { signer, roots })
+    Ok(Upstream {
+        signer: Arc::new(signer),
+        roots,
+    })
 }
 
 fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, CaError> {

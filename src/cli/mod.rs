@@ -287,18 +287,7 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
             crate::service::run(loaded, config, Some(log_control), shutdown_signal()).await?;
             Ok(())
         }
-        Command::Validate { config } => match crate::config::validate_file(&config) {
-            Ok(_) => {
-                outln!("{}: OK", config.display());
-                Ok(())
-            }
-            Err(errors) => {
-                for e in &errors {
-                    eprintln!("{e}");
-                }
-                anyhow::bail!("{} error(s) in {}", errors.len(), config.display())
-            }
-        },
+        Command::Validate { config } => validate(&config),
         Command::Api { command } => match command {
             ApiCommand::Fetch { what } => match what {
                 FetchCommand::X509 {
@@ -353,6 +342,33 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
         Command::Audit { command } => audit::audit(command).await,
         Command::Policy { command } => std::process::exit(policy::run(command)),
     }
+}
+
+/// `writ validate`: the file, then what it names (policies, CA and
+/// federation files), as a start would check them, starting nothing.
+fn validate(config: &Path) -> anyhow::Result<()> {
+    let loaded = match crate::config::validate_file(config) {
+        Ok(loaded) => loaded,
+        Err(errors) => {
+            for e in &errors {
+                eprintln!("{e}");
+            }
+            anyhow::bail!("{} error(s) in {}", errors.len(), config.display())
+        }
+    };
+    let problems = crate::service::check_files(&loaded);
+    if problems.is_empty() {
+        outln!("{}: OK", config.display());
+        return Ok(());
+    }
+    for problem in &problems {
+        eprintln!("{problem}");
+    }
+    anyhow::bail!(
+        "{} error(s) in the files {} names",
+        problems.len(),
+        config.display()
+    )
 }
 
 /// Registers the handlers now (not when first polled), so a SIGTERM that

@@ -25,10 +25,16 @@ use super::{
 };
 use crate::spiffe_id::{SpiffeId, TrustDomain};
 
+/// Builds the config in `text`. With `running` (on reload), the settings a
+/// reload applies are checked against the restart-only settings writ is
+/// running with instead of the file's, since a reload keeps those: the
+/// entries and federated trust domains against the running trust domain,
+/// entry lifetimes against the running `ca.ca_ttl`.
 pub(super) fn build(
     text: &str,
     origin: &Path,
     env: &Environment,
+    running: Option<&Config>,
 ) -> Result<Config, Vec<ConfigError>> {
     let raw: RawConfig = match toml::from_str(text) {
         Ok(raw) => raw,
@@ -51,6 +57,10 @@ pub(super) fn build(
         origin,
         text,
         errors: Vec::new(),
+        running: running.map(|config| Running {
+            trust_domain: config.trust_domain.clone(),
+            ca_ttl: config.ca.ca_ttl,
+        }),
     };
     let config = builder.config(raw, env);
     if builder.errors.is_empty() {
@@ -77,6 +87,22 @@ struct Builder<'a> {
     origin: &'a Path,
     text: &'a str,
     errors: Vec<ConfigError>,
+    running: Option<Running>,
+}
+
+/// The restart-only settings of a running writ that the reloadable ones
+/// depend on.
+struct Running {
+    trust_domain: TrustDomain,
+    ca_ttl: Duration,
+}
+
+/// Ends a message that compares a setting with a running restart-only one,
+/// which the file may have changed.
+fn kept_until_restart(setting: &str) -> String {
+    format!(
+        " (a changed {setting} takes effect only when writ restarts; a reload keeps the running one)"
+    )
 }
 
 impl Builder<'_> {
@@ -154,9 +180,21 @@ impl Builder<'_> {
         let log = self.log(raw.log, defaults.log);
         let policy = self.policy(raw.policy);
         let audit = self.audit(raw.audit, &data_dir.value);
-        let federation = self.federation(raw.federation, trust_domain.as_ref());
+        // What a reload applies is checked against what it keeps running.
+        let (own_trust_domain, entry_ca_ttl) = match &self.running {
+            Some(running) => (
+                Some(running.trust_domain.clone()),
+                Some(Sourced::default(running.ca_ttl)),
+            ),
+            None => (trust_domain.clone(), ca.as_ref().map(CheckedCa::ca_ttl)),
+        };
+        let federation = self.federation(
+            raw.federation,
+            trust_domain.as_ref(),
+            own_trust_domain.as_ref(),
+        );
         let telemetry = self.telemetry(raw.telemetry);
-        let entries = self.entries(&raw.entry, trust_domain.as_ref(), ca.as_ref());
+        let entries = self.entries(&raw.entry, own_trust_domain.as_ref(), entry_ca_ttl.as_ref());
 
         Config {
             trust_domain: trust_domain.unwrap_or(defaults.trust_domain),
@@ -720,10 +758,13 @@ impl Builder<'_> {
         config
     }
 
+    /// `trust_domain` is the file's, which the bundle endpoint serves (from
+    /// the next start); `own` is the one the peers are checked against.
     fn federation(
         &mut self,
         raw: Option<RawFederation>,
         trust_domain: Option<&TrustDomain>,
+        own: Option<&TrustDomain>,
     ) -> FederationConfig {
         let defaults = FederationConfig::default();
         let Some(raw) = raw else { return defaults };
@@ -756,7 +797,7 @@ impl Builder<'_> {
         let mut endpoint_ids: Vec<(usize, Range<usize>, SpiffeId)> = Vec::new();
         let mut seen: HashMap<TrustDomain, usize> = HashMap::new();
         for (index, table) in raw.trust_domain.iter().enumerate() {
-            let Some(checked) = self.federated_trust_domain(index, table, trust_domain) else {
+            let Some(checked) = self.federated_trust_domain(index, table, own) else {
                 continue;
             };
             let name_span = table
@@ -789,11 +830,15 @@ impl Builder<'_> {
         }
         for (index, span, endpoint_id) in endpoint_ids {
             let endpoint_td = endpoint_id.trust_domain();
-            if Some(endpoint_td) != trust_domain && !seen.contains_key(endpoint_td) {
+            if Some(endpoint_td) != own && !seen.contains_key(endpoint_td) {
+                let note = match self.running {
+                    Some(_) => kept_until_restart("trust_domain"),
+                    None => String::new(),
+                };
                 self.error(
                     span,
                     format!(
-                        "federation.trust_domain[{index}].endpoint_spiffe_id {endpoint_id} is in trust domain {endpoint_td}, which writ has no bundle source for; use an ID in the fetched trust domain, or configure {endpoint_td} as a federation.trust_domain too"
+                        "federation.trust_domain[{index}].endpoint_spiffe_id {endpoint_id} is in trust domain {endpoint_td}, which writ has no bundle source for; use an ID in the fetched trust domain, or configure {endpoint_td} as a federation.trust_domain too{note}"
                     ),
                 );
             }
@@ -874,7 +919,7 @@ impl Builder<'_> {
                     self.wrong_profile_key(&format!("{KEY}.key"), &raw.key, "https_web");
                 let spiffe_id = match &raw.spiffe_id {
                     None => trust_domain.and_then(|td| td.spiffe_id("/writ/bundle-endpoint").ok()),
-                    Some(text) => self.entry_spiffe_id(KEY, text, trust_domain),
+                    Some(text) => self.spiffe_id_in(KEY, text, trust_domain, false),
                 };
                 if stray_cert || stray_key {
                     None
@@ -947,10 +992,16 @@ impl Builder<'_> {
             }
             Some(text) => match TrustDomain::new(text.get_ref()) {
                 Ok(td) if Some(&td) == own => {
-                    self.error(
-                        text.span(),
-                        format!("{key}.name {td} is writ's own trust domain; federation is only with other trust domains"),
-                    );
+                    let message = match self.running {
+                        None => format!(
+                            "{key}.name {td} is writ's own trust domain; federation is only with other trust domains"
+                        ),
+                        Some(_) => format!(
+                            "{key}.name {td} is the trust domain writ is running in; federation is only with other trust domains{}",
+                            kept_until_restart("trust_domain")
+                        ),
+                    };
+                    self.error(text.span(), message);
                     None
                 }
                 Ok(td) => Some(td),
@@ -1075,13 +1126,13 @@ impl Builder<'_> {
         &mut self,
         raw: &[Spanned<RawEntry>],
         trust_domain: Option<&TrustDomain>,
-        ca: Option<&CheckedCa>,
+        ca_ttl: Option<&Sourced<Duration>>,
     ) -> Vec<EntryConfig> {
         let mut entries = Vec::with_capacity(raw.len());
         // (spiffe_id, selector set) -> (index, line) of the first entry.
         let mut seen: HashMap<(SpiffeId, BTreeSet<Selector>), (usize, usize)> = HashMap::new();
         for (index, entry) in raw.iter().enumerate() {
-            let Some(checked) = self.entry(index, entry, trust_domain, ca) else {
+            let Some(checked) = self.entry(index, entry, trust_domain, ca_ttl) else {
                 continue;
             };
             let key = (
@@ -1115,7 +1166,7 @@ impl Builder<'_> {
         index: usize,
         entry: &Spanned<RawEntry>,
         trust_domain: Option<&TrustDomain>,
-        ca: Option<&CheckedCa>,
+        ca_ttl: Option<&Sourced<Duration>>,
     ) -> Option<EntryConfig> {
         let key = format!("entry[{index}]");
         let raw = entry.get_ref();
@@ -1125,7 +1176,7 @@ impl Builder<'_> {
                 self.error(entry.span(), format!("{key} has no spiffe_id"));
                 None
             }
-            Some(text) => self.entry_spiffe_id(&key, text, trust_domain),
+            Some(text) => self.spiffe_id_in(&key, text, trust_domain, self.running.is_some()),
         };
 
         let selectors = match &raw.selectors {
@@ -1155,13 +1206,22 @@ impl Builder<'_> {
             Some(text) => {
                 let ttl_key = format!("{key}.x509_svid_ttl");
                 let ttl = self.lifetime(&ttl_key, Some(text), Duration::ZERO);
-                if let (Some(ttl), Some(ca)) = (&ttl, ca) {
-                    let ca_ttl = ca.ca_ttl();
-                    self.at_most(
-                        (&ttl_key, ttl),
-                        ("ca.ca_ttl", &ca_ttl),
-                        "an SVID cannot outlive the CA that signs it",
-                    );
+                if let (Some(ttl), Some(ca_ttl)) = (&ttl, ca_ttl) {
+                    match self.running {
+                        None => self.at_most(
+                            (&ttl_key, ttl),
+                            ("ca.ca_ttl", ca_ttl),
+                            "an SVID cannot outlive the CA that signs it",
+                        ),
+                        Some(_) => self.at_most(
+                            (&ttl_key, ttl),
+                            ("the running ca.ca_ttl", ca_ttl),
+                            &format!(
+                                "an SVID cannot outlive the CA that signs it{}",
+                                kept_until_restart("ca.ca_ttl")
+                            ),
+                        ),
+                    }
                 }
                 ttl.map(|ttl| Some(ttl.value))
             }
@@ -1205,6 +1265,18 @@ impl Builder<'_> {
         for (td_index, text) in raw.federates_with.iter().flatten().enumerate() {
             let td_key = format!("{key}.federates_with[{td_index}]");
             match crate::federation::federated_trust_domain(text.get_ref(), trust_domain) {
+                Err(crate::federation::FederatesWithError::OwnTrustDomain(td))
+                    if self.running.is_some() =>
+                {
+                    self.error(
+                        text.span(),
+                        format!(
+                            "{td_key} names {td}, the trust domain writ is running in; federation is only with other trust domains{}",
+                            kept_until_restart("trust_domain")
+                        ),
+                    );
+                    federation_valid = false;
+                }
                 Ok(td) => federates_with.push(td),
                 Err(err) => {
                     self.error(text.span(), format!("{td_key} {err}"));
@@ -1226,11 +1298,14 @@ impl Builder<'_> {
         })
     }
 
-    fn entry_spiffe_id(
+    /// A SPIFFE ID with a path in `trust_domain`: the file's, or with
+    /// `running`, the one writ is running in.
+    fn spiffe_id_in(
         &mut self,
         key: &str,
         text: &Text,
         trust_domain: Option<&TrustDomain>,
+        running: bool,
     ) -> Option<SpiffeId> {
         let spiffe_id = match text.get_ref().parse::<SpiffeId>() {
             Ok(spiffe_id) => spiffe_id,
@@ -1255,10 +1330,18 @@ impl Builder<'_> {
         // is nothing meaningful to compare against.
         let trust_domain = trust_domain?;
         if spiffe_id.trust_domain() != trust_domain {
+            let (whose, note) = if running {
+                (
+                    "writ's running trust_domain",
+                    kept_until_restart("trust_domain"),
+                )
+            } else {
+                ("writ's trust_domain", String::new())
+            };
             self.error(
                 text.span(),
                 format!(
-                    "{key}.spiffe_id {spiffe_id} is in trust domain {}, but writ's trust_domain is {trust_domain}",
+                    "{key}.spiffe_id {spiffe_id} is in trust domain {}, but {whose} is {trust_domain}{note}",
                     spiffe_id.trust_domain()
                 ),
             );

@@ -435,7 +435,7 @@ impl Config {
         origin: &Path,
         env: &Environment,
     ) -> Result<Config, Vec<ConfigError>> {
-        build::build(text, origin, env)
+        build::build(text, origin, env, None)
     }
 
     /// Renders the config as TOML that loads back to an equal `Config`
@@ -452,6 +452,26 @@ pub fn validate_file(path: &Path) -> Result<Config, Vec<ConfigError>> {
 
 /// `validate_file` with injected defaults.
 pub fn validate_file_with_env(path: &Path, env: &Environment) -> Result<Config, Vec<ConfigError>> {
+    let text = read_text(path)?;
+    build::build(&text, path, env, None)
+}
+
+/// Loads `path` for a reload of a writ running with `running`. The file
+/// must be valid as written, since the next start reads it; and since a
+/// reload keeps the restart-only settings at their running values, what it
+/// applies (entries, federated trust domains) must also be valid with
+/// those: an entry in a new trust_domain, or living longer than the
+/// running `ca.ca_ttl`, is refused until a restart. Returns the file's
+/// config, restart-only settings as written.
+pub fn validate_reload(path: &Path, running: &Config) -> Result<Config, Vec<ConfigError>> {
+    let env = Environment::current();
+    let text = read_text(path)?;
+    let config = build::build(&text, path, &env, None)?;
+    build::build(&text, path, &env, Some(running))?;
+    Ok(config)
+}
+
+fn read_text(path: &Path) -> Result<String, Vec<ConfigError>> {
     let bytes = std::fs::read(path).map_err(|err| {
         vec![ConfigError::Read {
             path: path.to_owned(),
@@ -459,7 +479,7 @@ pub fn validate_file_with_env(path: &Path, env: &Environment) -> Result<Config, 
             message: err.to_string(),
         }]
     })?;
-    let text = String::from_utf8(bytes).map_err(|err| {
+    String::from_utf8(bytes).map_err(|err| {
         let valid = err.utf8_error().valid_up_to();
         let text = String::from_utf8_lossy(&err.as_bytes()[..valid]);
         vec![ConfigError::at(
@@ -468,8 +488,7 @@ pub fn validate_file_with_env(path: &Path, env: &Environment) -> Result<Config, 
             valid,
             "the file is not valid UTF-8",
         )]
-    })?;
-    build::build(&text, path, env)
+    })
 }
 
 fn first_error(mut errors: Vec<ConfigError>) -> ConfigError {

@@ -1305,3 +1305,56 @@ fn telemetry_is_off_by_default_and_loopback_only_unless_allowed() {
         "unknown field",
     );
 }
+
+/// Errors `text` has as a reload of a writ running `running`.
+fn reload_errors(text: &str, running: &Config) -> Vec<String> {
+    let origin = Path::new(ORIGIN);
+    parse_ok(text);
+    match build::build(text, origin, &alice(), Some(running)) {
+        Ok(_) => Vec::new(),
+        Err(errors) => errors.iter().map(ConfigError::to_string).collect(),
+    }
+}
+
+#[test]
+fn a_reload_checks_what_it_applies_against_the_running_restart_only_settings() {
+    let running = parse_ok("trust_domain = \"probe.test\"\n[ca]\nca_ttl = \"2h\"\n");
+    // Valid as written, but its entries and peers suit only the new trust
+    // domain, which a reload would not put in force.
+    let moved = "trust_domain = \"probe-x.test\"\n\
+                 [[federation.trust_domain]]\nname = \"probe.test\"\nurl = \"https://p.example/\"\nprofile = \"https_web\"\n\
+                 [[entry]]\nspiffe_id = \"spiffe://probe-x.test/root\"\nselectors = [\"unix:uid:0\"]\nfederates_with = [\"probe.test\"]\n";
+    let errors = reload_errors(moved, &running);
+    assert_eq!(errors.len(), 3, "{errors:#?}");
+    assert!(
+        errors[0].starts_with(&format!("{ORIGIN}:3:8: federation.trust_domain[0].name probe.test is the trust domain writ is running in")),
+        "{errors:#?}"
+    );
+    assert!(
+        errors[1].starts_with(&format!("{ORIGIN}:7:13: entry[0].spiffe_id spiffe://probe-x.test/root is in trust domain probe-x.test, but writ's running trust_domain is probe.test (a changed trust_domain takes effect only when writ restarts")),
+        "{errors:#?}"
+    );
+    assert!(
+        errors[2].contains(
+            "entry[0].federates_with[0] names probe.test, the trust domain writ is running in"
+        ),
+        "{errors:#?}"
+    );
+
+    // An entry may not outlive the running CA, whatever the file's says.
+    let longer = "trust_domain = \"probe.test\"\n[ca]\nca_ttl = \"4h\"\n\
+                  [[entry]]\nspiffe_id = \"spiffe://probe.test/a\"\nselectors = [\"unix:uid:0\"]\nx509_svid_ttl = \"3h\"\n";
+    let errors = reload_errors(longer, &running);
+    assert_eq!(errors.len(), 1, "{errors:#?}");
+    assert!(
+        errors[0].contains(
+            ":7:17: entry[0].x509_svid_ttl (3h) is longer than the running ca.ca_ttl (2h)"
+        ),
+        "{errors:#?}"
+    );
+
+    // Restart-only changes that nothing reloadable depends on are no error.
+    let telemetry = "trust_domain = \"probe.test\"\n[ca]\nca_ttl = \"4h\"\n[telemetry]\nlisten = \"127.0.0.1:9600\"\n\
+                     [[entry]]\nspiffe_id = \"spiffe://probe.test/a\"\nselectors = [\"unix:uid:0\"]\n";
+    assert_eq!(reload_errors(telemetry, &running), Vec::<String>::new());
+}

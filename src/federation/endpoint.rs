@@ -329,7 +329,7 @@ async fn keep_identity_fresh(
     }
 }
 
-fn load_web_identity(
+pub(super) fn load_web_identity(
     cert_path: &std::path::Path,
     key_path: &std::path::Path,
 ) -> Result<Arc<CertifiedKey>, FederationError> {

@@ -689,6 +689,26 @@ pub fn read_bundle_file(
     })
 }
 
+/// Reads every file `config` names for its trust domains, as a start does,
+/// without an agent: each https_web trust domain's CA file (or the
+/// system's) and each bootstrap bundle. Every problem found.
+pub(super) fn check_trust_domain_files(config: &FederationConfig) -> Vec<FederationError> {
+    let mut problems = Vec::new();
+    for td in &config.trust_domains {
+        if let EndpointClientProfile::HttpsWeb { ca_bundle } = &td.profile
+            && let Err(e) = load_web_roots(ca_bundle.as_deref())
+        {
+            problems.push(e);
+        }
+        if let Some(path) = &td.bundle
+            && let Err(e) = read_bundle_file(path, &td.name)
+        {
+            problems.push(e);
+        }
+    }
+    problems
+}
+
 fn load_web_roots(ca_bundle: Option<&Path>) -> Result<RootCertStore, FederationError> {
     let path = match ca_bundle {
         Some(path) => path.to_owned(),

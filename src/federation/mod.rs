@@ -92,6 +92,23 @@ pub fn federated_trust_domain(
     Ok(td)
 }
 
+/// Reads and checks every file `config` names, as a start does, without
+/// an agent or the store: the federated trust domains' CA files and
+/// bootstrap bundles, and the bundle endpoint's certificate and key when
+/// it serves a Web PKI one. Every problem found, for `writ validate`.
+pub fn check_files(config: &crate::config::FederationConfig) -> Vec<FederationError> {
+    let mut problems = manager::check_trust_domain_files(config);
+    if let Some(crate::config::BundleEndpointConfig {
+        profile: crate::config::EndpointServerProfile::HttpsWeb { cert, key },
+        ..
+    }) = &config.bundle_endpoint
+        && let Err(e) = endpoint::load_web_identity(cert, key)
+    {
+        problems.push(e);
+    }
+    problems
+}
+
 /// The two bundle encodings accepted from operators.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BundleFormat {

@@ -207,6 +207,40 @@ impl Drop for Writ {
     }
 }
 
+/// Runs `writ run --config <config>` where it must fail to start: waits
+/// for it to exit and returns its exit code and everything it wrote. A
+/// writ still running after 30 s is killed and fails the test.
+pub fn run_expecting_failure(config: &Path) -> (Option<i32>, String) {
+    let log = tempfile::NamedTempFile::new().unwrap();
+    let mut child = Command::new(WRIT)
+        .args(["run", "--config"])
+        .arg(config)
+        .env_remove("NOTIFY_SOCKET")
+        .env_remove("LISTEN_FDS")
+        .env_remove("LISTEN_PID")
+        .stdin(Stdio::null())
+        .stdout(log.reopen().unwrap())
+        .stderr(log.reopen().unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "writ started although it should have refused to:\n{}",
+                read_to_string(log.path())
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    (status.code(), read_to_string(log.path()))
+}
+
 /// Runs `writ` as a CLI client and returns (success, stdout, stderr).
 pub fn writ_cli(args: &[&str], uid: Option<u32>) -> (bool, String, String) {
     use std::os::unix::process::CommandExt;
