@@ -13,12 +13,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     let descriptors = protox::compile(protos, ["proto"])?;
     let out_dir = PathBuf::from(std::env::var("OUT_DIR")?);
-    // Reflection needs the encoded descriptor set at run time.
-    let descriptor_path = out_dir.join("writ_descriptor.bin");
-    std::fs::write(
-        &descriptor_path,
-        prost::Message::encode_to_vec(&descriptors),
-    )?;
+    // Reflection needs the encoded descriptors at run time: one set per
+    // socket, each file with what it imports, so that neither socket can
+    // describe the other's services, not even asked for them by name.
+    for (name, root) in [
+        ("workload_descriptor.bin", "spiffe/workload.proto"),
+        ("admin_descriptor.bin", "writ/admin/v1/admin.proto"),
+    ] {
+        let set = with_imports(&descriptors, root);
+        std::fs::write(out_dir.join(name), prost::Message::encode_to_vec(&set))?;
+    }
     // CRLs can reach megabytes and go to every stream in every message:
     // as `Bytes`, each message shares the signed CRL instead of copying it.
     tonic_prost_build::configure()
@@ -28,4 +32,33 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_server(true)
         .compile_fds(descriptors)?;
     Ok(())
+}
+
+/// The files of `all` that `root` needs: itself and what it imports, in
+/// an order where each file follows its imports.
+fn with_imports(
+    all: &prost_types::FileDescriptorSet,
+    root: &str,
+) -> prost_types::FileDescriptorSet {
+    fn visit<'a>(
+        all: &'a prost_types::FileDescriptorSet,
+        name: &str,
+        out: &mut Vec<&'a prost_types::FileDescriptorProto>,
+    ) {
+        let Some(file) = all.file.iter().find(|f| f.name() == name) else {
+            return;
+        };
+        if out.iter().any(|f| f.name() == name) {
+            return;
+        }
+        for import in &file.dependency {
+            visit(all, import, out);
+        }
+        out.push(file);
+    }
+    let mut files = Vec::new();
+    visit(all, root, &mut files);
+    prost_types::FileDescriptorSet {
+        file: files.into_iter().cloned().collect(),
+    }
 }

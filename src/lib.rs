@@ -42,6 +42,11 @@ pub mod proto {
     pub mod admin {
         tonic::include_proto!("writ.admin.v1");
     }
-    /// Encoded descriptors of every service, for gRPC server reflection.
-    pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("writ_descriptor");
+    /// Encoded descriptors of the Workload API, for its socket's gRPC
+    /// server reflection.
+    pub const WORKLOAD_FILE_DESCRIPTOR_SET: &[u8] =
+        tonic::include_file_descriptor_set!("workload_descriptor");
+    /// Encoded descriptors of the admin API, for its socket's reflection.
+    pub const ADMIN_FILE_DESCRIPTOR_SET: &[u8] =
+        tonic::include_file_descriptor_set!("admin_descriptor");
 }

@@ -239,12 +239,12 @@ pub async fn run(
     raise_open_file_limit();
     let notifier = Notifier::from_env();
     let mut passed = PassedSockets::from_env()?;
-    // One descriptor set holds both APIs: left to itself, reflection would
-    // list all of it on both sockets, services the socket answers only with
-    // Unimplemented. Each lists what it serves, with health and reflection.
-    let reflection = |served: &[&str]| {
+    // Each socket describes only what it serves (its own descriptor set)
+    // and lists it with health and reflection: naming any service turns off
+    // listing every service registered.
+    let reflection = |descriptors: &'static [u8], served: &[&str]| {
         let builder = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(descriptors)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
             .with_service_name(tonic_health::pb::health_server::SERVICE_NAME)
             .with_service_name(tonic_reflection::pb::v1::server_reflection_server::SERVICE_NAME);
@@ -253,14 +253,19 @@ pub async fn run(
             .fold(builder, |builder, name| builder.with_service_name(*name))
             .build_v1()
     };
-    let workload_reflection =
-        reflection(&[<SpiffeWorkloadApiServer<WorkloadApi> as NamedService>::NAME])?;
-    let admin_reflection = reflection(&[
-        <TasksServer<TasksService> as NamedService>::NAME,
-        <EntriesServer<EntriesService> as NamedService>::NAME,
-        <BundlesServer<BundlesService> as NamedService>::NAME,
-        <AgentServer<AgentService> as NamedService>::NAME,
-    ])?;
+    let workload_reflection = reflection(
+        crate::proto::WORKLOAD_FILE_DESCRIPTOR_SET,
+        &[<SpiffeWorkloadApiServer<WorkloadApi> as NamedService>::NAME],
+    )?;
+    let admin_reflection = reflection(
+        crate::proto::ADMIN_FILE_DESCRIPTOR_SET,
+        &[
+            <TasksServer<TasksService> as NamedService>::NAME,
+            <EntriesServer<EntriesService> as NamedService>::NAME,
+            <BundlesServer<BundlesService> as NamedService>::NAME,
+            <AgentServer<AgentService> as NamedService>::NAME,
+        ],
+    )?;
     let services = build(&config).await?;
     let agent = services.agent.clone();
     let metrics = agent.metrics().clone();

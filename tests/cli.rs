@@ -947,6 +947,45 @@ async fn sockets_have_their_modes_and_offer_reflection() {
             "writ.admin.v1.Tasks",
         ]
     );
+    // Nor does it describe the other socket's services asked by name.
+    let admin = std::path::Path::new(&admin(&writ)).to_path_buf();
+    for (socket, served, not_served) in [
+        (&writ.socket, "SpiffeWorkloadAPI", "writ.admin.v1.Tasks"),
+        (&admin, "writ.admin.v1.Tasks", "SpiffeWorkloadAPI"),
+    ] {
+        assert!(describes(socket, served).await, "{served}");
+        assert!(!describes(socket, not_served).await, "{not_served}");
+    }
+}
+
+/// Whether the reflection service on `socket` describes `symbol`.
+async fn describes(socket: &std::path::Path, symbol: &str) -> bool {
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+    let channel = writ::cli::client::connect(socket).await.unwrap();
+    let mut client = ServerReflectionClient::new(channel);
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::FileContainingSymbol(symbol.into())),
+    };
+    let mut responses = client
+        .server_reflection_info(futures::stream::iter(vec![request]))
+        .await
+        .unwrap()
+        .into_inner();
+    match responses.message().await {
+        Ok(Some(response)) => match response.message_response {
+            Some(MessageResponse::FileDescriptorResponse(files)) => {
+                !files.file_descriptor_proto.is_empty()
+            }
+            Some(MessageResponse::ErrorResponse(_)) => false,
+            other => panic!("unexpected reflection response {other:?}"),
+        },
+        Err(status) if status.code() == tonic::Code::NotFound => false,
+        other => panic!("unexpected reflection answer {other:?}"),
+    }
 }
 
 /// The services the reflection service on `socket` lists, sorted.
