@@ -1721,6 +1721,23 @@ fn validate_intent(intent: &Intent) -> Result<(), TaskError> {
             "a key is empty; every attribute needs a non-empty key",
         ));
     }
+    // Bounded like tools and targets: every attribute is stored with the
+    // task, put in its JWT claim and audit records, and sent to watchers.
+    if let Some((key, value)) = intent
+        .attributes
+        .iter()
+        .find(|(k, v)| k.len() > MAX_INTENT_STRING || v.len() > MAX_INTENT_STRING)
+    {
+        let shown: String = key.chars().take(64).collect();
+        return Err(invalid(
+            "intent.attributes",
+            format!(
+                "attribute {shown:?} (key {} bytes, value {} bytes): keys and values are at most {MAX_INTENT_STRING} bytes",
+                key.len(),
+                value.len()
+            ),
+        ));
+    }
     Ok(())
 }
 
@@ -3053,6 +3070,32 @@ mod tests {
             "{err}"
         );
         assert!(err.to_string().contains("key is empty"), "{err}");
+    }
+
+    #[test]
+    fn attribute_keys_and_values_are_bounded_like_tools() {
+        let mut intent = Intent::default();
+        intent
+            .attributes
+            .insert("k".repeat(MAX_INTENT_STRING), "v".repeat(MAX_INTENT_STRING));
+        validate_intent(&intent).unwrap();
+        for (key, value) in [
+            ("k".repeat(MAX_INTENT_STRING + 1), String::new()),
+            ("ticket".to_owned(), "v".repeat(MAX_INTENT_STRING + 1)),
+        ] {
+            let mut intent = Intent::default();
+            intent.attributes.insert(key.clone(), value.clone());
+            let err = validate_intent(&intent).unwrap_err().to_string();
+            assert!(err.starts_with("intent.attributes:"), "{err}");
+            assert!(
+                err.contains(&format!(
+                    "key {} bytes, value {} bytes",
+                    key.len(),
+                    value.len()
+                )),
+                "{err}"
+            );
+        }
     }
 
     #[test]
