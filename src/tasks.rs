@@ -718,8 +718,14 @@ impl TaskManager {
                 if pid <= 0 {
                     return Err(invalid("binding.pid", "must be a positive PID"));
                 }
-                let pinned = PinnedProcess::open(pid).map_err(|e| {
-                    invalid("binding.pid", format!("cannot pin process {pid}: {e}"))
+                let pinned = PinnedProcess::open(pid).map_err(|e| match thread_group_of(pid) {
+                    Some(process) if process != pid => invalid(
+                        "binding.pid",
+                        format!(
+                            "{pid} is a thread of process {process}, not a process; bind the process"
+                        ),
+                    ),
+                    _ => invalid("binding.pid", format!("cannot pin process {pid}: {e}")),
                 })?;
                 // A caller may bind its own descendants; with bind_same_uid,
                 // processes of its own uid (which it could ptrace anyway);
@@ -1739,6 +1745,17 @@ fn validate_intent(intent: &Intent) -> Result<(), TaskError> {
         ));
     }
     Ok(())
+}
+
+/// The process (thread group) that thread `tid` belongs to, from
+/// `/proc/<tid>/status`: a thread's id names a /proc entry too, though no
+/// pidfd can be opened for it.
+fn thread_group_of(tid: i32) -> Option<i32> {
+    let status = std::fs::read_to_string(format!("/proc/{tid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Tgid:"))
+        .and_then(|v| v.trim().parse().ok())
 }
 
 /// A sub-task may narrow its parent's scope, never widen it.
@@ -3070,6 +3087,23 @@ mod tests {
             "{err}"
         );
         assert!(err.to_string().contains("key is empty"), "{err}");
+    }
+
+    #[test]
+    fn a_thread_is_told_apart_from_its_process() {
+        let (tid_tx, tid_rx) = std::sync::mpsc::channel();
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            tid_tx.send(nix::unistd::gettid().as_raw()).unwrap();
+            let _ = done_rx.recv();
+        });
+        let tid = tid_rx.recv().unwrap();
+        let process = std::process::id() as i32;
+        assert_ne!(tid, process);
+        assert_eq!(thread_group_of(tid), Some(process));
+        assert_eq!(thread_group_of(process), Some(process));
+        drop(done_tx);
+        thread.join().unwrap();
     }
 
     #[test]

@@ -1253,6 +1253,21 @@ async fn malformed_and_unauthorized_admin_calls_are_refused() {
             err.message()
         );
     }
+    // A thread of a process is not a process: said so, not "no such file".
+    let me = std::process::id();
+    let thread: u32 = std::fs::read_dir("/proc/self/task")
+        .unwrap()
+        .filter_map(|t| t.ok()?.file_name().to_str()?.parse().ok())
+        .find(|tid| *tid != me)
+        .expect("the test runtime has threads");
+    let err = tasks.begin_task(begin_pid("t", thread)).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(
+        err.message()
+            .contains(&format!("{thread} is a thread of process {me}")),
+        "{}",
+        err.message()
+    );
     // A process that is neither our descendant nor running under our uid
     // cannot be bound by us (bind_any_pid is not configured here).
     if is_root() {
