@@ -226,6 +226,14 @@ pub use crate::reload::LogLevelControl;
 /// before they are dropped.
 pub const DRAIN_DEADLINE: Duration = Duration::from_secs(5);
 
+/// Says where writ serves, on standard output. A closed or full stdout
+/// (`writ run | head -1`, a logger gone) must not stop the agent, so a
+/// failed write is dropped: the same lines go to the log too.
+fn announce(line: std::fmt::Arguments<'_>) {
+    use std::io::Write as _;
+    let _ = writeln!(std::io::stdout(), "{line}");
+}
+
 /// Runs the agent until `shutdown` resolves.
 pub async fn run(
     config: Config,
@@ -336,12 +344,15 @@ pub async fn run(
         reattest_interval: config.workload_api.reattest_interval,
     });
 
-    println!(
+    announce(format_args!(
         "writ: serving the SPIFFE Workload API for trust domain {} on unix://{}",
         agent.trust_domain(),
         workload_socket.display()
-    );
-    println!("writ: admin API on unix://{}", admin_socket.display());
+    ));
+    announce(format_args!(
+        "writ: admin API on unix://{}",
+        admin_socket.display()
+    ));
     tracing::info!(socket = %workload_socket.display(), admin = %admin_socket.display(), trust_domain = %agent.trust_domain(), socket_activated, "writ started");
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -352,7 +363,9 @@ pub async fn run(
             .local_addr()
             .map(|a| a.to_string())
             .unwrap_or_default();
-        println!("writ: SPIFFE bundle endpoint on https://{addr}/");
+        announce(format_args!(
+            "writ: SPIFFE bundle endpoint on https://{addr}/"
+        ));
         tracing::info!(%addr, "bundle endpoint started");
         background.push(tokio::spawn(endpoint.run(stop_rx.clone())));
     }
@@ -361,7 +374,7 @@ pub async fn run(
             .local_addr()
             .map(|a| a.to_string())
             .unwrap_or_default();
-        println!("writ: health and metrics on http://{addr}/");
+        announce(format_args!("writ: health and metrics on http://{addr}/"));
         tracing::info!(%addr, "telemetry listener started");
         background.push(tokio::spawn(telemetry.run(stop_rx.clone())));
     }

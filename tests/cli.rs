@@ -1204,6 +1204,44 @@ fn the_admin_socket_comes_from_the_flag_then_the_environment() {
     assert!(!stderr.contains("a value is required"), "{stderr}");
 }
 
+/// The agent's own stdout closing (`writ run | head -1`, a logger gone)
+/// does not stop it: its start-up lines used to be printed with
+/// `println!`, which panics on a closed pipe.
+#[test]
+fn the_agent_keeps_serving_when_its_stdout_is_closed() {
+    let mut writ = Writ::start(&entry_for_us());
+    writ.stop();
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let log = std::fs::File::create(writ.dir.path().join("closed-stdout.log")).unwrap();
+    let mut agent = Command::new(WRIT)
+        .args(["run", "--config"])
+        .arg(&writ.config_path)
+        .stdin(Stdio::null())
+        .stdout(writer)
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let endpoint = writ.endpoint();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let fetched = loop {
+        let (ok, out, _) = writ_cli(&["api", "fetch", "x509", "--socket", &endpoint], None);
+        if ok || std::time::Instant::now() > deadline {
+            break out;
+        }
+        assert!(
+            agent.try_wait().unwrap().is_none(),
+            "writ exited: {}",
+            std::fs::read_to_string(writ.dir.path().join("closed-stdout.log")).unwrap()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(fetched.contains("spiffe://writ.test/cli"), "{fetched}");
+    assert!(agent.try_wait().unwrap().is_none(), "writ exited");
+    agent.kill().unwrap();
+    agent.wait().unwrap();
+}
+
 #[test]
 fn a_closed_stdout_ends_the_cli_quietly() {
     let writ = Writ::start(&entry_for_us());
