@@ -39,6 +39,15 @@ const CRL_RETRY: Duration = Duration::from_secs(5);
 pub enum AgentError {
     #[error("caller process {pid} is gone")]
     CallerGone { pid: i32 },
+    #[error(
+        "caller process {pid} connected as uid {} gid {} and now runs as uid {} gid {}; a connection is served only under the credentials it was opened with: connect again",
+        connected.0, connected.1, now.0, now.1
+    )]
+    CredentialsChanged {
+        pid: i32,
+        connected: (u32, u32),
+        now: (u32, u32),
+    },
     #[error("attestation failed: {0}")]
     Attestation(AttestError),
     #[error("minting an SVID failed: {0}")]
@@ -368,7 +377,21 @@ impl Agent {
         self.metrics
             .attestation_seconds
             .observe(started.elapsed().as_secs_f64());
-        Ok(attested?)
+        let attestation = attested?;
+        // The connection speaks for the credentials its process had when it
+        // connected (the kernel's SO_PEERCRED), not for ones it took since:
+        // a process that connects, hands the connection to a child, then
+        // execs a setuid program would otherwise have that child served the
+        // program owner's identities.
+        let snapshot = &attestation.snapshot;
+        if (snapshot.uid, snapshot.gid) != (caller.uid, caller.gid) {
+            return Err(AgentError::CredentialsChanged {
+                pid: caller.pid,
+                connected: (caller.uid, caller.gid),
+                now: (snapshot.uid, snapshot.gid),
+            });
+        }
+        Ok(attestation)
     }
 
     /// `attest`, reusing the last attestation taken on the caller's

@@ -103,6 +103,7 @@ pub fn agent_status(e: AgentError) -> Status {
         AgentError::CallerGone { pid } => {
             Status::permission_denied(format!("caller process {pid} has exited"))
         }
+        e @ AgentError::CredentialsChanged { .. } => Status::permission_denied(e.to_string()),
         AgentError::Attestation(e) => Status::unavailable(format!("attestation failed: {e}")),
         AgentError::Mint(e) => Status::unavailable(format!("could not issue SVID: {e}")),
         AgentError::Store(e) => Status::unavailable(format!("could not record issuance: {e}")),

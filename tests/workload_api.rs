@@ -362,6 +362,58 @@ async fn a_stream_ends_when_its_caller_exits_even_if_the_connection_lives_on() {
     assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
 }
 
+/// A connection is served under the credentials its process connected
+/// with (SO_PEERCRED), whatever the process runs as when it is attested.
+/// Otherwise a process could connect, hand the connection to a child and
+/// exec a setuid program: attested as that program's owner, the
+/// connection served the child the owner's identities (a tester got
+/// root's SVID and key that way, through `su` waiting at its prompt).
+/// Here the helper connects as root and then becomes nobody: the
+/// direction is harmless, the check the same.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_connection_is_refused_once_its_process_runs_under_other_credentials() {
+    if !is_root() {
+        eprintln!("SKIPPED: needs root to change a helper's uid");
+        return;
+    }
+    let writ = Writ::start(&two_entries(""));
+    let handoff_path = writ.dir.path().join("handoff.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&handoff_path).unwrap();
+    let mut helper = helper_command("connect-handoff-then-setuid")
+        .env("WRIT_SOCKET", &writ.socket)
+        .env("WRIT_HANDOFF", &handoff_path)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let fd = handoff::recv_fd(&listener);
+    // The helper's own test harness prints first; keep its stdout open
+    // (and read) until the helper is killed.
+    let mut lines = BufReader::new(helper.stdout.take().unwrap()).lines();
+    assert!(
+        lines
+            .by_ref()
+            .map_while(Result::ok)
+            .any(|l| l.ends_with("READY")),
+        "the helper did not change its uid"
+    );
+    let mut client = client_over(fd).await;
+    let err = client
+        .fetch_x509svid(with_header(pb::X509svidRequest {}))
+        .await
+        .expect_err("served a connection whose process changed its uid");
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    assert!(
+        err.message().contains(&format!(
+            "connected as uid 0 gid 0 and now runs as uid {NOBODY}"
+        )),
+        "{}",
+        err.message()
+    );
+    // A connection of its own, opened as nobody, is served as nobody.
+    let _ = helper.kill();
+    let _ = helper.wait();
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_caller_that_execs_another_binary_is_reattested() {
     if !is_root() {
@@ -465,6 +517,20 @@ fn helper() {
                 std::os::unix::net::UnixStream::connect(std::env::var("WRIT_SOCKET").unwrap())
                     .unwrap();
             handoff::send_fd(std::env::var("WRIT_HANDOFF").unwrap().as_ref(), &conn);
+            std::thread::sleep(Duration::from_secs(120));
+        }
+        "connect-handoff-then-setuid" => {
+            let conn =
+                std::os::unix::net::UnixStream::connect(std::env::var("WRIT_SOCKET").unwrap())
+                    .unwrap();
+            handoff::send_fd(std::env::var("WRIT_HANDOFF").unwrap().as_ref(), &conn);
+            let nobody_gid = nix::unistd::Gid::from_raw(NOBODY);
+            let nobody_uid = nix::unistd::Uid::from_raw(NOBODY);
+            nix::unistd::setgroups(&[]).unwrap();
+            nix::unistd::setresgid(nobody_gid, nobody_gid, nobody_gid).unwrap();
+            nix::unistd::setresuid(nobody_uid, nobody_uid, nobody_uid).unwrap();
+            println!("READY");
+            std::io::stdout().flush().unwrap();
             std::thread::sleep(Duration::from_secs(120));
         }
         "connect-handoff-then-exec" => {
