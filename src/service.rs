@@ -45,6 +45,8 @@ pub enum ServiceError {
     CreateDir { path: PathBuf, source: io::Error },
     #[error("refusing state directory {path}: {reason}")]
     UnsafeDataDir { path: PathBuf, reason: String },
+    #[error("refusing socket directory {path}: {reason}")]
+    UnsafeSocketDir { path: PathBuf, reason: String },
     #[error("{path} already has a server listening; is another writ running?")]
     SocketInUse { path: PathBuf },
     #[error("{path} exists and is not a socket; refusing to replace it")]
@@ -822,6 +824,38 @@ fn create_private_dir(path: &Path) -> Result<(), ServiceError> {
     Ok(())
 }
 
+/// Whoever may rename or create entries in a socket's directory can put
+/// their own server at its path (and have the socket's mode set on a file
+/// of their choosing), so the directory must be writable by nobody but us
+/// and root: owned by one of us, and if group or others may write to it,
+/// sticky (as /tmp is), so that no one else can replace our socket.
+fn check_socket_dir(dir: &Path) -> Result<(), ServiceError> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(dir).map_err(|source| ServiceError::CreateDir {
+        path: dir.to_owned(),
+        source,
+    })?;
+    let me = nix::unistd::geteuid().as_raw();
+    let refuse = |reason: String| ServiceError::UnsafeSocketDir {
+        path: dir.to_owned(),
+        reason,
+    };
+    if meta.uid() != me && meta.uid() != 0 {
+        return Err(refuse(format!(
+            "it is owned by uid {}, who could replace writ's socket; it must be owned by uid {me} or root",
+            meta.uid()
+        )));
+    }
+    const STICKY: u32 = 0o1000;
+    if meta.mode() & 0o022 != 0 && meta.mode() & STICKY == 0 {
+        return Err(refuse(format!(
+            "its mode {:04o} lets group or others replace writ's socket; remove their write access or set the sticky bit",
+            meta.mode() & 0o7777
+        )));
+    }
+    Ok(())
+}
+
 /// Binds a Unix socket at `path`: creates its directory with `dir_mode`,
 /// replaces a stale socket left by a crash (but never a live one, nor a
 /// non-socket file), and sets the socket's mode.
@@ -849,6 +883,7 @@ pub fn bind_socket(
                 },
             )?;
         }
+        check_socket_dir(dir)?;
     }
     match std::fs::symlink_metadata(path) {
         Ok(meta) if meta.file_type().is_socket() => {

@@ -1204,6 +1204,43 @@ fn the_admin_socket_comes_from_the_flag_then_the_environment() {
     assert!(!stderr.contains("a value is required"), "{stderr}");
 }
 
+/// A socket's directory that another user owns, or that group or others
+/// may write to without the sticky bit, is refused: whoever can rename
+/// entries there can put their own server at writ's socket path (a tester
+/// had root's workloads served by another user's writ that way).
+#[test]
+fn a_socket_directory_others_may_write_to_is_refused() {
+    if !is_root() {
+        eprintln!("SKIPPED: needs root to hand the socket directory to another user");
+        return;
+    }
+    let mut writ = Writ::start(&entry_for_us());
+    writ.stop();
+    let run = writ.socket.parent().unwrap().to_path_buf();
+    let set_mode =
+        |mode: u32| std::fs::set_permissions(&run, std::fs::Permissions::from_mode(mode)).unwrap();
+    std::os::unix::fs::chown(&run, Some(NOBODY), Some(NOBODY)).unwrap();
+    let (code, output) = common::run_expecting_failure(&writ.config_path);
+    assert_eq!(code, Some(1), "{output}");
+    assert!(
+        output.contains(&format!("refusing socket directory {}", run.display()))
+            && output.contains(&format!("owned by uid {NOBODY}")),
+        "{output}"
+    );
+    std::os::unix::fs::chown(&run, Some(0), Some(0)).unwrap();
+    set_mode(0o777);
+    let (code, output) = common::run_expecting_failure(&writ.config_path);
+    assert_eq!(code, Some(1), "{output}");
+    assert!(
+        output.contains("mode 0777 lets group or others"),
+        "{output}"
+    );
+    // Sticky, as /tmp is: others may write there but not replace our socket.
+    set_mode(0o1777);
+    writ.spawn();
+    set_mode(0o755);
+}
+
 /// The agent's own stdout closing (`writ run | head -1`, a logger gone)
 /// does not stop it: its start-up lines used to be printed with
 /// `println!`, which panics on a closed pipe.
