@@ -718,6 +718,18 @@ impl TaskManager {
                 if pid <= 0 {
                     return Err(invalid("binding.pid", "must be a positive PID"));
                 }
+                // A PID is a number in some PID namespace, and writ reads it
+                // in its own: from a caller in another (a container) it would
+                // name whatever process has that number here.
+                if !shares_pid_namespace_with_us(caller.process.pid()) {
+                    return Err(invalid(
+                        "binding.pid",
+                        format!(
+                            "the caller (pid {} to writ) runs in another PID namespace, where PID {pid} is not the process writ would see under that number; bind a cgroup instead, or call from writ's PID namespace",
+                            caller.process.pid()
+                        ),
+                    ));
+                }
                 let pinned = PinnedProcess::open(pid).map_err(|e| match thread_group_of(pid) {
                     Some(process) if process != pid => invalid(
                         "binding.pid",
@@ -1745,6 +1757,20 @@ fn validate_intent(intent: &Intent) -> Result<(), TaskError> {
         ));
     }
     Ok(())
+}
+
+/// Whether process `pid` is in writ's PID namespace. Unreadable counts as
+/// not: a PID from a caller whose namespace is unknown is not trusted.
+fn shares_pid_namespace_with_us(pid: i32) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let namespace = |path: String| std::fs::metadata(path).map(|m| (m.dev(), m.ino())).ok();
+    match (
+        namespace(format!("/proc/{pid}/ns/pid")),
+        namespace("/proc/self/ns/pid".to_owned()),
+    ) {
+        (Some(theirs), Some(ours)) => theirs == ours,
+        _ => false,
+    }
 }
 
 /// The process (thread group) that thread `tid` belongs to, from

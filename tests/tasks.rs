@@ -1156,6 +1156,34 @@ async fn tasks_are_listed_a_page_at_a_time_in_the_order_they_began() {
     sleeper.wait().unwrap();
 }
 
+/// A PID from an orchestrator in another PID namespace (a container) is a
+/// number in that namespace: read in writ's, it named another process
+/// (`--pid 2` bound the host's kthreadd). Such a caller is refused.
+#[test]
+fn a_pid_from_a_caller_in_another_pid_namespace_is_refused() {
+    if !is_root() || Command::new("unshare").arg("--version").output().is_err() {
+        eprintln!("SKIPPED: needs root and unshare(1)");
+        return;
+    }
+    let writ = Writ::start(&config(""));
+    let admin = admin_socket(&writ);
+    let script = format!(
+        "sleep 30 & {} task begin --admin-socket {} --pid $! --id from-a-container; status=$?; kill $!; exit $status",
+        common::WRIT,
+        admin.display()
+    );
+    let out = Command::new("unshare")
+        .args(["--fork", "--pid", "--mount-proc", "sh", "-c", &script])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the task began: {stderr}");
+    assert!(
+        stderr.contains("InvalidArgument") && stderr.contains("runs in another PID namespace"),
+        "{stderr}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn malformed_and_unauthorized_admin_calls_are_refused() {
     let writ = Writ::start(&config(""));
