@@ -6,7 +6,7 @@ mod common;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::fd::OwnedFd;
 use std::os::unix::process::CommandExt;
-use std::process::Stdio;
+use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -360,6 +360,48 @@ async fn a_stream_ends_when_its_caller_exits_even_if_the_connection_lives_on() {
         .await
         .expect_err("RPC from an exited caller must fail");
     assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+}
+
+/// A caller in another mount namespace gets no `unix:path` selector: there
+/// any binary can be mounted at any path (an unprivileged user can make one
+/// with a user namespace), so the path says nothing of what runs. A tester
+/// had a copy of Python served an orchestrator's path-bound identity.
+#[test]
+fn a_caller_in_another_mount_namespace_is_not_matched_by_path() {
+    if !is_root() || Command::new("unshare").arg("--version").output().is_err() {
+        eprintln!("SKIPPED: needs root and unshare(1)");
+        return;
+    }
+    let writ_binary = std::path::Path::new(common::WRIT).canonicalize().unwrap();
+    let writ = Writ::start(&format!(
+        r#"
+[[entry]]
+spiffe_id = "spiffe://writ.test/by-path"
+selectors = ["unix:uid:0", "unix:path:{}"]
+
+[[entry]]
+spiffe_id = "{ROOT_ID}"
+selectors = ["unix:uid:0"]
+"#,
+        writ_binary.display()
+    ));
+    let fetch = |prefix: &[&str]| {
+        let mut args: Vec<&str> = prefix.to_vec();
+        let socket = writ.socket.to_str().unwrap();
+        args.extend([common::WRIT, "api", "fetch", "x509", "--socket", socket]);
+        let out = Command::new(args[0]).args(&args[1..]).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let here = fetch(&["env"]);
+    assert!(here.contains("spiffe://writ.test/by-path"), "{here}");
+    let elsewhere = fetch(&["unshare", "--mount"]);
+    assert!(elsewhere.contains(ROOT_ID), "{elsewhere}");
+    assert!(!elsewhere.contains("by-path"), "{elsewhere}");
 }
 
 /// A connection is served under the credentials its process connected

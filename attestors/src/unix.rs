@@ -53,6 +53,16 @@ pub struct UnixAttestor {
     users: NameCache,
     groups: NameCache,
     digests: DigestCache,
+    /// writ's own mount namespace, to tell callers that share it.
+    own_mount_namespace: Option<(u64, u64)>,
+}
+
+/// The mount namespace of the process `paths` is for, as the (device,
+/// inode) of its `ns/mnt`.
+fn mount_namespace(paths: &mut ProcPaths) -> Option<(u64, u64)> {
+    std::fs::metadata(paths.file("ns/mnt"))
+        .ok()
+        .map(|m| (m.dev(), m.ino()))
 }
 
 impl UnixAttestor {
@@ -62,6 +72,7 @@ impl UnixAttestor {
             users: NameCache::default(),
             groups: NameCache::default(),
             digests: DigestCache::default(),
+            own_mount_namespace: mount_namespace(&mut ProcPaths::new(std::process::id() as i32)),
         }
     }
 
@@ -91,7 +102,19 @@ impl UnixAttestor {
         let Some(exe) = &snapshot.exe_path else {
             return Ok(());
         };
-        if self.config.discover_workload_path {
+        // The executable's path names a file in the caller's mount
+        // namespace: in another (which an unprivileged user can make, with a
+        // user namespace) any binary can be mounted at any path, so the
+        // path would say nothing about what runs. The digest, read through
+        // the file itself, still does.
+        let same_mounts = self.own_mount_namespace.is_some()
+            && mount_namespace(&mut ProcPaths::new(process.pid())) == self.own_mount_namespace;
+        if self.config.discover_workload_path && !same_mounts {
+            tracing::debug!(
+                pid = process.pid(),
+                "caller in another mount namespace: no unix:path selector"
+            );
+        } else if self.config.discover_workload_path {
             // A non-UTF-8 or control-character path could never equal an
             // entry's selector, so it is left out rather than mangled.
             match exe.to_str() {
