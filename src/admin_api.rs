@@ -368,6 +368,17 @@ impl pb::tasks_server::Tasks for TasksService {
                 .into_iter()
                 .next()
                 .map(|e| e.spiffe_id);
+            if !crate::tasks::may_act_on(
+                &active,
+                own_id.as_ref(),
+                admin.caller.pid,
+                matches_any(&ctx.auth.bind_any_pid, admin.selectors()),
+            ) {
+                return Err(Status::permission_denied(format!(
+                    "task {} was begun by {}: only it, processes working in the task, or a caller allowed bind_any_pid may end it",
+                    active.id, active.orchestrator
+                )));
+            }
             let selectors: Vec<String> = admin.selectors().iter().map(|s| s.to_string()).collect();
             let request = crate::policy::PolicyRequest::EndTask {
                 caller: crate::policy::Workload {

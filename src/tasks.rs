@@ -266,6 +266,25 @@ pub struct Orchestrator {
     pub may_bind_same_uid: bool,
 }
 
+/// Whether a caller may delegate from `task` or end it: the task's own
+/// orchestrator (the same SPIFFE ID, or the same process when it held
+/// none), a process working in the task (whose default identity is the
+/// task's), or a caller allowed to bind any process. Any other authorized
+/// caller is a stranger to the task: it could otherwise hand out
+/// identities in another orchestrator's lineage, or end its work.
+pub fn may_act_on(
+    task: &Task,
+    caller_spiffe_id: Option<&SpiffeId>,
+    caller_pid: i32,
+    may_bind_any_pid: bool,
+) -> bool {
+    may_bind_any_pid
+        || match caller_spiffe_id {
+            Some(id) => task.orchestrator == id.to_string() || *id == task.spiffe_id,
+            None => task.orchestrator == format!("pid:{caller_pid}"),
+        }
+}
+
 pub fn validate_task_id(id: &str) -> Result<(), TaskError> {
     if id.is_empty() {
         return Err(invalid("task_id", "must not be empty"));
@@ -498,6 +517,19 @@ impl TaskManager {
             Some(pid) => Some(self.active_parent(pid).await?),
             None => None,
         };
+        if let Some(parent) = &parent
+            && !may_act_on(
+                parent,
+                caller.spiffe_id.as_ref(),
+                caller.process.pid(),
+                caller.may_bind_any_pid,
+            )
+        {
+            return Err(TaskError::PermissionDenied(format!(
+                "task {} was begun by {}: only it, processes working in the task, or a caller allowed bind_any_pid may begin sub-tasks of it",
+                parent.id, parent.orchestrator
+            )));
+        }
         let depth = parent.as_ref().map_or(1, |p| p.depth + 1);
         if depth > self.limits.max_depth {
             return Err(invalid(
@@ -584,6 +616,29 @@ impl TaskManager {
                         "spiffe_id",
                         format!("{explicit} has no path; an SVID's SPIFFE ID must have one"),
                     ));
+                }
+                // An orchestrator names identities in its own lineage only
+                // (below its own SPIFFE ID, or its parent task's for a
+                // sub-task): otherwise any authorized caller could give a
+                // process any identity of the trust domain, root's
+                // included. Policy then decides within that.
+                let lineage = parent
+                    .as_ref()
+                    .map(|p| &p.spiffe_id)
+                    .or(caller.spiffe_id.as_ref());
+                let within = lineage.is_some_and(|root| {
+                    explicit
+                        .path()
+                        .strip_prefix(root.path())
+                        .is_some_and(|rest| rest.starts_with('/'))
+                });
+                if !within && !caller.may_bind_any_pid {
+                    return Err(TaskError::PermissionDenied(format!(
+                        "spiffe_id {explicit} is outside the caller's lineage ({}); only a caller allowed bind_any_pid may name any identity",
+                        lineage.map_or("the caller holds no SPIFFE ID".to_owned(), |l| format!(
+                            "below {l}"
+                        ))
+                    )));
                 }
                 explicit.clone()
             }

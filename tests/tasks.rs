@@ -1156,6 +1156,149 @@ async fn tasks_are_listed_a_page_at_a_time_in_the_order_they_began() {
     sleeper.wait().unwrap();
 }
 
+/// An explicit SPIFFE ID must lie in the orchestrator's own lineage:
+/// below its own ID, or below the parent task's for a sub-task. Any
+/// authorized caller could otherwise give a child any identity of the
+/// trust domain (a tester's child got root's).
+#[tokio::test(flavor = "multi_thread")]
+async fn an_explicit_spiffe_id_must_lie_in_the_callers_lineage() {
+    let writ = Writ::start(&config(""));
+    let mut tasks = tasks_client(&writ).await;
+    let mut child = Command::new("sleep").arg("60").spawn().unwrap();
+    let explicit = |id: &str, spiffe_id: &str, parent: &str| apb::BeginTaskRequest {
+        spiffe_id: spiffe_id.into(),
+        parent_task_id: parent.into(),
+        ..begin_pid(id, child.id())
+    };
+    let own = tasks
+        .begin_task(explicit("own", &format!("{ORCH_ID}/research/run-1"), ""))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(own.spiffe_id, format!("{ORCH_ID}/research/run-1"));
+    let sub = tasks
+        .begin_task(explicit(
+            "sub",
+            &format!("{ORCH_ID}/research/run-1/step-2"),
+            "own",
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(sub.spiffe_id, format!("{ORCH_ID}/research/run-1/step-2"));
+    for (id, spiffe_id, parent) in [
+        ("root", "spiffe://writ.test/root", ""),
+        ("itself", ORCH_ID, ""),
+        ("look-alike", &format!("{ORCH_ID}-other/x"), ""),
+        ("sibling", &format!("{ORCH_ID}/elsewhere"), "own"),
+    ] {
+        let err = tasks
+            .begin_task(explicit(id, spiffe_id, parent))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::PermissionDenied, "{id}: {err:?}");
+        assert!(
+            err.message().contains("outside the caller's lineage"),
+            "{err:?}"
+        );
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
+
+/// An authorized caller that did not begin a task, and does not work in
+/// it, may neither begin sub-tasks of it nor end it: it could otherwise
+/// hand out identities in another orchestrator's lineage
+/// (`.../root/task/t/task/hijack`) or stop its work. A tester did both as
+/// another user.
+#[test]
+fn a_stranger_may_neither_delegate_from_nor_end_anothers_task() {
+    if !is_root() {
+        eprintln!("SKIPPED: needs root to call as another user");
+        return;
+    }
+    let nobody = common::NOBODY;
+    let writ = Writ::start(&format!(
+        r#"
+[admin_api]
+authorized = [["unix:uid:0"], ["unix:uid:{nobody}"]]
+
+[[entry]]
+spiffe_id = "{ORCH_ID}"
+selectors = ["unix:uid:0"]
+
+[[entry]]
+spiffe_id = "spiffe://writ.test/stranger"
+selectors = ["unix:uid:{nobody}"]
+"#
+    ));
+    let admin = admin_socket(&writ);
+    // Let the stranger reach the admin socket (0770) through its group.
+    std::os::unix::fs::chown(&admin, None, Some(nobody)).unwrap();
+    let mut sleeper = Command::new("sleep").arg("60").spawn().unwrap();
+    let (ok, _, stderr) = common::writ_cli(
+        &[
+            "task",
+            "begin",
+            "--pid",
+            &sleeper.id().to_string(),
+            "--id",
+            "theirs",
+            "--admin-socket",
+            admin.to_str().unwrap(),
+        ],
+        None,
+    );
+    assert!(ok, "{stderr}");
+
+    let as_stranger = |script: &str| {
+        use std::os::unix::process::CommandExt;
+        let out = Command::new("sh")
+            .args(["-c", script])
+            .uid(nobody)
+            .gid(nobody)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (ok, stderr) = as_stranger(&format!(
+        "sleep 30 & {} task begin --pid $! --parent theirs --id hijack --admin-socket {}; s=$?; kill $!; exit $s",
+        common::WRIT,
+        admin.display()
+    ));
+    assert!(!ok, "the stranger began a sub-task");
+    assert!(
+        stderr.contains("PermissionDenied") && stderr.contains("may begin sub-tasks of it"),
+        "{stderr}"
+    );
+    let (ok, stderr) = as_stranger(&format!(
+        "{} task end theirs --admin-socket {}",
+        common::WRIT,
+        admin.display()
+    ));
+    assert!(!ok, "the stranger ended the task");
+    assert!(
+        stderr.contains("PermissionDenied") && stderr.contains("may end it"),
+        "{stderr}"
+    );
+    let (ok, out, stderr) = common::writ_cli(
+        &[
+            "task",
+            "get",
+            "theirs",
+            "--admin-socket",
+            admin.to_str().unwrap(),
+        ],
+        None,
+    );
+    assert!(ok && out.contains("active"), "{out}{stderr}");
+    sleeper.kill().unwrap();
+    sleeper.wait().unwrap();
+}
+
 /// A PID from an orchestrator in another PID namespace (a container) is a
 /// number in that namespace: read in writ's, it named another process
 /// (`--pid 2` bound the host's kthreadd). Such a caller is refused.
