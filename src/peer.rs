@@ -202,8 +202,18 @@ pub fn incoming(listener: UnixListener) -> impl Stream<Item = io::Result<PeerStr
             match listener.accept().await {
                 Ok((stream, _)) => {
                     let peer = identify(&stream);
-                    if let Err(e) = &peer {
-                        tracing::debug!(error = %e, "could not identify peer");
+                    match &peer {
+                        // A peer writ could not pin now (it ran out of
+                        // descriptors, or the peer already left) is hung up
+                        // on, not served refusals for as long as it keeps
+                        // the connection: clients reconnect, and the next
+                        // connection is pinned afresh.
+                        Err(e @ (PeerError::Pin { .. } | PeerError::Credentials(_))) => {
+                            tracing::debug!(error = %e, "could not pin the peer; closing its connection");
+                            continue;
+                        }
+                        Err(e) => tracing::debug!(error = %e, "could not identify peer"),
+                        Ok(_) => {}
                     }
                     let item = PeerStream {
                         stream: Coalesced::new(AuthorityFix::new(stream)),

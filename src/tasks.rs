@@ -41,6 +41,10 @@ pub enum TaskError {
     Audit(String),
     #[error("{0}")]
     PolicyDenied(String),
+    /// writ ran short of a resource (file descriptors, memory) doing it:
+    /// nothing about the request, which may succeed again.
+    #[error("{0}")]
+    Unavailable(String),
     /// The work ran in a task of its own (so that a caller hanging up could
     /// not stop it halfway) and that task panicked or was stopped.
     #[error("completing task {task}: {reason}")]
@@ -792,6 +796,9 @@ impl TaskManager {
                             "{pid} is a thread of process {process}, not a process; bind the process"
                         ),
                     ),
+                    _ if e.is_resource_exhaustion() => TaskError::Unavailable(format!(
+                        "writ could not pin process {pid} for want of resources ({e}); try again"
+                    )),
                     _ => invalid("binding.pid", format!("cannot pin process {pid}: {e}")),
                 })?;
                 // A caller may bind its own descendants; with bind_same_uid,

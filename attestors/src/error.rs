@@ -31,3 +31,36 @@ pub enum AttestError {
     #[error("invalid attestor configuration: {0}")]
     Config(String),
 }
+
+impl AttestError {
+    /// Whether the failure is writ running short of a resource (file
+    /// descriptors, memory) rather than anything about the process: the
+    /// same request may succeed once the resource is back.
+    pub fn is_resource_exhaustion(&self) -> bool {
+        let source = match self {
+            AttestError::PidfdOpen { source, .. } | AttestError::Io { source, .. } => source,
+            _ => return false,
+        };
+        matches!(
+            source.raw_os_error(),
+            Some(code) if code == nix::libc::EMFILE || code == nix::libc::ENFILE || code == nix::libc::ENOMEM
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn running_out_of_descriptors_is_resource_exhaustion() {
+        let io = |code| AttestError::Io {
+            path: PathBuf::from("/proc/1/stat"),
+            source: io::Error::from_raw_os_error(code),
+        };
+        assert!(io(nix::libc::EMFILE).is_resource_exhaustion());
+        assert!(io(nix::libc::ENFILE).is_resource_exhaustion());
+        assert!(!io(nix::libc::ENOENT).is_resource_exhaustion());
+        assert!(!AttestError::ProcessGone { pid: 1 }.is_resource_exhaustion());
+    }
+}
