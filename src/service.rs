@@ -228,6 +228,13 @@ pub use crate::reload::LogLevelControl;
 /// before they are dropped.
 pub const DRAIN_DEADLINE: Duration = Duration::from_secs(5);
 
+/// Concurrent gRPC calls on one connection. A SPIFFE client holds one to
+/// three streams (X.509, bundles, JWT bundles); each open stream costs writ
+/// its HTTP/2 send buffer and queued messages (CRL included), so without a
+/// bound one process that opened thousands and never read grew writ by
+/// gigabytes.
+const MAX_STREAMS_PER_CONNECTION: u32 = 64;
+
 /// Says where writ serves, on standard output. A closed or full stdout
 /// (`writ run | head -1`, a logger gone) must not stop the agent, so a
 /// failed write is dropped: the same lines go to the log too.
@@ -384,6 +391,7 @@ pub async fn run(
         let _ = rx.wait_for(|stop| *stop).await;
     };
     let workload_server = tonic::transport::Server::builder()
+        .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
         .add_service(health_service.clone())
         .add_service(workload_reflection)
         .add_service(SpiffeWorkloadApiServer::new(WorkloadApi::new(
@@ -395,6 +403,7 @@ pub async fn run(
             stop_signal(stop_rx.clone()),
         );
     let admin_server = tonic::transport::Server::builder()
+        .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
         .add_service(health_service)
         .add_service(admin_reflection)
         .add_service(TasksServer::new(TasksService(admin.clone())))

@@ -362,6 +362,39 @@ async fn a_stream_ends_when_its_caller_exits_even_if_the_connection_lives_on() {
     assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
 }
 
+/// One connection holds at most 64 calls at once: each open stream costs
+/// writ its HTTP/2 send buffer and queued messages, and a client that
+/// opened 5,000 streams and never read them grew writ to 2.5 GB. The 65th
+/// waits for one of the 64 to end.
+#[tokio::test(flavor = "multi_thread")]
+async fn one_connection_holds_at_most_64_streams() {
+    let writ = Writ::start(&format!(
+        "[[entry]]\nspiffe_id = \"{ROOT_ID}\"\nselectors = [\"unix:uid:{}\"]\n",
+        nix::unistd::geteuid().as_raw()
+    ));
+    let client = raw_client(&writ).await;
+    let open = |mut client: SpiffeWorkloadApiClient<tonic::transport::Channel>| async move {
+        let mut stream = client
+            .fetch_x509svid(with_header(pb::X509svidRequest {}))
+            .await?
+            .into_inner();
+        stream.message().await?;
+        Ok::<_, tonic::Status>(stream)
+    };
+    let mut held = Vec::new();
+    for _ in 0..64 {
+        held.push(open(client.clone()).await.unwrap());
+    }
+    let waiting = tokio::spawn(open(client.clone()));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!waiting.is_finished(), "a 65th stream was served at once");
+    held.pop();
+    let served = tokio::time::timeout(Duration::from_secs(10), waiting)
+        .await
+        .expect("the 65th stream was not served once another ended");
+    assert!(served.unwrap().is_ok());
+}
+
 /// A caller in another mount namespace gets no `unix:path` selector: there
 /// any binary can be mounted at any path (an unprivileged user can make one
 /// with a user namespace), so the path says nothing of what runs. A tester
