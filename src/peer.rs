@@ -3,10 +3,11 @@
 //! older kernels); the pin lives as long as the connection, so every later RPC
 //! on it can prove it is still talking to that same process.
 
+use std::collections::HashMap;
 use std::io;
 use std::os::fd::AsFd;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -148,6 +149,68 @@ pub fn identify(stream: &UnixStream) -> Result<Caller, PeerError> {
 pub struct PeerStream {
     stream: Coalesced<AuthorityFix<UnixStream>>,
     peer: PeerInfo,
+    /// Until the client has sent the HTTP/2 preface and a frame header:
+    /// when that is due, and how many bytes have come so far.
+    preface: Option<(Pin<Box<tokio::time::Sleep>>, usize)>,
+    /// Held for as long as the connection lives.
+    _slot: Option<ConnectionSlot>,
+}
+
+/// How long a new connection has to send the HTTP/2 preface and its first
+/// frame. Clients send them as soon as they connect; a connection that
+/// sends nothing would otherwise hold a socket and a pidfd of writ's for
+/// as long as its peer likes.
+const PREFACE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The HTTP/2 client preface (24 bytes) and one frame header (9).
+const PREFACE_BYTES: usize = 24 + 9;
+
+/// Connections one uid may hold open at once on one socket. A SPIFFE
+/// client holds one; without a bound, one user's processes could hold
+/// every descriptor writ may open, and writ would serve no one.
+pub const MAX_CONNECTIONS_PER_UID: usize = 1024;
+
+/// Open connections per uid on one socket.
+#[derive(Default)]
+struct ConnectionCounts(Mutex<HashMap<u32, usize>>);
+
+impl ConnectionCounts {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u32, usize>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A slot for one more connection of `uid`, if it holds fewer than
+    /// `MAX_CONNECTIONS_PER_UID`.
+    fn take(self: &Arc<Self>, uid: u32) -> Option<ConnectionSlot> {
+        let mut counts = self.lock();
+        let held = counts.entry(uid).or_default();
+        if *held >= MAX_CONNECTIONS_PER_UID {
+            return None;
+        }
+        *held += 1;
+        Some(ConnectionSlot {
+            counts: self.clone(),
+            uid,
+        })
+    }
+}
+
+/// One connection's place in its uid's count, given back when it closes.
+struct ConnectionSlot {
+    counts: Arc<ConnectionCounts>,
+    uid: u32,
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        let mut counts = self.counts.lock();
+        if let Some(held) = counts.get_mut(&self.uid) {
+            *held = held.saturating_sub(1);
+            if *held == 0 {
+                counts.remove(&self.uid);
+            }
+        }
+    }
 }
 
 impl Connected for PeerStream {
@@ -163,7 +226,21 @@ impl AsyncRead for PeerStream {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_read(cx, buf)
+        let this = &mut *self;
+        let before = buf.filled().len();
+        let read = Pin::new(&mut this.stream).poll_read(cx, buf);
+        if let Some((due, received)) = &mut this.preface {
+            *received += buf.filled().len() - before;
+            if *received >= PREFACE_BYTES {
+                this.preface = None;
+            } else if read.is_pending() && due.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("no HTTP/2 preface within {PREFACE_TIMEOUT:?}"),
+                )));
+            }
+        }
+        read
     }
 }
 
@@ -197,7 +274,8 @@ impl AsyncWrite for PeerStream {
 /// running out of file descriptors) are logged and retried after a pause rather
 /// than ending the server.
 pub fn incoming(listener: UnixListener) -> impl Stream<Item = io::Result<PeerStream>> {
-    futures::stream::unfold(listener, |listener| async move {
+    let counts = Arc::new(ConnectionCounts::default());
+    futures::stream::unfold((listener, counts), |(listener, counts)| async move {
         loop {
             match listener.accept().await {
                 Ok((stream, _)) => {
@@ -215,11 +293,28 @@ pub fn incoming(listener: UnixListener) -> impl Stream<Item = io::Result<PeerStr
                         Err(e) => tracing::debug!(error = %e, "could not identify peer"),
                         Ok(_) => {}
                     }
+                    let slot = match &peer {
+                        Ok(caller) => match counts.take(caller.uid) {
+                            Some(slot) => Some(slot),
+                            None => {
+                                tracing::warn!(
+                                    uid = caller.uid,
+                                    pid = caller.pid,
+                                    limit = MAX_CONNECTIONS_PER_UID,
+                                    "uid holds as many connections as it may; closing a new one"
+                                );
+                                continue;
+                            }
+                        },
+                        Err(_) => None,
+                    };
                     let item = PeerStream {
                         stream: Coalesced::new(AuthorityFix::new(stream)),
                         peer: peer.map(Arc::new).map_err(Arc::new),
+                        preface: Some((Box::pin(tokio::time::sleep(PREFACE_TIMEOUT)), 0)),
+                        _slot: slot,
                     };
-                    return Some((Ok(item), listener));
+                    return Some((Ok(item), (listener, counts)));
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "accept failed; retrying");

@@ -362,6 +362,85 @@ async fn a_stream_ends_when_its_caller_exits_even_if_the_connection_lives_on() {
     assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
 }
 
+/// A connection must send the HTTP/2 preface within 10 s, and one uid holds
+/// at most 1024 connections: otherwise connections that never send a
+/// request each held a socket and a pidfd of writ's for good, and 10,000 of
+/// them from one user exhausted writ's descriptors, so that it served no
+/// one.
+#[test]
+fn silent_connections_are_closed_and_one_uid_holds_at_most_1024() {
+    use std::io::Read as _;
+    use std::io::Write as _;
+    use std::os::unix::net::UnixStream;
+    let writ = Writ::start(&two_entries(""));
+    // Room for 1025 connections in this process.
+    {
+        use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+        let limit = getrlimit(Resource::Nofile);
+        let raised = Rlimit {
+            current: limit.maximum,
+            maximum: limit.maximum,
+        };
+        setrlimit(Resource::Nofile, raised).unwrap();
+    }
+    let closed_within = |conn: &mut UnixStream, wait: Duration| {
+        conn.set_read_timeout(Some(wait)).unwrap();
+        let mut buf = [0u8; 4096];
+        loop {
+            match conn.read(&mut buf) {
+                Ok(0) => return true,
+                Ok(_) => continue, // the server's SETTINGS
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return true,
+                Err(_) => return false,
+            }
+        }
+    };
+    // Silent: closed once the preface is overdue.
+    let mut silent = UnixStream::connect(&writ.socket).unwrap();
+    assert!(
+        closed_within(&mut silent, Duration::from_secs(20)),
+        "a silent connection was kept"
+    );
+
+    // Speaking: 1024 are kept, the next is closed at once.
+    let preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0";
+    let open = || {
+        let mut conn = UnixStream::connect(&writ.socket).unwrap();
+        conn.write_all(preface).unwrap();
+        conn
+    };
+    let mut held: Vec<UnixStream> = (0..1024).map(|_| open()).collect();
+    let mut one_more = open();
+    assert!(
+        closed_within(&mut one_more, Duration::from_secs(10)),
+        "a 1025th connection of one uid was kept"
+    );
+    assert!(
+        !closed_within(&mut held[1023], Duration::from_millis(500)),
+        "the 1024th connection was closed"
+    );
+    // Another uid is not held back by this one's.
+    let (ok, out, stderr) = common::writ_cli(
+        &[
+            "api",
+            "fetch",
+            "x509",
+            "--socket",
+            writ.socket.to_str().unwrap(),
+        ],
+        Some(NOBODY),
+    );
+    assert!(ok && out.contains(NOBODY_ID), "{out}{stderr}");
+    // Once one closes, a new one is kept.
+    held.pop();
+    std::thread::sleep(Duration::from_millis(200));
+    let mut again = open();
+    assert!(
+        !closed_within(&mut again, Duration::from_millis(500)),
+        "no room after a close"
+    );
+}
+
 /// One connection holds at most 64 calls at once: each open stream costs
 /// writ its HTTP/2 send buffer and queued messages, and a client that
 /// opened 5,000 streams and never read them grew writ to 2.5 GB. The 65th
