@@ -144,22 +144,40 @@ pub enum EntryCommand {
     },
 }
 
-/// Writes `value` as element `index` of one pretty-printed JSON array that
-/// is printed as its pages arrive; `end_json_array` closes it.
-fn write_json_element(
-    out: &mut impl Write,
-    index: usize,
-    value: &serde_json::Value,
+/// Prints a listing page by page, as the pages arrive: `fetch` gets the
+/// page after a token (empty for the first) and returns its items and the
+/// next token (empty after the last). With `json`, the items make one
+/// pretty-printed JSON array (`to_json` of each); otherwise `line` prints
+/// each.
+async fn print_pages<T>(
+    json: bool,
+    mut fetch: impl AsyncFnMut(String) -> anyhow::Result<(Vec<T>, String)>,
+    mut line: impl FnMut(&mut std::io::Stdout, &T) -> std::io::Result<()>,
+    to_json: impl Fn(&T) -> serde_json::Value,
 ) -> anyhow::Result<()> {
-    let element = serde_json::to_string_pretty(value)?;
-    write!(out, "{}\n  ", if index == 0 { "[" } else { "," })?;
-    write!(out, "{}", element.replace('\n', "\n  "))?;
-    Ok(())
-}
-
-/// Closes the array `write_json_element` began, after `elements` of them.
-fn end_json_array(out: &mut impl Write, elements: usize) -> anyhow::Result<()> {
-    writeln!(out, "{}", if elements == 0 { "[]" } else { "\n]" })?;
+    let mut out = std::io::stdout();
+    let mut listed = 0usize;
+    let mut page_token = String::new();
+    loop {
+        let (items, next) = fetch(page_token).await?;
+        for item in &items {
+            if json {
+                let element = serde_json::to_string_pretty(&to_json(item))?;
+                write!(out, "{}\n  ", if listed == 0 { "[" } else { "," })?;
+                write!(out, "{}", element.replace('\n', "\n  "))?;
+            } else {
+                line(&mut out, item)?;
+            }
+            listed += 1;
+        }
+        if next.is_empty() {
+            break;
+        }
+        page_token = next;
+    }
+    if json {
+        writeln!(out, "{}", if listed == 0 { "[]" } else { "\n]" })?;
+    }
     Ok(())
 }
 
@@ -374,19 +392,12 @@ pub async fn task(cmd: TaskCommand) -> anyhow::Result<()> {
         } => {
             let mut client = tasks_client(&admin.path()?).await?;
             let json = admin.output == Output::Json;
-            let mut out = std::io::stdout();
-            let mut listed = 0usize;
             if !json {
-                writeln!(
-                    out,
-                    "{:<28} {:<10} {:<24} SPIFFE ID",
-                    "TASK", "STATE", "EXPIRES"
-                )?;
+                outln!("{:<28} {:<10} {:<24} SPIFFE ID", "TASK", "STATE", "EXPIRES");
             }
-            // Page by page, printed as they come: a busy node retains far
-            // more completed tasks than one response carries.
-            let mut page_token = String::new();
-            loop {
+            // A busy node retains far more completed tasks than one
+            // response carries.
+            let fetch = async |page_token| {
                 let page = client
                     .list_tasks(pb::ListTasksRequest {
                         include_completed: all,
@@ -396,34 +407,24 @@ pub async fn task(cmd: TaskCommand) -> anyhow::Result<()> {
                     .await
                     .map_err(|s| status_error("ListTasks", s))?
                     .into_inner();
-                for t in &page.tasks {
-                    if json {
-                        write_json_element(&mut out, listed, &task_json(t))?;
-                    } else {
-                        let state = if t.completed_at == 0 {
-                            "active"
-                        } else {
-                            "completed"
-                        };
-                        writeln!(
-                            out,
-                            "{:<28} {:<10} {:<24} {}",
-                            t.task_id,
-                            state,
-                            time_string(t.expires_at),
-                            t.spiffe_id
-                        )?;
-                    }
-                    listed += 1;
-                }
-                if page.next_page_token.is_empty() {
-                    break;
-                }
-                page_token = page.next_page_token;
-            }
-            if json {
-                end_json_array(&mut out, listed)?;
-            }
+                Ok((page.tasks, page.next_page_token))
+            };
+            let line = |out: &mut std::io::Stdout, t: &pb::Task| {
+                let state = if t.completed_at == 0 {
+                    "active"
+                } else {
+                    "completed"
+                };
+                writeln!(
+                    out,
+                    "{:<28} {:<10} {:<24} {}",
+                    t.task_id,
+                    state,
+                    time_string(t.expires_at),
+                    t.spiffe_id
+                )
+            };
+            print_pages(json, fetch, line, task_json).await?;
         }
         TaskCommand::Watch { admin } => {
             let mut stream = tasks_client(&admin.path()?)
@@ -514,11 +515,7 @@ pub async fn entry(cmd: EntryCommand) -> anyhow::Result<()> {
         }
         EntryCommand::List { admin, page_size } => {
             let mut client = entries_client(&admin.path()?).await?;
-            let json = admin.output == Output::Json;
-            let mut out = std::io::stdout();
-            let mut listed = 0usize;
-            let mut page_token = String::new();
-            loop {
+            let fetch = async |page_token| {
                 let page = client
                     .list_entries(pb::ListEntriesRequest {
                         page_size,
@@ -527,30 +524,20 @@ pub async fn entry(cmd: EntryCommand) -> anyhow::Result<()> {
                     .await
                     .map_err(|s| status_error("ListEntries", s))?
                     .into_inner();
-                for e in &page.entries {
-                    if json {
-                        write_json_element(&mut out, listed, &entry_json(e))?;
-                    } else {
-                        writeln!(
-                            out,
-                            "{}  {}  [{}]  ttl {}  ({})",
-                            e.id,
-                            e.spiffe_id,
-                            e.selectors.join(", "),
-                            e.x509_svid_ttl,
-                            e.source
-                        )?;
-                    }
-                    listed += 1;
-                }
-                if page.next_page_token.is_empty() {
-                    break;
-                }
-                page_token = page.next_page_token;
-            }
-            if json {
-                end_json_array(&mut out, listed)?;
-            }
+                Ok((page.entries, page.next_page_token))
+            };
+            let line = |out: &mut std::io::Stdout, e: &pb::Entry| {
+                writeln!(
+                    out,
+                    "{}  {}  [{}]  ttl {}  ({})",
+                    e.id,
+                    e.spiffe_id,
+                    e.selectors.join(", "),
+                    e.x509_svid_ttl,
+                    e.source
+                )
+            };
+            print_pages(admin.output == Output::Json, fetch, line, entry_json).await?;
         }
     }
     Ok(())
