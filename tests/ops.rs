@@ -1017,26 +1017,24 @@ fn a_reload_that_moves_the_trust_domain_is_refused_and_writ_keeps_serving() {
     assert!(ok, "{err}");
 }
 
+/// `writ entry list --output json` on the admin socket at `admin`.
+fn entry_list(admin: &str) -> Vec<serde_json::Value> {
+    let (ok, out, err) = common::writ_cli(
+        &["entry", "list", "--admin-socket", admin, "--output", "json"],
+        None,
+    );
+    assert!(ok, "{err}");
+    serde_json::from_str(&out).unwrap()
+}
+
 #[test]
 fn restart_only_settings_stay_pending_until_a_restart() {
     let mut service = Service::new("", "info");
     service.spawn(&[]);
     let admin = service.admin.to_str().unwrap().to_owned();
     let config_entry_ttl = || {
-        let (ok, out, err) = common::writ_cli(
-            &[
-                "entry",
-                "list",
-                "--admin-socket",
-                &admin,
-                "--output",
-                "json",
-            ],
-            None,
-        );
-        assert!(ok, "{err}");
-        let entries: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
-        assert_eq!(entries.len(), 1, "{out}");
+        let entries = entry_list(&admin);
+        assert_eq!(entries.len(), 1, "{entries:?}");
         entries[0]["x509_svid_ttl"].as_str().unwrap().to_owned()
     };
     assert_eq!(config_entry_ttl(), "1h");
@@ -1095,20 +1093,7 @@ fn a_config_entry_may_not_hide_an_entry_created_through_the_admin_api() {
     assert!(ok, "{err}");
     let id = id.trim().to_owned();
     let listed = || {
-        let (ok, out, err) = common::writ_cli(
-            &[
-                "entry",
-                "list",
-                "--admin-socket",
-                &admin,
-                "--output",
-                "json",
-            ],
-            None,
-        );
-        assert!(ok, "{err}");
-        let entries: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
-        entries
+        entry_list(&admin)
             .iter()
             .map(|e| format!("{} {}", e["id"].as_str().unwrap(), e["source"]))
             .collect::<Vec<_>>()
