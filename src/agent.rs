@@ -64,6 +64,17 @@ pub enum AgentError {
     CrlPublishFailed(String),
 }
 
+/// Records the trail refused, waiting to be written.
+#[derive(Default)]
+struct Unrecorded {
+    events: Vec<AuditEvent>,
+    /// Refused while `MAX_UNRECORDED` were already waiting: lost.
+    dropped: u64,
+}
+
+/// The most refused audit records kept waiting (a few MiB of memory).
+const MAX_UNRECORDED: usize = 16_384;
+
 /// What the next CRL is made from.
 #[derive(Default)]
 struct Revocations {
@@ -267,6 +278,9 @@ impl TaskIndex {
 pub struct Agent {
     policy: RwLock<crate::policy::PolicyEngine>,
     audit: std::sync::OnceLock<Arc<AuditLog>>,
+    /// Records of work done that the trail refused (a full disk), kept to
+    /// write once it takes them again (`retry_unrecorded`).
+    unrecorded: Mutex<Unrecorded>,
     validation_keys: RwLock<Option<(Vec<u64>, Arc<JwtKeySet>)>>,
     trust_domain: TrustDomain,
     attestors: AttestorSet,
@@ -317,6 +331,7 @@ impl Agent {
             validation_keys: RwLock::new(None),
             policy: RwLock::new(crate::policy::PolicyEngine::builtin_default()),
             audit: std::sync::OnceLock::new(),
+            unrecorded: Mutex::new(Unrecorded::default()),
             attestors,
             store,
             task_svid_ttl,
@@ -549,9 +564,67 @@ impl Agent {
     /// completions already persisted): logged loudly instead.
     pub async fn record_best_effort(&self, event: AuditEvent) {
         let kind = event.event;
-        if let Err(e) = self.record(event).await {
-            tracing::error!(error = %e, event = %kind, "audit record lost");
+        if let Err(e) = self.record(event.clone()).await {
+            tracing::error!(error = %e, event = %kind, "the audit trail refused a record; kept to write once it can");
+            self.keep_unrecorded([event]);
         }
+    }
+
+    /// Keeps records the trail refused, marked with when they were refused,
+    /// for `retry_unrecorded`. Past `MAX_UNRECORDED` they are counted, not
+    /// kept.
+    fn keep_unrecorded(&self, events: impl IntoIterator<Item = AuditEvent>) {
+        let refused_at = unix_secs(SystemTime::now());
+        let mut kept = lock(&self.unrecorded);
+        for event in events {
+            if kept.events.len() >= MAX_UNRECORDED {
+                kept.dropped += 1;
+                continue;
+            }
+            kept.events.push(
+                event
+                    .detail("recorded_late", true)
+                    .detail("refused_at", refused_at),
+            );
+        }
+    }
+
+    /// Writes the records the trail refused earlier, in the order they
+    /// came; those it refuses again are kept for the next try. Returns how
+    /// many it wrote.
+    pub async fn retry_unrecorded(&self) -> usize {
+        let Some(log) = self.audit.get() else {
+            return 0;
+        };
+        let events = std::mem::take(&mut lock(&self.unrecorded).events);
+        if events.is_empty() {
+            return 0;
+        }
+        let outcomes = log.append_all(events.clone()).await;
+        let tried = events.len();
+        let mut refused: Vec<AuditEvent> = events
+            .into_iter()
+            .zip(outcomes)
+            .filter_map(|(event, outcome)| outcome.is_err().then_some(event))
+            .collect();
+        let written = tried - refused.len();
+        let mut kept = lock(&self.unrecorded);
+        if written > 0 {
+            tracing::warn!(
+                written,
+                "audit records the trail refused earlier are now in it (detail recorded_late)"
+            );
+            if kept.dropped > 0 {
+                tracing::error!(
+                    lost = kept.dropped,
+                    "audit records refused while too many were waiting are lost"
+                );
+                kept.dropped = 0;
+            }
+        }
+        refused.append(&mut kept.events);
+        kept.events = refused;
+        written
     }
 
     /// `record_best_effort` for several records, written in order as one
@@ -562,15 +635,18 @@ impl Agent {
         };
         let kinds: Vec<EventKind> = events.iter().map(|e| e.event).collect();
         let started = std::time::Instant::now();
-        let outcomes = log.append_all(events).await;
+        let outcomes = log.append_all(events.clone()).await;
         self.metrics
             .audit_write_seconds
             .observe(started.elapsed().as_secs_f64());
-        for (kind, outcome) in kinds.into_iter().zip(outcomes) {
+        let mut refused = Vec::new();
+        for ((kind, event), outcome) in kinds.into_iter().zip(events).zip(outcomes) {
             if let Err(e) = outcome {
-                tracing::error!(error = %e, event = %kind, "audit record lost");
+                tracing::error!(error = %e, event = %kind, "the audit trail refused a record; kept to write once it can");
+                refused.push(event);
             }
         }
+        self.keep_unrecorded(refused);
     }
 
     /// The task facts for an audit record, if the task is active.

@@ -366,7 +366,10 @@ pub async fn run(
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     services.federation.spawn_fetchers(stop_rx.clone());
-    let mut background = Vec::new();
+    let mut background = vec![tokio::spawn(retry_unrecorded_forever(
+        agent.clone(),
+        stop_rx.clone(),
+    ))];
     if let Some(endpoint) = bundle_endpoint {
         let addr = endpoint
             .local_addr()
@@ -578,6 +581,7 @@ impl BoundSockets {
 /// been cut short or to belong to a crashed run. It waits on the trail's
 /// background thread, so not on a runtime worker.
 async fn close_audit_trail(agent: &Agent) {
+    agent.retry_unrecorded().await;
     if let Some(audit) = agent.audit_log().cloned() {
         let _ = tokio::task::spawn_blocking(move || audit.close()).await;
     }
@@ -783,6 +787,22 @@ pub(crate) fn load_policy(files: &[PathBuf]) -> Result<crate::policy::PolicyEngi
     }
     tracing::info!(source = %engine.source(), policies = engine.policy_ids().len(), "policies loaded");
     Ok(engine)
+}
+
+/// How often records the audit trail refused (a full disk) are offered
+/// to it again.
+const UNRECORDED_RETRY: Duration = Duration::from_secs(1);
+
+/// Offers the trail the records it refused, every `UNRECORDED_RETRY`,
+/// until writ stops (closing the trail tries once more).
+async fn retry_unrecorded_forever(agent: Arc<Agent>, mut stop: tokio::sync::watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(UNRECORDED_RETRY) => {}
+            _ = stop.wait_for(|stop| *stop) => return,
+        }
+        agent.retry_unrecorded().await;
+    }
 }
 
 async fn rotate_ca_forever(agent: Arc<Agent>) {

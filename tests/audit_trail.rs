@@ -311,3 +311,140 @@ fn checkpoints_by_expired_roots_verify_from_the_state_dir_and_those_roots_are_no
     let (ok, out, err) = verify(&writ, &[]);
     assert!(ok, "{out}{err}");
 }
+
+/// A tmpfs of `size` mounted at a fresh directory, unmounted when dropped.
+struct SmallDisk {
+    dir: tempfile::TempDir,
+}
+
+impl SmallDisk {
+    fn mount(size: &str) -> SmallDisk {
+        let dir = tempfile::Builder::new()
+            .prefix("writ-small-disk-")
+            .tempdir()
+            .unwrap();
+        let status = Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0700"),
+                "tmpfs",
+            ])
+            .arg(dir.path())
+            .status()
+            .unwrap();
+        assert!(status.success(), "mounting a tmpfs failed");
+        SmallDisk { dir }
+    }
+
+    /// Fills the disk; returns the filler to delete to free it again.
+    fn fill(&self) -> std::path::PathBuf {
+        use std::io::Write as _;
+        let filler = self.dir.path().join("filler");
+        let mut file = std::fs::File::create(&filler).unwrap();
+        let chunk = vec![0x5au8; 64 * 1024];
+        while file.write_all(&chunk).is_ok() {}
+        let small = [0x5au8; 512];
+        while file.write_all(&small).is_ok() {}
+        filler
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(self.dir.path()).status();
+    }
+}
+
+/// A task's completion is durable in the store before its records are
+/// written, so it stands even when the trail refuses them (a full disk).
+/// Those records used to be lost for good; now they are kept and written,
+/// marked `recorded_late`, once the trail takes them again.
+#[test]
+fn records_the_trail_refused_are_written_once_it_has_room_again() {
+    if !is_root() {
+        eprintln!("SKIPPED: needs root to mount a small disk for the trail");
+        return;
+    }
+    let disk = SmallDisk::mount("2m");
+    let trail = disk.dir.path().join("audit.jsonl");
+    let writ = Writ::start(&format!(
+        "[audit]\npath = \"{}\"\npreallocate_bytes = 4096\n\n[[entry]]\nspiffe_id = \"spiffe://writ.test/audited\"\nselectors = [\"unix:uid:{}\"]\n",
+        trail.display(),
+        uid()
+    ));
+    let admin = writ.dir.path().join("run/admin.sock");
+    let admin = admin.to_str().unwrap();
+    let mut sleeper = Command::new("sleep").arg("60").spawn().unwrap();
+    let (ok, _, err) = writ_cli(
+        &[
+            "task",
+            "begin",
+            "--pid",
+            &sleeper.id().to_string(),
+            "--id",
+            "late",
+            "--admin-socket",
+            admin,
+        ],
+        None,
+    );
+    assert!(ok, "{err}");
+
+    // A full disk, and the trail's room ahead used up by issuances until
+    // one is refused.
+    let filler = disk.fill();
+    let refused = (0..200).any(|n| {
+        let audience = format!("audience-{n}");
+        let (ok, _, err) = writ_cli(
+            &[
+                "api",
+                "fetch",
+                "jwt",
+                "--audience",
+                &audience,
+                "--socket",
+                &writ.endpoint(),
+            ],
+            None,
+        );
+        !ok && err.contains("audit")
+    });
+    assert!(refused, "the trail never filled");
+
+    let (ok, _, err) = writ_cli(&["task", "end", "late", "--admin-socket", admin], None);
+    assert!(ok, "the completion stands: {err}");
+    let ended = |records: &[serde_json::Value]| {
+        records
+            .iter()
+            .find(|r| r["event"] == "task_ended" && r["task"]["id"] == "late")
+            .cloned()
+    };
+    let read = || -> Vec<serde_json::Value> {
+        std::fs::read_to_string(&trail)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    };
+    assert!(ended(&read()).is_none(), "the full trail took the record");
+
+    std::fs::remove_file(filler).unwrap();
+    let record = common::wait_for(
+        Duration::from_secs(15),
+        "the late record",
+        || ended(&read()),
+    );
+    assert_eq!(record["detail"]["recorded_late"], true, "{record}");
+    assert!(record["detail"]["refused_at"].is_i64(), "{record}");
+    let revoked = read()
+        .into_iter()
+        .any(|r| r["event"] == "revoked" && r["detail"]["task_id"] == "late");
+    assert!(revoked, "the revocation's record is written too");
+    let (ok, out, err) = verify(&writ, &[]);
+    assert!(ok, "{out}{err}");
+    sleeper.kill().unwrap();
+    sleeper.wait().unwrap();
+    drop(writ);
+}
