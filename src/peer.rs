@@ -153,7 +153,7 @@ pub struct PeerStream {
     /// when that is due, and how many bytes have come so far.
     preface: Option<(Pin<Box<tokio::time::Sleep>>, usize)>,
     /// Held for as long as the connection lives.
-    _slot: Option<ConnectionSlot>,
+    _slot: Option<UidSlot>,
 }
 
 /// How long a new connection has to send the HTTP/2 preface and its first
@@ -170,38 +170,37 @@ const PREFACE_BYTES: usize = 24 + 9;
 /// every descriptor writ may open, and writ would serve no one.
 pub const MAX_CONNECTIONS_PER_UID: usize = 1024;
 
-/// Open connections per uid on one socket.
+/// How many of something (connections, streams) each uid holds.
 #[derive(Default)]
-struct ConnectionCounts(Mutex<HashMap<u32, usize>>);
+pub struct PerUidCounts(Mutex<HashMap<u32, usize>>);
 
-impl ConnectionCounts {
+impl PerUidCounts {
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u32, usize>> {
         self.0.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// A slot for one more connection of `uid`, if it holds fewer than
-    /// `MAX_CONNECTIONS_PER_UID`.
-    fn take(self: &Arc<Self>, uid: u32) -> Option<ConnectionSlot> {
+    /// A slot for one more for `uid`, if it holds fewer than `limit`.
+    pub fn take(self: &Arc<Self>, uid: u32, limit: usize) -> Option<UidSlot> {
         let mut counts = self.lock();
         let held = counts.entry(uid).or_default();
-        if *held >= MAX_CONNECTIONS_PER_UID {
+        if *held >= limit {
             return None;
         }
         *held += 1;
-        Some(ConnectionSlot {
+        Some(UidSlot {
             counts: self.clone(),
             uid,
         })
     }
 }
 
-/// One connection's place in its uid's count, given back when it closes.
-struct ConnectionSlot {
-    counts: Arc<ConnectionCounts>,
+/// One place in a uid's count, given back when dropped.
+pub struct UidSlot {
+    counts: Arc<PerUidCounts>,
     uid: u32,
 }
 
-impl Drop for ConnectionSlot {
+impl Drop for UidSlot {
     fn drop(&mut self) {
         let mut counts = self.counts.lock();
         if let Some(held) = counts.get_mut(&self.uid) {
@@ -274,7 +273,7 @@ impl AsyncWrite for PeerStream {
 /// running out of file descriptors) are logged and retried after a pause rather
 /// than ending the server.
 pub fn incoming(listener: UnixListener) -> impl Stream<Item = io::Result<PeerStream>> {
-    let counts = Arc::new(ConnectionCounts::default());
+    let counts = Arc::new(PerUidCounts::default());
     futures::stream::unfold((listener, counts), |(listener, counts)| async move {
         loop {
             match listener.accept().await {
@@ -294,7 +293,7 @@ pub fn incoming(listener: UnixListener) -> impl Stream<Item = io::Result<PeerStr
                         Ok(_) => {}
                     }
                     let slot = match &peer {
-                        Ok(caller) => match counts.take(caller.uid) {
+                        Ok(caller) => match counts.take(caller.uid, MAX_CONNECTIONS_PER_UID) {
                             Some(slot) => Some(slot),
                             None => {
                                 tracing::warn!(

@@ -35,7 +35,15 @@ type StreamOf<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static
 pub struct WorkloadApi {
     agent: Arc<Agent>,
     reattest_interval: Duration,
+    /// Open streams per uid.
+    streams: Arc<crate::peer::PerUidCounts>,
 }
+
+/// Streams one uid may hold open at once. A SPIFFE client holds one to
+/// three; each open stream costs writ its HTTP/2 send buffer (up to about
+/// 0.5 MB for a client that does not read), so without a bound one user's
+/// processes could hold writ's memory through thousands of connections.
+pub const MAX_STREAMS_PER_UID: usize = 1024;
 
 impl WorkloadApi {
     /// Starts a full-state stream: the first snapshot is taken here, so a
@@ -48,6 +56,12 @@ impl WorkloadApi {
         caller: Arc<Caller>,
         snapshot: SnapshotFn<T>,
     ) -> Result<Response<StreamOf<T>>, Status> {
+        let Some(slot) = self.streams.take(caller.uid, MAX_STREAMS_PER_UID) else {
+            return Err(Status::resource_exhausted(format!(
+                "uid {} holds {MAX_STREAMS_PER_UID} open streams, as many as one uid may; close some first",
+                caller.uid
+            )));
+        };
         let subscription = self.agent.changes().register(caller.clone());
         let first = snapshot(
             self.agent.clone(),
@@ -63,6 +77,7 @@ impl WorkloadApi {
             subscription,
             first,
             snapshot,
+            slot,
         )))
     }
 
@@ -70,6 +85,7 @@ impl WorkloadApi {
         Self {
             agent,
             reattest_interval,
+            streams: Arc::default(),
         }
     }
 }
@@ -724,6 +740,7 @@ fn spawn_stream<T>(
     mut subscription: crate::changes::Subscription,
     first: Snapshot<T>,
     snapshot: SnapshotFn<T>,
+    slot: crate::peer::UidSlot,
 ) -> StreamOf<T>
 where
     T: Send + 'static,
@@ -733,7 +750,7 @@ where
     let mut stopping = agent.shutdown_requested();
     tokio::spawn(async move {
         // Counted open for as long as this task serves the stream.
-        let _open = open;
+        let _open = (open, slot);
         let mut last: Option<Fingerprint> = None;
         let mut keys: Vec<String> = Vec::new();
         let mut pending = Some(Ok(first));

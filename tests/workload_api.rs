@@ -472,6 +472,52 @@ async fn one_connection_holds_at_most_64_streams() {
     assert!(served.unwrap().is_ok());
 }
 
+/// One uid holds at most 1024 streams, across all its connections: with
+/// 64 per connection alone, a user could still make writ hold gigabytes of
+/// send buffers through many connections whose streams it never reads.
+#[tokio::test(flavor = "multi_thread")]
+async fn one_uid_holds_at_most_1024_streams() {
+    let writ = Writ::start(&format!(
+        "[[entry]]\nspiffe_id = \"{ROOT_ID}\"\nselectors = [\"unix:uid:{}\"]\n",
+        nix::unistd::geteuid().as_raw()
+    ));
+    let open = |mut client: SpiffeWorkloadApiClient<tonic::transport::Channel>| async move {
+        let mut stream = client
+            .fetch_x509svid(with_header(pb::X509svidRequest {}))
+            .await?
+            .into_inner();
+        stream.message().await?;
+        Ok::<_, tonic::Status>(stream)
+    };
+    let mut held = Vec::new();
+    for _ in 0..16 {
+        let client = raw_client(&writ).await;
+        for _ in 0..64 {
+            held.push(open(client.clone()).await.unwrap());
+        }
+    }
+    let extra = raw_client(&writ).await;
+    let err = open(extra.clone()).await.unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert!(err.message().contains("holds 1024 open streams"), "{err:?}");
+    // Once one ends (and writ has seen it go), there is room again.
+    held.pop();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        match open(extra.clone()).await {
+            Ok(stream) => {
+                held.push(stream);
+                break;
+            }
+            Err(e) => assert!(
+                std::time::Instant::now() < deadline,
+                "no room after a close: {e:?}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// A caller in another mount namespace gets no `unix:path` selector: there
 /// any binary can be mounted at any path (an unprivileged user can make one
 /// with a user namespace), so the path says nothing of what runs. A tester
