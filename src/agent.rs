@@ -563,9 +563,9 @@ impl Agent {
     /// For records whose failure must not change the outcome (denials,
     /// completions already persisted): logged loudly instead.
     pub async fn record_best_effort(&self, event: AuditEvent) {
-        let kind = event.event;
-        if let Err(e) = self.record(event.clone()).await {
-            tracing::error!(error = %e, event = %kind, "the audit trail refused a record; kept to write once it can");
+        let recorded = self.start_record_group(std::slice::from_ref(&event)).await;
+        if let Err(e) = recorded {
+            tracing::error!(error = %e, event = %event.event, "the audit trail refused a record; kept to write once it can");
             self.keep_unrecorded([event]);
         }
     }
@@ -600,7 +600,7 @@ impl Agent {
         if events.is_empty() {
             return 0;
         }
-        let outcomes = log.append_all(events.clone()).await;
+        let outcomes = log.append_all(&events).await;
         let tried = events.len();
         let mut refused: Vec<AuditEvent> = events
             .into_iter()
@@ -633,16 +633,15 @@ impl Agent {
         let Some(log) = self.audit.get() else {
             return;
         };
-        let kinds: Vec<EventKind> = events.iter().map(|e| e.event).collect();
         let started = std::time::Instant::now();
-        let outcomes = log.append_all(events.clone()).await;
+        let outcomes = log.append_all(&events).await;
         self.metrics
             .audit_write_seconds
             .observe(started.elapsed().as_secs_f64());
         let mut refused = Vec::new();
-        for ((kind, event), outcome) in kinds.into_iter().zip(events).zip(outcomes) {
+        for (event, outcome) in events.into_iter().zip(outcomes) {
             if let Err(e) = outcome {
-                tracing::error!(error = %e, event = %kind, "the audit trail refused a record; kept to write once it can");
+                tracing::error!(error = %e, event = %event.event, "the audit trail refused a record; kept to write once it can");
                 refused.push(event);
             }
         }

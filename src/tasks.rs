@@ -1824,15 +1824,8 @@ fn validate_intent(intent: &Intent) -> Result<(), TaskError> {
 /// Whether process `pid` is in writ's PID namespace. Unreadable counts as
 /// not: a PID from a caller whose namespace is unknown is not trusted.
 fn shares_pid_namespace_with_us(pid: i32) -> bool {
-    use std::os::unix::fs::MetadataExt;
-    let namespace = |path: String| std::fs::metadata(path).map(|m| (m.dev(), m.ino())).ok();
-    match (
-        namespace(format!("/proc/{pid}/ns/pid")),
-        namespace("/proc/self/ns/pid".to_owned()),
-    ) {
-        (Some(theirs), Some(ours)) => theirs == ours,
-        _ => false,
-    }
+    let ours = writ_attestors::namespace_of(std::process::id() as i32, "pid");
+    ours.is_some() && writ_attestors::namespace_of(pid, "pid") == ours
 }
 
 /// The process (thread group) that thread `tid` belongs to, from

@@ -320,17 +320,9 @@ async fn a_stream_ends_when_its_caller_exits_even_if_the_connection_lives_on() {
         return;
     }
     let writ = Writ::start(&two_entries(""));
-    let handoff_path = writ.dir.path().join("handoff.sock");
-    let listener = std::os::unix::net::UnixListener::bind(&handoff_path).unwrap();
     // The helper connects to writ, hands us the connection, and waits to be
     // killed. To writ, the peer of that connection is the helper.
-    let mut helper = helper_command("connect-and-handoff")
-        .env("WRIT_SOCKET", &writ.socket)
-        .env("WRIT_HANDOFF", &handoff_path)
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let fd = handoff::recv_fd(&listener);
+    let (mut helper, fd) = start_handoff_helper(&writ, "connect-and-handoff", Stdio::null(), &[]);
     let mut client = client_over(fd).await;
     let mut stream = client
         .fetch_x509svid(with_header(pb::X509svidRequest {}))
@@ -439,6 +431,19 @@ fn silent_connections_are_closed_and_one_uid_holds_at_most_1024() {
     });
 }
 
+/// Opens a FetchX509SVID stream on `client`'s connection and waits for its
+/// first message.
+async fn open_x509_stream(
+    mut client: SpiffeWorkloadApiClient<tonic::transport::Channel>,
+) -> Result<tonic::Streaming<pb::X509svidResponse>, tonic::Status> {
+    let mut stream = client
+        .fetch_x509svid(with_header(pb::X509svidRequest {}))
+        .await?
+        .into_inner();
+    stream.message().await?;
+    Ok(stream)
+}
+
 /// One connection holds at most 64 calls at once: each open stream costs
 /// writ its HTTP/2 send buffer and queued messages, and a client that
 /// opened 5,000 streams and never read them grew writ to 2.5 GB. The 65th
@@ -450,19 +455,11 @@ async fn one_connection_holds_at_most_64_streams() {
         nix::unistd::geteuid().as_raw()
     ));
     let client = raw_client(&writ).await;
-    let open = |mut client: SpiffeWorkloadApiClient<tonic::transport::Channel>| async move {
-        let mut stream = client
-            .fetch_x509svid(with_header(pb::X509svidRequest {}))
-            .await?
-            .into_inner();
-        stream.message().await?;
-        Ok::<_, tonic::Status>(stream)
-    };
     let mut held = Vec::new();
     for _ in 0..64 {
-        held.push(open(client.clone()).await.unwrap());
+        held.push(open_x509_stream(client.clone()).await.unwrap());
     }
-    let waiting = tokio::spawn(open(client.clone()));
+    let waiting = tokio::spawn(open_x509_stream(client.clone()));
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(!waiting.is_finished(), "a 65th stream was served at once");
     held.pop();
@@ -481,30 +478,22 @@ async fn one_uid_holds_at_most_1024_streams() {
         "[[entry]]\nspiffe_id = \"{ROOT_ID}\"\nselectors = [\"unix:uid:{}\"]\n",
         nix::unistd::geteuid().as_raw()
     ));
-    let open = |mut client: SpiffeWorkloadApiClient<tonic::transport::Channel>| async move {
-        let mut stream = client
-            .fetch_x509svid(with_header(pb::X509svidRequest {}))
-            .await?
-            .into_inner();
-        stream.message().await?;
-        Ok::<_, tonic::Status>(stream)
-    };
     let mut held = Vec::new();
     for _ in 0..16 {
         let client = raw_client(&writ).await;
         for _ in 0..64 {
-            held.push(open(client.clone()).await.unwrap());
+            held.push(open_x509_stream(client.clone()).await.unwrap());
         }
     }
     let extra = raw_client(&writ).await;
-    let err = open(extra.clone()).await.unwrap_err();
+    let err = open_x509_stream(extra.clone()).await.unwrap_err();
     assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
     assert!(err.message().contains("holds 1024 open streams"), "{err:?}");
     // Once one ends (and writ has seen it go), there is room again.
     held.pop();
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     loop {
-        match open(extra.clone()).await {
+        match open_x509_stream(extra.clone()).await {
             Ok(stream) => {
                 held.push(stream);
                 break;
@@ -575,15 +564,8 @@ async fn a_connection_is_refused_once_its_process_runs_under_other_credentials()
         return;
     }
     let writ = Writ::start(&two_entries(""));
-    let handoff_path = writ.dir.path().join("handoff.sock");
-    let listener = std::os::unix::net::UnixListener::bind(&handoff_path).unwrap();
-    let mut helper = helper_command("connect-handoff-then-setuid")
-        .env("WRIT_SOCKET", &writ.socket)
-        .env("WRIT_HANDOFF", &handoff_path)
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let fd = handoff::recv_fd(&listener);
+    let (mut helper, fd) =
+        start_handoff_helper(&writ, "connect-handoff-then-setuid", Stdio::piped(), &[]);
     // The helper's own test harness prints first; keep its stdout open
     // (and read) until the helper is killed.
     let mut lines = BufReader::new(helper.stdout.take().unwrap()).lines();
@@ -628,20 +610,13 @@ selectors = ["unix:uid:0", "unix:path:{}"]
 "#,
         exe.display()
     ));
-    let handoff_path = writ.dir.path().join("handoff.sock");
-    let listener = std::os::unix::net::UnixListener::bind(&handoff_path).unwrap();
-    let (go_tx, go_path) = {
-        let p = writ.dir.path().join("go");
-        (p.clone(), p)
-    };
-    let mut helper = helper_command("connect-handoff-then-exec")
-        .env("WRIT_SOCKET", &writ.socket)
-        .env("WRIT_HANDOFF", &handoff_path)
-        .env("WRIT_GO_FILE", &go_path)
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let fd = handoff::recv_fd(&listener);
+    let go_path = writ.dir.path().join("go");
+    let (mut helper, fd) = start_handoff_helper(
+        &writ,
+        "connect-handoff-then-exec",
+        Stdio::null(),
+        &[("WRIT_GO_FILE", &go_path)],
+    );
     let mut client = client_over(fd).await;
     let mut stream = client
         .fetch_x509svid(with_header(pb::X509svidRequest {}))
@@ -653,7 +628,7 @@ selectors = ["unix:uid:0", "unix:path:{}"]
         ROOT_ID
     );
     // Let the helper exec into `sleep`: same PID, same pidfd, other binary.
-    std::fs::write(&go_tx, b"go").unwrap();
+    std::fs::write(&go_path, b"go").unwrap();
     let outcome = tokio::time::timeout(Duration::from_secs(20), stream.message())
         .await
         .expect("stream kept trusting a caller that exec'd another binary");
@@ -711,17 +686,11 @@ fn helper() {
     match role.as_str() {
         "mtls-server" => mtls_server(),
         "connect-and-handoff" => {
-            let conn =
-                std::os::unix::net::UnixStream::connect(std::env::var("WRIT_SOCKET").unwrap())
-                    .unwrap();
-            handoff::send_fd(std::env::var("WRIT_HANDOFF").unwrap().as_ref(), &conn);
+            let _conn = connect_and_hand_off();
             std::thread::sleep(Duration::from_secs(120));
         }
         "connect-handoff-then-setuid" => {
-            let conn =
-                std::os::unix::net::UnixStream::connect(std::env::var("WRIT_SOCKET").unwrap())
-                    .unwrap();
-            handoff::send_fd(std::env::var("WRIT_HANDOFF").unwrap().as_ref(), &conn);
+            let _conn = connect_and_hand_off();
             let nobody_gid = nix::unistd::Gid::from_raw(NOBODY);
             let nobody_uid = nix::unistd::Uid::from_raw(NOBODY);
             nix::unistd::setgroups(&[]).unwrap();
@@ -732,10 +701,7 @@ fn helper() {
             std::thread::sleep(Duration::from_secs(120));
         }
         "connect-handoff-then-exec" => {
-            let conn =
-                std::os::unix::net::UnixStream::connect(std::env::var("WRIT_SOCKET").unwrap())
-                    .unwrap();
-            handoff::send_fd(std::env::var("WRIT_HANDOFF").unwrap().as_ref(), &conn);
+            let _conn = connect_and_hand_off();
             let go = std::env::var("WRIT_GO_FILE").unwrap();
             common::wait_for(Duration::from_secs(60), "go file", || {
                 std::fs::metadata(&go).ok()
@@ -745,6 +711,39 @@ fn helper() {
         }
         other => panic!("unknown helper role {other}"),
     }
+}
+
+/// In a helper: connects to writ (`WRIT_SOCKET`) and hands the connection
+/// to the test (`WRIT_HANDOFF`). To writ, the helper is its peer; keep the
+/// returned connection open as long as the helper should hold it too.
+fn connect_and_hand_off() -> std::os::unix::net::UnixStream {
+    let conn =
+        std::os::unix::net::UnixStream::connect(std::env::var("WRIT_SOCKET").unwrap()).unwrap();
+    handoff::send_fd(std::env::var("WRIT_HANDOFF").unwrap().as_ref(), &conn);
+    conn
+}
+
+/// Starts helper `role` (its stdout as `stdout`, more environment from
+/// `env`) and returns it with the connection to writ it hands over.
+fn start_handoff_helper(
+    writ: &Writ,
+    role: &str,
+    stdout: Stdio,
+    env: &[(&str, &std::path::Path)],
+) -> (std::process::Child, OwnedFd) {
+    let handoff_path = writ.dir.path().join("handoff.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&handoff_path).unwrap();
+    let mut command = helper_command(role);
+    command
+        .env("WRIT_SOCKET", &writ.socket)
+        .env("WRIT_HANDOFF", &handoff_path)
+        .stdout(stdout);
+    for (key, value) in env {
+        command.env(key, value);
+    }
+    let helper = command.spawn().unwrap();
+    let fd = handoff::recv_fd(&listener);
+    (helper, fd)
 }
 
 fn mtls_server() {

@@ -19,7 +19,9 @@ pub use cgroup::{CgroupAttestor, CgroupConfig, TrustedRoots};
 pub use container::{ContainerAttestor, ContainerInfo, container_from_cgroup_path};
 pub use error::AttestError;
 pub use mountinfo::{Cgroup2Mount, find_cgroup2_mount, parse_cgroup2_mounts};
-pub use process::{PinnedProcess, ancestors, descends_from, is_descendant_of, parent_of};
+pub use process::{
+    PinnedProcess, ancestors, descends_from, is_descendant_of, namespace_of, parent_of,
+};
 pub use selector::{Selector, SelectorError};
 pub use snapshot::{ProcessSnapshot, read_snapshot};
 pub use systemd::{SystemdAttestor, SystemdPlacement, systemd_placement};

@@ -1,7 +1,8 @@
 //! Pinning a process: a pidfd plus its start time, so that a dead caller or a
 //! recycled PID can never be mistaken for the live process we attested, and
 //! the /proc files its attestations re-read. Also the parent-chain walk used
-//! to decide task membership by ancestry.
+//! to decide task membership by ancestry, and which namespaces a process
+//! shares with writ.
 
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::PathBuf;
@@ -360,6 +361,16 @@ pub(crate) fn sh_reporting_pid(script: &str) -> (std::process::Child, i32) {
         .read_line(&mut line)
         .unwrap();
     (child, line.trim().parse().unwrap())
+}
+
+/// The namespace of `kind` (`"mnt"`, `"pid"`, ...) process `pid` is in, as
+/// the (device, inode) of `/proc/<pid>/ns/<kind>`: two processes share a
+/// namespace exactly when these are equal. None if unreadable.
+pub fn namespace_of(pid: i32, kind: &str) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(format!("/proc/{pid}/ns/{kind}"))
+        .ok()
+        .map(|m| (m.dev(), m.ino()))
 }
 
 #[cfg(test)]

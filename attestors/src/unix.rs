@@ -15,7 +15,7 @@ use sha2::{Digest, Sha256};
 
 use crate::attestor::Attestor;
 use crate::error::AttestError;
-use crate::process::PinnedProcess;
+use crate::process::{PinnedProcess, namespace_of};
 use crate::procfs::{self, ProcPaths};
 use crate::selector::Selector;
 use crate::snapshot::ProcessSnapshot;
@@ -57,14 +57,6 @@ pub struct UnixAttestor {
     own_mount_namespace: Option<(u64, u64)>,
 }
 
-/// The mount namespace of the process `paths` is for, as the (device,
-/// inode) of its `ns/mnt`.
-fn mount_namespace(paths: &mut ProcPaths) -> Option<(u64, u64)> {
-    std::fs::metadata(paths.file("ns/mnt"))
-        .ok()
-        .map(|m| (m.dev(), m.ino()))
-}
-
 impl UnixAttestor {
     pub fn new(config: UnixConfig) -> Self {
         Self {
@@ -72,7 +64,7 @@ impl UnixAttestor {
             users: NameCache::default(),
             groups: NameCache::default(),
             digests: DigestCache::default(),
-            own_mount_namespace: mount_namespace(&mut ProcPaths::new(std::process::id() as i32)),
+            own_mount_namespace: namespace_of(std::process::id() as i32, "mnt"),
         }
     }
 
@@ -108,7 +100,7 @@ impl UnixAttestor {
         // path would say nothing about what runs. The digest, read through
         // the file itself, still does.
         let same_mounts = self.own_mount_namespace.is_some()
-            && mount_namespace(&mut ProcPaths::new(process.pid())) == self.own_mount_namespace;
+            && namespace_of(process.pid(), "mnt") == self.own_mount_namespace;
         if self.config.discover_workload_path && !same_mounts {
             tracing::debug!(
                 pid = process.pid(),

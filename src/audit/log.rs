@@ -603,11 +603,8 @@ impl AuditLog {
     /// syncs them: these are records of work already done (a completion,
     /// its revocations), and their caller's thread has other tasks to run
     /// meanwhile, such as the CRL publisher it has just woken.
-    pub async fn append_all(
-        &self,
-        events: Vec<AuditEvent>,
-    ) -> Vec<Result<AuditReceipt, AuditError>> {
-        let (outcomes, durable) = match self.write(&events, false) {
+    pub async fn append_all(&self, events: &[AuditEvent]) -> Vec<Result<AuditReceipt, AuditError>> {
+        let (outcomes, durable) = match self.write(events, false) {
             Ok(written) => written,
             Err(e) => return events.iter().map(|_| Err(copy_error(&e))).collect(),
         };
@@ -1099,7 +1096,7 @@ mod tests {
         let events: Vec<AuditEvent> = (0..40)
             .map(|i| AuditEvent::new(EventKind::Revoked, format!("corr-{i:02}")))
             .collect();
-        let outcomes = log.append_all(events).await;
+        let outcomes = log.append_all(&events).await;
         assert_eq!(outcomes.len(), 40);
         let seqs: Vec<u64> = outcomes.into_iter().map(|o| o.unwrap().seq).collect();
         assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "{seqs:?}");

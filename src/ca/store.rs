@@ -145,13 +145,7 @@ impl CaDir {
     /// directory and files that group or others can read.
     pub(crate) fn read_key(&self, name: &str) -> Result<(PathBuf, String), CaError> {
         let path = self.key_path(name)?;
-        let file = File::open(&path).map_err(|e| io_err(&path, e))?;
-        let meta = file.metadata().map_err(|e| io_err(&path, e))?;
-        check_private(&path, meta.permissions().mode(), KEY_MODE)?;
-        let mut text = String::new();
-        file.take(MAX_FILE_BYTES)
-            .read_to_string(&mut text)
-            .map_err(|e| io_err(&path, e))?;
+        let text = read_private_text_file(&path)?;
         Ok((path, text))
     }
 
@@ -276,12 +270,18 @@ pub(crate) fn read_text_file(path: &Path) -> Result<String, CaError> {
     })
 }
 
-/// `read_text_file` for a private key an operator supplies (the upstream
-/// CA's): refused, like writ's own keys, if group or others may read it.
+/// A private key file, writ's own or one an operator supplies (the
+/// upstream CA's): refused if group or others may read it. The mode is
+/// checked on the file opened, so it is the file read.
 pub(crate) fn read_private_text_file(path: &Path) -> Result<String, CaError> {
-    let meta = fs::metadata(path).map_err(|e| io_err(path, e))?;
+    let file = File::open(path).map_err(|e| io_err(path, e))?;
+    let meta = file.metadata().map_err(|e| io_err(path, e))?;
     check_private(path, meta.permissions().mode(), KEY_MODE)?;
-    read_text_file(path)
+    let mut text = String::new();
+    file.take(MAX_FILE_BYTES)
+        .read_to_string(&mut text)
+        .map_err(|e| io_err(path, e))?;
+    Ok(text)
 }
 
 fn check_private(path: &Path, mode: u32, want: u32) -> Result<(), CaError> {
