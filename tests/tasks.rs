@@ -2366,3 +2366,133 @@ async fn a_cgroup_recreated_while_writ_was_down_does_not_inherit_its_task() {
     assert_eq!(ids, vec![ORCH_ID.to_string()], "task identity inherited");
     assert_eq!(t.completion_reason, "cgroup_empty", "{t:?}");
 }
+
+/// The descriptor numbers writ has open now.
+fn open_descriptors(pid: u32) -> std::collections::BTreeSet<u64> {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect()
+}
+
+/// Lowers writ's soft open-file limit so that exactly `free` descriptor
+/// numbers below it are unused (the kernel hands out the lowest unused
+/// number under the soft limit), and returns the limits it had. The hard
+/// limit stays (writ inherited the test's), so the old soft limit can be put
+/// back without privilege.
+fn leave_descriptors_free(pid: u32, free: usize) -> rustix::process::Rlimit {
+    use rustix::process::{Pid, Resource, Rlimit, getrlimit, prlimit};
+    let open = open_descriptors(pid);
+    let limit = (0u64..).filter(|n| !open.contains(n)).nth(free).unwrap();
+    let writ = Pid::from_raw(pid as i32).unwrap();
+    let lowered = Rlimit {
+        current: Some(limit),
+        maximum: getrlimit(Resource::Nofile).maximum,
+    };
+    prlimit(Some(writ), Resource::Nofile, lowered).unwrap()
+}
+
+fn restore_descriptor_limit(pid: u32, previous: rustix::process::Rlimit) {
+    let writ = rustix::process::Pid::from_raw(pid as i32).unwrap();
+    rustix::process::prlimit(Some(writ), rustix::process::Resource::Nofile, previous).unwrap();
+}
+
+/// What became of a connection made while writ had one descriptor left:
+/// accepting it takes that one, so pinning its peer cannot succeed.
+enum Fate {
+    HungUp,
+    Served,
+    /// Nothing within the wait: writ did not accept it (something of its
+    /// own took the last descriptor first).
+    NotAccepted,
+}
+
+fn connect_with_one_descriptor_left(writ: &Writ) -> Fate {
+    use std::io::Read as _;
+    let previous = leave_descriptors_free(writ.pid(), 1);
+    let mut stream = std::os::unix::net::UnixStream::connect(&writ.socket).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .unwrap();
+    // A server that took the connection on would answer the preface with
+    // its SETTINGS frame.
+    let _ = stream.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0");
+    let mut buf = [0u8; 64];
+    let fate = match stream.read(&mut buf) {
+        Ok(0) => Fate::HungUp,
+        Ok(_) => Fate::Served,
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => Fate::HungUp,
+        Err(_) => Fate::NotAccepted,
+    };
+    restore_descriptor_limit(writ.pid(), previous);
+    fate
+}
+
+/// Out of descriptors, writ hangs up on a peer it accepted but could not
+/// pin (the client reconnects, rather than being refused for as long as it
+/// holds the connection), and BeginTask answers Unavailable and stores
+/// nothing. Both serve again once descriptors are back.
+#[tokio::test(flavor = "multi_thread")]
+async fn out_of_descriptors_an_unpinned_peer_is_hung_up_on_and_begin_task_is_unavailable() {
+    let writ = Writ::start(&config(""));
+    let mut tasks = tasks_client(&writ).await;
+    // The admin connection is accepted and pinned before the squeeze.
+    every_task_id(&mut tasks).await;
+    let mut sleeper = Command::new("sleep").arg("60").spawn().unwrap();
+
+    let fate = (0..5)
+        .map(|_| connect_with_one_descriptor_left(&writ))
+        .find(|fate| !matches!(fate, Fate::NotAccepted));
+    match fate {
+        Some(Fate::HungUp) => {}
+        Some(Fate::Served) => panic!("a peer writ could not pin was served:\n{}", writ.log()),
+        _ => panic!("writ accepted no connection in 5 tries:\n{}", writ.log()),
+    }
+    assert!(
+        writ.log()
+            .contains("could not pin the peer; closing its connection"),
+        "{}",
+        writ.log()
+    );
+
+    let previous = leave_descriptors_free(writ.pid(), 0);
+    let starved = tasks
+        .begin_task(begin_pid("fd-starved", sleeper.id()))
+        .await;
+    restore_descriptor_limit(writ.pid(), previous);
+    let status = starved.expect_err("BeginTask succeeded with no descriptor left");
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(
+        status.message().contains("try again"),
+        "{}",
+        status.message()
+    );
+    let stored = tasks
+        .get_task(apb::GetTaskRequest {
+            task_id: "fd-starved".into(),
+        })
+        .await
+        .expect_err("a refused task was stored");
+    assert_eq!(stored.code(), Code::NotFound, "{stored:?}");
+
+    // With descriptors back, both work again.
+    tasks
+        .begin_task(begin_pid("fd-starved", sleeper.id()))
+        .await
+        .unwrap();
+    let mut workload = pb::spiffe_workload_api_client::SpiffeWorkloadApiClient::new(
+        writ::cli::client::connect(&writ.socket).await.unwrap(),
+    );
+    let first = workload
+        .fetch_x509svid(with_header(pb::X509svidRequest {}))
+        .await
+        .unwrap()
+        .into_inner()
+        .message()
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(first.svids[0].spiffe_id, ORCH_ID);
+    let _ = sleeper.kill();
+    let _ = sleeper.wait();
+}
