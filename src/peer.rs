@@ -165,10 +165,12 @@ const PREFACE_TIMEOUT: Duration = Duration::from_secs(10);
 /// The HTTP/2 client preface (24 bytes) and one frame header (9).
 const PREFACE_BYTES: usize = 24 + 9;
 
-/// Connections one uid may hold open at once on one socket. A SPIFFE
-/// client holds one; without a bound, one user's processes could hold
-/// every descriptor writ may open, and writ would serve no one.
-pub const MAX_CONNECTIONS_PER_UID: usize = 1024;
+/// Connections one uid may hold open at once on one socket, unless
+/// configured otherwise (`workload_api.max_connections_per_uid`; the admin
+/// socket always has this). A SPIFFE client holds one; without a bound, one
+/// user's processes could hold every descriptor writ may open, and writ
+/// would serve no one.
+pub const DEFAULT_MAX_CONNECTIONS_PER_UID: usize = 1024;
 
 /// How many of something (connections, streams) each uid holds.
 #[derive(Default)]
@@ -272,9 +274,12 @@ impl AsyncWrite for PeerStream {
 /// Accepts connections forever, identifying each peer. Accept errors (such as
 /// running out of file descriptors) are logged and retried after a pause rather
 /// than ending the server.
-pub fn incoming(listener: UnixListener) -> impl Stream<Item = io::Result<PeerStream>> {
+pub fn incoming(
+    listener: UnixListener,
+    max_connections_per_uid: usize,
+) -> impl Stream<Item = io::Result<PeerStream>> {
     let counts = Arc::new(PerUidCounts::default());
-    futures::stream::unfold((listener, counts), |(listener, counts)| async move {
+    futures::stream::unfold((listener, counts), move |(listener, counts)| async move {
         loop {
             match listener.accept().await {
                 Ok((stream, _)) => {
@@ -293,13 +298,13 @@ pub fn incoming(listener: UnixListener) -> impl Stream<Item = io::Result<PeerStr
                         Ok(_) => {}
                     }
                     let slot = match &peer {
-                        Ok(caller) => match counts.take(caller.uid, MAX_CONNECTIONS_PER_UID) {
+                        Ok(caller) => match counts.take(caller.uid, max_connections_per_uid) {
                             Some(slot) => Some(slot),
                             None => {
                                 tracing::warn!(
                                     uid = caller.uid,
                                     pid = caller.pid,
-                                    limit = MAX_CONNECTIONS_PER_UID,
+                                    limit = max_connections_per_uid,
                                     "uid holds as many connections as it may; closing a new one"
                                 );
                                 continue;

@@ -400,9 +400,13 @@ pub async fn run(
         .add_service(SpiffeWorkloadApiServer::new(WorkloadApi::new(
             agent.clone(),
             config.workload_api.reattest_interval,
+            config.workload_api.max_streams_per_uid,
         )))
         .serve_with_incoming_shutdown(
-            peer::incoming(workload_listener),
+            peer::incoming(
+                workload_listener,
+                config.workload_api.max_connections_per_uid,
+            ),
             stop_signal(stop_rx.clone()),
         );
     let admin_server = tonic::transport::Server::builder()
@@ -413,7 +417,10 @@ pub async fn run(
         .add_service(EntriesServer::new(EntriesService(admin.clone())))
         .add_service(BundlesServer::new(BundlesService(admin.clone())))
         .add_service(AgentServer::new(AgentService(admin)))
-        .serve_with_incoming_shutdown(peer::incoming(admin_listener), stop_signal(stop_rx));
+        .serve_with_incoming_shutdown(
+            peer::incoming(admin_listener, peer::DEFAULT_MAX_CONNECTIONS_PER_UID),
+            stop_signal(stop_rx),
+        );
     let mut workload_task = tokio::spawn(while_serving(
         workload_served.serving_flag(),
         workload_server,

@@ -35,15 +35,17 @@ type StreamOf<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static
 pub struct WorkloadApi {
     agent: Arc<Agent>,
     reattest_interval: Duration,
+    max_streams_per_uid: usize,
     /// Open streams per uid.
     streams: Arc<crate::peer::PerUidCounts>,
 }
 
-/// Streams one uid may hold open at once. A SPIFFE client holds one to
+/// Streams one uid may hold open at once, unless configured otherwise
+/// (`workload_api.max_streams_per_uid`). A SPIFFE client holds one to
 /// three; each open stream costs writ its HTTP/2 send buffer (up to about
 /// 0.5 MB for a client that does not read), so without a bound one user's
 /// processes could hold writ's memory through thousands of connections.
-pub const MAX_STREAMS_PER_UID: usize = 1024;
+pub const DEFAULT_MAX_STREAMS_PER_UID: usize = 1024;
 
 impl WorkloadApi {
     /// Starts a full-state stream: the first snapshot is taken here, so a
@@ -56,10 +58,10 @@ impl WorkloadApi {
         caller: Arc<Caller>,
         snapshot: SnapshotFn<T>,
     ) -> Result<Response<StreamOf<T>>, Status> {
-        let Some(slot) = self.streams.take(caller.uid, MAX_STREAMS_PER_UID) else {
+        let Some(slot) = self.streams.take(caller.uid, self.max_streams_per_uid) else {
             return Err(Status::resource_exhausted(format!(
-                "uid {} holds {MAX_STREAMS_PER_UID} open streams, as many as one uid may; close some first",
-                caller.uid
+                "uid {} holds {} open streams, as many as one uid may (workload_api.max_streams_per_uid); close some first",
+                caller.uid, self.max_streams_per_uid
             )));
         };
         let subscription = self.agent.changes().register(caller.clone());
@@ -81,10 +83,11 @@ impl WorkloadApi {
         )))
     }
 
-    pub fn new(agent: Arc<Agent>, reattest_interval: Duration) -> Self {
+    pub fn new(agent: Arc<Agent>, reattest_interval: Duration, max_streams_per_uid: usize) -> Self {
         Self {
             agent,
             reattest_interval,
+            max_streams_per_uid,
             streams: Arc::default(),
         }
     }

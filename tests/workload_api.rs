@@ -507,6 +507,65 @@ async fn one_uid_holds_at_most_1024_streams() {
     }
 }
 
+/// The per-uid limits are the operator's to set: a runtime keeping
+/// thousands of agent processes under one uid raises them, a shared host
+/// may lower them.
+#[tokio::test(flavor = "multi_thread")]
+async fn per_uid_connection_and_stream_limits_follow_the_config() {
+    use std::io::Read as _;
+    use std::io::Write as _;
+    use std::os::unix::net::UnixStream;
+    let writ = Writ::start(&format!(
+        "[workload_api]\nmax_connections_per_uid = 3\nmax_streams_per_uid = 2\n\n\
+         [[entry]]\nspiffe_id = \"{ROOT_ID}\"\nselectors = [\"unix:uid:{}\"]\n",
+        nix::unistd::geteuid().as_raw()
+    ));
+    let client = raw_client(&writ).await;
+    let mut held = vec![
+        open_x509_stream(client.clone()).await.unwrap(),
+        open_x509_stream(client.clone()).await.unwrap(),
+    ];
+    let err = open_x509_stream(client.clone()).await.unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert!(
+        err.message().contains("holds 2 open streams")
+            && err.message().contains("workload_api.max_streams_per_uid"),
+        "{err:?}"
+    );
+    held.pop();
+
+    // The client above holds one connection; two more are kept, a fourth
+    // is closed as it arrives.
+    let preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0";
+    let open = || {
+        let mut conn = UnixStream::connect(&writ.socket).unwrap();
+        conn.write_all(preface).unwrap();
+        conn.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        conn
+    };
+    // The server's SETTINGS come first on a kept connection; EOF on one
+    // closed.
+    let kept = |conn: &mut UnixStream| {
+        let mut buf = [0u8; 64];
+        matches!(conn.read(&mut buf), Ok(n) if n > 0)
+    };
+    let mut second = open();
+    let mut third = open();
+    assert!(kept(&mut second) && kept(&mut third));
+    let mut fourth = open();
+    assert!(
+        !kept(&mut fourth),
+        "a fourth connection of one uid was kept"
+    );
+    assert!(
+        writ.log()
+            .contains("uid holds as many connections as it may"),
+        "{}",
+        writ.log()
+    );
+    drop(held);
+}
+
 /// A caller in another mount namespace gets no `unix:path` selector: there
 /// any binary can be mounted at any path (an unprivileged user can make one
 /// with a user namespace), so the path says nothing of what runs. A tester

@@ -25,6 +25,11 @@ use super::{
 };
 use crate::spiffe_id::{SpiffeId, TrustDomain};
 
+/// The largest per-uid connection or stream limit: Linux's default ceiling
+/// on open files per process (`fs.nr_open`), past which a limit could never
+/// be reached.
+const MAX_PER_UID_LIMIT: usize = 1 << 20;
+
 /// Builds the config in `text`. With `running` (on reload), the settings a
 /// reload applies are checked against the restart-only settings writ is
 /// running with instead of the file's, since a reload keeps those: the
@@ -140,14 +145,30 @@ impl Builder<'_> {
         // Socket defaults follow the data_dir in use, not the default one.
         let socket_dir = env.default_socket_dir(&data_dir.value);
 
-        let (raw_workload_socket, raw_reattest) = match raw.workload_api {
-            Some(api) => (api.socket_path, api.reattest_interval),
-            None => (None, None),
-        };
+        let (raw_workload_socket, raw_reattest, raw_connections, raw_streams) =
+            match raw.workload_api {
+                Some(api) => (
+                    api.socket_path,
+                    api.reattest_interval,
+                    api.max_connections_per_uid,
+                    api.max_streams_per_uid,
+                ),
+                None => (None, None, None, None),
+            };
         let reattest_interval = self.positive_duration(
             "workload_api.reattest_interval",
             raw_reattest.as_ref(),
             defaults.workload_api.reattest_interval,
+        );
+        let max_connections_per_uid = self.per_uid_limit(
+            "workload_api.max_connections_per_uid",
+            raw_connections,
+            defaults.workload_api.max_connections_per_uid,
+        );
+        let max_streams_per_uid = self.per_uid_limit(
+            "workload_api.max_streams_per_uid",
+            raw_streams,
+            defaults.workload_api.max_streams_per_uid,
         );
         let workload_socket = self.socket_path(
             "workload_api.socket_path",
@@ -203,6 +224,8 @@ impl Builder<'_> {
                 socket_path: workload_socket.map_or(defaults.workload_api.socket_path, |s| s.value),
                 reattest_interval: reattest_interval
                     .map_or(defaults.workload_api.reattest_interval, |r| r.value),
+                max_connections_per_uid,
+                max_streams_per_uid,
             },
             admin_api: admin_api.map_or(defaults.admin_api, |admin| AdminApiConfig {
                 socket_path: admin.socket_path.value,
@@ -449,6 +472,27 @@ impl Builder<'_> {
             }
         }
         valid.then_some(selectors)
+    }
+
+    /// A per-uid limit: a whole number from 1 to `MAX_PER_UID_LIMIT`; absent
+    /// means `default`.
+    fn per_uid_limit(&mut self, key: &str, raw: Option<Spanned<i64>>, default: usize) -> usize {
+        let Some(raw) = raw else {
+            return default;
+        };
+        match usize::try_from(*raw.get_ref()) {
+            Ok(limit) if (1..=MAX_PER_UID_LIMIT).contains(&limit) => limit,
+            _ => {
+                self.error(
+                    raw.span(),
+                    format!(
+                        "{key} must be a whole number from 1 to {MAX_PER_UID_LIMIT}, not {}",
+                        raw.get_ref()
+                    ),
+                );
+                default
+            }
+        }
     }
 
     /// A duration that must be positive; absent means `default`.

@@ -57,6 +57,13 @@ pub struct WorkloadApiConfig {
     /// changed uid) is re-judged within this time.
     #[serde(with = "duration_serde")]
     pub reattest_interval: Duration,
+    /// Connections one uid may hold open on the socket at once; a new one
+    /// past this is closed as it arrives.
+    pub max_connections_per_uid: usize,
+    /// FetchX509SVID, FetchX509Bundles, FetchJWTBundles streams one uid may
+    /// hold open at once, across its connections; past this a new stream is
+    /// refused with ResourceExhausted.
+    pub max_streams_per_uid: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -396,6 +403,8 @@ impl Config {
             workload_api: WorkloadApiConfig {
                 socket_path: socket_dir.join("workload.sock"),
                 reattest_interval: crate::workload_api::DEFAULT_REATTEST_INTERVAL,
+                max_connections_per_uid: crate::peer::DEFAULT_MAX_CONNECTIONS_PER_UID,
+                max_streams_per_uid: crate::workload_api::DEFAULT_MAX_STREAMS_PER_UID,
             },
             admin_api: AdminApiConfig {
                 socket_path: socket_dir.join("admin.sock"),

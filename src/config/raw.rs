@@ -31,6 +31,8 @@ pub(super) struct RawConfig {
 pub(super) struct RawWorkloadApi {
     pub socket_path: Option<Text>,
     pub reattest_interval: Option<Text>,
+    pub max_connections_per_uid: Option<Spanned<i64>>,
+    pub max_streams_per_uid: Option<Spanned<i64>>,
 }
 
 #[derive(Debug, Deserialize)]

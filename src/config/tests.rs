@@ -198,6 +198,8 @@ data_dir = "/srv/writ"
 
 [workload_api]
 socket_path = "/srv/writ/sock/workload.sock"
+max_connections_per_uid = 4096
+max_streams_per_uid = 2048
 
 [admin_api]
 socket_path = "/srv/writ/sock/admin.sock"
@@ -289,6 +291,8 @@ fn full_config_loads_every_key() {
         workload_api: WorkloadApiConfig {
             socket_path: "/srv/writ/sock/workload.sock".into(),
             reattest_interval: Duration::from_secs(5),
+            max_connections_per_uid: 4096,
+            max_streams_per_uid: 2048,
         },
         admin_api: AdminApiConfig {
             socket_path: "/srv/writ/sock/admin.sock".into(),
@@ -816,6 +820,24 @@ fn task_limits() {
         2,
         16,
         "ca.jwt_svid_ttl must be a whole number of seconds",
+    );
+    assert_single_error(
+        "[workload_api]\nmax_connections_per_uid = 0\n",
+        2,
+        27,
+        "workload_api.max_connections_per_uid must be a whole number from 1 to 1048576, not 0",
+    );
+    assert_single_error(
+        "[workload_api]\nmax_streams_per_uid = -3\n",
+        2,
+        23,
+        "workload_api.max_streams_per_uid must be a whole number from 1 to 1048576, not -3",
+    );
+    assert_single_error(
+        "[workload_api]\nmax_streams_per_uid = 2000000\n",
+        2,
+        23,
+        "workload_api.max_streams_per_uid must be a whole number from 1 to 1048576, not 2000000",
     );
     assert_single_error(
         "[tasks]\nmax_depth = 0\n",
