@@ -535,6 +535,7 @@ fn parse_cert(der: &[u8]) -> Result<X509Certificate<'_>, String> {
 /// window in which both it and its root are valid.
 fn trusted_validity(cert_der: &[u8], roots: &[CertificateDer<'_>]) -> Result<Validity, String> {
     let cert = parse_cert(cert_der).map_err(|e| format!("its certificate {e}"))?;
+    check_is_ca(&cert)?;
     let own = validity(&cert);
     if roots.iter().any(|r| r.as_ref() == cert_der) {
         return Ok(own);
@@ -555,6 +556,21 @@ fn trusted_validity(cert_der: &[u8], roots: &[CertificateDer<'_>]) -> Result<Val
         "it is signed by a certificate ({}, SHA-256 fingerprint {}) that is neither a trusted root nor issued by one",
         cert.subject(),
         hex::encode(Sha256::digest(cert_der))
+    ))
+}
+
+/// Only a CA certificate may sign checkpoints: every X509-SVID writ issues
+/// chains to the same roots, so otherwise any workload's own SVID key could
+/// sign a rewritten trail.
+fn check_is_ca(cert: &X509Certificate<'_>) -> Result<(), String> {
+    let is_ca = matches!(cert.basic_constraints(), Ok(Some(bc)) if bc.value.ca);
+    let signs_certificates = matches!(cert.key_usage(), Ok(Some(ku)) if ku.value.key_cert_sign());
+    if is_ca && signs_certificates {
+        return Ok(());
+    }
+    Err(format!(
+        "its certificate ({}) is not a CA certificate (it needs basicConstraints cA=true and keyUsage keyCertSign), so it cannot be writ's CA: a workload's SVID key signed it",
+        cert.subject()
     ))
 }
 
@@ -632,18 +648,30 @@ mod tests {
     const JUNE_2020: u64 = 1_590_969_600;
     const DAY: u64 = 86_400;
 
-    /// A self-signed P-256 root valid from `from` for `days`, and a signer
-    /// with its key.
-    fn root(name: &str, from: u64, days: u64) -> (KeyPairSigner, CertificateDer<'static>) {
-        let key = KeyPair::generate().unwrap();
+    fn at(secs: u64) -> time::OffsetDateTime {
+        time::OffsetDateTime::from_unix_timestamp(secs as i64).unwrap()
+    }
+
+    /// A CA certificate's parameters, valid from `from` for `days`.
+    fn root_params(name: &str, from: u64, days: u64) -> CertificateParams {
         let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
         params.distinguished_name.push(DnType::CommonName, name);
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-        let at = |secs: u64| time::OffsetDateTime::from_unix_timestamp(secs as i64).unwrap();
         params.not_before = at(from);
         params.not_after = at(from + days * DAY);
-        let der = params.self_signed(&key).unwrap().der().clone();
+        params
+    }
+
+    /// A self-signed P-256 root valid from `from` for `days`, and a signer
+    /// with its key.
+    fn root(name: &str, from: u64, days: u64) -> (KeyPairSigner, CertificateDer<'static>) {
+        let key = KeyPair::generate().unwrap();
+        let der = root_params(name, from, days)
+            .self_signed(&key)
+            .unwrap()
+            .der()
+            .clone();
         (KeyPairSigner::new(key, der.to_vec()).unwrap(), der)
     }
 
@@ -788,6 +816,50 @@ mod tests {
             )),
             "{err}"
         );
+    }
+
+    /// A leaf certificate the CA issued (an X509-SVID: cA=false,
+    /// digitalSignature only) and a signer with its key.
+    fn leaf_of(root_name: &str, from: u64, days: u64) -> (KeyPairSigner, CertificateDer<'static>) {
+        let root_key = KeyPair::generate().unwrap();
+        let params = root_params(root_name, from, days);
+        let root_der = params.self_signed(&root_key).unwrap().der().clone();
+        let issuer = rcgen::Issuer::new(params, root_key);
+
+        let leaf_key = KeyPair::generate().unwrap();
+        let mut leaf = CertificateParams::new(Vec::<String>::new()).unwrap();
+        leaf.subject_alt_names = vec![rcgen::SanType::URI(
+            "spiffe://writ.test/tool".try_into().unwrap(),
+        )];
+        leaf.is_ca = IsCa::ExplicitNoCa;
+        leaf.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        leaf.not_before = at(from);
+        leaf.not_after = at(from + days * DAY);
+        let leaf_der = leaf.signed_by(&leaf_key, &issuer).unwrap().der().clone();
+        (
+            KeyPairSigner::new(leaf_key, leaf_der.to_vec()).unwrap(),
+            root_der,
+        )
+    }
+
+    #[test]
+    fn a_checkpoint_signed_by_a_workloads_svid_key_is_refused() {
+        // A leaf chains to the trusted root, but only the CA signs
+        // checkpoints: a workload holding its own SVID key must not be able
+        // to re-sign a rewritten trail.
+        let (svid, root_der) = leaf_of("root A", JUNE_2020 - DAY, 30);
+        let trail = Trail::open(vec![svid], JUNE_2020);
+        trail.issue();
+        let forged = trail.checkpoint();
+        trail.log.close();
+
+        let err = verify(&trail.path, std::slice::from_ref(&root_der)).unwrap_err();
+        assert_eq!(
+            (err.kind, err.seq),
+            (VerifyErrorKind::Untrusted, Some(forged)),
+            "{err}"
+        );
+        assert!(err.reason.contains("not a CA certificate"), "{err}");
     }
 
     #[test]
