@@ -156,9 +156,11 @@ pub async fn build(config: &Config) -> Result<Services, ServiceError> {
         Federation::load(agent.clone(), store.clone(), config.federation.clone()).await?;
     // The audit trail opens before anything is issued or restored, so every
     // issuance from here on has its record.
-    let audit = crate::audit::AuditLog::open(
+    // The counter above was bumped by every earlier start too.
+    let audit = crate::audit::AuditLog::open_after_earlier_runs(
         &config.audit,
         Arc::new(crate::agent::CaCheckpointSigner(Arc::downgrade(&agent))),
+        sequence > 1,
     )?;
     agent.set_audit(audit);
     let restored = async {

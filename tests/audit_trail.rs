@@ -448,3 +448,50 @@ fn records_the_trail_refused_are_written_once_it_has_room_again() {
     sleeper.wait().unwrap();
     drop(writ);
 }
+
+/// Deleting the whole trail leaves a mark: writ knows from its store that it
+/// ran before, so the new trail's first record says earlier records are
+/// missing, writ warns, and verify reports it. A crash (no close
+/// checkpoint) is warned of at start too.
+#[test]
+fn a_trail_removed_between_runs_or_left_open_is_reported_at_start_and_by_verify() {
+    let mut writ = Writ::start("");
+    let started = |writ: &Writ| -> Vec<String> {
+        records(writ)
+            .iter()
+            .filter(|r| r["event"] == "audit_started")
+            .map(|r| r["detail"]["previous_end"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    assert_eq!(started(&writ), ["none"], "a first run's trail is new");
+
+    writ.stop();
+    std::fs::remove_dir_all(writ.dir.path().join("state/audit")).unwrap();
+    writ.spawn();
+    assert_eq!(started(&writ), ["missing"]);
+    assert!(
+        writ.log()
+            .contains("writ has run with this data directory before, but there is no audit trail"),
+        "{}",
+        writ.log()
+    );
+    writ.stop();
+    let (ok, out, err) = verify(&writ, &[]);
+    assert!(ok, "{out}{err}");
+    assert!(
+        err.contains("warning: the record at seq 0 says writ had run with its data directory before but found no audit trail"),
+        "{err}"
+    );
+
+    // Killed: no close checkpoint, which the next start warns of.
+    writ.spawn();
+    writ.kill9();
+    writ.spawn();
+    assert_eq!(started(&writ), ["missing", "clean", "unclean"]);
+    assert!(
+        writ.log()
+            .contains("the audit trail did not end with a close checkpoint"),
+        "{}",
+        writ.log()
+    );
+}

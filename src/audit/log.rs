@@ -418,6 +418,27 @@ impl AuditLog {
         signer: Arc<dyn CheckpointSigner>,
         clock: Clock,
     ) -> Result<Arc<Self>, AuditError> {
+        Self::open_inner(config, signer, clock, false)
+    }
+
+    /// [`AuditLog::open`] for a writ that has run before with the same data
+    /// directory (`ran_before`): there a missing trail is not a new one, and
+    /// its `audit_started` says so (`previous_end: "missing"`), so that
+    /// deleting the whole trail leaves a mark verify reports.
+    pub fn open_after_earlier_runs(
+        config: &AuditConfig,
+        signer: Arc<dyn CheckpointSigner>,
+        ran_before: bool,
+    ) -> Result<Arc<Self>, AuditError> {
+        Self::open_inner(config, signer, Arc::new(SystemTime::now), ran_before)
+    }
+
+    fn open_inner(
+        config: &AuditConfig,
+        signer: Arc<dyn CheckpointSigner>,
+        clock: Clock,
+        ran_before: bool,
+    ) -> Result<Arc<Self>, AuditError> {
         let path = config.path.clone();
         let io_err = |path: &Path| {
             let path = path.to_owned();
@@ -451,11 +472,28 @@ impl AuditLog {
         // Bytes after the close checkpoint mean it was not the end.
         let clean = head.as_ref().is_some_and(|h| h.closed) && torn.is_none();
         started = match &head {
+            None if torn.is_none() && ran_before => {
+                tracing::warn!(
+                    path = %path.display(),
+                    "writ has run with this data directory before, but there is no audit trail at this path: it was removed, or [audit] path was changed; starting a new trail"
+                );
+                started
+                    .detail("previous_end", "missing")
+                    .reason("writ has run with this data directory before, but there was no audit trail at this path: it was removed, or [audit] path was changed")
+            }
             None if torn.is_none() => started.detail("previous_end", "none"),
             _ if clean => started.detail("previous_end", "clean"),
-            _ => started
-                .detail("previous_end", "unclean")
-                .reason("the previous run did not end with a close checkpoint: writ stopped without closing the trail, or records were removed from its end"),
+            _ => {
+                tracing::warn!(
+                    path = %path.display(),
+                    last_seq = head.as_ref().map(|h| h.seq),
+                    torn_tail = torn.is_some(),
+                    "the audit trail did not end with a close checkpoint: writ stopped without closing it, or records were removed from its end; `writ audit verify` will report this start"
+                );
+                started
+                    .detail("previous_end", "unclean")
+                    .reason("the previous run did not end with a close checkpoint: writ stopped without closing the trail, or records were removed from its end")
+            }
         };
         if let Some(h) = head.as_ref().filter(|_| !clean) {
             started = started.detail("previous_seq", h.seq);

@@ -67,6 +67,9 @@ pub struct VerifyReport {
     /// `audit_started` records that say the run before them ended without
     /// a close checkpoint (a crash, or records cut from its end).
     pub unclean_starts: Vec<u64>,
+    /// `audit_started` records that say writ had run with its data directory
+    /// before, yet found no trail: the history before them is gone.
+    pub missing_trail_starts: Vec<u64>,
     /// Roots trusted because a `ca_rotated` record listed them and a
     /// checkpoint by an already-trusted root followed (beyond those given).
     pub learned_roots: u64,
@@ -163,6 +166,7 @@ pub fn verify_with(
         last_checkpoint_seq: None,
         last: None,
         unclean_starts: Vec::new(),
+        missing_trail_starts: Vec::new(),
     };
     let mut torn_bytes = 0;
     let last_index = snapshot.len() - 1;
@@ -252,6 +256,7 @@ pub fn verify_with(
         last_seq: walk.last.as_ref().map(|l| l.seq),
         end,
         unclean_starts: walk.unclean_starts,
+        missing_trail_starts: walk.missing_trail_starts,
         learned_roots: walk.learned_roots,
     })
 }
@@ -283,6 +288,7 @@ struct Walk {
     last_checkpoint_seq: Option<u64>,
     last: Option<LastRecord>,
     unclean_starts: Vec<u64>,
+    missing_trail_starts: Vec<u64>,
 }
 
 impl Walk {
@@ -356,14 +362,15 @@ impl Walk {
             }
             (None, "ca_rotated") => self.announce(seq, view.detail.as_ref()),
             (None, "audit_started") => {
-                let unclean = view
+                let previous_end = view
                     .detail
                     .as_ref()
                     .and_then(|d| d.get("previous_end"))
-                    .and_then(|v| v.as_str())
-                    == Some("unclean");
-                if unclean {
-                    self.unclean_starts.push(seq);
+                    .and_then(|v| v.as_str());
+                match previous_end {
+                    Some("unclean") => self.unclean_starts.push(seq),
+                    Some("missing") => self.missing_trail_starts.push(seq),
+                    _ => {}
                 }
             }
             (None, _) => {}

@@ -100,6 +100,11 @@ fn verify(path: &Path, roots: &[CertificateDer<'static>], allow_open: bool) -> a
             "warning: the record at seq {seq} says the run before it ended without a close checkpoint (a crash, or records removed from its end)"
         );
     }
+    for seq in &report.missing_trail_starts {
+        eprintln!(
+            "warning: the record at seq {seq} says writ had run with its data directory before but found no audit trail: the records before it are missing (the trail was removed, or [audit] path changed)"
+        );
+    }
     let checkpoint = match report.last_checkpoint_seq {
         Some(seq) => format!("last checkpoint at seq {seq}"),
         None => "no checkpoint".to_owned(),
