@@ -1108,16 +1108,7 @@ mod tests {
         Arc<KeyPairSigner>,
         rustls::pki_types::CertificateDer<'static>,
     ) {
-        let key = rcgen::KeyPair::generate().unwrap();
-        let cert = rcgen::CertificateParams::new(Vec::<String>::new())
-            .unwrap()
-            .self_signed(&key)
-            .unwrap();
-        let der = cert.der().clone();
-        (
-            Arc::new(KeyPairSigner::new(key, der.to_vec()).unwrap()),
-            der,
-        )
+        crate::audit::test_signers::ca_signer()
     }
 
     #[tokio::test]

@@ -111,3 +111,38 @@ pub enum AuditError {
     #[error("invalid audit event: {0}")]
     InvalidEvent(String),
 }
+
+/// Checkpoint signers for the trail's own tests.
+#[cfg(test)]
+pub(crate) mod test_signers {
+    use std::sync::Arc;
+
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose};
+    use rustls::pki_types::CertificateDer;
+
+    use super::KeyPairSigner;
+
+    /// A CA certificate's parameters (cA, keyCertSign), as writ's roots
+    /// have: verify takes checkpoints from no other kind of certificate.
+    pub fn ca_params(name: &str) -> CertificateParams {
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.distinguished_name.push(DnType::CommonName, name);
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        params
+    }
+
+    /// A signer with a fresh self-signed CA root, and that root.
+    pub fn ca_signer() -> (Arc<KeyPairSigner>, CertificateDer<'static>) {
+        let key = KeyPair::generate().unwrap();
+        let der = ca_params("writ test root")
+            .self_signed(&key)
+            .unwrap()
+            .der()
+            .clone();
+        (
+            Arc::new(KeyPairSigner::new(key, der.to_vec()).unwrap()),
+            der,
+        )
+    }
+}

@@ -200,20 +200,14 @@ fn count_lines(path: &Path, end: u64) -> io::Result<u64> {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
     use std::time::Duration;
 
     use super::*;
-    use crate::audit::{AuditEvent, AuditLog, EventKind, KeyPairSigner};
+    use crate::audit::{AuditEvent, AuditLog, EventKind};
     use crate::config::AuditConfig;
 
     fn trail(dir: &Path, max_file_bytes: u64, records: u64) -> AuditConfig {
-        let key = rcgen::KeyPair::generate().unwrap();
-        let cert = rcgen::CertificateParams::new(Vec::<String>::new())
-            .unwrap()
-            .self_signed(&key)
-            .unwrap();
-        let signer = Arc::new(KeyPairSigner::new(key, cert.der().to_vec()).unwrap());
+        let (signer, _) = crate::audit::test_signers::ca_signer();
         let config = AuditConfig {
             path: dir.join("audit.jsonl"),
             max_file_bytes,

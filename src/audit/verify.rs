@@ -576,7 +576,7 @@ fn check_is_ca(cert: &X509Certificate<'_>) -> Result<(), String> {
         return Ok(());
     }
     Err(format!(
-        "its certificate ({}) is not a CA certificate (it needs basicConstraints cA=true and keyUsage keyCertSign), so it cannot be writ's CA: a workload's SVID key signed it",
+        "its certificate ({}) is not a CA certificate (basicConstraints cA=true and keyUsage keyCertSign), so it is not writ's CA; a workload's X509-SVID, for one, is not",
         cert.subject()
     ))
 }
@@ -645,7 +645,7 @@ mod tests {
     use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
     use std::time::{Duration, UNIX_EPOCH};
 
-    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose};
+    use rcgen::{CertificateParams, IsCa, KeyPair, KeyUsagePurpose};
 
     use super::*;
     use crate::audit::{AuditEvent, AuditLog, CheckpointSigner, EventKind, KeyPairSigner};
@@ -661,10 +661,7 @@ mod tests {
 
     /// A CA certificate's parameters, valid from `from` for `days`.
     fn root_params(name: &str, from: u64, days: u64) -> CertificateParams {
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.distinguished_name.push(DnType::CommonName, name);
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        let mut params = crate::audit::test_signers::ca_params(name);
         params.not_before = at(from);
         params.not_after = at(from + days * DAY);
         params
