@@ -547,9 +547,19 @@ pub fn validate(
     // signature proves anything; a key from the wrong domain then simply
     // is not found there.
     let spiffe_id = match claims.get("sub") {
-        Some(Value::String(sub)) => sub
-            .parse::<SpiffeId>()
-            .map_err(|e| JwtError::InvalidSubject(e.to_string()))?,
+        Some(Value::String(sub)) => {
+            let id = sub
+                .parse::<SpiffeId>()
+                .map_err(|e| JwtError::InvalidSubject(e.to_string()))?;
+            // The bare trust-domain ID names the trust domain, not a
+            // workload (SPIFFE ID standard); no JWT-SVID is issued to it.
+            if id.is_trust_domain_id() {
+                return Err(JwtError::InvalidSubject(format!(
+                    "{id} names a trust domain, not a workload: a JWT-SVID's sub has a path"
+                )));
+            }
+            id
+        }
         Some(_) => {
             return Err(JwtError::BadClaim {
                 claim: "sub",
@@ -994,10 +1004,14 @@ mod tests {
         c.remove("aud");
         assert_eq!(check(c).unwrap_err(), JwtError::MissingClaim("aud"));
 
-        // sub: a valid SPIFFE ID.
+        // sub: a valid SPIFFE ID of a workload, so with a path.
         assert!(matches!(
             check(claims("https://example.org/a", "api".into(), now + 60)).unwrap_err(),
             JwtError::InvalidSubject(_)
+        ));
+        assert!(matches!(
+            check(claims("spiffe://example.org", "api".into(), now + 60)).unwrap_err(),
+            JwtError::InvalidSubject(m) if m.contains("names a trust domain")
         ));
         let mut c = claims("spiffe://example.org/a", "api".into(), now + 60);
         c.remove("sub");
