@@ -337,8 +337,12 @@ fn parse_x509_key(key: &Map<String, Value>, kty: &str) -> Result<CertificateDer<
 
 fn decode_uint(v: &Value) -> Option<Vec<u8>> {
     let bytes = URL_SAFE_NO_PAD.decode(v.as_str()?).ok()?;
+    Some(without_leading_zeros(&bytes).to_vec())
+}
+
+fn without_leading_zeros(bytes: &[u8]) -> &[u8] {
     let start = bytes.iter().position(|&b| b != 0).unwrap_or(bytes.len());
-    Some(bytes[start..].to_vec())
+    &bytes[start..]
 }
 
 /// A jwt-svid entry, or `Ok(None)` for a key type JWT-SVIDs cannot use
@@ -357,6 +361,7 @@ fn parse_jwt_key(key: &Map<String, Value>, kty: &str) -> Result<Option<JwtAuthor
         Some(_) => return Err("\"kid\" must be a non-empty string".into()),
         None => return Err("jwt-svid key has no \"kid\"".into()),
     };
+    let mut parts = Vec::with_capacity(needed.len());
     for &(name, size) in needed {
         let text = key
             .get(name)
@@ -375,6 +380,22 @@ fn parse_jwt_key(key: &Map<String, Value>, kty: &str) -> Result<Option<JwtAuthor
                 "\"{name}\" of key {key_id:?} has the wrong length for its key type"
             ));
         }
+        parts.push(bytes);
+    }
+    // A key clients cannot load makes go-spiffe and py-spiffe refuse the
+    // whole JWT bundle set they are sent, writ's own keys included.
+    match (kty, parts.as_slice()) {
+        ("EC", [x, y]) => {
+            let crv = key.get("crv").and_then(Value::as_str).unwrap_or("");
+            if !nist_curve_has_point(crv, x, y) {
+                return Err(format!(
+                    "jwt-svid key {key_id:?}: (x, y) is not a point of {crv}"
+                ));
+            }
+        }
+        ("RSA", [n, e]) => check_rsa_public_key(n, e)
+            .map_err(|reason| format!("jwt-svid key {key_id:?}: {reason}"))?,
+        _ => {}
     }
     let mut public_key_jwk = key.clone();
     public_key_jwk.remove("use");
@@ -383,6 +404,65 @@ fn parse_jwt_key(key: &Map<String, Value>, kty: &str) -> Result<Option<JwtAuthor
         key_id,
         public_key_jwk,
     }))
+}
+
+/// Whether (x, y) lies on the NIST prime curve `crv`: both coordinates
+/// below p and y² = x³ − 3x + b (mod p). These curves have cofactor 1, so
+/// every such point is in the group signatures are checked in.
+fn nist_curve_has_point(crv: &str, x: &[u8], y: &[u8]) -> bool {
+    use num_bigint::BigUint;
+    let (p_hex, b_hex) = match crv {
+        "P-256" => (
+            "ffffffff00000001000000000000000000000000ffffffffffffffffffffffff",
+            "5ac635d8aa3a93e7b3ebbd55769886bc651d06b0cc53b0f63bce3c3e27d2604b",
+        ),
+        "P-384" => (
+            "fffffffffffffffffffffffffffffffffffffffffffffffffffffffffffffffeffffffff0000000000000000ffffffff",
+            "b3312fa7e23ee7e4988e056be3f82d19181d9c6efe8141120314088f5013875ac656398d8a2ed19d2a85c8edd3ec2aef",
+        ),
+        "P-521" => (
+            "01ffffffffffffffffffffffffffffffffffffffffffffffffffffffffffffffffffffffffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff",
+            "0051953eb9618e1c9a1f929a21a0b68540eea2da725b99b315f3b8b489918ef109e156193951ec7e937b1652c0bd3bb1bf073573df883d2c34f1ef451fd46b503f00",
+        ),
+        _ => return false,
+    };
+    let (Some(p), Some(b)) = (
+        BigUint::parse_bytes(p_hex.as_bytes(), 16),
+        BigUint::parse_bytes(b_hex.as_bytes(), 16),
+    ) else {
+        return false;
+    };
+    let (x, y) = (BigUint::from_bytes_be(x), BigUint::from_bytes_be(y));
+    if x >= p || y >= p {
+        return false;
+    }
+    let three_x = (&x * 3u32) % &p;
+    let rhs = ((&x * &x % &p * &x % &p) + &p - three_x + b) % &p;
+    (&y * &y) % &p == rhs
+}
+
+/// What an RSA key needs for JWT-SVIDs: a modulus of 2048 to 8192 bits (the
+/// sizes verifiers accept; writ's own verifier refuses others too) and an
+/// odd public exponent of at least 3.
+fn check_rsa_public_key(n: &[u8], e: &[u8]) -> Result<(), String> {
+    let (n, e) = (without_leading_zeros(n), without_leading_zeros(e));
+    let bits = match n.first() {
+        Some(top) => n.len() * 8 - top.leading_zeros() as usize,
+        None => 0,
+    };
+    if !(2048..=8192).contains(&bits) {
+        return Err(format!(
+            "an RSA modulus of {bits} bits (2048 to 8192 are usable)"
+        ));
+    }
+    if n.last().is_some_and(|b| b % 2 == 0) {
+        return Err("an even RSA modulus".into());
+    }
+    let odd = e.last().is_some_and(|b| b % 2 == 1);
+    if !odd || (e.len() == 1 && e[0] < 3) || e.len() > 8 {
+        return Err("an RSA public exponent that is not an odd number from 3 to 2^64".into());
+    }
+    Ok(())
 }
 
 /// A bundle may only hold CA certificates whose key has a JWK form.
@@ -866,6 +946,60 @@ mod tests {
                 .to_string()
                 .contains("\"y\"")
         );
+    }
+
+    #[test]
+    fn jwt_keys_clients_cannot_load_are_refused() {
+        let ec = |crv: &str, point: &[u8]| {
+            let half = point.len() / 2;
+            serde_json::json!({
+                "use": "jwt-svid", "kty": "EC", "crv": crv, "kid": "k",
+                "x": URL_SAFE_NO_PAD.encode(&point[..half]),
+                "y": URL_SAFE_NO_PAD.encode(&point[half..]),
+            })
+        };
+        let outcome = |entry: Value| parse(&doc_with(vec![entry])).map_err(|e| e.to_string());
+        let p256 = KeyPair::generate().unwrap().public_key_raw()[1..].to_vec();
+        let p384 = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P384_SHA384)
+            .unwrap()
+            .public_key_raw()[1..]
+            .to_vec();
+        // P-521's base point (FIPS 186-4, D.1.2.5); ring makes no P-521 keys.
+        let p521 = hex::decode(concat!(
+            "00c6858e06b70404e9cd9e3ecb662395b4429c648139053fb521f828af606b4d3dbaa14b5e77efe75928fe1dc127a2ffa8de3348b3c1856a429bf97e7e31c2e5bd66",
+            "011839296a789a3bc0045c8a5fb42c7d1bd998f54449579b446817afbd17273e662c97ee72995ef42640c550b9013fad0761353c7086a272c24088be94769fd16650",
+        ))
+        .unwrap();
+        for (crv, point) in [("P-256", &p256), ("P-384", &p384), ("P-521", &p521)] {
+            assert!(outcome(ec(crv, point)).is_ok(), "{crv}");
+            let mut off_curve = point.clone();
+            *off_curve.last_mut().unwrap() ^= 1;
+            let err = outcome(ec(crv, &off_curve)).unwrap_err();
+            assert!(err.contains(&format!("is not a point of {crv}")), "{err}");
+        }
+        // A coordinate at or past the field prime is no point either.
+        let mut past_prime = vec![0xffu8; 64];
+        past_prime[32..].copy_from_slice(&p256[32..]);
+        assert!(outcome(ec("P-256", &past_prime)).is_err());
+
+        let rsa = |n: &[u8], e: &[u8]| {
+            serde_json::json!({
+                "use": "jwt-svid", "kty": "RSA", "kid": "r",
+                "n": URL_SAFE_NO_PAD.encode(n), "e": URL_SAFE_NO_PAD.encode(e),
+            })
+        };
+        let n2048 = [0xc5u8; 256];
+        assert!(outcome(rsa(&n2048, &[1, 0, 1])).is_ok());
+        for (n, e, want) in [
+            (&[1u8, 0, 1][..], &[1u8, 0, 1][..], "17 bits"),
+            (&[0xc5u8; 128][..], &[1, 0, 1][..], "1024 bits"),
+            (&[0xc4u8; 256][..], &[1, 0, 1][..], "even RSA modulus"),
+            (&n2048[..], &[1][..], "public exponent"),
+            (&n2048[..], &[1, 0, 0][..], "public exponent"),
+        ] {
+            let err = outcome(rsa(n, e)).unwrap_err();
+            assert!(err.contains(want), "{want}: {err}");
+        }
     }
 
     #[test]
