@@ -32,8 +32,8 @@ pub trait CheckpointSigner: Send + Sync {
 }
 
 /// A [`CheckpointSigner`] over an rcgen key pair and its certificate. The
-/// key must be ECDSA P-256 (SHA-256), the only algorithm `verify` accepts
-/// for checkpoints.
+/// key signs as `verify` expects for its type: ECDSA P-256 with SHA-256,
+/// P-384 with SHA-384, RSA PKCS#1 v1.5 with SHA-256, or Ed25519.
 pub struct KeyPairSigner {
     key: rcgen::KeyPair,
     certificate: Vec<u8>,
@@ -41,9 +41,15 @@ pub struct KeyPairSigner {
 
 impl KeyPairSigner {
     pub fn new(key: rcgen::KeyPair, certificate_der: Vec<u8>) -> Result<Self, AuditError> {
-        if key.algorithm() != &rcgen::PKCS_ECDSA_P256_SHA256 {
+        let usable = [
+            &rcgen::PKCS_ECDSA_P256_SHA256,
+            &rcgen::PKCS_ECDSA_P384_SHA384,
+            &rcgen::PKCS_RSA_SHA256,
+            &rcgen::PKCS_ED25519,
+        ];
+        if !usable.contains(&key.algorithm()) {
             return Err(AuditError::Signer(
-                "checkpoint keys must be ECDSA P-256 with SHA-256".into(),
+                "checkpoint keys sign with ECDSA P-256/SHA-256, P-384/SHA-384, RSA PKCS#1 v1.5/SHA-256 or Ed25519".into(),
             ));
         }
         Ok(Self {

@@ -514,20 +514,36 @@ pub(crate) fn check_checkpoint_signature(
 ) -> Result<(), String> {
     let cert = parse_cert(cert_der).map_err(|e| format!("comes with a certificate that {e}"))?;
     let spki = cert.public_key();
+    let algorithm =
+        checkpoint_algorithm(spki).ok_or("is by a key of a type checkpoints do not use")?;
+    UnparsedPublicKey::new(algorithm, spki.subject_public_key.data.as_ref())
+        .verify(message, signature)
+        .map_err(|_| "does not verify with the key of its certificate".to_owned())
+}
+
+/// How a checkpoint by a key of this type is signed: the way writ's CA (its
+/// own P-256 roots, or an upstream intermediate of any of these types)
+/// signs with that key.
+fn checkpoint_algorithm(
+    spki: &SubjectPublicKeyInfo<'_>,
+) -> Option<&'static dyn VerificationAlgorithm> {
+    let key_alg = &spki.algorithm.algorithm;
     let curve = spki
         .algorithm
         .parameters
         .as_ref()
         .and_then(|p| p.as_oid().ok());
-    if spki.algorithm.algorithm != OID_KEY_TYPE_EC_PUBLIC_KEY || curve != Some(OID_EC_P256) {
-        return Err("is by a key that is not ECDSA P-256".into());
+    if *key_alg == OID_KEY_TYPE_EC_PUBLIC_KEY && curve == Some(OID_EC_P256) {
+        Some(&signature::ECDSA_P256_SHA256_ASN1)
+    } else if *key_alg == OID_KEY_TYPE_EC_PUBLIC_KEY && curve == Some(OID_NIST_EC_P384) {
+        Some(&signature::ECDSA_P384_SHA384_ASN1)
+    } else if *key_alg == OID_PKCS1_RSAENCRYPTION {
+        Some(&signature::RSA_PKCS1_2048_8192_SHA256)
+    } else if *key_alg == OID_SIG_ED25519 {
+        Some(&signature::ED25519)
+    } else {
+        None
     }
-    UnparsedPublicKey::new(
-        &signature::ECDSA_P256_SHA256_ASN1,
-        spki.subject_public_key.data.as_ref(),
-    )
-    .verify(message, signature)
-    .map_err(|_| "does not verify with the key of its certificate".to_owned())
 }
 
 fn parse_cert(der: &[u8]) -> Result<X509Certificate<'_>, String> {
