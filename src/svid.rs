@@ -348,6 +348,12 @@ pub fn validate_dns_name(name: &str) -> Result<(), InvalidDnsName> {
     if name.ends_with('.') {
         return fail("it must not end with '.'".to_owned());
     }
+    if name.parse::<std::net::Ipv4Addr>().is_ok() {
+        return fail(
+            "it is an IP address: TLS clients match addresses only against IP SANs, never DNS ones"
+                .to_owned(),
+        );
+    }
     let hostname = name.strip_prefix("*.").unwrap_or(name);
     for label in hostname.split('.') {
         if label.is_empty() {
@@ -720,9 +726,16 @@ mod tests {
             "é.org",
             "a_b.org",
             &"a".repeat(64),
+            "127.0.0.1",
         ] {
             assert!(validate_dns_name(bad).is_err(), "{bad:?}");
         }
+        assert!(
+            validate_dns_name("10.0.0.1")
+                .unwrap_err()
+                .reason
+                .contains("IP address")
+        );
     }
 
     #[test]
