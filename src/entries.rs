@@ -267,7 +267,7 @@ impl EntryStore {
             ));
         }
         for name in &req.dns_names {
-            crate::svid::validate_dns_name(name)
+            crate::svid::validate_new_dns_name(name)
                 .map_err(|e| invalid("dns_names", e.to_string()))?;
         }
         let federates_with = req

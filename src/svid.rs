@@ -328,10 +328,27 @@ pub struct InvalidDnsName {
     pub reason: String,
 }
 
+/// `validate_dns_name`, and no IPv4 address either: TLS clients match an
+/// address only against IP SANs, so such a DNS SAN could never match. For
+/// names asked for now (config, the admin API); minting takes what an older
+/// writ stored.
+pub fn validate_new_dns_name(name: &str) -> Result<(), InvalidDnsName> {
+    validate_dns_name(name)?;
+    if name.parse::<std::net::Ipv4Addr>().is_ok() {
+        return Err(InvalidDnsName {
+            name: name.to_owned(),
+            reason: "it is an IP address: TLS clients match addresses only against IP SANs, never DNS ones"
+                .to_owned(),
+        });
+    }
+    Ok(())
+}
+
 /// Accepts host names (`a.example.org`) and a leading wildcard label
 /// (`*.example.org`); rejects anything a TLS client would refuse to match.
-/// Config validation and the admin API use this too, so a name accepted
-/// there is never refused at minting time.
+/// Minting checks this; config validation and the admin API check it
+/// through `validate_new_dns_name`, so a name accepted there is never
+/// refused at minting time.
 pub fn validate_dns_name(name: &str) -> Result<(), InvalidDnsName> {
     let fail = |reason: String| {
         Err(InvalidDnsName {
@@ -347,12 +364,6 @@ pub fn validate_dns_name(name: &str) -> Result<(), InvalidDnsName> {
     }
     if name.ends_with('.') {
         return fail("it must not end with '.'".to_owned());
-    }
-    if name.parse::<std::net::Ipv4Addr>().is_ok() {
-        return fail(
-            "it is an IP address: TLS clients match addresses only against IP SANs, never DNS ones"
-                .to_owned(),
-        );
     }
     let hostname = name.strip_prefix("*.").unwrap_or(name);
     for label in hostname.split('.') {
@@ -726,12 +737,13 @@ mod tests {
             "é.org",
             "a_b.org",
             &"a".repeat(64),
-            "127.0.0.1",
         ] {
             assert!(validate_dns_name(bad).is_err(), "{bad:?}");
+            assert!(validate_new_dns_name(bad).is_err(), "{bad:?}");
         }
+        validate_dns_name("10.0.0.1").unwrap();
         assert!(
-            validate_dns_name("10.0.0.1")
+            validate_new_dns_name("10.0.0.1")
                 .unwrap_err()
                 .reason
                 .contains("IP address")
