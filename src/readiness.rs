@@ -1,5 +1,6 @@
 //! What `/ready` checks each time it is asked: the store answers a read,
-//! the audit trail is open (its background thread runs, no sync failed),
+//! the audit trail is open (its background thread runs, no sync failed, its
+//! path still names the file it appends to),
 //! the CA has a signing root that has not expired, and each socket writ
 //! serves is still served and, where writ bound it, still the file it
 //! bound (same device and inode).

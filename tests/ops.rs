@@ -943,6 +943,25 @@ fn ready_turns_503_naming_a_deleted_socket() {
     assert!(body.contains("it was replaced"), "{body}");
 }
 
+/// A trail file moved away (or removed) while writ appends to it would
+/// otherwise lose records from the path without a word: writ goes on
+/// writing into the file it holds. /ready says so.
+#[test]
+fn ready_turns_503_when_the_audit_file_is_moved_away() {
+    let mut service = Service::new("", "info");
+    service.spawn(&[]);
+    let addr = service.http_addr();
+    assert_eq!(http_get(&addr, "/ready"), (200, "ready\n".to_owned()));
+    let trail = service.dir.path().join("state/audit/audit.jsonl");
+    std::fs::rename(&trail, trail.with_extension("moved")).unwrap();
+    let (status, body) = http_get(&addr, "/ready");
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("no longer the one writ appends to"), "{body}");
+    // Put back, it is the same file again.
+    std::fs::rename(trail.with_extension("moved"), &trail).unwrap();
+    assert_eq!(http_get(&addr, "/ready"), (200, "ready\n".to_owned()));
+}
+
 #[test]
 fn grpc_health_follows_readiness() {
     let mut service = Service::new("", "info");

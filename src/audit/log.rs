@@ -572,7 +572,11 @@ impl AuditLog {
     /// Whether records can still be appended: the trail is open, its
     /// background thread runs, and no failed fsync has stopped it.
     pub fn check(&self) -> Result<(), AuditError> {
-        self.shared.lock().refuse_if_stopped()?;
+        {
+            let state = self.shared.lock();
+            state.refuse_if_stopped()?;
+            state.writer.check_still_at_path()?;
+        }
         let running = self
             .background
             .lock()
@@ -854,6 +858,29 @@ struct Writer {
 }
 
 impl Writer {
+    /// Whether the path still names the file writ appends to: someone who
+    /// renames or unlinks it would otherwise see records vanish from the
+    /// path unnoticed while writ writes on into the file it holds.
+    fn check_still_at_path(&self) -> Result<(), AuditError> {
+        use std::os::unix::fs::MetadataExt;
+        let displaced = || AuditError::Displaced {
+            path: self.path.clone(),
+        };
+        let held = self.file.metadata().map_err(|source| AuditError::Io {
+            path: self.path.clone(),
+            source,
+        })?;
+        match std::fs::symlink_metadata(&self.path) {
+            Ok(at_path) if (at_path.dev(), at_path.ino()) == (held.dev(), held.ino()) => Ok(()),
+            Ok(_) => Err(displaced()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(displaced()),
+            Err(source) => Err(AuditError::Io {
+                path: self.path.clone(),
+                source,
+            }),
+        }
+    }
+
     /// How long until an interval checkpoint is due; `None` when nothing
     /// is waiting to be checkpointed.
     fn checkpoint_wait(&self) -> Option<Duration> {

@@ -112,6 +112,11 @@ pub enum AuditError {
     Poisoned(String),
     #[error("the audit trail is closed")]
     Closed,
+    #[error(
+        "audit trail {}: the file at this path is no longer the one writ appends to (it was moved, replaced or removed); records since went to the file writ holds open, and a restart continues the trail from the path",
+        path.display()
+    )]
+    Displaced { path: PathBuf },
     #[error("checkpoint signer: {0}")]
     Signer(String),
     #[error("invalid audit event: {0}")]

@@ -1449,7 +1449,9 @@ fn cgroup_path_problem(path: &str) -> Option<&'static str> {
 /// Why `name` cannot go in a certificate's DNS SAN, if it cannot: the same
 /// rule minting applies, so a config that validates never fails to mint.
 fn dns_name_problem(name: &str) -> Option<String> {
-    crate::svid::validate_new_dns_name(name).err().map(|e| e.reason)
+    crate::svid::validate_new_dns_name(name)
+        .err()
+        .map(|e| e.reason)
 }
 
 #[cfg(test)]
