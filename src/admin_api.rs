@@ -97,11 +97,13 @@ pub fn task_status(e: TaskError) -> Status {
     match e {
         TaskError::Invalid { .. } => Status::invalid_argument(e.to_string()),
         TaskError::NotFound(_) => Status::not_found(e.to_string()),
-        TaskError::AlreadyExists(_) => Status::already_exists(e.to_string()),
-        TaskError::ParentCompleted(_) => Status::failed_precondition(e.to_string()),
-        TaskError::PermissionDenied(_) | TaskError::PolicyDenied(_) => {
-            Status::permission_denied(e.to_string())
+        TaskError::AlreadyExists(_) | TaskError::IdentityTaken { .. } => {
+            Status::already_exists(e.to_string())
         }
+        TaskError::ParentCompleted(_) => Status::failed_precondition(e.to_string()),
+        TaskError::PermissionDenied(_)
+        | TaskError::PolicyDenied(_)
+        | TaskError::IdentityBelowTask { .. } => Status::permission_denied(e.to_string()),
         // Asking again does not mend a damaged record, so not Unavailable.
         TaskError::Store(crate::store::StoreError::Corrupt(_)) => Status::data_loss(e.to_string()),
         TaskError::Store(_) | TaskError::Audit(_) | TaskError::Unavailable(_) => {

@@ -33,6 +33,20 @@ pub enum TaskError {
     AlreadyExists(String),
     #[error("parent_task_id: task {0} has completed")]
     ParentCompleted(String),
+    /// Two active tasks never share an identity: each one's certificates,
+    /// its revocation and who may act on it are told apart by it.
+    #[error("spiffe_id: {spiffe_id} is already the identity of active task {task}")]
+    IdentityTaken { spiffe_id: String, task: String },
+    /// An identity below an active task's reads as one of its sub-tasks,
+    /// so only a sub-task of it (or of a task below it) may hold one.
+    #[error(
+        "spiffe_id: {spiffe_id} lies below {task_spiffe_id}, the identity of active task {task}; only a sub-task of {task} may hold an identity below it (begin it with parent_task_id {task})"
+    )]
+    IdentityBelowTask {
+        spiffe_id: String,
+        task: String,
+        task_spiffe_id: String,
+    },
     #[error("{0}")]
     PermissionDenied(String),
     #[error("store: {0}")]
@@ -73,6 +87,19 @@ fn task_row_writer(
                 return Ok(Err(TaskError::ParentCompleted(parent.clone())));
             }
         }
+        // Asked before the identity below, so that a task id asked for
+        // again is reported as such, not as its own identity in use.
+        let id_taken = conn
+            .prepare_cached("SELECT 1 FROM tasks WHERE task_id = ?1")?
+            .exists(params![t.id])?;
+        if id_taken {
+            return Ok(Err(TaskError::AlreadyExists(t.id.clone())));
+        }
+        // In the same transaction as the insert, in the store's one writer:
+        // two begins racing for one identity cannot both find it free.
+        if let Some(refused) = identity_conflict(conn, &t)? {
+            return Ok(Err(refused));
+        }
         let inserted = conn
             .prepare_cached(
                 "INSERT OR IGNORE INTO tasks(task_id, spiffe_id, parent_task_id, record, created_at, expires_at)
@@ -95,6 +122,69 @@ fn task_row_writer(
 
 /// A task row's insert: a store failure, or the task's own refusal.
 type TaskRowOutcome = Result<Result<(), TaskError>, StoreError>;
+
+/// Why `task` may not take its SPIFFE ID, if it may not: the ID is that of
+/// an active task (two live tasks would share certificates' subject, and
+/// whoever holds one could act on the other), or lies below the ID of an
+/// active task that is neither its parent nor one of that parent's
+/// ancestors (it would pass for a sub-task of a task it is not under, and
+/// escape that task's scope and its end). Completed tasks do not count:
+/// their certificates are revoked. Looks up the ID and each of its
+/// ancestors' paths in the index of active tasks' IDs, so the cost grows
+/// with the ID's depth, not with the number of tasks.
+fn identity_conflict(
+    conn: &rusqlite::Connection,
+    task: &Task,
+) -> Result<Option<TaskError>, StoreError> {
+    // The parent and its ancestors, as the store has them: an identity
+    // below theirs is what a sub-task has.
+    let mut lineage = std::collections::HashSet::new();
+    let mut next = task.parent_id.clone();
+    while let Some(id) = next {
+        if !lineage.insert(id.clone()) {
+            break;
+        }
+        next = conn
+            .prepare_cached("SELECT parent_task_id FROM tasks WHERE task_id = ?1")?
+            .query_row(params![id], |r| r.get::<_, Option<String>>(0))
+            .optional()?
+            .flatten();
+    }
+    let full = task.spiffe_id.to_string();
+    let base_len = full.len() - task.spiffe_id.path().len();
+    // Every "/" after the trust domain ends an ancestor's path; the whole
+    // ID last.
+    let ends = full[base_len..]
+        .match_indices('/')
+        .map(|(at, _)| base_len + at)
+        .filter(|end| *end > base_len)
+        .chain(std::iter::once(full.len()));
+    let mut holders = conn.prepare_cached(
+        "SELECT task_id FROM tasks WHERE spiffe_id = ?1 AND completed_at IS NULL",
+    )?;
+    for end in ends {
+        let prefix = &full[..end];
+        let owners = holders
+            .query_map(params![prefix], |r| r.get::<_, String>(0))?
+            .collect::<Result<Vec<_>, _>>()?;
+        for owner in owners {
+            if end == full.len() {
+                return Ok(Some(TaskError::IdentityTaken {
+                    spiffe_id: full,
+                    task: owner,
+                }));
+            }
+            if !lineage.contains(&owner) {
+                return Ok(Some(TaskError::IdentityBelowTask {
+                    spiffe_id: full.clone(),
+                    task: owner,
+                    task_spiffe_id: prefix.to_owned(),
+                }));
+            }
+        }
+    }
+    Ok(None)
+}
 
 fn invalid(field: &'static str, reason: impl Into<String>) -> TaskError {
     TaskError::Invalid {

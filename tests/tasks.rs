@@ -1206,6 +1206,108 @@ async fn an_explicit_spiffe_id_must_lie_in_the_callers_lineage() {
     child.wait().unwrap();
 }
 
+/// No two active tasks hold one SPIFFE ID, and no task holds an ID below
+/// an active task's unless it is a sub-task of it. A probe began `t7` with
+/// `t6`'s ID while `t6` was active (ending `t6` left `t7`'s certificate for
+/// that ID valid, and `t7`'s processes could end `t6`), and `t8` with
+/// `.../task/t6/task/fake-sub` without being a sub-task of `t6`.
+#[tokio::test(flavor = "multi_thread")]
+async fn no_active_task_takes_anothers_identity_or_one_below_it() {
+    let writ = Writ::start(&config(""));
+    let mut tasks = tasks_client(&writ).await;
+    let mut sleeper = Command::new("sleep").arg("60").spawn().unwrap();
+    let pid = sleeper.id();
+    let explicit = move |id: &str, spiffe_id: &str, parent: &str| apb::BeginTaskRequest {
+        spiffe_id: spiffe_id.into(),
+        parent_task_id: parent.into(),
+        ..begin_pid(id, pid)
+    };
+    let t6 = tasks
+        .begin_task(begin_pid("t6", pid))
+        .await
+        .unwrap()
+        .into_inner();
+    let t6_id = t6.spiffe_id.clone();
+
+    let err = tasks
+        .begin_task(explicit("t7", &t6_id, ""))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::AlreadyExists, "{err:?}");
+    assert!(
+        err.message().starts_with("spiffe_id:") && err.message().contains("active task t6"),
+        "{err:?}"
+    );
+    let fake = format!("{t6_id}/task/fake-sub");
+    let err = tasks
+        .begin_task(explicit("t8", &fake, ""))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    assert!(
+        err.message().contains("active task t6") && err.message().contains("parent_task_id t6"),
+        "{err:?}"
+    );
+    // As a sub-task of t6 it may; below a sibling it may not, below its
+    // own parent and grandparent it may.
+    let real = format!("{t6_id}/task/real-sub");
+    tasks.begin_task(explicit("t8", &real, "t6")).await.unwrap();
+    let deeper = format!("{real}/deeper");
+    let err = tasks
+        .begin_task(explicit("t9", &deeper, "t6"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    assert!(err.message().contains("active task t8"), "{err:?}");
+    tasks
+        .begin_task(explicit("t9", &deeper, "t8"))
+        .await
+        .unwrap();
+
+    // An identity derived from a task id collides like a named one.
+    tasks
+        .begin_task(explicit("x10", &format!("{ORCH_ID}/task/t10"), ""))
+        .await
+        .unwrap();
+    let err = tasks.begin_task(begin_pid("t10", pid)).await.unwrap_err();
+    assert_eq!(err.code(), Code::AlreadyExists, "{err:?}");
+    assert!(err.message().contains("active task x10"), "{err:?}");
+    // A task id asked for again is still reported as such.
+    let err = tasks.begin_task(begin_pid("t6", pid)).await.unwrap_err();
+    assert_eq!(err.code(), Code::AlreadyExists, "{err:?}");
+    assert_eq!(err.message(), "task t6 already exists");
+
+    // Begins racing for one identity: exactly one has it.
+    let racing = format!("{ORCH_ID}/race");
+    let racers: Vec<_> = (0..8)
+        .map(|n| {
+            let mut tasks = tasks.clone();
+            let req = explicit(&format!("race-{n}"), &racing, "");
+            tokio::spawn(async move { tasks.begin_task(req).await })
+        })
+        .collect();
+    let mut won = 0;
+    for racer in racers {
+        match racer.await.unwrap() {
+            Ok(_) => won += 1,
+            Err(e) => assert_eq!(e.code(), Code::AlreadyExists, "{e:?}"),
+        }
+    }
+    assert_eq!(won, 1);
+
+    // Only active tasks hold an identity: once t6 (and its sub-tasks
+    // with it) has ended, its ID may be had again.
+    tasks.end_task(end_req("t6")).await.unwrap();
+    let again = tasks
+        .begin_task(explicit("t7", &t6_id, ""))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(again.spiffe_id, t6_id);
+    sleeper.kill().unwrap();
+    sleeper.wait().unwrap();
+}
+
 /// An authorized caller that did not begin a task, and does not work in
 /// it, may neither begin sub-tasks of it nor end it: it could otherwise
 /// hand out identities in another orchestrator's lineage
