@@ -33,6 +33,12 @@ pub enum TaskError {
     AlreadyExists(String),
     #[error("parent_task_id: task {0} has completed")]
     ParentCompleted(String),
+    /// The caller works in a task (its default identity is the task's), so
+    /// what it begins is a sub-task of that task; and that task has ended.
+    #[error(
+        "the caller works in task {0}, which has completed: a task begun from inside a task is a sub-task of it"
+    )]
+    CallerTaskCompleted(String),
     /// Two active tasks never share an identity: each one's certificates,
     /// its revocation and who may act on it are told apart by it.
     #[error("spiffe_id: {spiffe_id} is already the identity of active task {task}")]
@@ -358,6 +364,9 @@ pub struct Orchestrator {
     pub may_bind_any_pid: bool,
     /// May bind processes running under its own uid.
     pub may_bind_same_uid: bool,
+    /// The active task the caller works in, when its default identity is
+    /// that task's: a task it begins is then a sub-task of this one.
+    pub task_id: Option<String>,
 }
 
 /// Whether a caller may delegate from `task` or end it: the task's own
@@ -607,9 +616,54 @@ impl TaskManager {
         };
         validate_intent(&req.intent)?;
 
+        // A process working in a task begins sub-tasks of it, whether it
+        // names the task or not: as a task of its own, derived from its own
+        // identity (the task's), what it began would read as a sub-task
+        // while escaping the task's scope, its TTL and its end.
+        let implicit_parent = match (&req.parent_task_id, &caller.task_id) {
+            (None, Some(own)) => {
+                req.parent_task_id = Some(own.clone());
+                Some(own.clone())
+            }
+            _ => None,
+        };
+        let begun = self
+            .begin_checked(req, caller, id, now, implicit_parent.is_some())
+            .await;
+        match (begun, implicit_parent) {
+            (Err(TaskError::ParentCompleted(p)), Some(own)) if p == own => {
+                Err(TaskError::CallerTaskCompleted(own))
+            }
+            (begun, _) => begun,
+        }
+    }
+
+    /// `begin_issuing` once the task's id is chosen and its parent is in the
+    /// request; `implicit`: the caller did not name it (it is the caller's
+    /// own task).
+    async fn begin_checked(
+        self: &Arc<Self>,
+        mut req: BeginRequest,
+        caller: &Orchestrator,
+        id: String,
+        now: SystemTime,
+        implicit: bool,
+    ) -> Result<(Arc<Task>, Vec<String>), TaskError> {
         let parent = match &req.parent_task_id {
             Some(pid) => Some(self.active_parent(pid).await?),
             None => None,
+        };
+        // Names the parent in refusals; one the caller did not name is
+        // said to be the caller's own task.
+        let of_parent = |p: &Task| {
+            if implicit {
+                format!(
+                    "task {} (the caller works in it, so the new task is its sub-task)",
+                    p.id
+                )
+            } else {
+                format!("parent task {}", p.id)
+            }
         };
         if let Some(parent) = &parent
             && !may_act_on(
@@ -629,13 +683,17 @@ impl TaskManager {
             return Err(invalid(
                 "parent_task_id",
                 format!(
-                    "sub-task depth {depth} exceeds the limit of {}",
-                    self.limits.max_depth
+                    "sub-task depth {depth} exceeds the limit of {}{}",
+                    self.limits.max_depth,
+                    parent
+                        .as_ref()
+                        .filter(|_| implicit)
+                        .map_or(String::new(), |p| format!(" under {}", of_parent(p)))
                 ),
             ));
         }
         if let Some(parent) = &parent {
-            check_within_parent_scope(&req.intent, &parent.intent)?;
+            check_within_parent_scope(&req.intent, &parent.intent, &of_parent(parent))?;
             // Work done for a task handles its data: a sub-task that names
             // no data class has its parent's, so policy and relying parties
             // never read an unlabelled sub-task as less restricted.
@@ -649,7 +707,10 @@ impl TaskManager {
             {
                 return Err(invalid(
                     "federates_with",
-                    format!("{td} is not among the parent task's federated trust domains"),
+                    format!(
+                        "{td} is not among the federated trust domains of {}",
+                        of_parent(parent)
+                    ),
                 ));
             }
         }
@@ -688,7 +749,10 @@ impl TaskManager {
         let mut expires_at = now + ttl;
         if let Some(parent) = &parent {
             if req.ttl.is_some() && expires_at > parent.expires_at {
-                return Err(invalid("ttl", "a sub-task cannot outlive its parent task"));
+                return Err(invalid(
+                    "ttl",
+                    format!("a sub-task cannot outlive {}", of_parent(parent)),
+                ));
             }
             expires_at = expires_at.min(parent.expires_at);
         }
@@ -729,9 +793,12 @@ impl TaskManager {
                 if !within && !caller.may_bind_any_pid {
                     return Err(TaskError::PermissionDenied(format!(
                         "spiffe_id {explicit} is outside the caller's lineage ({}); only a caller allowed bind_any_pid may name any identity",
-                        lineage.map_or("the caller holds no SPIFFE ID".to_owned(), |l| format!(
-                            "below {l}"
-                        ))
+                        match (&parent, lineage) {
+                            (Some(p), Some(l)) =>
+                                format!("below {l}, the identity of {}", of_parent(p)),
+                            (None, Some(l)) => format!("below {l}"),
+                            (_, None) => "the caller holds no SPIFFE ID".to_owned(),
+                        }
                     )));
                 }
                 explicit.clone()
@@ -1929,13 +1996,18 @@ fn thread_group_of(tid: i32) -> Option<i32> {
         .and_then(|v| v.trim().parse().ok())
 }
 
-/// A sub-task may narrow its parent's scope, never widen it.
-fn check_within_parent_scope(child: &Intent, parent: &Intent) -> Result<(), TaskError> {
+/// A sub-task may narrow its parent's scope, never widen it. `of_parent`
+/// names the parent in a refusal ("parent task t-1").
+fn check_within_parent_scope(
+    child: &Intent,
+    parent: &Intent,
+    of_parent: &str,
+) -> Result<(), TaskError> {
     if let Some(t) = child.tools.iter().find(|t| !parent.tools.contains(t)) {
         return Err(invalid(
             "intent.tools",
             format!(
-                "tool {t:?} is not among the parent task's tools {:?}",
+                "tool {t:?} is not among the tools {:?} of {of_parent}",
                 parent.tools
             ),
         ));
@@ -1944,7 +2016,7 @@ fn check_within_parent_scope(child: &Intent, parent: &Intent) -> Result<(), Task
         return Err(invalid(
             "intent.targets",
             format!(
-                "target {t:?} is not among the parent task's targets {:?}",
+                "target {t:?} is not among the targets {:?} of {of_parent}",
                 parent.targets
             ),
         ));
@@ -1953,7 +2025,7 @@ fn check_within_parent_scope(child: &Intent, parent: &Intent) -> Result<(), Task
         return Err(invalid(
             "intent.data_class",
             format!(
-                "{:?} differs from the parent task's data class {:?}",
+                "{:?} differs from the data class {:?} of {of_parent}",
                 child.data_class, parent.data_class
             ),
         ));
@@ -2382,6 +2454,7 @@ mod tests {
                 selectors: Vec::new(),
                 may_bind_any_pid: true,
                 may_bind_same_uid: true,
+                task_id: None,
             }
         }
 
@@ -3317,10 +3390,10 @@ mod tests {
             data_class: String::new(),
             ..Default::default()
         };
-        check_within_parent_scope(&narrower, &parent).unwrap();
+        check_within_parent_scope(&narrower, &parent, "parent task p").unwrap();
         let mut wider = narrower.clone();
         wider.tools.push("shell".into());
-        let err = check_within_parent_scope(&wider, &parent)
+        let err = check_within_parent_scope(&wider, &parent, "parent task p")
             .unwrap_err()
             .to_string();
         assert!(
@@ -3330,7 +3403,7 @@ mod tests {
         let mut other_target = narrower.clone();
         other_target.targets = vec!["prod-db".into()];
         assert!(
-            check_within_parent_scope(&other_target, &parent)
+            check_within_parent_scope(&other_target, &parent, "parent task p")
                 .unwrap_err()
                 .to_string()
                 .starts_with("intent.targets:")
@@ -3338,7 +3411,7 @@ mod tests {
         let mut other_class = narrower;
         other_class.data_class = "secret".into();
         assert!(
-            check_within_parent_scope(&other_class, &parent)
+            check_within_parent_scope(&other_class, &parent, "parent task p")
                 .unwrap_err()
                 .to_string()
                 .starts_with("intent.data_class:")

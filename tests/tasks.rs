@@ -1206,6 +1206,162 @@ async fn an_explicit_spiffe_id_must_lie_in_the_callers_lineage() {
     child.wait().unwrap();
 }
 
+/// A shell whose children run inside whatever task is bound to it: it runs
+/// each command line it is sent and answers with the line's output and
+/// exit status.
+struct TaskShell {
+    child: Child,
+    stdin: std::process::ChildStdin,
+    stdout: BufReader<std::process::ChildStdout>,
+}
+
+impl TaskShell {
+    fn spawn() -> TaskShell {
+        let mut child = Command::new("sh")
+            .args([
+                "-c",
+                r#"while IFS= read -r line; do eval "$line" 2>&1; echo "@@exit $?"; done"#,
+            ])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdin = child.stdin.take().unwrap();
+        let stdout = BufReader::new(child.stdout.take().unwrap());
+        TaskShell {
+            child,
+            stdin,
+            stdout,
+        }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Runs `line` in a child of the shell: (exit status, its output).
+    fn run(&mut self, line: &str) -> (i32, String) {
+        writeln!(self.stdin, "{line}").unwrap();
+        let mut out = String::new();
+        loop {
+            let mut l = String::new();
+            assert!(
+                self.stdout.read_line(&mut l).unwrap() > 0,
+                "the shell exited"
+            );
+            if let Some(status) = l.strip_prefix("@@exit ") {
+                return (status.trim().parse().unwrap(), out);
+            }
+            out.push_str(&l);
+        }
+    }
+}
+
+impl Drop for TaskShell {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A process working in a task begins sub-tasks of it, whether it names
+/// the task as parent or not. A probe's bound process, in a task for
+/// `search` on `internal` data for 5 minutes, began a task without
+/// `--parent` for `shell` on `secret` data for 55 minutes and got
+/// `.../task/t3/task/t3-esc`: wider than its task, and still active after
+/// the task ended.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_task_begun_from_inside_a_task_is_a_sub_task_of_it() {
+    let writ = Writ::start(&config(""));
+    let mut tasks = tasks_client(&writ).await;
+    let mut shell = TaskShell::spawn();
+    let mut target = Command::new("sleep").arg("60").spawn().unwrap();
+    let mut req = begin_pid("t3", shell.pid());
+    req.intent = Some(apb::Intent {
+        tools: vec!["search".into()],
+        targets: vec!["wiki".into()],
+        data_class: "internal".into(),
+        ..Default::default()
+    });
+    req.ttl = "5m".into();
+    let t3 = tasks.begin_task(req).await.unwrap().into_inner();
+    let begin = |args: &str| {
+        format!(
+            "{} task begin --admin-socket {} --pid {} {args}",
+            common::WRIT,
+            admin_socket(&writ).display(),
+            target.id()
+        )
+    };
+
+    for (args, field) in [
+        ("--id esc --tool shell", "intent.tools"),
+        ("--id esc --target prod-db", "intent.targets"),
+        (
+            "--id esc --tool search --data-class secret",
+            "intent.data_class",
+        ),
+        ("--id esc --tool search --ttl 55m", "ttl"),
+    ] {
+        let (status, out) = shell.run(&begin(args));
+        assert_ne!(status, 0, "{args}: began {out}");
+        assert!(
+            out.contains("InvalidArgument")
+                && out.contains(&format!("{field}:"))
+                && out.contains("task t3 (the caller works in it"),
+            "{args}: {out}"
+        );
+    }
+    // An explicit identity lies below the task's, not merely below the
+    // orchestrator's.
+    let (status, out) = shell.run(&begin(&format!(
+        "--id esc --tool search --spiffe-id {ORCH_ID}/elsewhere"
+    )));
+    assert_ne!(status, 0, "began {out}");
+    assert!(
+        out.contains("PermissionDenied") && out.contains("outside the caller's lineage"),
+        "{out}"
+    );
+    let (status, out) = shell.run(&begin("--id sub --tool search"));
+    assert_eq!(status, 0, "{out}");
+    let (status, out) = shell.run(&begin(&format!(
+        "--id named --spiffe-id {}/step-2",
+        t3.spiffe_id
+    )));
+    assert_eq!(status, 0, "{out}");
+    let sub = get_task(&mut tasks, "sub").await;
+    assert_eq!(sub.parent_task_id, "t3");
+    assert_eq!(sub.spiffe_id, format!("{}/task/sub", t3.spiffe_id));
+    assert_eq!(sub.orchestrator_spiffe_id, t3.spiffe_id);
+    assert!(sub.expires_at <= t3.expires_at, "{sub:?}");
+    assert_eq!(sub.intent.unwrap().data_class, "internal");
+    assert_eq!(get_task(&mut tasks, "named").await.parent_task_id, "t3");
+    let esc = tasks
+        .get_task(apb::GetTaskRequest {
+            task_id: "esc".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(esc.code(), Code::NotFound, "{esc:?}");
+
+    // They end with it.
+    tasks.end_task(end_req("t3")).await.unwrap();
+    for id in ["sub", "named"] {
+        let t = get_task(&mut tasks, id).await;
+        assert_eq!(t.completion_reason, "parent_completed", "{id}: {t:?}");
+    }
+    // Out of the task, the shell's begins are its orchestrator's own again.
+    let (status, out) = shell.run(&begin("--id after --tool shell"));
+    assert_eq!(status, 0, "{out}");
+    let after = get_task(&mut tasks, "after").await;
+    assert_eq!(
+        (after.parent_task_id.as_str(), after.spiffe_id.as_str()),
+        ("", format!("{ORCH_ID}/task/after").as_str())
+    );
+    target.kill().unwrap();
+    target.wait().unwrap();
+}
+
 /// No two active tasks hold one SPIFFE ID, and no task holds an ID below
 /// an active task's unless it is a sub-task of it. A probe began `t7` with
 /// `t6`'s ID while `t6` was active (ending `t6` left `t7`'s certificate for
