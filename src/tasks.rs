@@ -694,6 +694,10 @@ impl TaskManager {
         }
         if let Some(parent) = &parent {
             check_within_parent_scope(&req.intent, &parent.intent, &of_parent(parent))?;
+            // Its parent's attributes are a sub-task's too: a sub-task may
+            // add keys, never change one (an approval its parent waits
+            // for, a ticket it works on), and Issue* policies see them.
+            inherit_attributes(&mut req.intent, &parent.intent, &of_parent(parent))?;
             // Work done for a task handles its data: a sub-task that names
             // no data class has its parent's, so policy and relying parties
             // never read an unlabelled sub-task as less restricted.
@@ -2027,6 +2031,53 @@ fn check_within_parent_scope(
             format!(
                 "{:?} differs from the data class {:?} of {of_parent}",
                 child.data_class, parent.data_class
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Gives a sub-task its parent's attributes beside its own: it may add
+/// keys, and repeat a parent's key with the same value, but not change
+/// one. The merged set is bounded like any task's.
+fn inherit_attributes(
+    child: &mut Intent,
+    parent: &Intent,
+    of_parent: &str,
+) -> Result<(), TaskError> {
+    // Values are up to 1 KiB each: a refusal shows their start.
+    let shown = |v: &str| {
+        let mut s: String = v.chars().take(64).collect();
+        if s.len() < v.len() {
+            s.push('…');
+        }
+        s
+    };
+    for (key, value) in &parent.attributes {
+        match child.attributes.get(key) {
+            Some(own) if own != value => {
+                return Err(invalid(
+                    "intent.attributes",
+                    format!(
+                        "attribute {:?} is {:?} in {of_parent} and may not be changed (asked for {:?}); a sub-task inherits its parent's attributes and may only add new keys",
+                        shown(key),
+                        shown(value),
+                        shown(own)
+                    ),
+                ));
+            }
+            Some(_) => {}
+            None => {
+                child.attributes.insert(key.clone(), value.clone());
+            }
+        }
+    }
+    if child.attributes.len() > MAX_INTENT_ITEMS {
+        return Err(invalid(
+            "intent.attributes",
+            format!(
+                "more than {MAX_INTENT_ITEMS} entries with the {} inherited from {of_parent}",
+                parent.attributes.len()
             ),
         ));
     }
@@ -3374,6 +3425,36 @@ mod tests {
                 "{err}"
             );
         }
+    }
+
+    #[test]
+    fn a_sub_task_keeps_its_parents_attributes_within_the_bound() {
+        let attrs = |range: std::ops::Range<usize>| Intent {
+            attributes: range.map(|n| (format!("k{n}"), "v".to_owned())).collect(),
+            ..Default::default()
+        };
+        let parent = attrs(0..40);
+        let mut child = attrs(30..60);
+        inherit_attributes(&mut child, &parent, "parent task p").unwrap();
+        assert_eq!(child.attributes.len(), 60);
+        // Each within the bound, but not together.
+        let mut child = attrs(30..70);
+        let err = inherit_attributes(&mut child, &parent, "parent task p")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("intent.attributes:") && err.contains("40 inherited"),
+            "{err}"
+        );
+        // A long value is shown by its start.
+        let mut parent = Intent::default();
+        parent.attributes.insert("k".into(), "x".repeat(1000));
+        let mut child = Intent::default();
+        child.attributes.insert("k".into(), "y".repeat(1000));
+        let err = inherit_attributes(&mut child, &parent, "parent task p")
+            .unwrap_err()
+            .to_string();
+        assert!(err.len() < 500 && err.contains('…'), "{err}");
     }
 
     #[test]

@@ -1464,6 +1464,85 @@ async fn no_active_task_takes_anothers_identity_or_one_below_it() {
     sleeper.wait().unwrap();
 }
 
+/// A sub-task has its parent's attributes: it may add keys, and repeat
+/// one with the same value, but not change one. A probe's sub-task of a
+/// task with `approval=pending` declared `approval=granted`.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_sub_task_inherits_its_parents_attributes_and_may_only_add_keys() {
+    let writ = Writ::start(&config(""));
+    let mut tasks = tasks_client(&writ).await;
+    let mut sleeper = Command::new("sleep").arg("60").spawn().unwrap();
+    let with = |id: &str, parent: &str, attributes: &[(&str, &str)]| {
+        let mut req = begin_pid(id, sleeper.id());
+        req.parent_task_id = parent.into();
+        req.intent.as_mut().unwrap().attributes = attributes
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        req
+    };
+    let attributes = |t: apb::Task| {
+        let mut a: Vec<(String, String)> = t.intent.unwrap().attributes.into_iter().collect();
+        a.sort();
+        a
+    };
+    let pairs = |a: &[(&str, &str)]| -> Vec<(String, String)> {
+        a.iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    };
+    tasks
+        .begin_task(with(
+            "t9",
+            "",
+            &[("approval", "pending"), ("ticket", "OPS-1")],
+        ))
+        .await
+        .unwrap();
+    let err = tasks
+        .begin_task(with(
+            "t9s",
+            "t9",
+            &[("approval", "granted"), ("ticket", "OPS-999")],
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(
+        err.message().starts_with("intent.attributes:")
+            && err.message().contains(r#""approval" is "pending""#)
+            && err.message().contains(r#""granted""#),
+        "{err:?}"
+    );
+    let added = tasks
+        .begin_task(with("t9s", "t9", &[("approval", "pending"), ("step", "2")]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        attributes(added),
+        pairs(&[("approval", "pending"), ("step", "2"), ("ticket", "OPS-1")])
+    );
+    let none = tasks
+        .begin_task(with("t9u", "t9", &[]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        attributes(none),
+        pairs(&[("approval", "pending"), ("ticket", "OPS-1")])
+    );
+    // A grandchild has them all, and is held to its parent's additions.
+    let err = tasks
+        .begin_task(with("t9g", "t9s", &[("step", "3")]))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("parent task t9s"), "{err:?}");
+    sleeper.kill().unwrap();
+    sleeper.wait().unwrap();
+}
+
 /// An authorized caller that did not begin a task, and does not work in
 /// it, may neither begin sub-tasks of it nor end it: it could otherwise
 /// hand out identities in another orchestrator's lineage
