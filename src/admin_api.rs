@@ -97,11 +97,15 @@ pub fn task_status(e: TaskError) -> Status {
     match e {
         TaskError::Invalid { .. } => Status::invalid_argument(e.to_string()),
         TaskError::NotFound(_) => Status::not_found(e.to_string()),
-        TaskError::AlreadyExists(_) => Status::already_exists(e.to_string()),
-        TaskError::ParentCompleted(_) => Status::failed_precondition(e.to_string()),
-        TaskError::PermissionDenied(_) | TaskError::PolicyDenied(_) => {
-            Status::permission_denied(e.to_string())
+        TaskError::AlreadyExists(_) | TaskError::IdentityTaken { .. } => {
+            Status::already_exists(e.to_string())
         }
+        TaskError::ParentCompleted(_) | TaskError::CallerTaskCompleted(_) => {
+            Status::failed_precondition(e.to_string())
+        }
+        TaskError::PermissionDenied(_)
+        | TaskError::PolicyDenied(_)
+        | TaskError::IdentityBelowTask { .. } => Status::permission_denied(e.to_string()),
         // Asking again does not mend a damaged record, so not Unavailable.
         TaskError::Store(crate::store::StoreError::Corrupt(_)) => Status::data_loss(e.to_string()),
         TaskError::Store(_) | TaskError::Audit(_) | TaskError::Unavailable(_) => {
@@ -310,17 +314,21 @@ impl pb::tasks_server::Tasks for TasksService {
         let ctx = &self.0;
         let admin = ctx.authorize(&request)?;
         let req = begin_request(request.into_inner())?;
-        // The orchestrator's own identity is its default Workload API identity.
+        // The orchestrator's own identity is its default Workload API
+        // identity. When that is a task's (the caller works in the task;
+        // inside several, the first of them), what it begins is a sub-task
+        // of that task.
         let attestation = &admin.attestation;
-        let own_id = ctx
+        let (own_id, own_task) = ctx
             .agent
             .entitlements(attestation)
             .into_iter()
             .next()
-            .map(|e| e.spiffe_id);
+            .map_or((None, None), |e| (Some(e.spiffe_id), e.task_id));
         let orchestrator = Orchestrator {
             process: admin.caller.process.clone(),
             spiffe_id: own_id,
+            task_id: own_task,
             uid: attestation.snapshot.uid,
             selectors: attestation
                 .selectors

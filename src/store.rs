@@ -34,7 +34,7 @@ pub enum StoreError {
 
 /// The most jobs one transaction takes; bounds how long any one waits.
 const MAX_BATCH: usize = 256;
-const SCHEMA_VERSION: i64 = 3;
+const SCHEMA_VERSION: i64 = 4;
 
 /// A unit of work for the writer. Given the open transaction (or the reason
 /// there is none), it runs its SQL inside its own savepoint and returns
@@ -431,6 +431,21 @@ fn migrate(conn: &Connection) -> Result<(), StoreError> {
             "#,
         )?;
     }
+    if version < 4 {
+        // Active tasks by SPIFFE ID: a task begins only if no active task
+        // holds its ID or an ID above it outside its own lineage, looked
+        // up once per path segment in the writer's transaction. Partial:
+        // a completed task leaves it, and only active tasks are asked for.
+        conn.execute_batch(
+            r#"
+            BEGIN;
+            CREATE INDEX tasks_active_by_spiffe_id ON tasks(spiffe_id)
+                WHERE completed_at IS NULL;
+            PRAGMA user_version = 4;
+            COMMIT;
+            "#,
+        )?;
+    }
     Ok(())
 }
 
@@ -777,7 +792,8 @@ mod tests {
             store.close();
             let conn = Connection::open(&path).unwrap();
             conn.execute_batch(
-                "DROP TABLE federated_bundles; DROP INDEX tasks_by_parent; PRAGMA user_version = 1;",
+                "DROP TABLE federated_bundles; DROP INDEX tasks_by_parent;
+                 DROP INDEX tasks_active_by_spiffe_id; PRAGMA user_version = 1;",
             )
             .unwrap();
         }
@@ -789,7 +805,8 @@ mod tests {
                     read_counter(c, "bundle_sequence")?,
                     c.query_row("SELECT COUNT(*) FROM federated_bundles", [], |r| r.get(0))?,
                     c.query_row(
-                        "SELECT COUNT(*) FROM sqlite_master WHERE type = 'index' AND name = 'tasks_by_parent'",
+                        "SELECT COUNT(*) FROM sqlite_master WHERE type = 'index'
+                         AND name IN ('tasks_by_parent', 'tasks_active_by_spiffe_id')",
                         [],
                         |r| r.get(0),
                     )?,
@@ -798,7 +815,7 @@ mod tests {
             .unwrap();
         assert_eq!(
             (version, sequence, rows, indexes),
-            (SCHEMA_VERSION, 2, 0, 1)
+            (SCHEMA_VERSION, 2, 0, 2)
         );
     }
 

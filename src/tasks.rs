@@ -33,6 +33,26 @@ pub enum TaskError {
     AlreadyExists(String),
     #[error("parent_task_id: task {0} has completed")]
     ParentCompleted(String),
+    /// The caller works in a task (its default identity is the task's), so
+    /// what it begins is a sub-task of that task; and that task has ended.
+    #[error(
+        "the caller works in task {0}, which has completed: a task begun from inside a task is a sub-task of it"
+    )]
+    CallerTaskCompleted(String),
+    /// Two active tasks never share an identity: each one's certificates,
+    /// its revocation and who may act on it are told apart by it.
+    #[error("spiffe_id: {spiffe_id} is already the identity of active task {task}")]
+    IdentityTaken { spiffe_id: String, task: String },
+    /// An identity below an active task's reads as one of its sub-tasks,
+    /// so only a sub-task of it (or of a task below it) may hold one.
+    #[error(
+        "spiffe_id: {spiffe_id} lies below {task_spiffe_id}, the identity of active task {task}; only a sub-task of {task} may hold an identity below it (begin it with parent_task_id {task})"
+    )]
+    IdentityBelowTask {
+        spiffe_id: String,
+        task: String,
+        task_spiffe_id: String,
+    },
     #[error("{0}")]
     PermissionDenied(String),
     #[error("store: {0}")]
@@ -73,6 +93,19 @@ fn task_row_writer(
                 return Ok(Err(TaskError::ParentCompleted(parent.clone())));
             }
         }
+        // Asked before the identity below, so that a task id asked for
+        // again is reported as such, not as its own identity in use.
+        let id_taken = conn
+            .prepare_cached("SELECT 1 FROM tasks WHERE task_id = ?1")?
+            .exists(params![t.id])?;
+        if id_taken {
+            return Ok(Err(TaskError::AlreadyExists(t.id.clone())));
+        }
+        // In the same transaction as the insert, in the store's one writer:
+        // two begins racing for one identity cannot both find it free.
+        if let Some(refused) = identity_conflict(conn, &t)? {
+            return Ok(Err(refused));
+        }
         let inserted = conn
             .prepare_cached(
                 "INSERT OR IGNORE INTO tasks(task_id, spiffe_id, parent_task_id, record, created_at, expires_at)
@@ -95,6 +128,69 @@ fn task_row_writer(
 
 /// A task row's insert: a store failure, or the task's own refusal.
 type TaskRowOutcome = Result<Result<(), TaskError>, StoreError>;
+
+/// Why `task` may not take its SPIFFE ID, if it may not: the ID is that of
+/// an active task (two live tasks would share certificates' subject, and
+/// whoever holds one could act on the other), or lies below the ID of an
+/// active task that is neither its parent nor one of that parent's
+/// ancestors (it would pass for a sub-task of a task it is not under, and
+/// escape that task's scope and its end). Completed tasks do not count:
+/// their certificates are revoked. Looks up the ID and each of its
+/// ancestors' paths in the index of active tasks' IDs, so the cost grows
+/// with the ID's depth, not with the number of tasks.
+fn identity_conflict(
+    conn: &rusqlite::Connection,
+    task: &Task,
+) -> Result<Option<TaskError>, StoreError> {
+    // The parent and its ancestors, as the store has them: an identity
+    // below theirs is what a sub-task has.
+    let mut lineage = std::collections::HashSet::new();
+    let mut next = task.parent_id.clone();
+    while let Some(id) = next {
+        if !lineage.insert(id.clone()) {
+            break;
+        }
+        next = conn
+            .prepare_cached("SELECT parent_task_id FROM tasks WHERE task_id = ?1")?
+            .query_row(params![id], |r| r.get::<_, Option<String>>(0))
+            .optional()?
+            .flatten();
+    }
+    let full = task.spiffe_id.to_string();
+    let base_len = full.len() - task.spiffe_id.path().len();
+    // Every "/" after the trust domain ends an ancestor's path; the whole
+    // ID last.
+    let ends = full[base_len..]
+        .match_indices('/')
+        .map(|(at, _)| base_len + at)
+        .filter(|end| *end > base_len)
+        .chain(std::iter::once(full.len()));
+    let mut holders = conn.prepare_cached(
+        "SELECT task_id FROM tasks WHERE spiffe_id = ?1 AND completed_at IS NULL",
+    )?;
+    for end in ends {
+        let prefix = &full[..end];
+        let owners = holders
+            .query_map(params![prefix], |r| r.get::<_, String>(0))?
+            .collect::<Result<Vec<_>, _>>()?;
+        for owner in owners {
+            if end == full.len() {
+                return Ok(Some(TaskError::IdentityTaken {
+                    spiffe_id: full,
+                    task: owner,
+                }));
+            }
+            if !lineage.contains(&owner) {
+                return Ok(Some(TaskError::IdentityBelowTask {
+                    spiffe_id: full.clone(),
+                    task: owner,
+                    task_spiffe_id: prefix.to_owned(),
+                }));
+            }
+        }
+    }
+    Ok(None)
+}
 
 fn invalid(field: &'static str, reason: impl Into<String>) -> TaskError {
     TaskError::Invalid {
@@ -268,6 +364,9 @@ pub struct Orchestrator {
     pub may_bind_any_pid: bool,
     /// May bind processes running under its own uid.
     pub may_bind_same_uid: bool,
+    /// The active task the caller works in, when its default identity is
+    /// that task's: a task it begins is then a sub-task of this one.
+    pub task_id: Option<String>,
 }
 
 /// Whether a caller may delegate from `task` or end it: the task's own
@@ -517,9 +616,54 @@ impl TaskManager {
         };
         validate_intent(&req.intent)?;
 
+        // A process working in a task begins sub-tasks of it, whether it
+        // names the task or not: as a task of its own, derived from its own
+        // identity (the task's), what it began would read as a sub-task
+        // while escaping the task's scope, its TTL and its end.
+        let implicit_parent = match (&req.parent_task_id, &caller.task_id) {
+            (None, Some(own)) => {
+                req.parent_task_id = Some(own.clone());
+                Some(own.clone())
+            }
+            _ => None,
+        };
+        let begun = self
+            .begin_checked(req, caller, id, now, implicit_parent.is_some())
+            .await;
+        match (begun, implicit_parent) {
+            (Err(TaskError::ParentCompleted(p)), Some(own)) if p == own => {
+                Err(TaskError::CallerTaskCompleted(own))
+            }
+            (begun, _) => begun,
+        }
+    }
+
+    /// `begin_issuing` once the task's id is chosen and its parent is in the
+    /// request; `implicit`: the caller did not name it (it is the caller's
+    /// own task).
+    async fn begin_checked(
+        self: &Arc<Self>,
+        mut req: BeginRequest,
+        caller: &Orchestrator,
+        id: String,
+        now: SystemTime,
+        implicit: bool,
+    ) -> Result<(Arc<Task>, Vec<String>), TaskError> {
         let parent = match &req.parent_task_id {
             Some(pid) => Some(self.active_parent(pid).await?),
             None => None,
+        };
+        // Names the parent in refusals; one the caller did not name is
+        // said to be the caller's own task.
+        let of_parent = |p: &Task| {
+            if implicit {
+                format!(
+                    "task {} (the caller works in it, so the new task is its sub-task)",
+                    p.id
+                )
+            } else {
+                format!("parent task {}", p.id)
+            }
         };
         if let Some(parent) = &parent
             && !may_act_on(
@@ -539,13 +683,21 @@ impl TaskManager {
             return Err(invalid(
                 "parent_task_id",
                 format!(
-                    "sub-task depth {depth} exceeds the limit of {}",
-                    self.limits.max_depth
+                    "sub-task depth {depth} exceeds the limit of {}{}",
+                    self.limits.max_depth,
+                    parent
+                        .as_ref()
+                        .filter(|_| implicit)
+                        .map_or(String::new(), |p| format!(" under {}", of_parent(p)))
                 ),
             ));
         }
         if let Some(parent) = &parent {
-            check_within_parent_scope(&req.intent, &parent.intent)?;
+            check_within_parent_scope(&req.intent, &parent.intent, &of_parent(parent))?;
+            // Its parent's attributes are a sub-task's too: a sub-task may
+            // add keys, never change one (an approval its parent waits
+            // for, a ticket it works on), and Issue* policies see them.
+            inherit_attributes(&mut req.intent, &parent.intent, &of_parent(parent))?;
             // Work done for a task handles its data: a sub-task that names
             // no data class has its parent's, so policy and relying parties
             // never read an unlabelled sub-task as less restricted.
@@ -559,7 +711,10 @@ impl TaskManager {
             {
                 return Err(invalid(
                     "federates_with",
-                    format!("{td} is not among the parent task's federated trust domains"),
+                    format!(
+                        "{td} is not among the federated trust domains of {}",
+                        of_parent(parent)
+                    ),
                 ));
             }
         }
@@ -598,7 +753,10 @@ impl TaskManager {
         let mut expires_at = now + ttl;
         if let Some(parent) = &parent {
             if req.ttl.is_some() && expires_at > parent.expires_at {
-                return Err(invalid("ttl", "a sub-task cannot outlive its parent task"));
+                return Err(invalid(
+                    "ttl",
+                    format!("a sub-task cannot outlive {}", of_parent(parent)),
+                ));
             }
             expires_at = expires_at.min(parent.expires_at);
         }
@@ -639,9 +797,12 @@ impl TaskManager {
                 if !within && !caller.may_bind_any_pid {
                     return Err(TaskError::PermissionDenied(format!(
                         "spiffe_id {explicit} is outside the caller's lineage ({}); only a caller allowed bind_any_pid may name any identity",
-                        lineage.map_or("the caller holds no SPIFFE ID".to_owned(), |l| format!(
-                            "below {l}"
-                        ))
+                        match (&parent, lineage) {
+                            (Some(p), Some(l)) =>
+                                format!("below {l}, the identity of {}", of_parent(p)),
+                            (None, Some(l)) => format!("below {l}"),
+                            (_, None) => "the caller holds no SPIFFE ID".to_owned(),
+                        }
                     )));
                 }
                 explicit.clone()
@@ -1839,13 +2000,18 @@ fn thread_group_of(tid: i32) -> Option<i32> {
         .and_then(|v| v.trim().parse().ok())
 }
 
-/// A sub-task may narrow its parent's scope, never widen it.
-fn check_within_parent_scope(child: &Intent, parent: &Intent) -> Result<(), TaskError> {
+/// A sub-task may narrow its parent's scope, never widen it. `of_parent`
+/// names the parent in a refusal ("parent task t-1").
+fn check_within_parent_scope(
+    child: &Intent,
+    parent: &Intent,
+    of_parent: &str,
+) -> Result<(), TaskError> {
     if let Some(t) = child.tools.iter().find(|t| !parent.tools.contains(t)) {
         return Err(invalid(
             "intent.tools",
             format!(
-                "tool {t:?} is not among the parent task's tools {:?}",
+                "tool {t:?} is not among the tools {:?} of {of_parent}",
                 parent.tools
             ),
         ));
@@ -1854,7 +2020,7 @@ fn check_within_parent_scope(child: &Intent, parent: &Intent) -> Result<(), Task
         return Err(invalid(
             "intent.targets",
             format!(
-                "target {t:?} is not among the parent task's targets {:?}",
+                "target {t:?} is not among the targets {:?} of {of_parent}",
                 parent.targets
             ),
         ));
@@ -1863,8 +2029,55 @@ fn check_within_parent_scope(child: &Intent, parent: &Intent) -> Result<(), Task
         return Err(invalid(
             "intent.data_class",
             format!(
-                "{:?} differs from the parent task's data class {:?}",
+                "{:?} differs from the data class {:?} of {of_parent}",
                 child.data_class, parent.data_class
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Gives a sub-task its parent's attributes beside its own: it may add
+/// keys, and repeat a parent's key with the same value, but not change
+/// one. The merged set is bounded like any task's.
+fn inherit_attributes(
+    child: &mut Intent,
+    parent: &Intent,
+    of_parent: &str,
+) -> Result<(), TaskError> {
+    // Values are up to 1 KiB each: a refusal shows their start.
+    let shown = |v: &str| {
+        let mut s: String = v.chars().take(64).collect();
+        if s.len() < v.len() {
+            s.push('…');
+        }
+        s
+    };
+    for (key, value) in &parent.attributes {
+        match child.attributes.get(key) {
+            Some(own) if own != value => {
+                return Err(invalid(
+                    "intent.attributes",
+                    format!(
+                        "attribute {:?} is {:?} in {of_parent} and may not be changed (asked for {:?}); a sub-task inherits its parent's attributes and may only add new keys",
+                        shown(key),
+                        shown(value),
+                        shown(own)
+                    ),
+                ));
+            }
+            Some(_) => {}
+            None => {
+                child.attributes.insert(key.clone(), value.clone());
+            }
+        }
+    }
+    if child.attributes.len() > MAX_INTENT_ITEMS {
+        return Err(invalid(
+            "intent.attributes",
+            format!(
+                "more than {MAX_INTENT_ITEMS} entries with the {} inherited from {of_parent}",
+                parent.attributes.len()
             ),
         ));
     }
@@ -2292,6 +2505,7 @@ mod tests {
                 selectors: Vec::new(),
                 may_bind_any_pid: true,
                 may_bind_same_uid: true,
+                task_id: None,
             }
         }
 
@@ -3214,6 +3428,36 @@ mod tests {
     }
 
     #[test]
+    fn a_sub_task_keeps_its_parents_attributes_within_the_bound() {
+        let attrs = |range: std::ops::Range<usize>| Intent {
+            attributes: range.map(|n| (format!("k{n}"), "v".to_owned())).collect(),
+            ..Default::default()
+        };
+        let parent = attrs(0..40);
+        let mut child = attrs(30..60);
+        inherit_attributes(&mut child, &parent, "parent task p").unwrap();
+        assert_eq!(child.attributes.len(), 60);
+        // Each within the bound, but not together.
+        let mut child = attrs(30..70);
+        let err = inherit_attributes(&mut child, &parent, "parent task p")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("intent.attributes:") && err.contains("40 inherited"),
+            "{err}"
+        );
+        // A long value is shown by its start.
+        let mut parent = Intent::default();
+        parent.attributes.insert("k".into(), "x".repeat(1000));
+        let mut child = Intent::default();
+        child.attributes.insert("k".into(), "y".repeat(1000));
+        let err = inherit_attributes(&mut child, &parent, "parent task p")
+            .unwrap_err()
+            .to_string();
+        assert!(err.len() < 500 && err.contains('…'), "{err}");
+    }
+
+    #[test]
     fn sub_task_scope_cannot_widen() {
         let parent = Intent {
             tools: vec!["jira".into(), "search".into()],
@@ -3227,10 +3471,10 @@ mod tests {
             data_class: String::new(),
             ..Default::default()
         };
-        check_within_parent_scope(&narrower, &parent).unwrap();
+        check_within_parent_scope(&narrower, &parent, "parent task p").unwrap();
         let mut wider = narrower.clone();
         wider.tools.push("shell".into());
-        let err = check_within_parent_scope(&wider, &parent)
+        let err = check_within_parent_scope(&wider, &parent, "parent task p")
             .unwrap_err()
             .to_string();
         assert!(
@@ -3240,7 +3484,7 @@ mod tests {
         let mut other_target = narrower.clone();
         other_target.targets = vec!["prod-db".into()];
         assert!(
-            check_within_parent_scope(&other_target, &parent)
+            check_within_parent_scope(&other_target, &parent, "parent task p")
                 .unwrap_err()
                 .to_string()
                 .starts_with("intent.targets:")
@@ -3248,7 +3492,7 @@ mod tests {
         let mut other_class = narrower;
         other_class.data_class = "secret".into();
         assert!(
-            check_within_parent_scope(&other_class, &parent)
+            check_within_parent_scope(&other_class, &parent, "parent task p")
                 .unwrap_err()
                 .to_string()
                 .starts_with("intent.data_class:")

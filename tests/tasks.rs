@@ -1206,6 +1206,343 @@ async fn an_explicit_spiffe_id_must_lie_in_the_callers_lineage() {
     child.wait().unwrap();
 }
 
+/// A shell whose children run inside whatever task is bound to it: it runs
+/// each command line it is sent and answers with the line's output and
+/// exit status.
+struct TaskShell {
+    child: Child,
+    stdin: std::process::ChildStdin,
+    stdout: BufReader<std::process::ChildStdout>,
+}
+
+impl TaskShell {
+    fn spawn() -> TaskShell {
+        let mut child = Command::new("sh")
+            .args([
+                "-c",
+                r#"while IFS= read -r line; do eval "$line" 2>&1; echo "@@exit $?"; done"#,
+            ])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdin = child.stdin.take().unwrap();
+        let stdout = BufReader::new(child.stdout.take().unwrap());
+        TaskShell {
+            child,
+            stdin,
+            stdout,
+        }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Runs `line` in a child of the shell: (exit status, its output).
+    fn run(&mut self, line: &str) -> (i32, String) {
+        writeln!(self.stdin, "{line}").unwrap();
+        let mut out = String::new();
+        loop {
+            let mut l = String::new();
+            assert!(
+                self.stdout.read_line(&mut l).unwrap() > 0,
+                "the shell exited"
+            );
+            if let Some(status) = l.strip_prefix("@@exit ") {
+                return (status.trim().parse().unwrap(), out);
+            }
+            out.push_str(&l);
+        }
+    }
+}
+
+impl Drop for TaskShell {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A process working in a task begins sub-tasks of it, whether it names
+/// the task as parent or not. A probe's bound process, in a task for
+/// `search` on `internal` data for 5 minutes, began a task without
+/// `--parent` for `shell` on `secret` data for 55 minutes and got
+/// `.../task/t3/task/t3-esc`: wider than its task, and still active after
+/// the task ended.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_task_begun_from_inside_a_task_is_a_sub_task_of_it() {
+    let writ = Writ::start(&config(""));
+    let mut tasks = tasks_client(&writ).await;
+    let mut shell = TaskShell::spawn();
+    let mut target = Command::new("sleep").arg("60").spawn().unwrap();
+    let mut req = begin_pid("t3", shell.pid());
+    req.intent = Some(apb::Intent {
+        tools: vec!["search".into()],
+        targets: vec!["wiki".into()],
+        data_class: "internal".into(),
+        ..Default::default()
+    });
+    req.ttl = "5m".into();
+    let t3 = tasks.begin_task(req).await.unwrap().into_inner();
+    let begin = |args: &str| {
+        format!(
+            "{} task begin --admin-socket {} --pid {} {args}",
+            common::WRIT,
+            admin_socket(&writ).display(),
+            target.id()
+        )
+    };
+
+    for (args, field) in [
+        ("--id esc --tool shell", "intent.tools"),
+        ("--id esc --target prod-db", "intent.targets"),
+        (
+            "--id esc --tool search --data-class secret",
+            "intent.data_class",
+        ),
+        ("--id esc --tool search --ttl 55m", "ttl"),
+    ] {
+        let (status, out) = shell.run(&begin(args));
+        assert_ne!(status, 0, "{args}: began {out}");
+        assert!(
+            out.contains("InvalidArgument")
+                && out.contains(&format!("{field}:"))
+                && out.contains("task t3 (the caller works in it"),
+            "{args}: {out}"
+        );
+    }
+    // An explicit identity lies below the task's, not merely below the
+    // orchestrator's.
+    let (status, out) = shell.run(&begin(&format!(
+        "--id esc --tool search --spiffe-id {ORCH_ID}/elsewhere"
+    )));
+    assert_ne!(status, 0, "began {out}");
+    assert!(
+        out.contains("PermissionDenied") && out.contains("outside the caller's lineage"),
+        "{out}"
+    );
+    let (status, out) = shell.run(&begin("--id sub --tool search"));
+    assert_eq!(status, 0, "{out}");
+    let (status, out) = shell.run(&begin(&format!(
+        "--id named --spiffe-id {}/step-2",
+        t3.spiffe_id
+    )));
+    assert_eq!(status, 0, "{out}");
+    let sub = get_task(&mut tasks, "sub").await;
+    assert_eq!(sub.parent_task_id, "t3");
+    assert_eq!(sub.spiffe_id, format!("{}/task/sub", t3.spiffe_id));
+    assert_eq!(sub.orchestrator_spiffe_id, t3.spiffe_id);
+    assert!(sub.expires_at <= t3.expires_at, "{sub:?}");
+    assert_eq!(sub.intent.unwrap().data_class, "internal");
+    assert_eq!(get_task(&mut tasks, "named").await.parent_task_id, "t3");
+    let esc = tasks
+        .get_task(apb::GetTaskRequest {
+            task_id: "esc".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(esc.code(), Code::NotFound, "{esc:?}");
+
+    // They end with it.
+    tasks.end_task(end_req("t3")).await.unwrap();
+    for id in ["sub", "named"] {
+        let t = get_task(&mut tasks, id).await;
+        assert_eq!(t.completion_reason, "parent_completed", "{id}: {t:?}");
+    }
+    // Out of the task, the shell's begins are its orchestrator's own again.
+    let (status, out) = shell.run(&begin("--id after --tool shell"));
+    assert_eq!(status, 0, "{out}");
+    let after = get_task(&mut tasks, "after").await;
+    assert_eq!(
+        (after.parent_task_id.as_str(), after.spiffe_id.as_str()),
+        ("", format!("{ORCH_ID}/task/after").as_str())
+    );
+    target.kill().unwrap();
+    target.wait().unwrap();
+}
+
+/// No two active tasks hold one SPIFFE ID, and no task holds an ID below
+/// an active task's unless it is a sub-task of it. A probe began `t7` with
+/// `t6`'s ID while `t6` was active (ending `t6` left `t7`'s certificate for
+/// that ID valid, and `t7`'s processes could end `t6`), and `t8` with
+/// `.../task/t6/task/fake-sub` without being a sub-task of `t6`.
+#[tokio::test(flavor = "multi_thread")]
+async fn no_active_task_takes_anothers_identity_or_one_below_it() {
+    let writ = Writ::start(&config(""));
+    let mut tasks = tasks_client(&writ).await;
+    let mut sleeper = Command::new("sleep").arg("60").spawn().unwrap();
+    let pid = sleeper.id();
+    let explicit = move |id: &str, spiffe_id: &str, parent: &str| apb::BeginTaskRequest {
+        spiffe_id: spiffe_id.into(),
+        parent_task_id: parent.into(),
+        ..begin_pid(id, pid)
+    };
+    let t6 = tasks
+        .begin_task(begin_pid("t6", pid))
+        .await
+        .unwrap()
+        .into_inner();
+    let t6_id = t6.spiffe_id.clone();
+
+    let err = tasks
+        .begin_task(explicit("t7", &t6_id, ""))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::AlreadyExists, "{err:?}");
+    assert!(
+        err.message().starts_with("spiffe_id:") && err.message().contains("active task t6"),
+        "{err:?}"
+    );
+    let fake = format!("{t6_id}/task/fake-sub");
+    let err = tasks
+        .begin_task(explicit("t8", &fake, ""))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    assert!(
+        err.message().contains("active task t6") && err.message().contains("parent_task_id t6"),
+        "{err:?}"
+    );
+    // As a sub-task of t6 it may; below a sibling it may not, below its
+    // own parent and grandparent it may.
+    let real = format!("{t6_id}/task/real-sub");
+    tasks.begin_task(explicit("t8", &real, "t6")).await.unwrap();
+    let deeper = format!("{real}/deeper");
+    let err = tasks
+        .begin_task(explicit("t9", &deeper, "t6"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    assert!(err.message().contains("active task t8"), "{err:?}");
+    tasks
+        .begin_task(explicit("t9", &deeper, "t8"))
+        .await
+        .unwrap();
+
+    // An identity derived from a task id collides like a named one.
+    tasks
+        .begin_task(explicit("x10", &format!("{ORCH_ID}/task/t10"), ""))
+        .await
+        .unwrap();
+    let err = tasks.begin_task(begin_pid("t10", pid)).await.unwrap_err();
+    assert_eq!(err.code(), Code::AlreadyExists, "{err:?}");
+    assert!(err.message().contains("active task x10"), "{err:?}");
+    // A task id asked for again is still reported as such.
+    let err = tasks.begin_task(begin_pid("t6", pid)).await.unwrap_err();
+    assert_eq!(err.code(), Code::AlreadyExists, "{err:?}");
+    assert_eq!(err.message(), "task t6 already exists");
+
+    // Begins racing for one identity: exactly one has it.
+    let racing = format!("{ORCH_ID}/race");
+    let racers: Vec<_> = (0..8)
+        .map(|n| {
+            let mut tasks = tasks.clone();
+            let req = explicit(&format!("race-{n}"), &racing, "");
+            tokio::spawn(async move { tasks.begin_task(req).await })
+        })
+        .collect();
+    let mut won = 0;
+    for racer in racers {
+        match racer.await.unwrap() {
+            Ok(_) => won += 1,
+            Err(e) => assert_eq!(e.code(), Code::AlreadyExists, "{e:?}"),
+        }
+    }
+    assert_eq!(won, 1);
+
+    // Only active tasks hold an identity: once t6 (and its sub-tasks
+    // with it) has ended, its ID may be had again.
+    tasks.end_task(end_req("t6")).await.unwrap();
+    let again = tasks
+        .begin_task(explicit("t7", &t6_id, ""))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(again.spiffe_id, t6_id);
+    sleeper.kill().unwrap();
+    sleeper.wait().unwrap();
+}
+
+/// A sub-task has its parent's attributes: it may add keys, and repeat
+/// one with the same value, but not change one. A probe's sub-task of a
+/// task with `approval=pending` declared `approval=granted`.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_sub_task_inherits_its_parents_attributes_and_may_only_add_keys() {
+    let writ = Writ::start(&config(""));
+    let mut tasks = tasks_client(&writ).await;
+    let mut sleeper = Command::new("sleep").arg("60").spawn().unwrap();
+    let with = |id: &str, parent: &str, attributes: &[(&str, &str)]| {
+        let mut req = begin_pid(id, sleeper.id());
+        req.parent_task_id = parent.into();
+        req.intent.as_mut().unwrap().attributes = attributes
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        req
+    };
+    let attributes = |t: apb::Task| {
+        let mut a: Vec<(String, String)> = t.intent.unwrap().attributes.into_iter().collect();
+        a.sort();
+        a
+    };
+    let pairs = |a: &[(&str, &str)]| -> Vec<(String, String)> {
+        a.iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    };
+    tasks
+        .begin_task(with(
+            "t9",
+            "",
+            &[("approval", "pending"), ("ticket", "OPS-1")],
+        ))
+        .await
+        .unwrap();
+    let err = tasks
+        .begin_task(with(
+            "t9s",
+            "t9",
+            &[("approval", "granted"), ("ticket", "OPS-999")],
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(
+        err.message().starts_with("intent.attributes:")
+            && err.message().contains(r#""approval" is "pending""#)
+            && err.message().contains(r#""granted""#),
+        "{err:?}"
+    );
+    let added = tasks
+        .begin_task(with("t9s", "t9", &[("approval", "pending"), ("step", "2")]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        attributes(added),
+        pairs(&[("approval", "pending"), ("step", "2"), ("ticket", "OPS-1")])
+    );
+    let none = tasks
+        .begin_task(with("t9u", "t9", &[]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        attributes(none),
+        pairs(&[("approval", "pending"), ("ticket", "OPS-1")])
+    );
+    // A grandchild has them all, and is held to its parent's additions.
+    let err = tasks
+        .begin_task(with("t9g", "t9s", &[("step", "3")]))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("parent task t9s"), "{err:?}");
+    sleeper.kill().unwrap();
+    sleeper.wait().unwrap();
+}
+
 /// An authorized caller that did not begin a task, and does not work in
 /// it, may neither begin sub-tasks of it nor end it: it could otherwise
 /// hand out identities in another orchestrator's lineage
