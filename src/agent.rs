@@ -1812,6 +1812,73 @@ mod tests {
         crate::service::build(&config).await.unwrap()
     }
 
+    /// A task bound to a cgroup covers a process in it, or in a cgroup
+    /// below it, only while the directory at the path is still the cgroup
+    /// bound (same id): one made again there holds other processes, which
+    /// must not get the task's identity in the moment before the task's
+    /// watcher sees the first one go.
+    #[test]
+    fn a_cgroup_task_covers_only_the_cgroup_it_bound_not_one_made_again_at_its_path() {
+        let mount = tempfile::tempdir().unwrap();
+        let job = mount.path().join("agents/job");
+        std::fs::create_dir_all(job.join("step")).unwrap();
+        let bound_id = crate::cgroup::cgroup_id(&job).unwrap();
+        let task = Arc::new(crate::tasks::Task {
+            id: "t-cg".into(),
+            spiffe_id: "spiffe://writ.test/orch/task/t-cg".parse().unwrap(),
+            parent_id: None,
+            depth: 1,
+            binding: crate::tasks::Binding::Cgroup {
+                path: "/agents/job".into(),
+                id: Some(bound_id),
+                cpu_usage_at_bind: None,
+            },
+            intent: Default::default(),
+            orchestrator: "spiffe://writ.test/orch".into(),
+            federates_with: Vec::new(),
+            created_at: std::time::SystemTime::now(),
+            expires_at: std::time::SystemTime::now() + Duration::from_secs(60),
+            completion: None,
+        });
+        let mut index = TaskIndex::default();
+        index
+            .by_cgroup
+            .insert("/agents/job".into(), vec![task.clone()]);
+        let in_cgroup = |path: &str| Attestation {
+            snapshot: writ_attestors::ProcessSnapshot {
+                pid: i32::MAX,
+                ppid: 1,
+                start_time: 1,
+                uid: 0,
+                gid: 0,
+                supplementary_gids: Vec::new(),
+                exe_path: None,
+                cgroup_path: Some(path.into()),
+            },
+            selectors: Vec::new(),
+        };
+        let found = |path: &str| -> Vec<String> {
+            index
+                .tasks_for(&in_cgroup(path), Some(mount.path()))
+                .iter()
+                .map(|t| t.id.clone())
+                .collect()
+        };
+        assert_eq!(found("/agents/job"), ["t-cg"]);
+        assert_eq!(found("/agents/job/step"), ["t-cg"]);
+        assert!(found("/agents/jobs").is_empty(), "not on a whole segment");
+        assert!(found("/agents").is_empty());
+
+        // Moved aside rather than removed, so that this file system cannot
+        // hand the new directory the old one's inode (cgroupfs never reuses
+        // an id while the system runs).
+        std::fs::rename(&job, mount.path().join("agents/old-job")).unwrap();
+        std::fs::create_dir_all(job.join("step")).unwrap();
+        assert_ne!(crate::cgroup::cgroup_id(&job), Some(bound_id));
+        assert!(found("/agents/job").is_empty(), "made again at the path");
+        assert!(found("/agents/job/step").is_empty());
+    }
+
     /// With nothing revoked, the publisher still re-signs the CRL once its
     /// refresh interval has passed since the last one, so a quiet node's CRL
     /// never reaches its nextUpdate.
