@@ -3,7 +3,8 @@
 //! and a reload with a broken policy file leaves the running policies on.
 //! Sub-tasks are judged inside every ancestor; rotations ask policy again;
 //! allowed decisions record their policies and any that failed; a stream
-//! losing an identity to policy leaves one denial.
+//! losing an identity to policy leaves one denial; reloads that change
+//! what policy means say so.
 
 mod common;
 
@@ -574,4 +575,54 @@ when {{ resource.spiffe_id == "{TOOL}" && context.time.unix * 922337203685477580
         .collect();
     assert_eq!(warnings.len(), 1, "{warnings:?}");
     assert!(warnings[0].contains("tool-off-overflow"), "{}", warnings[0]);
+}
+
+/// Reloads that change what policy means while succeeding say so: a policy
+/// file left empty (nothing is permitted any more) and `[policy] files`
+/// emptied (the built-in policy permits everything now).
+#[tokio::test(flavor = "multi_thread")]
+async fn reloads_that_change_what_policy_means_warn() {
+    let (writ, policy, _dir) = start_with_policy(
+        r#"
+@id("issue-any")
+permit (principal, action in [Writ::Action::"IssueX509SVID", Writ::Action::"IssueJWTSVID"], resource);
+"#,
+        "1h",
+        "",
+    );
+    std::fs::write(&policy, "// to be written\n").unwrap();
+    let result = reload(&writ);
+    let notes = result["notes"].to_string();
+    assert!(notes.contains("holds no policies"), "{notes}");
+    assert!(notes.contains("every request is denied"), "{notes}");
+    assert!(writ.log().contains("every request is denied"));
+
+    let config = std::fs::read_to_string(&writ.config_path).unwrap();
+    let files_line = format!("files = [\"{}\"]", policy.display());
+    assert!(config.contains(&files_line), "{config}");
+    std::fs::write(&writ.config_path, config.replace(&files_line, "files = []")).unwrap();
+    let result = reload(&writ);
+    assert_eq!(result["policy_source"], "built-in");
+    let notes = result["notes"].to_string();
+    assert!(
+        notes.contains("permits every action") && notes.contains(&policy.display().to_string()),
+        "{notes}"
+    );
+    assert!(
+        writ.log()
+            .lines()
+            .any(|l| l.contains("WARN") && l.contains("permits every action")),
+        "{}",
+        writ.log()
+    );
+    let reloaded: Vec<_> = audit_records(&writ)
+        .into_iter()
+        .filter(|r| r["event"] == "policy_reloaded")
+        .collect();
+    assert!(
+        reloaded.last().is_some_and(|r| r["detail"]["warnings"]
+            .to_string()
+            .contains("permits every action")),
+        "{reloaded:?}"
+    );
 }

@@ -275,6 +275,9 @@ impl PolicyEngine {
         let mut ids = Vec::new();
         // Which file each policy came from, to place validation errors.
         let mut origin: HashMap<String, usize> = HashMap::new();
+        // Files that parse but hold no policy: likely a mistake, and with
+        // nothing else loaded they deny everything.
+        let mut empty_files = Vec::new();
 
         for (index, source) in sources.iter().enumerate() {
             let parsed = match PolicySet::from_str(&source.text) {
@@ -286,6 +289,9 @@ impl PolicyEngine {
                     continue;
                 }
             };
+            if parsed.policies().next().is_none() && parsed.templates().next().is_none() {
+                empty_files.push(source.path.display().to_string());
+            }
             for template in parsed.templates() {
                 problems.push(PolicyProblem {
                     file: source.path.clone(),
@@ -349,17 +355,24 @@ impl PolicyEngine {
             sort_problems(&mut problems, sources);
             return Err(PolicyError::Invalid(problems));
         }
-        let warnings = result
-            .validation_warnings()
-            .map(|w| {
-                let id = raw_id(w.policy_id());
-                let detail = DetailedError::from(w);
-                match origin.get(&id) {
-                    Some(&index) => problem(&sources[index], Some(id), &detail).to_string(),
-                    None => format!("policy {id}: {}", detail.message),
-                }
-            })
+        let mut warnings: Vec<String> = empty_files
+            .iter()
+            .map(|file| format!("{file}: holds no policies"))
             .collect();
+        if ids.is_empty() {
+            warnings.push(format!(
+                "no policies loaded from {label}: every request is denied"
+            ));
+        }
+        let validator_warnings = result.validation_warnings().map(|w| {
+            let id = raw_id(w.policy_id());
+            let detail = DetailedError::from(w);
+            match origin.get(&id) {
+                Some(&index) => problem(&sources[index], Some(id), &detail).to_string(),
+                None => format!("policy {id}: {}", detail.message),
+            }
+        });
+        warnings.extend(validator_warnings);
 
         let order: HashMap<String, usize> = ids.iter().cloned().zip(0..).collect();
         let unconditional = unconditional_decisions(&policies, &vocabulary, &order);
@@ -433,8 +446,9 @@ impl PolicyEngine {
         &self.inner.source
     }
 
-    /// Validator warnings (policies that can never apply, and the like);
-    /// they do not stop a load.
+    /// What is loaded but looks wrong: files holding no policy, no policy at
+    /// all (every request denied), and validator warnings (policies that
+    /// can never apply, and the like). They do not stop a load.
     pub fn warnings(&self) -> &[String] {
         &self.inner.warnings
     }

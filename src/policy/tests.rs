@@ -709,6 +709,35 @@ fn failure_warnings_come_once_per_policy_per_interval_with_the_count_between() {
 }
 
 #[test]
+fn files_with_no_policy_and_an_empty_set_are_warned_about() {
+    let dir = tempfile::tempdir().unwrap();
+    let empty = write(&dir, "empty.cedar", "// nothing here yet\n");
+    let engine = PolicyEngine::load(std::slice::from_ref(&empty)).unwrap();
+    assert_eq!(
+        engine.warnings(),
+        [
+            format!("{}: holds no policies", empty.display()),
+            format!(
+                "no policies loaded from {}: every request is denied",
+                empty.display()
+            ),
+        ]
+    );
+    // Beside a file with policies, only the empty file is named.
+    let some = write(
+        &dir,
+        "some.cedar",
+        "permit (principal, action == Writ::Action::\"EndTask\", resource);\n",
+    );
+    let engine = PolicyEngine::load(&[some, empty.clone()]).unwrap();
+    assert_eq!(
+        engine.warnings(),
+        [format!("{}: holds no policies", empty.display())]
+    );
+    assert!(PolicyEngine::builtin_default().warnings().is_empty());
+}
+
+#[test]
 fn denial_message_names_forbids_or_says_nothing_permits() {
     let denied = Decision {
         allowed: false,
