@@ -51,6 +51,7 @@ fn issue_request() -> PolicyRequest {
         id: "t-42".into(),
         spiffe_id: "spiffe://example.org/orchestrator/research/task/t-42".into(),
         parent_id: None,
+        ancestors: Vec::new(),
         depth: 1,
         purpose: "summarise tickets".into(),
         tools: vec!["jira".into()],

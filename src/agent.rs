@@ -277,6 +277,9 @@ impl TaskIndex {
 
 pub struct Agent {
     policy: RwLock<crate::policy::PolicyEngine>,
+    /// Warnings for policies that fail to evaluate, at most one per policy
+    /// per `POLICY_FAILURE_WARNING_INTERVAL`.
+    policy_failures: crate::policy::FailureWarnings,
     audit: std::sync::OnceLock<Arc<AuditLog>>,
     /// Records of work done that the trail refused (a full disk), kept to
     /// write once it takes them again (`retry_unrecorded`).
@@ -330,6 +333,7 @@ impl Agent {
             trust_domain,
             validation_keys: RwLock::new(None),
             policy: RwLock::new(crate::policy::PolicyEngine::builtin_default()),
+            policy_failures: crate::policy::FailureWarnings::new(POLICY_FAILURE_WARNING_INTERVAL),
             audit: std::sync::OnceLock::new(),
             unrecorded: Mutex::new(Unrecorded::default()),
             attestors,
@@ -475,22 +479,45 @@ impl Agent {
 
     pub fn set_policy(&self, engine: crate::policy::PolicyEngine) {
         *write_lock(&self.policy) = engine;
+        self.policy_failures.clear();
         // Streams cache what policy let their caller hold.
         self.notify(Change::Everything);
     }
 
-    /// Evaluates `request` against the policy in force. A denial is counted
-    /// and, when `record` is set, written to the audit trail with the
-    /// deciding policy ids; the decision is returned either way.
+    /// Evaluates `request` against the policy in force, with the ancestors
+    /// of its tasks filled in from the task tree. A denial is counted and,
+    /// when `record` is set, written to the audit trail with the deciding
+    /// policy ids; the decision is returned either way. Policies that failed
+    /// to evaluate are logged (see `FailureWarnings`) whatever the outcome:
+    /// Cedar skips them, so an erroring forbid would otherwise fail open
+    /// unseen.
     pub async fn authorize(
         &self,
         request: &crate::policy::PolicyRequest,
         audit_caller: Option<CallerFacts>,
         record: bool,
     ) -> crate::policy::Decision {
-        let decision = self
-            .policy()
-            .evaluate(request, time::OffsetDateTime::now_utc());
+        let now = time::OffsetDateTime::now_utc();
+        let decision = match self.with_task_ancestors(request) {
+            Ok(None) => self.policy().evaluate(request, now),
+            Ok(Some(completed)) => self.policy().evaluate(&completed, now),
+            Err(why) => crate::policy::Decision::denied_with_error(why),
+        };
+        if !decision.failed_policies.is_empty() {
+            for warning in self
+                .policy_failures
+                .due(&decision, std::time::Instant::now())
+            {
+                tracing::warn!(
+                    policy = warning.policy,
+                    error = warning.error,
+                    action = request.action_name(),
+                    allowed = decision.allowed,
+                    unlogged_failures = warning.unlogged,
+                    "a policy failed to evaluate and was skipped: it neither permitted nor forbade (logged at most once a minute per policy)"
+                );
+            }
+        }
         if !decision.allowed {
             self.metrics().policy_denials.inc();
             if record {
@@ -500,17 +527,41 @@ impl Agent {
                         false,
                         decision.deciding_policies.clone(),
                     )
-                    .reason(decision.denial_message());
+                    .reason(decision.denial_message())
+                    .policy_errors(&decision.errors)
+                    .spiffe_id(request.spiffe_id());
                 if let Some(caller) = audit_caller {
                     event = event.caller(caller);
-                }
-                if !decision.errors.is_empty() {
-                    event = event.detail("errors", decision.errors.clone());
                 }
                 self.record_best_effort(event).await;
             }
         }
         decision
+    }
+
+    /// `request` with the `ancestors` of each of its tasks filled in, when
+    /// one has a parent and they are not given; `None` when it needs none
+    /// (no clone, and no look-up, for top-level tasks and plain entries).
+    /// A missing ancestor means the chain is completing (completion
+    /// cascades downwards): such a request cannot be judged as a sub-task
+    /// of its whole tree, so it is refused rather than judged without it.
+    fn with_task_ancestors(
+        &self,
+        request: &crate::policy::PolicyRequest,
+    ) -> Result<Option<crate::policy::PolicyRequest>, String> {
+        let incomplete =
+            |t: &crate::policy::TaskFacts| t.parent_id.is_some() && t.ancestors.is_empty();
+        if !request.tasks().into_iter().flatten().any(incomplete) {
+            return Ok(None);
+        }
+        let mut completed = request.clone();
+        let index = read_lock(&self.tasks);
+        for task in completed.tasks_mut().into_iter().flatten() {
+            if incomplete(task) {
+                task.ancestors = task_ancestors(&index, task)?;
+            }
+        }
+        Ok(Some(completed))
     }
 
     pub fn set_audit(&self, log: Arc<AuditLog>) {
@@ -809,7 +860,9 @@ impl Agent {
         lock(&self.svids).contains_key(cache_key)
     }
 
-    fn cached_svid(&self, cache_key: &str, now: SystemTime) -> Option<Arc<CachedSvid>> {
+    /// The cached SVID for `cache_key` while it is not yet due for rotation:
+    /// what `svid_for` would hand out without minting.
+    pub(crate) fn cached_svid(&self, cache_key: &str, now: SystemTime) -> Option<Arc<CachedSvid>> {
         lock(&self.svids)
             .get(cache_key)
             .filter(|cached| now < cached.rotate_at)
@@ -867,12 +920,15 @@ impl Agent {
             let ca = read_lock(&self.ca);
             ca.mint_x509_svid_with(&request, now, |plan| {
                 planned = Some(plan.clone());
-                let recorded =
-                    self.start_record(issued_event(plan, EventKind::X509Issued).decision(
-                        "IssueX509SVID",
-                        true,
-                        Vec::<String>::new(),
-                    ));
+                let (policies, errors) = match &issuance.decision {
+                    Some(d) => (d.deciding_policies.clone(), d.errors.as_slice()),
+                    None => (Vec::new(), &[][..]),
+                };
+                let recorded = self.start_record(
+                    issued_event(plan, EventKind::X509Issued)
+                        .decision("IssueX509SVID", true, policies)
+                        .policy_errors(errors),
+                );
                 let stored = entitlement
                     .task_id
                     .as_deref()
@@ -1003,6 +1059,10 @@ impl Agent {
             event.caller = begun.caller.clone();
             event.action = begun.action.clone();
             event.decision = begun.decision.clone();
+            event.policies = begun.policies.clone();
+            if let Some(errors) = begun.detail.get("errors") {
+                event.detail.insert("errors".to_owned(), errors.clone());
+            }
             event
         };
         let mut store_task = Some(store_task);
@@ -1634,6 +1694,37 @@ fn task_claim(task: &Task) -> Value {
 /// Far beyond any configured `[tasks] max_depth`.
 const MAX_DELEGATION_CHAIN: usize = 64;
 
+/// How often, at most, a running writ warns about one policy failing to
+/// evaluate (`crate::policy::FailureWarnings`).
+const POLICY_FAILURE_WARNING_INTERVAL: Duration = Duration::from_secs(60);
+
+/// The ids of every task above `task`, parent first, from the active tasks.
+fn task_ancestors(
+    index: &TaskIndex,
+    task: &crate::policy::TaskFacts,
+) -> Result<Vec<String>, String> {
+    let mut ancestors = Vec::new();
+    let mut next = task.parent_id.clone();
+    while let Some(id) = next {
+        // Task depth is bounded by config; this bound only guards the loop.
+        if ancestors.len() >= MAX_DELEGATION_CHAIN {
+            return Err(format!(
+                "task {}: its chain of parents is too long",
+                task.id
+            ));
+        }
+        let ancestor = index.by_id(&id).ok_or_else(|| {
+            format!(
+                "task {} is completing: its ancestor task {id} has ended",
+                task.id
+            )
+        })?;
+        next = ancestor.parent_id.clone();
+        ancestors.push(id);
+    }
+    Ok(ancestors)
+}
+
 /// The RFC 8693 `act` claim of a sub-task: the parent task is the current
 /// actor, its own delegator nests inside, and so on up to the orchestrator
 /// that began the top-level task. `None` for a top-level task. A missing
@@ -1673,6 +1764,10 @@ fn delegation_chain(index: &TaskIndex, task: &Task) -> Result<Option<Value>, Age
 pub struct Issuance {
     pub correlation_id: String,
     pub caller: Option<CallerFacts>,
+    /// The policy decision that allowed the issuance, for its record (the
+    /// deciding policies, and any that failed to evaluate); `None` for
+    /// writ's own identities, which no policy decides.
+    pub decision: Option<crate::policy::Decision>,
 }
 
 impl Issuance {
@@ -1680,6 +1775,15 @@ impl Issuance {
         Self {
             correlation_id: ulid::Ulid::new().to_string(),
             caller,
+            decision: None,
+        }
+    }
+
+    /// This issuance, allowed by `decision`.
+    pub fn allowed_by(self, decision: crate::policy::Decision) -> Self {
+        Self {
+            decision: Some(decision),
+            ..self
         }
     }
 }

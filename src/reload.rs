@@ -225,6 +225,29 @@ impl Reloader {
         let policy = crate::service::load_policy(&next.policy.files)
             .map_err(|e| ReloadError::Policy(e.to_string()))
             .map_err(refused)?;
+        // What the new policy set warns about (`load_policy` has logged
+        // it), and a switch to the built-in policy: both change what is
+        // allowed while the reload itself succeeds, so the operator is told.
+        let mut policy_warnings = policy.warnings().to_vec();
+        if policy.is_builtin() && !current.policy.files.is_empty() {
+            let replaced = join(
+                &current
+                    .policy
+                    .files
+                    .iter()
+                    .map(|f| f.display())
+                    .collect::<Vec<_>>(),
+            );
+            tracing::warn!(
+                trigger = trigger.name(),
+                replaced = %replaced,
+                "reload: [policy] files names no file now; the built-in policy, which permits every action, is in force"
+            );
+            let warning = format!(
+                "[policy] files names no file now: the built-in policy, which permits every action, replaces {replaced}"
+            );
+            policy_warnings.push(warning);
+        }
         let federation = self
             .federation
             .plan(&next.federation)
@@ -247,7 +270,7 @@ impl Reloader {
 
         // The fallible steps go first, so a failure can still put things
         // back: the log level (and back again if the federation step fails).
-        let mut notes = Vec::new();
+        let mut notes = policy_warnings.clone();
         let log_level_changed = next.log.level != current.log.level;
         if log_level_changed && let Some(control) = &self.log_control {
             control(&next.log.level)
@@ -281,6 +304,9 @@ impl Reloader {
             .detail("source", policy_source.clone())
             .detail("policies", policy_ids.clone())
             .detail("trigger", trigger.name());
+        if !policy_warnings.is_empty() {
+            event = event.detail("warnings", policy_warnings);
+        }
         if let Trigger::AdminApi(caller) = trigger {
             event = event.caller(caller.clone());
         }

@@ -792,7 +792,7 @@ pub(crate) fn load_policy(files: &[PathBuf]) -> Result<crate::policy::PolicyEngi
         })
     })?;
     for warning in engine.warnings() {
-        tracing::warn!(warning = %warning, "policy validation warning");
+        tracing::warn!(warning = %warning, "policy warning");
     }
     tracing::info!(source = %engine.source(), policies = engine.policy_ids().len(), "policies loaded");
     Ok(engine)

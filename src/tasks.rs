@@ -890,8 +890,9 @@ impl TaskManager {
                     "BeginTask"
                 },
                 true,
-                Vec::<String>::new(),
+                decision.deciding_policies.clone(),
             )
+            .policy_errors(&decision.errors)
             .detail("purpose", task.intent.purpose.clone())
             .detail("expires_at", unix_secs(task.expires_at))
             .detail(

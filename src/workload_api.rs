@@ -180,19 +180,21 @@ impl Entitled {
     }
 }
 
-/// The caller's entitlements that policy lets it receive now, in order;
-/// PermissionDenied with the deciding policies when none is left.
+/// The caller's entitlements that policy lets it receive now, in order,
+/// each with the decision that allowed it; PermissionDenied with the
+/// deciding policies when none is left. A denial is recorded in the audit
+/// trail when `record_denial` says so for its entitlement.
 async fn permitted(
     agent: &Agent,
     entitled: &Entitled,
     caller: &Caller,
     facts: &CallerFacts,
-    record_denials: bool,
+    record_denial: impl Fn(&Entitlement) -> bool,
     request: impl Fn(
         crate::policy::Workload,
         crate::policy::IdentityFacts,
     ) -> crate::policy::PolicyRequest,
-) -> Result<Vec<Entitlement>, Status> {
+) -> Result<Vec<(Entitlement, crate::policy::Decision)>, Status> {
     let mut allowed = Vec::with_capacity(entitled.entitlements.len());
     let mut last_denial = None;
     for entitlement in &entitled.entitlements {
@@ -201,10 +203,10 @@ async fn permitted(
             identity_facts(agent, entitlement),
         );
         let decision = agent
-            .authorize(&request, Some(facts.clone()), record_denials)
+            .authorize(&request, Some(facts.clone()), record_denial(entitlement))
             .await;
         if decision.allowed {
-            allowed.push(entitlement.clone());
+            allowed.push((entitlement.clone(), decision));
         } else {
             last_denial = Some(decision.denial_message());
         }
@@ -215,6 +217,14 @@ async fn permitted(
         ));
     }
     Ok(allowed)
+}
+
+/// What an X.509-SVID stream asks policy about `identity` for `caller`.
+fn x509_request(
+    caller: crate::policy::Workload,
+    identity: crate::policy::IdentityFacts,
+) -> crate::policy::PolicyRequest {
+    crate::policy::PolicyRequest::IssueX509Svid { caller, identity }
 }
 
 /// The identity about to be issued, as policies see it.
@@ -476,6 +486,26 @@ impl Resolved {
         })
     }
 
+    /// This resolution without the identities (cache keys) in `refused`,
+    /// which policy has just refused to renew. Nothing is re-attested: the
+    /// caller is still entitled to them, and the next fresh resolution asks
+    /// policy about them again.
+    fn without_permits(&self, refused: &[String]) -> Arc<Self> {
+        Arc::new(Self {
+            entitled: Entitled {
+                attestation: self.entitled.attestation.clone(),
+                entitlements: self.entitled.entitlements.clone(),
+            },
+            permitted: self
+                .permitted
+                .iter()
+                .filter(|e| !refused.contains(&e.cache_key))
+                .cloned()
+                .collect(),
+            at: self.at,
+        })
+    }
+
     /// Whether the pending changes leave this resolution current for a
     /// stream that last sent the identities `keys`.
     fn still_current(
@@ -522,28 +552,31 @@ fn x509_svid_snapshot(
     reuse: Reuse,
 ) -> SnapshotFuture<pb::X509svidResponse> {
     Box::pin(async move {
-        let resolved = match reuse {
-            Reuse::Resolution(resolved) => resolved,
+        // Denials are recorded on a stream's first response, and for an
+        // identity the stream held until now (policy took it away: once,
+        // as it is not held after), not on every refresh.
+        let record_denial =
+            |e: &Entitlement| previous_keys.is_empty() || previous_keys.contains(&e.cache_key);
+        // With a fresh resolution, the decision that allowed each identity
+        // (in `permitted` order); none when the last resolution is reused.
+        let (mut resolved, decisions) = match reuse {
+            Reuse::Resolution(resolved) => (resolved, Vec::new()),
             ref partial => {
                 let (attested, attested_at) = Resolved::attestation_of(partial);
                 let entitled = entitled(&agent, &caller, "IssueX509SVID", attested).await?;
                 let facts = entitled.caller_facts(&caller);
-                // Each identity is checked against policy for this caller;
-                // denials are recorded on a stream's first response, not on
-                // every refresh.
-                let permitted = permitted(
+                // Each identity is checked against policy for this caller.
+                let allowed = permitted(
                     &agent,
                     &entitled,
                     &caller,
                     &facts,
-                    previous_keys.is_empty(),
-                    |caller, identity| crate::policy::PolicyRequest::IssueX509Svid {
-                        caller,
-                        identity,
-                    },
+                    record_denial,
+                    x509_request,
                 )
                 .await?;
-                Resolved::new(entitled, permitted, attested_at)
+                let (permitted, decisions) = allowed.into_iter().unzip();
+                (Resolved::new(entitled, permitted, attested_at), decisions)
             }
         };
         // Built only if an SVID is minted: most snapshots are served from
@@ -574,8 +607,45 @@ fn x509_svid_snapshot(
         let mut serials = Vec::with_capacity(entitlements.len());
         let mut refresh_at: Option<SystemTime> = None;
         let mut keys = keys;
-        for entitlement in entitlements {
-            let cached = match agent.svid_for(entitlement, now, issuance).await {
+        // Identities policy refused to renew, and why.
+        let mut refused: Vec<String> = Vec::new();
+        let mut last_denial = None;
+        for (i, entitlement) in entitlements.iter().enumerate() {
+            let minted = match agent.cached_svid(&entitlement.cache_key, now) {
+                Some(cached) => Ok(cached),
+                None => {
+                    // A new SVID is minted only with policy's say-so at
+                    // this moment: a rotation from a reused resolution asks
+                    // again, so that a rule on the time (or on anything
+                    // else that changed unseen) stops the next rotation.
+                    // What is served from the cache was allowed when it was
+                    // minted, and costs no evaluation.
+                    let decision = match decisions.get(i) {
+                        Some(decision) => decision.clone(),
+                        None => {
+                            let request = x509_request(
+                                resolved.entitled.policy_workload(&caller),
+                                identity_facts(&agent, entitlement),
+                            );
+                            let facts = issuance().caller;
+                            let decision = agent
+                                .authorize(&request, facts, record_denial(entitlement))
+                                .await;
+                            if !decision.allowed {
+                                last_denial = Some(decision.denial_message());
+                                refused.push(entitlement.cache_key.clone());
+                                keys.retain(|k| k != &entitlement.cache_key);
+                                continue;
+                            }
+                            decision
+                        }
+                    };
+                    agent
+                        .svid_for(entitlement, now, || issuance().allowed_by(decision))
+                        .await
+                }
+            };
+            let cached = match minted {
                 Ok(cached) => cached,
                 // The task ended between resolving and issuing: the full
                 // state is simply the state without it, and the completion's
@@ -597,8 +667,17 @@ fn x509_svid_snapshot(
             });
         }
         if svids.is_empty() {
-            // Every identity was a task that has just ended.
-            return Err(Status::permission_denied("no identity issued"));
+            // Every identity was a task that has just ended, or policy
+            // refused to renew it.
+            return Err(Status::permission_denied(
+                last_denial.unwrap_or_else(|| "no identity issued".to_owned()),
+            ));
+        }
+        // Reused until the caller is resolved afresh, the refused identities
+        // are not asked about again at every update (nor their denials
+        // recorded); a fresh resolution judges them anew.
+        if !refused.is_empty() {
+            resolved = resolved.without_permits(&refused);
         }
         Ok(Snapshot {
             message: pb::X509svidResponse {
@@ -966,7 +1045,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
             &entitled,
             &caller,
             &facts,
-            true,
+            |_| true,
             |caller, identity| crate::policy::PolicyRequest::IssueJwtSvid {
                 caller,
                 identity,
@@ -975,7 +1054,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
         )
         .await?;
         if let Some(wanted) = &wanted {
-            entitlements.retain(|e| &e.spiffe_id == wanted);
+            entitlements.retain(|(e, _)| &e.spiffe_id == wanted);
             if entitlements.is_empty() {
                 return Err(Status::permission_denied(format!(
                     "no identity {wanted} issued to the caller"
@@ -984,7 +1063,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
         }
         let now = SystemTime::now();
         let mut svids = Vec::with_capacity(entitlements.len());
-        for entitlement in &entitlements {
+        for (entitlement, decision) in &entitlements {
             let cache_key = crate::agent::JwtCacheKey {
                 pid: caller.pid,
                 start_time: caller.process.start_time(),
@@ -1023,12 +1102,11 @@ impl SpiffeWorkloadApi for WorkloadApi {
                 .agent
                 .jwt_svid_for(entitlement, &req.audience, now, |plan| {
                     planned = Some(plan.clone());
-                    self.agent
-                        .start_record(issued_event(plan, EventKind::JwtIssued).decision(
-                            "IssueJWTSVID",
-                            true,
-                            Vec::<String>::new(),
-                        ))
+                    self.agent.start_record(
+                        issued_event(plan, EventKind::JwtIssued)
+                            .decision("IssueJWTSVID", true, decision.deciding_policies.clone())
+                            .policy_errors(&decision.errors),
+                    )
                 });
             let (svid, recorded) = match minted {
                 Ok(minted) => minted,

@@ -69,6 +69,7 @@ fn task(orchestrator: &str, id: &str) -> TaskFacts {
         id: id.to_owned(),
         spiffe_id: format!("{orchestrator}/task/{id}"),
         parent_id: None,
+        ancestors: Vec::new(),
         depth: 1,
         purpose: "summarise incidents".to_owned(),
         tools: strings(&["search", "jira"]),
@@ -85,6 +86,7 @@ fn sub_task(parent: &TaskFacts, caller: &str, id: &str) -> TaskFacts {
         id: id.to_owned(),
         spiffe_id: format!("{}/task/{id}", parent.spiffe_id),
         parent_id: Some(parent.id.clone()),
+        ancestors: Vec::new(),
         depth: parent.depth + 1,
         orchestrator: caller.to_owned(),
         ..parent.clone()
@@ -591,4 +593,57 @@ fn cli_bad_input_exits_two_with_a_clear_message() {
         "{err}"
     );
     assert!(err.contains("do not load"), "{err}");
+}
+
+/// `writ policy check` judges a grandchild inside its grandparent when the
+/// request lists the task's ancestors, as a running writ does from its task
+/// tree; with only `parent_id`, only the parent is known.
+#[test]
+fn cli_sees_a_task_inside_every_ancestor_it_lists() {
+    let dir = tempfile::tempdir().unwrap();
+    let policy = dir.path().join("tree.cedar");
+    std::fs::write(
+        &policy,
+        r#"@id("all")
+permit (principal, action, resource);
+@id("freeze-r1-tree")
+forbid (principal, action in [Writ::Action::"IssueX509SVID", Writ::Action::"IssueJWTSVID"], resource)
+when { resource has task && resource.task in Writ::Task::"r1" };
+"#,
+    )
+    .unwrap();
+    let request = |ancestors: &str| {
+        let path = dir.path().join("r3.json");
+        std::fs::write(
+            &path,
+            format!(
+                r#"{{"action":"IssueX509SVID","caller":{{"pid":1,"uid":0}},
+"identity":{{"spiffe_id":"spiffe://example.org/o/task/r1/task/r2/task/r3",
+"task":{{"id":"r3","parent_id":"r2",{ancestors}"depth":3,
+"spiffe_id":"spiffe://example.org/o/task/r1/task/r2/task/r3",
+"data_class":"internal","ttl_seconds":60,"orchestrator":"spiffe://example.org/o"}}}}}}"#
+            ),
+        )
+        .unwrap();
+        writ_policy_check(&[
+            "--request",
+            path.to_str().unwrap(),
+            "--policy",
+            policy.to_str().unwrap(),
+        ])
+    };
+    let denied = request(r#""ancestors":["r2","r1"],"#);
+    assert_eq!(denied.status.code(), Some(1), "{}", stderr(&denied));
+    assert!(
+        stdout(&denied).contains("deciding: freeze-r1-tree"),
+        "{}",
+        stdout(&denied)
+    );
+    let parent_only = request("");
+    assert_eq!(
+        parent_only.status.code(),
+        Some(0),
+        "{}",
+        stderr(&parent_only)
+    );
 }

@@ -169,6 +169,15 @@ impl AuditEvent {
         self
     }
 
+    /// Policies that failed to evaluate while the decision was made, as
+    /// `detail.errors` (`policy <id>: <message>`); nothing when none did.
+    pub fn policy_errors(self, errors: &[String]) -> Self {
+        if errors.is_empty() {
+            return self;
+        }
+        self.detail("errors", errors.to_vec())
+    }
+
     pub fn spiffe_id(mut self, spiffe_id: impl Into<String>) -> Self {
         self.spiffe_id = Some(spiffe_id.into());
         self

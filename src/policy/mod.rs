@@ -10,7 +10,8 @@ use std::collections::HashMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use cedar_policy::ffi::DetailedError;
 use cedar_policy::{
@@ -91,9 +92,12 @@ pub struct Decision {
     /// Allowed: the permits that matched. Denied: the forbids that matched
     /// (empty when nothing permitted the request).
     pub deciding_policies: Vec<String>,
-    /// Policies that failed to evaluate (they count as not matching), or a
-    /// request that could not be built (which denies).
+    /// Policies that failed to evaluate, each as `policy <id>: <message>`
+    /// (Cedar counts them as not matching, so an erroring forbid does not
+    /// deny), or a request that could not be built (which denies).
     pub errors: Vec<String>,
+    /// The ids of the policies that failed to evaluate, in file order.
+    pub failed_policies: Vec<String>,
 }
 
 impl Decision {
@@ -107,12 +111,88 @@ impl Decision {
         }
     }
 
-    fn denied_with_error(error: String) -> Self {
+    /// A request that could not be decided: denied, with the reason.
+    pub(crate) fn denied_with_error(error: String) -> Self {
         Decision {
             allowed: false,
             deciding_policies: Vec::new(),
             errors: vec![error],
+            failed_policies: Vec::new(),
         }
+    }
+}
+
+/// Rate-limits the warnings a running writ logs for policies that fail to
+/// evaluate. Cedar skips such a policy, so an erroring forbid lets through
+/// what it was written to stop; that must be seen, but a policy that errors
+/// on every issuance must not flood the log either: each policy is warned
+/// about at most once per interval, and the warning says how many failures
+/// went unlogged before it.
+#[derive(Debug)]
+pub struct FailureWarnings {
+    interval: Duration,
+    /// By policy id: when it was last warned about, and its failures since.
+    seen: Mutex<HashMap<String, (Instant, u64)>>,
+}
+
+/// One warning `FailureWarnings::due` lets through.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FailureWarning<'a> {
+    pub policy: &'a str,
+    pub error: &'a str,
+    /// Failures of this policy since its last warning, not logged.
+    pub unlogged: u64,
+}
+
+impl FailureWarnings {
+    pub fn new(interval: Duration) -> Self {
+        Self {
+            interval,
+            seen: Mutex::default(),
+        }
+    }
+
+    /// The failures in `decision` to warn about at `now`; the others are
+    /// counted towards their policy's next warning.
+    pub fn due<'a>(&self, decision: &'a Decision, now: Instant) -> Vec<FailureWarning<'a>> {
+        // A poisoned lock only means another thread panicked while counting.
+        let mut seen = self
+            .seen
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut due = Vec::new();
+        for (policy, error) in decision.failed_policies.iter().zip(&decision.errors) {
+            match seen.get_mut(policy) {
+                Some((warned_at, since)) if now.duration_since(*warned_at) < self.interval => {
+                    *since += 1;
+                }
+                Some((warned_at, since)) => {
+                    due.push(FailureWarning {
+                        policy,
+                        error,
+                        unlogged: std::mem::take(since),
+                    });
+                    *warned_at = now;
+                }
+                None => {
+                    due.push(FailureWarning {
+                        policy,
+                        error,
+                        unlogged: 0,
+                    });
+                    seen.insert(policy.clone(), (now, 0));
+                }
+            }
+        }
+        due
+    }
+
+    /// Forgets every policy: a reload may have fixed or replaced them.
+    pub fn clear(&self) {
+        self.seen
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clear();
     }
 }
 
@@ -195,6 +275,9 @@ impl PolicyEngine {
         let mut ids = Vec::new();
         // Which file each policy came from, to place validation errors.
         let mut origin: HashMap<String, usize> = HashMap::new();
+        // Files that parse but hold no policy: likely a mistake, and with
+        // nothing else loaded they deny everything.
+        let mut empty_files = Vec::new();
 
         for (index, source) in sources.iter().enumerate() {
             let parsed = match PolicySet::from_str(&source.text) {
@@ -206,6 +289,9 @@ impl PolicyEngine {
                     continue;
                 }
             };
+            if parsed.policies().next().is_none() && parsed.templates().next().is_none() {
+                empty_files.push(source.path.display().to_string());
+            }
             for template in parsed.templates() {
                 problems.push(PolicyProblem {
                     file: source.path.clone(),
@@ -269,17 +355,24 @@ impl PolicyEngine {
             sort_problems(&mut problems, sources);
             return Err(PolicyError::Invalid(problems));
         }
-        let warnings = result
-            .validation_warnings()
-            .map(|w| {
-                let id = raw_id(w.policy_id());
-                let detail = DetailedError::from(w);
-                match origin.get(&id) {
-                    Some(&index) => problem(&sources[index], Some(id), &detail).to_string(),
-                    None => format!("policy {id}: {}", detail.message),
-                }
-            })
+        let mut warnings: Vec<String> = empty_files
+            .iter()
+            .map(|file| format!("{file}: holds no policies"))
             .collect();
+        if ids.is_empty() {
+            warnings.push(format!(
+                "no policies loaded from {label}: every request is denied"
+            ));
+        }
+        let validator_warnings = result.validation_warnings().map(|w| {
+            let id = raw_id(w.policy_id());
+            let detail = DetailedError::from(w);
+            match origin.get(&id) {
+                Some(&index) => problem(&sources[index], Some(id), &detail).to_string(),
+                None => format!("policy {id}: {}", detail.message),
+            }
+        });
+        warnings.extend(validator_warnings);
 
         let order: HashMap<String, usize> = ids.iter().cloned().zip(0..).collect();
         let unconditional = unconditional_decisions(&policies, &vocabulary, &order);
@@ -323,10 +416,23 @@ impl PolicyEngine {
         let diagnostics = response.diagnostics();
         let mut deciding_policies: Vec<String> = diagnostics.reason().map(raw_id).collect();
         deciding_policies.sort_by_key(|id| inner.order.get(id).copied());
+        let mut failed: Vec<(String, String)> = diagnostics
+            .errors()
+            .map(|error| match error {
+                cedar_policy::AuthorizationError::PolicyEvaluationError(e) => {
+                    let id = raw_id(e.policy_id());
+                    let message = format!("policy {id}: {}", e.inner());
+                    (id, message)
+                }
+            })
+            .collect();
+        failed.sort_by_key(|(id, _)| inner.order.get(id).copied());
+        let (failed_policies, errors) = failed.into_iter().unzip();
         Decision {
             allowed: response.decision() == cedar_policy::Decision::Allow,
             deciding_policies,
-            errors: diagnostics.errors().map(ToString::to_string).collect(),
+            errors,
+            failed_policies,
         }
     }
 
@@ -340,8 +446,9 @@ impl PolicyEngine {
         &self.inner.source
     }
 
-    /// Validator warnings (policies that can never apply, and the like);
-    /// they do not stop a load.
+    /// What is loaded but looks wrong: files holding no policy, no policy at
+    /// all (every request denied), and validator warnings (policies that
+    /// can never apply, and the like). They do not stop a load.
     pub fn warnings(&self) -> &[String] {
         &self.inner.warnings
     }
@@ -400,12 +507,14 @@ fn unconditional_decisions(
                 allowed: !permits.is_empty(),
                 deciding_policies: permits,
                 errors: Vec::new(),
+                failed_policies: Vec::new(),
             }
         } else {
             Decision {
                 allowed: false,
                 deciding_policies: forbids,
                 errors: Vec::new(),
+                failed_policies: Vec::new(),
             }
         };
         decisions.insert(name, decision);

@@ -16,6 +16,9 @@ use crate::tasks::Task;
 /// One decision writ needs, named after the Cedar action it evaluates.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "action", deny_unknown_fields)]
+// A request is built for one decision and dropped after it, never held in
+// numbers: boxing the delegation's two tasks would only add allocations.
+#[allow(clippy::large_enum_variant)]
 pub enum PolicyRequest {
     /// A top-level task is about to begin.
     BeginTask { caller: Workload, task: TaskFacts },
@@ -64,6 +67,13 @@ pub struct TaskFacts {
     pub spiffe_id: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parent_id: Option<String>,
+    /// Every task above this one, parent first, up to the top-level task;
+    /// the task is `in` each of them. Empty means "only `parent_id` is
+    /// known": writ fills it in from its task tree before deciding
+    /// (`Agent::authorize`), and a `writ policy check` request lists them
+    /// to be judged the same way.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ancestors: Vec<String>,
     /// 1 for a top-level task.
     #[serde(default = "top_level_depth")]
     pub depth: u32,
@@ -107,6 +117,43 @@ impl PolicyRequest {
         }
     }
 
+    /// The tasks the request names: the resource's (a task, or the task of
+    /// an identity) and, for a delegation, the parent.
+    pub fn tasks(&self) -> [Option<&TaskFacts>; 2] {
+        match self {
+            PolicyRequest::BeginTask { task, .. } | PolicyRequest::EndTask { task, .. } => {
+                [Some(task), None]
+            }
+            PolicyRequest::DelegateTask { parent, task, .. } => [Some(parent), Some(task)],
+            PolicyRequest::IssueX509Svid { identity, .. }
+            | PolicyRequest::IssueJwtSvid { identity, .. } => [identity.task.as_ref(), None],
+        }
+    }
+
+    /// `tasks`, to change.
+    pub fn tasks_mut(&mut self) -> [Option<&mut TaskFacts>; 2] {
+        match self {
+            PolicyRequest::BeginTask { task, .. } | PolicyRequest::EndTask { task, .. } => {
+                [Some(task), None]
+            }
+            PolicyRequest::DelegateTask { parent, task, .. } => [Some(parent), Some(task)],
+            PolicyRequest::IssueX509Svid { identity, .. }
+            | PolicyRequest::IssueJwtSvid { identity, .. } => [identity.task.as_mut(), None],
+        }
+    }
+
+    /// The identity the request is about: the one to be issued, or the
+    /// task's.
+    pub fn spiffe_id(&self) -> &str {
+        match self {
+            PolicyRequest::BeginTask { task, .. }
+            | PolicyRequest::EndTask { task, .. }
+            | PolicyRequest::DelegateTask { task, .. } => &task.spiffe_id,
+            PolicyRequest::IssueX509Svid { identity, .. }
+            | PolicyRequest::IssueJwtSvid { identity, .. } => &identity.spiffe_id,
+        }
+    }
+
     pub fn caller(&self) -> &Workload {
         match self {
             PolicyRequest::BeginTask { caller, .. }
@@ -141,6 +188,8 @@ impl TaskFacts {
             id: task.id.clone(),
             spiffe_id: task.spiffe_id.to_string(),
             parent_id: task.parent_id.clone(),
+            // Only the task tree knows them; see `ancestors`.
+            ancestors: Vec::new(),
             depth: task.depth,
             purpose: task.intent.purpose.clone(),
             tools: task.intent.tools.clone(),
@@ -273,7 +322,11 @@ impl Vocabulary {
             PolicyRequest::DelegateTask { parent, task, .. } if parent.id == task.id => Err(
                 RequestBuildError(format!("task {} cannot be delegated under itself", task.id)),
             ),
-            _ => Ok(()),
+            _ => request
+                .tasks()
+                .into_iter()
+                .flatten()
+                .try_for_each(check_ancestors),
         }
     }
 
@@ -326,11 +379,23 @@ impl Vocabulary {
             ("ttl_seconds".to_owned(), long(task.ttl_seconds)),
             ("orchestrator".to_owned(), string(&task.orchestrator)),
         ];
-        let mut parents = Vec::new();
         if let Some(parent) = &task.parent_id {
             attrs.push(("parent_id".to_owned(), string(parent)));
-            parents.push(self.uid(&self.task, parent));
         }
+        // Every ancestor is a direct parent of the entity, so `in` sees the
+        // whole chain although only this task (and a delegation's parent)
+        // is in the entity store.
+        let parents: Vec<EntityUid> = if task.ancestors.is_empty() {
+            task.parent_id
+                .iter()
+                .map(|p| self.uid(&self.task, p))
+                .collect()
+        } else {
+            task.ancestors
+                .iter()
+                .map(|a| self.uid(&self.task, a))
+                .collect()
+        };
         let tags = task.attributes.iter().map(|(k, v)| (k.clone(), string(v)));
         entities
             .push(Entity::new_with_tags(uid.clone(), attrs, parents, tags).map_err(build_error)?);
@@ -354,6 +419,27 @@ impl Vocabulary {
         entities.push(Entity::new_with_tags(uid.clone(), attrs, [], []).map_err(build_error)?);
         Ok(uid)
     }
+}
+
+/// `ancestors` must start with the parent and not name the task itself:
+/// anything else is a chain writ would never build.
+fn check_ancestors(task: &TaskFacts) -> Result<(), RequestBuildError> {
+    let Some(first) = task.ancestors.first() else {
+        return Ok(());
+    };
+    if task.parent_id.as_ref() != Some(first) {
+        return Err(RequestBuildError(format!(
+            "task {}: ancestors must start with its parent_id",
+            task.id
+        )));
+    }
+    if task.ancestors.contains(&task.id) {
+        return Err(RequestBuildError(format!(
+            "task {} cannot be its own ancestor",
+            task.id
+        )));
+    }
+    Ok(())
 }
 
 fn string(s: &str) -> RestrictedExpression {

@@ -27,6 +27,7 @@ fn task(id: &str) -> TaskFacts {
         id: id.to_owned(),
         spiffe_id: format!("{RESEARCH}/task/{id}"),
         parent_id: None,
+        ancestors: Vec::new(),
         depth: 1,
         purpose: "triage".to_owned(),
         tools: vec!["search".to_owned()],
@@ -89,7 +90,22 @@ fn every_kind_of_request() -> Vec<PolicyRequest> {
         spiffe_id: format!("{RESEARCH}/task/t1"),
         task,
     };
+    let mut grandchild = task("grandchild");
+    grandchild.parent_id = Some("child".to_owned());
+    grandchild.ancestors = vec!["child".to_owned(), "t1".to_owned()];
+    grandchild.depth = 3;
+    let mut child_with_ancestors = child.clone();
+    child_with_ancestors.ancestors = vec!["t1".to_owned()];
     [
+        PolicyRequest::DelegateTask {
+            caller: caller(),
+            parent: child_with_ancestors,
+            task: grandchild.clone(),
+        },
+        PolicyRequest::IssueX509Svid {
+            caller: caller(),
+            identity: identity(Some(grandchild)),
+        },
         begin(task("t1")),
         begin(child.clone()),
         PolicyRequest::BeginTask {
@@ -531,18 +547,210 @@ when { context.parent.tools.containsAll(resource.tools) && resource.depth == con
     );
 }
 
+/// A task is `in` every task above it, not only its parent, for every
+/// action that has a task; the chain comes from `ancestors`, which writ
+/// fills in from its task tree and a `writ policy check` request gives.
+#[test]
+fn tasks_are_in_every_ancestor_for_every_action() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(
+        &dir,
+        "tree.cedar",
+        r#"@id("all")
+permit (principal, action, resource);
+@id("freeze-r1-tree")
+forbid (principal, action in [Writ::Action::"IssueX509SVID", Writ::Action::"IssueJWTSVID"], resource)
+when { resource has task && resource.task in Writ::Task::"r1" };
+@id("no-begin-under-r1")
+forbid (principal, action in [Writ::Action::"BeginTask", Writ::Action::"DelegateTask", Writ::Action::"EndTask"], resource in Writ::Task::"r1");
+"#,
+    );
+    let engine = PolicyEngine::load(&[path]).unwrap();
+    let mut r3 = task("r3");
+    r3.parent_id = Some("r2".to_owned());
+    r3.depth = 3;
+    let issue = |task: TaskFacts| PolicyRequest::IssueX509Svid {
+        caller: caller(),
+        identity: IdentityFacts {
+            spiffe_id: task.spiffe_id.clone(),
+            task: Some(task),
+        },
+    };
+    // Only the parent known: r3 is not seen inside r1.
+    expect_allowed(&engine.evaluate(&issue(r3.clone()), monday_noon()));
+
+    r3.ancestors = vec!["r2".to_owned(), "r1".to_owned()];
+    let denied = engine.evaluate(&issue(r3.clone()), monday_noon());
+    assert!(!denied.allowed, "{denied:?}");
+    assert_eq!(denied.deciding_policies, ["freeze-r1-tree"]);
+    let jwt = PolicyRequest::IssueJwtSvid {
+        caller: caller(),
+        identity: IdentityFacts {
+            spiffe_id: r3.spiffe_id.clone(),
+            task: Some(r3.clone()),
+        },
+        audience: vec!["a".to_owned()],
+    };
+    assert!(!engine.evaluate(&jwt, monday_noon()).allowed);
+    let end = PolicyRequest::EndTask {
+        caller: caller(),
+        task: r3.clone(),
+    };
+    assert!(!engine.evaluate(&end, monday_noon()).allowed);
+
+    // A delegation under r2: the new task is in r2 and, through r2's
+    // ancestors, in r1.
+    let mut r2 = task("r2");
+    r2.parent_id = Some("r1".to_owned());
+    r2.ancestors = vec!["r1".to_owned()];
+    r2.depth = 2;
+    let mut r4 = task("r4");
+    r4.parent_id = Some("r2".to_owned());
+    r4.depth = 3;
+    let delegate = PolicyRequest::DelegateTask {
+        caller: caller(),
+        parent: r2,
+        task: r4,
+    };
+    let decision = engine.evaluate(&delegate, monday_noon());
+    assert_eq!(decision.deciding_policies, ["no-begin-under-r1"]);
+
+    // Chains writ would never build are refused, not judged.
+    for (ancestors, why) in [
+        (vec!["r1", "r2"], "must start with its parent_id"),
+        (vec!["r2", "r3"], "its own ancestor"),
+    ] {
+        let mut odd = r3.clone();
+        odd.ancestors = ancestors.into_iter().map(str::to_owned).collect();
+        let decision = engine.evaluate(&issue(odd), monday_noon());
+        assert!(!decision.allowed, "{decision:?}");
+        assert!(decision.errors[0].contains(why), "{decision:?}");
+    }
+}
+
+#[track_caller]
+fn expect_allowed(decision: &Decision) {
+    assert!(decision.allowed, "{decision:?}");
+    assert!(decision.errors.is_empty(), "{decision:?}");
+}
+
+/// Cedar skips a policy that fails to evaluate, so an erroring forbid lets
+/// the request through; the decision still names it and its error.
+#[test]
+fn an_erroring_forbid_is_skipped_and_named_on_an_allowed_decision() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(
+        &dir,
+        "overflow.cedar",
+        r#"@id("permit-begin")
+permit (principal, action == Writ::Action::"BeginTask", resource);
+@id("overflowing-forbid")
+forbid (principal, action == Writ::Action::"BeginTask", resource)
+when { resource.ttl_seconds * 9223372036854775807 > 0 };
+"#,
+    );
+    let engine = PolicyEngine::load(&[path]).unwrap();
+    let decision = engine.evaluate(&begin(task("t1")), monday_noon());
+    assert!(decision.allowed, "{decision:?}");
+    assert_eq!(decision.deciding_policies, ["permit-begin"]);
+    assert_eq!(decision.failed_policies, ["overflowing-forbid"]);
+    assert_eq!(decision.errors.len(), 1, "{decision:?}");
+    assert!(
+        decision.errors[0].starts_with("policy overflowing-forbid: ")
+            && decision.errors[0].contains("overflow"),
+        "{decision:?}"
+    );
+}
+
+#[test]
+fn failure_warnings_come_once_per_policy_per_interval_with_the_count_between() {
+    let warnings = FailureWarnings::new(Duration::from_secs(60));
+    let failing = |ids: &[&str]| Decision {
+        allowed: true,
+        deciding_policies: vec!["p".to_owned()],
+        errors: ids.iter().map(|id| format!("policy {id}: boom")).collect(),
+        failed_policies: ids.iter().map(|id| (*id).to_owned()).collect(),
+    };
+    let start = Instant::now();
+    let first = failing(&["a", "b"]);
+    let due = warnings.due(&first, start);
+    assert_eq!(
+        due,
+        [
+            FailureWarning {
+                policy: "a",
+                error: "policy a: boom",
+                unlogged: 0
+            },
+            FailureWarning {
+                policy: "b",
+                error: "policy b: boom",
+                unlogged: 0
+            },
+        ]
+    );
+    let again = failing(&["a"]);
+    for s in 1..=3 {
+        assert!(
+            warnings
+                .due(&again, start + Duration::from_secs(s))
+                .is_empty()
+        );
+    }
+    let later = warnings.due(&again, start + Duration::from_secs(61));
+    assert_eq!(later.len(), 1);
+    assert_eq!((later[0].policy, later[0].unlogged), ("a", 3));
+    // A reload forgets them: a policy still failing is warned about at once.
+    warnings.clear();
+    assert_eq!(
+        warnings.due(&again, start + Duration::from_secs(62)).len(),
+        1
+    );
+}
+
+#[test]
+fn files_with_no_policy_and_an_empty_set_are_warned_about() {
+    let dir = tempfile::tempdir().unwrap();
+    let empty = write(&dir, "empty.cedar", "// nothing here yet\n");
+    let engine = PolicyEngine::load(std::slice::from_ref(&empty)).unwrap();
+    assert_eq!(
+        engine.warnings(),
+        [
+            format!("{}: holds no policies", empty.display()),
+            format!(
+                "no policies loaded from {}: every request is denied",
+                empty.display()
+            ),
+        ]
+    );
+    // Beside a file with policies, only the empty file is named.
+    let some = write(
+        &dir,
+        "some.cedar",
+        "permit (principal, action == Writ::Action::\"EndTask\", resource);\n",
+    );
+    let engine = PolicyEngine::load(&[some, empty.clone()]).unwrap();
+    assert_eq!(
+        engine.warnings(),
+        [format!("{}: holds no policies", empty.display())]
+    );
+    assert!(PolicyEngine::builtin_default().warnings().is_empty());
+}
+
 #[test]
 fn denial_message_names_forbids_or_says_nothing_permits() {
     let denied = Decision {
         allowed: false,
         deciding_policies: vec!["a".into(), "b".into()],
         errors: Vec::new(),
+        failed_policies: Vec::new(),
     };
     assert_eq!(denied.denial_message(), "denied by policy: a, b");
     let nothing = Decision {
         allowed: false,
         deciding_policies: Vec::new(),
         errors: Vec::new(),
+        failed_policies: Vec::new(),
     };
     assert_eq!(nothing.denial_message(), "no policy permits this");
 }
