@@ -1588,6 +1588,8 @@ fn ca_rotated_event(
         .detail("signer_changed", outcome.signer_changed)
         .detail("authorities_changed", outcome.authorities_changed)
         .detail("jwt_authorities_changed", outcome.jwt_authorities_changed)
+        .detail("x509_signer_unpublished", outcome.x509_signer_unpublished)
+        .detail("jwt_signer_unpublished", outcome.jwt_signer_unpublished)
         .detail("bundle_sequence", bundle_sequence);
     if outcome.authorities_changed {
         event.x509_authorities(roots)

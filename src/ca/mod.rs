@@ -86,6 +86,14 @@ pub struct RotationOutcome {
     pub signer_changed: bool,
     /// The published JWT authorities differ: bundles must be re-sent.
     pub jwt_authorities_changed: bool,
+    /// A root that no bundle has carried yet signs from now on: the one
+    /// before it expired while writ was down, so nothing else could sign.
+    /// Federated peers must fetch writ's bundle again (by hand for
+    /// https_spiffe, whose endpoint certificate the new root now signs).
+    pub x509_signer_unpublished: bool,
+    /// The same for the JWT signing key: peers reject its tokens until
+    /// they fetch writ's bundle again.
+    pub jwt_signer_unpublished: bool,
 }
 
 /// One issuer's next CRL, made while the revocation list is held and signed
@@ -706,20 +714,30 @@ impl CertificateAuthority {
     /// lifetime: at 1/2 a successor (new key) is created and published at
     /// once; at 5/6 (earlier if the active key could no longer sign a full
     /// `svid_ttl` SVID or `jwt_svid_ttl` token) the successor starts signing
-    /// and the old key retires; a key is dropped (with its file) once it has
-    /// expired — a JWT key `jwt_svid_ttl` later, as a margin for validators
-    /// with slow clocks. Upstream mode rotates its JWT keys only: a new
-    /// intermediate is picked up by loading again.
+    /// and the old key retires. A successor created late (writ was down at
+    /// half-life) first gets a publication lead of its own
+    /// (`Schedule::activate_at`); one signs unpublished only when the key
+    /// before it has expired, which is logged and reported in the outcome.
+    /// A key is dropped (with its file) once it has expired — a JWT key
+    /// `jwt_svid_ttl` later, as a margin for validators with slow clocks.
+    /// Upstream mode rotates its JWT keys only: a new intermediate is
+    /// picked up by loading again.
     pub fn rotate(&mut self, now: SystemTime) -> Result<RotationOutcome, CaError> {
-        let (next_x509, created_x509) = match self.mode {
+        let x509_step = match self.mode {
             Mode::SelfSigned => self
                 .x509_schedule()
                 .advance(&self.x509, now, || self.new_root(now))?,
-            Mode::Upstream { .. } => (self.x509.clone(), Vec::new()),
+            Mode::Upstream { .. } => schedule::Advanced {
+                held: self.x509.clone(),
+                created: Vec::new(),
+                unpublished_signer: false,
+            },
         };
-        let (next_jwt, created_jwt) = self
+        let jwt_step = self
             .jwt_schedule()
             .advance(&self.jwt, now, || jwt_keys::create(now, self.ca_ttl))?;
+        let (next_x509, created_x509) = (x509_step.held, x509_step.created);
+        let (next_jwt, created_jwt) = (jwt_step.held, jwt_step.created);
 
         let x509_ids = |entries: &[Entry]| -> Vec<Vec<u8>> {
             entries.iter().map(|e| e.authority.key_id.clone()).collect()
@@ -737,6 +755,8 @@ impl CertificateAuthority {
             authorities_changed: x509_ids(&next_x509) != x509_ids(&self.x509),
             signer_changed: active_x509(&next_x509) != active_x509(&self.x509),
             jwt_authorities_changed: jwt_ids(&next_jwt) != jwt_ids(&self.jwt),
+            x509_signer_unpublished: x509_step.unpublished_signer,
+            jwt_signer_unpublished: jwt_step.unpublished_signer,
         };
         let roles = |roles: &mut dyn Iterator<Item = Role>| roles.collect::<Vec<_>>();
         let roles_changed = outcome.authorities_changed
@@ -807,6 +827,18 @@ impl CertificateAuthority {
         self.x509 = next_x509;
         self.jwt = next_jwt;
         self.expired_x509 = next_expired;
+        if outcome.x509_signer_unpublished {
+            tracing::warn!(
+                key_id = hex::encode(self.active_key_id()),
+                "the CA root expired while writ was down, so a new root signs at once without ever having been published: federated peers cannot verify writ's SVIDs or reach its https_spiffe bundle endpoint until they are given writ's bundle again (`writ bundle show --format spiffe`, then e.g. `spire-server bundle set -format spiffe`)"
+            );
+        }
+        if outcome.jwt_signer_unpublished {
+            tracing::warn!(
+                key_id = self.active_jwt_key_id().unwrap_or_default(),
+                "the JWT signing key expired while writ was down, so a new key signs at once without ever having been published: federated peers reject writ's JWT-SVIDs until they fetch writ's bundle again"
+            );
+        }
         Ok(outcome)
     }
 

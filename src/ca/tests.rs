@@ -441,6 +441,7 @@ fn rotation_schedule_with_injected_time() {
             authorities_changed: true,
             signer_changed: false,
             jwt_authorities_changed: true,
+            ..RotationOutcome::default()
         }
     );
     let pub_b = published(&ca);
@@ -463,6 +464,7 @@ fn rotation_schedule_with_injected_time() {
             authorities_changed: false,
             signer_changed: true,
             jwt_authorities_changed: false,
+            ..RotationOutcome::default()
         }
     );
     assert_eq!(ca.active_key_id(), root_b);
@@ -580,6 +582,112 @@ fn restart_after_everything_expired_starts_a_new_root() {
         .mint_x509_svid(&request("/a", HOUR), much_later)
         .unwrap();
     verify_chain(&svid.cert_chain, &second.x509_authorities(), much_later).unwrap();
+}
+
+/// writ was down at half-life and comes back after 5/6 (but while the
+/// active root can still sign full SVIDs): the successor it creates now is
+/// published first and signs only after a lead, for roots and JWT keys
+/// alike; a restart in the middle of that lead keeps to it.
+#[test]
+fn a_successor_prepared_late_is_published_before_it_signs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = settings(tmp.path());
+    let first = CertificateAuthority::load_or_create(s.clone(), t0()).unwrap();
+    let root_a = first.active_key_id().to_vec();
+    let jwt_a = first.active_jwt_key_id().unwrap().to_owned();
+    let first_outcome = first.rotated_at_load();
+    assert!(!first_outcome.x509_signer_unpublished && !first_outcome.jwt_signer_unpublished);
+    drop(first);
+
+    // Root A ends at t0+24h and can sign a full hour until t0+23h; 5/6 of
+    // its life is about t0+20h. Back at t0+21h: publish B, keep signing
+    // with A until A can no longer sign a full SVID (2 h of lead, less than
+    // the 8 h an on-time successor gets, but every SVID stays full length).
+    let back = t0() + 21 * HOUR;
+    let ca = CertificateAuthority::load_or_create(s.clone(), back).unwrap();
+    let out = ca.rotated_at_load();
+    assert!(out.authorities_changed && out.jwt_authorities_changed);
+    assert!(!out.signer_changed, "the late successor must not sign yet");
+    assert!(!out.x509_signer_unpublished && !out.jwt_signer_unpublished);
+    assert_eq!(ca.active_key_id(), root_a);
+    assert_eq!(ca.active_jwt_key_id(), Some(jwt_a.as_str()));
+    let root_b = published(&ca)[1].clone();
+    assert_eq!(jwt_kids(&ca).len(), 2);
+    let switch = back + 2 * HOUR;
+    assert_eq!(ca.next_rotation_at(), switch);
+    let svid = ca.mint_x509_svid(&request("/a", HOUR), back).unwrap();
+    assert_eq!(svid.issuer_key_id, root_a);
+    assert_eq!(svid.not_after, back + HOUR);
+    let token = ca.mint_jwt_svid(&jwt_request("/a", HOUR), back).unwrap();
+    assert_eq!(token.key_id, jwt_a);
+    drop(ca);
+
+    // Killed and restarted in the middle of the lead: the same state, the
+    // same switch-over time (it is derived from B's notBefore).
+    let mut ca = CertificateAuthority::load_or_create(s.clone(), back + HOUR).unwrap();
+    assert_eq!(ca.rotated_at_load(), RotationOutcome::default());
+    assert_eq!(ca.active_key_id(), root_a);
+    assert_eq!(published(&ca), vec![root_a.clone(), root_b.clone()]);
+    assert_eq!(ca.next_rotation_at(), switch);
+
+    assert_eq!(
+        ca.rotate(switch - SECOND).unwrap(),
+        RotationOutcome::default()
+    );
+    let out = ca.rotate(switch).unwrap();
+    assert!(out.signer_changed && !out.x509_signer_unpublished && !out.jwt_signer_unpublished);
+    assert_eq!(ca.active_key_id(), root_b);
+    // JWT key A can sign a full 5-minute token for longer, so its
+    // successor's lead runs on until then.
+    assert_eq!(ca.active_jwt_key_id(), Some(jwt_a.as_str()));
+    let jwt_switch = t0() + DEFAULT_CA_TTL - DEFAULT_JWT_SVID_TTL;
+    assert_eq!(ca.next_rotation_at(), jwt_switch);
+    let out = ca.rotate(jwt_switch).unwrap();
+    assert!(!out.jwt_signer_unpublished);
+    assert_ne!(ca.active_jwt_key_id(), Some(jwt_a.as_str()));
+}
+
+/// Back so late that the active root can no longer sign a full SVID: the
+/// successor still waits, for half of what the old root has left, and
+/// SVIDs signed meanwhile end with the old root.
+#[test]
+fn a_successor_prepared_in_the_last_svid_ttl_waits_half_the_time_left() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = settings(tmp.path());
+    let root_a = CertificateAuthority::load_or_create(s.clone(), t0())
+        .unwrap()
+        .active_key_id()
+        .to_vec();
+    let a_end = t0() + DEFAULT_CA_TTL;
+    let back = a_end - 30 * 60 * SECOND;
+    let mut ca = CertificateAuthority::load_or_create(s, back).unwrap();
+    assert!(!ca.rotated_at_load().signer_changed);
+    assert_eq!(ca.active_key_id(), root_a);
+    assert_eq!(ca.next_rotation_at(), back + 15 * 60 * SECOND);
+    let svid = ca.mint_x509_svid(&request("/a", HOUR), back).unwrap();
+    assert_eq!(svid.issuer_key_id, root_a);
+    assert_eq!(svid.not_after, a_end, "capped at the old root's notAfter");
+    let out = ca.rotate(back + 15 * 60 * SECOND).unwrap();
+    assert!(out.signer_changed && !out.x509_signer_unpublished);
+}
+
+/// Only a root that expired while writ was down lets an unpublished
+/// successor sign at once, and the outcome says so (the caller records
+/// it in the audit trail); a first start is not such a case.
+#[test]
+fn an_unpublished_successor_signs_at_once_only_after_the_active_key_expired() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = settings(tmp.path());
+    let first = CertificateAuthority::load_or_create(s.clone(), t0()).unwrap();
+    assert!(!first.rotated_at_load().x509_signer_unpublished);
+    let root_a = first.active_key_id().to_vec();
+    drop(first);
+    let much_later = t0() + DEFAULT_CA_TTL + HOUR;
+    let ca = CertificateAuthority::load_or_create(s, much_later).unwrap();
+    let out = ca.rotated_at_load();
+    assert!(out.signer_changed && out.x509_signer_unpublished && out.jwt_signer_unpublished);
+    assert_ne!(ca.active_key_id(), root_a);
+    assert_eq!(ca.x509_authorities().len(), 1);
 }
 
 #[test]
