@@ -903,7 +903,8 @@ impl CertificateAuthority {
     /// `finish_crls`. This copies the list; the signing, which costs more,
     /// needs no hold on it. Entries whose CA is no longer held are skipped:
     /// a CA is only dropped once expired, and every certificate it issued
-    /// expired no later.
+    /// expired no later. nextUpdate is `now + validity`, but never past the
+    /// issuing CA's end.
     pub fn prepare_crls(
         &self,
         list: &RevocationList,
@@ -923,6 +924,11 @@ impl CertificateAuthority {
             let Some(encoded) = list.encoded_for(&ca.key_id) else {
                 continue;
             };
+            // A CRL is no use past its issuer's end (an upstream issuer's:
+            // the earliest end in its chain), and claiming it valid longer
+            // would outlive the certificate that verifies it. At least a
+            // second, so the CRL stays well-formed.
+            let next_unix = next_unix.min(ca.not_after_unix).max(now_unix + 1);
             let body = if crl::supports(ca.issuer.key()) {
                 let header = crl::CrlHeader {
                     issuer_name: &ca.subject_der,

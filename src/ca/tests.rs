@@ -840,6 +840,11 @@ struct Pki {
 }
 
 fn pki() -> Pki {
+    pki_with(|_| ())
+}
+
+/// `pki()`, with the root's parameters adjusted by `adjust` first.
+fn pki_with(adjust: impl FnOnce(&mut CertificateParams)) -> Pki {
     let mut params = CertificateParams::default();
     params
         .distinguished_name
@@ -850,6 +855,7 @@ fn pki() -> Pki {
         time::OffsetDateTime::from_unix_timestamp(unix(t0()) as i64 - 86400).unwrap();
     params.not_after =
         time::OffsetDateTime::from_unix_timestamp(unix(t0()) as i64 + 365 * 86400).unwrap();
+    adjust(&mut params);
     let key = KeyPair::generate().unwrap();
     let root = params.self_signed(&key).unwrap();
     Pki {
@@ -1182,6 +1188,106 @@ fn upstream_files_are_verified_at_load() {
     // probe SVID catches what the static checks do not.
     assert!(
         load(write_upstream(tmp.path(), &pki, &with_eku, None).files).contains("does not verify")
+    );
+}
+
+/// What webpki does not check of an upstream chain — the trust anchor's
+/// validity, key usage and path length, name constraints anywhere — is
+/// checked at load and by `writ validate` (`check_settings`), naming the
+/// file and the problem.
+#[test]
+fn upstream_anchors_and_constraints_that_verifiers_refuse_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let at =
+        |secs: i64| time::OffsetDateTime::from_unix_timestamp(unix(t0()) as i64 + secs).unwrap();
+    let refused = |pki: &Pki, params: &CertificateParams| {
+        let files = write_upstream(tmp.path(), pki, params, None).files;
+        let validated = CertificateAuthority::check_settings(
+            &upstream_settings(tmp.path(), files.clone()),
+            t0(),
+        )
+        .unwrap_err()
+        .to_string();
+        let loaded =
+            CertificateAuthority::load_or_create(upstream_settings(tmp.path(), files), t0())
+                .unwrap_err()
+                .to_string();
+        assert_eq!(validated, loaded);
+        loaded
+    };
+    let good = intermediate_params(12 * HOUR);
+
+    let expired_root = pki_with(|p| {
+        p.not_before = at(-10 * 86400);
+        p.not_after = at(-60);
+    });
+    let err = refused(&expired_root, &good);
+    assert!(
+        err.contains("roots.pem") && err.contains("not valid now"),
+        "{err}"
+    );
+
+    let pl0_root = pki_with(|p| p.is_ca = IsCa::Ca(BasicConstraints::Constrained(0)));
+    let err = refused(&pl0_root, &good);
+    assert!(err.contains("pathLenConstraint 0"), "{err}");
+    // One CA certificate below a root of path length 1 is fine.
+    let pl1_root = pki_with(|p| p.is_ca = IsCa::Ca(BasicConstraints::Constrained(1)));
+    let files = write_upstream(tmp.path(), &pl1_root, &good, None).files;
+    CertificateAuthority::check_settings(&upstream_settings(tmp.path(), files), t0()).unwrap();
+
+    let no_cert_sign_root = pki_with(|p| p.key_usages = vec![KeyUsagePurpose::DigitalSignature]);
+    let err = refused(&no_cert_sign_root, &good);
+    assert!(err.contains("keyCertSign"), "{err}");
+
+    let mut constrained = intermediate_params(12 * HOUR);
+    constrained.name_constraints = Some(rcgen::NameConstraints {
+        permitted_subtrees: vec![rcgen::GeneralSubtree::DnsName("example.com".into())],
+        excluded_subtrees: Vec::new(),
+    });
+    let err = refused(&pki(), &constrained);
+    assert!(
+        err.contains("intermediate.pem") && err.contains("name constraints"),
+        "{err}"
+    );
+}
+
+/// An upstream root that ends before the intermediate: no SVID and no CRL
+/// may outlive it.
+#[test]
+fn upstream_svids_and_crls_end_by_the_earliest_end_in_the_chain() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root_end = t0() + 2 * HOUR;
+    let short_root = pki_with(|p| {
+        p.not_after = time::OffsetDateTime::from_unix_timestamp(unix(root_end) as i64).unwrap();
+    });
+    let setup = write_upstream(
+        tmp.path(),
+        &short_root,
+        &intermediate_params(12 * HOUR),
+        None,
+    );
+    let ca = CertificateAuthority::load_or_create(upstream_settings(tmp.path(), setup.files), t0())
+        .unwrap();
+    assert_eq!(ca.active_not_after(), root_end);
+    let svid = ca.mint_x509_svid(&request("/a", 48 * HOUR), t0()).unwrap();
+    assert_eq!(svid.not_after, root_end);
+    verify_chain(&svid.cert_chain, &ca.x509_authorities(), root_end - SECOND).unwrap();
+    let crls = ca
+        .sign_crls(
+            &[&RevokedCert {
+                serial: svid.serial.clone(),
+                issuer_key_id: svid.issuer_key_id.clone(),
+                revoked_at: t0(),
+            }],
+            1,
+            24 * HOUR,
+            t0(),
+        )
+        .unwrap();
+    let (_, crl) = CertificateRevocationList::from_der(&crls[0]).unwrap();
+    assert_eq!(
+        crl.next_update().map(|t| t.timestamp()),
+        Some(unix(root_end) as i64)
     );
 }
 
