@@ -30,6 +30,7 @@ use jwt_keys::JwtEntry;
 pub use revocation_list::RevocationList;
 use schedule::{Schedule, Scheduled};
 use store::{CaDir, ExpiredAuthority, Role, StateFile, StoredAuthority};
+pub(crate) use store::{read_private_text_file, read_trusted_text_file};
 pub use upstream::UpstreamCaFiles;
 
 /// Lifetime of a self-signed root unless configured otherwise.
@@ -131,6 +132,16 @@ pub enum CaError {
     },
     #[error("{} has mode {mode:04o}, open to group or others; it must be {want:04o}", path.display())]
     InsecurePermissions { path: PathBuf, mode: u32, want: u32 },
+    #[error(
+        "{} has mode {mode:04o}, writable by group or others, who could change what writ trusts and publishes; remove their write permission (e.g. chmod 0644)",
+        path.display()
+    )]
+    WritableTrustFile { path: PathBuf, mode: u32 },
+    #[error(
+        "{} is owned by uid {owner}, who could change it; it must be owned by the user writ runs as (uid {me}) or by root",
+        path.display()
+    )]
+    ForeignOwner { path: PathBuf, owner: u32, me: u32 },
     #[error(
         "CA state in {} is unusable: {reason}. Nothing was changed; restore the file, or move the directory away to start a new root (SVIDs from the old one will stop verifying)",
         path.display()

@@ -1182,6 +1182,35 @@ fn upstream_files_are_verified_at_load() {
         "{refused}"
     );
 
+    // Certificate files others may write: anyone could slip in a trust
+    // anchor writ would then publish, or another intermediate.
+    for world_writable in [&readable.files.bundle, &readable.files.cert] {
+        fs::set_permissions(&readable.files.key, fs::Permissions::from_mode(0o600)).unwrap();
+        fs::set_permissions(world_writable, fs::Permissions::from_mode(0o666)).unwrap();
+        let refused = load(readable.files.clone());
+        let name = world_writable.file_name().unwrap().to_str().unwrap();
+        assert!(
+            refused.contains(name) && refused.contains("mode 0666"),
+            "{refused}"
+        );
+        fs::set_permissions(world_writable, fs::Permissions::from_mode(0o644)).unwrap();
+    }
+    // A key that another user owns, whatever its mode.
+    if nix::unistd::geteuid().is_root() {
+        nix::unistd::chown(
+            &readable.files.key,
+            Some(nix::unistd::Uid::from_raw(65534)),
+            None,
+        )
+        .unwrap();
+        let refused = load(readable.files.clone());
+        assert!(
+            refused.contains("intermediate.key") && refused.contains("owned by uid 65534"),
+            "{refused}"
+        );
+        nix::unistd::chown(&readable.files.key, Some(nix::unistd::geteuid()), None).unwrap();
+    }
+
     let mut with_eku = intermediate_params(12 * HOUR);
     with_eku.extended_key_usages = vec![ExtendedKeyUsagePurpose::CodeSigning];
     // An intermediate whose EKU excludes TLS yields SVIDs rustls rejects; the

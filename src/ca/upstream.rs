@@ -261,7 +261,7 @@ fn check_anchor(root: &X509Certificate<'_>, below: usize, now_unix: i64) -> Resu
 }
 
 fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, CaError> {
-    let text = store::read_text_file(path)?;
+    let text = store::read_trusted_text_file(path)?;
     let blocks = pem::parse_many(&text).map_err(|e| CaError::Upstream {
         path: path.to_owned(),
         reason: format!("not valid PEM: {e}"),
