@@ -34,6 +34,9 @@ const CRL_REFRESH: Duration = Duration::from_secs(12 * 3600);
 /// How soon a CRL that failed to publish is tried again, so that a
 /// revocation never waits for the next completion to reach the CRL.
 const CRL_RETRY: Duration = Duration::from_secs(5);
+/// How long a CA rotation waits for the CRLs of its new roots before it
+/// publishes the new bundle regardless (see `rotate_ca`).
+const CRL_AFTER_ROTATION_WAIT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -1589,6 +1592,14 @@ impl Agent {
             }
             (outcome, ca.next_rotation_at(), ca.x509_authorities())
         };
+        if outcome.authorities_changed {
+            // A CRL must be signed by a root the bundle holds: one whose
+            // root was just dropped would fail every client that checks
+            // each CRL against the bundle, so the CRLs are re-signed
+            // (without it) before the new bundle goes out. A failure is
+            // logged by the publisher, which retries on its own.
+            self.republish_crls_for_new_authorities().await;
+        }
         if outcome.authorities_changed || outcome.signer_changed || outcome.jwt_authorities_changed
         {
             let sequence = self
@@ -1615,6 +1626,22 @@ impl Agent {
             self.notify(Change::Everything);
         }
         Ok(next)
+    }
+
+    /// Asks the CRL publisher for CRLs of the current authorities and
+    /// waits for them, but not forever: the publisher runs beside the
+    /// rotation, and a CA rotation must not hang on it.
+    async fn republish_crls_for_new_authorities(&self) {
+        let wanted = self.request_crls();
+        match tokio::time::timeout(CRL_AFTER_ROTATION_WAIT, self.crls_published(wanted)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "the CRLs could not be re-signed after the CA's roots changed")
+            }
+            Err(_) => tracing::warn!(
+                "the CRLs were not re-signed within {CRL_AFTER_ROTATION_WAIT:?} of a change of the CA's roots; publishing the new bundle anyway"
+            ),
+        }
     }
 
     /// Records what loading the CA changed (a first root, or schedule steps
@@ -1648,6 +1675,8 @@ fn ca_rotated_event(
         .detail("signer_changed", outcome.signer_changed)
         .detail("authorities_changed", outcome.authorities_changed)
         .detail("jwt_authorities_changed", outcome.jwt_authorities_changed)
+        .detail("x509_signer_unpublished", outcome.x509_signer_unpublished)
+        .detail("jwt_signer_unpublished", outcome.jwt_signer_unpublished)
         .detail("bundle_sequence", bundle_sequence);
     if outcome.authorities_changed {
         event.x509_authorities(roots)
@@ -2007,6 +2036,49 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         publisher.abort();
+    }
+
+    /// A CRL is signed by a root the bundle holds: when the CA's roots
+    /// change, the CRLs are re-signed before the new bundle goes out, and
+    /// a dropped root's CRL is not served any more (clients that check
+    /// every CRL against the bundle would fail on it).
+    #[tokio::test(flavor = "multi_thread")]
+    async fn crls_are_re_signed_when_the_roots_change_without_a_dropped_roots_crl() {
+        let dir = tempfile::tempdir().unwrap();
+        let agent = services_in(dir.path()).await.agent;
+        let now = SystemTime::now();
+        let (root_a, a_end) = {
+            let ca = read_lock(&agent.ca);
+            (ca.active_key_id().to_vec(), ca.active_not_after())
+        };
+        let revoked = crate::ca::RevokedCert {
+            serial: vec![0x42; 16],
+            issuer_key_id: root_a,
+            revoked_at: now,
+        };
+        agent.add_revocations(&[(revoked, unix_secs(now) + 3600)]);
+        agent.publish_crls().await.unwrap();
+        assert_eq!(agent.crls().ders.len(), 1, "root A's CRL");
+
+        // Root B is added at A's half-life (rotate_ca takes the time it
+        // runs at): the CRLs are re-signed, A's still among them.
+        let before = agent.crls().generation;
+        agent
+            .rotate_ca(now + Duration::from_secs(13 * 3600))
+            .await
+            .unwrap();
+        assert_eq!(read_lock(&agent.ca).x509_authorities().len(), 2);
+        assert!(agent.crls().generation > before);
+        assert_eq!(agent.crls().ders.len(), 1);
+
+        // A expires and is dropped: its CRL leaves with it at once, not at
+        // the next revocation or the 12-hourly refresh.
+        agent.rotate_ca(a_end).await.unwrap();
+        assert_eq!(read_lock(&agent.ca).x509_authorities().len(), 1);
+        assert!(
+            agent.crls().ders.is_empty(),
+            "a dropped root's CRL is still served"
+        );
     }
 
     /// A CRL growing by small steps is warned about once per doubling past

@@ -206,6 +206,23 @@ fn validate_checks_the_files_a_config_names() {
         "{stderr}"
     );
     assert!(stderr.contains("1 error(s)"), "{stderr}");
+    // A certificate file anyone may write is refused before it is parsed:
+    // whoever can write it chooses what writ trusts and publishes.
+    let cert = dir.path().join("cert.pem");
+    std::fs::write(&cert, "not even PEM").unwrap();
+    std::fs::set_permissions(&cert, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let (ok, _, stderr) = validate(&format!(
+        "[ca.upstream]\ncert = \"{0}/cert.pem\"\nkey = \"{0}/key.pem\"\nbundle = \"{0}/roots.pem\"\n",
+        dir.path().display()
+    ));
+    assert!(!ok);
+    assert!(
+        stderr.contains(&format!(
+            "{} has mode 0666, writable by group or others",
+            cert.display()
+        )),
+        "{stderr}"
+    );
 
     // A good policy passes, and nothing was created along the way.
     std::fs::write(&bad, "permit (principal, action, resource);\n").unwrap();

@@ -692,6 +692,103 @@ federates_with = ["b.test"]
     assert_eq!(listed(&a, "b.test").unwrap()["source"], "fetched");
 }
 
+/// writ is down across the half-life of its root and comes back after 5/6:
+/// the root it prepares then must reach peers before it signs the bundle
+/// endpoint's certificate, or a peer that holds only the old root can
+/// never fetch again. Also across a kill -9 and restart within that lead.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_root_prepared_after_an_outage_is_served_before_it_signs_the_endpoint() {
+    let port = free_port();
+    let endpoint_id = "spiffe://b.test/writ/bundle-endpoint";
+    let get = b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n";
+    let mut b = Writ::start_in(
+        "b.test",
+        &format!(
+            r#"
+[ca]
+ca_ttl = "60s"
+x509_svid_ttl = "1s"
+jwt_svid_ttl = "1s"
+
+[tasks]
+x509_svid_ttl = "1s"
+
+[federation.bundle_endpoint]
+listen = "127.0.0.1:{port}"
+refresh_hint = "1s"
+"#
+        ),
+    );
+    // A peer bootstrapped with root A alone.
+    let root_a = pem_ders(&cli_ok(&b, &["bundle", "show"]));
+    assert_eq!(root_a.len(), 1);
+    let (status, _, _) = raw_https(port, endpoint_id, &root_a, get).await.unwrap();
+    assert_eq!(status, 200);
+    b.kill9();
+
+    // A lives 70 s (backdated 10 s): half-life 35 s before its end, 5/6
+    // about 11.7 s before. Come back 10 s before its end.
+    let (_, cert) = x509_parser::parse_x509_certificate(&root_a[0]).unwrap();
+    let a_end =
+        std::time::UNIX_EPOCH + Duration::from_secs(cert.validity().not_after.timestamp() as u64);
+    let until = |t: std::time::SystemTime| {
+        t.duration_since(std::time::SystemTime::now())
+            .unwrap_or_default()
+    };
+    tokio::time::sleep(until(a_end - Duration::from_secs(10))).await;
+    b.spawn();
+    // Root B is published, and root A still signs the endpoint's
+    // certificate: the peer holding A alone fetches and learns B. (A would
+    // switch at once at 5/6 without the lead: 9 s here.)
+    let (status, _, body) = raw_https(port, endpoint_id, &root_a, get)
+        .await
+        .unwrap_or_else(|e| panic!("the peer was locked out: {e}\n{}", b.log()));
+    assert_eq!(status, 200);
+    let fetched =
+        TrustBundle::from_spiffe_json(TrustDomain::new("b.test").unwrap(), &body).unwrap();
+    let learned: Vec<Vec<u8>> = fetched
+        .x509_authorities
+        .iter()
+        .map(|c| c.to_vec())
+        .collect();
+    assert_eq!(learned.len(), 2, "A and its successor");
+    assert_eq!(learned[0], root_a[0]);
+
+    // A crash in the middle of the lead changes nothing.
+    b.kill9();
+    b.spawn();
+    let (status, _, _) = raw_https(port, endpoint_id, &root_a, get)
+        .await
+        .unwrap_or_else(|e| panic!("the peer was locked out after a restart: {e}\n{}", b.log()));
+    assert_eq!(status, 200);
+    assert_eq!(pem_ders(&cli_ok(&b, &["bundle", "show"])), learned);
+
+    // B takes over before A ends; the peer that fetched during the lead
+    // keeps fetching through the switch and after A is gone.
+    let deadline = a_end + Duration::from_secs(15);
+    loop {
+        let (status, _, _) = raw_https(port, endpoint_id, &learned, get)
+            .await
+            .unwrap_or_else(|e| panic!("the peer that learned B was refused: {e}\n{}", b.log()));
+        assert_eq!(status, 200);
+        if raw_https(port, endpoint_id, &root_a, get).await.is_err()
+            && std::time::SystemTime::now() > a_end
+        {
+            break;
+        }
+        assert!(
+            std::time::SystemTime::now() < deadline,
+            "the endpoint never switched to B:\n{}",
+            b.log()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    // A leaves the bundle once it has expired.
+    wait_for(Duration::from_secs(10), "root A to be dropped", || {
+        (pem_ders(&cli_ok(&b, &["bundle", "show"])) == learned[1..]).then_some(())
+    });
+}
+
 /// A test CA for a trust domain of our own making, and a scripted bundle
 /// endpoint for it: the test decides which document it serves.
 struct ScriptedPeer {

@@ -29,6 +29,8 @@ pub(crate) struct SigningAuthority {
     /// CRL it signs, kept so a publication need not parse the certificate.
     pub(crate) subject_der: Vec<u8>,
     pub(crate) not_before: SystemTime,
+    /// The last moment it may sign: its certificate's notAfter, or sooner
+    /// if a certificate above it ends sooner (`cap_not_after`).
     pub(crate) not_after: SystemTime,
     /// Unix seconds of `not_after`, kept so minting does no conversion work.
     pub(crate) not_after_unix: i64,
@@ -79,6 +81,16 @@ impl SigningAuthority {
             chain_tail,
             cert,
         })
+    }
+
+    /// Ends the authority's signing life at `not_after_unix` if that is
+    /// sooner than its certificate's: an upstream intermediate is only
+    /// valid while every certificate above it is.
+    pub(crate) fn cap_not_after(&mut self, not_after_unix: i64) {
+        if not_after_unix < self.not_after_unix {
+            self.not_after_unix = not_after_unix;
+            self.not_after = clock::from_unix(not_after_unix);
+        }
     }
 
     pub(crate) fn key_pkcs8_pem(&self) -> String {

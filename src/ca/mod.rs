@@ -30,6 +30,7 @@ use jwt_keys::JwtEntry;
 pub use revocation_list::RevocationList;
 use schedule::{Schedule, Scheduled};
 use store::{CaDir, ExpiredAuthority, Role, StateFile, StoredAuthority};
+pub(crate) use store::{read_private_text_file, read_trusted_text_file};
 pub use upstream::UpstreamCaFiles;
 
 /// Lifetime of a self-signed root unless configured otherwise.
@@ -86,6 +87,14 @@ pub struct RotationOutcome {
     pub signer_changed: bool,
     /// The published JWT authorities differ: bundles must be re-sent.
     pub jwt_authorities_changed: bool,
+    /// A root that no bundle has carried yet signs from now on: the one
+    /// before it expired while writ was down, so nothing else could sign.
+    /// Federated peers must fetch writ's bundle again (by hand for
+    /// https_spiffe, whose endpoint certificate the new root now signs).
+    pub x509_signer_unpublished: bool,
+    /// The same for the JWT signing key: peers reject its tokens until
+    /// they fetch writ's bundle again.
+    pub jwt_signer_unpublished: bool,
 }
 
 /// One issuer's next CRL, made while the revocation list is held and signed
@@ -123,6 +132,16 @@ pub enum CaError {
     },
     #[error("{} has mode {mode:04o}, open to group or others; it must be {want:04o}", path.display())]
     InsecurePermissions { path: PathBuf, mode: u32, want: u32 },
+    #[error(
+        "{} has mode {mode:04o}, writable by group or others, who could change what writ trusts and publishes; remove their write permission (e.g. chmod 0644)",
+        path.display()
+    )]
+    WritableTrustFile { path: PathBuf, mode: u32 },
+    #[error(
+        "{} is owned by uid {owner}, who could change it; it must be owned by the user writ runs as (uid {me}) or by root",
+        path.display()
+    )]
+    ForeignOwner { path: PathBuf, owner: u32, me: u32 },
     #[error(
         "CA state in {} is unusable: {reason}. Nothing was changed; restore the file, or move the directory away to start a new root (SVIDs from the old one will stop verifying)",
         path.display()
@@ -706,20 +725,30 @@ impl CertificateAuthority {
     /// lifetime: at 1/2 a successor (new key) is created and published at
     /// once; at 5/6 (earlier if the active key could no longer sign a full
     /// `svid_ttl` SVID or `jwt_svid_ttl` token) the successor starts signing
-    /// and the old key retires; a key is dropped (with its file) once it has
-    /// expired — a JWT key `jwt_svid_ttl` later, as a margin for validators
-    /// with slow clocks. Upstream mode rotates its JWT keys only: a new
-    /// intermediate is picked up by loading again.
+    /// and the old key retires. A successor created late (writ was down at
+    /// half-life) first gets a publication lead of its own
+    /// (`Schedule::activate_at`); one signs unpublished only when the key
+    /// before it has expired, which is logged and reported in the outcome.
+    /// A key is dropped (with its file) once it has expired — a JWT key
+    /// `jwt_svid_ttl` later, as a margin for validators with slow clocks.
+    /// Upstream mode rotates its JWT keys only: a new intermediate is
+    /// picked up by loading again.
     pub fn rotate(&mut self, now: SystemTime) -> Result<RotationOutcome, CaError> {
-        let (next_x509, created_x509) = match self.mode {
+        let x509_step = match self.mode {
             Mode::SelfSigned => self
                 .x509_schedule()
                 .advance(&self.x509, now, || self.new_root(now))?,
-            Mode::Upstream { .. } => (self.x509.clone(), Vec::new()),
+            Mode::Upstream { .. } => schedule::Advanced {
+                held: self.x509.clone(),
+                created: Vec::new(),
+                unpublished_signer: false,
+            },
         };
-        let (next_jwt, created_jwt) = self
+        let jwt_step = self
             .jwt_schedule()
             .advance(&self.jwt, now, || jwt_keys::create(now, self.ca_ttl))?;
+        let (next_x509, created_x509) = (x509_step.held, x509_step.created);
+        let (next_jwt, created_jwt) = (jwt_step.held, jwt_step.created);
 
         let x509_ids = |entries: &[Entry]| -> Vec<Vec<u8>> {
             entries.iter().map(|e| e.authority.key_id.clone()).collect()
@@ -737,6 +766,8 @@ impl CertificateAuthority {
             authorities_changed: x509_ids(&next_x509) != x509_ids(&self.x509),
             signer_changed: active_x509(&next_x509) != active_x509(&self.x509),
             jwt_authorities_changed: jwt_ids(&next_jwt) != jwt_ids(&self.jwt),
+            x509_signer_unpublished: x509_step.unpublished_signer,
+            jwt_signer_unpublished: jwt_step.unpublished_signer,
         };
         let roles = |roles: &mut dyn Iterator<Item = Role>| roles.collect::<Vec<_>>();
         let roles_changed = outcome.authorities_changed
@@ -807,6 +838,18 @@ impl CertificateAuthority {
         self.x509 = next_x509;
         self.jwt = next_jwt;
         self.expired_x509 = next_expired;
+        if outcome.x509_signer_unpublished {
+            tracing::warn!(
+                key_id = hex::encode(self.active_key_id()),
+                "the CA root expired while writ was down, so a new root signs at once without ever having been published: federated peers cannot verify writ's SVIDs or reach its https_spiffe bundle endpoint until they are given writ's bundle again (`writ bundle show --format spiffe`, then e.g. `spire-server bundle set -format spiffe`)"
+            );
+        }
+        if outcome.jwt_signer_unpublished {
+            tracing::warn!(
+                key_id = self.active_jwt_key_id().unwrap_or_default(),
+                "the JWT signing key expired while writ was down, so a new key signs at once without ever having been published: federated peers reject writ's JWT-SVIDs until they fetch writ's bundle again"
+            );
+        }
         Ok(outcome)
     }
 
@@ -871,7 +914,8 @@ impl CertificateAuthority {
     /// `finish_crls`. This copies the list; the signing, which costs more,
     /// needs no hold on it. Entries whose CA is no longer held are skipped:
     /// a CA is only dropped once expired, and every certificate it issued
-    /// expired no later.
+    /// expired no later. nextUpdate is `now + validity`, but never past the
+    /// issuing CA's end.
     pub fn prepare_crls(
         &self,
         list: &RevocationList,
@@ -891,6 +935,11 @@ impl CertificateAuthority {
             let Some(encoded) = list.encoded_for(&ca.key_id) else {
                 continue;
             };
+            // A CRL is no use past its issuer's end (an upstream issuer's:
+            // the earliest end in its chain), and claiming it valid longer
+            // would outlive the certificate that verifies it. At least a
+            // second, so the CRL stays well-formed.
+            let next_unix = next_unix.min(ca.not_after_unix).max(now_unix + 1);
             let body = if crl::supports(ca.issuer.key()) {
                 let header = crl::CrlHeader {
                     issuer_name: &ca.subject_der,

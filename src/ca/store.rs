@@ -260,28 +260,74 @@ fn read_limited(path: &Path) -> io::Result<Vec<u8>> {
     Ok(bytes)
 }
 
-/// Reads an operator-supplied file (upstream CA material) with the same
-/// size bound as our own files.
-pub(crate) fn read_text_file(path: &Path) -> Result<String, CaError> {
-    let bytes = read_limited(path).map_err(|e| io_err(path, e))?;
-    String::from_utf8(bytes).map_err(|_| CaError::Upstream {
-        path: path.to_owned(),
-        reason: "not UTF-8 text (expected PEM)".into(),
+/// Reads an operator-supplied file writ trusts (upstream CA certificates
+/// and roots, the bundle endpoint's certificate) with the same size bound
+/// as our own files. Whoever can write it decides what writ trusts and
+/// publishes, so it is refused if group or others may write it, or if a
+/// user other than writ's or root owns it. The checks are made on the file
+/// opened, so they hold for the file read.
+pub(crate) fn read_trusted_text_file(path: &Path) -> Result<String, CaError> {
+    let file = File::open(path).map_err(|e| io_err(path, e))?;
+    let meta = file.metadata().map_err(|e| io_err(path, e))?;
+    check_owner(path, &meta)?;
+    let mode = meta.permissions().mode();
+    if mode & 0o022 != 0 {
+        return Err(CaError::WritableTrustFile {
+            path: path.to_owned(),
+            mode: mode & 0o7777,
+        });
+    }
+    let mut bytes = Vec::new();
+    file.take(MAX_FILE_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| io_err(path, e))?;
+    if bytes.len() as u64 > MAX_FILE_BYTES {
+        return Err(io_err(
+            path,
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("larger than {MAX_FILE_BYTES} bytes"),
+            ),
+        ));
+    }
+    String::from_utf8(bytes).map_err(|_| {
+        io_err(
+            path,
+            io::Error::new(io::ErrorKind::InvalidData, "not UTF-8 text (expected PEM)"),
+        )
     })
 }
 
 /// A private key file, writ's own or one an operator supplies (the
-/// upstream CA's): refused if group or others may read it. The mode is
-/// checked on the file opened, so it is the file read.
+/// upstream CA's, the bundle endpoint's): refused if group or others may
+/// read or write it, or if a user other than writ's or root owns it (its
+/// owner could read it, or swap the key). The checks are made on the file
+/// opened, so they hold for the file read.
 pub(crate) fn read_private_text_file(path: &Path) -> Result<String, CaError> {
     let file = File::open(path).map_err(|e| io_err(path, e))?;
     let meta = file.metadata().map_err(|e| io_err(path, e))?;
+    check_owner(path, &meta)?;
     check_private(path, meta.permissions().mode(), KEY_MODE)?;
     let mut text = String::new();
     file.take(MAX_FILE_BYTES)
         .read_to_string(&mut text)
         .map_err(|e| io_err(path, e))?;
     Ok(text)
+}
+
+/// Only writ's own user and root may own a file writ trusts or keeps secret.
+fn check_owner(path: &Path, meta: &fs::Metadata) -> Result<(), CaError> {
+    use std::os::unix::fs::MetadataExt;
+    let me = nix::unistd::geteuid().as_raw();
+    let owner = meta.uid();
+    if owner != me && owner != 0 {
+        return Err(CaError::ForeignOwner {
+            path: path.to_owned(),
+            owner,
+            me,
+        });
+    }
+    Ok(())
 }
 
 fn check_private(path: &Path, mode: u32, want: u32) -> Result<(), CaError> {
@@ -348,5 +394,35 @@ mod tests {
             CaDir::open_or_create(&path),
             Err(CaError::InsecurePermissions { mode: 0o755, .. })
         ));
+    }
+
+    /// A trust file may be world-readable but not writable by others; a
+    /// private file neither. Both must belong to writ's user or root.
+    #[test]
+    fn trusted_and_private_files_are_checked_for_mode_and_owner() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("roots.pem");
+        fs::write(&path, "pem").unwrap();
+        for (mode, ok) in [(0o644, true), (0o444, true), (0o664, false), (0o646, false)] {
+            fs::set_permissions(&path, fs::Permissions::from_mode(mode)).unwrap();
+            let read = read_trusted_text_file(&path);
+            assert_eq!(read.is_ok(), ok, "{mode:o}: {read:?}");
+            if !ok {
+                assert!(matches!(read, Err(CaError::WritableTrustFile { .. })));
+            }
+        }
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).unwrap();
+        assert_eq!(read_private_text_file(&path).unwrap(), "pem");
+        if nix::unistd::geteuid().is_root() {
+            nix::unistd::chown(&path, Some(nix::unistd::Uid::from_raw(65534)), None).unwrap();
+            for read in [read_trusted_text_file(&path), read_private_text_file(&path)] {
+                let err = read.unwrap_err();
+                assert!(
+                    matches!(err, CaError::ForeignOwner { owner: 65534, .. }),
+                    "{err}"
+                );
+                assert!(err.to_string().contains("roots.pem"), "{err}");
+            }
+        }
     }
 }

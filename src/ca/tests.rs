@@ -441,6 +441,7 @@ fn rotation_schedule_with_injected_time() {
             authorities_changed: true,
             signer_changed: false,
             jwt_authorities_changed: true,
+            ..RotationOutcome::default()
         }
     );
     let pub_b = published(&ca);
@@ -463,6 +464,7 @@ fn rotation_schedule_with_injected_time() {
             authorities_changed: false,
             signer_changed: true,
             jwt_authorities_changed: false,
+            ..RotationOutcome::default()
         }
     );
     assert_eq!(ca.active_key_id(), root_b);
@@ -580,6 +582,112 @@ fn restart_after_everything_expired_starts_a_new_root() {
         .mint_x509_svid(&request("/a", HOUR), much_later)
         .unwrap();
     verify_chain(&svid.cert_chain, &second.x509_authorities(), much_later).unwrap();
+}
+
+/// writ was down at half-life and comes back after 5/6 (but while the
+/// active root can still sign full SVIDs): the successor it creates now is
+/// published first and signs only after a lead, for roots and JWT keys
+/// alike; a restart in the middle of that lead keeps to it.
+#[test]
+fn a_successor_prepared_late_is_published_before_it_signs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = settings(tmp.path());
+    let first = CertificateAuthority::load_or_create(s.clone(), t0()).unwrap();
+    let root_a = first.active_key_id().to_vec();
+    let jwt_a = first.active_jwt_key_id().unwrap().to_owned();
+    let first_outcome = first.rotated_at_load();
+    assert!(!first_outcome.x509_signer_unpublished && !first_outcome.jwt_signer_unpublished);
+    drop(first);
+
+    // Root A ends at t0+24h and can sign a full hour until t0+23h; 5/6 of
+    // its life is about t0+20h. Back at t0+21h: publish B, keep signing
+    // with A until A can no longer sign a full SVID (2 h of lead, less than
+    // the 8 h an on-time successor gets, but every SVID stays full length).
+    let back = t0() + 21 * HOUR;
+    let ca = CertificateAuthority::load_or_create(s.clone(), back).unwrap();
+    let out = ca.rotated_at_load();
+    assert!(out.authorities_changed && out.jwt_authorities_changed);
+    assert!(!out.signer_changed, "the late successor must not sign yet");
+    assert!(!out.x509_signer_unpublished && !out.jwt_signer_unpublished);
+    assert_eq!(ca.active_key_id(), root_a);
+    assert_eq!(ca.active_jwt_key_id(), Some(jwt_a.as_str()));
+    let root_b = published(&ca)[1].clone();
+    assert_eq!(jwt_kids(&ca).len(), 2);
+    let switch = back + 2 * HOUR;
+    assert_eq!(ca.next_rotation_at(), switch);
+    let svid = ca.mint_x509_svid(&request("/a", HOUR), back).unwrap();
+    assert_eq!(svid.issuer_key_id, root_a);
+    assert_eq!(svid.not_after, back + HOUR);
+    let token = ca.mint_jwt_svid(&jwt_request("/a", HOUR), back).unwrap();
+    assert_eq!(token.key_id, jwt_a);
+    drop(ca);
+
+    // Killed and restarted in the middle of the lead: the same state, the
+    // same switch-over time (it is derived from B's notBefore).
+    let mut ca = CertificateAuthority::load_or_create(s.clone(), back + HOUR).unwrap();
+    assert_eq!(ca.rotated_at_load(), RotationOutcome::default());
+    assert_eq!(ca.active_key_id(), root_a);
+    assert_eq!(published(&ca), vec![root_a.clone(), root_b.clone()]);
+    assert_eq!(ca.next_rotation_at(), switch);
+
+    assert_eq!(
+        ca.rotate(switch - SECOND).unwrap(),
+        RotationOutcome::default()
+    );
+    let out = ca.rotate(switch).unwrap();
+    assert!(out.signer_changed && !out.x509_signer_unpublished && !out.jwt_signer_unpublished);
+    assert_eq!(ca.active_key_id(), root_b);
+    // JWT key A can sign a full 5-minute token for longer, so its
+    // successor's lead runs on until then.
+    assert_eq!(ca.active_jwt_key_id(), Some(jwt_a.as_str()));
+    let jwt_switch = t0() + DEFAULT_CA_TTL - DEFAULT_JWT_SVID_TTL;
+    assert_eq!(ca.next_rotation_at(), jwt_switch);
+    let out = ca.rotate(jwt_switch).unwrap();
+    assert!(!out.jwt_signer_unpublished);
+    assert_ne!(ca.active_jwt_key_id(), Some(jwt_a.as_str()));
+}
+
+/// Back so late that the active root can no longer sign a full SVID: the
+/// successor still waits, for half of what the old root has left, and
+/// SVIDs signed meanwhile end with the old root.
+#[test]
+fn a_successor_prepared_in_the_last_svid_ttl_waits_half_the_time_left() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = settings(tmp.path());
+    let root_a = CertificateAuthority::load_or_create(s.clone(), t0())
+        .unwrap()
+        .active_key_id()
+        .to_vec();
+    let a_end = t0() + DEFAULT_CA_TTL;
+    let back = a_end - 30 * 60 * SECOND;
+    let mut ca = CertificateAuthority::load_or_create(s, back).unwrap();
+    assert!(!ca.rotated_at_load().signer_changed);
+    assert_eq!(ca.active_key_id(), root_a);
+    assert_eq!(ca.next_rotation_at(), back + 15 * 60 * SECOND);
+    let svid = ca.mint_x509_svid(&request("/a", HOUR), back).unwrap();
+    assert_eq!(svid.issuer_key_id, root_a);
+    assert_eq!(svid.not_after, a_end, "capped at the old root's notAfter");
+    let out = ca.rotate(back + 15 * 60 * SECOND).unwrap();
+    assert!(out.signer_changed && !out.x509_signer_unpublished);
+}
+
+/// Only a root that expired while writ was down lets an unpublished
+/// successor sign at once, and the outcome says so (the caller records
+/// it in the audit trail); a first start is not such a case.
+#[test]
+fn an_unpublished_successor_signs_at_once_only_after_the_active_key_expired() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = settings(tmp.path());
+    let first = CertificateAuthority::load_or_create(s.clone(), t0()).unwrap();
+    assert!(!first.rotated_at_load().x509_signer_unpublished);
+    let root_a = first.active_key_id().to_vec();
+    drop(first);
+    let much_later = t0() + DEFAULT_CA_TTL + HOUR;
+    let ca = CertificateAuthority::load_or_create(s, much_later).unwrap();
+    let out = ca.rotated_at_load();
+    assert!(out.signer_changed && out.x509_signer_unpublished && out.jwt_signer_unpublished);
+    assert_ne!(ca.active_key_id(), root_a);
+    assert_eq!(ca.x509_authorities().len(), 1);
 }
 
 #[test]
@@ -732,6 +840,11 @@ struct Pki {
 }
 
 fn pki() -> Pki {
+    pki_with(|_| ())
+}
+
+/// `pki()`, with the root's parameters adjusted by `adjust` first.
+fn pki_with(adjust: impl FnOnce(&mut CertificateParams)) -> Pki {
     let mut params = CertificateParams::default();
     params
         .distinguished_name
@@ -742,6 +855,7 @@ fn pki() -> Pki {
         time::OffsetDateTime::from_unix_timestamp(unix(t0()) as i64 - 86400).unwrap();
     params.not_after =
         time::OffsetDateTime::from_unix_timestamp(unix(t0()) as i64 + 365 * 86400).unwrap();
+    adjust(&mut params);
     let key = KeyPair::generate().unwrap();
     let root = params.self_signed(&key).unwrap();
     Pki {
@@ -1068,12 +1182,141 @@ fn upstream_files_are_verified_at_load() {
         "{refused}"
     );
 
+    // Certificate files others may write: anyone could slip in a trust
+    // anchor writ would then publish, or another intermediate.
+    for world_writable in [&readable.files.bundle, &readable.files.cert] {
+        fs::set_permissions(&readable.files.key, fs::Permissions::from_mode(0o600)).unwrap();
+        fs::set_permissions(world_writable, fs::Permissions::from_mode(0o666)).unwrap();
+        let refused = load(readable.files.clone());
+        let name = world_writable.file_name().unwrap().to_str().unwrap();
+        assert!(
+            refused.contains(name) && refused.contains("mode 0666"),
+            "{refused}"
+        );
+        fs::set_permissions(world_writable, fs::Permissions::from_mode(0o644)).unwrap();
+    }
+    // A key that another user owns, whatever its mode.
+    if nix::unistd::geteuid().is_root() {
+        nix::unistd::chown(
+            &readable.files.key,
+            Some(nix::unistd::Uid::from_raw(65534)),
+            None,
+        )
+        .unwrap();
+        let refused = load(readable.files.clone());
+        assert!(
+            refused.contains("intermediate.key") && refused.contains("owned by uid 65534"),
+            "{refused}"
+        );
+        nix::unistd::chown(&readable.files.key, Some(nix::unistd::geteuid()), None).unwrap();
+    }
+
     let mut with_eku = intermediate_params(12 * HOUR);
     with_eku.extended_key_usages = vec![ExtendedKeyUsagePurpose::CodeSigning];
     // An intermediate whose EKU excludes TLS yields SVIDs rustls rejects; the
     // probe SVID catches what the static checks do not.
     assert!(
         load(write_upstream(tmp.path(), &pki, &with_eku, None).files).contains("does not verify")
+    );
+}
+
+/// What webpki does not check of an upstream chain — the trust anchor's
+/// validity, key usage and path length, name constraints anywhere — is
+/// checked at load and by `writ validate` (`check_settings`), naming the
+/// file and the problem.
+#[test]
+fn upstream_anchors_and_constraints_that_verifiers_refuse_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let at =
+        |secs: i64| time::OffsetDateTime::from_unix_timestamp(unix(t0()) as i64 + secs).unwrap();
+    let refused = |pki: &Pki, params: &CertificateParams| {
+        let files = write_upstream(tmp.path(), pki, params, None).files;
+        let validated = CertificateAuthority::check_settings(
+            &upstream_settings(tmp.path(), files.clone()),
+            t0(),
+        )
+        .unwrap_err()
+        .to_string();
+        let loaded =
+            CertificateAuthority::load_or_create(upstream_settings(tmp.path(), files), t0())
+                .unwrap_err()
+                .to_string();
+        assert_eq!(validated, loaded);
+        loaded
+    };
+    let good = intermediate_params(12 * HOUR);
+
+    let expired_root = pki_with(|p| {
+        p.not_before = at(-10 * 86400);
+        p.not_after = at(-60);
+    });
+    let err = refused(&expired_root, &good);
+    assert!(
+        err.contains("roots.pem") && err.contains("not valid now"),
+        "{err}"
+    );
+
+    let pl0_root = pki_with(|p| p.is_ca = IsCa::Ca(BasicConstraints::Constrained(0)));
+    let err = refused(&pl0_root, &good);
+    assert!(err.contains("pathLenConstraint 0"), "{err}");
+    // One CA certificate below a root of path length 1 is fine.
+    let pl1_root = pki_with(|p| p.is_ca = IsCa::Ca(BasicConstraints::Constrained(1)));
+    let files = write_upstream(tmp.path(), &pl1_root, &good, None).files;
+    CertificateAuthority::check_settings(&upstream_settings(tmp.path(), files), t0()).unwrap();
+
+    let no_cert_sign_root = pki_with(|p| p.key_usages = vec![KeyUsagePurpose::DigitalSignature]);
+    let err = refused(&no_cert_sign_root, &good);
+    assert!(err.contains("keyCertSign"), "{err}");
+
+    let mut constrained = intermediate_params(12 * HOUR);
+    constrained.name_constraints = Some(rcgen::NameConstraints {
+        permitted_subtrees: vec![rcgen::GeneralSubtree::DnsName("example.com".into())],
+        excluded_subtrees: Vec::new(),
+    });
+    let err = refused(&pki(), &constrained);
+    assert!(
+        err.contains("intermediate.pem") && err.contains("name constraints"),
+        "{err}"
+    );
+}
+
+/// An upstream root that ends before the intermediate: no SVID and no CRL
+/// may outlive it.
+#[test]
+fn upstream_svids_and_crls_end_by_the_earliest_end_in_the_chain() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root_end = t0() + 2 * HOUR;
+    let short_root = pki_with(|p| {
+        p.not_after = time::OffsetDateTime::from_unix_timestamp(unix(root_end) as i64).unwrap();
+    });
+    let setup = write_upstream(
+        tmp.path(),
+        &short_root,
+        &intermediate_params(12 * HOUR),
+        None,
+    );
+    let ca = CertificateAuthority::load_or_create(upstream_settings(tmp.path(), setup.files), t0())
+        .unwrap();
+    assert_eq!(ca.active_not_after(), root_end);
+    let svid = ca.mint_x509_svid(&request("/a", 48 * HOUR), t0()).unwrap();
+    assert_eq!(svid.not_after, root_end);
+    verify_chain(&svid.cert_chain, &ca.x509_authorities(), root_end - SECOND).unwrap();
+    let crls = ca
+        .sign_crls(
+            &[&RevokedCert {
+                serial: svid.serial.clone(),
+                issuer_key_id: svid.issuer_key_id.clone(),
+                revoked_at: t0(),
+            }],
+            1,
+            24 * HOUR,
+            t0(),
+        )
+        .unwrap();
+    let (_, crl) = CertificateRevocationList::from_der(&crls[0]).unwrap();
+    assert_eq!(
+        crl.next_update().map(|t| t.timestamp()),
+        Some(unix(root_end) as i64)
     );
 }
 

@@ -133,14 +133,24 @@ pub(crate) fn load(
                 )
             })?;
     }
+    for (below, cert) in parsed.iter().enumerate() {
+        check_ca_constraints(cert, below).map_err(|reason| fail(&files.cert, reason))?;
+    }
     let top = &parsed[parsed.len() - 1];
-    let anchored = roots.iter().any(|root| {
-        X509Certificate::from_der(root).is_ok_and(|(_, r)| {
+    // The roots that issued the top of the chain. webpki, which checks
+    // the probe SVID below, trusts an anchor's key and name only, so its
+    // validity, key usage and constraints are checked here: a relying
+    // party with a stricter verifier (OpenSSL, Go) would refuse SVIDs
+    // whose anchor fails them.
+    let issuers: Vec<X509Certificate<'_>> = roots
+        .iter()
+        .filter_map(|root| X509Certificate::from_der(root).ok().map(|(_, r)| r))
+        .filter(|r| {
             r.subject().as_raw() == top.issuer().as_raw()
                 && top.verify_signature(Some(r.public_key())).is_ok()
         })
-    });
-    if !anchored {
+        .collect();
+    if issuers.is_empty() {
         return Err(fail(
             &files.cert,
             format!(
@@ -150,21 +160,108 @@ pub(crate) fn load(
             ),
         ));
     }
+    let mut anchor_problems = Vec::new();
+    let mut anchor_not_after = None;
+    for root in &issuers {
+        match check_anchor(root, parsed.len(), now_unix) {
+            Ok(()) => {
+                anchor_not_after = Some(root.validity().not_after.timestamp());
+                break;
+            }
+            Err(reason) => anchor_problems.push(reason),
+        }
+    }
+    let Some(anchor_not_after) = anchor_not_after else {
+        return Err(fail(
+            &files.bundle,
+            format!(
+                "no root that issued {} is usable as a trust anchor: {}",
+                top.subject(),
+                anchor_problems.join("; ")
+            ),
+        ));
+    };
+    // A certificate is valid only while every certificate above it is, so
+    // SVIDs and CRLs must end by the earliest end in the whole chain, the
+    // anchor included, not just by the intermediate's.
+    let chain_not_after = parsed
+        .iter()
+        .map(|c| c.validity().not_after.timestamp())
+        .fold(anchor_not_after, i64::min);
 
     let curve = curve_oid_tlv(leafward);
     let key_text = store::read_private_text_file(&files.key)?;
     let key = key_from_pem(&key_text, curve.as_deref()).map_err(|r| fail(&files.key, r))?;
     let tail = chain.clone();
-    let signer =
+    let mut signer =
         SigningAuthority::new(chain[0].clone(), key, tail).map_err(|r| fail(&files.key, r))?;
+    signer.cap_not_after(chain_not_after);
     Ok(Upstream {
         signer: Arc::new(signer),
         roots,
     })
 }
 
+/// What a CA certificate with `below` CA certificates under it (in
+/// writ's chain; SVIDs are not counted) must satisfy beyond what webpki
+/// checks: a pathLenConstraint that allows them, and no name constraints.
+/// URI name constraints make rustls-webpki reject every chain beneath
+/// them; DNS, IP, e-mail and directory-name constraints would have to be
+/// checked against every DNS name writ puts in an SVID, including those
+/// of entries created at run time, which writ does not do. So any name
+/// constraints are refused rather than left to fail at relying parties.
+fn check_ca_constraints(cert: &X509Certificate<'_>, below: usize) -> Result<(), String> {
+    let constraints = cert
+        .basic_constraints()
+        .map_err(|e| format!("{}: basicConstraints: {e}", cert.subject()))?;
+    if let Some(limit) = constraints.and_then(|bc| bc.value.path_len_constraint)
+        && usize::try_from(limit).is_ok_and(|limit| limit < below)
+    {
+        return Err(format!(
+            "{} has pathLenConstraint {limit}, but {below} CA certificate(s) sit below it in writ's chain, so no verifier accepts the SVIDs",
+            cert.subject()
+        ));
+    }
+    if cert
+        .extensions()
+        .iter()
+        .any(|ext| ext.oid == x509_parser::oid_registry::OID_X509_EXT_NAME_CONSTRAINTS)
+    {
+        return Err(format!(
+            "{} carries name constraints, which writ does not support in an upstream chain (URI constraints make rustls reject every SVID, and writ does not check the DNS names it issues against others)",
+            cert.subject()
+        ));
+    }
+    Ok(())
+}
+
+/// A root of the upstream bundle as the trust anchor of writ's chain,
+/// with `below` CA certificates under it: valid now, a CA allowed to sign
+/// certificates, with a path length and name constraints that allow them.
+fn check_anchor(root: &X509Certificate<'_>, below: usize, now_unix: i64) -> Result<(), String> {
+    let v = root.validity();
+    if now_unix < v.not_before.timestamp() || now_unix >= v.not_after.timestamp() {
+        return Err(format!(
+            "{} is not valid now (valid {} to {})",
+            root.subject(),
+            v.not_before,
+            v.not_after
+        ));
+    }
+    let usage = root
+        .key_usage()
+        .map_err(|e| format!("{}: keyUsage does not parse: {e}", root.subject()))?;
+    if usage.is_some_and(|u| !u.value.key_cert_sign()) {
+        return Err(format!(
+            "{}'s keyUsage lacks keyCertSign, so it may not sign certificates",
+            root.subject()
+        ));
+    }
+    check_ca_constraints(root, below)
+}
+
 fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, CaError> {
-    let text = store::read_text_file(path)?;
+    let text = store::read_trusted_text_file(path)?;
     let blocks = pem::parse_many(&text).map_err(|e| CaError::Upstream {
         path: path.to_owned(),
         reason: format!("not valid PEM: {e}"),

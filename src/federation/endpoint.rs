@@ -337,7 +337,10 @@ pub(super) fn load_web_identity(
         path: path.to_owned(),
         reason,
     };
-    let chain_text = super::read_limited(cert_path)?;
+    // The certificate decides what peers see as writ's endpoint and the
+    // key proves it: both get the checks writ's CA files get.
+    let chain_text = crate::ca::read_trusted_text_file(cert_path)
+        .map_err(|e| FederationError::EndpointTls(e.to_string()))?;
     let chain: Vec<CertificateDer<'static>> = pem::parse_many(&chain_text)
         .map_err(|e| bad(cert_path, format!("not PEM: {e}")))?
         .into_iter()
@@ -347,7 +350,8 @@ pub(super) fn load_web_identity(
     if chain.is_empty() {
         return Err(bad(cert_path, "holds no CERTIFICATE block".into()));
     }
-    let key_text = super::read_limited(key_path)?;
+    let key_text = crate::ca::read_private_text_file(key_path)
+        .map_err(|e| FederationError::EndpointTls(e.to_string()))?;
     // Never echo the key file's content in an error.
     let blocks =
         pem::parse_many(&key_text).map_err(|_| bad(key_path, "is not a PEM file".into()))?;
@@ -380,6 +384,62 @@ mod tests {
             .uri(target)
             .body(())
             .unwrap()
+    }
+
+    /// The https_web certificate and key get the CA files' checks: no
+    /// certificate others may write, no key others may read, neither owned
+    /// by another user; each refusal names the file and what is wrong.
+    #[test]
+    fn web_identity_files_others_could_change_or_read_are_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let cert_path = dir.path().join("endpoint.pem");
+        let key_path = dir.path().join("endpoint.key");
+        std::fs::write(&cert_path, cert.pem()).unwrap();
+        std::fs::write(&key_path, key.serialize_pem()).unwrap();
+        let mode = |path: &std::path::Path, mode: u32| {
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap()
+        };
+        mode(&cert_path, 0o644);
+        mode(&key_path, 0o600);
+        load_web_identity(&cert_path, &key_path).unwrap();
+
+        mode(&key_path, 0o644);
+        let err = load_web_identity(&cert_path, &key_path)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("endpoint.key") && err.contains("0644"),
+            "{err}"
+        );
+        mode(&key_path, 0o600);
+
+        mode(&cert_path, 0o666);
+        let err = load_web_identity(&cert_path, &key_path)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("endpoint.pem") && err.contains("0666") && err.contains("writable"),
+            "{err}"
+        );
+        mode(&cert_path, 0o644);
+
+        if nix::unistd::geteuid().is_root() {
+            let nobody = Some(nix::unistd::Uid::from_raw(65534));
+            for path in [&cert_path, &key_path] {
+                nix::unistd::chown(path, nobody, None).unwrap();
+                let err = load_web_identity(&cert_path, &key_path)
+                    .unwrap_err()
+                    .to_string();
+                assert!(err.contains("owned by uid 65534"), "{err}");
+                nix::unistd::chown(path, Some(nix::unistd::Uid::from_raw(0)), None).unwrap();
+            }
+        }
     }
 
     #[test]
