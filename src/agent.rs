@@ -180,10 +180,16 @@ pub struct Crls {
     pub bytes: usize,
 }
 
-/// Active tasks, indexed the two ways a caller can fall inside a binding.
+/// Active tasks, indexed the two ways a caller can fall inside a binding,
+/// and by id. Every look-up a request makes costs the same with ten active
+/// tasks as with ten thousand.
 #[derive(Default)]
 struct TaskIndex {
+    by_id: HashMap<String, Arc<Task>>,
     by_pid: HashMap<i32, Vec<(Arc<Task>, u64)>>,
+    /// The start times of the bound processes, each with how many tasks
+    /// bind a process started then: the oldest bounds an ancestry walk.
+    pid_bound_start_times: std::collections::BTreeMap<u64, usize>,
     by_cgroup: HashMap<String, Vec<Arc<Task>>>,
     /// For each active task, the other X.509 identities (cache keys) sent
     /// beside its SVID: a workload held them while it held the task's key,
@@ -231,7 +237,7 @@ impl TaskIndex {
                 }
             }
         }
-        if let Some(oldest_bound) = self.by_pid.values().flatten().map(|(_, st)| *st).min() {
+        if let Some(&oldest_bound) = self.pid_bound_start_times.keys().next() {
             // The caller itself, then its ancestors: a task bound to a process
             // covers its descendants. Start times guard every step against
             // PID reuse, and the walk stops at the first ancestor older than
@@ -268,13 +274,58 @@ impl TaskIndex {
     /// An active task by ID. A scan: the index is keyed by binding, and the
     /// number of active tasks on one node stays small.
     fn by_id(&self, task_id: &str) -> Option<Arc<Task>> {
-        self.by_pid
-            .values()
-            .flatten()
-            .map(|(t, _)| t)
-            .chain(self.by_cgroup.values().flatten())
-            .find(|t| t.id == task_id)
-            .cloned()
+        self.by_id.get(task_id).cloned()
+    }
+
+    fn insert(&mut self, task: Arc<Task>) {
+        self.co_held.entry(task.id.clone()).or_default();
+        match &task.binding {
+            crate::tasks::Binding::Pid { pid, start_time } => {
+                self.by_pid
+                    .entry(*pid)
+                    .or_default()
+                    .push((task.clone(), *start_time));
+                *self.pid_bound_start_times.entry(*start_time).or_default() += 1;
+            }
+            crate::tasks::Binding::Cgroup { path, .. } => {
+                self.by_cgroup
+                    .entry(path.clone())
+                    .or_default()
+                    .push(task.clone());
+            }
+        }
+        self.by_id.insert(task.id.clone(), task);
+    }
+
+    /// Forgets the task; returns the identities sent beside it.
+    fn remove(&mut self, task_id: &str) -> std::collections::HashSet<String> {
+        if let Some(task) = self.by_id.remove(task_id) {
+            match &task.binding {
+                crate::tasks::Binding::Pid { pid, start_time } => {
+                    if let Some(bound) = self.by_pid.get_mut(pid) {
+                        bound.retain(|(t, _)| t.id != task_id);
+                        if bound.is_empty() {
+                            self.by_pid.remove(pid);
+                        }
+                    }
+                    if let Some(count) = self.pid_bound_start_times.get_mut(start_time) {
+                        *count -= 1;
+                        if *count == 0 {
+                            self.pid_bound_start_times.remove(start_time);
+                        }
+                    }
+                }
+                crate::tasks::Binding::Cgroup { path, .. } => {
+                    if let Some(bound) = self.by_cgroup.get_mut(path) {
+                        bound.retain(|t| t.id != task_id);
+                        if bound.is_empty() {
+                            self.by_cgroup.remove(path);
+                        }
+                    }
+                }
+            }
+        }
+        self.co_held.remove(task_id).unwrap_or_default()
     }
 }
 
@@ -735,24 +786,7 @@ impl Agent {
     }
 
     pub fn index_task(&self, task: Arc<Task>) {
-        let mut index = write_lock(&self.tasks);
-        index.co_held.entry(task.id.clone()).or_default();
-        match &task.binding {
-            crate::tasks::Binding::Pid { pid, start_time } => {
-                index
-                    .by_pid
-                    .entry(*pid)
-                    .or_default()
-                    .push((task.clone(), *start_time));
-            }
-            crate::tasks::Binding::Cgroup { path, .. } => {
-                index
-                    .by_cgroup
-                    .entry(path.clone())
-                    .or_default()
-                    .push(task.clone());
-            }
-        }
+        write_lock(&self.tasks).insert(task);
     }
 
     /// Stops serving a task's identity, forgets its cached SVIDs and drops
@@ -761,18 +795,7 @@ impl Agent {
     /// fresh key. Done here, before the completion asks for its CRL, so the
     /// streams the CRL wakes already find the new keys.
     pub fn unindex_task(&self, task_id: &str) {
-        let co_held = {
-            let mut index = write_lock(&self.tasks);
-            index.by_pid.retain(|_, v| {
-                v.retain(|(t, _)| t.id != task_id);
-                !v.is_empty()
-            });
-            index.by_cgroup.retain(|_, v| {
-                v.retain(|t| t.id != task_id);
-                !v.is_empty()
-            });
-            index.co_held.remove(task_id).unwrap_or_default()
-        };
+        let co_held = write_lock(&self.tasks).remove(task_id);
         let key = task_cache_key(task_id);
         lock(&self.jwt_svids).retain(|k, _| k.identity != key);
         let ended_at = SystemTime::now();
@@ -1974,9 +1997,7 @@ mod tests {
             completion: None,
         });
         let mut index = TaskIndex::default();
-        index
-            .by_cgroup
-            .insert("/agents/job".into(), vec![task.clone()]);
+        index.insert(task.clone());
         let in_cgroup = |path: &str| Attestation {
             snapshot: writ_attestors::ProcessSnapshot {
                 pid: i32::MAX,
@@ -2010,6 +2031,54 @@ mod tests {
         assert_ne!(crate::cgroup::cgroup_id(&job), Some(bound_id));
         assert!(found("/agents/job").is_empty(), "made again at the path");
         assert!(found("/agents/job/step").is_empty());
+    }
+
+    /// Removing a task leaves no trace of it in any of the index's maps,
+    /// and leaves every other task where it was.
+    #[test]
+    fn the_task_index_forgets_exactly_the_task_removed() {
+        let task = |id: &str, binding: crate::tasks::Binding| {
+            Arc::new(crate::tasks::Task {
+                id: id.into(),
+                spiffe_id: format!("spiffe://writ.test/orch/task/{id}")
+                    .parse()
+                    .unwrap(),
+                parent_id: None,
+                depth: 1,
+                binding,
+                intent: Default::default(),
+                orchestrator: "spiffe://writ.test/orch".into(),
+                federates_with: Vec::new(),
+                created_at: std::time::SystemTime::now(),
+                expires_at: std::time::SystemTime::now() + Duration::from_secs(60),
+                completion: None,
+            })
+        };
+        let pid = |pid, start_time| crate::tasks::Binding::Pid { pid, start_time };
+        let mut index = TaskIndex::default();
+        index.insert(task("a", pid(10, 100)));
+        index.insert(task("b", pid(10, 100)));
+        index.insert(task("c", pid(11, 50)));
+        index.insert(task(
+            "d",
+            crate::tasks::Binding::Cgroup {
+                path: "/x".into(),
+                id: None,
+                cpu_usage_at_bind: None,
+            },
+        ));
+        assert_eq!(index.pid_bound_start_times.keys().next(), Some(&50));
+        index.remove("c");
+        assert!(index.by_id("c").is_none() && !index.by_pid.contains_key(&11));
+        assert_eq!(index.pid_bound_start_times.keys().next(), Some(&100));
+        index.remove("a");
+        assert_eq!(index.by_pid[&10].len(), 1);
+        assert_eq!(index.pid_bound_start_times[&100], 1);
+        index.remove("b");
+        index.remove("d");
+        index.remove("never there");
+        assert!(index.by_id.is_empty() && index.by_pid.is_empty() && index.by_cgroup.is_empty());
+        assert!(index.pid_bound_start_times.is_empty() && index.co_held.is_empty());
     }
 
     /// With nothing revoked, the publisher still re-signs the CRL once its
