@@ -154,18 +154,38 @@ pub fn parse_bundle(
     Ok(bundle)
 }
 
-/// Reads a small file (a bundle, certificate or key) of at most
-/// `MAX_BUNDLE_BYTES`.
+/// Reads a small file the config names (a bootstrap bundle) of at most
+/// `MAX_BUNDLE_BYTES`; see `read_limited_to`.
 pub(crate) fn read_limited(path: &Path) -> Result<String, FederationError> {
     read_limited_to(path, MAX_BUNDLE_BYTES as u64)
 }
 
+/// Reads a trust file the config names (a bootstrap bundle, an https_web
+/// CA file) of at most `limit` bytes. Whoever can write it decides whom
+/// writ trusts, so, as for the upstream CA's files, it is refused if group
+/// or others may write it or a user other than writ's or root owns it;
+/// checked on the file opened.
 pub(crate) fn read_limited_to(path: &Path, limit: u64) -> Result<String, FederationError> {
+    use std::os::unix::fs::MetadataExt;
     let bad = |reason: String| FederationError::File {
         path: path.to_owned(),
         reason,
     };
     let file = std::fs::File::open(path).map_err(|e| bad(e.to_string()))?;
+    let meta = file.metadata().map_err(|e| bad(e.to_string()))?;
+    let me = nix::unistd::geteuid().as_raw();
+    if meta.uid() != me && meta.uid() != 0 {
+        return Err(bad(format!(
+            "is owned by uid {}; a file writ trusts must be owned by writ's user (uid {me}) or root",
+            meta.uid()
+        )));
+    }
+    if meta.mode() & 0o022 != 0 {
+        return Err(bad(format!(
+            "has mode {:04o}; a file writ trusts must not be writable by group or others (chmod go-w)",
+            meta.mode() & 0o7777
+        )));
+    }
     let mut bytes = Vec::new();
     file.take(limit + 1)
         .read_to_end(&mut bytes)

@@ -883,3 +883,38 @@ async fn a_replaced_ca_bundle_reaches_the_fetcher_on_reload() {
     assert!(federation.plan(&config).unwrap().changes.is_empty());
     stop_tx.send_replace(true);
 }
+
+/// A bootstrap bundle or an https_web CA file decides whom writ trusts, so
+/// one that others could have written is refused, naming the file and what
+/// to change; and writ's own or root's, not group/other-writable, is read.
+#[test]
+fn trust_files_others_could_write_are_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("b.json");
+    std::fs::write(&file, document(&[&ca_cert()], 3)).unwrap();
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    read_bundle_file(&file, &td("b.test")).unwrap();
+
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o664)).unwrap();
+    let err = read_bundle_file(&file, &td("b.test"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains(&file.display().to_string()) && err.contains("mode 0664"),
+        "{err}"
+    );
+    let err = super::read_limited_to(&file, 1 << 20)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("chmod go-w"), "{err}");
+
+    if nix::unistd::geteuid().is_root() {
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+        std::os::unix::fs::chown(&file, Some(65534), None).unwrap();
+        let err = read_bundle_file(&file, &td("b.test"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("owned by uid 65534"), "{err}");
+    }
+}
