@@ -49,6 +49,15 @@ pub enum ServiceError {
     UnsafeSocketDir { path: PathBuf, reason: String },
     #[error("{path} already has a server listening; is another writ running?")]
     SocketInUse { path: PathBuf },
+    #[error(
+        "state directory {path} is in use by another writ{holder} (lock {lock} is held); one writ per state directory: stop it, or give this one another data_dir"
+    )]
+    DataDirInUse {
+        path: PathBuf,
+        lock: PathBuf,
+        /// " (pid N)" when the lock file names its holder.
+        holder: String,
+    },
     #[error("{path} exists and is not a socket; refusing to replace it")]
     NotASocket { path: PathBuf },
     #[error("binding {path}: {source}")]
@@ -88,6 +97,10 @@ pub struct Services {
     pub tasks: Arc<TaskManager>,
     pub entries: Arc<EntryStore>,
     pub federation: Arc<Federation>,
+    /// Held while these services live: a second writ on the same state
+    /// directory would share the CA and the store but keep its own view of
+    /// the active tasks, and answer for tasks it does not run.
+    _data_dir_lock: std::fs::File,
 }
 
 /// Builds the agent from config: data dir, store, CA, attestors, entries and
@@ -97,6 +110,7 @@ pub async fn build(config: &Config) -> Result<Services, ServiceError> {
     // created or opened.
     let policy = load_policy(&config.policy.files)?;
     create_private_dir(&config.data_dir)?;
+    let data_dir_lock = lock_data_dir(&config.data_dir)?;
     let store = Arc::new(Store::open(&config.data_dir.join("writ.db"))?);
     let ca = CertificateAuthority::load_or_create(ca_settings(config), SystemTime::now())?;
     let registry = Registry::from_config(config);
@@ -184,7 +198,50 @@ pub async fn build(config: &Config) -> Result<Services, ServiceError> {
         tasks,
         entries,
         federation,
+        _data_dir_lock: data_dir_lock,
     })
+}
+
+/// Takes the state directory's lock (`writ.lock`, an exclusive `flock`,
+/// released when the process ends however it ends) and writes our pid in
+/// it for the message another writ gets.
+fn lock_data_dir(dir: &Path) -> Result<std::fs::File, ServiceError> {
+    use std::io::{Read, Seek, Write};
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = dir.join("writ.lock");
+    let io_err = |source| ServiceError::CreateDir {
+        path: path.clone(),
+        source,
+    };
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(&path)
+        .map_err(io_err)?;
+    match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+        Ok(()) => {}
+        Err(rustix::io::Errno::WOULDBLOCK) => {
+            let mut text = String::new();
+            let _ = Read::by_ref(&mut file).take(32).read_to_string(&mut text);
+            let holder = text
+                .trim()
+                .parse::<u32>()
+                .map_or(String::new(), |pid| format!(" (pid {pid})"));
+            return Err(ServiceError::DataDirInUse {
+                path: dir.to_owned(),
+                lock: path,
+                holder,
+            });
+        }
+        Err(e) => return Err(io_err(e.into())),
+    }
+    file.set_len(0).map_err(io_err)?;
+    file.rewind().map_err(io_err)?;
+    writeln!(file, "{}", std::process::id()).map_err(io_err)?;
+    Ok(file)
 }
 
 fn ca_settings(config: &Config) -> CaSettings {

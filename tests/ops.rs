@@ -1240,3 +1240,36 @@ fn a_start_that_fails_closes_the_audit_trail_and_removes_its_sockets() {
     assert_eq!(service.stop().code(), Some(0), "{}", service.log());
     assert_trail_closed_cleanly(&service, "starting again");
 }
+
+/// One writ per state directory: a second on the same data_dir (its own
+/// sockets and audit trail) would share the CA and the store while keeping
+/// its own view of active tasks, and answer for tasks it does not run. It
+/// is refused before it changes anything, naming the running writ.
+#[test]
+fn a_second_writ_on_the_same_state_directory_is_refused() {
+    let first = Writ::start("");
+    let second = first.dir.path().join("second");
+    std::fs::create_dir(&second).unwrap();
+    let config = second.join("writ.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "trust_domain = \"writ.test\"\ndata_dir = \"{data}\"\n\
+             [workload_api]\nsocket_path = \"{dir}/w.sock\"\n\
+             [admin_api]\nsocket_path = \"{dir}/a.sock\"\n\
+             [audit]\npath = \"{dir}/audit/audit.jsonl\"\n",
+            data = first.dir.path().join("state").display(),
+            dir = second.display(),
+        ),
+    )
+    .unwrap();
+    let (code, log) = common::run_expecting_failure(&config);
+    assert_eq!(code, Some(1), "{log}");
+    assert!(
+        log.contains("is in use by another writ")
+            && log.contains(&format!("(pid {})", first.pid())),
+        "{log}"
+    );
+    assert!(!second.join("audit").exists(), "the second opened a trail");
+    assert!(!second.join("w.sock").exists());
+}
