@@ -785,6 +785,15 @@ impl Builder<'_> {
                     level.span(),
                     format!("log.level {value:?} is not a valid tracing filter: {err}"),
                 );
+            } else if let Some(word) = bare_target(value) {
+                // EnvFilter reads a lone word as a target to log, which turns
+                // every other target off: "infoo" would silence writ.
+                self.error(
+                    level.span(),
+                    format!(
+                        "log.level: {word:?} is neither a level (trace, debug, info, warn, error, off) nor a target=level directive; a lone word names a target and turns off every other log line (for all of one target's lines write \"{word}=trace\")"
+                    ),
+                );
             } else {
                 config.level = value.clone();
             }
@@ -1519,4 +1528,15 @@ mod tests {
             assert!(cgroup_path_problem(bad).is_some(), "{bad:?}");
         }
     }
+}
+
+/// The first directive of a tracing filter that is a lone word other than a
+/// level: EnvFilter takes it for a target and logs nothing else.
+fn bare_target(filter: &str) -> Option<&str> {
+    const LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
+    filter.split(',').map(str::trim).find(|directive| {
+        !directive.is_empty()
+            && !directive.contains(['=', '['])
+            && !LEVELS.iter().any(|l| directive.eq_ignore_ascii_case(l))
+    })
 }

@@ -912,6 +912,23 @@ fn log_settings() {
         parse_ok("[log]\nlevel = \"warn,writ=trace\"\n").log.level,
         "warn,writ=trace"
     );
+    // A misspelt level reads as a target, which would silence everything
+    // else; levels in any case, and target=level directives, are fine.
+    for typo in ["infoo", "warn,writ::tasks"] {
+        let errors = errors(&format!("[log]\nlevel = \"{typo}\"\n"));
+        assert_eq!(errors.len(), 1, "{typo}: {errors:#?}");
+        assert!(
+            errors[0].message().contains("is neither a level"),
+            "{typo}: {}",
+            errors[0].message()
+        );
+    }
+    for fine in ["INFO", "off", "debug,hyper=warn", "writ[task]=debug"] {
+        assert_eq!(
+            parse_ok(&format!("[log]\nlevel = \"{fine}\"\n")).log.level,
+            fine
+        );
+    }
 }
 
 /// An entry whose fourth line is `extra`.
