@@ -1463,6 +1463,17 @@ fn dns_name_problem(name: &str) -> Option<String> {
         .map(|e| e.reason)
 }
 
+/// The first directive of a tracing filter that is a lone word other than a
+/// level: EnvFilter takes it for a target and logs nothing else.
+fn bare_target(filter: &str) -> Option<&str> {
+    const LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
+    filter.split(',').map(str::trim).find(|directive| {
+        !directive.is_empty()
+            && !directive.contains(['=', '['])
+            && !LEVELS.iter().any(|l| directive.eq_ignore_ascii_case(l))
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1528,15 +1539,4 @@ mod tests {
             assert!(cgroup_path_problem(bad).is_some(), "{bad:?}");
         }
     }
-}
-
-/// The first directive of a tracing filter that is a lone word other than a
-/// level: EnvFilter takes it for a target and logs nothing else.
-fn bare_target(filter: &str) -> Option<&str> {
-    const LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
-    filter.split(',').map(str::trim).find(|directive| {
-        !directive.is_empty()
-            && !directive.contains(['=', '['])
-            && !LEVELS.iter().any(|l| directive.eq_ignore_ascii_case(l))
-    })
 }
