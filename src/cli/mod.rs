@@ -55,7 +55,7 @@ pub enum Command {
         #[arg(long, value_enum)]
         log_format: Option<LogFormatArg>,
     },
-    /// Check a config file and report every error with line and column.
+    /// Check a config file and report its errors with line and column.
     Validate {
         #[arg(long)]
         config: PathBuf,
