@@ -1716,15 +1716,24 @@ impl TaskManager {
                 .ok()
                 .cloned()
                 .unwrap_or(BindingWatch::Nothing);
+            // When its process is gone too, which came first is unknown
+            // (nothing saw the process go), but the TTL's moment is known:
+            // a passed TTL is the reason, whatever else happened meanwhile,
+            // so the same circumstances always read the same.
             let reason = match alive {
                 _ if orphaned => Some(CompletionReason::ParentCompleted),
+                _ if task.expires_at <= now => Some(CompletionReason::TtlExpired),
                 Err(r) => Some(r),
-                Ok(_) if task.expires_at <= now => Some(CompletionReason::TtlExpired),
                 Ok(_) => None,
             };
-            self.activate_restored(task.clone(), watch);
-            if let Some(r) = reason {
-                to_complete.push((task.id.clone(), r));
+            match reason {
+                Some(r) => {
+                    // Completed below, once: no watcher or TTL timer of its
+                    // own to race that completion with another reason.
+                    self.activate_restored_to_complete(task.clone());
+                    to_complete.push((task.id.clone(), r));
+                }
+                None => self.activate_restored(task.clone(), watch),
             }
         }
         for (id, reason) in to_complete {
@@ -1811,6 +1820,12 @@ impl TaskManager {
     fn activate_restored(self: &Arc<Self>, task: Arc<Task>, watch: BindingWatch) {
         let watcher = self.spawn_watcher(task.clone(), watch);
         self.inner().insert_active(&task, Some(watcher), true);
+        self.agent.index_task(task);
+    }
+
+    /// `activate_restored` for a task `restore` completes at once.
+    fn activate_restored_to_complete(self: &Arc<Self>, task: Arc<Task>) {
+        self.inner().insert_active(&task, None, true);
         self.agent.index_task(task);
     }
 }

@@ -2833,3 +2833,41 @@ async fn out_of_descriptors_an_unpinned_peer_is_hung_up_on_and_begin_task_is_una
     let _ = sleeper.kill();
     let _ = sleeper.wait();
 }
+
+/// A task whose TTL ran out and whose process exited, both while writ was
+/// down, ends as ttl_expired at the restart, every time: which happened
+/// first is unknown for the process, known for the TTL. It was one reason
+/// or the other by a race between the restored task's timer and restore.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_task_whose_ttl_passed_while_writ_was_down_ends_as_ttl_expired() {
+    let mut writ = Writ::start(&config(""));
+    let mut sleepers: Vec<std::process::Child> = (0..4)
+        .map(|_| Command::new("sleep").arg("60").spawn().unwrap())
+        .collect();
+    {
+        let mut tasks = tasks_client(&writ).await;
+        for (i, sleeper) in sleepers.iter().enumerate() {
+            let mut begin = begin_pid(&format!("down-{i}"), sleeper.id());
+            begin.ttl = "2s".into();
+            tasks.begin_task(begin).await.unwrap();
+        }
+    }
+    writ.kill9();
+    for sleeper in &mut sleepers {
+        let _ = sleeper.kill();
+        let _ = sleeper.wait();
+    }
+    std::thread::sleep(Duration::from_millis(2500));
+    writ.spawn();
+    let mut tasks = tasks_client(&writ).await;
+    for i in 0..4 {
+        let id = format!("down-{i}");
+        assert_eq!(
+            completion_reason(&mut tasks, &id).await,
+            "ttl_expired",
+            "{id}"
+        );
+        let t = get_task(&mut tasks, &id).await;
+        assert_eq!(t.completion_detail, "found after restart", "{t:?}");
+    }
+}
