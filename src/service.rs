@@ -824,11 +824,19 @@ fn refresh_gauges(services: &Services) -> Refresh {
         metrics.crl_entries.set(gauge(crls.entries));
         metrics.crl_bytes.set(gauge(crls.bytes));
         for info in federation.list() {
-            if let Some(success) = info.fetch.and_then(|f| f.last_success) {
+            // For a fetched trust domain: since the newer of this run's last
+            // successful fetch and when the bundle held was taken (fetched,
+            // set or bootstrapped, kept across restarts), so that a writ
+            // restarted into failing fetches still shows an age that grows.
+            let Some(fetch) = info.fetch else {
+                continue;
+            };
+            let held_since = info.held.as_ref().map(|held| held.updated_at);
+            if let Some(taken) = fetch.last_success.max(held_since) {
                 metrics
                     .federation_bundle_age_seconds
                     .get_or_create(&[("trust_domain", info.trust_domain.to_string())])
-                    .set(-seconds_until(success, now));
+                    .set(-seconds_until(taken, now));
             }
         }
     })

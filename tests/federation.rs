@@ -1324,3 +1324,48 @@ bundle = "{}"
         bootstrap.display()
     )
 }
+
+/// The bundle's age is kept across restarts: a writ that restarts into
+/// failing fetches (its peer unreachable, or rotated past the bundle it
+/// holds) shows an age that grows, where the series used to vanish until
+/// the first fetch this run succeeded, so an age alert never fired.
+#[test]
+fn the_bundle_age_metric_survives_a_restart_into_failing_fetches() {
+    let telemetry = free_port();
+    let unreachable = free_port();
+    let dir = tempfile::tempdir().unwrap();
+    let bootstrap = dir.path().join("peer.pem");
+    std::fs::write(&bootstrap, writ_pem(&test_ca_cert())).unwrap();
+    let mut writ = Writ::start(&format!(
+        r#"
+[telemetry]
+listen = "127.0.0.1:{telemetry}"
+
+[[federation.trust_domain]]
+name = "peer.test"
+url = "https://127.0.0.1:{unreachable}/"
+profile = "https_spiffe"
+endpoint_spiffe_id = "spiffe://peer.test/writ/bundle-endpoint"
+bundle = "{bootstrap}"
+"#,
+        bootstrap = bootstrap.display()
+    ));
+    let addr = format!("127.0.0.1:{telemetry}");
+    let age = || {
+        let (_, page) = common::http_get(&addr, "/metrics");
+        page.lines()
+            .find(|l| {
+                l.starts_with("writ_federation_bundle_age_seconds{trust_domain=\"peer.test\"}")
+            })
+            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+    };
+    let first = common::wait_for(Duration::from_secs(10), "an age series", age);
+    writ.kill9();
+    std::thread::sleep(Duration::from_millis(1100));
+    writ.spawn();
+    let after = common::wait_for(Duration::from_secs(10), "an age series after restart", age);
+    assert!(
+        after >= first + 1.0,
+        "age {first} then {after} after a restart"
+    );
+}
