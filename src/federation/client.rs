@@ -37,6 +37,12 @@ pub enum FetchError {
     Connect(String, String),
     #[error("TLS with {0}: {1}")]
     Tls(String, String),
+    /// An https_spiffe endpoint whose certificate chains to no root of the
+    /// bundle held: the one failure no later fetch can mend by itself.
+    #[error(
+        "TLS with {0}: invalid peer certificate: the endpoint's certificate chains to no root of the bundle held for this trust domain. If the peer rotated its CA while this writ could not fetch from it, no fetch can recover: give writ the peer's current bundle with `writ bundle set` (docs/federation.md, \"When the held bundle is too old\")"
+    )]
+    UnknownIssuer(String),
     #[error("HTTP exchange with {0}: {1}")]
     Http(String, String),
     #[error("no answer within {}s", FETCH_TIMEOUT.as_secs())]
@@ -116,9 +122,19 @@ pub async fn fetch(
     let config = auth
         .client_config()
         .map_err(|e| FetchError::Tls(url.to_string(), e))?;
-    tokio::time::timeout(FETCH_TIMEOUT, follow(url.clone(), config, follow_redirects))
-        .await
-        .map_err(|_| FetchError::Timeout)?
+    let fetched =
+        tokio::time::timeout(FETCH_TIMEOUT, follow(url.clone(), config, follow_redirects))
+            .await
+            .map_err(|_| FetchError::Timeout)?;
+    match (fetched, auth) {
+        // Web PKI roots are the system's or a CA file, not the held bundle.
+        (Err(FetchError::UnknownIssuer(at)), ServerAuth::Web { .. }) => Err(FetchError::Tls(
+            at,
+            "invalid peer certificate: it chains to none of the roots trusted for this endpoint"
+                .into(),
+        )),
+        (fetched, _) => fetched,
+    }
 }
 
 async fn follow(
@@ -173,7 +189,27 @@ async fn get(url: &EndpointUrl, config: Arc<rustls::ClientConfig>) -> Result<Ans
     let tls = TlsConnector::from(config)
         .connect(server_name, tcp)
         .await
-        .map_err(|e| FetchError::Tls(at.clone(), e.to_string()))?;
+        .map_err(|e| {
+            let unknown_issuer = e
+                .get_ref()
+                .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+                .is_some_and(|e| {
+                    // BadSignature: a root of the same name is held, but not
+                    // the key that signed (a peer's roots may share a name).
+                    matches!(
+                        e,
+                        rustls::Error::InvalidCertificate(
+                            rustls::CertificateError::UnknownIssuer
+                                | rustls::CertificateError::BadSignature
+                        )
+                    )
+                });
+            if unknown_issuer {
+                FetchError::UnknownIssuer(at.clone())
+            } else {
+                FetchError::Tls(at.clone(), e.to_string())
+            }
+        })?;
     let http = |e: hyper::Error| FetchError::Http(at.clone(), e.to_string());
     let (mut sender, connection) = hyper::client::conn::http1::Builder::new()
         .max_buf_size(MAX_RESPONSE_HEAD)
