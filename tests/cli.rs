@@ -1337,3 +1337,39 @@ fn a_closed_stdout_ends_the_cli_quietly() {
         );
     }
 }
+
+/// Text logs written to a file (or journald, or a pipe) carry no terminal
+/// colour codes: a tester found ESC[2m... throughout `writ run 2> file`.
+#[test]
+fn logs_to_a_file_have_no_colour_codes() {
+    let mut writ = Writ::start(&entry_for_us());
+    writ.stop();
+    let log_path = writ.dir.path().join("stderr.log");
+    let log = std::fs::File::create(&log_path).unwrap();
+    let mut agent = Command::new(WRIT)
+        .args(["run", "--log-format", "text", "--config"])
+        .arg(&writ.config_path)
+        // With NO_COLOR set, colour would be off whatever writ decides.
+        .env_remove("NO_COLOR")
+        .env("WRIT_LOG", "debug")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let endpoint = writ.endpoint();
+    common::wait_for(Duration::from_secs(30), "writ to serve", || {
+        assert!(agent.try_wait().unwrap().is_none(), "writ exited");
+        writ_cli(&["healthcheck", "--socket", &endpoint], None)
+            .0
+            .then_some(())
+    });
+    agent.kill().unwrap();
+    agent.wait().unwrap();
+    let text = std::fs::read_to_string(&log_path).unwrap();
+    assert!(text.contains("INFO"), "nothing logged: {text}");
+    assert!(
+        !text.contains('\u{1b}'),
+        "escape codes in the log: {text:?}"
+    );
+}

@@ -257,8 +257,17 @@ fn init_logging(config: &Config, format: Option<LogFormatArg>) -> LogLevelContro
             )
             .init();
     } else {
+        use std::io::IsTerminal as _;
+        let ansi = use_colour(
+            std::io::stderr().is_terminal(),
+            std::env::var_os("NO_COLOR").as_deref(),
+        );
         registry
-            .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_ansi(ansi)
+                    .with_writer(std::io::stderr),
+            )
             .init();
     }
     Box::new(move |level: &str| {
@@ -277,6 +286,14 @@ fn init_logging(config: &Config, format: Option<LogFormatArg>) -> LogLevelContro
             .reload(filter)
             .map_err(|e| format!("changing the log level: {e}"))
     })
+}
+
+/// Whether text logs are coloured: only for a person at a terminal.
+/// Escape codes in a file or journald are noise that `grep` trips over, and
+/// `NO_COLOR` set to anything but the empty string turns colour off
+/// (no-color.org).
+fn use_colour(stderr_is_terminal: bool, no_color: Option<&std::ffi::OsStr>) -> bool {
+    stderr_is_terminal && no_color.is_none_or(|value| value.is_empty())
 }
 
 pub async fn main(cli: Cli) -> anyhow::Result<()> {
@@ -462,6 +479,15 @@ mod tests {
             flag.resolve_with(Some("unix:///run/x.sock")).unwrap(),
             PathBuf::from("/run/y.sock")
         );
+    }
+
+    #[test]
+    fn logs_are_coloured_only_at_a_terminal_without_no_color() {
+        use std::ffi::OsStr;
+        assert!(use_colour(true, None));
+        assert!(use_colour(true, Some(OsStr::new(""))));
+        assert!(!use_colour(true, Some(OsStr::new("1"))));
+        assert!(!use_colour(false, None));
     }
 
     #[test]
