@@ -1373,3 +1373,131 @@ fn logs_to_a_file_have_no_colour_codes() {
         "escape codes in the log: {text:?}"
     );
 }
+
+/// A client given the other writ socket used to print only
+/// "writ: FetchX509SVID: Unimplemented: " (and `task list` its table
+/// header over nothing): it now says which socket it was probably given.
+#[test]
+fn a_client_on_the_other_socket_says_which_it_probably_is() {
+    let writ = Writ::start(&entry_for_us());
+    let admin_socket = admin(&writ);
+    let workload_socket = writ.socket.display().to_string();
+
+    let (ok, stdout, stderr) = writ_cli(&["api", "fetch", "x509", "--socket", &admin_socket], None);
+    assert!(!ok, "{stdout}");
+    assert!(
+        stderr.contains(&format!(
+            "{admin_socket} is not a Workload API socket (is it writ's admin socket?)"
+        )),
+        "{stderr}"
+    );
+
+    for args in [["task", "list"], ["entry", "list"]] {
+        let (ok, stdout, stderr) = writ_cli(
+            &[args[0], args[1], "--admin-socket", &workload_socket],
+            None,
+        );
+        assert!(!ok, "{args:?}: {stdout}");
+        assert!(
+            stderr.contains(&format!(
+                "{workload_socket} is not writ's admin API socket (is it the Workload API socket?)"
+            )),
+            "{args:?}: {stderr}"
+        );
+        // A refused listing prints no table header on stdout.
+        assert_eq!(stdout, "", "{args:?}");
+    }
+    // With an answer, the header is there.
+    let (ok, stdout, stderr) = writ_cli(&["task", "list", "--admin-socket", &admin_socket], None);
+    assert!(ok, "{stderr}");
+    assert!(stdout.starts_with("TASK "), "{stdout}");
+}
+
+/// A socket with no writ behind it says how to point the CLI at the right
+/// one, for each API its own flag and variable.
+#[test]
+fn a_missing_socket_says_how_to_point_the_cli_elsewhere() {
+    let dir = tempfile::tempdir().unwrap();
+    let absent = dir.path().join("absent.sock").display().to_string();
+    let (ok, _, stderr) = writ_cli(&["task", "list", "--admin-socket", &absent], None);
+    assert!(!ok);
+    for said in [
+        absent.as_str(),
+        "writ may not be running",
+        "--admin-socket",
+        "WRIT_ADMIN_SOCKET",
+        "XDG_RUNTIME_DIR",
+    ] {
+        assert!(stderr.contains(said), "lacks {said:?}: {stderr}");
+    }
+    let (ok, _, stderr) = writ_cli(&["api", "fetch", "x509", "--socket", &absent], None);
+    assert!(!ok);
+    for said in [
+        absent.as_str(),
+        "writ may not be running",
+        "--socket",
+        "SPIFFE_ENDPOINT_SOCKET",
+        "XDG_RUNTIME_DIR",
+    ] {
+        assert!(stderr.contains(said), "lacks {said:?}: {stderr}");
+    }
+}
+
+/// A user refused by the admin socket's mode learns the mode and the
+/// group that would let them in.
+#[test]
+fn a_refused_admin_socket_names_its_mode_and_group() {
+    if !is_root() {
+        eprintln!("SKIPPED: needs root to run the client as another user");
+        return;
+    }
+    let writ = Writ::start(&entry_for_us());
+    let socket = admin(&writ);
+    let group = nix::unistd::Group::from_gid(
+        std::os::unix::fs::MetadataExt::gid(&std::fs::metadata(&socket).unwrap()).into(),
+    )
+    .unwrap()
+    .unwrap()
+    .name;
+    let (ok, _, stderr) = writ_cli(&["task", "list", "--admin-socket", &socket], Some(NOBODY));
+    assert!(!ok);
+    assert!(
+        stderr.contains("Permission denied")
+            && stderr.contains("the socket is mode 0770")
+            && stderr.contains(&format!("a member of group {group}")),
+        "{stderr}"
+    );
+}
+
+/// BeginTask refusing a process the caller may not bind says which
+/// setting would allow it.
+#[test]
+fn binding_someone_elses_process_names_bind_any_pid() {
+    if !is_root() {
+        eprintln!("SKIPPED: needs root to start a process as another user");
+        return;
+    }
+    let writ = Writ::start(&entry_for_us());
+    let mut other = Command::new("sleep");
+    other.arg("60").uid(NOBODY).gid(NOBODY);
+    let mut other = other.spawn().unwrap();
+    let pid = other.id().to_string();
+    let (ok, _, stderr) = writ_cli(
+        &[
+            "task",
+            "begin",
+            "--pid",
+            &pid,
+            "--admin-socket",
+            &admin(&writ),
+        ],
+        None,
+    );
+    other.kill().unwrap();
+    other.wait().unwrap();
+    assert!(!ok);
+    assert!(
+        stderr.contains("PermissionDenied") && stderr.contains("[admin_api] bind_any_pid"),
+        "{stderr}"
+    );
+}
