@@ -1501,3 +1501,32 @@ fn binding_someone_elses_process_names_bind_any_pid() {
         "{stderr}"
     );
 }
+
+/// A plain path in SPIFFE_ENDPOINT_SOCKET still works for writ, with a
+/// warning: the SPIFFE SDKs refuse it, so the workloads it was set for
+/// would fail.
+#[test]
+fn a_plain_path_in_spiffe_endpoint_socket_works_with_a_warning() {
+    let writ = Writ::start(&entry_for_us());
+    let path = writ.socket.display().to_string();
+    let fetch = |value: &str| {
+        let out = Command::new(WRIT)
+            .args(["api", "fetch", "x509"])
+            .env("SPIFFE_ENDPOINT_SOCKET", value)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (ok, stderr) = fetch(&path);
+    assert!(ok, "{stderr}");
+    assert!(
+        stderr.contains("warning") && stderr.contains(&format!("unix://{path}")),
+        "{stderr}"
+    );
+    let (ok, stderr) = fetch(&writ.endpoint());
+    assert!(ok, "{stderr}");
+    assert!(!stderr.contains("warning"), "{stderr}");
+}

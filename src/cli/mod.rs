@@ -202,7 +202,14 @@ pub enum LogFormatArg {
 
 impl SocketArg {
     pub fn resolve(&self) -> anyhow::Result<PathBuf> {
-        self.resolve_with(std::env::var("SPIFFE_ENDPOINT_SOCKET").ok().as_deref())
+        let variable = std::env::var("SPIFFE_ENDPOINT_SOCKET").ok();
+        let path = self.resolve_with(variable.as_deref())?;
+        if self.socket.is_none()
+            && let Some(warning) = variable.as_deref().and_then(bare_path_warning)
+        {
+            eprintln!("writ: warning: {warning}");
+        }
+        Ok(path)
     }
 
     /// `resolve` with the value of `SPIFFE_ENDPOINT_SOCKET`. An empty one
@@ -221,6 +228,18 @@ impl SocketArg {
                 .socket_path),
         }
     }
+}
+
+/// A warning for a `SPIFFE_ENDPOINT_SOCKET` that is a plain path. writ
+/// takes it, but the SPIFFE SDKs (go-spiffe, py-spiffe) refuse anything
+/// but a `unix:` URI, so a value that works here would fail the workloads
+/// it was set for.
+fn bare_path_warning(value: &str) -> Option<String> {
+    (!value.is_empty() && !value.starts_with("unix:")).then(|| {
+        format!(
+            "SPIFFE_ENDPOINT_SOCKET={value:?} is a plain path; writ accepts it, but SPIFFE SDKs (go-spiffe, py-spiffe) require a URI: SPIFFE_ENDPOINT_SOCKET=unix://{value}"
+        )
+    })
 }
 
 pub fn load_config(path: Option<&Path>) -> anyhow::Result<Config> {
