@@ -1530,3 +1530,96 @@ fn a_plain_path_in_spiffe_endpoint_socket_works_with_a_warning() {
     assert!(ok, "{stderr}");
     assert!(!stderr.contains("warning"), "{stderr}");
 }
+
+/// Argument mistakes caught before anything is sent, each naming the
+/// flags it is about.
+#[test]
+fn argument_mistakes_name_their_flags() {
+    // Neither binding: both are named, not only --pid.
+    let (ok, _, stderr) = writ_cli(&["task", "begin"], None);
+    assert!(!ok);
+    assert!(
+        stderr.contains("--pid") && stderr.contains("--cgroup"),
+        "{stderr}"
+    );
+    // Both: refused as well.
+    let (ok, _, stderr) = writ_cli(&["task", "begin", "--pid", "1", "--cgroup", "/x"], None);
+    assert!(!ok && stderr.contains("cannot be used with"), "{stderr}");
+    // An empty socket flag is an error naming the flag, for both flags (an
+    // empty --admin-socket used to mean the default socket).
+    let (ok, _, stderr) = writ_cli(&["task", "list", "--admin-socket", ""], None);
+    assert!(!ok && stderr.contains("'--admin-socket"), "{stderr}");
+    let (ok, _, stderr) = writ_cli(&["api", "fetch", "x509", "--socket", ""], None);
+    assert!(!ok && stderr.contains("'--socket"), "{stderr}");
+}
+
+/// `writ validate` takes the config from WRIT_CONFIG as `writ run` does.
+#[test]
+fn validate_reads_writ_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("writ.toml");
+    std::fs::write(&config, "trust_domain = \"example.org\"\n").unwrap();
+    let out = Command::new(WRIT)
+        .arg("validate")
+        .env("WRIT_CONFIG", &config)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(stdout, format!("{}: OK\n", config.display()));
+}
+
+/// Every command and option a newcomer met without help text now has a
+/// line of it.
+#[test]
+fn commands_and_options_have_help() {
+    let help = |args: &[&str]| {
+        let out = Command::new(WRIT).args(args).arg("-h").output().unwrap();
+        assert!(out.status.success(), "{args:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    // The text after a command or flag name on its help line, or (where
+    // clap puts it when the names are long) on the line below.
+    let described = |text: &str, item: &str| {
+        let lines: Vec<&str> = text.lines().collect();
+        lines.iter().enumerate().any(|(i, line)| {
+            let Some(rest) = line.trim_start().strip_prefix(item) else {
+                return false;
+            };
+            if !rest.is_empty() && !rest.starts_with(' ') {
+                return false;
+            }
+            let indent = |l: &str| l.len() - l.trim_start().len();
+            match rest.trim() {
+                "" => lines
+                    .get(i + 1)
+                    .is_some_and(|next| !next.trim().is_empty() && indent(next) > indent(line)),
+                _ => true,
+            }
+        })
+    };
+    for (command, items) in [
+        (&["task"][..], &["get", "list"][..]),
+        (&["entry"][..], &["create", "delete", "list"][..]),
+        (
+            &["task", "begin"][..],
+            &[
+                "--pid <PID>",
+                "--id <ID>",
+                "--spiffe-id <SPIFFE_ID>",
+                "--parent <PARENT>",
+            ][..],
+        ),
+        (&["run"][..], &["--config <CONFIG>"][..]),
+        (&["validate"][..], &["--config <CONFIG>"][..]),
+    ] {
+        let text = help(command);
+        for item in items {
+            assert!(described(&text, item), "{command:?} {item}: {text}");
+        }
+    }
+}

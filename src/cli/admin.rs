@@ -18,7 +18,10 @@ use crate::proto::admin as pb;
 pub struct AdminSocketArg {
     /// The admin socket: a path or unix:///path. Defaults to
     /// $WRIT_ADMIN_SOCKET (unless empty), then writ's default.
-    #[arg(long, env = "WRIT_ADMIN_SOCKET")]
+    // The variable is read in `path`, not by clap: clap would hand over an
+    // empty variable as if it were an empty flag, and only the flag's
+    // empty value is a mistake (as for --socket).
+    #[arg(long, value_parser = clap::builder::NonEmptyStringValueParser::new())]
     pub admin_socket: Option<String>,
     #[arg(long, value_enum, default_value_t = Output::Text, global = true)]
     pub output: Output,
@@ -29,7 +32,12 @@ impl AdminSocketArg {
     /// an empty `SPIFFE_ENDPOINT_SOCKET` does for other tools; `unix:`
     /// addresses are read as `--socket` reads them.
     fn path(&self) -> anyhow::Result<PathBuf> {
-        match self.admin_socket.as_deref() {
+        self.path_with(std::env::var("WRIT_ADMIN_SOCKET").ok().as_deref())
+    }
+
+    /// `path` with the value of `WRIT_ADMIN_SOCKET`.
+    fn path_with(&self, admin_socket_variable: Option<&str>) -> anyhow::Result<PathBuf> {
+        match self.admin_socket.as_deref().or(admin_socket_variable) {
             None | Some("") => Ok(Config::builtin_defaults(&Environment::current())
                 .admin_api
                 .socket_path),
@@ -47,16 +55,22 @@ impl AdminSocketArg {
 #[derive(Subcommand, Debug)]
 pub enum TaskCommand {
     /// Begin a task bound to a process (and its descendants) or a cgroup.
+    // One group for both, so that giving neither names both in the error.
+    #[command(group(clap::ArgGroup::new("binding").args(["pid", "cgroup"]).required(true)))]
     Begin {
         #[command(flatten)]
         admin: AdminSocketArg,
-        #[arg(long, conflicts_with = "cgroup", required_unless_present = "cgroup")]
+        /// The process the task is bound to, with its descendants.
+        #[arg(long)]
         pid: Option<i32>,
         /// A cgroup v2 path such as /writ.slice/t-42.
         #[arg(long)]
         cgroup: Option<String>,
+        /// The task's id; default: a new ULID.
         #[arg(long = "id")]
         id: Option<String>,
+        /// The task's SPIFFE ID; default: the caller's (with --parent, the
+        /// parent task's) followed by /task/<id>.
         #[arg(long)]
         spiffe_id: Option<String>,
         #[arg(long, default_value = "")]
@@ -73,6 +87,7 @@ pub enum TaskCommand {
         /// Such as 10m (at least 2s); default from the agent's config.
         #[arg(long)]
         ttl: Option<String>,
+        /// Make this a sub-task of the task with this id.
         #[arg(long)]
         parent: Option<String>,
         /// A trust domain whose bundle the task's processes receive; repeatable.
@@ -87,11 +102,13 @@ pub enum TaskCommand {
         #[arg(long, default_value = "")]
         reason: String,
     },
+    /// Show one task, active or completed.
     Get {
         #[command(flatten)]
         admin: AdminSocketArg,
         id: String,
     },
+    /// List the active tasks (with --all, completed ones too).
     List {
         #[command(flatten)]
         admin: AdminSocketArg,
@@ -112,6 +129,8 @@ pub enum TaskCommand {
 
 #[derive(Subcommand, Debug)]
 pub enum EntryCommand {
+    /// Register an entry: processes matching all its selectors receive its
+    /// SPIFFE ID. Prints the new entry's id.
     Create {
         #[command(flatten)]
         admin: AdminSocketArg,
@@ -129,11 +148,14 @@ pub enum EntryCommand {
         #[arg(long = "federates-with")]
         federates_with: Vec<String>,
     },
+    /// Delete an entry made with `entry create` (entries from the config
+    /// file change only with the file).
     Delete {
         #[command(flatten)]
         admin: AdminSocketArg,
         id: String,
     },
+    /// List every entry, from the config file and from `entry create`.
     List {
         #[command(flatten)]
         admin: AdminSocketArg,

@@ -49,6 +49,7 @@ pub struct Cli {
 pub enum Command {
     /// Run the agent (built-in defaults when no config file is given).
     Run {
+        /// The config file (TOML); without one, built-in defaults.
         #[arg(long, env = "WRIT_CONFIG")]
         config: Option<PathBuf>,
         /// Overrides `[log] format`.
@@ -57,7 +58,8 @@ pub enum Command {
     },
     /// Check a config file and report every error with line and column.
     Validate {
-        #[arg(long)]
+        /// The config file to check (as `writ run` would read it).
+        #[arg(long, env = "WRIT_CONFIG")]
         config: PathBuf,
     },
     /// Talk to a SPIFFE Workload API (writ's or any other).
@@ -184,7 +186,7 @@ pub enum FetchCommand {
 pub struct SocketArg {
     /// Workload API socket: a path or unix:///path. Defaults to
     /// $SPIFFE_ENDPOINT_SOCKET (unless empty), then writ's default socket.
-    #[arg(long)]
+    #[arg(long, value_parser = clap::builder::NonEmptyStringValueParser::new())]
     pub socket: Option<String>,
 }
 
