@@ -973,7 +973,7 @@ impl TaskManager {
                             .is_ok_and(|s| s.uid == caller.uid));
                 if !allowed {
                     return Err(TaskError::PermissionDenied(format!(
-                        "process {pid} is neither a descendant of the caller (pid {}) nor {}",
+                        "process {pid} is neither a descendant of the caller (pid {}) nor {}; only a caller listed in [admin_api] bind_any_pid may bind any process",
                         caller.process.pid(),
                         if caller.may_bind_same_uid {
                             "running under the caller's uid"

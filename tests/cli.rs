@@ -1337,3 +1337,289 @@ fn a_closed_stdout_ends_the_cli_quietly() {
         );
     }
 }
+
+/// Text logs written to a file (or journald, or a pipe) carry no terminal
+/// colour codes: a tester found ESC[2m... throughout `writ run 2> file`.
+#[test]
+fn logs_to_a_file_have_no_colour_codes() {
+    let mut writ = Writ::start(&entry_for_us());
+    writ.stop();
+    let log_path = writ.dir.path().join("stderr.log");
+    let log = std::fs::File::create(&log_path).unwrap();
+    let mut agent = Command::new(WRIT)
+        .args(["run", "--log-format", "text", "--config"])
+        .arg(&writ.config_path)
+        // With NO_COLOR set, colour would be off whatever writ decides.
+        .env_remove("NO_COLOR")
+        .env("WRIT_LOG", "debug")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let endpoint = writ.endpoint();
+    common::wait_for(Duration::from_secs(30), "writ to serve", || {
+        assert!(agent.try_wait().unwrap().is_none(), "writ exited");
+        writ_cli(&["healthcheck", "--socket", &endpoint], None)
+            .0
+            .then_some(())
+    });
+    agent.kill().unwrap();
+    agent.wait().unwrap();
+    let text = std::fs::read_to_string(&log_path).unwrap();
+    assert!(text.contains("INFO"), "nothing logged: {text}");
+    assert!(
+        !text.contains('\u{1b}'),
+        "escape codes in the log: {text:?}"
+    );
+}
+
+/// A client given the other writ socket used to print only
+/// "writ: FetchX509SVID: Unimplemented: " (and `task list` its table
+/// header over nothing): it now says which socket it was probably given.
+#[test]
+fn a_client_on_the_other_socket_says_which_it_probably_is() {
+    let writ = Writ::start(&entry_for_us());
+    let admin_socket = admin(&writ);
+    let workload_socket = writ.socket.display().to_string();
+
+    let (ok, stdout, stderr) = writ_cli(&["api", "fetch", "x509", "--socket", &admin_socket], None);
+    assert!(!ok, "{stdout}");
+    assert!(
+        stderr.contains(&format!(
+            "{admin_socket} is not a Workload API socket (is it writ's admin socket?)"
+        )),
+        "{stderr}"
+    );
+
+    for args in [["task", "list"], ["entry", "list"]] {
+        let (ok, stdout, stderr) = writ_cli(
+            &[args[0], args[1], "--admin-socket", &workload_socket],
+            None,
+        );
+        assert!(!ok, "{args:?}: {stdout}");
+        assert!(
+            stderr.contains(&format!(
+                "{workload_socket} is not writ's admin API socket (is it the Workload API socket?)"
+            )),
+            "{args:?}: {stderr}"
+        );
+        // A refused listing prints no table header on stdout.
+        assert_eq!(stdout, "", "{args:?}");
+    }
+    // With an answer, the header is there.
+    let (ok, stdout, stderr) = writ_cli(&["task", "list", "--admin-socket", &admin_socket], None);
+    assert!(ok, "{stderr}");
+    assert!(stdout.starts_with("TASK "), "{stdout}");
+}
+
+/// A socket with no writ behind it says how to point the CLI at the right
+/// one, for each API its own flag and variable.
+#[test]
+fn a_missing_socket_says_how_to_point_the_cli_elsewhere() {
+    let dir = tempfile::tempdir().unwrap();
+    let absent = dir.path().join("absent.sock").display().to_string();
+    let (ok, _, stderr) = writ_cli(&["task", "list", "--admin-socket", &absent], None);
+    assert!(!ok);
+    for said in [
+        absent.as_str(),
+        "writ may not be running",
+        "--admin-socket",
+        "WRIT_ADMIN_SOCKET",
+        "XDG_RUNTIME_DIR",
+    ] {
+        assert!(stderr.contains(said), "lacks {said:?}: {stderr}");
+    }
+    let (ok, _, stderr) = writ_cli(&["api", "fetch", "x509", "--socket", &absent], None);
+    assert!(!ok);
+    for said in [
+        absent.as_str(),
+        "writ may not be running",
+        "--socket",
+        "SPIFFE_ENDPOINT_SOCKET",
+        "XDG_RUNTIME_DIR",
+    ] {
+        assert!(stderr.contains(said), "lacks {said:?}: {stderr}");
+    }
+}
+
+/// A user refused by the admin socket's mode learns the mode and the
+/// group that would let them in.
+#[test]
+fn a_refused_admin_socket_names_its_mode_and_group() {
+    if !is_root() {
+        eprintln!("SKIPPED: needs root to run the client as another user");
+        return;
+    }
+    let writ = Writ::start(&entry_for_us());
+    let socket = admin(&writ);
+    let group = nix::unistd::Group::from_gid(
+        std::os::unix::fs::MetadataExt::gid(&std::fs::metadata(&socket).unwrap()).into(),
+    )
+    .unwrap()
+    .unwrap()
+    .name;
+    let (ok, _, stderr) = writ_cli(&["task", "list", "--admin-socket", &socket], Some(NOBODY));
+    assert!(!ok);
+    assert!(
+        stderr.contains("Permission denied")
+            && stderr.contains("the socket is mode 0770")
+            && stderr.contains(&format!("a member of group {group}")),
+        "{stderr}"
+    );
+}
+
+/// BeginTask refusing a process the caller may not bind says which
+/// setting would allow it.
+#[test]
+fn binding_someone_elses_process_names_bind_any_pid() {
+    if !is_root() {
+        eprintln!("SKIPPED: needs root to start a process as another user");
+        return;
+    }
+    let writ = Writ::start(&entry_for_us());
+    let mut other = Command::new("sleep");
+    other.arg("60").uid(NOBODY).gid(NOBODY);
+    let mut other = other.spawn().unwrap();
+    let pid = other.id().to_string();
+    let (ok, _, stderr) = writ_cli(
+        &[
+            "task",
+            "begin",
+            "--pid",
+            &pid,
+            "--admin-socket",
+            &admin(&writ),
+        ],
+        None,
+    );
+    other.kill().unwrap();
+    other.wait().unwrap();
+    assert!(!ok);
+    assert!(
+        stderr.contains("PermissionDenied") && stderr.contains("[admin_api] bind_any_pid"),
+        "{stderr}"
+    );
+}
+
+/// A plain path in SPIFFE_ENDPOINT_SOCKET still works for writ, with a
+/// warning: the SPIFFE SDKs refuse it, so the workloads it was set for
+/// would fail.
+#[test]
+fn a_plain_path_in_spiffe_endpoint_socket_works_with_a_warning() {
+    let writ = Writ::start(&entry_for_us());
+    let path = writ.socket.display().to_string();
+    let fetch = |value: &str| {
+        let out = Command::new(WRIT)
+            .args(["api", "fetch", "x509"])
+            .env("SPIFFE_ENDPOINT_SOCKET", value)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (ok, stderr) = fetch(&path);
+    assert!(ok, "{stderr}");
+    assert!(
+        stderr.contains("warning") && stderr.contains(&format!("unix://{path}")),
+        "{stderr}"
+    );
+    let (ok, stderr) = fetch(&writ.endpoint());
+    assert!(ok, "{stderr}");
+    assert!(!stderr.contains("warning"), "{stderr}");
+}
+
+/// Argument mistakes caught before anything is sent, each naming the
+/// flags it is about.
+#[test]
+fn argument_mistakes_name_their_flags() {
+    // Neither binding: both are named, not only --pid.
+    let (ok, _, stderr) = writ_cli(&["task", "begin"], None);
+    assert!(!ok);
+    assert!(
+        stderr.contains("--pid") && stderr.contains("--cgroup"),
+        "{stderr}"
+    );
+    // Both: refused as well.
+    let (ok, _, stderr) = writ_cli(&["task", "begin", "--pid", "1", "--cgroup", "/x"], None);
+    assert!(!ok && stderr.contains("cannot be used with"), "{stderr}");
+    // An empty socket flag is an error naming the flag, for both flags (an
+    // empty --admin-socket used to mean the default socket).
+    let (ok, _, stderr) = writ_cli(&["task", "list", "--admin-socket", ""], None);
+    assert!(!ok && stderr.contains("'--admin-socket"), "{stderr}");
+    let (ok, _, stderr) = writ_cli(&["api", "fetch", "x509", "--socket", ""], None);
+    assert!(!ok && stderr.contains("'--socket"), "{stderr}");
+}
+
+/// `writ validate` takes the config from WRIT_CONFIG as `writ run` does.
+#[test]
+fn validate_reads_writ_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("writ.toml");
+    std::fs::write(&config, "trust_domain = \"example.org\"\n").unwrap();
+    let out = Command::new(WRIT)
+        .arg("validate")
+        .env("WRIT_CONFIG", &config)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(stdout, format!("{}: OK\n", config.display()));
+}
+
+/// Every command and option a newcomer met without help text now has a
+/// line of it.
+#[test]
+fn commands_and_options_have_help() {
+    let help = |args: &[&str]| {
+        let out = Command::new(WRIT).args(args).arg("-h").output().unwrap();
+        assert!(out.status.success(), "{args:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    // The text after a command or flag name on its help line, or (where
+    // clap puts it when the names are long) on the line below.
+    let described = |text: &str, item: &str| {
+        let lines: Vec<&str> = text.lines().collect();
+        lines.iter().enumerate().any(|(i, line)| {
+            let Some(rest) = line.trim_start().strip_prefix(item) else {
+                return false;
+            };
+            if !rest.is_empty() && !rest.starts_with(' ') {
+                return false;
+            }
+            let indent = |l: &str| l.len() - l.trim_start().len();
+            match rest.trim() {
+                "" => lines
+                    .get(i + 1)
+                    .is_some_and(|next| !next.trim().is_empty() && indent(next) > indent(line)),
+                _ => true,
+            }
+        })
+    };
+    for (command, items) in [
+        (&["task"][..], &["get", "list"][..]),
+        (&["entry"][..], &["create", "delete", "list"][..]),
+        (
+            &["task", "begin"][..],
+            &[
+                "--pid <PID>",
+                "--id <ID>",
+                "--spiffe-id <SPIFFE_ID>",
+                "--parent <PARENT>",
+            ][..],
+        ),
+        (&["run"][..], &["--config <CONFIG>"][..]),
+        (&["validate"][..], &["--config <CONFIG>"][..]),
+    ] {
+        let text = help(command);
+        for item in items {
+            assert!(described(&text, item), "{command:?} {item}: {text}");
+        }
+    }
+}

@@ -10,7 +10,7 @@ use clap::{Args, Subcommand};
 use serde_json::json;
 
 use super::Output;
-use super::client::{connect, status_error};
+use super::client::{Api, api_status_error, connect_to};
 use crate::config::{Config, Environment};
 use crate::proto::admin as pb;
 
@@ -18,7 +18,10 @@ use crate::proto::admin as pb;
 pub struct AdminSocketArg {
     /// The admin socket: a path or unix:///path. Defaults to
     /// $WRIT_ADMIN_SOCKET (unless empty), then writ's default.
-    #[arg(long, env = "WRIT_ADMIN_SOCKET")]
+    // The variable is read in `path`, not by clap: clap would hand over an
+    // empty variable as if it were an empty flag, and only the flag's
+    // empty value is a mistake (as for --socket).
+    #[arg(long, value_parser = clap::builder::NonEmptyStringValueParser::new())]
     pub admin_socket: Option<String>,
     #[arg(long, value_enum, default_value_t = Output::Text, global = true)]
     pub output: Output,
@@ -29,7 +32,12 @@ impl AdminSocketArg {
     /// an empty `SPIFFE_ENDPOINT_SOCKET` does for other tools; `unix:`
     /// addresses are read as `--socket` reads them.
     fn path(&self) -> anyhow::Result<PathBuf> {
-        match self.admin_socket.as_deref() {
+        self.path_with(std::env::var("WRIT_ADMIN_SOCKET").ok().as_deref())
+    }
+
+    /// `path` with the value of `WRIT_ADMIN_SOCKET`.
+    fn path_with(&self, admin_socket_variable: Option<&str>) -> anyhow::Result<PathBuf> {
+        match self.admin_socket.as_deref().or(admin_socket_variable) {
             None | Some("") => Ok(Config::builtin_defaults(&Environment::current())
                 .admin_api
                 .socket_path),
@@ -47,16 +55,22 @@ impl AdminSocketArg {
 #[derive(Subcommand, Debug)]
 pub enum TaskCommand {
     /// Begin a task bound to a process (and its descendants) or a cgroup.
+    // One group for both, so that giving neither names both in the error.
+    #[command(group(clap::ArgGroup::new("binding").args(["pid", "cgroup"]).required(true)))]
     Begin {
         #[command(flatten)]
         admin: AdminSocketArg,
-        #[arg(long, conflicts_with = "cgroup", required_unless_present = "cgroup")]
+        /// The process the task is bound to, with its descendants.
+        #[arg(long)]
         pid: Option<i32>,
         /// A cgroup v2 path such as /writ.slice/t-42.
         #[arg(long)]
         cgroup: Option<String>,
+        /// The task's id; default: a new ULID.
         #[arg(long = "id")]
         id: Option<String>,
+        /// The task's SPIFFE ID; default: the caller's (with --parent, the
+        /// parent task's) followed by /task/<id>.
         #[arg(long)]
         spiffe_id: Option<String>,
         #[arg(long, default_value = "")]
@@ -73,6 +87,7 @@ pub enum TaskCommand {
         /// Such as 10m (at least 2s); default from the agent's config.
         #[arg(long)]
         ttl: Option<String>,
+        /// Make this a sub-task of the task with this id.
         #[arg(long)]
         parent: Option<String>,
         /// A trust domain whose bundle the task's processes receive; repeatable.
@@ -87,11 +102,13 @@ pub enum TaskCommand {
         #[arg(long, default_value = "")]
         reason: String,
     },
+    /// Show one task, active or completed.
     Get {
         #[command(flatten)]
         admin: AdminSocketArg,
         id: String,
     },
+    /// List the active tasks (with --all, completed ones too).
     List {
         #[command(flatten)]
         admin: AdminSocketArg,
@@ -112,6 +129,8 @@ pub enum TaskCommand {
 
 #[derive(Subcommand, Debug)]
 pub enum EntryCommand {
+    /// Register an entry: processes matching all its selectors receive its
+    /// SPIFFE ID. Prints the new entry's id.
     Create {
         #[command(flatten)]
         admin: AdminSocketArg,
@@ -129,11 +148,14 @@ pub enum EntryCommand {
         #[arg(long = "federates-with")]
         federates_with: Vec<String>,
     },
+    /// Delete an entry made with `entry create` (entries from the config
+    /// file change only with the file).
     Delete {
         #[command(flatten)]
         admin: AdminSocketArg,
         id: String,
     },
+    /// List every entry, from the config file and from `entry create`.
     List {
         #[command(flatten)]
         admin: AdminSocketArg,
@@ -147,10 +169,13 @@ pub enum EntryCommand {
 /// Prints a listing page by page, as the pages arrive: `fetch` gets the
 /// page after a token (empty for the first) and returns its items and the
 /// next token (empty after the last). With `json`, the items make one
-/// pretty-printed JSON array (`to_json` of each); otherwise `line` prints
-/// each.
+/// pretty-printed JSON array (`to_json` of each); otherwise `header` (if
+/// any) and then `line` for each. Nothing is printed before the first page
+/// has arrived, so a refused listing leaves stdout empty rather than
+/// showing a table header over nothing.
 async fn print_pages<T>(
     json: bool,
+    header: Option<&str>,
     mut fetch: impl AsyncFnMut(String) -> anyhow::Result<(Vec<T>, String)>,
     mut line: impl FnMut(&mut std::io::Stdout, &T) -> std::io::Result<()>,
     to_json: impl Fn(&T) -> serde_json::Value,
@@ -159,7 +184,14 @@ async fn print_pages<T>(
     let mut listed = 0usize;
     let mut page_token = String::new();
     loop {
+        let first = page_token.is_empty();
         let (items, next) = fetch(page_token).await?;
+        if first
+            && !json
+            && let Some(header) = header
+        {
+            writeln!(out, "{header}")?;
+        }
         for item in &items {
             if json {
                 let element = serde_json::to_string_pretty(&to_json(item))?;
@@ -212,21 +244,25 @@ fn attribute_map(attributes: Vec<(String, String)>) -> anyhow::Result<HashMap<St
     Ok(map)
 }
 
+/// Maps a refused call on the admin socket at `socket` to the CLI's error.
+fn refused<'a>(
+    socket: &'a Path,
+    call: &'static str,
+) -> impl FnOnce(tonic::Status) -> anyhow::Error + 'a {
+    move |status| api_status_error(Api::Admin, socket, call, status)
+}
+
 async fn tasks_client(
     path: &Path,
 ) -> anyhow::Result<pb::tasks_client::TasksClient<tonic::transport::Channel>> {
-    let channel = connect(path)
-        .await
-        .with_context(|| format!("admin API at {}", path.display()))?;
+    let channel = connect_to(Api::Admin, path).await?;
     Ok(pb::tasks_client::TasksClient::new(channel))
 }
 
 async fn entries_client(
     path: &Path,
 ) -> anyhow::Result<pb::entries_client::EntriesClient<tonic::transport::Channel>> {
-    let channel = connect(path)
-        .await
-        .with_context(|| format!("admin API at {}", path.display()))?;
+    let channel = connect_to(Api::Admin, path).await?;
     Ok(pb::entries_client::EntriesClient::new(channel))
 }
 
@@ -344,11 +380,12 @@ pub async fn task(cmd: TaskCommand) -> anyhow::Result<()> {
                 parent_task_id: parent.unwrap_or_default(),
                 federates_with,
             };
-            let task = tasks_client(&admin.path()?)
+            let socket = admin.path()?;
+            let task = tasks_client(&socket)
                 .await?
                 .begin_task(request)
                 .await
-                .map_err(|s| status_error("BeginTask", s))?
+                .map_err(refused(&socket, "BeginTask"))?
                 .into_inner();
             if admin.output == Output::Json {
                 outln!("{}", task_json(&task));
@@ -357,14 +394,15 @@ pub async fn task(cmd: TaskCommand) -> anyhow::Result<()> {
             }
         }
         TaskCommand::End { admin, id, reason } => {
-            let task = tasks_client(&admin.path()?)
+            let socket = admin.path()?;
+            let task = tasks_client(&socket)
                 .await?
                 .end_task(pb::EndTaskRequest {
                     task_id: id,
                     reason,
                 })
                 .await
-                .map_err(|s| status_error("EndTask", s))?
+                .map_err(refused(&socket, "EndTask"))?
                 .into_inner();
             if admin.output == Output::Json {
                 outln!("{}", task_json(&task));
@@ -373,11 +411,12 @@ pub async fn task(cmd: TaskCommand) -> anyhow::Result<()> {
             }
         }
         TaskCommand::Get { admin, id } => {
-            let task = tasks_client(&admin.path()?)
+            let socket = admin.path()?;
+            let task = tasks_client(&socket)
                 .await?
                 .get_task(pb::GetTaskRequest { task_id: id })
                 .await
-                .map_err(|s| status_error("GetTask", s))?
+                .map_err(refused(&socket, "GetTask"))?
                 .into_inner();
             if admin.output == Output::Json {
                 outln!("{}", serde_json::to_string_pretty(&task_json(&task))?);
@@ -390,11 +429,10 @@ pub async fn task(cmd: TaskCommand) -> anyhow::Result<()> {
             all,
             page_size,
         } => {
-            let mut client = tasks_client(&admin.path()?).await?;
+            let socket = admin.path()?;
+            let mut client = tasks_client(&socket).await?;
             let json = admin.output == Output::Json;
-            if !json {
-                outln!("{:<28} {:<10} {:<24} SPIFFE ID", "TASK", "STATE", "EXPIRES");
-            }
+            let header = format!("{:<28} {:<10} {:<24} SPIFFE ID", "TASK", "STATE", "EXPIRES");
             // A busy node retains far more completed tasks than one
             // response carries.
             let fetch = async |page_token| {
@@ -405,7 +443,7 @@ pub async fn task(cmd: TaskCommand) -> anyhow::Result<()> {
                         page_token,
                     })
                     .await
-                    .map_err(|s| status_error("ListTasks", s))?
+                    .map_err(refused(&socket, "ListTasks"))?
                     .into_inner();
                 Ok((page.tasks, page.next_page_token))
             };
@@ -424,18 +462,19 @@ pub async fn task(cmd: TaskCommand) -> anyhow::Result<()> {
                     t.spiffe_id
                 )
             };
-            print_pages(json, fetch, line, task_json).await?;
+            print_pages(json, Some(&header), fetch, line, task_json).await?;
         }
         TaskCommand::Watch { admin } => {
-            let mut stream = tasks_client(&admin.path()?)
+            let socket = admin.path()?;
+            let mut stream = tasks_client(&socket)
                 .await?
                 .watch_tasks(pb::WatchTasksRequest {})
                 .await
-                .map_err(|s| status_error("WatchTasks", s))?
+                .map_err(refused(&socket, "WatchTasks"))?
                 .into_inner();
             loop {
                 let event = tokio::select! {
-                    e = stream.message() => e.map_err(|s| status_error("WatchTasks", s))?,
+                    e = stream.message() => e.map_err(refused(&socket, "WatchTasks"))?,
                     _ = tokio::signal::ctrl_c() => return Ok(()),
                 };
                 let Some(event) = event else { return Ok(()) };
@@ -482,7 +521,8 @@ pub async fn entry(cmd: EntryCommand) -> anyhow::Result<()> {
             hint,
             federates_with,
         } => {
-            let entry = entries_client(&admin.path()?)
+            let socket = admin.path()?;
+            let entry = entries_client(&socket)
                 .await?
                 .create_entry(pb::CreateEntryRequest {
                     spiffe_id,
@@ -493,7 +533,7 @@ pub async fn entry(cmd: EntryCommand) -> anyhow::Result<()> {
                     federates_with,
                 })
                 .await
-                .map_err(|s| status_error("CreateEntry", s))?
+                .map_err(refused(&socket, "CreateEntry"))?
                 .into_inner();
             if admin.output == Output::Json {
                 outln!("{}", entry_json(&entry));
@@ -502,11 +542,12 @@ pub async fn entry(cmd: EntryCommand) -> anyhow::Result<()> {
             }
         }
         EntryCommand::Delete { admin, id } => {
-            entries_client(&admin.path()?)
+            let socket = admin.path()?;
+            entries_client(&socket)
                 .await?
                 .delete_entry(pb::DeleteEntryRequest { id: id.clone() })
                 .await
-                .map_err(|s| status_error("DeleteEntry", s))?;
+                .map_err(refused(&socket, "DeleteEntry"))?;
             if admin.output == Output::Json {
                 outln!("{}", json!({"deleted": id}));
             } else {
@@ -514,7 +555,8 @@ pub async fn entry(cmd: EntryCommand) -> anyhow::Result<()> {
             }
         }
         EntryCommand::List { admin, page_size } => {
-            let mut client = entries_client(&admin.path()?).await?;
+            let socket = admin.path()?;
+            let mut client = entries_client(&socket).await?;
             let fetch = async |page_token| {
                 let page = client
                     .list_entries(pb::ListEntriesRequest {
@@ -522,7 +564,7 @@ pub async fn entry(cmd: EntryCommand) -> anyhow::Result<()> {
                         page_token,
                     })
                     .await
-                    .map_err(|s| status_error("ListEntries", s))?
+                    .map_err(refused(&socket, "ListEntries"))?
                     .into_inner();
                 Ok((page.entries, page.next_page_token))
             };
@@ -537,7 +579,7 @@ pub async fn entry(cmd: EntryCommand) -> anyhow::Result<()> {
                     e.source
                 )
             };
-            print_pages(admin.output == Output::Json, fetch, line, entry_json).await?;
+            print_pages(admin.output == Output::Json, None, fetch, line, entry_json).await?;
         }
     }
     Ok(())
@@ -595,9 +637,7 @@ pub enum BundleFormat {
 async fn bundles_client(
     path: &Path,
 ) -> anyhow::Result<pb::bundles_client::BundlesClient<tonic::transport::Channel>> {
-    let channel = connect(path)
-        .await
-        .with_context(|| format!("admin API at {}", path.display()))?;
+    let channel = connect_to(Api::Admin, path).await?;
     Ok(pb::bundles_client::BundlesClient::new(channel))
 }
 
@@ -677,13 +717,14 @@ pub async fn bundle(cmd: BundleCommand) -> anyhow::Result<()> {
             trust_domain,
             format,
         } => {
-            let bundle = bundles_client(&admin.path()?)
+            let socket = admin.path()?;
+            let bundle = bundles_client(&socket)
                 .await?
                 .get_bundle(pb::GetBundleRequest {
                     trust_domain: trust_domain.unwrap_or_default(),
                 })
                 .await
-                .map_err(|s| status_error("GetBundle", s))?
+                .map_err(refused(&socket, "GetBundle"))?
                 .into_inner();
             if admin.output == Output::Json {
                 // Both forms, beside what `bundle list` says of it.
@@ -698,11 +739,12 @@ pub async fn bundle(cmd: BundleCommand) -> anyhow::Result<()> {
             }
         }
         BundleCommand::List { admin } => {
-            let bundles = bundles_client(&admin.path()?)
+            let socket = admin.path()?;
+            let bundles = bundles_client(&socket)
                 .await?
                 .list_bundles(pb::ListBundlesRequest {})
                 .await
-                .map_err(|s| status_error("ListBundles", s))?
+                .map_err(refused(&socket, "ListBundles"))?
                 .into_inner()
                 .bundles;
             if admin.output == Output::Json {
@@ -749,7 +791,8 @@ pub async fn bundle(cmd: BundleCommand) -> anyhow::Result<()> {
                 BundleFormat::Pem => pb::BundleFormat::Pem,
                 BundleFormat::Spiffe => pb::BundleFormat::Spiffe,
             };
-            let bundle = bundles_client(&admin.path()?)
+            let socket = admin.path()?;
+            let bundle = bundles_client(&socket)
                 .await?
                 .set_bundle(pb::SetBundleRequest {
                     trust_domain,
@@ -757,7 +800,7 @@ pub async fn bundle(cmd: BundleCommand) -> anyhow::Result<()> {
                     data,
                 })
                 .await
-                .map_err(|s| status_error("SetBundle", s))?
+                .map_err(refused(&socket, "SetBundle"))?
                 .into_inner();
             if admin.output == Output::Json {
                 outln!("{}", bundle_json(&bundle));
@@ -773,13 +816,14 @@ pub async fn bundle(cmd: BundleCommand) -> anyhow::Result<()> {
             admin,
             trust_domain,
         } => {
-            bundles_client(&admin.path()?)
+            let socket = admin.path()?;
+            bundles_client(&socket)
                 .await?
                 .delete_bundle(pb::DeleteBundleRequest {
                     trust_domain: trust_domain.clone(),
                 })
                 .await
-                .map_err(|s| status_error("DeleteBundle", s))?;
+                .map_err(refused(&socket, "DeleteBundle"))?;
             if admin.output == Output::Json {
                 outln!("{}", json!({"deleted": trust_domain}));
             } else {
@@ -851,9 +895,7 @@ fn print_reload(r: &pb::ReloadResponse) -> anyhow::Result<()> {
 /// `writ reload`: the admin `Reload` call.
 pub async fn reload(admin: AdminSocketArg) -> anyhow::Result<()> {
     let path = admin.path()?;
-    let channel = connect(&path)
-        .await
-        .with_context(|| format!("admin API at {}", path.display()))?;
+    let channel = connect_to(Api::Admin, &path).await?;
     let response = match pb::agent_client::AgentClient::new(channel)
         .reload(pb::ReloadRequest {})
         .await
@@ -873,7 +915,7 @@ pub async fn reload(admin: AdminSocketArg) -> anyhow::Result<()> {
                     }))?
                 );
             }
-            return Err(status_error("Reload", status));
+            return Err(api_status_error(Api::Admin, &path, "Reload", status));
         }
     };
     if admin.output == Output::Json {

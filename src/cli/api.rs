@@ -10,7 +10,7 @@ use anyhow::{Context, bail};
 use serde::Serialize;
 use x509_parser::prelude::{FromDer, X509Certificate};
 
-use super::client::{status_error, workload_client};
+use super::client::{Api, api_status_error, status_error, workload_client};
 use crate::proto::workload as pb;
 
 #[derive(Serialize)]
@@ -104,12 +104,12 @@ pub async fn fetch_x509(socket: &Path, write: Option<&Path>, json: bool) -> anyh
     let mut stream = client
         .fetch_x509svid(pb::X509svidRequest {})
         .await
-        .map_err(|s| status_error("FetchX509SVID", s))?
+        .map_err(|s| api_status_error(Api::Workload, socket, "FetchX509SVID", s))?
         .into_inner();
     let response = stream
         .message()
         .await
-        .map_err(|s| status_error("FetchX509SVID", s))?
+        .map_err(|s| api_status_error(Api::Workload, socket, "FetchX509SVID", s))?
         .context("stream ended before the first response")?;
     let elapsed = started.elapsed();
     if let Some(dir) = write {
@@ -158,12 +158,12 @@ pub async fn watch(socket: &Path, json: bool) -> anyhow::Result<()> {
     let mut stream = client
         .fetch_x509svid(pb::X509svidRequest {})
         .await
-        .map_err(|s| status_error("FetchX509SVID", s))?
+        .map_err(|s| api_status_error(Api::Workload, socket, "FetchX509SVID", s))?
         .into_inner();
     let mut updates = 0u64;
     loop {
         let message = tokio::select! {
-            m = stream.message() => m.map_err(|s| status_error("FetchX509SVID stream", s))?,
+            m = stream.message() => m.map_err(|s| api_status_error(Api::Workload, socket, "FetchX509SVID stream", s))?,
             _ = tokio::signal::ctrl_c() => return Ok(()),
         };
         let Some(response) = message else {
@@ -209,9 +209,7 @@ pub async fn watch(socket: &Path, json: bool) -> anyhow::Result<()> {
 
 /// gRPC health check on the socket; Ok only when the server says SERVING.
 pub async fn healthcheck(socket: &Path) -> anyhow::Result<()> {
-    let channel = super::client::connect(socket)
-        .await
-        .with_context(|| format!("connecting to {}", socket.display()))?;
+    let channel = super::client::connect_to(Api::Workload, socket).await?;
     let mut client = tonic_health::pb::health_client::HealthClient::new(channel);
     let response = client
         .check(tonic_health::pb::HealthCheckRequest {
@@ -318,7 +316,7 @@ pub async fn fetch_jwt(
             spiffe_id,
         })
         .await
-        .map_err(|s| status_error("FetchJWTSVID", s))?
+        .map_err(|s| api_status_error(Api::Workload, socket, "FetchJWTSVID", s))?
         .into_inner();
     if json {
         let summaries: Vec<JwtSvidSummary> = response
@@ -346,12 +344,12 @@ pub async fn fetch_jwt_bundles(socket: &Path, json: bool) -> anyhow::Result<()> 
     let mut stream = client
         .fetch_jwt_bundles(pb::JwtBundlesRequest {})
         .await
-        .map_err(|s| status_error("FetchJWTBundles", s))?
+        .map_err(|s| api_status_error(Api::Workload, socket, "FetchJWTBundles", s))?
         .into_inner();
     let response = stream
         .message()
         .await
-        .map_err(|s| status_error("FetchJWTBundles", s))?
+        .map_err(|s| api_status_error(Api::Workload, socket, "FetchJWTBundles", s))?
         .context("stream ended before the first response")?;
     let mut bundles: Vec<(String, serde_json::Value)> = response
         .bundles
@@ -384,8 +382,14 @@ pub async fn validate_jwt(
     let response = client
         .validate_jwtsvid(pb::ValidateJwtsvidRequest { audience, svid })
         .await
-        // The message already says what was wrong ("invalid JWT-SVID: ...").
-        .map_err(|status| anyhow::anyhow!("{}", status.message()))?
+        .map_err(|status| match status.code() {
+            tonic::Code::Unimplemented => {
+                api_status_error(Api::Workload, socket, "ValidateJWTSVID", status)
+            }
+            // The message already says what was wrong ("invalid JWT-SVID: ...").
+            _ if !status.message().is_empty() => anyhow::anyhow!("{}", status.message()),
+            _ => status_error("ValidateJWTSVID", status),
+        })?
         .into_inner();
     let claims = response
         .claims

@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, bail};
+use anyhow::bail;
 use hyper_util::rt::TokioIo;
 use tonic::transport::{Channel, Endpoint, Uri};
 
@@ -61,8 +61,19 @@ pub async fn connect(path: &Path) -> anyhow::Result<Channel> {
 /// The endpoint's URI is required by tonic but never used: the connector
 /// ignores it.
 pub async fn connect_with(path: &Path, endpoint: Endpoint) -> anyhow::Result<Channel> {
+    connect_with_io_error(path, endpoint)
+        .await
+        .map_err(|e| anyhow::anyhow!("connecting to the socket: {}", root_cause(&e)))
+}
+
+/// `connect_with`, keeping tonic's error so that the I/O error under it
+/// can be told apart.
+async fn connect_with_io_error(
+    path: &Path,
+    endpoint: Endpoint,
+) -> Result<Channel, tonic::transport::Error> {
     let path = path.to_owned();
-    let channel = endpoint
+    endpoint
         .connect_with_connector(tower::service_fn(move |_: Uri| {
             let path = path.clone();
             async move {
@@ -71,8 +82,108 @@ pub async fn connect_with(path: &Path, endpoint: Endpoint) -> anyhow::Result<Cha
             }
         }))
         .await
-        .map_err(|e| anyhow::anyhow!("connecting to the socket: {}", root_cause(&e)))?;
-    Ok(channel)
+}
+
+/// Which of writ's APIs a CLI command talks to: it decides what the CLI
+/// suggests when the socket is missing, refused or the wrong one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Api {
+    Workload,
+    Admin,
+}
+
+impl Api {
+    fn name(self) -> &'static str {
+        match self {
+            Api::Workload => "Workload API",
+            Api::Admin => "admin API",
+        }
+    }
+
+    fn flag(self) -> &'static str {
+        match self {
+            Api::Workload => "--socket",
+            Api::Admin => "--admin-socket",
+        }
+    }
+
+    fn variable(self) -> &'static str {
+        match self {
+            Api::Workload => "SPIFFE_ENDPOINT_SOCKET",
+            Api::Admin => "WRIT_ADMIN_SOCKET",
+        }
+    }
+}
+
+/// `connect` for a CLI command: a failure names the API and the socket
+/// and, for the failures people meet first (no writ there, not allowed
+/// in), says what to do about it.
+pub async fn connect_to(api: Api, path: &Path) -> anyhow::Result<Channel> {
+    let tonic_error =
+        match connect_with_io_error(path, Endpoint::from_static("http://localhost")).await {
+            Ok(channel) => return Ok(channel),
+            Err(e) => e,
+        };
+    let kind = io_error_kind(&tonic_error);
+    let mut message = format!(
+        "{} at {}: connecting to the socket: {}",
+        api.name(),
+        path.display(),
+        root_cause(&tonic_error)
+    );
+    match kind {
+        Some(std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused) => {
+            message.push_str(&format!(
+                "; writ may not be running, or not with this socket: give the one its config names with {} or {} (the default paths depend on the user and on XDG_RUNTIME_DIR, so a service and a login shell may differ)",
+                api.flag(),
+                api.variable()
+            ));
+        }
+        Some(std::io::ErrorKind::PermissionDenied) => {
+            message.push_str(&format!("; {}", permission_hint(path)));
+        }
+        _ => {}
+    }
+    Err(anyhow::anyhow!(message))
+}
+
+/// Why a connection may be refused: a socket's mode and group decide who
+/// may connect (writ makes its admin socket 0770), and every directory
+/// above it must let the caller through.
+fn permission_hint(path: &Path) -> String {
+    use std::os::unix::fs::MetadataExt;
+    match std::fs::metadata(path) {
+        Ok(meta) => {
+            let owner = nix::unistd::User::from_uid(meta.uid().into())
+                .ok()
+                .flatten()
+                .map_or_else(|| format!("uid {}", meta.uid()), |u| u.name);
+            let group = nix::unistd::Group::from_gid(meta.gid().into())
+                .ok()
+                .flatten()
+                .map_or_else(|| format!("gid {}", meta.gid()), |g| g.name);
+            format!(
+                "the socket is mode {:04o}, owned by {owner} and group {group}: run this as {owner} (writ's user) or as a member of group {group} (a group joined since logging in counts from the next login)",
+                meta.mode() & 0o7777
+            )
+        }
+        Err(_) => format!(
+            "this user may not enter the directory holding the socket ({})",
+            path.parent().unwrap_or(path).display()
+        ),
+    }
+}
+
+/// The kind of the I/O error under a transport error, if there is one.
+fn io_error_kind(e: &(dyn std::error::Error + 'static)) -> Option<std::io::ErrorKind> {
+    let mut cause = Some(e);
+    while let Some(c) = cause {
+        if let Some(io) = c.downcast_ref::<std::io::Error>() {
+            return Some(io.kind());
+        }
+        cause = c.source();
+    }
+    None
 }
 
 /// The innermost error: tonic's transport error shows its source and then
@@ -111,9 +222,7 @@ pub type WorkloadClient =
     >;
 
 pub async fn workload_client(path: &Path) -> anyhow::Result<WorkloadClient> {
-    let channel = connect(path)
-        .await
-        .with_context(|| format!("Workload API at {}", path.display()))?;
+    let channel = connect_to(Api::Workload, path).await?;
     Ok(crate::proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient::with_interceptor(
         channel,
         SecurityHeader,
@@ -123,7 +232,42 @@ pub async fn workload_client(path: &Path) -> anyhow::Result<WorkloadClient> {
 /// A gRPC call's refusal as the CLI prints it: the call, the status code's
 /// name and writ's message (`BeginTask: InvalidArgument: ttl: ...`).
 pub fn status_error(call: &str, status: tonic::Status) -> anyhow::Error {
+    if status.message().is_empty() {
+        // "Unknown: " with nothing after it reads as if text were lost.
+        return anyhow::anyhow!("{call}: {:?} (the server gave no reason)", status.code());
+    }
     anyhow::anyhow!("{call}: {:?}: {}", status.code(), status.message())
+}
+
+/// `status_error` for a call on `api` at `socket`. A server that does not
+/// offer the call at all answers Unimplemented with no message, which
+/// alone says nothing; the likely cause is the other writ socket, so the
+/// message says that, naming the socket.
+pub fn api_status_error(
+    api: Api,
+    socket: &Path,
+    call: &str,
+    status: tonic::Status,
+) -> anyhow::Error {
+    if status.code() != tonic::Code::Unimplemented {
+        return status_error(call, status);
+    }
+    let likely = match api {
+        Api::Workload => format!(
+            "{} is not a Workload API socket (is it writ's admin socket?)",
+            socket.display()
+        ),
+        Api::Admin => format!(
+            "{} is not writ's admin API socket (is it the Workload API socket?)",
+            socket.display()
+        ),
+    };
+    let said = status.message();
+    if said.is_empty() {
+        anyhow::anyhow!("{call}: Unimplemented: {likely}")
+    } else {
+        anyhow::anyhow!("{call}: Unimplemented: {said}; {likely}")
+    }
 }
 
 #[cfg(test)]

@@ -49,6 +49,7 @@ pub struct Cli {
 pub enum Command {
     /// Run the agent (built-in defaults when no config file is given).
     Run {
+        /// The config file (TOML); without one, built-in defaults.
         #[arg(long, env = "WRIT_CONFIG")]
         config: Option<PathBuf>,
         /// Overrides `[log] format`.
@@ -57,7 +58,8 @@ pub enum Command {
     },
     /// Check a config file and report its errors with line and column.
     Validate {
-        #[arg(long)]
+        /// The config file to check (as `writ run` would read it).
+        #[arg(long, env = "WRIT_CONFIG")]
         config: PathBuf,
     },
     /// Talk to a SPIFFE Workload API (writ's or any other).
@@ -184,7 +186,7 @@ pub enum FetchCommand {
 pub struct SocketArg {
     /// Workload API socket: a path or unix:///path. Defaults to
     /// $SPIFFE_ENDPOINT_SOCKET (unless empty), then writ's default socket.
-    #[arg(long)]
+    #[arg(long, value_parser = clap::builder::NonEmptyStringValueParser::new())]
     pub socket: Option<String>,
 }
 
@@ -202,7 +204,14 @@ pub enum LogFormatArg {
 
 impl SocketArg {
     pub fn resolve(&self) -> anyhow::Result<PathBuf> {
-        self.resolve_with(std::env::var("SPIFFE_ENDPOINT_SOCKET").ok().as_deref())
+        let variable = std::env::var("SPIFFE_ENDPOINT_SOCKET").ok();
+        let path = self.resolve_with(variable.as_deref())?;
+        if self.socket.is_none()
+            && let Some(warning) = variable.as_deref().and_then(bare_path_warning)
+        {
+            eprintln!("writ: warning: {warning}");
+        }
+        Ok(path)
     }
 
     /// `resolve` with the value of `SPIFFE_ENDPOINT_SOCKET`. An empty one
@@ -221,6 +230,18 @@ impl SocketArg {
                 .socket_path),
         }
     }
+}
+
+/// A warning for a `SPIFFE_ENDPOINT_SOCKET` that is a plain path. writ
+/// takes it, but the SPIFFE SDKs (go-spiffe, py-spiffe) refuse anything
+/// but a `unix:` URI, so a value that works here would fail the workloads
+/// it was set for.
+fn bare_path_warning(value: &str) -> Option<String> {
+    (!value.is_empty() && !value.starts_with("unix:")).then(|| {
+        format!(
+            "SPIFFE_ENDPOINT_SOCKET={value:?} is a plain path; writ accepts it, but SPIFFE SDKs (go-spiffe, py-spiffe) require a URI: SPIFFE_ENDPOINT_SOCKET=unix://{value}"
+        )
+    })
 }
 
 pub fn load_config(path: Option<&Path>) -> anyhow::Result<Config> {
@@ -257,8 +278,17 @@ fn init_logging(config: &Config, format: Option<LogFormatArg>) -> LogLevelContro
             )
             .init();
     } else {
+        use std::io::IsTerminal as _;
+        let ansi = use_colour(
+            std::io::stderr().is_terminal(),
+            std::env::var_os("NO_COLOR").as_deref(),
+        );
         registry
-            .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_ansi(ansi)
+                    .with_writer(std::io::stderr),
+            )
             .init();
     }
     Box::new(move |level: &str| {
@@ -277,6 +307,14 @@ fn init_logging(config: &Config, format: Option<LogFormatArg>) -> LogLevelContro
             .reload(filter)
             .map_err(|e| format!("changing the log level: {e}"))
     })
+}
+
+/// Whether text logs are coloured: only for a person at a terminal.
+/// Escape codes in a file or journald are noise that `grep` trips over, and
+/// `NO_COLOR` set to anything but the empty string turns colour off
+/// (no-color.org).
+fn use_colour(stderr_is_terminal: bool, no_color: Option<&std::ffi::OsStr>) -> bool {
+    stderr_is_terminal && no_color.is_none_or(|value| value.is_empty())
 }
 
 pub async fn main(cli: Cli) -> anyhow::Result<()> {
@@ -462,6 +500,15 @@ mod tests {
             flag.resolve_with(Some("unix:///run/x.sock")).unwrap(),
             PathBuf::from("/run/y.sock")
         );
+    }
+
+    #[test]
+    fn logs_are_coloured_only_at_a_terminal_without_no_color() {
+        use std::ffi::OsStr;
+        assert!(use_colour(true, None));
+        assert!(use_colour(true, Some(OsStr::new(""))));
+        assert!(!use_colour(true, Some(OsStr::new("1"))));
+        assert!(!use_colour(false, None));
     }
 
     #[test]

@@ -45,9 +45,7 @@ pub(super) fn build(
         Ok(raw) => raw,
         Err(err) => {
             let span = err.span().unwrap_or(0..0);
-            // toml's messages can run over several lines; one line per error
-            // keeps `writ validate` output greppable.
-            let mut message = err.message().trim().replace('\n', "; ");
+            let mut message = super::parse_error::message(&err);
             // toml does not say which key is duplicated; its span does.
             if message == "duplicate key"
                 && let Some(key) = text.get(span.clone()).filter(|key| !key.is_empty())

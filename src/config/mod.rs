@@ -5,6 +5,7 @@
 mod build;
 mod duration;
 mod environment;
+mod parse_error;
 mod raw;
 
 pub use duration::{DurationError, MAX_DURATION, duration_serde, format_duration, parse_duration};

@@ -577,22 +577,61 @@ fn unknown_keys_are_rejected_at_the_key() {
     );
 }
 
+/// A value of the wrong type is said in the words of the config file, not
+/// of Rust's types, and names its key: testers read "invalid value:
+/// integer -1, expected u64" and "expected a string" for a duration.
+#[test]
+fn type_errors_name_the_key_and_what_it_takes_in_plain_words() {
+    for (text, said) in [
+        (
+            "[workload_api]\nreattest_interval = 5\n",
+            "workload_api.reattest_interval: expected a duration string such as \"5s\", found 5",
+        ),
+        (
+            "[workload_api]\nsocket_path = 5\n",
+            "workload_api.socket_path: expected a string, found 5",
+        ),
+        (
+            "[workload_api]\nmax_streams_per_uid = \"many\"\n",
+            "workload_api.max_streams_per_uid: expected a whole number, found the string \"many\"",
+        ),
+        (
+            "trust_domain = [\"a\"]\n",
+            "trust_domain: expected a string, found a list",
+        ),
+    ] {
+        let errors = errors(text);
+        assert_eq!(errors.len(), 1, "{text}: {errors:#?}");
+        assert_eq!(errors[0].message(), said, "{text}");
+    }
+}
+
 #[test]
 fn type_and_syntax_errors_are_located() {
-    assert_single_error("[tasks]\nmax_depth = \"4\"\n", 2, 13, "expected u32");
+    assert_single_error(
+        "[tasks]\nmax_depth = \"4\"\n",
+        2,
+        13,
+        "tasks.max_depth: expected a whole number of 0 or more, found the string \"4\"",
+    );
     assert_single_error(
         "[attestors.unix]\nmax_hash_bytes = -1\n",
         2,
         18,
-        "expected u64",
+        "attestors.unix.max_hash_bytes: expected a whole number of 0 or more, found -1",
     );
     assert_single_error(
         "[attestors.unix]\ndiscover_workload_path = \"yes\"\n",
         2,
         26,
-        "expected a boolean",
+        "attestors.unix.discover_workload_path: expected true or false, found the string \"yes\"",
     );
-    assert_single_error("[ca]\nca_ttl = 3600\n", 2, 10, "expected a string");
+    assert_single_error(
+        "[ca]\nca_ttl = 3600\n",
+        2,
+        10,
+        "ca.ca_ttl: expected a duration string such as \"5s\", found 3600",
+    );
     let syntax = errors("trust_domain = \"x.org\"\ndata_dir = \n");
     assert_eq!(syntax.len(), 1);
     assert_eq!(
