@@ -1968,6 +1968,25 @@ mod tests {
         crate::service::build(&config).await.unwrap()
     }
 
+    /// A top-level task of the orchestrator's, active for a minute.
+    fn test_task(id: &str, binding: crate::tasks::Binding) -> Arc<crate::tasks::Task> {
+        Arc::new(crate::tasks::Task {
+            id: id.into(),
+            spiffe_id: format!("spiffe://writ.test/orch/task/{id}")
+                .parse()
+                .unwrap(),
+            parent_id: None,
+            depth: 1,
+            binding,
+            intent: Default::default(),
+            orchestrator: "spiffe://writ.test/orch".into(),
+            federates_with: Vec::new(),
+            created_at: std::time::SystemTime::now(),
+            expires_at: std::time::SystemTime::now() + Duration::from_secs(60),
+            completion: None,
+        })
+    }
+
     /// A task bound to a cgroup covers a process in it, or in a cgroup
     /// below it, only while the directory at the path is still the cgroup
     /// bound (same id): one made again there holds other processes, which
@@ -1979,23 +1998,14 @@ mod tests {
         let job = mount.path().join("agents/job");
         std::fs::create_dir_all(job.join("step")).unwrap();
         let bound_id = crate::cgroup::cgroup_id(&job).unwrap();
-        let task = Arc::new(crate::tasks::Task {
-            id: "t-cg".into(),
-            spiffe_id: "spiffe://writ.test/orch/task/t-cg".parse().unwrap(),
-            parent_id: None,
-            depth: 1,
-            binding: crate::tasks::Binding::Cgroup {
+        let task = test_task(
+            "t-cg",
+            crate::tasks::Binding::Cgroup {
                 path: "/agents/job".into(),
                 id: Some(bound_id),
                 cpu_usage_at_bind: None,
             },
-            intent: Default::default(),
-            orchestrator: "spiffe://writ.test/orch".into(),
-            federates_with: Vec::new(),
-            created_at: std::time::SystemTime::now(),
-            expires_at: std::time::SystemTime::now() + Duration::from_secs(60),
-            completion: None,
-        });
+        );
         let mut index = TaskIndex::default();
         index.insert(task.clone());
         let in_cgroup = |path: &str| Attestation {
@@ -2037,23 +2047,7 @@ mod tests {
     /// and leaves every other task where it was.
     #[test]
     fn the_task_index_forgets_exactly_the_task_removed() {
-        let task = |id: &str, binding: crate::tasks::Binding| {
-            Arc::new(crate::tasks::Task {
-                id: id.into(),
-                spiffe_id: format!("spiffe://writ.test/orch/task/{id}")
-                    .parse()
-                    .unwrap(),
-                parent_id: None,
-                depth: 1,
-                binding,
-                intent: Default::default(),
-                orchestrator: "spiffe://writ.test/orch".into(),
-                federates_with: Vec::new(),
-                created_at: std::time::SystemTime::now(),
-                expires_at: std::time::SystemTime::now() + Duration::from_secs(60),
-                completion: None,
-            })
-        };
+        let task = test_task;
         let pid = |pid, start_time| crate::tasks::Binding::Pid { pid, start_time };
         let mut index = TaskIndex::default();
         index.insert(task("a", pid(10, 100)));

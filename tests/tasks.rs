@@ -136,6 +136,15 @@ fn begin_pid(id: &str, pid: u32) -> apb::BeginTaskRequest {
     }
 }
 
+/// `begin_pid` with an explicit SPIFFE ID and, unless empty, a parent.
+fn begin_explicit(id: &str, pid: u32, spiffe_id: &str, parent: &str) -> apb::BeginTaskRequest {
+    apb::BeginTaskRequest {
+        spiffe_id: spiffe_id.into(),
+        parent_task_id: parent.into(),
+        ..begin_pid(id, pid)
+    }
+}
+
 fn begin_cgroup(id: &str, cgroup: &str) -> apb::BeginTaskRequest {
     apb::BeginTaskRequest {
         task_id: id.into(),
@@ -1165,11 +1174,8 @@ async fn an_explicit_spiffe_id_must_lie_in_the_callers_lineage() {
     let writ = Writ::start(&config(""));
     let mut tasks = tasks_client(&writ).await;
     let mut child = Command::new("sleep").arg("60").spawn().unwrap();
-    let explicit = |id: &str, spiffe_id: &str, parent: &str| apb::BeginTaskRequest {
-        spiffe_id: spiffe_id.into(),
-        parent_task_id: parent.into(),
-        ..begin_pid(id, child.id())
-    };
+    let explicit =
+        |id: &str, spiffe_id: &str, parent: &str| begin_explicit(id, child.id(), spiffe_id, parent);
     let own = tasks
         .begin_task(explicit("own", &format!("{ORCH_ID}/research/run-1"), ""))
         .await
@@ -1373,11 +1379,8 @@ async fn no_active_task_takes_anothers_identity_or_one_below_it() {
     let mut tasks = tasks_client(&writ).await;
     let mut sleeper = Command::new("sleep").arg("60").spawn().unwrap();
     let pid = sleeper.id();
-    let explicit = move |id: &str, spiffe_id: &str, parent: &str| apb::BeginTaskRequest {
-        spiffe_id: spiffe_id.into(),
-        parent_task_id: parent.into(),
-        ..begin_pid(id, pid)
-    };
+    let explicit =
+        move |id: &str, spiffe_id: &str, parent: &str| begin_explicit(id, pid, spiffe_id, parent);
     let t6 = tasks
         .begin_task(begin_pid("t6", pid))
         .await
