@@ -2047,13 +2047,12 @@ mod tests {
     /// and leaves every other task where it was.
     #[test]
     fn the_task_index_forgets_exactly_the_task_removed() {
-        let task = test_task;
         let pid = |pid, start_time| crate::tasks::Binding::Pid { pid, start_time };
         let mut index = TaskIndex::default();
-        index.insert(task("a", pid(10, 100)));
-        index.insert(task("b", pid(10, 100)));
-        index.insert(task("c", pid(11, 50)));
-        index.insert(task(
+        index.insert(test_task("a", pid(10, 100)));
+        index.insert(test_task("b", pid(10, 100)));
+        index.insert(test_task("c", pid(11, 50)));
+        index.insert(test_task(
             "d",
             crate::tasks::Binding::Cgroup {
                 path: "/x".into(),
