@@ -23,6 +23,7 @@ pub struct AdminSocketArg {
     // empty value is a mistake (as for --socket).
     #[arg(long, value_parser = clap::builder::NonEmptyStringValueParser::new())]
     pub admin_socket: Option<String>,
+    /// Text for people, or JSON for scripts.
     #[arg(long, value_enum, default_value_t = Output::Text, global = true)]
     pub output: Output,
 }
@@ -69,16 +70,23 @@ pub enum TaskCommand {
         /// The task's id; default: a new ULID.
         #[arg(long = "id")]
         id: Option<String>,
-        /// The task's SPIFFE ID; default: the caller's (with --parent, the
+        /// The task's SPIFFE ID; default: the caller's (for a sub-task, the
         /// parent task's) followed by /task/<id>.
         #[arg(long)]
         spiffe_id: Option<String>,
+        /// What the task is for, in words (recorded; policies see it).
         #[arg(long, default_value = "")]
         purpose: String,
+        /// A tool the task may use; repeatable. A sub-task's must be its
+        /// parent's.
         #[arg(long = "tool")]
         tools: Vec<String>,
+        /// A target the task may act on; repeatable. A sub-task's must be
+        /// its parent's.
         #[arg(long = "target")]
         targets: Vec<String>,
+        /// The class of data the task handles (a sub-task keeps its
+        /// parent's).
         #[arg(long, default_value = "")]
         data_class: String,
         /// key=value, repeatable.
@@ -87,7 +95,8 @@ pub enum TaskCommand {
         /// Such as 10m (at least 2s); default from the agent's config.
         #[arg(long)]
         ttl: Option<String>,
-        /// Make this a sub-task of the task with this id.
+        /// Make this a sub-task of the task with this id; default: the task
+        /// the caller works in, if it works in one.
         #[arg(long)]
         parent: Option<String>,
         /// A trust domain whose bundle the task's processes receive; repeatable.
@@ -98,7 +107,9 @@ pub enum TaskCommand {
     End {
         #[command(flatten)]
         admin: AdminSocketArg,
+        /// The task's id.
         id: String,
+        /// Why it ended, in words (kept as the completion detail).
         #[arg(long, default_value = "")]
         reason: String,
     },
@@ -134,17 +145,23 @@ pub enum EntryCommand {
     Create {
         #[command(flatten)]
         admin: AdminSocketArg,
+        /// The SPIFFE ID matching processes receive.
         #[arg(long)]
         spiffe_id: String,
         /// type:key:value, repeatable; all must match.
         #[arg(long = "selector", required = true)]
         selectors: Vec<String>,
+        /// Lifetime of its X509-SVIDs, such as 1h; default from the config.
         #[arg(long)]
         x509_svid_ttl: Option<String>,
+        /// A DNS SAN for its X509-SVIDs; repeatable.
         #[arg(long = "dns-name")]
         dns_names: Vec<String>,
+        /// A hint passed to workloads with its SVIDs (the Workload API's
+        /// `hint` field).
         #[arg(long, default_value = "")]
         hint: String,
+        /// A trust domain whose bundle its processes receive; repeatable.
         #[arg(long = "federates-with")]
         federates_with: Vec<String>,
     },
@@ -609,8 +626,10 @@ pub enum BundleCommand {
     Set {
         #[command(flatten)]
         admin: AdminSocketArg,
+        /// The foreign trust domain the bundle is for.
         #[arg(long)]
         trust_domain: String,
+        /// How the input is written.
         #[arg(long, value_enum, default_value_t = BundleFormat::Pem)]
         format: BundleFormat,
         /// Read the bundle from this file; "-" or absent: standard input.
@@ -621,6 +640,7 @@ pub enum BundleCommand {
     Delete {
         #[command(flatten)]
         admin: AdminSocketArg,
+        /// The foreign trust domain to forget.
         #[arg(long)]
         trust_domain: String,
     },
