@@ -93,6 +93,10 @@ impl AdminContext {
     }
 }
 
+/// Response metadata EndTask sets when the task had completed before the
+/// call (ending a task is idempotent; this tells the caller it did not).
+pub const ALREADY_COMPLETED_HEADER: &str = "writ-task-already-completed";
+
 pub fn task_status(e: TaskError) -> Status {
     match e {
         TaskError::Invalid { .. } => Status::invalid_argument(e.to_string()),
@@ -410,12 +414,19 @@ impl pb::tasks_server::Tasks for TasksService {
                 return Err(Status::permission_denied(decision.denial_message()));
             }
         }
-        let (task, serials) = ctx
+        let (task, serials, ended_now) = ctx
             .tasks
-            .end(&req.task_id, req.reason)
+            .end_reporting(&req.task_id, req.reason)
             .await
             .map_err(task_status)?;
-        Ok(Response::new(task_to_proto(&task, serials)))
+        let mut response = Response::new(task_to_proto(&task, serials));
+        if !ended_now {
+            response.metadata_mut().insert(
+                ALREADY_COMPLETED_HEADER,
+                tonic::metadata::MetadataValue::from_static("true"),
+            );
+        }
+        Ok(response)
     }
 
     async fn get_task(

@@ -1157,12 +1157,23 @@ impl TaskManager {
         id: &str,
         detail: String,
     ) -> Result<(Arc<Task>, Vec<String>), TaskError> {
+        let (task, serials, _) = self.end_reporting(id, detail).await?;
+        Ok((task, serials))
+    }
+
+    /// `end`, and whether this call ended the task (false: it had ended
+    /// already, by this trigger or another).
+    pub async fn end_reporting(
+        self: &Arc<Self>,
+        id: &str,
+        detail: String,
+    ) -> Result<(Arc<Task>, Vec<String>, bool), TaskError> {
         loop {
-            if let Some(ended) = self
+            if let Some((task, serials)) = self
                 .complete_reporting(id, CompletionReason::EndTask, detail.clone())
                 .await?
             {
-                return Ok(ended);
+                return Ok((task, serials, true));
             }
             // Not active: being begun, being completed by another trigger,
             // or settled. Reported only once settled, so that a task said to
@@ -1172,7 +1183,7 @@ impl TaskManager {
             }
         }
         match self.get(id)? {
-            Some(t) => Ok((Arc::new(t), self.issued_serials(id)?)),
+            Some(t) => Ok((Arc::new(t), self.issued_serials(id)?, false)),
             None => Err(TaskError::NotFound(id.to_owned())),
         }
     }

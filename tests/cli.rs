@@ -864,6 +864,13 @@ fn task_commands_begin_inspect_and_end_a_task() {
         ok && out.contains("ended t-cli (end_task)"),
         "{out}{stderr}"
     );
+    // Asked again, it says the task had already ended rather than that
+    // this call ended it.
+    let (ok, out, stderr) = writ_cli(&["task", "end", "t-cli", "--admin-socket", &a], None);
+    assert!(
+        ok && out.contains("t-cli had already completed (end_task)"),
+        "{out}{stderr}"
+    );
     let (ok, _, stderr) = writ_cli(
         &[
             "task",

@@ -412,17 +412,26 @@ pub async fn task(cmd: TaskCommand) -> anyhow::Result<()> {
         }
         TaskCommand::End { admin, id, reason } => {
             let socket = admin.path()?;
-            let task = tasks_client(&socket)
+            let response = tasks_client(&socket)
                 .await?
                 .end_task(pb::EndTaskRequest {
                     task_id: id,
                     reason,
                 })
                 .await
-                .map_err(refused(&socket, "EndTask"))?
-                .into_inner();
+                .map_err(refused(&socket, "EndTask"))?;
+            let already = response
+                .metadata()
+                .contains_key(crate::admin_api::ALREADY_COMPLETED_HEADER);
+            let task = response.into_inner();
             if admin.output == Output::Json {
                 outln!("{}", task_json(&task));
+            } else if already {
+                outln!(
+                    "{} had already completed ({})",
+                    task.task_id,
+                    task.completion_reason
+                );
             } else {
                 outln!("ended {} ({})", task.task_id, task.completion_reason);
             }
