@@ -805,6 +805,21 @@ impl TaskManager {
                         }
                     )));
                 }
+                // An entry's identity goes on being issued to whatever the
+                // entry matches: a task holding it too could not be told
+                // apart by relying parties, and ending the task would not
+                // end what that identity may do.
+                if self
+                    .agent
+                    .registry()
+                    .entries()
+                    .iter()
+                    .any(|entry| entry.spiffe_id == *explicit)
+                {
+                    return Err(TaskError::PermissionDenied(format!(
+                        "spiffe_id {explicit} is the identity of a registration entry; a task takes an identity of its own"
+                    )));
+                }
                 explicit.clone()
             }
             (None, Some(parent), _) => parent

@@ -2874,3 +2874,35 @@ async fn a_task_whose_ttl_passed_while_writ_was_down_ends_as_ttl_expired() {
         assert_eq!(t.completion_detail, "found after restart", "{t:?}");
     }
 }
+
+/// A task may not take a registration entry's identity, even one in its
+/// caller's lineage: the entry goes on being issued to whatever it
+/// matches, relying parties could not tell the two apart, and ending the
+/// task would not end what that identity may do.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_task_may_not_take_a_registration_entrys_identity() {
+    let tool_id = format!("{ORCH_ID}/db-tool");
+    let writ = Writ::start(&config(&format!(
+        "\n[[entry]]\nspiffe_id = \"{tool_id}\"\nselectors = [\"unix:uid:65534\"]\n"
+    )));
+    let mut tasks = tasks_client(&writ).await;
+    let mut sleeper = Command::new("sleep").arg("60").spawn().unwrap();
+    let err = tasks
+        .begin_task(begin_explicit("as-tool", sleeper.id(), &tool_id, ""))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    assert!(err.message().contains("registration entry"), "{err:?}");
+    // Beside it, an identity of the task's own is fine.
+    tasks
+        .begin_task(begin_explicit(
+            "own",
+            sleeper.id(),
+            &format!("{ORCH_ID}/db-tool-run"),
+            "",
+        ))
+        .await
+        .unwrap();
+    let _ = sleeper.kill();
+    let _ = sleeper.wait();
+}
