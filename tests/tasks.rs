@@ -2851,7 +2851,7 @@ async fn a_task_whose_ttl_passed_while_writ_was_down_ends_as_ttl_expired() {
         let mut tasks = tasks_client(&writ).await;
         for (i, sleeper) in sleepers.iter().enumerate() {
             let mut begin = begin_pid(&format!("down-{i}"), sleeper.id());
-            begin.ttl = "2s".into();
+            begin.ttl = "3s".into();
             tasks.begin_task(begin).await.unwrap();
         }
     }
@@ -2860,7 +2860,7 @@ async fn a_task_whose_ttl_passed_while_writ_was_down_ends_as_ttl_expired() {
         let _ = sleeper.kill();
         let _ = sleeper.wait();
     }
-    std::thread::sleep(Duration::from_millis(2500));
+    std::thread::sleep(Duration::from_millis(3500));
     writ.spawn();
     let mut tasks = tasks_client(&writ).await;
     for i in 0..4 {
