@@ -537,7 +537,9 @@ fn entry_status(e: EntryError) -> Status {
         EntryError::Invalid { .. } => Status::invalid_argument(e.to_string()),
         EntryError::NotFound(_) => Status::not_found(e.to_string()),
         EntryError::FromConfig(_) => Status::failed_precondition(e.to_string()),
-        EntryError::AlreadyExists(_) => Status::already_exists(e.to_string()),
+        EntryError::AlreadyExists(_) | EntryError::HeldByTask { .. } => {
+            Status::already_exists(e.to_string())
+        }
         EntryError::ShadowsAdminEntry(_) => Status::failed_precondition(e.to_string()),
         EntryError::Store(_) => Status::unavailable(e.to_string()),
     }

@@ -1455,6 +1455,16 @@ impl Agent {
         self.changes.push(change);
     }
 
+    /// The id of an active task whose SPIFFE ID is `spiffe_id`, if any
+    /// (for the rare admin call that asks; it looks at every active task).
+    pub fn active_task_holding(&self, spiffe_id: &crate::spiffe_id::SpiffeId) -> Option<String> {
+        read_lock(&self.tasks)
+            .by_id
+            .values()
+            .find(|t| t.spiffe_id == *spiffe_id)
+            .map(|t| t.id.clone())
+    }
+
     /// An active task by ID (None once it has completed).
     pub fn active_task(&self, task_id: &str) -> Option<Arc<Task>> {
         read_lock(&self.tasks).by_id(task_id)

@@ -25,6 +25,12 @@ pub enum EntryError {
     FromConfig(String),
     #[error("an entry with this SPIFFE ID and selectors already exists ({0})")]
     AlreadyExists(String),
+    /// An active task holds the SPIFFE ID: the entry would go on issuing
+    /// it after the task ends, so the task's end would not end it.
+    #[error(
+        "spiffe_id: {spiffe_id} is the identity of active task {task}; an entry takes another, or wait until the task has ended"
+    )]
+    HeldByTask { spiffe_id: SpiffeId, task: String },
     /// Config entries with the id (the same SPIFFE ID and selectors) of
     /// entries created through the admin API, which they would hide.
     #[error("{}", shadowing_message(.0))]
@@ -163,6 +169,12 @@ impl EntryStore {
             .any(|e| e.id == entry.id)
         {
             return Err(EntryError::AlreadyExists(entry.id));
+        }
+        if let Some(task) = self.agent.active_task_holding(&entry.spiffe_id) {
+            return Err(EntryError::HeldByTask {
+                spiffe_id: entry.spiffe_id,
+                task,
+            });
         }
         let row = entry.clone();
         self.store

@@ -2876,11 +2876,11 @@ async fn a_task_whose_ttl_passed_while_writ_was_down_ends_as_ttl_expired() {
 }
 
 /// A task may not take a registration entry's identity, even one in its
-/// caller's lineage: the entry goes on being issued to whatever it
-/// matches, relying parties could not tell the two apart, and ending the
-/// task would not end what that identity may do.
+/// caller's lineage, nor an entry an active task's: the entry goes on being
+/// issued to whatever it matches, relying parties could not tell the two
+/// apart, and ending the task would not end what that identity may do.
 #[tokio::test(flavor = "multi_thread")]
-async fn a_task_may_not_take_a_registration_entrys_identity() {
+async fn tasks_and_registration_entries_never_share_an_identity() {
     let tool_id = format!("{ORCH_ID}/db-tool");
     let writ = Writ::start(&config(&format!(
         "\n[[entry]]\nspiffe_id = \"{tool_id}\"\nselectors = [\"unix:uid:65534\"]\n"
@@ -2903,6 +2903,31 @@ async fn a_task_may_not_take_a_registration_entrys_identity() {
         ))
         .await
         .unwrap();
+    // Nor does an entry take an active task's identity, until it has ended.
+    let admin = admin_socket(&writ);
+    let create = || {
+        common::writ_cli(
+            &[
+                "entry",
+                "create",
+                "--admin-socket",
+                admin.to_str().unwrap(),
+                "--spiffe-id",
+                &format!("{ORCH_ID}/db-tool-run"),
+                "--selector",
+                "unix:uid:65534",
+            ],
+            None,
+        )
+    };
+    let (ok, out, err) = create();
+    assert!(
+        !ok && err.contains("is the identity of active task own"),
+        "{out}{err}"
+    );
+    tasks.end_task(end_req("own")).await.unwrap();
+    let (ok, out, err) = create();
+    assert!(ok, "{out}{err}");
     let _ = sleeper.kill();
     let _ = sleeper.wait();
 }
