@@ -269,14 +269,7 @@ fn read_limited(path: &Path) -> io::Result<Vec<u8>> {
 pub(crate) fn read_trusted_text_file(path: &Path) -> Result<String, CaError> {
     let file = File::open(path).map_err(|e| io_err(path, e))?;
     let meta = file.metadata().map_err(|e| io_err(path, e))?;
-    check_owner(path, &meta)?;
-    let mode = meta.permissions().mode();
-    if mode & 0o022 != 0 {
-        return Err(CaError::WritableTrustFile {
-            path: path.to_owned(),
-            mode: mode & 0o7777,
-        });
-    }
+    check_trusted(path, &meta)?;
     let mut bytes = Vec::new();
     file.take(MAX_FILE_BYTES + 1)
         .read_to_end(&mut bytes)
@@ -313,6 +306,21 @@ pub(crate) fn read_private_text_file(path: &Path) -> Result<String, CaError> {
         .read_to_string(&mut text)
         .map_err(|e| io_err(path, e))?;
     Ok(text)
+}
+
+/// What a file writ trusts (`meta` of the file opened) must be: owned by
+/// writ's user or root, and writable by no one else. Federation's trust
+/// files (bootstrap bundles, https_web CA files) are held to it too.
+pub(crate) fn check_trusted(path: &Path, meta: &fs::Metadata) -> Result<(), CaError> {
+    check_owner(path, meta)?;
+    let mode = meta.permissions().mode();
+    if mode & 0o022 != 0 {
+        return Err(CaError::WritableTrustFile {
+            path: path.to_owned(),
+            mode: mode & 0o7777,
+        });
+    }
+    Ok(())
 }
 
 /// Only writ's own user and root may own a file writ trusts or keeps secret.

@@ -49,6 +49,9 @@ pub enum FederationError {
     InvalidBundle(String),
     #[error("{}: {reason}", path.display())]
     File { path: PathBuf, reason: String },
+    /// A trust file others could change (the message names it).
+    #[error("{0}")]
+    UntrustedFile(String),
     #[error("no system CA file found (tried {0}); set ca_bundle for every https_web trust domain")]
     NoSystemRoots(String),
     #[error("store: {0}")]
@@ -166,26 +169,14 @@ pub(crate) fn read_limited(path: &Path) -> Result<String, FederationError> {
 /// or others may write it or a user other than writ's or root owns it;
 /// checked on the file opened.
 pub(crate) fn read_limited_to(path: &Path, limit: u64) -> Result<String, FederationError> {
-    use std::os::unix::fs::MetadataExt;
     let bad = |reason: String| FederationError::File {
         path: path.to_owned(),
         reason,
     };
     let file = std::fs::File::open(path).map_err(|e| bad(e.to_string()))?;
     let meta = file.metadata().map_err(|e| bad(e.to_string()))?;
-    let me = nix::unistd::geteuid().as_raw();
-    if meta.uid() != me && meta.uid() != 0 {
-        return Err(bad(format!(
-            "is owned by uid {}; a file writ trusts must be owned by writ's user (uid {me}) or root",
-            meta.uid()
-        )));
-    }
-    if meta.mode() & 0o022 != 0 {
-        return Err(bad(format!(
-            "has mode {:04o}; a file writ trusts must not be writable by group or others (chmod go-w)",
-            meta.mode() & 0o7777
-        )));
-    }
+    crate::ca::check_trusted(path, &meta)
+        .map_err(|e| FederationError::UntrustedFile(e.to_string()))?;
     let mut bytes = Vec::new();
     file.take(limit + 1)
         .read_to_end(&mut bytes)
