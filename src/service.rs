@@ -206,38 +206,23 @@ pub async fn build(config: &Config) -> Result<Services, ServiceError> {
 /// released when the process ends however it ends) and writes our pid in
 /// it for the message another writ gets.
 fn lock_data_dir(dir: &Path) -> Result<std::fs::File, ServiceError> {
-    use std::io::{Read, Seek, Write};
-    use std::os::unix::fs::OpenOptionsExt;
+    use std::io::{Seek, Write};
     let path = dir.join("writ.lock");
     let io_err = |source| ServiceError::CreateDir {
         path: path.clone(),
         source,
     };
-    let mut file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .mode(0o600)
-        .open(&path)
-        .map_err(io_err)?;
-    match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
-        Ok(()) => {}
-        Err(rustix::io::Errno::WOULDBLOCK) => {
-            let mut text = String::new();
-            let _ = Read::by_ref(&mut file).take(32).read_to_string(&mut text);
-            let holder = text
-                .trim()
-                .parse::<u32>()
-                .map_or(String::new(), |pid| format!(" (pid {pid})"));
-            return Err(ServiceError::DataDirInUse {
-                path: dir.to_owned(),
-                lock: path,
-                holder,
-            });
-        }
-        Err(e) => return Err(io_err(e.into())),
-    }
+    let Some(mut file) = crate::audit::lock_exclusively(&path).map_err(io_err)? else {
+        let holder = std::fs::read_to_string(&path)
+            .ok()
+            .and_then(|text| text.trim().parse::<u32>().ok())
+            .map_or(String::new(), |pid| format!(" (pid {pid})"));
+        return Err(ServiceError::DataDirInUse {
+            path: dir.to_owned(),
+            lock: path,
+            holder,
+        });
+    };
     file.set_len(0).map_err(io_err)?;
     file.rewind().map_err(io_err)?;
     writeln!(file, "{}", std::process::id()).map_err(io_err)?;

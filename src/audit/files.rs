@@ -110,16 +110,23 @@ pub(crate) fn open_snapshot(path: &Path) -> io::Result<Vec<(PathBuf, File)>> {
     Ok(files)
 }
 
-/// Takes the writer lock, creating the lock file (0600) if needed.
-/// `Ok(None)`: another process holds it.
+/// Takes the writer lock of the trail at `path`; see `lock_exclusively`.
 pub(crate) fn take_writer_lock(path: &Path) -> io::Result<Option<File>> {
+    lock_exclusively(&lock_path(path))
+}
+
+/// An exclusive `flock` on the file `lock` (created 0600 if needed), held
+/// until the file is dropped or the process ends, however it ends.
+/// `Ok(None)`: another process holds it. The trail's writer lock, and the
+/// state directory's (`service`), are taken with it.
+pub(crate) fn lock_exclusively(lock: &Path) -> io::Result<Option<File>> {
     let lock = OpenOptions::new()
         .read(true)
         .write(true)
         .create(true)
         .truncate(false)
         .mode(0o600)
-        .open(lock_path(path))?;
+        .open(lock)?;
     match rustix::fs::flock(&lock, FlockOperation::NonBlockingLockExclusive) {
         Ok(()) => Ok(Some(lock)),
         Err(rustix::io::Errno::WOULDBLOCK) => Ok(None),

@@ -11,6 +11,7 @@ mod recover;
 pub(crate) mod verify;
 
 pub use event::{AuditEvent, CallerFacts, EventKind, TaskFacts};
+pub(crate) use files::lock_exclusively;
 pub use files::{TrailTail, tail_lines, trail_files};
 pub use log::{AuditLog, AuditReceipt, Clock};
 pub use record::{CheckpointFacts, CheckpointKind, ZERO_HASH, checkpoint_message};
