@@ -180,6 +180,15 @@ pub struct Crls {
     pub bytes: usize,
 }
 
+/// Why `TaskIndex::ancestors` found no whole chain.
+enum BrokenChain {
+    /// This ancestor is no longer active: the chain is completing
+    /// (completion cascades downwards).
+    Ended(String),
+    /// Longer than `MAX_DELEGATION_CHAIN`.
+    TooLong,
+}
+
 /// Active tasks, indexed the two ways a caller can fall inside a binding,
 /// and by id. Every look-up a request makes costs the same with ten active
 /// tasks as with ten thousand.
@@ -295,6 +304,26 @@ impl TaskIndex {
             }
         }
         self.by_id.insert(task.id.clone(), task);
+    }
+
+    /// The active tasks above a task whose parent is `parent_id`, parent
+    /// first.
+    fn ancestors(&self, parent_id: Option<&str>) -> Result<Vec<Arc<Task>>, BrokenChain> {
+        let mut ancestors: Vec<Arc<Task>> = Vec::new();
+        let mut next = parent_id;
+        while let Some(id) = next {
+            // Task depth is bounded by config; this bound only guards the loop.
+            if ancestors.len() >= MAX_DELEGATION_CHAIN {
+                return Err(BrokenChain::TooLong);
+            }
+            let ancestor = self
+                .by_id
+                .get(id)
+                .ok_or_else(|| BrokenChain::Ended(id.to_owned()))?;
+            ancestors.push(ancestor.clone());
+            next = ancestors.last().and_then(|a| a.parent_id.as_deref());
+        }
+        Ok(ancestors)
     }
 
     /// Forgets the task; returns the identities sent beside it.
@@ -1765,26 +1794,17 @@ fn task_ancestors(
     index: &TaskIndex,
     task: &crate::policy::TaskFacts,
 ) -> Result<Vec<String>, String> {
-    let mut ancestors = Vec::new();
-    let mut next = task.parent_id.clone();
-    while let Some(id) = next {
-        // Task depth is bounded by config; this bound only guards the loop.
-        if ancestors.len() >= MAX_DELEGATION_CHAIN {
-            return Err(format!(
-                "task {}: its chain of parents is too long",
-                task.id
-            ));
-        }
-        let ancestor = index.by_id(&id).ok_or_else(|| {
-            format!(
-                "task {} is completing: its ancestor task {id} has ended",
-                task.id
-            )
-        })?;
-        next = ancestor.parent_id.clone();
-        ancestors.push(id);
+    match index.ancestors(task.parent_id.as_deref()) {
+        Ok(ancestors) => Ok(ancestors.iter().map(|a| a.id.clone()).collect()),
+        Err(BrokenChain::Ended(id)) => Err(format!(
+            "task {} is completing: its ancestor task {id} has ended",
+            task.id
+        )),
+        Err(BrokenChain::TooLong) => Err(format!(
+            "task {}: its chain of parents is too long",
+            task.id
+        )),
     }
-    Ok(ancestors)
 }
 
 /// The RFC 8693 `act` claim of a sub-task: the parent task is the current
@@ -1792,22 +1812,13 @@ fn task_ancestors(
 /// that began the top-level task. `None` for a top-level task. A missing
 /// ancestor means the chain is completing (completion cascades downwards).
 fn delegation_chain(index: &TaskIndex, task: &Task) -> Result<Option<Value>, AgentError> {
-    let mut actors: Vec<String> = Vec::new();
-    let mut next = task.parent_id.clone();
-    let mut root_orchestrator = None;
-    // Task depth is bounded by config; this bound only guards the loop.
-    for _ in 0..MAX_DELEGATION_CHAIN {
-        let Some(id) = next else { break };
-        let parent = index
-            .by_id(&id)
-            .ok_or_else(|| AgentError::TaskCompleted(task.id.clone()))?;
-        actors.push(parent.spiffe_id.to_string());
-        root_orchestrator = Some(parent.orchestrator.clone());
-        next = parent.parent_id.clone();
-    }
-    let Some(root_orchestrator) = root_orchestrator else {
+    let ancestors = index
+        .ancestors(task.parent_id.as_deref())
+        .map_err(|_| AgentError::TaskCompleted(task.id.clone()))?;
+    let Some(root_orchestrator) = ancestors.last().map(|a| a.orchestrator.clone()) else {
         return Ok(None);
     };
+    let mut actors: Vec<String> = ancestors.iter().map(|a| a.spiffe_id.to_string()).collect();
     actors.push(root_orchestrator);
     let mut act: Option<Value> = None;
     for actor in actors.into_iter().rev() {
