@@ -374,6 +374,7 @@ impl pb::tasks_server::Tasks for TasksService {
         // reported as it is, whoever asks). One still being begun is judged
         // once it is active.
         ctx.tasks.until_settled(&req.task_id).await;
+        let mut requested_by = None;
         if let Some(active) = ctx.agent.active_task(&req.task_id) {
             let attestation = &admin.attestation;
             let own_id = ctx
@@ -409,14 +410,22 @@ impl pb::tasks_server::Tasks for TasksService {
                 uid: attestation.snapshot.uid,
                 selectors,
             };
-            let decision = ctx.agent.authorize(&request, Some(facts), true).await;
+            let decision = ctx
+                .agent
+                .authorize(&request, Some(facts.clone()), true)
+                .await;
             if !decision.allowed {
                 return Err(Status::permission_denied(decision.denial_message()));
             }
+            requested_by = Some(crate::tasks::Requester {
+                caller: facts,
+                action: request.action_name().to_owned(),
+                decision,
+            });
         }
         let (task, serials, ended_now) = ctx
             .tasks
-            .end_reporting(&req.task_id, req.reason)
+            .end_reporting(&req.task_id, req.reason, requested_by)
             .await
             .map_err(task_status)?;
         let mut response = Response::new(task_to_proto(&task, serials));

@@ -232,6 +232,29 @@ pub struct Intent {
     pub attributes: BTreeMap<String, String>,
 }
 
+/// Who asked for an EndTask and the policy decision that let them: the
+/// ended task's `task_ended` record carries both, so the trail alone says
+/// who ended a task early and under which policies.
+#[derive(Debug, Clone)]
+pub struct Requester {
+    pub caller: CallerFacts,
+    pub action: String,
+    pub decision: crate::policy::Decision,
+}
+
+impl Requester {
+    fn annotate(&self, event: AuditEvent) -> AuditEvent {
+        event
+            .caller(self.caller.clone())
+            .decision(
+                self.action.clone(),
+                self.decision.allowed,
+                self.decision.deciding_policies.clone(),
+            )
+            .policy_errors(&self.decision.errors)
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CompletionReason {
     EndTask,
@@ -1172,20 +1195,29 @@ impl TaskManager {
         id: &str,
         detail: String,
     ) -> Result<(Arc<Task>, Vec<String>), TaskError> {
-        let (task, serials, _) = self.end_reporting(id, detail).await?;
+        let (task, serials, _) = self.end_reporting(id, detail, None).await?;
         Ok((task, serials))
     }
 
     /// `end`, and whether this call ended the task (false: it had ended
     /// already, by this trigger or another).
+    /// `requested_by`, when given, names the EndTask's caller and the
+    /// decision that allowed it in the ended task's record.
     pub async fn end_reporting(
         self: &Arc<Self>,
         id: &str,
         detail: String,
+        requested_by: Option<Requester>,
     ) -> Result<(Arc<Task>, Vec<String>, bool), TaskError> {
+        let requested_by = requested_by.map(Arc::new);
         loop {
             if let Some((task, serials)) = self
-                .complete_reporting(id, CompletionReason::EndTask, detail.clone())
+                .complete_reporting(
+                    id,
+                    CompletionReason::EndTask,
+                    detail.clone(),
+                    requested_by.clone(),
+                )
                 .await?
             {
                 return Ok((task, serials, true));
@@ -1214,7 +1246,7 @@ impl TaskManager {
         detail: String,
     ) -> Result<Option<Arc<Task>>, TaskError> {
         Ok(self
-            .complete_reporting(id, reason, detail)
+            .complete_reporting(id, reason, detail, None)
             .await?
             .map(|(task, _)| task))
     }
@@ -1272,15 +1304,20 @@ impl TaskManager {
         id: &str,
         reason: CompletionReason,
         detail: String,
+        requested_by: Option<Arc<Requester>>,
     ) -> Result<Option<(Arc<Task>, Vec<String>)>, TaskError> {
         let manager = self.clone();
         let task = id.to_owned();
-        tokio::spawn(async move { manager.complete_now(&task, reason, detail).await })
-            .await
-            .map_err(|e| TaskError::Interrupted {
-                task: id.to_owned(),
-                reason: e.to_string(),
-            })?
+        tokio::spawn(async move {
+            manager
+                .complete_now(&task, reason, detail, requested_by)
+                .await
+        })
+        .await
+        .map_err(|e| TaskError::Interrupted {
+            task: id.to_owned(),
+            reason: e.to_string(),
+        })?
     }
 
     /// The body of `complete_reporting`. A completion the store refuses puts
@@ -1291,6 +1328,7 @@ impl TaskManager {
         id: &str,
         reason: CompletionReason,
         detail: String,
+        requested_by: Option<Arc<Requester>>,
     ) -> Result<Option<(Arc<Task>, Vec<String>)>, TaskError> {
         let (victims, _in_flight): (Vec<(Arc<Task>, CompletionReason)>, _) = {
             let mut inner = self.inner();
@@ -1378,7 +1416,7 @@ impl TaskManager {
                     crl_epoch: None,
                 });
                 self.reinstate(&victims);
-                self.retry_completion(id, reason, detail);
+                self.retry_completion(id, reason, detail, requested_by);
                 return Err(e.into());
             }
         };
@@ -1412,7 +1450,7 @@ impl TaskManager {
         let mut records: Vec<AuditEvent> = victims
             .iter()
             .map(|(task, why)| {
-                AuditEvent::new(EventKind::TaskEnded, correlation_id.clone())
+                let ended = AuditEvent::new(EventKind::TaskEnded, correlation_id.clone())
                     .task(task_facts(task))
                     .spiffe_id(task.spiffe_id.to_string())
                     .reason(why.as_str())
@@ -1423,7 +1461,13 @@ impl TaskManager {
                         } else {
                             String::new()
                         },
-                    )
+                    );
+                // Sub-tasks ended with it name their parent as the reason;
+                // who asked is on the record of the task they asked to end.
+                match requested_by.as_deref() {
+                    Some(by) if task.id == id => by.annotate(ended),
+                    _ => ended,
+                }
             })
             .collect();
         records.extend(revoked.iter().map(|(task_id, serials)| {
@@ -1482,7 +1526,13 @@ impl TaskManager {
     /// Retries completing `id` with backoff until it persists or something
     /// else completes it; one retry loop per task at a time (a retry that
     /// fails finds its own loop running and starts no other).
-    fn retry_completion(self: &Arc<Self>, id: &str, reason: CompletionReason, detail: String) {
+    fn retry_completion(
+        self: &Arc<Self>,
+        id: &str,
+        reason: CompletionReason,
+        detail: String,
+        requested_by: Option<Arc<Requester>>,
+    ) {
         if !self.inner().retrying.insert(id.to_owned()) {
             return;
         }
@@ -1492,7 +1542,10 @@ impl TaskManager {
             let mut wait = COMPLETION_RETRY_FIRST;
             loop {
                 tokio::time::sleep(wait).await;
-                match manager.complete_now(&id, reason, detail.clone()).await {
+                match manager
+                    .complete_now(&id, reason, detail.clone(), requested_by.clone())
+                    .await
+                {
                     Ok(_) => break,
                     Err(e) => {
                         tracing::warn!(task = %id, error = %e, "retrying a task's completion failed");

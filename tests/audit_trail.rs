@@ -123,6 +123,18 @@ fn issuances_denials_and_tasks_are_recorded_in_a_trail_that_verifies() {
     assert_eq!(begun["task"]["tools"][0], "jira");
     let ended = find("task_ended").next().expect("task_ended");
     assert_eq!(ended["reason"], "end_task");
+    // Who ended it early, and the decision that let them.
+    assert_eq!(ended["caller"]["uid"], uid(), "{ended}");
+    assert!(
+        ended["caller"]["pid"].as_i64().is_some_and(|p| p > 0),
+        "{ended}"
+    );
+    assert_eq!(ended["action"], "EndTask", "{ended}");
+    assert_eq!(ended["decision"], "allow", "{ended}");
+    assert!(
+        ended["policies"].as_array().is_some_and(|p| !p.is_empty()),
+        "the allowing policies are named: {ended}"
+    );
     // Hash chain intact, closed with a signed checkpoint.
     let (ok, out, err) = verify(&writ, &[]);
     assert!(ok, "{out}{err}");
