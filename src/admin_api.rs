@@ -549,7 +549,9 @@ fn entry_status(e: EntryError) -> Status {
         EntryError::AlreadyExists(_) | EntryError::HeldByTask { .. } => {
             Status::already_exists(e.to_string())
         }
-        EntryError::ShadowsAdminEntry(_) => Status::failed_precondition(e.to_string()),
+        EntryError::ShadowsAdminEntry(_) | EntryError::ConfigHeldByTask(_) => {
+            Status::failed_precondition(e.to_string())
+        }
         EntryError::Store(_) => Status::unavailable(e.to_string()),
     }
 }

@@ -31,12 +31,29 @@ pub enum EntryError {
         "spiffe_id: {spiffe_id} is the identity of active task {task}; an entry takes another, or wait until the task has ended"
     )]
     HeldByTask { spiffe_id: SpiffeId, task: String },
+    /// Config entries (new in a reload) whose SPIFFE IDs active tasks
+    /// hold: each as (entry id, SPIFFE ID, task id).
+    #[error("{}", held_by_tasks_message(.0))]
+    ConfigHeldByTask(Vec<(String, SpiffeId, String)>),
     /// Config entries with the id (the same SPIFFE ID and selectors) of
     /// entries created through the admin API, which they would hide.
     #[error("{}", shadowing_message(.0))]
     ShadowsAdminEntry(Vec<(String, SpiffeId)>),
     #[error("store: {0}")]
     Store(#[from] StoreError),
+}
+
+fn held_by_tasks_message(held: &[(String, SpiffeId, String)]) -> String {
+    let listed: Vec<String> = held
+        .iter()
+        .map(|(entry, spiffe_id, task)| {
+            format!("config entry {entry} has {spiffe_id}, the identity of active task {task}")
+        })
+        .collect();
+    format!(
+        "{}: an entry would go on issuing a task's identity after the task ends; give the entry another SPIFFE ID, or reload once the task has ended",
+        listed.join("; ")
+    )
 }
 
 fn shadowing_message(entries: &[(String, SpiffeId)]) -> String {
@@ -151,11 +168,43 @@ impl EntryStore {
     ) -> Result<ConfigRegistryUpdate<'_>, EntryError> {
         let admin = self.admin_entries.lock().await;
         check_not_shadowing(&registry, &admin)?;
+        self.check_not_held_by_tasks(&registry)?;
         Ok(ConfigRegistryUpdate {
             store: self,
             admin,
             registry,
         })
+    }
+
+    /// Refuses config entries that would take an active task's identity,
+    /// as `create` refuses admin entries. Only identities no running config
+    /// entry has are looked up: a task cannot have begun with one of those.
+    fn check_not_held_by_tasks(&self, registry: &Registry) -> Result<(), EntryError> {
+        let running = self
+            .config_registry
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let held: Vec<(String, SpiffeId, String)> = registry
+            .entries()
+            .iter()
+            .filter(|new| {
+                !running
+                    .entries()
+                    .iter()
+                    .any(|old| old.spiffe_id == new.spiffe_id)
+            })
+            .filter_map(|new| {
+                self.agent
+                    .active_task_holding(&new.spiffe_id)
+                    .map(|task| (new.id.clone(), new.spiffe_id.clone(), task))
+            })
+            .collect();
+        if held.is_empty() {
+            Ok(())
+        } else {
+            Err(EntryError::ConfigHeldByTask(held))
+        }
     }
 
     pub async fn create(&self, req: pb::CreateEntryRequest) -> Result<Entry, EntryError> {

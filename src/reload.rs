@@ -52,7 +52,9 @@ impl ReloadError {
             ReloadError::Config(_)
                 | ReloadError::Policy(_)
                 | ReloadError::Federation(_)
-                | ReloadError::Entries(EntryError::ShadowsAdminEntry(_))
+                | ReloadError::Entries(
+                    EntryError::ShadowsAdminEntry(_) | EntryError::ConfigHeldByTask(_)
+                )
         )
     }
 

@@ -2925,7 +2925,30 @@ async fn tasks_and_registration_entries_never_share_an_identity() {
         !ok && err.contains("is the identity of active task own"),
         "{out}{err}"
     );
+    // Nor does a config entry, added and reloaded: the reload is refused
+    // and changes nothing.
+    let original = std::fs::read_to_string(&writ.config_path).unwrap();
+    std::fs::write(
+        &writ.config_path,
+        format!(
+            "{original}\n[[entry]]\nspiffe_id = \"{ORCH_ID}/db-tool-run\"\nselectors = [\"unix:uid:65533\"]\n"
+        ),
+    )
+    .unwrap();
+    let reload = || common::writ_cli(&["reload", "--admin-socket", admin.to_str().unwrap()], None);
+    let (ok, out, err) = reload();
+    assert!(
+        !ok && err.contains("the identity of active task own"),
+        "{out}{err}"
+    );
+    let (ok, out, err) = common::writ_cli(
+        &["entry", "list", "--admin-socket", admin.to_str().unwrap()],
+        None,
+    );
+    assert!(ok && !out.contains("65533"), "{out}{err}");
     tasks.end_task(end_req("own")).await.unwrap();
+    let (ok, out, err) = reload();
+    assert!(ok, "{out}{err}");
     let (ok, out, err) = create();
     assert!(ok, "{out}{err}");
     let _ = sleeper.kill();
