@@ -41,19 +41,26 @@ pub(super) fn build(
     env: &Environment,
     running: Option<&Config>,
 ) -> Result<Config, Vec<ConfigError>> {
-    let raw: RawConfig = match toml::from_str(text) {
+    let raw: RawConfig = match super::structure::parse_all(text) {
         Ok(raw) => raw,
-        Err(err) => {
-            let span = err.span().unwrap_or(0..0);
-            let mut message = super::parse_error::message(&err);
-            // toml does not say which key is duplicated; its span does.
-            if message == "duplicate key"
-                && let Some(key) = text.get(span.clone()).filter(|key| !key.is_empty())
-            {
-                message = format!("duplicate key `{key}`");
-            }
-            let offset = span.start;
-            return Err(vec![ConfigError::at(origin, text, offset, message)]);
+        Err(problems) => {
+            let mut errors: Vec<ConfigError> = problems
+                .iter()
+                .map(|problem| {
+                    let span = problem.error.span().unwrap_or(0..0);
+                    let mut message = super::parse_error::message(&problem.error);
+                    // toml does not say which key is duplicated; its span does.
+                    if message == "duplicate key"
+                        && let Some(key) =
+                            problem.text.get(span.clone()).filter(|key| !key.is_empty())
+                    {
+                        message = format!("duplicate key `{key}`");
+                    }
+                    ConfigError::at(origin, text, span.start, message)
+                })
+                .collect();
+            errors.sort_by_key(|err| err.position());
+            return Err(errors);
         }
     };
     let mut builder = Builder {

@@ -7,6 +7,7 @@ mod duration;
 mod environment;
 mod parse_error;
 mod raw;
+mod structure;
 
 pub use duration::{DurationError, MAX_DURATION, duration_serde, format_duration, parse_duration};
 pub use environment::Environment;

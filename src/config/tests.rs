@@ -577,6 +577,43 @@ fn unknown_keys_are_rejected_at_the_key() {
     );
 }
 
+/// `writ validate` names every unknown key and mistyped value at once, each
+/// at its own line, instead of stopping at the first.
+#[test]
+fn every_structural_problem_is_reported_in_one_pass() {
+    let errors = errors(
+        "trust_domian = \"x.org\"\n[workload_api]\nreattest_interval = 5\n[ca]\nca_tll = \"1h\"\n\
+         [attestors.docker]\n[[entry]]\nspiffe_id = \"spiffe://writ.test/a\"\nselector = [\"unix:uid:1\"]\n",
+    );
+    let found: Vec<(Option<(usize, usize)>, &str)> =
+        errors.iter().map(|e| (e.position(), e.message())).collect();
+    assert_eq!(
+        found,
+        [
+            (
+                Some((1, 1)),
+                "unknown field `trust_domian`, expected one of `trust_domain`, `data_dir`, `workload_api`, `admin_api`, `ca`, `attestors`, `tasks`, `log`, `policy`, `audit`, `federation`, `telemetry`, `entry`"
+            ),
+            (
+                Some((3, 21)),
+                "workload_api.reattest_interval: expected a duration string such as \"5s\", found 5"
+            ),
+            (
+                Some((5, 1)),
+                "unknown field `ca_tll`, expected one of `ca_ttl`, `x509_svid_ttl`, `jwt_svid_ttl`, `upstream`"
+            ),
+            (
+                Some((6, 12)),
+                "unknown field `docker`, expected `unix` or `cgroup`"
+            ),
+            (
+                Some((9, 1)),
+                "unknown field `selector`, expected one of `spiffe_id`, `selectors`, `x509_svid_ttl`, `dns_names`, `hint`, `federates_with`"
+            ),
+        ]
+    );
+}
+
 /// A value of the wrong type is said in the words of the config file, not
 /// of Rust's types, and names its key: testers read "invalid value:
 /// integer -1, expected u64" and "expected a string" for a duration.
