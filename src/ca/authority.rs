@@ -61,6 +61,11 @@ impl SigningAuthority {
         if parsed.subject().iter().any(|rdn| rdn.iter().count() != 1) {
             return Err("subject has a multi-valued or empty RDN, which writ cannot reproduce as an issuer name".into());
         }
+        if let Some(repeated) = repeated_attribute_type(parsed.subject()) {
+            return Err(format!(
+                "subject names the attribute {repeated} more than once (as enterprise CAs often do with DC or OU), which writ cannot reproduce as its SVIDs' issuer name, so they would not chain to it: use an intermediate whose subject names each attribute type once"
+            ));
+        }
         let key_id = subject_key_id(&parsed).unwrap_or_else(|| {
             // Without an SKI, rcgen derives the AKI from the key the same way.
             CertificateParams::default().key_identifier(&key)
@@ -96,6 +101,26 @@ impl SigningAuthority {
     pub(crate) fn key_pkcs8_pem(&self) -> String {
         self.issuer.key().serialize_pem()
     }
+}
+
+/// The first attribute type the name holds twice, by its short name (`DC`,
+/// `OU`) or dotted OID. rcgen keeps one value per attribute type when it
+/// rebuilds an issuer name, so such a name would come out changed.
+fn repeated_attribute_type(name: &x509_parser::x509::X509Name<'_>) -> Option<String> {
+    let mut seen = Vec::new();
+    for attribute in name.iter_attributes() {
+        let oid = attribute.attr_type();
+        if seen.contains(&oid) {
+            let registry = x509_parser::objects::oid_registry();
+            return Some(
+                x509_parser::objects::oid2abbrev(oid, registry)
+                    .map(str::to_owned)
+                    .unwrap_or_else(|_| oid.to_id_string()),
+            );
+        }
+        seen.push(oid);
+    }
+    None
 }
 
 fn subject_key_id(cert: &X509Certificate<'_>) -> Option<Vec<u8>> {
@@ -353,6 +378,53 @@ mod tests {
         }
         assert!(der::read_tlv(&[0x30, 0x05, 1]).is_none());
         assert!(der::read_tlv(&[0x30, 0x80]).is_none());
+    }
+
+    /// An enterprise CA's subject such as DC=example, DC=corp is refused by
+    /// name: rcgen would write it as DC=corp alone in every SVID's issuer.
+    #[test]
+    fn a_subject_repeating_an_attribute_type_is_refused_naming_it() {
+        // rcgen writes one value per type; two custom types whose OIDs
+        // differ in the last byte are made the same type afterwards.
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::default();
+        let dc = [0, 9, 2342, 19200300, 100, 1, 25];
+        let other = [0, 9, 2342, 19200300, 100, 1, 26];
+        params
+            .distinguished_name
+            .push(DnType::CustomDnType(dc.to_vec()), "example");
+        params
+            .distinguished_name
+            .push(DnType::CustomDnType(other.to_vec()), "corp");
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let der = params.self_signed(&key).unwrap().der().to_vec();
+        let encoded_dc = [0x09, 0x92, 0x26, 0x89, 0x93, 0xf2, 0x2c, 0x64, 0x01, 0x19];
+        let mut patched = der.clone();
+        let mut at = 0;
+        while let Some(found) = patched[at..]
+            .windows(encoded_dc.len())
+            .position(|w| w[..9] == encoded_dc[..9] && w[9] == 0x1a)
+        {
+            patched[at + found + 9] = 0x19;
+            at += found + 10;
+        }
+        assert_ne!(patched, der, "the second attribute type was found");
+        let refused = SigningAuthority::new(CertificateDer::from(patched), key, Vec::new())
+            .err()
+            .unwrap_or_default();
+        assert!(
+            refused.contains("the attribute DC more than once"),
+            "{refused}"
+        );
+        // Without the repeat it is accepted.
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::default();
+        params
+            .distinguished_name
+            .push(DnType::CustomDnType(dc.to_vec()), "example");
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let cert = params.self_signed(&key).unwrap();
+        assert!(SigningAuthority::new(cert.der().clone(), key, Vec::new()).is_ok());
     }
 
     #[test]
