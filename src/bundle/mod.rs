@@ -72,7 +72,37 @@ pub enum BundleError {
     BadCertificate { index: usize, reason: String },
 }
 
+/// Whether `a` and `b` hold the same items, each as often, in any order.
+/// Bundles hold a handful of keys, so pairing them off is cheap.
+fn same_items<T: PartialEq>(a: &[T], b: &[T]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    let mut paired = vec![false; b.len()];
+    a.iter().all(|item| {
+        let partner = (0..b.len()).find(|&i| !paired[i] && b[i] == *item);
+        partner.map(|i| paired[i] = true).is_some()
+    })
+}
+
 impl TrustBundle {
+    /// The same X.509 and JWT authorities, whatever their order: a bundle
+    /// endpoint may list its keys in another order on every fetch (SPIRE's
+    /// does), and that changes nothing a relying party trusts.
+    pub fn same_authorities(&self, other: &TrustBundle) -> bool {
+        same_items(&self.x509_authorities, &other.x509_authorities)
+            && same_items(&self.jwt_authorities, &other.jwt_authorities)
+    }
+
+    /// `same_authorities`, for the same trust domain, with the same
+    /// sequence number and refresh hint: nothing worth storing again.
+    pub fn same_content(&self, other: &TrustBundle) -> bool {
+        self.trust_domain == other.trust_domain
+            && self.sequence == other.sequence
+            && self.refresh_hint == other.refresh_hint
+            && self.same_authorities(other)
+    }
+
     pub fn new(trust_domain: TrustDomain) -> Self {
         Self {
             trust_domain,
@@ -664,6 +694,29 @@ mod tests {
             key_id: kid.into(),
             public_key_jwk: jwk,
         }
+    }
+
+    #[test]
+    fn authorities_compare_whatever_their_order() {
+        let (c1, c2) = (ca_cert(), ca_cert());
+        let (j1, j2) = (jwt_authority("k1"), jwt_authority("k2"));
+        let bundle = |x509: Vec<CertificateDer<'static>>, jwt: Vec<JwtAuthority>| {
+            let mut b = TrustBundle::new(td());
+            b.x509_authorities = x509;
+            b.jwt_authorities = jwt;
+            b
+        };
+        let a = bundle(vec![c1.clone(), c2.clone()], vec![j1.clone(), j2.clone()]);
+        let reordered = bundle(vec![c2.clone(), c1.clone()], vec![j2.clone(), j1.clone()]);
+        assert!(a.same_authorities(&reordered) && a.same_content(&reordered));
+        // Each item as often: a repeat is not a stand-in for another key.
+        let repeated = bundle(vec![c1.clone(), c1.clone()], vec![j1.clone(), j2.clone()]);
+        assert!(!a.same_authorities(&repeated));
+        let fewer = bundle(vec![c1.clone(), c2.clone()], vec![j1.clone()]);
+        assert!(!a.same_authorities(&fewer));
+        let mut next = reordered.clone();
+        next.sequence += 1;
+        assert!(a.same_authorities(&next) && !a.same_content(&next));
     }
 
     fn sample() -> TrustBundle {

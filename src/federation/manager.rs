@@ -249,7 +249,9 @@ impl Federation {
             .agent
             .federated_bundles()
             .get(&bundle.trust_domain)
-            .is_some_and(|held| held.source == BundleSource::Fetched && held.bundle == bundle);
+            .is_some_and(|held| {
+                held.source == BundleSource::Fetched && held.bundle.same_content(&bundle)
+            });
         if !unchanged {
             self.set_bundle(bundle, BundleSource::Fetched).await?;
         }

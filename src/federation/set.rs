@@ -109,8 +109,8 @@ impl FederatedBundles {
     ) -> Arc<FederatedBundle> {
         let mut guard = self.bundles.write().unwrap_or_else(|p| p.into_inner());
         let same_authorities = guard.get(&bundle.trust_domain).and_then(|held| {
-            (held.bundle.x509_authorities == bundle.x509_authorities
-                && held.bundle.jwt_authorities == bundle.jwt_authorities)
+            held.bundle
+                .same_authorities(&bundle)
                 .then_some(held.revision)
         });
         let revision = same_authorities

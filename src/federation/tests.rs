@@ -468,6 +468,16 @@ async fn fetches_keep_the_last_good_bundle_and_authenticate_with_the_latest() {
         (good.source, good.bundle.sequence),
         (BundleSource::Fetched, 5)
     );
+    // The same keys in another order (SPIRE lists its keys in a new order
+    // on every fetch) change nothing: not stored again, no new revision, so
+    // no stream is sent the bundle again and no change is audited.
+    server.set_script(fixed(json_ok(&document(&[&ca2.cert, &ca1.cert], 5))));
+    assert_eq!(fetch_now().await.unwrap(), Some(Duration::from_secs(1)));
+    let reordered = held();
+    assert_eq!(
+        (reordered.revision, reordered.updated_at),
+        (good.revision, good.updated_at)
+    );
     assert_eq!(
         good.bundle.x509_authorities,
         vec![ca1.cert.clone(), ca2.cert.clone()]
