@@ -303,22 +303,29 @@ pub async fn run(
     // Each socket describes only what it serves (its own descriptor set)
     // and lists it with health and reflection: naming any service turns off
     // listing every service registered.
+    // Both reflection versions: grpcurl and grpcio-reflection clients
+    // still ask v1alpha, newer ones v1.
     let reflection = |descriptors: &'static [u8], served: &[&str]| {
-        let builder = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(descriptors)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-            .with_service_name(tonic_health::pb::health_server::SERVICE_NAME)
-            .with_service_name(tonic_reflection::pb::v1::server_reflection_server::SERVICE_NAME);
-        served
-            .iter()
-            .fold(builder, |builder, name| builder.with_service_name(*name))
-            .build_v1()
+        let builder = || {
+            let builder = tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(descriptors)
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+                .with_service_name(tonic_health::pb::health_server::SERVICE_NAME)
+                .with_service_name(tonic_reflection::pb::v1::server_reflection_server::SERVICE_NAME)
+                .with_service_name(
+                    tonic_reflection::pb::v1alpha::server_reflection_server::SERVICE_NAME,
+                );
+            served
+                .iter()
+                .fold(builder, |builder, name| builder.with_service_name(*name))
+        };
+        Ok::<_, ServiceError>((builder().build_v1()?, builder().build_v1alpha()?))
     };
-    let workload_reflection = reflection(
+    let (workload_reflection, workload_reflection_v1alpha) = reflection(
         crate::proto::WORKLOAD_FILE_DESCRIPTOR_SET,
         &[<SpiffeWorkloadApiServer<WorkloadApi> as NamedService>::NAME],
     )?;
-    let admin_reflection = reflection(
+    let (admin_reflection, admin_reflection_v1alpha) = reflection(
         crate::proto::ADMIN_FILE_DESCRIPTOR_SET,
         &[
             <TasksServer<TasksService> as NamedService>::NAME,
@@ -441,6 +448,7 @@ pub async fn run(
         .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
         .add_service(health_service.clone())
         .add_service(workload_reflection)
+        .add_service(workload_reflection_v1alpha)
         .add_service(SpiffeWorkloadApiServer::new(WorkloadApi::new(
             agent.clone(),
             config.workload_api.reattest_interval,
@@ -457,6 +465,7 @@ pub async fn run(
         .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
         .add_service(health_service)
         .add_service(admin_reflection)
+        .add_service(admin_reflection_v1alpha)
         .add_service(TasksServer::new(TasksService(admin.clone())))
         .add_service(EntriesServer::new(EntriesService(admin.clone())))
         .add_service(BundlesServer::new(BundlesService(admin.clone())))

@@ -952,24 +952,33 @@ async fn sockets_have_their_modes_and_offer_reflection() {
 
     // Each socket lists what it serves, and nothing it would answer only
     // with Unimplemented.
+    let workload_services = [
+        "SpiffeWorkloadAPI",
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1.ServerReflection",
+        "grpc.reflection.v1alpha.ServerReflection",
+    ];
+    assert_eq!(reflected_services(&writ.socket).await, workload_services);
+    let admin_services = [
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1.ServerReflection",
+        "grpc.reflection.v1alpha.ServerReflection",
+        "writ.admin.v1.Agent",
+        "writ.admin.v1.Bundles",
+        "writ.admin.v1.Entries",
+        "writ.admin.v1.Tasks",
+    ];
+    let admin_socket = std::path::Path::new(&admin(&writ)).to_path_buf();
+    assert_eq!(reflected_services(&admin_socket).await, admin_services);
+    // Clients that still speak only v1alpha (older grpcurl, grpcio's
+    // reflection client) get the same answer.
     assert_eq!(
-        reflected_services(&writ.socket).await,
-        [
-            "SpiffeWorkloadAPI",
-            "grpc.health.v1.Health",
-            "grpc.reflection.v1.ServerReflection"
-        ]
+        reflected_services_v1alpha(&writ.socket).await,
+        workload_services
     );
     assert_eq!(
-        reflected_services(std::path::Path::new(&admin(&writ))).await,
-        [
-            "grpc.health.v1.Health",
-            "grpc.reflection.v1.ServerReflection",
-            "writ.admin.v1.Agent",
-            "writ.admin.v1.Bundles",
-            "writ.admin.v1.Entries",
-            "writ.admin.v1.Tasks",
-        ]
+        reflected_services_v1alpha(&admin_socket).await,
+        admin_services
     );
     // Nor does it describe the other socket's services asked by name.
     let admin = std::path::Path::new(&admin(&writ)).to_path_buf();
@@ -1010,6 +1019,32 @@ async fn describes(socket: &std::path::Path, symbol: &str) -> bool {
         Err(status) if status.code() == tonic::Code::NotFound => false,
         other => panic!("unexpected reflection answer {other:?}"),
     }
+}
+
+/// `reflected_services`, asked with the v1alpha protocol.
+async fn reflected_services_v1alpha(socket: &std::path::Path) -> Vec<String> {
+    use tonic_reflection::pb::v1alpha::ServerReflectionRequest;
+    use tonic_reflection::pb::v1alpha::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1alpha::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1alpha::server_reflection_response::MessageResponse;
+    let channel = writ::cli::client::connect(socket).await.unwrap();
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut responses = ServerReflectionClient::new(channel)
+        .server_reflection_info(futures::stream::iter(vec![request]))
+        .await
+        .unwrap()
+        .into_inner();
+    let Some(MessageResponse::ListServicesResponse(list)) =
+        responses.message().await.unwrap().unwrap().message_response
+    else {
+        panic!("unexpected reflection response");
+    };
+    let mut names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    names.sort();
+    names
 }
 
 /// The services the reflection service on `socket` lists, sorted.
