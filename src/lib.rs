@@ -13,6 +13,7 @@ pub mod cli;
 pub mod config;
 pub mod entries;
 pub mod federation;
+mod health;
 pub mod identity;
 pub mod jwt;
 pub mod peer;

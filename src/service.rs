@@ -366,7 +366,8 @@ pub async fn run(
     } = listening;
     let socket_activated = !bound.contains(&workload_socket) || !bound.contains(&admin_socket);
 
-    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    let (health_reporter, _) = tonic_health::server::health_reporter();
+    let health_service = crate::health::server(health_reporter.clone());
     health_reporter
         .set_serving::<SpiffeWorkloadApiServer<WorkloadApi>>()
         .await;

@@ -337,6 +337,49 @@ fn healthcheck_tells_serving_from_absent() {
     assert!(!ok);
 }
 
+/// Watch follows the health-checking protocol: a served service streams
+/// its status; one writ does not serve gets SERVICE_UNKNOWN and the call
+/// stays open (grpc-go's client-side health checking watches), while Check
+/// answers NotFound for it.
+#[tokio::test(flavor = "multi_thread")]
+async fn health_watch_of_an_unknown_service_says_so_and_stays_open() {
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::health_client::HealthClient;
+    let writ = Writ::start(&entry_for_us());
+    let channel = writ::cli::client::connect(&writ.socket).await.unwrap();
+    let mut health = HealthClient::new(channel);
+    let watch = |service: &str| HealthCheckRequest {
+        service: service.to_owned(),
+    };
+    let mut served = health
+        .watch(watch("SpiffeWorkloadAPI"))
+        .await
+        .unwrap()
+        .into_inner();
+    let first = served.message().await.unwrap().unwrap();
+    assert_eq!(first.status, ServingStatus::Serving as i32);
+
+    let mut unknown = health
+        .watch(watch("spiffe.workload.SpiffeWorkloadAPI"))
+        .await
+        .unwrap()
+        .into_inner();
+    let first = unknown.message().await.unwrap().unwrap();
+    assert_eq!(first.status, ServingStatus::ServiceUnknown as i32);
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), unknown.message())
+            .await
+            .is_err(),
+        "the watch stays open after SERVICE_UNKNOWN"
+    );
+    let checked = health
+        .check(watch("spiffe.workload.SpiffeWorkloadAPI"))
+        .await
+        .unwrap_err();
+    assert_eq!(checked.code(), tonic::Code::NotFound);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn bundle_show_matches_what_workloads_receive() {
     let writ = Writ::start(&entry_for_us());
