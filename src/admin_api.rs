@@ -9,7 +9,6 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use futures::Stream;
-use tokio::sync::broadcast;
 use tonic::{Request, Response, Status};
 use writ_attestors::{Attestation, Selector};
 
@@ -21,6 +20,7 @@ use crate::peer::{Caller, PeerInfo};
 use crate::proto::admin as pb;
 use crate::reload::{ReloadError, ReloadSummary, Reloader, Trigger};
 use crate::spiffe_id::{SpiffeId, TrustDomain};
+use crate::task_events::RecvError;
 use crate::tasks::{
     BeginRequest, Binding, Intent, Orchestrator, Task, TaskError, TaskEvent, TaskManager,
 };
@@ -491,51 +491,47 @@ impl pb::tasks_server::Tasks for TasksService {
     ) -> Result<Response<Self::WatchTasksStream>, Status> {
         let ctx = &self.0;
         ctx.authorize(&request)?;
-        let mut events = ctx.tasks.subscribe();
-        let mut stopping = ctx.agent.shutdown_requested();
-        let (tx, rx) = tokio::sync::mpsc::channel(64);
-        tokio::spawn(async move {
-            loop {
-                let received = tokio::select! {
-                    received = events.recv() => Some(received),
-                    // A watch never ends by itself: without this, every
-                    // open watcher held a stopping writ to its drain
-                    // deadline, and then saw a broken connection.
-                    _ = stopping.wait_for(|s| *s) => None,
-                    // The watcher hung up: stop now, not at the next event.
-                    _ = tx.closed() => return,
-                };
-                let Some(received) = received else {
-                    let _ = tx
-                        .send(Err(Status::unavailable(
-                            "writ is stopping; watch again once it is back",
-                        )))
-                        .await;
-                    return;
-                };
-                let item = match received {
-                    Ok(TaskEvent::Begun(t, serials)) => Ok(pb::TaskEvent {
-                        kind: pb::task_event::Kind::Begun as i32,
-                        task: Some(task_to_proto(&t, serials)),
-                    }),
-                    Ok(TaskEvent::Completed(t, serials)) => Ok(pb::TaskEvent {
-                        kind: pb::task_event::Kind::Completed as i32,
-                        task: Some(task_to_proto(&t, serials)),
-                    }),
-                    Err(broadcast::error::RecvError::Lagged(n)) => Err(Status::data_loss(format!(
-                        "watcher fell behind and missed {n} events; list tasks and watch again"
-                    ))),
-                    Err(broadcast::error::RecvError::Closed) => return,
-                };
-                let stop = item.is_err();
-                if tx.send(item).await.is_err() || stop {
-                    return;
+        // Subscribed before the call returns, so the caller sees every
+        // event from then on. Events wait in the watcher's own queue
+        // (bounded in bytes, crate::task_events) and become messages only
+        // as the stream is read: nothing else holds them for a watcher
+        // that does not read. When the watcher hangs up the stream is
+        // dropped, and its queue with it.
+        let events = ctx.tasks.subscribe();
+        let stopping = ctx.agent.shutdown_requested();
+        let stream = futures::stream::unfold(Some((events, stopping)), |state| async move {
+            let (mut events, mut stopping) = state?;
+            let received = tokio::select! {
+                received = events.recv() => received,
+                // A watch never ends by itself: without this, every open
+                // watcher held a stopping writ to its drain deadline, and
+                // then saw a broken connection.
+                _ = stopping.wait_for(|s| *s) => {
+                    let stop = Status::unavailable("writ is stopping; watch again once it is back");
+                    return Some((Err(stop), None));
                 }
-            }
+            };
+            let (kind, task, serials) = match received {
+                Ok(TaskEvent::Begun(t, serials)) => (pb::task_event::Kind::Begun, t, serials),
+                Ok(TaskEvent::Completed(t, serials)) => {
+                    (pb::task_event::Kind::Completed, t, serials)
+                }
+                Err(RecvError::Lagged(n)) => {
+                    let lost = Status::data_loss(format!(
+                        "watcher fell behind and missed {n} events (more than {} MiB of them waited to be read); list tasks and watch again",
+                        crate::task_events::WATCHER_QUEUE_BYTES >> 20
+                    ));
+                    return Some((Err(lost), None));
+                }
+                Err(RecvError::Closed) => return None,
+            };
+            let event = pb::TaskEvent {
+                kind: kind as i32,
+                task: Some(task_to_proto(&task, serials)),
+            };
+            Some((Ok(event), Some((events, stopping))))
         });
-        Ok(Response::new(Box::pin(
-            tokio_stream::wrappers::ReceiverStream::new(rx),
-        )))
+        Ok(Response::new(Box::pin(stream)))
     }
 }
 

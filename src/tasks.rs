@@ -11,7 +11,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rusqlite::{OptionalExtension, params};
 use serde::{Deserialize, Serialize};
-use tokio::sync::{broadcast, watch};
+use tokio::sync::watch;
 use writ_attestors::PinnedProcess;
 
 use crate::agent::{Agent, TaskBeginning, task_facts};
@@ -579,7 +579,8 @@ pub struct TaskManager {
     limits: TaskLimits,
     cgroup_mount: Option<PathBuf>,
     inner: Mutex<Inner>,
-    events: broadcast::Sender<TaskEvent>,
+    /// Every WatchTasks watcher's queue (bounded in bytes, not count).
+    events: crate::task_events::TaskEvents,
 }
 
 impl TaskManager {
@@ -595,7 +596,7 @@ impl TaskManager {
             limits,
             cgroup_mount,
             inner: Mutex::new(Inner::default()),
-            events: broadcast::channel(4096).0,
+            events: crate::task_events::TaskEvents::default(),
         })
     }
 
@@ -603,7 +604,7 @@ impl TaskManager {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    pub fn subscribe(&self) -> broadcast::Receiver<TaskEvent> {
+    pub fn subscribe(&self) -> crate::task_events::EventReceiver {
         self.events.subscribe()
     }
 
@@ -1136,7 +1137,7 @@ impl TaskManager {
             // The parent completed while this sub-task was being stored.
             let manager = self.clone();
             let id = task.id.clone();
-            let _ = self.events.send(TaskEvent::Begun(task, first_serials));
+            self.events.send(TaskEvent::Begun(task, first_serials));
             tokio::spawn(async move {
                 if let Err(e) = manager
                     .complete(&id, CompletionReason::ParentCompleted, String::new())
@@ -1155,7 +1156,7 @@ impl TaskManager {
             },
             Binding::Cgroup { .. } => Change::TaskBegunForCgroup,
         };
-        let _ = self.events.send(TaskEvent::Begun(task, first_serials));
+        self.events.send(TaskEvent::Begun(task, first_serials));
         self.agent.notify(change);
     }
 
@@ -1509,7 +1510,7 @@ impl TaskManager {
             if done.id == id {
                 root = Some((done.clone(), serials.clone()));
             }
-            let _ = self.events.send(TaskEvent::Completed(done, serials));
+            self.events.send(TaskEvent::Completed(done, serials));
         }
         Ok(root)
     }
@@ -2994,7 +2995,7 @@ mod tests {
 
     /// Waits for task `id` to complete, and checks it completed because
     /// its cgroup emptied.
-    async fn ends_as_emptied(completions: &mut broadcast::Receiver<TaskEvent>, id: &str) {
+    async fn ends_as_emptied(completions: &mut crate::task_events::EventReceiver, id: &str) {
         let ended = tokio::time::timeout(Duration::from_secs(30), async {
             loop {
                 if let Ok(TaskEvent::Completed(task, _)) = completions.recv().await
@@ -3073,7 +3074,7 @@ mod tests {
         // A late notification, nothing run since: still waiting.
         std::fs::write(&events, "populated 0\nfrozen 0\n").unwrap();
         tokio::time::sleep(Duration::from_millis(300)).await;
-        while let Ok(event) = completions.try_recv() {
+        while let Some(Ok(event)) = completions.try_recv() {
             assert!(
                 !matches!(event, TaskEvent::Completed(..)),
                 "ended on a stale notice"

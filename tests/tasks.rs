@@ -2954,3 +2954,74 @@ async fn tasks_and_registration_entries_never_share_an_identity() {
     let _ = sleeper.kill();
     let _ = sleeper.wait();
 }
+
+/// A BeginTaskRequest whose intent is as large as writ accepts: a 4 KiB
+/// purpose, 64 tools and targets of 1 KiB, a 1 KiB data class and 64
+/// attributes of 1 KiB keys and values (some 270 KB in all).
+fn begin_largest(id: &str, pid: u32) -> apb::BeginTaskRequest {
+    let kib = |c: char, n: usize| format!("{n:04}{}", c.to_string().repeat(1020));
+    apb::BeginTaskRequest {
+        intent: Some(apb::Intent {
+            purpose: "p".repeat(4096),
+            tools: (0..64).map(|n| kib('t', n)).collect(),
+            targets: (0..64).map(|n| kib('g', n)).collect(),
+            data_class: "d".repeat(1024),
+            attributes: (0..64).map(|n| (kib('k', n), kib('v', n))).collect(),
+        }),
+        ..begin_pid(id, pid)
+    }
+}
+
+/// A watcher that stops reading is dropped once the events waiting for it
+/// pass its byte budget (a few MiB), and is told so when it reads again
+/// (DataLoss), rather than writ holding up to 4096 full events (over a
+/// gigabyte of large tasks) for it. 80 events of the largest tasks (some
+/// 21 MB) are far more than the budget and what the connection itself
+/// buffers.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_watcher_that_stops_reading_is_dropped_at_its_byte_budget() {
+    let writ = Writ::start(&config(""));
+    let mut tasks = tasks_client(&writ).await;
+    let mut stuck = task_events(&writ).await;
+    let mut sleeper = Command::new("sleep").arg("60").spawn().unwrap();
+    for n in 0..40 {
+        let id = format!("churn-{n:02}");
+        tasks
+            .begin_task(begin_largest(&id, sleeper.id()))
+            .await
+            .unwrap();
+        tasks.end_task(end_req(&id)).await.unwrap();
+    }
+    // Whatever the connection had buffered comes first, in order; then
+    // the refusal. (The bound only guards against a hang.)
+    let mut read = Vec::new();
+    let err = tokio::time::timeout(Duration::from_secs(120), async {
+        loop {
+            match stuck.message().await {
+                Ok(Some(event)) => read.push(event.task.unwrap().task_id),
+                Ok(None) => panic!("the watch ended without an error"),
+                Err(err) => return err,
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("no DataLoss after reading {} events", read.len()));
+    assert_eq!(err.code(), Code::DataLoss, "{err:?}");
+    assert!(err.message().contains("fell behind"), "{}", err.message());
+    assert!(read.len() < 80, "{}", read.len());
+    let expected: Vec<String> = (0..40)
+        .flat_map(|n| [format!("churn-{n:02}"), format!("churn-{n:02}")])
+        .take(read.len())
+        .collect();
+    assert_eq!(read, expected);
+    // A new watcher is served as ever.
+    let mut fresh = task_events(&writ).await;
+    tasks
+        .begin_task(begin_pid("after", sleeper.id()))
+        .await
+        .unwrap();
+    let event = fresh.message().await.unwrap().unwrap();
+    assert_eq!(event.task.unwrap().task_id, "after");
+    sleeper.kill().unwrap();
+    sleeper.wait().unwrap();
+}
