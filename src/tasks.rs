@@ -355,9 +355,17 @@ const PRUNE_BATCH: usize = 2_000;
 /// One page of a task listing (`TaskManager::list_page`).
 #[derive(Debug)]
 pub struct TaskPage {
-    pub tasks: Vec<Task>,
+    pub tasks: Vec<ListedTask>,
     /// Where the next page starts, if there is one.
     pub next: Option<i64>,
+}
+
+/// A task on a page, with the cursor a page that goes on after it starts
+/// from.
+#[derive(Debug)]
+pub struct ListedTask {
+    pub cursor: i64,
+    pub task: Task,
 }
 
 /// A BeginTask request after the admin layer has parsed its wire form.
@@ -1578,14 +1586,20 @@ impl TaskManager {
 
     /// One page of tasks, in the order they were stored (the order they
     /// began): the first `limit` after `after` (a previous page's cursor),
-    /// and the cursor to go on from if more follow. Read from the store for
-    /// both kinds of listing, by rowid (active ones through their partial
-    /// index), so a page costs the same however many tasks are retained.
+    /// and the cursor to go on from if more follow. The page also ends
+    /// before the task that would take the `size` of its tasks past
+    /// `max_bytes`, so that rows of large intents are not all read (and
+    /// held) for a page that cannot carry them; it holds at least one task
+    /// however large. Read from the store for both kinds of listing, by
+    /// rowid (active ones through their partial index), so a page costs
+    /// the same however many tasks are retained.
     pub fn list_page(
         &self,
         include_completed: bool,
         after: Option<i64>,
         limit: usize,
+        max_bytes: usize,
+        size: fn(&Task) -> usize,
     ) -> Result<TaskPage, TaskError> {
         let query = format!(
             "SELECT {TASK_COLUMNS}, rowid FROM tasks WHERE rowid > ?1{} ORDER BY rowid LIMIT ?2",
@@ -1597,17 +1611,25 @@ impl TaskManager {
         );
         // One more than asked for tells whether another page follows.
         let fetch = i64::try_from(limit.saturating_add(1)).unwrap_or(i64::MAX);
-        let mut rows = self.store.read(move |conn| {
+        let (rows, more) = self.store.read(move |conn| {
             let mut stmt = conn.prepare_cached(&query)?;
-            let rows = stmt
-                .query_map(params![after.unwrap_or(0), fetch], |r| {
-                    Ok((r.get::<_, i64>(9)?, row_to_task(r)?))
-                })?
-                .collect::<Result<Vec<_>, _>>()?;
-            Ok(rows)
+            let mut found = stmt.query(params![after.unwrap_or(0), fetch])?;
+            let mut rows = Vec::new();
+            let mut bytes = 0usize;
+            while let Some(r) = found.next()? {
+                let row = (r.get::<_, i64>(9)?, row_to_task(r)?);
+                if rows.len() == limit {
+                    return Ok((rows, true));
+                }
+                let row_size = row.1.as_ref().map_or(0, size);
+                if !rows.is_empty() && bytes.saturating_add(row_size) > max_bytes {
+                    return Ok((rows, true));
+                }
+                bytes = bytes.saturating_add(row_size);
+                rows.push(row);
+            }
+            Ok((rows, false))
         })?;
-        let more = rows.len() > limit;
-        rows.truncate(limit);
         let next = if more {
             rows.last().map(|(rowid, _)| *rowid)
         } else {
@@ -1616,9 +1638,10 @@ impl TaskManager {
         // One unreadable row does not hide every other task; `get` names it.
         let tasks = rows
             .into_iter()
-            .filter_map(|(_, row)| {
+            .filter_map(|(cursor, row)| {
                 row.inspect_err(|e| tracing::warn!(error = %e, "ListTasks left out a task"))
                     .ok()
+                    .map(|task| ListedTask { cursor, task })
             })
             .collect();
         Ok(TaskPage { tasks, next })
@@ -3191,20 +3214,25 @@ mod tests {
         let mut pages = Vec::new();
         let mut after = None;
         loop {
-            let page = fresh.list_page(true, after, 1).unwrap();
-            pages.push(page.tasks.into_iter().map(|t| t.id).collect::<Vec<_>>());
+            let page = fresh.list_page(true, after, 1, usize::MAX, |_| 0).unwrap();
+            pages.push(
+                page.tasks
+                    .into_iter()
+                    .map(|t| t.task.id)
+                    .collect::<Vec<_>>(),
+            );
             match page.next {
                 Some(next) => after = Some(next),
                 None => break,
             }
         }
         assert_eq!(pages, [vec!["t-ok"], vec![], vec![], vec!["t-sub"]]);
-        let all = fresh.list_page(true, None, 10).unwrap();
-        let listed: Vec<&str> = all.tasks.iter().map(|t| t.id.as_str()).collect();
+        let all = fresh.list_page(true, None, 10, usize::MAX, |_| 0).unwrap();
+        let listed: Vec<&str> = all.tasks.iter().map(|t| t.task.id.as_str()).collect();
         assert_eq!(listed, ["t-ok", "t-sub"]);
         assert_eq!(all.next, None);
-        let active = fresh.list_page(false, None, 10).unwrap();
-        let listed: Vec<&str> = active.tasks.iter().map(|t| t.id.as_str()).collect();
+        let active = fresh.list_page(false, None, 10, usize::MAX, |_| 0).unwrap();
+        let listed: Vec<&str> = active.tasks.iter().map(|t| t.task.id.as_str()).collect();
         assert_eq!(listed, ["t-ok"]);
         // Revoked in the store and in the CRL writ now publishes.
         let crls = agent.svc.agent.crls();

@@ -2972,6 +2972,69 @@ fn begin_largest(id: &str, pid: u32) -> apb::BeginTaskRequest {
     }
 }
 
+/// ListTasks pages end at a byte budget as well as at their page size: 20
+/// tasks of the largest intent (some 5 MB) made every listing that held
+/// them fail with OutOfRange past the 4 MiB clients accept, `writ task list`
+/// included, for as long as they were retained.
+#[tokio::test(flavor = "multi_thread")]
+async fn tasks_of_the_largest_intents_are_listed_in_pages_clients_accept() {
+    let writ = Writ::start(&config(""));
+    let mut tasks = tasks_client(&writ).await;
+    let mut sleeper = Command::new("sleep").arg("60").spawn().unwrap();
+    let ids: Vec<String> = (0..20).map(|n| format!("big-{n:02}")).collect();
+    for (n, id) in ids.iter().enumerate() {
+        tasks
+            .begin_task(begin_largest(id, sleeper.id()))
+            .await
+            .unwrap();
+        if n % 2 == 0 {
+            tasks.end_task(end_req(id)).await.unwrap();
+        }
+    }
+    // The default page size (500) and the largest (1000): pages of a few
+    // tasks, together every task once, in order.
+    for page_size in [0, 1000] {
+        let pages = listed_pages(&mut tasks, true, page_size).await;
+        assert!(
+            pages.len() > 1 && pages.iter().all(|p| !p.is_empty()),
+            "{pages:?}"
+        );
+        assert_eq!(pages.concat(), ids);
+    }
+    let active = listed_pages(&mut tasks, false, 0).await.concat();
+    let odd: Vec<String> = ids.iter().skip(1).step_by(2).cloned().collect();
+    assert_eq!(active, odd);
+    // The page size still bounds a page below its byte budget.
+    let pages = listed_pages(&mut tasks, true, 2).await;
+    assert!(pages.iter().all(|p| p.len() <= 2), "{pages:?}");
+    assert_eq!(pages.concat(), ids);
+
+    let socket = admin_socket(&writ);
+    let (ok, stdout, stderr) = common::writ_cli(
+        &[
+            "task",
+            "list",
+            "--all",
+            "--output",
+            "json",
+            "--admin-socket",
+            socket.to_str().unwrap(),
+        ],
+        None,
+    );
+    assert!(ok, "{stderr}");
+    let listed: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    let listed: Vec<&str> = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["task_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(listed, ids);
+    sleeper.kill().unwrap();
+    sleeper.wait().unwrap();
+}
+
 /// A watcher that stops reading is dropped once the events waiting for it
 /// pass its byte budget (a few MiB), and is told so when it reads again
 /// (DataLoss), rather than writ holding up to 4096 full events (over a
