@@ -10,7 +10,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use futures::Stream;
 use tonic::{Request, Response, Status};
-use writ_attestors::{Attestation, Selector};
+use writ_attestors::{Attestation, Selector, excerpt};
 
 use crate::agent::Agent;
 use crate::config::parse_duration;
@@ -239,7 +239,7 @@ fn page_start(token: &str) -> Result<Option<i64>, Status> {
         Ok(after) if after > 0 => Ok(Some(after)),
         _ => Err(Status::invalid_argument(format!(
             "page_token: {:?} is not a next_page_token from ListTasks",
-            token.chars().take(64).collect::<String>()
+            excerpt(token)
         ))),
     }
 }
@@ -256,7 +256,7 @@ fn entry_page_start(entries: &[Arc<crate::identity::Entry>], token: &str) -> Res
     if !crate::identity::is_entry_id(token) {
         return Err(Status::invalid_argument(format!(
             "page_token: {:?} is not a next_page_token from ListEntries",
-            token.chars().take(64).collect::<String>()
+            excerpt(token)
         )));
     }
     entries
@@ -328,7 +328,7 @@ fn begin_request(req: pb::BeginTaskRequest) -> Result<BeginRequest, Status> {
         .iter()
         .map(|t| {
             crate::spiffe_id::TrustDomain::new(t)
-                .map_err(|e| bad("federates_with", format!("{t:?}: {e}")))
+                .map_err(|e| bad("federates_with", format!("{:?}: {e}", excerpt(t))))
         })
         .collect::<Result<Vec<_>, _>>()?;
     Ok(BeginRequest {
@@ -350,9 +350,6 @@ fn begin_request(req: pb::BeginTaskRequest) -> Result<BeginRequest, Status> {
 }
 
 pub struct TasksService(pub Arc<AdminContext>);
-
-/// The longest `EndTask` reason accepted (as for an intent's purpose).
-pub const MAX_END_REASON_BYTES: usize = 4096;
 
 type EventStream = Pin<Box<dyn Stream<Item = Result<pb::TaskEvent, Status>> + Send>>;
 
@@ -412,13 +409,7 @@ impl pb::tasks_server::Tasks for TasksService {
         if req.task_id.is_empty() {
             return Err(Status::invalid_argument("task_id: required"));
         }
-        // Stored with the task and in its audit record, and sent to every
-        // watcher: bounded like the intent's purpose.
-        if req.reason.len() > MAX_END_REASON_BYTES {
-            return Err(Status::invalid_argument(format!(
-                "reason: longer than {MAX_END_REASON_BYTES} bytes"
-            )));
-        }
+        crate::tasks::validate_end_reason(&req.reason).map_err(task_status)?;
         // Ending an active task is a decision too (a completed one is
         // reported as it is, whoever asks). One still being begun is judged
         // once it is active.
@@ -501,7 +492,7 @@ impl pb::tasks_server::Tasks for TasksService {
             .tasks
             .get(&id)
             .map_err(task_status)?
-            .ok_or_else(|| Status::not_found(format!("task {id} not found")))?;
+            .ok_or_else(|| Status::not_found(format!("task {} not found", excerpt(&id))))?;
         let serials = ctx.tasks.issued_serials(&id).map_err(task_status)?;
         Ok(Response::new(task_to_proto(&task, serials)))
     }
@@ -684,7 +675,7 @@ fn parse_trust_domain(text: &str) -> Result<TrustDomain, Status> {
         return Err(Status::invalid_argument("trust_domain: required"));
     }
     TrustDomain::new(text)
-        .map_err(|e| Status::invalid_argument(format!("trust_domain {text:?}: {e}")))
+        .map_err(|e| Status::invalid_argument(format!("trust_domain {:?}: {e}", excerpt(text))))
 }
 
 fn own_bundle_to_proto(ctx: &AdminContext) -> pb::Bundle {

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rusqlite::params;
-use writ_attestors::Selector;
+use writ_attestors::{Selector, excerpt};
 
 use crate::agent::Agent;
 use crate::config::parse_duration;
@@ -19,7 +19,7 @@ use crate::store::{Store, StoreError};
 pub enum EntryError {
     #[error("{field}: {reason}")]
     Invalid { field: &'static str, reason: String },
-    #[error("entry {0} not found")]
+    #[error("entry {} not found", excerpt(.0))]
     NotFound(String),
     #[error("entry {0} comes from the config file; change it there")]
     FromConfig(String),
@@ -307,7 +307,10 @@ impl EntryStore {
             if ttl.subsec_nanos() != 0 {
                 return Err(invalid(
                     "x509_svid_ttl",
-                    format!("{:?} is not a whole number of seconds", req.x509_svid_ttl),
+                    format!(
+                        "{:?} is not a whole number of seconds",
+                        excerpt(&req.x509_svid_ttl)
+                    ),
                 ));
             }
             ttl

@@ -12,7 +12,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use rusqlite::{OptionalExtension, params};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
-use writ_attestors::PinnedProcess;
+use writ_attestors::{PinnedProcess, excerpt};
 
 use crate::agent::{Agent, TaskBeginning, task_facts};
 use crate::audit::{AuditEvent, CallerFacts, EventKind};
@@ -27,7 +27,7 @@ pub const MAX_TASK_ID_BYTES: usize = 128;
 pub enum TaskError {
     #[error("{field}: {reason}")]
     Invalid { field: &'static str, reason: String },
-    #[error("task {0} not found")]
+    #[error("task {} not found", excerpt(.0))]
     NotFound(String),
     #[error("task {0} already exists")]
     AlreadyExists(String),
@@ -1271,7 +1271,10 @@ impl TaskManager {
         }
         match self.get(id)? {
             Some(_) => Err(TaskError::ParentCompleted(id.to_owned())),
-            None => Err(invalid("parent_task_id", format!("no task {id}"))),
+            None => Err(invalid(
+                "parent_task_id",
+                format!("no task {}", excerpt(id)),
+            )),
         }
     }
 
@@ -2043,10 +2046,49 @@ fn row_to_task(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<Task, TaskError
 const MAX_INTENT_ITEMS: usize = 64;
 const MAX_INTENT_STRING: usize = 1024;
 
+/// The longest `EndTask` reason accepted (as for an intent's purpose).
+pub const MAX_END_REASON_BYTES: usize = 4 * MAX_INTENT_STRING;
+
+/// Refuses a control character (C0, DEL or C1) in intent text or an end
+/// reason. Such text often comes from an agent's prompt or a ticket, and
+/// goes to operators' terminals (`writ task get`), audit records, JWT
+/// claims and policies, where an escape sequence, a carriage return or a
+/// line feed could forge or hide what is shown.
+fn refuse_control_characters(
+    field: &'static str,
+    what: impl FnOnce() -> String,
+    text: &str,
+) -> Result<(), TaskError> {
+    match text.char_indices().find(|(_, c)| c.is_control()) {
+        None => Ok(()),
+        Some((at, c)) => Err(invalid(
+            field,
+            format!(
+                "{} contains the control character U+{:04X} at byte {at}; control characters are not allowed",
+                what(),
+                u32::from(c)
+            ),
+        )),
+    }
+}
+
+/// An `EndTask` reason: stored with the task and in its audit record, and
+/// sent to every watcher, so bounded and checked like an intent's purpose.
+pub fn validate_end_reason(reason: &str) -> Result<(), TaskError> {
+    if reason.len() > MAX_END_REASON_BYTES {
+        return Err(invalid(
+            "reason",
+            format!("longer than {MAX_END_REASON_BYTES} bytes"),
+        ));
+    }
+    refuse_control_characters("reason", || "the reason".into(), reason)
+}
+
 fn validate_intent(intent: &Intent) -> Result<(), TaskError> {
     if intent.purpose.len() > 4 * MAX_INTENT_STRING {
         return Err(invalid("intent.purpose", "longer than 4096 bytes"));
     }
+    refuse_control_characters("intent.purpose", || "the purpose".into(), &intent.purpose)?;
     for (field, list) in [
         ("intent.tools", &intent.tools),
         ("intent.targets", &intent.targets),
@@ -2057,16 +2099,30 @@ fn validate_intent(intent: &Intent) -> Result<(), TaskError> {
                 format!("more than {MAX_INTENT_ITEMS} items"),
             ));
         }
-        if let Some(bad) = list
-            .iter()
-            .find(|s| s.is_empty() || s.len() > MAX_INTENT_STRING)
-        {
-            return Err(invalid(field, format!("item {bad:?} is empty or too long")));
+        for (n, item) in list.iter().enumerate() {
+            if item.is_empty() {
+                return Err(invalid(field, format!("item {n} is empty")));
+            }
+            if item.len() > MAX_INTENT_STRING {
+                return Err(invalid(
+                    field,
+                    format!(
+                        "item {n} ({:?}) is longer than {MAX_INTENT_STRING} bytes",
+                        excerpt(item)
+                    ),
+                ));
+            }
+            refuse_control_characters(field, || format!("item {n} ({:?})", excerpt(item)), item)?;
         }
     }
     if intent.data_class.len() > MAX_INTENT_STRING {
         return Err(invalid("intent.data_class", "too long"));
     }
+    refuse_control_characters(
+        "intent.data_class",
+        || "the data class".into(),
+        &intent.data_class,
+    )?;
     if intent.attributes.len() > MAX_INTENT_ITEMS {
         return Err(invalid(
             "intent.attributes",
@@ -2088,15 +2144,27 @@ fn validate_intent(intent: &Intent) -> Result<(), TaskError> {
         .iter()
         .find(|(k, v)| k.len() > MAX_INTENT_STRING || v.len() > MAX_INTENT_STRING)
     {
-        let shown: String = key.chars().take(64).collect();
         return Err(invalid(
             "intent.attributes",
             format!(
-                "attribute {shown:?} (key {} bytes, value {} bytes): keys and values are at most {MAX_INTENT_STRING} bytes",
+                "attribute {:?} (key {} bytes, value {} bytes): keys and values are at most {MAX_INTENT_STRING} bytes",
+                excerpt(key),
                 key.len(),
                 value.len()
             ),
         ));
+    }
+    for (key, value) in &intent.attributes {
+        refuse_control_characters(
+            "intent.attributes",
+            || format!("the key {:?}", excerpt(key)),
+            key,
+        )?;
+        refuse_control_characters(
+            "intent.attributes",
+            || format!("the value of {:?}", excerpt(key)),
+            value,
+        )?;
     }
     Ok(())
 }
@@ -3523,6 +3591,87 @@ mod tests {
         assert_eq!(thread_group_of(process), Some(process));
         drop(done_tx);
         thread.join().unwrap();
+    }
+
+    /// Intent text reaches operators' terminals, audit records, JWT claims
+    /// and policies: a control character could forge or hide what they show.
+    #[test]
+    fn control_characters_are_refused_in_every_intent_field_and_the_end_reason() {
+        let good = Intent {
+            purpose: "summarise tickets, é ✓".into(),
+            tools: vec!["jira".into()],
+            targets: vec!["tickets".into()],
+            data_class: "internal".into(),
+            attributes: [("ticket".to_owned(), "T-1".to_owned())].into(),
+        };
+        validate_intent(&good).unwrap();
+        validate_end_reason("done; see T-1 ✓").unwrap();
+        type Spoil = fn(&mut Intent, &str);
+        let cases: [(&str, Spoil); 6] = [
+            ("intent.purpose", |i, bad| i.purpose = format!("a{bad}b")),
+            ("intent.tools", |i, bad| i.tools.push(format!("t{bad}"))),
+            ("intent.targets", |i, bad| i.targets = vec![bad.to_owned()]),
+            ("intent.data_class", |i, bad| i.data_class = bad.to_owned()),
+            ("intent.attributes", |i, bad| {
+                i.attributes.insert(format!("k{bad}"), "v".into());
+            }),
+            ("intent.attributes", |i, bad| {
+                i.attributes.insert("k".into(), format!("v{bad}"));
+            }),
+        ];
+        for bad in [
+            "\0",
+            "\n",
+            "\r",
+            "\t",
+            "\u{7}",
+            "\u{1b}[2J",
+            "\u{7f}",
+            "\u{9b}",
+        ] {
+            for (field, spoil) in cases {
+                let mut intent = good.clone();
+                spoil(&mut intent, bad);
+                let err = validate_intent(&intent).unwrap_err();
+                assert!(matches!(err, TaskError::Invalid { .. }), "{err:?}");
+                let err = err.to_string();
+                assert!(
+                    err.starts_with(&format!("{field}: ")) && err.contains("control character"),
+                    "{bad:?}: {err}"
+                );
+                // The message itself carries no control character.
+                assert!(!err.chars().any(char::is_control), "{err:?}");
+            }
+            let err = validate_end_reason(&format!("bye{bad}"))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.starts_with("reason: ") && err.contains("control character"),
+                "{err}"
+            );
+        }
+    }
+
+    /// Refusals name the field and the item, and show a long value only in
+    /// part: the message is sent as a gRPC header, which clients limit.
+    #[test]
+    fn a_refused_intent_item_is_named_by_position_and_shown_shortened() {
+        let long = "q".repeat(20_000);
+        let intent = Intent {
+            tools: vec!["jira".into(), long.clone()],
+            ..Intent::default()
+        };
+        let err = validate_intent(&intent).unwrap_err().to_string();
+        assert!(err.starts_with("intent.tools: item 1 ("), "{err}");
+        assert!(err.contains("(20000 bytes)") && err.len() < 300, "{err}");
+        let intent = Intent {
+            targets: vec![String::new()],
+            ..Intent::default()
+        };
+        let err = validate_intent(&intent).unwrap_err().to_string();
+        assert_eq!(err, "intent.targets: item 0 is empty");
+        let err = TaskError::NotFound(long).to_string();
+        assert!(err.starts_with("task qqq") && err.len() < 300, "{err}");
     }
 
     #[test]

@@ -3088,3 +3088,158 @@ async fn a_watcher_that_stops_reading_is_dropped_at_its_byte_budget() {
     sleeper.kill().unwrap();
     sleeper.wait().unwrap();
 }
+
+/// A refusal echoes the value it refuses only in part: copied whole, a
+/// value of tens of KB made the status header larger than clients accept,
+/// and the caller saw an HTTP/2 protocol error (Internal) instead of the
+/// refusal naming the field.
+#[tokio::test(flavor = "multi_thread")]
+async fn refusals_of_huge_values_name_the_field_with_the_value_shortened() {
+    let writ = Writ::start(&config(""));
+    let mut tasks = tasks_client(&writ).await;
+    let mut entries = apb::entries_client::EntriesClient::new(
+        writ::cli::client::connect(&admin_socket(&writ))
+            .await
+            .unwrap(),
+    );
+    let mut sleeper = Command::new("sleep").arg("60").spawn().unwrap();
+    let pid = sleeper.id();
+    let big = "q".repeat(20_000);
+    let check = |what: &str, result: Result<(), tonic::Status>, code: Code, starts: &str| {
+        let err = result.expect_err(what);
+        assert_eq!(err.code(), code, "{what}: {err:?}");
+        assert!(
+            err.message().starts_with(starts),
+            "{what}: {}",
+            err.message()
+        );
+        assert!(err.message().len() < 1000, "{what}: {}", err.message());
+        assert!(
+            err.message().contains("(20000 bytes)"),
+            "{what}: {}",
+            err.message()
+        );
+    };
+    let got = tasks
+        .get_task(apb::GetTaskRequest {
+            task_id: big.clone(),
+        })
+        .await
+        .map(drop);
+    check("GetTask", got, Code::NotFound, "task qqq");
+    let got = tasks.end_task(end_req(&big)).await.map(drop);
+    check("EndTask", got, Code::NotFound, "task qqq");
+    let mut req = begin_pid("t-tool", pid);
+    req.intent.as_mut().unwrap().tools.push(big.clone());
+    let got = tasks.begin_task(req).await.map(drop);
+    check("tool", got, Code::InvalidArgument, "intent.tools: item 2");
+    let got = tasks
+        .begin_task(begin_explicit("t-parent", pid, "", &big))
+        .await
+        .map(drop);
+    check("parent", got, Code::InvalidArgument, "parent_task_id");
+    let mut req = begin_pid("t-ttl", pid);
+    req.ttl = format!("1{big}");
+    let got = tasks.begin_task(req).await.map(drop);
+    check("ttl", got, Code::InvalidArgument, "ttl");
+    let mut req = begin_pid("t-fed", pid);
+    req.federates_with = vec![big.clone()];
+    let got = tasks.begin_task(req).await.map(drop);
+    check(
+        "federates_with",
+        got,
+        Code::InvalidArgument,
+        "federates_with",
+    );
+    let got = entries
+        .delete_entry(apb::DeleteEntryRequest { id: big.clone() })
+        .await
+        .map(drop);
+    check("DeleteEntry", got, Code::NotFound, "entry qqq");
+    let create = |change: &dyn Fn(&mut apb::CreateEntryRequest)| {
+        let mut req = apb::CreateEntryRequest {
+            spiffe_id: "spiffe://writ.test/x".into(),
+            selectors: vec!["unix:uid:1".into()],
+            ..Default::default()
+        };
+        change(&mut req);
+        req
+    };
+    for (field, change) in [
+        (
+            "selectors",
+            Box::new(|r: &mut apb::CreateEntryRequest| r.selectors = vec![big.clone()])
+                as Box<dyn Fn(&mut apb::CreateEntryRequest)>,
+        ),
+        (
+            "x509_svid_ttl",
+            Box::new(|r: &mut apb::CreateEntryRequest| r.x509_svid_ttl = format!("1{big}")),
+        ),
+        (
+            "federates_with",
+            Box::new(|r: &mut apb::CreateEntryRequest| r.federates_with = vec![big.clone()]),
+        ),
+    ] {
+        let got = entries.create_entry(create(&*change)).await.map(drop);
+        check(field, got, Code::InvalidArgument, field);
+    }
+    sleeper.kill().unwrap();
+    sleeper.wait().unwrap();
+}
+
+/// Intent text and end reasons reach operators' terminals, audit records,
+/// JWT claims and policies: a control character in them is refused, the
+/// field named, and no task begins.
+#[tokio::test(flavor = "multi_thread")]
+async fn control_characters_in_intents_and_end_reasons_are_refused() {
+    let writ = Writ::start(&config(""));
+    let mut tasks = tasks_client(&writ).await;
+    let mut sleeper = Command::new("sleep").arg("60").spawn().unwrap();
+    let pid = sleeper.id();
+    type Spoil = fn(&mut apb::Intent);
+    let cases: [(&str, Spoil); 5] = [
+        ("intent.purpose", |i| {
+            i.purpose = "line1\nTask:       FAKE\x1b[31m".into()
+        }),
+        ("intent.tools", |i| i.tools.push("t\x07bell".into())),
+        ("intent.targets", |i| i.targets.push("a\0b".into())),
+        ("intent.data_class", |i| {
+            i.data_class = "\x1b]0;title\x07".into()
+        }),
+        ("intent.attributes", |i| {
+            i.attributes.insert("k\x1b[2J".into(), "v".into());
+        }),
+    ];
+    for (field, spoil) in cases {
+        let mut req = begin_pid("t-ctl", pid);
+        spoil(req.intent.as_mut().unwrap());
+        let err = tasks.begin_task(req).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{field}: {err:?}");
+        assert!(
+            err.message().starts_with(field) && err.message().contains("control character"),
+            "{field}: {}",
+            err.message()
+        );
+    }
+    let err = tasks
+        .get_task(apb::GetTaskRequest {
+            task_id: "t-ctl".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound, "{err:?}");
+
+    tasks.begin_task(begin_pid("t-ok", pid)).await.unwrap();
+    let err = tasks
+        .end_task(apb::EndTaskRequest {
+            task_id: "t-ok".into(),
+            reason: "bye\x1b[1mX\n\r".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().starts_with("reason"), "{}", err.message());
+    assert!(get_task(&mut tasks, "t-ok").await.completed_at == 0);
+    sleeper.kill().unwrap();
+    sleeper.wait().unwrap();
+}

@@ -230,6 +230,32 @@ async fn print_pages<T>(
     Ok(())
 }
 
+/// Text from writ as the CLI prints it for people: control characters
+/// escaped (`\n`, `\u{1b}`), so that stored text (an intent, a reason, an
+/// entry's fields; older writs accepted control characters in them) cannot
+/// move the cursor, recolour or clear the terminal, or forge lines of the
+/// report. JSON output escapes them anyway.
+fn clean(text: &str) -> std::borrow::Cow<'_, str> {
+    if !text.chars().any(char::is_control) {
+        return text.into();
+    }
+    text.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_debug().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect::<String>()
+        .into()
+}
+
+/// `clean` of each item, joined with `sep`.
+fn clean_joined(items: &[String], sep: &str) -> String {
+    items.iter().map(|i| clean(i)).collect::<Vec<_>>().join(sep)
+}
+
 /// One `--attr`: the key ends at the first `=`, so a value may hold `=`.
 fn parse_attr(s: &str) -> Result<(String, String), String> {
     match s.split_once('=') {
@@ -326,34 +352,48 @@ fn print_task(t: &pb::Task) -> anyhow::Result<()> {
     let state = if t.completed_at == 0 {
         "active".to_owned()
     } else {
-        format!("completed ({})", t.completion_reason)
+        format!("completed ({})", clean(&t.completion_reason))
     };
-    outln!("Task:       {}", t.task_id);
-    outln!("SPIFFE ID:  {}", t.spiffe_id);
+    outln!("Task:       {}", clean(&t.task_id));
+    outln!("SPIFFE ID:  {}", clean(&t.spiffe_id));
     outln!("State:      {state}");
     if !t.parent_task_id.is_empty() {
-        outln!("Parent:     {}", t.parent_task_id);
+        outln!("Parent:     {}", clean(&t.parent_task_id));
     }
     match t.binding.as_ref().and_then(|b| b.target.as_ref()) {
         Some(pb::binding::Target::Pid(p)) => outln!("Binding:    pid {p}"),
-        Some(pb::binding::Target::Cgroup(c)) => outln!("Binding:    cgroup {c}"),
+        Some(pb::binding::Target::Cgroup(c)) => outln!("Binding:    cgroup {}", clean(c)),
         None => {}
+    }
+    if !t.orchestrator_spiffe_id.is_empty() {
+        outln!("Begun by:   {}", clean(&t.orchestrator_spiffe_id));
     }
     if let Some(i) = &t.intent {
         if !i.purpose.is_empty() {
-            outln!("Purpose:    {}", i.purpose);
+            outln!("Purpose:    {}", clean(&i.purpose));
         }
-        outln!("Tools:      {}", i.tools.join(", "));
-        outln!("Targets:    {}", i.targets.join(", "));
-        outln!("Data class: {}", i.data_class);
+        outln!("Tools:      {}", clean_joined(&i.tools, ", "));
+        outln!("Targets:    {}", clean_joined(&i.targets, ", "));
+        outln!("Data class: {}", clean(&i.data_class));
+        let mut attributes: Vec<_> = i.attributes.iter().collect();
+        attributes.sort();
+        for (key, value) in attributes {
+            outln!("Attribute:  {}={}", clean(key), clean(value));
+        }
+    }
+    if !t.federates_with.is_empty() {
+        outln!("Federates:  {}", clean_joined(&t.federates_with, ", "));
     }
     outln!("Created:    {}", time_string(t.created_at));
     outln!("Expires:    {}", time_string(t.expires_at));
     if t.completed_at != 0 {
         outln!("Completed:  {}", time_string(t.completed_at));
+        if !t.completion_detail.is_empty() {
+            outln!("Reason:     {}", clean(&t.completion_detail));
+        }
     }
     if !t.issued_serials.is_empty() {
-        outln!("Serials:    {}", t.issued_serials.join(" "));
+        outln!("Serials:    {}", clean_joined(&t.issued_serials, " "));
     }
     Ok(())
 }
@@ -429,11 +469,15 @@ pub async fn task(cmd: TaskCommand) -> anyhow::Result<()> {
             } else if already {
                 outln!(
                     "{} had already completed ({})",
-                    task.task_id,
-                    task.completion_reason
+                    clean(&task.task_id),
+                    clean(&task.completion_reason)
                 );
             } else {
-                outln!("ended {} ({})", task.task_id, task.completion_reason);
+                outln!(
+                    "ended {} ({})",
+                    clean(&task.task_id),
+                    clean(&task.completion_reason)
+                );
             }
         }
         TaskCommand::Get { admin, id } => {
@@ -482,10 +526,10 @@ pub async fn task(cmd: TaskCommand) -> anyhow::Result<()> {
                 writeln!(
                     out,
                     "{:<28} {:<10} {:<24} {}",
-                    t.task_id,
+                    clean(&t.task_id),
                     state,
                     time_string(t.expires_at),
-                    t.spiffe_id
+                    clean(&t.spiffe_id)
                 )
             };
             print_pages(json, Some(&header), fetch, line, task_json).await?;
@@ -515,12 +559,12 @@ pub async fn task(cmd: TaskCommand) -> anyhow::Result<()> {
                 } else if kind == "completed" {
                     outln!(
                         "{kind} {} {} ({})",
-                        task.task_id,
-                        task.spiffe_id,
-                        task.completion_reason
+                        clean(&task.task_id),
+                        clean(&task.spiffe_id),
+                        clean(&task.completion_reason)
                     );
                 } else {
-                    outln!("{kind} {} {}", task.task_id, task.spiffe_id);
+                    outln!("{kind} {} {}", clean(&task.task_id), clean(&task.spiffe_id));
                 }
             }
         }
@@ -564,7 +608,7 @@ pub async fn entry(cmd: EntryCommand) -> anyhow::Result<()> {
             if admin.output == Output::Json {
                 outln!("{}", entry_json(&entry));
             } else {
-                outln!("{}", entry.id);
+                outln!("{}", clean(&entry.id));
             }
         }
         EntryCommand::Delete { admin, id } => {
@@ -598,11 +642,11 @@ pub async fn entry(cmd: EntryCommand) -> anyhow::Result<()> {
                 writeln!(
                     out,
                     "{}  {}  [{}]  ttl {}  ({})",
-                    e.id,
-                    e.spiffe_id,
-                    e.selectors.join(", "),
-                    e.x509_svid_ttl,
-                    e.source
+                    clean(&e.id),
+                    clean(&e.spiffe_id),
+                    clean_joined(&e.selectors, ", "),
+                    clean(&e.x509_svid_ttl),
+                    clean(&e.source)
                 )
             };
             print_pages(admin.output == Output::Json, None, fetch, line, entry_json).await?;
@@ -966,6 +1010,16 @@ mod tests {
         let err = parse_attr("=v").unwrap_err();
         assert!(err.contains("empty key"), "{err}");
         assert!(parse_attr("v").unwrap_err().contains("not key=value"));
+    }
+
+    #[test]
+    fn text_output_escapes_control_characters() {
+        assert_eq!(clean("plain é ✓"), "plain é ✓");
+        assert_eq!(
+            clean("line1\nTask:       FAKE\u{1b}[31m\r\u{7}\u{9b}\0"),
+            "line1\\nTask:       FAKE\\u{1b}[31m\\r\\u{7}\\u{9b}\\0"
+        );
+        assert_eq!(clean_joined(&["a\tb".into(), "c".into()], ", "), "a\\tb, c");
     }
 
     #[test]
