@@ -97,6 +97,16 @@ fn check_not_shadowing(config: &Registry, admin: &[Arc<Entry>]) -> Result<(), En
     }
 }
 
+/// The most selectors, DNS names and `federates_with` trust domains one
+/// entry created through the admin API may have. With the longest items
+/// (`MAX_SELECTOR_BYTES`, 253-byte names, 255-byte trust domains) and hint
+/// an entry is some 300 KB: it always fits in one ListEntries page, so no
+/// entry can make `writ entry list` fail for every operator.
+pub const MAX_ENTRY_ITEMS: usize = 64;
+/// The longest selector: a path of PATH_MAX (4096) bytes with its type and
+/// key.
+pub const MAX_SELECTOR_BYTES: usize = 4096 + 64;
+
 fn invalid(field: &'static str, reason: impl Into<String>) -> EntryError {
     EntryError::Invalid {
         field,
@@ -281,6 +291,34 @@ impl EntryStore {
         }
         if req.selectors.is_empty() {
             return Err(invalid("selectors", "at least one selector is required"));
+        }
+        // Before anything else reads them: each is copied into the entry,
+        // the store, and every ListEntries page that carries it.
+        for (field, count) in [
+            ("selectors", req.selectors.len()),
+            ("dns_names", req.dns_names.len()),
+            ("federates_with", req.federates_with.len()),
+        ] {
+            if count > MAX_ENTRY_ITEMS {
+                return Err(invalid(
+                    field,
+                    format!("{count} given; an entry has at most {MAX_ENTRY_ITEMS}"),
+                ));
+            }
+        }
+        if let Some((n, long)) = req
+            .selectors
+            .iter()
+            .enumerate()
+            .find(|(_, s)| s.len() > MAX_SELECTOR_BYTES)
+        {
+            return Err(invalid(
+                "selectors",
+                format!(
+                    "selector {n} ({:?}) is longer than {MAX_SELECTOR_BYTES} bytes",
+                    excerpt(long)
+                ),
+            ));
         }
         let selectors = req
             .selectors

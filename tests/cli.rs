@@ -1560,6 +1560,72 @@ fn argument_mistakes_name_their_flags() {
     assert!(!ok && stderr.contains("'--socket"), "{stderr}");
 }
 
+/// CreateEntry bounds an entry's selectors, DNS names and trust domains,
+/// so that every entry fits in a ListEntries page: one near the 4 MiB
+/// request limit made `writ entry list` fail for every operator.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_entry_is_bounded_so_that_it_always_fits_in_a_listing() {
+    let writ = Writ::start(&entry_for_us());
+    let a = admin(&writ);
+    let mut client = EntriesClient::new(
+        writ::cli::client::connect(std::path::Path::new(&a))
+            .await
+            .unwrap(),
+    );
+    let request = |selectors: Vec<String>, dns_names: Vec<String>, federates: Vec<String>| {
+        apb::CreateEntryRequest {
+            spiffe_id: "spiffe://writ.test/big".into(),
+            selectors,
+            dns_names,
+            federates_with: federates,
+            ..Default::default()
+        }
+    };
+    let uids = |n: usize| (0..n).map(|u| format!("unix:uid:{u}")).collect::<Vec<_>>();
+    let names = |n: usize| (0..n).map(|i| format!("n{i}.example.org")).collect();
+    let domains = |n: usize| (0..n).map(|i| format!("td{i}.example")).collect();
+    let long_path = format!("unix:path:/{}", "a/".repeat(2100).trim_end_matches('/'));
+    for (field, req) in [
+        ("selectors", request(uids(65), vec![], vec![])),
+        (
+            "selectors",
+            request(vec![long_path.clone()], vec![], vec![]),
+        ),
+        ("dns_names", request(uids(1), names(65), vec![])),
+        ("federates_with", request(uids(1), vec![], domains(65))),
+        (
+            "hint",
+            apb::CreateEntryRequest {
+                hint: "h".repeat(1025),
+                ..request(uids(1), vec![], vec![])
+            },
+        ),
+    ] {
+        let err = client.create_entry(req).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument, "{field}: {err:?}");
+        assert!(
+            err.message().starts_with(field),
+            "{field}: {}",
+            err.message()
+        );
+    }
+    // The largest entry allowed is listed, by the CLI too.
+    let largest_path = format!("unix:path:/{}", "b/".repeat(2040).trim_end_matches('/'));
+    let mut selectors = uids(63);
+    selectors.push(largest_path);
+    client
+        .create_entry(request(selectors, names(64), domains(64)))
+        .await
+        .unwrap();
+    let (ok, out, stderr) = writ_cli(
+        &["entry", "list", "--admin-socket", &a, "--output", "json"],
+        None,
+    );
+    assert!(ok, "{stderr}");
+    let listed: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(listed.as_array().unwrap().len(), 2, "{listed}");
+}
+
 /// `writ validate` takes the config from WRIT_CONFIG as `writ run` does.
 #[test]
 fn validate_reads_writ_config() {

@@ -183,41 +183,37 @@ pub enum EntryCommand {
     },
 }
 
-/// Prints a listing page by page, as the pages arrive: `fetch` gets the
-/// page after a token (empty for the first) and returns its items and the
-/// next token (empty after the last). With `json`, the items make one
-/// pretty-printed JSON array (`to_json` of each); otherwise `header` (if
-/// any) and then `line` for each. Nothing is printed before the first page
-/// has arrived, so a refused listing leaves stdout empty rather than
-/// showing a table header over nothing.
+/// Prints a listing: `fetch` gets the page after a token (empty for the
+/// first) and returns its items and the next token (empty after the last).
+/// Text (`header`, if any, then `line` for each item) is printed page by
+/// page as the pages arrive. With `json`, the items make one pretty-printed
+/// JSON array (`to_json` of each), printed only once every page has
+/// arrived: a page refused halfway (the entries changed meanwhile, writ
+/// stopped) must not leave a script an unterminated array on stdout. Nothing
+/// is printed before the first page has arrived, so a refused listing
+/// leaves stdout empty rather than showing a table header over nothing.
 async fn print_pages<T>(
+    out: &mut impl Write,
     json: bool,
     header: Option<&str>,
     mut fetch: impl AsyncFnMut(String) -> anyhow::Result<(Vec<T>, String)>,
-    mut line: impl FnMut(&mut std::io::Stdout, &T) -> std::io::Result<()>,
+    mut line: impl FnMut(&mut dyn Write, &T) -> std::io::Result<()>,
     to_json: impl Fn(&T) -> serde_json::Value,
 ) -> anyhow::Result<()> {
-    let mut out = std::io::stdout();
-    let mut listed = 0usize;
+    let mut listed = Vec::new();
     let mut page_token = String::new();
     loop {
         let first = page_token.is_empty();
         let (items, next) = fetch(page_token).await?;
-        if first
-            && !json
-            && let Some(header) = header
-        {
-            writeln!(out, "{header}")?;
-        }
-        for item in &items {
-            if json {
-                let element = serde_json::to_string_pretty(&to_json(item))?;
-                write!(out, "{}\n  ", if listed == 0 { "[" } else { "," })?;
-                write!(out, "{}", element.replace('\n', "\n  "))?;
-            } else {
-                line(&mut out, item)?;
+        if json {
+            listed.extend(items.iter().map(&to_json));
+        } else {
+            if first && let Some(header) = header {
+                writeln!(out, "{header}")?;
             }
-            listed += 1;
+            for item in &items {
+                line(out, item)?;
+            }
         }
         if next.is_empty() {
             break;
@@ -225,7 +221,11 @@ async fn print_pages<T>(
         page_token = next;
     }
     if json {
-        writeln!(out, "{}", if listed == 0 { "[]" } else { "\n]" })?;
+        writeln!(
+            out,
+            "{}",
+            serde_json::to_string_pretty(&serde_json::Value::Array(listed))?
+        )?;
     }
     Ok(())
 }
@@ -517,7 +517,7 @@ pub async fn task(cmd: TaskCommand) -> anyhow::Result<()> {
                     .into_inner();
                 Ok((page.tasks, page.next_page_token))
             };
-            let line = |out: &mut std::io::Stdout, t: &pb::Task| {
+            let line = |out: &mut dyn Write, t: &pb::Task| {
                 let state = if t.completed_at == 0 {
                     "active"
                 } else {
@@ -532,7 +532,8 @@ pub async fn task(cmd: TaskCommand) -> anyhow::Result<()> {
                     clean(&t.spiffe_id)
                 )
             };
-            print_pages(json, Some(&header), fetch, line, task_json).await?;
+            let mut out = std::io::stdout();
+            print_pages(&mut out, json, Some(&header), fetch, line, task_json).await?;
         }
         TaskCommand::Watch { admin } => {
             let socket = admin.path()?;
@@ -638,7 +639,7 @@ pub async fn entry(cmd: EntryCommand) -> anyhow::Result<()> {
                     .into_inner();
                 Ok((page.entries, page.next_page_token))
             };
-            let line = |out: &mut std::io::Stdout, e: &pb::Entry| {
+            let line = |out: &mut dyn Write, e: &pb::Entry| {
                 writeln!(
                     out,
                     "{}  {}  [{}]  ttl {}  ({})",
@@ -649,7 +650,9 @@ pub async fn entry(cmd: EntryCommand) -> anyhow::Result<()> {
                     clean(&e.source)
                 )
             };
-            print_pages(admin.output == Output::Json, None, fetch, line, entry_json).await?;
+            let json = admin.output == Output::Json;
+            let mut out = std::io::stdout();
+            print_pages(&mut out, json, None, fetch, line, entry_json).await?;
         }
     }
     Ok(())
@@ -1010,6 +1013,41 @@ mod tests {
         let err = parse_attr("=v").unwrap_err();
         assert!(err.contains("empty key"), "{err}");
         assert!(parse_attr("v").unwrap_err().contains("not key=value"));
+    }
+
+    /// A listing whose second page is refused leaves no JSON on stdout
+    /// (it used to leave an array never closed); text shows what arrived.
+    #[tokio::test]
+    async fn a_json_listing_is_printed_whole_or_not_at_all() {
+        async fn list(json: bool, fail_at: Option<usize>) -> (anyhow::Result<()>, String) {
+            let mut out = Vec::new();
+            let mut calls = 0;
+            let fetch = async |token: String| {
+                calls += 1;
+                if Some(calls) == fail_at {
+                    anyhow::bail!("ListEntries: Aborted");
+                }
+                let next = if token.is_empty() { "p2" } else { "" };
+                Ok((vec![format!("item{calls}")], next.to_owned()))
+            };
+            let line = |out: &mut dyn Write, item: &String| writeln!(out, "{item}");
+            let to_json = |item: &String| json!({ "id": item });
+            let result = print_pages(&mut out, json, Some("ID"), fetch, line, to_json).await;
+            (result, String::from_utf8(out).unwrap())
+        }
+        let (result, out) = list(true, Some(2)).await;
+        assert!(result.is_err());
+        assert_eq!(out, "");
+        let (result, out) = list(true, None).await;
+        result.unwrap();
+        let listed: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(listed, json!([{"id": "item1"}, {"id": "item2"}]));
+        let (result, out) = list(false, Some(2)).await;
+        assert!(result.is_err());
+        assert_eq!(out, "ID\nitem1\n");
+        let (result, out) = list(false, Some(1)).await;
+        assert!(result.is_err());
+        assert_eq!(out, "");
     }
 
     #[test]
