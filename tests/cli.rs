@@ -1560,6 +1560,58 @@ fn argument_mistakes_name_their_flags() {
     assert!(!ok && stderr.contains("'--socket"), "{stderr}");
 }
 
+/// `--output json` carries what the text output says: a task's
+/// `federates_with`, and whether `task end` ended the task or found it
+/// already completed.
+#[test]
+fn task_json_output_has_federates_with_and_whether_end_ended_it() {
+    let writ = Writ::start(&entry_for_us());
+    let a = admin(&writ);
+    let mut child = Command::new("sleep").arg("60").spawn().unwrap();
+    let pid = child.id().to_string();
+    let json = |args: &[&str]| -> serde_json::Value {
+        let mut args = args.to_vec();
+        args.extend(["--admin-socket", &a, "--output", "json"]);
+        let (ok, out, stderr) = writ_cli(&args, None);
+        assert!(ok, "{args:?}: {stderr}");
+        serde_json::from_str(&out).unwrap()
+    };
+    let begun = json(&[
+        "task",
+        "begin",
+        "--pid",
+        &pid,
+        "--id",
+        "fw1",
+        "--federates-with",
+        "partner.example",
+    ]);
+    assert_eq!(
+        begun["federates_with"],
+        serde_json::json!(["partner.example"])
+    );
+    let got = json(&["task", "get", "fw1"]);
+    assert_eq!(
+        got["federates_with"],
+        serde_json::json!(["partner.example"])
+    );
+    let listed = json(&["task", "list"]);
+    assert_eq!(
+        listed[0]["federates_with"],
+        serde_json::json!(["partner.example"])
+    );
+    let (ok, out, _) = writ_cli(&["task", "get", "fw1", "--admin-socket", &a], None);
+    assert!(ok && out.contains("Federates:  partner.example"), "{out}");
+    let ended = json(&["task", "end", "fw1"]);
+    assert_eq!(ended["already_completed"], false);
+    assert_eq!(ended["completion_reason"], "end_task");
+    let again = json(&["task", "end", "fw1"]);
+    assert_eq!(again["already_completed"], true);
+    assert_eq!(again["completion_reason"], "end_task");
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
 /// CreateEntry bounds an entry's selectors, DNS names and trust domains,
 /// so that every entry fits in a ListEntries page: one near the 4 MiB
 /// request limit made `writ entry list` fail for every operator.

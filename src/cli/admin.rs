@@ -345,6 +345,7 @@ pub fn task_json(t: &pb::Task) -> serde_json::Value {
         "completion_reason": t.completion_reason,
         "completion_detail": t.completion_detail,
         "issued_serials": t.issued_serials,
+        "federates_with": t.federates_with,
     })
 }
 
@@ -465,7 +466,11 @@ pub async fn task(cmd: TaskCommand) -> anyhow::Result<()> {
                 .contains_key(crate::admin_api::ALREADY_COMPLETED_HEADER);
             let task = response.into_inner();
             if admin.output == Output::Json {
-                outln!("{}", task_json(&task));
+                let mut json = task_json(&task);
+                // Ending is idempotent: this says whether this call ended
+                // the task, as the text output does.
+                json["already_completed"] = already.into();
+                outln!("{json}");
             } else if already {
                 outln!(
                     "{} had already completed ({})",
