@@ -344,6 +344,10 @@ fn begin_request(req: pb::BeginTaskRequest) -> Result<BeginRequest, Status> {
             attributes: intent.attributes.into_iter().collect::<BTreeMap<_, _>>(),
         },
         ttl,
+        // proto3 strings have no presence: an empty parent_task_id is
+        // indistinguishable from one not sent, so it can only mean "none".
+        // The CLI refuses an empty --parent (and --id, --ttl, --spiffe-id)
+        // for that reason; other clients must not send empty for a parent.
         parent_task_id: (!req.parent_task_id.is_empty()).then_some(req.parent_task_id),
         federates_with,
     })

@@ -1558,6 +1558,46 @@ fn argument_mistakes_name_their_flags() {
     assert!(!ok && stderr.contains("'--admin-socket"), "{stderr}");
     let (ok, _, stderr) = writ_cli(&["api", "fetch", "x509", "--socket", ""], None);
     assert!(!ok && stderr.contains("'--socket"), "{stderr}");
+    // An empty --parent, --id, --ttl or --spiffe-id (an unset shell
+    // variable, say) is refused: the request cannot tell empty from not
+    // given, and `--parent ''` used to begin a top-level task with the
+    // orchestrator's whole scope instead of a sub-task.
+    for flag in ["--parent", "--id", "--ttl", "--spiffe-id"] {
+        let (ok, _, stderr) = writ_cli(
+            &[
+                "task",
+                "begin",
+                "--pid",
+                "1",
+                flag,
+                "",
+                "--admin-socket",
+                "/nonexistent/admin.sock",
+            ],
+            None,
+        );
+        assert!(
+            !ok && stderr.contains(&format!("'{flag}")),
+            "{flag}: {stderr}"
+        );
+        assert!(!stderr.contains("admin.sock"), "{flag}: {stderr}");
+    }
+    let (ok, _, stderr) = writ_cli(
+        &[
+            "entry",
+            "create",
+            "--spiffe-id",
+            "spiffe://writ.test/x",
+            "--selector",
+            "unix:uid:1",
+            "--x509-svid-ttl",
+            "",
+            "--admin-socket",
+            "/nonexistent/admin.sock",
+        ],
+        None,
+    );
+    assert!(!ok && stderr.contains("'--x509-svid-ttl"), "{stderr}");
 }
 
 /// `--output json` carries what the text output says: a task's

@@ -67,12 +67,17 @@ pub enum TaskCommand {
         /// A cgroup v2 path such as /writ.slice/t-42.
         #[arg(long)]
         cgroup: Option<String>,
+        // --id, --spiffe-id, --ttl and --parent refuse an empty value: the
+        // request cannot tell an empty string from a field not given
+        // (proto3 strings have no presence), so `--parent "$UNSET"` would
+        // begin a top-level task with the orchestrator's whole scope
+        // instead of a sub-task, and the agent could not notice.
         /// The task's id; default: a new ULID.
-        #[arg(long = "id")]
+        #[arg(long = "id", value_parser = clap::builder::NonEmptyStringValueParser::new())]
         id: Option<String>,
         /// The task's SPIFFE ID; default: the caller's (for a sub-task, the
         /// parent task's) followed by /task/<id>.
-        #[arg(long)]
+        #[arg(long, value_parser = clap::builder::NonEmptyStringValueParser::new())]
         spiffe_id: Option<String>,
         /// What the task is for, in words (recorded; policies see it).
         #[arg(long, default_value = "")]
@@ -93,11 +98,11 @@ pub enum TaskCommand {
         #[arg(long = "attr", value_parser = parse_attr)]
         attributes: Vec<(String, String)>,
         /// Such as 10m (at least 2s); default from the agent's config.
-        #[arg(long)]
+        #[arg(long, value_parser = clap::builder::NonEmptyStringValueParser::new())]
         ttl: Option<String>,
         /// Make this a sub-task of the task with this id; default: the task
         /// the caller works in, if it works in one.
-        #[arg(long)]
+        #[arg(long, value_parser = clap::builder::NonEmptyStringValueParser::new())]
         parent: Option<String>,
         /// A trust domain whose bundle the task's processes receive; repeatable.
         #[arg(long = "federates-with")]
@@ -152,7 +157,8 @@ pub enum EntryCommand {
         #[arg(long = "selector", required = true)]
         selectors: Vec<String>,
         /// Lifetime of its X509-SVIDs, such as 1h; default from the config.
-        #[arg(long)]
+        // Empty would read as not given (the default), as for task --ttl.
+        #[arg(long, value_parser = clap::builder::NonEmptyStringValueParser::new())]
         x509_svid_ttl: Option<String>,
         /// A DNS SAN for its X509-SVIDs; repeatable.
         #[arg(long = "dns-name")]
