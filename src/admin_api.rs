@@ -9,9 +9,8 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use futures::Stream;
-use tokio::sync::broadcast;
 use tonic::{Request, Response, Status};
-use writ_attestors::{Attestation, Selector};
+use writ_attestors::{Attestation, Selector, excerpt};
 
 use crate::agent::Agent;
 use crate::config::parse_duration;
@@ -21,6 +20,7 @@ use crate::peer::{Caller, PeerInfo};
 use crate::proto::admin as pb;
 use crate::reload::{ReloadError, ReloadSummary, Reloader, Trigger};
 use crate::spiffe_id::{SpiffeId, TrustDomain};
+use crate::task_events::RecvError;
 use crate::tasks::{
     BeginRequest, Binding, Intent, Orchestrator, Task, TaskError, TaskEvent, TaskManager,
 };
@@ -161,13 +161,62 @@ pub fn task_to_proto(t: &Task, issued_serials: Vec<String>) -> pb::Task {
 /// Tasks or entries in a ListTasks or ListEntries page when the caller does
 /// not say.
 const DEFAULT_PAGE_SIZE: usize = 500;
-/// The most tasks or entries in one page: a few hundred KiB, well within
-/// the 4 MiB gRPC clients accept by default.
+/// The most tasks or entries in one page. A count alone does not keep a
+/// page small (a task's intent may be some 270 KB): `MAX_PAGE_BYTES` does.
 const MAX_PAGE_SIZE: usize = 1000;
-/// The most encoded bytes of entries in one ListEntries page, whatever its
-/// page size: an entry's selectors and DNS names are not bounded in number,
-/// so a page of large entries ends early (it always holds at least one).
-const MAX_ENTRY_PAGE_BYTES: usize = 1 << 20;
+/// The most encoded bytes of tasks or entries in one ListTasks or
+/// ListEntries page, whatever its page size: a page ends before the item
+/// that would pass it, but always holds one. Every task and entry is far
+/// smaller than this (intents and entries are bounded when they are made),
+/// so a page stays well within the 4 MiB gRPC clients accept by default.
+const MAX_PAGE_BYTES: usize = 1 << 20;
+
+/// What an item of `encoded_len` bytes adds to a page: its field's tag and
+/// length as well.
+fn in_page(encoded_len: usize) -> usize {
+    1 + prost::length_delimiter_len(encoded_len) + encoded_len
+}
+
+/// A task as `list_page` counts it: without its serials, which are read
+/// after the page (and counted then).
+fn listed_task_bytes(task: &Task) -> usize {
+    in_page(prost::Message::encoded_len(&task_to_proto(
+        task,
+        Vec::new(),
+    )))
+}
+
+/// A ListTasks response of the `listed` tasks, each with its serials,
+/// ending before the task that would pass `max_bytes` (but holding at
+/// least one); `next` is the cursor after the last task listed, if more
+/// follow it.
+fn task_page(
+    listed: Vec<crate::tasks::ListedTask>,
+    serials: Vec<Vec<String>>,
+    next: Option<i64>,
+    max_bytes: usize,
+) -> pb::ListTasksResponse {
+    let mut tasks = Vec::with_capacity(listed.len());
+    let mut bytes = 0;
+    let mut next = next;
+    let mut last_cursor = None;
+    for (listed, serials) in listed.into_iter().zip(serials) {
+        let task = task_to_proto(&listed.task, serials);
+        let size = in_page(prost::Message::encoded_len(&task));
+        if !tasks.is_empty() && bytes + size > max_bytes {
+            // The serials put it over: it starts the next page.
+            next = last_cursor;
+            break;
+        }
+        bytes += size;
+        last_cursor = Some(listed.cursor);
+        tasks.push(task);
+    }
+    pb::ListTasksResponse {
+        tasks,
+        next_page_token: next.map(|n| n.to_string()).unwrap_or_default(),
+    }
+}
 
 /// A list request's `page_size` as a number of items.
 fn page_size(requested: i32) -> Result<usize, Status> {
@@ -190,7 +239,7 @@ fn page_start(token: &str) -> Result<Option<i64>, Status> {
         Ok(after) if after > 0 => Ok(Some(after)),
         _ => Err(Status::invalid_argument(format!(
             "page_token: {:?} is not a next_page_token from ListTasks",
-            token.chars().take(64).collect::<String>()
+            excerpt(token)
         ))),
     }
 }
@@ -207,7 +256,7 @@ fn entry_page_start(entries: &[Arc<crate::identity::Entry>], token: &str) -> Res
     if !crate::identity::is_entry_id(token) {
         return Err(Status::invalid_argument(format!(
             "page_token: {:?} is not a next_page_token from ListEntries",
-            token.chars().take(64).collect::<String>()
+            excerpt(token)
         )));
     }
     entries
@@ -235,7 +284,7 @@ fn entry_page(
     let mut bytes = 0;
     for entry in rest.iter().take(limit) {
         let entry = entry_to_proto(entry);
-        let size = prost::Message::encoded_len(&entry);
+        let size = in_page(prost::Message::encoded_len(&entry));
         if !entries.is_empty() && bytes + size > max_bytes {
             break;
         }
@@ -279,7 +328,7 @@ fn begin_request(req: pb::BeginTaskRequest) -> Result<BeginRequest, Status> {
         .iter()
         .map(|t| {
             crate::spiffe_id::TrustDomain::new(t)
-                .map_err(|e| bad("federates_with", format!("{t:?}: {e}")))
+                .map_err(|e| bad("federates_with", format!("{:?}: {e}", excerpt(t))))
         })
         .collect::<Result<Vec<_>, _>>()?;
     Ok(BeginRequest {
@@ -295,15 +344,16 @@ fn begin_request(req: pb::BeginTaskRequest) -> Result<BeginRequest, Status> {
             attributes: intent.attributes.into_iter().collect::<BTreeMap<_, _>>(),
         },
         ttl,
+        // proto3 strings have no presence: an empty parent_task_id is
+        // indistinguishable from one not sent, so it can only mean "none".
+        // The CLI refuses an empty --parent (and --id, --ttl, --spiffe-id)
+        // for that reason; other clients must not send empty for a parent.
         parent_task_id: (!req.parent_task_id.is_empty()).then_some(req.parent_task_id),
         federates_with,
     })
 }
 
 pub struct TasksService(pub Arc<AdminContext>);
-
-/// The longest `EndTask` reason accepted (as for an intent's purpose).
-pub const MAX_END_REASON_BYTES: usize = 4096;
 
 type EventStream = Pin<Box<dyn Stream<Item = Result<pb::TaskEvent, Status>> + Send>>;
 
@@ -363,13 +413,7 @@ impl pb::tasks_server::Tasks for TasksService {
         if req.task_id.is_empty() {
             return Err(Status::invalid_argument("task_id: required"));
         }
-        // Stored with the task and in its audit record, and sent to every
-        // watcher: bounded like the intent's purpose.
-        if req.reason.len() > MAX_END_REASON_BYTES {
-            return Err(Status::invalid_argument(format!(
-                "reason: longer than {MAX_END_REASON_BYTES} bytes"
-            )));
-        }
+        crate::tasks::validate_end_reason(&req.reason).map_err(task_status)?;
         // Ending an active task is a decision too (a completed one is
         // reported as it is, whoever asks). One still being begun is judged
         // once it is active.
@@ -452,7 +496,7 @@ impl pb::tasks_server::Tasks for TasksService {
             .tasks
             .get(&id)
             .map_err(task_status)?
-            .ok_or_else(|| Status::not_found(format!("task {id} not found")))?;
+            .ok_or_else(|| Status::not_found(format!("task {} not found", excerpt(&id))))?;
         let serials = ctx.tasks.issued_serials(&id).map_err(task_status)?;
         Ok(Response::new(task_to_proto(&task, serials)))
     }
@@ -468,21 +512,24 @@ impl pb::tasks_server::Tasks for TasksService {
         let after = page_start(&request.page_token)?;
         let page = ctx
             .tasks
-            .list_page(request.include_completed, after, limit)
+            .list_page(
+                request.include_completed,
+                after,
+                limit,
+                MAX_PAGE_BYTES,
+                listed_task_bytes,
+            )
             .map_err(task_status)?;
         let serials = ctx
             .tasks
-            .issued_serials_of(page.tasks.iter().map(|t| t.id.clone()).collect())
+            .issued_serials_of(page.tasks.iter().map(|t| t.task.id.clone()).collect())
             .map_err(task_status)?;
-        Ok(Response::new(pb::ListTasksResponse {
-            tasks: page
-                .tasks
-                .iter()
-                .zip(serials)
-                .map(|(t, serials)| task_to_proto(t, serials))
-                .collect(),
-            next_page_token: page.next.map(|n| n.to_string()).unwrap_or_default(),
-        }))
+        Ok(Response::new(task_page(
+            page.tasks,
+            serials,
+            page.next,
+            MAX_PAGE_BYTES,
+        )))
     }
 
     async fn watch_tasks(
@@ -491,51 +538,47 @@ impl pb::tasks_server::Tasks for TasksService {
     ) -> Result<Response<Self::WatchTasksStream>, Status> {
         let ctx = &self.0;
         ctx.authorize(&request)?;
-        let mut events = ctx.tasks.subscribe();
-        let mut stopping = ctx.agent.shutdown_requested();
-        let (tx, rx) = tokio::sync::mpsc::channel(64);
-        tokio::spawn(async move {
-            loop {
-                let received = tokio::select! {
-                    received = events.recv() => Some(received),
-                    // A watch never ends by itself: without this, every
-                    // open watcher held a stopping writ to its drain
-                    // deadline, and then saw a broken connection.
-                    _ = stopping.wait_for(|s| *s) => None,
-                    // The watcher hung up: stop now, not at the next event.
-                    _ = tx.closed() => return,
-                };
-                let Some(received) = received else {
-                    let _ = tx
-                        .send(Err(Status::unavailable(
-                            "writ is stopping; watch again once it is back",
-                        )))
-                        .await;
-                    return;
-                };
-                let item = match received {
-                    Ok(TaskEvent::Begun(t, serials)) => Ok(pb::TaskEvent {
-                        kind: pb::task_event::Kind::Begun as i32,
-                        task: Some(task_to_proto(&t, serials)),
-                    }),
-                    Ok(TaskEvent::Completed(t, serials)) => Ok(pb::TaskEvent {
-                        kind: pb::task_event::Kind::Completed as i32,
-                        task: Some(task_to_proto(&t, serials)),
-                    }),
-                    Err(broadcast::error::RecvError::Lagged(n)) => Err(Status::data_loss(format!(
-                        "watcher fell behind and missed {n} events; list tasks and watch again"
-                    ))),
-                    Err(broadcast::error::RecvError::Closed) => return,
-                };
-                let stop = item.is_err();
-                if tx.send(item).await.is_err() || stop {
-                    return;
+        // Subscribed before the call returns, so the caller sees every
+        // event from then on. Events wait in the watcher's own queue
+        // (bounded in bytes, crate::task_events) and become messages only
+        // as the stream is read: nothing else holds them for a watcher
+        // that does not read. When the watcher hangs up the stream is
+        // dropped, and its queue with it.
+        let events = ctx.tasks.subscribe();
+        let stopping = ctx.agent.shutdown_requested();
+        let stream = futures::stream::unfold(Some((events, stopping)), |state| async move {
+            let (mut events, mut stopping) = state?;
+            let received = tokio::select! {
+                received = events.recv() => received,
+                // A watch never ends by itself: without this, every open
+                // watcher held a stopping writ to its drain deadline, and
+                // then saw a broken connection.
+                _ = stopping.wait_for(|s| *s) => {
+                    let stop = Status::unavailable("writ is stopping; watch again once it is back");
+                    return Some((Err(stop), None));
                 }
-            }
+            };
+            let (kind, task, serials) = match received {
+                Ok(TaskEvent::Begun(t, serials)) => (pb::task_event::Kind::Begun, t, serials),
+                Ok(TaskEvent::Completed(t, serials)) => {
+                    (pb::task_event::Kind::Completed, t, serials)
+                }
+                Err(RecvError::Lagged(n)) => {
+                    let lost = Status::data_loss(format!(
+                        "watcher fell behind and missed {n} events (more than {} MiB of them waited to be read); list tasks and watch again",
+                        crate::task_events::WATCHER_QUEUE_BYTES >> 20
+                    ));
+                    return Some((Err(lost), None));
+                }
+                Err(RecvError::Closed) => return None,
+            };
+            let event = pb::TaskEvent {
+                kind: kind as i32,
+                task: Some(task_to_proto(&task, serials)),
+            };
+            Some((Ok(event), Some((events, stopping))))
         });
-        Ok(Response::new(Box::pin(
-            tokio_stream::wrappers::ReceiverStream::new(rx),
-        )))
+        Ok(Response::new(Box::pin(stream)))
     }
 }
 
@@ -612,7 +655,7 @@ impl pb::entries_server::Entries for EntriesService {
         Ok(Response::new(entry_page(
             &entries[start..],
             limit,
-            MAX_ENTRY_PAGE_BYTES,
+            MAX_PAGE_BYTES,
         )))
     }
 }
@@ -636,7 +679,7 @@ fn parse_trust_domain(text: &str) -> Result<TrustDomain, Status> {
         return Err(Status::invalid_argument("trust_domain: required"));
     }
     TrustDomain::new(text)
-        .map_err(|e| Status::invalid_argument(format!("trust_domain {text:?}: {e}")))
+        .map_err(|e| Status::invalid_argument(format!("trust_domain {:?}: {e}", excerpt(text))))
 }
 
 fn own_bundle_to_proto(ctx: &AdminContext) -> pb::Bundle {
@@ -861,6 +904,55 @@ mod tests {
             .collect()
     }
 
+    fn listed_task(cursor: i64, purpose_bytes: usize) -> crate::tasks::ListedTask {
+        crate::tasks::ListedTask {
+            cursor,
+            task: Task {
+                id: format!("t{cursor}"),
+                spiffe_id: format!("spiffe://x.org/t{cursor}").parse().unwrap(),
+                parent_id: None,
+                depth: 1,
+                binding: Binding::Pid {
+                    pid: 1,
+                    start_time: 1,
+                },
+                intent: Intent {
+                    purpose: "p".repeat(purpose_bytes),
+                    ..Intent::default()
+                },
+                orchestrator: "spiffe://x.org/o".into(),
+                federates_with: Vec::new(),
+                created_at: UNIX_EPOCH,
+                expires_at: UNIX_EPOCH + Duration::from_secs(60),
+                completion: None,
+            },
+        }
+    }
+
+    /// A task page ends at its byte budget, serials counted: the task that
+    /// would pass it starts the next page (and a page holds at least one).
+    #[test]
+    fn a_task_page_ends_before_the_task_that_would_pass_its_bytes() {
+        let one = listed_task_bytes(&listed_task(1, 400).task);
+        assert!((400..600).contains(&one), "{one}");
+        let tasks = || (1..=3).map(|n| listed_task(n, 400)).collect::<Vec<_>>();
+        let page = task_page(tasks(), vec![Vec::new(); 3], Some(9), 10 * one);
+        assert_eq!(page.tasks.len(), 3);
+        assert_eq!(page.next_page_token, "9");
+        let page = task_page(tasks(), vec![Vec::new(); 3], None, 10 * one);
+        assert_eq!(page.next_page_token, "");
+        // The second task's serials take the page past its budget.
+        let serials = vec![Vec::new(), vec!["ab".repeat(20); 200], Vec::new()];
+        let page = task_page(tasks(), serials, None, 10 * one);
+        let ids: Vec<&str> = page.tasks.iter().map(|t| t.task_id.as_str()).collect();
+        assert_eq!(ids, ["t1"]);
+        assert_eq!(page.next_page_token, "1");
+        // A task larger than the budget has a page of its own.
+        let page = task_page(vec![listed_task(5, 5000)], vec![Vec::new()], Some(5), 100);
+        assert_eq!(page.tasks.len(), 1);
+        assert_eq!(page.next_page_token, "5");
+    }
+
     fn listed(page: &pb::ListEntriesResponse) -> Vec<&str> {
         page.entries.iter().map(|e| e.spiffe_id.as_str()).collect()
     }
@@ -868,10 +960,10 @@ mod tests {
     #[test]
     fn an_entry_page_ends_at_its_size_or_its_bytes_whichever_comes_first() {
         let small = entries(3, 1);
-        let page = entry_page(&small, 2, MAX_ENTRY_PAGE_BYTES);
+        let page = entry_page(&small, 2, MAX_PAGE_BYTES);
         assert_eq!(listed(&page), ["spiffe://x.org/e0", "spiffe://x.org/e1"]);
         assert_eq!(page.next_page_token, small[1].id);
-        let last = entry_page(&small[2..], 2, MAX_ENTRY_PAGE_BYTES);
+        let last = entry_page(&small[2..], 2, MAX_PAGE_BYTES);
         assert_eq!(listed(&last), ["spiffe://x.org/e2"]);
         assert!(last.next_page_token.is_empty());
 

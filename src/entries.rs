@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rusqlite::params;
-use writ_attestors::Selector;
+use writ_attestors::{Selector, excerpt};
 
 use crate::agent::Agent;
 use crate::config::parse_duration;
@@ -19,7 +19,7 @@ use crate::store::{Store, StoreError};
 pub enum EntryError {
     #[error("{field}: {reason}")]
     Invalid { field: &'static str, reason: String },
-    #[error("entry {0} not found")]
+    #[error("entry {} not found", excerpt(.0))]
     NotFound(String),
     #[error("entry {0} comes from the config file; change it there")]
     FromConfig(String),
@@ -96,6 +96,16 @@ fn check_not_shadowing(config: &Registry, admin: &[Arc<Entry>]) -> Result<(), En
         Err(EntryError::ShadowsAdminEntry(shadowed))
     }
 }
+
+/// The most selectors, DNS names and `federates_with` trust domains one
+/// entry created through the admin API may have. With the longest items
+/// (`MAX_SELECTOR_BYTES`, 253-byte names, 255-byte trust domains) and hint
+/// an entry is some 300 KB: it always fits in one ListEntries page, so no
+/// entry can make `writ entry list` fail for every operator.
+pub const MAX_ENTRY_ITEMS: usize = 64;
+/// The longest selector: a path of PATH_MAX (4096) bytes with its type and
+/// key.
+pub const MAX_SELECTOR_BYTES: usize = 4096 + 64;
 
 fn invalid(field: &'static str, reason: impl Into<String>) -> EntryError {
     EntryError::Invalid {
@@ -282,6 +292,34 @@ impl EntryStore {
         if req.selectors.is_empty() {
             return Err(invalid("selectors", "at least one selector is required"));
         }
+        // Before anything else reads them: each is copied into the entry,
+        // the store, and every ListEntries page that carries it.
+        for (field, count) in [
+            ("selectors", req.selectors.len()),
+            ("dns_names", req.dns_names.len()),
+            ("federates_with", req.federates_with.len()),
+        ] {
+            if count > MAX_ENTRY_ITEMS {
+                return Err(invalid(
+                    field,
+                    format!("{count} given; an entry has at most {MAX_ENTRY_ITEMS}"),
+                ));
+            }
+        }
+        if let Some((n, long)) = req
+            .selectors
+            .iter()
+            .enumerate()
+            .find(|(_, s)| s.len() > MAX_SELECTOR_BYTES)
+        {
+            return Err(invalid(
+                "selectors",
+                format!(
+                    "selector {n} ({:?}) is longer than {MAX_SELECTOR_BYTES} bytes",
+                    excerpt(long)
+                ),
+            ));
+        }
         let selectors = req
             .selectors
             .iter()
@@ -307,7 +345,10 @@ impl EntryStore {
             if ttl.subsec_nanos() != 0 {
                 return Err(invalid(
                     "x509_svid_ttl",
-                    format!("{:?} is not a whole number of seconds", req.x509_svid_ttl),
+                    format!(
+                        "{:?} is not a whole number of seconds",
+                        excerpt(&req.x509_svid_ttl)
+                    ),
                 ));
             }
             ttl

@@ -26,6 +26,7 @@ pub mod store;
 pub mod svid;
 mod sys;
 pub mod systemd;
+pub mod task_events;
 pub mod tasks;
 pub mod telemetry;
 pub mod tls;

@@ -322,7 +322,7 @@ fn spiffe_id_of(cert: &X509Certificate<'_>) -> Result<SpiffeId, SvidRuleViolatio
 
 /// Why a requested DNS SAN was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid DNS name {name:?}: {reason}")]
+#[error("invalid DNS name {:?}: {reason}", writ_attestors::excerpt(.name))]
 pub struct InvalidDnsName {
     pub name: String,
     pub reason: String,

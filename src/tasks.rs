@@ -11,8 +11,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rusqlite::{OptionalExtension, params};
 use serde::{Deserialize, Serialize};
-use tokio::sync::{broadcast, watch};
-use writ_attestors::PinnedProcess;
+use tokio::sync::watch;
+use writ_attestors::{PinnedProcess, excerpt};
 
 use crate::agent::{Agent, TaskBeginning, task_facts};
 use crate::audit::{AuditEvent, CallerFacts, EventKind};
@@ -27,7 +27,7 @@ pub const MAX_TASK_ID_BYTES: usize = 128;
 pub enum TaskError {
     #[error("{field}: {reason}")]
     Invalid { field: &'static str, reason: String },
-    #[error("task {0} not found")]
+    #[error("task {} not found", excerpt(.0))]
     NotFound(String),
     #[error("task {0} already exists")]
     AlreadyExists(String),
@@ -355,9 +355,17 @@ const PRUNE_BATCH: usize = 2_000;
 /// One page of a task listing (`TaskManager::list_page`).
 #[derive(Debug)]
 pub struct TaskPage {
-    pub tasks: Vec<Task>,
+    pub tasks: Vec<ListedTask>,
     /// Where the next page starts, if there is one.
     pub next: Option<i64>,
+}
+
+/// A task on a page, with the cursor a page that goes on after it starts
+/// from.
+#[derive(Debug)]
+pub struct ListedTask {
+    pub cursor: i64,
+    pub task: Task,
 }
 
 /// A BeginTask request after the admin layer has parsed its wire form.
@@ -579,7 +587,8 @@ pub struct TaskManager {
     limits: TaskLimits,
     cgroup_mount: Option<PathBuf>,
     inner: Mutex<Inner>,
-    events: broadcast::Sender<TaskEvent>,
+    /// Every WatchTasks watcher's queue (bounded in bytes, not count).
+    events: crate::task_events::TaskEvents,
 }
 
 impl TaskManager {
@@ -595,7 +604,7 @@ impl TaskManager {
             limits,
             cgroup_mount,
             inner: Mutex::new(Inner::default()),
-            events: broadcast::channel(4096).0,
+            events: crate::task_events::TaskEvents::default(),
         })
     }
 
@@ -603,7 +612,7 @@ impl TaskManager {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    pub fn subscribe(&self) -> broadcast::Receiver<TaskEvent> {
+    pub fn subscribe(&self) -> crate::task_events::EventReceiver {
         self.events.subscribe()
     }
 
@@ -1136,7 +1145,7 @@ impl TaskManager {
             // The parent completed while this sub-task was being stored.
             let manager = self.clone();
             let id = task.id.clone();
-            let _ = self.events.send(TaskEvent::Begun(task, first_serials));
+            self.events.send(TaskEvent::Begun(task, first_serials));
             tokio::spawn(async move {
                 if let Err(e) = manager
                     .complete(&id, CompletionReason::ParentCompleted, String::new())
@@ -1155,7 +1164,7 @@ impl TaskManager {
             },
             Binding::Cgroup { .. } => Change::TaskBegunForCgroup,
         };
-        let _ = self.events.send(TaskEvent::Begun(task, first_serials));
+        self.events.send(TaskEvent::Begun(task, first_serials));
         self.agent.notify(change);
     }
 
@@ -1262,7 +1271,10 @@ impl TaskManager {
         }
         match self.get(id)? {
             Some(_) => Err(TaskError::ParentCompleted(id.to_owned())),
-            None => Err(invalid("parent_task_id", format!("no task {id}"))),
+            None => Err(invalid(
+                "parent_task_id",
+                format!("no task {}", excerpt(id)),
+            )),
         }
     }
 
@@ -1509,7 +1521,7 @@ impl TaskManager {
             if done.id == id {
                 root = Some((done.clone(), serials.clone()));
             }
-            let _ = self.events.send(TaskEvent::Completed(done, serials));
+            self.events.send(TaskEvent::Completed(done, serials));
         }
         Ok(root)
     }
@@ -1577,14 +1589,20 @@ impl TaskManager {
 
     /// One page of tasks, in the order they were stored (the order they
     /// began): the first `limit` after `after` (a previous page's cursor),
-    /// and the cursor to go on from if more follow. Read from the store for
-    /// both kinds of listing, by rowid (active ones through their partial
-    /// index), so a page costs the same however many tasks are retained.
+    /// and the cursor to go on from if more follow. The page also ends
+    /// before the task that would take the `size` of its tasks past
+    /// `max_bytes`, so that rows of large intents are not all read (and
+    /// held) for a page that cannot carry them; it holds at least one task
+    /// however large. Read from the store for both kinds of listing, by
+    /// rowid (active ones through their partial index), so a page costs
+    /// the same however many tasks are retained.
     pub fn list_page(
         &self,
         include_completed: bool,
         after: Option<i64>,
         limit: usize,
+        max_bytes: usize,
+        size: fn(&Task) -> usize,
     ) -> Result<TaskPage, TaskError> {
         let query = format!(
             "SELECT {TASK_COLUMNS}, rowid FROM tasks WHERE rowid > ?1{} ORDER BY rowid LIMIT ?2",
@@ -1596,17 +1614,25 @@ impl TaskManager {
         );
         // One more than asked for tells whether another page follows.
         let fetch = i64::try_from(limit.saturating_add(1)).unwrap_or(i64::MAX);
-        let mut rows = self.store.read(move |conn| {
+        let (rows, more) = self.store.read(move |conn| {
             let mut stmt = conn.prepare_cached(&query)?;
-            let rows = stmt
-                .query_map(params![after.unwrap_or(0), fetch], |r| {
-                    Ok((r.get::<_, i64>(9)?, row_to_task(r)?))
-                })?
-                .collect::<Result<Vec<_>, _>>()?;
-            Ok(rows)
+            let mut found = stmt.query(params![after.unwrap_or(0), fetch])?;
+            let mut rows = Vec::new();
+            let mut bytes = 0usize;
+            while let Some(r) = found.next()? {
+                let row = (r.get::<_, i64>(9)?, row_to_task(r)?);
+                if rows.len() == limit {
+                    return Ok((rows, true));
+                }
+                let row_size = row.1.as_ref().map_or(0, size);
+                if !rows.is_empty() && bytes.saturating_add(row_size) > max_bytes {
+                    return Ok((rows, true));
+                }
+                bytes = bytes.saturating_add(row_size);
+                rows.push(row);
+            }
+            Ok((rows, false))
         })?;
-        let more = rows.len() > limit;
-        rows.truncate(limit);
         let next = if more {
             rows.last().map(|(rowid, _)| *rowid)
         } else {
@@ -1615,9 +1641,10 @@ impl TaskManager {
         // One unreadable row does not hide every other task; `get` names it.
         let tasks = rows
             .into_iter()
-            .filter_map(|(_, row)| {
+            .filter_map(|(cursor, row)| {
                 row.inspect_err(|e| tracing::warn!(error = %e, "ListTasks left out a task"))
                     .ok()
+                    .map(|task| ListedTask { cursor, task })
             })
             .collect();
         Ok(TaskPage { tasks, next })
@@ -2019,10 +2046,49 @@ fn row_to_task(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<Task, TaskError
 const MAX_INTENT_ITEMS: usize = 64;
 const MAX_INTENT_STRING: usize = 1024;
 
+/// The longest `EndTask` reason accepted (as for an intent's purpose).
+pub const MAX_END_REASON_BYTES: usize = 4 * MAX_INTENT_STRING;
+
+/// Refuses a control character (C0, DEL or C1) in intent text or an end
+/// reason. Such text often comes from an agent's prompt or a ticket, and
+/// goes to operators' terminals (`writ task get`), audit records, JWT
+/// claims and policies, where an escape sequence, a carriage return or a
+/// line feed could forge or hide what is shown.
+fn refuse_control_characters(
+    field: &'static str,
+    what: impl FnOnce() -> String,
+    text: &str,
+) -> Result<(), TaskError> {
+    match text.char_indices().find(|(_, c)| c.is_control()) {
+        None => Ok(()),
+        Some((at, c)) => Err(invalid(
+            field,
+            format!(
+                "{} contains the control character U+{:04X} at byte {at}; control characters are not allowed",
+                what(),
+                u32::from(c)
+            ),
+        )),
+    }
+}
+
+/// An `EndTask` reason: stored with the task and in its audit record, and
+/// sent to every watcher, so bounded and checked like an intent's purpose.
+pub fn validate_end_reason(reason: &str) -> Result<(), TaskError> {
+    if reason.len() > MAX_END_REASON_BYTES {
+        return Err(invalid(
+            "reason",
+            format!("longer than {MAX_END_REASON_BYTES} bytes"),
+        ));
+    }
+    refuse_control_characters("reason", || "the reason".into(), reason)
+}
+
 fn validate_intent(intent: &Intent) -> Result<(), TaskError> {
     if intent.purpose.len() > 4 * MAX_INTENT_STRING {
         return Err(invalid("intent.purpose", "longer than 4096 bytes"));
     }
+    refuse_control_characters("intent.purpose", || "the purpose".into(), &intent.purpose)?;
     for (field, list) in [
         ("intent.tools", &intent.tools),
         ("intent.targets", &intent.targets),
@@ -2033,16 +2099,30 @@ fn validate_intent(intent: &Intent) -> Result<(), TaskError> {
                 format!("more than {MAX_INTENT_ITEMS} items"),
             ));
         }
-        if let Some(bad) = list
-            .iter()
-            .find(|s| s.is_empty() || s.len() > MAX_INTENT_STRING)
-        {
-            return Err(invalid(field, format!("item {bad:?} is empty or too long")));
+        for (n, item) in list.iter().enumerate() {
+            if item.is_empty() {
+                return Err(invalid(field, format!("item {n} is empty")));
+            }
+            if item.len() > MAX_INTENT_STRING {
+                return Err(invalid(
+                    field,
+                    format!(
+                        "item {n} ({:?}) is longer than {MAX_INTENT_STRING} bytes",
+                        excerpt(item)
+                    ),
+                ));
+            }
+            refuse_control_characters(field, || format!("item {n} ({:?})", excerpt(item)), item)?;
         }
     }
     if intent.data_class.len() > MAX_INTENT_STRING {
         return Err(invalid("intent.data_class", "too long"));
     }
+    refuse_control_characters(
+        "intent.data_class",
+        || "the data class".into(),
+        &intent.data_class,
+    )?;
     if intent.attributes.len() > MAX_INTENT_ITEMS {
         return Err(invalid(
             "intent.attributes",
@@ -2064,15 +2144,27 @@ fn validate_intent(intent: &Intent) -> Result<(), TaskError> {
         .iter()
         .find(|(k, v)| k.len() > MAX_INTENT_STRING || v.len() > MAX_INTENT_STRING)
     {
-        let shown: String = key.chars().take(64).collect();
         return Err(invalid(
             "intent.attributes",
             format!(
-                "attribute {shown:?} (key {} bytes, value {} bytes): keys and values are at most {MAX_INTENT_STRING} bytes",
+                "attribute {:?} (key {} bytes, value {} bytes): keys and values are at most {MAX_INTENT_STRING} bytes",
+                excerpt(key),
                 key.len(),
                 value.len()
             ),
         ));
+    }
+    for (key, value) in &intent.attributes {
+        refuse_control_characters(
+            "intent.attributes",
+            || format!("the key {:?}", excerpt(key)),
+            key,
+        )?;
+        refuse_control_characters(
+            "intent.attributes",
+            || format!("the value of {:?}", excerpt(key)),
+            value,
+        )?;
     }
     Ok(())
 }
@@ -2994,7 +3086,7 @@ mod tests {
 
     /// Waits for task `id` to complete, and checks it completed because
     /// its cgroup emptied.
-    async fn ends_as_emptied(completions: &mut broadcast::Receiver<TaskEvent>, id: &str) {
+    async fn ends_as_emptied(completions: &mut crate::task_events::EventReceiver, id: &str) {
         let ended = tokio::time::timeout(Duration::from_secs(30), async {
             loop {
                 if let Ok(TaskEvent::Completed(task, _)) = completions.recv().await
@@ -3073,7 +3165,7 @@ mod tests {
         // A late notification, nothing run since: still waiting.
         std::fs::write(&events, "populated 0\nfrozen 0\n").unwrap();
         tokio::time::sleep(Duration::from_millis(300)).await;
-        while let Ok(event) = completions.try_recv() {
+        while let Some(Ok(event)) = completions.try_recv() {
             assert!(
                 !matches!(event, TaskEvent::Completed(..)),
                 "ended on a stale notice"
@@ -3190,20 +3282,25 @@ mod tests {
         let mut pages = Vec::new();
         let mut after = None;
         loop {
-            let page = fresh.list_page(true, after, 1).unwrap();
-            pages.push(page.tasks.into_iter().map(|t| t.id).collect::<Vec<_>>());
+            let page = fresh.list_page(true, after, 1, usize::MAX, |_| 0).unwrap();
+            pages.push(
+                page.tasks
+                    .into_iter()
+                    .map(|t| t.task.id)
+                    .collect::<Vec<_>>(),
+            );
             match page.next {
                 Some(next) => after = Some(next),
                 None => break,
             }
         }
         assert_eq!(pages, [vec!["t-ok"], vec![], vec![], vec!["t-sub"]]);
-        let all = fresh.list_page(true, None, 10).unwrap();
-        let listed: Vec<&str> = all.tasks.iter().map(|t| t.id.as_str()).collect();
+        let all = fresh.list_page(true, None, 10, usize::MAX, |_| 0).unwrap();
+        let listed: Vec<&str> = all.tasks.iter().map(|t| t.task.id.as_str()).collect();
         assert_eq!(listed, ["t-ok", "t-sub"]);
         assert_eq!(all.next, None);
-        let active = fresh.list_page(false, None, 10).unwrap();
-        let listed: Vec<&str> = active.tasks.iter().map(|t| t.id.as_str()).collect();
+        let active = fresh.list_page(false, None, 10, usize::MAX, |_| 0).unwrap();
+        let listed: Vec<&str> = active.tasks.iter().map(|t| t.task.id.as_str()).collect();
         assert_eq!(listed, ["t-ok"]);
         // Revoked in the store and in the CRL writ now publishes.
         let crls = agent.svc.agent.crls();
@@ -3494,6 +3591,87 @@ mod tests {
         assert_eq!(thread_group_of(process), Some(process));
         drop(done_tx);
         thread.join().unwrap();
+    }
+
+    /// Intent text reaches operators' terminals, audit records, JWT claims
+    /// and policies: a control character could forge or hide what they show.
+    #[test]
+    fn control_characters_are_refused_in_every_intent_field_and_the_end_reason() {
+        let good = Intent {
+            purpose: "summarise tickets, é ✓".into(),
+            tools: vec!["jira".into()],
+            targets: vec!["tickets".into()],
+            data_class: "internal".into(),
+            attributes: [("ticket".to_owned(), "T-1".to_owned())].into(),
+        };
+        validate_intent(&good).unwrap();
+        validate_end_reason("done; see T-1 ✓").unwrap();
+        type Spoil = fn(&mut Intent, &str);
+        let cases: [(&str, Spoil); 6] = [
+            ("intent.purpose", |i, bad| i.purpose = format!("a{bad}b")),
+            ("intent.tools", |i, bad| i.tools.push(format!("t{bad}"))),
+            ("intent.targets", |i, bad| i.targets = vec![bad.to_owned()]),
+            ("intent.data_class", |i, bad| i.data_class = bad.to_owned()),
+            ("intent.attributes", |i, bad| {
+                i.attributes.insert(format!("k{bad}"), "v".into());
+            }),
+            ("intent.attributes", |i, bad| {
+                i.attributes.insert("k".into(), format!("v{bad}"));
+            }),
+        ];
+        for bad in [
+            "\0",
+            "\n",
+            "\r",
+            "\t",
+            "\u{7}",
+            "\u{1b}[2J",
+            "\u{7f}",
+            "\u{9b}",
+        ] {
+            for (field, spoil) in cases {
+                let mut intent = good.clone();
+                spoil(&mut intent, bad);
+                let err = validate_intent(&intent).unwrap_err();
+                assert!(matches!(err, TaskError::Invalid { .. }), "{err:?}");
+                let err = err.to_string();
+                assert!(
+                    err.starts_with(&format!("{field}: ")) && err.contains("control character"),
+                    "{bad:?}: {err}"
+                );
+                // The message itself carries no control character.
+                assert!(!err.chars().any(char::is_control), "{err:?}");
+            }
+            let err = validate_end_reason(&format!("bye{bad}"))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.starts_with("reason: ") && err.contains("control character"),
+                "{err}"
+            );
+        }
+    }
+
+    /// Refusals name the field and the item, and show a long value only in
+    /// part: the message is sent as a gRPC header, which clients limit.
+    #[test]
+    fn a_refused_intent_item_is_named_by_position_and_shown_shortened() {
+        let long = "q".repeat(20_000);
+        let intent = Intent {
+            tools: vec!["jira".into(), long.clone()],
+            ..Intent::default()
+        };
+        let err = validate_intent(&intent).unwrap_err().to_string();
+        assert!(err.starts_with("intent.tools: item 1 ("), "{err}");
+        assert!(err.contains("(20000 bytes)") && err.len() < 300, "{err}");
+        let intent = Intent {
+            targets: vec![String::new()],
+            ..Intent::default()
+        };
+        let err = validate_intent(&intent).unwrap_err().to_string();
+        assert_eq!(err, "intent.targets: item 0 is empty");
+        let err = TaskError::NotFound(long).to_string();
+        assert!(err.starts_with("task qqq") && err.len() < 300, "{err}");
     }
 
     #[test]

@@ -1636,6 +1636,164 @@ fn argument_mistakes_name_their_flags() {
     assert!(!ok && stderr.contains("'--admin-socket"), "{stderr}");
     let (ok, _, stderr) = writ_cli(&["api", "fetch", "x509", "--socket", ""], None);
     assert!(!ok && stderr.contains("'--socket"), "{stderr}");
+    // An empty --parent, --id, --ttl or --spiffe-id (an unset shell
+    // variable, say) is refused: the request cannot tell empty from not
+    // given, and `--parent ''` used to begin a top-level task with the
+    // orchestrator's whole scope instead of a sub-task.
+    for flag in ["--parent", "--id", "--ttl", "--spiffe-id"] {
+        let (ok, _, stderr) = writ_cli(
+            &[
+                "task",
+                "begin",
+                "--pid",
+                "1",
+                flag,
+                "",
+                "--admin-socket",
+                "/nonexistent/admin.sock",
+            ],
+            None,
+        );
+        assert!(
+            !ok && stderr.contains(&format!("'{flag}")),
+            "{flag}: {stderr}"
+        );
+        assert!(!stderr.contains("admin.sock"), "{flag}: {stderr}");
+    }
+    let (ok, _, stderr) = writ_cli(
+        &[
+            "entry",
+            "create",
+            "--spiffe-id",
+            "spiffe://writ.test/x",
+            "--selector",
+            "unix:uid:1",
+            "--x509-svid-ttl",
+            "",
+            "--admin-socket",
+            "/nonexistent/admin.sock",
+        ],
+        None,
+    );
+    assert!(!ok && stderr.contains("'--x509-svid-ttl"), "{stderr}");
+}
+
+/// `--output json` carries what the text output says: a task's
+/// `federates_with`, and whether `task end` ended the task or found it
+/// already completed.
+#[test]
+fn task_json_output_has_federates_with_and_whether_end_ended_it() {
+    let writ = Writ::start(&entry_for_us());
+    let a = admin(&writ);
+    let mut child = Command::new("sleep").arg("60").spawn().unwrap();
+    let pid = child.id().to_string();
+    let json = |args: &[&str]| -> serde_json::Value {
+        let mut args = args.to_vec();
+        args.extend(["--admin-socket", &a, "--output", "json"]);
+        let (ok, out, stderr) = writ_cli(&args, None);
+        assert!(ok, "{args:?}: {stderr}");
+        serde_json::from_str(&out).unwrap()
+    };
+    let begun = json(&[
+        "task",
+        "begin",
+        "--pid",
+        &pid,
+        "--id",
+        "fw1",
+        "--federates-with",
+        "partner.example",
+    ]);
+    assert_eq!(
+        begun["federates_with"],
+        serde_json::json!(["partner.example"])
+    );
+    let got = json(&["task", "get", "fw1"]);
+    assert_eq!(
+        got["federates_with"],
+        serde_json::json!(["partner.example"])
+    );
+    let listed = json(&["task", "list"]);
+    assert_eq!(
+        listed[0]["federates_with"],
+        serde_json::json!(["partner.example"])
+    );
+    let (ok, out, _) = writ_cli(&["task", "get", "fw1", "--admin-socket", &a], None);
+    assert!(ok && out.contains("Federates:  partner.example"), "{out}");
+    let ended = json(&["task", "end", "fw1"]);
+    assert_eq!(ended["already_completed"], false);
+    assert_eq!(ended["completion_reason"], "end_task");
+    let again = json(&["task", "end", "fw1"]);
+    assert_eq!(again["already_completed"], true);
+    assert_eq!(again["completion_reason"], "end_task");
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// CreateEntry bounds an entry's selectors, DNS names and trust domains,
+/// so that every entry fits in a ListEntries page: one near the 4 MiB
+/// request limit made `writ entry list` fail for every operator.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_entry_is_bounded_so_that_it_always_fits_in_a_listing() {
+    let writ = Writ::start(&entry_for_us());
+    let a = admin(&writ);
+    let mut client = EntriesClient::new(
+        writ::cli::client::connect(std::path::Path::new(&a))
+            .await
+            .unwrap(),
+    );
+    let request = |selectors: Vec<String>, dns_names: Vec<String>, federates: Vec<String>| {
+        apb::CreateEntryRequest {
+            spiffe_id: "spiffe://writ.test/big".into(),
+            selectors,
+            dns_names,
+            federates_with: federates,
+            ..Default::default()
+        }
+    };
+    let uids = |n: usize| (0..n).map(|u| format!("unix:uid:{u}")).collect::<Vec<_>>();
+    let names = |n: usize| (0..n).map(|i| format!("n{i}.example.org")).collect();
+    let domains = |n: usize| (0..n).map(|i| format!("td{i}.example")).collect();
+    let long_path = format!("unix:path:/{}", "a/".repeat(2100).trim_end_matches('/'));
+    for (field, req) in [
+        ("selectors", request(uids(65), vec![], vec![])),
+        (
+            "selectors",
+            request(vec![long_path.clone()], vec![], vec![]),
+        ),
+        ("dns_names", request(uids(1), names(65), vec![])),
+        ("federates_with", request(uids(1), vec![], domains(65))),
+        (
+            "hint",
+            apb::CreateEntryRequest {
+                hint: "h".repeat(1025),
+                ..request(uids(1), vec![], vec![])
+            },
+        ),
+    ] {
+        let err = client.create_entry(req).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument, "{field}: {err:?}");
+        assert!(
+            err.message().starts_with(field),
+            "{field}: {}",
+            err.message()
+        );
+    }
+    // The largest entry allowed is listed, by the CLI too.
+    let largest_path = format!("unix:path:/{}", "b/".repeat(2040).trim_end_matches('/'));
+    let mut selectors = uids(63);
+    selectors.push(largest_path);
+    client
+        .create_entry(request(selectors, names(64), domains(64)))
+        .await
+        .unwrap();
+    let (ok, out, stderr) = writ_cli(
+        &["entry", "list", "--admin-socket", &a, "--output", "json"],
+        None,
+    );
+    assert!(ok, "{stderr}");
+    let listed: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(listed.as_array().unwrap().len(), 2, "{listed}");
 }
 
 /// `writ validate` takes the config from WRIT_CONFIG as `writ run` does.

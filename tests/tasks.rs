@@ -2954,3 +2954,292 @@ async fn tasks_and_registration_entries_never_share_an_identity() {
     let _ = sleeper.kill();
     let _ = sleeper.wait();
 }
+
+/// A BeginTaskRequest whose intent is as large as writ accepts: a 4 KiB
+/// purpose, 64 tools and targets of 1 KiB, a 1 KiB data class and 64
+/// attributes of 1 KiB keys and values (some 270 KB in all).
+fn begin_largest(id: &str, pid: u32) -> apb::BeginTaskRequest {
+    let kib = |c: char, n: usize| format!("{n:04}{}", c.to_string().repeat(1020));
+    apb::BeginTaskRequest {
+        intent: Some(apb::Intent {
+            purpose: "p".repeat(4096),
+            tools: (0..64).map(|n| kib('t', n)).collect(),
+            targets: (0..64).map(|n| kib('g', n)).collect(),
+            data_class: "d".repeat(1024),
+            attributes: (0..64).map(|n| (kib('k', n), kib('v', n))).collect(),
+        }),
+        ..begin_pid(id, pid)
+    }
+}
+
+/// ListTasks pages end at a byte budget as well as at their page size: 20
+/// tasks of the largest intent (some 5 MB) made every listing that held
+/// them fail with OutOfRange past the 4 MiB clients accept, `writ task list`
+/// included, for as long as they were retained.
+#[tokio::test(flavor = "multi_thread")]
+async fn tasks_of_the_largest_intents_are_listed_in_pages_clients_accept() {
+    let writ = Writ::start(&config(""));
+    let mut tasks = tasks_client(&writ).await;
+    let mut sleeper = Command::new("sleep").arg("60").spawn().unwrap();
+    let ids: Vec<String> = (0..20).map(|n| format!("big-{n:02}")).collect();
+    for (n, id) in ids.iter().enumerate() {
+        tasks
+            .begin_task(begin_largest(id, sleeper.id()))
+            .await
+            .unwrap();
+        if n % 2 == 0 {
+            tasks.end_task(end_req(id)).await.unwrap();
+        }
+    }
+    // The default page size (500) and the largest (1000): pages of a few
+    // tasks, together every task once, in order.
+    for page_size in [0, 1000] {
+        let pages = listed_pages(&mut tasks, true, page_size).await;
+        assert!(
+            pages.len() > 1 && pages.iter().all(|p| !p.is_empty()),
+            "{pages:?}"
+        );
+        assert_eq!(pages.concat(), ids);
+    }
+    let active = listed_pages(&mut tasks, false, 0).await.concat();
+    let odd: Vec<String> = ids.iter().skip(1).step_by(2).cloned().collect();
+    assert_eq!(active, odd);
+    // The page size still bounds a page below its byte budget.
+    let pages = listed_pages(&mut tasks, true, 2).await;
+    assert!(pages.iter().all(|p| p.len() <= 2), "{pages:?}");
+    assert_eq!(pages.concat(), ids);
+
+    let socket = admin_socket(&writ);
+    let (ok, stdout, stderr) = common::writ_cli(
+        &[
+            "task",
+            "list",
+            "--all",
+            "--output",
+            "json",
+            "--admin-socket",
+            socket.to_str().unwrap(),
+        ],
+        None,
+    );
+    assert!(ok, "{stderr}");
+    let listed: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    let listed: Vec<&str> = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["task_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(listed, ids);
+    sleeper.kill().unwrap();
+    sleeper.wait().unwrap();
+}
+
+/// A watcher that stops reading is dropped once the events waiting for it
+/// pass its byte budget (a few MiB), and is told so when it reads again
+/// (DataLoss), rather than writ holding up to 4096 full events (over a
+/// gigabyte of large tasks) for it. 80 events of the largest tasks (some
+/// 21 MB) are far more than the budget and what the connection itself
+/// buffers.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_watcher_that_stops_reading_is_dropped_at_its_byte_budget() {
+    let writ = Writ::start(&config(""));
+    let mut tasks = tasks_client(&writ).await;
+    let mut stuck = task_events(&writ).await;
+    let mut sleeper = Command::new("sleep").arg("60").spawn().unwrap();
+    for n in 0..40 {
+        let id = format!("churn-{n:02}");
+        tasks
+            .begin_task(begin_largest(&id, sleeper.id()))
+            .await
+            .unwrap();
+        tasks.end_task(end_req(&id)).await.unwrap();
+    }
+    // Whatever the connection had buffered comes first, in order; then
+    // the refusal. (The bound only guards against a hang.)
+    let mut read = Vec::new();
+    let err = tokio::time::timeout(Duration::from_secs(120), async {
+        loop {
+            match stuck.message().await {
+                Ok(Some(event)) => read.push(event.task.unwrap().task_id),
+                Ok(None) => panic!("the watch ended without an error"),
+                Err(err) => return err,
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("no DataLoss after reading {} events", read.len()));
+    assert_eq!(err.code(), Code::DataLoss, "{err:?}");
+    assert!(err.message().contains("fell behind"), "{}", err.message());
+    assert!(read.len() < 80, "{}", read.len());
+    let expected: Vec<String> = (0..40)
+        .flat_map(|n| [format!("churn-{n:02}"), format!("churn-{n:02}")])
+        .take(read.len())
+        .collect();
+    assert_eq!(read, expected);
+    // A new watcher is served as ever.
+    let mut fresh = task_events(&writ).await;
+    tasks
+        .begin_task(begin_pid("after", sleeper.id()))
+        .await
+        .unwrap();
+    let event = fresh.message().await.unwrap().unwrap();
+    assert_eq!(event.task.unwrap().task_id, "after");
+    sleeper.kill().unwrap();
+    sleeper.wait().unwrap();
+}
+
+/// A refusal echoes the value it refuses only in part: copied whole, a
+/// value of tens of KB made the status header larger than clients accept,
+/// and the caller saw an HTTP/2 protocol error (Internal) instead of the
+/// refusal naming the field.
+#[tokio::test(flavor = "multi_thread")]
+async fn refusals_of_huge_values_name_the_field_with_the_value_shortened() {
+    let writ = Writ::start(&config(""));
+    let mut tasks = tasks_client(&writ).await;
+    let mut entries = apb::entries_client::EntriesClient::new(
+        writ::cli::client::connect(&admin_socket(&writ))
+            .await
+            .unwrap(),
+    );
+    let mut sleeper = Command::new("sleep").arg("60").spawn().unwrap();
+    let pid = sleeper.id();
+    let big = "q".repeat(20_000);
+    let check = |what: &str, result: Result<(), tonic::Status>, code: Code, starts: &str| {
+        let err = result.expect_err(what);
+        assert_eq!(err.code(), code, "{what}: {err:?}");
+        assert!(
+            err.message().starts_with(starts),
+            "{what}: {}",
+            err.message()
+        );
+        assert!(err.message().len() < 1000, "{what}: {}", err.message());
+        assert!(
+            err.message().contains("(20000 bytes)"),
+            "{what}: {}",
+            err.message()
+        );
+    };
+    let got = tasks
+        .get_task(apb::GetTaskRequest {
+            task_id: big.clone(),
+        })
+        .await
+        .map(drop);
+    check("GetTask", got, Code::NotFound, "task qqq");
+    let got = tasks.end_task(end_req(&big)).await.map(drop);
+    check("EndTask", got, Code::NotFound, "task qqq");
+    let mut req = begin_pid("t-tool", pid);
+    req.intent.as_mut().unwrap().tools.push(big.clone());
+    let got = tasks.begin_task(req).await.map(drop);
+    check("tool", got, Code::InvalidArgument, "intent.tools: item 2");
+    let got = tasks
+        .begin_task(begin_explicit("t-parent", pid, "", &big))
+        .await
+        .map(drop);
+    check("parent", got, Code::InvalidArgument, "parent_task_id");
+    let mut req = begin_pid("t-ttl", pid);
+    req.ttl = format!("1{big}");
+    let got = tasks.begin_task(req).await.map(drop);
+    check("ttl", got, Code::InvalidArgument, "ttl");
+    let mut req = begin_pid("t-fed", pid);
+    req.federates_with = vec![big.clone()];
+    let got = tasks.begin_task(req).await.map(drop);
+    check(
+        "federates_with",
+        got,
+        Code::InvalidArgument,
+        "federates_with",
+    );
+    let got = entries
+        .delete_entry(apb::DeleteEntryRequest { id: big.clone() })
+        .await
+        .map(drop);
+    check("DeleteEntry", got, Code::NotFound, "entry qqq");
+    let create = |change: &dyn Fn(&mut apb::CreateEntryRequest)| {
+        let mut req = apb::CreateEntryRequest {
+            spiffe_id: "spiffe://writ.test/x".into(),
+            selectors: vec!["unix:uid:1".into()],
+            ..Default::default()
+        };
+        change(&mut req);
+        req
+    };
+    for (field, change) in [
+        (
+            "selectors",
+            Box::new(|r: &mut apb::CreateEntryRequest| r.selectors = vec![big.clone()])
+                as Box<dyn Fn(&mut apb::CreateEntryRequest)>,
+        ),
+        (
+            "x509_svid_ttl",
+            Box::new(|r: &mut apb::CreateEntryRequest| r.x509_svid_ttl = format!("1{big}")),
+        ),
+        (
+            "federates_with",
+            Box::new(|r: &mut apb::CreateEntryRequest| r.federates_with = vec![big.clone()]),
+        ),
+    ] {
+        let got = entries.create_entry(create(&*change)).await.map(drop);
+        check(field, got, Code::InvalidArgument, field);
+    }
+    sleeper.kill().unwrap();
+    sleeper.wait().unwrap();
+}
+
+/// Intent text and end reasons reach operators' terminals, audit records,
+/// JWT claims and policies: a control character in them is refused, the
+/// field named, and no task begins.
+#[tokio::test(flavor = "multi_thread")]
+async fn control_characters_in_intents_and_end_reasons_are_refused() {
+    let writ = Writ::start(&config(""));
+    let mut tasks = tasks_client(&writ).await;
+    let mut sleeper = Command::new("sleep").arg("60").spawn().unwrap();
+    let pid = sleeper.id();
+    type Spoil = fn(&mut apb::Intent);
+    let cases: [(&str, Spoil); 5] = [
+        ("intent.purpose", |i| {
+            i.purpose = "line1\nTask:       FAKE\x1b[31m".into()
+        }),
+        ("intent.tools", |i| i.tools.push("t\x07bell".into())),
+        ("intent.targets", |i| i.targets.push("a\0b".into())),
+        ("intent.data_class", |i| {
+            i.data_class = "\x1b]0;title\x07".into()
+        }),
+        ("intent.attributes", |i| {
+            i.attributes.insert("k\x1b[2J".into(), "v".into());
+        }),
+    ];
+    for (field, spoil) in cases {
+        let mut req = begin_pid("t-ctl", pid);
+        spoil(req.intent.as_mut().unwrap());
+        let err = tasks.begin_task(req).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{field}: {err:?}");
+        assert!(
+            err.message().starts_with(field) && err.message().contains("control character"),
+            "{field}: {}",
+            err.message()
+        );
+    }
+    let err = tasks
+        .get_task(apb::GetTaskRequest {
+            task_id: "t-ctl".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound, "{err:?}");
+
+    tasks.begin_task(begin_pid("t-ok", pid)).await.unwrap();
+    let err = tasks
+        .end_task(apb::EndTaskRequest {
+            task_id: "t-ok".into(),
+            reason: "bye\x1b[1mX\n\r".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().starts_with("reason"), "{}", err.message());
+    assert!(get_task(&mut tasks, "t-ok").await.completed_at == 0);
+    sleeper.kill().unwrap();
+    sleeper.wait().unwrap();
+}

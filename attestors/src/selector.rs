@@ -5,6 +5,8 @@
 use std::fmt;
 use std::str::FromStr;
 
+use crate::excerpt::excerpt;
+
 /// One attested fact. `kind` is the attestor (`unix`, `cgroup`, `systemd`,
 /// `container`); `value` is everything after the first ':' and may itself
 /// contain ':' (`uid:1000`, `path:/a:b`).
@@ -16,11 +18,11 @@ pub struct Selector {
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SelectorError {
-    #[error("selector {0:?} must have the form type:key:value")]
+    #[error("selector {:?} must have the form type:key:value", excerpt(.0))]
     Malformed(String),
-    #[error("selector type {0:?} must be lowercase letters, digits or '_'")]
+    #[error("selector type {:?} must be lowercase letters, digits or '_'", excerpt(.0))]
     BadKind(String),
-    #[error("selector {0:?} contains a control character")]
+    #[error("selector {:?} contains a control character", excerpt(.0))]
     ControlChar(String),
 }
 
@@ -77,7 +79,8 @@ fn produced_form(kind: &str, key: &str, value: &str) -> Option<String> {
                 // Well formed but too big: saying "not a number" would
                 // send the reader looking for a typo that is not there.
                 return Some(format!(
-                    "{value} is out of range for a {kind}:{key} value (ids are at most {})",
+                    "{} is out of range for a {kind}:{key} value (ids are at most {})",
+                    excerpt(value),
                     u32::MAX
                 ));
             } else {
@@ -118,22 +121,23 @@ impl Selector {
             let kinds: Vec<&str> = PRODUCED.iter().map(|(kind, _)| *kind).collect();
             return Some(format!(
                 "selector {:?}: no attestor produces type {:?} (types: {})",
-                self.to_string(),
-                self.kind,
+                excerpt(&self.to_string()),
+                excerpt(&self.kind),
                 kinds.join(", ")
             ));
         };
         if !keys.contains(&key) {
             return Some(format!(
-                "selector {:?}: {} selectors have no key {key:?} (keys: {})",
-                self.to_string(),
+                "selector {:?}: {} selectors have no key {:?} (keys: {})",
+                excerpt(&self.to_string()),
                 self.kind,
+                excerpt(key),
                 keys.join(", ")
             ));
         }
         let value = self.value.split_once(':').map_or("", |(_, value)| value);
         produced_form(&self.kind, key, value)
-            .map(|why| format!("selector {:?}: {why}", self.to_string()))
+            .map(|why| format!("selector {:?}: {why}", excerpt(&self.to_string())))
     }
 
     pub fn new(kind: &str, value: impl Into<String>) -> Self {
@@ -268,6 +272,30 @@ mod tests {
             why.contains("type \"k8s\"") && why.contains("systemd"),
             "{why}"
         );
+    }
+
+    /// A refusal is sent as a gRPC status header: a value copied whole could
+    /// make it larger than the client accepts.
+    #[test]
+    fn errors_show_a_long_selector_shortened() {
+        let long = "9".repeat(20_000);
+        for text in [
+            format!("unix:{long}"),
+            format!("unix:uid:{long}\u{1b}"),
+            format!("K{long}:uid:1"),
+        ] {
+            let err = text.parse::<Selector>().unwrap_err().to_string();
+            assert!(err.len() < 400 && err.contains("(20"), "{err}");
+        }
+        for text in [
+            format!("unix:uid:{long}"),
+            format!("unix:{long}:1"),
+            format!("k{long}:uid:1"),
+            format!("unix:path:{long}"),
+        ] {
+            let why = text.parse::<Selector>().unwrap().unmatchable().unwrap();
+            assert!(why.len() < 800 && why.contains("bytes)"), "{why}");
+        }
     }
 
     #[test]

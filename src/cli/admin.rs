@@ -67,12 +67,17 @@ pub enum TaskCommand {
         /// A cgroup v2 path such as /writ.slice/t-42.
         #[arg(long)]
         cgroup: Option<String>,
+        // --id, --spiffe-id, --ttl and --parent refuse an empty value: the
+        // request cannot tell an empty string from a field not given
+        // (proto3 strings have no presence), so `--parent "$UNSET"` would
+        // begin a top-level task with the orchestrator's whole scope
+        // instead of a sub-task, and the agent could not notice.
         /// The task's id; default: a new ULID.
-        #[arg(long = "id")]
+        #[arg(long = "id", value_parser = clap::builder::NonEmptyStringValueParser::new())]
         id: Option<String>,
         /// The task's SPIFFE ID; default: the caller's (for a sub-task, the
         /// parent task's) followed by /task/<id>.
-        #[arg(long)]
+        #[arg(long, value_parser = clap::builder::NonEmptyStringValueParser::new())]
         spiffe_id: Option<String>,
         /// What the task is for, in words (recorded; policies see it).
         #[arg(long, default_value = "")]
@@ -93,11 +98,11 @@ pub enum TaskCommand {
         #[arg(long = "attr", value_parser = parse_attr)]
         attributes: Vec<(String, String)>,
         /// Such as 10m (at least 2s); default from the agent's config.
-        #[arg(long)]
+        #[arg(long, value_parser = clap::builder::NonEmptyStringValueParser::new())]
         ttl: Option<String>,
         /// Make this a sub-task of the task with this id; default: the task
         /// the caller works in, if it works in one.
-        #[arg(long)]
+        #[arg(long, value_parser = clap::builder::NonEmptyStringValueParser::new())]
         parent: Option<String>,
         /// A trust domain whose bundle the task's processes receive; repeatable.
         #[arg(long = "federates-with")]
@@ -152,7 +157,8 @@ pub enum EntryCommand {
         #[arg(long = "selector", required = true)]
         selectors: Vec<String>,
         /// Lifetime of its X509-SVIDs, such as 1h; default from the config.
-        #[arg(long)]
+        // Empty would read as not given (the default), as for task --ttl.
+        #[arg(long, value_parser = clap::builder::NonEmptyStringValueParser::new())]
         x509_svid_ttl: Option<String>,
         /// A DNS SAN for its X509-SVIDs; repeatable.
         #[arg(long = "dns-name")]
@@ -183,41 +189,37 @@ pub enum EntryCommand {
     },
 }
 
-/// Prints a listing page by page, as the pages arrive: `fetch` gets the
-/// page after a token (empty for the first) and returns its items and the
-/// next token (empty after the last). With `json`, the items make one
-/// pretty-printed JSON array (`to_json` of each); otherwise `header` (if
-/// any) and then `line` for each. Nothing is printed before the first page
-/// has arrived, so a refused listing leaves stdout empty rather than
-/// showing a table header over nothing.
+/// Prints a listing: `fetch` gets the page after a token (empty for the
+/// first) and returns its items and the next token (empty after the last).
+/// Text (`header`, if any, then `line` for each item) is printed page by
+/// page as the pages arrive. With `json`, the items make one pretty-printed
+/// JSON array (`to_json` of each), printed only once every page has
+/// arrived: a page refused halfway (the entries changed meanwhile, writ
+/// stopped) must not leave a script an unterminated array on stdout. Nothing
+/// is printed before the first page has arrived, so a refused listing
+/// leaves stdout empty rather than showing a table header over nothing.
 async fn print_pages<T>(
+    out: &mut impl Write,
     json: bool,
     header: Option<&str>,
     mut fetch: impl AsyncFnMut(String) -> anyhow::Result<(Vec<T>, String)>,
-    mut line: impl FnMut(&mut std::io::Stdout, &T) -> std::io::Result<()>,
+    mut line: impl FnMut(&mut dyn Write, &T) -> std::io::Result<()>,
     to_json: impl Fn(&T) -> serde_json::Value,
 ) -> anyhow::Result<()> {
-    let mut out = std::io::stdout();
-    let mut listed = 0usize;
+    let mut listed = Vec::new();
     let mut page_token = String::new();
     loop {
         let first = page_token.is_empty();
         let (items, next) = fetch(page_token).await?;
-        if first
-            && !json
-            && let Some(header) = header
-        {
-            writeln!(out, "{header}")?;
-        }
-        for item in &items {
-            if json {
-                let element = serde_json::to_string_pretty(&to_json(item))?;
-                write!(out, "{}\n  ", if listed == 0 { "[" } else { "," })?;
-                write!(out, "{}", element.replace('\n', "\n  "))?;
-            } else {
-                line(&mut out, item)?;
+        if json {
+            listed.extend(items.iter().map(&to_json));
+        } else {
+            if first && let Some(header) = header {
+                writeln!(out, "{header}")?;
             }
-            listed += 1;
+            for item in &items {
+                line(out, item)?;
+            }
         }
         if next.is_empty() {
             break;
@@ -225,9 +227,39 @@ async fn print_pages<T>(
         page_token = next;
     }
     if json {
-        writeln!(out, "{}", if listed == 0 { "[]" } else { "\n]" })?;
+        writeln!(
+            out,
+            "{}",
+            serde_json::to_string_pretty(&serde_json::Value::Array(listed))?
+        )?;
     }
     Ok(())
+}
+
+/// Text from writ as the CLI prints it for people: control characters
+/// escaped (`\n`, `\u{1b}`), so that stored text (an intent, a reason, an
+/// entry's fields; older writs accepted control characters in them) cannot
+/// move the cursor, recolour or clear the terminal, or forge lines of the
+/// report. JSON output escapes them anyway.
+fn clean(text: &str) -> std::borrow::Cow<'_, str> {
+    if !text.chars().any(char::is_control) {
+        return text.into();
+    }
+    text.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_debug().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect::<String>()
+        .into()
+}
+
+/// `clean` of each item, joined with `sep`.
+fn clean_joined(items: &[String], sep: &str) -> String {
+    items.iter().map(|i| clean(i)).collect::<Vec<_>>().join(sep)
 }
 
 /// One `--attr`: the key ends at the first `=`, so a value may hold `=`.
@@ -319,6 +351,7 @@ pub fn task_json(t: &pb::Task) -> serde_json::Value {
         "completion_reason": t.completion_reason,
         "completion_detail": t.completion_detail,
         "issued_serials": t.issued_serials,
+        "federates_with": t.federates_with,
     })
 }
 
@@ -326,34 +359,48 @@ fn print_task(t: &pb::Task) -> anyhow::Result<()> {
     let state = if t.completed_at == 0 {
         "active".to_owned()
     } else {
-        format!("completed ({})", t.completion_reason)
+        format!("completed ({})", clean(&t.completion_reason))
     };
-    outln!("Task:       {}", t.task_id);
-    outln!("SPIFFE ID:  {}", t.spiffe_id);
+    outln!("Task:       {}", clean(&t.task_id));
+    outln!("SPIFFE ID:  {}", clean(&t.spiffe_id));
     outln!("State:      {state}");
     if !t.parent_task_id.is_empty() {
-        outln!("Parent:     {}", t.parent_task_id);
+        outln!("Parent:     {}", clean(&t.parent_task_id));
     }
     match t.binding.as_ref().and_then(|b| b.target.as_ref()) {
         Some(pb::binding::Target::Pid(p)) => outln!("Binding:    pid {p}"),
-        Some(pb::binding::Target::Cgroup(c)) => outln!("Binding:    cgroup {c}"),
+        Some(pb::binding::Target::Cgroup(c)) => outln!("Binding:    cgroup {}", clean(c)),
         None => {}
+    }
+    if !t.orchestrator_spiffe_id.is_empty() {
+        outln!("Begun by:   {}", clean(&t.orchestrator_spiffe_id));
     }
     if let Some(i) = &t.intent {
         if !i.purpose.is_empty() {
-            outln!("Purpose:    {}", i.purpose);
+            outln!("Purpose:    {}", clean(&i.purpose));
         }
-        outln!("Tools:      {}", i.tools.join(", "));
-        outln!("Targets:    {}", i.targets.join(", "));
-        outln!("Data class: {}", i.data_class);
+        outln!("Tools:      {}", clean_joined(&i.tools, ", "));
+        outln!("Targets:    {}", clean_joined(&i.targets, ", "));
+        outln!("Data class: {}", clean(&i.data_class));
+        let mut attributes: Vec<_> = i.attributes.iter().collect();
+        attributes.sort();
+        for (key, value) in attributes {
+            outln!("Attribute:  {}={}", clean(key), clean(value));
+        }
+    }
+    if !t.federates_with.is_empty() {
+        outln!("Federates:  {}", clean_joined(&t.federates_with, ", "));
     }
     outln!("Created:    {}", time_string(t.created_at));
     outln!("Expires:    {}", time_string(t.expires_at));
     if t.completed_at != 0 {
         outln!("Completed:  {}", time_string(t.completed_at));
+        if !t.completion_detail.is_empty() {
+            outln!("Reason:     {}", clean(&t.completion_detail));
+        }
     }
     if !t.issued_serials.is_empty() {
-        outln!("Serials:    {}", t.issued_serials.join(" "));
+        outln!("Serials:    {}", clean_joined(&t.issued_serials, " "));
     }
     Ok(())
 }
@@ -425,15 +472,23 @@ pub async fn task(cmd: TaskCommand) -> anyhow::Result<()> {
                 .contains_key(crate::admin_api::ALREADY_COMPLETED_HEADER);
             let task = response.into_inner();
             if admin.output == Output::Json {
-                outln!("{}", task_json(&task));
+                let mut json = task_json(&task);
+                // Ending is idempotent: this says whether this call ended
+                // the task, as the text output does.
+                json["already_completed"] = already.into();
+                outln!("{json}");
             } else if already {
                 outln!(
                     "{} had already completed ({})",
-                    task.task_id,
-                    task.completion_reason
+                    clean(&task.task_id),
+                    clean(&task.completion_reason)
                 );
             } else {
-                outln!("ended {} ({})", task.task_id, task.completion_reason);
+                outln!(
+                    "ended {} ({})",
+                    clean(&task.task_id),
+                    clean(&task.completion_reason)
+                );
             }
         }
         TaskCommand::Get { admin, id } => {
@@ -473,7 +528,7 @@ pub async fn task(cmd: TaskCommand) -> anyhow::Result<()> {
                     .into_inner();
                 Ok((page.tasks, page.next_page_token))
             };
-            let line = |out: &mut std::io::Stdout, t: &pb::Task| {
+            let line = |out: &mut dyn Write, t: &pb::Task| {
                 let state = if t.completed_at == 0 {
                     "active"
                 } else {
@@ -482,13 +537,14 @@ pub async fn task(cmd: TaskCommand) -> anyhow::Result<()> {
                 writeln!(
                     out,
                     "{:<28} {:<10} {:<24} {}",
-                    t.task_id,
+                    clean(&t.task_id),
                     state,
                     time_string(t.expires_at),
-                    t.spiffe_id
+                    clean(&t.spiffe_id)
                 )
             };
-            print_pages(json, Some(&header), fetch, line, task_json).await?;
+            let mut out = std::io::stdout();
+            print_pages(&mut out, json, Some(&header), fetch, line, task_json).await?;
         }
         TaskCommand::Watch { admin } => {
             let socket = admin.path()?;
@@ -515,12 +571,12 @@ pub async fn task(cmd: TaskCommand) -> anyhow::Result<()> {
                 } else if kind == "completed" {
                     outln!(
                         "{kind} {} {} ({})",
-                        task.task_id,
-                        task.spiffe_id,
-                        task.completion_reason
+                        clean(&task.task_id),
+                        clean(&task.spiffe_id),
+                        clean(&task.completion_reason)
                     );
                 } else {
-                    outln!("{kind} {} {}", task.task_id, task.spiffe_id);
+                    outln!("{kind} {} {}", clean(&task.task_id), clean(&task.spiffe_id));
                 }
             }
         }
@@ -564,7 +620,7 @@ pub async fn entry(cmd: EntryCommand) -> anyhow::Result<()> {
             if admin.output == Output::Json {
                 outln!("{}", entry_json(&entry));
             } else {
-                outln!("{}", entry.id);
+                outln!("{}", clean(&entry.id));
             }
         }
         EntryCommand::Delete { admin, id } => {
@@ -594,18 +650,20 @@ pub async fn entry(cmd: EntryCommand) -> anyhow::Result<()> {
                     .into_inner();
                 Ok((page.entries, page.next_page_token))
             };
-            let line = |out: &mut std::io::Stdout, e: &pb::Entry| {
+            let line = |out: &mut dyn Write, e: &pb::Entry| {
                 writeln!(
                     out,
                     "{}  {}  [{}]  ttl {}  ({})",
-                    e.id,
-                    e.spiffe_id,
-                    e.selectors.join(", "),
-                    e.x509_svid_ttl,
-                    e.source
+                    clean(&e.id),
+                    clean(&e.spiffe_id),
+                    clean_joined(&e.selectors, ", "),
+                    clean(&e.x509_svid_ttl),
+                    clean(&e.source)
                 )
             };
-            print_pages(admin.output == Output::Json, None, fetch, line, entry_json).await?;
+            let json = admin.output == Output::Json;
+            let mut out = std::io::stdout();
+            print_pages(&mut out, json, None, fetch, line, entry_json).await?;
         }
     }
     Ok(())
@@ -966,6 +1024,51 @@ mod tests {
         let err = parse_attr("=v").unwrap_err();
         assert!(err.contains("empty key"), "{err}");
         assert!(parse_attr("v").unwrap_err().contains("not key=value"));
+    }
+
+    /// A listing whose second page is refused leaves no JSON on stdout
+    /// (it used to leave an array never closed); text shows what arrived.
+    #[tokio::test]
+    async fn a_json_listing_is_printed_whole_or_not_at_all() {
+        async fn list(json: bool, fail_at: Option<usize>) -> (anyhow::Result<()>, String) {
+            let mut out = Vec::new();
+            let mut calls = 0;
+            let fetch = async |token: String| {
+                calls += 1;
+                if Some(calls) == fail_at {
+                    anyhow::bail!("ListEntries: Aborted");
+                }
+                let next = if token.is_empty() { "p2" } else { "" };
+                Ok((vec![format!("item{calls}")], next.to_owned()))
+            };
+            let line = |out: &mut dyn Write, item: &String| writeln!(out, "{item}");
+            let to_json = |item: &String| json!({ "id": item });
+            let result = print_pages(&mut out, json, Some("ID"), fetch, line, to_json).await;
+            (result, String::from_utf8(out).unwrap())
+        }
+        let (result, out) = list(true, Some(2)).await;
+        assert!(result.is_err());
+        assert_eq!(out, "");
+        let (result, out) = list(true, None).await;
+        result.unwrap();
+        let listed: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(listed, json!([{"id": "item1"}, {"id": "item2"}]));
+        let (result, out) = list(false, Some(2)).await;
+        assert!(result.is_err());
+        assert_eq!(out, "ID\nitem1\n");
+        let (result, out) = list(false, Some(1)).await;
+        assert!(result.is_err());
+        assert_eq!(out, "");
+    }
+
+    #[test]
+    fn text_output_escapes_control_characters() {
+        assert_eq!(clean("plain é ✓"), "plain é ✓");
+        assert_eq!(
+            clean("line1\nTask:       FAKE\u{1b}[31m\r\u{7}\u{9b}\0"),
+            "line1\\nTask:       FAKE\\u{1b}[31m\\r\\u{7}\\u{9b}\\0"
+        );
+        assert_eq!(clean_joined(&["a\tb".into(), "c".into()], ", "), "a\\tb, c");
     }
 
     #[test]

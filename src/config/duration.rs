@@ -5,6 +5,8 @@
 use std::fmt::Write as _;
 use std::time::Duration;
 
+use writ_attestors::excerpt;
+
 /// Units from largest to smallest. A duration must list its parts in this
 /// order, each at most once, so `"1m30m"` (almost surely a typo) is refused
 /// rather than quietly read as 31 minutes.
@@ -27,27 +29,30 @@ pub const MAX_DURATION: Duration = Duration::from_secs(36_500 * 86_400);
 pub enum DurationError {
     #[error("duration is empty; write a number and a unit ({UNIT_LIST}), e.g. \"10m\"")]
     Empty,
-    #[error("duration {0:?} is negative; only zero or positive durations are allowed")]
+    #[error("duration {:?} is negative; only zero or positive durations are allowed", excerpt(.0))]
     Negative(String),
     #[error(
-        "duration {input:?}: {number} has no unit; add one of {UNIT_LIST} (e.g. \"{number}s\")"
+        "duration {:?}: {} has no unit; add one of {UNIT_LIST} (e.g. \"{}s\")",
+        excerpt(.input), excerpt(.number), excerpt(.number)
     )]
     MissingUnit { input: String, number: String },
-    #[error("duration {input:?}: unit {unit:?} has no number before it")]
+    #[error("duration {:?}: unit {:?} has no number before it", excerpt(.input), excerpt(.unit))]
     MissingNumber { input: String, unit: String },
-    #[error("duration {input:?}: unknown unit {unit:?}; use one of {UNIT_LIST}")]
+    #[error("duration {:?}: unknown unit {:?}; use one of {UNIT_LIST}", excerpt(.input), excerpt(.unit))]
     UnknownUnit { input: String, unit: String },
-    #[error("duration {0:?}: fractions are not supported; combine units instead (e.g. \"1h30m\")")]
+    #[error("duration {:?}: fractions are not supported; combine units instead (e.g. \"1h30m\")", excerpt(.0))]
     Fraction(String),
     #[error(
-        "duration {input:?}: unexpected character {found:?}; write e.g. \"1h30m\" with no spaces"
+        "duration {:?}: unexpected character {found:?}; write e.g. \"1h30m\" with no spaces",
+        excerpt(.input)
     )]
     UnexpectedChar { input: String, found: char },
     #[error(
-        "duration {input:?}: unit {unit:?} is repeated or out of order; list units from largest to smallest, each once (e.g. \"1h30m\")"
+        "duration {:?}: unit {:?} is repeated or out of order; list units from largest to smallest, each once (e.g. \"1h30m\")",
+        excerpt(.input), excerpt(.unit)
     )]
     UnitOrder { input: String, unit: String },
-    #[error("duration {0:?} is too large; the maximum is 36500d")]
+    #[error("duration {:?} is too large; the maximum is 36500d", excerpt(.0))]
     Overflow(String),
 }
 

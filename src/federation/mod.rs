@@ -68,7 +68,7 @@ pub enum FederationError {
 /// Why a trust domain named in `federates_with` was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum FederatesWithError {
-    #[error("{text:?}: {reason}")]
+    #[error("{:?}: {reason}", writ_attestors::excerpt(.text))]
     Invalid {
         text: String,
         reason: crate::spiffe_id::SpiffeIdError,

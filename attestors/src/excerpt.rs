@@ -1,0 +1,96 @@
+//! How a value from a request is shown in an error message. Here, in the
+//! lowest crate of the workspace, so that selector errors and the agent's
+//! own use one rule: a refusal copies the offending value into the gRPC
+//! status message, which travels as an HTTP/2 header, and past the
+//! client's header limit (16 KiB for hyper and grpc-python) the client
+//! sees a protocol error instead of the refusal. A shortened value still
+//! tells the caller which one was wrong.
+
+use std::fmt;
+
+/// The most characters of a value an error message shows: enough for a
+/// selector of a digest or a SPIFFE ID of ordinary depth, a hundredth of
+/// the header size clients accept.
+pub const EXCERPT_CHARS: usize = 128;
+
+/// A value as an error message shows it: whole when it has at most
+/// [`EXCERPT_CHARS`] characters, else its first ones followed by
+/// `… (N bytes)`. `{}` shows the characters as they are but for control
+/// characters, escaped (`\u{1b}`) so that a message cannot rewrite the
+/// reader's terminal; `{:?}` quotes and escapes, as `{:?}` of the value
+/// itself would.
+#[derive(Clone, Copy)]
+pub struct Excerpt<'a>(&'a str);
+
+/// `value` as an error message shows it (see [`Excerpt`]).
+pub fn excerpt(value: &str) -> Excerpt<'_> {
+    Excerpt(value)
+}
+
+impl<'a> Excerpt<'a> {
+    /// The part shown, and whether anything was left out.
+    fn head(&self) -> (&'a str, bool) {
+        match self.0.char_indices().nth(EXCERPT_CHARS) {
+            Some((cut, _)) => (&self.0[..cut], true),
+            None => (self.0, false),
+        }
+    }
+}
+
+impl fmt::Display for Excerpt<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let (head, cut) = self.head();
+        for c in head.chars() {
+            if c.is_control() {
+                write!(f, "{}", c.escape_debug())?;
+            } else {
+                write!(f, "{c}")?;
+            }
+        }
+        if cut {
+            write!(f, "… ({} bytes)", self.0.len())?;
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for Excerpt<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.head() {
+            (all, false) => write!(f, "{all:?}"),
+            (head, true) => write!(f, "{head:?}… ({} bytes)", self.0.len()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_short_value_is_shown_whole_and_a_long_one_cut_with_its_length() {
+        assert_eq!(excerpt("abc").to_string(), "abc");
+        assert_eq!(excerpt("a\u{1b}[2Jb\n").to_string(), "a\\u{1b}[2Jb\\n");
+        assert_eq!(format!("{:?}", excerpt("a\"b")), r#""a\"b""#);
+        let exact = "x".repeat(EXCERPT_CHARS);
+        assert_eq!(excerpt(&exact).to_string(), exact);
+
+        let long = "q".repeat(20_000);
+        let shown = excerpt(&long).to_string();
+        assert_eq!(
+            shown,
+            format!("{}… (20000 bytes)", "q".repeat(EXCERPT_CHARS))
+        );
+        let quoted = format!("{:?}", excerpt(&long));
+        assert_eq!(
+            quoted,
+            format!("\"{}\"… (20000 bytes)", "q".repeat(EXCERPT_CHARS))
+        );
+        // Cut at a character, never inside one.
+        let wide = "é".repeat(200);
+        assert_eq!(
+            excerpt(&wide).to_string(),
+            format!("{}… (400 bytes)", "é".repeat(EXCERPT_CHARS))
+        );
+    }
+}
