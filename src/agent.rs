@@ -1484,14 +1484,23 @@ impl Agent {
         self.changes.push(change);
     }
 
-    /// The id of an active task whose SPIFFE ID is `spiffe_id`, if any
-    /// (for the rare admin call that asks; it looks at every active task).
-    pub fn active_task_holding(&self, spiffe_id: &crate::spiffe_id::SpiffeId) -> Option<String> {
+    /// An active task whose SPIFFE ID is `spiffe_id` or an ancestor of it
+    /// (by whole path segments), as its id and SPIFFE ID: the one holding
+    /// `spiffe_id` itself if there is one, else the nearest above it. For
+    /// the rare admin call that asks (an entry being created or reloaded);
+    /// it looks at every active task. An identity below a task's looks
+    /// like part of the task to relying parties, yet an entry holding it
+    /// would be neither scoped by the task nor ended with it.
+    pub fn active_task_at_or_above(
+        &self,
+        spiffe_id: &crate::spiffe_id::SpiffeId,
+    ) -> Option<(String, crate::spiffe_id::SpiffeId)> {
         read_lock(&self.tasks)
             .by_id
             .values()
-            .find(|t| t.spiffe_id == *spiffe_id)
-            .map(|t| t.id.clone())
+            .filter(|t| spiffe_id.is_at_or_below(&t.spiffe_id))
+            .max_by_key(|t| t.spiffe_id.path().len())
+            .map(|t| (t.id.clone(), t.spiffe_id.clone()))
     }
 
     /// An active task by ID (None once it has completed).

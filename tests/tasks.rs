@@ -2954,3 +2954,70 @@ async fn tasks_and_registration_entries_never_share_an_identity() {
     let _ = sleeper.kill();
     let _ = sleeper.wait();
 }
+
+/// Nor does an entry take an identity below an active task's: relying
+/// parties that trust what lies below `/task/T` as part of T would accept
+/// an entry's long-lived identity that T's end does not revoke. Below is by
+/// whole path segments: a sibling whose name merely starts the same is
+/// fine.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_entry_never_takes_an_identity_below_an_active_tasks() {
+    let writ = Writ::start(&config(""));
+    let mut tasks = tasks_client(&writ).await;
+    let mut sleeper = Command::new("sleep").arg("60").spawn().unwrap();
+    tasks
+        .begin_task(begin_pid("t1", sleeper.id()))
+        .await
+        .unwrap();
+    let task_id = format!("{ORCH_ID}/task/t1");
+    let admin = admin_socket(&writ);
+    let create = |spiffe_id: &str| {
+        common::writ_cli(
+            &[
+                "entry",
+                "create",
+                "--admin-socket",
+                admin.to_str().unwrap(),
+                "--spiffe-id",
+                spiffe_id,
+                "--selector",
+                "unix:uid:65534",
+            ],
+            None,
+        )
+    };
+    let below = format!("{task_id}/task/x");
+    let (ok, out, err) = create(&below);
+    assert!(
+        !ok && err.contains("AlreadyExists")
+            && err.contains(&format!(
+                "{below} lies below {task_id}, the identity of active task t1"
+            )),
+        "{out}{err}"
+    );
+    let (ok, out, err) = create(&format!("{task_id}0"));
+    assert!(ok, "a sibling, not below: {out}{err}");
+    // A config entry below it, added and reloaded, is refused the same way.
+    let original = std::fs::read_to_string(&writ.config_path).unwrap();
+    std::fs::write(
+        &writ.config_path,
+        format!(
+            "{original}\n[[entry]]\nspiffe_id = \"{task_id}/deeper\"\nselectors = [\"unix:uid:65533\"]\n"
+        ),
+    )
+    .unwrap();
+    let reload = || common::writ_cli(&["reload", "--admin-socket", admin.to_str().unwrap()], None);
+    let (ok, out, err) = reload();
+    assert!(
+        !ok && err.contains("lies below") && err.contains("the identity of active task t1"),
+        "{out}{err}"
+    );
+    // Once the task has ended, both are fine.
+    tasks.end_task(end_req("t1")).await.unwrap();
+    let (ok, out, err) = reload();
+    assert!(ok, "{out}{err}");
+    let (ok, out, err) = create(&below);
+    assert!(ok, "{out}{err}");
+    let _ = sleeper.kill();
+    let _ = sleeper.wait();
+}
