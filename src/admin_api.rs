@@ -386,7 +386,7 @@ impl pb::tasks_server::Tasks for TasksService {
             if !crate::tasks::may_act_on(
                 &active,
                 own_id.as_ref(),
-                admin.caller.pid,
+                &admin.caller.process,
                 matches_any(&ctx.auth.bind_any_pid, admin.selectors()),
             ) {
                 return Err(Status::permission_denied(format!(

@@ -2010,6 +2010,7 @@ mod tests {
             binding,
             intent: Default::default(),
             orchestrator: "spiffe://writ.test/orch".into(),
+            orchestrator_start_time: None,
             federates_with: Vec::new(),
             created_at: std::time::SystemTime::now(),
             expires_at: std::time::SystemTime::now() + Duration::from_secs(60),
