@@ -76,6 +76,14 @@ impl AdminContext {
             }
             None => return Err(Status::internal("connection carries no peer information")),
         };
+        self.authorize_caller(caller)
+    }
+
+    /// Attests `caller` (reusing its connection's last attestation while
+    /// that holds, credentials included) and checks it against
+    /// `[admin_api] authorized`. Also how an open WatchTasks stream asks
+    /// whether its caller is still authorized.
+    fn authorize_caller(&self, caller: Arc<Caller>) -> Result<AdminCaller, Status> {
         let attestation = self
             .agent
             .attest_reusing(&caller, self.reattest_interval)
@@ -489,29 +497,58 @@ impl pb::tasks_server::Tasks for TasksService {
         &self,
         request: Request<pb::WatchTasksRequest>,
     ) -> Result<Response<Self::WatchTasksStream>, Status> {
-        let ctx = &self.0;
-        ctx.authorize(&request)?;
+        let ctx = self.0.clone();
+        let caller = ctx.authorize(&request)?.caller;
         let mut events = ctx.tasks.subscribe();
         let mut stopping = ctx.agent.shutdown_requested();
         let (tx, rx) = tokio::sync::mpsc::channel(64);
+        // The stream outlives the call that authorized it: its caller may
+        // change its credentials, exec another program, or otherwise stop
+        // matching `authorized`, and would go on receiving every task's
+        // intent. So it is authorized again before each event it is sent,
+        // and every re-attest interval while no event comes.
+        let recheck_every = ctx
+            .reattest_interval
+            .max(std::time::Duration::from_millis(100));
+        let mut recheck =
+            tokio::time::interval_at(tokio::time::Instant::now() + recheck_every, recheck_every);
+        recheck.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        /// What woke the watch.
+        enum Woke {
+            Event(Result<TaskEvent, broadcast::error::RecvError>),
+            Stopping,
+            Recheck,
+        }
         tokio::spawn(async move {
+            let still_authorized = || ctx.authorize_caller(caller.clone()).map(|_| ());
             loop {
-                let received = tokio::select! {
-                    received = events.recv() => Some(received),
+                let woke = tokio::select! {
+                    received = events.recv() => Woke::Event(received),
                     // A watch never ends by itself: without this, every
                     // open watcher held a stopping writ to its drain
                     // deadline, and then saw a broken connection.
-                    _ = stopping.wait_for(|s| *s) => None,
+                    _ = stopping.wait_for(|s| *s) => Woke::Stopping,
                     // The watcher hung up: stop now, not at the next event.
                     _ = tx.closed() => return,
+                    _ = recheck.tick() => Woke::Recheck,
                 };
-                let Some(received) = received else {
-                    let _ = tx
-                        .send(Err(Status::unavailable(
-                            "writ is stopping; watch again once it is back",
-                        )))
-                        .await;
-                    return;
+                let received = match woke {
+                    Woke::Event(received) => received,
+                    Woke::Stopping => {
+                        let _ = tx
+                            .send(Err(Status::unavailable(
+                                "writ is stopping; watch again once it is back",
+                            )))
+                            .await;
+                        return;
+                    }
+                    Woke::Recheck => match still_authorized() {
+                        Ok(()) => continue,
+                        Err(refused) => {
+                            let _ = tx.send(Err(refused)).await;
+                            return;
+                        }
+                    },
                 };
                 let item = match received {
                     Ok(TaskEvent::Begun(t, serials)) => Ok(pb::TaskEvent {
@@ -527,6 +564,8 @@ impl pb::tasks_server::Tasks for TasksService {
                     ))),
                     Err(broadcast::error::RecvError::Closed) => return,
                 };
+                // Checked once the event is in hand, just before it goes out.
+                let item = item.and_then(|event| still_authorized().map(|()| event));
                 let stop = item.is_err();
                 if tx.send(item).await.is_err() || stop {
                     return;

@@ -499,10 +499,18 @@ impl Agent {
     /// `attest`, reusing the last attestation taken on the caller's
     /// connection while it holds, as an open stream does: taken less than
     /// `reattest` ago, with no cgroup-bound task begun since (the caller may
-    /// have been moved into its cgroup), and the caller alive and running
-    /// the executable it was attested with. An orchestrator calling the
-    /// admin API on one connection is then read from /proc once per
-    /// interval instead of on every call.
+    /// have been moved into its cgroup), and the caller alive, running the
+    /// executable it was attested with, and under the same credentials. An
+    /// orchestrator calling the admin API on one connection is then fully
+    /// attested once per interval instead of on every call.
+    ///
+    /// The credentials are read again on every call (one read of its
+    /// `status`): a process can change its uid, gid or groups without an
+    /// exec, and a connection is served only under the ones it connected
+    /// with (`attest`), at once, as the Workload API refuses it, not once
+    /// the interval has passed. A change makes this attest afresh, which
+    /// refuses changed uid or gid and re-derives the selectors of changed
+    /// groups.
     pub fn attest_reusing(
         &self,
         caller: &Caller,
@@ -516,6 +524,8 @@ impl Agent {
             && recent.at.elapsed() < reattest
             && recent.cgroup_tasks_begun == cgroup_tasks_begun
             && caller.runs_same_executable(&recent.attestation.snapshot.exe_path)
+            && writ_attestors::read_credentials(&caller.process)
+                .is_ok_and(|now| now == recent.attestation.snapshot.credentials())
         {
             return Ok(recent.attestation);
         }

@@ -2215,6 +2215,9 @@ fn helper() {
     if role == "bundles-child" {
         return bundles_child();
     }
+    if role == "admin-connection-then-setuid" {
+        return admin_connection_then_setuid();
+    }
     assert_eq!(role, "task-child");
     let go = std::env::var("WRIT_GO_FILE").unwrap();
     let out = PathBuf::from(std::env::var("WRIT_OUT_DIR").unwrap());
@@ -2281,6 +2284,28 @@ fn helper() {
             }
         }
     });
+}
+
+/// The `admin-connection-then-setuid` helper: connects to `WRIT_SOCKET`,
+/// hands the connection to the test (`WRIT_HANDOFF`) and keeps it open;
+/// after the go-file, becomes nobody without an exec and prints READY.
+fn admin_connection_then_setuid() {
+    let conn =
+        std::os::unix::net::UnixStream::connect(std::env::var("WRIT_SOCKET").unwrap()).unwrap();
+    common::handoff::send_fd(std::env::var("WRIT_HANDOFF").unwrap().as_ref(), &conn);
+    let go = std::env::var("WRIT_GO_FILE").unwrap();
+    common::wait_for(Duration::from_secs(120), "go file", || {
+        std::fs::metadata(&go).ok()
+    });
+    let nobody_gid = nix::unistd::Gid::from_raw(common::NOBODY);
+    let nobody_uid = nix::unistd::Uid::from_raw(common::NOBODY);
+    nix::unistd::setgroups(&[]).unwrap();
+    nix::unistd::setresgid(nobody_gid, nobody_gid, nobody_gid).unwrap();
+    nix::unistd::setresuid(nobody_uid, nobody_uid, nobody_uid).unwrap();
+    println!("READY");
+    std::io::stdout().flush().unwrap();
+    std::thread::sleep(Duration::from_secs(120));
+    drop(conn);
 }
 
 /// The `bundles-child` helper: after the go-file, follows one
@@ -2601,6 +2626,167 @@ async fn an_admin_connection_is_attested_once_until_something_may_have_changed()
         "the call after a cgroup-bound task began, and only that one"
     );
     tasks.end_task(end_req("cg-admin")).await.unwrap();
+    let _ = sleeper.kill();
+    let _ = sleeper.wait();
+}
+
+/// A helper that connects to the admin socket as root and hands the
+/// connection over; once the test writes the go-file, it drops to nobody
+/// (uid and gid, no exec) and prints READY. Returns the helper, a tasks
+/// client over its connection, the go-file, and the helper's stdout.
+async fn admin_connection_that_drops_to_nobody(
+    writ: &Writ,
+) -> (
+    Child,
+    apb::tasks_client::TasksClient<tonic::transport::Channel>,
+    PathBuf,
+    std::io::Lines<BufReader<std::process::ChildStdout>>,
+) {
+    let handoff_path = writ.dir.path().join("handoff.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&handoff_path).unwrap();
+    let go = writ.dir.path().join("go-drop");
+    let mut helper = helper_command("admin-connection-then-setuid")
+        .env("WRIT_SOCKET", admin_socket(writ))
+        .env("WRIT_HANDOFF", &handoff_path)
+        .env("WRIT_GO_FILE", &go)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let fd = common::handoff::recv_fd(&listener);
+    let lines = BufReader::new(helper.stdout.take().unwrap()).lines();
+    let std_stream = std::os::unix::net::UnixStream::from(fd);
+    std_stream.set_nonblocking(true).unwrap();
+    let slot = std::sync::Mutex::new(Some(std_stream));
+    let channel = tonic::transport::Endpoint::try_from("http://localhost")
+        .unwrap()
+        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
+            let s = slot.lock().unwrap().take();
+            async move {
+                let s = s.ok_or_else(|| std::io::Error::other("connection already used"))?;
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                    tokio::net::UnixStream::from_std(s)?,
+                ))
+            }
+        }))
+        .await
+        .unwrap();
+    (
+        helper,
+        apb::tasks_client::TasksClient::new(channel),
+        go,
+        lines,
+    )
+}
+
+/// Lets the helper of `admin_connection_that_drops_to_nobody` drop to
+/// nobody, and waits until it has.
+fn drop_to_nobody(go: &Path, lines: &mut std::io::Lines<BufReader<std::process::ChildStdout>>) {
+    std::fs::write(go, b"go").unwrap();
+    assert!(
+        lines
+            .by_ref()
+            .map_while(Result::ok)
+            .any(|l| l.ends_with("READY")),
+        "the helper did not change its uid"
+    );
+}
+
+/// An admin connection is served only under the credentials its process
+/// connected with, as a Workload API connection is: a process that drops
+/// from root to nobody is refused on its next call, not once the re-attest
+/// interval (here an hour) has passed.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_admin_call_is_refused_once_its_process_runs_under_other_credentials() {
+    if !is_root() {
+        eprintln!("SKIPPED: needs root to change a helper's uid");
+        return;
+    }
+    let writ = Writ::start(&config("\n[workload_api]\nreattest_interval = \"1h\"\n"));
+    let (mut helper, mut tasks, go, mut lines) = admin_connection_that_drops_to_nobody(&writ).await;
+    tasks
+        .list_tasks(apb::ListTasksRequest::default())
+        .await
+        .unwrap();
+    drop_to_nobody(&go, &mut lines);
+    let err = tasks
+        .list_tasks(apb::ListTasksRequest::default())
+        .await
+        .expect_err("served an admin call after its process changed its uid");
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    assert!(
+        err.message().contains(&format!(
+            "connected as uid 0 gid 0 and now runs as uid {}",
+            common::NOBODY
+        )),
+        "{}",
+        err.message()
+    );
+    let _ = helper.kill();
+    let _ = helper.wait();
+}
+
+/// A WatchTasks stream is authorized again before each event it sends and
+/// every re-attest interval while idle: once its caller no longer matches
+/// (here: it dropped to nobody), it ends with PermissionDenied instead of
+/// going on sending every task's intent.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_task_watch_ends_once_its_caller_runs_under_other_credentials() {
+    if !is_root() {
+        eprintln!("SKIPPED: needs root to change a helper's uid");
+        return;
+    }
+    // Before the next event, with no periodic check in the way.
+    let writ = Writ::start(&config("\n[workload_api]\nreattest_interval = \"1h\"\n"));
+    let (mut helper, mut watcher, go, mut lines) =
+        admin_connection_that_drops_to_nobody(&writ).await;
+    let mut events = watcher
+        .watch_tasks(apb::WatchTasksRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    drop_to_nobody(&go, &mut lines);
+    let mut sleeper = Command::new("sleep").arg("60").spawn().unwrap();
+    tasks_client(&writ)
+        .await
+        .begin_task(begin_pid("secret", sleeper.id()))
+        .await
+        .unwrap();
+    let outcome = tokio::time::timeout(Duration::from_secs(10), events.message())
+        .await
+        .expect("the watch neither sent nor ended");
+    match outcome {
+        Err(status) => {
+            assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+            assert!(
+                status.message().contains("now runs as uid"),
+                "{}",
+                status.message()
+            );
+        }
+        Ok(event) => panic!("a watcher that dropped to nobody was sent {event:?}"),
+    }
+    let _ = helper.kill();
+    let _ = helper.wait();
+
+    // While idle, at the re-attest interval.
+    let writ = Writ::start(&config("\n[workload_api]\nreattest_interval = \"1s\"\n"));
+    let (mut helper, mut watcher, go, mut lines) =
+        admin_connection_that_drops_to_nobody(&writ).await;
+    let mut events = watcher
+        .watch_tasks(apb::WatchTasksRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    drop_to_nobody(&go, &mut lines);
+    let outcome = tokio::time::timeout(Duration::from_secs(10), events.message())
+        .await
+        .expect("an idle watch went on after its caller dropped to nobody");
+    match outcome {
+        Err(status) => assert_eq!(status.code(), Code::PermissionDenied, "{status:?}"),
+        Ok(event) => panic!("expected PermissionDenied, got {event:?}"),
+    }
+    let _ = helper.kill();
+    let _ = helper.wait();
     let _ = sleeper.kill();
     let _ = sleeper.wait();
 }
