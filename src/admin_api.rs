@@ -32,6 +32,11 @@ pub struct AdminAuthorization {
     pub authorized: Vec<Vec<Selector>>,
     pub bind_any_pid: Vec<Vec<Selector>>,
     pub bind_same_uid: bool,
+    /// Who of the authorized may create and delete registration entries.
+    /// An entry names any SPIFFE ID for any selectors, the caller's own
+    /// included: without this, every authorized caller could make itself
+    /// root's (or another orchestrator's) identity and act on its tasks.
+    pub manage_entries: Vec<Vec<Selector>>,
 }
 
 fn matches_any(sets: &[Vec<Selector>], have: &[Selector]) -> bool {
@@ -608,6 +613,25 @@ pub fn entry_to_proto(e: &crate::identity::Entry) -> pb::Entry {
     }
 }
 
+impl AdminContext {
+    /// `authorize`, for a call that changes registration entries: the
+    /// caller must match `[admin_api] manage_entries` as well.
+    fn authorize_entry_change<T>(
+        &self,
+        request: &Request<T>,
+        call: &str,
+    ) -> Result<AdminCaller, Status> {
+        let admin = self.authorize(request)?;
+        if !matches_any(&self.auth.manage_entries, admin.selectors()) {
+            return Err(Status::permission_denied(format!(
+                "caller (pid {}, uid {}) may not {call}: it matches no selector set of [admin_api] manage_entries",
+                admin.caller.pid, admin.caller.uid
+            )));
+        }
+        Ok(admin)
+    }
+}
+
 #[tonic::async_trait]
 impl pb::entries_server::Entries for EntriesService {
     async fn create_entry(
@@ -615,7 +639,7 @@ impl pb::entries_server::Entries for EntriesService {
         request: Request<pb::CreateEntryRequest>,
     ) -> Result<Response<pb::Entry>, Status> {
         let ctx = &self.0;
-        ctx.authorize(&request)?;
+        ctx.authorize_entry_change(&request, "create entries")?;
         let entry = ctx
             .entries
             .create(request.into_inner())
@@ -629,7 +653,7 @@ impl pb::entries_server::Entries for EntriesService {
         request: Request<pb::DeleteEntryRequest>,
     ) -> Result<Response<pb::DeleteEntryResponse>, Status> {
         let ctx = &self.0;
-        ctx.authorize(&request)?;
+        ctx.authorize_entry_change(&request, "delete entries")?;
         ctx.entries
             .delete(&request.into_inner().id)
             .await

@@ -1639,6 +1639,119 @@ selectors = ["unix:uid:{nobody}"]
     sleeper.wait().unwrap();
 }
 
+/// An entry gives any SPIFFE ID to whatever its selectors match, the
+/// caller's own uid included: an authorized caller that could create one
+/// would make itself root's identity (here the orchestrator's) and end or
+/// sub-task its tasks. Creating and deleting entries takes `[admin_api]
+/// manage_entries` (by default the uid writ runs as); listing them does
+/// not.
+#[test]
+fn only_callers_allowed_manage_entries_may_create_or_delete_entries() {
+    if !is_root() {
+        eprintln!("SKIPPED: needs root to call as another user");
+        return;
+    }
+    let nobody = common::NOBODY;
+    let writ = Writ::start(&format!(
+        r#"
+[admin_api]
+authorized = [["unix:uid:0"], ["unix:uid:{nobody}"]]
+
+[[entry]]
+spiffe_id = "{ORCH_ID}"
+selectors = ["unix:uid:0"]
+"#
+    ));
+    let admin = admin_socket(&writ);
+    std::os::unix::fs::chown(&admin, None, Some(nobody)).unwrap();
+    let a = admin.to_str().unwrap();
+    let create = |uid: Option<u32>, spiffe_id: &str| {
+        common::writ_cli(
+            &[
+                "entry",
+                "create",
+                "--admin-socket",
+                a,
+                "--spiffe-id",
+                spiffe_id,
+                "--selector",
+                &format!("unix:uid:{nobody}"),
+            ],
+            uid,
+        )
+    };
+    let (ok, out, stderr) = create(Some(nobody), ORCH_ID);
+    assert!(!ok, "nobody created an entry for root's identity: {out}");
+    assert!(
+        stderr.contains("PermissionDenied")
+            && stderr.contains("may not create entries")
+            && stderr.contains("[admin_api] manage_entries"),
+        "{stderr}"
+    );
+    // The orchestrator (root, writ's own uid by default) may.
+    let (ok, id, stderr) = create(None, "spiffe://writ.test/for-nobody");
+    assert!(ok, "{stderr}");
+    let id = id.trim().to_owned();
+    let (ok, out, stderr) =
+        common::writ_cli(&["entry", "delete", "--admin-socket", a, &id], Some(nobody));
+    assert!(!ok, "nobody deleted an entry: {out}");
+    assert!(
+        stderr.contains("PermissionDenied")
+            && stderr.contains("may not delete entries")
+            && stderr.contains("[admin_api] manage_entries"),
+        "{stderr}"
+    );
+    // Listing stays open to every authorized caller.
+    let (ok, out, stderr) = common::writ_cli(&["entry", "list", "--admin-socket", a], Some(nobody));
+    assert!(ok && out.contains("for-nobody"), "{out}{stderr}");
+    // Nobody's selectors got no identity of root's.
+    let (ok, out, _) = common::writ_cli(
+        &["api", "fetch", "x509", "--socket", &writ.endpoint()],
+        Some(nobody),
+    );
+    assert!(!ok || !out.contains(ORCH_ID), "{out}");
+    let (ok, _, stderr) = common::writ_cli(&["entry", "delete", "--admin-socket", a, &id], None);
+    assert!(ok, "{stderr}");
+}
+
+/// Whoever `manage_entries` names may manage entries, and an empty list
+/// leaves entries to the config file alone.
+#[test]
+fn manage_entries_grants_what_it_lists() {
+    if !is_root() {
+        eprintln!("SKIPPED: needs root to call as another user");
+        return;
+    }
+    let nobody = common::NOBODY;
+    let writ = Writ::start(&format!(
+        r#"
+[admin_api]
+authorized = [["unix:uid:0"], ["unix:uid:{nobody}"]]
+manage_entries = [["unix:uid:{nobody}"]]
+"#
+    ));
+    let admin = admin_socket(&writ);
+    std::os::unix::fs::chown(&admin, None, Some(nobody)).unwrap();
+    let a = admin.to_str().unwrap();
+    let args = [
+        "entry",
+        "create",
+        "--admin-socket",
+        a,
+        "--spiffe-id",
+        "spiffe://writ.test/x",
+        "--selector",
+        "unix:uid:1",
+    ];
+    let (ok, _, stderr) = common::writ_cli(&args, None);
+    assert!(
+        !ok && stderr.contains("[admin_api] manage_entries"),
+        "root is not listed: {stderr}"
+    );
+    let (ok, _, stderr) = common::writ_cli(&args, Some(nobody));
+    assert!(ok, "{stderr}");
+}
+
 /// A PID from an orchestrator in another PID namespace (a container) is a
 /// number in that namespace: read in writ's, it named another process
 /// (`--pid 2` bound the host's kthreadd). Such a caller is refused.
