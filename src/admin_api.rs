@@ -32,6 +32,11 @@ pub struct AdminAuthorization {
     pub authorized: Vec<Vec<Selector>>,
     pub bind_any_pid: Vec<Vec<Selector>>,
     pub bind_same_uid: bool,
+    /// Who of the authorized may create and delete registration entries.
+    /// An entry names any SPIFFE ID for any selectors, the caller's own
+    /// included: without this, every authorized caller could make itself
+    /// root's (or another orchestrator's) identity and act on its tasks.
+    pub manage_entries: Vec<Vec<Selector>>,
 }
 
 fn matches_any(sets: &[Vec<Selector>], have: &[Selector]) -> bool {
@@ -76,6 +81,14 @@ impl AdminContext {
             }
             None => return Err(Status::internal("connection carries no peer information")),
         };
+        self.authorize_caller(caller)
+    }
+
+    /// Attests `caller` (reusing its connection's last attestation while
+    /// that holds, credentials included) and checks it against
+    /// `[admin_api] authorized`. Also how an open WatchTasks stream asks
+    /// whether its caller is still authorized.
+    fn authorize_caller(&self, caller: Arc<Caller>) -> Result<AdminCaller, Status> {
         let attestation = self
             .agent
             .attest_reusing(&caller, self.reattest_interval)
@@ -430,7 +443,7 @@ impl pb::tasks_server::Tasks for TasksService {
             if !crate::tasks::may_act_on(
                 &active,
                 own_id.as_ref(),
-                admin.caller.pid,
+                &admin.caller.process,
                 matches_any(&ctx.auth.bind_any_pid, admin.selectors()),
             ) {
                 return Err(Status::permission_denied(format!(
@@ -536,8 +549,8 @@ impl pb::tasks_server::Tasks for TasksService {
         &self,
         request: Request<pb::WatchTasksRequest>,
     ) -> Result<Response<Self::WatchTasksStream>, Status> {
-        let ctx = &self.0;
-        ctx.authorize(&request)?;
+        let ctx = self.0.clone();
+        let caller = ctx.authorize(&request)?.caller;
         // Subscribed before the call returns, so the caller sees every
         // event from then on. Events wait in the watcher's own queue
         // (bounded in bytes, crate::task_events) and become messages only
@@ -546,16 +559,45 @@ impl pb::tasks_server::Tasks for TasksService {
         // dropped, and its queue with it.
         let events = ctx.tasks.subscribe();
         let stopping = ctx.agent.shutdown_requested();
-        let stream = futures::stream::unfold(Some((events, stopping)), |state| async move {
-            let (mut events, mut stopping) = state?;
-            let received = tokio::select! {
-                received = events.recv() => received,
-                // A watch never ends by itself: without this, every open
-                // watcher held a stopping writ to its drain deadline, and
-                // then saw a broken connection.
-                _ = stopping.wait_for(|s| *s) => {
-                    let stop = Status::unavailable("writ is stopping; watch again once it is back");
-                    return Some((Err(stop), None));
+        // The stream outlives the call that authorized it: its caller may
+        // change its credentials, exec another program, or otherwise stop
+        // matching `authorized`, and would go on receiving every task's
+        // intent. So it is authorized again before each event it is sent,
+        // and every re-attest interval while no event comes.
+        let recheck_every = ctx
+            .reattest_interval
+            .max(std::time::Duration::from_millis(100));
+        let mut recheck =
+            tokio::time::interval_at(tokio::time::Instant::now() + recheck_every, recheck_every);
+        recheck.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let watch = WatchState {
+            events,
+            stopping,
+            recheck,
+            ctx,
+            caller,
+        };
+        let stream = futures::stream::unfold(Some(watch), |state| async move {
+            let mut watch = state?;
+            let received = loop {
+                let woke = tokio::select! {
+                    received = watch.events.recv() => Some(received),
+                    // A watch never ends by itself: without this, every open
+                    // watcher held a stopping writ to its drain deadline, and
+                    // then saw a broken connection.
+                    _ = watch.stopping.wait_for(|s| *s) => {
+                        let stop = Status::unavailable("writ is stopping; watch again once it is back");
+                        return Some((Err(stop), None));
+                    }
+                    _ = watch.recheck.tick() => None,
+                };
+                match woke {
+                    Some(received) => break received,
+                    None => {
+                        if let Err(refused) = watch.still_authorized() {
+                            return Some((Err(refused), None));
+                        }
+                    }
                 }
             };
             let (kind, task, serials) = match received {
@@ -572,13 +614,32 @@ impl pb::tasks_server::Tasks for TasksService {
                 }
                 Err(RecvError::Closed) => return None,
             };
+            // Checked once the event is in hand, just before it goes out.
+            if let Err(refused) = watch.still_authorized() {
+                return Some((Err(refused), None));
+            }
             let event = pb::TaskEvent {
                 kind: kind as i32,
                 task: Some(task_to_proto(&task, serials)),
             };
-            Some((Ok(event), Some((events, stopping))))
+            Some((Ok(event), Some(watch)))
         });
         Ok(Response::new(Box::pin(stream)))
+    }
+}
+
+/// What a WatchTasks stream carries between its messages.
+struct WatchState {
+    events: crate::task_events::EventReceiver,
+    stopping: tokio::sync::watch::Receiver<bool>,
+    recheck: tokio::time::Interval,
+    ctx: Arc<AdminContext>,
+    caller: Arc<crate::peer::Caller>,
+}
+
+impl WatchState {
+    fn still_authorized(&self) -> Result<(), Status> {
+        self.ctx.authorize_caller(self.caller.clone()).map(|_| ())
     }
 }
 
@@ -612,6 +673,25 @@ pub fn entry_to_proto(e: &crate::identity::Entry) -> pb::Entry {
     }
 }
 
+impl AdminContext {
+    /// `authorize`, for a call that changes registration entries: the
+    /// caller must match `[admin_api] manage_entries` as well.
+    fn authorize_entry_change<T>(
+        &self,
+        request: &Request<T>,
+        call: &str,
+    ) -> Result<AdminCaller, Status> {
+        let admin = self.authorize(request)?;
+        if !matches_any(&self.auth.manage_entries, admin.selectors()) {
+            return Err(Status::permission_denied(format!(
+                "caller (pid {}, uid {}) may not {call}: it matches no selector set of [admin_api] manage_entries",
+                admin.caller.pid, admin.caller.uid
+            )));
+        }
+        Ok(admin)
+    }
+}
+
 #[tonic::async_trait]
 impl pb::entries_server::Entries for EntriesService {
     async fn create_entry(
@@ -619,7 +699,7 @@ impl pb::entries_server::Entries for EntriesService {
         request: Request<pb::CreateEntryRequest>,
     ) -> Result<Response<pb::Entry>, Status> {
         let ctx = &self.0;
-        ctx.authorize(&request)?;
+        ctx.authorize_entry_change(&request, "create entries")?;
         let entry = ctx
             .entries
             .create(request.into_inner())
@@ -633,7 +713,7 @@ impl pb::entries_server::Entries for EntriesService {
         request: Request<pb::DeleteEntryRequest>,
     ) -> Result<Response<pb::DeleteEntryResponse>, Status> {
         let ctx = &self.0;
-        ctx.authorize(&request)?;
+        ctx.authorize_entry_change(&request, "delete entries")?;
         ctx.entries
             .delete(&request.into_inner().id)
             .await
@@ -921,6 +1001,7 @@ mod tests {
                     ..Intent::default()
                 },
                 orchestrator: "spiffe://x.org/o".into(),
+                orchestrator_start_time: None,
                 federates_with: Vec::new(),
                 created_at: UNIX_EPOCH,
                 expires_at: UNIX_EPOCH + Duration::from_secs(60),

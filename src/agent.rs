@@ -499,10 +499,18 @@ impl Agent {
     /// `attest`, reusing the last attestation taken on the caller's
     /// connection while it holds, as an open stream does: taken less than
     /// `reattest` ago, with no cgroup-bound task begun since (the caller may
-    /// have been moved into its cgroup), and the caller alive and running
-    /// the executable it was attested with. An orchestrator calling the
-    /// admin API on one connection is then read from /proc once per
-    /// interval instead of on every call.
+    /// have been moved into its cgroup), and the caller alive, running the
+    /// executable it was attested with, and under the same credentials. An
+    /// orchestrator calling the admin API on one connection is then fully
+    /// attested once per interval instead of on every call.
+    ///
+    /// The credentials are read again on every call (one read of its
+    /// `status`): a process can change its uid, gid or groups without an
+    /// exec, and a connection is served only under the ones it connected
+    /// with (`attest`), at once, as the Workload API refuses it, not once
+    /// the interval has passed. A change makes this attest afresh, which
+    /// refuses changed uid or gid and re-derives the selectors of changed
+    /// groups.
     pub fn attest_reusing(
         &self,
         caller: &Caller,
@@ -516,6 +524,8 @@ impl Agent {
             && recent.at.elapsed() < reattest
             && recent.cgroup_tasks_begun == cgroup_tasks_begun
             && caller.runs_same_executable(&recent.attestation.snapshot.exe_path)
+            && writ_attestors::read_credentials(&caller.process)
+                .is_ok_and(|now| now == recent.attestation.snapshot.credentials())
         {
             return Ok(recent.attestation);
         }
@@ -1484,14 +1494,23 @@ impl Agent {
         self.changes.push(change);
     }
 
-    /// The id of an active task whose SPIFFE ID is `spiffe_id`, if any
-    /// (for the rare admin call that asks; it looks at every active task).
-    pub fn active_task_holding(&self, spiffe_id: &crate::spiffe_id::SpiffeId) -> Option<String> {
+    /// An active task whose SPIFFE ID is `spiffe_id` or an ancestor of it
+    /// (by whole path segments), as its id and SPIFFE ID: the one holding
+    /// `spiffe_id` itself if there is one, else the nearest above it. For
+    /// the rare admin call that asks (an entry being created or reloaded);
+    /// it looks at every active task. An identity below a task's looks
+    /// like part of the task to relying parties, yet an entry holding it
+    /// would be neither scoped by the task nor ended with it.
+    pub fn active_task_at_or_above(
+        &self,
+        spiffe_id: &crate::spiffe_id::SpiffeId,
+    ) -> Option<(String, crate::spiffe_id::SpiffeId)> {
         read_lock(&self.tasks)
             .by_id
             .values()
-            .find(|t| t.spiffe_id == *spiffe_id)
-            .map(|t| t.id.clone())
+            .filter(|t| spiffe_id.is_at_or_below(&t.spiffe_id))
+            .max_by_key(|t| t.spiffe_id.path().len())
+            .map(|t| (t.id.clone(), t.spiffe_id.clone()))
     }
 
     /// An active task by ID (None once it has completed).
@@ -2001,6 +2020,7 @@ mod tests {
             binding,
             intent: Default::default(),
             orchestrator: "spiffe://writ.test/orch".into(),
+            orchestrator_start_time: None,
             federates_with: Vec::new(),
             created_at: std::time::SystemTime::now(),
             expires_at: std::time::SystemTime::now() + Duration::from_secs(60),

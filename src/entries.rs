@@ -25,16 +25,23 @@ pub enum EntryError {
     FromConfig(String),
     #[error("an entry with this SPIFFE ID and selectors already exists ({0})")]
     AlreadyExists(String),
-    /// An active task holds the SPIFFE ID: the entry would go on issuing
-    /// it after the task ends, so the task's end would not end it.
+    /// An active task holds the SPIFFE ID, or one above it: the entry
+    /// would go on issuing it after the task ends, so the task's end would
+    /// not end it, and an ID below a task's passes for part of the task.
     #[error(
-        "spiffe_id: {spiffe_id} is the identity of active task {task}; an entry takes another, or wait until the task has ended"
+        "spiffe_id: {}; an entry takes another, or wait until the task has ended",
+        held_phrase(.spiffe_id, .task, .task_spiffe_id)
     )]
-    HeldByTask { spiffe_id: SpiffeId, task: String },
+    HeldByTask {
+        spiffe_id: SpiffeId,
+        task: String,
+        task_spiffe_id: SpiffeId,
+    },
     /// Config entries (new in a reload) whose SPIFFE IDs active tasks
-    /// hold: each as (entry id, SPIFFE ID, task id).
+    /// hold, or lie below theirs: each as (entry id, SPIFFE ID, task id,
+    /// the task's SPIFFE ID).
     #[error("{}", held_by_tasks_message(.0))]
-    ConfigHeldByTask(Vec<(String, SpiffeId, String)>),
+    ConfigHeldByTask(Vec<(String, SpiffeId, String, SpiffeId)>),
     /// Config entries with the id (the same SPIFFE ID and selectors) of
     /// entries created through the admin API, which they would hide.
     #[error("{}", shadowing_message(.0))]
@@ -43,15 +50,28 @@ pub enum EntryError {
     Store(#[from] StoreError),
 }
 
-fn held_by_tasks_message(held: &[(String, SpiffeId, String)]) -> String {
+/// `spiffe_id`, said to be active task `task`'s identity (`task_spiffe_id`)
+/// or to lie below it.
+fn held_phrase(spiffe_id: &SpiffeId, task: &str, task_spiffe_id: &SpiffeId) -> String {
+    if spiffe_id == task_spiffe_id {
+        format!("{spiffe_id} is the identity of active task {task}")
+    } else {
+        format!("{spiffe_id} lies below {task_spiffe_id}, the identity of active task {task}")
+    }
+}
+
+fn held_by_tasks_message(held: &[(String, SpiffeId, String, SpiffeId)]) -> String {
     let listed: Vec<String> = held
         .iter()
-        .map(|(entry, spiffe_id, task)| {
-            format!("config entry {entry} has {spiffe_id}, the identity of active task {task}")
+        .map(|(entry, spiffe_id, task, task_spiffe_id)| {
+            format!(
+                "config entry {entry}: {}",
+                held_phrase(spiffe_id, task, task_spiffe_id)
+            )
         })
         .collect();
     format!(
-        "{}: an entry would go on issuing a task's identity after the task ends; give the entry another SPIFFE ID, or reload once the task has ended",
+        "{}: an entry would go on issuing a task's identity (or one below it) after the task ends; give the entry another SPIFFE ID, or reload once the task has ended",
         listed.join("; ")
     )
 }
@@ -186,16 +206,17 @@ impl EntryStore {
         })
     }
 
-    /// Refuses config entries that would take an active task's identity,
-    /// as `create` refuses admin entries. Only identities no running config
-    /// entry has are looked up: a task cannot have begun with one of those.
+    /// Refuses config entries that would take an active task's identity
+    /// or one below it, as `create` refuses admin entries. Only identities
+    /// no running config entry has are looked up: a reload that keeps an
+    /// entry adds nothing a task could lose to it.
     fn check_not_held_by_tasks(&self, registry: &Registry) -> Result<(), EntryError> {
         let running = self
             .config_registry
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
-        let held: Vec<(String, SpiffeId, String)> = registry
+        let held: Vec<(String, SpiffeId, String, SpiffeId)> = registry
             .entries()
             .iter()
             .filter(|new| {
@@ -206,8 +227,10 @@ impl EntryStore {
             })
             .filter_map(|new| {
                 self.agent
-                    .active_task_holding(&new.spiffe_id)
-                    .map(|task| (new.id.clone(), new.spiffe_id.clone(), task))
+                    .active_task_at_or_above(&new.spiffe_id)
+                    .map(|(task, task_spiffe_id)| {
+                        (new.id.clone(), new.spiffe_id.clone(), task, task_spiffe_id)
+                    })
             })
             .collect();
         if held.is_empty() {
@@ -229,10 +252,11 @@ impl EntryStore {
         {
             return Err(EntryError::AlreadyExists(entry.id));
         }
-        if let Some(task) = self.agent.active_task_holding(&entry.spiffe_id) {
+        if let Some((task, task_spiffe_id)) = self.agent.active_task_at_or_above(&entry.spiffe_id) {
             return Err(EntryError::HeldByTask {
                 spiffe_id: entry.spiffe_id,
                 task,
+                task_spiffe_id,
             });
         }
         let row = entry.clone();

@@ -124,6 +124,18 @@ impl SpiffeId {
     pub fn is_trust_domain_id(&self) -> bool {
         self.path.is_empty()
     }
+
+    /// Whether this ID is `ancestor` or lies below it, segment by segment:
+    /// `/a/b` is below `/a`, but `/ab` is not (a string prefix is not a
+    /// path prefix). Every ID of a trust domain is at or below its trust
+    /// domain ID.
+    pub fn is_at_or_below(&self, ancestor: &SpiffeId) -> bool {
+        self.trust_domain == ancestor.trust_domain
+            && self
+                .path
+                .strip_prefix(ancestor.path.as_str())
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+    }
 }
 
 impl fmt::Display for SpiffeId {
@@ -223,6 +235,18 @@ fn validate_path(path: &str) -> Result<(), SpiffeIdError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn at_or_below_goes_by_whole_path_segments() {
+        let id = |s: &str| s.parse::<SpiffeId>().unwrap();
+        let task = id("spiffe://writ.test/root/task/t1");
+        assert!(id("spiffe://writ.test/root/task/t1").is_at_or_below(&task));
+        assert!(id("spiffe://writ.test/root/task/t1/task/x").is_at_or_below(&task));
+        assert!(!id("spiffe://writ.test/root/task/t10").is_at_or_below(&task));
+        assert!(!id("spiffe://writ.test/root/task").is_at_or_below(&task));
+        assert!(!id("spiffe://other.test/root/task/t1/x").is_at_or_below(&task));
+        assert!(task.is_at_or_below(&id("spiffe://writ.test")));
+    }
 
     #[test]
     fn accepts_valid_ids() {

@@ -263,6 +263,7 @@ mod tests {
                 ..Intent::default()
             },
             orchestrator: "spiffe://writ.test/o".to_owned(),
+            orchestrator_start_time: None,
             federates_with: Vec::new(),
             created_at: SystemTime::UNIX_EPOCH,
             expires_at: SystemTime::UNIX_EPOCH + Duration::from_secs(60),

@@ -80,6 +80,7 @@ fn task_row_writer(
         binding: task.binding.clone(),
         intent: task.intent.clone(),
         orchestrator: task.orchestrator.clone(),
+        orchestrator_start_time: task.orchestrator_start_time,
         depth: task.depth,
         federates_with: task.federates_with.iter().map(|t| t.to_string()).collect(),
     })
@@ -307,6 +308,12 @@ pub struct Task {
     pub binding: Binding,
     pub intent: Intent,
     pub orchestrator: String,
+    /// The start time of the orchestrator's process (see
+    /// `PinnedProcess::start_time`), when `orchestrator` names it by PID
+    /// (`pid:<N>`, a caller that held no SPIFFE ID): a PID alone comes
+    /// round again for another process. `None` in records written before
+    /// it was kept.
+    pub orchestrator_start_time: Option<u64>,
     /// Trust domains whose bundles the task's processes receive.
     pub federates_with: Vec<TrustDomain>,
     pub created_at: SystemTime,
@@ -320,6 +327,10 @@ struct TaskRecord {
     binding: Binding,
     intent: Intent,
     orchestrator: String,
+    /// Absent from records of older writs (read as `None`), and left out
+    /// when there is none, so such records stay as they were.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    orchestrator_start_time: Option<u64>,
     depth: u32,
     #[serde(default)]
     federates_with: Vec<String>,
@@ -406,16 +417,26 @@ pub struct Orchestrator {
 /// task's), or a caller allowed to bind any process. Any other authorized
 /// caller is a stranger to the task: it could otherwise hand out
 /// identities in another orchestrator's lineage, or end its work.
+///
+/// "The same process" is the same PID *and* start time, as everywhere
+/// writ pins a process: once the orchestrator has exited, another process
+/// given its PID is a stranger. A task recorded before start times were
+/// kept (`orchestrator_start_time` is `None`) matches no caller by
+/// process: writ cannot tell its orchestrator from a newcomer on the same
+/// PID, and refusing leaves it to a `bind_any_pid` caller, or its TTL.
 pub fn may_act_on(
     task: &Task,
     caller_spiffe_id: Option<&SpiffeId>,
-    caller_pid: i32,
+    caller_process: &PinnedProcess,
     may_bind_any_pid: bool,
 ) -> bool {
     may_bind_any_pid
         || match caller_spiffe_id {
             Some(id) => task.orchestrator == id.to_string() || *id == task.spiffe_id,
-            None => task.orchestrator == format!("pid:{caller_pid}"),
+            None => {
+                task.orchestrator == format!("pid:{}", caller_process.pid())
+                    && task.orchestrator_start_time == Some(caller_process.start_time())
+            }
         }
 }
 
@@ -701,7 +722,7 @@ impl TaskManager {
             && !may_act_on(
                 parent,
                 caller.spiffe_id.as_ref(),
-                caller.process.pid(),
+                &caller.process,
                 caller.may_bind_any_pid,
             )
         {
@@ -881,6 +902,11 @@ impl TaskManager {
                 .as_ref()
                 .map(|s| s.to_string())
                 .unwrap_or_else(|| format!("pid:{}", caller.process.pid())),
+            // Only a PID-named orchestrator is matched by process.
+            orchestrator_start_time: caller
+                .spiffe_id
+                .is_none()
+                .then(|| caller.process.start_time()),
             federates_with: req.federates_with.clone(),
             created_at: now,
             expires_at,
@@ -2032,6 +2058,7 @@ fn row_to_task(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<Task, TaskError
         binding: record.binding,
         intent: record.intent,
         orchestrator: record.orchestrator,
+        orchestrator_start_time: record.orchestrator_start_time,
         federates_with,
         created_at: from_unix_secs(created_at),
         expires_at: from_unix_secs(expires_at),
@@ -2385,6 +2412,57 @@ async fn wait_cgroup_empty(mut watch: BindingWatch) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A task begun by a caller without a SPIFFE ID belongs to that
+    /// process, by PID and start time: a newcomer on the same PID is a
+    /// stranger, and so is every caller for a record that kept no start
+    /// time (written by an older writ).
+    #[test]
+    fn a_pid_named_orchestrator_is_matched_by_pid_and_start_time() {
+        let me = PinnedProcess::open(std::process::id() as i32).unwrap();
+        let task = |start_time: Option<u64>| Task {
+            id: "t".into(),
+            spiffe_id: "spiffe://writ.test/x".parse().unwrap(),
+            parent_id: None,
+            depth: 1,
+            binding: Binding::Pid {
+                pid: 1,
+                start_time: 1,
+            },
+            intent: Intent::default(),
+            orchestrator: format!("pid:{}", me.pid()),
+            orchestrator_start_time: start_time,
+            federates_with: Vec::new(),
+            created_at: SystemTime::now(),
+            expires_at: SystemTime::now(),
+            completion: None,
+        };
+        assert!(may_act_on(&task(Some(me.start_time())), None, &me, false));
+        assert!(!may_act_on(
+            &task(Some(me.start_time() + 1)),
+            None,
+            &me,
+            false
+        ));
+        assert!(!may_act_on(&task(None), None, &me, false));
+        assert!(may_act_on(&task(None), None, &me, true));
+        // A record from before start times were kept reads as `None`.
+        let record = TaskRecord {
+            binding: task(None).binding,
+            intent: Intent::default(),
+            orchestrator: "pid:7".into(),
+            orchestrator_start_time: Some(5),
+            depth: 1,
+            federates_with: Vec::new(),
+        };
+        let mut old = serde_json::to_value(&record).unwrap();
+        assert_eq!(old["orchestrator_start_time"], 5);
+        old.as_object_mut()
+            .unwrap()
+            .remove("orchestrator_start_time");
+        let read: TaskRecord = serde_json::from_value(old).unwrap();
+        assert_eq!(read.orchestrator_start_time, None);
+    }
 
     #[test]
     fn task_ids() {

@@ -4,6 +4,7 @@
 
 mod common;
 
+use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
 
@@ -16,6 +17,21 @@ const NEWCOMER_ID: &str = "spiffe://writ.test/newcomer";
 
 #[test]
 fn a_reused_pid_never_inherits_or_receives_the_departed_callers_identity() {
+    run_in_pid_namespace("inside_pid_namespace");
+}
+
+/// A task begun by a caller that holds no SPIFFE ID belongs to that
+/// process. Once it has exited, another authorized caller given its PID
+/// (and not allowed `bind_any_pid`) may neither begin sub-tasks of the task
+/// nor end it.
+#[test]
+fn a_reused_pid_never_acts_as_the_departed_orchestrator_of_a_task() {
+    run_in_pid_namespace("orchestrator_inside_pid_namespace");
+}
+
+/// Runs the ignored test `inner` as PID 1 of a fresh PID namespace; it
+/// prints PID-REUSE-PROVEN once it has shown what it set out to.
+fn run_in_pid_namespace(inner: &str) {
     if !is_root() || Command::new("unshare").arg("--version").output().is_err() {
         eprintln!("SKIPPED: PID reuse test needs root and unshare(1)");
         return;
@@ -26,7 +42,7 @@ fn a_reused_pid_never_inherits_or_receives_the_departed_callers_identity() {
         .args([
             "--ignored",
             "--exact",
-            "inside_pid_namespace",
+            inner,
             "--nocapture",
             "--test-threads=1",
         ])
@@ -43,6 +59,164 @@ fn a_reused_pid_never_inherits_or_receives_the_departed_callers_identity() {
         stdout.contains("PID-REUSE-PROVEN"),
         "inner test did not run:\n{stdout}\n{stderr}"
     );
+}
+
+/// Asserts that this test runs as PID 1 of its own PID namespace, where it
+/// may steer `ns_last_pid`.
+fn assert_inside_pid_namespace() {
+    assert_eq!(
+        std::env::var("WRIT_TEST_IN_PIDNS").as_deref(),
+        Ok("1"),
+        "run via the outer test"
+    );
+    assert_eq!(
+        std::process::id(),
+        1,
+        "expected to be PID 1 of a fresh PID namespace"
+    );
+}
+
+#[test]
+#[ignore = "runs inside the PID namespace set up by the test above"]
+fn orchestrator_inside_pid_namespace() {
+    assert_inside_pid_namespace();
+    // The orchestrator may bind any process only as this copy of writ, so
+    // the newcomer (plain writ, same uid) is allowed no bind_any_pid.
+    let bin = tempfile::Builder::new()
+        .prefix("writ-orch-")
+        .tempdir()
+        .unwrap();
+    std::fs::set_permissions(bin.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let orch = bin.path().join("writ-orch");
+    common::copy_executable(common::WRIT.as_ref(), &orch);
+    let orch = orch.canonicalize().unwrap();
+    let writ = Writ::start(&format!(
+        r#"
+[admin_api]
+authorized = [["unix:uid:{NOBODY}"]]
+bind_any_pid = [["unix:uid:{NOBODY}", "unix:path:{}"]]
+"#,
+        orch.display()
+    ));
+    let admin = writ.dir.path().join("run/admin.sock");
+    // Let nobody reach the admin socket (0770) through its group.
+    std::os::unix::fs::chown(&admin, None, Some(NOBODY)).unwrap();
+    let admin = admin.to_str().unwrap().to_owned();
+    // Nobody's: the newcomer may bind it too (bind_same_uid), so only the
+    // task's ownership stands between it and a sub-task.
+    let mut sleeper = Command::new("sleep")
+        .arg("60")
+        .uid(NOBODY)
+        .gid(NOBODY)
+        .spawn()
+        .unwrap();
+    let sleeper_pid = sleeper.id().to_string();
+    let as_nobody = |program: &std::path::Path, args: &[&str]| {
+        let mut c = Command::new(program);
+        c.args(args)
+            .args(["--admin-socket", &admin])
+            .uid(NOBODY)
+            .gid(NOBODY)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        c
+    };
+    let output = |child: Child| {
+        let out = child.wait_with_output().unwrap();
+        (
+            out.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    };
+
+    // 1. The orchestrator, with no SPIFFE ID, begins a task and exits.
+    let orchestrator = as_nobody(
+        &orch,
+        &[
+            "task",
+            "begin",
+            "--pid",
+            &sleeper_pid,
+            "--id",
+            "pt1",
+            "--spiffe-id",
+            "spiffe://writ.test/pidtask1",
+            "--tool",
+            "x",
+        ],
+    )
+    .spawn()
+    .unwrap();
+    let departed_pid = orchestrator.id();
+    let (ok, out) = output(orchestrator);
+    assert!(ok, "{out}");
+    let get_task = || {
+        let out = as_nobody(
+            common::WRIT.as_ref(),
+            &["task", "get", "pt1", "--output", "json"],
+        )
+        .output()
+        .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+    };
+    assert_eq!(
+        get_task()["orchestrator_spiffe_id"],
+        format!("pid:{departed_pid}")
+    );
+
+    // 2. A newcomer on its PID may not begin a sub-task of it...
+    let wrote_sub = spawn_with_pid(departed_pid, || {
+        as_nobody(
+            common::WRIT.as_ref(),
+            &[
+                "task",
+                "begin",
+                "--pid",
+                &sleeper_pid,
+                "--id",
+                "ptsub1",
+                "--parent",
+                "pt1",
+                "--tool",
+                "x",
+            ],
+        )
+    });
+    let (ok, out) = output(wrote_sub);
+    assert!(
+        !ok,
+        "a newcomer on the orchestrator's PID began a sub-task: {out}"
+    );
+    assert!(
+        out.contains("PermissionDenied") && out.contains("may begin sub-tasks of it"),
+        "{out}"
+    );
+    // 3. ...nor end it.
+    let ender = spawn_with_pid(departed_pid, || {
+        as_nobody(common::WRIT.as_ref(), &["task", "end", "pt1"])
+    });
+    let (ok, out) = output(ender);
+    assert!(
+        !ok,
+        "a newcomer on the orchestrator's PID ended its task: {out}"
+    );
+    assert!(
+        out.contains("PermissionDenied") && out.contains("may end it"),
+        "{out}"
+    );
+    assert_eq!(get_task()["completed_at"], 0, "the task was ended");
+    let _ = sleeper.kill();
+    let _ = sleeper.wait();
+    println!("PID-REUSE-PROVEN pid={departed_pid}");
 }
 
 /// Spawns `cmd` until it lands on `pid` (other processes and threads may take
@@ -63,16 +237,7 @@ fn spawn_with_pid(pid: u32, mut make: impl FnMut() -> Command) -> Child {
 #[test]
 #[ignore = "runs inside the PID namespace set up by the test above"]
 fn inside_pid_namespace() {
-    assert_eq!(
-        std::env::var("WRIT_TEST_IN_PIDNS").as_deref(),
-        Ok("1"),
-        "run via the outer test"
-    );
-    assert_eq!(
-        std::process::id(),
-        1,
-        "expected to be PID 1 of a fresh PID namespace"
-    );
+    assert_inside_pid_namespace();
     let writ = Writ::start(&format!(
         r#"
 [[entry]]

@@ -1639,6 +1639,119 @@ selectors = ["unix:uid:{nobody}"]
     sleeper.wait().unwrap();
 }
 
+/// An entry gives any SPIFFE ID to whatever its selectors match, the
+/// caller's own uid included: an authorized caller that could create one
+/// would make itself root's identity (here the orchestrator's) and end or
+/// sub-task its tasks. Creating and deleting entries takes `[admin_api]
+/// manage_entries` (by default the uid writ runs as); listing them does
+/// not.
+#[test]
+fn only_callers_allowed_manage_entries_may_create_or_delete_entries() {
+    if !is_root() {
+        eprintln!("SKIPPED: needs root to call as another user");
+        return;
+    }
+    let nobody = common::NOBODY;
+    let writ = Writ::start(&format!(
+        r#"
+[admin_api]
+authorized = [["unix:uid:0"], ["unix:uid:{nobody}"]]
+
+[[entry]]
+spiffe_id = "{ORCH_ID}"
+selectors = ["unix:uid:0"]
+"#
+    ));
+    let admin = admin_socket(&writ);
+    std::os::unix::fs::chown(&admin, None, Some(nobody)).unwrap();
+    let a = admin.to_str().unwrap();
+    let create = |uid: Option<u32>, spiffe_id: &str| {
+        common::writ_cli(
+            &[
+                "entry",
+                "create",
+                "--admin-socket",
+                a,
+                "--spiffe-id",
+                spiffe_id,
+                "--selector",
+                &format!("unix:uid:{nobody}"),
+            ],
+            uid,
+        )
+    };
+    let (ok, out, stderr) = create(Some(nobody), ORCH_ID);
+    assert!(!ok, "nobody created an entry for root's identity: {out}");
+    assert!(
+        stderr.contains("PermissionDenied")
+            && stderr.contains("may not create entries")
+            && stderr.contains("[admin_api] manage_entries"),
+        "{stderr}"
+    );
+    // The orchestrator (root, writ's own uid by default) may.
+    let (ok, id, stderr) = create(None, "spiffe://writ.test/for-nobody");
+    assert!(ok, "{stderr}");
+    let id = id.trim().to_owned();
+    let (ok, out, stderr) =
+        common::writ_cli(&["entry", "delete", "--admin-socket", a, &id], Some(nobody));
+    assert!(!ok, "nobody deleted an entry: {out}");
+    assert!(
+        stderr.contains("PermissionDenied")
+            && stderr.contains("may not delete entries")
+            && stderr.contains("[admin_api] manage_entries"),
+        "{stderr}"
+    );
+    // Listing stays open to every authorized caller.
+    let (ok, out, stderr) = common::writ_cli(&["entry", "list", "--admin-socket", a], Some(nobody));
+    assert!(ok && out.contains("for-nobody"), "{out}{stderr}");
+    // Nobody's selectors got no identity of root's.
+    let (ok, out, _) = common::writ_cli(
+        &["api", "fetch", "x509", "--socket", &writ.endpoint()],
+        Some(nobody),
+    );
+    assert!(!ok || !out.contains(ORCH_ID), "{out}");
+    let (ok, _, stderr) = common::writ_cli(&["entry", "delete", "--admin-socket", a, &id], None);
+    assert!(ok, "{stderr}");
+}
+
+/// Whoever `manage_entries` names may manage entries, and an empty list
+/// leaves entries to the config file alone.
+#[test]
+fn manage_entries_grants_what_it_lists() {
+    if !is_root() {
+        eprintln!("SKIPPED: needs root to call as another user");
+        return;
+    }
+    let nobody = common::NOBODY;
+    let writ = Writ::start(&format!(
+        r#"
+[admin_api]
+authorized = [["unix:uid:0"], ["unix:uid:{nobody}"]]
+manage_entries = [["unix:uid:{nobody}"]]
+"#
+    ));
+    let admin = admin_socket(&writ);
+    std::os::unix::fs::chown(&admin, None, Some(nobody)).unwrap();
+    let a = admin.to_str().unwrap();
+    let args = [
+        "entry",
+        "create",
+        "--admin-socket",
+        a,
+        "--spiffe-id",
+        "spiffe://writ.test/x",
+        "--selector",
+        "unix:uid:1",
+    ];
+    let (ok, _, stderr) = common::writ_cli(&args, None);
+    assert!(
+        !ok && stderr.contains("[admin_api] manage_entries"),
+        "root is not listed: {stderr}"
+    );
+    let (ok, _, stderr) = common::writ_cli(&args, Some(nobody));
+    assert!(ok, "{stderr}");
+}
+
 /// A PID from an orchestrator in another PID namespace (a container) is a
 /// number in that namespace: read in writ's, it named another process
 /// (`--pid 2` bound the host's kthreadd). Such a caller is refused.
@@ -2215,6 +2328,9 @@ fn helper() {
     if role == "bundles-child" {
         return bundles_child();
     }
+    if role == "admin-connection-then-setuid" {
+        return admin_connection_then_setuid();
+    }
     assert_eq!(role, "task-child");
     let go = std::env::var("WRIT_GO_FILE").unwrap();
     let out = PathBuf::from(std::env::var("WRIT_OUT_DIR").unwrap());
@@ -2281,6 +2397,28 @@ fn helper() {
             }
         }
     });
+}
+
+/// The `admin-connection-then-setuid` helper: connects to `WRIT_SOCKET`,
+/// hands the connection to the test (`WRIT_HANDOFF`) and keeps it open;
+/// after the go-file, becomes nobody without an exec and prints READY.
+fn admin_connection_then_setuid() {
+    let conn =
+        std::os::unix::net::UnixStream::connect(std::env::var("WRIT_SOCKET").unwrap()).unwrap();
+    common::handoff::send_fd(std::env::var("WRIT_HANDOFF").unwrap().as_ref(), &conn);
+    let go = std::env::var("WRIT_GO_FILE").unwrap();
+    common::wait_for(Duration::from_secs(120), "go file", || {
+        std::fs::metadata(&go).ok()
+    });
+    let nobody_gid = nix::unistd::Gid::from_raw(common::NOBODY);
+    let nobody_uid = nix::unistd::Uid::from_raw(common::NOBODY);
+    nix::unistd::setgroups(&[]).unwrap();
+    nix::unistd::setresgid(nobody_gid, nobody_gid, nobody_gid).unwrap();
+    nix::unistd::setresuid(nobody_uid, nobody_uid, nobody_uid).unwrap();
+    println!("READY");
+    std::io::stdout().flush().unwrap();
+    std::thread::sleep(Duration::from_secs(120));
+    drop(conn);
 }
 
 /// The `bundles-child` helper: after the go-file, follows one
@@ -2601,6 +2739,167 @@ async fn an_admin_connection_is_attested_once_until_something_may_have_changed()
         "the call after a cgroup-bound task began, and only that one"
     );
     tasks.end_task(end_req("cg-admin")).await.unwrap();
+    let _ = sleeper.kill();
+    let _ = sleeper.wait();
+}
+
+/// A helper that connects to the admin socket as root and hands the
+/// connection over; once the test writes the go-file, it drops to nobody
+/// (uid and gid, no exec) and prints READY. Returns the helper, a tasks
+/// client over its connection, the go-file, and the helper's stdout.
+async fn admin_connection_that_drops_to_nobody(
+    writ: &Writ,
+) -> (
+    Child,
+    apb::tasks_client::TasksClient<tonic::transport::Channel>,
+    PathBuf,
+    std::io::Lines<BufReader<std::process::ChildStdout>>,
+) {
+    let handoff_path = writ.dir.path().join("handoff.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&handoff_path).unwrap();
+    let go = writ.dir.path().join("go-drop");
+    let mut helper = helper_command("admin-connection-then-setuid")
+        .env("WRIT_SOCKET", admin_socket(writ))
+        .env("WRIT_HANDOFF", &handoff_path)
+        .env("WRIT_GO_FILE", &go)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let fd = common::handoff::recv_fd(&listener);
+    let lines = BufReader::new(helper.stdout.take().unwrap()).lines();
+    let std_stream = std::os::unix::net::UnixStream::from(fd);
+    std_stream.set_nonblocking(true).unwrap();
+    let slot = std::sync::Mutex::new(Some(std_stream));
+    let channel = tonic::transport::Endpoint::try_from("http://localhost")
+        .unwrap()
+        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
+            let s = slot.lock().unwrap().take();
+            async move {
+                let s = s.ok_or_else(|| std::io::Error::other("connection already used"))?;
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                    tokio::net::UnixStream::from_std(s)?,
+                ))
+            }
+        }))
+        .await
+        .unwrap();
+    (
+        helper,
+        apb::tasks_client::TasksClient::new(channel),
+        go,
+        lines,
+    )
+}
+
+/// Lets the helper of `admin_connection_that_drops_to_nobody` drop to
+/// nobody, and waits until it has.
+fn drop_to_nobody(go: &Path, lines: &mut std::io::Lines<BufReader<std::process::ChildStdout>>) {
+    std::fs::write(go, b"go").unwrap();
+    assert!(
+        lines
+            .by_ref()
+            .map_while(Result::ok)
+            .any(|l| l.ends_with("READY")),
+        "the helper did not change its uid"
+    );
+}
+
+/// An admin connection is served only under the credentials its process
+/// connected with, as a Workload API connection is: a process that drops
+/// from root to nobody is refused on its next call, not once the re-attest
+/// interval (here an hour) has passed.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_admin_call_is_refused_once_its_process_runs_under_other_credentials() {
+    if !is_root() {
+        eprintln!("SKIPPED: needs root to change a helper's uid");
+        return;
+    }
+    let writ = Writ::start(&config("\n[workload_api]\nreattest_interval = \"1h\"\n"));
+    let (mut helper, mut tasks, go, mut lines) = admin_connection_that_drops_to_nobody(&writ).await;
+    tasks
+        .list_tasks(apb::ListTasksRequest::default())
+        .await
+        .unwrap();
+    drop_to_nobody(&go, &mut lines);
+    let err = tasks
+        .list_tasks(apb::ListTasksRequest::default())
+        .await
+        .expect_err("served an admin call after its process changed its uid");
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    assert!(
+        err.message().contains(&format!(
+            "connected as uid 0 gid 0 and now runs as uid {}",
+            common::NOBODY
+        )),
+        "{}",
+        err.message()
+    );
+    let _ = helper.kill();
+    let _ = helper.wait();
+}
+
+/// A WatchTasks stream is authorized again before each event it sends and
+/// every re-attest interval while idle: once its caller no longer matches
+/// (here: it dropped to nobody), it ends with PermissionDenied instead of
+/// going on sending every task's intent.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_task_watch_ends_once_its_caller_runs_under_other_credentials() {
+    if !is_root() {
+        eprintln!("SKIPPED: needs root to change a helper's uid");
+        return;
+    }
+    // Before the next event, with no periodic check in the way.
+    let writ = Writ::start(&config("\n[workload_api]\nreattest_interval = \"1h\"\n"));
+    let (mut helper, mut watcher, go, mut lines) =
+        admin_connection_that_drops_to_nobody(&writ).await;
+    let mut events = watcher
+        .watch_tasks(apb::WatchTasksRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    drop_to_nobody(&go, &mut lines);
+    let mut sleeper = Command::new("sleep").arg("60").spawn().unwrap();
+    tasks_client(&writ)
+        .await
+        .begin_task(begin_pid("secret", sleeper.id()))
+        .await
+        .unwrap();
+    let outcome = tokio::time::timeout(Duration::from_secs(10), events.message())
+        .await
+        .expect("the watch neither sent nor ended");
+    match outcome {
+        Err(status) => {
+            assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+            assert!(
+                status.message().contains("now runs as uid"),
+                "{}",
+                status.message()
+            );
+        }
+        Ok(event) => panic!("a watcher that dropped to nobody was sent {event:?}"),
+    }
+    let _ = helper.kill();
+    let _ = helper.wait();
+
+    // While idle, at the re-attest interval.
+    let writ = Writ::start(&config("\n[workload_api]\nreattest_interval = \"1s\"\n"));
+    let (mut helper, mut watcher, go, mut lines) =
+        admin_connection_that_drops_to_nobody(&writ).await;
+    let mut events = watcher
+        .watch_tasks(apb::WatchTasksRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    drop_to_nobody(&go, &mut lines);
+    let outcome = tokio::time::timeout(Duration::from_secs(10), events.message())
+        .await
+        .expect("an idle watch went on after its caller dropped to nobody");
+    match outcome {
+        Err(status) => assert_eq!(status.code(), Code::PermissionDenied, "{status:?}"),
+        Ok(event) => panic!("expected PermissionDenied, got {event:?}"),
+    }
+    let _ = helper.kill();
+    let _ = helper.wait();
     let _ = sleeper.kill();
     let _ = sleeper.wait();
 }
@@ -3242,4 +3541,71 @@ async fn control_characters_in_intents_and_end_reasons_are_refused() {
     assert!(get_task(&mut tasks, "t-ok").await.completed_at == 0);
     sleeper.kill().unwrap();
     sleeper.wait().unwrap();
+}
+
+/// Nor does an entry take an identity below an active task's: relying
+/// parties that trust what lies below `/task/T` as part of T would accept
+/// an entry's long-lived identity that T's end does not revoke. Below is by
+/// whole path segments: a sibling whose name merely starts the same is
+/// fine.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_entry_never_takes_an_identity_below_an_active_tasks() {
+    let writ = Writ::start(&config(""));
+    let mut tasks = tasks_client(&writ).await;
+    let mut sleeper = Command::new("sleep").arg("60").spawn().unwrap();
+    tasks
+        .begin_task(begin_pid("t1", sleeper.id()))
+        .await
+        .unwrap();
+    let task_id = format!("{ORCH_ID}/task/t1");
+    let admin = admin_socket(&writ);
+    let create = |spiffe_id: &str| {
+        common::writ_cli(
+            &[
+                "entry",
+                "create",
+                "--admin-socket",
+                admin.to_str().unwrap(),
+                "--spiffe-id",
+                spiffe_id,
+                "--selector",
+                "unix:uid:65534",
+            ],
+            None,
+        )
+    };
+    let below = format!("{task_id}/task/x");
+    let (ok, out, err) = create(&below);
+    assert!(
+        !ok && err.contains("AlreadyExists")
+            && err.contains(&format!(
+                "{below} lies below {task_id}, the identity of active task t1"
+            )),
+        "{out}{err}"
+    );
+    let (ok, out, err) = create(&format!("{task_id}0"));
+    assert!(ok, "a sibling, not below: {out}{err}");
+    // A config entry below it, added and reloaded, is refused the same way.
+    let original = std::fs::read_to_string(&writ.config_path).unwrap();
+    std::fs::write(
+        &writ.config_path,
+        format!(
+            "{original}\n[[entry]]\nspiffe_id = \"{task_id}/deeper\"\nselectors = [\"unix:uid:65533\"]\n"
+        ),
+    )
+    .unwrap();
+    let reload = || common::writ_cli(&["reload", "--admin-socket", admin.to_str().unwrap()], None);
+    let (ok, out, err) = reload();
+    assert!(
+        !ok && err.contains("lies below") && err.contains("the identity of active task t1"),
+        "{out}{err}"
+    );
+    // Once the task has ended, both are fine.
+    tasks.end_task(end_req("t1")).await.unwrap();
+    let (ok, out, err) = reload();
+    assert!(ok, "{out}{err}");
+    let (ok, out, err) = create(&below);
+    assert!(ok, "{out}{err}");
+    let _ = sleeper.kill();
+    let _ = sleeper.wait();
 }

@@ -25,6 +25,6 @@ pub use process::{
     PinnedProcess, ancestors, descends_from, is_descendant_of, namespace_of, parent_of,
 };
 pub use selector::{Selector, SelectorError};
-pub use snapshot::{ProcessSnapshot, read_snapshot};
+pub use snapshot::{Credentials, ProcessSnapshot, read_credentials, read_snapshot};
 pub use systemd::{SystemdAttestor, SystemdPlacement, systemd_placement};
 pub use unix::{UnixAttestor, UnixConfig};

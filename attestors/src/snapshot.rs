@@ -25,6 +25,48 @@ pub struct ProcessSnapshot {
     pub cgroup_path: Option<String>,
 }
 
+impl ProcessSnapshot {
+    /// The credentials the snapshot was read with.
+    pub fn credentials(&self) -> Credentials {
+        Credentials {
+            uid: self.uid,
+            gid: self.gid,
+            supplementary_gids: self.supplementary_gids.clone(),
+        }
+    }
+}
+
+/// A process's effective uid and gid and its supplementary groups: what a
+/// process can change about itself without an exec (setresuid, setgroups),
+/// and what `unix:uid`, `unix:gid` and group selectors are derived from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Credentials {
+    pub uid: u32,
+    pub gid: u32,
+    pub supplementary_gids: Vec<u32>,
+}
+
+/// Reads the process's credentials as they are now: one read of its
+/// `status` file (kept open since its first attestation), confirmed as the
+/// pinned process's by the pidfd afterwards. Cheap enough to ask before an
+/// earlier attestation is trusted again.
+pub fn read_credentials(process: &PinnedProcess) -> Result<Credentials, AttestError> {
+    let pid = process.pid();
+    let files = process.proc_files()?;
+    let mut buf = Vec::with_capacity(2048);
+    files.read_status(&mut buf)?;
+    let status = procfs::parse_status(&buf)
+        .map_err(|detail| procfs::parse_error(ProcFiles::path_of(pid, "status"), detail))?;
+    if process.has_exited() {
+        return Err(AttestError::ProcessGone { pid });
+    }
+    Ok(Credentials {
+        uid: status.effective_uid,
+        gid: status.effective_gid,
+        supplementary_gids: status.supplementary_gids,
+    })
+}
+
 /// Reads the snapshot, then asks the pidfd whether the process is still
 /// alive: a PID is only reused after its process has exited and been reaped,
 /// so alive at the end means every file read was this process's. That is
@@ -65,6 +107,13 @@ pub fn read_snapshot(process: &PinnedProcess) -> Result<ProcessSnapshot, AttestE
 mod tests {
     use super::*;
     use std::os::unix::fs::MetadataExt;
+
+    #[test]
+    fn credentials_now_match_the_snapshots() {
+        let me = PinnedProcess::open(std::process::id() as i32).unwrap();
+        let snapshot = read_snapshot(&me).unwrap();
+        assert_eq!(read_credentials(&me).unwrap(), snapshot.credentials());
+    }
 
     #[test]
     fn snapshot_of_this_process_matches_independent_sources() {

@@ -237,6 +237,7 @@ impl Builder<'_> {
                 authorized: admin.authorized,
                 bind_any_pid: admin.bind_any_pid,
                 bind_same_uid: admin.bind_same_uid,
+                manage_entries: admin.manage_entries,
             }),
             ca: ca.map_or_else(CaConfig::default, |ca| ca.config),
             attestors,
@@ -400,14 +401,15 @@ impl Builder<'_> {
         data_dir: &Sourced<PathBuf>,
         defaults: AdminApiConfig,
     ) -> Option<CheckedAdminApi> {
-        let (socket_text, authorized, bind_any_pid, bind_same_uid) = match raw {
+        let (socket_text, authorized, bind_any_pid, bind_same_uid, manage_entries) = match raw {
             Some(raw) => (
                 raw.socket_path,
                 raw.authorized,
                 raw.bind_any_pid,
                 raw.bind_same_uid,
+                raw.manage_entries,
             ),
-            None => (None, None, None, None),
+            None => (None, None, None, None, None),
         };
         let socket_path = self.socket_path(
             "admin_api.socket_path",
@@ -423,11 +425,16 @@ impl Builder<'_> {
             None => Some(defaults.bind_any_pid),
             Some(sets) => self.selector_sets("admin_api.bind_any_pid", &sets),
         };
+        let manage_entries = match manage_entries {
+            None => Some(defaults.manage_entries),
+            Some(sets) => self.selector_sets("admin_api.manage_entries", &sets),
+        };
         Some(CheckedAdminApi {
             socket_path: socket_path?,
             authorized: authorized?,
             bind_any_pid: bind_any_pid?,
             bind_same_uid: bind_same_uid.unwrap_or(defaults.bind_same_uid),
+            manage_entries: manage_entries?,
         })
     }
 
@@ -1414,6 +1421,7 @@ struct CheckedAdminApi {
     authorized: Vec<Vec<Selector>>,
     bind_any_pid: Vec<Vec<Selector>>,
     bind_same_uid: bool,
+    manage_entries: Vec<Vec<Selector>>,
 }
 
 struct CheckedCa {

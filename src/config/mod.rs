@@ -82,6 +82,12 @@ pub struct AdminApiConfig {
     /// Authorized callers may bind processes running under their own uid
     /// (which they could ptrace anyway). Default: true.
     pub bind_same_uid: bool,
+    /// Authorized callers matching one of these sets may create and delete
+    /// registration entries. An entry gives any SPIFFE ID to whatever its
+    /// selectors match, the caller itself included, so this is the power
+    /// to be anyone. Default: the uid writ runs as (as for `authorized`).
+    #[serde(serialize_with = "serialize_selector_sets")]
+    pub manage_entries: Vec<Vec<Selector>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -413,6 +419,7 @@ impl Config {
                 authorized: vec![vec![Selector::with_key("unix", "uid", env.uid)]],
                 bind_any_pid: Vec::new(),
                 bind_same_uid: true,
+                manage_entries: vec![vec![Selector::with_key("unix", "uid", env.uid)]],
             },
             data_dir,
             ca: CaConfig::default(),

@@ -122,6 +122,12 @@ fn builtin_defaults_for_a_user_follow_xdg() {
         config.admin_api.authorized,
         vec![vec![selector("unix:uid:1000")]]
     );
+    // Entries are managed by the same user by default, so the no-config
+    // quick start can register them.
+    assert_eq!(
+        config.admin_api.manage_entries,
+        vec![vec![selector("unix:uid:1000")]]
+    );
     assert_eq!(config.entries.len(), 1);
     assert_eq!(
         config.entries[0].spiffe_id.to_string(),
@@ -206,6 +212,7 @@ socket_path = "/srv/writ/sock/admin.sock"
 authorized = [["unix:uid:0"], ["unix:uid:1000", "systemd:unit:orchestrator.service"]]
 bind_any_pid = [["unix:uid:0"]]
 bind_same_uid = false
+manage_entries = [["unix:uid:0", "unix:gid:0"]]
 
 [ca]
 ca_ttl = "2d"
@@ -305,6 +312,7 @@ fn full_config_loads_every_key() {
             ],
             bind_any_pid: vec![vec![selector("unix:uid:0")]],
             bind_same_uid: false,
+            manage_entries: vec![vec![selector("unix:uid:0"), selector("unix:gid:0")]],
         },
         ca: CaConfig {
             ca_ttl: secs(2 * 86_400),
@@ -799,6 +807,32 @@ fn admin_authorized_sets() {
     // An empty list is allowed: it locks the admin API.
     let config = parse_ok("[admin_api]\nauthorized = []\n");
     assert!(config.admin_api.authorized.is_empty());
+}
+
+/// `manage_entries` is read and checked exactly like `authorized`, and
+/// defaults to the uid writ runs as when an `[admin_api]` table leaves it
+/// out.
+#[test]
+fn admin_manage_entries_sets() {
+    assert_single_error(
+        "[admin_api]\nmanage_entries = [[\"unix:uid:0\"], [\"unix:0\"]]\n",
+        2,
+        36,
+        "admin_api.manage_entries[1][0]: selector \"unix:0\" must have the form type:key:value",
+    );
+    assert_single_error(
+        "[admin_api]\nmanage_entries = [[\"unix:uid:0\"], []]\n",
+        2,
+        35,
+        "admin_api.manage_entries[1] is an empty selector set, which every caller would match",
+    );
+    let config = parse_ok("[admin_api]\nmanage_entries = []\n");
+    assert!(config.admin_api.manage_entries.is_empty());
+    let config = parse_ok("[admin_api]\nauthorized = [[\"unix:uid:0\"], [\"unix:uid:1000\"]]\n");
+    assert_eq!(
+        config.admin_api.manage_entries,
+        Config::builtin_defaults(&alice()).admin_api.manage_entries
+    );
 }
 
 #[test]
