@@ -36,7 +36,7 @@ pub struct AdminAuthorization {
     /// An entry names any SPIFFE ID for any selectors, the caller's own
     /// included: without this, every authorized caller could make itself
     /// root's (or another orchestrator's) identity and act on its tasks.
-    pub manage_entries: Vec<Vec<Selector>>,
+    pub operators: Vec<Vec<Selector>>,
 }
 
 fn matches_any(sets: &[Vec<Selector>], have: &[Selector]) -> bool {
@@ -674,17 +674,20 @@ pub fn entry_to_proto(e: &crate::identity::Entry) -> pb::Entry {
 }
 
 impl AdminContext {
-    /// `authorize`, for a call that changes registration entries: the
-    /// caller must match `[admin_api] manage_entries` as well.
-    fn authorize_entry_change<T>(
+    /// `authorize`, for a call that changes what writ trusts or issues
+    /// (registration entries, federated bundles, a reload): the caller must
+    /// match `[admin_api] operators` as well. Orchestrators need only
+    /// `authorized`; an entry or a bundle would let one take any identity,
+    /// or make workloads trust a CA of its choosing for another domain.
+    fn authorize_operator<T>(
         &self,
         request: &Request<T>,
         call: &str,
     ) -> Result<AdminCaller, Status> {
         let admin = self.authorize(request)?;
-        if !matches_any(&self.auth.manage_entries, admin.selectors()) {
+        if !matches_any(&self.auth.operators, admin.selectors()) {
             return Err(Status::permission_denied(format!(
-                "caller (pid {}, uid {}) may not {call}: it matches no selector set of [admin_api] manage_entries",
+                "caller (pid {}, uid {}) may not {call}: it matches no selector set of [admin_api] operators",
                 admin.caller.pid, admin.caller.uid
             )));
         }
@@ -699,7 +702,7 @@ impl pb::entries_server::Entries for EntriesService {
         request: Request<pb::CreateEntryRequest>,
     ) -> Result<Response<pb::Entry>, Status> {
         let ctx = &self.0;
-        ctx.authorize_entry_change(&request, "create entries")?;
+        ctx.authorize_operator(&request, "create entries")?;
         let entry = ctx
             .entries
             .create(request.into_inner())
@@ -713,7 +716,7 @@ impl pb::entries_server::Entries for EntriesService {
         request: Request<pb::DeleteEntryRequest>,
     ) -> Result<Response<pb::DeleteEntryResponse>, Status> {
         let ctx = &self.0;
-        ctx.authorize_entry_change(&request, "delete entries")?;
+        ctx.authorize_operator(&request, "delete entries")?;
         ctx.entries
             .delete(&request.into_inner().id)
             .await
@@ -850,7 +853,7 @@ impl pb::bundles_server::Bundles for BundlesService {
         request: Request<pb::SetBundleRequest>,
     ) -> Result<Response<pb::Bundle>, Status> {
         let ctx = &self.0;
-        ctx.authorize(&request)?;
+        ctx.authorize_operator(&request, "set federated bundles")?;
         let req = request.into_inner();
         let td = parse_trust_domain(&req.trust_domain)?;
         if &td == ctx.agent.trust_domain() {
@@ -887,7 +890,7 @@ impl pb::bundles_server::Bundles for BundlesService {
         request: Request<pb::DeleteBundleRequest>,
     ) -> Result<Response<pb::DeleteBundleResponse>, Status> {
         let ctx = &self.0;
-        ctx.authorize(&request)?;
+        ctx.authorize_operator(&request, "delete federated bundles")?;
         let td = parse_trust_domain(&request.into_inner().trust_domain)?;
         ctx.federation
             .delete_bundle(&td)
@@ -945,7 +948,7 @@ impl pb::agent_server::Agent for AgentService {
         request: Request<pb::ReloadRequest>,
     ) -> Result<Response<pb::ReloadResponse>, Status> {
         let ctx = &self.0;
-        let admin = ctx.authorize(&request)?;
+        let admin = ctx.authorize_operator(&request, "reload the configuration")?;
         let caller = crate::audit::CallerFacts {
             spiffe_ids: Vec::new(),
             pid: admin.caller.pid,

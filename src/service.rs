@@ -401,7 +401,7 @@ pub async fn run(
             authorized: config.admin_api.authorized.clone(),
             bind_any_pid: config.admin_api.bind_any_pid.clone(),
             bind_same_uid: config.admin_api.bind_same_uid,
-            manage_entries: config.admin_api.manage_entries.clone(),
+            operators: config.admin_api.operators.clone(),
         },
         reattest_interval: config.workload_api.reattest_interval,
     });

@@ -1643,10 +1643,10 @@ selectors = ["unix:uid:{nobody}"]
 /// caller's own uid included: an authorized caller that could create one
 /// would make itself root's identity (here the orchestrator's) and end or
 /// sub-task its tasks. Creating and deleting entries takes `[admin_api]
-/// manage_entries` (by default the uid writ runs as); listing them does
+/// operators` (by default the uid writ runs as); listing them does
 /// not.
 #[test]
-fn only_callers_allowed_manage_entries_may_create_or_delete_entries() {
+fn only_callers_allowed_operators_may_create_or_delete_entries() {
     if !is_root() {
         eprintln!("SKIPPED: needs root to call as another user");
         return;
@@ -1685,7 +1685,7 @@ selectors = ["unix:uid:0"]
     assert!(
         stderr.contains("PermissionDenied")
             && stderr.contains("may not create entries")
-            && stderr.contains("[admin_api] manage_entries"),
+            && stderr.contains("[admin_api] operators"),
         "{stderr}"
     );
     // The orchestrator (root, writ's own uid by default) may.
@@ -1698,7 +1698,7 @@ selectors = ["unix:uid:0"]
     assert!(
         stderr.contains("PermissionDenied")
             && stderr.contains("may not delete entries")
-            && stderr.contains("[admin_api] manage_entries"),
+            && stderr.contains("[admin_api] operators"),
         "{stderr}"
     );
     // Listing stays open to every authorized caller.
@@ -1712,12 +1712,61 @@ selectors = ["unix:uid:0"]
     assert!(!ok || !out.contains(ORCH_ID), "{out}");
     let (ok, _, stderr) = common::writ_cli(&["entry", "delete", "--admin-socket", a, &id], None);
     assert!(ok, "{stderr}");
+
+    // Nor may it choose which CA workloads trust for another trust domain,
+    // or reload the configuration.
+    let (ok, pem, stderr) = common::writ_cli(
+        &["bundle", "show", "--format", "pem", "--admin-socket", a],
+        None,
+    );
+    assert!(ok, "{stderr}");
+    let mut file = tempfile::NamedTempFile::new().unwrap();
+    std::io::Write::write_all(&mut file, pem.as_bytes()).unwrap();
+    let readable = std::os::unix::fs::PermissionsExt::from_mode(0o644);
+    std::fs::set_permissions(file.path(), readable).unwrap();
+    let set = [
+        "bundle",
+        "set",
+        "--trust-domain",
+        "other.test",
+        "--file",
+        file.path().to_str().unwrap(),
+        "--admin-socket",
+        a,
+    ];
+    let delete = [
+        "bundle",
+        "delete",
+        "--trust-domain",
+        "other.test",
+        "--admin-socket",
+        a,
+    ];
+    let refused = |args: &[&str], call: &str| {
+        let (ok, out, stderr) = common::writ_cli(args, Some(nobody));
+        assert!(
+            !ok && stderr.contains("PermissionDenied")
+                && stderr.contains(&format!("may not {call}"))
+                && stderr.contains("[admin_api] operators"),
+            "{args:?}: {out}{stderr}"
+        );
+    };
+    refused(&set, "set federated bundles");
+    let (ok, _, stderr) = common::writ_cli(&set, None);
+    assert!(ok, "{stderr}");
+    refused(&delete, "delete federated bundles");
+    refused(&["reload", "--admin-socket", a], "reload the configuration");
+    let (ok, out, stderr) =
+        common::writ_cli(&["bundle", "list", "--admin-socket", a], Some(nobody));
+    assert!(ok && out.contains("other.test"), "{out}{stderr}");
+    let (ok, _, stderr) = common::writ_cli(&delete, None);
+    assert!(ok, "{stderr}");
 }
 
-/// Whoever `manage_entries` names may manage entries, and an empty list
+/// Whoever `operators` names may manage entries, and an empty list
 /// leaves entries to the config file alone.
 #[test]
-fn manage_entries_grants_what_it_lists() {
+fn operators_grants_what_it_lists() {
     if !is_root() {
         eprintln!("SKIPPED: needs root to call as another user");
         return;
@@ -1727,7 +1776,7 @@ fn manage_entries_grants_what_it_lists() {
         r#"
 [admin_api]
 authorized = [["unix:uid:0"], ["unix:uid:{nobody}"]]
-manage_entries = [["unix:uid:{nobody}"]]
+operators = [["unix:uid:{nobody}"]]
 "#
     ));
     let admin = admin_socket(&writ);
@@ -1745,7 +1794,7 @@ manage_entries = [["unix:uid:{nobody}"]]
     ];
     let (ok, _, stderr) = common::writ_cli(&args, None);
     assert!(
-        !ok && stderr.contains("[admin_api] manage_entries"),
+        !ok && stderr.contains("[admin_api] operators"),
         "root is not listed: {stderr}"
     );
     let (ok, _, stderr) = common::writ_cli(&args, Some(nobody));

@@ -237,7 +237,7 @@ impl Builder<'_> {
                 authorized: admin.authorized,
                 bind_any_pid: admin.bind_any_pid,
                 bind_same_uid: admin.bind_same_uid,
-                manage_entries: admin.manage_entries,
+                operators: admin.operators,
             }),
             ca: ca.map_or_else(CaConfig::default, |ca| ca.config),
             attestors,
@@ -401,13 +401,13 @@ impl Builder<'_> {
         data_dir: &Sourced<PathBuf>,
         defaults: AdminApiConfig,
     ) -> Option<CheckedAdminApi> {
-        let (socket_text, authorized, bind_any_pid, bind_same_uid, manage_entries) = match raw {
+        let (socket_text, authorized, bind_any_pid, bind_same_uid, operators) = match raw {
             Some(raw) => (
                 raw.socket_path,
                 raw.authorized,
                 raw.bind_any_pid,
                 raw.bind_same_uid,
-                raw.manage_entries,
+                raw.operators,
             ),
             None => (None, None, None, None, None),
         };
@@ -425,16 +425,16 @@ impl Builder<'_> {
             None => Some(defaults.bind_any_pid),
             Some(sets) => self.selector_sets("admin_api.bind_any_pid", &sets),
         };
-        let manage_entries = match manage_entries {
-            None => Some(defaults.manage_entries),
-            Some(sets) => self.selector_sets("admin_api.manage_entries", &sets),
+        let operators = match operators {
+            None => Some(defaults.operators),
+            Some(sets) => self.selector_sets("admin_api.operators", &sets),
         };
         Some(CheckedAdminApi {
             socket_path: socket_path?,
             authorized: authorized?,
             bind_any_pid: bind_any_pid?,
             bind_same_uid: bind_same_uid.unwrap_or(defaults.bind_same_uid),
-            manage_entries: manage_entries?,
+            operators: operators?,
         })
     }
 
@@ -1421,7 +1421,7 @@ struct CheckedAdminApi {
     authorized: Vec<Vec<Selector>>,
     bind_any_pid: Vec<Vec<Selector>>,
     bind_same_uid: bool,
-    manage_entries: Vec<Vec<Selector>>,
+    operators: Vec<Vec<Selector>>,
 }
 
 struct CheckedCa {

@@ -87,7 +87,7 @@ pub struct AdminApiConfig {
     /// selectors match, the caller itself included, so this is the power
     /// to be anyone. Default: the uid writ runs as (as for `authorized`).
     #[serde(serialize_with = "serialize_selector_sets")]
-    pub manage_entries: Vec<Vec<Selector>>,
+    pub operators: Vec<Vec<Selector>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -419,7 +419,7 @@ impl Config {
                 authorized: vec![vec![Selector::with_key("unix", "uid", env.uid)]],
                 bind_any_pid: Vec::new(),
                 bind_same_uid: true,
-                manage_entries: vec![vec![Selector::with_key("unix", "uid", env.uid)]],
+                operators: vec![vec![Selector::with_key("unix", "uid", env.uid)]],
             },
             data_dir,
             ca: CaConfig::default(),

@@ -42,7 +42,7 @@ pub(super) struct RawAdminApi {
     pub authorized: Option<Vec<Spanned<Vec<Text>>>>,
     pub bind_any_pid: Option<Vec<Spanned<Vec<Text>>>>,
     pub bind_same_uid: Option<bool>,
-    pub manage_entries: Option<Vec<Spanned<Vec<Text>>>>,
+    pub operators: Option<Vec<Spanned<Vec<Text>>>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -125,7 +125,7 @@ fn builtin_defaults_for_a_user_follow_xdg() {
     // Entries are managed by the same user by default, so the no-config
     // quick start can register them.
     assert_eq!(
-        config.admin_api.manage_entries,
+        config.admin_api.operators,
         vec![vec![selector("unix:uid:1000")]]
     );
     assert_eq!(config.entries.len(), 1);
@@ -212,7 +212,7 @@ socket_path = "/srv/writ/sock/admin.sock"
 authorized = [["unix:uid:0"], ["unix:uid:1000", "systemd:unit:orchestrator.service"]]
 bind_any_pid = [["unix:uid:0"]]
 bind_same_uid = false
-manage_entries = [["unix:uid:0", "unix:gid:0"]]
+operators = [["unix:uid:0", "unix:gid:0"]]
 
 [ca]
 ca_ttl = "2d"
@@ -312,7 +312,7 @@ fn full_config_loads_every_key() {
             ],
             bind_any_pid: vec![vec![selector("unix:uid:0")]],
             bind_same_uid: false,
-            manage_entries: vec![vec![selector("unix:uid:0"), selector("unix:gid:0")]],
+            operators: vec![vec![selector("unix:uid:0"), selector("unix:gid:0")]],
         },
         ca: CaConfig {
             ca_ttl: secs(2 * 86_400),
@@ -809,29 +809,29 @@ fn admin_authorized_sets() {
     assert!(config.admin_api.authorized.is_empty());
 }
 
-/// `manage_entries` is read and checked exactly like `authorized`, and
+/// `operators` is read and checked exactly like `authorized`, and
 /// defaults to the uid writ runs as when an `[admin_api]` table leaves it
 /// out.
 #[test]
-fn admin_manage_entries_sets() {
+fn admin_operators_sets() {
     assert_single_error(
-        "[admin_api]\nmanage_entries = [[\"unix:uid:0\"], [\"unix:0\"]]\n",
+        "[admin_api]\noperators = [[\"unix:uid:0\"], [\"unix:0\"]]\n",
         2,
-        36,
-        "admin_api.manage_entries[1][0]: selector \"unix:0\" must have the form type:key:value",
+        31,
+        "admin_api.operators[1][0]: selector \"unix:0\" must have the form type:key:value",
     );
     assert_single_error(
-        "[admin_api]\nmanage_entries = [[\"unix:uid:0\"], []]\n",
+        "[admin_api]\noperators = [[\"unix:uid:0\"], []]\n",
         2,
-        35,
-        "admin_api.manage_entries[1] is an empty selector set, which every caller would match",
+        30,
+        "admin_api.operators[1] is an empty selector set, which every caller would match",
     );
-    let config = parse_ok("[admin_api]\nmanage_entries = []\n");
-    assert!(config.admin_api.manage_entries.is_empty());
+    let config = parse_ok("[admin_api]\noperators = []\n");
+    assert!(config.admin_api.operators.is_empty());
     let config = parse_ok("[admin_api]\nauthorized = [[\"unix:uid:0\"], [\"unix:uid:1000\"]]\n");
     assert_eq!(
-        config.admin_api.manage_entries,
-        Config::builtin_defaults(&alice()).admin_api.manage_entries
+        config.admin_api.operators,
+        Config::builtin_defaults(&alice()).admin_api.operators
     );
 }
 
