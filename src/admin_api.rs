@@ -429,60 +429,83 @@ impl pb::tasks_server::Tasks for TasksService {
         crate::tasks::validate_end_reason(&req.reason).map_err(task_status)?;
         // Ending an active task is a decision too (a completed one is
         // reported as it is, whoever asks). One still being begun is judged
-        // once it is active.
-        ctx.tasks.until_settled(&req.task_id).await;
-        let mut requested_by = None;
-        if let Some(active) = ctx.agent.active_task(&req.task_id) {
-            let attestation = &admin.attestation;
-            let own_id = ctx
-                .agent
-                .entitlements(attestation)
-                .into_iter()
-                .next()
-                .map(|e| e.spiffe_id);
-            if !crate::tasks::may_act_on(
-                &active,
-                own_id.as_ref(),
-                &admin.caller.process,
-                matches_any(&ctx.auth.bind_any_pid, admin.selectors()),
-            ) {
-                return Err(Status::permission_denied(format!(
-                    "task {} was begun by {}: only it, processes working in the task, or a caller allowed bind_any_pid may end it",
-                    active.id, active.orchestrator
-                )));
+        // once it is active; one that begins after the look is judged on a
+        // second look, never ended on the strength of the first.
+        let active = loop {
+            ctx.tasks.until_settled(&req.task_id).await;
+            if let Some(active) = ctx.agent.active_task(&req.task_id) {
+                break active;
             }
-            let selectors: Vec<String> = admin.selectors().iter().map(|s| s.to_string()).collect();
-            let request = crate::policy::PolicyRequest::EndTask {
-                caller: crate::policy::Workload {
-                    spiffe_id: own_id.as_ref().map(|s| s.to_string()),
-                    selectors: selectors.clone(),
-                    pid: admin.caller.pid,
-                    uid: attestation.snapshot.uid,
-                },
-                task: crate::policy::TaskFacts::from(&*active),
-            };
-            let facts = crate::audit::CallerFacts {
-                spiffe_ids: own_id.iter().map(|s| s.to_string()).collect(),
+            match ctx.tasks.get(&req.task_id).map_err(task_status)? {
+                Some(task) if task.completion.is_some() => {
+                    let serials = ctx
+                        .tasks
+                        .issued_serials(&req.task_id)
+                        .map_err(task_status)?;
+                    let mut response = Response::new(task_to_proto(&task, serials));
+                    response.metadata_mut().insert(
+                        ALREADY_COMPLETED_HEADER,
+                        tonic::metadata::MetadataValue::from_static("true"),
+                    );
+                    return Ok(response);
+                }
+                Some(_) => continue,
+                None => {
+                    return Err(task_status(crate::tasks::TaskError::NotFound(
+                        req.task_id.clone(),
+                    )));
+                }
+            }
+        };
+        let attestation = &admin.attestation;
+        let own_id = ctx
+            .agent
+            .entitlements(attestation)
+            .into_iter()
+            .next()
+            .map(|e| e.spiffe_id);
+        if !crate::tasks::may_act_on(
+            &active,
+            own_id.as_ref(),
+            &admin.caller.process,
+            matches_any(&ctx.auth.bind_any_pid, admin.selectors()),
+        ) {
+            return Err(Status::permission_denied(format!(
+                "task {} was begun by {}: only it, processes working in the task, or a caller allowed bind_any_pid may end it",
+                active.id, active.orchestrator
+            )));
+        }
+        let selectors: Vec<String> = admin.selectors().iter().map(|s| s.to_string()).collect();
+        let request = crate::policy::PolicyRequest::EndTask {
+            caller: crate::policy::Workload {
+                spiffe_id: own_id.as_ref().map(|s| s.to_string()),
+                selectors: selectors.clone(),
                 pid: admin.caller.pid,
                 uid: attestation.snapshot.uid,
-                selectors,
-            };
-            let decision = ctx
-                .agent
-                .authorize(&request, Some(facts.clone()), true)
-                .await;
-            if !decision.allowed {
-                return Err(Status::permission_denied(decision.denial_message()));
-            }
-            requested_by = Some(crate::tasks::Requester {
-                caller: facts,
-                action: request.action_name().to_owned(),
-                decision,
-            });
+            },
+            task: crate::policy::TaskFacts::from(&*active),
+        };
+        let facts = crate::audit::CallerFacts {
+            spiffe_ids: own_id.iter().map(|s| s.to_string()).collect(),
+            pid: admin.caller.pid,
+            uid: attestation.snapshot.uid,
+            selectors,
+        };
+        let decision = ctx
+            .agent
+            .authorize(&request, Some(facts.clone()), true)
+            .await;
+        if !decision.allowed {
+            return Err(Status::permission_denied(decision.denial_message()));
         }
+        let requested_by = crate::tasks::Requester {
+            caller: facts,
+            action: request.action_name().to_owned(),
+            decision,
+        };
         let (task, serials, ended_now) = ctx
             .tasks
-            .end_reporting(&req.task_id, req.reason, requested_by)
+            .end_reporting(&req.task_id, req.reason, Some(requested_by))
             .await
             .map_err(task_status)?;
         let mut response = Response::new(task_to_proto(&task, serials));
