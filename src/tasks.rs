@@ -858,21 +858,6 @@ impl TaskManager {
                         }
                     )));
                 }
-                // An entry's identity goes on being issued to whatever the
-                // entry matches: a task holding it too could not be told
-                // apart by relying parties, and ending the task would not
-                // end what that identity may do.
-                if self
-                    .agent
-                    .registry()
-                    .entries()
-                    .iter()
-                    .any(|entry| entry.spiffe_id == *explicit)
-                {
-                    return Err(TaskError::PermissionDenied(format!(
-                        "spiffe_id {explicit} is the identity of a registration entry; a task takes an identity of its own"
-                    )));
-                }
                 explicit.clone()
             }
             (None, Some(parent), _) => parent
@@ -889,6 +874,35 @@ impl TaskManager {
                 ));
             }
         };
+        // An entry's identity goes on being issued to whatever the entry
+        // matches: a task holding it too could not be told apart by relying
+        // parties, and ending the task would not end what that identity may
+        // do. Nor may an entry lie below the task's identity, where relying
+        // parties would take it for part of the task. Given or derived.
+        if let Some(entry) = self
+            .agent
+            .registry()
+            .entries()
+            .iter()
+            .find(|entry| entry.spiffe_id.is_at_or_below(&spiffe_id))
+        {
+            let (what, field) = if req.spiffe_id.is_some() {
+                ("spiffe_id", "a task takes an identity of its own")
+            } else {
+                (
+                    "task_id",
+                    "a task takes an identity of its own: choose another task id",
+                )
+            };
+            let place = if entry.spiffe_id == spiffe_id {
+                "is the identity of a registration entry".to_owned()
+            } else {
+                format!("has registration entry {} below it", entry.spiffe_id)
+            };
+            return Err(TaskError::PermissionDenied(format!(
+                "{what}: {spiffe_id} {place}; {field}"
+            )));
+        }
 
         let task = Arc::new(Task {
             id: id.clone(),
@@ -2079,14 +2093,38 @@ pub const MAX_END_REASON_BYTES: usize = 4 * MAX_INTENT_STRING;
 /// Refuses a control character (C0, DEL or C1) in intent text or an end
 /// reason. Such text often comes from an agent's prompt or a ticket, and
 /// goes to operators' terminals (`writ task get`), audit records, JWT
-/// claims and policies, where an escape sequence, a carriage return or a
-/// line feed could forge or hide what is shown.
+/// claims and policies, where an escape sequence or a carriage return
+/// could forge or hide what is shown. Free text (a purpose, an end reason)
+/// may still break lines and indent: a reason made of a command's output
+/// is common, and refusing it would leave the task running. Names (tools,
+/// targets, a data class, attributes) may not.
 fn refuse_control_characters(
     field: &'static str,
     what: impl FnOnce() -> String,
     text: &str,
 ) -> Result<(), TaskError> {
-    match text.char_indices().find(|(_, c)| c.is_control()) {
+    refuse_controls_except(field, what, text, &[])
+}
+
+/// `refuse_control_characters`, but line feeds and tabs are allowed.
+fn refuse_control_characters_in_free_text(
+    field: &'static str,
+    what: impl FnOnce() -> String,
+    text: &str,
+) -> Result<(), TaskError> {
+    refuse_controls_except(field, what, text, &['\n', '\t'])
+}
+
+fn refuse_controls_except(
+    field: &'static str,
+    what: impl FnOnce() -> String,
+    text: &str,
+    allowed: &[char],
+) -> Result<(), TaskError> {
+    match text
+        .char_indices()
+        .find(|(_, c)| c.is_control() && !allowed.contains(c))
+    {
         None => Ok(()),
         Some((at, c)) => Err(invalid(
             field,
@@ -2108,14 +2146,18 @@ pub fn validate_end_reason(reason: &str) -> Result<(), TaskError> {
             format!("longer than {MAX_END_REASON_BYTES} bytes"),
         ));
     }
-    refuse_control_characters("reason", || "the reason".into(), reason)
+    refuse_control_characters_in_free_text("reason", || "the reason".into(), reason)
 }
 
 fn validate_intent(intent: &Intent) -> Result<(), TaskError> {
     if intent.purpose.len() > 4 * MAX_INTENT_STRING {
         return Err(invalid("intent.purpose", "longer than 4096 bytes"));
     }
-    refuse_control_characters("intent.purpose", || "the purpose".into(), &intent.purpose)?;
+    refuse_control_characters_in_free_text(
+        "intent.purpose",
+        || "the purpose".into(),
+        &intent.purpose,
+    )?;
     for (field, list) in [
         ("intent.tools", &intent.tools),
         ("intent.targets", &intent.targets),
@@ -3684,6 +3726,13 @@ mod tests {
         };
         validate_intent(&good).unwrap();
         validate_end_reason("done; see T-1 ✓").unwrap();
+        // Free text may break lines and indent; names may not.
+        validate_end_reason("failed:\n\texit status 2\n").unwrap();
+        let multi_line = Intent {
+            purpose: "summarise:\n\t- tickets\n".into(),
+            ..good.clone()
+        };
+        validate_intent(&multi_line).unwrap();
         type Spoil = fn(&mut Intent, &str);
         let cases: [(&str, Spoil); 6] = [
             ("intent.purpose", |i, bad| i.purpose = format!("a{bad}b")),
@@ -3708,6 +3757,9 @@ mod tests {
             "\u{9b}",
         ] {
             for (field, spoil) in cases {
+                if field == "intent.purpose" && (bad == "\n" || bad == "\t") {
+                    continue;
+                }
                 let mut intent = good.clone();
                 spoil(&mut intent, bad);
                 let err = validate_intent(&intent).unwrap_err();
@@ -3719,6 +3771,9 @@ mod tests {
                 );
                 // The message itself carries no control character.
                 assert!(!err.chars().any(char::is_control), "{err:?}");
+            }
+            if bad == "\n" || bad == "\t" {
+                continue;
             }
             let err = validate_end_reason(&format!("bye{bad}"))
                 .unwrap_err()

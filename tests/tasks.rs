@@ -3231,10 +3231,25 @@ async fn a_task_whose_ttl_passed_while_writ_was_down_ends_as_ttl_expired() {
 async fn tasks_and_registration_entries_never_share_an_identity() {
     let tool_id = format!("{ORCH_ID}/db-tool");
     let writ = Writ::start(&config(&format!(
-        "\n[[entry]]\nspiffe_id = \"{tool_id}\"\nselectors = [\"unix:uid:65534\"]\n"
+        "\n[[entry]]\nspiffe_id = \"{tool_id}\"\nselectors = [\"unix:uid:65534\"]\n\
+         \n[[entry]]\nspiffe_id = \"{ORCH_ID}/task/pre/helper\"\nselectors = [\"unix:uid:65534\"]\n"
     )));
     let mut tasks = tasks_client(&writ).await;
     let mut sleeper = Command::new("sleep").arg("60").spawn().unwrap();
+    // Nor one with an entry below it, its identity derived from its id:
+    // relying parties would take the entry for part of the task.
+    let err = tasks
+        .begin_task(begin_pid("pre", sleeper.id()))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    assert!(
+        err.message().starts_with("task_id:")
+            && err.message().contains(&format!(
+                "registration entry {ORCH_ID}/task/pre/helper below it"
+            )),
+        "{err:?}"
+    );
     let err = tasks
         .begin_task(begin_explicit("as-tool", sleeper.id(), &tool_id, ""))
         .await
