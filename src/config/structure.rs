@@ -44,7 +44,7 @@ pub(super) fn parse_all<T: DeserializeOwned>(text: &str) -> Result<T, Vec<Proble
         let enclosing = document.ok().and_then(|doc| {
             let at = error.span()?.start;
             let headers = header_starts(doc.as_table());
-            enclosing_range(doc.as_table(), at, &headers, current.len())
+            enclosing_range(doc.as_table(), at, &headers, &current)
         });
         problems.push(Problem {
             error,
@@ -103,12 +103,14 @@ fn collect_headers(table: &Table, starts: &mut Vec<usize>) {
 }
 
 /// The smallest whole key-value, or table with its body, that holds byte
-/// `at`: what can be removed while leaving valid TOML behind.
+/// `at`: what can be removed while leaving valid TOML behind. A key-value
+/// is taken from the start of its line, so that a dotted key (`a.b = 1`,
+/// whose last part alone toml_edit gives a span) goes whole.
 fn enclosing_range(
     table: &Table,
     at: usize,
     headers: &[usize],
-    len: usize,
+    text: &str,
 ) -> Option<Range<usize>> {
     for (name, _) in table.iter() {
         let Some((key, item)) = table.get_key_value(name) else {
@@ -119,19 +121,23 @@ fn enclosing_range(
                 let (Some(key_span), Some(value_span)) = (key.span(), value.span()) else {
                     continue;
                 };
-                let whole = key_span.start..value_span.end;
+                let line_start = text
+                    .get(..key_span.start)
+                    .and_then(|before| before.rfind('\n'))
+                    .map_or(0, |newline| newline + 1);
+                let whole = line_start..value_span.end;
                 if whole.contains(&at) {
                     return Some(whole);
                 }
             }
             Item::Table(sub) => {
-                if let Some(found) = table_range(sub, at, headers, len) {
+                if let Some(found) = table_range(sub, at, headers, text) {
                     return Some(found);
                 }
             }
             Item::ArrayOfTables(array) => {
                 for sub in array.iter() {
-                    if let Some(found) = table_range(sub, at, headers, len) {
+                    if let Some(found) = table_range(sub, at, headers, text) {
                         return Some(found);
                     }
                 }
@@ -144,8 +150,8 @@ fn enclosing_range(
 
 /// Within a table: a key-value of it, or the table itself (its header up
 /// to the next header) when `at` is in its header.
-fn table_range(table: &Table, at: usize, headers: &[usize], len: usize) -> Option<Range<usize>> {
-    if let Some(found) = enclosing_range(table, at, headers, len) {
+fn table_range(table: &Table, at: usize, headers: &[usize], text: &str) -> Option<Range<usize>> {
+    if let Some(found) = enclosing_range(table, at, headers, text) {
         return Some(found);
     }
     let header = table.span()?;
@@ -156,7 +162,7 @@ fn table_range(table: &Table, at: usize, headers: &[usize], len: usize) -> Optio
         .iter()
         .copied()
         .find(|&start| start >= header.end)
-        .unwrap_or(len);
+        .unwrap_or(text.len());
     Some(header.start..end)
 }
 
@@ -217,6 +223,12 @@ mod tests {
     fn an_unknown_table_is_dropped_with_its_body_and_the_next_table_still_read() {
         let text = "[inenr]\nsize = 1\nwhat = 2\n[inner]\nsise = 3\n";
         assert_eq!(found(text), ["inenr", "sise"]);
+    }
+
+    #[test]
+    fn a_problem_in_a_dotted_key_drops_its_whole_line() {
+        let text = "inner.sise = 1\ncount = \"x\"\n[[item]]\npair.b = 2\nsize = \"y\"\n";
+        assert_eq!(found(text), ["sise", "\"x\"", "b", "\"y\""]);
     }
 
     #[test]
