@@ -367,7 +367,7 @@ pub async fn run(
     let socket_activated = !bound.contains(&workload_socket) || !bound.contains(&admin_socket);
 
     let (health_reporter, _) = tonic_health::server::health_reporter();
-    let health_service = crate::health::server(health_reporter.clone());
+    let health_service = crate::health::server(health_reporter.clone(), agent.shutdown_requested());
     health_reporter
         .set_serving::<SpiffeWorkloadApiServer<WorkloadApi>>()
         .await;

@@ -378,6 +378,20 @@ async fn health_watch_of_an_unknown_service_says_so_and_stays_open() {
         .await
         .unwrap_err();
     assert_eq!(checked.code(), tonic::Code::NotFound);
+
+    // Neither watch holds writ's shutdown to its drain deadline: both end
+    // as it begins to stop.
+    let mut writ = writ;
+    let stopped = tokio::task::spawn_blocking(move || {
+        let status = writ.stop();
+        (status, writ.log())
+    });
+    for stream in [&mut served, &mut unknown] {
+        while let Ok(Some(_)) = stream.message().await {}
+    }
+    let (status, log) = stopped.await.unwrap();
+    assert!(status.success(), "{log}");
+    assert!(!log.contains("connections still open"), "{log}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
