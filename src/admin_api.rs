@@ -630,7 +630,7 @@ impl pb::tasks_server::Tasks for TasksService {
                 }
                 Err(RecvError::Lagged(n)) => {
                     let lost = Status::data_loss(format!(
-                        "watcher fell behind and missed {n} events (more than {} MiB of them waited to be read); list tasks and watch again",
+                        "watcher fell behind and missed at least {n} events (more than {} MiB of them waited to be read); list tasks and watch again",
                         crate::task_events::WATCHER_QUEUE_BYTES >> 20
                     ));
                     return Some((Err(lost), None));

@@ -82,8 +82,9 @@ fn task_text_bytes(task: &Task) -> usize {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum RecvError {
     /// The watcher's queue passed its budget: it was dropped, with this
-    /// many events unread, and receives nothing more.
-    #[error("fell behind and missed {0} events")]
+    /// many events unread, and receives nothing more (so it misses every
+    /// later one too: "at least").
+    #[error("fell behind and missed at least {0} events")]
     Lagged(u64),
     /// The sender is gone (the task manager was dropped).
     #[error("task events have stopped")]
