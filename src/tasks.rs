@@ -267,16 +267,21 @@ pub enum CompletionReason {
     /// (damaged, or written by a newer writ): it cannot be re-pinned, so
     /// it is ended and its certificates revoked.
     RecordUnreadable,
+    /// Found active at start-up holding an identity that a registration
+    /// entry (added to the config while writ was down) holds too, or lies
+    /// below: tasks and entries never share one, and the entry goes on.
+    IdentityTaken,
 }
 
 impl CompletionReason {
-    pub const ALL: [CompletionReason; 6] = [
+    pub const ALL: [CompletionReason; 7] = [
         CompletionReason::EndTask,
         CompletionReason::ProcessExited,
         CompletionReason::CgroupEmpty,
         CompletionReason::TtlExpired,
         CompletionReason::ParentCompleted,
         CompletionReason::RecordUnreadable,
+        CompletionReason::IdentityTaken,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -287,6 +292,7 @@ impl CompletionReason {
             CompletionReason::TtlExpired => "ttl_expired",
             CompletionReason::ParentCompleted => "parent_completed",
             CompletionReason::RecordUnreadable => "record_unreadable",
+            CompletionReason::IdentityTaken => "identity_taken",
         }
     }
 }
@@ -1866,9 +1872,23 @@ impl TaskManager {
             // (nothing saw the process go), but the TTL's moment is known:
             // a passed TTL is the reason, whatever else happened meanwhile,
             // so the same circumstances always read the same.
+            // An entry taking (or sitting below) a live task's identity can
+            // only come from a config edited while writ was down: the
+            // entry is configuration, the task a grant that ends here.
+            let identity_taken = self
+                .agent
+                .registry()
+                .entries()
+                .iter()
+                .find(|entry| entry.spiffe_id.is_at_or_below(&task.spiffe_id))
+                .map(|entry| entry.spiffe_id.clone());
+            if let Some(entry) = &identity_taken {
+                tracing::warn!(task = %task.id, spiffe_id = %task.spiffe_id, entry = %entry, "a registration entry holds this task's identity or one below it; the task is ended");
+            }
             let reason = match alive {
                 _ if orphaned => Some(CompletionReason::ParentCompleted),
                 _ if task.expires_at <= now => Some(CompletionReason::TtlExpired),
+                _ if identity_taken.is_some() => Some(CompletionReason::IdentityTaken),
                 Err(r) => Some(r),
                 Ok(_) => None,
             };

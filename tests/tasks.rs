@@ -3318,6 +3318,41 @@ async fn tasks_and_registration_entries_never_share_an_identity() {
     let _ = sleeper.wait();
 }
 
+/// A config entry added while writ was down, holding a live task's identity
+/// (or one below it), ends that task at start: tasks and entries never
+/// share an identity, and the configuration is what goes on.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_task_whose_identity_a_new_config_entry_holds_ends_at_restart() {
+    let mut writ = Writ::start(&config(""));
+    let mut tasks = tasks_client(&writ).await;
+    let mut sleeper = Command::new("sleep").arg("60").spawn().unwrap();
+    tasks
+        .begin_task(begin_pid("taken", sleeper.id()))
+        .await
+        .unwrap();
+    tasks
+        .begin_task(begin_pid("kept", sleeper.id()))
+        .await
+        .unwrap();
+    writ.kill9();
+    let original = std::fs::read_to_string(&writ.config_path).unwrap();
+    std::fs::write(
+        &writ.config_path,
+        format!(
+            "{original}\n[[entry]]\nspiffe_id = \"{ORCH_ID}/task/taken/helper\"\nselectors = [\"unix:uid:65534\"]\n"
+        ),
+    )
+    .unwrap();
+    writ.spawn();
+    let mut tasks = tasks_client(&writ).await;
+    let taken = get_task(&mut tasks, "taken").await;
+    assert_eq!(taken.completion_reason, "identity_taken", "{taken:?}");
+    let kept = get_task(&mut tasks, "kept").await;
+    assert_eq!(kept.completed_at, 0, "{kept:?}");
+    let _ = sleeper.kill();
+    let _ = sleeper.wait();
+}
+
 /// A BeginTaskRequest whose intent is as large as writ accepts: a 4 KiB
 /// purpose, 64 tools and targets of 1 KiB, a 1 KiB data class and 64
 /// attributes of 1 KiB keys and values (some 270 KB in all).
