@@ -161,8 +161,12 @@ impl TaskEvents {
     /// Queues `event` for every watcher, dropping those it would put over
     /// their budget.
     pub fn send(&self, event: TaskEvent) {
-        let size = event_bytes(&event);
         let mut queues = self.shared.queues();
+        // Most of the time nobody watches: nothing to count or queue.
+        if queues.is_empty() {
+            return;
+        }
+        let size = event_bytes(&event);
         queues.retain(|queue| {
             let mut state = queue.state();
             let keep = if !state.events.is_empty() && state.bytes + size > self.budget {
