@@ -1266,6 +1266,55 @@ impl Builder<'_> {
             Some(list) => self.selectors(&format!("{key}.selectors"), list.get_ref()),
         };
 
+        // The bounds CreateEntry puts on an entry, so that no entry, from
+        // the file or the admin API, can make `writ entry list` fail.
+        let mut within_bounds = true;
+        for (field, span, count) in [
+            (
+                "selectors",
+                raw.selectors.as_ref().map(Spanned::span),
+                raw.selectors.as_ref().map_or(0, |l| l.get_ref().len()),
+            ),
+            (
+                "dns_names",
+                raw.dns_names.iter().flatten().next().map(Spanned::span),
+                raw.dns_names.as_ref().map_or(0, Vec::len),
+            ),
+            (
+                "federates_with",
+                raw.federates_with
+                    .iter()
+                    .flatten()
+                    .next()
+                    .map(Spanned::span),
+                raw.federates_with.as_ref().map_or(0, Vec::len),
+            ),
+        ] {
+            if count > crate::entries::MAX_ENTRY_ITEMS {
+                self.error(
+                    span.unwrap_or_else(|| entry.span()),
+                    format!(
+                        "{key}.{field} has {count} items; an entry has at most {}",
+                        crate::entries::MAX_ENTRY_ITEMS
+                    ),
+                );
+                within_bounds = false;
+            }
+        }
+        for (n, text) in raw.selectors.iter().flat_map(|l| l.get_ref()).enumerate() {
+            if text.get_ref().len() > crate::entries::MAX_SELECTOR_BYTES {
+                self.error(
+                    text.span(),
+                    format!(
+                        "{key}.selectors[{n}] is {} bytes long; a selector has at most {}",
+                        text.get_ref().len(),
+                        crate::entries::MAX_SELECTOR_BYTES
+                    ),
+                );
+                within_bounds = false;
+            }
+        }
+
         let x509_svid_ttl = match &raw.x509_svid_ttl {
             None => Some(None),
             Some(text) => {
@@ -1350,7 +1399,7 @@ impl Builder<'_> {
             }
         }
 
-        if !(dns_valid && federation_valid) {
+        if !(dns_valid && federation_valid && within_bounds) {
             return None;
         }
         Some(EntryConfig {

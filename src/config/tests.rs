@@ -585,6 +585,59 @@ fn unknown_keys_are_rejected_at_the_key() {
     );
 }
 
+/// A config entry is bounded as CreateEntry bounds one: no entry, from the
+/// file or the admin API, can make `writ entry list` fail.
+#[test]
+fn config_entries_are_bounded_as_admin_entries_are() {
+    let list = |n: usize, item: &dyn Fn(usize) -> String| {
+        (0..n)
+            .map(|i| format!("\"{}\"", item(i)))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let entry = |selectors: String, dns: String, federates: String| {
+        format!(
+            "[[entry]]\nspiffe_id = \"spiffe://writ.test/a\"\nselectors = [{selectors}]\n\
+             dns_names = [{dns}]\nfederates_with = [{federates}]\n"
+        )
+    };
+    let most = crate::entries::MAX_ENTRY_ITEMS;
+    parse_ok(&entry(
+        list(most, &|i| format!("unix:uid:{i}")),
+        list(most, &|i| format!("h{i}.example")),
+        list(most, &|i| format!("td{i}.example")),
+    ));
+    let errors = errors(&entry(
+        list(most + 1, &|i| format!("unix:uid:{i}")),
+        list(most + 1, &|i| format!("h{i}.example")),
+        list(most + 1, &|i| format!("td{i}.example")),
+    ));
+    let messages: Vec<&str> = errors.iter().map(ConfigError::message).collect();
+    for field in ["selectors", "dns_names", "federates_with"] {
+        assert!(
+            messages.contains(
+                &format!(
+                    "entry[0].{field} has {} items; an entry has at most {most}",
+                    most + 1
+                )
+                .as_str()
+            ),
+            "{messages:#?}"
+        );
+    }
+    let long = format!(
+        "unix:path:/{}",
+        "p".repeat(crate::entries::MAX_SELECTOR_BYTES)
+    );
+    let too_long = self::errors(&entry(format!("\"{long}\""), String::new(), String::new()));
+    assert!(
+        too_long
+            .iter()
+            .any(|e| e.message().starts_with("entry[0].selectors[0] is ")),
+        "{too_long:#?}"
+    );
+}
+
 /// `writ validate` names every unknown key and mistyped value at once, each
 /// at its own line, instead of stopping at the first.
 #[test]
