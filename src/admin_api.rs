@@ -336,6 +336,17 @@ fn begin_request(req: pb::BeginTaskRequest) -> Result<BeginRequest, Status> {
         Some(parse_duration(&req.ttl).map_err(|e| bad("ttl", e.to_string()))?)
     };
     let intent = req.intent.unwrap_or_default();
+    // Bounded as an entry's is: every listing and watch event carries it.
+    if req.federates_with.len() > crate::entries::MAX_ENTRY_ITEMS {
+        return Err(bad(
+            "federates_with",
+            format!(
+                "{} trust domains given; a task has at most {}",
+                req.federates_with.len(),
+                crate::entries::MAX_ENTRY_ITEMS
+            ),
+        ));
+    }
     let federates_with = req
         .federates_with
         .iter()

@@ -3353,6 +3353,35 @@ async fn a_task_whose_identity_a_new_config_entry_holds_ends_at_restart() {
     let _ = sleeper.wait();
 }
 
+/// A task's federated trust domains are bounded as an entry's are: every
+/// listing, get and watch event carries them, and 16,000 of them made every
+/// `writ task list` fail past the 4 MiB clients accept.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_task_names_at_most_64_federated_trust_domains() {
+    let writ = Writ::start(&config(""));
+    let mut tasks = tasks_client(&writ).await;
+    let mut sleeper = Command::new("sleep").arg("60").spawn().unwrap();
+    let domains = |n: usize| (0..n).map(|i| format!("td{i}.example")).collect();
+    let err = tasks
+        .begin_task(apb::BeginTaskRequest {
+            federates_with: domains(65),
+            ..begin_pid("fed-many", sleeper.id())
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().starts_with("federates_with"), "{err:?}");
+    tasks
+        .begin_task(apb::BeginTaskRequest {
+            federates_with: domains(64),
+            ..begin_pid("fed-most", sleeper.id())
+        })
+        .await
+        .unwrap();
+    let _ = sleeper.kill();
+    let _ = sleeper.wait();
+}
+
 /// A BeginTaskRequest whose intent is as large as writ accepts: a 4 KiB
 /// purpose, 64 tools and targets of 1 KiB, a 1 KiB data class and 64
 /// attributes of 1 KiB keys and values (some 270 KB in all).
