@@ -648,7 +648,11 @@ fn check_audience(claims: &Map<String, Value>, audience: &str) -> Result<(), Jwt
         Some(_) => return Err(bad("is neither a string nor an array of strings")),
     };
     if !found {
-        return Err(JwtError::AudienceMismatch(audience.to_owned()));
+        // Shortened: the audience is the caller's, and the message goes back
+        // to it in a header clients bound.
+        return Err(JwtError::AudienceMismatch(
+            writ_attestors::excerpt(audience).to_string(),
+        ));
     }
     Ok(())
 }

@@ -1033,7 +1033,10 @@ impl SpiffeWorkloadApi for WorkloadApi {
             None
         } else {
             Some(req.spiffe_id.parse().map_err(|e| {
-                Status::invalid_argument(format!("spiffe_id {:?}: {e}", req.spiffe_id))
+                Status::invalid_argument(format!(
+                    "spiffe_id {:?}: {e}",
+                    writ_attestors::excerpt(&req.spiffe_id)
+                ))
             })?)
         };
         let entitled = entitled(&self.agent, &caller, "IssueJWTSVID", None).await?;

@@ -324,6 +324,31 @@ fn fetch_writes_svid_key_and_bundle_files() {
         stderr.trim(),
         "writ: FetchJWTSVID: InvalidArgument: audience values must not be empty"
     );
+
+    // A huge value is shown shortened: copied whole into the status, it
+    // passed the client's header limit and came back as a protocol error.
+    let huge = format!("spiffe://writ.test/{}", "q".repeat(20_000));
+    let socket = writ.endpoint();
+    let (ok, _, stderr) = writ_cli(
+        &[
+            "api",
+            "fetch",
+            "jwt",
+            "--audience",
+            "x",
+            "--spiffe-id",
+            &huge,
+            "--socket",
+            &socket,
+        ],
+        None,
+    );
+    assert!(!ok);
+    assert!(
+        stderr.contains("FetchJWTSVID: InvalidArgument: spiffe_id") && stderr.len() < 1024,
+        "{}",
+        &stderr[..stderr.len().min(300)]
+    );
 }
 
 #[test]
@@ -1781,6 +1806,14 @@ async fn an_entry_is_bounded_so_that_it_always_fits_in_a_listing() {
             "hint",
             apb::CreateEntryRequest {
                 hint: "h".repeat(1025),
+                ..request(uids(1), vec![], vec![])
+            },
+        ),
+        // Nor a hint that would drive a workload operator's terminal.
+        (
+            "hint",
+            apb::CreateEntryRequest {
+                hint: "x\u{1b}]0;pwned\u{7}\rFAKE".into(),
                 ..request(uids(1), vec![], vec![])
             },
         ),
