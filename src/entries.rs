@@ -392,6 +392,18 @@ impl EntryStore {
                 format!("longer than {MAX_HINT_BYTES} bytes"),
             ));
         }
+        // The hint reaches workloads and their operators' terminals (`writ
+        // api fetch` prints it): an escape sequence there could forge what
+        // they are shown.
+        if let Some(c) = req.hint.chars().find(|c| c.is_control()) {
+            return Err(invalid(
+                "hint",
+                format!(
+                    "contains the control character U+{:04X}; control characters are not allowed",
+                    u32::from(c)
+                ),
+            ));
+        }
         for name in &req.dns_names {
             crate::svid::validate_new_dns_name(name)
                 .map_err(|e| invalid("dns_names", e.to_string()))?;

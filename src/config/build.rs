@@ -1371,6 +1371,15 @@ impl Builder<'_> {
                 );
                 None
             }
+            Some(text) if text.get_ref().chars().any(char::is_control) => {
+                self.error(
+                    text.span(),
+                    format!(
+                        "{key}.hint contains a control character; the hint reaches workloads' terminals, where one could forge what they show"
+                    ),
+                );
+                None
+            }
             Some(text) => Some(text.get_ref().clone()),
         };
 

@@ -638,6 +638,16 @@ fn config_entries_are_bounded_as_admin_entries_are() {
     );
 }
 
+#[test]
+fn a_config_entry_hint_may_not_hold_control_characters() {
+    assert_single_error(
+        "[[entry]]\nspiffe_id = \"spiffe://writ.test/a\"\nselectors = [\"unix:uid:1\"]\nhint = \"x\\u001b[2J\"\n",
+        4,
+        8,
+        "entry[0].hint contains a control character",
+    );
+}
+
 /// `writ validate` names every unknown key and mistyped value at once, each
 /// at its own line, instead of stopping at the first.
 #[test]
