@@ -193,8 +193,16 @@ pub(crate) fn load(
     let key_text = store::read_private_text_file(&files.key)?;
     let key = key_from_pem(&key_text, curve.as_deref()).map_err(|r| fail(&files.key, r))?;
     let tail = chain.clone();
-    let mut signer =
-        SigningAuthority::new(chain[0].clone(), key, tail).map_err(|r| fail(&files.key, r))?;
+    // Only a key that is not the certificate's is the key file's fault;
+    // everything else SigningAuthority refuses is in the certificate.
+    let mut signer = SigningAuthority::new(chain[0].clone(), key, tail).map_err(|r| {
+        let culprit = if r.starts_with("private key") {
+            &files.key
+        } else {
+            &files.cert
+        };
+        fail(culprit, r)
+    })?;
     signer.cap_not_after(chain_not_after);
     Ok(Upstream {
         signer: Arc::new(signer),
