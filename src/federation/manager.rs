@@ -225,6 +225,16 @@ impl Federation {
         if &bundle.trust_domain == self.agent.trust_domain() {
             return Err(FederationError::OwnTrustDomain(bundle.trust_domain));
         }
+        // Stored, listed and served as a SPIFFE document, which may be
+        // larger than the form it came in (PEM, or compact JSON): one past
+        // the limit every reader applies could not be read back at start.
+        let stored_size = bundle.to_spiffe_json().len();
+        if stored_size > crate::bundle::MAX_BUNDLE_BYTES {
+            return Err(FederationError::InvalidBundle(format!(
+                "as a SPIFFE bundle document it is {stored_size} bytes; the limit is {}",
+                crate::bundle::MAX_BUNDLE_BYTES
+            )));
+        }
         let _serial = self.changes.lock().await;
         let now = SystemTime::now();
         let to_store = bundle.clone();

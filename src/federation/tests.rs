@@ -589,6 +589,26 @@ async fn set_and_delete_go_through_the_store_and_refuse_what_they_must() {
     assert_eq!(set.source, BundleSource::Static);
     assert!(changes.has_changed().unwrap(), "a change wakes streams");
 
+    // A bundle that would be stored (as a SPIFFE document) past the limit
+    // every reader applies is refused, not stored to be unreadable at the
+    // next start; what was held stays.
+    let mut large = crate::bundle::TrustBundle::new(td("c.test"));
+    let mut certs = 0;
+    while large.to_spiffe_json().len() <= crate::bundle::MAX_BUNDLE_BYTES {
+        large.x509_authorities.extend((0..100).map(|_| ca_cert()));
+        certs += 100;
+    }
+    let refused = federation
+        .set_bundle(large, BundleSource::Static)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&refused, FederationError::InvalidBundle(m) if m.contains("the limit is")),
+        "{certs} certificates: {refused}"
+    );
+    let held = svc.agent.federated_bundles().get(&td("c.test")).unwrap();
+    assert_eq!(held.bundle.x509_authorities, vec![c.clone()]);
+
     let own = parse_bundle(td("a.test"), &document(&[&c], 1), None).unwrap();
     assert!(matches!(
         federation.set_bundle(own, BundleSource::Static).await,
