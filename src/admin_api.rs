@@ -122,7 +122,8 @@ pub fn task_status(e: TaskError) -> Status {
         }
         TaskError::PermissionDenied(_)
         | TaskError::PolicyDenied(_)
-        | TaskError::IdentityBelowTask { .. } => Status::permission_denied(e.to_string()),
+        | TaskError::IdentityBelowTask { .. }
+        | TaskError::IdentityAboveTask { .. } => Status::permission_denied(e.to_string()),
         // Asking again does not mend a damaged record, so not Unavailable.
         TaskError::Store(crate::store::StoreError::Corrupt(_)) => Status::data_loss(e.to_string()),
         TaskError::Store(_) | TaskError::Audit(_) | TaskError::Unavailable(_) => {

@@ -53,6 +53,16 @@ pub enum TaskError {
         task: String,
         task_spiffe_id: String,
     },
+    /// The reverse: an active task lies below the identity asked for, and
+    /// would read as a sub-task of a task it is not under.
+    #[error(
+        "spiffe_id: active task {task} has {task_spiffe_id}, which lies below {spiffe_id}; it would read as a sub-task of this one"
+    )]
+    IdentityAboveTask {
+        spiffe_id: String,
+        task: String,
+        task_spiffe_id: String,
+    },
     #[error("{0}")]
     PermissionDenied(String),
     #[error("store: {0}")]
@@ -189,6 +199,25 @@ fn identity_conflict(
                 }));
             }
         }
+    }
+    // Nor may an active task lie below it: the new task has no sub-tasks
+    // yet. Below means after "<id>/", so the range ["<id>/", "<id>0") of
+    // the index ('0' follows '/').
+    let below = conn
+        .prepare_cached(
+            "SELECT task_id, spiffe_id FROM tasks
+             WHERE completed_at IS NULL AND spiffe_id >= ?1 AND spiffe_id < ?2 LIMIT 1",
+        )?
+        .query_row(params![format!("{full}/"), format!("{full}0")], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
+        })
+        .optional()?;
+    if let Some((task, task_spiffe_id)) = below {
+        return Ok(Some(TaskError::IdentityAboveTask {
+            spiffe_id: full,
+            task,
+            task_spiffe_id,
+        }));
     }
     Ok(None)
 }

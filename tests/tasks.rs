@@ -1454,6 +1454,29 @@ async fn no_active_task_takes_anothers_identity_or_one_below_it() {
     }
     assert_eq!(won, 1);
 
+    // Nor may a task take an identity above an active task outside its
+    // lineage: that task would read as a sub-task of the new one. A
+    // sibling whose name merely starts the same is fine.
+    let lower = format!("{ORCH_ID}/seq/a/b");
+    tasks
+        .begin_task(explicit("seq-b", &lower, ""))
+        .await
+        .unwrap();
+    let err = tasks
+        .begin_task(explicit("seq-a", &format!("{ORCH_ID}/seq/a"), ""))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    assert!(
+        err.message()
+            .contains(&format!("active task seq-b has {lower}, which lies below")),
+        "{err:?}"
+    );
+    tasks
+        .begin_task(explicit("seq-ab", &format!("{ORCH_ID}/seq/a/bc"), ""))
+        .await
+        .unwrap();
+
     // Only active tasks hold an identity: once t6 (and its sub-tasks
     // with it) has ended, its ID may be had again.
     tasks.end_task(end_req("t6")).await.unwrap();
