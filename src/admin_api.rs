@@ -54,7 +54,15 @@ pub struct AdminContext {
     /// How long a connection's attestation is reused for its next calls
     /// (`[workload_api] reattest_interval`, as for an open stream).
     pub reattest_interval: std::time::Duration,
+    /// Open WatchTasks streams per uid (`MAX_TASK_WATCHES_PER_UID`).
+    pub task_watches: Arc<crate::peer::PerUidCounts>,
 }
+
+/// WatchTasks streams one uid may hold open at once. A stream that does not
+/// read may hold up to `task_events::WATCHER_QUEUE_BYTES` of events, so
+/// without a bound an authorized caller's stuck streams could hold writ's
+/// memory many times over; an orchestrator needs one or two.
+pub const MAX_TASK_WATCHES_PER_UID: usize = 16;
 
 /// An attested, authorized admin caller. The attestation is the one
 /// authorization was decided on; the rest of the request uses it too rather
@@ -586,6 +594,12 @@ impl pb::tasks_server::Tasks for TasksService {
     ) -> Result<Response<Self::WatchTasksStream>, Status> {
         let ctx = self.0.clone();
         let caller = ctx.authorize(&request)?.caller;
+        let Some(slot) = ctx.task_watches.take(caller.uid, MAX_TASK_WATCHES_PER_UID) else {
+            return Err(Status::resource_exhausted(format!(
+                "uid {} holds {MAX_TASK_WATCHES_PER_UID} task watches, as many as one uid may; close some first",
+                caller.uid
+            )));
+        };
         // Subscribed before the call returns, so the caller sees every
         // event from then on. Events wait in the watcher's own queue
         // (bounded in bytes, crate::task_events) and become messages only
@@ -611,6 +625,7 @@ impl pb::tasks_server::Tasks for TasksService {
             recheck,
             ctx,
             caller,
+            _slot: slot,
         };
         let stream = futures::stream::unfold(Some(watch), |state| async move {
             let mut watch = state?;
@@ -670,6 +685,8 @@ struct WatchState {
     recheck: tokio::time::Interval,
     ctx: Arc<AdminContext>,
     caller: Arc<crate::peer::Caller>,
+    /// The uid's place among its watches, given back with the stream.
+    _slot: crate::peer::UidSlot,
 }
 
 impl WatchState {

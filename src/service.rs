@@ -404,6 +404,7 @@ pub async fn run(
             operators: config.admin_api.operators.clone(),
         },
         reattest_interval: config.workload_api.reattest_interval,
+        task_watches: Arc::default(),
     });
 
     announce(format_args!(

@@ -3376,6 +3376,42 @@ async fn a_task_whose_identity_a_new_config_entry_holds_ends_at_restart() {
     let _ = sleeper.wait();
 }
 
+/// One uid holds at most 16 task watches: each one that does not read may
+/// hold up to 4 MiB of events, so stuck watches must not pile up. One
+/// closed gives its place back.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_uid_holds_at_most_16_task_watches() {
+    let writ = Writ::start(&config(""));
+    let tasks = tasks_client(&writ).await;
+    let mut open = Vec::new();
+    for _ in 0..16 {
+        let mut client = tasks.clone();
+        open.push(
+            client
+                .watch_tasks(apb::WatchTasksRequest::default())
+                .await
+                .unwrap()
+                .into_inner(),
+        );
+    }
+    let mut client = tasks.clone();
+    let err = client
+        .watch_tasks(apb::WatchTasksRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert!(err.message().contains("16 task watches"), "{err:?}");
+    drop(open.pop());
+    common::wait_for(Duration::from_secs(10), "a watch's place back", || {
+        let mut client = tasks.clone();
+        let opened = tokio::task::block_in_place(|| {
+            tokio::runtime::Handle::current()
+                .block_on(client.watch_tasks(apb::WatchTasksRequest::default()))
+        });
+        opened.ok()
+    });
+}
+
 /// A task's federated trust domains are bounded as an entry's are: every
 /// listing, get and watch event carries them, and 16,000 of them made every
 /// `writ task list` fail past the 4 MiB clients accept.
