@@ -895,9 +895,46 @@ impl pb::bundles_server::Bundles for BundlesService {
     ) -> Result<Response<pb::ListBundlesResponse>, Status> {
         let ctx = &self.0;
         ctx.authorize(&request)?;
-        let mut bundles = vec![own_bundle_to_proto(ctx)];
-        bundles.extend(ctx.federation.list().iter().map(bundle_info_to_proto));
-        Ok(Response::new(pb::ListBundlesResponse { bundles }))
+        let request = request.into_inner();
+        let limit = page_size(request.page_size)?;
+        // Bundles of other trust domains are as large as their peers make
+        // them (up to 1 MiB each): a page is bounded in bytes, as ListTasks'
+        // and ListEntries' are, so the listing never passes what clients
+        // accept.
+        let mut all = vec![own_bundle_to_proto(ctx)];
+        all.extend(ctx.federation.list().iter().map(bundle_info_to_proto));
+        let start = if request.page_token.is_empty() {
+            0
+        } else {
+            all.iter()
+                .position(|b| b.trust_domain == request.page_token)
+                .map(|at| at + 1)
+                .ok_or_else(|| {
+                    Status::aborted(format!(
+                        "page_token: trust domain {}, where the previous page ended, is no longer held; the bundles changed while they were listed, so list them again from the first page",
+                        excerpt(&request.page_token)
+                    ))
+                })?
+        };
+        let mut bundles = Vec::new();
+        let mut bytes = 0;
+        let mut rest = all.into_iter().skip(start).peekable();
+        while let Some(next) = rest.peek() {
+            let size = in_page(prost::Message::encoded_len(next));
+            if bundles.len() == limit || (!bundles.is_empty() && bytes + size > MAX_PAGE_BYTES) {
+                break;
+            }
+            bytes += size;
+            bundles.extend(rest.next());
+        }
+        let next_page_token = match (rest.peek(), bundles.last()) {
+            (Some(_), Some(last)) => last.trust_domain.clone(),
+            _ => String::new(),
+        };
+        Ok(Response::new(pb::ListBundlesResponse {
+            bundles,
+            next_page_token,
+        }))
     }
 
     async fn set_bundle(

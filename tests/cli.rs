@@ -419,6 +419,80 @@ async fn health_watch_of_an_unknown_service_says_so_and_stays_open() {
     assert!(!log.contains("connections still open"), "{log}");
 }
 
+/// ListBundles answers in pages bounded in bytes, as ListTasks and
+/// ListEntries do: foreign bundles are as large as their peers make them
+/// (up to 1 MiB each), and a handful of large ones made `writ bundle list`
+/// fail for everyone past the 4 MiB clients accept.
+#[tokio::test(flavor = "multi_thread")]
+async fn bundle_listings_come_in_pages_clients_accept() {
+    use apb::bundles_client::BundlesClient;
+    let writ = Writ::start(&entry_for_us());
+    let a = admin(&writ);
+    let dir = tempfile::tempdir().unwrap();
+    let ca_pem = || {
+        let mut params = rcgen::CertificateParams::default();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params.key_usages = vec![
+            rcgen::KeyUsagePurpose::KeyCertSign,
+            rcgen::KeyUsagePurpose::CrlSign,
+        ];
+        let key = rcgen::KeyPair::generate().unwrap();
+        params.self_signed(&key).unwrap().pem()
+    };
+    let names: Vec<String> = (0..6).map(|n| format!("big{n}.test")).collect();
+    for name in &names {
+        let pem: String = (0..600).map(|_| ca_pem()).collect();
+        let file = dir.path().join(name);
+        std::fs::write(&file, pem).unwrap();
+        let (ok, _, stderr) = writ_cli(
+            &[
+                "bundle",
+                "set",
+                "--trust-domain",
+                name,
+                "--file",
+                file.to_str().unwrap(),
+                "--admin-socket",
+                &a,
+            ],
+            None,
+        );
+        assert!(ok, "{stderr}");
+    }
+    let channel = writ::cli::client::connect(Path::new(&a)).await.unwrap();
+    let mut client = BundlesClient::new(channel);
+    let (mut listed, mut pages, mut token) = (Vec::new(), 0, String::new());
+    loop {
+        let page = client
+            .list_bundles(apb::ListBundlesRequest {
+                page_size: 0,
+                page_token: token,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        pages += 1;
+        assert!(
+            prost::Message::encoded_len(&page) < 4 << 20,
+            "page {pages} is {} bytes",
+            prost::Message::encoded_len(&page)
+        );
+        listed.extend(page.bundles.into_iter().map(|b| b.trust_domain));
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    assert!(pages > 1, "{pages} page(s)");
+    let mut expected = vec!["writ.test".to_owned()];
+    expected.extend(names.iter().cloned());
+    assert_eq!(listed, expected);
+    // `writ bundle list` follows the pages.
+    let (ok, out, stderr) = writ_cli(&["bundle", "list", "--admin-socket", &a], None);
+    assert!(ok, "{stderr}");
+    assert!(names.iter().all(|n| out.contains(n.as_str())), "{out}");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn bundle_show_matches_what_workloads_receive() {
     let writ = Writ::start(&entry_for_us());

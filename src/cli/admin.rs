@@ -827,13 +827,24 @@ pub async fn bundle(cmd: BundleCommand) -> anyhow::Result<()> {
         }
         BundleCommand::List { admin } => {
             let socket = admin.path()?;
-            let bundles = bundles_client(&socket)
-                .await?
-                .list_bundles(pb::ListBundlesRequest {})
-                .await
-                .map_err(refused(&socket, "ListBundles"))?
-                .into_inner()
-                .bundles;
+            let mut client = bundles_client(&socket).await?;
+            let mut bundles = Vec::new();
+            let mut page_token = String::new();
+            loop {
+                let page = client
+                    .list_bundles(pb::ListBundlesRequest {
+                        page_size: 0,
+                        page_token,
+                    })
+                    .await
+                    .map_err(refused(&socket, "ListBundles"))?
+                    .into_inner();
+                bundles.extend(page.bundles);
+                if page.next_page_token.is_empty() {
+                    break;
+                }
+                page_token = page.next_page_token;
+            }
             if admin.output == Output::Json {
                 let v: Vec<_> = bundles.iter().map(bundle_json).collect();
                 outln!("{}", serde_json::to_string_pretty(&v)?);
