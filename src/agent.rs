@@ -378,6 +378,11 @@ pub struct Agent {
     crl_requested: watch::Sender<u64>,
     crl_published: watch::Sender<CrlProgress>,
     registry: RwLock<Arc<Registry>>,
+    /// Held shared by a task being begun, from its check against the
+    /// registration entries until it is active, and exclusively by a change
+    /// of entries from its check against the active tasks until it is
+    /// installed: so neither check misses what the other is adding.
+    identity_claims: tokio::sync::RwLock<()>,
     ca: RwLock<CertificateAuthority>,
     /// The CA's active key for audit checkpoints, replaced when the CA
     /// rotates; see `CaCheckpointSigner`.
@@ -427,6 +432,7 @@ impl Agent {
             revocations: Mutex::new(Revocations::default()),
             crl_requested: watch::channel(0).0,
             crl_published: watch::channel(CrlProgress::default()).0,
+            identity_claims: tokio::sync::RwLock::new(()),
             registry: RwLock::new(Arc::new(registry)),
             ca: RwLock::new(ca),
             checkpoint_key,
@@ -1511,6 +1517,12 @@ impl Agent {
             .filter(|t| spiffe_id.is_at_or_below(&t.spiffe_id))
             .max_by_key(|t| t.spiffe_id.path().len())
             .map(|t| (t.id.clone(), t.spiffe_id.clone()))
+    }
+
+    /// See the field: a task claims an identity under the shared lock, a
+    /// change of entries under the exclusive one.
+    pub fn identity_claims(&self) -> &tokio::sync::RwLock<()> {
+        &self.identity_claims
     }
 
     /// An active task by ID (None once it has completed).

@@ -198,11 +198,13 @@ impl EntryStore {
     ) -> Result<ConfigRegistryUpdate<'_>, EntryError> {
         let admin = self.admin_entries.lock().await;
         check_not_shadowing(&registry, &admin)?;
+        let claims = self.agent.identity_claims().write().await;
         self.check_not_held_by_tasks(&registry)?;
         Ok(ConfigRegistryUpdate {
             store: self,
             admin,
             registry,
+            _claims: claims,
         })
     }
 
@@ -252,6 +254,9 @@ impl EntryStore {
         {
             return Err(EntryError::AlreadyExists(entry.id));
         }
+        // Held until the entry is installed: no task begins meanwhile, so
+        // none can take its identity between this check and then.
+        let _claims = self.agent.identity_claims().write().await;
         if let Some((task, task_spiffe_id)) = self.agent.active_task_at_or_above(&entry.spiffe_id) {
             return Err(EntryError::HeldByTask {
                 spiffe_id: entry.spiffe_id,
@@ -430,6 +435,9 @@ pub struct ConfigRegistryUpdate<'a> {
     store: &'a EntryStore,
     admin: tokio::sync::MutexGuard<'a, Vec<Arc<Entry>>>,
     registry: Registry,
+    /// No task begins until the new entries are installed (see
+    /// `Agent::identity_claims`).
+    _claims: tokio::sync::RwLockWriteGuard<'a, ()>,
 }
 
 impl ConfigRegistryUpdate<'_> {

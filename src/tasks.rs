@@ -737,6 +737,10 @@ impl TaskManager {
         now: SystemTime,
         implicit: bool,
     ) -> Result<(Arc<Task>, Vec<String>), TaskError> {
+        // Until the task is active, no entry may be created or reloaded:
+        // its check against the entries below would miss one added
+        // meanwhile, and the entry's against the active tasks this task.
+        let _claims = self.agent.identity_claims().read().await;
         let parent = match &req.parent_task_id {
             Some(pid) => Some(self.active_parent(pid).await?),
             None => None,

@@ -3376,6 +3376,39 @@ async fn a_task_whose_identity_a_new_config_entry_holds_ends_at_restart() {
     let _ = sleeper.wait();
 }
 
+/// A task begun while an entry for its identity is created: one of the two
+/// is refused, never both accepted, however they interleave (before, each
+/// checked what the other had not yet finished adding).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_task_and_an_entry_racing_for_one_identity_never_both_win() {
+    let writ = Writ::start(&config(""));
+    let tasks = tasks_client(&writ).await;
+    let channel = writ::cli::client::connect(&admin_socket(&writ))
+        .await
+        .unwrap();
+    let entries = apb::entries_client::EntriesClient::new(channel);
+    let mut sleeper = Command::new("sleep").arg("60").spawn().unwrap();
+    let pid = sleeper.id();
+    let mut both = Vec::new();
+    for j in 0..40 {
+        let (mut tasks, mut entries) = (tasks.clone(), entries.clone());
+        let id = format!("ra{j}");
+        let begin = tasks.begin_task(begin_pid(&id, pid));
+        let create = entries.create_entry(apb::CreateEntryRequest {
+            spiffe_id: format!("{ORCH_ID}/task/{id}"),
+            selectors: vec!["unix:uid:65534".into()],
+            ..Default::default()
+        });
+        let (begun, created) = tokio::join!(begin, create);
+        if begun.is_ok() && created.is_ok() {
+            both.push(id);
+        }
+    }
+    assert!(both.is_empty(), "both won for {both:?}");
+    let _ = sleeper.kill();
+    let _ = sleeper.wait();
+}
+
 /// One uid holds at most 16 task watches: each one that does not read may
 /// hold up to 4 MiB of events, so stuck watches must not pile up. One
 /// closed gives its place back.
