@@ -2176,10 +2176,10 @@ fn refuse_controls_except(
 ) -> Result<(), TaskError> {
     match text
         .char_indices()
-        .find(|(_, c)| c.is_control() && !allowed.contains(c))
+        .find(|(_, c)| (c.is_control() && !allowed.contains(c)) || is_hidden_format(*c))
     {
         None => Ok(()),
-        Some((at, c)) => Err(invalid(
+        Some((at, c)) if c.is_control() => Err(invalid(
             field,
             format!(
                 "{} contains the control character U+{:04X} at byte {at}; control characters are not allowed",
@@ -2187,7 +2187,34 @@ fn refuse_controls_except(
                 u32::from(c)
             ),
         )),
+        Some((at, c)) => Err(invalid(
+            field,
+            format!(
+                "{} contains the invisible formatting character U+{:04X} at byte {at}; such characters are not allowed",
+                what(),
+                u32::from(c)
+            ),
+        )),
     }
+}
+
+/// Unicode formatting characters that show nothing themselves but change
+/// what is shown: zero-width characters (`read\u{200b}_only` reads as
+/// `read_only` to a person, not to policy) and bidirectional overrides
+/// (which reorder the text around them), the soft hyphen and the byte
+/// order mark.
+fn is_hidden_format(c: char) -> bool {
+    matches!(
+        c,
+        '\u{00AD}'
+            | '\u{061C}'
+            | '\u{180E}'
+            | '\u{200B}'..='\u{200F}'
+            | '\u{202A}'..='\u{202E}'
+            | '\u{2060}'..='\u{2064}'
+            | '\u{2066}'..='\u{2069}'
+            | '\u{FEFF}'
+    )
 }
 
 /// An `EndTask` reason: stored with the task and in its audit record, and
@@ -3779,6 +3806,20 @@ mod tests {
         };
         validate_intent(&good).unwrap();
         validate_end_reason("done; see T-1 ✓").unwrap();
+        // Nor invisible formatting characters, which disguise a name to
+        // the people who read it.
+        for hidden in ["read\u{200b}_only", "a\u{202e}gnp.exe", "\u{feff}jira"] {
+            let disguised = Intent {
+                tools: vec![hidden.into()],
+                ..good.clone()
+            };
+            let err = validate_intent(&disguised).unwrap_err().to_string();
+            assert!(
+                err.starts_with("intent.tools: ") && err.contains("invisible formatting character"),
+                "{err}"
+            );
+            assert!(validate_end_reason(hidden).is_err());
+        }
         // Free text may break lines and indent; names may not.
         validate_end_reason("failed:\n\texit status 2\n").unwrap();
         let multi_line = Intent {
