@@ -1749,6 +1749,9 @@ fn argument_mistakes_name_their_flags() {
     assert!(!ok && stderr.contains("'--admin-socket"), "{stderr}");
     let (ok, _, stderr) = writ_cli(&["api", "fetch", "x509", "--socket", ""], None);
     assert!(!ok && stderr.contains("'--socket"), "{stderr}");
+    // Nor does an empty --trust-domain show writ's own bundle.
+    let (ok, _, stderr) = writ_cli(&["bundle", "show", "--trust-domain", ""], None);
+    assert!(!ok && stderr.contains("'--trust-domain"), "{stderr}");
     // An empty --parent, --id, --ttl or --spiffe-id (an unset shell
     // variable, say) is refused: the request cannot tell empty from not
     // given, and `--parent ''` used to begin a top-level task with the

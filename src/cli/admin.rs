@@ -678,7 +678,7 @@ pub enum BundleCommand {
         #[command(flatten)]
         admin: AdminSocketArg,
         /// Default: writ's own trust domain.
-        #[arg(long)]
+        #[arg(long, value_parser = clap::builder::NonEmptyStringValueParser::new())]
         trust_domain: Option<String>,
         #[arg(long, value_enum, default_value_t = BundleFormat::Pem)]
         format: BundleFormat,
