@@ -1077,27 +1077,21 @@ mod tests {
     }
 
     fn listed_task(cursor: i64, purpose_bytes: usize) -> crate::tasks::ListedTask {
+        let task = crate::tasks::test_task(
+            &format!("t{cursor}"),
+            Binding::Pid {
+                pid: 1,
+                start_time: 1,
+            },
+        );
         crate::tasks::ListedTask {
             cursor,
             task: Task {
-                id: format!("t{cursor}"),
-                spiffe_id: format!("spiffe://x.org/t{cursor}").parse().unwrap(),
-                parent_id: None,
-                depth: 1,
-                binding: Binding::Pid {
-                    pid: 1,
-                    start_time: 1,
-                },
                 intent: Intent {
                     purpose: "p".repeat(purpose_bytes),
                     ..Intent::default()
                 },
-                orchestrator: "spiffe://x.org/o".into(),
-                orchestrator_start_time: None,
-                federates_with: Vec::new(),
-                created_at: UNIX_EPOCH,
-                expires_at: UNIX_EPOCH + Duration::from_secs(60),
-                completion: None,
+                ..task
             },
         }
     }

@@ -2020,24 +2020,8 @@ mod tests {
         crate::service::build(&config).await.unwrap()
     }
 
-    /// A top-level task of the orchestrator's, active for a minute.
     fn test_task(id: &str, binding: crate::tasks::Binding) -> Arc<crate::tasks::Task> {
-        Arc::new(crate::tasks::Task {
-            id: id.into(),
-            spiffe_id: format!("spiffe://writ.test/orch/task/{id}")
-                .parse()
-                .unwrap(),
-            parent_id: None,
-            depth: 1,
-            binding,
-            intent: Default::default(),
-            orchestrator: "spiffe://writ.test/orch".into(),
-            orchestrator_start_time: None,
-            federates_with: Vec::new(),
-            created_at: std::time::SystemTime::now(),
-            expires_at: std::time::SystemTime::now() + Duration::from_secs(60),
-            completion: None,
-        })
+        Arc::new(crate::tasks::test_task(id, binding))
     }
 
     /// A task bound to a cgroup covers a process in it, or in a cgroup

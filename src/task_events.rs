@@ -248,31 +248,23 @@ impl Drop for EventReceiver {
 
 #[cfg(test)]
 mod tests {
-    use std::time::{Duration, SystemTime};
-
     use super::*;
     use crate::tasks::{Binding, Intent};
 
     fn task(id: &str, purpose_bytes: usize) -> Arc<Task> {
-        Arc::new(Task {
-            id: id.to_owned(),
-            spiffe_id: format!("spiffe://writ.test/task/{id}").parse().unwrap(),
-            parent_id: None,
-            depth: 1,
-            binding: Binding::Pid {
+        let task = crate::tasks::test_task(
+            id,
+            Binding::Pid {
                 pid: 1,
                 start_time: 1,
             },
+        );
+        Arc::new(Task {
             intent: Intent {
                 purpose: "p".repeat(purpose_bytes),
                 ..Intent::default()
             },
-            orchestrator: "spiffe://writ.test/o".to_owned(),
-            orchestrator_start_time: None,
-            federates_with: Vec::new(),
-            created_at: SystemTime::UNIX_EPOCH,
-            expires_at: SystemTime::UNIX_EPOCH + Duration::from_secs(60),
-            completion: None,
+            ..task
         })
     }
 

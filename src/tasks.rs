@@ -2531,6 +2531,28 @@ async fn wait_cgroup_empty(mut watch: BindingWatch) {
     }
 }
 
+/// A top-level task of `spiffe://writ.test/orch`, active for a minute from
+/// now, with no intent: for tests that need a `Task` value, not a begun one.
+#[cfg(test)]
+pub(crate) fn test_task(id: &str, binding: Binding) -> Task {
+    Task {
+        id: id.into(),
+        spiffe_id: format!("spiffe://writ.test/orch/task/{id}")
+            .parse()
+            .expect("a test task id is a path segment"),
+        parent_id: None,
+        depth: 1,
+        binding,
+        intent: Intent::default(),
+        orchestrator: "spiffe://writ.test/orch".into(),
+        orchestrator_start_time: None,
+        federates_with: Vec::new(),
+        created_at: SystemTime::now(),
+        expires_at: SystemTime::now() + Duration::from_secs(60),
+        completion: None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
