@@ -52,11 +52,8 @@ pub struct Credentials {
 /// earlier attestation is trusted again.
 pub fn read_credentials(process: &PinnedProcess) -> Result<Credentials, AttestError> {
     let pid = process.pid();
-    let files = process.proc_files()?;
     let mut buf = Vec::with_capacity(2048);
-    files.read_status(&mut buf)?;
-    let status = procfs::parse_status(&buf)
-        .map_err(|detail| procfs::parse_error(ProcFiles::path_of(pid, "status"), detail))?;
+    let status = read_status(pid, process.proc_files()?, &mut buf)?;
     if process.has_exited() {
         return Err(AttestError::ProcessGone { pid });
     }
@@ -65,6 +62,17 @@ pub fn read_credentials(process: &PinnedProcess) -> Result<Credentials, AttestEr
         gid: status.effective_gid,
         supplementary_gids: status.supplementary_gids,
     })
+}
+
+/// The process's `status` file, read into `buf` and parsed.
+fn read_status(
+    pid: i32,
+    files: &ProcFiles,
+    buf: &mut Vec<u8>,
+) -> Result<procfs::StatusFields, AttestError> {
+    files.read_status(buf)?;
+    procfs::parse_status(buf)
+        .map_err(|detail| procfs::parse_error(ProcFiles::path_of(pid, "status"), detail))
 }
 
 /// Reads the snapshot, then asks the pidfd whether the process is still
@@ -76,10 +84,7 @@ pub fn read_snapshot(process: &PinnedProcess) -> Result<ProcessSnapshot, AttestE
     let pid = process.pid();
     let files = process.proc_files()?;
     let mut buf = Vec::with_capacity(2048);
-
-    files.read_status(&mut buf)?;
-    let status = procfs::parse_status(&buf)
-        .map_err(|detail| procfs::parse_error(ProcFiles::path_of(pid, "status"), detail))?;
+    let status = read_status(pid, files, &mut buf)?;
 
     let exe_path = files.exe();
 
