@@ -1569,6 +1569,24 @@ async fn a_sub_task_inherits_its_parents_attributes_and_may_only_add_keys() {
     sleeper.wait().unwrap();
 }
 
+/// A writ that authorizes nobody beside root, with `admin_extra` in its
+/// `[admin_api]` table and `rest` after it, and its admin socket (0770)
+/// reachable by nobody through its group; `None`, said loudly, unless the
+/// tests run as root (they call as another user).
+fn writ_authorizing_nobody(admin_extra: &str, rest: &str) -> Option<(Writ, PathBuf)> {
+    if !is_root() {
+        eprintln!("SKIPPED: needs root to call as another user");
+        return None;
+    }
+    let nobody = common::NOBODY;
+    let writ = Writ::start(&format!(
+        "\n[admin_api]\nauthorized = [[\"unix:uid:0\"], [\"unix:uid:{nobody}\"]]\n{admin_extra}\n{rest}"
+    ));
+    let admin = admin_socket(&writ);
+    std::os::unix::fs::chown(&admin, None, Some(nobody)).unwrap();
+    Some((writ, admin))
+}
+
 /// An authorized caller that did not begin a task, and does not work in
 /// it, may neither begin sub-tasks of it nor end it: it could otherwise
 /// hand out identities in another orchestrator's lineage
@@ -1576,16 +1594,11 @@ async fn a_sub_task_inherits_its_parents_attributes_and_may_only_add_keys() {
 /// another user.
 #[test]
 fn a_stranger_may_neither_delegate_from_nor_end_anothers_task() {
-    if !is_root() {
-        eprintln!("SKIPPED: needs root to call as another user");
-        return;
-    }
     let nobody = common::NOBODY;
-    let writ = Writ::start(&format!(
-        r#"
-[admin_api]
-authorized = [["unix:uid:0"], ["unix:uid:{nobody}"]]
-
+    let Some((_writ, admin)) = writ_authorizing_nobody(
+        "",
+        &format!(
+            r#"
 [[entry]]
 spiffe_id = "{ORCH_ID}"
 selectors = ["unix:uid:0"]
@@ -1594,10 +1607,10 @@ selectors = ["unix:uid:0"]
 spiffe_id = "spiffe://writ.test/stranger"
 selectors = ["unix:uid:{nobody}"]
 "#
-    ));
-    let admin = admin_socket(&writ);
-    // Let the stranger reach the admin socket (0770) through its group.
-    std::os::unix::fs::chown(&admin, None, Some(nobody)).unwrap();
+        ),
+    ) else {
+        return;
+    };
     let mut sleeper = Command::new("sleep").arg("60").spawn().unwrap();
     let (ok, _, stderr) = common::writ_cli(
         &[
@@ -1670,23 +1683,13 @@ selectors = ["unix:uid:{nobody}"]
 /// not.
 #[test]
 fn only_callers_allowed_operators_may_create_or_delete_entries() {
-    if !is_root() {
-        eprintln!("SKIPPED: needs root to call as another user");
-        return;
-    }
     let nobody = common::NOBODY;
-    let writ = Writ::start(&format!(
-        r#"
-[admin_api]
-authorized = [["unix:uid:0"], ["unix:uid:{nobody}"]]
-
-[[entry]]
-spiffe_id = "{ORCH_ID}"
-selectors = ["unix:uid:0"]
-"#
-    ));
-    let admin = admin_socket(&writ);
-    std::os::unix::fs::chown(&admin, None, Some(nobody)).unwrap();
+    let Some((writ, admin)) = writ_authorizing_nobody(
+        "",
+        &format!("[[entry]]\nspiffe_id = \"{ORCH_ID}\"\nselectors = [\"unix:uid:0\"]\n"),
+    ) else {
+        return;
+    };
     let a = admin.to_str().unwrap();
     let create = |uid: Option<u32>, spiffe_id: &str| {
         common::writ_cli(
@@ -1790,20 +1793,12 @@ selectors = ["unix:uid:0"]
 /// leaves entries to the config file alone.
 #[test]
 fn operators_grants_what_it_lists() {
-    if !is_root() {
-        eprintln!("SKIPPED: needs root to call as another user");
-        return;
-    }
     let nobody = common::NOBODY;
-    let writ = Writ::start(&format!(
-        r#"
-[admin_api]
-authorized = [["unix:uid:0"], ["unix:uid:{nobody}"]]
-operators = [["unix:uid:{nobody}"]]
-"#
-    ));
-    let admin = admin_socket(&writ);
-    std::os::unix::fs::chown(&admin, None, Some(nobody)).unwrap();
+    let Some((_writ, admin)) =
+        writ_authorizing_nobody(&format!("operators = [[\"unix:uid:{nobody}\"]]"), "")
+    else {
+        return;
+    };
     let a = admin.to_str().unwrap();
     let args = [
         "entry",
