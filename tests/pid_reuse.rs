@@ -274,21 +274,7 @@ selectors = ["unix:uid:{NOBODY}"]
         c
     });
     rt.block_on(async {
-        let std_stream = std::os::unix::net::UnixStream::from(fd);
-        std_stream.set_nonblocking(true).unwrap();
-        let slot = std::sync::Mutex::new(Some(std_stream));
-        let channel = tonic::transport::Endpoint::try_from("http://localhost")
-            .unwrap()
-            .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
-                let s = slot.lock().unwrap().take();
-                async move {
-                    let s = s.ok_or_else(|| std::io::Error::other("used"))?;
-                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
-                        tokio::net::UnixStream::from_std(s)?,
-                    ))
-                }
-            }))
-            .await;
+        let channel = handoff::channel_over(fd).await;
         // writ hangs up on a connection whose peer it could not pin (the
         // departed caller left before writ accepted it): nothing is served.
         let channel = match channel {

@@ -2834,22 +2834,7 @@ async fn admin_connection_that_drops_to_nobody(
         .unwrap();
     let fd = common::handoff::recv_fd(&listener);
     let lines = BufReader::new(helper.stdout.take().unwrap()).lines();
-    let std_stream = std::os::unix::net::UnixStream::from(fd);
-    std_stream.set_nonblocking(true).unwrap();
-    let slot = std::sync::Mutex::new(Some(std_stream));
-    let channel = tonic::transport::Endpoint::try_from("http://localhost")
-        .unwrap()
-        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
-            let s = slot.lock().unwrap().take();
-            async move {
-                let s = s.ok_or_else(|| std::io::Error::other("connection already used"))?;
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
-                    tokio::net::UnixStream::from_std(s)?,
-                ))
-            }
-        }))
-        .await
-        .unwrap();
+    let channel = common::handoff::channel_over(fd).await.unwrap();
     (
         helper,
         apb::tasks_client::TasksClient::new(channel),

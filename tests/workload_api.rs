@@ -7,15 +7,14 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::os::fd::OwnedFd;
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use common::{NOBODY, Writ, handoff, helper_command, is_root};
-use hyper_util::rt::TokioIo;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use spiffe::{X509Source, X509Svid};
 use tonic::Code;
-use tonic::transport::{Endpoint, Uri};
+use tonic::transport::Endpoint;
 use writ::proto::workload as pb;
 use writ::proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient;
 use writ::spiffe_id::TrustDomain;
@@ -62,21 +61,7 @@ fn with_header<T>(message: T) -> tonic::Request<T> {
 /// A gRPC client over one already-connected socket (whose peer, to the
 /// kernel, is whoever connected it).
 async fn client_over(fd: OwnedFd) -> SpiffeWorkloadApiClient<tonic::transport::Channel> {
-    let std_stream = std::os::unix::net::UnixStream::from(fd);
-    std_stream.set_nonblocking(true).unwrap();
-    let slot = Arc::new(Mutex::new(Some(std_stream)));
-    let channel = Endpoint::try_from("http://localhost")
-        .unwrap()
-        .connect_with_connector(tower::service_fn(move |_: Uri| {
-            let taken = slot.lock().unwrap().take();
-            async move {
-                let s = taken.ok_or_else(|| std::io::Error::other("connection already used"))?;
-                Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::from_std(s)?))
-            }
-        }))
-        .await
-        .unwrap();
-    SpiffeWorkloadApiClient::new(channel)
+    SpiffeWorkloadApiClient::new(common::handoff::channel_over(fd).await.unwrap())
 }
 
 fn trust_store_from(source: &X509Source) -> TrustStore {

@@ -50,3 +50,24 @@ pub fn recv_fd(listener: &UnixListener) -> OwnedFd {
     }
     panic!("no file descriptor received");
 }
+
+/// A gRPC channel over one already-connected socket, such as one received
+/// with `recv_fd`: writ sees whoever connected it as the peer, not the test.
+pub async fn channel_over(
+    fd: OwnedFd,
+) -> Result<tonic::transport::Channel, tonic::transport::Error> {
+    let std_stream = UnixStream::from(fd);
+    std_stream.set_nonblocking(true).unwrap();
+    let slot = std::sync::Mutex::new(Some(std_stream));
+    tonic::transport::Endpoint::from_static("http://localhost")
+        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
+            let taken = slot.lock().unwrap().take();
+            async move {
+                let s = taken.ok_or_else(|| std::io::Error::other("connection already used"))?;
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                    tokio::net::UnixStream::from_std(s)?,
+                ))
+            }
+        }))
+        .await
+}
