@@ -1093,6 +1093,36 @@ fn task_commands_begin_inspect_and_end_a_task() {
     let _ = child.wait();
 }
 
+/// The services the reflection service on `$socket` lists, sorted, asked
+/// with reflection protocol `$version`: v1, or v1alpha (the same messages
+/// in another package, which older clients speak).
+macro_rules! reflected_services {
+    ($version:ident, $socket:expr) => {{
+        use tonic_reflection::pb::$version::ServerReflectionRequest;
+        use tonic_reflection::pb::$version::server_reflection_client::ServerReflectionClient;
+        use tonic_reflection::pb::$version::server_reflection_request::MessageRequest;
+        use tonic_reflection::pb::$version::server_reflection_response::MessageResponse;
+        let channel = writ::cli::client::connect($socket).await.unwrap();
+        let request = ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::ListServices(String::new())),
+        };
+        let mut responses = ServerReflectionClient::new(channel)
+            .server_reflection_info(futures::stream::iter(vec![request]))
+            .await
+            .unwrap()
+            .into_inner();
+        let Some(MessageResponse::ListServicesResponse(list)) =
+            responses.message().await.unwrap().unwrap().message_response
+        else {
+            panic!("unexpected reflection response");
+        };
+        let mut names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+        names.sort();
+        names
+    }};
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn sockets_have_their_modes_and_offer_reflection() {
     let writ = Writ::start(&entry_for_us());
@@ -1114,7 +1144,7 @@ async fn sockets_have_their_modes_and_offer_reflection() {
         "grpc.reflection.v1.ServerReflection",
         "grpc.reflection.v1alpha.ServerReflection",
     ];
-    assert_eq!(reflected_services(&writ.socket).await, workload_services);
+    assert_eq!(reflected_services!(v1, &writ.socket), workload_services);
     let admin_services = [
         "grpc.health.v1.Health",
         "grpc.reflection.v1.ServerReflection",
@@ -1125,17 +1155,14 @@ async fn sockets_have_their_modes_and_offer_reflection() {
         "writ.admin.v1.Tasks",
     ];
     let admin_socket = std::path::Path::new(&admin(&writ)).to_path_buf();
-    assert_eq!(reflected_services(&admin_socket).await, admin_services);
+    assert_eq!(reflected_services!(v1, &admin_socket), admin_services);
     // Clients that still speak only v1alpha (older grpcurl, grpcio's
     // reflection client) get the same answer.
     assert_eq!(
-        reflected_services_v1alpha(&writ.socket).await,
+        reflected_services!(v1alpha, &writ.socket),
         workload_services
     );
-    assert_eq!(
-        reflected_services_v1alpha(&admin_socket).await,
-        admin_services
-    );
+    assert_eq!(reflected_services!(v1alpha, &admin_socket), admin_services);
     // Nor does it describe the other socket's services asked by name.
     let admin = std::path::Path::new(&admin(&writ)).to_path_buf();
     for (socket, served, not_served) in [
@@ -1175,59 +1202,6 @@ async fn describes(socket: &std::path::Path, symbol: &str) -> bool {
         Err(status) if status.code() == tonic::Code::NotFound => false,
         other => panic!("unexpected reflection answer {other:?}"),
     }
-}
-
-/// `reflected_services`, asked with the v1alpha protocol.
-async fn reflected_services_v1alpha(socket: &std::path::Path) -> Vec<String> {
-    use tonic_reflection::pb::v1alpha::ServerReflectionRequest;
-    use tonic_reflection::pb::v1alpha::server_reflection_client::ServerReflectionClient;
-    use tonic_reflection::pb::v1alpha::server_reflection_request::MessageRequest;
-    use tonic_reflection::pb::v1alpha::server_reflection_response::MessageResponse;
-    let channel = writ::cli::client::connect(socket).await.unwrap();
-    let request = ServerReflectionRequest {
-        host: String::new(),
-        message_request: Some(MessageRequest::ListServices(String::new())),
-    };
-    let mut responses = ServerReflectionClient::new(channel)
-        .server_reflection_info(futures::stream::iter(vec![request]))
-        .await
-        .unwrap()
-        .into_inner();
-    let Some(MessageResponse::ListServicesResponse(list)) =
-        responses.message().await.unwrap().unwrap().message_response
-    else {
-        panic!("unexpected reflection response");
-    };
-    let mut names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
-    names.sort();
-    names
-}
-
-/// The services the reflection service on `socket` lists, sorted.
-async fn reflected_services(socket: &std::path::Path) -> Vec<String> {
-    use tonic_reflection::pb::v1::ServerReflectionRequest;
-    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
-    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
-    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
-    let channel = writ::cli::client::connect(socket).await.unwrap();
-    let mut client = ServerReflectionClient::new(channel);
-    let request = ServerReflectionRequest {
-        host: String::new(),
-        message_request: Some(MessageRequest::ListServices(String::new())),
-    };
-    let mut responses = client
-        .server_reflection_info(futures::stream::iter(vec![request]))
-        .await
-        .unwrap()
-        .into_inner();
-    let Some(MessageResponse::ListServicesResponse(list)) =
-        responses.message().await.unwrap().unwrap().message_response
-    else {
-        panic!("unexpected reflection response");
-    };
-    let mut names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
-    names.sort();
-    names
 }
 
 #[test]
