@@ -400,13 +400,10 @@ impl EntryStore {
         // The hint reaches workloads and their operators' terminals (`writ
         // api fetch` prints it): an escape sequence there could forge what
         // they are shown.
-        if let Some(c) = req.hint.chars().find(|c| c.is_control()) {
+        if let Some(found) = writ_attestors::find_unshowable(&req.hint, &[]) {
             return Err(invalid(
                 "hint",
-                format!(
-                    "contains the control character U+{:04X}; control characters are not allowed",
-                    u32::from(c)
-                ),
+                format!("contains {found}; such characters are not allowed"),
             ));
         }
         for name in &req.dns_names {

@@ -2174,47 +2174,16 @@ fn refuse_controls_except(
     text: &str,
     allowed: &[char],
 ) -> Result<(), TaskError> {
-    match text
-        .char_indices()
-        .find(|(_, c)| (c.is_control() && !allowed.contains(c)) || is_hidden_format(*c))
-    {
+    match writ_attestors::find_unshowable(text, allowed) {
         None => Ok(()),
-        Some((at, c)) if c.is_control() => Err(invalid(
+        Some(found) => Err(invalid(
             field,
             format!(
-                "{} contains the control character U+{:04X} at byte {at}; control characters are not allowed",
-                what(),
-                u32::from(c)
-            ),
-        )),
-        Some((at, c)) => Err(invalid(
-            field,
-            format!(
-                "{} contains the invisible formatting character U+{:04X} at byte {at}; such characters are not allowed",
-                what(),
-                u32::from(c)
+                "{} contains {found}; such characters are not allowed",
+                what()
             ),
         )),
     }
-}
-
-/// Unicode formatting characters that show nothing themselves but change
-/// what is shown: zero-width characters (`read\u{200b}_only` reads as
-/// `read_only` to a person, not to policy) and bidirectional overrides
-/// (which reorder the text around them), the soft hyphen and the byte
-/// order mark.
-fn is_hidden_format(c: char) -> bool {
-    matches!(
-        c,
-        '\u{00AD}'
-            | '\u{061C}'
-            | '\u{180E}'
-            | '\u{200B}'..='\u{200F}'
-            | '\u{202A}'..='\u{202E}'
-            | '\u{2060}'..='\u{2064}'
-            | '\u{2066}'..='\u{2069}'
-            | '\u{FEFF}'
-    )
 }
 
 /// An `EndTask` reason: stored with the task and in its audit record, and

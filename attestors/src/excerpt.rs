@@ -63,9 +63,77 @@ impl fmt::Debug for Excerpt<'_> {
     }
 }
 
+/// A character in request text that would forge or hide what a reader of
+/// it is shown, and where it stands: a control character (an escape
+/// sequence, a carriage return), or a Unicode formatting character that
+/// shows nothing itself but changes what is shown (zero-width characters,
+/// so that `read\u{200b}_only` reads as `read_only` to a person but not to
+/// policy; bidirectional overrides, which reorder the text around them;
+/// the soft hyphen; the byte order mark).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Unshowable {
+    pub at: usize,
+    pub char: char,
+}
+
+/// The first unshowable character of `text`, but for the control
+/// characters in `allowed` (free text may keep line feeds and tabs).
+pub fn find_unshowable(text: &str, allowed: &[char]) -> Option<Unshowable> {
+    text.char_indices()
+        .find(|(_, c)| (c.is_control() && !allowed.contains(c)) || is_hidden_format(*c))
+        .map(|(at, char)| Unshowable { at, char })
+}
+
+fn is_hidden_format(c: char) -> bool {
+    matches!(
+        c,
+        '\u{00AD}'
+            | '\u{061C}'
+            | '\u{180E}'
+            | '\u{200B}'..='\u{200F}'
+            | '\u{202A}'..='\u{202E}'
+            | '\u{2060}'..='\u{2064}'
+            | '\u{2066}'..='\u{2069}'
+            | '\u{FEFF}'
+    )
+}
+
+impl fmt::Display for Unshowable {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let kind = if self.char.is_control() {
+            "control"
+        } else {
+            "invisible formatting"
+        };
+        write!(
+            f,
+            "the {kind} character U+{:04X} at byte {}",
+            u32::from(self.char),
+            self.at
+        )
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn control_and_hidden_formatting_characters_are_found_unless_allowed() {
+        assert_eq!(find_unshowable("plain é ✓", &[]), None);
+        let found = find_unshowable("ab\u{1b}[2J", &[]).map(|u| u.to_string());
+        assert_eq!(
+            found.as_deref(),
+            Some("the control character U+001B at byte 2")
+        );
+        let found = find_unshowable("read\u{200b}_only", &[]).map(|u| u.to_string());
+        assert_eq!(
+            found.as_deref(),
+            Some("the invisible formatting character U+200B at byte 4")
+        );
+        assert_eq!(find_unshowable("a\n\tb", &['\n', '\t']), None);
+        assert!(find_unshowable("a\n\tb", &[]).is_some());
+    }
 
     #[test]
     fn a_short_value_is_shown_whole_and_a_long_one_cut_with_its_length() {

@@ -19,7 +19,7 @@ pub use attestor::{Attestation, Attestor, AttestorConfig, AttestorSet};
 pub use cgroup::{CgroupAttestor, CgroupConfig, TrustedRoots};
 pub use container::{ContainerAttestor, ContainerInfo, container_from_cgroup_path};
 pub use error::AttestError;
-pub use excerpt::{EXCERPT_CHARS, Excerpt, excerpt};
+pub use excerpt::{EXCERPT_CHARS, Excerpt, Unshowable, excerpt, find_unshowable};
 pub use mountinfo::{Cgroup2Mount, find_cgroup2_mount, parse_cgroup2_mounts};
 pub use process::{
     PinnedProcess, ancestors, descends_from, is_descendant_of, namespace_of, parent_of,

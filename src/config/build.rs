@@ -1371,16 +1371,18 @@ impl Builder<'_> {
                 );
                 None
             }
-            Some(text) if text.get_ref().chars().any(char::is_control) => {
-                self.error(
-                    text.span(),
-                    format!(
-                        "{key}.hint contains a control character; the hint reaches workloads' terminals, where one could forge what they show"
-                    ),
-                );
-                None
-            }
-            Some(text) => Some(text.get_ref().clone()),
+            Some(text) => match writ_attestors::find_unshowable(text.get_ref(), &[]) {
+                Some(found) => {
+                    self.error(
+                        text.span(),
+                        format!(
+                            "{key}.hint contains {found}; the hint reaches workloads' terminals, where such a character could forge or hide what they show"
+                        ),
+                    );
+                    None
+                }
+                None => Some(text.get_ref().clone()),
+            },
         };
 
         let mut federation_valid = true;

@@ -644,7 +644,14 @@ fn a_config_entry_hint_may_not_hold_control_characters() {
         "[[entry]]\nspiffe_id = \"spiffe://writ.test/a\"\nselectors = [\"unix:uid:1\"]\nhint = \"x\\u001b[2J\"\n",
         4,
         8,
-        "entry[0].hint contains a control character",
+        "entry[0].hint contains the control character U+001B",
+    );
+    // Nor an invisible formatting character.
+    assert_single_error(
+        "[[entry]]\nspiffe_id = \"spiffe://writ.test/a\"\nselectors = [\"unix:uid:1\"]\nhint = \"db\\u200b\"\n",
+        4,
+        8,
+        "entry[0].hint contains the invisible formatting character U+200B",
     );
 }
 
