@@ -51,7 +51,11 @@ pub(super) fn parse_all<T: DeserializeOwned>(text: &str) -> Result<T, Vec<Proble
             text: current.clone(),
         });
         match enclosing {
-            Some(range) if !range.is_empty() => blank(&mut current, range),
+            Some(ranges) if ranges.iter().any(|r| !r.is_empty()) => {
+                for range in ranges {
+                    blank(&mut current, range);
+                }
+            }
             _ => break,
         }
     }
@@ -105,32 +109,34 @@ fn collect_headers(table: &Table, starts: &mut Vec<usize>) {
 /// The smallest whole key-value, or table with its body, that holds byte
 /// `at`: what can be removed while leaving valid TOML behind. A key-value
 /// is taken from the start of its line, so that a dotted key (`a.b = 1`,
-/// whose last part alone toml_edit gives a span) goes whole.
+/// whose last part alone toml_edit gives a span) goes whole. A table with
+/// no header of its own (`a` of `[a.b]` and `[a.c]`) named at `at` goes
+/// with every table below it, so that it is reported once, not once per
+/// header.
 fn enclosing_range(
     table: &Table,
     at: usize,
     headers: &[usize],
     text: &str,
-) -> Option<Range<usize>> {
+) -> Option<Vec<Range<usize>>> {
     for (name, _) in table.iter() {
         let Some((key, item)) = table.get_key_value(name) else {
             continue;
         };
         match item {
             Item::Value(value) => {
-                let (Some(key_span), Some(value_span)) = (key.span(), value.span()) else {
-                    continue;
-                };
-                let line_start = text
-                    .get(..key_span.start)
-                    .and_then(|before| before.rfind('\n'))
-                    .map_or(0, |newline| newline + 1);
-                let whole = line_start..value_span.end;
-                if whole.contains(&at) {
-                    return Some(whole);
+                if let Some(whole) = key_value_range(key, value, text)
+                    && whole.contains(&at)
+                {
+                    return Some(vec![whole]);
                 }
             }
             Item::Table(sub) => {
+                if sub.is_implicit() && key.span().is_some_and(|span| span.contains(&at)) {
+                    let mut pieces = Vec::new();
+                    table_pieces(sub, headers, text, &mut pieces);
+                    return Some(pieces);
+                }
                 if let Some(found) = table_range(sub, at, headers, text) {
                     return Some(found);
                 }
@@ -148,22 +154,72 @@ fn enclosing_range(
     None
 }
 
-/// Within a table: a key-value of it, or the table itself (its header up
-/// to the next header) when `at` is in its header.
-fn table_range(table: &Table, at: usize, headers: &[usize], text: &str) -> Option<Range<usize>> {
-    if let Some(found) = enclosing_range(table, at, headers, text) {
-        return Some(found);
-    }
+/// A key-value's whole text, from the start of its line.
+fn key_value_range(
+    key: &toml_edit::Key,
+    value: &toml_edit::Value,
+    text: &str,
+) -> Option<Range<usize>> {
+    let (key_span, value_span) = (key.span()?, value.span()?);
+    let line_start = text
+        .get(..key_span.start)
+        .and_then(|before| before.rfind('\n'))
+        .map_or(0, |newline| newline + 1);
+    Some(line_start..value_span.end)
+}
+
+/// A table with a header: from it up to the next header.
+fn header_to_next(table: &Table, headers: &[usize], text: &str) -> Option<Range<usize>> {
     let header = table.span()?;
-    if !header.contains(&at) {
-        return None;
-    }
     let end = headers
         .iter()
         .copied()
         .find(|&start| start >= header.end)
         .unwrap_or(text.len());
     Some(header.start..end)
+}
+
+/// Every piece of text that makes up `table`: its key-values, and each
+/// table below it with its body.
+fn table_pieces(table: &Table, headers: &[usize], text: &str, pieces: &mut Vec<Range<usize>>) {
+    for (name, _) in table.iter() {
+        let Some((key, item)) = table.get_key_value(name) else {
+            continue;
+        };
+        match item {
+            Item::Value(value) => pieces.extend(key_value_range(key, value, text)),
+            Item::Table(sub) => {
+                if !sub.is_implicit() && !sub.is_dotted() {
+                    pieces.extend(header_to_next(sub, headers, text));
+                }
+                table_pieces(sub, headers, text, pieces);
+            }
+            Item::ArrayOfTables(array) => {
+                for sub in array.iter() {
+                    pieces.extend(header_to_next(sub, headers, text));
+                    table_pieces(sub, headers, text, pieces);
+                }
+            }
+            Item::None => {}
+        }
+    }
+}
+
+/// Within a table: a key-value of it, or the table itself (its header up
+/// to the next header) when `at` is in its header.
+fn table_range(
+    table: &Table,
+    at: usize,
+    headers: &[usize],
+    text: &str,
+) -> Option<Vec<Range<usize>>> {
+    if let Some(found) = enclosing_range(table, at, headers, text) {
+        return Some(found);
+    }
+    if !table.span()?.contains(&at) {
+        return None;
+    }
+    header_to_next(table, headers, text).map(|range| vec![range])
 }
 
 #[cfg(test)]
@@ -222,6 +278,12 @@ mod tests {
     #[test]
     fn an_unknown_table_is_dropped_with_its_body_and_the_next_table_still_read() {
         let text = "[inenr]\nsize = 1\nwhat = 2\n[inner]\nsise = 3\n";
+        assert_eq!(found(text), ["inenr", "sise"]);
+    }
+
+    #[test]
+    fn an_unknown_table_known_only_by_its_sub_tables_is_reported_once() {
+        let text = "[inenr.a]\nsize = 1\n[inenr.b]\nsize = 2\n[inner]\nsise = 3\n";
         assert_eq!(found(text), ["inenr", "sise"]);
     }
 
