@@ -2290,8 +2290,17 @@ fn validate_intent(intent: &Intent) -> Result<(), TaskError> {
 /// Whether process `pid` is in writ's PID namespace. Unreadable counts as
 /// not: a PID from a caller whose namespace is unknown is not trusted.
 fn shares_pid_namespace_with_us(pid: i32) -> bool {
-    let ours = writ_attestors::namespace_of(std::process::id() as i32, "pid");
-    ours.is_some() && writ_attestors::namespace_of(pid, "pid") == ours
+    // A process never leaves its own PID namespace (unshare and setns move
+    // only its future children), so writ's is read once, not per BeginTask.
+    static OURS: std::sync::OnceLock<(u64, u64)> = std::sync::OnceLock::new();
+    let ours = match OURS.get() {
+        Some(ours) => *ours,
+        None => match writ_attestors::namespace_of(std::process::id() as i32, "pid") {
+            Some(read) => *OURS.get_or_init(|| read),
+            None => return false,
+        },
+    };
+    writ_attestors::namespace_of(pid, "pid") == Some(ours)
 }
 
 /// The process (thread group) that thread `tid` belongs to, from
