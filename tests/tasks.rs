@@ -747,6 +747,36 @@ impl Drop for TestSlice {
     }
 }
 
+/// The kernel lets a cgroup's name hold any byte but '/' and a newline; one
+/// that is not UTF-8 no selector or binding can name. A process in such a
+/// cgroup is attested without cgroup facts and served what its other
+/// selectors earn; a probe's was refused everything with `Unavailable`,
+/// which clients retry forever.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_process_in_a_cgroup_whose_name_is_not_utf8_is_still_attested() {
+    use std::os::unix::ffi::OsStrExt as _;
+    let Some(test_slice) = TestSlice::create("writ-test-odd-name") else {
+        return;
+    };
+    let odd = test_slice
+        .dir()
+        .join(std::ffi::OsStr::from_bytes(b"ff\xff"));
+    std::fs::create_dir(&odd).unwrap();
+    let writ = Writ::start(&config(&test_slice.trusted_root()));
+    let fetched = Command::new("sh")
+        .arg("-c")
+        .arg(r#"echo $$ > "$1/cgroup.procs" && exec "$2" api fetch x509 --socket "$3""#)
+        .args(["sh".as_ref(), odd.as_os_str()])
+        .arg(common::WRIT)
+        .arg(writ.endpoint())
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&fetched.stdout);
+    let err = String::from_utf8_lossy(&fetched.stderr);
+    assert!(fetched.status.success(), "{out}{err}");
+    assert!(out.contains(ORCH_ID), "{out}");
+}
+
 /// An orchestrator may bind a cgroup before it starts the task's processes
 /// in it: the task does not end as "emptied" until the cgroup has held a
 /// process and holds none.
