@@ -274,10 +274,38 @@ impl TaskIndex {
                 }
             }
         }
+        // A sub-task narrows its parent's scope: a process inside its binding
+        // (a child of the parent's process, a cgroup below the parent's) is
+        // also inside the parent's, and holding the parent's identity too
+        // would let it act with the scope the sub-task was begun to narrow.
+        let above_another: std::collections::HashSet<String> = found
+            .iter()
+            .flat_map(|task| self.ancestors_of(task))
+            .collect();
+        found.retain(|task| !above_another.contains(&task.id));
         // The most specific (deepest, then newest) task is the default.
         found.sort_by(|a, b| b.depth.cmp(&a.depth).then(b.created_at.cmp(&a.created_at)));
         found.dedup_by(|a, b| a.id == b.id);
         found
+    }
+
+    /// The IDs of the active tasks above `task`: its parent, the parent's
+    /// parent, and so on (a sub-task ends with its parent, so each is
+    /// active while `task` is).
+    fn ancestors_of(&self, task: &Task) -> Vec<String> {
+        let mut above = Vec::new();
+        let mut next = task.parent_id.clone();
+        // Bounded by the depth, should an index ever hold a cycle.
+        while let Some(id) = next.take()
+            && above.len() < task.depth as usize
+        {
+            next = self
+                .by_id
+                .get(&id)
+                .and_then(|parent| parent.parent_id.clone());
+            above.push(id);
+        }
+        above
     }
 
     /// An active task by ID. A scan: the index is keyed by binding, and the
@@ -827,6 +855,7 @@ impl Agent {
             federates_with: task.federates_with.clone(),
             not_after_cap: Some(task.expires_at),
             task_id: Some(task.id.clone()),
+            parent_task_id: task.parent_id.clone(),
         }
     }
 

@@ -173,6 +173,10 @@ pub struct Entitlement {
     /// A task identity must never outlive its task.
     pub not_after_cap: Option<SystemTime>,
     pub task_id: Option<String>,
+    /// For a sub-task's identity, its parent task: the caller holds the
+    /// sub-task's identity instead of the parent's, so ending the sub-task
+    /// may give the parent's back.
+    pub parent_task_id: Option<String>,
 }
 
 impl Entitlement {
@@ -186,6 +190,7 @@ impl Entitlement {
             federates_with: entry.federates_with.clone(),
             not_after_cap: None,
             task_id: None,
+            parent_task_id: None,
         }
     }
 }

@@ -936,7 +936,15 @@ where
                             crl_for_ended: None,
                             ..unseen
                         };
-                        if matches!(reuse, Reuse::Attestation(_))
+                        // Ending a sub-task may give back its parent's
+                        // identity (a process holds the deepest task of a
+                        // lineage), so that is resolved afresh.
+                        let may_give_back = resolved.entitled.entitlements.iter().any(|e| {
+                            e.parent_task_id.is_some()
+                                && e.task_id.as_ref().is_some_and(|id| ended.contains(id))
+                        });
+                        if !may_give_back
+                            && matches!(reuse, Reuse::Attestation(_))
                             && resolved.still_current(&caller, &rest, &keys)
                         {
                             let remaining = resolved.without_tasks(&ended);

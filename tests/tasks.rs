@@ -1398,6 +1398,44 @@ async fn a_task_begun_from_inside_a_task_is_a_sub_task_of_it() {
     target.wait().unwrap();
 }
 
+/// A process inside a sub-task's binding is inside its parent's too (the
+/// same process here; a child process or a child cgroup in practice). It
+/// holds the sub-task's identity, not the parent's broader one: a probe's
+/// sub-task process was served both, so narrowing tools and targets bound
+/// nothing. Once the sub-task ends, the parent's is its identity again.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_process_in_a_sub_tasks_binding_holds_the_sub_task_not_its_parent() {
+    let writ = Writ::start(&config(""));
+    let child = BoundChild::spawn(&writ, "sub-worker");
+    let mut tasks = tasks_client(&writ).await;
+    let mut parent = begin_pid("wide", child.pid());
+    parent.intent = Some(apb::Intent {
+        tools: vec!["jira".into(), "shell".into()],
+        ..Default::default()
+    });
+    let parent = tasks.begin_task(parent).await.unwrap().into_inner();
+    let mut sub = begin_explicit("narrow", child.pid(), "", "wide");
+    sub.intent = Some(apb::Intent {
+        tools: vec!["jira".into()],
+        ..Default::default()
+    });
+    let sub = tasks.begin_task(sub).await.unwrap().into_inner();
+    assert_eq!(sub.spiffe_id, format!("{}/task/narrow", parent.spiffe_id));
+
+    child.go();
+    let (ids, _) = child.next_update(Duration::from_secs(10));
+    assert_eq!(
+        ids,
+        vec![sub.spiffe_id.clone(), ORCH_ID.to_string()],
+        "the sub-task's identity, never its parent's"
+    );
+
+    tasks.end_task(end_req("narrow")).await.unwrap();
+    let (ids, _) = child.next_update(Duration::from_secs(10));
+    assert_eq!(ids, vec![parent.spiffe_id.clone(), ORCH_ID.to_string()]);
+    tasks.end_task(end_req("wide")).await.unwrap();
+}
+
 /// No two active tasks hold one SPIFFE ID, and no task holds an ID below
 /// an active task's unless it is a sub-task of it. A probe began `t7` with
 /// `t6`'s ID while `t6` was active (ending `t6` left `t7`'s certificate for

@@ -274,6 +274,7 @@ async fn mint_identity(
         federates_with: Vec::new(),
         not_after_cap: None,
         task_id: None,
+        parent_task_id: None,
     };
     let cached = agent
         .svid_for(&entitlement, SystemTime::now(), || {
