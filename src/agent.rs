@@ -2070,6 +2070,7 @@ mod tests {
                 path: "/agents/job".into(),
                 id: Some(bound_id),
                 cpu_usage_at_bind: None,
+                populated_at_bind: false,
             },
         );
         let mut index = TaskIndex::default();
@@ -2124,6 +2125,7 @@ mod tests {
                 path: "/x".into(),
                 id: None,
                 cpu_usage_at_bind: None,
+                populated_at_bind: false,
             },
         ));
         assert_eq!(index.pid_bound_start_times.keys().next(), Some(&50));

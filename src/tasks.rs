@@ -250,6 +250,12 @@ pub enum Binding {
         /// not keep it, and in records stored before it was kept.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         cpu_usage_at_bind: Option<u64>,
+        /// It held processes when the task began, so it has emptied once it
+        /// holds none: after a restart too, though processes moved out
+        /// while writ was down left its CPU time as it was. Absent (false)
+        /// in records stored before it was kept.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        populated_at_bind: bool,
     },
 }
 
@@ -1154,6 +1160,7 @@ impl TaskManager {
                         path: path.clone(),
                         id: Some(id),
                         cpu_usage_at_bind,
+                        populated_at_bind: held_processes,
                     },
                     BindingWatch::Cgroup {
                         cgroup: Arc::new(cgroup),
@@ -1871,6 +1878,7 @@ impl TaskManager {
                     path,
                     id,
                     cpu_usage_at_bind,
+                    populated_at_bind,
                 } => match self
                     .cgroup_dir(path)
                     .and_then(|dir| Some((CgroupDir::open(&dir).ok()?, dir)))
@@ -1881,7 +1889,7 @@ impl TaskManager {
                         // to have held processes, so it has.
                         let mut watch = BindingWatch::Cgroup {
                             cgroup: Arc::new(cgroup),
-                            held_processes: cpu_usage_at_bind.is_none(),
+                            held_processes: *populated_at_bind || cpu_usage_at_bind.is_none(),
                             cpu_usage_at_bind: *cpu_usage_at_bind,
                             dir,
                         };
@@ -3427,6 +3435,44 @@ mod tests {
         std::fs::write(&cpu_stat, "usage_usec 1500\nuser_usec 800\n").unwrap();
         std::fs::write(&events, "populated 0\nfrozen 0\n").unwrap();
         ends_as_emptied(&mut completions, "t-waiting").await;
+    }
+
+    /// A cgroup that held processes when its task began has emptied once it
+    /// holds none, even if they were moved out while writ was down, which
+    /// adds no CPU time there: a probe's restart took such a cgroup for one
+    /// still waiting for its processes, and newcomers got the task.
+    #[tokio::test]
+    async fn after_a_restart_a_cgroup_populated_when_bound_and_empty_now_has_emptied() {
+        let agent = TestAgent::start().await;
+        let mount = tempfile::tempdir().unwrap();
+        let job = fake_job_cgroup(mount.path());
+        let events = job.join("cgroup.events");
+        std::fs::write(&events, "populated 1\nfrozen 0\n").unwrap();
+        std::fs::write(job.join("cpu.stat"), "usage_usec 700\nuser_usec 400\n").unwrap();
+        // Begun by a run of writ that then stops: on a runtime of its own,
+        // dropped with the task's watcher.
+        let manager = manager_with_cgroups(&agent, Some(mount.path()));
+        let orchestrator = agent.orchestrator();
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime
+                .block_on(manager.begin(job_cgroup_request("t-moved-out"), &orchestrator))
+                .unwrap();
+        })
+        .join()
+        .unwrap();
+
+        std::fs::write(&events, "populated 0\nfrozen 0\n").unwrap();
+        let fresh = manager_with_cgroups(&agent, Some(mount.path()));
+        fresh.restore().await.unwrap();
+        let task = fresh.get("t-moved-out").unwrap().unwrap();
+        assert_eq!(
+            task.completion.map(|c| c.reason),
+            Some(CompletionReason::CgroupEmpty.as_str().to_owned())
+        );
     }
 
     /// An active task whose stored record cannot be read (damaged, or
