@@ -1,9 +1,19 @@
 //! A tool server that serves AI-agent *tasks* only: it accepts a caller over
-//! mutual TLS when the caller's X.509-SVID names a task (its path contains
-//! `/task/`) and has not been revoked, and answers one request per connection.
+//! mutual TLS when the caller's X.509-SVID names a task (its path ends in
+//! `/task/<id>`, as writ names task identities) and has not been revoked,
+//! and answers one request per connection. The certificate is checked
+//! against the CRLs again when the request arrives, so a caller that
+//! connected while its task ran is refused once the task has ended.
 //!
 //! Its own SVID, the trust bundle and writ's CRLs all come from one Workload
 //! API stream, so a task ended at writ is refused here moments later.
+//!
+//! What it does not check: an X.509-SVID carries the task's identity, not
+//! its intent, so any task may call any tool here (writ's policy judged the
+//! intent before issuing; a JWT-SVID carries the task's tools, targets and
+//! data class as claims for a server that wants them). Nor can a name tell
+//! a task from a registration entry an operator named `.../task/x`; a
+//! stricter server would also accept only the orchestrators it knows.
 //!
 //! ```sh
 //! SPIFFE_ENDPOINT_SOCKET=unix:///run/writ/workload.sock cargo run --example tool_server
@@ -80,7 +90,7 @@ async fn main() -> anyhow::Result<()> {
 
     // Authorization by SPIFFE ID alone: only task identities may call tools.
     // Revocation is checked before this, against the CRLs in `tls`.
-    let config = tls.server_config(Arc::new(|id: &SpiffeId| id.path().contains("/task/")))?;
+    let config = tls.server_config(Arc::new(names_a_task))?;
     let acceptor = TlsAcceptor::from(Arc::new(config));
     let listener = TcpListener::bind(args.listen).await?;
     // The first line is what scripts (and the agent_runtime demo) wait for.
@@ -90,7 +100,7 @@ async fn main() -> anyhow::Result<()> {
     loop {
         match listener.accept().await {
             Ok((tcp, peer)) => {
-                tokio::spawn(serve_connection(acceptor.clone(), tcp, peer));
+                tokio::spawn(serve_connection(acceptor.clone(), tls.clone(), tcp, peer));
             }
             // Such as running out of file descriptors: back off, keep serving.
             Err(e) => {
@@ -99,6 +109,14 @@ async fn main() -> anyhow::Result<()> {
             }
         }
     }
+}
+
+/// writ names a task's identity `<orchestrator's ID>/task/<task id>`, and
+/// a sub-task's below its parent's in the same way.
+fn names_a_task(id: &SpiffeId) -> bool {
+    let mut segments = id.path().rsplit('/');
+    let task_id = segments.next().unwrap_or_default();
+    segments.next() == Some("task") && !task_id.is_empty()
 }
 
 /// Replaces our identity and everything we trust with one Workload API
@@ -177,8 +195,14 @@ async fn reconnect(workload_socket: &str) -> anyhow::Result<tonic::Streaming<X50
 
 /// One caller, one request. The handshake already verified the caller's
 /// chain, checked the CRLs and authorized its SPIFFE ID; a failure there is
-/// logged as a refusal and the connection dropped.
-async fn serve_connection(acceptor: TlsAcceptor, tcp: TcpStream, peer: SocketAddr) {
+/// logged as a refusal and the connection dropped. The chain is checked
+/// again once the request has arrived, against the CRLs of that moment.
+async fn serve_connection(
+    acceptor: TlsAcceptor,
+    tls: Arc<SpiffeTls>,
+    tcp: TcpStream,
+    peer: SocketAddr,
+) {
     let mut tls_stream = match tokio::time::timeout(IO_TIMEOUT, acceptor.accept(tcp)).await {
         Ok(Ok(stream)) => stream,
         Ok(Err(e)) => {
@@ -190,13 +214,13 @@ async fn serve_connection(acceptor: TlsAcceptor, tcp: TcpStream, peer: SocketAdd
             return;
         }
     };
-    let caller = match tls_stream
+    let chain: Vec<CertificateDer<'static>> = tls_stream
         .get_ref()
         .1
         .peer_certificates()
-        .and_then(|chain| chain.first())
-        .map(|leaf| spiffe_id_of(leaf))
-    {
+        .map(|chain| chain.iter().map(|c| c.clone().into_owned()).collect())
+        .unwrap_or_default();
+    let caller = match chain.first().map(|leaf| spiffe_id_of(leaf)) {
         Some(Ok(id)) => id,
         _ => {
             println!("refused {peer}: no client SVID after the handshake");
@@ -207,13 +231,32 @@ async fn serve_connection(acceptor: TlsAcceptor, tcp: TcpStream, peer: SocketAdd
     let mut line = String::new();
     let mut request = BufReader::new(&mut tls_stream).take(MAX_REQUEST_BYTES);
     let reply = match tokio::time::timeout(IO_TIMEOUT, request.read_line(&mut line)).await {
-        Ok(Ok(_)) => answer(line.trim_end()),
+        // A task may have ended since the handshake: its certificate is
+        // then in the newest CRL.
+        Ok(Ok(_)) => match still_valid(&tls, &chain) {
+            Ok(()) => answer(line.trim_end()),
+            Err(e) => format!("ERR refused: the certificate is no longer valid ({e})"),
+        },
         Ok(Err(e)) => format!("ERR reading the request: {e}"),
         Err(_) => "ERR no request in time".to_string(),
     };
     println!("{caller} called {:?}: {reply}", line.trim_end());
     let _ = tls_stream.write_all(format!("{reply}\n").as_bytes()).await;
     let _ = tls_stream.shutdown().await;
+}
+
+/// The caller's chain against our trust and CRLs as they are now.
+fn still_valid(tls: &SpiffeTls, chain: &[CertificateDer<'static>]) -> Result<(), rustls::Error> {
+    let (leaf, intermediates) = chain
+        .split_first()
+        .ok_or_else(|| rustls::Error::General("no client certificate".into()))?;
+    tls.verify_peer(
+        leaf,
+        intermediates,
+        rustls::pki_types::UnixTime::now(),
+        webpki::KeyUsage::client_auth(),
+    )
+    .map(|_| ())
 }
 
 /// The tools themselves: canned, read-only answers, since the point of the

@@ -31,7 +31,7 @@ fn the_demo_gives_each_task_an_identity_and_revokes_it() {
     assert_eq!(jobs, ["triage", "digest", "escalate"], "{stdout}");
     let mut task_ids: Vec<&str> = rows.iter().map(|r| r[1]).collect();
     for row in &rows {
-        let [_, task_id, spiffe_id, with_task_svid, after_end_task] = row[..] else {
+        let [job, task_id, spiffe_id, with_task_svid, after_end_task] = row[..] else {
             unreachable!()
         };
         assert_eq!(
@@ -52,6 +52,23 @@ fn the_demo_gives_each_task_an_identity_and_revokes_it() {
                 && l.contains("refused a peer certificate")
                 && l.ends_with(&format!("peer={spiffe_id} error=CertRevoked"))),
             "no revocation refusal for {spiffe_id}:\n{stdout}"
+        );
+        // A connection opened while the task ran, its request sent after
+        // EndTask: the tool server checks the certificate again, and the
+        // refusal is for revocation.
+        assert!(
+            stdout.contains(&format!(
+                "[{job}] request after EndTask on a connection opened during the task: refused: ERR refused"
+            )),
+            "{stdout}"
+        );
+        assert!(
+            stdout
+                .lines()
+                .any(|l| l.contains(&format!("tool_server | {spiffe_id} called"))
+                    && l.contains("ERR refused: the certificate is no longer valid")
+                    && l.contains("Revoked")),
+            "no refusal on the held connection for {spiffe_id}:\n{stdout}"
         );
     }
     task_ids.sort();

@@ -15,6 +15,7 @@ use spiffe::{X509Source, X509Svid};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
 use writ::spiffe_id::{SpiffeId, TrustDomain};
 use writ::tls::{SpiffeTls, TrustStore};
 
@@ -31,6 +32,9 @@ pub enum ChildEvent {
     AfterRevocation {
         outcome: CallOutcome,
         served_before: u32,
+        /// A request sent after the revocation on a connection opened while
+        /// the task ran: the server checks the certificate again.
+        on_held_connection: CallOutcome,
     },
 }
 
@@ -108,6 +112,10 @@ pub async fn run(
         address: tool_server,
         spiffe_id: tool_server_id,
     };
+    // Opened while the task runs, used only after it has ended (the
+    // handshake is done before the first call is reported, and so before
+    // the orchestrator ends the task).
+    let held = tokio::time::timeout(CALL_TIMEOUT, server.connect()).await;
     report(&ChildEvent::FirstCall(server.call(&request).await))?;
 
     wait_until_task_svid_is_gone(&source, &task_spiffe_id).await?;
@@ -125,9 +133,20 @@ pub async fn run(
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
+    let on_held_connection = match held {
+        Ok(Ok(stream)) => ToolServer::outcome(
+            tokio::time::timeout(CALL_TIMEOUT, ToolServer::send(stream, &request)).await,
+        ),
+        Ok(Err(CallError::Refused(why))) => {
+            CallOutcome::Failed(format!("refused while the task still ran: {why}"))
+        }
+        Ok(Err(CallError::Other(e))) => CallOutcome::Failed(format!("{e:#}")),
+        Err(_) => CallOutcome::Failed("no connection in time".into()),
+    };
     report(&ChildEvent::AfterRevocation {
         outcome,
         served_before,
+        on_held_connection,
     })?;
     source.shutdown().await;
     Ok(())
@@ -213,8 +232,16 @@ struct ToolServer {
 
 impl ToolServer {
     async fn call(&self, request: &str) -> CallOutcome {
-        match tokio::time::timeout(CALL_TIMEOUT, self.exchange(request)).await {
+        Self::outcome(tokio::time::timeout(CALL_TIMEOUT, self.exchange(request)).await)
+    }
+
+    fn outcome(
+        exchanged: Result<Result<String, CallError>, tokio::time::error::Elapsed>,
+    ) -> CallOutcome {
+        match exchanged {
             Ok(Ok(reply)) if reply.starts_with("OK ") => CallOutcome::Served(reply),
+            // The server took the request, then found the certificate revoked.
+            Ok(Ok(reply)) if reply.starts_with("ERR refused") => CallOutcome::Refused(reply),
             Ok(Ok(reply)) => CallOutcome::Failed(reply),
             Ok(Err(CallError::Refused(why))) => CallOutcome::Refused(why),
             Ok(Err(CallError::Other(e))) => CallOutcome::Failed(format!("{e:#}")),
@@ -223,6 +250,10 @@ impl ToolServer {
     }
 
     async fn exchange(&self, request: &str) -> Result<String, CallError> {
+        Self::send(self.connect().await?, request).await
+    }
+
+    async fn connect(&self) -> Result<TlsStream<TcpStream>, CallError> {
         let expected = self.spiffe_id.clone();
         let config = self
             .tls
@@ -235,10 +266,13 @@ impl ToolServer {
         // the verifier checks; the TLS server name is required but unused.
         let name =
             ServerName::try_from("tool-server.invalid").map_err(|e| CallError::Other(e.into()))?;
-        let mut stream = TlsConnector::from(Arc::new(config))
+        TlsConnector::from(Arc::new(config))
             .connect(name, tcp)
             .await
-            .map_err(CallError::from_io)?;
+            .map_err(CallError::from_io)
+    }
+
+    async fn send(mut stream: TlsStream<TcpStream>, request: &str) -> Result<String, CallError> {
         stream
             .write_all(format!("CALL {request}\n").as_bytes())
             .await

@@ -177,6 +177,8 @@ struct TaskReport {
     child_spiffe_id: String,
     with_task_svid: CallOutcome,
     after_end_task: CallOutcome,
+    /// A request sent after EndTask on a connection opened before it.
+    on_held_connection: CallOutcome,
 }
 
 /// A job's name, and its report or why it could not finish.
@@ -187,6 +189,7 @@ impl TaskReport {
         self.child_spiffe_id == self.task_spiffe_id
             && matches!(self.with_task_svid, CallOutcome::Served(_))
             && matches!(self.after_end_task, CallOutcome::Refused(_))
+            && matches!(self.on_held_connection, CallOutcome::Refused(_))
     }
 }
 
@@ -342,12 +345,17 @@ impl Runtime {
         let ChildEvent::AfterRevocation {
             outcome: after_end_task,
             served_before,
+            on_held_connection,
         } = next_event(&mut events).await?
         else {
             bail!("the child did not report its call after EndTask");
         };
         println!(
             "[{}] same certificate after EndTask: {after_end_task}",
+            job.name
+        );
+        println!(
+            "[{}] request after EndTask on a connection opened during the task: {on_held_connection}",
             job.name
         );
         if served_before > 0 {
@@ -363,6 +371,7 @@ impl Runtime {
             child_spiffe_id: spiffe_id,
             with_task_svid,
             after_end_task,
+            on_held_connection,
         })
     }
 }
@@ -433,7 +442,8 @@ fn print_summary(reports: &[JobOutcome]) -> bool {
     println!();
     println!(
         "{passed}/{} tasks passed: each child got its task identity, was served, \
-         and was refused with the same certificate after EndTask",
+         and was refused with the same certificate after EndTask, on a new \
+         connection and on one opened before",
         reports.len()
     );
     passed == reports.len()
