@@ -8,6 +8,7 @@ pub mod audit;
 pub mod bundle;
 pub mod ca;
 mod cgroup;
+mod cgroup_watch;
 pub mod changes;
 pub mod cli;
 pub mod config;

@@ -5,7 +5,7 @@
 //! for it, durably, before anyone is told it is over.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -17,6 +17,7 @@ use writ_attestors::{PinnedProcess, excerpt};
 use crate::agent::{Agent, TaskBeginning, task_facts};
 use crate::audit::{AuditEvent, CallerFacts, EventKind};
 use crate::cgroup::CgroupDir;
+use crate::cgroup_watch::CgroupWatcher;
 use crate::changes::Change;
 use crate::spiffe_id::{SpiffeId, TrustDomain};
 use crate::store::{Store, StoreError};
@@ -648,6 +649,8 @@ pub struct TaskManager {
     store: Arc<Store>,
     limits: TaskLimits,
     cgroup_mount: Option<PathBuf>,
+    /// Every cgroup-bound task's watcher waits on it.
+    cgroups: CgroupWatcher,
     inner: Mutex<Inner>,
     /// Every WatchTasks watcher's queue (bounded in bytes, not count).
     events: crate::task_events::TaskEvents,
@@ -665,6 +668,7 @@ impl TaskManager {
             store,
             limits,
             cgroup_mount,
+            cgroups: CgroupWatcher::default(),
             inner: Mutex::new(Inner::default()),
             events: crate::task_events::TaskEvents::default(),
         })
@@ -1267,7 +1271,7 @@ impl TaskManager {
                 .unwrap_or(Duration::ZERO);
             let reason = tokio::select! {
                 _ = tokio::time::sleep(ttl) => CompletionReason::TtlExpired,
-                reason = wait_binding_ends(watch) => reason,
+                reason = wait_binding_ends(watch, &manager.cgroups) => reason,
             };
             // Complete from a fresh task: completion aborts this watcher, and
             // must not be cancelled half-way by that.
@@ -2458,14 +2462,14 @@ impl BindingWatch {
 
 /// Resolves when the binding ends: the pinned process exits, or the cgroup
 /// empties (or disappears). Never resolves for a binding with nothing to watch.
-async fn wait_binding_ends(watch: BindingWatch) -> CompletionReason {
+async fn wait_binding_ends(watch: BindingWatch, cgroups: &CgroupWatcher) -> CompletionReason {
     match watch {
         BindingWatch::Process(process) => {
             crate::peer::wait_for_exit(&process).await;
             CompletionReason::ProcessExited
         }
         watch @ BindingWatch::Cgroup { .. } => {
-            wait_cgroup_empty(watch).await;
+            wait_cgroup_empty(watch, cgroups).await;
             CompletionReason::CgroupEmpty
         }
         BindingWatch::Nothing => std::future::pending().await,
@@ -2473,46 +2477,31 @@ async fn wait_binding_ends(watch: BindingWatch) -> CompletionReason {
 }
 
 /// The kernel signals every change of cgroup.events as a file modification,
-/// so inotify wakes us exactly when `populated` may have flipped. A cgroup
+/// so the watch wakes us exactly when `populated` may have flipped. A cgroup
 /// bound before the task's processes are started in it has not emptied: it
 /// empties once it has held a process and holds none (or once it is gone).
-/// Removing a cgroup signals nothing on its own files or directory, only a
-/// deletion in its parent directory, so the watcher listens there too.
-async fn wait_cgroup_empty(mut watch: BindingWatch) {
-    use rustix::fs::inotify;
+async fn wait_cgroup_empty(mut watch: BindingWatch, cgroups: &CgroupWatcher) {
     let BindingWatch::Cgroup { dir, .. } = &watch else {
         return;
     };
-    let events_file = dir.join("cgroup.events");
-    let parent = dir.parent().map(Path::to_path_buf);
-    let inotify_watch =
-        inotify::init(inotify::CreateFlags::CLOEXEC | inotify::CreateFlags::NONBLOCK)
-            .ok()
-            .and_then(|fd| {
-                inotify::add_watch(&fd, &events_file, inotify::WatchFlags::MODIFY).ok()?;
-                if let Some(parent) = &parent {
-                    let removed = inotify::WatchFlags::DELETE | inotify::WatchFlags::ONLYDIR;
-                    inotify::add_watch(&fd, parent, removed).ok()?;
-                }
-                crate::sys::async_fd(fd, tokio::io::Interest::READABLE).ok()
-            });
+    let dir = dir.clone();
     loop {
-        // Check after arming the watch, so a flip in between is not missed.
-        if watch.cgroup_emptied() {
-            return;
-        }
-        match &inotify_watch {
-            Some(fd) => {
-                let Ok(mut guard) = fd.readable().await else {
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                };
-                let mut buf = [std::mem::MaybeUninit::<u8>::uninit(); 1024];
-                let mut reader = inotify::Reader::new(fd.get_ref(), &mut buf);
-                while reader.next().is_ok() {}
-                guard.clear_ready();
+        let wakeups = cgroups.watch(&dir);
+        loop {
+            // Check after arming the watch, so a flip in between is not missed.
+            if watch.cgroup_emptied() {
+                return;
             }
-            None => tokio::time::sleep(Duration::from_millis(100)).await,
+            match &wakeups {
+                Some(wakeups) => {
+                    // false: the kernel dropped a watch of it, which tells
+                    // nothing of the cgroup; look, and watch it anew.
+                    if !wakeups.changed().await {
+                        break;
+                    }
+                }
+                None => tokio::time::sleep(crate::cgroup_watch::FALLBACK_INTERVAL).await,
+            }
         }
     }
 }
@@ -2541,6 +2530,8 @@ pub(crate) fn test_task(id: &str, binding: Binding) -> Task {
 
 #[cfg(test)]
 mod tests {
+    use std::path::Path;
+
     use super::*;
 
     /// A task begun by a caller without a SPIFFE ID belongs to that

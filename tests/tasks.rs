@@ -908,6 +908,101 @@ async fn a_process_that_lived_a_moment_in_a_bound_cgroup_ends_its_task() {
     }
 }
 
+/// A `sleep` in each of several cgroups; dropping this (before the
+/// `TestSlice` they are under) kills every one left and removes its cgroup.
+#[derive(Default)]
+struct CgroupSleepers(HashMap<usize, (PathBuf, Child)>);
+
+impl CgroupSleepers {
+    /// Makes the cgroup `dir` and starts process `n` in it.
+    fn start_in(&mut self, n: usize, dir: PathBuf) {
+        std::fs::create_dir(&dir).unwrap();
+        // Filed before it is moved: a failed move still kills it.
+        let child = Command::new("sleep").arg("600").spawn().unwrap();
+        let pid = child.id();
+        self.0.insert(n, (dir.clone(), child));
+        std::fs::write(dir.join("cgroup.procs"), pid.to_string()).unwrap();
+    }
+
+    /// Kills process `n` and reaps it, which empties its cgroup.
+    fn stop(&mut self, n: usize) {
+        if let Some((_, child)) = self.0.get_mut(&n) {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for CgroupSleepers {
+    fn drop(&mut self) {
+        for (dir, child) in self.0.values_mut() {
+            let _ = child.kill();
+            let _ = child.wait();
+            let _ = std::fs::remove_dir(dir);
+        }
+    }
+}
+
+/// How many inotify instances process `pid` holds open.
+fn inotify_instances(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .flatten()
+        .filter(|fd| {
+            std::fs::read_link(fd.path()).is_ok_and(|to| to.as_os_str() == "anon_inode:inotify")
+        })
+        .count()
+}
+
+/// Each cgroup-bound task used to open an inotify instance of its own: at
+/// 128 tasks (the default fs.inotify.max_user_instances) writ held every
+/// instance its uid may, so that its uid's other processes (root's:
+/// systemd, the container runtime) could open none, and the tasks past 128
+/// silently re-read their cgroups every 100 ms. One instance serves them
+/// all, and a cgroup emptying ends its own task and no other.
+#[tokio::test(flavor = "multi_thread")]
+async fn many_cgroup_tasks_share_one_inotify_instance_and_each_ends_alone() {
+    const TASKS: usize = 150;
+    let Some(test_slice) = TestSlice::create("writ-test-many") else {
+        return;
+    };
+    let slice = test_slice.name.clone();
+    let writ = Writ::start(&config(&test_slice.trusted_root()));
+    let mut tasks = tasks_client(&writ).await;
+    let mut sleepers = CgroupSleepers::default();
+    for n in 0..TASKS {
+        sleepers.start_in(n, test_slice.dir().join(format!("c{n}")));
+        tasks
+            .begin_task(begin_cgroup(
+                &format!("many-{n}"),
+                &format!("/{slice}/c{n}"),
+            ))
+            .await
+            .unwrap();
+    }
+    let instances = inotify_instances(writ.pid());
+    assert!(
+        instances <= 1,
+        "writ holds {instances} inotify instances for {TASKS} cgroup tasks"
+    );
+
+    // Under the same parent as the rest, and some past the 128th.
+    let emptied = [0, 1, 77, 128, 149];
+    for n in emptied {
+        sleepers.stop(n);
+    }
+    for n in emptied {
+        assert_eq!(
+            completion_reason(&mut tasks, &format!("many-{n}")).await,
+            "cgroup_empty"
+        );
+    }
+    for n in (0..TASKS).filter(|n| !emptied.contains(n)) {
+        let t = get_task(&mut tasks, &format!("many-{n}")).await;
+        assert_eq!(t.completed_at, 0, "{t:?}");
+    }
+}
+
 /// A cgroup bound before its processes start is still waiting for them
 /// after writ restarts, unless a process ran in it while writ was down:
 /// writ used to take any empty cgroup at restart for one that had emptied,
