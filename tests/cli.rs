@@ -362,6 +362,33 @@ fn healthcheck_tells_serving_from_absent() {
     assert!(!ok);
 }
 
+/// A stopped (or wedged) agent accepts connections but answers nothing: the
+/// socket-mode health check used to wait forever, stalling whatever probed.
+#[test]
+fn healthcheck_gives_up_on_an_agent_that_does_not_answer() {
+    let writ = Writ::start(&entry_for_us());
+    let pid = nix::unistd::Pid::from_raw(writ.pid() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    let started = std::time::Instant::now();
+    let (ok, _, stderr) = writ_cli(
+        &[
+            "healthcheck",
+            "--socket",
+            &writ.endpoint(),
+            "--timeout",
+            "1s",
+        ],
+        None,
+    );
+    let waited = started.elapsed();
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT).unwrap();
+    assert!(!ok, "a stopped agent passed the health check");
+    assert!(stderr.contains("did not answer within 1s"), "{stderr}");
+    assert!(waited < Duration::from_secs(30), "waited {waited:?}");
+    let (ok, _, stderr) = writ_cli(&["healthcheck", "--timeout", "0s"], None);
+    assert!(!ok && stderr.contains("more than zero"), "{stderr}");
+}
+
 /// Watch follows the health-checking protocol: a served service streams
 /// its status; one writ does not serve gets SERVICE_UNKNOWN and the call
 /// stays open (grpc-go's client-side health checking watches), while Check

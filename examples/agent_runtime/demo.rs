@@ -221,7 +221,10 @@ async fn wait_until_serving(writ: &mut Child, socket: &Path) -> anyhow::Result<(
         if let Some(status) = writ.try_wait()? {
             bail!("writ exited at startup ({status})");
         }
-        if writ::cli::api::healthcheck(socket).await.is_ok() {
+        if writ::cli::api::healthcheck(socket, Duration::from_secs(2))
+            .await
+            .is_ok()
+        {
             return Ok(());
         }
         if tokio::time::Instant::now() > deadline {

@@ -207,17 +207,31 @@ pub async fn watch(socket: &Path, json: bool) -> anyhow::Result<()> {
     }
 }
 
-/// gRPC health check on the socket; Ok only when the server says SERVING.
-pub async fn healthcheck(socket: &Path) -> anyhow::Result<()> {
-    let channel = super::client::connect_to(Api::Workload, socket).await?;
-    let mut client = tonic_health::pb::health_client::HealthClient::new(channel);
-    let response = client
-        .check(tonic_health::pb::HealthCheckRequest {
-            service: String::new(),
-        })
+/// gRPC health check on the socket; Ok only when the server says SERVING
+/// within `deadline`.
+pub async fn healthcheck(socket: &Path, deadline: std::time::Duration) -> anyhow::Result<()> {
+    let check = async {
+        let channel = super::client::connect_to(Api::Workload, socket).await?;
+        let mut client = tonic_health::pb::health_client::HealthClient::new(channel);
+        anyhow::Ok(
+            client
+                .check(tonic_health::pb::HealthCheckRequest {
+                    service: String::new(),
+                })
+                .await
+                .map_err(|s| status_error("grpc.health.v1.Health/Check", s))?
+                .into_inner(),
+        )
+    };
+    let response = tokio::time::timeout(deadline, check)
         .await
-        .map_err(|s| status_error("grpc.health.v1.Health/Check", s))?
-        .into_inner();
+        .with_context(|| {
+            format!(
+                "writ at {} did not answer within {}",
+                socket.display(),
+                crate::config::format_duration(deadline)
+            )
+        })??;
     let serving = tonic_health::pb::health_check_response::ServingStatus::Serving as i32;
     if response.status != serving {
         bail!(
@@ -230,9 +244,10 @@ pub async fn healthcheck(socket: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `writ healthcheck --http ADDR`: exit 0 when `GET /ready` answers 200.
-/// Plain HTTP/1.1 over loopback, so a hand-written request is enough.
-pub async fn http_healthcheck(addr: &str) -> anyhow::Result<()> {
+/// `writ healthcheck --http ADDR`: exit 0 when `GET /ready` answers 200
+/// within `deadline`. Plain HTTP/1.1 over loopback, so a hand-written
+/// request is enough.
+pub async fn http_healthcheck(addr: &str, deadline: std::time::Duration) -> anyhow::Result<()> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let authority = addr
         .strip_prefix("http://")
@@ -259,9 +274,14 @@ pub async fn http_healthcheck(addr: &str) -> anyhow::Result<()> {
             .context("reading the response")?;
         anyhow::Ok(String::from_utf8_lossy(&response).into_owned())
     };
-    let response = tokio::time::timeout(std::time::Duration::from_secs(10), exchange)
+    let response = tokio::time::timeout(deadline, exchange)
         .await
-        .with_context(|| format!("{authority} did not answer within 10s"))??;
+        .with_context(|| {
+            format!(
+                "{authority} did not answer within {}",
+                crate::config::format_duration(deadline)
+            )
+        })??;
     let status = response
         .lines()
         .next()

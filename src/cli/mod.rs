@@ -75,6 +75,10 @@ pub enum Command {
         /// Ask the `[telemetry]` HTTP listener instead, e.g. 127.0.0.1:9600.
         #[arg(long, conflicts_with = "socket")]
         http: Option<String>,
+        /// Fail when writ has not answered within this long (a stopped or
+        /// wedged agent would otherwise stall the probe).
+        #[arg(long, default_value = "10s", value_parser = parse_timeout)]
+        timeout: std::time::Duration,
     },
     /// Begin, end and inspect tasks (admin socket).
     Task {
@@ -369,9 +373,13 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
                 api::watch(&socket.resolve()?, output == Output::Json).await
             }
         },
-        Command::Healthcheck { socket, http } => match http {
-            Some(addr) => api::http_healthcheck(&addr).await,
-            None => api::healthcheck(&socket.resolve()?).await,
+        Command::Healthcheck {
+            socket,
+            http,
+            timeout,
+        } => match http {
+            Some(addr) => api::http_healthcheck(&addr, timeout).await,
+            None => api::healthcheck(&socket.resolve()?, timeout).await,
         },
         Command::Task { command } => admin::task(command).await,
         Command::Entry { command } => admin::entry(command).await,
@@ -379,6 +387,15 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
         Command::Reload { admin } => admin::reload(admin).await,
         Command::Audit { command } => audit::audit(command).await,
         Command::Policy { command } => std::process::exit(policy::run(command)),
+    }
+}
+
+/// A positive duration such as `10s` or `500ms`.
+fn parse_timeout(text: &str) -> Result<std::time::Duration, String> {
+    match crate::config::parse_duration(text) {
+        Ok(d) if d.is_zero() => Err("must be more than zero".into()),
+        Ok(d) => Ok(d),
+        Err(e) => Err(e.to_string()),
     }
 }
 
