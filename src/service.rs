@@ -624,17 +624,31 @@ async fn listen(
 /// The socket files writ bound itself, to remove when it stops (or fails
 /// to start). A socket systemd passed in belongs to its .socket unit,
 /// which keeps listening (and starts writ again on the next connection).
+/// Each with the file it named at bind: a path another process has bound
+/// since (a second writ started on it) is that process's, and is left.
 #[derive(Default)]
-struct BoundSockets(Vec<PathBuf>);
+struct BoundSockets(Vec<(PathBuf, Option<crate::readiness::FileIdentity>)>);
 
 impl BoundSockets {
     fn contains(&self, path: &Path) -> bool {
-        self.0.iter().any(|p| p == path)
+        self.0.iter().any(|(p, _)| p == path)
+    }
+
+    fn push(&mut self, path: &Path) {
+        let bound = crate::readiness::FileIdentity::of(path).ok();
+        self.0.push((path.to_owned(), bound));
     }
 
     fn remove_all(&mut self) {
-        for path in self.0.drain(..) {
-            remove_socket(&path);
+        for (path, bound) in self.0.drain(..) {
+            match (bound, crate::readiness::FileIdentity::of(&path)) {
+                (_, Err(e)) if e.kind() == io::ErrorKind::NotFound => {}
+                (Some(bound), Ok(now)) if now != bound => tracing::info!(
+                    path = %path.display(),
+                    "not removing the socket: another process has bound its path since"
+                ),
+                _ => remove_socket(&path),
+            }
         }
     }
 }
@@ -792,7 +806,7 @@ fn listener_for(
         }
         None => {
             let listener = bind_socket(path, mode, 0o755)?;
-            bound.0.push(path.to_owned());
+            bound.push(path);
             Ok(listener)
         }
     }

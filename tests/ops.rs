@@ -1241,6 +1241,51 @@ fn a_start_that_fails_closes_the_audit_trail_and_removes_its_sockets() {
     assert_trail_closed_cleanly(&service, "starting again");
 }
 
+/// A writ whose socket files were removed while it ran, and then bound by
+/// another writ on the same paths, must leave them be when it stops: it
+/// used to remove them, leaving the other writ serving but unreachable.
+#[test]
+fn a_stopping_writ_leaves_socket_paths_another_writ_has_bound_since() {
+    let mut first = Writ::start("");
+    let admin = first.dir.path().join("run/admin.sock");
+    std::fs::remove_file(&first.socket).unwrap();
+    std::fs::remove_file(&admin).unwrap();
+    let second = first.dir.path().join("second");
+    std::fs::create_dir(&second).unwrap();
+    let config = second.join("writ.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "trust_domain = \"writ.test\"\ndata_dir = \"{dir}/state\"\n\
+             [workload_api]\nsocket_path = \"{workload}\"\n\
+             [admin_api]\nsocket_path = \"{admin}\"\n",
+            dir = second.display(),
+            workload = first.socket.display(),
+            admin = admin.display(),
+        ),
+    )
+    .unwrap();
+    let mut other = Command::new(WRIT)
+        .args(["run", "--config"])
+        .arg(&config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let endpoint = first.endpoint();
+    let other_serves = || common::writ_cli(&["healthcheck", "--socket", &endpoint], None).0;
+    wait_for(Duration::from_secs(30), "the second writ to serve", || {
+        other_serves().then_some(())
+    });
+
+    assert_eq!(first.stop().code(), Some(0), "{}", first.log());
+    let (still_serving, both_there) = (other_serves(), first.socket.exists() && admin.exists());
+    let _ = kill(Pid::from_raw(other.id() as i32), Signal::SIGTERM);
+    let _ = other.wait();
+    assert!(both_there, "the stopping writ removed the other's sockets");
+    assert!(still_serving, "the other writ is no longer reachable");
+}
+
 /// One writ per state directory: a second on the same data_dir (its own
 /// sockets and audit trail) would share the CA and the store while keeping
 /// its own view of active tasks, and answer for tasks it does not run. It
