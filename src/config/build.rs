@@ -107,6 +107,14 @@ struct Running {
     ca_ttl: Duration,
 }
 
+/// Two listeners on one port whose addresses are the same or one of them
+/// the wildcard: the second bind fails. Port 0 picks a free port for each.
+fn same_port_overlaps(a: std::net::SocketAddr, b: std::net::SocketAddr) -> bool {
+    a.port() != 0
+        && a.port() == b.port()
+        && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+}
+
 /// Ends a message that compares a setting with a running restart-only one,
 /// which the file may have changed.
 fn kept_until_restart(setting: &str) -> String {
@@ -219,7 +227,27 @@ impl Builder<'_> {
             trust_domain.as_ref(),
             own_trust_domain.as_ref(),
         );
+        let telemetry_span = raw
+            .telemetry
+            .as_ref()
+            .and_then(|t| t.listen.as_ref())
+            .map(|listen| listen.span());
         let telemetry = self.telemetry(raw.telemetry);
+        // Found here rather than at start, where the second bind would fail
+        // after the sockets were bound.
+        if let (Some(span), Some(telemetry), Some(endpoint)) = (
+            telemetry_span,
+            telemetry.listen,
+            federation.bundle_endpoint.as_ref().map(|e| e.listen),
+        ) && same_port_overlaps(telemetry, endpoint)
+        {
+            self.error(
+                span,
+                format!(
+                    "telemetry.listen {telemetry} and federation.bundle_endpoint.listen {endpoint} cannot both be bound; give them different ports"
+                ),
+            );
+        }
         let entries = self.entries(&raw.entry, own_trust_domain.as_ref(), entry_ca_ttl.as_ref());
 
         Config {

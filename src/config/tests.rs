@@ -1322,6 +1322,35 @@ fn federation_defaults_and_the_default_endpoint_identity() {
     );
 }
 
+/// Both listeners on one port used to pass `writ validate`, and then
+/// writ failed to start with "Address already in use".
+#[test]
+fn telemetry_and_the_bundle_endpoint_may_not_share_a_port() {
+    let both = |telemetry: &str, endpoint: &str| {
+        format!(
+            "[telemetry]\nlisten = \"{telemetry}\"\n[federation.bundle_endpoint]\nlisten = \"{endpoint}\"\n"
+        )
+    };
+    for (telemetry, endpoint) in [
+        ("127.0.0.1:9600", "127.0.0.1:9600"),
+        ("127.0.0.1:9600", "0.0.0.0:9600"),
+    ] {
+        assert_single_error(
+            &both(telemetry, endpoint),
+            2,
+            10,
+            "cannot both be bound; give them different ports",
+        );
+    }
+    for (telemetry, endpoint) in [
+        ("127.0.0.1:9600", "127.0.0.1:8443"),
+        ("127.0.0.1:0", "127.0.0.1:0"),
+        ("127.0.0.1:9600", "127.0.0.2:9600"),
+    ] {
+        parse_ok(&both(telemetry, endpoint));
+    }
+}
+
 #[test]
 fn bundle_endpoint_errors() {
     let endpoint = |body: &str| format!("[federation.bundle_endpoint]\n{body}\n");
