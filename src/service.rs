@@ -287,12 +287,15 @@ fn announce(line: std::fmt::Arguments<'_>) {
     let _ = writeln!(std::io::stdout(), "{line}");
 }
 
-/// Runs the agent until `shutdown` resolves.
+/// Runs the agent until `shutdown` resolves. `hangups` (from
+/// `reload::listen_for_sighup`, taken before the agent starts so that a
+/// SIGHUP while it starts is not fatal) asks for reloads once it is ready.
 pub async fn run(
     config: Config,
     config_path: Option<PathBuf>,
     log_control: Option<LogLevelControl>,
     shutdown: impl Future<Output = ()> + Send + 'static,
+    hangups: Option<tokio::signal::unix::Signal>,
 ) -> Result<(), ServiceError> {
     // Everything writ creates is private unless it says otherwise (sockets
     // and their directories are opened up explicitly below).
@@ -389,7 +392,7 @@ pub async fn run(
         health: health.clone(),
         ready_status: ready_status.clone(),
     });
-    let sighup = tokio::spawn(reload_on_sighup(reloader.clone()));
+    let sighup = tokio::spawn(reload_on_sighup(reloader.clone(), hangups));
 
     let admin = Arc::new(AdminContext {
         agent: agent.clone(),
