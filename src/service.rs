@@ -645,12 +645,15 @@ impl BoundSockets {
 /// Writes the trail's closing checkpoint, signed by the CA, so it must run
 /// while the agent lives: a trail that ends without one is known to have
 /// been cut short or to belong to a crashed run. It waits on the trail's
-/// background thread, so not on a runtime worker.
-async fn close_audit_trail(agent: &Agent) {
+/// background thread, so not on a runtime worker. Call it once no task
+/// can complete any more (`TaskManager::finish_stop`). Returns what the
+/// trail never took, which is logged.
+pub(crate) async fn close_audit_trail(agent: &Agent) -> Option<crate::agent::UnrecordedAtStop> {
     agent.retry_unrecorded().await;
     if let Some(audit) = agent.audit_log().cloned() {
         let _ = tokio::task::spawn_blocking(move || audit.close()).await;
     }
+    agent.report_unrecorded_at_stop()
 }
 
 /// How often gRPC health (`grpc.health.v1` on the Workload API socket)
