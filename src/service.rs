@@ -189,6 +189,7 @@ pub async fn build(config: &Config) -> Result<Services, ServiceError> {
     }
     .await;
     if let Err(e) = restored {
+        tasks.finish_stop(tokio::time::Instant::now()).await;
         close_audit_trail(&agent).await;
         return Err(e);
     }
@@ -354,6 +355,10 @@ pub async fn run(
             // A socket taken or a port in use is no crash: the sockets writ
             // made go, and the trail ends with its closing checkpoint.
             bound.remove_all();
+            services
+                .tasks
+                .finish_stop(tokio::time::Instant::now())
+                .await;
             close_audit_trail(&agent).await;
             services.store.close();
             return Err(e);
@@ -516,6 +521,11 @@ pub async fn run(
     notifier.stopping();
     let _ = stop_tx.send(true);
     agent.begin_shutdown();
+    // No watcher completes a task from here on: one completed now could
+    // reach the store after the trail has closed, and be missing from it.
+    // Completions the store refused get until then to persist.
+    let stop_deadline = tokio::time::Instant::now() + DRAIN_DEADLINE;
+    services.tasks.begin_stop();
 
     let drained = tokio::time::timeout(DRAIN_DEADLINE, async {
         let workload = match workload_done.take() {
@@ -558,6 +568,7 @@ pub async fn run(
         watchdog.abort();
     }
     bound.remove_all();
+    services.tasks.finish_stop(stop_deadline).await;
     close_audit_trail(&services.agent).await;
     services.store.close();
     tracing::info!("writ stopped");
