@@ -134,9 +134,10 @@ pub fn task_status(e: TaskError) -> Status {
         | TaskError::IdentityAboveTask { .. } => Status::permission_denied(e.to_string()),
         // Asking again does not mend a damaged record, so not Unavailable.
         TaskError::Store(crate::store::StoreError::Corrupt(_)) => Status::data_loss(e.to_string()),
-        TaskError::Store(_) | TaskError::Audit(_) | TaskError::Unavailable(_) => {
-            Status::unavailable(e.to_string())
-        }
+        TaskError::Store(_)
+        | TaskError::Audit(_)
+        | TaskError::Unavailable(_)
+        | TaskError::Stopping(_) => Status::unavailable(e.to_string()),
         TaskError::Interrupted { .. } => Status::internal(e.to_string()),
     }
 }

@@ -78,6 +78,47 @@ struct Unrecorded {
 /// The most refused audit records kept waiting (a few MiB of memory).
 const MAX_UNRECORDED: usize = 16_384;
 
+/// The records a stop leaves out of the trail: those it still refused at
+/// the last try, and those lost earlier for want of room to keep them.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct UnrecordedAtStop {
+    /// How many of each kind were still waiting, by event name.
+    pub kinds: std::collections::BTreeMap<&'static str, usize>,
+    /// Refused while `MAX_UNRECORDED` were already waiting: their kinds
+    /// were never kept.
+    pub dropped: u64,
+}
+
+impl UnrecordedAtStop {
+    fn of(unrecorded: &Unrecorded) -> Option<Self> {
+        if unrecorded.events.is_empty() && unrecorded.dropped == 0 {
+            return None;
+        }
+        let mut kinds = std::collections::BTreeMap::new();
+        for event in &unrecorded.events {
+            *kinds.entry(event.event.as_str()).or_insert(0) += 1;
+        }
+        Some(Self {
+            kinds,
+            dropped: unrecorded.dropped,
+        })
+    }
+
+    /// Every record left out, kept or dropped.
+    pub fn total(&self) -> u64 {
+        self.kinds.values().map(|n| *n as u64).sum::<u64>() + self.dropped
+    }
+
+    /// The kinds as `task_ended=2, revoked=1`, for the log line.
+    pub fn kinds_text(&self) -> String {
+        self.kinds
+            .iter()
+            .map(|(kind, n)| format!("{kind}={n}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
 /// What the next CRL is made from.
 #[derive(Default)]
 struct Revocations {
@@ -803,6 +844,22 @@ impl Agent {
         refused.append(&mut kept.events);
         kept.events = refused;
         written
+    }
+
+    /// Once the trail has closed for good: takes the records it never took
+    /// and says at ERROR how many, of which kinds, so that a stop does not
+    /// discard them without a word (`writ audit verify` cannot tell: they
+    /// never reached the chain).
+    pub fn report_unrecorded_at_stop(&self) -> Option<UnrecordedAtStop> {
+        let left = std::mem::take(&mut *lock(&self.unrecorded));
+        let report = UnrecordedAtStop::of(&left)?;
+        tracing::error!(
+            records = report.total(),
+            kinds = %report.kinds_text(),
+            lost_earlier = report.dropped,
+            "writ stopped with audit records the trail kept refusing (a full disk?); they are not in the trail"
+        );
+        Some(report)
     }
 
     /// `record_best_effort` for several records, written in order as one
@@ -2040,6 +2097,32 @@ mod tests {
 
     use super::*;
     use crate::config::{Config, Environment};
+
+    #[test]
+    fn records_left_out_at_a_stop_are_counted_by_kind() {
+        assert_eq!(UnrecordedAtStop::of(&Unrecorded::default()), None);
+        let event = |kind| AuditEvent::new(kind, "c".to_owned());
+        let left = Unrecorded {
+            events: vec![
+                event(EventKind::TaskEnded),
+                event(EventKind::Revoked),
+                event(EventKind::TaskEnded),
+            ],
+            dropped: 4,
+        };
+        let report = UnrecordedAtStop::of(&left).expect("some are left");
+        assert_eq!(report.kinds_text(), "revoked=1, task_ended=2");
+        assert_eq!(report.dropped, 4);
+        assert_eq!(report.total(), 7);
+        let only_dropped = Unrecorded {
+            events: Vec::new(),
+            dropped: 1,
+        };
+        assert_eq!(
+            UnrecordedAtStop::of(&only_dropped).map(|r| r.total()),
+            Some(1)
+        );
+    }
 
     /// writ's services on built-in defaults, their state in `dir`.
     async fn services_in(dir: &std::path::Path) -> crate::service::Services {

@@ -421,11 +421,29 @@ fn keep_restart_only_settings(file: Config, running: &Config) -> Config {
     }
 }
 
-/// Reloads on every SIGHUP until the task is aborted.
-pub async fn reload_on_sighup(reloader: Arc<Reloader>) {
+/// Catches SIGHUP from now on. `writ run` calls it before the agent is
+/// built: a SIGHUP's default action ends the process, so one that came
+/// while writ started (a `systemctl reload` racing the start) killed it
+/// with its audit trail left open. Caught, it waits in the returned stream
+/// and is taken as one reload once writ is ready (several as one).
+pub fn listen_for_sighup() -> Option<tokio::signal::unix::Signal> {
     use tokio::signal::unix::{SignalKind, signal};
-    let Ok(mut hangups) = signal(SignalKind::hangup()) else {
-        tracing::warn!("cannot listen for SIGHUP; reload is available through the admin API only");
+    match signal(SignalKind::hangup()) {
+        Ok(hangups) => Some(hangups),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot listen for SIGHUP; reload is available through the admin API only");
+            None
+        }
+    }
+}
+
+/// Reloads on every SIGHUP `hangups` (from `listen_for_sighup`) receives,
+/// until the task is aborted.
+pub async fn reload_on_sighup(
+    reloader: Arc<Reloader>,
+    hangups: Option<tokio::signal::unix::Signal>,
+) {
+    let Some(mut hangups) = hangups else {
         return;
     };
     while hangups.recv().await.is_some() {

@@ -189,6 +189,7 @@ pub async fn build(config: &Config) -> Result<Services, ServiceError> {
     }
     .await;
     if let Err(e) = restored {
+        tasks.finish_stop(tokio::time::Instant::now()).await;
         close_audit_trail(&agent).await;
         return Err(e);
     }
@@ -287,12 +288,15 @@ fn announce(line: std::fmt::Arguments<'_>) {
     let _ = writeln!(std::io::stdout(), "{line}");
 }
 
-/// Runs the agent until `shutdown` resolves.
+/// Runs the agent until `shutdown` resolves. `hangups` (from
+/// `reload::listen_for_sighup`, taken before the agent starts so that a
+/// SIGHUP while it starts is not fatal) asks for reloads once it is ready.
 pub async fn run(
     config: Config,
     config_path: Option<PathBuf>,
     log_control: Option<LogLevelControl>,
     shutdown: impl Future<Output = ()> + Send + 'static,
+    hangups: Option<tokio::signal::unix::Signal>,
 ) -> Result<(), ServiceError> {
     // Everything writ creates is private unless it says otherwise (sockets
     // and their directories are opened up explicitly below).
@@ -351,6 +355,10 @@ pub async fn run(
             // A socket taken or a port in use is no crash: the sockets writ
             // made go, and the trail ends with its closing checkpoint.
             bound.remove_all();
+            services
+                .tasks
+                .finish_stop(tokio::time::Instant::now())
+                .await;
             close_audit_trail(&agent).await;
             services.store.close();
             return Err(e);
@@ -389,7 +397,7 @@ pub async fn run(
         health: health.clone(),
         ready_status: ready_status.clone(),
     });
-    let sighup = tokio::spawn(reload_on_sighup(reloader.clone()));
+    let sighup = tokio::spawn(reload_on_sighup(reloader.clone(), hangups));
 
     let admin = Arc::new(AdminContext {
         agent: agent.clone(),
@@ -513,6 +521,11 @@ pub async fn run(
     notifier.stopping();
     let _ = stop_tx.send(true);
     agent.begin_shutdown();
+    // No watcher completes a task from here on: one completed now could
+    // reach the store after the trail has closed, and be missing from it.
+    // Completions the store refused get until then to persist.
+    let stop_deadline = tokio::time::Instant::now() + DRAIN_DEADLINE;
+    services.tasks.begin_stop();
 
     let drained = tokio::time::timeout(DRAIN_DEADLINE, async {
         let workload = match workload_done.take() {
@@ -555,6 +568,7 @@ pub async fn run(
         watchdog.abort();
     }
     bound.remove_all();
+    services.tasks.finish_stop(stop_deadline).await;
     close_audit_trail(&services.agent).await;
     services.store.close();
     tracing::info!("writ stopped");
@@ -656,12 +670,15 @@ impl BoundSockets {
 /// Writes the trail's closing checkpoint, signed by the CA, so it must run
 /// while the agent lives: a trail that ends without one is known to have
 /// been cut short or to belong to a crashed run. It waits on the trail's
-/// background thread, so not on a runtime worker.
-async fn close_audit_trail(agent: &Agent) {
+/// background thread, so not on a runtime worker. Call it once no task
+/// can complete any more (`TaskManager::finish_stop`). Returns what the
+/// trail never took, which is logged.
+pub(crate) async fn close_audit_trail(agent: &Agent) -> Option<crate::agent::UnrecordedAtStop> {
     agent.retry_unrecorded().await;
     if let Some(audit) = agent.audit_log().cloned() {
         let _ = tokio::task::spawn_blocking(move || audit.close()).await;
     }
+    agent.report_unrecorded_at_stop()
 }
 
 /// How often gRPC health (`grpc.health.v1` on the Workload API socket)

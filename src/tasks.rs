@@ -80,6 +80,26 @@ pub enum TaskError {
     /// not stop it halfway) and that task panicked or was stopped.
     #[error("completing task {task}: {reason}")]
     Interrupted { task: String, reason: String },
+    /// writ has begun to stop and completes no more tasks: the next start
+    /// completes those whose process has gone or TTL has passed.
+    #[error(
+        "writ is stopping: task {} was not ended; if its process is still running and its TTL has not passed when writ starts again, end it again then",
+        excerpt(.0)
+    )]
+    Stopping(String),
+}
+
+/// Tasks whose completion the store refused and that are still waiting
+/// for a retry to persist it, in order.
+fn not_persisted(inner: &Inner) -> Vec<String> {
+    let mut ids: Vec<String> = inner
+        .retrying
+        .iter()
+        .filter(|id| inner.active.contains_key(*id))
+        .cloned()
+        .collect();
+    ids.sort();
+    ids
 }
 
 /// The store job that inserts a new task's row, refusing a duplicate id
@@ -566,6 +586,74 @@ struct Inner {
     in_flight: HashMap<String, Arc<watch::Sender<()>>>,
     /// Tasks whose completion failed to persist and is being retried.
     retrying: std::collections::HashSet<String>,
+    /// How far writ has got in stopping; asked under this lock by every
+    /// completion as it takes its tasks, so none slips past `finish_stop`.
+    stop: StopState,
+    /// Completions that have taken their tasks out of the active set and
+    /// not yet written their audit records: the trail must not close
+    /// under one.
+    completing: usize,
+}
+
+/// Where writ is in stopping, as the task manager sees it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+enum StopState {
+    #[default]
+    Running,
+    /// Watchers are stopped and their triggers refused, so that nothing
+    /// completes behind the closing trail's back; EndTask (still answered
+    /// while the connections drain) and retries of completions the store
+    /// refused still complete.
+    Stopping,
+    /// Nothing completes any more: the trail is about to close.
+    Stopped,
+}
+
+/// Why a completion runs, which decides whether a stop refuses it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Trigger {
+    /// EndTask, or a restore at start.
+    Request,
+    /// A watcher (process exit, cgroup emptied, TTL) or a parent gone.
+    /// Refused once a stop has begun: the next start finds the process
+    /// gone, the cgroup empty or the TTL passed, and completes the task
+    /// then, as after a crash.
+    Watcher,
+    /// A completion the store refused, tried again.
+    Retry,
+}
+
+impl StopState {
+    fn refuses(self, trigger: Trigger) -> bool {
+        match self {
+            StopState::Running => false,
+            StopState::Stopping => trigger == Trigger::Watcher,
+            StopState::Stopped => true,
+        }
+    }
+}
+
+/// Counts a completion in `Inner::completing` while it lives.
+struct Completing {
+    manager: Arc<TaskManager>,
+}
+
+impl Completing {
+    /// `inner` is the manager's locked state, the same step that took the
+    /// completion's tasks out of the active set.
+    fn mark(manager: &Arc<TaskManager>, inner: &mut Inner) -> Self {
+        inner.completing += 1;
+        Self {
+            manager: manager.clone(),
+        }
+    }
+}
+
+impl Drop for Completing {
+    fn drop(&mut self) {
+        let mut inner = self.manager.inner();
+        inner.completing = inner.completing.saturating_sub(1);
+    }
 }
 
 impl Inner {
@@ -643,6 +731,16 @@ impl Drop for InFlight {
 /// after each failure up to `COMPLETION_RETRY_MAX`.
 const COMPLETION_RETRY_FIRST: Duration = Duration::from_secs(1);
 const COMPLETION_RETRY_MAX: Duration = Duration::from_secs(60);
+/// How often a completion the store refused is retried once writ is
+/// stopping: its stop waits a few seconds at most, so backing off further
+/// would leave most of them untried.
+const COMPLETION_RETRY_WHILE_STOPPING: Duration = Duration::from_millis(200);
+/// How often `finish_stop` looks whether the completions it waits for are
+/// done.
+const STOP_POLL_INTERVAL: Duration = Duration::from_millis(20);
+/// How long `finish_stop` waits, past its deadline, for completions that
+/// are already writing to the store and the trail.
+const COMPLETIONS_IN_PROGRESS_DEADLINE: Duration = Duration::from_secs(5);
 
 pub struct TaskManager {
     agent: Arc<Agent>,
@@ -654,6 +752,9 @@ pub struct TaskManager {
     inner: Mutex<Inner>,
     /// Every WatchTasks watcher's queue (bounded in bytes, not count).
     events: crate::task_events::TaskEvents,
+    /// Turns true when writ begins to stop; wakes the completion retries,
+    /// so that they try again within the stop's wait.
+    stopping: watch::Sender<bool>,
 }
 
 impl TaskManager {
@@ -671,6 +772,7 @@ impl TaskManager {
             cgroups: CgroupWatcher::default(),
             inner: Mutex::new(Inner::default()),
             events: crate::task_events::TaskEvents::default(),
+            stopping: watch::channel(false).0,
         })
     }
 
@@ -1226,8 +1328,10 @@ impl TaskManager {
                 .is_some_and(|p| !inner.active.contains_key(p));
             // An orphan is active too, for as long as its completion takes:
             // completion works on the active set (and EndTask finds it).
-            // It is neither watched nor served.
-            let watcher = (!parent_gone).then(|| self.spawn_watcher(task.clone(), watch));
+            // It is neither watched nor served. Once writ is stopping, no
+            // task is watched: the next start looks at its binding.
+            let watched = !parent_gone && inner.stop == StopState::Running;
+            let watcher = watched.then(|| self.spawn_watcher(task.clone(), watch));
             inner.insert_active(&task, watcher, !parent_gone);
             parent_gone
         };
@@ -1237,11 +1341,23 @@ impl TaskManager {
             let id = task.id.clone();
             self.events.send(TaskEvent::Begun(task, first_serials));
             tokio::spawn(async move {
-                if let Err(e) = manager
-                    .complete(&id, CompletionReason::ParentCompleted, String::new())
+                match manager
+                    .complete_reporting(
+                        &id,
+                        CompletionReason::ParentCompleted,
+                        String::new(),
+                        None,
+                        Trigger::Watcher,
+                    )
                     .await
                 {
-                    tracing::error!(task = %id, error = %e, "completing an orphaned sub-task failed");
+                    Ok(_) => {}
+                    Err(TaskError::Stopping(_)) => {
+                        tracing::debug!(task = %id, "writ is stopping; the orphaned sub-task completes at the next start");
+                    }
+                    Err(e) => {
+                        tracing::error!(task = %id, error = %e, "completing an orphaned sub-task failed");
+                    }
                 }
             });
             return;
@@ -1277,8 +1393,17 @@ impl TaskManager {
             // must not be cancelled half-way by that.
             let id = task.id.clone();
             tokio::spawn(async move {
-                if let Err(e) = manager.complete(&id, reason, String::new()).await {
-                    tracing::error!(task = %id, error = %e, "completing a task failed");
+                match manager
+                    .complete_reporting(&id, reason, String::new(), None, Trigger::Watcher)
+                    .await
+                {
+                    Ok(_) => {}
+                    Err(TaskError::Stopping(_)) => {
+                        tracing::debug!(task = %id, reason = reason.as_str(), "writ is stopping; the task completes at the next start");
+                    }
+                    Err(e) => {
+                        tracing::error!(task = %id, error = %e, "completing a task failed");
+                    }
                 }
             });
         });
@@ -1316,6 +1441,7 @@ impl TaskManager {
                     CompletionReason::EndTask,
                     detail.clone(),
                     requested_by.clone(),
+                    Trigger::Request,
                 )
                 .await?
             {
@@ -1345,7 +1471,7 @@ impl TaskManager {
         detail: String,
     ) -> Result<Option<Arc<Task>>, TaskError> {
         Ok(self
-            .complete_reporting(id, reason, detail, None)
+            .complete_reporting(id, reason, detail, None, Trigger::Request)
             .await?
             .map(|(task, _)| task))
     }
@@ -1407,12 +1533,13 @@ impl TaskManager {
         reason: CompletionReason,
         detail: String,
         requested_by: Option<Arc<Requester>>,
+        trigger: Trigger,
     ) -> Result<Option<(Arc<Task>, Vec<String>)>, TaskError> {
         let manager = self.clone();
         let task = id.to_owned();
         tokio::spawn(async move {
             manager
-                .complete_now(&task, reason, detail, requested_by)
+                .complete_now(&task, reason, detail, requested_by, trigger)
                 .await
         })
         .await
@@ -1431,9 +1558,13 @@ impl TaskManager {
         reason: CompletionReason,
         detail: String,
         requested_by: Option<Arc<Requester>>,
+        trigger: Trigger,
     ) -> Result<Option<(Arc<Task>, Vec<String>)>, TaskError> {
-        let (victims, _in_flight): (Vec<(Arc<Task>, CompletionReason)>, _) = {
+        let (victims, _in_flight, _completing): (Vec<(Arc<Task>, CompletionReason)>, _, _) = {
             let mut inner = self.inner();
+            if inner.stop.refuses(trigger) && inner.active.contains_key(id) {
+                return Err(TaskError::Stopping(id.to_owned()));
+            }
             let mut out = Vec::new();
             let mut queue = vec![(id.to_owned(), reason)];
             while let Some((tid, why)) = queue.pop() {
@@ -1458,7 +1589,8 @@ impl TaskManager {
             }
             let ids = out.iter().map(|(t, _)| t.id.clone()).collect();
             let in_flight = InFlight::mark(self, &mut inner, ids);
-            (out, in_flight)
+            let completing = Completing::mark(self, &mut inner);
+            (out, in_flight, completing)
         };
         if victims.is_empty() {
             return Ok(None);
@@ -1640,15 +1772,32 @@ impl TaskManager {
         }
         let manager = self.clone();
         let id = id.to_owned();
+        let mut stopping = self.stopping.subscribe();
         tokio::spawn(async move {
             let mut wait = COMPLETION_RETRY_FIRST;
             loop {
-                tokio::time::sleep(wait).await;
+                if *stopping.borrow_and_update() {
+                    tokio::time::sleep(COMPLETION_RETRY_WHILE_STOPPING).await;
+                } else {
+                    tokio::select! {
+                        _ = tokio::time::sleep(wait) => {}
+                        _ = stopping.wait_for(|s| *s) => {}
+                    }
+                }
                 match manager
-                    .complete_now(&id, reason, detail.clone(), requested_by.clone())
+                    .complete_now(
+                        &id,
+                        reason,
+                        detail.clone(),
+                        requested_by.clone(),
+                        Trigger::Retry,
+                    )
                     .await
                 {
                     Ok(_) => break,
+                    // Left in `retrying`: `finish_stop` names it as not
+                    // durably completed.
+                    Err(TaskError::Stopping(_)) => return,
                     Err(e) => {
                         tracing::warn!(task = %id, error = %e, "retrying a task's completion failed");
                         wait = (wait * 2).min(COMPLETION_RETRY_MAX);
@@ -1657,6 +1806,69 @@ impl TaskManager {
             }
             manager.inner().retrying.remove(&id);
         });
+    }
+
+    /// The first step of a stop: from now on no watcher completes a task
+    /// (the next start completes those whose process went or whose TTL
+    /// passed meanwhile, as after a crash), and completions the store
+    /// refused are retried at once, then often, for `finish_stop`.
+    pub fn begin_stop(&self) {
+        {
+            let mut inner = self.inner();
+            if inner.stop == StopState::Running {
+                inner.stop = StopState::Stopping;
+            }
+            for active in inner.active.values_mut() {
+                if let Some(watcher) = active.watcher.take() {
+                    watcher.abort();
+                }
+            }
+        }
+        self.stopping.send_replace(true);
+    }
+
+    /// The last step of a stop, just before the audit trail closes. Waits
+    /// until `deadline` for completions the store refused to persist on
+    /// retry; then refuses every completion, and waits (up to
+    /// `COMPLETIONS_IN_PROGRESS_DEADLINE` more) for those already under
+    /// way, so that each one both reaches the store and writes its audit
+    /// records before the trail closes. Returns the tasks whose completion
+    /// never persisted (each logged at ERROR): a restart finds them active.
+    pub async fn finish_stop(&self, deadline: tokio::time::Instant) -> Vec<String> {
+        self.begin_stop();
+        while tokio::time::Instant::now() < deadline {
+            {
+                let inner = self.inner();
+                if inner.completing == 0 && not_persisted(&inner).is_empty() {
+                    break;
+                }
+            }
+            tokio::time::sleep(STOP_POLL_INTERVAL).await;
+        }
+        self.inner().stop = StopState::Stopped;
+        let last = tokio::time::Instant::now() + COMPLETIONS_IN_PROGRESS_DEADLINE;
+        loop {
+            let completing = self.inner().completing;
+            if completing == 0 {
+                break;
+            }
+            if tokio::time::Instant::now() >= last {
+                tracing::error!(
+                    completing,
+                    "task completions still under way as writ stops; their audit records may be missing from the trail"
+                );
+                break;
+            }
+            tokio::time::sleep(STOP_POLL_INTERVAL).await;
+        }
+        let lost = not_persisted(&self.inner());
+        for id in &lost {
+            tracing::error!(
+                task = %id,
+                "writ stopped before this task's completion (and its sub-tasks') could be made durable: the store kept refusing it. After a restart the task is active again unless its process has gone or its TTL has passed; end it again then"
+            );
+        }
+        lost
     }
 
     pub fn get(&self, id: &str) -> Result<Option<Task>, TaskError> {
@@ -3106,6 +3318,175 @@ mod tests {
             "SELECT count(*) FROM issued WHERE serial NOT IN (SELECT serial FROM revocations)",
         );
         assert_eq!(unrevoked, 0);
+    }
+
+    fn completed_in_store(agent: &TestAgent, id: &str) -> bool {
+        query_for::<i64>(
+            agent,
+            "SELECT count(*) FROM tasks WHERE task_id = ?1 AND completed_at IS NOT NULL",
+            id,
+        ) == 1
+    }
+
+    /// Once a stop has begun, a task whose process exits is not completed
+    /// (the trail is about to close, and its records could miss it): the
+    /// next start completes it, as after a crash.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn no_task_completes_once_the_stop_begins() {
+        let mut agent = TestAgent::start().await;
+        agent.begin("t-s").await.unwrap();
+        agent.svc.tasks.begin_stop();
+        agent.child.kill().unwrap();
+        agent.child.wait().unwrap();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(!completed_in_store(&agent, "t-s"));
+        assert!(agent.records_of("task_ended").is_empty());
+        let lost = agent
+            .svc
+            .tasks
+            .finish_stop(tokio::time::Instant::now())
+            .await;
+        assert!(lost.is_empty(), "{lost:?}");
+        assert!(!completed_in_store(&agent, "t-s"));
+
+        let next = restarted(&agent);
+        next.restore().await.unwrap();
+        let task = next.get("t-s").unwrap().unwrap();
+        let completion = task.completion.expect("completed at the next start");
+        assert_eq!(completion.reason, "process_exited");
+        let ended = agent.records_of("task_ended");
+        assert_eq!(ended.len(), 1, "{ended:?}");
+        assert_eq!(ended[0]["reason"], "process_exited", "{ended:?}");
+    }
+
+    /// A completion under way when the stop begins finishes, store and
+    /// audit records both, before `finish_stop` lets the trail close.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_completion_under_way_at_the_stop_is_recorded_before_the_trail_closes() {
+        let agent = TestAgent::start().await;
+        agent.begin("t-w").await.unwrap();
+        let (release, blocker) = hold_writer(&agent).await;
+        let tasks = agent.svc.tasks.clone();
+        let trigger = tokio::spawn(async move {
+            tasks
+                .complete("t-w", CompletionReason::ProcessExited, String::new())
+                .await
+        });
+        until_in_flight(&agent, "t-w").await;
+        agent.svc.tasks.begin_stop();
+        let tasks = agent.svc.tasks.clone();
+        let stop =
+            tokio::spawn(async move { tasks.finish_stop(tokio::time::Instant::now()).await });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(
+            !stop.is_finished(),
+            "the stop did not wait for the completion under way"
+        );
+        release.send(()).unwrap();
+        blocker.await.unwrap().unwrap();
+        let lost = stop.await.unwrap();
+        assert!(lost.is_empty(), "{lost:?}");
+        crate::service::close_audit_trail(&agent.svc.agent).await;
+        assert!(trigger.await.unwrap().unwrap().is_some());
+        assert!(completed_in_store(&agent, "t-w"));
+        assert_eq!(agent.records_of("task_ended").len(), 1);
+        assert_eq!(agent.records_of("revoked").len(), 1);
+    }
+
+    /// A stop gives completions the store refused until its deadline to
+    /// persist (retrying them at once), names the ones that never did, and
+    /// completes nothing after it.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_stop_waits_for_refused_completions_and_names_those_never_persisted() {
+        let agent = TestAgent::start().await;
+        for id in ["t-r1", "t-r2"] {
+            agent.begin(id).await.unwrap();
+        }
+        agent
+            .svc
+            .store
+            .write(|c| {
+                c.execute_batch(
+                    "CREATE TEMP TRIGGER fail_r1 BEFORE UPDATE OF completed_at ON tasks
+                     WHEN OLD.task_id = 't-r1' BEGIN SELECT RAISE(ABORT, 'injected'); END;
+                     CREATE TEMP TRIGGER fail_r2 BEFORE UPDATE OF completed_at ON tasks
+                     WHEN OLD.task_id = 't-r2' BEGIN SELECT RAISE(ABORT, 'injected'); END;",
+                )?;
+                Ok(())
+            })
+            .await
+            .unwrap();
+        for id in ["t-r1", "t-r2"] {
+            let refused = agent.svc.tasks.end(id, String::new()).await;
+            assert!(
+                matches!(refused, Err(TaskError::Store(_))),
+                "{id}: {refused:?}"
+            );
+        }
+        agent.svc.tasks.begin_stop();
+        let started = tokio::time::Instant::now();
+        let deadline = started + Duration::from_secs(3);
+        let tasks = agent.svc.tasks.clone();
+        let stop = tokio::spawn(async move { tasks.finish_stop(deadline).await });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        // The disk has room again, for t-r1 only.
+        agent
+            .svc
+            .store
+            .write(|c| {
+                c.execute_batch("DROP TRIGGER temp.fail_r1;")?;
+                Ok(())
+            })
+            .await
+            .unwrap();
+        let lost = stop.await.unwrap();
+        assert_eq!(lost, ["t-r2"]);
+        assert!(tokio::time::Instant::now() >= deadline);
+        assert!(completed_in_store(&agent, "t-r1"));
+        assert!(!completed_in_store(&agent, "t-r2"));
+        // Nothing completes after the stop, even once the store would take it.
+        agent
+            .svc
+            .store
+            .write(|c| {
+                c.execute_batch("DROP TRIGGER temp.fail_r2;")?;
+                Ok(())
+            })
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        assert!(!completed_in_store(&agent, "t-r2"));
+        let refused = agent.svc.tasks.end("t-r2", String::new()).await;
+        assert!(
+            matches!(refused, Err(TaskError::Stopping(_))),
+            "{refused:?}"
+        );
+        let ended: Vec<_> = agent
+            .records_of("task_ended")
+            .into_iter()
+            .map(|r| r["task"]["id"].clone())
+            .collect();
+        assert_eq!(ended, [serde_json::json!("t-r1")], "{ended:?}");
+    }
+
+    /// Records the trail still refuses when writ stops are counted, by
+    /// kind, rather than dropped without a word.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn records_the_trail_refuses_to_the_end_are_counted_at_the_stop() {
+        let agent = TestAgent::start().await;
+        agent.begin("t-u").await.unwrap();
+        agent.svc.agent.audit_log().expect("audit trail").close();
+        agent.svc.tasks.end("t-u", String::new()).await.unwrap();
+        agent
+            .svc
+            .tasks
+            .finish_stop(tokio::time::Instant::now())
+            .await;
+        let report = crate::service::close_audit_trail(&agent.svc.agent)
+            .await
+            .expect("records left out are reported");
+        assert_eq!(report.kinds_text(), "revoked=1, task_ended=1");
+        assert_eq!(report.total(), 2);
     }
 
     async fn common_wait(timeout: Duration, mut done: impl FnMut() -> bool) {

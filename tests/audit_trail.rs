@@ -507,3 +507,76 @@ fn a_trail_removed_between_runs_or_left_open_is_reported_at_start_and_by_verify(
         writ.log()
     );
 }
+
+/// A stop while the trail still refuses records (a full disk) says at
+/// ERROR how many it leaves out, and of which kinds, instead of dropping
+/// them without a word.
+#[test]
+fn a_stop_counts_the_records_the_full_trail_still_refuses() {
+    if !is_root() {
+        eprintln!("skipped: mounting a small tmpfs needs root");
+        return;
+    }
+    let disk = SmallDisk::mount("2m");
+    let trail = disk.dir.path().join("audit.jsonl");
+    let mut writ = Writ::start(&format!(
+        "[audit]\npath = \"{}\"\npreallocate_bytes = 4096\n\n[[entry]]\nspiffe_id = \"spiffe://writ.test/audited\"\nselectors = [\"unix:uid:{}\"]\n",
+        trail.display(),
+        uid()
+    ));
+    let admin = writ.dir.path().join("run/admin.sock");
+    let admin = admin.to_str().unwrap().to_owned();
+    let mut sleeper = Command::new("sleep").arg("60").spawn().unwrap();
+    let (ok, _, err) = writ_cli(
+        &[
+            "task",
+            "begin",
+            "--pid",
+            &sleeper.id().to_string(),
+            "--id",
+            "unrecorded",
+            "--admin-socket",
+            &admin,
+        ],
+        None,
+    );
+    assert!(ok, "{err}");
+    let _filler = disk.fill();
+    let refused = (0..200).any(|n| {
+        let audience = format!("audience-{n}");
+        let (ok, _, err) = writ_cli(
+            &[
+                "api",
+                "fetch",
+                "jwt",
+                "--audience",
+                &audience,
+                "--socket",
+                &writ.endpoint(),
+            ],
+            None,
+        );
+        !ok && err.contains("audit")
+    });
+    assert!(refused, "the trail never filled");
+    let (ok, _, err) = writ_cli(
+        &["task", "end", "unrecorded", "--admin-socket", &admin],
+        None,
+    );
+    assert!(ok, "the completion stands: {err}");
+
+    let status = writ.stop();
+    assert!(status.success(), "{status:?}");
+    let log = writ.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("they are not in the trail"))
+        .unwrap_or_else(|| panic!("no count of the records left out:\n{log}"));
+    assert!(line.contains("ERROR"), "{line}");
+    assert!(
+        line.contains("revoked=1") && line.contains("task_ended=1"),
+        "{line}"
+    );
+    sleeper.kill().unwrap();
+    sleeper.wait().unwrap();
+}

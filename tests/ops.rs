@@ -73,6 +73,12 @@ impl Service {
 
     /// Starts `writ run` directly, with `env` added.
     fn spawn(&mut self, env: &[(&str, &str)]) {
+        self.spawn_without_waiting(env);
+        self.wait_ready();
+    }
+
+    /// `spawn`, returning as soon as the process is started.
+    fn spawn_without_waiting(&mut self, env: &[(&str, &str)]) {
         let log = std::fs::File::create(self.log_path()).unwrap();
         let mut cmd = Command::new(WRIT);
         cmd.args(["run", "--config"])
@@ -90,7 +96,6 @@ impl Service {
             cmd.env(k, v);
         }
         self.child = Some(cmd.spawn().unwrap());
-        self.wait_ready();
     }
 
     /// Starts writ as systemd would with two passed sockets: fd 3 named
@@ -1317,4 +1322,47 @@ fn a_second_writ_on_the_same_state_directory_is_refused() {
     );
     assert!(!second.join("audit").exists(), "the second opened a trail");
     assert!(!second.join("w.sock").exists());
+}
+
+/// Whether process `pid` catches `signal` (its `SigCgt` mask in /proc).
+fn catches(pid: Pid, signal: Signal) -> bool {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("SigCgt:"))
+        .and_then(|mask| u64::from_str_radix(mask.trim(), 16).ok())
+        .is_some_and(|mask| mask & (1 << (signal as i32 - 1)) != 0)
+}
+
+/// A SIGHUP while writ starts is not fatal: it is caught from the moment
+/// writ catches any signal (before that the process is still loading, and
+/// nothing can catch one), and taken as one reload once writ is ready.
+#[test]
+fn a_sighup_while_writ_starts_is_a_reload_once_it_is_ready() {
+    let mut service = Service::new("", "info");
+    service.spawn_without_waiting(&[]);
+    let pid = service.pid();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !catches(pid, Signal::SIGTERM) {
+        assert!(Instant::now() < deadline, "writ never caught SIGTERM");
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    let until = Instant::now() + Duration::from_millis(200);
+    while Instant::now() < until && kill(pid, Signal::SIGHUP).is_ok() {
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    service.wait_ready();
+    wait_for(
+        Duration::from_secs(10),
+        "the reload the SIGHUP asked for",
+        || {
+            service
+                .log()
+                .contains("configuration reloaded")
+                .then_some(())
+        },
+    );
+    let status = service.stop();
+    assert_eq!(status.code(), Some(0), "{status:?}\n{}", service.log());
+    assert_trail_closed_cleanly(&service, "a SIGHUP while starting");
 }

@@ -326,7 +326,12 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
         Command::Run { config, log_format } => {
             let loaded = load_config(config.as_deref())?;
             let log_control = init_logging(&loaded, log_format);
-            crate::service::run(loaded, config, Some(log_control), shutdown_signal()).await?;
+            // Caught from here on (SIGHUP before SIGTERM, so that a SIGTERM
+            // handler in place means a SIGHUP one is too); one that comes
+            // while writ starts is a reload once it is ready.
+            let hangups = crate::reload::listen_for_sighup();
+            let shutdown = shutdown_signal();
+            crate::service::run(loaded, config, Some(log_control), shutdown, hangups).await?;
             Ok(())
         }
         Command::Validate { config } => validate(&config),
