@@ -111,7 +111,9 @@ pub async fn build(config: &Config) -> Result<Services, ServiceError> {
     let policy = load_policy(&config.policy.files)?;
     create_private_dir(&config.data_dir)?;
     let data_dir_lock = lock_data_dir(&config.data_dir)?;
-    let store = Arc::new(Store::open(&config.data_dir.join("writ.db"))?);
+    let store = Arc::new(Store::open(
+        &config.data_dir.join(crate::config::STORE_FILE),
+    )?);
     let ca = CertificateAuthority::load_or_create(ca_settings(config), SystemTime::now())?;
     let registry = Registry::from_config(config);
     // Hashing executables costs real time on a cold cache; skip it entirely
@@ -207,7 +209,7 @@ pub async fn build(config: &Config) -> Result<Services, ServiceError> {
 /// it for the message another writ gets.
 fn lock_data_dir(dir: &Path) -> Result<std::fs::File, ServiceError> {
     use std::io::{Seek, Write};
-    let path = dir.join("writ.lock");
+    let path = dir.join(crate::config::STATE_LOCK_FILE);
     let io_err = |source| ServiceError::CreateDir {
         path: path.clone(),
         source,
@@ -232,7 +234,7 @@ fn lock_data_dir(dir: &Path) -> Result<std::fs::File, ServiceError> {
 fn ca_settings(config: &Config) -> CaSettings {
     CaSettings {
         trust_domain: config.trust_domain.clone(),
-        dir: config.data_dir.join("ca"),
+        dir: config.data_dir.join(crate::config::CA_DIR),
         ca_ttl: config.ca.ca_ttl,
         svid_ttl: config.ca.x509_svid_ttl,
         jwt_svid_ttl: config.ca.jwt_svid_ttl,

@@ -507,3 +507,55 @@ fn a_trail_removed_between_runs_or_left_open_is_reported_at_start_and_by_verify(
         writ.log()
     );
 }
+
+/// `[audit] path` naming a file that is not a trail: validate refuses writ's
+/// own files, and a start refuses any other file that holds no record, and
+/// changes nothing in it (it used to move the whole file aside as a "torn
+/// tail" and write records over it).
+#[test]
+fn an_audit_path_on_a_file_that_is_no_trail_is_refused_and_left_alone() {
+    let mut writ = Writ::start("");
+    writ.stop();
+    let base = std::fs::read_to_string(&writ.config_path).unwrap();
+    let store = writ.dir.path().join("state/writ.db");
+    let config = writ.dir.path().join("audit-elsewhere.toml");
+    let with_audit_path = |path: &std::path::Path| {
+        std::fs::write(
+            &config,
+            format!("{base}\n[audit]\npath = \"{}\"\n", path.display()),
+        )
+        .unwrap();
+    };
+
+    with_audit_path(&store);
+    let (ok, out, err) = writ_cli(&["validate", "--config", config.to_str().unwrap()], None);
+    assert!(!ok, "validate accepted the store as the trail: {out}");
+    assert!(
+        err.contains(&format!(
+            "audit.path \"{}\" is writ's store",
+            store.display()
+        )),
+        "{err}"
+    );
+
+    let notes = writ.dir.path().join("notes.txt");
+    let content = "some notes\nthat are not an audit trail\n";
+    std::fs::write(&notes, content).unwrap();
+    with_audit_path(&notes);
+    let (code, output) = common::run_expecting_failure(&config);
+    assert_eq!(code, Some(1), "{output}");
+    assert!(
+        output.contains(&notes.display().to_string())
+            && output.contains("does not look like a writ audit trail"),
+        "{output}"
+    );
+    assert_eq!(std::fs::read_to_string(&notes).unwrap(), content);
+    let side_files: Vec<_> = std::fs::read_dir(writ.dir.path())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        // The trail's lock is taken before the file is read.
+        .filter(|name| name.starts_with("notes.txt.") && name != "notes.txt.lock")
+        .collect();
+    assert!(side_files.is_empty(), "{side_files:?}");
+}

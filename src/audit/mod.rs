@@ -105,6 +105,11 @@ pub enum AuditError {
         line: u64,
         reason: String,
     },
+    #[error(
+        "audit trail {}: the file holds {bytes} bytes but not one audit record, and does not begin like one: it does not look like a writ audit trail (is [audit] path right?). Nothing was changed",
+        path.display()
+    )]
+    NotATrail { path: PathBuf, bytes: u64 },
     #[error("writing the audit trail failed: {0}")]
     Write(String),
     #[error(

@@ -1,6 +1,7 @@
 //! Picking up an existing trail at start: finding the last complete record
-//! (the chain head to continue from) and moving a torn tail left by a crash
-//! into a side file, so the trail ends on a whole record and no byte is lost.
+//! (the chain head to continue from), moving a torn tail left by a crash
+//! into a side file, so the trail ends on a whole record and no byte is
+//! lost, and refusing a file that is no trail at all.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
@@ -13,6 +14,9 @@ use super::files::{
     self, read_tail, records_end, rotated_numbers, rotated_path, suffixed, sync_dir,
 };
 use super::record::{ParsedLine, parse_line};
+
+/// Every record line begins so.
+const RECORD_START: &[u8] = b"{\"seq\":";
 
 /// The last complete record of the trail.
 pub(crate) struct Head {
@@ -73,6 +77,21 @@ pub(crate) fn recover(path: &Path, now: SystemTime) -> Result<Recovered, AuditEr
         } else {
             size
         };
+        let (valid_end, last) = if len == 0 {
+            (0, None)
+        } else {
+            last_valid_record(&file, len).map_err(io_err(file_path))?
+        };
+        // Checked before anything is cut: a file that some other program
+        // owns (a database, a text file) named as the trail by mistake
+        // would otherwise be moved aside whole as a "torn tail" and then
+        // overwritten with records.
+        if newest && last.is_none() && len > 0 && !begins_like_a_record(file_path, &file, len)? {
+            return Err(AuditError::NotATrail {
+                path: file_path.clone(),
+                bytes: size,
+            });
+        }
         if newest && len < size {
             file.set_len(len)
                 .and_then(|()| file.sync_all())
@@ -81,7 +100,6 @@ pub(crate) fn recover(path: &Path, now: SystemTime) -> Result<Recovered, AuditEr
         if len == 0 {
             continue;
         }
-        let (valid_end, last) = last_valid_record(&file, len).map_err(io_err(file_path))?;
         if valid_end < len {
             if !newest {
                 return Err(AuditError::Corrupt {
@@ -114,6 +132,17 @@ pub(crate) fn recover(path: &Path, now: SystemTime) -> Result<Recovered, AuditEr
     })
 }
 
+/// Whether the first bytes of the file could start a record: `{"seq":` or
+/// as much of it as the file holds, or a NUL (a first block that a crash
+/// left unwritten).
+fn begins_like_a_record(file_path: &Path, file: &File, len: u64) -> Result<bool, AuditError> {
+    let mut start = [0u8; RECORD_START.len()];
+    let n = usize::try_from(len).map_or(start.len(), |len| len.min(start.len()));
+    file.read_exact_at(&mut start[..n], 0)
+        .map_err(io_err(file_path))?;
+    Ok(start[0] == 0 || start[..n] == RECORD_START[..n])
+}
+
 /// The end offset of the last line that is a self-consistent record, and
 /// that record; `(0, None)` when no line is.
 fn last_valid_record(file: &File, len: u64) -> io::Result<(u64, Option<ParsedLine>)> {
@@ -134,6 +163,7 @@ fn last_valid_record(file: &File, len: u64) -> io::Result<(u64, Option<ParsedLin
 
 /// Copies `valid_end..len` to `<file>.torn-<unix µs>` (0600, fsynced), and
 /// only then cuts it from the file: a crash in between leaves both copies.
+/// Copied in blocks, as the tail may be large.
 fn set_aside(
     file_path: &Path,
     file: &File,
@@ -151,23 +181,23 @@ fn set_aside(
         n += 1;
         moved_to = suffixed(file_path, &format!("torn-{micros}-{n}"));
     }
-    let size = usize::try_from(len - valid_end).map_err(|_| AuditError::Corrupt {
-        path: file_path.to_owned(),
-        line: 0,
-        reason: "the torn tail is too large to move".into(),
-    })?;
-    let mut bytes = vec![0u8; size];
-    file.read_exact_at(&mut bytes, valid_end)
-        .map_err(io_err(file_path))?;
     let mut side = OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
         .open(&moved_to)
         .map_err(io_err(&moved_to))?;
-    side.write_all(&bytes)
-        .and_then(|()| side.sync_all())
-        .map_err(io_err(&moved_to))?;
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut offset = valid_end;
+    while offset < len {
+        let n = usize::try_from(len - offset).map_or(buf.len(), |left| left.min(buf.len()));
+        file.read_exact_at(&mut buf[..n], offset)
+            .map_err(io_err(file_path))?;
+        side.write_all(&buf[..n]).map_err(io_err(&moved_to))?;
+        offset += n as u64;
+    }
+    side.sync_all().map_err(io_err(&moved_to))?;
+    let size = len - valid_end;
     sync_dir(files::parent_dir(file_path)).map_err(io_err(file_path))?;
     file.set_len(valid_end)
         .and_then(|()| file.sync_all())
@@ -180,7 +210,7 @@ fn set_aside(
     );
     Ok(TornTail {
         moved_to,
-        bytes: size as u64,
+        bytes: size,
     })
 }
 
@@ -253,6 +283,52 @@ mod tests {
         );
         assert_eq!(std::fs::read(&torn.moved_to).unwrap(), junk);
         assert_eq!(std::fs::read(&config.path).unwrap(), before);
+    }
+
+    #[test]
+    fn a_file_that_is_no_trail_is_refused_and_left_as_it_was() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let mut database = b"SQLite format 3\0\x10\0\x02\x02".to_vec();
+        database.extend_from_slice(b"\nsome page\n");
+        database.resize(8192, 0);
+        for content in [
+            &b"just some notes\nsecond line\n"[..],
+            b"no newline at all",
+            b"{\"not\":\"a record\"}\n",
+            &database,
+        ] {
+            std::fs::write(&path, content).unwrap();
+            match recover(&path, SystemTime::now()) {
+                Err(AuditError::NotATrail { path: at, bytes }) => {
+                    assert_eq!(at, path);
+                    assert_eq!(bytes, content.len() as u64);
+                }
+                Err(other) => panic!("{other}"),
+                Ok(_) => panic!("recovered {:?}", String::from_utf8_lossy(content)),
+            }
+            assert_eq!(std::fs::read(&path).unwrap(), content);
+            let names: Vec<String> = std::fs::read_dir(dir.path())
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect();
+            assert_eq!(names, ["audit.jsonl"]);
+        }
+    }
+
+    #[test]
+    fn a_first_record_cut_short_is_a_torn_tail_and_zeros_alone_are_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        std::fs::write(&path, b"{\"seq\":0,\"time\":\"2026").unwrap();
+        let recovered = recover(&path, SystemTime::now()).unwrap();
+        assert!(recovered.head.is_none());
+        assert!(recovered.torn.is_some());
+        assert_eq!(std::fs::read(&path).unwrap(), b"");
+        std::fs::write(&path, vec![0u8; 4096]).unwrap();
+        let recovered = recover(&path, SystemTime::now()).unwrap();
+        assert!(recovered.head.is_none() && recovered.torn.is_none());
+        assert_eq!(std::fs::read(&path).unwrap(), b"");
     }
 
     #[test]

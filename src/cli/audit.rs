@@ -155,7 +155,7 @@ fn trusted_roots(
         }
         return Ok(roots);
     }
-    let ca_dir = config.data_dir.join("ca");
+    let ca_dir = config.data_dir.join(crate::config::CA_DIR);
     let from_state = crate::ca::read_checkpoint_roots(&ca_dir);
     let mut roots = match (&config.ca.upstream, from_state) {
         (_, Ok(roots)) => roots,
