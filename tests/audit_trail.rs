@@ -559,3 +559,54 @@ fn an_audit_path_on_a_file_that_is_no_trail_is_refused_and_left_alone() {
         .collect();
     assert!(side_files.is_empty(), "{side_files:?}");
 }
+
+/// A whole last line changed while writ was stopped cannot be a write cut
+/// short: the next start moves it aside as modified (not torn), logs an
+/// error, and verify keeps failing on that start's record afterwards.
+#[test]
+fn a_modified_last_record_is_set_aside_as_modified_and_verify_keeps_failing() {
+    let mut writ = Writ::start("");
+    writ.stop();
+    let trail = writ.dir.path().join("state/audit/audit.jsonl");
+    let text = std::fs::read_to_string(&trail).unwrap();
+    let last_start = text[..text.len() - 1].rfind('\n').map_or(0, |i| i + 1);
+    let (kept, last) = text.split_at(last_start);
+    let changed = last.replace("\"kind\":\"close\"", "\"kind\":\"periodic\"");
+    assert_ne!(changed, last);
+    std::fs::write(&trail, format!("{kept}{changed}")).unwrap();
+    let (ok, _, err) = verify(&writ, &[]);
+    assert!(!ok && err.contains("the record was modified"), "{err}");
+
+    writ.spawn();
+    writ.stop();
+    let log = writ.log();
+    assert!(
+        log.contains("ERROR") && log.contains("were modified after writ wrote them"),
+        "{log}"
+    );
+    assert!(!log.contains("incomplete record"), "{log}");
+    let started = records(&writ)
+        .into_iter()
+        .rev()
+        .find(|r| r["event"] == "audit_started")
+        .unwrap();
+    let moved_to = started["detail"]["modified_tail_moved_to"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{started}"))
+        .to_owned();
+    assert!(
+        started["detail"].get("torn_tail_moved_to").is_none(),
+        "{started}"
+    );
+    assert!(moved_to.contains("audit.jsonl.modified-"), "{moved_to}");
+    assert_eq!(std::fs::read_to_string(&moved_to).unwrap(), changed);
+
+    let (ok, out, err) = verify(&writ, &[]);
+    assert!(!ok, "verify passed a trail whose end was modified: {out}");
+    assert!(
+        err.contains(&format!("(seq {})", started["seq"]))
+            && err.contains("modified")
+            && err.contains(&moved_to),
+        "{err}"
+    );
+}

@@ -15,7 +15,9 @@ pub(crate) use files::lock_exclusively;
 pub use files::{TrailTail, tail_lines, trail_files};
 pub use log::{AuditLog, AuditReceipt, Clock};
 pub use record::{CheckpointFacts, CheckpointKind, ZERO_HASH, checkpoint_message};
-pub use verify::{TrailEnd, VerifyError, VerifyErrorKind, VerifyOptions, VerifyReport};
+pub use verify::{
+    ModifiedTailStart, TrailEnd, VerifyError, VerifyErrorKind, VerifyOptions, VerifyReport,
+};
 pub use verify::{verify, verify_with};
 
 use std::path::PathBuf;
