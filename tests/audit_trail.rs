@@ -610,3 +610,96 @@ fn a_modified_last_record_is_set_aside_as_modified_and_verify_keeps_failing() {
         "{err}"
     );
 }
+
+/// A tmpfs mounted over a directory, unmounted (lazily, so a writ still
+/// running cannot keep it) when dropped.
+struct MountedOver(std::path::PathBuf);
+
+impl Drop for MountedOver {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+fn free_bytes(dir: &std::path::Path) -> u64 {
+    let stat = nix::sys::statvfs::statvfs(dir).unwrap();
+    stat.blocks_available() as u64 * stat.fragment_size() as u64
+}
+
+/// On a nearly full disk the store's write-ahead log pre-size and the
+/// trail's zeroed space are best effort: both fail, leave no partial zeros
+/// behind, and writ still starts and records what it must, with the few
+/// hundred KiB free that its records need.
+#[test]
+fn a_nearly_full_state_disk_starts_without_the_preallocations() {
+    if !is_root() {
+        eprintln!("SKIPPED: needs root to mount a small disk for the state directory");
+        return;
+    }
+    let mut writ = Writ::start("");
+    writ.stop();
+    let state = writ.dir.path().join("state");
+    let saved = writ.dir.path().join("state-saved");
+    let copy = |from: &std::path::Path, to: &std::path::Path| {
+        let status = Command::new("cp")
+            .arg("-a")
+            .arg(from.join("."))
+            .arg(to)
+            .status()
+            .unwrap();
+        assert!(status.success());
+    };
+    std::fs::create_dir(&saved).unwrap();
+    copy(&state, &saved);
+    let status = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=16m,mode=0700", "tmpfs"])
+        .arg(&state)
+        .status()
+        .unwrap();
+    assert!(status.success(), "mounting a tmpfs failed");
+    let _mounted = MountedOver(state.clone());
+    copy(&saved, &state);
+    // A clean stop leaves no write-ahead log: the next start pre-sizes anew.
+    let wal_len = std::fs::metadata(state.join("writ.db-wal")).map_or(0, |m| m.len());
+    assert_eq!(wal_len, 0);
+
+    // Less room than the log's 4.5 MiB and the trail's 1 MiB of zeros.
+    let leave = 320 * 1024;
+    let filler = state.join("filler");
+    let status = Command::new("fallocate")
+        .args(["-l", &(free_bytes(&state) - leave).to_string()])
+        .arg(&filler)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let free_before = free_bytes(&state);
+    assert!(free_before <= leave + 4096, "{free_before}");
+
+    writ.spawn();
+    let log = writ.log();
+    assert!(
+        log.contains("could not give the store's write-ahead log its room in advance"),
+        "{log}"
+    );
+    assert!(
+        log.contains("could not add zeroed space to the audit trail"),
+        "{log}"
+    );
+    // Neither left the zeros it managed to write before the disk filled.
+    let wal = std::fs::metadata(state.join("writ.db-wal")).map_or(0, |m| m.len());
+    assert!(wal < 256 * 1024, "the log kept {wal} bytes of pre-size");
+    assert!(
+        free_bytes(&state) > free_before / 2,
+        "{} of {free_before} bytes left",
+        free_bytes(&state)
+    );
+    let started = records(&writ)
+        .into_iter()
+        .rev()
+        .find(|r| r["event"] == "audit_started")
+        .unwrap();
+    assert_eq!(started["detail"]["previous_end"], "clean", "{started}");
+    writ.stop();
+    let (ok, out, err) = verify(&writ, &[]);
+    assert!(ok, "{out}{err}");
+}

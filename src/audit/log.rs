@@ -536,6 +536,7 @@ impl AuditLog {
             file_len,
             allocated: file_len,
             preallocate: config.preallocate_bytes,
+            fill_failed: false,
             next_rotation,
             chain: ChainState {
                 next_seq: head.as_ref().map_or(0, |h| h.seq + 1),
@@ -865,6 +866,9 @@ struct Writer {
     allocated: u64,
     /// How much zeroed space to keep ready past the records.
     preallocate: u64,
+    /// Adding zeroed space failed (a full disk) and has not succeeded
+    /// since: appends leave it to the background thread's retries.
+    fill_failed: bool,
     next_rotation: u64,
     chain: ChainState,
     /// Automatic checkpoints wait until then after a signer failure.
@@ -1001,12 +1005,7 @@ impl Writer {
     /// record written and the chain continues from it.
     fn write_out(&mut self, saved: &ChainState) -> Result<(), AuditError> {
         let end = self.file_len + self.buf.len() as u64;
-        let grown = if end > self.allocated {
-            self.zero_fill(end, end + self.preallocate)
-        } else {
-            Ok(())
-        };
-        let written = grown.and_then(|()| self.file.write_all_at(&self.buf, self.file_len));
+        let written = self.file.write_all_at(&self.buf, self.file_len);
         self.buf.clear();
         if let Err(e) = written {
             return match self
@@ -1027,6 +1026,20 @@ impl Writer {
             };
         }
         self.file_len = end;
+        // The zeroed space is best effort, and written after the record: on
+        // a nearly full disk the record must not fail for room it does not
+        // need, nor the zeros take the room it does. After a failure the
+        // background thread's maintenance retries it (`space_low`).
+        if end > self.allocated {
+            self.allocated = end;
+            if self.preallocate > 0
+                && !self.fill_failed
+                && let Err(e) = self.zero_fill(end, end + self.preallocate)
+            {
+                self.fill_failed = true;
+                tracing::warn!(error = %e, file = %self.path.display(), "could not add zeroed space to the audit trail; commits will grow the file instead");
+            }
+        }
         Ok(())
     }
 
@@ -1054,21 +1067,31 @@ impl Writer {
     fn add_zeroed_space(&mut self) -> bool {
         let (from, to) = (self.allocated, self.file_len + self.preallocate);
         match self.zero_fill(from, to) {
-            Ok(()) => true,
+            Ok(()) => {
+                self.fill_failed = false;
+                true
+            }
             Err(e) => {
+                self.fill_failed = true;
                 tracing::warn!(error = %e, file = %self.path.display(), "could not add zeroed space to the audit trail; commits will grow the file instead");
                 false
             }
         }
     }
 
-    /// Writes zeros over `from..to` and counts them as ready space.
+    /// Writes zeros over `from..to` (`from` is where the file's zeroed
+    /// space ends) and counts them as ready space.
     fn zero_fill(&mut self, from: u64, to: u64) -> std::io::Result<()> {
         static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
         let mut at = from;
         while at < to {
             let n = (to - at).min(ZEROS.len() as u64) as usize;
-            self.file.write_all_at(&ZEROS[..n], at)?;
+            if let Err(e) = self.file.write_all_at(&ZEROS[..n], at) {
+                // Zeros written before the disk filled would take the room
+                // the next records need; best effort, as readers skip them.
+                let _ = self.file.set_len(from);
+                return Err(e);
+            }
             at += n as u64;
         }
         self.allocated = self.allocated.max(to);
