@@ -58,6 +58,20 @@ pub enum ServiceError {
         /// " (pid N)" when the lock file names its holder.
         holder: String,
     },
+    #[error(
+        "the store {} is missing or empty, but the CA state {} shows writ has run with this data directory before; a new store would lose every revocation recorded in the old one, and the certificates revoked there would be valid again. Restore {} from a backup; or, to start over, remove {} as well, so that writ creates a new CA and every certificate issued before is distrusted{upstream}",
+        store.display(),
+        ca_state.display(),
+        store.display(),
+        ca_dir.display()
+    )]
+    StoreLost {
+        store: PathBuf,
+        ca_state: PathBuf,
+        ca_dir: PathBuf,
+        /// What starting over does not do with an upstream CA.
+        upstream: &'static str,
+    },
     #[error("{path} exists and is not a socket; refusing to replace it")]
     NotASocket { path: PathBuf },
     #[error("binding {path}: {source}")]
@@ -111,7 +125,9 @@ pub async fn build(config: &Config) -> Result<Services, ServiceError> {
     let policy = load_policy(&config.policy.files)?;
     create_private_dir(&config.data_dir)?;
     let data_dir_lock = lock_data_dir(&config.data_dir)?;
-    let store = Arc::new(Store::open(&config.data_dir.join("writ.db"))?);
+    let store_path = config.data_dir.join(crate::config::STORE_FILE);
+    refuse_a_lost_store(&store_path, config)?;
+    let store = Arc::new(Store::open(&store_path)?);
     let ca = CertificateAuthority::load_or_create(ca_settings(config), SystemTime::now())?;
     let registry = Registry::from_config(config);
     // Hashing executables costs real time on a cold cache; skip it entirely
@@ -203,12 +219,40 @@ pub async fn build(config: &Config) -> Result<Services, ServiceError> {
     })
 }
 
+/// Refuses to start a new store (none at `store`, or an empty file) where
+/// the CA has state already: the store is created before the CA on a first
+/// start, so a CA without it means the store was lost, and with it the
+/// revocations the CRLs are built from.
+fn refuse_a_lost_store(store: &Path, config: &Config) -> Result<(), ServiceError> {
+    let store_is_new = match std::fs::metadata(store) {
+        Ok(meta) => meta.len() == 0,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => true,
+        // Store::open names the problem better.
+        Err(_) => false,
+    };
+    let ca_dir = config.data_dir.join(crate::config::CA_DIR);
+    let ca_state = ca_dir.join(crate::ca::STATE_FILE);
+    if !store_is_new || !ca_state.exists() {
+        return Ok(());
+    }
+    Err(ServiceError::StoreLost {
+        store: store.to_owned(),
+        ca_state,
+        ca_dir,
+        upstream: if config.ca.upstream.is_some() {
+            " (with [ca.upstream], certificates issued before chain to the upstream CA and stay trusted until they expire, unless the upstream certificate writ signs with is replaced too)"
+        } else {
+            ""
+        },
+    })
+}
+
 /// Takes the state directory's lock (`writ.lock`, an exclusive `flock`,
 /// released when the process ends however it ends) and writes our pid in
 /// it for the message another writ gets.
 fn lock_data_dir(dir: &Path) -> Result<std::fs::File, ServiceError> {
     use std::io::{Seek, Write};
-    let path = dir.join("writ.lock");
+    let path = dir.join(crate::config::STATE_LOCK_FILE);
     let io_err = |source| ServiceError::CreateDir {
         path: path.clone(),
         source,
@@ -233,7 +277,7 @@ fn lock_data_dir(dir: &Path) -> Result<std::fs::File, ServiceError> {
 fn ca_settings(config: &Config) -> CaSettings {
     CaSettings {
         trust_domain: config.trust_domain.clone(),
-        dir: config.data_dir.join("ca"),
+        dir: config.data_dir.join(crate::config::CA_DIR),
         ca_ttl: config.ca.ca_ttl,
         svid_ttl: config.ca.x509_svid_ttl,
         jwt_svid_ttl: config.ca.jwt_svid_ttl,

@@ -98,15 +98,28 @@ fn presize_wal(conn: &Connection, db_path: &Path) -> Result<(), StoreError> {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
             Err(e) => return Err(e),
         };
-        let mut at = wal.metadata()?.len();
-        if at >= WAL_PRESIZE {
+        let before = wal.metadata()?.len();
+        if before >= WAL_PRESIZE {
             return Ok(());
         }
         let zeros = vec![0u8; 256 * 1024];
-        while at < WAL_PRESIZE {
+        let mut at = before;
+        let mut grown = Ok(());
+        while at < WAL_PRESIZE && grown.is_ok() {
             let n = (WAL_PRESIZE - at).min(zeros.len() as u64) as usize;
-            wal.write_all_at(&zeros[..n], at)?;
+            grown = wal.write_all_at(&zeros[..n], at);
             at += n as u64;
+        }
+        // Zeros written before the disk filled would keep the space the
+        // commits and the audit trail need: give it back.
+        if let Err(e) = grown {
+            return Err(match wal.set_len(before) {
+                Ok(()) => e,
+                Err(undo) => std::io::Error::new(
+                    e.kind(),
+                    format!("{e}; cutting it back to {before} bytes failed: {undo}"),
+                ),
+            });
         }
         wal.sync_data()
     })();

@@ -580,3 +580,199 @@ fn a_stop_counts_the_records_the_full_trail_still_refuses() {
     sleeper.kill().unwrap();
     sleeper.wait().unwrap();
 }
+
+/// `[audit] path` naming a file that is not a trail: validate refuses writ's
+/// own files, and a start refuses any other file that holds no record, and
+/// changes nothing in it (it used to move the whole file aside as a "torn
+/// tail" and write records over it).
+#[test]
+fn an_audit_path_on_a_file_that_is_no_trail_is_refused_and_left_alone() {
+    let mut writ = Writ::start("");
+    writ.stop();
+    let base = std::fs::read_to_string(&writ.config_path).unwrap();
+    let store = writ.dir.path().join("state/writ.db");
+    let config = writ.dir.path().join("audit-elsewhere.toml");
+    let with_audit_path = |path: &std::path::Path| {
+        std::fs::write(
+            &config,
+            format!("{base}\n[audit]\npath = \"{}\"\n", path.display()),
+        )
+        .unwrap();
+    };
+
+    with_audit_path(&store);
+    let (ok, out, err) = writ_cli(&["validate", "--config", config.to_str().unwrap()], None);
+    assert!(!ok, "validate accepted the store as the trail: {out}");
+    assert!(
+        err.contains(&format!(
+            "audit.path \"{}\" is writ's store",
+            store.display()
+        )),
+        "{err}"
+    );
+
+    let notes = writ.dir.path().join("notes.txt");
+    let content = "some notes\nthat are not an audit trail\n";
+    std::fs::write(&notes, content).unwrap();
+    with_audit_path(&notes);
+    let (code, output) = common::run_expecting_failure(&config);
+    assert_eq!(code, Some(1), "{output}");
+    assert!(
+        output.contains(&notes.display().to_string())
+            && output.contains("does not look like a writ audit trail"),
+        "{output}"
+    );
+    assert_eq!(std::fs::read_to_string(&notes).unwrap(), content);
+    let side_files: Vec<_> = std::fs::read_dir(writ.dir.path())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        // The trail's lock is taken before the file is read.
+        .filter(|name| name.starts_with("notes.txt.") && name != "notes.txt.lock")
+        .collect();
+    assert!(side_files.is_empty(), "{side_files:?}");
+}
+
+/// A whole last line changed while writ was stopped cannot be a write cut
+/// short: the next start moves it aside as modified (not torn), logs an
+/// error, and verify keeps failing on that start's record afterwards.
+#[test]
+fn a_modified_last_record_is_set_aside_as_modified_and_verify_keeps_failing() {
+    let mut writ = Writ::start("");
+    writ.stop();
+    let trail = writ.dir.path().join("state/audit/audit.jsonl");
+    let text = std::fs::read_to_string(&trail).unwrap();
+    let last_start = text[..text.len() - 1].rfind('\n').map_or(0, |i| i + 1);
+    let (kept, last) = text.split_at(last_start);
+    let changed = last.replace("\"kind\":\"close\"", "\"kind\":\"periodic\"");
+    assert_ne!(changed, last);
+    std::fs::write(&trail, format!("{kept}{changed}")).unwrap();
+    let (ok, _, err) = verify(&writ, &[]);
+    assert!(!ok && err.contains("the record was modified"), "{err}");
+
+    writ.spawn();
+    writ.stop();
+    let log = writ.log();
+    assert!(
+        log.contains("ERROR") && log.contains("were modified after writ wrote them"),
+        "{log}"
+    );
+    assert!(!log.contains("incomplete record"), "{log}");
+    let started = records(&writ)
+        .into_iter()
+        .rev()
+        .find(|r| r["event"] == "audit_started")
+        .unwrap();
+    let moved_to = started["detail"]["modified_tail_moved_to"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{started}"))
+        .to_owned();
+    assert!(
+        started["detail"].get("torn_tail_moved_to").is_none(),
+        "{started}"
+    );
+    assert!(moved_to.contains("audit.jsonl.modified-"), "{moved_to}");
+    assert_eq!(std::fs::read_to_string(&moved_to).unwrap(), changed);
+
+    let (ok, out, err) = verify(&writ, &[]);
+    assert!(!ok, "verify passed a trail whose end was modified: {out}");
+    assert!(
+        err.contains(&format!("(seq {})", started["seq"]))
+            && err.contains("modified")
+            && err.contains(&moved_to),
+        "{err}"
+    );
+}
+
+/// A tmpfs mounted over a directory, unmounted (lazily, so a writ still
+/// running cannot keep it) when dropped.
+struct MountedOver(std::path::PathBuf);
+
+impl Drop for MountedOver {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+fn free_bytes(dir: &std::path::Path) -> u64 {
+    let stat = nix::sys::statvfs::statvfs(dir).unwrap();
+    stat.blocks_available() as u64 * stat.fragment_size() as u64
+}
+
+/// On a nearly full disk the store's write-ahead log pre-size and the
+/// trail's zeroed space are best effort: both fail, leave no partial zeros
+/// behind, and writ still starts and records what it must, with the few
+/// hundred KiB free that its records need.
+#[test]
+fn a_nearly_full_state_disk_starts_without_the_preallocations() {
+    if !is_root() {
+        eprintln!("SKIPPED: needs root to mount a small disk for the state directory");
+        return;
+    }
+    let mut writ = Writ::start("");
+    writ.stop();
+    let state = writ.dir.path().join("state");
+    let saved = writ.dir.path().join("state-saved");
+    let copy = |from: &std::path::Path, to: &std::path::Path| {
+        let status = Command::new("cp")
+            .arg("-a")
+            .arg(from.join("."))
+            .arg(to)
+            .status()
+            .unwrap();
+        assert!(status.success());
+    };
+    std::fs::create_dir(&saved).unwrap();
+    copy(&state, &saved);
+    let status = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=16m,mode=0700", "tmpfs"])
+        .arg(&state)
+        .status()
+        .unwrap();
+    assert!(status.success(), "mounting a tmpfs failed");
+    let _mounted = MountedOver(state.clone());
+    copy(&saved, &state);
+    // A clean stop leaves no write-ahead log: the next start pre-sizes anew.
+    let wal_len = std::fs::metadata(state.join("writ.db-wal")).map_or(0, |m| m.len());
+    assert_eq!(wal_len, 0);
+
+    // Less room than the log's 4.5 MiB and the trail's 1 MiB of zeros.
+    let leave = 320 * 1024;
+    let filler = state.join("filler");
+    let status = Command::new("fallocate")
+        .args(["-l", &(free_bytes(&state) - leave).to_string()])
+        .arg(&filler)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let free_before = free_bytes(&state);
+    assert!(free_before <= leave + 4096, "{free_before}");
+
+    writ.spawn();
+    let log = writ.log();
+    assert!(
+        log.contains("could not give the store's write-ahead log its room in advance"),
+        "{log}"
+    );
+    assert!(
+        log.contains("could not add zeroed space to the audit trail"),
+        "{log}"
+    );
+    // Neither left the zeros it managed to write before the disk filled.
+    let wal = std::fs::metadata(state.join("writ.db-wal")).map_or(0, |m| m.len());
+    assert!(wal < 256 * 1024, "the log kept {wal} bytes of pre-size");
+    assert!(
+        free_bytes(&state) > free_before / 2,
+        "{} of {free_before} bytes left",
+        free_bytes(&state)
+    );
+    let started = records(&writ)
+        .into_iter()
+        .rev()
+        .find(|r| r["event"] == "audit_started")
+        .unwrap();
+    assert_eq!(started["detail"]["previous_end"], "clean", "{started}");
+    writ.stop();
+    let (ok, out, err) = verify(&writ, &[]);
+    assert!(ok, "{out}{err}");
+}

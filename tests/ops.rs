@@ -1366,3 +1366,73 @@ fn a_sighup_while_writ_starts_is_a_reload_once_it_is_ready() {
     assert_eq!(status.code(), Some(0), "{status:?}\n{}", service.log());
     assert_trail_closed_cleanly(&service, "a SIGHUP while starting");
 }
+
+/// A store deleted or emptied beside a CA that has state: starting would
+/// begin a new store and drop every revocation from the CRLs, so writ
+/// refuses, says why and what to do, and creates nothing; the store put
+/// back, it starts with its revocations.
+#[test]
+fn a_lost_store_beside_an_existing_ca_refuses_the_start() {
+    let mut service = Service::new("", "info");
+    service.spawn(&[]);
+    let admin = service.admin.to_str().unwrap().to_owned();
+    let mut sleeper = Command::new("sleep").arg("60").spawn().unwrap();
+    let task = |args: &[&str]| {
+        let (ok, _, err) = common::writ_cli(
+            &[&["task"], args, &["--admin-socket", &admin]].concat(),
+            None,
+        );
+        assert!(ok, "{err}");
+    };
+    task(&[
+        "begin",
+        "--pid",
+        &sleeper.id().to_string(),
+        "--id",
+        "revoked",
+    ]);
+    task(&["end", "revoked"]);
+    sleeper.kill().unwrap();
+    sleeper.wait().unwrap();
+    let crl_entries = |service: &Service| {
+        let (_, page) = http_get(&service.http_addr(), "/metrics");
+        metric(&page, "writ_crl_entries")
+    };
+    let revoked = wait_for(Duration::from_secs(10), "a CRL entry", || {
+        Some(crl_entries(&service)).filter(|&n| n > 0.0)
+    });
+    assert!(service.stop().success());
+
+    let state = service.dir.path().join("state");
+    let store = state.join("writ.db");
+    let backup = service.dir.path().join("writ.db.backup");
+    std::fs::copy(&store, &backup).unwrap();
+    for gone in ["writ.db", "writ.db-wal", "writ.db-shm"] {
+        let _ = std::fs::remove_file(state.join(gone));
+    }
+    let refused = |what: &str| {
+        let (code, output) = common::run_expecting_failure(&service.config_path);
+        assert_eq!(code, Some(1), "{what}: {output}");
+        for needed in [
+            format!("the store {} is missing or empty", store.display()),
+            "would lose every revocation".to_owned(),
+            "Restore".to_owned(),
+            format!("remove {}", state.join("ca").display()),
+        ] {
+            assert!(output.contains(&needed), "{what}: {needed:?} in {output}");
+        }
+    };
+    refused("deleted");
+    assert!(!store.exists(), "the refused start created a store");
+    std::fs::write(&store, b"").unwrap();
+    refused("emptied");
+    assert_eq!(std::fs::metadata(&store).unwrap().len(), 0);
+
+    std::fs::copy(&backup, &store).unwrap();
+    service.spawn(&[]);
+    assert_eq!(
+        crl_entries(&service),
+        revoked,
+        "the revocation is back in the CRL"
+    );
+}

@@ -34,7 +34,7 @@ use super::record::{
     CheckpointFacts, CheckpointKind, RecordBody, ZERO_HASH, checkpoint_message, encode_line,
     format_time,
 };
-use super::recover::{Recovered, recover};
+use super::recover::{MODIFIED_TAIL_MOVED_TO, Recovered, SetAside, TailKind, recover};
 use super::{AuditError, AuditEvent, CheckpointSigner, EventKind};
 use crate::config::AuditConfig;
 
@@ -411,7 +411,7 @@ impl AuditLog {
 
     /// Opens (or continues) the trail: takes the writer lock (a second
     /// writer is refused), continues the chain from the last complete
-    /// record, moves a torn tail aside, writes an `audit_started` record
+    /// record, moves a torn or modified tail aside, writes an `audit_started` record
     /// saying how the previous run ended, and starts the background thread.
     pub fn open_with_clock(
         config: &AuditConfig,
@@ -460,7 +460,7 @@ impl AuditLog {
         let now = clock();
         let Recovered {
             head,
-            torn,
+            set_aside,
             next_rotation,
         } = recover(&path, now)?;
         // `recover` left the current file ending on its last record.
@@ -470,9 +470,9 @@ impl AuditLog {
             .detail("writ_version", env!("CARGO_PKG_VERSION"))
             .detail("pid", std::process::id());
         // Bytes after the close checkpoint mean it was not the end.
-        let clean = head.as_ref().is_some_and(|h| h.closed) && torn.is_none();
+        let clean = head.as_ref().is_some_and(|h| h.closed) && set_aside.is_none();
         started = match &head {
-            None if torn.is_none() && ran_before => {
+            None if set_aside.is_none() && ran_before => {
                 tracing::warn!(
                     path = %path.display(),
                     "writ has run with this data directory before, but there is no audit trail at this path: it was removed, or [audit] path was changed; starting a new trail"
@@ -481,13 +481,13 @@ impl AuditLog {
                     .detail("previous_end", "missing")
                     .reason("writ has run with this data directory before, but there was no audit trail at this path: it was removed, or [audit] path was changed")
             }
-            None if torn.is_none() => started.detail("previous_end", "none"),
+            None if set_aside.is_none() => started.detail("previous_end", "none"),
             _ if clean => started.detail("previous_end", "clean"),
             _ => {
                 tracing::warn!(
                     path = %path.display(),
                     last_seq = head.as_ref().map(|h| h.seq),
-                    torn_tail = torn.is_some(),
+                    set_aside = set_aside.as_ref().map(|s| s.kind.as_str()),
                     "the audit trail did not end with a close checkpoint: writ stopped without closing it, or records were removed from its end; `writ audit verify` will report this start"
                 );
                 started
@@ -498,10 +498,30 @@ impl AuditLog {
         if let Some(h) = head.as_ref().filter(|_| !clean) {
             started = started.detail("previous_seq", h.seq);
         }
-        if let Some(torn) = &torn {
-            started = started
-                .detail("torn_tail_moved_to", torn.moved_to.display().to_string())
-                .detail("torn_tail_bytes", torn.bytes);
+        // A modified tail gets keys of its own, which verify reports as a
+        // problem: a crash explains a torn tail, nothing innocent explains
+        // whole lines that changed.
+        match &set_aside {
+            Some(SetAside {
+                kind: TailKind::Torn,
+                moved_to,
+                bytes,
+            }) => {
+                started = started
+                    .detail("torn_tail_moved_to", moved_to.display().to_string())
+                    .detail("torn_tail_bytes", *bytes);
+            }
+            Some(SetAside {
+                kind: TailKind::Modified,
+                moved_to,
+                bytes,
+            }) => {
+                started = started
+                    .detail(MODIFIED_TAIL_MOVED_TO, moved_to.display().to_string())
+                    .detail("modified_tail_bytes", *bytes)
+                    .reason("the trail ended in whole lines that were not valid records or did not chain on: they were modified after writ wrote them; they were moved aside");
+            }
+            None => {}
         }
 
         let mut writer = Writer {
@@ -516,6 +536,7 @@ impl AuditLog {
             file_len,
             allocated: file_len,
             preallocate: config.preallocate_bytes,
+            fill_failed: false,
             next_rotation,
             chain: ChainState {
                 next_seq: head.as_ref().map_or(0, |h| h.seq + 1),
@@ -845,6 +866,9 @@ struct Writer {
     allocated: u64,
     /// How much zeroed space to keep ready past the records.
     preallocate: u64,
+    /// Adding zeroed space failed (a full disk) and has not succeeded
+    /// since: appends leave it to the background thread's retries.
+    fill_failed: bool,
     next_rotation: u64,
     chain: ChainState,
     /// Automatic checkpoints wait until then after a signer failure.
@@ -981,12 +1005,7 @@ impl Writer {
     /// record written and the chain continues from it.
     fn write_out(&mut self, saved: &ChainState) -> Result<(), AuditError> {
         let end = self.file_len + self.buf.len() as u64;
-        let grown = if end > self.allocated {
-            self.zero_fill(end, end + self.preallocate)
-        } else {
-            Ok(())
-        };
-        let written = grown.and_then(|()| self.file.write_all_at(&self.buf, self.file_len));
+        let written = self.file.write_all_at(&self.buf, self.file_len);
         self.buf.clear();
         if let Err(e) = written {
             return match self
@@ -1007,6 +1026,20 @@ impl Writer {
             };
         }
         self.file_len = end;
+        // The zeroed space is best effort, and written after the record: on
+        // a nearly full disk the record must not fail for room it does not
+        // need, nor the zeros take the room it does. After a failure the
+        // background thread's maintenance retries it (`space_low`).
+        if end > self.allocated {
+            self.allocated = end;
+            if self.preallocate > 0
+                && !self.fill_failed
+                && let Err(e) = self.zero_fill(end, end + self.preallocate)
+            {
+                self.fill_failed = true;
+                tracing::warn!(error = %e, file = %self.path.display(), "could not add zeroed space to the audit trail; commits will grow the file instead");
+            }
+        }
         Ok(())
     }
 
@@ -1034,21 +1067,31 @@ impl Writer {
     fn add_zeroed_space(&mut self) -> bool {
         let (from, to) = (self.allocated, self.file_len + self.preallocate);
         match self.zero_fill(from, to) {
-            Ok(()) => true,
+            Ok(()) => {
+                self.fill_failed = false;
+                true
+            }
             Err(e) => {
+                self.fill_failed = true;
                 tracing::warn!(error = %e, file = %self.path.display(), "could not add zeroed space to the audit trail; commits will grow the file instead");
                 false
             }
         }
     }
 
-    /// Writes zeros over `from..to` and counts them as ready space.
+    /// Writes zeros over `from..to` (`from` is where the file's zeroed
+    /// space ends) and counts them as ready space.
     fn zero_fill(&mut self, from: u64, to: u64) -> std::io::Result<()> {
         static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
         let mut at = from;
         while at < to {
             let n = (to - at).min(ZEROS.len() as u64) as usize;
-            self.file.write_all_at(&ZEROS[..n], at)?;
+            if let Err(e) = self.file.write_all_at(&ZEROS[..n], at) {
+                // Zeros written before the disk filled would take the room
+                // the next records need; best effort, as readers skip them.
+                let _ = self.file.set_len(from);
+                return Err(e);
+            }
             at += n as u64;
         }
         self.allocated = self.allocated.max(to);

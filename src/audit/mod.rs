@@ -15,7 +15,9 @@ pub(crate) use files::lock_exclusively;
 pub use files::{TrailTail, tail_lines, trail_files};
 pub use log::{AuditLog, AuditReceipt, Clock};
 pub use record::{CheckpointFacts, CheckpointKind, ZERO_HASH, checkpoint_message};
-pub use verify::{TrailEnd, VerifyError, VerifyErrorKind, VerifyOptions, VerifyReport};
+pub use verify::{
+    ModifiedTailStart, TrailEnd, VerifyError, VerifyErrorKind, VerifyOptions, VerifyReport,
+};
 pub use verify::{verify, verify_with};
 
 use std::path::PathBuf;
@@ -105,6 +107,11 @@ pub enum AuditError {
         line: u64,
         reason: String,
     },
+    #[error(
+        "audit trail {}: the file holds {bytes} bytes but not one audit record, and does not begin like one: it does not look like a writ audit trail (is [audit] path right?). Nothing was changed",
+        path.display()
+    )]
+    NotATrail { path: PathBuf, bytes: u64 },
     #[error("writing the audit trail failed: {0}")]
     Write(String),
     #[error(

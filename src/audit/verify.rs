@@ -28,6 +28,7 @@ use super::files::{open_snapshot, writer_is_live};
 use super::record::{
     CheckpointFacts, LineError, RecordView, ZERO_HASH, checkpoint_message, parse_line, parse_time,
 };
+use super::recover::MODIFIED_TAIL_MOVED_TO;
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct VerifyOptions {
@@ -70,9 +71,24 @@ pub struct VerifyReport {
     /// `audit_started` records that say writ had run with its data directory
     /// before, yet found no trail: the history before them is gone.
     pub missing_trail_starts: Vec<u64>,
+    /// `audit_started` records that say the trail ended in whole lines
+    /// changed after writ wrote them, which that start moved aside: where
+    /// each such record is, and where the lines went. The trail is intact
+    /// as it stands, but it was tampered with, so the CLI fails on these.
+    pub modified_tail_starts: Vec<ModifiedTailStart>,
     /// Roots trusted because a `ca_rotated` record listed them and a
     /// checkpoint by an already-trusted root followed (beyond those given).
     pub learned_roots: u64,
+}
+
+/// See [`VerifyReport::modified_tail_starts`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModifiedTailStart {
+    pub file: PathBuf,
+    /// 1-based.
+    pub line: u64,
+    pub seq: u64,
+    pub moved_to: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -167,6 +183,7 @@ pub fn verify_with(
         last: None,
         unclean_starts: Vec::new(),
         missing_trail_starts: Vec::new(),
+        modified_tail_starts: Vec::new(),
     };
     let mut torn_bytes = 0;
     let last_index = snapshot.len() - 1;
@@ -257,6 +274,7 @@ pub fn verify_with(
         end,
         unclean_starts: walk.unclean_starts,
         missing_trail_starts: walk.missing_trail_starts,
+        modified_tail_starts: walk.modified_tail_starts,
         learned_roots: walk.learned_roots,
     })
 }
@@ -289,6 +307,7 @@ struct Walk {
     last: Option<LastRecord>,
     unclean_starts: Vec<u64>,
     missing_trail_starts: Vec<u64>,
+    modified_tail_starts: Vec<ModifiedTailStart>,
 }
 
 impl Walk {
@@ -362,15 +381,24 @@ impl Walk {
             }
             (None, "ca_rotated") => self.announce(seq, view.detail.as_ref()),
             (None, "audit_started") => {
-                let previous_end = view
-                    .detail
-                    .as_ref()
-                    .and_then(|d| d.get("previous_end"))
-                    .and_then(|v| v.as_str());
-                match previous_end {
+                let detail = |key: &str| {
+                    view.detail
+                        .as_ref()
+                        .and_then(|d| d.get(key))
+                        .and_then(|v| v.as_str())
+                };
+                match detail("previous_end") {
                     Some("unclean") => self.unclean_starts.push(seq),
                     Some("missing") => self.missing_trail_starts.push(seq),
                     _ => {}
+                }
+                if let Some(moved_to) = detail(MODIFIED_TAIL_MOVED_TO) {
+                    self.modified_tail_starts.push(ModifiedTailStart {
+                        file: file.to_owned(),
+                        line: line_no,
+                        seq,
+                        moved_to: moved_to.to_owned(),
+                    });
                 }
             }
             (None, _) => {}

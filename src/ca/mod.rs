@@ -30,7 +30,7 @@ use jwt_keys::JwtEntry;
 pub use revocation_list::RevocationList;
 use schedule::{Schedule, Scheduled};
 use store::{CaDir, ExpiredAuthority, Role, StateFile, StoredAuthority};
-pub(crate) use store::{check_trusted, read_private_text_file, read_trusted_text_file};
+pub(crate) use store::{STATE_FILE, check_trusted, read_private_text_file, read_trusted_text_file};
 pub use upstream::UpstreamCaFiles;
 
 /// Lifetime of a self-signed root unless configured otherwise.

@@ -132,12 +132,34 @@ fn verify(path: &Path, roots: &[CertificateDer<'static>], allow_open: bool) -> a
         0 => String::new(),
         n => format!("; {n} root(s) handed on by ca_rotated records"),
     };
-    outln!(
-        "OK: {} records, {} checkpoints in {} file(s); {checkpoint}; {end}{learned}",
+    let summary = format!(
+        "{} records, {} checkpoints in {} file(s); {checkpoint}; {end}{learned}",
         report.records,
         report.checkpoints,
         report.files.len()
     );
+    // The chain checks out, but a start found records at its end that had
+    // been changed: as much a failure as finding them there now.
+    if !report.modified_tail_starts.is_empty() {
+        let problems: Vec<String> = report
+            .modified_tail_starts
+            .iter()
+            .map(|m| {
+                format!(
+                    "{}:{} (seq {}): this start found that the trail ended in lines modified after writ wrote them, and moved them to {}",
+                    m.file.display(),
+                    m.line,
+                    m.seq,
+                    m.moved_to
+                )
+            })
+            .collect();
+        anyhow::bail!(
+            "{}\nFAILED: the chain is intact ({summary}), but records were modified before the start(s) above",
+            problems.join("\n")
+        );
+    }
+    outln!("OK: {summary}");
     Ok(())
 }
 
@@ -155,7 +177,7 @@ fn trusted_roots(
         }
         return Ok(roots);
     }
-    let ca_dir = config.data_dir.join("ca");
+    let ca_dir = config.data_dir.join(crate::config::CA_DIR);
     let from_state = crate::ca::read_checkpoint_roots(&ca_dir);
     let mut roots = match (&config.ca.upstream, from_state) {
         (_, Ok(roots)) => roots,

@@ -115,6 +115,73 @@ fn same_port_overlaps(a: std::net::SocketAddr, b: std::net::SocketAddr) -> bool 
         && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
 }
 
+/// How the audit trail at `path` would land on one of writ's own files in
+/// `data_dir`, if it would: recovery at start would take such a file for a
+/// trail with a torn tail and move its content aside. Compared lexically
+/// (`.` and `..` resolved, symlinks not followed); recovery refuses a
+/// newest file that holds no record at all, which catches the rest.
+fn clashes_with_own_state(data_dir: &Path, path: &Path) -> Option<String> {
+    let data_dir = lexically_normal(data_dir);
+    let path = lexically_normal(path);
+    let store = data_dir.join(super::STORE_FILE);
+    let ca_dir = data_dir.join(super::CA_DIR);
+    let state_lock = data_dir.join(super::STATE_LOCK_FILE);
+    let store_companions = ["-wal", "-shm", "-journal"].map(|s| suffixed(&store, s));
+    if path == store || store_companions.contains(&path) {
+        return Some(format!(
+            "is writ's store ({} and its -wal/-shm files)",
+            store.display()
+        ));
+    }
+    if path.starts_with(&ca_dir) {
+        return Some(format!(
+            "is inside writ's CA directory {}",
+            ca_dir.display()
+        ));
+    }
+    if path == state_lock {
+        return Some(format!(
+            "is the state directory's lock {}",
+            state_lock.display()
+        ));
+    }
+    // The trail's writer takes `<path>.lock` as its own lock.
+    if suffixed(&path, ".lock") == state_lock {
+        return Some(format!(
+            "would put the trail's lock file at {}, the state directory's lock",
+            state_lock.display()
+        ));
+    }
+    if path == data_dir {
+        return Some(format!("is the data_dir {} itself", data_dir.display()));
+    }
+    None
+}
+
+/// `path` with `suffix` appended to its last component.
+fn suffixed(path: &Path, suffix: &str) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(suffix);
+    PathBuf::from(name)
+}
+
+/// `path` without `.` components and with each `..` taking off the one
+/// before it, as the kernel would resolve it if nothing were a symlink.
+fn lexically_normal(path: &Path) -> PathBuf {
+    use std::path::Component;
+    let mut normal = PathBuf::new();
+    for component in path.components() {
+        match component {
+            Component::CurDir => {}
+            Component::ParentDir => {
+                normal.pop();
+            }
+            other => normal.push(other),
+        }
+    }
+    normal
+}
+
 /// Ends a message that compares a setting with a running restart-only one,
 /// which the file may have changed.
 fn kept_until_restart(setting: &str) -> String {
@@ -327,9 +394,21 @@ impl Builder<'_> {
         let defaults = AuditConfig::defaults_for(data_dir);
         let Some(raw) = raw else { return defaults };
         let path = match &raw.path {
-            Some(text) => self
-                .absolute_path("audit.path", text)
-                .unwrap_or(defaults.path.clone()),
+            Some(text) => match self.absolute_path("audit.path", text) {
+                Some(path) => {
+                    if let Some(clash) = clashes_with_own_state(data_dir, &path) {
+                        self.error(
+                            text.span(),
+                            format!(
+                                "audit.path {:?} {clash}; the audit trail needs a file of its own",
+                                text.get_ref()
+                            ),
+                        );
+                    }
+                    path
+                }
+                None => defaults.path.clone(),
+            },
             None => defaults.path.clone(),
         };
         let mut positive = |key: &str, value: Option<Spanned<u64>>, default: u64| match value {

@@ -30,6 +30,13 @@ pub const MAX_SOCKET_PATH_BYTES: usize = 107;
 
 const MIB: u64 = 1024 * 1024;
 
+/// The store inside `data_dir`; SQLite keeps `-wal` and `-shm` files beside it.
+pub const STORE_FILE: &str = "writ.db";
+/// The state directory's lock inside `data_dir`.
+pub const STATE_LOCK_FILE: &str = "writ.lock";
+/// The CA's state and keys inside `data_dir`.
+pub const CA_DIR: &str = "ca";
+
 /// Everything writ is configured with, already validated. Serializes back
 /// to the file format (`to_toml`); reload compares configs with `==`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]

@@ -1606,3 +1606,45 @@ fn a_reload_checks_what_it_applies_against_the_running_restart_only_settings() {
                      [[entry]]\nspiffe_id = \"spiffe://probe.test/a\"\nselectors = [\"unix:uid:0\"]\n";
     assert_eq!(reload_errors(telemetry, &running), Vec::<String>::new());
 }
+
+#[test]
+fn an_audit_path_on_one_of_writs_own_files_is_refused_naming_both() {
+    let config = |path: &str| format!("data_dir = \"/srv/w\"\n[audit]\npath = \"{path}\"\n");
+    for (path, names) in [
+        ("/srv/w/writ.db", "is writ's store (/srv/w/writ.db"),
+        ("/srv/w/writ.db-wal", "is writ's store (/srv/w/writ.db"),
+        ("/srv/w/writ.db-shm", "is writ's store (/srv/w/writ.db"),
+        ("/srv/w/./x/../writ.db", "is writ's store (/srv/w/writ.db"),
+        (
+            "/srv/w/ca/state.json",
+            "inside writ's CA directory /srv/w/ca",
+        ),
+        (
+            "/srv/w/ca/audit.jsonl",
+            "inside writ's CA directory /srv/w/ca",
+        ),
+        (
+            "/srv/w/writ.lock",
+            "is the state directory's lock /srv/w/writ.lock",
+        ),
+        ("/srv/w/writ", "trail's lock file at /srv/w/writ.lock"),
+        ("/srv/w", "is the data_dir /srv/w itself"),
+    ] {
+        assert_single_error(&config(path), 3, 8, names);
+        assert_single_error(&config(path), 3, 8, path);
+        assert_single_error(
+            &config(path),
+            3,
+            8,
+            "the audit trail needs a file of its own",
+        );
+    }
+    for fine in [
+        "/srv/w/audit/audit.jsonl",
+        "/srv/w/writ.db.audit",
+        "/srv/w/cafe/audit.jsonl",
+        "/srv/other/writ.db",
+    ] {
+        assert_eq!(parse_ok(&config(fine)).audit.path, Path::new(fine));
+    }
+}
