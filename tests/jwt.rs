@@ -691,21 +691,35 @@ async fn a_tasks_token_stops_validating_when_the_task_ends() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_sub_tasks_token_carries_the_act_chain_of_its_parents() {
     let writ = Writ::start(&config(""));
-    let child = TokenChild::spawn(&writ, "worker", "tool-api");
     let mut tasks = tasks_client(&writ).await;
-    // Three levels bound to the same process: the deepest is its default.
-    for (id, parent) in [("plan", ""), ("research", "plan"), ("search", "research")] {
+    // Three levels, each bound to its own process: a process inside a
+    // sub-task's binding holds the sub-task's identity, not its parents'.
+    let mut tokens = Vec::new();
+    let mut children = Vec::new();
+    for id in ["search", "research", "plan"] {
+        children.push(TokenChild::spawn(&writ, id, "tool-api"));
+    }
+    for (child, (id, parent)) in
+        children
+            .iter()
+            .rev()
+            .zip([("plan", ""), ("research", "plan"), ("search", "research")])
+    {
         tasks
             .begin_task(begin(id, child.pid(), parent))
             .await
             .unwrap();
     }
-    let tokens = child.fetch(4);
+    for child in &children {
+        let fetched = child.fetch(2);
+        assert_eq!(fetched[1].0, ORCH_ID, "{fetched:?}");
+        tokens.push(fetched[0].clone());
+    }
     let plan = format!("{ORCH_ID}/task/plan");
     let research = format!("{plan}/task/research");
     let search = format!("{research}/task/search");
     let ids: Vec<&str> = tokens.iter().map(|(id, _)| id.as_str()).collect();
-    assert_eq!(ids, vec![search.as_str(), &research, &plan, ORCH_ID]);
+    assert_eq!(ids, vec![search.as_str(), &research, &plan]);
 
     let deepest = claims_of(&tokens[0].1);
     assert_eq!(
