@@ -3230,20 +3230,36 @@ mod tests {
         assert!(!serials.is_empty());
     }
 
+    /// Begins `id`, holds the store's writer, and has the task complete as
+    /// if its process had exited: returns once that completion is in
+    /// flight, with the writer's release and blocker (see `hold_writer`)
+    /// and the completion.
+    async fn exit_held_in_flight(
+        agent: &TestAgent,
+        id: &'static str,
+    ) -> (
+        std::sync::mpsc::Sender<()>,
+        tokio::task::JoinHandle<Result<(), StoreError>>,
+        tokio::task::JoinHandle<Result<Option<Arc<Task>>, TaskError>>,
+    ) {
+        agent.begin(id).await.unwrap();
+        let (release, blocker) = hold_writer(agent).await;
+        let tasks = agent.svc.tasks.clone();
+        let trigger = tokio::spawn(async move {
+            tasks
+                .complete(id, CompletionReason::ProcessExited, String::new())
+                .await
+        });
+        until_in_flight(agent, id).await;
+        (release, blocker, trigger)
+    }
+
     /// EndTask while another trigger's completion is in flight waits for it
     /// and reports the task once its revocation is durable.
     #[tokio::test(flavor = "multi_thread")]
     async fn end_waits_for_a_completion_in_flight() {
         let agent = TestAgent::start().await;
-        agent.begin("t-x").await.unwrap();
-        let (release, blocker) = hold_writer(&agent).await;
-        let tasks = agent.svc.tasks.clone();
-        let trigger = tokio::spawn(async move {
-            tasks
-                .complete("t-x", CompletionReason::ProcessExited, String::new())
-                .await
-        });
-        until_in_flight(&agent, "t-x").await;
+        let (release, blocker, trigger) = exit_held_in_flight(&agent, "t-x").await;
         let tasks = agent.svc.tasks.clone();
         let end = tokio::spawn(async move { tasks.end("t-x", "done".into()).await });
         tokio::time::sleep(Duration::from_millis(300)).await;
@@ -3364,15 +3380,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread")]
     async fn a_completion_under_way_at_the_stop_is_recorded_before_the_trail_closes() {
         let agent = TestAgent::start().await;
-        agent.begin("t-w").await.unwrap();
-        let (release, blocker) = hold_writer(&agent).await;
-        let tasks = agent.svc.tasks.clone();
-        let trigger = tokio::spawn(async move {
-            tasks
-                .complete("t-w", CompletionReason::ProcessExited, String::new())
-                .await
-        });
-        until_in_flight(&agent, "t-w").await;
+        let (release, blocker, trigger) = exit_held_in_flight(&agent, "t-w").await;
         agent.svc.tasks.begin_stop();
         let tasks = agent.svc.tasks.clone();
         let stop =
