@@ -369,6 +369,28 @@ impl Drop for SmallDisk {
     }
 }
 
+/// On a full disk, fetches new JWT-SVIDs (each an audit record) until the
+/// trail's room ahead is used up and one is refused for want of it.
+fn use_up_the_trails_room(writ: &Writ) {
+    let refused = (0..200).any(|n| {
+        let audience = format!("audience-{n}");
+        let (ok, _, err) = writ_cli(
+            &[
+                "api",
+                "fetch",
+                "jwt",
+                "--audience",
+                &audience,
+                "--socket",
+                &writ.endpoint(),
+            ],
+            None,
+        );
+        !ok && err.contains("audit")
+    });
+    assert!(refused, "the trail never filled");
+}
+
 /// A task's completion is durable in the store before its records are
 /// written, so it stands even when the trail refuses them (a full disk).
 /// Those records used to be lost for good; now they are kept and written,
@@ -407,23 +429,7 @@ fn records_the_trail_refused_are_written_once_it_has_room_again() {
     // A full disk, and the trail's room ahead used up by issuances until
     // one is refused.
     let filler = disk.fill();
-    let refused = (0..200).any(|n| {
-        let audience = format!("audience-{n}");
-        let (ok, _, err) = writ_cli(
-            &[
-                "api",
-                "fetch",
-                "jwt",
-                "--audience",
-                &audience,
-                "--socket",
-                &writ.endpoint(),
-            ],
-            None,
-        );
-        !ok && err.contains("audit")
-    });
-    assert!(refused, "the trail never filled");
+    use_up_the_trails_room(&writ);
 
     let (ok, _, err) = writ_cli(&["task", "end", "late", "--admin-socket", admin], None);
     assert!(ok, "the completion stands: {err}");
@@ -542,23 +548,7 @@ fn a_stop_counts_the_records_the_full_trail_still_refuses() {
     );
     assert!(ok, "{err}");
     let _filler = disk.fill();
-    let refused = (0..200).any(|n| {
-        let audience = format!("audience-{n}");
-        let (ok, _, err) = writ_cli(
-            &[
-                "api",
-                "fetch",
-                "jwt",
-                "--audience",
-                &audience,
-                "--socket",
-                &writ.endpoint(),
-            ],
-            None,
-        );
-        !ok && err.contains("audit")
-    });
-    assert!(refused, "the trail never filled");
+    use_up_the_trails_room(&writ);
     let (ok, _, err) = writ_cli(
         &["task", "end", "unrecorded", "--admin-socket", &admin],
         None,
