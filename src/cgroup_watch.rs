@@ -370,6 +370,8 @@ impl Drop for CgroupWakeups {
 
 #[cfg(test)]
 mod tests {
+    use std::path::PathBuf;
+
     use super::*;
 
     /// A directory with a `cgroup.events` stands in for a cgroup: inotify
@@ -380,6 +382,16 @@ mod tests {
         std::fs::write(dir.join("cgroup.events"), "populated 1\n").unwrap();
     }
 
+    /// Sibling cgroups `a` and `b` in a temporary directory (kept while the
+    /// first value lives), and a watcher for them.
+    fn two_fake_cgroups() -> (tempfile::TempDir, PathBuf, PathBuf, CgroupWatcher) {
+        let tmp = tempfile::tempdir().unwrap();
+        let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+        fake_cgroup(&a);
+        fake_cgroup(&b);
+        (tmp, a, b, CgroupWatcher::default())
+    }
+
     async fn woken(wakeups: &CgroupWakeups) -> Option<bool> {
         tokio::time::timeout(Duration::from_millis(200), wakeups.changed())
             .await
@@ -388,11 +400,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_event_wakes_only_the_waiters_it_concerns() {
-        let tmp = tempfile::tempdir().unwrap();
-        let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
-        fake_cgroup(&a);
-        fake_cgroup(&b);
-        let watcher = CgroupWatcher::default();
+        let (_tmp, a, b, watcher) = two_fake_cgroups();
         let on_a = watcher.watch(&a).unwrap();
         let also_on_a = watcher.watch(&a).unwrap();
         let on_b = watcher.watch(&b).unwrap();
@@ -435,11 +443,7 @@ mod tests {
     /// same number is filed afresh.
     #[tokio::test]
     async fn an_overflow_wakes_everyone_and_a_dropped_wd_is_forgotten() {
-        let tmp = tempfile::tempdir().unwrap();
-        let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
-        fake_cgroup(&a);
-        fake_cgroup(&b);
-        let watcher = CgroupWatcher::default();
+        let (_tmp, a, b, watcher) = two_fake_cgroups();
         let on_a = watcher.watch(&a).unwrap();
         let on_b = watcher.watch(&b).unwrap();
         on_a.shared.dispatch(-1, ReadFlags::QUEUE_OVERFLOW, None);
