@@ -3274,6 +3274,20 @@ mod tests {
         assert_completed_and_revoked(&agent, &task, &serials, "process_exited");
     }
 
+    /// Runs `sql` on the store's writer (triggers that make it refuse a
+    /// write, and dropping them).
+    async fn run_sql(agent: &TestAgent, sql: &'static str) {
+        agent
+            .svc
+            .store
+            .write(move |c| {
+                c.execute_batch(sql)?;
+                Ok(())
+            })
+            .await
+            .unwrap();
+    }
+
     /// A completion the store refuses is retried until it persists, and an
     /// EndTask after the failure completes the task rather than report it
     /// uncompleted.
@@ -3283,18 +3297,12 @@ mod tests {
         for id in ["t-f1", "t-f2"] {
             agent.begin(id).await.unwrap();
         }
-        agent
-            .svc
-            .store
-            .write(|c| {
-                c.execute_batch(
-                    "CREATE TEMP TRIGGER fail_completion BEFORE UPDATE OF completed_at ON tasks
+        run_sql(
+            &agent,
+            "CREATE TEMP TRIGGER fail_completion BEFORE UPDATE OF completed_at ON tasks
                      BEGIN SELECT RAISE(ABORT, 'injected'); END;",
-                )?;
-                Ok(())
-            })
-            .await
-            .unwrap();
+        )
+        .await;
         for id in ["t-f1", "t-f2"] {
             let refused = agent.svc.tasks.end(id, String::new()).await;
             assert!(
@@ -3306,15 +3314,7 @@ mod tests {
                 "{id} is still served"
             );
         }
-        agent
-            .svc
-            .store
-            .write(|c| {
-                c.execute_batch("DROP TRIGGER temp.fail_completion;")?;
-                Ok(())
-            })
-            .await
-            .unwrap();
+        run_sql(&agent, "DROP TRIGGER temp.fail_completion;").await;
         // t-f1 by the background retry alone.
         common_wait(Duration::from_secs(10), || {
             count(
@@ -3410,20 +3410,14 @@ mod tests {
         for id in ["t-r1", "t-r2"] {
             agent.begin(id).await.unwrap();
         }
-        agent
-            .svc
-            .store
-            .write(|c| {
-                c.execute_batch(
-                    "CREATE TEMP TRIGGER fail_r1 BEFORE UPDATE OF completed_at ON tasks
+        run_sql(
+            &agent,
+            "CREATE TEMP TRIGGER fail_r1 BEFORE UPDATE OF completed_at ON tasks
                      WHEN OLD.task_id = 't-r1' BEGIN SELECT RAISE(ABORT, 'injected'); END;
                      CREATE TEMP TRIGGER fail_r2 BEFORE UPDATE OF completed_at ON tasks
                      WHEN OLD.task_id = 't-r2' BEGIN SELECT RAISE(ABORT, 'injected'); END;",
-                )?;
-                Ok(())
-            })
-            .await
-            .unwrap();
+        )
+        .await;
         for id in ["t-r1", "t-r2"] {
             let refused = agent.svc.tasks.end(id, String::new()).await;
             assert!(
@@ -3438,30 +3432,14 @@ mod tests {
         let stop = tokio::spawn(async move { tasks.finish_stop(deadline).await });
         tokio::time::sleep(Duration::from_millis(300)).await;
         // The disk has room again, for t-r1 only.
-        agent
-            .svc
-            .store
-            .write(|c| {
-                c.execute_batch("DROP TRIGGER temp.fail_r1;")?;
-                Ok(())
-            })
-            .await
-            .unwrap();
+        run_sql(&agent, "DROP TRIGGER temp.fail_r1;").await;
         let lost = stop.await.unwrap();
         assert_eq!(lost, ["t-r2"]);
         assert!(tokio::time::Instant::now() >= deadline);
         assert!(completed_in_store(&agent, "t-r1"));
         assert!(!completed_in_store(&agent, "t-r2"));
         // Nothing completes after the stop, even once the store would take it.
-        agent
-            .svc
-            .store
-            .write(|c| {
-                c.execute_batch("DROP TRIGGER temp.fail_r2;")?;
-                Ok(())
-            })
-            .await
-            .unwrap();
+        run_sql(&agent, "DROP TRIGGER temp.fail_r2;").await;
         tokio::time::sleep(Duration::from_millis(600)).await;
         assert!(!completed_in_store(&agent, "t-r2"));
         let refused = agent.svc.tasks.end("t-r2", String::new()).await;
