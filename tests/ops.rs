@@ -28,11 +28,7 @@ struct Service {
 
 impl Service {
     fn new(extra_config: &str, log_level: &str) -> Service {
-        let dir = tempfile::Builder::new()
-            .prefix("writ-ops-")
-            .tempdir()
-            .unwrap();
-        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let dir = common::traversable_tempdir("writ-ops-");
         let workload = dir.path().join("run/workload.sock");
         let admin = dir.path().join("run/admin.sock");
         let config_path = dir.path().join("writ.toml");
@@ -1246,6 +1242,32 @@ fn a_start_that_fails_closes_the_audit_trail_and_removes_its_sockets() {
     assert_trail_closed_cleanly(&service, "starting again");
 }
 
+/// Writes, in a new directory `dir`, the config of a second writ with
+/// these state directory and sockets (and `extra` tables); returns its path.
+fn second_writ_config(
+    dir: &Path,
+    data_dir: &Path,
+    workload: &Path,
+    admin: &Path,
+    extra: &str,
+) -> PathBuf {
+    std::fs::create_dir(dir).unwrap();
+    let config = dir.join("writ.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "trust_domain = \"writ.test\"\ndata_dir = \"{}\"\n\
+             [workload_api]\nsocket_path = \"{}\"\n\
+             [admin_api]\nsocket_path = \"{}\"\n{extra}",
+            data_dir.display(),
+            workload.display(),
+            admin.display(),
+        ),
+    )
+    .unwrap();
+    config
+}
+
 /// A writ whose socket files were removed while it ran, and then bound by
 /// another writ on the same paths, must leave them be when it stops: it
 /// used to remove them, leaving the other writ serving but unreachable.
@@ -1256,20 +1278,7 @@ fn a_stopping_writ_leaves_socket_paths_another_writ_has_bound_since() {
     std::fs::remove_file(&first.socket).unwrap();
     std::fs::remove_file(&admin).unwrap();
     let second = first.dir.path().join("second");
-    std::fs::create_dir(&second).unwrap();
-    let config = second.join("writ.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "trust_domain = \"writ.test\"\ndata_dir = \"{dir}/state\"\n\
-             [workload_api]\nsocket_path = \"{workload}\"\n\
-             [admin_api]\nsocket_path = \"{admin}\"\n",
-            dir = second.display(),
-            workload = first.socket.display(),
-            admin = admin.display(),
-        ),
-    )
-    .unwrap();
+    let config = second_writ_config(&second, &second.join("state"), &first.socket, &admin, "");
     let mut other = Command::new(WRIT)
         .args(["run", "--config"])
         .arg(&config)
@@ -1299,20 +1308,16 @@ fn a_stopping_writ_leaves_socket_paths_another_writ_has_bound_since() {
 fn a_second_writ_on_the_same_state_directory_is_refused() {
     let first = Writ::start("");
     let second = first.dir.path().join("second");
-    std::fs::create_dir(&second).unwrap();
-    let config = second.join("writ.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "trust_domain = \"writ.test\"\ndata_dir = \"{data}\"\n\
-             [workload_api]\nsocket_path = \"{dir}/w.sock\"\n\
-             [admin_api]\nsocket_path = \"{dir}/a.sock\"\n\
-             [audit]\npath = \"{dir}/audit/audit.jsonl\"\n",
-            data = first.dir.path().join("state").display(),
-            dir = second.display(),
+    let config = second_writ_config(
+        &second,
+        &first.dir.path().join("state"),
+        &second.join("w.sock"),
+        &second.join("a.sock"),
+        &format!(
+            "[audit]\npath = \"{}\"\n",
+            second.join("audit/audit.jsonl").display()
         ),
-    )
-    .unwrap();
+    );
     let (code, log) = common::run_expecting_failure(&config);
     assert_eq!(code, Some(1), "{log}");
     assert!(

@@ -4,7 +4,6 @@
 
 mod common;
 
-use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
 
@@ -82,11 +81,7 @@ fn orchestrator_inside_pid_namespace() {
     assert_inside_pid_namespace();
     // The orchestrator may bind any process only as this copy of writ, so
     // the newcomer (plain writ, same uid) is allowed no bind_any_pid.
-    let bin = tempfile::Builder::new()
-        .prefix("writ-orch-")
-        .tempdir()
-        .unwrap();
-    std::fs::set_permissions(bin.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let bin = common::traversable_tempdir("writ-orch-");
     let orch = bin.path().join("writ-orch");
     common::copy_executable(common::WRIT.as_ref(), &orch);
     let orch = orch.canonicalize().unwrap();

@@ -32,11 +32,7 @@ impl Writ {
 
     /// `start` in another trust domain.
     pub fn start_in(trust_domain: &str, config_body: &str) -> Writ {
-        let dir = tempfile::Builder::new()
-            .prefix("writ-test-")
-            .tempdir()
-            .unwrap();
-        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let dir = traversable_tempdir("writ-test-");
         let socket = dir.path().join("run/workload.sock");
         let config_path = dir.path().join("writ.toml");
         // The socket paths go into the test's own [admin_api] table when it
@@ -275,6 +271,28 @@ pub fn helper_command(role: &str) -> Command {
     ])
     .env("WRIT_TEST_HELPER", role);
     cmd
+}
+
+/// `err` refuses a connection whose process, root when it connected, has
+/// become nobody since.
+#[track_caller]
+pub fn assert_refused_for_dropping_to_nobody(err: &tonic::Status) {
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
+    assert!(
+        err.message().contains(&format!(
+            "connected as uid 0 gid 0 and now runs as uid {NOBODY}"
+        )),
+        "{}",
+        err.message()
+    );
+}
+
+/// A temporary directory (removed when dropped) that processes of other
+/// uids may pass through, to reach sockets and binaries placed in it.
+pub fn traversable_tempdir(prefix: &str) -> tempfile::TempDir {
+    let dir = tempfile::Builder::new().prefix(prefix).tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    dir
 }
 
 /// Copies the executable `from` to `to` so that it can be run at once.
