@@ -205,8 +205,7 @@ pub async fn build(config: &Config) -> Result<Services, ServiceError> {
     }
     .await;
     if let Err(e) = restored {
-        tasks.finish_stop(tokio::time::Instant::now()).await;
-        close_audit_trail(&agent).await;
+        end_tasks_then_close_trail(&tasks, &agent, tokio::time::Instant::now()).await;
         return Err(e);
     }
     Ok(Services {
@@ -399,11 +398,7 @@ pub async fn run(
             // A socket taken or a port in use is no crash: the sockets writ
             // made go, and the trail ends with its closing checkpoint.
             bound.remove_all();
-            services
-                .tasks
-                .finish_stop(tokio::time::Instant::now())
-                .await;
-            close_audit_trail(&agent).await;
+            end_tasks_then_close_trail(&services.tasks, &agent, tokio::time::Instant::now()).await;
             services.store.close();
             return Err(e);
         }
@@ -612,8 +607,7 @@ pub async fn run(
         watchdog.abort();
     }
     bound.remove_all();
-    services.tasks.finish_stop(stop_deadline).await;
-    close_audit_trail(&services.agent).await;
+    end_tasks_then_close_trail(&services.tasks, &services.agent, stop_deadline).await;
     services.store.close();
     tracing::info!("writ stopped");
     served?;
@@ -709,6 +703,18 @@ impl BoundSockets {
             }
         }
     }
+}
+
+/// Lets no task complete any more (those the store refused get until
+/// `deadline` to persist), then closes the trail: in that order, so that no
+/// completion lands behind the trail's closing checkpoint.
+async fn end_tasks_then_close_trail(
+    tasks: &crate::tasks::TaskManager,
+    agent: &Agent,
+    deadline: tokio::time::Instant,
+) {
+    tasks.finish_stop(deadline).await;
+    close_audit_trail(agent).await;
 }
 
 /// Writes the trail's closing checkpoint, signed by the CA, so it must run

@@ -1827,6 +1827,24 @@ impl TaskManager {
         self.stopping.send_replace(true);
     }
 
+    /// Waits until `done` holds of the manager's state, or `deadline`
+    /// passes; whether it held. Only a stop waits so, so a poll will do.
+    async fn wait_for_state(
+        &self,
+        deadline: tokio::time::Instant,
+        done: impl Fn(&Inner) -> bool,
+    ) -> bool {
+        loop {
+            if done(&self.inner()) {
+                return true;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(STOP_POLL_INTERVAL).await;
+        }
+    }
+
     /// The last step of a stop, just before the audit trail closes. Waits
     /// until `deadline` for completions the store refused to persist on
     /// retry; then refuses every completion, and waits (up to
@@ -1836,30 +1854,20 @@ impl TaskManager {
     /// never persisted (each logged at ERROR): a restart finds them active.
     pub async fn finish_stop(&self, deadline: tokio::time::Instant) -> Vec<String> {
         self.begin_stop();
-        while tokio::time::Instant::now() < deadline {
-            {
-                let inner = self.inner();
-                if inner.completing == 0 && not_persisted(&inner).is_empty() {
-                    break;
-                }
-            }
-            tokio::time::sleep(STOP_POLL_INTERVAL).await;
-        }
+        self.wait_for_state(deadline, |inner| {
+            inner.completing == 0 && not_persisted(inner).is_empty()
+        })
+        .await;
         self.inner().stop = StopState::Stopped;
         let last = tokio::time::Instant::now() + COMPLETIONS_IN_PROGRESS_DEADLINE;
-        loop {
-            let completing = self.inner().completing;
-            if completing == 0 {
-                break;
-            }
-            if tokio::time::Instant::now() >= last {
-                tracing::error!(
-                    completing,
-                    "task completions still under way as writ stops; their audit records may be missing from the trail"
-                );
-                break;
-            }
-            tokio::time::sleep(STOP_POLL_INTERVAL).await;
+        if !self
+            .wait_for_state(last, |inner| inner.completing == 0)
+            .await
+        {
+            tracing::error!(
+                completing = self.inner().completing,
+                "task completions still under way as writ stops; their audit records may be missing from the trail"
+            );
         }
         let lost = not_persisted(&self.inner());
         for id in &lost {

@@ -11,8 +11,8 @@ mod recover;
 pub(crate) mod verify;
 
 pub use event::{AuditEvent, CallerFacts, EventKind, TaskFacts};
-pub(crate) use files::lock_exclusively;
 pub use files::{TrailTail, tail_lines, trail_files};
+pub(crate) use files::{lock_exclusively, lock_path};
 pub use log::{AuditLog, AuditReceipt, Clock};
 pub use record::{CheckpointFacts, CheckpointKind, ZERO_HASH, checkpoint_message};
 pub use verify::{

@@ -126,7 +126,12 @@ fn clashes_with_own_state(data_dir: &Path, path: &Path) -> Option<String> {
     let store = data_dir.join(super::STORE_FILE);
     let ca_dir = data_dir.join(super::CA_DIR);
     let state_lock = data_dir.join(super::STATE_LOCK_FILE);
-    let store_companions = ["-wal", "-shm", "-journal"].map(|s| suffixed(&store, s));
+    // SQLite's files beside the store: `<store>-wal`, `-shm`, `-journal`.
+    let store_companions = ["-wal", "-shm", "-journal"].map(|s| {
+        let mut name = store.as_os_str().to_owned();
+        name.push(s);
+        PathBuf::from(name)
+    });
     if path == store || store_companions.contains(&path) {
         return Some(format!(
             "is writ's store ({} and its -wal/-shm files)",
@@ -145,8 +150,7 @@ fn clashes_with_own_state(data_dir: &Path, path: &Path) -> Option<String> {
             state_lock.display()
         ));
     }
-    // The trail's writer takes `<path>.lock` as its own lock.
-    if suffixed(&path, ".lock") == state_lock {
+    if crate::audit::lock_path(&path) == state_lock {
         return Some(format!(
             "would put the trail's lock file at {}, the state directory's lock",
             state_lock.display()
@@ -156,13 +160,6 @@ fn clashes_with_own_state(data_dir: &Path, path: &Path) -> Option<String> {
         return Some(format!("is the data_dir {} itself", data_dir.display()));
     }
     None
-}
-
-/// `path` with `suffix` appended to its last component.
-fn suffixed(path: &Path, suffix: &str) -> PathBuf {
-    let mut name = path.as_os_str().to_owned();
-    name.push(suffix);
-    PathBuf::from(name)
 }
 
 /// `path` without `.` components and with each `..` taking off the one
