@@ -114,7 +114,7 @@ pub struct Services {
     /// Held while these services live: a second writ on the same state
     /// directory would share the CA and the store but keep its own view of
     /// the active tasks, and answer for tasks it does not run.
-    _data_dir_lock: std::fs::File,
+    _data_dir_lock: DataDirLock,
 }
 
 /// Builds the agent from config: data dir, store, CA, attestors, entries and
@@ -246,31 +246,64 @@ fn refuse_a_lost_store(store: &Path, config: &Config) -> Result<(), ServiceError
     })
 }
 
-/// Takes the state directory's lock (`writ.lock`, an exclusive `flock`,
-/// released when the process ends however it ends) and writes our pid in
-/// it for the message another writ gets.
-fn lock_data_dir(dir: &Path) -> Result<std::fs::File, ServiceError> {
+/// Held for as long as writ runs: the state directory's own `flock` and
+/// its `writ.lock`.
+struct DataDirLock {
+    _dir: std::fs::File,
+    _file: std::fs::File,
+}
+
+/// Takes the state directory's locks (exclusive `flock`s, released when the
+/// process ends however it ends) and writes our pid in `writ.lock` for the
+/// message another writ gets. The directory itself is locked first: a
+/// `writ.lock` deleted by hand while writ runs would otherwise let a second
+/// writ lock a new one and reach the store and the CA. `writ.lock` is still
+/// taken, as writs before the directory lock take only that one.
+fn lock_data_dir(dir: &Path) -> Result<DataDirLock, ServiceError> {
     use std::io::{Seek, Write};
     let path = dir.join(crate::config::STATE_LOCK_FILE);
+    let in_use = |lock: &Path| {
+        let holder = std::fs::read_to_string(&path)
+            .ok()
+            .and_then(|text| text.trim().parse::<u32>().ok())
+            .map_or(String::new(), |pid| format!(" (pid {pid})"));
+        ServiceError::DataDirInUse {
+            path: dir.to_owned(),
+            lock: lock.to_owned(),
+            holder,
+        }
+    };
+    let dir_file = std::fs::File::open(dir).map_err(|source| ServiceError::CreateDir {
+        path: dir.to_owned(),
+        source,
+    })?;
+    match rustix::fs::flock(
+        &dir_file,
+        rustix::fs::FlockOperation::NonBlockingLockExclusive,
+    ) {
+        Ok(()) => {}
+        Err(rustix::io::Errno::WOULDBLOCK) => return Err(in_use(dir)),
+        Err(e) => {
+            return Err(ServiceError::CreateDir {
+                path: dir.to_owned(),
+                source: e.into(),
+            });
+        }
+    }
     let io_err = |source| ServiceError::CreateDir {
         path: path.clone(),
         source,
     };
     let Some(mut file) = crate::audit::lock_exclusively(&path).map_err(io_err)? else {
-        let holder = std::fs::read_to_string(&path)
-            .ok()
-            .and_then(|text| text.trim().parse::<u32>().ok())
-            .map_or(String::new(), |pid| format!(" (pid {pid})"));
-        return Err(ServiceError::DataDirInUse {
-            path: dir.to_owned(),
-            lock: path,
-            holder,
-        });
+        return Err(in_use(&path));
     };
     file.set_len(0).map_err(io_err)?;
     file.rewind().map_err(io_err)?;
     writeln!(file, "{}", std::process::id()).map_err(io_err)?;
-    Ok(file)
+    Ok(DataDirLock {
+        _dir: dir_file,
+        _file: file,
+    })
 }
 
 fn ca_settings(config: &Config) -> CaSettings {

@@ -1327,6 +1327,14 @@ fn a_second_writ_on_the_same_state_directory_is_refused() {
     );
     assert!(!second.join("audit").exists(), "the second opened a trail");
     assert!(!second.join("w.sock").exists());
+    // With writ.lock deleted by hand, the directory's own lock still holds.
+    let lock = first.dir.path().join("state/writ.lock");
+    std::fs::remove_file(&lock).unwrap();
+    let (code, log) = common::run_expecting_failure(&config);
+    assert_eq!(code, Some(1), "{log}");
+    assert!(log.contains("is in use by another writ"), "{log}");
+    assert!(!lock.exists(), "the second writ took a new writ.lock");
+    assert!(!second.join("audit").exists(), "the second opened a trail");
 }
 
 /// Whether process `pid` catches `signal` (its `SigCgt` mask in /proc).
