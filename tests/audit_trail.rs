@@ -514,6 +514,34 @@ fn a_trail_removed_between_runs_or_left_open_is_reported_at_start_and_by_verify(
     );
 }
 
+/// A trail loosened by hand to be world-readable gets a warning at start
+/// (it names every task's intent); one a group may read does not.
+#[test]
+fn a_trail_others_can_read_is_warned_of_at_start() {
+    use std::os::unix::fs::PermissionsExt;
+    const WARNING: &str = "the audit trail is readable or writable by others";
+    let mut writ = Writ::start("");
+    let trail = writ.dir.path().join("state/audit/audit.jsonl");
+    assert_eq!(
+        std::fs::metadata(&trail).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    assert!(!writ.log().contains(WARNING), "{}", writ.log());
+    writ.stop();
+    std::fs::set_permissions(&trail, std::fs::Permissions::from_mode(0o640)).unwrap();
+    writ.spawn();
+    assert!(!writ.log().contains(WARNING), "{}", writ.log());
+    writ.stop();
+    std::fs::set_permissions(&trail, std::fs::Permissions::from_mode(0o644)).unwrap();
+    writ.spawn();
+    let log = writ.log();
+    let line = log.lines().find(|l| l.contains(WARNING));
+    assert!(
+        line.is_some_and(|l| l.contains("0644") && l.contains("audit.jsonl")),
+        "{log}"
+    );
+}
+
 /// A stop while the trail still refuses records (a full disk) says at
 /// ERROR how many it leaves out, and of which kinds, instead of dropping
 /// them without a word.

@@ -18,7 +18,7 @@
 
 use std::fs::{DirBuilder, File, OpenOptions};
 use std::future::Future;
-use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt};
+use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -834,8 +834,24 @@ fn open_current(path: &Path, dir: &Path) -> Result<(File, u64), AuditError> {
     if !existed {
         sync_dir(dir).map_err(io_err)?;
     }
-    let len = file.metadata().map_err(io_err)?.len();
-    Ok((file, len))
+    let meta = file.metadata().map_err(io_err)?;
+    warn_if_exposed(path, meta.permissions().mode());
+    Ok((file, meta.len()))
+}
+
+/// The trail names every task's intent, tools and targets, so writ creates
+/// it 0600; a group may be let read it (a log shipper), but a trail others
+/// can read, or a group can write, was loosened by hand and is worth a word.
+/// Not refused: the hash chain already shows any change to it.
+fn warn_if_exposed(path: &Path, mode: u32) {
+    const OTHERS_OR_GROUP_WRITE: u32 = 0o026;
+    if mode & OTHERS_OR_GROUP_WRITE != 0 {
+        tracing::warn!(
+            path = %path.display(),
+            mode = format!("{:04o}", mode & 0o7777),
+            "the audit trail is readable or writable by others than writ's user and group; writ creates it 0600 (chmod 600, or 640 for a log shipper's group)"
+        );
+    }
 }
 
 /// The chain as of the last record written; saved before a write so a
