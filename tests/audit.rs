@@ -409,6 +409,12 @@ fn deleting_a_rotated_file_breaks_the_chain_at_the_next_file() {
     std::fs::remove_file(&files[0]).unwrap();
     let err = audit::verify(&config.path, &[root]).unwrap_err();
     assert_eq!((err.kind, err.line), (VerifyErrorKind::Chain, 1), "{err}");
+    assert!(
+        err.reason.contains(&format!(
+            "the trail starts at seq {first_of_third}, not seq 0"
+        )),
+        "{err}"
+    );
 }
 
 #[test]

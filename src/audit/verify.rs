@@ -334,10 +334,14 @@ impl Walk {
         let view = &parsed.view;
         let seq = view.seq;
         if seq != self.next_seq {
-            let reason = if seq > self.next_seq {
+            let reason = if self.next_seq == 0 {
+                format!(
+                    "the trail starts at seq {seq}, not seq 0: the {seq} record(s) before it are missing (was the oldest file removed?)"
+                )
+            } else if seq > self.next_seq {
                 format!(
                     "seq {seq} follows seq {}: {} record(s) are missing before it",
-                    self.next_seq as i128 - 1,
+                    self.next_seq - 1,
                     seq - self.next_seq
                 )
             } else {
