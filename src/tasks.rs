@@ -1605,16 +1605,18 @@ impl TaskManager {
         let ended_ids: Vec<String> = victims.iter().map(|(t, _)| t.id.clone()).collect();
 
         let now = SystemTime::now();
+        // A sub-task ended with its parent says which completion took it
+        // (the request's detail is about the task it named).
+        let detail_of = |task: &Task| {
+            if task.id == id {
+                detail.clone()
+            } else {
+                format!("ended with task {id}")
+            }
+        };
         let rows: Vec<(String, &'static str, String)> = victims
             .iter()
-            .map(|(t, why)| {
-                let d = if t.id == id {
-                    detail.clone()
-                } else {
-                    String::new()
-                };
-                (t.id.clone(), why.as_str(), d)
-            })
+            .map(|(t, why)| (t.id.clone(), why.as_str(), detail_of(t)))
             .collect();
         let at = unix_secs(now);
         let revoked = self
@@ -1688,14 +1690,7 @@ impl TaskManager {
                     .task(task_facts(task))
                     .spiffe_id(task.spiffe_id.to_string())
                     .reason(why.as_str())
-                    .detail(
-                        "detail",
-                        if task.id == id {
-                            detail.clone()
-                        } else {
-                            String::new()
-                        },
-                    );
+                    .detail("detail", detail_of(task));
                 // Sub-tasks ended with it name their parent as the reason;
                 // who asked is on the record of the task they asked to end.
                 match requested_by.as_deref() {
@@ -1724,11 +1719,7 @@ impl TaskManager {
             done.completion = Some(Completion {
                 at: now,
                 reason: why.as_str().to_owned(),
-                detail: if task.id == id {
-                    detail.clone()
-                } else {
-                    String::new()
-                },
+                detail: detail_of(&task),
             });
             let done = Arc::new(done);
             // Every completion is in the audit trail and on WatchTasks; at
@@ -2201,25 +2192,34 @@ impl TaskManager {
             .write(move |conn| {
                 let mut revoked = Vec::new();
                 for (rowid, problem) in &problems {
+                    // The id is its own column, so usually still readable:
+                    // the audit records name the task when they can.
+                    let task_id: Option<String> = conn
+                        .query_row("SELECT task_id FROM tasks WHERE rowid = ?1", [rowid], |r| {
+                            r.get(0)
+                        })
+                        .ok();
                     conn.execute(
                         "UPDATE tasks SET completed_at = ?2, completion_reason = ?3, completion_detail = ?4
                          WHERE rowid = ?1 AND completed_at IS NULL",
                         params![rowid, at, reason, problem],
                     )?;
-                    revoked.push(revoke_issued(
+                    let serials = revoke_issued(
                         conn,
                         "FROM issued i JOIN tasks t ON i.task_id = t.task_id WHERE t.rowid = ?1",
                         rowid,
                         at,
                         reason,
-                    )?);
+                    )?;
+                    revoked.push((task_id, serials));
                 }
                 Ok(revoked)
             })
             .await?;
-        let serials: usize = revoked.iter().map(Vec::len).sum();
+        let serials: usize = revoked.iter().map(|(_, certs)| certs.len()).sum();
         self.agent.metrics().revocations.inc_by(serials as u64);
-        self.agent.add_revocations(revoked.iter().flatten());
+        self.agent
+            .add_revocations(revoked.iter().flat_map(|(_, certs)| certs));
         if serials > 0 {
             let wanted = self.agent.request_crls();
             if let Err(e) = self.agent.crls_published(wanted).await {
@@ -2228,21 +2228,22 @@ impl TaskManager {
         }
         let correlation_id = ulid::Ulid::new().to_string();
         let mut records = Vec::new();
-        for ((_, problem), certs) in rows.iter().zip(&revoked) {
-            tracing::error!(%problem, revoked = certs.len(), "ended a task whose stored record cannot be read");
+        for ((_, problem), (task_id, certs)) in rows.iter().zip(&revoked) {
+            tracing::error!(task = task_id.as_deref().unwrap_or("(unreadable)"), %problem, revoked = certs.len(), "ended a task whose stored record cannot be read");
             self.agent.metrics().task_completed(reason);
             let serials: Vec<String> = certs.iter().map(|(c, _)| hex::encode(&c.serial)).collect();
-            records.push(
-                AuditEvent::new(EventKind::TaskEnded, correlation_id.clone())
-                    .reason(reason)
-                    .detail("detail", problem.clone()),
-            );
-            records.push(
-                AuditEvent::new(EventKind::Revoked, correlation_id.clone())
-                    .reason("task completed")
-                    .detail("detail", problem.clone())
-                    .detail("serials", serials),
-            );
+            let mut ended = AuditEvent::new(EventKind::TaskEnded, correlation_id.clone())
+                .reason(reason)
+                .detail("detail", problem.clone());
+            let mut revocation = AuditEvent::new(EventKind::Revoked, correlation_id.clone())
+                .reason("task completed")
+                .detail("detail", problem.clone());
+            if let Some(id) = task_id {
+                ended = ended.detail("task_id", id.clone());
+                revocation = revocation.detail("task_id", id.clone());
+            }
+            records.push(ended);
+            records.push(revocation.detail("serials", serials));
         }
         self.agent.record_all_best_effort(records).await;
         Ok(())
@@ -3929,14 +3930,28 @@ mod tests {
         for serial in &bad_serials {
             assert!(published.contains(serial), "{serial} not in the CRL");
         }
-        let ended = agent.records_of("task_ended");
-        assert_eq!(
-            ended
+        // Their records name them: the id is a column of its own.
+        let named = |kind: &str, reason: &str| {
+            let mut ids: Vec<String> = agent
+                .records_of(kind)
                 .iter()
-                .filter(|r| r["reason"] == "record_unreadable")
-                .count(),
-            2
+                .filter(|r| r["reason"] == reason)
+                .map(|r| r["detail"]["task_id"].as_str().unwrap_or("").to_owned())
+                .collect();
+            ids.sort();
+            ids
+        };
+        assert_eq!(
+            named("task_ended", "record_unreadable"),
+            ["t-blob", "t-json"]
         );
+        let revoked_for: Vec<String> = agent
+            .records_of("revoked")
+            .iter()
+            .filter(|r| r["detail"]["task_id"] == "t-blob" || r["detail"]["task_id"] == "t-json")
+            .map(|r| r["detail"]["serials"].to_string())
+            .collect();
+        assert_eq!(revoked_for.len(), 2, "{revoked_for:?}");
     }
 
     /// EndTask racing BeginTask (the task stored, not yet active) waits for

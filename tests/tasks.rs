@@ -1486,6 +1486,7 @@ async fn a_task_begun_from_inside_a_task_is_a_sub_task_of_it() {
     for id in ["sub", "named"] {
         let t = get_task(&mut tasks, id).await;
         assert_eq!(t.completion_reason, "parent_completed", "{id}: {t:?}");
+        assert_eq!(t.completion_detail, "ended with task t3", "{id}: {t:?}");
     }
     // Out of the task, the shell's begins are its orchestrator's own again.
     let (status, out) = shell.run(&begin("--id after --tool shell"));
