@@ -597,8 +597,53 @@ fn checkpoints_follow_the_injected_clock() {
     assert_eq!(last["checkpoint"]["kind"], "periodic");
     assert_eq!(last["time"], "2027-01-15T08:01:01.000000Z");
     assert_eq!(json(&lines[1])["time"], "2027-01-15T08:00:00.000000Z");
+    // The clock set back two hours: the next record brings a checkpoint
+    // at once, not only once the clock has caught up.
+    now.fetch_sub(7200, Ordering::SeqCst);
+    log.append_blocking(issued(4)).unwrap();
+    let lines = lines_of(&config.path);
+    let last = json(lines.last().unwrap());
+    assert_eq!(last["checkpoint"]["kind"], "periodic", "{last}");
+    assert_eq!(last["time"], "2027-01-15T06:01:01.000000Z");
     log.close();
     audit::verify(&config.path, &[root]).unwrap();
+}
+
+/// With the clock before the signing certificate's notBefore (a clock set
+/// back, or a root made while the clock was ahead), writ writes no
+/// checkpoint: verify would refuse one dated outside its certificate for
+/// good. Once the clock is inside, checkpoints cover the records again.
+#[test]
+fn no_checkpoint_is_dated_outside_its_certificates_validity() {
+    let _no_spawns = no_spawns();
+    let dir = tempfile::tempdir().unwrap();
+    const START: u64 = 1_800_000_000;
+    let key = KeyPair::generate().unwrap();
+    let mut params = ca_params("writ test root, valid from an hour on");
+    params.not_before = time::OffsetDateTime::from_unix_timestamp(START as i64 + 3600).unwrap();
+    let root = params.self_signed(&key).unwrap().der().clone();
+    let signer: Arc<dyn CheckpointSigner> =
+        Arc::new(KeyPairSigner::new(key, root.to_vec()).unwrap());
+    let config = config(dir.path());
+    let now = Arc::new(AtomicU64::new(START));
+    let clock_now = now.clone();
+    let clock: audit::Clock =
+        Arc::new(move || UNIX_EPOCH + Duration::from_secs(clock_now.load(Ordering::SeqCst)));
+    let log = AuditLog::open_with_clock(&config, signer.clone(), clock.clone()).unwrap();
+    log.append_blocking(issued(1)).unwrap();
+    log.close();
+    drop(log);
+    // Not one checkpoint: verify says the trail may have lost its end,
+    // not that it was forged.
+    let err = audit::verify(&config.path, std::slice::from_ref(&root)).unwrap_err();
+    assert_eq!(err.kind, VerifyErrorKind::Truncated, "{err}");
+
+    now.fetch_add(7200, Ordering::SeqCst);
+    let log = AuditLog::open_with_clock(&config, signer, clock).unwrap();
+    log.append_blocking(issued(2)).unwrap();
+    log.close();
+    let report = audit::verify(&config.path, &[root]).unwrap();
+    assert_eq!(report.last_checkpoint_seq, report.last_seq);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

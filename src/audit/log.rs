@@ -937,12 +937,26 @@ impl Writer {
         Some(wait.max(Duration::from_millis(1)))
     }
 
+    /// Whether the pause after a signer failure (or after opening) is over.
+    /// A retry time further off than any pause writ sets means the clock
+    /// was set back since: over too, or no checkpoint would come until the
+    /// clock caught up.
+    fn retry_pause_over(&self, now: SystemTime) -> bool {
+        match self.checkpoint_retry_at.duration_since(now) {
+            Err(_) => true,
+            Ok(ahead) => ahead.is_zero() || ahead > self.checkpoint_interval.min(SIGNER_RETRY),
+        }
+    }
+
     fn interval_due(&self, now: SystemTime) -> bool {
         self.chain.since_checkpoint > 0
-            && now >= self.checkpoint_retry_at
+            && self.retry_pause_over(now)
+            // A clock set back since the last checkpoint makes one due at
+            // once (dated now, so the interval counts from there), rather
+            // than none until the clock catches up.
             && now
                 .duration_since(self.chain.last_checkpoint_at)
-                .is_ok_and(|d| d >= self.checkpoint_interval)
+                .map_or(true, |d| d >= self.checkpoint_interval)
     }
 
     /// Serializes one record into the batch buffer and advances the chain.
@@ -979,7 +993,7 @@ impl Writer {
     /// retried later, never allowed to fail the records around it.
     fn automatic_checkpoint(&mut self) {
         let now = (self.clock)();
-        if now < self.checkpoint_retry_at {
+        if !self.retry_pause_over(now) {
             return;
         }
         if let Err(e) = self.push_checkpoint(CheckpointKind::Periodic) {
@@ -999,6 +1013,20 @@ impl Writer {
         // checkpoint unverifiable; catch that now rather than at audit time.
         super::verify::check_checkpoint_signature(&certificate, &message, &signature)
             .map_err(|e| AuditError::Signer(format!("the signature it returned {e}")))?;
+        // Verify refuses a checkpoint dated outside its certificate's
+        // validity, for good (the date is signed): with the clock set
+        // before the signer's notBefore, or after its notAfter, none is
+        // written; the records still chain, and the next checkpoint once
+        // the clock is inside covers them.
+        let (not_before, not_after) = super::verify::certificate_validity(&certificate)
+            .map_err(|e| AuditError::Signer(format!("the certificate it returned {e}")))?;
+        if now < not_before || now > not_after {
+            return Err(AuditError::Signer(format!(
+                "the clock ({time}) is outside the validity of the signing certificate ({} to {}): a checkpoint dated so would never verify; is the system clock wrong?",
+                format_time(not_before),
+                format_time(not_after)
+            )));
+        }
         let facts = CheckpointFacts {
             kind,
             records: seq,

@@ -614,6 +614,13 @@ fn trusted_validity(cert_der: &[u8], roots: &[CertificateDer<'_>]) -> Result<Val
     ))
 }
 
+/// The validity window of a checkpoint's certificate (`cert_der`) alone, for
+/// the writer to refuse dating a checkpoint outside it.
+pub(crate) fn certificate_validity(cert_der: &[u8]) -> Result<Validity, String> {
+    let cert = parse_cert(cert_der)?;
+    Ok(validity(&cert))
+}
+
 /// Only a CA certificate may sign checkpoints: every X509-SVID writ issues
 /// chains to the same roots, so otherwise any workload's own SVID key could
 /// sign a rewritten trail.
