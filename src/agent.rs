@@ -537,6 +537,11 @@ impl Agent {
         read_lock(&self.ca).active_not_after()
     }
 
+    /// notBefore of the CA root currently signing.
+    pub fn ca_not_before(&self) -> SystemTime {
+        read_lock(&self.ca).active_not_before()
+    }
+
     /// When the soonest-expiring cached X.509-SVID expires, if any is cached.
     pub fn earliest_svid_expiry(&self) -> Option<SystemTime> {
         lock(&self.svids).values().map(|c| c.svid.not_after).min()
