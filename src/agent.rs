@@ -537,6 +537,11 @@ impl Agent {
         read_lock(&self.ca).active_not_after()
     }
 
+    /// notBefore of the CA root currently signing.
+    pub fn ca_not_before(&self) -> SystemTime {
+        read_lock(&self.ca).active_not_before()
+    }
+
     /// When the soonest-expiring cached X.509-SVID expires, if any is cached.
     pub fn earliest_svid_expiry(&self) -> Option<SystemTime> {
         lock(&self.svids).values().map(|c| c.svid.not_after).min()
@@ -1370,8 +1375,8 @@ impl Agent {
     }
 
     /// The publisher: waits for requests, signs once per batch of them;
-    /// re-signs `CRL_REFRESH` after the last CRL, and `CRL_RETRY` after a
-    /// failure.
+    /// re-signs `CRL_REFRESH` (by the wall clock) after the last CRL, and
+    /// `CRL_RETRY` after a failure.
     pub async fn run_crl_publisher(self: Arc<Self>) {
         self.publish_crls_until_stopped(CRL_REFRESH, CRL_RETRY)
             .await;
@@ -1380,7 +1385,9 @@ impl Agent {
     async fn publish_crls_until_stopped(self: Arc<Self>, refresh: Duration, retry: Duration) {
         let mut requested = self.crl_requested.subscribe();
         let mut not_before = std::time::Instant::now();
-        let mut again_at = tokio::time::Instant::now() + refresh;
+        // In wall time, like the nextUpdate it guards: a jump or a resume
+        // from suspend must not leave an expired CRL served for hours.
+        let mut again_at = SystemTime::now() + refresh;
         // The CRL size last warned about (`crl_size_warning`).
         let mut size_warned = 0;
         loop {
@@ -1403,7 +1410,7 @@ impl Agent {
                 match outcome {
                     Ok(()) => {
                         self.crl_published.send_modify(|p| p.epoch = target);
-                        again_at = tokio::time::Instant::now() + refresh;
+                        again_at = SystemTime::now() + refresh;
                         let crls = self.crls();
                         let warn;
                         (size_warned, warn) = crl_size_warning(size_warned, crls.bytes);
@@ -1422,7 +1429,7 @@ impl Agent {
                             p.failed_epoch = target;
                             p.last_error = e.to_string();
                         });
-                        again_at = tokio::time::Instant::now() + retry;
+                        again_at = SystemTime::now() + retry;
                     }
                 }
                 continue;
@@ -1433,7 +1440,9 @@ impl Agent {
                         return;
                     }
                 }
-                _ = tokio::time::sleep_until(again_at) => {
+                // Also early when the wall clock steps back, which leaves
+                // the CRL's thisUpdate in the future: re-signing fixes it.
+                _ = crate::wall_clock::sleep_until(again_at) => {
                     self.request_crls();
                 }
             }

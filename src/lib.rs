@@ -32,6 +32,7 @@ pub mod tasks;
 pub mod telemetry;
 pub mod tls;
 mod uds_authority;
+mod wall_clock;
 pub mod workload_api;
 mod write_coalescing;
 

@@ -1,7 +1,7 @@
 //! What `/ready` checks each time it is asked: the store answers a read,
 //! the audit trail is open (its background thread runs, no sync failed, its
 //! path still names the file it appends to),
-//! the CA has a signing root that has not expired, and each socket writ
+//! the CA has a signing root that is valid now, and each socket writ
 //! serves is still served and, where writ bound it, still the file it
 //! bound (same device and inode).
 
@@ -111,17 +111,33 @@ impl ServedSocket {
     }
 }
 
-/// Why the CA cannot sign, if it cannot: its active root's notAfter.
-pub fn ca_problem(active_not_after: SystemTime, now: SystemTime) -> Option<String> {
+/// Why the CA cannot sign, if it cannot: its active root's validity,
+/// judged as the CA judges it before signing.
+pub fn ca_problem(
+    active_not_before: SystemTime,
+    active_not_after: SystemTime,
+    now: SystemTime,
+) -> Option<String> {
     if active_not_after == SystemTime::UNIX_EPOCH {
         return Some("CA has no active signing root".to_owned());
     }
-    // notAfter is the last instant the root is valid (RFC 5280).
-    (active_not_after < now).then(|| {
-        let at = time::OffsetDateTime::from(active_not_after)
+    let rfc3339 = |t: SystemTime| {
+        time::OffsetDateTime::from(t)
             .format(&time::format_description::well_known::Rfc3339)
-            .unwrap_or_else(|_| format!("{active_not_after:?}"));
-        format!("CA signing root expired at {at}; rotation has not replaced it")
+            .unwrap_or_else(|_| format!("{t:?}"))
+    };
+    // notAfter is the last instant the root is valid (RFC 5280).
+    if active_not_after < now {
+        return Some(format!(
+            "CA signing root expired at {}; rotation has not replaced it",
+            rfc3339(active_not_after)
+        ));
+    }
+    crate::ca::not_yet_valid(active_not_before, now).then(|| {
+        format!(
+            "CA signing root is not valid until {} (made while the clock was ahead); rotation has not replaced it",
+            rfc3339(active_not_before)
+        )
     })
 }
 
@@ -167,7 +183,11 @@ impl ReadinessProbe for Readiness {
             let mut problems = Vec::new();
             problems.extend(self.store_problem().await);
             problems.extend(self.audit_problem());
-            problems.extend(ca_problem(self.agent.ca_not_after(), now));
+            problems.extend(ca_problem(
+                self.agent.ca_not_before(),
+                self.agent.ca_not_after(),
+                now,
+            ));
             problems.extend(self.sockets.iter().filter_map(ServedSocket::problem));
             problems
         })
@@ -222,17 +242,38 @@ mod tests {
     #[test]
     fn an_expired_or_missing_signing_root_is_reported() {
         let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
-        assert_eq!(ca_problem(now + Duration::from_secs(60), now), None);
-        let expired = ca_problem(now - Duration::from_secs(60), now).unwrap();
+        let began = now - Duration::from_secs(3600);
+        assert_eq!(ca_problem(began, now + Duration::from_secs(60), now), None);
+        let expired = ca_problem(began, now - Duration::from_secs(60), now).unwrap();
         assert!(
             expired.contains("expired at 2023-11-14T22:12:20Z"),
             "{expired}"
         );
-        assert_eq!(ca_problem(now, now), None, "notAfter itself is still valid");
+        assert_eq!(
+            ca_problem(began, now, now),
+            None,
+            "notAfter itself is still valid"
+        );
         assert!(
-            ca_problem(SystemTime::UNIX_EPOCH, now)
+            ca_problem(SystemTime::UNIX_EPOCH, SystemTime::UNIX_EPOCH, now)
                 .unwrap()
                 .contains("no active")
         );
+    }
+
+    /// A root dated in the future cannot sign either (relying parties
+    /// refuse chains to it); one barely ahead, within the allowance the CA
+    /// signs with, still counts as valid.
+    #[test]
+    fn a_signing_root_not_valid_yet_is_reported() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        let day = Duration::from_secs(24 * 3600);
+        let ahead = ca_problem(now + 2 * day, now + 3 * day, now).unwrap();
+        assert!(
+            ahead.contains("not valid until 2023-11-16T22:13:20Z"),
+            "{ahead}"
+        );
+        let barely = now + crate::ca::NOT_BEFORE_ALLOWANCE;
+        assert_eq!(ca_problem(barely, now + day, now), None);
     }
 }

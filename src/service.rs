@@ -1001,11 +1001,13 @@ async fn rotate_ca_forever(agent: Arc<Agent>) {
                 SystemTime::now() + Duration::from_secs(30)
             }
         };
-        let wait = next
-            .duration_since(SystemTime::now())
-            .unwrap_or(Duration::ZERO)
-            .max(Duration::from_secs(1));
-        tokio::time::sleep(wait).await;
+        // By the wall clock, re-read every few seconds: the schedule is in
+        // wall time, and after a jump or a resume from suspend one long
+        // monotonic sleep would leave an expired root signing for hours.
+        // At least a second apart, so an overdue step that keeps failing
+        // cannot spin.
+        let earliest = SystemTime::now() + Duration::from_secs(1);
+        crate::wall_clock::sleep_until(next.max(earliest)).await;
     }
 }
 

@@ -28,6 +28,7 @@ use crate::svid::{self, InvalidDnsName, X509Svid, X509SvidPlan, X509SvidRequest}
 use authority::{BACKDATE, SigningAuthority};
 use jwt_keys::JwtEntry;
 pub use revocation_list::RevocationList;
+pub use schedule::{NOT_BEFORE_ALLOWANCE, not_yet_valid};
 use schedule::{Schedule, Scheduled};
 use store::{CaDir, ExpiredAuthority, Role, StateFile, StoredAuthority};
 pub(crate) use store::{STATE_FILE, check_trusted, read_private_text_file, read_trusted_text_file};
@@ -88,7 +89,8 @@ pub struct RotationOutcome {
     /// The published JWT authorities differ: bundles must be re-sent.
     pub jwt_authorities_changed: bool,
     /// A root that no bundle has carried yet signs from now on: the one
-    /// before it expired while writ was down, so nothing else could sign.
+    /// before it expired while writ was down, or is dated in the future
+    /// (made while the clock ran ahead), so nothing else could sign.
     /// Federated peers must fetch writ's bundle again (by hand for
     /// https_spiffe, whose endpoint certificate the new root now signs).
     pub x509_signer_unpublished: bool,
@@ -159,6 +161,8 @@ pub enum CaError {
     TtlTooShort,
     #[error("the signing CA cannot sign at {at}: it is valid until {not_after}")]
     SignerExpired { at: String, not_after: String },
+    #[error("the signing CA cannot sign at {at}: it is not valid until {not_before}")]
+    SignerNotYetValid { at: String, not_before: String },
     #[error("time is outside the range certificates can express")]
     TimeOutOfRange,
     #[error("CRL validity must be at least one second")]
@@ -481,6 +485,13 @@ impl CertificateAuthority {
             .unwrap_or(SystemTime::UNIX_EPOCH)
     }
 
+    /// notBefore of the CA currently signing.
+    pub fn active_not_before(&self) -> SystemTime {
+        self.active()
+            .map(|a| a.not_before)
+            .unwrap_or(SystemTime::UNIX_EPOCH)
+    }
+
     /// Signs an audit checkpoint with the key that signs SVIDs right now,
     /// returning (DER ECDSA signature, that key's certificate). Verifiers
     /// check the certificate against the trust bundle, so only this CA can
@@ -688,6 +699,15 @@ impl CertificateAuthority {
                 not_after: clock::display(signer.not_after),
             });
         }
+        // Relying parties refuse a chain to a CA not valid yet: better no
+        // SVID than one that fails everywhere (rotation replaces such a
+        // signer; this covers the seconds until it runs).
+        if not_yet_valid(signer.not_before, now) {
+            return Err(CaError::SignerNotYetValid {
+                at: clock::display(now),
+                not_before: clock::display(signer.not_before),
+            });
+        }
         let serial = authority::random_serial()?;
         let plan = X509SvidPlan {
             serial: serial.to_vec(),
@@ -728,7 +748,9 @@ impl CertificateAuthority {
     /// and the old key retires. A successor created late (writ was down at
     /// half-life) first gets a publication lead of its own
     /// (`Schedule::activate_at`); one signs unpublished only when the key
-    /// before it has expired, which is logged and reported in the outcome.
+    /// before it has expired or is not valid yet (its notBefore more than
+    /// `NOT_BEFORE_ALLOWANCE` ahead of `now`; it stays published, retired,
+    /// until it ends), which is logged and reported in the outcome.
     /// A key is dropped (with its file) once it has expired — a JWT key
     /// `jwt_svid_ttl` later, as a margin for validators with slow clocks.
     /// Upstream mode rotates its JWT keys only: a new intermediate is
@@ -841,13 +863,13 @@ impl CertificateAuthority {
         if outcome.x509_signer_unpublished {
             tracing::warn!(
                 key_id = hex::encode(self.active_key_id()),
-                "the CA root expired while writ was down, so a new root signs at once without ever having been published: federated peers cannot verify writ's SVIDs or reach its https_spiffe bundle endpoint until they are given writ's bundle again (`writ bundle show --format spiffe`, then e.g. `spire-server bundle set -format spiffe`)"
+                "the CA root expired while writ was down, or is dated in the future (made while the clock was ahead), so a new root signs at once without ever having been published: federated peers cannot verify writ's SVIDs or reach its https_spiffe bundle endpoint until they are given writ's bundle again (`writ bundle show --format spiffe`, then e.g. `spire-server bundle set -format spiffe`)"
             );
         }
         if outcome.jwt_signer_unpublished {
             tracing::warn!(
                 key_id = self.active_jwt_key_id().unwrap_or_default(),
-                "the JWT signing key expired while writ was down, so a new key signs at once without ever having been published: federated peers reject writ's JWT-SVIDs until they fetch writ's bundle again"
+                "the JWT signing key expired while writ was down, or is dated in the future (made while the clock was ahead), so a new key signs at once without ever having been published: federated peers reject writ's JWT-SVIDs until they fetch writ's bundle again"
             );
         }
         Ok(outcome)

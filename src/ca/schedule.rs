@@ -2,13 +2,31 @@
 //! prepared (and published) at half of the active key's life, takes over at
 //! 5/6 — earlier if the active key could no longer sign a full-length
 //! credential, later if the successor was published late — and a key is
-//! dropped once nothing it signed can be valid.
+//! dropped once nothing it signed can be valid. A key dated in the future
+//! never signs.
 
 use std::time::{Duration, SystemTime};
 
 use super::CaError;
 use super::authority::BACKDATE;
 use super::store::Role;
+
+/// How far in the future a key's notBefore may lie and the key still
+/// sign. Keys and leaves are backdated `BACKDATE` (10 s), so a clock set
+/// back by a few seconds (an NTP step) leaves the signer valid or barely
+/// ahead: replacing it then would put an unpublished key in charge, which
+/// locks federated peers out until they fetch the bundle again, a far
+/// worse harm than relying parties refusing chains for under a minute. A
+/// clock that was wrong by hours or days (a bad RTC at boot, a clock set
+/// back while writ was down) is far beyond it.
+pub const NOT_BEFORE_ALLOWANCE: Duration = Duration::from_secs(60);
+
+/// Whether something valid from `not_before` cannot be used at `now`: it
+/// starts more than `NOT_BEFORE_ALLOWANCE` later.
+pub fn not_yet_valid(not_before: SystemTime, now: SystemTime) -> bool {
+    now.checked_add(NOT_BEFORE_ALLOWANCE)
+        .is_some_and(|latest| not_before > latest)
+}
 
 /// What the schedule needs to know of a key, whatever its kind.
 pub(crate) trait Scheduled: Clone {
@@ -130,7 +148,8 @@ impl Schedule {
     /// at most a few transitions (activate the next key, retire the old one,
     /// prepare a successor with `create`, which must return a `Next` key).
     /// A key created here signs at once only when nothing else can: nothing
-    /// is held, or the active key has ended (`Advanced::unpublished_signer`).
+    /// is held, or the active key has ended or is not valid yet
+    /// (`Advanced::unpublished_signer`).
     pub(crate) fn advance<E: Scheduled>(
         &self,
         held: &[E],
@@ -147,6 +166,17 @@ impl Schedule {
         let first_created = next_state.len();
         let mut created: Vec<E> = Vec::new();
         let mut unpublished_signer = false;
+        // An active key dated in the future was made while the clock ran
+        // ahead (a wrong RTC at boot, or the clock set back since): what it
+        // signs does not verify now, so it is replaced at once, as if it
+        // had expired. It stays published until it ends: harmless, and
+        // what it signed verifies again should the clock be right after
+        // all and move forward.
+        for key in next_state.iter_mut() {
+            if key.role() == Role::Active && not_yet_valid(key.not_before(), now) {
+                key.set_role(Role::Retired);
+            }
+        }
         // Each pass makes one transition; two suffice in practice (activate,
         // then prepare), the bound only guards against a degenerate schedule.
         for _ in 0..4 {
@@ -154,14 +184,24 @@ impl Schedule {
             let next = next_state.iter().position(|e| e.role() == Role::Next);
             match (active, next) {
                 (None, Some(n)) => {
-                    unpublished_signer |= n >= first_created;
-                    next_state[n].set_role(Role::Active);
+                    if not_yet_valid(next_state[n].not_before(), now) {
+                        // Dated in the future like the active key was: it
+                        // cannot take over either, so the next pass makes
+                        // a key valid now. (With an active key, the
+                        // schedule never activates a successor before its
+                        // publication, which is after its notBefore.)
+                        next_state[n].set_role(Role::Retired);
+                    } else {
+                        unpublished_signer |= n >= first_created;
+                        next_state[n].set_role(Role::Active);
+                    }
                 }
                 (None, None) => {
-                    // Nothing held (first start, or everything expired while
-                    // we were down): a new key must sign at once. Only the
-                    // latter is worth a warning: on a first start no peer
-                    // holds anything of ours yet.
+                    // Nothing usable held (first start, everything expired
+                    // while we were down, or dated in the future): a new
+                    // key must sign at once. Only the latter two are worth
+                    // a warning: on a first start no peer holds anything
+                    // of ours yet.
                     let entry = create()?;
                     created.push(entry.clone());
                     let mut entry = entry;
@@ -203,7 +243,8 @@ pub(crate) struct Advanced<E> {
     /// The keys it created (their files must be written).
     pub created: Vec<E>,
     /// A key that no bundle has carried yet signs from now on, because
-    /// nothing else could (the active key expired while writ was down):
+    /// nothing else could (the active key expired while writ was down, or
+    /// was dated in the future):
     /// federated peers cannot know it until they fetch the bundle again,
     /// which they cannot do over https_spiffe if it signs the endpoint's
     /// certificate too.

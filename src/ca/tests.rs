@@ -690,6 +690,104 @@ fn an_unpublished_successor_signs_at_once_only_after_the_active_key_expired() {
     assert_eq!(ca.x509_authorities().len(), 1);
 }
 
+/// The CA was made at t0, then run once with the clock two days ahead (the
+/// t0 root "expired while down", so a new root was made), then restarted
+/// with the clock right: the only root held is not valid for two days. It
+/// must not sign: a root valid now takes over at once, unpublished (as
+/// after an expiry), and the future root stays published, retired, until
+/// it ends. The JWT key, made at the same wrong time, follows suit.
+#[test]
+fn a_root_dated_in_the_future_is_replaced_at_load() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = settings(tmp.path());
+    CertificateAuthority::load_or_create(s.clone(), t0()).unwrap();
+    let ahead = t0() + 2 * DEFAULT_CA_TTL;
+    let wrong = CertificateAuthority::load_or_create(s.clone(), ahead).unwrap();
+    let future_root = wrong.active_key_id().to_vec();
+    let future_jwt = wrong.active_jwt_key_id().unwrap().to_owned();
+    drop(wrong);
+
+    let ca = CertificateAuthority::load_or_create(s.clone(), t0()).unwrap();
+    let out = ca.rotated_at_load();
+    assert!(out.signer_changed && out.x509_signer_unpublished && out.jwt_signer_unpublished);
+    assert_ne!(ca.active_key_id(), future_root);
+    assert_ne!(ca.active_jwt_key_id(), Some(future_jwt.as_str()));
+    assert!(ca.active_not_before() <= t0());
+    assert_eq!(
+        published(&ca),
+        vec![ca.active_key_id().to_vec(), future_root.clone()],
+        "the future root stays published, oldest first"
+    );
+    assert!(jwt_kids(&ca).contains(&future_jwt));
+    let svid = ca.mint_x509_svid(&request("/a", HOUR), t0()).unwrap();
+    assert_eq!(svid.issuer_key_id, ca.active_key_id());
+    verify_chain(&svid.cert_chain, &ca.x509_authorities(), t0()).unwrap();
+    let token = ca.mint_jwt_svid(&jwt_request("/a", HOUR), t0()).unwrap();
+    assert_ne!(token.key_id, future_jwt);
+    let active = ca.active_key_id().to_vec();
+    drop(ca);
+
+    // Settled: a later restart changes nothing, and the retired future
+    // root is not brought back.
+    let ca = CertificateAuthority::load_or_create(s, t0() + HOUR).unwrap();
+    assert_eq!(ca.rotated_at_load(), RotationOutcome::default());
+    assert_eq!(ca.active_key_id(), active);
+}
+
+/// First started with the clock ahead and kept running past half-life, so
+/// both the active root and its prepared successor are dated in the
+/// future: neither may sign once the clock is right.
+#[test]
+fn a_successor_dated_in_the_future_does_not_take_over() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = settings(tmp.path());
+    let ahead = t0() + 2 * DEFAULT_CA_TTL;
+    let mut wrong = CertificateAuthority::load_or_create(s.clone(), ahead).unwrap();
+    wrong.rotate(ahead + 13 * HOUR).unwrap();
+    let future = published(&wrong);
+    assert_eq!(future.len(), 2, "active and prepared next");
+    drop(wrong);
+
+    let ca = CertificateAuthority::load_or_create(s, t0()).unwrap();
+    assert!(ca.rotated_at_load().x509_signer_unpublished);
+    assert!(!future.contains(&ca.active_key_id().to_vec()));
+    assert!(ca.active_not_before() <= t0());
+    assert_eq!(published(&ca).len(), 3);
+    let svid = ca.mint_x509_svid(&request("/a", HOUR), t0()).unwrap();
+    verify_chain(&svid.cert_chain, &ca.x509_authorities(), t0()).unwrap();
+}
+
+/// The clock set back while writ runs: a root barely ahead (an NTP step of
+/// seconds) keeps signing, since an unpublished replacement would cost
+/// federated peers more; one ahead by more than `NOT_BEFORE_ALLOWANCE` is
+/// replaced at the next rotation, and refuses to sign until then.
+#[test]
+fn a_clock_set_back_replaces_the_root_only_beyond_the_allowance() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut ca = CertificateAuthority::load_or_create(settings(tmp.path()), t0()).unwrap();
+    let root_a = ca.active_key_id().to_vec();
+    // notBefore is t0 - 10 s (backdated); 50 s back leaves it 40 s ahead.
+    let slightly_back = t0() - 50 * SECOND;
+    assert_eq!(
+        ca.rotate(slightly_back).unwrap(),
+        RotationOutcome::default()
+    );
+    assert_eq!(ca.active_key_id(), root_a);
+    ca.mint_x509_svid(&request("/a", HOUR), slightly_back)
+        .unwrap();
+
+    let far_back = t0() - HOUR;
+    assert!(matches!(
+        ca.mint_x509_svid(&request("/a", HOUR), far_back),
+        Err(CaError::SignerNotYetValid { .. })
+    ));
+    let out = ca.rotate(far_back).unwrap();
+    assert!(out.signer_changed && out.x509_signer_unpublished);
+    assert_ne!(ca.active_key_id(), root_a);
+    let svid = ca.mint_x509_svid(&request("/a", HOUR), far_back).unwrap();
+    verify_chain(&svid.cert_chain, &ca.x509_authorities(), far_back).unwrap();
+}
+
 #[test]
 fn crls_one_per_issuing_ca_signed_by_it() {
     let tmp = tempfile::tempdir().unwrap();

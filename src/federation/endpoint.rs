@@ -304,26 +304,27 @@ async fn keep_identity_fresh(
     let mut changes = agent.changes().subscribe_far_reaching();
     loop {
         changes.borrow_and_update();
-        let wait = match mint_identity(&agent, &spiffe_id, ttl).await {
+        let now = SystemTime::now();
+        let renew_at = match mint_identity(&agent, &spiffe_id, ttl).await {
             Ok((key, rotate_at)) => {
                 let current = cert.get();
                 if current.is_none_or(|c| c.cert != key.cert) {
                     tracing::debug!(%spiffe_id, "bundle endpoint SVID renewed");
                 }
                 cert.set(key);
-                rotate_at
-                    .duration_since(SystemTime::now())
-                    .unwrap_or(Duration::ZERO)
-                    .max(Duration::from_secs(1))
+                rotate_at.max(now + Duration::from_secs(1))
             }
             Err(e) => {
                 // The old SVID stays in place while it lasts.
                 tracing::error!(error = %e, "renewing the bundle endpoint SVID failed; retrying in 5s");
-                Duration::from_secs(5)
+                now + Duration::from_secs(5)
             }
         };
         tokio::select! {
-            _ = tokio::time::sleep(wait) => {}
+            // By the wall clock the SVID's validity is in: after a jump or
+            // a resume from suspend, one monotonic sleep would serve an
+            // expired certificate until it ran out.
+            _ = crate::wall_clock::sleep_until(renew_at) => {}
             changed = changes.changed() => if changed.is_err() { return },
             _ = stop.wait_for(|s| *s) => return,
         }
