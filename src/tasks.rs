@@ -2000,7 +2000,9 @@ impl TaskManager {
             i64::try_from(self.limits.completed_retention.as_secs()).unwrap_or(i64::MAX);
         let mut total = crate::store::Pruned::default();
         loop {
-            let now = unix_secs(SystemTime::now());
+            // Not the wall clock: a jump ahead would drop revocations and
+            // serials of certificates still valid, for good.
+            let now = unix_secs(self.agent.pruning_now());
             let completed_before = now.saturating_sub(retention);
             let pruned = self
                 .store
@@ -3295,6 +3297,46 @@ mod tests {
             })
             .await
             .unwrap();
+    }
+
+    /// A wall clock run ahead of the time really elapsed forgets nothing:
+    /// the serials of an active task, and the revocations a CRL lists, are
+    /// kept until their certificates have expired in truth (an excursion of
+    /// an hour, then the clock put right, left a valid SVID unrevoked).
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_clock_run_ahead_prunes_no_serial_or_revocation_still_valid() {
+        let agent = TestAgent::start().await;
+        agent.begin("t-ahead").await.unwrap();
+        // Certificates that expired an hour ago by the wall clock, while
+        // only 0 s have passed since an anchor taken two hours "before"
+        // now: in truth they are valid for an hour more.
+        run_sql(
+            &agent,
+            "UPDATE issued SET not_after = not_after - 3660 WHERE task_id = 't-ahead';",
+        )
+        .await;
+        let ahead = crate::prune_clock::PruneClock::anchored(
+            SystemTime::now() - Duration::from_secs(7200),
+            crate::prune_clock::boottime(),
+        );
+        agent.svc.agent.set_prune_clock(ahead);
+        agent.svc.tasks.prune().await.unwrap();
+        let (_, serials) = agent.svc.tasks.end("t-ahead", String::new()).await.unwrap();
+        assert_eq!(serials.len(), 1, "the task's SVID was forgotten unrevoked");
+        agent.svc.agent.refresh_crls().await.unwrap();
+        assert_eq!(agent.svc.agent.crls().entries, 1, "the CRL lost it");
+        agent.svc.tasks.prune().await.unwrap();
+        assert_eq!(count(&agent, "SELECT count(*) FROM revocations"), 1);
+        // Once the time elapsed catches up, both go.
+        agent
+            .svc
+            .agent
+            .set_prune_clock(crate::prune_clock::PruneClock::start());
+        agent.svc.tasks.prune().await.unwrap();
+        agent.svc.agent.refresh_crls().await.unwrap();
+        assert_eq!(count(&agent, "SELECT count(*) FROM revocations"), 0);
+        assert_eq!(count(&agent, "SELECT count(*) FROM issued"), 0);
+        assert_eq!(agent.svc.agent.crls().entries, 0);
     }
 
     /// A completion the store refuses is retried until it persists, and an
