@@ -1036,11 +1036,14 @@ impl Agent {
     }
 
     /// The cached SVID for `cache_key` while it is not yet due for rotation:
-    /// what `svid_for` would hand out without minting.
+    /// what `svid_for` would hand out without minting. Not one whose
+    /// notBefore is still to come (the clock was put back since it was
+    /// minted): its holder would find it not yet valid, for as long as the
+    /// clock had been ahead.
     pub(crate) fn cached_svid(&self, cache_key: &str, now: SystemTime) -> Option<Arc<CachedSvid>> {
         lock(&self.svids)
             .get(cache_key)
-            .filter(|cached| now < cached.rotate_at)
+            .filter(|cached| cached.svid.not_before <= now && now < cached.rotate_at)
             .cloned()
     }
 

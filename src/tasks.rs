@@ -3792,6 +3792,19 @@ mod tests {
         assert_eq!(tasks[1].expires_at, at(600));
     }
 
+    /// An SVID minted before the clock was put back is not served from the
+    /// cache while its notBefore is still to come.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_cached_svid_not_yet_valid_is_not_served() {
+        let agent = TestAgent::start().await;
+        let task = agent.begin("t-back").await.unwrap();
+        let now = SystemTime::now();
+        agent.svid_for_task(&task, now).await.unwrap();
+        let key = agent.svc.agent.task_entitlement(&task).cache_key;
+        assert!(agent.svc.agent.cached_svid(&key, now).is_some());
+        let put_back = now - Duration::from_secs(3 * 3600);
+        assert!(agent.svc.agent.cached_svid(&key, put_back).is_none());
+    }
 
     /// A task manager over the same store and agent, as after a restart.
     fn restarted(agent: &TestAgent) -> Arc<TaskManager> {
