@@ -472,6 +472,9 @@ pub struct Agent {
     metrics: Arc<crate::telemetry::Metrics>,
     /// Turns true once when writ begins to stop; open streams end on it.
     stopping: watch::Sender<bool>,
+    /// What expired revocations and serials are forgotten by: a wall clock
+    /// run ahead must not forget certificates still valid in truth.
+    prune_clock: Mutex<crate::prune_clock::PruneClock>,
 }
 
 impl Agent {
@@ -514,7 +517,22 @@ impl Agent {
             cgroup_tasks_begun: Default::default(),
             metrics: Arc::new(crate::telemetry::Metrics::new()),
             stopping: watch::channel(false).0,
+            prune_clock: Mutex::new(crate::prune_clock::PruneClock::start()),
         }
+    }
+
+    /// The time by which certificates count as expired for forgetting them
+    /// (their revocations, their serials): never ahead of the time really
+    /// elapsed since start (`prune_clock`).
+    pub fn pruning_now(&self) -> SystemTime {
+        lock(&self.prune_clock).now()
+    }
+
+    /// Replaces the pruning clock, for tests that need the wall clock to
+    /// have run ahead of it.
+    #[cfg(test)]
+    pub(crate) fn set_prune_clock(&self, clock: crate::prune_clock::PruneClock) {
+        *lock(&self.prune_clock) = clock;
     }
 
     /// Asks every open Workload API stream to end, so a graceful server
@@ -1023,11 +1041,14 @@ impl Agent {
     }
 
     /// The cached SVID for `cache_key` while it is not yet due for rotation:
-    /// what `svid_for` would hand out without minting.
+    /// what `svid_for` would hand out without minting. Not one whose
+    /// notBefore is still to come (the clock was put back since it was
+    /// minted): its holder would find it not yet valid, for as long as the
+    /// clock had been ahead.
     pub(crate) fn cached_svid(&self, cache_key: &str, now: SystemTime) -> Option<Arc<CachedSvid>> {
         lock(&self.svids)
             .get(cache_key)
-            .filter(|cached| now < cached.rotate_at)
+            .filter(|cached| cached.svid.not_before <= now && now < cached.rotate_at)
             .cloned()
     }
 
@@ -1454,7 +1475,7 @@ impl Agent {
     /// anything can complete a task; from then on completions add their
     /// revocations here as they commit them (`add_revocations`).
     pub async fn load_revocations(&self) -> Result<(), AgentError> {
-        let now_secs = unix_secs(SystemTime::now());
+        let now_secs = unix_secs(self.pruning_now());
         let (rows, last_reserved) = self
             .store
             .write(move |conn| {
@@ -1537,7 +1558,11 @@ impl Agent {
             let ca = read_lock(&self.ca);
             let (prepared, entries) = {
                 let mut state = lock(&self.revocations);
-                state.list.remove_expired(unix_secs(now));
+                // Forgotten only once expired by the time really elapsed:
+                // entries kept past a wall clock run ahead cost the CRL no
+                // more than it carried before the jump, and the certificates
+                // are valid again once the clock is put right.
+                state.list.remove_expired(unix_secs(self.pruning_now()));
                 let prepared = ca.prepare_crls(&state.list, crl_number, CRL_VALIDITY, now)?;
                 (prepared, state.list.len())
             };

@@ -19,6 +19,7 @@ pub mod identity;
 pub mod jwt;
 pub mod peer;
 pub mod policy;
+pub mod prune_clock;
 pub mod readiness;
 pub mod reload;
 pub mod service;

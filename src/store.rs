@@ -486,6 +486,9 @@ impl Pruned {
 ///   its parent (a foreign key), so parents go in a later call than their
 ///   last sub-task: callers repeat while tasks are removed.
 ///
+/// `now` must not run ahead of the time really elapsed (`Agent::pruning_now`):
+/// a row removed for a certificate still valid in truth is lost for good.
+///
 /// Active tasks are never touched. Rows are taken oldest first (rowid
 /// order is insertion order), so each call's work is bounded by `limit`
 /// plus the newer rows it must step over.

@@ -2000,7 +2000,9 @@ impl TaskManager {
             i64::try_from(self.limits.completed_retention.as_secs()).unwrap_or(i64::MAX);
         let mut total = crate::store::Pruned::default();
         loop {
-            let now = unix_secs(SystemTime::now());
+            // Not the wall clock: a jump ahead would drop revocations and
+            // serials of certificates still valid, for good.
+            let now = unix_secs(self.agent.pruning_now());
             let completed_before = now.saturating_sub(retention);
             let pruned = self
                 .store
@@ -2064,6 +2066,27 @@ impl TaskManager {
         // Parents before children, so each child finds its parent active.
         tasks.sort_by_key(|t| t.depth);
         let now = SystemTime::now();
+        // Stored before any task is served, so a later restart starts from
+        // the deadline brought forward rather than bringing it forward
+        // again from its own later `now`.
+        let clamped = clamp_restored_deadlines(&mut tasks, now);
+        if !clamped.is_empty() {
+            tracing::warn!(
+                tasks = clamped.len(),
+                "the clock was put back since tasks began: their ends are brought forward so that none lives longer than its TTL from now"
+            );
+            self.store
+                .write(move |conn| {
+                    let mut stmt = conn.prepare_cached(
+                        "UPDATE tasks SET expires_at = ?2 WHERE task_id = ?1 AND completed_at IS NULL",
+                    )?;
+                    for (id, expires_at) in &clamped {
+                        stmt.execute(params![id, unix_secs(*expires_at)])?;
+                    }
+                    Ok(())
+                })
+                .await?;
+        }
         let mut to_complete = Vec::new();
         let mut restored = std::collections::HashSet::new();
         for task in tasks {
@@ -2260,6 +2283,44 @@ impl TaskManager {
         self.inner().insert_active(&task, None, true);
         self.agent.index_task(task);
     }
+}
+
+/// When a restored task ends: at its stored deadline, but no later than
+/// its TTL (`expires_at - created_at`) from `now`. The deadline was set by
+/// the wall clock at its start; one that ran ahead then (and was put right
+/// since) would otherwise give the task its TTL plus the clock's error.
+fn restored_deadline(
+    created_at: SystemTime,
+    expires_at: SystemTime,
+    now: SystemTime,
+) -> SystemTime {
+    let ttl = expires_at
+        .duration_since(created_at)
+        .unwrap_or(Duration::ZERO);
+    // Whole seconds, as stored, so the task served and the task read back
+    // end at the same moment.
+    let from_now = from_unix_secs(unix_secs(now.checked_add(ttl).unwrap_or(expires_at)));
+    expires_at.min(from_now)
+}
+
+/// Brings forward the deadline of each of `tasks` (parents before their
+/// sub-tasks) that `restored_deadline` cuts short, a sub-task's to no later
+/// than its parent's, and returns those changed.
+fn clamp_restored_deadlines(tasks: &mut [Task], now: SystemTime) -> Vec<(String, SystemTime)> {
+    let mut deadlines: HashMap<String, SystemTime> = HashMap::new();
+    let mut clamped = Vec::new();
+    for task in tasks {
+        let mut deadline = restored_deadline(task.created_at, task.expires_at, now);
+        if let Some(parent) = task.parent_id.as_ref().and_then(|p| deadlines.get(p)) {
+            deadline = deadline.min(*parent);
+        }
+        if deadline < task.expires_at {
+            task.expires_at = deadline;
+            clamped.push((task.id.clone(), deadline));
+        }
+        deadlines.insert(task.id.clone(), task.expires_at);
+    }
+    clamped
 }
 
 /// Revokes at `at`, for `reason`, every serial issued for one task, and
@@ -3297,6 +3358,46 @@ mod tests {
             .unwrap();
     }
 
+    /// A wall clock run ahead of the time really elapsed forgets nothing:
+    /// the serials of an active task, and the revocations a CRL lists, are
+    /// kept until their certificates have expired in truth (an excursion of
+    /// an hour, then the clock put right, left a valid SVID unrevoked).
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_clock_run_ahead_prunes_no_serial_or_revocation_still_valid() {
+        let agent = TestAgent::start().await;
+        agent.begin("t-ahead").await.unwrap();
+        // Certificates that expired an hour ago by the wall clock, while
+        // only 0 s have passed since an anchor taken two hours "before"
+        // now: in truth they are valid for an hour more.
+        run_sql(
+            &agent,
+            "UPDATE issued SET not_after = not_after - 3660 WHERE task_id = 't-ahead';",
+        )
+        .await;
+        let ahead = crate::prune_clock::PruneClock::anchored(
+            SystemTime::now() - Duration::from_secs(7200),
+            crate::prune_clock::boottime(),
+        );
+        agent.svc.agent.set_prune_clock(ahead);
+        agent.svc.tasks.prune().await.unwrap();
+        let (_, serials) = agent.svc.tasks.end("t-ahead", String::new()).await.unwrap();
+        assert_eq!(serials.len(), 1, "the task's SVID was forgotten unrevoked");
+        agent.svc.agent.refresh_crls().await.unwrap();
+        assert_eq!(agent.svc.agent.crls().entries, 1, "the CRL lost it");
+        agent.svc.tasks.prune().await.unwrap();
+        assert_eq!(count(&agent, "SELECT count(*) FROM revocations"), 1);
+        // Once the time elapsed catches up, both go.
+        agent
+            .svc
+            .agent
+            .set_prune_clock(crate::prune_clock::PruneClock::start());
+        agent.svc.tasks.prune().await.unwrap();
+        agent.svc.agent.refresh_crls().await.unwrap();
+        assert_eq!(count(&agent, "SELECT count(*) FROM revocations"), 0);
+        assert_eq!(count(&agent, "SELECT count(*) FROM issued"), 0);
+        assert_eq!(agent.svc.agent.crls().entries, 0);
+    }
+
     /// A completion the store refuses is retried until it persists, and an
     /// EndTask after the failure completes the task rather than report it
     /// uncompleted.
@@ -3607,6 +3708,102 @@ mod tests {
         assert_completed_and_revoked(&agent, &task, &serials, "process_exited");
         assert_eq!(task.completion.unwrap().detail, "found after a reboot");
         assert_eq!(recorded(&agent), Some(now));
+    }
+
+    /// A task begun while the clock was two days ahead, restored once it
+    /// is put right, lives no longer than its TTL from now: served, read
+    /// back and stored with the deadline brought forward, and its SVIDs
+    /// capped by it.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn restore_after_the_clock_was_put_back_keeps_a_task_to_its_ttl() {
+        let agent = TestAgent::start().await;
+        let ttl = Duration::from_secs(600);
+        agent.begin_task("t-long", None, Some(ttl)).await.unwrap();
+        run_sql(
+            &agent,
+            "UPDATE tasks SET created_at = created_at + 172800, expires_at = expires_at + 172800
+             WHERE task_id = 't-long';",
+        )
+        .await;
+        let fresh = restarted(&agent);
+        let latest = SystemTime::now() + ttl;
+        fresh.restore().await.unwrap();
+        let task = fresh.get("t-long").unwrap().unwrap();
+        assert!(task.completion.is_none());
+        assert!(
+            task.expires_at <= latest,
+            "ends {:?} after its TTL",
+            task.expires_at.duration_since(latest)
+        );
+        assert!(task.expires_at + Duration::from_secs(5) >= latest);
+        let stored = count(
+            &agent,
+            "SELECT expires_at FROM tasks WHERE task_id = 't-long'",
+        );
+        assert_eq!(stored, unix_secs(task.expires_at));
+        let entitlement = agent.svc.agent.task_entitlement(&task);
+        assert_eq!(entitlement.not_after_cap, Some(task.expires_at));
+    }
+
+    #[test]
+    fn a_restored_deadline_is_at_most_the_ttl_from_now() {
+        let at = |s: u64| UNIX_EPOCH + Duration::from_secs(s);
+        // Begun two days ahead, ten minutes asked for.
+        assert_eq!(restored_deadline(at(172_800), at(173_400), at(0)), at(600));
+        // Begun in the past: its own deadline, whatever is left of it.
+        assert_eq!(
+            restored_deadline(at(1_000), at(1_600), at(1_300)),
+            at(1_600)
+        );
+        assert_eq!(
+            restored_deadline(at(1_000), at(1_600), at(2_000)),
+            at(1_600)
+        );
+    }
+
+    #[test]
+    fn a_restored_sub_task_ends_no_later_than_its_parent() {
+        let at = |s: u64| UNIX_EPOCH + Duration::from_secs(s);
+        let mut parent = test_task(
+            "t-p",
+            Binding::Pid {
+                pid: 1,
+                start_time: 1,
+            },
+        );
+        parent.created_at = at(100_000);
+        parent.expires_at = at(100_600);
+        let mut child = test_task(
+            "t-c",
+            Binding::Pid {
+                pid: 1,
+                start_time: 1,
+            },
+        );
+        child.parent_id = Some("t-p".into());
+        child.created_at = at(99_000);
+        child.expires_at = at(100_600);
+        let mut tasks = vec![parent, child];
+        let clamped = clamp_restored_deadlines(&mut tasks, at(0));
+        assert_eq!(
+            clamped,
+            [("t-p".to_owned(), at(600)), ("t-c".to_owned(), at(600))]
+        );
+        assert_eq!(tasks[1].expires_at, at(600));
+    }
+
+    /// An SVID minted before the clock was put back is not served from the
+    /// cache while its notBefore is still to come.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_cached_svid_not_yet_valid_is_not_served() {
+        let agent = TestAgent::start().await;
+        let task = agent.begin("t-back").await.unwrap();
+        let now = SystemTime::now();
+        agent.svid_for_task(&task, now).await.unwrap();
+        let key = agent.svc.agent.task_entitlement(&task).cache_key;
+        assert!(agent.svc.agent.cached_svid(&key, now).is_some());
+        let put_back = now - Duration::from_secs(3 * 3600);
+        assert!(agent.svc.agent.cached_svid(&key, put_back).is_none());
     }
 
     /// A task manager over the same store and agent, as after a restart.

@@ -314,6 +314,9 @@ struct Snapshot<T> {
     keys: Vec<String>,
     /// The earliest moment something in `message` is due for rotation.
     refresh_at: Option<SystemTime>,
+    /// The latest notBefore of the SVIDs in `message`: were the clock put
+    /// back before it, they are not yet valid and are due at once.
+    valid_from: Option<SystemTime>,
     /// How the caller was resolved for this snapshot, for the stream to
     /// reuse while no change concerns it.
     resolved: Arc<Resolved>,
@@ -606,6 +609,7 @@ fn x509_svid_snapshot(
         let mut svids = Vec::with_capacity(entitlements.len());
         let mut serials = Vec::with_capacity(entitlements.len());
         let mut refresh_at: Option<SystemTime> = None;
+        let mut valid_from: Option<SystemTime> = None;
         let mut keys = keys;
         // Identities policy refused to renew, and why.
         let mut refused: Vec<String> = Vec::new();
@@ -657,6 +661,8 @@ fn x509_svid_snapshot(
                 Err(e) => return Err(agent_status(e)),
             };
             refresh_at = Some(refresh_at.map_or(cached.rotate_at, |r| r.min(cached.rotate_at)));
+            let not_before = cached.svid.not_before;
+            valid_from = Some(valid_from.map_or(not_before, |v| v.max(not_before)));
             serials.push(cached.svid.serial.clone());
             svids.push(pb::X509svid {
                 spiffe_id: entitlement.spiffe_id.to_string(),
@@ -693,6 +699,7 @@ fn x509_svid_snapshot(
             },
             keys,
             refresh_at,
+            valid_from,
             resolved,
         })
     })
@@ -748,6 +755,7 @@ fn x509_bundles_snapshot(
             },
             keys,
             refresh_at: None,
+            valid_from: None,
             resolved,
         })
     })
@@ -788,9 +796,26 @@ fn jwt_bundles_snapshot(
             },
             keys,
             refresh_at: None,
+            valid_from: None,
             resolved,
         })
     })
+}
+
+/// How long until a stream's SVIDs are due for rotation, if it carries
+/// any: at `refresh_at`, or at once when the clock has been put back before
+/// `valid_from` (an SVID not yet valid is no use to its holder; the next
+/// snapshot mints one valid now, see `Agent::cached_svid`).
+fn rotation_wait(
+    refresh_at: Option<SystemTime>,
+    valid_from: Option<SystemTime>,
+    now: SystemTime,
+) -> Option<Duration> {
+    let at = refresh_at?;
+    if valid_from.is_some_and(|from| now < from) {
+        return Some(Duration::ZERO);
+    }
+    Some(at.duration_since(now).unwrap_or(Duration::ZERO))
 }
 
 /// FetchJWTSVID's audience: at least one value, none empty.
@@ -858,7 +883,7 @@ where
                     snapshot(agent.clone(), caller.clone(), keys.clone(), reuse).await
                 }
             };
-            let (resolved, refresh_at) = match current {
+            let (resolved, refresh_at, valid_from) = match current {
                 Ok(snap) => {
                     keys = snap.keys;
                     if last.as_ref() != Some(&snap.fingerprint) {
@@ -868,7 +893,7 @@ where
                         }
                         documents.message_sent(Instant::now());
                     }
-                    (snap.resolved, snap.refresh_at)
+                    (snap.resolved, snap.refresh_at, snap.valid_from)
                 }
                 Err(status) => {
                     if caller.process.has_exited() {
@@ -885,12 +910,8 @@ where
             // Wait for something that concerns this stream.
             loop {
                 let reattest_due = resolved.at + reattest;
-                let rotation_due = refresh_at.map(|at| {
-                    let until = at
-                        .duration_since(SystemTime::now())
-                        .unwrap_or(Duration::ZERO);
-                    Instant::now() + until
-                });
+                let rotation_due = rotation_wait(refresh_at, valid_from, SystemTime::now())
+                    .map(|until| Instant::now() + until);
                 let wake_at = [rotation_due, documents.due()]
                     .into_iter()
                     .flatten()
@@ -1333,5 +1354,27 @@ mod tests {
         // Thousands of streams and a huge CRL: capped.
         assert_eq!(documents_hold(10_000, 1 << 20), DOCUMENTS_HOLD_LIMIT);
         assert_eq!(documents_hold(u64::MAX, u64::MAX), DOCUMENTS_HOLD_LIMIT);
+    }
+
+    /// After the clock is put back before an SVID's notBefore, the stream
+    /// rotates it at once rather than at its (now far) rotation point.
+    #[test]
+    fn svids_not_yet_valid_are_due_at_once() {
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        let refresh = Some(t0 + Duration::from_secs(1800));
+        let from = Some(t0);
+        assert_eq!(
+            rotation_wait(refresh, from, t0 + Duration::from_secs(600)),
+            Some(Duration::from_secs(1200))
+        );
+        assert_eq!(
+            rotation_wait(refresh, from, t0 - Duration::from_secs(3 * 3600)),
+            Some(Duration::ZERO)
+        );
+        assert_eq!(
+            rotation_wait(refresh, from, t0 + Duration::from_secs(3600)),
+            Some(Duration::ZERO)
+        );
+        assert_eq!(rotation_wait(None, None, t0), None);
     }
 }
