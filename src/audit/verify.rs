@@ -964,8 +964,19 @@ mod tests {
         let report = verify(&trail.path, std::slice::from_ref(&root_a)).unwrap();
         assert_eq!(report.checkpoints, 3);
 
-        // A checkpoint dated after the root expired is refused.
-        let (late, late_root) = root("root L", JUNE_2020 - DAY, 30);
+        // A checkpoint dated after its root expired is refused. The writer
+        // signs none outside its own certificate's validity, so the signer
+        // here is an intermediate that outlives the root that issued it
+        // (an upstream CA's, say).
+        let root_key = KeyPair::generate().unwrap();
+        let late_params = root_params("root L", JUNE_2020 - DAY, 30);
+        let late_root = late_params.self_signed(&root_key).unwrap().der().clone();
+        let issuer = rcgen::Issuer::new(late_params, root_key);
+        let key = KeyPair::generate().unwrap();
+        let intermediate = root_params("intermediate of L", JUNE_2020 - DAY, 60)
+            .signed_by(&key, &issuer)
+            .unwrap();
+        let late = KeyPairSigner::new(key, intermediate.der().to_vec()).unwrap();
         let trail = Trail::open(vec![late], JUNE_2020);
         trail.issue();
         trail.checkpoint();
