@@ -649,6 +649,19 @@ pub fn current_boot() -> Option<i64> {
         .map(|v| i64::from_ne_bytes(v.to_ne_bytes()))
 }
 
+/// When the kernel booted (`btime` in /proc/stat, whole seconds, by the
+/// wall clock), if it can be read.
+pub fn boot_time() -> Option<std::time::SystemTime> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let secs: u64 = stat
+        .lines()
+        .find_map(|line| line.strip_prefix("btime "))?
+        .trim()
+        .parse()
+        .ok()?;
+    std::time::UNIX_EPOCH.checked_add(std::time::Duration::from_secs(secs))
+}
+
 /// The boot the stored tasks were begun in, if one was recorded.
 pub fn recorded_boot(conn: &Connection) -> Result<Option<i64>, StoreError> {
     Ok(conn

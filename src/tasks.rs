@@ -2063,6 +2063,14 @@ impl TaskManager {
         let boot = crate::store::current_boot();
         let recorded = self.store.read(crate::store::recorded_boot)?;
         let other_boot = matches!((recorded, boot), (Some(then), Some(now)) if then != now);
+        // Writs before the boot id recorded none: a task of theirs begun
+        // before this boot started is of an earlier one all the same.
+        let booted_at = match recorded {
+            None => crate::store::boot_time(),
+            Some(_) => None,
+        };
+        let of_other_boot =
+            |task: &Task| other_boot || booted_at.is_some_and(|booted| task.created_at < booted);
         // Parents before children, so each child finds its parent active.
         tasks.sort_by_key(|t| t.depth);
         let now = SystemTime::now();
@@ -2099,9 +2107,10 @@ impl TaskManager {
                 .as_ref()
                 .is_some_and(|p| !restored.contains(p));
             restored.insert(task.id.clone());
+            let task_of_other_boot = of_other_boot(&task);
             let alive = match &task.binding {
-                Binding::Pid { .. } if other_boot => Err(CompletionReason::ProcessExited),
-                Binding::Cgroup { .. } if other_boot => Err(CompletionReason::CgroupEmpty),
+                Binding::Pid { .. } if task_of_other_boot => Err(CompletionReason::ProcessExited),
+                Binding::Cgroup { .. } if task_of_other_boot => Err(CompletionReason::CgroupEmpty),
                 Binding::Pid { pid, start_time } => match PinnedProcess::open(*pid) {
                     Ok(p) if p.start_time() == *start_time => {
                         Ok(BindingWatch::Process(Arc::new(p)))
@@ -2176,13 +2185,13 @@ impl TaskManager {
                     // Completed below, once: no watcher or TTL timer of its
                     // own to race that completion with another reason.
                     self.activate_restored_to_complete(task.clone());
-                    to_complete.push((task.id.clone(), r));
+                    to_complete.push((task.id.clone(), r, task_of_other_boot));
                 }
                 None => self.activate_restored(task.clone(), watch),
             }
         }
-        for (id, reason) in to_complete {
-            let detail = if other_boot {
+        for (id, reason, of_other_boot) in to_complete {
+            let detail = if of_other_boot {
                 "found after a reboot"
             } else {
                 "found after restart"
@@ -3708,6 +3717,48 @@ mod tests {
         assert_completed_and_revoked(&agent, &task, &serials, "process_exited");
         assert_eq!(task.completion.unwrap().detail, "found after a reboot");
         assert_eq!(recorded(&agent), Some(now));
+    }
+
+    /// A store from a writ that recorded no boot id: its tasks begun
+    /// before this boot are of an earlier one, and completed even when a
+    /// live process has their PID and start time; those begun since are
+    /// restored as before.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn restore_without_a_recorded_boot_completes_tasks_begun_before_this_boot() {
+        let Some(booted) = crate::store::boot_time() else {
+            eprintln!("SKIPPED: no btime in /proc/stat");
+            return;
+        };
+        let agent = TestAgent::start().await;
+        agent.begin("t-legacy").await.unwrap();
+        let serials = agent.svc.tasks.issued_serials("t-legacy").unwrap();
+        // As the older writ left it: no boot recorded.
+        let forget_boot = "DELETE FROM meta WHERE key = 'boot'";
+        run_sql(&agent, forget_boot).await;
+        let same_boot = restarted(&agent);
+        same_boot.restore().await.unwrap();
+        let task = same_boot.get("t-legacy").unwrap().unwrap();
+        assert!(task.completion.is_none(), "{:?}", task.completion);
+
+        run_sql(&agent, forget_boot).await;
+        let before_boot = unix_secs(booted) - 60;
+        agent
+            .svc
+            .store
+            .write(move |c| {
+                c.execute(
+                    "UPDATE tasks SET created_at = ?1 WHERE task_id = 't-legacy'",
+                    params![before_boot],
+                )?;
+                Ok(())
+            })
+            .await
+            .unwrap();
+        let rebooted = restarted(&agent);
+        rebooted.restore().await.unwrap();
+        let task = rebooted.get("t-legacy").unwrap().unwrap();
+        assert_completed_and_revoked(&agent, &task, &serials, "process_exited");
+        assert_eq!(task.completion.unwrap().detail, "found after a reboot");
     }
 
     /// A task begun while the clock was two days ahead, restored once it
