@@ -49,6 +49,23 @@ impl CgroupDir {
         self.owner
     }
 
+    /// When the cgroup was made: the change time of its `cgroup.controllers`.
+    /// kernfs gives a cgroup's directory and files the time they were made;
+    /// that file is read-only and not handed over on delegation, so neither
+    /// writes nor chown change it (the directory's and `cgroup.type`'s can).
+    /// None once the cgroup is gone.
+    pub(crate) fn created_at(&self) -> Option<std::time::SystemTime> {
+        let stat = rustix::fs::statat(
+            &self.fd,
+            "cgroup.controllers",
+            rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
+        )
+        .ok()?;
+        let secs = u64::try_from(stat.st_ctime).ok()?;
+        let nanos = u32::try_from(stat.st_ctime_nsec).ok()?;
+        std::time::UNIX_EPOCH.checked_add(std::time::Duration::new(secs, nanos))
+    }
+
     /// One of the cgroup's files. Once the cgroup is removed every file is
     /// gone (ENOENT), even if another cgroup now has its path.
     fn read(&self, name: &str) -> io::Result<String> {
@@ -122,6 +139,54 @@ mod tests {
         assert_eq!(bound.populated(), None);
         assert_eq!(bound.cpu_usage(), None);
         assert_ne!(cgroup_id(&path), Some(bound.id()));
+    }
+
+    /// On a real cgroup: its creation time stays what it was through what
+    /// happens to a bound cgroup (a child made, a process moved in,
+    /// controllers handed down, delegation's chown).
+    #[test]
+    fn a_real_cgroup_keeps_its_creation_time() {
+        if !rustix::process::geteuid().is_root() {
+            eprintln!("SKIPPED: needs root to create cgroups");
+            return;
+        }
+        let Some(mount) = writ_attestors::find_cgroup2_mount().unwrap() else {
+            eprintln!("SKIPPED: no cgroup v2 mount");
+            return;
+        };
+        let dir = mount.join(format!("writ-created-at-{}", std::process::id()));
+        let before = std::time::SystemTime::now();
+        std::fs::create_dir(&dir).unwrap();
+        let cgroup = CgroupDir::open(&dir).unwrap();
+        let made = cgroup.created_at().unwrap();
+        assert!(made + std::time::Duration::from_secs(1) >= before);
+        std::thread::sleep(std::time::Duration::from_millis(1100));
+
+        let child = dir.join("child");
+        std::fs::create_dir(&child).unwrap();
+        let mut sleeper = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let moved = std::fs::write(child.join("cgroup.procs"), sleeper.id().to_string());
+        let controllers = std::fs::read_to_string(dir.join("cgroup.controllers")).unwrap();
+        if let Some(controller) = controllers.split_whitespace().next() {
+            let _ = std::fs::write(dir.join("cgroup.subtree_control"), format!("+{controller}"));
+        }
+        for delegated in [dir.clone(), dir.join("cgroup.procs")] {
+            std::os::unix::fs::chown(&delegated, Some(65534), Some(65534)).unwrap();
+        }
+        let after = cgroup.created_at();
+        sleeper.kill().unwrap();
+        sleeper.wait().unwrap();
+        let removed = (0..50).any(|_| {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            let _ = std::fs::remove_dir(&child);
+            std::fs::remove_dir(&dir).is_ok()
+        });
+        moved.unwrap();
+        assert!(removed, "{} was left behind", dir.display());
+        assert_eq!(after, Some(made));
     }
 
     #[test]

@@ -59,6 +59,12 @@ pub enum ServiceError {
         holder: String,
     },
     #[error(
+        "audit trail {} is in use by another writ, perhaps an older version (its writer lock {} is held); stop that writ first: older writs lock only their audit trail, not the state directory, and this one would migrate the store under it",
+        path.display(),
+        lock.display()
+    )]
+    AuditTrailInUse { path: PathBuf, lock: PathBuf },
+    #[error(
         "the store {} is missing or empty, but the CA state {} shows writ has run with this data directory before; a new store would lose every revocation recorded in the old one, and the certificates revoked there would be valid again. Restore {} from a backup; or, to start over, remove {} as well, so that writ creates a new CA and every certificate issued before is distrusted{upstream}",
         store.display(),
         ca_state.display(),
@@ -125,6 +131,16 @@ pub async fn build(config: &Config) -> Result<Services, ServiceError> {
     let policy = load_policy(&config.policy.files)?;
     create_private_dir(&config.data_dir)?;
     let data_dir_lock = lock_data_dir(&config.data_dir)?;
+    // Older writs take only the audit trail's writer lock, not the state
+    // directory's: one still running is found by that lock, before the store
+    // is opened (which migrates its schema, and the older writ then refuses
+    // to start again) or anything else is changed.
+    if crate::audit::writer_is_live(&config.audit.path) {
+        return Err(ServiceError::AuditTrailInUse {
+            path: config.audit.path.clone(),
+            lock: crate::audit::lock_path(&config.audit.path),
+        });
+    }
     let store_path = config.data_dir.join(crate::config::STORE_FILE);
     refuse_a_lost_store(&store_path, config)?;
     let store = Arc::new(Store::open(&store_path)?);

@@ -30,6 +30,8 @@ pub enum StoreError {
     Closed,
     #[error("stored record is corrupt: {0}")]
     Corrupt(String),
+    #[error("backing up the store before migrating its schema: {0}")]
+    Backup(String),
 }
 
 /// The most jobs one transaction takes; bounds how long any one waits.
@@ -137,7 +139,7 @@ impl Store {
         )?;
         // A damaged file opens (SQLite reads lazily) and fails here first:
         // the error must name it.
-        migrate(&conn).map_err(|e| match e {
+        migrate(&conn, path).map_err(|e| match e {
             StoreError::Sql(source) => StoreError::Open {
                 path: path.to_owned(),
                 source,
@@ -353,12 +355,23 @@ fn commit_batch(conn: &mut Connection, batch: Vec<Job>) -> Vec<Job> {
     Vec::new()
 }
 
-fn migrate(conn: &Connection) -> Result<(), StoreError> {
+fn migrate(conn: &Connection, path: &Path) -> Result<(), StoreError> {
     let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
     if version > SCHEMA_VERSION {
         return Err(StoreError::Corrupt(format!(
             "database schema version {version} is newer than this writ understands ({SCHEMA_VERSION})"
         )));
+    }
+    if version > 0 && version < SCHEMA_VERSION {
+        // The older writ refuses a migrated store: without this copy,
+        // going back to it after an upgrade means starting over.
+        let backup = back_up_before_migrating(conn, path, version)?;
+        tracing::warn!(
+            backup = %backup.display(),
+            from = version,
+            to = SCHEMA_VERSION,
+            "migrating the store's schema; a copy of it as it was is kept: restoring it (with the older writ) returns to that writ, but loses every task, issuance and revocation recorded since"
+        );
     }
     if version < 1 {
         conn.execute_batch(
@@ -460,6 +473,71 @@ fn migrate(conn: &Connection) -> Result<(), StoreError> {
         )?;
     }
     Ok(())
+}
+
+/// Writes a consistent copy of the store at `path` (schema `version`) to
+/// `<path>.schema-<version>.bak`, or `<path>.schema-<version>.<n>.bak` when
+/// that exists: an earlier backup may be the only way back, and is never
+/// overwritten. Returns where the copy is.
+fn back_up_before_migrating(
+    conn: &Connection,
+    path: &Path,
+    version: i64,
+) -> Result<PathBuf, StoreError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let failed = |backup: &Path, e: &dyn std::fmt::Display| {
+        StoreError::Backup(format!(
+            "{}: {e}; the store was not migrated",
+            backup.display()
+        ))
+    };
+    let name = |n: u32| {
+        let mut name = path.as_os_str().to_owned();
+        name.push(match n {
+            0 => format!(".schema-{version}.bak"),
+            n => format!(".schema-{version}.{n}.bak"),
+        });
+        PathBuf::from(name)
+    };
+    // Created here, empty and 0600 (VACUUM INTO accepts an empty file): the
+    // copy holds what the store does, and `create_new` never takes over an
+    // existing file.
+    let mut n = 0;
+    let (backup, file) = loop {
+        let backup = name(n);
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&backup)
+        {
+            Ok(file) => break (backup, file),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && n < 1000 => n += 1,
+            Err(e) => return Err(failed(&backup, &e)),
+        }
+    };
+    let copied = (|| -> Result<(), String> {
+        let target = backup
+            .to_str()
+            .ok_or_else(|| "the path is not UTF-8, which SQLite needs".to_owned())?;
+        conn.execute("VACUUM INTO ?1", [target])
+            .map_err(|e| e.to_string())?;
+        // VACUUM INTO does not sync what it wrote.
+        file.sync_all().map_err(|e| e.to_string())?;
+        let dir = backup
+            .parent()
+            .filter(|dir| !dir.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| e.to_string())
+    })();
+    if let Err(e) = copied {
+        // A partial copy must not pass for a backup.
+        let _ = std::fs::remove_file(&backup);
+        return Err(failed(&backup, &e));
+    }
+    Ok(backup)
 }
 
 /// What one `prune` removed.
@@ -569,6 +647,19 @@ pub fn current_boot() -> Option<i64> {
     u64::from_str_radix(&hex, 16)
         .ok()
         .map(|v| i64::from_ne_bytes(v.to_ne_bytes()))
+}
+
+/// When the kernel booted (`btime` in /proc/stat, whole seconds, by the
+/// wall clock), if it can be read.
+pub fn boot_time() -> Option<std::time::SystemTime> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let secs: u64 = stat
+        .lines()
+        .find_map(|line| line.strip_prefix("btime "))?
+        .trim()
+        .parse()
+        .ok()?;
+    std::time::UNIX_EPOCH.checked_add(std::time::Duration::from_secs(secs))
 }
 
 /// The boot the stored tasks were begun in, if one was recorded.
@@ -791,28 +882,71 @@ mod tests {
         assert_eq!(k_rows(&store), 200);
     }
 
+    /// Leaves at `path` exactly what a version-1 writ left behind, with the
+    /// bundle sequence at 2.
+    fn make_version_1_store(path: &Path) {
+        let store = Store::open(path).unwrap();
+        store
+            .write_blocking(|c| {
+                bump_counter(c, "bundle_sequence")?;
+                bump_counter(c, "bundle_sequence")?;
+                Ok(())
+            })
+            .unwrap();
+        store.close();
+        let conn = Connection::open(path).unwrap();
+        conn.execute_batch(
+            "DROP TABLE federated_bundles; DROP INDEX tasks_by_parent;
+             DROP INDEX tasks_active_by_spiffe_id; PRAGMA user_version = 1;",
+        )
+        .unwrap();
+    }
+
+    /// A migrated store cannot be opened by the older writ again: a copy
+    /// as it was is kept beside it, and an earlier copy of the same name
+    /// is never overwritten.
+    #[test]
+    fn migrating_an_older_schema_keeps_a_backup_of_it_first() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("w.db");
+        make_version_1_store(&path);
+        Store::open(&path).unwrap().close();
+        let backup = dir.path().join("w.db.schema-1.bak");
+        let mode = std::fs::metadata(&backup).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let conn = Connection::open(&backup).unwrap();
+        let (version, sequence): (i64, u64) = (
+            conn.pragma_query_value(None, "user_version", |r| r.get(0))
+                .unwrap(),
+            read_counter(&conn, "bundle_sequence").unwrap(),
+        );
+        assert_eq!((version, sequence), (1, 2));
+        drop(conn);
+        let first = std::fs::read(&backup).unwrap();
+
+        // Opening the current schema copies nothing.
+        Store::open(&path).unwrap().close();
+        assert!(!dir.path().join("w.db.schema-1.1.bak").exists());
+
+        // Back to version 1 and migrated again: the first copy stays.
+        std::fs::remove_file(&path).unwrap();
+        make_version_1_store(&path);
+        Store::open(&path).unwrap().close();
+        assert_eq!(std::fs::read(&backup).unwrap(), first);
+        let second = dir.path().join("w.db.schema-1.1.bak");
+        let conn = Connection::open(&second).unwrap();
+        let version: i64 = conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, 1);
+    }
+
     #[test]
     fn a_version_1_database_is_migrated_and_keeps_its_data() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("w.db");
-        {
-            // Build exactly what a version-1 writ left behind.
-            let store = Store::open(&path).unwrap();
-            store
-                .write_blocking(|c| {
-                    bump_counter(c, "bundle_sequence")?;
-                    bump_counter(c, "bundle_sequence")?;
-                    Ok(())
-                })
-                .unwrap();
-            store.close();
-            let conn = Connection::open(&path).unwrap();
-            conn.execute_batch(
-                "DROP TABLE federated_bundles; DROP INDEX tasks_by_parent;
-                 DROP INDEX tasks_active_by_spiffe_id; PRAGMA user_version = 1;",
-            )
-            .unwrap();
-        }
+        make_version_1_store(&path);
         let store = Store::open(&path).unwrap();
         let (version, sequence, rows, indexes): (i64, u64, i64, i64) = store
             .read(|c| {

@@ -102,12 +102,9 @@ fn not_persisted(inner: &Inner) -> Vec<String> {
     ids
 }
 
-/// The store job that inserts a new task's row, refusing a duplicate id
-/// and a parent completed before it.
-fn task_row_writer(
-    task: &Arc<Task>,
-) -> Result<impl FnOnce(&rusqlite::Connection) -> TaskRowOutcome + Send + 'static, TaskError> {
-    let record = serde_json::to_string(&TaskRecord {
+/// What `task` stores in its row's `record` column.
+fn record_json(task: &Task) -> Result<String, TaskError> {
+    serde_json::to_string(&TaskRecord {
         binding: task.binding.clone(),
         intent: task.intent.clone(),
         orchestrator: task.orchestrator.clone(),
@@ -115,7 +112,25 @@ fn task_row_writer(
         depth: task.depth,
         federates_with: task.federates_with.iter().map(|t| t.to_string()).collect(),
     })
-    .map_err(|e| TaskError::Store(StoreError::Corrupt(e.to_string())))?;
+    .map_err(|e| TaskError::Store(StoreError::Corrupt(e.to_string())))
+}
+
+/// How much later than a task's (whole-second) `created_at` the cgroup it
+/// is bound to may have been made and still be the one it was bound to:
+/// the cgroup existed when the task began, within that second.
+const CGROUP_CREATION_SLACK: Duration = Duration::from_secs(2);
+
+/// Why restore completes a legacy cgroup task (stored without its cgroup's
+/// id) whose path now holds a cgroup made after it began.
+const MADE_AGAIN_DETAIL: &str =
+    "found after restart: the cgroup at its path was made again after the task began";
+
+/// The store job that inserts a new task's row, refusing a duplicate id
+/// and a parent completed before it.
+fn task_row_writer(
+    task: &Arc<Task>,
+) -> Result<impl FnOnce(&rusqlite::Connection) -> TaskRowOutcome + Send + 'static, TaskError> {
+    let record = record_json(task)?;
     let t = task.clone();
     Ok(move |conn: &rusqlite::Connection| -> TaskRowOutcome {
         if let Some(parent) = &t.parent_id {
@@ -2063,6 +2078,14 @@ impl TaskManager {
         let boot = crate::store::current_boot();
         let recorded = self.store.read(crate::store::recorded_boot)?;
         let other_boot = matches!((recorded, boot), (Some(then), Some(now)) if then != now);
+        // Writs before the boot id recorded none: a task of theirs begun
+        // before this boot started is of an earlier one all the same.
+        let booted_at = match recorded {
+            None => crate::store::boot_time(),
+            Some(_) => None,
+        };
+        let of_other_boot =
+            |task: &Task| other_boot || booted_at.is_some_and(|booted| task.created_at < booted);
         // Parents before children, so each child finds its parent active.
         tasks.sort_by_key(|t| t.depth);
         let now = SystemTime::now();
@@ -2089,8 +2112,12 @@ impl TaskManager {
         }
         let mut to_complete = Vec::new();
         let mut restored = std::collections::HashSet::new();
+        // Legacy cgroup tasks kept, with their cgroup's id now known.
+        let mut ids_learned = Vec::new();
         for task in tasks {
-            let task = Arc::new(task);
+            let mut task = Arc::new(task);
+            let mut made_again = false;
+            let mut id_learned = None;
             // A sub-task outlives no parent: one whose parent is completed
             // (or gone from the store) completes with it. Parents come
             // first, so every active parent is in `restored` by now.
@@ -2099,9 +2126,10 @@ impl TaskManager {
                 .as_ref()
                 .is_some_and(|p| !restored.contains(p));
             restored.insert(task.id.clone());
+            let task_of_other_boot = of_other_boot(&task);
             let alive = match &task.binding {
-                Binding::Pid { .. } if other_boot => Err(CompletionReason::ProcessExited),
-                Binding::Cgroup { .. } if other_boot => Err(CompletionReason::CgroupEmpty),
+                Binding::Pid { .. } if task_of_other_boot => Err(CompletionReason::ProcessExited),
+                Binding::Cgroup { .. } if task_of_other_boot => Err(CompletionReason::CgroupEmpty),
                 Binding::Pid { pid, start_time } => match PinnedProcess::open(*pid) {
                     Ok(p) if p.start_time() == *start_time => {
                         Ok(BindingWatch::Process(Arc::new(p)))
@@ -2121,7 +2149,23 @@ impl TaskManager {
                     .cgroup_dir(path)
                     .and_then(|dir| Some((CgroupDir::open(&dir).ok()?, dir)))
                 {
+                    // Stored without the id (by an older writ): the
+                    // cgroup now there is the task's only if it was made
+                    // before the task began. A creation time that cannot
+                    // be read (the cgroup just removed) proves nothing.
+                    Some((cgroup, _))
+                        if id.is_none()
+                            && cgroup.created_at().is_none_or(|made| {
+                                made > task.created_at + CGROUP_CREATION_SLACK
+                            }) =>
+                    {
+                        made_again = true;
+                        Err(CompletionReason::CgroupEmpty)
+                    }
                     Some((cgroup, dir)) if id.is_none_or(|id| cgroup.id() == id) => {
+                        if id.is_none() {
+                            id_learned = Some(cgroup.id());
+                        }
                         // Without its CPU time at the start, an empty cgroup
                         // may have emptied while writ was down: it is taken
                         // to have held processes, so it has.
@@ -2164,29 +2208,53 @@ impl TaskManager {
             if let Some(entry) = &identity_taken {
                 tracing::warn!(task = %task.id, spiffe_id = %task.spiffe_id, entry = %entry, "a registration entry holds this task's identity or one below it; the task is ended");
             }
-            let reason = match alive {
-                _ if orphaned => Some(CompletionReason::ParentCompleted),
-                _ if task.expires_at <= now => Some(CompletionReason::TtlExpired),
-                _ if identity_taken.is_some() => Some(CompletionReason::IdentityTaken),
-                Err(r) => Some(r),
-                Ok(_) => None,
-            };
-            match reason {
-                Some(r) => {
-                    // Completed below, once: no watcher or TTL timer of its
-                    // own to race that completion with another reason.
-                    self.activate_restored_to_complete(task.clone());
-                    to_complete.push((task.id.clone(), r));
-                }
-                None => self.activate_restored(task.clone(), watch),
-            }
-        }
-        for (id, reason) in to_complete {
-            let detail = if other_boot {
+            let found = if task_of_other_boot {
                 "found after a reboot"
             } else {
                 "found after restart"
             };
+            let reason = match alive {
+                _ if orphaned => Some((CompletionReason::ParentCompleted, found)),
+                _ if task.expires_at <= now => Some((CompletionReason::TtlExpired, found)),
+                _ if identity_taken.is_some() => Some((CompletionReason::IdentityTaken, found)),
+                Err(r) if made_again => Some((r, MADE_AGAIN_DETAIL)),
+                Err(r) => Some((r, found)),
+                Ok(_) => None,
+            };
+            match reason {
+                Some((r, detail)) => {
+                    // Completed below, once: no watcher or TTL timer of its
+                    // own to race that completion with another reason.
+                    self.activate_restored_to_complete(task.clone());
+                    to_complete.push((task.id.clone(), r, detail));
+                }
+                None => {
+                    if let Some(learned) = id_learned
+                        && let Binding::Cgroup { id, .. } = &mut Arc::make_mut(&mut task).binding
+                    {
+                        *id = Some(learned);
+                        ids_learned.push((task.id.clone(), record_json(&task)?));
+                    }
+                    self.activate_restored(task.clone(), watch)
+                }
+            }
+        }
+        // Stored, so that later restarts check the id: a cgroup made again
+        // at the path after this is then found by it.
+        if !ids_learned.is_empty() {
+            self.store
+                .write(move |conn| {
+                    let mut stmt = conn.prepare_cached(
+                        "UPDATE tasks SET record = ?2 WHERE task_id = ?1 AND completed_at IS NULL",
+                    )?;
+                    for (id, record) in &ids_learned {
+                        stmt.execute(params![id, record])?;
+                    }
+                    Ok(())
+                })
+                .await?;
+        }
+        for (id, reason, detail) in to_complete {
             self.complete(&id, reason, detail.into()).await?;
         }
         if let Some(boot) = boot
@@ -3710,6 +3778,48 @@ mod tests {
         assert_eq!(recorded(&agent), Some(now));
     }
 
+    /// A store from a writ that recorded no boot id: its tasks begun
+    /// before this boot are of an earlier one, and completed even when a
+    /// live process has their PID and start time; those begun since are
+    /// restored as before.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn restore_without_a_recorded_boot_completes_tasks_begun_before_this_boot() {
+        let Some(booted) = crate::store::boot_time() else {
+            eprintln!("SKIPPED: no btime in /proc/stat");
+            return;
+        };
+        let agent = TestAgent::start().await;
+        agent.begin("t-legacy").await.unwrap();
+        let serials = agent.svc.tasks.issued_serials("t-legacy").unwrap();
+        // As the older writ left it: no boot recorded.
+        let forget_boot = "DELETE FROM meta WHERE key = 'boot'";
+        run_sql(&agent, forget_boot).await;
+        let same_boot = restarted(&agent);
+        same_boot.restore().await.unwrap();
+        let task = same_boot.get("t-legacy").unwrap().unwrap();
+        assert!(task.completion.is_none(), "{:?}", task.completion);
+
+        run_sql(&agent, forget_boot).await;
+        let before_boot = unix_secs(booted) - 60;
+        agent
+            .svc
+            .store
+            .write(move |c| {
+                c.execute(
+                    "UPDATE tasks SET created_at = ?1 WHERE task_id = 't-legacy'",
+                    params![before_boot],
+                )?;
+                Ok(())
+            })
+            .await
+            .unwrap();
+        let rebooted = restarted(&agent);
+        rebooted.restore().await.unwrap();
+        let task = rebooted.get("t-legacy").unwrap().unwrap();
+        assert_completed_and_revoked(&agent, &task, &serials, "process_exited");
+        assert_eq!(task.completion.unwrap().detail, "found after a reboot");
+    }
+
     /// A task begun while the clock was two days ahead, restored once it
     /// is put right, lives no longer than its TTL from now: served, read
     /// back and stored with the deadline brought forward, and its SVIDs
@@ -4001,6 +4111,71 @@ mod tests {
         ends_as_emptied(&mut completions, "t-waiting").await;
     }
 
+    /// Begins task `id` on `/writ.slice/job` under the fake mount, as a run
+    /// of writ that then stops: on a runtime of its own, dropped with the
+    /// task's watcher.
+    fn begin_in_a_run_that_stops(agent: &TestAgent, mount: &Path, id: &'static str) {
+        let manager = manager_with_cgroups(agent, Some(mount));
+        let orchestrator = agent.orchestrator();
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime
+                .block_on(manager.begin(job_cgroup_request(id), &orchestrator))
+                .unwrap();
+        })
+        .join()
+        .unwrap();
+    }
+
+    /// A cgroup task stored by an older writ has no cgroup id. Restored,
+    /// the cgroup at its path is its own only if it was made before the
+    /// task began (by its `cgroup.controllers`' change time, here the fake
+    /// file's): then its id is stored for later restarts; one made after
+    /// (again at the path while writ was down) ends the task.
+    #[tokio::test]
+    async fn after_a_restart_a_legacy_cgroup_task_is_kept_only_by_a_cgroup_made_before_it() {
+        let agent = TestAgent::start().await;
+        let mount = tempfile::tempdir().unwrap();
+        let job = fake_job_cgroup(mount.path());
+        std::fs::write(job.join("cgroup.events"), "populated 1\nfrozen 0\n").unwrap();
+        std::fs::write(job.join("cgroup.controllers"), "").unwrap();
+        begin_in_a_run_that_stops(&agent, mount.path(), "t-legacy");
+        let stored_id = |agent: &TestAgent| -> Option<i64> {
+            query_for(
+                agent,
+                "SELECT json_extract(record, '$.binding.cgroup.id') FROM tasks WHERE task_id = ?1",
+                "t-legacy",
+            )
+        };
+        let job_id = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&job).unwrap()) as i64;
+        assert_eq!(stored_id(&agent), Some(job_id));
+        let forget_id = "UPDATE tasks SET record = json_remove(record, '$.binding.cgroup.id')
+                         WHERE task_id = 't-legacy'";
+        run_sql(&agent, forget_id).await;
+
+        let fresh = manager_with_cgroups(&agent, Some(mount.path()));
+        fresh.restore().await.unwrap();
+        assert!(is_active(&fresh, "t-legacy"));
+        assert_eq!(stored_id(&agent), Some(job_id), "the id was not stored");
+        drop(fresh);
+
+        // As if the task had begun a minute before the cgroup was made.
+        run_sql(&agent, forget_id).await;
+        run_sql(
+            &agent,
+            "UPDATE tasks SET created_at = created_at - 60 WHERE task_id = 't-legacy'",
+        )
+        .await;
+        let fresh = manager_with_cgroups(&agent, Some(mount.path()));
+        fresh.restore().await.unwrap();
+        let completion = fresh.get("t-legacy").unwrap().unwrap().completion.unwrap();
+        assert_eq!(completion.reason, CompletionReason::CgroupEmpty.as_str());
+        assert_eq!(completion.detail, MADE_AGAIN_DETAIL);
+    }
+
     /// A cgroup that held processes when its task began has emptied once it
     /// holds none, even if they were moved out while writ was down, which
     /// adds no CPU time there: a probe's restart took such a cgroup for one
@@ -4013,21 +4188,7 @@ mod tests {
         let events = job.join("cgroup.events");
         std::fs::write(&events, "populated 1\nfrozen 0\n").unwrap();
         std::fs::write(job.join("cpu.stat"), "usage_usec 700\nuser_usec 400\n").unwrap();
-        // Begun by a run of writ that then stops: on a runtime of its own,
-        // dropped with the task's watcher.
-        let manager = manager_with_cgroups(&agent, Some(mount.path()));
-        let orchestrator = agent.orchestrator();
-        std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            runtime
-                .block_on(manager.begin(job_cgroup_request("t-moved-out"), &orchestrator))
-                .unwrap();
-        })
-        .join()
-        .unwrap();
+        begin_in_a_run_that_stops(&agent, mount.path(), "t-moved-out");
 
         std::fs::write(&events, "populated 0\nfrozen 0\n").unwrap();
         let fresh = manager_with_cgroups(&agent, Some(mount.path()));

@@ -1449,3 +1449,46 @@ fn a_lost_store_beside_an_existing_ca_refuses_the_start() {
         "the revocation is back in the CRL"
     );
 }
+
+/// Writs before the state directory's locks take only their audit trail's
+/// writer lock. A newer writ started beside one must refuse before it opens
+/// the store: it used to migrate the schema first and fail on the trail's
+/// lock after, leaving a store the running (older) writ refuses at its next
+/// start. The older writ is stood in for by this test holding that lock.
+#[test]
+fn a_trail_locked_by_another_process_refuses_the_start_before_the_store_is_opened() {
+    let mut service = Service::new("", "info");
+    service.spawn(&[]);
+    assert!(service.stop().success());
+    let state = service.dir.path().join("state");
+    let trail = state.join("audit/audit.jsonl");
+    let lock = state.join("audit/audit.jsonl.lock");
+    let store_files = || {
+        let mut files: Vec<(String, Vec<u8>)> = std::fs::read_dir(&state)
+            .unwrap()
+            .map(|e| e.unwrap())
+            .filter(|e| e.file_name().to_string_lossy().starts_with("writ.db"))
+            .map(|e| {
+                let name = e.file_name().to_string_lossy().into_owned();
+                (name, std::fs::read(e.path()).unwrap())
+            })
+            .collect();
+        files.sort();
+        files
+    };
+    let before = store_files();
+    let held = std::fs::OpenOptions::new().write(true).open(&lock).unwrap();
+    rustix::fs::flock(&held, rustix::fs::FlockOperation::NonBlockingLockExclusive).unwrap();
+    let (code, log) = common::run_expecting_failure(&service.config_path);
+    drop(held);
+    assert_eq!(code, Some(1), "{log}");
+    assert_eq!(store_files(), before, "the refused start changed the store");
+    assert!(
+        log.contains(&format!(
+            "audit trail {} is in use by another writ",
+            trail.display()
+        )) && log.contains("perhaps an older version"),
+        "{log}"
+    );
+    service.spawn(&[]);
+}

@@ -12,7 +12,7 @@ pub(crate) mod verify;
 
 pub use event::{AuditEvent, CallerFacts, EventKind, TaskFacts};
 pub use files::{TrailTail, tail_lines, trail_files};
-pub(crate) use files::{lock_exclusively, lock_path};
+pub(crate) use files::{lock_exclusively, lock_path, writer_is_live};
 pub use log::{AuditLog, AuditReceipt, Clock};
 pub use record::{CheckpointFacts, CheckpointKind, ZERO_HASH, checkpoint_message};
 pub use verify::{
