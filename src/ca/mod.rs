@@ -863,13 +863,13 @@ impl CertificateAuthority {
         if outcome.x509_signer_unpublished {
             tracing::warn!(
                 key_id = hex::encode(self.active_key_id()),
-                "the CA root expired while writ was down, or is dated in the future (made while the clock was ahead), so a new root signs at once without ever having been published: federated peers cannot verify writ's SVIDs or reach its https_spiffe bundle endpoint until they are given writ's bundle again (`writ bundle show --format spiffe`, then e.g. `spire-server bundle set -format spiffe`)"
+                "the CA root expired before rotation could replace it (writ was down, or the clock jumped ahead), or is dated in the future (made while the clock was ahead), so a new root signs at once without ever having been published: federated peers cannot verify writ's SVIDs or reach its https_spiffe bundle endpoint until they are given writ's bundle again (`writ bundle show --format spiffe`, then e.g. `spire-server bundle set -format spiffe`)"
             );
         }
         if outcome.jwt_signer_unpublished {
             tracing::warn!(
                 key_id = self.active_jwt_key_id().unwrap_or_default(),
-                "the JWT signing key expired while writ was down, or is dated in the future (made while the clock was ahead), so a new key signs at once without ever having been published: federated peers reject writ's JWT-SVIDs until they fetch writ's bundle again"
+                "the JWT signing key expired before rotation could replace it (writ was down, or the clock jumped ahead), or is dated in the future (made while the clock was ahead), so a new key signs at once without ever having been published: federated peers reject writ's JWT-SVIDs until they fetch writ's bundle again"
             );
         }
         Ok(outcome)
