@@ -564,6 +564,41 @@ fn one_writer_at_a_time_and_internal_events_are_refused() {
     audit::verify(&config.path, &[root]).unwrap();
 }
 
+/// The trail's lock file deleted by hand while a writer runs: a second
+/// writer still finds the trail taken (its current file is locked too),
+/// before it changes anything, also after a rotation; the first one's
+/// records stay as written.
+#[test]
+fn a_deleted_lock_file_lets_no_second_writer_in() {
+    let _no_spawns = no_spawns();
+    let dir = tempfile::tempdir().unwrap();
+    let (signer, root) = root_signer("writ test root");
+    let mut config = config(dir.path());
+    config.max_file_bytes = 4 * 1024;
+    let log = AuditLog::open(&config, signer.clone()).unwrap();
+    let lock = config.path.with_file_name("audit.jsonl.lock");
+    for round in 0..2u64 {
+        for i in 0..30 {
+            log.append_blocking(issued(round * 100 + i)).unwrap();
+        }
+        std::fs::remove_file(&lock).unwrap();
+        let before = std::fs::read(&config.path).unwrap();
+        let second = AuditLog::open(&config, signer.clone());
+        assert!(
+            matches!(second, Err(AuditError::Locked { .. })),
+            "round {round}: {second:?}"
+        );
+        assert_eq!(std::fs::read(&config.path).unwrap(), before);
+    }
+    assert!(
+        audit::trail_files(&config.path).unwrap().len() >= 2,
+        "no rotation"
+    );
+    log.close();
+    drop(log);
+    audit::verify(&config.path, &[root]).unwrap();
+}
+
 #[test]
 fn checkpoints_follow_the_injected_clock() {
     let _no_spawns = no_spawns();

@@ -457,6 +457,25 @@ impl AuditLog {
                 lock: files::lock_path(&path),
             })?;
 
+        // The lock file alone is not enough: deleted by hand while a writer
+        // runs, it would let a second writer in, whose recovery would cut
+        // the first one's zeroed space and whose records the first would
+        // write over. The writer also holds a lock on the current file
+        // itself, so that second writer is refused here, before `recover`.
+        let existing = match File::open(&path) {
+            Ok(file) => Some(file),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(io_err(&path)(e)),
+        };
+        if let Some(file) = &existing
+            && !lock_current(file).map_err(io_err(&path))?
+        {
+            return Err(AuditError::Locked {
+                path: path.clone(),
+                lock: path.clone(),
+            });
+        }
+
         let now = clock();
         let Recovered {
             head,
@@ -465,6 +484,15 @@ impl AuditLog {
         } = recover(&path, now)?;
         // `recover` left the current file ending on its last record.
         let (file, file_len) = open_current(&path, &dir)?;
+        // Held from now on through the writer's own descriptor (a lock of
+        // another open of the same file would refuse it).
+        drop(existing);
+        if !lock_current(&file).map_err(io_err(&path))? {
+            return Err(AuditError::Locked {
+                path: path.clone(),
+                lock: path.clone(),
+            });
+        }
 
         let mut started = AuditEvent::new(EventKind::AuditStarted, correlation_id())
             .detail("writ_version", env!("CARGO_PKG_VERSION"))
@@ -807,14 +835,29 @@ fn run_background(shared: &Shared) {
         state = shared.wake.wait(state).unwrap_or_else(|p| p.into_inner());
     }
     let answered = state.seal();
-    // Another writer (a restart in the same process) may take it now.
+    // Another writer (a restart in the same process) may take it now, and
+    // the current file's lock with it (its descriptor may live on a while).
     state.writer.lock = None;
+    if let Err(e) = rustix::fs::flock(&*state.writer.file, rustix::fs::FlockOperation::Unlock) {
+        tracing::warn!(error = %e, "could not release the audit file's lock");
+    }
     drop(state);
     wake_all(answered);
 }
 
 fn correlation_id() -> String {
     ulid::Ulid::new().to_string()
+}
+
+/// An exclusive `flock` on the trail's current file, through `file`; false
+/// when another writer holds it. Rotated files keep theirs until the
+/// writer drops their descriptor: only the current file matters.
+fn lock_current(file: &File) -> std::io::Result<bool> {
+    match rustix::fs::flock(file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+        Ok(()) => Ok(true),
+        Err(rustix::io::Errno::WOULDBLOCK) => Ok(false),
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// Opens (creating, 0600) the current file for writing at its end.
@@ -1178,7 +1221,19 @@ impl Writer {
             return false;
         }
         self.next_rotation += 1;
-        match open_current(&self.path, &self.dir) {
+        let opened =
+            open_current(&self.path, &self.dir).and_then(|(file, len)| match lock_current(&file) {
+                Ok(true) => Ok((file, len)),
+                Ok(false) => Err(AuditError::Locked {
+                    path: self.path.clone(),
+                    lock: self.path.clone(),
+                }),
+                Err(source) => Err(AuditError::Io {
+                    path: self.path.clone(),
+                    source,
+                }),
+            });
+        match opened {
             Ok((file, len)) => {
                 if let Err(e) = sync_dir(&self.dir) {
                     tracing::warn!(error = %e, "fsync of the audit directory after rotation failed");
