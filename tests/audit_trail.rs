@@ -391,6 +391,19 @@ fn use_up_the_trails_room(writ: &Writ) {
     assert!(refused, "the trail never filled");
 }
 
+/// A writ whose audit trail (`audit.jsonl` on a 2 MiB tmpfs, 4 KiB
+/// preallocated) can be filled, with one entry for the caller's uid.
+fn writ_with_its_trail_on_a_small_disk() -> (SmallDisk, std::path::PathBuf, Writ) {
+    let disk = SmallDisk::mount("2m");
+    let trail = disk.dir.path().join("audit.jsonl");
+    let writ = Writ::start(&format!(
+        "[audit]\npath = \"{}\"\npreallocate_bytes = 4096\n\n[[entry]]\nspiffe_id = \"spiffe://writ.test/audited\"\nselectors = [\"unix:uid:{}\"]\n",
+        trail.display(),
+        uid()
+    ));
+    (disk, trail, writ)
+}
+
 /// A task's completion is durable in the store before its records are
 /// written, so it stands even when the trail refuses them (a full disk).
 /// Those records used to be lost for good; now they are kept and written,
@@ -401,13 +414,7 @@ fn records_the_trail_refused_are_written_once_it_has_room_again() {
         eprintln!("SKIPPED: needs root to mount a small disk for the trail");
         return;
     }
-    let disk = SmallDisk::mount("2m");
-    let trail = disk.dir.path().join("audit.jsonl");
-    let writ = Writ::start(&format!(
-        "[audit]\npath = \"{}\"\npreallocate_bytes = 4096\n\n[[entry]]\nspiffe_id = \"spiffe://writ.test/audited\"\nselectors = [\"unix:uid:{}\"]\n",
-        trail.display(),
-        uid()
-    ));
+    let (disk, trail, writ) = writ_with_its_trail_on_a_small_disk();
     let admin = writ.dir.path().join("run/admin.sock");
     let admin = admin.to_str().unwrap();
     let mut sleeper = Command::new("sleep").arg("60").spawn().unwrap();
@@ -548,16 +555,10 @@ fn a_trail_others_can_read_is_warned_of_at_start() {
 #[test]
 fn a_stop_counts_the_records_the_full_trail_still_refuses() {
     if !is_root() {
-        eprintln!("skipped: mounting a small tmpfs needs root");
+        eprintln!("SKIPPED: needs root to mount a small disk for the trail");
         return;
     }
-    let disk = SmallDisk::mount("2m");
-    let trail = disk.dir.path().join("audit.jsonl");
-    let mut writ = Writ::start(&format!(
-        "[audit]\npath = \"{}\"\npreallocate_bytes = 4096\n\n[[entry]]\nspiffe_id = \"spiffe://writ.test/audited\"\nselectors = [\"unix:uid:{}\"]\n",
-        trail.display(),
-        uid()
-    ));
+    let (disk, _, mut writ) = writ_with_its_trail_on_a_small_disk();
     let admin = writ.dir.path().join("run/admin.sock");
     let admin = admin.to_str().unwrap().to_owned();
     let mut sleeper = Command::new("sleep").arg("60").spawn().unwrap();
