@@ -436,6 +436,8 @@ pub struct Agent {
     /// Records of work done that the trail refused (a full disk), kept to
     /// write once it takes them again (`retry_unrecorded`).
     unrecorded: Mutex<Unrecorded>,
+    /// Each uid's budget of refusal records (`refusal_budget`).
+    refusal_budget: Mutex<crate::refusal_budget::RefusalBudget>,
     validation_keys: RwLock<Option<(Vec<u64>, Arc<JwtKeySet>)>>,
     trust_domain: TrustDomain,
     attestors: AttestorSet,
@@ -496,6 +498,7 @@ impl Agent {
             policy_failures: crate::policy::FailureWarnings::new(POLICY_FAILURE_WARNING_INTERVAL),
             audit: std::sync::OnceLock::new(),
             unrecorded: Mutex::new(Unrecorded::default()),
+            refusal_budget: Mutex::new(Default::default()),
             attestors,
             store,
             task_svid_ttl,
@@ -724,7 +727,7 @@ impl Agent {
                 if let Some(caller) = audit_caller {
                     event = event.caller(caller);
                 }
-                self.record_best_effort(event).await;
+                self.record_refusal(event).await;
             }
         }
         decision
@@ -809,6 +812,55 @@ impl Agent {
         if let Err(e) = recorded {
             tracing::error!(error = %e, event = %event.event, "the audit trail refused a record; kept to write once it can");
             self.keep_unrecorded([event]);
+        }
+    }
+
+    /// For refusals a caller can cause at will (denied, not attested, its
+    /// JWT-SVID rejected): written like `record_best_effort` while the
+    /// caller's uid is within its budget, otherwise only counted, for
+    /// `record_suppressed_refusals`.
+    pub async fn record_refusal(&self, event: AuditEvent) {
+        let uid = event.caller.as_ref().map(|c| c.uid);
+        let admitted =
+            lock(&self.refusal_budget).admit(uid, event.event.as_str(), std::time::Instant::now());
+        if admitted {
+            self.record_best_effort(event).await;
+        } else {
+            self.metrics.audit_refusals_suppressed.inc();
+        }
+    }
+
+    /// Writes one `refusals_suppressed` record per uid whose refusals went
+    /// past its budget since the last call, with their counts by event
+    /// kind. Called about once a second.
+    pub async fn record_suppressed_refusals(&self) {
+        let due = lock(&self.refusal_budget).sweep(std::time::Instant::now());
+        for suppressed in due {
+            let total = suppressed.total();
+            tracing::warn!(
+                uid = suppressed.uid,
+                refusals = total,
+                "a uid was refused more often than the audit trail records one by one (20 a second after a burst of 100); its refusals are counted in a refusals_suppressed record"
+            );
+            let mut event =
+                AuditEvent::new(EventKind::RefusalsSuppressed, ulid::Ulid::new().to_string())
+                    .detail("count", total)
+                    .detail(
+                        "by_event",
+                        serde_json::Map::from_iter(
+                            suppressed
+                                .by_event
+                                .iter()
+                                .map(|(kind, n)| ((*kind).to_owned(), Value::from(*n))),
+                        ),
+                    );
+            if let Some(uid) = suppressed.uid {
+                event = event.caller(crate::audit::CallerFacts {
+                    uid,
+                    ..Default::default()
+                });
+            }
+            self.record_best_effort(event).await;
         }
     }
 

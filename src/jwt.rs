@@ -12,6 +12,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use ring::rand::{SecureRandom, SystemRandom};
 use ring::signature::{self, EcdsaKeyPair, KeyPair as _, RsaPublicKeyComponents};
 use serde_json::{Map, Value};
+use writ_attestors::excerpt;
 
 use crate::bundle::{JwtAuthority, TrustBundle};
 use crate::spiffe_id::{SpiffeId, TrustDomain};
@@ -35,13 +36,14 @@ pub enum JwtError {
     TooLarge { size: usize, limit: usize },
     #[error("malformed token: {0}")]
     Malformed(String),
-    #[error("algorithm {0:?} is not allowed for JWT-SVIDs")]
+    #[error("algorithm {:?} is not allowed for JWT-SVIDs", excerpt(.0))]
     AlgorithmNotAllowed(String),
     #[error(
-        "unsupported algorithm {0}: writ verifies ES256, ES384, RS256/384/512 and PS256/384/512"
+        "unsupported algorithm {}: writ verifies ES256, ES384, RS256/384/512 and PS256/384/512",
+        excerpt(.0)
     )]
     UnsupportedAlgorithm(String),
-    #[error("header typ {0:?} is not allowed; it must be JWT or JOSE")]
+    #[error("header typ {:?} is not allowed; it must be JWT or JOSE", excerpt(.0))]
     BadType(String),
     #[error("critical header parameters (crit) are not supported")]
     CriticalHeader,
@@ -58,14 +60,17 @@ pub enum JwtError {
     InvalidSubject(String),
     #[error("no JWT bundle for trust domain {0}")]
     NoBundle(TrustDomain),
-    #[error("key ID {key_id:?} is not in the JWT bundle of trust domain {trust_domain}")]
+    #[error(
+        "key ID {:?} is not in the JWT bundle of trust domain {trust_domain}",
+        excerpt(key_id)
+    )]
     UnknownKeyId {
         key_id: String,
         trust_domain: TrustDomain,
     },
-    #[error("key {key_id:?} cannot verify {alg} signatures")]
+    #[error("key {:?} cannot verify {alg} signatures", excerpt(key_id))]
     KeyMismatch { key_id: String, alg: &'static str },
-    #[error("key {key_id:?} is unusable: {reason}")]
+    #[error("key {:?} is unusable: {}", excerpt(key_id), excerpt(reason))]
     KeyUnusable { key_id: String, reason: String },
     #[error("signature does not verify")]
     BadSignature,
@@ -650,9 +655,7 @@ fn check_audience(claims: &Map<String, Value>, audience: &str) -> Result<(), Jwt
     if !found {
         // Shortened: the audience is the caller's, and the message goes back
         // to it in a header clients bound.
-        return Err(JwtError::AudienceMismatch(
-            writ_attestors::excerpt(audience).to_string(),
-        ));
+        return Err(JwtError::AudienceMismatch(excerpt(audience).to_string()));
     }
     Ok(())
 }
@@ -877,6 +880,32 @@ mod tests {
             JwtError::BadType("at+jwt".into()).to_string(),
             r#"header typ "at+jwt" is not allowed; it must be JWT or JOSE"#
         );
+        // A value the token's author chose goes back in a header clients
+        // bound (grpc-python's soft limit is 8 KiB): shortened.
+        let long = "x".repeat(11_000);
+        for refusal in [
+            JwtError::AlgorithmNotAllowed(long.clone()),
+            JwtError::UnsupportedAlgorithm(long.clone()),
+            JwtError::BadType(long.clone()),
+            JwtError::UnknownKeyId {
+                key_id: long.clone(),
+                trust_domain: "writ.test".parse().unwrap(),
+            },
+            JwtError::KeyMismatch {
+                key_id: long.clone(),
+                alg: "ES256",
+            },
+            JwtError::KeyUnusable {
+                key_id: long.clone(),
+                reason: long.clone(),
+            },
+        ] {
+            let message = refusal.to_string();
+            assert!(
+                message.len() < 1_000 && message.contains("(11000 bytes)"),
+                "{message}"
+            );
+        }
         assert!(matches!(
             check(&with_header(json!({"alg": "ES256", "kid": kid, "typ": 5}))),
             JwtError::Malformed(m) if m == "header typ is not a string"

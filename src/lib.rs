@@ -21,6 +21,7 @@ pub mod peer;
 pub mod policy;
 pub mod prune_clock;
 pub mod readiness;
+mod refusal_budget;
 pub mod reload;
 pub mod service;
 pub mod spiffe_id;

@@ -774,6 +774,7 @@ async fn end_tasks_then_close_trail(
 /// trail never took, which is logged.
 pub(crate) async fn close_audit_trail(agent: &Agent) -> Option<crate::agent::UnrecordedAtStop> {
     agent.retry_unrecorded().await;
+    agent.record_suppressed_refusals().await;
     if let Some(audit) = agent.audit_log().cloned() {
         let _ = tokio::task::spawn_blocking(move || audit.close()).await;
     }
@@ -995,7 +996,8 @@ pub(crate) fn load_policy(files: &[PathBuf]) -> Result<crate::policy::PolicyEngi
 const UNRECORDED_RETRY: Duration = Duration::from_secs(1);
 
 /// Offers the trail the records it refused, every `UNRECORDED_RETRY`,
-/// until writ stops (closing the trail tries once more).
+/// until writ stops (closing the trail tries once more), and writes the
+/// counts of refusals past their uid's budget.
 async fn retry_unrecorded_forever(agent: Arc<Agent>, mut stop: tokio::sync::watch::Receiver<bool>) {
     loop {
         tokio::select! {
@@ -1003,6 +1005,7 @@ async fn retry_unrecorded_forever(agent: Arc<Agent>, mut stop: tokio::sync::watc
             _ = stop.wait_for(|stop| *stop) => return,
         }
         agent.retry_unrecorded().await;
+        agent.record_suppressed_refusals().await;
     }
 }
 

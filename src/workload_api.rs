@@ -95,14 +95,22 @@ impl WorkloadApi {
 
 /// Checks the security header and returns the pinned caller.
 pub fn authenticate<T>(request: &Request<T>) -> Result<Arc<Caller>, Status> {
-    match request.metadata().get(SECURITY_HEADER) {
-        Some(v) if v.as_bytes() == b"true" => {}
-        Some(_) => {
+    // Exactly one value, as SPIRE requires: with `get` alone a request
+    // carrying `true` and then `false` would pass, its reverse not.
+    let mut values = request.metadata().get_all(SECURITY_HEADER).iter();
+    match (values.next(), values.next()) {
+        (Some(_), Some(_)) => {
+            return Err(Status::invalid_argument(format!(
+                "security header {SECURITY_HEADER} must be sent once, with the value \"true\""
+            )));
+        }
+        (Some(v), None) if v.as_bytes() == b"true" => {}
+        (Some(_), None) => {
             return Err(Status::invalid_argument(format!(
                 "security header {SECURITY_HEADER} must be \"true\""
             )));
         }
-        None => {
+        (None, _) => {
             return Err(Status::invalid_argument(format!(
                 "security header {SECURITY_HEADER} missing from request metadata"
             )));
@@ -259,7 +267,7 @@ async fn entitled(
             let status = agent_status(e);
             if !gone {
                 agent
-                    .record_best_effort(
+                    .record_refusal(
                         AuditEvent::new(
                             EventKind::AttestationFailure,
                             ulid::Ulid::new().to_string(),
@@ -284,7 +292,7 @@ async fn entitled(
     if entitled.entitlements.is_empty() {
         tracing::debug!(pid = caller.pid, selectors = ?entitled.attestation.selectors, "no identity for caller");
         agent
-            .record_best_effort(
+            .record_refusal(
                 AuditEvent::new(EventKind::Denied, ulid::Ulid::new().to_string())
                     .caller(entitled.caller_facts(caller))
                     .decision(action, false, Vec::<String>::new())
@@ -1209,7 +1217,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
             Err(e) => {
                 tracing::debug!(pid = caller.pid, reason = %e, "JWT-SVID refused");
                 self.agent
-                    .record_best_effort(
+                    .record_refusal(
                         AuditEvent::new(
                             EventKind::JwtValidationFailed,
                             ulid::Ulid::new().to_string(),
@@ -1221,7 +1229,11 @@ impl SpiffeWorkloadApi for WorkloadApi {
                         })
                         .decision("ValidateJWTSVID", false, Vec::<String>::new())
                         .reason(e.to_string())
-                        .detail("audience", req.audience.clone()),
+                        // An excerpt: the caller chooses its length.
+                        .detail(
+                            "audience",
+                            writ_attestors::excerpt(&req.audience).to_string(),
+                        ),
                     )
                     .await;
                 Err(Status::invalid_argument(format!("invalid JWT-SVID: {e}")))

@@ -795,3 +795,99 @@ fn a_nearly_full_state_disk_starts_without_the_preallocations() {
     let (ok, out, err) = verify(&writ, &[]);
     assert!(ok, "{out}{err}");
 }
+
+/// A caller refused over and over (here: no entry matches it, and its
+/// JWT-SVIDs do not validate) cannot fill the trail's disk: past a burst
+/// its refusals are counted in `refusals_suppressed` records, and every
+/// refusal is in the trail either as its own record or in a count. A
+/// refusal record keeps only an excerpt of a caller-chosen audience.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_flood_of_refusals_is_counted_rather_than_written_one_by_one() {
+    use writ::proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient;
+    let writ = Writ::start(
+        "[[entry]]\nspiffe_id = \"spiffe://writ.test/someone-else\"\nselectors = [\"unix:uid:4242424\"]\n",
+    );
+    let mut client =
+        SpiffeWorkloadApiClient::new(writ::cli::client::connect(&writ.socket).await.unwrap());
+    fn with_header<T>(message: T) -> tonic::Request<T> {
+        let mut r = tonic::Request::new(message);
+        r.metadata_mut()
+            .insert("workload.spiffe.io", "true".parse().unwrap());
+        r
+    }
+    const DENIED: usize = 300;
+    const INVALID: usize = 50;
+    // Within the burst: written one by one.
+    let long_audience = "a".repeat(100_000);
+    for _ in 0..INVALID {
+        let err = client
+            .validate_jwtsvid(with_header(pb::ValidateJwtsvidRequest {
+                audience: long_audience.clone(),
+                svid: "x.y.z".into(),
+            }))
+            .await
+            .err()
+            .unwrap();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+    }
+    for _ in 0..DENIED {
+        let err = client
+            .fetch_x509svid(with_header(pb::X509svidRequest {}))
+            .await
+            .err()
+            .unwrap();
+        assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
+    }
+    let mine = |r: &serde_json::Value| r["caller"]["uid"] == uid();
+    // Counts are written about once a second.
+    let records = common::wait_for(Duration::from_secs(10), "the suppressed counts", || {
+        let records = records(&writ);
+        let counted: u64 = records
+            .iter()
+            .filter(|r| r["event"] == "refusals_suppressed" && mine(r))
+            .map(|r| r["detail"]["count"].as_u64().unwrap())
+            .sum();
+        let written = records
+            .iter()
+            .filter(|r| {
+                (r["event"] == "denied" || r["event"] == "jwt_validation_failed") && mine(r)
+            })
+            .count();
+        (written as u64 + counted == (DENIED + INVALID) as u64).then_some(records)
+    });
+    let written_one_by_one = records
+        .iter()
+        .filter(|r| (r["event"] == "denied" || r["event"] == "jwt_validation_failed") && mine(r))
+        .count();
+    assert!(
+        written_one_by_one < DENIED,
+        "{written_one_by_one} refusal records for {DENIED} + {INVALID} refusals"
+    );
+    let suppressed: Vec<_> = records
+        .iter()
+        .filter(|r| r["event"] == "refusals_suppressed")
+        .collect();
+    assert!(
+        suppressed
+            .iter()
+            .all(|r| r["detail"]["by_event"].as_object().is_some_and(|by| {
+                by.values().map(|n| n.as_u64().unwrap()).sum::<u64>()
+                    == r["detail"]["count"].as_u64().unwrap()
+            })),
+        "{suppressed:?}"
+    );
+    let rejected: Vec<_> = records
+        .iter()
+        .filter(|r| r["event"] == "jwt_validation_failed")
+        .collect();
+    assert_eq!(rejected.len(), INVALID);
+    for record in rejected {
+        let audience = record["detail"]["audience"].as_str().unwrap();
+        assert!(
+            audience.len() < 1_000 && audience.ends_with("(100000 bytes)"),
+            "{audience}"
+        );
+    }
+    let (ok, out, err) = verify(&writ, &[]);
+    assert!(ok, "{out}{err}");
+}

@@ -194,6 +194,18 @@ async fn every_method_without_the_security_header_is_invalid_argument() {
         "{}",
         err.message()
     );
+    // So is a second value beside `true`, in either order (SPIRE wants
+    // exactly one).
+    for values in [["true", "false"], ["false", "true"]] {
+        let mut r = tonic::Request::new(pb::X509svidRequest {});
+        for value in values {
+            r.metadata_mut()
+                .append("workload.spiffe.io", value.parse().unwrap());
+        }
+        let err = c.fetch_x509svid(r).await.err().unwrap();
+        assert_eq!(err.code(), Code::InvalidArgument, "{values:?}");
+        assert!(err.message().contains("once"), "{}", err.message());
+    }
     // With the header, the WIT profile is Unimplemented, not InvalidArgument.
     let err = c
         .fetch_witsvid(with_header(pb::WitsvidRequest {}))

@@ -23,6 +23,9 @@ pub enum EventKind {
     JwtWithdrawn,
     JwtValidationFailed,
     Denied,
+    /// Refusals of one uid past its budget, counted rather than written
+    /// one by one (`refusal_budget`).
+    RefusalsSuppressed,
     TaskBegun,
     TaskEnded,
     Revoked,
@@ -43,6 +46,7 @@ impl EventKind {
             EventKind::JwtWithdrawn => "jwt_withdrawn",
             EventKind::JwtValidationFailed => "jwt_validation_failed",
             EventKind::Denied => "denied",
+            EventKind::RefusalsSuppressed => "refusals_suppressed",
             EventKind::TaskBegun => "task_begun",
             EventKind::TaskEnded => "task_ended",
             EventKind::Revoked => "revoked",

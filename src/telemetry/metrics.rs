@@ -55,6 +55,9 @@ pub struct Metrics {
     pub svid_expiry_seconds: FloatGauge,
     /// Appending a record to the audit trail, fsync included.
     pub audit_write_seconds: Histogram,
+    /// Refusal records not written in full because their uid had used its
+    /// budget (`refusal_budget`); the trail has their counts instead.
+    pub audit_refusals_suppressed: Counter,
     /// Configuration reloads, by `outcome` ("success" or "failure").
     pub reloads: Family<Label, Counter>,
     /// 1 if the last reload applied, 0 if it was refused.
@@ -167,6 +170,12 @@ impl Metrics {
             "Time to append one audit record durably",
             audit_write_seconds.clone(),
         );
+        let audit_refusals_suppressed = Counter::default();
+        registry.register(
+            "audit_refusals_suppressed",
+            "Refusals written to the audit trail as a count in a refusals_suppressed record rather than one record each, their uid being past its budget",
+            audit_refusals_suppressed.clone(),
+        );
         let reloads = Family::<Label, Counter>::default();
         registry.register(
             "reloads",
@@ -216,6 +225,7 @@ impl Metrics {
             crl_bytes,
             svid_expiry_seconds,
             audit_write_seconds,
+            audit_refusals_suppressed,
             reloads,
             last_reload_success,
             last_reload_timestamp_seconds,
