@@ -1408,6 +1408,11 @@ impl Agent {
         }
     }
 
+    /// The longest a JWT-SVID minted now lives.
+    pub fn jwt_svid_ttl(&self) -> Duration {
+        read_lock(&self.ca).jwt_svid_ttl()
+    }
+
     pub fn crls(&self) -> Arc<Crls> {
         read_lock(&self.crls).clone()
     }

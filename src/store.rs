@@ -7,6 +7,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::sync::mpsc;
+use std::time::Duration;
 
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use tokio::sync::oneshot;
@@ -560,7 +561,12 @@ impl Pruned {
 /// - issued serials of certificates expired by `now` (revoking an expired
 ///   certificate changes nothing);
 /// - tasks completed at or before `completed_before`, once none of their
-///   serials and none of their sub-tasks is left. A sub-task still names
+///   serials and none of their sub-tasks is left, and once no JWT-SVID
+///   minted for them validates any more: a token ends `jwt_svid_ttl` after
+///   it was minted (before completion) or at the task's deadline,
+///   whichever is sooner, and validators accept it `jwt::CLOCK_SKEW` past
+///   that. Until then the task's id must stay taken: a token names its
+///   task by id, and a new task of the same id would make it valid again. A sub-task still names
 ///   its parent (a foreign key), so parents go in a later call than their
 ///   last sub-task: callers repeat while tasks are removed.
 ///
@@ -574,8 +580,12 @@ pub fn prune(
     conn: &Connection,
     now: i64,
     completed_before: i64,
+    jwt_svid_ttl: Duration,
     limit: usize,
 ) -> Result<Pruned, StoreError> {
+    let jwt_svid_ttl = i64::try_from(jwt_svid_ttl.as_secs()).unwrap_or(i64::MAX);
+    let tokens_validated_before =
+        now.saturating_sub(i64::try_from(crate::jwt::CLOCK_SKEW.as_secs()).unwrap_or(0));
     let limit = i64::try_from(limit).unwrap_or(i64::MAX);
     let revocations = conn
         .prepare_cached(
@@ -594,11 +604,17 @@ pub fn prune(
             "DELETE FROM tasks WHERE rowid IN
              (SELECT t.rowid FROM tasks t
               WHERE t.completed_at IS NOT NULL AND t.completed_at <= ?1
+                AND MIN(t.completed_at + ?3, t.expires_at) <= ?4
                 AND NOT EXISTS (SELECT 1 FROM issued i WHERE i.task_id = t.task_id)
                 AND NOT EXISTS (SELECT 1 FROM tasks c WHERE c.parent_task_id = t.task_id)
               ORDER BY t.rowid LIMIT ?2)",
         )?
-        .execute(params![completed_before, limit])?;
+        .execute(params![
+            completed_before,
+            limit,
+            jwt_svid_ttl,
+            tokens_validated_before
+        ])?;
     Ok(Pruned {
         revocations,
         issued,
@@ -1021,7 +1037,10 @@ mod tests {
                 add_serial(c, 1, "old-done", 500);
                 add_serial(c, 2, "revoked-unexpired", 2000);
                 add_serial(c, 3, "active", 700);
-                Ok((prune(c, 1000, 200, 1000)?, prune(c, 1000, 200, 1000)?))
+                Ok((
+                    prune(c, 1000, 200, Duration::ZERO, 1000)?,
+                    prune(c, 1000, 200, Duration::ZERO, 1000)?,
+                ))
             })
             .unwrap();
         // child-gone goes first; parent-gone once it has no sub-task left.
@@ -1076,7 +1095,7 @@ mod tests {
                 add_task(c, "child-2", Some("parent-2"), Some(100));
                 let mut passes = Vec::new();
                 for _ in 0..3 {
-                    passes.push(prune(c, 1000, 200, 1)?.tasks);
+                    passes.push(prune(c, 1000, 200, Duration::ZERO, 1)?.tasks);
                 }
                 Ok(passes)
             })
@@ -1105,7 +1124,10 @@ mod tests {
                 for serial in 1..=5 {
                     add_serial(c, serial, "t", 500);
                 }
-                Ok((prune(c, 1000, 0, 2)?, prune(c, 1000, 1000, 10)?))
+                Ok((
+                    prune(c, 1000, 0, Duration::ZERO, 2)?,
+                    prune(c, 1000, 1000, Duration::ZERO, 10)?,
+                ))
             })
             .unwrap();
         assert_eq!(

@@ -2008,11 +2008,13 @@ impl TaskManager {
 
     /// Removes from the store what nothing needs any more (`store::prune`):
     /// revocations and serials of expired certificates, and tasks completed
-    /// longer than `completed_retention` ago. A pruned task is gone from
+    /// longer than `completed_retention` ago (and no longer in reach of a
+    /// JWT-SVID minted for them, see `store::prune`). A pruned task is gone from
     /// GetTask and ListTasks; the audit trail keeps its records.
     pub async fn prune(&self) -> Result<crate::store::Pruned, TaskError> {
         let retention =
             i64::try_from(self.limits.completed_retention.as_secs()).unwrap_or(i64::MAX);
+        let jwt_svid_ttl = self.agent.jwt_svid_ttl();
         let mut total = crate::store::Pruned::default();
         loop {
             // Not the wall clock: a jump ahead would drop revocations and
@@ -2021,7 +2023,9 @@ impl TaskManager {
             let completed_before = now.saturating_sub(retention);
             let pruned = self
                 .store
-                .write(move |conn| crate::store::prune(conn, now, completed_before, PRUNE_BATCH))
+                .write(move |conn| {
+                    crate::store::prune(conn, now, completed_before, jwt_svid_ttl, PRUNE_BATCH)
+                })
                 .await?;
             total.revocations += pruned.revocations;
             total.issued += pruned.issued;
@@ -3414,12 +3418,13 @@ mod tests {
 
     /// Runs `sql` on the store's writer (triggers that make it refuse a
     /// write, and dropping them).
-    async fn run_sql(agent: &TestAgent, sql: &'static str) {
+    async fn run_sql(agent: &TestAgent, sql: &str) {
+        let sql = sql.to_owned();
         agent
             .svc
             .store
             .write(move |c| {
-                c.execute_batch(sql)?;
+                c.execute_batch(&sql)?;
                 Ok(())
             })
             .await
@@ -3464,6 +3469,72 @@ mod tests {
         assert_eq!(count(&agent, "SELECT count(*) FROM revocations"), 0);
         assert_eq!(count(&agent, "SELECT count(*) FROM issued"), 0);
         assert_eq!(agent.svc.agent.crls().entries, 0);
+    }
+
+    /// A completed task stays in the store, its id taken, for as long as a
+    /// JWT-SVID minted for it could validate, whatever the retention: its
+    /// tokens name it by id, and a new task of that id would make them
+    /// valid again (an ended task's token validated once its id was reused).
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_completed_task_is_kept_while_its_jwt_svids_could_validate() {
+        let agent = TestAgent::start().await;
+        let t = &agent.config.tasks;
+        let brief_retention = TaskManager::new(
+            agent.svc.agent.clone(),
+            agent.svc.store.clone(),
+            TaskLimits {
+                max_ttl: t.max_ttl,
+                default_ttl: t.default_ttl,
+                x509_svid_ttl: t.x509_svid_ttl,
+                max_depth: t.max_depth,
+                trusted_cgroup_roots: Vec::new(),
+                completed_retention: Duration::from_secs(1),
+            },
+            None,
+        );
+        let jwt_ttl = agent.svc.agent.jwt_svid_ttl().as_secs() as i64;
+        assert!(jwt_ttl > 100, "the default JWT-SVID TTL is 5 minutes");
+        agent.begin("t-jwt").await.unwrap();
+        agent.svc.tasks.end("t-jwt", String::new()).await.unwrap();
+        let now = unix_secs(SystemTime::now());
+        let set = |completed_ago: i64, expires_in: i64| {
+            format!(
+                "UPDATE issued SET not_after = 0;
+                 UPDATE tasks SET completed_at = {}, expires_at = {} WHERE task_id = 't-jwt';",
+                now - completed_ago,
+                now + expires_in
+            )
+        };
+        // Ended 100 s ago, well past the retention: a token minted just
+        // before lives on until its TTL ends.
+        run_sql(&agent, &set(100, 600)).await;
+        brief_retention.prune().await.unwrap();
+        assert_eq!(count(&agent, "SELECT count(*) FROM tasks"), 1);
+        // Its deadline ended its tokens sooner, but validators allow 30 s
+        // of skew past it.
+        run_sql(&agent, &set(100, -20)).await;
+        brief_retention.prune().await.unwrap();
+        assert_eq!(count(&agent, "SELECT count(*) FROM tasks"), 1);
+        run_sql(&agent, &set(100, -31)).await;
+        brief_retention.prune().await.unwrap();
+        assert_eq!(count(&agent, "SELECT count(*) FROM tasks"), 0);
+        // Ended a TTL and the skew ago, with its deadline still to come.
+        agent.begin("t-jwt-2").await.unwrap();
+        agent.svc.tasks.end("t-jwt-2", String::new()).await.unwrap();
+        run_sql(
+            &agent,
+            &set(jwt_ttl + 20, 600).replace("'t-jwt'", "'t-jwt-2'"),
+        )
+        .await;
+        brief_retention.prune().await.unwrap();
+        assert_eq!(count(&agent, "SELECT count(*) FROM tasks"), 1);
+        run_sql(
+            &agent,
+            &set(jwt_ttl + 31, 600).replace("'t-jwt'", "'t-jwt-2'"),
+        )
+        .await;
+        brief_retention.prune().await.unwrap();
+        assert_eq!(count(&agent, "SELECT count(*) FROM tasks"), 0);
     }
 
     /// A completion the store refuses is retried until it persists, and an
