@@ -84,17 +84,40 @@ pub fn find_unshowable(text: &str, allowed: &[char]) -> Option<Unshowable> {
         .map(|(at, char)| Unshowable { at, char })
 }
 
+/// Unicode's default-ignorable code points (shown as nothing when not
+/// supported: tag characters, variation selectors, fillers, joiners), the
+/// other format characters (Cf: Arabic and Egyptian number and annotation
+/// marks), and the line and paragraph separators, which break a line where
+/// a reader expects none. Unicode 16, DerivedCoreProperties.txt and
+/// UnicodeData.txt.
 fn is_hidden_format(c: char) -> bool {
     matches!(
         c,
         '\u{00AD}'
+            | '\u{034F}'
+            | '\u{0600}'..='\u{0605}'
             | '\u{061C}'
-            | '\u{180E}'
+            | '\u{06DD}'
+            | '\u{070F}'
+            | '\u{0890}'..='\u{0891}'
+            | '\u{08E2}'
+            | '\u{115F}'..='\u{1160}'
+            | '\u{17B4}'..='\u{17B5}'
+            | '\u{180B}'..='\u{180F}'
             | '\u{200B}'..='\u{200F}'
-            | '\u{202A}'..='\u{202E}'
-            | '\u{2060}'..='\u{2064}'
-            | '\u{2066}'..='\u{2069}'
+            | '\u{2028}'..='\u{202E}'
+            | '\u{2060}'..='\u{206F}'
+            | '\u{3164}'
+            | '\u{FE00}'..='\u{FE0F}'
             | '\u{FEFF}'
+            | '\u{FFA0}'
+            | '\u{FFF0}'..='\u{FFFB}'
+            | '\u{110BD}'
+            | '\u{110CD}'
+            | '\u{13430}'..='\u{1343F}'
+            | '\u{1BCA0}'..='\u{1BCA3}'
+            | '\u{1D173}'..='\u{1D17A}'
+            | '\u{E0000}'..='\u{E0FFF}'
     )
 }
 
@@ -131,6 +154,37 @@ mod tests {
             found.as_deref(),
             Some("the invisible formatting character U+200B at byte 4")
         );
+        // Tag characters (hidden text in prompts), line separators,
+        // variation selectors, fillers and joiners read as nothing, or as a
+        // line break a reader does not expect.
+        for hidden in [
+            '\u{E0020}',
+            '\u{E0061}',
+            '\u{E007F}',
+            '\u{2028}',
+            '\u{2029}',
+            '\u{FE0F}',
+            '\u{E0100}',
+            '\u{3164}',
+            '\u{FFA0}',
+            '\u{115F}',
+            '\u{034F}',
+            '\u{17B4}',
+            '\u{180B}',
+            '\u{FFF9}',
+            '\u{206A}',
+            '\u{1D173}',
+        ] {
+            let text = format!("jira{hidden}prod");
+            assert_eq!(
+                find_unshowable(&text, &['\n', '\t']).map(|u| (u.at, u.char)),
+                Some((4, hidden)),
+                "U+{:04X}",
+                u32::from(hidden)
+            );
+        }
+        // Visible text of any script passes.
+        assert_eq!(find_unshowable("ticket №42 — 東京 ü ß 🙂 ☕", &[]), None);
         assert_eq!(find_unshowable("a\n\tb", &['\n', '\t']), None);
         assert!(find_unshowable("a\n\tb", &[]).is_some());
     }
