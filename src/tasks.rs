@@ -544,11 +544,29 @@ pub fn validate_task_id(id: &str) -> Result<(), TaskError> {
 
 /// A cgroup path must be absolute, normalized, and under a trusted root, so a
 /// workload cannot bind a task to a look-alike path in a subtree it owns.
+/// PATH_MAX: no longer path names a cgroup directory.
+const MAX_CGROUP_PATH_BYTES: usize = 4096;
+
 pub fn validate_cgroup_path(path: &str, trusted_roots: &[String]) -> Result<(), TaskError> {
-    if !path.starts_with('/') || path.len() > 4096 {
+    if path.len() > MAX_CGROUP_PATH_BYTES {
         return Err(invalid(
             "binding.cgroup",
-            "must be an absolute cgroup v2 path",
+            format!(
+                "is {} bytes; a cgroup path has at most {MAX_CGROUP_PATH_BYTES}",
+                path.len()
+            ),
+        ));
+    }
+    if let Some(unshowable) = writ_attestors::find_unshowable(path, &[]) {
+        return Err(invalid("binding.cgroup", format!("holds {unshowable}")));
+    }
+    if !path.starts_with('/') {
+        return Err(invalid(
+            "binding.cgroup",
+            format!(
+                "{} is not an absolute cgroup v2 path",
+                writ_attestors::excerpt(path)
+            ),
         ));
     }
     if path
@@ -568,7 +586,8 @@ pub fn validate_cgroup_path(path: &str, trusted_roots: &[String]) -> Result<(), 
         return Err(invalid(
             "binding.cgroup",
             format!(
-                "{path} is not under a trusted root ({})",
+                "{} is not under a trusted root ({})",
+                writ_attestors::excerpt(path),
                 trusted_roots.join(", ")
             ),
         ));
@@ -1251,7 +1270,7 @@ impl TaskManager {
                 let Ok(cgroup) = CgroupDir::open(&dir) else {
                     return Err(invalid(
                         "binding.cgroup",
-                        format!("cgroup {path} does not exist"),
+                        format!("cgroup {} does not exist", writ_attestors::excerpt(path)),
                     ));
                 };
                 let (id, owner) = (cgroup.id(), cgroup.owner());
@@ -1263,7 +1282,8 @@ impl TaskManager {
                     caller.may_bind_any_pid || (caller.may_bind_same_uid && owner == caller.uid);
                 if !allowed {
                     return Err(TaskError::PermissionDenied(format!(
-                        "cgroup {path} is owned by uid {owner}, not by the caller (uid {}){}",
+                        "cgroup {} is owned by uid {owner}, not by the caller (uid {}){}",
+                        writ_attestors::excerpt(path),
                         caller.uid,
                         if caller.may_bind_same_uid {
                             ""
@@ -2963,6 +2983,23 @@ mod tests {
         ] {
             assert!(validate_cgroup_path(bad, &roots).is_err(), "{bad}");
         }
+        // What the caller sent is named, escaped and shortened, never
+        // echoed raw: an escape sequence or a carriage return would rewrite
+        // the reader's terminal.
+        let message = |path: &str| validate_cgroup_path(path, &roots).unwrap_err().to_string();
+        let sneaky = message("/writ.slice/a\u{1b}[31mRED\u{1b}[0m\rFAKE");
+        assert!(
+            sneaky.contains("control character U+001B") && !sneaky.contains('\u{1b}'),
+            "{sneaky}"
+        );
+        assert!(message("/writ.slice/a\0b").contains("U+0000"));
+        let long = message(&format!("/user.slice/{}", "a".repeat(4000)));
+        assert!(
+            long.len() < 1_000 && long.contains("(4012 bytes)"),
+            "{long}"
+        );
+        let too_long = message(&format!("/writ.slice/{}", "a".repeat(5000)));
+        assert!(too_long.contains("at most 4096"), "{too_long}");
     }
 
     /// A task that completes after a stream resolved it but before its SVID's
