@@ -76,6 +76,16 @@ impl AdminCaller {
     fn selectors(&self) -> &[Selector] {
         &self.attestation.selectors
     }
+
+    /// Who asked, as the audit trail names an operator.
+    fn audit_facts(&self) -> crate::audit::CallerFacts {
+        crate::audit::CallerFacts {
+            spiffe_ids: Vec::new(),
+            pid: self.caller.pid,
+            uid: self.caller.uid,
+            selectors: self.selectors().iter().map(|s| s.to_string()).collect(),
+        }
+    }
 }
 
 impl AdminContext {
@@ -755,10 +765,10 @@ impl pb::entries_server::Entries for EntriesService {
         request: Request<pb::CreateEntryRequest>,
     ) -> Result<Response<pb::Entry>, Status> {
         let ctx = &self.0;
-        ctx.authorize_operator(&request, "create entries")?;
+        let admin = ctx.authorize_operator(&request, "create entries")?;
         let entry = ctx
             .entries
-            .create(request.into_inner())
+            .create(request.into_inner(), admin.audit_facts())
             .await
             .map_err(entry_status)?;
         Ok(Response::new(entry_to_proto(&entry)))
@@ -769,9 +779,9 @@ impl pb::entries_server::Entries for EntriesService {
         request: Request<pb::DeleteEntryRequest>,
     ) -> Result<Response<pb::DeleteEntryResponse>, Status> {
         let ctx = &self.0;
-        ctx.authorize_operator(&request, "delete entries")?;
+        let admin = ctx.authorize_operator(&request, "delete entries")?;
         ctx.entries
-            .delete(&request.into_inner().id)
+            .delete(&request.into_inner().id, admin.audit_facts())
             .await
             .map_err(entry_status)?;
         Ok(Response::new(pb::DeleteEntryResponse {}))
@@ -1039,15 +1049,9 @@ impl pb::agent_server::Agent for AgentService {
     ) -> Result<Response<pb::ReloadResponse>, Status> {
         let ctx = &self.0;
         let admin = ctx.authorize_operator(&request, "reload the configuration")?;
-        let caller = crate::audit::CallerFacts {
-            spiffe_ids: Vec::new(),
-            pid: admin.caller.pid,
-            uid: admin.caller.uid,
-            selectors: admin.selectors().iter().map(|s| s.to_string()).collect(),
-        };
         let summary = ctx
             .reloader
-            .reload(Trigger::AdminApi(caller))
+            .reload(Trigger::AdminApi(admin.audit_facts()))
             .await
             .map_err(reload_status)?;
         Ok(Response::new(reload_to_proto(&summary)))

@@ -9,6 +9,7 @@ use rusqlite::params;
 use writ_attestors::{Selector, excerpt};
 
 use crate::agent::Agent;
+use crate::audit::{AuditEvent, CallerFacts, EventKind};
 use crate::config::parse_duration;
 use crate::identity::{Entry, EntrySource, MAX_HINT_BYTES, Registry};
 use crate::proto::admin as pb;
@@ -242,7 +243,14 @@ impl EntryStore {
         }
     }
 
-    pub async fn create(&self, req: pb::CreateEntryRequest) -> Result<Entry, EntryError> {
+    /// Validates, stores and installs an entry, then records who created
+    /// it: an entry decides who receives an identity, as much as an
+    /// issuance does.
+    pub async fn create(
+        &self,
+        req: pb::CreateEntryRequest,
+        caller: CallerFacts,
+    ) -> Result<Entry, EntryError> {
         let entry = self.validate(req)?;
         let mut admin = self.admin_entries.lock().await;
         if self
@@ -270,10 +278,15 @@ impl EntryStore {
             .await?;
         admin.push(Arc::new(entry.clone()));
         self.install(&admin);
+        drop(admin);
+        self.agent
+            .record_best_effort(entry_event(EventKind::EntryCreated, &entry, caller))
+            .await;
         Ok(entry)
     }
 
-    pub async fn delete(&self, id: &str) -> Result<(), EntryError> {
+    /// Deletes an entry created over the admin API, and records who did.
+    pub async fn delete(&self, id: &str, caller: CallerFacts) -> Result<(), EntryError> {
         if id.is_empty() {
             return Err(invalid("id", "required"));
         }
@@ -299,8 +312,15 @@ impl EntryStore {
                 Ok(())
             })
             .await?;
+        let deleted = admin.iter().find(|e| e.id == id).cloned();
         admin.retain(|e| e.id != id);
         self.install(&admin);
+        drop(admin);
+        if let Some(entry) = deleted {
+            self.agent
+                .record_best_effort(entry_event(EventKind::EntryDeleted, &entry, caller))
+                .await;
+        }
         Ok(())
     }
 
@@ -526,6 +546,33 @@ fn load_entries(conn: &rusqlite::Connection) -> Result<Vec<Entry>, StoreError> {
             Ok(entry)
         })
         .collect()
+}
+
+/// The audit record of an entry created or deleted over the admin API:
+/// the caller, and what the entry grants to whom.
+fn entry_event(kind: EventKind, entry: &Entry, caller: CallerFacts) -> AuditEvent {
+    AuditEvent::new(kind, ulid::Ulid::new().to_string())
+        .caller(caller)
+        .spiffe_id(entry.spiffe_id.to_string())
+        .detail("entry_id", entry.id.clone())
+        .detail(
+            "selectors",
+            entry
+                .selectors
+                .iter()
+                .map(|s| s.to_string())
+                .collect::<Vec<_>>(),
+        )
+        .detail("x509_svid_ttl_secs", entry.x509_svid_ttl.as_secs())
+        .detail("dns_names", entry.dns_names.clone())
+        .detail(
+            "federates_with",
+            entry
+                .federates_with
+                .iter()
+                .map(|td| td.to_string())
+                .collect::<Vec<_>>(),
+        )
 }
 
 #[cfg(test)]

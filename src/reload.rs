@@ -305,7 +305,9 @@ impl Reloader {
         let mut event = AuditEvent::new(EventKind::PolicyReloaded, ulid::Ulid::new().to_string())
             .detail("source", policy_source.clone())
             .detail("policies", policy_ids.clone())
-            .detail("trigger", trigger.name());
+            .detail("trigger", trigger.name())
+            .detail("entries", next.entries.len())
+            .detail("entries_changed", next.entries != current.entries);
         if !policy_warnings.is_empty() {
             event = event.detail("warnings", policy_warnings);
         }

@@ -800,6 +800,32 @@ fn entries_created_at_run_time_issue_identities_and_survive_restart() {
     writ.kill9();
     writ.spawn();
     assert_eq!(fetch(&writ), vec!["spiffe://writ.test/cli"]);
+
+    // The trail says who created and who deleted the entry, and what it
+    // granted to whom; the refused attempts left no such record.
+    let trail = common::read_to_string(&writ.dir.path().join("state/audit/audit.jsonl"));
+    let records: Vec<serde_json::Value> = trail
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .filter(|r: &serde_json::Value| {
+            r["event"] == "entry_created" || r["event"] == "entry_deleted"
+        })
+        .collect();
+    assert_eq!(records.len(), 2, "{records:?}");
+    let me = nix::unistd::geteuid().as_raw();
+    for (record, event) in records.iter().zip(["entry_created", "entry_deleted"]) {
+        assert_eq!(record["event"], event);
+        assert_eq!(record["caller"]["uid"], me, "{record}");
+        assert!(record["caller"]["pid"].as_i64().unwrap() > 0, "{record}");
+        assert_eq!(record["spiffe_id"], "spiffe://writ.test/extra");
+        assert_eq!(record["detail"]["entry_id"], id.as_str());
+        assert!(
+            record["detail"]["selectors"]
+                .as_array()
+                .is_some_and(|s| !s.is_empty()),
+            "{record}"
+        );
+    }
 }
 
 /// Every page of ListEntries, each as the SPIFFE IDs it holds.

@@ -854,6 +854,27 @@ fn reload_cli_prints_what_changed_and_fails_on_a_refusal() {
     assert_eq!(summary["entries"], 2);
     assert_eq!(summary["entries_changed"], false, "nothing changed since");
     assert_eq!(summary["policy_source"], "built-in");
+    // The trail has both reloads, with whether the entries changed.
+    let trail =
+        std::fs::read_to_string(service.dir.path().join("state/audit/audit.jsonl")).unwrap();
+    let reloads: Vec<(serde_json::Value, serde_json::Value)> = trail
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|r| r["event"] == "policy_reloaded")
+        .map(|r| {
+            (
+                r["detail"]["entries"].clone(),
+                r["detail"]["entries_changed"].clone(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        reloads,
+        [
+            (serde_json::json!(2), serde_json::json!(true)),
+            (serde_json::json!(2), serde_json::json!(false))
+        ]
+    );
 
     std::fs::write(
         &service.config_path,

@@ -30,6 +30,10 @@ pub enum EventKind {
     TaskEnded,
     Revoked,
     CaRotated,
+    /// A registration entry created over the admin API.
+    EntryCreated,
+    /// A registration entry deleted over the admin API.
+    EntryDeleted,
     FederationBundleChanged,
     PolicyReloaded,
     Checkpoint,
@@ -51,6 +55,8 @@ impl EventKind {
             EventKind::TaskEnded => "task_ended",
             EventKind::Revoked => "revoked",
             EventKind::CaRotated => "ca_rotated",
+            EventKind::EntryCreated => "entry_created",
+            EventKind::EntryDeleted => "entry_deleted",
             EventKind::FederationBundleChanged => "federation_bundle_changed",
             EventKind::PolicyReloaded => "policy_reloaded",
             EventKind::Checkpoint => "checkpoint",
