@@ -184,20 +184,7 @@ pub struct CachedSvid {
     pub rotate_at: SystemTime,
 }
 
-/// Whose JWT-SVID a cached token is: one process (pid and start time, so a
-/// reused PID never inherits it), one identity, one audience list. Tokens
-/// are not shared between processes, so each token's issuance record names
-/// the only process that ever received it.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub struct JwtCacheKey {
-    pub pid: i32,
-    pub start_time: u64,
-    pub identity: String,
-    pub audience: Vec<String>,
-}
-
-/// Cached tokens kept at most; beyond it new tokens are simply not cached.
-const MAX_CACHED_JWT_SVIDS: usize = 16_384;
+pub use crate::jwt_cache::JwtCacheKey;
 
 /// The trust domain's own bundle, with its encodings computed once per change
 /// rather than once per response.
@@ -463,7 +450,7 @@ pub struct Agent {
     /// re-keyed, the first to ask mints and the others wait and take its
     /// SVID, instead of each minting (and recording) its own.
     minting: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
-    jwt_svids: Mutex<HashMap<JwtCacheKey, JwtSvid>>,
+    jwt_svids: Mutex<crate::jwt_cache::JwtSvidCache>,
     own_bundle: RwLock<Arc<OwnBundle>>,
     /// Bundles of other trust domains; `federation::Federation` changes them.
     federated: crate::federation::FederatedBundles,
@@ -513,7 +500,7 @@ impl Agent {
             checkpoint_key,
             svids: Mutex::new(HashMap::new()),
             minting: Mutex::new(HashMap::new()),
-            jwt_svids: Mutex::new(HashMap::new()),
+            jwt_svids: Mutex::new(Default::default()),
             own_bundle: RwLock::new(Arc::new(own_bundle)),
             federated: Default::default(),
             changes: Default::default(),
@@ -1760,30 +1747,12 @@ impl Agent {
     /// does: a caller fetching before every request gets the same token
     /// until it is due for renewal, not a signature and an fsync each time).
     pub fn cached_jwt_svid(&self, key: &JwtCacheKey, now: SystemTime) -> Option<JwtSvid> {
-        let cache = lock(&self.jwt_svids);
-        let svid = cache.get(key)?;
-        let lifetime = svid
-            .expires_at
-            .duration_since(svid.issued_at)
-            .unwrap_or_default();
-        (now >= svid.issued_at && now < svid.issued_at + lifetime / 2).then(|| svid.clone())
+        lock(&self.jwt_svids).get(key, now)
     }
 
     /// Remembers a token once its issuance is recorded.
     pub fn cache_jwt_svid(&self, key: JwtCacheKey, svid: JwtSvid, now: SystemTime) {
-        let mut cache = lock(&self.jwt_svids);
-        if cache.len() >= MAX_CACHED_JWT_SVIDS {
-            cache.retain(|_, s| {
-                let lifetime = s.expires_at.duration_since(s.issued_at).unwrap_or_default();
-                now < s.issued_at + lifetime / 2
-            });
-            // Mostly live entries: start over rather than scan again on every
-            // insert. Callers simply get fresh tokens.
-            if cache.len() >= MAX_CACHED_JWT_SVIDS / 2 {
-                cache.clear();
-            }
-        }
-        cache.insert(key, svid);
+        lock(&self.jwt_svids).insert(key, svid, now);
     }
 
     /// JWT keys of our own trust domain and of `federated` (the bundles a

@@ -17,6 +17,7 @@ pub mod federation;
 mod health;
 pub mod identity;
 pub mod jwt;
+mod jwt_cache;
 pub mod peer;
 pub mod policy;
 pub mod prune_clock;
