@@ -1412,6 +1412,36 @@ fn bundle_endpoint_errors() {
     );
 }
 
+/// A port the URL parser leaves out of `port_u16` used to mean 443: the
+/// fetch went to another port than the one written.
+#[test]
+fn a_federation_url_port_that_is_no_tcp_port_is_an_error() {
+    let td = |url: &str| {
+        format!(
+            "[[federation.trust_domain]]\nname = \"b.test\"\nurl = \"{url}\"\nprofile = \"https_web\"\n"
+        )
+    };
+    for (url, port) in [
+        ("https://127.0.0.1:99998/", "\"99998\""),
+        ("https://127.0.0.1:0/", "\"0\""),
+        ("https://127.0.0.1:/", "\"\""),
+    ] {
+        assert_single_error(
+            &td(url),
+            3,
+            7,
+            &format!(
+                "federation.trust_domain[0].url: \"{url}\" has port {port}; a port must be a number from 1 to 65535"
+            ),
+        );
+    }
+    let ok = parse_ok(&td("https://127.0.0.1:65535/"));
+    assert_eq!(
+        ok.federation.trust_domains[0].url,
+        "https://127.0.0.1:65535/"
+    );
+}
+
 #[test]
 fn federated_trust_domain_errors() {
     let td = |body: &str| format!("[[federation.trust_domain]]\n{body}\n");
