@@ -1369,3 +1369,72 @@ bundle = "{bootstrap}"
         "age {first} then {after} after a restart"
     );
 }
+
+/// The recovery recipe in docs/federation.md ("When the held bundle is too
+/// old"), run as written: the `writ bundle show` line against the peer,
+/// the `writ bundle set` line against this writ, in a shell-less way that
+/// honours the `> file` redirect. It once left out `--format spiffe` on
+/// the `set` line, which then read the JSON as PEM and failed.
+#[test]
+fn the_documented_bundle_recovery_commands_work_as_written() {
+    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/federation.md"))
+        .unwrap();
+    let recipe = doc
+        .split_once("To recover, give writ the peer's current bundle")
+        .and_then(|(_, rest)| rest.split_once("```\n"))
+        .and_then(|(_, rest)| rest.split_once("```"))
+        .map(|(block, _)| block)
+        .expect("the recovery recipe's code block in docs/federation.md");
+    let commands: Vec<&str> = recipe
+        .lines()
+        .map(|l| l.split_once('#').map_or(l, |(cmd, _)| cmd).trim())
+        .filter(|l| !l.is_empty())
+        .collect();
+    assert_eq!(commands.len(), 2, "{recipe}");
+
+    let peer = Writ::start_in("b.test", "");
+    let a = Writ::start_in("a.test", "");
+    let work = tempfile::tempdir().unwrap();
+    for (line, on) in commands.iter().zip([&peer, &a]) {
+        let line = line.replace("partner.example", "b.test");
+        let (command, redirect) = match line.split_once('>') {
+            Some((command, file)) => (command.to_owned(), Some(file.trim().to_owned())),
+            None => (line.clone(), None),
+        };
+        let mut words = command.split_whitespace();
+        assert_eq!(words.next(), Some("writ"), "{line}");
+        let out = Command::new(WRIT)
+            .args(words)
+            .arg("--admin-socket")
+            .arg(admin_socket(on))
+            .current_dir(work.path())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "documented command `{line}` failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        if let Some(file) = redirect {
+            std::fs::write(work.path().join(file), &out.stdout).unwrap();
+        }
+    }
+    let own = cli_ok(&peer, &["bundle", "show"]);
+    let held = cli_ok(&a, &["bundle", "show", "--trust-domain", "b.test"]);
+    assert_eq!(pem_ders(&held), pem_ders(&own));
+    assert_eq!(listed(&a, "b.test").unwrap()["source"], "static");
+
+    // Without the flag the JSON is read as PEM; the error says what to add.
+    let document = cli_ok(&peer, &["bundle", "show", "--format", "spiffe"]);
+    let (ok, _, err) = cli_with_input(
+        &a,
+        &["bundle", "set", "--trust-domain", "b.test"],
+        format!("\n  {document}").as_bytes(),
+    );
+    assert!(!ok);
+    assert!(err.contains("InvalidArgument"), "{err}");
+    assert!(
+        err.contains("looks like a SPIFFE bundle document (JSON), not PEM: pass --format spiffe"),
+        "{err}"
+    );
+}

@@ -130,12 +130,11 @@ pub fn parse_bundle(
     bytes: &[u8],
     format: Option<BundleFormat>,
 ) -> Result<TrustBundle, FederationError> {
-    let format = format.unwrap_or_else(|| {
-        if bytes.trim_ascii_start().starts_with(b"{") {
-            BundleFormat::Spiffe
-        } else {
-            BundleFormat::Pem
-        }
+    let looks_like_json = bytes.trim_ascii_start().starts_with(b"{");
+    let format = format.unwrap_or(if looks_like_json {
+        BundleFormat::Spiffe
+    } else {
+        BundleFormat::Pem
     });
     let invalid = |e: BundleError| FederationError::InvalidBundle(e.to_string());
     let bundle = match format {
@@ -146,7 +145,18 @@ pub fn parse_bundle(
             let text = std::str::from_utf8(bytes).map_err(|_| {
                 FederationError::InvalidBundle("PEM text is not valid UTF-8".into())
             })?;
-            TrustBundle::from_pem(trust_domain, text).map_err(invalid)?
+            TrustBundle::from_pem(trust_domain, text).map_err(|e| {
+                // `writ bundle show --format spiffe` output handed to
+                // `bundle set` without the same flag: the bare PEM error
+                // does not say what to change.
+                if looks_like_json {
+                    FederationError::InvalidBundle(format!(
+                        "{e}; the input looks like a SPIFFE bundle document (JSON), not PEM: pass --format spiffe (BUNDLE_FORMAT_SPIFFE)"
+                    ))
+                } else {
+                    invalid(e)
+                }
+            })?
         }
     };
     if bundle.x509_authorities.is_empty() && bundle.jwt_authorities.is_empty() {
