@@ -823,8 +823,21 @@ fn writ_pem(der: &[u8]) -> String {
 
 impl ScriptedPeer {
     async fn start(issuer: &Issuer<'static, KeyPair>, spiffe_id: &str) -> Self {
+        Self::start_with(issuer, vec![SanType::URI(spiffe_id.try_into().unwrap())]).await
+    }
+
+    /// A Web PKI peer: its certificate names 127.0.0.1, for https_web.
+    async fn start_web(issuer: &Issuer<'static, KeyPair>) -> Self {
+        Self::start_with(
+            issuer,
+            vec![SanType::IpAddress("127.0.0.1".parse().unwrap())],
+        )
+        .await
+    }
+
+    async fn start_with(issuer: &Issuer<'static, KeyPair>, sans: Vec<SanType>) -> Self {
         let mut p = CertificateParams::default();
-        p.subject_alt_names = vec![SanType::URI(spiffe_id.try_into().unwrap())];
+        p.subject_alt_names = sans;
         p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         p.extended_key_usages = vec![
             ExtendedKeyUsagePurpose::ServerAuth,
@@ -1437,4 +1450,123 @@ fn the_documented_bundle_recovery_commands_work_as_written() {
         err.contains("looks like a SPIFFE bundle document (JSON), not PEM: pass --format spiffe"),
         "{err}"
     );
+}
+
+/// A CA certificate of `w.test` whose validity ended in 2001.
+fn expired_ca_cert() -> CertificateDer<'static> {
+    let mut p = CertificateParams::default();
+    p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    p.not_before = rcgen::date_time_ymd(2000, 1, 1);
+    p.not_after = rcgen::date_time_ymd(2001, 1, 1);
+    let key = KeyPair::generate().unwrap();
+    p.self_signed(&key).unwrap().der().clone()
+}
+
+/// A peer serving a document that trusts nothing (no keys at all, or only
+/// expired X.509 authorities) used to replace the good bundle, and the
+/// trust domain vanished from its workloads' bundles: such a document is a
+/// failed fetch now, logged and counted, and the last good bundle stays.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_peer_cannot_empty_the_bundle_held_for_it() {
+    let (web_ca, web_issuer) = test_ca();
+    let peer = ScriptedPeer::start_web(&web_issuer).await;
+    let w_ca = test_ca_cert();
+    peer.serve(bundle_document(&[&w_ca], 1));
+    let telemetry = free_port();
+    let mut a = Writ::start_in("a.test", "");
+    let roots = a.dir.path().join("web-roots.pem");
+    std::fs::write(&roots, writ_pem(&web_ca)).unwrap();
+    reconfigure(
+        &mut a,
+        &format!(
+            r#"
+[telemetry]
+listen = "127.0.0.1:{telemetry}"
+
+[federation]
+min_refresh_interval = "1s"
+
+[[federation.trust_domain]]
+name = "w.test"
+url = "https://127.0.0.1:{port}/"
+profile = "https_web"
+ca_bundle = "{roots}"
+
+[[entry]]
+spiffe_id = "spiffe://a.test/fed"
+selectors = ["unix:path:{me}"]
+federates_with = ["w.test"]
+"#,
+            port = peer.port,
+            roots = roots.display(),
+            me = test_exe(),
+        ),
+    );
+    wait_for(WAIT, "the good document", || {
+        listed(&a, "w.test").filter(|l| l["source"] == "fetched" && l["sequence"] == 1)
+    });
+    let w_test_bundle = |bundles: &pb::X509BundlesResponse| {
+        bundles
+            .bundles
+            .get("spiffe://w.test")
+            .map(|der| split_der(der))
+    };
+    assert_eq!(
+        w_test_bundle(&first_bundles(&a).await),
+        Some(vec![w_ca.to_vec()])
+    );
+    let failures = || {
+        let (_, page) = common::http_get(&format!("127.0.0.1:{telemetry}"), "/metrics");
+        page.lines()
+            .find(|l| {
+                l.starts_with("writ_federation_fetches_total{")
+                    && l.contains("trust_domain=\"w.test\"")
+                    && l.contains("outcome=\"failure\"")
+            })
+            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+
+    let expired = expired_ca_cert();
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        (
+            "no keys",
+            br#"{"keys": [], "spiffe_sequence": 2}"#.to_vec(),
+            "holds no authority at all",
+        ),
+        (
+            "only expired authorities",
+            bundle_document(&[&expired], 3),
+            "its only X.509 authority expired at 2001-01-01T00:00:00Z",
+        ),
+    ];
+    for (what, document, expected) in cases {
+        let failed_before = failures();
+        let before = peer.served();
+        peer.serve(document);
+        let rejected = wait_for(WAIT, what, || {
+            listed(&a, "w.test").filter(|l| {
+                peer.served() >= before + 2
+                    && l["fetch"]["last_error"]
+                        .as_str()
+                        .is_some_and(|e| e.contains(expected))
+            })
+        });
+        assert_eq!(rejected["sequence"], 1, "{what}: the good bundle must stay");
+        assert_eq!(rejected["x509_authorities"], 1, "{what}");
+        assert_eq!(
+            w_test_bundle(&first_bundles(&a).await),
+            Some(vec![w_ca.to_vec()]),
+            "{what}: workloads keep receiving the trust domain"
+        );
+        assert!(failures() > failed_before, "{what}: counted as a failure");
+        assert!(
+            a.log().contains(expected),
+            "{what}: the reason is logged\n{}",
+            a.log()
+        );
+    }
+    let held = cli_ok(&a, &["bundle", "show", "--trust-domain", "w.test"]);
+    assert_eq!(pem_ders(&held), vec![w_ca.to_vec()]);
 }
