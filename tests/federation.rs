@@ -1570,3 +1570,146 @@ federates_with = ["w.test"]
     let held = cli_ok(&a, &["bundle", "show", "--trust-domain", "w.test"]);
     assert_eq!(pem_ders(&held), vec![w_ca.to_vec()]);
 }
+
+/// The SPIFFE IDs `workload_ids` gets from the Workload API, or none.
+async fn workload_ids(w: &Writ) -> Vec<String> {
+    let Ok(mut client) = writ::cli::client::workload_client(&w.socket).await else {
+        return Vec::new();
+    };
+    let Ok(stream) = client.fetch_x509svid(pb::X509svidRequest {}).await else {
+        return Vec::new();
+    };
+    match stream.into_inner().message().await {
+        Ok(Some(response)) => response.svids.into_iter().map(|s| s.spiffe_id).collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// The bundle endpoint's SPIFFE ID is what federated peers accept writ's
+/// bundle from: a workload holding it could serve them a forged one. So
+/// no entry (admin API or config) and no task may take it: the default
+/// one always, and a configured one while it is configured; an entry
+/// stored before its ID became the endpoint's is kept but not served.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_bundle_endpoint_identity_is_given_to_no_workload() {
+    let port = free_port();
+    let endpoint = format!(
+        "[admin_api]\nbind_any_pid = [[\"unix:uid:0\"]]\n\n[federation.bundle_endpoint]\nlisten = \"127.0.0.1:{port}\"\n"
+    );
+    let b = Writ::start_in("b.test", &endpoint);
+    let socket = admin_socket(&b);
+    let socket = socket.to_str().unwrap();
+    let reserved = "spiffe://b.test/writ/bundle-endpoint";
+    let reason = "is reserved for writ's federation bundle endpoint";
+
+    let (ok, _, err) = common::writ_cli(
+        &[
+            "entry",
+            "create",
+            "--admin-socket",
+            socket,
+            "--spiffe-id",
+            reserved,
+            "--selector",
+            "unix:uid:0",
+        ],
+        None,
+    );
+    assert!(!ok, "an entry took {reserved}");
+    assert!(err.contains("InvalidArgument"), "{err}");
+    assert!(
+        err.contains(&format!("spiffe_id: {reserved} {reason}")),
+        "{err}"
+    );
+
+    let mut sleeper = Command::new("sleep").arg("60").spawn().unwrap();
+    let pid = sleeper.id().to_string();
+    let begin = |spiffe_id: &str| {
+        common::writ_cli(
+            &[
+                "task",
+                "begin",
+                "--admin-socket",
+                socket,
+                "--pid",
+                &pid,
+                "--spiffe-id",
+                spiffe_id,
+            ],
+            None,
+        )
+    };
+    // This caller may name any identity...
+    let (ok, _, err) = begin("spiffe://b.test/any/other");
+    assert!(ok, "{err}\n{}", b.log());
+    // ...but not that one.
+    let (ok, _, err) = begin(reserved);
+    assert!(!ok, "a task took {reserved}");
+    assert!(err.contains("InvalidArgument"), "{err}");
+    assert!(
+        err.contains(&format!("spiffe_id: {reserved} {reason}")),
+        "{err}"
+    );
+    let _ = sleeper.kill();
+    let _ = sleeper.wait();
+    drop(b);
+
+    // An entry created while its ID was free, then the endpoint given that
+    // ID: the entry is no longer served, the log says which and why, and
+    // it can still be deleted.
+    let custom = "spiffe://c.test/custom/endpoint";
+    let mut c = Writ::start_in("c.test", "");
+    let socket = admin_socket(&c);
+    let socket = socket.to_str().unwrap().to_owned();
+    let me = test_exe();
+    let (ok, out, err) = common::writ_cli(
+        &[
+            "entry",
+            "create",
+            "--admin-socket",
+            &socket,
+            "--spiffe-id",
+            custom,
+            "--selector",
+            &format!("unix:path:{me}"),
+        ],
+        None,
+    );
+    assert!(ok, "{err}");
+    let id = out.trim().to_owned();
+    assert_eq!(workload_ids(&c).await, vec![custom.to_owned()]);
+    reconfigure(
+        &mut c,
+        &format!(
+            "\n[federation.bundle_endpoint]\nlisten = \"127.0.0.1:{}\"\nspiffe_id = \"{custom}\"\n",
+            free_port()
+        ),
+    );
+    assert_eq!(workload_ids(&c).await, Vec::<String>::new());
+    let warning = c
+        .log()
+        .lines()
+        .find(|l| l.contains("holds a reserved SPIFFE ID"))
+        .map(str::to_owned);
+    assert!(
+        warning.is_some_and(|l| l.contains(&id) && l.contains(custom)),
+        "{}",
+        c.log()
+    );
+    let (ok, _, err) = common::writ_cli(
+        &[
+            "entry",
+            "create",
+            "--admin-socket",
+            &socket,
+            "--spiffe-id",
+            custom,
+            "--selector",
+            "unix:uid:0",
+        ],
+        None,
+    );
+    assert!(!ok && err.contains(reason), "{err}");
+    let (ok, _, err) = common::writ_cli(&["entry", "delete", "--admin-socket", &socket, &id], None);
+    assert!(ok, "{err}");
+}
