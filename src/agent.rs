@@ -20,7 +20,7 @@ use crate::changes::Change;
 use crate::identity::{self, Entitlement, Registry};
 use crate::jwt::{self, JwtError, JwtKeySet, JwtSvid, JwtSvidPlan, JwtSvidRequest, ValidatedJwt};
 use crate::peer::Caller;
-use crate::spiffe_id::TrustDomain;
+use crate::spiffe_id::{SpiffeId, TrustDomain};
 use crate::store::{Store, StoreError};
 use crate::svid::{X509Svid, X509SvidPlan, X509SvidRequest};
 use crate::tasks::Task;
@@ -427,6 +427,8 @@ pub struct Agent {
     refusal_budget: Mutex<crate::refusal_budget::RefusalBudget>,
     validation_keys: RwLock<Option<(Vec<u64>, Arc<JwtKeySet>)>>,
     trust_domain: TrustDomain,
+    /// SPIFFE IDs only the bundle endpoint presents (`federation::reserved_ids`).
+    reserved_ids: Vec<SpiffeId>,
     attestors: AttestorSet,
     store: Arc<Store>,
     task_svid_ttl: Duration,
@@ -474,12 +476,14 @@ impl Agent {
         store: Arc<Store>,
         task_svid_ttl: Duration,
         bundle_sequence: u64,
+        reserved_ids: Vec<SpiffeId>,
     ) -> Self {
         let trust_domain = ca.trust_domain().clone();
         let own_bundle = build_own_bundle(&ca, bundle_sequence);
         let checkpoint_key = Mutex::new(ca.checkpoint_key());
         Self {
             trust_domain,
+            reserved_ids,
             validation_keys: RwLock::new(None),
             policy: RwLock::new(crate::policy::PolicyEngine::builtin_default()),
             policy_failures: crate::policy::FailureWarnings::new(POLICY_FAILURE_WARNING_INTERVAL),
@@ -557,6 +561,12 @@ impl Agent {
 
     pub fn trust_domain(&self) -> &TrustDomain {
         &self.trust_domain
+    }
+
+    /// Whether `id` is one no entry or task may hold: the bundle
+    /// endpoint's (see `federation::reserved_ids`).
+    pub fn is_reserved(&self, id: &SpiffeId) -> bool {
+        self.reserved_ids.contains(id)
     }
 
     /// Attests the caller now: reads its selectors, then proves through the

@@ -166,6 +166,18 @@ impl EntryStore {
             .map(Arc::new)
             .collect();
         check_not_shadowing(&config_registry, &admin)?;
+        // Created before the identity was reserved (by an older writ, or
+        // before the bundle endpoint took it): kept, so it can be listed
+        // in the log and deleted, but never served (see `install`).
+        for entry in admin.iter().filter(|e| agent.is_reserved(&e.spiffe_id)) {
+            tracing::error!(
+                entry = %entry.id,
+                spiffe_id = %entry.spiffe_id,
+                "a stored registration entry holds a reserved SPIFFE ID and is not served: {}; delete it with `writ entry delete {}`",
+                crate::federation::reserved_id_reason(&entry.spiffe_id),
+                entry.id
+            );
+        }
         let this = Arc::new(Self {
             agent,
             store,
@@ -185,8 +197,14 @@ impl EntryStore {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
-        self.agent
-            .set_registry(base.with_admin_entries(admin.iter().cloned()));
+        self.agent.set_registry(
+            base.with_admin_entries(
+                admin
+                    .iter()
+                    .filter(|e| !self.agent.is_reserved(&e.spiffe_id))
+                    .cloned(),
+            ),
+        );
     }
 
     /// Checks new config-file entries (on reload) against the admin
@@ -337,6 +355,12 @@ impl EntryStore {
         }
         if spiffe_id.is_trust_domain_id() {
             return Err(invalid("spiffe_id", "must have a path"));
+        }
+        if self.agent.is_reserved(&spiffe_id) {
+            return Err(invalid(
+                "spiffe_id",
+                crate::federation::reserved_id_reason(&spiffe_id),
+            ));
         }
         if req.selectors.is_empty() {
             return Err(invalid("selectors", "at least one selector is required"));

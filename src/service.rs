@@ -177,6 +177,10 @@ pub async fn build(config: &Config) -> Result<Services, ServiceError> {
         store.clone(),
         config.tasks.x509_svid_ttl,
         sequence,
+        crate::federation::reserved_ids(
+            &config.trust_domain,
+            config.federation.bundle_endpoint.as_ref(),
+        ),
     ));
     let entries = EntryStore::open(
         agent.clone(),

@@ -1059,6 +1059,18 @@ impl TaskManager {
                 ));
             }
         };
+        // Given or derived: a custom endpoint ID may well end in /task/<id>.
+        if self.agent.is_reserved(&spiffe_id) {
+            let field = if req.spiffe_id.is_some() {
+                "spiffe_id"
+            } else {
+                "task_id"
+            };
+            return Err(invalid(
+                field,
+                crate::federation::reserved_id_reason(&spiffe_id),
+            ));
+        }
         // An entry's identity goes on being issued to whatever the entry
         // matches: a task holding it too could not be told apart by relying
         // parties, and ending the task would not end what that identity may

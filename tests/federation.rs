@@ -823,8 +823,21 @@ fn writ_pem(der: &[u8]) -> String {
 
 impl ScriptedPeer {
     async fn start(issuer: &Issuer<'static, KeyPair>, spiffe_id: &str) -> Self {
+        Self::start_with(issuer, vec![SanType::URI(spiffe_id.try_into().unwrap())]).await
+    }
+
+    /// A Web PKI peer: its certificate names 127.0.0.1, for https_web.
+    async fn start_web(issuer: &Issuer<'static, KeyPair>) -> Self {
+        Self::start_with(
+            issuer,
+            vec![SanType::IpAddress("127.0.0.1".parse().unwrap())],
+        )
+        .await
+    }
+
+    async fn start_with(issuer: &Issuer<'static, KeyPair>, sans: Vec<SanType>) -> Self {
         let mut p = CertificateParams::default();
-        p.subject_alt_names = vec![SanType::URI(spiffe_id.try_into().unwrap())];
+        p.subject_alt_names = sans;
         p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         p.extended_key_usages = vec![
             ExtendedKeyUsagePurpose::ServerAuth,
@@ -1368,4 +1381,335 @@ bundle = "{bootstrap}"
         after >= first + 1.0,
         "age {first} then {after} after a restart"
     );
+}
+
+/// The recovery recipe in docs/federation.md ("When the held bundle is too
+/// old"), run as written: the `writ bundle show` line against the peer,
+/// the `writ bundle set` line against this writ, in a shell-less way that
+/// honours the `> file` redirect. It once left out `--format spiffe` on
+/// the `set` line, which then read the JSON as PEM and failed.
+#[test]
+fn the_documented_bundle_recovery_commands_work_as_written() {
+    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/federation.md"))
+        .unwrap();
+    let recipe = doc
+        .split_once("To recover, give writ the peer's current bundle")
+        .and_then(|(_, rest)| rest.split_once("```\n"))
+        .and_then(|(_, rest)| rest.split_once("```"))
+        .map(|(block, _)| block)
+        .expect("the recovery recipe's code block in docs/federation.md");
+    let commands: Vec<&str> = recipe
+        .lines()
+        .map(|l| l.split_once('#').map_or(l, |(cmd, _)| cmd).trim())
+        .filter(|l| !l.is_empty())
+        .collect();
+    assert_eq!(commands.len(), 2, "{recipe}");
+
+    let peer = Writ::start_in("b.test", "");
+    let a = Writ::start_in("a.test", "");
+    let work = tempfile::tempdir().unwrap();
+    for (line, on) in commands.iter().zip([&peer, &a]) {
+        let line = line.replace("partner.example", "b.test");
+        let (command, redirect) = match line.split_once('>') {
+            Some((command, file)) => (command.to_owned(), Some(file.trim().to_owned())),
+            None => (line.clone(), None),
+        };
+        let mut words = command.split_whitespace();
+        assert_eq!(words.next(), Some("writ"), "{line}");
+        let out = Command::new(WRIT)
+            .args(words)
+            .arg("--admin-socket")
+            .arg(admin_socket(on))
+            .current_dir(work.path())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "documented command `{line}` failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        if let Some(file) = redirect {
+            std::fs::write(work.path().join(file), &out.stdout).unwrap();
+        }
+    }
+    let own = cli_ok(&peer, &["bundle", "show"]);
+    let held = cli_ok(&a, &["bundle", "show", "--trust-domain", "b.test"]);
+    assert_eq!(pem_ders(&held), pem_ders(&own));
+    assert_eq!(listed(&a, "b.test").unwrap()["source"], "static");
+
+    // Without the flag the JSON is read as PEM; the error says what to add.
+    let document = cli_ok(&peer, &["bundle", "show", "--format", "spiffe"]);
+    let (ok, _, err) = cli_with_input(
+        &a,
+        &["bundle", "set", "--trust-domain", "b.test"],
+        format!("\n  {document}").as_bytes(),
+    );
+    assert!(!ok);
+    assert!(err.contains("InvalidArgument"), "{err}");
+    assert!(
+        err.contains("looks like a SPIFFE bundle document (JSON), not PEM: pass --format spiffe"),
+        "{err}"
+    );
+}
+
+/// A CA certificate of `w.test` whose validity ended in 2001.
+fn expired_ca_cert() -> CertificateDer<'static> {
+    let mut p = CertificateParams::default();
+    p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    p.not_before = rcgen::date_time_ymd(2000, 1, 1);
+    p.not_after = rcgen::date_time_ymd(2001, 1, 1);
+    let key = KeyPair::generate().unwrap();
+    p.self_signed(&key).unwrap().der().clone()
+}
+
+/// A peer serving a document that trusts nothing (no keys at all, or only
+/// expired X.509 authorities) used to replace the good bundle, and the
+/// trust domain vanished from its workloads' bundles: such a document is a
+/// failed fetch now, logged and counted, and the last good bundle stays.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_peer_cannot_empty_the_bundle_held_for_it() {
+    let (web_ca, web_issuer) = test_ca();
+    let peer = ScriptedPeer::start_web(&web_issuer).await;
+    let w_ca = test_ca_cert();
+    peer.serve(bundle_document(&[&w_ca], 1));
+    let telemetry = free_port();
+    let mut a = Writ::start_in("a.test", "");
+    let roots = a.dir.path().join("web-roots.pem");
+    std::fs::write(&roots, writ_pem(&web_ca)).unwrap();
+    reconfigure(
+        &mut a,
+        &format!(
+            r#"
+[telemetry]
+listen = "127.0.0.1:{telemetry}"
+
+[federation]
+min_refresh_interval = "1s"
+
+[[federation.trust_domain]]
+name = "w.test"
+url = "https://127.0.0.1:{port}/"
+profile = "https_web"
+ca_bundle = "{roots}"
+
+[[entry]]
+spiffe_id = "spiffe://a.test/fed"
+selectors = ["unix:path:{me}"]
+federates_with = ["w.test"]
+"#,
+            port = peer.port,
+            roots = roots.display(),
+            me = test_exe(),
+        ),
+    );
+    wait_for(WAIT, "the good document", || {
+        listed(&a, "w.test").filter(|l| l["source"] == "fetched" && l["sequence"] == 1)
+    });
+    let w_test_bundle = |bundles: &pb::X509BundlesResponse| {
+        bundles
+            .bundles
+            .get("spiffe://w.test")
+            .map(|der| split_der(der))
+    };
+    assert_eq!(
+        w_test_bundle(&first_bundles(&a).await),
+        Some(vec![w_ca.to_vec()])
+    );
+    let failures = || {
+        let (_, page) = common::http_get(&format!("127.0.0.1:{telemetry}"), "/metrics");
+        page.lines()
+            .find(|l| {
+                l.starts_with("writ_federation_fetches_total{")
+                    && l.contains("trust_domain=\"w.test\"")
+                    && l.contains("outcome=\"failure\"")
+            })
+            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+
+    let expired = expired_ca_cert();
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        (
+            "no keys",
+            br#"{"keys": [], "spiffe_sequence": 2}"#.to_vec(),
+            "holds no authority at all",
+        ),
+        (
+            "only expired authorities",
+            bundle_document(&[&expired], 3),
+            "its only X.509 authority expired at 2001-01-01T00:00:00Z",
+        ),
+    ];
+    for (what, document, expected) in cases {
+        let failed_before = failures();
+        let before = peer.served();
+        peer.serve(document);
+        let rejected = wait_for(WAIT, what, || {
+            listed(&a, "w.test").filter(|l| {
+                peer.served() >= before + 2
+                    && l["fetch"]["last_error"]
+                        .as_str()
+                        .is_some_and(|e| e.contains(expected))
+            })
+        });
+        assert_eq!(rejected["sequence"], 1, "{what}: the good bundle must stay");
+        assert_eq!(rejected["x509_authorities"], 1, "{what}");
+        assert_eq!(
+            w_test_bundle(&first_bundles(&a).await),
+            Some(vec![w_ca.to_vec()]),
+            "{what}: workloads keep receiving the trust domain"
+        );
+        assert!(failures() > failed_before, "{what}: counted as a failure");
+        assert!(
+            a.log().contains(expected),
+            "{what}: the reason is logged\n{}",
+            a.log()
+        );
+    }
+    let held = cli_ok(&a, &["bundle", "show", "--trust-domain", "w.test"]);
+    assert_eq!(pem_ders(&held), vec![w_ca.to_vec()]);
+}
+
+/// The SPIFFE IDs `workload_ids` gets from the Workload API, or none.
+async fn workload_ids(w: &Writ) -> Vec<String> {
+    let Ok(mut client) = writ::cli::client::workload_client(&w.socket).await else {
+        return Vec::new();
+    };
+    let Ok(stream) = client.fetch_x509svid(pb::X509svidRequest {}).await else {
+        return Vec::new();
+    };
+    match stream.into_inner().message().await {
+        Ok(Some(response)) => response.svids.into_iter().map(|s| s.spiffe_id).collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// The bundle endpoint's SPIFFE ID is what federated peers accept writ's
+/// bundle from: a workload holding it could serve them a forged one. So
+/// no entry (admin API or config) and no task may take it: the default
+/// one always, and a configured one while it is configured; an entry
+/// stored before its ID became the endpoint's is kept but not served.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_bundle_endpoint_identity_is_given_to_no_workload() {
+    let port = free_port();
+    let endpoint = format!(
+        "[admin_api]\nbind_any_pid = [[\"unix:uid:0\"]]\n\n[federation.bundle_endpoint]\nlisten = \"127.0.0.1:{port}\"\n"
+    );
+    let b = Writ::start_in("b.test", &endpoint);
+    let socket = admin_socket(&b);
+    let socket = socket.to_str().unwrap();
+    let reserved = "spiffe://b.test/writ/bundle-endpoint";
+    let reason = "is reserved for writ's federation bundle endpoint";
+
+    let (ok, _, err) = common::writ_cli(
+        &[
+            "entry",
+            "create",
+            "--admin-socket",
+            socket,
+            "--spiffe-id",
+            reserved,
+            "--selector",
+            "unix:uid:0",
+        ],
+        None,
+    );
+    assert!(!ok, "an entry took {reserved}");
+    assert!(err.contains("InvalidArgument"), "{err}");
+    assert!(
+        err.contains(&format!("spiffe_id: {reserved} {reason}")),
+        "{err}"
+    );
+
+    let mut sleeper = Command::new("sleep").arg("60").spawn().unwrap();
+    let pid = sleeper.id().to_string();
+    let begin = |spiffe_id: &str| {
+        common::writ_cli(
+            &[
+                "task",
+                "begin",
+                "--admin-socket",
+                socket,
+                "--pid",
+                &pid,
+                "--spiffe-id",
+                spiffe_id,
+            ],
+            None,
+        )
+    };
+    // This caller may name any identity...
+    let (ok, _, err) = begin("spiffe://b.test/any/other");
+    assert!(ok, "{err}\n{}", b.log());
+    // ...but not that one.
+    let (ok, _, err) = begin(reserved);
+    assert!(!ok, "a task took {reserved}");
+    assert!(err.contains("InvalidArgument"), "{err}");
+    assert!(
+        err.contains(&format!("spiffe_id: {reserved} {reason}")),
+        "{err}"
+    );
+    let _ = sleeper.kill();
+    let _ = sleeper.wait();
+    drop(b);
+
+    // An entry created while its ID was free, then the endpoint given that
+    // ID: the entry is no longer served, the log says which and why, and
+    // it can still be deleted.
+    let custom = "spiffe://c.test/custom/endpoint";
+    let mut c = Writ::start_in("c.test", "");
+    let socket = admin_socket(&c);
+    let socket = socket.to_str().unwrap().to_owned();
+    let me = test_exe();
+    let (ok, out, err) = common::writ_cli(
+        &[
+            "entry",
+            "create",
+            "--admin-socket",
+            &socket,
+            "--spiffe-id",
+            custom,
+            "--selector",
+            &format!("unix:path:{me}"),
+        ],
+        None,
+    );
+    assert!(ok, "{err}");
+    let id = out.trim().to_owned();
+    assert_eq!(workload_ids(&c).await, vec![custom.to_owned()]);
+    reconfigure(
+        &mut c,
+        &format!(
+            "\n[federation.bundle_endpoint]\nlisten = \"127.0.0.1:{}\"\nspiffe_id = \"{custom}\"\n",
+            free_port()
+        ),
+    );
+    assert_eq!(workload_ids(&c).await, Vec::<String>::new());
+    let warning = c
+        .log()
+        .lines()
+        .find(|l| l.contains("holds a reserved SPIFFE ID"))
+        .map(str::to_owned);
+    assert!(
+        warning.is_some_and(|l| l.contains(&id) && l.contains(custom)),
+        "{}",
+        c.log()
+    );
+    let (ok, _, err) = common::writ_cli(
+        &[
+            "entry",
+            "create",
+            "--admin-socket",
+            &socket,
+            "--spiffe-id",
+            custom,
+            "--selector",
+            "unix:uid:0",
+        ],
+        None,
+    );
+    assert!(!ok && err.contains(reason), "{err}");
+    let (ok, _, err) = common::writ_cli(&["entry", "delete", "--admin-socket", &socket, &id], None);
+    assert!(ok, "{err}");
 }

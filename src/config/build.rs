@@ -70,6 +70,10 @@ pub(super) fn build(
         running: running.map(|config| Running {
             trust_domain: config.trust_domain.clone(),
             ca_ttl: config.ca.ca_ttl,
+            endpoint_ids: crate::federation::reserved_ids(
+                &config.trust_domain,
+                config.federation.bundle_endpoint.as_ref(),
+            ),
         }),
     };
     let config = builder.config(raw, env);
@@ -105,6 +109,8 @@ struct Builder<'a> {
 struct Running {
     trust_domain: TrustDomain,
     ca_ttl: Duration,
+    /// The bundle endpoint keeps its identity until a restart.
+    endpoint_ids: Vec<SpiffeId>,
 }
 
 /// Two listeners on one port whose addresses are the same or one of them
@@ -312,7 +318,25 @@ impl Builder<'_> {
                 ),
             );
         }
-        let entries = self.entries(&raw.entry, own_trust_domain.as_ref(), entry_ca_ttl.as_ref());
+        // Those of the endpoint running now and of the one the file
+        // configures for the next start: an entry may hold neither.
+        let mut reserved: Vec<SpiffeId> = self
+            .running
+            .as_ref()
+            .map(|running| running.endpoint_ids.clone())
+            .unwrap_or_default();
+        if let Some(own) = &own_trust_domain {
+            reserved.extend(crate::federation::reserved_ids(
+                own,
+                federation.bundle_endpoint.as_ref(),
+            ));
+        }
+        let entries = self.entries(
+            &raw.entry,
+            own_trust_domain.as_ref(),
+            entry_ca_ttl.as_ref(),
+            &reserved,
+        );
 
         Config {
             trust_domain: trust_domain.unwrap_or(defaults.trust_domain),
@@ -1087,7 +1111,8 @@ impl Builder<'_> {
                 let stray_key =
                     self.wrong_profile_key(&format!("{KEY}.key"), &raw.key, "https_web");
                 let spiffe_id = match &raw.spiffe_id {
-                    None => trust_domain.and_then(|td| td.spiffe_id("/writ/bundle-endpoint").ok()),
+                    None => trust_domain
+                        .and_then(|td| td.spiffe_id(crate::federation::DEFAULT_ENDPOINT_PATH).ok()),
                     Some(text) => self.spiffe_id_in(KEY, text, trust_domain, false),
                 };
                 if stray_cert || stray_key {
@@ -1296,6 +1321,7 @@ impl Builder<'_> {
         raw: &[Spanned<RawEntry>],
         trust_domain: Option<&TrustDomain>,
         ca_ttl: Option<&Sourced<Duration>>,
+        reserved: &[SpiffeId],
     ) -> Vec<EntryConfig> {
         let mut entries = Vec::with_capacity(raw.len());
         // (spiffe_id, selector set) -> (index, line) of the first entry.
@@ -1304,15 +1330,25 @@ impl Builder<'_> {
             let Some(checked) = self.entry(index, entry, trust_domain, ca_ttl) else {
                 continue;
             };
-            let key = (
-                checked.spiffe_id.clone(),
-                checked.selectors.iter().cloned().collect::<BTreeSet<_>>(),
-            );
             let span = entry
                 .get_ref()
                 .spiffe_id
                 .as_ref()
                 .map_or(entry.span(), Spanned::span);
+            if reserved.contains(&checked.spiffe_id) {
+                self.error(
+                    span,
+                    format!(
+                        "entry[{index}].spiffe_id {}",
+                        crate::federation::reserved_id_reason(&checked.spiffe_id)
+                    ),
+                );
+                continue;
+            }
+            let key = (
+                checked.spiffe_id.clone(),
+                checked.selectors.iter().cloned().collect::<BTreeSet<_>>(),
+            );
             if let Some((first_index, first_line)) = seen.get(&key) {
                 self.error(
                     span,

@@ -1412,6 +1412,36 @@ fn bundle_endpoint_errors() {
     );
 }
 
+/// A port the URL parser leaves out of `port_u16` used to mean 443: the
+/// fetch went to another port than the one written.
+#[test]
+fn a_federation_url_port_that_is_no_tcp_port_is_an_error() {
+    let td = |url: &str| {
+        format!(
+            "[[federation.trust_domain]]\nname = \"b.test\"\nurl = \"{url}\"\nprofile = \"https_web\"\n"
+        )
+    };
+    for (url, port) in [
+        ("https://127.0.0.1:99998/", "\"99998\""),
+        ("https://127.0.0.1:0/", "\"0\""),
+        ("https://127.0.0.1:/", "\"\""),
+    ] {
+        assert_single_error(
+            &td(url),
+            3,
+            7,
+            &format!(
+                "federation.trust_domain[0].url: \"{url}\" has port {port}; a port must be a number from 1 to 65535"
+            ),
+        );
+    }
+    let ok = parse_ok(&td("https://127.0.0.1:65535/"));
+    assert_eq!(
+        ok.federation.trust_domains[0].url,
+        "https://127.0.0.1:65535/"
+    );
+}
+
 #[test]
 fn federated_trust_domain_errors() {
     let td = |body: &str| format!("[[federation.trust_domain]]\n{body}\n");
@@ -1647,4 +1677,57 @@ fn an_audit_path_on_one_of_writs_own_files_is_refused_naming_both() {
     ] {
         assert_eq!(parse_ok(&config(fine)).audit.path, Path::new(fine));
     }
+}
+
+/// Federated peers accept writ's bundle from whoever presents the bundle
+/// endpoint's SPIFFE ID, so no config entry may give it to a workload: the
+/// configured one, and the default one whether or not the endpoint is on.
+#[test]
+fn no_entry_may_take_the_bundle_endpoint_identity() {
+    let entry =
+        |id: &str| format!("[[entry]]\nspiffe_id = \"{id}\"\nselectors = [\"unix:uid:0\"]\n");
+    let reason = "is reserved for writ's federation bundle endpoint";
+    let default_id = "spiffe://writ.test/writ/bundle-endpoint";
+    // No endpoint configured: the default is reserved all the same.
+    assert_single_error(
+        &entry(default_id),
+        2,
+        13,
+        &format!("entry[0].spiffe_id {default_id} {reason}"),
+    );
+    let endpoint = |id: &str| {
+        format!("[federation.bundle_endpoint]\nlisten = \"127.0.0.1:8443\"\nspiffe_id = \"{id}\"\n")
+    };
+    let custom = "spiffe://writ.test/edge/bundles";
+    let with_custom = endpoint(custom);
+    assert_single_error(
+        &format!("{}{with_custom}", entry(custom)),
+        2,
+        13,
+        &format!("entry[0].spiffe_id {custom} {reason}"),
+    );
+    assert_single_error(
+        &format!("{}{with_custom}", entry(default_id)),
+        2,
+        13,
+        &format!("entry[0].spiffe_id {default_id} {reason}"),
+    );
+    // Exactly those IDs: below or beside them is anyone's.
+    parse_ok(&format!(
+        "{}{}{with_custom}",
+        entry("spiffe://writ.test/writ/bundle-endpoint/x"),
+        entry("spiffe://writ.test/edge/bundles-2")
+    ));
+
+    // A reload keeps the running endpoint (and its identity) until a
+    // restart, so an entry may not take that one either.
+    let running = parse_ok(&endpoint(custom));
+    let errors = reload_errors(&entry(custom), &running);
+    assert_eq!(errors.len(), 1, "{errors:#?}");
+    assert!(
+        errors[0].starts_with(&format!(
+            "{ORIGIN}:2:13: entry[0].spiffe_id {custom} {reason}"
+        )),
+        "{errors:#?}"
+    );
 }

@@ -95,6 +95,44 @@ pub fn federated_trust_domain(
     Ok(td)
 }
 
+/// The path of the bundle endpoint's SPIFFE ID when
+/// `[federation.bundle_endpoint] spiffe_id` is not set.
+pub const DEFAULT_ENDPOINT_PATH: &str = "/writ/bundle-endpoint";
+
+/// The SPIFFE IDs of `trust_domain` that no entry or task may take: the
+/// one the bundle endpoint presents with `endpoint` (https_spiffe), and
+/// the default one whether or not an endpoint is configured. Peers accept
+/// a bundle from whoever presents that identity, so a workload holding it
+/// could serve them a forged bundle of writ's trust domain; and keeping
+/// the default reserved while no endpoint runs means enabling one later
+/// cannot find an entry already issuing its identity.
+pub fn reserved_ids(
+    trust_domain: &TrustDomain,
+    endpoint: Option<&crate::config::BundleEndpointConfig>,
+) -> Vec<crate::spiffe_id::SpiffeId> {
+    let mut ids: Vec<_> = trust_domain
+        .spiffe_id(DEFAULT_ENDPOINT_PATH)
+        .into_iter()
+        .collect();
+    if let Some(crate::config::BundleEndpointConfig {
+        profile: crate::config::EndpointServerProfile::HttpsSpiffe { spiffe_id },
+        ..
+    }) = endpoint
+        && !ids.contains(spiffe_id)
+    {
+        ids.push(spiffe_id.clone());
+    }
+    ids
+}
+
+/// Why a reserved ID (see `reserved_ids`) was refused, for every place
+/// that refuses one.
+pub fn reserved_id_reason(id: &crate::spiffe_id::SpiffeId) -> String {
+    format!(
+        "{id} is reserved for writ's federation bundle endpoint (federation.bundle_endpoint.spiffe_id, by default spiffe://<trust domain>{DEFAULT_ENDPOINT_PATH}): federated peers accept writ's bundle from whoever presents it, so no workload may hold it"
+    )
+}
+
 /// Reads and checks every file `config` names, as a start does, without
 /// an agent or the store: the federated trust domains' CA files and
 /// bootstrap bundles, and the bundle endpoint's certificate and key when
@@ -130,12 +168,11 @@ pub fn parse_bundle(
     bytes: &[u8],
     format: Option<BundleFormat>,
 ) -> Result<TrustBundle, FederationError> {
-    let format = format.unwrap_or_else(|| {
-        if bytes.trim_ascii_start().starts_with(b"{") {
-            BundleFormat::Spiffe
-        } else {
-            BundleFormat::Pem
-        }
+    let looks_like_json = bytes.trim_ascii_start().starts_with(b"{");
+    let format = format.unwrap_or(if looks_like_json {
+        BundleFormat::Spiffe
+    } else {
+        BundleFormat::Pem
     });
     let invalid = |e: BundleError| FederationError::InvalidBundle(e.to_string());
     let bundle = match format {
@@ -146,7 +183,18 @@ pub fn parse_bundle(
             let text = std::str::from_utf8(bytes).map_err(|_| {
                 FederationError::InvalidBundle("PEM text is not valid UTF-8".into())
             })?;
-            TrustBundle::from_pem(trust_domain, text).map_err(invalid)?
+            TrustBundle::from_pem(trust_domain, text).map_err(|e| {
+                // `writ bundle show --format spiffe` output handed to
+                // `bundle set` without the same flag: the bare PEM error
+                // does not say what to change.
+                if looks_like_json {
+                    FederationError::InvalidBundle(format!(
+                        "{e}; the input looks like a SPIFFE bundle document (JSON), not PEM: pass --format spiffe (BUNDLE_FORMAT_SPIFFE)"
+                    ))
+                } else {
+                    invalid(e)
+                }
+            })?
         }
     };
     if bundle.x509_authorities.is_empty() && bundle.jwt_authorities.is_empty() {

@@ -18,6 +18,8 @@ pub enum UrlError {
     Userinfo(String),
     #[error("{0:?} has a fragment (#...); bundle endpoint URLs must not")]
     Fragment(String),
+    #[error("{url:?} has port {port:?}; a port must be a number from 1 to 65535")]
+    BadPort { url: String, port: String },
 }
 
 /// A checked bundle endpoint URL.
@@ -59,6 +61,25 @@ impl EndpointUrl {
         if bare_host.is_empty() {
             return Err(UrlError::NoHost(text.to_owned()));
         }
+        // `port_u16` is None for a port that is not a u16 as well as for no
+        // port at all, and 443 is no place to send a request meant for
+        // another port the operator mistyped.
+        let explicit = authority
+            .as_str()
+            .strip_prefix(host)
+            .and_then(|rest| rest.strip_prefix(':'));
+        let port = match explicit {
+            None => 443,
+            Some(port) => match port.parse::<u16>() {
+                Ok(n) if n != 0 && port.bytes().all(|b| b.is_ascii_digit()) => n,
+                _ => {
+                    return Err(UrlError::BadPort {
+                        url: text.to_owned(),
+                        port: port.to_owned(),
+                    });
+                }
+            },
+        };
         let target = uri
             .path_and_query()
             .map(|p| p.as_str())
@@ -72,7 +93,7 @@ impl EndpointUrl {
         Ok(Self {
             text: text.to_owned(),
             host: bare_host.to_ascii_lowercase(),
-            port: authority.port_u16().unwrap_or(443),
+            port,
             authority: authority.as_str().to_owned(),
             target,
         })
@@ -162,6 +183,34 @@ mod tests {
             Err(UrlError::NotHttps(_))
         ));
         assert!(EndpointUrl::parse("https://").is_err());
+    }
+
+    #[test]
+    fn rejects_a_port_that_is_no_tcp_port() {
+        for (url, port) in [
+            ("https://127.0.0.1:99998/", "99998"),
+            ("https://a.example:65536/", "65536"),
+            ("https://a.example:0/", "0"),
+            ("https://a.example:/", ""),
+            ("https://[::1]:70000/", "70000"),
+            ("https://a.example:+443/", "+443"),
+        ] {
+            match EndpointUrl::parse(url) {
+                Err(UrlError::BadPort { port: got, .. }) => assert_eq!(got, port, "{url}"),
+                Err(other) => {
+                    // The URI parser may refuse some of these itself; what
+                    // matters is that none is fetched from port 443.
+                    assert!(!matches!(other, UrlError::BadPort { .. }), "{url}: {other}");
+                }
+                Ok(parsed) => panic!("{url} parsed, port {}", parsed.port()),
+            }
+        }
+        let err = EndpointUrl::parse("https://127.0.0.1:99998/").unwrap_err();
+        assert!(err.to_string().contains("\"99998\""), "{err}");
+        let u = EndpointUrl::parse("https://a.example:65535/").unwrap();
+        assert_eq!(u.port(), 65535);
+        let u = EndpointUrl::parse("https://a.example:0443/").unwrap();
+        assert_eq!(u.port(), 443);
         assert!(EndpointUrl::parse("https://a b/").is_err());
     }
 
