@@ -953,7 +953,7 @@ impl pb::bundles_server::Bundles for BundlesService {
         request: Request<pb::SetBundleRequest>,
     ) -> Result<Response<pb::Bundle>, Status> {
         let ctx = &self.0;
-        ctx.authorize_operator(&request, "set federated bundles")?;
+        let admin = ctx.authorize_operator(&request, "set federated bundles")?;
         let req = request.into_inner();
         let td = parse_trust_domain(&req.trust_domain)?;
         if &td == ctx.agent.trust_domain() {
@@ -975,7 +975,7 @@ impl pb::bundles_server::Bundles for BundlesService {
             .map_err(federation_status)?;
         let held = ctx
             .federation
-            .set_bundle(bundle, BundleSource::Static)
+            .set_bundle_by(bundle, BundleSource::Static, Some(admin.audit_facts()))
             .await
             .map_err(federation_status)?;
         Ok(Response::new(bundle_info_to_proto(&BundleInfo {
@@ -990,10 +990,10 @@ impl pb::bundles_server::Bundles for BundlesService {
         request: Request<pb::DeleteBundleRequest>,
     ) -> Result<Response<pb::DeleteBundleResponse>, Status> {
         let ctx = &self.0;
-        ctx.authorize_operator(&request, "delete federated bundles")?;
+        let admin = ctx.authorize_operator(&request, "delete federated bundles")?;
         let td = parse_trust_domain(&request.into_inner().trust_domain)?;
         ctx.federation
-            .delete_bundle(&td)
+            .delete_bundle_by(&td, Some(admin.audit_facts()))
             .await
             .map_err(federation_status)?;
         Ok(Response::new(pb::DeleteBundleResponse {}))

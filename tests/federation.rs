@@ -1436,6 +1436,16 @@ fn the_documented_bundle_recovery_commands_work_as_written() {
     let held = cli_ok(&a, &["bundle", "show", "--trust-domain", "b.test"]);
     assert_eq!(pem_ders(&held), pem_ders(&own));
     assert_eq!(listed(&a, "b.test").unwrap()["source"], "static");
+    // The trail names the operator who set it.
+    let trail = common::read_to_string(&a.dir.path().join("state/audit/audit.jsonl"));
+    let set: Vec<serde_json::Value> = trail
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|r| r["event"] == "federation_bundle_changed" && r["reason"] == "set")
+        .collect();
+    assert_eq!(set.len(), 1, "{set:?}");
+    assert_eq!(set[0]["caller"]["uid"], nix::unistd::geteuid().as_raw());
+    assert_eq!(set[0]["detail"]["trust_domain"], "b.test");
 
     // Without the flag the JSON is read as PEM; the error says what to add.
     let document = cli_ok(&peer, &["bundle", "show", "--format", "spiffe"]);

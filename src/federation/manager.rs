@@ -222,6 +222,17 @@ impl Federation {
         bundle: TrustBundle,
         source: BundleSource,
     ) -> Result<Arc<FederatedBundle>, FederationError> {
+        self.set_bundle_by(bundle, source, None).await
+    }
+
+    /// `set_bundle`, on behalf of `caller` (an operator over the admin
+    /// API), whom the audit record names.
+    pub async fn set_bundle_by(
+        &self,
+        bundle: TrustBundle,
+        source: BundleSource,
+        caller: Option<crate::audit::CallerFacts>,
+    ) -> Result<Arc<FederatedBundle>, FederationError> {
         if &bundle.trust_domain == self.agent.trust_domain() {
             return Err(FederationError::OwnTrustDomain(bundle.trust_domain));
         }
@@ -243,10 +254,13 @@ impl Federation {
             .await?;
         let previous = self.agent.federated_bundles().get(&bundle.trust_domain);
         let installed = self.agent.federated_bundles().replace(bundle, source, now);
-        let event = record_bundle_change(&BundleChange::Set {
+        let mut event = record_bundle_change(&BundleChange::Set {
             installed: &installed,
             previous: previous.as_deref(),
         });
+        if let Some(caller) = caller {
+            event = event.caller(caller);
+        }
         self.agent.record_best_effort(event).await;
         self.agent.notify(crate::changes::Change::Documents);
         Ok(installed)
@@ -272,6 +286,15 @@ impl Federation {
     /// domains are refused: their fetcher would bring the bundle straight
     /// back, so the configuration is the place to end that relationship.
     pub async fn delete_bundle(&self, trust_domain: &TrustDomain) -> Result<(), FederationError> {
+        self.delete_bundle_by(trust_domain, None).await
+    }
+
+    /// `delete_bundle`, on behalf of `caller`, whom the audit record names.
+    pub async fn delete_bundle_by(
+        &self,
+        trust_domain: &TrustDomain,
+        caller: Option<crate::audit::CallerFacts>,
+    ) -> Result<(), FederationError> {
         if trust_domain == self.agent.trust_domain() {
             return Err(FederationError::OwnTrustDomain(trust_domain.clone()));
         }
@@ -288,10 +311,13 @@ impl Federation {
         if !stored && removed.is_none() {
             return Err(FederationError::NotFound(trust_domain.clone()));
         }
-        let event = record_bundle_change(&BundleChange::Deleted {
+        let mut event = record_bundle_change(&BundleChange::Deleted {
             trust_domain,
             previous: removed.as_deref(),
         });
+        if let Some(caller) = caller {
+            event = event.caller(caller);
+        }
         self.agent.record_best_effort(event).await;
         self.agent.notify(crate::changes::Change::Documents);
         Ok(())
