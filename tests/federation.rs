@@ -972,6 +972,13 @@ async fn bad_documents_from_a_peer_are_rejected_and_the_last_good_bundle_kept() 
             "not a CA",
         ),
         ("oversized body", oversized, "larger than"),
+        // A sound CA, but not the one the endpoint's SVID chains to: the
+        // next fetch, authenticated with it, would fail for good.
+        (
+            "a bundle without the endpoint's root",
+            bundle_document(&[&spare], 4),
+            "does not authenticate the certificate the endpoint",
+        ),
     ];
     for (what, document, expected) in cases {
         let before = peer.served();

@@ -118,7 +118,7 @@ pub async fn fetch(
     url: &EndpointUrl,
     auth: &ServerAuth,
     follow_redirects: bool,
-) -> Result<Vec<u8>, FetchError> {
+) -> Result<Fetched, FetchError> {
     let config = auth
         .client_config()
         .map_err(|e| FetchError::Tls(url.to_string(), e))?;
@@ -141,10 +141,10 @@ async fn follow(
     mut url: EndpointUrl,
     config: Arc<rustls::ClientConfig>,
     follow_redirects: bool,
-) -> Result<Vec<u8>, FetchError> {
+) -> Result<Fetched, FetchError> {
     for _ in 0..=MAX_REDIRECTS {
         match get(&url, config.clone()).await? {
-            Answer::Body(body) => return Ok(body),
+            Answer::Body(fetched) => return Ok(fetched),
             Answer::Redirect { status, location } => {
                 if !follow_redirects {
                     return Err(FetchError::RedirectsDisabled {
@@ -161,8 +161,16 @@ async fn follow(
     Err(FetchError::TooManyRedirects)
 }
 
+/// A 200 response's body, and the certificate chain the server that sent
+/// it presented (leaf first).
+#[derive(Debug)]
+pub struct Fetched {
+    pub body: Vec<u8>,
+    pub presented: Vec<CertificateDer<'static>>,
+}
+
 enum Answer {
-    Body(Vec<u8>),
+    Body(Fetched),
     Redirect { status: u16, location: String },
 }
 
@@ -210,6 +218,12 @@ async fn get(url: &EndpointUrl, config: Arc<rustls::ClientConfig>) -> Result<Ans
                 FetchError::Tls(at.clone(), e.to_string())
             }
         })?;
+    let presented: Vec<CertificateDer<'static>> = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .map(|chain| chain.iter().map(|c| c.clone().into_owned()).collect())
+        .unwrap_or_default();
     let http = |e: hyper::Error| FetchError::Http(at.clone(), e.to_string());
     let (mut sender, connection) = hyper::client::conn::http1::Builder::new()
         .max_buf_size(MAX_RESPONSE_HEAD)
@@ -241,7 +255,10 @@ async fn get(url: &EndpointUrl, config: Arc<rustls::ClientConfig>) -> Result<Ans
                         FetchError::Http(at.clone(), e.to_string())
                     }
                 })?;
-            Ok(Answer::Body(body.to_bytes().to_vec()))
+            Ok(Answer::Body(Fetched {
+                body: body.to_bytes().to_vec(),
+                presented,
+            }))
         }
         StatusCode::FOUND
         | StatusCode::TEMPORARY_REDIRECT

@@ -52,6 +52,10 @@ pub enum FetchFailure {
         latest: i64,
         self_serving: bool,
     },
+    #[error(
+        "bundle document rejected: it does not authenticate the certificate the endpoint ({endpoint_id}) presented ({reason}), so the next fetch would fail"
+    )]
+    WouldLockOut { endpoint_id: String, reason: String },
     #[error("no bundle held for {0} to authenticate the endpoint's SVID with")]
     NoTrustBundle(TrustDomain),
     #[error("storing the fetched bundle: {0}")]
@@ -202,9 +206,12 @@ async fn fetch_document(
             (ServerAuth::Web { roots }, false)
         }
     };
-    let body = client::fetch(url, &auth, td.follow_redirects).await?;
-    let bundle = TrustBundle::from_spiffe_json(td.name.clone(), &body)?;
+    let fetched = client::fetch(url, &auth, td.follow_redirects).await?;
+    let bundle = TrustBundle::from_spiffe_json(td.name.clone(), &fetched.body)?;
     check_usable(&bundle, self_serving, SystemTime::now())?;
+    if self_serving && let ServerAuth::Spiffe { endpoint_id, .. } = &auth {
+        check_authenticates_endpoint(&bundle, endpoint_id, &fetched.presented)?;
+    }
     tracing::debug!(trust_domain = %td.name, sequence = bundle.sequence, "fetched federated bundle");
     // Accepted all the same: the document is authenticated, and a peer
     // restored from a backup legitimately goes back. Worth a look, though.
@@ -262,6 +269,47 @@ fn check_usable(
         }
         _ => Ok(()),
     }
+}
+
+/// For an endpoint that serves its own trust domain's bundle: the new
+/// document must still authenticate the certificate the endpoint just
+/// presented. Each fetch is authenticated with the bundle held, so a
+/// document without the root its endpoint signs with (a peer's mistake, or
+/// a document forged by whoever holds the endpoint's identity) would make
+/// every later fetch fail, and only an operator could repair it. A peer
+/// rotating its root publishes the new one first and drops the old one
+/// only after its endpoint has moved, so no sound rotation is refused.
+fn check_authenticates_endpoint(
+    bundle: &TrustBundle,
+    endpoint_id: &crate::spiffe_id::SpiffeId,
+    presented: &[rustls::pki_types::CertificateDer<'static>],
+) -> Result<(), FetchFailure> {
+    let refused = |reason: String| FetchFailure::WouldLockOut {
+        endpoint_id: endpoint_id.to_string(),
+        reason,
+    };
+    let Some((leaf, intermediates)) = presented.split_first() else {
+        return Err(refused("the endpoint presented no certificate".into()));
+    };
+    let tls = crate::tls::SpiffeTls::new();
+    let mut trust = crate::tls::TrustStore::default();
+    trust.bundles.insert(
+        endpoint_id.trust_domain().clone(),
+        bundle.x509_authorities.clone(),
+    );
+    tls.set_trust(trust);
+    let id = tls
+        .verify_peer(
+            leaf,
+            intermediates,
+            rustls::pki_types::UnixTime::now(),
+            webpki::KeyUsage::server_auth(),
+        )
+        .map_err(|e| refused(e.to_string()))?;
+    if &id != endpoint_id {
+        return Err(refused(format!("the certificate is {id}'s")));
+    }
+    Ok(())
 }
 
 fn expired_phrase(count: usize, latest: i64) -> String {

@@ -223,10 +223,17 @@ async fn https_spiffe_checks_the_chain_and_the_endpoint_id() {
     let server = ScriptedServer::start(ca.svid(SERVER_ID), fixed(json_ok(b"{\"keys\":[]}"))).await;
     let url = server.url("/");
 
-    let body = fetch(&url, &spiffe_auth(SERVER_ID, vec![ca.cert.clone()]), true)
+    let fetched = fetch(&url, &spiffe_auth(SERVER_ID, vec![ca.cert.clone()]), true)
         .await
         .unwrap();
-    assert_eq!(body, b"{\"keys\":[]}");
+    assert_eq!(fetched.body, b"{\"keys\":[]}");
+    // With the chain the server presented, leaf first.
+    assert_eq!(
+        crate::tls::spiffe_id_of(&fetched.presented[0])
+            .unwrap()
+            .to_string(),
+        SERVER_ID
+    );
 
     // Right chain, wrong SPIFFE ID.
     let err = fetch(
@@ -264,7 +271,7 @@ async fn https_web_checks_the_host_name_and_the_roots() {
     for host in ["127.0.0.1", "localhost"] {
         let url = EndpointUrl::parse(&format!("https://{host}:{port}/b")).unwrap();
         assert_eq!(
-            fetch(&url, &web_auth(&ca.cert), true).await.unwrap(),
+            fetch(&url, &web_auth(&ca.cert), true).await.unwrap().body,
             b"{\"keys\":[]}"
         );
     }
@@ -307,7 +314,7 @@ async fn temporary_redirects_are_followed_and_permanent_ones_refused() {
     let auth = web_auth(&ca.cert);
 
     assert_eq!(
-        fetch(&server.url("/a"), &auth, true).await.unwrap(),
+        fetch(&server.url("/a"), &auth, true).await.unwrap().body,
         b"{\"keys\":[]}"
     );
     assert_eq!(
@@ -359,7 +366,11 @@ async fn bodies_over_the_limit_are_refused() {
     let server = ScriptedServer::start(ca.web(), fixed(json_ok(&at_limit))).await;
     let auth = web_auth(&ca.cert);
     assert_eq!(
-        fetch(&server.url("/"), &auth, true).await.unwrap().len(),
+        fetch(&server.url("/"), &auth, true)
+            .await
+            .unwrap()
+            .body
+            .len(),
         MAX_BUNDLE_BYTES
     );
 
