@@ -544,6 +544,10 @@ pub fn validate_task_id(id: &str) -> Result<(), TaskError> {
 
 /// A cgroup path must be absolute, normalized, and under a trusted root, so a
 /// workload cannot bind a task to a look-alike path in a subtree it owns.
+/// The store's record of the longest `[ca] jwt_svid_ttl` (seconds) writ
+/// has run with (see `TaskManager::prune`).
+const LONGEST_JWT_SVID_TTL: &str = "longest_jwt_svid_ttl_secs";
+
 /// PATH_MAX: no longer path names a cgroup directory.
 const MAX_CGROUP_PATH_BYTES: usize = 4096;
 
@@ -2046,7 +2050,18 @@ impl TaskManager {
     pub async fn prune(&self) -> Result<crate::store::Pruned, TaskError> {
         let retention =
             i64::try_from(self.limits.completed_retention.as_secs()).unwrap_or(i64::MAX);
-        let jwt_svid_ttl = self.agent.jwt_svid_ttl();
+        // The longest JWT-SVID TTL any run has minted with, not only this
+        // run's: a TTL shortened across a restart leaves longer tokens out
+        // there, whose task ids must stay taken until they end.
+        let current_ttl = self.agent.jwt_svid_ttl().as_secs();
+        let jwt_svid_ttl = Duration::from_secs(
+            self.store
+                .write(move |conn| {
+                    crate::store::raise_counter(conn, LONGEST_JWT_SVID_TTL, current_ttl)?;
+                    crate::store::read_counter(conn, LONGEST_JWT_SVID_TTL)
+                })
+                .await?,
+        );
         let mut total = crate::store::Pruned::default();
         loop {
             // Not the wall clock: a jump ahead would drop revocations and
@@ -2244,6 +2259,13 @@ impl TaskManager {
             if let Some(entry) = &identity_taken {
                 tracing::warn!(task = %task.id, spiffe_id = %task.spiffe_id, entry = %entry, "a registration entry holds this task's identity or one below it; the task is ended");
             }
+            // Likewise the bundle endpoint's identity, once the config
+            // gives the endpoint the ID a live task holds: federated peers
+            // accept writ's bundle from whoever presents it.
+            let identity_reserved = self.agent.is_reserved(&task.spiffe_id);
+            if identity_reserved {
+                tracing::warn!(task = %task.id, spiffe_id = %task.spiffe_id, "this task's identity is now reserved for the federation bundle endpoint; the task is ended");
+            }
             let found = if task_of_other_boot {
                 "found after a reboot"
             } else {
@@ -2252,7 +2274,9 @@ impl TaskManager {
             let reason = match alive {
                 _ if orphaned => Some((CompletionReason::ParentCompleted, found)),
                 _ if task.expires_at <= now => Some((CompletionReason::TtlExpired, found)),
-                _ if identity_taken.is_some() => Some((CompletionReason::IdentityTaken, found)),
+                _ if identity_taken.is_some() || identity_reserved => {
+                    Some((CompletionReason::IdentityTaken, found))
+                }
                 Err(r) if made_again => Some((r, MADE_AGAIN_DETAIL)),
                 Err(r) => Some((r, found)),
                 Ok(_) => None,
@@ -3580,6 +3604,30 @@ mod tests {
         run_sql(
             &agent,
             &set(jwt_ttl + 31, 600).replace("'t-jwt'", "'t-jwt-2'"),
+        )
+        .await;
+        brief_retention.prune().await.unwrap();
+        assert_eq!(count(&agent, "SELECT count(*) FROM tasks"), 0);
+        // An earlier run minted with a longer TTL (shortened since, across
+        // a restart): its tokens are still out there, and so the id stays
+        // taken by their TTL, not this run's.
+        run_sql(
+            &agent,
+            "UPDATE meta SET value = 3600 WHERE key = 'longest_jwt_svid_ttl_secs';",
+        )
+        .await;
+        agent.begin("t-jwt-3").await.unwrap();
+        agent.svc.tasks.end("t-jwt-3", String::new()).await.unwrap();
+        run_sql(
+            &agent,
+            &set(jwt_ttl + 31, 7200).replace("'t-jwt'", "'t-jwt-3'"),
+        )
+        .await;
+        brief_retention.prune().await.unwrap();
+        assert_eq!(count(&agent, "SELECT count(*) FROM tasks"), 1);
+        run_sql(
+            &agent,
+            &set(3600 + 31, 7200).replace("'t-jwt'", "'t-jwt-3'"),
         )
         .await;
         brief_retention.prune().await.unwrap();

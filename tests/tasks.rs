@@ -3487,7 +3487,9 @@ async fn tasks_and_registration_entries_never_share_an_identity() {
 
 /// A config entry added while writ was down, holding a live task's identity
 /// (or one below it), ends that task at start: tasks and entries never
-/// share an identity, and the configuration is what goes on.
+/// share an identity, and the configuration is what goes on. So does a
+/// bundle endpoint configured with a live task's identity: that identity
+/// is reserved from then on.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_task_whose_identity_a_new_config_entry_holds_ends_at_restart() {
     let mut writ = Writ::start(&config(""));
@@ -3495,6 +3497,10 @@ async fn a_task_whose_identity_a_new_config_entry_holds_ends_at_restart() {
     let mut sleeper = Command::new("sleep").arg("60").spawn().unwrap();
     tasks
         .begin_task(begin_pid("taken", sleeper.id()))
+        .await
+        .unwrap();
+    tasks
+        .begin_task(begin_pid("reserved", sleeper.id()))
         .await
         .unwrap();
     tasks
@@ -3506,7 +3512,12 @@ async fn a_task_whose_identity_a_new_config_entry_holds_ends_at_restart() {
     std::fs::write(
         &writ.config_path,
         format!(
-            "{original}\n[[entry]]\nspiffe_id = \"{ORCH_ID}/task/taken/helper\"\nselectors = [\"unix:uid:65534\"]\n"
+            "{original}\n[[entry]]\nspiffe_id = \"{ORCH_ID}/task/taken/helper\"\nselectors = [\"unix:uid:65534\"]\n\n[federation.bundle_endpoint]\nlisten = \"127.0.0.1:{}\"\nspiffe_id = \"{ORCH_ID}/task/reserved\"\n",
+            std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port()
         ),
     )
     .unwrap();
@@ -3514,6 +3525,14 @@ async fn a_task_whose_identity_a_new_config_entry_holds_ends_at_restart() {
     let mut tasks = tasks_client(&writ).await;
     let taken = get_task(&mut tasks, "taken").await;
     assert_eq!(taken.completion_reason, "identity_taken", "{taken:?}");
+    let reserved = get_task(&mut tasks, "reserved").await;
+    assert_eq!(reserved.completion_reason, "identity_taken", "{reserved:?}");
+    assert!(
+        writ.log()
+            .contains("reserved for the federation bundle endpoint"),
+        "{}",
+        writ.log()
+    );
     let kept = get_task(&mut tasks, "kept").await;
     assert_eq!(kept.completed_at, 0, "{kept:?}");
     let _ = sleeper.kill();
