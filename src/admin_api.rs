@@ -3,6 +3,7 @@
 //! like Workload API callers and must match one of the `[admin_api]
 //! authorized` selector sets.
 
+use crate::audit::{AuditEvent, EventKind};
 use std::collections::BTreeMap;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -107,15 +108,38 @@ impl AdminContext {
     /// `[admin_api] authorized`. Also how an open WatchTasks stream asks
     /// whether its caller is still authorized.
     fn authorize_caller(&self, caller: Arc<Caller>) -> Result<AdminCaller, Status> {
-        let attestation = self
-            .agent
-            .attest_reusing(&caller, self.reattest_interval)
-            .map_err(agent_status)?;
+        let attestation = match self.agent.attest_reusing(&caller, self.reattest_interval) {
+            Ok(attestation) => attestation,
+            Err(e) => {
+                let gone = matches!(e, crate::agent::AgentError::CallerGone { .. })
+                    && caller.process.has_exited();
+                if !gone {
+                    self.record_refusal(
+                        EventKind::AttestationFailure,
+                        &caller,
+                        Vec::new(),
+                        e.to_string(),
+                    );
+                }
+                return Err(agent_status(e));
+            }
+        };
         if !matches_any(&self.auth.authorized, &attestation.selectors) {
-            return Err(Status::permission_denied(format!(
+            let reason = format!(
                 "caller (pid {}, uid {}) is not authorized for the admin API",
                 caller.pid, caller.uid
-            )));
+            );
+            self.record_refusal(
+                EventKind::Denied,
+                &caller,
+                attestation
+                    .selectors
+                    .iter()
+                    .map(|s| s.to_string())
+                    .collect(),
+                reason.clone(),
+            );
+            return Err(Status::permission_denied(reason));
         }
         Ok(AdminCaller {
             caller,
@@ -749,12 +773,44 @@ impl AdminContext {
     ) -> Result<AdminCaller, Status> {
         let admin = self.authorize(request)?;
         if !matches_any(&self.auth.operators, admin.selectors()) {
-            return Err(Status::permission_denied(format!(
+            let reason = format!(
                 "caller (pid {}, uid {}) may not {call}: it matches no selector set of [admin_api] operators",
                 admin.caller.pid, admin.caller.uid
-            )));
+            );
+            self.record_refusal(
+                EventKind::Denied,
+                &admin.caller,
+                admin.audit_facts().selectors,
+                reason.clone(),
+            );
+            return Err(Status::permission_denied(reason));
         }
         Ok(admin)
+    }
+
+    /// Records a caller the admin API turned away, within its uid's budget
+    /// of refusal records (`Agent::record_refusal`), without holding up the
+    /// answer: the refusal stands whatever the trail does.
+    fn record_refusal(
+        &self,
+        kind: EventKind,
+        caller: &Caller,
+        selectors: Vec<String>,
+        reason: String,
+    ) {
+        let event = AuditEvent::new(kind, ulid::Ulid::new().to_string())
+            .caller(crate::audit::CallerFacts {
+                spiffe_ids: Vec::new(),
+                pid: caller.pid,
+                uid: caller.uid,
+                selectors,
+            })
+            .decision("AdminAPI", false, Vec::<String>::new())
+            .reason(reason);
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let agent = self.agent.clone();
+            runtime.spawn(async move { agent.record_refusal(event).await });
+        }
     }
 }
 

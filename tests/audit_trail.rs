@@ -891,3 +891,46 @@ async fn a_flood_of_refusals_is_counted_rather_than_written_one_by_one() {
     let (ok, out, err) = verify(&writ, &[]);
     assert!(ok, "{out}{err}");
 }
+
+/// A caller the admin API turns away (not authorized at all, or authorized
+/// but not an operator) is on the audit trail, within its uid's budget of
+/// refusal records like every refusal.
+#[test]
+fn admin_api_refusals_are_recorded() {
+    let me = uid();
+    for (config, args, wanted) in [
+        (
+            "[admin_api]\nauthorized = [[\"unix:uid:4242424\"]]\n".to_owned(),
+            vec!["task", "list"],
+            "is not authorized for the admin API",
+        ),
+        (
+            format!(
+                "[admin_api]\nauthorized = [[\"unix:uid:{me}\"]]\noperators = [[\"unix:uid:4242424\"]]\n"
+            ),
+            vec!["entry", "delete", "e-none"],
+            "may not delete entries",
+        ),
+    ] {
+        let writ = Writ::start(&config);
+        let admin = writ.dir.path().join("run/admin.sock");
+        let mut full = args.clone();
+        full.extend(["--admin-socket", admin.to_str().unwrap()]);
+        let (ok, _, err) = writ_cli(&full, None);
+        assert!(!ok && err.contains("PermissionDenied"), "{err}");
+        let refusal = common::wait_for(Duration::from_secs(10), "the refusal record", || {
+            records(&writ).into_iter().find(|r| {
+                r["event"] == "denied"
+                    && r["action"] == "AdminAPI"
+                    && r["caller"]["uid"] == me
+                    && r["reason"].as_str().is_some_and(|m| m.contains(wanted))
+            })
+        });
+        assert!(
+            refusal["caller"]["selectors"]
+                .as_array()
+                .is_some_and(|s| !s.is_empty()),
+            "{refusal}"
+        );
+    }
+}
