@@ -78,10 +78,15 @@ impl AdminCaller {
         &self.attestation.selectors
     }
 
-    /// Who asked, as the audit trail names an operator.
-    fn audit_facts(&self) -> crate::audit::CallerFacts {
+    /// Who asked, as the audit trail names an operator: with the SPIFFE
+    /// IDs it holds, as a workload's records name them.
+    fn audit_facts(&self, agent: &crate::agent::Agent) -> crate::audit::CallerFacts {
         crate::audit::CallerFacts {
-            spiffe_ids: Vec::new(),
+            spiffe_ids: agent
+                .entitlements(&self.attestation)
+                .iter()
+                .map(|e| e.spiffe_id.to_string())
+                .collect(),
             pid: self.caller.pid,
             uid: self.caller.uid,
             selectors: self.selectors().iter().map(|s| s.to_string()).collect(),
@@ -780,7 +785,7 @@ impl AdminContext {
             self.record_refusal(
                 EventKind::Denied,
                 &admin.caller,
-                admin.audit_facts().selectors,
+                admin.audit_facts(&self.agent).selectors,
                 reason.clone(),
             );
             return Err(Status::permission_denied(reason));
@@ -824,7 +829,7 @@ impl pb::entries_server::Entries for EntriesService {
         let admin = ctx.authorize_operator(&request, "create entries")?;
         let entry = ctx
             .entries
-            .create(request.into_inner(), admin.audit_facts())
+            .create(request.into_inner(), admin.audit_facts(&ctx.agent))
             .await
             .map_err(entry_status)?;
         Ok(Response::new(entry_to_proto(&entry)))
@@ -837,7 +842,7 @@ impl pb::entries_server::Entries for EntriesService {
         let ctx = &self.0;
         let admin = ctx.authorize_operator(&request, "delete entries")?;
         ctx.entries
-            .delete(&request.into_inner().id, admin.audit_facts())
+            .delete(&request.into_inner().id, admin.audit_facts(&ctx.agent))
             .await
             .map_err(entry_status)?;
         Ok(Response::new(pb::DeleteEntryResponse {}))
@@ -1031,7 +1036,11 @@ impl pb::bundles_server::Bundles for BundlesService {
             .map_err(federation_status)?;
         let held = ctx
             .federation
-            .set_bundle_by(bundle, BundleSource::Static, Some(admin.audit_facts()))
+            .set_bundle_by(
+                bundle,
+                BundleSource::Static,
+                Some(admin.audit_facts(&ctx.agent)),
+            )
             .await
             .map_err(federation_status)?;
         Ok(Response::new(bundle_info_to_proto(&BundleInfo {
@@ -1049,7 +1058,7 @@ impl pb::bundles_server::Bundles for BundlesService {
         let admin = ctx.authorize_operator(&request, "delete federated bundles")?;
         let td = parse_trust_domain(&request.into_inner().trust_domain)?;
         ctx.federation
-            .delete_bundle_by(&td, Some(admin.audit_facts()))
+            .delete_bundle_by(&td, Some(admin.audit_facts(&ctx.agent)))
             .await
             .map_err(federation_status)?;
         Ok(Response::new(pb::DeleteBundleResponse {}))
@@ -1107,7 +1116,7 @@ impl pb::agent_server::Agent for AgentService {
         let admin = ctx.authorize_operator(&request, "reload the configuration")?;
         let summary = ctx
             .reloader
-            .reload(Trigger::AdminApi(admin.audit_facts()))
+            .reload(Trigger::AdminApi(admin.audit_facts(&ctx.agent)))
             .await
             .map_err(reload_status)?;
         Ok(Response::new(reload_to_proto(&summary)))

@@ -817,6 +817,13 @@ fn entries_created_at_run_time_issue_identities_and_survive_restart() {
         assert_eq!(record["event"], event);
         assert_eq!(record["caller"]["uid"], me, "{record}");
         assert!(record["caller"]["pid"].as_i64().unwrap() > 0, "{record}");
+        // With the identities the operator holds.
+        assert!(
+            record["caller"]["spiffe_ids"]
+                .as_array()
+                .is_some_and(|ids| ids.iter().any(|id| id == "spiffe://writ.test/cli")),
+            "{record}"
+        );
         assert_eq!(record["spiffe_id"], "spiffe://writ.test/extra");
         assert_eq!(record["detail"]["entry_id"], id.as_str());
         assert!(
