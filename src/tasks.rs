@@ -3567,47 +3567,37 @@ mod tests {
         );
         let jwt_ttl = agent.svc.agent.jwt_svid_ttl().as_secs() as i64;
         assert!(jwt_ttl > 100, "the default JWT-SVID TTL is 5 minutes");
+        let now = unix_secs(SystemTime::now());
+        // Dates `task`'s completion and deadline (its serials long
+        // expired), prunes, and says how many tasks the store still holds.
+        let tasks_left_after = async |task: &str, completed_ago: i64, expires_in: i64| {
+            run_sql(
+                &agent,
+                &format!(
+                    "UPDATE issued SET not_after = 0;
+                     UPDATE tasks SET completed_at = {}, expires_at = {} WHERE task_id = '{task}';",
+                    now - completed_ago,
+                    now + expires_in
+                ),
+            )
+            .await;
+            brief_retention.prune().await.unwrap();
+            count(&agent, "SELECT count(*) FROM tasks")
+        };
         agent.begin("t-jwt").await.unwrap();
         agent.svc.tasks.end("t-jwt", String::new()).await.unwrap();
-        let now = unix_secs(SystemTime::now());
-        let set = |completed_ago: i64, expires_in: i64| {
-            format!(
-                "UPDATE issued SET not_after = 0;
-                 UPDATE tasks SET completed_at = {}, expires_at = {} WHERE task_id = 't-jwt';",
-                now - completed_ago,
-                now + expires_in
-            )
-        };
         // Ended 100 s ago, well past the retention: a token minted just
         // before lives on until its TTL ends.
-        run_sql(&agent, &set(100, 600)).await;
-        brief_retention.prune().await.unwrap();
-        assert_eq!(count(&agent, "SELECT count(*) FROM tasks"), 1);
+        assert_eq!(tasks_left_after("t-jwt", 100, 600).await, 1);
         // Its deadline ended its tokens sooner, but validators allow 30 s
         // of skew past it.
-        run_sql(&agent, &set(100, -20)).await;
-        brief_retention.prune().await.unwrap();
-        assert_eq!(count(&agent, "SELECT count(*) FROM tasks"), 1);
-        run_sql(&agent, &set(100, -31)).await;
-        brief_retention.prune().await.unwrap();
-        assert_eq!(count(&agent, "SELECT count(*) FROM tasks"), 0);
+        assert_eq!(tasks_left_after("t-jwt", 100, -20).await, 1);
+        assert_eq!(tasks_left_after("t-jwt", 100, -31).await, 0);
         // Ended a TTL and the skew ago, with its deadline still to come.
         agent.begin("t-jwt-2").await.unwrap();
         agent.svc.tasks.end("t-jwt-2", String::new()).await.unwrap();
-        run_sql(
-            &agent,
-            &set(jwt_ttl + 20, 600).replace("'t-jwt'", "'t-jwt-2'"),
-        )
-        .await;
-        brief_retention.prune().await.unwrap();
-        assert_eq!(count(&agent, "SELECT count(*) FROM tasks"), 1);
-        run_sql(
-            &agent,
-            &set(jwt_ttl + 31, 600).replace("'t-jwt'", "'t-jwt-2'"),
-        )
-        .await;
-        brief_retention.prune().await.unwrap();
-        assert_eq!(count(&agent, "SELECT count(*) FROM tasks"), 0);
+        assert_eq!(tasks_left_after("t-jwt-2", jwt_ttl + 20, 600).await, 1);
+        assert_eq!(tasks_left_after("t-jwt-2", jwt_ttl + 31, 600).await, 0);
         // An earlier run minted with a longer TTL (shortened since, across
         // a restart): its tokens are still out there, and so the id stays
         // taken by their TTL, not this run's.
@@ -3618,20 +3608,8 @@ mod tests {
         .await;
         agent.begin("t-jwt-3").await.unwrap();
         agent.svc.tasks.end("t-jwt-3", String::new()).await.unwrap();
-        run_sql(
-            &agent,
-            &set(jwt_ttl + 31, 7200).replace("'t-jwt'", "'t-jwt-3'"),
-        )
-        .await;
-        brief_retention.prune().await.unwrap();
-        assert_eq!(count(&agent, "SELECT count(*) FROM tasks"), 1);
-        run_sql(
-            &agent,
-            &set(3600 + 31, 7200).replace("'t-jwt'", "'t-jwt-3'"),
-        )
-        .await;
-        brief_retention.prune().await.unwrap();
-        assert_eq!(count(&agent, "SELECT count(*) FROM tasks"), 0);
+        assert_eq!(tasks_left_after("t-jwt-3", jwt_ttl + 31, 7200).await, 1);
+        assert_eq!(tasks_left_after("t-jwt-3", 3600 + 31, 7200).await, 0);
     }
 
     /// A completion the store refuses is retried until it persists, and an

@@ -911,6 +911,29 @@ impl ScriptedPeer {
     }
 }
 
+/// Has `peer` serve `document` until `writ` has fetched it at least twice
+/// and refused it with an error containing `expected`; returns the
+/// listing of `trust_domain` then.
+fn serve_until_refused(
+    peer: &ScriptedPeer,
+    document: Vec<u8>,
+    writ: &Writ,
+    trust_domain: &str,
+    what: &str,
+    expected: &str,
+) -> Value {
+    let before = peer.served();
+    peer.serve(document);
+    wait_for(WAIT, what, || {
+        listed(writ, trust_domain).filter(|l| {
+            peer.served() >= before + 2
+                && l["fetch"]["last_error"]
+                    .as_str()
+                    .is_some_and(|e| e.contains(expected))
+        })
+    })
+}
+
 fn bundle_document(certs: &[&[u8]], sequence: u64) -> Vec<u8> {
     let keys: Vec<Value> = certs
         .iter()
@@ -981,16 +1004,7 @@ async fn bad_documents_from_a_peer_are_rejected_and_the_last_good_bundle_kept() 
         ),
     ];
     for (what, document, expected) in cases {
-        let before = peer.served();
-        peer.serve(document);
-        let rejected = wait_for(WAIT, what, || {
-            listed(&a, "c.test").filter(|l| {
-                peer.served() >= before + 2
-                    && l["fetch"]["last_error"]
-                        .as_str()
-                        .is_some_and(|e| e.contains(expected))
-            })
-        });
+        let rejected = serve_until_refused(&peer, document, &a, "c.test", what, expected);
         assert_eq!(rejected["sequence"], 1, "{what}: the good bundle must stay");
         assert_eq!(rejected["x509_authorities"], 2, "{what}");
         assert_eq!(rejected["source"], "fetched", "{what}");
@@ -1560,16 +1574,7 @@ federates_with = ["w.test"]
     ];
     for (what, document, expected) in cases {
         let failed_before = failures();
-        let before = peer.served();
-        peer.serve(document);
-        let rejected = wait_for(WAIT, what, || {
-            listed(&a, "w.test").filter(|l| {
-                peer.served() >= before + 2
-                    && l["fetch"]["last_error"]
-                        .as_str()
-                        .is_some_and(|e| e.contains(expected))
-            })
-        });
+        let rejected = serve_until_refused(&peer, document, &a, "w.test", what, expected);
         assert_eq!(rejected["sequence"], 1, "{what}: the good bundle must stay");
         assert_eq!(rejected["x509_authorities"], 1, "{what}");
         assert_eq!(
