@@ -3551,20 +3551,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread")]
     async fn a_completed_task_is_kept_while_its_jwt_svids_could_validate() {
         let agent = TestAgent::start().await;
-        let t = &agent.config.tasks;
-        let brief_retention = TaskManager::new(
-            agent.svc.agent.clone(),
-            agent.svc.store.clone(),
-            TaskLimits {
-                max_ttl: t.max_ttl,
-                default_ttl: t.default_ttl,
-                x509_svid_ttl: t.x509_svid_ttl,
-                max_depth: t.max_depth,
-                trusted_cgroup_roots: Vec::new(),
-                completed_retention: Duration::from_secs(1),
-            },
-            None,
-        );
+        let brief_retention = manager_with(&agent, None, Duration::from_secs(1));
         let jwt_ttl = agent.svc.agent.jwt_svid_ttl().as_secs() as i64;
         assert!(jwt_ttl > 100, "the default JWT-SVID TTL is 5 minutes");
         let now = unix_secs(SystemTime::now());
@@ -4070,6 +4057,15 @@ mod tests {
     /// A task manager over the agent's store, trusting `/writ.slice` under
     /// `cgroup_mount` if given.
     fn manager_with_cgroups(agent: &TestAgent, cgroup_mount: Option<&Path>) -> Arc<TaskManager> {
+        manager_with(agent, cgroup_mount, agent.config.tasks.completed_retention)
+    }
+
+    /// `manager_with_cgroups`, keeping completed tasks for `retention`.
+    fn manager_with(
+        agent: &TestAgent,
+        cgroup_mount: Option<&Path>,
+        retention: Duration,
+    ) -> Arc<TaskManager> {
         let t = &agent.config.tasks;
         TaskManager::new(
             agent.svc.agent.clone(),
@@ -4080,7 +4076,7 @@ mod tests {
                 x509_svid_ttl: t.x509_svid_ttl,
                 max_depth: t.max_depth,
                 trusted_cgroup_roots: vec!["/writ.slice".into()],
-                completed_retention: t.completed_retention,
+                completed_retention: retention,
             },
             cgroup_mount.map(Path::to_path_buf),
         )
