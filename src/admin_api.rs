@@ -3,7 +3,6 @@
 //! like Workload API callers and must match one of the `[admin_api]
 //! authorized` selector sets.
 
-use crate::audit::{AuditEvent, EventKind};
 use std::collections::BTreeMap;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -14,6 +13,7 @@ use tonic::{Request, Response, Status};
 use writ_attestors::{Attestation, Selector, excerpt};
 
 use crate::agent::Agent;
+use crate::audit::{AuditEvent, EventKind};
 use crate::config::parse_duration;
 use crate::entries::{EntryError, EntryStore};
 use crate::federation::{BundleFormat, BundleInfo, BundleSource, Federation, FederationError};
@@ -89,9 +89,17 @@ impl AdminCaller {
                 .collect(),
             pid: self.caller.pid,
             uid: self.caller.uid,
-            selectors: self.selectors().iter().map(|s| s.to_string()).collect(),
+            selectors: selector_strings(self.selectors()),
         }
     }
+}
+
+/// The policy action the audit trail names for callers the admin API
+/// turns away.
+const ADMIN_API: &str = "AdminAPI";
+
+fn selector_strings(selectors: &[Selector]) -> Vec<String> {
+    selectors.iter().map(|s| s.to_string()).collect()
 }
 
 impl AdminContext {
@@ -116,15 +124,8 @@ impl AdminContext {
         let attestation = match self.agent.attest_reusing(&caller, self.reattest_interval) {
             Ok(attestation) => attestation,
             Err(e) => {
-                let gone = matches!(e, crate::agent::AgentError::CallerGone { .. })
-                    && caller.process.has_exited();
-                if !gone {
-                    self.record_refusal(
-                        EventKind::AttestationFailure,
-                        &caller,
-                        Vec::new(),
-                        e.to_string(),
-                    );
+                if let Some(event) = Agent::attestation_failure_event(&caller, ADMIN_API, &e) {
+                    self.record_refusal(event);
                 }
                 return Err(agent_status(e));
             }
@@ -134,16 +135,13 @@ impl AdminContext {
                 "caller (pid {}, uid {}) is not authorized for the admin API",
                 caller.pid, caller.uid
             );
-            self.record_refusal(
+            self.record_refusal(Agent::refusal_event(
                 EventKind::Denied,
                 &caller,
-                attestation
-                    .selectors
-                    .iter()
-                    .map(|s| s.to_string())
-                    .collect(),
+                selector_strings(&attestation.selectors),
+                ADMIN_API,
                 reason.clone(),
-            );
+            ));
             return Err(Status::permission_denied(reason));
         }
         Ok(AdminCaller {
@@ -782,12 +780,13 @@ impl AdminContext {
                 "caller (pid {}, uid {}) may not {call}: it matches no selector set of [admin_api] operators",
                 admin.caller.pid, admin.caller.uid
             );
-            self.record_refusal(
+            self.record_refusal(Agent::refusal_event(
                 EventKind::Denied,
                 &admin.caller,
-                admin.audit_facts(&self.agent).selectors,
+                selector_strings(admin.selectors()),
+                ADMIN_API,
                 reason.clone(),
-            );
+            ));
             return Err(Status::permission_denied(reason));
         }
         Ok(admin)
@@ -796,22 +795,7 @@ impl AdminContext {
     /// Records a caller the admin API turned away, within its uid's budget
     /// of refusal records (`Agent::record_refusal`), without holding up the
     /// answer: the refusal stands whatever the trail does.
-    fn record_refusal(
-        &self,
-        kind: EventKind,
-        caller: &Caller,
-        selectors: Vec<String>,
-        reason: String,
-    ) {
-        let event = AuditEvent::new(kind, ulid::Ulid::new().to_string())
-            .caller(crate::audit::CallerFacts {
-                spiffe_ids: Vec::new(),
-                pid: caller.pid,
-                uid: caller.uid,
-                selectors,
-            })
-            .decision("AdminAPI", false, Vec::<String>::new())
-            .reason(reason);
+    fn record_refusal(&self, event: AuditEvent) {
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             let agent = self.agent.clone();
             runtime.spawn(async move { agent.record_refusal(event).await });

@@ -827,6 +827,46 @@ impl Agent {
         }
     }
 
+    /// The refusal record of `caller` turned away from `action` (a
+    /// Workload API method, or `AdminAPI`), for `record_refusal`.
+    pub fn refusal_event(
+        kind: EventKind,
+        caller: &Caller,
+        selectors: Vec<String>,
+        action: &str,
+        reason: String,
+    ) -> AuditEvent {
+        AuditEvent::new(kind, ulid::Ulid::new().to_string())
+            .caller(crate::audit::CallerFacts {
+                spiffe_ids: Vec::new(),
+                pid: caller.pid,
+                uid: caller.uid,
+                selectors,
+            })
+            .decision(action, false, Vec::<String>::new())
+            .reason(reason)
+    }
+
+    /// The `attestation_failure` record for `caller`, or `None` when it
+    /// has simply exited (how every connection of a finished process ends,
+    /// nothing to record).
+    pub fn attestation_failure_event(
+        caller: &Caller,
+        action: &str,
+        error: &AgentError,
+    ) -> Option<AuditEvent> {
+        let gone = matches!(error, AgentError::CallerGone { .. }) && caller.process.has_exited();
+        (!gone).then(|| {
+            Self::refusal_event(
+                EventKind::AttestationFailure,
+                caller,
+                Vec::new(),
+                action,
+                error.to_string(),
+            )
+        })
+    }
+
     /// Writes one `refusals_suppressed` record per uid whose refusals went
     /// past its budget since the last call, with their counts by event
     /// kind. Called about once a second.

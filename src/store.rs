@@ -555,6 +555,10 @@ impl Pruned {
     }
 }
 
+/// Where `prune` keeps the longest `[ca] jwt_svid_ttl` (seconds) writ has
+/// run with.
+const LONGEST_JWT_SVID_TTL: &str = "longest_jwt_svid_ttl_secs";
+
 /// Removes up to `limit` rows of each kind that nothing needs any more:
 /// - revocations of certificates expired by `now` (a CRL lists only
 ///   unexpired ones, and restart loads only those);
@@ -566,9 +570,13 @@ impl Pruned {
 ///   it was minted (before completion) or at the task's deadline,
 ///   whichever is sooner, and validators accept it `jwt::CLOCK_SKEW` past
 ///   that. Until then the task's id must stay taken: a token names its
-///   task by id, and a new task of the same id would make it valid again. A sub-task still names
-///   its parent (a foreign key), so parents go in a later call than their
-///   last sub-task: callers repeat while tasks are removed.
+///   task by id, and a new task of the same id would make it valid again.
+///   The TTL is the longest any run has minted with (`jwt_svid_ttl`, this
+///   run's, is recorded first): one shortened across a restart leaves
+///   longer tokens out there.
+///   A sub-task still names its parent (a foreign key), so parents go in
+///   a later call than their last sub-task: callers repeat while tasks are
+///   removed.
 ///
 /// `now` must not run ahead of the time really elapsed (`Agent::pruning_now`):
 /// a row removed for a certificate still valid in truth is lost for good.
@@ -583,7 +591,8 @@ pub fn prune(
     jwt_svid_ttl: Duration,
     limit: usize,
 ) -> Result<Pruned, StoreError> {
-    let jwt_svid_ttl = i64::try_from(jwt_svid_ttl.as_secs()).unwrap_or(i64::MAX);
+    raise_counter(conn, LONGEST_JWT_SVID_TTL, jwt_svid_ttl.as_secs())?;
+    let jwt_svid_ttl = i64::try_from(read_counter(conn, LONGEST_JWT_SVID_TTL)?).unwrap_or(i64::MAX);
     let tokens_validated_before =
         now.saturating_sub(i64::try_from(crate::jwt::CLOCK_SKEW.as_secs()).unwrap_or(0));
     let limit = i64::try_from(limit).unwrap_or(i64::MAX);

@@ -542,15 +542,11 @@ pub fn validate_task_id(id: &str) -> Result<(), TaskError> {
     Ok(())
 }
 
-/// A cgroup path must be absolute, normalized, and under a trusted root, so a
-/// workload cannot bind a task to a look-alike path in a subtree it owns.
-/// The store's record of the longest `[ca] jwt_svid_ttl` (seconds) writ
-/// has run with (see `TaskManager::prune`).
-const LONGEST_JWT_SVID_TTL: &str = "longest_jwt_svid_ttl_secs";
-
 /// PATH_MAX: no longer path names a cgroup directory.
 const MAX_CGROUP_PATH_BYTES: usize = 4096;
 
+/// A cgroup path must be absolute, normalized, and under a trusted root, so a
+/// workload cannot bind a task to a look-alike path in a subtree it owns.
 pub fn validate_cgroup_path(path: &str, trusted_roots: &[String]) -> Result<(), TaskError> {
     if path.len() > MAX_CGROUP_PATH_BYTES {
         return Err(invalid(
@@ -2050,18 +2046,7 @@ impl TaskManager {
     pub async fn prune(&self) -> Result<crate::store::Pruned, TaskError> {
         let retention =
             i64::try_from(self.limits.completed_retention.as_secs()).unwrap_or(i64::MAX);
-        // The longest JWT-SVID TTL any run has minted with, not only this
-        // run's: a TTL shortened across a restart leaves longer tokens out
-        // there, whose task ids must stay taken until they end.
-        let current_ttl = self.agent.jwt_svid_ttl().as_secs();
-        let jwt_svid_ttl = Duration::from_secs(
-            self.store
-                .write(move |conn| {
-                    crate::store::raise_counter(conn, LONGEST_JWT_SVID_TTL, current_ttl)?;
-                    crate::store::read_counter(conn, LONGEST_JWT_SVID_TTL)
-                })
-                .await?,
-        );
+        let jwt_svid_ttl = self.agent.jwt_svid_ttl();
         let mut total = crate::store::Pruned::default();
         loop {
             // Not the wall clock: a jump ahead would drop revocations and

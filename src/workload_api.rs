@@ -262,27 +262,10 @@ async fn entitled(
     let attestation = match attested.cloned().map_or_else(|| agent.attest(caller), Ok) {
         Ok(a) => a,
         Err(e) => {
-            let gone = matches!(e, AgentError::CallerGone { .. }) && caller.process.has_exited();
-            let reason = e.to_string();
-            let status = agent_status(e);
-            if !gone {
-                agent
-                    .record_refusal(
-                        AuditEvent::new(
-                            EventKind::AttestationFailure,
-                            ulid::Ulid::new().to_string(),
-                        )
-                        .caller(CallerFacts {
-                            pid: caller.pid,
-                            uid: caller.uid,
-                            ..Default::default()
-                        })
-                        .decision(action, false, Vec::<String>::new())
-                        .reason(reason),
-                    )
-                    .await;
+            if let Some(event) = Agent::attestation_failure_event(caller, action, &e) {
+                agent.record_refusal(event).await;
             }
-            return Err(status);
+            return Err(agent_status(e));
         }
     };
     let entitled = Entitled {

@@ -495,7 +495,6 @@ fn check_rsa_public_key(n: &[u8], e: &[u8]) -> Result<(), String> {
     Ok(())
 }
 
-/// A bundle may only hold CA certificates whose key has a JWK form.
 /// When an X.509 authority stops being valid, in seconds since the epoch;
 /// None for DER that does not parse as a certificate.
 pub fn not_after_unix(cert: &[u8]) -> Option<i64> {
@@ -504,6 +503,7 @@ pub fn not_after_unix(cert: &[u8]) -> Option<i64> {
         .map(|(_, parsed)| parsed.validity().not_after.timestamp())
 }
 
+/// A bundle may only hold CA certificates whose key has a JWK form.
 fn check_authority_cert(cert: &[u8]) -> Result<(), String> {
     let (rest, parsed) =
         X509Certificate::from_der(cert).map_err(|e| format!("not a valid certificate: {e}"))?;
