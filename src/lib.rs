@@ -24,6 +24,7 @@ pub mod prune_clock;
 pub mod readiness;
 mod refusal_budget;
 pub mod reload;
+pub mod scheduling;
 pub mod service;
 pub mod spiffe_id;
 pub mod store;

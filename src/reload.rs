@@ -352,13 +352,17 @@ fn join(items: &[impl std::fmt::Display]) -> String {
 }
 
 /// The settings that differ between `current` and `next` but are only read
-/// at start: the sockets, state, CA, attestors, task limits, audit trail,
-/// bundle endpoint listener and telemetry listener. Kept in step with
+/// at start: the sockets, state, CPU scheduling policy, CA, attestors, task
+/// limits, audit trail, bundle endpoint listener and telemetry listener. Kept in step with
 /// `keep_restart_only_settings`.
 pub fn restart_required(current: &Config, next: &Config) -> Vec<String> {
-    let checks: [(&str, bool); 11] = [
+    let checks: [(&str, bool); 12] = [
         ("trust_domain", current.trust_domain != next.trust_domain),
         ("data_dir", current.data_dir != next.data_dir),
+        (
+            "cpu_scheduling",
+            current.cpu_scheduling != next.cpu_scheduling,
+        ),
         ("workload_api", current.workload_api != next.workload_api),
         ("admin_api", current.admin_api != next.admin_api),
         ("ca", current.ca != next.ca),
@@ -388,6 +392,7 @@ fn keep_restart_only_settings(file: Config, running: &Config) -> Config {
     let Config {
         trust_domain: _,
         data_dir: _,
+        cpu_scheduling: _,
         workload_api: _,
         admin_api: _,
         ca: _,
@@ -403,6 +408,7 @@ fn keep_restart_only_settings(file: Config, running: &Config) -> Config {
     Config {
         trust_domain: running.trust_domain.clone(),
         data_dir: running.data_dir.clone(),
+        cpu_scheduling: running.cpu_scheduling,
         workload_api: running.workload_api.clone(),
         admin_api: running.admin_api.clone(),
         ca: running.ca.clone(),

@@ -1,6 +1,7 @@
 //! The one place writ uses `unsafe`: handing file descriptors to tokio's
 //! reactor, which (since tokio#8587) asks the caller to vouch for them, and
-//! the one syscall neither nix nor rustix wraps (`sync_file_range`).
+//! the syscalls neither nix nor rustix wraps (`sync_file_range`,
+//! `sched_getscheduler`, `sched_setscheduler`).
 
 use std::fs::File;
 use std::io;
@@ -32,6 +33,33 @@ pub fn start_writeback(file: &File, offset: u64, len: u64) -> io::Result<()> {
     let rc = unsafe {
         libc::sync_file_range(file.as_raw_fd(), offset, len, libc::SYNC_FILE_RANGE_WRITE)
     };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// The scheduling policy of thread `tid` (`SCHED_OTHER`, `SCHED_BATCH`...),
+/// without the `SCHED_RESET_ON_FORK` flag.
+pub fn scheduling_policy(tid: i32) -> io::Result<i32> {
+    // SAFETY: sched_getscheduler takes an integer and touches no memory of
+    // ours; an unknown or exited thread is reported through errno.
+    let rc = unsafe { libc::sched_getscheduler(tid) };
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(rc & !libc::SCHED_RESET_ON_FORK)
+    }
+}
+
+/// Moves thread `tid` to `policy` at static priority 0, the only one the
+/// non-realtime policies have.
+pub fn set_scheduling_policy(tid: i32, policy: i32) -> io::Result<()> {
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: `param` is a valid sched_param that outlives the call, which
+    // only reads it; the other arguments are integers.
+    let rc = unsafe { libc::sched_setscheduler(tid, policy, &param) };
     if rc == 0 {
         Ok(())
     } else {

@@ -414,6 +414,68 @@ fn the_open_file_soft_limit_is_raised_to_the_hard_limit() {
     assert_ne!(numbers[0], "256", "{open_files}");
 }
 
+/// The scheduling policy of every thread of `pid` (field 41 of its `stat`),
+/// by thread name.
+fn thread_policies(pid: u32) -> Vec<(String, u32)> {
+    let mut policies = Vec::new();
+    for entry in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let dir = entry.unwrap().path();
+        let comm = std::fs::read_to_string(dir.join("comm")).unwrap();
+        let stat = std::fs::read_to_string(dir.join("stat")).unwrap();
+        // Fields after the parenthesised name, which may hold spaces.
+        let after_name = &stat[stat.rfind(')').unwrap() + 2..];
+        let policy = after_name.split(' ').nth(41 - 3).unwrap().parse().unwrap();
+        policies.push((comm.trim().to_owned(), policy));
+    }
+    policies
+}
+
+const SCHED_OTHER: u32 = 0;
+const SCHED_BATCH: u32 = 3;
+const SCHED_IDLE: u32 = 5;
+
+/// By default writ moves every thread, the store's and the audit trail's
+/// among them, to SCHED_BATCH; `inherit` leaves the policy it was started
+/// with; a policy other than the default set by whoever started it is kept.
+#[test]
+fn threads_run_under_the_configured_cpu_scheduling_policy() {
+    let assert_all = |writ: &Writ, want: u32| {
+        let policies = thread_policies(writ.pid());
+        assert!(
+            policies.iter().any(|(name, _)| name == "writ-store")
+                && policies.iter().any(|(name, _)| name == "writ-audit"),
+            "{policies:?}"
+        );
+        assert!(
+            policies.iter().all(|(_, p)| *p == want),
+            "want {want}: {policies:?}"
+        );
+    };
+    let mut writ = Writ::start("");
+    assert_all(&writ, SCHED_BATCH);
+    writ.kill9();
+    writ.spawn_under(&["chrt", "--idle", "0"]);
+    assert_all(&writ, SCHED_IDLE);
+    assert!(
+        writ.log()
+            .contains("keeping the CPU scheduling policy writ was started with")
+            && writ.log().contains("SCHED_IDLE"),
+        "{}",
+        writ.log()
+    );
+
+    // A top-level key: before the tables `Writ::start` writes.
+    writ.kill9();
+    let config = std::fs::read_to_string(&writ.config_path).unwrap();
+    std::fs::write(
+        &writ.config_path,
+        format!("cpu_scheduling = \"inherit\"\n{config}"),
+    )
+    .unwrap();
+    writ.spawn();
+    assert_all(&writ, SCHED_OTHER);
+}
+
 #[test]
 fn sockets_writ_binds_itself_are_removed_on_stop() {
     let mut service = Service::new("", "info");

@@ -326,6 +326,20 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
         Command::Run { config, log_format } => {
             let loaded = load_config(config.as_deref())?;
             let log_control = init_logging(&loaded, log_format);
+            // Before the store and the audit trail start their threads, so
+            // those inherit the policy as well.
+            match crate::scheduling::apply(loaded.cpu_scheduling) {
+                Ok(crate::scheduling::Applied::KeptStartPolicy(policy)) => {
+                    tracing::info!(
+                        policy,
+                        "keeping the CPU scheduling policy writ was started with"
+                    );
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot move writ's threads to SCHED_BATCH (cpu_scheduling); they keep the default policy, which costs throughput under load");
+                }
+            }
             // Caught from here on (SIGHUP before SIGTERM, so that a SIGTERM
             // handler in place means a SIGHUP one is too); one that comes
             // while writ starts is a reload once it is ready.

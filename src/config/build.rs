@@ -18,10 +18,10 @@ use super::raw::{
 };
 use super::{
     AdminApiConfig, AttestorsConfig, AuditConfig, BundleEndpointConfig, CaConfig, Config,
-    ConfigError, EndpointClientProfile, EndpointServerProfile, EntryConfig, Environment,
-    FederatedTrustDomainConfig, FederationConfig, LogConfig, LogFormat, MAX_HINT_BYTES,
-    MAX_SOCKET_PATH_BYTES, MIN_REFRESH_FLOOR, PolicyConfig, TasksConfig, TelemetryConfig,
-    UpstreamCaConfig, WorkloadApiConfig, format_duration, parse_duration,
+    ConfigError, CpuScheduling, EndpointClientProfile, EndpointServerProfile, EntryConfig,
+    Environment, FederatedTrustDomainConfig, FederationConfig, LogConfig, LogFormat,
+    MAX_HINT_BYTES, MAX_SOCKET_PATH_BYTES, MIN_REFRESH_FLOOR, PolicyConfig, TasksConfig,
+    TelemetryConfig, UpstreamCaConfig, WorkloadApiConfig, format_duration, parse_duration,
 };
 use crate::spiffe_id::{SpiffeId, TrustDomain};
 
@@ -225,6 +225,22 @@ impl Builder<'_> {
                 span: Some(text.span()),
             },
         };
+        let cpu_scheduling = match &raw.cpu_scheduling {
+            None => defaults.cpu_scheduling,
+            Some(text) => match text.get_ref().as_str() {
+                "batch" => CpuScheduling::Batch,
+                "inherit" => CpuScheduling::Inherit,
+                other => {
+                    self.error(
+                        text.span(),
+                        format!(
+                            "cpu_scheduling {other:?} is unknown; use \"batch\" or \"inherit\""
+                        ),
+                    );
+                    defaults.cpu_scheduling
+                }
+            },
+        };
         // Socket defaults follow the data_dir in use, not the default one.
         let socket_dir = env.default_socket_dir(&data_dir.value);
 
@@ -341,6 +357,7 @@ impl Builder<'_> {
         Config {
             trust_domain: trust_domain.unwrap_or(defaults.trust_domain),
             data_dir: data_dir.value,
+            cpu_scheduling,
             workload_api: WorkloadApiConfig {
                 socket_path: workload_socket.map_or(defaults.workload_api.socket_path, |s| s.value),
                 reattest_interval: reattest_interval

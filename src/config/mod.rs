@@ -43,6 +43,7 @@ pub const CA_DIR: &str = "ca";
 pub struct Config {
     pub trust_domain: TrustDomain,
     pub data_dir: PathBuf,
+    pub cpu_scheduling: CpuScheduling,
     pub workload_api: WorkloadApiConfig,
     pub admin_api: AdminApiConfig,
     pub ca: CaConfig,
@@ -298,6 +299,18 @@ pub struct LogConfig {
     pub format: LogFormat,
 }
 
+/// `cpu_scheduling`: the policy writ's threads run under (see `scheduling`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CpuScheduling {
+    /// `SCHED_BATCH`, unless writ was started under a policy other than the
+    /// default, which it then keeps.
+    #[default]
+    Batch,
+    /// The policy writ was started with, whatever it is.
+    Inherit,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
@@ -415,6 +428,7 @@ impl Config {
         let socket_dir = env.default_socket_dir(&data_dir);
         Config {
             trust_domain: default_trust_domain(),
+            cpu_scheduling: CpuScheduling::default(),
             workload_api: WorkloadApiConfig {
                 socket_path: socket_dir.join("workload.sock"),
                 reattest_interval: crate::workload_api::DEFAULT_REATTEST_INTERVAL,

@@ -12,6 +12,7 @@ pub(super) type Text = Spanned<String>;
 pub(super) struct RawConfig {
     pub trust_domain: Option<Text>,
     pub data_dir: Option<Text>,
+    pub cpu_scheduling: Option<Text>,
     pub workload_api: Option<RawWorkloadApi>,
     pub admin_api: Option<RawAdminApi>,
     pub ca: Option<RawCa>,

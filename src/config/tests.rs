@@ -201,6 +201,7 @@ fn fallback_socket_dir_follows_a_configured_data_dir() {
 const FULL: &str = r#"
 trust_domain = "example.org"
 data_dir = "/srv/writ"
+cpu_scheduling = "inherit"
 
 [workload_api]
 socket_path = "/srv/writ/sock/workload.sock"
@@ -295,6 +296,7 @@ fn full_config_loads_every_key() {
     let expected = Config {
         trust_domain: TrustDomain::new("example.org").unwrap(),
         data_dir: "/srv/writ".into(),
+        cpu_scheduling: CpuScheduling::Inherit,
         workload_api: WorkloadApiConfig {
             socket_path: "/srv/writ/sock/workload.sock".into(),
             reattest_interval: Duration::from_secs(5),
@@ -670,7 +672,7 @@ fn every_structural_problem_is_reported_in_one_pass() {
         [
             (
                 Some((1, 1)),
-                "unknown field `trust_domian`, expected one of `trust_domain`, `data_dir`, `workload_api`, `admin_api`, `ca`, `attestors`, `tasks`, `log`, `policy`, `audit`, `federation`, `telemetry`, `entry`"
+                "unknown field `trust_domian`, expected one of `trust_domain`, `data_dir`, `cpu_scheduling`, `workload_api`, `admin_api`, `ca`, `attestors`, `tasks`, `log`, `policy`, `audit`, `federation`, `telemetry`, `entry`"
             ),
             (
                 Some((3, 21)),
@@ -773,6 +775,12 @@ fn bad_trust_domain_and_paths() {
         "data_dir \"var/lib/writ\" must be an absolute path",
     );
     assert_single_error("data_dir = \"\"\n", 1, 12, "data_dir \"\" is empty");
+    assert_single_error(
+        "cpu_scheduling = \"fifo\"\n",
+        1,
+        18,
+        "cpu_scheduling \"fifo\" is unknown; use \"batch\" or \"inherit\"",
+    );
     assert_single_error(
         "[workload_api]\nsocket_path = \"writ.sock\"\n",
         2,
