@@ -118,6 +118,19 @@ fn check_not_shadowing(config: &Registry, admin: &[Arc<Entry>]) -> Result<(), En
     }
 }
 
+/// The first item of `items` equal to an earlier one, as its index and the
+/// earlier one's. Lists whose order carries no meaning (tools, DNS names,
+/// trust domains) are refused with a repeat rather than stored with it.
+pub fn first_repeat<T: Eq + std::hash::Hash>(
+    items: impl IntoIterator<Item = T>,
+) -> Option<(usize, usize)> {
+    let mut first_at = std::collections::HashMap::new();
+    items
+        .into_iter()
+        .enumerate()
+        .find_map(|(n, item)| first_at.insert(item, n).map(|first| (n, first)))
+}
+
 /// The most selectors, DNS names and `federates_with` trust domains one
 /// entry created through the admin API may have. With the longest items
 /// (`MAX_SELECTOR_BYTES`, 253-byte names, 255-byte trust domains) and hint
@@ -454,6 +467,15 @@ impl EntryStore {
             crate::svid::validate_new_dns_name(name)
                 .map_err(|e| invalid("dns_names", e.to_string()))?;
         }
+        // DNS names compare without regard to case.
+        if let Some((n, first)) =
+            first_repeat(req.dns_names.iter().map(|name| name.to_ascii_lowercase()))
+        {
+            return Err(invalid(
+                "dns_names",
+                format!("{:?} repeats item {first}", req.dns_names[n]),
+            ));
+        }
         let federates_with = req
             .federates_with
             .iter()
@@ -462,6 +484,12 @@ impl EntryStore {
                     .map_err(|e| invalid("federates_with", e.to_string()))
             })
             .collect::<Result<Vec<_>, _>>()?;
+        if let Some((n, first)) = first_repeat(&federates_with) {
+            return Err(invalid(
+                "federates_with",
+                format!("{:?} repeats item {first}", req.federates_with[n]),
+            ));
+        }
         let mut entry = Entry::new(spiffe_id, selectors, ttl, EntrySource::Admin);
         entry.dns_names = req.dns_names;
         entry.hint = req.hint;

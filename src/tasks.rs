@@ -2639,6 +2639,14 @@ fn validate_intent(intent: &Intent) -> Result<(), TaskError> {
             }
             refuse_control_characters(field, || format!("item {n} ({:?})", excerpt(item)), item)?;
         }
+        // A repeat adds nothing to the scope, but each copy is stored,
+        // signed into the task's JWT claim and audited.
+        if let Some((n, first)) = crate::entries::first_repeat(list) {
+            return Err(invalid(
+                field,
+                format!("item {n} ({:?}) repeats item {first}", excerpt(&list[n])),
+            ));
+        }
     }
     if intent.data_class.len() > MAX_INTENT_STRING {
         return Err(invalid("intent.data_class", "too long"));
@@ -4811,6 +4819,29 @@ mod tests {
         assert_eq!(err, "intent.targets: item 0 is empty");
         let err = TaskError::NotFound(long).to_string();
         assert!(err.starts_with("task qqq") && err.len() < 300, "{err}");
+    }
+
+    #[test]
+    fn a_repeated_tool_or_target_is_refused_naming_both_places() {
+        let intent = Intent {
+            tools: vec!["jira".into(), "github".into(), "jira".into()],
+            ..Intent::default()
+        };
+        let err = validate_intent(&intent).unwrap_err().to_string();
+        assert_eq!(err, "intent.tools: item 2 (\"jira\") repeats item 0");
+        let intent = Intent {
+            targets: vec!["db".into(), "db".into()],
+            ..Intent::default()
+        };
+        let err = validate_intent(&intent).unwrap_err().to_string();
+        assert_eq!(err, "intent.targets: item 1 (\"db\") repeats item 0");
+        // The same text in both lists is no repeat.
+        let intent = Intent {
+            tools: vec!["db".into()],
+            targets: vec!["db".into()],
+            ..Intent::default()
+        };
+        validate_intent(&intent).unwrap();
     }
 
     #[test]

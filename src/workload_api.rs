@@ -1047,8 +1047,12 @@ impl SpiffeWorkloadApi for WorkloadApi {
         request: Request<pb::JwtsvidRequest>,
     ) -> Result<Response<pb::JwtsvidResponse>, Status> {
         let caller = authenticate(&request)?;
-        let req = request.into_inner();
+        let mut req = request.into_inner();
         check_jwt_audience(&req.audience)?;
+        // A repeated value adds nothing to the token's `aud`: a request
+        // with repeats gets the token of the request without them.
+        let mut seen = std::collections::HashSet::new();
+        req.audience.retain(|value| seen.insert(value.clone()));
         let wanted: Option<crate::spiffe_id::SpiffeId> = if req.spiffe_id.is_empty() {
             None
         } else {

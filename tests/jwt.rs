@@ -228,6 +228,14 @@ async fn fetch_jwt_svid_follows_the_workload_api_rules() {
     assert_eq!(one.svids[0].spiffe_id, SECOND_ID);
     assert_eq!(claims_of(&one.svids[0].svid)["aud"], "a");
 
+    // A repeated audience value is sent once: the token is the one asked
+    // for without the repeat (the same one, as it is re-served).
+    let repeated = fetch_jwt(&writ, &["a", "b", "a", "b"], SECOND_ID)
+        .await
+        .unwrap();
+    assert_eq!(claims_of(&repeated.svids[0].svid)["aud"], json!(["a", "b"]));
+    assert_eq!(repeated.svids[0].svid, all.svids[0].svid);
+
     // The CLI prints the same, and validates it.
     let socket = writ.socket.to_str().unwrap();
     let (ok, stdout, stderr) = common::writ_cli(

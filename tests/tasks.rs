@@ -3863,6 +3863,88 @@ async fn refusals_of_huge_values_name_the_field_with_the_value_shortened() {
     sleeper.wait().unwrap();
 }
 
+/// A list whose order means nothing (tools, targets, trust domains, DNS
+/// names) is refused with a repeated item, naming the field, and nothing is
+/// stored.
+#[tokio::test(flavor = "multi_thread")]
+async fn repeated_list_items_are_refused_naming_the_field() {
+    let writ = Writ::start(&config(""));
+    let mut tasks = tasks_client(&writ).await;
+    let mut entries = apb::entries_client::EntriesClient::new(
+        writ::cli::client::connect(&admin_socket(&writ))
+            .await
+            .unwrap(),
+    );
+    let mut sleeper = Command::new("sleep").arg("60").spawn().unwrap();
+    let pid = sleeper.id();
+    type Spoil = fn(&mut apb::BeginTaskRequest);
+    let cases: [(&str, Spoil); 3] = [
+        ("intent.tools: item 2 (\"jira\") repeats item 0", |r| {
+            r.intent.as_mut().unwrap().tools = vec!["jira".into(), "git".into(), "jira".into()]
+        }),
+        ("intent.targets: item 1 (\"db\") repeats item 0", |r| {
+            r.intent.as_mut().unwrap().targets = vec!["db".into(), "db".into()]
+        }),
+        ("federates_with: \"other.example\" repeats item 0", |r| {
+            r.federates_with = vec!["other.example".into(), "other.example".into()]
+        }),
+    ];
+    for (message, spoil) in cases {
+        let mut req = begin_pid("t-rep", pid);
+        spoil(&mut req);
+        let err = tasks.begin_task(req).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{message}: {err:?}");
+        assert_eq!(err.message(), message);
+    }
+    let err = tasks
+        .get_task(apb::GetTaskRequest {
+            task_id: "t-rep".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+
+    type SpoilEntry = fn(&mut apb::CreateEntryRequest);
+    let cases: [(&str, SpoilEntry); 2] = [
+        // DNS names compare without regard to case.
+        ("dns_names: \"A.example\" repeats item 0", |r| {
+            r.dns_names = vec!["a.example".into(), "A.example".into()]
+        }),
+        ("federates_with: \"other.example\" repeats item 0", |r| {
+            r.federates_with = vec!["other.example".into(), "other.example".into()]
+        }),
+    ];
+    for (message, spoil) in cases {
+        let mut req = apb::CreateEntryRequest {
+            spiffe_id: "spiffe://writ.test/repeats".into(),
+            selectors: vec!["unix:uid:1".into()],
+            ..Default::default()
+        };
+        spoil(&mut req);
+        let err = entries.create_entry(req).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{message}: {err:?}");
+        assert!(
+            err.message().ends_with(message),
+            "{message}: {}",
+            err.message()
+        );
+    }
+    let listed = entries
+        .list_entries(apb::ListEntriesRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        listed
+            .entries
+            .iter()
+            .all(|e| e.spiffe_id != "spiffe://writ.test/repeats"),
+        "{listed:?}"
+    );
+    sleeper.kill().unwrap();
+    sleeper.wait().unwrap();
+}
+
 /// Intent text and end reasons reach operators' terminals, audit records,
 /// JWT claims and policies: a control character in them is refused, the
 /// field named, and no task begins.

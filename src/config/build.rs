@@ -1567,6 +1567,34 @@ impl Builder<'_> {
             }
         }
 
+        // Only when every item is valid do the lists line up with the file's.
+        let raw_dns = raw.dns_names.as_deref().unwrap_or_default();
+        if dns_valid
+            && let Some((n, first)) =
+                crate::entries::first_repeat(dns_names.iter().map(|name| name.to_ascii_lowercase()))
+        {
+            self.error(
+                raw_dns[n].span(),
+                format!(
+                    "{key}.dns_names[{n}] {:?} repeats dns_names[{first}]",
+                    dns_names[n]
+                ),
+            );
+            dns_valid = false;
+        }
+        let raw_federates = raw.federates_with.as_deref().unwrap_or_default();
+        if federation_valid && let Some((n, first)) = crate::entries::first_repeat(&federates_with)
+        {
+            self.error(
+                raw_federates[n].span(),
+                format!(
+                    "{key}.federates_with[{n}] {:?} repeats federates_with[{first}] ({})",
+                    raw_federates[n].get_ref(),
+                    federates_with[first]
+                ),
+            );
+            federation_valid = false;
+        }
         if !(dns_valid && federation_valid && within_bounds) {
             return None;
         }

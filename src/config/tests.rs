@@ -776,6 +776,18 @@ fn bad_trust_domain_and_paths() {
     );
     assert_single_error("data_dir = \"\"\n", 1, 12, "data_dir \"\" is empty");
     assert_single_error(
+        "[[entry]]\nspiffe_id = \"spiffe://writ.test/a\"\nselectors = [\"unix:uid:1\"]\ndns_names = [\"a.example\", \"A.Example\"]\n",
+        4,
+        27,
+        "entry[0].dns_names[1] \"A.Example\" repeats dns_names[0]",
+    );
+    assert_single_error(
+        "[[entry]]\nspiffe_id = \"spiffe://writ.test/a\"\nselectors = [\"unix:uid:1\"]\nfederates_with = [\"other.example\", \"spiffe://other.example\"]\n",
+        4,
+        36,
+        "entry[0].federates_with[1] \"spiffe://other.example\" repeats federates_with[0] (other.example)",
+    );
+    assert_single_error(
         "cpu_scheduling = \"fifo\"\n",
         1,
         18,
