@@ -10,6 +10,7 @@ mod manager;
 mod persist;
 pub(crate) mod set;
 mod url;
+mod usable;
 
 use std::collections::HashMap;
 use std::io::Read;
@@ -26,6 +27,7 @@ pub use manager::{
 };
 pub use set::{BundleSource, FederatedBundle, FederatedBundles};
 pub use url::{EndpointUrl, UrlError};
+pub use usable::UnusableBundle;
 
 use crate::agent::Agent;
 use crate::bundle::{BundleError, MAX_BUNDLE_BYTES, TrustBundle};

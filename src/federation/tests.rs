@@ -521,7 +521,10 @@ async fn fetches_keep_the_last_good_bundle_and_authenticate_with_the_latest() {
                 matches!(err, FetchFailure::Fetch(FetchError::TooLarge)),
                 "{err}"
             ),
-            "empty" => assert!(matches!(err, FetchFailure::NoAuthorities), "{err}"),
+            "empty" => assert!(
+                matches!(err, FetchFailure::Unusable(UnusableBundle::NoX509Authority)),
+                "{err}"
+            ),
             _ => assert!(
                 matches!(
                     err,
