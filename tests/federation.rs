@@ -1134,6 +1134,8 @@ ca_bundle = "{}"
     std::fs::write(&garbage, "{\"keys\": [").unwrap();
     let empty = dir.join("empty.json");
     std::fs::write(&empty, "{\"keys\": []}").unwrap();
+    let expired = dir.join("expired.pem");
+    std::fs::write(&expired, writ_pem(&expired_ca_cert())).unwrap();
     let refused: Vec<(Vec<&str>, &str, &str)> = vec![
         (
             vec![
@@ -1174,6 +1176,19 @@ ca_bundle = "{}"
             ],
             "InvalidArgument",
             "no x509-svid or jwt-svid authority",
+        ),
+        // It would have replaced the good bundle held for c.test.
+        (
+            vec![
+                "bundle",
+                "set",
+                "--trust-domain",
+                "c.test",
+                "--file",
+                expired.to_str().unwrap(),
+            ],
+            "InvalidArgument",
+            "bundle for c.test refused: its only X.509 authority expired at 2001-01-01T00:00:00Z, and it holds no JWT authority",
         ),
         (
             vec![

@@ -216,7 +216,8 @@ impl Federation {
 
     /// Stores `bundle` (replacing whatever was held for its trust domain),
     /// then serves it and wakes every stream. Writ's own trust domain is
-    /// refused: its bundle comes from its CA alone.
+    /// refused: its bundle comes from its CA alone. So is a bundle that
+    /// would trust nothing (`check_usable`).
     pub async fn set_bundle(
         &self,
         bundle: TrustBundle,
@@ -235,6 +236,11 @@ impl Federation {
     ) -> Result<Arc<FederatedBundle>, FederationError> {
         if &bundle.trust_domain == self.agent.trust_domain() {
             return Err(FederationError::OwnTrustDomain(bundle.trust_domain));
+        }
+        // A fetched document was checked by its fetcher already, against
+        // the profile it was fetched with.
+        if source != BundleSource::Fetched {
+            self.check_usable(&bundle)?;
         }
         // Stored, listed and served as a SPIFFE document, which may be
         // larger than the form it came in (PEM, or compact JSON): one past
@@ -264,6 +270,24 @@ impl Federation {
         self.agent.record_best_effort(event).await;
         self.agent.notify(crate::changes::Change::Documents);
         Ok(installed)
+    }
+
+    /// Refuses a bundle that would trust nothing, by the rule a fetched
+    /// document for its trust domain obeys: set by hand, it would replace
+    /// a good bundle and end the federation with that peer just as surely
+    /// (and, with a self-serving endpoint, any way to fetch again).
+    fn check_usable(&self, bundle: &TrustBundle) -> Result<(), FederationError> {
+        let self_serving = lock(&self.configured)
+            .config
+            .trust_domains
+            .iter()
+            .any(|td| td.name == bundle.trust_domain && td.is_self_serving());
+        super::usable::check_usable(bundle, self_serving, SystemTime::now()).map_err(|problem| {
+            FederationError::Unusable {
+                trust_domain: bundle.trust_domain.clone(),
+                problem,
+            }
+        })
     }
 
     /// Installs a freshly fetched bundle unless it is exactly what is held

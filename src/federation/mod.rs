@@ -49,6 +49,13 @@ pub enum FederationError {
     NotFound(TrustDomain),
     #[error("bundle: {0}")]
     InvalidBundle(String),
+    /// A bundle set by hand that would trust nothing, by the rule fetched
+    /// documents obey.
+    #[error("bundle for {trust_domain} refused: {problem}")]
+    Unusable {
+        trust_domain: TrustDomain,
+        problem: UnusableBundle,
+    },
     #[error("{}: {reason}", path.display())]
     File { path: PathBuf, reason: String },
     /// A trust file others could change (the message names it).

@@ -1,13 +1,14 @@
 //! Whether a foreign bundle would trust anything: the rule a fetched
-//! document obeys, on its own so that the other ways a bundle gets in can
-//! obey it too.
+//! document and a bundle set by hand (`writ bundle set`) obey, so that
+//! neither can replace a good bundle with one that trusts nothing.
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::bundle::TrustBundle;
 
 /// Why a bundle would trust nothing for its trust domain. Each message
-/// reads after "bundle document rejected: ".
+/// reads after "bundle document rejected: " (a fetch) or "bundle for TD
+/// refused: " (a bundle set by hand).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum UnusableBundle {
     #[error(
