@@ -1608,6 +1608,45 @@ federates_with = ["w.test"]
     assert_eq!(pem_ders(&held), vec![w_ca.to_vec()]);
 }
 
+/// A bootstrap bundle whose roots have all expired could never
+/// authenticate the peer's endpoint: a reload adding it is refused with
+/// the running configuration kept, and writ refuses to start on it, both
+/// naming the file.
+#[test]
+fn an_expired_bootstrap_bundle_is_refused_on_reload_and_at_start() {
+    let mut a = Writ::start_in("a.test", "");
+    let original = std::fs::read_to_string(&a.config_path).unwrap();
+    let bootstrap = a.dir.path().join("c.pem");
+    std::fs::write(&bootstrap, writ_pem(&expired_ca_cert())).unwrap();
+    std::fs::write(
+        &a.config_path,
+        format!("{original}\n{}", c_test_federation(free_port(), &bootstrap)),
+    )
+    .unwrap();
+    let expected = format!(
+        "{}: bundle for c.test refused: its only X.509 authority expired at 2001-01-01T00:00:00Z, so the next fetch could not be authenticated",
+        bootstrap.display()
+    );
+
+    let (ok, _, err) = cli(&a, &["reload"]);
+    assert!(!ok, "the reload was applied");
+    assert!(
+        err.contains("FailedPrecondition")
+            && err.contains("reload refused")
+            && err.contains(&expected),
+        "{err}"
+    );
+    assert!(
+        listed(&a, "c.test").is_none(),
+        "the running configuration is kept"
+    );
+
+    a.stop();
+    let (code, output) = common::run_expecting_failure(&a.config_path);
+    assert_ne!(code, Some(0), "{output}");
+    assert!(output.contains(&expected), "{output}");
+}
+
 /// The SPIFFE IDs `workload_ids` gets from the Workload API, or none.
 async fn workload_ids(w: &Writ) -> Vec<String> {
     let Ok(mut client) = writ::cli::client::workload_client(&w.socket).await else {

@@ -646,9 +646,10 @@ pub fn diff(current: &FederationConfig, next: &FederationConfig) -> FederationCh
 
 /// Loads the CA roots of every https_web trust domain `wanted` selects and
 /// reads its bootstrap file; returns the roots and the bootstrap bundles
-/// of those holding nothing yet. A file is read even when a held bundle
-/// makes it unnecessary, so a broken one is reported now rather than on
-/// some later day.
+/// of those holding nothing yet, each checked to trust something (as a
+/// fetched document must). A file is read even when a held bundle makes it
+/// unnecessary, so a broken one is reported now rather than on some later
+/// day.
 #[allow(clippy::type_complexity)]
 fn read_trust_domain_files(
     agent: &Agent,
@@ -657,6 +658,7 @@ fn read_trust_domain_files(
 ) -> Result<(BTreeMap<TrustDomain, Arc<RootCertStore>>, Vec<TrustBundle>), FederationError> {
     let mut web_roots = BTreeMap::new();
     let mut bootstrap = Vec::new();
+    let now = SystemTime::now();
     for td in config.trust_domains.iter().filter(|td| wanted(&td.name)) {
         if let EndpointClientProfile::HttpsWeb { ca_bundle } = &td.profile {
             web_roots.insert(
@@ -667,6 +669,21 @@ fn read_trust_domain_files(
         if let Some(path) = &td.bundle {
             let bundle = read_bundle_file(path, &td.name)?;
             if agent.federated_bundles().get(&td.name).is_none() {
+                // Only a bootstrap bundle about to be installed must be
+                // usable. Once a bundle is held the file is never used,
+                // and the roots in it expire in the normal course (a
+                // SPIRE peer's within a day by default), which must not
+                // stop writ from starting or reloading.
+                super::usable::check_usable(&bundle, td.is_self_serving(), now).map_err(
+                    |problem| FederationError::File {
+                        path: path.clone(),
+                        reason: FederationError::Unusable {
+                            trust_domain: td.name.clone(),
+                            problem,
+                        }
+                        .to_string(),
+                    },
+                )?;
                 bootstrap.push(bundle);
             }
         }

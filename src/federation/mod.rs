@@ -49,8 +49,8 @@ pub enum FederationError {
     NotFound(TrustDomain),
     #[error("bundle: {0}")]
     InvalidBundle(String),
-    /// A bundle set by hand that would trust nothing, by the rule fetched
-    /// documents obey.
+    /// A bundle set by hand or read from a bootstrap file that would trust
+    /// nothing, by the rule fetched documents obey.
     #[error("bundle for {trust_domain} refused: {problem}")]
     Unusable {
         trust_domain: TrustDomain,

@@ -409,13 +409,21 @@ async fn services_fetching(
 
 /// A real agent on a temp dir, as `writ run` builds it.
 async fn services(dir: &std::path::Path, federation: FederationConfig) -> crate::service::Services {
+    try_services(dir, federation).await.unwrap()
+}
+
+/// `services`, or why writ would refuse to start.
+async fn try_services(
+    dir: &std::path::Path,
+    federation: FederationConfig,
+) -> Result<crate::service::Services, crate::service::ServiceError> {
     let mut config = Config::builtin_defaults(&Environment::current());
     config.trust_domain = td("a.test");
     config.entries.clear();
     config.data_dir = dir.to_owned();
     config.audit = crate::config::AuditConfig::defaults_for(dir);
     config.federation = federation;
-    crate::service::build(&config).await.unwrap()
+    crate::service::build(&config).await
 }
 
 fn x509_entry(cert: &CertificateDer<'_>) -> serde_json::Value {
@@ -803,6 +811,54 @@ async fn bundles_set_by_hand_that_trust_nothing_are_refused() {
         .await
         .unwrap();
     assert_eq!(held("c.test").bundle.sequence, 3);
+    stop(&svc);
+}
+
+/// A bootstrap bundle that trusts nothing keeps writ from starting, and a
+/// reload from adding its trust domain, naming the file; once a bundle is
+/// held the file is not used, so its roots expiring in the normal course
+/// stops nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_bootstrap_file_that_trusts_nothing_is_refused_while_it_would_be_used() {
+    let dir = tempfile::tempdir().unwrap();
+    let bootstrap = dir.path().join("b.pem");
+    let expired_pem = crate::bundle::pem_lf("CERTIFICATE", &expired_ca_cert());
+    std::fs::write(&bootstrap, &expired_pem).unwrap();
+    let with_b = FederationConfig {
+        trust_domains: vec![b_test_config("https://127.0.0.1:1/".into(), &bootstrap)],
+        ..FederationConfig::default()
+    };
+    let expected = format!(
+        "{}: bundle for b.test refused: its only X.509 authority expired at 2001-01-01T00:00:00Z, so the next fetch could not be authenticated",
+        bootstrap.display()
+    );
+
+    let refused = try_services(&dir.path().join("refused"), with_b.clone())
+        .await
+        .err()
+        .unwrap();
+    assert!(refused.to_string().contains(&expected), "{refused}");
+
+    let state = dir.path().join("state");
+    let svc = services(&state, FederationConfig::default()).await;
+    let err = svc.federation.plan(&with_b).err().unwrap();
+    assert_eq!(err.to_string(), expected);
+    assert!(!svc.federation.is_configured(&td("b.test")));
+
+    let root = ca_cert();
+    std::fs::write(&bootstrap, crate::bundle::pem_lf("CERTIFICATE", &root)).unwrap();
+    let plan = svc.federation.plan(&with_b).unwrap();
+    svc.federation.apply(plan).await.unwrap();
+    stop(&svc);
+    drop(svc);
+
+    std::fs::write(&bootstrap, &expired_pem).unwrap();
+    let svc = services(&state, with_b).await;
+    let held = svc.agent.federated_bundles().get(&td("b.test")).unwrap();
+    assert_eq!(
+        (held.source, &held.bundle.x509_authorities),
+        (BundleSource::Bootstrap, &vec![root])
+    );
     stop(&svc);
 }
 

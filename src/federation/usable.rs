@@ -1,6 +1,7 @@
-//! Whether a foreign bundle would trust anything: the rule a fetched
-//! document and a bundle set by hand (`writ bundle set`) obey, so that
-//! neither can replace a good bundle with one that trusts nothing.
+//! Whether a foreign bundle would trust anything: the one rule every way a
+//! bundle gets in obeys (a fetched document, `writ bundle set`, a bootstrap
+//! file), so none of them can leave writ holding, for a trust domain, a
+//! bundle that trusts nothing.
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -8,7 +9,7 @@ use crate::bundle::TrustBundle;
 
 /// Why a bundle would trust nothing for its trust domain. Each message
 /// reads after "bundle document rejected: " (a fetch) or "bundle for TD
-/// refused: " (a bundle set by hand).
+/// refused: " (a bundle set by hand or a bootstrap file).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum UnusableBundle {
     #[error(
