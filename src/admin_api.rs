@@ -865,7 +865,12 @@ fn federation_status(e: FederationError) -> Status {
             Status::failed_precondition(e.to_string())
         }
         FederationError::NotFound(_) => Status::not_found(e.to_string()),
-        FederationError::InvalidBundle(_) => Status::invalid_argument(e.to_string()),
+        // A bundle that would trust nothing is bad input like a malformed
+        // one: only another bundle mends it, so not FailedPrecondition,
+        // even where the trust domain's configured profile decides.
+        FederationError::InvalidBundle(_) | FederationError::Unusable { .. } => {
+            Status::invalid_argument(e.to_string())
+        }
         FederationError::Store(_) => Status::unavailable(e.to_string()),
         other => Status::internal(other.to_string()),
     }

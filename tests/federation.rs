@@ -1134,6 +1134,8 @@ ca_bundle = "{}"
     std::fs::write(&garbage, "{\"keys\": [").unwrap();
     let empty = dir.join("empty.json");
     std::fs::write(&empty, "{\"keys\": []}").unwrap();
+    let expired = dir.join("expired.pem");
+    std::fs::write(&expired, writ_pem(&expired_ca_cert())).unwrap();
     let refused: Vec<(Vec<&str>, &str, &str)> = vec![
         (
             vec![
@@ -1174,6 +1176,19 @@ ca_bundle = "{}"
             ],
             "InvalidArgument",
             "no x509-svid or jwt-svid authority",
+        ),
+        // It would have replaced the good bundle held for c.test.
+        (
+            vec![
+                "bundle",
+                "set",
+                "--trust-domain",
+                "c.test",
+                "--file",
+                expired.to_str().unwrap(),
+            ],
+            "InvalidArgument",
+            "bundle for c.test refused: its only X.509 authority expired at 2001-01-01T00:00:00Z, and it holds no JWT authority",
         ),
         (
             vec![
@@ -1591,6 +1606,45 @@ federates_with = ["w.test"]
     }
     let held = cli_ok(&a, &["bundle", "show", "--trust-domain", "w.test"]);
     assert_eq!(pem_ders(&held), vec![w_ca.to_vec()]);
+}
+
+/// A bootstrap bundle whose roots have all expired could never
+/// authenticate the peer's endpoint: a reload adding it is refused with
+/// the running configuration kept, and writ refuses to start on it, both
+/// naming the file.
+#[test]
+fn an_expired_bootstrap_bundle_is_refused_on_reload_and_at_start() {
+    let mut a = Writ::start_in("a.test", "");
+    let original = std::fs::read_to_string(&a.config_path).unwrap();
+    let bootstrap = a.dir.path().join("c.pem");
+    std::fs::write(&bootstrap, writ_pem(&expired_ca_cert())).unwrap();
+    std::fs::write(
+        &a.config_path,
+        format!("{original}\n{}", c_test_federation(free_port(), &bootstrap)),
+    )
+    .unwrap();
+    let expected = format!(
+        "{}: bundle for c.test refused: its only X.509 authority expired at 2001-01-01T00:00:00Z, so the next fetch could not be authenticated",
+        bootstrap.display()
+    );
+
+    let (ok, _, err) = cli(&a, &["reload"]);
+    assert!(!ok, "the reload was applied");
+    assert!(
+        err.contains("FailedPrecondition")
+            && err.contains("reload refused")
+            && err.contains(&expected),
+        "{err}"
+    );
+    assert!(
+        listed(&a, "c.test").is_none(),
+        "the running configuration is kept"
+    );
+
+    a.stop();
+    let (code, output) = common::run_expecting_failure(&a.config_path);
+    assert_ne!(code, Some(0), "{output}");
+    assert!(output.contains(&expected), "{output}");
 }
 
 /// The SPIFFE IDs `workload_ids` gets from the Workload API, or none.

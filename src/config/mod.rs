@@ -261,6 +261,19 @@ pub struct FederatedTrustDomainConfig {
     pub follow_redirects: bool,
 }
 
+impl FederatedTrustDomainConfig {
+    /// Whether the endpoint is `https_spiffe` with an ID in this trust
+    /// domain: each fetch is then authenticated with this trust domain's
+    /// own bundle, so that bundle must hold a usable X.509 authority.
+    pub fn is_self_serving(&self) -> bool {
+        matches!(
+            &self.profile,
+            EndpointClientProfile::HttpsSpiffe { endpoint_spiffe_id }
+                if endpoint_spiffe_id.trust_domain() == &self.name
+        )
+    }
+}
+
 /// How writ authenticates a foreign bundle endpoint.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(tag = "profile", rename_all = "snake_case")]

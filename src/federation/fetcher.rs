@@ -4,7 +4,7 @@
 //! backs off; the schedule is plain arithmetic so tests can check it.
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use rustls::RootCertStore;
 use tokio::sync::watch;
@@ -12,6 +12,7 @@ use tokio::sync::watch;
 use super::client::{self, FetchError, ServerAuth};
 use super::manager::Federation;
 use super::url::EndpointUrl;
+use super::usable::{UnusableBundle, check_usable};
 use crate::bundle::{BundleError, TrustBundle};
 use crate::config::{EndpointClientProfile, FederatedTrustDomainConfig};
 use crate::spiffe_id::TrustDomain;
@@ -29,29 +30,9 @@ pub enum FetchFailure {
     Fetch(#[from] FetchError),
     #[error("bundle document rejected: {0}")]
     Rejected(#[from] BundleError),
-    #[error(
-        "bundle document rejected: it holds no X.509 authority, so the next fetch could not be authenticated"
-    )]
-    NoAuthorities,
-    #[error(
-        "bundle document rejected: it holds no authority at all (no x509-svid or jwt-svid key), which would leave nothing to trust for this trust domain"
-    )]
-    NoAuthority,
-    #[error(
-        "bundle document rejected: {}, {}",
-        expired_phrase(*.count, *.latest),
-        if *.self_serving {
-            "so the next fetch could not be authenticated"
-        } else {
-            "and it holds no JWT authority, so it would authenticate nothing"
-        }
-    )]
-    AllExpired {
-        count: usize,
-        /// The latest notAfter among them, seconds since the epoch.
-        latest: i64,
-        self_serving: bool,
-    },
+    /// The document would trust nothing (see `check_usable`).
+    #[error("bundle document rejected: {0}")]
+    Unusable(#[from] UnusableBundle),
     #[error(
         "bundle document rejected: it does not authenticate the certificate the endpoint ({endpoint_id}) presented ({reason}), so the next fetch would fail"
     )]
@@ -229,48 +210,6 @@ async fn fetch_document(
     Ok(bundle)
 }
 
-/// Refuses a document that would replace the bundle held with one that
-/// trusts nothing: a peer (or whoever took over its endpoint) could
-/// otherwise make writ forget the trust domain, and with a self-serving
-/// endpoint, lose the means to fetch it again. A document with no
-/// authority, or whose X.509 authorities have all expired while it has no
-/// JWT authority; for a self-serving endpoint, one with no unexpired X.509
-/// authority, since only those authenticate the next fetch. Authorities
-/// not valid yet count as usable: a peer's brand-new root may start a few
-/// seconds ahead of this clock, and it soon will be.
-fn check_usable(
-    bundle: &TrustBundle,
-    self_serving: bool,
-    now: SystemTime,
-) -> Result<(), FetchFailure> {
-    if self_serving && bundle.x509_authorities.is_empty() {
-        return Err(FetchFailure::NoAuthorities);
-    }
-    if bundle.x509_authorities.is_empty() && bundle.jwt_authorities.is_empty() {
-        return Err(FetchFailure::NoAuthority);
-    }
-    let now = now
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
-    // Parsing admitted only certificates that parse; one that did not here
-    // could authenticate nothing, so it counts as expired.
-    let latest = bundle
-        .x509_authorities
-        .iter()
-        .map(|cert| crate::bundle::not_after_unix(cert).unwrap_or(i64::MIN))
-        .max();
-    match latest {
-        Some(latest) if latest < now && (self_serving || bundle.jwt_authorities.is_empty()) => {
-            Err(FetchFailure::AllExpired {
-                count: bundle.x509_authorities.len(),
-                latest,
-                self_serving,
-            })
-        }
-        _ => Ok(()),
-    }
-}
-
 /// For an endpoint that serves its own trust domain's bundle: the new
 /// document must still authenticate the certificate the endpoint just
 /// presented. Each fetch is authenticated with the bundle held, so a
@@ -312,20 +251,6 @@ fn check_authenticates_endpoint(
     Ok(())
 }
 
-fn expired_phrase(count: usize, latest: i64) -> String {
-    let when = time::OffsetDateTime::from_unix_timestamp(latest)
-        .ok()
-        .and_then(|t| {
-            t.format(&time::format_description::well_known::Rfc3339)
-                .ok()
-        })
-        .unwrap_or_else(|| format!("{latest} s after the epoch"));
-    match count {
-        1 => format!("its only X.509 authority expired at {when}"),
-        n => format!("all {n} of its X.509 authorities have expired, the last at {when}"),
-    }
-}
-
 /// Stores and serves a checked document; returns its refresh hint.
 async fn install(
     federation: &Federation,
@@ -344,87 +269,6 @@ mod tests {
     use super::*;
 
     const S: fn(u64) -> Duration = Duration::from_secs;
-
-    /// A CA certificate valid from `from` to `until` (years, January 1st).
-    fn ca_valid(from: i32, until: i32) -> rustls_pki_types::CertificateDer<'static> {
-        let mut p = rcgen::CertificateParams::default();
-        p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        p.not_before = rcgen::date_time_ymd(from, 1, 1);
-        p.not_after = rcgen::date_time_ymd(until, 1, 1);
-        let key = rcgen::KeyPair::generate().unwrap();
-        p.self_signed(&key).unwrap().der().clone()
-    }
-
-    fn bundle_of(
-        x509: Vec<rustls_pki_types::CertificateDer<'static>>,
-        jwt_keys: usize,
-    ) -> TrustBundle {
-        let mut bundle = TrustBundle::new(TrustDomain::new("b.test").unwrap());
-        bundle.x509_authorities = x509;
-        bundle.jwt_authorities = (0..jwt_keys)
-            .map(|n| crate::bundle::JwtAuthority {
-                key_id: format!("k{n}"),
-                public_key_jwk: Default::default(),
-            })
-            .collect();
-        bundle
-    }
-
-    #[test]
-    fn a_document_that_trusts_nothing_is_refused() {
-        let now = SystemTime::now();
-        let (expired, expired_too) = (ca_valid(2000, 2001), ca_valid(2000, 2002));
-        let (current, future) = (ca_valid(2000, 2400), ca_valid(2300, 2400));
-        // A self-serving endpoint's refusal says what it would cost.
-        assert!(matches!(
-            check_usable(&bundle_of(vec![], 0), false, now),
-            Err(FetchFailure::NoAuthority)
-        ));
-        assert!(matches!(
-            check_usable(&bundle_of(vec![], 0), true, now),
-            Err(FetchFailure::NoAuthorities)
-        ));
-        for self_serving in [false, true] {
-            let err = check_usable(
-                &bundle_of(vec![expired.clone(), expired_too.clone()], 0),
-                self_serving,
-                now,
-            )
-            .unwrap_err();
-            assert!(
-                matches!(err, FetchFailure::AllExpired { count: 2, .. }),
-                "{err:?}"
-            );
-            assert!(
-                err.to_string().contains(
-                    "all 2 of its X.509 authorities have expired, the last at 2002-01-01T00:00:00Z"
-                ),
-                "{err}"
-            );
-            // One usable authority is enough; so is one not valid yet.
-            for usable in [&current, &future] {
-                check_usable(
-                    &bundle_of(vec![expired.clone(), usable.clone()], 0),
-                    self_serving,
-                    now,
-                )
-                .unwrap();
-            }
-        }
-        // JWT keys still authenticate JWT-SVIDs, but a self-serving endpoint
-        // needs an X.509 authority to be fetched from again.
-        check_usable(&bundle_of(vec![], 1), false, now).unwrap();
-        check_usable(&bundle_of(vec![expired.clone()], 1), false, now).unwrap();
-        assert!(matches!(
-            check_usable(&bundle_of(vec![], 1), true, now),
-            Err(FetchFailure::NoAuthorities)
-        ));
-        let err = check_usable(&bundle_of(vec![expired], 1), true, now).unwrap_err();
-        assert!(
-            err.to_string().contains("only X.509 authority expired at 2001-01-01T00:00:00Z, so the next fetch could not be authenticated"),
-            "{err}"
-        );
-    }
 
     #[test]
     fn polls_at_the_hint_within_bounds() {

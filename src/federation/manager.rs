@@ -216,7 +216,8 @@ impl Federation {
 
     /// Stores `bundle` (replacing whatever was held for its trust domain),
     /// then serves it and wakes every stream. Writ's own trust domain is
-    /// refused: its bundle comes from its CA alone.
+    /// refused: its bundle comes from its CA alone. So is a bundle that
+    /// would trust nothing (`check_usable`).
     pub async fn set_bundle(
         &self,
         bundle: TrustBundle,
@@ -235,6 +236,11 @@ impl Federation {
     ) -> Result<Arc<FederatedBundle>, FederationError> {
         if &bundle.trust_domain == self.agent.trust_domain() {
             return Err(FederationError::OwnTrustDomain(bundle.trust_domain));
+        }
+        // A fetched document was checked by its fetcher already, against
+        // the profile it was fetched with.
+        if source != BundleSource::Fetched {
+            self.check_usable(&bundle)?;
         }
         // Stored, listed and served as a SPIFFE document, which may be
         // larger than the form it came in (PEM, or compact JSON): one past
@@ -264,6 +270,24 @@ impl Federation {
         self.agent.record_best_effort(event).await;
         self.agent.notify(crate::changes::Change::Documents);
         Ok(installed)
+    }
+
+    /// Refuses a bundle that would trust nothing, by the rule a fetched
+    /// document for its trust domain obeys: set by hand, it would replace
+    /// a good bundle and end the federation with that peer just as surely
+    /// (and, with a self-serving endpoint, any way to fetch again).
+    fn check_usable(&self, bundle: &TrustBundle) -> Result<(), FederationError> {
+        let self_serving = lock(&self.configured)
+            .config
+            .trust_domains
+            .iter()
+            .any(|td| td.name == bundle.trust_domain && td.is_self_serving());
+        super::usable::check_usable(bundle, self_serving, SystemTime::now()).map_err(|problem| {
+            FederationError::Unusable {
+                trust_domain: bundle.trust_domain.clone(),
+                problem,
+            }
+        })
     }
 
     /// Installs a freshly fetched bundle unless it is exactly what is held
@@ -622,9 +646,10 @@ pub fn diff(current: &FederationConfig, next: &FederationConfig) -> FederationCh
 
 /// Loads the CA roots of every https_web trust domain `wanted` selects and
 /// reads its bootstrap file; returns the roots and the bootstrap bundles
-/// of those holding nothing yet. A file is read even when a held bundle
-/// makes it unnecessary, so a broken one is reported now rather than on
-/// some later day.
+/// of those holding nothing yet, each checked to trust something (as a
+/// fetched document must). A file is read even when a held bundle makes it
+/// unnecessary, so a broken one is reported now rather than on some later
+/// day.
 #[allow(clippy::type_complexity)]
 fn read_trust_domain_files(
     agent: &Agent,
@@ -633,6 +658,7 @@ fn read_trust_domain_files(
 ) -> Result<(BTreeMap<TrustDomain, Arc<RootCertStore>>, Vec<TrustBundle>), FederationError> {
     let mut web_roots = BTreeMap::new();
     let mut bootstrap = Vec::new();
+    let now = SystemTime::now();
     for td in config.trust_domains.iter().filter(|td| wanted(&td.name)) {
         if let EndpointClientProfile::HttpsWeb { ca_bundle } = &td.profile {
             web_roots.insert(
@@ -643,6 +669,21 @@ fn read_trust_domain_files(
         if let Some(path) = &td.bundle {
             let bundle = read_bundle_file(path, &td.name)?;
             if agent.federated_bundles().get(&td.name).is_none() {
+                // Only a bootstrap bundle about to be installed must be
+                // usable. Once a bundle is held the file is never used,
+                // and the roots in it expire in the normal course (a
+                // SPIRE peer's within a day by default), which must not
+                // stop writ from starting or reloading.
+                super::usable::check_usable(&bundle, td.is_self_serving(), now).map_err(
+                    |problem| FederationError::File {
+                        path: path.clone(),
+                        reason: FederationError::Unusable {
+                            trust_domain: td.name.clone(),
+                            problem,
+                        }
+                        .to_string(),
+                    },
+                )?;
                 bootstrap.push(bundle);
             }
         }

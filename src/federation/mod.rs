@@ -10,6 +10,7 @@ mod manager;
 mod persist;
 pub(crate) mod set;
 mod url;
+mod usable;
 
 use std::collections::HashMap;
 use std::io::Read;
@@ -26,6 +27,7 @@ pub use manager::{
 };
 pub use set::{BundleSource, FederatedBundle, FederatedBundles};
 pub use url::{EndpointUrl, UrlError};
+pub use usable::UnusableBundle;
 
 use crate::agent::Agent;
 use crate::bundle::{BundleError, MAX_BUNDLE_BYTES, TrustBundle};
@@ -47,6 +49,13 @@ pub enum FederationError {
     NotFound(TrustDomain),
     #[error("bundle: {0}")]
     InvalidBundle(String),
+    /// A bundle set by hand or read from a bootstrap file that would trust
+    /// nothing, by the rule fetched documents obey.
+    #[error("bundle for {trust_domain} refused: {problem}")]
+    Unusable {
+        trust_domain: TrustDomain,
+        problem: UnusableBundle,
+    },
     #[error("{}: {reason}", path.display())]
     File { path: PathBuf, reason: String },
     /// A trust file others could change (the message names it).

@@ -409,13 +409,21 @@ async fn services_fetching(
 
 /// A real agent on a temp dir, as `writ run` builds it.
 async fn services(dir: &std::path::Path, federation: FederationConfig) -> crate::service::Services {
+    try_services(dir, federation).await.unwrap()
+}
+
+/// `services`, or why writ would refuse to start.
+async fn try_services(
+    dir: &std::path::Path,
+    federation: FederationConfig,
+) -> Result<crate::service::Services, crate::service::ServiceError> {
     let mut config = Config::builtin_defaults(&Environment::current());
     config.trust_domain = td("a.test");
     config.entries.clear();
     config.data_dir = dir.to_owned();
     config.audit = crate::config::AuditConfig::defaults_for(dir);
     config.federation = federation;
-    crate::service::build(&config).await.unwrap()
+    crate::service::build(&config).await
 }
 
 fn x509_entry(cert: &CertificateDer<'_>) -> serde_json::Value {
@@ -434,6 +442,36 @@ fn document(certs: &[&CertificateDer<'_>], sequence: u64) -> Vec<u8> {
     })
     .to_string()
     .into_bytes()
+}
+
+/// A CA certificate whose validity ended on 2001-01-01.
+fn expired_ca_cert() -> CertificateDer<'static> {
+    let mut p = CertificateParams::default();
+    p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    p.not_before = rcgen::date_time_ymd(2000, 1, 1);
+    p.not_after = rcgen::date_time_ymd(2001, 1, 1);
+    let key = KeyPair::generate().unwrap();
+    p.self_signed(&key).unwrap().der().clone()
+}
+
+/// `document`, with a fresh P-256 jwt-svid key as well.
+fn document_with_jwt_key(certs: &[&CertificateDer<'_>], sequence: u64) -> Vec<u8> {
+    let key = KeyPair::generate().unwrap();
+    let point = &key.public_key_raw()[1..];
+    let b64 = |bytes: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);
+    let mut keys: Vec<_> = certs.iter().map(|c| x509_entry(c)).collect();
+    keys.push(serde_json::json!({
+        "use": "jwt-svid",
+        "kty": "EC",
+        "crv": "P-256",
+        "kid": "jwt-key",
+        "x": b64(&point[..32]),
+        "y": b64(&point[32..]),
+    }));
+    serde_json::json!({"keys": keys, "spiffe_sequence": sequence})
+        .to_string()
+        .into_bytes()
 }
 
 fn b_test_config(url: String, bundle: &std::path::Path) -> FederatedTrustDomainConfig {
@@ -521,7 +559,10 @@ async fn fetches_keep_the_last_good_bundle_and_authenticate_with_the_latest() {
                 matches!(err, FetchFailure::Fetch(FetchError::TooLarge)),
                 "{err}"
             ),
-            "empty" => assert!(matches!(err, FetchFailure::NoAuthorities), "{err}"),
+            "empty" => assert!(
+                matches!(err, FetchFailure::Unusable(UnusableBundle::NoX509Authority)),
+                "{err}"
+            ),
             _ => assert!(
                 matches!(
                     err,
@@ -681,6 +722,143 @@ async fn set_and_delete_go_through_the_store_and_refuse_what_they_must() {
     drop(svc);
     let svc = services(&state, config).await;
     assert!(svc.agent.federated_bundles().get(&td("c.test")).is_none());
+    stop(&svc);
+}
+
+/// A bundle set by hand used to replace a good one even when it trusted
+/// nothing, ending the federation with that peer: it obeys the rule a
+/// fetched document obeys now, and what was held stays.
+#[tokio::test(flavor = "multi_thread")]
+async fn bundles_set_by_hand_that_trust_nothing_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let bootstrap = dir.path().join("b.pem");
+    std::fs::write(&bootstrap, crate::bundle::pem_lf("CERTIFICATE", &ca_cert())).unwrap();
+    // b.test is fetched from a self-serving https_spiffe endpoint; c.test
+    // is not configured.
+    let svc = services(
+        &dir.path().join("state"),
+        FederationConfig {
+            trust_domains: vec![b_test_config("https://127.0.0.1:1/".into(), &bootstrap)],
+            ..FederationConfig::default()
+        },
+    )
+    .await;
+    let federation = &svc.federation;
+    let held = |name: &str| svc.agent.federated_bundles().get(&td(name)).unwrap();
+    let set = |name: &str, document: Vec<u8>| {
+        federation.set_bundle(
+            parse_bundle(td(name), &document, None).unwrap(),
+            BundleSource::Static,
+        )
+    };
+    set("c.test", document(&[&ca_cert()], 1)).await.unwrap();
+    let (b_before, c_before) = (held("b.test"), held("c.test"));
+
+    let expired = expired_ca_cert();
+    for name in ["b.test", "c.test"] {
+        let err = set(name, document(&[&expired], 2)).await.unwrap_err();
+        assert!(
+            matches!(
+                &err,
+                FederationError::Unusable {
+                    trust_domain,
+                    problem: UnusableBundle::AllExpired { count: 1, .. },
+                } if trust_domain == &td(name)
+            ),
+            "{err:?}"
+        );
+        assert!(
+            err.to_string().starts_with(&format!(
+                "bundle for {name} refused: its only X.509 authority expired at 2001-01-01T00:00:00Z"
+            )),
+            "{err}"
+        );
+    }
+    // A JWT key beside the expired root still verifies c.test's JWT-SVIDs,
+    // but b.test's endpoint is authenticated with X.509 authorities only.
+    let err = set("b.test", document_with_jwt_key(&[&expired], 3))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            FederationError::Unusable {
+                problem: UnusableBundle::AllExpired {
+                    self_serving: true,
+                    ..
+                },
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    let err = set("b.test", document_with_jwt_key(&[], 3))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            FederationError::Unusable {
+                problem: UnusableBundle::NoX509Authority,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert_eq!(held("b.test").revision, b_before.revision);
+    assert_eq!(held("c.test").revision, c_before.revision);
+    set("c.test", document_with_jwt_key(&[&expired], 3))
+        .await
+        .unwrap();
+    assert_eq!(held("c.test").bundle.sequence, 3);
+    stop(&svc);
+}
+
+/// A bootstrap bundle that trusts nothing keeps writ from starting, and a
+/// reload from adding its trust domain, naming the file; once a bundle is
+/// held the file is not used, so its roots expiring in the normal course
+/// stops nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_bootstrap_file_that_trusts_nothing_is_refused_while_it_would_be_used() {
+    let dir = tempfile::tempdir().unwrap();
+    let bootstrap = dir.path().join("b.pem");
+    let expired_pem = crate::bundle::pem_lf("CERTIFICATE", &expired_ca_cert());
+    std::fs::write(&bootstrap, &expired_pem).unwrap();
+    let with_b = FederationConfig {
+        trust_domains: vec![b_test_config("https://127.0.0.1:1/".into(), &bootstrap)],
+        ..FederationConfig::default()
+    };
+    let expected = format!(
+        "{}: bundle for b.test refused: its only X.509 authority expired at 2001-01-01T00:00:00Z, so the next fetch could not be authenticated",
+        bootstrap.display()
+    );
+
+    let refused = try_services(&dir.path().join("refused"), with_b.clone())
+        .await
+        .err()
+        .unwrap();
+    assert!(refused.to_string().contains(&expected), "{refused}");
+
+    let state = dir.path().join("state");
+    let svc = services(&state, FederationConfig::default()).await;
+    let err = svc.federation.plan(&with_b).err().unwrap();
+    assert_eq!(err.to_string(), expected);
+    assert!(!svc.federation.is_configured(&td("b.test")));
+
+    let root = ca_cert();
+    std::fs::write(&bootstrap, crate::bundle::pem_lf("CERTIFICATE", &root)).unwrap();
+    let plan = svc.federation.plan(&with_b).unwrap();
+    svc.federation.apply(plan).await.unwrap();
+    stop(&svc);
+    drop(svc);
+
+    std::fs::write(&bootstrap, &expired_pem).unwrap();
+    let svc = services(&state, with_b).await;
+    let held = svc.agent.federated_bundles().get(&td("b.test")).unwrap();
+    assert_eq!(
+        (held.source, &held.bundle.x509_authorities),
+        (BundleSource::Bootstrap, &vec![root])
+    );
     stop(&svc);
 }
 
