@@ -1763,6 +1763,102 @@ fn a_plain_path_in_spiffe_endpoint_socket_works_with_a_warning() {
     assert!(!stderr.contains("warning"), "{stderr}");
 }
 
+/// A plain socket path may be relative to the current directory, for
+/// either API and from the flag or the variable (`--socket` and
+/// `SPIFFE_ENDPOINT_SOCKET` used to refuse one while `--admin-socket`
+/// took it); a unix URI still names an absolute path only, as the SPIFFE
+/// Workload Endpoint standard requires.
+#[test]
+fn relative_socket_paths_are_resolved_against_the_current_directory() {
+    let writ = Writ::start(&entry_for_us());
+    // getcwd names the directory without symlinks, so the resolved paths
+    // do too.
+    let data_dir = std::fs::canonicalize(writ.dir.path()).unwrap();
+    let in_data_dir = |args: &[&str], env: &[(&str, &str)]| {
+        let out = Command::new(WRIT)
+            .args(args)
+            .current_dir(&data_dir)
+            .env_remove("SPIFFE_ENDPOINT_SOCKET")
+            .env_remove("WRIT_ADMIN_SOCKET")
+            .envs(env.iter().copied())
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let fetch = ["api", "fetch", "x509"];
+    let (code, stdout, stderr) = in_data_dir(
+        &[&fetch[..], &["--socket", "run/workload.sock"]].concat(),
+        &[],
+    );
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stdout.contains("spiffe://writ.test/cli"), "{stdout}");
+    // The variable's warning suggests a URI that works from anywhere.
+    let (code, stdout, stderr) =
+        in_data_dir(&fetch, &[("SPIFFE_ENDPOINT_SOCKET", "run/workload.sock")]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stdout.contains("spiffe://writ.test/cli"), "{stdout}");
+    let absolute = data_dir.join("run/workload.sock");
+    assert!(
+        stderr.contains(&format!(
+            "SPIFFE_ENDPOINT_SOCKET=unix://{}",
+            absolute.display()
+        )),
+        "{stderr}"
+    );
+    let list = ["task", "list"];
+    let (code, _, stderr) = in_data_dir(
+        &[&list[..], &["--admin-socket", "run/admin.sock"]].concat(),
+        &[],
+    );
+    assert_eq!(code, Some(0), "{stderr}");
+    let (code, _, stderr) = in_data_dir(&list, &[("WRIT_ADMIN_SOCKET", "./run/admin.sock")]);
+    assert_eq!(code, Some(0), "{stderr}");
+    // A failure names the socket by its absolute path.
+    let (code, _, stderr) = in_data_dir(
+        &[&list[..], &["--admin-socket", "run/absent.sock"]].concat(),
+        &[],
+    );
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "admin API at {}:",
+            data_dir.join("run/absent.sock").display()
+        )),
+        "{stderr}"
+    );
+    // A relative path in a unix URI is refused, with the error it had.
+    for (args, env) in [
+        (
+            &[&fetch[..], &["--socket", "unix:run/workload.sock"]].concat(),
+            &[][..],
+        ),
+        (
+            &fetch.to_vec(),
+            &[("SPIFFE_ENDPOINT_SOCKET", "unix:run/workload.sock")][..],
+        ),
+        (
+            &[&list[..], &["--admin-socket", "unix:run/admin.sock"]].concat(),
+            &[][..],
+        ),
+        (
+            &list.to_vec(),
+            &[("WRIT_ADMIN_SOCKET", "unix:run/admin.sock")][..],
+        ),
+    ] {
+        let (code, stdout, stderr) = in_data_dir(args, env);
+        assert_eq!(code, Some(1), "{args:?} {env:?}: {stdout}");
+        assert!(
+            stderr.contains("socket address \"unix:run/")
+                && stderr.trim_end().ends_with("must name an absolute path"),
+            "{args:?} {env:?}: {stderr}"
+        );
+    }
+}
+
 /// Argument mistakes caught before anything is sent, each naming the
 /// flags it is about.
 #[test]

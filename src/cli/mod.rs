@@ -188,7 +188,8 @@ pub enum FetchCommand {
 
 #[derive(Args, Debug)]
 pub struct SocketArg {
-    /// Workload API socket: a path or unix:///path. Defaults to
+    /// Workload API socket: a path (a relative one from the current
+    /// directory) or unix:///absolute/path. Defaults to
     /// $SPIFFE_ENDPOINT_SOCKET (unless empty), then writ's default socket.
     #[arg(long, value_parser = clap::builder::NonEmptyStringValueParser::new())]
     pub socket: Option<String>,
@@ -211,7 +212,9 @@ impl SocketArg {
         let variable = std::env::var("SPIFFE_ENDPOINT_SOCKET").ok();
         let path = self.resolve_with(variable.as_deref())?;
         if self.socket.is_none()
-            && let Some(warning) = variable.as_deref().and_then(bare_path_warning)
+            && let Some(warning) = variable
+                .as_deref()
+                .and_then(|value| bare_path_warning(value, &path))
         {
             eprintln!("writ: warning: {warning}");
         }
@@ -239,11 +242,13 @@ impl SocketArg {
 /// A warning for a `SPIFFE_ENDPOINT_SOCKET` that is a plain path. writ
 /// takes it, but the SPIFFE SDKs (go-spiffe, py-spiffe) refuse anything
 /// but a `unix:` URI, so a value that works here would fail the workloads
-/// it was set for.
-fn bare_path_warning(value: &str) -> Option<String> {
+/// it was set for. The URI it suggests holds `resolved`, the absolute path
+/// writ made of the value: a relative path cannot go in a unix URI.
+fn bare_path_warning(value: &str, resolved: &Path) -> Option<String> {
     (!value.is_empty() && !value.starts_with("unix:")).then(|| {
         format!(
-            "SPIFFE_ENDPOINT_SOCKET={value:?} is a plain path; writ accepts it, but SPIFFE SDKs (go-spiffe, py-spiffe) require a URI: SPIFFE_ENDPOINT_SOCKET=unix://{value}"
+            "SPIFFE_ENDPOINT_SOCKET={value:?} is a plain path; writ accepts it, but SPIFFE SDKs (go-spiffe, py-spiffe) require a URI: SPIFFE_ENDPOINT_SOCKET=unix://{}",
+            resolved.display()
         )
     })
 }
@@ -526,6 +531,32 @@ mod tests {
             .unwrap_err();
         assert!(
             describe(&err).starts_with("SPIFFE_ENDPOINT_SOCKET: socket address"),
+            "{err:#}"
+        );
+        // A plain path may be relative, in the variable as on the command
+        // line, and the URI the warning suggests holds the absolute path.
+        let here = std::env::current_dir().unwrap();
+        let resolved = no_flag.resolve_with(Some("run/x.sock")).unwrap();
+        assert_eq!(resolved, here.join("run/x.sock"));
+        let warning = bare_path_warning("run/x.sock", &resolved).unwrap();
+        assert!(
+            warning.ends_with(&format!(
+                "SPIFFE_ENDPOINT_SOCKET=unix://{}",
+                here.join("run/x.sock").display()
+            )),
+            "{warning}"
+        );
+        let relative_flag = SocketArg {
+            socket: Some("run/y.sock".into()),
+        };
+        assert_eq!(
+            relative_flag.resolve_with(None).unwrap(),
+            here.join("run/y.sock")
+        );
+        // A unix URI still names an absolute path only.
+        let err = no_flag.resolve_with(Some("unix:run/x.sock")).unwrap_err();
+        assert!(
+            describe(&err).ends_with("must name an absolute path"),
             "{err:#}"
         );
         // The flag wins over the variable.
