@@ -1859,6 +1859,140 @@ fn relative_socket_paths_are_resolved_against_the_current_directory() {
     }
 }
 
+/// With `--output json`, a failure is one JSON object on stderr, not the
+/// `writ: ...` line (a script asked for JSON, failures included): the
+/// message the line would say, and the gRPC status code when writ answered
+/// the call with one. Exit status 1 and an empty stdout, as in text.
+#[test]
+fn json_output_reports_a_failure_as_a_json_object_on_stderr() {
+    let writ = Writ::start(&entry_for_us());
+    let admin_socket = admin(&writ);
+    let workload_socket = writ.socket.display().to_string();
+    let absent = writ
+        .dir
+        .path()
+        .join("run/absent.sock")
+        .display()
+        .to_string();
+    let missing_file = writ.dir.path().join("absent.pem").display().to_string();
+    let run = |args: &[&str]| {
+        let out = Command::new(WRIT)
+            .args(args)
+            .env_remove("SPIFFE_ENDPOINT_SOCKET")
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    for (args, code) in [
+        (
+            vec![
+                "task",
+                "get",
+                "no-such-task",
+                "--admin-socket",
+                &admin_socket,
+            ],
+            Some("NotFound"),
+        ),
+        (
+            vec![
+                "api",
+                "fetch",
+                "jwt",
+                "--audience",
+                "",
+                "--socket",
+                &workload_socket,
+            ],
+            Some("InvalidArgument"),
+        ),
+        (
+            vec![
+                "api",
+                "validate",
+                "jwt",
+                "--audience",
+                "a",
+                "--svid",
+                "x.y.z",
+                "--socket",
+                &workload_socket,
+            ],
+            Some("InvalidArgument"),
+        ),
+        (
+            vec!["entry", "list", "--admin-socket", &workload_socket],
+            Some("Unimplemented"),
+        ),
+        // Failures that are no answer from writ have no code.
+        (vec!["api", "fetch", "x509", "--socket", &absent], None),
+        (
+            vec![
+                "bundle",
+                "set",
+                "--trust-domain",
+                "other.test",
+                "--file",
+                &missing_file,
+                "--admin-socket",
+                &admin_socket,
+            ],
+            None,
+        ),
+    ] {
+        let (text_exit, text_stdout, text_stderr) = run(&args);
+        assert_eq!(text_exit, Some(1), "{args:?}: {text_stderr}");
+        assert_eq!(text_stdout, "", "{args:?}");
+        let text_message = text_stderr
+            .strip_prefix("writ: ")
+            .and_then(|m| m.strip_suffix('\n'))
+            .unwrap_or_else(|| panic!("{args:?}: {text_stderr:?}"));
+
+        let (exit, stdout, stderr) = run(&[&args[..], &["--output", "json"]].concat());
+        assert_eq!(exit, Some(1), "{args:?}: {stderr}");
+        assert_eq!(stdout, "", "{args:?}");
+        // from_str refuses anything after the one object.
+        let failure: serde_json::Value = serde_json::from_str(&stderr)
+            .unwrap_or_else(|e| panic!("{args:?}: not one JSON object ({e}): {stderr:?}"));
+        let mut expected = serde_json::json!({ "error": { "message": text_message } });
+        if let Some(code) = code {
+            expected["error"]["code"] = code.into();
+        }
+        assert_eq!(failure, expected, "{args:?}");
+    }
+
+    // A warning that comes before a failure is JSON too, on its own line,
+    // so that every line a script reads on stderr is JSON.
+    let out = Command::new(WRIT)
+        .args(["api", "fetch", "x509", "--output", "json"])
+        .env("SPIFFE_ENDPOINT_SOCKET", &absent)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(out.stdout.is_empty());
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stderr)
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line:?}")))
+        .collect();
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    assert!(
+        lines[0]["warning"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("is a plain path")),
+        "{lines:?}"
+    );
+    assert!(
+        lines[1]["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains(&absent)),
+        "{lines:?}"
+    );
+}
+
 /// Argument mistakes caught before anything is sent, each naming the
 /// flags it is about.
 #[test]

@@ -192,6 +192,30 @@ pub enum EntryCommand {
     },
 }
 
+impl TaskCommand {
+    /// The `--output` this command was given.
+    pub fn output(&self) -> Output {
+        match self {
+            TaskCommand::Begin { admin, .. }
+            | TaskCommand::End { admin, .. }
+            | TaskCommand::Get { admin, .. }
+            | TaskCommand::List { admin, .. }
+            | TaskCommand::Watch { admin } => admin.output,
+        }
+    }
+}
+
+impl EntryCommand {
+    /// The `--output` this command was given.
+    pub fn output(&self) -> Output {
+        match self {
+            EntryCommand::Create { admin, .. }
+            | EntryCommand::Delete { admin, .. }
+            | EntryCommand::List { admin, .. } => admin.output,
+        }
+    }
+}
+
 /// Prints a listing: `fetch` gets the page after a token (empty for the
 /// first) and returns its items and the next token (empty after the last).
 /// Text (`header`, if any, then `line` for each item) is printed page by
@@ -714,6 +738,18 @@ pub enum BundleCommand {
         #[arg(long)]
         trust_domain: String,
     },
+}
+
+impl BundleCommand {
+    /// The `--output` this command was given.
+    pub fn output(&self) -> Output {
+        match self {
+            BundleCommand::Show { admin, .. }
+            | BundleCommand::List { admin }
+            | BundleCommand::Set { admin, .. }
+            | BundleCommand::Delete { admin, .. } => admin.output,
+        }
+    }
 }
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq, clap::ValueEnum)]

@@ -10,7 +10,7 @@ use anyhow::{Context, bail};
 use serde::Serialize;
 use x509_parser::prelude::{FromDer, X509Certificate};
 
-use super::client::{Api, api_status_error, status_error, workload_client};
+use super::client::{Api, StatusError, api_status_error, status_error, workload_client};
 use crate::proto::workload as pb;
 
 #[derive(Serialize)]
@@ -407,7 +407,9 @@ pub async fn validate_jwt(
                 api_status_error(Api::Workload, socket, "ValidateJWTSVID", status)
             }
             // The message already says what was wrong ("invalid JWT-SVID: ...").
-            _ if !status.message().is_empty() => anyhow::anyhow!("{}", status.message()),
+            _ if !status.message().is_empty() => {
+                StatusError::new(status.code(), status.message()).into()
+            }
             _ => status_error("ValidateJWTSVID", status),
         })?
         .into_inner();

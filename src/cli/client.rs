@@ -251,14 +251,38 @@ pub async fn workload_client(path: &Path) -> anyhow::Result<WorkloadClient> {
     ))
 }
 
+/// A gRPC call answered with an error status, as the CLI reports it: the
+/// message people read, and the status code kept apart from it so that
+/// `--output json` can give scripts the code without parsing the message.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct StatusError {
+    pub code: tonic::Code,
+    pub message: String,
+}
+
+impl StatusError {
+    pub fn new(code: tonic::Code, message: impl Into<String>) -> Self {
+        StatusError {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
 /// A gRPC call's refusal as the CLI prints it: the call, the status code's
 /// name and writ's message (`BeginTask: InvalidArgument: ttl: ...`).
 pub fn status_error(call: &str, status: tonic::Status) -> anyhow::Error {
+    let code = status.code();
     if status.message().is_empty() {
         // "Unknown: " with nothing after it reads as if text were lost.
-        return anyhow::anyhow!("{call}: {:?} (the server gave no reason)", status.code());
+        return StatusError::new(
+            code,
+            format!("{call}: {code:?} (the server gave no reason)"),
+        )
+        .into();
     }
-    anyhow::anyhow!("{call}: {:?}: {}", status.code(), status.message())
+    StatusError::new(code, format!("{call}: {code:?}: {}", status.message())).into()
 }
 
 /// `status_error` for a call on `api` at `socket`. A server that does not
@@ -285,11 +309,12 @@ pub fn api_status_error(
         ),
     };
     let said = status.message();
-    if said.is_empty() {
-        anyhow::anyhow!("{call}: Unimplemented: {likely}")
+    let message = if said.is_empty() {
+        format!("{call}: Unimplemented: {likely}")
     } else {
-        anyhow::anyhow!("{call}: Unimplemented: {said}; {likely}")
-    }
+        format!("{call}: Unimplemented: {said}; {likely}")
+    };
+    StatusError::new(status.code(), message).into()
 }
 
 #[cfg(test)]

@@ -113,6 +113,47 @@ pub enum Command {
     },
 }
 
+impl Command {
+    /// Whether a failure of this command is reported as JSON on stderr
+    /// (by `main`): with `--output json`, a script reads JSON, failures
+    /// included.
+    pub fn json_failures(&self) -> bool {
+        let output = match self {
+            Command::Api { command } => command.output(),
+            Command::Task { command } => command.output(),
+            Command::Entry { command } => command.output(),
+            Command::Bundle { command } => command.output(),
+            Command::Reload { admin } => admin.output,
+            // `writ policy check` reports its own failures, as exit codes
+            // of its own (policy::run): they never reach `main`.
+            Command::Policy { .. } => return false,
+            Command::Run { .. }
+            | Command::Validate { .. }
+            | Command::Healthcheck { .. }
+            | Command::Audit { .. } => return false,
+        };
+        output == Output::Json
+    }
+}
+
+impl ApiCommand {
+    /// The `--output` this command was given.
+    fn output(&self) -> Output {
+        match self {
+            ApiCommand::Fetch {
+                what:
+                    FetchCommand::X509 { output, .. }
+                    | FetchCommand::Jwt { output, .. }
+                    | FetchCommand::JwtBundle { output, .. },
+            }
+            | ApiCommand::Watch { output, .. }
+            | ApiCommand::Validate {
+                what: ValidateCommand::Jwt { output, .. },
+            } => *output,
+        }
+    }
+}
+
 #[derive(Subcommand, Debug)]
 pub enum ApiCommand {
     /// Fetch once and print (or write) what the API returns.
@@ -208,7 +249,9 @@ pub enum LogFormatArg {
 }
 
 impl SocketArg {
-    pub fn resolve(&self) -> anyhow::Result<PathBuf> {
+    /// The socket to connect to; a warning about it is printed as `output`
+    /// asks.
+    pub fn resolve(&self, output: Output) -> anyhow::Result<PathBuf> {
         let variable = std::env::var("SPIFFE_ENDPOINT_SOCKET").ok();
         let path = self.resolve_with(variable.as_deref())?;
         if self.socket.is_none()
@@ -216,7 +259,7 @@ impl SocketArg {
                 .as_deref()
                 .and_then(|value| bare_path_warning(value, &path))
         {
-            eprintln!("writ: warning: {warning}");
+            warn(output, &warning);
         }
         Ok(path)
     }
@@ -251,6 +294,19 @@ fn bare_path_warning(value: &str, resolved: &Path) -> Option<String> {
             resolved.display()
         )
     })
+}
+
+/// Prints a warning on stderr. With `--output json` it is a JSON object on
+/// a line of its own, so that whatever a script reads on stderr is JSON
+/// (a failure that follows is one more object, `failure_json`).
+fn warn(output: Output, warning: &str) {
+    match output {
+        Output::Text => eprintln!("writ: warning: {warning}"),
+        Output::Json => eprintln!(
+            "{}",
+            serde_json::json!({ "warning": { "message": warning } })
+        ),
+    }
 }
 
 pub fn load_config(path: Option<&Path>) -> anyhow::Result<Config> {
@@ -361,8 +417,12 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
                     write,
                     output,
                 } => {
-                    api::fetch_x509(&socket.resolve()?, write.as_deref(), output == Output::Json)
-                        .await
+                    api::fetch_x509(
+                        &socket.resolve(output)?,
+                        write.as_deref(),
+                        output == Output::Json,
+                    )
+                    .await
                 }
                 FetchCommand::Jwt {
                     socket,
@@ -371,7 +431,7 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
                     output,
                 } => {
                     api::fetch_jwt(
-                        &socket.resolve()?,
+                        &socket.resolve(output)?,
                         audience,
                         spiffe_id.unwrap_or_default(),
                         output == Output::Json,
@@ -379,7 +439,7 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
                     .await
                 }
                 FetchCommand::JwtBundle { socket, output } => {
-                    api::fetch_jwt_bundles(&socket.resolve()?, output == Output::Json).await
+                    api::fetch_jwt_bundles(&socket.resolve(output)?, output == Output::Json).await
                 }
             },
             ApiCommand::Validate { what } => match what {
@@ -389,12 +449,17 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
                     svid,
                     output,
                 } => {
-                    api::validate_jwt(&socket.resolve()?, audience, svid, output == Output::Json)
-                        .await
+                    api::validate_jwt(
+                        &socket.resolve(output)?,
+                        audience,
+                        svid,
+                        output == Output::Json,
+                    )
+                    .await
                 }
             },
             ApiCommand::Watch { socket, output } => {
-                api::watch(&socket.resolve()?, output == Output::Json).await
+                api::watch(&socket.resolve(output)?, output == Output::Json).await
             }
         },
         Command::Healthcheck {
@@ -403,7 +468,7 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
             timeout,
         } => match http {
             Some(addr) => api::http_healthcheck(&addr, timeout).await,
-            None => api::healthcheck(&socket.resolve()?, timeout).await,
+            None => api::healthcheck(&socket.resolve(Output::Text)?, timeout).await,
         },
         Command::Task { command } => admin::task(command).await,
         Command::Entry { command } => admin::entry(command).await,
@@ -491,6 +556,27 @@ pub fn describe(error: &anyhow::Error) -> String {
     line
 }
 
+/// A failure as `--output json` reports it on stderr: one object,
+/// `{"error": {"message": ..., "code": ...}}`. `message` is what text
+/// output says after `writ: `; `code` is the gRPC status code's name when
+/// a call was answered with an error status, and absent otherwise (a
+/// socket that is not there, a bad argument, a file not written).
+pub fn failure_json(error: &anyhow::Error) -> serde_json::Value {
+    let mut failure = serde_json::json!({ "message": describe(error) });
+    if let Some(code) = status_code(error) {
+        failure["code"] = format!("{code:?}").into();
+    }
+    serde_json::json!({ "error": failure })
+}
+
+/// The status code of the failed gRPC call behind `error`, if one is.
+fn status_code(error: &anyhow::Error) -> Option<tonic::Code> {
+    error
+        .chain()
+        .find_map(|cause| cause.downcast_ref::<client::StatusError>())
+        .map(|status| status.code)
+}
+
 /// Whether the command failed because its standard output was closed
 /// (`writ entry list | head -4`): the reader has all it wanted, so the
 /// command stops without a word and exits 0.
@@ -566,6 +652,37 @@ mod tests {
         assert_eq!(
             flag.resolve_with(Some("unix:///run/x.sock")).unwrap(),
             PathBuf::from("/run/y.sock")
+        );
+    }
+
+    #[test]
+    fn a_json_failure_has_the_message_and_any_status_code() {
+        let status = tonic::Status::permission_denied("not an operator");
+        let refused = client::status_error("CreateEntry", status);
+        assert_eq!(
+            failure_json(&refused),
+            serde_json::json!({"error": {
+                "message": "CreateEntry: PermissionDenied: not an operator",
+                "code": "PermissionDenied",
+            }})
+        );
+        // Found under context as well.
+        let refused = refused.context("creating the entry");
+        assert_eq!(
+            failure_json(&refused)["error"]["code"],
+            serde_json::json!("PermissionDenied")
+        );
+        assert_eq!(
+            failure_json(&refused)["error"]["message"],
+            serde_json::json!(describe(&refused))
+        );
+        // No call was answered: no code.
+        let unconnected = anyhow::anyhow!("admin API at /x: connecting to the socket: refused");
+        assert_eq!(
+            failure_json(&unconnected),
+            serde_json::json!({"error": {
+                "message": "admin API at /x: connecting to the socket: refused",
+            }})
         );
     }
 
