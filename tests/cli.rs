@@ -389,6 +389,85 @@ fn healthcheck_gives_up_on_an_agent_that_does_not_answer() {
     assert!(!ok && stderr.contains("more than zero"), "{stderr}");
 }
 
+/// `writ healthcheck --output json` prints one object naming the socket (or
+/// the HTTP listener) and its status; a failure is the JSON error object
+/// on stderr. The exit statuses are those of text output: 0 serving, 1
+/// not, 2 for a usage mistake.
+#[test]
+fn healthcheck_json_output_names_the_socket_and_its_status() {
+    use std::io::{Read, Write};
+    let run = |args: &[&str]| {
+        let out = Command::new(WRIT).args(args).output().unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let mut writ = Writ::start(&entry_for_us());
+    let socket = writ.socket.display().to_string();
+    let probe = ["healthcheck", "--socket", &socket, "--output", "json"];
+    let (code, stdout, stderr) = run(&probe);
+    assert_eq!(code, Some(0), "{stderr}");
+    let status: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(
+        status,
+        serde_json::json!({"socket": socket, "serving": true, "status": "SERVING"})
+    );
+    assert!(writ.stop().success());
+    let (code, stdout, stderr) = run(&probe);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert_eq!(stdout, "");
+    let failure: serde_json::Value = serde_json::from_str(&stderr).unwrap();
+    assert!(
+        failure["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains(&socket)),
+        "{failure}"
+    );
+    assert_eq!(failure["error"].get("code"), None, "{failure}");
+    let (code, _, stderr) = run(&probe[..3]);
+    assert_eq!(code, Some(1), "{stderr}");
+    let (code, _, stderr) = run(&["healthcheck", "--timeout", "0s", "--output", "json"]);
+    assert_eq!(code, Some(2), "{stderr}");
+
+    // With --http, against a listener that answers once as /ready would.
+    let answer_once = |response: &'static str| {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let server = std::thread::spawn(move || {
+            let (mut stream, _) = listener.accept().unwrap();
+            let mut request = [0u8; 1024];
+            let _ = stream.read(&mut request);
+            stream.write_all(response.as_bytes()).unwrap();
+        });
+        (addr, server)
+    };
+    let (addr, server) = answer_once("HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nready\n");
+    let (code, stdout, stderr) = run(&["healthcheck", "--http", &addr, "--output", "json"]);
+    server.join().unwrap();
+    assert_eq!(code, Some(0), "{stderr}");
+    let ready: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(
+        ready,
+        serde_json::json!({"http": format!("http://{addr}"), "ready": true, "status": 200})
+    );
+    let (addr, server) = answer_once(
+        "HTTP/1.1 503 Service Unavailable\r\nContent-Length: 22\r\n\r\nnot ready:\n- stopping\n",
+    );
+    let (code, stdout, stderr) = run(&["healthcheck", "--http", &addr, "--output", "json"]);
+    server.join().unwrap();
+    assert_eq!(code, Some(1), "{stderr}");
+    assert_eq!(stdout, "");
+    let failure: serde_json::Value = serde_json::from_str(&stderr).unwrap();
+    assert!(
+        failure["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("is not ready (HTTP 503)")),
+        "{failure}"
+    );
+}
+
 /// Watch follows the health-checking protocol: a served service streams
 /// its status; one writ does not serve gets SERVICE_UNKNOWN and the call
 /// stays open (grpc-go's client-side health checking watches), while Check

@@ -79,6 +79,9 @@ pub enum Command {
         /// wedged agent would otherwise stall the probe).
         #[arg(long, default_value = "10s", value_parser = parse_timeout)]
         timeout: std::time::Duration,
+        /// Text for people, or JSON for scripts.
+        #[arg(long, value_enum, default_value_t = Output::Text)]
+        output: Output,
     },
     /// Begin, end and inspect tasks (admin socket).
     Task {
@@ -124,13 +127,11 @@ impl Command {
             Command::Entry { command } => command.output(),
             Command::Bundle { command } => command.output(),
             Command::Reload { admin } => admin.output,
+            Command::Healthcheck { output, .. } => *output,
             // `writ policy check` reports its own failures, as exit codes
             // of its own (policy::run): they never reach `main`.
             Command::Policy { .. } => return false,
-            Command::Run { .. }
-            | Command::Validate { .. }
-            | Command::Healthcheck { .. }
-            | Command::Audit { .. } => return false,
+            Command::Run { .. } | Command::Validate { .. } | Command::Audit { .. } => return false,
         };
         output == Output::Json
     }
@@ -466,10 +467,14 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
             socket,
             http,
             timeout,
-        } => match http {
-            Some(addr) => api::http_healthcheck(&addr, timeout).await,
-            None => api::healthcheck(&socket.resolve(Output::Text)?, timeout).await,
-        },
+            output,
+        } => {
+            let json = output == Output::Json;
+            match http {
+                Some(addr) => api::http_healthcheck(&addr, timeout, json).await,
+                None => api::healthcheck(&socket.resolve(output)?, timeout, json).await,
+            }
+        }
         Command::Task { command } => admin::task(command).await,
         Command::Entry { command } => admin::entry(command).await,
         Command::Bundle { command } => admin::bundle(command).await,
