@@ -8,11 +8,16 @@ async fn main() -> std::process::ExitCode {
     // Only a client's output has a reader that may leave early; the
     // agent's errors are never taken for that.
     let agent = matches!(cli.command, writ::cli::Command::Run { .. });
+    let json_failures = cli.command.json_failures();
     match writ::cli::main(cli).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) if !agent && writ::cli::stdout_closed(&e) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("writ: {}", writ::cli::describe(&e));
+            if json_failures {
+                eprintln!("{}", writ::cli::failure_json(&e));
+            } else {
+                eprintln!("writ: {}", writ::cli::describe(&e));
+            }
             std::process::ExitCode::FAILURE
         }
     }

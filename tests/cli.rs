@@ -389,6 +389,85 @@ fn healthcheck_gives_up_on_an_agent_that_does_not_answer() {
     assert!(!ok && stderr.contains("more than zero"), "{stderr}");
 }
 
+/// `writ healthcheck --output json` prints one object naming the socket (or
+/// the HTTP listener) and its status; a failure is the JSON error object
+/// on stderr. The exit statuses are those of text output: 0 serving, 1
+/// not, 2 for a usage mistake.
+#[test]
+fn healthcheck_json_output_names_the_socket_and_its_status() {
+    use std::io::{Read, Write};
+    let run = |args: &[&str]| {
+        let out = Command::new(WRIT).args(args).output().unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let mut writ = Writ::start(&entry_for_us());
+    let socket = writ.socket.display().to_string();
+    let probe = ["healthcheck", "--socket", &socket, "--output", "json"];
+    let (code, stdout, stderr) = run(&probe);
+    assert_eq!(code, Some(0), "{stderr}");
+    let status: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(
+        status,
+        serde_json::json!({"socket": socket, "serving": true, "status": "SERVING"})
+    );
+    assert!(writ.stop().success());
+    let (code, stdout, stderr) = run(&probe);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert_eq!(stdout, "");
+    let failure: serde_json::Value = serde_json::from_str(&stderr).unwrap();
+    assert!(
+        failure["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains(&socket)),
+        "{failure}"
+    );
+    assert_eq!(failure["error"].get("code"), None, "{failure}");
+    let (code, _, stderr) = run(&probe[..3]);
+    assert_eq!(code, Some(1), "{stderr}");
+    let (code, _, stderr) = run(&["healthcheck", "--timeout", "0s", "--output", "json"]);
+    assert_eq!(code, Some(2), "{stderr}");
+
+    // With --http, against a listener that answers once as /ready would.
+    let answer_once = |response: &'static str| {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let server = std::thread::spawn(move || {
+            let (mut stream, _) = listener.accept().unwrap();
+            let mut request = [0u8; 1024];
+            let _ = stream.read(&mut request);
+            stream.write_all(response.as_bytes()).unwrap();
+        });
+        (addr, server)
+    };
+    let (addr, server) = answer_once("HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nready\n");
+    let (code, stdout, stderr) = run(&["healthcheck", "--http", &addr, "--output", "json"]);
+    server.join().unwrap();
+    assert_eq!(code, Some(0), "{stderr}");
+    let ready: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(
+        ready,
+        serde_json::json!({"http": format!("http://{addr}"), "ready": true, "status": 200})
+    );
+    let (addr, server) = answer_once(
+        "HTTP/1.1 503 Service Unavailable\r\nContent-Length: 22\r\n\r\nnot ready:\n- stopping\n",
+    );
+    let (code, stdout, stderr) = run(&["healthcheck", "--http", &addr, "--output", "json"]);
+    server.join().unwrap();
+    assert_eq!(code, Some(1), "{stderr}");
+    assert_eq!(stdout, "");
+    let failure: serde_json::Value = serde_json::from_str(&stderr).unwrap();
+    assert!(
+        failure["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("is not ready (HTTP 503)")),
+        "{failure}"
+    );
+}
+
 /// Watch follows the health-checking protocol: a served service streams
 /// its status; one writ does not serve gets SERVICE_UNKNOWN and the call
 /// stays open (grpc-go's client-side health checking watches), while Check
@@ -1761,6 +1840,236 @@ fn a_plain_path_in_spiffe_endpoint_socket_works_with_a_warning() {
     let (ok, stderr) = fetch(&writ.endpoint());
     assert!(ok, "{stderr}");
     assert!(!stderr.contains("warning"), "{stderr}");
+}
+
+/// A plain socket path may be relative to the current directory, for
+/// either API and from the flag or the variable (`--socket` and
+/// `SPIFFE_ENDPOINT_SOCKET` used to refuse one while `--admin-socket`
+/// took it); a unix URI still names an absolute path only, as the SPIFFE
+/// Workload Endpoint standard requires.
+#[test]
+fn relative_socket_paths_are_resolved_against_the_current_directory() {
+    let writ = Writ::start(&entry_for_us());
+    // getcwd names the directory without symlinks, so the resolved paths
+    // do too.
+    let data_dir = std::fs::canonicalize(writ.dir.path()).unwrap();
+    let in_data_dir = |args: &[&str], env: &[(&str, &str)]| {
+        let out = Command::new(WRIT)
+            .args(args)
+            .current_dir(&data_dir)
+            .env_remove("SPIFFE_ENDPOINT_SOCKET")
+            .env_remove("WRIT_ADMIN_SOCKET")
+            .envs(env.iter().copied())
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let fetch = ["api", "fetch", "x509"];
+    let (code, stdout, stderr) = in_data_dir(
+        &[&fetch[..], &["--socket", "run/workload.sock"]].concat(),
+        &[],
+    );
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stdout.contains("spiffe://writ.test/cli"), "{stdout}");
+    // The variable's warning suggests a URI that works from anywhere.
+    let (code, stdout, stderr) =
+        in_data_dir(&fetch, &[("SPIFFE_ENDPOINT_SOCKET", "run/workload.sock")]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stdout.contains("spiffe://writ.test/cli"), "{stdout}");
+    let absolute = data_dir.join("run/workload.sock");
+    assert!(
+        stderr.contains(&format!(
+            "SPIFFE_ENDPOINT_SOCKET=unix://{}",
+            absolute.display()
+        )),
+        "{stderr}"
+    );
+    let list = ["task", "list"];
+    let (code, _, stderr) = in_data_dir(
+        &[&list[..], &["--admin-socket", "run/admin.sock"]].concat(),
+        &[],
+    );
+    assert_eq!(code, Some(0), "{stderr}");
+    let (code, _, stderr) = in_data_dir(&list, &[("WRIT_ADMIN_SOCKET", "./run/admin.sock")]);
+    assert_eq!(code, Some(0), "{stderr}");
+    // A failure names the socket by its absolute path.
+    let (code, _, stderr) = in_data_dir(
+        &[&list[..], &["--admin-socket", "run/absent.sock"]].concat(),
+        &[],
+    );
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "admin API at {}:",
+            data_dir.join("run/absent.sock").display()
+        )),
+        "{stderr}"
+    );
+    // A relative path in a unix URI is refused, with the error it had.
+    for (args, env) in [
+        (
+            &[&fetch[..], &["--socket", "unix:run/workload.sock"]].concat(),
+            &[][..],
+        ),
+        (
+            &fetch.to_vec(),
+            &[("SPIFFE_ENDPOINT_SOCKET", "unix:run/workload.sock")][..],
+        ),
+        (
+            &[&list[..], &["--admin-socket", "unix:run/admin.sock"]].concat(),
+            &[][..],
+        ),
+        (
+            &list.to_vec(),
+            &[("WRIT_ADMIN_SOCKET", "unix:run/admin.sock")][..],
+        ),
+    ] {
+        let (code, stdout, stderr) = in_data_dir(args, env);
+        assert_eq!(code, Some(1), "{args:?} {env:?}: {stdout}");
+        assert!(
+            stderr.contains("socket address \"unix:run/")
+                && stderr.trim_end().ends_with("must name an absolute path"),
+            "{args:?} {env:?}: {stderr}"
+        );
+    }
+}
+
+/// With `--output json`, a failure is one JSON object on stderr, not the
+/// `writ: ...` line (a script asked for JSON, failures included): the
+/// message the line would say, and the gRPC status code when writ answered
+/// the call with one. Exit status 1 and an empty stdout, as in text.
+#[test]
+fn json_output_reports_a_failure_as_a_json_object_on_stderr() {
+    let writ = Writ::start(&entry_for_us());
+    let admin_socket = admin(&writ);
+    let workload_socket = writ.socket.display().to_string();
+    let absent = writ
+        .dir
+        .path()
+        .join("run/absent.sock")
+        .display()
+        .to_string();
+    let missing_file = writ.dir.path().join("absent.pem").display().to_string();
+    let run = |args: &[&str]| {
+        let out = Command::new(WRIT)
+            .args(args)
+            .env_remove("SPIFFE_ENDPOINT_SOCKET")
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    for (args, code) in [
+        (
+            vec![
+                "task",
+                "get",
+                "no-such-task",
+                "--admin-socket",
+                &admin_socket,
+            ],
+            Some("NotFound"),
+        ),
+        (
+            vec![
+                "api",
+                "fetch",
+                "jwt",
+                "--audience",
+                "",
+                "--socket",
+                &workload_socket,
+            ],
+            Some("InvalidArgument"),
+        ),
+        (
+            vec![
+                "api",
+                "validate",
+                "jwt",
+                "--audience",
+                "a",
+                "--svid",
+                "x.y.z",
+                "--socket",
+                &workload_socket,
+            ],
+            Some("InvalidArgument"),
+        ),
+        (
+            vec!["entry", "list", "--admin-socket", &workload_socket],
+            Some("Unimplemented"),
+        ),
+        // Failures that are no answer from writ have no code.
+        (vec!["api", "fetch", "x509", "--socket", &absent], None),
+        (
+            vec![
+                "bundle",
+                "set",
+                "--trust-domain",
+                "other.test",
+                "--file",
+                &missing_file,
+                "--admin-socket",
+                &admin_socket,
+            ],
+            None,
+        ),
+    ] {
+        let (text_exit, text_stdout, text_stderr) = run(&args);
+        assert_eq!(text_exit, Some(1), "{args:?}: {text_stderr}");
+        assert_eq!(text_stdout, "", "{args:?}");
+        let text_message = text_stderr
+            .strip_prefix("writ: ")
+            .and_then(|m| m.strip_suffix('\n'))
+            .unwrap_or_else(|| panic!("{args:?}: {text_stderr:?}"));
+
+        let (exit, stdout, stderr) = run(&[&args[..], &["--output", "json"]].concat());
+        assert_eq!(exit, Some(1), "{args:?}: {stderr}");
+        assert_eq!(stdout, "", "{args:?}");
+        // from_str refuses anything after the one object.
+        let failure: serde_json::Value = serde_json::from_str(&stderr)
+            .unwrap_or_else(|e| panic!("{args:?}: not one JSON object ({e}): {stderr:?}"));
+        let mut expected = serde_json::json!({ "error": { "message": text_message } });
+        if let Some(code) = code {
+            expected["error"]["code"] = code.into();
+        }
+        assert_eq!(failure, expected, "{args:?}");
+    }
+
+    // A warning that comes before a failure is JSON too, on its own line,
+    // so that every line a script reads on stderr is JSON.
+    let out = Command::new(WRIT)
+        .args(["api", "fetch", "x509", "--output", "json"])
+        .env("SPIFFE_ENDPOINT_SOCKET", &absent)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(out.stdout.is_empty());
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stderr)
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line:?}")))
+        .collect();
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    assert!(
+        lines[0]["warning"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("is a plain path")),
+        "{lines:?}"
+    );
+    assert!(
+        lines[1]["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains(&absent)),
+        "{lines:?}"
+    );
 }
 
 /// Argument mistakes caught before anything is sent, each naming the

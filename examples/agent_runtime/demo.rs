@@ -221,7 +221,8 @@ async fn wait_until_serving(writ: &mut Child, socket: &Path) -> anyhow::Result<(
         if let Some(status) = writ.try_wait()? {
             bail!("writ exited at startup ({status})");
         }
-        if writ::cli::api::healthcheck(socket, Duration::from_secs(2))
+        let json = false;
+        if writ::cli::api::healthcheck(socket, Duration::from_secs(2), json)
             .await
             .is_ok()
         {

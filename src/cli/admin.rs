@@ -16,7 +16,8 @@ use crate::proto::admin as pb;
 
 #[derive(Args, Debug)]
 pub struct AdminSocketArg {
-    /// The admin socket: a path or unix:///path. Defaults to
+    /// The admin socket: a path (a relative one from the current
+    /// directory) or unix:///absolute/path. Defaults to
     /// $WRIT_ADMIN_SOCKET (unless empty), then writ's default.
     // The variable is read in `path`, not by clap: clap would hand over an
     // empty variable as if it were an empty flag, and only the flag's
@@ -30,22 +31,24 @@ pub struct AdminSocketArg {
 
 impl AdminSocketArg {
     /// An empty value (such as `WRIT_ADMIN_SOCKET=`) counts as unset, as
-    /// an empty `SPIFFE_ENDPOINT_SOCKET` does for other tools; `unix:`
-    /// addresses are read as `--socket` reads them.
+    /// an empty `SPIFFE_ENDPOINT_SOCKET` does for other tools; the address
+    /// is read as `--socket` reads it.
     fn path(&self) -> anyhow::Result<PathBuf> {
         self.path_with(std::env::var("WRIT_ADMIN_SOCKET").ok().as_deref())
     }
 
     /// `path` with the value of `WRIT_ADMIN_SOCKET`.
     fn path_with(&self, admin_socket_variable: Option<&str>) -> anyhow::Result<PathBuf> {
-        match self.admin_socket.as_deref().or(admin_socket_variable) {
-            None | Some("") => Ok(Config::builtin_defaults(&Environment::current())
+        if let Some(address) = &self.admin_socket {
+            return super::client::parse_socket_address(address);
+        }
+        match admin_socket_variable {
+            Some(address) if !address.is_empty() => {
+                super::client::parse_socket_address(address).context("WRIT_ADMIN_SOCKET")
+            }
+            _ => Ok(Config::builtin_defaults(&Environment::current())
                 .admin_api
                 .socket_path),
-            Some(address) if address.starts_with("unix:") => {
-                super::client::parse_socket_address(address)
-            }
-            Some(path) => Ok(PathBuf::from(path)),
         }
     }
 }
@@ -187,6 +190,30 @@ pub enum EntryCommand {
         #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(i32).range(1..))]
         page_size: i32,
     },
+}
+
+impl TaskCommand {
+    /// The `--output` this command was given.
+    pub fn output(&self) -> Output {
+        match self {
+            TaskCommand::Begin { admin, .. }
+            | TaskCommand::End { admin, .. }
+            | TaskCommand::Get { admin, .. }
+            | TaskCommand::List { admin, .. }
+            | TaskCommand::Watch { admin } => admin.output,
+        }
+    }
+}
+
+impl EntryCommand {
+    /// The `--output` this command was given.
+    pub fn output(&self) -> Output {
+        match self {
+            EntryCommand::Create { admin, .. }
+            | EntryCommand::Delete { admin, .. }
+            | EntryCommand::List { admin, .. } => admin.output,
+        }
+    }
 }
 
 /// Prints a listing: `fetch` gets the page after a token (empty for the
@@ -713,6 +740,18 @@ pub enum BundleCommand {
     },
 }
 
+impl BundleCommand {
+    /// The `--output` this command was given.
+    pub fn output(&self) -> Output {
+        match self {
+            BundleCommand::Show { admin, .. }
+            | BundleCommand::List { admin }
+            | BundleCommand::Set { admin, .. }
+            | BundleCommand::Delete { admin, .. } => admin.output,
+        }
+    }
+}
+
 #[derive(Copy, Clone, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum BundleFormat {
     /// X.509 authorities as PEM certificates.
@@ -1027,6 +1066,51 @@ pub async fn reload(admin: AdminSocketArg) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The admin socket is read as the Workload API socket is: a plain
+    /// path, relative ones too, resolved against the current directory; a
+    /// unix URI with an absolute path only.
+    #[test]
+    fn admin_socket_addresses_are_read_as_workload_socket_addresses() {
+        let here = std::env::current_dir().unwrap();
+        let flag = |address: &str| AdminSocketArg {
+            admin_socket: Some(address.to_owned()),
+            output: Output::Text,
+        };
+        let no_flag = AdminSocketArg {
+            admin_socket: None,
+            output: Output::Text,
+        };
+        assert_eq!(
+            flag("run/admin.sock").path_with(None).unwrap(),
+            here.join("run/admin.sock")
+        );
+        assert_eq!(
+            no_flag.path_with(Some("run/admin.sock")).unwrap(),
+            here.join("run/admin.sock")
+        );
+        assert_eq!(
+            no_flag.path_with(Some("unix:///run/a.sock")).unwrap(),
+            PathBuf::from("/run/a.sock")
+        );
+        let default = Config::builtin_defaults(&Environment::current())
+            .admin_api
+            .socket_path;
+        assert_eq!(no_flag.path_with(Some("")).unwrap(), default);
+        let err = no_flag.path_with(Some("unix:run/admin.sock")).unwrap_err();
+        assert_eq!(
+            crate::cli::describe(&err),
+            "WRIT_ADMIN_SOCKET: socket address \"unix:run/admin.sock\" must name an absolute path"
+        );
+        // As for --socket, only unix URIs are addresses; other schemes are
+        // refused rather than taken for a file name.
+        assert!(flag("tcp://127.0.0.1:1").path_with(None).is_err());
+        // The flag wins over the variable.
+        assert_eq!(
+            flag("/run/b.sock").path_with(Some("/run/a.sock")).unwrap(),
+            PathBuf::from("/run/b.sock")
+        );
+    }
 
     #[test]
     fn an_attribute_needs_a_key_and_may_hold_equals_signs() {

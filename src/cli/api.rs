@@ -10,7 +10,7 @@ use anyhow::{Context, bail};
 use serde::Serialize;
 use x509_parser::prelude::{FromDer, X509Certificate};
 
-use super::client::{Api, api_status_error, status_error, workload_client};
+use super::client::{Api, StatusError, api_status_error, status_error, workload_client};
 use crate::proto::workload as pb;
 
 #[derive(Serialize)]
@@ -208,8 +208,13 @@ pub async fn watch(socket: &Path, json: bool) -> anyhow::Result<()> {
 }
 
 /// gRPC health check on the socket; Ok only when the server says SERVING
-/// within `deadline`.
-pub async fn healthcheck(socket: &Path, deadline: std::time::Duration) -> anyhow::Result<()> {
+/// within `deadline`. With `json`, what it prints is one object naming the
+/// socket and the status.
+pub async fn healthcheck(
+    socket: &Path,
+    deadline: std::time::Duration,
+    json: bool,
+) -> anyhow::Result<()> {
     let check = async {
         let channel = super::client::connect_to(Api::Workload, socket).await?;
         let mut client = tonic_health::pb::health_client::HealthClient::new(channel);
@@ -232,22 +237,38 @@ pub async fn healthcheck(socket: &Path, deadline: std::time::Duration) -> anyhow
                 crate::config::format_duration(deadline)
             )
         })??;
-    let serving = tonic_health::pb::health_check_response::ServingStatus::Serving as i32;
-    if response.status != serving {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    if response.status != ServingStatus::Serving as i32 {
         bail!(
             "writ at {} is not serving (status {})",
             socket.display(),
             response.status
         );
     }
-    outln!("writ at {} is serving", socket.display());
+    if json {
+        let status = serde_json::json!({
+            // Display, not Serialize: a path that is not UTF-8 would fail
+            // to serialize (and json! would panic on it).
+            "socket": socket.display().to_string(),
+            "serving": true,
+            "status": ServingStatus::Serving.as_str_name(),
+        });
+        outln!("{status}");
+    } else {
+        outln!("writ at {} is serving", socket.display());
+    }
     Ok(())
 }
 
 /// `writ healthcheck --http ADDR`: exit 0 when `GET /ready` answers 200
 /// within `deadline`. Plain HTTP/1.1 over loopback, so a hand-written
-/// request is enough.
-pub async fn http_healthcheck(addr: &str, deadline: std::time::Duration) -> anyhow::Result<()> {
+/// request is enough. With `json`, what it prints is one object naming
+/// the listener and the status.
+pub async fn http_healthcheck(
+    addr: &str,
+    deadline: std::time::Duration,
+    json: bool,
+) -> anyhow::Result<()> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let authority = addr
         .strip_prefix("http://")
@@ -294,7 +315,16 @@ pub async fn http_healthcheck(addr: &str, deadline: std::time::Duration) -> anyh
     if status != "200" {
         bail!("writ at http://{authority} is not ready (HTTP {status}): {body}");
     }
-    outln!("writ at http://{authority} is ready");
+    if json {
+        let ready = serde_json::json!({
+            "http": format!("http://{authority}"),
+            "ready": true,
+            "status": 200,
+        });
+        outln!("{ready}");
+    } else {
+        outln!("writ at http://{authority} is ready");
+    }
     Ok(())
 }
 
@@ -407,7 +437,9 @@ pub async fn validate_jwt(
                 api_status_error(Api::Workload, socket, "ValidateJWTSVID", status)
             }
             // The message already says what was wrong ("invalid JWT-SVID: ...").
-            _ if !status.message().is_empty() => anyhow::anyhow!("{}", status.message()),
+            _ if !status.message().is_empty() => {
+                StatusError::new(status.code(), status.message()).into()
+            }
             _ => status_error("ValidateJWTSVID", status),
         })?
         .into_inner();

@@ -1,5 +1,6 @@
 //! Connecting to a gRPC server on a Unix socket, the way every SPIFFE client
-//! does: `SPIFFE_ENDPOINT_SOCKET=unix:///abs/path` or an explicit path.
+//! does: `SPIFFE_ENDPOINT_SOCKET=unix:///abs/path` or an explicit path
+//! (relative ones from the current directory).
 
 use std::path::{Path, PathBuf};
 
@@ -9,48 +10,69 @@ use tonic::transport::{Channel, Endpoint, Uri};
 
 use crate::workload_api::SECURITY_HEADER;
 
-/// Accepts `unix:///abs/path`, `unix:/abs/path` or a plain absolute path.
-/// A `unix:` URI is the path alone: the SPIFFE Workload Endpoint standard
-/// forbids any other URI part, and quietly dropping a host, query or
-/// fragment (or keeping it as part of the file name) would connect
-/// somewhere the caller did not mean.
+/// Accepts `unix:///abs/path`, `unix:/abs/path` or a plain path. A `unix:`
+/// URI is the absolute path alone: the SPIFFE Workload Endpoint standard
+/// forbids a relative path and any other URI part, and quietly dropping a
+/// host, query or fragment (or keeping it as part of the file name) would
+/// connect somewhere the caller did not mean. A plain path is a file name
+/// as a shell user types it, so a relative one (`run/workload.sock`) is
+/// resolved against the current directory, and made absolute here so that
+/// messages name the socket wherever they are read.
 pub fn parse_socket_address(address: &str) -> anyhow::Result<PathBuf> {
-    let path = if let Some(uri) = address.strip_prefix("unix:") {
-        let path = match uri.strip_prefix("//") {
-            Some(after_slashes) => {
-                let (authority, path) =
-                    after_slashes.split_at(after_slashes.find('/').unwrap_or(after_slashes.len()));
-                if !authority.is_empty() {
-                    bail!(
-                        "socket address {address:?} names a host ({authority:?}); a unix URI names a path only: unix:///path"
-                    );
-                }
-                path
-            }
-            None => uri,
-        };
-        // Whichever comes first starts the part ("#x?y" is a fragment).
-        if let Some(at) = path.find(['?', '#']) {
-            let part = if path[at..].starts_with('?') {
-                "query"
-            } else {
-                "fragment"
-            };
-            bail!(
-                "socket address {address:?} has a {part} ({:?}); a unix URI names a path only, with no query or fragment",
-                &path[at + 1..]
-            );
-        }
-        path
-    } else if address.contains("://") {
-        bail!("unsupported socket address {address:?}: only unix:// addresses are supported");
-    } else {
-        address
+    let Some(uri) = address.strip_prefix("unix:") else {
+        return plain_socket_path(address);
     };
+    let path = match uri.strip_prefix("//") {
+        Some(after_slashes) => {
+            let (authority, path) =
+                after_slashes.split_at(after_slashes.find('/').unwrap_or(after_slashes.len()));
+            if !authority.is_empty() {
+                bail!(
+                    "socket address {address:?} names a host ({authority:?}); a unix URI names a path only: unix:///path"
+                );
+            }
+            path
+        }
+        None => uri,
+    };
+    // Whichever comes first starts the part ("#x?y" is a fragment).
+    if let Some(at) = path.find(['?', '#']) {
+        let part = if path[at..].starts_with('?') {
+            "query"
+        } else {
+            "fragment"
+        };
+        bail!(
+            "socket address {address:?} has a {part} ({:?}); a unix URI names a path only, with no query or fragment",
+            &path[at + 1..]
+        );
+    }
     if !path.starts_with('/') {
         bail!("socket address {address:?} must name an absolute path");
     }
     Ok(PathBuf::from(path))
+}
+
+/// A socket address that is not a `unix:` URI: a file name, absolute or
+/// relative to the current directory.
+fn plain_socket_path(address: &str) -> anyhow::Result<PathBuf> {
+    if address.is_empty() {
+        bail!("the socket address is empty");
+    }
+    if address.contains("://") {
+        bail!("unsupported socket address {address:?}: only unix:// addresses are supported");
+    }
+    let path = Path::new(address);
+    if path.is_absolute() {
+        // Kept exactly as named (`std::path::absolute` would tidy `//`
+        // and `/./` away, changing the path messages quote).
+        return Ok(path.to_owned());
+    }
+    std::path::absolute(path).map_err(|e| {
+        anyhow::anyhow!(
+            "socket address {address:?} is relative, but the current directory cannot be read: {e}"
+        )
+    })
 }
 
 pub async fn connect(path: &Path) -> anyhow::Result<Channel> {
@@ -229,14 +251,38 @@ pub async fn workload_client(path: &Path) -> anyhow::Result<WorkloadClient> {
     ))
 }
 
+/// A gRPC call answered with an error status, as the CLI reports it: the
+/// message people read, and the status code kept apart from it so that
+/// `--output json` can give scripts the code without parsing the message.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct StatusError {
+    pub code: tonic::Code,
+    pub message: String,
+}
+
+impl StatusError {
+    pub fn new(code: tonic::Code, message: impl Into<String>) -> Self {
+        StatusError {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
 /// A gRPC call's refusal as the CLI prints it: the call, the status code's
 /// name and writ's message (`BeginTask: InvalidArgument: ttl: ...`).
 pub fn status_error(call: &str, status: tonic::Status) -> anyhow::Error {
+    let code = status.code();
     if status.message().is_empty() {
         // "Unknown: " with nothing after it reads as if text were lost.
-        return anyhow::anyhow!("{call}: {:?} (the server gave no reason)", status.code());
+        return StatusError::new(
+            code,
+            format!("{call}: {code:?} (the server gave no reason)"),
+        )
+        .into();
     }
-    anyhow::anyhow!("{call}: {:?}: {}", status.code(), status.message())
+    StatusError::new(code, format!("{call}: {code:?}: {}", status.message())).into()
 }
 
 /// `status_error` for a call on `api` at `socket`. A server that does not
@@ -263,11 +309,12 @@ pub fn api_status_error(
         ),
     };
     let said = status.message();
-    if said.is_empty() {
-        anyhow::anyhow!("{call}: Unimplemented: {likely}")
+    let message = if said.is_empty() {
+        format!("{call}: Unimplemented: {likely}")
     } else {
-        anyhow::anyhow!("{call}: Unimplemented: {said}; {likely}")
-    }
+        format!("{call}: Unimplemented: {said}; {likely}")
+    };
+    StatusError::new(status.code(), message).into()
 }
 
 #[cfg(test)]
@@ -302,12 +349,28 @@ mod tests {
             PathBuf::from("/run/a.sock")
         );
         assert!(parse_socket_address("tcp://127.0.0.1:1").is_err());
-        assert!(parse_socket_address("a.sock").is_err());
+        assert!(parse_socket_address("run/tcp://x").is_err());
+        assert!(parse_socket_address("").is_err());
         // A plain path is a file name, whatever characters it holds.
         assert_eq!(
             parse_socket_address("/run/a?b#c.sock").unwrap(),
             PathBuf::from("/run/a?b#c.sock")
         );
+    }
+
+    #[test]
+    fn a_relative_plain_path_is_resolved_against_the_current_directory() {
+        let here = std::env::current_dir().unwrap();
+        for (address, resolved) in [
+            ("a.sock", "a.sock"),
+            ("run/workload.sock", "run/workload.sock"),
+            ("./run/workload.sock", "run/workload.sock"),
+            ("../a.sock", "../a.sock"),
+        ] {
+            let path = parse_socket_address(address).unwrap();
+            assert!(path.is_absolute(), "{address}: {}", path.display());
+            assert_eq!(path, here.join(resolved), "{address}");
+        }
     }
 
     #[test]
@@ -329,11 +392,13 @@ mod tests {
                 "{address}: {err}"
             );
         }
-        assert!(
-            parse_socket_address("unix:relative")
-                .unwrap_err()
-                .to_string()
-                .contains("must name an absolute path")
-        );
+        // Relative paths are for plain paths only: the standard requires a
+        // unix URI's path to be absolute.
+        for address in ["unix:relative", "unix:run/workload.sock", "unix:./a.sock"] {
+            assert_eq!(
+                parse_socket_address(address).unwrap_err().to_string(),
+                format!("socket address {address:?} must name an absolute path")
+            );
+        }
     }
 }

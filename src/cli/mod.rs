@@ -79,6 +79,9 @@ pub enum Command {
         /// wedged agent would otherwise stall the probe).
         #[arg(long, default_value = "10s", value_parser = parse_timeout)]
         timeout: std::time::Duration,
+        /// Text for people, or JSON for scripts.
+        #[arg(long, value_enum, default_value_t = Output::Text)]
+        output: Output,
     },
     /// Begin, end and inspect tasks (admin socket).
     Task {
@@ -111,6 +114,45 @@ pub enum Command {
         #[command(subcommand)]
         command: policy::PolicyCommand,
     },
+}
+
+impl Command {
+    /// Whether a failure of this command is reported as JSON on stderr
+    /// (by `main`): with `--output json`, a script reads JSON, failures
+    /// included.
+    pub fn json_failures(&self) -> bool {
+        let output = match self {
+            Command::Api { command } => command.output(),
+            Command::Task { command } => command.output(),
+            Command::Entry { command } => command.output(),
+            Command::Bundle { command } => command.output(),
+            Command::Reload { admin } => admin.output,
+            Command::Healthcheck { output, .. } => *output,
+            // `writ policy check` reports its own failures, as exit codes
+            // of its own (policy::run): they never reach `main`.
+            Command::Policy { .. } => return false,
+            Command::Run { .. } | Command::Validate { .. } | Command::Audit { .. } => return false,
+        };
+        output == Output::Json
+    }
+}
+
+impl ApiCommand {
+    /// The `--output` this command was given.
+    fn output(&self) -> Output {
+        match self {
+            ApiCommand::Fetch {
+                what:
+                    FetchCommand::X509 { output, .. }
+                    | FetchCommand::Jwt { output, .. }
+                    | FetchCommand::JwtBundle { output, .. },
+            }
+            | ApiCommand::Watch { output, .. }
+            | ApiCommand::Validate {
+                what: ValidateCommand::Jwt { output, .. },
+            } => *output,
+        }
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -188,7 +230,8 @@ pub enum FetchCommand {
 
 #[derive(Args, Debug)]
 pub struct SocketArg {
-    /// Workload API socket: a path or unix:///path. Defaults to
+    /// Workload API socket: a path (a relative one from the current
+    /// directory) or unix:///absolute/path. Defaults to
     /// $SPIFFE_ENDPOINT_SOCKET (unless empty), then writ's default socket.
     #[arg(long, value_parser = clap::builder::NonEmptyStringValueParser::new())]
     pub socket: Option<String>,
@@ -207,13 +250,17 @@ pub enum LogFormatArg {
 }
 
 impl SocketArg {
-    pub fn resolve(&self) -> anyhow::Result<PathBuf> {
+    /// The socket to connect to; a warning about it is printed as `output`
+    /// asks.
+    pub fn resolve(&self, output: Output) -> anyhow::Result<PathBuf> {
         let variable = std::env::var("SPIFFE_ENDPOINT_SOCKET").ok();
         let path = self.resolve_with(variable.as_deref())?;
         if self.socket.is_none()
-            && let Some(warning) = variable.as_deref().and_then(bare_path_warning)
+            && let Some(warning) = variable
+                .as_deref()
+                .and_then(|value| bare_path_warning(value, &path))
         {
-            eprintln!("writ: warning: {warning}");
+            warn(output, &warning);
         }
         Ok(path)
     }
@@ -239,13 +286,28 @@ impl SocketArg {
 /// A warning for a `SPIFFE_ENDPOINT_SOCKET` that is a plain path. writ
 /// takes it, but the SPIFFE SDKs (go-spiffe, py-spiffe) refuse anything
 /// but a `unix:` URI, so a value that works here would fail the workloads
-/// it was set for.
-fn bare_path_warning(value: &str) -> Option<String> {
+/// it was set for. The URI it suggests holds `resolved`, the absolute path
+/// writ made of the value: a relative path cannot go in a unix URI.
+fn bare_path_warning(value: &str, resolved: &Path) -> Option<String> {
     (!value.is_empty() && !value.starts_with("unix:")).then(|| {
         format!(
-            "SPIFFE_ENDPOINT_SOCKET={value:?} is a plain path; writ accepts it, but SPIFFE SDKs (go-spiffe, py-spiffe) require a URI: SPIFFE_ENDPOINT_SOCKET=unix://{value}"
+            "SPIFFE_ENDPOINT_SOCKET={value:?} is a plain path; writ accepts it, but SPIFFE SDKs (go-spiffe, py-spiffe) require a URI: SPIFFE_ENDPOINT_SOCKET=unix://{}",
+            resolved.display()
         )
     })
+}
+
+/// Prints a warning on stderr. With `--output json` it is a JSON object on
+/// a line of its own, so that whatever a script reads on stderr is JSON
+/// (a failure that follows is one more object, `failure_json`).
+fn warn(output: Output, warning: &str) {
+    match output {
+        Output::Text => eprintln!("writ: warning: {warning}"),
+        Output::Json => eprintln!(
+            "{}",
+            serde_json::json!({ "warning": { "message": warning } })
+        ),
+    }
 }
 
 pub fn load_config(path: Option<&Path>) -> anyhow::Result<Config> {
@@ -356,8 +418,12 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
                     write,
                     output,
                 } => {
-                    api::fetch_x509(&socket.resolve()?, write.as_deref(), output == Output::Json)
-                        .await
+                    api::fetch_x509(
+                        &socket.resolve(output)?,
+                        write.as_deref(),
+                        output == Output::Json,
+                    )
+                    .await
                 }
                 FetchCommand::Jwt {
                     socket,
@@ -366,7 +432,7 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
                     output,
                 } => {
                     api::fetch_jwt(
-                        &socket.resolve()?,
+                        &socket.resolve(output)?,
                         audience,
                         spiffe_id.unwrap_or_default(),
                         output == Output::Json,
@@ -374,7 +440,7 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
                     .await
                 }
                 FetchCommand::JwtBundle { socket, output } => {
-                    api::fetch_jwt_bundles(&socket.resolve()?, output == Output::Json).await
+                    api::fetch_jwt_bundles(&socket.resolve(output)?, output == Output::Json).await
                 }
             },
             ApiCommand::Validate { what } => match what {
@@ -384,22 +450,31 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
                     svid,
                     output,
                 } => {
-                    api::validate_jwt(&socket.resolve()?, audience, svid, output == Output::Json)
-                        .await
+                    api::validate_jwt(
+                        &socket.resolve(output)?,
+                        audience,
+                        svid,
+                        output == Output::Json,
+                    )
+                    .await
                 }
             },
             ApiCommand::Watch { socket, output } => {
-                api::watch(&socket.resolve()?, output == Output::Json).await
+                api::watch(&socket.resolve(output)?, output == Output::Json).await
             }
         },
         Command::Healthcheck {
             socket,
             http,
             timeout,
-        } => match http {
-            Some(addr) => api::http_healthcheck(&addr, timeout).await,
-            None => api::healthcheck(&socket.resolve()?, timeout).await,
-        },
+            output,
+        } => {
+            let json = output == Output::Json;
+            match http {
+                Some(addr) => api::http_healthcheck(&addr, timeout, json).await,
+                None => api::healthcheck(&socket.resolve(output)?, timeout, json).await,
+            }
+        }
         Command::Task { command } => admin::task(command).await,
         Command::Entry { command } => admin::entry(command).await,
         Command::Bundle { command } => admin::bundle(command).await,
@@ -486,6 +561,27 @@ pub fn describe(error: &anyhow::Error) -> String {
     line
 }
 
+/// A failure as `--output json` reports it on stderr: one object,
+/// `{"error": {"message": ..., "code": ...}}`. `message` is what text
+/// output says after `writ: `; `code` is the gRPC status code's name when
+/// a call was answered with an error status, and absent otherwise (a
+/// socket that is not there, a bad argument, a file not written).
+pub fn failure_json(error: &anyhow::Error) -> serde_json::Value {
+    let mut failure = serde_json::json!({ "message": describe(error) });
+    if let Some(code) = status_code(error) {
+        failure["code"] = format!("{code:?}").into();
+    }
+    serde_json::json!({ "error": failure })
+}
+
+/// The status code of the failed gRPC call behind `error`, if one is.
+fn status_code(error: &anyhow::Error) -> Option<tonic::Code> {
+    error
+        .chain()
+        .find_map(|cause| cause.downcast_ref::<client::StatusError>())
+        .map(|status| status.code)
+}
+
 /// Whether the command failed because its standard output was closed
 /// (`writ entry list | head -4`): the reader has all it wanted, so the
 /// command stops without a word and exits 0.
@@ -528,6 +624,32 @@ mod tests {
             describe(&err).starts_with("SPIFFE_ENDPOINT_SOCKET: socket address"),
             "{err:#}"
         );
+        // A plain path may be relative, in the variable as on the command
+        // line, and the URI the warning suggests holds the absolute path.
+        let here = std::env::current_dir().unwrap();
+        let resolved = no_flag.resolve_with(Some("run/x.sock")).unwrap();
+        assert_eq!(resolved, here.join("run/x.sock"));
+        let warning = bare_path_warning("run/x.sock", &resolved).unwrap();
+        assert!(
+            warning.ends_with(&format!(
+                "SPIFFE_ENDPOINT_SOCKET=unix://{}",
+                here.join("run/x.sock").display()
+            )),
+            "{warning}"
+        );
+        let relative_flag = SocketArg {
+            socket: Some("run/y.sock".into()),
+        };
+        assert_eq!(
+            relative_flag.resolve_with(None).unwrap(),
+            here.join("run/y.sock")
+        );
+        // A unix URI still names an absolute path only.
+        let err = no_flag.resolve_with(Some("unix:run/x.sock")).unwrap_err();
+        assert!(
+            describe(&err).ends_with("must name an absolute path"),
+            "{err:#}"
+        );
         // The flag wins over the variable.
         let flag = SocketArg {
             socket: Some("/run/y.sock".into()),
@@ -535,6 +657,37 @@ mod tests {
         assert_eq!(
             flag.resolve_with(Some("unix:///run/x.sock")).unwrap(),
             PathBuf::from("/run/y.sock")
+        );
+    }
+
+    #[test]
+    fn a_json_failure_has_the_message_and_any_status_code() {
+        let status = tonic::Status::permission_denied("not an operator");
+        let refused = client::status_error("CreateEntry", status);
+        assert_eq!(
+            failure_json(&refused),
+            serde_json::json!({"error": {
+                "message": "CreateEntry: PermissionDenied: not an operator",
+                "code": "PermissionDenied",
+            }})
+        );
+        // Found under context as well.
+        let refused = refused.context("creating the entry");
+        assert_eq!(
+            failure_json(&refused)["error"]["code"],
+            serde_json::json!("PermissionDenied")
+        );
+        assert_eq!(
+            failure_json(&refused)["error"]["message"],
+            serde_json::json!(describe(&refused))
+        );
+        // No call was answered: no code.
+        let unconnected = anyhow::anyhow!("admin API at /x: connecting to the socket: refused");
+        assert_eq!(
+            failure_json(&unconnected),
+            serde_json::json!({"error": {
+                "message": "admin API at /x: connecting to the socket: refused",
+            }})
         );
     }
 
