@@ -68,6 +68,16 @@ async fn tasks_client(writ: &Writ) -> apb::tasks_client::TasksClient<tonic::tran
     )
 }
 
+async fn entries_client(
+    writ: &Writ,
+) -> apb::entries_client::EntriesClient<tonic::transport::Channel> {
+    apb::entries_client::EntriesClient::new(
+        writ::cli::client::connect(&admin_socket(writ))
+            .await
+            .unwrap(),
+    )
+}
+
 async fn get_task(
     tasks: &mut apb::tasks_client::TasksClient<tonic::transport::Channel>,
     id: &str,
@@ -3773,11 +3783,7 @@ async fn a_watcher_that_stops_reading_is_dropped_at_its_byte_budget() {
 async fn refusals_of_huge_values_name_the_field_with_the_value_shortened() {
     let writ = Writ::start(&config(""));
     let mut tasks = tasks_client(&writ).await;
-    let mut entries = apb::entries_client::EntriesClient::new(
-        writ::cli::client::connect(&admin_socket(&writ))
-            .await
-            .unwrap(),
-    );
+    let mut entries = entries_client(&writ).await;
     let mut sleeper = Command::new("sleep").arg("60").spawn().unwrap();
     let pid = sleeper.id();
     let big = "q".repeat(20_000);
@@ -3870,11 +3876,7 @@ async fn refusals_of_huge_values_name_the_field_with_the_value_shortened() {
 async fn repeated_list_items_are_refused_naming_the_field() {
     let writ = Writ::start(&config(""));
     let mut tasks = tasks_client(&writ).await;
-    let mut entries = apb::entries_client::EntriesClient::new(
-        writ::cli::client::connect(&admin_socket(&writ))
-            .await
-            .unwrap(),
-    );
+    let mut entries = entries_client(&writ).await;
     let mut sleeper = Command::new("sleep").arg("60").spawn().unwrap();
     let pid = sleeper.id();
     type Spoil = fn(&mut apb::BeginTaskRequest);
