@@ -405,7 +405,10 @@ fn begin_request(req: pb::BeginTaskRequest) -> Result<BeginRequest, Status> {
     if let Some((n, first)) = crate::entries::first_repeat(&federates_with) {
         return Err(bad(
             "federates_with",
-            format!("{:?} repeats item {first}", excerpt(&req.federates_with[n])),
+            format!(
+                "item {n} ({:?}) repeats item {first}",
+                excerpt(&req.federates_with[n])
+            ),
         ));
     }
     Ok(BeginRequest {

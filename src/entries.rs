@@ -473,7 +473,7 @@ impl EntryStore {
         {
             return Err(invalid(
                 "dns_names",
-                format!("{:?} repeats item {first}", req.dns_names[n]),
+                format!("item {n} ({:?}) repeats item {first}", req.dns_names[n]),
             ));
         }
         let federates_with = req
@@ -487,7 +487,10 @@ impl EntryStore {
         if let Some((n, first)) = first_repeat(&federates_with) {
             return Err(invalid(
                 "federates_with",
-                format!("{:?} repeats item {first}", req.federates_with[n]),
+                format!(
+                    "item {n} ({:?}) repeats item {first}",
+                    req.federates_with[n]
+                ),
             ));
         }
         let mut entry = Entry::new(spiffe_id, selectors, ttl, EntrySource::Admin);

@@ -28,8 +28,13 @@ const PASSES: usize = 3;
 pub enum Applied {
     /// The threads now run under `SCHED_BATCH`.
     Batch,
-    /// writ was started under another policy than the default, and keeps it.
-    KeptStartPolicy(&'static str),
+    /// writ was started under another policy than the default, and keeps
+    /// it. With `SCHED_RESET_ON_FORK` on a realtime or deadline policy the
+    /// threads writ starts run under `SCHED_OTHER`: the kernel resets them.
+    KeptStartPolicy {
+        policy: &'static str,
+        reset_on_fork: bool,
+    },
     /// `cpu_scheduling = "inherit"`: nothing was changed.
     Inherited,
 }
@@ -51,21 +56,29 @@ pub fn apply(choice: CpuScheduling) -> Result<Applied, SchedulingError> {
     }
     let main_thread = i32::try_from(std::process::id()).unwrap_or(0);
     let started_with = crate::sys::scheduling_policy(main_thread).map_err(SchedulingError::Read)?;
-    if started_with != libc::SCHED_OTHER {
-        return Ok(Applied::KeptStartPolicy(policy_name(started_with)));
+    let reset_on_fork = started_with & libc::SCHED_RESET_ON_FORK != 0;
+    if started_with & !libc::SCHED_RESET_ON_FORK != libc::SCHED_OTHER {
+        return Ok(Applied::KeptStartPolicy {
+            policy: policy_name(started_with & !libc::SCHED_RESET_ON_FORK),
+            reset_on_fork,
+        });
     }
     for _ in 0..PASSES {
         let mut moved = 0;
         for tid in threads().map_err(SchedulingError::List)? {
-            match crate::sys::scheduling_policy(tid) {
-                Ok(policy) if policy == libc::SCHED_OTHER => {}
+            let flag = match crate::sys::scheduling_policy(tid) {
+                Ok(policy) if policy & !libc::SCHED_RESET_ON_FORK == libc::SCHED_OTHER => {
+                    policy & libc::SCHED_RESET_ON_FORK
+                }
                 // Already moved, or given another policy on purpose.
                 Ok(_) => continue,
                 // Ended since it was listed.
                 Err(e) if e.raw_os_error() == Some(libc::ESRCH) => continue,
                 Err(e) => return Err(SchedulingError::Read(e)),
-            }
-            match crate::sys::set_scheduling_policy(tid, libc::SCHED_BATCH) {
+            };
+            // Kept: clearing the flag takes a privilege writ may not have,
+            // and whoever set it meant it for writ's children too.
+            match crate::sys::set_scheduling_policy(tid, libc::SCHED_BATCH | flag) {
                 Ok(()) => moved += 1,
                 Err(e) if e.raw_os_error() == Some(libc::ESRCH) => {}
                 Err(source) => return Err(SchedulingError::Set { tid, source }),

@@ -41,7 +41,7 @@ pub fn start_writeback(file: &File, offset: u64, len: u64) -> io::Result<()> {
 }
 
 /// The scheduling policy of thread `tid` (`SCHED_OTHER`, `SCHED_BATCH`...),
-/// without the `SCHED_RESET_ON_FORK` flag.
+/// with the `SCHED_RESET_ON_FORK` flag if it is set.
 pub fn scheduling_policy(tid: i32) -> io::Result<i32> {
     // SAFETY: sched_getscheduler takes an integer and touches no memory of
     // ours; an unknown or exited thread is reported through errno.
@@ -49,12 +49,12 @@ pub fn scheduling_policy(tid: i32) -> io::Result<i32> {
     if rc < 0 {
         Err(io::Error::last_os_error())
     } else {
-        Ok(rc & !libc::SCHED_RESET_ON_FORK)
+        Ok(rc)
     }
 }
 
-/// Moves thread `tid` to `policy` at static priority 0, the only one the
-/// non-realtime policies have.
+/// Moves thread `tid` to `policy` (which may carry `SCHED_RESET_ON_FORK`)
+/// at static priority 0, the only one the non-realtime policies have.
 pub fn set_scheduling_policy(tid: i32, policy: i32) -> io::Result<()> {
     let param = libc::sched_param { sched_priority: 0 };
     // SAFETY: `param` is a valid sched_param that outlives the call, which

@@ -464,6 +464,23 @@ fn threads_run_under_the_configured_cpu_scheduling_policy() {
         writ.log()
     );
 
+    // Reset-on-fork under the default policy: the threads move to batch,
+    // and the main thread (the one the flag was set on: the kernel clears
+    // it in each thread it starts) keeps the flag, which only a privileged
+    // caller could clear.
+    writ.kill9();
+    writ.spawn_under(&["chrt", "--reset-on-fork", "--other", "0"]);
+    assert_all(&writ, SCHED_BATCH);
+    let shown = Command::new("chrt")
+        .args(["-p", &writ.pid().to_string()])
+        .output()
+        .unwrap();
+    let shown = String::from_utf8_lossy(&shown.stdout);
+    assert!(
+        shown.contains("policy: SCHED_BATCH|SCHED_RESET_ON_FORK"),
+        "{shown}"
+    );
+
     // A top-level key: before the tables `Writ::start` writes.
     writ.kill9();
     let config = std::fs::read_to_string(&writ.config_path).unwrap();

@@ -3887,9 +3887,10 @@ async fn repeated_list_items_are_refused_naming_the_field() {
         ("intent.targets: item 1 (\"db\") repeats item 0", |r| {
             r.intent.as_mut().unwrap().targets = vec!["db".into(), "db".into()]
         }),
-        ("federates_with: \"other.example\" repeats item 0", |r| {
-            r.federates_with = vec!["other.example".into(), "other.example".into()]
-        }),
+        (
+            "federates_with: item 1 (\"other.example\") repeats item 0",
+            |r| r.federates_with = vec!["other.example".into(), "other.example".into()],
+        ),
     ];
     for (message, spoil) in cases {
         let mut req = begin_pid("t-rep", pid);
@@ -3909,12 +3910,13 @@ async fn repeated_list_items_are_refused_naming_the_field() {
     type SpoilEntry = fn(&mut apb::CreateEntryRequest);
     let cases: [(&str, SpoilEntry); 2] = [
         // DNS names compare without regard to case.
-        ("dns_names: \"A.example\" repeats item 0", |r| {
+        ("dns_names: item 1 (\"A.example\") repeats item 0", |r| {
             r.dns_names = vec!["a.example".into(), "A.example".into()]
         }),
-        ("federates_with: \"other.example\" repeats item 0", |r| {
-            r.federates_with = vec!["other.example".into(), "other.example".into()]
-        }),
+        (
+            "federates_with: item 1 (\"other.example\") repeats item 0",
+            |r| r.federates_with = vec!["other.example".into(), "other.example".into()],
+        ),
     ];
     for (message, spoil) in cases {
         let mut req = apb::CreateEntryRequest {

@@ -498,9 +498,18 @@ fn check_rsa_public_key(n: &[u8], e: &[u8]) -> Result<(), String> {
 /// When an X.509 authority stops being valid, in seconds since the epoch;
 /// None for DER that does not parse as a certificate.
 pub fn not_after_unix(cert: &[u8]) -> Option<i64> {
-    X509Certificate::from_der(cert)
-        .ok()
-        .map(|(_, parsed)| parsed.validity().not_after.timestamp())
+    validity_unix(cert).map(|(_, not_after)| not_after)
+}
+
+/// A certificate's notBefore and notAfter, seconds since the epoch.
+pub fn validity_unix(cert: &[u8]) -> Option<(i64, i64)> {
+    X509Certificate::from_der(cert).ok().map(|(_, parsed)| {
+        let validity = parsed.validity();
+        (
+            validity.not_before.timestamp(),
+            validity.not_after.timestamp(),
+        )
+    })
 }
 
 /// A bundle may only hold CA certificates whose key has a JWK form.

@@ -1585,13 +1585,17 @@ impl Builder<'_> {
         let raw_federates = raw.federates_with.as_deref().unwrap_or_default();
         if federation_valid && let Some((n, first)) = crate::entries::first_repeat(&federates_with)
         {
+            // Named as the trust domain both spell when they differ
+            // ("spiffe://b.test" repeats "b.test").
+            let as_written = raw_federates[n].get_ref();
+            let differently = if *as_written == raw_federates[first].get_ref().as_str() {
+                String::new()
+            } else {
+                format!(" ({})", federates_with[first])
+            };
             self.error(
                 raw_federates[n].span(),
-                format!(
-                    "{key}.federates_with[{n}] {:?} repeats federates_with[{first}] ({})",
-                    raw_federates[n].get_ref(),
-                    federates_with[first]
-                ),
+                format!("{key}.federates_with[{n}] {as_written:?} repeats federates_with[{first}]{differently}"),
             );
             federation_valid = false;
         }

@@ -35,18 +35,41 @@ pub enum UnusableBundle {
         latest: i64,
         self_serving: bool,
     },
+    /// None valid now, and some only from a time further ahead than
+    /// `NOT_YET_VALID_ALLOWANCE`.
+    #[error(
+        "none of its {count} X.509 {} is valid now; the earliest to become valid does so at {}, {}",
+        if *.count == 1 { "authority" } else { "authorities" },
+        rfc3339(*.earliest),
+        if *.self_serving {
+            "so the next fetch could not be authenticated"
+        } else {
+            "and it holds no JWT authority, so it would authenticate nothing"
+        }
+    )]
+    NotValidYet {
+        count: usize,
+        /// The earliest notBefore still ahead, seconds since the epoch.
+        earliest: i64,
+        self_serving: bool,
+    },
 }
+
+/// How far ahead of this clock an authority's notBefore may lie and the
+/// authority still count as valid now: a peer's brand-new root may start
+/// ahead of this clock by the two hosts' skew. SPIRE backdates its roots'
+/// notBefore by 10 s for the same reason.
+pub const NOT_YET_VALID_ALLOWANCE: i64 = 300;
 
 /// Refuses a bundle that would replace the one held with one that trusts
 /// nothing: a peer (or whoever took over its endpoint, or an operator's
 /// slip) could otherwise make writ forget the trust domain, and with a
 /// self-serving endpoint (`https_spiffe` whose SPIFFE ID is in the trust
 /// domain fetched), lose the means to fetch it again. A bundle with no
-/// authority, or whose X.509 authorities have all expired while it has no
-/// JWT authority; for a self-serving endpoint, one with no unexpired X.509
-/// authority, since only those authenticate the next fetch. Authorities
-/// not valid yet count as usable: a peer's brand-new root may start a few
-/// seconds ahead of this clock, and it soon will be.
+/// authority, or with no X.509 authority valid now while it has no JWT
+/// authority; for a self-serving endpoint, one with no X.509 authority
+/// valid now, since only those authenticate the next fetch. Valid now
+/// allows a notBefore up to `NOT_YET_VALID_ALLOWANCE` ahead.
 pub fn check_usable(
     bundle: &TrustBundle,
     self_serving: bool,
@@ -58,36 +81,61 @@ pub fn check_usable(
     if bundle.x509_authorities.is_empty() && bundle.jwt_authorities.is_empty() {
         return Err(UnusableBundle::NoAuthority);
     }
+    if bundle.x509_authorities.is_empty() || !(self_serving || bundle.jwt_authorities.is_empty()) {
+        return Ok(());
+    }
     let now = now
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
     // Parsing admitted only certificates that parse; one that did not here
     // could authenticate nothing, so it counts as expired.
-    let latest = bundle
+    let validities: Vec<(i64, i64)> = bundle
         .x509_authorities
         .iter()
-        .map(|cert| crate::bundle::not_after_unix(cert).unwrap_or(i64::MIN))
-        .max();
-    match latest {
-        Some(latest) if latest < now && (self_serving || bundle.jwt_authorities.is_empty()) => {
-            Err(UnusableBundle::AllExpired {
-                count: bundle.x509_authorities.len(),
-                latest,
-                self_serving,
-            })
-        }
-        _ => Ok(()),
+        .map(|cert| crate::bundle::validity_unix(cert).unwrap_or((i64::MAX, i64::MIN)))
+        .collect();
+    let valid_now = |(from, until): &(i64, i64)| {
+        *from <= now.saturating_add(NOT_YET_VALID_ALLOWANCE) && now <= *until
+    };
+    if validities.iter().any(valid_now) {
+        return Ok(());
     }
+    let count = validities.len();
+    let ahead = validities
+        .iter()
+        .filter(|(from, until)| now <= *until && *from != i64::MAX)
+        .map(|(from, _)| *from)
+        .min();
+    Err(match ahead {
+        Some(earliest) => UnusableBundle::NotValidYet {
+            count,
+            earliest,
+            self_serving,
+        },
+        None => UnusableBundle::AllExpired {
+            count,
+            latest: validities
+                .iter()
+                .map(|(_, until)| *until)
+                .max()
+                .unwrap_or(i64::MIN),
+            self_serving,
+        },
+    })
 }
 
-fn expired_phrase(count: usize, latest: i64) -> String {
-    let when = time::OffsetDateTime::from_unix_timestamp(latest)
+fn rfc3339(at: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(at)
         .ok()
         .and_then(|t| {
             t.format(&time::format_description::well_known::Rfc3339)
                 .ok()
         })
-        .unwrap_or_else(|| format!("{latest} s after the epoch"));
+        .unwrap_or_else(|| format!("{at} s after the epoch"))
+}
+
+fn expired_phrase(count: usize, latest: i64) -> String {
+    let when = rfc3339(latest);
     match count {
         1 => format!("its only X.509 authority expired at {when}"),
         n => format!("all {n} of its X.509 authorities have expired, the last at {when}"),
@@ -155,16 +203,43 @@ mod tests {
                 ),
                 "{err}"
             );
-            // One usable authority is enough; so is one not valid yet.
-            for usable in [&current, &future] {
-                check_usable(
-                    &bundle_of(vec![expired.clone(), usable.clone()], 0),
-                    self_serving,
-                    now,
-                )
-                .unwrap();
-            }
+            // One authority valid now is enough, beside any number that
+            // are not.
+            check_usable(
+                &bundle_of(vec![expired.clone(), future.clone(), current.clone()], 0),
+                self_serving,
+                now,
+            )
+            .unwrap();
+            // Valid only centuries from now, it authenticates nothing today.
+            let err = check_usable(
+                &bundle_of(vec![expired.clone(), future.clone()], 0),
+                self_serving,
+                now,
+            )
+            .unwrap_err();
+            assert!(
+                matches!(err, UnusableBundle::NotValidYet { count: 2, .. }),
+                "{err:?}"
+            );
+            assert!(
+                err.to_string().starts_with(
+                    "none of its 2 X.509 authorities is valid now; the earliest to become valid does so at 2300-01-01T00:00:00Z, "
+                ),
+                "{err}"
+            );
         }
+        // A root whose notBefore is a little ahead of this clock (the
+        // peer's runs ahead) counts as valid now.
+        let soon = {
+            let mut p = rcgen::CertificateParams::default();
+            p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+            p.not_before = time::OffsetDateTime::now_utc() + time::Duration::seconds(60);
+            p.not_after = rcgen::date_time_ymd(2400, 1, 1);
+            let key = rcgen::KeyPair::generate().unwrap();
+            p.self_signed(&key).unwrap().der().clone()
+        };
+        check_usable(&bundle_of(vec![soon], 0), true, now).unwrap();
         // JWT keys still authenticate JWT-SVIDs, but a self-serving endpoint
         // needs an X.509 authority to be fetched from again.
         check_usable(&bundle_of(vec![], 1), false, now).unwrap();
