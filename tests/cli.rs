@@ -468,6 +468,37 @@ fn healthcheck_json_output_names_the_socket_and_its_status() {
     );
 }
 
+/// A closed stderr (`2>&-`, or `2>&1 >/dev/null | true`) changes no exit
+/// status: what the CLI would have said there (a warning, the failure) is
+/// dropped. `eprintln!` used to panic on it, exiting 101 even after a
+/// health check that passed.
+#[test]
+fn a_closed_stderr_changes_no_exit_status() {
+    let writ = Writ::start(&entry_for_us());
+    let absent = writ.dir.path().join("run/absent.sock");
+    for output in ["text", "json"] {
+        let probe = |socket: &Path| {
+            // A plain path in the variable, so that writ warns before it
+            // answers; a relative one, as in the report.
+            let (reader, writer) = std::io::pipe().unwrap();
+            drop(reader);
+            Command::new(WRIT)
+                .args(["healthcheck", "--output", output])
+                .current_dir(writ.dir.path())
+                .env(
+                    "SPIFFE_ENDPOINT_SOCKET",
+                    socket.strip_prefix(writ.dir.path()).unwrap(),
+                )
+                .stdout(Stdio::null())
+                .stderr(writer)
+                .status()
+                .unwrap()
+        };
+        assert_eq!(probe(&writ.socket).code(), Some(0), "--output {output}");
+        assert_eq!(probe(&absent).code(), Some(1), "--output {output}");
+    }
+}
+
 /// Watch follows the health-checking protocol: a served service streams
 /// its status; one writ does not serve gets SERVICE_UNKNOWN and the call
 /// stays open (grpc-go's client-side health checking watches), while Check

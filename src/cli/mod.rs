@@ -20,6 +20,18 @@ macro_rules! out {
     }};
 }
 
+/// `eprintln!` for what the CLI says on stderr (errors, warnings): a
+/// failed write is dropped. `eprintln!` panics when stderr is closed
+/// (`2>&-`, or a reader of `2>&1 >/dev/null` that has left), which turned
+/// a command's outcome into exit 101; with nowhere to say anything, the
+/// exit status is all that is left to tell it.
+macro_rules! errln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
 pub mod admin;
 pub mod api;
 pub mod audit;
@@ -302,8 +314,8 @@ fn bare_path_warning(value: &str, resolved: &Path) -> Option<String> {
 /// (a failure that follows is one more object, `failure_json`).
 fn warn(output: Output, warning: &str) {
     match output {
-        Output::Text => eprintln!("writ: warning: {warning}"),
-        Output::Json => eprintln!(
+        Output::Text => errln!("writ: warning: {warning}"),
+        Output::Json => errln!(
             "{}",
             serde_json::json!({ "warning": { "message": warning } })
         ),
@@ -500,7 +512,7 @@ fn validate(config: &Path) -> anyhow::Result<()> {
         Ok(loaded) => loaded,
         Err(errors) => {
             for e in &errors {
-                eprintln!("{e}");
+                errln!("{e}");
             }
             anyhow::bail!("{} error(s) in {}", errors.len(), config.display())
         }
@@ -511,7 +523,7 @@ fn validate(config: &Path) -> anyhow::Result<()> {
         return Ok(());
     }
     for problem in &problems {
-        eprintln!("{problem}");
+        errln!("{problem}");
     }
     anyhow::bail!(
         "{} error(s) in the files {} names",
@@ -559,6 +571,18 @@ pub fn describe(error: &anyhow::Error) -> String {
         line.push_str(&text);
     }
     line
+}
+
+/// Says on stderr that the command failed: `failure_json` with
+/// `--output json` (`Command::json_failures`), else `writ: ` and the
+/// error on one line. A stderr that cannot be written to is not a second
+/// failure (`errln!`): the exit status still says the first.
+pub fn report_failure(error: &anyhow::Error, json: bool) {
+    if json {
+        errln!("{}", failure_json(error));
+    } else {
+        errln!("writ: {}", describe(error));
+    }
 }
 
 /// A failure as `--output json` reports it on stderr: one object,
