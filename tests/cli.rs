@@ -1514,6 +1514,19 @@ fn api_watch_with_json_output_prints_only_json_on_stdout_when_writ_stops() {
         let parsed: Result<serde_json::Value, _> = serde_json::from_str(line);
         assert!(parsed.is_ok(), "not JSON on stdout: {line:?} in {lines:?}");
     }
+    // And on stderr, where the end of the stream is said as a warning
+    // object (it is no failure: the exit status is 0).
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut watch.stderr.take().unwrap(), &mut stderr).unwrap();
+    let said: Vec<serde_json::Value> = stderr
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line:?}")))
+        .collect();
+    assert_eq!(
+        said,
+        [serde_json::json!({"warning": {"message": "stream ended by the server"}})],
+        "{stderr}"
+    );
 }
 
 #[test]

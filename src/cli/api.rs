@@ -170,9 +170,12 @@ pub async fn watch(socket: &Path, json: bool) -> anyhow::Result<()> {
             if updates == 0 {
                 bail!("stream ended before the first response");
             }
-            // Not on stdout with --output json, where every line is JSON.
+            // Not on stdout with --output json, where every line is an
+            // update; on stderr as a warning object, so that stderr is all
+            // JSON too. Not a failure (`failure_json`): the watch saw
+            // every update writ sent and exits 0, as it does in text.
             if json {
-                eprintln!("stream ended by the server");
+                super::warn(super::Output::Json, "stream ended by the server");
             } else {
                 outln!("stream ended by the server");
             }
