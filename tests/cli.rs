@@ -468,6 +468,54 @@ fn healthcheck_json_output_names_the_socket_and_its_status() {
     );
 }
 
+/// A health check answered with anything but SERVING names the status as
+/// the health protocol does, in the message and, with `--output json`, as
+/// members of the error object; it used to say only `(status 2)`.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_healthcheck_that_is_not_serving_names_its_status() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("health.sock");
+    let (reporter, service) = tonic_health::server::health_reporter();
+    let listener = tokio::net::UnixListener::bind(&socket).unwrap();
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(service)
+            .serve_with_incoming(tokio_stream::wrappers::UnixListenerStream::new(listener)),
+    );
+    let path = socket.display().to_string();
+    for (status, name) in [
+        (tonic_health::ServingStatus::NotServing, "NOT_SERVING"),
+        (tonic_health::ServingStatus::Unknown, "UNKNOWN"),
+    ] {
+        reporter.set_service_status("", status).await;
+        let probe = |output: &'static str| {
+            tokio::process::Command::new(WRIT)
+                .args(["healthcheck", "--socket", &path, "--output", output])
+                .output()
+        };
+        let message = format!("writ at {path} is not serving ({name})");
+        let text = probe("text").await.unwrap();
+        assert_eq!(text.status.code(), Some(1), "{text:?}");
+        assert_eq!(
+            String::from_utf8_lossy(&text.stderr),
+            format!("writ: {message}\n")
+        );
+        let json = probe("json").await.unwrap();
+        assert_eq!(json.status.code(), Some(1), "{json:?}");
+        assert!(json.stdout.is_empty(), "{json:?}");
+        let failure: serde_json::Value = serde_json::from_slice(&json.stderr).unwrap();
+        assert_eq!(
+            failure,
+            serde_json::json!({"error": {
+                "message": message,
+                "serving": false,
+                "status": name,
+            }})
+        );
+    }
+    server.abort();
+}
+
 /// A closed stderr (`2>&-`, or `2>&1 >/dev/null | true`) changes no exit
 /// status: what the CLI would have said there (a warning, the failure) is
 /// dropped. `eprintln!` used to panic on it, exiting 101 even after a

@@ -589,11 +589,20 @@ pub fn report_failure(error: &anyhow::Error, json: bool) {
 /// `{"error": {"message": ..., "code": ...}}`. `message` is what text
 /// output says after `writ: `; `code` is the gRPC status code's name when
 /// a call was answered with an error status, and absent otherwise (a
-/// socket that is not there, a bad argument, a file not written).
+/// socket that is not there, a bad argument, a file not written). A
+/// health check answered with anything but SERVING has `"serving": false`
+/// and the status's name as well, as a served one prints them on stdout.
 pub fn failure_json(error: &anyhow::Error) -> serde_json::Value {
     let mut failure = serde_json::json!({ "message": describe(error) });
     if let Some(code) = status_code(error) {
         failure["code"] = format!("{code:?}").into();
+    }
+    if let Some(not_serving) = error
+        .chain()
+        .find_map(|cause| cause.downcast_ref::<api::NotServing>())
+    {
+        failure["serving"] = false.into();
+        failure["status"] = not_serving.status_name().into();
     }
     serde_json::json!({ "error": failure })
 }
@@ -713,6 +722,33 @@ mod tests {
                 "message": "admin API at /x: connecting to the socket: refused",
             }})
         );
+    }
+
+    #[test]
+    fn a_health_check_that_is_not_serving_names_its_status() {
+        let not_serving = |status| {
+            anyhow::Error::new(api::NotServing {
+                socket: "/run/w.sock".into(),
+                status,
+            })
+        };
+        for (number, name) in [(0, "UNKNOWN"), (2, "NOT_SERVING"), (3, "SERVICE_UNKNOWN")] {
+            assert_eq!(
+                failure_json(&not_serving(number)),
+                serde_json::json!({"error": {
+                    "message": format!("writ at /run/w.sock is not serving ({name})"),
+                    "serving": false,
+                    "status": name,
+                }})
+            );
+        }
+        // A number the protocol has no name for is still said.
+        let unnamed = failure_json(&not_serving(9));
+        assert_eq!(
+            unnamed["error"]["message"],
+            "writ at /run/w.sock is not serving (status 9)"
+        );
+        assert_eq!(unnamed["error"]["status"], "9");
     }
 
     #[test]
