@@ -13,11 +13,7 @@ async fn main() -> std::process::ExitCode {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) if !agent && writ::cli::stdout_closed(&e) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            if json_failures {
-                eprintln!("{}", writ::cli::failure_json(&e));
-            } else {
-                eprintln!("writ: {}", writ::cli::describe(&e));
-            }
+            writ::cli::report_failure(&e, json_failures);
             std::process::ExitCode::FAILURE
         }
     }

@@ -468,6 +468,85 @@ fn healthcheck_json_output_names_the_socket_and_its_status() {
     );
 }
 
+/// A health check answered with anything but SERVING names the status as
+/// the health protocol does, in the message and, with `--output json`, as
+/// members of the error object; it used to say only `(status 2)`.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_healthcheck_that_is_not_serving_names_its_status() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("health.sock");
+    let (reporter, service) = tonic_health::server::health_reporter();
+    let listener = tokio::net::UnixListener::bind(&socket).unwrap();
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(service)
+            .serve_with_incoming(tokio_stream::wrappers::UnixListenerStream::new(listener)),
+    );
+    let path = socket.display().to_string();
+    for (status, name) in [
+        (tonic_health::ServingStatus::NotServing, "NOT_SERVING"),
+        (tonic_health::ServingStatus::Unknown, "UNKNOWN"),
+    ] {
+        reporter.set_service_status("", status).await;
+        let probe = |output: &'static str| {
+            tokio::process::Command::new(WRIT)
+                .args(["healthcheck", "--socket", &path, "--output", output])
+                .output()
+        };
+        let message = format!("writ at {path} is not serving ({name})");
+        let text = probe("text").await.unwrap();
+        assert_eq!(text.status.code(), Some(1), "{text:?}");
+        assert_eq!(
+            String::from_utf8_lossy(&text.stderr),
+            format!("writ: {message}\n")
+        );
+        let json = probe("json").await.unwrap();
+        assert_eq!(json.status.code(), Some(1), "{json:?}");
+        assert!(json.stdout.is_empty(), "{json:?}");
+        let failure: serde_json::Value = serde_json::from_slice(&json.stderr).unwrap();
+        assert_eq!(
+            failure,
+            serde_json::json!({"error": {
+                "message": message,
+                "serving": false,
+                "status": name,
+            }})
+        );
+    }
+    server.abort();
+}
+
+/// A closed stderr (`2>&-`, or `2>&1 >/dev/null | true`) changes no exit
+/// status: what the CLI would have said there (a warning, the failure) is
+/// dropped. `eprintln!` used to panic on it, exiting 101 even after a
+/// health check that passed.
+#[test]
+fn a_closed_stderr_changes_no_exit_status() {
+    let writ = Writ::start(&entry_for_us());
+    let absent = writ.dir.path().join("run/absent.sock");
+    for output in ["text", "json"] {
+        let probe = |socket: &Path| {
+            // A plain path in the variable, so that writ warns before it
+            // answers; a relative one, as in the report.
+            let (reader, writer) = std::io::pipe().unwrap();
+            drop(reader);
+            Command::new(WRIT)
+                .args(["healthcheck", "--output", output])
+                .current_dir(writ.dir.path())
+                .env(
+                    "SPIFFE_ENDPOINT_SOCKET",
+                    socket.strip_prefix(writ.dir.path()).unwrap(),
+                )
+                .stdout(Stdio::null())
+                .stderr(writer)
+                .status()
+                .unwrap()
+        };
+        assert_eq!(probe(&writ.socket).code(), Some(0), "--output {output}");
+        assert_eq!(probe(&absent).code(), Some(1), "--output {output}");
+    }
+}
+
 /// Watch follows the health-checking protocol: a served service streams
 /// its status; one writ does not serve gets SERVICE_UNKNOWN and the call
 /// stays open (grpc-go's client-side health checking watches), while Check
@@ -1483,6 +1562,19 @@ fn api_watch_with_json_output_prints_only_json_on_stdout_when_writ_stops() {
         let parsed: Result<serde_json::Value, _> = serde_json::from_str(line);
         assert!(parsed.is_ok(), "not JSON on stdout: {line:?} in {lines:?}");
     }
+    // And on stderr, where the end of the stream is said as a warning
+    // object (it is no failure: the exit status is 0).
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut watch.stderr.take().unwrap(), &mut stderr).unwrap();
+    let said: Vec<serde_json::Value> = stderr
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line:?}")))
+        .collect();
+    assert_eq!(
+        said,
+        [serde_json::json!({"warning": {"message": "stream ended by the server"}})],
+        "{stderr}"
+    );
 }
 
 #[test]

@@ -983,6 +983,29 @@ fn reload_cli_prints_what_changed_and_fails_on_a_refusal() {
         reason.contains(&format!("{}:2:", service.config_path.display())),
         "{refusal}"
     );
+    // A closed stdout changes nothing of that: the refusal is on stderr
+    // and the exit status 1. The JSON copy on stdout failing to be written
+    // (EPIPE) used to replace the refusal and pass for a reader that had
+    // left early: exit 0, nothing said.
+    for output in ["text", "json"] {
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        let closed = Command::new(WRIT)
+            .args(["reload", "--admin-socket", &admin, "--output", output])
+            .stdout(writer)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&closed.stderr);
+        assert_eq!(closed.status.code(), Some(1), "--output {output}: {err}");
+        assert!(
+            err.contains("FailedPrecondition"),
+            "--output {output}: {err}"
+        );
+        if output == "json" {
+            let failure: serde_json::Value = serde_json::from_str(&err).unwrap();
+            assert_eq!(failure["error"]["code"], "FailedPrecondition", "{failure}");
+        }
+    }
     // Still serving both identities from before.
     assert_eq!(
         fetched_ids(&service.workload),

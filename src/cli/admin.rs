@@ -1041,16 +1041,20 @@ pub async fn reload(admin: AdminSocketArg) -> anyhow::Result<()> {
         Err(status) => {
             // A script reading stdout learns of the refusal there too; the
             // exit status and stderr say it as for every other refusal.
+            // Only as a courtesy, so a failed write is dropped: returned,
+            // it would replace the refusal, and a closed stdout (EPIPE)
+            // would then be taken for a reader that left early and exit 0
+            // in silence (`stdout_closed`), as if the reload had been made.
             if admin.output == Output::Json {
-                outln!(
-                    "{}",
-                    serde_json::to_string_pretty(&json!({
-                        "reloaded": false,
-                        "refused": true,
-                        "code": format!("{:?}", status.code()),
-                        "reason": status.message(),
-                    }))?
-                );
+                use std::io::Write as _;
+                let refusal = json!({
+                    "reloaded": false,
+                    "refused": true,
+                    "code": format!("{:?}", status.code()),
+                    "reason": status.message(),
+                });
+                let mut stdout = std::io::stdout().lock();
+                let _ = writeln!(stdout, "{refusal:#}").and_then(|()| stdout.flush());
             }
             return Err(api_status_error(Api::Admin, &path, "Reload", status));
         }

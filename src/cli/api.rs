@@ -170,9 +170,12 @@ pub async fn watch(socket: &Path, json: bool) -> anyhow::Result<()> {
             if updates == 0 {
                 bail!("stream ended before the first response");
             }
-            // Not on stdout with --output json, where every line is JSON.
+            // Not on stdout with --output json, where every line is an
+            // update; on stderr as a warning object, so that stderr is all
+            // JSON too. Not a failure (`failure_json`): the watch saw
+            // every update writ sent and exits 0, as it does in text.
             if json {
-                eprintln!("stream ended by the server");
+                super::warn(super::Output::Json, "stream ended by the server");
             } else {
                 outln!("stream ended by the server");
             }
@@ -239,11 +242,11 @@ pub async fn healthcheck(
         })??;
     use tonic_health::pb::health_check_response::ServingStatus;
     if response.status != ServingStatus::Serving as i32 {
-        bail!(
-            "writ at {} is not serving (status {})",
-            socket.display(),
-            response.status
-        );
+        return Err(NotServing {
+            socket: socket.display().to_string(),
+            status: response.status,
+        }
+        .into());
     }
     if json {
         let status = serde_json::json!({
@@ -258,6 +261,37 @@ pub async fn healthcheck(
         outln!("writ at {} is serving", socket.display());
     }
     Ok(())
+}
+
+/// A health check that writ answered with a status other than SERVING.
+/// A type of its own so that `failure_json` can give a script the status
+/// as members (`"serving": false, "status": "NOT_SERVING"`) instead of
+/// leaving it to parse the message.
+#[derive(Debug, thiserror::Error)]
+#[error("writ at {socket} is not serving ({})", self.status_text())]
+pub struct NotServing {
+    /// The socket, as messages show it.
+    pub socket: String,
+    /// The `grpc.health.v1` ServingStatus number writ answered.
+    pub status: i32,
+}
+
+impl NotServing {
+    /// The status as the health protocol names it (NOT_SERVING,
+    /// SERVICE_UNKNOWN, UNKNOWN); a number the protocol has no name for
+    /// (a newer server's) as its digits.
+    pub fn status_name(&self) -> String {
+        tonic_health::pb::health_check_response::ServingStatus::try_from(self.status)
+            .map(|status| status.as_str_name().to_owned())
+            .unwrap_or_else(|_| self.status.to_string())
+    }
+
+    fn status_text(&self) -> String {
+        match tonic_health::pb::health_check_response::ServingStatus::try_from(self.status) {
+            Ok(status) => status.as_str_name().to_owned(),
+            Err(_) => format!("status {}", self.status),
+        }
+    }
 }
 
 /// `writ healthcheck --http ADDR`: exit 0 when `GET /ready` answers 200

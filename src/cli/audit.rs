@@ -96,12 +96,12 @@ fn verify(path: &Path, roots: &[CertificateDer<'static>], allow_open: bool) -> a
     };
     let report = audit::verify_with(path, roots, &options).map_err(|e| anyhow::anyhow!("{e}"))?;
     for seq in &report.unclean_starts {
-        eprintln!(
+        errln!(
             "warning: the record at seq {seq} says the run before it ended without a close checkpoint (a crash, or records removed from its end)"
         );
     }
     for seq in &report.missing_trail_starts {
-        eprintln!(
+        errln!(
             "warning: the record at seq {seq} says writ had run with its data directory before but found no audit trail: the records before it are missing (the trail was removed, or [audit] path changed)"
         );
     }
@@ -189,7 +189,7 @@ fn trusted_roots(
             Vec::new()
         }
         (Some(_), Err(e)) => {
-            eprintln!(
+            errln!(
                 "warning: not using the roots in {}: {e}; checking against the upstream bundle only",
                 ca_dir.display()
             );

@@ -20,6 +20,18 @@ macro_rules! out {
     }};
 }
 
+/// `eprintln!` for what the CLI says on stderr (errors, warnings): a
+/// failed write is dropped. `eprintln!` panics when stderr is closed
+/// (`2>&-`, or a reader of `2>&1 >/dev/null` that has left), which turned
+/// a command's outcome into exit 101; with nowhere to say anything, the
+/// exit status is all that is left to tell it.
+macro_rules! errln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
 pub mod admin;
 pub mod api;
 pub mod audit;
@@ -302,8 +314,8 @@ fn bare_path_warning(value: &str, resolved: &Path) -> Option<String> {
 /// (a failure that follows is one more object, `failure_json`).
 fn warn(output: Output, warning: &str) {
     match output {
-        Output::Text => eprintln!("writ: warning: {warning}"),
-        Output::Json => eprintln!(
+        Output::Text => errln!("writ: warning: {warning}"),
+        Output::Json => errln!(
             "{}",
             serde_json::json!({ "warning": { "message": warning } })
         ),
@@ -512,7 +524,7 @@ fn validate(config: &Path) -> anyhow::Result<()> {
         Ok(loaded) => loaded,
         Err(errors) => {
             for e in &errors {
-                eprintln!("{e}");
+                errln!("{e}");
             }
             anyhow::bail!("{} error(s) in {}", errors.len(), config.display())
         }
@@ -523,7 +535,7 @@ fn validate(config: &Path) -> anyhow::Result<()> {
         return Ok(());
     }
     for problem in &problems {
-        eprintln!("{problem}");
+        errln!("{problem}");
     }
     anyhow::bail!(
         "{} error(s) in the files {} names",
@@ -573,15 +585,36 @@ pub fn describe(error: &anyhow::Error) -> String {
     line
 }
 
+/// Says on stderr that the command failed: `failure_json` with
+/// `--output json` (`Command::json_failures`), else `writ: ` and the
+/// error on one line. A stderr that cannot be written to is not a second
+/// failure (`errln!`): the exit status still says the first.
+pub fn report_failure(error: &anyhow::Error, json: bool) {
+    if json {
+        errln!("{}", failure_json(error));
+    } else {
+        errln!("writ: {}", describe(error));
+    }
+}
+
 /// A failure as `--output json` reports it on stderr: one object,
 /// `{"error": {"message": ..., "code": ...}}`. `message` is what text
 /// output says after `writ: `; `code` is the gRPC status code's name when
 /// a call was answered with an error status, and absent otherwise (a
-/// socket that is not there, a bad argument, a file not written).
+/// socket that is not there, a bad argument, a file not written). A
+/// health check answered with anything but SERVING has `"serving": false`
+/// and the status's name as well, as a served one prints them on stdout.
 pub fn failure_json(error: &anyhow::Error) -> serde_json::Value {
     let mut failure = serde_json::json!({ "message": describe(error) });
     if let Some(code) = status_code(error) {
         failure["code"] = format!("{code:?}").into();
+    }
+    if let Some(not_serving) = error
+        .chain()
+        .find_map(|cause| cause.downcast_ref::<api::NotServing>())
+    {
+        failure["serving"] = false.into();
+        failure["status"] = not_serving.status_name().into();
     }
     serde_json::json!({ "error": failure })
 }
@@ -701,6 +734,33 @@ mod tests {
                 "message": "admin API at /x: connecting to the socket: refused",
             }})
         );
+    }
+
+    #[test]
+    fn a_health_check_that_is_not_serving_names_its_status() {
+        let not_serving = |status| {
+            anyhow::Error::new(api::NotServing {
+                socket: "/run/w.sock".into(),
+                status,
+            })
+        };
+        for (number, name) in [(0, "UNKNOWN"), (2, "NOT_SERVING"), (3, "SERVICE_UNKNOWN")] {
+            assert_eq!(
+                failure_json(&not_serving(number)),
+                serde_json::json!({"error": {
+                    "message": format!("writ at /run/w.sock is not serving ({name})"),
+                    "serving": false,
+                    "status": name,
+                }})
+            );
+        }
+        // A number the protocol has no name for is still said.
+        let unnamed = failure_json(&not_serving(9));
+        assert_eq!(
+            unnamed["error"]["message"],
+            "writ at /run/w.sock is not serving (status 9)"
+        );
+        assert_eq!(unnamed["error"]["status"], "9");
     }
 
     #[test]

@@ -83,7 +83,7 @@ fn check(request_path: &Path, policies: &[PathBuf], output: Output) -> i32 {
             } else {
                 request_path.display().to_string()
             };
-            eprintln!("writ policy check: {name}: invalid request: {e:#}");
+            errln!("writ policy check: {name}: invalid request: {e:#}");
             return EXIT_BAD_INPUT;
         }
     };
@@ -93,14 +93,14 @@ fn check(request_path: &Path, policies: &[PathBuf], output: Output) -> i32 {
         match PolicyEngine::load(policies) {
             Ok(engine) => engine,
             Err(e) => {
-                eprintln!("{e}");
-                eprintln!("writ policy check: the policy files do not load");
+                errln!("{e}");
+                errln!("writ policy check: the policy files do not load");
                 return EXIT_BAD_INPUT;
             }
         }
     };
     for warning in engine.warnings() {
-        eprintln!("warning: {warning}");
+        errln!("warning: {warning}");
     }
     let now = request.now.unwrap_or_else(OffsetDateTime::now_utc);
     let decision = engine.evaluate(&request.request, now);
@@ -113,7 +113,7 @@ fn check(request_path: &Path, policies: &[PathBuf], output: Output) -> i32 {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {}
         Err(e) => {
-            eprintln!("writ policy check: writing the decision to standard output: {e}");
+            errln!("writ policy check: writing the decision to standard output: {e}");
             return EXIT_BAD_INPUT;
         }
     }
