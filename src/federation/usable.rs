@@ -149,10 +149,20 @@ mod tests {
 
     /// A CA certificate valid from `from` to `until` (years, January 1st).
     fn ca_valid(from: i32, until: i32) -> rustls_pki_types::CertificateDer<'static> {
+        ca_between(
+            rcgen::date_time_ymd(from, 1, 1),
+            rcgen::date_time_ymd(until, 1, 1),
+        )
+    }
+
+    fn ca_between(
+        from: time::OffsetDateTime,
+        until: time::OffsetDateTime,
+    ) -> rustls_pki_types::CertificateDer<'static> {
         let mut p = rcgen::CertificateParams::default();
         p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        p.not_before = rcgen::date_time_ymd(from, 1, 1);
-        p.not_after = rcgen::date_time_ymd(until, 1, 1);
+        p.not_before = from;
+        p.not_after = until;
         let key = rcgen::KeyPair::generate().unwrap();
         p.self_signed(&key).unwrap().der().clone()
     }
@@ -231,14 +241,10 @@ mod tests {
         }
         // A root whose notBefore is a little ahead of this clock (the
         // peer's runs ahead) counts as valid now.
-        let soon = {
-            let mut p = rcgen::CertificateParams::default();
-            p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-            p.not_before = time::OffsetDateTime::now_utc() + time::Duration::seconds(60);
-            p.not_after = rcgen::date_time_ymd(2400, 1, 1);
-            let key = rcgen::KeyPair::generate().unwrap();
-            p.self_signed(&key).unwrap().der().clone()
-        };
+        let soon = ca_between(
+            time::OffsetDateTime::now_utc() + time::Duration::seconds(60),
+            rcgen::date_time_ymd(2400, 1, 1),
+        );
         check_usable(&bundle_of(vec![soon], 0), true, now).unwrap();
         // JWT keys still authenticate JWT-SVIDs, but a self-serving endpoint
         // needs an X.509 authority to be fetched from again.
