@@ -294,6 +294,13 @@ impl NotServing {
     }
 }
 
+/// A request the listener did not take, as a message: kept as an I/O
+/// error, a broken pipe (the listener reset the connection) would be taken
+/// by `main` for a closed stdout, and the check would pass in silence.
+fn request_not_sent(authority: &str, error: &std::io::Error) -> anyhow::Error {
+    anyhow::anyhow!("sending the request to {authority}: {error}")
+}
+
 /// `writ healthcheck --http ADDR`: exit 0 when `GET /ready` answers 200
 /// within `deadline`. Plain HTTP/1.1 over loopback, so a hand-written
 /// request is enough. With `json`, what it prints is one object naming
@@ -320,7 +327,8 @@ pub async fn http_healthcheck(
                 format!("GET /ready HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\r\n")
                     .as_bytes(),
             )
-            .await?;
+            .await
+            .map_err(|e| request_not_sent(authority, &e))?;
         let mut response = Vec::new();
         stream
             .take(64 * 1024)
@@ -515,5 +523,25 @@ fn proto_value_to_json(v: &prost_types::Value) -> serde_json::Value {
         Some(Kind::StringValue(s)) => s.clone().into(),
         Some(Kind::ListValue(l)) => l.values.iter().map(proto_value_to_json).collect(),
         Some(Kind::StructValue(s)) => struct_to_json(s),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A health check whose request the listener reset must fail, not be
+    /// taken for a reader of stdout that left (exit 0).
+    #[test]
+    fn a_request_the_listener_refused_is_no_closed_stdout() {
+        let reset = std::io::Error::from(std::io::ErrorKind::BrokenPipe);
+        let error = request_not_sent("127.0.0.1:9600", &reset);
+        assert!(!crate::cli::stdout_closed(&error), "{error:#}");
+        assert_eq!(
+            error.to_string(),
+            format!("sending the request to 127.0.0.1:9600: {reset}")
+        );
+        // What `?` on the I/O error itself would have made of it.
+        assert!(crate::cli::stdout_closed(&anyhow::Error::from(reset)));
     }
 }
