@@ -405,20 +405,12 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
             match crate::scheduling::apply(loaded.cpu_scheduling) {
                 Ok(crate::scheduling::Applied::KeptStartPolicy {
                     policy,
-                    reset_on_fork: false,
+                    reset_on_fork,
                 }) => {
                     tracing::info!(
                         policy,
+                        reset_on_fork,
                         "keeping the CPU scheduling policy writ was started with"
-                    );
-                }
-                Ok(crate::scheduling::Applied::KeptStartPolicy {
-                    policy,
-                    reset_on_fork: true,
-                }) => {
-                    tracing::info!(
-                        policy,
-                        "keeping the CPU scheduling policy writ was started with, with reset-on-fork: the threads writ starts run under SCHED_OTHER if it is a realtime or deadline policy, and keep it otherwise"
                     );
                 }
                 Ok(_) => {}

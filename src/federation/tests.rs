@@ -446,11 +446,22 @@ fn document(certs: &[&CertificateDer<'_>], sequence: u64) -> Vec<u8> {
 
 /// A CA certificate whose validity ended on 2001-01-01.
 fn expired_ca_cert() -> CertificateDer<'static> {
+    ca_valid_between(
+        rcgen::date_time_ymd(2000, 1, 1),
+        rcgen::date_time_ymd(2001, 1, 1),
+    )
+}
+
+/// A self-signed CA certificate valid from `from` to `until`.
+pub(super) fn ca_valid_between(
+    from: time::OffsetDateTime,
+    until: time::OffsetDateTime,
+) -> CertificateDer<'static> {
     let mut p = CertificateParams::default();
     p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-    p.not_before = rcgen::date_time_ymd(2000, 1, 1);
-    p.not_after = rcgen::date_time_ymd(2001, 1, 1);
+    p.not_before = from;
+    p.not_after = until;
     let key = KeyPair::generate().unwrap();
     p.self_signed(&key).unwrap().der().clone()
 }

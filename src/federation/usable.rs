@@ -147,24 +147,14 @@ mod tests {
     use super::*;
     use crate::spiffe_id::TrustDomain;
 
+    use crate::federation::tests::ca_valid_between;
+
     /// A CA certificate valid from `from` to `until` (years, January 1st).
     fn ca_valid(from: i32, until: i32) -> rustls_pki_types::CertificateDer<'static> {
-        ca_between(
+        ca_valid_between(
             rcgen::date_time_ymd(from, 1, 1),
             rcgen::date_time_ymd(until, 1, 1),
         )
-    }
-
-    fn ca_between(
-        from: time::OffsetDateTime,
-        until: time::OffsetDateTime,
-    ) -> rustls_pki_types::CertificateDer<'static> {
-        let mut p = rcgen::CertificateParams::default();
-        p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        p.not_before = from;
-        p.not_after = until;
-        let key = rcgen::KeyPair::generate().unwrap();
-        p.self_signed(&key).unwrap().der().clone()
     }
 
     fn bundle_of(
@@ -241,7 +231,7 @@ mod tests {
         }
         // A root whose notBefore is a little ahead of this clock (the
         // peer's runs ahead) counts as valid now.
-        let soon = ca_between(
+        let soon = ca_valid_between(
             time::OffsetDateTime::now_utc() + time::Duration::seconds(60),
             rcgen::date_time_ymd(2400, 1, 1),
         );
