@@ -499,6 +499,7 @@ mod tests {
         let mut file = running.clone();
         file.trust_domain = crate::spiffe_id::TrustDomain::new("other.test").unwrap();
         file.data_dir = "/elsewhere".into();
+        file.cpu_scheduling = crate::config::CpuScheduling::Inherit;
         file.workload_api.socket_path = "/elsewhere/w.sock".into();
         file.admin_api.bind_same_uid = !running.admin_api.bind_same_uid;
         file.ca.x509_svid_ttl *= 2;
@@ -519,7 +520,7 @@ mod tests {
         file.policy.files = vec!["/etc/writ/policy.cedar".into()];
         file.federation.min_refresh_interval *= 2;
         file.entries.clear();
-        assert_eq!(restart_required(&running, &file).len(), 11);
+        assert_eq!(restart_required(&running, &file).len(), 12);
 
         let next = keep_restart_only_settings(file.clone(), &running);
         assert!(
@@ -528,7 +529,7 @@ mod tests {
             restart_required(&running, &next)
         );
         // Still pending, as the file still differs from what runs.
-        assert_eq!(restart_required(&next, &file).len(), 11);
+        assert_eq!(restart_required(&next, &file).len(), 12);
         assert_eq!(next.log.level, "debug");
         assert_eq!(next.policy, file.policy);
         assert_eq!(
