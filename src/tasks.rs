@@ -1226,7 +1226,7 @@ impl TaskManager {
                 // A PID is a number in some PID namespace, and writ reads it
                 // in its own: from a caller in another (a container) it would
                 // name whatever process has that number here.
-                if !shares_pid_namespace_with_us(caller.process.pid()) {
+                if !shares_pid_namespace_with_us(&caller.process) {
                     return Err(invalid(
                         "binding.pid",
                         format!(
@@ -2702,11 +2702,11 @@ fn validate_intent(intent: &Intent) -> Result<(), TaskError> {
     Ok(())
 }
 
-/// Whether process `pid` is in writ's PID namespace. Unreadable counts as
+/// Whether `process` is in writ's PID namespace. Unreadable counts as
 /// not: a PID from a caller whose namespace is unknown is not trusted.
-fn shares_pid_namespace_with_us(pid: i32) -> bool {
-    // A process never leaves its own PID namespace (unshare and setns move
-    // only its future children), so writ's is read once, not per BeginTask.
+fn shares_pid_namespace_with_us(process: &PinnedProcess) -> bool {
+    // Neither writ nor the caller can leave its PID namespace, so each is
+    // read once: writ's here, the caller's once per pinned caller.
     static OURS: std::sync::OnceLock<(u64, u64)> = std::sync::OnceLock::new();
     let ours = match OURS.get() {
         Some(ours) => *ours,
@@ -2715,7 +2715,7 @@ fn shares_pid_namespace_with_us(pid: i32) -> bool {
             None => return false,
         },
     };
-    writ_attestors::namespace_of(pid, "pid") == Some(ours)
+    process.pid_namespace() == Some(ours)
 }
 
 /// The process (thread group) that thread `tid` belongs to, from

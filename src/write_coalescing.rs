@@ -12,6 +12,7 @@
 
 use std::io;
 use std::pin::Pin;
+use std::sync::Mutex;
 use std::task::{Context, Poll, ready};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -28,6 +29,41 @@ const WHOLE_FRAME: usize = 16 * 1024;
 /// carried a large message gives the rest back, so thousands of idle
 /// connections do not each keep the most they ever held.
 const KEPT_CAPACITY: usize = 4 * 1024;
+
+/// Buffers of `HELD_LIMIT` bytes that passes with a large message gave
+/// back, for the next such pass on any connection. Growing a small buffer
+/// frame by frame instead copied what it held at every doubling (more than
+/// the message itself for an 85 KiB CRL), and a buffer this size freed at
+/// every pass would be mapped and unmapped again each time.
+static SPARE_LARGE_BUFFERS: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
+
+/// Most spare buffers kept: enough for the connections one pass of the
+/// runtime's workers sends on, little memory (pages never written to are
+/// never backed).
+const MAX_SPARE_LARGE_BUFFERS: usize = 4;
+
+fn spare_large_buffers() -> std::sync::MutexGuard<'static, Vec<Vec<u8>>> {
+    // The list holds no invariant a panic could break.
+    SPARE_LARGE_BUFFERS
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// An empty buffer with room for `HELD_LIMIT` bytes.
+fn take_large_buffer() -> Vec<u8> {
+    spare_large_buffers()
+        .pop()
+        .unwrap_or_else(|| Vec::with_capacity(HELD_LIMIT))
+}
+
+/// Keeps `buffer` for another pass, if few are kept.
+fn give_back_large_buffer(mut buffer: Vec<u8>) {
+    buffer.clear();
+    let mut spare = spare_large_buffers();
+    if spare.len() < MAX_SPARE_LARGE_BUFFERS {
+        spare.push(buffer);
+    }
+}
 
 pub struct Coalesced<S> {
     inner: S,
@@ -68,8 +104,12 @@ impl<S: AsyncWrite + Unpin> Coalesced<S> {
             }
             self.sent += n;
         }
-        self.held.clear();
-        self.held.shrink_to(KEPT_CAPACITY);
+        if self.held.capacity() >= HELD_LIMIT {
+            give_back_large_buffer(std::mem::take(&mut self.held));
+        } else {
+            self.held.clear();
+            self.held.shrink_to(KEPT_CAPACITY);
+        }
         self.sent = 0;
         Poll::Ready(Ok(()))
     }
@@ -123,6 +163,13 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Coalesced<S> {
             this.sent = 0;
         }
         let mut room = HELD_LIMIT.saturating_sub(this.held.len());
+        let offered: usize = bufs.iter().map(|b| b.len()).sum();
+        if offered >= WHOLE_FRAME && this.held.capacity() < HELD_LIMIT {
+            // The start of a large message: room for all of it at once.
+            let mut large = take_large_buffer();
+            large.extend_from_slice(&this.held);
+            this.held = large;
+        }
         let mut taken = 0;
         for slice in bufs {
             let part = &slice[..slice.len().min(room)];
@@ -415,6 +462,28 @@ mod tests {
             h.with_cx(|conn, cx| conn.poll_write(cx, b"x")),
             Poll::Pending
         ));
+    }
+
+    #[test]
+    fn a_large_message_is_held_in_one_buffer_from_its_first_frame() {
+        let mut h = Harness::new(Socket::default());
+        h.frame(b"small", b"request");
+        let frames = frames(5);
+        h.frame(&frames[0].0, &frames[0].1);
+        let first = (h.conn.held.as_ptr(), h.conn.held.capacity());
+        assert!(first.1 >= HELD_LIMIT, "room for the whole message at once");
+        for (header, payload) in &frames[1..] {
+            h.frame(header, payload);
+            assert_eq!(
+                (h.conn.held.as_ptr(), h.conn.held.capacity()),
+                first,
+                "never moved or grown mid-message"
+            );
+        }
+        assert!(matches!(h.flush(), Poll::Ready(Ok(()))));
+        let mut expected = b"smallrequest".to_vec();
+        expected.extend(on_the_wire(&frames));
+        assert_eq!(h.socket().received(), expected);
     }
 
     #[test]

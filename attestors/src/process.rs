@@ -38,6 +38,8 @@ pub struct PinnedProcess {
     /// Opened by the first attestation that found the process alive after
     /// opening them, and kept for the next.
     files: OnceLock<ProcFiles>,
+    /// Its PID namespace, once read (`pid_namespace`).
+    pid_namespace: OnceLock<(u64, u64)>,
 }
 
 impl PinnedProcess {
@@ -91,6 +93,7 @@ impl PinnedProcess {
             parent_when_pinned: stat.ppid,
             pinned_seq,
             files: OnceLock::new(),
+            pid_namespace: OnceLock::new(),
         };
         // Ordering matters: the stat read must come before this check. Alive
         // now means alive then, so the PID was still ours when we read it.
@@ -138,6 +141,23 @@ impl PinnedProcess {
             Some(files) => files.exe(),
             None => std::fs::read_link(ProcFiles::path_of(self.pid, "exe")).ok(),
         }
+    }
+
+    /// The PID namespace the process is in, as [`namespace_of`] gives it;
+    /// `None` when unreadable or the process is gone. Read once: a process
+    /// never leaves its PID namespace (unshare and setns move only its
+    /// future children), so an admin connection asks /proc on its first
+    /// call only.
+    pub fn pid_namespace(&self) -> Option<(u64, u64)> {
+        if let Some(namespace) = self.pid_namespace.get() {
+            return Some(*namespace);
+        }
+        let read = namespace_of(self.pid, "pid")?;
+        // Alive after the read: the PID was still this process's.
+        if self.has_exited() {
+            return None;
+        }
+        Some(*self.pid_namespace.get_or_init(|| read))
     }
 
     /// Non-blocking: has the pinned process exited (zombie or reaped)?
@@ -376,6 +396,28 @@ pub fn namespace_of(pid: i32, kind: &str) -> Option<(u64, u64)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reads_the_pid_namespace_of_a_live_process_only() {
+        let me = PinnedProcess::open(std::process::id() as i32).unwrap();
+        let ours = namespace_of(std::process::id() as i32, "pid");
+        assert!(ours.is_some());
+        assert_eq!(me.pid_namespace(), ours);
+        assert_eq!(me.pid_namespace(), ours, "the kept answer");
+
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let pinned = PinnedProcess::open(child.id() as i32).unwrap();
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert_eq!(
+            pinned.pid_namespace(),
+            None,
+            "gone, so nothing it says counts"
+        );
+    }
 
     #[test]
     fn pins_itself_and_sees_itself_alive() {
