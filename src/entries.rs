@@ -419,6 +419,14 @@ impl EntryStore {
                 }
             })
             .collect::<Result<Vec<_>, _>>()?;
+        // An entry matches a set of selectors: a repeat says nothing more,
+        // and most likely was meant as another selector.
+        if let Some((n, first)) = first_repeat(&selectors) {
+            return Err(invalid(
+                "selectors",
+                format!("item {n} ({:?}) repeats item {first}", req.selectors[n]),
+            ));
+        }
         let ttl = if req.x509_svid_ttl.is_empty() {
             self.default_ttl
         } else {

@@ -3908,7 +3908,14 @@ async fn repeated_list_items_are_refused_naming_the_field() {
     assert_eq!(err.code(), Code::NotFound);
 
     type SpoilEntry = fn(&mut apb::CreateEntryRequest);
-    let cases: [(&str, SpoilEntry); 2] = [
+    let cases: [(&str, SpoilEntry); 3] = [
+        ("selectors: item 2 (\"unix:uid:1\") repeats item 0", |r| {
+            r.selectors = vec![
+                "unix:uid:1".into(),
+                "unix:gid:1".into(),
+                "unix:uid:1".into(),
+            ]
+        }),
         // DNS names compare without regard to case.
         ("dns_names: item 1 (\"A.example\") repeats item 0", |r| {
             r.dns_names = vec!["a.example".into(), "A.example".into()]

@@ -628,6 +628,20 @@ impl Builder<'_> {
                 }
             }
         }
+        // A selector set matches as a set: a repeat adds nothing, and most
+        // likely was meant as another selector. Only when every item parsed
+        // do the indexes line up with the file's.
+        if valid && let Some((n, first)) = crate::entries::first_repeat(&selectors) {
+            let list = key.rsplit_once('.').map_or(key, |(_, last)| last);
+            self.error(
+                texts[n].span(),
+                format!(
+                    "{key}[{n}] {:?} repeats {list}[{first}]",
+                    texts[n].get_ref()
+                ),
+            );
+            valid = false;
+        }
         valid.then_some(selectors)
     }
 

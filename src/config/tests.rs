@@ -788,6 +788,18 @@ fn bad_trust_domain_and_paths() {
         "entry[0].federates_with[1] \"spiffe://other.example\" repeats federates_with[0] (other.example)",
     );
     assert_single_error(
+        "[[entry]]\nspiffe_id = \"spiffe://writ.test/a\"\nselectors = [\"unix:uid:1\", \"unix:uid:1\"]\n",
+        3,
+        28,
+        "entry[0].selectors[1] \"unix:uid:1\" repeats selectors[0]",
+    );
+    assert_single_error(
+        "[admin_api]\nauthorized = [[\"unix:uid:0\"], [\"unix:gid:0\", \"unix:gid:0\"]]\n",
+        2,
+        46,
+        "admin_api.authorized[1][1] \"unix:gid:0\" repeats authorized[1][0]",
+    );
+    assert_single_error(
         "cpu_scheduling = \"fifo\"\n",
         1,
         18,
