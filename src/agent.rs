@@ -2154,8 +2154,16 @@ fn insert_issued(
     Ok(())
 }
 
+const TASK_CACHE_KEY_PREFIX: &str = "task:";
+
 pub fn task_cache_key(task_id: &str) -> String {
-    format!("task:{task_id}")
+    format!("{TASK_CACHE_KEY_PREFIX}{task_id}")
+}
+
+/// Whether `key` is `task_cache_key(task_id)`, without building it: a
+/// stream asks this of every task that ended since it last looked.
+pub fn is_task_cache_key(key: &str, task_id: &str) -> bool {
+    key.strip_prefix(TASK_CACHE_KEY_PREFIX) == Some(task_id)
 }
 
 fn unix_secs(t: SystemTime) -> i64 {
@@ -2207,6 +2215,17 @@ mod tests {
 
     use super::*;
     use crate::config::{Config, Environment};
+
+    #[test]
+    fn a_task_cache_key_is_recognised_without_being_built() {
+        for id in ["t-1", "", "task:t-1", "t-1/x"] {
+            assert!(is_task_cache_key(&task_cache_key(id), id), "{id:?}");
+        }
+        assert!(!is_task_cache_key(&task_cache_key("t-1"), "t-10"));
+        assert!(!is_task_cache_key(&task_cache_key("t-10"), "t-1"));
+        assert!(!is_task_cache_key("entry:t-1", "t-1"));
+        assert!(!is_task_cache_key("t-1", "t-1"));
+    }
 
     #[test]
     fn records_left_out_at_a_stop_are_counted_by_kind() {

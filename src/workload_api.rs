@@ -513,7 +513,7 @@ impl Resolved {
             && !pending
                 .tasks_ended
                 .iter()
-                .any(|t| keys.contains(&crate::agent::task_cache_key(t)))
+                .any(|t| keys.iter().any(|k| crate::agent::is_task_cache_key(k, t)))
             && !pending
                 .processes_bound
                 .iter()
@@ -931,7 +931,7 @@ where
                     let ended: Vec<String> = unseen
                         .tasks_ended
                         .iter()
-                        .filter(|t| keys.contains(&crate::agent::task_cache_key(t)))
+                        .filter(|t| keys.iter().any(|k| crate::agent::is_task_cache_key(k, t)))
                         .cloned()
                         .collect();
                     if !ended.is_empty() {

@@ -230,7 +230,9 @@ fn pidfd_fdinfo_pid(pidfd: &OwnedFd) -> Result<Option<i32>, AttestError> {
 
 pub(crate) fn read_stat(pid: i32) -> Result<StatFields, AttestError> {
     let mut paths = ProcPaths::new(pid);
-    let mut buf = Vec::with_capacity(512);
+    // A `stat` line is a few hundred bytes: room for it and the read that
+    // finds its end.
+    let mut buf = Vec::with_capacity(1024);
     read_stat_with(&mut paths, &mut buf)
 }
 
@@ -335,7 +337,9 @@ pub fn is_descendant_of(pid: i32, ancestor_pid: i32, ancestor_start_time: u64) -
         return false;
     }
     let mut paths = ProcPaths::new(pid);
-    let mut buf = Vec::with_capacity(512);
+    // A `stat` line is a few hundred bytes: room for it and the read that
+    // finds its end.
+    let mut buf = Vec::with_capacity(1024);
     let Ok(mut current) = read_stat_with(&mut paths, &mut buf) else {
         return false;
     };

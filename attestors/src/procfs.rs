@@ -145,11 +145,15 @@ fn read_until_end(
     buf: &mut Vec<u8>,
     mut read: impl FnMut(&mut [u8], u64) -> io::Result<usize>,
 ) -> io::Result<()> {
-    const CHUNK: usize = 4096;
+    // Reads fill the room the buffer has (so a buffer sized for the file
+    // takes it, and the read that finds the end, without growing), and at
+    // least this much.
+    const MIN_CHUNK: usize = 1024;
     buf.clear();
     loop {
         let start = buf.len();
-        buf.resize(start + CHUNK, 0);
+        let room = (buf.capacity() - start).max(MIN_CHUNK);
+        buf.resize(start + room, 0);
         match read(&mut buf[start..], start as u64) {
             Ok(0) => {
                 buf.truncate(start);
@@ -297,6 +301,36 @@ pub(crate) fn parse_cgroup(text: &[u8]) -> Result<Option<String>, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A file of `len` bytes read through `read_until_end`, handing out at
+    /// most `per_read` bytes a call.
+    fn read_through(len: usize, per_read: usize, buf: &mut Vec<u8>) {
+        let content: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+        read_until_end(buf, |chunk, offset| {
+            let at = (offset as usize).min(len);
+            let n = chunk.len().min(per_read).min(len - at);
+            chunk[..n].copy_from_slice(&content[at..at + n]);
+            Ok(n)
+        })
+        .unwrap();
+        assert_eq!(*buf, content);
+    }
+
+    #[test]
+    fn whole_files_are_read_however_they_come() {
+        for (len, per_read) in [(0, 4096), (1500, 4096), (1500, 7), (20_000, 4096)] {
+            read_through(len, per_read, &mut Vec::new());
+            read_through(len, per_read, &mut Vec::with_capacity(4096));
+        }
+    }
+
+    #[test]
+    fn a_buffer_with_room_for_the_file_is_not_grown() {
+        let mut buf = Vec::with_capacity(4096);
+        let before = (buf.as_ptr(), buf.capacity());
+        read_through(1500, 4096, &mut buf);
+        assert_eq!((buf.as_ptr(), buf.capacity()), before);
+    }
 
     #[test]
     fn stat_is_parsed_from_the_last_paren() {

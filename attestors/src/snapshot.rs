@@ -52,7 +52,7 @@ pub struct Credentials {
 /// earlier attestation is trusted again.
 pub fn read_credentials(process: &PinnedProcess) -> Result<Credentials, AttestError> {
     let pid = process.pid();
-    let mut buf = Vec::with_capacity(2048);
+    let mut buf = Vec::with_capacity(STATUS_BUFFER_BYTES);
     let status = read_status(pid, process.proc_files()?, &mut buf)?;
     if process.has_exited() {
         return Err(AttestError::ProcessGone { pid });
@@ -63,6 +63,10 @@ pub fn read_credentials(process: &PinnedProcess) -> Result<Credentials, AttestEr
         supplementary_gids: status.supplementary_gids,
     })
 }
+
+/// Room for a `status` file (about 1.5 KiB) and the read that finds its
+/// end, so neither grows the buffer.
+const STATUS_BUFFER_BYTES: usize = 4096;
 
 /// The process's `status` file, read into `buf` and parsed.
 fn read_status(
@@ -83,7 +87,7 @@ fn read_status(
 pub fn read_snapshot(process: &PinnedProcess) -> Result<ProcessSnapshot, AttestError> {
     let pid = process.pid();
     let files = process.proc_files()?;
-    let mut buf = Vec::with_capacity(2048);
+    let mut buf = Vec::with_capacity(STATUS_BUFFER_BYTES);
     let status = read_status(pid, files, &mut buf)?;
 
     let exe_path = files.exe();
