@@ -4,7 +4,10 @@ use clap::Parser;
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    let cli = writ::cli::Cli::parse();
+    let cli = match writ::cli::Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return writ::cli::report_parse_failure(e, std::env::args_os()),
+    };
     // Only a client's output has a reader that may leave early; the
     // agent's errors are never taken for that.
     let agent = matches!(cli.command, writ::cli::Command::Run { .. });

@@ -516,6 +516,51 @@ async fn a_healthcheck_that_is_not_serving_names_its_status() {
     server.abort();
 }
 
+/// A usage error is plain text with exit status 2, or, when the command
+/// line asks for `--output json`, one JSON error object on stderr (still
+/// status 2, nothing on stdout); help is help either way.
+#[test]
+fn usage_errors_follow_output_json() {
+    let run = |args: &[&str]| {
+        let out = Command::new(WRIT).args(args).output().unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, stdout, stderr) = run(&["task", "get", "--output", "json"]);
+    assert_eq!((code, stdout.as_str()), (Some(2), ""), "{stderr}");
+    let failure: serde_json::Value = serde_json::from_str(&stderr).unwrap();
+    assert_eq!(
+        failure["error"]["message"], "the following required arguments were not provided: <ID>",
+        "{failure}"
+    );
+    assert!(
+        failure["error"]["usage"]
+            .as_str()
+            .is_some_and(|u| u.starts_with("writ task get ")),
+        "{failure}"
+    );
+    let (code, _, stderr) = run(&["entry", "list", "--output=json", "--bogus"]);
+    assert_eq!(code, Some(2), "{stderr}");
+    let failure: serde_json::Value = serde_json::from_str(&stderr).unwrap();
+    assert_eq!(
+        failure["error"]["message"],
+        "unexpected argument '--bogus' found"
+    );
+
+    let (code, stdout, stderr) = run(&["task", "get"]);
+    assert_eq!((code, stdout.as_str()), (Some(2), ""));
+    assert!(
+        stderr.starts_with("error: the following required arguments"),
+        "{stderr}"
+    );
+    let (code, stdout, stderr) = run(&["task", "get", "--help", "--output", "json"]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stdout.contains("Usage: writ task get"), "{stdout}");
+}
+
 /// A closed stderr (`2>&-`, or `2>&1 >/dev/null | true`) changes no exit
 /// status: what the CLI would have said there (a warning, the failure) is
 /// dropped. `eprintln!` used to panic on it, exiting 101 even after a

@@ -589,6 +589,74 @@ pub fn report_failure(error: &anyhow::Error, json: bool) {
     }
 }
 
+/// Reports what stopped the command line from parsing, and gives the exit
+/// status. Help and the version are printed as clap prints them. A usage
+/// error (an unknown flag, a missing value; exit status 2) is plain text,
+/// unless `args` (the command line, program name first) ask for `--output
+/// json`: then it is the JSON error object every other failure of such a
+/// command is, `{"error": {"message": ..., "usage": ...}}`, so that a
+/// script reading stderr as JSON is never handed text.
+pub fn report_parse_failure(
+    error: clap::Error,
+    args: impl IntoIterator<Item = std::ffi::OsString>,
+) -> std::process::ExitCode {
+    use clap::error::ErrorKind;
+    let status = u8::try_from(error.exit_code()).unwrap_or(2);
+    let shown_as_is = matches!(
+        error.kind(),
+        ErrorKind::DisplayHelp
+            | ErrorKind::DisplayVersion
+            | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+    );
+    if shown_as_is || !asks_for_json(args) {
+        let _ = error.print();
+        return std::process::ExitCode::from(status);
+    }
+    errln!("{}", usage_failure_json(&error.render().to_string()));
+    std::process::ExitCode::from(status)
+}
+
+/// Whether a command line gives `--output json` (before any `--`).
+fn asks_for_json(args: impl IntoIterator<Item = std::ffi::OsString>) -> bool {
+    let mut previous_was_output = false;
+    for arg in args.into_iter().skip(1) {
+        if arg == "--" {
+            return false;
+        }
+        if (previous_was_output && arg == "json") || arg == "--output=json" {
+            return true;
+        }
+        previous_was_output = arg == "--output";
+    }
+    false
+}
+
+/// clap's rendered usage error as the JSON error object: its first
+/// paragraph (without `error: `, on one line) is the message, its `Usage:`
+/// line the usage.
+fn usage_failure_json(rendered: &str) -> serde_json::Value {
+    let message = rendered
+        .lines()
+        .map(str::trim)
+        .skip_while(|line| line.is_empty())
+        .take_while(|line| !line.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ");
+    let message = match message.strip_prefix("error: ") {
+        Some(rest) => rest,
+        None if message.is_empty() => "the command line could not be parsed",
+        None => &message,
+    };
+    let mut failure = serde_json::json!({ "message": message });
+    if let Some(usage) = rendered
+        .lines()
+        .find_map(|line| line.trim().strip_prefix("Usage: "))
+    {
+        failure["usage"] = usage.into();
+    }
+    serde_json::json!({ "error": failure })
+}
+
 /// A failure as `--output json` reports it on stderr: one object,
 /// `{"error": {"message": ..., "code": ...}}`. `message` is what text
 /// output says after `writ: `; `code` is the gRPC status code's name when
@@ -641,6 +709,45 @@ pub fn stdout_closed(error: &anyhow::Error) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_command_line_asks_for_json_only_with_output_json_before_a_double_dash() {
+        let asks = |args: &[&str]| {
+            asks_for_json(
+                std::iter::once("writ")
+                    .chain(args.iter().copied())
+                    .map(std::ffi::OsString::from),
+            )
+        };
+        assert!(asks(&["task", "get", "--output", "json"]));
+        assert!(asks(&["task", "get", "--output=json", "t1"]));
+        assert!(!asks(&["task", "get", "--output", "text"]));
+        assert!(!asks(&["task", "get", "json"]));
+        assert!(!asks(&["task", "get", "--", "--output", "json"]));
+        assert!(!asks(&["--output"]));
+        // The program's own name is not an argument.
+        assert!(!asks_for_json(["--output=json".into()]));
+    }
+
+    #[test]
+    fn a_usage_error_becomes_one_json_object() {
+        let rendered = "error: the following required arguments were not provided:\n  <ID>\n\nUsage: writ task get <ID>\n\nFor more information, try '--help'.\n";
+        assert_eq!(
+            usage_failure_json(rendered),
+            serde_json::json!({"error": {
+                "message": "the following required arguments were not provided: <ID>",
+                "usage": "writ task get <ID>",
+            }})
+        );
+        assert_eq!(
+            usage_failure_json("error: a value is required for '--ttl <TTL>'\n"),
+            serde_json::json!({"error": {"message": "a value is required for '--ttl <TTL>'"}})
+        );
+        assert_eq!(
+            usage_failure_json(""),
+            serde_json::json!({"error": {"message": "the command line could not be parsed"}})
+        );
+    }
 
     #[test]
     fn an_empty_spiffe_endpoint_socket_is_unset() {
