@@ -268,6 +268,70 @@ fn fetch_writes_svid_key_and_bundle_files() {
     // The files hold a usable identity: the spiffe crate accepts them.
     spiffe::X509Svid::parse_from_der(chain[0].contents(), key.contents()).unwrap();
 
+    // Whatever was at the files' paths is replaced, never written through:
+    // a key file left readable by all, a symlink to another file, a named
+    // pipe (which no reader ever opens) all give way to new files.
+    std::fs::set_permissions(
+        out.join("svid.0.key"),
+        std::fs::Permissions::from_mode(0o644),
+    )
+    .unwrap();
+    let elsewhere = writ.dir.path().join("elsewhere");
+    std::fs::write(&elsewhere, "untouched").unwrap();
+    std::fs::remove_file(out.join("bundle.0.pem")).unwrap();
+    std::os::unix::fs::symlink(&elsewhere, out.join("bundle.0.pem")).unwrap();
+    std::fs::remove_file(out.join("svid.0.pem")).unwrap();
+    nix::unistd::mkfifo(
+        &out.join("svid.0.pem"),
+        nix::sys::stat::Mode::from_bits_truncate(0o644),
+    )
+    .unwrap();
+    let mut again = Command::new(WRIT)
+        .args([
+            "api",
+            "fetch",
+            "x509",
+            "--socket",
+            &writ.endpoint(),
+            "--write",
+        ])
+        .arg(&out)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let finished = loop {
+        if let Some(status) = again.try_wait().unwrap() {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            again.kill().unwrap();
+            again.wait().unwrap();
+            panic!("the fetch hangs (writing into the named pipe?)");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(finished.success());
+    let mode = |name: &str| {
+        let meta = std::fs::symlink_metadata(out.join(name)).unwrap();
+        (
+            meta.file_type().is_file(),
+            meta.permissions().mode() & 0o777,
+        )
+    };
+    assert_eq!(mode("svid.0.key"), (true, 0o600));
+    assert_eq!(mode("svid.0.pem"), (true, 0o644));
+    assert_eq!(mode("bundle.0.pem"), (true, 0o644));
+    assert_eq!(std::fs::read_to_string(&elsewhere).unwrap(), "untouched");
+    pem::parse_many(std::fs::read(out.join("svid.0.pem")).unwrap()).unwrap();
+    let leftovers: Vec<_> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .filter(|name| name.to_string_lossy().ends_with(".tmp"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+
     // SPIFFE_ENDPOINT_SOCKET is honoured when --socket is absent.
     let out = Command::new(WRIT)
         .args(["api", "fetch", "x509"])

@@ -570,7 +570,7 @@ pub async fn task(cmd: TaskCommand) -> anyhow::Result<()> {
                     clean(&t.spiffe_id)
                 )
             };
-            let mut out = std::io::stdout();
+            let mut out = crate::cli::stdout();
             print_pages(&mut out, json, Some(&header), fetch, line, task_json).await?;
         }
         TaskCommand::Watch { admin } => {
@@ -689,7 +689,7 @@ pub async fn entry(cmd: EntryCommand) -> anyhow::Result<()> {
                 )
             };
             let json = admin.output == Output::Json;
-            let mut out = std::io::stdout();
+            let mut out = crate::cli::stdout();
             print_pages(&mut out, json, None, fetch, line, entry_json).await?;
         }
     }
@@ -1053,7 +1053,7 @@ pub async fn reload(admin: AdminSocketArg) -> anyhow::Result<()> {
                     "code": format!("{:?}", status.code()),
                     "reason": status.message(),
                 });
-                let mut stdout = std::io::stdout().lock();
+                let mut stdout = crate::cli::stdout().lock();
                 let _ = writeln!(stdout, "{refusal:#}").and_then(|()| stdout.flush());
             }
             return Err(api_status_error(Api::Admin, &path, "Reload", status));

@@ -65,17 +65,38 @@ fn pem_certs(der_concat: &[u8]) -> anyhow::Result<String> {
         .collect())
 }
 
+/// Puts `contents` at `path` as a new file of `mode`: written to a fresh
+/// file beside it, then renamed over whatever `path` was. Opening `path`
+/// itself would keep the mode of a file already there (a key left world-
+/// readable), follow a symlink planted there to wherever it points, or hang
+/// on a named pipe; and a reader of the files (a sidecar, a reloading
+/// server) would see a half-written one.
 fn write_file(path: &Path, contents: &[u8], mode: u32) -> anyhow::Result<()> {
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(mode)
-        .open(path)
-        .with_context(|| format!("writing {}", path.display()))?;
-    f.write_all(contents)
-        .with_context(|| format!("writing {}", path.display()))?;
+    let fresh = fresh_name_beside(path);
+    let written = (|| -> std::io::Result<()> {
+        // create_new: never a file (or symlink) already at that name.
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .open(&fresh)?;
+        f.write_all(contents)?;
+        f.sync_all()?;
+        std::fs::rename(&fresh, path)
+    })();
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&fresh);
+        return Err(e).with_context(|| format!("writing {}", path.display()));
+    }
     Ok(())
+}
+
+/// A name in `path`'s directory no other writer picks: `.<file>.<pid>.<n>.tmp`.
+fn fresh_name_beside(path: &Path) -> std::path::PathBuf {
+    static WRITTEN: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = WRITTEN.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let file = path.file_name().unwrap_or_default().to_string_lossy();
+    path.with_file_name(format!(".{file}.{}.{n}.tmp", std::process::id()))
 }
 
 /// Writes `svid.N.pem` (chain), `svid.N.key` (0600) and `bundle.N.pem`.
@@ -541,7 +562,8 @@ mod tests {
             error.to_string(),
             format!("sending the request to 127.0.0.1:9600: {reset}")
         );
-        // What `?` on the I/O error itself would have made of it.
-        assert!(crate::cli::stdout_closed(&anyhow::Error::from(reset)));
+        // Not even `?` on the I/O error itself: only standard output's
+        // own writes are marked as its closing.
+        assert!(!crate::cli::stdout_closed(&anyhow::Error::from(reset)));
     }
 }

@@ -241,7 +241,7 @@ async fn tail(path: &Path, lines: usize, follow: bool) -> anyhow::Result<()> {
     let start =
         audit::tail_lines(path, lines).with_context(|| format!("reading {}", path.display()))?;
     {
-        let mut out = std::io::stdout().lock();
+        let mut out = crate::cli::stdout().lock();
         for line in &start.lines {
             out.write_all(line)?;
             out.write_all(b"\n")?;
@@ -257,7 +257,7 @@ async fn tail(path: &Path, lines: usize, follow: bool) -> anyhow::Result<()> {
         partial: Vec::new(),
     };
     loop {
-        let mut out = std::io::stdout().lock();
+        let mut out = crate::cli::stdout().lock();
         let progressed = follower.print_new(&mut out)?;
         if !progressed && !follower.switch_if_rotated(path, &mut out)? {
             drop(out);

@@ -8,7 +8,7 @@
 macro_rules! outln {
     ($($arg:tt)*) => {{
         use std::io::Write as _;
-        writeln!(std::io::stdout(), $($arg)*)?
+        writeln!($crate::cli::stdout(), $($arg)*)?
     }};
 }
 
@@ -16,7 +16,7 @@ macro_rules! outln {
 macro_rules! out {
     ($($arg:tt)*) => {{
         use std::io::Write as _;
-        write!(std::io::stdout(), $($arg)*)?
+        write!($crate::cli::stdout(), $($arg)*)?
     }};
 }
 
@@ -694,16 +694,68 @@ fn status_code(error: &anyhow::Error) -> Option<tonic::Code> {
 /// SIGPIPE stays ignored, as in every Rust program, so a closed pipe or
 /// socket is an error to handle rather than death by signal. Restoring
 /// the default for the clients would also let a connection writ closes
-/// kill them without a word. In a client command, a broken pipe can only
-/// come from its own output: the gRPC connection's failures reach it as
-/// messages (`status_error`, `connect`), not as I/O errors. The agent's
-/// errors (`writ run`) are not asked this.
+/// kill them without a word. Only a write through [`stdout`] says its
+/// broken pipe was standard output's ([`StdoutClosed`]): any other (a
+/// named pipe where `--write` puts a file, a socket) is a failure like
+/// any other. The agent's errors (`writ run`) are not asked this.
 pub fn stdout_closed(error: &anyhow::Error) -> bool {
     error.chain().any(|cause| {
         cause
             .downcast_ref::<std::io::Error>()
-            .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe)
+            .and_then(|e| e.get_ref())
+            .is_some_and(|inner| inner.is::<StdoutClosed>())
     })
+}
+
+/// What a write to standard output that found it closed carries, inside
+/// its `BrokenPipe` error (see [`stdout_closed`]).
+#[derive(Debug, thiserror::Error)]
+#[error("standard output is closed")]
+pub struct StdoutClosed;
+
+/// Standard output for what the CLI prints: its writes' broken pipes are
+/// marked as standard output's own ([`StdoutClosed`]).
+pub struct CliStdout(std::io::Stdout);
+
+/// Standard output, as the CLI prints to it.
+pub fn stdout() -> CliStdout {
+    CliStdout(std::io::stdout())
+}
+
+impl CliStdout {
+    /// Locked for a run of writes, as `Stdout::lock`.
+    pub fn lock(&self) -> CliStdoutLock {
+        CliStdoutLock(self.0.lock())
+    }
+}
+
+/// [`CliStdout`], locked.
+pub struct CliStdoutLock(std::io::StdoutLock<'static>);
+
+fn mark_stdout_error(error: std::io::Error) -> std::io::Error {
+    if error.kind() == std::io::ErrorKind::BrokenPipe {
+        std::io::Error::new(std::io::ErrorKind::BrokenPipe, StdoutClosed)
+    } else {
+        error
+    }
+}
+
+impl std::io::Write for CliStdout {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.write(buf).map_err(mark_stdout_error)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.flush().map_err(mark_stdout_error)
+    }
+}
+
+impl std::io::Write for CliStdoutLock {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.write(buf).map_err(mark_stdout_error)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.flush().map_err(mark_stdout_error)
+    }
 }
 
 #[cfg(test)]
@@ -872,15 +924,33 @@ mod tests {
     }
 
     #[test]
-    fn only_a_broken_pipe_is_a_closed_stdout() {
-        let broken = || std::io::Error::from(std::io::ErrorKind::BrokenPipe);
-        assert!(stdout_closed(&anyhow::Error::new(broken())));
+    fn only_standard_outputs_broken_pipe_is_a_closed_stdout() {
+        let marked = || mark_stdout_error(std::io::Error::from(std::io::ErrorKind::BrokenPipe));
+        assert!(stdout_closed(&anyhow::Error::new(marked())));
         assert!(stdout_closed(
-            &anyhow::Error::new(broken()).context("printing the entries")
+            &anyhow::Error::new(marked()).context("printing the entries")
         ));
-        let denied = std::io::Error::from(std::io::ErrorKind::PermissionDenied);
+        // A broken pipe that did not come through `stdout`: a named pipe
+        // written as a file, a socket.
+        let elsewhere = std::io::Error::from(std::io::ErrorKind::BrokenPipe);
+        assert!(!stdout_closed(&anyhow::Error::new(elsewhere)));
+        let denied = mark_stdout_error(std::io::Error::from(std::io::ErrorKind::PermissionDenied));
+        assert_eq!(denied.kind(), std::io::ErrorKind::PermissionDenied);
         assert!(!stdout_closed(&anyhow::Error::new(denied)));
         assert!(!stdout_closed(&anyhow::anyhow!("Broken pipe")));
+    }
+
+    #[test]
+    fn writes_to_a_closed_pipe_through_stdout_are_marked() {
+        use std::io::Write as _;
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        let mut pipe = writer;
+        let plain = pipe.write_all(b"x").unwrap_err();
+        assert_eq!(plain.kind(), std::io::ErrorKind::BrokenPipe);
+        assert!(!stdout_closed(&anyhow::Error::new(plain)));
+        let marked = mark_stdout_error(pipe.write_all(b"x").unwrap_err());
+        assert!(stdout_closed(&anyhow::Error::new(marked)));
     }
 
     #[derive(Debug, thiserror::Error)]

@@ -147,7 +147,7 @@ fn print_text(
     now: OffsetDateTime,
     d: &Decision,
 ) -> std::io::Result<()> {
-    let mut out = std::io::stdout().lock();
+    let mut out = crate::cli::stdout().lock();
     writeln!(out, "{}", if d.allowed { "ALLOW" } else { "DENY" })?;
     writeln!(out, "action:   {}", request.action_name())?;
     writeln!(out, "time:     {}", format_time(now))?;
@@ -184,7 +184,7 @@ fn print_json(
         "message": d.denial_message(),
         "policies": engine.source(),
     });
-    let mut out = std::io::stdout().lock();
+    let mut out = crate::cli::stdout().lock();
     writeln!(out, "{value}")?;
     out.flush()
 }
