@@ -2110,6 +2110,39 @@ fn relative_socket_paths_are_resolved_against_the_current_directory() {
         )),
         "{stderr}"
     );
+    // From a directory so deep that the absolute path is too long for a
+    // socket address, and from one removed since, the relative path is
+    // used as given: the kernel resolves it.
+    let long_name = "d".repeat(50);
+    let deep = data_dir.join([long_name.as_str(); 3].join("/"));
+    std::fs::create_dir_all(&deep).unwrap();
+    let back = "../../../run/workload.sock";
+    assert!(deep.join(back).as_os_str().len() > 107);
+    let out = Command::new(WRIT)
+        .args(fetch)
+        .args(["--socket", back])
+        .current_dir(&deep)
+        .env_remove("SPIFFE_ENDPOINT_SOCKET")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("spiffe://writ.test/cli"));
+    // The shell enters the directory and removes it before writ starts.
+    std::fs::create_dir(data_dir.join("removed")).unwrap();
+    let out = Command::new("sh")
+        .args([
+            "-c",
+            r#"cd removed && rmdir ../removed && exec "$0" api fetch x509 --socket ../run/workload.sock"#,
+            WRIT,
+        ])
+        .current_dir(&data_dir)
+        .env_remove("SPIFFE_ENDPOINT_SOCKET")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("spiffe://writ.test/cli"));
     // A relative path in a unix URI is refused, with the error it had.
     for (args, env) in [
         (

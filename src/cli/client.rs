@@ -17,7 +17,8 @@ use crate::workload_api::SECURITY_HEADER;
 /// connect somewhere the caller did not mean. A plain path is a file name
 /// as a shell user types it, so a relative one (`run/workload.sock`) is
 /// resolved against the current directory, and made absolute here so that
-/// messages name the socket wherever they are read.
+/// messages name the socket wherever they are read (unless that cannot be
+/// done: see `plain_socket_path`).
 pub fn parse_socket_address(address: &str) -> anyhow::Result<PathBuf> {
     let Some(uri) = address.strip_prefix("unix:") else {
         return plain_socket_path(address);
@@ -68,12 +69,25 @@ fn plain_socket_path(address: &str) -> anyhow::Result<PathBuf> {
         // and `/./` away, changing the path messages quote).
         return Ok(path.to_owned());
     }
-    std::path::absolute(path).map_err(|e| {
-        anyhow::anyhow!(
-            "socket address {address:?} is relative, but the current directory cannot be read: {e}"
-        )
-    })
+    // The kernel resolves a relative path itself, so it is kept as given
+    // where the absolute one would not do: a current directory that cannot
+    // be read (removed, say: `../x.sock` still names a socket), or one so
+    // deep that the absolute path is longer than a socket address may be.
+    match std::path::absolute(path) {
+        Ok(absolute)
+            if absolute.as_os_str().len() > MAX_SOCKET_PATH_BYTES
+                && address.len() <= MAX_SOCKET_PATH_BYTES =>
+        {
+            Ok(path.to_owned())
+        }
+        Ok(absolute) => Ok(absolute),
+        Err(_) => Ok(path.to_owned()),
+    }
 }
+
+/// The longest path a Unix socket address holds (`sun_path` is 108 bytes,
+/// the last a NUL).
+const MAX_SOCKET_PATH_BYTES: usize = 107;
 
 pub async fn connect(path: &Path) -> anyhow::Result<Channel> {
     connect_with(path, Endpoint::from_static("http://localhost")).await
