@@ -14,6 +14,16 @@ use writ::bundle::TrustBundle;
 use writ::proto::admin as apb;
 use writ::spiffe_id::TrustDomain;
 
+/// Runs the writ CLI with `args`: its exit status, stdout and stderr.
+fn writ_output(args: &[&str]) -> (Option<i32>, String, String) {
+    let out = Command::new(WRIT).args(args).output().unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 fn uid() -> u32 {
     nix::unistd::geteuid().as_raw()
 }
@@ -460,14 +470,7 @@ fn healthcheck_gives_up_on_an_agent_that_does_not_answer() {
 #[test]
 fn healthcheck_json_output_names_the_socket_and_its_status() {
     use std::io::{Read, Write};
-    let run = |args: &[&str]| {
-        let out = Command::new(WRIT).args(args).output().unwrap();
-        (
-            out.status.code(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    };
+    let run = writ_output;
     let mut writ = Writ::start(&entry_for_us());
     let socket = writ.socket.display().to_string();
     let probe = ["healthcheck", "--socket", &socket, "--output", "json"];
@@ -585,14 +588,7 @@ async fn a_healthcheck_that_is_not_serving_names_its_status() {
 /// status 2, nothing on stdout); help is help either way.
 #[test]
 fn usage_errors_follow_output_json() {
-    let run = |args: &[&str]| {
-        let out = Command::new(WRIT).args(args).output().unwrap();
-        (
-            out.status.code(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    };
+    let run = writ_output;
     let (code, stdout, stderr) = run(&["task", "get", "--output", "json"]);
     assert_eq!((code, stdout.as_str()), (Some(2), ""), "{stderr}");
     let failure: serde_json::Value = serde_json::from_str(&stderr).unwrap();
@@ -2118,31 +2114,32 @@ fn relative_socket_paths_are_resolved_against_the_current_directory() {
     std::fs::create_dir_all(&deep).unwrap();
     let back = "../../../run/workload.sock";
     assert!(deep.join(back).as_os_str().len() > 107);
-    let out = Command::new(WRIT)
-        .args(fetch)
-        .args(["--socket", back])
-        .current_dir(&deep)
-        .env_remove("SPIFFE_ENDPOINT_SOCKET")
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{stderr}");
-    assert!(String::from_utf8_lossy(&out.stdout).contains("spiffe://writ.test/cli"));
+    let fetched = |command: &mut Command| {
+        let out = command
+            .env_remove("SPIFFE_ENDPOINT_SOCKET")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{stderr}");
+        assert!(String::from_utf8_lossy(&out.stdout).contains("spiffe://writ.test/cli"));
+    };
+    fetched(
+        Command::new(WRIT)
+            .args(fetch)
+            .args(["--socket", back])
+            .current_dir(&deep),
+    );
     // The shell enters the directory and removes it before writ starts.
     std::fs::create_dir(data_dir.join("removed")).unwrap();
-    let out = Command::new("sh")
-        .args([
-            "-c",
-            r#"cd removed && rmdir ../removed && exec "$0" api fetch x509 --socket ../run/workload.sock"#,
-            WRIT,
-        ])
-        .current_dir(&data_dir)
-        .env_remove("SPIFFE_ENDPOINT_SOCKET")
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{stderr}");
-    assert!(String::from_utf8_lossy(&out.stdout).contains("spiffe://writ.test/cli"));
+    fetched(
+        Command::new("sh")
+            .args([
+                "-c",
+                r#"cd removed && rmdir ../removed && exec "$0" api fetch x509 --socket ../run/workload.sock"#,
+                WRIT,
+            ])
+            .current_dir(&data_dir),
+    );
     // A relative path in a unix URI is refused, with the error it had.
     for (args, env) in [
         (
