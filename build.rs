@@ -25,7 +25,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     // CRLs can reach megabytes and go to every stream in every message:
     // as `Bytes`, each message shares the signed CRL instead of copying it.
+    // Each message's buffer sized before it is encoded (src/grpc_codec.rs).
     tonic_prost_build::configure()
+        .codec_path("crate::grpc_codec::SizedProstCodec")
         .bytes(".X509SVIDResponse.crl")
         .bytes(".X509BundlesResponse.crl")
         .build_client(true)

@@ -14,6 +14,7 @@ pub mod cli;
 pub mod config;
 pub mod entries;
 pub mod federation;
+mod grpc_codec;
 mod health;
 pub mod identity;
 pub mod jwt;
