@@ -12,10 +12,11 @@
 //! difference; a loaded one switches far less (docs/benchmarks.md, task
 //! churn).
 //!
-//! A policy is per thread on Linux and new threads inherit their creator's,
-//! so every thread running when this is applied is moved, and the threads
-//! they start later follow. A policy set by whoever started writ (systemd's
-//! `CPUSchedulingPolicy=`, `chrt`) is kept.
+//! A policy is per thread on Linux and new threads inherit their creator's.
+//! `writ run` applies it on its main thread before the runtime starts any
+//! (`cli::prepare_agent`), so every thread follows; any thread already
+//! running is moved as well. A policy set by whoever started writ
+//! (systemd's `CPUSchedulingPolicy=`, `chrt`) is kept.
 
 use crate::config::CpuScheduling;
 

@@ -395,37 +395,67 @@ fn use_colour(stderr_is_terminal: bool, no_color: Option<&std::ffi::OsStr>) -> b
     stderr_is_terminal && no_color.is_none_or(|value| value.is_empty())
 }
 
+/// The agent with its configuration loaded, logging set up and its CPU
+/// scheduling policy applied: what `writ run` does before any runtime
+/// thread exists.
+pub struct PreparedAgent {
+    loaded: Config,
+    config: Option<PathBuf>,
+    log_control: LogLevelControl,
+}
+
+/// The first part of `writ run`, on the main thread alone: the policy set
+/// here is inherited by every thread writ starts after it (the runtime's
+/// workers, the store's and the audit trail's threads), so no thread list
+/// has to be walked while threads come and go.
+pub fn prepare_agent(
+    config: Option<PathBuf>,
+    log_format: Option<LogFormatArg>,
+) -> anyhow::Result<PreparedAgent> {
+    let loaded = load_config(config.as_deref())?;
+    let log_control = init_logging(&loaded, log_format);
+    match crate::scheduling::apply(loaded.cpu_scheduling) {
+        Ok(crate::scheduling::Applied::KeptStartPolicy {
+            policy,
+            reset_on_fork,
+        }) => {
+            tracing::info!(
+                policy,
+                reset_on_fork,
+                "keeping the CPU scheduling policy writ was started with"
+            );
+        }
+        Ok(_) => {}
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot move writ's threads to SCHED_BATCH (cpu_scheduling); they keep the default policy, which costs throughput under load");
+        }
+    }
+    Ok(PreparedAgent {
+        loaded,
+        config,
+        log_control,
+    })
+}
+
+/// The rest of `writ run`, on the runtime: serves until told to stop.
+pub async fn run_agent(prepared: PreparedAgent) -> anyhow::Result<()> {
+    let PreparedAgent {
+        loaded,
+        config,
+        log_control,
+    } = prepared;
+    // Caught from here on (SIGHUP before SIGTERM, so that a SIGTERM
+    // handler in place means a SIGHUP one is too); one that comes while
+    // writ starts is a reload once it is ready.
+    let hangups = crate::reload::listen_for_sighup();
+    let shutdown = shutdown_signal();
+    crate::service::run(loaded, config, Some(log_control), shutdown, hangups).await?;
+    Ok(())
+}
+
 pub async fn main(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Run { config, log_format } => {
-            let loaded = load_config(config.as_deref())?;
-            let log_control = init_logging(&loaded, log_format);
-            // Before the store and the audit trail start their threads, so
-            // those inherit the policy as well.
-            match crate::scheduling::apply(loaded.cpu_scheduling) {
-                Ok(crate::scheduling::Applied::KeptStartPolicy {
-                    policy,
-                    reset_on_fork,
-                }) => {
-                    tracing::info!(
-                        policy,
-                        reset_on_fork,
-                        "keeping the CPU scheduling policy writ was started with"
-                    );
-                }
-                Ok(_) => {}
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot move writ's threads to SCHED_BATCH (cpu_scheduling); they keep the default policy, which costs throughput under load");
-                }
-            }
-            // Caught from here on (SIGHUP before SIGTERM, so that a SIGTERM
-            // handler in place means a SIGHUP one is too); one that comes
-            // while writ starts is a reload once it is ready.
-            let hangups = crate::reload::listen_for_sighup();
-            let shutdown = shutdown_signal();
-            crate::service::run(loaded, config, Some(log_control), shutdown, hangups).await?;
-            Ok(())
-        }
+        Command::Run { config, log_format } => run_agent(prepare_agent(config, log_format)?).await,
         Command::Validate { config } => validate(&config),
         Command::Api { command } => match command {
             ApiCommand::Fetch { what } => match what {
