@@ -290,9 +290,12 @@ selectors = ["unix:uid:{NOBODY}"]
                 let m = s.message().await;
                 panic!("departed caller's connection was served after PID reuse: {m:?}");
             }
-            // Refused (pinned, then gone), or hung up on (never pinned).
+            // Refused (pinned, then gone), or hung up on (never pinned):
+            // seen as Unavailable, or, when the request was written after
+            // writ had closed the connection, as a broken pipe.
             Err(status) => assert!(
-                matches!(status.code(), Code::PermissionDenied | Code::Unavailable),
+                matches!(status.code(), Code::PermissionDenied | Code::Unavailable)
+                    || hung_up_on(&status),
                 "{status:?}"
             ),
         }
@@ -338,4 +341,32 @@ fn handoff_helper() {
     let conn =
         std::os::unix::net::UnixStream::connect(std::env::var("WRIT_SOCKET").unwrap()).unwrap();
     handoff::send_fd(std::env::var("WRIT_HANDOFF").unwrap().as_ref(), &conn);
+}
+
+/// Whether a call failed because the server had closed the connection: the
+/// client's write found it gone (tonic reports that as Unknown, its cause
+/// an I/O error down the chain).
+fn hung_up_on(status: &tonic::Status) -> bool {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(status);
+    while let Some(error) = cause {
+        if let Some(io) = error.downcast_ref::<std::io::Error>()
+            && matches!(
+                io.kind(),
+                std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset
+            )
+        {
+            return true;
+        }
+        cause = error.source();
+    }
+    false
+}
+
+#[test]
+fn a_broken_pipe_under_a_status_is_a_hang_up() {
+    let broken = std::io::Error::new(std::io::ErrorKind::BrokenPipe, "stream closed");
+    assert!(hung_up_on(&tonic::Status::from_error(Box::new(broken))));
+    let refused = std::io::Error::from(std::io::ErrorKind::PermissionDenied);
+    assert!(!hung_up_on(&tonic::Status::from_error(Box::new(refused))));
+    assert!(!hung_up_on(&tonic::Status::unknown("transport error")));
 }
