@@ -245,20 +245,18 @@ fn validate_checks_the_files_a_config_names() {
 fn fetch_writes_svid_key_and_bundle_files() {
     let writ = Writ::start(&entry_for_us());
     let out = writ.dir.path().join("out");
-    let (ok, stdout, stderr) = writ_cli(
-        &[
-            "api",
-            "fetch",
-            "x509",
-            "--socket",
-            &writ.endpoint(),
-            "--write",
-            out.to_str().unwrap(),
-            "--output",
-            "json",
-        ],
-        None,
-    );
+    let endpoint = writ.endpoint();
+    let fetch_into_out = [
+        "api",
+        "fetch",
+        "x509",
+        "--socket",
+        &endpoint,
+        "--write",
+        out.to_str().unwrap(),
+    ];
+    let (ok, stdout, stderr) =
+        writ_cli(&[&fetch_into_out[..], &["--output", "json"]].concat(), None);
     assert!(ok, "{stderr}");
     let svids: serde_json::Value = serde_json::from_str(&stdout).unwrap();
     assert_eq!(svids[0]["spiffe_id"], "spiffe://writ.test/cli");
@@ -297,15 +295,7 @@ fn fetch_writes_svid_key_and_bundle_files() {
     )
     .unwrap();
     let mut again = Command::new(WRIT)
-        .args([
-            "api",
-            "fetch",
-            "x509",
-            "--socket",
-            &writ.endpoint(),
-            "--write",
-        ])
-        .arg(&out)
+        .args(fetch_into_out)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
