@@ -402,14 +402,8 @@ fn begin_request(req: pb::BeginTaskRequest) -> Result<BeginRequest, Status> {
                 .map_err(|e| bad("federates_with", format!("{:?}: {e}", excerpt(t))))
         })
         .collect::<Result<Vec<_>, _>>()?;
-    if let Some((n, first)) = crate::entries::first_repeat(&federates_with) {
-        return Err(bad(
-            "federates_with",
-            format!(
-                "item {n} ({:?}) repeats item {first}",
-                excerpt(&req.federates_with[n])
-            ),
-        ));
+    if let Some(why) = crate::entries::repeated_item(&req.federates_with, &federates_with) {
+        return Err(bad("federates_with", why));
     }
     Ok(BeginRequest {
         task_id: (!req.task_id.is_empty()).then_some(req.task_id),

@@ -120,7 +120,8 @@ fn check_not_shadowing(config: &Registry, admin: &[Arc<Entry>]) -> Result<(), En
 
 /// The first item of `items` equal to an earlier one, as its index and the
 /// earlier one's. Lists whose order carries no meaning (tools, DNS names,
-/// trust domains) are refused with a repeat rather than stored with it.
+/// trust domains, selectors) are refused with a repeat rather than stored
+/// with it.
 pub fn first_repeat<T: Eq + std::hash::Hash>(
     items: impl IntoIterator<Item = T>,
 ) -> Option<(usize, usize)> {
@@ -129,6 +130,21 @@ pub fn first_repeat<T: Eq + std::hash::Hash>(
         .into_iter()
         .enumerate()
         .find_map(|(n, item)| first_at.insert(item, n).map(|first| (n, first)))
+}
+
+/// The refusal of an API request whose list `given` repeats an item, its
+/// items compared as `compared` (parsed, or without case) gives them:
+/// `item 2 ("jira") repeats item 0`.
+pub fn repeated_item<T: Eq + std::hash::Hash>(
+    given: &[impl AsRef<str>],
+    compared: impl IntoIterator<Item = T>,
+) -> Option<String> {
+    first_repeat(compared).map(|(n, first)| {
+        format!(
+            "item {n} ({:?}) repeats item {first}",
+            excerpt(given[n].as_ref())
+        )
+    })
 }
 
 /// The most selectors, DNS names and `federates_with` trust domains one
@@ -421,11 +437,8 @@ impl EntryStore {
             .collect::<Result<Vec<_>, _>>()?;
         // An entry matches a set of selectors: a repeat says nothing more,
         // and most likely was meant as another selector.
-        if let Some((n, first)) = first_repeat(&selectors) {
-            return Err(invalid(
-                "selectors",
-                format!("item {n} ({:?}) repeats item {first}", req.selectors[n]),
-            ));
+        if let Some(why) = repeated_item(&req.selectors, &selectors) {
+            return Err(invalid("selectors", why));
         }
         let ttl = if req.x509_svid_ttl.is_empty() {
             self.default_ttl
@@ -476,13 +489,11 @@ impl EntryStore {
                 .map_err(|e| invalid("dns_names", e.to_string()))?;
         }
         // DNS names compare without regard to case.
-        if let Some((n, first)) =
-            first_repeat(req.dns_names.iter().map(|name| name.to_ascii_lowercase()))
-        {
-            return Err(invalid(
-                "dns_names",
-                format!("item {n} ({:?}) repeats item {first}", req.dns_names[n]),
-            ));
+        if let Some(why) = repeated_item(
+            &req.dns_names,
+            req.dns_names.iter().map(|name| name.to_ascii_lowercase()),
+        ) {
+            return Err(invalid("dns_names", why));
         }
         let federates_with = req
             .federates_with
@@ -492,14 +503,8 @@ impl EntryStore {
                     .map_err(|e| invalid("federates_with", e.to_string()))
             })
             .collect::<Result<Vec<_>, _>>()?;
-        if let Some((n, first)) = first_repeat(&federates_with) {
-            return Err(invalid(
-                "federates_with",
-                format!(
-                    "item {n} ({:?}) repeats item {first}",
-                    req.federates_with[n]
-                ),
-            ));
+        if let Some(why) = repeated_item(&req.federates_with, &federates_with) {
+            return Err(invalid("federates_with", why));
         }
         let mut entry = Entry::new(spiffe_id, selectors, ttl, EntrySource::Admin);
         entry.dns_names = req.dns_names;

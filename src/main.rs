@@ -11,16 +11,7 @@ fn main() -> std::process::ExitCode {
     // agent's errors are never taken for that.
     let agent = matches!(cli.command, writ::cli::Command::Run { .. });
     let json_failures = cli.command.json_failures();
-    let outcome = match cli.command {
-        // Prepared before the runtime starts its threads, which then
-        // inherit the CPU scheduling policy (`cli::prepare_agent`).
-        writ::cli::Command::Run { config, log_format } => {
-            writ::cli::prepare_agent(config, log_format)
-                .and_then(|prepared| runtime()?.block_on(writ::cli::run_agent(prepared)))
-        }
-        _ => runtime().and_then(|runtime| runtime.block_on(writ::cli::main(cli))),
-    };
-    match outcome {
+    match writ::cli::main(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) if !agent && writ::cli::stdout_closed(&e) => std::process::ExitCode::SUCCESS,
         Err(e) => {
@@ -28,14 +19,4 @@ fn main() -> std::process::ExitCode {
             std::process::ExitCode::FAILURE
         }
     }
-}
-
-/// The runtime `#[tokio::main]` would build: a worker per CPU, I/O and
-/// timers on.
-fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    use anyhow::Context as _;
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")
 }

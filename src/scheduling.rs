@@ -12,17 +12,13 @@
 //! difference; a loaded one switches far less (docs/benchmarks.md, task
 //! churn).
 //!
-//! A policy is per thread on Linux and new threads inherit their creator's.
-//! `writ run` applies it on its main thread before the runtime starts any
-//! (`cli::prepare_agent`), so every thread follows; any thread already
-//! running is moved as well. A policy set by whoever started writ
+//! A policy is per thread on Linux and new threads inherit their creator's,
+//! so `writ run` sets it on its main thread before any other thread exists
+//! (`cli::main`): the runtime's workers, the store's and the audit trail's
+//! threads all start under it. A policy set by whoever started writ
 //! (systemd's `CPUSchedulingPolicy=`, `chrt`) is kept.
 
 use crate::config::CpuScheduling;
-
-/// How many times the thread list is walked: a thread started by a thread
-/// not yet moved may appear after the walk that moved its creator.
-const PASSES: usize = 3;
 
 /// What `apply` did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -44,62 +40,32 @@ pub enum Applied {
 pub enum SchedulingError {
     #[error("reading the scheduling policy writ was started with: {0}")]
     Read(std::io::Error),
-    #[error("listing writ's threads in /proc/self/task: {0}")]
-    List(std::io::Error),
-    #[error("moving thread {tid} to SCHED_BATCH: {source}")]
-    Set { tid: i32, source: std::io::Error },
+    #[error("moving writ's main thread to SCHED_BATCH: {0}")]
+    Set(std::io::Error),
 }
 
-/// Puts `choice` in force for every thread of this process.
+/// Puts `choice` in force for the calling thread and every thread it starts
+/// afterwards; called before writ starts any.
 pub fn apply(choice: CpuScheduling) -> Result<Applied, SchedulingError> {
     if choice == CpuScheduling::Inherit {
         return Ok(Applied::Inherited);
     }
-    let main_thread = i32::try_from(std::process::id()).unwrap_or(0);
-    let started_with = crate::sys::scheduling_policy(main_thread).map_err(SchedulingError::Read)?;
-    let reset_on_fork = started_with & libc::SCHED_RESET_ON_FORK != 0;
+    // 0: the calling thread.
+    let started_with = crate::sys::scheduling_policy(0).map_err(SchedulingError::Read)?;
+    let reset_on_fork = started_with & libc::SCHED_RESET_ON_FORK;
     if started_with & !libc::SCHED_RESET_ON_FORK != libc::SCHED_OTHER {
         return Ok(Applied::KeptStartPolicy {
             policy: policy_name(started_with & !libc::SCHED_RESET_ON_FORK),
-            reset_on_fork,
+            reset_on_fork: reset_on_fork != 0,
         });
     }
-    for _ in 0..PASSES {
-        let mut moved = 0;
-        for tid in threads().map_err(SchedulingError::List)? {
-            let flag = match crate::sys::scheduling_policy(tid) {
-                Ok(policy) if policy & !libc::SCHED_RESET_ON_FORK == libc::SCHED_OTHER => {
-                    policy & libc::SCHED_RESET_ON_FORK
-                }
-                // Already moved, or given another policy on purpose.
-                Ok(_) => continue,
-                // Ended since it was listed.
-                Err(e) if e.raw_os_error() == Some(libc::ESRCH) => continue,
-                Err(e) => return Err(SchedulingError::Read(e)),
-            };
-            // Kept: clearing the flag takes a privilege writ may not have,
-            // and whoever set it meant it for writ's children too.
-            match crate::sys::set_scheduling_policy(tid, libc::SCHED_BATCH | flag) {
-                Ok(()) => moved += 1,
-                Err(e) if e.raw_os_error() == Some(libc::ESRCH) => {}
-                Err(source) => return Err(SchedulingError::Set { tid, source }),
-            }
-        }
-        if moved == 0 {
-            break;
-        }
-    }
+    // The flag is kept: clearing it takes a privilege writ may not have, and
+    // whoever set it meant it for writ's children too. (It resets only
+    // realtime policies and negative nice values, so threads still inherit
+    // SCHED_BATCH.)
+    crate::sys::set_scheduling_policy(0, libc::SCHED_BATCH | reset_on_fork)
+        .map_err(SchedulingError::Set)?;
     Ok(Applied::Batch)
-}
-
-fn threads() -> std::io::Result<Vec<i32>> {
-    let mut tids = Vec::new();
-    for entry in std::fs::read_dir("/proc/self/task")? {
-        if let Some(tid) = entry?.file_name().to_str().and_then(|s| s.parse().ok()) {
-            tids.push(tid);
-        }
-    }
-    Ok(tids)
 }
 
 fn policy_name(policy: i32) -> &'static str {

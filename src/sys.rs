@@ -40,8 +40,8 @@ pub fn start_writeback(file: &File, offset: u64, len: u64) -> io::Result<()> {
     }
 }
 
-/// The scheduling policy of thread `tid` (`SCHED_OTHER`, `SCHED_BATCH`...),
-/// with the `SCHED_RESET_ON_FORK` flag if it is set.
+/// The scheduling policy of thread `tid` (0: the calling one), such as
+/// `SCHED_OTHER` or `SCHED_BATCH`, with `SCHED_RESET_ON_FORK` if it is set.
 pub fn scheduling_policy(tid: i32) -> io::Result<i32> {
     // SAFETY: sched_getscheduler takes an integer and touches no memory of
     // ours; an unknown or exited thread is reported through errno.
@@ -53,7 +53,7 @@ pub fn scheduling_policy(tid: i32) -> io::Result<i32> {
     }
 }
 
-/// Moves thread `tid` to `policy` (which may carry `SCHED_RESET_ON_FORK`)
+/// Moves thread `tid` (0: the calling one) to `policy` (which may carry `SCHED_RESET_ON_FORK`)
 /// at static priority 0, the only one the non-realtime policies have.
 pub fn set_scheduling_policy(tid: i32, policy: i32) -> io::Result<()> {
     let param = libc::sched_param { sched_priority: 0 };

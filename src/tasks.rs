@@ -2641,11 +2641,8 @@ fn validate_intent(intent: &Intent) -> Result<(), TaskError> {
         }
         // A repeat adds nothing to the scope, but each copy is stored,
         // signed into the task's JWT claim and audited.
-        if let Some((n, first)) = crate::entries::first_repeat(list) {
-            return Err(invalid(
-                field,
-                format!("item {n} ({:?}) repeats item {first}", excerpt(&list[n])),
-            ));
+        if let Some(why) = crate::entries::repeated_item(list, list) {
+            return Err(invalid(field, why));
         }
     }
     if intent.data_class.len() > MAX_INTENT_STRING {

@@ -302,24 +302,21 @@ impl NotServing {
     /// SERVICE_UNKNOWN, UNKNOWN); a number the protocol has no name for
     /// (a newer server's) as its digits.
     pub fn status_name(&self) -> String {
-        tonic_health::pb::health_check_response::ServingStatus::try_from(self.status)
-            .map(|status| status.as_str_name().to_owned())
-            .unwrap_or_else(|_| self.status.to_string())
+        self.protocol_name()
+            .map_or_else(|| self.status.to_string(), str::to_owned)
     }
 
+    /// As `status_name`, a number without a name said to be a status.
     fn status_text(&self) -> String {
-        match tonic_health::pb::health_check_response::ServingStatus::try_from(self.status) {
-            Ok(status) => status.as_str_name().to_owned(),
-            Err(_) => format!("status {}", self.status),
-        }
+        self.protocol_name()
+            .map_or_else(|| format!("status {}", self.status), str::to_owned)
     }
-}
 
-/// A request the listener did not take, as a message: kept as an I/O
-/// error, a broken pipe (the listener reset the connection) would be taken
-/// by `main` for a closed stdout, and the check would pass in silence.
-fn request_not_sent(authority: &str, error: &std::io::Error) -> anyhow::Error {
-    anyhow::anyhow!("sending the request to {authority}: {error}")
+    fn protocol_name(&self) -> Option<&'static str> {
+        tonic_health::pb::health_check_response::ServingStatus::try_from(self.status)
+            .ok()
+            .map(|status| status.as_str_name())
+    }
 }
 
 /// `writ healthcheck --http ADDR`: exit 0 when `GET /ready` answers 200
@@ -349,7 +346,7 @@ pub async fn http_healthcheck(
                     .as_bytes(),
             )
             .await
-            .map_err(|e| request_not_sent(authority, &e))?;
+            .with_context(|| format!("sending the request to {authority}"))?;
         let mut response = Vec::new();
         stream
             .take(64 * 1024)
@@ -544,26 +541,5 @@ fn proto_value_to_json(v: &prost_types::Value) -> serde_json::Value {
         Some(Kind::StringValue(s)) => s.clone().into(),
         Some(Kind::ListValue(l)) => l.values.iter().map(proto_value_to_json).collect(),
         Some(Kind::StructValue(s)) => struct_to_json(s),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// A health check whose request the listener reset must fail, not be
-    /// taken for a reader of stdout that left (exit 0).
-    #[test]
-    fn a_request_the_listener_refused_is_no_closed_stdout() {
-        let reset = std::io::Error::from(std::io::ErrorKind::BrokenPipe);
-        let error = request_not_sent("127.0.0.1:9600", &reset);
-        assert!(!crate::cli::stdout_closed(&error), "{error:#}");
-        assert_eq!(
-            error.to_string(),
-            format!("sending the request to 127.0.0.1:9600: {reset}")
-        );
-        // Not even `?` on the I/O error itself: only standard output's
-        // own writes are marked as its closing.
-        assert!(!crate::cli::stdout_closed(&anyhow::Error::from(reset)));
     }
 }

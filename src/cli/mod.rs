@@ -398,17 +398,38 @@ fn use_colour(stderr_is_terminal: bool, no_color: Option<&std::ffi::OsStr>) -> b
 /// The agent with its configuration loaded, logging set up and its CPU
 /// scheduling policy applied: what `writ run` does before any runtime
 /// thread exists.
-pub struct PreparedAgent {
+struct PreparedAgent {
     loaded: Config,
     config: Option<PathBuf>,
     log_control: LogLevelControl,
 }
 
-/// The first part of `writ run`, on the main thread alone: the policy set
-/// here is inherited by every thread writ starts after it (the runtime's
-/// workers, the store's and the audit trail's threads), so no thread list
-/// has to be walked while threads come and go.
-pub fn prepare_agent(
+/// Runs the command. `writ run` is prepared on this thread before the
+/// runtime starts (`prepare_agent`): the CPU scheduling policy set there
+/// is inherited by every thread writ starts after it. Every other command
+/// runs on the runtime.
+pub fn main(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Run { config, log_format } => {
+            let prepared = prepare_agent(config, log_format)?;
+            runtime()?.block_on(run_agent(prepared))
+        }
+        command => runtime()?.block_on(client(command)),
+    }
+}
+
+/// The runtime `#[tokio::main]` would build: a worker per CPU, I/O and
+/// timers on.
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
+/// The first part of `writ run`, on the main thread before any other
+/// thread exists.
+fn prepare_agent(
     config: Option<PathBuf>,
     log_format: Option<LogFormatArg>,
 ) -> anyhow::Result<PreparedAgent> {
@@ -438,7 +459,7 @@ pub fn prepare_agent(
 }
 
 /// The rest of `writ run`, on the runtime: serves until told to stop.
-pub async fn run_agent(prepared: PreparedAgent) -> anyhow::Result<()> {
+async fn run_agent(prepared: PreparedAgent) -> anyhow::Result<()> {
     let PreparedAgent {
         loaded,
         config,
@@ -453,9 +474,10 @@ pub async fn run_agent(prepared: PreparedAgent) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub async fn main(cli: Cli) -> anyhow::Result<()> {
-    match cli.command {
-        Command::Run { config, log_format } => run_agent(prepare_agent(config, log_format)?).await,
+/// Every command but `writ run` (which `main` starts itself).
+async fn client(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Run { .. } => anyhow::bail!("writ run is started by cli::main, not on a runtime"),
         Command::Validate { config } => validate(&config),
         Command::Api { command } => match command {
             ApiCommand::Fetch { what } => match what {
@@ -743,9 +765,10 @@ pub fn stdout_closed(error: &anyhow::Error) -> bool {
 #[error("standard output is closed")]
 pub struct StdoutClosed;
 
-/// Standard output for what the CLI prints: its writes' broken pipes are
-/// marked as standard output's own ([`StdoutClosed`]).
-pub struct CliStdout(std::io::Stdout);
+/// Standard output for what the CLI prints (`W` is `Stdout`, or its lock):
+/// its writes' broken pipes are marked as standard output's own
+/// ([`StdoutClosed`]).
+pub struct CliStdout<W = std::io::Stdout>(W);
 
 /// Standard output, as the CLI prints to it.
 pub fn stdout() -> CliStdout {
@@ -754,13 +777,10 @@ pub fn stdout() -> CliStdout {
 
 impl CliStdout {
     /// Locked for a run of writes, as `Stdout::lock`.
-    pub fn lock(&self) -> CliStdoutLock {
-        CliStdoutLock(self.0.lock())
+    pub fn lock(&self) -> CliStdout<std::io::StdoutLock<'static>> {
+        CliStdout(self.0.lock())
     }
 }
-
-/// [`CliStdout`], locked.
-pub struct CliStdoutLock(std::io::StdoutLock<'static>);
 
 fn mark_stdout_error(error: std::io::Error) -> std::io::Error {
     if error.kind() == std::io::ErrorKind::BrokenPipe {
@@ -770,16 +790,7 @@ fn mark_stdout_error(error: std::io::Error) -> std::io::Error {
     }
 }
 
-impl std::io::Write for CliStdout {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.write(buf).map_err(mark_stdout_error)
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        self.0.flush().map_err(mark_stdout_error)
-    }
-}
-
-impl std::io::Write for CliStdoutLock {
+impl<W: std::io::Write> std::io::Write for CliStdout<W> {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         self.0.write(buf).map_err(mark_stdout_error)
     }
@@ -973,13 +984,13 @@ mod tests {
     #[test]
     fn writes_to_a_closed_pipe_through_stdout_are_marked() {
         use std::io::Write as _;
-        let (reader, writer) = std::io::pipe().unwrap();
+        let (reader, mut pipe) = std::io::pipe().unwrap();
         drop(reader);
-        let mut pipe = writer;
         let plain = pipe.write_all(b"x").unwrap_err();
         assert_eq!(plain.kind(), std::io::ErrorKind::BrokenPipe);
         assert!(!stdout_closed(&anyhow::Error::new(plain)));
-        let marked = mark_stdout_error(pipe.write_all(b"x").unwrap_err());
+        let marked = CliStdout(pipe).write_all(b"x").unwrap_err();
+        assert_eq!(marked.kind(), std::io::ErrorKind::BrokenPipe);
         assert!(stdout_closed(&anyhow::Error::new(marked)));
     }
 
