@@ -83,7 +83,7 @@ impl AdminCaller {
     fn audit_facts(&self, agent: &crate::agent::Agent) -> crate::audit::CallerFacts {
         crate::audit::CallerFacts {
             spiffe_ids: agent
-                .entitlements(&self.attestation)
+                .entitlements(&self.caller, &self.attestation)
                 .iter()
                 .map(|e| e.spiffe_id.to_string())
                 .collect(),
@@ -449,7 +449,7 @@ impl pb::tasks_server::Tasks for TasksService {
         let attestation = &admin.attestation;
         let (own_id, own_task) = ctx
             .agent
-            .entitlements(attestation)
+            .entitlements(&admin.caller, attestation)
             .into_iter()
             .next()
             .map_or((None, None), |e| (Some(e.spiffe_id), e.task_id));
@@ -521,7 +521,7 @@ impl pb::tasks_server::Tasks for TasksService {
         let attestation = &admin.attestation;
         let own_id = ctx
             .agent
-            .entitlements(attestation)
+            .entitlements(&admin.caller, attestation)
             .into_iter()
             .next()
             .map(|e| e.spiffe_id);

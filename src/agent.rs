@@ -237,9 +237,12 @@ struct TaskIndex {
 impl TaskIndex {
     /// The active tasks whose binding holds the caller; `cgroup_mount` is
     /// where cgroup paths are.
+    /// The tasks whose binding holds the attested process. `caller`, when
+    /// the process is a connection's, keeps what is read of its ancestors.
     fn tasks_for(
         &self,
         attestation: &Attestation,
+        caller: Option<&Caller>,
         cgroup_mount: Option<&std::path::Path>,
     ) -> Vec<Arc<Task>> {
         let mut found: Vec<Arc<Task>> = Vec::new();
@@ -280,13 +283,14 @@ impl TaskIndex {
             // PID reuse, and the walk stops at the first ancestor older than
             // every bound process (none above it can be one).
             let lineage = std::iter::once(Ok(vec![(snapshot.pid, snapshot.start_time)])).chain(
-                std::iter::once_with(|| {
-                    writ_attestors::ancestors(
+                std::iter::once_with(|| match caller {
+                    Some(caller) => caller.ancestors_down_to(snapshot.ppid, oldest_bound),
+                    None => writ_attestors::ancestors(
                         snapshot.pid,
                         snapshot.ppid,
                         snapshot.start_time,
                         oldest_bound,
-                    )
+                    ),
                 }),
             );
             // An unreadable ancestry finds the tasks seen so far: "inside the
@@ -621,7 +625,13 @@ impl Agent {
         if let Some(recent) = recent
             && recent.at.elapsed() < reattest
             && recent.cgroup_tasks_begun == cgroup_tasks_begun
-            && caller.runs_same_executable(&recent.attestation.snapshot.exe_path)
+            // The executable is read first: `read_credentials` asks the
+            // pidfd whether the process is alive after its own read, which
+            // shows both reads were of this process.
+            && caller
+                .process
+                .exe_path()
+                .is_some_and(|now| recent.attestation.snapshot.exe_path.as_ref() == Some(&now))
             && writ_attestors::read_credentials(&caller.process)
                 .is_ok_and(|now| now == recent.attestation.snapshot.credentials())
         {
@@ -1004,8 +1014,12 @@ impl Agent {
 
     /// Every identity the attested caller is entitled to, default first:
     /// the tasks whose binding it is inside, then matching entries.
-    pub fn entitlements(&self, attestation: &Attestation) -> Vec<Entitlement> {
-        let tasks = read_lock(&self.tasks).tasks_for(attestation, self.attestors.cgroup_mount());
+    pub fn entitlements(&self, caller: &Caller, attestation: &Attestation) -> Vec<Entitlement> {
+        let tasks = read_lock(&self.tasks).tasks_for(
+            attestation,
+            Some(caller),
+            self.attestors.cgroup_mount(),
+        );
         let registry = self.registry();
         let from_tasks = tasks.iter().map(|t| self.task_entitlement(t));
         let from_entries = registry
@@ -2302,7 +2316,7 @@ mod tests {
         };
         let found = |path: &str| -> Vec<String> {
             index
-                .tasks_for(&in_cgroup(path), Some(mount.path()))
+                .tasks_for(&in_cgroup(path), None, Some(mount.path()))
                 .iter()
                 .map(|t| t.id.clone())
                 .collect()

@@ -493,7 +493,7 @@ mod tests {
         });
         assert!(was_woken(&stream));
         // Once they are known, only an ancestor.
-        caller.lineage.set(vec![(1, 0)]).unwrap();
+        caller.know_ancestors(vec![(1, 0)]);
         log.push(Change::TaskBegunForProcess {
             pid: 2,
             start_time: 0,

@@ -27,15 +27,24 @@ pub struct Caller {
     pub uid: u32,
     pub gid: u32,
     pub process: Arc<PinnedProcess>,
-    /// The process's ancestors (pid, start time), read the first time a
-    /// stream had to ask whether a newly bound task may cover it. A
-    /// process's ancestors can only go away (orphans are adopted by an
-    /// ancestor or init), so the list stays a superset of the truth for as
-    /// long as the connection lives, pinned to this one process.
-    pub lineage: std::sync::OnceLock<Vec<(i32, u64)>>,
+    /// What has been read of the process's ancestors (`ancestors_down_to`).
+    /// A process's ancestors can only go away (orphans are adopted by an
+    /// ancestor or init), so what was read stays a superset of the truth
+    /// for as long as the connection lives, pinned to this one process.
+    lineage: Mutex<Option<KnownLineage>>,
     /// The last attestation of this connection's caller, for the next call
     /// on the connection to reuse while it holds (`Agent::attest_reusing`).
     pub recent_attestation: std::sync::Mutex<Option<RecentAttestation>>,
+}
+
+/// A caller's ancestors as far back as they were read.
+struct KnownLineage {
+    /// Every ancestor that started at or after this is in `ancestors`: a
+    /// parent never started after its child, so the walk up that stopped at
+    /// the first one older than this passed every younger one.
+    read_down_to: u64,
+    /// (pid, start time), parent first.
+    ancestors: Vec<(i32, u64)>,
 }
 
 /// An attestation and what decides whether it may be reused.
@@ -55,14 +64,15 @@ impl Caller {
             uid,
             gid,
             process,
-            lineage: std::sync::OnceLock::new(),
+            lineage: Mutex::new(None),
             recent_attestation: std::sync::Mutex::new(None),
         }
     }
 
     /// Whether a task bound to process (`pid`, `start_time`) and its
     /// descendants covers this caller: the caller itself or an ancestor.
-    /// `None` while the caller's lineage has not been read (`lineage`).
+    /// `None` while the caller's ancestors have not been read back as far
+    /// as `start_time` (`ancestors_down_to`).
     pub fn may_descend_from(&self, pid: i32, start_time: u64) -> Option<bool> {
         let own_start = self.process.start_time();
         if (self.pid, own_start) == (pid, start_time) {
@@ -72,9 +82,60 @@ impl Caller {
         if start_time > own_start {
             return Some(false);
         }
-        self.lineage
-            .get()
-            .map(|lineage| lineage.contains(&(pid, start_time)))
+        self.known_lineage()
+            .as_ref()
+            .filter(|known| known.read_down_to <= start_time)
+            .map(|known| known.ancestors.contains(&(pid, start_time)))
+    }
+
+    /// The caller's ancestors (pid, start time) that started at or after
+    /// `down_to`, parent first. Read from /proc (from `ppid`, the parent as
+    /// last attested) the first time, then again only when asked to reach
+    /// further back: every task begun or ended re-resolves the streams it
+    /// concerns, and re-reading the lineage each time cost more than the
+    /// attestation. A failed read is not kept; the next call tries again.
+    pub fn ancestors_down_to(
+        &self,
+        ppid: i32,
+        down_to: u64,
+    ) -> Result<Vec<(i32, u64)>, writ_attestors::AttestError> {
+        if let Some(known) = self
+            .known_lineage()
+            .as_ref()
+            .filter(|known| known.read_down_to <= down_to)
+        {
+            return Ok(known
+                .ancestors
+                .iter()
+                .copied()
+                .filter(|&(_, start)| start >= down_to)
+                .collect());
+        }
+        let read = writ_attestors::ancestors(self.pid, ppid, self.process.start_time(), down_to)?;
+        let mut known = self.known_lineage();
+        // Another call may have read further back meanwhile; keep that.
+        if known.as_ref().is_none_or(|k| k.read_down_to > down_to) {
+            *known = Some(KnownLineage {
+                read_down_to: down_to,
+                ancestors: read.clone(),
+            });
+        }
+        Ok(read)
+    }
+
+    fn known_lineage(&self) -> std::sync::MutexGuard<'_, Option<KnownLineage>> {
+        // Replaced whole under the lock, never half-written: a panic
+        // elsewhere while it was held leaves it usable.
+        self.lineage.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Stands in for a read of the ancestors, as far back as there are.
+    #[cfg(test)]
+    pub(crate) fn know_ancestors(&self, ancestors: Vec<(i32, u64)>) {
+        *self.known_lineage() = Some(KnownLineage {
+            read_down_to: 0,
+            ancestors,
+        });
     }
 
     /// Whether the caller is alive and provably still runs the executable
@@ -348,5 +409,53 @@ pub async fn wait_for_exit(process: &PinnedProcess) {
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ancestors_are_read_back_as_far_as_asked_and_kept() {
+        let process = PinnedProcess::open(std::process::id() as i32).unwrap();
+        let snapshot = writ_attestors::read_snapshot(&process).unwrap();
+        let caller = Caller::new(process.pid(), snapshot.uid, snapshot.gid, Arc::new(process));
+        let parent = PinnedProcess::open(snapshot.ppid).unwrap();
+        let parent_key = (parent.pid(), parent.start_time());
+
+        let near = caller
+            .ancestors_down_to(snapshot.ppid, parent.start_time())
+            .unwrap();
+        assert_eq!(near.first(), Some(&parent_key));
+        assert!(near.iter().all(|&(_, start)| start >= parent.start_time()));
+        assert_eq!(
+            caller.may_descend_from(parent_key.0, parent_key.1),
+            Some(true)
+        );
+        assert_eq!(
+            caller.may_descend_from(parent_key.0, parent_key.1 + 1),
+            Some(false),
+            "the same PID with another start time is another process"
+        );
+        assert_eq!(
+            caller.may_descend_from(i32::MAX, 0),
+            None,
+            "older than what was read: unknown"
+        );
+
+        let all = caller.ancestors_down_to(snapshot.ppid, 0).unwrap();
+        assert!(all.len() >= near.len() && all.starts_with(&near));
+        assert_eq!(caller.may_descend_from(i32::MAX, 0), Some(false));
+
+        // What is kept answers from then on, however far back it reaches.
+        let stand_in = (i32::MAX, 7);
+        caller.know_ancestors(vec![stand_in]);
+        assert_eq!(
+            caller.ancestors_down_to(snapshot.ppid, 0).unwrap(),
+            vec![stand_in]
+        );
+        assert_eq!(caller.ancestors_down_to(snapshot.ppid, 8).unwrap(), vec![]);
+        assert_eq!(caller.may_descend_from(stand_in.0, stand_in.1), Some(true));
     }
 }

@@ -269,7 +269,7 @@ async fn entitled(
         }
     };
     let entitled = Entitled {
-        entitlements: agent.entitlements(&attestation),
+        entitlements: agent.entitlements(caller, &attestation),
         attestation,
     };
     if entitled.entitlements.is_empty() {
@@ -443,16 +443,10 @@ impl Resolved {
         if let Some(known) = caller.may_descend_from(pid, start_time) {
             return known;
         }
-        // Kept for the connection's life, not this resolution's: every task
-        // begun or ended re-resolves the streams it concerns, and re-reading
-        // the whole lineage each time cost more than the attestation.
+        // Read all the way back, once for the connection's life.
         let me = &self.entitled.attestation.snapshot;
-        match writ_attestors::ancestors(me.pid, me.ppid, me.start_time, 0) {
-            Ok(read) => caller
-                .lineage
-                .get_or_init(|| read)
-                .contains(&(pid, start_time)),
-            // Not kept: the next change asks again.
+        match caller.ancestors_down_to(me.ppid, 0) {
+            Ok(read) => read.contains(&(pid, start_time)),
             Err(_) => true,
         }
     }
@@ -1191,7 +1185,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
             return Err(Status::invalid_argument("svid is required"));
         }
         let attestation = self.agent.attest(&caller).map_err(agent_status)?;
-        let entitlements = self.agent.entitlements(&attestation);
+        let entitlements = self.agent.entitlements(&caller, &attestation);
         let federated = crate::federation::bundles_for(&self.agent, &entitlements);
         match self
             .agent
@@ -1291,8 +1285,11 @@ mod tests {
         let parent = PinnedProcess::open(snapshot.ppid).unwrap();
         let first = resolution(&snapshot);
         assert!(first.may_be_inside(&caller, parent.pid(), parent.start_time()));
-        let kept = caller.lineage.get().expect("the lineage is kept").clone();
-        assert!(kept.contains(&(parent.pid(), parent.start_time())));
+        assert_eq!(
+            caller.may_descend_from(parent.pid(), parent.start_time()),
+            Some(true),
+            "the lineage is kept"
+        );
         // The same PID with another start time is a different process.
         assert!(!first.may_be_inside(&caller, parent.pid(), parent.start_time() + 1));
         // Itself, and nothing that started after it, needs no lineage.
@@ -1303,7 +1300,7 @@ mod tests {
         // resolution answers from what the connection kept.
         let (other, _) = this_process();
         let stand_in = (i32::MAX, 1);
-        other.lineage.set(vec![stand_in]).unwrap();
+        other.know_ancestors(vec![stand_in]);
         let later = resolution(&snapshot);
         assert!(later.may_be_inside(&other, stand_in.0, stand_in.1));
         assert!(!later.may_be_inside(&other, parent.pid(), parent.start_time()));

@@ -424,6 +424,31 @@ mod tests {
     }
 
     #[test]
+    fn the_kept_exe_link_follows_an_exec() {
+        use std::io::Write;
+        let (mut child, pid) = sh_reporting_pid("echo $$; read go; exec sleep 30");
+        let pinned = PinnedProcess::open(pid).unwrap();
+        pinned.proc_files().unwrap();
+        let before = pinned.exe_path().unwrap();
+        assert_ne!(before.file_name().unwrap(), "sleep");
+        writeln!(child.stdin.as_mut().unwrap(), "go").unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let mut now = pinned.exe_path();
+        while now.as_deref() == Some(before.as_path()) && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+            now = pinned.exe_path();
+        }
+        assert_eq!(
+            now.as_deref().and_then(|p| p.file_name()),
+            Some(std::ffi::OsStr::new("sleep")),
+            "read through the descriptor opened before the exec"
+        );
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert_eq!(pinned.exe_path(), None, "nothing once reaped");
+    }
+
+    #[test]
     fn pins_itself_and_sees_itself_alive() {
         let me = PinnedProcess::open(std::process::id() as i32).unwrap();
         assert!(!me.has_exited());

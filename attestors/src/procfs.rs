@@ -69,8 +69,10 @@ pub(crate) fn is_gone(error: &io::Error) -> bool {
 #[derive(Debug)]
 pub(crate) struct ProcFiles {
     pid: i32,
-    /// `/proc/<pid>` itself (O_PATH), for the `exe` link.
-    dir: OwnedFd,
+    /// The `exe` link itself (O_PATH | O_NOFOLLOW): read through the
+    /// descriptor, it still names the executable the process runs now, and
+    /// no path is looked up per read.
+    exe_link: OwnedFd,
     status: File,
     cgroup: File,
 }
@@ -91,9 +93,16 @@ impl ProcFiles {
         };
         let status = open("status")?;
         let cgroup = open("cgroup")?;
+        let exe_link = rustix::fs::openat(
+            &dir,
+            "exe",
+            OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|errno| io_error(pid, &Self::path_of(pid, "exe"), errno.into()))?;
         Ok(Self {
             pid,
-            dir,
+            exe_link,
             status,
             cgroup,
         })
@@ -114,7 +123,8 @@ impl ProcFiles {
     /// readlink of `exe`; `None` when unreadable (kernel thread, zombie,
     /// no permission) or gone.
     pub(crate) fn exe(&self) -> Option<PathBuf> {
-        let target = rustix::fs::readlinkat(&self.dir, "exe", Vec::new()).ok()?;
+        // An empty path reads the link `exe_link` is open on.
+        let target = rustix::fs::readlinkat(&self.exe_link, "", Vec::new()).ok()?;
         Some(PathBuf::from(std::ffi::OsString::from_vec(
             target.into_bytes(),
         )))
