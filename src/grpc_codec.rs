@@ -43,7 +43,7 @@ where
     }
 
     fn decoder(&mut self) -> Self::Decoder {
-        ProstDecoder::default()
+        ProstDecoder::new(buffer_settings())
     }
 }
 
@@ -62,6 +62,20 @@ impl<T: Message> Encoder for SizedProstEncoder<T> {
     }
 
     fn buffer_settings(&self) -> BufferSettings {
-        BufferSettings::default()
+        buffer_settings()
     }
 }
+
+/// Where a call's encode and decode buffers start: small, as most messages
+/// are (a task, a request), and a large one has its buffer sized for it
+/// anyway. tonic's default, 8 KiB, cost an allocation glibc serves from
+/// its large bins, and each such allocation first sweeps the small chunks
+/// freed since into them (`malloc_consolidate`): several per task begun
+/// and ended.
+fn buffer_settings() -> BufferSettings {
+    BufferSettings::new(512, YIELD_THRESHOLD)
+}
+
+/// tonic's default: a stream's encoded messages are handed on once this
+/// much is buffered.
+const YIELD_THRESHOLD: usize = 32 * 1024;
