@@ -289,7 +289,7 @@ fn run_writer(mut conn: Connection, jobs: mpsc::Receiver<Job>) {
             }
         }
         while !batch.is_empty() {
-            batch = commit_batch(&mut conn, batch);
+            batch = commit_batch(&mut conn, batch, &jobs);
         }
     }
 }
@@ -298,7 +298,9 @@ fn run_writer(mut conn: Connection, jobs: mpsc::Receiver<Job>) {
 /// SQLite ends the transaction itself partway (it may, on a full disk, an
 /// I/O error, or running out of memory), the jobs it took with it are told
 /// so and the jobs not yet run are returned, for a transaction of their own.
-fn commit_batch(conn: &mut Connection, batch: Vec<Job>) -> Vec<Job> {
+/// Jobs queued on `more` while the batch runs join it, up to `MAX_BATCH`:
+/// each would otherwise wait for this commit and then for one of its own.
+fn commit_batch(conn: &mut Connection, batch: Vec<Job>, more: &mpsc::Receiver<Job>) -> Vec<Job> {
     let tx = match conn.transaction() {
         Ok(tx) => tx,
         Err(e) => {
@@ -315,7 +317,12 @@ fn commit_batch(conn: &mut Connection, batch: Vec<Job>) -> Vec<Job> {
     // Prepared once per connection, not parsed again for every job.
     let run = |sql: &str| tx.prepare_cached(sql).and_then(|mut s| s.execute([]));
     let mut jobs = batch.into_iter();
-    while let Some(job) = jobs.next() {
+    let mut taken = jobs.len();
+    while let Some(job) = jobs.next().or_else(|| {
+        let late = (taken < MAX_BATCH).then(|| more.try_recv().ok()).flatten();
+        taken += usize::from(late.is_some());
+        late
+    }) {
         // Each job in its own savepoint: a failing job rolls back only its
         // own changes, never its batch-mates'.
         if let Err(e) = run("SAVEPOINT job") {
@@ -785,6 +792,42 @@ mod tests {
         store.close();
     }
 
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_job_queued_while_a_batch_runs_joins_its_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = std::sync::Arc::new(Store::open(&dir.path().join("w.db")).unwrap());
+        let (queued_tx, queued_rx) = std::sync::mpsc::channel();
+        let inner = store.clone();
+        let first = store
+            .start_write(move |c| {
+                insert_k(c, 1)?;
+                let outside = inner.clone();
+                let second = inner.start_write(move |c| {
+                    insert_k(c, 2)?;
+                    // Another connection sees only what was committed.
+                    outside.read(|r| {
+                        Ok(
+                            r.query_row("SELECT COUNT(*) FROM meta WHERE key = 'k1'", [], |row| {
+                                row.get::<_, i64>(0)
+                            })?,
+                        )
+                    })
+                })?;
+                queued_tx.send(second).unwrap();
+                Ok(())
+            })
+            .unwrap();
+        first.await.unwrap();
+        let second = queued_rx.recv().unwrap();
+        assert_eq!(
+            second.await.unwrap(),
+            0,
+            "the first job was still uncommitted when the second ran: one transaction"
+        );
+        assert_eq!(k_rows(&store), 2);
+        store.close();
+    }
+
     #[test]
     fn check_answers_while_open_and_fails_once_closed() {
         let dir = tempfile::tempdir().unwrap();
@@ -802,7 +845,7 @@ mod tests {
     async fn a_transaction_sqlite_rolled_back_reports_its_jobs_failed() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(&dir.path().join("w.db")).unwrap();
-        // Hold the writer so that the next three jobs queue into one batch.
+        // Hold the writer so that the next three jobs join its batch.
         let (held_tx, held_rx) = std::sync::mpsc::channel();
         let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
         let holder = store
@@ -829,9 +872,8 @@ mod tests {
             .unwrap();
         let after = store.start_write(insert("after")).unwrap();
         release_tx.send(()).unwrap();
-        holder.await.unwrap();
-        let (before, lost, after) = tokio::join!(before, lost, after);
-        for (name, outcome) in [("before", before), ("lost", lost)] {
+        let (holder, before, lost, after) = tokio::join!(holder, before, lost, after);
+        for (name, outcome) in [("holder", holder), ("before", before), ("lost", lost)] {
             let e = outcome.expect_err(name);
             assert!(e.to_string().contains("rolled back"), "{name}: {e}");
         }
