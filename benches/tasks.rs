@@ -43,6 +43,7 @@ struct Plan {
     latency: bool,
     ttl: String,
     idle_streams: usize,
+    admin_connection_per_loop: bool,
 }
 
 fn main() -> Result<()> {
@@ -68,6 +69,7 @@ fn main() -> Result<()> {
             latency,
             ttl,
             idle_streams: args.idle_streams,
+            admin_connection_per_loop: args.admin_connection_per_loop,
         }
     } else {
         Plan {
@@ -79,6 +81,7 @@ fn main() -> Result<()> {
             latency,
             ttl,
             idle_streams: args.idle_streams,
+            admin_connection_per_loop: args.admin_connection_per_loop,
         }
     };
     if let Some(duration) = args.duration {
@@ -95,6 +98,14 @@ fn main() -> Result<()> {
             plan.idle_streams
         );
     }
+    println!(
+        "- admin API: {}",
+        if plan.admin_connection_per_loop {
+            "each churn loop on a connection of its own"
+        } else {
+            "all churn loops on one connection (one client, as an orchestrator holds it)"
+        }
+    );
     let fsync = common::fsync_probe(&std::env::temp_dir(), 200)?;
     println!(
         "- fdatasync of 4 KiB in the state dir's filesystem: p50 {}, p99 {}, max {}",
@@ -123,6 +134,7 @@ async fn run(plan: Plan) -> Result<()> {
                     mode,
                     loops,
                     plan.idle_streams,
+                    plan.admin_connection_per_loop,
                     plan.level_duration,
                     &plan.ttl,
                 )
@@ -759,6 +771,7 @@ async fn churn(
     mode: FetchMode,
     loops: usize,
     idle_streams: usize,
+    admin_connection_per_loop: bool,
     duration: Duration,
     ttl: &str,
 ) -> Result<ChurnLevel> {
@@ -785,6 +798,14 @@ async fn churn(
         .iter()
         .map(|w| common::cpu_time_of(w.pid as u32).unwrap_or_default())
         .sum();
+    // An orchestrator holds one client and sends its calls over it
+    // concurrently, as gRPC clients multiplex; a connection per loop is
+    // the other way to drive the churn (`--admin-connections per-loop`).
+    let shared_admin = if admin_connection_per_loop {
+        None
+    } else {
+        Some(tasks_client(&writ).await?)
+    };
     let mut prepared = Vec::with_capacity(loops);
     for mut worker in workers {
         // Warm up: the worker's runtime is running and writ has seen it.
@@ -794,7 +815,11 @@ async fn churn(
         worker
             .wait_for("the first SVID", |u| !u.ids.is_empty())
             .await?;
-        prepared.push((tasks_client(&writ).await?, worker));
+        let admin = match &shared_admin {
+            Some(client) => client.clone(),
+            None => tasks_client(&writ).await?,
+        };
+        prepared.push((admin, worker));
     }
 
     let bench_pid = std::process::id();

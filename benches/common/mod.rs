@@ -37,6 +37,9 @@ pub struct Args {
     /// tasks only: this many more workers hold a FetchX509SVID stream
     /// through each churn level without ever being bound to a task.
     pub idle_streams: usize,
+    /// tasks only: each churn loop on an admin connection of its own
+    /// instead of all on one.
+    pub admin_connection_per_loop: bool,
     /// Set when this process was re-executed as a helper (`--worker ...`).
     pub worker: Option<Vec<String>>,
 }
@@ -81,6 +84,17 @@ pub fn parse_args() -> Result<Args> {
                     .filter(|n: &usize| *n <= 1024)
                     .context("--idle-streams needs a number from 0 to 1024")?;
             }
+            "--admin-connections" => {
+                args.admin_connection_per_loop = match it
+                    .next()
+                    .context("--admin-connections needs shared or per-loop")?
+                    .as_str()
+                {
+                    "shared" => false,
+                    "per-loop" => true,
+                    other => bail!("--admin-connections takes shared or per-loop, not {other:?}"),
+                };
+            }
             "--worker" => {
                 args.worker = Some(it.by_ref().collect());
                 break;
@@ -88,7 +102,8 @@ pub fn parse_args() -> Result<Args> {
             other => {
                 bail!(
                     "unknown argument {other:?}; options: --quick, --duration SECS, --levels N,N,.. \
-                 (tasks also: --ttl D, --fetch held|new, --skip-latency, --idle-streams N)"
+                 (tasks also: --ttl D, --fetch held|new, --skip-latency, --idle-streams N, \
+                 --admin-connections shared|per-loop)"
                 )
             }
         }
