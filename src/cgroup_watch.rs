@@ -24,6 +24,10 @@ use tokio::sync::Notify;
 /// How often a waiter without a watch re-reads its cgroup.
 pub(crate) const FALLBACK_INTERVAL: Duration = Duration::from_millis(100);
 
+/// How long a waiter without a watch polls before it asks for one again:
+/// the limit that refused it may have been raised, or watches freed, since.
+pub(crate) const WATCH_RETRY_INTERVAL: Duration = Duration::from_secs(5);
+
 /// Room for several events; one needs at most 16 bytes and a name of up to
 /// 255 bytes with its NUL, rounded up.
 const READ_BUFFER: usize = 4096;
@@ -41,6 +45,10 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 pub(crate) struct CgroupWatcher {
     current: Mutex<Option<Instance>>,
     warnings: Arc<Warnings>,
+    /// Tests: this many more `watch` calls are refused, as if a limit had
+    /// been reached.
+    #[cfg(test)]
+    refuse: std::sync::atomic::AtomicUsize,
 }
 
 struct Instance {
@@ -63,6 +71,14 @@ impl CgroupWatcher {
     /// warned about once per cause: the caller re-reads its cgroup every
     /// `FALLBACK_INTERVAL` instead. Must run inside a tokio runtime.
     pub(crate) fn watch(&self, dir: &Path) -> Option<CgroupWakeups> {
+        #[cfg(test)]
+        if self
+            .refuse
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+        {
+            return None;
+        }
         let shared = match self.instance() {
             Ok(shared) => shared,
             Err(e) => {
@@ -80,6 +96,20 @@ impl CgroupWatcher {
                 None
             }
         }
+    }
+
+    /// Tests: refuse the next `n` watches.
+    #[cfg(test)]
+    pub(crate) fn refuse_watches(&self, n: usize) {
+        self.refuse.store(n, Ordering::SeqCst);
+    }
+
+    /// Tests: how many inodes the instance watches now.
+    #[cfg(test)]
+    pub(crate) fn watched_inodes(&self) -> usize {
+        lock(&self.current)
+            .as_ref()
+            .map_or(0, |instance| lock(&instance.shared.watches).by_wd.len())
     }
 
     fn instance(&self) -> Result<Arc<Shared>, Errno> {

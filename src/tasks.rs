@@ -2887,6 +2887,8 @@ async fn wait_cgroup_empty(mut watch: BindingWatch, cgroups: &CgroupWatcher) {
     let dir = dir.clone();
     loop {
         let wakeups = cgroups.watch(&dir);
+        let watch_again_at =
+            tokio::time::Instant::now() + crate::cgroup_watch::WATCH_RETRY_INTERVAL;
         loop {
             // Check after arming the watch, so a flip in between is not missed.
             if watch.cgroup_emptied() {
@@ -2900,6 +2902,8 @@ async fn wait_cgroup_empty(mut watch: BindingWatch, cgroups: &CgroupWatcher) {
                         break;
                     }
                 }
+                // Polled for a while: ask for a watch again.
+                None if tokio::time::Instant::now() >= watch_again_at => break,
                 None => tokio::time::sleep(crate::cgroup_watch::FALLBACK_INTERVAL).await,
             }
         }
@@ -4074,6 +4078,33 @@ mod tests {
 
     /// The directory standing in for the cgroup `/writ.slice/job` under a
     /// fake cgroup2 mount at `mount`; the test writes its files.
+    /// A cgroup that could not be watched (a limit reached) is polled, and
+    /// watched once a later attempt succeeds.
+    #[tokio::test(start_paused = true)]
+    async fn a_cgroup_polled_for_want_of_a_watch_is_watched_again_later() {
+        let mount = tempfile::tempdir().unwrap();
+        let job = fake_job_cgroup(mount.path());
+        std::fs::write(job.join("cgroup.events"), "populated 1\nfrozen 0\n").unwrap();
+        let cgroups = Arc::new(CgroupWatcher::default());
+        cgroups.refuse_watches(1);
+        let watch = BindingWatch::Cgroup {
+            cgroup: Arc::new(crate::cgroup::CgroupDir::open(&job).unwrap()),
+            dir: job.clone(),
+            held_processes: true,
+            cpu_usage_at_bind: None,
+        };
+        let waiter = {
+            let cgroups = cgroups.clone();
+            tokio::spawn(async move { wait_cgroup_empty(watch, &cgroups).await })
+        };
+        tokio::time::sleep(crate::cgroup_watch::FALLBACK_INTERVAL * 3).await;
+        assert_eq!(cgroups.watched_inodes(), 0, "refused, so polling");
+        tokio::time::sleep(crate::cgroup_watch::WATCH_RETRY_INTERVAL).await;
+        assert!(cgroups.watched_inodes() > 0, "watched on a later attempt");
+        assert!(!waiter.is_finished());
+        waiter.abort();
+    }
+
     fn fake_job_cgroup(mount: &Path) -> PathBuf {
         let job = mount.join("writ.slice/job");
         std::fs::create_dir_all(&job).unwrap();
