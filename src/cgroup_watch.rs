@@ -152,7 +152,7 @@ impl Warnings {
         if !lock(&self.0).insert(cause) {
             return;
         }
-        let polling = "tasks whose cgroups are not watched re-read them every 100 ms instead";
+        let polling = "tasks whose cgroups are not watched re-read them every 100 ms instead, and ask for a watch again every 5 s";
         match cause {
             Cause::Instance(e @ (Errno::MFILE | Errno::NFILE)) => tracing::warn!(
                 error = %e,
