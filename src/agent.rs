@@ -235,10 +235,9 @@ struct TaskIndex {
 }
 
 impl TaskIndex {
-    /// The active tasks whose binding holds the caller; `cgroup_mount` is
-    /// where cgroup paths are.
-    /// The tasks whose binding holds the attested process. `caller`, when
-    /// the process is a connection's, keeps what is read of its ancestors.
+    /// The active tasks whose binding holds the attested process;
+    /// `cgroup_mount` is where cgroup paths are. `caller`, when the process
+    /// is a connection's, keeps what is read of its ancestors.
     fn tasks_for(
         &self,
         attestation: &Attestation,
