@@ -113,15 +113,23 @@ impl AdminContext {
             }
             None => return Err(Status::internal("connection carries no peer information")),
         };
-        self.authorize_caller(caller)
+        self.authorize_caller(caller, true)
     }
 
     /// Attests `caller` (reusing its connection's last attestation while
     /// that holds, credentials included) and checks it against
     /// `[admin_api] authorized`. Also how an open WatchTasks stream asks
-    /// whether its caller is still authorized.
-    fn authorize_caller(&self, caller: Arc<Caller>) -> Result<AdminCaller, Status> {
-        let attestation = match self.agent.attest_reusing(&caller, self.reattest_interval) {
+    /// whether its caller is still authorized (`for_request` false: see
+    /// `Agent::attest_reusing`).
+    fn authorize_caller(
+        &self,
+        caller: Arc<Caller>,
+        for_request: bool,
+    ) -> Result<AdminCaller, Status> {
+        let attested = self
+            .agent
+            .attest_reusing(&caller, self.reattest_interval, for_request);
+        let attestation = match attested {
             Ok(attestation) => attestation,
             Err(e) => {
                 if let Some(event) = Agent::attestation_failure_event(&caller, ADMIN_API, &e) {
@@ -732,7 +740,9 @@ struct WatchState {
 
 impl WatchState {
     fn still_authorized(&self) -> Result<(), Status> {
-        self.ctx.authorize_caller(self.caller.clone()).map(|_| ())
+        self.ctx
+            .authorize_caller(self.caller.clone(), false)
+            .map(|_| ())
     }
 }
 

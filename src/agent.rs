@@ -605,17 +605,22 @@ impl Agent {
     /// orchestrator calling the admin API on one connection is then fully
     /// attested once per interval instead of on every call.
     ///
-    /// The credentials are read again on every call (one read of its
-    /// `status`): a process can change its uid, gid or groups without an
-    /// exec, and a connection is served only under the ones it connected
-    /// with (`attest`), at once, as the Workload API refuses it, not once
-    /// the interval has passed. A change makes this attest afresh, which
-    /// refuses changed uid or gid and re-derives the selectors of changed
-    /// groups.
+    /// The executable and the credentials are read again on every call
+    /// (its `exe` link and its `status`): a process can change its uid, gid
+    /// or groups without an exec, and a connection is served only under the
+    /// ones it connected with (`attest`), at once, as the Workload API
+    /// refuses it, not once the interval has passed. A change makes this
+    /// attest afresh, which refuses changed uid or gid and re-derives the
+    /// selectors of changed groups. The one exception, `for_request`: a
+    /// request read before a check of the caller began is covered by that
+    /// check, since it was sent before then (`Caller::last_read`); calls
+    /// multiplexed on one connection and read together share one check.
+    /// A periodic check (an open WatchTasks stream) always reads.
     pub fn attest_reusing(
         &self,
         caller: &Caller,
         reattest: Duration,
+        for_request: bool,
     ) -> Result<Arc<Attestation>, AgentError> {
         let cgroup_tasks_begun = self
             .cgroup_tasks_begun
@@ -624,24 +629,40 @@ impl Agent {
         if let Some(recent) = recent
             && recent.at.elapsed() < reattest
             && recent.cgroup_tasks_begun == cgroup_tasks_begun
+        {
+            // A check that began after the connection's latest read began
+            // after every request on it so far was sent: an exec or a
+            // change of credentials before this request shows in it.
+            if for_request && recent.checked_at >= caller.last_read() {
+                return Ok(recent.attestation);
+            }
+            let checking_at = crate::peer::moment();
             // The executable is read first: `read_credentials` asks the
             // pidfd whether the process is alive after its own read, which
             // shows both reads were of this process.
-            && caller
+            if caller
                 .process
                 .exe_path()
                 .is_some_and(|now| recent.attestation.snapshot.exe_path.as_ref() == Some(&now))
-            && writ_attestors::read_credentials(&caller.process)
-                .is_ok_and(|now| now == recent.attestation.snapshot.credentials())
-        {
-            return Ok(recent.attestation);
+                && writ_attestors::read_credentials(&caller.process)
+                    .is_ok_and(|now| now == recent.attestation.snapshot.credentials())
+            {
+                if let Some(kept) = lock(&caller.recent_attestation).as_mut()
+                    && Arc::ptr_eq(&kept.attestation, &recent.attestation)
+                {
+                    kept.checked_at = kept.checked_at.max(checking_at);
+                }
+                return Ok(recent.attestation);
+            }
         }
         let at = std::time::Instant::now();
+        let checked_at = crate::peer::moment();
         let attestation = Arc::new(self.attest(caller)?);
         *lock(&caller.recent_attestation) = Some(crate::peer::RecentAttestation {
             attestation: attestation.clone(),
             at,
             cgroup_tasks_begun,
+            checked_at,
         });
         Ok(attestation)
     }

@@ -35,6 +35,17 @@ pub struct Caller {
     /// The last attestation of this connection's caller, for the next call
     /// on the connection to reuse while it holds (`Agent::attest_reusing`).
     pub recent_attestation: std::sync::Mutex<Option<RecentAttestation>>,
+    /// When the connection last read bytes from the caller (`moment`):
+    /// every request on it so far was sent before then.
+    last_read: std::sync::atomic::AtomicU64,
+}
+
+/// A monotonic instant as nanoseconds since the first one asked for, to
+/// keep in an atomic.
+pub fn moment() -> u64 {
+    static EPOCH: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    let epoch = *EPOCH.get_or_init(std::time::Instant::now);
+    u64::try_from(epoch.elapsed().as_nanos()).unwrap_or(u64::MAX)
 }
 
 /// A caller's ancestors as far back as they were read.
@@ -54,6 +65,9 @@ pub struct RecentAttestation {
     pub at: std::time::Instant,
     /// `Agent::cgroup_tasks_begun` when it was taken.
     pub cgroup_tasks_begun: u64,
+    /// When the last check that found the caller unchanged began
+    /// (`moment`); the attestation's own start at first.
+    pub checked_at: u64,
 }
 
 impl Caller {
@@ -66,7 +80,19 @@ impl Caller {
             process,
             lineage: Mutex::new(None),
             recent_attestation: std::sync::Mutex::new(None),
+            last_read: std::sync::atomic::AtomicU64::new(0),
         }
+    }
+
+    /// Notes that the connection read bytes from the caller just now.
+    pub fn note_read(&self) {
+        self.last_read
+            .fetch_max(moment(), std::sync::atomic::Ordering::Release);
+    }
+
+    /// When the connection last read bytes from the caller (`moment`).
+    pub fn last_read(&self) -> u64 {
+        self.last_read.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// Whether a task bound to process (`pid`, `start_time`) and its
@@ -291,6 +317,11 @@ impl AsyncRead for PeerStream {
         let this = &mut *self;
         let before = buf.filled().len();
         let read = Pin::new(&mut this.stream).poll_read(cx, buf);
+        if buf.filled().len() > before
+            && let Ok(caller) = &this.peer
+        {
+            caller.note_read();
+        }
         if let Some((due, received)) = &mut this.preface {
             *received += buf.filled().len() - before;
             if *received >= PREFACE_BYTES {

@@ -4078,6 +4078,44 @@ mod tests {
 
     /// The directory standing in for the cgroup `/writ.slice/job` under a
     /// fake cgroup2 mount at `mount`; the test writes its files.
+    /// An admin caller's check made after its connection last read covers
+    /// every request read so far: such a request reuses the attestation
+    /// without reading /proc. A periodic check (an open WatchTasks) always
+    /// reads, and so does a request once the connection has read again.
+    #[tokio::test]
+    async fn an_admin_check_since_the_last_read_covers_the_requests_read_before_it() {
+        let agent = TestAgent::start().await;
+        let agent = &agent.svc.agent;
+        let process = PinnedProcess::open(std::process::id() as i32).unwrap();
+        let caller = crate::peer::Caller::new(process.pid(), 0, 0, Arc::new(process));
+        let hour = Duration::from_secs(3600);
+        caller.note_read();
+        agent.attest_reusing(&caller, hour, true).unwrap();
+        // Kept as if attested running something else: a check now fails
+        // and attests afresh, so only an unchecked reuse returns it.
+        let stale = || {
+            let mut kept = caller.recent_attestation.lock().unwrap();
+            let recent = kept.as_mut().unwrap();
+            let mut elsewhere = (*recent.attestation).clone();
+            elsewhere.snapshot.exe_path = Some("/nonexistent/elsewhere".into());
+            recent.attestation = Arc::new(elsewhere);
+            recent.attestation.clone()
+        };
+        let marked = stale();
+        let reused = agent.attest_reusing(&caller, hour, true).unwrap();
+        assert!(
+            Arc::ptr_eq(&reused, &marked),
+            "nothing read since the check"
+        );
+        let periodic = agent.attest_reusing(&caller, hour, false).unwrap();
+        assert!(!Arc::ptr_eq(&periodic, &marked), "a periodic check reads");
+        let marked = stale();
+        caller.note_read();
+        let after_a_read = agent.attest_reusing(&caller, hour, true).unwrap();
+        assert!(!Arc::ptr_eq(&after_a_read, &marked), "read since the check");
+        assert_ne!(after_a_read.snapshot.exe_path, marked.snapshot.exe_path);
+    }
+
     /// A cgroup that could not be watched (a limit reached) is polled, and
     /// watched once a later attempt succeeds.
     #[tokio::test(start_paused = true)]
