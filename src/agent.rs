@@ -235,13 +235,13 @@ struct TaskIndex {
 }
 
 impl TaskIndex {
-    /// The active tasks whose binding holds the attested process;
-    /// `cgroup_mount` is where cgroup paths are. `caller`, when the process
-    /// is a connection's, keeps what is read of its ancestors.
+    /// The active tasks whose binding holds the attested process, the
+    /// connection's `caller` (which keeps what is read of its ancestors);
+    /// `cgroup_mount` is where cgroup paths are.
     fn tasks_for(
         &self,
         attestation: &Attestation,
-        caller: Option<&Caller>,
+        caller: &Caller,
         cgroup_mount: Option<&std::path::Path>,
     ) -> Vec<Arc<Task>> {
         let mut found: Vec<Arc<Task>> = Vec::new();
@@ -282,15 +282,7 @@ impl TaskIndex {
             // PID reuse, and the walk stops at the first ancestor older than
             // every bound process (none above it can be one).
             let lineage = std::iter::once(Ok(vec![(snapshot.pid, snapshot.start_time)])).chain(
-                std::iter::once_with(|| match caller {
-                    Some(caller) => caller.ancestors_down_to(snapshot.ppid, oldest_bound),
-                    None => writ_attestors::ancestors(
-                        snapshot.pid,
-                        snapshot.ppid,
-                        snapshot.start_time,
-                        oldest_bound,
-                    ),
-                }),
+                std::iter::once_with(|| caller.ancestors_down_to(snapshot.ppid, oldest_bound)),
             );
             // An unreadable ancestry finds the tasks seen so far: "inside the
             // binding" must be proven, never assumed.
@@ -640,10 +632,7 @@ impl Agent {
             // The executable is read first: `read_credentials` asks the
             // pidfd whether the process is alive after its own read, which
             // shows both reads were of this process.
-            if caller
-                .process
-                .exe_path()
-                .is_some_and(|now| recent.attestation.snapshot.exe_path.as_ref() == Some(&now))
+            if caller.exe_is(&recent.attestation.snapshot.exe_path)
                 && writ_attestors::read_credentials(&caller.process)
                     .is_ok_and(|now| now == recent.attestation.snapshot.credentials())
             {
@@ -1035,11 +1024,8 @@ impl Agent {
     /// Every identity the attested caller is entitled to, default first:
     /// the tasks whose binding it is inside, then matching entries.
     pub fn entitlements(&self, caller: &Caller, attestation: &Attestation) -> Vec<Entitlement> {
-        let tasks = read_lock(&self.tasks).tasks_for(
-            attestation,
-            Some(caller),
-            self.attestors.cgroup_mount(),
-        );
+        let tasks =
+            read_lock(&self.tasks).tasks_for(attestation, caller, self.attestors.cgroup_mount());
         let registry = self.registry();
         let from_tasks = tasks.iter().map(|t| self.task_entitlement(t));
         let from_entries = registry
@@ -2334,9 +2320,13 @@ mod tests {
             },
             selectors: Vec::new(),
         };
+        // No task is bound to a process here, so the caller's ancestry is
+        // never asked for: any connection's caller will do.
+        let process = writ_attestors::PinnedProcess::open(std::process::id() as i32).unwrap();
+        let caller = Caller::new(process.pid(), 0, 0, Arc::new(process));
         let found = |path: &str| -> Vec<String> {
             index
-                .tasks_for(&in_cgroup(path), None, Some(mount.path()))
+                .tasks_for(&in_cgroup(path), &caller, Some(mount.path()))
                 .iter()
                 .map(|t| t.id.clone())
                 .collect()

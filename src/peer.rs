@@ -169,8 +169,17 @@ impl Caller {
     /// caller is (a setuid binary even its uid), so it calls for a fresh
     /// attestation; an executable writ cannot read proves nothing.
     pub fn runs_same_executable(&self, attested_exe: &Option<std::path::PathBuf>) -> bool {
-        let now = self.process.exe_path();
-        !self.process.has_exited() && now.is_some() && now == *attested_exe
+        // Alive after the read: it was this process's executable.
+        self.exe_is(attested_exe) && !self.process.has_exited()
+    }
+
+    /// Whether the caller's `exe` link names `attested_exe` now; `false`
+    /// when it cannot be read. Ask `has_exited` afterwards to know the
+    /// answer was this process's.
+    pub fn exe_is(&self, attested_exe: &Option<std::path::PathBuf>) -> bool {
+        self.process
+            .exe_path()
+            .is_some_and(|now| attested_exe.as_ref() == Some(&now))
     }
 }
 

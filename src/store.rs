@@ -282,12 +282,6 @@ impl Drop for Store {
 fn run_writer(mut conn: Connection, jobs: mpsc::Receiver<Job>) {
     while let Ok(first) = jobs.recv() {
         let mut batch = vec![first];
-        while batch.len() < MAX_BATCH {
-            match jobs.try_recv() {
-                Ok(job) => batch.push(job),
-                Err(_) => break,
-            }
-        }
         while !batch.is_empty() {
             batch = commit_batch(&mut conn, batch, &jobs);
         }
@@ -298,8 +292,9 @@ fn run_writer(mut conn: Connection, jobs: mpsc::Receiver<Job>) {
 /// SQLite ends the transaction itself partway (it may, on a full disk, an
 /// I/O error, or running out of memory), the jobs it took with it are told
 /// so and the jobs not yet run are returned, for a transaction of their own.
-/// Jobs queued on `more` while the batch runs join it, up to `MAX_BATCH`:
-/// each would otherwise wait for this commit and then for one of its own.
+/// Jobs queued on `more`, before the batch began or while it runs, join it
+/// up to `MAX_BATCH`: each would otherwise wait for this commit and then
+/// for one of its own.
 fn commit_batch(conn: &mut Connection, batch: Vec<Job>, more: &mpsc::Receiver<Job>) -> Vec<Job> {
     let tx = match conn.transaction() {
         Ok(tx) => tx,

@@ -4076,8 +4076,6 @@ mod tests {
         )
     }
 
-    /// The directory standing in for the cgroup `/writ.slice/job` under a
-    /// fake cgroup2 mount at `mount`; the test writes its files.
     /// An admin caller's check made after its connection last read covers
     /// every request read so far: such a request reuses the attestation
     /// without reading /proc. A periodic check (an open WatchTasks) always
@@ -4143,6 +4141,8 @@ mod tests {
         waiter.abort();
     }
 
+    /// The directory standing in for the cgroup `/writ.slice/job` under a
+    /// fake cgroup2 mount at `mount`; the test writes its files.
     fn fake_job_cgroup(mount: &Path) -> PathBuf {
         let job = mount.join("writ.slice/job");
         std::fs::create_dir_all(&job).unwrap();
